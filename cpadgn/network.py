@@ -1,0 +1,175 @@
+"""The canonical piecewise-affine generator every supported model is reduced to.
+
+    h_0 = z,   u_l = W_l h_{l-1} + b_l,   h_l = sigma_l(u_l)  (l < L),   g(z) = u_L
+
+with the one-breakpoint activation sigma_l(u) = u where u >= 0 and alpha * u where
+u < 0, alpha a per-unit negative-side slope (ReLU 0, LeakyReLU its slope, PReLU its
+weights, absolute value -1).  The K hidden units are numbered layer by layer.  A sign
+pattern q in {0,1}^K (1 where u_k >= 0) names a linear region; inside it every u_k and
+g itself are affine in z.
+
+The latent prior is always N(0, I) here: a general prior N(mu, L L^T) is folded into
+the first layer (see ``fold_prior``).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class PiecewiseAffineNet:
+    """Affine layers W_l, b_l (float64) with per-unit negative slopes between them.
+
+    weights[l]: (n_{l+1}, n_l); biases[l]: (n_{l+1},); slopes[l]: (n_{l+1},) for the
+    L - 1 hidden layers.  n_0 = S (latent dim), n_L = D (output dim).
+    """
+
+    weights: tuple
+    biases: tuple
+    slopes: tuple
+
+    def __post_init__(self):
+        if len(self.weights) != len(self.biases) or len(self.slopes) != len(self.weights) - 1:
+            raise ValueError("need one bias per layer and one slope vector per hidden layer")
+        for W, b in zip(self.weights, self.biases):
+            if W.ndim != 2 or b.shape != (W.shape[0],):
+                raise ValueError("weight/bias shapes do not match")
+        for W_next, W in zip(self.weights[1:], self.weights[:-1]):
+            if W_next.shape[1] != W.shape[0]:
+                raise ValueError("consecutive layer shapes do not match")
+
+    @classmethod
+    def from_arrays(cls, weights, biases, slopes) -> "PiecewiseAffineNet":
+        as64 = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+        return cls(tuple(map(as64, weights)), tuple(map(as64, biases)),
+                   tuple(np.ascontiguousarray(np.broadcast_to(as64(s), (W.shape[0],)))
+                         for s, W in zip(slopes, weights)))
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def latent_dim(self) -> int:
+        return self.weights[0].shape[1]
+
+    @property
+    def output_dim(self) -> int:
+        return self.weights[-1].shape[0]
+
+    @property
+    def hidden_sizes(self) -> tuple:
+        return tuple(W.shape[0] for W in self.weights[:-1])
+
+    @property
+    def n_units(self) -> int:
+        """K, the number of hidden units (0 for a linear generator)."""
+        return int(sum(self.hidden_sizes))
+
+    @property
+    def n_parameters(self) -> int:
+        return int(sum(W.size + b.size for W, b in zip(self.weights, self.biases)))
+
+    @property
+    def unit_layer(self) -> np.ndarray:
+        """(K,) the hidden layer index of every unit."""
+        return np.repeat(np.arange(len(self.hidden_sizes)), self.hidden_sizes)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, z: np.ndarray) -> np.ndarray:
+        """g(z): (N, S) -> (N, D)."""
+        h = np.asarray(z, dtype=np.float64)
+        for W, b, a in zip(self.weights[:-1], self.biases[:-1], self.slopes):
+            u = h @ W.T + b
+            h = np.where(u >= 0, u, a * u)
+        return h @ self.weights[-1].T + self.biases[-1]
+
+    def preactivations(self, z: np.ndarray, t: np.ndarray | None = None) -> np.ndarray:
+        """All hidden pre-activations u: (N, S) -> (N, K).
+
+        With t (N,), the homogenised network: every bias is multiplied by t, so that
+        (z, t) with t > 0 gives t * u(z / t) and t = 0 the bias-free network (the
+        behaviour at infinity in direction z).  The activations are positively
+        homogeneous, which makes this exact.
+        """
+        h = np.asarray(z, dtype=np.float64)
+        scale = 1.0 if t is None else np.asarray(t, dtype=np.float64)[:, None]
+        out = []
+        for W, b, a in zip(self.weights[:-1], self.biases[:-1], self.slopes):
+            u = h @ W.T + scale * b
+            out.append(u)
+            h = np.where(u >= 0, u, a * u)
+        return np.concatenate(out, axis=1) if out else np.zeros((h.shape[0], 0))
+
+    def patterns(self, z: np.ndarray) -> np.ndarray:
+        """Sign patterns (N, K) bool, True where the pre-activation is >= 0."""
+        return self.preactivations(z) >= 0
+
+    # ------------------------------------------------------- region algebra
+    def _slope_masks(self, patterns: np.ndarray):
+        patterns = np.asarray(patterns, dtype=bool)
+        splits = np.cumsum(self.hidden_sizes)[:-1]
+        return [np.where(q, 1.0, a) for q, a in zip(np.split(patterns, splits, axis=1), self.slopes)]
+
+    def hidden_affine(self, patterns: np.ndarray):
+        """Affine maps of every hidden layer inside regions.
+
+        patterns: (R, K) bool.  Returns a list over hidden layers l of (G_l, c_l) with
+        G_l (R, n_l, S), c_l (R, n_l) such that u_l(z) = G_l z + c_l in each region,
+        and the map (M, c) of the last hidden activation h_{L-1}(z) = M z + c,
+        M (R, H, S), c (R, H) (for a linear generator H = S, M = I, c = 0).
+        """
+        R = np.asarray(patterns).shape[0]
+        S = self.latent_dim
+        M = np.broadcast_to(np.eye(S), (R, S, S))
+        c = np.zeros((R, S))
+        pre = []
+        for W, b, slope in zip(self.weights[:-1], self.biases[:-1], self._slope_masks(patterns)):
+            G = np.einsum("ij,rjs->ris", W, M)
+            cu = c @ W.T + b
+            pre.append((G, cu))
+            M, c = slope[:, :, None] * G, slope * cu
+        return pre, (np.ascontiguousarray(M), c)
+
+    def region_constraints(self, patterns: np.ndarray):
+        """Half-space form of regions: {z : G z <= h}.
+
+        patterns: (R, K) bool.  Returns G (R, K, S), h (R, K), each row oriented so the
+        region lies on its <= side (unit k: -u_k <= 0 where q_k, u_k <= 0 otherwise).
+        """
+        pre, _ = self.hidden_affine(patterns)
+        if not pre:
+            R = np.asarray(patterns).shape[0]
+            return np.zeros((R, 0, self.latent_dim)), np.zeros((R, 0))
+        G = np.concatenate([g for g, _ in pre], axis=1)
+        c = np.concatenate([cu for _, cu in pre], axis=1)
+        sign = np.where(np.asarray(patterns, dtype=bool), -1.0, 1.0)
+        return sign[:, :, None] * G, -sign * c
+
+    def region_maps(self, patterns: np.ndarray):
+        """g(z) = A z + b inside regions: A (R, D, S), b (R, D)."""
+        _, (M, c) = self.hidden_affine(patterns)
+        W, b = self.weights[-1], self.biases[-1]
+        return np.einsum("dh,rhs->rds", W, M), c @ W.T + b
+
+    # ------------------------------------------------------------- identity
+    def fingerprint(self) -> str:
+        """SHA-256 over the architecture, weights and slopes (float64, little endian)."""
+        h = hashlib.sha256(b"cpadgn-net-v1")
+        for arrays in (self.weights, self.biases, self.slopes):
+            for a in arrays:
+                a = np.ascontiguousarray(a, dtype="<f8")
+                h.update(repr(a.shape).encode())
+                h.update(a.tobytes())
+        return h.hexdigest()
+
+
+def fold_prior(net: PiecewiseAffineNet, mean: np.ndarray, cov: np.ndarray) -> PiecewiseAffineNet:
+    """Fold a latent prior N(mean, cov) into the first layer so the prior becomes N(0, I).
+
+    z = mean + L e with L L^T = cov, so W_1 z + b_1 = (W_1 L) e + (W_1 mean + b_1).
+    """
+    L = np.linalg.cholesky(np.asarray(cov, dtype=np.float64))
+    W1, b1 = net.weights[0], net.biases[0]
+    return PiecewiseAffineNet.from_arrays((W1 @ L,) + net.weights[1:],
+                                          (W1 @ mean + b1,) + net.biases[1:], net.slopes)
