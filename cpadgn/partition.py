@@ -3,14 +3,70 @@
 A region is the convex polyhedron {z : G z <= h} of one sign pattern (see
 ``PiecewiseAffineNet.region_constraints``); only its facets (non-redundant rows) are
 kept.  The regions tile R^S, unbounded ones included.
+
+Three exact enumeration algorithms (``compute_partition(method=...)``):
+
+``"intervals"`` (S = 1)
+    Split the whole line layer by layer: inside an interval every pre-activation of the
+    next layer is affine, so its root (if inside) is a new breakpoint.
+
+``"subdivision"`` (S >= 2)
+    Edge subdivision (Berzins, ICML 2023) made exact over all of R^S with homogeneous
+    coordinates.  A point (z, t), t > 0, stands for z / t and (z, 0) for the point at
+    infinity in direction z; the homogenised network (every bias times t) is linear in
+    (z, t) inside every region cone because the activations are positively homogeneous.
+    R^S with its sphere at infinity is the surface of the prism [-R, R]^S x [0, 1]
+    without its bottom: the top face t = 1 (the box) and 2S side faces z_j = +-R,
+    t in [0, 1] (the outside of the box; t = 0 is infinity).  Every ray of the half
+    space t >= 0 meets that surface exactly once, so the region cones cut it into
+    convex cells, at most one per region and face.  The 2S + 1 faces, each an S-cube,
+    are subdivided together (one set of arrays; the face id is part of every hash key),
+    neuron by neuron, layer by layer:
+
+    * the layer's pre-activations are computed at all vertices from the previous
+      layer's activations; along a split edge the whole pre-activation vector is
+      interpolated linearly (exact: each edge lies inside one cell of the complex);
+    * every edge with a strict sign change is split (an exact 0 counts as +, a
+      symbolic perturbation);
+    * the two new vertices on a common 2-face of the old complex are joined.  A face is
+      named by its sign vector over the face id, the processed units and the 2S cube
+      constraints; a 2-face has S - 2 zeros.  Sign vectors are hashed with random
+      64-bit keys (h = sum_k sign_k r_k mod 2^64), so the 2-faces at a new vertex are
+      its old edge's hash with one zero relaxed to +-r_j (cube constraints only to the
+      inside).
+
+    Every vertex carries exactly S zeros by construction (the complex is simple).  The
+    cells around a vertex are the 2^m sign assignments of its m unit zeros; cells are
+    deduplicated per face, then regions by unit pattern across faces.  Per region: the
+    interior point is the mean of the homogeneous coordinates of the vertices of one of
+    its cells (the one with the largest mean t) divided by t; the facets are the units
+    that are zero at some vertex with t > 0; it is bounded when none of its vertices
+    lies at t = 0.  The box half-width R only changes the work, never the result.
+
+``"lp-walk"`` (any S, the reference)
+    Breadth-first search over the region adjacency graph from the region of z = 0:
+    per region a Chebyshev-centre LP (HiGHS), its facets as the extreme rays of the
+    cone spanned by the constraint normals of its homogenised cone (a convex hull in
+    S dimensions), then each facet is crossed to the neighbour.
+
+Every region's interior point is checked by a forward pass; its clearance (distance to
+the nearest facet) is computed, a Chebyshev LP re-centres the few that look thin, and
+regions with clearance < 1e-7 are flagged ``degenerate`` (kept, never dropped).
 """
 from __future__ import annotations
 
+import time
+import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import log_ndtr
 
+from .errors import CpadgnError
 from .network import PiecewiseAffineNet
+
+DEGENERATE_CLEARANCE = 1e-7
 
 
 @dataclass
@@ -61,19 +117,18 @@ class Partition:
         mask (B, F) bool (False on padding rows, which are 0 <= 1), F the largest
         facet count among them.
         """
-        idx = np.arange(self.n_regions) if regions is None else np.asarray(regions)
-        G_all, h_all = net.region_constraints(self.patterns[idx])
+        idx = np.arange(self.n_regions) if regions is None else np.asarray(regions, dtype=np.int64)
         counts = self.n_facets[idx]
         F = int(counts.max(initial=0))
         B, S = idx.size, net.latent_dim
         G = np.zeros((B, F, S))
         h = np.ones((B, F))
         mask = np.arange(F)[None, :] < counts[:, None]
+        if B == 0 or F == 0:
+            return G, h, mask
         rows = np.repeat(np.arange(B), counts)
-        units = np.concatenate([self.facet_units[self.facet_ptr[i]:self.facet_ptr[i + 1]] for i in idx]) \
-            if B else np.zeros(0, dtype=np.int64)
-        G[mask] = G_all[rows, units]
-        h[mask] = h_all[rows, units]
+        units = self.facet_units[_csr_positions(self.facet_ptr, idx)]
+        G[mask], h[mask] = _constraint_rows(net, self.patterns[idx], rows, units)
         return G, h, mask
 
     def locate(self, net: PiecewiseAffineNet, z: np.ndarray) -> np.ndarray:
@@ -86,8 +141,813 @@ class Partition:
         return np.where(found, order[pos], -1)
 
 
+def _layer_affine(net: PiecewiseAffineNet, patterns: np.ndarray):
+    """Pre-activations u_l = G_l z + c_l of every hidden layer inside regions, in the
+    layout G_l (n_l, R, S), c_l (n_l, R): one matrix product per layer (fast for large R)."""
+    patterns = np.asarray(patterns, dtype=bool)
+    R, S = patterns.shape[0], net.latent_dim
+    M = np.repeat(np.eye(S)[:, None, :], R, axis=1).reshape(S, R * S)
+    c = np.zeros((S, R))
+    off = 0
+    for W, b, alpha in zip(net.weights[:-1], net.biases[:-1], net.slopes):
+        n = W.shape[0]
+        G = W @ M
+        cu = W @ c + b[:, None]
+        yield G.reshape(n, R, S), cu
+        slope = np.where(patterns[:, off:off + n].T, 1.0, alpha[:, None])
+        M = (G.reshape(n, R, S) * slope[:, :, None]).reshape(n, R * S)
+        c = slope * cu
+        off += n
+
+
+def _constraint_rows(net: PiecewiseAffineNet, patterns: np.ndarray, rows: np.ndarray, units: np.ndarray):
+    """Rows (G (N, S), h (N,)) of ``net.region_constraints(patterns)`` at the pairs (rows, units)."""
+    S = net.latent_dim
+    G = np.zeros((rows.size, S))
+    h = np.zeros(rows.size)
+    off = 0
+    for Gl, cl in _layer_affine(net, patterns):
+        n = Gl.shape[0]
+        w = np.flatnonzero((units >= off) & (units < off + n))
+        G[w] = Gl[units[w] - off, rows[w]]
+        h[w] = cl[units[w] - off, rows[w]]
+        off += n
+    sign = np.where(np.asarray(patterns, bool)[rows, units], -1.0, 1.0)
+    return sign[:, None] * G, -sign * h
+
+
+def _region_constraints(net: PiecewiseAffineNet, patterns: np.ndarray):
+    """Same as ``net.region_constraints``: G (R, K, S), h (R, K)."""
+    patterns = np.asarray(patterns, dtype=bool)
+    R, S = patterns.shape[0], net.latent_dim
+    if net.n_units == 0:
+        return np.zeros((R, 0, S)), np.zeros((R, 0))
+    parts = list(_layer_affine(net, patterns))
+    G = np.concatenate([g for g, _ in parts], axis=0).transpose(1, 0, 2)
+    cu = np.concatenate([c for _, c in parts], axis=0).T
+    sign = np.where(patterns, -1.0, 1.0)
+    return sign[:, :, None] * G, -sign * cu
+
+
 def _pattern_keys(patterns: np.ndarray) -> np.ndarray:
     """Sign patterns (N, K) bool -> (N,) hashable byte strings."""
     packed = np.packbits(np.asarray(patterns, dtype=bool), axis=1)
     return np.array([row.tobytes() for row in packed], dtype=object) if packed.shape[1] \
         else np.array([b""] * packed.shape[0], dtype=object)
+
+
+def _csr_positions(ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Positions in the CSR data array of the rows idx, concatenated in order."""
+    starts, counts = ptr[idx], ptr[idx + 1] - ptr[idx]
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offs = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return np.arange(total, dtype=np.int64) + offs
+
+
+# ============================================================================ public API
+def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None, progress=None,
+                      method: str = "auto", box_half_width: float | None = None) -> Partition:
+    """All linear regions of ``net`` over the whole latent space R^S (exact).
+
+    method: "auto" ("intervals" for S = 1, "subdivision" for S >= 2), "intervals",
+        "subdivision" or "lp-walk" (the slow reference, any S).
+    max_regions: stop with a CpadgnError as soon as more regions than this are certain.
+    progress: optional callable(done: int, total: int | None, message: str).
+    box_half_width: R of the subdivision's prism (default 4); changes the work only.
+    """
+    t0 = time.perf_counter()
+    S, K = net.latent_dim, net.n_units
+    if method == "auto":
+        method = "intervals" if S == 1 else "subdivision"
+    if method not in ("intervals", "subdivision", "lp-walk"):
+        raise ValueError(f"unknown partition method {method!r}: use auto, intervals, subdivision or lp-walk")
+    if method == "intervals" and S != 1:
+        raise ValueError("the 'intervals' method needs a 1-dimensional latent space")
+    if max_regions is not None and max_regions < 1:
+        raise ValueError("max_regions must be positive")
+    if K == 0:
+        return _linear_partition(net, t0)
+    if method == "intervals":
+        return _intervals(net, max_regions, progress, t0)
+    if method == "subdivision":
+        if S == 1:
+            return _intervals(net, max_regions, progress, t0)
+        raw = _subdivision(net, 4.0 if box_half_width is None else float(box_half_width),
+                           max_regions, progress)
+    else:
+        raw = _lp_walk(net, max_regions=max_regions, progress=progress)
+    return _finish(net, raw, method, t0, progress)
+
+
+def check_partition(net: PiecewiseAffineNet, part: Partition, n_samples: int = 100_000,
+                    seed: int = 0) -> dict:
+    """Independent checks of a partition.
+
+    Returns {'mass_sum': sum of prior masses, 'mass_error': |mass_sum - 1|,
+    'samples_located': fraction of N(0, I) samples whose sign pattern is a listed region,
+    'interior_ok': fraction of regions whose interior point has the region's pattern}.
+    """
+    rng = np.random.default_rng(seed)
+    lm = np.asarray(part.log_prior_mass, dtype=np.float64)
+    mass_sum = float(np.exp(lm).sum()) if lm.size else 0.0
+    located = 0
+    for start in range(0, n_samples, 50_000):
+        z = rng.standard_normal((min(50_000, n_samples - start), net.latent_dim))
+        located += int((part.locate(net, z) >= 0).sum())
+    ok = (net.patterns(part.interior) == part.patterns).all(axis=1) if part.n_regions else np.zeros(0, bool)
+    return {"mass_sum": mass_sum, "mass_error": abs(mass_sum - 1.0),
+            "samples_located": located / max(n_samples, 1),
+            "interior_ok": float(ok.mean()) if ok.size else 1.0}
+
+
+# ============================================================================ helpers
+def _linear_partition(net, t0) -> Partition:
+    S = net.latent_dim
+    return Partition(patterns=np.zeros((1, 0), bool), interior=np.zeros((1, S)),
+                     facet_ptr=np.zeros(2, np.int64), facet_units=np.zeros(0, np.int64),
+                     bounded=np.array([False]), log_prior_mass=np.zeros(1),
+                     log_prior_mass_stderr=np.zeros(1), clearance=np.array([np.inf]),
+                     degenerate=np.array([False]), fingerprint=net.fingerprint(),
+                     method="linear", seconds=time.perf_counter() - t0)
+
+
+def _too_many(n, max_regions):
+    raise CpadgnError(f"the partition has more than {max_regions:,} regions (at least {n:,} found); "
+                      f"raise --max-regions or use a generator with fewer hidden units")
+
+
+def _log_interval_mass(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """log(Phi(hi) - Phi(lo)) for lo < hi, stable in both tails."""
+    flip = lo > 0
+    a = np.where(flip, -hi, lo)
+    b = np.where(flip, -lo, hi)
+    la, lb = log_ndtr(a), log_ndtr(b)
+    with np.errstate(divide="ignore"):
+        return lb + np.log1p(-np.exp(la - lb))
+
+
+def _unit_classes(net):
+    """Exactly dead units (all-zero incoming weights) and exact duplicates within a layer.
+
+    Returns (active (K,) bool, dead_sign (K,) bool, dup_of (K,) int64 (-1: none)).
+    """
+    K = net.n_units
+    active = np.ones(K, bool)
+    dead_sign = np.zeros(K, bool)
+    dup_of = -np.ones(K, np.int64)
+    off = 0
+    for W, b in zip(net.weights[:-1], net.biases[:-1]):
+        n = W.shape[0]
+        dead = ~W.any(axis=1)
+        dead_sign[off:off + n] = b >= 0
+        rows = np.concatenate([W, b[:, None]], axis=1)
+        _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        orig = first[inv.ravel()]
+        for k in range(n):
+            if dead[k]:
+                active[off + k] = False
+            elif orig[k] != k:
+                active[off + k] = False
+                dup_of[off + k] = off + orig[k]
+        off += n
+    return active, dead_sign, dup_of
+
+
+def _fill_inactive(patterns, active, dead_sign, dup_of):
+    """Columns of dead and duplicated units (not subdivided) from their constants/originals."""
+    for k in np.flatnonzero(~active):
+        patterns[:, k] = patterns[:, dup_of[k]] if dup_of[k] >= 0 else dead_sign[k]
+    return patterns
+
+
+# ============================================================================ S = 1
+def _intervals(net, max_regions, progress, t0) -> Partition:
+    """Exact interval splitting of the whole line, layer by layer."""
+    K = net.n_units
+    bps = np.zeros(0)                       # sorted breakpoints
+    bp_unit = np.zeros(0, np.int64)         # unit creating each breakpoint
+    M = np.ones((1, 1))                     # h = M z + c per interval
+    c = np.zeros((1, 1))
+    pats = np.zeros((1, 0), bool)
+    off = 0
+    for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
+        n = W.shape[0]
+        Ua, Uc = M @ W.T, c @ W.T + b        # (I, n)
+        lo = np.concatenate([[-np.inf], bps])
+        hi = np.concatenate([bps, [np.inf]])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = -Uc / Ua
+        inside = (Ua != 0) & np.isfinite(r) & (r > lo[:, None]) & (r < hi[:, None])
+        ii, kk = np.nonzero(inside)
+        roots, units = r[ii, kk], kk + off
+        order = np.lexsort((units, roots))
+        roots, units = roots[order], units[order]
+        keep = np.ones(roots.size, bool)
+        keep[1:] = roots[1:] != roots[:-1]
+        roots, units = roots[keep], units[keep]
+        old = bps
+        bps = np.concatenate([bps, roots])
+        bp_unit = np.concatenate([bp_unit, units])
+        o = np.argsort(bps, kind="stable")
+        bps, bp_unit = bps[o], bp_unit[o]
+        if bps.size and np.any(bps[1:] == bps[:-1]):      # a root exactly on an old breakpoint
+            keep = np.concatenate([[True], bps[1:] != bps[:-1]])
+            bps, bp_unit = bps[keep], bp_unit[keep]
+        lo = np.concatenate([[-np.inf], bps])
+        hi = np.concatenate([bps, [np.inf]])
+        parent = np.searchsorted(old, lo, side="right")
+        if max_regions is not None and lo.size > max_regions:
+            _too_many(lo.size, max_regions)
+        a, cc = Ua[parent], Uc[parent]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rr = -cc / a
+        right = rr <= lo[:, None]                           # the interval lies right of the root
+        q = np.where(a == 0, cc >= 0, np.where(right, a > 0, a < 0))
+        slope = np.where(q, 1.0, alpha)
+        M, c = slope * a, slope * cc
+        pats = np.concatenate([pats[parent], q], axis=1)
+        off += n
+        if progress is not None:
+            progress(off, K, f"layer {li + 1}: {lo.size} intervals")
+    lo = np.concatenate([[-np.inf], bps])
+    hi = np.concatenate([bps, [np.inf]])
+    Rn = lo.size
+    mid = np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi),
+                   np.where(np.isfinite(hi), hi - 1.0, np.where(np.isfinite(lo), lo + 1.0, 0.0)))
+    units_lo = np.concatenate([[-1], bp_unit])
+    units_hi = np.concatenate([bp_unit, [-1]])
+    fac = np.stack([units_lo, units_hi], axis=1)
+    counts = (fac >= 0).sum(1)
+    facet_units = fac[fac >= 0].astype(np.int64)
+    facet_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    clearance = np.minimum(mid - lo, hi - mid)
+    ok = (net.patterns(mid[:, None]) == pats).all(axis=1)
+    degenerate = (clearance < DEGENERATE_CLEARANCE) | ~ok
+    logm = _log_interval_mass(lo, hi)
+    return Partition(patterns=pats, interior=mid[:, None], facet_ptr=facet_ptr, facet_units=facet_units,
+                     bounded=np.isfinite(lo) & np.isfinite(hi), log_prior_mass=logm,
+                     log_prior_mass_stderr=np.zeros(Rn), clearance=clearance, degenerate=degenerate,
+                     fingerprint=net.fingerprint(), method="intervals", seconds=time.perf_counter() - t0)
+
+
+# ============================================================================ S >= 2: subdivision
+class _Grow:
+    """Column-growable storage: arrays whose first (or given) axis grows by doubling."""
+
+    def __init__(self, arr, axis=0):
+        self.a, self.axis, self.n = arr, axis, arr.shape[axis]
+
+    def reserve(self, n):
+        cap = self.a.shape[self.axis]
+        if n <= cap:
+            return
+        new_cap = max(n, 2 * cap, 1024)
+        shape = list(self.a.shape)
+        shape[self.axis] = new_cap
+        b = np.zeros(shape, dtype=self.a.dtype, order="C")
+        sl = [slice(None)] * self.a.ndim
+        sl[self.axis] = slice(0, self.n)
+        b[tuple(sl)] = self.a[tuple(sl)]
+        self.a = b
+
+
+def _face_frames(S, R):
+    """Affine embeddings X = O_f + x @ E_f of the 2S + 1 prism faces, x in [0, 1]^S.
+
+    Face 0 is the top (t = 1, z in [-R, R]^S); face 1 + 2j + (s > 0) is the side z_j = s R,
+    whose local coordinate j is t (x_j = 0: infinity).
+    """
+    O = np.zeros((2 * S + 1, S + 1))
+    E = np.zeros((2 * S + 1, S, S + 1))
+    O[0, :S], O[0, S] = -R, 1.0
+    E[0, np.arange(S), np.arange(S)] = 2 * R
+    for j in range(S):
+        for si, s in enumerate((-1.0, 1.0)):
+            f = 1 + 2 * j + si
+            O[f, :S] = -R
+            O[f, j] = s * R
+            for i in range(S):
+                if i == j:
+                    E[f, i, S] = 1.0
+                else:
+                    E[f, i, i] = 2 * R
+    return O, E
+
+
+def _neg(x):
+    """-x mod 2^64 for uint64 arrays/scalars."""
+    return (~x) + np.uint64(1)
+
+
+def _subdivision(net, R, max_regions, progress):
+    """Edge subdivision of the compactified latent space; returns the raw region list."""
+    S, K = net.latent_dim, net.n_units
+    NH = K + 2 * S                         # hyperplanes: units, then cube constraints (lo, hi)
+    rng = np.random.default_rng(0x5EED)
+    RH = rng.integers(0, np.iinfo(np.uint64).max, size=NH, dtype=np.uint64, endpoint=True)
+    RF = rng.integers(0, np.iinfo(np.uint64).max, size=2 * S + 1, dtype=np.uint64, endpoint=True)
+    RHneg = _neg(RH)
+    active, dead_sign, dup_of = _unit_classes(net)
+
+    # ---- the initial complex: 2S + 1 cubes
+    O, Emb = _face_frames(S, R)
+    F = 2 * S + 1
+    bits = ((np.arange(2 ** S)[:, None] >> np.arange(S)[None, :]) & 1)          # (2^S, S)
+    cube_edges = np.array([(v, v | (1 << i)) for v in range(2 ** S) for i in range(S) if not v >> i & 1])
+    nv0 = 2 ** S
+    X0 = (O[:, None, :] + np.einsum("vs,fsd->fvd", bits.astype(float), Emb)).reshape(-1, S + 1)
+    face0 = np.repeat(np.arange(F), nv0)
+    sg0 = np.zeros((F * nv0, NH), np.int8)
+    Z0 = np.zeros((F * nv0, S), np.int64)
+    for i in range(S):
+        xi = np.tile(bits[:, i], F)
+        sg0[:, K + 2 * i] = np.where(xi == 0, 0, 1)
+        sg0[:, K + 2 * i + 1] = np.where(xi == 1, 0, 1)
+        Z0[:, i] = K + 2 * i + xi
+    hv0 = RF[face0] + (sg0[:, K:].astype(np.uint64) * RH[K:]).sum(axis=1, dtype=np.uint64)
+    E0 = (cube_edges[None, :, :] + nv0 * np.arange(F)[:, None, None]).reshape(-1, 2)
+
+    Xg, fg, sgg, Zg, hg = _Grow(X0), _Grow(face0.astype(np.int64)), _Grow(sg0), _Grow(Z0), _Grow(hv0)
+    Eg = _Grow(E0.astype(np.int64))
+    V, nE = X0.shape[0], E0.shape[0]
+    cells = np.ones(F, np.int64)            # cells per face so far (a lower bound on regions)
+    anomalies = 0
+    relax_sets = None
+    if S >= 3 and max_regions is not None:
+        relax_sets = np.array(np.meshgrid(*[[1, -1]] * (S - 1), indexing="ij")).reshape(S - 1, -1).T
+
+    off = 0
+    n_layers = len(net.hidden_sizes)
+    H = None
+    for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
+        n = W.shape[0]
+        X = Xg.a[:V]
+        inp = X[:, :S].T if H is None else H                             # (n_in, V)
+        Ug = _Grow(np.ascontiguousarray(W @ inp + b[:, None] * X[None, :, S]), axis=1)
+        for kl in range(n):
+            k = off + kl
+            if not active[k]:
+                continue
+            U = Ug.a
+            f = U[kl, :V]
+            pos = f >= 0
+            sgg.a[:V, k] = np.where(pos, 1, -1).astype(np.int8)
+            hv = hg.a
+            hv[:V] += np.where(pos, RH[k], RHneg[k])
+            E = Eg.a
+            ea, eb = E[:nE, 0], E[:nE, 1]
+            ci = np.flatnonzero(pos[ea] != pos[eb])
+            m = ci.size
+            if m == 0:
+                continue
+            a, bb = ea[ci], eb[ci]
+            fa, fb = f[a], f[bb]
+            lam = fa / (fa - fb)
+            new = np.arange(V, V + m)
+            # ---- new vertices
+            for g in (Xg, fg, sgg, Zg, hg):
+                g.reserve(V + m)
+            Ug.reserve(V + m)
+            U = Ug.a
+            Xa = Xg.a
+            Xa[V:V + m] = Xa[a] + lam[:, None] * (Xa[bb] - Xa[a])
+            Ua = U[:, a]
+            Un = Ua + lam[None, :] * (U[:, bb] - Ua)
+            Un[kl] = 0.0
+            U[:, V:V + m] = Un
+            fg.a[V:V + m] = fg.a[a]
+            sa, sb = sgg.a[a], sgg.a[bb]
+            sv = np.where(sa != 0, sa, sb)
+            sv[:, k] = 0
+            sgg.a[V:V + m] = sv
+            za, zb = Zg.a[a], Zg.a[bb]
+            common = (za[:, :, None] == zb[:, None, :]).any(axis=2)
+            ncommon = common.sum(axis=1)
+            if np.any(ncommon != S - 1):
+                raise RuntimeError("edge subdivision: an edge without S - 1 common zeros (internal error)")
+            ze = za[common].reshape(m, S - 1)
+            ja = za[~common]
+            sbj = sgg.a[bb, ja]
+            hv = hg.a
+            he = hv[a] - np.where(pos[a], RH[k], RHneg[k]) + np.where(sbj > 0, RH[ja], RHneg[ja])
+            hv[V:V + m] = he
+            Zg.a[V:V + m, :S - 1] = ze
+            Zg.a[V:V + m, S - 1] = k
+            # ---- join the two new vertices of every cut 2-face
+            rj = RH[ze]                                                   # (m, S-1)
+            isunit = ze < K
+            kp = he[:, None] + rj
+            kn = he[:, None] - rj
+            keys = np.concatenate([kp.ravel(), kn[isunit]])
+            owner = np.concatenate([np.repeat(new, S - 1), np.broadcast_to(new[:, None], (m, S - 1))[isunit]])
+            o = np.argsort(keys, kind="stable")
+            ks, ow = keys[o], owner[o]
+            eq = ks[1:] == ks[:-1]
+            if eq.size:
+                first = np.flatnonzero(eq)
+                # groups of exactly two: not equal to the previous and the next
+                okp = np.ones(first.size, bool)
+                okp &= (first == 0) | ~np.concatenate([[False], eq])[first]
+                nxt = first + 1
+                okp &= (nxt >= eq.size) | ~np.concatenate([eq, [False]])[nxt]
+                pairs = np.stack([ow[first[okp]], ow[first[okp] + 1]], axis=1)
+                n_single = keys.size - 2 * int(okp.sum())
+            else:
+                pairs = np.zeros((0, 2), np.int64)
+                n_single = keys.size
+            if n_single:
+                anomalies += n_single
+            npairs = pairs.shape[0]
+            Eg.reserve(nE + m + npairs)
+            E = Eg.a
+            E[ci, 1] = new
+            E[nE:nE + m, 0] = new
+            E[nE:nE + m, 1] = bb
+            E[nE + m:nE + m + npairs] = pairs
+            nE += m + npairs
+            V += m
+            for g in (Xg, fg, sgg, Zg, hg):
+                g.n = V
+            Ug.n = V
+            Eg.n = nE
+            # ---- region count lower bound
+            if max_regions is not None:
+                if S == 2:
+                    cells += np.bincount(fg.a[pairs[:, 0]], minlength=F)
+                else:
+                    sel = np.where(isunit[:, None, :], relax_sets[None, :, :], 1)       # (m, 2^(S-1), S-1)
+                    valid = (isunit[:, None, :] | (sel > 0)).all(axis=2)
+                    ck = he[:, None] + np.where(sel > 0, rj[:, None, :], _neg(rj)[:, None, :]).sum(
+                        axis=2, dtype=np.uint64)
+                    fo = np.broadcast_to(fg.a[new][:, None], valid.shape)[valid]
+                    _, ui = np.unique(ck[valid], return_index=True)
+                    cells += np.bincount(fo[ui], minlength=F)
+                if cells.max() > max_regions:
+                    _too_many(int(cells.max()), max_regions)
+            if progress is not None and (kl % 8 == 7 or kl == n - 1):
+                progress(k + 1, K, f"layer {li + 1}/{n_layers}: {V:,} vertices")
+        U = Ug.a[:, :V]
+        H = np.where(U >= 0, U, alpha[:, None] * U)
+        off += n
+    return _extract_regions(net, Xg.a[:V], fg.a[:V], sgg.a[:V], Zg.a[:V], hg.a[:V], RH, RF,
+                            active, dead_sign, dup_of, anomalies, max_regions)
+
+
+def _sign_combos(m):
+    """(2^m, m) all +-1 assignments."""
+    if m == 0:
+        return np.zeros((1, 0), np.int8)
+    return (1 - 2 * ((np.arange(2 ** m)[:, None] >> np.arange(m)[None, :]) & 1)).astype(np.int8)
+
+
+def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of, anomalies, max_regions):
+    """Regions from the final simple complex: cells around every vertex, deduplicated."""
+    S, K = net.latent_dim, net.n_units
+    V = X.shape[0]
+    t = X[:, S]
+    isu = Z < K
+    mcount = isu.sum(axis=1)
+    hbox = (sg[:, K:].astype(np.uint64) * RH[K:]).sum(axis=1, dtype=np.uint64)
+    hn = hv - hbox - RF[face]                               # unit signs only
+    inc_v, inc_key, inc_code = [], [], []
+    for mm in range(S + 1):
+        idx = np.flatnonzero(mcount == mm)
+        if idx.size == 0:
+            continue
+        uz = Z[idx][isu[idx]].reshape(idx.size, mm)
+        combos = _sign_combos(mm)                            # (C, mm)
+        r = RH[uz]                                            # (n, mm)
+        key = hn[idx][:, None] + np.where(combos[None, :, :] > 0, r[:, None, :],
+                                          _neg(r)[:, None, :]).sum(axis=2, dtype=np.uint64)
+        inc_v.append(np.repeat(idx, combos.shape[0]))
+        inc_key.append(key.ravel())
+        inc_code.append(np.tile(np.arange(combos.shape[0]), idx.size))
+    inc_v = np.concatenate(inc_v)
+    inc_key = np.concatenate(inc_key)
+    inc_code = np.concatenate(inc_code)
+    # ---- cells (per face)
+    ckey = inc_key + RF[face[inc_v]]
+    _, cfirst, cinv = np.unique(ckey, return_index=True, return_inverse=True)
+    cinv = cinv.ravel()
+    nc = cfirst.size
+    tv = t[inc_v]
+    cnt = np.bincount(cinv, minlength=nc).astype(float)
+    tsum = np.bincount(cinv, weights=tv, minlength=nc)
+    tmax = np.zeros(nc)
+    np.maximum.at(tmax, cinv, tv)
+    live = tmax > 0                                        # cells lying wholly at infinity are no regions
+    n_at_infinity = int((~live).sum())
+    # ---- regions (across faces)
+    _, rfirst, rinv_c = np.unique(inc_key[cfirst], return_index=True, return_inverse=True)
+    rinv_c = rinv_c.ravel()
+    # regions that only have cells at infinity are dropped with those cells
+    live_region = np.zeros(rfirst.size, bool)
+    live_region[rinv_c[live]] = True
+    remap = -np.ones(rfirst.size, np.int64)
+    remap[live_region] = np.arange(int(live_region.sum()))
+    creg = np.where(live, remap[rinv_c], -1)               # region of every cell (-1: dropped)
+    nR = int(live_region.sum())
+    if max_regions is not None and nR > max_regions:
+        _too_many(nR, max_regions)
+    # chosen cell per region: the live one with the largest mean t
+    meant = tsum / cnt
+    cl = np.flatnonzero(live)
+    o = np.lexsort((-meant[cl], creg[cl]))
+    cl = cl[o]
+    firstpos = np.concatenate([[True], creg[cl][1:] != creg[cl][:-1]])
+    chosen = np.empty(nR, np.int64)
+    chosen[creg[cl[firstpos]]] = cl[firstpos]
+    # interior: vertex mean of the chosen cell, dehomogenised
+    sel = np.zeros(nc, bool)
+    sel[chosen] = True
+    inc_sel = sel[cinv]
+    csum = np.zeros((nc, S + 1))
+    for d in range(S + 1):
+        csum[:, d] = np.bincount(cinv[inc_sel], weights=X[inc_v[inc_sel], d], minlength=nc)
+    cs = csum[chosen]
+    interior = cs[:, :S] / cs[:, S:]
+    # patterns from one incidence of every region
+    rep = cfirst[chosen]
+    rv, rc = inc_v[rep], inc_code[rep]
+    patterns = sg[rv, :K] > 0
+    for mm in range(1, S + 1):
+        w = np.flatnonzero(mcount[rv] == mm)
+        if w.size == 0:
+            continue
+        uz = Z[rv[w]][isu[rv[w]]].reshape(w.size, mm)
+        vals = _sign_combos(mm)[rc[w]] > 0
+        patterns[np.repeat(w, mm), uz.ravel()] = vals.ravel()
+    patterns = _fill_inactive(patterns, active, dead_sign, dup_of)
+    # bounded: no live-cell vertex at infinity
+    inc_reg = creg[cinv]
+    keep = inc_reg >= 0
+    bounded = np.ones(nR, bool)
+    bounded[inc_reg[keep & (tv == 0)]] = False
+    # facets: unit zeros of the region's vertices with t > 0
+    fk = keep & (tv > 0)
+    zz = Z[inc_v[fk]]
+    uu = isu[inc_v[fk]]
+    fr = np.broadcast_to(inc_reg[fk][:, None], zz.shape)[uu]
+    fu = zz[uu]
+    pair = np.unique(fr.astype(np.int64) * (K + 1) + fu)
+    fr, fu = pair // (K + 1), pair % (K + 1)
+    facet_ptr = np.concatenate([[0], np.cumsum(np.bincount(fr, minlength=nR))]).astype(np.int64)
+    info = {"vertices": V, "cells": nc, "cells_at_infinity": n_at_infinity, "pairing_anomalies": anomalies}
+    if anomalies:
+        warnings.warn(f"edge subdivision: {anomalies} unmatched 2-face keys (degenerate arrangement); "
+                      "check the partition with check_partition", RuntimeWarning, stacklevel=3)
+    return {"patterns": patterns, "interior": interior, "facet_ptr": facet_ptr,
+            "facet_units": fu.astype(np.int64), "bounded": bounded, "info": info}
+
+
+# ============================================================================ LP walk (reference)
+def _normalised_rows(G, h):
+    """Drop zero rows (None if one of them is violated) and scale the rest to unit normals."""
+    nrm = np.linalg.norm(G, axis=1)
+    zero = nrm == 0
+    if np.any(h[zero] < 0):
+        return None
+    keep = np.flatnonzero(~zero)
+    return G[keep] / nrm[keep, None], h[keep] / nrm[keep], keep
+
+
+def _linprog(c, **kw):
+    """scipy's HiGHS, falling back to its interior-point solver when the simplex gives up
+    (it does on some small LPs with an unbounded optimal face).  None if neither solves."""
+    from scipy.optimize import linprog
+    res = None
+    for method in ("highs", "highs-ipm"):
+        res = linprog(c, method=method, **kw)
+        if res.status in (0, 2):
+            break
+    return res if res.status == 0 else None
+
+
+def _chebyshev(Gn, hn, cap=1.0):
+    """Chebyshev centre of {z : Gn z <= hn} (unit rows), radius capped at ``cap``.
+
+    Returns (centre (S,), radius) or None when infeasible.
+    """
+    S = Gn.shape[1]
+    if Gn.shape[0] == 0:
+        return np.zeros(S), cap
+    res = _linprog(np.r_[np.zeros(S), -1.0], A_ub=np.hstack([Gn, np.ones((Gn.shape[0], 1))]), b_ub=hn,
+                   bounds=[(None, None)] * S + [(0.0, cap)])
+    if res is None:
+        return None
+    return res.x[:S], float(res.x[S])
+
+
+def _facets_by_lp(Gn, hn, cand=None):
+    """Non-redundant rows by one LP each: row i is a facet when max Gn_i z over the other
+    rows (and Gn_i z <= hn_i + 1) exceeds hn_i.  Exact duplicates: the first one counts.
+    cand: the rows to test (default all)."""
+    S = Gn.shape[1]
+    rows = np.hstack([Gn, hn[:, None]])
+    _, first = np.unique(rows, axis=0, return_index=True)
+    uniq = np.sort(first)
+    cand = uniq if cand is None else np.intersect1d(uniq, cand)
+    out = []
+    for i in cand:
+        others = uniq[uniq != i]
+        A = np.vstack([Gn[others], Gn[i:i + 1]])
+        b = np.r_[hn[others], hn[i] + 1.0]
+        res = _linprog(-Gn[i], A_ub=A, b_ub=b, bounds=[(None, None)] * S)
+        # an LP that no solver can settle keeps the row (listing a redundant row is safe)
+        if res is None or -res.fun > hn[i] + 1e-9 * max(1.0, abs(hn[i])):
+            out.append(i)
+    return np.array(out, dtype=np.int64)
+
+
+def _cone_facets(Gn, hn, c):
+    """Non-redundant rows of {Gn z <= hn} given an interior point c.
+
+    The region's homogenised cone {(z, t): Gn z <= hn t, t >= 0} has as facets exactly the
+    region's facets (plus possibly t >= 0); they are the extreme rays of the cone spanned
+    by the constraint normals, i.e. the vertices of the convex hull of the normals scaled
+    onto the hyperplane {y : y . (c, 1) = -1}: an S-dimensional hull.
+    """
+    from scipy.spatial import ConvexHull, QhullError
+    S = Gn.shape[1]
+    slack = hn - Gn @ c
+    pts = np.vstack([np.hstack([Gn, -hn[:, None]]) / slack[:, None], np.r_[np.zeros(S), -1.0]])
+    x0 = np.r_[c, 1.0]
+    Q = np.linalg.svd(x0[None, :])[2][1:].T                 # (S+1, S) basis of x0^perp
+    P = pts @ Q
+    try:
+        hull = ConvexHull(P)
+    except (QhullError, ValueError):
+        return _facets_by_lp(Gn, hn)
+    v = hull.vertices
+    return np.sort(v[v < Gn.shape[0]])
+
+
+def _is_bounded(GnF):
+    """A polyhedron with facet normals GnF is bounded iff they positively span R^S."""
+    from scipy.spatial import ConvexHull, QhullError
+    S = GnF.shape[1]
+    if GnF.shape[0] <= S:
+        return False
+    try:
+        hull = ConvexHull(GnF)
+    except (QhullError, ValueError):
+        return False
+    return bool(np.all(hull.equations[:, -1] < -1e-12))
+
+
+def _region_geometry(net, pattern):
+    """(centre, radius, facet units, bounded) of one sign pattern, or None if empty."""
+    G, h = _region_constraints(net, pattern[None])
+    nr = _normalised_rows(G[0], h[0])
+    if nr is None:
+        return None
+    Gn, hn, keep = nr
+    ch = _chebyshev(Gn, hn)
+    if ch is None or ch[1] <= 0:
+        return None
+    c, r = ch
+    fac = _cone_facets(Gn, hn, c)
+    bounded = _is_bounded(Gn[fac])
+    if not bounded:
+        # a redundant row parallel to a facet lies on the hull edge towards the t >= 0
+        # generator; the hull may keep it through round-off: confirm by LP
+        fac = _facets_by_lp(Gn, hn, fac)
+    return c, r, keep[fac], bounded, Gn, hn, keep
+
+
+def _cross_point_pattern(net, geom, k):
+    """Pattern just across facet unit k of a region, from a point in the facet's interior."""
+    c, r, fac, bounded, Gn, hn, keep = geom
+    i = int(np.flatnonzero(keep == k)[0])
+    same = np.all(np.isclose(np.hstack([Gn, hn[:, None]]), np.r_[Gn[i], hn[i]][None, :], rtol=0, atol=1e-12),
+                  axis=1)
+    S = Gn.shape[1]
+    oth = np.flatnonzero(~same)
+    res = _linprog(np.r_[np.zeros(S), -1.0], A_ub=np.hstack([Gn[oth], np.ones((oth.size, 1))]), b_ub=hn[oth],
+                   A_eq=np.r_[Gn[i], 0.0][None, :], b_eq=[hn[i]], bounds=[(None, None)] * S + [(0.0, 1.0)])
+    if res is None or res.x[S] <= 0:
+        return None
+    z = res.x[:S] + 0.5 * res.x[S] * Gn[i]
+    return net.patterns(z[None])[0]
+
+
+def _lp_walk(net, *, max_regions=None, progress=None, limit=None, time_limit=None):
+    """BFS over the region adjacency graph; stops early (complete=False) at limit/time_limit."""
+    S, K = net.latent_dim, net.n_units
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    start = None
+    for trial in range(20):
+        z0 = np.zeros((1, S)) if trial == 0 else rng.standard_normal((1, S))
+        q0 = net.patterns(z0)[0]
+        if _region_geometry(net, q0) is not None:
+            start = q0
+            break
+    if start is None:
+        raise RuntimeError("lp-walk: no full-dimensional region found at the start points")
+    seen = {start.tobytes()}
+    queue = deque([(start, None, -1)])
+    pats, cents, facs, bnds = [], [], [], []
+    complete = True
+    while queue:
+        if (limit is not None and len(pats) >= limit) or \
+                (time_limit is not None and time.perf_counter() - t_start > time_limit):
+            complete = False
+            break
+        q, parent_geom, k = queue.popleft()
+        geom = _region_geometry(net, q)
+        if geom is None:
+            # the flip of facet k is empty (a degenerate crossing): cross geometrically
+            if parent_geom is not None:
+                q2 = _cross_point_pattern(net, parent_geom, k)
+                if q2 is not None and q2.tobytes() not in seen:
+                    seen.add(q2.tobytes())
+                    queue.appendleft((q2, None, -1))
+            continue
+        c, r, fac, bounded = geom[:4]
+        pats.append(q)
+        cents.append(c)
+        facs.append(fac)
+        bnds.append(bounded)
+        if max_regions is not None and len(pats) > max_regions:
+            _too_many(len(pats), max_regions)
+        for kk in fac:
+            q2 = q.copy()
+            q2[kk] = ~q2[kk]
+            key = q2.tobytes()
+            if key not in seen:
+                seen.add(key)
+                queue.append((q2, geom, int(kk)))
+        if progress is not None and len(pats) % 200 == 0:
+            progress(len(pats), None, f"lp-walk: {len(pats):,} regions, {len(queue):,} queued")
+    counts = np.array([f.size for f in facs], dtype=np.int64)
+    return {"patterns": np.array(pats, dtype=bool).reshape(-1, K), "interior": np.array(cents).reshape(-1, S),
+            "facet_ptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "facet_units": np.concatenate(facs).astype(np.int64) if facs else np.zeros(0, np.int64),
+            "bounded": np.array(bnds, dtype=bool), "info": {"complete": complete},
+            "seconds": time.perf_counter() - t_start}
+
+
+# ============================================================================ finishing
+def _log_prior_masses(G, h, mask):
+    """log P[z in {G z <= h}] for z ~ N(0, I), batched: (log_mass (B,), stderr (B,))."""
+    from .gaussian import polytope_log_mass
+    B = G.shape[0]
+    out, err = np.zeros(B), np.zeros(B)
+    has = mask.any(axis=1)
+    if has.any():
+        lm, se = polytope_log_mass(G[has], h[has], mask[has])
+        out[has], err[has] = lm, se
+    return out, err
+
+
+def _finish(net, raw, method, t0, progress, chunk=4096) -> Partition:
+    """Canonical order, interior checks (re-centring thin-looking regions), clearance, masses."""
+    S, K = net.latent_dim, net.n_units
+    pats = raw["patterns"]
+    nR = pats.shape[0]
+    packed = np.packbits(pats, axis=1)
+    order = np.lexsort(packed.T[::-1]) if packed.shape[1] else np.arange(nR)
+    ptr = raw["facet_ptr"]
+    units = raw["facet_units"][_csr_positions(ptr, order)]
+    counts = (ptr[1:] - ptr[:-1])[order]
+    part = Partition(patterns=pats[order], interior=raw["interior"][order].copy(),
+                     facet_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), facet_units=units,
+                     bounded=raw["bounded"][order], log_prior_mass=np.zeros(nR),
+                     log_prior_mass_stderr=np.zeros(nR), clearance=np.full(nR, np.inf),
+                     degenerate=np.zeros(nR, bool), fingerprint=net.fingerprint(), method=method, seconds=0.0)
+    ok = np.zeros(nR, bool)
+    for s0 in range(0, nR, chunk):
+        idx = np.arange(s0, min(nR, s0 + chunk))
+        G, h, mask = part.facets(net, idx)
+        part.clearance[idx] = _clearance(G, h, mask, part.interior[idx])
+        ok[idx] = (net.patterns(part.interior[idx]) == part.patterns[idx]).all(axis=1)
+        lm, se = _log_prior_masses(G, h, mask)
+        part.log_prior_mass[idx], part.log_prior_mass_stderr[idx] = lm, se
+        if progress is not None:
+            progress(int(idx[-1]) + 1, nR, "region checks and prior masses")
+    # re-centre the few regions whose interior point looks thin or wrong
+    for i in np.flatnonzero(~ok | (part.clearance < DEGENERATE_CLEARANCE)):
+        G, h = _region_constraints(net, part.patterns[i:i + 1])
+        nr = _normalised_rows(G[0], h[0])
+        ch = None if nr is None else _chebyshev(nr[0], nr[1])
+        if ch is not None and ch[1] > 0:
+            Gf, hf, mf = part.facets(net, np.array([i]))
+            cl = _clearance(Gf, hf, mf, ch[0][None])[0]
+            okc = bool((net.patterns(ch[0][None])[0] == part.patterns[i]).all())
+            if okc and (not ok[i] or cl > part.clearance[i]):
+                part.interior[i], part.clearance[i], ok[i] = ch[0], cl, True
+    part.degenerate = (part.clearance < DEGENERATE_CLEARANCE) | ~ok
+    part.seconds = time.perf_counter() - t0
+    return part
+
+
+def _clearance(G, h, mask, c):
+    """min over facets of (h - G c) / |G|: (B, F, S), (B, F), (B, F), (B, S) -> (B,)."""
+    nrm = np.linalg.norm(G, axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (h - np.einsum("bfs,bs->bf", G, c)) / nrm
+    d = np.where(mask & (nrm > 0), d, np.inf)
+    return d.min(axis=1, initial=np.inf)

@@ -1,0 +1,277 @@
+"""The ``cpadgn`` command line: thin click commands over the cpadgn library."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cpadgn.errors import CpadgnError
+
+console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Print user errors as one line on stderr and exit 1; never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CpadgnError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except MemoryError:
+            click.echo("Error: out of memory; lower --memory-budget or use fewer rows", err=True)
+            sys.exit(1)
+        except Exception as e:  # a bug, not bad input: still one line, distinct exit code
+            if "--debug" in sys.argv:
+                raise
+            click.echo(f"Error: internal error ({type(e).__name__}: {e}); rerun with --debug "
+                       "for the traceback and report it", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+class Progressbar:
+    """A rich progress bar usable as cpadgn's progress(done, total, message) callback."""
+
+    def __init__(self, label: str, quiet: bool):
+        self.label, self.quiet = label, quiet
+
+    def __enter__(self):
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
+                            transient=True, disable=self.quiet)
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.label, total=None, note="")
+        return self
+
+    def __call__(self, done, total=None, message=""):
+        self.bar.update(self.task, completed=done, total=total, note=message)
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+def parse_noise(value):
+    if value is None or value == "auto":
+        return value
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter("expected a positive number or 'auto'") from None
+    if not np.isfinite(v) or v <= 0:
+        raise click.BadParameter("expected a positive number or 'auto'")
+    return v
+
+
+def resolve_device(name: str):
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CpadgnError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def model_options(fn):
+    """Options shared by every command that loads a generator."""
+    for decorator in reversed([
+        click.option("--noise-std", callback=lambda c, p, v: parse_noise(v), metavar="X|auto",
+                     help="Observation noise std (overrides the model file); 'auto' fits it "
+                          "by maximum exact likelihood on the data."),
+        click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
+                     help="Partition cache file [default: MODEL.partition.h5]."),
+        click.option("--max-regions", type=click.IntRange(min=1), default=None,
+                     help="Stop with an error if the partition has more regions than this."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Where the batched linear algebra runs."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow loading a pickled torch module (it can execute code)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages."),
+        click.option("--debug", is_flag=True, hidden=True),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None):
+    """Load a generator, get its partition (cache or compute), settle the noise std."""
+    from cpadgn.model import load
+    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
+                 trust_pickle=trust_pickle, device=resolve_device(device))
+    with Progressbar("partition", quiet) as bar:
+        model.partition(max_regions=max_regions, progress=bar, log=say)
+    say(f"partition: {model.partition().n_regions} regions ({model.partition_status}; {model.cache_path})")
+    if noise_std == "auto":
+        if data is None:
+            raise CpadgnError("--noise-std auto needs data to fit on")
+        sigma = model.fit_noise_std(data)
+        say(f"noise std fitted by maximum exact likelihood: {sigma:.6g}")
+        model = model.with_noise_std(sigma)
+    return model
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cpadgn")
+def main():
+    """cpadgn: exact statistics with piecewise-affine deep generative networks.
+
+    A ReLU-type generator with a Gaussian latent prior and Gaussian noise has an
+    exact likelihood p(x) and posterior p(z|x); cpadgn computes them from the
+    partition of the latent space into linear regions, cached beside the model.
+    """
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
+    """Compute (or load) and describe the partition of MODEL's latent space.
+
+    \b
+    Example:
+      cpadgn partition sample_data/wave_generator.h5
+      cpadgn partition gen.pt2 --max-regions 100000 --json
+    """
+    from cpadgn.partition import check_partition
+    t0 = time.perf_counter()
+    model = load_model(model_path, cache=cache, noise_std=None, device=device,
+                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json)
+    part = model.partition()
+    check = check_partition(model.net, part)
+    nf = part.n_facets
+    summary = {
+        "model": str(model_path), "latent_dim": model.latent_dim, "output_dim": model.output_dim,
+        "hidden_units": list(model.net.hidden_sizes), "regions": part.n_regions,
+        "bounded_regions": int(part.bounded.sum()), "unbounded_regions": int((~part.bounded).sum()),
+        "degenerate_regions": int(part.degenerate.sum()),
+        "facets_min": int(nf.min()), "facets_mean": float(nf.mean()), "facets_max": int(nf.max()),
+        "prior_mass_sum": check["mass_sum"], "prior_mass_error": check["mass_error"],
+        "samples_located": check["samples_located"], "interior_points_ok": check["interior_ok"],
+        "method": part.method, "enumeration_seconds": part.seconds,
+        "seconds": time.perf_counter() - t0, "cache": str(model.cache_path),
+        "cache_status": model.partition_status,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"Partition of {model_path}", show_header=False)
+    rows = [("latent dim S", summary["latent_dim"]), ("output dim D", summary["output_dim"]),
+            ("hidden units", " + ".join(map(str, summary["hidden_units"])) or "none (linear)"),
+            ("regions", f"{part.n_regions:,} ({summary['bounded_regions']:,} bounded, "
+                        f"{summary['unbounded_regions']:,} unbounded)"),
+            ("near-degenerate regions", summary["degenerate_regions"]),
+            ("facets per region", f"min {summary['facets_min']}, mean {summary['facets_mean']:.2f}, "
+                                  f"max {summary['facets_max']}"),
+            ("prior mass sum", f"{summary['prior_mass_sum']:.15f} (|error| {summary['prior_mass_error']:.1e})"),
+            ("prior samples located", f"{100 * summary['samples_located']:.3f}%"),
+            ("interior points verified", f"{100 * summary['interior_points_ok']:.3f}%"),
+            ("method", f"{part.method} ({part.seconds:.3f} s)"),
+            ("cache", f"{summary['cache']} ({summary['cache_status']})")]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    Console().print(table)
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .csv, .npy or .h5.")
+@click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
+@click.option("--contamination", type=click.FloatRange(0, 0.5, min_open=True), default=None,
+              help="Expected fraction of anomalies: adds is_anomaly (score above that quantile).")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def score(model_path, data_path, out, dataset, contamination, noise_std, cache, max_regions, device,
+          trust_pickle, quiet, debug, as_json):
+    """Anomaly scores of DATA from MODEL's exact log-likelihood.
+
+    One output row per data row: log_likelihood (nats), anomaly_score
+    (= -log_likelihood), n_observed, z_mean_1..S (E[z|x]), top_region,
+    top_region_responsibility, log_likelihood_error_bound (certified bound from
+    pruning), log_likelihood_stderr (S >= 3 only), and is_anomaly with
+    --contamination.  NaN entries are missing: the row is scored by the exact
+    marginal likelihood of its observed entries.
+
+    \b
+    Examples:
+      cpadgn score sample_data/digits_generator.h5 sample_data/digits_test.csv -o scores.csv
+      cpadgn score gen.pt2 data.npy -o scores.h5 --noise-std auto --contamination 0.05
+    """
+    from cpadgn.data import check_output_path, read_data, write_table
+    t0 = time.perf_counter()
+    check_output_path(out)
+    X = read_data(data_path, dataset=dataset)
+    model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
+                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X)
+    model._check_data(X)
+    with Progressbar("scoring rows", quiet or as_json) as bar:
+        post = model.posterior(X, progress=bar)
+    columns = scores_table(post, contamination)
+    write_table(out, columns)
+    summary = score_summary(post, columns, model, contamination, time.perf_counter() - t0, out)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        print_summary("Scores", summary)
+
+
+def scores_table(post, contamination):
+    """The output columns of ``cpadgn score``."""
+    ll = post.log_likelihood
+    cols = {"log_likelihood": ll, "anomaly_score": -ll, "n_observed": post.n_observed}
+    for j in range(post.z_mean.shape[1]):
+        cols[f"z_mean_{j + 1}"] = post.z_mean[:, j]
+    cols["top_region"] = post.top_region
+    cols["top_region_responsibility"] = post.top_responsibility
+    cols["log_likelihood_error_bound"] = post.error_bound
+    if np.any(post.stderr > 0):
+        cols["log_likelihood_stderr"] = post.stderr
+    if contamination is not None:
+        cols["is_anomaly"] = -ll > np.quantile(-ll, 1 - contamination)
+    return cols
+
+
+def score_summary(post, cols, model, contamination, seconds, out):
+    ll = post.log_likelihood
+    n = ll.size
+    s = {"rows": n, "mean_log_likelihood": float(ll.mean()),
+         "mean_log_likelihood_stderr": float(ll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+         "min_log_likelihood": float(ll.min()), "max_log_likelihood": float(ll.max()),
+         "max_error_bound": float(post.error_bound.max()),
+         "rows_with_missing": int((post.n_observed < model.output_dim).sum()),
+         "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
+         "cache_status": model.partition_status, "seconds": seconds, "output": str(out)}
+    if contamination is not None:
+        s["threshold"] = float(np.quantile(-ll, 1 - contamination))
+        s["anomalies"] = int(cols["is_anomaly"].sum())
+    return s
+
+
+def print_summary(title, summary):
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.6g}"
+        elif isinstance(v, list):
+            v = ", ".join(f"{x:.4g}" for x in v[:5]) + (" ..." if len(v) > 5 else "")
+        table.add_row(k.replace("_", " "), str(v))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

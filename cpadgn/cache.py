@@ -1,0 +1,275 @@
+"""The partition cache: one HDF5 file per generator, reused while it still fits.
+
+The partition (see ``cpadgn.partition``) is the costly object, so it is computed once
+per generator and stored, by default beside the model as ``<model file>.partition.h5``
+(e.g. ``gen.h5`` -> ``gen.h5.partition.h5``).  It is keyed by a fingerprint of the
+network (architecture, weights, slopes; ``PiecewiseAffineNet.fingerprint``) and of the
+cache format, so a cache whose fingerprint does not match is never used: it is
+recomputed and replaced, and the caller is told why.  Pass the network the partition
+was computed for (the one with the prior folded in, if that is what is enumerated).
+
+Schema (cache_format_version 1)
+-------------------------------
+::
+
+    /                        root attributes
+        format               "cpadgn-partition"
+        cache_format_version 1
+        fingerprint          SHA-256 hex of (net fingerprint + cache format version);
+                             the cache key
+        net_fingerprint      PiecewiseAffineNet.fingerprint() of the generator
+        partition_fingerprint  Partition.fingerprint as computed (usually the same)
+        latent_dim           S
+        n_units              K, hidden units
+        n_regions            R
+        method               enumeration algorithm (str)
+        seconds              enumeration wall time (float)
+        created_with         cpadgn version that wrote the file
+    patterns                 uint8 (R, ceil(K/8)): sign patterns packed with
+                             np.packbits(axis=1) (big bit order; bit set where the
+                             pre-activation is >= 0); attribute n_units = K
+    interior                 float64 (R, S), a point strictly inside each region
+    facet_ptr                int64 (R + 1,), CSR offsets into facet_units
+    facet_units              int64 (nnz,), the hidden unit of each facet
+    bounded                  uint8 (R,), 1 for a bounded region
+    log_prior_mass           float64 (R,), log P[z in region] under N(0, I)
+    log_prior_mass_stderr    float64 (R,), its standard error (0 where exact)
+    clearance                float64 (R,), interior point's distance to the nearest facet
+    degenerate               uint8 (R,), 1 for a near-degenerate region
+
+Non-empty datasets are gzip-compressed (level 4, with the shuffle filter).  Writes
+are atomic: a temporary file in the same directory, then ``os.replace``, so a reader
+never sees a half-written cache.  If the directory is not writable the partition is
+still returned, with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data import atomic_path
+from .errors import CpadgnError
+from .network import PiecewiseAffineNet
+from .partition import Partition
+
+FORMAT = "cpadgn-partition"
+CACHE_FORMAT_VERSION = 1
+CACHE_SUFFIX = ".partition.h5"
+
+_FLOAT_FIELDS = ("log_prior_mass", "log_prior_mass_stderr", "clearance")
+_BOOL_FIELDS = ("bounded", "degenerate")
+
+
+def cache_path_for(model_path) -> Path:
+    """Default cache file of a model: ``<model file name>.partition.h5`` beside it."""
+    p = Path(model_path)
+    return p.with_name(p.name + CACHE_SUFFIX)
+
+
+def cache_key(net_fingerprint: str) -> str:
+    """The cache fingerprint: SHA-256 over the net fingerprint and the cache format version."""
+    h = hashlib.sha256()
+    h.update(str(net_fingerprint).encode())
+    h.update(f"|cpadgn-partition-cache-v{CACHE_FORMAT_VERSION}".encode())
+    return h.hexdigest()
+
+
+def _version() -> str:
+    try:
+        import cpadgn
+        v = getattr(cpadgn, "__version__", None)
+        if v:
+            return str(v)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from importlib.metadata import version
+        return version("cpadgn")
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+# ====================================================================== writing
+def save_partition(path, part: Partition, net_fingerprint: str) -> None:
+    """Write a partition cache file atomically (schema in the module docstring)."""
+    import h5py
+
+    path = Path(path)
+    R, K = part.patterns.shape
+    S = part.interior.shape[1] if part.interior.ndim == 2 else 0
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["cache_format_version"] = CACHE_FORMAT_VERSION
+            f.attrs["fingerprint"] = cache_key(net_fingerprint)
+            f.attrs["net_fingerprint"] = str(net_fingerprint)
+            f.attrs["partition_fingerprint"] = str(part.fingerprint)
+            f.attrs["latent_dim"] = S
+            f.attrs["n_units"] = K
+            f.attrs["n_regions"] = R
+            f.attrs["method"] = str(part.method)
+            f.attrs["seconds"] = float(part.seconds)
+            f.attrs["created_with"] = _version()
+            packed = np.packbits(np.asarray(part.patterns, dtype=bool), axis=1)
+            _write(f, "patterns", packed).attrs["n_units"] = K
+            _write(f, "interior", np.asarray(part.interior, dtype=np.float64))
+            _write(f, "facet_ptr", np.asarray(part.facet_ptr, dtype=np.int64))
+            _write(f, "facet_units", np.asarray(part.facet_units, dtype=np.int64))
+            for name in _BOOL_FIELDS:
+                _write(f, name, np.asarray(getattr(part, name), dtype=bool).astype(np.uint8))
+            for name in _FLOAT_FIELDS:
+                _write(f, name, np.asarray(getattr(part, name), dtype=np.float64))
+
+
+def _write(f, name, a):
+    kw = dict(compression="gzip", compression_opts=4, shuffle=True) if a.size else {}
+    return f.create_dataset(name, data=a, track_times=False, **kw)
+
+
+# ====================================================================== reading
+def read_partition(path) -> tuple[Partition, str]:
+    """Read and validate a cache file: (Partition, cache fingerprint).  CpadgnError if unusable."""
+    import h5py
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, ValueError) as e:
+        raise CpadgnError(f"{path} is not a readable HDF5 file ({_short(e)})") from None
+    try:
+        with f:
+            fingerprint = _read_header(path, f)
+            return _read_body(path, f), fingerprint
+    except CpadgnError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CpadgnError(f"{path} is not a valid partition cache ({type(e).__name__}: "
+                          f"{_short(e)})") from None
+
+
+def read_fingerprint(path) -> str:
+    """Only the cache fingerprint (cheap); CpadgnError if the file is not a cache."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return _read_header(Path(path), f)
+    except CpadgnError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CpadgnError(f"{path} is not a readable partition cache ({_short(e)})") from None
+
+
+def _short(e) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _read_header(path, f) -> str:
+    fmt = _s(f.attrs.get("format", ""))
+    if fmt != FORMAT:
+        raise CpadgnError(f"{path} is not a cpadgn partition cache (format '{fmt}')")
+    if "fingerprint" not in f.attrs:
+        raise CpadgnError(f"{path} has no fingerprint")
+    return _s(f.attrs["fingerprint"])
+
+
+def _read_body(path, f) -> Partition:
+    version = int(f.attrs.get("cache_format_version", -1))
+    if version != CACHE_FORMAT_VERSION:
+        raise CpadgnError(f"{path} has cache format {version}, this cpadgn reads {CACHE_FORMAT_VERSION}")
+    R, K, S = (int(f.attrs[k]) for k in ("n_regions", "n_units", "latent_dim"))
+
+    def get(name, dtype, shape):
+        a = np.asarray(f[name][()], dtype=dtype)
+        if a.shape != shape:
+            raise CpadgnError(f"{path}: dataset {name} has shape {a.shape}, expected {shape}")
+        return a
+
+    packed = get("patterns", np.uint8, (R, (K + 7) // 8))
+    patterns = np.unpackbits(packed, axis=1, count=K).astype(bool) if K else np.zeros((R, 0), bool)
+    facet_ptr = get("facet_ptr", np.int64, (R + 1,))
+    nnz = int(f["facet_units"].shape[0]) if f["facet_units"].ndim == 1 else -1
+    facet_units = get("facet_units", np.int64, (max(nnz, 0),))
+    if facet_ptr[0] != 0 or facet_ptr[-1] != nnz or np.any(np.diff(facet_ptr) < 0):
+        raise CpadgnError(f"{path}: facet_ptr is not a valid CSR offset array")
+    if nnz and (facet_units.min() < 0 or facet_units.max() >= K):
+        raise CpadgnError(f"{path}: facet_units refers to units outside 0..{K - 1}")
+    fields = {name: get(name, np.float64, (R,)) for name in _FLOAT_FIELDS}
+    fields.update({name: get(name, np.uint8, (R,)).astype(bool) for name in _BOOL_FIELDS})
+    return Partition(
+        patterns=patterns,
+        interior=get("interior", np.float64, (R, S)),
+        facet_ptr=facet_ptr,
+        facet_units=facet_units,
+        fingerprint=_s(f.attrs.get("partition_fingerprint", f.attrs.get("net_fingerprint", ""))),
+        method=_s(f.attrs.get("method", "")),
+        seconds=float(f.attrs.get("seconds", 0.0)),
+        **fields,
+    )
+
+
+# ================================================================= load or compute
+def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], Partition], *,
+                    log: Callable[[str], None] | None = None) -> tuple[Partition, str]:
+    """The partition of ``net`` from ``cache_path`` if it is valid, else ``compute()`` and store it.
+
+    Returns (partition, status) with status "loaded", "computed",
+    "recomputed (stale: fingerprint mismatch)" or "recomputed (unreadable cache: ...)".
+    log(msg) receives one human sentence per event; a failure to write the cache is a
+    warning (through log, or warnings.warn without one), never an error.
+    """
+    say = log or (lambda msg: None)
+    cache_path = Path(cache_path)
+    net_fp = net.fingerprint()
+    key = cache_key(net_fp)
+    status = "computed"
+    if cache_path.exists():
+        try:
+            stored = read_fingerprint(cache_path)
+            if stored != key:
+                status = "recomputed (stale: fingerprint mismatch)"
+                say(f"The partition cache {cache_path} was computed for a different generator or "
+                    "cache format (fingerprint mismatch); recomputing and replacing it.")
+            else:
+                part, _ = read_partition(cache_path)
+                if part.patterns.shape[1] != net.n_units or part.interior.shape[1] != net.latent_dim:
+                    raise CpadgnError(f"{cache_path}: shapes do not match the generator")
+                say(f"Loaded the partition ({part.n_regions} regions) from {cache_path}.")
+                return part, "loaded"
+        except CpadgnError as e:
+            reason = str(e).replace(str(cache_path), "").strip(" :") or "unreadable"
+            status = f"recomputed (unreadable cache: {reason})"
+            say(f"The partition cache {cache_path} is unreadable ({reason}); recomputing and "
+                "replacing it.")
+    part = compute()
+    try:
+        save_partition(cache_path, part, net_fp)
+    except Exception as e:  # caching is an optimisation: never fail the computation
+        msg = (f"Could not write the partition cache {cache_path} ({_short_os(e)}); continuing "
+               "without a cache (pass another cache path to keep the partition).")
+        if log is None:
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        else:
+            log(msg)
+        return part, status
+    if status == "computed":
+        say(f"Computed the partition ({part.n_regions} regions, {part.method}, "
+            f"{part.seconds:.3g} s) and saved it to {cache_path}.")
+    else:
+        say(f"Saved the recomputed partition ({part.n_regions} regions) to {cache_path}.")
+    return part, status
+
+
+def _short_os(e) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return _short(e)

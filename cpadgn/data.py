@@ -1,0 +1,409 @@
+"""Reading data sets and writing result files.
+
+Input (``read_data``): a 2-D table of samples (rows) x features (columns) as float64,
+NaN marking a missing value.
+
+- ``.npy``  a 2-D numeric array (``np.load(allow_pickle=False)``), or a 1-D structured
+  array with numeric fields (one column per field, the format ``write_table`` writes)
+- ``.csv``  comma separated; the first row is a header when any of its cells is not a
+  number; empty cells and nan / NA / N/A / null (any case) are missing values
+- ``.h5`` / ``.hdf5``  the dataset named by ``dataset``; without it, the file's only
+  2-D dataset
+
+Infinite values are refused (they are never a valid observation; write NaN for a
+missing one).
+
+Output (``write_table``, ``write_array``): chosen by suffix.
+
+- ``.csv``  a header row, then one line per row; integer and boolean columns as
+  integers, floats in Python's repr (shortest text that reads back to the same
+  float64, so the file round-trips exactly), NaN as ``nan``
+- ``.npy``  ``write_table``: a 1-D structured array, one field per column, in
+  column order (``arr["log_prob"]``); ``write_array``: the plain array
+- ``.h5`` / ``.hdf5``  ``write_table``: one 1-D dataset per column and a root
+  attribute ``columns`` with their order; ``write_array``: dataset ``data`` with an
+  optional attribute ``columns``
+
+Every output is written to a temporary file in the target directory and renamed
+over the target (``os.replace``), so a reader never sees a half-written file and a
+failure leaves no partial output.  ``check_output_path`` validates an output path
+before any computation starts.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CpadgnError
+
+DATA_SUFFIXES = (".csv", ".npy", ".h5", ".hdf5")
+OUTPUT_SUFFIXES = (".csv", ".npy", ".h5", ".hdf5")
+MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
+
+
+# ============================================================= atomic writing
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    The final file gets the usual permissions (0666 minus the umask).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
+                               prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path, *, ndim: int = 2) -> Path:
+    """Fail early (CpadgnError) if ``path`` cannot receive a result file.
+
+    Checks the suffix, that the directory exists and is writable (by creating and
+    removing a temporary file there), and that the path is not a directory.  ndim=3
+    (multiple-imputation draws) also refuses .csv.  Returns the path.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise CpadgnError(f"cannot write {path}: unknown output extension "
+                          f"'{path.suffix or '(none)'}'; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    if ndim > 2 and suffix == ".csv":
+        raise CpadgnError(f"cannot write {path}: a CSV file holds a 2-D table, but this output "
+                          f"is {ndim}-D; use .npy or .h5")
+    if path.is_dir():
+        raise CpadgnError(f"cannot write {path}: it is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise CpadgnError(f"cannot write {path}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise CpadgnError(f"cannot write {path}: {parent} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".check")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise CpadgnError(f"cannot write {path}: directory {parent} is not writable "
+                          f"({e.strerror or e})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CpadgnError(f"cannot write {path}: the existing file is read-only")
+    return path
+
+
+# ================================================================== reading
+def read_data(path, *, dataset: str | None = None) -> np.ndarray:
+    """Read a data table as float64 (N, D); NaN marks missing values."""
+    path = Path(path)
+    if not path.exists():
+        raise CpadgnError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise CpadgnError(f"{path} is a directory, not a data file")
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise CpadgnError(f"cannot read {path}: unknown data extension '{path.suffix or '(none)'}'; "
+                          f"supported: {', '.join(DATA_SUFFIXES)}")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
+    if size == 0:
+        raise CpadgnError(f"data file {path} is empty")
+    if suffix == ".npy":
+        X, lines = _read_npy(path), None
+    elif suffix == ".csv":
+        X, lines = _read_csv(path)
+    else:
+        X, lines = _read_h5(path, dataset), None
+    return _check_table(path, X, lines)
+
+
+def _check_table(path: Path, X: np.ndarray, lines=None) -> np.ndarray:
+    if X.ndim != 2:
+        hint = " (use x.reshape(-1, 1) for a single feature)" if X.ndim == 1 else \
+            " (flatten each sample to one row)" if X.ndim > 2 else ""
+        raise CpadgnError(f"{path} holds a {X.ndim}-D array of shape {X.shape}; expected a 2-D "
+                          f"table, rows = samples and columns = features{hint}")
+    if X.shape[0] == 0:
+        raise CpadgnError(f"{path} has no data rows")
+    if X.shape[1] == 0:
+        raise CpadgnError(f"{path} has no columns")
+    inf = np.isinf(X)
+    if inf.any():
+        r, c = np.argwhere(inf)[0]
+        where = f"row {r + 1}" + (f" (line {lines[r]})" if lines is not None else "")
+        more = f" ({int(inf.sum())} infinite values in all)" if inf.sum() > 1 else ""
+        raise CpadgnError(f"{path}: {where}, column {c + 1} is {X[r, c]}{more}; replace it with a "
+                          "finite value, or NaN for a missing value")
+    return np.ascontiguousarray(X, dtype=np.float64)
+
+
+def _numeric(path: Path, a: np.ndarray, what: str) -> np.ndarray:
+    """A numeric (or numeric structured) array as float64."""
+    if a.dtype.names:
+        bad = [n for n in a.dtype.names if a.dtype[n].kind not in "biuf" or a.dtype[n].shape]
+        if bad:
+            raise CpadgnError(f"{path}: {what} has non-numeric fields {bad}; keep numeric "
+                              "columns only")
+        if a.ndim != 1:
+            raise CpadgnError(f"{path}: {what} is a structured array of shape {a.shape}; "
+                              "expected 1-D (one record per row)")
+        return np.stack([a[n].astype(np.float64) for n in a.dtype.names], axis=1) \
+            if a.dtype.names else np.zeros((a.shape[0], 0))
+    if a.dtype.kind not in "biuf":
+        kind = {"c": "complex", "U": "text", "S": "bytes", "O": "object", "M": "datetime",
+                "m": "timedelta"}.get(a.dtype.kind, str(a.dtype))
+        raise CpadgnError(f"{path}: {what} holds {kind} values; expected numbers")
+    return a.astype(np.float64)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise CpadgnError(f"{path} holds Python objects (pickled data), which cpadgn does not "
+                              "load; save a numeric array with np.save") from None
+        raise CpadgnError(f"{path} is not a valid .npy file ({e})") from None
+    except (OSError, EOFError) as e:
+        raise CpadgnError(f"{path} is not a valid .npy file ({e})") from None
+    if not isinstance(a, np.ndarray):
+        a.close()
+        raise CpadgnError(f"{path} is an .npz archive, not a single .npy array; "
+                          "save one array with np.save")
+    return _numeric(path, a, "the array")
+
+
+def _cell(text: str):
+    """float or None (missing); raises ValueError for anything else."""
+    t = text.strip()
+    if t.lower() in MISSING_TOKENS:
+        return math.nan
+    return float(t)
+
+
+def _read_csv(path: Path):
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(i + 1, row) for i, row in enumerate(csv.reader(f))]
+    except UnicodeDecodeError:
+        raise CpadgnError(f"{path} is not a UTF-8 text file; is it really a CSV?") from None
+    except csv.Error as e:
+        raise CpadgnError(f"{path} is not a valid CSV file ({e})") from None
+    except OSError as e:
+        raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
+    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]  # skip blank lines
+    if not rows:
+        raise CpadgnError(f"{path} has no data rows")
+    header = None
+    first = rows[0][1]
+    if len(first) == 1:
+        sep = next((c for c in (";", "\t", "|") if c in first[0]), None)
+        if sep is not None:
+            name = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}[sep]
+            raise CpadgnError(f"{path}: line {rows[0][0]} is separated by {name}; cpadgn reads "
+                              "comma-separated values (convert the file, e.g. save it as CSV "
+                              "with ',' as the separator)")
+    try:
+        [_cell(c) for c in first]
+    except ValueError:
+        header, rows = first, rows[1:]
+    if not rows:
+        raise CpadgnError(f"{path} has a header but no data rows")
+    width = len(header) if header is not None else len(rows[0][1])
+    ref = "the header has" if header is not None else f"line {rows[0][0]} has"
+    out = np.empty((len(rows), width))
+    for i, (line, row) in enumerate(rows):
+        if len(row) != width:
+            raise CpadgnError(f"{path}: line {line} has {len(row)} values but {ref} {width}; "
+                              "every row needs the same number of comma-separated values")
+        try:
+            out[i] = [float(c) for c in row]
+        except ValueError:
+            for j, c in enumerate(row):
+                try:
+                    out[i, j] = _cell(c)
+                except ValueError:
+                    hint = "; cpadgn reads comma-separated values" if (";" in c or "\t" in c) else \
+                        "; leave the cell empty or write NA for a missing value"
+                    raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c.strip()}', "
+                                      f"not a number{hint}") from None
+    return out, [n for n, _ in rows]
+
+
+def _h5py():
+    import h5py
+    return h5py
+
+
+def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
+    h5py = _h5py()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CpadgnError(f"{path} is not a readable HDF5 file (corrupt, truncated or not HDF5: "
+                          f"{_short(e)})") from None
+    with f:
+        found = []
+        f.visititems(lambda name, obj: found.append((name, obj.shape, obj.dtype))
+                     if isinstance(obj, h5py.Dataset) else None)
+        listing = ", ".join(f"{n} {tuple(s)}" for n, s, _ in found) or "none"
+        if dataset is None:
+            two_d = [n for n, s, d in found if len(s) == 2 and (d.kind in "biuf")]
+            if len(two_d) != 1:
+                why = "has no 2-D numeric dataset" if not two_d else "has several 2-D datasets"
+                raise CpadgnError(f"{path} {why}; choose one with --dataset KEY (datasets: {listing})")
+            dataset = two_d[0]
+        obj = f.get(dataset.lstrip("/"))
+        if not isinstance(obj, h5py.Dataset):
+            raise CpadgnError(f"{path} has no dataset '{dataset}'; datasets: {listing}")
+        try:
+            a = obj[()]
+        except OSError as e:
+            raise CpadgnError(f"{path}: dataset '{dataset}' cannot be read (corrupt file? "
+                              f"{_short(e)})") from None
+    return _numeric(path, np.asarray(a), f"dataset '{dataset}'")
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+# ================================================================== writing
+def write_table(path, columns: dict) -> None:
+    """Write named 1-D columns of equal length (N,) to .csv / .npy / .h5 (atomically)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise CpadgnError(f"cannot write {path}: unknown output extension '{path.suffix}'; "
+                          f"use one of {', '.join(OUTPUT_SUFFIXES)}")
+    cols = {str(k): _column(v) for k, v in columns.items()}
+    lengths = {k: v.shape[0] for k, v in cols.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"columns have different lengths: {lengths}")
+    for k in cols:
+        if not k or "/" in k:
+            raise ValueError(f"invalid column name {k!r}")
+    n = next(iter(lengths.values()), 0)
+    try:
+        with atomic_path(path) as tmp:
+            if suffix == ".csv":
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    w = csv.writer(f, lineterminator="\n")
+                    w.writerow(list(cols))
+                    fmts = [_formatter(v) for v in cols.values()]
+                    vals = list(cols.values())
+                    for i in range(n):
+                        w.writerow([fmt(v[i]) for fmt, v in zip(fmts, vals)])
+            elif suffix == ".npy":
+                rec = np.empty(n, dtype=[(k, _npy_dtype(v)) for k, v in cols.items()])
+                for k, v in cols.items():
+                    rec[k] = v
+                with open(tmp, "wb") as f:
+                    np.save(f, rec, allow_pickle=False)
+            else:
+                h5py = _h5py()
+                with h5py.File(tmp, "w") as f:
+                    for k, v in cols.items():
+                        if v.dtype.kind in "USO":
+                            f.create_dataset(k, data=v.astype(str).astype(object),
+                                             dtype=h5py.string_dtype(), track_times=False)
+                        else:
+                            f.create_dataset(k, data=v, track_times=False)
+                    f.attrs["columns"] = list(cols)
+    except OSError as e:
+        raise CpadgnError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def write_array(path, array, *, columns=None) -> None:
+    """Write a 2-D (N, D) or 3-D (M, N, D) float array to .csv (2-D only) / .npy / .h5.
+
+    .csv: a header (``columns`` or x1..xD) and N rows; .npy: the array as is; .h5:
+    dataset ``data`` (attribute ``columns`` when given).  Atomic like write_table.
+    """
+    path = Path(path)
+    a = np.asarray(array)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise CpadgnError(f"cannot write {path}: unknown output extension '{path.suffix}'; "
+                          f"use one of {', '.join(OUTPUT_SUFFIXES)}")
+    if a.ndim not in (2, 3):
+        raise ValueError(f"write_array needs a 2-D or 3-D array, got shape {a.shape}")
+    if columns is not None:
+        columns = [str(c) for c in columns]
+        if len(columns) != a.shape[-1]:
+            raise ValueError(f"{len(columns)} column names for {a.shape[-1]} columns")
+    if suffix == ".csv" and a.ndim != 2:
+        raise CpadgnError(f"cannot write {path}: a CSV file holds a 2-D table, but this output "
+                          f"has shape {a.shape}; use .npy or .h5")
+    try:
+        with atomic_path(path) as tmp:
+            if suffix == ".csv":
+                names = columns or [f"x{j + 1}" for j in range(a.shape[1])]
+                fmt = _formatter(a)
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    w = csv.writer(f, lineterminator="\n")
+                    w.writerow(names)
+                    for row in a:
+                        w.writerow([fmt(v) for v in row])
+            elif suffix == ".npy":
+                with open(tmp, "wb") as f:
+                    np.save(f, a, allow_pickle=False)
+            else:
+                h5py = _h5py()
+                with h5py.File(tmp, "w") as f:
+                    ds = f.create_dataset("data", data=a, track_times=False)
+                    if columns is not None:
+                        ds.attrs["columns"] = columns
+    except OSError as e:
+        raise CpadgnError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def _column(v) -> np.ndarray:
+    a = np.asarray(v)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim != 1:
+        raise ValueError(f"table columns must be 1-D, got shape {a.shape}")
+    return a
+
+
+def _npy_dtype(v: np.ndarray):
+    if v.dtype.kind == "O":
+        return np.asarray(v.astype(str)).dtype
+    return v.dtype
+
+
+def _formatter(v: np.ndarray):
+    kind = v.dtype.kind
+    if kind == "b":
+        return lambda x: str(int(x))
+    if kind in "iu":
+        return lambda x: str(int(x))
+    if kind == "f":
+        return lambda x: repr(float(x))
+    return str

@@ -1,0 +1,184 @@
+"""CPAModel: a piecewise-affine generator with a Gaussian prior and Gaussian noise.
+
+    z ~ N(prior_mean, prior_cov),   x | z ~ N(g(z), diag(noise_std^2))
+
+with exact log p(x), p(z | x) and its moments (see ``likelihood``).  The latent space
+is partitioned once per generator and the partition is cached (see ``cache``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+
+from . import likelihood
+from .errors import CpadgnError
+from .network import PiecewiseAffineNet, fold_prior
+from .partition import Partition, compute_partition
+
+
+@dataclass
+class Posterior(likelihood.PosteriorResult):
+    """``likelihood.PosteriorResult`` with z_mean and z_cov in the model's own latent
+    coordinates (prior N(prior_mean, prior_cov))."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class CPAModel:
+    """Exact probabilistic model of a continuous piecewise-affine generator.
+
+    Parameters
+    ----------
+    net : PiecewiseAffineNet, the generator g: R^S -> R^D.
+    prior_mean : (S,), default 0.   prior_cov : (S, S), default I.
+    noise_std : scalar or (D,) observation noise standard deviation (required to
+        evaluate likelihoods; ``with_noise_std`` sets it later).
+    device : torch device for the batched work (default: CUDA when available).
+    cache_path : HDF5 file where the partition is stored and reused (None: no cache).
+    """
+
+    def __init__(self, net: PiecewiseAffineNet, *, prior_mean=None, prior_cov=None, noise_std=None,
+                 device=None, cache_path=None, memory_budget: float = 2e9):
+        S = net.latent_dim
+        self.generator = net
+        self.prior_mean = np.zeros(S) if prior_mean is None else np.asarray(prior_mean, dtype=np.float64)
+        self.prior_cov = np.eye(S) if prior_cov is None else np.asarray(prior_cov, dtype=np.float64)
+        self.prior_chol = np.linalg.cholesky(self.prior_cov)
+        self.net = fold_prior(net, self.prior_mean, self.prior_cov)
+        self.noise_std = None if noise_std is None else _check_noise(noise_std, net.output_dim)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cache_path = None if cache_path is None else Path(cache_path)
+        self.memory_budget = memory_budget
+        self.partition_status = None
+        self._partition: Partition | None = None
+        self._table = None
+        self.extra: dict = {}
+
+    # ------------------------------------------------------------ properties
+    @property
+    def latent_dim(self) -> int:
+        return self.net.latent_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.net.output_dim
+
+    @property
+    def n_parameters(self) -> int:
+        """Generator weights and biases plus the noise parameters."""
+        n_noise = 0 if self.noise_std is None else int(np.size(self.noise_std))
+        return self.net.n_parameters + n_noise
+
+    def with_noise_std(self, noise_std) -> "CPAModel":
+        """A copy with another noise level, sharing the (noise-independent) partition."""
+        other = object.__new__(CPAModel)
+        other.__dict__.update(self.__dict__)
+        other.noise_std = _check_noise(noise_std, self.output_dim)
+        other._table = None
+        return other
+
+    # ------------------------------------------------------------- partition
+    def partition(self, *, max_regions=None, progress=None, log=None) -> Partition:
+        """The exact partition of the latent space, from the cache when it is valid."""
+        if self._partition is None:
+            compute = lambda: compute_partition(self.net, max_regions=max_regions, progress=progress)
+            if self.cache_path is None:
+                self._partition, self.partition_status = compute(), "computed"
+            else:
+                from .cache import load_or_compute
+                self._partition, self.partition_status = load_or_compute(
+                    self.net, self.cache_path, compute, log=log)
+        return self._partition
+
+    # ------------------------------------------------------------ likelihood
+    def _region_table(self):
+        if self.noise_std is None:
+            raise CpadgnError("the model has no noise std: pass --noise-std X (or auto) "
+                              "or noise_std= to cpadgn.load")
+        if self._table is None:
+            self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device)
+        return self._table
+
+    def posterior(self, X, *, moments: bool = True, progress=None) -> Posterior:
+        """Exact log-likelihoods and posteriors of the rows of X (N, D); NaN = missing."""
+        X = self._check_data(X)
+        res = likelihood.posterior(self.net, self.partition(), self.noise_std, X,
+                                   tab=self._region_table(), device=self.device,
+                                   memory_budget=self.memory_budget, moments=moments,
+                                   progress=progress)
+        L = self.prior_chol
+        return Posterior(**{**res.__dict__,
+                            "z_mean": self.prior_mean + res.z_mean @ L.T,
+                            "z_cov": L @ res.z_cov @ L.T})
+
+    def log_prob(self, X) -> np.ndarray:
+        """Exact log p(x_o) per row, (N,), in nats."""
+        return self.posterior(X, moments=False).log_likelihood
+
+    score_samples = log_prob
+
+    def fit_noise_std(self, X, *, bounds=None) -> float:
+        """Maximum-likelihood isotropic noise std on X by bounded 1-D search on log sigma.
+
+        Every evaluation is an exact log-likelihood; the partition does not depend on
+        the noise, so it is computed once.
+        """
+        X = self._check_data(X)
+        scale = float(np.nanstd(X)) or 1.0
+        lo, hi = bounds if bounds is not None else (1e-4 * scale, 10.0 * scale)
+        neg = lambda log_s: -float(np.sum(self.with_noise_std(np.exp(log_s)).log_prob(X)))
+        res = minimize_scalar(neg, bounds=(np.log(lo), np.log(hi)), method="bounded",
+                              options={"xatol": 1e-6})
+        return float(np.exp(res.x))
+
+    def sample(self, n: int, seed=None) -> np.ndarray:
+        """n draws of x from the model, (n, D)."""
+        rng = np.random.default_rng(seed)
+        z = rng.standard_normal((n, self.latent_dim))
+        x = self.net.forward(z)
+        if self.noise_std is not None:
+            x = x + rng.standard_normal(x.shape) * self.noise_std
+        return x
+
+    def _check_data(self, X) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.output_dim:
+            got = X.shape[1] if X.ndim == 2 else f"shape {X.shape}"
+            raise CpadgnError(f"the data has {got} columns but the generator outputs "
+                              f"{self.output_dim}; pass data with {self.output_dim} columns")
+        if np.isinf(X).any():
+            r, c = np.argwhere(np.isinf(X))[0]
+            raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite "
+                              "value, or NaN to mark it missing")
+        return X
+
+
+def _check_noise(noise_std, D: int) -> np.ndarray:
+    s = np.asarray(noise_std, dtype=np.float64)
+    if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):
+        raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise CpadgnError("noise std must be finite and > 0")
+    return s
+
+
+def load(path, noise_std=None, *, cache=None, trust_pickle: bool = False, device=None) -> CPAModel:
+    """Load a generator (cpadgn .h5 model, torch.export .pt2, TorchScript, or a trusted
+    pickle) as a CPAModel.  The partition cache defaults to ``<path>.partition.h5``;
+    ``cache=False`` disables it.  ``noise_std`` overrides the file's noise."""
+    from .cache import cache_path_for
+    from .loading import load_generator
+    gen = load_generator(path, trust_pickle=trust_pickle)
+    cache_path = None if cache is False else (cache_path_for(path) if cache is None else cache)
+    model = CPAModel(gen.net, prior_mean=gen.prior_mean, prior_cov=gen.prior_cov,
+                     noise_std=noise_std if noise_std is not None else gen.noise_std,
+                     device=device, cache_path=cache_path)
+    model.extra = gen.extra
+    model.source_format = gen.source_format
+    return model

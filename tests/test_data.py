@@ -1,0 +1,256 @@
+"""Reading data sets and writing result files."""
+import csv
+
+import h5py
+import numpy as np
+import pytest
+
+from cpadgn import data as data_mod
+from cpadgn.data import check_output_path, read_data, write_array, write_table
+from cpadgn.errors import CpadgnError
+
+
+# ------------------------------------------------------------------ reading CSV
+def test_csv_with_and_without_header(tmp_path):
+    (tmp_path / "h.csv").write_text("a,b,c\n1,2,3\n4.5,-6e-3,7\n")
+    (tmp_path / "n.csv").write_text("1,2,3\n4.5,-6e-3,7\n\n")
+    want = np.array([[1, 2, 3], [4.5, -6e-3, 7]])
+    for name in ("h.csv", "n.csv"):
+        X = read_data(tmp_path / name)
+        assert X.dtype == np.float64 and X.flags.c_contiguous
+        np.testing.assert_array_equal(X, want)
+
+
+def test_csv_missing_values(tmp_path):
+    (tmp_path / "m.csv").write_text("x,y,z\n1,,3\nNA,nan,N/A\n NaN , null ,2\n")
+    X = read_data(tmp_path / "m.csv")
+    assert X.shape == (3, 3)
+    np.testing.assert_array_equal(np.isnan(X), [[0, 1, 0], [1, 1, 1], [1, 1, 0]])
+    assert X[0, 0] == 1 and X[2, 2] == 2
+
+
+def test_csv_utf8_bom_header(tmp_path):
+    (tmp_path / "b.csv").write_bytes("\ufeffa,b\n1,2\n".encode("utf-8"))
+    np.testing.assert_array_equal(read_data(tmp_path / "b.csv"), [[1, 2]])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("a,b\n1,2\n3,inf\n", r"row 2 \(line 3\), column 2 is inf; replace it with a finite value"),
+    ("1,2\n-inf,4\n5,1e999\n", r"row 2 \(line 2\), column 1 is -inf \(2 infinite values"),
+    ("a,b\n1,2\n3,x7\n", r"line 3, column 2 is 'x7', not a number"),
+    ("a,b\n1;2\n", r"line 2 has 1 values but the header has 2"),
+    ("1;2\n3;4\n", r"line 1 is separated by semicolons; cpadgn reads comma-separated"),
+    ("a\tb\n3\t4\n", r"separated by tabs"),
+    ("a,b,c\n1,2,3\n4,5\n", r"line 3 has 2 values but the header has 3"),
+    ("1,2,3\n4,5\n", r"line 2 has 2 values but line 1 has 3"),
+    ("a,b\n", "header but no data rows"),
+    ("\n\n", "no data rows"),
+])
+def test_csv_errors(tmp_path, text, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(text)
+    with pytest.raises(CpadgnError, match=match):
+        read_data(p)
+
+
+def test_csv_not_text(tmp_path):
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81\x82")
+    with pytest.raises(CpadgnError, match="not a UTF-8 text file"):
+        read_data(tmp_path / "bin.csv")
+
+
+# ------------------------------------------------------------------ reading npy
+def test_npy(tmp_path):
+    X = np.arange(12, dtype=np.int32).reshape(4, 3)
+    np.save(tmp_path / "x.npy", X)
+    np.testing.assert_array_equal(read_data(tmp_path / "x.npy"), X)
+    X = np.array([[1.0, np.nan], [3.0, 4.0]])
+    np.save(tmp_path / "n.npy", X)
+    np.testing.assert_array_equal(read_data(tmp_path / "n.npy"), X)
+
+
+@pytest.mark.parametrize("array,match", [
+    (np.arange(5.0), r"1-D array of shape \(5,\); expected a 2-D table.*reshape\(-1, 1\)"),
+    (np.zeros((2, 3, 4)), "3-D array"),
+    (np.zeros((0, 3)), "no data rows"),
+    (np.zeros((3, 0)), "no columns"),
+    (np.array([[1.0, 2.0], [3.0, np.inf]]), r"row 2, column 2 is inf"),
+    (np.array([["a", "b"]]), "holds text values; expected numbers"),
+    (np.array([[1 + 2j]]), "complex"),
+    (np.array([[object()]], dtype=object), "pickled"),
+])
+def test_npy_errors(tmp_path, array, match):
+    p = tmp_path / "bad.npy"
+    np.save(p, array, allow_pickle=True)
+    with pytest.raises(CpadgnError, match=match):
+        read_data(p)
+
+
+def test_npy_corrupt_and_npz(tmp_path):
+    (tmp_path / "c.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(CpadgnError, match="not a valid .npy file"):
+        read_data(tmp_path / "c.npy")
+    np.savez(tmp_path / "z.npz", a=np.zeros((2, 2)))
+    (tmp_path / "z.npz").rename(tmp_path / "z.npy")
+    with pytest.raises(CpadgnError, match="npz archive"):
+        read_data(tmp_path / "z.npy")
+
+
+# ------------------------------------------------------------------- reading h5
+def test_h5_dataset_selection(tmp_path):
+    p = tmp_path / "d.h5"
+    with h5py.File(p, "w") as f:
+        f["train"] = np.ones((4, 2))
+        f["meta/labels"] = np.arange(4)
+    np.testing.assert_array_equal(read_data(p), np.ones((4, 2)))   # the only 2-D dataset
+    with h5py.File(p, "a") as f:
+        f["group/test"] = np.zeros((3, 2))
+    with pytest.raises(CpadgnError, match=r"several 2-D datasets; choose one with --dataset KEY "
+                                          r"\(datasets: .*group/test \(3, 2\).*train \(4, 2\)"):
+        read_data(p)
+    np.testing.assert_array_equal(read_data(p, dataset="group/test"), np.zeros((3, 2)))
+    np.testing.assert_array_equal(read_data(p, dataset="/train"), np.ones((4, 2)))
+    with pytest.raises(CpadgnError, match="no dataset 'nope'; datasets: .*train"):
+        read_data(p, dataset="nope")
+    with pytest.raises(CpadgnError, match="1-D array"):
+        read_data(p, dataset="meta/labels")
+
+
+def test_h5_no_2d_and_corrupt(tmp_path):
+    p = tmp_path / "d.hdf5"
+    with h5py.File(p, "w") as f:
+        f["v"] = np.ones(3)
+    with pytest.raises(CpadgnError, match="no 2-D numeric dataset"):
+        read_data(p)
+    (tmp_path / "c.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(CpadgnError, match="not a readable HDF5 file"):
+        read_data(tmp_path / "c.h5")
+    (tmp_path / "t.h5").write_text("just text")
+    with pytest.raises(CpadgnError, match="not a readable HDF5 file"):
+        read_data(tmp_path / "t.h5")
+
+
+def test_general_read_errors(tmp_path):
+    with pytest.raises(CpadgnError, match="does not exist"):
+        read_data(tmp_path / "nope.csv")
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(CpadgnError, match="is empty"):
+        read_data(tmp_path / "e.csv")
+    (tmp_path / "x.parquet").write_text("x")
+    with pytest.raises(CpadgnError, match=r"unknown data extension '.parquet'; supported: .csv, .npy"):
+        read_data(tmp_path / "x.parquet")
+    with pytest.raises(CpadgnError, match="is a directory"):
+        read_data(tmp_path)
+
+
+# ---------------------------------------------------------------------- writing
+def columns():
+    return {"log_prob": np.array([-1.5, 0.1, np.nan, -1e-300]), "region": np.array([3, 0, 7, 1]),
+            "outlier": np.array([True, False, False, True])}
+
+
+def test_write_table_csv_exact_round_trip(tmp_path):
+    p = tmp_path / "out.csv"
+    write_table(p, columns())
+    with open(p) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["log_prob", "region", "outlier"]
+    assert rows[1] == ["-1.5", "3", "1"] and rows[3] == ["nan", "7", "0"]
+    X = read_data(p)
+    np.testing.assert_array_equal(X[:, 0], columns()["log_prob"])   # exact, NaN included
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=100) * 10.0 ** rng.integers(-300, 300, size=100)
+    write_table(p, {"v": v})
+    np.testing.assert_array_equal(read_data(p)[:, 0], v)
+
+
+def test_write_table_npy_and_h5(tmp_path):
+    cols = columns()
+    write_table(tmp_path / "o.npy", cols)
+    rec = np.load(tmp_path / "o.npy", allow_pickle=False)
+    assert rec.dtype.names == ("log_prob", "region", "outlier")
+    np.testing.assert_array_equal(rec["region"], cols["region"])
+    np.testing.assert_array_equal(read_data(tmp_path / "o.npy")[:, 1], cols["region"])
+    write_table(tmp_path / "o.h5", cols)
+    with h5py.File(tmp_path / "o.h5") as f:
+        assert list(f.attrs["columns"]) == ["log_prob", "region", "outlier"]
+        np.testing.assert_array_equal(f["log_prob"][()], cols["log_prob"])
+        assert f["outlier"].dtype == bool
+
+
+def test_write_array(tmp_path):
+    X = np.random.default_rng(1).normal(size=(5, 3))
+    X[1, 2] = np.nan
+    for suffix in (".csv", ".npy", ".h5"):
+        p = tmp_path / f"imp{suffix}"
+        write_array(p, X, columns=["a", "b", "c"])
+        np.testing.assert_array_equal(read_data(p), X)
+    draws = np.stack([X, X + 1])
+    write_array(tmp_path / "d.npy", draws)
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), draws)
+    write_array(tmp_path / "d.h5", draws)
+    with h5py.File(tmp_path / "d.h5") as f:
+        np.testing.assert_array_equal(f["data"][()], draws)
+    with pytest.raises(CpadgnError, match="CSV file holds a 2-D table"):
+        write_array(tmp_path / "d.csv", draws)
+    assert not (tmp_path / "d.csv").exists()
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    p = tmp_path / "out.csv"
+    write_table(p, {"a": np.arange(3.0)})
+    before = p.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash mid-write")
+
+    bad = {"a": np.array([1.0, 2.0, 3.0])}
+    monkeypatch.setattr(data_mod, "_formatter", lambda v: boom)   # fails on the first value
+    with pytest.raises(RuntimeError):
+        write_table(p, bad)
+    assert p.read_bytes() == before
+    with pytest.raises(RuntimeError):
+        write_table(tmp_path / "new.csv", bad)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.csv"]
+    monkeypatch.setattr(np, "save", boom)
+    with pytest.raises(RuntimeError):
+        write_array(tmp_path / "a.npy", np.zeros((2, 2)))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.csv"]
+
+
+def test_output_file_permissions_follow_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        write_table(tmp_path / "o.csv", {"a": np.arange(2)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.csv").stat().st_mode & 0o777 == 0o644
+
+
+def test_check_output_path(tmp_path, monkeypatch):
+    assert check_output_path(tmp_path / "ok.csv") == tmp_path / "ok.csv"
+    assert not (tmp_path / "ok.csv").exists()
+    assert list(tmp_path.iterdir()) == []         # the probe file is removed
+    with pytest.raises(CpadgnError, match=r"unknown output extension '.xlsx'; use one of .csv"):
+        check_output_path(tmp_path / "out.xlsx")
+    with pytest.raises(CpadgnError, match="unknown output extension '\\(none\\)'"):
+        check_output_path(tmp_path / "out")
+    with pytest.raises(CpadgnError, match="directory .* does not exist; create it first"):
+        check_output_path(tmp_path / "missing" / "out.csv")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CpadgnError, match="is not a directory"):
+        check_output_path(tmp_path / "file.txt" / "out.csv")
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(CpadgnError, match="it is a directory"):
+        check_output_path(tmp_path / "dir.csv")
+    with pytest.raises(CpadgnError, match="3-D; use .npy or .h5"):
+        check_output_path(tmp_path / "draws.csv", ndim=3)
+    assert check_output_path(tmp_path / "draws.h5", ndim=3)
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(data_mod.tempfile, "mkstemp", denied)
+    with pytest.raises(CpadgnError, match="is not writable \\(Permission denied\\)"):
+        check_output_path(tmp_path / "ok.csv")

@@ -1,0 +1,408 @@
+"""Loading generators: torch.export, TorchScript, pickle and cpadgn's HDF5 model file."""
+import hashlib
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cpadgn.errors import CpadgnError
+from cpadgn.loading import (Activation, Affine, Scale, detect_format, load_generator,
+                            ops_to_net)
+from cpadgn.modelfile import read_model, save_model
+from cpadgn.network import PiecewiseAffineNet
+
+# torch.jit.script / save are deprecated in torch 2.x but still what users have on disk.
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`isinstance.treespec:FutureWarning")]
+
+S = 3
+
+
+class Abs(nn.Module):
+    def forward(self, x):
+        return torch.abs(x)
+
+
+def _bn(width, seed):
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm1d(width)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(width, generator=g))
+        bn.running_var.copy_(torch.rand(width, generator=g) * 2 + 0.3)
+        bn.weight.copy_(torch.randn(width, generator=g))
+        bn.bias.copy_(torch.randn(width, generator=g))
+    return bn
+
+
+def _prelu(width, seed):
+    p = nn.PReLU(width)
+    with torch.no_grad():
+        p.weight.copy_(torch.rand(width, generator=torch.Generator().manual_seed(seed)) - 0.5)
+    return p
+
+
+def make_model(abs_layer=False):
+    torch.manual_seed(0)
+    layers = [nn.Linear(S, 8), _bn(8, 1), nn.LeakyReLU(0.2), nn.Dropout(0.3),
+              nn.Linear(8, 6), nn.Flatten(), _prelu(6, 2), nn.Identity(),
+              nn.Linear(6, 5), nn.ReLU(), _bn(5, 3), nn.Linear(5, 4)]
+    if abs_layer:
+        layers[9] = Abs()
+    return nn.Sequential(*layers).double().eval()
+
+
+def torch_out(model, z):
+    with torch.no_grad():
+        return model(torch.from_numpy(z)).numpy()
+
+
+@pytest.fixture(scope="module")
+def z():
+    return np.random.default_rng(0).normal(size=(500, S)) * 2
+
+
+def export(model, path, decompose=False):
+    ep = torch.export.export(model, (torch.randn(4, S, dtype=torch.float64),))
+    if decompose:
+        ep = ep.run_decompositions()
+    torch.export.save(ep, str(path))
+    return path
+
+
+# ------------------------------------------------------------------ torch.export
+@pytest.mark.parametrize("decompose", [False, True])
+def test_torch_export_matches_torch(tmp_path, z, decompose):
+    model = make_model(abs_layer=True)
+    path = export(model, tmp_path / "gen.pt2", decompose)
+    g = load_generator(path)
+    assert g.source_format == "torch-export"
+    assert g.net.hidden_sizes == (8, 6, 5)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(g.net.slopes[0], 0.2)
+    np.testing.assert_array_equal(g.net.slopes[2], -1.0)
+    np.testing.assert_array_equal(g.prior_mean, np.zeros(S))
+    np.testing.assert_array_equal(g.prior_cov, np.eye(S))
+    assert g.noise_std is None and g.extra == {}
+
+
+def test_torch_export_activation_first_last_and_doubled(tmp_path, z):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.ReLU(), nn.Linear(S, 5), nn.LeakyReLU(0.1), Abs(),
+                          nn.Linear(5, 4), nn.LeakyReLU(0.3)).double().eval()
+    g = load_generator(export(model, tmp_path / "g.pt2"))
+    # ReLU on z -> identity layer in front; LeakyReLU then abs -> one layer; a final
+    # activation -> identity output layer.
+    assert g.net.hidden_sizes == (S, 5, 4)
+    np.testing.assert_array_equal(g.net.weights[0], np.eye(S))
+    np.testing.assert_array_equal(g.net.weights[-1], np.eye(4))
+    np.testing.assert_array_equal(g.net.slopes[1], -0.1)   # abs(0.1 u) for u < 0
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+
+
+def test_torch_export_dynamic_batch(tmp_path, z):
+    model = make_model()
+    ep = torch.export.export(model, (torch.randn(4, S, dtype=torch.float64),),
+                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ep, str(tmp_path / "dyn.pt2"))
+    g = load_generator(tmp_path / "dyn.pt2")
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+
+
+class Affinish(nn.Module):
+    """Hand-written forward: matmul, scaling, bias arithmetic and a masked ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.W1 = nn.Parameter(torch.randn(S, 6, generator=g, dtype=torch.float64))
+        self.W2 = nn.Parameter(torch.randn(6, 2, generator=g, dtype=torch.float64))
+        self.register_buffer("shift", torch.randn(6, generator=g, dtype=torch.float64))
+
+    def forward(self, z):
+        h = (z @ self.W1) * 0.5 - self.shift
+        h = torch.where(h > 0, h, 0.25 * h)
+        return -(h @ self.W2) / 3.0 + 1.0
+
+
+def test_torch_export_hand_written_forward(tmp_path, z):
+    model = Affinish().eval()
+    g = load_generator(export(model, tmp_path / "h.pt2"))
+    assert g.net.hidden_sizes == (6,)
+    np.testing.assert_array_equal(g.net.slopes[0], 0.25)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer,name", [(nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid"),
+                                        (nn.GELU(), "gelu"), (nn.Softplus(), "softplus")])
+def test_torch_export_refuses_non_cpa(tmp_path, layer, name):
+    model = nn.Sequential(nn.Linear(S, 4), layer, nn.Linear(4, 2)).double().eval()
+    with pytest.raises(CpadgnError, match=rf"layer 1 \(.*\).*aten\.{name} is not piecewise affine"):
+        load_generator(export(model, tmp_path / "bad.pt2"))
+
+
+def test_torch_export_refuses_hardtanh_and_training_mode(tmp_path):
+    model = nn.Sequential(nn.Linear(S, 4), nn.Hardtanh(), nn.Linear(4, 2)).double().eval()
+    with pytest.raises(CpadgnError, match="hardtanh is not supported yet"):
+        load_generator(export(model, tmp_path / "ht.pt2"))
+    model = nn.Sequential(nn.Linear(S, 4), _bn(4, 0), nn.ReLU(), nn.Linear(4, 2)).double().train()
+    with pytest.raises(CpadgnError, match=r"training mode; call model.eval\(\)"):
+        load_generator(export(model, tmp_path / "train.pt2"))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(S, S), nn.Linear(S, 2)
+
+    def forward(self, z):
+        return self.b(torch.relu(self.a(z)) + z)
+
+
+def test_torch_export_refuses_skip_connections(tmp_path):
+    with pytest.raises(CpadgnError, match="skip or residual connection"):
+        load_generator(export(Residual().double().eval(), tmp_path / "res.pt2"))
+
+
+# ------------------------------------------------------------------- TorchScript
+def test_torchscript_matches_torch(tmp_path, z):
+    model = make_model()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "gen.ts"))
+    g = load_generator(tmp_path / "gen.ts")
+    assert g.source_format == "torchscript"
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+
+
+def test_torchscript_nested_sequential_and_final_activation(tmp_path, z):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Sequential(nn.Linear(S, 4), nn.ReLU()), nn.Dropout(),
+                          nn.Linear(4, 2, bias=False), nn.LeakyReLU(0.5)).double().eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "n.pt"))
+    g = load_generator(tmp_path / "n.pt")
+    assert g.net.hidden_sizes == (4, 2)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer,kind", [(nn.Tanh(), "Tanh"), (nn.Sigmoid(), "Sigmoid"),
+                                        (nn.GELU(), "GELU")])
+def test_torchscript_refuses_non_cpa_naming_the_layer(tmp_path, layer, kind):
+    model = nn.Sequential(nn.Linear(S, 4), nn.ReLU(), nn.Linear(4, 4), layer, nn.Linear(4, 2))
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "bad.ts"))
+    with pytest.raises(CpadgnError, match=rf"layer 3 \({kind}\) is not piecewise affine"):
+        load_generator(tmp_path / "bad.ts")
+
+
+def test_torchscript_refuses_non_sequential(tmp_path):
+    torch.jit.save(torch.jit.script(Residual()), str(tmp_path / "res.ts"))
+    with pytest.raises(CpadgnError, match="Residual module, not an nn.Sequential.*torch.export"):
+        load_generator(tmp_path / "res.ts")
+
+
+# ------------------------------------------------------------------------ pickle
+def test_pickle_needs_trust(tmp_path, z):
+    model = make_model()
+    torch.save(model, str(tmp_path / "gen.pt"))
+    with pytest.raises(CpadgnError, match="pickled PyTorch module.*--trust-pickle"):
+        load_generator(tmp_path / "gen.pt")
+    g = load_generator(tmp_path / "gen.pt", trust_pickle=True)
+    assert g.source_format == "pickle"
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+    # the legacy (non-zip) torch.save format too
+    torch.save(model, str(tmp_path / "old.pt"), _use_new_zipfile_serialization=False)
+    with pytest.raises(CpadgnError, match="--trust-pickle"):
+        load_generator(tmp_path / "old.pt")
+    g = load_generator(tmp_path / "old.pt", trust_pickle=True)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = make_model()
+
+    def forward(self, z):
+        return 2 * self.inner(z) - 1
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+def test_pickle_custom_modules_are_traced(tmp_path, z):
+    # a custom layer in a Sequential, and a non-Sequential model: traced with torch.export
+    model = make_model(abs_layer=True)
+    torch.save(model, str(tmp_path / "abs.pt"))
+    g = load_generator(tmp_path / "abs.pt", trust_pickle=True)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+    model = Wrapped().double().eval()
+    torch.save(model, str(tmp_path / "wrapped.pt"))
+    g = load_generator(tmp_path / "wrapped.pt", trust_pickle=True)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+    torch.save(Affinish().eval(), str(tmp_path / "aff.pt"))   # no Linear: S unknown
+    with pytest.raises(CpadgnError, match="Affinish module, not an nn.Sequential.*no Linear layer"):
+        load_generator(tmp_path / "aff.pt", trust_pickle=True)
+    torch.save(nn.Sequential(nn.Linear(S, 4), Swish(), nn.Linear(4, 2)), str(tmp_path / "sw.pt"))
+    with pytest.raises(CpadgnError, match=r"aten\.sigmoid is not piecewise affine"):
+        load_generator(tmp_path / "sw.pt", trust_pickle=True)
+
+
+def test_pickle_refuses_state_dicts(tmp_path):
+    torch.save(make_model().state_dict(), str(tmp_path / "sd.pt"))
+    with pytest.raises(CpadgnError, match="state_dict"):
+        load_generator(tmp_path / "sd.pt")
+
+
+# ---------------------------------------------------------------- format detection
+def test_format_detected_from_content_not_suffix(tmp_path, z):
+    model = make_model()
+    export(model, tmp_path / "a.pt2")
+    shutil.copy(tmp_path / "a.pt2", tmp_path / "a.h5")
+    assert load_generator(tmp_path / "a.h5").source_format == "torch-export"
+    net = load_generator(tmp_path / "a.pt2").net
+    save_model(tmp_path / "m.h5", net, noise_std=0.3)
+    shutil.copy(tmp_path / "m.h5", tmp_path / "m.pt")
+    g = load_generator(tmp_path / "m.pt")
+    assert g.source_format == "cpadgn-h5"
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
+    assert detect_format(tmp_path / "m.pt") == "hdf5"
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "empty"), (b"hello world, not a model", "not a recognised generator file"),
+    (b"PK\x03\x04garbage", "zip archive but cannot be read"),
+    (b"\x89HDF\r\n\x1a\n" + b"\0" * 100, "corrupt or truncated HDF5")])
+def test_bad_generator_files(tmp_path, content, match):
+    p = tmp_path / "bad.pt"
+    p.write_bytes(content)
+    with pytest.raises(CpadgnError, match=match):
+        load_generator(p)
+    with pytest.raises(CpadgnError, match="does not exist"):
+        load_generator(tmp_path / "missing.pt2")
+
+
+# ----------------------------------------------------------------- ops -> net
+def test_ops_to_net_composition_rules():
+    rng = np.random.default_rng(0)
+    W1, b1 = rng.normal(size=(4, 2)), rng.normal(size=4)
+    W2, b2 = rng.normal(size=(3, 4)), rng.normal(size=3)
+    s, t = rng.uniform(0.5, 2, size=4), rng.normal(size=4)
+    net = ops_to_net([Affine(W1, b1), Scale(s, t), Activation(np.array(0.1), "leaky"),
+                      Activation(np.array(0.0), "relu"), Affine(W2, b2)])
+    assert net.hidden_sizes == (4,)
+    np.testing.assert_allclose(net.weights[0], s[:, None] * W1)
+    np.testing.assert_array_equal(net.slopes[0], 0.0)
+    z = rng.normal(size=(50, 2))
+    u = z @ (s[:, None] * W1).T + s * b1 + t
+    want = np.maximum(u, 0) @ W2.T + b2
+    np.testing.assert_allclose(net.forward(z), want, atol=1e-12)
+    # a purely affine stack is a linear generator
+    lin = ops_to_net([Affine(W1, b1), Affine(W2, b2)])
+    assert lin.n_units == 0
+    np.testing.assert_allclose(lin.weights[0], W2 @ W1)
+    with pytest.raises(CpadgnError, match="expects 3 inputs but receives 4"):
+        ops_to_net([Affine(W1, b1), Affine(rng.normal(size=(2, 3)), np.zeros(2))])
+
+
+# ------------------------------------------------------------------ model file
+def _net(seed=0, sizes=(2, 5, 4, 3)):
+    rng = np.random.default_rng(seed)
+    Ws = [rng.normal(size=(o, i)) for i, o in zip(sizes[:-1], sizes[1:])]
+    bs = [rng.normal(size=o) for o in sizes[1:]]
+    slopes = [np.full(sizes[1], 0.1), rng.uniform(-1, 1, size=sizes[2])]
+    return PiecewiseAffineNet.from_arrays(Ws, bs, slopes[: len(sizes) - 2])
+
+
+def test_model_file_round_trip_and_deterministic(tmp_path):
+    net = _net()
+    mean, cov = np.array([0.5, -1.0]), np.array([[2.0, 0.3], [0.3, 1.0]])
+    kw = dict(prior_mean=mean, prior_cov=cov, noise_std=np.array([0.1, 0.2, 0.3]),
+              attrs={"epochs": np.int64(10), "options": {"lr": 0.1, "layers": [5, 4]}},
+              groups={"training": {"history": np.linspace(-3, -1, 7)},
+                      "encoder": {"layer0/weight": np.ones((4, 3)), "names": np.array(["a", "b"])}})
+    save_model(tmp_path / "a.h5", net, **kw)
+    save_model(tmp_path / "b.h5", net, **kw)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    assert digest(tmp_path / "a.h5") == digest(tmp_path / "b.h5")
+    g = read_model(tmp_path / "a.h5")
+    assert g.source_format == "cpadgn-h5" and g.net.fingerprint() == net.fingerprint()
+    np.testing.assert_array_equal(g.prior_mean, mean)
+    np.testing.assert_array_equal(g.prior_cov, cov)
+    np.testing.assert_array_equal(g.noise_std, [0.1, 0.2, 0.3])
+    assert g.extra["attrs"] == {"epochs": 10, "options": {"lr": 0.1, "layers": [5, 4]}}
+    np.testing.assert_array_equal(g.extra["groups"]["training"]["history"], np.linspace(-3, -1, 7))
+    np.testing.assert_array_equal(g.extra["groups"]["encoder"]["layer0/weight"], np.ones((4, 3)))
+    assert list(g.extra["groups"]["encoder"]["names"]) == ["a", "b"]
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert f.attrs["format"] == "cpadgn-model" and f.attrs["format_version"] == 1
+        assert list(f["generator"].attrs["activations"]) == ["leaky_relu:0.1", "prelu"]
+    # linear generator, scalar noise, default prior
+    lin = PiecewiseAffineNet.from_arrays([np.ones((3, 2))], [np.zeros(3)], [])
+    save_model(tmp_path / "lin.h5", lin, noise_std=0.5)
+    g = read_model(tmp_path / "lin.h5")
+    assert g.net.n_units == 0 and g.noise_std.shape == () and g.noise_std == 0.5
+    np.testing.assert_array_equal(g.prior_cov, np.eye(2))
+
+
+def _edit(path, fn):
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda f: f.attrs.__delitem__("format"), "HDF5 file but not a cpadgn model .no 'format'"),
+    (lambda f: f.attrs.__setitem__("format", "cpadgn-partition"), "partition cache, not a model"),
+    (lambda f: f.attrs.__setitem__("format_version", 7), "newer cpadgn"),
+    (lambda f: f["generator/weight_1"].__setitem__((0, 0), np.nan), "non-finite"),
+    (lambda f: (f["generator"].__delitem__("bias_1"),
+                f["generator"].create_dataset("bias_1", data=np.zeros(7))), "do not match"),
+    (lambda f: f["generator"].__delitem__("slope_0"), "slope_0 is missing"),
+    (lambda f: f["noise/std"].__setitem__((), -1.0), "noise std must be finite and > 0"),
+    (lambda f: f["prior/cov"].__setitem__((), [[1.0, 2.0], [2.0, 1.0]]), "not positive definite"),
+    (lambda f: f["prior/cov"].__setitem__((), [[1.0, 0.5], [0.0, 1.0]]), "not symmetric"),
+])
+def test_model_file_validation(tmp_path, edit, match):
+    p = tmp_path / "m.h5"
+    save_model(p, _net(), noise_std=0.5)
+    _edit(p, edit)
+    with pytest.raises(CpadgnError, match=match):
+        read_model(p)
+
+
+def test_model_file_foreign_and_corrupt(tmp_path):
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = np.zeros((3, 3))
+    with pytest.raises(CpadgnError, match="HDF5 file but not a cpadgn model"):
+        load_generator(tmp_path / "foreign.h5")
+    save_model(tmp_path / "m.h5", _net())
+    data = (tmp_path / "m.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CpadgnError, match="m.h5|cut.h5"):
+        read_model(tmp_path / "cut.h5")
+
+
+def test_save_model_validates_and_is_atomic(tmp_path, monkeypatch):
+    net = _net()
+    with pytest.raises(CpadgnError, match="noise std"):
+        save_model(tmp_path / "m.h5", net, noise_std=0.0)
+    with pytest.raises(CpadgnError, match="prior covariance has shape"):
+        save_model(tmp_path / "m.h5", net, prior_cov=np.eye(3))
+    save_model(tmp_path / "m.h5", net, noise_std=0.5)
+    before = (tmp_path / "m.h5").read_bytes()
+
+    calls = {"n": 0}
+    orig = h5py.Group.create_dataset
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+    with pytest.raises(CpadgnError, match="could not write.*No space left"):
+        save_model(tmp_path / "m.h5", _net(1), noise_std=0.5)
+    assert (tmp_path / "m.h5").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]
