@@ -48,6 +48,7 @@ class PosteriorResult:
     top_responsibility: (N,)
     pair_row, pair_region, pair_responsibility: the (row, region) pairs evaluated
                     and their responsibilities r_w(x) (pairs not listed have r <= bound)
+    pair_mean (P, S), pair_cov (P, S, S): E[z | x, z in w] and Cov[z | x, z in w]
     """
 
     log_likelihood: np.ndarray
@@ -61,6 +62,8 @@ class PosteriorResult:
     pair_row: np.ndarray
     pair_region: np.ndarray
     pair_responsibility: np.ndarray
+    pair_mean: np.ndarray
+    pair_cov: np.ndarray
 
 
 class RegionTable:
@@ -75,7 +78,7 @@ class RegionTable:
 
     def __init__(self, net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray,
                  device: torch.device):
-        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64, device=device)
+        t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float64, device=device)
         S, D = net.latent_dim, net.output_dim
         _, (M, c) = net.hidden_affine(part.patterns)
         W, b0 = net.weights[-1], net.biases[-1]
@@ -95,7 +98,7 @@ class RegionTable:
         self.logdet_lambda = 2 * torch.log(torch.diagonal(self.chol_lambda, dim1=1, dim2=2)).sum(1)
         self.MtQc = (MtQ @ self.c[:, :, None])[..., 0]                # (R, S)
         self.cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
-        self.stacked = torch.cat([self.c[:, :, None], self.M], dim=2).reshape(self.n_regions, -1).T.contiguous()
+        self.stacked = torch.cat([self.c[:, :, None], self.M], dim=2).permute(1, 0, 2).reshape(self.M.shape[1], -1)
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
@@ -117,7 +120,7 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     prod = (xhat @ tab.stacked).reshape(N, R, S + 1)                   # the dominant step
     y = prod[..., 1:] - tab.MtQc
     rPr = xPx[:, None] - 2 * prod[..., 0] + tab.cQc
-    w = torch.linalg.solve_triangular(tab.chol_lambda, y.transpose(0, 1)[..., None], upper=False)
+    w = torch.linalg.solve_triangular(tab.chol_lambda[:, None], y.transpose(0, 1)[..., None], upper=False)
     ySy = (w[..., 0] ** 2).sum(-1).T                                   # (N, R)
     const = tab.D * LOG_2PI + torch.log(tab.var).sum()
     return -0.5 * (const + tab.logdet_lambda + rPr - ySy), y
@@ -141,7 +144,7 @@ def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor
     L = torch.linalg.cholesky(Lam)
     ySy = (torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0] ** 2).sum(-1)
     logdet = 2 * torch.log(torch.diagonal(L, dim1=2, dim2=3)).sum(-1)
-    const = (obs.sum(1) * LOG_2PI + (obs * torch.log(tab.var)).sum(1))[:, None]
+    const = (obs.sum(1).to(X.dtype) * LOG_2PI + (obs * torch.log(tab.var)).sum(1))[:, None]
     return -0.5 * (const + logdet + rPr - ySy), y, L
 
 
@@ -228,7 +231,8 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
             if progress is not None:
                 progress(done, N)
     if pairs:
-        out.pair_row, out.pair_region, out.pair_responsibility = map(np.concatenate, zip(*pairs))
+        (out.pair_row, out.pair_region, out.pair_responsibility,
+         out.pair_mean, out.pair_cov) = map(np.concatenate, zip(*pairs))
     return out
 
 
@@ -238,7 +242,8 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
         n_observed=np.zeros(N, dtype=np.int64), z_mean=np.zeros((N, S)),
         z_cov=np.zeros((N, S, S)), top_region=np.zeros(N, dtype=np.int64),
         top_responsibility=np.zeros(N), pair_row=np.zeros(0, dtype=np.int64),
-        pair_region=np.zeros(0, dtype=np.int64), pair_responsibility=np.zeros(0))
+        pair_region=np.zeros(0, dtype=np.int64), pair_responsibility=np.zeros(0),
+        pair_mean=np.zeros((0, S)), pair_cov=np.zeros((0, S, S)))
 
 
 def _posterior_chunk(tab, Xt, idx, complete, rtol, region_chunk, moments, out):
@@ -316,4 +321,4 @@ def _summarise(rows, regions, logw, mean, cov, se, Xt, idx, bound, out):
     out.n_observed[idx] = (~torch.isnan(Xt)).sum(1).cpu().numpy()
     out.z_mean[idx], out.z_cov[idx] = z_mean, z_cov
     out.top_region[idx], out.top_responsibility[idx] = top, best
-    return idx[rows], regions, r
+    return idx[rows], regions, r, mean, cov

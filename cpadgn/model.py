@@ -115,7 +115,9 @@ class CPAModel:
         L = self.prior_chol
         return Posterior(**{**res.__dict__,
                             "z_mean": self.prior_mean + res.z_mean @ L.T,
-                            "z_cov": L @ res.z_cov @ L.T})
+                            "z_cov": L @ res.z_cov @ L.T,
+                            "pair_mean": self.prior_mean + res.pair_mean @ L.T,
+                            "pair_cov": L @ res.pair_cov @ L.T})
 
     def log_prob(self, X) -> np.ndarray:
         """Exact log p(x_o) per row, (N,), in nats."""
