@@ -16,9 +16,10 @@ so the (row, region) work is one matrix product of the projected data U^T P (x -
 (N, H) with the stacked [c_w, M_w] (H, R (1 + S)).  Rows with missing entries use the
 same identities restricted to their observed coordinates (mask products in data space).
 
-Pruning is certified: Phi_w <= 1, so regions whose kappa_w is far below the running
-p(x) are skipped only while the sum of their kappa_w stays below ``rtol`` p(x); the
-bound log(1 + skipped / p) is returned as ``error_bound``.
+Pruning is certified: Phi_w is at most the Gaussian mass on the inner side of any one
+facet, Phi(slack_k / std_k), so kappa_w min_k Phi(slack_k / std_k) bounds each region's
+term.  Regions are skipped only while the sum of their bounds stays below ``rtol`` p(x);
+the resulting bound log(1 + skipped / p) is returned as ``error_bound``.
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ class RegionTable:
         self.U, self.b0, self.M, self.c = t(W), t(b0), t(M), t(c)
         G, h, mask = part.facets(net)
         self.G, self.h, self.mask = G, h, mask          # numpy: the polytope integrals run on the CPU
+        self.G_t, self.h_t, self.mask_t = t(G), t(h), torch.tensor(mask, device=device)
 
         Q = self.U.T @ (self.U / self.var[:, None])
         MtQ = self.M.transpose(1, 2) @ Q                               # (R, S, H)
@@ -99,6 +101,7 @@ class RegionTable:
         self.MtQc = (MtQ @ self.c[:, :, None])[..., 0]                # (R, S)
         self.cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
         self.stacked = torch.cat([self.c[:, :, None], self.M], dim=2).permute(1, 0, 2).reshape(self.M.shape[1], -1)
+        self.facet_std = _facet_std(self.chol_lambda, self.G_t)
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
@@ -148,15 +151,42 @@ def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor
     return -0.5 * (const + logdet + rPr - ySy), y, L
 
 
-def _log_kappa(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
-    """log kappa (N, R) for all regions, in region chunks for rows with missing entries."""
+def _facet_std(L: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Posterior std of each facet's normal direction, sqrt(G_k Lambda^-1 G_k^T).
+
+    L (..., B, S, S) chol of Lambda, G (B, F, S) -> (..., B, F).
+    """
+    v = torch.linalg.solve_triangular(L, G.transpose(-1, -2).expand(*L.shape[:-2], -1, -1), upper=False)
+    return torch.linalg.vector_norm(v, dim=-2)
+
+
+def _log_phi_bound(tab: RegionTable, mu: torch.Tensor, std: torch.Tensor, regions: torch.Tensor):
+    """Upper bound on log Phi_w: the Gaussian mass on the side of one facet, minimised over facets.
+
+    mu (N, B, S), std (N or 1, B, F) -> (N, B).
+    """
+    slack = tab.h_t[regions] - torch.einsum("bfs,nbs->nbf", tab.G_t[regions], mu)
+    z = torch.where(tab.mask_t[regions], slack / std, torch.inf)
+    return torch.special.log_ndtr(z).min(dim=-1).values if z.shape[-1] else torch.zeros(z.shape[:2],
+                                                                                         dtype=z.dtype,
+                                                                                         device=z.device)
+
+
+def _log_bounds(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
+    """log kappa (N, R) and a certified upper bound log kappa + log Phi_bound >= log(kappa Phi)."""
     if complete:
-        return _log_kappa_complete(tab, X)[0]
-    out = []
+        log_kappa, y = _log_kappa_complete(tab, X)
+        mu = torch.cholesky_solve(y.transpose(0, 1)[..., None], tab.chol_lambda[:, None])[..., 0]
+        regions = torch.arange(tab.n_regions, device=X.device)
+        return log_kappa, log_kappa + _log_phi_bound(tab, mu.transpose(0, 1), tab.facet_std[None], regions)
+    kappas, bounds = [], []
     for start in range(0, tab.n_regions, region_chunk):
         idx = torch.arange(start, min(start + region_chunk, tab.n_regions), device=X.device)
-        out.append(_moments_incomplete(tab, X, idx)[0])
-    return torch.cat(out, dim=1)
+        lk, y, L = _moments_incomplete(tab, X, idx)
+        mu = _solve_chol(L, y)
+        kappas.append(lk)
+        bounds.append(lk + _log_phi_bound(tab, mu, _facet_std(L, tab.G_t[idx]), idx))
+    return torch.cat(kappas, dim=1), torch.cat(bounds, dim=1)
 
 
 def _pair_gaussians(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
@@ -216,7 +246,8 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     out = _empty_result(N, S)
     complete_rows = ~np.isnan(X).any(axis=1)
     # Rows per chunk so that the (rows, regions, S + 1) working arrays fit the budget.
-    per_row = 8.0 * R * (S + 1) * (6 if S > 0 else 1)
+    F = tab.G.shape[1]
+    per_row = 8.0 * R * (2 * S + 2 + F) * 4
     chunk = int(max(1, min(N, memory_budget // per_row)))
     region_chunk = int(max(1, memory_budget // (8.0 * 4 * (tab.D * S * (S + 2) + chunk * S * (S + 2)))))
     pairs = []
@@ -249,15 +280,15 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
 def _posterior_chunk(tab, Xt, idx, complete, rtol, region_chunk, moments, out):
     """Fill ``out`` for rows idx (their data Xt on the device); return their pairs."""
     n = Xt.shape[0]
-    log_kappa = _log_kappa(tab, Xt, complete, region_chunk)            # (n, R)
+    log_kappa, log_bound = _log_bounds(tab, Xt, complete, region_chunk)  # (n, R) each
     log_rtol = float(np.log(rtol))
     done = torch.zeros(n, dtype=torch.bool, device=Xt.device)
     taken = torch.zeros_like(log_kappa, dtype=torch.bool)
     acc_rows, acc_regions, acc_logw, acc_mean, acc_cov, acc_se = [], [], [], [], [], []
     log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=Xt.device)
-    top = log_kappa.max(dim=1).values
+    top = log_bound.max(dim=1).values
     for margin in (25.0, 50.0, 100.0, 200.0, torch.inf):
-        new = (~taken) & (~done[:, None]) & (log_kappa >= (top - margin)[:, None])
+        new = (~taken) & (~done[:, None]) & (log_bound >= (top - margin)[:, None])
         if new.any():
             rows, regions = torch.nonzero(new, as_tuple=True)
             taken |= new
@@ -267,11 +298,11 @@ def _posterior_chunk(tab, Xt, idx, complete, rtol, region_chunk, moments, out):
             acc_rows.append(rows.cpu().numpy()), acc_regions.append(regions.cpu().numpy())
             acc_logw.append(logw), acc_mean.append(mean), acc_cov.append(cov), acc_se.append(se)
             log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=Xt.device), n))
-        skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_kappa), dim=1)
+        skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
         done = done | (skipped - log_p <= log_rtol)
         if bool(done.all()):
             break
-    skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_kappa), dim=1)
+    skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
     bound = torch.log1p(torch.exp(skipped - log_p)).cpu().numpy()
     return _summarise(np.concatenate(acc_rows), np.concatenate(acc_regions), np.concatenate(acc_logw),
                       np.concatenate(acc_mean), np.concatenate(acc_cov), np.concatenate(acc_se),
@@ -280,8 +311,8 @@ def _posterior_chunk(tab, Xt, idx, complete, rtol, region_chunk, moments, out):
 
 def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
     """Per-row log-sum-exp of pair values: rows (P,), values (P,) -> (n,), -inf for no pairs."""
-    rowmax = torch.full((n,), -torch.inf, dtype=values.dtype, device=values.device).index_reduce_(
-        0, rows, values, "amax", include_self=True)
+    rowmax = torch.full((n,), -torch.inf, dtype=values.dtype, device=values.device).scatter_reduce(
+        0, rows, values, reduce="amax", include_self=True)
     safe = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
     total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(
         0, rows, torch.exp(values - safe[rows]))

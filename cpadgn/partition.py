@@ -67,6 +67,8 @@ from .errors import CpadgnError
 from .network import PiecewiseAffineNet
 
 DEGENERATE_CLEARANCE = 1e-7
+LP_MIN_RADIUS = 1e-10     # lp-walk: a pattern whose Chebyshev radius the LP cannot certify above this is no region
+SNAP_RTOL = 1e-11          # subdivision: |u| <= SNAP_RTOL * max|u| counts as u = 0
 
 
 @dataclass
@@ -134,8 +136,8 @@ class Partition:
     def locate(self, net: PiecewiseAffineNet, z: np.ndarray) -> np.ndarray:
         """Region index of each point (N, S) -> (N,) int64, -1 where the pattern is unknown."""
         keys = _pattern_keys(self.patterns)
-        order = np.argsort(keys)
-        q = _pattern_keys(net.patterns(z))
+        order = np.argsort(keys, kind="stable")
+        q = _pattern_keys(net.patterns(np.asarray(z, dtype=np.float64).reshape(-1, net.latent_dim)))
         pos = np.clip(np.searchsorted(keys[order], q), 0, max(len(keys) - 1, 0))
         found = (keys[order][pos] == q) if len(keys) else np.zeros(len(q), bool)
         return np.where(found, order[pos], -1)
@@ -160,19 +162,42 @@ def _layer_affine(net: PiecewiseAffineNet, patterns: np.ndarray):
         off += n
 
 
-def _constraint_rows(net: PiecewiseAffineNet, patterns: np.ndarray, rows: np.ndarray, units: np.ndarray):
-    """Rows (G (N, S), h (N,)) of ``net.region_constraints(patterns)`` at the pairs (rows, units)."""
-    S = net.latent_dim
+def _constraint_rows(net: PiecewiseAffineNet, patterns: np.ndarray, rows: np.ndarray, units: np.ndarray,
+                     chunk: int = 8192):
+    """Rows (G (N, S), h (N,)) of ``net.region_constraints(patterns)`` at the pairs (rows, units).
+
+    Layers before the last hidden one are propagated for all regions (one matrix product
+    each); the last hidden layer is evaluated only at the requested pairs."""
+    patterns = np.asarray(patterns, dtype=bool)
+    R, S = patterns.shape[0], net.latent_dim
     G = np.zeros((rows.size, S))
     h = np.zeros(rows.size)
+    M = np.repeat(np.eye(S)[:, None, :], R, axis=1).reshape(S, R * S)
+    c = np.zeros((S, R))
     off = 0
-    for Gl, cl in _layer_affine(net, patterns):
-        n = Gl.shape[0]
+    L = len(net.hidden_sizes)
+    for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
+        n = W.shape[0]
         w = np.flatnonzero((units >= off) & (units < off + n))
-        G[w] = Gl[units[w] - off, rows[w]]
-        h[w] = cl[units[w] - off, rows[w]]
+        if li == L - 1:
+            Mr = np.ascontiguousarray(M.reshape(-1, R, S).transpose(1, 2, 0))      # (R, S, n_prev)
+            cr = np.ascontiguousarray(c.T)                                         # (R, n_prev)
+            for s0 in range(0, w.size, chunk):
+                ww = w[s0:s0 + chunk]
+                k, r = units[ww] - off, rows[ww]
+                Wk = W[k]
+                G[ww] = np.matmul(Mr[r], Wk[:, :, None])[:, :, 0]
+                h[ww] = np.einsum("pn,pn->p", Wk, cr[r]) + b[k]
+            break
+        Gl = W @ M
+        cu = W @ c + b[:, None]
+        G[w] = Gl.reshape(n, R, S)[units[w] - off, rows[w]]
+        h[w] = cu[units[w] - off, rows[w]]
+        slope = np.where(patterns[:, off:off + n].T, 1.0, alpha[:, None])
+        M = (Gl.reshape(n, R, S) * slope[:, :, None]).reshape(n, R * S)
+        c = slope * cu
         off += n
-    sign = np.where(np.asarray(patterns, bool)[rows, units], -1.0, 1.0)
+    sign = np.where(patterns[rows, units], -1.0, 1.0)
     return sign[:, None] * G, -sign * h
 
 
@@ -190,10 +215,11 @@ def _region_constraints(net: PiecewiseAffineNet, patterns: np.ndarray):
 
 
 def _pattern_keys(patterns: np.ndarray) -> np.ndarray:
-    """Sign patterns (N, K) bool -> (N,) hashable byte strings."""
-    packed = np.packbits(np.asarray(patterns, dtype=bool), axis=1)
-    return np.array([row.tobytes() for row in packed], dtype=object) if packed.shape[1] \
-        else np.array([b""] * packed.shape[0], dtype=object)
+    """Sign patterns (N, K) bool -> (N,) sortable, comparable keys (packed bits as np.void)."""
+    packed = np.ascontiguousarray(np.packbits(np.asarray(patterns, dtype=bool), axis=1))
+    if packed.shape[1] == 0:
+        packed = np.zeros((packed.shape[0], 1), np.uint8)
+    return packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
 
 
 def _csr_positions(ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -288,37 +314,72 @@ def _log_interval_mass(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         return lb + np.log1p(-np.exp(la - lb))
 
 
-def _unit_classes(net):
-    """Exactly dead units (all-zero incoming weights) and exact duplicates within a layer.
+def _unit_classes(net, rtol=1e-13):
+    """Dead units (all-zero incoming weights) and duplicates within a layer.
 
-    Returns (active (K,) bool, dead_sign (K,) bool, dup_of (K,) int64 (-1: none)).
+    A unit whose (weights, bias) row is a positive (negative) multiple of an earlier
+    unit's row, to ``rtol``, has the same (the opposite) sign pattern: it adds no
+    hyperplane, so the subdivision skips it and its pattern column is copied.
+    Returns (active (K,) bool, dead_sign (K,) bool, dup_of (K,) int64 (-1: none),
+    dup_flip (K,) bool).
     """
     K = net.n_units
     active = np.ones(K, bool)
     dead_sign = np.zeros(K, bool)
     dup_of = -np.ones(K, np.int64)
+    dup_flip = np.zeros(K, bool)
     off = 0
     for W, b in zip(net.weights[:-1], net.biases[:-1]):
         n = W.shape[0]
         dead = ~W.any(axis=1)
         dead_sign[off:off + n] = b >= 0
+        active[off:off + n] &= ~dead
         rows = np.concatenate([W, b[:, None]], axis=1)
-        _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-        orig = first[inv.ravel()]
-        for k in range(n):
-            if dead[k]:
-                active[off + k] = False
-            elif orig[k] != k:
-                active[off + k] = False
-                dup_of[off + k] = off + orig[k]
+        live = np.flatnonzero(~dead)
+        if live.size > 1:
+            r = rows[live] / np.linalg.norm(rows[live], axis=1, keepdims=True)
+            lead = r[np.arange(live.size), np.argmax(np.abs(r) > 1e-3, axis=1)]
+            flip = lead < 0
+            r[flip] *= -1
+            o = np.lexsort(r.T[::-1])
+            rs = r[o]
+            close = np.all(np.abs(rs[1:] - rs[:-1]) <= rtol, axis=1)
+            # chains of neighbours that are equal: attach each to the chain's first unit
+            head = o[0]
+            for j in range(1, live.size):
+                if close[j - 1]:
+                    u, h0 = live[o[j]], live[head]
+                    orig, dup = min(u, h0), max(u, h0)
+                    if dup != h0:
+                        dup_of[off + dup] = off + orig
+                        dup_flip[off + dup] = flip[o[j]] != flip[head]
+                        active[off + dup] = False
+                    else:           # the chain head is the later unit: make u the head
+                        dup_of[off + h0] = off + u
+                        dup_flip[off + h0] = flip[o[j]] != flip[head]
+                        active[off + h0] = False
+                        head = o[j]
+                else:
+                    head = o[j]
         off += n
-    return active, dead_sign, dup_of
+    # resolve chains so that dup_of always points to an active unit
+    for k in range(K):
+        f = False
+        j = k
+        while dup_of[j] >= 0 and not active[j] and dup_of[j] != j:
+            f ^= dup_flip[j]
+            j = dup_of[j]
+            if active[j]:
+                break
+        if dup_of[k] >= 0:
+            dup_of[k], dup_flip[k] = j, f
+    return active, dead_sign, dup_of, dup_flip
 
 
-def _fill_inactive(patterns, active, dead_sign, dup_of):
+def _fill_inactive(patterns, active, dead_sign, dup_of, dup_flip):
     """Columns of dead and duplicated units (not subdivided) from their constants/originals."""
     for k in np.flatnonzero(~active):
-        patterns[:, k] = patterns[:, dup_of[k]] if dup_of[k] >= 0 else dead_sign[k]
+        patterns[:, k] = (patterns[:, dup_of[k]] ^ dup_flip[k]) if dup_of[k] >= 0 else dead_sign[k]
     return patterns
 
 
@@ -449,7 +510,7 @@ def _subdivision(net, R, max_regions, progress):
     RH = rng.integers(0, np.iinfo(np.uint64).max, size=NH, dtype=np.uint64, endpoint=True)
     RF = rng.integers(0, np.iinfo(np.uint64).max, size=2 * S + 1, dtype=np.uint64, endpoint=True)
     RHneg = _neg(RH)
-    active, dead_sign, dup_of = _unit_classes(net)
+    active, dead_sign, dup_of, dup_flip = _unit_classes(net)
 
     # ---- the initial complex: 2S + 1 cubes
     O, Emb = _face_frames(S, R)
@@ -474,6 +535,7 @@ def _subdivision(net, R, max_regions, progress):
     V, nE = X0.shape[0], E0.shape[0]
     cells = np.ones(F, np.int64)            # cells per face so far (a lower bound on regions)
     anomalies = 0
+    n_snapped = 0
     relax_sets = None
     if S >= 3 and max_regions is not None:
         relax_sets = np.array(np.meshgrid(*[[1, -1]] * (S - 1), indexing="ij")).reshape(S - 1, -1).T
@@ -486,14 +548,21 @@ def _subdivision(net, R, max_regions, progress):
         X = Xg.a[:V]
         inp = X[:, :S].T if H is None else H                             # (n_in, V)
         Ug = _Grow(np.ascontiguousarray(W @ inp + b[:, None] * X[None, :, S]), axis=1)
+        # round-off scale per unit: interpolation never exceeds the values at layer start
+        tol_layer = SNAP_RTOL * np.abs(Ug.a).max(axis=1, initial=0.0)
         for kl in range(n):
             k = off + kl
             if not active[k]:
                 continue
             U = Ug.a
             f = U[kl, :V]
-            pos = f >= 0
-            sgg.a[:V, k] = np.where(pos, 1, -1).astype(np.int8)
+            # values within round-off of 0 are 0 (counted as +): exact degeneracies such
+            # as hyperplanes through a common point stay combinatorially consistent
+            tol = tol_layer[kl]
+            pos = f >= -tol
+            col = pos.view(np.int8) * np.int8(2)
+            col -= np.int8(1)
+            sgg.a[:V, k] = col
             hv = hg.a
             hv[:V] += np.where(pos, RH[k], RHneg[k])
             E = Eg.a
@@ -503,7 +572,20 @@ def _subdivision(net, R, max_regions, progress):
             if m == 0:
                 continue
             a, bb = ea[ci], eb[ci]
+            za, zb = Zg.a[a], Zg.a[bb]
+            common = (za[:, :, None] == zb[:, None, :]).any(axis=2)
+            good = common.sum(axis=1) == S - 1
+            if not good.all():          # cannot happen in a consistent complex: skip, count, warn
+                anomalies += int((~good).sum())
+                ci, a, bb, za, zb, common = ci[good], a[good], bb[good], za[good], zb[good], common[good]
+                m = ci.size
+                if m == 0:
+                    continue
             fa, fb = f[a], f[bb]
+            sa0, sb0 = np.abs(fa) <= tol, np.abs(fb) <= tol
+            if sa0.any() or sb0.any():
+                n_snapped += int(np.count_nonzero(sa0 & (fa != 0)) + np.count_nonzero(sb0 & (fb != 0)))
+                fa, fb = np.where(sa0, 0.0, fa), np.where(sb0, 0.0, fb)
             lam = fa / (fa - fb)
             new = np.arange(V, V + m)
             # ---- new vertices
@@ -522,11 +604,6 @@ def _subdivision(net, R, max_regions, progress):
             sv = np.where(sa != 0, sa, sb)
             sv[:, k] = 0
             sgg.a[V:V + m] = sv
-            za, zb = Zg.a[a], Zg.a[bb]
-            common = (za[:, :, None] == zb[:, None, :]).any(axis=2)
-            ncommon = common.sum(axis=1)
-            if np.any(ncommon != S - 1):
-                raise RuntimeError("edge subdivision: an edge without S - 1 common zeros (internal error)")
             ze = za[common].reshape(m, S - 1)
             ja = za[~common]
             sbj = sgg.a[bb, ja]
@@ -591,8 +668,10 @@ def _subdivision(net, R, max_regions, progress):
         U = Ug.a[:, :V]
         H = np.where(U >= 0, U, alpha[:, None] * U)
         off += n
-    return _extract_regions(net, Xg.a[:V], fg.a[:V], sgg.a[:V], Zg.a[:V], hg.a[:V], RH, RF,
-                            active, dead_sign, dup_of, anomalies, max_regions)
+    res = _extract_regions(net, Xg.a[:V], fg.a[:V], sgg.a[:V], Zg.a[:V], hg.a[:V], RH, RF,
+                            active, dead_sign, dup_of, dup_flip, anomalies, max_regions)
+    res["info"]["snapped_values"] = n_snapped
+    return res
 
 
 def _sign_combos(m):
@@ -602,7 +681,7 @@ def _sign_combos(m):
     return (1 - 2 * ((np.arange(2 ** m)[:, None] >> np.arange(m)[None, :]) & 1)).astype(np.int8)
 
 
-def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of, anomalies, max_regions):
+def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of, dup_flip, anomalies, max_regions):
     """Regions from the final simple complex: cells around every vertex, deduplicated."""
     S, K = net.latent_dim, net.n_units
     V = X.shape[0]
@@ -679,7 +758,7 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
         uz = Z[rv[w]][isu[rv[w]]].reshape(w.size, mm)
         vals = _sign_combos(mm)[rc[w]] > 0
         patterns[np.repeat(w, mm), uz.ravel()] = vals.ravel()
-    patterns = _fill_inactive(patterns, active, dead_sign, dup_of)
+    patterns = _fill_inactive(patterns, active, dead_sign, dup_of, dup_flip)
     # bounded: no live-cell vertex at infinity
     inc_reg = creg[cinv]
     keep = inc_reg >= 0
@@ -696,7 +775,8 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
     facet_ptr = np.concatenate([[0], np.cumsum(np.bincount(fr, minlength=nR))]).astype(np.int64)
     info = {"vertices": V, "cells": nc, "cells_at_infinity": n_at_infinity, "pairing_anomalies": anomalies}
     if anomalies:
-        warnings.warn(f"edge subdivision: {anomalies} unmatched 2-face keys (degenerate arrangement); "
+        warnings.warn(f"edge subdivision: {anomalies} combinatorial anomalies (unmatched 2-face keys or "
+                      f"inconsistent edges: a degenerate arrangement); "
                       "check the partition with check_partition", RuntimeWarning, stacklevel=3)
     return {"patterns": patterns, "interior": interior, "facet_ptr": facet_ptr,
             "facet_units": fu.astype(np.int64), "bounded": bounded, "info": info}
@@ -797,15 +877,19 @@ def _is_bounded(GnF):
     return bool(np.all(hull.equations[:, -1] < -1e-12))
 
 
-def _region_geometry(net, pattern):
-    """(centre, radius, facet units, bounded) of one sign pattern, or None if empty."""
+def _region_geometry(net, pattern, classes=None):
+    """(centre, radius, facet units, bounded, ...) of one sign pattern, or None if it has
+    no interior point the LP can certify (Chebyshev radius <= LP_MIN_RADIUS)."""
     G, h = _region_constraints(net, pattern[None])
     nr = _normalised_rows(G[0], h[0])
     if nr is None:
         return None
     Gn, hn, keep = nr
+    if classes is not None:                 # dead and duplicate units add no facet
+        act = classes[0][keep]
+        Gn, hn, keep = Gn[act], hn[act], keep[act]
     ch = _chebyshev(Gn, hn)
-    if ch is None or ch[1] <= 0:
+    if ch is None or ch[1] <= LP_MIN_RADIUS:
         return None
     c, r = ch
     fac = _cone_facets(Gn, hn, c)
@@ -837,12 +921,14 @@ def _lp_walk(net, *, max_regions=None, progress=None, limit=None, time_limit=Non
     """BFS over the region adjacency graph; stops early (complete=False) at limit/time_limit."""
     S, K = net.latent_dim, net.n_units
     t_start = time.perf_counter()
+    classes = _unit_classes(net)
+    fill = lambda q: _fill_inactive(q[None], *classes)[0]
     rng = np.random.default_rng(0)
     start = None
     for trial in range(20):
         z0 = np.zeros((1, S)) if trial == 0 else rng.standard_normal((1, S))
-        q0 = net.patterns(z0)[0]
-        if _region_geometry(net, q0) is not None:
+        q0 = fill(net.patterns(z0)[0])
+        if _region_geometry(net, q0, classes) is not None:
             start = q0
             break
     if start is None:
@@ -857,11 +943,12 @@ def _lp_walk(net, *, max_regions=None, progress=None, limit=None, time_limit=Non
             complete = False
             break
         q, parent_geom, k = queue.popleft()
-        geom = _region_geometry(net, q)
+        geom = _region_geometry(net, q, classes)
         if geom is None:
             # the flip of facet k is empty (a degenerate crossing): cross geometrically
             if parent_geom is not None:
                 q2 = _cross_point_pattern(net, parent_geom, k)
+                q2 = None if q2 is None else fill(q2)
                 if q2 is not None and q2.tobytes() not in seen:
                     seen.add(q2.tobytes())
                     queue.appendleft((q2, None, -1))
@@ -876,6 +963,7 @@ def _lp_walk(net, *, max_regions=None, progress=None, limit=None, time_limit=Non
         for kk in fac:
             q2 = q.copy()
             q2[kk] = ~q2[kk]
+            q2 = fill(q2)
             key = q2.tobytes()
             if key not in seen:
                 seen.add(key)

@@ -72,9 +72,9 @@ def loglik_2d(net, x, noise_std, lo=-12.0, hi=12.0):
 
     def inner(z1):
         line = lambda t: np.column_stack([np.full_like(t, z1), t])
-        br = line_breakpoints(lambda t: net.preactivations(line(t)), lo, hi, n=4001)
+        br = line_breakpoints(lambda t: net.preactivations(line(t)), lo, hi, n=1201)
         return _piecewise_gl(lambda t: _log_joint(net, x, var, line(t)),
-                             np.union1d(br, np.linspace(lo, hi, 241)), lo, hi)
+                             np.union1d(br, np.linspace(lo, hi, 49)), lo, hi)
 
     shift = max(inner(z)[0] for z in np.linspace(lo, hi, 97))
 
@@ -83,7 +83,7 @@ def loglik_2d(net, x, noise_std, lo=-12.0, hi=12.0):
         f = np.exp(lz - shift)
         return np.array([f, z1 * f, m1 * f])
 
-    I, _ = integrate.quad_vec(outer, lo, hi, epsabs=0, epsrel=1e-12, limit=2000)
+    I, _ = integrate.quad_vec(outer, lo, hi, epsabs=0, epsrel=1e-11, limit=2000)
     return shift + np.log(I[0]), I[1:] / I[0]
 
 

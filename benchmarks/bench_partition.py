@@ -1,0 +1,83 @@
+"""Partition benchmark: edge subdivision (exact over all of R^S) vs the LP walk.
+
+Random generators with PyTorch's default nn.Linear initialisation, LeakyReLU(0.1)
+between the layers and D = 10 outputs (seeded).  For each net:
+
+* subdivision: compute_partition(net) (enumeration, interior-point checks and prior
+  masses); the enumeration time excludes the prior masses, which are timed apart
+  (cpadgn.gaussian.polytope_log_mass on the same facets);
+* lp-walk: the reference BFS on the same net, in the same run, stopped after
+  --lp-limit regions or --lp-seconds (its regions/s is then over the regions it found);
+* ratio: subdivision enumeration regions/s over LP-walk regions/s;
+* checks: prior mass sum error, fraction of 100k prior samples located, whether the
+  LP walk's regions are all in the subdivision's list.
+
+    python benchmarks/bench_partition.py [--lp-limit 2000] [--lp-seconds 30] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cpadgn.network import PiecewiseAffineNet  # noqa: E402
+from cpadgn.partition import _lp_walk, check_partition, compute_partition  # noqa: E402
+
+CASES = [(2, (64, 64)), (2, (128, 128)), (3, (32, 32))]
+
+
+def torch_default_net(S, hidden, D=10, seed=0, slope=0.1) -> PiecewiseAffineNet:
+    torch.manual_seed(seed)
+    sizes = [S, *hidden, D]
+    layers = [torch.nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:])]
+    return PiecewiseAffineNet.from_arrays([l.weight.detach().double().numpy() for l in layers],
+                                          [l.bias.detach().double().numpy() for l in layers],
+                                          [slope] * len(hidden))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lp-limit", type=int, default=2000, help="stop the LP walk after this many regions")
+    ap.add_argument("--lp-seconds", type=float, default=30.0, help="stop the LP walk after this long")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from cpadgn.gaussian import polytope_log_mass
+
+    rows = []
+    for S, hidden in CASES:
+        net = torch_default_net(S, hidden, seed=args.seed)
+        t0 = time.perf_counter()
+        part = compute_partition(net)
+        total = time.perf_counter() - t0
+        G, h, mask = part.facets(net)
+        t0 = time.perf_counter()
+        polytope_log_mass(G, h, mask)
+        t_mass = time.perf_counter() - t0
+        t_enum = max(total - t_mass, 1e-9)
+        chk = check_partition(net, part, n_samples=100_000)
+        lp = _lp_walk(net, limit=args.lp_limit, time_limit=args.lp_seconds)
+        n_lp = lp["patterns"].shape[0]
+        lp_rate = n_lp / lp["seconds"]
+        lp_in_sub = bool((part.locate(net, lp["interior"]) >= 0).all())
+        sub_rate = part.n_regions / t_enum
+        rows.append((f"{S}-" + "-".join(map(str, hidden)), part.n_regions, int((~part.bounded).sum()),
+                     int(part.degenerate.sum()), t_enum, sub_rate, t_mass, total, n_lp, lp["seconds"], lp_rate,
+                     sub_rate / lp_rate, chk["mass_error"], chk["samples_located"], lp_in_sub))
+    head = ("net", "regions", "unbounded", "degenerate", "enum s", "enum reg/s", "mass s", "total s",
+            "lp regions", "lp s", "lp reg/s", "ratio", "|mass-1|", "located", "lp in sub")
+    fmt = ("{:<10}{:>9}{:>10}{:>11}{:>8.2f}{:>11.0f}{:>8.2f}{:>9.2f}{:>11}{:>7.1f}{:>9.0f}{:>7.1f}"
+           "{:>10.1e}{:>9.4f}{:>10}")
+    print("{:<10}{:>9}{:>10}{:>11}{:>8}{:>11}{:>8}{:>9}{:>11}{:>7}{:>9}{:>7}{:>10}{:>9}{:>10}".format(*head))
+    for r in rows:
+        print(fmt.format(*r))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""``cpadgn compare``: model comparison on exact held-out log-likelihood."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cli.main import Progressbar, console, main, parse_noise, resolve_device, user_errors
+from cpadgn.errors import CpadgnError
+
+REPORT_SUFFIXES = (".json", ".csv")
+
+
+@main.command()
+@click.argument("model_paths", metavar="MODEL [MODEL ...]", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "test_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out test rows (.csv, .npy, .h5); NaN = missing.")
+@click.option("--train", "train_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Training rows: adds AIC and BIC from the exact training log-likelihood, "
+                   "and is what --baseline and --noise-std auto are fitted on.")
+@click.option("--dataset", default=None, help="Dataset key inside .h5 data files.")
+@click.option("--baseline", default=None, metavar="ppca[:K]",
+              help="Add probabilistic PCA fitted on --train in closed form (K defaults to the "
+                   "first model's latent dimension), scored exactly.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="Report file: .json (the same document as --json) or .csv (model rows, then "
+                   "pair rows; the 'table' column says which).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG of the per-row log-likelihood differences best - other "
+                   "(needs matplotlib: pip install 'cpadgn[plot]').")
+@click.option("--timings", is_flag=True,
+              help="Put wall times in the report too (they vary between runs, so by default the "
+                   "report leaves them out and identical inputs give identical files).")
+@click.option("--noise-std", callback=lambda c, p, v: parse_noise(v), metavar="X|auto",
+              help="Observation noise std for every model (overrides the files); 'auto' fits "
+                   "each model's by maximum exact likelihood on --train.  Not applied to the "
+                   "PPCA baseline, which fits its own.")
+@click.option("--max-regions", type=click.IntRange(min=1), default=None,
+              help="Stop with an error if a partition has more regions than this.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where the batched linear algebra runs.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading pickled torch modules (they can execute code).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
+@click.option("--debug", is_flag=True, hidden=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+@user_errors
+def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_path, timings, noise_std,
+            max_regions, device, trust_pickle, quiet, debug, as_json):
+    """Compare MODELs by exact log-likelihood on held-out data.
+
+    Per model: the mean exact log-likelihood per test row with its standard
+    error, the total, the number of parameters k, the latent dimension S, the
+    region count and the time; with --train, AIC = 2k - 2 LL and BIC = k log n -
+    2 LL from the exact training log-likelihood; for a model file holding an
+    encoder (a VAE), the exact mean ELBO and the exact gap log p(x) - ELBO(x) =
+    KL(q(z|x) || p(z|x)).  For every pair: the mean per-row difference with its
+    standard error and 95% interval, Vuong's z and p-value, and the model
+    preferred at the 5% level (or "no significant difference").  Models are
+    listed best first.  Each model's partition is cached beside it
+    (MODEL.partition.h5).
+
+    \b
+    Examples:
+      cpadgn compare sample_data/digits_generator.h5 --data sample_data/digits_test.csv \\
+          --train sample_data/digits_train.csv --baseline ppca
+      cpadgn compare em.h5 vae.h5 --data test.csv --train train.csv --baseline ppca:4 \\
+          -o report.json --plot diffs.png
+    """
+    from cpadgn.compare import check_dimensions, compare as run_compare, parse_baseline
+    from cpadgn.data import read_data
+    from cpadgn.model import load
+
+    t0 = time.perf_counter()
+    quiet = quiet or as_json
+    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    if out is not None:
+        _check_report_path(out)
+    if plot_path is not None:
+        _check_plot(plot_path)
+    parse_baseline(baseline)
+    if baseline is not None and train_path is None:
+        raise CpadgnError("--baseline ppca is fitted on training data: pass --train TRAIN")
+    if noise_std == "auto" and train_path is None:
+        raise CpadgnError("--noise-std auto fits the noise on training data: pass --train TRAIN "
+                          "(fitting it on the test data would bias the comparison)")
+
+    X_test = read_data(test_path, dataset=dataset)
+    X_train = None if train_path is None else read_data(train_path, dataset=dataset)
+    dev = resolve_device(device)
+    fixed_noise = None if noise_std == "auto" else noise_std
+    models = [(str(p), load(p, noise_std=fixed_noise, trust_pickle=trust_pickle, device=dev))
+              for p in model_paths]
+    check_dimensions({n: m.output_dim for n, m in models}, X_test, X_train)
+    for i, (name, m) in enumerate(models):
+        with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
+            part = m.partition(max_regions=max_regions, progress=bar, log=say)
+        say(f"{name}: {part.n_regions} regions ({m.partition_status}; {m.cache_path})")
+        if noise_std == "auto":
+            sigma = m.fit_noise_std(X_train)
+            say(f"{name}: noise std fitted on --train by maximum exact likelihood: {sigma:.6g}")
+            models[i] = (name, m.with_noise_std(sigma))
+        elif m.noise_std is None:
+            raise CpadgnError(f"{name} has no noise std; pass --noise-std X, or --noise-std auto "
+                              "with --train")
+
+    with Progressbar("scoring models", quiet) as bar:
+        result = run_compare(models, X_test, X_train, baseline, progress=bar, log=say)
+    report = result.to_dict(timings=timings)
+    if out is not None:
+        _write_report(out, report)
+    if plot_path is not None:
+        _plot(plot_path, result)
+    if as_json:
+        click.echo(_json_text(report), nl=False)
+        return
+    _print_tables(result)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    written = [str(p) for p in (out, plot_path) if p is not None]
+    say(f"{len(result.models)} models, {result.n_test} test rows"
+        + (f", {result.n_train} training rows" if result.n_train else "")
+        + f"; {time.perf_counter() - t0:.2f} s" + (f"; wrote {', '.join(written)}" if written else ""))
+
+
+# ===================================================================== output
+def _json_text(report: dict) -> str:
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+def _check_writable(path: Path):
+    """Fail early if ``path`` cannot be written (a directory, a missing or read-only
+    directory, a read-only file)."""
+    import os
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CpadgnError(f"cannot write {path}: it is a directory; give a file name")
+    if not parent.is_dir():
+        raise CpadgnError(f"cannot write {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CpadgnError(f"cannot write {path}: permission denied")
+
+
+def _check_report_path(out):
+    out = Path(out)
+    if out.suffix.lower() not in REPORT_SUFFIXES:
+        raise CpadgnError(f"cannot write {out}: a comparison report is .json or .csv, "
+                          f"not '{out.suffix or '(none)'}'")
+    _check_writable(out)
+
+
+def _check_plot(path):
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise CpadgnError(f"cannot write {path}: --plot writes a .png file")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CpadgnError("--plot needs matplotlib, which is not installed; "
+                          "pip install 'cpadgn[plot]' (or matplotlib)") from None
+    _check_writable(path)
+
+
+def _csv_cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _write_report(out, report: dict):
+    """.json: the --json document.  .csv: one header (table, then the model fields, then
+    the pair fields), model rows (table=model) then pair rows (table=pair)."""
+    from cpadgn.data import atomic_path
+    out = Path(out)
+    try:
+        with atomic_path(out) as tmp:
+            if out.suffix.lower() == ".json":
+                tmp.write_text(_json_text(report), encoding="utf-8")
+                return
+            cols = ["table"]
+            for r in report["models"] + report["pairs"]:
+                cols += [k for k in r if k not in cols]
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(cols)
+                for table, rows in (("model", report["models"]), ("pair", report["pairs"])):
+                    for r in rows:
+                        w.writerow([table if c == "table" else _csv_cell(r.get(c)) for c in cols])
+    except OSError as e:
+        raise CpadgnError(f"could not write {out}: {e.strerror or e}") from None
+
+
+def _num(v, fmt=".1f"):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _pvalue(p):
+    return "< 1e-300" if p < 1e-300 else f"{p:.2g}"
+
+
+def _table(title, columns, rows, caption=None):
+    """A compact rich table: numeric columns keep their full width (never truncated);
+    the text columns (names, the verdict) wrap when the terminal is narrow."""
+    from rich import box
+    from rich.console import Group
+    from rich.text import Text
+    t = Table(caption=caption, caption_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    for j, name in enumerate(columns):
+        text = name in ("model", "A", "B")                   # may wrap
+        left = text or name in ("kind", "preferred")
+        width = max([len(name)] + [len(_plain(r[j])) for r in rows])
+        t.add_column(name, justify="left" if left else "right", no_wrap=not text,
+                     min_width=min(width, 8) if text else width, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    return Group(Text(""), Text(title, style="bold"), t)
+
+
+def _plain(cell: str) -> str:
+    from rich.text import Text
+    return Text.from_markup(cell).plain
+
+
+def _decimals(se) -> int:
+    """Decimals that show a standard error to two significant digits (0..6)."""
+    if se is None or not se > 0 or not math.isfinite(se):
+        return 4
+    return int(min(6, max(0, 1 - math.floor(math.log10(se)))))
+
+
+def _fix(v, d):
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def _print_tables(result):
+    """The per-model table (best first), training fit, ELBO and pairwise tables."""
+    out = Console()
+    short = dict(zip([m.name for m in result.models], _short_names([m.name for m in result.models])))
+    rows = []
+    for m in result.models:
+        d = _decimals(m.mean_log_likelihood_se)
+        rows.append([short[m.name], m.kind, _fix(m.mean_log_likelihood, d),
+                     _fix(m.mean_log_likelihood_se, d), f"{m.total_log_likelihood:.1f}",
+                     f"{m.n_parameters:,}", str(m.latent_dim), f"{m.n_regions:,}", f"{m.seconds:.2f}"])
+    out.print(_table(f"Exact held-out log-likelihood per row (nats), {result.n_test} test rows, "
+                     "best first",
+                     ["model", "kind", "mean log p", "SE", "total", "k", "S", "regions", "sec"], rows))
+    if result.n_train is not None:
+        rows = [[short[m.name], _num(m.train_log_likelihood), _num(m.aic), _num(m.bic)]
+                for m in result.models]
+        out.print(_table(f"Training fit ({result.n_train} rows): AIC = 2k - 2 LL, BIC = k log n - 2 LL",
+                         ["model", "train LL", "AIC", "BIC"], rows))
+    rows = []
+    for m in result.models:
+        if m.mean_elbo is not None:
+            d1, d2 = _decimals(m.mean_elbo_se), _decimals(m.mean_gap_se)
+            rows.append([short[m.name], _fix(m.mean_elbo, d1), _fix(m.mean_elbo_se, d1),
+                         _fix(m.mean_gap, d2), _fix(m.mean_gap_se, d2),
+                         f"{m.max_elbo_error_bound:.1e}"])
+    if rows:
+        out.print(_table("Exact ELBO and gap = log p - ELBO = KL(q(z|x) || p(z|x)) per row (nats)",
+                         ["model", "mean ELBO", "SE", "mean gap", "SE", "bound"], rows))
+    if not result.pairs:
+        return
+    rows = []
+    for r in result.pairs:
+        d = _decimals(r.se)
+        pref = (f"[bold]{short[r.preferred]}[/bold]" if r.preferred in short else "[dim]n.s.[/dim]")
+        rows.append([short[r.model_a], short[r.model_b], _fix(r.mean_difference, d), _fix(r.se, d),
+                     f"[{_fix(r.ci_low, d)}, {_fix(r.ci_high, d)}]", f"{r.vuong_z:.2f}",
+                     _pvalue(r.p_value), pref])
+    rows = [[c.replace("[", "\\[") if j == 4 else c for j, c in enumerate(r)] for r in rows]
+    out.print(_table("Pairwise: d = log p_A(x) - log p_B(x) per test row; Vuong's test, 5% level",
+                     ["A", "B", "mean d", "SE", "95% interval", "z", "p", "preferred"], rows,
+                     caption="n.s. = no significant difference at the 5% level"))
+
+
+def _short_names(names):
+    """File names without their directories when that keeps them distinct."""
+    short = [Path(n).name for n in names]
+    return short if len(set(short)) == len(short) else list(names)
+
+
+def _plot(path, result):
+    """Box plots of d_n = log p_best(x_n) - log p_other(x_n), one per other model, with the
+    mean and its 95% interval; a single model gets the histogram of its log p(x_n)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from cpadgn.data import atomic_path
+
+    names = [m.name for m in result.models]
+    label = dict(zip(names, _short_names(names)))
+    best, others = names[0], names[1:]
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * max(len(others), 1)))
+    if others:
+        diffs = [result.log_likelihoods[best] - result.log_likelihoods[o] for o in others]
+        ax.boxplot(diffs, vert=False, showfliers=True, flierprops={"markersize": 2})
+        for i, o in enumerate(others, 1):
+            pr = result.pair(best, o)
+            ax.errorbar([pr.mean_difference], [i], xerr=[[pr.mean_difference - pr.ci_low],
+                                                          [pr.ci_high - pr.mean_difference]],
+                        fmt="o", color="C3", capsize=4, label="mean, 95% interval" if i == 1 else None)
+        ax.axvline(0.0, color="k", lw=0.8, ls="--")
+        if max(float(np.abs(d).max()) for d in diffs) > 100:
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_yticks(range(1, len(others) + 1), [f"{label[best]} − {label[o]}" for o in others])
+        ax.set_xlabel(f"log p(x) of {label[best]} minus the other's, per test row (nats; > 0 favours "
+                      f"{label[best]})")
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.hist(result.log_likelihoods[best], bins=40)
+        ax.set_xlabel(f"log p(x) per test row (nats), {label[best]}")
+    ax.set_title(f"Exact held-out log-likelihood: {label[best]} against the others ({result.n_test} rows)",
+                 fontsize=10)
+    fig.tight_layout()
+    try:
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,507 @@
+"""Analytical, gradient-free EM for a piecewise-affine generator (DESIGN.md section 5).
+
+Model (prior N(0, I), the folded coordinates of ``network``):
+
+    z ~ N(0, I_S),   x | z ~ N(g(z), diag(var)),   g(z) = A_w z + b_w on region w.
+
+E-step (``region_stats``)
+    ``likelihood.posterior`` gives, for every (row n, region w) pair that matters, the
+    responsibility r_nw and the truncated moments m_nw = E[z | x_n, z in w],
+    V_nw = Cov[z | x_n, z in w] (pruning certified there).  With z~ = [z; 1] the
+    M-step only needs, per region w,
+
+        Z_w  = sum_n r_nw E[z~ z~^T | x_n, w]                 (S+1, S+1)
+        XZ_w = sum_n r_nw x_n E[z~ | x_n, w]^T                (D, S+1)
+
+    and sxx = sum_n x_n * x_n (D,): its cost does not depend on the number of rows.
+
+M-step (``m_step``)
+    The regions (activation masks) of the current parameters are held fixed.  Inside
+    region w, layer l's input is h_l(z) = M_w z + c_w (affine, from the layers below;
+    h_0 = z), so with a~ = [h_l; 1] = T_w z~, T_w = [[M_w, c_w], [0, 1]], and
+    Theta = [W_l, b_l] (n_{l+1}, n_l + 1):
+
+        g(z) = P_w Theta a~ + e_w,
+
+    P_w (D, n_{l+1}) the product of the layers above with their slope masks and e_w
+    their bias contributions.  The expected complete-data log-likelihood
+
+        Q(Theta) = -1/2 sum_{n,w} r_nw E[ ||x_n - e_w - P_w Theta a~||^2_Psi | x_n, w ] + const,
+
+    Psi = diag(1 / var), is a concave quadratic in Theta; its stationary point solves
+    the Kronecker-structured normal equations
+
+        sum_w K_w Theta C_w = sum_w (V_w - f_w Z_w[-1]^T) T_w^T                     (*)
+
+    with K_w = P_w^T Psi P_w, C_w = T_w Z_w T_w^T, V_w = P_w^T Psi XZ_w and
+    f_w = P_w^T Psi e_w, computed by a backward recursion that never forms P_w:
+        K^(l) = D_l W_{l+1}^T K^(l+1) W_{l+1} D_l,   V^(l) = D_l W_{l+1}^T V^(l+1),
+        f^(l) = D_l W_{l+1}^T (f^(l+1) + K^(l+1) b_{l+1}),
+    starting from K = Psi, V = Psi XZ_w, f = 0 at the output layer (D_l the slope
+    mask of hidden layer l in region w).  (*) is solved densely when
+    n_{l+1} (n_l + 1) <= ``dense_max`` and by preconditioned conjugate gradients on
+    the operator Theta -> sum_w K_w Theta C_w otherwise.  Directions Q does not see
+    (dead units, units with zero outgoing weights) are left unchanged.  The output
+    layer (P = I) is ordinary least squares: Theta C = B, C = sum_w C_w,
+    B = sum_w XZ_w T_w^T, whatever Psi.  Layers are updated bottom-up (block
+    coordinate ascent; ``sweeps`` passes), then the noise in closed form:
+
+        var_d = (sxx_d - 2 Theta_d . B_d + Theta_d C Theta_d^T) / N   (diagonal)
+        var   = mean_d var_d                                          (isotropic)
+
+    floored at ``var_floor``.
+
+Because the partition moves with the hidden weights, the M-step is not guaranteed to
+raise the exact likelihood: ``fit.fit_em`` checks it and backtracks.  An update of
+the output layer and noise alone never moves the partition, so it is a true EM step
+(``m_step(..., output_only=True)``), the fallback that keeps the likelihood monotone.
+
+Initialisation (``init_ppca``, ``init_random``) is deterministic given the seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse
+
+from .errors import CpadgnError
+from .network import PiecewiseAffineNet
+
+LOG_2PI = float(np.log(2 * np.pi))
+
+
+# ===================================================================== E-step statistics
+@dataclass
+class RegionStats:
+    """Sufficient statistics of one E-step, over the Ra regions with responsibility.
+
+    regions: (Ra,) int64 region indices into the partition
+    Z:       (Ra, S+1, S+1) sum_n r_nw E[z~ z~^T | x_n, w], z~ = [z; 1]
+    XZ:      (Ra, D, S+1)   sum_n r_nw x_n E[z~ | x_n, w]^T
+    sxx:     (D,)            sum_n x_nd^2
+    n_rows:  N
+    """
+
+    regions: np.ndarray
+    Z: np.ndarray
+    XZ: np.ndarray
+    sxx: np.ndarray
+    n_rows: int
+
+
+def region_stats(pair_row, pair_region, pair_responsibility, pair_mean, pair_cov, X) -> RegionStats:
+    """Per-region sums of one E-step from the (row, region) pairs of ``posterior``.
+
+    pair_row, pair_region (P,) int; pair_responsibility (P,); pair_mean (P, S);
+    pair_cov (P, S, S) (folded coordinates, prior N(0, I)); X (N, D) complete rows.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    N, D = X.shape
+    r = np.asarray(pair_responsibility, dtype=np.float64)
+    keep = r > 0
+    rows = np.asarray(pair_row)[keep]
+    reg = np.asarray(pair_region)[keep]
+    r = r[keep]
+    m, V = np.asarray(pair_mean)[keep], np.asarray(pair_cov)[keep]
+    P, S = m.shape
+    regions, inv = np.unique(reg, return_inverse=True)
+    Ra = regions.size
+    mt = np.concatenate([m, np.ones((P, 1))], axis=1)                  # E[z~ | x, w]
+    E2 = mt[:, :, None] * mt[:, None, :]
+    E2[:, :S, :S] += V
+    A = scipy.sparse.csr_matrix((r, (inv, np.arange(P))), shape=(Ra, P))
+    Z = np.asarray(A @ E2.reshape(P, -1)).reshape(Ra, S + 1, S + 1)
+    Z = 0.5 * (Z + np.swapaxes(Z, 1, 2))
+    XZ = np.empty((Ra, D, S + 1))
+    for k in range(S + 1):
+        Bk = scipy.sparse.csr_matrix((r * mt[:, k], (inv, rows)), shape=(Ra, N))
+        XZ[:, :, k] = Bk @ X
+    return RegionStats(regions=regions.astype(np.int64), Z=Z, XZ=XZ, sxx=(X * X).sum(0), n_rows=N)
+
+
+def stats_from_posterior(post, X) -> RegionStats:
+    """``region_stats`` of a ``likelihood.PosteriorResult`` (folded coordinates)."""
+    return region_stats(post.pair_row, post.pair_region, post.pair_responsibility,
+                        post.pair_mean, post.pair_cov, X)
+
+
+# ===================================================================== region algebra
+def slope_masks(net: PiecewiseAffineNet, patterns: np.ndarray) -> list:
+    """Per hidden layer l the slope of every unit in every region: list of (R, n_{l+1})."""
+    patterns = np.asarray(patterns, dtype=bool)
+    if not net.slopes:
+        return []
+    splits = np.cumsum(net.hidden_sizes)[:-1]
+    return [np.where(q, 1.0, a) for q, a in zip(np.split(patterns, splits, axis=1), net.slopes)]
+
+
+def _lift(M: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """T = [[M, c], [0, 1]]: (R, n, S), (R, n) -> (R, n+1, S+1), so [h; 1] = T [z; 1]."""
+    R, n, S = M.shape
+    T = np.zeros((R, n + 1, S + 1))
+    T[:, :n, :S] = M
+    T[:, :n, S] = c
+    T[:, n, S] = 1.0
+    return T
+
+
+def _step_forward(W, b, mask, M, c):
+    """From h_l = M z + c to h_{l+1} = mask * (W h_l + b): (R, n_l, S), (R, n_l) -> next."""
+    G = np.einsum("ij,rjs->ris", W, M)
+    cu = c @ W.T + b
+    return mask[:, :, None] * G, mask * cu
+
+
+def _backward(Ws, bs, masks, psi, XZ):
+    """K (R, n, n), V (R, n, S+1), f (R, n) of every hidden layer's outputs, l = 0..L-2.
+
+    K_w = P_w^T Psi P_w, V_w = P_w^T Psi XZ_w, f_w = P_w^T Psi e_w for the map
+    g = P_w u_{l+1} + e_w from layer l's pre-activation u_{l+1} to the output.
+    """
+    L = len(Ws)
+    out = [None] * (L - 1)
+    if L < 2:
+        return out
+    W, b, mask = Ws[-1], bs[-1], masks[-1]
+    Wp = W * psi[:, None]                                                # Psi W (D, n)
+    G = W.T @ Wp
+    K = mask[:, :, None] * G[None] * mask[:, None, :]
+    V = mask[:, :, None] * np.einsum("dn,rdk->rnk", Wp, XZ)
+    f = mask * (Wp.T @ b)[None]
+    out[L - 2] = (K, V, f)
+    for l in range(L - 3, -1, -1):
+        W, b, mask = Ws[l + 1], bs[l + 1], masks[l]
+        Kp, Vp, fp = out[l + 1]
+        K = np.matmul(W.T[None], np.matmul(Kp, W[None]))
+        K = mask[:, :, None] * K * mask[:, None, :]
+        V = mask[:, :, None] * np.matmul(W.T[None], Vp)
+        f = mask * ((fp + Kp @ b) @ W)
+        out[l] = (K, V, f)
+    return out
+
+
+# ===================================================================== layer solves
+@dataclass
+class SolveInfo:
+    """How one layer's normal equations were solved."""
+    layer: int
+    method: str          # "dense", "cg", "lstsq" (output layer)
+    size: int            # number of unknowns
+    iterations: int = 0  # CG iterations
+    residual: float = 0.0  # relative residual of the normal equations
+
+
+def _sym_solve(H: np.ndarray, g: np.ndarray, damping: float = 0.0) -> np.ndarray:
+    """Minimum-change solution of H d = g for a symmetric PSD H: (k, k), (k, ...) -> d.
+
+    Directions with zero curvature (exactly zero diagonal: dead units, zero outgoing
+    weights) get d = 0; a relative ridge of 1e-12 regularises near-singular ones; an
+    eigen-decomposition pseudo-inverse is the fallback.
+    """
+    diag = np.diag(H)
+    scale = float(diag.max(initial=0.0))
+    d = np.zeros_like(g)
+    if scale <= 0:
+        return d
+    act = diag > 1e-14 * scale
+    Ha = H[np.ix_(act, act)]
+    ga = g[act]
+    ridge = 1e-12 * float(diag[act].mean())
+    Hd = Ha + np.diag(ridge + damping * diag[act])
+    try:
+        cf = scipy.linalg.cho_factor(Hd, lower=True, check_finite=False)
+        da = scipy.linalg.cho_solve(cf, ga, check_finite=False)
+    except np.linalg.LinAlgError:
+        lam, U = np.linalg.eigh(Hd)
+        keep = lam > 1e-12 * lam.max(initial=0.0)
+        coef = U[:, keep].T @ ga
+        coef = coef / (lam[keep][:, None] if coef.ndim > 1 else lam[keep])
+        da = U[:, keep] @ coef
+    d[act] = da
+    return d
+
+
+def layer_normal_equations(K, T, Z, V, f):
+    """The pieces of (*) for one hidden layer.
+
+    K (R, n, n), T (R, m, S+1) (m = n_l + 1), Z (R, S+1, S+1), V (R, n, S+1), f (R, n)
+    -> C (R, m, m) with C_w = T_w Z_w T_w^T, and the right-hand side (n, m).
+    """
+    C = np.matmul(np.matmul(T, Z), np.swapaxes(T, 1, 2))
+    Y = V - f[:, :, None] * Z[:, None, -1, :]
+    rhs = np.tensordot(Y, T, axes=([0, 2], [0, 2]))
+    return C, rhs
+
+
+def apply_operator(K, C, Theta):
+    """sum_w K_w Theta C_w: K (R, n, n), C (R, m, m), Theta (n, m) -> (n, m)."""
+    return np.einsum("rij,rjb->ib", np.matmul(K, Theta[None]), C, optimize=True)
+
+
+def solve_layer(K, T, Z, V, f, Theta0, *, dense_max=1500, cg_tol=1e-10, cg_maxiter=None,
+                layer=0, damping=0.0):
+    """Maximise Q over one hidden layer's Theta = [W_l, b_l] (n, m), the others fixed.
+
+    Solves sum_w K_w Theta C_w = rhs for the change from Theta0 (dense when n m <=
+    dense_max, else Jacobi-preconditioned CG started at Theta0, whose iterates raise Q
+    monotonically even when stopped early).  Returns (Theta (n, m), SolveInfo).
+    """
+    n, m = Theta0.shape
+    C, rhs = layer_normal_equations(K, T, Z, V, f)
+    if n * m <= dense_max:
+        H = np.tensordot(K, C, axes=([0], [0])).transpose(0, 2, 1, 3).reshape(n * m, n * m)
+        H = 0.5 * (H + H.T)
+        g = rhs.ravel() - H @ Theta0.ravel()
+        d = _sym_solve(H, g, damping)
+        res = float(np.linalg.norm(g - H @ d - damping * np.diag(H) * d) / max(np.linalg.norm(rhs), 1e-300))
+        return Theta0 + d.reshape(n, m), SolveInfo(layer, "dense", n * m, 0, res)
+    # conjugate gradients on the operator, low-rank form C_w = T_w Z_w T_w^T
+    TZ = np.matmul(T, Z)                                                   # (R, m, S+1)
+
+    diagK = np.einsum("rii->ri", K)
+    diagC = np.einsum("rak,rak->ra", TZ, T)
+    dH = diagK.T @ diagC                                                   # (n, m), diag of the operator
+    live = dH > 1e-14 * max(float(dH.max(initial=0.0)), 1e-300)
+
+    def op(Th):                                                            # sum_w K_w Th C_w
+        Y = np.matmul(K, np.matmul(Th[None], TZ))                          # (R, n, S+1)
+        return np.tensordot(Y, T, axes=([0, 2], [0, 2]))
+
+    def op_damped(Th):
+        return (op(Th) + damping * dH * Th) * live
+
+    inv_prec = np.where(live, 1.0 / np.where(live, dH * (1.0 + damping), 1.0), 0.0)
+    x = np.zeros((n, m))
+    r = (rhs - op(Theta0)) * live
+    z = r * inv_prec
+    p = z.copy()
+    rz = float((r * z).sum())
+    b_norm = max(float(np.linalg.norm(rhs)), 1e-300)
+    maxiter = cg_maxiter or min(4 * n * m, 1000)
+    it = 0
+    while it < maxiter and np.linalg.norm(r) > cg_tol * b_norm:
+        Ap = op_damped(p)
+        pAp = float((p * Ap).sum())
+        if pAp <= 0:
+            break
+        alpha = rz / pAp
+        x += alpha * p
+        r -= alpha * Ap
+        z = r * inv_prec
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+        it += 1
+    res = float(np.linalg.norm(r) / b_norm)
+    return Theta0 + x, SolveInfo(layer, "cg", n * m, it, res)
+
+
+def output_normal_equations(T, Z, XZ):
+    """C = sum_w T_w Z_w T_w^T (m, m) and B = sum_w XZ_w T_w^T (D, m) of the output layer."""
+    C = np.tensordot(np.matmul(T, Z), T, axes=([0, 2], [0, 2]))
+    B = np.tensordot(XZ, T, axes=([0, 2], [0, 2]))
+    return 0.5 * (C + C.T), B
+
+
+def solve_output(C, B, Theta0):
+    """Weighted least squares of the output layer: Theta C = B (Theta (D, m)), minimum change."""
+    d = _sym_solve(C, (B - Theta0 @ C).T).T
+    return Theta0 + d
+
+
+def expected_sq_residual(C, B, sxx, Theta):
+    """sum_{n,w} r_nw E[(x_nd - g_d(z))^2 | x_n, w] per output dim d (D,)."""
+    return sxx - 2 * np.einsum("dm,dm->d", Theta, B) + np.einsum("dm,mk,dk->d", Theta, C, Theta)
+
+
+def noise_update(C, B, sxx, Theta, n_rows, noise, var_floor=0.0):
+    """Closed-form noise variance (D,) from the expected squared residuals."""
+    resid = np.maximum(expected_sq_residual(C, B, sxx, Theta), 0.0) / n_rows
+    var = np.full_like(resid, resid.mean()) if noise == "iso" else resid
+    return np.maximum(var, var_floor)
+
+
+def expected_complete_loglik(C, B, sxx, Theta, var, n_rows) -> float:
+    """sum_{n,w} r_nw E[log p(x_n | z) | x_n, w] (the part of Q that depends on the parameters)."""
+    resid = expected_sq_residual(C, B, sxx, Theta)
+    return float(-0.5 * (n_rows * (LOG_2PI * var.size + np.log(var).sum()) + (resid / var).sum()))
+
+
+# ===================================================================== the M-step
+@dataclass
+class MStepInfo:
+    solves: list
+    q_before: float          # Q at the old parameters (fixed regions)
+    q_after: float           # Q at the new parameters (fixed regions)
+
+
+def m_step(net: PiecewiseAffineNet, patterns: np.ndarray, stats: RegionStats, var: np.ndarray, *,
+           noise: str = "iso", sweeps: int = 1, output_only: bool = False, layers=None,
+           update_noise: bool = True, damping: float = 0.0,
+           dense_max: int = 1500, var_floor: float = 0.0, cg_tol: float = 1e-10,
+           cg_maxiter: int | None = None):
+    """Closed-form M-step with the regions ``patterns`` (Ra, K) (those of ``stats.regions``)
+    held fixed.
+
+    net: current generator; var: (D,) current noise variance.  Updates every layer
+    bottom-up ``sweeps`` times (only the output layer with ``output_only``: that step
+    leaves the partition unchanged; only the layers listed in ``layers`` when given),
+    then the noise (unless ``update_noise`` is False).  Returns (new net, new var (D,),
+    MStepInfo).
+    """
+    var = np.broadcast_to(np.asarray(var, dtype=np.float64), (net.output_dim,)).copy()
+    Ws = [W.copy() for W in net.weights]
+    bs = [b.copy() for b in net.biases]
+    L = len(Ws)
+    if output_only:
+        layers = [L - 1]
+    todo = set(range(L)) if layers is None else {int(l) % L for l in layers}
+    R, S = stats.Z.shape[0], net.latent_dim
+    masks = slope_masks(net, patterns)
+    psi = 1.0 / var
+    solves = []
+    C, B = _output_stats(Ws, bs, masks, stats)
+    q_before = expected_complete_loglik(C, B, stats.sxx, np.concatenate([Ws[-1], bs[-1][:, None]], 1),
+                                        var, stats.n_rows)
+    hidden_todo = any(l < L - 1 for l in todo)
+    for _ in range(max(1, sweeps) if hidden_todo else 1):
+        back = _backward(Ws, bs, masks, psi, stats.XZ) if hidden_todo else None
+        M = np.broadcast_to(np.eye(S), (R, S, S))
+        c = np.zeros((R, S))
+        for l in range(L):
+            T = _lift(M, c)
+            Theta0 = np.concatenate([Ws[l], bs[l][:, None]], axis=1)
+            if l == L - 1:
+                C, B = output_normal_equations(T, stats.Z, stats.XZ)
+                if l in todo:
+                    Theta = solve_output(C, B, Theta0)
+                    solves.append(SolveInfo(l, "lstsq", Theta.size, 0, 0.0))
+                else:
+                    Theta = Theta0
+            elif l not in todo:
+                Theta = Theta0
+            else:
+                K, V, f = back[l]
+                Theta, info = solve_layer(K, T, stats.Z, V, f, Theta0, dense_max=dense_max,
+                                          cg_tol=cg_tol, cg_maxiter=cg_maxiter, layer=l,
+                                          damping=damping)
+                solves.append(info)
+            Ws[l], bs[l] = np.ascontiguousarray(Theta[:, :-1]), np.ascontiguousarray(Theta[:, -1])
+            if l < L - 1:
+                M, c = _step_forward(Ws[l], bs[l], masks[l], M, c)
+    Theta = np.concatenate([Ws[-1], bs[-1][:, None]], axis=1)
+    if update_noise:
+        var = noise_update(C, B, stats.sxx, Theta, stats.n_rows, noise, var_floor)
+    q_after = expected_complete_loglik(C, B, stats.sxx, Theta, var, stats.n_rows)
+    new = PiecewiseAffineNet.from_arrays(Ws, bs, net.slopes)
+    return new, var, MStepInfo(solves, q_before, q_after)
+
+
+def _output_stats(Ws, bs, masks, stats):
+    """C (m, m), B (D, m) of the output layer for the current weights (forward pass)."""
+    R, S = stats.Z.shape[0], stats.Z.shape[1] - 1
+    M = np.broadcast_to(np.eye(S), (R, S, S))
+    c = np.zeros((R, S))
+    for l in range(len(Ws) - 1):
+        M, c = _step_forward(Ws[l], bs[l], masks[l], M, c)
+    return output_normal_equations(_lift(M, c), stats.Z, stats.XZ)
+
+
+def interpolate(net_old: PiecewiseAffineNet, net_new: PiecewiseAffineNet, var_old, var_new, eta: float):
+    """The damped step old + eta (new - old) of every weight and bias, and of log var."""
+    Ws = [a + eta * (b - a) for a, b in zip(net_old.weights, net_new.weights)]
+    bs = [a + eta * (b - a) for a, b in zip(net_old.biases, net_new.biases)]
+    var = np.exp(np.log(var_old) + eta * (np.log(var_new) - np.log(var_old)))
+    return PiecewiseAffineNet.from_arrays(Ws, bs, net_old.slopes), var
+
+
+# ===================================================================== initialisation
+def init_ppca(X, latent_dim: int, hidden, slope: float, seed: int, *, random_scale: float = 1.0):
+    """The PPCA maximum-likelihood solution embedded exactly in a network, plus seeded
+    random units: returns (net, var (D,)).
+
+    PPCA (Tipping and Bishop): x = W z + mu + noise, W (D, S), var s^2.  For a slope
+    a != -1 (ReLU, leaky ReLU) every hidden layer holds S unit pairs u = +-(z_i) and
+    act(u) - act(-u) = (1 + a) u carries z through exactly: layer 0 rows e_i, -e_i;
+    layer k > 0 rows (e_{+i} - e_{-i}) / (1 + a) and its negative; the output layer
+    W[:, i] / (1 + a) on the + unit and -W[:, i] / (1 + a) on the - unit, bias mu.
+    For the absolute value (a = -1) one unit per latent dim, u = z_i + 10 (|u| = u
+    unless z_i < -10, prior mass 8e-24), passed on unchanged, and mu - 10 W 1 as the
+    output bias.  The other units get seeded random incoming weights (N(0, 1/fan_in)
+    times ``random_scale``, biases N(0, 0.5^2) in layer 0 and N(0, 0.1^2) above)
+    and zero outgoing weights, so the network computes the PPCA mean exactly and EM
+    starts at the PPCA likelihood.  Hidden widths below 2S (S for abs) fall back to
+    ``init_random``.
+    """
+    from .ppca import ppca_parameters
+    X = np.asarray(X, dtype=np.float64)
+    N, D = X.shape
+    S = int(latent_dim)
+    hidden = [int(h) for h in hidden]
+    if S >= D:
+        raise CpadgnError(f"the latent dimension ({S}) must be below the data dimension ({D})")
+    Wp, mu, s2 = ppca_parameters(X, S)
+    a = float(slope)
+    per = S if a == -1.0 else 2 * S
+    if hidden and min(hidden) < per:
+        return init_random(X, S, hidden, slope, seed)
+    rng = np.random.default_rng(seed)
+    sizes = [S, *hidden]
+    Ws, bs = [], []
+    for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        W = rng.normal(size=(n_out, n_in)) * random_scale / np.sqrt(n_in)
+        b = rng.normal(size=n_out) * (0.5 if l == 0 else 0.1)
+        W[:per] = 0.0
+        b[:per] = 0.0
+        for i in range(S):
+            if a == -1.0:
+                if l == 0:
+                    W[i, i], b[i] = 1.0, 10.0
+                else:
+                    W[i, i] = 1.0
+            elif l == 0:
+                W[2 * i, i], W[2 * i + 1, i] = 1.0, -1.0
+            else:
+                W[2 * i, 2 * i], W[2 * i, 2 * i + 1] = 1.0 / (1 + a), -1.0 / (1 + a)
+                W[2 * i + 1] = -W[2 * i]
+        Ws.append(W)
+        bs.append(b)
+    n_last = sizes[-1]
+    Wo = np.zeros((D, n_last))
+    bo = mu.copy()
+    if not hidden:
+        Wo[:] = Wp
+    elif a == -1.0:
+        Wo[:, :S] = Wp
+        bo = mu - 10.0 * Wp.sum(1)
+    else:
+        Wo[:, 0:2 * S:2] = Wp / (1 + a)
+        Wo[:, 1:2 * S:2] = -Wp / (1 + a)
+    Ws.append(Wo)
+    bs.append(bo)
+    net = PiecewiseAffineNet.from_arrays(Ws, bs, [slope] * len(hidden))
+    return net, np.full(D, s2)
+
+
+def init_random(X, latent_dim: int, hidden, slope: float, seed: int):
+    """Seeded random initialisation: (net, var (D,)).
+
+    Hidden layers: weights N(0, 2 / (fan_in (1 + a^2))) (He), biases N(0, 0.1^2);
+    output layer N(0, 0.1^2 / fan_in) times the data std, bias the data mean; noise
+    variance the mean data variance.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    D = X.shape[1]
+    rng = np.random.default_rng(seed)
+    sizes = [int(latent_dim), *[int(h) for h in hidden]]
+    Ws, bs = [], []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        Ws.append(rng.normal(size=(n_out, n_in)) * np.sqrt(2.0 / (n_in * (1 + slope ** 2))))
+        bs.append(rng.normal(size=n_out) * 0.1)
+    scale = float(np.sqrt(X.var(0).mean()))
+    Ws.append(rng.normal(size=(D, sizes[-1])) * 0.1 * scale / np.sqrt(sizes[-1]))
+    bs.append(X.mean(0))
+    net = PiecewiseAffineNet.from_arrays(Ws, bs, [slope] * len(hidden))
+    return net, np.full(D, float(X.var(0).mean()))

@@ -1,0 +1,371 @@
+"""Training a piecewise-affine generator: analytical EM (``fit_em``) and the VAE
+baseline on the same decoder (``fit_vae``), both scored by the exact likelihood.
+
+EM (the algorithm is in ``em``; this module runs it):
+
+    net, var <- initialisation (PPCA embedded in the network, see ``em.init_ppca``)
+    repeat:
+        E-step:  exact posterior of every training row on the current partition
+        M-step:  closed-form layer updates with the regions held fixed, then the noise
+        check:   new partition, exact log-likelihood; if it went down, halve the step
+                 (old + eta (new - old), eta = 1/2, 1/4, ...; ``max_halvings`` times),
+                 then fall back to the output layer and noise alone, a true EM step
+                 (the partition does not move), which cannot lower it
+    until the relative change of the mean training log-likelihood is below ``tol``,
+    no step raises it, or ``max_iter`` iterations.
+
+So the exact training log-likelihood never decreases.  Every run is deterministic
+given the data and the seed (the seed only drives the initialisation's random units,
+and for the VAE the weights and minibatches).
+
+The history (one entry per iteration, entry 0 the initialisation) holds the exact mean
+train and validation log-likelihood per row, the noise std, the region count, the
+accepted step size, and with ``timings`` the wall time; ``save_fit`` writes it to the
+model file's /training group.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .errors import CpadgnError
+from .network import PiecewiseAffineNet
+
+ACTIVATIONS = "leaky_relu:A (0 <= A, A != 1), relu, abs"
+
+
+# ============================================================================ options
+def parse_hidden(text) -> tuple:
+    """'32,32' -> (32, 32); '' or 'none' -> () (a linear generator, i.e. PPCA)."""
+    if isinstance(text, (tuple, list)):
+        parts = list(text)
+    else:
+        s = str(text).strip().lower()
+        if s in ("", "none", "0", "linear"):
+            return ()
+        parts = [p.strip() for p in s.replace(" ", "").split(",")]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise CpadgnError(f"--hidden must be comma-separated positive layer widths like 32,32 "
+                          f"(or 'none' for a linear generator), got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise CpadgnError(f"--hidden widths must be positive integers, got {text!r}")
+    return sizes
+
+
+def parse_activation(text) -> float:
+    """'leaky_relu:0.1' -> 0.1, 'leaky_relu' -> 0.01, 'relu' -> 0, 'abs' -> -1."""
+    s = str(text).strip().lower()
+    if s == "relu":
+        return 0.0
+    if s == "abs":
+        return -1.0
+    if s == "leaky_relu":
+        return 0.01
+    if s.startswith("leaky_relu:"):
+        try:
+            a = float(s.split(":", 1)[1])
+        except ValueError:
+            a = np.nan
+        if np.isfinite(a) and a >= 0 and a != 1.0:
+            return a
+    raise CpadgnError(f"unknown --activation {text!r}; use one of: {ACTIVATIONS}")
+
+
+def check_training_data(X, latent_dim: int, what: str = "training data") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise CpadgnError(f"the {what} must be a 2-D table of rows, got shape {X.shape}")
+    N, D = X.shape
+    if np.isnan(X).any():
+        r, c = np.argwhere(np.isnan(X))[0]
+        raise CpadgnError(f"the {what} has missing values (first at row {r + 1}, column {c + 1}); "
+                          "fit needs complete rows: drop or impute the incomplete rows first")
+    if np.isinf(X).any():
+        r, c = np.argwhere(np.isinf(X))[0]
+        raise CpadgnError(f"the {what} has an inf at row {r + 1}, column {c + 1}; fit needs finite values")
+    if not 1 <= latent_dim < D:
+        raise CpadgnError(f"--latent-dim must be between 1 and D - 1 = {D - 1} for data with {D} "
+                          f"columns, got {latent_dim}")
+    if N < 2:
+        raise CpadgnError(f"the {what} needs at least 2 rows, got {N}")
+    return X
+
+
+def split_validation(X, fraction: float, seed: int):
+    """A seeded random split: (X_train, X_val) with round(fraction N) validation rows."""
+    X = np.asarray(X)
+    N = X.shape[0]
+    n_val = int(round(fraction * N))
+    if fraction <= 0 or n_val == 0:
+        return X, None
+    if N - n_val < 2:
+        raise CpadgnError(f"--val-fraction {fraction} leaves {N - n_val} training rows; use a "
+                          "smaller fraction or more data")
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(N)
+    return X[np.sort(perm[n_val:])], X[np.sort(perm[:n_val])]
+
+
+def data_fingerprint(X) -> str:
+    """SHA-256 of the rows (float64, C order, little endian) and their shape."""
+    a = np.ascontiguousarray(np.asarray(X, dtype="<f8"))
+    h = hashlib.sha256(repr(a.shape).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# ============================================================================ results
+@dataclass
+class FitResult:
+    """A trained generator and its training record.
+
+    net: the generator (prior N(0, I)); noise_std: () for isotropic or (D,);
+    history: {name: (T,) array}, entry 0 the initialisation (EM) or per epoch (VAE);
+    method: "em" or "vae"; stop_reason: "tol", "max_iter", "no_improvement",
+    "callback" or "epochs"; train_loglik / val_loglik: final exact mean log-likelihood
+    per row (val None without validation rows); encoder: the VAE's encoder arrays.
+    """
+
+    net: PiecewiseAffineNet
+    noise_std: np.ndarray
+    history: dict
+    method: str
+    stop_reason: str
+    train_loglik: float
+    val_loglik: float | None
+    n_regions: int
+    encoder: dict | None = None
+    encoder_slope: float | None = None
+    options: dict = field(default_factory=dict)
+
+
+def _history_arrays(rows: list) -> dict:
+    keys = list(rows[0]) if rows else []
+    out = {}
+    for k in keys:
+        v = np.asarray([r.get(k, np.nan) for r in rows])
+        out[k] = v.astype(np.int64) if v.dtype.kind in "bi" else v.astype(np.float64)
+    return out
+
+
+def _noise_out(var: np.ndarray, noise: str) -> np.ndarray:
+    return np.asarray(np.sqrt(var[0])) if noise == "iso" else np.sqrt(var)
+
+
+def evaluate(net, part, noise_std, X, *, device="cpu", moments=False):
+    """Exact posterior (``likelihood.posterior``) of the rows X under (net, noise)."""
+    from .likelihood import posterior
+    return posterior(net, part, noise_std, X, device=device, moments=moments)
+
+
+def _partition(net, max_regions):
+    from .partition import compute_partition
+    return compute_partition(net, max_regions=max_regions)
+
+
+# ============================================================================ EM
+def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: int = 100,
+           tol: float = 1e-5, X_val=None, seed: int = 0, noise: str = "iso", callback=None, *,
+           init="ppca", sweeps: int = 1, max_halvings: int = 3, device="cpu", max_regions=None,
+           var_floor: float | None = None, dense_max: int = 1500, timings: bool = False) -> FitResult:
+    """Fit a generator S -> hidden -> D to the rows X (N, D) by exact, monotone EM.
+
+    latent_dim S; hidden: widths; slope: the activations' negative-side slope (0 ReLU,
+    -1 abs); noise: "iso" (sigma^2 I) or "diag"; X_val (M, D) optional validation rows
+    (scored each iteration, never fitted); init: "ppca" (``em.init_ppca``), "random"
+    (``em.init_random``) or a tuple (net, var (D,)); sweeps: bottom-up passes over the
+    layers per M-step; var_floor: lower bound on the noise variance (default 1e-6 times
+    the mean column variance); dense_max: largest layer (n_{l+1} (n_l + 1) unknowns)
+    solved densely, CG above.  callback(row: dict) after every iteration (progress);
+    returning True stops.  Returns a FitResult.
+    """
+    from . import em
+    t0 = time.perf_counter()
+    X = check_training_data(X, latent_dim)
+    if X_val is not None:
+        X_val = np.asarray(X_val, dtype=np.float64)
+        if X_val.size == 0:
+            X_val = None
+        else:
+            check_training_data(X_val, latent_dim, "validation data")
+            if X_val.shape[1] != X.shape[1]:
+                raise CpadgnError(f"the validation data has {X_val.shape[1]} columns but the training "
+                                  f"data {X.shape[1]}")
+    if noise not in ("iso", "diag"):
+        raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}")
+    hidden = tuple(int(h) for h in hidden)
+    D = X.shape[1]
+    if var_floor is None:
+        var_floor = 1e-6 * max(float(X.var(0).mean()), 1e-300)
+
+    if isinstance(init, tuple):
+        net, var = init
+        var = np.broadcast_to(np.asarray(var, dtype=np.float64), (D,)).copy()
+    elif init == "ppca":
+        net, var = em.init_ppca(X, latent_dim, hidden, slope, seed)
+    elif init == "random":
+        net, var = em.init_random(X, latent_dim, hidden, slope, seed)
+    else:
+        raise ValueError(f"unknown init {init!r}: use 'ppca', 'random' or (net, var)")
+    if noise == "iso":
+        var = np.full(D, float(var.mean()))
+    var = np.maximum(var, var_floor)
+
+    def score(net_, part_, var_, rows, moments):
+        return evaluate(net_, part_, _noise_out(var_, noise), rows, device=device, moments=moments)
+
+    part = _partition(net, max_regions)
+    post = score(net, part, var, X, True)
+    ll = float(post.log_likelihood.mean())
+    val = float(score(net, part, var, X_val, False).log_likelihood.mean()) if X_val is not None else np.nan
+    rows = []
+
+    def record(it, step, halvings, fallback, gain, post_):
+        row = {"iteration": it, "train_loglik": ll, "val_loglik": val,
+               "noise_std": float(np.sqrt(var.mean())), "n_regions": part.n_regions,
+               "step": step, "halvings": halvings, "fallback": int(fallback), "q_gain": gain,
+               "error_bound": float(post_.error_bound.max(initial=0.0))}
+        if timings:
+            row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        return callback is not None and bool(callback(dict(row)))
+
+    stop = "max_iter"
+    if record(0, np.nan, 0, False, np.nan, post):
+        stop = "callback"
+    else:
+        for it in range(1, max_iter + 1):
+            stats = em.stats_from_posterior(post, X)
+            patterns = part.patterns[stats.regions]
+            new_net, new_var, info = em.m_step(net, patterns, stats, var, noise=noise, sweeps=sweeps,
+                                               dense_max=dense_max, var_floor=var_floor)
+            accepted = None
+            eta, halvings = 1.0, 0
+            for h in range(max_halvings + 1):
+                cand, cvar = em.interpolate(net, new_net, var, new_var, eta) if eta < 1 else (new_net, new_var)
+                cpart = _partition(cand, max_regions)
+                cpost = score(cand, cpart, cvar, X, True)
+                cll = float(cpost.log_likelihood.mean())
+                if cll >= ll:
+                    accepted = (cand, cvar, cpart, cpost, cll, eta, False, info.q_after - info.q_before)
+                    break
+                halvings += 1
+                eta *= 0.5
+            if accepted is None:
+                # the output layer and the noise alone: the partition does not move, so
+                # this is an exact EM step and cannot lower the likelihood
+                cand, cvar, oinfo = em.m_step(net, patterns, stats, var, noise=noise, output_only=True,
+                                              var_floor=var_floor)
+                cpart = replace(part, fingerprint=cand.fingerprint())
+                cpost = score(cand, cpart, cvar, X, True)
+                cll = float(cpost.log_likelihood.mean())
+                if cll >= ll:
+                    accepted = (cand, cvar, cpart, cpost, cll, 0.0, True, oinfo.q_after - oinfo.q_before)
+            if accepted is None:
+                stop = "no_improvement"
+                break
+            net, var, part, post, new_ll, step, fallback, gain = accepted
+            rel = (new_ll - ll) / max(abs(ll), 1.0)
+            ll = new_ll
+            if X_val is not None:
+                val = float(score(net, part, var, X_val, False).log_likelihood.mean())
+            if record(it, step, halvings, fallback, gain, post):
+                stop = "callback"
+                break
+            if rel < tol:
+                stop = "tol"
+                break
+    return FitResult(net=net, noise_std=_noise_out(var, noise), history=_history_arrays(rows),
+                     method="em", stop_reason=stop, train_loglik=ll,
+                     val_loglik=None if X_val is None else val, n_regions=part.n_regions,
+                     options={"latent_dim": int(latent_dim), "hidden": list(hidden), "slope": float(slope),
+                              "max_iter": int(max_iter), "tol": float(tol), "seed": int(seed),
+                              "noise": noise, "init": init if isinstance(init, str) else "given",
+                              "sweeps": int(sweeps), "max_halvings": int(max_halvings),
+                              "var_floor": float(var_floor), "dense_max": int(dense_max)})
+
+
+# ============================================================================ VAE
+def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: int = 200,
+            X_val=None, seed: int = 0, noise: str = "iso", callback=None, *, lr: float = 1e-3,
+            batch_size: int = 128, eval_every: int = 10, device="cpu", max_regions=None,
+            timings: bool = False) -> FitResult:
+    """The VAE baseline: ``vae.train_vae`` (Adam on the ELBO, same decoder architecture
+    as EM) for ``max_iter`` epochs; every ``eval_every`` epochs and at the end the
+    decoder's exact mean validation log-likelihood (and region count) is recorded.
+    callback(row: dict) after every epoch; returning True stops.
+    """
+    from .vae import train_vae
+    t0 = time.perf_counter()
+    X = check_training_data(X, latent_dim)
+    if X_val is not None and np.asarray(X_val).size:
+        X_val = check_training_data(X_val, latent_dim, "validation data")
+    else:
+        X_val = None
+    if noise not in ("iso", "diag"):
+        raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}")
+    hidden = tuple(int(h) for h in hidden)
+    rows = []
+    state = {"stop": "epochs"}
+
+    def exact(vae, rows_):
+        net = vae.generator()
+        part = _partition(net, max_regions)
+        post = evaluate(net, part, vae.noise_std(), rows_, device=device, moments=False)
+        return float(post.log_likelihood.mean()), part.n_regions
+
+    def cb(epoch, vae, hist):
+        row = {"epoch": epoch, "train_elbo": float(hist[-1]["train_elbo"]), "val_loglik": np.nan,
+               "n_regions": -1, "noise_std": float(np.sqrt(np.mean(np.asarray(vae.noise_std()) ** 2)))}
+        if X_val is not None and (epoch % max(1, eval_every) == 0 or epoch == max_iter):
+            row["val_loglik"], row["n_regions"] = exact(vae, X_val)
+        if timings:
+            row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        if callback is not None and callback(dict(row)):
+            state["stop"] = "callback"
+            return True
+        return False
+
+    res = train_vae(X, latent_dim=latent_dim, hidden=hidden, slope=slope, noise=noise,
+                    epochs=max_iter, lr=lr, batch_size=batch_size, seed=seed, callback=cb)
+    vae = res.model
+    net = vae.generator()
+    part = _partition(net, max_regions)
+    std = np.asarray(vae.noise_std(), dtype=np.float64)
+    train_ll = float(evaluate(net, part, std, X, device=device).log_likelihood.mean())
+    val_ll = None
+    if X_val is not None:
+        val_ll = rows[-1]["val_loglik"] if rows and np.isfinite(rows[-1]["val_loglik"]) \
+            else float(evaluate(net, part, std, X_val, device=device).log_likelihood.mean())
+    enc_slope = slope if slope >= 0 else 0.1            # as GaussianVAE builds its encoder
+    return FitResult(net=net, noise_std=std, history=_history_arrays(rows), method="vae",
+                     stop_reason=state["stop"], train_loglik=train_ll, val_loglik=val_ll,
+                     n_regions=part.n_regions, encoder=vae.encoder_arrays(), encoder_slope=float(enc_slope),
+                     options={"latent_dim": int(latent_dim), "hidden": list(hidden), "slope": float(slope),
+                              "max_iter": int(max_iter), "seed": int(seed), "noise": noise, "lr": float(lr),
+                              "batch_size": int(batch_size), "eval_every": int(eval_every)})
+
+
+# ============================================================================ saving
+def save_fit(path, result: FitResult, *, attrs: dict | None = None) -> None:
+    """Write a FitResult as a cpadgn model file: weights, prior N(0, I), noise, the
+    options and summary as JSON attrs, the history as datasets of /training, and for
+    a VAE its encoder (/encoder).  Deterministic: no timestamps."""
+    from . import __version__
+    from .modelfile import save_model
+    meta = {"trained_by": f"cpadgn fit --method {result.method}", "cpadgn_version": __version__,
+            "method": result.method, "fit_options": result.options, "stop_reason": result.stop_reason,
+            "final_train_loglik": result.train_loglik, "final_val_loglik": result.val_loglik,
+            "n_regions": result.n_regions}
+    if result.encoder_slope is not None:
+        meta["encoder_slope"] = result.encoder_slope
+    meta.update(attrs or {})
+    groups = {"training": dict(result.history)}
+    if result.encoder is not None:
+        groups["encoder"] = dict(result.encoder)
+    save_model(path, result.net, noise_std=result.noise_std, attrs=meta, groups=groups)

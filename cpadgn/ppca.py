@@ -1,0 +1,57 @@
+"""Probabilistic PCA by its closed form (Tipping & Bishop 1999), as a CPAModel.
+
+    z ~ N(0, I_K),   x | z ~ N(W z + mu, s^2 I_D),   so   x ~ N(mu, W W^T + s^2 I).
+
+The maximum-likelihood fit on rows X (N, D): mu the data mean; with the sample
+covariance C = (1/N) sum (x - mu)(x - mu)^T = U diag(lambda) U^T (lambda descending),
+    s^2 = mean(lambda_{K+1}, ..., lambda_D),   W = U_K (diag(lambda_1..K) - s^2 I)^{1/2}
+(the rotation R = I; each column's sign is fixed so its largest-|.| entry is
+positive, for reproducibility).  A linear generator has no hidden units, so the
+likelihood engine scores it exactly with one region: the PPCA baseline of
+``cpadgn compare``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CpadgnError
+from .network import PiecewiseAffineNet
+
+
+def ppca_parameters(X, K: int):
+    """Closed-form PPCA fit: X (N, D), 1 <= K < D -> W (D, K), mu (D,), s2 (float)."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise CpadgnError(f"PPCA needs a 2-D table of rows, got shape {X.shape}")
+    N, D = X.shape
+    if not 1 <= K < D:
+        raise CpadgnError(f"the PPCA latent dimension must be between 1 and D - 1 = {D - 1}, "
+                          f"got {K}; use --baseline ppca:K with a smaller K")
+    if N < 2:
+        raise CpadgnError("PPCA needs at least 2 training rows")
+    if not np.all(np.isfinite(X)):
+        raise CpadgnError("the PPCA baseline needs complete training rows (no NaN or inf); "
+                          "drop or impute the incomplete rows first")
+    mu = X.mean(axis=0)
+    Xc = X - mu
+    C = (Xc.T @ Xc) / N
+    lam, U = np.linalg.eigh(C)
+    lam, U = lam[::-1], U[:, ::-1]
+    s2 = float((np.trace(C) - lam[:K].sum()) / (D - K))   # the mean of the discarded eigenvalues
+    if not s2 > 1e-12 * max(float(np.trace(C)), 1e-300):
+        raise CpadgnError(f"the training data lies in a {K}-dimensional subspace (or less), so "
+                          "the PPCA noise variance is 0; use a smaller K or noisier data")
+    UK = U[:, :K]
+    flip = np.sign(UK[np.argmax(np.abs(UK), axis=0), np.arange(K)])
+    UK = UK * np.where(flip == 0, 1.0, flip)
+    W = UK * np.sqrt(np.maximum(lam[:K] - s2, 0.0))
+    return W, mu, s2
+
+
+def fit_ppca(X, K: int, *, device="cpu"):
+    """PPCA fitted on X (N, D) with K latent dimensions, as a CPAModel (one linear
+    layer W (D, K), bias mu, isotropic noise std s, prior N(0, I); no partition cache)."""
+    from .model import CPAModel
+    W, mu, s2 = ppca_parameters(X, K)
+    net = PiecewiseAffineNet.from_arrays([W], [mu], [])
+    return CPAModel(net, noise_std=np.sqrt(s2), device=device, cache_path=None)

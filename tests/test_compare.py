@@ -1,0 +1,380 @@
+"""cpadgn compare: the statistics against direct computations and a bootstrap, the PPCA
+baseline against scipy's Gaussian, the exact ELBO against quadrature and Monte Carlo,
+and the command line (tables, reports, determinism, refusals)."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy.stats import multivariate_normal, norm
+
+import cpadgn
+from cpadgn.compare import (NO_DIFFERENCE, information_criteria, mean_and_se, paired_difference,
+                            vuong_test)
+from cpadgn.errors import CpadgnError
+from cpadgn.model import CPAModel
+from cpadgn.modelfile import save_model
+from cpadgn.network import PiecewiseAffineNet
+from cpadgn.ppca import fit_ppca, ppca_parameters
+from cpadgn.vae import Encoder, GaussianVAE, exact_elbo, expected_sq_error, model_encoder
+
+from oracles import GL_W, GL_X, line_breakpoints, random_net
+
+
+def perturbed(net, scale, seed):
+    rng = np.random.default_rng(seed)
+    return PiecewiseAffineNet.from_arrays([W + scale * rng.normal(size=W.shape) for W in net.weights],
+                                          net.biases, net.slopes)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Generator A (S = 1, D = 3), a perturbed B, data drawn from A."""
+    netA = random_net(1, (8, 8), 3, seed=3, slope=0.1, scale=2.0)
+    A = CPAModel(netA, noise_std=0.3, device="cpu")
+    B = CPAModel(perturbed(netA, 0.15, seed=1), noise_std=0.3, device="cpu")
+    X_test, X_train = A.sample(400, seed=1), A.sample(300, seed=2)
+    res = cpadgn.compare({"A": A, "B": B}, X_test, X_train, baseline="ppca:2")
+    return A, B, X_test, X_train, res
+
+
+# ================================================================ statistics
+def test_standard_errors_agree_with_bootstrap(setup):
+    A, B, X, _, res = setup
+    rng = np.random.default_rng(0)
+    la, lb = res.log_likelihoods["A"], res.log_likelihoods["B"]
+    idx = rng.integers(0, la.size, size=(4000, la.size))
+    boot_a = la[idx].mean(1).std(ddof=1)
+    boot_d = (la - lb)[idx].mean(1).std(ddof=1)
+    se_a = res.model("A").mean_log_likelihood_se
+    se_d = res.pair("A", "B").se
+    assert abs(boot_a / se_a - 1) < 0.10
+    assert abs(boot_d / se_d - 1) < 0.10
+    assert se_a == pytest.approx(la.std(ddof=1) / np.sqrt(la.size), rel=1e-12)
+
+
+def test_vuong_matches_direct_computation(setup):
+    *_, res = setup
+    for p in res.pairs:
+        d = res.log_likelihoods[p.model_a] - res.log_likelihoods[p.model_b]
+        z = np.sqrt(d.size) * d.mean() / d.std(ddof=1)
+        assert p.vuong_z == pytest.approx(z, rel=1e-12)
+        assert p.p_value == pytest.approx(2 * norm.sf(abs(z)), rel=1e-9, abs=1e-300)
+        assert p.mean_difference == pytest.approx(d.mean(), rel=1e-12)
+        half = 1.959963984540054 * d.std(ddof=1) / np.sqrt(d.size)
+        assert (p.ci_low, p.ci_high) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-12)
+
+
+def test_true_generator_is_preferred_and_itself_gives_no_difference(setup):
+    A, B, X, X_train, res = setup
+    assert [m.name for m in res.models][0] == "A"
+    assert res.pair("A", "B").preferred == "A"
+    assert res.pair("A", "B").p_value < 0.05
+    same = cpadgn.compare({"A": A, "A again": A}, X)
+    p = same.pairs[0]
+    assert p.preferred == NO_DIFFERENCE
+    assert (p.vuong_z, p.p_value, p.se, p.mean_difference) == (0.0, 1.0, 0.0, 0.0)
+    # the same object twice in a list is kept, named apart
+    twice = cpadgn.compare([A, A], X)
+    assert [m.name for m in twice.models] == ["model_1", "model_2"]
+
+
+def test_pure_statistics_edge_cases():
+    assert vuong_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (0.0, 1.0)
+    st = paired_difference([0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0])
+    assert st.mean_difference == 1.5 and st.vuong_z > 0
+    assert mean_and_se([1.0, 3.0]) == (2.0, 1.0)
+    with pytest.raises(CpadgnError):
+        mean_and_se([1.0])
+    aic, bic = information_criteria(-100.0, 7, 50)
+    assert aic == 2 * 7 + 200 and bic == pytest.approx(7 * np.log(50) + 200)
+
+
+def test_aic_bic_from_exact_training_likelihood(setup):
+    A, _, _, X_train, res = setup
+    row = res.model("A")
+    ll = A.log_prob(X_train).sum()
+    assert row.train_log_likelihood == pytest.approx(ll, rel=1e-12)
+    assert row.aic == pytest.approx(2 * A.n_parameters - 2 * ll, rel=1e-12)
+    assert row.bic == pytest.approx(A.n_parameters * np.log(X_train.shape[0]) - 2 * ll, rel=1e-12)
+
+
+# ================================================================ PPCA baseline
+def test_ppca_baseline_equals_closed_form_likelihood(setup):
+    _, _, X_test, X_train, res = setup
+    K = 2
+    # closed form written independently: SVD of the centred data
+    mu = X_train.mean(0)
+    _, s, Vt = np.linalg.svd(X_train - mu, full_matrices=False)
+    lam = s ** 2 / X_train.shape[0]
+    s2 = lam[K:].mean()
+    W = Vt[:K].T * np.sqrt(lam[:K] - s2)
+    want = multivariate_normal(mu, W @ W.T + s2 * np.eye(mu.size)).logpdf(X_test)
+    got = res.log_likelihoods["ppca:2"]
+    assert np.max(np.abs(got - want)) < 1e-10
+    row = res.model("ppca:2")
+    assert row.kind == "ppca" and row.n_regions == 1 and row.latent_dim == 2
+    W2, mu2, s22 = ppca_parameters(X_train, K)
+    np.testing.assert_allclose(W2 @ W2.T, W @ W.T, atol=1e-12)
+    assert s22 == pytest.approx(s2, rel=1e-12)
+
+
+def test_ppca_is_the_maximum_likelihood_fit():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5))
+    W, mu, s2 = ppca_parameters(X, 2)
+    ll = lambda W, mu, s2: multivariate_normal(mu, W @ W.T + s2 * np.eye(5)).logpdf(X).sum()
+    best = ll(W, mu, s2)
+    for _ in range(5):
+        assert ll(W + 0.01 * rng.normal(size=W.shape), mu, s2) < best
+        assert ll(W, mu, s2 * (1 + 0.01 * rng.normal())) < best
+    model = fit_ppca(X, 2)
+    assert model.partition().n_regions == 1
+    assert model.log_prob(X).sum() == pytest.approx(best, rel=1e-12)
+    with pytest.raises(CpadgnError, match="between 1 and D - 1"):
+        ppca_parameters(X, 5)
+
+
+def test_baseline_needs_training_data(setup):
+    A, _, X, _, _ = setup
+    with pytest.raises(CpadgnError, match="X_train"):
+        cpadgn.compare([A], X, baseline="ppca")
+    with pytest.raises(CpadgnError, match="unknown baseline"):
+        cpadgn.compare([A], X, X, baseline="pca")
+
+
+# ================================================================ the exact ELBO
+def quadrature_sq_error(net, x, sigma, m, s):
+    """E ||x - g(z)||^2 / sigma^2 for z ~ N(m, s^2), S = 1, by piecewise Gauss-Legendre."""
+    lo, hi = m - 15 * s, m + 15 * s
+    br = line_breakpoints(lambda t: net.preactivations(t[:, None]), lo, hi)
+    edges = np.union1d(np.concatenate([[lo, hi], br]), np.linspace(lo, hi, 201))
+    a, b = edges[:-1, None], edges[1:, None]
+    t = (0.5 * (b - a) * GL_X + 0.5 * (a + b)).ravel()
+    w = (0.5 * (b - a) * GL_W).ravel()
+    f = ((x - net.forward(t[:, None])) ** 2).sum(1) / sigma ** 2
+    return (w * norm.pdf(t, m, s) * f).sum()
+
+
+@pytest.mark.parametrize("width", [(0.2, 2.0), (0.01, 0.05)])
+def test_expected_sq_error_matches_quadrature(setup, width):
+    A, _, X, _, _ = setup
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(6, 1))
+    C = rng.uniform(*width, size=(6, 1, 1))
+    val, bound, se, mass = expected_sq_error(A.net, A.partition(), 0.3, X[:6], m, C)
+    for n in range(6):
+        want = quadrature_sq_error(A.net, X[n], 0.3, m[n, 0], C[n, 0, 0])
+        assert abs(val[n] - want) <= 1e-10 * want + bound[n] + 1e-9
+    assert np.all(bound < 1e-8) and np.all(se == 0)
+    np.testing.assert_allclose(mass, 1.0, atol=1e-12)
+
+
+def test_elbo_gap_is_zero_when_q_is_the_exact_posterior():
+    """A linear generator's posterior is Gaussian: with q equal to it, ELBO = log p."""
+    rng = np.random.default_rng(2)
+    S, D = 2, 5
+    net = PiecewiseAffineNet.from_arrays([rng.normal(size=(D, S))], [rng.normal(size=D)], [])
+    model = CPAModel(net, noise_std=0.5, device="cpu")
+    X = model.sample(20, seed=3)
+    post = model.posterior(X)
+    C = np.linalg.cholesky(post.z_cov)
+    quad, bound, _, _ = expected_sq_error(model.net, model.partition(), 0.5, X, post.z_mean, C)
+    ell = -0.5 * (D * np.log(2 * np.pi) + D * np.log(0.25) + quad)
+    kl = 0.5 * (np.einsum("nii->n", post.z_cov) + (post.z_mean ** 2).sum(1) - S
+                - np.linalg.slogdet(post.z_cov)[1])
+    np.testing.assert_allclose(ell - kl, post.log_likelihood, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def vae_model():
+    """An (untrained) GaussianVAE's decoder and encoder as a CPAModel, D = 3, S = 1."""
+    import torch
+    torch.manual_seed(0)
+    vae = GaussianVAE(3, 1, [8, 8], slope=0.1, noise="iso").double()
+    model = CPAModel(vae.generator(), noise_std=0.4, device="cpu")
+    model.extra = {"attrs": {"activations": ["leaky_relu:0.1"] * 2},
+                   "groups": {"encoder": vae.encoder_arrays()}}
+    return vae, model
+
+
+def test_encoder_rebuilt_from_file_group_matches_the_vae(vae_model):
+    import torch
+    vae, model = vae_model
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    enc = model_encoder(model)
+    m, logv = enc(X)
+    with torch.no_grad():
+        mt, lt = vae.encode(torch.as_tensor(X))
+    np.testing.assert_allclose(m, mt.numpy(), atol=1e-12)
+    np.testing.assert_allclose(logv, lt.numpy(), atol=1e-12)
+
+
+def test_exact_elbo_is_below_log_p_and_matches_monte_carlo(vae_model):
+    vae, model = vae_model
+    X = model.sample(40, seed=4)
+    res = exact_elbo(model, X)
+    ll = model.log_prob(X)
+    gap = ll - res.elbo
+    assert np.all(gap >= 0)
+    assert np.all(res.error_bound < 1e-8)
+    # Monte Carlo check of E_q[log p(x|z)] on a few rows
+    rng = np.random.default_rng(1)
+    m, logv = model_encoder(model)(X[:5])
+    z = m[:, None, :] + np.exp(0.5 * logv)[:, None, :] * rng.standard_normal((5, 100_000, 1))
+    g = model.net.forward(z.reshape(-1, 1)).reshape(5, 100_000, 3)
+    lp = (-0.5 * ((X[:5, None] - g) ** 2 / 0.16 + np.log(2 * np.pi * 0.16))).sum(-1)
+    est, se = lp.mean(1), lp.std(1) / np.sqrt(lp.shape[1])
+    assert np.all(np.abs(res.expected_log_lik[:5] - est) < 5 * se)
+
+
+def test_compare_reports_elbo_and_gap(vae_model):
+    _, model = vae_model
+    X = model.sample(100, seed=5)
+    res = cpadgn.compare({"vae": model}, X)
+    row = res.model("vae")
+    assert row.kind == "vae"
+    assert row.mean_gap >= 0 and row.mean_gap_se > 0
+    assert row.mean_elbo == pytest.approx(res.elbos["vae"].mean())
+    assert row.mean_elbo + row.mean_gap == pytest.approx(row.mean_log_likelihood)
+    Xn = X.copy()
+    Xn[0, 1] = np.nan
+    res = cpadgn.compare({"vae": model}, Xn)
+    assert res.model("vae").mean_elbo is None and "missing" in res.notes[0]
+    with pytest.raises(CpadgnError, match="complete rows"):
+        exact_elbo(model, Xn)
+
+
+def test_dimension_mismatch_is_refused(setup):
+    A, _, X, _, _ = setup
+    other = CPAModel(random_net(1, (4,), 4, seed=0), noise_std=0.3, device="cpu")
+    with pytest.raises(CpadgnError, match="different data dimensions"):
+        cpadgn.compare({"A": A, "other": other}, X)
+    with pytest.raises(CpadgnError, match="3 columns but the models output D=4"):
+        cpadgn.compare([other], X)
+
+
+# ================================================================ command line
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, setup, vae_model):
+    A, B, X_test, X_train, _ = setup
+    vae, vm = vae_model
+    d = tmp_path_factory.mktemp("compare")
+    save_model(d / "a.h5", A.net, noise_std=0.3)
+    save_model(d / "b.h5", B.net, noise_std=0.3)
+    save_model(d / "vae.h5", vae.generator(), noise_std=0.4,
+               attrs={"activations": ["leaky_relu:0.1"] * 2}, groups={"encoder": vae.encoder_arrays()})
+    save_model(d / "d4.h5", random_net(1, (4,), 4, seed=0), noise_std=0.3)
+    np.savetxt(d / "test.csv", X_test, delimiter=",")
+    np.savetxt(d / "train.csv", X_train, delimiter=",")
+    return d
+
+
+def run(args):
+    from cli.main import main
+    return CliRunner().invoke(main, ["compare", *map(str, args)])
+
+
+def test_cli_tables_reports_and_determinism(files):
+    d = files
+    args = [d / "a.h5", d / "b.h5", d / "vae.h5", "--data", d / "test.csv", "--train", d / "train.csv",
+            "--baseline", "ppca", "--device", "cpu"]
+    r = run(args + ["-o", d / "r1.json"])
+    assert r.exit_code == 0, r.output
+    assert "preferred" in r.output and "ppca:1" in r.output and "a.h5" in r.output
+    r2 = run(args + ["-o", d / "r2.json", "--json"])
+    assert r2.exit_code == 0, r2.output
+    assert (d / "r1.json").read_bytes() == (d / "r2.json").read_bytes()
+    assert r2.stdout == (d / "r1.json").read_text()
+    rep = json.loads(r2.stdout)
+    names = [m["name"] for m in rep["models"]]
+    assert names[0].endswith("a.h5")
+    assert len(rep["pairs"]) == 6 and "seconds" not in rep["models"][0]
+    vrow = next(m for m in rep["models"] if m["name"].endswith("vae.h5"))
+    assert vrow["kind"] == "vae" and vrow["mean_gap"] >= 0
+    pair = next(p for p in rep["pairs"] if p["model_a"].endswith("a.h5") and p["model_b"].endswith("b.h5"))
+    assert pair["preferred"].endswith("a.h5")
+    # CSV: model rows then pair rows, the same numbers
+    r3 = run(args + ["-o", d / "r.csv", "-q"])
+    assert r3.exit_code == 0, r3.output
+    lines = (d / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("table,rank,name")
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["model"] * 4 + ["pair"] * 6
+    first = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert float(first["mean_log_likelihood"]) == rep["models"][0]["mean_log_likelihood"]
+
+
+def test_cli_plot(files, monkeypatch):
+    d = files
+    args = [d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu", "-q"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        r = run(args + ["--plot", d / "p.png"])
+        assert r.exit_code == 1 and "matplotlib" in r.output and len(r.output.strip().splitlines()) == 1
+        return
+    r = run(args + ["--plot", d / "p.png"])
+    assert r.exit_code == 0, r.output
+    assert (d / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    r = run(args + ["--plot", d / "p2.png"])
+    assert r.exit_code == 1 and "pip install 'cpadgn[plot]'" in r.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["d4.h5"], "different data dimensions"),
+    ([], "--baseline ppca is fitted on training data"),
+])
+def test_cli_refusals_are_one_line(files, extra, message):
+    d = files
+    args = [d / "a.h5", *[d / e for e in extra], "--data", d / "test.csv", "--device", "cpu"]
+    if not extra:
+        args += ["--baseline", "ppca"]
+    r = run(args)
+    assert r.exit_code == 1
+    assert message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_data_dimension_mismatch(files):
+    d = files
+    r = run([d / "d4.h5", "--data", d / "test.csv", "--device", "cpu"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        "Error: the test data has 3 columns but the models output D=4; pass data with 4 columns"]
+
+
+def test_cli_bad_report_suffix(files):
+    d = files
+    r = run([d / "a.h5", "--data", d / "test.csv", "-o", d / "r.txt"])
+    assert r.exit_code == 1 and ".json or .csv" in r.output
+
+
+def test_expected_sq_error_s2_matches_monte_carlo():
+    """S = 2 (exact polygon integrals): against Monte Carlo, and the q-masses sum to 1."""
+    net = random_net(2, (12, 12), 4, seed=7, slope=0.1, scale=1.5)
+    model = CPAModel(net, noise_std=0.5, device="cpu")
+    X = model.sample(4, seed=0)
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(4, 2))
+    L = np.tril(rng.normal(size=(4, 2, 2)) * 0.3)
+    L[:, [0, 1], [0, 1]] = np.abs(L[:, [0, 1], [0, 1]]) + 0.2
+    val, bound, se, mass = expected_sq_error(model.net, model.partition(), 0.5, X, m, L)
+    np.testing.assert_allclose(mass, 1.0, atol=1e-9)
+    assert np.all(bound < 1e-8) and np.all(se == 0)
+    u = rng.standard_normal((200_000, 2))
+    for n in range(4):
+        z = m[n] + u @ L[n].T
+        f = ((X[n] - net.forward(z)) ** 2).sum(1) / 0.25
+        assert abs(val[n] - f.mean()) < 5 * f.std() / np.sqrt(f.size)
+
+
+def test_elbo_gap_nonnegative_s2():
+    import torch
+    torch.manual_seed(1)
+    vae = GaussianVAE(4, 2, [10, 10], slope=0.1, noise="iso").double()
+    model = CPAModel(vae.generator(), noise_std=0.5, device="cpu")
+    model.extra = {"attrs": {}, "groups": {"encoder": vae.encoder_arrays()}}
+    X = model.sample(30, seed=2)
+    res = exact_elbo(model, X)
+    assert np.all(model.log_prob(X) - res.elbo >= 0)
+    np.testing.assert_allclose(res.mass, 1.0, atol=1e-9)

@@ -1,0 +1,216 @@
+"""Partition algorithms against independent oracles.
+
+S = 1: a dense grid plus bisection (tests/oracles.py).  S >= 2: the subdivision and the
+LP walk are two unrelated algorithms (combinatorial edge subdivision of the compactified
+space vs. linear programs on one region at a time) and must agree exactly; prior samples
+and forward passes check both against the network itself.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+from cpadgn.errors import CpadgnError
+from cpadgn.network import PiecewiseAffineNet
+from cpadgn.partition import (_region_constraints, check_partition, compute_partition)
+from tests.oracles import line_breakpoints, random_net
+
+
+def pattern_set(part):
+    return set(map(bytes, np.packbits(part.patterns, axis=1)))
+
+
+def facet_lists(part):
+    return [tuple(part.facet_units[part.facet_ptr[i]:part.facet_ptr[i + 1]]) for i in range(part.n_regions)]
+
+
+def modified(net, edit):
+    Ws, bs = [w.copy() for w in net.weights], [b.copy() for b in net.biases]
+    edit(Ws, bs)
+    return PiecewiseAffineNet.from_arrays(Ws, bs, net.slopes)
+
+
+def assert_same_partition(a, b):
+    """Same regions (sets of patterns), and per region the same facets and boundedness."""
+    assert pattern_set(a) == pattern_set(b)
+    # both methods list regions in the canonical (pattern) order
+    assert (a.patterns == b.patterns).all()
+    assert facet_lists(a) == facet_lists(b)
+    assert (a.bounded == b.bounded).all()
+
+
+def assert_facets_tile(net, part, n=20_000, seed=2):
+    """The facet rows alone (no redundant rows) carve out the regions: every prior sample
+    satisfies the facet inequalities of exactly one region, the one of its pattern."""
+    z = np.random.default_rng(seed).standard_normal((n, net.latent_dim))
+    G, h, mask = part.facets(net)
+    slack = h[:, :, None] - np.matmul(G, z.T)                          # (R, F, n)
+    inside = np.all((slack >= 0) | ~mask[:, :, None], axis=1)         # (R, n)
+    assert (inside.sum(axis=0) == 1).all()
+    assert (inside.argmax(axis=0) == part.locate(net, z)).all()
+
+
+def assert_checks(net, part, n_samples=100_000):
+    """Prior samples all located with their own pattern, interior points verified, no
+    near-degenerate region, masses summing to 1 (1e-9 where exact; within the reported
+    Monte Carlo error where S >= 3)."""
+    chk = check_partition(net, part, n_samples=n_samples, seed=1)
+    assert chk["samples_located"] == 1.0
+    assert chk["interior_ok"] == 1.0
+    mass = np.exp(part.log_prior_mass)
+    tol = 1e-9 + 6 * np.sqrt(np.sum((mass * part.log_prior_mass_stderr) ** 2))
+    assert chk["mass_error"] < tol, (chk, tol)
+    assert not part.degenerate.any()
+    assert np.all(part.clearance > 1e-7)
+    return chk
+
+
+# ---------------------------------------------------------------------------- S = 1
+@pytest.mark.parametrize("slope", [0.1, 0.0, -1.0])
+def test_intervals_match_grid_oracle(slope):
+    net = random_net(1, (12, 12, 12), 3, seed=4, slope=slope)
+    part = compute_partition(net)
+    assert part.method == "intervals"
+    G, h, mask = part.facets(net)
+    ends = np.unique((h[mask] / G[mask][:, 0]))
+    lim = max(50.0, 2 * np.abs(ends).max())
+    oracle = line_breakpoints(lambda t: net.preactivations(t[:, None]), -lim, lim, n=100_001)
+    assert part.n_regions == oracle.size + 1
+    np.testing.assert_allclose(ends, oracle, rtol=0, atol=1e-9)
+    assert abs(np.exp(part.log_prior_mass).sum() - 1) < 1e-12
+    chk = check_partition(net, part, n_samples=100_000)
+    assert chk["samples_located"] == 1.0 and chk["interior_ok"] == 1.0
+    assert part.bounded.sum() == part.n_regions - 2          # the two end intervals
+    # the interval endpoints are exactly the facets: two per bounded interval
+    assert (part.n_facets == np.where(part.bounded, 2, 1)).all()
+
+
+def test_intervals_design_figure_fast():
+    net = random_net(1, (64, 64, 64), 2, seed=0, slope=0.1)
+    part = compute_partition(net)
+    assert part.seconds < 1.0
+    assert abs(np.exp(part.log_prior_mass).sum() - 1) < 1e-12
+
+
+# ---------------------------------------------------------------------------- S >= 2
+CASES = [(2, (8, 8), 0.1, 0), (2, (8, 8), 0.0, 1), (2, (8, 8), -1.0, 2), (2, (5, 5, 5), 0.0, 3),
+         (3, (5, 5), 0.1, 0), (3, (5, 5), 0.0, 1), (3, (5, 5), -1.0, 2)]
+
+
+@pytest.mark.parametrize("S,hidden,slope,seed", CASES)
+def test_subdivision_equals_lp_walk(S, hidden, slope, seed):
+    net = random_net(S, hidden, 3, seed=seed, slope=slope)
+    sub = compute_partition(net)
+    assert sub.method == "subdivision"
+    lp = compute_partition(net, method="lp-walk")
+    assert_same_partition(sub, lp)
+    assert_facets_tile(net, sub)
+    assert_checks(net, sub)
+    assert_checks(net, lp, n_samples=10_000)
+    # unbounded regions exist and both methods count them alike; every far-away
+    # point (any direction) falls in an unbounded region
+    assert 0 < (~sub.bounded).sum() < sub.n_regions
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal((20_000, S))
+    far = sub.locate(net, 1e6 * d / np.linalg.norm(d, axis=1, keepdims=True))
+    assert (far >= 0).all() and not sub.bounded[far].any()
+
+
+@pytest.mark.parametrize("S,hidden,slope", [(2, (8, 8), 0.1), (3, (5, 5), 0.0)])
+def test_subdivision_independent_of_box(S, hidden, slope):
+    net = random_net(S, hidden, 2, seed=7, slope=slope)
+    parts = [compute_partition(net, box_half_width=R) for R in (0.25, 4.0, 300.0)]
+    for p in parts[1:]:
+        assert_same_partition(parts[0], p)
+        np.testing.assert_allclose(p.log_prior_mass, parts[0].log_prior_mass, rtol=0, atol=1e-9)
+
+
+def test_region_constraints_fast_path():
+    net = random_net(3, (7, 5, 4), 2, seed=3, slope=-1.0)
+    P = np.random.default_rng(0).random((40, net.n_units)) < 0.5
+    G1, h1 = net.region_constraints(P)
+    G2, h2 = _region_constraints(net, P)
+    np.testing.assert_allclose(G2, G1, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(h2, h1, rtol=0, atol=1e-14)
+
+
+def test_four_dimensional_latent():
+    net = random_net(4, (4, 4), 2, seed=0, slope=0.1)
+    sub = compute_partition(net)
+    lp = compute_partition(net, method="lp-walk")
+    assert_same_partition(sub, lp)
+    chk = check_partition(net, sub, n_samples=50_000)
+    assert chk["samples_located"] == 1.0 and chk["interior_ok"] == 1.0
+
+
+# ---------------------------------------------------------------------------- special nets
+@pytest.mark.parametrize("S", [1, 2, 3])
+def test_linear_generator(S):
+    net = PiecewiseAffineNet.from_arrays([np.ones((4, S))], [np.zeros(4)], [])
+    for method in ("auto", "lp-walk"):
+        part = compute_partition(net, method=method)
+        assert part.n_regions == 1 and part.patterns.shape == (1, 0)
+        assert part.n_facets.tolist() == [0] and not part.bounded[0]
+        assert part.log_prior_mass.tolist() == [0.0]
+        assert check_partition(net, part, n_samples=1000)["samples_located"] == 1.0
+
+
+def _dead_and_duplicates(Ws, bs):
+    Ws[0][2], bs[0][2] = 0.0, -0.5                      # dead unit (constant negative)
+    Ws[0][3], bs[0][3] = Ws[0][1], bs[0][1]             # exact duplicate
+    Ws[0][4], bs[0][4] = 2 * Ws[0][0], 2 * bs[0][0]     # positive multiple
+    Ws[1][0], bs[1][0] = 0.0, 0.0                       # dead unit, u = 0 everywhere
+    Ws[1][5], bs[1][5] = -Ws[1][1], -bs[1][1]           # negated duplicate (opposite sign)
+
+
+@pytest.mark.parametrize("S,slope", [(1, 0.1), (2, 0.1), (2, 0.0), (2, -1.0), (3, 0.1), (3, 0.0)])
+def test_dead_and_duplicate_units(S, slope):
+    net = modified(random_net(S, (6, 6), 2, seed=5, slope=slope), _dead_and_duplicates)
+    part = compute_partition(net)
+    assert_checks(net, part)
+    assert_facets_tile(net, part)
+    q = part.patterns
+    assert not q[:, 2].any() and q[:, 6].all()
+    assert (q[:, 3] == q[:, 1]).all() and (q[:, 4] == q[:, 0]).all() and (q[:, 11] != q[:, 7]).all()
+    if S >= 2:
+        assert_same_partition(part, compute_partition(net, method="lp-walk"))
+
+
+def test_concurrent_hyperplanes_never_crash_nor_lose_regions():
+    """Bias-free first layer: all its lines meet at 0 (not in general position).  Extra
+    zero-volume patterns of the symbolic perturbation may appear: flagged, never dropped,
+    and no real region is lost."""
+    net = modified(random_net(2, (6, 6), 2, seed=5, slope=0.1), lambda W, b: b[0].__setitem__(slice(None), 0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # no pairing anomaly
+        part = compute_partition(net)
+    lp = compute_partition(net, method="lp-walk")
+    assert pattern_set(lp) <= pattern_set(part)
+    extra = ~np.isin(np.arange(part.n_regions), part.locate(net, lp.interior))
+    assert part.degenerate[extra].all()
+    chk = check_partition(net, part, n_samples=100_000)
+    assert chk["samples_located"] == 1.0
+
+
+@pytest.mark.parametrize("S,method", [(1, "auto"), (2, "subdivision"), (3, "subdivision"), (2, "lp-walk")])
+def test_max_regions(S, method):
+    net = random_net(S, (10, 10) if S == 1 or method == "subdivision" and S == 2 else (4, 4), 2, seed=0, slope=0.1)
+    n = compute_partition(net, method=method).n_regions
+    with pytest.raises(CpadgnError, match="max-regions"):
+        compute_partition(net, method=method, max_regions=n // 3)
+    assert compute_partition(net, method=method, max_regions=n).n_regions == n
+
+
+def test_progress_callback():
+    calls = []
+    net = random_net(2, (8, 8), 2, seed=0)
+    compute_partition(net, progress=lambda d, t, m: calls.append((d, t, m)))
+    assert calls and all(isinstance(d, int) and isinstance(m, str) for d, _, m in calls)
+
+
+def test_bad_arguments():
+    net = random_net(2, (4,), 2, seed=0)
+    with pytest.raises(ValueError):
+        compute_partition(net, method="grid")
+    with pytest.raises(ValueError):
+        compute_partition(net, method="intervals")
