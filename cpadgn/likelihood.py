@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .gaussian import polytope_moments
+from .polytope import polytope_moments
 from .network import PiecewiseAffineNet
 from .partition import Partition
 

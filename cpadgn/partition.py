@@ -981,12 +981,13 @@ def _lp_walk(net, *, max_regions=None, progress=None, limit=None, time_limit=Non
 # ============================================================================ finishing
 def _log_prior_masses(G, h, mask):
     """log P[z in {G z <= h}] for z ~ N(0, I), batched: (log_mass (B,), stderr (B,))."""
-    from .gaussian import polytope_log_mass
+    from .polytope import polytope_log_mass
     B = G.shape[0]
     out, err = np.zeros(B), np.zeros(B)
     has = mask.any(axis=1)
     if has.any():
-        lm, se = polytope_log_mass(G[has], h[has], mask[has])
+        # S >= 3 masses are randomised QMC: fewer points here, each with its standard error.
+        lm, se = polytope_log_mass(G[has], h[has], mask[has], n_qmc=1024)
         out[has], err[has] = lm, se
     return out, err
 

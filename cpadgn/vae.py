@@ -266,7 +266,7 @@ def expected_sq_error(net: PiecewiseAffineNet, part, noise_std, X, m, C, *,
 
         E_q[f 1_w] = q(w) [ ||x - A_w mu_w - b_w||^2_P + tr(A_w^T P A_w Sigma_w) ],
 
-    mu_w, Sigma_w the moments of q truncated to w (``gaussian.polytope_moments`` in the
+    mu_w, Sigma_w the moments of q truncated to w (``polytope.polytope_moments`` in the
     whitened u coordinates, where G z <= h reads (G C) u <= h - G m).  A (row, region)
     pair is skipped when a single facet already bounds q(w) below exp(log_mass_floor);
     the skipped part is bounded by Cauchy-Schwarz, sqrt(sum skipped bounds) *
@@ -277,7 +277,7 @@ def expected_sq_error(net: PiecewiseAffineNet, part, noise_std, X, m, C, *,
     """
     from scipy.special import log_ndtr, logsumexp
 
-    from .gaussian import polytope_moments
+    from .polytope import polytope_moments
 
     X, m, C = (np.asarray(a, dtype=np.float64) for a in (X, m, C))
     N, D = X.shape

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
+import cpadgn.partition as partition_module
 from cpadgn.errors import CpadgnError
 from cpadgn.network import PiecewiseAffineNet
 from cpadgn.partition import (_region_constraints, check_partition, compute_partition)
@@ -50,16 +51,29 @@ def assert_facets_tile(net, part, n=20_000, seed=2):
     assert (inside.argmax(axis=0) == part.locate(net, z)).all()
 
 
+def skip_masses(monkeypatch):
+    """Skip the prior masses (NaN) where a test is about the topology only: for S >= 3 they
+    are quasi-Monte Carlo integrals, the slow part; they depend on the facets alone."""
+    monkeypatch.setattr(partition_module, "_log_prior_masses",
+                        lambda G, h, mask: (np.full(G.shape[0], np.nan), np.zeros(G.shape[0])))
+
+
+@pytest.fixture
+def no_masses(monkeypatch):
+    skip_masses(monkeypatch)
+
+
 def assert_checks(net, part, n_samples=100_000):
     """Prior samples all located with their own pattern, interior points verified, no
     near-degenerate region, masses summing to 1 (1e-9 where exact; within the reported
-    Monte Carlo error where S >= 3)."""
+    Monte Carlo error where S >= 3) unless they were skipped."""
     chk = check_partition(net, part, n_samples=n_samples, seed=1)
     assert chk["samples_located"] == 1.0
     assert chk["interior_ok"] == 1.0
-    mass = np.exp(part.log_prior_mass)
-    tol = 1e-9 + 6 * np.sqrt(np.sum((mass * part.log_prior_mass_stderr) ** 2))
-    assert chk["mass_error"] < tol, (chk, tol)
+    if not np.isnan(part.log_prior_mass).any():
+        mass = np.exp(part.log_prior_mass)
+        tol = 1e-9 + 6 * np.sqrt(np.sum((mass * part.log_prior_mass_stderr) ** 2))
+        assert chk["mass_error"] < tol, (chk, tol)
     assert not part.degenerate.any()
     assert np.all(part.clearance > 1e-7)
     return chk
@@ -98,10 +112,13 @@ CASES = [(2, (8, 8), 0.1, 0), (2, (8, 8), 0.0, 1), (2, (8, 8), -1.0, 2), (2, (5,
 
 
 @pytest.mark.parametrize("S,hidden,slope,seed", CASES)
-def test_subdivision_equals_lp_walk(S, hidden, slope, seed):
+def test_subdivision_equals_lp_walk(S, hidden, slope, seed, monkeypatch):
     net = random_net(S, hidden, 3, seed=seed, slope=slope)
+    if S >= 3:
+        skip_masses(monkeypatch)
     sub = compute_partition(net)
     assert sub.method == "subdivision"
+    skip_masses(monkeypatch)          # same facets, same masses
     lp = compute_partition(net, method="lp-walk")
     assert_same_partition(sub, lp)
     assert_facets_tile(net, sub)
@@ -117,8 +134,10 @@ def test_subdivision_equals_lp_walk(S, hidden, slope, seed):
 
 
 @pytest.mark.parametrize("S,hidden,slope", [(2, (8, 8), 0.1), (3, (5, 5), 0.0)])
-def test_subdivision_independent_of_box(S, hidden, slope):
+def test_subdivision_independent_of_box(S, hidden, slope, monkeypatch):
     net = random_net(S, hidden, 2, seed=7, slope=slope)
+    if S >= 3:
+        skip_masses(monkeypatch)
     parts = [compute_partition(net, box_half_width=R) for R in (0.25, 4.0, 300.0)]
     for p in parts[1:]:
         assert_same_partition(parts[0], p)
@@ -134,7 +153,14 @@ def test_region_constraints_fast_path():
     np.testing.assert_allclose(h2, h1, rtol=0, atol=1e-14)
 
 
-def test_four_dimensional_latent():
+def test_prior_masses_sum_to_one_s3():
+    net = random_net(3, (5, 5), 2, seed=11, slope=0.1)
+    part = compute_partition(net)
+    assert_checks(net, part)
+    assert (part.log_prior_mass_stderr >= 0).all() and not np.isnan(part.log_prior_mass).any()
+
+
+def test_four_dimensional_latent(no_masses):
     net = random_net(4, (4, 4), 2, seed=0, slope=0.1)
     sub = compute_partition(net)
     lp = compute_partition(net, method="lp-walk")
@@ -164,8 +190,10 @@ def _dead_and_duplicates(Ws, bs):
 
 
 @pytest.mark.parametrize("S,slope", [(1, 0.1), (2, 0.1), (2, 0.0), (2, -1.0), (3, 0.1), (3, 0.0)])
-def test_dead_and_duplicate_units(S, slope):
+def test_dead_and_duplicate_units(S, slope, monkeypatch):
     net = modified(random_net(S, (6, 6), 2, seed=5, slope=slope), _dead_and_duplicates)
+    if S >= 3:
+        skip_masses(monkeypatch)
     part = compute_partition(net)
     assert_checks(net, part)
     assert_facets_tile(net, part)
@@ -193,7 +221,7 @@ def test_concurrent_hyperplanes_never_crash_nor_lose_regions():
 
 
 @pytest.mark.parametrize("S,method", [(1, "auto"), (2, "subdivision"), (3, "subdivision"), (2, "lp-walk")])
-def test_max_regions(S, method):
+def test_max_regions(S, method, no_masses):
     net = random_net(S, (10, 10) if S == 1 or method == "subdivision" and S == 2 else (4, 4), 2, seed=0, slope=0.1)
     n = compute_partition(net, method=method).n_regions
     with pytest.raises(CpadgnError, match="max-regions"):
