@@ -103,18 +103,24 @@ def model_options(fn):
     return fn
 
 
-def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None):
-    """Load a generator, get its partition (cache or compute), settle the noise std."""
+def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
+               need_noise=True):
+    """Load a generator, check it against the data, get its partition (cache or compute),
+    settle the noise std.  Bad input fails here, before any long computation."""
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
                  trust_pickle=trust_pickle, device=resolve_device(device))
+    if data is not None:
+        model._check_data(data)
+    if noise_std == "auto" and data is None:
+        raise CpadgnError("--noise-std auto needs data to fit on")
+    if need_noise and noise_std is None and model.noise_std is None:
+        raise CpadgnError(f"{model_path} stores no noise std: pass --noise-std X, or --noise-std auto "
+                          "to fit it by maximum likelihood on the data")
     with Progressbar("partition", quiet) as bar:
         model.partition(max_regions=max_regions, progress=bar, log=say)
-    say(f"partition: {model.partition().n_regions} regions ({model.partition_status}; {model.cache_path})")
     if noise_std == "auto":
-        if data is None:
-            raise CpadgnError("--noise-std auto needs data to fit on")
         sigma = model.fit_noise_std(data)
         say(f"noise std fitted by maximum exact likelihood: {sigma:.6g}")
         model = model.with_noise_std(sigma)
@@ -147,7 +153,7 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
     """
     from cpadgn.partition import check_partition
     t0 = time.perf_counter()
-    model = load_model(model_path, cache=cache, noise_std=None, device=device,
+    model = load_model(model_path, cache=cache, noise_std=None, device=device, need_noise=False,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json)
     part = model.partition()
     check = check_partition(model.net, part)
@@ -218,7 +224,6 @@ def score(model_path, data_path, out, dataset, contamination, noise_std, cache, 
     X = read_data(data_path, dataset=dataset)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X)
-    model._check_data(X)
     with Progressbar("scoring rows", quiet or as_json) as bar:
         post = model.posterior(X, progress=bar)
     columns = scores_table(post, contamination)

@@ -346,10 +346,12 @@ def _summarise(rows, regions, logw, mean, cov, se, Xt, idx, bound, out):
     first[1:] = rows[order_r][1:] != rows[order_r][:-1]
     top[rows[order_r][first]] = regions[order_r][first]
     best[rows[order_r][first]] = r[order_r][first]
-    out.log_likelihood[idx] = log_p
-    out.error_bound[idx] = bound
-    out.stderr[idx] = np.sqrt(var)
-    out.n_observed[idx] = (~torch.isnan(Xt)).sum(1).cpu().numpy()
+    n_obs = (~torch.isnan(Xt)).sum(1).cpu().numpy()
+    empty = n_obs == 0                      # p of nothing observed is exactly 1
+    out.log_likelihood[idx] = np.where(empty, 0.0, log_p)
+    out.error_bound[idx] = np.where(empty, 0.0, bound)
+    out.stderr[idx] = np.where(empty, 0.0, np.sqrt(var))
+    out.n_observed[idx] = n_obs
     out.z_mean[idx], out.z_cov[idx] = z_mean, z_cov
     out.top_region[idx], out.top_responsibility[idx] = top, best
     return idx[rows], regions, r, mean, cov

@@ -97,8 +97,8 @@ def train_vae(X, *, latent_dim, hidden, slope=0.1, noise="diag", epochs=200, lr=
     rng = np.random.default_rng(seed)
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float64))
     vae = GaussianVAE(Xt.shape[1], latent_dim, list(hidden), slope, noise).double()
-    with torch.no_grad():  # start the noise at the data scale
-        vae.log_noise.fill_(float(np.log(Xt.std().item() + 1e-12)))
+    with torch.no_grad():  # start the noise below the data scale: a large start collapses q(z|x) onto the prior
+        vae.log_noise.fill_(float(np.log(0.1 * Xt.std().item() + 1e-12)))
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     history = []
     t0 = time.perf_counter()

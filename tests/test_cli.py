@@ -1,0 +1,164 @@
+"""The command line: outputs, the partition cache, and one clear line for every bad input."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import main
+from cpadgn.modelfile import save_model
+
+from oracles import loglik_1d, random_net
+
+
+@pytest.fixture()
+def files(tmp_path):
+    net = random_net(1, (6, 6), 3, seed=2, slope=0.1, scale=2.0)
+    model = tmp_path / "gen.h5"
+    save_model(model, net, noise_std=0.3)
+    rng = np.random.default_rng(0)
+    X = net.forward(rng.standard_normal((20, 1))) + 0.3 * rng.standard_normal((20, 3))
+    data = tmp_path / "data.csv"
+    np.savetxt(data, X, delimiter=",", header="a,b,c", comments="")
+    return dict(dir=tmp_path, net=net, model=model, data=data, X=X)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(res, *fragments):
+    assert res.exit_code == 1, (res.exit_code, res.output)
+    err = res.stderr.strip()
+    assert err.startswith("Error:") and "\n" not in err and "Traceback" not in res.output, err
+    for f in fragments:
+        assert f.lower() in err.lower(), err
+
+
+def test_score_writes_exact_log_likelihoods_and_reuses_the_cache(files):
+    out = files["dir"] / "scores.csv"
+    res = run("score", files["model"], files["data"], "-o", out, "--contamination", "0.1")
+    assert res.exit_code == 0, res.output
+    assert "computed" in res.stderr.lower()
+    table = np.genfromtxt(out, delimiter=",", names=True)
+    for n in range(3):
+        want, _, _ = loglik_1d(files["net"], files["X"][n], 0.3)
+        assert abs(table["log_likelihood"][n] - want) < 1e-9
+    np.testing.assert_array_equal(table["anomaly_score"], -table["log_likelihood"])
+    assert table["is_anomaly"].sum() == 2 and set(table["n_observed"]) == {3}
+    res = run("score", files["model"], files["data"], "-o", files["dir"] / "again.csv")
+    assert res.exit_code == 0 and "loaded" in res.stderr.lower()
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".h5"])
+def test_score_output_formats(files, suffix):
+    out = files["dir"] / f"scores{suffix}"
+    assert run("score", files["model"], files["data"], "-o", out, "-q").exit_code == 0
+    if suffix == ".npy":
+        ll = np.load(out)["log_likelihood"]
+    else:
+        with h5py.File(out, "r") as f:
+            ll = f["log_likelihood"][:]
+    assert ll.shape == (20,) and np.all(np.isfinite(ll))
+
+
+def test_rows_with_every_value_missing_score_zero(files):
+    X = files["X"].copy()
+    X[4] = np.nan
+    X[5, 1] = np.nan
+    data = files["dir"] / "gaps.npy"
+    np.save(data, X)
+    out = files["dir"] / "s.csv"
+    assert run("score", files["model"], data, "-o", out, "-q").exit_code == 0
+    t = np.genfromtxt(out, delimiter=",", names=True)
+    assert t["log_likelihood"][4] == 0.0 and t["n_observed"][4] == 0 and t["n_observed"][5] == 2
+    want, _, _ = loglik_1d(files["net"], X[5], 0.3)
+    assert abs(t["log_likelihood"][5] - want) < 1e-9
+
+
+def test_partition_json_summary(files):
+    res = run("partition", files["model"], "--json")
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["latent_dim"] == 1 and s["prior_mass_error"] < 1e-12 and s["samples_located"] == 1.0
+    assert s["regions"] == s["bounded_regions"] + s["unbounded_regions"] and s["unbounded_regions"] == 2
+
+
+def test_stale_cache_is_recomputed_and_replaced(files):
+    cache = files["dir"] / "shared.partition.h5"
+    assert run("partition", files["model"], "--cache", cache, "-q").exit_code == 0
+    other = files["dir"] / "other.h5"
+    save_model(other, random_net(1, (5, 5), 3, seed=9), noise_std=0.3)
+    out = files["dir"] / "s.csv"
+    res = run("score", other, files["data"], "-o", out, "--cache", cache)
+    assert res.exit_code == 0 and "stale" in res.stderr.lower()
+    res = run("score", other, files["data"], "-o", out, "--cache", cache)
+    assert "loaded" in res.stderr.lower()
+
+
+def test_wrong_dimension(files):
+    data = files["dir"] / "wide.npy"
+    np.save(data, np.zeros((4, 5)))
+    out = files["dir"] / "s.csv"
+    assert_one_line_error(run("score", files["model"], data, "-o", out), "5 columns", "3")
+    assert not out.exists()
+
+
+def test_inf_values(files):
+    X = files["X"].copy()
+    X[2, 1] = np.inf
+    data = files["dir"] / "inf.npy"
+    np.save(data, X)
+    out = files["dir"] / "s.csv"
+    assert_one_line_error(run("score", files["model"], data, "-o", out), "row 3", "inf")
+    assert not out.exists()
+
+
+def test_empty_file(files):
+    data = files["dir"] / "empty.csv"
+    data.write_text("")
+    assert_one_line_error(run("score", files["model"], data, "-o", files["dir"] / "s.csv"), "empty")
+
+
+def test_unknown_extensions(files):
+    data = files["dir"] / "data.xyz"
+    data.write_text("1,2,3\n")
+    assert_one_line_error(run("score", files["model"], data, "-o", files["dir"] / "s.csv"), ".xyz")
+    assert_one_line_error(run("score", files["model"], files["data"], "-o", files["dir"] / "s.txt"), ".txt")
+
+
+def test_corrupt_and_foreign_model_files(files):
+    corrupt = files["dir"] / "corrupt.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00garbage" * 10)
+    assert_one_line_error(run("score", corrupt, files["data"], "-o", files["dir"] / "s.csv"))
+    foreign = files["dir"] / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    assert_one_line_error(run("partition", foreign), "not a cpadgn model")
+
+
+def test_non_piecewise_affine_layer_is_named(files):
+    path = files["dir"] / "tanh.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))).save(str(path))
+    assert_one_line_error(run("partition", path), "tanh", "piecewise affine")
+
+
+def test_missing_noise_std(files):
+    path = files["dir"] / "gen.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))).save(str(path))
+    out = files["dir"] / "s.csv"
+    assert_one_line_error(run("score", path, files["data"], "-o", out), "noise")
+    assert not out.exists()
+    assert run("score", path, files["data"], "-o", out, "--noise-std", "0.5", "-q").exit_code == 0
+
+
+def test_unwritable_output(files):
+    out = files["dir"] / "no_such_dir" / "s.csv"
+    assert_one_line_error(run("score", files["model"], files["data"], "-o", out))
+    assert not out.parent.exists()
+
+
+def test_max_regions(files):
+    assert_one_line_error(run("partition", files["model"], "--max-regions", "3"), "regions")
