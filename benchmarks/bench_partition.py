@@ -50,7 +50,7 @@ def main(argv=None):
     ap.add_argument("--mass-sample", type=int, default=2000, help="regions whose S >= 3 masses are timed")
     ap.add_argument("--full-masses", action="store_true", help="compute every prior mass, any S")
     args = ap.parse_args(argv)
-    from cpadgn.gaussian import polytope_log_mass
+    from cpadgn.polytope import polytope_log_mass
 
     rows = []
     for S, hidden in CASES:

@@ -895,8 +895,9 @@ def _region_geometry(net, pattern, classes=None):
     fac = _cone_facets(Gn, hn, c)
     bounded = _is_bounded(Gn[fac])
     if not bounded:
-        # a redundant row parallel to a facet lies on the hull edge towards the t >= 0
-        # generator; the hull may keep it through round-off: confirm by LP
+        # rows that are exact combinations of others and of t >= 0 (ReLU nets make them:
+        # a deeper unit's affine map is one of its active inputs' maps plus its bias)
+        # lie on the hull's boundary, and round-off may keep them: confirm by LP
         fac = _facets_by_lp(Gn, hn, fac)
     return c, r, keep[fac], bounded, Gn, hn, keep
 
@@ -987,7 +988,7 @@ def _log_prior_masses(G, h, mask):
     has = mask.any(axis=1)
     if has.any():
         # S >= 3 masses are randomised QMC: fewer points here, each with its standard error.
-        lm, se = polytope_log_mass(G[has], h[has], mask[has], n_qmc=1024)
+        lm, se = polytope_log_mass(G[has], h[has], mask[has], n_qmc=128)
         out[has], err[has] = lm, se
     return out, err
 
