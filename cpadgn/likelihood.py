@@ -73,7 +73,7 @@ class RegionTable:
     M (R, H, S), c (R, H): last hidden activation h = M z + c inside each region;
     U (D, H), b0 (D,): the output layer (U = I_D when that is cheaper);
     G (R, F, S), h (R, F), mask (R, F): the facets {z : G z <= h}.
-    For complete rows: Lambda chol L (R, S, S), logdet Lambda (R,), c^T Q c (R,),
+    For complete rows: Lambda chol L (R, S, S), Sigma = Lambda^-1, logdet Lambda (R,), c^T Q c (R,),
     M^T Q c (R, S) with Q = U^T P U.
     """
 
@@ -98,6 +98,7 @@ class RegionTable:
         Lam = torch.eye(S, dtype=torch.float64, device=device) + MtQ @ self.M
         self.chol_lambda = torch.linalg.cholesky(Lam)
         self.logdet_lambda = 2 * torch.log(torch.diagonal(self.chol_lambda, dim1=1, dim2=2)).sum(1)
+        self.sigma = torch.cholesky_inverse(self.chol_lambda)          # Sigma_w = Lambda_w^-1 (R, S, S)
         self.MtQc = (MtQ @ self.c[:, :, None])[..., 0]                # (R, S)
         self.cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
         self.stacked = torch.cat([self.c[:, :, None], self.M], dim=2).permute(1, 0, 2).reshape(self.M.shape[1], -1)
@@ -115,7 +116,7 @@ def _solve_chol(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
-    """Complete rows X (N, D) -> log kappa (N, R), y (N, R, S)."""
+    """Complete rows X (N, D) -> log kappa (N, R), mu_w(x) (N, R, S)."""
     N, R, S = X.shape[0], tab.n_regions, tab.S
     Xc = X - tab.b0
     xhat = (Xc / tab.var) @ tab.U                                      # (N, H)
@@ -123,10 +124,10 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     prod = (xhat @ tab.stacked).reshape(N, R, S + 1)                   # the dominant step
     y = prod[..., 1:] - tab.MtQc
     rPr = xPx[:, None] - 2 * prod[..., 0] + tab.cQc
-    w = torch.linalg.solve_triangular(tab.chol_lambda[:, None], y.transpose(0, 1)[..., None], upper=False)
-    ySy = (w[..., 0] ** 2).sum(-1).T                                   # (N, R)
+    mu = torch.einsum("rst,nrt->nrs", tab.sigma, y)                   # posterior means (N, R, S)
+    ySy = (y * mu).sum(-1)
     const = tab.D * LOG_2PI + torch.log(tab.var).sum()
-    return -0.5 * (const + tab.logdet_lambda + rPr - ySy), y
+    return -0.5 * (const + tab.logdet_lambda + rPr - ySy), mu
 
 
 def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
@@ -167,18 +168,17 @@ def _log_phi_bound(tab: RegionTable, mu: torch.Tensor, std: torch.Tensor, region
     """
     slack = tab.h_t[regions] - torch.einsum("bfs,nbs->nbf", tab.G_t[regions], mu)
     z = torch.where(tab.mask_t[regions], slack / std, torch.inf)
-    return torch.special.log_ndtr(z).min(dim=-1).values if z.shape[-1] else torch.zeros(z.shape[:2],
-                                                                                         dtype=z.dtype,
-                                                                                         device=z.device)
+    if z.shape[-1] == 0:
+        return torch.zeros(z.shape[:2], dtype=z.dtype, device=z.device)
+    return torch.special.log_ndtr(z.min(dim=-1).values)          # log_ndtr is increasing
 
 
 def _log_bounds(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
     """log kappa (N, R) and a certified upper bound log kappa + log Phi_bound >= log(kappa Phi)."""
     if complete:
-        log_kappa, y = _log_kappa_complete(tab, X)
-        mu = torch.cholesky_solve(y.transpose(0, 1)[..., None], tab.chol_lambda[:, None])[..., 0]
+        log_kappa, mu = _log_kappa_complete(tab, X)
         regions = torch.arange(tab.n_regions, device=X.device)
-        return log_kappa, log_kappa + _log_phi_bound(tab, mu.transpose(0, 1), tab.facet_std[None], regions)
+        return log_kappa, log_kappa + _log_phi_bound(tab, mu, tab.facet_std[None], regions)
     kappas, bounds = [], []
     for start in range(0, tab.n_regions, region_chunk):
         idx = torch.arange(start, min(start + region_chunk, tab.n_regions), device=X.device)
@@ -209,6 +209,20 @@ def _pair_gaussians(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regio
         for (sel, y_r), L_r in zip(ys, Ls):
             y[sel], L[sel] = y_r, L_r
     return _solve_chol(L, y), L
+
+
+def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: np.ndarray):
+    """The untruncated posterior Gaussian N(mu_w(x), Lambda_w^-1) of (row, region) pairs.
+
+    X (N, D) (NaN = missing), rows (P,) indices into X, regions (P,).  Returns mu (P, S)
+    and the lower Cholesky factor L of Lambda_w (P, S, S) as numpy, Sigma_w = (L L^T)^-1.
+    """
+    Xt = torch.as_tensor(np.asarray(X, dtype=np.float64), device=tab.device)
+    rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=tab.device)
+    regions_t = torch.as_tensor(np.asarray(regions, dtype=np.int64), device=tab.device)
+    complete = not bool(torch.isnan(Xt[rows_t]).any()) if rows_t.numel() else True
+    mu, L = _pair_gaussians(tab, Xt, rows_t, regions_t, complete)
+    return mu.cpu().numpy(), L.cpu().numpy()
 
 
 def _truncated_moments(tab: RegionTable, mu: torch.Tensor, L_lambda: torch.Tensor,
