@@ -43,8 +43,14 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
               help="Observation noise: sigma^2 I or diag(sigma_d^2).")
 @click.option("--init", type=click.Choice(["ppca", "random"]), default="ppca", show_default=True,
               help="EM start: the PPCA solution embedded in the network, or seeded random.")
+@click.option("--init-noise", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="EM: initial noise std as a fraction of PPCA's (1 starts at the PPCA likelihood; "
+                   "a small value starts with sharp posteriors and leaves the PPCA plateau faster).")
 @click.option("--sweeps", type=click.IntRange(min=1), default=1, show_default=True,
               help="EM: passes over the layers per M-step.")
+@click.option("--rtol", type=click.FloatRange(min=0, min_open=True, max=1e-2), default=1e-6,
+              show_default=True,
+              help="EM: E-step pruning tolerance; log-likelihoods are exact to log(1 + rtol) per row.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="VAE: Adam learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
@@ -63,7 +69,7 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--debug", is_flag=True, hidden=True)
 @user_errors
 def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, val_fraction, val_path,
-        dataset, seed, noise, init, sweeps, lr, batch_size, eval_every, max_regions, device, timings,
+        dataset, seed, noise, init, init_noise, sweeps, rtol, lr, batch_size, eval_every, max_regions, device, timings,
         quiet, as_json, debug):
     """Train a piecewise-affine generator on DATA and write a cpadgn model file.
 
@@ -93,8 +99,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
       cpadgn compare digits_em.h5 digits_vae.h5 --data sample_data/digits_test.csv
     """
     from cpadgn.data import check_output_path, read_data
-    from cpadgn.fit import (data_fingerprint, fit_em, fit_vae, parse_activation, parse_hidden,
-                            save_fit, split_validation)
+    from cpadgn.fit import (check_training_data, data_fingerprint, fit_em, fit_vae, parse_activation,
+                            parse_hidden, save_fit, split_validation)
     t0 = time.perf_counter()
     out = Path(out)
     if out.suffix.lower() not in MODEL_SUFFIXES:
@@ -105,13 +111,16 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     if val_path is not None and val_fraction not in (None, 0):
         raise CpadgnError("give either --val or --val-fraction, not both")
     say = (lambda m: None) if (quiet or as_json) else (lambda m: console.print(m))
-    X = read_data(data_path, dataset=dataset)
-    if X.ndim == 2 and not 1 <= latent_dim <= 3:
+    X = check_training_data(read_data(data_path, dataset=dataset), latent_dim, f"data {data_path}")
+    if not 1 <= latent_dim <= 3:
         say(f"[yellow]warning:[/yellow] --latent-dim {latent_dim}: region counts grow like "
             f"(hidden units)^S and region masses need quasi-Monte Carlo for S >= 3; expect slow, "
             f"approximate iterations (1 to 3 is the practical range)")
     if val_path is not None:
-        X_train, X_val = X, read_data(val_path, dataset=dataset)
+        X_train = X
+        X_val = check_training_data(read_data(val_path, dataset=dataset), latent_dim, f"data {val_path}")
+        if X_val.shape[1] != X.shape[1]:
+            raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}")
     else:
         X_train, X_val = split_validation(X, 0.1 if val_fraction is None else val_fraction, seed)
     dev = resolve_device(device)
@@ -127,8 +136,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
                     + f" | {row['n_regions']:,} regions")
 
             res = fit_em(X_train, latent_dim, hidden_sizes, slope, n_iter, tol, X_val, seed, noise,
-                         progress, init=init, sweeps=sweeps, device=dev, max_regions=max_regions,
-                         timings=timings)
+                         progress, init=init, init_noise=init_noise, sweeps=sweeps, rtol=rtol,
+                         device=dev, max_regions=max_regions, timings=timings)
         else:
             n_iter = 300 if max_iter is None else max_iter
             last = {"val": np.nan}
@@ -151,7 +160,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     summary = {"output": str(out), "method": method, "latent_dim": latent_dim,
                "hidden": list(hidden_sizes), "activation": activation, "noise": noise,
                "train_rows": provenance["n_train"], "val_rows": provenance["n_val"],
-               "iterations": int(h["iteration"][-1]) if method == "em" else int(h["epoch"][-1]) if len(h.get("epoch", [])) else 0,
+               "iterations": int(h["iteration"][-1] if method == "em" else h["epoch"][-1]),
                "stop_reason": res.stop_reason,
                "train_log_likelihood": res.train_loglik, "val_log_likelihood": res.val_loglik,
                "regions": res.n_regions,
@@ -159,7 +168,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
                "seconds": time.perf_counter() - t0}
     if method == "em":
         summary["initial_train_log_likelihood"] = float(h["train_loglik"][0])
-        summary["damped_steps"] = int((h["halvings"][1:] > 0).sum())
+        summary["rejected_trials"] = int(h["rejected"][1:].sum())
         summary["fallback_steps"] = int(h["fallback"][1:].sum())
     if as_json:
         click.echo(json.dumps(summary, indent=2))

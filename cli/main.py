@@ -282,6 +282,7 @@ def print_summary(title, summary):
 # Commands defined in their own modules register themselves on ``main``.
 from cli import compare as _compare  # noqa: E402,F401
 from cli import fit as _fit  # noqa: E402,F401
+from cli import impute as _impute  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -127,6 +127,138 @@ def stats_from_posterior(post, X) -> RegionStats:
                         post.pair_mean, post.pair_cov, X)
 
 
+# ===================================================================== the E-step
+@dataclass
+class EStep:
+    """The exact E-step of complete rows (folded coordinates, prior N(0, I)).
+
+    log_likelihood (N,): log p(x_n) summed over the evaluated (row, region) pairs, a
+        certified lower bound: the true value is at most ``error_bound`` (N,) above;
+    pair_row, pair_region (P,), pair_responsibility (P,), pair_mean (P, S) =
+        E[z | x, z in w], pair_cov (P, S, S) = Cov[z | x, z in w] (zeros without moments);
+    stderr (N,): Monte Carlo standard error of log_likelihood (S >= 3; 0 otherwise).
+    """
+
+    log_likelihood: np.ndarray
+    error_bound: np.ndarray
+    stderr: np.ndarray
+    pair_row: np.ndarray
+    pair_region: np.ndarray
+    pair_responsibility: np.ndarray
+    pair_mean: np.ndarray
+    pair_cov: np.ndarray
+
+
+def _log_bounds(tab, Xt, kappa_margin: float):
+    """log kappa (n, R) and an upper bound on log(kappa Phi) (n, R) for complete rows Xt.
+
+    The bound is log kappa, tightened by the one-facet bound on log Phi for the pairs
+    whose log kappa is within ``kappa_margin`` of the row's largest (the only ones that
+    can be evaluated; the tightening is the costly (pair, facet) work).
+    """
+    import torch
+
+    from . import likelihood as lik
+    log_kappa, mu_all = lik._log_kappa_complete(tab, Xt)                # (n, R), mu_w(x) (n, R, S)
+    log_bound = log_kappa.clone()
+    if tab.mask.ndim != 2 or tab.mask.shape[1] == 0:
+        return log_kappa, log_bound
+    top = log_kappa.max(dim=1).values
+    rows, regions = torch.nonzero(log_kappa >= (top - kappa_margin)[:, None], as_tuple=True)
+    step = 200_000
+    for p0 in range(0, rows.numel(), step):
+        rr, gg = rows[p0:p0 + step], regions[p0:p0 + step]
+        mu = mu_all[rr, gg]                                                # (P, S)
+        slack = tab.h_t[gg] - torch.einsum("pfs,ps->pf", tab.G_t[gg], mu)
+        z = torch.where(tab.mask_t[gg], slack / tab.facet_std[gg], torch.inf)
+        log_bound[rr, gg] += torch.special.log_ndtr(z).min(dim=-1).values
+    return log_kappa, log_bound
+
+
+def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, moments: bool = True,
+           device="cpu", memory_budget: float = 5e8, tab=None) -> EStep:
+    """Exact log p(x) and the truncated posterior moments of every (row, region) pair that
+    matters, for complete rows X (N, D).
+
+    The same identities as ``likelihood.posterior`` (whose per-region table and pair
+    integrals it reuses), with the pruning tolerance as a parameter: every pair has the
+    certified bound kappa_w(x) >= kappa_w(x) Phi_w(x), tightened to kappa_w(x) min_k
+    Phi(slack_k / std_k) (one facet's half-plane mass) for the pairs whose kappa is
+    within -log(rtol) + log(R) + 25 nats of the row's largest (the others are far too
+    small to matter unless the row's likelihood is tiny, and then they are still
+    covered by their kappa bound); pairs are evaluated in decreasing bound order,
+    margins -log(rtol) + 3, then doubling, until the bounds of the skipped pairs sum to
+    at most rtol p(x).  So log_likelihood is exact to log(1 + rtol) (reported per row as
+    ``error_bound``) and the responsibilities to a relative rtol, at a fraction of the
+    pairs that rtol = 1e-13 needs when posteriors are broad.
+    """
+    import torch
+
+    from . import likelihood as lik
+    X = np.asarray(X, dtype=np.float64)
+    N, D = X.shape
+    S = net.latent_dim
+    device = torch.device(device)
+    tab = tab or lik.RegionTable(net, part, noise_std, device)
+    R = tab.n_regions
+    F = int(tab.mask.shape[1]) if tab.mask.ndim == 2 else 0
+    per_row = 8.0 * R * (4 * (S + 1) + 3 * max(F, 1))
+    chunk = int(max(1, min(N, memory_budget // per_row)))
+    pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
+    log_rtol = float(np.log(rtol))
+    first = -log_rtol + 3.0
+    kappa_margin = -log_rtol + float(np.log(max(R, 1))) + 25.0
+    degenerate = getattr(part, "degenerate", None)
+    degenerate = None if degenerate is None or not np.any(degenerate) else np.asarray(degenerate, bool)
+    out_ll, out_eb, out_se = np.zeros(N), np.zeros(N), np.zeros(N)
+    acc = []
+    for start in range(0, N, chunk):
+        idx = np.arange(start, min(N, start + chunk))
+        Xt = torch.as_tensor(X[idx], device=device)
+        n = idx.size
+        log_kappa, log_bound = _log_bounds(tab, Xt, kappa_margin)
+        top = log_bound.max(dim=1).values
+        taken = torch.zeros_like(log_bound, dtype=torch.bool)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
+        parts = []
+        margin = first
+        while True:
+            new = (~taken) & (~done[:, None]) & (log_bound >= (top - margin)[:, None])
+            if bool(new.any()):
+                rows, regions = torch.nonzero(new, as_tuple=True)
+                taken |= new
+                for p0 in range(0, rows.numel(), pair_chunk):
+                    rr, gg = rows[p0:p0 + pair_chunk], regions[p0:p0 + pair_chunk]
+                    mu, L = lik._pair_gaussians(tab, Xt, rr, gg, True)
+                    log_phi, mean, cov, se = lik._truncated_moments(tab, mu, L, gg.cpu().numpy(), moments)
+                    mean, cov = np.nan_to_num(mean), np.nan_to_num(cov)
+                    g_np = gg.cpu().numpy()
+                    if degenerate is not None:     # zero-width regions have zero mass
+                        log_phi = np.where(np.isnan(log_phi) & degenerate[g_np], -np.inf, log_phi)
+                    logw = log_kappa[rr, gg].cpu().numpy() + log_phi
+                    parts.append((rr.cpu().numpy(), gg.cpu().numpy(), logw, mean, cov, se))
+                    log_p = torch.logaddexp(log_p, lik._segment_logsumexp(
+                        rr, torch.as_tensor(logw, device=device), n))
+            skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
+            done = done | (skipped - log_p <= log_rtol)
+            if bool(done.all()) or not np.isfinite(margin):
+                break
+            margin = 2 * margin if margin < 400 else np.inf
+        skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
+        bound = torch.log1p(torch.exp(skipped - log_p)).cpu().numpy()
+        rows, regions, logw, mean, cov, se = (np.concatenate(a) for a in zip(*parts))
+        order = np.lexsort((regions, rows))
+        rows, regions, logw, mean, cov, se = (a[order] for a in (rows, regions, logw, mean, cov, se))
+        lp = log_p.cpu().numpy()
+        r = np.exp(logw - lp[rows])
+        out_ll[idx], out_eb[idx] = lp, bound
+        out_se[idx] = np.sqrt(np.bincount(rows, weights=(r * se) ** 2, minlength=n))
+        acc.append((idx[rows], regions, r, mean, cov))
+    rows, regions, r, mean, cov = (np.concatenate(a) for a in zip(*acc))
+    return EStep(out_ll, out_eb, out_se, rows.astype(np.int64), regions.astype(np.int64), r, mean, cov)
+
+
 # ===================================================================== region algebra
 def slope_masks(net: PiecewiseAffineNet, patterns: np.ndarray) -> list:
     """Per hidden layer l the slope of every unit in every region: list of (R, n_{l+1})."""
@@ -191,6 +323,20 @@ class SolveInfo:
     size: int            # number of unknowns
     iterations: int = 0  # CG iterations
     residual: float = 0.0  # relative residual of the normal equations
+
+
+def _blas_single_thread():
+    """A context that runs BLAS/LAPACK single-threaded (threadpoolctl when installed).
+
+    The M-step's dense solves are small (<= ~1500 unknowns), where OpenBLAS's thread
+    start-up and spinning cost more than the work, by 10-100x on a loaded machine.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                                   # pragma: no cover
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _sym_solve(H: np.ndarray, g: np.ndarray, damping: float = 0.0) -> np.ndarray:
@@ -351,6 +497,14 @@ def m_step(net: PiecewiseAffineNet, patterns: np.ndarray, stats: RegionStats, va
     then the noise (unless ``update_noise`` is False).  Returns (new net, new var (D,),
     MStepInfo).
     """
+    with _blas_single_thread():
+        return _m_step(net, patterns, stats, var, noise=noise, sweeps=sweeps, output_only=output_only,
+                       layers=layers, update_noise=update_noise, damping=damping, dense_max=dense_max,
+                       var_floor=var_floor, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
+
+
+def _m_step(net, patterns, stats, var, *, noise, sweeps, output_only, layers, update_noise, damping,
+            dense_max, var_floor, cg_tol, cg_maxiter):
     var = np.broadcast_to(np.asarray(var, dtype=np.float64), (net.output_dim,)).copy()
     Ws = [W.copy() for W in net.weights]
     bs = [b.copy() for b in net.biases]
@@ -418,22 +572,27 @@ def interpolate(net_old: PiecewiseAffineNet, net_new: PiecewiseAffineNet, var_ol
 
 
 # ===================================================================== initialisation
-def init_ppca(X, latent_dim: int, hidden, slope: float, seed: int, *, random_scale: float = 1.0):
-    """The PPCA maximum-likelihood solution embedded exactly in a network, plus seeded
-    random units: returns (net, var (D,)).
+def init_ppca(X, latent_dim: int, hidden, slope: float, seed: int, *, noise_scale: float = 1.0,
+              random_scale: float = 1.0, offset: float = 10.0):
+    """The PPCA maximum-likelihood solution embedded in a network, plus seeded random
+    units: returns (net, var (D,)).
 
-    PPCA (Tipping and Bishop): x = W z + mu + noise, W (D, S), var s^2.  For a slope
-    a != -1 (ReLU, leaky ReLU) every hidden layer holds S unit pairs u = +-(z_i) and
-    act(u) - act(-u) = (1 + a) u carries z through exactly: layer 0 rows e_i, -e_i;
-    layer k > 0 rows (e_{+i} - e_{-i}) / (1 + a) and its negative; the output layer
-    W[:, i] / (1 + a) on the + unit and -W[:, i] / (1 + a) on the - unit, bias mu.
-    For the absolute value (a = -1) one unit per latent dim, u = z_i + 10 (|u| = u
-    unless z_i < -10, prior mass 8e-24), passed on unchanged, and mu - 10 W 1 as the
-    output bias.  The other units get seeded random incoming weights (N(0, 1/fan_in)
-    times ``random_scale``, biases N(0, 0.5^2) in layer 0 and N(0, 0.1^2) above)
-    and zero outgoing weights, so the network computes the PPCA mean exactly and EM
-    starts at the PPCA likelihood.  Hidden widths below 2S (S for abs) fall back to
-    ``init_random``.
+    PPCA (Tipping and Bishop): x = W z + mu + noise, W (D, S), var s^2 (``ppca``).
+    Hidden unit i < S of every layer carries z_i through with an offset that keeps it
+    on its identity side: layer 0 u_i = z_i + ``offset`` (10), layer l > 0
+    u_i = h_i + 5, so act(u) = u wherever z_i > -10 for any slope (ReLU, leaky ReLU,
+    abs); the output layer is W on those units with bias mu - W (10 + 5 (L - 2)) 1.
+    The network therefore computes the PPCA mean exactly on {z : min_i z_i > -10}
+    (prior mass outside below 1e-22 S), and its breakpoints there are the random
+    units' only; unit pairs +-u would reproduce it everywhere but put duplicate
+    hyperplanes through the data, which makes degenerate regions.
+    The other units get seeded random incoming weights N(0, random_scale^2 / fan_in)
+    (the carried units' offsets compensated in the bias), biases N(0, 0.5^2) in layer
+    0 and N(0, 0.1^2) above, and zero outgoing weights.  The noise variance is the
+    PPCA one times ``noise_scale``^2: with 1, EM starts at the PPCA likelihood; a small
+    scale (``fit_em`` uses 0.1) starts EM with sharp posteriors, which lets it leave the
+    PPCA plateau in a few iterations (see ``fit_em``).  Hidden widths below S fall back
+    to ``init_random``.
     """
     from .ppca import ppca_parameters
     X = np.asarray(X, dtype=np.float64)
@@ -443,46 +602,35 @@ def init_ppca(X, latent_dim: int, hidden, slope: float, seed: int, *, random_sca
     if S >= D:
         raise CpadgnError(f"the latent dimension ({S}) must be below the data dimension ({D})")
     Wp, mu, s2 = ppca_parameters(X, S)
-    a = float(slope)
-    per = S if a == -1.0 else 2 * S
-    if hidden and min(hidden) < per:
-        return init_random(X, S, hidden, slope, seed)
+    if hidden and min(hidden) < S:
+        net, var = init_random(X, S, hidden, slope, seed)
+        return net, var * noise_scale ** 2
     rng = np.random.default_rng(seed)
     sizes = [S, *hidden]
     Ws, bs = [], []
+    carried = np.zeros(S)                  # offset of the carried units in the previous layer
     for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         W = rng.normal(size=(n_out, n_in)) * random_scale / np.sqrt(n_in)
         b = rng.normal(size=n_out) * (0.5 if l == 0 else 0.1)
-        W[:per] = 0.0
-        b[:per] = 0.0
-        for i in range(S):
-            if a == -1.0:
-                if l == 0:
-                    W[i, i], b[i] = 1.0, 10.0
-                else:
-                    W[i, i] = 1.0
-            elif l == 0:
-                W[2 * i, i], W[2 * i + 1, i] = 1.0, -1.0
-            else:
-                W[2 * i, 2 * i], W[2 * i, 2 * i + 1] = 1.0 / (1 + a), -1.0 / (1 + a)
-                W[2 * i + 1] = -W[2 * i]
+        if l > 0:
+            b -= W[:, :S] @ carried        # the random units see z_i, not z_i + offset
+        W[:S] = 0.0
+        W[np.arange(S), np.arange(S)] = 1.0
+        b[:S] = offset if l == 0 else 5.0
+        carried = carried + b[:S]
         Ws.append(W)
         bs.append(b)
-    n_last = sizes[-1]
-    Wo = np.zeros((D, n_last))
-    bo = mu.copy()
-    if not hidden:
-        Wo[:] = Wp
-    elif a == -1.0:
+    Wo = np.zeros((D, sizes[-1]))
+    if hidden:
         Wo[:, :S] = Wp
-        bo = mu - 10.0 * Wp.sum(1)
+        bo = mu - Wp @ carried
     else:
-        Wo[:, 0:2 * S:2] = Wp / (1 + a)
-        Wo[:, 1:2 * S:2] = -Wp / (1 + a)
+        Wo[:] = Wp
+        bo = mu.copy()
     Ws.append(Wo)
     bs.append(bo)
     net = PiecewiseAffineNet.from_arrays(Ws, bs, [slope] * len(hidden))
-    return net, np.full(D, s2)
+    return net, np.full(D, s2 * noise_scale ** 2)
 
 
 def init_random(X, latent_dim: int, hidden, slope: float, seed: int):

@@ -170,18 +170,40 @@ def _partition(net, max_regions):
 # ============================================================================ EM
 def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: int = 100,
            tol: float = 1e-5, X_val=None, seed: int = 0, noise: str = "iso", callback=None, *,
-           init="ppca", sweeps: int = 1, max_halvings: int = 3, device="cpu", max_regions=None,
+           init="ppca", init_noise: float = 0.1, sweeps: int = 1, max_halvings: int = 3, damping: float = 1e-3,
+           overrelax: bool = True, rtol: float = 1e-6, device="cpu", max_regions=None,
            var_floor: float | None = None, dense_max: int = 1500, timings: bool = False) -> FitResult:
     """Fit a generator S -> hidden -> D to the rows X (N, D) by exact, monotone EM.
 
     latent_dim S; hidden: widths; slope: the activations' negative-side slope (0 ReLU,
     -1 abs); noise: "iso" (sigma^2 I) or "diag"; X_val (M, D) optional validation rows
     (scored each iteration, never fitted); init: "ppca" (``em.init_ppca``), "random"
-    (``em.init_random``) or a tuple (net, var (D,)); sweeps: bottom-up passes over the
+    (``em.init_random``) or a tuple (net, var (D,)); init_noise: the initial noise std as
+    a fraction of the initialisation's own (PPCA's maximum-likelihood std, or the data
+    std for "random"): 1 starts EM exactly at the PPCA likelihood, where the posteriors
+    are broad and EM crawls along a plateau; the default 0.1 starts with sharp
+    posteriors (lower initial likelihood, cheaper E-steps) and leaves it in a few
+    iterations; sweeps: bottom-up passes over the
     layers per M-step; var_floor: lower bound on the noise variance (default 1e-6 times
     the mean column variance); dense_max: largest layer (n_{l+1} (n_l + 1) unknowns)
-    solved densely, CG above.  callback(row: dict) after every iteration (progress);
-    returning True stops.  Returns a FitResult.
+    solved densely, CG above; rtol: pruning tolerance of the E-step (``em.e_step``): the
+    log-likelihoods are exact to log(1 + rtol) per row, a certified bound kept in the
+    history.
+
+    Step control (each candidate is scored by the exact log-likelihood on its own new
+    partition, and accepted only if that did not go down):
+      * the hidden layers' normal equations get a Levenberg-Marquardt term
+        ``damping`` * diag (a trust region for the fixed-region surrogate): divided by 3
+        after a full step, multiplied by 10 after a damped one;
+      * with ``overrelax``, the step old + eta (new - old) is first tried at an
+        over-relaxed eta > 1 (adaptive over-relaxed EM, Salakhutdinov and Roweis 2003;
+        eta grows by 1.5 after each success, up to 8, and drops to 1 after a failure),
+        then at eta = 1, 1/2, ... (``max_halvings`` halvings);
+      * then the output layer and noise alone (the partition does not move: a true EM
+        step that cannot lower the likelihood).
+
+    callback(row: dict) after every iteration (progress); returning True stops.
+    Returns a FitResult.
     """
     from . import em
     t0 = time.perf_counter()
@@ -206,9 +228,10 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
         net, var = init
         var = np.broadcast_to(np.asarray(var, dtype=np.float64), (D,)).copy()
     elif init == "ppca":
-        net, var = em.init_ppca(X, latent_dim, hidden, slope, seed)
+        net, var = em.init_ppca(X, latent_dim, hidden, slope, seed, noise_scale=init_noise)
     elif init == "random":
         net, var = em.init_random(X, latent_dim, hidden, slope, seed)
+        var = var * init_noise ** 2
     else:
         raise ValueError(f"unknown init {init!r}: use 'ppca', 'random' or (net, var)")
     if noise == "iso":
@@ -216,19 +239,30 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
     var = np.maximum(var, var_floor)
 
     def score(net_, part_, var_, rows, moments):
-        return evaluate(net_, part_, _noise_out(var_, noise), rows, device=device, moments=moments)
+        return em.e_step(net_, part_, _noise_out(var_, noise), rows, rtol=rtol, moments=moments,
+                         device=device)
+
+    def candidate(net_, var_):
+        """(partition, E-step, mean log-likelihood) of a candidate, None if over max_regions."""
+        try:
+            part_ = _partition(net_, max_regions)
+        except CpadgnError:
+            return None
+        post_ = score(net_, part_, var_, X, True)
+        return part_, post_, float(post_.log_likelihood.mean())
 
     part = _partition(net, max_regions)
     post = score(net, part, var, X, True)
     ll = float(post.log_likelihood.mean())
     val = float(score(net, part, var, X_val, False).log_likelihood.mean()) if X_val is not None else np.nan
     rows = []
+    lam, eta_or = float(damping), 1.0
 
-    def record(it, step, halvings, fallback, gain, post_):
+    def record(it, step, trials, fallback, gain, post_):
         row = {"iteration": it, "train_loglik": ll, "val_loglik": val,
                "noise_std": float(np.sqrt(var.mean())), "n_regions": part.n_regions,
-               "step": step, "halvings": halvings, "fallback": int(fallback), "q_gain": gain,
-               "error_bound": float(post_.error_bound.max(initial=0.0))}
+               "step": step, "rejected": trials, "fallback": int(fallback), "damping": lam,
+               "q_gain": gain, "error_bound": float(post_.error_bound.max(initial=0.0))}
         if timings:
             row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -242,19 +276,17 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
             stats = em.stats_from_posterior(post, X)
             patterns = part.patterns[stats.regions]
             new_net, new_var, info = em.m_step(net, patterns, stats, var, noise=noise, sweeps=sweeps,
-                                               dense_max=dense_max, var_floor=var_floor)
-            accepted = None
-            eta, halvings = 1.0, 0
-            for h in range(max_halvings + 1):
-                cand, cvar = em.interpolate(net, new_net, var, new_var, eta) if eta < 1 else (new_net, new_var)
-                cpart = _partition(cand, max_regions)
-                cpost = score(cand, cpart, cvar, X, True)
-                cll = float(cpost.log_likelihood.mean())
-                if cll >= ll:
-                    accepted = (cand, cvar, cpart, cpost, cll, eta, False, info.q_after - info.q_before)
+                                               damping=lam, dense_max=dense_max, var_floor=var_floor)
+            etas = ([eta_or] if overrelax and eta_or > 1 else []) + [0.5 ** h for h in range(max_halvings + 1)]
+            accepted, trials = None, 0
+            for eta in etas:
+                cand, cvar = (new_net, new_var) if eta == 1 else em.interpolate(net, new_net, var, new_var, eta)
+                cvar = np.maximum(cvar, var_floor)
+                got = candidate(cand, cvar)
+                if got is not None and got[2] >= ll:
+                    accepted = (cand, cvar, *got, eta, False, info.q_after - info.q_before)
                     break
-                halvings += 1
-                eta *= 0.5
+                trials += 1
             if accepted is None:
                 # the output layer and the noise alone: the partition does not move, so
                 # this is an exact EM step and cannot lower the likelihood
@@ -269,14 +301,22 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
                 stop = "no_improvement"
                 break
             net, var, part, post, new_ll, step, fallback, gain = accepted
+            # step control for the next iteration
+            if step > 1:
+                eta_or = min(1.5 * eta_or, 8.0)
+            elif overrelax and step == 1:
+                eta_or = 1.5 if eta_or <= 1 else 1.0
+            else:
+                eta_or = 1.0
+            lam = max(lam / 3, 1e-9) if step >= 1 else min(lam * 10, 1e6)
             rel = (new_ll - ll) / max(abs(ll), 1.0)
             ll = new_ll
             if X_val is not None:
                 val = float(score(net, part, var, X_val, False).log_likelihood.mean())
-            if record(it, step, halvings, fallback, gain, post):
+            if record(it, step, trials, fallback, gain, post):
                 stop = "callback"
                 break
-            if rel < tol:
+            if rel < tol and (step >= 1 or fallback):      # a damped step's small gain is no sign
                 stop = "tol"
                 break
     return FitResult(net=net, noise_std=_noise_out(var, noise), history=_history_arrays(rows),
@@ -285,7 +325,9 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
                      options={"latent_dim": int(latent_dim), "hidden": list(hidden), "slope": float(slope),
                               "max_iter": int(max_iter), "tol": float(tol), "seed": int(seed),
                               "noise": noise, "init": init if isinstance(init, str) else "given",
+                              "init_noise": float(init_noise),
                               "sweeps": int(sweeps), "max_halvings": int(max_halvings),
+                              "damping": float(damping), "overrelax": bool(overrelax), "rtol": float(rtol),
                               "var_floor": float(var_floor), "dense_max": int(dense_max)})
 
 
@@ -293,14 +335,17 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
 def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: int = 200,
             X_val=None, seed: int = 0, noise: str = "iso", callback=None, *, lr: float = 1e-3,
             batch_size: int = 128, eval_every: int = 10, device="cpu", max_regions=None,
-            timings: bool = False) -> FitResult:
+            timings: bool = False, score_train: bool = True) -> FitResult:
     """The VAE baseline: ``vae.train_vae`` (Adam on the ELBO, same decoder architecture
     as EM) for ``max_iter`` epochs; every ``eval_every`` epochs and at the end the
     decoder's exact mean validation log-likelihood (and region count) is recorded.
-    callback(row: dict) after every epoch; returning True stops.
+    callback(row: dict) after every epoch; returning True stops.  score_train: also
+    compute the final exact training log-likelihood (else ``train_loglik`` is NaN).
     """
     from .vae import train_vae
     t0 = time.perf_counter()
+    if max_iter < 1:
+        raise CpadgnError("the VAE needs at least one epoch: --max-iter 1 or more")
     X = check_training_data(X, latent_dim)
     if X_val is not None and np.asarray(X_val).size:
         X_val = check_training_data(X_val, latent_dim, "validation data")
@@ -337,7 +382,8 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
     net = vae.generator()
     part = _partition(net, max_regions)
     std = np.asarray(vae.noise_std(), dtype=np.float64)
-    train_ll = float(evaluate(net, part, std, X, device=device).log_likelihood.mean())
+    train_ll = float(evaluate(net, part, std, X, device=device).log_likelihood.mean()) if score_train \
+        else float("nan")
     val_ll = None
     if X_val is not None:
         val_ll = rows[-1]["val_loglik"] if rows and np.isfinite(rows[-1]["val_loglik"]) \

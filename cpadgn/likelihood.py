@@ -84,7 +84,7 @@ class RegionTable:
         _, (M, c) = net.hidden_affine(part.patterns)
         W, b0 = net.weights[-1], net.biases[-1]
         if W.shape[1] >= D:  # the last hidden layer is wider than the data: work in data space
-            M, c, W = np.einsum("dh,rhs->rds", W, M), c @ W.T, np.eye(D)
+            M, c, W = np.matmul(W, M), c @ W.T, np.eye(D)
         self.device, self.S, self.D = device, S, D
         self.n_regions = part.n_regions
         self.var = t(np.broadcast_to(np.asarray(noise_std, dtype=np.float64) ** 2, (D,)))

@@ -160,6 +160,28 @@ class CPAModel:
                               "value, or NaN to mark it missing")
         return X
 
+    def impute(self, X, draws=None, seed=None) -> np.ndarray:
+        """Exact imputation of the missing entries (NaN) of X (N, D) given the observed ones.
+
+        draws=None: the conditional mean E[x_m | x_o], (N, D); draws=K: K exact draws
+        from p(x_m | x_o), (K, N, D) (multiple imputation; same seed, same draws).
+        Observed entries are copied bit for bit and X's float dtype is kept.
+        """
+        from .impute import check_input, impute
+        X = check_input(X, self.output_dim)
+        res = impute(self.net, self.partition(), self.noise_std, X, draws=draws, seed=seed,
+                     tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
+        return res.mean if draws is None else res.draws
+
+    def conditional(self, X, *, full_cov: bool = True):
+        """Exact E[x | x_o] (N, D) and Cov[x | x_o] (N, D, D; None with full_cov=False),
+        plus the conditional std (N, D): a named tuple (mean, cov, std).  Observed
+        entries keep their value with zero variance."""
+        from .impute import check_input, conditional
+        X = check_input(X, self.output_dim)
+        return conditional(self.net, self.partition(), self.noise_std, X, full_cov=full_cov,
+                           tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
+
 
 def _check_noise(noise_std, D: int) -> np.ndarray:
     s = np.asarray(noise_std, dtype=np.float64)

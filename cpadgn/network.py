@@ -125,7 +125,7 @@ class PiecewiseAffineNet:
         c = np.zeros((R, S))
         pre = []
         for W, b, slope in zip(self.weights[:-1], self.biases[:-1], self._slope_masks(patterns)):
-            G = np.einsum("ij,rjs->ris", W, M)
+            G = np.matmul(W, M)                                       # (R, n_l, S)
             cu = c @ W.T + b
             pre.append((G, cu))
             M, c = slope[:, :, None] * G, slope * cu
@@ -150,7 +150,7 @@ class PiecewiseAffineNet:
         """g(z) = A z + b inside regions: A (R, D, S), b (R, D)."""
         _, (M, c) = self.hidden_affine(patterns)
         W, b = self.weights[-1], self.biases[-1]
-        return np.einsum("dh,rhs->rds", W, M), c @ W.T + b
+        return np.matmul(W, M), c @ W.T + b
 
     # ------------------------------------------------------------- identity
     def fingerprint(self) -> str:

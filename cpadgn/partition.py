@@ -47,7 +47,10 @@ Three exact enumeration algorithms (``compute_partition(method=...)``):
     Breadth-first search over the region adjacency graph from the region of z = 0:
     per region a Chebyshev-centre LP (HiGHS), its facets as the extreme rays of the
     cone spanned by the constraint normals of its homogenised cone (a convex hull in
-    S dimensions), then each facet is crossed to the neighbour.
+    S dimensions; for unbounded regions each hull facet is confirmed by one LP), then
+    each facet is crossed to the neighbour (the pattern with that unit flipped; a
+    forward pass just across the facet when the flip is empty).  Dead and duplicate
+    units are skipped as in the subdivision.
 
 Every region's interior point is checked by a forward pass; its clearance (distance to
 the nearest facet) is computed, a Chebyshev LP re-centres the few that look thin, and
@@ -821,28 +824,31 @@ def _chebyshev(Gn, hn, cap=1.0):
 
 
 def _facets_by_lp(Gn, hn, cand=None):
-    """Non-redundant rows by one LP each: row i is a facet when max Gn_i z over the other
-    rows (and Gn_i z <= hn_i + 1) exceeds hn_i.  Exact duplicates: the first one counts.
-    cand: the rows to test (default all)."""
+    """Non-redundant rows of {Gn z <= hn} (unit rows, non-empty interior) by one LP each.
+
+    Row i is a facet of the region iff it is one of its homogenised cone
+    {y = (z, t) : Gn z - hn t <= 0, t >= 0}, i.e. iff some y in the cone of the other
+    rows, normalised to the box |y|_inf <= 1, has Gn_i z - hn_i t > 0 (a bounded LP).
+    Exact duplicates: the first one counts.  cand: the rows to test (default all).
+    """
     S = Gn.shape[1]
-    rows = np.hstack([Gn, hn[:, None]])
-    _, first = np.unique(rows, axis=0, return_index=True)
+    A = np.hstack([Gn, -hn[:, None]])
+    _, first = np.unique(A, axis=0, return_index=True)
     uniq = np.sort(first)
     cand = uniq if cand is None else np.intersect1d(uniq, cand)
     out = []
     for i in cand:
         others = uniq[uniq != i]
-        A = np.vstack([Gn[others], Gn[i:i + 1]])
-        b = np.r_[hn[others], hn[i] + 1.0]
-        res = _linprog(-Gn[i], A_ub=A, b_ub=b, bounds=[(None, None)] * S)
+        res = _linprog(-A[i], A_ub=A[others], b_ub=np.zeros(others.size),
+                       bounds=[(-1.0, 1.0)] * S + [(0.0, 1.0)])
         # an LP that no solver can settle keeps the row (listing a redundant row is safe)
-        if res is None or -res.fun > hn[i] + 1e-9 * max(1.0, abs(hn[i])):
+        if res is None or -res.fun > 1e-9:
             out.append(i)
     return np.array(out, dtype=np.int64)
 
 
 def _cone_facets(Gn, hn, c):
-    """Non-redundant rows of {Gn z <= hn} given an interior point c.
+    """Non-redundant rows of {Gn z <= hn} given an interior point c; (rows, found by LP).
 
     The region's homogenised cone {(z, t): Gn z <= hn t, t >= 0} has as facets exactly the
     region's facets (plus possibly t >= 0); they are the extreme rays of the cone spanned
@@ -859,9 +865,9 @@ def _cone_facets(Gn, hn, c):
     try:
         hull = ConvexHull(P)
     except (QhullError, ValueError):
-        return _facets_by_lp(Gn, hn)
+        return _facets_by_lp(Gn, hn), True
     v = hull.vertices
-    return np.sort(v[v < Gn.shape[0]])
+    return np.sort(v[v < Gn.shape[0]]), False
 
 
 def _is_bounded(GnF):
@@ -892,11 +898,11 @@ def _region_geometry(net, pattern, classes=None):
     if ch is None or ch[1] <= LP_MIN_RADIUS:
         return None
     c, r = ch
-    fac = _cone_facets(Gn, hn, c)
+    fac, by_lp = _cone_facets(Gn, hn, c)
     bounded = _is_bounded(Gn[fac])
-    if not bounded:
+    if not bounded and not by_lp:
         # rows that are exact combinations of others and of t >= 0 (ReLU nets make them:
-        # a deeper unit's affine map is one of its active inputs' maps plus its bias)
+        # a deeper unit's affine map is a combination of its active inputs' maps plus its bias)
         # lie on the hull's boundary, and round-off may keep them: confirm by LP
         fac = _facets_by_lp(Gn, hn, fac)
     return c, r, keep[fac], bounded, Gn, hn, keep

@@ -1,0 +1,218 @@
+"""``cpadgn impute``: exact conditional imputation and exact multiple-imputation draws."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cli.main import Progressbar, load_model, main, model_options, print_summary, user_errors
+from cpadgn.errors import CpadgnError
+
+MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="Output file: .csv, .npy or .h5 (not needed with --evaluate-mcar).")
+@click.option("--draws", "n_draws", type=int, default=None, metavar="K",
+              help="Write K exact draws from p(x_missing | x_observed) (multiple imputation) "
+                   "instead of the conditional mean.")
+@click.option("--std", "want_std", is_flag=True,
+              help="Also write the exact conditional standard deviation of every entry (0 where "
+                   "observed): OUT.std.csv / OUT.std.npy beside OUT, or dataset 'std' in an .h5 OUT.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the draws and of --evaluate-mcar's mask (same seed, same draws).")
+@click.option("--evaluate-mcar", "mcar", type=float, default=None, metavar="P",
+              help="Hide a fraction P of the observed entries completely at random (seeded), "
+                   "impute them and report the RMSE overall and per column (with --draws also "
+                   "the coverage of the draws' central 90%% intervals).  -o then writes the "
+                   "imputation of the masked data.")
+@click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, noise_std, cache, max_regions,
+           device, trust_pickle, quiet, debug, as_json):
+    """Impute the missing entries (NaN) of DATA exactly under MODEL.
+
+    By default each missing entry gets the exact conditional mean E[x_m | x_o] =
+    sum_w r_w(x_o) (A_w,m E[z | x_o, z in w] + b_w,m) over the linear regions w.
+    OUT has DATA's shape and column order (a CSV header is kept); observed entries
+    are copied bit for bit.  Rows with nothing missing pass through; rows with
+    everything missing get the model's marginal mean.
+
+    \b
+    Output layouts:
+      mean     .csv: header + N rows   .npy: (N, D)   .h5: dataset 'data' (N, D)
+      --draws  .csv: a 'draw' column (1..K) then the D columns, K*N rows, draw by draw
+               .npy: (K, N, D)          .h5: dataset 'data' (K, N, D)
+      --std    .csv/.npy: OUT.std.csv / OUT.std.npy (N, D)   .h5: dataset 'std' (N, D)
+
+    \b
+    Examples:
+      cpadgn impute sample_data/digits_generator.h5 holes.csv -o filled.csv --std
+      cpadgn impute gen.h5 holes.npy -o mi.h5 --draws 20 --seed 1
+      cpadgn impute sample_data/digits_generator.h5 sample_data/digits_test.csv --evaluate-mcar 0.3
+    """
+    from cpadgn.data import check_output_path, read_data
+    from cpadgn.impute import imputation_errors, impute as run_impute, mcar_mask
+    t0 = time.perf_counter()
+    quiet = quiet or as_json
+    if n_draws is not None and n_draws < 1:
+        raise CpadgnError(f"--draws must be a positive integer, got {n_draws}")
+    if mcar is not None and not (0 < mcar < 1):
+        raise CpadgnError(f"--evaluate-mcar takes a fraction strictly between 0 and 1, got {mcar}")
+    if out is None and mcar is None:
+        raise CpadgnError("missing output file: pass -o OUT (.csv, .npy or .h5), or --evaluate-mcar P")
+    std_path = None
+    if out is not None:
+        out = check_output_path(out)
+        if want_std and out.suffix.lower() in (".csv", ".npy"):
+            std_path = check_output_path(std_sibling(out))
+    elif want_std:
+        raise CpadgnError("--std writes a file beside OUT: pass -o OUT")
+
+    X = read_data(data_path, dataset=dataset)
+    columns = csv_header(data_path, X.shape[1])
+    model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
+                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X)
+    model._check_data(X)
+    hidden = None
+    X_in = X
+    if mcar is not None:
+        hidden = mcar_mask(X, mcar, seed)
+        X_in = X.copy()
+        X_in[hidden] = np.nan
+    with Progressbar("imputing rows", quiet) as bar:
+        res = run_impute(model.net, model.partition(), model.noise_std, X_in, draws=n_draws, seed=seed,
+                         std=want_std, tab=model._region_table(), device=model.device,
+                         memory_budget=model.memory_budget, progress=bar)
+    if out is not None:
+        write_imputation(out, res.mean if n_draws is None else res.draws, res.std, columns,
+                         draws=n_draws is not None, std_path=std_path)
+
+    miss = np.isnan(X_in)
+    summary = {"rows": int(X.shape[0]), "columns": int(X.shape[1]),
+               "rows_with_missing": int(miss.any(1).sum()), "missing_entries": int(miss.sum()),
+               "rows_all_missing": int(miss.all(1).sum()), "draws": n_draws,
+               "max_error_bound": float(res.error_bound.max(initial=0.0)),
+               "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
+               "seconds": time.perf_counter() - t0}
+    if out is not None:
+        summary["output"] = str(out)
+        if want_std:
+            summary["std_output"] = str(std_path) if std_path is not None else f"{out} (dataset 'std')"
+    if mcar is not None:
+        ev = imputation_errors(X, res.mean, hidden, res.draws)
+        summary.update({"mcar_fraction": mcar, "hidden_entries": ev["hidden"], "rmse": ev["rmse"]})
+        if "coverage" in ev:
+            summary["coverage_90"] = ev["coverage"]
+        per_col = [None if not np.isfinite(v) else float(v) for v in ev["rmse_per_column"]]
+        if as_json:
+            summary["rmse_per_column"] = dict(zip(columns, per_col))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    print_summary("Imputation", summary)
+    if mcar is not None:
+        table = Table(title=f"RMSE per column ({mcar:g} of the observed entries hidden at random)")
+        table.add_column("column")
+        table.add_column("hidden", justify="right")
+        table.add_column("RMSE", justify="right")
+        for name, n, v in zip(columns, ev["hidden_per_column"], per_col):
+            table.add_row(name, str(int(n)), "-" if v is None else f"{v:.6g}")
+        Console().print(table)
+
+
+def std_sibling(out: Path) -> Path:
+    """out.csv -> out.std.csv, out.npy -> out.std.npy."""
+    return out.with_name(out.stem + ".std" + out.suffix)
+
+
+def csv_header(path, D: int) -> list:
+    """The header of a CSV DATA file if it has one (as ``read_data`` decides), else x1..xD."""
+    default = [f"x{j + 1}" for j in range(D)]
+    if Path(path).suffix.lower() != ".csv":
+        return default
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for row in csv.reader(f):
+                if row and any(c.strip() for c in row):
+                    break
+            else:
+                return default
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return default
+    for c in row:
+        t = c.strip()
+        if t.lower() in MISSING_TOKENS:
+            continue
+        try:
+            float(t)
+        except ValueError:
+            names = [c.strip() or f"x{j + 1}" for j, c in enumerate(row)]
+            return names if len(names) == D else default
+    return default
+
+
+def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None) -> None:
+    """Write the imputed data (N, D) or draws (K, N, D), and the std (N, D) when given.
+
+    Every file goes to a temporary file beside its target and is renamed over it only
+    when all of them are complete, so a failure leaves no partial output.
+    """
+    from cpadgn.data import atomic_path
+    suffix = out.suffix.lower()
+    columns = [str(c) for c in columns]
+    if draws and suffix == ".csv" and "draw" in columns:
+        raise CpadgnError("DATA has a column named 'draw', which the CSV draws layout uses; "
+                          "write the draws to .npy or .h5")
+    try:
+        with ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(out))
+            if suffix in (".h5", ".hdf5"):
+                import h5py
+                with h5py.File(tmp, "w") as f:
+                    f.create_dataset("data", data=data, track_times=False).attrs["columns"] = columns
+                    if std is not None:
+                        f.create_dataset("std", data=std, track_times=False).attrs["columns"] = columns
+                return
+            if std is not None:
+                _write_plain(stack.enter_context(atomic_path(std_path)), suffix, std, columns)
+            if draws and suffix == ".csv":
+                K, N, D = data.shape
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    w = csv.writer(f, lineterminator="\n")
+                    w.writerow(["draw", *columns])
+                    for k in range(K):
+                        w.writerows([str(k + 1), *map(_fmt, row)] for row in data[k])
+            else:
+                _write_plain(tmp, suffix, data, columns)
+    except OSError as e:
+        raise CpadgnError(f"could not write {out}: {e.strerror or e}") from None
+
+
+def _fmt(v) -> str:
+    """Shortest text that reads back to the same float (as ``cpadgn.data`` writes CSV)."""
+    return repr(float(v))
+
+
+def _write_plain(path: Path, suffix: str, a: np.ndarray, columns) -> None:
+    """A 2-D array as CSV (header + rows) or any array as .npy, to ``path`` as is."""
+    if suffix == ".npy":
+        with open(path, "wb") as f:
+            np.save(f, a, allow_pickle=False)
+        return
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows([_fmt(v) for v in row] for row in a)

@@ -1,0 +1,322 @@
+"""EM training (cpadgn.em, cpadgn.fit, cpadgn fit): the closed-form M-step against
+torch autograd, convergence to the PPCA closed form, monotone exact likelihood, the
+VAE baseline's ELBO <= log p(x), determinism of the model file, and the command line."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy.stats import multivariate_normal
+
+from cpadgn import em
+from cpadgn.errors import CpadgnError
+from cpadgn.fit import fit_em, fit_vae, parse_activation, parse_hidden
+from cpadgn.network import PiecewiseAffineNet
+from cpadgn.ppca import ppca_parameters
+
+
+# ====================================================================== M-step vs autograd
+def _random_problem(S, hidden, D, N, R, seed, slope=0.1):
+    """A random net, R random sign patterns, and random (row, region) pairs with
+    responsibilities summing to 1 per row and random truncated moments."""
+    rng = np.random.default_rng(seed)
+    sizes = [S, *hidden, D]
+    Ws = [rng.normal(size=(o, i)) for i, o in zip(sizes[:-1], sizes[1:])]
+    bs = [rng.normal(size=o) for o in sizes[1:]]
+    net = PiecewiseAffineNet.from_arrays(Ws, bs, [slope] * len(hidden))
+    patterns = rng.random((R, sum(hidden))) < 0.5
+    P = 3 * N
+    rows = np.concatenate([np.arange(N), rng.integers(0, N, P - N)])
+    regions = rng.integers(0, R, P)
+    r = rng.random(P)
+    r /= np.bincount(rows, weights=r)[rows]
+    m = rng.normal(size=(P, S))
+    Lc = 0.3 * rng.normal(size=(P, S, S))
+    V = Lc @ np.swapaxes(Lc, 1, 2)
+    X = rng.normal(size=(N, D))
+    return net, patterns, rows, regions, r, m, V, X
+
+
+def _q_torch(Ws, bs, slopes, patterns, rows, regions, r, m, V, X, var):
+    """sum_pairs r E[log N(x; A_w z + b_w, diag var)] for z ~ (m, V), with A_w, b_w built
+    by torch from the weights and the fixed slope masks (independent of cpadgn.em)."""
+    S = m.shape[1]
+    R = patterns.shape[0]
+    splits = np.cumsum([W.shape[0] for W in Ws[:-1]])[:-1]
+    masks = [torch.as_tensor(np.where(q, 1.0, a)) for q, a in zip(np.split(patterns, splits, axis=1), slopes)]
+    M = torch.eye(S, dtype=torch.float64).expand(R, S, S)
+    c = torch.zeros(R, S, dtype=torch.float64)
+    for W, b, mk in zip(Ws[:-1], bs[:-1], masks):
+        M = mk[:, :, None] * torch.einsum("ij,rjs->ris", W, M)
+        c = mk * (c @ W.T + b)
+    A = torch.einsum("dh,rhs->rds", Ws[-1], M)[regions]
+    b = (c @ Ws[-1].T + bs[-1])[regions]
+    mt, Vt, Xt = torch.as_tensor(m), torch.as_tensor(V), torch.as_tensor(X[rows])
+    res = Xt - torch.einsum("pds,ps->pd", A, mt) - b
+    quad = res ** 2 + torch.einsum("pds,pst,pdt->pd", A, Vt, A)
+    return (torch.as_tensor(r) * (-0.5 * (np.log(2 * np.pi) + torch.log(var) + quad / var).sum(1))).sum()
+
+
+def _grads(net, var, problem):
+    _, patterns, rows, regions, r, m, V, X = problem
+    Ws = [torch.tensor(W, requires_grad=True) for W in net.weights]
+    bs = [torch.tensor(b, requires_grad=True) for b in net.biases]
+    vt = torch.tensor(np.asarray(var, dtype=np.float64), requires_grad=True)
+    q = _q_torch(Ws, bs, net.slopes, patterns, rows, regions, r, m, V, X, vt)
+    q.backward()
+    return q.item(), [W.grad.numpy() for W in Ws], [b.grad.numpy() for b in bs], vt.grad.numpy()
+
+
+@pytest.mark.parametrize("hidden,seed", [((5, 4), 0), ((3, 4, 5), 1), ((6,), 2), ((), 3)])
+def test_m_step_layer_solutions_are_stationary(hidden, seed):
+    """Each layer's closed-form update zeroes the gradient of the expected complete-data
+    log-likelihood in that layer (the others and the regions fixed); dense and CG agree."""
+    problem = _random_problem(2, hidden, 6, 30, 7, seed)
+    net, patterns, rows, regions, r, m, V, X = problem
+    stats = em.region_stats(rows, regions, r, m, V, X)
+    var = np.linspace(0.3, 1.2, X.shape[1])
+    q0, gW0, gb0, _ = _grads(net, var, problem)
+    L = len(net.weights)
+    for l in range(L):
+        sols = []
+        for dense_max in (10 ** 6, 0):          # dense solve, then conjugate gradients
+            new, _, info = em.m_step(net, patterns[stats.regions], stats, var, layers=[l],
+                                     update_noise=False, dense_max=dense_max)
+            q, gW, gb, _ = _grads(new, var, problem)
+            scale = max(np.abs(gW0[l]).max(), np.abs(gb0[l]).max())
+            assert np.abs(gW[l]).max() < 1e-8 * scale and np.abs(gb[l]).max() < 1e-8 * scale
+            assert q >= q0 - 1e-9                                      # it is a maximum
+            assert info.q_after - info.q_before == pytest.approx(q - q0, rel=1e-8, abs=1e-8)
+            sols.append(new.weights[l])
+        np.testing.assert_allclose(sols[0], sols[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("noise", ["iso", "diag"])
+def test_m_step_full_sweep_output_and_noise_stationary(noise):
+    problem = _random_problem(2, (5, 4), 6, 30, 7, 4)
+    net, patterns, rows, regions, r, m, V, X = problem
+    stats = em.region_stats(rows, regions, r, m, V, X)
+    var = np.full(X.shape[1], 0.7)
+    new, new_var, info = em.m_step(net, patterns[stats.regions], stats, var, noise=noise, sweeps=2)
+    q, gW, gb, gv = _grads(new, new_var, problem)
+    assert np.abs(gW[-1]).max() < 1e-7 and np.abs(gb[-1]).max() < 1e-7
+    if noise == "diag":
+        assert np.abs(gv).max() < 1e-8
+    else:
+        assert abs(gv.sum()) < 1e-8                                    # d/d(sigma^2) of sigma^2 1
+    assert info.q_after == pytest.approx(q, rel=1e-12)
+    assert info.q_after > info.q_before
+
+
+def test_e_step_matches_posterior():
+    """em.e_step (the training E-step, with its own pruning tolerance) against
+    likelihood.posterior: log-likelihoods within the certified bound, same moments."""
+    from oracles import random_net
+
+    from cpadgn.likelihood import posterior
+    from cpadgn.partition import compute_partition
+    for S, seed in ((1, 0), (2, 1)):
+        net = random_net(S, (8, 8), 5, seed=seed, slope=0.1, scale=2.0)
+        part = compute_partition(net)
+        rng = np.random.default_rng(seed)
+        X = net.forward(rng.normal(size=(40, S))) + 0.3 * rng.normal(size=(40, 5))
+        X[0] += 5.0
+        ref = posterior(net, part, 0.3, X)
+        for rtol in (1e-13, 1e-4):
+            es = em.e_step(net, part, 0.3, X, rtol=rtol)
+            assert np.all(es.error_bound <= np.log1p(rtol) * 1.0001)
+            assert np.all(es.log_likelihood <= ref.log_likelihood + 1e-9)
+            assert np.all(es.log_likelihood >= ref.log_likelihood - es.error_bound - 1e-9)
+            zm = np.zeros((40, S))
+            np.add.at(zm, es.pair_row, es.pair_responsibility[:, None] * es.pair_mean)
+            np.testing.assert_allclose(zm, ref.z_mean, atol=max(1e-9, 10 * rtol))
+            np.testing.assert_allclose(np.bincount(es.pair_row, es.pair_responsibility), 1.0, atol=1e-12)
+
+
+# ====================================================================== EM against closed forms
+def test_linear_em_converges_to_ppca_closed_form():
+    rng = np.random.default_rng(0)
+    D, S, N = 6, 2, 400
+    W = rng.normal(size=(D, S)) * np.array([3.0, 1.5])
+    X = rng.normal(size=(N, S)) @ W.T + 0.7 * rng.normal(size=(N, D)) + rng.normal(size=D)
+    Wp, mu, s2 = ppca_parameters(X, S)
+    ll_ml = multivariate_normal(mu, Wp @ Wp.T + s2 * np.eye(D)).logpdf(X).mean()
+    res = fit_em(X, S, (), max_iter=1000, tol=1e-14, init="random", init_noise=1.0, seed=1,
+                 noise="iso", overrelax=True)
+    ll = res.history["train_loglik"]
+    assert abs(res.train_loglik - ll_ml) < 1e-6
+    assert np.all(np.diff(ll) >= 0)
+    # the same model in closed form: the fitted covariance is PPCA's
+    A, b = res.net.weights[0], res.net.biases[0]
+    np.testing.assert_allclose(A @ A.T + res.noise_std ** 2 * np.eye(D), Wp @ Wp.T + s2 * np.eye(D),
+                               atol=1e-4)
+    np.testing.assert_allclose(b, mu, atol=1e-4)
+
+
+def test_ppca_init_is_exact_ppca():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5))
+    for slope in (0.1, 0.0, -1.0):
+        net, var = em.init_ppca(X, 2, (8, 6), slope, seed=3)
+        Wp, mu, s2 = ppca_parameters(X, 2)
+        z = np.maximum(rng.normal(size=(500, 2)) * 3, -9.9)     # exact where min_i z_i > -10
+        np.testing.assert_allclose(net.forward(z), z @ Wp.T + mu, atol=1e-10)
+        assert np.allclose(var, s2)
+
+
+@pytest.fixture(scope="module")
+def wave():
+    rng = np.random.default_rng(0)
+    t = rng.normal(0.0, 2.0, 500)
+    X = np.column_stack([t, np.cos(1.4 * t)]) + rng.normal(0.0, 0.1, (500, 2))
+    X = (X - X.mean(0)) / X.std(0)
+    return X[:400], X[400:]
+
+
+@pytest.fixture(scope="module")
+def wave_fit(wave):
+    X, Xv = wave
+    return fit_em(X, 1, (8, 8), 0.1, max_iter=12, tol=0, X_val=Xv, seed=0)
+
+
+def test_em_exact_loglik_never_decreases(wave, wave_fit):
+    ll = wave_fit.history["train_loglik"]
+    assert ll.size == 13
+    assert np.all(np.diff(ll) >= 0)
+    assert ll[-1] > ll[0] + 1.0                                       # it learned something
+    assert np.all(np.isfinite(wave_fit.history["val_loglik"]))
+    # the recorded value is the exact likelihood of the returned model
+    from cpadgn.model import CPAModel
+    model = CPAModel(wave_fit.net, noise_std=wave_fit.noise_std, device="cpu")
+    assert model.log_prob(wave[0]).mean() == pytest.approx(wave_fit.train_loglik, abs=1e-7)
+
+
+def test_em_beats_ppca_on_wave(wave, wave_fit):
+    X, Xv = wave
+    Wp, mu, s2 = ppca_parameters(X, 1)
+    ppca_val = multivariate_normal(mu, Wp @ Wp.T + s2 * np.eye(2)).logpdf(Xv).mean()
+    assert wave_fit.val_loglik > ppca_val + 0.2
+
+
+def test_em_is_deterministic(wave):
+    X, Xv = wave
+    a = fit_em(X, 1, (6, 6), max_iter=3, tol=0, X_val=Xv, seed=5)
+    b = fit_em(X, 1, (6, 6), max_iter=3, tol=0, X_val=Xv, seed=5)
+    for Wa, Wb in zip(a.net.weights, b.net.weights):
+        assert np.array_equal(Wa, Wb)
+    for k in a.history:
+        assert np.array_equal(a.history[k], b.history[k], equal_nan=True)
+
+
+# ====================================================================== VAE baseline
+def test_vae_elbo_below_exact_loglik(wave):
+    from cpadgn.model import CPAModel
+    from cpadgn.vae import Encoder, exact_elbo
+    X, Xv = wave
+    res = fit_vae(X, 1, (8, 8), 0.1, max_iter=15, X_val=Xv, seed=0, eval_every=5)
+    h = res.history
+    assert h["epoch"].size == 15 and np.isfinite(h["val_loglik"][[4, 9, 14]]).all()
+    model = CPAModel(res.net, noise_std=res.noise_std, device="cpu")
+    n = len(res.encoder) // 2
+    enc = Encoder.from_arrays([res.encoder[f"weight_{i}"] for i in range(n)],
+                              [res.encoder[f"bias_{i}"] for i in range(n)], res.encoder_slope)
+    el = exact_elbo(model, Xv, encoder=enc)
+    ll = model.log_prob(Xv)
+    assert np.all(el.elbo - el.error_bound <= ll + 1e-9)
+    assert np.all(el.elbo <= ll + 1e-9)
+    # and the exact ELBO agrees with a Monte Carlo estimate from the torch VAE
+    assert res.val_loglik == pytest.approx(ll.mean(), abs=1e-9)
+
+
+# ====================================================================== options and the CLI
+def test_parse_options():
+    assert parse_hidden("32,32") == (32, 32)
+    assert parse_hidden(" 16 , 8 ") == (16, 8)
+    assert parse_hidden("none") == ()
+    for bad in ("32,x", "0,4", "-3", "1.5"):
+        with pytest.raises(CpadgnError, match="--hidden"):
+            parse_hidden(bad)
+    assert parse_activation("leaky_relu:0.2") == 0.2
+    assert parse_activation("relu") == 0.0 and parse_activation("abs") == -1.0
+    for bad in ("tanh", "leaky_relu:x", "leaky_relu:-0.5"):
+        with pytest.raises(CpadgnError, match="activation"):
+            parse_activation(bad)
+
+
+def _write_wave(path, X):
+    np.savetxt(path, X, delimiter=",", header="a,b", comments="")
+
+
+def test_cli_fit_writes_identical_files_and_history(tmp_path, wave):
+    from cli.main import main
+    from cpadgn.modelfile import read_model
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X)
+    runner = CliRunner()
+    outs = []
+    for name in ("a.h5", "b.h5"):
+        out = tmp_path / name
+        r = runner.invoke(main, ["fit", str(data), "-o", str(out), "--latent-dim", "1", "--hidden", "6,6",
+                                 "--max-iter", "3", "--seed", "7", "--quiet", "--json"])
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    gen = read_model(tmp_path / "a.h5")
+    hist = gen.extra["groups"]["training"]
+    assert {"iteration", "train_loglik", "val_loglik", "noise_std", "n_regions"} <= set(hist)
+    assert np.all(np.diff(hist["train_loglik"]) >= 0)
+    attrs = gen.extra["attrs"]
+    assert attrs["method"] == "em" and attrs["fit_options"]["seed"] == 7
+    assert gen.net.hidden_sizes == (6, 6) and gen.noise_std is not None
+    # every other command loads it
+    r = runner.invoke(main, ["score", str(tmp_path / "a.h5"), str(data), "-o", str(tmp_path / "s.csv"),
+                             "--quiet", "--json", "--cache", str(tmp_path / "c.h5")])
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_fit_vae_keeps_encoder(tmp_path, wave):
+    from cli.main import main
+    from cpadgn.modelfile import read_model
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X)
+    out = tmp_path / "vae.h5"
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(out), "-S", "1", "--hidden", "6,6",
+                                  "--method", "vae", "--max-iter", "4", "--eval-every", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    gen = read_model(out)
+    assert "weight_0" in gen.extra["groups"]["encoder"]
+    assert gen.extra["attrs"]["method"] == "vae"
+    assert gen.extra["groups"]["training"]["epoch"].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hidden", "32,abc"], "--hidden"),
+    (["--activation", "tanh"], "--activation"),
+    (["--latent-dim", "2"], "--latent-dim"),
+    (["-o", "model.csv"], ".h5"),
+])
+def test_cli_fit_refuses_bad_options(tmp_path, wave, args, message):
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X)
+    base = {"-o": str(tmp_path / "m.h5"), "--latent-dim": "1"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v if k != "-o" else str(tmp_path / v)
+    argv = ["fit", str(data)] + [x for kv in base.items() for x in kv] + ["--max-iter", "1", "-q"]
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 1
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_fit_refuses_missing_values(tmp_path, wave):
+    from cli.main import main
+    X = wave[0].copy()
+    X[3, 1] = np.nan
+    data = tmp_path / "wave_nan.csv"
+    _write_wave(data, X)
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "-q"])
+    assert r.exit_code == 1 and "missing values" in r.output and "row 4" in r.output
+    assert not (tmp_path / "m.h5").exists()

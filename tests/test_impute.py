@@ -1,0 +1,450 @@
+"""Exact conditional imputation and exact draws (cpadgn.impute, cpadgn.sampling, cpadgn impute)
+against independent oracles: closed forms (linear generator), quadrature (S = 1) and
+importance sampling with a standard error (any S)."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+from scipy.special import log_ndtr
+
+from cli.main import main
+from cpadgn.data import read_data
+from cpadgn.impute import impute as impute_fn
+from cpadgn.model import CPAModel
+from cpadgn.modelfile import save_model
+from cpadgn.network import PiecewiseAffineNet
+from cpadgn.polytope import log_diff_ndtr, polytope_moments
+from cpadgn.sampling import sample_standard_polytope, truncated_normal_1d
+
+from oracles import GL_W, GL_X, line_breakpoints, random_net
+
+
+# ============================================================================ oracles
+def _log_lik_obs(gz, x, var):
+    """log N(x_o; g(z)_o, var_o) for every row of gz (n, D); NaN in x = missing."""
+    o = ~np.isnan(x)
+    r = gz[:, o] - x[o]
+    return -0.5 * (r * r / var[o]).sum(1)
+
+
+def quad_nodes_1d(net, lo=-40.0, hi=40.0, n_grid=4001):
+    """Piecewise Gauss-Legendre nodes on [lo, hi] for S = 1, pieces split at the
+    breakpoints of g and on a fine grid: edges, nodes t (pieces, 60), log weights
+    (with the prior density) and g(t) (pieces, 60, D)."""
+    breaks = line_breakpoints(lambda t: net.preactivations(t[:, None]), lo, hi)
+    edges = np.union1d(breaks, np.linspace(lo, hi, n_grid))
+    a, b = edges[:-1, None], edges[1:, None]
+    t = 0.5 * (b - a) * GL_X + 0.5 * (a + b)
+    logw = np.log(0.5 * (b - a) * GL_W) - 0.5 * t * t
+    return edges, t, logw, net.forward(t.reshape(-1, 1)).reshape(t.shape + (net.output_dim,))
+
+
+def quad_conditional_1d(nodes, x, sigma):
+    """E[x_m | x_o] and Cov[x_m | x_o] for S = 1 by quadrature of g(z) p(z | x_o)."""
+    _, t, logw, gz = nodes
+    D = gz.shape[-1]
+    var = np.broadcast_to(np.asarray(sigma, float) ** 2, (D,))
+    gz = gz.reshape(-1, D)
+    lw = logw.ravel() + _log_lik_obs(gz, x, var)
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    m = np.isnan(x)
+    g = gz[:, m]
+    mean = w @ g
+    d = g - mean
+    return mean, (w[:, None] * d).T @ d + np.diag(var[m])
+
+
+def quad_posterior_cdf_1d(net, nodes, x, sigma):
+    """The exact posterior CDF of z given x_o (S = 1) by the same quadrature: a callable
+    (whole pieces summed, the last partial piece by its own 60-point rule)."""
+    edges, t, logw, gz = nodes
+    D = gz.shape[-1]
+    var = np.broadcast_to(np.asarray(sigma, float) ** 2, (D,))
+    lw = logw + _log_lik_obs(gz.reshape(-1, D), x, var).reshape(t.shape)
+    shift = lw.max()
+    cum = np.concatenate([[0.0], np.cumsum(np.exp(lw - shift).sum(1))])
+
+    def cdf(z):
+        z = np.clip(np.asarray(z, float), edges[0], edges[-1])
+        k = np.clip(np.searchsorted(edges, z, side="right") - 1, 0, len(edges) - 2)
+        a = edges[k]
+        h = 0.5 * (z - a)
+        tt = h[:, None] * GL_X + (a + h)[:, None]
+        with np.errstate(divide="ignore"):
+            lp = (np.log(h)[:, None] + np.log(GL_W) - 0.5 * tt * tt
+                  + _log_lik_obs(net.forward(tt.reshape(-1, 1)), x, var).reshape(tt.shape))
+        return (cum[k] + np.exp(lp - shift).sum(1)) / cum[-1]
+
+    return cdf
+
+
+def prior_draws_of_g(model, n=200_000, seed=0):
+    """g(z) for n draws of z from the model's own (user) prior: (n, D)."""
+    rng = np.random.default_rng(seed)
+    z = model.prior_mean + rng.standard_normal((n, model.latent_dim)) @ model.prior_chol.T
+    return model.generator.forward(z)
+
+
+def importance_conditional(model, gz, x):
+    """Self-normalised importance sampling with the prior as proposal (gz from
+    ``prior_draws_of_g``): E[x_m | x_o] and E[x_m x_m^T | x_o] with their standard errors
+    (delta method), and the effective sample size."""
+    var = np.broadcast_to(np.asarray(model.noise_std, float) ** 2, (model.output_dim,))
+    lw = _log_lik_obs(gz, x, var)
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    m = np.isnan(x)
+    g = gz[:, m]
+    f1 = g
+    f2 = (g[:, :, None] * g[:, None, :]) + np.diag(var[m])[None]
+    est1 = w @ f1
+    est2 = np.einsum("n,nij->ij", w, f2)
+    se1 = np.sqrt(np.einsum("n,ni->i", w ** 2, (f1 - est1) ** 2))
+    se2 = np.sqrt(np.einsum("n,nij->ij", w ** 2, (f2 - est2) ** 2))
+    return est1, se1, est2, se2, 1.0 / (w ** 2).sum()
+
+
+# ============================================================================ closed form
+def test_linear_generator_matches_gaussian_conditioning():
+    rng = np.random.default_rng(0)
+    S, D = 2, 6
+    A, b = rng.normal(size=(D, S)), rng.normal(size=D)
+    mu = rng.normal(size=S)
+    Lz = np.tril(rng.normal(size=(S, S))) + 2 * np.eye(S)
+    cov_z = Lz @ Lz.T
+    sigma = rng.uniform(0.2, 0.8, size=D)
+    model = CPAModel(PiecewiseAffineNet.from_arrays([A], [b], []), prior_mean=mu, prior_cov=cov_z,
+                     noise_std=sigma, device="cpu")
+    X = model.sample(8, seed=1)
+    X[0, [1, 4]] = np.nan
+    X[1, :] = np.nan
+    X[2, 0] = np.nan
+    X[4, [0, 2, 3, 5]] = np.nan
+    cond = model.conditional(X)
+    m_x = b + A @ mu
+    C_x = A @ cov_z @ A.T + np.diag(sigma ** 2)
+    for n, x in enumerate(X):
+        m, o = np.isnan(x), ~np.isnan(x)
+        want_mean, want_cov = x.copy(), np.zeros((D, D))
+        if m.any():
+            K = C_x[np.ix_(m, o)] @ np.linalg.inv(C_x[np.ix_(o, o)]) if o.any() else np.zeros((m.sum(), 0))
+            want_mean[m] = m_x[m] + K @ (x[o] - m_x[o])
+            want_cov[np.ix_(m, m)] = C_x[np.ix_(m, m)] - K @ C_x[np.ix_(o, m)]
+        np.testing.assert_allclose(cond.mean[n], want_mean, atol=1e-10, rtol=0)
+        np.testing.assert_allclose(cond.cov[n], want_cov, atol=1e-10, rtol=0)
+        np.testing.assert_allclose(cond.std[n], np.sqrt(np.diag(want_cov)), atol=1e-10, rtol=0)
+    np.testing.assert_array_equal(model.impute(X)[~np.isnan(X)], X[~np.isnan(X)])
+
+
+# ============================================================================ S = 1 quadrature
+@pytest.fixture(scope="module")
+def model1():
+    return CPAModel(random_net(1, (8, 8), 4, seed=3, slope=0.1, scale=2.0), noise_std=0.3, device="cpu")
+
+
+def _rows1(model):
+    X = model.sample(6, seed=2)
+    X[0, [0]] = np.nan
+    X[1, [1, 3]] = np.nan
+    X[2, :3] = np.nan
+    X[3, :] = np.nan                   # nothing observed: the marginal moments
+    X[4, [2]] = np.nan
+    X[4, 0] += 3.0                     # off the manifold
+    return X                           # row 5: complete, passes through
+
+
+def test_s1_conditional_moments_match_quadrature(model1):
+    X = _rows1(model1)
+    cond = model1.conditional(X)
+    nodes = quad_nodes_1d(model1.net)
+    for n, x in enumerate(X):
+        m = np.isnan(x)
+        if not m.any():
+            np.testing.assert_array_equal(cond.mean[n], x)
+            assert not cond.cov[n].any()
+            continue
+        mean, cov = quad_conditional_1d(nodes, x, 0.3)
+        np.testing.assert_allclose(cond.mean[n, m], mean, atol=1e-8, rtol=0)
+        np.testing.assert_allclose(cond.cov[n][np.ix_(m, m)], cov, atol=1e-8, rtol=0)
+        np.testing.assert_array_equal(cond.mean[n, ~m], x[~m])
+        assert not cond.cov[n][~m].any() and not cond.cov[n][:, ~m].any()
+
+
+def test_s1_draws_of_z_pass_ks_against_quadrature_cdf(model1):
+    X = _rows1(model1)[[0, 2, 3, 4]]
+    K = 2000
+    res = impute_fn(model1.net, model1.partition(), model1.noise_std, X, draws=K, seed=7)
+    nodes = quad_nodes_1d(model1.net)
+    for n, x in enumerate(X):
+        cdf = quad_posterior_cdf_1d(model1.net, nodes, x, 0.3)
+        p = stats.kstest(res.z_draws[:, n, 0], cdf).pvalue
+        assert p > 1e-3, (n, p)
+
+
+# ============================================================================ any S: importance sampling
+@pytest.mark.parametrize("S,hidden,prior", [(2, (8, 8), True), (3, (6,), False)])
+def test_conditional_moments_match_importance_sampling(S, hidden, prior):
+    net = random_net(S, hidden, 4, seed=11 + S, slope=0.1, scale=1.5)
+    rng = np.random.default_rng(S)
+    kw = {}
+    if prior:
+        L = np.tril(rng.normal(size=(S, S))) * 0.3 + np.eye(S)
+        kw = {"prior_mean": rng.normal(size=S) * 0.5, "prior_cov": L @ L.T}
+    model = CPAModel(net, noise_std=0.5, device="cpu", **kw)
+    X = model.sample(4, seed=3)
+    X[0, [0, 1]] = np.nan
+    X[1, [2]] = np.nan
+    X[2, [0, 2, 3]] = np.nan
+    X[3, :] = np.nan
+    cond = model.conditional(X)
+    gz = prior_draws_of_g(model)
+    for n, x in enumerate(X):
+        m = np.isnan(x)
+        e1, se1, e2, se2, ess = importance_conditional(model, gz, x)
+        assert ess > 1000
+        got1 = cond.mean[n, m]
+        got2 = cond.cov[n][np.ix_(m, m)] + np.outer(got1, got1)
+        # S >= 3 region moments are randomised QMC: allow for their (small) error too
+        slack = 0.0 if S <= 2 else 2e-3
+        assert np.all(np.abs(got1 - e1) <= 4 * se1 + slack), (n, got1, e1, se1)
+        assert np.all(np.abs(got2 - e2) <= 4 * se2 + slack), (n, got2, e2, se2)
+
+
+def test_draws_match_exact_conditional_moments():
+    net = random_net(2, (8, 8), 5, seed=1, slope=0.1, scale=2.0)
+    model = CPAModel(net, noise_std=0.3, device="cpu")
+    X = model.sample(5, seed=4)
+    X[0, [1, 3]] = np.nan
+    X[1, :] = np.nan
+    X[2, [0, 2, 4]] = np.nan
+    X[3, [4]] = np.nan
+    X[3, 0] += 2.0
+    K = 4000
+    cond = model.conditional(X)
+    draws = model.impute(X, draws=K, seed=3)
+    assert draws.shape == (K,) + X.shape
+    for n, x in enumerate(X):
+        m = np.isnan(x)
+        if not m.any():
+            continue
+        d = draws[:, n][:, m]
+        mean, cov = cond.mean[n, m], cond.cov[n][np.ix_(m, m)]
+        se = np.sqrt(np.diag(cov) / K)
+        assert np.all(np.abs(d.mean(0) - mean) <= 4.5 * se), n
+        c = d - mean                                   # centred at the exact mean
+        prod = c[:, :, None] * c[:, None, :]
+        se_c = prod.std(0, ddof=1) / np.sqrt(K)
+        assert np.all(np.abs(prod.mean(0) - cov) <= 4.5 * se_c), n
+
+
+# ============================================================================ invariants
+def test_observed_bitwise_dtype_shape_seed():
+    net = random_net(2, (6, 6), 4, seed=5, slope=0.1, scale=1.5)
+    model = CPAModel(net, noise_std=0.4, device="cpu")
+    X = model.sample(7, seed=1)
+    X[0, 0] = -0.0
+    X[1, [1, 2]] = np.nan
+    X[2, :] = np.nan
+    X[3, 3] = np.nan
+    X[4, 0] = 5e-324                    # a subnormal survives untouched
+    for dtype in (np.float64, np.float32):
+        Xd = X.astype(dtype)
+        obs = ~np.isnan(Xd)
+        mean = model.impute(Xd)
+        assert mean.dtype == dtype and mean.shape == Xd.shape
+        assert not np.isnan(mean).any()
+        assert mean[obs].tobytes() == Xd[obs].tobytes()
+        assert np.signbit(mean[0, 0])
+        d1 = model.impute(Xd, draws=3, seed=42)
+        d2 = model.impute(Xd, draws=3, seed=42)
+        d3 = model.impute(Xd, draws=3, seed=43)
+        assert d1.dtype == dtype and d1.shape == (3,) + Xd.shape
+        assert d1.tobytes() == d2.tobytes()
+        assert not np.array_equal(d1, d3)
+        for k in range(3):
+            assert d1[k][obs].tobytes() == Xd[obs].tobytes()
+    # rows with nothing missing pass through untouched; all-missing rows: the marginal mean
+    np.testing.assert_array_equal(model.impute(X[[0, 5, 6]]), X[[0, 5, 6]])
+    prior_draws = model.sample(200_000, seed=9)
+    marginal, se = prior_draws.mean(0), prior_draws.std(0) / np.sqrt(200_000)
+    assert np.all(np.abs(model.impute(X[[2]])[0] - marginal) < 4.5 * se)
+    # integer data has nothing missing: returned as float64 equal values
+    Xi = np.arange(8).reshape(2, 4)
+    np.testing.assert_array_equal(model.impute(Xi), Xi)
+
+
+# ============================================================================ the sampler
+def test_truncated_normal_1d_far_tails():
+    rng = np.random.default_rng(0)
+    for lo, hi in [(30.0, 30.5), (-1000.0, -999.0), (-np.inf, -40.0), (2.0, np.inf), (-0.01, 0.01),
+                   (-3.0, 8.0)]:
+        x = truncated_normal_1d(np.full(4000, lo), np.full(4000, hi), rng)
+        assert np.all((x >= lo) & (x <= hi)) and np.all(np.isfinite(x))
+        logZ = log_diff_ndtr(lo, hi)
+        flip = lo > 0
+
+        def cdf(v):
+            if flip:                     # upper tail: 1 - P[X > v]
+                return 1.0 - np.exp(log_diff_ndtr(-hi, -np.asarray(v)) - logZ)
+            return np.exp(log_diff_ndtr(lo, np.asarray(v)) - logZ)
+        assert stats.kstest(x, cdf).pvalue > 1e-3, (lo, hi)
+
+
+def _random_polytopes(S, B, F, seed, shift):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(B, F, S))
+    b = rng.normal(size=(B, F)) * 2 - shift
+    mask = rng.random((B, F)) < 0.85
+    mask[:, 0] = True
+    return A, b, mask
+
+
+def test_polytope_sampler_matches_exact_moments_s2():
+    A, b, mask = _random_polytopes(2, 120, 5, seed=1, shift=1.5)
+    ref = polytope_moments(A, b, mask)
+    keep = np.isfinite(ref.log_mass) & (ref.log_mass > -300)
+    A, b, mask = A[keep], b[keep], mask[keep]
+    assert keep.sum() > 30 and ref.log_mass[keep].min() < -20      # far tails included
+    n = 3000
+    st = {}
+    u = sample_standard_polytope(A, b, mask, np.full(len(A), n), np.random.default_rng(2), stats=st)
+    u = u.reshape(len(A), n, 2)
+    assert np.all((np.einsum("bfs,bns->bnf", A, u) - b[:, None]) [np.broadcast_to(mask[:, None], (len(A), n, 5))]
+                  <= 1e-9)
+    sd = np.sqrt(np.einsum("bii->bi", ref.cov[keep]))
+    z = (u.mean(1) - ref.mean[keep]) / (sd / np.sqrt(n))
+    assert np.abs(z).max() < 4.5
+    c = u - ref.mean[keep][:, None]
+    v = (c ** 2).mean(1)
+    sev = (c ** 2).std(1) / np.sqrt(n)
+    assert np.abs((v - sd ** 2) / sev).max() < 4.5
+    # the closed-form acceptance rate is the observed one
+    pred, prop, acc = st["predicted_acceptance"], st["proposals"], st["accepted"]
+    live = pred < 1
+    se = np.sqrt(pred * (1 - pred) / prop)
+    assert np.abs((acc / prop - pred)[live] / se[live]).max() < 4.5
+
+
+def test_polytope_sampler_s3_matches_rejection():
+    A, b, mask = _random_polytopes(3, 20, 5, seed=4, shift=0.0)
+    rng = np.random.default_rng(5)
+    ref = []
+    for i in range(20):                 # plain rejection from N(0, I) as the reference
+        v = rng.standard_normal((100_000, 3))
+        ref.append(v[((v @ A[i].T - b[i]) <= 0)[:, mask[i]].all(1)])
+    keep = np.array([len(v) >= 2000 for v in ref])
+    assert keep.sum() >= 5
+    n = 4000
+    u = sample_standard_polytope(A[keep], b[keep], mask[keep], np.full(keep.sum(), n), rng)
+    u = u.reshape(-1, n, 3)
+    for ui, v in zip(u, [r for r, k in zip(ref, keep) if k]):
+        sd = v.std(0)
+        z = (ui.mean(0) - v.mean(0)) / (sd * np.sqrt(1 / n + 1 / len(v)))
+        assert np.abs(z).max() < 4.5
+
+
+# ============================================================================ CLI
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("impute")
+    net = random_net(2, (6, 6), 4, seed=2, slope=0.1, scale=1.5)
+    save_model(d / "gen.h5", net, noise_std=0.3)
+    model = CPAModel(net, noise_std=0.3, device="cpu")
+    X = model.sample(12, seed=0)
+    X[0, 1] = np.nan
+    X[3, [0, 2]] = np.nan
+    X[5, :] = np.nan
+    X[7, 3] = np.nan
+    names = ["a", "b", "c", "d"]
+    with open(d / "data.csv", "w") as f:
+        f.write(",".join(names) + "\n")
+        for row in X:
+            f.write(",".join("NA" if np.isnan(v) else repr(float(v)) for v in row) + "\n")
+    np.save(d / "data.npy", X)
+    with h5py.File(d / "data.h5", "w") as f:
+        f["x"] = X
+    return d, X, model
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["impute", *map(str, args)])
+
+
+@pytest.mark.parametrize("ext", ["csv", "npy", "h5"])
+def test_cli_round_trip_and_std(files, ext):
+    d, X, model = files
+    out = d / f"out_{ext}.{ext}"
+    r = run(d / "gen.h5", d / f"data.{ext}", "-o", out, "--std", "-q", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    cond = model.conditional(X)
+    if ext == "h5":
+        with h5py.File(out) as f:
+            got, std = f["data"][()], f["std"][()]
+    else:
+        got = read_data(out)
+        std = read_data(d / f"out_{ext}.std.{ext}")
+    assert got.shape == X.shape
+    obs = ~np.isnan(X)
+    assert got[obs].tobytes() == X[obs].tobytes()
+    np.testing.assert_array_equal(got, cond.mean)
+    np.testing.assert_array_equal(std, cond.std)
+    if ext == "csv":
+        assert (d / "out_csv.csv").read_text().splitlines()[0] == "a,b,c,d"
+
+
+@pytest.mark.parametrize("ext", ["csv", "npy", "h5"])
+def test_cli_draws_layout(files, ext):
+    d, X, model = files
+    out = d / f"draws_{ext}.{ext}"
+    r = run(d / "gen.h5", d / "data.npy", "-o", out, "--draws", 3, "--seed", 5, "-q", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    want = model.impute(X, draws=3, seed=5)
+    if ext == "csv":
+        lines = out.read_text().splitlines()
+        assert lines[0] == "draw,x1,x2,x3,x4" and len(lines) == 1 + 3 * len(X)
+        tab = np.loadtxt(out, delimiter=",", skiprows=1)
+        np.testing.assert_array_equal(tab[:, 0], np.repeat([1, 2, 3], len(X)))
+        got = tab[:, 1:].reshape(3, len(X), 4)
+    elif ext == "npy":
+        got = np.load(out)
+    else:
+        with h5py.File(out) as f:
+            got = f["data"][()]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cli_evaluate_mcar(files):
+    d, X, model = files
+    r = run(d / "gen.h5", d / "data.csv", "--evaluate-mcar", 0.3, "--draws", 50, "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output[r.output.index("{"):])
+    assert rep["rmse"] > 0 and rep["hidden_entries"] == round(0.3 * (~np.isnan(X)).sum())
+    assert set(rep["rmse_per_column"]) == {"a", "b", "c", "d"}
+    assert 0 <= rep["coverage_90"] <= 1
+    r = run(d / "gen.h5", d / "data.csv", "--evaluate-mcar", 0.3, "--device", "cpu")
+    assert r.exit_code == 0 and "rmse" in r.output and "RMSE per column" in r.output
+
+
+@pytest.mark.parametrize("extra,data,message", [
+    (["-o", "{d}/bad1.csv"], "wide.csv", "columns"),
+    ([], "data.csv", "-o OUT"),
+    (["-o", "{d}/bad2.txt"], "data.csv", "extension"),
+    (["-o", "{d}/bad3.csv", "--draws", "0"], "data.csv", "--draws"),
+    (["--evaluate-mcar", "1.5"], "data.csv", "--evaluate-mcar"),
+    (["--std"], "data.csv", "-o OUT"),
+    (["-o", "{d}/bad4.csv", "--draws", "2"], "draw.csv", "draw"),
+    (["-o", "{d}/nodir/out.csv"], "data.csv", "does not exist"),
+])
+def test_cli_refusals_are_one_line_without_output(files, extra, data, message):
+    d, X, _ = files
+    (d / "wide.csv").write_text("1,2,3,4,5\n6,,8,9,10\n")
+    (d / "draw.csv").write_text("draw,b,c,d\n1,,3,4\n")
+    r = run(d / "gen.h5", d / data, *[e.format(d=d) for e in extra], "-q", "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], r.output
+    assert not any(p.name.startswith(("bad", ".bad")) for p in d.iterdir())
