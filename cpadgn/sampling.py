@@ -38,7 +38,7 @@ import numpy as np
 from scipy.special import log_ndtr, ndtri_exp
 
 from .errors import CpadgnError
-from .polytope import log_diff_ndtr, polytope_log_mass
+from .polytope import _normalise, log_diff_ndtr, polytope_log_mass
 
 LOG_2PI = float(np.log(2 * np.pi))
 
@@ -77,16 +77,6 @@ def _upper_tail_normal(lo, rng):
 
 
 # ============================================================================ geometry
-def _normalise(A, b, mask):
-    """Unit rows; zero rows are void (b >= 0) or make P empty (b < 0)."""
-    norm = np.linalg.norm(A, axis=-1)
-    zero = norm <= 1e-300
-    empty = (mask & zero & (b < 0)).any(-1)
-    mask = mask & ~zero
-    safe = np.where(zero, 1.0, norm)
-    return A / safe[..., None], b / safe, mask, empty
-
-
 def _cone_params(A, b, J):
     """Proposal parameters of index sets J (..., S) (-1 = unused slot).
 
