@@ -187,6 +187,9 @@ def log_owen_segment(p, t_lo, t_hi):
 
 def _polygon(a, c, mask, moments):
     B, F, _ = a.shape
+    # A facet through the origin is moved just inside (the formula is continuous from
+    # there); taken literally, "b = 0 counts as +" is wrong when 0 is a vertex of P.
+    c = np.where(mask & (np.abs(c) < 1e-300), 1e-300, c)
     t_lo, t_hi, live = facet_segments(a, c, mask)
     inside = ~((c < 0) & mask).any(-1)                                  # 0 in P (b = 0 counts +)
     logG = np.full((B, F), -np.inf)
