@@ -77,9 +77,11 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     E-step is the exact posterior of every row over the linear regions, the
     M-step solves each layer's least-squares normal equations in closed form with
     the regions held fixed, then the noise.  Every step is checked on the exact
-    log-likelihood of the new partition and damped (eta = 1/2, 1/4, ...) if it
-    went down, so the training log-likelihood never decreases.  EM starts from
-    the PPCA solution embedded in the network.
+    log-likelihood of the new partition: an over-relaxed step is tried first,
+    then the plain one and halvings (eta = 1/2, 1/4, 1/8), then the output layer
+    and noise alone (a true EM step: the partition does not move), so the
+    training log-likelihood never decreases.  EM starts from the PPCA solution
+    embedded in the network, with the noise at --init-noise times PPCA's.
 
     --method vae trains the same decoder as a VAE (Adam on the ELBO, learned
     noise) and keeps its encoder, for comparison on exact held-out likelihood

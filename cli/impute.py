@@ -34,7 +34,7 @@ MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
 @click.option("--evaluate-mcar", "mcar", type=float, default=None, metavar="P",
               help="Hide a fraction P of the observed entries completely at random (seeded), "
                    "impute them and report the RMSE overall and per column (with --draws also "
-                   "the coverage of the draws' central 90%% intervals).  -o then writes the "
+                   "the coverage of the draws' central 90% intervals).  -o then writes the "
                    "imputation of the masked data.")
 @click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
 @model_options
@@ -83,15 +83,16 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, n
 
     X = read_data(data_path, dataset=dataset)
     columns = csv_header(data_path, X.shape[1])
-    model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
-                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X)
-    model._check_data(X)
     hidden = None
     X_in = X
     if mcar is not None:
         hidden = mcar_mask(X, mcar, seed)
         X_in = X.copy()
         X_in[hidden] = np.nan
+    # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
+    model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
+                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in)
+    model._check_data(X)
     with Progressbar("imputing rows", quiet) as bar:
         res = run_impute(model.net, model.partition(), model.noise_std, X_in, draws=n_draws, seed=seed,
                          std=want_std, tab=model._region_table(), device=model.device,

@@ -16,16 +16,18 @@ S >= 2: accept-reject from a tilted cone proposal (Botev-style, exact)
 
         ||u||^2 = ||u0||^2 + 2 lambda . s + s^T M s + ||u_perp||^2.
 
-    With d the smallest eigenvalue of M, s^T M s >= d ||s||^2, so the envelope
-    exp(-lambda . s - d ||s||^2 / 2) exp(-||u_perp||^2 / 2) on the cone {s >= 0}
+    For a diagonal D with s^T D s <= s^T M s on the orthant s >= 0 (D = d I with d the
+    smallest eigenvalue of M, or the copositive bound D_i = M_ii - sum_{j != i}
+    max(-M_ij, 0), whichever accepts more), the envelope
+    exp(-lambda . s - s^T D s / 2) exp(-||u_perp||^2 / 2) on the cone {s >= 0}
     dominates the target there.  It factorises: every s_i is an exact 1-D truncated
-    normal N(-lambda_i / d, 1 / d) on [0, inf), u_perp a free standard normal.  A
-    proposal is accepted with probability exp(-(s^T M s - d ||s||^2) / 2) and only if
-    it satisfies the rows outside J, which gives exact iid draws from the target.
+    normal N(-lambda_i / D_i, 1 / D_i) on [0, inf), u_perp a free standard normal.  A
+    proposal is accepted with probability exp(-(s^T M s - s^T D s) / 2) and only if it
+    satisfies the rows outside J, which gives exact iid draws from the target.
 
     The acceptance rate is known in closed form,
         log acc = log P[P] + j/2 log 2 pi + ||u0||^2 / 2 - 1/2 log det M - sum_i log Z_i,
-        log Z_i = 1/2 log(2 pi / d) + lambda_i^2 / (2 d) + log Phi(-lambda_i / sqrt d),
+        log Z_i = 1/2 log(2 pi / D_i) + lambda_i^2 / (2 D_i) + log Phi(-lambda_i / sqrt D_i),
     so J is chosen to maximise it (J = {} is plain rejection from N(0, I); one row is
     the exact half-space proposal; orthogonal active rows give acceptance 1 on their
     cone), and the number of proposals per round is sized from it.  When acceptance is
