@@ -199,43 +199,107 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
 @click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
 @click.option("--contamination", type=click.FloatRange(0, 0.5, min_open=True), default=None,
               help="Expected fraction of anomalies: adds is_anomaly (score above that quantile).")
+@click.option("--pvalues", is_flag=True,
+              help="Add model-based p-values P(log p(X) <= log p(x)), X drawn from the model, "
+                   "with their Monte Carlo 95% interval.")
+@click.option("--samples", type=int, default=None, metavar="M",
+              help="Rows drawn from the model for --pvalues  [default: 2000].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of those draws.")
+@click.option("--alpha", type=float, default=None, metavar="A",
+              help="Flag rows with p-value below A as is_anomaly (implies --pvalues; "
+                   "an alternative to --contamination).")
+@click.option("--explain", type=int, default=None, metavar="K",
+              help="Add the K features with the largest exact expected squared residual "
+                   "E[(x_d - g_d(z))^2 | x] / sigma_d^2 per row.")
+@click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
+              help="Working memory of one batch of rows (smaller: smaller batches, same scores).")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def score(model_path, data_path, out, dataset, contamination, noise_std, cache, max_regions, device,
-          trust_pickle, quiet, debug, as_json):
+def score(model_path, data_path, out, dataset, contamination, pvalues, samples, seed, alpha, explain,
+          memory_budget, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
     """Anomaly scores of DATA from MODEL's exact log-likelihood.
 
     One output row per data row: log_likelihood (nats), anomaly_score
     (= -log_likelihood), n_observed, z_mean_1..S (E[z|x]), top_region,
     top_region_responsibility, log_likelihood_error_bound (certified bound from
     pruning), log_likelihood_stderr (S >= 3 only), and is_anomaly with
-    --contamination.  NaN entries are missing: the row is scored by the exact
-    marginal likelihood of its observed entries.
+    --contamination or --alpha.  NaN entries are missing: the row is scored by the
+    exact marginal likelihood of its observed entries.
+
+    --pvalues adds pvalue = (1 + k) / (M + 1), k the number of M rows drawn from
+    the model (scored on the same observed entries) that are at most as likely,
+    and pvalue_lower, pvalue_upper (Clopper-Pearson 95% interval of the true
+    p-value).  --explain K adds explain_1..K (1-based column number of the
+    feature, largest first; 0 when fewer than K entries are observed) and
+    explain_1..K_residual (E[(x_d - g_d(z))^2 | x] / sigma_d^2, about 1 for a
+    feature the model explains, NaN for a missing one).
 
     \b
     Examples:
       cpadgn score sample_data/digits_generator.h5 sample_data/digits_test.csv -o scores.csv
       cpadgn score gen.pt2 data.npy -o scores.h5 --noise-std auto --contamination 0.05
+      cpadgn score sample_data/digits_generator.h5 sample_data/digits_test.csv -o s.csv \\
+          --alpha 0.01 --samples 5000 --explain 3
     """
     from cpadgn.data import check_output_path, read_data, write_table
     t0 = time.perf_counter()
+    pvalues = pvalues or alpha is not None
+    check_score_options(contamination, pvalues, samples, alpha, explain, memory_budget)
+    samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out)
     X = read_data(data_path, dataset=dataset)
+    if explain is not None and explain > X.shape[1]:
+        raise CpadgnError(f"--explain {explain} asks for more features than DATA has ({X.shape[1]}); "
+                          f"use --explain {X.shape[1]} or less")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X)
+    model.memory_budget = memory_budget
     with Progressbar("scoring rows", quiet or as_json) as bar:
         post = model.posterior(X, progress=bar)
-    columns = scores_table(post, contamination)
+    pv = residuals = None
+    if pvalues:
+        from cpadgn.anomaly import pvalues as model_pvalues
+        with Progressbar(f"p-values ({samples} model draws per missing pattern)", quiet or as_json) as bar:
+            pv = model_pvalues(model, post.log_likelihood, samples, seed, observed=~np.isnan(X),
+                               progress=bar)
+    if explain is not None:
+        from cpadgn.anomaly import expected_squared_residuals
+        residuals = expected_squared_residuals(model, X, post)
+    columns = scores_table(post, contamination, pv=pv, alpha=alpha, residuals=residuals, explain=explain)
     write_table(out, columns)
-    summary = score_summary(post, columns, model, contamination, time.perf_counter() - t0, out)
+    summary = score_summary(post, columns, model, contamination, time.perf_counter() - t0, out,
+                            pv=pv, alpha=alpha)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         print_summary("Scores", summary)
 
 
-def scores_table(post, contamination):
+PVALUE_SAMPLES = 2000          # default --samples
+
+
+def check_score_options(contamination, pvalues, samples, alpha, explain, memory_budget):
+    """Refuse inconsistent ``cpadgn score`` options before any work."""
+    if alpha is not None and contamination is not None:
+        raise CpadgnError("--alpha and --contamination both set is_anomaly; give only one of them")
+    if alpha is not None and not 0 < alpha < 1:
+        raise CpadgnError(f"--alpha must be between 0 and 1 (exclusive), got {alpha:g}; e.g. --alpha 0.01")
+    if samples is not None and not pvalues:
+        raise CpadgnError("--samples is the number of model draws for p-values; add --pvalues or --alpha")
+    if samples is not None and samples < 1:
+        raise CpadgnError(f"--samples must be a positive number of model draws, got {samples}")
+    m = PVALUE_SAMPLES if samples is None else samples
+    if alpha is not None and alpha * (m + 1) <= 1:
+        raise CpadgnError(f"with --samples {m} the smallest p-value is 1/{m + 1} >= --alpha {alpha:g}, so "
+                          f"no row could be flagged; use --samples {int(np.ceil(10 / alpha))} or more")
+    if explain is not None and explain < 1:
+        raise CpadgnError(f"--explain must be a positive number of features, got {explain}")
+    if not np.isfinite(memory_budget) or memory_budget <= 0:
+        raise CpadgnError(f"--memory-budget must be a positive number of bytes, got {memory_budget:g}")
+
+
+def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, explain=None):
     """The output columns of ``cpadgn score``."""
     ll = post.log_likelihood
     cols = {"log_likelihood": ll, "anomaly_score": -ll, "n_observed": post.n_observed}
@@ -246,12 +310,22 @@ def scores_table(post, contamination):
     cols["log_likelihood_error_bound"] = post.error_bound
     if np.any(post.stderr > 0):
         cols["log_likelihood_stderr"] = post.stderr
+    if pv is not None:
+        cols["pvalue"], cols["pvalue_lower"], cols["pvalue_upper"] = pv.pvalue, pv.lower, pv.upper
     if contamination is not None:
         cols["is_anomaly"] = -ll > np.quantile(-ll, 1 - contamination)
+    if alpha is not None:
+        cols["is_anomaly"] = pv.pvalue < alpha
+    if explain is not None:
+        from cpadgn.anomaly import top_features
+        index, value = top_features(residuals, explain)
+        for k in range(explain):
+            cols[f"explain_{k + 1}"] = index[:, k] + 1           # 1-based column, 0 = none
+            cols[f"explain_{k + 1}_residual"] = value[:, k]
     return cols
 
 
-def score_summary(post, cols, model, contamination, seconds, out):
+def score_summary(post, cols, model, contamination, seconds, out, *, pv=None, alpha=None):
     ll = post.log_likelihood
     n = ll.size
     s = {"rows": n, "mean_log_likelihood": float(ll.mean()),
@@ -261,8 +335,15 @@ def score_summary(post, cols, model, contamination, seconds, out):
          "rows_with_missing": int((post.n_observed < model.output_dim).sum()),
          "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
          "cache_status": model.partition_status, "seconds": seconds, "output": str(out)}
+    if pv is not None:
+        s["pvalue_samples"] = pv.n_samples
+        s["pvalue_missing_patterns"] = pv.n_patterns
+        s["min_pvalue"] = float(pv.pvalue.min())
     if contamination is not None:
         s["threshold"] = float(np.quantile(-ll, 1 - contamination))
+    if alpha is not None:
+        s["alpha"] = alpha
+    if "is_anomaly" in cols:
         s["anomalies"] = int(cols["is_anomaly"].sum())
     return s
 

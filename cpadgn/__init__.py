@@ -5,6 +5,7 @@
     >>> model.partition().n_regions
     >>> model.log_prob(X)          # exact log p(x), NaN = missing
     >>> model.posterior(X).z_mean  # exact E[z | x]
+    >>> cpadgn.CPADGN(latent_dim=2).fit(X_train).predict(X_test)   # scikit-learn outlier detector
 """
 from .compare import compare
 from .errors import CpadgnError
@@ -12,4 +13,13 @@ from .model import CPAModel, load
 from .network import PiecewiseAffineNet
 
 __version__ = "0.1.0"
-__all__ = ["CPAModel", "CpadgnError", "PiecewiseAffineNet", "compare", "load", "__version__"]
+__all__ = ["CPADGN", "CPADGNDetector", "CPAModel", "CpadgnError", "PiecewiseAffineNet", "compare", "load",
+           "__version__"]
+
+
+def __getattr__(name):
+    """The estimators load on first use: they import scikit-learn (optional)."""
+    if name in ("CPADGN", "CPADGNDetector"):
+        from . import estimator
+        return getattr(estimator, name)
+    raise AttributeError(f"module 'cpadgn' has no attribute {name!r}")

@@ -193,9 +193,8 @@ def _pair_gaussians(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regio
                     complete: bool):
     """Posterior Gaussian of each (row, region) pair: mu (P, S), chol Sigma... as L_Lambda (P, S, S)."""
     if complete:
-        Xc = X[rows] - tab.b0
-        xhat = (Xc / tab.var) @ tab.U
-        y = torch.einsum("phs,ph->ps", tab.M[regions], xhat) - tab.MtQc[regions]
+        xhat = ((X - tab.b0) / tab.var) @ tab.U                        # once per row, not per pair
+        y = torch.einsum("phs,ph->ps", tab.M[regions], xhat[rows]) - tab.MtQc[regions]
         L = tab.chol_lambda[regions]
     else:
         # One row at a time against its own regions keeps memory at O(pairs).

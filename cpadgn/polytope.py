@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.polynomial.legendre import leggauss
-from scipy.special import log_ndtr, ndtri_exp
+from scipy.special import erfcx, log_ndtr, ndtri_exp
 from scipy.stats import qmc
 
 LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
@@ -37,10 +37,34 @@ def log_diff_ndtr(lo, hi):
     flip = lo > 0  # use the upper tail: Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
     a = np.where(flip, -hi, lo)
     c = np.where(flip, -lo, hi)
-    la, lc = log_ndtr(a), log_ndtr(c)
+    return _log_diff_from_logs(a, c, log_ndtr(a), log_ndtr(c))
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0 (to an absolute error ~1e-16)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        out = lc + np.log1p(-np.exp(la - lc))
-    return np.where(lo >= hi, -np.inf, out)
+        return np.log(-np.expm1(x))
+
+
+def _log_diff_from_logs(a, c, la, lc):
+    """log(Phi(c) - Phi(a)) given la = log Phi(a), lc = log Phi(c), a <= c, a <= 0.
+
+    Narrow intervals, where la - lc loses its digits, use the series
+    Phi(m + h) - Phi(m - h) = 2 h phi(m) sum_k He_2k(m) h^2k / (2k + 1)!  (m the
+    midpoint, to k = 3: relative error ~1e-14 for (c - a)(1 + |m|) < 0.1).
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        out = lc + _log1mexp(la - lc)
+        w = c - a
+        mid = 0.5 * (a + c)
+        out = np.where(a >= c, -np.inf, out)
+        narrow = (w > 0) & (w * (1.0 + np.abs(mid)) < 0.1)
+        if np.any(narrow):
+            w, mid = w[narrow], mid[narrow]
+            m2, h2 = mid * mid, 0.25 * w * w
+            he2, he4, he6 = m2 - 1, (m2 - 6) * m2 + 3, ((m2 - 15) * m2 + 45) * m2 - 15
+            out[narrow] = np.log(w) + log_phi(mid) + np.log1p(h2 * (he2 / 6 + h2 * (he4 / 120 + h2 * he6 / 5040)))
+    return out
 
 
 def _normalise(A, b, mask):
@@ -72,10 +96,12 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) ->
         elif S == 2:
             res = _polygon(A, b, mask, moments)
         else:
-            res = _qmc(A, b, mask, n_qmc, seed)
+            res = _qmc(A, b, mask, n_qmc, seed, moments)
         for name in ("log_mass", "mean", "cov", "stderr"):
             getattr(out, name)[sel] = getattr(res, name)
     out.log_mass = np.where(empty, -np.inf, out.log_mass)
+    none = np.isneginf(out.log_mass)      # no mass (empty, or below float range): zero moments, not NaN
+    out.mean[none], out.cov[none] = 0.0, 0.0
     return out
 
 
@@ -181,7 +207,9 @@ def log_owen_segment(p, t_lo, t_hi):
             logw = np.log(half)[..., None] + np.log(_GL_W)
         v = (logf + logw).reshape(s.shape[0], -1)
         m = v.max(-1)
-        out[sel] = m + np.log(np.exp(v - m[:, None]).sum(-1))
+        m = np.where(np.isfinite(m), m, 0.0)           # every node underflows: log G = -inf, not NaN
+        with np.errstate(divide="ignore"):
+            out[sel] = m + np.log(np.exp(v - m[:, None]).sum(-1))
     return np.where(width > 0, out - np.log(2 * np.pi), -np.inf)
 
 
@@ -203,6 +231,7 @@ def _polygon(a, c, mask, moments):
         log_in = np.log1p(-np.minimum(np.exp(log_exit), 1.0))
         log_entry = lse(logG, entry)
         log_out = log_entry + np.log1p(-np.exp(np.minimum(log_exit - log_entry, 0.0)))
+    log_out = np.where(np.isneginf(log_entry), -np.inf, log_out)       # all facet terms underflow
     log_mass = np.where(inside, log_in, log_out)
     if not moments:
         return PolytopeMoments(log_mass, np.zeros((B, 2)), np.zeros((B, 2, 2)), np.zeros(B))
@@ -228,77 +257,356 @@ def _masked_logsumexp(x, m):
 
 
 # ---------------------------------------------------------------------- S >= 3
-def _pivot_basis(a, c, mask):
-    """Rotation for separation of variables: pivot rows chosen greedily by smallest
-    offset (the most restrictive constraints), made lower triangular by Gram-Schmidt.
+#
+# Separation of variables (Genz) in a frame adapted to each polytope, with exact
+# projections, exponential tilting and randomised quasi-Monte Carlo:
+#
+# * the mode mu = argmin{|u| : u in P} (``_mode``) gives the first axis e_1 = mu / |mu|;
+#   the rows active at mu (then the others, by slack) give the next axes (``_frame``);
+# * in the frame z = E u every level j sees the exact projection of P onto (z_1..z_j):
+#   Fourier-Motzkin elimination of z_S, z_{S-1}, ... adds implied rows (redundant ones
+#   pruned exactly on the 2-D level), so z_j's interval given z_<j is never empty and no
+#   path is lost on a thin polytope;
+# * z_1 is drawn from N(m, 1) instead of N(0, 1) on its interval [lo_1, hi_1] (Botev-type
+#   tilting, weight exp(m^2/2 - m z_1)), m the minimax tilt for a slice mass growing like
+#   (z_1 - lo_1)^(r-1) near a mode where r rows are active; z_2..z_S are plain SOV draws.
+#
+# Implied rows only change the variance, never the expectation, so they are loosened by
+# a bound on their rounding error; the original rows are always enforced as they are.
 
-    a (F, S) unit rows, c (F,) -> Q (S, S) orthogonal with the pivot rows of a Q
-    lower triangular.
-    """
-    S = a.shape[1]
-    basis = []
-    for k in np.argsort(np.where(mask, c, np.inf)):
-        if not mask[k] or len(basis) == S:
+_EPS_COEF = 1e-12      # |coefficient| below which an implied row ignores a variable
+
+
+def _gram_schmidt_rows(V, tol=1e-6):
+    """Greedy orthonormal basis from candidate vectors V (B, C, S), in order, skipping
+    those (nearly) in the span of the ones taken; twice-orthogonalised.  Returns E
+    (B, S, S), basis vectors as rows, and the count taken (B,) (S unless V is short)."""
+    B, C, S = V.shape
+    E = np.zeros((B, S, S))
+    count = np.zeros(B, dtype=np.int64)
+    rows = np.arange(B)
+    for i in range(C):
+        v = V[:, i].copy()
+        for _ in range(2):
+            v -= np.einsum("bk,bks->bs", np.einsum("bks,bs->bk", E, v), E)
+        nv = np.linalg.norm(v, axis=-1)
+        take = (nv > tol) & (count < S)
+        if take.any():
+            E[rows[take], count[take]] = v[take] / nv[take, None]
+            count += take
+        if np.all(count >= S):
             break
-        r = a[k] - sum((a[k] @ q) * q for q in basis)
-        if np.linalg.norm(r) > 1e-8:
-            basis.append(r / np.linalg.norm(r))
-    for e in np.eye(S):  # complete to an orthonormal basis
-        r = e - sum((e @ q) * q for q in basis)
-        if len(basis) < S and np.linalg.norm(r) > 1e-8:
-            basis.append(r / np.linalg.norm(r))
-    return np.stack(basis, axis=1)
+    return E, count
 
 
-def _sample_truncated_1d(lo, hi, w):
-    """Inverse-CDF draw of N(0,1) truncated to [lo, hi] from uniforms w, in log space;
-    returns the draw and log(Phi(hi) - Phi(lo)).  Uses the lower tail where lo <= 0 and
-    the mirrored upper tail otherwise, so far tails keep full precision."""
+def _mode(A, b, mask, budget=4e6):
+    """argmin{|u| : A u <= b} (B, S) for unit rows A (B, F, S), and the number of rows
+    active there (B,).
+
+    Exact by enumeration of faces: the mode lies in the relative interior of a face,
+    where it is the point of the face's affine hull {A_J u = b_J} nearest to 0 (J <= S-1
+    independent rows); a vertex is reached as the clipped end of an edge (|J| = S - 1:
+    a line, clipped to the interval the other rows allow).  Candidates that break a row
+    by more than 1e-9 (relative) are dropped; where none is left (rounding on a
+    degenerate polytope) the least violating one is taken.  The mode only steers the
+    integration frame and the tilt, so rounding in it costs variance, never bias.
+    """
+    from itertools import combinations
+    B, F, S = A.shape
+    scale = 1.0 + np.abs(b)
+    viol0 = np.where(mask, -b / scale, -np.inf).max(-1)
+    best_u = np.zeros((B, S))
+    best_n = np.where(viol0 <= 1e-9, 0.0, np.inf)
+    best_v = viol0.copy()
+    for k in range(1, min(S - 1, F) + 1):
+        idx = np.array(list(combinations(range(F), k)), dtype=np.int64)     # (n, k)
+        step = int(max(1, budget // (idx.shape[0] * F * S)))
+        for s0 in range(0, B, step):
+            sl = slice(s0, min(s0 + step, B))
+            Ab, bb, mb = A[sl], b[sl], mask[sl]
+            AJ, bJ = Ab[:, idx], bb[:, idx]                                  # (n_b, n, k, S)
+            ok = mb[:, idx].all(-1)
+            # rows of A_J = Lo Q (Lo lower triangular, Q orthonormal rows), by MGS2
+            Q = np.zeros(AJ.shape)
+            Lo = np.zeros(AJ.shape[:-1] + (k,))
+            for i in range(k):
+                v = AJ[..., i, :].copy()
+                for _ in range(2):
+                    coef = (Q[..., :i, :] @ v[..., None])[..., 0]
+                    Lo[..., i, :i] += coef
+                    v -= (coef[..., None, :] @ Q[..., :i, :])[..., 0, :]
+                nv = np.sqrt((v * v).sum(-1))
+                Lo[..., i, i] = nv
+                ok &= nv > 1e-10
+                Q[..., i, :] = v / np.where(nv > 0, nv, 1.0)[..., None]
+            y = np.zeros(bJ.shape)
+            for i in range(k):                                             # Lo y = b_J
+                y[..., i] = (bJ[..., i] - (Lo[..., i, :i] * y[..., :i]).sum(-1)) \
+                    / np.where(ok, Lo[..., i, i], 1.0)
+            u = (y[..., None, :] @ Q)[..., 0, :]
+            At = np.swapaxes(Ab, 1, 2)                                     # (n_b, S, F)
+            if k == S - 1:                                                 # an edge: clip the line
+                R = np.broadcast_to(np.eye(S), Q.shape[:-2] + (S, S)).copy()
+                Qt = np.swapaxes(Q, -1, -2)
+                for _ in range(2):
+                    R -= (R @ Qt) @ Q
+                nr = (R * R).sum(-1)
+                pick = nr.argmax(-1)
+                d = np.take_along_axis(R, pick[..., None, None], -2)[..., 0, :]
+                d /= np.sqrt((d * d).sum(-1, keepdims=True))
+                sl_ = bb[:, None, :] - u @ At
+                q = d @ At
+                other = mb[:, None, :] & ~(idx[None, :, :, None] == np.arange(F)).any(-2)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    t = sl_ / q
+                t_hi = np.where(other & (q > 1e-12), t, np.inf).min(-1)
+                t_lo = np.where(other & (q < -1e-12), t, -np.inf).max(-1)
+                t_star = np.where(t_lo <= t_hi, np.clip(0.0, t_lo, t_hi),
+                                  0.5 * (np.clip(t_lo, -1e300, 1e300) + np.clip(t_hi, -1e300, 1e300)))
+                u = u + t_star[..., None] * d
+            nu = np.sqrt((u * u).sum(-1))
+            viol = np.where(mb[:, None, :], (u @ At - bb[:, None, :])
+                            / (scale[sl][:, None, :] + nu[..., None]), -np.inf).max(-1)
+            viol = np.where(ok, viol, np.inf)
+            n2 = np.where(viol <= 1e-9, (u * u).sum(-1), np.inf)
+            j = n2.argmin(1)
+            r_ = np.arange(j.size)
+            better = n2[r_, j] < best_n[sl]
+            jv = viol.argmin(1)
+            closer = ~np.isfinite(best_n[sl]) & ~np.isfinite(n2[r_, j]) & (viol[r_, jv] < best_v[sl])
+            pick = np.where(better, j, jv)
+            upd = better | closer
+            best_u[sl][upd] = u[r_, pick][upd]
+            best_n[sl] = np.where(better, n2[r_, j], best_n[sl])
+            best_v[sl] = np.where(upd, viol[r_, pick], best_v[sl])
+    slack = b - np.einsum("bfs,bs->bf", A, best_u)
+    active = mask & (slack <= 1e-9 * (scale + np.linalg.norm(best_u, axis=-1, keepdims=True)))
+    return best_u, np.minimum(active.sum(-1), S)
+
+
+def _frame(A, b, mask, mu):
+    """Orthonormal frame (B, S, S), basis vectors as rows: mu / |mu| first, then the
+    rows of A by slack at mu (active rows first), then the unit vectors.  Where mu = 0
+    (0 in P) the rows come by offset, the nearest facets first."""
+    B, F, S = A.shape
+    L = np.linalg.norm(mu, axis=-1)
+    slack = np.where(mask, b - np.einsum("bfs,bs->bf", A, mu), np.inf)
+    order = np.argsort(slack, axis=1, kind="stable")
+    rowsA = np.take_along_axis(A * mask[..., None], order[..., None], 1)
+    first = np.where(L[:, None] > 0, mu / np.where(L > 0, L, 1.0)[:, None], 0.0)
+    V = np.concatenate([first[:, None], rowsA, np.broadcast_to(np.eye(S), (B, S, S))], 1)
+    return _gram_schmidt_rows(V)[0]
+
+
+def _fm_eliminate(c, d, m, zmax):
+    """Rows c (B, K, j) . z <= d (B, K), valid where m; return the rows of the
+    projection onto z_1..z_{j-1}: the rows without z_j and every positive/negative pair
+    combined (Fourier-Motzkin), normalised, implied rows loosened by their rounding
+    error.  Also empty (B,): a combination reads 0 <= negative."""
+    cj = c[..., -1]
+    rest, ac = c[..., :-1], np.abs(cj)
+    big = m & (ac > _EPS_COEF)
+    pos, neg = big & (cj > 0), big & (cj < 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(big, 1.0 / ac, 0.0)
+    cw, dw = rest * w[..., None], d * w
+    err = 1e-13 * w * (np.abs(d) + zmax)
+    pc = cw[:, :, None, :] + cw[:, None, :, :]                         # (B, K, K, j-1)
+    pd = dw[:, :, None] + dw[:, None, :] + err[:, :, None] + err[:, None, :]
+    pm = pos[:, :, None] & neg[:, None, :]
+    nrm = np.linalg.norm(pc, axis=-1)
+    degenerate = pm & (nrm <= 1e-12 * (w[:, :, None] + w[:, None, :]))
+    empty = (degenerate & (pd < 0)).any((1, 2))
+    pm &= ~degenerate
+    # rows without z_j (exactly: kept as they are; tiny coefficient: loosened)
+    small = m & ~big
+    zc = rest
+    zd = d + ac * zmax * (1 + 1e-12)
+    zn = np.linalg.norm(zc, axis=-1)
+    empty |= (small & (zn <= 1e-300) & (zd < 0)).any(1)
+    zm = small & (zn > 1e-300)
+    B, K, j = c.shape
+    cc = np.concatenate([pc.reshape(B, K * K, j - 1), zc], 1)
+    dd = np.concatenate([pd.reshape(B, K * K), zd], 1)
+    mm = np.concatenate([pm.reshape(B, K * K), zm], 1)
+    nn = np.concatenate([nrm.reshape(B, K * K), zn], 1)
+    safe = np.where(mm, nn, 1.0)
+    return cc / safe[..., None], dd / safe, mm, empty
+
+
+def _compact(c, d, m):
+    """Drop the rows not in m (B, K): the kept rows first, K cut to the largest count."""
+    order = np.argsort(~m, axis=1, kind="stable")
+    K = max(1, int(m.sum(1).max(initial=0)))
+    order = order[:, :K]
+    return (np.take_along_axis(c, order[..., None], 1), np.take_along_axis(d, order, 1),
+            np.take_along_axis(m, order, 1))
+
+
+def _levels(c, d, m, zmax, cap=256):
+    """The bounds of the SOV levels in the frame: rows c (B, F, S) . z <= d.
+
+    Returns (lo1, hi1) (B,) for z_1, a list over j = 2..S of (up_c, up_d, lo_c, lo_d):
+    z_j <= up_d - up_c . z_<j and z_j >= lo_d - lo_c . z_<j (padding rows give +-inf),
+    and empty (B,).  Level S holds the original rows; the lower levels the exact
+    projections by Fourier-Motzkin (rows of the 2-D level pruned to the polygon's edges;
+    where a level would exceed ``cap`` rows the pairs are left out, which is still valid).
+    """
+    B, F, S = c.shape
+    zmax = np.broadcast_to(np.asarray(zmax, dtype=float), (B,))[:, None]
+    empty = np.zeros(B, dtype=bool)
+    out = []
+    for j in range(S, 1, -1):
+        cj = c[..., -1]
+        use = m & (cj != 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cd = np.where(use[..., None], c[..., :-1] / cj[..., None], 0.0)
+            dd = d / np.where(use, cj, 1.0)
+        up, lo = use & (cj > 0), use & (cj < 0)
+        up_c, up_d, up_m = _compact(cd, np.where(up, dd, np.inf), up)
+        lo_c, lo_d, lo_m = _compact(cd, np.where(lo, dd, -np.inf), lo)
+        out.append((np.where(up_m[..., None], up_c, 0.0), np.where(up_m, up_d, np.inf),
+                    np.where(lo_m[..., None], lo_c, 0.0), np.where(lo_m, lo_d, -np.inf)))
+        K = c.shape[1]
+        nc, nd, nm, e = _fm_eliminate(c, d, m, zmax)
+        empty |= e
+        over = nm.sum(1) > cap                           # too many: keep the rows free of z_j
+        nm[over, :K * K] = False
+        c, d, m = _compact(nc, nd, nm)
+        if j - 1 == 2 and m.any():                       # prune to the edges of the polygon
+            step = int(max(1, 4e6 // max(1, c.shape[1]) ** 2))
+            live = np.zeros_like(m)
+            for s0 in range(0, B, step):
+                sl = slice(s0, s0 + step)
+                live[sl] = facet_segments(c[sl], np.where(m[sl], d[sl], 1.0), m[sl])[2]
+            m = live | (m & ~live.any(1, keepdims=True))
+            c, d, m = _compact(c, d, m)
+    c1 = c[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = d / c1
+    hi1 = np.where(m & (c1 > 0), bound, np.inf).min(-1)
+    lo1 = np.where(m & (c1 < 0), bound, -np.inf).max(-1)
+    empty |= (m & (c1 == 0) & (d < 0)).any(-1) | (lo1 > hi1)
+    return lo1, hi1, out[::-1], empty
+
+
+def _mills_minus_x(x):
+    """phi(x) / (1 - Phi(x)) - x, stable (asymptotic series for x > 30)."""
+    x = np.asarray(x, dtype=float)
+    big = x > 30
+    xs = np.where(big, 1.0, x)
+    direct = np.sqrt(2 / np.pi) / erfcx(xs / np.sqrt(2)) - xs
+    xb = np.where(big, x, 1.0)
+    y = 1.0 / (xb * xb)
+    series = (1 + y * (-2 + y * (10 + y * (-74 + y * (706 - 8162 * y))))) / xb
+    return np.where(big, series, direct)
+
+
+def _tilt(M, r):
+    """Minimax tilt m (B,) for z_1 ~ N(m, 1) on [M, hi] against a target
+    phi(z) (z - M)^k, k = r - 1 (the slice mass of a cone whose apex is the mode, r
+    rows active there): the root of mills(M - m) - (M - m) = k / m, by bisection on
+    x = M - m; 0 where k = 0."""
+    k = np.maximum(np.asarray(r) - 1, 0).astype(float)
+    on = (k > 0) & np.isfinite(M) & (M > 0)
+    Mo = np.where(on, M, 1.0)
+    a, z = -(k + 2.0), Mo * (1 - 1e-15)
+    for _ in range(80):
+        x = 0.5 * (a + z)
+        pos = _mills_minus_x(x) > k / (Mo - x)
+        a, z = np.where(pos, x, a), np.where(pos, z, x)
+    return np.where(on, Mo - 0.5 * (a + z), 0.0)
+
+
+def _logaddexp(a, b):
+    """np.logaddexp for a, b not both +inf (a few times faster)."""
+    with np.errstate(invalid="ignore"):
+        m = np.maximum(a, b)
+        d = np.abs(a - b)
+    np.negative(d, out=d)
+    np.exp(d, out=d)
+    np.log1p(d, out=d)
+    d += m
+    return np.where(np.isnan(d), m, d)
+
+
+def _tn_draw(lo, hi, log_u, log_1mu, draw=True):
+    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms given by log u and
+    log(1 - u) (lower tail where lo <= 0, mirrored upper tail otherwise), and
+    log(Phi(hi) - Phi(lo))."""
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
-    log_mass = log_diff_ndtr(l, h)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.where(flip, 1 - w, w)
-        x = ndtri_exp(np.logaddexp(log_ndtr(l), np.log(u) + log_mass))
-    x = np.clip(x, l, h)
-    return np.where(flip, -x, x), log_mass
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        la = log_ndtr(l)
+        lm = _log_diff_from_logs(l, h, la, log_ndtr(h))
+        if not draw:
+            return None, lm
+        t = np.where(flip, log_1mu, log_u)
+        t += lm
+        t = _logaddexp(la, t)
+        np.minimum(t, 0.0, out=t)
+        x = ndtri_exp(t)
+    np.maximum(x, l, out=x)
+    np.minimum(x, h, out=x)
+    np.negative(x, out=x, where=flip)
+    return x, lm
 
 
-def _qmc(A, b, mask, n_qmc, seed, n_randomisations=8, chunk=64):
-    """Genz's separation of variables with scrambled Sobol points.
-
-    In the rotated frame v = Q^T u (Q from ``_pivot_basis``) every row bounds the last
-    coordinate it involves; v_1, ..., v_S are drawn one by one from their truncated
-    normals and the weight is the product of the truncation masses.  Returns log mass
-    with its standard error over independent randomisations, and weighted moments.
-    """
+def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=8):
+    """Separation of variables with exact projections and a tilted first variable,
+    scrambled Sobol points (see the comment above).  Returns log mass with its standard
+    error over independent randomisations, and weighted moments."""
     B, F, S = A.shape
+    mu, r = _mode(A, b, mask)
+    E = _frame(A, b, mask, mu)                                          # (B, S, S) rows
+    c = np.einsum("bfs,bts->bft", A, E)                                 # rows in the frame
+    L = np.linalg.norm(mu, axis=-1)
+    # coordinates v = z - z*, z* = (L, 0, ..) the mode in the frame: rows c v <= slack
+    slack = np.where(mask, b - np.einsum("bfs,bs->bf", A, mu), 1.0)
+    lo1, hi1, levels, empty = _levels(c, slack, mask, 10.0)
+    # z_1 = L + v_1 ~ N(m, 1) on [L + lo1, L + hi1]; y = z_1 - m ~ N(0, 1) on [ya, yb]
+    M = L + lo1
+    tilt = np.where(L > 0, _tilt(M, r), 0.0)
+    ya = M - tilt
+    yb = ya + (hi1 - lo1)
+    flip1 = ya > 0
+    a1, c1 = np.where(flip1, -yb, ya), np.where(flip1, -ya, yb)
+    la1 = log_ndtr(a1)
+    lm1 = _log_diff_from_logs(a1, c1, la1, log_ndtr(c1))
+    # log weight = lm1 + m^2/2 - m z_1 = [lm1 - m (m/2 + ya)] - m (v_1 - lo1)
+    const1 = lm1 - tilt * (0.5 * tilt + ya)
     m = max(2, n_qmc // n_randomisations)
-    w = np.concatenate([qmc.Sobol(S, scramble=True, seed=seed * 1000 + r).random(m)
-                        for r in range(n_randomisations)])                 # (R m, S)
-    Q = np.stack([_pivot_basis(A[i], b[i], mask[i]) for i in range(B)])  # (B, S, S)
-    rows = np.where(mask[..., None], A @ Q, 0.0)                         # (B, F, S)
-    nz = np.abs(rows) > 1e-12
-    last = np.where(nz.any(-1), S - 1 - np.argmax(nz[..., ::-1], axis=-1), -1)
-    void_violated = (mask & (last < 0) & (b < 0)).any(-1)
+    w = np.concatenate([qmc.Sobol(S, scramble=True, seed=seed * 1000 + i).random(m)
+                        for i in range(n_randomisations)])                 # (R m, S)
+    w = np.clip(w, 1e-300, 1 - 1e-16)
+    N = w.shape[0]
+    log_u, log_1mu = np.ascontiguousarray(np.log(w).T), np.ascontiguousarray(np.log1p(-w).T)   # (S, N)
     out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B))
+    K = max([1] + [lv[0].shape[1] + lv[2].shape[1] for lv in levels])
+    chunk = int(max(1, 4e6 // (N * K)))
     for start in range(0, B, chunk):
         sl = slice(start, min(start + chunk, B))
-        r_, b_, last_ = rows[sl], b[sl], last[sl]
-        n = r_.shape[0]
-        v = np.zeros((n, w.shape[0], S))
-        logw = np.zeros((n, w.shape[0]))
-        for j in range(S):
-            sel = (last_ == j)[:, None, :]
-            coef = r_[:, None, :, j]
-            rest = b_[:, None, :] - np.einsum("bmj,bfj->bmf", v[:, :, :j], r_[:, :, :j])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                bound = rest / coef
-            hi = np.where(sel & (coef > 0), bound, np.inf).min(-1)
-            lo = np.where(sel & (coef < 0), bound, -np.inf).max(-1)
-            v[:, :, j], lm = _sample_truncated_1d(lo, hi, np.broadcast_to(w[:, j], lo.shape))
+        n = sl.stop - sl.start
+        z = np.empty((n, S, N))                                         # holds v
+        f1 = flip1[sl, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = ndtri_exp(np.minimum(_logaddexp(np.broadcast_to(la1[sl, None], (n, N)),
+                                                np.where(f1, log_1mu[0], log_u[0]) + lm1[sl, None]), 0.0))
+        y = np.clip(y, a1[sl, None], c1[sl, None])
+        off = np.where(f1, -y - ya[sl, None], y - ya[sl, None])         # y - ya >= 0
+        z[:, 0] = lo1[sl, None] + off
+        logw = const1[sl, None] - tilt[sl, None] * off
+        for j in range(1, S):
+            up_c, up_d, lo_c, lo_d = (a[sl] for a in levels[j - 1])
+            hi = (up_d[:, :, None] - up_c @ z[:, :j]).min(1)
+            lo = (lo_d[:, :, None] - lo_c @ z[:, :j]).max(1)
+            last = j == S - 1
+            xj, lm = _tn_draw(lo, hi, log_u[j], log_1mu[j], draw=moments or not last)
+            if xj is not None:
+                z[:, j] = xj
             logw += lm
-        logw[void_violated[sl]] = -np.inf
+        logw[empty[sl]] = -np.inf
+        logw[np.isnan(logw)] = -np.inf
         est = _logmeanexp(logw.reshape(n, n_randomisations, m), axis=-1)   # (n, R)
         log_mass = _logmeanexp(est, axis=-1)
         with np.errstate(invalid="ignore"):
@@ -306,13 +614,20 @@ def _qmc(A, b, mask, n_qmc, seed, n_randomisations=8, chunk=64):
             se = rel.std(-1, ddof=1) / np.sqrt(n_randomisations)
         out.log_mass[sl] = log_mass
         out.stderr[sl] = np.where(np.isfinite(log_mass), se, 0.0)
+        if not moments:
+            out.mean[sl], out.cov[sl] = 0.0, 0.0
+            continue
         top = logw.max(-1)
         wt = np.exp(logw - np.where(np.isfinite(top), top, 0.0)[:, None])
         wt /= np.maximum(wt.sum(-1, keepdims=True), 1e-300)
-        mv = np.einsum("bm,bms->bs", wt, v)
-        dv = v - mv[:, None, :]
-        out.mean[sl] = np.einsum("bst,bt->bs", Q[sl], mv)
-        out.cov[sl] = Q[sl] @ np.einsum("bm,bms,bmt->bst", wt, dv, dv) @ np.swapaxes(Q[sl], 1, 2)
+        if not np.all(wt > 0):
+            z = np.where(wt[:, None, :] > 0, z, 0.0)
+        mz = (z @ wt[:, :, None])[..., 0]                                  # (n, S)
+        dz = z - mz[:, :, None]
+        cz = (dz * wt[:, None, :]) @ np.swapaxes(dz, 1, 2)
+        Es = E[sl]
+        out.mean[sl] = mu[sl] + np.einsum("bts,bt->bs", Es, mz)
+        out.cov[sl] = np.swapaxes(Es, 1, 2) @ cz @ Es
     return out
 
 
