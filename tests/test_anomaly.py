@@ -1,0 +1,243 @@
+"""Anomaly detection: model-based p-values, exact explanations, and the score command's
+--pvalues / --alpha / --explain, against oracles written here (quadrature, importance
+sampling, scipy's binomial interval, a model on the observed columns only)."""
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from cli.main import main
+from cpadgn import CPAModel, PiecewiseAffineNet
+from cpadgn.anomaly import clopper_pearson, expected_squared_residuals, pvalues, top_features
+from cpadgn.modelfile import save_model
+
+from oracles import GL_W, GL_X, line_breakpoints, random_net
+
+
+# ------------------------------------------------------------------ oracles
+def esr_quadrature_1d(net, x, noise_std, prior_mean=0.0, prior_sd=1.0, half_width=12.0):
+    """E[(x_d - g_d(z))^2 | x_o] / sigma_d^2 for S = 1 by piecewise 60-point
+    Gauss-Legendre over the breakpoints of g and a fine grid (user prior N(m, s^2))."""
+    var = np.broadcast_to(np.asarray(noise_std, float) ** 2, (net.output_dim,))
+    lo, hi = prior_mean - half_width * prior_sd, prior_mean + half_width * prior_sd
+    breaks = line_breakpoints(lambda t: net.preactivations(t[:, None]), lo, hi)
+    edges = np.union1d(np.union1d(breaks, np.linspace(lo, hi, 2001)), [lo, hi])
+    a, b = edges[:-1, None], edges[1:, None]
+    t = (0.5 * (b - a) * GL_X + 0.5 * (a + b)).ravel()
+    g = net.forward(t[:, None])
+    obs = ~np.isnan(x)
+    lw = (np.log((0.5 * (b - a) * GL_W).ravel()) - 0.5 * ((t - prior_mean) / prior_sd) ** 2
+          - 0.5 * ((g[:, obs] - x[obs]) ** 2 / var[obs]).sum(1))
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    out = ((x[None] - g) ** 2 * w[:, None]).sum(0) / var
+    return np.where(obs, out, np.nan)
+
+
+def esr_importance(net, x, noise_std, n=400_000, seed=1):
+    """Self-normalised importance sampling (prior proposal, prior N(0, I)): the estimate
+    (D,) and its delta-method standard error (D,)."""
+    rng = np.random.default_rng(seed)
+    var = np.broadcast_to(np.asarray(noise_std, float) ** 2, (net.output_dim,))
+    g = net.forward(rng.standard_normal((n, net.latent_dim)))
+    lw = -0.5 * ((g - x) ** 2 / var).sum(1)
+    w = np.exp(lw - lw.max())
+    f = (x - g) ** 2 / var
+    est = (w[:, None] * f).sum(0) / w.sum()
+    se = np.sqrt((w[:, None] ** 2 * (f - est) ** 2).sum(0)) / w.sum()
+    return est, se
+
+
+def observed_columns_model(net, cols, noise_std):
+    """An independent model of x_o: the generator with the other output rows deleted."""
+    Ws, bs = list(net.weights), list(net.biases)
+    Ws[-1], bs[-1] = Ws[-1][cols], bs[-1][cols]
+    sub = PiecewiseAffineNet.from_arrays(Ws, bs, net.slopes)
+    return CPAModel(sub, noise_std=np.broadcast_to(noise_std, (net.output_dim,))[cols], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model1():
+    net = random_net(1, (6, 6), 4, seed=3, slope=0.1, scale=2.0)
+    return CPAModel(net, noise_std=0.3, device="cpu")
+
+
+# ------------------------------------------------------------------ p-values
+def test_pvalues_of_model_draws_are_uniform(model1):
+    X = model1.sample(400, seed=123)
+    pv = pvalues(model1, model1.log_prob(X), 1000, seed=7)
+    assert stats.kstest(pv.pvalue, "uniform").pvalue > 0.01
+    assert pv.n_patterns == 1 and np.all(pv.pvalue >= 1 / 1001) and np.all(pv.pvalue <= 1)
+    assert np.all((pv.lower <= pv.count / 1000) & (pv.count / 1000 <= pv.upper))
+
+
+def test_pvalues_of_incomplete_model_draws_are_uniform(model1):
+    """Each row is compared with draws scored on its own observed entries; comparing
+    marginals of 3 entries with full 4-entry likelihoods would be far from uniform."""
+    rng = np.random.default_rng(5)
+    X = model1.sample(400, seed=321)
+    X[np.arange(400), rng.integers(0, 4, 400)] = np.nan
+    pv = pvalues(model1, model1.log_prob(X), 600, seed=8, observed=~np.isnan(X))
+    assert pv.n_patterns == 4
+    assert stats.kstest(pv.pvalue, "uniform").pvalue > 0.01
+    one_by_one = pvalues(model1, model1.log_prob(X), 600, seed=8, observed=~np.isnan(X), max_block_bytes=1)
+    np.testing.assert_array_equal(one_by_one.count, pv.count)
+
+
+def test_pvalues_are_deterministic_and_flag_far_rows(model1):
+    X = model1.sample(20, seed=1)
+    X[0] += 10.0
+    ll = model1.log_prob(X)
+    a, b = pvalues(model1, ll, 500, seed=3), pvalues(model1, ll, 500, seed=3)
+    np.testing.assert_array_equal(a.pvalue, b.pvalue)
+    assert a.pvalue[0] == 1 / 501 and a.upper[0] < 0.01
+
+
+def test_clopper_pearson_matches_scipy():
+    for k, n in [(0, 50), (3, 50), (25, 50), (50, 50), (7, 1000)]:
+        lo, hi = clopper_pearson(np.array([k]), n, 0.95)
+        ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
+        assert abs(lo[0] - ci.low) < 1e-10 and abs(hi[0] - ci.high) < 1e-10
+
+
+# ------------------------------------------------------------------ explanations
+def test_expected_squared_residuals_match_quadrature_with_a_general_prior():
+    net = random_net(1, (5, 5), 3, seed=11, slope=0.1, scale=2.0)
+    model = CPAModel(net, prior_mean=[0.7], prior_cov=[[2.25]], noise_std=[0.2, 0.5, 0.3], device="cpu")
+    X = model.sample(4, seed=2)
+    X[1, 0] += 3.0
+    X[2, 2] = np.nan                                       # a missing entry: marginal posterior
+    got = expected_squared_residuals(model, X)
+    for n in range(4):
+        want = esr_quadrature_1d(net, X[n], model.noise_std, 0.7, 1.5)
+        np.testing.assert_array_equal(np.isnan(got[n]), np.isnan(want))
+        ok = ~np.isnan(want)
+        np.testing.assert_allclose(got[n][ok], want[ok], rtol=1e-8, atol=1e-10)
+
+
+def test_expected_squared_residuals_match_importance_sampling_s2():
+    net = random_net(2, (6, 6), 3, seed=4, slope=0.2, scale=1.5)
+    model = CPAModel(net, noise_std=0.5, device="cpu")
+    X = model.sample(3, seed=9)
+    got = expected_squared_residuals(model, X)
+    for n in range(3):
+        est, se = esr_importance(net, X[n], 0.5)
+        assert np.all(np.abs(got[n] - est) <= 5 * se + 1e-9), (got[n], est, se)
+
+
+def test_far_shifted_feature_is_ranked_first():
+    net = random_net(1, (8, 8), 6, seed=21, slope=0.1, scale=2.0)
+    model = CPAModel(net, noise_std=0.2, device="cpu")
+    X = model.sample(6, seed=4)
+    for d in range(6):
+        X[d, d] += 4.0                                     # 20 noise std on feature d of row d
+    index, value = top_features(expected_squared_residuals(model, X), 2)
+    np.testing.assert_array_equal(index[:, 0], np.arange(6))
+    assert np.all(value[:, 0] > 25) and np.all(value[:, 0] > value[:, 1])
+
+
+def test_top_features_skip_missing_entries():
+    scores = np.array([[1.0, np.nan, 3.0], [np.nan, np.nan, 2.0], [5.0, 5.0, 1.0]])
+    index, value = top_features(scores, 2)
+    np.testing.assert_array_equal(index, [[2, 0], [2, -1], [0, 1]])
+    np.testing.assert_array_equal(value[1], [2.0, np.nan])
+
+
+def test_incomplete_rows_are_scored_by_the_observed_columns_model(model1):
+    X = model1.sample(5, seed=6)
+    X[:, 1] = np.nan
+    X[3, 2] = np.nan
+    got = model1.log_prob(X)
+    for cols, rows in [([0, 2, 3], [0, 1, 2, 4]), ([0, 3], [3])]:
+        want = observed_columns_model(model1.net, cols, 0.3).log_prob(X[np.ix_(rows, cols)])
+        np.testing.assert_allclose(got[rows], want, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------ the command line
+@pytest.fixture()
+def files(tmp_path):
+    net = random_net(1, (6, 6), 4, seed=3, slope=0.1, scale=2.0)
+    model = tmp_path / "gen.h5"
+    save_model(model, net, noise_std=0.3)
+    X = CPAModel(net, noise_std=0.3, device="cpu").sample(40, seed=0)
+    X[0, 2] += 5.0
+    X[5, 1] = np.nan
+    data = tmp_path / "data.csv"
+    np.savetxt(data, X, delimiter=",", header="a,b,c,d", comments="")
+    return dict(dir=tmp_path, net=net, model=model, data=data, X=X)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def table(path):
+    return np.genfromtxt(path, delimiter=",", names=True)
+
+
+def test_score_pvalues_alpha_and_explain(files):
+    out = files["dir"] / "s.csv"
+    res = run("score", files["model"], files["data"], "-o", out, "-q", "--alpha", "0.05",
+              "--samples", "400", "--seed", "3", "--explain", "2", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    t = table(out)
+    model = CPAModel(files["net"], noise_std=0.3, device="cpu")
+    X = files["X"]
+    pv = pvalues(model, model.log_prob(X), 400, seed=3, observed=~np.isnan(X))
+    np.testing.assert_array_equal(t["pvalue"], pv.pvalue)
+    np.testing.assert_array_equal(t["pvalue_lower"], pv.lower)
+    np.testing.assert_array_equal(t["is_anomaly"], pv.pvalue < 0.05)
+    assert t["is_anomaly"][0] == 1 and t["explain_1"][0] == 3        # the shifted column, 1-based
+    esr = expected_squared_residuals(model, X)
+    np.testing.assert_allclose(t["explain_1_residual"], np.nanmax(esr, axis=1), rtol=1e-12)
+    assert t["explain_1"][5] != 2 and t["explain_2"][5] != 2          # the missing entry is never named
+
+
+def test_score_is_bit_identical_across_runs_and_equal_across_batch_sizes(files):
+    args = ["--pvalues", "--samples", "300", "--explain", "3", "-q", "--device", "cpu"]
+    a, b, c = (files["dir"] / f"{n}.csv" for n in "abc")
+    for out in (a, b):
+        assert run("score", files["model"], files["data"], "-o", out, *args).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+    res = run("score", files["model"], files["data"], "-o", c, *args, "--memory-budget", "2e3")
+    assert res.exit_code == 0, res.output
+    ta, tc = table(a), table(c)
+    for name in ta.dtype.names:
+        np.testing.assert_allclose(tc[name], ta[name], rtol=0, atol=1e-12, err_msg=name)
+
+
+def assert_one_line_error(res, *fragments):
+    assert res.exit_code == 1, (res.exit_code, res.output)
+    err = res.stderr.strip()
+    assert err.startswith("Error:") and "\n" not in err and "Traceback" not in res.output, err
+    for f in fragments:
+        assert f.lower() in err.lower(), err
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (["--alpha", "0.05", "--contamination", "0.1"], ["--alpha", "--contamination"]),
+    (["--alpha", "1.5"], ["--alpha", "between 0 and 1"]),
+    (["--alpha", "0"], ["--alpha"]),
+    (["--alpha", "0.001", "--samples", "100"], ["--samples", "smallest p-value"]),
+    (["--samples", "100"], ["--pvalues"]),
+    (["--pvalues", "--samples", "0"], ["--samples"]),
+    (["--explain", "0"], ["--explain"]),
+    (["--explain", "5"], ["--explain", "4"]),
+    (["--memory-budget", "-1"], ["--memory-budget"]),
+])
+def test_score_bad_options(files, options, fragments):
+    out = files["dir"] / "s.csv"
+    assert_one_line_error(run("score", files["model"], files["data"], "-o", out, *options), *fragments)
+    assert not out.exists()
+
+
+def test_a_region_whose_mass_underflows_gives_no_nan():
+    """A far thin wedge (two nearly opposite facets, vertex ~1e8 away, met when scoring a
+    far outlier): its mass underflows to exp(-inf) and its moments must stay finite,
+    else the whole row's log-likelihood and posterior mean become NaN."""
+    from cpadgn.polytope import polytope_moments
+    A = np.array([[[0.00063434, -0.00164125], [-0.00029247, 0.00075677]]])
+    b = np.array([[6.37405168, -7.4531028]])
+    res = polytope_moments(A, b)
+    assert res.log_mass[0] == -np.inf
+    assert np.isfinite(res.mean).all() and np.isfinite(res.cov).all()
