@@ -24,6 +24,9 @@ demo: $(STAMP)
 	@echo "== 3. The wave toy, S = 1, with the noise std fitted by maximum exact likelihood"
 	$(VENV)/bin/cpadgn score sample_data/wave_generator.h5 sample_data/wave.csv \
 		-o out/wave_scores.csv --noise-std auto
+	@echo "== 4. EM against the VAE on the same decoder, and PPCA, on exact held-out likelihood"
+	$(VENV)/bin/cpadgn compare sample_data/digits_generator.h5 sample_data/digits_vae.h5 \
+		--data sample_data/digits_test.csv --train sample_data/digits_train.csv --baseline ppca
 	@echo "Scores written to out/digits_scores.csv and out/wave_scores.csv"
 
 test: $(STAMP)
