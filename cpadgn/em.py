@@ -149,32 +149,6 @@ class EStep:
     pair_cov: np.ndarray
 
 
-def _log_bounds(tab, Xt, kappa_margin: float):
-    """log kappa (n, R) and an upper bound on log(kappa Phi) (n, R) for complete rows Xt.
-
-    The bound is log kappa, tightened by the one-facet bound on log Phi for the pairs
-    whose log kappa is within ``kappa_margin`` of the row's largest (the only ones that
-    can be evaluated; the tightening is the costly (pair, facet) work).
-    """
-    import torch
-
-    from . import likelihood as lik
-    log_kappa, mu_all = lik._log_kappa_complete(tab, Xt)                # (n, R), mu_w(x) (n, R, S)
-    log_bound = log_kappa.clone()
-    if tab.mask.ndim != 2 or tab.mask.shape[1] == 0:
-        return log_kappa, log_bound
-    top = log_kappa.max(dim=1).values
-    rows, regions = torch.nonzero(log_kappa >= (top - kappa_margin)[:, None], as_tuple=True)
-    step = 200_000
-    for p0 in range(0, rows.numel(), step):
-        rr, gg = rows[p0:p0 + step], regions[p0:p0 + step]
-        mu = mu_all[rr, gg]                                                # (P, S)
-        slack = tab.h_t[gg] - torch.einsum("pfs,ps->pf", tab.G_t[gg], mu)
-        z = torch.where(tab.mask_t[gg], slack / tab.facet_std[gg], torch.inf)
-        log_bound[rr, gg] += torch.special.log_ndtr(z).min(dim=-1).values
-    return log_kappa, log_bound
-
-
 def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, moments: bool = True,
            device="cpu", memory_budget: float = 5e8, tab=None) -> EStep:
     """Exact log p(x) and the truncated posterior moments of every (row, region) pair that
@@ -182,11 +156,8 @@ def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, m
 
     The same identities as ``likelihood.posterior`` (whose per-region table and pair
     integrals it reuses), with the pruning tolerance as a parameter: every pair has the
-    certified bound kappa_w(x) >= kappa_w(x) Phi_w(x), tightened to kappa_w(x) min_k
-    Phi(slack_k / std_k) (one facet's half-plane mass) for the pairs whose kappa is
-    within -log(rtol) + log(R) + 25 nats of the row's largest (the others are far too
-    small to matter unless the row's likelihood is tiny, and then they are still
-    covered by their kappa bound); pairs are evaluated in decreasing bound order,
+    certified bound kappa_w(x) min_k Phi(slack_k / std_k) >= kappa_w(x) Phi_w(x) (one
+    facet's half-plane mass, ``likelihood._log_bounds``); pairs are evaluated in decreasing bound order,
     margins -log(rtol) + 3, then doubling, until the bounds of the skipped pairs sum to
     at most rtol p(x).  So log_likelihood is exact to log(1 + rtol) (reported per row as
     ``error_bound``) and the responsibilities to a relative rtol, at a fraction of the
@@ -207,7 +178,6 @@ def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, m
     pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
     log_rtol = float(np.log(rtol))
     first = -log_rtol + 3.0
-    kappa_margin = -log_rtol + float(np.log(max(R, 1))) + 25.0
     degenerate = getattr(part, "degenerate", None)
     degenerate = None if degenerate is None or not np.any(degenerate) else np.asarray(degenerate, bool)
     out_ll, out_eb, out_se = np.zeros(N), np.zeros(N), np.zeros(N)
@@ -216,7 +186,7 @@ def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, m
         idx = np.arange(start, min(N, start + chunk))
         Xt = torch.as_tensor(X[idx], device=device)
         n = idx.size
-        log_kappa, log_bound = _log_bounds(tab, Xt, kappa_margin)
+        log_kappa, log_bound = lik._log_bounds(tab, Xt, True, 0)
         top = log_bound.max(dim=1).values
         taken = torch.zeros_like(log_bound, dtype=torch.bool)
         done = torch.zeros(n, dtype=torch.bool, device=device)

@@ -103,6 +103,16 @@ class RegionTable:
         self.cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
         self.stacked = torch.cat([self.c[:, :, None], self.M], dim=2).permute(1, 0, 2).reshape(self.M.shape[1], -1)
         self.facet_std = _facet_std(self.chol_lambda, self.G_t)
+        # For complete rows the facet slack of each region's posterior mean is affine in
+        # xhat = U^T P (x - b0): h_k - G_k mu_w = h'_k - xhat . q_k, so the slacks of all
+        # facets of all regions are one matrix product (columns: the real facets only).
+        GS = self.G_t @ self.sigma                                     # (R, F, S)
+        q = torch.einsum("rhs,rfs->hrf", self.M, GS)[:, self.mask_t]    # (H, facets)
+        h_shift = self.h_t + (GS @ self.MtQc[:, :, None])[..., 0]
+        std = self.facet_std[self.mask_t]
+        self.slack_q, self.slack_h = q / std, h_shift[self.mask_t] / std
+        # Position of each real facet in the padded (R * F) layout; padding stays +inf.
+        self.slack_index = torch.nonzero(self.mask_t.reshape(-1))[:, 0]
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
@@ -116,7 +126,7 @@ def _solve_chol(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
-    """Complete rows X (N, D) -> log kappa (N, R), mu_w(x) (N, R, S)."""
+    """Complete rows X (N, D) -> log kappa (N, R), xhat = U^T P (x - b0) (N, H)."""
     N, R, S = X.shape[0], tab.n_regions, tab.S
     Xc = X - tab.b0
     xhat = (Xc / tab.var) @ tab.U                                      # (N, H)
@@ -127,7 +137,7 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     mu = torch.einsum("rst,nrt->nrs", tab.sigma, y)                   # posterior means (N, R, S)
     ySy = (y * mu).sum(-1)
     const = tab.D * LOG_2PI + torch.log(tab.var).sum()
-    return -0.5 * (const + tab.logdet_lambda + rPr - ySy), mu
+    return -0.5 * (const + tab.logdet_lambda + rPr - ySy), xhat
 
 
 def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
@@ -176,9 +186,14 @@ def _log_phi_bound(tab: RegionTable, mu: torch.Tensor, std: torch.Tensor, region
 def _log_bounds(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
     """log kappa (N, R) and a certified upper bound log kappa + log Phi_bound >= log(kappa Phi)."""
     if complete:
-        log_kappa, mu = _log_kappa_complete(tab, X)
-        regions = torch.arange(tab.n_regions, device=X.device)
-        return log_kappa, log_kappa + _log_phi_bound(tab, mu, tab.facet_std[None], regions)
+        log_kappa, xhat = _log_kappa_complete(tab, X)
+        if tab.mask_t.shape[-1] == 0:                                    # one region, no facets
+            return log_kappa, log_kappa
+        z = (tab.slack_h - xhat @ tab.slack_q)                           # (N, facets), in stds
+        padded = torch.full((X.shape[0], tab.mask_t.numel()), torch.inf, dtype=X.dtype, device=X.device)
+        padded[:, tab.slack_index] = z
+        zmin = padded.reshape(X.shape[0], *tab.mask_t.shape).min(dim=-1).values
+        return log_kappa, log_kappa + torch.special.log_ndtr(zmin)
     kappas, bounds = [], []
     for start in range(0, tab.n_regions, region_chunk):
         idx = torch.arange(start, min(start + region_chunk, tab.n_regions), device=X.device)
