@@ -1,13 +1,14 @@
 """Exact imputation (cpadgn) against mean, k-NN and iterative imputation under MCAR.
 
     python benchmarks/bench_impute.py [--datasets digits,breast_cancer] [--fractions 0.1,0.3,0.5]
-                                      [--seeds 5] [--draws 100] [--em-iter 60] [--trainer em|vae]
+                                      [--seeds 5] [--draws 100] [--em-iter 60] [--trainer em|vae] [--noise diag|iso]
                                       [--model-dir out/bench_impute] [--device cpu] [--json FILE]
 
 Per data set (scikit-learn's bundled digits and breast_cancer): one 80/20 train/test
 split (random_state 0), standardised with the training mean and std (a column constant
 in training keeps scale 1).  One cpadgn model per data set is trained on the training
-split, S = 2, hidden 32,32, leaky ReLU 0.1, isotropic noise: by exact EM
+split, S = 2, hidden 32,32, leaky ReLU 0.1, isotropic (default) or per-column
+(--noise diag) noise: by exact EM
 (``cpadgn.fit.fit_em``, at most --em-iter iterations) or, with --trainer vae or if EM
 fails, by ``cpadgn.vae.train_vae`` (300 epochs); the model file is kept in --model-dir
 and reused on the next run.  Then for every MCAR fraction and seed 0..seeds-1, that
@@ -53,7 +54,7 @@ def get_model(name, Xtr, args):
     """Train (or reload) the cpadgn model; returns (CPAModel, how it was trained)."""
     import cpadgn
     from cpadgn.fit import fit_em, save_fit
-    path = Path(args.model_dir) / f"{name}_{args.trainer}.h5"
+    path = Path(args.model_dir) / f"{name}_{args.trainer}_{args.noise}.h5"
     if path.exists():
         model = cpadgn.load(path, device=args.device)
         a = model.extra.get("attrs", {})
@@ -68,7 +69,7 @@ def get_model(name, Xtr, args):
     how = None
     if args.trainer == "em":
         try:
-            res = fit_em(Xtr, 2, hidden=(32, 32), slope=0.1, max_iter=args.em_iter, seed=0, noise="iso",
+            res = fit_em(Xtr, 2, hidden=(32, 32), slope=0.1, max_iter=args.em_iter, seed=0, noise=args.noise,
                          device=args.device,
                          callback=lambda row: print(f"  EM {name} iteration {row['iteration']}: "
                                                     f"train loglik {row['train_loglik']:.4f}, "
@@ -80,7 +81,7 @@ def get_model(name, Xtr, args):
     if how is None:
         from cpadgn.modelfile import save_model
         from cpadgn.vae import train_vae
-        vae = train_vae(Xtr, latent_dim=2, hidden=(32, 32), slope=0.1, noise="iso", epochs=300, seed=0).model
+        vae = train_vae(Xtr, latent_dim=2, hidden=(32, 32), slope=0.1, noise=args.noise, epochs=300, seed=0).model
         save_model(path, vae.generator(), noise_std=np.asarray(vae.noise_std(), dtype=np.float64),
                    attrs={"trained_by": "cpadgn.vae.train_vae (300 epochs)"})
         how = "cpadgn.vae.train_vae (300 epochs)"
@@ -109,6 +110,7 @@ def main():
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--em-iter", type=int, default=60)
     ap.add_argument("--trainer", choices=["em", "vae"], default="em")
+    ap.add_argument("--noise", choices=["iso", "diag"], default="iso")
     ap.add_argument("--model-dir", default="out/bench_impute")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="Also write all results to this JSON file.")
