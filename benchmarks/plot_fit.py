@@ -52,7 +52,8 @@ def main():
         ax.set_title(name)
         ax.set_xlabel("EM iteration")
         ax.set_ylabel("exact log-likelihood per row (nats)")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center right")
+
     fig.tight_layout()
     fig.savefig(args.output, dpi=110)
     print(f"wrote {args.output}")
