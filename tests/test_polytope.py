@@ -61,3 +61,140 @@ def test_three_dimensional_box_is_exact_and_random_polytope_within_error():
     p = (z @ A.T <= b).all(1).mean()
     se = np.hypot(np.sqrt(p * (1 - p) / z.shape[0]) / p, r.stderr[0])
     assert abs(r.log_mass[0] - np.log(p)) < 4 * se
+
+
+# --------------------------------------------------------------------------- S >= 3
+# Far and thin polytopes (the posterior case): closed forms and brute-force importance
+# sampling written here, with scipy only.
+from scipy import integrate, optimize  # noqa: E402
+from scipy.stats import special_ortho_group, truncnorm  # noqa: E402
+
+
+def _log_interval(lo, hi):
+    """log(Phi(hi) - Phi(lo)) from scipy's tails."""
+    if lo > 0:
+        return norm.logsf(lo) + np.log(-np.expm1(norm.logsf(hi) - norm.logsf(lo)))
+    return norm.logcdf(hi) + np.log(-np.expm1(norm.logcdf(lo) - norm.logcdf(hi)))
+
+
+def _log_bivariate(b1, b2, rho):
+    """log P[X <= b1, rho X + sqrt(1 - rho^2) Y <= b2], X, Y iid N(0, 1): adaptive
+    quadrature of phi(x) Phi((b2 - rho x) / sqrt(1 - rho^2)) over x <= b1, scaled by its
+    largest value on a grid."""
+    s = np.sqrt(1 - rho * rho)
+    logf = lambda x: norm.logpdf(x) + norm.logcdf((b2 - rho * x) / s)
+    xs = np.linspace(min(b1, -60.0), b1, 200001)
+    lf = logf(xs)
+    k = lf.argmax()
+    f = lambda x: np.exp(logf(x) - lf[k])
+    tot = sum(integrate.quad(f, a, c, epsabs=0, epsrel=1e-12, limit=500)[0]
+              for a, c in [(-np.inf, xs[k]), (xs[k], b1)] if c > a)
+    return lf[k] + np.log(tot)
+
+
+def _check(A, b, want, rel=5e-3, floor=1e-3):
+    """log mass within 5 standard errors (plus ``floor``: randomised QMC errors of thin
+    polytopes have heavier tails than the 8-randomisation SE shows) and within ``rel``."""
+    r = moments(A, b)
+    err = r.log_mass[0] - want
+    assert np.isfinite(r.log_mass[0]) and np.isfinite(r.stderr[0])
+    assert abs(err) <= 5 * r.stderr[0] + floor, (err, r.stderr[0])
+    assert abs(err) < rel, (err, r.stderr[0])
+    return r
+
+
+def test_far_half_spaces_and_rotated_boxes_3d():
+    rng = np.random.default_rng(0)
+    for d in (5.0, 30.0, 300.0):                          # a half-space at distance d
+        a = rng.normal(size=3)
+        _check(a[None] / np.linalg.norm(a) * 2.0, [-2.0 * d], norm.logsf(d), rel=1e-9, floor=1e-9)
+    for trial in range(6):                                # boxes in a random orientation
+        lo = np.array([rng.uniform(15, 40), -rng.uniform(0.5, 2), rng.uniform(-1, 1)])
+        hi = lo + np.array([rng.uniform(0.01, 1), rng.uniform(0.5, 3), 10 ** rng.uniform(-3, 0)])
+        Q = special_ortho_group.rvs(3, random_state=rng)
+        A, b = np.concatenate([Q, -Q]), np.concatenate([hi, -lo])
+        if trial % 3 == 2:                                # one side unbounded
+            A, b = A[1:], b[1:]
+            hi[0] = np.inf
+        want = sum(_log_interval(lo[i], hi[i]) for i in range(3))
+        r = _check(A, b, want)
+        m = np.array([truncnorm.mean(lo[i], hi[i]) for i in range(3)])
+        v = np.array([truncnorm.var(lo[i], hi[i]) for i in range(3)])
+        assert np.all(np.abs(Q @ r.mean[0] - m) < 0.01 * np.sqrt(v))
+        C = Q @ r.cov[0] @ Q.T
+        assert np.all(np.abs(C - np.diag(v)) < 0.01 * np.sqrt(np.outer(v, v)))
+
+
+def test_far_thin_wedges_3d():
+    """Two nearly opposite half-spaces (a wedge of opening 1e-3..0.1 rad whose apex is
+    20-40 std from 0) times a line or a far half-line, randomly rotated: the mass is a
+    bivariate normal probability (times a 1-D tail), the wedge's edge or apex far out."""
+    rng = np.random.default_rng(1)
+    for trial in range(8):
+        ang = 10 ** rng.uniform(-3, -1)
+        rho = -np.cos(ang)
+        th = rng.uniform(0, 2 * np.pi)
+        apex = rng.uniform(20, 40) * np.array([np.cos(th), np.sin(th)])
+        a1, a2 = np.array([1.0, 0.0]), np.array([rho, np.sin(ang)])
+        rows, offs = [np.r_[a1, 0], np.r_[a2, 0]], [a1 @ apex, a2 @ apex]
+        want = _log_bivariate(offs[0], offs[1], rho)
+        if trial % 2:                                     # and u_3 >= c: the mode is a vertex
+            c = rng.uniform(5, 30)
+            rows.append(np.array([0.0, 0.0, -1.0]))
+            offs.append(-c)
+            want += norm.logsf(c)
+        Q = special_ortho_group.rvs(3, random_state=rng)
+        _check(np.array(rows) @ Q, np.array(offs), want, rel=1e-2)
+
+
+def _importance_sampling(A, b, n, rng):
+    """log P[u in P] by importance sampling from the mode mu (scipy's SLSQP): P lies in
+    {e . u >= |mu|}, e = mu / |mu|, so draw u = mu + t e + v, t ~ Exp(|mu|), v ~ N(0, I)
+    across e; the weight phi(|mu|) exp(-t^2 / 2) / |mu| is bounded.  (log mean, SE of it)."""
+    S = A.shape[1]
+    lp = optimize.linprog(np.r_[np.zeros(S), -1.0], A_ub=np.hstack([A, np.ones((len(b), 1))]), b_ub=b,
+                          bounds=[(None, None)] * S + [(None, 1.0)])
+    res = optimize.minimize(lambda u: 0.5 * u @ u, lp.x[:S], jac=lambda u: u, method="SLSQP",
+                            constraints=[{"type": "ineq", "fun": lambda u: b - A @ u, "jac": lambda u: -A}],
+                            options={"ftol": 1e-15, "maxiter": 1000})
+    mu = res.x
+    L = np.linalg.norm(mu)
+    e = mu / L
+    t = rng.exponential(1 / L, n)
+    v = rng.standard_normal((n, S))
+    v -= np.outer(v @ e, e)
+    u = mu + t[:, None] * e + v
+    inside = (u @ A.T <= b).all(1)
+    w = np.where(inside, np.exp(-0.5 * t * t), 0.0)
+    m, se = w.mean(), w.std() / np.sqrt(n)
+    return norm.logpdf(L) - np.log(L) + np.log(m), se / m
+
+
+def test_partition_polytopes_far_from_the_origin():
+    """Regions of a real partition, shifted 3 and 30 std away (as the posterior does):
+    all get a finite log mass with a small standard error, and a sample of them agrees
+    with brute-force importance sampling."""
+    from oracles import random_net
+    from cpadgn.partition import compute_partition
+    net = random_net(3, (16, 16), 5, seed=1, slope=0.1, scale=1.5)
+    part = compute_partition(net)
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(part.patterns), 300, replace=False)
+    G, h, mask = part.facets(net, idx)
+    for shift in (3.0, 30.0):
+        c = rng.normal(size=(len(idx), 3)) * shift
+        b = h - np.einsum("bks,bs->bk", G, c)
+        r = polytope_moments(G, b, mask)
+        assert np.all(np.isfinite(r.log_mass)) and np.all(r.stderr < 0.01)
+        assert np.all(np.isfinite(r.mean)) and np.all(np.isfinite(r.cov))
+        for i in rng.choice(len(idx), 6, replace=False):
+            want, se = _importance_sampling(G[i][mask[i]], b[i][mask[i]], 200_000, rng)
+            assert abs(r.log_mass[i] - want) < 5 * np.hypot(se, r.stderr[i]) + 1e-3, (i, r.log_mass[i], want, se)
+
+
+def test_four_dimensional_far_rotated_box():
+    rng = np.random.default_rng(2)
+    lo, hi = np.array([12.0, -1.0, 0.3, -0.5]), np.array([12.4, 1.5, 2.0, 0.5])
+    Q = special_ortho_group.rvs(4, random_state=rng)
+    _check(np.concatenate([Q, -Q]), np.concatenate([hi, -lo]),
+           sum(_log_interval(lo[i], hi[i]) for i in range(4)), rel=5e-3)
