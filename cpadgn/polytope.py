@@ -431,10 +431,33 @@ def _kkt(A, b, mask, u, scale, tol=1e-9):
     return feasible & ok & (na <= S) & good & (np.abs(lam) * ~used <= 1e-7 * (1 + nu[:, None])).all(1)
 
 
-def _mode_ldp(A, b, mask):
-    """``_mode`` one polytope at a time, exactly: least-distance programming by NNLS
-    (Lawson and Hanson, ch. 23).  The origin where P is empty."""
+def least_distance_point(a, c):
+    """argmin ||u|| over {u : a u <= c} for one polytope, a (F, S), c (F,), exactly:
+    least-distance programming by NNLS (Lawson and Hanson, ch. 23).
+
+    Returns (u (S,), True); (None, False) where the polytope is empty; (None, True)
+    where the solver did not converge.
+    """
     from scipy.optimize import nnls
+    S = a.shape[1]
+    E = np.vstack([-a.T, -c[None, :]])
+    f = np.zeros(S + 1)
+    f[-1] = 1.0
+    try:
+        y = nnls(E, f, maxiter=50 * (S + 1 + c.size))[0]
+    except RuntimeError:
+        return None, True
+    r = E @ y - f
+    if np.linalg.norm(r) < 1e-12:
+        return None, False
+    if abs(r[S]) <= 1e-300:
+        return None, True
+    return -r[:S] / r[S], True
+
+
+def _mode_ldp(A, b, mask):
+    """``_mode`` one polytope at a time, exactly (``least_distance_point``).  The
+    origin where P is empty."""
     B, F, S = A.shape
     mu = np.zeros((B, S))
     exact = np.zeros(B, dtype=bool)
@@ -442,17 +465,9 @@ def _mode_ldp(A, b, mask):
         rows = np.flatnonzero(mask[i])
         if rows.size == 0 or np.all(b[i, rows] >= 0):
             continue
-        E = np.vstack([-A[i, rows].T, -b[i, rows][None, :]])
-        f = np.zeros(S + 1)
-        f[-1] = 1.0
-        try:
-            y = nnls(E, f, maxiter=50 * (S + 1 + rows.size))[0]
-        except RuntimeError:
-            continue
-        res = E @ y - f
-        if abs(res[S]) > 1e-300 and np.linalg.norm(res) > 1e-12:
-            mu[i] = -res[:S] / res[S]
-            exact[i] = True
+        u, _ = least_distance_point(A[i, rows], b[i, rows])
+        if u is not None:
+            mu[i], exact[i] = u, True
     return mu, _n_active(A, b, mask, mu, 1.0 + np.abs(b)), exact
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from scipy.special import log_ndtr, ndtri_exp
 
 from .errors import CpadgnError
-from .polytope import _normalise, log_diff_ndtr, polytope_log_mass
+from .polytope import _normalise, least_distance_point, log_diff_ndtr, polytope_log_mass
 
 LOG_2PI = float(np.log(2 * np.pi))
 
@@ -128,7 +128,6 @@ def _mode_active_set(A, b, mask):
     programming by NNLS, Lawson and Hanson ch. 23): J (B, S), at most S linearly
     independent active rows, -1 padded; no rows where the mode is 0 (0 in P); and
     feasible (B,), False where P is empty."""
-    from scipy.optimize import nnls
     B, F, S = A.shape
     if S == 2:
         return _mode_active_set_2d(A, b, mask)
@@ -138,18 +137,9 @@ def _mode_active_set(A, b, mask):
         rows = np.flatnonzero(mask[i])
         if rows.size == 0 or np.all(b[i, rows] >= 0):
             continue
-        E = np.vstack([-A[i, rows].T, -b[i, rows][None, :]])
-        f = np.zeros(S + 1)
-        f[-1] = 1.0
-        try:
-            y, _ = nnls(E, f, maxiter=50 * (S + 1 + rows.size))
-        except RuntimeError:
+        x, feasible[i] = least_distance_point(A[i, rows], b[i, rows])
+        if x is None:
             continue
-        r = E @ y - f
-        if np.linalg.norm(r) < 1e-12:                              # no feasible point
-            feasible[i] = False
-            continue
-        x = -r[:S] / r[S]
         slack = b[i, rows] - A[i, rows] @ x
         order = np.argsort(slack)
         basis = []
