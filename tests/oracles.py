@@ -2,7 +2,6 @@
 sharing no code with cpadgn beyond the network's forward pass."""
 import numpy as np
 from scipy import integrate
-from scipy.special import logsumexp
 
 from cpadgn.network import PiecewiseAffineNet
 
@@ -98,3 +97,18 @@ def loglik_importance(net, x, noise_std, n=400_000, seed=0):
     est = m + np.log(w.mean())
     se = w.std(ddof=1) / np.sqrt(n) / w.mean()
     return est, se
+
+
+def random_linear_model(rng, S, D, sigma_max):
+    """A random linear generator x = A z + b + noise with a non-standard Gaussian prior,
+    whose marginal and conditionals are closed-form Gaussians.  Returns the CPAModel and
+    A (D, S), b (D,), prior mean (S,), prior cov (S, S), noise std (D,)."""
+    from cpadgn.model import CPAModel
+    A, b = rng.normal(size=(D, S)), rng.normal(size=D)
+    mu = rng.normal(size=S)
+    Lz = np.tril(rng.normal(size=(S, S))) + 2 * np.eye(S)
+    cov_z = Lz @ Lz.T
+    sigma = rng.uniform(0.2, sigma_max, size=D)
+    model = CPAModel(PiecewiseAffineNet.from_arrays([A], [b], []), prior_mean=mu, prior_cov=cov_z,
+                     noise_std=sigma, device="cpu")
+    return model, A, b, mu, cov_z, sigma

@@ -12,6 +12,7 @@ from cpadgn.anomaly import clopper_pearson, expected_squared_residuals, pvalues,
 from cpadgn.modelfile import save_model
 
 from oracles import GL_W, GL_X, line_breakpoints, random_net
+from test_cli import assert_one_line_error
 
 
 # ------------------------------------------------------------------ oracles
@@ -204,14 +205,6 @@ def test_score_is_bit_identical_across_runs_and_equal_across_batch_sizes(files):
     ta, tc = table(a), table(c)
     for name in ta.dtype.names:
         np.testing.assert_allclose(tc[name], ta[name], rtol=0, atol=1e-12, err_msg=name)
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.exit_code == 1, (res.exit_code, res.output)
-    err = res.stderr.strip()
-    assert err.startswith("Error:") and "\n" not in err and "Traceback" not in res.output, err
-    for f in fragments:
-        assert f.lower() in err.lower(), err
 
 
 @pytest.mark.parametrize("options, fragments", [

@@ -16,7 +16,7 @@ from cpadgn.model import CPAModel
 from cpadgn.modelfile import save_model
 from cpadgn.network import PiecewiseAffineNet
 from cpadgn.ppca import fit_ppca, ppca_parameters
-from cpadgn.vae import Encoder, GaussianVAE, exact_elbo, expected_sq_error, model_encoder
+from cpadgn.vae import GaussianVAE, exact_elbo, expected_sq_error, model_encoder
 
 from oracles import GL_W, GL_X, line_breakpoints, random_net
 

@@ -10,7 +10,7 @@ import pytest
 from sklearn.utils.estimator_checks import estimator_checks_generator
 
 import cpadgn
-from cpadgn import CPADGN, CPADGNDetector, CPAModel
+from cpadgn import CPADGN, CPADGNDetector
 
 from oracles import loglik_1d
 from test_anomaly import observed_columns_model

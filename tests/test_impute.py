@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from scipy import stats
-from scipy.special import log_ndtr
 
 from cli.main import main
 from cpadgn.data import read_data
 from cpadgn.impute import conditional_cdf, imputation_errors, impute as impute_fn
 from cpadgn.model import CPAModel
 from cpadgn.modelfile import save_model
-from cpadgn.network import PiecewiseAffineNet
 from cpadgn.polytope import log_diff_ndtr, polytope_moments
 from cpadgn.sampling import sample_standard_polytope, truncated_normal_1d
 
-from oracles import GL_W, GL_X, line_breakpoints, random_net
+from oracles import GL_W, GL_X, line_breakpoints, random_linear_model, random_net
 
 
 # ============================================================================ oracles
@@ -111,14 +109,8 @@ def importance_conditional(model, gz, x):
 # ============================================================================ closed form
 def test_linear_generator_matches_gaussian_conditioning():
     rng = np.random.default_rng(0)
-    S, D = 2, 6
-    A, b = rng.normal(size=(D, S)), rng.normal(size=D)
-    mu = rng.normal(size=S)
-    Lz = np.tril(rng.normal(size=(S, S))) + 2 * np.eye(S)
-    cov_z = Lz @ Lz.T
-    sigma = rng.uniform(0.2, 0.8, size=D)
-    model = CPAModel(PiecewiseAffineNet.from_arrays([A], [b], []), prior_mean=mu, prior_cov=cov_z,
-                     noise_std=sigma, device="cpu")
+    D = 6
+    model, A, b, mu, cov_z, sigma = random_linear_model(rng, 2, D, 0.8)
     X = model.sample(8, seed=1)
     X[0, [1, 4]] = np.nan
     X[1, :] = np.nan

@@ -4,21 +4,14 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from cpadgn.model import CPAModel
-from cpadgn.network import PiecewiseAffineNet
 
-from oracles import loglik_1d, loglik_2d, loglik_importance, random_net
+from oracles import loglik_1d, loglik_2d, loglik_importance, random_linear_model, random_net
 
 
 def test_linear_generator_is_ppca_closed_form():
     rng = np.random.default_rng(1)
-    S, D = 3, 6
-    A, b = rng.normal(size=(D, S)), rng.normal(size=D)
-    mu = rng.normal(size=S)
-    Lz = np.tril(rng.normal(size=(S, S))) + 2 * np.eye(S)
-    cov_z = Lz @ Lz.T
-    sigma = rng.uniform(0.2, 1.0, size=D)
-    model = CPAModel(PiecewiseAffineNet.from_arrays([A], [b], []), prior_mean=mu, prior_cov=cov_z,
-                     noise_std=sigma, device="cpu")
+    D = 6
+    model, A, b, mu, cov_z, sigma = random_linear_model(rng, 3, D, 1.0)
     X = rng.normal(size=(20, D)) * 3
     X[3, [1, 4]] = np.nan
     X[5, :] = np.nan
