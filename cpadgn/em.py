@@ -152,81 +152,16 @@ class EStep:
 def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, moments: bool = True,
            device="cpu", memory_budget: float = 5e8, tab=None) -> EStep:
     """Exact log p(x) and the truncated posterior moments of every (row, region) pair that
-    matters, for complete rows X (N, D).
-
-    The same identities as ``likelihood.posterior`` (whose per-region table and pair
-    integrals it reuses), with the pruning tolerance as a parameter: every pair has the
-    certified bound kappa_w(x) min_k Phi(slack_k / std_k) >= kappa_w(x) Phi_w(x) (one
-    facet's half-plane mass, ``likelihood._log_bounds``); pairs are evaluated in decreasing bound order,
-    margins -log(rtol) + 3, then doubling, until the bounds of the skipped pairs sum to
-    at most rtol p(x).  So log_likelihood is exact to log(1 + rtol) (reported per row as
-    ``error_bound``) and the responsibilities to a relative rtol, at a fraction of the
-    pairs that rtol = 1e-13 needs when posteriors are broad.
+    matters, for complete rows X (N, D): ``likelihood.posterior`` with the pruning
+    tolerance as a parameter.  log_likelihood is exact to log(1 + rtol) (the certified
+    per-row ``error_bound``) and the responsibilities to a relative rtol, at a fraction
+    of the pairs that rtol = 1e-13 needs when posteriors are broad.
     """
-    import torch
-
     from . import likelihood as lik
-    X = np.asarray(X, dtype=np.float64)
-    N, D = X.shape
-    S = net.latent_dim
-    device = torch.device(device)
-    tab = tab or lik.RegionTable(net, part, noise_std, device)
-    R = tab.n_regions
-    F = int(tab.mask.shape[1]) if tab.mask.ndim == 2 else 0
-    per_row = 8.0 * R * (4 * (S + 1) + 3 * max(F, 1))
-    chunk = int(max(1, min(N, memory_budget // per_row)))
-    pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
-    log_rtol = float(np.log(rtol))
-    first = -log_rtol + 3.0
-    degenerate = getattr(part, "degenerate", None)
-    degenerate = None if degenerate is None or not np.any(degenerate) else np.asarray(degenerate, bool)
-    out_ll, out_eb, out_se = np.zeros(N), np.zeros(N), np.zeros(N)
-    acc = []
-    for start in range(0, N, chunk):
-        idx = np.arange(start, min(N, start + chunk))
-        Xt = torch.as_tensor(X[idx], device=device)
-        n = idx.size
-        log_kappa, log_bound = lik._log_bounds(tab, Xt, True, 0)
-        top = log_bound.max(dim=1).values
-        taken = torch.zeros_like(log_bound, dtype=torch.bool)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
-        parts = []
-        margin = first
-        while True:
-            new = (~taken) & (~done[:, None]) & (log_bound >= (top - margin)[:, None])
-            if bool(new.any()):
-                rows, regions = torch.nonzero(new, as_tuple=True)
-                taken |= new
-                for p0 in range(0, rows.numel(), pair_chunk):
-                    rr, gg = rows[p0:p0 + pair_chunk], regions[p0:p0 + pair_chunk]
-                    mu, L = lik._pair_gaussians(tab, Xt, rr, gg, True)
-                    log_phi, mean, cov, se = lik._truncated_moments(tab, mu, L, gg.cpu().numpy(), moments)
-                    mean, cov = np.nan_to_num(mean), np.nan_to_num(cov)
-                    g_np = gg.cpu().numpy()
-                    if degenerate is not None:     # zero-width regions have zero mass
-                        log_phi = np.where(np.isnan(log_phi) & degenerate[g_np], -np.inf, log_phi)
-                    logw = log_kappa[rr, gg].cpu().numpy() + log_phi
-                    parts.append((rr.cpu().numpy(), gg.cpu().numpy(), logw, mean, cov, se))
-                    log_p = torch.logaddexp(log_p, lik._segment_logsumexp(
-                        rr, torch.as_tensor(logw, device=device), n))
-            skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
-            done = done | (skipped - log_p <= log_rtol)
-            if bool(done.all()) or not np.isfinite(margin):
-                break
-            margin = 2 * margin if margin < 400 else np.inf
-        skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
-        bound = torch.log1p(torch.exp(skipped - log_p)).cpu().numpy()
-        rows, regions, logw, mean, cov, se = (np.concatenate(a) for a in zip(*parts))
-        order = np.lexsort((regions, rows))
-        rows, regions, logw, mean, cov, se = (a[order] for a in (rows, regions, logw, mean, cov, se))
-        lp = log_p.cpu().numpy()
-        r = np.exp(logw - lp[rows])
-        out_ll[idx], out_eb[idx] = lp, bound
-        out_se[idx] = np.sqrt(np.bincount(rows, weights=(r * se) ** 2, minlength=n))
-        acc.append((idx[rows], regions, r, mean, cov))
-    rows, regions, r, mean, cov = (np.concatenate(a) for a in zip(*acc))
-    return EStep(out_ll, out_eb, out_se, rows.astype(np.int64), regions.astype(np.int64), r, mean, cov)
+    post = lik.posterior(net, part, noise_std, X, tab=tab, device=device, rtol=rtol,
+                         memory_budget=memory_budget, moments=moments)
+    return EStep(post.log_likelihood, post.error_bound, post.stderr, post.pair_row, post.pair_region,
+                 post.pair_responsibility, post.pair_mean, post.pair_cov)
 
 
 # ===================================================================== region algebra

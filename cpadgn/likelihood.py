@@ -72,9 +72,13 @@ class RegionTable:
 
     M (R, H, S), c (R, H): last hidden activation h = M z + c inside each region;
     U (D, H), b0 (D,): the output layer (U = I_D when that is cheaper);
-    G (R, F, S), h (R, F), mask (R, F): the facets {z : G z <= h}.
-    For complete rows: Lambda chol L (R, S, S), Sigma = Lambda^-1, logdet Lambda (R,), c^T Q c (R,),
-    M^T Q c (R, S) with Q = U^T P U.
+    G (R, F, S), h (R, F), mask (R, F): the facets {z : G z <= h};
+    degenerate (R,) or None: regions flagged near-degenerate by the partition.
+    For complete rows, with Q = U^T P U, Lambda_w = I + M^T Q M = L L^T and C = L^-T
+    (so Sigma_w = C C^T): chol_lambda L (R, S, S), C (R, S, S), ``stacked`` [c, M C]
+    (H, (1 + S) R), v_shift C^T M^T Q c (S, R), kappa_const (R,) the row-independent
+    part of -2 log kappa; and the facets in the whitened frame u = C^-1 (z - mu):
+    unit normals GC_unit (R, F, S) and offsets h_unit (R, F) (+inf on padding).
     """
 
     def __init__(self, net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray,
@@ -87,6 +91,8 @@ class RegionTable:
             M, c, W = np.matmul(W, M), c @ W.T, np.eye(D)
         self.device, self.S, self.D = device, S, D
         self.n_regions = part.n_regions
+        degenerate = getattr(part, "degenerate", None)
+        self.degenerate = np.asarray(degenerate, bool) if degenerate is not None and np.any(degenerate) else None
         self.var = t(np.broadcast_to(np.asarray(noise_std, dtype=np.float64) ** 2, (D,)))
         self.U, self.b0, self.M, self.c = t(W), t(b0), t(M), t(c)
         G, h, mask = part.facets(net)
@@ -97,22 +103,18 @@ class RegionTable:
         MtQ = self.M.transpose(1, 2) @ Q                               # (R, S, H)
         Lam = torch.eye(S, dtype=torch.float64, device=device) + MtQ @ self.M
         self.chol_lambda = torch.linalg.cholesky(Lam)
-        self.logdet_lambda = 2 * torch.log(torch.diagonal(self.chol_lambda, dim1=1, dim2=2)).sum(1)
-        self.sigma = torch.cholesky_inverse(self.chol_lambda)          # Sigma_w = Lambda_w^-1 (R, S, S)
-        self.MtQc = (MtQ @ self.c[:, :, None])[..., 0]                # (R, S)
-        self.cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
-        self.stacked = torch.cat([self.c[:, :, None], self.M], dim=2).permute(1, 0, 2).reshape(self.M.shape[1], -1)
-        self.facet_std = _facet_std(self.chol_lambda, self.G_t)
-        # For complete rows the facet slack of each region's posterior mean is affine in
-        # xhat = U^T P (x - b0): h_k - G_k mu_w = h'_k - xhat . q_k, so the slacks of all
-        # facets of all regions are one matrix product (columns: the real facets only).
-        GS = self.G_t @ self.sigma                                     # (R, F, S)
-        q = torch.einsum("rhs,rfs->hrf", self.M, GS)[:, self.mask_t]    # (H, facets)
-        h_shift = self.h_t + (GS @ self.MtQc[:, :, None])[..., 0]
-        std = self.facet_std[self.mask_t]
-        self.slack_q, self.slack_h = q / std, h_shift[self.mask_t] / std
-        # Position of each real facet in the padded (R * F) layout; padding stays +inf.
-        self.slack_index = torch.nonzero(self.mask_t.reshape(-1))[:, 0]
+        self.C = _inverse_transpose(self.chol_lambda)
+        logdet = 2 * torch.log(torch.diagonal(self.chol_lambda, dim1=1, dim2=2)).sum(1)
+        cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
+        self.kappa_const = D * LOG_2PI + torch.log(self.var).sum() + logdet + cQc
+        self.v_shift = (self.C.transpose(1, 2) @ (MtQ @ self.c[:, :, None]))[..., 0].T.contiguous()
+        MC = self.M @ self.C                                           # (R, H, S)
+        self.stacked = torch.cat([self.c[:, :, None], MC], dim=2).permute(1, 2, 0).reshape(self.M.shape[1], -1)
+        GC = self.G_t @ self.C                                         # (R, F, S)
+        norm = torch.linalg.vector_norm(GC, dim=-1)
+        real = self.mask_t & (norm > 0)
+        self.GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
+        self.h_unit = torch.where(real, self.h_t / torch.where(real, norm, 1.0), torch.inf)
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
@@ -120,24 +122,36 @@ class RegionTable:
         return torch.einsum("dh,bhs->bds", self.U, M), c @ self.U.T + self.b0
 
 
-def _solve_chol(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Lambda^-1 y with Lambda = L L^T: L (..., S, S), y (..., S) -> (..., S)."""
-    return torch.cholesky_solve(y[..., None], L)[..., 0]
+def _inverse_transpose(L: torch.Tensor) -> torch.Tensor:
+    """L^-T for lower-triangular L (..., S, S)."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
 
 
-def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
-    """Complete rows X (N, D) -> log kappa (N, R), xhat = U^T P (x - b0) (N, H)."""
+def _log_kappa_complete(tab: RegionTable, X: torch.Tensor, block: int = 64):
+    """Complete rows X (N, D) -> log kappa (N, R) and the whitened posterior means
+    v = C^T y (N, S, R), mu_w(x) = C_w v.
+
+    -2 log kappa = const_w + |x - b_w|_P^2 - y^T Sigma_w y, where y^T Sigma_w y = |v|^2 and
+    |x - b_w|_P^2 = x'Px - 2 c_w . xhat + c_w' Q c_w.  Rows go in blocks so that the
+    product and its elementwise epilogue stay in cache.
+    """
     N, R, S = X.shape[0], tab.n_regions, tab.S
     Xc = X - tab.b0
     xhat = (Xc / tab.var) @ tab.U                                      # (N, H)
     xPx = (Xc * Xc / tab.var).sum(1)                                   # (N,)
-    prod = (xhat @ tab.stacked).reshape(N, R, S + 1)                   # the dominant step
-    y = prod[..., 1:] - tab.MtQc
-    rPr = xPx[:, None] - 2 * prod[..., 0] + tab.cQc
-    mu = torch.einsum("rst,nrt->nrs", tab.sigma, y)                   # posterior means (N, R, S)
-    ySy = (y * mu).sum(-1)
-    const = tab.D * LOG_2PI + torch.log(tab.var).sum()
-    return -0.5 * (const + tab.logdet_lambda + rPr - ySy), xhat
+    log_kappa = torch.empty((N, R), dtype=X.dtype, device=X.device)
+    v = torch.empty((N, S, R), dtype=X.dtype, device=X.device)
+    for s in range(0, N, block):
+        prod = (xhat[s:s + block] @ tab.stacked).reshape(-1, S + 1, R)  # the dominant step
+        v_b, lk = v[s:s + block], log_kappa[s:s + block]
+        torch.sub(prod[:, 1:], tab.v_shift, out=v_b)
+        torch.mul(prod[:, 0], -2.0, out=lk)
+        lk.add_(tab.kappa_const).add_(xPx[s:s + block, None])
+        for k in range(S):
+            lk.addcmul_(v_b[:, k], v_b[:, k], value=-1.0)
+        lk.mul_(-0.5)
+    return log_kappa, v
 
 
 def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
@@ -183,46 +197,61 @@ def _log_phi_bound(tab: RegionTable, mu: torch.Tensor, std: torch.Tensor, region
     return torch.special.log_ndtr(z.min(dim=-1).values)          # log_ndtr is increasing
 
 
-def _log_bounds(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
-    """log kappa (N, R) and a certified upper bound log kappa + log Phi_bound >= log(kappa Phi)."""
+def _dense_bounds(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
+    """log kappa (N, R) and a certified upper bound >= log(kappa Phi) for every pair.
+
+    Complete rows: the bound is log kappa itself (Phi <= 1), refined per pair by
+    ``_facet_bound`` only where it matters; v (N, S, R) as in ``_log_kappa_complete``.
+    Incomplete rows: the one-facet bound of ``_log_phi_bound`` directly; v is None.
+    """
     if complete:
-        log_kappa, xhat = _log_kappa_complete(tab, X)
-        if tab.mask_t.shape[-1] == 0:                                    # one region, no facets
-            return log_kappa, log_kappa
-        z = (tab.slack_h - xhat @ tab.slack_q)                           # (N, facets), in stds
-        padded = torch.full((X.shape[0], tab.mask_t.numel()), torch.inf, dtype=X.dtype, device=X.device)
-        padded[:, tab.slack_index] = z
-        zmin = padded.reshape(X.shape[0], *tab.mask_t.shape).min(dim=-1).values
-        return log_kappa, log_kappa + torch.special.log_ndtr(zmin)
+        log_kappa, v = _log_kappa_complete(tab, X)
+        return log_kappa, log_kappa, v
     kappas, bounds = [], []
     for start in range(0, tab.n_regions, region_chunk):
         idx = torch.arange(start, min(start + region_chunk, tab.n_regions), device=X.device)
         lk, y, L = _moments_incomplete(tab, X, idx)
-        mu = _solve_chol(L, y)
+        mu = torch.cholesky_solve(y[..., None], L)[..., 0]
         kappas.append(lk)
         bounds.append(lk + _log_phi_bound(tab, mu, _facet_std(L, tab.G_t[idx]), idx))
-    return torch.cat(kappas, dim=1), torch.cat(bounds, dim=1)
+    log_kappa = torch.cat(kappas, dim=1)
+    return log_kappa, torch.cat(bounds, dim=1), None
 
 
-def _pair_gaussians(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                    complete: bool):
-    """Posterior Gaussian of each (row, region) pair: mu (P, S), chol Sigma... as L_Lambda (P, S, S)."""
+def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """log of the largest one-facet mass bound, min_k Phi(slack_k / std_k), for complete-row
+    pairs: v (P, S) whitened posterior means of regions (P,) -> (P,)."""
+    if tab.h_unit.shape[-1] == 0:
+        return torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    z = tab.h_unit[regions] - (tab.GC_unit[regions] @ v[:, :, None])[..., 0]
+    return torch.special.log_ndtr(z.min(dim=-1).values)
+
+
+def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
+                  complete: bool, v_dense: torch.Tensor | None = None):
+    """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1.
+
+    Returns v (P, S), C (P, S, S), L (P, S, S).  v_dense (N, S, R) from
+    ``_log_kappa_complete`` saves recomputing v for complete rows.
+    """
     if complete:
-        xhat = ((X - tab.b0) / tab.var) @ tab.U                        # once per row, not per pair
-        y = torch.einsum("phs,ph->ps", tab.M[regions], xhat[rows]) - tab.MtQc[regions]
-        L = tab.chol_lambda[regions]
-    else:
-        # One row at a time against its own regions keeps memory at O(pairs).
-        ys, Ls = [], []
-        for r in torch.unique(rows):
-            sel = torch.nonzero(rows == r)[:, 0]
-            _, y_r, L_r = _moments_incomplete(tab, X[r:r + 1], regions[sel])
-            ys.append((sel, y_r[0])), Ls.append(L_r[0])
-        y = torch.empty((rows.numel(), tab.S), dtype=X.dtype, device=X.device)
-        L = torch.empty((rows.numel(), tab.S, tab.S), dtype=X.dtype, device=X.device)
-        for (sel, y_r), L_r in zip(ys, Ls):
-            y[sel], L[sel] = y_r, L_r
-    return _solve_chol(L, y), L
+        if v_dense is not None:
+            v = v_dense[rows, :, regions]
+        else:
+            xhat = ((X - tab.b0) / tab.var) @ tab.U                    # once per row, not per pair
+            MC = tab.stacked.reshape(tab.M.shape[1], tab.S + 1, tab.n_regions)[:, 1:]
+            v = torch.einsum("hsp,ph->ps", MC[:, :, regions], xhat[rows]) - tab.v_shift[:, regions].T
+        return v, tab.C[regions], tab.chol_lambda[regions]
+    # One row at a time against its own regions keeps memory at O(pairs).
+    S = tab.S
+    y = torch.empty((rows.numel(), S), dtype=X.dtype, device=X.device)
+    L = torch.empty((rows.numel(), S, S), dtype=X.dtype, device=X.device)
+    for r in torch.unique(rows):
+        sel = torch.nonzero(rows == r)[:, 0]
+        _, y_r, L_r = _moments_incomplete(tab, X[r:r + 1], regions[sel])
+        y[sel], L[sel] = y_r[0], L_r[0]
+    v = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
+    return v, _inverse_transpose(L), L
 
 
 def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: np.ndarray):
@@ -235,27 +264,28 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
     rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=tab.device)
     regions_t = torch.as_tensor(np.asarray(regions, dtype=np.int64), device=tab.device)
     complete = not bool(torch.isnan(Xt[rows_t]).any()) if rows_t.numel() else True
-    mu, L = _pair_gaussians(tab, Xt, rows_t, regions_t, complete)
-    return mu.cpu().numpy(), L.cpu().numpy()
+    v, C, L = _pair_factors(tab, Xt, rows_t, regions_t, complete)
+    return (C @ v[:, :, None])[..., 0].cpu().numpy(), L.cpu().numpy()
 
 
-def _truncated_moments(tab: RegionTable, mu: torch.Tensor, L_lambda: torch.Tensor,
-                       regions: np.ndarray, moments: bool):
-    """Mass and moments of N(mu, Lambda^-1) on each pair's region.
+def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
+                       moments: bool):
+    """Mass and moments of N(C v, C C^T) on each pair's region.
 
-    Whitening z = mu + C u with C = L^-T (so C C^T = Lambda^-1) turns G z <= h into
-    (G C) u <= h - G mu.  Returns log Phi (P,), E[z|w] (P, S), Cov[z|w] (P, S, S),
-    stderr (P,) as numpy.
+    With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v.
+    Returns log Phi (P,), E[z|w] (P, S), Cov[z|w] (P, S, S), stderr (P,) as numpy.
     """
-    mu, L = mu.cpu().numpy(), L_lambda.cpu().numpy()
-    C = np.linalg.inv(np.swapaxes(L, 1, 2))                           # L^-T, (P, S, S)
-    G, h, mask = tab.G[regions], tab.h[regions], tab.mask[regions]
-    A = G @ C
-    b = h - np.einsum("pfs,ps->pf", G, mu)
-    res = polytope_moments(A, b, mask, moments=moments)
-    mean = mu + np.einsum("pst,pt->ps", C, res.mean)
-    cov = C @ res.cov @ np.swapaxes(C, 1, 2)
-    return res.log_mass, mean, cov, res.stderr
+    v, C = v.cpu().numpy(), C.cpu().numpy()
+    A = tab.G[regions] @ C
+    b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
+    res = polytope_moments(A, b, tab.mask[regions], moments=moments)
+    log_phi = res.log_mass
+    if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
+        log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
+    none = np.isneginf(log_phi)
+    mean = np.where(none[:, None], 0.0, (C @ (v + res.mean)[:, :, None])[..., 0])
+    cov = np.where(none[:, None, None], 0.0, C @ res.cov @ np.swapaxes(C, 1, 2))
+    return log_phi, mean, cov, res.stderr
 
 
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
@@ -265,7 +295,9 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     """Exact log p(x_o), responsibilities and E[z|x], Cov[z|x] for every row of X (N, D).
 
     NaN entries of X are missing; a row with nothing observed has log p = 0 and the
-    prior as posterior.  ``progress(done_rows, total_rows)`` is called after each chunk.
+    prior as posterior.  Pairs are pruned only while the certified bounds of the skipped
+    ones sum to at most rtol p(x) (``error_bound``).  ``progress(done_rows, total_rows)``
+    is called after each chunk.
     """
     device = torch.device(device)
     tab = tab or RegionTable(net, part, noise_std, device)
@@ -273,19 +305,21 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     N, S, R = X.shape[0], net.latent_dim, part.n_regions
     out = _empty_result(N, S)
     complete_rows = ~np.isnan(X).any(axis=1)
-    # Rows per chunk so that the (rows, regions, S + 1) working arrays fit the budget.
-    F = tab.G.shape[1]
-    per_row = 8.0 * R * (2 * S + 2 + F) * 4
+    # Rows per chunk so that the dense (rows, regions) working arrays fit the budget.
+    per_row = 8.0 * R * (3 * S + 8)
     chunk = int(max(1, min(N, memory_budget // per_row)))
-    region_chunk = int(max(1, memory_budget // (8.0 * 4 * (tab.D * S * (S + 2) + chunk * S * (S + 2)))))
+    F = tab.G.shape[1]
+    region_chunk = int(max(1, memory_budget // (8.0 * 4 * (tab.D * S * (S + 2) + chunk * (S * (S + 2) + F)))))
+    pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
     pairs = []
     done = 0
     for complete in (True, False):
         idx_all = np.flatnonzero(complete_rows == complete)
         for start in range(0, idx_all.size, chunk):
             idx = idx_all[start:start + chunk]
-            pairs.append(_posterior_chunk(tab, torch.as_tensor(X[idx], device=device), idx,
-                                          complete, rtol, region_chunk, moments, out))
+            Xt = torch.as_tensor(X[idx], device=device)
+            found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments)
+            pairs.append(_summarise(*found, Xt, idx, out))
             done += idx.size
             if progress is not None:
                 progress(done, N)
@@ -305,37 +339,69 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
         pair_mean=np.zeros((0, S)), pair_cov=np.zeros((0, S, S)))
 
 
-def _posterior_chunk(tab, Xt, idx, complete, rtol, region_chunk, moments, out):
-    """Fill ``out`` for rows idx (their data Xt on the device); return their pairs."""
-    n = Xt.shape[0]
-    log_kappa, log_bound = _log_bounds(tab, Xt, complete, region_chunk)  # (n, R) each
+def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
+    """The (row, region) pairs of rows Xt (n, D) that p(x) needs to a relative rtol, integrated.
+
+    Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
+    within reach are *listed* and, for complete rows, get the sharper facet bound; listed
+    pairs are integrated in decreasing bound order, margins -log(rtol) + 3, then doubling.
+    A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
+    to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
+    unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
+    Cov[z|w], stderr per integrated pair and the per-row bound log(1 + skipped / p).
+    """
+    n, R = Xt.shape[0], tab.n_regions
+    dev = Xt.device
+    log_kappa, dense, v_dense = _dense_bounds(tab, Xt, complete, region_chunk)
     log_rtol = float(np.log(rtol))
-    done = torch.zeros(n, dtype=torch.bool, device=Xt.device)
-    taken = torch.zeros_like(log_kappa, dtype=torch.bool)
-    acc_rows, acc_regions, acc_logw, acc_mean, acc_cov, acc_se = [], [], [], [], [], []
-    log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=Xt.device)
-    top = log_bound.max(dim=1).values
-    # Certifying rtol needs a margin of about -log(rtol) + log(#regions left) nats.
-    for margin in (35.0, 45.0, 60.0, 100.0, torch.inf):
-        new = (~taken) & (~done[:, None]) & (log_bound >= (top - margin)[:, None])
-        if new.any():
+    first = -log_rtol + 3.0
+    log_R = float(np.log(R))
+    list_thr = dense.max(dim=1).values - (first + log_R + 10.0)
+    listed = torch.zeros_like(dense, dtype=torch.bool)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)
+    l_rows = torch.zeros(0, dtype=torch.long, device=dev)
+    l_regions, l_bound, l_taken = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev), \
+        torch.zeros(0, dtype=torch.bool, device=dev)
+    found = []
+    margin = first
+    while True:
+        new = (~listed) & (~done[:, None]) & (dense >= list_thr[:, None])
+        grew = bool(new.any())
+        if grew:
             rows, regions = torch.nonzero(new, as_tuple=True)
-            taken |= new
-            mu, L = _pair_gaussians(tab, Xt, rows, regions, complete)
-            log_phi, mean, cov, se = _truncated_moments(tab, mu, L, regions.cpu().numpy(), moments)
+            listed |= new
+            bound = dense[rows, regions]
+            if complete:
+                bound = bound + _facet_bound(tab, v_dense[rows, :, regions], regions)
+            l_rows, l_regions = torch.cat([l_rows, rows]), torch.cat([l_regions, regions])
+            l_bound = torch.cat([l_bound, bound])
+            l_taken = torch.cat([l_taken, torch.zeros_like(rows, dtype=torch.bool)])
+        unlisted = list_thr + log_R          # every unlisted dense bound is below list_thr
+        top = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce(
+            0, l_rows, l_bound, reduce="amax")
+        take = (~l_taken) & (~done[l_rows]) & (l_bound >= (top - margin)[l_rows]) & (l_bound > -torch.inf)
+        take_idx = torch.nonzero(take)[:, 0]
+        for p0 in range(0, take_idx.numel(), pair_chunk):
+            sel = take_idx[p0:p0 + pair_chunk]
+            rows, regions = l_rows[sel], l_regions[sel]
+            v, C, _ = _pair_factors(tab, Xt, rows, regions, complete, v_dense)
+            log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments)
             logw = log_kappa[rows, regions].cpu().numpy() + log_phi
-            acc_rows.append(rows.cpu().numpy()), acc_regions.append(regions.cpu().numpy())
-            acc_logw.append(logw), acc_mean.append(mean), acc_cov.append(cov), acc_se.append(se)
-            log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=Xt.device), n))
-        skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
+            found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se))
+            log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))
+        l_taken |= take
+        skipped = torch.logaddexp(unlisted, _segment_logsumexp(l_rows[~l_taken], l_bound[~l_taken], n))
         done = done | (skipped - log_p <= log_rtol)
-        if bool(done.all()):
+        if bool(done.all()) or (not grew and not bool(take.any()) and not np.isfinite(margin)):
             break
-    skipped = torch.logsumexp(torch.where(taken, -torch.inf, log_bound), dim=1)
+        list_thr = torch.where(done, list_thr, torch.minimum(list_thr, log_p + log_rtol - log_R - 1.0))
+        margin = 2 * margin if margin < 400 else np.inf
     bound = torch.log1p(torch.exp(skipped - log_p)).cpu().numpy()
-    return _summarise(np.concatenate(acc_rows), np.concatenate(acc_regions), np.concatenate(acc_logw),
-                      np.concatenate(acc_mean), np.concatenate(acc_cov), np.concatenate(acc_se),
-                      Xt, idx, bound, out)
+    S = tab.S
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, S)),
+             np.zeros((0, S, S)), np.zeros(0))
+    return (*map(np.concatenate, zip(empty, *found)), bound)
 
 
 def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -348,7 +414,7 @@ def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torc
     return safe + torch.log(total)
 
 
-def _summarise(rows, regions, logw, mean, cov, se, Xt, idx, bound, out):
+def _summarise(rows, regions, logw, mean, cov, se, bound, Xt, idx, out):
     """Combine the per-pair results of one chunk into per-row summaries."""
     n = Xt.shape[0]
     order = np.lexsort((regions, rows))

@@ -94,7 +94,7 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) ->
         if S == 1:
             res = _interval(A[..., 0], b, mask)
         elif S == 2:
-            res = _polygon(A, b, mask, moments)
+            res = _by_row_count(_polygon, A, b, mask, moments)
         else:
             res = _qmc(A, b, mask, n_qmc, seed, moments)
         for name in ("log_mass", "mean", "cov", "stderr"):
@@ -211,6 +211,23 @@ def log_owen_segment(p, t_lo, t_hi):
         with np.errstate(divide="ignore"):
             out[sel] = m + np.log(np.exp(v - m[:, None]).sum(-1))
     return np.where(width > 0, out - np.log(2 * np.pi), -np.inf)
+
+
+def _by_row_count(solve, A, b, mask, *args):
+    """solve(A, b, mask, *args) on groups of polytopes with the same number of real rows,
+    padding dropped (the S = 2 work is quadratic in the row count)."""
+    order = np.argsort(~mask, axis=1, kind="stable")                  # real rows first
+    A = np.take_along_axis(A, order[..., None], 1)
+    b, mask = np.take_along_axis(b, order, 1), np.take_along_axis(mask, order, 1)
+    counts = mask.sum(1)
+    B, _, S = A.shape
+    out = PolytopeMoments(np.zeros(B), np.zeros((B, S)), np.zeros((B, S, S)), np.zeros(B))
+    for k in np.unique(counts):
+        g = np.flatnonzero(counts == k)
+        res = solve(A[g, :k], b[g, :k], mask[g, :k], *args)
+        for name in ("log_mass", "mean", "cov", "stderr"):
+            getattr(out, name)[g] = getattr(res, name)
+    return out
 
 
 def _polygon(a, c, mask, moments):
