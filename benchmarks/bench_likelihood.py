@@ -129,7 +129,7 @@ def main():
     t_exact = time.perf_counter() - t0
 
     tab = model._region_table()
-    H, R, S = tab.U.shape[1], tab.n_regions, net.latent_dim
+    H, R, S = tab.stacked.shape[0], tab.n_regions, net.latent_dim
     xhat = torch.randn(min(args.rows, 2000), H, dtype=torch.float64)
     xhat @ tab.stacked
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ x_m = A_w,m z + b_w,m + sigma_m eps.
 Exactness: for S <= 2 the region masses and truncated moments are exact (log space);
 for S >= 3 they come from randomised QMC (``polytope``), with a standard error.  Regions
 are pruned only under the certified bound of ``likelihood.posterior`` (relative
-responsibility <= 1e-13), reported per row as ``error_bound``.  Rows with nothing
+responsibility <= 1e-10 by default), reported per row as ``error_bound``.  Rows with nothing
 missing pass through unchanged; rows with nothing observed get the model's marginal
 mean, covariance and draws (the prior is their posterior).
 """

@@ -23,12 +23,13 @@ the resulting bound log(1 + skipped / p) is returned as ``error_bound``.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .polytope import polytope_moments
+from .polytope import PolytopeMoments, polytope_moments
 from .network import PiecewiseAffineNet
 from .partition import Partition
 
@@ -75,9 +76,9 @@ class RegionTable:
     G (R, F, S), h (R, F), mask (R, F): the facets {z : G z <= h};
     degenerate (R,) or None: regions flagged near-degenerate by the partition.
     For complete rows, with Q = U^T P U, Lambda_w = I + M^T Q M = L L^T and C = L^-T
-    (so Sigma_w = C C^T): chol_lambda L (R, S, S), C (R, S, S), ``stacked`` [c, M C]
-    (H, (1 + S) R), v_shift C^T M^T Q c (S, R), kappa_const (R,) the row-independent
-    part of -2 log kappa; and the facets in the whitened frame u = C^-1 (z - mu):
+    (so Sigma_w = C C^T): chol_lambda L (R, S, S), C (R, S, S), ``stacked`` (H + 2, (1 + S) R)
+    the per-region coefficients of log kappa and v (see ``_log_kappa_complete``); and
+    the facets in the whitened frame u = C^-1 (z - mu):
     unit normals GC_unit (R, F, S) and offsets h_unit (R, F) (+inf on padding).
     """
 
@@ -106,10 +107,15 @@ class RegionTable:
         self.C = _inverse_transpose(self.chol_lambda)
         logdet = 2 * torch.log(torch.diagonal(self.chol_lambda, dim1=1, dim2=2)).sum(1)
         cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
-        self.kappa_const = D * LOG_2PI + torch.log(self.var).sum() + logdet + cQc
-        self.v_shift = (self.C.transpose(1, 2) @ (MtQ @ self.c[:, :, None]))[..., 0].T.contiguous()
-        MC = self.M @ self.C                                           # (R, H, S)
-        self.stacked = torch.cat([self.c[:, :, None], MC], dim=2).permute(1, 2, 0).reshape(self.M.shape[1], -1)
+        kappa_const = D * LOG_2PI + torch.log(self.var).sum() + logdet + cQc
+        v_shift = (self.C.transpose(1, 2) @ (MtQ @ self.c[:, :, None]))[..., 0]   # C^T M^T Q c
+        # [xhat, 1, x'Px] @ stacked = [-1/2 (const + x'Px - 2 c.xhat), v_1..v_S] per region
+        H = self.M.shape[1]
+        stacked = torch.zeros((H + 2, S + 1, self.n_regions), dtype=torch.float64, device=device)
+        stacked[:H, 0], stacked[H, 0], stacked[H + 1, 0] = self.c.T, -0.5 * kappa_const, -0.5
+        stacked[:H, 1:] = (self.M @ self.C).permute(1, 2, 0)
+        stacked[H, 1:] = -v_shift.T
+        self.stacked = stacked.reshape(H + 2, -1)
         GC = self.G_t @ self.C                                         # (R, F, S)
         norm = torch.linalg.vector_norm(GC, dim=-1)
         real = self.mask_t & (norm > 0)
@@ -133,27 +139,22 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor, block: int = 64):
     v = C^T y (N, S, R), mu_w(x) = C_w v.
 
     -2 log kappa = const_w + |x - b_w|_P^2 - y^T Sigma_w y, where y^T Sigma_w y = |v|^2 and
-    |x - b_w|_P^2 = x'Px - 2 c_w . xhat + c_w' Q c_w.  Rows go in blocks so that the
-    product and its elementwise epilogue stay in cache.
+    |x - b_w|_P^2 = x'Px - 2 c_w . xhat + c_w' Q c_w: everything but |v|^2 is one matrix
+    product (``RegionTable.stacked``).  Rows go in blocks so that the product and its
+    epilogue stay in cache; the product is written in place and becomes the output.
     """
     N, R, S = X.shape[0], tab.n_regions, tab.S
     Xc = X - tab.b0
     xhat = (Xc / tab.var) @ tab.U                                      # (N, H)
     xPx = (Xc * Xc / tab.var).sum(1)                                   # (N,)
-    log_kappa = torch.empty((N, R), dtype=X.dtype, device=X.device)
-    v = torch.empty((N, S, R), dtype=X.dtype, device=X.device)
+    xaug = torch.cat([xhat, torch.ones_like(xPx)[:, None], xPx[:, None]], dim=1)
+    out = torch.empty((N, (S + 1) * R), dtype=X.dtype, device=X.device)
     for s in range(0, N, block):
-        prod = (xhat[s:s + block] @ tab.stacked).reshape(-1, S + 1, R)  # the dominant step
-        v_b, lk = v[s:s + block], log_kappa[s:s + block]
-        torch.sub(prod[:, 1:], tab.v_shift, out=v_b)
-        torch.mul(prod[:, 0], -2.0, out=lk)
-        lk.add_(tab.kappa_const).add_(xPx[s:s + block, None])
-        for k in range(S):
-            lk.addcmul_(v_b[:, k], v_b[:, k], value=-1.0)
-        lk.mul_(-0.5)
-    return log_kappa, v
-
-
+        prod = torch.matmul(xaug[s:s + block], tab.stacked, out=out[s:s + block]).view(-1, S + 1, R)
+        for k in range(1, S + 1):                                      # the dominant step's epilogue
+            prod[:, 0].addcmul_(prod[:, k], prod[:, k], value=0.5)
+    out = out.view(N, S + 1, R)
+    return out[:, 0], out[:, 1:]
 def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
     """Rows with missing entries (NaN) against some regions.
 
@@ -239,8 +240,10 @@ def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions
             v = v_dense[rows, :, regions]
         else:
             xhat = ((X - tab.b0) / tab.var) @ tab.U                    # once per row, not per pair
-            MC = tab.stacked.reshape(tab.M.shape[1], tab.S + 1, tab.n_regions)[:, 1:]
-            v = torch.einsum("hsp,ph->ps", MC[:, :, regions], xhat[rows]) - tab.v_shift[:, regions].T
+            H = tab.M.shape[1]
+            MC = tab.stacked.view(H + 2, tab.S + 1, tab.n_regions)[:, 1:]    # rows H, H+1: -v_shift, 0
+            xaug = torch.cat([xhat, torch.ones_like(xhat[:, :1]), torch.zeros_like(xhat[:, :1])], dim=1)
+            v = torch.einsum("hsp,ph->ps", MC[:, :, regions], xaug[rows])
         return v, tab.C[regions], tab.chol_lambda[regions]
     # One row at a time against its own regions keeps memory at O(pairs).
     S = tab.S
@@ -278,7 +281,7 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     v, C = v.cpu().numpy(), C.cpu().numpy()
     A = tab.G[regions] @ C
     b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
-    res = polytope_moments(A, b, tab.mask[regions], moments=moments)
+    res = _parallel_polytope_moments(A, b, tab.mask[regions], moments)
     log_phi = res.log_mass
     if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
         log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
@@ -288,9 +291,23 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     return log_phi, mean, cov, res.stderr
 
 
+def _parallel_polytope_moments(A: np.ndarray, b: np.ndarray, mask: np.ndarray, moments: bool,
+                               min_pairs: int = 4096) -> PolytopeMoments:
+    """``polytope_moments`` split over torch's thread count (numpy releases the GIL in its
+    array loops, so threads scale on these independent integrals)."""
+    workers = min(torch.get_num_threads(), A.shape[0] // min_pairs)
+    if workers <= 1:
+        return polytope_moments(A, b, mask, moments=moments)
+    parts = np.array_split(np.arange(A.shape[0]), 2 * workers)
+    with ThreadPoolExecutor(workers) as pool:
+        res = list(pool.map(lambda i: polytope_moments(A[i], b[i], mask[i], moments=moments), parts))
+    return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in res])
+                             for f in ("log_mass", "mean", "cov", "stderr")))
+
+
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
               tab: RegionTable | None = None, device: torch.device | str = "cpu",
-              rtol: float = 1e-13, memory_budget: float = 2e9, moments: bool = True,
+              rtol: float = 1e-10, memory_budget: float = 2e9, moments: bool = True,
               progress=None) -> PosteriorResult:
     """Exact log p(x_o), responsibilities and E[z|x], Cov[z|x] for every row of X (N, D).
 

@@ -51,7 +51,7 @@ def test_s1_loglik_and_posterior_mean_match_quadrature(net1):
         assert abs(post.log_likelihood[n] - lz) < 1e-9
         assert abs(post.z_mean[n, 0] - m1) < 1e-8
         assert abs(post.z_cov[n, 0, 0] - (m2 - m1 ** 2)) < 1e-8
-    assert np.all(post.error_bound < 1e-12)
+    assert np.all(post.error_bound <= np.log1p(1e-10) * 1.0001)      # the default rtol's certificate
 
 
 def test_s1_missing_entries_give_the_exact_marginal(net1):
