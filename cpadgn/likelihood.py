@@ -322,22 +322,28 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     N, S, R = X.shape[0], net.latent_dim, part.n_regions
     out = _empty_result(N, S)
     complete_rows = ~np.isnan(X).any(axis=1)
-    # Rows per chunk so that the dense (rows, regions) working arrays fit the budget.
+    # On the CPU two chunks run at once, so one chunk's polygon integrals (numpy, off the
+    # GIL) overlap the other's dense work; rows per chunk keep both within the budget.
+    workers = 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
     per_row = 8.0 * R * (3 * S + 8)
-    chunk = int(max(1, min(N, memory_budget // per_row)))
+    chunk = int(max(1, min(-(-N // (2 * workers)), memory_budget // (workers * per_row))))
     F = tab.G.shape[1]
     region_chunk = int(max(1, memory_budget // (8.0 * 4 * (tab.D * S * (S + 2) + chunk * (S * (S + 2) + F)))))
     pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
+
+    def run(complete, idx):
+        Xt = torch.as_tensor(X[idx], device=device)
+        found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments)
+        return _summarise(*found, Xt, idx, out)            # fills out[idx]; chunks are disjoint
+
+    jobs = [(complete, idx[start:start + chunk]) for complete in (True, False)
+            for idx in [np.flatnonzero(complete_rows == complete)] for start in range(0, idx.size, chunk)]
     pairs = []
     done = 0
-    for complete in (True, False):
-        idx_all = np.flatnonzero(complete_rows == complete)
-        for start in range(0, idx_all.size, chunk):
-            idx = idx_all[start:start + chunk]
-            Xt = torch.as_tensor(X[idx], device=device)
-            found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments)
-            pairs.append(_summarise(*found, Xt, idx, out))
-            done += idx.size
+    with ThreadPoolExecutor(workers) as pool:
+        for job, future in zip(jobs, [pool.submit(run, *job) for job in jobs]):
+            pairs.append(future.result())
+            done += job[1].size
             if progress is not None:
                 progress(done, N)
     if pairs:
@@ -360,8 +366,9 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     """The (row, region) pairs of rows Xt (n, D) that p(x) needs to a relative rtol, integrated.
 
     Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
-    within reach are *listed* and, for complete rows, get the sharper facet bound; listed
-    pairs are integrated in decreasing bound order, margins -log(rtol) + 3, then doubling.
+    within reach are *listed* and, for complete rows, get the sharper facet bound
+    (``_facet_bound``); listed pairs are integrated in decreasing bound order, margins
+    -log(rtol) + 3, then doubling.
     A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
@@ -378,8 +385,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)
     l_rows = torch.zeros(0, dtype=torch.long, device=dev)
-    l_regions, l_bound, l_taken = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev), \
-        torch.zeros(0, dtype=torch.bool, device=dev)
+    l_regions, l_bound = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev)
+    l_taken = torch.zeros(0, dtype=torch.bool, device=dev)
     found = []
     margin = first
     while True:
@@ -431,6 +438,13 @@ def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torc
     return safe + torch.log(total)
 
 
+def _row_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per-row sums of pair values: rows (P,), values (P, ...) -> (n, ...)."""
+    flat = values.reshape(values.shape[0], -1)
+    sums = [np.bincount(rows, weights=flat[:, k], minlength=n) for k in range(flat.shape[1])]
+    return np.stack(sums, axis=1).reshape((n,) + values.shape[1:])
+
+
 def _summarise(rows, regions, logw, mean, cov, se, bound, Xt, idx, out):
     """Combine the per-pair results of one chunk into per-row summaries."""
     n = Xt.shape[0]
@@ -442,12 +456,8 @@ def _summarise(rows, regions, logw, mean, cov, se, bound, Xt, idx, out):
     total = np.bincount(rows, weights=w, minlength=n)
     log_p = rowmax + np.log(total)
     r = w / total[rows]
-    S = mean.shape[1]
-    z_mean = np.zeros((n, S))
-    np.add.at(z_mean, rows, r[:, None] * mean)
-    second = cov + mean[:, :, None] * mean[:, None, :]
-    z_cov = np.zeros((n, S, S))
-    np.add.at(z_cov, rows, r[:, None, None] * second)
+    z_mean = _row_sums(rows, r[:, None] * mean, n)
+    z_cov = _row_sums(rows, r[:, None, None] * (cov + mean[:, :, None] * mean[:, None, :]), n)
     z_cov -= z_mean[:, :, None] * z_mean[:, None, :]
     # Delta method: d log p / d log Phi_w = r_w.
     var = np.bincount(rows, weights=(r * se) ** 2, minlength=n)
