@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .polytope import PolytopeMoments, polytope_moments
+from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments
 from .network import PiecewiseAffineNet
 from .partition import Partition
 
@@ -80,6 +80,9 @@ class RegionTable:
     the per-region coefficients of log kappa and v (see ``_log_kappa_complete``); and
     the facets in the whitened frame u = C^-1 (z - mu):
     unit normals GC_unit (R, F, S) and offsets h_unit (R, F) (+inf on padding).
+    S = 2: ``polygons``, each region's whitened polygon at v = 0 with its facet segments
+    (a, d, c, t_lo, t_hi, live, real, real facets first; see ``polytope.polygon_moments``)
+    and ``polygon_size`` (R,) its facet count; None otherwise.
     """
 
     def __init__(self, net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray,
@@ -121,6 +124,19 @@ class RegionTable:
         real = self.mask_t & (norm > 0)
         self.GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
         self.h_unit = torch.where(real, self.h_t / torch.where(real, norm, 1.0), torch.inf)
+        self.polygons = None
+        if S == 2 and real.any():
+            # Each region's whitened polygon (v = 0) and its facet segments, once: a pair
+            # with whitened mean v sees the same polygon translated by -v.
+            # Real facets first, so that pairs can be grouped by their facet count.
+            real_np = real.cpu().numpy()
+            order = np.argsort(~real_np, axis=1, kind="stable")
+            real_np = np.take_along_axis(real_np, order, 1)
+            a = np.take_along_axis(self.GC_unit.cpu().numpy(), order[..., None], 1)
+            c0 = np.where(real_np, np.take_along_axis(self.h_unit.cpu().numpy(), order, 1), 0.0)
+            t_lo, t_hi, live = facet_segments(a, c0, real_np)
+            self.polygons = (a, np.stack([-a[..., 1], a[..., 0]], -1), c0, t_lo, t_hi, live, real_np)
+            self.polygon_size = real_np.sum(1)
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
@@ -272,16 +288,21 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
-                       moments: bool):
+                       moments: bool, complete: bool):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
-    With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v.
-    Returns log Phi (P,), E[z|w] (P, S), Cov[z|w] (P, S, S), stderr (P,) as numpy.
+    With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
+    complete rows (C fixed per region) and S = 2 that is the region's precomputed
+    whitened polygon translated by -v.  Returns log Phi (P,), E[z|w] (P, S),
+    Cov[z|w] (P, S, S), stderr (P,) as numpy.
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
-    A = tab.G[regions] @ C
-    b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
-    res = _parallel_polytope_moments(A, b, tab.mask[regions], moments)
+    if complete and tab.polygons is not None:
+        res = _translated_polygons(tab, v, regions, moments)
+    else:
+        A = tab.G[regions] @ C
+        b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
+        res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments)
     log_phi = res.log_mass
     if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
         log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
@@ -291,16 +312,33 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     return log_phi, mean, cov, res.stderr
 
 
-def _parallel_polytope_moments(A: np.ndarray, b: np.ndarray, mask: np.ndarray, moments: bool,
-                               min_pairs: int = 4096) -> PolytopeMoments:
-    """``polytope_moments`` split over torch's thread count (numpy releases the GIL in its
-    array loops, so threads scale on these independent integrals)."""
-    workers = min(torch.get_num_threads(), A.shape[0] // min_pairs)
+def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool):
+    """``polygon_moments`` of each region's whitened polygon translated by -v (P, S), in
+    groups of equal facet count (padding dropped)."""
+    size = tab.polygon_size[regions]
+    P = regions.size
+    out = PolytopeMoments(np.zeros(P), np.zeros((P, 2)), np.zeros((P, 2, 2)), np.zeros(P))
+    for k in np.unique(size):
+        sel = np.flatnonzero(size == k)
+        a, d, c0, t_lo, t_hi, live, real = (x[regions[sel], :k] for x in tab.polygons)
+        av, dv = np.einsum("pfs,ps->pf", a, v[sel]), np.einsum("pfs,ps->pf", d, v[sel])
+        res = _in_threads(polygon_moments, a, c0 - av, t_lo - dv, t_hi - dv, live, real, moments=moments)
+        for name in ("log_mass", "mean", "cov", "stderr"):
+            getattr(out, name)[sel] = getattr(res, name)
+    return out
+
+
+def _in_threads(solve, *arrays, min_pairs: int = 4096, **kw) -> PolytopeMoments:
+    """solve(*arrays, **kw) on slices of the pairs (the arrays' first axis) over torch's
+    thread count (numpy releases the GIL in its array loops, so threads scale on these
+    independent integrals)."""
+    n = arrays[0].shape[0]
+    workers = min(torch.get_num_threads(), n // min_pairs)
     if workers <= 1:
-        return polytope_moments(A, b, mask, moments=moments)
-    parts = np.array_split(np.arange(A.shape[0]), 2 * workers)
+        return solve(*arrays, **kw)
+    parts = np.array_split(np.arange(n), 2 * workers)
     with ThreadPoolExecutor(workers) as pool:
-        res = list(pool.map(lambda i: polytope_moments(A[i], b[i], mask[i], moments=moments), parts))
+        res = list(pool.map(lambda i: solve(*(x[i] for x in arrays), **kw), parts))
     return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in res])
                              for f in ("log_mass", "mean", "cov", "stderr")))
 
@@ -410,7 +448,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
             sel = take_idx[p0:p0 + pair_chunk]
             rows, regions = l_rows[sel], l_regions[sel]
             v, C, _ = _pair_factors(tab, Xt, rows, regions, complete, v_dense)
-            log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments)
+            log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments, complete)
             logw = log_kappa[rows, regions].cpu().numpy() + log_phi
             found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se))
             log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))

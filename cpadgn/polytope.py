@@ -86,9 +86,8 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) ->
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
     B, F, S = A.shape
     A, b, mask, empty = _normalise(A, b, mask)
-    out = PolytopeMoments(np.zeros(B), np.zeros((B, S)), np.broadcast_to(np.eye(S), (B, S, S)).copy(),
-                          np.zeros(B))
     sel = np.flatnonzero(mask.any(-1))       # the others are all of R^S
+    res = None
     if sel.size:
         A, b, mask = A[sel], b[sel], mask[sel]
         if S == 1:
@@ -97,11 +96,38 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) ->
             res = _by_row_count(_polygon, A, b, mask, moments)
         else:
             res = _qmc(A, b, mask, n_qmc, seed, moments)
-        for name in ("log_mass", "mean", "cov", "stderr"):
-            getattr(out, name)[sel] = getattr(res, name)
+    out = _assemble(B, S, sel, res)
     out.log_mass = np.where(empty, -np.inf, out.log_mass)
     none = np.isneginf(out.log_mass)      # no mass (empty, or below float range): zero moments, not NaN
     out.mean[none], out.cov[none] = 0.0, 0.0
+    return out
+
+
+def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMoments:
+    """Mass and moments of N(0, I_2) on a polygon given by its facets: unit normals a
+    (B, F, 2), offsets c (B, F) (P = {u : a_k . u <= c_k}), each facet's segment inside P,
+    {c_k a_k + t d_k : t_lo <= t <= t_hi} with d_k = (-a_k2, a_k1) (``facet_segments``),
+    live (B, F): the segment is non-empty, mask (B, F): real rows.
+
+    For polygons whose segments are already known: translating P by -v moves c by
+    -a.v and t by -d.v and leaves everything else as it is.
+    """
+    B = a.shape[0]
+    sel = np.flatnonzero(mask.any(-1))
+    res = _polygon_segments(a[sel], c[sel], t_lo[sel], t_hi[sel], live[sel], mask[sel], moments) if sel.size else None
+    out = _assemble(B, 2, sel, res)
+    none = np.isneginf(out.log_mass)
+    out.mean[none], out.cov[none] = 0.0, 0.0
+    return out
+
+
+def _assemble(B, S, sel, res):
+    """Results res for polytopes sel among B; the others are all of R^S (mass 1, N(0, I))."""
+    out = PolytopeMoments(np.zeros(B), np.zeros((B, S)), np.broadcast_to(np.eye(S), (B, S, S)).copy(),
+                          np.zeros(B))
+    if res is not None:
+        for name in ("log_mass", "mean", "cov", "stderr"):
+            getattr(out, name)[sel] = getattr(res, name)
     return out
 
 
@@ -183,17 +209,21 @@ def log_owen_segment(p, t_lo, t_hi):
     with np.errstate(over="ignore", divide="ignore"):
         s_lo, s_hi = np.arcsinh(t_lo / p), np.arcsinh(t_hi / p)
     s_star = np.clip(0.0, s_lo, s_hi)
-    lc_star = _log_cosh(s_star)
+    r_star = np.hypot(p, np.clip(0.0, t_lo, t_hi))                    # p cosh s*, the distance to 0
+    lc_star = np.log(r_star / p)
     # p^2 cosh^2 s / 2 <= p^2 cosh^2 s* / 2 + 40  and  log cosh s <= log cosh s* + 40
     ly = 0.5 * np.logaddexp(2 * lc_star, np.log(80.0) - 2 * np.log(p))
     s_cut = np.minimum(_acosh_of_log(ly), np.abs(s_star) + 41.0)
     lo, hi = np.maximum(s_lo, -s_cut), np.minimum(s_hi, s_cut)
     width = np.maximum(hi - lo, 0.0)
-    log_p2 = 2 * np.log(p)
-    fall = lambda s: 0.5 * np.exp(np.minimum(log_p2 + 2 * _log_cosh(s), 700)) + _log_cosh(s)
-    drop = np.where(width > 0, fall(lo) + fall(hi) - 2 * fall(s_star), 0.0)
+    u2_star = np.minimum(r_star * r_star, np.exp(700.0))              # (p cosh s*)^2
+
+    def fall(s):                                                      # -log of the integrand
+        ch = np.cosh(s)
+        return 0.5 * np.minimum((p * ch) ** 2, np.exp(700.0)) + np.log(ch)
+    with np.errstate(over="ignore"):
+        drop = np.where(width > 0, fall(lo) + fall(hi) - 2 * (0.5 * u2_star + lc_star), 0.0)
     n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
-    u2_star = np.exp(np.minimum(log_p2 + 2 * lc_star, 700))           # (p cosh s*)^2
     out = np.empty(p.shape)
     for n in np.unique(n_panels):  # group by panel count to vectorise
         sel = np.flatnonzero(n_panels == n)
@@ -228,11 +258,16 @@ def _by_row_count(solve, A, b, mask, *args):
 
 
 def _polygon(a, c, mask, moments):
-    B, F, _ = a.shape
     # A facet through the origin is moved just inside (the formula is continuous from
     # there); taken literally, "b = 0 counts as +" is wrong when 0 is a vertex of P.
     c = np.where(mask & (np.abs(c) < 1e-150), 1e-150, c)
     t_lo, t_hi, live = facet_segments(a, c, mask)
+    return _polygon_segments(a, c, t_lo, t_hi, live, mask, moments)
+
+
+def _polygon_segments(a, c, t_lo, t_hi, live, mask, moments):
+    """``polygon_moments`` where every polygon has a real row."""
+    B, F, _ = a.shape
     inside = ~((c < 0) & mask).any(-1)                                  # 0 in P (b = 0 counts +)
     logG = np.full((B, F), -np.inf)
     if live.any():
