@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import log_ndtr
 
 from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments
 from .network import PiecewiseAffineNet
@@ -244,6 +245,21 @@ def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor) -> to
     return torch.special.log_ndtr(z.min(dim=-1).values)
 
 
+def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """log Phi(-r) >= log Phi_w for complete-row pairs with S = 2, r the distance from the
+    posterior mean to the region in the whitened frame (0 inside): the region lies beyond
+    the line through its nearest point.  That point is on a facet the mean violates, so
+    r = min over such facets of the distance to their segment.  v (P, 2) -> (P,)."""
+    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
+    c = c0 - np.einsum("pfs,ps->pf", a, v)
+    dv = np.einsum("pfs,ps->pf", d, v)
+    with np.errstate(invalid="ignore"):
+        t = np.clip(0.0, t_lo - dv, t_hi - dv)                        # the segment point nearest the foot
+    r2 = np.where(live & (c < 0), c * c + t * t, np.inf).min(-1)
+    inside = ~(real & (c < 0)).any(-1)
+    return np.where(inside, 0.0, log_ndtr(-np.sqrt(r2)))
+
+
 def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
                   complete: bool, v_dense: torch.Tensor | None = None):
     """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1.
@@ -406,7 +422,9 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
     within reach are *listed* and, for complete rows, get the sharper facet bound
     (``_facet_bound``); listed pairs are integrated in decreasing bound order, margins
-    -log(rtol) + 3, then doubling.
+    -log(rtol) + 3, then doubling, and for S = 2 a pair about to be integrated first gets
+    the nearest-point bound (``_nearest_point_bound``, ~3 nats above the truth against
+    ~20 for the facet bound), which often lets it be skipped after all.
     A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
@@ -424,7 +442,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)
     l_rows = torch.zeros(0, dtype=torch.long, device=dev)
     l_regions, l_bound = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev)
-    l_taken = torch.zeros(0, dtype=torch.bool, device=dev)
+    l_taken = l_sharp = torch.zeros(0, dtype=torch.bool, device=dev)
     found = []
     margin = first
     while True:
@@ -439,10 +457,20 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
             l_rows, l_regions = torch.cat([l_rows, rows]), torch.cat([l_regions, regions])
             l_bound = torch.cat([l_bound, bound])
             l_taken = torch.cat([l_taken, torch.zeros_like(rows, dtype=torch.bool)])
+            l_sharp = torch.cat([l_sharp, torch.zeros_like(rows, dtype=torch.bool)])
         unlisted = list_thr + log_R          # every unlisted dense bound is below list_thr
-        top = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce(
-            0, l_rows, l_bound, reduce="amax")
-        take = (~l_taken) & (~done[l_rows]) & (l_bound >= (top - margin)[l_rows]) & (l_bound > -torch.inf)
+        while True:
+            top = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce(
+                0, l_rows, l_bound, reduce="amax")
+            take = (~l_taken) & (~done[l_rows]) & (l_bound >= (top - margin)[l_rows]) & (l_bound > -torch.inf)
+            # Before integrating, the sharper nearest-point bound (S = 2, complete rows).
+            sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if complete and tab.polygons is not None else []
+            if len(sharpen) == 0:
+                break
+            rows, regions = l_rows[sharpen], l_regions[sharpen]
+            near = _nearest_point_bound(tab, v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy())
+            l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
+            l_sharp[sharpen] = True
         take_idx = torch.nonzero(take)[:, 0]
         for p0 in range(0, take_idx.numel(), pair_chunk):
             sel = take_idx[p0:p0 + pair_chunk]

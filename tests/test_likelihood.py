@@ -115,3 +115,28 @@ def test_noise_auto_recovers_the_generating_noise(net1):
     assert abs(sigma - 0.25) < 4 * 0.25 / np.sqrt(2 * 400 * 3) + 0.01
     ll = lambda s: model.with_noise_std(s).log_prob(X).sum()
     assert ll(sigma) >= max(ll(sigma * 1.02), ll(sigma / 1.02))
+
+
+def test_s2_pruning_bounds_are_never_below_the_region_mass():
+    """Both certified bounds on Phi_w (one facet's half-plane; the half-plane beyond the
+    region's nearest point) are at least the exact mass, for every (row, region) pair."""
+    import torch
+
+    from cpadgn import likelihood as lik
+    net = random_net(2, (8, 8), 4, seed=11, slope=0.1, scale=2.0)
+    model = CPAModel(net, noise_std=0.1, device="cpu")
+    X = model.sample(12, seed=2)
+    X[::3] += 1.5                                            # off-manifold rows: far polygons
+    tab = model._region_table()
+    Xt = torch.as_tensor(X)
+    log_kappa, v_dense = lik._log_kappa_complete(tab, Xt)
+    rows, regions = (torch.as_tensor(a.ravel()) for a in np.meshgrid(np.arange(len(X)), np.arange(tab.n_regions),
+                                                                     indexing="ij"))
+    v = v_dense[rows, :, regions]
+    exact, *_ = lik._truncated_moments(tab, v, tab.C[regions], regions.numpy(), False, complete=False)
+    near = lik._nearest_point_bound(tab, v.numpy(), regions.numpy())
+    facet = lik._facet_bound(tab, v, regions).numpy()
+    slack = 1e-9 * (1 + np.abs(exact))
+    assert np.all(near >= exact - slack) and np.all(facet >= exact - slack)
+    outside = exact < np.log(0.5)
+    assert np.median((facet - near)[outside]) > 1.0          # the nearest point is the sharper bound
