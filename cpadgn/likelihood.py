@@ -151,27 +151,25 @@ def _inverse_transpose(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
 
 
-def _log_kappa_complete(tab: RegionTable, X: torch.Tensor, block: int = 64):
+def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     """Complete rows X (N, D) -> log kappa (N, R) and the whitened posterior means
     v = C^T y (N, S, R), mu_w(x) = C_w v.
 
     -2 log kappa = const_w + |x - b_w|_P^2 - y^T Sigma_w y, where y^T Sigma_w y = |v|^2 and
     |x - b_w|_P^2 = x'Px - 2 c_w . xhat + c_w' Q c_w: everything but |v|^2 is one matrix
-    product (``RegionTable.stacked``).  Rows go in blocks so that the product and its
-    epilogue stay in cache; the product is written in place and becomes the output.
+    product (``RegionTable.stacked``), whose output becomes the result in place.
     """
     N, R, S = X.shape[0], tab.n_regions, tab.S
     Xc = X - tab.b0
     xhat = (Xc / tab.var) @ tab.U                                      # (N, H)
     xPx = (Xc * Xc / tab.var).sum(1)                                   # (N,)
     xaug = torch.cat([xhat, torch.ones_like(xPx)[:, None], xPx[:, None]], dim=1)
-    out = torch.empty((N, (S + 1) * R), dtype=X.dtype, device=X.device)
-    for s in range(0, N, block):
-        prod = torch.matmul(xaug[s:s + block], tab.stacked, out=out[s:s + block]).view(-1, S + 1, R)
-        for k in range(1, S + 1):                                      # the dominant step's epilogue
-            prod[:, 0].addcmul_(prod[:, k], prod[:, k], value=0.5)
-    out = out.view(N, S + 1, R)
-    return out[:, 0], out[:, 1:]
+    prod = (xaug @ tab.stacked).view(N, S + 1, R)                      # the dominant step
+    for k in range(1, S + 1):
+        prod[:, 0].addcmul_(prod[:, k], prod[:, k], value=0.5)
+    return prod[:, 0], prod[:, 1:]
+
+
 def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
     """Rows with missing entries (NaN) against some regions.
 
