@@ -183,11 +183,6 @@ def facet_segments(a, c, mask):
     return t_lo, t_hi, live
 
 
-def _log_cosh(s):
-    s = np.abs(s)
-    return s + np.log1p(np.exp(-2 * s)) - np.log(2.0)
-
-
 def _acosh_of_log(ly):
     """acosh(exp(ly)) without overflow, ly >= 0."""
     with np.errstate(over="ignore"):
