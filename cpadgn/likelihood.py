@@ -392,12 +392,15 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
             for idx in [np.flatnonzero(complete_rows == complete)] for start in range(0, idx.size, chunk)]
     pairs = []
     done = 0
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         for job, future in zip(jobs, [pool.submit(run, *job) for job in jobs]):
             pairs.append(future.result())
             done += job[1].size
             if progress is not None:
                 progress(done, N)
+    finally:                                # on an error or Ctrl-C, queued chunks do not run
+        pool.shutdown(wait=True, cancel_futures=True)
     if pairs:
         (out.pair_row, out.pair_region, out.pair_responsibility,
          out.pair_mean, out.pair_cov) = map(np.concatenate, zip(*pairs))
