@@ -2,6 +2,7 @@
 
     python benchmarks/bench_impute.py [--datasets digits,breast_cancer] [--fractions 0.1,0.3,0.5]
                                       [--seeds 5] [--draws 100] [--em-iter 60] [--trainer em|vae] [--noise diag|iso]
+                                      [--var-floor F]
                                       [--model-dir out/bench_impute] [--device cpu] [--json FILE]
 
 Per data set (scikit-learn's bundled digits and breast_cancer): one 80/20 train/test
@@ -54,7 +55,8 @@ def get_model(name, Xtr, args):
     """Train (or reload) the cpadgn model; returns (CPAModel, how it was trained)."""
     import cpadgn
     from cpadgn.fit import fit_em, save_fit
-    path = Path(args.model_dir) / f"{name}_{args.trainer}_{args.noise}.h5"
+    floor = "" if args.var_floor is None else f"_floor{args.var_floor:g}"
+    path = Path(args.model_dir) / f"{name}_{args.trainer}_{args.noise}{floor}.h5"
     if path.exists():
         model = cpadgn.load(path, device=args.device)
         a = model.extra.get("attrs", {})
@@ -69,8 +71,9 @@ def get_model(name, Xtr, args):
     how = None
     if args.trainer == "em":
         try:
+            var_floor = None if args.var_floor is None else args.var_floor * float(Xtr.var(0).mean())
             res = fit_em(Xtr, 2, hidden=(32, 32), slope=0.1, max_iter=args.em_iter, seed=0, noise=args.noise,
-                         device=args.device,
+                         device=args.device, var_floor=var_floor,
                          callback=lambda row: print(f"  EM {name} iteration {row['iteration']}: "
                                                     f"train loglik {row['train_loglik']:.4f}, "
                                                     f"{row['n_regions']} regions", flush=True))
@@ -111,6 +114,9 @@ def main():
     ap.add_argument("--em-iter", type=int, default=60)
     ap.add_argument("--trainer", choices=["em", "vae"], default="em")
     ap.add_argument("--noise", choices=["iso", "diag"], default="iso")
+    ap.add_argument("--var-floor", type=float, default=None,
+                    help="EM noise-variance floor as a fraction of the mean training variance "
+                         "(default: fit_em's, 1e-6)")
     ap.add_argument("--model-dir", default="out/bench_impute")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="Also write all results to this JSON file.")

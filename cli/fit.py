@@ -51,6 +51,10 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--rtol", type=click.FloatRange(min=0, min_open=True, max=1e-2), default=1e-6,
               show_default=True,
               help="EM: E-step pruning tolerance; log-likelihoods are exact to log(1 + rtol) per row.")
+@click.option("--var-floor", type=click.FloatRange(min=0, max=1), default=1e-6, show_default=True,
+              help="EM: lower bound on each noise variance, as a fraction of the training data's mean "
+                   "column variance.  With --noise diag, raise it (e.g. 0.01) when some columns are "
+                   "nearly constant: maximum likelihood shrinks their variance and held-out rows pay.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="VAE: Adam learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
@@ -69,8 +73,8 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--debug", is_flag=True, hidden=True)
 @user_errors
 def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, val_fraction, val_path,
-        dataset, seed, noise, init, init_noise, sweeps, rtol, lr, batch_size, eval_every, max_regions, device, timings,
-        quiet, as_json, debug):
+        dataset, seed, noise, init, init_noise, sweeps, rtol, var_floor, lr, batch_size, eval_every, max_regions, device,
+        timings, quiet, as_json, debug):
     """Train a piecewise-affine generator on DATA and write a cpadgn model file.
 
     --method em (default) is the analytical EM of Balestriero et al. (2020): the
@@ -139,7 +143,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
 
             res = fit_em(X_train, latent_dim, hidden_sizes, slope, n_iter, tol, X_val, seed, noise,
                          progress, init=init, init_noise=init_noise, sweeps=sweeps, rtol=rtol,
-                         device=dev, max_regions=max_regions, timings=timings)
+                         device=dev, max_regions=max_regions, timings=timings,
+                         var_floor=var_floor * max(float(X_train.var(0).mean()), 1e-300))
         else:
             n_iter = 300 if max_iter is None else max_iter
             last = {"val": np.nan}

@@ -320,3 +320,24 @@ def test_cli_fit_refuses_missing_values(tmp_path, wave):
     r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "-q"])
     assert r.exit_code == 1 and "missing values" in r.output and "row 4" in r.output
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_cli_fit_var_floor_bounds_every_noise_variance(tmp_path, wave):
+    """A nearly constant column: per-column ML would shrink its variance towards 0;
+    --var-floor keeps every variance at or above its fraction of the mean column variance."""
+    from cli.main import main
+    from cpadgn.modelfile import read_model
+    X, _ = wave
+    X3 = np.column_stack([X, 1e-4 * np.random.default_rng(0).standard_normal(len(X))])
+    data = tmp_path / "wave3.csv"
+    np.savetxt(data, X3, delimiter=",")
+    var = {}
+    for floor in ("1e-6", "0.05"):
+        out = tmp_path / f"m{floor}.h5"
+        r = CliRunner().invoke(main, ["fit", str(data), "-o", str(out), "-S", "1", "--hidden", "6,6",
+                                      "--noise", "diag", "--var-floor", floor, "--max-iter", "2", "-q"])
+        assert r.exit_code == 0, r.output
+        var[floor] = np.asarray(read_model(out).noise_std) ** 2
+    mean_var = X3.var(0).mean()
+    assert var["1e-6"][2] < 1e-3 * mean_var                  # ML shrinks the constant column ...
+    assert np.all(var["0.05"] >= 0.05 * mean_var * 0.8)       # ... the floor (train split ~ all rows) stops it
