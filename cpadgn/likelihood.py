@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr
 
-from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments
+from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments, solve_in_groups
 from .network import PiecewiseAffineNet
 from .partition import Partition
 
@@ -329,17 +329,10 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
 def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool):
     """``polygon_moments`` of each region's whitened polygon translated by -v (P, S), in
     groups of equal facet count (padding dropped)."""
-    size = tab.polygon_size[regions]
-    P = regions.size
-    out = PolytopeMoments(np.zeros(P), np.zeros((P, 2)), np.zeros((P, 2, 2)), np.zeros(P))
-    for k in np.unique(size):
-        sel = np.flatnonzero(size == k)
-        a, d, c0, t_lo, t_hi, live, real = (x[regions[sel], :k] for x in tab.polygons)
-        av, dv = np.einsum("pfs,ps->pf", a, v[sel]), np.einsum("pfs,ps->pf", d, v[sel])
-        res = _in_threads(polygon_moments, a, c0 - av, t_lo - dv, t_hi - dv, live, real, moments=moments)
-        for name in ("log_mass", "mean", "cov", "stderr"):
-            getattr(out, name)[sel] = getattr(res, name)
-    return out
+    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
+    av, dv = np.einsum("pfs,ps->pf", a, v), np.einsum("pfs,ps->pf", d, v)
+    return solve_in_groups(lambda *x: _in_threads(polygon_moments, *x, moments=moments),
+                           tab.polygon_size[regions], (a, c0 - av, t_lo - dv, t_hi - dv, live, real))
 
 
 def _in_threads(solve, *arrays, min_pairs: int = 4096, **kw) -> PolytopeMoments:
@@ -438,7 +431,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     first = -log_rtol + 3.0
     log_R = float(np.log(R))
     list_thr = dense.max(dim=1).values - (first + log_R + 10.0)
-    listed = torch.zeros_like(dense, dtype=torch.bool)
+    listed_to = torch.full((n,), torch.inf, dtype=torch.float64, device=dev)   # listed: dense >= list_thr
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     log_p = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)
     l_rows = torch.zeros(0, dtype=torch.long, device=dev)
@@ -447,11 +440,17 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     found = []
     margin = first
     while True:
-        new = (~listed) & (~done[:, None]) & (dense >= list_thr[:, None])
-        grew = bool(new.any())
+        # list_thr only falls, so the new pairs of a row are those in [list_thr, listed_to).
+        active = torch.nonzero((list_thr < listed_to) & ~done)[:, 0]
+        grew = active.numel() > 0
         if grew:
+            sub = dense if active.numel() == n else dense[active]
+            new = sub >= list_thr[active, None]
+            if bool(torch.isfinite(listed_to[active]).any()):
+                new &= sub < listed_to[active, None]
             rows, regions = torch.nonzero(new, as_tuple=True)
-            listed |= new
+            rows = active[rows]
+            listed_to[active] = list_thr[active]
             bound = dense[rows, regions]
             if complete:
                 bound = bound + _facet_bound(tab, v_dense[rows, :, regions], regions)

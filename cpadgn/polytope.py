@@ -241,12 +241,18 @@ def _by_row_count(solve, A, b, mask, *args):
     order = np.argsort(~mask, axis=1, kind="stable")                  # real rows first
     A = np.take_along_axis(A, order[..., None], 1)
     b, mask = np.take_along_axis(b, order, 1), np.take_along_axis(mask, order, 1)
-    counts = mask.sum(1)
-    B, _, S = A.shape
+    return solve_in_groups(lambda *x: solve(*x, *args), mask.sum(1), (A, b, mask))
+
+
+def solve_in_groups(solve, sizes, arrays) -> PolytopeMoments:
+    """solve(*(x[g, :k] for x in arrays)) for each group g of polytopes with the same
+    size k (their real rows first), reassembled in order: sizes (B,), arrays (B, F, ...)."""
+    B = len(sizes)
+    groups = [(g, solve(*(x[g, :k] for x in arrays)))
+              for k in np.unique(sizes) for g in [np.flatnonzero(sizes == k)]]
+    S = groups[0][1].mean.shape[1] if groups else 0
     out = PolytopeMoments(np.zeros(B), np.zeros((B, S)), np.zeros((B, S, S)), np.zeros(B))
-    for k in np.unique(counts):
-        g = np.flatnonzero(counts == k)
-        res = solve(A[g, :k], b[g, :k], mask[g, :k], *args)
+    for g, res in groups:
         for name in ("log_mass", "mean", "cov", "stderr"):
             getattr(out, name)[g] = getattr(res, name)
     return out
