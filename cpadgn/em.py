@@ -155,7 +155,7 @@ def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, m
     matters, for complete rows X (N, D): ``likelihood.posterior`` with the pruning
     tolerance as a parameter.  log_likelihood is exact to log(1 + rtol) (the certified
     per-row ``error_bound``) and the responsibilities to a relative rtol, at a fraction
-    of the pairs that rtol = 1e-13 needs when posteriors are broad.
+    of the pairs that the default rtol (1e-10) needs when posteriors are broad.
     """
     from . import likelihood as lik
     post = lik.posterior(net, part, noise_std, X, tab=tab, device=device, rtol=rtol,
