@@ -248,11 +248,9 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -
     posterior mean to the region in the whitened frame (0 inside): the region lies beyond
     the line through its nearest point.  That point is on a facet the mean violates, so
     r = min over such facets of the distance to their segment.  v (P, 2) -> (P,)."""
-    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
-    c = c0 - np.einsum("pfs,ps->pf", a, v)
-    dv = np.einsum("pfs,ps->pf", d, v)
+    _, c, t_lo, t_hi, live, real = _translated(tab, v, regions)
     with np.errstate(invalid="ignore"):
-        t = np.clip(0.0, t_lo - dv, t_hi - dv)                        # the segment point nearest the foot
+        t = np.clip(0.0, t_lo, t_hi)                                  # the segment point nearest the foot
     r2 = np.where(live & (c < 0), c * c + t * t, np.inf).min(-1)
     inside = ~(real & (c < 0)).any(-1)
     return np.where(inside, 0.0, log_ndtr(-np.sqrt(r2)))
@@ -329,10 +327,17 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
 def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool):
     """``polygon_moments`` of each region's whitened polygon translated by -v (P, S), in
     groups of equal facet count (padding dropped)."""
+    return solve_in_groups(lambda *x: _in_threads(polygon_moments, *x, moments=moments),
+                           tab.polygon_size[regions], _translated(tab, v, regions))
+
+
+def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray):
+    """The whitened polygons of regions (P,) translated by -v (P, 2), as ``polygon_moments``
+    takes them: a, c, t_lo, t_hi, live, real (P, F, ...).  Translating by -v moves each
+    facet's offset by -a.v and its segment by -d.v."""
     a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
     av, dv = np.einsum("pfs,ps->pf", a, v), np.einsum("pfs,ps->pf", d, v)
-    return solve_in_groups(lambda *x: _in_threads(polygon_moments, *x, moments=moments),
-                           tab.polygon_size[regions], (a, c0 - av, t_lo - dv, t_hi - dv, live, real))
+    return a, c0 - av, t_lo - dv, t_hi - dv, live, real
 
 
 def _in_threads(solve, *arrays, min_pairs: int = 4096, **kw) -> PolytopeMoments:

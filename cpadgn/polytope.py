@@ -96,11 +96,7 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) ->
             res = _by_row_count(_polygon, A, b, mask, moments)
         else:
             res = _qmc(A, b, mask, n_qmc, seed, moments)
-    out = _assemble(B, S, sel, res)
-    out.log_mass = np.where(empty, -np.inf, out.log_mass)
-    none = np.isneginf(out.log_mass)      # no mass (empty, or below float range): zero moments, not NaN
-    out.mean[none], out.cov[none] = 0.0, 0.0
-    return out
+    return _assemble(B, S, sel, res, empty)
 
 
 def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMoments:
@@ -115,19 +111,22 @@ def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMomen
     B = a.shape[0]
     sel = np.flatnonzero(mask.any(-1))
     res = _polygon_segments(a[sel], c[sel], t_lo[sel], t_hi[sel], live[sel], mask[sel], moments) if sel.size else None
-    out = _assemble(B, 2, sel, res)
-    none = np.isneginf(out.log_mass)
-    out.mean[none], out.cov[none] = 0.0, 0.0
-    return out
+    return _assemble(B, 2, sel, res)
 
 
-def _assemble(B, S, sel, res):
-    """Results res for polytopes sel among B; the others are all of R^S (mass 1, N(0, I))."""
+def _assemble(B, S, sel, res, empty=None):
+    """Results res for polytopes sel among B; the others are all of R^S (mass 1, N(0, I))
+    unless flagged empty.  Polytopes without mass (empty, or below the float range) get
+    zero moments, not NaN."""
     out = PolytopeMoments(np.zeros(B), np.zeros((B, S)), np.broadcast_to(np.eye(S), (B, S, S)).copy(),
                           np.zeros(B))
     if res is not None:
         for name in ("log_mass", "mean", "cov", "stderr"):
             getattr(out, name)[sel] = getattr(res, name)
+    if empty is not None:
+        out.log_mass = np.where(empty, -np.inf, out.log_mass)
+    none = np.isneginf(out.log_mass)
+    out.mean[none], out.cov[none] = 0.0, 0.0
     return out
 
 
