@@ -94,8 +94,14 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     The model file holds the weights, the prior N(0, I), the noise std, the
     options (JSON attrs) and the history in /training: per iteration the exact
     mean train and validation log-likelihood per row, the noise std and the
-    region count.  Same data and seed give a byte-identical file.  Rows must be
-    complete (no NaN); standardise the columns first if their scales differ.
+    region count.  Same data and seed give a byte-identical file.  Standardise the
+    columns first if their scales differ.
+
+    Missing values (NaN, or empty CSV cells) are fitted exactly by EM: the E-step is
+    the exact posterior given each row's observed entries, the missing entries are
+    latent variables, and the exact log-likelihood of the observed entries never
+    decreases (the initialisation fills them with column means).  --method vae needs
+    complete rows.
 
     \b
     Examples:
@@ -117,14 +123,16 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     if val_path is not None and val_fraction not in (None, 0):
         raise CpadgnError("give either --val or --val-fraction, not both")
     say = (lambda m: None) if (quiet or as_json) else (lambda m: console.print(m))
-    X = check_training_data(read_data(data_path, dataset=dataset), latent_dim, f"data {data_path}")
+    X = check_training_data(read_data(data_path, dataset=dataset), latent_dim, f"data {data_path}",
+                            allow_missing=method == "em")
     if not 1 <= latent_dim <= 3:
         say(f"[yellow]warning:[/yellow] --latent-dim {latent_dim}: region counts grow like "
             f"(hidden units)^S and region masses need quasi-Monte Carlo for S >= 3; expect slow, "
             f"approximate iterations (1 to 3 is the practical range)")
     if val_path is not None:
         X_train = X
-        X_val = check_training_data(read_data(val_path, dataset=dataset), latent_dim, f"data {val_path}")
+        X_val = check_training_data(read_data(val_path, dataset=dataset), latent_dim, f"data {val_path}",
+                                    allow_missing=method == "em")
         if X_val.shape[1] != X.shape[1]:
             raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}")
     else:
@@ -144,7 +152,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
             res = fit_em(X_train, latent_dim, hidden_sizes, slope, n_iter, tol, X_val, seed, noise,
                          progress, init=init, init_noise=init_noise, sweeps=sweeps, rtol=rtol,
                          device=dev, max_regions=max_regions, timings=timings,
-                         var_floor=var_floor * max(float(X_train.var(0).mean()), 1e-300))
+                         var_floor=var_floor * max(float(np.nanvar(X_train, 0).mean()), 1e-300))
         else:
             n_iter = 300 if max_iter is None else max_iter
             last = {"val": np.nan}

@@ -14,6 +14,9 @@ E-step (``region_stats``)
         XZ_w = sum_n r_nw x_n E[z~ | x_n, w]^T                (D, S+1)
 
     and sxx = sum_n x_n * x_n (D,): its cost does not depend on the number of rows.
+    A missing entry is a latent variable like z (EM for missing data): its moments
+    given x_o and w are those of g_d(z) + noise under the current parameters, so
+    the same statistics hold with expectations in place of the missing values.
 
 M-step (``m_step``)
     The regions (activation masks) of the current parameters are held fixed.  Inside
@@ -79,8 +82,8 @@ class RegionStats:
 
     regions: (Ra,) int64 region indices into the partition
     Z:       (Ra, S+1, S+1) sum_n r_nw E[z~ z~^T | x_n, w], z~ = [z; 1]
-    XZ:      (Ra, D, S+1)   sum_n r_nw x_n E[z~ | x_n, w]^T
-    sxx:     (D,)            sum_n x_nd^2
+    XZ:      (Ra, D, S+1)   sum_n r_nw E[x_n z~^T | x_n, w]  (= x_n E[z~ | x_n, w]^T when complete)
+    sxx:     (D,)            sum_n E[x_nd^2 | x_n]
     n_rows:  N
     """
 
@@ -91,11 +94,18 @@ class RegionStats:
     n_rows: int
 
 
-def region_stats(pair_row, pair_region, pair_responsibility, pair_mean, pair_cov, X) -> RegionStats:
+def region_stats(pair_row, pair_region, pair_responsibility, pair_mean, pair_cov, X, *,
+                 net: PiecewiseAffineNet | None = None, patterns=None, var=None) -> RegionStats:
     """Per-region sums of one E-step from the (row, region) pairs of ``posterior``.
 
     pair_row, pair_region (P,) int; pair_responsibility (P,); pair_mean (P, S);
-    pair_cov (P, S, S) (folded coordinates, prior N(0, I)); X (N, D) complete rows.
+    pair_cov (P, S, S) (folded coordinates, prior N(0, I)); X (N, D), NaN = missing.
+
+    A missing x_nd is latent too (EM for missing data): given the region, x_nd =
+    theta_wd . z~ + noise with theta_wd = [A_w,d, b_w,d] of the current ``net``, so
+    E[x_nd z~^T | x_o, w] = theta_wd E[z~ z~^T | x_o, w] and E[x_nd^2 | x_o, w] =
+    theta_wd E[z~ z~^T | x_o, w] theta_wd^T + var_d.  Rows with missing entries need
+    ``net``, the partition's ``patterns`` (R, K) and the current ``var`` (D,).
     """
     X = np.asarray(X, dtype=np.float64)
     N, D = X.shape
@@ -114,17 +124,37 @@ def region_stats(pair_row, pair_region, pair_responsibility, pair_mean, pair_cov
     A = scipy.sparse.csr_matrix((r, (inv, np.arange(P))), shape=(Ra, P))
     Z = np.asarray(A @ E2.reshape(P, -1)).reshape(Ra, S + 1, S + 1)
     Z = 0.5 * (Z + np.swapaxes(Z, 1, 2))
+    miss = np.isnan(X)
+    X0 = np.where(miss, 0.0, X)
     XZ = np.empty((Ra, D, S + 1))
     for k in range(S + 1):
         Bk = scipy.sparse.csr_matrix((r * mt[:, k], (inv, rows)), shape=(Ra, N))
-        XZ[:, :, k] = Bk @ X
-    return RegionStats(regions=regions.astype(np.int64), Z=Z, XZ=XZ, sxx=(X * X).sum(0), n_rows=N)
+        XZ[:, :, k] = Bk @ X0
+    sxx = (X0 * X0).sum(0)
+    if miss.any():
+        if net is None or patterns is None or var is None:
+            raise ValueError("rows with missing entries need net, patterns and var")
+        sxx += np.broadcast_to(np.asarray(var, dtype=np.float64), (D,)) * miss.sum(0)
+        pairs = np.flatnonzero(miss[rows].any(1))
+        step = max(1, int(4e6 // (D * (S + 1))))
+        for start in range(0, pairs.size, step):
+            p = pairs[start:start + step]
+            Ap, bp = net.region_maps(patterns[reg[p]])
+            theta = np.concatenate([Ap, bp[:, :, None]], axis=2)        # (p, D, S+1)
+            fill = np.matmul(theta, E2[p])                               # E[x_d z~^T] per missing d
+            w = r[p, None] * miss[rows[p]]                               # (p, D)
+            sxx += np.einsum("pd,pdk,pdk->d", w, fill, theta)
+            to_region = scipy.sparse.csr_matrix((np.ones(p.size), (inv[p], np.arange(p.size))),
+                                                shape=(Ra, p.size))
+            XZ += np.asarray(to_region @ (w[:, :, None] * fill).reshape(p.size, -1)).reshape(Ra, D, S + 1)
+    return RegionStats(regions=regions.astype(np.int64), Z=Z, XZ=XZ, sxx=sxx, n_rows=N)
 
 
-def stats_from_posterior(post, X) -> RegionStats:
-    """``region_stats`` of a ``likelihood.PosteriorResult`` (folded coordinates)."""
+def stats_from_posterior(post, X, **fill) -> RegionStats:
+    """``region_stats`` of a ``likelihood.PosteriorResult`` (folded coordinates); ``fill``
+    (net, patterns, var) as there, for rows with missing entries."""
     return region_stats(post.pair_row, post.pair_region, post.pair_responsibility,
-                        post.pair_mean, post.pair_cov, X)
+                        post.pair_mean, post.pair_cov, X, **fill)
 
 
 # ===================================================================== the E-step

@@ -14,7 +14,11 @@ EM (the algorithm is in ``em``; this module runs it):
     until the relative change of the mean training log-likelihood is below ``tol``,
     no step raises it, or ``max_iter`` iterations.
 
-So the exact training log-likelihood never decreases.  Every run is deterministic
+So the exact training log-likelihood never decreases.  Training rows may have missing
+entries (NaN): the E-step is then the exact posterior given the observed entries, the
+missing ones are latent variables like z (EM for missing data, ``em.region_stats``),
+and the likelihood that never decreases is the exact log p(x_o) of the observed
+entries.  Every run is deterministic
 given the data and the seed (the seed only drives the initialisation's random units,
 and for the VAE the weights and minibatches).
 
@@ -76,23 +80,33 @@ def parse_activation(text) -> float:
     raise CpadgnError(f"unknown --activation {text!r}; use one of: {ACTIVATIONS}")
 
 
-def check_training_data(X, latent_dim: int, what: str = "training data") -> np.ndarray:
+def check_training_data(X, latent_dim: int, what: str = "training data", *,
+                        allow_missing: bool = True) -> np.ndarray:
+    """X (N, D) as float64, NaN = missing; CpadgnError for what EM cannot fit."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise CpadgnError(f"the {what} must be a 2-D table of rows, got shape {X.shape}")
     N, D = X.shape
-    if np.isnan(X).any():
-        r, c = np.argwhere(np.isnan(X))[0]
+    miss = np.isnan(X)
+    if miss.any() and not allow_missing:
+        r, c = np.argwhere(miss)[0]
         raise CpadgnError(f"the {what} has missing values (first at row {r + 1}, column {c + 1}); "
-                          "fit needs complete rows: drop or impute the incomplete rows first")
+                          "the VAE needs complete rows: use --method em, or drop the incomplete rows")
     if np.isinf(X).any():
         r, c = np.argwhere(np.isinf(X))[0]
-        raise CpadgnError(f"the {what} has an inf at row {r + 1}, column {c + 1}; fit needs finite values")
+        raise CpadgnError(f"the {what} has an inf at row {r + 1}, column {c + 1}; fit needs finite values "
+                          "(NaN marks a missing entry)")
     if not 1 <= latent_dim < D:
         raise CpadgnError(f"--latent-dim must be between 1 and D - 1 = {D - 1} for data with {D} "
                           f"columns, got {latent_dim}")
     if N < 2:
         raise CpadgnError(f"the {what} needs at least 2 rows, got {N}")
+    if miss.all(1).any():
+        raise CpadgnError(f"row {np.flatnonzero(miss.all(1))[0] + 1} of the {what} has no observed value; "
+                          "drop the rows with nothing observed")
+    if (miss.sum(0) >= N - 1).any():
+        c = np.flatnonzero(miss.sum(0) >= N - 1)[0]
+        raise CpadgnError(f"column {c + 1} of the {what} has fewer than 2 observed values; drop it")
     return X
 
 
@@ -173,7 +187,8 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
            init="ppca", init_noise: float = 0.1, sweeps: int = 1, max_halvings: int = 3, damping: float = 1e-3,
            overrelax: bool = True, rtol: float = 1e-6, device="cpu", max_regions=None,
            var_floor: float | None = None, dense_max: int = 1500, timings: bool = False) -> FitResult:
-    """Fit a generator S -> hidden -> D to the rows X (N, D) by exact, monotone EM.
+    """Fit a generator S -> hidden -> D to the rows X (N, D) (NaN = missing) by exact,
+    monotone EM.
 
     latent_dim S; hidden: widths; slope: the activations' negative-side slope (0 ReLU,
     -1 abs); noise: "iso" (sigma^2 I) or "diag"; X_val (M, D) optional validation rows
@@ -222,15 +237,18 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
     hidden = tuple(int(h) for h in hidden)
     D = X.shape[1]
     if var_floor is None:
-        var_floor = 1e-6 * max(float(X.var(0).mean()), 1e-300)
+        var_floor = 1e-6 * max(float(np.nanvar(X, 0).mean()), 1e-300)
+    # The initialisations see the column means in place of missing entries; EM then
+    # treats every missing entry as a latent variable (``em.region_stats``).
+    X_init = np.where(np.isnan(X), np.nanmean(X, 0), X)
 
     if isinstance(init, tuple):
         net, var = init
         var = np.broadcast_to(np.asarray(var, dtype=np.float64), (D,)).copy()
     elif init == "ppca":
-        net, var = em.init_ppca(X, latent_dim, hidden, slope, seed, noise_scale=init_noise)
+        net, var = em.init_ppca(X_init, latent_dim, hidden, slope, seed, noise_scale=init_noise)
     elif init == "random":
-        net, var = em.init_random(X, latent_dim, hidden, slope, seed)
+        net, var = em.init_random(X_init, latent_dim, hidden, slope, seed)
         var = var * init_noise ** 2
     else:
         raise ValueError(f"unknown init {init!r}: use 'ppca', 'random' or (net, var)")
@@ -273,7 +291,7 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
         stop = "callback"
     else:
         for it in range(1, max_iter + 1):
-            stats = em.stats_from_posterior(post, X)
+            stats = em.stats_from_posterior(post, X, net=net, patterns=part.patterns, var=var)
             patterns = part.patterns[stats.regions]
             new_net, new_var, info = em.m_step(net, patterns, stats, var, noise=noise, sweeps=sweeps,
                                                damping=lam, dense_max=dense_max, var_floor=var_floor)
@@ -346,9 +364,9 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
     t0 = time.perf_counter()
     if max_iter < 1:
         raise CpadgnError("the VAE needs at least one epoch: --max-iter 1 or more")
-    X = check_training_data(X, latent_dim)
+    X = check_training_data(X, latent_dim, allow_missing=False)
     if X_val is not None and np.asarray(X_val).size:
-        X_val = check_training_data(X_val, latent_dim, "validation data")
+        X_val = check_training_data(X_val, latent_dim, "validation data", allow_missing=False)
     else:
         X_val = None
     if noise not in ("iso", "diag"):
