@@ -12,10 +12,9 @@ import PyOD.
 
 Both fit the generator by exact EM (``cpadgn.fit.fit_em``) and score with the exact
 likelihood: the same data give the same scores on every call, and NaN entries in the
-data given to ``score_samples``, ``decision_function``, ``predict`` and ``transform``
-are missing values, scored by the exact marginal likelihood of the observed entries.
-``fit`` needs complete rows (EM on incomplete rows is not implemented): NaN there is
-refused with a ValueError.  Both need scikit-learn >= 1.6 (an optional dependency).
+data are missing values: ``fit`` runs EM on the observed entries (missing ones are
+latent), and ``score_samples``, ``decision_function``, ``predict`` and ``transform``
+use the exact marginal likelihood of the observed entries.  Both need scikit-learn >= 1.6 (an optional dependency).
 """
 from __future__ import annotations
 
@@ -89,7 +88,7 @@ class _CPABase(BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = True          # scoring accepts missing values; fit does not
+        tags.input_tags.allow_nan = True          # NaN entries are missing values, in fit and scoring
         return tags
 
     # ----------------------------------------------------------------- fitting
@@ -110,11 +109,6 @@ class _CPABase(BaseEstimator):
         from .fit import fit_em, parse_hidden
         from .model import CPAModel
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, ensure_all_finite="allow-nan")
-        if np.isnan(X).any():
-            r, c = np.argwhere(np.isnan(X))[0]
-            raise EstimatorInputError(
-                f"{type(self).__name__}.fit needs complete rows, but X has NaN (first at row {r + 1}, "
-                f"column {c + 1}); drop or impute those rows for fitting (scoring accepts NaN)")
         self._check_params(X.shape[1])
         try:
             res = fit_em(X, int(self.latent_dim), hidden=parse_hidden(self.hidden), slope=float(self.slope),
@@ -169,10 +163,7 @@ class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
 
     Notes
     -----
-    scikit-learn's ``check_estimator`` passes except ``check_estimators_pickle``: with
-    the ``allow_nan`` tag (scoring accepts NaN) that check fits on data with NaN entries,
-    and ``fit`` needs complete rows (exact EM with missing entries is not implemented).
-    Pickling a fitted estimator works and gives the same scores.
+    scikit-learn's ``check_estimator`` passes, including its checks with NaN entries.
 
     Examples
     --------
@@ -182,7 +173,7 @@ class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
     """
 
     def fit(self, X, y=None):
-        """Fit by EM on complete rows X (N, D); y is ignored."""
+        """Fit by EM on the rows X (N, D) (NaN = missing); y is ignored."""
         X = self._fit_model(X)
         self.offset_ = float(np.percentile(self.model_.log_prob(X), 100.0 * self.contamination))
         return self
