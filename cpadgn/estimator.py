@@ -14,7 +14,8 @@ Both fit the generator by exact EM (``cpadgn.fit.fit_em``) and score with the ex
 likelihood: the same data give the same scores on every call, and NaN entries in the
 data are missing values: ``fit`` runs EM on the observed entries (missing ones are
 latent), and ``score_samples``, ``decision_function``, ``predict`` and ``transform``
-use the exact marginal likelihood of the observed entries.  Both need scikit-learn >= 1.6 (an optional dependency).
+use the exact marginal likelihood of the observed entries.  Both need scikit-learn
+>= 1.6 (an optional dependency).
 """
 from __future__ import annotations
 

@@ -18,9 +18,8 @@ So the exact training log-likelihood never decreases.  Training rows may have mi
 entries (NaN): the E-step is then the exact posterior given the observed entries, the
 missing ones are latent variables like z (EM for missing data, ``em.region_stats``),
 and the likelihood that never decreases is the exact log p(x_o) of the observed
-entries.  Every run is deterministic
-given the data and the seed (the seed only drives the initialisation's random units,
-and for the VAE the weights and minibatches).
+entries.  Every run is deterministic given the data and the seed (the seed only drives
+the initialisation's random units, and for the VAE the weights and minibatches).
 
 The history (one entry per iteration, entry 0 the initialisation) holds the exact mean
 train and validation log-likelihood per row, the noise std, the region count, the
