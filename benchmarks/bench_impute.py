@@ -59,9 +59,9 @@ def get_model(name, Xtr, args):
     """Train (or reload) the cpadgn model; returns (CPAModel, how it was trained)."""
     import cpadgn
     from cpadgn.fit import fit_em, save_fit
-    floor = "" if args.var_floor is None else f"_floor{args.var_floor:g}"
-    floor += f"_trainmiss{args.train_missing:g}" if args.train_missing else ""
-    path = Path(args.model_dir) / f"{name}_{args.trainer}_{args.noise}{floor}.h5"
+    suffix = "" if args.var_floor is None else f"_floor{args.var_floor:g}"
+    suffix += f"_trainmiss{args.train_missing:g}" if args.train_missing else ""
+    path = Path(args.model_dir) / f"{name}_{args.trainer}_{args.noise}{suffix}.h5"
     if path.exists():
         model = cpadgn.load(path, device=args.device)
         a = model.extra.get("attrs", {})

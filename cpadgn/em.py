@@ -142,11 +142,9 @@ def region_stats(pair_row, pair_region, pair_responsibility, pair_mean, pair_cov
             Ap, bp = net.region_maps(patterns[reg[p]])
             theta = np.concatenate([Ap, bp[:, :, None]], axis=2)        # (p, D, S+1)
             fill = np.matmul(theta, E2[p])                               # E[x_d z~^T] per missing d
-            w = r[p, None] * miss[rows[p]]                               # (p, D)
-            sxx += np.einsum("pd,pdk,pdk->d", w, fill, theta)
-            to_region = scipy.sparse.csr_matrix((np.ones(p.size), (inv[p], np.arange(p.size))),
-                                                shape=(Ra, p.size))
-            XZ += np.asarray(to_region @ (w[:, :, None] * fill).reshape(p.size, -1)).reshape(Ra, D, S + 1)
+            fill *= miss[rows[p], :, None]                               # observed entries: 0
+            sxx += np.einsum("p,pdk,pdk->d", r[p], fill, theta)
+            XZ += np.asarray(A[:, p] @ fill.reshape(p.size, -1)).reshape(Ra, D, S + 1)   # r-weighted
     return RegionStats(regions=regions.astype(np.int64), Z=Z, XZ=XZ, sxx=sxx, n_rows=N)
 
 
