@@ -22,13 +22,15 @@ class Edges:
     {p + t e : lo <= t <= hi} (lo = -inf or hi = +inf for rays and lines).
 
     p (B, E, 3) the point of the edge's line nearest the origin, e (B, E, 3) unit
-    directions, lo, hi (B, E), real (B, E) bool (False: padding)."""
+    directions, lo, hi (B, E), real (B, E) bool (False: padding); volume (B,) the
+    polyhedron's volume (inf where it is unbounded)."""
 
     p: np.ndarray
     e: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
     real: np.ndarray
+    volume: np.ndarray
 
 
 def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: float = 1e-9) -> Edges:
@@ -64,6 +66,14 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     lo = np.where(down, ratio, -np.inf).max(-1)
     blocked = (other & ~up & ~down & (slack < -tol * scale)).any(-1)
     live = ok & ~blocked & (hi >= lo - tol * (1.0 + np.abs(lo) + np.abs(hi)))
+    # volume = 1/3 sum_k c_k area_k, area_k = 1/2 sum over facet k's edges of their length
+    # times their signed in-plane distance from facet k's foot, (c_j - g c_k) / |a_j x a_k|
+    with np.errstate(invalid="ignore"):
+        length = np.where(live, hi - lo, 0.0)
+        arm = np.where(live, (c[:, k] * (c[:, j] - g * c[:, k]) + c[:, j] * (c[:, k] - g * c[:, j]))
+                       / np.where(ok, norm, 1.0), 0.0)
+        volume = np.where((live & ~np.isfinite(length)).any(-1), np.inf,
+                          np.where(live, length * arm, 0.0).sum(-1) / 6.0)
     # compact: live edges first, padded to the largest count
     n = live.sum(1)
     E = max(int(n.max(initial=0)), 1)
@@ -71,7 +81,8 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     take = lambda x: np.take_along_axis(x, order if x.ndim == 2 else order[..., None], 1)
     real = take(live)
     return Edges(p=np.where(real[..., None], take(p), 0.0), e=np.where(real[..., None], take(e), 0.0),
-                 lo=np.where(real, take(lo), 0.0), hi=np.where(real, take(hi), 0.0), real=real)
+                 lo=np.where(real, take(lo), 0.0), hi=np.where(real, take(hi), 0.0), real=real,
+                 volume=volume)
 
 
 def distance_to_polyhedron(a, c, mask, gram, edges: Edges, v) -> np.ndarray:

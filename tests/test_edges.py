@@ -61,3 +61,25 @@ def test_slab_has_no_edges_and_far_translates_stay_exact():
     assert not edges.real.any()
     d = distances(a, c, np.ones((1, 2), bool), np.array([[1e3, -2e3, 1e4]]))
     np.testing.assert_allclose(d, [1e4 - 1], rtol=1e-15)
+
+
+def test_volume_matches_the_convex_hull_and_is_infinite_exactly_when_unbounded():
+    from scipy.optimize import linprog
+    from scipy.spatial import ConvexHull, HalfspaceIntersection
+    rng = np.random.default_rng(1)
+    B, F = 100, 9
+    a = rng.normal(size=(B, F, 3))
+    a /= np.linalg.norm(a, axis=-1, keepdims=True)
+    centre = rng.normal(size=(B, 3)) * 3                               # the origin is mostly outside
+    c = rng.uniform(0.2, 2.0, size=(B, F)) + np.einsum("bfs,bs->bf", a, centre)
+    volume = polyhedron_edges(a, c, np.ones((B, F), bool)).volume
+
+    def unbounded(ai):                  # a direction d != 0 with a d <= 0
+        return any(linprog(-d, A_ub=ai, b_ub=np.zeros(F), bounds=[(-1, 1)] * 3).fun < -1e-9
+                   for d in np.vstack([np.eye(3), -np.eye(3)]))
+    unb = np.array([unbounded(a[i]) for i in range(B)])
+    assert 5 <= unb.sum() <= 40
+    np.testing.assert_array_equal(np.isinf(volume), unb)
+    hull = np.array([ConvexHull(HalfspaceIntersection(np.hstack([a[i], -c[i][:, None]]), centre[i])
+                                .intersections).volume for i in np.flatnonzero(~unb)])
+    np.testing.assert_allclose(volume[~unb], hull, rtol=1e-10)       # ~1e-14 observed; vertices rounded
