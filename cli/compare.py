@@ -77,7 +77,6 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     """
     from cpadgn.compare import check_dimensions, compare as run_compare, parse_baseline
     from cpadgn.data import check_not_an_input, read_data
-    from cpadgn.model import load
 
     t0 = time.perf_counter()
     quiet = quiet or as_json
@@ -96,6 +95,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         raise CpadgnError("--noise-std auto fits the noise on training data: pass --train TRAIN "
                           "(fitting it on the test data would bias the comparison)")
 
+    from cpadgn.model import load            # imports torch: after the quick checks
     X_test = read_data(test_path, dataset=dataset)
     X_train = None if train_path is None else read_data(train_path, dataset=dataset)
     dev = resolve_device(device)

@@ -63,7 +63,8 @@ def user_errors(fn):
 
 
 class Commands(click.Group):
-    """click's group with Ctrl-C anywhere (also outside a command) as exit 130 and one line."""
+    """click's group with one-line errors outside the commands too: a usage error is one
+    line (exit 2), Ctrl-C anywhere is exit 130."""
 
     def main(self, *args, standalone_mode=True, **kwargs):
         if not standalone_mode:
@@ -72,6 +73,9 @@ class Commands(click.Group):
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.Abort:                      # click's form of KeyboardInterrupt / EOF
             fail("interrupted", EXIT_INTERRUPTED)
+        except click.UsageError as e:            # one line, not click's usage block
+            where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
+            fail(e.format_message().rstrip(".") + where, e.exit_code)
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
@@ -87,7 +91,7 @@ class Progressbar:
     def __enter__(self):
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
-                            transient=True, disable=self.quiet)
+                            transient=True, disable=self.quiet or not console.is_terminal)
         self.bar.__enter__()
         self.task = self.bar.add_task(self.label, total=None, note="")
         return self
@@ -422,4 +426,7 @@ from cli import fit as _fit  # noqa: E402,F401
 from cli import impute as _impute  # noqa: E402,F401
 
 if __name__ == "__main__":
-    main()
+    # ``python -m cli.main``: run the group of the imported module ``cli.main``, on which
+    # the commands above registered (this copy, ``__main__``, only holds the first two)
+    from cli.main import main as _registered
+    _registered()
