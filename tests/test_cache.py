@@ -273,3 +273,47 @@ def test_cache_written_is_readable_by_plain_h5py(tmp_path):
         np.testing.assert_array_equal(patterns, part.patterns)
         assert f.attrs["fingerprint"] == cache_key(net.fingerprint())
         assert f.attrs["net_fingerprint"] == net.fingerprint()
+
+
+def test_same_partition_gives_the_same_bytes(tmp_path):
+    net = small_net()
+    save_partition(tmp_path / "a.h5", hand_partition(net), net.fingerprint())
+    save_partition(tmp_path / "b.h5", hand_partition(net), net.fingerprint())
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    """A temporary names its writer (host, PID): the next write removes those of writers
+    that are gone from this host, and any older than STALE_TEMP_SECONDS."""
+    import subprocess
+    import sys
+    import time
+
+    from cpadgn.data import STALE_TEMP_SECONDS, _host
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                   # reaped: this PID no longer exists
+    live = os.getppid()
+    net = small_net()
+    target = tmp_path / "c.h5"
+    name = f".{target.name}"
+    files = {
+        "dead": f"{name}.{_host()}.{dead.pid}.abcd1234.tmp",
+        "dead_check": f"{name}.{_host()}.{dead.pid}.abcd1234.check",
+        "live": f"{name}.{_host()}.{live}.abcd1234.tmp",
+        "other_host_recent": f"{name}.elsewhere.{dead.pid}.abcd1234.tmp",
+        "other_host_old": f"{name}.elsewhere.{live}.abcd5678.tmp",
+        "old_format_old": f"{name}.k2j4h5g6.tmp",
+        "other_target": f".d.h5.{_host()}.{dead.pid}.abcd1234.tmp",
+        "not_a_temp": f"{name}.{_host()}.{dead.pid}.notes.txt",
+    }
+    for f in files.values():
+        (tmp_path / f).write_text("x")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    for key in ("other_host_old", "old_format_old"):
+        os.utime(tmp_path / files[key], (old, old))
+    save_partition(target, hand_partition(net), net.fingerprint())
+    left = {x.name for x in tmp_path.iterdir()}
+    gone = {"dead", "dead_check", "other_host_old", "old_format_old"}
+    assert left == {target.name} | {files[k] for k in files if k not in gone}
+    assert read_partition(target)[1] == cache_key(net.fingerprint())
