@@ -18,7 +18,6 @@ console = Console(stderr=True)
 
 
 EXIT_USER_ERROR = 1      # bad input, an output that cannot be written
-EXIT_USAGE = 2           # click's usage errors: unknown option, bad option value
 EXIT_INTERNAL = 70       # a bug (EX_SOFTWARE)
 EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
 

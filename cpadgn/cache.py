@@ -168,8 +168,6 @@ def read_partition(path) -> tuple[Partition, str]:
     NotACacheError if the file is not a cpadgn partition cache; CpadgnError if it is one
     but unusable (another format version, damaged, checksum mismatch).
     """
-    import h5py
-
     path = Path(path)
     f = _open(path)
     try:
