@@ -1,0 +1,195 @@
+"""Exact standard-normal mass and moments over 3-D polyhedra P = {u : a_k . u <= b_k}.
+
+The radial face formula of DESIGN section 4.  For every facet k (unit normal a_k,
+foot f_k = b_k a_k) let B_k be the mass of the cone {t y : y in F_k, t >= 1} beyond its
+polygon F_k; then
+
+    mass = 1{0 in P} - sum_k sign(b_k) B_k,
+    B_k  = 1{f_k in F_k} Phi(-|b_k|) - sum_e sign(c_e) T_ke,
+    T_ke = |b_k| / (2 pi) int_{th_lo}^{th_hi} Phi(-r) / r dth,  r^2 = b_k^2 + c_e^2 + tau^2,
+
+over the edges e = {n_e . u = c_e} of F_k in its plane (origin at the foot, tangent
+coordinate tau = |c_e| tan th in [tau_lo, tau_hi]).  In S = 3 the radial integral of the
+Gaussian over the cone has a closed form, int_1^inf phi_3(t y) t^2 dt = q(|y|), and so
+does the in-plane radial integral of q, which leaves the 1-D edge integrals T.  The
+moments follow from the divergence identities with each facet's exact 2-D mass and
+first moment (the S = 2 polygon code on the facet's polygon).
+
+Facets or edges through the origin (b_k = 0, c_e = 0) are moved just inside, as the
+S = 2 code does: the formula is continuous from there.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import erfcx, log_ndtr
+
+from .polytope import (PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp, _normalise,
+                       _masked_logsumexp, facet_segments, log_phi, polygon_moments)
+
+TINY = 1e-150                      # offsets below this are moved to +TINY (just inside)
+_SQRT_HALF = np.sqrt(0.5)
+_PARALLEL = 1e-10                  # |in-plane normal| below this: a row parallel to the facet
+
+
+def polyhedron_moments(A, b, mask=None, *, moments=True) -> PolytopeMoments:
+    """Mass and moments of N(0, I_3) on P = {u : A u <= b}, exactly (stderr 0).
+
+    A (B, F, 3), b (B, F), mask (B, F) bool (False: padding row).  Rows need not be
+    unit; polytopes are grouped by their number of real rows.
+    """
+    A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
+    B = A.shape[0]
+    A, b, mask, empty = _normalise(A, b, mask)
+    sel = np.flatnonzero(mask.any(-1))
+    res = _by_row_count(_polyhedron_chunked, A[sel], b[sel], mask[sel], moments) if sel.size else None
+    return _assemble(B, 3, sel, res, empty)
+
+
+def _polyhedron_chunked(A, b, mask, moments, work=3e6):
+    """``_polyhedron`` in chunks whose (B, F, F, F) facet-polygon arrays stay small."""
+    B, F, _ = A.shape
+    step = int(max(1, work // max(F, 1) ** 3))
+    parts = [_polyhedron(A[s:s + step], b[s:s + step], mask[s:s + step], moments) for s in range(0, B, step)]
+    return PolytopeMoments(*(np.concatenate([getattr(p, n) for p in parts])
+                             for n in ("log_mass", "mean", "cov", "stderr")))
+
+
+# ------------------------------------------------------------------ facet polygons
+def facet_polygons(A, b, mask):
+    """Each facet's polygon in its own plane, origin at the foot b_k a_k.
+
+    A (B, F, 3) unit rows, b (B, F) (no |b| < TINY), mask (B, F).  Returns
+    E (B, F, 2, 3) an orthonormal basis of each facet's plane (rows),
+    a2 (B, F, F, 2) unit in-plane normals and c2 (B, F, F) offsets of the other rows
+    j restricted to facet k's plane ({u2 : a2[k, j] . u2 <= c2[k, j]}, |c2| >= TINY),
+    rows (B, F, F) where row j is a real edge constraint of facet k, and
+    alive (B, F): facet k is a real facet (not blocked by a parallel row, not a
+    repeat of an earlier identical row).
+    """
+    B, F, _ = A.shape
+    axis = np.argmin(np.abs(A), -1)                                     # least aligned unit vector
+    e = np.eye(3)[axis]
+    e1 = e - np.sum(e * A, -1, keepdims=True) * A
+    e1 /= np.linalg.norm(e1, axis=-1, keepdims=True)
+    E = np.stack([e1, np.cross(A, e1)], -2)                              # (B, F, 2, 3)
+    g = np.einsum("bks,bjs->bkj", A, A)                                   # a_j . a_k
+    a2 = np.einsum("bkis,bjs->bkji", E, A)
+    c2 = b[:, None, :] - b[:, :, None] * g                               # b_j - b_k a_j . a_k
+    nrm = np.linalg.norm(a2, axis=-1)
+    other = mask[:, :, None] & mask[:, None, :] & ~np.eye(F, dtype=bool)
+    parallel = other & (nrm <= _PARALLEL)
+    tol = 1e-12 * (1 + np.abs(b)[:, None, :] + np.abs(b)[:, :, None])
+    blocked = (parallel & (c2 < -tol)).any(-1)
+    earlier = np.arange(F)[None, :] < np.arange(F)[:, None]              # j < k
+    repeat = (parallel & (g > 0) & (np.abs(c2) <= tol) & earlier).any(-1)
+    alive = mask & ~blocked & ~repeat
+    rows = other & ~parallel & alive[:, :, None]
+    safe = np.where(rows, nrm, 1.0)
+    a2 = np.where(rows[..., None], a2 / safe[..., None], 0.0)
+    c2 = np.where(rows, c2 / safe, 1.0)
+    c2 = np.where(np.abs(c2) < TINY, TINY, c2)
+    return E, a2, c2, rows, alive
+
+
+# ------------------------------------------------------------------ edge integrals
+def _log_erfcx_ratio(r, r_star):
+    return np.log(erfcx(r * _SQRT_HALF) / erfcx(r_star * _SQRT_HALF))
+
+
+def log_edge_term(b, c, tau_lo, tau_hi):
+    """log T = log (b / 2 pi) int_{th_lo}^{th_hi} Phi(-r) / r dth, r^2 = b^2 + c^2 + tau^2,
+    tau = c tan th, for b = |b_k| > 0, c = |c_e| > 0 and tau_lo <= tau_hi (+-inf for rays).
+    All inputs (n,), output (n,).
+
+    With tau = c sinh v (th the Gudermannian of v, dth = dv / cosh v) the integrand
+    Phi(-r) / (r cosh v), r = hypot(b, c cosh v), is analytic in the strip |Im v| < pi/2
+    (poles of 1/cosh, branch points of r), so composite Gauss-Legendre in v converges
+    geometrically at any c (c -> 0: a Lorentzian of width c in tau becomes 1/cosh v).
+    The integrand is largest at v*, the point of the range nearest 0, and falls at least
+    like cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where
+    either bound reaches e^-40, then split into panels of width <= 1.5 and a fall of at
+    most 8.  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
+    accuracy far out (log T down to -1e4 and beyond).
+    """
+    tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
+    tau_star = np.clip(0.0, tau_lo, tau_hi)
+    h_star = np.hypot(c, tau_star)                                       # c cosh v*
+    r_star = np.hypot(b, h_star)
+    tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
+    t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
+    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
+    width = np.maximum(v1 - v0, 0.0)
+
+    def log_ratio(tau, b, c, tau_star, h_star, r_star):                 # log f(tau) / f(tau*) <= 0
+        h = np.hypot(c, tau)
+        r = np.hypot(b, h)
+        return (-0.5 * (tau - tau_star) * (tau + tau_star) + _log_erfcx_ratio(r, r_star)
+                + np.log(r_star / r) + np.log(h_star / h))
+    with np.errstate(invalid="ignore", over="ignore"):
+        args = (b, c, tau_star, h_star, r_star)
+        drop = np.where(width > 0, -log_ratio(t0, *args) - log_ratio(t1, *args), 0.0)
+    n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
+    total = np.zeros(b.shape)
+    for n in np.unique(n_panels):                                       # vectorised per panel count
+        sel = np.flatnonzero(n_panels == n)
+        step = width[sel] / n
+        nodes = (np.arange(n)[:, None] + 0.5 * (1 + _GL_X)).reshape(-1)
+        tau = c[sel, None] * np.sinh(v0[sel, None] + step[:, None] * nodes)
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            f = np.exp(log_ratio(tau, *(x[sel, None] for x in args)))
+        total[sel] = (np.nan_to_num(f) @ np.tile(_GL_W, n)) * (0.5 * step)
+    log_peak = np.log(b / (2 * np.pi)) + log_ndtr(-r_star) - np.log(r_star) - np.log(h_star / c)
+    with np.errstate(divide="ignore"):
+        return np.where(width > 0, log_peak + np.log(total), -np.inf)
+
+
+# ------------------------------------------------------------------ the polyhedron
+def _polyhedron(A, b, mask, moments):
+    """Mass (and moments) for unit rows A (B, F, 3), b (B, F), mask (B, F); every
+    polytope has a real row."""
+    B, F, _ = A.shape
+    b = np.where(mask & (np.abs(b) < TINY), TINY, b)
+    inside = ~((b < 0) & mask).any(-1)
+    E, a2, c2, rows, alive = facet_polygons(A, b, mask)
+    n = B * F
+    a2f, c2f, rowsf = a2.reshape(n, F, 2), c2.reshape(n, F), rows.reshape(n, F)
+    t_lo, t_hi, live = facet_segments(a2f, c2f, rowsf)
+    live = live.reshape(B, F, F)
+    t_lo, t_hi = t_lo.reshape(B, F, F), t_hi.reshape(B, F, F)
+    foot_in = alive & ~((c2 < 0) & rows).any(-1)                          # f_k in F_k
+    # mass = 1{0 in P} - sum_k sign(b_k) 1{f_k in F_k} Phi(-|b_k|)
+    #        + sum_k sum_e sign(b_k) sign(c_e) T_ke
+    absb = np.abs(b)
+    log_T = np.full((B, F, F), -np.inf)
+    if live.any():
+        bb = np.broadcast_to(absb[:, :, None], (B, F, F))
+        log_T[live] = log_edge_term(bb[live], np.abs(c2[live]), t_lo[live], t_hi[live])
+    edge_pos = live & ((b[:, :, None] < 0) == (c2 < 0))
+    log_face = log_ndtr(-absb)
+    face_pos, face_neg = foot_in & (b < 0), foot_in & (b > 0)
+    flat = lambda x: x.reshape(B, -1)
+    pos_terms = np.concatenate([np.zeros((B, 1)), log_face, flat(log_T)], 1)
+    pos_mask = np.concatenate([inside[:, None], face_pos, flat(edge_pos)], 1)
+    neg_mask = np.concatenate([np.zeros((B, 1), bool), face_neg, flat(live & ~edge_pos)], 1)
+    log_pos = _masked_logsumexp(pos_terms, pos_mask)
+    log_neg = _masked_logsumexp(pos_terms, neg_mask)
+    with np.errstate(invalid="ignore"):
+        log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
+    log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
+    if not moments:
+        return PolytopeMoments(log_mass, np.zeros((B, 3)), np.zeros((B, 3, 3)), np.zeros(B))
+    # facet masses M_k and first moments (2-D, about the foot), exact
+    fm = polygon_moments(a2f, c2f, t_lo.reshape(n, F), t_hi.reshape(n, F), live.reshape(n, F), rowsf)
+    log_M = np.where(alive, fm.log_mass.reshape(B, F), -np.inf)
+    centroid = b[..., None] * A + np.einsum("bki,bkis->bks", fm.mean.reshape(B, F, 2), E)   # E[u | F_k]
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.exp(log_phi(b) + log_M - log_mass[:, None])                # phi(b_k) M_k / mass
+    w = np.where(alive & np.isfinite(log_mass)[:, None], w, 0.0)
+    mean = -np.einsum("bk,bks->bs", w, A)
+    # E[u u^T | P] = I - sum_k w_k centroid_k a_k^T, and mean = -sum_k w_k a_k, so
+    # Cov = I - sum_k w_k (centroid_k - mean) a_k^T: centred, no m m^T cancellation.
+    cov = np.eye(3) - np.einsum("bk,bks,bkt->bst", w, centroid - mean[:, None, :], A)
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    return PolytopeMoments(log_mass, mean, cov, np.zeros(B))
