@@ -16,7 +16,9 @@ moments follow from the divergence identities with each facet's exact 2-D mass a
 first moment (the S = 2 polygon code on the facet's polygon).
 
 Facets or edges through the origin (b_k = 0, c_e = 0) are moved just inside, as the
-S = 2 code does: the formula is continuous from there.
+S = 2 code does: the formula is continuous from there.  Facets move by more than edges
+(1e-100 against 1e-150), so that the in-plane offsets of facets that all pass through
+the origin, b_j - b_k a_j . a_k = 1e-100 (1 - a_j . a_k), keep their true ratios.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from scipy.special import erfcx, log_ndtr
 from .polytope import (PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp, _normalise,
                        _masked_logsumexp, facet_segments, log_phi, polygon_moments)
 
-TINY = 1e-150                      # offsets below this are moved to +TINY (just inside)
+TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
+TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
 _SQRT_HALF = np.sqrt(0.5)
 _PARALLEL = 1e-10                  # |in-plane normal| below this: a row parallel to the facet
 
@@ -59,7 +62,7 @@ def _polyhedron_chunked(A, b, mask, moments, work=3e6):
 def facet_polygons(A, b, mask):
     """Each facet's polygon in its own plane, origin at the foot b_k a_k.
 
-    A (B, F, 3) unit rows, b (B, F) (no |b| < TINY), mask (B, F).  Returns
+    A (B, F, 3) unit rows, b (B, F) (no |b| < TINY_B), mask (B, F).  Returns
     E (B, F, 2, 3) an orthonormal basis of each facet's plane (rows),
     a2 (B, F, F, 2) unit in-plane normals and c2 (B, F, F) offsets of the other rows
     j restricted to facet k's plane ({u2 : a2[k, j] . u2 <= c2[k, j]}, |c2| >= TINY),
@@ -150,7 +153,7 @@ def _polyhedron(A, b, mask, moments):
     """Mass (and moments) for unit rows A (B, F, 3), b (B, F), mask (B, F); every
     polytope has a real row."""
     B, F, _ = A.shape
-    b = np.where(mask & (np.abs(b) < TINY), TINY, b)
+    b = np.where(mask & (np.abs(b) < TINY_B), TINY_B, b)
     inside = ~((b < 0) & mask).any(-1)
     E, a2, c2, rows, alive = facet_polygons(A, b, mask)
     n = B * F
