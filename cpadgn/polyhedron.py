@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erfcx, log_ndtr
 
-from .polytope import (PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp, _normalise,
-                       _masked_logsumexp, facet_segments, log_phi, polygon_moments)
+from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp,
+                       _masked_logsumexp, _normalise, facet_segments, log_phi, polygon_moments)
 
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
@@ -181,6 +181,20 @@ def _polyhedron(A, b, mask, moments):
     with np.errstate(invalid="ignore"):
         log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
     log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
+    # Terms of size `pos` cancel to the mass, which loses digits where it is below pos / 1e3
+    # (tiny or thin polytopes); small bounded ones are integrated directly instead.
+    redo = np.flatnonzero(np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
+                          & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2)) & live.any((1, 2)))
+    if redo.size:
+        ends = _segment_ends(A[redo], b[redo], E[redo], a2[redo], c2[redo], t_lo[redo], t_hi[redo], live[redo])
+        V = ends.reshape(redo.size, -1, 3)
+        with np.errstate(invalid="ignore"):
+            size = np.nanmax(np.linalg.norm(V - np.nanmean(V, 1, keepdims=True), axis=-1), 1)
+            small = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size) <= 2.0
+        redo, ends = redo[small], ends[small]
+    if redo.size:
+        sl = _cubature(ends, live[redo], moments)
+        log_mass[redo] = sl.log_mass
     if not moments:
         return PolytopeMoments(log_mass, np.zeros((B, 3)), np.zeros((B, 3, 3)), np.zeros(B))
     # facet masses M_k and first moments (2-D, about the foot), exact
@@ -195,4 +209,66 @@ def _polyhedron(A, b, mask, moments):
     # Cov = I - sum_k w_k (centroid_k - mean) a_k^T: centred, no m m^T cancellation.
     cov = np.eye(3) - np.einsum("bk,bks,bkt->bst", w, centroid - mean[:, None, :], A)
     cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    if redo.size:
+        mean[redo], cov[redo] = sl.mean, sl.cov
+    return PolytopeMoments(log_mass, mean, cov, np.zeros(B))
+
+
+# ------------------------------------------------------------------ small polytopes
+def _segment_ends(A, b, E, a2, c2, t_lo, t_hi, live):
+    """The ends of the facets' edge segments of bounded polyhedra (their vertices, each
+    listed once per edge and facet): (B, F, F, 2, 3), NaN where the edge is not live."""
+    d2 = np.stack([-a2[..., 1], a2[..., 0]], -1)
+    base = c2[..., None] * a2                                                     # (B, F, F, 2) in-plane
+    with np.errstate(invalid="ignore"):
+        ends = np.stack([base + t_lo[..., None] * d2, base + t_hi[..., None] * d2], -2)   # (B, F, F, 2, 2)
+    pts = b[:, :, None, None, None] * A[:, :, None, None, :] + np.einsum("bkjei,bkis->bkjes", ends, E)
+    return np.where(live[..., None, None], pts, np.nan)
+
+
+def _tetrahedra(ends, live):
+    """Split bounded convex polyhedra into tetrahedra: the vertex centroid, each facet's
+    centroid and each edge segment.  ends (B, F, F, 2, 3) as from ``_segment_ends``,
+    live (B, F, F).  Returns the corners (T, 4, 3) and their polytope (T,)."""
+    cnt = live.sum(2)                                                             # edges per facet
+    with np.errstate(invalid="ignore"):
+        face = np.nansum(ends, (2, 3)) / np.maximum(2 * cnt, 1)[..., None]          # (B, F, 3)
+        centre = np.nansum(ends, (1, 2, 3)) / np.maximum(2 * cnt.sum(1), 1)[:, None]
+    i, k, j = np.nonzero(live)
+    corners = np.stack([centre[i], face[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
+    return corners, i
+
+
+_TX, _TW = np.polynomial.legendre.leggauss(10)
+_TX, _TW = 0.5 * (_TX + 1), 0.5 * _TW
+
+
+def _cubature(ends, live, moments):
+    """Mass and moments of N(0, I_3) on small bounded polyhedra by a collapsed
+    Gauss-Legendre rule (10^3 nodes) on each tetrahedron of ``_tetrahedra``: all weights
+    positive, so nothing cancels; exact to rounding while the Gaussian is close to a
+    low-degree polynomial across the polytope (diameter (|centre| + diameter) <= 2)."""
+    B = live.shape[0]
+    corners, owner = _tetrahedra(ends, live)
+    s, t, w = np.meshgrid(_TX, _TX, _TX, indexing="ij")
+    bary = np.stack([s, (1 - s) * t, (1 - s) * (1 - t) * w], -1).reshape(-1, 3)        # unit tetrahedron
+    jac = (np.einsum("i,j,k->ijk", _TW, _TW, _TW) * (1 - s) ** 2 * (1 - t)).reshape(-1)
+    edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
+    vol = np.abs(np.linalg.det(edges))                                                # 6 x volume
+    u = corners[:, None, 0] + bary @ edges                                            # (T, N, 3)
+    with np.errstate(divide="ignore"):
+        lw = np.log(vol)[:, None] + np.log(jac)[None] - 0.5 * (u * u).sum(-1)
+    top = np.full(B, -np.inf)
+    np.maximum.at(top, owner, lw.max(1))
+    safe = np.where(np.isfinite(top), top, 0.0)
+    w = np.exp(lw - safe[owner, None])
+    tot = np.bincount(owner, w.sum(1), B)
+    with np.errstate(divide="ignore"):
+        log_mass = safe + np.log(tot) - 3 * LOG_SQRT_2PI
+    mean, cov = np.zeros((B, 3)), np.zeros((B, 3, 3))
+    if moments:
+        p = w / np.where(tot > 0, tot, 1.0)[owner, None]
+        np.add.at(mean, owner, np.einsum("tn,tns->ts", p, u))
+        dev = u - mean[owner, None]
+        np.add.at(cov, owner, np.einsum("tn,tns,tnr->tsr", p, dev, dev))
     return PolytopeMoments(log_mass, mean, cov, np.zeros(B))

@@ -92,6 +92,33 @@ def test_rotated_boxes_closed_form(k):
     assert_close(Q @ cov @ Q.T, np.diag(v), size ** 2 * weight_error(lz))
 
 
+def gl_interval(lo, hi, n=20):
+    """log mass, mean and variance of N(0, 1) on a short interval by n-point
+    Gauss-Legendre (positive weights: no cancellation, unlike the closed forms)."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    x = 0.5 * (hi - lo) * x + 0.5 * (hi + lo)
+    f = 0.5 * (hi - lo) * w * np.exp(-0.5 * (x - x.mean()) * (x + x.mean()))       # scaled by phi(midpoint)
+    m = f @ x / f.sum()
+    return np.log(f.sum()) - 0.5 * x.mean() ** 2 - 0.5 * np.log(2 * np.pi), m, f @ (x - m) ** 2 / f.sum()
+
+
+@pytest.mark.parametrize("centre, h", [(0.5, 1e-6), (0.0, 1e-5), (3.0, 1e-4), (8.0, 1e-3), (1.0, 0.05)])
+def test_small_boxes(centre, h):
+    """Boxes of sides h, 2h, 3h: the facet terms of the radial formula cancel to the mass
+    (they are ~h^2, the mass ~h^3), so such polytopes are integrated directly."""
+    Q = special_ortho_group.rvs(3, random_state=7)
+    lo = np.array([centre, 0.2, -0.1])
+    hi = lo + h * np.array([1.0, 2.0, 3.0])
+    lm, mean, cov = exact(np.concatenate([np.eye(3), -np.eye(3)]) @ Q, np.concatenate([hi, -lo]))
+    mom = [gl_interval(lo[i], hi[i]) for i in range(3)]
+    lz = sum(m[0] for m in mom)
+    m = np.array([x[1] for x in mom])
+    v = np.array([x[2] for x in mom])
+    assert abs(lm - lz) < 1e-10, (lm, lz)
+    assert_close(Q @ mean, m, 1e-12 * (1 + np.abs(m)))
+    assert_close(Q @ cov @ Q.T, np.diag(v), 1e-9 * np.sqrt(np.outer(v, v)))
+
+
 def _solid_angle(g):
     """Solid angle of the cone spanned by three unit vectors g (3, 3) (rows), by the
     Van Oosterom-Strackee formula."""
