@@ -31,6 +31,8 @@ from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_W, _GL_X, _assemble, _
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
 _SQRT_HALF = np.sqrt(0.5)
+_GL16 = (_GL_X, _GL_W)
+_GL8 = np.polynomial.legendre.leggauss(8)
 _PARALLEL = 1e-10                  # |in-plane normal| below this: a row parallel to the facet
 
 
@@ -112,7 +114,8 @@ def log_edge_term(b, c, tau_lo, tau_hi):
     The integrand is largest at v*, the point of the range nearest 0, and falls at least
     like cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where
     either bound reaches e^-40, then split into panels of width <= 1.5 and a fall of at
-    most 8.  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    most 8 (16 nodes each; 8 nodes for a single panel of width <= 0.5 and fall <= 1/4,
+    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
     accuracy far out (log T down to -1e4 and beyond).
     """
@@ -134,15 +137,22 @@ def log_edge_term(b, c, tau_lo, tau_hi):
         args = (b, c, tau_star, h_star, r_star)
         drop = np.where(width > 0, -log_ratio(t0, *args) - log_ratio(t1, *args), 0.0)
     n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
+    short = (n_panels == 1) & (width <= 0.5) & (drop <= 0.25)          # 8 nodes are exact there
+    scale = r_star * h_star / erfcx(r_star * _SQRT_HALF)
     total = np.zeros(b.shape)
-    for n in np.unique(n_panels):                                       # vectorised per panel count
-        sel = np.flatnonzero(n_panels == n)
+    groups = [(n, False) for n in np.unique(n_panels[~short])] + ([(1, True)] if short.any() else [])
+    for n, few in groups:                                               # vectorised per node count
+        x, wq = _GL8 if few else _GL16
+        sel = np.flatnonzero((n_panels == n) & (short == few))
         step = width[sel] / n
-        nodes = (np.arange(n)[:, None] + 0.5 * (1 + _GL_X)).reshape(-1)
+        nodes = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)
         tau = c[sel, None] * np.sinh(v0[sel, None] + step[:, None] * nodes)
+        ts = tau_star[sel, None]
+        h = np.hypot(c[sel, None], tau)
+        r = np.hypot(b[sel, None], h)
         with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-            f = np.exp(log_ratio(tau, *(x[sel, None] for x in args)))
-        total[sel] = (np.nan_to_num(f) @ np.tile(_GL_W, n)) * (0.5 * step)
+            f = np.exp(-0.5 * (tau - ts) * (tau + ts)) * erfcx(r * _SQRT_HALF) / (r * h)  # f(tau) / f(tau*)
+        total[sel] = (np.nan_to_num(f) @ np.tile(wq, n)) * (0.5 * step * scale[sel])
     log_peak = np.log(b / (2 * np.pi)) + log_ndtr(-r_star) - np.log(r_star) - np.log(h_star / c)
     with np.errstate(divide="ignore"):
         return np.where(width > 0, log_peak + np.log(total), -np.inf)
