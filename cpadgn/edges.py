@@ -74,6 +74,10 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
                        / np.where(ok, norm, 1.0), 0.0)
         volume = np.where((live & ~np.isfinite(length)).any(-1), np.inf,
                           np.where(live, length * arm, 0.0).sum(-1) / 6.0)
+    # Where two edges share a line (three facets through it: a degenerate region) the
+    # sum counts that line twice, so no volume is claimed there.
+    dup = _shared_lines(p, e, live)
+    volume = np.where(dup | ~(volume > 0), np.inf, volume)
     # compact: live edges first, padded to the largest count
     n = live.sum(1)
     E = max(int(n.max(initial=0)), 1)
@@ -83,6 +87,16 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     return Edges(p=np.where(real[..., None], take(p), 0.0), e=np.where(real[..., None], take(e), 0.0),
                  lo=np.where(real, take(lo), 0.0), hi=np.where(real, take(hi), 0.0), real=real,
                  volume=volume)
+
+
+def _shared_lines(p, e, live, tol=1e-9):
+    """(B,) True where two live edges lie on one line: p, e (B, Q, 3), live (B, Q)."""
+    B, Q, _ = p.shape
+    i, j = np.triu_indices(Q, 1)
+    both = live[:, i] & live[:, j]
+    parallel = np.linalg.norm(np.cross(e[:, i], e[:, j]), axis=-1) <= tol
+    close = np.linalg.norm(p[:, i] - p[:, j], axis=-1) <= tol * (1.0 + np.linalg.norm(p[:, i], axis=-1))
+    return (both & parallel & close).any(-1)
 
 
 def distance_to_polyhedron(a, c, mask, gram, edges: Edges, v) -> np.ndarray:

@@ -561,7 +561,7 @@ def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torc
 
 def _row_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     """Per-row sums of pair values: rows (P,), values (P, ...) -> (n, ...)."""
-    flat = values.reshape(values.shape[0], -1)
+    flat = values.reshape(values.shape[0], int(np.prod(values.shape[1:])))
     sums = [np.bincount(rows, weights=flat[:, k], minlength=n) for k in range(flat.shape[1])]
     return np.stack(sums, axis=1).reshape((n,) + values.shape[1:])
 
