@@ -99,8 +99,9 @@ class CPAModel:
     # ------------------------------------------------------------ likelihood
     def _region_table(self):
         if self.noise_std is None:
-            raise CpadgnError("the model has no noise std: pass --noise-std X (or auto) "
-                              "or noise_std= to cpadgn.load")
+            problem = self.extra.get("noise_problem")
+            raise CpadgnError(f"{problem + ', so the model has' if problem else 'the model has'} no "
+                              "noise std: pass --noise-std X (or auto) or noise_std= to cpadgn.load")
         if self._table is None:
             self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device)
         return self._table
@@ -108,6 +109,7 @@ class CPAModel:
     def posterior(self, X, *, moments: bool = True, progress=None) -> Posterior:
         """Exact log-likelihoods and posteriors of the rows of X (N, D); NaN = missing."""
         X = self._check_data(X)
+        self._check_representable(X)
         res = likelihood.posterior(self.net, self.partition(), self.noise_std, X,
                                    tab=self._region_table(), device=self.device,
                                    memory_budget=self.memory_budget, moments=moments,
@@ -120,7 +122,7 @@ class CPAModel:
                             "pair_cov": L @ res.pair_cov @ L.T})
 
     def log_prob(self, X) -> np.ndarray:
-        """Exact log p(x_o) per row, (N,), in nats."""
+        """Exact log p(x_o) per row, (N,), in nats; NaN for a row with nothing observed."""
         return self.posterior(X, moments=False).log_likelihood
 
     score_samples = log_prob
@@ -132,8 +134,19 @@ class CPAModel:
         the noise, so it is computed once.
         """
         X = self._check_data(X)
-        scale = float(np.nanstd(X)) or 1.0
+        X = X[~np.isnan(X).all(axis=1)]             # rows with nothing observed carry no information
+        if X.size == 0:
+            raise CpadgnError("the data have no observed value, so the noise std cannot be fitted; "
+                              "pass data with observed entries or a fixed --noise-std X")
+        with np.errstate(over="ignore"):
+            scale = float(np.nanstd(X)) or 1.0
         lo, hi = bounds if bounds is not None else (1e-4 * scale, 10.0 * scale)
+        lo, hi = max(lo, NOISE_RANGE[0]), min(hi, NOISE_RANGE[1])
+        if not lo < hi:
+            raise CpadgnError(f"the data's spread (entries up to {float(np.nanmax(np.abs(X))):.3g}) puts "
+                              "the noise std outside "
+                              f"[{NOISE_RANGE[0]:g}, {NOISE_RANGE[1]:g}], where float64 computes "
+                              "likelihoods reliably; rescale the data")
         neg = lambda log_s: -float(np.sum(self.with_noise_std(np.exp(log_s)).log_prob(X)))
         res = minimize_scalar(neg, bounds=(np.log(lo), np.log(hi)), method="bounded",
                               options={"xatol": 1e-6})
@@ -149,16 +162,44 @@ class CPAModel:
         return x
 
     def _check_data(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.output_dim:
-            got = X.shape[1] if X.ndim == 2 else f"shape {X.shape}"
-            raise CpadgnError(f"the data has {got} columns but the generator outputs "
-                              f"{self.output_dim}; pass data with {self.output_dim} columns")
+        try:
+            X = np.asarray(X, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise CpadgnError(f"the data are not a numeric array ({e}); pass an (N, "
+                              f"{self.output_dim}) array of numbers, NaN for missing") from None
+        D = self.output_dim
+        if X.ndim == 1 and X.shape[0] == D:
+            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
+                              "pass X.reshape(1, -1)")
+        if X.ndim != 2:
+            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}")
+        if X.shape[1] != D:
+            raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs "
+                              f"{D}; pass data with {D} columns")
         if np.isinf(X).any():
             r, c = np.argwhere(np.isinf(X))[0]
             raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite "
                               "value, or NaN to mark it missing")
         return X
+
+    def _check_representable(self, X: np.ndarray) -> None:
+        """Refuse rows so far from the model, in noise units, that float64 cannot hold
+        their log-likelihood's terms: with r^2 = sum_o ((|x_d| + |b_d|) / sigma_d)^2 (b the
+        output offset) above MAX_WHITENED_SQ, log p ~ -r^2 / 2 and the terms that cancel in
+        it overflow or lose every digit of the result."""
+        if self.noise_std is None:
+            return
+        b = np.abs(self.net.biases[-1])
+        with np.errstate(over="ignore", invalid="ignore"):
+            r2 = np.nansum(((np.abs(X) + b) / self.noise_std) ** 2, axis=1)
+        bad = np.flatnonzero(~(r2 <= MAX_WHITENED_SQ))
+        if bad.size:
+            n = bad[0]
+            size = f"{r2[n]:.1e}" if np.isfinite(r2[n]) else "beyond 1e308"
+            raise CpadgnError(f"row {n + 1} is too far from the model for float64: its squared distance "
+                              f"in noise units is {size} (> {MAX_WHITENED_SQ:g}), so log p(x) would "
+                              "overflow or lose all precision; check the data's scale and units (or use "
+                              "a larger noise std)")
 
     def impute(self, X, draws=None, seed=None) -> np.ndarray:
         """Exact imputation of the missing entries (NaN) of X (N, D) given the observed ones.
@@ -169,6 +210,7 @@ class CPAModel:
         """
         from .impute import check_input, impute
         X = check_input(X, self.output_dim)
+        self._check_representable(X)
         res = impute(self.net, self.partition(), self.noise_std, X, draws=draws, seed=seed,
                      tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
         return res.mean if draws is None else res.draws
@@ -179,16 +221,33 @@ class CPAModel:
         entries keep their value with zero variance."""
         from .impute import check_input, conditional
         X = check_input(X, self.output_dim)
+        self._check_representable(X)
         return conditional(self.net, self.partition(), self.noise_std, X, full_cov=full_cov,
                            tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
 
 
+# Noise stds whose squares and inverse squares float64 holds with room for the
+# likelihood's terms (1e+-200), and the largest squared distance of a row from the
+# model in noise units whose log-likelihood terms stay finite (products with the
+# region constants add up to ~1e100 more).
+NOISE_RANGE = (1e-100, 1e100)
+MAX_WHITENED_SQ = 1e200
+
+
 def _check_noise(noise_std, D: int) -> np.ndarray:
-    s = np.asarray(noise_std, dtype=np.float64)
+    try:
+        s = np.asarray(noise_std, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}") from None
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):
         raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise CpadgnError("noise std must be finite and > 0")
+        raise CpadgnError(f"noise std must be finite and > 0, got {noise_std!r}")
+    lo, hi = NOISE_RANGE
+    if np.any(s < lo) or np.any(s > hi):
+        bad = float(s.min() if np.any(s < lo) else s.max())
+        raise CpadgnError(f"noise std {bad:g} is outside [{lo:g}, {hi:g}], where float64 computes "
+                          "likelihoods reliably; rescale the data so that the noise is nearer 1")
     return s
 
 

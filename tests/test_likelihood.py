@@ -19,7 +19,7 @@ def test_linear_generator_is_ppca_closed_form():
     for n, x in enumerate(X):
         o = ~np.isnan(x)
         if not o.any():
-            assert post.log_likelihood[n] == 0.0 and post.n_observed[n] == 0
+            assert np.isnan(post.log_likelihood[n]) and post.n_observed[n] == 0   # nothing to score
             np.testing.assert_allclose(post.z_mean[n], mu, atol=1e-12)
             np.testing.assert_allclose(post.z_cov[n], cov_z, atol=1e-12)
             continue
@@ -150,3 +150,65 @@ def test_s2_pruning_bounds_are_never_below_the_region_mass():
     assert np.all(near >= exact - slack) and np.all(facet >= exact - slack)
     outside = exact < np.log(0.5)
     assert np.median((facet - near)[outside]) > 1.0          # the nearest point is the sharper bound
+
+
+def test_extreme_finite_input_gives_the_closed_form_or_a_clear_refusal():
+    """Far rows are finite and exact (PPCA closed form) while float64 can hold their
+    terms; beyond that (squared noise-unit distance > 1e200: 1e160 in a cell, data times
+    1e300, noise 1e-300 or 1e300, all-NaN data for a fitted noise) a CpadgnError names
+    the limit.  Never -inf, NaN or an internal error."""
+    from cpadgn.errors import CpadgnError
+    rng = np.random.default_rng(2)
+    model, A, b, mu, cov_z, sigma = random_linear_model(rng, 2, 4, 1.0)
+    C = np.diag(sigma ** 2) + A @ cov_z @ A.T
+    for v in (1e50, 1e95):
+        x = np.array([[v, -v, 0.5 * v, 1.0]])
+        want = multivariate_normal(b + A @ mu, C).logpdf(x[0])
+        assert abs(model.log_prob(x)[0] - want) <= 1e-12 * abs(want)
+    net = random_net(2, (6, 6), 3, seed=3, slope=0.1, scale=2.0)
+    m = CPAModel(net, noise_std=0.3, device="cpu")
+    far = m.posterior(np.array([[1e60, -1e60, 5e59]]))
+    assert np.isfinite(far.log_likelihood).all() and np.isfinite(far.z_mean).all()
+    assert np.isfinite(far.error_bound).all()
+    X = m.sample(4, seed=0)
+    for cell in (1e308, 1e160):
+        Y = X.copy()
+        Y[2, 1] = cell
+        with pytest.raises(CpadgnError, match="row 3 is too far from the model for float64"):
+            m.log_prob(Y)
+    with pytest.raises(CpadgnError, match="row 1 is too far"):
+        m.log_prob(X * 1e300)
+    for s in (1e-300, 1e300):
+        with pytest.raises(CpadgnError, match="outside \\[1e-100, 1e\\+100\\]"):
+            m.with_noise_std(s)
+    with pytest.raises(CpadgnError, match="spread .*rescale the data"):
+        m.fit_noise_std(X * 1e300)
+    with pytest.raises(CpadgnError, match="no observed value"):
+        m.fit_noise_std(np.full_like(X, np.nan))
+
+
+def test_api_refusals_say_what_to_do(net1):
+    from cpadgn.errors import CpadgnError
+    model = CPAModel(net1, noise_std=0.3, device="cpu")
+    with pytest.raises(CpadgnError, match="2-D array .N, 3.*reshape\\(1, -1\\)"):
+        model.log_prob(np.zeros(3))
+    with pytest.raises(CpadgnError, match="positive number .*'abc'"):
+        model.with_noise_std("abc")
+
+
+def test_rows_with_nothing_observed_have_no_likelihood(net1):
+    """log p of nothing is undefined: NaN (not the 0 of an empty product), the posterior
+    the prior, the other rows unchanged; the noise fit ignores such rows."""
+    model = CPAModel(net1, noise_std=0.3, device="cpu")
+    X = model.sample(6, seed=3)
+    Y = X.copy()
+    Y[[1, 4]] = np.nan
+    post = model.posterior(Y)
+    assert np.isnan(post.log_likelihood[[1, 4]]).all() and (post.n_observed[[1, 4]] == 0).all()
+    np.testing.assert_allclose(post.z_mean[[1, 4]], 0.0, atol=1e-12)        # the prior N(0, 1)
+    np.testing.assert_allclose(post.z_cov[[1, 4]], 1.0, atol=1e-12)
+    keep = [0, 2, 3, 5]
+    ref = model.posterior(X[keep])
+    tol = 2 * kappa_rounding_tol(model, X[keep], ref) + ref.error_bound + post.error_bound[keep]
+    assert np.all(np.abs(post.log_likelihood[keep] - ref.log_likelihood) <= tol)
+    assert model.fit_noise_std(Y) == model.fit_noise_std(X[keep])
