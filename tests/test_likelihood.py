@@ -249,8 +249,9 @@ def _exact_piecewise_1d(net, x, sigma, lo=-40.0, hi=40.0):
         v = sigma ** 2 + a * a
         mu, sd = a * (x - b) / v, sigma / np.sqrt(v)
         zl, zu = (l - mu) / sd, (u - mu) / sd
-        log_mass = (norm.logsf(zl) + np.log(-np.expm1(norm.logsf(zu) - norm.logsf(zl))) if zl > 0 else
-                    norm.logcdf(zu) + np.log(-np.expm1(norm.logcdf(zl) - norm.logcdf(zu))))
+        with np.errstate(divide="ignore"):              # an empty piece has log mass -inf
+            log_mass = (norm.logsf(zl) + np.log(-np.expm1(norm.logsf(zu) - norm.logsf(zl))) if zl > 0 else
+                        norm.logcdf(zu) + np.log(-np.expm1(norm.logcdf(zl) - norm.logcdf(zu))))
         terms.append(norm.logpdf(x, b, np.sqrt(v)) + log_mass)
     return logsumexp(terms)
 
