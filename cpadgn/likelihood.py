@@ -32,6 +32,7 @@ from scipy.special import log_ndtr
 
 from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments, solve_in_groups
 from .network import PiecewiseAffineNet
+from .numerics import check_representable
 from .partition import Partition
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -367,8 +368,9 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     is called after each chunk.
     """
     device = torch.device(device)
-    tab = tab or RegionTable(net, part, noise_std, device)
     X = np.asarray(X, dtype=np.float64)
+    check_representable(X, net.biases[-1], noise_std)      # else log p overflows: refuse
+    tab = tab or RegionTable(net, part, noise_std, device)
     N, S, R = X.shape[0], net.latent_dim, part.n_regions
     out = _empty_result(N, S)
     complete_rows = ~np.isnan(X).any(axis=1)

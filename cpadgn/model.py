@@ -17,6 +17,7 @@ from scipy.optimize import minimize_scalar
 from . import likelihood
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet, fold_prior
+from .numerics import NOISE_RANGE, check_noise_range
 from .partition import Partition, compute_partition
 
 
@@ -109,7 +110,6 @@ class CPAModel:
     def posterior(self, X, *, moments: bool = True, progress=None) -> Posterior:
         """Exact log-likelihoods and posteriors of the rows of X (N, D); NaN = missing."""
         X = self._check_data(X)
-        self._check_representable(X)
         res = likelihood.posterior(self.net, self.partition(), self.noise_std, X,
                                    tab=self._region_table(), device=self.device,
                                    memory_budget=self.memory_budget, moments=moments,
@@ -182,25 +182,6 @@ class CPAModel:
                               "value, or NaN to mark it missing")
         return X
 
-    def _check_representable(self, X: np.ndarray) -> None:
-        """Refuse rows so far from the model, in noise units, that float64 cannot hold
-        their log-likelihood's terms: with r^2 = sum_o ((|x_d| + |b_d|) / sigma_d)^2 (b the
-        output offset) above MAX_WHITENED_SQ, log p ~ -r^2 / 2 and the terms that cancel in
-        it overflow or lose every digit of the result."""
-        if self.noise_std is None:
-            return
-        b = np.abs(self.net.biases[-1])
-        with np.errstate(over="ignore", invalid="ignore"):
-            r2 = np.nansum(((np.abs(X) + b) / self.noise_std) ** 2, axis=1)
-        bad = np.flatnonzero(~(r2 <= MAX_WHITENED_SQ))
-        if bad.size:
-            n = bad[0]
-            size = f"{r2[n]:.1e}" if np.isfinite(r2[n]) else "beyond 1e308"
-            raise CpadgnError(f"row {n + 1} is too far from the model for float64: its squared distance "
-                              f"in noise units is {size} (> {MAX_WHITENED_SQ:g}), so log p(x) would "
-                              "overflow or lose all precision; check the data's scale and units (or use "
-                              "a larger noise std)")
-
     def impute(self, X, draws=None, seed=None) -> np.ndarray:
         """Exact imputation of the missing entries (NaN) of X (N, D) given the observed ones.
 
@@ -210,7 +191,6 @@ class CPAModel:
         """
         from .impute import check_input, impute
         X = check_input(X, self.output_dim)
-        self._check_representable(X)
         res = impute(self.net, self.partition(), self.noise_std, X, draws=draws, seed=seed,
                      tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
         return res.mean if draws is None else res.draws
@@ -221,17 +201,8 @@ class CPAModel:
         entries keep their value with zero variance."""
         from .impute import check_input, conditional
         X = check_input(X, self.output_dim)
-        self._check_representable(X)
         return conditional(self.net, self.partition(), self.noise_std, X, full_cov=full_cov,
                            tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
-
-
-# Noise stds whose squares and inverse squares float64 holds with room for the
-# likelihood's terms (1e+-200), and the largest squared distance of a row from the
-# model in noise units whose log-likelihood terms stay finite (products with the
-# region constants add up to ~1e100 more).
-NOISE_RANGE = (1e-100, 1e100)
-MAX_WHITENED_SQ = 1e200
 
 
 def _check_noise(noise_std, D: int) -> np.ndarray:
@@ -243,11 +214,7 @@ def _check_noise(noise_std, D: int) -> np.ndarray:
         raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise CpadgnError(f"noise std must be finite and > 0, got {noise_std!r}")
-    lo, hi = NOISE_RANGE
-    if np.any(s < lo) or np.any(s > hi):
-        bad = float(s.min() if np.any(s < lo) else s.max())
-        raise CpadgnError(f"noise std {bad:g} is outside [{lo:g}, {hi:g}], where float64 computes "
-                          "likelihoods reliably; rescale the data so that the noise is nearer 1")
+    check_noise_range(s)
     return s
 
 

@@ -177,6 +177,9 @@ def test_extreme_finite_input_gives_the_closed_form_or_a_clear_refusal():
         Y[2, 1] = cell
         with pytest.raises(CpadgnError, match="row 3 is too far from the model for float64"):
             m.log_prob(Y)
+        Y[2, 0] = np.nan
+        with pytest.raises(CpadgnError, match="row 3 is too far"):      # imputation, EM: the same check
+            m.impute(Y)
     with pytest.raises(CpadgnError, match="row 1 is too far"):
         m.log_prob(X * 1e300)
     for s in (1e-300, 1e300):
