@@ -27,16 +27,18 @@ def check_noise_range(noise_std: np.ndarray) -> None:
                           "likelihoods reliably; rescale the data so that the noise is nearer 1")
 
 
-def check_representable(X: np.ndarray, offset: np.ndarray, noise_std) -> None:
+def check_representable(X: np.ndarray, offset: np.ndarray, noise_std, row_numbers=None) -> None:
     """Refuse rows of X (N, D) (NaN = missing) whose bound on the squared distance from the
     model in noise units, r^2 = sum_o ((|x_d| + |offset_d|) / sigma_d)^2 (offset (D,) the
-    generator's output bias), exceeds MAX_WHITENED_SQ."""
+    generator's output bias), exceeds MAX_WHITENED_SQ.  row_numbers (N,): the 1-based row
+    numbers the message names (default 1..N)."""
     with np.errstate(over="ignore", invalid="ignore"):
         r2 = np.nansum(((np.abs(X) + np.abs(offset)) / noise_std) ** 2, axis=1)
     bad = np.flatnonzero(~(r2 <= MAX_WHITENED_SQ))
     if bad.size:
         n = bad[0]
         size = f"{r2[n]:.1e}" if np.isfinite(r2[n]) else "beyond 1e308"
-        raise CpadgnError(f"row {n + 1} is too far from the model for float64: its squared distance in "
+        number = n + 1 if row_numbers is None else int(row_numbers[n])
+        raise CpadgnError(f"row {number} is too far from the model for float64: its squared distance in "
                           f"noise units is {size} (> {MAX_WHITENED_SQ:g}), so log p(x) would overflow; "
                           "check the data's scale and units (or use a larger noise std)")
