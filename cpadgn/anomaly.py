@@ -46,8 +46,9 @@ class PValues:
     """Model-based p-values of N rows from M reference draws.
 
     pvalue (N,): (1 + k) / (M + 1) (NaN for a row with nothing observed); lower, upper
-    (N,): Clopper-Pearson interval of the true p-value at ``level``; count (N,): k, the reference draws at most as likely;
-    n_samples: M; n_patterns: distinct missing patterns scored (M draws each).
+    (N,): Clopper-Pearson interval of the true p-value at ``level`` (NaN likewise);
+    count (N,): k, the reference draws at most as likely; n_samples: M; n_patterns:
+    distinct missing patterns scored (M draws each).
     """
 
     pvalue: np.ndarray
