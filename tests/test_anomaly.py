@@ -262,3 +262,15 @@ def test_a_region_whose_mass_underflows_gives_no_nan():
     res = polytope_moments(A, b)
     assert res.log_mass[0] == -np.inf
     assert np.isfinite(res.mean).all() and np.isfinite(res.cov).all()
+
+
+def test_rows_with_nothing_observed_have_no_pvalue(model1):
+    X = model1.sample(10, seed=2)
+    X[3] = np.nan
+    pv = pvalues(model1, model1.log_prob(X), 200, seed=1, observed=~np.isnan(X))
+    assert np.isnan(pv.pvalue[3]) and np.isnan(pv.lower[3]) and np.isnan(pv.upper[3])
+    others = np.delete(np.arange(10), 3)
+    # The same draws decide the other rows (equal unless a reference log p lies within
+    # rounding of a row's: probability ~ rows x draws x 1e-12).
+    ref = pvalues(model1, model1.log_prob(X[others]), 200, seed=1)
+    np.testing.assert_array_equal(pv.pvalue[others], ref.pvalue)
