@@ -212,7 +212,8 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
               help="Add the K features with the largest exact expected squared residual "
                    "E[(x_d - g_d(z))^2 | x] / sigma_d^2 per row.")
 @click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
-              help="Working memory of one batch of rows (smaller: smaller batches, same scores).")
+              help="Working memory of one batch of rows (smaller: smaller batches, the same scores up "
+                   "to rounding; see README, Precision).")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
