@@ -271,7 +271,8 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
               help="Add the K features with the largest exact expected squared residual "
                    "E[(x_d - g_d(z))^2 | x] / sigma_d^2 per row.")
 @click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
-              help="Working memory of one batch of rows (smaller: smaller batches, same scores).")
+              help="Working memory of one batch of rows (smaller: smaller batches, the same scores up "
+                   "to rounding; see README, Precision).")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
@@ -372,7 +373,7 @@ def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, ex
     if pv is not None:
         cols["pvalue"], cols["pvalue_lower"], cols["pvalue_upper"] = pv.pvalue, pv.lower, pv.upper
     if contamination is not None:
-        cols["is_anomaly"] = -ll > np.quantile(-ll, 1 - contamination)
+        cols["is_anomaly"] = -ll > np.nanquantile(-ll, 1 - contamination)
     if alpha is not None:
         cols["is_anomaly"] = pv.pvalue < alpha
     if explain is not None:
@@ -385,11 +386,12 @@ def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, ex
 
 
 def score_summary(post, cols, model, contamination, seconds, out, *, pv=None, alpha=None):
-    ll = post.log_likelihood
+    ll = post.log_likelihood[post.n_observed > 0]      # rows with nothing observed have log p NaN
     n = ll.size
-    s = {"rows": n, "mean_log_likelihood": float(ll.mean()),
+    s = {"rows": post.n_observed.size, "rows_with_nothing_observed": int((post.n_observed == 0).sum()),
+         "mean_log_likelihood": float(ll.mean()) if n else None,
          "mean_log_likelihood_stderr": float(ll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
-         "min_log_likelihood": float(ll.min()), "max_log_likelihood": float(ll.max()),
+         "min_log_likelihood": float(ll.min()) if n else None, "max_log_likelihood": float(ll.max()) if n else None,
          "max_error_bound": float(post.error_bound.max()),
          "rows_with_missing": int((post.n_observed < model.output_dim).sum()),
          "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
@@ -397,9 +399,9 @@ def score_summary(post, cols, model, contamination, seconds, out, *, pv=None, al
     if pv is not None:
         s["pvalue_samples"] = pv.n_samples
         s["pvalue_missing_patterns"] = pv.n_patterns
-        s["min_pvalue"] = float(pv.pvalue.min())
+        s["min_pvalue"] = float(np.nanmin(pv.pvalue)) if n else None
     if contamination is not None:
-        s["threshold"] = float(np.quantile(-ll, 1 - contamination))
+        s["threshold"] = float(np.quantile(-ll, 1 - contamination)) if n else None
     if alpha is not None:
         s["alpha"] = alpha
     if "is_anomaly" in cols:

@@ -45,9 +45,10 @@ from scipy.stats import beta
 class PValues:
     """Model-based p-values of N rows from M reference draws.
 
-    pvalue (N,): (1 + k) / (M + 1); lower, upper (N,): Clopper-Pearson interval of the
-    true p-value at ``level``; count (N,): k, the reference draws at most as likely;
-    n_samples: M; n_patterns: distinct missing patterns scored (M draws each).
+    pvalue (N,): (1 + k) / (M + 1) (NaN for a row with nothing observed); lower, upper
+    (N,): Clopper-Pearson interval of the true p-value at ``level`` (NaN likewise);
+    count (N,): k, the reference draws at most as likely; n_samples: M; n_patterns:
+    distinct missing patterns scored (M draws each).
     """
 
     pvalue: np.ndarray
@@ -101,7 +102,10 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
         if progress is not None:
             progress(q0 + len(pat), len(patterns))
     lo, hi = clopper_pearson(count, M, level)
-    return PValues(pvalue=(1.0 + count) / (M + 1.0), lower=lo, upper=hi, count=count,
+    pvalue = (1.0 + count) / (M + 1.0)
+    undefined = np.isnan(log_prob)           # nothing observed: no likelihood, no p-value
+    pvalue, lo, hi = (np.where(undefined, np.nan, a) for a in (pvalue, lo, hi))
+    return PValues(pvalue=pvalue, lower=lo, upper=hi, count=count,
                    n_samples=M, n_patterns=len(patterns), level=float(level))
 
 

@@ -279,7 +279,8 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
         or (name, model) pairs (named by path, else model_1, model_2, ...; a repeated
         name gets "#2", "#3"); all with the same output dim D and a noise std.
     X_test: (N, D) test rows, N >= 2; NaN = missing (scored by the exact marginal of the
-        observed entries; the ELBO is then not computed).
+        observed entries; the ELBO is then not computed); rows with nothing observed are
+        left out, with a note.
     X_train: optional (n, D) training rows: AIC and BIC from the exact training
         log-likelihood, and the data the PPCA baseline is fitted on.
     baseline: None, "ppca" (K = the first model's latent dim) or "ppca:K".
@@ -291,8 +292,10 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
     X_test = np.asarray(X_test, dtype=np.float64)
     X_train = None if X_train is None else np.asarray(X_train, dtype=np.float64)
     named = _named_models(models)
-    check_dimensions({name: m.output_dim for name, m in named}, X_test, X_train)
     notes, kinds = [], {}
+    X_test = _drop_unobserved(X_test, "test", notes)
+    X_train = None if X_train is None else _drop_unobserved(X_train, "training", notes)
+    check_dimensions({name: m.output_dim for name, m in named}, X_test, X_train)
     K = parse_baseline(baseline)
     if K is not False:
         from .ppca import fit_ppca
@@ -340,6 +343,18 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
     return CompareResult(models=rows, pairs=pairs, n_test=int(X_test.shape[0]),
                          n_train=None if X_train is None else int(X_train.shape[0]),
                          notes=notes, log_likelihoods=lls, elbos=elbos)
+
+
+def _drop_unobserved(X, what: str, notes: list) -> np.ndarray:
+    """X (N, D) without its rows that have nothing observed (their log p is undefined,
+    NaN), with a note saying how many were left out."""
+    if X.ndim != 2:
+        return X                      # check_dimensions says what is wrong
+    empty = np.isnan(X).all(axis=1)
+    if empty.any():
+        notes.append(f"{int(empty.sum())} {what} row(s) have nothing observed (all NaN): left out "
+                     "of every figure")
+    return X[~empty]
 
 
 def _score_model(name, m, kind, X_test, X_train, has_nan, notes):

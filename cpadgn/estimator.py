@@ -125,7 +125,12 @@ class _CPABase(BaseEstimator):
     # ----------------------------------------------------------------- scoring
     def _check_X(self, X):
         check_is_fitted(self, "model_")
-        return validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite="allow-nan")
+        X = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite="allow-nan")
+        empty = np.flatnonzero(np.isnan(X).all(axis=1))
+        if empty.size:                 # as in fit: a row with nothing observed has no score
+            raise EstimatorInputError(f"row {empty[0] + 1} has no observed value (all NaN), so it has no "
+                                      "likelihood to score; drop such rows")
+        return X
 
     def score_samples(self, X):
         """Exact log p(x_o) per row (N,), in nats; NaN entries are missing."""

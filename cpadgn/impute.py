@@ -33,6 +33,7 @@ from scipy import sparse
 from . import likelihood
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
+from .numerics import check_representable
 from .partition import Partition
 from .sampling import sample_truncated_gaussian
 
@@ -108,6 +109,7 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     n_missing = miss.sum(1)
     todo = np.flatnonzero(n_missing > 0)
     sigma = np.broadcast_to(np.asarray(noise_std, dtype=np.float64), (D,))
+    check_representable(X64[todo], net.biases[-1], sigma, row_numbers=todo + 1)
     rng = np.random.default_rng(seed)
     K = None if draws is None else int(draws)
 

@@ -33,6 +33,7 @@ from scipy.special import log_ndtr
 from .edges import Edges, distance_to_polyhedron, polyhedron_edges
 from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments, solve_in_groups
 from .network import PiecewiseAffineNet
+from .numerics import check_representable
 from .partition import Partition
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -43,7 +44,7 @@ class PosteriorResult:
     """Exact log-likelihood and posterior summaries for N rows (latent coordinates of
     the folded prior N(0, I); ``CPAModel`` maps them back to the user's prior).
 
-    log_likelihood: (N,) log p(x_o) in nats
+    log_likelihood: (N,) log p(x_o) in nats; NaN for a row with nothing observed
     error_bound:    (N,) certified bound on |log p - log_likelihood| from pruning
     stderr:         (N,) Monte Carlo standard error (0 where exact, S <= 2)
     n_observed:     (N,) number of observed coordinates
@@ -411,14 +412,15 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
               progress=None) -> PosteriorResult:
     """Exact log p(x_o), responsibilities and E[z|x], Cov[z|x] for every row of X (N, D).
 
-    NaN entries of X are missing; a row with nothing observed has log p = 0 and the
-    prior as posterior.  Pairs are pruned only while the certified bounds of the skipped
+    NaN entries of X are missing; a row with nothing observed has log p = NaN (there is
+    nothing to score) and the prior as posterior.  Pairs are pruned only while the certified bounds of the skipped
     ones sum to at most rtol p(x) (``error_bound``).  ``progress(done_rows, total_rows)``
     is called after each chunk.
     """
     device = torch.device(device)
-    tab = tab or RegionTable(net, part, noise_std, device)
     X = np.asarray(X, dtype=np.float64)
+    check_representable(X, net.biases[-1], noise_std)      # else log p overflows: refuse
+    tab = tab or RegionTable(net, part, noise_std, device)
     N, S, R = X.shape[0], net.latent_dim, part.n_regions
     out = _empty_result(N, S)
     complete_rows = ~np.isnan(X).any(axis=1)
@@ -590,8 +592,8 @@ def _summarise(rows, regions, logw, mean, cov, se, bound, Xt, idx, out):
     top[rows[order_r][first]] = regions[order_r][first]
     best[rows[order_r][first]] = r[order_r][first]
     n_obs = (~torch.isnan(Xt)).sum(1).cpu().numpy()
-    empty = n_obs == 0                      # p of nothing observed is exactly 1
-    out.log_likelihood[idx] = np.where(empty, 0.0, log_p)
+    empty = n_obs == 0          # nothing observed: no likelihood to score (NaN), the prior as posterior
+    out.log_likelihood[idx] = np.where(empty, np.nan, log_p)
     out.error_bound[idx] = np.where(empty, 0.0, bound)
     out.stderr[idx] = np.where(empty, 0.0, np.sqrt(var))
     out.n_observed[idx] = n_obs

@@ -17,6 +17,7 @@ from scipy.optimize import minimize_scalar
 from . import likelihood
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet, fold_prior
+from .numerics import NOISE_RANGE, check_noise_range
 from .partition import Partition, compute_partition
 
 
@@ -99,8 +100,9 @@ class CPAModel:
     # ------------------------------------------------------------ likelihood
     def _region_table(self):
         if self.noise_std is None:
-            raise CpadgnError("the model has no noise std: pass --noise-std X (or auto) "
-                              "or noise_std= to cpadgn.load")
+            problem = self.extra.get("noise_problem")
+            raise CpadgnError(f"{problem + ', so the model has' if problem else 'the model has'} no "
+                              "noise std: pass --noise-std X (or auto) or noise_std= to cpadgn.load")
         if self._table is None:
             self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device)
         return self._table
@@ -120,7 +122,7 @@ class CPAModel:
                             "pair_cov": L @ res.pair_cov @ L.T})
 
     def log_prob(self, X) -> np.ndarray:
-        """Exact log p(x_o) per row, (N,), in nats."""
+        """Exact log p(x_o) per row, (N,), in nats; NaN for a row with nothing observed."""
         return self.posterior(X, moments=False).log_likelihood
 
     score_samples = log_prob
@@ -132,8 +134,19 @@ class CPAModel:
         the noise, so it is computed once.
         """
         X = self._check_data(X)
-        scale = float(np.nanstd(X)) or 1.0
+        X = X[~np.isnan(X).all(axis=1)]             # rows with nothing observed carry no information
+        if X.size == 0:
+            raise CpadgnError("the data have no observed value, so the noise std cannot be fitted; "
+                              "pass data with observed entries or a fixed --noise-std X")
+        with np.errstate(over="ignore"):
+            scale = float(np.nanstd(X)) or 1.0
         lo, hi = bounds if bounds is not None else (1e-4 * scale, 10.0 * scale)
+        lo, hi = max(lo, NOISE_RANGE[0]), min(hi, NOISE_RANGE[1])
+        if not lo < hi:
+            raise CpadgnError(f"the data's spread (entries up to {float(np.nanmax(np.abs(X))):.3g}) puts "
+                              "the noise std outside "
+                              f"[{NOISE_RANGE[0]:g}, {NOISE_RANGE[1]:g}], where float64 computes "
+                              "likelihoods reliably; rescale the data")
         neg = lambda log_s: -float(np.sum(self.with_noise_std(np.exp(log_s)).log_prob(X)))
         res = minimize_scalar(neg, bounds=(np.log(lo), np.log(hi)), method="bounded",
                               options={"xatol": 1e-6})
@@ -149,11 +162,20 @@ class CPAModel:
         return x
 
     def _check_data(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.output_dim:
-            got = X.shape[1] if X.ndim == 2 else f"shape {X.shape}"
-            raise CpadgnError(f"the data has {got} columns but the generator outputs "
-                              f"{self.output_dim}; pass data with {self.output_dim} columns")
+        try:
+            X = np.asarray(X, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise CpadgnError(f"the data are not a numeric array ({e}); pass an (N, "
+                              f"{self.output_dim}) array of numbers, NaN for missing") from None
+        D = self.output_dim
+        if X.ndim == 1 and X.shape[0] == D:
+            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
+                              "pass X.reshape(1, -1)")
+        if X.ndim != 2:
+            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}")
+        if X.shape[1] != D:
+            raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs "
+                              f"{D}; pass data with {D} columns")
         if np.isinf(X).any():
             r, c = np.argwhere(np.isinf(X))[0]
             raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite "
@@ -184,11 +206,15 @@ class CPAModel:
 
 
 def _check_noise(noise_std, D: int) -> np.ndarray:
-    s = np.asarray(noise_std, dtype=np.float64)
+    try:
+        s = np.asarray(noise_std, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}") from None
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):
         raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise CpadgnError("noise std must be finite and > 0")
+        raise CpadgnError(f"noise std must be finite and > 0, got {noise_std!r}")
+    check_noise_range(s)
     return s
 
 

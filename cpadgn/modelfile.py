@@ -162,8 +162,7 @@ def _check_noise(path, std, D):
     if std.shape not in ((), (D,)):
         raise CpadgnError(f"{path}: noise std has shape {std.shape}; expected a scalar or ({D},)")
     if not np.all(np.isfinite(std)) or np.any(std <= 0):
-        raise CpadgnError(f"{path}: noise std must be finite and > 0 (got min {float(np.min(std))!r}); "
-                          "pass a positive --noise-std")
+        raise CpadgnError(f"{path}: noise std must be finite and > 0 (got min {float(np.min(std))!r})")
     return std
 
 
@@ -257,7 +256,12 @@ def _read(path: Path, f) -> Generator:
     cov = prior["cov"][()] if prior is not None and "cov" in prior else None
     mean, cov = _check_prior(path, mean, cov, S)
     noise = f.get("noise")
-    std = _check_noise(path, noise["std"][()], D) if noise is not None and "std" in noise else None
+    std, noise_problem = None, None
+    if noise is not None and "std" in noise:
+        try:
+            std = _check_noise(path, noise["std"][()], D)
+        except CpadgnError as e:       # unusable, but a noise std given at load time replaces it
+            noise_problem = str(e)
 
     try:
         attrs = json.loads(_attr_str(f.attrs.get("attrs", "{}")))
@@ -279,5 +283,8 @@ def _read(path: Path, f) -> Generator:
                 items[key] = v
         obj.visititems(collect)
         groups[name] = items
+    extra = {"attrs": attrs, "groups": groups}
+    if noise_problem is not None:
+        extra["noise_problem"] = noise_problem
     return Generator(net=net, prior_mean=mean, prior_cov=cov, noise_std=std,
-                     source_format="cpadgn-h5", extra={"attrs": attrs, "groups": groups})
+                     source_format="cpadgn-h5", extra=extra)

@@ -112,3 +112,68 @@ def random_linear_model(rng, S, D, sigma_max):
     model = CPAModel(PiecewiseAffineNet.from_arrays([A], [b], []), prior_mean=mu, prior_cov=cov_z,
                      noise_std=sigma, device="cpu")
     return model, A, b, mu, cov_z, sigma
+
+
+def kappa_rounding_tol(model, X, post):
+    """Per-row bound on the floating-point error of log p(x) as cpadgn computes it, (N,):
+    the tolerance for comparing results that differ only in rounding (batch sizes, GEMM
+    kernels, devices, CPUs).
+
+    Derivation.  log p(x) = log sum_w exp(l_w), l_w = log kappa_w + log Phi_w, so an error
+    e_w in each l_w moves log p by sum_w r_w e_w <= max_{w: r_w > 0} |e_w| (r_w the
+    responsibilities).  For complete rows log kappa_w is one dot product of length
+    n = H + 2 (``likelihood._log_kappa_complete``):
+        [xhat, 1, x'Px] . [c_w, -const_w / 2, -1/2] + |v_w|^2 / 2,
+    with xhat = U^T P (x - b0) itself a dot product of length D.  A dot product of length
+    n is exact up to gamma_n sum_i |a_i b_i|, gamma_n = n eps / (1 - n eps) (Higham,
+    Accuracy and Stability, 3.1), whatever the summation order or kernel; the terms
+    cancel (x'Px against 2 c.xhat and c'Qc), so the magnitudes T_w that enter are
+        T_w = (|x - b0| P |U|) . |c_w| + |const_w| / 2 + x'Px / 2 + |v_w|^2 / 2,
+    and the whitened mean v_w = (M_w C_w)^T xhat - C_w^T M_w^T Q c_w has error at most
+    gamma_n V_w, V_w = |M_w C_w|^T (|x - b0| P |U|) + |C_w^T M_w^T Q c_w| per component.
+    It enters |v|^2 / 2 with weight |v_w| and log Phi_w with weight |grad_v log Phi_w| =
+    |E[u | u + v_w in w]| for u ~ N(0, I) (the truncated mean's offset), which for a
+    region that carries mass is at most |v_w| + sqrt(S) + 1 to first order.  Rows with
+    missing entries use the same sums in data space over their observed coordinates
+    (``likelihood._moments_incomplete``): T_w = sum_o (x^2 + 2 |x b_w| + b_w^2) / sigma^2
+    + |logdet| + y'Sigma y, n = D.  The result is 4 gamma_n max_w (T_w + (2 |v_w| +
+    sqrt(S) + 1) |V_w|): the factor 4 covers the few roundings outside the dot products
+    (log-sum-exp, the Cholesky factors, the mass integrals' own few ulps).
+    """
+    import torch
+    X = np.asarray(X, dtype=np.float64)
+    tab = model._region_table()
+    eps = np.finfo(np.float64).eps
+    U, b0, var = tab.U.numpy(), tab.b0.numpy(), tab.var.numpy()
+    H, S, R = U.shape[1], tab.S, tab.n_regions
+    gamma = lambda n: n * eps / (1 - n * eps)
+    stacked = tab.stacked.view(H + 2, S + 1, R).numpy()
+    rows, regions = post.pair_row[post.pair_responsibility > 0], post.pair_region[post.pair_responsibility > 0]
+    err = np.zeros(len(X))
+    complete = ~np.isnan(X).any(1)
+    for n in np.unique(rows):
+        w = regions[rows == n]
+        if complete[n]:
+            xc = X[n] - b0
+            xhat_abs = (np.abs(xc) / var) @ np.abs(U)                          # (H,)
+            xPx = (xc * xc / var).sum()
+            xhat = (xc / var) @ U
+            st = stacked[:, :, w]                                              # (H + 2, S + 1, P)
+            v = np.einsum("h,hsp->sp", xhat, st[:H, 1:]) + st[H, 1:]           # (S, P)
+            T = xhat_abs @ np.abs(st[:H, 0]) + np.abs(st[H, 0]) + 0.5 * xPx + 0.5 * (v * v).sum(0)
+            V = np.linalg.norm(np.einsum("h,hsp->sp", xhat_abs, np.abs(st[:H, 1:])) + np.abs(st[H, 1:]), axis=0)
+            g = gamma(H + 2 + U.shape[0])                # xhat's own errors ride on |c_w|
+        else:
+            o = ~np.isnan(X[n])
+            A, b = (a.numpy() for a in tab.region_affine(torch.as_tensor(w)))
+            x = X[n, o]
+            T = ((x * x)[None] + 2 * np.abs(x[None] * b[:, o]) + b[:, o] ** 2) @ (1 / var[o])
+            Ay = np.abs(A[:, o]).transpose(0, 2, 1) @ ((np.abs(x)[None] + np.abs(b[:, o])) / var[o])[..., None]
+            V = np.linalg.norm(Ay[..., 0], axis=1)
+            v = np.sqrt(np.maximum(T, 0))[None]         # |y' Sigma y| <= T: a bound on |v|
+            T = 2 * T
+            g = gamma(o.sum() + 2)
+        vnorm = np.linalg.norm(v, axis=0)
+        err[n] = 4 * g * np.max(T + (2 * vnorm + np.sqrt(S) + 1) * V)
+    return err
+

@@ -64,16 +64,20 @@ def test_score_output_formats(files, suffix):
     assert ll.shape == (20,) and np.all(np.isfinite(ll))
 
 
-def test_rows_with_every_value_missing_score_zero(files):
+def test_rows_with_every_value_missing_score_nan_and_are_counted(files):
     X = files["X"].copy()
     X[4] = np.nan
     X[5, 1] = np.nan
     data = files["dir"] / "gaps.npy"
     np.save(data, X)
     out = files["dir"] / "s.csv"
-    assert run("score", files["model"], data, "-o", out, "-q").exit_code == 0
+    res = run("score", files["model"], data, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
     t = np.genfromtxt(out, delimiter=",", names=True)
-    assert t["log_likelihood"][4] == 0.0 and t["n_observed"][4] == 0 and t["n_observed"][5] == 2
+    assert np.isnan(t["log_likelihood"][4]) and t["n_observed"][4] == 0 and t["n_observed"][5] == 2
+    assert summary["rows_with_nothing_observed"] == 1
+    assert summary["mean_log_likelihood"] == np.delete(t["log_likelihood"], 4).mean()
     want, _, _ = loglik_1d(files["net"], X[5], 0.3)
     assert abs(t["log_likelihood"][5] - want) < 1e-9
 

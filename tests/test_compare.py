@@ -93,6 +93,9 @@ def test_pure_statistics_edge_cases():
 def test_aic_bic_from_exact_training_likelihood(setup):
     A, _, _, X_train, res = setup
     row = res.model("A")
+    # k counted here from the architecture S = 1 -> 8 -> 8 -> D = 3 with fixed slopes:
+    # weights 1*8 + 8*8 + 8*3, biases 8 + 8 + 3, one isotropic noise variance.
+    assert row.n_parameters == (8 + 64 + 24) + (8 + 8 + 3) + 1
     ll = A.log_prob(X_train).sum()
     assert row.train_log_likelihood == pytest.approx(ll, rel=1e-12)
     assert row.aic == pytest.approx(2 * A.n_parameters - 2 * ll, rel=1e-12)
@@ -307,18 +310,14 @@ def test_cli_tables_reports_and_determinism(files):
 def test_cli_plot(files, monkeypatch):
     d = files
     args = [d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu", "-q"]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        r = run(args + ["--plot", d / "p.png"])
-        assert r.exit_code == 1 and "matplotlib" in r.output and len(r.output.strip().splitlines()) == 1
-        return
+    import matplotlib  # noqa: F401  (in the test extra, so that the plot branch always runs)
     r = run(args + ["--plot", d / "p.png"])
     assert r.exit_code == 0, r.output
     assert (d / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     r = run(args + ["--plot", d / "p2.png"])
     assert r.exit_code == 1 and "pip install 'cpadgn[plot]'" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (d / "p2.png").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -378,3 +377,19 @@ def test_elbo_gap_nonnegative_s2():
     res = exact_elbo(model, X)
     assert np.all(model.log_prob(X) - res.elbo >= 0)
     np.testing.assert_allclose(res.mass, 1.0, atol=1e-9)
+
+
+def test_rows_with_nothing_observed_are_left_out_with_a_note(setup):
+    A, B, X_test, X_train, _ = setup
+    X = X_test[:30].copy()
+    X[[3, 17]] = np.nan
+    res = cpadgn.compare({"A": A, "B": B}, X)
+    keep = np.ones(30, bool)
+    keep[[3, 17]] = False
+    ref = cpadgn.compare({"A": A, "B": B}, X_test[:30][keep])
+    assert res.n_test == 28 and any("2 test row(s) have nothing observed" in n for n in res.notes)
+    for name in ("A", "B"):
+        assert np.isfinite(res.log_likelihoods[name]).all()
+        np.testing.assert_array_equal(res.log_likelihoods[name], ref.log_likelihoods[name])
+    with pytest.raises(CpadgnError, match="0 row"):
+        cpadgn.compare({"A": A}, np.full((5, 3), np.nan))

@@ -359,7 +359,6 @@ def _edit(path, fn):
     (lambda f: (f["generator"].__delitem__("bias_1"),
                 f["generator"].create_dataset("bias_1", data=np.zeros(7))), "do not match"),
     (lambda f: f["generator"].__delitem__("slope_0"), "slope_0 is missing"),
-    (lambda f: f["noise/std"].__setitem__((), -1.0), "noise std must be finite and > 0"),
     (lambda f: f["prior/cov"].__setitem__((), [[1.0, 2.0], [2.0, 1.0]]), "not positive definite"),
     (lambda f: f["prior/cov"].__setitem__((), [[1.0, 0.5], [0.0, 1.0]]), "not symmetric"),
 ])
@@ -406,3 +405,26 @@ def test_save_model_validates_and_is_atomic(tmp_path, monkeypatch):
         save_model(tmp_path / "m.h5", _net(1), noise_std=0.5)
     assert (tmp_path / "m.h5").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]
+
+
+def test_a_bad_stored_noise_std_is_replaced_by_one_given_at_load(tmp_path):
+    """A file with noise std <= 0 says so and asks for a noise std; one given then works
+    (through the library and the CLI's --noise-std alike)."""
+    import cpadgn
+    from click.testing import CliRunner
+
+    from cli.main import main
+    p = tmp_path / "m.h5"
+    save_model(p, _net(), noise_std=0.5)
+    _edit(p, lambda f: f["noise/std"].__setitem__((), -1.0))
+    X = np.random.default_rng(0).normal(size=(5, _net().output_dim))
+    with pytest.raises(CpadgnError, match="noise std must be finite and > 0.*pass --noise-std"):
+        cpadgn.load(p, cache=False).log_prob(X)
+    good = cpadgn.load(p, noise_std=0.5, cache=False).log_prob(X)
+    np.testing.assert_array_equal(good, cpadgn.CPAModel(_net(), noise_std=0.5, device="cpu").log_prob(X))
+    np.savetxt(tmp_path / "x.csv", X, delimiter=",")
+    res = CliRunner().invoke(main, ["score", str(p), str(tmp_path / "x.csv"), "-o", str(tmp_path / "s.csv"),
+                                    "--noise-std", "0.5", "-q", "--cache", str(tmp_path / "c.h5")])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(CpadgnError, match="noise std must be a positive number .*'abc'"):
+        cpadgn.load(p, noise_std="abc", cache=False)

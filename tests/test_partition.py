@@ -99,10 +99,18 @@ def test_intervals_match_grid_oracle(slope):
     assert (part.n_facets == np.where(part.bounded, 2, 1)).all()
 
 
-def test_intervals_design_figure_fast():
+def test_intervals_design_figure():
+    """The design's S = 1 figure, (1, 64, 64, 64): every breakpoint found by the interval
+    algorithm (its speed is in benchmarks/bench_partition.py, not asserted here)."""
     net = random_net(1, (64, 64, 64), 2, seed=0, slope=0.1)
     part = compute_partition(net)
-    assert part.seconds < 1.0
+    assert part.method == "intervals"
+    G, h, mask = part.facets(net)
+    ends = np.unique(h[mask] / G[mask][:, 0])
+    lim = max(50.0, 2 * np.abs(ends).max())
+    oracle = line_breakpoints(lambda t: net.preactivations(t[:, None]), -lim, lim, n=100_001)
+    assert part.n_regions == oracle.size + 1
+    np.testing.assert_allclose(ends, oracle, rtol=0, atol=1e-9)
     assert abs(np.exp(part.log_prior_mass).sum() - 1) < 1e-12
 
 
@@ -259,3 +267,33 @@ def test_bad_arguments():
         compute_partition(net, method="grid")
     with pytest.raises(ValueError):
         compute_partition(net, method="intervals")
+
+
+@pytest.mark.parametrize("change", ["weight_0", "bias_0", "prior_mean", "prior_cov"])
+def test_models_differing_only_in_layer_0_or_the_prior_never_share_a_cache(tmp_path, change):
+    """The second model finds the first one's cache at its path: it must recompute (its
+    partition differs), and its log-likelihoods must equal those computed without a cache."""
+    from cpadgn.model import CPAModel
+    net = random_net(1, (6, 6), 3, seed=4, slope=0.1, scale=2.0)
+    W, b = list(net.weights), list(net.biases)
+    prior = {}
+    if change == "weight_0":
+        W[0] = W[0] * 1.5
+    elif change == "bias_0":
+        b[0] = b[0] + 0.5
+    elif change == "prior_mean":
+        prior = dict(prior_mean=np.array([0.7]))
+    else:
+        prior = dict(prior_cov=np.array([[2.0]]))
+    other = PiecewiseAffineNet.from_arrays(W, b, net.slopes)
+    cache = tmp_path / "shared.partition.h5"
+    first = CPAModel(net, noise_std=0.3, device="cpu", cache_path=cache)
+    first.partition()
+    assert first.partition_status == "computed"
+    second = CPAModel(other, noise_std=0.3, device="cpu", cache_path=cache, **prior)
+    X = second.sample(30, seed=1)
+    got = second.log_prob(X)
+    assert second.partition_status.startswith("recomputed (stale")
+    fresh = CPAModel(other, noise_std=0.3, device="cpu", **prior)
+    np.testing.assert_array_equal(second.partition().patterns, fresh.partition().patterns)
+    np.testing.assert_array_equal(got, fresh.log_prob(X))          # the same computation

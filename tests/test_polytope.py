@@ -198,3 +198,27 @@ def test_four_dimensional_far_rotated_box():
     Q = special_ortho_group.rvs(4, random_state=rng)
     _check(np.concatenate([Q, -Q]), np.concatenate([hi, -lo]),
            sum(_log_interval(lo[i], hi[i]) for i in range(4)), rel=5e-3)
+
+
+def test_s1_far_intervals_match_50_digit_arithmetic():
+    """S = 1 interval masses in either far tail (where Phi(lo) and Phi(hi) both round to 1
+    or 0 in float64) and their means, against mpmath with 50 digits."""
+    import mpmath
+    mpmath.mp.dps = 50
+    cases = [(30.0, 31.0), (40.0, 41.0), (-41.0, -40.0), (200.0, 200.5), (38.0, np.inf),
+             (5.0, 5.0 + 1e-9), (-1.0, 2.0), (-np.inf, -45.0)]
+    for lo, hi in cases:
+        A = [[1.0], [-1.0]] if np.isfinite(lo) and np.isfinite(hi) else ([[-1.0]] if np.isfinite(lo) else [[1.0]])
+        b = [hi, -lo] if np.isfinite(lo) and np.isfinite(hi) else ([-lo] if np.isfinite(lo) else [hi])
+        r = moments(A, b)
+        L = mpmath.mpf(lo) if np.isfinite(lo) else -mpmath.inf
+        U = mpmath.mpf(hi) if np.isfinite(hi) else mpmath.inf
+        # P[L < Z < U] from the tail on the side away from 0 (erfc keeps its tiny values)
+        tail = lambda t: mpmath.erfc(t / mpmath.sqrt(2)) / 2          # P[Z > t]
+        mass = tail(L) - tail(U) if L >= 0 else (tail(-U) - tail(-L) if U <= 0 else 1 - tail(U) - tail(-L))
+        phi = lambda t: mpmath.npdf(t) if mpmath.isfinite(t) else mpmath.mpf(0)
+        want = float(mpmath.log(mass))
+        assert abs(r.log_mass[0] - want) <= 1e-10 * abs(want) + 1e-14, (lo, hi, r.log_mass[0], want)
+        if hi - lo > 1e-3:     # (phi(lo) - phi(hi)) / mass cancels for narrow intervals: log mass only
+            mean = float((phi(L) - phi(U)) / mass)
+            assert abs(r.mean[0, 0] - mean) <= 1e-9 * (1 + abs(mean)), (lo, hi, r.mean[0, 0], mean)

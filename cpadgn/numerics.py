@@ -1,0 +1,44 @@
+"""The float64 range cpadgn computes likelihoods in, and the checks that keep inputs inside it.
+
+log p(x) adds terms of size r^2 = sum_d ((x_d - b_d) / sigma_d)^2 that cancel (see
+``likelihood``), next to the region constants |b_w / sigma|^2 and the inverse variances
+1 / sigma^2.  Noise stds in NOISE_RANGE keep sigma^2 and 1 / sigma^2 within 1e+-200, and
+rows with r^2 <= MAX_WHITENED_SQ keep every term below ~1e300 (products with the region
+constants add up to ~1e100): inside these limits the answer is finite; outside them
+log p, or a term that cancels in it, would overflow, so the input is refused with one
+line naming the limit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CpadgnError
+
+NOISE_RANGE = (1e-100, 1e100)
+MAX_WHITENED_SQ = 1e200
+
+
+def check_noise_range(noise_std: np.ndarray) -> None:
+    """Refuse noise stds (any shape, finite and > 0) outside NOISE_RANGE."""
+    lo, hi = NOISE_RANGE
+    if np.any(noise_std < lo) or np.any(noise_std > hi):
+        bad = float(np.min(noise_std) if np.any(noise_std < lo) else np.max(noise_std))
+        raise CpadgnError(f"noise std {bad:g} is outside [{lo:g}, {hi:g}], where float64 computes "
+                          "likelihoods reliably; rescale the data so that the noise is nearer 1")
+
+
+def check_representable(X: np.ndarray, offset: np.ndarray, noise_std, row_numbers=None) -> None:
+    """Refuse rows of X (N, D) (NaN = missing) whose bound on the squared distance from the
+    model in noise units, r^2 = sum_o ((|x_d| + |offset_d|) / sigma_d)^2 (offset (D,) the
+    generator's output bias), exceeds MAX_WHITENED_SQ.  row_numbers (N,): the 1-based row
+    numbers the message names (default 1..N)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        r2 = np.nansum(((np.abs(X) + np.abs(offset)) / noise_std) ** 2, axis=1)
+    bad = np.flatnonzero(~(r2 <= MAX_WHITENED_SQ))
+    if bad.size:
+        n = bad[0]
+        size = f"{r2[n]:.1e}" if np.isfinite(r2[n]) else "beyond 1e308"
+        number = n + 1 if row_numbers is None else int(row_numbers[n])
+        raise CpadgnError(f"row {number} is too far from the model for float64: its squared distance in "
+                          f"noise units is {size} (> {MAX_WHITENED_SQ:g}), so log p(x) would overflow; "
+                          "check the data's scale and units (or use a larger noise std)")
