@@ -37,6 +37,7 @@ from .numerics import check_representable
 from .partition import Partition
 
 LOG_2PI = float(np.log(2 * np.pi))
+LOG_2 = float(np.log(2.0))
 
 
 @dataclass
@@ -495,7 +496,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     l_regions, l_bound = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev)
     l_taken = l_sharp = torch.zeros(0, dtype=torch.bool, device=dev)
     found = []
-    margin = first
+    margin = min(first, 8.0)       # a first estimate of p, then everything its budget allows
     while True:
         # list_thr only falls, so the new pairs of a row are those in [list_thr, listed_to).
         active = torch.nonzero((list_thr < listed_to) & ~done)[:, 0]
@@ -519,8 +520,11 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
         while True:
             top = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce(
                 0, l_rows, l_bound, reduce="amax")
-            take = (~l_taken) & (~done[l_rows]) & (l_bound >= (top - margin)[l_rows]) & (l_bound > -torch.inf)
-            # Before integrating, the sharper nearest-point bound (S = 2, complete rows).
+            open_ = (~l_taken) & (~done[l_rows]) & (l_bound > -torch.inf)
+            take = open_ & (l_bound >= (top - margin)[l_rows])
+            # Pairs that are all together within half the row's budget need not be integrated.
+            take &= ~_smallest_within(l_rows, l_bound, open_, log_p + log_rtol - LOG_2, n)
+            # Before integrating, the sharper nearest-point bound (S = 2 and 3, complete rows).
             sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if complete and tab.has_nearest else []
             if len(sharpen) == 0:
                 break
@@ -543,12 +547,34 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
         if bool(done.all()) or (not grew and not bool(take.any()) and not np.isfinite(margin)):
             break
         list_thr = torch.where(done, list_thr, torch.minimum(list_thr, log_p + log_rtol - log_R - 1.0))
-        margin = 2 * margin if margin < 400 else np.inf
+        margin = first if margin < first else 2 * margin if margin < 400 else np.inf
     bound = torch.log1p(torch.exp(skipped - log_p)).cpu().numpy()
     S = tab.S
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, S)),
              np.zeros((0, S, S)), np.zeros(0))
     return (*map(np.concatenate, zip(empty, *found)), bound)
+
+
+def _smallest_within(rows: torch.Tensor, bound: torch.Tensor, candidate: torch.Tensor, log_budget: torch.Tensor,
+                     n: int) -> torch.Tensor:
+    """Per row, the candidate pairs of smallest bound whose bounds sum to at most the
+    row's budget: rows, bound, candidate (P,), log_budget (n,) -> (P,) bool.  Sums are
+    taken in units of the budget with each term capped at 2 (a larger one is never in
+    the set), so the running sums stay small and exact enough."""
+    idx = torch.nonzero(candidate & torch.isfinite(log_budget)[rows])[:, 0]
+    out = torch.zeros_like(candidate)
+    if idx.numel() == 0:
+        return out
+    order = idx[torch.argsort(bound[idx])]
+    order = order[torch.argsort(rows[order], stable=True)]          # by row, then ascending bound
+    r = rows[order]
+    rel = torch.exp(torch.clamp(bound[order] - log_budget[r], max=np.log(2.0)))
+    cum = torch.cumsum(rel, 0)
+    counts = torch.bincount(r, minlength=n)
+    before = torch.cumsum(counts, 0) - counts                          # first position of each row
+    offset = torch.where(before > 0, cum[(before - 1).clamp(min=0)], torch.zeros_like(cum[:1]))
+    out[order] = (cum - offset[r]) <= 1.0
+    return out
 
 
 def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
