@@ -120,7 +120,8 @@ def log_edge_term(b, c, tau_lo, tau_hi):
     like cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where
     either bound reaches e^-40, then split into panels of width <= 1.5 and a fall of at
     most 8 (16 nodes each; 8 nodes for a single panel of width <= 0.5 and fall <= 1/4,
-    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes
+    are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
     accuracy far out (log T down to -1e4 and beyond).
     """

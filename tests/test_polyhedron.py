@@ -221,7 +221,8 @@ def _random_polytope(rng, i):
     e /= np.linalg.norm(e)
     x0 = d * e
     if i % 2 == 0:
-        A = np.concatenate([np.eye(3), -np.eye(3), rng.normal(size=(2, 3))]) @ special_ortho_group.rvs(3, random_state=rng)
+        rows = np.concatenate([np.eye(3), -np.eye(3), rng.normal(size=(2, 3))])
+        A = rows @ special_ortho_group.rvs(3, random_state=rng)
     else:
         first = -e + 0.3 * rng.normal(size=3)
         A = np.concatenate([first[None], rng.normal(size=(rng.integers(0, 4), 3))])
