@@ -50,7 +50,7 @@ def main():
     t = time.perf_counter()
     part = compute_partition(net)
     print(f"partition S = 3 {'-'.join(map(str, args.hidden))}: {part.n_regions} regions in "
-          f"{time.perf_counter() - t:.1f} s; prior masses sum to {np.exp(part.log_prior_mass).sum():.12f}")
+          f"{time.perf_counter() - t:.1f} s; prior masses sum to 1 {np.exp(part.log_prior_mass).sum() - 1:+.1e}")
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(part.n_regions, min(args.regions, part.n_regions), replace=False))
     G, h, mask = part.facets(net, idx)

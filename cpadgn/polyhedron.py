@@ -15,6 +15,11 @@ does the in-plane radial integral of q, which leaves the 1-D edge integrals T.  
 moments follow from the divergence identities with each facet's exact 2-D mass and
 first moment (the S = 2 polygon code on the facet's polygon).
 
+The signed terms cancel to the mass; where the mass is below 1e-3 of them (small or thin
+polytopes: for a cube of side h the terms are ~h^2, the mass ~h^3) and the polytope is
+bounded and small against the Gaussian's scale, it is integrated directly instead, by a
+positive-weight cubature on tetrahedra (``_cubature``).
+
 Facets or edges through the origin (b_k = 0, c_e = 0) are moved just inside, as the
 S = 2 code does: the formula is continuous from there.  Facets move by more than edges
 (1e-100 against 1e-150), so that the in-plane offsets of facets that all pass through
@@ -115,7 +120,8 @@ def log_edge_term(b, c, tau_lo, tau_hi):
     like cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where
     either bound reaches e^-40, then split into panels of width <= 1.5 and a fall of at
     most 8 (16 nodes each; 8 nodes for a single panel of width <= 0.5 and fall <= 1/4,
-    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes
+    are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
     accuracy far out (log T down to -1e4 and beyond).
     """
@@ -164,51 +170,69 @@ def _polyhedron(A, b, mask, moments):
     polytope has a real row."""
     B, F, _ = A.shape
     b = np.where(mask & (np.abs(b) < TINY_B), TINY_B, b)
-    inside = ~((b < 0) & mask).any(-1)
     E, a2, c2, rows, alive = facet_polygons(A, b, mask)
-    n = B * F
-    a2f, c2f, rowsf = a2.reshape(n, F, 2), c2.reshape(n, F), rows.reshape(n, F)
-    t_lo, t_hi, live = facet_segments(a2f, c2f, rowsf)
-    live = live.reshape(B, F, F)
-    t_lo, t_hi = t_lo.reshape(B, F, F), t_hi.reshape(B, F, F)
+    t_lo, t_hi, live = (x.reshape(B, F, F) for x in facet_segments(a2.reshape(-1, F, 2), c2.reshape(-1, F),
+                                                                    rows.reshape(-1, F)))
+    inside = ~((b < 0) & mask).any(-1)
     foot_in = alive & ~((c2 < 0) & rows).any(-1)                          # f_k in F_k
-    # mass = 1{0 in P} - sum_k sign(b_k) 1{f_k in F_k} Phi(-|b_k|)
-    #        + sum_k sum_e sign(b_k) sign(c_e) T_ke
+    log_mass, log_terms = _signed_sum(b, c2, t_lo, t_hi, live, inside, foot_in)
+    redo, direct = _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_terms, moments)
+    if redo.size:
+        log_mass[redo] = direct.log_mass
+    if not moments:
+        return PolytopeMoments(log_mass, np.zeros((B, 3)), np.zeros((B, 3, 3)), np.zeros(B))
+    mean, cov = _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass)
+    if redo.size:
+        mean[redo], cov[redo] = direct.mean, direct.cov
+    return PolytopeMoments(log_mass, mean, cov, np.zeros(B))
+
+
+def _signed_sum(b, c2, t_lo, t_hi, live, inside, foot_in):
+    """log mass = log(1{0 in P} - sum_k sign(b_k) 1{f_k in F_k} Phi(-|b_k|)
+    + sum_k sum_e sign(b_k) sign(c_e) T_ke), the positive and the negative terms summed
+    apart (log-sum-exp) and then subtracted (log1p(-exp)); also the log of the positive
+    sum, against which the mass's rounding error is measured.  (B,), (B,)."""
+    B, F = b.shape
     absb = np.abs(b)
     log_T = np.full((B, F, F), -np.inf)
     if live.any():
         bb = np.broadcast_to(absb[:, :, None], (B, F, F))
         log_T[live] = log_edge_term(bb[live], np.abs(c2[live]), t_lo[live], t_hi[live])
     edge_pos = live & ((b[:, :, None] < 0) == (c2 < 0))
-    log_face = log_ndtr(-absb)
-    face_pos, face_neg = foot_in & (b < 0), foot_in & (b > 0)
-    flat = lambda x: x.reshape(B, -1)
-    pos_terms = np.concatenate([np.zeros((B, 1)), log_face, flat(log_T)], 1)
-    pos_mask = np.concatenate([inside[:, None], face_pos, flat(edge_pos)], 1)
-    neg_mask = np.concatenate([np.zeros((B, 1), bool), face_neg, flat(live & ~edge_pos)], 1)
-    log_pos = _masked_logsumexp(pos_terms, pos_mask)
-    log_neg = _masked_logsumexp(pos_terms, neg_mask)
+    terms = np.concatenate([np.zeros((B, 1)), log_ndtr(-absb), log_T.reshape(B, -1)], 1)
+    pos = np.concatenate([inside[:, None], foot_in & (b < 0), edge_pos.reshape(B, -1)], 1)
+    neg = np.concatenate([np.zeros((B, 1), bool), foot_in & (b > 0), (live & ~edge_pos).reshape(B, -1)], 1)
+    log_pos, log_neg = _masked_logsumexp(terms, pos), _masked_logsumexp(terms, neg)
     with np.errstate(invalid="ignore"):
         log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
-    log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
-    # Terms of size `pos` cancel to the mass, which loses digits where it is below pos / 1e3
-    # (tiny or thin polytopes); small bounded ones are integrated directly instead.
-    redo = np.flatnonzero(np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
-                          & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2)) & live.any((1, 2)))
-    if redo.size:
-        ends = _segment_ends(A[redo], b[redo], E[redo], a2[redo], c2[redo], t_lo[redo], t_hi[redo], live[redo])
-        V = ends.reshape(redo.size, -1, 3)
-        with np.errstate(invalid="ignore"):
-            size = np.nanmax(np.linalg.norm(V - np.nanmean(V, 1, keepdims=True), axis=-1), 1)
-            small = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size) <= 2.0
-        redo, ends = redo[small], ends[small]
-    if redo.size:
-        sl = _cubature(ends, live[redo], moments)
-        log_mass[redo] = sl.log_mass
-    if not moments:
-        return PolytopeMoments(log_mass, np.zeros((B, 3)), np.zeros((B, 3, 3)), np.zeros(B))
-    # facet masses M_k and first moments (2-D, about the foot), exact
-    fm = polygon_moments(a2f, c2f, t_lo.reshape(n, F), t_hi.reshape(n, F), live.reshape(n, F), rowsf)
+    return np.where(np.isneginf(log_pos), -np.inf, log_mass), log_pos
+
+
+def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos, moments, ratio=1e3):
+    """The polytopes whose mass is below 1/ratio of the terms that cancel to it, bounded
+    and small against the Gaussian's scale (indices (R,)), and their direct integrals
+    (``_cubature``)."""
+    bounded = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
+    redo = np.flatnonzero(bounded & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(ratio)))
+    if not redo.size:
+        return redo, None
+    ends = _segment_ends(A[redo], b[redo], E[redo], a2[redo], c2[redo], t_lo[redo], t_hi[redo], live[redo])
+    V = ends.reshape(redo.size, -1, 3)
+    with np.errstate(invalid="ignore"):
+        size = np.nanmax(np.linalg.norm(V - np.nanmean(V, 1, keepdims=True), axis=-1), 1)
+        spread = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size)          # variation of |u|^2 / 2
+    small = spread <= 2.0
+    redo = redo[small]
+    return redo, (_cubature(ends[small], live[redo], spread[small], moments) if redo.size else None)
+
+
+def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
+    """Mean (B, 3) and covariance (B, 3, 3) from the divergence identities with the
+    facets' exact 2-D masses M_k and first moments (the S = 2 polygon code)."""
+    B, F, _ = A.shape
+    n = B * F
+    fm = polygon_moments(a2.reshape(n, F, 2), c2.reshape(n, F), t_lo.reshape(n, F), t_hi.reshape(n, F),
+                         live.reshape(n, F), rows.reshape(n, F))
     log_M = np.where(alive, fm.log_mass.reshape(B, F), -np.inf)
     centroid = b[..., None] * A + np.einsum("bki,bkis->bks", fm.mean.reshape(B, F, 2), E)   # E[u | F_k]
     with np.errstate(invalid="ignore", over="ignore"):
@@ -218,10 +242,7 @@ def _polyhedron(A, b, mask, moments):
     # E[u u^T | P] = I - sum_k w_k centroid_k a_k^T, and mean = -sum_k w_k a_k, so
     # Cov = I - sum_k w_k (centroid_k - mean) a_k^T: centred, no m m^T cancellation.
     cov = np.eye(3) - np.einsum("bk,bks,bkt->bst", w, centroid - mean[:, None, :], A)
-    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
-    if redo.size:
-        mean[redo], cov[redo] = sl.mean, sl.cov
-    return PolytopeMoments(log_mass, mean, cov, np.zeros(B))
+    return mean, 0.5 * (cov + np.swapaxes(cov, 1, 2))
 
 
 # ------------------------------------------------------------------ small polytopes
@@ -249,36 +270,62 @@ def _tetrahedra(ends, live):
     return corners, i
 
 
-_TX, _TW = np.polynomial.legendre.leggauss(10)
-_TX, _TW = 0.5 * (_TX + 1), 0.5 * _TW
+def _collapsed_rule(n):
+    """n^3-node rule on the unit tetrahedron {x, y, z >= 0, x + y + z <= 1} (Duffy
+    collapse of tensor Gauss-Legendre): nodes (n^3, 3), weights (n^3,) summing to 1/6."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    x, w = 0.5 * (x + 1), 0.5 * w
+    s, t, r = np.meshgrid(x, x, x, indexing="ij")
+    nodes = np.stack([s, (1 - s) * t, (1 - s) * (1 - t) * r], -1).reshape(-1, 3)
+    return nodes, (np.einsum("i,j,k->ijk", w, w, w) * (1 - s) ** 2 * (1 - t)).reshape(-1)
 
 
-def _cubature(ends, live, moments):
+# nodes per axis by the variation of |u|^2 / 2 across the polytope (Taylor remainder
+# spread^(2n-2) / (2n-2)! below ~1e-15 for 6 and 8 nodes, ~1e-11 at spread 2 for 10)
+_RULES = [(0.15, _collapsed_rule(6)), (0.5, _collapsed_rule(8)), (2.0, _collapsed_rule(10))]
+
+
+def _cubature(ends, live, spread, moments, work=2e6):
     """Mass and moments of N(0, I_3) on small bounded polyhedra by a collapsed
-    Gauss-Legendre rule (10^3 nodes) on each tetrahedron of ``_tetrahedra``: all weights
-    positive, so nothing cancels; exact to rounding while the Gaussian is close to a
-    low-degree polynomial across the polytope (diameter (|centre| + diameter) <= 2)."""
+    Gauss-Legendre rule on each tetrahedron of ``_tetrahedra``: all weights positive, so
+    nothing cancels; exact to rounding while the Gaussian is close to a low-degree
+    polynomial across the polytope (spread = diameter (|centre| + diameter) <= 2).
+    Tetrahedra go in chunks of about ``work`` nodes; each one's mass, mean and covariance
+    are combined per polytope with log-sum-exp weights and the parallel-axis rule."""
     B = live.shape[0]
     corners, owner = _tetrahedra(ends, live)
-    s, t, w = np.meshgrid(_TX, _TX, _TX, indexing="ij")
-    bary = np.stack([s, (1 - s) * t, (1 - s) * (1 - t) * w], -1).reshape(-1, 3)        # unit tetrahedron
-    jac = (np.einsum("i,j,k->ijk", _TW, _TW, _TW) * (1 - s) ** 2 * (1 - t)).reshape(-1)
+    T = len(owner)
     edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
-    vol = np.abs(np.linalg.det(edges))                                                # 6 x volume
-    u = corners[:, None, 0] + bary @ edges                                            # (T, N, 3)
     with np.errstate(divide="ignore"):
-        lw = np.log(vol)[:, None] + np.log(jac)[None] - 0.5 * (u * u).sum(-1)
+        log_vol = np.log(np.abs(np.linalg.det(edges)))                                # 6 x volume
+    tier = np.searchsorted([r[0] for r in _RULES], spread)[owner]
+    lm, mt, ct = np.full(T, -np.inf), np.zeros((T, 3)), np.zeros((T, 3, 3))
+    for k, (_, (bary, jac)) in enumerate(_RULES):
+        idx = np.flatnonzero(tier == k)
+        step = int(max(1, work // len(jac)))
+        for t in np.array_split(idx, max(1, -(-idx.size // step))) if idx.size else []:
+            u = corners[t, None, 0] + bary @ edges[t]                                 # (t, N, 3)
+            lw = np.log(jac)[None] - 0.5 * (u * u).sum(-1)
+            top = lw.max(1, keepdims=True)
+            w = np.exp(lw - top)
+            tot = w.sum(1)
+            lm[t] = log_vol[t] + top[:, 0] + np.log(tot)
+            if moments:
+                p = w / tot[:, None]
+                mt[t] = np.einsum("tn,tns->ts", p, u)
+                dev = u - mt[t, None]
+                ct[t] = np.einsum("tn,tns,tnr->tsr", p, dev, dev)
     top = np.full(B, -np.inf)
-    np.maximum.at(top, owner, lw.max(1))
+    np.maximum.at(top, owner, lm)
     safe = np.where(np.isfinite(top), top, 0.0)
-    w = np.exp(lw - safe[owner, None])
-    tot = np.bincount(owner, w.sum(1), B)
+    wt = np.exp(lm - safe[owner])
+    tot = np.bincount(owner, wt, B)
     with np.errstate(divide="ignore"):
         log_mass = safe + np.log(tot) - 3 * LOG_SQRT_2PI
     mean, cov = np.zeros((B, 3)), np.zeros((B, 3, 3))
     if moments:
-        p = w / np.where(tot > 0, tot, 1.0)[owner, None]
-        np.add.at(mean, owner, np.einsum("tn,tns->ts", p, u))
-        dev = u - mean[owner, None]
-        np.add.at(cov, owner, np.einsum("tn,tns,tnr->tsr", p, dev, dev))
+        p = wt / np.where(tot > 0, tot, 1.0)[owner]
+        np.add.at(mean, owner, p[:, None] * mt)
+        dev = mt - mean[owner]
+        np.add.at(cov, owner, p[:, None, None] * (ct + dev[:, :, None] * dev[:, None, :]))
     return PolytopeMoments(log_mass, mean, cov, np.zeros(B))
