@@ -315,23 +315,30 @@ def _masked_logsumexp(x, m):
 #   others by slack, give the next axes (``_frame``).  Coordinates are taken relative to
 #   the mode, so offsets of thousands of standard deviations cost no digits;
 # * every level j sees the exact projection of P onto (z_1..z_j): Fourier-Motzkin
-#   elimination of z_S, z_{S-1}, ... adds implied rows (``_levels``; redundant ones pruned
-#   exactly on the 2-D level), so z_j's interval given z_<j is never empty and no path
-#   is lost on a thin or far polytope;
+#   elimination of z_S, z_{S-1}, ... adds implied rows (``_levels``; redundant ones dropped
+#   by Chernikov's rule, and pruned exactly on the 2-D level), so z_j's interval given z_<j
+#   is never empty and no path is lost on a thin or far polytope (where a level would
+#   exceed its cap, its nearest rows are kept: still valid, no longer exact);
 # * z_1 is drawn from N(m, 1) instead of N(0, 1) on its interval (Botev-type exponential
 #   tilting, weight exp(m^2/2 - m z_1)), m the minimax tilt for a slice mass growing like
 #   (z_1 - |mu|)^(r-1) above a mode where r rows are active (``_tilt``); z_2..z_S are
 #   plain SOV draws.  Without the tilt a far polytope's z_1 would be drawn on the scale
 #   1 / |mu| of the Gaussian's tail, while the mass sits within r / |mu| of the mode.
 #
-# Implied rows only change the variance, never the expectation, so they are loosened by
-# a bound on their rounding error; the original rows are always enforced as they are.
-# Measured at 4096 points on partition regions shifted 3..30 std away and on posterior
-# polytopes (log masses down to -1e4): relative error of the mass ~2e-4 (median),
-# ~1e-3 (99%), 4e-3 (worst of ~2000).  The standard error is that of the mean of 8
-# independently scrambled Sobol sets of 512 points, so error / SE is roughly Student-t
-# with 7 degrees of freedom; a feature too small for 512 points to see (a sliver of a
-# thin polytope) goes unseen by it, and such polytopes can be off by several SE.
+# Unbiased in the mass: every level's interval contains the slice of P's projection (the
+# implied rows are loosened by a bound on their rounding error, dropping one only widens
+# the interval) and the last level enforces the original rows as they are, so the mean
+# weight is the mass exactly; the log mass is the log of that mean (its SE by the delta
+# method, SE / mass).  Each polytope gets its own randomisation (``_shifted_uniforms``: a
+# digital shift of R scrambled Sobol sets keyed by the polytope's rows), so estimates of
+# different polytopes are independent and the standard error of a sum over polytopes adds
+# in quadrature.  (The earlier version gave every polytope the same points: at S = 4
+# 16-16 the partition's prior masses summed to 0.87..1.11 depending on the seed.)  The
+# standard error is that of the mean of R = 16 independent sets, so error / SE is
+# roughly Student-t with 15 degrees of freedom: over the regions of S = 4 partitions,
+# |error| <= 3 SE in >= 99% of them against plain Monte Carlo (benchmarks/bench_qmc.py).
+# A feature too small for the points to see (a sliver of a thin polytope) goes unseen by
+# the SE too, and such polytopes can be off by several SE.
 
 _EPS_COEF = 1e-12      # |coefficient| below which an implied row ignores a variable
 _U64 = np.uint64
@@ -720,9 +727,9 @@ def _logaddexp(a, b):
     return np.where(np.isnan(d), m, d)
 
 
-def _tn_draw(lo, hi, log_u, log_1mu, draw=True):
-    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms given by log u and
-    log(1 - u) (lower tail where lo <= 0, mirrored upper tail otherwise), and
+def _tn_draw(lo, hi, u, draw=True):
+    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms u on the 2^-32 grid (lower
+    tail where lo <= 0, mirrored upper tail from 1 - u, exact there, otherwise), and
     log(Phi(hi) - Phi(lo))."""
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
@@ -731,7 +738,7 @@ def _tn_draw(lo, hi, log_u, log_1mu, draw=True):
         lm = _log_diff_from_logs(l, h, la, log_ndtr(h))
         if not draw:
             return None, lm
-        t = np.where(flip, log_1mu, log_u)
+        t = np.log(np.where(flip, 1.0 - u, u))
         t += lm
         t = _logaddexp(la, t)
         np.minimum(t, 0.0, out=t)
@@ -787,11 +794,11 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=16):
         sl = slice(start, min(start + chunk, B))
         n = sl.stop - sl.start
         z = np.empty((n, S, N))                                         # holds v
-        log_u, log_1mu = _shifted_uniforms(base, keys[sl], n_randomisations)   # (n, S, N)
+        u = _shifted_uniforms(base, keys[sl], n_randomisations)             # (n, S, N)
         f1 = flip1[sl, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             y = ndtri_exp(np.minimum(_logaddexp(np.broadcast_to(la1[sl, None], (n, N)),
-                                                np.where(f1, log_1mu[:, 0], log_u[:, 0]) + lm1[sl, None]), 0.0))
+                                                np.log(np.where(f1, 1.0 - u[:, 0], u[:, 0])) + lm1[sl, None]), 0.0))
         y = np.clip(y, a1[sl, None], c1[sl, None])
         np.negative(y, out=y, where=f1)
         off = y - ya0[sl, None]                                          # y - ya >= 0
@@ -803,7 +810,7 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=16):
             lo = (lo_d[:, :, None] - lo_c @ z[:, :j]).max(1)
             last = j == S - 1
             zj = zs[sl, j, None]
-            xj, lm = _tn_draw(lo + zj, hi + zj, log_u[:, j], log_1mu[:, j], draw=moments or not last)
+            xj, lm = _tn_draw(lo + zj, hi + zj, u[:, j], draw=moments or not last)
             if xj is not None:
                 z[:, j] = xj - zj
             logw += lm
@@ -863,7 +870,7 @@ def _sobol_sets(S, m, R, seed):
 
 
 def _shifted_uniforms(base, keys, R):
-    """log u and log(1 - u), (n, S, N), of the points base (S, N) under a random digital
+    """The points base (S, N) as uniforms u (n, S, N) under a random digital
     shift (XOR with a 32-bit word per coordinate) for each polytope (keys (n,)) and set
     (R sets of N / R columns), at the centres (k + 1/2) / 2^32 of their grid cells.
 
@@ -872,12 +879,10 @@ def _shifted_uniforms(base, keys, R):
     midpoint rule at spacing 2^-32.  Without it every polytope would see the same points
     and their errors would add up coherently in any sum over polytopes."""
     S, N = base.shape
-    n = keys.size
     idx = np.arange(R * S, dtype=_U64).reshape(R, S) + _U64(1)
     shift = _splitmix64(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(32)      # (n, R, S)
     shift = np.repeat(np.swapaxes(shift, 1, 2), N // R, axis=2)                        # (n, S, N)
-    u = ((base[None] ^ shift).astype(np.float64) + 0.5) * 2.0 ** -32
-    return np.log(u), np.log1p(-u)
+    return ((base[None] ^ shift).astype(np.float64) + 0.5) * 2.0 ** -32
 
 
 def _logmeanexp(x, axis):
