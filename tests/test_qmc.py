@@ -87,9 +87,9 @@ def test_rotated_copies_independent_and_unbiased():
     polytopes shared their random points the estimates would nearly coincide; independent,
     they scatter as their standard errors say (variance ratio within the chi-square(63)
     range at 1e-6 either side), and their mean is within 4 combined SE of plain Monte
-    Carlo with 1e6 samples (a test of the bias at about the 0.5% level)."""
+    Carlo with 2e6 samples (a test of the bias at about the 0.5% level)."""
     from scipy.stats import chi2
-    S, n, n_mc = 4, 64, 1_000_000
+    S, n, n_mc = 4, 64, 2_000_000
     rng = np.random.default_rng(7)
     a = rng.normal(size=(7, S))
     a /= np.linalg.norm(a, axis=1, keepdims=True)
