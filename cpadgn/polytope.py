@@ -557,7 +557,7 @@ def _popcount(x):
         return (x * _U64(0x0101010101010101)) >> _U64(56)
 
 
-def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap, budget=4e6):
+def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap):
     """Rows c (B, K, j) . z <= d (B, K), valid where m, with their histories hist (B, K)
     uint64 (bit f: original row f mod 64 took part); return the rows of the projection
     onto z_1..z_{j-1} (padded, normalised) with their histories: the rows without z_j and
@@ -583,35 +583,31 @@ def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap, budget=4e6):
     zm = small & (zn > 1e-300)
     safe = np.where(zm, zn, 1.0)
     own = (rest / safe[..., None], zd / safe, zm, hist)
+    # the pairs (positive row i, negative row k) Chernikov's rule keeps, as flat lists
     q = np.flatnonzero(pos.any(1) & neg.any(1))
-    if not q.size:
-        return own + (empty, np.ones(B, dtype=bool))
-    parts = []
-    step = int(max(1, budget // (K * K * j)))
-    for s0 in range(0, q.size, step):
-        qs = q[s0:s0 + step]
-        n = qs.size
-        with np.errstate(divide="ignore", invalid="ignore"):
-            w = np.where(big[qs], 1.0 / ac[qs], 0.0)
-        cw, dw = rest[qs] * w[..., None], d[qs] * w
-        err = 1e-13 * w * (np.abs(d[qs]) + zmax[qs])
-        ph = (hist[qs][:, :, None] | hist[qs][:, None, :]).reshape(n, K * K)
-        pm = (pos[qs][:, :, None] & neg[qs][:, None, :]).reshape(n, K * K)
-        pm &= _popcount(ph) <= n_elim + 1
-        pc = (cw[:, :, None, :] + cw[:, None, :, :]).reshape(n, K * K, j - 1)
-        pd = (dw[:, :, None] + dw[:, None, :] + err[:, :, None] + err[:, None, :]).reshape(n, K * K)
-        nrm = np.linalg.norm(pc, axis=-1)
-        degenerate = pm & (nrm <= 1e-12 * (w[:, :, None] + w[:, None, :]).reshape(n, K * K))
-        empty[qs] |= (degenerate & (pd < 0)).any(1)
-        pm &= ~degenerate
-        sn = np.where(pm, nrm, 1.0)
-        parts.append((qs,) + _compact(pc / sn[..., None], pd / sn, pm, ph))
-    Kp = max(p[1].shape[1] for p in parts)
+    found = []
+    for qs in np.array_split(q, max(1, int(q.size * K * K // 4e6))):   # (chunk, K, K) masks
+        keep = pos[qs][:, :, None] & neg[qs][:, None, :]
+        keep &= _popcount(hist[qs][:, :, None] | hist[qs][:, None, :]) <= n_elim + 1
+        qi, i, k = np.nonzero(keep)
+        found.append((qs[qi], i, k))
+    bi, i, k = (np.concatenate(x) for x in zip(*found))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wi, wk = 1.0 / ac[bi, i], 1.0 / ac[bi, k]
+    pc = rest[bi, i] * wi[:, None] + rest[bi, k] * wk[:, None]
+    err = 1e-13 * (wi * (np.abs(d[bi, i]) + zmax[bi, 0]) + wk * (np.abs(d[bi, k]) + zmax[bi, 0]))
+    pd = d[bi, i] * wi + d[bi, k] * wk + err
+    nrm = np.sqrt((pc * pc).sum(-1))
+    degenerate = nrm <= 1e-12 * (wi + wk)
+    empty[bi[degenerate & (pd < 0)]] = True
+    ok = ~degenerate
+    bi, pc, pd, ph = bi[ok], pc[ok] / nrm[ok, None], pd[ok] / nrm[ok], hist[bi[ok], i[ok]] | hist[bi[ok], k[ok]]
+    cnt = np.bincount(bi, minlength=B)                               # bi is sorted
+    slot = np.arange(bi.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    Kp = max(1, int(cnt.max(initial=0)))
     pair_c, pair_d = np.zeros((B, Kp, j - 1)), np.ones((B, Kp))
     pair_m, pair_h = np.zeros((B, Kp), dtype=bool), np.zeros((B, Kp), dtype=_U64)
-    for qs, pc, pd, pm, ph in parts:
-        k = pc.shape[1]
-        pair_c[qs, :k], pair_d[qs, :k], pair_m[qs, :k], pair_h[qs, :k] = pc, pd, pm, ph
+    pair_c[bi, slot], pair_d[bi, slot], pair_m[bi, slot], pair_h[bi, slot] = pc, pd, True, ph
     c, d, m, h = (np.concatenate(x, 1) for x in zip((pair_c, pair_d, pair_m, pair_h), own))
     exact = m.sum(1) <= cap
     if not exact.all():                          # keep the cap nearest rows
