@@ -1,9 +1,14 @@
 """Exact likelihood speed, and how long importance sampling needs for the same accuracy.
 
     python benchmarks/bench_likelihood.py [--rows 10000] [--is-rows 100] [--repeats 3]
+                                          [--latent 2,3,4]
 
 Generator: S = 2, hidden 64-64, leaky ReLU 0.1, D = 784, PyTorch's default init
 (seed 0), noise std 0.05; N rows sampled from the model itself.
+With --latent 3 / 4 also the S >= 3 cases, in the same run: S = 3, hidden 32-32,
+D = 64, noise std 0.1, 1,000 rows, and S = 4, hidden 16-16, D = 64, noise std 0.1,
+200 rows, both at rtol 1e-9 (the partitions are cached in --cache-dir); their time
+per row is reported as a ratio to the S = 2 case's.
 Prints:
 1. partition time and regions; total exact log-likelihood time for N rows;
 2. the (row, region) product ((rows x (hidden + 2)) @ ((hidden + 2) x regions (S+1)))
@@ -111,13 +116,45 @@ def time_to_tolerance(estimate, exact, rows, max_samples, budget_s):
     return None, spent, float(err.max())
 
 
+HIGHER = {3: dict(hidden=(32, 32), rows=1000), 4: dict(hidden=(16, 16), rows=200)}
+
+
+def higher_latent_case(S, cache_dir, per_row_s2, D=64, sigma=0.1, rtol=1e-9):
+    """One run of the S = 3 or S = 4 case; prints absolute times and the ratio to S = 2."""
+    from pathlib import Path
+    cfg = HIGHER[S]
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    net = make_net(S=S, hidden=cfg["hidden"], D=D)
+    model = CPAModel(net, noise_std=sigma, device="cpu",
+                     cache_path=Path(cache_dir) / f"S{S}_{'-'.join(map(str, cfg['hidden']))}.partition.h5")
+    X = model.sample(cfg["rows"], seed=1)
+    t0 = time.perf_counter()
+    part = model.partition()
+    t_part = time.perf_counter() - t0
+    tab = model._region_table()
+    t0 = time.perf_counter()
+    post = likelihood.posterior(net, part, model.noise_std, X, tab=tab, rtol=rtol)
+    t = time.perf_counter() - t0
+    n = cfg["rows"]
+    print(f"S={S}, hidden {'-'.join(map(str, cfg['hidden']))}, D={D}, sigma={sigma}: {part.n_regions:,} "
+          f"regions (partition {t_part:.1f} s, cached after the first run); {n:,} rows at rtol {rtol:g}: "
+          f"{t:.2f} s ({1e3 * t / n:.2f} ms/row, {t / n / per_row_s2:.0f}x the S=2 time per row); "
+          f"pairs integrated per row {post.pair_row.size / n:.0f}; max certified bound "
+          f"{post.error_bound.max():.1e} nats; max stderr {post.stderr.max():.1e}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--is-rows", type=int, default=100, help="0 skips importance sampling")
     ap.add_argument("--repeats", type=int, default=3, help="exact runs; the median is reported")
     ap.add_argument("--sigma", type=float, default=0.05)
+    ap.add_argument("--latent", default="2", help="comma-separated cases: 2, 3, 4")
+    ap.add_argument("--cache-dir", default="out/bench_likelihood")
     args = ap.parse_args()
+    cases = [int(c) for c in args.latent.split(",")]
+    if 2 not in cases:
+        cases.insert(0, 2)
     torch.set_num_threads(torch.get_num_threads())
     net = make_net()
     model = CPAModel(net, noise_std=args.sigma, device="cpu")
@@ -163,6 +200,10 @@ def main():
           f"{dom_rate / 1e9:.1f} GFLOP/s = {100 * dom_rate / peak:.0f}% of this machine's fp64 "
           f"matmul rate ({peak / 1e9:.1f} GFLOP/s, 3072^3 measured in this run)")
 
+    per_row_s2 = t_exact / args.rows
+    for S in cases:
+        if S > 2:
+            higher_latent_case(S, args.cache_dir, per_row_s2)
     if args.is_rows == 0:
         return
     rows = np.arange(args.is_rows)

@@ -76,16 +76,18 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
           -o report.json --plot diffs.png
     """
     from cpadgn.compare import check_dimensions, compare as run_compare, parse_baseline
-    from cpadgn.data import read_data
-    from cpadgn.model import load
+    from cpadgn.data import check_not_an_input, read_data
 
     t0 = time.perf_counter()
     quiet = quiet or as_json
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    inputs = compare_inputs(model_paths, test_path, train_path)
     if out is not None:
-        _check_report_path(out)
+        _check_report_path(out, inputs)
     if plot_path is not None:
-        _check_plot(plot_path)
+        _check_plot(plot_path, inputs)
+    if out is not None and plot_path is not None:
+        check_not_an_input(plot_path, {"the -o report": out})
     parse_baseline(baseline)
     if baseline is not None and train_path is None:
         raise CpadgnError("--baseline ppca is fitted on training data: pass --train TRAIN")
@@ -93,6 +95,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         raise CpadgnError("--noise-std auto fits the noise on training data: pass --train TRAIN "
                           "(fitting it on the test data would bias the comparison)")
 
+    from cpadgn.model import load            # imports torch: after the quick checks
     X_test = read_data(test_path, dataset=dataset)
     X_train = None if train_path is None else read_data(train_path, dataset=dataset)
     dev = resolve_device(device)
@@ -149,15 +152,29 @@ def _check_writable(path: Path):
         raise CpadgnError(f"cannot write {path}: permission denied")
 
 
-def _check_report_path(out):
+def compare_inputs(model_paths, test_path, train_path) -> dict:
+    """The files compare reads, by role (each model and its partition cache), which no
+    output may replace."""
+    from cpadgn.cache import cache_path_for
+    inputs = {"the --data file": test_path, "the --train file": train_path}
+    for i, p in enumerate(model_paths):
+        inputs[f"model {i + 1}"] = p
+        inputs[f"the partition cache of model {i + 1}"] = cache_path_for(p)
+    return inputs
+
+
+def _check_report_path(out, inputs):
+    from cpadgn.data import check_not_an_input
     out = Path(out)
     if out.suffix.lower() not in REPORT_SUFFIXES:
         raise CpadgnError(f"cannot write {out}: a comparison report is .json or .csv, "
                           f"not '{out.suffix or '(none)'}'")
+    check_not_an_input(out, inputs)
     _check_writable(out)
 
 
-def _check_plot(path):
+def _check_plot(path, inputs):
+    from cpadgn.data import check_not_an_input
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise CpadgnError(f"cannot write {path}: --plot writes a .png file")
@@ -166,6 +183,7 @@ def _check_plot(path):
     except ImportError:
         raise CpadgnError("--plot needs matplotlib, which is not installed; "
                           "pip install 'cpadgn[plot]' (or matplotlib)") from None
+    check_not_an_input(path, inputs)
     _check_writable(path)
 
 
@@ -182,7 +200,7 @@ def _csv_cell(v):
 def _write_report(out, report: dict):
     """.json: the --json document.  .csv: one header (table, then the model fields, then
     the pair fields), model rows (table=model) then pair rows (table=pair)."""
-    from cpadgn.data import atomic_path
+    from cpadgn.data import atomic_path, write_error
     out = Path(out)
     try:
         with atomic_path(out) as tmp:
@@ -199,7 +217,7 @@ def _write_report(out, report: dict):
                     for r in rows:
                         w.writerow([table if c == "table" else _csv_cell(r.get(c)) for c in cols])
     except OSError as e:
-        raise CpadgnError(f"could not write {out}: {e.strerror or e}") from None
+        raise write_error(out, e) from None
 
 
 def _num(v, fmt=".1f"):
@@ -300,7 +318,7 @@ def _plot(path, result):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from cpadgn.data import atomic_path
+    from cpadgn.data import atomic_path, write_error
 
     names = [m.name for m in result.models]
     label = dict(zip(names, _short_names(names)))
@@ -330,5 +348,7 @@ def _plot(path, result):
     try:
         with atomic_path(Path(path)) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
         plt.close(fig)

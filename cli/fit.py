@@ -117,7 +117,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     out = Path(out)
     if out.suffix.lower() not in MODEL_SUFFIXES:
         raise CpadgnError(f"cannot write {out}: a model file must end in .h5 or .hdf5")
-    check_output_path(out)
+    check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path})
     hidden_sizes = parse_hidden(hidden)
     slope = parse_activation(activation)
     if val_path is not None and val_fraction not in (None, 0):

@@ -12,7 +12,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import Progressbar, load_model, main, model_options, print_summary, user_errors
+from cli.main import (Progressbar, command_inputs, load_model, main, model_options, print_summary,
+                      user_errors)
 from cpadgn.errors import CpadgnError
 
 MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
@@ -74,10 +75,11 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, n
     if out is None and mcar is None:
         raise CpadgnError("missing output file: pass -o OUT (.csv, .npy or .h5), or --evaluate-mcar P")
     std_path = None
+    inputs = command_inputs(model_path, data_path, cache)
     if out is not None:
-        out = check_output_path(out)
+        out = check_output_path(out, inputs=inputs)
         if want_std and out.suffix.lower() in (".csv", ".npy"):
-            std_path = check_output_path(std_sibling(out))
+            std_path = check_output_path(std_sibling(out), inputs=inputs)
     elif want_std:
         raise CpadgnError("--std writes a file beside OUT: pass -o OUT")
 
@@ -171,22 +173,21 @@ def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, 
     Every file goes to a temporary file beside its target and is renamed over it only
     when all of them are complete, so a failure leaves no partial output.
     """
-    from cpadgn.data import atomic_path
+    from cpadgn.data import atomic_hdf5, atomic_path, write_error
     suffix = out.suffix.lower()
     columns = [str(c) for c in columns]
     if draws and suffix == ".csv" and "draw" in columns:
         raise CpadgnError("DATA has a column named 'draw', which the CSV draws layout uses; "
                           "write the draws to .npy or .h5")
     try:
+        if suffix in (".h5", ".hdf5"):
+            with atomic_hdf5(out) as f:
+                f.create_dataset("data", data=data, track_times=False).attrs["columns"] = columns
+                if std is not None:
+                    f.create_dataset("std", data=std, track_times=False).attrs["columns"] = columns
+            return
         with ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(out))
-            if suffix in (".h5", ".hdf5"):
-                import h5py
-                with h5py.File(tmp, "w") as f:
-                    f.create_dataset("data", data=data, track_times=False).attrs["columns"] = columns
-                    if std is not None:
-                        f.create_dataset("std", data=std, track_times=False).attrs["columns"] = columns
-                return
             if std is not None:
                 _write_plain(stack.enter_context(atomic_path(std_path)), suffix, std, columns)
             if draws and suffix == ".csv":
@@ -199,7 +200,7 @@ def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, 
             else:
                 _write_plain(tmp, suffix, data, columns)
     except OSError as e:
-        raise CpadgnError(f"could not write {out}: {e.strerror or e}") from None
+        raise write_error(out, e) from None
 
 
 def _fmt(v) -> str:

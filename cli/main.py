@@ -17,27 +17,68 @@ from cpadgn.errors import CpadgnError
 console = Console(stderr=True)
 
 
+EXIT_USER_ERROR = 1      # bad input, an output that cannot be written
+EXIT_INTERNAL = 70       # a bug (EX_SOFTWARE)
+EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    success
+  1    user error: bad input or options, an output that cannot be written
+  2    usage error: unknown option, missing argument, bad option value
+  70   internal error (a bug): rerun with --debug and please report it
+  130  interrupted (Ctrl-C); no output and no temporary file is left behind
+Every error is one line on stderr starting with "Error:"."""
+
+
+def fail(message: str, code: int):
+    """Print one line "Error: message" on stderr and exit with ``code``."""
+    click.echo("Error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
 def user_errors(fn):
-    """Print user errors as one line on stderr and exit 1; never a traceback."""
+    """Map every failure of a command to one line on stderr and its exit code (never a
+    traceback): CpadgnError 1, Ctrl-C 130, a bug 70 (--debug shows its traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except CpadgnError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            fail(str(e), EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
-            click.echo("Error: out of memory; lower --memory-budget or use fewer rows", err=True)
-            sys.exit(1)
+            fail("out of memory; lower --memory-budget or use fewer rows", EXIT_USER_ERROR)
         except Exception as e:  # a bug, not bad input: still one line, distinct exit code
-            if "--debug" in sys.argv:
+            if kwargs.get("debug") or "--debug" in sys.argv:
                 raise
-            click.echo(f"Error: internal error ({type(e).__name__}: {e}); rerun with --debug "
-                       "for the traceback and report it", err=True)
-            sys.exit(2)
+            first = (str(e).strip().splitlines() or [""])[0]
+            fail(f"internal error ({type(e).__name__}: {first}); rerun with --debug for the "
+                 "traceback and please report it", EXIT_INTERNAL)
     return wrapper
+
+
+class Commands(click.Group):
+    """click's group with one-line errors outside the commands too: a usage error is one
+    line (exit 2), Ctrl-C anywhere is exit 130."""
+
+    def main(self, *args, standalone_mode=True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.Abort:                      # click's form of KeyboardInterrupt / EOF
+            fail("interrupted", EXIT_INTERRUPTED)
+        except click.UsageError as e:            # one line, not click's usage block
+            where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
+            fail(e.format_message().rstrip(".") + where, e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 class Progressbar:
@@ -49,7 +90,7 @@ class Progressbar:
     def __enter__(self):
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
-                            transient=True, disable=self.quiet)
+                            transient=True, disable=self.quiet or not console.is_terminal)
         self.bar.__enter__()
         self.task = self.bar.add_task(self.label, total=None, note="")
         return self
@@ -103,6 +144,23 @@ def model_options(fn):
     return fn
 
 
+def command_inputs(model_path, data_path, cache) -> dict:
+    """The files a model command reads, by role, which no output may replace."""
+    from cpadgn.cache import cache_path_for
+    return {"the DATA file": data_path, "the model file": model_path,
+            "the partition cache": cache if cache else cache_path_for(model_path)}
+
+
+def cache_status(status) -> dict:
+    """JSON fields of a partition status: cache_status, and cache_not_written_reason when
+    the cache could not be written ("not_written (reason)")."""
+    status = str(status)
+    if status.startswith("not_written"):
+        return {"cache_status": "not_written",
+                "cache_not_written_reason": status[len("not_written"):].strip(" ()")}
+    return {"cache_status": status}
+
+
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
                need_noise=True):
     """Load a generator, check it against the data, get its partition (cache or compute),
@@ -127,7 +185,8 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     return model
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="cpadgn")
 def main():
     """cpadgn: exact statistics with piecewise-affine deep generative networks.
@@ -173,7 +232,7 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
         "samples_located": check["samples_located"], "interior_points_ok": check["interior_ok"],
         "method": part.method, "enumeration_seconds": part.seconds,
         "seconds": time.perf_counter() - t0, "cache": str(model.cache_path),
-        "cache_status": model.partition_status,
+        **cache_status(model.partition_status),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -192,7 +251,7 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
             ("prior samples located", f"{100 * summary['samples_located']:.3f}%"),
             ("interior points verified", f"{100 * summary['interior_points_ok']:.3f}%"),
             ("method", f"{part.method} ({part.seconds:.3f} s)"),
-            ("cache", f"{summary['cache']} ({summary['cache_status']})")]
+            ("cache", f"{summary['cache']} ({model.partition_status})")]
     for k, v in rows:
         table.add_row(k, str(v))
     Console().print(table)
@@ -254,7 +313,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     pvalues = pvalues or alpha is not None
     check_score_options(contamination, pvalues, samples, alpha, explain, memory_budget)
     samples = PVALUE_SAMPLES if samples is None else samples
-    check_output_path(out)
+    check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
     X = read_data(data_path, dataset=dataset)
     if explain is not None and explain > X.shape[1]:
         raise CpadgnError(f"--explain {explain} asks for more features than DATA has ({X.shape[1]}); "
@@ -341,7 +400,7 @@ def score_summary(post, cols, model, contamination, seconds, out, *, pv=None, al
          "max_error_bound": float(post.error_bound.max()),
          "rows_with_missing": int((post.n_observed < model.output_dim).sum()),
          "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
-         "cache_status": model.partition_status, "seconds": seconds, "output": str(out)}
+         **cache_status(model.partition_status), "seconds": seconds, "output": str(out)}
     if pv is not None:
         s["pvalue_samples"] = pv.n_samples
         s["pvalue_missing_patterns"] = pv.n_patterns
@@ -373,4 +432,7 @@ from cli import fit as _fit  # noqa: E402,F401
 from cli import impute as _impute  # noqa: E402,F401
 
 if __name__ == "__main__":
-    main()
+    # ``python -m cli.main``: run the group of the imported module ``cli.main``, on which
+    # the commands above registered (this copy, ``__main__``, only holds the first two)
+    from cli.main import main as _registered
+    _registered()

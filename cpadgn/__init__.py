@@ -9,7 +9,6 @@
 """
 from .compare import compare
 from .errors import CpadgnError
-from .model import CPAModel, load
 from .network import PiecewiseAffineNet
 
 __version__ = "0.1.0"
@@ -18,7 +17,11 @@ __all__ = ["CPADGN", "CPADGNDetector", "CPAModel", "CpadgnError", "PiecewiseAffi
 
 
 def __getattr__(name):
-    """The estimators load on first use: they import scikit-learn (optional)."""
+    """The model loads on first use (it imports torch, so the command line starts fast and
+    refuses bad input before that import); the estimators import scikit-learn (optional)."""
+    if name in ("CPAModel", "load"):
+        from . import model
+        return getattr(model, name)
     if name in ("CPADGN", "CPADGNDetector"):
         from . import estimator
         return getattr(estimator, name)

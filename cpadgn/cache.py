@@ -8,15 +8,22 @@ cache format, so a cache whose fingerprint does not match is never used: it is
 recomputed and replaced, and the caller is told why.  Pass the network the partition
 was computed for (the one with the prior folded in, if that is what is enumerated).
 
-Schema (cache_format_version 1)
+The body carries a SHA-256 checksum (``body_sha256``), checked on every load: a cache
+whose content was changed or damaged is recomputed and replaced, with a message.  Only
+a file that is a cpadgn partition cache is ever replaced: any other file at the cache
+path (a model, a data file, a CSV, an unreadable file) is refused with a CpadgnError
+and left untouched.
+
+Schema (cache_format_version 2)
 -------------------------------
 ::
 
     /                        root attributes
         format               "cpadgn-partition"
-        cache_format_version 1
+        cache_format_version 2 (1: no body_sha256; such caches are recomputed)
         fingerprint          SHA-256 hex of (net fingerprint + cache format version);
                              the cache key
+        body_sha256          SHA-256 hex of the datasets below (``body_checksum``)
         net_fingerprint      PiecewiseAffineNet.fingerprint() of the generator
         partition_fingerprint  Partition.fingerprint as computed (usually the same)
         latent_dim           S
@@ -38,9 +45,11 @@ Schema (cache_format_version 1)
     degenerate               uint8 (R,), 1 for a near-degenerate region
 
 Non-empty datasets are gzip-compressed (level 4, with the shuffle filter).  Writes
-are atomic: a temporary file in the same directory, then ``os.replace``, so a reader
-never sees a half-written cache.  If the directory is not writable the partition is
-still returned, with a warning.
+are atomic: the file is built in memory, written to a temporary file in the same
+directory, then renamed with ``os.replace``, so a reader never sees a half-written
+cache and a killed writer leaves at most a temporary that the next write removes.  If
+the cache cannot be written (a read-only or missing directory, a full disk) the
+partition is still returned, with the status "not_written (reason)" and a warning.
 """
 from __future__ import annotations
 
@@ -51,17 +60,18 @@ from typing import Callable
 
 import numpy as np
 
-from .data import atomic_path
+from .data import atomic_hdf5, write_reason
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
 from .partition import Partition
 
 FORMAT = "cpadgn-partition"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 CACHE_SUFFIX = ".partition.h5"
 
 _FLOAT_FIELDS = ("log_prior_mass", "log_prior_mass_stderr", "clearance")
 _BOOL_FIELDS = ("bounded", "degenerate")
+BODY = ("patterns", "interior", "facet_ptr", "facet_units") + _BOOL_FIELDS + _FLOAT_FIELDS
 
 
 def cache_path_for(model_path) -> Path:
@@ -94,35 +104,52 @@ def _version() -> str:
 
 
 # ====================================================================== writing
+def body_arrays(part: Partition) -> dict:
+    """The cache's datasets {name: array} exactly as stored (dtype and shape)."""
+    body = {"patterns": np.packbits(np.asarray(part.patterns, dtype=bool), axis=1),
+            "interior": np.asarray(part.interior, dtype=np.float64),
+            "facet_ptr": np.asarray(part.facet_ptr, dtype=np.int64),
+            "facet_units": np.asarray(part.facet_units, dtype=np.int64)}
+    for name in _BOOL_FIELDS:
+        body[name] = np.asarray(getattr(part, name), dtype=bool).astype(np.uint8)
+    for name in _FLOAT_FIELDS:
+        body[name] = np.asarray(getattr(part, name), dtype=np.float64)
+    return body
+
+
+def body_checksum(body: dict) -> str:
+    """SHA-256 hex over every body dataset: its name, dtype, shape and bytes, in BODY order."""
+    h = hashlib.sha256()
+    for name in BODY:
+        a = np.ascontiguousarray(body[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def save_partition(path, part: Partition, net_fingerprint: str) -> None:
     """Write a partition cache file atomically (schema in the module docstring)."""
-    import h5py
-
     path = Path(path)
     R, K = part.patterns.shape
     S = part.interior.shape[1] if part.interior.ndim == 2 else 0
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["cache_format_version"] = CACHE_FORMAT_VERSION
-            f.attrs["fingerprint"] = cache_key(net_fingerprint)
-            f.attrs["net_fingerprint"] = str(net_fingerprint)
-            f.attrs["partition_fingerprint"] = str(part.fingerprint)
-            f.attrs["latent_dim"] = S
-            f.attrs["n_units"] = K
-            f.attrs["n_regions"] = R
-            f.attrs["method"] = str(part.method)
-            f.attrs["seconds"] = float(part.seconds)
-            f.attrs["created_with"] = _version()
-            packed = np.packbits(np.asarray(part.patterns, dtype=bool), axis=1)
-            _write(f, "patterns", packed).attrs["n_units"] = K
-            _write(f, "interior", np.asarray(part.interior, dtype=np.float64))
-            _write(f, "facet_ptr", np.asarray(part.facet_ptr, dtype=np.int64))
-            _write(f, "facet_units", np.asarray(part.facet_units, dtype=np.int64))
-            for name in _BOOL_FIELDS:
-                _write(f, name, np.asarray(getattr(part, name), dtype=bool).astype(np.uint8))
-            for name in _FLOAT_FIELDS:
-                _write(f, name, np.asarray(getattr(part, name), dtype=np.float64))
+    body = body_arrays(part)
+    with atomic_hdf5(path) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["cache_format_version"] = CACHE_FORMAT_VERSION
+        f.attrs["fingerprint"] = cache_key(net_fingerprint)
+        f.attrs["body_sha256"] = body_checksum(body)
+        f.attrs["net_fingerprint"] = str(net_fingerprint)
+        f.attrs["partition_fingerprint"] = str(part.fingerprint)
+        f.attrs["latent_dim"] = S
+        f.attrs["n_units"] = K
+        f.attrs["n_regions"] = R
+        f.attrs["method"] = str(part.method)
+        f.attrs["seconds"] = float(part.seconds)
+        f.attrs["created_with"] = _version()
+        for name in BODY:
+            ds = _write(f, name, body[name])
+            if name == "patterns":
+                ds.attrs["n_units"] = K
 
 
 def _write(f, name, a):
@@ -131,37 +158,59 @@ def _write(f, name, a):
 
 
 # ====================================================================== reading
-def read_partition(path) -> tuple[Partition, str]:
-    """Read and validate a cache file: (Partition, cache fingerprint).  CpadgnError if unusable."""
-    import h5py
+class NotACacheError(CpadgnError):
+    """The file is not a cpadgn partition cache (not HDF5, or another format): never replaced."""
 
+
+def read_partition(path) -> tuple[Partition, str]:
+    """Read and validate a cache file: (Partition, cache fingerprint).
+
+    NotACacheError if the file is not a cpadgn partition cache; CpadgnError if it is one
+    but unusable (another format version, damaged, checksum mismatch).
+    """
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, ValueError) as e:
-        raise CpadgnError(f"{path} is not a readable HDF5 file ({_short(e)})") from None
+    f = _open(path)
     try:
         with f:
-            fingerprint = _read_header(path, f)
+            fingerprint, version = _read_header(path, f)
+            if version != CACHE_FORMAT_VERSION:
+                raise CpadgnError(f"{path} has cache format {version}, this cpadgn reads "
+                                  f"{CACHE_FORMAT_VERSION}")
             return _read_body(path, f), fingerprint
     except CpadgnError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CpadgnError(f"{path} is not a valid partition cache ({type(e).__name__}: "
                           f"{_short(e)})") from None
 
 
 def read_fingerprint(path) -> str:
-    """Only the cache fingerprint (cheap); CpadgnError if the file is not a cache."""
-    import h5py
+    """Only the cache fingerprint (cheap); NotACacheError if the file is not a cache."""
+    return read_identity(path)[0]
 
+
+def read_identity(path) -> tuple[str, int]:
+    """(cache fingerprint, cache_format_version) from the header; NotACacheError if the
+    file is not a cpadgn partition cache."""
+    path = Path(path)
+    f = _open(path)
     try:
-        with h5py.File(path, "r") as f:
-            return _read_header(Path(path), f)
+        with f:
+            return _read_header(path, f)
     except CpadgnError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise CpadgnError(f"{path} is not a readable partition cache ({_short(e)})") from None
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise NotACacheError(f"{path} is not a readable partition cache ({_short(e)})") from None
+
+
+def _open(path: Path):
+    import h5py
+    if path.is_dir():
+        raise NotACacheError(f"{path} is a directory")
+    try:
+        return h5py.File(path, "r")
+    except (OSError, ValueError) as e:
+        raise NotACacheError(f"{path} is not a readable HDF5 file ({_short(e)})") from None
 
 
 def _short(e) -> str:
@@ -173,23 +222,26 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _read_header(path, f) -> str:
+def _read_header(path, f) -> tuple[str, int]:
     fmt = _s(f.attrs.get("format", ""))
     if fmt != FORMAT:
-        raise CpadgnError(f"{path} is not a cpadgn partition cache (format '{fmt}')")
+        raise NotACacheError(f"{path} is not a cpadgn partition cache (format '{fmt}')")
     if "fingerprint" not in f.attrs:
         raise CpadgnError(f"{path} has no fingerprint")
-    return _s(f.attrs["fingerprint"])
+    return _s(f.attrs["fingerprint"]), int(f.attrs.get("cache_format_version", -1))
 
 
 def _read_body(path, f) -> Partition:
-    version = int(f.attrs.get("cache_format_version", -1))
-    if version != CACHE_FORMAT_VERSION:
-        raise CpadgnError(f"{path} has cache format {version}, this cpadgn reads {CACHE_FORMAT_VERSION}")
     R, K, S = (int(f.attrs[k]) for k in ("n_regions", "n_units", "latent_dim"))
+    raw = {name: np.asarray(f[name][()]) for name in BODY}
+    if "body_sha256" not in f.attrs:
+        raise CpadgnError(f"{path} has no body checksum")
+    if body_checksum(raw) != _s(f.attrs["body_sha256"]):
+        raise CpadgnError(f"{path}: the content does not match its checksum (the file was changed "
+                          "or damaged)")
 
     def get(name, dtype, shape):
-        a = np.asarray(f[name][()], dtype=dtype)
+        a = raw[name].astype(dtype, copy=False)
         if a.shape != shape:
             raise CpadgnError(f"{path}: dataset {name} has shape {a.shape}, expected {shape}")
         return a
@@ -197,7 +249,7 @@ def _read_body(path, f) -> Partition:
     packed = get("patterns", np.uint8, (R, (K + 7) // 8))
     patterns = np.unpackbits(packed, axis=1, count=K).astype(bool) if K else np.zeros((R, 0), bool)
     facet_ptr = get("facet_ptr", np.int64, (R + 1,))
-    nnz = int(f["facet_units"].shape[0]) if f["facet_units"].ndim == 1 else -1
+    nnz = int(raw["facet_units"].shape[0]) if raw["facet_units"].ndim == 1 else -1
     facet_units = get("facet_units", np.int64, (max(nnz, 0),))
     if facet_ptr[0] != 0 or facet_ptr[-1] != nnz or np.any(np.diff(facet_ptr) < 0):
         raise CpadgnError(f"{path}: facet_ptr is not a valid CSR offset array")
@@ -223,44 +275,61 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
     """The partition of ``net`` from ``cache_path`` if it is valid, else ``compute()`` and store it.
 
     Returns (partition, status) with status "loaded", "computed",
-    "recomputed (stale: fingerprint mismatch)" or "recomputed (unreadable cache: ...)".
-    log(msg) receives one human sentence per event; a failure to write the cache is a
-    warning (through log, or warnings.warn without one), never an error.
+    "recomputed (stale: fingerprint mismatch)", "recomputed (other cache format N)",
+    "recomputed (corrupt cache: ...)", or "not_written (reason)" when the partition
+    was computed but the cache could not be written.  log(msg) receives one human
+    sentence per event; a failure to write the cache is a warning (through log, or
+    warnings.warn without one), never an error.  A file at ``cache_path`` that is not a
+    cpadgn partition cache is refused (NotACacheError) before any computation and
+    left untouched.
     """
     say = log or (lambda msg: None)
     cache_path = Path(cache_path)
     net_fp = net.fingerprint()
     key = cache_key(net_fp)
     status = "computed"
-    if cache_path.exists():
+    if cache_path.exists() or cache_path.is_symlink():
         try:
-            stored = read_fingerprint(cache_path)
-            if stored != key:
-                status = "recomputed (stale: fingerprint mismatch)"
-                say(f"The partition cache {cache_path} was computed for a different generator or "
-                    "cache format (fingerprint mismatch); recomputing and replacing it.")
-            else:
+            stored, version = read_identity(cache_path)
+        except NotACacheError as e:
+            reason = str(e).replace(str(cache_path), "").strip(" :") or "not a cache"
+            raise NotACacheError(f"the partition cache path {cache_path} holds a file that is not a "
+                                 f"cpadgn partition cache ({reason}); it is left untouched: choose "
+                                 "another cache path (--cache) or move that file away") from None
+        except CpadgnError as e:
+            stored, version = None, CACHE_FORMAT_VERSION
+            status = _corrupt(cache_path, e, say)
+        if stored is None:
+            pass
+        elif version != CACHE_FORMAT_VERSION:
+            status = f"recomputed (other cache format {version})"
+            say(f"The partition cache {cache_path} has cache format {version} (this cpadgn "
+                f"writes {CACHE_FORMAT_VERSION}); recomputing and replacing it.")
+        elif stored != key:
+            status = "recomputed (stale: fingerprint mismatch)"
+            say(f"The partition cache {cache_path} was computed for a different generator or "
+                "cache format (fingerprint mismatch); recomputing and replacing it.")
+        else:
+            try:
                 part, _ = read_partition(cache_path)
                 if part.patterns.shape[1] != net.n_units or part.interior.shape[1] != net.latent_dim:
                     raise CpadgnError(f"{cache_path}: shapes do not match the generator")
                 say(f"Loaded the partition ({part.n_regions} regions) from {cache_path}.")
                 return part, "loaded"
-        except CpadgnError as e:
-            reason = str(e).replace(str(cache_path), "").strip(" :") or "unreadable"
-            status = f"recomputed (unreadable cache: {reason})"
-            say(f"The partition cache {cache_path} is unreadable ({reason}); recomputing and "
-                "replacing it.")
+            except CpadgnError as e:
+                status = _corrupt(cache_path, e, say)
     part = compute()
     try:
         save_partition(cache_path, part, net_fp)
     except Exception as e:  # caching is an optimisation: never fail the computation
-        msg = (f"Could not write the partition cache {cache_path} ({_short_os(e)}); continuing "
-               "without a cache (pass another cache path to keep the partition).")
+        why = write_reason(e)
+        msg = (f"Could not write the partition cache {cache_path} ({why}); continuing without "
+               "a cache (pass another cache path to keep the partition).")
         if log is None:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         else:
             log(msg)
-        return part, status
+        return part, f"not_written ({why})"
     if status == "computed":
         say(f"Computed the partition ({part.n_regions} regions, {part.method}, "
             f"{part.seconds:.3g} s) and saved it to {cache_path}.")
@@ -269,7 +338,7 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
     return part, status
 
 
-def _short_os(e) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
-    return _short(e)
+def _corrupt(cache_path, e, say) -> str:
+    reason = str(e).replace(str(cache_path), "").strip(" :") or "unreadable"
+    say(f"The partition cache {cache_path} is corrupt ({reason}); recomputing and replacing it.")
+    return f"recomputed (corrupt cache: {reason})"

@@ -8,7 +8,7 @@ NaN marking a missing value.
 - ``.csv``  comma separated; the first row is a header when any of its cells is not a
   number; empty cells and nan / NA / N/A / null (any case) are missing values
 - ``.h5`` / ``.hdf5``  the dataset named by ``dataset``; without it, the file's only
-  2-D dataset
+  2-D dataset (``dataset`` given for a .csv or .npy file is refused)
 
 Infinite values are refused (they are never a valid observation; write NaN for a
 missing one).
@@ -26,15 +26,23 @@ Output (``write_table``, ``write_array``): chosen by suffix.
 
 Every output is written to a temporary file in the target directory and renamed
 over the target (``os.replace``), so a reader never sees a half-written file and a
-failure leaves no partial output.  ``check_output_path`` validates an output path
-before any computation starts.
+failure (a full disk, Ctrl-C) leaves no partial output; HDF5 files are built in memory
+and written with plain file writes (``atomic_hdf5``).  ``check_output_path`` validates
+an output path before any computation starts, including that it is not one of the
+command's inputs (``check_not_an_input``).  A full disk is reported as one line
+(``write_error``).
 """
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,16 +56,22 @@ MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
 
 
 # ============================================================= atomic writing
+STALE_TEMP_SECONDS = 6 * 3600   # a temporary older than this is stale whoever wrote it
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
-    The final file gets the usual permissions (0666 minus the umask).
+    On any exception (KeyboardInterrupt included) the temporary file is removed and
+    ``path`` is left as it was.  The final file gets the usual permissions (0666 minus
+    the umask).  The temporary is named ``.NAME.HOST.PID.XXXXXXXX.tmp``: temporaries
+    that a killed writer left beside ``path`` are removed first (``remove_stale_temps``).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                               prefix=f".{path.name}.", suffix=".tmp")
+    parent = path.parent if str(path.parent) else Path(".")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -74,20 +88,142 @@ def atomic_path(path):
         raise
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_host()}.{os.getpid()}."
+
+
+def remove_stale_temps(path) -> list:
+    """Remove the temporaries of writers of ``path`` that are gone; returns the removed paths.
+
+    A temporary (``.NAME.HOST.PID.XXXXXXXX.tmp`` or ``.check``) is stale when it was
+    written on this host by a process that no longer exists, or when it is older than
+    STALE_TEMP_SECONDS (a writer on another host, or a reused PID).  A writer that is
+    alive on this host keeps its temporary.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(?:([A-Za-z0-9-]+)\.(\d+)\.)?"
+                         r"[A-Za-z0-9_]{8}\.(?:tmp|check)$")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        temp = parent / name
+        try:
+            old = now - temp.lstat().st_mtime > STALE_TEMP_SECONDS
+            dead = m.group(1) == _host() and not _alive(int(m.group(2)))
+            if (old or dead) and temp.is_file():
+                temp.unlink()
+                removed.append(temp)
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def check_output_path(path, *, ndim: int = 2) -> Path:
+@contextmanager
+def atomic_hdf5(path):
+    """Yield a new in-memory ``h5py.File``; on success write its image to ``path`` atomically.
+
+    HDF5 is written to memory and the finished image is written to disk with plain file
+    writes, so a full disk is one OSError from ``write`` (never an HDF5 error inside a
+    close or a finaliser, which is what crashed the process).
+    """
+    h5py = _h5py()
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as out:
+            out.write(buffer.getbuffer())
+
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_SPACE_TEXT = re.compile(r"no space left|file too large|quota exceeded|errno = (28|27|122)\b|"
+                            r"\d+ requested and \d+ written", re.IGNORECASE)
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True for a write that failed because the disk (or the file size limit) is full.
+
+    numpy's short-write message ("N requested and M written") counts: a short write to a
+    regular file only happens when the device is full or a size limit is reached.
+    """
+    return (isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS) or bool(_NO_SPACE_TEXT.search(str(e)))
+
+
+def write_reason(e: BaseException) -> str:
+    """Why a write failed, in words (a full disk says what to do)."""
+    if is_no_space(e):
+        return "no space left on device; free space or choose another path"
+    return e.strerror if isinstance(e, OSError) and e.strerror else _short(e)
+
+
+def write_error(path, e: BaseException) -> CpadgnError:
+    """The one-line user error for a failed write of ``path``."""
+    return CpadgnError(f"could not write {path}: {write_reason(e)}")
+
+
+def check_not_an_input(path, inputs: dict) -> None:
+    """Fail (CpadgnError) if writing ``path`` would replace one of ``inputs`` ({role: path}).
+
+    The same file is recognised through symbolic links, hard links and relative paths
+    (os.path.samefile when both exist, the resolved path otherwise, so a cache file that
+    does not exist yet counts too).
+    """
+    path = Path(path)
+    for role, other in inputs.items():
+        if other is None or other is False:
+            continue
+        other = Path(other)
+        same = os.path.realpath(path) == os.path.realpath(other)
+        if not same and path.exists() and other.exists():
+            try:
+                same = os.path.samefile(path, other)
+            except OSError:
+                same = False
+        if same:
+            raise CpadgnError(f"cannot write {path}: it is {role} ({other}), an input of this "
+                              "command, and would be destroyed; choose another output path")
+
+
+def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None) -> Path:
     """Fail early (CpadgnError) if ``path`` cannot receive a result file.
 
     Checks the suffix, that the directory exists and is writable (by creating and
-    removing a temporary file there), and that the path is not a directory.  ndim=3
+    removing a temporary file there), that the path is not a directory, and that it is
+    none of ``inputs`` ({role: path}, see ``check_not_an_input``).  ndim=3
     (multiple-imputation draws) also refuses .csv.  Returns the path.
     """
     path = Path(path)
+    check_not_an_input(path, inputs or {})
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise CpadgnError(f"cannot write {path}: unknown output extension "
@@ -103,7 +239,7 @@ def check_output_path(path, *, ndim: int = 2) -> Path:
     if not parent.is_dir():
         raise CpadgnError(f"cannot write {path}: {parent} is not a directory")
     try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".check")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".check")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
@@ -126,6 +262,9 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     if suffix not in DATA_SUFFIXES:
         raise CpadgnError(f"cannot read {path}: unknown data extension '{path.suffix or '(none)'}'; "
                           f"supported: {', '.join(DATA_SUFFIXES)}")
+    if dataset is not None and suffix not in (".h5", ".hdf5"):
+        raise CpadgnError(f"--dataset {dataset} names a dataset inside an .h5 file, but {path} is a "
+                          f"{suffix} file; drop --dataset")
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -310,6 +449,10 @@ def write_table(path, columns: dict) -> None:
             raise ValueError(f"invalid column name {k!r}")
     n = next(iter(lengths.values()), 0)
     try:
+        if suffix in (".h5", ".hdf5"):
+            with atomic_hdf5(path) as f:
+                _h5_columns(f, cols)
+            return
         with atomic_path(path) as tmp:
             if suffix == ".csv":
                 with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -319,24 +462,25 @@ def write_table(path, columns: dict) -> None:
                     vals = list(cols.values())
                     for i in range(n):
                         w.writerow([fmt(v[i]) for fmt, v in zip(fmts, vals)])
-            elif suffix == ".npy":
+            else:
                 rec = np.empty(n, dtype=[(k, _npy_dtype(v)) for k, v in cols.items()])
                 for k, v in cols.items():
                     rec[k] = v
                 with open(tmp, "wb") as f:
                     np.save(f, rec, allow_pickle=False)
-            else:
-                h5py = _h5py()
-                with h5py.File(tmp, "w") as f:
-                    for k, v in cols.items():
-                        if v.dtype.kind in "USO":
-                            f.create_dataset(k, data=v.astype(str).astype(object),
-                                             dtype=h5py.string_dtype(), track_times=False)
-                        else:
-                            f.create_dataset(k, data=v, track_times=False)
-                    f.attrs["columns"] = list(cols)
     except OSError as e:
-        raise CpadgnError(f"could not write {path}: {e.strerror or e}") from None
+        raise write_error(path, e) from None
+
+
+def _h5_columns(f, cols: dict) -> None:
+    h5py = _h5py()
+    for k, v in cols.items():
+        if v.dtype.kind in "USO":
+            f.create_dataset(k, data=v.astype(str).astype(object), dtype=h5py.string_dtype(),
+                             track_times=False)
+        else:
+            f.create_dataset(k, data=v, track_times=False)
+    f.attrs["columns"] = list(cols)
 
 
 def write_array(path, array, *, columns=None) -> None:
@@ -361,6 +505,12 @@ def write_array(path, array, *, columns=None) -> None:
         raise CpadgnError(f"cannot write {path}: a CSV file holds a 2-D table, but this output "
                           f"has shape {a.shape}; use .npy or .h5")
     try:
+        if suffix in (".h5", ".hdf5"):
+            with atomic_hdf5(path) as f:
+                ds = f.create_dataset("data", data=a, track_times=False)
+                if columns is not None:
+                    ds.attrs["columns"] = columns
+            return
         with atomic_path(path) as tmp:
             if suffix == ".csv":
                 names = columns or [f"x{j + 1}" for j in range(a.shape[1])]
@@ -370,17 +520,11 @@ def write_array(path, array, *, columns=None) -> None:
                     w.writerow(names)
                     for row in a:
                         w.writerow([fmt(v) for v in row])
-            elif suffix == ".npy":
+            else:
                 with open(tmp, "wb") as f:
                     np.save(f, a, allow_pickle=False)
-            else:
-                h5py = _h5py()
-                with h5py.File(tmp, "w") as f:
-                    ds = f.create_dataset("data", data=a, track_times=False)
-                    if columns is not None:
-                        ds.attrs["columns"] = columns
     except OSError as e:
-        raise CpadgnError(f"could not write {path}: {e.strerror or e}") from None
+        raise write_error(path, e) from None
 
 
 def _column(v) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr
 
+from .edges import Edges, distance_to_polyhedron, polyhedron_edges
 from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments, solve_in_groups
 from .network import PiecewiseAffineNet
 from .partition import Partition
@@ -138,11 +139,44 @@ class RegionTable:
             t_lo, t_hi, live = facet_segments(a, c0, real_np)
             self.polygons = (a, np.stack([-a[..., 1], a[..., 0]], -1), c0, t_lo, t_hi, live, real_np)
             self.polygon_size = real_np.sum(1)
+        self.polyhedra = None
+        self.has_nearest = self.polygons is not None
+        if S == 3 and real.any():
+            # Each region's whitened polyhedron (v = 0) and its edges, once: the distance
+            # from a pair's whitened mean to its region needs nothing else.
+            real_np = real.cpu().numpy()
+            a = self.GC_unit.cpu().numpy()
+            c0 = np.where(real_np, self.h_unit.cpu().numpy(), 0.0)
+            self.polyhedra = (a, c0, real_np, _edges_in_groups(a, c0, real_np))
+            self.has_nearest = True
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
         M, c = self.M[regions], self.c[regions]
         return torch.einsum("dh,bhs->bds", self.U, M), c @ self.U.T + self.b0
+
+
+def _edges_in_groups(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096) -> Edges:
+    """``polyhedron_edges`` of R polyhedra, a (R, F, 3), c (R, F), real (R, F), in groups
+    of equal facet count (the work is cubic in it), padded to the largest edge count."""
+    R, F, _ = a.shape
+    order = np.argsort(~real, axis=1, kind="stable")                   # real facets first
+    a, c, real = np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), \
+        np.take_along_axis(real, order, 1)
+    sizes = real.sum(1)
+    parts = []
+    for k in np.unique(sizes):
+        for g in np.array_split(np.flatnonzero(sizes == k), -(-int((sizes == k).sum()) // group)):
+            parts.append((g, polyhedron_edges(a[g, :k], c[g, :k], real[g, :k])))
+    E = max(p.real.shape[1] for _, p in parts)
+    out = Edges(np.zeros((R, E, 3)), np.zeros((R, E, 3)), np.zeros((R, E)), np.zeros((R, E)),
+                np.zeros((R, E), bool), np.zeros(R))
+    for g, p in parts:
+        n = p.real.shape[1]
+        for name in ("p", "e", "lo", "hi", "real"):
+            getattr(out, name)[g, :n] = getattr(p, name)
+        out.volume[g] = p.volume
+    return out
 
 
 def _inverse_transpose(L: torch.Tensor) -> torch.Tensor:
@@ -244,10 +278,26 @@ def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor) -> to
 
 
 def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """log Phi(-r) >= log Phi_w for complete-row pairs with S = 2, r the distance from the
-    posterior mean to the region in the whitened frame (0 inside): the region lies beyond
-    the line through its nearest point.  That point is on a facet the mean violates, so
-    r = min over such facets of the distance to their segment.  v (P, 2) -> (P,)."""
+    """log Phi(-r) >= log Phi_w for complete-row pairs with S = 2 or 3, r the distance from
+    the posterior mean to the region in the whitened frame (0 inside): the region lies
+    beyond the (hyper)plane through its nearest point.  v (P, S) -> (P,).
+
+    S = 2: the nearest point is on a facet the mean violates, so r = min over such facets
+    of the distance to their segment.  S = 3: ``edges.distance_to_polyhedron``, and for a
+    bounded region also its volume times the largest density on it, phi_3(r) (much the
+    sharper for regions small beside the posterior); a small relative slack keeps the
+    bound above the mass despite rounding."""
+    if tab.S == 3:
+        a, c, real, edges = tab.polyhedra
+        a, c, real = a[regions], c[regions], real[regions]
+        sub = Edges(*(getattr(edges, f)[regions] for f in ("p", "e", "lo", "hi", "real", "volume")))
+        dist = distance_to_polyhedron(a, c, real, a @ np.swapaxes(a, 1, 2), sub, v)
+        r = np.maximum(dist * (1 - 1e-9) - 1e-9, 0.0)
+        with np.errstate(divide="ignore"):
+            log_volume = np.log(sub.volume) + 1e-9
+        if tab.degenerate is not None:                 # a missed edge could shrink the volume
+            log_volume = np.where(tab.degenerate[regions], np.inf, log_volume)
+        return np.minimum(np.where(dist > 0, log_ndtr(-r), 0.0), log_volume - 1.5 * LOG_2PI - 0.5 * r * r)
     _, c, t_lo, t_hi, live, real = _translated(tab, v, regions)
     with np.errstate(invalid="ignore"):
         t = np.clip(0.0, t_lo, t_hi)                                  # the segment point nearest the foot
@@ -469,7 +519,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
                 0, l_rows, l_bound, reduce="amax")
             take = (~l_taken) & (~done[l_rows]) & (l_bound >= (top - margin)[l_rows]) & (l_bound > -torch.inf)
             # Before integrating, the sharper nearest-point bound (S = 2, complete rows).
-            sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if complete and tab.polygons is not None else []
+            sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if complete and tab.has_nearest else []
             if len(sharpen) == 0:
                 break
             rows, regions = l_rows[sharpen], l_regions[sharpen]
@@ -511,7 +561,7 @@ def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torc
 
 def _row_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     """Per-row sums of pair values: rows (P,), values (P, ...) -> (n, ...)."""
-    flat = values.reshape(values.shape[0], -1)
+    flat = values.reshape(values.shape[0], int(np.prod(values.shape[1:])))
     sums = [np.bincount(rows, weights=flat[:, k], minlength=n) for k in range(flat.shape[1])]
     return np.stack(sums, axis=1).reshape((n,) + values.shape[1:])
 

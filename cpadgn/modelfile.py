@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import atomic_path
+from .data import atomic_hdf5, write_error
 from .errors import CpadgnError
 from .loading import HDF5_SIGNATURE, Generator, check_net
 from .network import PiecewiseAffineNet
@@ -87,34 +87,33 @@ def save_model(path, net: PiecewiseAffineNet, *, prior_mean=None, prior_cov=None
 
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["format"] = FORMAT
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["latent_dim"] = S
-                f.attrs["output_dim"] = D
-                f.attrs["n_layers"] = len(net.weights)
-                f.attrs["hidden_sizes"] = np.asarray(net.hidden_sizes, dtype=np.int64)
-                f.attrs["attrs"] = attrs_json
-                g = f.create_group("generator")
-                for l, (W, b) in enumerate(zip(net.weights, net.biases)):
-                    _dataset(g, f"weight_{l}", np.asarray(W, dtype=np.float64))
-                    _dataset(g, f"bias_{l}", np.asarray(b, dtype=np.float64))
-                for l, a in enumerate(net.slopes):
-                    _dataset(g, f"slope_{l}", np.asarray(a, dtype=np.float64))
-                g.attrs["activations"] = [activation_name(a) for a in net.slopes] \
-                    if net.slopes else np.zeros(0, dtype=h5py.string_dtype())
-                p = f.create_group("prior")
-                _dataset(p, "mean", mean)
-                _dataset(p, "cov", cov)
-                if std is not None:
-                    _dataset(f.create_group("noise"), "std", std)
-                for gname in sorted(groups):
-                    grp = f.require_group(gname.strip("/"))
-                    for name in sorted(groups[gname]):
-                        _dataset(grp, name.strip("/"), groups[gname][name])
+        with atomic_hdf5(path) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["latent_dim"] = S
+            f.attrs["output_dim"] = D
+            f.attrs["n_layers"] = len(net.weights)
+            f.attrs["hidden_sizes"] = np.asarray(net.hidden_sizes, dtype=np.int64)
+            f.attrs["attrs"] = attrs_json
+            g = f.create_group("generator")
+            for l, (W, b) in enumerate(zip(net.weights, net.biases)):
+                _dataset(g, f"weight_{l}", np.asarray(W, dtype=np.float64))
+                _dataset(g, f"bias_{l}", np.asarray(b, dtype=np.float64))
+            for l, a in enumerate(net.slopes):
+                _dataset(g, f"slope_{l}", np.asarray(a, dtype=np.float64))
+            g.attrs["activations"] = [activation_name(a) for a in net.slopes] \
+                if net.slopes else np.zeros(0, dtype=h5py.string_dtype())
+            p = f.create_group("prior")
+            _dataset(p, "mean", mean)
+            _dataset(p, "cov", cov)
+            if std is not None:
+                _dataset(f.create_group("noise"), "std", std)
+            for gname in sorted(groups):
+                grp = f.require_group(gname.strip("/"))
+                for name in sorted(groups[gname]):
+                    _dataset(grp, name.strip("/"), groups[gname][name])
     except OSError as e:
-        raise CpadgnError(f"could not write {path}: {e.strerror or e}") from None
+        raise write_error(path, e) from None
 
 
 def _dataset(group, name, value):

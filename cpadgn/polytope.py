@@ -1,7 +1,7 @@
 """Standard-normal mass and moments over convex polyhedra P = {u : A u <= b}.
 
-u ~ N(0, I_S).  S = 1 and S = 2 are exact and deterministic (log space throughout);
-S >= 3 uses randomised quasi-Monte Carlo with a standard error.
+u ~ N(0, I_S).  S = 1, 2 and 3 are exact and deterministic (log space throughout; S = 3
+in ``polyhedron``); S >= 4 uses randomised quasi-Monte Carlo with a standard error.
 """
 from __future__ import annotations
 
@@ -94,6 +94,9 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) ->
             res = _interval(A[..., 0], b, mask)
         elif S == 2:
             res = _by_row_count(_polygon, A, b, mask, moments)
+        elif S == 3:
+            from .polyhedron import polyhedron_moments
+            res = polyhedron_moments(A, b, mask, moments=moments)
         else:
             res = _qmc(A, b, mask, n_qmc, seed, moments)
     return _assemble(B, S, sel, res, empty)

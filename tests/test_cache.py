@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cpadgn import cache
-from cpadgn.cache import (CACHE_FORMAT_VERSION, cache_key, cache_path_for, load_or_compute,
-                          read_partition, save_partition)
+from cpadgn.cache import (CACHE_FORMAT_VERSION, NotACacheError, body_checksum, cache_key,
+                          cache_path_for, load_or_compute, read_partition, save_partition)
 from cpadgn.network import PiecewiseAffineNet
 from cpadgn.partition import Partition
 
@@ -112,36 +112,104 @@ def test_cache_format_version_is_part_of_the_key(tmp_path, monkeypatch):
     net = small_net()
     p = tmp_path / "c.h5"
     load_or_compute(net, p, Counter(hand_partition(net)))
+    key = cache_key(net.fingerprint())
     monkeypatch.setattr(cache, "CACHE_FORMAT_VERSION", CACHE_FORMAT_VERSION + 1)
+    assert cache_key(net.fingerprint()) != key
     compute = Counter(hand_partition(net))
-    assert load_or_compute(net, p, compute)[1] == "recomputed (stale: fingerprint mismatch)"
+    messages = []
+    status = load_or_compute(net, p, compute, log=messages.append)[1]
+    assert status == f"recomputed (other cache format {CACHE_FORMAT_VERSION})" and compute.calls == 1
+    assert "cache format" in messages[0] and "recomputing" in messages[0]
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncate", "foreign", "bad_ptr", "missing"])
-def test_corrupt_cache_recomputes(tmp_path, damage):
+def test_format_1_cache_without_checksum_is_recomputed(tmp_path):
+    """A cache written by the previous format (no body checksum) is never used as is."""
     net = small_net()
     p = tmp_path / "c.h5"
     save_partition(p, hand_partition(net), net.fingerprint())
-    if damage == "garbage":
-        p.write_bytes(b"not an hdf5 file at all")
-    elif damage == "truncate":
-        data = p.read_bytes()
-        p.write_bytes(data[: len(data) // 2])
-    elif damage == "foreign":
-        with h5py.File(p, "w") as f:
-            f["x"] = np.zeros(3)
-    elif damage == "bad_ptr":
-        with h5py.File(p, "r+") as f:
+    with h5py.File(p, "r+") as f:
+        f.attrs["cache_format_version"] = 1
+        f.attrs["fingerprint"] = "0" * 64
+        del f.attrs["body_sha256"]
+    compute = Counter(hand_partition(net))
+    messages = []
+    assert load_or_compute(net, p, compute, log=messages.append)[1] == "recomputed (other cache format 1)"
+    assert compute.calls == 1 and len(messages) == 2 and "cache format 1" in messages[0]
+    assert load_or_compute(net, p, compute)[1] == "loaded"
+
+
+def test_checksum_covers_every_byte_of_the_body(tmp_path):
+    """Flipping any single bit of any body dataset changes the stored checksum."""
+    net = small_net()
+    body = cache.body_arrays(hand_partition(net))
+    want = body_checksum(body)
+    assert set(body) == set(cache.BODY)
+    rng = np.random.default_rng(1)
+    for name, a in body.items():
+        if a.size == 0:
+            continue
+        raw = a.copy().view(np.uint8).reshape(-1)
+        raw[rng.integers(raw.size)] ^= np.uint8(1 << int(rng.integers(8)))
+        assert body_checksum({**body, name: raw.view(a.dtype).reshape(a.shape)}) != want, name
+        # the same values stored with another dtype or shape are another body too
+    assert body_checksum({**body, "interior": body["interior"].astype(np.float32)}) != want
+    assert body_checksum({**body, "facet_ptr": body["facet_ptr"].reshape(1, -1)}) != want
+
+
+@pytest.mark.parametrize("damage", ["bad_ptr", "missing", "patterns", "one_value", "no_checksum"])
+def test_damaged_cache_is_recomputed_and_says_corrupt(tmp_path, damage):
+    """A cpadgn cache whose body was changed (its attributes intact) is never used."""
+    net = small_net()
+    p = tmp_path / "c.h5"
+    save_partition(p, hand_partition(net), net.fingerprint())
+    with h5py.File(p, "r+") as f:
+        if damage == "bad_ptr":
             f["facet_ptr"][-1] = 10 ** 6
-    else:
-        with h5py.File(p, "r+") as f:
+        elif damage == "missing":
             del f["clearance"]
+        elif damage == "patterns":                   # another valid pattern array, same shape
+            f["patterns"][...] = ~f["patterns"][()]
+        elif damage == "one_value":
+            f["log_prior_mass"][0] = f["log_prior_mass"][0] + 1e-12
+        else:
+            del f.attrs["body_sha256"]
     compute = Counter(hand_partition(net))
     messages = []
     part, status = load_or_compute(net, p, compute, log=messages.append)
-    assert status.startswith("recomputed (unreadable cache: ") and compute.calls == 1
-    assert "unreadable" in messages[0]
+    assert status.startswith("recomputed (corrupt cache: ") and compute.calls == 1
+    assert "corrupt" in messages[0] and "recomputing" in messages[0]
     assert load_or_compute(net, p, compute)[1] == "loaded"  # replaced by a good one
+    assert_same(part, read_partition(p)[0])
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "foreign_h5", "csv", "model", "directory"])
+def test_a_file_that_is_not_a_cache_is_refused_and_left_untouched(tmp_path, kind):
+    """Only a cpadgn partition cache is ever replaced at the cache path."""
+    from cpadgn.modelfile import save_model
+    net = small_net()
+    p = tmp_path / "c.h5"
+    if kind == "garbage":
+        p.write_bytes(b"not an hdf5 file at all")
+    elif kind == "truncated":
+        save_partition(p, hand_partition(net), net.fingerprint())
+        p.write_bytes(p.read_bytes()[:1000])
+    elif kind == "foreign_h5":
+        with h5py.File(p, "w") as f:
+            f["x"] = np.zeros(3)
+    elif kind == "csv":
+        p = tmp_path / "data.csv"
+        p.write_text("1,2,3\n4,5,6\n")
+    elif kind == "model":
+        save_model(p, net, noise_std=0.5)
+    else:
+        p.mkdir()
+    before = None if p.is_dir() else p.read_bytes()
+    compute = Counter(hand_partition(net))
+    with pytest.raises(NotACacheError, match="not a cpadgn partition cache.*left untouched"):
+        load_or_compute(net, p, compute)
+    assert compute.calls == 0
+    assert p.is_dir() if before is None else p.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]
 
 
 def test_failed_write_leaves_old_file_intact_and_no_temp(tmp_path, monkeypatch):
@@ -173,8 +241,9 @@ def test_failed_write_leaves_old_file_intact_and_no_temp(tmp_path, monkeypatch):
     messages = []
     part, status = load_or_compute(small_net(2), tmp_path / "other.h5",
                                    Counter(hand_partition(small_net(2))), log=messages.append)
-    assert status == "computed" and part.n_regions == 5
-    assert "Could not write the partition cache" in messages[-1]
+    assert status == "not_written (no space left on device; free space or choose another path)"
+    assert part.n_regions == 5
+    assert "Could not write the partition cache" in messages[-1] and "no space" in messages[-1]
     assert not (tmp_path / "other.h5").exists()
 
 
@@ -183,18 +252,15 @@ def test_unwritable_cache_directory_warns_and_returns(tmp_path):
     where = tmp_path / "no" / "such" / "dir" / "c.h5"
     with pytest.warns(RuntimeWarning, match="Could not write the partition cache"):
         part, status = load_or_compute(net, where, Counter(hand_partition(net)))
-    assert status == "computed" and part.n_regions == 5
-    if os.geteuid() != 0:  # root ignores directory permissions
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o555)
-        try:
-            messages = []
-            _, status = load_or_compute(net, ro / "c.h5", Counter(hand_partition(net)),
-                                        log=messages.append)
-            assert status == "computed" and "Could not write" in messages[-1]
-        finally:
-            ro.chmod(0o755)
+    assert status.startswith("not_written (") and part.n_regions == 5
+    # a parent that is a regular file cannot hold a cache, even for root
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    messages = []
+    _, status = load_or_compute(net, blocker / "c.h5", Counter(hand_partition(net)),
+                                log=messages.append)
+    assert status == "not_written (Not a directory)" and "Could not write" in messages[-1]
+    assert blocker.read_text() == "x" and sorted(x.name for x in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_cache_written_is_readable_by_plain_h5py(tmp_path):
@@ -207,3 +273,47 @@ def test_cache_written_is_readable_by_plain_h5py(tmp_path):
         np.testing.assert_array_equal(patterns, part.patterns)
         assert f.attrs["fingerprint"] == cache_key(net.fingerprint())
         assert f.attrs["net_fingerprint"] == net.fingerprint()
+
+
+def test_same_partition_gives_the_same_bytes(tmp_path):
+    net = small_net()
+    save_partition(tmp_path / "a.h5", hand_partition(net), net.fingerprint())
+    save_partition(tmp_path / "b.h5", hand_partition(net), net.fingerprint())
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    """A temporary names its writer (host, PID): the next write removes those of writers
+    that are gone from this host, and any older than STALE_TEMP_SECONDS."""
+    import subprocess
+    import sys
+    import time
+
+    from cpadgn.data import STALE_TEMP_SECONDS, _host
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                   # reaped: this PID no longer exists
+    live = os.getppid()
+    net = small_net()
+    target = tmp_path / "c.h5"
+    name = f".{target.name}"
+    files = {
+        "dead": f"{name}.{_host()}.{dead.pid}.abcd1234.tmp",
+        "dead_check": f"{name}.{_host()}.{dead.pid}.abcd1234.check",
+        "live": f"{name}.{_host()}.{live}.abcd1234.tmp",
+        "other_host_recent": f"{name}.elsewhere.{dead.pid}.abcd1234.tmp",
+        "other_host_old": f"{name}.elsewhere.{live}.abcd5678.tmp",
+        "old_format_old": f"{name}.k2j4h5g6.tmp",
+        "other_target": f".d.h5.{_host()}.{dead.pid}.abcd1234.tmp",
+        "not_a_temp": f"{name}.{_host()}.{dead.pid}.notes.txt",
+    }
+    for f in files.values():
+        (tmp_path / f).write_text("x")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    for key in ("other_host_old", "old_format_old"):
+        os.utime(tmp_path / files[key], (old, old))
+    save_partition(target, hand_partition(net), net.fingerprint())
+    left = {x.name for x in tmp_path.iterdir()}
+    gone = {"dead", "dead_check", "other_host_old", "old_format_old"}
+    assert left == {target.name} | {files[k] for k in files if k not in gone}
+    assert read_partition(target)[1] == cache_key(net.fingerprint())

@@ -162,3 +162,32 @@ def test_unwritable_output(files):
 
 def test_max_regions(files):
     assert_one_line_error(run("partition", files["model"], "--max-regions", "3"), "regions")
+
+
+def test_partition_json_says_when_the_cache_was_not_written(files):
+    blocker = files["dir"] / "a_file"
+    blocker.write_text("x")
+    res = run("partition", files["model"], "--json", "--cache", blocker / "c.h5")
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["cache_status"] == "not_written" and s["cache_not_written_reason"] == "Not a directory"
+    res = run("partition", files["model"], "--json")
+    assert json.loads(res.stdout)["cache_status"] == "computed"
+
+
+def test_exit_codes_usage_2_bug_70(files, monkeypatch):
+    res = run("score", files["model"], files["data"], "-o", files["dir"] / "s.csv", "--bogus")
+    assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0
+    assert res.stderr.startswith("Error: No such option") and "--help" in res.stderr
+
+    import cpadgn.data
+
+    def broken(*a, **k):
+        raise KeyError("injected")
+    monkeypatch.setattr(cpadgn.data, "read_data", broken)
+    res = run("score", files["model"], files["data"], "-o", files["dir"] / "s.csv")
+    assert res.exit_code == 70 and res.stderr.strip().count("\n") == 0, res.output
+    assert res.stderr.startswith("Error: internal error (KeyError: 'injected'); rerun with --debug")
+    with pytest.raises(KeyError):       # --debug shows the traceback instead
+        CliRunner().invoke(main, ["score", str(files["model"]), str(files["data"]), "-o",
+                                  str(files["dir"] / "s.csv"), "--debug"], catch_exceptions=False)

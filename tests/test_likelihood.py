@@ -117,13 +117,15 @@ def test_noise_auto_recovers_the_generating_noise(net1):
     assert ll(sigma) >= max(ll(sigma * 1.02), ll(sigma / 1.02))
 
 
-def test_s2_pruning_bounds_are_never_below_the_region_mass():
-    """Both certified bounds on Phi_w (one facet's half-plane; the half-plane beyond the
-    region's nearest point) are at least the exact mass, for every (row, region) pair."""
+@pytest.mark.parametrize("S, hidden", [(2, (8, 8)), (3, (5, 5))])
+def test_pruning_bounds_are_never_below_the_region_mass(S, hidden):
+    """Both certified bounds on Phi_w (one facet's half-space; the half-space beyond the
+    region's nearest point, and at S = 3 also volume times the largest density) are at
+    least the exact mass, for every (row, region) pair."""
     import torch
 
     from cpadgn import likelihood as lik
-    net = random_net(2, (8, 8), 4, seed=11, slope=0.1, scale=2.0)
+    net = random_net(S, hidden, 4, seed=11, slope=0.1, scale=2.0)
     model = CPAModel(net, noise_std=0.1, device="cpu")
     X = model.sample(12, seed=2)
     X[::3] += 1.5                                            # off-manifold rows: far polygons

@@ -402,7 +402,7 @@ def test_save_model_validates_and_is_atomic(tmp_path, monkeypatch):
         return orig(self, *a, **k)
 
     monkeypatch.setattr(h5py.Group, "create_dataset", failing)
-    with pytest.raises(CpadgnError, match="could not write.*No space left"):
+    with pytest.raises(CpadgnError, match="could not write.*no space left on device; free space"):
         save_model(tmp_path / "m.h5", _net(1), noise_std=0.5)
     assert (tmp_path / "m.h5").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]

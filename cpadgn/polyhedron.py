@@ -1,0 +1,284 @@
+"""Exact standard-normal mass and moments over 3-D polyhedra P = {u : a_k . u <= b_k}.
+
+The radial face formula of DESIGN section 4.  For every facet k (unit normal a_k,
+foot f_k = b_k a_k) let B_k be the mass of the cone {t y : y in F_k, t >= 1} beyond its
+polygon F_k; then
+
+    mass = 1{0 in P} - sum_k sign(b_k) B_k,
+    B_k  = 1{f_k in F_k} Phi(-|b_k|) - sum_e sign(c_e) T_ke,
+    T_ke = |b_k| / (2 pi) int_{th_lo}^{th_hi} Phi(-r) / r dth,  r^2 = b_k^2 + c_e^2 + tau^2,
+
+over the edges e = {n_e . u = c_e} of F_k in its plane (origin at the foot, tangent
+coordinate tau = |c_e| tan th in [tau_lo, tau_hi]).  In S = 3 the radial integral of the
+Gaussian over the cone has a closed form, int_1^inf phi_3(t y) t^2 dt = q(|y|), and so
+does the in-plane radial integral of q, which leaves the 1-D edge integrals T.  The
+moments follow from the divergence identities with each facet's exact 2-D mass and
+first moment (the S = 2 polygon code on the facet's polygon).
+
+Facets or edges through the origin (b_k = 0, c_e = 0) are moved just inside, as the
+S = 2 code does: the formula is continuous from there.  Facets move by more than edges
+(1e-100 against 1e-150), so that the in-plane offsets of facets that all pass through
+the origin, b_j - b_k a_j . a_k = 1e-100 (1 - a_j . a_k), keep their true ratios.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import erfcx, log_ndtr
+
+from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp,
+                       _masked_logsumexp, _normalise, facet_segments, log_phi, polygon_moments)
+
+TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
+TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
+_SQRT_HALF = np.sqrt(0.5)
+_GL16 = (_GL_X, _GL_W)
+_GL8 = np.polynomial.legendre.leggauss(8)
+_PARALLEL = 1e-10                  # |in-plane normal| below this: a row parallel to the facet
+
+
+def polyhedron_moments(A, b, mask=None, *, moments=True) -> PolytopeMoments:
+    """Mass and moments of N(0, I_3) on P = {u : A u <= b}, exactly (stderr 0).
+
+    A (B, F, 3), b (B, F), mask (B, F) bool (False: padding row).  Rows need not be
+    unit; polytopes are grouped by their number of real rows.
+    """
+    A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
+    B = A.shape[0]
+    A, b, mask, empty = _normalise(A, b, mask)
+    sel = np.flatnonzero(mask.any(-1))
+    res = _by_row_count(_polyhedron_chunked, A[sel], b[sel], mask[sel], moments) if sel.size else None
+    return _assemble(B, 3, sel, res, empty)
+
+
+def _polyhedron_chunked(A, b, mask, moments, work=3e6):
+    """``_polyhedron`` in chunks whose (B, F, F, F) facet-polygon arrays stay small."""
+    B, F, _ = A.shape
+    step = int(max(1, work // max(F, 1) ** 3))
+    parts = [_polyhedron(A[s:s + step], b[s:s + step], mask[s:s + step], moments) for s in range(0, B, step)]
+    return PolytopeMoments(*(np.concatenate([getattr(p, n) for p in parts])
+                             for n in ("log_mass", "mean", "cov", "stderr")))
+
+
+# ------------------------------------------------------------------ facet polygons
+def facet_polygons(A, b, mask):
+    """Each facet's polygon in its own plane, origin at the foot b_k a_k.
+
+    A (B, F, 3) unit rows, b (B, F) (no |b| < TINY_B), mask (B, F).  Returns
+    E (B, F, 2, 3) an orthonormal basis of each facet's plane (rows),
+    a2 (B, F, F, 2) unit in-plane normals and c2 (B, F, F) offsets of the other rows
+    j restricted to facet k's plane ({u2 : a2[k, j] . u2 <= c2[k, j]}, |c2| >= TINY),
+    rows (B, F, F) where row j is a real edge constraint of facet k, and
+    alive (B, F): facet k is a real facet (not blocked by a parallel row, not a
+    repeat of an earlier identical row).
+    """
+    B, F, _ = A.shape
+    axis = np.argmin(np.abs(A), -1)                                     # least aligned unit vector
+    e = np.eye(3)[axis]
+    e1 = e - np.sum(e * A, -1, keepdims=True) * A
+    e1 /= np.linalg.norm(e1, axis=-1, keepdims=True)
+    E = np.stack([e1, np.cross(A, e1)], -2)                              # (B, F, 2, 3)
+    g = np.einsum("bks,bjs->bkj", A, A)                                   # a_j . a_k
+    a2 = np.einsum("bkis,bjs->bkji", E, A)
+    c2 = b[:, None, :] - b[:, :, None] * g                               # b_j - b_k a_j . a_k
+    nrm = np.linalg.norm(a2, axis=-1)
+    other = mask[:, :, None] & mask[:, None, :] & ~np.eye(F, dtype=bool)
+    parallel = other & (nrm <= _PARALLEL)
+    tol = 1e-12 * (1 + np.abs(b)[:, None, :] + np.abs(b)[:, :, None])
+    blocked = (parallel & (c2 < -tol)).any(-1)
+    earlier = np.arange(F)[None, :] < np.arange(F)[:, None]              # j < k
+    repeat = (parallel & (g > 0) & (np.abs(c2) <= tol) & earlier).any(-1)
+    alive = mask & ~blocked & ~repeat
+    rows = other & ~parallel & alive[:, :, None]
+    safe = np.where(rows, nrm, 1.0)
+    a2 = np.where(rows[..., None], a2 / safe[..., None], 0.0)
+    c2 = np.where(rows, c2 / safe, 1.0)
+    c2 = np.where(np.abs(c2) < TINY, TINY, c2)
+    return E, a2, c2, rows, alive
+
+
+# ------------------------------------------------------------------ edge integrals
+def _log_erfcx_ratio(r, r_star):
+    return np.log(erfcx(r * _SQRT_HALF) / erfcx(r_star * _SQRT_HALF))
+
+
+def log_edge_term(b, c, tau_lo, tau_hi):
+    """log T = log (b / 2 pi) int_{th_lo}^{th_hi} Phi(-r) / r dth, r^2 = b^2 + c^2 + tau^2,
+    tau = c tan th, for b = |b_k| > 0, c = |c_e| > 0 and tau_lo <= tau_hi (+-inf for rays).
+    All inputs (n,), output (n,).
+
+    With tau = c sinh v (th the Gudermannian of v, dth = dv / cosh v) the integrand
+    Phi(-r) / (r cosh v), r = hypot(b, c cosh v), is analytic in the strip |Im v| < pi/2
+    (poles of 1/cosh, branch points of r), so composite Gauss-Legendre in v converges
+    geometrically at any c (c -> 0: a Lorentzian of width c in tau becomes 1/cosh v).
+    The integrand is largest at v*, the point of the range nearest 0, and falls at least
+    like cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where
+    either bound reaches e^-40, then split into panels of width <= 1.5 and a fall of at
+    most 8 (16 nodes each; 8 nodes for a single panel of width <= 0.5 and fall <= 1/4,
+    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
+    accuracy far out (log T down to -1e4 and beyond).
+    """
+    tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
+    tau_star = np.clip(0.0, tau_lo, tau_hi)
+    h_star = np.hypot(c, tau_star)                                       # c cosh v*
+    r_star = np.hypot(b, h_star)
+    tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
+    t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
+    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
+    width = np.maximum(v1 - v0, 0.0)
+
+    def log_ratio(tau, b, c, tau_star, h_star, r_star):                 # log f(tau) / f(tau*) <= 0
+        h = np.hypot(c, tau)
+        r = np.hypot(b, h)
+        return (-0.5 * (tau - tau_star) * (tau + tau_star) + _log_erfcx_ratio(r, r_star)
+                + np.log(r_star / r) + np.log(h_star / h))
+    with np.errstate(invalid="ignore", over="ignore"):
+        args = (b, c, tau_star, h_star, r_star)
+        drop = np.where(width > 0, -log_ratio(t0, *args) - log_ratio(t1, *args), 0.0)
+    n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
+    short = (n_panels == 1) & (width <= 0.5) & (drop <= 0.25)          # 8 nodes are exact there
+    scale = r_star * h_star / erfcx(r_star * _SQRT_HALF)
+    total = np.zeros(b.shape)
+    groups = [(n, False) for n in np.unique(n_panels[~short])] + ([(1, True)] if short.any() else [])
+    for n, few in groups:                                               # vectorised per node count
+        x, wq = _GL8 if few else _GL16
+        sel = np.flatnonzero((n_panels == n) & (short == few))
+        step = width[sel] / n
+        nodes = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)
+        tau = c[sel, None] * np.sinh(v0[sel, None] + step[:, None] * nodes)
+        ts = tau_star[sel, None]
+        h = np.hypot(c[sel, None], tau)
+        r = np.hypot(b[sel, None], h)
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            f = np.exp(-0.5 * (tau - ts) * (tau + ts)) * erfcx(r * _SQRT_HALF) / (r * h)  # f(tau) / f(tau*)
+        total[sel] = (np.nan_to_num(f) @ np.tile(wq, n)) * (0.5 * step * scale[sel])
+    log_peak = np.log(b / (2 * np.pi)) + log_ndtr(-r_star) - np.log(r_star) - np.log(h_star / c)
+    with np.errstate(divide="ignore"):
+        return np.where(width > 0, log_peak + np.log(total), -np.inf)
+
+
+# ------------------------------------------------------------------ the polyhedron
+def _polyhedron(A, b, mask, moments):
+    """Mass (and moments) for unit rows A (B, F, 3), b (B, F), mask (B, F); every
+    polytope has a real row."""
+    B, F, _ = A.shape
+    b = np.where(mask & (np.abs(b) < TINY_B), TINY_B, b)
+    inside = ~((b < 0) & mask).any(-1)
+    E, a2, c2, rows, alive = facet_polygons(A, b, mask)
+    n = B * F
+    a2f, c2f, rowsf = a2.reshape(n, F, 2), c2.reshape(n, F), rows.reshape(n, F)
+    t_lo, t_hi, live = facet_segments(a2f, c2f, rowsf)
+    live = live.reshape(B, F, F)
+    t_lo, t_hi = t_lo.reshape(B, F, F), t_hi.reshape(B, F, F)
+    foot_in = alive & ~((c2 < 0) & rows).any(-1)                          # f_k in F_k
+    # mass = 1{0 in P} - sum_k sign(b_k) 1{f_k in F_k} Phi(-|b_k|)
+    #        + sum_k sum_e sign(b_k) sign(c_e) T_ke
+    absb = np.abs(b)
+    log_T = np.full((B, F, F), -np.inf)
+    if live.any():
+        bb = np.broadcast_to(absb[:, :, None], (B, F, F))
+        log_T[live] = log_edge_term(bb[live], np.abs(c2[live]), t_lo[live], t_hi[live])
+    edge_pos = live & ((b[:, :, None] < 0) == (c2 < 0))
+    log_face = log_ndtr(-absb)
+    face_pos, face_neg = foot_in & (b < 0), foot_in & (b > 0)
+    flat = lambda x: x.reshape(B, -1)
+    pos_terms = np.concatenate([np.zeros((B, 1)), log_face, flat(log_T)], 1)
+    pos_mask = np.concatenate([inside[:, None], face_pos, flat(edge_pos)], 1)
+    neg_mask = np.concatenate([np.zeros((B, 1), bool), face_neg, flat(live & ~edge_pos)], 1)
+    log_pos = _masked_logsumexp(pos_terms, pos_mask)
+    log_neg = _masked_logsumexp(pos_terms, neg_mask)
+    with np.errstate(invalid="ignore"):
+        log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
+    log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
+    # Terms of size `pos` cancel to the mass, which loses digits where it is below pos / 1e3
+    # (tiny or thin polytopes); small bounded ones are integrated directly instead.
+    redo = np.flatnonzero(np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
+                          & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2)) & live.any((1, 2)))
+    if redo.size:
+        ends = _segment_ends(A[redo], b[redo], E[redo], a2[redo], c2[redo], t_lo[redo], t_hi[redo], live[redo])
+        V = ends.reshape(redo.size, -1, 3)
+        with np.errstate(invalid="ignore"):
+            size = np.nanmax(np.linalg.norm(V - np.nanmean(V, 1, keepdims=True), axis=-1), 1)
+            small = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size) <= 2.0
+        redo, ends = redo[small], ends[small]
+    if redo.size:
+        sl = _cubature(ends, live[redo], moments)
+        log_mass[redo] = sl.log_mass
+    if not moments:
+        return PolytopeMoments(log_mass, np.zeros((B, 3)), np.zeros((B, 3, 3)), np.zeros(B))
+    # facet masses M_k and first moments (2-D, about the foot), exact
+    fm = polygon_moments(a2f, c2f, t_lo.reshape(n, F), t_hi.reshape(n, F), live.reshape(n, F), rowsf)
+    log_M = np.where(alive, fm.log_mass.reshape(B, F), -np.inf)
+    centroid = b[..., None] * A + np.einsum("bki,bkis->bks", fm.mean.reshape(B, F, 2), E)   # E[u | F_k]
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.exp(log_phi(b) + log_M - log_mass[:, None])                # phi(b_k) M_k / mass
+    w = np.where(alive & np.isfinite(log_mass)[:, None], w, 0.0)
+    mean = -np.einsum("bk,bks->bs", w, A)
+    # E[u u^T | P] = I - sum_k w_k centroid_k a_k^T, and mean = -sum_k w_k a_k, so
+    # Cov = I - sum_k w_k (centroid_k - mean) a_k^T: centred, no m m^T cancellation.
+    cov = np.eye(3) - np.einsum("bk,bks,bkt->bst", w, centroid - mean[:, None, :], A)
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    if redo.size:
+        mean[redo], cov[redo] = sl.mean, sl.cov
+    return PolytopeMoments(log_mass, mean, cov, np.zeros(B))
+
+
+# ------------------------------------------------------------------ small polytopes
+def _segment_ends(A, b, E, a2, c2, t_lo, t_hi, live):
+    """The ends of the facets' edge segments of bounded polyhedra (their vertices, each
+    listed once per edge and facet): (B, F, F, 2, 3), NaN where the edge is not live."""
+    d2 = np.stack([-a2[..., 1], a2[..., 0]], -1)
+    base = c2[..., None] * a2                                                     # (B, F, F, 2) in-plane
+    with np.errstate(invalid="ignore"):
+        ends = np.stack([base + t_lo[..., None] * d2, base + t_hi[..., None] * d2], -2)   # (B, F, F, 2, 2)
+    pts = b[:, :, None, None, None] * A[:, :, None, None, :] + np.einsum("bkjei,bkis->bkjes", ends, E)
+    return np.where(live[..., None, None], pts, np.nan)
+
+
+def _tetrahedra(ends, live):
+    """Split bounded convex polyhedra into tetrahedra: the vertex centroid, each facet's
+    centroid and each edge segment.  ends (B, F, F, 2, 3) as from ``_segment_ends``,
+    live (B, F, F).  Returns the corners (T, 4, 3) and their polytope (T,)."""
+    cnt = live.sum(2)                                                             # edges per facet
+    with np.errstate(invalid="ignore"):
+        face = np.nansum(ends, (2, 3)) / np.maximum(2 * cnt, 1)[..., None]          # (B, F, 3)
+        centre = np.nansum(ends, (1, 2, 3)) / np.maximum(2 * cnt.sum(1), 1)[:, None]
+    i, k, j = np.nonzero(live)
+    corners = np.stack([centre[i], face[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
+    return corners, i
+
+
+_TX, _TW = np.polynomial.legendre.leggauss(10)
+_TX, _TW = 0.5 * (_TX + 1), 0.5 * _TW
+
+
+def _cubature(ends, live, moments):
+    """Mass and moments of N(0, I_3) on small bounded polyhedra by a collapsed
+    Gauss-Legendre rule (10^3 nodes) on each tetrahedron of ``_tetrahedra``: all weights
+    positive, so nothing cancels; exact to rounding while the Gaussian is close to a
+    low-degree polynomial across the polytope (diameter (|centre| + diameter) <= 2)."""
+    B = live.shape[0]
+    corners, owner = _tetrahedra(ends, live)
+    s, t, w = np.meshgrid(_TX, _TX, _TX, indexing="ij")
+    bary = np.stack([s, (1 - s) * t, (1 - s) * (1 - t) * w], -1).reshape(-1, 3)        # unit tetrahedron
+    jac = (np.einsum("i,j,k->ijk", _TW, _TW, _TW) * (1 - s) ** 2 * (1 - t)).reshape(-1)
+    edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
+    vol = np.abs(np.linalg.det(edges))                                                # 6 x volume
+    u = corners[:, None, 0] + bary @ edges                                            # (T, N, 3)
+    with np.errstate(divide="ignore"):
+        lw = np.log(vol)[:, None] + np.log(jac)[None] - 0.5 * (u * u).sum(-1)
+    top = np.full(B, -np.inf)
+    np.maximum.at(top, owner, lw.max(1))
+    safe = np.where(np.isfinite(top), top, 0.0)
+    w = np.exp(lw - safe[owner, None])
+    tot = np.bincount(owner, w.sum(1), B)
+    with np.errstate(divide="ignore"):
+        log_mass = safe + np.log(tot) - 3 * LOG_SQRT_2PI
+    mean, cov = np.zeros((B, 3)), np.zeros((B, 3, 3))
+    if moments:
+        p = w / np.where(tot > 0, tot, 1.0)[owner, None]
+        np.add.at(mean, owner, np.einsum("tn,tns->ts", p, u))
+        dev = u - mean[owner, None]
+        np.add.at(cov, owner, np.einsum("tn,tns,tnr->tsr", p, dev, dev))
+    return PolytopeMoments(log_mass, mean, cov, np.zeros(B))

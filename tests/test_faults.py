@@ -1,0 +1,317 @@
+"""Bad input and faults through the real command line, each in its own process.
+
+Every case runs ``python -m cli.main`` (this tree, through PYTHONPATH) in a folder holding
+copies of the small sample models (wave S = 1, digits S = 2), a few of their rows and
+their partition caches, and checks what the user would see: the exit code (1 user
+error, 2 usage error, 70 internal error, 130 interrupted), exactly one line on stderr
+starting with "Error:", no traceback, every file in the folder byte-identical
+afterwards and no file added (no output, no temporary).  Faults: kill -9 during a
+cache write (the rerun works and removes the dead writer's temporary), SIGINT while
+scoring, a full disk (a file-size limit, and a full 1 MB tmpfs where mounting is
+permitted), and an internal error.
+"""
+import contextlib
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_data"
+MODELS = ("wave_generator.h5", "digits_generator.h5")
+HANG_GUARD_S = 300          # only against a hung process; no timing is asserted
+
+
+# ======================================================================== harness
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """Sample models with their partition caches, and a few data rows of each."""
+    import cpadgn
+    d = tmp_path_factory.mktemp("template")
+    for name in MODELS:
+        shutil.copy(SAMPLES / name, d / name)
+        cpadgn.load(d / name).partition()                 # writes NAME.partition.h5 beside it
+    wave = SAMPLES.joinpath("wave.csv").read_text().splitlines()
+    (d / "wave.csv").write_text("\n".join(wave[:31]) + "\n")      # header + 30 rows
+    digits = SAMPLES.joinpath("digits_test.csv").read_text().splitlines()
+    (d / "digits.csv").write_text("\n".join(digits[:21]) + "\n")
+    return d
+
+
+@pytest.fixture()
+def work(template, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(template, w)
+    return w
+
+
+def cli(cwd, *args, preexec_fn=None, code=None):
+    """Run the CLI of this tree in ``cwd``; ``code``: Python run instead of ``-m cli.main``
+    (it patches something, then calls the CLI with sys.argv[1:])."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    head = ["-m", "cli.main"] if code is None else ["-c", code]
+    return subprocess.run([sys.executable, *head, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, preexec_fn=preexec_fn)
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: SHA-256} of every file under ``folder`` (hidden ones included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(res, code, before, folder, *fragments):
+    """Exit ``code``, one "Error:" line and nothing else on stderr, the folder unchanged."""
+    err = res.stderr.strip()
+    assert res.returncode == code, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+    assert err.startswith("Error:") and "\n" not in err, err
+    for f in fragments:
+        assert f.lower() in err.lower(), err
+    assert snapshot(folder) == before
+
+
+def file_size_limit(n_bytes):
+    """preexec_fn: writes beyond n_bytes fail with EFBIG (SIGXFSZ ignored), like a full disk."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+    return limit
+
+
+# =============================================================== refused inputs
+def write(name, content):
+    def setup(d):
+        p = d / name
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
+    return setup
+
+
+def wide_npy(d):
+    np.save(d / "wide.npy", np.zeros((4, 3)))
+
+
+def foreign_h5(d):
+    with h5py.File(d / "foreign.h5", "w") as f:
+        f["x"] = np.zeros(5)
+
+
+def truncated_model(d):
+    (d / "trunc.h5").write_bytes((d / "wave_generator.h5").read_bytes()[:2000])
+
+
+def hard_link(d):
+    os.link(d / "wave.csv", d / "link.csv")
+
+
+def symlink_to_model(d):
+    (d / "sym.h5").symlink_to("wave_generator.h5")
+
+
+def data_h5(d):
+    X = np.loadtxt(d / "wave.csv", delimiter=",", skiprows=1)
+    with h5py.File(d / "data.h5", "w") as f:
+        f["X"] = X
+
+
+W, WD = "wave_generator.h5", "wave.csv"
+CASES = [
+    # bad data
+    ("wrong columns", wide_npy, ["score", W, "wide.npy", "-o", "s.csv"], 1, ["3 columns"]),
+    ("infinite value", write("inf.csv", "x1,x2\n0.1,0.2\n0.3,inf\n"), ["score", W, "inf.csv", "-o", "s.csv"],
+     1, ["row 2", "inf"]),
+    ("empty file", write("empty.csv", ""), ["score", W, "empty.csv", "-o", "s.csv"], 1, ["empty"]),
+    ("not text", write("bin.csv", b"\xff\xfe\x00\x01" * 50), ["score", W, "bin.csv", "-o", "s.csv"], 1,
+     ["utf-8"]),
+    ("unknown extension", write("data.xyz", "1,2\n"), ["score", W, "data.xyz", "-o", "s.csv"], 1, [".xyz"]),
+    ("foreign hdf5 data", foreign_h5, ["score", W, "foreign.h5", "-o", "s.csv"], 1, ["dataset"]),
+    ("corrupt hdf5 data", write("bad.h5", b"\x89HDF\r\n\x1a\n" + b"\x00junk" * 20),
+     ["score", W, "bad.h5", "-o", "s.csv"], 1, ["hdf5"]),
+    # bad models
+    ("csv as model", None, ["score", WD, WD, "-o", "s.csv"], 1, []),
+    ("truncated model", truncated_model, ["score", "trunc.h5", WD, "-o", "s.csv"], 1, ["trunc.h5"]),
+    # bad caches: never replaced
+    ("model file as cache", None, ["score", W, WD, "-o", "s.csv", "--cache", "digits_generator.h5"], 1,
+     ["not a cpadgn partition cache", "untouched"]),
+    ("csv as cache", None, ["score", W, WD, "-o", "s.csv", "--cache", WD], 1,
+     ["not a cpadgn partition cache"]),
+    # outputs that are inputs
+    ("score -o DATA", None, ["score", W, WD, "-o", WD], 1, ["DATA file", "choose another output"]),
+    ("score -o symlink to model", symlink_to_model, ["score", W, WD, "-o", "sym.h5"], 1, ["model file"]),
+    ("score -o cache", None, ["score", W, WD, "-o", W + ".partition.h5"], 1, ["partition cache"]),
+    ("impute -o hard link to DATA", hard_link, ["impute", W, WD, "-o", "link.csv"], 1, ["DATA file"]),
+    ("fit -o DATA", data_h5, ["fit", "data.h5", "-o", "data.h5", "-S", "1"], 1, ["DATA file"]),
+    ("compare -o --data", None, ["compare", W, "--data", WD, "-o", WD], 1, ["--data file"]),
+    # bad options
+    ("--dataset with csv", None, ["score", W, WD, "-o", "s.csv", "--dataset", "X"], 1, ["--dataset"]),
+    ("unknown option", None, ["score", W, WD, "-o", "s.csv", "--bogus"], 2, ["--bogus", "--help"]),
+    ("bad option value", None, ["score", W, WD, "-o", "s.csv", "--noise-std", "-1"], 2, ["--noise-std"]),
+    ("zero memory budget", None, ["score", W, WD, "-o", "s.csv", "--memory-budget", "0"], 1,
+     ["--memory-budget"]),
+]
+
+
+@pytest.mark.parametrize("setup,args,code,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_refused_with_one_line_and_nothing_touched(work, setup, args, code, fragments):
+    if setup is not None:
+        setup(work)
+    before = snapshot(work)
+    assert_refused(cli(work, *args, "-q"), code, before, work, *fragments)
+
+
+# ======================================================================== faults
+def test_corrupted_cache_body_is_recomputed_never_used(work):
+    """The issue's case: the patterns dataset rewritten, attributes intact."""
+    import cpadgn
+    cache = work / (W + ".partition.h5")
+    with h5py.File(cache, "r+") as f:
+        f["patterns"][...] = ~f["patterns"][()]
+    res = cli(work, "score", W, WD, "-o", "s.csv")
+    assert res.returncode == 0 and "corrupt" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    X = np.loadtxt(work / WD, delimiter=",", skiprows=1)
+    fresh = cpadgn.load(work / W, cache=False).log_prob(X)       # no cache involved at all
+    got = np.genfromtxt(work / "s.csv", delimiter=",", names=True)["log_likelihood"]
+    # the same partition recomputed agrees to rounding; a wrong one moves log p by O(1) nats
+    np.testing.assert_allclose(got, fresh, rtol=0, atol=1e-9)
+    assert cpadgn.load(work / W).partition() is not None
+    assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+
+
+KILL_AT_FIRST_FSYNC = """
+import os, signal, sys
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)   # the temp file is complete here
+from cli.main import main
+main(args=sys.argv[1:], prog_name="cpadgn")
+"""
+
+
+def test_kill_9_during_cache_write_then_rerun_cleans_up(work):
+    cache = work / (W + ".partition.h5")
+    cache.unlink()
+    res = cli(work, "score", W, WD, "-o", "s.csv", "-q", code=KILL_AT_FIRST_FSYNC)
+    assert res.returncode == -signal.SIGKILL
+    temps = [p.name for p in work.iterdir() if p.name.startswith(f".{cache.name}.")]
+    assert len(temps) == 1 and temps[0].endswith(".tmp") and not cache.exists()   # what kill -9 leaves
+    res = cli(work, "score", W, WD, "-o", "s.csv", "-q")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert sorted(p.name for p in work.iterdir()) == sorted(
+        [W, WD, "digits_generator.h5", "digits_generator.h5.partition.h5", "digits.csv", cache.name,
+         "s.csv"])
+    res = cli(work, "partition", W, "--json")
+    assert res.returncode == 0 and '"cache_status": "loaded"' in res.stdout
+
+
+def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work):
+    before = snapshot(work)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # 2e6 model draws for the p-values: minutes of scoring, interrupted long before the end
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "score", W, WD, "-o", "s.csv", "--pvalues",
+                             "--samples", "2000000"], cwd=work, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stderr.readline()           # "Loaded the partition ...": the command runs
+        assert "Loaded the partition" in first, first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines() == ["Error: interrupted"] and out == "", err
+    assert snapshot(work) == before
+
+
+INTERNAL_ERROR = """
+import sys
+import cpadgn.data
+def broken(*args, **kwargs):
+    raise ZeroDivisionError("injected bug")
+cpadgn.data.read_data = broken
+from cli.main import main
+main(args=sys.argv[1:], prog_name="cpadgn")
+"""
+
+
+def test_a_bug_is_exit_70_with_one_line(work):
+    before = snapshot(work)
+    res = cli(work, "score", W, WD, "-o", "s.csv", "-q", code=INTERNAL_ERROR)
+    assert_refused(res, 70, before, work, "internal error (ZeroDivisionError: injected bug)", "--debug",
+                   "report")
+
+
+# ==================================================================== full disk
+FULL = [
+    ("score csv", ["score", W, WD, "-o", "s.csv"], 1000),
+    ("impute h5", ["impute", W, WD, "-o", "filled.h5"], 1000),
+    ("compare report", ["compare", W, "--data", WD, "-o", "report.json"], 300),
+    ("fit model", ["fit", WD, "-o", "model.h5", "-S", "1", "--hidden", "4", "--max-iter", "1"], 3000),
+]
+
+
+@pytest.mark.parametrize("args,limit", [c[1:] for c in FULL], ids=[c[0] for c in FULL])
+def test_full_disk_is_one_line_and_leaves_nothing(work, args, limit):
+    """RLIMIT_FSIZE: every write past ``limit`` bytes fails with EFBIG, as on a full disk."""
+    before = snapshot(work)
+    res = cli(work, *args, "-q", preexec_fn=file_size_limit(limit))
+    assert_refused(res, 1, before, work, f"could not write {args[args.index('-o') + 1]}",
+                   "no space left on device; free space or choose another path")
+
+
+def test_cache_that_cannot_be_written_is_reported_not_written(work):
+    cache = work / (W + ".partition.h5")
+    cache.unlink()
+    before = snapshot(work)
+    res = cli(work, "partition", W, "--json", preexec_fn=file_size_limit(1000))
+    assert res.returncode == 0 and res.stderr == "" and "Traceback" not in res.stdout, res.stderr
+    assert '"cache_status": "not_written"' in res.stdout
+    assert '"cache_not_written_reason": "no space left on device' in res.stdout
+    assert snapshot(work) == before
+
+
+@contextlib.contextmanager
+def small_disk(where: Path):
+    """A 1 MB tmpfs at ``where`` when this process may mount one (root in most
+    containers); else None, and the caller uses a file-size limit instead."""
+    where.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        yield None
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_full_tmpfs_score_and_cache(template, tmp_path):
+    """A really full file system (ENOSPC), where mounting is permitted."""
+    with small_disk(tmp_path / "disk") as disk:
+        folder = disk or tmp_path / "disk"
+        for name in (W, WD):
+            shutil.copy(template / name, folder / name)
+        limit = None
+        if disk is not None:
+            with open(folder / "filler", "wb", buffering=0) as f:        # fill it up
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 65536)
+        else:
+            limit = file_size_limit(1000)
+        before = snapshot(folder)
+        res = cli(folder, "score", W, WD, "-o", "s.csv", "-q", preexec_fn=limit)
+        assert_refused(res, 1, before, folder, "could not write s.csv: no space left on device")

@@ -1,0 +1,291 @@
+"""Exact S = 3 Gaussian integrals over polyhedra (cpadgn.polyhedron) against independent
+oracles: closed forms (half-spaces, boxes, cones by their solid angle), nested adaptive
+quadrature over exact 2-D slices (the S = 2 polygon code, tested on its own in
+test_polytope.py), Monte Carlo / importance sampling with its standard error, and the
+exact truncated-Gaussian sampler."""
+import itertools
+
+import numpy as np
+import pytest
+from scipy import optimize
+from scipy.special import log_ndtr
+from scipy.stats import special_ortho_group
+
+from cpadgn.polyhedron import polyhedron_moments
+from cpadgn.polytope import polytope_moments
+
+EPS = np.finfo(float).eps
+
+
+def assert_close(actual, desired, atol):
+    """|actual - desired| <= atol elementwise (atol broadcasts)."""
+    err = np.abs(np.asarray(actual) - desired)
+    assert np.all(err <= atol), (actual, desired, err / atol)
+
+
+def exact(A, b):
+    A, b = np.asarray(A, float)[None], np.asarray(b, float)[None]
+    r = polyhedron_moments(A, b, np.ones(b.shape, bool))
+    return r.log_mass[0], r.mean[0], r.cov[0]
+
+
+def interval_moments(lo, hi):
+    """log(Phi(hi) - Phi(lo)), mean and variance of N(0, 1) on [lo, hi], from log_ndtr
+    in the tail that keeps full precision (mirrored where lo > 0)."""
+    flip = lo > 0
+    l, h = (-hi, -lo) if flip else (lo, hi)
+    lz = log_ndtr(h) + np.log(-np.expm1(log_ndtr(l) - log_ndtr(h)))
+    dens = lambda x: np.exp(-0.5 * x * x - 0.5 * np.log(2 * np.pi) - lz) if np.isfinite(x) else 0.0
+    xd = lambda x: x * dens(x) if np.isfinite(x) else 0.0
+    m = dens(l) - dens(h)
+    v = 1.0 + xd(l) - xd(h) - m * m
+    return lz, (-m if flip else m), v
+
+
+# ------------------------------------------------------------------ closed forms
+def weight_error(lm):
+    """Relative error of the facet weights phi(b_k) M_k / mass that the moments are made of:
+    the mass's own (quadrature to ~1e-10, DESIGN) and eps |log mass| from exponentiating a
+    difference of logs."""
+    return 1e-10 + 8 * EPS * (1 + abs(lm))
+
+
+@pytest.mark.parametrize("d", [0.3, 5.0, 30.0, 37.4])
+def test_half_space_closed_form(d):
+    """{a . u >= d}: mass Phi(-d); mean lambda a; cov I + (v - 1) a a^T (1-D moments);
+    d = 37.4 puts the log mass at -703."""
+    a = special_ortho_group.rvs(3, random_state=int(d * 10))[0]
+    lm, mean, cov = exact(-a[None], [-d])
+    lz, m1, v1 = interval_moments(d, np.inf)
+    assert np.isfinite(lm) and abs(lm - lz) <= 1e-9
+    assert_close(mean, m1 * a, (1 + m1) * weight_error(lz))
+    # the centred covariance I - sum_k w_k (centroid_k - mean) a_k^T: terms of size ~(1 + |mean|)^2
+    assert_close(cov, np.eye(3) + (v1 - 1) * np.outer(a, a), (1 + m1) ** 2 * weight_error(lz))
+
+
+BOXES = [([-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]),
+         ([30.0, -1.0, 0.5], [31.0, 2.0, 0.6]),
+         ([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]),
+         ([-0.5, 0.0, -np.inf], [0.2, np.inf, 0.0]),            # unbounded
+         ([37.0, -3.0, -2.0], [37.2, 3.0, np.inf]),             # log mass near -700
+         ([-8.0, 4.0, -6.0], [-7.99, 4.5, 6.0])]
+
+
+@pytest.mark.parametrize("k", range(len(BOXES)))
+def test_rotated_boxes_closed_form(k):
+    """A box in a random orientation (plus a repeated row and a redundant one): mass,
+    mean and covariance are products of 1-D truncated normals."""
+    lo, hi = map(np.array, BOXES[k])
+    Q = special_ortho_group.rvs(3, random_state=k)
+    A, b = np.concatenate([np.eye(3), -np.eye(3)]) @ Q, np.concatenate([hi, -lo])
+    keep = np.isfinite(b)
+    A, b = A[keep], b[keep]
+    A, b = np.concatenate([A, A[:1], [Q[0]]]), np.concatenate([b, b[:1], [hi[0] + 1 if np.isfinite(hi[0]) else 1e3]])
+    lm, mean, cov = exact(A, b)
+    mom = [interval_moments(lo[i], hi[i]) for i in range(3)]
+    lz = sum(m[0] for m in mom)
+    m = np.array([x[1] for x in mom])
+    v = np.array([x[2] for x in mom])
+    assert np.isfinite(lm) and abs(lm - lz) <= 1e-9, (lm, lz)
+    size = 1 + np.abs(m).max()
+    assert_close(Q @ mean, m, size * weight_error(lz))
+    assert_close(Q @ cov @ Q.T, np.diag(v), size ** 2 * weight_error(lz))
+
+
+def gl_interval(lo, hi, n=20):
+    """log mass, mean and variance of N(0, 1) on a short interval by n-point
+    Gauss-Legendre (positive weights: no cancellation, unlike the closed forms)."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    x = 0.5 * (hi - lo) * x + 0.5 * (hi + lo)
+    f = 0.5 * (hi - lo) * w * np.exp(-0.5 * (x - x.mean()) * (x + x.mean()))       # scaled by phi(midpoint)
+    m = f @ x / f.sum()
+    return np.log(f.sum()) - 0.5 * x.mean() ** 2 - 0.5 * np.log(2 * np.pi), m, f @ (x - m) ** 2 / f.sum()
+
+
+@pytest.mark.parametrize("centre, h", [(0.5, 1e-6), (0.0, 1e-5), (3.0, 1e-4), (8.0, 1e-3), (1.0, 0.05)])
+def test_small_boxes(centre, h):
+    """Boxes of sides h, 2h, 3h: the facet terms of the radial formula cancel to the mass
+    (they are ~h^2, the mass ~h^3), so such polytopes are integrated directly."""
+    Q = special_ortho_group.rvs(3, random_state=7)
+    lo = np.array([centre, 0.2, -0.1])
+    hi = lo + h * np.array([1.0, 2.0, 3.0])
+    lm, mean, cov = exact(np.concatenate([np.eye(3), -np.eye(3)]) @ Q, np.concatenate([hi, -lo]))
+    mom = [gl_interval(lo[i], hi[i]) for i in range(3)]
+    lz = sum(m[0] for m in mom)
+    m = np.array([x[1] for x in mom])
+    v = np.array([x[2] for x in mom])
+    assert abs(lm - lz) < 1e-10, (lm, lz)
+    assert_close(Q @ mean, m, 1e-12 * (1 + np.abs(m)))
+    assert_close(Q @ cov @ Q.T, np.diag(v), 1e-9 * np.sqrt(np.outer(v, v)))
+
+
+def _solid_angle(g):
+    """Solid angle of the cone spanned by three unit vectors g (3, 3) (rows), by the
+    Van Oosterom-Strackee formula."""
+    num = abs(np.linalg.det(g))
+    den = 1 + g[0] @ g[1] + g[1] @ g[2] + g[2] @ g[0]
+    return 2 * np.arctan2(num, den)
+
+
+def test_cones_through_the_origin():
+    """{A u <= 0} with three rows: mass = solid angle / 4 pi (every facet and edge passes
+    through the origin); the cells of four planes through the origin sum to 1."""
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        A = rng.normal(size=(3, 3))
+        g = -np.linalg.inv(A).T                         # generators: A g_i = -e_i
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        lm = exact(A, np.zeros(3))[0]
+        assert abs(np.exp(lm) - _solid_angle(g) / (4 * np.pi)) < 1e-13
+    A = rng.normal(size=(4, 3))
+    cells = [exact(A * np.array(s)[:, None], np.zeros(4))[0] for s in itertools.product([1, -1], repeat=4)]
+    assert abs(sum(np.exp(c) for c in cells if np.isfinite(c)) - 1) < 1e-13
+
+
+# ------------------------------------------------------------------ nested quadrature
+def _vertices(A, b):
+    pts = []
+    for J in itertools.combinations(range(len(b)), 3):
+        M = A[list(J)]
+        if abs(np.linalg.det(M)) > 1e-9:
+            p = np.linalg.solve(M, b[list(J)])
+            if np.all(A @ p <= b + 1e-9):
+                pts.append(p)
+    return np.array(pts).reshape(-1, 3)
+
+
+def slice_oracle(A, b, nodes=20, span=12.0):
+    """Mass, mean and covariance by quadrature over u_1 of the exact 2-D mass and moments of
+    the slices {(u_2, u_3) : A[:, 1:] v <= b - A[:, 0] u_1} (all slices in one batch):
+    composite Gauss-Legendre on panels of width <= 0.5 between the vertex heights, where
+    the slice changes shape (in between the integrand is analytic)."""
+    V = _vertices(A, b)
+    lo = min(V[:, 0].min(initial=0.0), 0.0) - span
+    hi = max(V[:, 0].max(initial=0.0), 0.0) + span
+    cuts = np.unique(np.concatenate([[lo, hi], V[:, 0]]))
+    cuts = cuts[(cuts >= lo) & (cuts <= hi)]
+    fine = np.concatenate([np.linspace(a, c, int(np.ceil((c - a) / 0.5)) + 1)[:-1] for a, c in zip(cuts[:-1], cuts[1:])]
+                          + [[hi]])
+    gx, gw = np.polynomial.legendre.leggauss(nodes)
+    half = 0.5 * np.diff(fine)[:, None]
+    x = ((fine[:-1, None] + fine[1:, None]) / 2 + half * gx).ravel()
+    wq = (half * gw).ravel()
+    r = polytope_moments(np.broadcast_to(A[:, 1:], (x.size,) + A[:, 1:].shape), b - np.outer(x, A[:, 0]))
+    lw = r.log_mass - 0.5 * x * x + np.log(wq)
+    shift = lw.max()
+    w = np.exp(lw - shift)
+    m2, s2 = r.mean, r.cov + r.mean[:, :, None] * r.mean[:, None, :]
+    tot = w @ np.column_stack([np.ones_like(x), x, m2[:, 0], m2[:, 1], x * x, x * m2[:, 0], x * m2[:, 1],
+                               s2[:, 0, 0], s2[:, 0, 1], s2[:, 1, 1]])
+    mean = tot[1:4] / tot[0]
+    E2 = np.array([[tot[4], tot[5], tot[6]], [tot[5], tot[7], tot[8]], [tot[6], tot[8], tot[9]]]) / tot[0]
+    return shift + np.log(tot[0]) - 0.5 * np.log(2 * np.pi), mean, E2 - np.outer(mean, mean)
+
+
+def test_against_nested_quadrature_of_exact_slices():
+    rng = np.random.default_rng(5)
+    cases = []
+    for F, shift in [(6, 0.0), (7, 0.8), (3, 0.0), (5, 4.0), (4, 8.0)]:
+        A = rng.normal(size=(F, 3))
+        A /= np.linalg.norm(A, axis=1, keepdims=True)
+        x0 = shift * A[0] * -1 if shift else np.zeros(3)            # a point deep in the first row's far side
+        b = A @ x0 + rng.uniform(0.3, 1.2, F)
+        cases.append((A, b))
+    for A, b in cases:
+        lm, mean, cov = exact(A, b)
+        lz, m, C = slice_oracle(A, b)
+        assert abs(slice_oracle(A, b, nodes=30)[0] - lz) < 1e-12             # the oracle has converged
+        assert abs(lm - lz) < 1e-10, (lm, lz)
+        size = 1 + np.abs(m).max()
+        assert_close(mean, m, size * weight_error(lz))
+        assert_close(cov, C, size ** 2 * weight_error(lz))
+
+
+# ------------------------------------------------------------------ Monte Carlo
+def _mode(A, b, x0):
+    res = optimize.minimize(lambda u: 0.5 * u @ u, x0, jac=lambda u: u, method="SLSQP",
+                            constraints=[{"type": "ineq", "fun": lambda u: b - A @ u, "jac": lambda u: -A}],
+                            options={"ftol": 1e-14, "maxiter": 500})
+    return res.x
+
+
+def _random_polytope(rng, i):
+    """Bounded (even i) or unbounded, around a point x0 at distance 0 .. 9.5."""
+    d = [0.0, 0.0, 1.5, 3.0, 5.0, 7.0, 10.5][i % 7]
+    e = rng.normal(size=3)
+    e /= np.linalg.norm(e)
+    x0 = d * e
+    if i % 2 == 0:
+        A = np.concatenate([np.eye(3), -np.eye(3), rng.normal(size=(2, 3))]) @ special_ortho_group.rvs(3, random_state=rng)
+    else:
+        first = -e + 0.3 * rng.normal(size=3)
+        A = np.concatenate([first[None], rng.normal(size=(rng.integers(0, 4), 3))])
+    A /= np.linalg.norm(A, axis=1, keepdims=True)
+    return A, A @ x0 + rng.uniform(0.2, 1.5, len(A)), x0
+
+
+def _importance_sums(A, b, mu, lm, mean, cov, zt):
+    """One chunk of the importance-sampling checks: u = mu + z ~ N(mu, I) (zt (3, n) holds
+    z), weight w = phi(u) / phi(u - mu) = exp(-mu . u + |mu|^2 / 2), bounded on P when mu
+    is its point nearest 0.  The terms w 1_P / mass, w 1_P (u - mean) / mass and
+    w 1_P ((u - mean)(u - mean)^T - cov) / mass have means 1, 0 and 0: returns their sums
+    and sums of squares over the chunk, (2, 10)."""
+    u = zt + mu[:, None]
+    inside = np.ones(zt.shape[1], bool)
+    for a, c in zip(A, b):                                   # row by row: no BLAS threads
+        inside &= a[0] * u[0] + a[1] * u[1] + a[2] * u[2] <= c
+    u = u[:, inside]
+    w = np.exp(-(mu[0] * u[0] + mu[1] * u[1] + mu[2] * u[2]) + 0.5 * mu @ mu - lm)
+    dev = u - mean[:, None]
+    iu = np.triu_indices(3)
+    terms = np.concatenate([w[None], w * dev, w * (dev[iu[0]] * dev[iu[1]] - cov[iu][:, None])])
+    return np.stack([terms.sum(1), np.einsum("ij,ij->i", terms, terms)])
+
+
+def test_random_polytopes_against_monte_carlo():
+    """20 polytopes, bounded and unbounded, log mass 0 .. -50: mass, mean and covariance
+    within 4 standard errors of 1e7-sample importance sampling from N(mode, I) (plain Monte
+    Carlo where the polytope holds the origin); one draw of z per chunk serves all."""
+    rng = np.random.default_rng(11)
+    polys = []
+    for i in range(20):
+        A, b, x0 = _random_polytope(rng, i)
+        mu = np.zeros(3) if np.all(b >= 0) else _mode(A, b, x0)
+        polys.append((A, b, mu) + exact(A, b))
+    lms = [p[3] for p in polys]
+    assert min(lms) < -45 and max(lms) > -1 and sum(len(p[1]) <= 4 for p in polys) >= 8
+    n, chunk = 10_000_000, 1_000_000
+    sums = np.zeros((len(polys), 2, 10))
+    for _ in range(n // chunk):
+        zt = rng.standard_normal((3, chunk))
+        for k, p in enumerate(polys):
+            sums[k] += _importance_sums(*p, zt)
+    est = sums[:, 0] / n
+    se = np.sqrt(np.maximum(sums[:, 1] / n - est * est, 0) / n)
+    est[:, 0] -= 1.0
+    z = est / se
+    assert np.all(np.abs(z) < 4), (np.abs(z).max(1), lms)
+
+
+# ------------------------------------------------------------------ the sampler
+def test_sampler_draws_match_exact_moments():
+    """sample_standard_polytope (exact accept-reject) against the exact mean and
+    covariance: the averages of u - mean and (u - mean)(u - mean)^T - cov within 4 SE."""
+    from cpadgn.sampling import sample_standard_polytope
+    rng = np.random.default_rng(2)
+    polys = [_random_polytope(rng, i)[:2] for i in (0, 3, 4, 6, 1)]
+    F = max(len(b) for _, b in polys)
+    A = np.zeros((len(polys), F, 3))
+    b = np.ones((len(polys), F))
+    mask = np.zeros((len(polys), F), bool)
+    for k, (a, c) in enumerate(polys):
+        A[k, :len(c)], b[k, :len(c)], mask[k, :len(c)] = a, c, True
+    n = 200_000
+    draws = sample_standard_polytope(A, b, mask, np.full(len(polys), n), rng).reshape(len(polys), n, 3)
+    res = polyhedron_moments(A, b, mask)
+    iu = np.triu_indices(3)
+    for k in range(len(polys)):
+        dev = draws[k] - res.mean[k]
+        terms = np.concatenate([dev, (dev[:, :, None] * dev[:, None, :] - res.cov[k])[:, iu[0], iu[1]]], 1)
+        z = terms.mean(0) / (terms.std(0) / np.sqrt(n))
+        assert np.all(np.abs(z) < 4), (k, z)
