@@ -308,7 +308,7 @@ def _masked_logsumexp(x, m):
         return safe + np.log(np.exp(x - safe[:, None]).sum(-1))
 
 
-# ---------------------------------------------------------------------- S >= 3
+# ---------------------------------------------------------------------- S >= 4
 #
 # Separation of variables (Genz) in a frame adapted to each polytope, with exact
 # projections, exponential tilting and randomised quasi-Monte Carlo (``_qmc``):
