@@ -217,6 +217,10 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
     part = model.partition()
     check = check_partition(model.net, part)
     nf = part.n_facets
+    # the masses are independent estimates (exact for S <= 2): the sum's standard error
+    # adds in quadrature; the check passes within 4 standard errors (plus rounding)
+    mass_se = float(np.sqrt(np.sum((np.exp(part.log_prior_mass) * part.log_prior_mass_stderr) ** 2)))
+    mass_ok = check["mass_error"] <= 4 * mass_se + 1e-9
     summary = {
         "model": str(model_path), "latent_dim": model.latent_dim, "output_dim": model.output_dim,
         "hidden_units": list(model.net.hidden_sizes), "regions": part.n_regions,
@@ -224,6 +228,7 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
         "degenerate_regions": int(part.degenerate.sum()),
         "facets_min": int(nf.min()), "facets_mean": float(nf.mean()), "facets_max": int(nf.max()),
         "prior_mass_sum": check["mass_sum"], "prior_mass_error": check["mass_error"],
+        "prior_mass_sum_stderr": mass_se, "prior_mass_check_ok": bool(mass_ok),
         "samples_located": check["samples_located"], "interior_points_ok": check["interior_ok"],
         "method": part.method, "enumeration_seconds": part.seconds,
         "seconds": time.perf_counter() - t0, "cache": str(model.cache_path),
@@ -240,7 +245,9 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
             ("near-degenerate regions", summary["degenerate_regions"]),
             ("facets per region", f"min {summary['facets_min']}, mean {summary['facets_mean']:.2f}, "
                                   f"max {summary['facets_max']}"),
-            ("prior mass sum", f"{summary['prior_mass_sum']:.15f} (|error| {summary['prior_mass_error']:.1e})"),
+            ("prior mass sum", f"{summary['prior_mass_sum']:.15f} (|error| {summary['prior_mass_error']:.1e}, "
+                               + (f"standard error {mass_se:.1e}, " if mass_se > 0 else "exact, ")
+                               + ("ok" if mass_ok else "FAILED: more than 4 standard errors from 1") + ")"),
             ("prior samples located", f"{100 * summary['samples_located']:.3f}%"),
             ("interior points verified", f"{100 * summary['interior_points_ok']:.3f}%"),
             ("method", f"{part.method} ({part.seconds:.3f} s)"),

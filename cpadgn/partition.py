@@ -993,8 +993,9 @@ def _log_prior_masses(G, h, mask):
     out, err = np.zeros(B), np.zeros(B)
     has = mask.any(axis=1)
     if has.any():
-        # S >= 3 masses are randomised QMC: fewer points here, each with its standard error.
-        lm, se = polytope_log_mass(G[has], h[has], mask[has], n_qmc=128)
+        # S >= 4 masses are randomised QMC: 16 independent sets of 16 points per region
+        # (independent across regions too), each mass with its standard error
+        lm, se = polytope_log_mass(G[has], h[has], mask[has], n_qmc=256)
         out[has], err[has] = lm, se
     return out, err
 

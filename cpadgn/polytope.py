@@ -308,7 +308,7 @@ def _masked_logsumexp(x, m):
         return safe + np.log(np.exp(x - safe[:, None]).sum(-1))
 
 
-# ---------------------------------------------------------------------- S >= 3
+# ---------------------------------------------------------------------- S >= 4
 #
 # Separation of variables (Genz) in a frame adapted to each polytope, with exact
 # projections, exponential tilting and randomised quasi-Monte Carlo (``_qmc``):
@@ -318,25 +318,33 @@ def _masked_logsumexp(x, m):
 #   others by slack, give the next axes (``_frame``).  Coordinates are taken relative to
 #   the mode, so offsets of thousands of standard deviations cost no digits;
 # * every level j sees the exact projection of P onto (z_1..z_j): Fourier-Motzkin
-#   elimination of z_S, z_{S-1}, ... adds implied rows (``_levels``; redundant ones pruned
-#   exactly on the 2-D level), so z_j's interval given z_<j is never empty and no path
-#   is lost on a thin or far polytope;
+#   elimination of z_S, z_{S-1}, ... adds implied rows (``_levels``; redundant ones dropped
+#   by Chernikov's rule, and pruned exactly on the 2-D level), so z_j's interval given z_<j
+#   is never empty and no path is lost on a thin or far polytope (where a level would
+#   exceed its cap, its nearest rows are kept: still valid, no longer exact);
 # * z_1 is drawn from N(m, 1) instead of N(0, 1) on its interval (Botev-type exponential
 #   tilting, weight exp(m^2/2 - m z_1)), m the minimax tilt for a slice mass growing like
 #   (z_1 - |mu|)^(r-1) above a mode where r rows are active (``_tilt``); z_2..z_S are
 #   plain SOV draws.  Without the tilt a far polytope's z_1 would be drawn on the scale
 #   1 / |mu| of the Gaussian's tail, while the mass sits within r / |mu| of the mode.
 #
-# Implied rows only change the variance, never the expectation, so they are loosened by
-# a bound on their rounding error; the original rows are always enforced as they are.
-# Measured at 4096 points on partition regions shifted 3..30 std away and on posterior
-# polytopes (log masses down to -1e4): relative error of the mass ~2e-4 (median),
-# ~1e-3 (99%), 4e-3 (worst of ~2000).  The standard error is that of the mean of 8
-# independently scrambled Sobol sets of 512 points, so error / SE is roughly Student-t
-# with 7 degrees of freedom; a feature too small for 512 points to see (a sliver of a
-# thin polytope) goes unseen by it, and such polytopes can be off by several SE.
+# Unbiased in the mass: every level's interval contains the slice of P's projection (the
+# implied rows are loosened by a bound on their rounding error, dropping one only widens
+# the interval) and the last level enforces the original rows as they are, so the mean
+# weight is the mass exactly; the log mass is the log of that mean (its SE by the delta
+# method, SE / mass).  Each polytope gets its own randomisation (``_shifted_uniforms``: a
+# digital shift of R scrambled Sobol sets keyed by the polytope's rows), so estimates of
+# different polytopes are independent and the standard error of a sum over polytopes adds
+# in quadrature.  (The earlier version gave every polytope the same points: at S = 4
+# 16-16 the partition's prior masses summed to 0.87..1.11 depending on the seed.)  The
+# standard error is that of the mean of R = 16 independent sets, so error / SE is
+# roughly Student-t with 15 degrees of freedom: over the regions of S = 4 partitions,
+# |error| <= 3 SE in >= 99% of them against plain Monte Carlo (benchmarks/bench_qmc.py).
+# A feature too small for the points to see (a sliver of a thin polytope) goes unseen by
+# the SE too, and such polytopes can be off by several SE.
 
 _EPS_COEF = 1e-12      # |coefficient| below which an implied row ignores a variable
+_U64 = np.uint64
 
 
 def _gram_schmidt_rows(V, tol=1e-6):
@@ -543,40 +551,33 @@ def _frame(A, b, mask, mu):
     return _gram_schmidt_rows(V)[0]
 
 
-def _fm_eliminate(c, d, m, zmax, cap):
-    """Rows c (B, K, j) . z <= d (B, K), valid where m; return the rows of the
-    projection onto z_1..z_{j-1}: the rows without z_j and every positive/negative pair
-    combined (Fourier-Motzkin), normalised, implied rows loosened by their rounding
-    error.  Also empty (B,): a combination reads 0 <= negative, and exact (B,): False
-    where the result would exceed ``cap`` rows, so that the pairs were left out."""
+def _popcount(x):
+    """Number of set bits of uint64 values (any shape)."""
+    x = x - ((x >> _U64(1)) & _U64(0x5555555555555555))
+    x = (x & _U64(0x3333333333333333)) + ((x >> _U64(2)) & _U64(0x3333333333333333))
+    x = (x + (x >> _U64(4))) & _U64(0x0F0F0F0F0F0F0F0F)
+    with np.errstate(over="ignore"):
+        return (x * _U64(0x0101010101010101)) >> _U64(56)
+
+
+def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap):
+    """Rows c (B, K, j) . z <= d (B, K), valid where m, with their histories hist (B, K)
+    uint64 (bit f: original row f mod 64 took part); return the rows of the projection
+    onto z_1..z_{j-1} (padded, normalised) with their histories: the rows without z_j and
+    the positive/negative pairs combined (Fourier-Motzkin), implied rows loosened by
+    their rounding error.  Pairs whose history holds more than n_elim + 1 rows (n_elim
+    variables eliminated after this step) are redundant (Chernikov's rule) and dropped.
+    Where more than ``cap`` rows remain, the ``cap`` nearest ones (smallest offsets) are
+    kept.  Dropping rows only enlarges the projection, which stays valid (a level's
+    interval is then wider than the slice, and some paths die at a later level).
+    Also empty (B,): a combination reads 0 <= negative, and exact (B,): nothing was
+    dropped but redundant rows."""
     B, K, j = c.shape
     cj = c[..., -1]
     rest, ac = c[..., :-1], np.abs(cj)
     big = m & (ac > _EPS_COEF)
     pos, neg = big & (cj > 0), big & (cj < 0)
-    exact = pos.sum(1) * neg.sum(1) + (m & ~big).sum(1) <= cap
     empty = np.zeros(B, dtype=bool)
-    # pairs, for the polytopes that have some and stay within the cap
-    q = np.flatnonzero(exact & pos.any(1) & neg.any(1))
-    pair_c, pair_d, pair_m = np.zeros((B, 0, j - 1)), np.zeros((B, 0)), np.zeros((B, 0), dtype=bool)
-    if q.size:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            w = np.where(big[q], 1.0 / ac[q], 0.0)
-        cw, dw = rest[q] * w[..., None], d[q] * w
-        err = 1e-13 * w * (np.abs(d[q]) + zmax[q])
-        pc = (cw[:, :, None, :] + cw[:, None, :, :]).reshape(q.size, K * K, j - 1)
-        pd = (dw[:, :, None] + dw[:, None, :] + err[:, :, None] + err[:, None, :]).reshape(q.size, K * K)
-        pm = (pos[q][:, :, None] & neg[q][:, None, :]).reshape(q.size, K * K)
-        nrm = np.linalg.norm(pc, axis=-1)
-        degenerate = pm & (nrm <= 1e-12 * (w[:, :, None] + w[:, None, :]).reshape(q.size, K * K))
-        empty[q] = (degenerate & (pd < 0)).any(1)
-        pm &= ~degenerate
-        safe = np.where(pm, nrm, 1.0)
-        pc, pd, pm = _compact(pc / safe[..., None], pd / safe, pm)
-        pair_c = np.zeros((B,) + pc.shape[1:])
-        pair_d = np.ones((B, pc.shape[1]))
-        pair_m = np.zeros((B, pc.shape[1]), dtype=bool)
-        pair_c[q], pair_d[q], pair_m[q] = pc, pd, pm
     # rows without z_j (exactly: kept as they are; tiny coefficient: loosened)
     small = m & ~big
     zn = np.linalg.norm(rest, axis=-1)
@@ -584,33 +585,66 @@ def _fm_eliminate(c, d, m, zmax, cap):
     empty |= (small & (zn <= 1e-300) & (zd < 0)).any(1)
     zm = small & (zn > 1e-300)
     safe = np.where(zm, zn, 1.0)
-    return (np.concatenate([pair_c, rest / safe[..., None]], 1), np.concatenate([pair_d, zd / safe], 1),
-            np.concatenate([pair_m, zm], 1), empty, exact)
+    own = (rest / safe[..., None], zd / safe, zm, hist)
+    # the pairs (positive row i, negative row k) Chernikov's rule keeps, as flat lists
+    q = np.flatnonzero(pos.any(1) & neg.any(1))
+    found = []
+    for qs in np.array_split(q, max(1, int(q.size * K * K // 4e6))):   # (chunk, K, K) masks
+        keep = pos[qs][:, :, None] & neg[qs][:, None, :]
+        keep &= _popcount(hist[qs][:, :, None] | hist[qs][:, None, :]) <= n_elim + 1
+        qi, i, k = np.nonzero(keep)
+        found.append((qs[qi], i, k))
+    bi, i, k = (np.concatenate(x) for x in zip(*found))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wi, wk = 1.0 / ac[bi, i], 1.0 / ac[bi, k]
+    pc = rest[bi, i] * wi[:, None] + rest[bi, k] * wk[:, None]
+    err = 1e-13 * (wi * (np.abs(d[bi, i]) + zmax[bi, 0]) + wk * (np.abs(d[bi, k]) + zmax[bi, 0]))
+    pd = d[bi, i] * wi + d[bi, k] * wk + err
+    nrm = np.sqrt((pc * pc).sum(-1))
+    degenerate = nrm <= 1e-12 * (wi + wk)
+    empty[bi[degenerate & (pd < 0)]] = True
+    ok = ~degenerate
+    bi, pc, pd, ph = bi[ok], pc[ok] / nrm[ok, None], pd[ok] / nrm[ok], hist[bi[ok], i[ok]] | hist[bi[ok], k[ok]]
+    cnt = np.bincount(bi, minlength=B)                               # bi is sorted
+    slot = np.arange(bi.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    Kp = max(1, int(cnt.max(initial=0)))
+    pair_c, pair_d = np.zeros((B, Kp, j - 1)), np.ones((B, Kp))
+    pair_m, pair_h = np.zeros((B, Kp), dtype=bool), np.zeros((B, Kp), dtype=_U64)
+    pair_c[bi, slot], pair_d[bi, slot], pair_m[bi, slot], pair_h[bi, slot] = pc, pd, True, ph
+    c, d, m, h = (np.concatenate(x, 1) for x in zip((pair_c, pair_d, pair_m, pair_h), own))
+    exact = m.sum(1) <= cap
+    if not exact.all():                          # keep the cap nearest rows
+        order = np.argsort(np.where(m, d, np.inf), axis=1, kind="stable")[:, :cap]
+        c, d, m, h = (np.take_along_axis(c, order[..., None], 1), np.take_along_axis(d, order, 1),
+                      np.take_along_axis(m, order, 1), np.take_along_axis(h, order, 1))
+    return c, d, m, h, empty, exact
 
 
-def _compact(c, d, m):
-    """Drop the rows not in m (B, K): the kept rows first, K cut to the largest count."""
+def _compact(c, d, m, *more):
+    """Drop the rows not in m (B, K): the kept rows first, K cut to the largest count
+    (more: further (B, K) arrays, reordered alike)."""
     order = np.argsort(~m, axis=1, kind="stable")
     K = max(1, int(m.sum(1).max(initial=0)))
     order = order[:, :K]
     return (np.take_along_axis(c, order[..., None], 1), np.take_along_axis(d, order, 1),
-            np.take_along_axis(m, order, 1))
+            np.take_along_axis(m, order, 1)) + tuple(np.take_along_axis(x, order, 1) for x in more)
 
 
-def _levels(c, d, m, zmax, cap=128, cap2=160):
+def _levels(c, d, m, zmax, cap=256):
     """The bounds of the SOV levels in the frame: rows c (B, F, S) . z <= d.
 
     Returns (lo1, hi1) (B,) for z_1, a list over j = 2..S of (up_c, up_d, lo_c, lo_d):
     z_j <= up_d - up_c . z_<j and z_j >= lo_d - lo_c . z_<j (padding rows give +-inf),
     empty (B,) and exact (B,).  Level S holds the original rows; the lower levels the
-    exact projections by Fourier-Motzkin (rows of the 2-D level pruned to the polygon's
-    edges).  Where a level would exceed ``cap`` rows (``cap2`` for the 2-D level, before
-    pruning) the pairs are left out, which is still valid, but not exact.
+    exact projections by Fourier-Motzkin with Chernikov's rule (rows of the 2-D level
+    pruned to the polygon's edges).  Where a level would exceed ``cap`` rows the nearest
+    ones are kept (``_fm_eliminate``), which is still valid, but not exact.
     """
     B, F, S = c.shape
     zmax = np.broadcast_to(np.asarray(zmax, dtype=float), (B,))[:, None]
     empty = np.zeros(B, dtype=bool)
     exact = np.ones(B, dtype=bool)
+    hist = np.broadcast_to(_U64(1) << (np.arange(F) % 64).astype(_U64), (B, F))
     out = []
     for j in range(S, 1, -1):
         cj = c[..., -1]
@@ -623,25 +657,26 @@ def _levels(c, d, m, zmax, cap=128, cap2=160):
         lo_c, lo_d, lo_m = _compact(cd, np.where(lo, dd, -np.inf), lo)
         out.append((np.where(up_m[..., None], up_c, 0.0), np.where(up_m, up_d, np.inf),
                     np.where(lo_m[..., None], lo_c, 0.0), np.where(lo_m, lo_d, -np.inf)))
-        nc, nd, nm, e, ex = _fm_eliminate(c, d, m, zmax, cap2 if j - 1 == 2 else cap)
+        nc, nd, nm, nh, e, ex = _fm_eliminate(c, d, m, hist, S - j + 1, zmax, cap)
         empty |= e
         exact &= ex
-        c, d, m = _compact(nc, nd, nm)
+        c, d, m, hist = _compact(nc, nd, nm, nh)
         if j - 1 == 2 and m.any():                       # prune to the edges of the polygon
             live = np.zeros_like(m)
             count = m.sum(1)
             order = np.argsort(count, kind="stable")            # alike row counts together
             start = 0
-            while start < B:
-                Kc = max(1, int(count[order[min(B - 1, start + 63)]]))
-                stop = min(B, start + int(max(64, 4e6 // Kc ** 2)))
+            cost2 = np.maximum(count[order], 1).astype(float) ** 2
+            while start < B:                 # groups of polytopes with (size) * (rows)^2 <= 4e6
+                cost = np.arange(1, B - start + 1) * cost2[start:]          # increasing
+                stop = start + max(1, int(np.searchsorted(cost, 4e6, side="right")))
                 sel = order[start:stop]
                 Kc = max(1, int(count[sel].max()))
                 cs, ds, ms = c[sel, :Kc], d[sel, :Kc], m[sel, :Kc]
                 live[sel, :Kc] = facet_segments(cs, np.where(ms, ds, 1.0), ms)[2]
                 start = stop
             m = live | (m & ~live.any(1, keepdims=True))
-            c, d, m = _compact(c, d, m)
+            c, d, m, hist = _compact(c, d, m, hist)
     c1 = c[..., 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         bound = d / c1
@@ -691,9 +726,9 @@ def _logaddexp(a, b):
     return np.where(np.isnan(d), m, d)
 
 
-def _tn_draw(lo, hi, log_u, log_1mu, draw=True):
-    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms given by log u and
-    log(1 - u) (lower tail where lo <= 0, mirrored upper tail otherwise), and
+def _tn_draw(lo, hi, u, draw=True):
+    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms u on the 2^-32 grid (lower
+    tail where lo <= 0, mirrored upper tail from 1 - u, exact there, otherwise), and
     log(Phi(hi) - Phi(lo))."""
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
@@ -702,7 +737,7 @@ def _tn_draw(lo, hi, log_u, log_1mu, draw=True):
         lm = _log_diff_from_logs(l, h, la, log_ndtr(h))
         if not draw:
             return None, lm
-        t = np.where(flip, log_1mu, log_u)
+        t = np.log(np.where(flip, 1.0 - u, u))
         t += lm
         t = _logaddexp(la, t)
         np.minimum(t, 0.0, out=t)
@@ -713,7 +748,7 @@ def _tn_draw(lo, hi, log_u, log_1mu, draw=True):
     return x, lm
 
 
-def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=8):
+def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=16):
     """Separation of variables with exact projections and a tilted first variable,
     scrambled Sobol points (see the comment above).  Returns log mass with its standard
     error over independent randomisations, and the weighted moments (zeros where
@@ -728,7 +763,7 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=8):
     zs = np.einsum("bts,bs->bt", E, mu)                                 # the mode in the frame
     # coordinates v = z - zs: rows c v <= slack
     slack = np.where(mask, b - np.einsum("bfs,bs->bf", A, mu), 1.0)
-    lo1, hi1, levels, empty, exact_lev = _levels(c, slack, mask, 10.0, cap2=160 if S == 3 else 48)
+    lo1, hi1, levels, empty, exact_lev = _levels(c, slack, mask, 10.0)
     L = zs[:, 0]
     # the tilt needs z_1 >= L on P (mu the mode): where the projections are exact they
     # tell (lo1 = 0 up to rounding); elsewhere the bound of a mode found exactly is
@@ -748,11 +783,9 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=8):
     ya0 = np.where(fin1, ya, 0.0)
     const1 = lm1 - tilt * (0.5 * tilt + ya0)
     m = max(2, n_qmc // n_randomisations)
-    w = np.concatenate([qmc.Sobol(S, scramble=True, seed=seed * 1000 + i).random(m)
-                        for i in range(n_randomisations)])                 # (R m, S)
-    w = np.clip(w, 1e-300, 1 - 1e-16)
-    N = w.shape[0]
-    log_u, log_1mu = np.ascontiguousarray(np.log(w).T), np.ascontiguousarray(np.log1p(-w).T)   # (S, N)
+    base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
+    N = base.shape[1]
+    keys = _polytope_keys(A, b, mask, seed)                             # (B,)
     out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B))
     K = max([1] + [lv[0].shape[1] + lv[2].shape[1] for lv in levels])
     chunk = int(max(1, 4e6 // (N * K)))
@@ -760,10 +793,11 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=8):
         sl = slice(start, min(start + chunk, B))
         n = sl.stop - sl.start
         z = np.empty((n, S, N))                                         # holds v
+        u = _shifted_uniforms(base, keys[sl], n_randomisations)             # (n, S, N)
         f1 = flip1[sl, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             y = ndtri_exp(np.minimum(_logaddexp(np.broadcast_to(la1[sl, None], (n, N)),
-                                                np.where(f1, log_1mu[0], log_u[0]) + lm1[sl, None]), 0.0))
+                                                np.log(np.where(f1, 1.0 - u[:, 0], u[:, 0])) + lm1[sl, None]), 0.0))
         y = np.clip(y, a1[sl, None], c1[sl, None])
         np.negative(y, out=y, where=f1)
         off = y - ya0[sl, None]                                          # y - ya >= 0
@@ -775,7 +809,7 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=8):
             lo = (lo_d[:, :, None] - lo_c @ z[:, :j]).max(1)
             last = j == S - 1
             zj = zs[sl, j, None]
-            xj, lm = _tn_draw(lo + zj, hi + zj, log_u[j], log_1mu[j], draw=moments or not last)
+            xj, lm = _tn_draw(lo + zj, hi + zj, u[:, j], draw=moments or not last)
             if xj is not None:
                 z[:, j] = xj - zj
             logw += lm
@@ -803,6 +837,51 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=8):
         out.mean[sl] = mu[sl] + np.einsum("bts,bt->bs", Es, mz)
         out.cov[sl] = np.swapaxes(Es, 1, 2) @ cz @ Es
     return out
+
+
+def _splitmix64(x):
+    """The splitmix64 finaliser of uint64 values x (any shape): a bijection whose outputs
+    for distinct inputs behave as independent uniform 64-bit words."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=_U64) + _U64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def _polytope_keys(A, b, mask, seed):
+    """A 64-bit key per polytope (B,) from the bits of its rows (padding ignored) and the
+    seed: the same polytope gets the same key whatever batch it comes in."""
+    B, F, S = A.shape
+    rows = np.concatenate([A, b[..., None]], -1) * mask[..., None] + 0.0   # + 0.0: -0 -> 0
+    words = np.ascontiguousarray(rows).reshape(B, -1).view(_U64)
+    mult = _splitmix64(np.arange(words.shape[1], dtype=_U64)) | _U64(1)
+    with np.errstate(over="ignore"):
+        h = (words * mult).sum(-1, dtype=_U64)
+    return _splitmix64(h ^ _splitmix64(np.uint64(seed % 2 ** 64)))
+
+
+def _sobol_sets(S, m, R, seed):
+    """R independently scrambled Sobol sets of m points in [0, 1)^S, as 32-bit integers
+    (the point is k / 2^32): (S, R m) uint64, set r in columns r m .. (r + 1) m - 1."""
+    sets = [qmc.Sobol(S, scramble=True, bits=32, seed=seed * 1000 + i).random(m) for i in range(R)]
+    return np.ascontiguousarray(np.rint(np.concatenate(sets) * 2.0 ** 32).astype(_U64).T)
+
+
+def _shifted_uniforms(base, keys, R):
+    """The points base (S, N) as uniforms u (n, S, N) under a random digital
+    shift (XOR with a 32-bit word per coordinate) for each polytope (keys (n,)) and set
+    (R sets of N / R columns), at the centres (k + 1/2) / 2^32 of their grid cells.
+
+    A digital shift leaves a scrambled net a net, and makes every point uniform on the
+    2^32 grid: polytopes (and sets) get independent estimates, each unbiased up to the
+    midpoint rule at spacing 2^-32.  Without it every polytope would see the same points
+    and their errors would add up coherently in any sum over polytopes."""
+    S, N = base.shape
+    idx = np.arange(R * S, dtype=_U64).reshape(R, S) + _U64(1)
+    shift = _splitmix64(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(32)      # (n, R, S)
+    shift = np.repeat(np.swapaxes(shift, 1, 2), N // R, axis=2)                        # (n, S, N)
+    return ((base[None] ^ shift).astype(np.float64) + 0.5) * 2.0 ** -32
 
 
 def _logmeanexp(x, axis):
