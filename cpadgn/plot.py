@@ -64,6 +64,14 @@ def save(fig, path) -> None:
         raise write_error(path, e) from None
 
 
+def check_image_path(path, inputs: dict | None = None) -> Path:
+    """Fail early (one-line CpadgnError) if a picture cannot be written to path: matplotlib
+    missing, an extension other than .png/.pdf/.svg, or ``data.check_output_path``'s checks."""
+    from .data import check_output_path
+    require_matplotlib()
+    return check_output_path(path, inputs=inputs, suffixes=IMAGE_SUFFIXES)
+
+
 # ================================================================ geometry
 def clip_polygon(vertices: np.ndarray, a: np.ndarray, b: float) -> np.ndarray:
     """The convex polygon vertices (V, 2) cut by the half-plane a . z <= b (Sutherland-Hodgman)."""
@@ -425,6 +433,30 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     return fig
 
 
+def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=None, observed=None, size=None):
+    """``scores_histogram`` with the threshold of ``cpadgn score``: contamination c flags
+    log p below -quantile(-log p, 1 - c); alpha flags p-values < alpha, i.e. log p below
+    ``anomaly.alpha_threshold`` of the reference draws.  pvalues (``anomaly.PValues``)
+    gives the model's own log p; with several missing patterns, those of the pattern
+    most rows share (observed (N, D) bool)."""
+    from .anomaly import alpha_threshold
+    ll = np.asarray(log_likelihood, dtype=np.float64)
+    threshold = label = ref = None
+    if pvalues is not None and pvalues.reference_log_prob is not None:
+        q = 0
+        if len(pvalues.patterns) > 1 and observed is not None:
+            _, which = np.unique(observed, axis=0, return_inverse=True)
+            q = int(np.bincount(which.reshape(-1)).argmax())
+        ref = pvalues.reference_log_prob[q]
+    if contamination is not None:
+        threshold = -float(np.quantile(-ll, 1 - contamination))
+        label = f"contamination {contamination:g}"
+    elif alpha is not None and ref is not None:
+        threshold = alpha_threshold(ref, alpha)
+        label = f"p-value < {alpha:g}"
+    return scores_histogram(ll, threshold, ref, threshold_label=label, size=size)
+
+
 # ============================================================== imputations
 def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: int = 4, max_draws: int = 4,
                 size=None, cmap: str = "gray_r"):
@@ -435,7 +467,7 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
     X_obs (N, D) with NaN = missing; mean, std (N, D); draws (K, N, D) or None;
     image_shape (H, W) with H W = D; rows: which rows (default: the first max_rows
     rows with a missing entry).  Values share one grey scale (the range of the observed
-    values, the means and the draws); the std has its own.
+    values and the means; draws beyond it saturate); the std has its own.
     """
     X_obs, mean, std = (np.asarray(a, dtype=np.float64) for a in (X_obs, mean, std))
     H, W = (int(v) for v in image_shape)
@@ -456,8 +488,7 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
     axes = np.asarray(fig.subplots(rows.size, ncol, squeeze=False))
     from matplotlib import colormaps
     grey = colormaps[cmap].with_extremes(bad="#e6194b")
-    shown = np.concatenate([X_obs[rows][~miss[rows]], mean[rows].ravel()]
-                           + ([] if not K else [np.asarray(draws)[:K, rows].ravel()]))
+    shown = np.concatenate([X_obs[rows][~miss[rows]], mean[rows].ravel()])   # draws beyond saturate
     vmin, vmax = float(np.nanmin(shown)), float(np.nanmax(shown))
     smax = float(np.max(std[rows])) or 1.0
     for i, n in enumerate(rows):
@@ -478,3 +509,43 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
                  fontsize=9)
     fig.cpadgn_rows = rows
     return fig
+
+
+def imputation_figure(model, X, result=None, image_shape=None, *, n_draws: int = 4, seed=0,
+                      max_rows: int = 4, size=None):
+    """``imputations`` of the first max_rows rows of X (N, D) with a missing entry, from
+    ``result`` (an ``impute.ImputeResult`` of all of X) where it has the std and draws,
+    computed exactly for those rows otherwise (n_draws draws, seeded)."""
+    from .impute import impute
+    X = np.asarray(X, dtype=np.float64)
+    image_shape = image_shape or square_shape(X.shape[1])
+    rows = np.flatnonzero(np.isnan(X).any(1))[:max_rows]
+    if rows.size == 0:
+        raise CpadgnError("no row of the data has a missing entry (NaN), so there is no imputation to draw")
+    have = result is not None and result.std is not None and result.draws is not None
+    if have:
+        mean, std, draws = result.mean[rows], result.std[rows], result.draws[:, rows]
+    else:
+        res = impute(model.net, model.partition(), model.noise_std, X[rows], std=True, seed=seed,
+                     draws=n_draws if result is None or result.draws is None else None,
+                     tab=model._region_table(), device=model.device, memory_budget=model.memory_budget)
+        mean, std = res.mean, res.std
+        draws = res.draws if res.draws is not None else result.draws[:, rows]
+    return imputations(X[rows], mean, std, draws, image_shape, size=size)
+
+
+def square_shape(D: int):
+    """(H, W) = (sqrt D, sqrt D) when D is a square number; CpadgnError otherwise."""
+    side = int(round(np.sqrt(D)))
+    if side * side != D:
+        raise CpadgnError(f"the rows have {D} values, not a square number: give the image shape "
+                          f"as --image-shape HxW (image_shape=(H, W)) with H x W = {D}")
+    return side, side
+
+
+def parse_image_shape(text: str):
+    """'HxW' -> (H, W), two positive integers; ValueError otherwise."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"expected HxW with two positive integers, e.g. 8x8, got {text!r}")
+    return int(parts[0]), int(parts[1])
