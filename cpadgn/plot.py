@@ -30,7 +30,7 @@ PRIOR_CONTOUR_MASSES = (0.5, 0.9, 0.99)
 WINDOW_RADIUS = 3.3          # prior std per axis: the window holds the 99% contour (radius 3.03)
 MAX_ZOOMS = 4                # rows that get their own zoomed posterior panel
 _ZOOM_SIZES = {0: (600, 450), 1: (1000, 450), 2: (900, 600), 3: (1200, 600), 4: (1200, 600)}
-ROW_COLOURS = ("#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#f032e6")
+ROW_COLOURS = ("#e6194b", "#f58231", "#f032e6", "#4363d8", "#42d4f4", "#3cb44b")
 
 
 def require_matplotlib():
@@ -266,9 +266,11 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid):
             zax.set_ylim(*zw[1])
             zax.set_aspect("equal", adjustable="box")
             zax.tick_params(labelsize=7)
-            zax.set_title(f"row {r}: p(z | x), log p(x) = {post.log_likelihood[i]:.2f}", fontsize=9)
+            zax.set_title(f"row {r}: exact p(z | x)\nlog p(x) = {post.log_likelihood[i]:.2f}",
+                          fontsize=8)
             (x0, x1), (y0, y1) = zw
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.0))
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.0,
+                                   label="zoomed windows (right)" if i == 0 else None))
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     fig.cpadgn_main_axes = ax
     return fig
