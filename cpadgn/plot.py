@@ -173,8 +173,10 @@ def posterior_density(model, X, z) -> np.ndarray:
         u = np.einsum("pst,ps->pt", Lam[kk], w[has] - mu[kk])      # L^T (w - mu)
         log_n = (-0.5 * model.latent_dim * np.log(2 * np.pi)
                  + np.log(np.diagonal(Lam[kk], axis1=1, axis2=2)).sum(1) - 0.5 * (u * u).sum(1))
-        with np.errstate(divide="ignore"):
-            out[n, has] = np.exp(np.log(post.pair_responsibility[kk]) + log_n - log_phi[kk] - log_jac)
+        live = np.isfinite(log_phi[kk])            # a zero-mass (degenerate) region holds no density
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.exp(np.log(post.pair_responsibility[kk]) + log_n - log_phi[kk] - log_jac)
+        out[n, has] = np.where(live, d, 0.0)
     return out
 
 
