@@ -188,7 +188,7 @@ def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid
     3.3 prior std per axis, > 99% of the prior mass, widened to hold the rows'
     posterior means) drawn as polygons shaded by log prior mass, with the prior's
     50/90/99% contours.  With rows (indices into X): each row's E[z | x] is marked
-    (a cross labelled with its row number), and unless ``ax`` is given each row gets a
+    (a cross labelled with its row number), and unless ``ax`` is given the first 4 rows get a
     zoomed panel (its posterior mean +- 4 posterior std) with the exact p(z | x) as
     contour lines over the regions (``posterior_density`` on a grid x grid lattice).
     S = 1: the prior density, the breakpoints between regions and each row's p(z | x)
