@@ -38,11 +38,17 @@ MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
                    "the coverage of the draws' central 90% intervals).  -o then writes the "
                    "imputation of the masked data.")
 @click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw image tiles of the first rows with missing entries: observed pixels, "
+                   "missing mask, conditional mean, std and exact draws (.png/.pdf/.svg; needs "
+                   "pip install 'cpadgn[plot]').")
+@click.option("--image-shape", default=None, metavar="HxW",
+              help="Shape of one row as an image for --plot [default: square].")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, noise_std, cache, max_regions,
-           device, trust_pickle, quiet, debug, as_json):
+def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, plot_path, image_shape,
+           noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
     """Impute the missing entries (NaN) of DATA exactly under MODEL.
 
     By default each missing entry gets the exact conditional mean E[x_m | x_o] =
@@ -63,6 +69,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, n
       cpadgn impute sample_data/digits_generator.h5 holes.csv -o filled.csv --std
       cpadgn impute gen.h5 holes.npy -o mi.h5 --draws 20 --seed 1
       cpadgn impute sample_data/digits_generator.h5 sample_data/digits_test.csv --evaluate-mcar 0.3
+      cpadgn impute sample_data/digits_generator.h5 holes.csv -o filled.csv --plot draws.png --image-shape 8x8
     """
     from cpadgn.data import check_output_path, read_data
     from cpadgn.impute import imputation_errors, impute as run_impute, mcar_mask
@@ -82,15 +89,33 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, n
             std_path = check_output_path(std_sibling(out), inputs=inputs)
     elif want_std:
         raise CpadgnError("--std writes a file beside OUT: pass -o OUT")
+    if image_shape is not None and plot_path is None:
+        raise CpadgnError("--image-shape is the shape of the --plot tiles; add --plot FILE.png")
+    if plot_path is not None:
+        from cpadgn import plot
+        try:
+            image_shape = None if image_shape is None else plot.parse_image_shape(image_shape)
+        except ValueError as e:
+            raise CpadgnError(f"--image-shape: {e}") from None
+        plot.check_image_path(plot_path, inputs={**inputs, "the -o output": out,
+                                                 "the --std output": std_path})
 
     X = read_data(data_path, dataset=dataset)
     columns = csv_header(data_path, X.shape[1])
+    if plot_path is not None:
+        H, W = image_shape or plot.square_shape(X.shape[1])
+        if H * W != X.shape[1]:
+            raise CpadgnError(f"--image-shape {H}x{W} has {H * W} pixels but DATA has {X.shape[1]} "
+                              f"columns; give H x W = {X.shape[1]}")
     hidden = None
     X_in = X
     if mcar is not None:
         hidden = mcar_mask(X, mcar, seed)
         X_in = X.copy()
         X_in[hidden] = np.nan
+    if plot_path is not None and not np.isnan(X_in).any():
+        raise CpadgnError("--plot draws rows with missing entries (NaN) and DATA has none; "
+                          "mark some entries missing, or add --evaluate-mcar P")
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in)
@@ -102,6 +127,8 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, n
     if out is not None:
         write_imputation(out, res.mean if n_draws is None else res.draws, res.std, columns,
                          draws=n_draws is not None, std_path=std_path)
+    if plot_path is not None:
+        plot.save(plot.imputation_figure(model, X_in, res, (H, W), seed=seed), plot_path)
 
     miss = np.isnan(X_in)
     summary = {"rows": int(X.shape[0]), "columns": int(X.shape[1]),

@@ -280,11 +280,14 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
 @click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
               help="Working memory of one batch of rows (smaller: smaller batches, the same scores up "
                    "to rounding; see README, Precision).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw the histogram of log p(x) with the threshold and, with --pvalues, the "
+                   "model's own log p (.png/.pdf/.svg; needs pip install 'cpadgn[plot]').")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def score(model_path, data_path, out, dataset, contamination, pvalues, samples, seed, alpha, explain,
-          memory_budget, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
+          memory_budget, plot_path, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
     """Anomaly scores of DATA from MODEL's exact log-likelihood.
 
     One output row per data row: log_likelihood (nats), anomaly_score
@@ -315,6 +318,9 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     check_score_options(contamination, pvalues, samples, alpha, explain, memory_budget)
     samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
+    if plot_path is not None:
+        from cpadgn.plot import check_image_path
+        check_image_path(plot_path, inputs={**command_inputs(model_path, data_path, cache), "the -o output": out})
     X = read_data(data_path, dataset=dataset)
     if explain is not None and explain > X.shape[1]:
         raise CpadgnError(f"--explain {explain} asks for more features than DATA has ({X.shape[1]}); "
@@ -335,6 +341,10 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
         residuals = expected_squared_residuals(model, X, post)
     columns = scores_table(post, contamination, pv=pv, alpha=alpha, residuals=residuals, explain=explain)
     write_table(out, columns)
+    if plot_path is not None:
+        from cpadgn import plot
+        plot.save(plot.scores_figure(post.log_likelihood, contamination=contamination, pvalues=pv,
+                                     alpha=alpha, observed=~np.isnan(X)), plot_path)
     summary = score_summary(post, columns, model, contamination, time.perf_counter() - t0, out,
                             pv=pv, alpha=alpha)
     if as_json:
@@ -432,6 +442,7 @@ def print_summary(title, summary):
 from cli import compare as _compare  # noqa: E402,F401
 from cli import fit as _fit  # noqa: E402,F401
 from cli import impute as _impute  # noqa: E402,F401
+from cli import plot as _plot  # noqa: E402,F401
 
 if __name__ == "__main__":
     # ``python -m cli.main``: run the group of the imported module ``cli.main``, on which

@@ -58,6 +58,8 @@ class PValues:
     n_samples: int
     n_patterns: int
     level: float
+    patterns: np.ndarray | None = None
+    reference_log_prob: np.ndarray | None = None
 
 
 def clopper_pearson(k, n: int, level: float = 0.95):
@@ -91,11 +93,13 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     which = which.reshape(-1)
     ref = model.sample(M, seed=seed)                                        # (M, D)
     count = np.empty(N, dtype=np.int64)
+    reference = np.empty((len(patterns), M))
     block = max(1, int(max_block_bytes // (8 * M * D)))                    # patterns per call
     for q0 in range(0, len(patterns), block):
         pat = patterns[q0:q0 + block]                                       # (B, D)
         stacked = np.where(pat[:, None, :], ref[None], np.nan)              # (B, M, D)
         ref_ll = np.sort(model.log_prob(stacked.reshape(-1, D)).reshape(len(pat), M), axis=1)
+        reference[q0:q0 + len(pat)] = ref_ll
         for j in range(len(pat)):
             rows = np.flatnonzero(which == q0 + j)
             count[rows] = np.searchsorted(ref_ll[j], log_prob[rows], side="right")
@@ -106,7 +110,17 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     undefined = np.isnan(log_prob)           # nothing observed: no likelihood, no p-value
     pvalue, lo, hi = (np.where(undefined, np.nan, a) for a in (pvalue, lo, hi))
     return PValues(pvalue=pvalue, lower=lo, upper=hi, count=count,
-                   n_samples=M, n_patterns=len(patterns), level=float(level))
+                   n_samples=M, n_patterns=len(patterns), level=float(level),
+                   patterns=patterns, reference_log_prob=reference)
+
+
+def alpha_threshold(reference_log_prob, alpha: float) -> float:
+    """The log p below which a row's p-value (1 + k) / (M + 1) is < alpha, from the M
+    sorted reference log p (k = #{reference <= log p}): the (j+1)-th smallest reference
+    value, j = ceil(alpha (M + 1) - 1) - 1 (-inf when no row can be flagged)."""
+    ref = np.asarray(reference_log_prob, dtype=np.float64)
+    j = int(np.ceil(alpha * (ref.size + 1) - 1)) - 1
+    return float(ref[min(j, ref.size - 1)]) if j >= 0 else -np.inf
 
 
 def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float = 2e8) -> np.ndarray:

@@ -214,20 +214,22 @@ def check_not_an_input(path, inputs: dict) -> None:
                               "command, and would be destroyed; choose another output path")
 
 
-def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None) -> Path:
+def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
+                      suffixes: tuple = OUTPUT_SUFFIXES) -> Path:
     """Fail early (CpadgnError) if ``path`` cannot receive a result file.
 
     Checks the suffix, that the directory exists and is writable (by creating and
     removing a temporary file there), that the path is not a directory, and that it is
     none of ``inputs`` ({role: path}, see ``check_not_an_input``).  ndim=3
-    (multiple-imputation draws) also refuses .csv.  Returns the path.
+    (multiple-imputation draws) also refuses .csv.  ``suffixes``: the accepted
+    extensions (pictures pass ``plot.IMAGE_SUFFIXES``).  Returns the path.
     """
     path = Path(path)
     check_not_an_input(path, inputs or {})
     suffix = path.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
+    if suffix not in suffixes:
         raise CpadgnError(f"cannot write {path}: unknown output extension "
-                          f"'{path.suffix or '(none)'}'; use one of {', '.join(OUTPUT_SUFFIXES)}")
+                          f"'{path.suffix or '(none)'}'; use one of {', '.join(suffixes)}")
     if ndim > 2 and suffix == ".csv":
         raise CpadgnError(f"cannot write {path}: a CSV file holds a 2-D table, but this output "
                           f"is {ndim}-D; use .npy or .h5")
