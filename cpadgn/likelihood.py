@@ -439,7 +439,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     else:   # a half for the rows' (row, region) arrays, a quarter each for the pairs and their integrals
         per_row = 8.0 * R * (S * S + 2 * S + 16)          # dense bounds, listing and results of a row
         per_worker /= 2
-        pair_chunk = int(max(1, per_worker / 2 // (8.0 * (2 * F * S + 3 * F + 6 * S * S + 4 * S + 10))))
+        pair_chunk = int(max(1, per_worker / 2 // (8.0 * (6 * F * F + 2 * F * S + 3 * F + 6 * S * S + 4 * S + 10))))
         poly_budget = per_worker / 2
     chunk = int(max(1, min(-(-N // (2 * workers)), per_worker // per_row)))
     region_chunk = int(max(1, memory_budget // (8.0 * 4 * (tab.D * S * (S + 2) + chunk * (S * (S + 2) + F)))))
@@ -536,7 +536,9 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             if len(sharpen) == 0:
                 break
             rows, regions = l_rows[sharpen], l_regions[sharpen]
-            near = _nearest_point_bound(tab, v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy())
+            v_near, r_near = v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy()
+            near = np.concatenate([_nearest_point_bound(tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk])
+                                   for i in range(0, r_near.size, pair_chunk)])
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True
         take_idx = torch.nonzero(take)[:, 0]

@@ -106,19 +106,20 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
     return _assemble(B, S, sel, res, empty)
 
 
-def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12):
-    """(fixed, per polytope) working bytes of ``_qmc`` on polytopes with F rows: the
-    Fourier-Motzkin pairs (~1 kB per pair of rows, measured with tracemalloc at S = 3, 4)
-    and the sample arrays (S + 8 arrays of n_qmc points)."""
-    return 8.0 * 24 * 2e5, 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
+def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
+    """Working bytes of ``_qmc`` per polytope with F rows: the Fourier-Motzkin pairs
+    (~1 kB per pair of rows, measured with tracemalloc at S = 3, 4) and the sample
+    arrays (S + 8 arrays of n_qmc points)."""
+    return 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
 
 
 def _qmc_chunked(A, b, mask, n_qmc, seed, moments, memory_budget):
-    """``_qmc`` on chunks of the polytopes that fit memory_budget, the inner chunks too."""
+    """``_qmc`` on chunks of the polytopes that fit memory_budget: a half for the
+    per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
+    ~24 of them live at once)."""
     B, F, S = A.shape
-    fixed, per = qmc_bytes(F, S, n_qmc)
-    inner = max(2e5, min(4e6, memory_budget / (8.0 * 24)))      # elements of one inner array
-    step = int(max(64, (memory_budget - fixed) // per))              # fewer: the Sobol sets dominate
+    inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
+    step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
     parts = [_qmc(A[i:i + step], b[i:i + step], mask[i:i + step], n_qmc, seed, moments, inner)
              for i in range(0, B, step)]
     return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in parts])
