@@ -333,12 +333,12 @@ def _sampled_region_bound(net, max_regions, progress, chunk=50_000, seed=0):
     drawn = 0
     while drawn < 20 * max_regions:
         z = rng.standard_normal((chunk, net.latent_dim)) * rng.choice([1.0, 2.0, 4.0, 8.0], size=(chunk, 1))
-        packed = np.packbits(net.patterns(z), axis=1)
+        patterns = net.patterns(z)
         if K <= 64:                                         # one integer per pattern: faster to sort
-            packed = np.pad(packed, ((0, 0), (0, 8 - packed.shape[1])))
-            keys = packed.view(np.uint64).ravel()
+            packed = np.packbits(patterns, axis=1)
+            keys = np.pad(packed, ((0, 0), (0, 8 - packed.shape[1]))).view(np.uint64).ravel()
         else:
-            keys = _pattern_keys(net.patterns(z))
+            keys = _pattern_keys(patterns)
         before = 0 if seen is None else seen.size
         seen = np.unique(keys if seen is None else np.concatenate([seen, keys]))
         drawn += chunk
@@ -725,6 +725,8 @@ def _subdivision(net, R, max_regions, progress, memory_budget=None):
         U = Ug.a[:, :V]
         H = np.where(U >= 0, U, alpha[:, None] * U)
         off += n
+    if memory_budget is not None and _extract_bytes(incidences, S) > memory_budget:
+        _too_big(_extract_bytes(incidences, S), memory_budget)
     res = _extract_regions(net, Xg.a[:V], fg.a[:V], sgg.a[:V], Zg.a[:V], hg.a[:V], RH, RF,
                             active, dead_sign, dup_of, dup_flip, anomalies, max_regions)
     res["info"]["snapped_values"] = n_snapped
