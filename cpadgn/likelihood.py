@@ -23,7 +23,7 @@ the resulting bound log(1 + skipped / p) is returned as ``error_bound``.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +35,7 @@ from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope
 from .network import PiecewiseAffineNet
 from .numerics import check_representable
 from .partition import Partition
+from .stop import map_in_threads, stop_check
 
 LOG_2PI = float(np.log(2 * np.pi))
 LOG_2 = float(np.log(2.0))
@@ -352,13 +353,14 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
-                       moments: bool, complete: bool):
+                       moments: bool, complete: bool, memory_budget: float | None = None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
     complete rows (C fixed per region) and S = 2 that is the region's precomputed
     whitened polygon translated by -v.  Returns log Phi (P,), E[z|w] (P, S),
-    Cov[z|w] (P, S, S), stderr (P,) as numpy.
+    Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
+    integrals' working arrays.
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
     if complete and tab.polygons is not None:
@@ -366,7 +368,8 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     else:
         A = tab.G[regions] @ C
         b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
-        res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments)
+        res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
+                          memory_budget=memory_budget)
     log_phi = res.log_mass
     if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
         log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
@@ -392,17 +395,25 @@ def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray):
     return a, c0 - av, t_lo - dv, t_hi - dv, live, real
 
 
-def _in_threads(solve, *arrays, min_pairs: int = 4096, **kw) -> PolytopeMoments:
+def _in_threads(solve, *arrays, min_pairs: int = 4096, max_part: int = 16384, **kw) -> PolytopeMoments:
     """solve(*arrays, **kw) on slices of the pairs (the arrays' first axis) over torch's
     thread count (numpy releases the GIL in its array loops, so threads scale on these
-    independent integrals)."""
+    independent integrals).  Slices of at most max_part pairs, so that a stop request
+    (``stop.stop_check``) is seen between them.  A ``memory_budget`` in kw is shared
+    by the threads."""
     n = arrays[0].shape[0]
     workers = min(torch.get_num_threads(), n // min_pairs)
     if workers <= 1:
         return solve(*arrays, **kw)
-    parts = np.array_split(np.arange(n), 2 * workers)
-    with ThreadPoolExecutor(workers) as pool:
-        res = list(pool.map(lambda i: solve(*(x[i] for x in arrays), **kw), parts))
+    if kw.get("memory_budget") is not None:
+        kw = {**kw, "memory_budget": kw["memory_budget"] / workers}
+    parts = np.array_split(np.arange(n), max(2 * workers, -(-n // max_part)))
+
+    def part(i):
+        stop_check()
+        return solve(*(x[i] for x in arrays), **kw)
+    with closing(map_in_threads(part, [(i,) for i in parts], workers)) as results:
+        res = list(results)
     return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in res])
                              for f in ("log_mass", "mean", "cov", "stderr")))
 
@@ -416,7 +427,9 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     NaN entries of X are missing; a row with nothing observed has log p = NaN (there is
     nothing to score) and the prior as posterior.  Pairs are pruned only while the certified bounds of the skipped
     ones sum to at most rtol p(x) (``error_bound``).  ``progress(done_rows, total_rows)``
-    is called after each chunk.
+    is called after each chunk.  memory_budget bounds the working arrays (bytes; at
+    S >= 3 half of it goes to the pair integrals).  Ctrl-C stops the worker threads
+    within a fraction of a second (``stop``).
     """
     device = torch.device(device)
     X = np.asarray(X, dtype=np.float64)
@@ -428,30 +441,36 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     # On the CPU two chunks run at once, so one chunk's polygon integrals (numpy, off the
     # GIL) overlap the other's dense work; rows per chunk keep both within the budget.
     workers = 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
-    per_row = 8.0 * R * (3 * S + 8)
-    chunk = int(max(1, min(-(-N // (2 * workers)), memory_budget // (workers * per_row))))
     F = tab.G.shape[1]
+    per_worker = memory_budget / workers
+    poly_budget = None
+    if S <= 2:
+        per_row = 8.0 * R * (3 * S + 8)
+        pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
+    else:   # a half for the rows' (row, region) arrays, a quarter each for the pairs and their integrals
+        per_row = 8.0 * R * (S * S + 2 * S + 16)          # dense bounds, listing and results of a row
+        per_worker /= 2
+        pair_chunk = int(max(1, per_worker / 2 // (8.0 * (6 * F * F + 2 * F * S + 3 * F + 6 * S * S + 4 * S + 10))))
+        poly_budget = per_worker / 2
+    chunk = int(max(1, min(-(-N // (2 * workers)), per_worker // per_row)))
     region_chunk = int(max(1, memory_budget // (8.0 * 4 * (tab.D * S * (S + 2) + chunk * (S * (S + 2) + F)))))
-    pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
 
     def run(complete, idx):
         Xt = torch.as_tensor(X[idx], device=device)
-        found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments)
+        found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget)
         return _summarise(*found, Xt, idx, out)            # fills out[idx]; chunks are disjoint
 
     jobs = [(complete, idx[start:start + chunk]) for complete in (True, False)
             for idx in [np.flatnonzero(complete_rows == complete)] for start in range(0, idx.size, chunk)]
     pairs = []
     done = 0
-    pool = ThreadPoolExecutor(workers)
-    try:
-        for job, future in zip(jobs, [pool.submit(run, *job) for job in jobs]):
-            pairs.append(future.result())
+    # on an error or Ctrl-C, queued chunks do not run and running ones stop at their next check
+    with closing(map_in_threads(run, jobs, workers)) as results:
+        for job, res in zip(jobs, results):
+            pairs.append(res)
             done += job[1].size
             if progress is not None:
                 progress(done, N)
-    finally:                                # on an error or Ctrl-C, queued chunks do not run
-        pool.shutdown(wait=True, cancel_futures=True)
     if pairs:
         (out.pair_row, out.pair_region, out.pair_responsibility,
          out.pair_mean, out.pair_cov) = map(np.concatenate, zip(*pairs))
@@ -468,7 +487,7 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
         pair_mean=np.zeros((0, S)), pair_cov=np.zeros((0, S, S)))
 
 
-def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
+def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget=None):
     """The (row, region) pairs of rows Xt (n, D) that p(x) needs to a relative rtol, integrated.
 
     Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
@@ -481,6 +500,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
     Cov[z|w], stderr per integrated pair and the per-row bound log(1 + skipped / p).
+    poly_budget: bytes for the S >= 3 integrals of one pair chunk.
     """
     n, R = Xt.shape[0], tab.n_regions
     dev = Xt.device
@@ -498,6 +518,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
     found = []
     margin = min(first, 8.0)       # a first estimate of p, then everything its budget allows
     while True:
+        stop_check()
         # list_thr only falls, so the new pairs of a row are those in [list_thr, listed_to).
         active = torch.nonzero((list_thr < listed_to) & ~done)[:, 0]
         grew = active.numel() > 0
@@ -529,15 +550,19 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments):
             if len(sharpen) == 0:
                 break
             rows, regions = l_rows[sharpen], l_regions[sharpen]
-            near = _nearest_point_bound(tab, v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy())
+            v_near, r_near = v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy()
+            near = np.concatenate([_nearest_point_bound(tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk])
+                                   for i in range(0, r_near.size, pair_chunk)])
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True
         take_idx = torch.nonzero(take)[:, 0]
         for p0 in range(0, take_idx.numel(), pair_chunk):
+            stop_check()
             sel = take_idx[p0:p0 + pair_chunk]
             rows, regions = l_rows[sel], l_regions[sel]
             v, C, _ = _pair_factors(tab, Xt, rows, regions, complete, v_dense)
-            log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments, complete)
+            log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments, complete,
+                                                        poly_budget)
             logw = log_kappa[rows, regions].cpu().numpy() + log_phi
             found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se))
             log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))

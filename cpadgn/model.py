@@ -88,13 +88,17 @@ class CPAModel:
     def partition(self, *, max_regions=None, progress=None, log=None) -> Partition:
         """The exact partition of the latent space, from the cache when it is valid."""
         if self._partition is None:
-            compute = lambda: compute_partition(self.net, max_regions=max_regions, progress=progress)
+            compute = lambda: compute_partition(self.net, max_regions=max_regions, progress=progress,
+                                                memory_budget=self.memory_budget)
             if self.cache_path is None:
-                self._partition, self.partition_status = compute(), "computed"
+                part, self.partition_status = compute(), "computed"
             else:
                 from .cache import load_or_compute
-                self._partition, self.partition_status = load_or_compute(
-                    self.net, self.cache_path, compute, log=log)
+                part, self.partition_status = load_or_compute(self.net, self.cache_path, compute, log=log)
+            if max_regions is not None and part.n_regions > max_regions:     # a cached one too
+                from .partition import _too_many
+                _too_many(part.n_regions, max_regions)
+            self._partition = part
         return self._partition
 
     # ------------------------------------------------------------ likelihood

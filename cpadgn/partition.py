@@ -237,12 +237,16 @@ def _csr_positions(ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 # ============================================================================ public API
 def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None, progress=None,
-                      method: str = "auto", box_half_width: float | None = None) -> Partition:
+                      method: str = "auto", box_half_width: float | None = None,
+                      memory_budget: float | None = 2e9) -> Partition:
     """All linear regions of ``net`` over the whole latent space R^S (exact).
 
     method: "auto" ("intervals" for S = 1, "subdivision" for S >= 2), "intervals",
         "subdivision" or "lp-walk" (the slow reference, any S).
-    max_regions: stop with a CpadgnError as soon as more regions than this are certain.
+    max_regions: stop with a CpadgnError as soon as more regions than this are certain
+        (S >= 3: distinct sign patterns of random points count before the enumeration).
+    memory_budget: bytes; the subdivision stops with a CpadgnError before a step whose
+        working arrays would exceed it (None: no limit).
     progress: optional callable(done: int, total: int | None, message: str).
     box_half_width: R of the subdivision's prism (default 4); changes the work only.
     """
@@ -260,11 +264,13 @@ def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None
         return _linear_partition(net, t0)
     if method == "intervals":
         return _intervals(net, max_regions, progress, t0)
+    if max_regions is not None and S >= 3:
+        _sampled_region_bound(net, max_regions, progress)
     if method == "subdivision":
         if S == 1:
             return _intervals(net, max_regions, progress, t0)
         raw = _subdivision(net, 4.0 if box_half_width is None else float(box_half_width),
-                           max_regions, progress)
+                           max_regions, progress, memory_budget)
     else:
         raw = _lp_walk(net, max_regions=max_regions, progress=progress)
     return _finish(net, raw, method, t0, progress)
@@ -305,6 +311,43 @@ def _linear_partition(net, t0) -> Partition:
 def _too_many(n, max_regions):
     raise CpadgnError(f"the partition has more than {max_regions:,} regions (at least {n:,} found); "
                       f"raise --max-regions or use a generator with fewer hidden units")
+
+
+def _too_big(need, budget):
+    raise CpadgnError(f"enumerating the partition needs more than {need / 1e9:.3g} GB of working memory, "
+                      f"over the memory budget of {budget / 1e9:.3g} GB; raise --memory-budget, "
+                      f"or use a generator with fewer hidden units")
+
+
+def _sampled_region_bound(net, max_regions, progress, chunk=50_000, seed=0):
+    """Stop (``_too_many``) if random points show more than max_regions distinct sign
+    patterns: each one, from a point off every boundary (almost surely), is a region.
+
+    Points come from N(0, s^2 I) with s in {1, 2, 4, 8}, in rounds of ``chunk``, until
+    a round adds under 5% new patterns or 20 max_regions points were drawn: a partition
+    with fewer regions costs a few rounds.
+    """
+    rng = np.random.default_rng(seed)
+    K = net.n_units
+    seen = None
+    drawn = 0
+    while drawn < 20 * max_regions:
+        z = rng.standard_normal((chunk, net.latent_dim)) * rng.choice([1.0, 2.0, 4.0, 8.0], size=(chunk, 1))
+        patterns = net.patterns(z)
+        if K <= 64:                                         # one integer per pattern: faster to sort
+            packed = np.packbits(patterns, axis=1)
+            keys = np.pad(packed, ((0, 0), (0, 8 - packed.shape[1]))).view(np.uint64).ravel()
+        else:
+            keys = _pattern_keys(patterns)
+        before = 0 if seen is None else seen.size
+        seen = np.unique(keys if seen is None else np.concatenate([seen, keys]))
+        drawn += chunk
+        if seen.size > max_regions:
+            _too_many(seen.size, max_regions)
+        if progress is not None:
+            progress(drawn, None, f"sampling: {seen.size:,} distinct regions")
+        if seen.size - before < 0.05 * chunk:
+            return
 
 
 def _log_interval_mass(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -505,8 +548,12 @@ def _neg(x):
     return (~x) + np.uint64(1)
 
 
-def _subdivision(net, R, max_regions, progress):
-    """Edge subdivision of the compactified latent space; returns the raw region list."""
+def _subdivision(net, R, max_regions, progress, memory_budget=None):
+    """Edge subdivision of the compactified latent space; returns the raw region list.
+
+    Before each split the bytes it needs (``_split_bytes``) and those the final region
+    extraction will need (at least ``_extract_bytes`` of the incidences so far) are
+    checked against memory_budget."""
     S, K = net.latent_dim, net.n_units
     NH = K + 2 * S                         # hyperplanes: units, then cube constraints (lo, hi)
     rng = np.random.default_rng(0x5EED)
@@ -536,6 +583,7 @@ def _subdivision(net, R, max_regions, progress):
     Xg, fg, sgg, Zg, hg = _Grow(X0), _Grow(face0.astype(np.int64)), _Grow(sg0), _Grow(Z0), _Grow(hv0)
     Eg = _Grow(E0.astype(np.int64))
     V, nE = X0.shape[0], E0.shape[0]
+    incidences = V                          # (vertex, cell) pairs of the extraction: 2^(unit zeros) each
     cells = np.ones(F, np.int64)            # cells per face so far (a lower bound on regions)
     anomalies = 0
     n_snapped = 0
@@ -574,6 +622,11 @@ def _subdivision(net, R, max_regions, progress):
             m = ci.size
             if m == 0:
                 continue
+            if memory_budget is not None:
+                need = max(_split_bytes([Xg, fg, sgg, Zg, hg, Ug], Eg, V, nE, m, n, S, NH, max_regions),
+                           _extract_bytes(incidences, S))
+                if need > memory_budget:
+                    _too_big(need, memory_budget)
             a, bb = ea[ci], eb[ci]
             za, zb = Zg.a[a], Zg.a[bb]
             common = (za[:, :, None] == zb[:, None, :]).any(axis=2)
@@ -615,6 +668,7 @@ def _subdivision(net, R, max_regions, progress):
             hv[V:V + m] = he
             Zg.a[V:V + m, :S - 1] = ze
             Zg.a[V:V + m, S - 1] = k
+            incidences += int(np.sum(np.left_shift(1, (ze < K).sum(1) + 1)))
             # ---- join the two new vertices of every cut 2-face
             rj = RH[ze]                                                   # (m, S-1)
             isunit = ze < K
@@ -671,10 +725,34 @@ def _subdivision(net, R, max_regions, progress):
         U = Ug.a[:, :V]
         H = np.where(U >= 0, U, alpha[:, None] * U)
         off += n
+    if memory_budget is not None and _extract_bytes(incidences, S) > memory_budget:
+        _too_big(_extract_bytes(incidences, S), memory_budget)
     res = _extract_regions(net, Xg.a[:V], fg.a[:V], sgg.a[:V], Zg.a[:V], hg.a[:V], RH, RF,
                             active, dead_sign, dup_of, dup_flip, anomalies, max_regions)
     res["info"]["snapped_values"] = n_snapped
     return res
+
+
+def _split_bytes(vertex_arrays, edges, V, nE, m, n, S, NH, max_regions):
+    """Bytes held during a split of m edges: the growable vertex and edge arrays (a
+    doubling holds the old and the new copy), and the split's temporaries per cut edge
+    (n pre-activations, sign rows, hash keys; with max_regions at S >= 3 the
+    2^(S-1) cell keys of ``_subdivision``'s region bound)."""
+    total = 0.0
+    for g, count in [(x, V + m) for x in vertex_arrays] + [(edges, nE + m * S)]:
+        per = g.a.nbytes / max(g.a.shape[g.axis], 1)
+        cap = g.a.shape[g.axis]
+        total += per * (cap if count <= cap else cap + max(count, 2 * cap))
+    temp = 24.0 * n + 4 * NH + 8 * S * S + 256 * S
+    if max_regions is not None and S >= 3:
+        temp += 32.0 * 2 ** (S - 1) * S
+    return total + m * temp
+
+
+def _extract_bytes(incidences, S):
+    """Bytes of ``_extract_regions`` for this many (vertex, cell) incidences: keys,
+    vertex and code per incidence, the sort and unique temporaries, the sign sums."""
+    return incidences * (96.0 + 16 * S)
 
 
 def _sign_combos(m):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erfcx, log_ndtr
 
+from .stop import stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp,
                        _masked_logsumexp, _normalise, facet_segments, log_phi, polygon_moments)
 
@@ -41,18 +42,20 @@ _GL8 = np.polynomial.legendre.leggauss(8)
 _PARALLEL = 1e-10                  # |in-plane normal| below this: a row parallel to the facet
 
 
-def polyhedron_moments(A, b, mask=None, *, moments=True) -> PolytopeMoments:
+def polyhedron_moments(A, b, mask=None, *, moments=True, memory_budget=None) -> PolytopeMoments:
     """Mass and moments of N(0, I_3) on P = {u : A u <= b}, exactly (stderr 0).
 
     A (B, F, 3), b (B, F), mask (B, F) bool (False: padding row).  Rows need not be
-    unit; polytopes are grouped by their number of real rows.
+    unit; polytopes are grouped by their number of real rows and go through in chunks
+    whose arrays (about a dozen of (chunk, F, F, F) float64) fit ``memory_budget`` bytes.
     """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
     B = A.shape[0]
     A, b, mask, empty = _normalise(A, b, mask)
     sel = np.flatnonzero(mask.any(-1))
-    res = _by_row_count(_polyhedron_chunked, A[sel], b[sel], mask[sel], moments) if sel.size else None
+    work = 3e6 if memory_budget is None else max(memory_budget / (8 * 12), 1e4)
+    res = _by_row_count(_polyhedron_chunked, A[sel], b[sel], mask[sel], moments, work) if sel.size else None
     return _assemble(B, 3, sel, res, empty)
 
 
@@ -60,7 +63,10 @@ def _polyhedron_chunked(A, b, mask, moments, work=3e6):
     """``_polyhedron`` in chunks whose (B, F, F, F) facet-polygon arrays stay small."""
     B, F, _ = A.shape
     step = int(max(1, work // max(F, 1) ** 3))
-    parts = [_polyhedron(A[s:s + step], b[s:s + step], mask[s:s + step], moments) for s in range(0, B, step)]
+    parts = []
+    for s in range(0, B, step):
+        stop_check()
+        parts.append(_polyhedron(A[s:s + step], b[s:s + step], mask[s:s + step], moments))
     return PolytopeMoments(*(np.concatenate([getattr(p, n) for p in parts])
                              for n in ("log_mass", "mean", "cov", "stderr")))
 

@@ -12,6 +12,8 @@ from numpy.polynomial.legendre import leggauss
 from scipy.special import erfcx, log_ndtr, ndtri_exp
 from scipy.stats import qmc
 
+from .stop import stop_check
+
 LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
 _GL_X, _GL_W = leggauss(16)
 
@@ -77,10 +79,13 @@ def _normalise(A, b, mask):
     return A / safe[..., None], b / safe, mask, empty
 
 
-def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) -> PolytopeMoments:
+def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
+                     memory_budget=None) -> PolytopeMoments:
     """Mass and moments of N(0, I) on P = {u : A u <= b}.
 
     A (B, F, S), b (B, F), mask (B, F) bool (False: padding row, ignored).
+    memory_budget: bytes of working memory (S >= 3: the polytopes go through in chunks
+    sized by ``qmc_bytes``); None: the chunks' default sizes.
     """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -96,10 +101,32 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0) ->
             res = _by_row_count(_polygon, A, b, mask, moments)
         elif S == 3:
             from .polyhedron import polyhedron_moments
-            res = polyhedron_moments(A, b, mask, moments=moments)
-        else:
+            res = polyhedron_moments(A, b, mask, moments=moments, memory_budget=memory_budget)
+        elif memory_budget is None:
             res = _qmc(A, b, mask, n_qmc, seed, moments)
+        else:
+            res = _qmc_chunked(A, b, mask, n_qmc, seed, moments, memory_budget)
     return _assemble(B, S, sel, res, empty)
+
+
+def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
+    """Working bytes of ``_qmc`` per polytope with F rows: the Fourier-Motzkin pairs
+    (~1 kB per pair of rows, measured with tracemalloc at S = 3, 4) and the sample
+    arrays (S + 8 arrays of n_qmc points)."""
+    return 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
+
+
+def _qmc_chunked(A, b, mask, n_qmc, seed, moments, memory_budget):
+    """``_qmc`` on chunks of the polytopes that fit memory_budget: a half for the
+    per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
+    ~24 of them live at once)."""
+    B, F, S = A.shape
+    inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
+    step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
+    parts = [_qmc(A[i:i + step], b[i:i + step], mask[i:i + step], n_qmc, seed, moments, inner)
+             for i in range(0, B, step)]
+    return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in parts])
+                             for f in ("log_mass", "mean", "cov", "stderr")))
 
 
 def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMoments:
@@ -424,6 +451,7 @@ def _mode(A, b, mask, budget=3e3, chunk=4e6):
         sub = np.array(list(combinations(range(K), k)), dtype=np.int64)     # (n, k)
         step = int(max(1, chunk // (sub.shape[0] * F * S)))
         for s0 in range(0, B, step):
+            stop_check()
             sl = slice(s0, min(s0 + step, B))
             Ab, bb, mb = A[sl], b[sl], mask[sl]
             idx = cand[sl][:, sub]                                         # (n_b, n, k) rows
@@ -630,7 +658,7 @@ def _compact(c, d, m, *more):
             np.take_along_axis(m, order, 1)) + tuple(np.take_along_axis(x, order, 1) for x in more)
 
 
-def _levels(c, d, m, zmax, cap=256):
+def _levels(c, d, m, zmax, cap=256, chunk=4e6):
     """The bounds of the SOV levels in the frame: rows c (B, F, S) . z <= d.
 
     Returns (lo1, hi1) (B,) for z_1, a list over j = 2..S of (up_c, up_d, lo_c, lo_d):
@@ -667,9 +695,10 @@ def _levels(c, d, m, zmax, cap=256):
             order = np.argsort(count, kind="stable")            # alike row counts together
             start = 0
             cost2 = np.maximum(count[order], 1).astype(float) ** 2
-            while start < B:                 # groups of polytopes with (size) * (rows)^2 <= 4e6
+            while start < B:                 # groups of polytopes with (size) * (rows)^2 <= chunk
+                stop_check()
                 cost = np.arange(1, B - start + 1) * cost2[start:]          # increasing
-                stop = start + max(1, int(np.searchsorted(cost, 4e6, side="right")))
+                stop = start + max(1, int(np.searchsorted(cost, chunk, side="right")))
                 sel = order[start:stop]
                 Kc = max(1, int(count[sel].max()))
                 cs, ds, ms = c[sel, :Kc], d[sel, :Kc], m[sel, :Kc]
@@ -748,13 +777,13 @@ def _tn_draw(lo, hi, u, draw=True):
     return x, lm
 
 
-def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=16):
+def _qmc(A, b, mask, n_qmc, seed, moments=True, chunk=4e6, n_randomisations=16):
     """Separation of variables with exact projections and a tilted first variable,
     scrambled Sobol points (see the comment above).  Returns log mass with its standard
     error over independent randomisations, and the weighted moments (zeros where
     ``moments`` is False: the last variable is then not drawn)."""
     B, F, S = A.shape
-    mu, r, exact_mode = _mode(A, b, mask)
+    mu, r, exact_mode = _mode(A, b, mask, chunk=chunk)
     redo = np.flatnonzero(~exact_mode)                  # the enumeration missed the mode
     if redo.size:
         mu[redo], r[redo], exact_mode[redo] = _mode_ldp(A[redo], b[redo], mask[redo])
@@ -763,7 +792,7 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=16):
     zs = np.einsum("bts,bs->bt", E, mu)                                 # the mode in the frame
     # coordinates v = z - zs: rows c v <= slack
     slack = np.where(mask, b - np.einsum("bfs,bs->bf", A, mu), 1.0)
-    lo1, hi1, levels, empty, exact_lev = _levels(c, slack, mask, 10.0)
+    lo1, hi1, levels, empty, exact_lev = _levels(c, slack, mask, 10.0, chunk=chunk)
     L = zs[:, 0]
     # the tilt needs z_1 >= L on P (mu the mode): where the projections are exact they
     # tell (lo1 = 0 up to rounding); elsewhere the bound of a mode found exactly is
@@ -788,9 +817,10 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, n_randomisations=16):
     keys = _polytope_keys(A, b, mask, seed)                             # (B,)
     out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B))
     K = max([1] + [lv[0].shape[1] + lv[2].shape[1] for lv in levels])
-    chunk = int(max(1, 4e6 // (N * K)))
-    for start in range(0, B, chunk):
-        sl = slice(start, min(start + chunk, B))
+    step = int(max(1, chunk // (N * K)))
+    for start in range(0, B, step):
+        stop_check()
+        sl = slice(start, min(start + step, B))
         n = sl.stop - sl.start
         z = np.empty((n, S, N))                                         # holds v
         u = _shifted_uniforms(base, keys[sl], n_randomisations)             # (n, S, N)

@@ -1,0 +1,184 @@
+"""Resources: peak memory within --memory-budget at S >= 3, prompt Ctrl-C, the
+partition's region and memory guards.
+
+Memory is measured, never assumed: the peak RSS of a child process (ru_maxrss of a
+small wrapper's children), against the same command on one row for the fixed
+overhead (interpreter, torch, the partition, the region table)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpadgn.errors import CpadgnError
+from cpadgn.model import CPAModel, load
+from cpadgn.modelfile import save_model
+from cpadgn.network import PiecewiseAffineNet
+from cpadgn.partition import compute_partition
+from cpadgn.stop import map_in_threads, stop_check
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+CLI = [sys.executable, "-c", "from cli.main import main; main()"]
+# runs argv, then prints its exit code and the peak RSS (kB) of its process
+PEAK = [sys.executable, "-c", "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"]
+
+
+def random_net(S, hidden, D, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = [S, *hidden, D]
+    return PiecewiseAffineNet.from_arrays(
+        [rng.standard_normal((b, a)) / np.sqrt(a) for a, b in zip(sizes[:-1], sizes[1:])],
+        [0.3 * rng.standard_normal(b) for b in sizes[1:]], [np.full(h, 0.1) for h in hidden])
+
+
+def model_with_rows(tmp, name, S, hidden, D, n_rows, noise=0.05):
+    """A saved model with its partition cached, and data files of 1 and n_rows rows."""
+    net = random_net(S, hidden, D)
+    path = tmp / f"{name}.h5"
+    save_model(path, net, noise_std=noise)
+    load(path).partition()                                   # the cache, outside the measurements
+    X = CPAModel(net, noise_std=noise).sample(n_rows, seed=1)
+    np.save(tmp / f"{name}_1.npy", X[:1])
+    np.save(tmp / f"{name}_n.npy", X)
+    return path
+
+
+def peak_rss(argv):
+    """(exit code, peak RSS in bytes, seconds) of a child process."""
+    t0 = time.perf_counter()
+    out = subprocess.run(PEAK + argv, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    code, kb = out.stdout.split()[-2:]
+    return int(code), 1024.0 * int(kb), time.perf_counter() - t0
+
+
+BUDGET = 1e7
+
+
+def score_argv(path, data, out):
+    return CLI + ["score", str(path), str(data), "-o", str(out), "-q", "--memory-budget", str(BUDGET)]
+
+
+@pytest.fixture(scope="module")
+def s3_model(tmp_path_factory):
+    """An S = 3 model with 40 rows, and (exit code, peak RSS, seconds) of scoring one."""
+    path = model_with_rows(tmp_path_factory.mktemp("s3"), "s3", 3, (10, 10), 32, 40)
+    return path, peak_rss(score_argv(path, path.parent / "s3_1.npy", path.parent / "one.csv"))
+
+
+@pytest.mark.parametrize("S", [3, 4])
+def test_score_peak_memory_within_budget(tmp_path, s3_model, S):
+    if S == 3:                       # the first 4 rows of the 40
+        path, (code1, base, t1) = s3_model
+        rows, data = 4, tmp_path / "s3_4.npy"
+        np.save(data, np.load(path.parent / "s3_n.npy")[:rows])
+    else:
+        path = model_with_rows(tmp_path, "s4", 4, (6, 6), 32, 3)
+        rows, data = 3, tmp_path / "s4_n.npy"
+        code1, base, t1 = peak_rss(score_argv(path, tmp_path / "s4_1.npy", tmp_path / "one.csv"))
+    budget = BUDGET
+    code, peak, t = peak_rss(score_argv(path, data, tmp_path / "all.csv"))
+    print(f"S = {S}: one row {base / 1e6:.0f} MB ({t1:.1f} s), {rows} rows {peak / 1e6:.0f} MB ({t:.1f} s), "
+          f"budget {budget / 1e6:.0f} MB")
+    assert code1 == 0 and code == 0
+    assert peak <= base + budget
+
+
+def exit_seconds_after_sigint(argv, wait):
+    """Start argv, send SIGINT after ``wait`` seconds (it must still run), return
+    (seconds to exit, exit code, stderr)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        if wait is None:                                    # wait for "ready" on stdout
+            assert proc.stdout.readline().strip() == "ready"
+        else:
+            time.sleep(wait)
+        assert proc.poll() is None, "the workload ended before the signal"
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        return time.perf_counter() - t0, proc.returncode, err
+    finally:
+        proc.kill()
+
+
+def test_ctrl_c_stops_score_promptly(tmp_path, s3_model):
+    """SIGINT mid-run: exit within 2 s beyond the interpreter's own teardown (measured on
+    an idle process that imported the same modules), non-zero, no traceback.  The
+    workload (40 rows at S = 3) runs far longer than the wait before the signal."""
+    idle = [sys.executable, "-c", "import time, torch, cli.main, cpadgn.likelihood; print('ready', flush=True); "
+                                  "time.sleep(600)"]
+    teardown, _, _ = exit_seconds_after_sigint(idle, None)
+    path, (_, _, startup) = s3_model        # seconds to score one row: start-up and loading
+    out = tmp_path / "scores.csv"
+    seconds, code, err = exit_seconds_after_sigint(score_argv(path, path.parent / "s3_n.npy", out), startup + 2.0)
+    print(f"exit {code} {seconds:.2f} s after SIGINT (idle teardown {teardown:.2f} s); stderr {err!r}")
+    assert code != 0                       # 130 with the CLI's interrupt handling
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert seconds <= 2.0 + teardown
+
+
+def test_stop_flag_reaches_running_and_queued_work():
+    """Closing map_in_threads early: the running job sees the flag, queued ones never start."""
+    started, stopped = [], threading.Event()
+
+    def job(i):
+        started.append(i)
+        if i == 0:
+            return i
+        while True:                        # a long job that checks the flag
+            try:
+                stop_check()
+            except KeyboardInterrupt:
+                stopped.set()
+                raise
+            time.sleep(0.001)
+    results = map_in_threads(job, [(i,) for i in range(50)], 2)
+    assert next(results) == 0
+    while len(started) < 2:
+        time.sleep(0.001)
+    results.close()
+    assert stopped.wait(60)
+    assert len(started) <= 3               # the two first, and at most one picked up before the cancel
+
+
+def test_partition_guard_s8(tmp_path):
+    """S = 8, 16-16 has far more than 100,000 regions: the one-line --max-regions error,
+    well below 3 GB (the enumeration alone would need tens of GB)."""
+    path = tmp_path / "s8.h5"
+    save_model(path, random_net(8, (16, 16), 64), noise_std=0.1)
+    argv = CLI + ["partition", str(path), "--max-regions", "100000", "--cache", str(tmp_path / "c.h5")]
+    t0 = time.perf_counter()
+    out = subprocess.run(PEAK + argv, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    code, kb = map(int, out.stdout.split()[-2:])
+    print(f"S = 8 guard: exit {code} after {time.perf_counter() - t0:.1f} s, peak {kb / 1e6:.2f} GB; {out.stderr!r}")
+    assert code == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: the partition has more than 100,000 regions")
+    assert 1024.0 * kb < 3e9
+
+
+def test_partition_memory_guard():
+    """Without --max-regions the subdivision stops before a step over the memory budget."""
+    with pytest.raises(CpadgnError, match="memory budget"):
+        compute_partition(random_net(8, (16, 16), 64), memory_budget=2e8)
+
+
+def test_max_regions_applies_to_a_cached_partition(tmp_path):
+    path = tmp_path / "s2.h5"
+    save_model(path, random_net(2, (6, 6), 4), noise_std=0.1)
+    n = load(path).partition().n_regions
+    model = load(path)
+    with pytest.raises(CpadgnError, match="more than"):
+        model.partition(max_regions=n - 1)
+    assert model.partition_status == "loaded"              # the check ran on the cached partition
+    assert load(path).partition(max_regions=n).n_regions == n
