@@ -127,7 +127,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
                             allow_missing=method == "em")
     if not 1 <= latent_dim <= 3:
         say(f"[yellow]warning:[/yellow] --latent-dim {latent_dim}: region counts grow like "
-            f"(hidden units)^S and region masses need quasi-Monte Carlo for S >= 3; expect slow, "
+            f"(hidden units)^S and region masses need quasi-Monte Carlo for S >= 4; expect slow, "
             f"approximate iterations (1 to 3 is the practical range)")
     if val_path is not None:
         X_train = X

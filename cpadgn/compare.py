@@ -111,7 +111,7 @@ class ModelRow:
     Log-likelihoods are in nats.  ``max_error_bound`` is the largest certified bound
     on |error| of a row's log p from pruning; ``mean_log_likelihood_mc_se`` the Monte
     Carlo standard error of the mean from quasi-Monte Carlo region masses (0 for
-    S <= 2, where they are exact).  ELBO fields are None for models without an encoder.
+    S <= 3, where they are exact).  ELBO fields are None for models without an encoder.
     """
 
     rank: int
@@ -387,7 +387,7 @@ def _score_model(name, m, kind, X_test, X_train, has_nan, notes):
             row.mean_gap, row.mean_gap_se = mean_and_se(ll - elbo)
             row.max_elbo_error_bound = float(res.error_bound.max())
             if np.any(res.stderr > 0):
-                notes.append(f"{name}: S = {m.latent_dim} >= 3, so the ELBO's region masses are "
+                notes.append(f"{name}: S = {m.latent_dim} >= 4, so the ELBO's region masses are "
                              f"quasi-Monte Carlo (largest per-row standard error "
                              f"{float(res.stderr.max()):.2e})")
     return row, ll, elbo

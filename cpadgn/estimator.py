@@ -49,8 +49,8 @@ def _seed(random_state) -> int | None:
 _PARAMETERS = """
     Parameters
     ----------
-    latent_dim : int, S (1 <= S < n_features; S <= 2 keeps every quantity deterministic,
-        S >= 3 uses quasi-Monte Carlo region masses with a standard error).
+    latent_dim : int, S (1 <= S < n_features; S <= 3 keeps every quantity deterministic,
+        S >= 4 uses quasi-Monte Carlo region masses with a standard error).
     hidden : tuple of int, hidden layer widths of the generator S -> hidden -> D.
     slope : float, negative-side slope of the activations (0 ReLU, 0.1 leaky ReLU,
         -1 absolute value).

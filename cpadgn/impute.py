@@ -15,8 +15,8 @@ p(x_m | x_o): a region w with probability r_w, then z from N(mu_w, Sigma_w) rest
 to w (``sampling.sample_truncated_gaussian``, exact iid), then
 x_m = A_w,m z + b_w,m + sigma_m eps.
 
-Exactness: for S <= 2 the region masses and truncated moments are exact (log space);
-for S >= 3 they come from randomised QMC (``polytope``), with a standard error.  Regions
+Exactness: for S <= 3 the region masses and truncated moments are exact (log space);
+for S >= 4 they come from randomised QMC (``polytope``), with a standard error.  Regions
 are pruned only under the certified bound of ``likelihood.posterior`` (relative
 responsibility <= 1e-10 by default), reported per row as ``error_bound``.  Rows with nothing
 missing pass through unchanged; rows with nothing observed get the model's marginal

@@ -48,7 +48,7 @@ class PosteriorResult:
 
     log_likelihood: (N,) log p(x_o) in nats; NaN for a row with nothing observed
     error_bound:    (N,) certified bound on |log p - log_likelihood| from pruning
-    stderr:         (N,) Monte Carlo standard error (0 where exact, S <= 2)
+    stderr:         (N,) Monte Carlo standard error (0 where exact, S <= 3)
     n_observed:     (N,) number of observed coordinates
     z_mean:         (N, S) E[z | x];  z_cov: (N, S, S) Cov[z | x]
     top_region:     (N,) index of the region with the largest responsibility
@@ -493,9 +493,11 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
     within reach are *listed* and, for complete rows, get the sharper facet bound
     (``_facet_bound``); listed pairs are integrated in decreasing bound order, margins
-    -log(rtol) + 3, then doubling, and for S = 2 a pair about to be integrated first gets
-    the nearest-point bound (``_nearest_point_bound``, ~3 nats above the truth against
-    ~20 for the facet bound), which often lets it be skipped after all.
+    8 nats (a first estimate of p), -log(rtol) + 3, then doubling, leaving out of each
+    round the smallest bounds that together fit in half of rtol p; for S = 2 and 3 a
+    pair about to be integrated first gets the nearest-point bound
+    (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound),
+    which often lets it be skipped after all.
     A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],

@@ -283,7 +283,7 @@ def sample_standard_polytope(A, b, mask, counts, rng: np.random.Generator, *, lo
     J, score, feasible = _choose_cone(A, b, mask)
     if np.any((empty | ~feasible | ((S <= 2) & ~np.isfinite(log_mass))) & (counts > 0)):
         raise CpadgnError("cannot sample a truncated Gaussian on a region of zero probability")
-    # S >= 3 masses are QMC estimates; where one underflowed, size the rounds for 1e-3
+    # S >= 3: where a mass came out -inf (a QMC miss, or a sliver at S = 3), size the rounds for 1e-3
     log_mass = np.where(np.isfinite(log_mass), log_mass, np.log(1e-3) - score)
     AJ, M, lam, D, u0, _ = _cone_params(A, b, J)
     used = J >= 0

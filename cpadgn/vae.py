@@ -232,7 +232,7 @@ class ELBOResult:
     ``error_bound``); kl = KL(q(z|x) || prior) in closed form.
     error_bound: certified bound from skipped far regions: the true ELBO lies in
         [elbo - error_bound, elbo].
-    stderr: Monte Carlo standard error from quasi-Monte Carlo region masses (S >= 3;
+    stderr: Monte Carlo standard error from quasi-Monte Carlo region masses (S >= 4;
         0 when exact; moment errors not included).
     mass: the q-mass of the regions evaluated (1 - skipped mass, up to rounding).
     """
@@ -273,7 +273,7 @@ def expected_sq_error(net: PiecewiseAffineNet, part, noise_std, X, m, C, *,
     sqrt(E_q f^2), with f <= 2 ||x - g(m)||^2_P + 2 Lip^2 ||z - m||^2.
 
     Returns value (N,), error_bound (N,) (value <= truth <= value + bound),
-    stderr (N,) (QMC masses, S >= 3) and mass (N,) (q-mass of the evaluated regions).
+    stderr (N,) (QMC masses, S >= 4) and mass (N,) (q-mass of the evaluated regions).
     """
     from scipy.special import log_ndtr, logsumexp
 
