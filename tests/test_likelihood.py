@@ -119,12 +119,13 @@ def assert_matches_oracle(model, X, quad, mean_tol=10 * ORACLE_TOL):
 
 
 def test_s3_oracle_converges():
-    """Doubling the oracle's Gauss-Legendre nodes (same located kinks) moves log p and
-    E[z|x] by at most ORACLE_TOL, on a complete and an incomplete row."""
+    """Doubling the oracle's Gauss-Legendre nodes (same located kinks) moves log p,
+    E[z|x] and E[g(z)|x] by at most ORACLE_TOL, on a complete, an incomplete and a far row."""
     net, quad = small_s3_net_and_quadrature()
     fine = Quadrature3D(net, n_gl=2 * 12, n_min=2 * 4, vertices=quad.vertices)
-    _, X, _ = s3_rows(net, seed=1, n=2)
+    _, X, normal = s3_rows(net, seed=1)
     X[1, 2] = np.nan
+    X[2] += 50 * S3_SIGMA * normal[2]
     for x in X:
         (l1, m1, g1), (l2, m2, g2) = quad.integrate(x, S3_SIGMA), fine.integrate(x, S3_SIGMA)
         assert abs(l1 - l2) <= ORACLE_TOL
