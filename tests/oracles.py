@@ -1,5 +1,7 @@
 """Independent oracles for the exact likelihood: quadrature written from scratch here,
 sharing no code with cpadgn beyond the network's forward pass."""
+import functools
+
 import numpy as np
 from scipy import integrate
 
@@ -177,3 +179,188 @@ def kappa_rounding_tol(model, X, post):
         err[n] = 4 * g * np.max(T + (2 * vnorm + np.sqrt(S) + 1) * V)
     return err
 
+
+
+# ============================================================================ S = 3: nested quadrature
+def _log_ndtr_diff(A, B):
+    """log(Phi(B) - Phi(A)) for A <= B elementwise, stable in both tails (-inf where A == B)."""
+    from scipy.special import log_ndtr
+    flip = A > 0                                   # Phi(B) - Phi(A) = Phi(-A) - Phi(-B)
+    hi, lo = np.where(flip, -A, B), np.where(flip, -B, A)
+    lh, ll = log_ndtr(hi), log_ndtr(lo)
+    with np.errstate(divide="ignore"):
+        return lh + np.log(-np.expm1(ll - lh))
+
+
+def line_pieces_z3(net, P, lo, hi):
+    """Exact breakpoints of g along the lines z = (P1, P2, t), t in [lo, hi], layer by layer:
+    between consecutive breakpoints of layers < l the pre-activations of layer l are affine
+    in t, so their roots there are exact linear interpolations.  P (L, 2) -> edges (L, M)
+    sorted, lo first, hi last (padded with hi), and the unit of each breakpoint (L, M)
+    (-1 for lo, hi and padding)."""
+    L = len(P)
+    offs = np.cumsum([0, *net.hidden_sizes])
+    t = np.tile([lo, hi], (L, 1)).astype(float)
+    ids = np.full((L, 2), -1)
+    for l in range(len(net.hidden_sizes)):
+        M = t.shape[1]
+        z = np.concatenate([np.repeat(P[:, None, :], M, 1), t[..., None]], axis=2).reshape(-1, 3)
+        u = net.preactivations(z).reshape(L, M, -1)[:, :, offs[l]:offs[l + 1]]
+        ua, ub = u[:, :-1], u[:, 1:]
+        cross = (ua >= 0) != (ub >= 0)
+        ta, tb = t[:, :-1, None], t[:, 1:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(cross, ta + (tb - ta) * (ua / (ua - ub)), hi)
+        new = np.where(cross, np.arange(offs[l], offs[l + 1]), -1)
+        t = np.concatenate([t, r.reshape(L, -1)], 1)
+        ids = np.concatenate([ids, new.reshape(L, -1)], 1)
+        order = np.argsort(np.where(ids < 0, np.where(t <= lo, -np.inf, np.inf), t), axis=1, kind="stable")
+        t, ids = np.take_along_axis(t, order, 1), np.take_along_axis(ids, order, 1)
+        keep = (ids >= 0).sum(1).max() + 2
+        t, ids = t[:, :keep], ids[:, :keep]
+        t[:, -1] = np.where(ids[:, -1] < 0, hi, t[:, -1])
+    return t, ids
+
+
+_HASH = np.random.default_rng(12345).integers(1, 2 ** 62, size=(4096, 4096), dtype=np.int64) | 1
+
+
+def _line_signature(ids):
+    """An int64 hash (L,) of the sequence of units crossed along each line (ids (L, M))."""
+    w = _HASH[:ids.shape[1], :ids.max() + 2].copy()
+    w[:, 0] = 0                                    # ends and padding do not count
+    return w[np.arange(ids.shape[1]), ids + 1].sum(1)
+
+
+def _slice_signature(line_sigs):
+    """An int64 hash per row of line_sigs (n, m): the sequence of distinct consecutive values."""
+    keep = np.ones(line_sigs.shape, bool)
+    keep[:, 1:] = line_sigs[:, 1:] != line_sigs[:, :-1]
+    pos = np.cumsum(keep, 1) - 1
+    return np.where(keep, line_sigs * _HASH[0][pos] + _HASH[1][pos], 0).sum(1)
+
+
+def _changes(sig, grid, iters):
+    """Points where sig (a vectorised map from a 1-D coordinate array to hashes) changes:
+    every grid cell whose ends differ, bisected iters times.  grid (F, n) for F families
+    (sig takes (family index, coordinate) arrays).  Returns family index and point arrays."""
+    F, n = grid.shape
+    fam = np.repeat(np.arange(F), n)
+    s = sig(fam, grid.ravel()).reshape(F, n)
+    f, i = np.nonzero(s[:, 1:] != s[:, :-1])
+    a, b, sa = grid[f, i], grid[f, i + 1], s[f, i]
+    for _ in range(iters):
+        m = 0.5 * (a + b)
+        same = sig(f, m) == sa
+        a, b = np.where(same, m, a), np.where(same, b, m)
+    return f, 0.5 * (a + b)
+
+
+def _gl_panels(breaks, lo, hi, width, n_gl, n_min):
+    """Gauss-Legendre nodes and log weights on [lo, hi] split at breaks and every ~width:
+    n_gl nodes on a piece of length width, fewer (n_gl sqrt(length / width), at least n_min)
+    on shorter ones (the integrand is analytic on each piece)."""
+    edges = np.union1d(np.clip(breaks, lo, hi), np.linspace(lo, hi, int(np.ceil((hi - lo) / width)) + 1))
+    n = np.clip(np.ceil(n_gl * np.sqrt(np.diff(edges) / width)), n_min, n_gl).astype(int)
+    t, lw = [], []
+    for k in np.unique(n):
+        x, w = np.polynomial.legendre.leggauss(k)
+        a, b = edges[:-1][n == k, None], edges[1:][n == k, None]
+        t.append((0.5 * (b - a) * x + 0.5 * (a + b)).ravel())
+        lw.append(np.log(0.5 * (b - a) * w).ravel())
+    return np.concatenate(t), np.concatenate(lw)
+
+
+class Quadrature3D:
+    """Nested piecewise quadrature over z in [-L, L]^3 for an S = 3 net, independent of cpadgn's
+    partition and polytope code.
+
+    z3 (innermost): exact, in closed form: along each line (z1, z2, .) the breakpoints come from
+    ``line_pieces_z3`` and on each piece g is affine, so the integrand is a Gaussian in z3
+    (erf differences).  z2: for fixed z1 the line integral F(z1, z2) is analytic except where
+    the sequence of units crossed along the z3-line changes (the line meets an edge of the
+    arrangement); those points are located by bisection on a grid (to ~1e-13) and Gauss-Legendre
+    runs on the pieces between them (plus pieces of length <= width).  z1: G(z1) = int F dz2 is
+    analytic except at the z1 of the arrangement's vertices, where the sequence of line
+    signatures along the slice changes; located the same way (to ~1e-9), Gauss-Legendre between.
+    Geometry depends on the net only: built once, reused for every row."""
+
+    def __init__(self, net, L=7.0, width=1.0, n_gl=12, n_grid=300, n_grid1=200, n_min=4, vertices=None):
+        assert net.latent_dim == 3
+        self.net, self.L = net, L
+        lines = lambda z1, z2: line_pieces_z3(self.net, np.column_stack([z1, z2]), -L, L)[1]
+        g2 = np.linspace(-L, L, n_grid)
+
+        def slice_sig(_, z1):
+            s = _line_signature(lines(np.repeat(z1, n_grid), np.tile(g2, len(z1))))
+            return _slice_signature(s.reshape(len(z1), n_grid))
+
+        v1 = vertices
+        if v1 is None:                                # pass a coarser rule's to refine it cheaply
+            _, v1 = _changes(slice_sig, np.linspace(-L, L, n_grid1)[None], 24)
+        self.vertices = v1
+        z1, lw1 = _gl_panels(v1, -L, L, width, n_gl, n_min)
+        f, k2 = _changes(lambda fam, z2: _line_signature(lines(z1[fam], z2)),
+                         np.tile(g2, (len(z1), 1)), 44)
+        P, lw = [], []
+        for j in range(len(z1)):
+            z2, lw2 = _gl_panels(k2[f == j], -L, L, width, n_gl, n_min)
+            P.append(np.column_stack([np.full_like(z2, z1[j]), z2]))
+            lw.append(lw1[j] + lw2)
+        self.P, self.logw = np.concatenate(P), np.concatenate(lw)
+        self.edges, _ = line_pieces_z3(net, self.P, -L, L)
+        Lines, M = self.edges.shape
+        z = np.concatenate([np.repeat(self.P[:, None], M, 1), self.edges[..., None]], 2).reshape(-1, 3)
+        self.g_edges = net.forward(z).reshape(Lines, M, -1)
+        self.n_nodes = Lines
+
+    def integrate(self, x, noise_std):
+        """log p(x) (NaN in x = missing), E[z | x] (3,) and E[g(z) | x] (D,)."""
+        D = self.g_edges.shape[2]
+        var = np.broadcast_to(np.asarray(noise_std, float) ** 2, (D,))
+        o = ~np.isnan(x)
+        a, b = self.edges[:, :-1], self.edges[:, 1:]
+        h = b - a
+        Ga, Gb = self.g_edges[:, :-1], self.g_edges[:, 1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(h[..., None] > 0, (Gb - Ga) / h[..., None], 0.0)     # dg/dz3 on each piece
+        gm = 0.5 * (Ga + Gb)                                                   # g at the piece middles
+        m = 0.5 * (a + b)
+        r, do = gm[..., o] - x[o], d[..., o]
+        # log integrand at z3 = m + s: -(alpha s^2 + 2 beta s + c) / 2 + const
+        alpha = 1 + (do * do / var[o]).sum(-1)
+        beta = (r * do / var[o]).sum(-1) + m
+        c = (r * r / var[o]).sum(-1) + m * m
+        mu = -beta / alpha
+        sa = np.sqrt(alpha)
+        A, B = sa * (-0.5 * h - mu), sa * (0.5 * h - mu)
+        ldiff = _log_ndtr_diff(A, B)
+        lmass = 0.5 * (alpha * mu * mu - c) + 0.5 * np.log(2 * np.pi / alpha) + ldiff
+        lmass = np.where(h > 0, lmass, -np.inf)
+        lphi = lambda u: -0.5 * u * u - 0.5 * np.log(2 * np.pi)
+        with np.errstate(invalid="ignore", over="ignore"):
+            es = mu + (np.exp(lphi(A) - ldiff) - np.exp(lphi(B) - ldiff)) / sa        # E[s] on the piece
+        es = np.where(h > 0, es, 0.0)
+        const = (-0.5 * (self.P ** 2).sum(1) + self.logw - 1.5 * np.log(2 * np.pi)
+                 - 0.5 * o.sum() * np.log(2 * np.pi) - 0.5 * np.log(var[o]).sum())
+        lw = lmass + const[:, None]
+        top = lw.max()
+        w = np.exp(lw - top)
+        total = w.sum()
+        ez = np.array([(w.sum(1) * self.P[:, 0]).sum(), (w.sum(1) * self.P[:, 1]).sum(),
+                       (w * (m + es)).sum()]) / total
+        eg = np.einsum("lk,lkd->d", w, gm + d * es[..., None]) / total
+        return top + np.log(total), ez, eg
+
+
+def loglik_3d(net, x, noise_std, quad=None, **kw):
+    """log p(x), E[z|x] and E[g(z)|x] for S = 3 by ``Quadrature3D`` (pass quad to reuse one)."""
+    return (quad or Quadrature3D(net, **kw)).integrate(np.asarray(x, float), noise_std)
+
+
+@functools.lru_cache(maxsize=None)
+def small_s3_net_and_quadrature():
+    """A small S = 3 net (hidden (3, 3), D = 4) and its ``Quadrature3D``, built once per
+    test session (the geometry does not depend on the rows or the noise)."""
+    net = random_net(3, (3, 3), 4, seed=7, slope=0.1, scale=1.5)
+    return net, Quadrature3D(net)

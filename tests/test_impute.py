@@ -17,7 +17,8 @@ from cpadgn.modelfile import save_model
 from cpadgn.polytope import log_diff_ndtr, polytope_moments
 from cpadgn.sampling import sample_standard_polytope, truncated_normal_1d
 
-from oracles import GL_W, GL_X, line_breakpoints, random_linear_model, random_net
+from oracles import (GL_W, GL_X, line_breakpoints, random_linear_model, random_net,
+                     small_s3_net_and_quadrature)
 
 
 # ============================================================================ oracles
@@ -175,6 +176,48 @@ def test_s1_draws_of_z_pass_ks_against_quadrature_cdf(model1):
         cdf = quad_posterior_cdf_1d(model1.net, nodes, x, 0.3)
         p = stats.kstest(res.z_draws[:, n, 0], cdf).pvalue
         assert p > 1e-3, (n, p)
+
+
+# ============================================================================ S = 3: nested quadrature
+def _s3_incomplete_rows(net):
+    """Rows near the manifold of the small S = 3 net (D = 4) with 1, 2 and 3 entries missing."""
+    rng = np.random.default_rng(5)
+    X = net.forward(rng.standard_normal((3, 3))) + 0.4 * rng.standard_normal((3, 4))
+    X[0, 1] = np.nan
+    X[1, [0, 3]] = np.nan
+    X[2, [0, 1, 2]] = np.nan
+    return X
+
+
+def test_s3_conditional_mean_matches_nested_quadrature():
+    """E[x_m | x_o] = E[g_m(z) | x_o] against ``oracles.Quadrature3D`` (whose own error,
+    measured by doubling its nodes in test_likelihood.test_s3_oracle_converges, is <= 1e-9),
+    within 1e-8 plus cpadgn's certified pruning bound (relative, on values of size |g| <~ 10)."""
+    net, quad = small_s3_net_and_quadrature()
+    model = CPAModel(net, noise_std=0.4, device="cpu")
+    X = _s3_incomplete_rows(net)
+    res = impute_fn(model.net, model.partition(), model.noise_std, X)
+    for n, x in enumerate(X):
+        m = np.isnan(x)
+        _, _, eg = quad.integrate(x, 0.4)
+        tol = 1e-8 + 2 * res.error_bound[n] * np.abs(eg[m]).max()
+        np.testing.assert_allclose(res.mean[n, m], eg[m], atol=tol, rtol=0)
+        np.testing.assert_array_equal(res.mean[n, ~m], x[~m])
+
+
+def test_s3_draws_mean_matches_the_exact_conditional_mean():
+    net, quad = small_s3_net_and_quadrature()
+    model = CPAModel(net, noise_std=0.4, device="cpu")
+    X = _s3_incomplete_rows(net)
+    K = 2000
+    draws = model.impute(X, draws=K, seed=11)
+    for n, x in enumerate(X):
+        m = np.isnan(x)
+        _, _, eg = quad.integrate(x, 0.4)
+        d = draws[:, n][:, m]
+        se = d.std(0, ddof=1) / np.sqrt(K)
+        assert np.all(np.abs(d.mean(0) - eg[m]) <= 4 * se), (n, d.mean(0) - eg[m], se)
+        np.testing.assert_array_equal(draws[:, n][:, ~m], np.broadcast_to(x[~m], (K, (~m).sum())))
 
 
 # ============================================================================ any S: importance sampling

@@ -5,8 +5,8 @@ from scipy.stats import multivariate_normal
 
 from cpadgn.model import CPAModel
 
-from oracles import (kappa_rounding_tol, line_breakpoints, loglik_1d, loglik_2d, loglik_importance,
-                     random_linear_model, random_net)
+from oracles import (Quadrature3D, kappa_rounding_tol, line_breakpoints, loglik_1d, loglik_2d,
+                     loglik_importance, random_linear_model, random_net, small_s3_net_and_quadrature)
 
 
 def test_linear_generator_is_ppca_closed_form():
@@ -87,11 +87,83 @@ def test_s2_loglik_matches_nested_quadrature():
         np.testing.assert_allclose(post.z_mean[n], mean, atol=1e-7)
 
 
-def test_s3_loglik_within_importance_sampling_interval():
-    net = random_net(3, (5, 5), 2, seed=7, slope=0.2)
+# ----------------------------------------------------------------------------- S = 3: exact
+# Oracle: nested quadrature (``oracles.Quadrature3D``): closed form along z3 between exact
+# breakpoints, Gauss-Legendre between located kinks along z2 and z1.  Its own error is
+# measured by doubling its nodes (test_s3_oracle_converges, |change| <= ORACLE_TOL); the
+# comparisons allow twice that plus cpadgn's certified pruning bound and its rounding bound.
+ORACLE_TOL = 1e-9          # log p (nats) and E[z|x] (latent units, posterior std ~0.1..1)
+S3_SIGMA = 0.4
+
+
+def s3_rows(net, seed, n=3):
+    """Latent points z (n, 3), rows g(z) + noise (n, D), and the unit normal of the
+    manifold at each g(z) (n, D; D = S + 1, the Jacobian's left null vector)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 3))
+    X = net.forward(z) + S3_SIGMA * rng.standard_normal((n, net.output_dim))
+    h = 1e-6
+    J = np.stack([(net.forward(z + h * e) - net.forward(z)) / h for e in np.eye(3)], axis=2)    # (n, D, 3)
+    return z, X, np.linalg.svd(J)[0][:, :, -1]
+
+
+def assert_matches_oracle(model, X, quad, mean_tol=10 * ORACLE_TOL):
+    post = model.posterior(X)
+    assert np.all(post.stderr == 0)                              # S = 3 is exact, not Monte Carlo
+    tol = 2 * ORACLE_TOL + post.error_bound + kappa_rounding_tol(model, X, post)
+    for n, x in enumerate(X):
+        lz, ez, _ = quad.integrate(x, S3_SIGMA)
+        assert abs(post.log_likelihood[n] - lz) <= tol[n], (n, post.log_likelihood[n] - lz, tol[n])
+        np.testing.assert_allclose(post.z_mean[n], ez, atol=mean_tol, rtol=0)
+    return post
+
+
+def test_s3_oracle_converges():
+    """Doubling the oracle's Gauss-Legendre nodes (same located kinks) moves log p,
+    E[z|x] and E[g(z)|x] by at most ORACLE_TOL, on a complete, an incomplete and a far row."""
+    net, quad = small_s3_net_and_quadrature()
+    fine = Quadrature3D(net, n_gl=2 * 12, n_min=2 * 4, vertices=quad.vertices)
+    _, X, normal = s3_rows(net, seed=1)
+    X[1, 2] = np.nan
+    X[2] += 50 * S3_SIGMA * normal[2]
+    for x in X:
+        (l1, m1, g1), (l2, m2, g2) = quad.integrate(x, S3_SIGMA), fine.integrate(x, S3_SIGMA)
+        assert abs(l1 - l2) <= ORACLE_TOL
+        assert np.abs(m1 - m2).max() <= ORACLE_TOL and np.abs(g1 - g2).max() <= ORACLE_TOL
+
+
+def test_s3_loglik_and_posterior_mean_match_nested_quadrature_near_the_manifold():
+    net, quad = small_s3_net_and_quadrature()
+    _, X, _ = s3_rows(net, seed=2)
+    assert_matches_oracle(CPAModel(net, noise_std=S3_SIGMA, device="cpu"), X, quad)
+
+
+def test_s3_far_outliers_are_finite_and_exact():
+    """Rows moved 5, 20 and 50 noise units off the manifold along its normal (the posterior
+    stays inside the oracle's box): log p down to ~ -1250, exact to the same tolerance."""
+    net, quad = small_s3_net_and_quadrature()
+    _, X, normal = s3_rows(net, seed=3)
+    X += np.array([5.0, 20.0, 50.0])[:, None] * S3_SIGMA * normal
+    post = assert_matches_oracle(CPAModel(net, noise_std=S3_SIGMA, device="cpu"), X, quad)
+    assert np.all(np.isfinite(post.log_likelihood)) and post.log_likelihood[2] < -1000
+
+
+def test_s3_missing_entries_give_the_exact_marginal():
+    net, quad = small_s3_net_and_quadrature()
+    _, X, _ = s3_rows(net, seed=4)
+    X[0, 1] = np.nan
+    X[1, [0, 3]] = np.nan
+    X[2, [0, 1, 2]] = np.nan
+    assert_matches_oracle(CPAModel(net, noise_std=S3_SIGMA, device="cpu"), X, quad)
+
+
+# ----------------------------------------------------------------------------- S = 4: randomised QMC
+def test_s4_loglik_within_importance_sampling_interval():
+    net = random_net(4, (5,), 5, seed=7, slope=0.2)
     model = CPAModel(net, noise_std=0.6, device="cpu")
     X = model.sample(3, seed=4)
     post = model.posterior(X)
+    assert np.all(np.isfinite(post.stderr))
     for n, x in enumerate(X):
         est, se = loglik_importance(net, x, 0.6, seed=n)
         assert abs(post.log_likelihood[n] - est) < 4 * np.hypot(se, post.stderr[n])
