@@ -177,7 +177,7 @@ def evaluate(net, part, noise_std, X, *, device="cpu", moments=False):
 
 def _partition(net, max_regions):
     from .partition import compute_partition
-    return compute_partition(net, max_regions=max_regions)
+    return compute_partition(net, max_regions=max_regions, prior_masses=False)
 
 
 # ============================================================================ EM

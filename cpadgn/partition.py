@@ -238,7 +238,7 @@ def _csr_positions(ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
 # ============================================================================ public API
 def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None, progress=None,
                       method: str = "auto", box_half_width: float | None = None,
-                      memory_budget: float | None = 2e9) -> Partition:
+                      memory_budget: float | None = 2e9, prior_masses: bool = True) -> Partition:
     """All linear regions of ``net`` over the whole latent space R^S (exact).
 
     method: "auto" ("intervals" for S = 1, "subdivision" for S >= 2), "intervals",
@@ -249,6 +249,9 @@ def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None
         working arrays would exceed it (None: no limit).
     progress: optional callable(done: int, total: int | None, message: str).
     box_half_width: R of the subdivision's prism (default 4); changes the work only.
+    prior_masses: False skips the prior masses for S >= 2 (log_prior_mass and its stderr
+        are NaN then): the likelihood never needs them, and EM's transient partitions
+        skip their cost, large at S >= 3.
     """
     t0 = time.perf_counter()
     S, K = net.latent_dim, net.n_units
@@ -273,7 +276,7 @@ def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None
                            max_regions, progress, memory_budget)
     else:
         raw = _lp_walk(net, max_regions=max_regions, progress=progress)
-    return _finish(net, raw, method, t0, progress)
+    return _finish(net, raw, method, t0, progress, prior_masses)
 
 
 def check_partition(net: PiecewiseAffineNet, part: Partition, n_samples: int = 100_000,
@@ -1078,7 +1081,7 @@ def _log_prior_masses(G, h, mask):
     return out, err
 
 
-def _finish(net, raw, method, t0, progress, chunk=4096) -> Partition:
+def _finish(net, raw, method, t0, progress, prior_masses=True, chunk=4096) -> Partition:
     """Canonical order, interior checks (re-centring thin-looking regions), clearance, masses."""
     S, K = net.latent_dim, net.n_units
     pats = raw["patterns"]
@@ -1099,7 +1102,7 @@ def _finish(net, raw, method, t0, progress, chunk=4096) -> Partition:
         G, h, mask = part.facets(net, idx)
         part.clearance[idx] = _clearance(G, h, mask, part.interior[idx])
         ok[idx] = (net.patterns(part.interior[idx]) == part.patterns[idx]).all(axis=1)
-        lm, se = _log_prior_masses(G, h, mask)
+        lm, se = _log_prior_masses(G, h, mask) if prior_masses else (np.nan, np.nan)
         part.log_prior_mass[idx], part.log_prior_mass_stderr[idx] = lm, se
         if progress is not None:
             progress(int(idx[-1]) + 1, nR, "region checks and prior masses")

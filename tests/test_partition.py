@@ -297,3 +297,15 @@ def test_models_differing_only_in_layer_0_or_the_prior_never_share_a_cache(tmp_p
     fresh = CPAModel(other, noise_std=0.3, device="cpu", **prior)
     np.testing.assert_array_equal(second.partition().patterns, fresh.partition().patterns)
     np.testing.assert_array_equal(got, fresh.log_prob(X))          # the same computation
+
+
+def test_partition_without_prior_masses_gives_the_same_likelihood():
+    """EM's transient partitions skip the prior masses; nothing else may change."""
+    from cpadgn import likelihood
+    net = random_net(2, (6, 6), 3, seed=3)
+    full, bare = compute_partition(net), compute_partition(net, prior_masses=False)
+    assert np.all(np.isnan(bare.log_prior_mass)) and np.all(np.isfinite(full.log_prior_mass))
+    np.testing.assert_array_equal(bare.patterns, full.patterns)
+    X = np.random.default_rng(0).normal(size=(5, 3))
+    a, b = (likelihood.posterior(net, p, np.array([0.3]), X) for p in (full, bare))
+    np.testing.assert_array_equal(a.log_likelihood, b.log_likelihood)
