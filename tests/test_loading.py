@@ -161,9 +161,11 @@ class Residual(nn.Module):
         return self.b(torch.relu(self.a(z)) + z)
 
 
-def test_torch_export_refuses_skip_connections(tmp_path):
-    with pytest.raises(CpadgnError, match="skip or residual connection"):
-        load_generator(export(Residual().double().eval(), tmp_path / "res.pt2"))
+def test_torch_export_skip_connection_carried_by_slope_one_units(tmp_path, z):
+    model = Residual().double().eval()
+    g = load_generator(export(model, tmp_path / "res.pt2"))
+    assert g.net.hidden_sizes == (2 * S,) and np.all(g.net.slopes[0][S:] == 1.0)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------- TorchScript
