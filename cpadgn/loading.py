@@ -390,8 +390,8 @@ class _Builder:
         need = (n + 2) * out_features * 8
         if need > DENSE_LIMIT_BYTES:
             self.fail(f"its dense affine form would be {out_features} x {n} float64 "
-                      f"({need / 2 ** 30:.1f} GiB), over the {DENSE_LIMIT_BYTES / 2 ** 30:.1f} GiB "
-                      "limit for one layer; use a decoder with smaller layers")
+                      f"({_bytes(need)}), over the {_bytes(DENSE_LIMIT_BYTES)} limit for one "
+                      "layer (loading.DENSE_LIMIT_BYTES); use a decoder with smaller layers")
         rows = [np.vstack([np.zeros(x.width), x.b, x.W.T]) for x in inputs]
         with torch.no_grad():
             out = fn([torch.from_numpy(r).reshape(n + 2, *x.shape) for r, x in zip(rows, inputs)])
@@ -405,6 +405,10 @@ class _Builder:
         if not out.identity or not self.ops:
             self.ops.append(Affine(out.W, out.b, "the output layer"))
         return ops_to_net(self.ops, self.latent_dim)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
 
 
 def _channel(v: np.ndarray, shape) -> np.ndarray:
@@ -464,7 +468,8 @@ def _np(t) -> np.ndarray:
 def _float64_copy(m):
     import copy
     try:
-        return copy.deepcopy(m).double()
+        with _quiet():             # deepcopy reads .grad, which warns for non-leaf tensors
+            return copy.deepcopy(m).double()
     except Exception:  # pragma: no cover - a module that cannot be copied: convert in place
         return m.double()
 
@@ -618,12 +623,15 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
     if S is None:
         raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer")
 
+    current = ["the model"]
+
     def fail(msg):
-        raise CpadgnError(msg)
+        raise CpadgnError(msg if msg.startswith(current[0]) else f"{current[0]}: {msg}")
 
     builder = _Builder(S, fail)
     d = builder.input()
     for m, kind, _, where in leaves:
+        current[0] = where
         d = MODULE_HANDLERS[kind](builder, m, d, where)
     return builder.finish(d)
 
