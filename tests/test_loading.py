@@ -431,3 +431,24 @@ def test_help_imports_neither_torch_nor_scipy_and_hdf5_models_skip_dynamo():
                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "False"]
+
+
+def test_cached_partition_run_reuses_the_stored_check(tmp_path, monkeypatch):
+    """The 100,000-sample check runs once; later runs read it from the cache."""
+    import json
+    from click.testing import CliRunner
+    import cpadgn.partition
+    from cli.main import main
+    shutil.copy("sample_data/wave_generator.h5", tmp_path / "g.h5")
+    first = CliRunner().invoke(main, ["partition", str(tmp_path / "g.h5"), "--json"])
+    assert first.exit_code == 0, first.output
+
+    def no_check(*a, **k):
+        raise AssertionError("check_partition ran again")
+
+    monkeypatch.setattr(cpadgn.partition, "check_partition", no_check)
+    second = CliRunner().invoke(main, ["partition", str(tmp_path / "g.h5"), "--json"])
+    assert second.exit_code == 0, second.output
+    a, b = json.loads(first.output), json.loads(second.output)
+    for key in ("prior_mass_sum", "samples_located", "interior_points_ok", "regions"):
+        assert a[key] == b[key]
