@@ -7,6 +7,7 @@
     >>> model.posterior(X).z_mean  # exact E[z | x]
     >>> cpadgn.CPADGN(latent_dim=2).fit(X_train).predict(X_test)   # scikit-learn outlier detector
 """
+from .compare import compare
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
 
@@ -18,10 +19,6 @@ __all__ = ["CPADGN", "CPADGNDetector", "CPAModel", "CpadgnError", "PiecewiseAffi
 def __getattr__(name):
     """The model loads on first use (it imports torch, so the command line starts fast and
     refuses bad input before that import); the estimators import scikit-learn (optional)."""
-    if name == "compare":               # scipy.stats: also on first use
-        from .compare import compare
-        globals()["compare"] = compare    # the import bound the submodule to this name
-        return compare
     if name in ("CPAModel", "load"):
         from . import model
         return getattr(model, name)
