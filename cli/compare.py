@@ -39,10 +39,12 @@ REPORT_SUFFIXES = (".json", ".csv")
 @click.option("--timings", is_flag=True,
               help="Put wall times in the report too (they vary between runs, so by default the "
                    "report leaves them out and identical inputs give identical files).")
-@click.option("--noise-std", callback=lambda c, p, v: parse_noise(v), metavar="X|auto",
-              help="Observation noise std for every model (overrides the files); 'auto' fits "
-                   "each model's by maximum exact likelihood on --train.  Not applied to the "
-                   "PPCA baseline, which fits its own.")
+@click.option("--noise-std", multiple=True, callback=lambda c, p, v: [parse_noise(x) for x in v],
+              metavar="X|auto",
+              help="Observation noise std (overrides the files): given once, for every model; "
+                   "given once per model, in the order of the MODELs (e.g. --noise-std 0.3 "
+                   "--noise-std auto).  'auto' fits that model's by maximum exact likelihood "
+                   "on --train.  Not applied to the PPCA baseline, which fits its own.")
 @click.option("--max-regions", type=click.IntRange(min=1), default=None,
               help="Stop with an error if a partition has more regions than this.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -91,7 +93,8 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     parse_baseline(baseline)
     if baseline is not None and train_path is None:
         raise CpadgnError("--baseline ppca is fitted on training data: pass --train TRAIN")
-    if noise_std == "auto" and train_path is None:
+    noises = per_model_noise(noise_std, len(model_paths))
+    if "auto" in noises and train_path is None:
         raise CpadgnError("--noise-std auto fits the noise on training data: pass --train TRAIN "
                           "(fitting it on the test data would bias the comparison)")
 
@@ -99,15 +102,14 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     X_test = read_data(test_path, dataset=dataset)
     X_train = None if train_path is None else read_data(train_path, dataset=dataset)
     dev = resolve_device(device)
-    fixed_noise = None if noise_std == "auto" else noise_std
-    models = [(str(p), load(p, noise_std=fixed_noise, trust_pickle=trust_pickle, device=dev))
-              for p in model_paths]
+    models = [(str(p), load(p, noise_std=None if s == "auto" else s, trust_pickle=trust_pickle,
+                            device=dev)) for p, s in zip(model_paths, noises)]
     check_dimensions({n: m.output_dim for n, m in models}, X_test, X_train)
     for i, (name, m) in enumerate(models):
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
             part = m.partition(max_regions=max_regions, progress=bar, log=say)
         say(f"{name}: {part.n_regions} regions ({m.partition_status}; {m.cache_path})")
-        if noise_std == "auto":
+        if noises[i] == "auto":       # the partition does not depend on the noise: reused
             sigma = m.fit_noise_std(X_train)
             say(f"{name}: noise std fitted on --train by maximum exact likelihood: {sigma:.6g}")
             models[i] = (name, m.with_noise_std(sigma))
@@ -132,6 +134,20 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     say(f"{len(result.models)} models, {result.n_test} test rows"
         + (f", {result.n_train} training rows" if result.n_train else "")
         + f"; {time.perf_counter() - t0:.2f} s" + (f"; wrote {', '.join(written)}" if written else ""))
+
+
+def per_model_noise(values, n_models: int) -> list:
+    """--noise-std given never, once (for all models) or once per model -> one per model
+    (None: the file's own)."""
+    values = list(values)
+    if not values:
+        return [None] * n_models
+    if len(values) == 1:
+        return values * n_models
+    if len(values) != n_models:
+        raise CpadgnError(f"--noise-std is given {len(values)} times for {n_models} models; give "
+                          "it once (for all models) or once per model, in the order of the models")
+    return values
 
 
 # ===================================================================== output

@@ -215,7 +215,17 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
     model = load_model(model_path, cache=cache, noise_std=None, device=device, need_noise=False,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json)
     part = model.partition()
-    check = check_partition(model.net, part)
+    check = getattr(part, "check", None)     # stored in the cache by an earlier run
+    if check is None:
+        check = part.check = check_partition(model.net, part)
+        written = model.partition_status in ("computed", "loaded") or \
+            model.partition_status.startswith("recomputed")
+        if model.cache_path is not None and written:
+            from cpadgn.cache import save_partition
+            try:
+                save_partition(model.cache_path, part, model.net.fingerprint())
+            except Exception:  # the cache is an optimisation; it was written once already
+                pass
     nf = part.n_facets
     # the masses are independent estimates (exact for S <= 2): the sum's standard error
     # adds in quadrature; the check passes within 4 standard errors (plus rounding)

@@ -32,6 +32,8 @@ Schema (cache_format_version 2)
         method               enumeration algorithm (str)
         seconds              enumeration wall time (float)
         created_with         cpadgn version that wrote the file
+        check_json           optional: the JSON of check_partition (written by `cpadgn partition`,
+                             so a cached run does not repeat its 100,000-sample check)
     patterns                 uint8 (R, ceil(K/8)): sign patterns packed with
                              np.packbits(axis=1) (big bit order; bit set where the
                              pre-activation is >= 0); attribute n_units = K
@@ -52,6 +54,8 @@ the cache cannot be written (a read-only or missing directory, a full disk) the
 partition is still returned, with the status "not_written (reason)" and a warning.
 """
 from __future__ import annotations
+
+import json
 
 import hashlib
 import warnings
@@ -146,6 +150,8 @@ def save_partition(path, part: Partition, net_fingerprint: str) -> None:
         f.attrs["method"] = str(part.method)
         f.attrs["seconds"] = float(part.seconds)
         f.attrs["created_with"] = _version()
+        if getattr(part, "check", None) is not None:    # check_partition's result (partition cmd)
+            f.attrs["check_json"] = json.dumps(part.check)
         for name in BODY:
             ds = _write(f, name, body[name])
             if name == "patterns":
@@ -257,7 +263,7 @@ def _read_body(path, f) -> Partition:
         raise CpadgnError(f"{path}: facet_units refers to units outside 0..{K - 1}")
     fields = {name: get(name, np.float64, (R,)) for name in _FLOAT_FIELDS}
     fields.update({name: get(name, np.uint8, (R,)).astype(bool) for name in _BOOL_FIELDS})
-    return Partition(
+    part = Partition(
         patterns=patterns,
         interior=get("interior", np.float64, (R, S)),
         facet_ptr=facet_ptr,
@@ -267,6 +273,9 @@ def _read_body(path, f) -> Partition:
         seconds=float(f.attrs.get("seconds", 0.0)),
         **fields,
     )
+    if "check_json" in f.attrs:
+        part.check = json.loads(_s(f.attrs["check_json"]))
+    return part
 
 
 # ================================================================= load or compute

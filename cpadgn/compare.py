@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.special import ndtr
 
 from .errors import CpadgnError
 
@@ -68,7 +67,7 @@ def vuong_test(ll_a, ll_b) -> tuple[float, float]:
     if sd == 0.0:
         return 0.0, 1.0
     z = math.sqrt(d.size) * float(d.mean()) / sd
-    return z, float(2.0 * ndtr(-abs(z)))
+    return z, math.erfc(abs(z) / math.sqrt(2.0))    # 2 Phi(-|z|); no scipy at start-up
 
 
 @dataclass

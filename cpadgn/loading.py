@@ -19,9 +19,16 @@ Models are read in inference mode: BatchNorm uses its running statistics and Dro
 is the identity.  A torch.export graph recorded in training mode is refused, since
 the graph itself says otherwise.
 
+Layers that are affine at inference on image-shaped activations (convolutions,
+upsampling, average pooling, padding, permutes, concatenation) become dense affine maps
+of the flattened activations, computed from the op's own forward pass on a basis.  A
+value that is still needed after a hidden layer (a skip connection) is carried through
+it by slope-1 units, which are never facets; max pooling is a tree of
+max(a, b) = b + relu(a - b).
+
 Adding a layer kind is local: a TorchScript / nn.Module layer needs an entry in
-``MODULE_HANDLERS`` (class name -> function returning operations), an exported aten
-operation an entry in ``_ExportInterpreter.HANDLERS``.
+``MODULE_HANDLERS`` (class name -> function of the input value), an exported aten
+operation an entry in ``EXPORT_HANDLERS`` (op name -> function of its arguments).
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ from .network import PiecewiseAffineNet
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
 
-SOURCE_FORMATS = ("cpadgn-h5", "torch-export", "torchscript", "pickle")
+SOURCE_FORMATS = ("cpadgn-h5", "torch-export", "torchscript", "pickle", "module")
 
 
 @dataclass
@@ -75,9 +82,17 @@ class Generator:
 
 
 # =========================================================================== entry
-def load_generator(path, *, trust_pickle: bool = False) -> Generator:
-    """Read a generator file of any supported format (detected from its content)."""
-    path = Path(path)
+def load_generator(source, *, trust_pickle: bool = False, example_input=None) -> Generator:
+    """Read a generator: a file of any supported format (detected from its content), or
+    a live ``torch.nn.Module`` / ``torch.export.ExportedProgram``.
+
+    example_input: for a module that is not an nn.Sequential of known layers, a batch
+    of latent vectors (N, S) to record it with torch.export (default zeros(2, S), S the
+    input width of its first Linear layer).
+    """
+    if not isinstance(source, (str, Path)):
+        return _generator(_live_net(source, example_input), _live_format(source))
+    path = Path(source)
     if not path.exists():
         raise CpadgnError(f"generator file {path} does not exist")
     if path.is_dir():
@@ -95,9 +110,33 @@ def load_generator(path, *, trust_pickle: bool = False) -> Generator:
     else:  # pragma: no cover - detect_format raises for anything else
         raise AssertionError(fmt)
     check_net(net, path)
+    return _generator(net, fmt)
+
+
+def _generator(net: PiecewiseAffineNet, fmt: str) -> Generator:
     S = net.latent_dim
     return Generator(net=net, prior_mean=np.zeros(S), prior_cov=np.eye(S), noise_std=None,
                      source_format=fmt, extra={})
+
+
+def _live_format(obj) -> str:
+    return "torch-export" if type(obj).__name__ == "ExportedProgram" else \
+        "torchscript" if type(obj).__module__.startswith("torch.jit") else "module"
+
+
+def _live_net(obj, example_input) -> PiecewiseAffineNet:
+    """The canonical net of an in-memory nn.Module or ExportedProgram."""
+    torch = _torch()
+    where = f"the {type(obj).__name__}"
+    if isinstance(obj, torch.export.ExportedProgram):
+        net = _ExportInterpreter(obj, where).run()
+    elif isinstance(obj, torch.nn.Module):
+        net = module_net(obj, where, example_input)
+    else:
+        raise CpadgnError(f"cannot load a {type(obj).__name__}: pass a file path, a torch "
+                          "nn.Module or a torch.export ExportedProgram")
+    check_net(net, where)
+    return net
 
 
 def detect_format(path) -> str:
@@ -266,56 +305,245 @@ def _infer_input_width(ops: list) -> int:
     raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer")
 
 
+# ======================================================= symbolic activations
+#: the most memory one layer's dense affine form may take (bytes, float64)
+DENSE_LIMIT_BYTES = 2 * 1024 ** 3
+
+
+class _Data:
+    """A symbolic activation tensor: its flattened features are W @ h + b.
+
+    h is the network's current state (the last hidden layer, or z before the first);
+    W (F, n), b (F,); shape is the per-sample shape (without the batch axis), F its
+    product.  scaled_from / scale record x = scale * scaled_from (for where-activations).
+    """
+
+    __slots__ = ("W", "b", "shape", "identity", "scaled_from", "scale")
+
+    def __init__(self, W, b, shape=None, identity=False, scaled_from=None, scale=None):
+        self.W, self.b, self.identity = W, b, identity
+        self.shape = (W.shape[0],) if shape is None else tuple(int(s) for s in shape)
+        self.scaled_from, self.scale = scaled_from, scale
+
+    @property
+    def width(self) -> int:
+        return self.W.shape[0]
+
+    def rows(self, idx, shape=None) -> "_Data":
+        return _Data(self.W[idx], self.b[idx], shape if shape is not None else (len(idx),))
+
+    def same_as(self, other) -> bool:
+        return other is self or (isinstance(other, _Data) and np.array_equal(other.W, self.W)
+                                 and np.array_equal(other.b, self.b))
+
+
+def _stack(values) -> _Data:
+    return _Data(np.concatenate([v.W for v in values]), np.concatenate([v.b for v in values]))
+
+
+class _Builder:
+    """Collects the Affine / Activation operations of a forward pass on _Data values.
+
+    ``fail(msg)`` raises the caller's error (it knows the file and the layer).
+    """
+
+    def __init__(self, latent_dim: int, fail: Callable):
+        self.latent_dim, self.fail = int(latent_dim), fail
+        self.ops: list = []
+        self.state_width = self.latent_dim
+
+    def input(self) -> _Data:
+        S = self.latent_dim
+        return _Data(np.eye(S), np.zeros(S), (S,), identity=True)
+
+    def activate(self, d: _Data, slope, name: str, where: str, carry=()):
+        """act(d) as a new hidden layer; the values in ``carry`` ride along through
+        slope-1 units (act(u) = u: never a facet).  Returns (act(d), carried values)."""
+        slope = np.broadcast_to(np.asarray(slope, np.float64), (d.width,))
+        blocks = [d, *carry]
+        if d.identity and not carry:
+            self.ops.append(Activation(slope.copy(), name, where))
+        else:
+            pre = _stack(blocks)
+            self.ops.append(Affine(pre.W, pre.b, where))
+            self.ops.append(Activation(np.concatenate([slope] + [np.ones(v.width) for v in carry]),
+                                       name, where))
+        n = sum(v.width for v in blocks)
+        self.state_width = n
+        eye, out, off = np.eye(n), [], 0
+        for v in blocks:
+            out.append(_Data(eye[off:off + v.width], np.zeros(v.width), v.shape,
+                             identity=v.width == n))
+            off += v.width
+        return out[0], out[1:]
+
+    def dense(self, fn: Callable, inputs: list, where: str) -> _Data:
+        """The affine map fn (tensors of shape (B, *x.shape) -> (B, ...)) as a dense W, b.
+
+        Evaluated in float64 on the zero input, the biases and the columns of every input
+        map: fn(0) = c, fn(b) = b_out, W_out[:, j] = fn(W[:, j]) - c.
+        """
+        torch = _torch()
+        n = self.state_width
+        probe = fn([torch.zeros((1, *x.shape), dtype=torch.float64) for x in inputs])
+        out_features = int(np.prod(probe.shape[1:]))
+        need = (n + 2) * out_features * 8
+        if need > DENSE_LIMIT_BYTES:
+            self.fail(f"its dense affine form would be {out_features} x {n} float64 "
+                      f"({_bytes(need)}), over the {_bytes(DENSE_LIMIT_BYTES)} limit for one "
+                      "layer (loading.DENSE_LIMIT_BYTES); use a decoder with smaller layers")
+        rows = [np.vstack([np.zeros(x.width), x.b, x.W.T]) for x in inputs]
+        with torch.no_grad():
+            out = fn([torch.from_numpy(r).reshape(n + 2, *x.shape) for r, x in zip(rows, inputs)])
+        if out.shape[0] != n + 2 or tuple(out.shape[1:]) != tuple(probe.shape[1:]):
+            self.fail("mixes the samples of a batch, which a generator of z must not do")
+        out = out.reshape(n + 2, -1).double().numpy()
+        return _Data(np.ascontiguousarray((out[2:] - out[0]).T), out[1].copy(),
+                     tuple(probe.shape[1:]))
+
+    def finish(self, out: _Data) -> PiecewiseAffineNet:
+        if not out.identity or not self.ops:
+            self.ops.append(Affine(out.W, out.b, "the output layer"))
+        return ops_to_net(self.ops, self.latent_dim)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
+
+
+def _channel(v: np.ndarray, shape) -> np.ndarray:
+    """A per-channel vector (C,) repeated over the other axes of a (C, ...) sample."""
+    return np.repeat(v, int(np.prod(shape[1:]))) if len(shape) > 1 else v
+
+
+def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode) -> tuple:
+    """Flat input indices of every max-pooling window: (m, F_out) int64, and the output
+    shape.  Padding positions (never the maximum) repeat a real element of the window."""
+    torch = _torch()
+    F = torch.nn.functional
+    d = len(shape) - 1                                # pooled dims: 1 or 2
+    as_tuple = lambda v: tuple(v) * (d if len(tuple(v)) == 1 else 1) if isinstance(v, (list, tuple)) \
+        else (int(v),) * d
+    k, p, dl = as_tuple(kernel), as_tuple(padding), as_tuple(dilation)
+    s = as_tuple(stride) if (isinstance(stride, (list, tuple)) and len(stride)) or \
+        isinstance(stride, int) else k
+    pool = F.max_pool1d if d == 1 else F.max_pool2d
+    out_shape = tuple(pool(torch.zeros(1, *shape), k, s, p, dl, ceil_mode).shape[1:])
+    idx = torch.arange(1, int(np.prod(shape)) + 1, dtype=torch.float64).reshape(1, *shape)
+    if d == 1:
+        idx, k, s, p, dl = idx[:, :, None, :], (1, *k), (1, *s), (0, *p), (1, *dl)
+    spatial_out = out_shape[1:] if d == 2 else (1, out_shape[1])
+    extra = [max(0, (o - 1) * st + dd * (kk - 1) + 1 - (n + 2 * pp)) for o, st, dd, kk, n, pp in
+             zip(spatial_out, s, dl, k, idx.shape[2:], p)]
+    idx = F.pad(idx, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]))
+    win = F.unfold(idx, k, dilation=dl, stride=s)                 # (1, C * m, L)
+    m = k[0] * k[1]
+    win = win.reshape(shape[0], m, -1).permute(1, 0, 2).reshape(m, -1).long().numpy() - 1
+    first = win.max(axis=0)                                       # some real element
+    return np.where(win < 0, first, win), out_shape
+
+
+def _max_pool(activate: Callable, d: _Data, windows: np.ndarray, out_shape) -> _Data:
+    """max over the window elements as a tree of max(a, b) = b + relu(a - b).
+
+    activate(pre, keep) -> (relu(pre), keep carried): one hidden layer per tree level."""
+    elems = [d.rows(w) for w in windows]
+    while len(elems) > 1:
+        pairs, odd = len(elems) // 2, elems[2 * (len(elems) // 2):]
+        a, b = elems[0:2 * pairs:2], elems[1:2 * pairs:2]
+        diff = _stack([_Data(x.W - y.W, x.b - y.b) for x, y in zip(a, b)])
+        act, kept = activate(diff, [_stack(b), *odd])
+        F = a[0].width
+        elems = [_Data(act.W[i * F:(i + 1) * F] + kept[0].W[i * F:(i + 1) * F],
+                       act.b[i * F:(i + 1) * F] + kept[0].b[i * F:(i + 1) * F])
+                 for i in range(pairs)] + kept[1:]
+    return _Data(elems[0].W, elems[0].b, out_shape)
+
+
 # ==================================================== nn.Module / TorchScript layers
 def _np(t) -> np.ndarray:
     return t.detach().to("cpu").double().numpy().copy()
 
 
-def _linear(m, where):
+def _float64_copy(m):
+    import copy
+    try:
+        with _quiet():             # deepcopy reads .grad, which warns for non-leaf tensors
+            return copy.deepcopy(m).double()
+    except Exception:  # pragma: no cover - a module that cannot be copied: convert in place
+        return m.double()
+
+
+def _linear(b: _Builder, m, d: _Data, where):
+    if len(d.shape) != 1:
+        return _dense_layer(b, m, d, where)
     W = _np(m.weight)
-    b = _np(m.bias) if getattr(m, "bias", None) is not None else np.zeros(W.shape[0])
-    return [Affine(W, b, where)]
+    bias = _np(m.bias) if getattr(m, "bias", None) is not None else np.zeros(W.shape[0])
+    if W.shape[1] != d.width:
+        b.fail(f"{where} expects {W.shape[1]} inputs but receives {d.width}")
+    return _Data(W @ d.W, W @ d.b + bias)
 
 
-def _batchnorm(m, where):
+def _batchnorm(b: _Builder, m, d: _Data, where):
     if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
-        raise CpadgnError(f"{where} has no running statistics (track_running_stats=False), so it "
-                          "normalises with batch statistics and is not a fixed map of z")
+        b.fail(f"{where} has no running statistics (track_running_stats=False), so it "
+               "normalises with batch statistics and is not a fixed map of z")
     mean, var = _np(m.running_mean), _np(m.running_var)
     w = _np(m.weight) if getattr(m, "weight", None) is not None else np.ones_like(mean)
-    b = _np(m.bias) if getattr(m, "bias", None) is not None else np.zeros_like(mean)
+    bias = _np(m.bias) if getattr(m, "bias", None) is not None else np.zeros_like(mean)
     s = w / np.sqrt(var + float(m.eps))
-    return [Scale(s, b - s * mean, where)]
+    s, t = _channel(s, d.shape), _channel(bias - s * mean, d.shape)
+    if s.size != d.width:
+        b.fail(f"{where} has {mean.size} channels but its input has shape {d.shape}")
+    return _Data(s[:, None] * d.W, s * d.b + t, d.shape)
 
 
-def _identity(m, where):
-    return []
+def _identity(b, m, d, where):
+    return d
 
 
-def _flatten(m, where):
-    if int(getattr(m, "start_dim", 1)) != 1 or int(getattr(m, "end_dim", -1)) not in (-1, 1):
-        raise CpadgnError(f"{where} flattens dimensions other than (N, F); only flat vector "
-                          "generators are supported yet")
-    return []
+def _reshape(b: _Builder, m, d: _Data, where):
+    torch = _torch()
+    with torch.no_grad():
+        shape = m(torch.zeros(1, *d.shape)).shape[1:]
+    return _Data(d.W, d.b, shape)
+
+
+def _dense_layer(b: _Builder, m, d: _Data, where):
+    m64 = _float64_copy(m)
+    return b.dense(lambda xs: m64(xs[0]), [d], where)
+
+
+def _maxpool_layer(b: _Builder, m, d: _Data, where):
+    windows, out_shape = _max_windows(d.shape, m.kernel_size, m.stride, m.padding, m.dilation,
+                                      bool(m.ceil_mode))
+    act = lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep)
+    return _max_pool(act, d, windows, out_shape)
 
 
 def _act(slope_of, name):
-    def handler(m, where):
-        return [Activation(np.asarray(slope_of(m), dtype=np.float64), name, where)]
+    def handler(b: _Builder, m, d: _Data, where):
+        slope = np.asarray(slope_of(m), dtype=np.float64)
+        return b.activate(d, _channel(slope, d.shape) if slope.size > 1 else slope, name, where)[0]
     return handler
 
 
-#: layer class name -> handler(module, where) returning a list of operations
+#: layer class name -> handler(builder, module, input value, where) -> output value
 MODULE_HANDLERS: dict[str, Callable] = {
-    "Linear": _linear,
-    "BatchNorm1d": _batchnorm,
+    "Linear": _linear, "BatchNorm1d": _batchnorm, "BatchNorm2d": _batchnorm,
     "ReLU": _act(lambda m: 0.0, "relu"),
     "LeakyReLU": _act(lambda m: float(m.negative_slope), "leaky_relu"),
     "PReLU": _act(lambda m: _np(m.weight), "prelu"),
-    "Identity": _identity,
-    "Dropout": _identity,        # inference mode
-    "AlphaDropout": _identity,
-    "Flatten": _flatten,
+    "Identity": _identity, "Dropout": _identity, "AlphaDropout": _identity,
+    "Dropout1d": _identity, "Dropout2d": _identity,
+    "Flatten": _reshape, "Unflatten": _reshape,
+    "MaxPool1d": _maxpool_layer, "MaxPool2d": _maxpool_layer,
+    **{kind: _dense_layer for kind in (
+        "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Upsample",
+        "UpsamplingNearest2d", "UpsamplingBilinear2d", "AvgPool1d", "AvgPool2d",
+        "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "ZeroPad1d", "ZeroPad2d", "ConstantPad1d",
+        "ConstantPad2d", "ReflectionPad1d", "ReflectionPad2d", "ReplicationPad1d",
+        "ReplicationPad2d", "PixelShuffle", "PixelUnshuffle")},
 }
 
 #: known layers that are not piecewise affine (for clearer messages)
@@ -328,20 +556,21 @@ NOT_PIECEWISE_AFFINE = {
 NOT_SUPPORTED_YET = {
     "Hardtanh": "has two breakpoints", "ReLU6": "has two breakpoints",
     "Hardshrink": "has two breakpoints", "Softshrink": "has two breakpoints",
-    "Conv1d": "convolutions are not supported yet", "Conv2d": "convolutions are not supported yet",
-    "Conv3d": "convolutions are not supported yet",
-    "ConvTranspose1d": "convolutions are not supported yet",
-    "ConvTranspose2d": "convolutions are not supported yet",
-    "Unflatten": "it reshapes to non-vector outputs", "MaxPool1d": "max pooling is not supported yet",
-    "MaxPool2d": "max pooling is not supported yet",
+    "Conv3d": "3-D convolutions are not supported yet",
+    "MaxPool3d": "3-D max pooling is not supported yet",
 }
+SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: drop the final {kind} "
+                    "(train on x in the scale of g(z), or model the logits)")
 
 
 class _NeedsTrace(CpadgnError):
     """A module whose forward cannot be read from its class (custom code)."""
 
 
-def _refuse_layer(kind: str, where: str, custom: bool):
+def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
+    if kind in ("Sigmoid", "Tanh") and last:
+        raise CpadgnError(f"{where} ({kind}) is the output layer; "
+                          + SQUASHING_OUTPUT.format(kind=kind))
     if kind in NOT_PIECEWISE_AFFINE:
         raise CpadgnError(f"{where} ({kind}) is not piecewise affine; cpadgn needs ReLU, "
                           "LeakyReLU, PReLU or abs activations")
@@ -354,32 +583,57 @@ def _refuse_layer(kind: str, where: str, custom: bool):
     raise CpadgnError(f"{where} ({kind}) is not supported (not known to be piecewise affine)")
 
 
-def module_to_ops(module, kind_of: Callable) -> list:
-    """Operations of an nn.Sequential (or a single supported layer), recursively.
+def _first_linear_width(module):
+    torch = _torch()
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        kind = getattr(m, "original_name", type(m).__name__)
+        if kind == "Linear" and isinstance(w, torch.Tensor) and w.ndim == 2:
+            return int(w.shape[1])
+    return None
 
-    kind_of(module) -> (class name, is_builtin_torch_nn).
+
+def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
+    """The canonical net of an nn.Sequential (or a single supported layer), recursively.
+
+    kind_of(module) -> (class name, is_builtin_torch_nn).  The latent dimension is the
+    input width of the first Linear layer.
     """
-    ops = []
+    leaves = []
 
     def visit(m, name):
         kind, builtin = kind_of(m)
-        where = f"layer {name}" if name else "the model"
         if builtin and kind == "Sequential":
             for child_name, child in m.named_children():
                 visit(child, f"{name}.{child_name}" if name else child_name)
             return
-        handler = MODULE_HANDLERS.get(kind) if builtin else None
-        if handler is None:
+        if kind not in MODULE_HANDLERS or not builtin:
             if not name:
                 raise _NeedsTrace(
                     f"the model is a {kind} module, not an nn.Sequential; cpadgn reads TorchScript and "
                     "pickled modules only as nn.Sequential stacks -- export it with "
                     "torch.export.save (.pt2) instead, which records its operations")
-            _refuse_layer(kind, where, custom=not builtin)
-        ops.extend(handler(m, where))
+        leaves.append((m, kind, builtin, f"layer {name}" if name else "the model"))
 
     visit(module, "")
-    return ops
+    for i, (m, kind, builtin, where) in enumerate(leaves):
+        if kind not in MODULE_HANDLERS or not builtin:
+            _refuse_layer(kind, where, custom=not builtin, last=i == len(leaves) - 1)
+    S = _first_linear_width(module)
+    if S is None:
+        raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer")
+
+    current = ["the model"]
+
+    def fail(msg):
+        raise CpadgnError(msg if msg.startswith(current[0]) else f"{current[0]}: {msg}")
+
+    builder = _Builder(S, fail)
+    d = builder.input()
+    for m, kind, _, where in leaves:
+        current[0] = where
+        d = MODULE_HANDLERS[kind](builder, m, d, where)
+    return builder.finish(d)
 
 
 def _scripted_kind(m):
@@ -411,7 +665,7 @@ def _load_torchscript(path: Path) -> PiecewiseAffineNet:
     except Exception as e:
         raise CpadgnError(f"{path} is a TorchScript archive that cannot be loaded: "
                           f"{_first_line(e)}") from None
-    return _with_path(path, lambda: ops_to_net(module_to_ops(module, _scripted_kind)))
+    return _with_path(path, lambda: module_to_net(module, _scripted_kind))
 
 
 def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
@@ -430,6 +684,11 @@ def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
     else:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except (AttributeError, ModuleNotFoundError) as e:
+            raise CpadgnError(
+                f"{path} pickles a custom class that cannot be imported here ({_first_line(e)}); "
+                "make the module defining it importable (e.g. on PYTHONPATH), or save the "
+                "model with torch.export.save (.pt2), which needs no code") from None
         except Exception as e:
             raise CpadgnError(f"{path} cannot be unpickled: {_first_line(e)}") from None
     if not isinstance(obj, torch.nn.Module):
@@ -437,32 +696,50 @@ def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
             else f"a {type(obj).__name__}, not a module"
         raise CpadgnError(f"{path} holds {what}; save the whole model instead, preferably "
                           "with torch.export.save (.pt2)")
-    try:
-        return _with_path(path, lambda: ops_to_net(module_to_ops(obj, _eager_kind)))
-    except _NeedsTrace as e:
-        # The code is trusted and loaded anyway: record its operations with torch.export.
-        return _trace_module(obj, path, e)
+    return module_net(obj, path)
 
 
-def _trace_module(module, path, why: CpadgnError) -> PiecewiseAffineNet:
-    """torch.export a live (trusted) module on a dummy batch and read its graph.
+def module_net(module, where, example_input=None) -> PiecewiseAffineNet:
+    """The canonical net of a live nn.Module: read layer by layer when it is an
+    nn.Sequential of known layers, else recorded with torch.export."""
+    torch = _torch()
+    kind_of = _scripted_kind if isinstance(module, torch.jit.ScriptModule) else _eager_kind
+    if example_input is None:
+        try:
+            return _with_path(where, lambda: module_to_net(module, kind_of))
+        except _NeedsTrace as e:
+            if kind_of is _scripted_kind:
+                raise CpadgnError(f"{where}: {e}") from None
+            why = e
+    else:
+        why = CpadgnError(f"{where}: traced with the example input")
+    return _trace_module(module, where, why, example_input)
 
-    The latent dimension is the input width of its first Linear (or BatchNorm1d) layer.
+
+def _trace_module(module, path, why: CpadgnError, example_input=None) -> PiecewiseAffineNet:
+    """torch.export a live module on a dummy batch (or example_input) and read its graph.
+
+    Without example_input the latent dimension is the input width of its first Linear.
     Any failure is reported together with ``why`` (the reason the layer table failed).
     """
     torch = _torch()
-    width = next((int(m.in_features) for m in module.modules() if isinstance(m, torch.nn.Linear)),
-                 None)
-    if width is None:
-        raise CpadgnError(f"{why} (and it has no Linear layer to tell the latent dimension)")
-    param = next(module.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    module = module.eval()
+    if example_input is None:
+        width = _first_linear_width(module)
+        if width is None:
+            raise CpadgnError(f"{why} (and it has no Linear layer to tell the latent dimension; "
+                              "pass example_input)")
+        param = next(module.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        example_input = torch.zeros(2, width, dtype=dtype)
+    was_training = module.training
+    module.eval()
     try:
         with _quiet():
-            ep = torch.export.export(module, (torch.zeros(2, width, dtype=dtype),))
+            ep = torch.export.export(module, (torch.as_tensor(example_input),))
     except Exception as e:
         raise CpadgnError(f"{why} (tracing it with torch.export failed: {_first_line(e)})") from None
+    finally:
+        module.train(was_training)
     return _ExportInterpreter(ep, path).run()
 
 
@@ -495,27 +772,6 @@ def _first_line(e: BaseException) -> str:
 
 
 # ================================================================ torch.export
-class _Data:
-    """A symbolic tensor of the forward pass: features = W @ h_base + b.
-
-    base counts the activations applied so far (h_0 = z); W (F, n_base), b (F,).
-    """
-
-    __slots__ = ("base", "W", "b", "identity", "scaled_from", "scale")
-
-    def __init__(self, base, W, b, identity=False, scaled_from=None, scale=None):
-        self.base, self.W, self.b, self.identity = base, W, b, identity
-        self.scaled_from, self.scale = scaled_from, scale
-
-    @property
-    def width(self) -> int:
-        return self.W.shape[0]
-
-    def same_as(self, other) -> bool:
-        return other is self or (isinstance(other, _Data) and other.base == self.base
-                                 and np.array_equal(other.W, self.W) and np.array_equal(other.b, self.b))
-
-
 class _Pred:
     """The boolean data > 0 (positive=True) or data < 0 (positive=False)."""
 
@@ -535,15 +791,322 @@ class _Opaque:
         self.why = why
 
 
+def _training_refused(it, what):
+    it.fail(f"{what} was exported in training mode; call model.eval() before torch.export.export")
+
+
+# ----------------------------------------------------------- aten op handlers
+# Each handler(it, *args, **kwargs) receives the op's arguments (symbolic _Data values
+# or constants) and returns its value; ``it`` is the running _ExportInterpreter.
+def _h_identity(it, x, *args, **kw):
+    return x
+
+
+def _h_to(it, x, *args, **kw):
+    torch = _torch()
+    dtype = kw.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+    if dtype is not None and not dtype.is_floating_point:
+        it.fail(f"converts the activations to {dtype}, which is not affine")
+    return x
+
+
+def _h_reshape(it, x, *args, **kw):
+    """view / reshape / flatten / unflatten / squeeze / ...: the flat features stay put."""
+    d = it.data(x)
+    src, dst = _meta_shape(it.node.args[0]), _meta_shape(it.node)
+    if src is None or dst is None:
+        it.fail("reshapes the activations to an unknown shape")
+    if not dst or str(dst[0]) != str(src[0]) or not all(isinstance(s, int) for s in dst[1:]):
+        it.fail(f"reshapes the activations from {tuple(src)} to {tuple(dst)}, mixing the batch "
+                "axis with the features; a generator must keep the batch as the first axis")
+    if int(np.prod(dst[1:])) != d.width:
+        it.fail(f"reshapes {d.width} features to {tuple(dst)}")
+    return _Data(d.W, d.b, dst[1:])
+
+
+def _h_linear(it, x, weight, bias=None):
+    d = it.data(x)
+    if len(d.shape) != 1:
+        return _h_dense(it, x, weight, bias)
+    W = it.const(weight, "weight")
+    if W.ndim != 2 or W.shape[1] != d.width:
+        it.fail(f"a linear map of shape {W.shape} applied to {d.width} features")
+    b = np.zeros(W.shape[0]) if bias is None else it.vec(bias, _Data(W, W[:, 0]), "bias")
+    return _Data(W @ d.W, W @ d.b + b)
+
+
+def _h_mm(it, x, weight_t):
+    d = it.data(x)
+    Wt = it.const(weight_t, "weight")
+    if len(d.shape) != 1 or Wt.ndim != 2 or Wt.shape[0] != d.width:
+        it.fail(f"a matrix product with a {Wt.shape} matrix applied to features of shape {d.shape}")
+    return _Data(Wt.T @ d.W, Wt.T @ d.b)
+
+
+def _h_addmm(it, bias, x, weight_t, *, beta=1, alpha=1):
+    out = _h_mm(it, x, weight_t)
+    return _Data(float(alpha) * out.W,
+                 float(alpha) * out.b + float(beta) * it.vec(bias, out, "bias"))
+
+
+def _bn(it, x, weight, bias, mean, var, eps):
+    d = it.data(x)
+    if mean is None or var is None:
+        it.fail("batch norm without running statistics (track_running_stats=False) "
+                "normalises with batch statistics, so it is not a fixed map of z")
+    C = d.shape[0]
+    mean, var = it.const(mean).reshape(-1), it.const(var).reshape(-1)
+    w = np.ones(C) if weight is None else it.const(weight).reshape(-1)
+    b = np.zeros(C) if bias is None else it.const(bias).reshape(-1)
+    if mean.size != C:
+        it.fail(f"batch norm with {mean.size} channels applied to features of shape {d.shape}")
+    s = w / np.sqrt(var + float(eps))
+    s, t = _channel(s, d.shape), _channel(b - s * mean, d.shape)
+    return _Data(s[:, None] * d.W, s * d.b + t, d.shape)
+
+
+def _h_batch_norm(it, x, weight, bias, mean, var, training, momentum, eps, *rest):
+    if training and mean is not None:
+        _training_refused(it, "batch norm")
+    return _bn(it, x, weight, bias, mean, var, eps)
+
+
+def _h_bn_no_training(it, x, weight, bias, mean, var, momentum, eps):
+    return _Tuple([_bn(it, x, weight, bias, mean, var, eps),
+                   _Opaque("batch-norm statistics"), _Opaque("batch-norm statistics")])
+
+
+def _h_native_bn(it, x, weight, bias, mean, var, training, momentum, eps):
+    return _Tuple([_h_batch_norm(it, x, weight, bias, mean, var, training, momentum, eps),
+                   _Opaque("batch-norm statistics"), _Opaque("batch-norm statistics")])
+
+
+def _h_dropout(it, x, p=0.5, train=False):
+    if train:
+        _training_refused(it, "dropout")
+    return it.data(x)
+
+
+def _h_native_dropout(it, x, p, train):
+    return _Tuple([_h_dropout(it, x, p, train), _Opaque("a dropout mask")])
+
+
+def _activation(slope_of, name):
+    def handler(it, x, *args):
+        d = it.data(x)
+        return it.activate(d, slope_of(it, d, *args), name)
+    return handler
+
+
+def _prelu_slope(it, d, weight):
+    w = it.const(weight, "PReLU weight").reshape(-1)
+    return w if w.size == 1 else _channel(w, d.shape)
+
+
+def _h_clamp_min(it, x, min_value):
+    if float(min_value) != 0.0:
+        it.fail(f"clamp_min({min_value}) is only supported at 0 (a ReLU)")
+    return it.activate(it.data(x), 0.0, "relu")
+
+
+def _h_clamp(it, x, min=None, max=None):
+    if max is not None or min is None or float(min) != 0.0:
+        it.fail("clamp with an upper bound has two breakpoints, not supported yet")
+    return it.activate(it.data(x), 0.0, "relu")
+
+
+def _compare(positive):
+    def handler(it, x, other):
+        d = it.data(x)
+        if np.any(it.const(other, "threshold") != 0):
+            it.fail("a comparison against a non-zero threshold is not supported")
+        return _Pred(d, positive)
+    return handler
+
+
+def _h_where(it, cond, a, b):
+    """where(u > 0, u, c * u) and friends: a one-breakpoint activation."""
+    if not isinstance(cond, _Pred):
+        it.fail("a data-dependent selection (where) other than an activation")
+    pos, neg = (a, b) if cond.positive else (b, a)
+    d = cond.data
+    if not (isinstance(pos, _Data) and d.same_as(pos)):
+        it.fail("a data-dependent selection (where) other than an activation")
+    if isinstance(neg, _Data) and neg.scaled_from is not None and d.same_as(neg.scaled_from):
+        slope = neg.scale
+    elif not isinstance(neg, _Data) and np.all(it.const(neg) == 0):
+        slope = 0.0
+    else:
+        it.fail("a data-dependent selection (where) other than an activation")
+    return it.activate(d, slope, "prelu")
+
+
+def _add(it, x, y, alpha):
+    """x + alpha * y; two branches of the network simply add their affine maps."""
+    if isinstance(x, _Data) and isinstance(y, _Data):
+        if x.width != y.width:
+            return _h_dense_fn(it, lambda a, b: a + alpha * b, [x, y])
+        return _Data(x.W + alpha * y.W, x.b + alpha * y.b, x.shape)
+    if isinstance(x, _Data):
+        return _Data(x.W, x.b + alpha * it.vec(y, x, "added constant"), x.shape)
+    if isinstance(y, _Data):   # c + alpha * y
+        return _Data(alpha * y.W, alpha * y.b + it.vec(x, y, "added constant"), y.shape)
+    it.fail("an addition without the activations")  # pragma: no cover - folded
+
+
+def _h_add(it, x, y, *, alpha=1):
+    return _add(it, x, y, float(alpha))
+
+
+def _h_sub(it, x, y, *, alpha=1):
+    return _add(it, x, y, -float(alpha))
+
+
+def _h_rsub(it, x, y, *, alpha=1):   # y - alpha * x
+    return _add(it, _h_mul(it, x, -float(alpha)), y, 1.0)
+
+
+def _scaled(d: _Data, s: np.ndarray) -> _Data:
+    return _Data(s[:, None] * d.W, s * d.b, d.shape, scaled_from=d, scale=s)
+
+
+def _h_mul(it, x, y):
+    if isinstance(x, _Data) and isinstance(y, _Data):
+        it.fail("multiplies activations together, which is not piecewise affine")
+    d, c = (x, y) if isinstance(x, _Data) else (y, x)
+    d = it.data(d)
+    return _scaled(d, it.vec(c, d, "factor"))
+
+
+def _h_div(it, x, y, **kw):
+    if kw.get("rounding_mode") is not None:
+        it.fail("a rounding division is not affine")
+    if not isinstance(x, _Data) or isinstance(y, _Data):
+        it.fail("divides by the activations, which is not piecewise affine")
+    return _scaled(x, 1.0 / it.vec(y, x, "divisor"))
+
+
+def _h_neg(it, x):
+    d = it.data(x)
+    return _scaled(d, -np.ones(d.width))
+
+
+def _h_getitem(it, x, i):
+    if isinstance(x, _Tuple):
+        return x.items[i]
+    it.fail("indexes into the activations; only whole-tensor layers are supported")
+
+
+def _h_dense_fn(it, fn, inputs):
+    return it.builder.dense(lambda xs: fn(*xs), inputs, it.where())
+
+
+def _h_dense(it, *args, **kwargs):
+    """Any op affine in its activation arguments (convolutions, upsampling, average
+    pooling, padding, permute, cat, ...): its dense map from its own forward pass."""
+    torch = _torch()
+    target, symbolic = it.node.target, []
+
+    def mark(v):
+        if isinstance(v, _Data):
+            symbolic.append(v)
+            return ("__sym__", len(symbolic) - 1)
+        if isinstance(v, _Opaque):
+            it.fail(f"uses {v.why}, which cpadgn does not model")
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.double()
+        if isinstance(v, (list, tuple)):
+            return type(v)(mark(a) for a in v)
+        return v
+
+    margs, mkw = mark(list(args)), {k: mark(v) for k, v in kwargs.items()}
+
+    def fill(v, xs):
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "__sym__":
+            return xs[v[1]]
+        if isinstance(v, (list, tuple)):
+            return type(v)(fill(a, xs) for a in v)
+        return v
+
+    def fn(xs):
+        return target(*fill(margs, xs), **{k: fill(v, xs) for k, v in mkw.items()})
+
+    out = it.builder.dense(fn, symbolic, it.where())
+    dst = _meta_shape(it.node)
+    if dst is not None and all(isinstance(s, int) for s in dst[1:]) and tuple(dst[1:]) != out.shape:
+        it.fail(f"gives per-sample shape {out.shape} on the batch but {tuple(dst[1:])} in the "
+                "export; it mixes the samples of a batch")
+    return out
+
+
+def _h_max_pool(it, x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False):
+    d = it.data(x)
+    windows, out_shape = _max_windows(d.shape, kernel, stride, padding, dilation, bool(ceil_mode))
+    return _max_pool(lambda pre, keep: it.activate(pre, 0.0, "relu", keep), d, windows, out_shape)
+
+
+def _h_max_pool_indices(it, *args):
+    return _Tuple([_h_max_pool(it, *args), _Opaque("max-pool indices")])
+
+
+_RESHAPES = ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+             "expand", "view_copy", "_reshape_alias")
+_AFFINE_OPS = ("convolution", "_convolution", "conv1d", "conv2d", "conv_transpose1d",
+               "conv_transpose2d", "upsample_nearest1d", "upsample_nearest2d",
+               "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "upsample_bilinear2d",
+               "_upsample_bilinear2d_aa", "upsample_linear1d", "avg_pool1d", "avg_pool2d",
+               "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
+               "constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d",
+               "replication_pad1d", "replication_pad2d", "permute", "transpose", "cat", "stack",
+               "slice", "narrow", "select", "pixel_shuffle", "pixel_unshuffle", "mean", "sum",
+               "repeat", "flip", "roll")
+
+#: aten op name -> handler(interpreter, *args, **kwargs)
+EXPORT_HANDLERS: dict[str, Callable] = {
+    "linear": _h_linear, "mm": _h_mm, "matmul": _h_mm, "addmm": _h_addmm,
+    "batch_norm": _h_batch_norm, "_native_batch_norm_legit_no_training": _h_bn_no_training,
+    "native_batch_norm": _h_native_bn,
+    "dropout": _h_dropout, "feature_dropout": _h_dropout, "alpha_dropout": _h_dropout,
+    "native_dropout": _h_native_dropout,
+    "relu": _activation(lambda it, d: 0.0, "relu"),
+    "leaky_relu": _activation(lambda it, d, slope=0.01: float(slope), "leaky_relu"),
+    "prelu": _activation(_prelu_slope, "prelu"), "_prelu_kernel": _activation(_prelu_slope, "prelu"),
+    "abs": _activation(lambda it, d: -1.0, "abs"),
+    "clamp_min": _h_clamp_min, "clamp": _h_clamp,
+    "gt": _compare(True), "ge": _compare(True), "lt": _compare(False), "le": _compare(False),
+    "where": _h_where,
+    "add": _h_add, "sub": _h_sub, "rsub": _h_rsub, "mul": _h_mul, "div": _h_div, "neg": _h_neg,
+    "clone": _h_identity, "alias": _h_identity, "detach": _h_identity,
+    "contiguous": _h_identity, "lift_fresh_copy": _h_identity,
+    "_to_copy": _h_to, "to": _h_to, "getitem": _h_getitem,
+    "max_pool1d": _h_max_pool, "max_pool2d": _h_max_pool,
+    "max_pool1d_with_indices": _h_max_pool_indices, "max_pool2d_with_indices": _h_max_pool_indices,
+    **{name: _h_reshape for name in _RESHAPES},
+    **{name: _h_dense for name in _AFFINE_OPS},
+}
+NOT_CPA = {"tanh", "sigmoid", "gelu", "softplus", "elu", "selu", "celu", "silu", "mish",
+           "exp", "log", "pow", "sqrt", "rsqrt", "sin", "cos", "softmax", "_softmax",
+           "log_softmax", "_log_softmax", "hardsigmoid", "hardswish", "log_sigmoid_forward",
+           "erf", "logit", "reciprocal"}
+NOT_YET = {"hardtanh": "has two breakpoints", "relu6": "has two breakpoints",
+           "conv3d": "3-D convolutions are not supported yet",
+           "max_pool3d": "3-D max pooling is not supported yet"}
+SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
+        "_assert_async", "sym_constrain_range"}
+
+
 class _ExportInterpreter:
-    """Walk the graph of an ExportedProgram symbolically and collect operations."""
+    """Walk the graph of an ExportedProgram symbolically; each aten op is one handler
+    in EXPORT_HANDLERS.  A value still needed after a hidden layer (a skip connection)
+    is carried through that layer by slope-1 units."""
 
     def __init__(self, ep, path):
         self.ep, self.path = ep, path
-        self.ops: list = []
-        self.base = 0
-        self.latent_dim = None
+        self.builder = None
         self.node = None
+        self.values: dict = {}
+        self.last_use: dict = {}
+        self.pos = 0
 
     # ------------------------------------------------------------- helpers
     def where(self) -> str:
@@ -566,18 +1129,18 @@ class _ExportInterpreter:
             return np.asarray(float(v))
         self.fail(f"expected a constant {what}, got {type(v).__name__}")
 
-    def vec(self, v, width, what) -> np.ndarray:
-        """A constant broadcast along the feature axis: (), (F,), (1, F), (1, 1) ... -> (F,)."""
+    def vec(self, v, d: _Data, what) -> np.ndarray:
+        """A constant broadcast to the per-sample shape of d, flattened: (F,)."""
         a = self.const(v, what)
-        if a.ndim and any(d != 1 for d in a.shape[:-1]):
-            self.fail(f"the {what} has shape {a.shape}, which varies along the batch; "
-                      "only per-feature constants are supported")
-        a = a.reshape(-1) if a.ndim else a
-        if a.ndim == 0 or a.size == 1:
-            return np.full(width, float(a.reshape(-1)[0]))
-        if a.size != width:
-            self.fail(f"the {what} has {a.size} entries for {width} features")
-        return a
+        if a.ndim > len(d.shape):
+            if any(s != 1 for s in a.shape[:a.ndim - len(d.shape)]):
+                self.fail(f"the {what} has shape {a.shape}, which varies along the batch; "
+                          "only per-feature constants are supported")
+            a = a.reshape(a.shape[a.ndim - len(d.shape):])
+        try:
+            return np.broadcast_to(a, d.shape).reshape(-1).copy()
+        except ValueError:
+            self.fail(f"the {what} has shape {a.shape} for features of shape {d.shape}")
 
     def data(self, v) -> _Data:
         if isinstance(v, _Opaque):
@@ -586,255 +1149,27 @@ class _ExportInterpreter:
             self.fail("expected the network's activations here")
         return v
 
-    def affine(self, d: _Data, W=None, b=None, s=None, scaled=False) -> _Data:
-        """New data value: (W or diag(s)) @ d + b, on the same base."""
-        if W is not None:
-            W_new, b_new = W @ d.W, W @ d.b
-        elif s is not None:
-            W_new, b_new = s[:, None] * d.W, s * d.b
-        else:
-            W_new, b_new = d.W, d.b
-        if b is not None:
-            b_new = b_new + b
-        return _Data(d.base, W_new, b_new, identity=False,
-                     scaled_from=d if scaled else None, scale=s if scaled else None)
-
-    def activate(self, d: _Data, slope, name) -> _Data:
-        if d.base != self.base:
-            self.fail("the network branches (a skip or residual connection); only chains "
-                      "of layers are supported")
-        if not d.identity:
-            self.ops.append(Affine(d.W, d.b, self.where()))
-        self.ops.append(Activation(np.broadcast_to(np.asarray(slope, np.float64), (d.width,)).copy(),
-                                   name, self.where()))
-        self.base += 1
-        return _Data(self.base, np.eye(d.width), np.zeros(d.width), identity=True)
-
-    # ---------------------------------------------------------- op handlers
-    def op_identity(self, x, *args, **kw):
-        return x
-
-    def op_to(self, x, *args, **kw):
-        torch = _torch()
-        dtype = kw.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
-        if dtype is not None and not dtype.is_floating_point:
-            self.fail(f"converts the activations to {dtype}, which is not affine")
-        return x
-
-    def op_shape(self, x, *args, **kw):
-        node = self.node
-        d = self.data(x)
-        src, dst = _meta_shape(node.args[0]), _meta_shape(node)
-        if src is not None and dst is not None and [str(s) for s in src] != [str(s) for s in dst]:
-            self.fail(f"reshapes the activations from {tuple(src)} to {tuple(dst)}; cpadgn "
-                      "supports generators on flat (N, F) vectors only, yet")
-        return d
-
-    def op_linear(self, x, weight, bias=None):
-        d = self.data(x)
-        W = self.const(weight, "weight")
-        if W.ndim != 2 or W.shape[1] != d.width:
-            self.fail(f"a linear map of shape {W.shape} applied to {d.width} features")
-        return self.affine(d, W=W, b=None if bias is None else self.vec(bias, W.shape[0], "bias"))
-
-    def op_mm(self, x, weight_t):
-        d = self.data(x)
-        Wt = self.const(weight_t, "weight")
-        if Wt.ndim != 2 or Wt.shape[0] != d.width:
-            self.fail(f"a matrix product with a {Wt.shape} matrix applied to {d.width} features")
-        return self.affine(d, W=Wt.T)
-
-    def op_addmm(self, bias, x, weight_t, *, beta=1, alpha=1):
-        out = self.op_mm(x, weight_t)
-        W = float(alpha) * out.W
-        b = float(alpha) * out.b + float(beta) * self.vec(bias, out.width, "bias")
-        return _Data(out.base, W, b)
-
-    def op_batch_norm(self, x, weight, bias, mean, var, training, momentum, eps, *rest):
-        if mean is None or var is None:
-            self.fail("batch norm without running statistics (track_running_stats=False) "
-                      "normalises with batch statistics, so it is not a fixed map of z")
-        if training:
-            self.fail("batch norm was exported in training mode; call model.eval() before "
-                      "torch.export.export")
-        return self._bn(x, weight, bias, mean, var, eps)
-
-    def op_bn_no_training(self, x, weight, bias, mean, var, momentum, eps):
-        return _Tuple([self._bn(x, weight, bias, mean, var, eps),
-                       _Opaque("batch-norm statistics"), _Opaque("batch-norm statistics")])
-
-    def op_native_bn(self, x, weight, bias, mean, var, training, momentum, eps):
-        if mean is None or var is None:
-            return self.op_batch_norm(x, weight, bias, mean, var, training, momentum, eps)
-        if training:
-            self.fail("batch norm was exported in training mode; call model.eval() before "
-                      "torch.export.export")
-        return _Tuple([self._bn(x, weight, bias, mean, var, eps),
-                       _Opaque("batch-norm statistics"), _Opaque("batch-norm statistics")])
-
-    def _bn(self, x, weight, bias, mean, var, eps):
-        d = self.data(x)
-        if mean is None or var is None:
-            self.fail("batch norm without running statistics normalises with batch statistics")
-        mean, var = self.vec(mean, d.width, "running mean"), self.vec(var, d.width, "running var")
-        w = np.ones(d.width) if weight is None else self.vec(weight, d.width, "weight")
-        b = np.zeros(d.width) if bias is None else self.vec(bias, d.width, "bias")
-        s = w / np.sqrt(var + float(eps))
-        return self.affine(d, s=s, b=b - s * mean)
-
-    def op_dropout(self, x, p=0.5, train=False):
-        if train:
-            self.fail("dropout was exported in training mode; call model.eval() before "
-                      "torch.export.export")
-        return self.data(x)
-
-    def op_native_dropout(self, x, p, train):
-        if train:
-            self.fail("dropout was exported in training mode; call model.eval() before "
-                      "torch.export.export")
-        return _Tuple([self.data(x), _Opaque("a dropout mask")])
-
-    def op_relu(self, x):
-        return self.activate(self.data(x), 0.0, "relu")
-
-    def op_leaky_relu(self, x, negative_slope=0.01):
-        return self.activate(self.data(x), float(negative_slope), "leaky_relu")
-
-    def op_prelu(self, x, weight):
-        d = self.data(x)
-        return self.activate(d, self.vec(weight, d.width, "PReLU weight"), "prelu")
-
-    def op_abs(self, x):
-        return self.activate(self.data(x), -1.0, "abs")
-
-    def op_clamp_min(self, x, min_value):
-        if float(min_value) != 0.0:
-            self.fail(f"clamp_min({min_value}) is only supported at 0 (a ReLU)")
-        return self.op_relu(x)
-
-    def op_clamp(self, x, min=None, max=None):
-        if max is not None or min is None or float(min) != 0.0:
-            self.fail("clamp with an upper bound has two breakpoints, not supported yet")
-        return self.op_relu(x)
-
-    def op_gt(self, x, other):
-        return self._compare(x, other, positive=True)
-
-    def op_lt(self, x, other):
-        return self._compare(x, other, positive=False)
-
-    def _compare(self, x, other, positive):
-        d = self.data(x)
-        if np.any(self.const(other, "threshold") != 0):
-            self.fail("a comparison against a non-zero threshold is not supported")
-        return _Pred(d, positive)
-
-    def op_where(self, cond, a, b):
-        """where(u > 0, u, c * u) and friends: a one-breakpoint activation."""
-        if not isinstance(cond, _Pred):
-            self.fail("a data-dependent selection (where) other than an activation")
-        pos, neg = (a, b) if cond.positive else (b, a)
-        d = cond.data
-        if not (isinstance(pos, _Data) and d.same_as(pos)):
-            self.fail("a data-dependent selection (where) other than an activation")
-        if isinstance(neg, _Data) and neg.scaled_from is not None and d.same_as(neg.scaled_from):
-            slope = neg.scale
-        elif not isinstance(neg, _Data) and np.all(self.const(neg) == 0):
-            slope = 0.0
-        else:
-            self.fail("a data-dependent selection (where) other than an activation")
-        return self.activate(d, slope, "prelu")
-
-    def op_add(self, x, y, *, alpha=1):
-        return self._add(x, y, float(alpha))
-
-    def op_sub(self, x, y, *, alpha=1):
-        return self._add(x, y, -float(alpha))
-
-    def op_rsub(self, x, y, *, alpha=1):   # y - alpha * x
-        return self._add(self.op_mul(x, -float(alpha)), y, 1.0)
-
-    def _add(self, x, y, alpha):
-        if isinstance(x, _Data) and isinstance(y, _Data):
-            if x.base != y.base:
-                self.fail("adds activations of different layers (a skip or residual connection); "
-                          "only chains of layers are supported")
-            return _Data(x.base, x.W + alpha * y.W, x.b + alpha * y.b)
-        if isinstance(x, _Data):
-            return self.affine(x, b=alpha * self.vec(y, x.width, "added constant"))
-        if isinstance(y, _Data):   # c + alpha * y
-            return self.affine(y, s=np.full(y.width, alpha), b=self.vec(x, y.width, "added constant"))
-        self.fail("an addition without the activations")  # pragma: no cover - folded
-
-    def op_mul(self, x, y):
-        if isinstance(x, _Data) and isinstance(y, _Data):
-            self.fail("multiplies activations together, which is not piecewise affine")
-        d, c = (x, y) if isinstance(x, _Data) else (y, x)
-        d = self.data(d)
-        return self.affine(d, s=self.vec(c, d.width, "factor"), scaled=True)
-
-    def op_div(self, x, y, **kw):
-        if kw.get("rounding_mode") is not None:
-            self.fail("a rounding division is not affine")
-        if not isinstance(x, _Data) or isinstance(y, _Data):
-            self.fail("divides by the activations, which is not piecewise affine")
-        return self.affine(x, s=1.0 / self.vec(y, x.width, "divisor"), scaled=True)
-
-    def op_neg(self, x):
-        d = self.data(x)
-        return self.affine(d, s=-np.ones(d.width), scaled=True)
-
-    def op_getitem(self, x, i):
-        if isinstance(x, _Tuple):
-            return x.items[i]
-        self.fail("indexes into the activations; only whole-vector layers are supported")
-
-    HANDLERS = {
-        "linear": "op_linear", "mm": "op_mm", "matmul": "op_mm", "addmm": "op_addmm",
-        "batch_norm": "op_batch_norm",
-        "_native_batch_norm_legit_no_training": "op_bn_no_training",
-        "native_batch_norm": "op_native_bn",
-        "dropout": "op_dropout", "feature_dropout": "op_dropout", "alpha_dropout": "op_dropout",
-        "native_dropout": "op_native_dropout",
-        "relu": "op_relu", "leaky_relu": "op_leaky_relu", "prelu": "op_prelu",
-        "_prelu_kernel": "op_prelu", "abs": "op_abs", "clamp_min": "op_clamp_min",
-        "clamp": "op_clamp",
-        "gt": "op_gt", "ge": "op_gt", "lt": "op_lt", "le": "op_lt", "where": "op_where",
-        "add": "op_add", "sub": "op_sub", "rsub": "op_rsub", "mul": "op_mul", "div": "op_div",
-        "neg": "op_neg",
-        "clone": "op_identity", "alias": "op_identity", "detach": "op_identity",
-        "contiguous": "op_identity", "lift_fresh_copy": "op_identity",
-        "_to_copy": "op_to", "to": "op_to",
-        "view": "op_shape", "reshape": "op_shape", "_unsafe_view": "op_shape",
-        "flatten": "op_shape", "unflatten": "op_shape", "squeeze": "op_shape",
-        "unsqueeze": "op_shape", "expand": "op_shape",
-    }
-    NOT_CPA = {"tanh", "sigmoid", "gelu", "softplus", "elu", "selu", "celu", "silu", "mish",
-               "exp", "log", "pow", "sqrt", "rsqrt", "sin", "cos", "softmax", "_softmax",
-               "log_softmax", "_log_softmax", "hardsigmoid", "hardswish", "log_sigmoid_forward",
-               "erf", "logit", "tanh_", "sigmoid_", "reciprocal"}
-    NOT_YET = {"hardtanh": "has two breakpoints", "relu6": "has two breakpoints",
-               "convolution": "convolutions are not supported yet",
-               "conv1d": "convolutions are not supported yet",
-               "conv2d": "convolutions are not supported yet",
-               "conv_transpose1d": "convolutions are not supported yet",
-               "conv_transpose2d": "convolutions are not supported yet",
-               "max_pool2d": "max pooling is not supported yet",
-               "max_pool2d_with_indices": "max pooling is not supported yet",
-               "max_pool1d": "max pooling is not supported yet",
-               "cat": "concatenation is not supported yet"}
-    SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
-            "_assert_async", "sym_constrain_range"}
+    def activate(self, d: _Data, slope, name, keep=()):
+        """A hidden layer act(d); every value used later rides along (slope 1)."""
+        live = [n for n, v in self.values.items()
+                if isinstance(v, _Data) and self.last_use.get(n, -1) > self.pos]
+        act, carried = self.builder.activate(d, slope, name, self.where(),
+                                             [*keep, *(self.values[n] for n in live)])
+        for n, v in zip(live, carried[len(keep):]):
+            self.values[n] = v
+        return (act, carried[:len(keep)]) if keep else act
 
     # ------------------------------------------------------------------ run
     def run(self) -> PiecewiseAffineNet:
         torch = _torch()
         ep, sig = self.ep, self.ep.graph_signature
         from torch.export.graph_signature import InputKind
-        values = {}
-        user_inputs = []
+        nodes = list(ep.graph.nodes)
+        order = {n: i for i, n in enumerate(nodes)}
+        self.last_use = {n: max((order[u] for u in n.users), default=-1) for n in nodes}
+        values, user_inputs = self.values, []
         specs = {spec.arg.name: spec for spec in sig.input_specs if hasattr(spec.arg, "name")}
-        for node in ep.graph.nodes:
+        for self.pos, node in enumerate(nodes):
             self.node = node
             if node.op == "placeholder":
                 spec = specs.get(node.name)
@@ -863,9 +1198,8 @@ class _ExportInterpreter:
         if shape is None or len(shape) not in (1, 2) or not isinstance(shape[-1], int):
             self.fail(f"the input has shape {tuple(shape) if shape is not None else '?'}; a "
                       "generator must take latent vectors of shape (N, S)")
-        S = int(shape[-1])
-        self.latent_dim = S
-        return _Data(0, np.eye(S), np.zeros(S), identity=True)
+        self.builder = _Builder(int(shape[-1]), self.fail)
+        return self.builder.input()
 
     def _param(self, target):
         ep = self.ep
@@ -884,7 +1218,7 @@ class _ExportInterpreter:
         flat = [y for x in flat for y in (x if isinstance(x, (list, tuple)) else [x])]
         symbolic = any(isinstance(x, (_Data, _Pred, _Tuple)) for x in flat)
         name = _op_name(target)
-        if name in self.SKIP:
+        if name in SKIP:
             return None
         if name in ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset"):
             return _Opaque("the batch size")
@@ -894,20 +1228,31 @@ class _ExportInterpreter:
             return _Opaque(f"the result of {_full_op_name(target)}")
         if not symbolic:
             return self._fold(node, target, args, kwargs, name)
-        if target is operator.getitem:
-            return self.op_getitem(*args)
-        if name in self.HANDLERS:
+        handler = EXPORT_HANDLERS.get(name)
+        if handler is not None:
             try:
-                return getattr(self, self.HANDLERS[name])(*args, **kwargs)
+                return handler(self, *args, **kwargs)
             except TypeError as e:
                 self.fail(f"operation aten.{name} called with unexpected arguments ({e})")
-        if name in self.NOT_CPA or name.rstrip("_") in self.NOT_CPA:
+        if name in NOT_CPA or name.rstrip("_") in NOT_CPA:
+            if name.rstrip("_") in ("sigmoid", "tanh") and self._feeds_output(node):
+                self.fail(f"the output goes through aten.{name}; "
+                          + SQUASHING_OUTPUT.format(kind=name.rstrip("_").capitalize()))
             self.fail(f"operation aten.{name} is not piecewise affine; cpadgn needs ReLU, "
                       "LeakyReLU, PReLU or abs activations between affine layers")
-        if name in self.NOT_YET:
-            self.fail(f"operation aten.{name} is not supported yet ({self.NOT_YET[name]})")
+        if name in NOT_YET:
+            self.fail(f"operation aten.{name} is not supported yet ({NOT_YET[name]})")
         self.fail(f"operation {_full_op_name(target)} is not supported "
                   "(not known to be piecewise affine)")
+
+    @staticmethod
+    def _feeds_output(node) -> bool:
+        """node reaches the graph output through reshapes only."""
+        users = list(node.users)
+        while len(users) == 1 and users[0].op == "call_function" and \
+                _op_name(users[0].target) in (*_RESHAPES, "clone", "contiguous"):
+            users = list(users[0].users)
+        return len(users) == 1 and users[0].op == "output"
 
     def _fold(self, node, target, args, kwargs, name):
         """Evaluate an operation on constants only (weight transposes, reshapes, ...)."""
@@ -934,13 +1279,8 @@ class _ExportInterpreter:
         v = values[chosen[0]]
         if not isinstance(v, _Data):
             self.fail("the output does not depend on the input z")
-        if v.base != self.base:
-            self.fail("the network branches (a skip or residual connection); only chains of "
-                      "layers are supported")
-        if not v.identity or not self.ops:
-            self.ops.append(Affine(v.W, v.b, "the output layer"))
         self.node = None
-        return ops_to_net(self.ops, self.latent_dim)
+        return self.builder.finish(v)
 
 
 def _meta_shape(node):

@@ -222,14 +222,19 @@ def _check_noise(noise_std, D: int) -> np.ndarray:
     return s
 
 
-def load(path, noise_std=None, *, cache=None, trust_pickle: bool = False, device=None) -> CPAModel:
+def load(path, noise_std=None, *, cache=None, trust_pickle: bool = False, device=None,
+         example_input=None) -> CPAModel:
     """Load a generator (cpadgn .h5 model, torch.export .pt2, TorchScript, or a trusted
-    pickle) as a CPAModel.  The partition cache defaults to ``<path>.partition.h5``;
-    ``cache=False`` disables it.  ``noise_std`` overrides the file's noise."""
+    pickle; or a live torch nn.Module / ExportedProgram) as a CPAModel.  The partition
+    cache defaults to ``<path>.partition.h5`` for files and to none for live modules;
+    ``cache=False`` disables it.  ``noise_std`` overrides the file's noise.
+    ``example_input`` (N, S): how to record a module that is not an nn.Sequential."""
     from .cache import cache_path_for
     from .loading import load_generator
-    gen = load_generator(path, trust_pickle=trust_pickle)
-    cache_path = None if cache is False else (cache_path_for(path) if cache is None else cache)
+    gen = load_generator(path, trust_pickle=trust_pickle, example_input=example_input)
+    is_file = isinstance(path, (str, Path))
+    cache_path = None if cache is False or (cache is None and not is_file) else \
+        (cache_path_for(path) if cache is None else cache)
     model = CPAModel(gen.net, prior_mean=gen.prior_mean, prior_cov=gen.prior_cov,
                      noise_std=noise_std if noise_std is not None else gen.noise_std,
                      device=device, cache_path=cache_path)

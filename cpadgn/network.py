@@ -8,6 +8,9 @@ weights, absolute value -1).  The K hidden units are numbered layer by layer.  A
 pattern q in {0,1}^K (1 where u_k >= 0) names a linear region; inside it every u_k and
 g itself are affine in z.
 
+A unit with slope 1 is linear (it carries a skip connection through a layer): it has
+no breakpoint, so its pattern bit is always 1 and it never bounds a region.
+
 The latent prior is always N(0, I) here: a general prior N(mu, L L^T) is folded into
 the first layer (see ``fold_prior``).
 """
@@ -101,9 +104,15 @@ class PiecewiseAffineNet:
             h = np.where(u >= 0, u, a * u)
         return np.concatenate(out, axis=1) if out else np.zeros((h.shape[0], 0))
 
+    @property
+    def linear_units(self) -> np.ndarray:
+        """(K,) bool: units with slope 1, which have no breakpoint."""
+        return np.concatenate([a == 1.0 for a in self.slopes]) if self.slopes else np.zeros(0, bool)
+
     def patterns(self, z: np.ndarray) -> np.ndarray:
-        """Sign patterns (N, K) bool, True where the pre-activation is >= 0."""
-        return self.preactivations(z) >= 0
+        """Sign patterns (N, K) bool, True where the pre-activation is >= 0 (always True
+        for slope-1 units)."""
+        return (self.preactivations(z) >= 0) | self.linear_units
 
     # ------------------------------------------------------- region algebra
     def _slope_masks(self, patterns: np.ndarray):
@@ -143,7 +152,7 @@ class PiecewiseAffineNet:
             return np.zeros((R, 0, self.latent_dim)), np.zeros((R, 0))
         G = np.concatenate([g for g, _ in pre], axis=1)
         c = np.concatenate([cu for _, cu in pre], axis=1)
-        sign = np.where(np.asarray(patterns, dtype=bool), -1.0, 1.0)
+        sign = np.where(np.asarray(patterns, dtype=bool), -1.0, 1.0) * ~self.linear_units  # 0 <= 0
         return sign[:, :, None] * G, -sign * c
 
     def region_maps(self, patterns: np.ndarray):

@@ -213,7 +213,7 @@ def _region_constraints(net: PiecewiseAffineNet, patterns: np.ndarray):
     parts = list(_layer_affine(net, patterns))
     G = np.concatenate([g for g, _ in parts], axis=0).transpose(1, 0, 2)
     cu = np.concatenate([c for _, c in parts], axis=0).T
-    sign = np.where(patterns, -1.0, 1.0)
+    sign = np.where(patterns, -1.0, 1.0) * ~net.linear_units          # slope 1: 0 <= 0
     return sign[:, :, None] * G, -sign * cu
 
 
@@ -378,10 +378,10 @@ def _unit_classes(net, rtol=1e-13):
     dup_of = -np.ones(K, np.int64)
     dup_flip = np.zeros(K, bool)
     off = 0
-    for W, b in zip(net.weights[:-1], net.biases[:-1]):
+    for W, b, alpha in zip(net.weights[:-1], net.biases[:-1], net.slopes):
         n = W.shape[0]
-        dead = ~W.any(axis=1)
-        dead_sign[off:off + n] = b >= 0
+        dead = ~W.any(axis=1) | (alpha == 1.0)      # slope 1: linear, no hyperplane
+        dead_sign[off:off + n] = (b >= 0) | (alpha == 1.0)
         active[off:off + n] &= ~dead
         rows = np.concatenate([W, b[:, None]], axis=1)
         live = np.flatnonzero(~dead)
@@ -449,7 +449,7 @@ def _intervals(net, max_regions, progress, t0) -> Partition:
         hi = np.concatenate([bps, [np.inf]])
         with np.errstate(divide="ignore", invalid="ignore"):
             r = -Uc / Ua
-        inside = (Ua != 0) & np.isfinite(r) & (r > lo[:, None]) & (r < hi[:, None])
+        inside = (Ua != 0) & np.isfinite(r) & (r > lo[:, None]) & (r < hi[:, None]) & (alpha != 1.0)
         ii, kk = np.nonzero(inside)
         roots, units = r[ii, kk], kk + off
         order = np.lexsort((units, roots))
@@ -474,7 +474,7 @@ def _intervals(net, max_regions, progress, t0) -> Partition:
         with np.errstate(divide="ignore", invalid="ignore"):
             rr = -cc / a
         right = rr <= lo[:, None]                           # the interval lies right of the root
-        q = np.where(a == 0, cc >= 0, np.where(right, a > 0, a < 0))
+        q = np.where(a == 0, cc >= 0, np.where(right, a > 0, a < 0)) | (alpha == 1.0)
         slope = np.where(q, 1.0, alpha)
         M, c = slope * a, slope * cc
         pats = np.concatenate([pats[parent], q], axis=1)

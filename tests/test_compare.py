@@ -393,3 +393,50 @@ def test_rows_with_nothing_observed_are_left_out_with_a_note(setup):
         np.testing.assert_array_equal(res.log_likelihoods[name], ref.log_likelihoods[name])
     with pytest.raises(CpadgnError, match="0 row"):
         cpadgn.compare({"A": A}, np.full((5, 3), np.nan))
+
+
+def test_cli_noise_once_per_model_matches_score_with_each(files):
+    """--noise-std once per model: each model's mean is `cpadgn score`'s with that noise."""
+    import csv as _csv
+    from cli.main import main
+    d = files
+    noises = {"a.h5": 0.5, "b.h5": 0.2}
+    r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu", "--json",
+             "--noise-std", noises["a.h5"], "--noise-std", noises["b.h5"]])
+    assert r.exit_code == 0, r.output
+    from pathlib import Path
+    got = {Path(m["name"]).name: m["mean_log_likelihood"] for m in json.loads(r.stdout)["models"]}
+    for name, s in noises.items():
+        out = d / f"score-{name}.csv"
+        rs = CliRunner().invoke(main, ["score", str(d / name), str(d / "test.csv"), "-o", str(out),
+                                       "--noise-std", str(s), "--device", "cpu", "-q"])
+        assert rs.exit_code == 0, rs.output
+        with open(out) as f:
+            ll = [float(row["log_likelihood"]) for row in _csv.DictReader(f)]
+        # the same exact sums, averaged in another order: a few eps of |log p| ~ 10
+        assert abs(got[name] - np.mean(ll)) < 1e-10
+    r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu",
+             "--noise-std", 0.5, "--noise-std", 0.2, "--noise-std", 0.1])
+    assert r.exit_code == 1 and "given 3 times for 2 models" in r.output
+    r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu",
+             "--noise-std", 0.5, "--noise-std", "auto"])
+    assert r.exit_code == 1 and "pass --train" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_noise_auto_fits_on_train_per_model(files):
+    d = files
+    r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--train", d / "train.csv",
+             "--device", "cpu", "--json", "--noise-std", "auto", "--noise-std", 0.3])
+    assert r.exit_code == 0, r.output
+    from pathlib import Path
+    got = {Path(m["name"]).name: m["mean_log_likelihood"] for m in json.loads(r.stdout)["models"]}
+    from cpadgn.data import read_data
+    from cpadgn.model import load
+    X_train, X_test = read_data(d / "train.csv"), read_data(d / "test.csv")
+    a = load(d / "a.h5", device="cpu")
+    sigma = a.fit_noise_std(X_train)
+    # the fit is a maximum: the exact training log-likelihood is lower 1% either side
+    ll = lambda s: a.with_noise_std(s).log_prob(X_train).sum()
+    assert ll(sigma) > max(ll(0.99 * sigma), ll(1.01 * sigma))
+    assert abs(got["a.h5"] - a.with_noise_std(sigma).log_prob(X_test).mean()) < 1e-9
+    assert abs(got["b.h5"] - load(d / "b.h5", noise_std=0.3, device="cpu").log_prob(X_test).mean()) < 1e-10

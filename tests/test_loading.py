@@ -161,9 +161,11 @@ class Residual(nn.Module):
         return self.b(torch.relu(self.a(z)) + z)
 
 
-def test_torch_export_refuses_skip_connections(tmp_path):
-    with pytest.raises(CpadgnError, match="skip or residual connection"):
-        load_generator(export(Residual().double().eval(), tmp_path / "res.pt2"))
+def test_torch_export_skip_connection_carried_by_slope_one_units(tmp_path, z):
+    model = Residual().double().eval()
+    g = load_generator(export(model, tmp_path / "res.pt2"))
+    assert g.net.hidden_sizes == (2 * S,) and np.all(g.net.slopes[0][S:] == 1.0)
+    np.testing.assert_allclose(g.net.forward(z), torch_out(model, z), rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------- TorchScript
@@ -428,3 +430,47 @@ def test_a_bad_stored_noise_std_is_replaced_by_one_given_at_load(tmp_path):
     assert res.exit_code == 0, res.output
     with pytest.raises(CpadgnError, match="noise std must be a positive number .*'abc'"):
         cpadgn.load(p, noise_std="abc", cache=False)
+
+
+def test_help_imports_neither_torch_nor_scipy_and_hdf5_models_skip_dynamo():
+    """Start-up: `cpadgn --help` and `cpadgn COMMAND --help` stay light; an HDF5 model
+    never reaches torch.export's tracing machinery (torch._dynamo)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from cli.main import main\n"
+        "for args in [[]] + [[c] for c in main.commands]:\n"
+        "    assert CliRunner().invoke(main, args + ['--help']).exit_code == 0, args\n"
+        "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))\n"
+        "import cpadgn\n"
+        "cpadgn.load('sample_data/wave_generator.h5', cache=False)\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "False"]
+
+
+def test_cached_partition_run_reuses_the_stored_check(tmp_path, monkeypatch):
+    """The 100,000-sample check runs once; later runs read it from the cache."""
+    import json
+    from click.testing import CliRunner
+    import cpadgn.partition
+    from cli.main import main
+    shutil.copy("sample_data/wave_generator.h5", tmp_path / "g.h5")
+    first = CliRunner().invoke(main, ["partition", str(tmp_path / "g.h5"), "--json"])
+    assert first.exit_code == 0, first.output
+
+    def no_check(*a, **k):
+        raise AssertionError("check_partition ran again")
+
+    monkeypatch.setattr(cpadgn.partition, "check_partition", no_check)
+    second = CliRunner().invoke(main, ["partition", str(tmp_path / "g.h5"), "--json"])
+    assert second.exit_code == 0, second.output
+    a, b = json.loads(first.output), json.loads(second.output)
+    for key in ("prior_mass_sum", "samples_located", "interior_points_ok", "regions"):
+        assert a[key] == b[key]

@@ -1,0 +1,258 @@
+"""Decoders as graphs (DESIGN section 9): convolutional, pooling and residual decoders
+folded into the canonical piecewise-affine net, checked against torch's own forward pass
+and against an independent likelihood oracle."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cpadgn
+from cpadgn import loading
+from cpadgn.errors import CpadgnError
+from cpadgn.loading import load_generator
+from cpadgn.model import CPAModel
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`isinstance.treespec:FutureWarning")]
+
+S = 3
+# Every folded layer is a dense map read off the op's forward pass as fn(W_j) - fn(0):
+# the activations here are O(10) and each output sums at most a few hundred products,
+# so the float64 error is ~ 1e3 * eps * 10 ~ 1e-12; 1e-10 leaves a margin for other BLAS.
+ATOL = 1e-10
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+            if isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) - 0.5)
+    return model.double().eval()
+
+
+def image(C, H, W, *mid):
+    torch.manual_seed(C * 100 + H * 10 + W)
+    return nn.Sequential(nn.Linear(S, C * H * W), nn.ReLU(), nn.Unflatten(1, (C, H, W)), *mid,
+                         nn.Flatten())
+
+
+SEQUENTIAL = {
+    "conv2d": lambda: image(2, 4, 4, nn.Conv2d(2, 3, 3, padding=1), nn.LeakyReLU(0.1)),
+    "conv2d-stride": lambda: image(2, 5, 5, nn.Conv2d(2, 2, 3, stride=2, padding=1, bias=False)),
+    "conv-transpose2d": lambda: image(2, 3, 3, nn.ConvTranspose2d(2, 2, 4, 2, 1), nn.ReLU(),
+                                      nn.ConvTranspose2d(2, 1, 3)),
+    "upsample-nearest": lambda: image(2, 3, 3, nn.Upsample(scale_factor=2), nn.Conv2d(2, 1, 3)),
+    "upsample-bilinear": lambda: image(1, 3, 4, nn.Upsample(scale_factor=2, mode="bilinear"),
+                                       nn.ReLU()),
+    "avgpool": lambda: image(2, 4, 4, nn.AvgPool2d(2), nn.ReLU()),
+    "batchnorm2d-prelu": lambda: image(2, 3, 3, nn.BatchNorm2d(2), nn.PReLU(2)),
+    "pad": lambda: image(2, 3, 3, nn.ZeroPad2d((1, 0, 2, 1)), nn.Conv2d(2, 1, 2), nn.ReLU()),
+    "maxpool": lambda: image(2, 4, 4, nn.MaxPool2d(2)),
+    "maxpool-padded": lambda: image(1, 5, 5, nn.MaxPool2d(3, stride=2, padding=1)),
+    "maxpool-ceil": lambda: image(1, 5, 5, nn.MaxPool2d(2, ceil_mode=True)),
+    "1d": lambda: nn.Sequential(nn.Linear(S, 12), nn.ReLU(), nn.Unflatten(1, (2, 6)),
+                                nn.Conv1d(2, 2, 3, padding=1), nn.ReLU(),
+                                nn.ConvTranspose1d(2, 1, 4, 2, 1), nn.MaxPool1d(2), nn.Flatten()),
+}
+
+
+class Permute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(S, 12), nn.Linear(12, 4)
+
+    def forward(self, z):
+        h = torch.relu(self.a(z)).reshape(-1, 3, 4).permute(0, 2, 1).reshape(-1, 12)
+        return self.b(h)
+
+
+class Branches(nn.Module):
+    """cat of two branches, and a residual block: the skip rides through slope-1 units."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(S, 5), nn.Linear(S, 4), nn.Linear(9, 9)
+        self.out = nn.Linear(9, 3)
+
+    def forward(self, z):
+        h = torch.cat([torch.relu(self.a(z)), nn.functional.leaky_relu(self.b(z), 0.2)], dim=1)
+        return self.out(h + torch.relu(self.c(h)))
+
+
+class ResDec(nn.Module):
+    """Linear -> ReLU, two residual blocks, Linear (S = 2)."""
+
+    def __init__(self, S=2, width=4, D=3):
+        super().__init__()
+        torch.manual_seed(11)
+        self.inp = nn.Linear(S, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+        self.out = nn.Linear(width, D)
+
+    def forward(self, z):
+        h = torch.relu(self.inp(z))
+        for blk in self.blocks:
+            h = h + torch.relu(blk(h))
+        return self.out(h)
+
+
+def forward(model, z):
+    with torch.no_grad():
+        return model(torch.from_numpy(z)).numpy()
+
+
+@pytest.fixture(scope="module")
+def z():
+    return np.random.default_rng(1).normal(size=(400, S)) * 3
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENTIAL))
+def test_sequential_layers_match_torch_on_every_path(name, z):
+    model = _randomise(SEQUENTIAL[name](), seed=len(name))
+    want = forward(model, z)
+    ep = torch.export.export(model, (torch.zeros(2, S, dtype=torch.float64),))
+    for source in (model, torch.jit.script(model), ep):      # layer table, TorchScript, graph
+        net = load_generator(source).net
+        np.testing.assert_allclose(net.forward(z), want, rtol=0, atol=ATOL, err_msg=str(type(source)))
+
+
+@pytest.mark.parametrize("cls", [Permute, Branches])
+def test_graph_modules_match_torch(cls, z):
+    torch.manual_seed(5)
+    model = cls().double().eval()
+    net = load_generator(model).net          # not a Sequential: recorded with torch.export
+    np.testing.assert_allclose(net.forward(z), forward(model, z), rtol=0, atol=ATOL)
+
+
+def test_skip_units_have_slope_one_and_are_never_facets():
+    model = ResDec().double().eval()
+    net = load_generator(model).net
+    carried = net.linear_units
+    assert carried.sum() == 2 * 4            # h carried through each residual block's layer
+    part = CPAModel(net, noise_std=0.5, device="cpu").partition()
+    assert not np.any(carried[part.facet_units])
+    assert np.all(part.patterns[:, carried])
+    zz = np.random.default_rng(2).normal(size=(5000, 2)) * 3
+    assert np.all(part.locate(net, zz) >= 0)       # the regions tile the plane
+
+
+def loglik_defensive_is(module, x, noise_std, n=400_000, seed=0):
+    """Monte Carlo oracle from torch's own forward pass only: importance sampling from the
+    defensive mixture 1/2 N(m, 2C) + 1/2 N(0, I) (m, C from a prior-weighted pilot), whose
+    weights are at most 2 p(x|z), so their variance is finite.  Returns log p(x) and the
+    standard error of the estimate (delta method)."""
+    rng = np.random.default_rng(seed)
+    D = x.size
+
+    def log_lik(zz):
+        r = forward(module, zz) - x
+        return -0.5 * (r * r).sum(1) / noise_std ** 2 - D * np.log(noise_std * np.sqrt(2 * np.pi))
+
+    pilot = rng.normal(size=(n // 4, 2))
+    w = np.exp(log_lik(pilot) - log_lik(pilot).max())
+    m = w @ pilot / w.sum()
+    C = 2 * np.cov(pilot.T, aweights=w) + 1e-3 * np.eye(2)
+    L = np.linalg.cholesky(C)
+    zz = np.where(rng.random(n)[:, None] < 0.5, m + rng.normal(size=(n, 2)) @ L.T,
+                  rng.normal(size=(n, 2)))
+    d = zz - m
+    log_q_near = (-0.5 * np.einsum("ns,st,nt->n", d, np.linalg.inv(C), d)
+                  - np.log(2 * np.pi) - 0.5 * np.log(np.linalg.det(C)))
+    log_prior = -0.5 * (zz * zz).sum(1) - np.log(2 * np.pi)
+    log_q = np.logaddexp(log_q_near, log_prior) - np.log(2)
+    lw = log_lik(zz) + log_prior - log_q
+    top = lw.max()
+    w = np.exp(lw - top)
+    return top + np.log(w.mean()), w.std() / np.sqrt(n) / w.mean()
+
+
+def _conv_decoder():
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(2, 2 * 2 * 2), nn.ReLU(), nn.Unflatten(1, (2, 2, 2)),
+                      nn.ConvTranspose2d(2, 1, 2), nn.ReLU(), nn.Flatten())
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("make", [_conv_decoder, lambda: ResDec().double().eval()],
+                         ids=["conv", "residual"])
+def test_exact_loglik_against_monte_carlo(make):
+    module = make()
+    model = cpadgn.load(module, noise_std=0.3)
+    rng = np.random.default_rng(0)
+    X = forward(module, rng.normal(size=(3, 2))) + 0.3 * rng.normal(size=(3, model.output_dim))
+    X[2] += 1.0                                          # one row off the generator's range
+    got = model.log_prob(X)
+    for n, (x, lp) in enumerate(zip(X, got)):
+        want, se = loglik_defensive_is(module, x, 0.3, seed=n)
+        assert abs(lp - want) < 4 * se + 1e-9, (lp, want, se)
+
+
+def test_load_accepts_modules_and_exported_programs(z):
+    module = _randomise(SEQUENTIAL["conv2d"](), 3)
+    ep = torch.export.export(module, (torch.zeros(2, S, dtype=torch.float64),))
+    for source, fmt in ((module, "module"), (ep, "torch-export")):
+        model = cpadgn.load(source, noise_std=0.2)
+        assert model.source_format == fmt
+        np.testing.assert_allclose(model.net.forward(z), forward(module, z), rtol=0, atol=ATOL)
+    model = cpadgn.load(Permute().double().eval(), noise_std=0.2,
+                        example_input=torch.zeros(3, S, dtype=torch.float64))
+    assert model.latent_dim == S and model.output_dim == 4
+    with pytest.raises(CpadgnError, match=r"Sigmoid\) is the output layer.*affine last layer"):
+        cpadgn.load(nn.Sequential(nn.Linear(S, 4), nn.ReLU(), nn.Linear(4, 2), nn.Sigmoid()),
+                    noise_std=0.1)
+    with pytest.raises(CpadgnError, match="cannot load a dict"):
+        cpadgn.load({"weight": 1}, noise_std=0.1)
+
+
+def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
+    class Squash(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(S, 4)
+
+        def forward(self, z):
+            return torch.tanh(self.a(z)).reshape(-1, 2, 2).flatten(1)
+
+    with pytest.raises(CpadgnError, match=r"output goes through aten\.tanh.*affine last layer"):
+        load_generator(Squash())
+
+    class BatchMix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(S, 4)
+
+        def forward(self, z):
+            return self.a(z).reshape(1, -1)
+
+    with pytest.raises(CpadgnError, match=r"mixing the batch axis with the features; a "
+                                          r"generator must keep the batch as the first axis"):
+        load_generator(BatchMix(), example_input=torch.zeros(2, S))
+
+
+def test_dense_layer_over_the_memory_limit_is_refused(monkeypatch):
+    model = _randomise(SEQUENTIAL["conv2d"](), 3)
+    monkeypatch.setattr(loading, "DENSE_LIMIT_BYTES", 10_000)
+    with pytest.raises(CpadgnError, match=r"layer 3: its dense affine form would be 48 x 32 float64 \(0\.01 MiB\)"):
+        load_generator(model)
+
+
+def test_pickled_custom_class_that_cannot_be_imported(tmp_path):
+    import pickle
+    import sys
+    import types
+    mod = types.ModuleType("h6_gone")
+    exec("import torch\nclass Gone(torch.nn.Linear):\n    pass\n", mod.__dict__)
+    sys.modules["h6_gone"] = mod
+    try:
+        torch.save(mod.Gone(S, 2), str(tmp_path / "gone.pt"), pickle_module=pickle)
+    finally:
+        del sys.modules["h6_gone"]
+    with pytest.raises(CpadgnError, match="custom class that cannot be imported here.*importable.*"
+                                          "torch.export.save"):
+        load_generator(tmp_path / "gone.pt", trust_pickle=True)
