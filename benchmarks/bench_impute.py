@@ -8,7 +8,7 @@
 Per data set (scikit-learn's bundled digits and breast_cancer): one 80/20 train/test
 split (random_state 0), standardised with the training mean and std (a column constant
 in training keeps scale 1).  One cpadgn model per data set is trained on the training
-split, S = 2, hidden 32,32, leaky ReLU 0.1, isotropic (default) or per-column
+split, S = 2, hidden 32,32 (--latent-dim, --hidden), leaky ReLU 0.1, isotropic (default) or per-column
 (--noise diag) noise: by exact EM
 (``cpadgn.fit.fit_em``, at most --em-iter iterations) or, with --trainer vae or if EM
 fails, by ``cpadgn.vae.train_vae`` (300 epochs); the model file is kept in --model-dir
@@ -59,7 +59,8 @@ def get_model(name, Xtr, args):
     """Train (or reload) the cpadgn model; returns (CPAModel, how it was trained)."""
     import cpadgn
     from cpadgn.fit import fit_em, save_fit
-    suffix = "" if args.var_floor is None else f"_floor{args.var_floor:g}"
+    suffix = "" if (args.latent_dim, args.hidden) == (2, "32,32") else f"_S{args.latent_dim}_{args.hidden.replace(',', '-')}"
+    suffix += "" if args.var_floor is None else f"_floor{args.var_floor:g}"
     suffix += f"_trainmiss{args.train_missing:g}" if args.train_missing else ""
     path = Path(args.model_dir) / f"{name}_{args.trainer}_{args.noise}{suffix}.h5"
     if path.exists():
@@ -74,10 +75,11 @@ def get_model(name, Xtr, args):
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     how = None
+    hidden = tuple(int(h) for h in args.hidden.split(","))
     if args.trainer == "em":
         try:
             var_floor = None if args.var_floor is None else args.var_floor * float(np.nanvar(Xtr, 0).mean())
-            res = fit_em(Xtr, 2, hidden=(32, 32), slope=0.1, max_iter=args.em_iter, seed=0, noise=args.noise,
+            res = fit_em(Xtr, args.latent_dim, hidden=hidden, slope=0.1, max_iter=args.em_iter, seed=0, noise=args.noise,
                          device=args.device, var_floor=var_floor,
                          callback=lambda row: print(f"  EM {name} iteration {row['iteration']}: "
                                                     f"train loglik {row['train_loglik']:.4f}, "
@@ -89,7 +91,7 @@ def get_model(name, Xtr, args):
     if how is None:
         from cpadgn.modelfile import save_model
         from cpadgn.vae import train_vae
-        vae = train_vae(Xtr, latent_dim=2, hidden=(32, 32), slope=0.1, noise=args.noise, epochs=300, seed=0).model
+        vae = train_vae(Xtr, latent_dim=args.latent_dim, hidden=hidden, slope=0.1, noise=args.noise, epochs=300, seed=0).model
         save_model(path, vae.generator(), noise_std=np.asarray(vae.noise_std(), dtype=np.float64),
                    attrs={"trained_by": "cpadgn.vae.train_vae (300 epochs)"})
         how = "cpadgn.vae.train_vae (300 epochs)"
@@ -117,6 +119,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--em-iter", type=int, default=60)
+    ap.add_argument("--latent-dim", type=int, default=2, help="S of the cpadgn model")
+    ap.add_argument("--hidden", default="32,32", help="hidden widths of the cpadgn model")
     ap.add_argument("--trainer", choices=["em", "vae"], default="em")
     ap.add_argument("--noise", choices=["iso", "diag"], default="iso")
     ap.add_argument("--var-floor", type=float, default=None,
