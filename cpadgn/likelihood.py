@@ -493,8 +493,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
     within reach are *listed* and, for complete rows, get the sharper facet bound
     (``_facet_bound``); listed pairs are integrated in decreasing bound order, margins
-    8 nats (a first estimate of p), -log(rtol) + 3, then doubling, leaving out of each
-    round the smallest bounds that together fit in half of rtol p; for S = 2 and 3 a
+    -log(rtol) + 3, then doubling (S >= 3: 8 nats first, for an estimate of p, and each
+    round leaves out the smallest bounds that together fit in half of rtol p); for S = 2 and 3 a
     pair about to be integrated first gets the nearest-point bound
     (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound),
     which often lets it be skipped after all.
@@ -518,7 +518,11 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     l_regions, l_bound = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev)
     l_taken = l_sharp = torch.zeros(0, dtype=torch.bool, device=dev)
     found = []
-    margin = min(first, 8.0)       # a first estimate of p, then everything its budget allows
+    # S >= 3: pairs are costly and a posterior can spread over thousands of regions, so p
+    # is first estimated on a small margin, and then the smallest bounds that fit in the
+    # budget are left out.  At S <= 2 an integral costs about what that bookkeeping does.
+    spread = tab.S >= 3
+    margin = min(first, 8.0) if spread else first
     while True:
         stop_check()
         # list_thr only falls, so the new pairs of a row are those in [list_thr, listed_to).
@@ -545,8 +549,14 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 0, l_rows, l_bound, reduce="amax")
             open_ = (~l_taken) & (~done[l_rows]) & (l_bound > -torch.inf)
             take = open_ & (l_bound >= (top - margin)[l_rows])
-            # Pairs that are all together within half the row's budget need not be integrated.
-            take &= ~_smallest_within(l_rows, l_bound, open_, log_p + log_rtol - LOG_2, n)
+            if spread:
+                # Of half the row's budget, what the open pairs below the margin leave over
+                # is spent on the smallest pairs within it: those need not be integrated.
+                below = _segment_logsumexp(l_rows[open_ & ~take], l_bound[open_ & ~take], n)
+                half = log_p + log_rtol - LOG_2
+                with np.errstate(invalid="ignore"):
+                    left = torch.where(below < half, half + torch.log1p(-torch.exp(below - half)), -torch.inf)
+                take &= ~_smallest_within(l_rows, l_bound, take, left, n)
             # Before integrating, the sharper nearest-point bound (S = 2 and 3, complete rows).
             sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if complete and tab.has_nearest else []
             if len(sharpen) == 0:
