@@ -227,7 +227,7 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
             except Exception:  # the cache is an optimisation; it was written once already
                 pass
     nf = part.n_facets
-    # the masses are independent estimates (exact for S <= 2): the sum's standard error
+    # the masses are independent estimates (exact for S <= 3): the sum's standard error
     # adds in quadrature; the check passes within 4 standard errors (plus rounding)
     mass_se = float(np.sqrt(np.sum((np.exp(part.log_prior_mass) * part.log_prior_mass_stderr) ** 2)))
     mass_ok = check["mass_error"] <= 4 * mass_se + 1e-9
