@@ -48,7 +48,7 @@ MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, plot_path, image_shape,
-           noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
+           noise_std, cache, max_regions, device, memory_budget, trust_pickle, quiet, debug, as_json):
     """Impute the missing entries (NaN) of DATA exactly under MODEL.
 
     By default each missing entry gets the exact conditional mean E[x_m | x_o] =
@@ -118,7 +118,8 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
                           "mark some entries missing, or add --evaluate-mcar P")
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
-                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in)
+                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in,
+                       memory_budget=memory_budget)
     model._check_data(X)
     with Progressbar("imputing rows", quiet) as bar:
         res = run_impute(model.net, model.partition(), model.noise_std, X_in, draws=n_draws, seed=seed,

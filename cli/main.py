@@ -114,6 +114,12 @@ def parse_noise(value):
     return v
 
 
+def parse_memory_budget(value: float) -> float:
+    if not np.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"expected a positive number of bytes, got {value:g}")
+    return value
+
+
 def resolve_device(name: str):
     import torch
     if name == "auto":
@@ -135,6 +141,11 @@ def model_options(fn):
                      help="Stop with an error if the partition has more regions than this."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the batched linear algebra runs."),
+        click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
+                     callback=lambda c, p, v: parse_memory_budget(v),
+                     help="Working memory of the partition's enumeration and of one batch of rows "
+                          "(smaller: smaller batches, the same results up to rounding; see README, "
+                          "Precision)."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow loading a pickled torch module (it can execute code)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages."),
@@ -162,13 +173,14 @@ def cache_status(status) -> dict:
 
 
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
-               need_noise=True):
+               need_noise=True, memory_budget=2e9):
     """Load a generator, check it against the data, get its partition (cache or compute),
     settle the noise std.  Bad input fails here, before any long computation."""
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
                  trust_pickle=trust_pickle, device=resolve_device(device))
+    model.memory_budget = memory_budget
     if data is not None:
         model._check_data(data)
     if noise_std == "auto" and data is None:
@@ -202,7 +214,8 @@ def main():
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
+def partition(model_path, noise_std, cache, max_regions, device, memory_budget, trust_pickle, quiet, debug,
+              as_json):
     """Compute (or load) and describe the partition of MODEL's latent space.
 
     \b
@@ -213,6 +226,7 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
     from cpadgn.partition import check_partition
     t0 = time.perf_counter()
     model = load_model(model_path, cache=cache, noise_std=None, device=device, need_noise=False,
+                       memory_budget=memory_budget,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json)
     part = model.partition()
     check = getattr(part, "check", None)     # stored in the cache by an earlier run
@@ -287,9 +301,6 @@ def partition(model_path, noise_std, cache, max_regions, device, trust_pickle, q
 @click.option("--explain", type=int, default=None, metavar="K",
               help="Add the K features with the largest exact expected squared residual "
                    "E[(x_d - g_d(z))^2 | x] / sigma_d^2 per row.")
-@click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
-              help="Working memory of one batch of rows (smaller: smaller batches, the same scores up "
-                   "to rounding; see README, Precision).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw the histogram of log p(x) with the threshold and, with --pvalues, the "
                    "model's own log p (.png/.pdf/.svg; needs pip install 'cpadgn[plot]').")
@@ -325,7 +336,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     from cpadgn.data import check_output_path, read_data, write_table
     t0 = time.perf_counter()
     pvalues = pvalues or alpha is not None
-    check_score_options(contamination, pvalues, samples, alpha, explain, memory_budget)
+    check_score_options(contamination, pvalues, samples, alpha, explain)
     samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
     if plot_path is not None:
@@ -336,8 +347,8 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
         raise CpadgnError(f"--explain {explain} asks for more features than DATA has ({X.shape[1]}); "
                           f"use --explain {X.shape[1]} or less")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
-                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X)
-    model.memory_budget = memory_budget
+                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X,
+                       memory_budget=memory_budget)
     with Progressbar("scoring rows", quiet or as_json) as bar:
         post = model.posterior(X, progress=bar)
     pv = residuals = None
@@ -366,7 +377,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
 PVALUE_SAMPLES = 2000          # default --samples
 
 
-def check_score_options(contamination, pvalues, samples, alpha, explain, memory_budget):
+def check_score_options(contamination, pvalues, samples, alpha, explain):
     """Refuse inconsistent ``cpadgn score`` options before any work."""
     if alpha is not None and contamination is not None:
         raise CpadgnError("--alpha and --contamination both set is_anomaly; give only one of them")
@@ -382,8 +393,6 @@ def check_score_options(contamination, pvalues, samples, alpha, explain, memory_
                           f"no row could be flagged; use --samples {int(np.ceil(10 / alpha))} or more")
     if explain is not None and explain < 1:
         raise CpadgnError(f"--explain must be a positive number of features, got {explain}")
-    if not np.isfinite(memory_budget) or memory_budget <= 0:
-        raise CpadgnError(f"--memory-budget must be a positive number of bytes, got {memory_budget:g}")
 
 
 def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, explain=None):

@@ -244,7 +244,6 @@ def test_score_is_bit_identical_across_runs_and_equal_across_batch_sizes(files):
     (["--pvalues", "--samples", "0"], ["--samples"]),
     (["--explain", "0"], ["--explain"]),
     (["--explain", "5"], ["--explain", "4"]),
-    (["--memory-budget", "-1"], ["--memory-budget"]),
 ])
 def test_score_bad_options(files, options, fragments):
     out = files["dir"] / "s.csv"

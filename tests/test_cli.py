@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from cpadgn.modelfile import save_model
+from cpadgn.partition import compute_partition
 
 from oracles import loglik_1d, random_net
 
@@ -195,3 +196,22 @@ def test_exit_codes_usage_2_bug_70(files, monkeypatch):
     with pytest.raises(KeyError):       # --debug shows the traceback instead
         CliRunner().invoke(main, ["score", str(files["model"]), str(files["data"]), "-o",
                                   str(files["dir"] / "s.csv"), "--debug"], catch_exceptions=False)
+
+
+def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
+    """--memory-budget is shared by partition, score and impute and bounds the enumeration
+    too: a budget below what the S = 2 subdivision needs stops it with one line, before
+    anything is written; a sufficient one gives the same partition."""
+    model = tmp_path / "gen.h5"
+    save_model(model, random_net(2, (8, 8), 3, seed=4, slope=0.1), noise_std=0.3)
+    X = np.random.default_rng(1).normal(size=(4, 3))
+    X[0, 1] = np.nan
+    np.savetxt(tmp_path / "x.csv", X, delimiter=",")
+    for argv in (["partition", model], ["score", model, tmp_path / "x.csv", "-o", tmp_path / "s.csv"],
+                 ["impute", model, tmp_path / "x.csv", "-o", tmp_path / "i.csv"]):
+        assert_one_line_error(run(*argv, "--memory-budget", "1e3"), "--memory-budget")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5", "x.csv"]
+    res = run("partition", model, "--memory-budget", "1e8", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["regions"] == compute_partition(random_net(2, (8, 8), 3, seed=4,
+                                                                               slope=0.1)).n_regions

@@ -157,7 +157,7 @@ CASES = [
     ("--dataset with csv", None, ["score", W, WD, "-o", "s.csv", "--dataset", "X"], 1, ["--dataset"]),
     ("unknown option", None, ["score", W, WD, "-o", "s.csv", "--bogus"], 2, ["--bogus", "--help"]),
     ("bad option value", None, ["score", W, WD, "-o", "s.csv", "--noise-std", "-1"], 2, ["--noise-std"]),
-    ("zero memory budget", None, ["score", W, WD, "-o", "s.csv", "--memory-budget", "0"], 1,
+    ("zero memory budget", None, ["score", W, WD, "-o", "s.csv", "--memory-budget", "0"], 2,
      ["--memory-budget"]),
 ]
 
