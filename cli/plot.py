@@ -26,7 +26,7 @@ def plot():
 @model_options
 @user_errors
 def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache, max_regions, device,
-              trust_pickle, quiet, debug):
+              memory_budget, trust_pickle, quiet, debug):
     """Draw MODEL's latent partition (S = 1 or 2) and the exact posteriors of some rows.
 
     S = 2: the linear regions over a window holding > 99% of the prior mass, shaded by
@@ -56,8 +56,9 @@ def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache,
         bad = [r for r in rows if r >= X.shape[0]]
         if bad:
             raise CpadgnError(f"--row {bad[0]} is past the end of DATA ({X.shape[0]} rows, counted from 0)")
-    model = load_model(model_path, cache=cache, noise_std=noise_std, device=device, trust_pickle=trust_pickle,
-                       max_regions=max_regions, quiet=quiet, data=X, need_noise=bool(rows))
+    model = load_model(model_path, cache=cache, noise_std=noise_std, device=device, memory_budget=memory_budget,
+                       trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X,
+                       need_noise=bool(rows))
     pictures.save(pictures.partition(model, X, rows=list(rows), size=size), out)
     if not quiet:
         click.echo(f"wrote {out}", err=True)
