@@ -10,6 +10,14 @@ from cpadgn.network import PiecewiseAffineNet
 GL_X, GL_W = np.polynomial.legendre.leggauss(60)
 
 
+def torch_forward(model, z):
+    """torch's own forward pass of a decoder on latents z (N, S) (float64 numpy in and out):
+    the oracle every loaded generator must reproduce."""
+    import torch
+    with torch.no_grad():
+        return model(torch.from_numpy(z)).numpy()
+
+
 def random_net(S, hidden, D, seed, slope=0.1, scale=1.0):
     rng = np.random.default_rng(seed)
     sizes = [S, *hidden, D]

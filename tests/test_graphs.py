@@ -12,6 +12,8 @@ from cpadgn.errors import CpadgnError
 from cpadgn.loading import load_generator
 from cpadgn.model import CPAModel
 
+from oracles import torch_forward
+
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:`isinstance.treespec:FutureWarning")]
 
@@ -102,11 +104,6 @@ class ResDec(nn.Module):
         return self.out(h)
 
 
-def forward(model, z):
-    with torch.no_grad():
-        return model(torch.from_numpy(z)).numpy()
-
-
 @pytest.fixture(scope="module")
 def z():
     return np.random.default_rng(1).normal(size=(400, S)) * 3
@@ -115,7 +112,7 @@ def z():
 @pytest.mark.parametrize("name", sorted(SEQUENTIAL))
 def test_sequential_layers_match_torch_on_every_path(name, z):
     model = _randomise(SEQUENTIAL[name](), seed=len(name))
-    want = forward(model, z)
+    want = torch_forward(model, z)
     ep = torch.export.export(model, (torch.zeros(2, S, dtype=torch.float64),))
     for source in (model, torch.jit.script(model), ep):      # layer table, TorchScript, graph
         net = load_generator(source).net
@@ -127,7 +124,7 @@ def test_graph_modules_match_torch(cls, z):
     torch.manual_seed(5)
     model = cls().double().eval()
     net = load_generator(model).net          # not a Sequential: recorded with torch.export
-    np.testing.assert_allclose(net.forward(z), forward(model, z), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(net.forward(z), torch_forward(model, z), rtol=0, atol=ATOL)
 
 
 def test_skip_units_have_slope_one_and_are_never_facets():
@@ -151,7 +148,7 @@ def loglik_defensive_is(module, x, noise_std, n=400_000, seed=0):
     D = x.size
 
     def log_lik(zz):
-        r = forward(module, zz) - x
+        r = torch_forward(module, zz) - x
         return -0.5 * (r * r).sum(1) / noise_std ** 2 - D * np.log(noise_std * np.sqrt(2 * np.pi))
 
     pilot = rng.normal(size=(n // 4, 2))
@@ -185,7 +182,7 @@ def test_exact_loglik_against_monte_carlo(make):
     module = make()
     model = cpadgn.load(module, noise_std=0.3)
     rng = np.random.default_rng(0)
-    X = forward(module, rng.normal(size=(3, 2))) + 0.3 * rng.normal(size=(3, model.output_dim))
+    X = torch_forward(module, rng.normal(size=(3, 2))) + 0.3 * rng.normal(size=(3, model.output_dim))
     X[2] += 1.0                                          # one row off the generator's range
     got = model.log_prob(X)
     for n, (x, lp) in enumerate(zip(X, got)):
@@ -199,7 +196,7 @@ def test_load_accepts_modules_and_exported_programs(z):
     for source, fmt in ((module, "module"), (ep, "torch-export")):
         model = cpadgn.load(source, noise_std=0.2)
         assert model.source_format == fmt
-        np.testing.assert_allclose(model.net.forward(z), forward(module, z), rtol=0, atol=ATOL)
+        np.testing.assert_allclose(model.net.forward(z), torch_forward(module, z), rtol=0, atol=ATOL)
     model = cpadgn.load(Permute().double().eval(), noise_std=0.2,
                         example_input=torch.zeros(3, S, dtype=torch.float64))
     assert model.latent_dim == S and model.output_dim == 4
