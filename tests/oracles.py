@@ -18,6 +18,38 @@ def torch_forward(model, z):
         return model(torch.from_numpy(z)).numpy()
 
 
+def forward_rounding_tol(net, z):
+    """Bound on |fl(g(z)) - g(z)| per output, (N, D), for two forward passes of the same
+    generator that differ only in rounding (torch's layers against the folded dense net).
+
+    Derivation (Higham, Accuracy and Stability, 3.5).  A layer u = W a + b computed in
+    float64 errs by at most gamma_n (|W| |a| + |b|), gamma_n = n eps / (1 - n eps) with n
+    its fan-in, whatever the kernel; an activation with |slope| <= 1 does not grow an
+    error, and a later layer carries an earlier error through |W|.  The magnitudes
+    m_0 = |z|, m_l = |W_l| m_(l-1) + |b_l| (1 + 2 |m_(l-1)|_1) therefore bound every term
+    that rounds, the second part covering the folding of a layer as fn(e_j) - fn(0)
+    (each folded column carries one rounding of the bias).  Each of the L layers adds at
+    most gamma_n m_L at the output; twice that covers both passes.
+    """
+    eps = np.finfo(np.float64).eps
+    n = max(W.shape[1] for W in net.weights) + 1
+    gamma = n * eps / (1 - n * eps)
+    m = np.abs(np.asarray(z, dtype=np.float64))
+    for W, b, slope in zip(net.weights, net.biases, (*net.slopes, None)):
+        m = m @ np.abs(W).T + np.abs(b) * (1 + 2 * m.sum(1, keepdims=True))
+        if slope is not None:
+            m = m * np.maximum(1.0, np.abs(slope))
+    return 2 * len(net.weights) * gamma * m
+
+
+def assert_matches_torch(net, model, z, err_msg=""):
+    """The folded net reproduces torch's forward pass of model on z to rounding."""
+    got, want = net.forward(z), torch_forward(model, z)
+    tol = forward_rounding_tol(net, z)
+    bad = np.abs(got - want) > tol
+    assert not bad.any(), f"{err_msg}: max excess {np.max(np.abs(got - want) - tol):.3g} over the rounding bound"
+
+
 def random_net(S, hidden, D, seed, slope=0.1, scale=1.0):
     rng = np.random.default_rng(seed)
     sizes = [S, *hidden, D]

@@ -12,17 +12,12 @@ from cpadgn.errors import CpadgnError
 from cpadgn.loading import load_generator
 from cpadgn.model import CPAModel
 
-from oracles import torch_forward
+from oracles import assert_matches_torch, torch_forward
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:`isinstance.treespec:FutureWarning")]
 
 S = 3
-# Every folded layer is a dense map read off the op's forward pass as fn(W_j) - fn(0):
-# the activations here are O(10) and each output sums at most a few hundred products,
-# so the float64 error is ~ 1e3 * eps * 10 ~ 1e-12; 1e-10 leaves a margin for other BLAS.
-ATOL = 1e-10
-
 
 def _randomise(model, seed):
     g = torch.Generator().manual_seed(seed)
@@ -112,11 +107,10 @@ def z():
 @pytest.mark.parametrize("name", sorted(SEQUENTIAL))
 def test_sequential_layers_match_torch_on_every_path(name, z):
     model = _randomise(SEQUENTIAL[name](), seed=len(name))
-    want = torch_forward(model, z)
     ep = torch.export.export(model, (torch.zeros(2, S, dtype=torch.float64),))
     for source in (model, torch.jit.script(model), ep):      # layer table, TorchScript, graph
         net = load_generator(source).net
-        np.testing.assert_allclose(net.forward(z), want, rtol=0, atol=ATOL, err_msg=str(type(source)))
+        assert_matches_torch(net, model, z, err_msg=str(type(source)))
 
 
 @pytest.mark.parametrize("cls", [Permute, Branches])
@@ -124,7 +118,7 @@ def test_graph_modules_match_torch(cls, z):
     torch.manual_seed(5)
     model = cls().double().eval()
     net = load_generator(model).net          # not a Sequential: recorded with torch.export
-    np.testing.assert_allclose(net.forward(z), torch_forward(model, z), rtol=0, atol=ATOL)
+    assert_matches_torch(net, model, z)
 
 
 def test_skip_units_have_slope_one_and_are_never_facets():
@@ -196,7 +190,7 @@ def test_load_accepts_modules_and_exported_programs(z):
     for source, fmt in ((module, "module"), (ep, "torch-export")):
         model = cpadgn.load(source, noise_std=0.2)
         assert model.source_format == fmt
-        np.testing.assert_allclose(model.net.forward(z), torch_forward(module, z), rtol=0, atol=ATOL)
+        assert_matches_torch(model.net, module, z)
     model = cpadgn.load(Permute().double().eval(), noise_std=0.2,
                         example_input=torch.zeros(3, S, dtype=torch.float64))
     assert model.latent_dim == S and model.output_dim == 4
