@@ -121,10 +121,10 @@ def test_ppca_baseline_equals_closed_form_likelihood(setup):
     # Both routes are backward stable: each is the exact eigensystem of the covariance
     # perturbed by E: forming the covariance costs gamma_N |X_c|^2 / N = gamma_N lam.sum()
     # (Higham 3.5), the eigensolver or SVD a further O(D eps |C|); 4 N eps lam.sum()
-    # bounds both for N >= D.  The
-    # eigenvalues move by at most |E| (Weyl) and the K-dimensional eigenspace turns by at
-    # most |E| / gap (Davis-Kahan), so W W' = sum_k (lam_k - s2) v_k v_k' moves by at most
-    # |E| (2 + 2 lam_0 / gap); both routes err, hence twice that.
+    # bounds both for N >= D.  The eigenvalues move by at most |E| (Weyl) and the
+    # K-dimensional eigenspace turns by at most |E| / gap (Davis-Kahan), so
+    # W W' = sum_k (lam_k - s2) v_k v_k' moves by at most |E| (2 + 2 lam_0 / gap);
+    # both routes err, hence twice that.
     eps = np.finfo(float).eps
     E = X_train.shape[0] * eps * lam.sum() * 4
     np.testing.assert_allclose(W2 @ W2.T, W @ W.T, rtol=0, atol=2 * E * (2 + 2 * lam[0] / (lam[K - 1] - lam[K])))
