@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import time
@@ -342,7 +343,10 @@ def _plot(path, result):
     fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * max(len(others), 1)))
     if others:
         diffs = [result.log_likelihoods[best] - result.log_likelihoods[o] for o in others]
-        ax.boxplot(diffs, vert=False, showfliers=True, flierprops={"markersize": 2})
+        # matplotlib 3.10 renamed vert=False to orientation="horizontal"
+        horizontal = ({"orientation": "horizontal"} if "orientation" in inspect.signature(ax.boxplot).parameters
+                      else {"vert": False})
+        ax.boxplot(diffs, showfliers=True, flierprops={"markersize": 2}, **horizontal)
         for i, o in enumerate(others, 1):
             pr = result.pair(best, o)
             ax.errorbar([pr.mean_difference], [i], xerr=[[pr.mean_difference - pr.ci_low],
