@@ -124,24 +124,12 @@ class RegionTable:
         stacked[:H, 1:] = (self.M @ self.C).permute(1, 2, 0)
         stacked[H, 1:] = -v_shift.T
         self.stacked = stacked.reshape(H + 2, -1)
-        GC = self.G_t @ self.C                                         # (R, F, S)
-        norm = torch.linalg.vector_norm(GC, dim=-1)
-        real = self.mask_t & (norm > 0)
-        self.GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
-        self.h_unit = torch.where(real, self.h_t / torch.where(real, norm, 1.0), torch.inf)
+        self.GC_unit, self.h_unit, real = _whitened_facets(self.G_t, self.h_t, self.mask_t, self.C)
         self.polygons = None
         if S == 2 and real.any():
             # Each region's whitened polygon (v = 0) and its facet segments, once: a pair
             # with whitened mean v sees the same polygon translated by -v.
-            # Real facets first, so that pairs can be grouped by their facet count.
-            real_np = real.cpu().numpy()
-            order = np.argsort(~real_np, axis=1, kind="stable")
-            real_np = np.take_along_axis(real_np, order, 1)
-            a = np.take_along_axis(self.GC_unit.cpu().numpy(), order[..., None], 1)
-            c0 = np.where(real_np, np.take_along_axis(self.h_unit.cpu().numpy(), order, 1), 0.0)
-            t_lo, t_hi, live = facet_segments(a, c0, real_np)
-            self.polygons = (a, np.stack([-a[..., 1], a[..., 0]], -1), c0, t_lo, t_hi, live, real_np)
-            self.polygon_size = real_np.sum(1)
+            self.polygons, self.polygon_size = _whitened_polygons(self.GC_unit, self.h_unit, real)
         self.polyhedra = None
         self.has_nearest = self.polygons is not None
         if S == 3 and real.any():
@@ -157,6 +145,32 @@ class RegionTable:
         """A (B, D, S), b (B, D) of some regions."""
         M, c = self.M[regions], self.c[regions]
         return torch.einsum("dh,bhs->bds", self.U, M), c @ self.U.T + self.b0
+
+
+def _whitened_facets(G: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, C: torch.Tensor):
+    """The facets {z : G z <= h} in the whitened frame u = C^-1 (z - mu), as unit normals
+    GC_unit (..., F, S), offsets at v = 0 h_unit (..., F) (+inf on padding) and real (..., F):
+    G (..., F, S), h (..., F), mask (..., F) bool, C (..., S, S)."""
+    GC = G @ C
+    norm = torch.linalg.vector_norm(GC, dim=-1)
+    real = mask & (norm > 0)
+    GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
+    h_unit = torch.where(real, h / torch.where(real, norm, 1.0), torch.inf)
+    return GC_unit, h_unit, real
+
+
+def _whitened_polygons(GC_unit: torch.Tensor, h_unit: torch.Tensor, real: torch.Tensor):
+    """S = 2: whitened polygons at v = 0 (``_whitened_facets`` of B regions or pairs) with
+    their facet segments, real facets first (so that they can be grouped by facet count):
+    (a, d, c0, t_lo, t_hi, live, real) (B, F, ...) as ``polygon_moments`` takes them, and
+    the facet counts (B,)."""
+    real_np = real.cpu().numpy()
+    order = np.argsort(~real_np, axis=1, kind="stable")
+    real_np = np.take_along_axis(real_np, order, 1)
+    a = np.take_along_axis(GC_unit.cpu().numpy(), order[..., None], 1)
+    c0 = np.where(real_np, np.take_along_axis(h_unit.cpu().numpy(), order, 1), 0.0)
+    t_lo, t_hi, live = facet_segments(a, c0, real_np)
+    return (a, np.stack([-a[..., 1], a[..., 0]], -1), c0, t_lo, t_hi, live, real_np), real_np.sum(1)
 
 
 def _edges_in_groups(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096) -> Edges:
@@ -207,83 +221,120 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     return prod[:, 0], prod[:, 1:]
 
 
-def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
-    """Rows with missing entries (NaN) against some regions.
+def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
+    """Rows X (n, D) with missing entries (NaN) against every region -> log kappa (n, R),
+    whitened posterior means v = L^-1 y (n, S, R) and L (n, S, S, R), the lower Cholesky
+    factor of Lambda_w,o = I + A_w^T P_o A_w (mu_w(x) = L^-T v, as ``_log_kappa_complete``).
 
-    X (N, D), regions (B,) -> log kappa (N, B), y (N, B, S), chol Lambda (N, B, S, S).
+    With the 0/1 mask m of a row's observed entries, P_o = diag(m / sigma^2), x0 = m * x:
+        Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T P_o x0 - A_w^T P_o b_w,
+        |x - b_w|^2_{P_o} = x0' P_o x0 - 2 b_w . P_o x0 + b_w' P_o b_w,
+    so all (row, region) terms of a region chunk are two products in data space,
+    P_o (n, D) @ [A_wi A_wj, -b_w A_w, b_w^2] and P_o x0 (n, D) @ [A_w, -2 b_w], followed
+    by S x S Cholesky factors computed entrywise (``_entrywise_cholesky``).  Rows that share
+    a missing pattern share the first product.
     """
-    A, b = tab.region_affine(regions)                                  # (B, D, S), (B, D)
+    n, D, S, R = X.shape[0], tab.D, tab.S, tab.n_regions
     obs = ~torch.isnan(X)
-    Pm = obs / tab.var                                                 # (N, D) precision on observed
-    x0 = torch.where(obs, X, torch.zeros((), dtype=X.dtype, device=X.device))
-    B, S = A.shape[0], tab.S
-    AA = (A[:, :, :, None] * A[:, :, None, :]).permute(1, 0, 2, 3).reshape(tab.D, -1)
-    Lam = torch.eye(S, dtype=X.dtype, device=X.device) + (Pm @ AA).reshape(-1, B, S, S)
-    y = ((x0 * Pm) @ A.permute(1, 0, 2).reshape(tab.D, -1)
-         - Pm @ (b[:, :, None] * A).permute(1, 0, 2).reshape(tab.D, -1)).reshape(-1, B, S)
-    rPr = ((x0 * x0 * Pm).sum(1)[:, None] - 2 * (x0 * Pm) @ b.T + Pm @ (b * b).T)
-    L = torch.linalg.cholesky(Lam)
-    ySy = (torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0] ** 2).sum(-1)
-    logdet = 2 * torch.log(torch.diagonal(L, dim1=2, dim2=3)).sum(-1)
-    const = (obs.sum(1).to(X.dtype) * LOG_2PI + (obs * torch.log(tab.var)).sum(1))[:, None]
-    return -0.5 * (const + logdet + rPr - ySy), y, L
+    Pm = obs / tab.var                                                 # (n, D) precision on observed
+    Px = torch.where(obs, X, torch.zeros((), dtype=X.dtype, device=X.device)) * Pm
+    const = obs.sum(1).to(X.dtype) * LOG_2PI + (obs * torch.log(tab.var)).sum(1) + (Px * torch.nan_to_num(X)).sum(1)
+    patterns, inverse = torch.unique(obs, dim=0, return_inverse=True)
+    shared = patterns.shape[0] <= n // 2
+    Pg = patterns / tab.var if shared else Pm
+    tri = [(i, j) for i in range(S) for j in range(i + 1)]
+    K = len(tri) + S + 1
+    log_kappa = torch.empty((n, R), dtype=X.dtype, device=X.device)
+    v_out = torch.empty((n, S, R), dtype=X.dtype, device=X.device)
+    L_out = torch.zeros((n, S, S, R), dtype=X.dtype, device=X.device)
+    for start in range(0, R, region_chunk):
+        stop = min(start + region_chunk, R)
+        A, b = tab.region_affine(torch.arange(start, stop, device=X.device))   # (B, D, S), (B, D)
+        B = stop - start
+        T1 = torch.empty((D, K, B), dtype=X.dtype, device=X.device)
+        for k, (i, j) in enumerate(tri):
+            T1[:, k] = (A[:, :, i] * A[:, :, j]).T
+        T1[:, len(tri):-1] = -(b[:, :, None] * A).permute(1, 2, 0)
+        T1[:, -1] = (b * b).T
+        T2 = torch.cat([A.permute(1, 2, 0), -2 * b.T[:, None]], dim=1)          # (D, S + 1, B)
+        g = (Pg @ T1.view(D, -1)).view(-1, K, B)
+        if shared:
+            g = g[inverse]
+        h = (Px @ T2.reshape(D, -1)).view(n, S + 1, B)
+        lam = {(i, j): g[:, k] + 1.0 if i == j else g[:, k] for k, (i, j) in enumerate(tri)}
+        L, v, logdet = _entrywise_cholesky(lam, [h[:, s] + g[:, len(tri) + s] for s in range(S)])
+        vv = sum(vs * vs for vs in v)
+        log_kappa[:, start:stop] = -0.5 * (const[:, None] + logdet + (h[:, S] + g[:, -1]) - vv)
+        for (i, j), Lij in L.items():
+            L_out[:, i, j, start:stop] = Lij
+        for s in range(S):
+            v_out[:, s, start:stop] = v[s]
+    return log_kappa, v_out, L_out
 
 
-def _facet_std(L: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Posterior std of each facet's normal direction, sqrt(G_k Lambda^-1 G_k^T).
-
-    L (..., B, S, S) chol of Lambda, G (B, F, S) -> (..., B, F).
-    """
-    v = torch.linalg.solve_triangular(L, G.transpose(-1, -2).expand(*L.shape[:-2], -1, -1), upper=False)
-    return torch.linalg.vector_norm(v, dim=-2)
-
-
-def _log_phi_bound(tab: RegionTable, mu: torch.Tensor, std: torch.Tensor, regions: torch.Tensor):
-    """Upper bound on log Phi_w: the Gaussian mass on the side of one facet, minimised over facets.
-
-    mu (N, B, S), std (N or 1, B, F) -> (N, B).
-    """
-    slack = tab.h_t[regions] - torch.einsum("bfs,nbs->nbf", tab.G_t[regions], mu)
-    z = torch.where(tab.mask_t[regions], slack / std, torch.inf)
-    if z.shape[-1] == 0:
-        return torch.zeros(z.shape[:2], dtype=z.dtype, device=z.device)
-    return torch.special.log_ndtr(z.min(dim=-1).values)          # log_ndtr is increasing
+def _entrywise_cholesky(lam: dict, y: list):
+    """Cholesky factors and forward solves of many small S x S systems stored entrywise:
+    lam {(i, j): tensor (...)} for i >= j the lower triangle of Lambda, y [tensor (...)] * S.
+    Returns L {(i, j): (...)} with Lambda = L L^T, v = L^-1 y [(...)] * S and log det Lambda
+    (...).  Elementwise arithmetic, so tiny S (1..4) costs what a few vector ops do."""
+    S = len(y)
+    L = {}
+    for j in range(S):
+        L[j, j] = torch.sqrt(lam[j, j] - sum(L[j, k] * L[j, k] for k in range(j)))
+        for i in range(j + 1, S):
+            L[i, j] = (lam[i, j] - sum(L[i, k] * L[j, k] for k in range(j))) / L[j, j]
+    v = []
+    for i in range(S):
+        v.append((y[i] - sum(L[i, k] * v[k] for k in range(i))) / L[i, i])
+    logdet = 2 * sum(torch.log(L[i, i]) for i in range(S))
+    return L, v, logdet
 
 
-def _dense_bounds(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
-    """log kappa (N, R) and a certified upper bound >= log(kappa Phi) for every pair.
+def _pair_moments_incomplete(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
+                             max_bytes: float = 2e8):
+    """(row, region) pairs of rows with missing entries (NaN): X (N, D), rows, regions (P,)
+    -> y = A_w^T P_o (x - b_w) (P, S) and L (P, S, S), Lambda_w,o = L L^T, batched over the
+    pairs in chunks of at most max_bytes of region maps."""
+    P, S, D = rows.numel(), tab.S, tab.D
+    y = torch.empty((P, S), dtype=X.dtype, device=X.device)
+    L = torch.empty((P, S, S), dtype=X.dtype, device=X.device)
+    step = int(max(1, max_bytes // (8.0 * D * (2 * S + 3))))
+    eye = torch.eye(S, dtype=X.dtype, device=X.device)
+    for start in range(0, P, step):
+        sl = slice(start, min(start + step, P))
+        A, b = tab.region_affine(regions[sl])                          # (p, D, S), (p, D)
+        x = X[rows[sl]]
+        obs = ~torch.isnan(x)
+        PA = A * (obs / tab.var)[..., None]
+        y[sl] = torch.einsum("pds,pd->ps", PA, torch.where(obs, x - b, torch.zeros((), dtype=X.dtype)))
+        L[sl] = torch.linalg.cholesky(eye + PA.transpose(1, 2) @ A)
+    return y, L
 
-    Complete rows: the bound is log kappa itself (Phi <= 1), refined per pair by
-    ``_facet_bound`` only where it matters; v (N, S, R) as in ``_log_kappa_complete``.
-    Incomplete rows: the one-facet bound of ``_log_phi_bound`` directly; v is None.
-    """
-    if complete:
-        log_kappa, v = _log_kappa_complete(tab, X)
-        return log_kappa, log_kappa, v
-    kappas, bounds = [], []
-    for start in range(0, tab.n_regions, region_chunk):
-        idx = torch.arange(start, min(start + region_chunk, tab.n_regions), device=X.device)
-        lk, y, L = _moments_incomplete(tab, X, idx)
-        mu = torch.cholesky_solve(y[..., None], L)[..., 0]
-        kappas.append(lk)
-        bounds.append(lk + _log_phi_bound(tab, mu, _facet_std(L, tab.G_t[idx]), idx))
-    log_kappa = torch.cat(kappas, dim=1)
-    return log_kappa, torch.cat(bounds, dim=1), None
+
+def _pair_facets(tab: RegionTable, L: torch.Tensor, regions: torch.Tensor):
+    """``_whitened_facets`` of pairs whose posterior precision has its own factor L (P, S, S)
+    (rows with missing entries): GC_unit (P, F, S), h_unit (P, F), real (P, F)."""
+    return _whitened_facets(tab.G_t[regions], tab.h_t[regions], tab.mask_t[regions], _inverse_transpose(L))
 
 
-def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """log of the largest one-facet mass bound, min_k Phi(slack_k / std_k), for complete-row
-    pairs: v (P, S) whitened posterior means of regions (P,) -> (P,)."""
+def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facets=None) -> torch.Tensor:
+    """log of the largest one-facet mass bound, min_k Phi(slack_k / std_k), for pairs with
+    whitened posterior means v (P, S) in regions (P,) -> (P,).  facets: the pairs' own
+    whitened facets (GC_unit, h_unit, real) (``_pair_facets``, rows with missing entries);
+    None: the regions' (complete rows)."""
     if tab.h_unit.shape[-1] == 0:
         return torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-    z = tab.h_unit[regions] - (tab.GC_unit[regions] @ v[:, :, None])[..., 0]
+    GC_unit, h_unit = (tab.GC_unit[regions], tab.h_unit[regions]) if facets is None else facets[:2]
+    z = h_unit - (GC_unit @ v[:, :, None])[..., 0]
     return torch.special.log_ndtr(z.min(dim=-1).values)
 
 
-def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """log Phi(-r) >= log Phi_w for complete-row pairs with S = 2 or 3, r the distance from
-    the posterior mean to the region in the whitened frame (0 inside): the region lies
-    beyond the (hyper)plane through its nearest point.  v (P, S) -> (P,).
+def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None) -> np.ndarray:
+    """log Phi(-r) >= log Phi_w for pairs with S = 2 or 3, r the distance from the
+    posterior mean to the region in the whitened frame (0 inside): the region lies
+    beyond the (hyper)plane through its nearest point.  v (P, S) -> (P,).  polygons: at
+    S = 2 the pairs' own whitened polygons (``_whitened_polygons``; rows with missing
+    entries), None: the regions' (complete rows; S = 3 needs these).
 
     S = 2: the nearest point is on a facet the mean violates, so r = min over such facets
     of the distance to their segment.  S = 3: ``edges.distance_to_polyhedron``, and for a
@@ -301,7 +352,7 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -
         if tab.degenerate is not None:                 # a missed edge could shrink the volume
             log_volume = np.where(tab.degenerate[regions], np.inf, log_volume)
         return np.minimum(np.where(dist > 0, log_ndtr(-r), 0.0), log_volume - 1.5 * LOG_2PI - 0.5 * r * r)
-    _, c, t_lo, t_hi, live, real = _translated(tab, v, regions)
+    _, c, t_lo, t_hi, live, real = _translated(tab, v, regions, polygons)
     with np.errstate(invalid="ignore"):
         t = np.clip(0.0, t_lo, t_hi)                                  # the segment point nearest the foot
     r2 = np.where(live & (c < 0), c * c + t * t, np.inf).min(-1)
@@ -310,11 +361,12 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -
 
 
 def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                  complete: bool, v_dense: torch.Tensor | None = None):
+                  complete: bool, v_dense: torch.Tensor | None = None, L_dense: torch.Tensor | None = None):
     """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1.
 
     Returns v (P, S), C (P, S, S), L (P, S, S).  v_dense (N, S, R) from
-    ``_log_kappa_complete`` saves recomputing v for complete rows.
+    ``_log_kappa_complete`` (and L_dense (N, S, S, R) from ``_log_kappa_incomplete``)
+    save recomputing them.
     """
     if complete:
         if v_dense is not None:
@@ -326,15 +378,11 @@ def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions
             xaug = torch.cat([xhat, torch.ones_like(xhat[:, :1]), torch.zeros_like(xhat[:, :1])], dim=1)
             v = torch.einsum("hsp,ph->ps", MC[:, :, regions], xaug[rows])
         return v, tab.C[regions], tab.chol_lambda[regions]
-    # One row at a time against its own regions keeps memory at O(pairs).
-    S = tab.S
-    y = torch.empty((rows.numel(), S), dtype=X.dtype, device=X.device)
-    L = torch.empty((rows.numel(), S, S), dtype=X.dtype, device=X.device)
-    for r in torch.unique(rows):
-        sel = torch.nonzero(rows == r)[:, 0]
-        _, y_r, L_r = _moments_incomplete(tab, X[r:r + 1], regions[sel])
-        y[sel], L[sel] = y_r[0], L_r[0]
-    v = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
+    if L_dense is not None:
+        v, L = v_dense[rows, :, regions], L_dense[rows, :, :, regions]
+    else:
+        y, L = _pair_moments_incomplete(tab, X, rows, regions)
+        v = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
     return v, _inverse_transpose(L), L
 
 
@@ -386,11 +434,12 @@ def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, m
                            tab.polygon_size[regions], _translated(tab, v, regions))
 
 
-def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray):
-    """The whitened polygons of regions (P,) translated by -v (P, 2), as ``polygon_moments``
-    takes them: a, c, t_lo, t_hi, live, real (P, F, ...).  Translating by -v moves each
-    facet's offset by -a.v and its segment by -d.v."""
-    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
+def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None):
+    """The whitened polygons of regions (P,) (or the pairs' own ``polygons``, see
+    ``_whitened_polygons``) translated by -v (P, 2), as ``polygon_moments`` takes them:
+    a, c, t_lo, t_hi, live, real (P, F, ...).  Translating by -v moves each facet's offset
+    by -a.v and its segment by -d.v."""
+    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons) if polygons is None else polygons
     av, dv = np.einsum("pfs,ps->pf", a, v), np.einsum("pfs,ps->pf", d, v)
     return a, c0 - av, t_lo - dv, t_hi - dv, live, real
 
@@ -490,14 +539,16 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
 def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget=None):
     """The (row, region) pairs of rows Xt (n, D) that p(x) needs to a relative rtol, integrated.
 
-    Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
-    within reach are *listed* and, for complete rows, get the sharper facet bound
-    (``_facet_bound``); listed pairs are integrated in decreasing bound order, margins
+    Every pair has a cheap dense bound, log kappa (Phi <= 1; ``_log_kappa_complete``,
+    ``_log_kappa_incomplete``).  Pairs whose dense bound is within reach are *listed* and
+    get the sharper facet bound (``_facet_bound``; rows with missing entries with their
+    pairs' own whitened facets, ``_pair_facets``); listed pairs are integrated in
+    decreasing bound order, margins
     -log(rtol) + 3, then doubling (S >= 3: 8 nats first, for an estimate of p, and each
     round leaves out the smallest bounds that together fit in half of rtol p); for S = 2 and 3 a
     pair about to be integrated first gets the nearest-point bound
-    (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound),
-    which often lets it be skipped after all.
+    (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound;
+    rows with missing entries: S = 2 only), which often lets it be skipped after all.
     A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
@@ -506,7 +557,12 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     """
     n, R = Xt.shape[0], tab.n_regions
     dev = Xt.device
-    log_kappa, dense, v_dense = _dense_bounds(tab, Xt, complete, region_chunk)
+    if complete:
+        (log_kappa, v_dense), L_dense = _log_kappa_complete(tab, Xt), None
+    else:
+        log_kappa, v_dense, L_dense = _log_kappa_incomplete(tab, Xt, region_chunk)
+    dense = log_kappa
+    nearest = tab.has_nearest and (complete or tab.S == 2)
     log_rtol = float(np.log(rtol))
     first = -log_rtol + 3.0
     log_R = float(np.log(R))
@@ -537,8 +593,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             rows = active[rows]
             listed_to[active] = list_thr[active]
             bound = dense[rows, regions]
-            if complete:
-                bound = bound + _facet_bound(tab, v_dense[rows, :, regions], regions)
+            facets = None if complete else _pair_facets(tab, L_dense[rows, :, :, regions], regions)
+            bound = bound + _facet_bound(tab, v_dense[rows, :, regions], regions, facets)
             l_rows, l_regions = torch.cat([l_rows, rows]), torch.cat([l_regions, regions])
             l_bound = torch.cat([l_bound, bound])
             l_taken = torch.cat([l_taken, torch.zeros_like(rows, dtype=torch.bool)])
@@ -557,14 +613,18 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 with np.errstate(invalid="ignore"):
                     left = torch.where(below < half, half + torch.log1p(-torch.exp(below - half)), -torch.inf)
                 take &= ~_smallest_within(l_rows, l_bound, take, left, n)
-            # Before integrating, the sharper nearest-point bound (S = 2 and 3, complete rows).
-            sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if complete and tab.has_nearest else []
+            # Before integrating, the sharper nearest-point bound (S = 2 and 3).
+            sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if nearest else []
             if len(sharpen) == 0:
                 break
             rows, regions = l_rows[sharpen], l_regions[sharpen]
             v_near, r_near = v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy()
-            near = np.concatenate([_nearest_point_bound(tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk])
-                                   for i in range(0, r_near.size, pair_chunk)])
+            near = []
+            for i in range(0, r_near.size, pair_chunk):
+                polygons = None if complete else _whitened_polygons(*_pair_facets(
+                    tab, L_dense[rows[i:i + pair_chunk], :, :, regions[i:i + pair_chunk]], regions[i:i + pair_chunk]))[0]
+                near.append(_nearest_point_bound(tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk], polygons))
+            near = np.concatenate(near)
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True
         take_idx = torch.nonzero(take)[:, 0]
@@ -572,7 +632,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             stop_check()
             sel = take_idx[p0:p0 + pair_chunk]
             rows, regions = l_rows[sel], l_regions[sel]
-            v, C, _ = _pair_factors(tab, Xt, rows, regions, complete, v_dense)
+            v, C, _ = _pair_factors(tab, Xt, rows, regions, complete, v_dense, L_dense)
             log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments, complete,
                                                         poly_budget)
             logw = log_kappa[rows, regions].cpu().numpy() + log_phi
