@@ -129,7 +129,15 @@ class RegionTable:
         if S == 2 and real.any():
             # Each region's whitened polygon (v = 0) and its facet segments, once: a pair
             # with whitened mean v sees the same polygon translated by -v.
-            self.polygons, self.polygon_size = _whitened_polygons(self.GC_unit, self.h_unit, real)
+            # Real facets first, so that pairs can be grouped by their facet count.
+            real_np = real.cpu().numpy()
+            order = np.argsort(~real_np, axis=1, kind="stable")
+            real_np = np.take_along_axis(real_np, order, 1)
+            a = np.take_along_axis(self.GC_unit.cpu().numpy(), order[..., None], 1)
+            c0 = np.where(real_np, np.take_along_axis(self.h_unit.cpu().numpy(), order, 1), 0.0)
+            t_lo, t_hi, live = facet_segments(a, c0, real_np)
+            self.polygons = (a, np.stack([-a[..., 1], a[..., 0]], -1), c0, t_lo, t_hi, live, real_np)
+            self.polygon_size = real_np.sum(1)
         self.polyhedra = None
         self.has_nearest = self.polygons is not None
         if S == 3 and real.any():
@@ -157,20 +165,6 @@ def _whitened_facets(G: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, C: to
     GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
     h_unit = torch.where(real, h / torch.where(real, norm, 1.0), torch.inf)
     return GC_unit, h_unit, real
-
-
-def _whitened_polygons(GC_unit: torch.Tensor, h_unit: torch.Tensor, real: torch.Tensor):
-    """S = 2: whitened polygons at v = 0 (``_whitened_facets`` of B regions or pairs) with
-    their facet segments, real facets first (so that they can be grouped by facet count):
-    (a, d, c0, t_lo, t_hi, live, real) (B, F, ...) as ``polygon_moments`` takes them, and
-    the facet counts (B,)."""
-    real_np = real.cpu().numpy()
-    order = np.argsort(~real_np, axis=1, kind="stable")
-    real_np = np.take_along_axis(real_np, order, 1)
-    a = np.take_along_axis(GC_unit.cpu().numpy(), order[..., None], 1)
-    c0 = np.where(real_np, np.take_along_axis(h_unit.cpu().numpy(), order, 1), 0.0)
-    t_lo, t_hi, live = facet_segments(a, c0, real_np)
-    return (a, np.stack([-a[..., 1], a[..., 0]], -1), c0, t_lo, t_hi, live, real_np), real_np.sum(1)
 
 
 def _edges_in_groups(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096) -> Edges:
@@ -222,99 +216,156 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
 
 
 def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
-    """Rows X (n, D) with missing entries (NaN) against every region -> log kappa (n, R),
-    whitened posterior means v = L^-1 y (n, S, R) and L (n, S, S, R), the lower Cholesky
-    factor of Lambda_w,o = I + A_w^T P_o A_w (mu_w(x) = L^-T v, as ``_log_kappa_complete``).
+    """Rows X (n, D) with missing entries (NaN) against every region -> log kappa (n, R) and
+    the pairs' posterior statistics (n, S (S + 1) / 2 + S, R): the lower triangle of
+    Lambda_w,o = I + A_w^T P_o A_w (row by row) and y = A_w^T P_o (x - b_w)
+    (``_stats_factors`` turns them into v and L of chosen pairs).
 
     With the 0/1 mask m of a row's observed entries, P_o = diag(m / sigma^2), x0 = m * x:
         Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T P_o x0 - A_w^T P_o b_w,
         |x - b_w|^2_{P_o} = x0' P_o x0 - 2 b_w . P_o x0 + b_w' P_o b_w,
     so all (row, region) terms of a region chunk are two products in data space,
-    P_o (n, D) @ [A_wi A_wj, -b_w A_w, b_w^2] and P_o x0 (n, D) @ [A_w, -2 b_w], followed
-    by S x S Cholesky factors computed entrywise (``_entrywise_cholesky``).  Rows that share
-    a missing pattern share the first product.
+    P_o (n, D) @ [A_wi A_wj, -b_w A_w, b_w^2] and P_o x0 (n, D) @ [A_w, -2 b_w], followed by
+    y' Lambda^-1 y and log det Lambda from an entrywise LDL^T (``_entrywise_ldl``).  Rows
+    that share a missing pattern share the first product.  Region chunks are kept small
+    enough for the (n, chunk) planes to stay in cache.
     """
     n, D, S, R = X.shape[0], tab.D, tab.S, tab.n_regions
+    dev, dt = X.device, X.dtype
     obs = ~torch.isnan(X)
     Pm = obs / tab.var                                                 # (n, D) precision on observed
-    Px = torch.where(obs, X, torch.zeros((), dtype=X.dtype, device=X.device)) * Pm
-    const = obs.sum(1).to(X.dtype) * LOG_2PI + (obs * torch.log(tab.var)).sum(1) + (Px * torch.nan_to_num(X)).sum(1)
+    Px = torch.where(obs, X, torch.zeros((), dtype=dt, device=dev)) * Pm
+    const = obs.sum(1).to(dt) * LOG_2PI + (obs * torch.log(tab.var)).sum(1) + (Px * torch.nan_to_num(X)).sum(1)
     patterns, inverse = torch.unique(obs, dim=0, return_inverse=True)
     shared = patterns.shape[0] <= n // 2
     Pg = patterns / tab.var if shared else Pm
     tri = [(i, j) for i in range(S) for j in range(i + 1)]
-    K = len(tri) + S + 1
-    log_kappa = torch.empty((n, R), dtype=X.dtype, device=X.device)
-    v_out = torch.empty((n, S, R), dtype=X.dtype, device=X.device)
-    L_out = torch.zeros((n, S, S, R), dtype=X.dtype, device=X.device)
-    for start in range(0, R, region_chunk):
-        stop = min(start + region_chunk, R)
-        A, b = tab.region_affine(torch.arange(start, stop, device=X.device))   # (B, D, S), (B, D)
+    T = len(tri)
+    log_kappa = torch.empty((n, R), dtype=dt, device=dev)
+    stats = torch.empty((n, T + S, R), dtype=dt, device=dev)
+    step = int(max(1, min(region_chunk, 2 ** 18 // max(n, 1))))
+    for start in range(0, R, step):
+        stop = min(start + step, R)
+        idx = torch.arange(start, stop, device=dev)
+        A = torch.einsum("dh,bhs->dsb", tab.U, tab.M[idx]).contiguous()   # (D, S, B)
+        b = tab.U @ tab.c[idx].T + tab.b0[:, None]                         # (D, B)
         B = stop - start
-        T1 = torch.empty((D, K, B), dtype=X.dtype, device=X.device)
+        T1 = torch.empty((D, T + S + 1, B), dtype=dt, device=dev)
         for k, (i, j) in enumerate(tri):
-            T1[:, k] = (A[:, :, i] * A[:, :, j]).T
-        T1[:, len(tri):-1] = -(b[:, :, None] * A).permute(1, 2, 0)
-        T1[:, -1] = (b * b).T
-        T2 = torch.cat([A.permute(1, 2, 0), -2 * b.T[:, None]], dim=1)          # (D, S + 1, B)
-        g = (Pg @ T1.view(D, -1)).view(-1, K, B)
+            torch.mul(A[:, i], A[:, j], out=T1[:, k])
+        torch.mul(A, -b[:, None], out=T1[:, T:T + S])
+        torch.mul(b, b, out=T1[:, -1])
+        T2 = torch.cat([A, -2 * b[:, None]], dim=1)                      # (D, S + 1, B)
+        g = (Pg @ T1.view(D, -1)).view(-1, T + S + 1, B)
         if shared:
             g = g[inverse]
-        h = (Px @ T2.reshape(D, -1)).view(n, S + 1, B)
-        lam = {(i, j): g[:, k] + 1.0 if i == j else g[:, k] for k, (i, j) in enumerate(tri)}
-        L, v, logdet = _entrywise_cholesky(lam, [h[:, s] + g[:, len(tri) + s] for s in range(S)])
-        vv = sum(vs * vs for vs in v)
-        log_kappa[:, start:stop] = -0.5 * (const[:, None] + logdet + (h[:, S] + g[:, -1]) - vv)
-        for (i, j), Lij in L.items():
-            L_out[:, i, j, start:stop] = Lij
-        for s in range(S):
-            v_out[:, s, start:stop] = v[s]
-    return log_kappa, v_out, L_out
+        h = (Px @ T2.view(D, -1)).view(n, S + 1, B)
+        st = stats[:, :, start:stop]
+        st[:, :T] = g[:, :T]
+        for k, (i, j) in enumerate(tri):
+            if i == j:
+                st[:, k] += 1.0
+        torch.add(g[:, T:T + S], h[:, :S], out=st[:, T:])
+        logdet, yy = _entrywise_ldl({ij: st[:, k] for k, ij in enumerate(tri)}, [st[:, T + s] for s in range(S)])
+        # -2 log kappa = const + log det Lambda + |x - b|^2_P - y' Lambda^-1 y
+        out = log_kappa[:, start:stop]
+        torch.add(h[:, S], g[:, -1], out=out)
+        out += const[:, None]
+        out += logdet
+        out -= yy
+        out *= -0.5
+    return log_kappa, stats
 
 
-def _entrywise_cholesky(lam: dict, y: list):
-    """Cholesky factors and forward solves of many small S x S systems stored entrywise:
-    lam {(i, j): tensor (...)} for i >= j the lower triangle of Lambda, y [tensor (...)] * S.
-    Returns L {(i, j): (...)} with Lambda = L L^T, v = L^-1 y [(...)] * S and log det Lambda
-    (...).  Elementwise arithmetic, so tiny S (1..4) costs what a few vector ops do."""
+def _entrywise_ldl(lam: dict, y: list):
+    """log det Lambda and y' Lambda^-1 y of many small S x S systems stored entrywise, by
+    Lambda = L' diag(d) L'^T (L' unit lower; no square roots): lam {(i, j): (...)} for
+    i >= j, y [(...)] * S -> (log det, y' Lambda^-1 y), each (...)."""
     S = len(y)
-    L = {}
+    Lu, d, w = {}, [], []
     for j in range(S):
-        L[j, j] = torch.sqrt(lam[j, j] - sum(L[j, k] * L[j, k] for k in range(j)))
+        d.append(lam[j, j] - sum(Lu[j, k] * Lu[j, k] * d[k] for k in range(j)) if j else lam[0, 0])
         for i in range(j + 1, S):
-            L[i, j] = (lam[i, j] - sum(L[i, k] * L[j, k] for k in range(j))) / L[j, j]
-    v = []
+            Lu[i, j] = (lam[i, j] - sum(Lu[i, k] * Lu[j, k] * d[k] for k in range(j))) / d[j]
     for i in range(S):
-        v.append((y[i] - sum(L[i, k] * v[k] for k in range(i))) / L[i, i])
-    logdet = 2 * sum(torch.log(L[i, i]) for i in range(S))
-    return L, v, logdet
+        w.append(y[i] - sum(Lu[i, k] * w[k] for k in range(i)) if i else y[0])
+    det, yy = d[0], w[0] * w[0] / d[0]
+    for i in range(1, S):
+        det = det * d[i]
+        yy = yy + w[i] * w[i] / d[i]
+    return torch.log(det), yy
+
+
+def _stats_factors(stats: torch.Tensor, S: int):
+    """Pairs' statistics (P, S (S + 1) / 2 + S) from ``_log_kappa_incomplete`` -> whitened
+    posterior means v = L^-1 y (P, S) and L (P, S, S), Lambda = L L^T."""
+    tri = [(i, j) for i in range(S) for j in range(i + 1)]
+    lam = torch.zeros((stats.shape[0], S, S), dtype=stats.dtype, device=stats.device)
+    for k, (i, j) in enumerate(tri):
+        lam[:, i, j] = lam[:, j, i] = stats[:, k]
+    L = torch.linalg.cholesky(lam)
+    v = torch.linalg.solve_triangular(L, stats[:, len(tri):, None], upper=False)[..., 0]
+    return v, L
 
 
 def _pair_moments_incomplete(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                             max_bytes: float = 2e8):
+                             max_bytes: float = 1e8):
     """(row, region) pairs of rows with missing entries (NaN): X (N, D), rows, regions (P,)
-    -> y = A_w^T P_o (x - b_w) (P, S) and L (P, S, S), Lambda_w,o = L L^T, batched over the
-    pairs in chunks of at most max_bytes of region maps."""
+    -> y = A_w^T P_o (x - b_w) (P, S) and L (P, S, S), Lambda_w,o = I + A_w^T P_o A_w = L L^T,
+    batched over the pairs (each distinct region's map computed once), in chunks of at most
+    max_bytes of gathered region maps."""
     P, S, D = rows.numel(), tab.S, tab.D
     y = torch.empty((P, S), dtype=X.dtype, device=X.device)
-    L = torch.empty((P, S, S), dtype=X.dtype, device=X.device)
+    lam = torch.empty((P, S, S), dtype=X.dtype, device=X.device)
+    uniq, inverse = torch.unique(regions, return_inverse=True)
+    A_u, b_u = tab.region_affine(uniq)                                 # (U, D, S), (U, D)
+    A_u = A_u.permute(2, 0, 1).contiguous()                            # (S, U, D): contiguous gathers
     step = int(max(1, max_bytes // (8.0 * D * (2 * S + 3))))
-    eye = torch.eye(S, dtype=X.dtype, device=X.device)
     for start in range(0, P, step):
         sl = slice(start, min(start + step, P))
-        A, b = tab.region_affine(regions[sl])                          # (p, D, S), (p, D)
-        x = X[rows[sl]]
+        inv, x = inverse[sl], X[rows[sl]]
+        A = [A_u[i][inv] for i in range(S)]                            # S x (p, D)
         obs = ~torch.isnan(x)
-        PA = A * (obs / tab.var)[..., None]
-        y[sl] = torch.einsum("pds,pd->ps", PA, torch.where(obs, x - b, torch.zeros((), dtype=X.dtype)))
-        L[sl] = torch.linalg.cholesky(eye + PA.transpose(1, 2) @ A)
-    return y, L
+        Pm = obs / tab.var
+        r = torch.where(obs, x - b_u[inv], torch.zeros((), dtype=X.dtype, device=X.device)) * Pm
+        for i in range(S):
+            y[sl, i] = (A[i] * r).sum(1)
+            PAi = A[i] * Pm
+            for j in range(i + 1):
+                lam[sl, i, j] = lam[sl, j, i] = (PAi * A[j]).sum(1) + (1.0 if i == j else 0.0)
+    return y, torch.linalg.cholesky(lam)
 
 
 def _pair_facets(tab: RegionTable, L: torch.Tensor, regions: torch.Tensor):
     """``_whitened_facets`` of pairs whose posterior precision has its own factor L (P, S, S)
     (rows with missing entries): GC_unit (P, F, S), h_unit (P, F), real (P, F)."""
     return _whitened_facets(tab.G_t[regions], tab.h_t[regions], tab.mask_t[regions], _inverse_transpose(L))
+
+
+def _pair_polygons(tab: RegionTable, L: np.ndarray, regions: np.ndarray):
+    """S = 2: the whitened polygons (v = 0) of pairs whose posterior precision has its own
+    factor L (P, 2, 2) (rows with missing entries), as ``RegionTable.polygons``, mapped from
+    their regions' precomputed polygons instead of recomputing the facet segments.
+
+    The pair's whitened frame is u' = C_p^-1 z = T u, T = C_p^-1 C_w = L^T C_w, u the
+    region's.  A facet a . u <= c0 becomes (a T^-1) . u' <= c0 (normalised), and its
+    segment point c0 a + t d maps to T (c0 a + t d), so t' = c0 d'.T a + t d'.T d with
+    d'.T d > 0 (det T > 0 keeps the orientation): rays stay rays, empty segments empty."""
+    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
+    T = (np.swapaxes(L, 1, 2) @ tab.C[regions].cpu().numpy())[:, None]   # (P, 1, 2, 2)
+    Tinv = np.linalg.inv(T)
+    # 2 x 2 products written out: np.einsum / matmul are slow on many tiny matrices
+    apply = lambda M, u: (M[..., 0, 0] * u[..., 0] + M[..., 0, 1] * u[..., 1],
+                          M[..., 1, 0] * u[..., 0] + M[..., 1, 1] * u[..., 1])
+    n0, n1 = apply(np.swapaxes(Tinv, -1, -2), a)                        # a T^-1
+    norm = np.where(real, np.hypot(n0, n1), 1.0)
+    a2 = np.where(real[..., None], np.stack([n0 / norm, n1 / norm], -1), 0.0)
+    d2 = np.stack([-a2[..., 1], a2[..., 0]], -1)
+    dot = lambda u: u[0] * d2[..., 0] + u[1] * d2[..., 1]
+    shift, scale = c0 * dot(apply(T, a)), dot(apply(T, d))
+    with np.errstate(invalid="ignore"):
+        move = lambda t: np.where(real, np.where(np.isfinite(t), shift + t * scale, t), 0.0)
+        return a2, d2, np.where(real, c0 / norm, 0.0), move(t_lo), move(t_hi), live, real
 
 
 def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facets=None) -> torch.Tensor:
@@ -333,7 +384,7 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
     """log Phi(-r) >= log Phi_w for pairs with S = 2 or 3, r the distance from the
     posterior mean to the region in the whitened frame (0 inside): the region lies
     beyond the (hyper)plane through its nearest point.  v (P, S) -> (P,).  polygons: at
-    S = 2 the pairs' own whitened polygons (``_whitened_polygons``; rows with missing
+    S = 2 the pairs' own whitened polygons (``_pair_polygons``; rows with missing
     entries), None: the regions' (complete rows; S = 3 needs these).
 
     S = 2: the nearest point is on a facet the mean violates, so r = min over such facets
@@ -361,12 +412,12 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
 
 
 def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                  complete: bool, v_dense: torch.Tensor | None = None, L_dense: torch.Tensor | None = None):
+                  complete: bool, v_dense: torch.Tensor | None = None, stats: torch.Tensor | None = None):
     """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1.
 
     Returns v (P, S), C (P, S, S), L (P, S, S).  v_dense (N, S, R) from
-    ``_log_kappa_complete`` (and L_dense (N, S, S, R) from ``_log_kappa_incomplete``)
-    save recomputing them.
+    ``_log_kappa_complete`` (stats (N, K, R) from ``_log_kappa_incomplete``) saves
+    recomputing them.
     """
     if complete:
         if v_dense is not None:
@@ -378,8 +429,8 @@ def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions
             xaug = torch.cat([xhat, torch.ones_like(xhat[:, :1]), torch.zeros_like(xhat[:, :1])], dim=1)
             v = torch.einsum("hsp,ph->ps", MC[:, :, regions], xaug[rows])
         return v, tab.C[regions], tab.chol_lambda[regions]
-    if L_dense is not None:
-        v, L = v_dense[rows, :, regions], L_dense[rows, :, :, regions]
+    if stats is not None:
+        v, L = _stats_factors(stats[rows, :, regions], tab.S)
     else:
         y, L = _pair_moments_incomplete(tab, X, rows, regions)
         v = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
@@ -401,18 +452,19 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
-                       moments: bool, complete: bool, memory_budget: float | None = None):
+                       moments: bool, complete: bool, memory_budget: float | None = None, polygons=None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
     complete rows (C fixed per region) and S = 2 that is the region's precomputed
-    whitened polygon translated by -v.  Returns log Phi (P,), E[z|w] (P, S),
+    whitened polygon translated by -v; rows with missing entries may pass their pairs'
+    own whitened polygons (``_pair_polygons``).  Returns log Phi (P,), E[z|w] (P, S),
     Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
     integrals' working arrays.
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
-    if complete and tab.polygons is not None:
-        res = _translated_polygons(tab, v, regions, moments)
+    if (complete and tab.polygons is not None) or polygons is not None:
+        res = _translated_polygons(tab, v, regions, moments, polygons)
     else:
         A = tab.G[regions] @ C
         b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
@@ -427,16 +479,16 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     return log_phi, mean, cov, res.stderr
 
 
-def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool):
-    """``polygon_moments`` of each region's whitened polygon translated by -v (P, S), in
-    groups of equal facet count (padding dropped)."""
+def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool, polygons=None):
+    """``polygon_moments`` of each region's whitened polygon (or the pairs' own
+    ``polygons``) translated by -v (P, S), in groups of equal facet count (padding dropped)."""
     return solve_in_groups(lambda *x: _in_threads(polygon_moments, *x, moments=moments),
-                           tab.polygon_size[regions], _translated(tab, v, regions))
+                           tab.polygon_size[regions], _translated(tab, v, regions, polygons))
 
 
 def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None):
     """The whitened polygons of regions (P,) (or the pairs' own ``polygons``, see
-    ``_whitened_polygons``) translated by -v (P, 2), as ``polygon_moments`` takes them:
+    ``_pair_polygons``) translated by -v (P, 2), as ``polygon_moments`` takes them:
     a, c, t_lo, t_hi, live, real (P, F, ...).  Translating by -v moves each facet's offset
     by -a.v and its segment by -d.v."""
     a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons) if polygons is None else polygons
@@ -558,11 +610,16 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     n, R = Xt.shape[0], tab.n_regions
     dev = Xt.device
     if complete:
-        (log_kappa, v_dense), L_dense = _log_kappa_complete(tab, Xt), None
+        (log_kappa, v_dense), stats = _log_kappa_complete(tab, Xt), None
     else:
-        log_kappa, v_dense, L_dense = _log_kappa_incomplete(tab, Xt, region_chunk)
+        (log_kappa, stats), v_dense = _log_kappa_incomplete(tab, Xt, region_chunk), None
     dense = log_kappa
     nearest = tab.has_nearest and (complete or tab.S == 2)
+
+    def factors(rows, regions):
+        """Whitened posterior means v (P, S) of pairs and, for rows with missing entries,
+        the factors L (P, S, S) of their own precisions (None for complete rows)."""
+        return (v_dense[rows, :, regions], None) if complete else _stats_factors(stats[rows, :, regions], tab.S)
     log_rtol = float(np.log(rtol))
     first = -log_rtol + 3.0
     log_R = float(np.log(R))
@@ -593,8 +650,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             rows = active[rows]
             listed_to[active] = list_thr[active]
             bound = dense[rows, regions]
-            facets = None if complete else _pair_facets(tab, L_dense[rows, :, :, regions], regions)
-            bound = bound + _facet_bound(tab, v_dense[rows, :, regions], regions, facets)
+            v, L = factors(rows, regions)
+            bound = bound + _facet_bound(tab, v, regions, None if complete else _pair_facets(tab, L, regions))
             l_rows, l_regions = torch.cat([l_rows, rows]), torch.cat([l_regions, regions])
             l_bound = torch.cat([l_bound, bound])
             l_taken = torch.cat([l_taken, torch.zeros_like(rows, dtype=torch.bool)])
@@ -618,13 +675,13 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             if len(sharpen) == 0:
                 break
             rows, regions = l_rows[sharpen], l_regions[sharpen]
-            v_near, r_near = v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy()
-            near = []
-            for i in range(0, r_near.size, pair_chunk):
-                polygons = None if complete else _whitened_polygons(*_pair_facets(
-                    tab, L_dense[rows[i:i + pair_chunk], :, :, regions[i:i + pair_chunk]], regions[i:i + pair_chunk]))[0]
-                near.append(_nearest_point_bound(tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk], polygons))
-            near = np.concatenate(near)
+            v_near, L_near = factors(rows, regions)
+            v_near, r_near = v_near.cpu().numpy(), regions.cpu().numpy()
+            L_near = None if complete else L_near.cpu().numpy()
+            near = np.concatenate([_nearest_point_bound(
+                tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk],
+                None if complete else _pair_polygons(tab, L_near[i:i + pair_chunk], r_near[i:i + pair_chunk]))
+                for i in range(0, r_near.size, pair_chunk)])
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True
         take_idx = torch.nonzero(take)[:, 0]
@@ -632,9 +689,10 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             stop_check()
             sel = take_idx[p0:p0 + pair_chunk]
             rows, regions = l_rows[sel], l_regions[sel]
-            v, C, _ = _pair_factors(tab, Xt, rows, regions, complete, v_dense, L_dense)
-            log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments, complete,
-                                                        poly_budget)
+            v, C, L = _pair_factors(tab, Xt, rows, regions, complete, v_dense, stats)
+            r_np = regions.cpu().numpy()
+            polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(), r_np)
+            log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget, polygons)
             logw = log_kappa[rows, regions].cpu().numpy() + log_phi
             found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se))
             log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))
