@@ -83,9 +83,10 @@ def test_missing_entries_equal_the_model_without_those_outputs():
     X = model.sample(15, seed=12)
     rng = np.random.default_rng(13)
     miss = np.zeros(X.shape, bool)
-    miss[0:4, [1, 4]] = True                       # one pattern, four rows
-    miss[4:8] = True
-    miss[4:8, [2, 5]] = False                      # another, two observed entries
+    A, B = [0, 1, 3, 6], [2, 4, 5, 7]              # two patterns, four rows each, interleaved
+    miss[np.ix_(A, [1, 4])] = True
+    miss[B] = True
+    miss[np.ix_(B, [2, 5])] = False                # two observed entries
     miss[8] = np.arange(D) != 3                    # one observed entry
     miss[9, 7] = True                              # one missing entry
     for n in range(10, 15):                        # unique patterns
