@@ -222,13 +222,13 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
     (``_stats_factors`` turns them into v and L of chosen pairs).
 
     With the 0/1 mask m of a row's observed entries, P_o = diag(m / sigma^2), x0 = m * x:
-        Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T P_o x0 - A_w^T P_o b_w,
+        Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T (P_o x0) - (b_w A_w)^T P_o,
         |x - b_w|^2_{P_o} = x0' P_o x0 - 2 b_w . P_o x0 + b_w' P_o b_w,
     so all (row, region) terms of a region chunk are two products in data space,
-    P_o (n, D) @ [A_wi A_wj, -b_w A_w, b_w^2] and P_o x0 (n, D) @ [A_w, -2 b_w], followed by
-    y' Lambda^-1 y and log det Lambda from an entrywise LDL^T (``_entrywise_ldl``).  Rows
-    that share a missing pattern share the first product.  Region chunks are kept small
-    enough for the (n, chunk) planes to stay in cache.
+    [P_o, 1] (n, D + 1) @ [A_wi A_wj; I_ij] and [P_o, P_o x0] (n, 2 D) @ [-b_w A_w, b_w^2;
+    A_w, -2 b_w], followed by y' Lambda^-1 y and log det Lambda from an entrywise LDL^T
+    (``_entrywise_ldl``).  Rows that share a missing pattern share the first product.
+    Region chunks are kept small enough for the (n, chunk) planes to stay in cache.
     """
     n, D, S, R = X.shape[0], tab.D, tab.S, tab.n_regions
     dev, dt = X.device, X.dtype
@@ -239,6 +239,8 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
     patterns, inverse = torch.unique(obs, dim=0, return_inverse=True)
     shared = patterns.shape[0] <= n // 2
     Pg = patterns / tab.var if shared else Pm
+    Pg = torch.cat([Pg, torch.ones_like(Pg[:, :1])], dim=1)           # the identity of Lambda
+    Z = torch.cat([Pm, Px], dim=1)
     tri = [(i, j) for i in range(S) for j in range(i + 1)]
     T = len(tri)
     log_kappa = torch.empty((n, R), dtype=dt, device=dev)
@@ -250,27 +252,24 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
         A = torch.einsum("dh,bhs->dsb", tab.U, tab.M[idx]).contiguous()   # (D, S, B)
         b = tab.U @ tab.c[idx].T + tab.b0[:, None]                         # (D, B)
         B = stop - start
-        T1 = torch.empty((D, T + S + 1, B), dtype=dt, device=dev)
+        gram_table = torch.zeros((D + 1, T, B), dtype=dt, device=dev)
         for k, (i, j) in enumerate(tri):
-            torch.mul(A[:, i], A[:, j], out=T1[:, k])
-        torch.mul(A, -b[:, None], out=T1[:, T:T + S])
-        torch.mul(b, b, out=T1[:, -1])
-        T2 = torch.cat([A, -2 * b[:, None]], dim=1)                      # (D, S + 1, B)
-        g = (Pg @ T1.view(D, -1)).view(-1, T + S + 1, B)
-        if shared:
-            g = g[inverse]
-        h = (Px @ T2.view(D, -1)).view(n, S + 1, B)
+            torch.mul(A[:, i], A[:, j], out=gram_table[:D, k])
+            gram_table[D, k] = float(i == j)
+        lin_table = torch.empty((2 * D, S + 1, B), dtype=dt, device=dev)
+        torch.mul(A, -b[:, None], out=lin_table[:D, :S])
+        torch.mul(b, b, out=lin_table[:D, S])
+        lin_table[D:, :S] = A
+        torch.mul(b, -2.0, out=lin_table[D:, S])
+        gram = (Pg @ gram_table.view(D + 1, -1)).view(-1, T, B)
+        lin = (Z @ lin_table.view(2 * D, -1)).view(n, S + 1, B)
         st = stats[:, :, start:stop]
-        st[:, :T] = g[:, :T]
-        for k, (i, j) in enumerate(tri):
-            if i == j:
-                st[:, k] += 1.0
-        torch.add(g[:, T:T + S], h[:, :S], out=st[:, T:])
+        st[:, :T] = gram[inverse] if shared else gram
+        st[:, T:] = lin[:, :S]
         logdet, yy = _entrywise_ldl({ij: st[:, k] for k, ij in enumerate(tri)}, [st[:, T + s] for s in range(S)])
         # -2 log kappa = const + log det Lambda + |x - b|^2_P - y' Lambda^-1 y
         out = log_kappa[:, start:stop]
-        torch.add(h[:, S], g[:, -1], out=out)
-        out += const[:, None]
+        torch.add(lin[:, S], const[:, None], out=out)
         out += logdet
         out -= yy
         out *= -0.5
