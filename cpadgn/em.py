@@ -137,13 +137,15 @@ def region_stats(pair_row, pair_region, pair_responsibility, pair_mean, pair_cov
         sxx += np.broadcast_to(np.asarray(var, dtype=np.float64), (D,)) * miss.sum(0)
         pairs = np.flatnonzero(miss[rows].any(1))
         step = max(1, int(4e6 // (D * (S + 1))))
+        Au, bu = net.region_maps(patterns[regions])                      # each region once
+        theta_u = np.concatenate([Au, bu[:, :, None]], axis=2)           # (Ra, D, S+1)
         for start in range(0, pairs.size, step):
             p = pairs[start:start + step]
-            Ap, bp = net.region_maps(patterns[reg[p]])
-            theta = np.concatenate([Ap, bp[:, :, None]], axis=2)        # (p, D, S+1)
-            fill = np.matmul(theta, E2[p])                               # E[x_d z~^T] per missing d
+            theta = theta_u[inv[p]]                                      # (p, D, S+1)
+            # E[x_d z~^T] per missing d, theta E2 written out (np.matmul is slow on tiny matrices)
+            fill = sum(theta[:, :, j, None] * E2[p, None, j, :] for j in range(S + 1))
             fill *= miss[rows[p], :, None]                               # observed entries: 0
-            sxx += np.einsum("p,pdk,pdk->d", r[p], fill, theta)
+            sxx += r[p] @ (fill * theta).sum(2)
             XZ += np.asarray(A[:, p] @ fill.reshape(p.size, -1)).reshape(Ra, D, S + 1)   # r-weighted
     return RegionStats(regions=regions.astype(np.int64), Z=Z, XZ=XZ, sxx=sxx, n_rows=N)
 

@@ -206,7 +206,10 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, r
     z_slot = np.empty((n * K, z.shape[1]))
     z_slot[slots] = z
     pair_of = pick.ravel()
-    x = np.einsum("nds,ns->nd", Au[inv[pair_of]], z_slot) + bu[inv[pair_of]]
+    which = inv[pair_of]
+    x = bu[which]                                                     # g(z) = A z + b, written out over S
+    for s in range(z_slot.shape[1]):                                  # (np.einsum is slow here)
+        x += Au[which, :, s] * z_slot[:, s, None]
     x += rng.standard_normal(x.shape) * sigma
     x = x.reshape(n, K, D).transpose(1, 0, 2)                         # (K, n, D)
     xd[:, idx] = np.where(miss[None], x, xd[:, idx])

@@ -124,11 +124,7 @@ class RegionTable:
         stacked[:H, 1:] = (self.M @ self.C).permute(1, 2, 0)
         stacked[H, 1:] = -v_shift.T
         self.stacked = stacked.reshape(H + 2, -1)
-        GC = self.G_t @ self.C                                         # (R, F, S)
-        norm = torch.linalg.vector_norm(GC, dim=-1)
-        real = self.mask_t & (norm > 0)
-        self.GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
-        self.h_unit = torch.where(real, self.h_t / torch.where(real, norm, 1.0), torch.inf)
+        self.GC_unit, self.h_unit, real = _whitened_facets(self.G_t, self.h_t, self.mask_t, self.C)
         self.polygons = None
         if S == 2 and real.any():
             # Each region's whitened polygon (v = 0) and its facet segments, once: a pair
@@ -157,6 +153,18 @@ class RegionTable:
         """A (B, D, S), b (B, D) of some regions."""
         M, c = self.M[regions], self.c[regions]
         return torch.einsum("dh,bhs->bds", self.U, M), c @ self.U.T + self.b0
+
+
+def _whitened_facets(G: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, C: torch.Tensor):
+    """The facets {z : G z <= h} in the whitened frame u = C^-1 (z - mu), as unit normals
+    GC_unit (..., F, S), offsets at v = 0 h_unit (..., F) (+inf on padding) and real (..., F):
+    G (..., F, S), h (..., F), mask (..., F) bool, C (..., S, S)."""
+    GC = G @ C
+    norm = torch.linalg.vector_norm(GC, dim=-1)
+    real = mask & (norm > 0)
+    GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
+    h_unit = torch.where(real, h / torch.where(real, norm, 1.0), torch.inf)
+    return GC_unit, h_unit, real
 
 
 def _edges_in_groups(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096) -> Edges:
@@ -207,83 +215,176 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     return prod[:, 0], prod[:, 1:]
 
 
-def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
-    """Rows with missing entries (NaN) against some regions.
+def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
+    """Rows X (n, D) with missing entries (NaN) against every region -> log kappa (n, R) and
+    the pairs' posterior statistics (n, S (S + 1) / 2 + S, R): the lower triangle of
+    Lambda_w,o = I + A_w^T P_o A_w (row by row) and y = A_w^T P_o (x - b_w)
+    (``_stats_factors`` turns them into v and L of chosen pairs).
 
-    X (N, D), regions (B,) -> log kappa (N, B), y (N, B, S), chol Lambda (N, B, S, S).
+    With the 0/1 mask m of a row's observed entries, P_o = diag(m / sigma^2), x0 = m * x:
+        Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T (P_o x0) - (b_w A_w)^T P_o,
+        |x - b_w|^2_{P_o} = x0' P_o x0 - 2 b_w . P_o x0 + b_w' P_o b_w,
+    so all (row, region) terms of a region chunk are two products in data space,
+    [P_o, 1] (n, D + 1) @ [A_wi A_wj; I_ij] and [P_o, P_o x0] (n, 2 D) @ [-b_w A_w, b_w^2;
+    A_w, -2 b_w], followed by y' Lambda^-1 y and log det Lambda from an entrywise LDL^T
+    (``_entrywise_ldl``).  Rows that share a missing pattern share the first product.
+    Region chunks are kept small enough for the (n, chunk) planes to stay in cache.
     """
-    A, b = tab.region_affine(regions)                                  # (B, D, S), (B, D)
+    n, D, S, R = X.shape[0], tab.D, tab.S, tab.n_regions
+    dev, dt = X.device, X.dtype
     obs = ~torch.isnan(X)
-    Pm = obs / tab.var                                                 # (N, D) precision on observed
-    x0 = torch.where(obs, X, torch.zeros((), dtype=X.dtype, device=X.device))
-    B, S = A.shape[0], tab.S
-    AA = (A[:, :, :, None] * A[:, :, None, :]).permute(1, 0, 2, 3).reshape(tab.D, -1)
-    Lam = torch.eye(S, dtype=X.dtype, device=X.device) + (Pm @ AA).reshape(-1, B, S, S)
-    y = ((x0 * Pm) @ A.permute(1, 0, 2).reshape(tab.D, -1)
-         - Pm @ (b[:, :, None] * A).permute(1, 0, 2).reshape(tab.D, -1)).reshape(-1, B, S)
-    rPr = ((x0 * x0 * Pm).sum(1)[:, None] - 2 * (x0 * Pm) @ b.T + Pm @ (b * b).T)
-    L = torch.linalg.cholesky(Lam)
-    ySy = (torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0] ** 2).sum(-1)
-    logdet = 2 * torch.log(torch.diagonal(L, dim1=2, dim2=3)).sum(-1)
-    const = (obs.sum(1).to(X.dtype) * LOG_2PI + (obs * torch.log(tab.var)).sum(1))[:, None]
-    return -0.5 * (const + logdet + rPr - ySy), y, L
+    Pm = obs / tab.var                                                 # (n, D) precision on observed
+    Px = torch.where(obs, X, torch.zeros((), dtype=dt, device=dev)) * Pm
+    const = obs.sum(1).to(dt) * LOG_2PI + (obs * torch.log(tab.var)).sum(1) + (Px * torch.nan_to_num(X)).sum(1)
+    patterns, inverse = torch.unique(obs, dim=0, return_inverse=True)
+    shared = patterns.shape[0] <= n // 2
+    Pg = patterns / tab.var if shared else Pm
+    Pg = torch.cat([Pg, torch.ones_like(Pg[:, :1])], dim=1)           # the identity of Lambda
+    Z = torch.cat([Pm, Px], dim=1)
+    tri = [(i, j) for i in range(S) for j in range(i + 1)]
+    T = len(tri)
+    log_kappa = torch.empty((n, R), dtype=dt, device=dev)
+    stats = torch.empty((n, T + S, R), dtype=dt, device=dev)
+    step = int(max(1, min(region_chunk, 2 ** 18 // max(n, 1))))
+    for start in range(0, R, step):
+        stop = min(start + step, R)
+        idx = torch.arange(start, stop, device=dev)
+        A = torch.einsum("dh,bhs->dsb", tab.U, tab.M[idx]).contiguous()   # (D, S, B)
+        b = tab.U @ tab.c[idx].T + tab.b0[:, None]                         # (D, B)
+        B = stop - start
+        gram_table = torch.zeros((D + 1, T, B), dtype=dt, device=dev)
+        for k, (i, j) in enumerate(tri):
+            torch.mul(A[:, i], A[:, j], out=gram_table[:D, k])
+            gram_table[D, k] = float(i == j)
+        lin_table = torch.empty((2 * D, S + 1, B), dtype=dt, device=dev)
+        torch.mul(A, -b[:, None], out=lin_table[:D, :S])
+        torch.mul(b, b, out=lin_table[:D, S])
+        lin_table[D:, :S] = A
+        torch.mul(b, -2.0, out=lin_table[D:, S])
+        gram = (Pg @ gram_table.view(D + 1, -1)).view(-1, T, B)
+        lin = (Z @ lin_table.view(2 * D, -1)).view(n, S + 1, B)
+        st = stats[:, :, start:stop]
+        st[:, :T] = gram[inverse] if shared else gram
+        st[:, T:] = lin[:, :S]
+        logdet, yy = _entrywise_ldl({ij: st[:, k] for k, ij in enumerate(tri)}, [st[:, T + s] for s in range(S)])
+        # -2 log kappa = const + log det Lambda + |x - b|^2_P - y' Lambda^-1 y
+        out = log_kappa[:, start:stop]
+        torch.add(lin[:, S], const[:, None], out=out)
+        out += logdet
+        out -= yy
+        out *= -0.5
+    return log_kappa, stats
 
 
-def _facet_std(L: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Posterior std of each facet's normal direction, sqrt(G_k Lambda^-1 G_k^T).
-
-    L (..., B, S, S) chol of Lambda, G (B, F, S) -> (..., B, F).
-    """
-    v = torch.linalg.solve_triangular(L, G.transpose(-1, -2).expand(*L.shape[:-2], -1, -1), upper=False)
-    return torch.linalg.vector_norm(v, dim=-2)
-
-
-def _log_phi_bound(tab: RegionTable, mu: torch.Tensor, std: torch.Tensor, regions: torch.Tensor):
-    """Upper bound on log Phi_w: the Gaussian mass on the side of one facet, minimised over facets.
-
-    mu (N, B, S), std (N or 1, B, F) -> (N, B).
-    """
-    slack = tab.h_t[regions] - torch.einsum("bfs,nbs->nbf", tab.G_t[regions], mu)
-    z = torch.where(tab.mask_t[regions], slack / std, torch.inf)
-    if z.shape[-1] == 0:
-        return torch.zeros(z.shape[:2], dtype=z.dtype, device=z.device)
-    return torch.special.log_ndtr(z.min(dim=-1).values)          # log_ndtr is increasing
+def _entrywise_ldl(lam: dict, y: list):
+    """log det Lambda and y' Lambda^-1 y of many small S x S systems stored entrywise, by
+    Lambda = L' diag(d) L'^T (L' unit lower; no square roots): lam {(i, j): (...)} for
+    i >= j, y [(...)] * S -> (log det, y' Lambda^-1 y), each (...)."""
+    S = len(y)
+    Lu, d, w = {}, [], []
+    for j in range(S):
+        d.append(lam[j, j] - sum(Lu[j, k] * Lu[j, k] * d[k] for k in range(j)) if j else lam[0, 0])
+        for i in range(j + 1, S):
+            Lu[i, j] = (lam[i, j] - sum(Lu[i, k] * Lu[j, k] * d[k] for k in range(j))) / d[j]
+    for i in range(S):
+        w.append(y[i] - sum(Lu[i, k] * w[k] for k in range(i)) if i else y[0])
+    det, yy = d[0], w[0] * w[0] / d[0]
+    for i in range(1, S):
+        det = det * d[i]
+        yy = yy + w[i] * w[i] / d[i]
+    return torch.log(det), yy
 
 
-def _dense_bounds(tab: RegionTable, X: torch.Tensor, complete: bool, region_chunk: int):
-    """log kappa (N, R) and a certified upper bound >= log(kappa Phi) for every pair.
-
-    Complete rows: the bound is log kappa itself (Phi <= 1), refined per pair by
-    ``_facet_bound`` only where it matters; v (N, S, R) as in ``_log_kappa_complete``.
-    Incomplete rows: the one-facet bound of ``_log_phi_bound`` directly; v is None.
-    """
-    if complete:
-        log_kappa, v = _log_kappa_complete(tab, X)
-        return log_kappa, log_kappa, v
-    kappas, bounds = [], []
-    for start in range(0, tab.n_regions, region_chunk):
-        idx = torch.arange(start, min(start + region_chunk, tab.n_regions), device=X.device)
-        lk, y, L = _moments_incomplete(tab, X, idx)
-        mu = torch.cholesky_solve(y[..., None], L)[..., 0]
-        kappas.append(lk)
-        bounds.append(lk + _log_phi_bound(tab, mu, _facet_std(L, tab.G_t[idx]), idx))
-    log_kappa = torch.cat(kappas, dim=1)
-    return log_kappa, torch.cat(bounds, dim=1), None
+def _stats_factors(stats: torch.Tensor, S: int):
+    """Pairs' statistics (P, S (S + 1) / 2 + S) from ``_log_kappa_incomplete`` -> whitened
+    posterior means v = L^-1 y (P, S) and L (P, S, S), Lambda = L L^T."""
+    tri = [(i, j) for i in range(S) for j in range(i + 1)]
+    lam = torch.zeros((stats.shape[0], S, S), dtype=stats.dtype, device=stats.device)
+    for k, (i, j) in enumerate(tri):
+        lam[:, i, j] = lam[:, j, i] = stats[:, k]
+    L = torch.linalg.cholesky(lam)
+    v = torch.linalg.solve_triangular(L, stats[:, len(tri):, None], upper=False)[..., 0]
+    return v, L
 
 
-def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """log of the largest one-facet mass bound, min_k Phi(slack_k / std_k), for complete-row
-    pairs: v (P, S) whitened posterior means of regions (P,) -> (P,)."""
+def _pair_moments_incomplete(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
+                             max_bytes: float = 1e8):
+    """(row, region) pairs of rows with missing entries (NaN): X (N, D), rows, regions (P,)
+    -> y = A_w^T P_o (x - b_w) (P, S) and L (P, S, S), Lambda_w,o = I + A_w^T P_o A_w = L L^T,
+    batched over the pairs (each distinct region's map computed once), in chunks of at most
+    max_bytes of gathered region maps."""
+    P, S, D = rows.numel(), tab.S, tab.D
+    y = torch.empty((P, S), dtype=X.dtype, device=X.device)
+    lam = torch.empty((P, S, S), dtype=X.dtype, device=X.device)
+    uniq, inverse = torch.unique(regions, return_inverse=True)
+    A_u, b_u = tab.region_affine(uniq)                                 # (U, D, S), (U, D)
+    A_u = A_u.permute(2, 0, 1).contiguous()                            # (S, U, D): contiguous gathers
+    step = int(max(1, max_bytes // (8.0 * D * (2 * S + 3))))
+    for start in range(0, P, step):
+        sl = slice(start, min(start + step, P))
+        inv, x = inverse[sl], X[rows[sl]]
+        A = [A_u[i][inv] for i in range(S)]                            # S x (p, D)
+        obs = ~torch.isnan(x)
+        Pm = obs / tab.var
+        r = torch.where(obs, x - b_u[inv], torch.zeros((), dtype=X.dtype, device=X.device)) * Pm
+        for i in range(S):
+            y[sl, i] = (A[i] * r).sum(1)
+            PAi = A[i] * Pm
+            for j in range(i + 1):
+                lam[sl, i, j] = lam[sl, j, i] = (PAi * A[j]).sum(1) + (1.0 if i == j else 0.0)
+    return y, torch.linalg.cholesky(lam)
+
+
+def _pair_facets(tab: RegionTable, L: torch.Tensor, regions: torch.Tensor):
+    """``_whitened_facets`` of pairs whose posterior precision has its own factor L (P, S, S)
+    (rows with missing entries): GC_unit (P, F, S), h_unit (P, F), real (P, F)."""
+    return _whitened_facets(tab.G_t[regions], tab.h_t[regions], tab.mask_t[regions], _inverse_transpose(L))
+
+
+def _pair_polygons(tab: RegionTable, L: np.ndarray, regions: np.ndarray):
+    """S = 2: the whitened polygons (v = 0) of pairs whose posterior precision has its own
+    factor L (P, 2, 2) (rows with missing entries), as ``RegionTable.polygons``, mapped from
+    their regions' precomputed polygons instead of recomputing the facet segments.
+
+    The pair's whitened frame is u' = C_p^-1 z = T u, T = C_p^-1 C_w = L^T C_w, u the
+    region's.  A facet a . u <= c0 becomes (a T^-1) . u' <= c0 (normalised), and its
+    segment point c0 a + t d maps to T (c0 a + t d), so t' = c0 d'.T a + t d'.T d with
+    d'.T d > 0 (det T > 0 keeps the orientation): rays stay rays, empty segments empty."""
+    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
+    T = (np.swapaxes(L, 1, 2) @ tab.C[regions].cpu().numpy())[:, None]   # (P, 1, 2, 2)
+    Tinv = np.linalg.inv(T)
+    # 2 x 2 products written out: np.einsum / matmul are slow on many tiny matrices
+    apply = lambda M, u: (M[..., 0, 0] * u[..., 0] + M[..., 0, 1] * u[..., 1],
+                          M[..., 1, 0] * u[..., 0] + M[..., 1, 1] * u[..., 1])
+    n0, n1 = apply(np.swapaxes(Tinv, -1, -2), a)                        # a T^-1
+    norm = np.where(real, np.hypot(n0, n1), 1.0)
+    a2 = np.where(real[..., None], np.stack([n0 / norm, n1 / norm], -1), 0.0)
+    d2 = np.stack([-a2[..., 1], a2[..., 0]], -1)
+    dot = lambda u: u[0] * d2[..., 0] + u[1] * d2[..., 1]
+    shift, scale = c0 * dot(apply(T, a)), dot(apply(T, d))
+    with np.errstate(invalid="ignore"):
+        move = lambda t: np.where(real, np.where(np.isfinite(t), shift + t * scale, t), 0.0)
+        return a2, d2, np.where(real, c0 / norm, 0.0), move(t_lo), move(t_hi), live, real
+
+
+def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facets=None) -> torch.Tensor:
+    """log of the largest one-facet mass bound, min_k Phi(slack_k / std_k), for pairs with
+    whitened posterior means v (P, S) in regions (P,) -> (P,).  facets: the pairs' own
+    whitened facets (GC_unit, h_unit, real) (``_pair_facets``, rows with missing entries);
+    None: the regions' (complete rows)."""
     if tab.h_unit.shape[-1] == 0:
         return torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-    z = tab.h_unit[regions] - (tab.GC_unit[regions] @ v[:, :, None])[..., 0]
+    GC_unit, h_unit = (tab.GC_unit[regions], tab.h_unit[regions]) if facets is None else facets[:2]
+    z = h_unit - (GC_unit @ v[:, :, None])[..., 0]
     return torch.special.log_ndtr(z.min(dim=-1).values)
 
 
-def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """log Phi(-r) >= log Phi_w for complete-row pairs with S = 2 or 3, r the distance from
-    the posterior mean to the region in the whitened frame (0 inside): the region lies
-    beyond the (hyper)plane through its nearest point.  v (P, S) -> (P,).
+def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None) -> np.ndarray:
+    """log Phi(-r) >= log Phi_w for pairs with S = 2 or 3, r the distance from the
+    posterior mean to the region in the whitened frame (0 inside): the region lies
+    beyond the (hyper)plane through its nearest point.  v (P, S) -> (P,).  polygons: at
+    S = 2 the pairs' own whitened polygons (``_pair_polygons``; rows with missing
+    entries), None: the regions' (complete rows; S = 3 needs these).
 
     S = 2: the nearest point is on a facet the mean violates, so r = min over such facets
     of the distance to their segment.  S = 3: ``edges.distance_to_polyhedron``, and for a
@@ -301,7 +402,7 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -
         if tab.degenerate is not None:                 # a missed edge could shrink the volume
             log_volume = np.where(tab.degenerate[regions], np.inf, log_volume)
         return np.minimum(np.where(dist > 0, log_ndtr(-r), 0.0), log_volume - 1.5 * LOG_2PI - 0.5 * r * r)
-    _, c, t_lo, t_hi, live, real = _translated(tab, v, regions)
+    _, c, t_lo, t_hi, live, real = _translated(tab, v, regions, polygons)
     with np.errstate(invalid="ignore"):
         t = np.clip(0.0, t_lo, t_hi)                                  # the segment point nearest the foot
     r2 = np.where(live & (c < 0), c * c + t * t, np.inf).min(-1)
@@ -310,11 +411,12 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -
 
 
 def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                  complete: bool, v_dense: torch.Tensor | None = None):
+                  complete: bool, v_dense: torch.Tensor | None = None, stats: torch.Tensor | None = None):
     """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1.
 
     Returns v (P, S), C (P, S, S), L (P, S, S).  v_dense (N, S, R) from
-    ``_log_kappa_complete`` saves recomputing v for complete rows.
+    ``_log_kappa_complete`` (stats (N, K, R) from ``_log_kappa_incomplete``) saves
+    recomputing them.
     """
     if complete:
         if v_dense is not None:
@@ -326,15 +428,11 @@ def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions
             xaug = torch.cat([xhat, torch.ones_like(xhat[:, :1]), torch.zeros_like(xhat[:, :1])], dim=1)
             v = torch.einsum("hsp,ph->ps", MC[:, :, regions], xaug[rows])
         return v, tab.C[regions], tab.chol_lambda[regions]
-    # One row at a time against its own regions keeps memory at O(pairs).
-    S = tab.S
-    y = torch.empty((rows.numel(), S), dtype=X.dtype, device=X.device)
-    L = torch.empty((rows.numel(), S, S), dtype=X.dtype, device=X.device)
-    for r in torch.unique(rows):
-        sel = torch.nonzero(rows == r)[:, 0]
-        _, y_r, L_r = _moments_incomplete(tab, X[r:r + 1], regions[sel])
-        y[sel], L[sel] = y_r[0], L_r[0]
-    v = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
+    if stats is not None:
+        v, L = _stats_factors(stats[rows, :, regions], tab.S)
+    else:
+        y, L = _pair_moments_incomplete(tab, X, rows, regions)
+        v = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
     return v, _inverse_transpose(L), L
 
 
@@ -353,18 +451,19 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
-                       moments: bool, complete: bool, memory_budget: float | None = None):
+                       moments: bool, complete: bool, memory_budget: float | None = None, polygons=None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
     complete rows (C fixed per region) and S = 2 that is the region's precomputed
-    whitened polygon translated by -v.  Returns log Phi (P,), E[z|w] (P, S),
+    whitened polygon translated by -v; rows with missing entries may pass their pairs'
+    own whitened polygons (``_pair_polygons``).  Returns log Phi (P,), E[z|w] (P, S),
     Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
     integrals' working arrays.
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
-    if complete and tab.polygons is not None:
-        res = _translated_polygons(tab, v, regions, moments)
+    if (complete and tab.polygons is not None) or polygons is not None:
+        res = _translated_polygons(tab, v, regions, moments, polygons)
     else:
         A = tab.G[regions] @ C
         b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
@@ -379,18 +478,19 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     return log_phi, mean, cov, res.stderr
 
 
-def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool):
-    """``polygon_moments`` of each region's whitened polygon translated by -v (P, S), in
-    groups of equal facet count (padding dropped)."""
+def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool, polygons=None):
+    """``polygon_moments`` of each region's whitened polygon (or the pairs' own
+    ``polygons``) translated by -v (P, S), in groups of equal facet count (padding dropped)."""
     return solve_in_groups(lambda *x: _in_threads(polygon_moments, *x, moments=moments),
-                           tab.polygon_size[regions], _translated(tab, v, regions))
+                           tab.polygon_size[regions], _translated(tab, v, regions, polygons))
 
 
-def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray):
-    """The whitened polygons of regions (P,) translated by -v (P, 2), as ``polygon_moments``
-    takes them: a, c, t_lo, t_hi, live, real (P, F, ...).  Translating by -v moves each
-    facet's offset by -a.v and its segment by -d.v."""
-    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons)
+def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None):
+    """The whitened polygons of regions (P,) (or the pairs' own ``polygons``, see
+    ``_pair_polygons``) translated by -v (P, 2), as ``polygon_moments`` takes them:
+    a, c, t_lo, t_hi, live, real (P, F, ...).  Translating by -v moves each facet's offset
+    by -a.v and its segment by -d.v."""
+    a, d, c0, t_lo, t_hi, live, real = (x[regions] for x in tab.polygons) if polygons is None else polygons
     av, dv = np.einsum("pfs,ps->pf", a, v), np.einsum("pfs,ps->pf", d, v)
     return a, c0 - av, t_lo - dv, t_hi - dv, live, real
 
@@ -490,14 +590,16 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
 def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget=None):
     """The (row, region) pairs of rows Xt (n, D) that p(x) needs to a relative rtol, integrated.
 
-    Every pair has a cheap dense bound (``_dense_bounds``).  Pairs whose dense bound is
-    within reach are *listed* and, for complete rows, get the sharper facet bound
-    (``_facet_bound``); listed pairs are integrated in decreasing bound order, margins
+    Every pair has a cheap dense bound, log kappa (Phi <= 1; ``_log_kappa_complete``,
+    ``_log_kappa_incomplete``).  Pairs whose dense bound is within reach are *listed* and
+    get the sharper facet bound (``_facet_bound``; rows with missing entries with their
+    pairs' own whitened facets, ``_pair_facets``); listed pairs are integrated in
+    decreasing bound order, margins
     -log(rtol) + 3, then doubling (S >= 3: 8 nats first, for an estimate of p, and each
     round leaves out the smallest bounds that together fit in half of rtol p); for S = 2 and 3 a
     pair about to be integrated first gets the nearest-point bound
-    (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound),
-    which often lets it be skipped after all.
+    (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound;
+    rows with missing entries: S = 2 only), which often lets it be skipped after all.
     A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
@@ -506,7 +608,17 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     """
     n, R = Xt.shape[0], tab.n_regions
     dev = Xt.device
-    log_kappa, dense, v_dense = _dense_bounds(tab, Xt, complete, region_chunk)
+    if complete:
+        (log_kappa, v_dense), stats = _log_kappa_complete(tab, Xt), None
+    else:
+        (log_kappa, stats), v_dense = _log_kappa_incomplete(tab, Xt, region_chunk), None
+    dense = log_kappa
+    nearest = tab.has_nearest and (complete or tab.S == 2)
+
+    def factors(rows, regions):
+        """Whitened posterior means v (P, S) of pairs and, for rows with missing entries,
+        the factors L (P, S, S) of their own precisions (None for complete rows)."""
+        return (v_dense[rows, :, regions], None) if complete else _stats_factors(stats[rows, :, regions], tab.S)
     log_rtol = float(np.log(rtol))
     first = -log_rtol + 3.0
     log_R = float(np.log(R))
@@ -537,8 +649,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             rows = active[rows]
             listed_to[active] = list_thr[active]
             bound = dense[rows, regions]
-            if complete:
-                bound = bound + _facet_bound(tab, v_dense[rows, :, regions], regions)
+            v, L = factors(rows, regions)
+            bound = bound + _facet_bound(tab, v, regions, None if complete else _pair_facets(tab, L, regions))
             l_rows, l_regions = torch.cat([l_rows, rows]), torch.cat([l_regions, regions])
             l_bound = torch.cat([l_bound, bound])
             l_taken = torch.cat([l_taken, torch.zeros_like(rows, dtype=torch.bool)])
@@ -557,14 +669,18 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 with np.errstate(invalid="ignore"):
                     left = torch.where(below < half, half + torch.log1p(-torch.exp(below - half)), -torch.inf)
                 take &= ~_smallest_within(l_rows, l_bound, take, left, n)
-            # Before integrating, the sharper nearest-point bound (S = 2 and 3, complete rows).
-            sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if complete and tab.has_nearest else []
+            # Before integrating, the sharper nearest-point bound (S = 2 and 3).
+            sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if nearest else []
             if len(sharpen) == 0:
                 break
             rows, regions = l_rows[sharpen], l_regions[sharpen]
-            v_near, r_near = v_dense[rows, :, regions].cpu().numpy(), regions.cpu().numpy()
-            near = np.concatenate([_nearest_point_bound(tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk])
-                                   for i in range(0, r_near.size, pair_chunk)])
+            v_near, L_near = factors(rows, regions)
+            v_near, r_near = v_near.cpu().numpy(), regions.cpu().numpy()
+            L_near = None if complete else L_near.cpu().numpy()
+            near = np.concatenate([_nearest_point_bound(
+                tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk],
+                None if complete else _pair_polygons(tab, L_near[i:i + pair_chunk], r_near[i:i + pair_chunk]))
+                for i in range(0, r_near.size, pair_chunk)])
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True
         take_idx = torch.nonzero(take)[:, 0]
@@ -572,9 +688,10 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             stop_check()
             sel = take_idx[p0:p0 + pair_chunk]
             rows, regions = l_rows[sel], l_regions[sel]
-            v, C, _ = _pair_factors(tab, Xt, rows, regions, complete, v_dense)
-            log_phi, mean, cov, se = _truncated_moments(tab, v, C, regions.cpu().numpy(), moments, complete,
-                                                        poly_budget)
+            v, C, L = _pair_factors(tab, Xt, rows, regions, complete, v_dense, stats)
+            r_np = regions.cpu().numpy()
+            polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(), r_np)
+            log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget, polygons)
             logw = log_kappa[rows, regions].cpu().numpy() + log_phi
             found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se))
             log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))

@@ -177,7 +177,7 @@ def kappa_rounding_tol(model, X, post):
     |E[u | u + v_w in w]| for u ~ N(0, I) (the truncated mean's offset), which for a
     region that carries mass is at most |v_w| + sqrt(S) + 1 to first order.  Rows with
     missing entries use the same sums in data space over their observed coordinates
-    (``likelihood._moments_incomplete``): T_w = sum_o (x^2 + 2 |x b_w| + b_w^2) / sigma^2
+    (``likelihood._log_kappa_incomplete``): T_w = sum_o (x^2 + 2 |x b_w| + b_w^2) / sigma^2
     + |logdet| + y'Sigma y, n = D.  The result is 4 gamma_n max_w (T_w + (2 |v_w| +
     sqrt(S) + 1) |V_w|): the factor 4 covers the few roundings outside the dot products
     (log-sum-exp, the Cholesky factors, the mass integrals' own few ulps).

@@ -4,6 +4,7 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from cpadgn.model import CPAModel
+from cpadgn.network import PiecewiseAffineNet
 
 from oracles import (Quadrature3D, kappa_rounding_tol, line_breakpoints, loglik_1d, loglik_2d,
                      loglik_importance, random_linear_model, random_net, small_s3_net_and_quadrature)
@@ -65,6 +66,48 @@ def test_s1_missing_entries_give_the_exact_marginal(net1):
         lz, m1, _ = loglik_1d(net1, x, np.array([0.3, 0.5, 0.2]))
         assert abs(post.log_likelihood[n] - lz) < 1e-9
         assert abs(post.z_mean[n, 0] - m1) < 1e-8
+
+
+def test_missing_entries_equal_the_model_without_those_outputs():
+    """Rows with missing entries (the batched path: one product for all (row, region) terms,
+    shared by rows with one missing pattern, pairs' own whitened facets and polygons) against
+    an independent computation: for each row, the generator with the missing coordinates
+    deleted from its last layer is a complete-data model of dimension |o| whose exact
+    log p(x_o), E[z | x_o] and Cov[z | x_o] the complete-row path gives.  Repeated patterns,
+    unique ones, a row with one observed entry, one with one missing, a far row.
+    Tolerance: both certified pruning bounds plus both rounding bounds
+    (``kappa_rounding_tol``); posterior moments as in test_results_do_not_depend_on_chunking."""
+    D, sigma = 8, np.array([0.3, 0.5, 0.4, 0.35, 0.45, 0.3, 0.6, 0.4])
+    net = random_net(2, (6, 6), D, seed=11, slope=0.1, scale=2.0)
+    model = CPAModel(net, noise_std=sigma, device="cpu")
+    X = model.sample(15, seed=12)
+    rng = np.random.default_rng(13)
+    miss = np.zeros(X.shape, bool)
+    A, B = [0, 1, 3, 6], [2, 4, 5, 7]              # two patterns, four rows each, interleaved
+    miss[np.ix_(A, [1, 4])] = True
+    miss[B] = True
+    miss[np.ix_(B, [2, 5])] = False                # two observed entries
+    miss[8] = np.arange(D) != 3                    # one observed entry
+    miss[9, 7] = True                              # one missing entry
+    for n in range(10, 15):                        # unique patterns
+        miss[n] = rng.random(D) < 0.4
+        miss[n, rng.integers(D)] = False
+    X[14] += 6.0                                   # a far row
+    X[miss] = np.nan
+    post = model.posterior(X)
+    tol = post.error_bound + kappa_rounding_tol(model, X, post)
+    for n, x in enumerate(X):
+        o = ~np.isnan(x)
+        sub_net = PiecewiseAffineNet.from_arrays([*net.weights[:-1], net.weights[-1][o]],
+                                                 [*net.biases[:-1], net.biases[-1][o]], net.slopes)
+        sub = CPAModel(sub_net, noise_std=sigma[o], device="cpu")
+        want = sub.posterior(x[o][None])
+        e = tol[n] + want.error_bound[0] + kappa_rounding_tol(sub, x[o][None], want)[0]
+        assert abs(post.log_likelihood[n] - want.log_likelihood[0]) <= e, (n, post.log_likelihood[n] - want.log_likelihood[0], e)
+        spread = np.linalg.norm(want.pair_mean, axis=1).max()
+        assert np.abs(post.z_mean[n] - want.z_mean[0]).max() <= e * (1 + 2 * spread)
+        assert np.abs(post.z_cov[n] - want.z_cov[0]).max() <= e * (1 + 2 * spread) ** 2
+    assert post.n_observed[8] == 1 and tol.max() < 1e-6
 
 
 def test_far_outlier_is_finite_and_exact(net1):
