@@ -99,6 +99,9 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     if baseline is not None and train_path is None:
         raise CpadgnError("--baseline ppca is fitted on training data: pass --train TRAIN")
     noises = per_model_noise(noise_std, len(model_paths))
+    if dask_address is not None:
+        from cpadgn.dask import check_address
+        check_address(dask_address)
     if "auto" in noises and dask_address is not None:
         raise CpadgnError("--noise-std auto cannot be combined with --dask (it fits on every "
                           "training row in one process); run without --dask, or give --noise-std X")

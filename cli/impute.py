@@ -107,7 +107,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
                                                  "the --std output": std_path})
 
     if dask_address is not None:
-        refuse_with_dask(**{"--evaluate-mcar": mcar is not None, "--plot": plot_path is not None,
+        refuse_with_dask(dask_address, **{"--evaluate-mcar": mcar is not None, "--plot": plot_path is not None,
                             "--noise-std auto": noise_std == "auto"})
         res, model = impute_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, n_draws, seed,
                                     want_std, quiet=quiet, cache=cache, noise_std=noise_std, device=device,

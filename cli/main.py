@@ -167,8 +167,11 @@ def dask_options(fn):
                              "needs pip install 'cpadgn[dask]'.")(fn)
 
 
-def refuse_with_dask(**options) -> None:
-    """One-line refusal of options that need every row in one process ({--name: given})."""
+def refuse_with_dask(address, **options) -> None:
+    """One-line refusal of a malformed --dask value, and of options that need every row in
+    one process ({--name: given})."""
+    from cpadgn.dask import check_address
+    check_address(address)
     given = [name for name, on in options.items() if on]
     if given:
         raise CpadgnError(f"{', '.join(given)} cannot be combined with --dask (it needs all rows in "
@@ -369,7 +372,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
     if dask_address is not None:
-        refuse_with_dask(**{"--pvalues/--alpha": pvalues, "--explain": explain is not None,
+        refuse_with_dask(dask_address, **{"--pvalues/--alpha": pvalues, "--explain": explain is not None,
                             "--plot": plot_path is not None, "--noise-std auto": noise_std == "auto"})
         post, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows,
                                     quiet=quiet or as_json, cache=cache, noise_std=noise_std, device=device,

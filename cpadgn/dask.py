@@ -96,6 +96,15 @@ def open_client(address: str, *, log=None):
         yield client
 
 
+def check_address(address: str) -> str:
+    """Refuse a malformed --dask value before any work (a scheduler is only reached later)."""
+    if address.startswith(LOCAL_PREFIX):
+        _local_workers(address)
+    elif not address.strip():
+        raise CpadgnError("--dask needs a scheduler address (tcp://host:8786) or local:N")
+    return address
+
+
 def _local_workers(address: str) -> int:
     text = address[len(LOCAL_PREFIX):]
     if not text.isdigit() or int(text) < 1:
