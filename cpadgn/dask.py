@@ -73,9 +73,10 @@ def open_client(address: str, *, log=None):
     with contextlib.ExitStack() as stack:
         if address.startswith(LOCAL_PREFIX):
             n = _local_workers(address)
-            cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=":0", silence_logs=logging.ERROR))
+            with _workers_ignore_ctrl_c():
+                cluster = stack.enter_context(distributed.LocalCluster(
+                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    dashboard_address=":0", silence_logs=logging.ERROR))
             client = stack.enter_context(distributed.Client(cluster))
         else:
             try:
@@ -103,6 +104,23 @@ def check_address(address: str) -> str:
     elif not address.strip():
         raise CpadgnError("--dask needs a scheduler address (tcp://host:8786) or local:N")
     return address
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """Start local worker processes with SIGINT ignored (inherited), so that Ctrl-C reaches
+    only this process, which cancels the work and closes the cluster in order (a worker
+    interrupted by itself prints tracebacks while the cluster shuts down)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _local_workers(address: str) -> int:
