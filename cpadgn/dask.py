@@ -424,7 +424,7 @@ def posterior_table(model, X, *, client=None, moments: bool = True, device: str 
     """(N, len(posterior_columns(S))) dask.array of per-row posterior summaries.
 
     model: a CPAModel (shipped to every worker now) or the Future ``ship`` returned.
-    With moments=False the z_mean columns are not computed (NaN)."""
+    With moments=False the z_mean columns are not computed (left at 0)."""
     X = as_rows(X)
     check_columns(model, X)
     fut = _shipped(model, client, device)
