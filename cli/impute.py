@@ -110,11 +110,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         refuse_with_dask(dask_address, **{"--evaluate-mcar": mcar is not None, "--plot": plot_path is not None,
                             "--noise-std auto": noise_std == "auto"})
         res, model = impute_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, n_draws, seed,
-                                    want_std, quiet=quiet, cache=cache, noise_std=noise_std, device=device,
-                                    trust_pickle=trust_pickle, max_regions=max_regions,
+                                    want_std, out, std_path, quiet=quiet, cache=cache, noise_std=noise_std,
+                                    device=device, trust_pickle=trust_pickle, max_regions=max_regions,
                                     memory_budget=memory_budget)
-        write_imputation(out, res.mean if n_draws is None else res.draws, res.std,
-                         csv_header(data_path, model.output_dim), draws=n_draws is not None, std_path=std_path)
         summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
@@ -177,11 +175,12 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         Console().print(table)
 
 
-def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws, seed, want_std, *, quiet,
-                   device, memory_budget, **load):
+def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws, seed, want_std, out, std_path,
+                   *, quiet, device, memory_budget, **load):
     """``cpadgn impute --dask``: DATA read in chunks by the workers, the partition computed or
-    loaded here once and sent to every worker once; returns (result, model), the result
-    with mean or draws, std, error_bound and n_missing."""
+    loaded here once and sent to every worker once, the imputation written to OUT (.npy
+    and .h5 chunk by chunk as they complete; .csv at the end, in row order); returns
+    (per-row error_bound and n_missing, model)."""
     from types import SimpleNamespace
 
     from cpadgn import dask as cluster
@@ -189,16 +188,30 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
     model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
     cluster.check_columns(model, X)
+    N, D = X.shape
+    lead = np.empty((N, cluster.IMPUTE_LEAD))
+    columns = csv_header(data_path, D)
+    split = lambda block: cluster.split_imputation(block, draws=n_draws, std=want_std)
     with cluster.open_client(address, log=say_for(quiet)) as client, \
             Progressbar("imputing rows (Dask)", quiet) as bar:
         table = cluster.impute_table(model, X, draws=n_draws, seed=seed, std=want_std, client=client,
                                      device=device)
-        table = cluster.compute_rows(client, table, progress=bar)
-    parts = cluster.split_imputation(table, draws=n_draws, std=want_std)
-    mean, std = (parts if want_std else (parts, None)) if n_draws is None else (None, None)
-    res = SimpleNamespace(mean=mean, std=std, draws=parts if n_draws is not None else None,
-                          error_bound=table[:, 0], n_missing=table[:, 1].astype(np.int64))
-    return res, model
+        if out.suffix.lower() == ".csv":
+            full = cluster.compute_rows(client, table, progress=bar)
+            lead[:] = full[:, :cluster.IMPUTE_LEAD]
+            parts = split(full)
+            write_imputation(out, parts[0] if want_std else parts, parts[1] if want_std else None, columns,
+                             draws=n_draws is not None, std_path=std_path)
+        else:
+            shape = (N, D) if n_draws is None else (n_draws, N, D)
+            with cluster.imputation_writer(out, shape, columns, draws=n_draws is not None,
+                                           std_path=std_path, std=want_std) as write:
+                def put(start, stop, block):
+                    lead[start:stop] = block[:, :cluster.IMPUTE_LEAD]
+                    parts = split(block)
+                    write(start, stop, *(parts if want_std else (parts,)))
+                cluster.compute_rows(client, table, progress=bar, put=put)
+    return SimpleNamespace(error_bound=lead[:, 0], n_missing=lead[:, 1].astype(np.int64)), model
 
 
 def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) -> dict:

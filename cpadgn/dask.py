@@ -480,25 +480,30 @@ def impute_table(model, X, *, draws=None, seed=0, std=False, client=None, device
 
 
 # ============================================================ computing with progress
-def compute_rows(client, table, progress=None) -> np.ndarray:
-    """Compute a row-chunked 2-D dask.array as one numpy array, placing each chunk at its
-    rows as its future completes (``progress(done_rows, total_rows)``).  A worker that
-    dies is replaced and its chunks recomputed by Dask.  On any exception (Ctrl-C
-    included) the outstanding futures are cancelled."""
+def compute_rows(client, table, progress=None, put=None) -> np.ndarray | None:
+    """Compute a row-chunked 2-D dask.array, handing each chunk over as its future
+    completes (``progress(done_rows, total_rows)`` after each): by default into one numpy
+    array, returned in row order; with ``put(start, stop, block)`` to that callable
+    (e.g. a file writer) and None returned.  A worker that dies is replaced and its
+    chunks recomputed by Dask.  On any exception (Ctrl-C included) the outstanding
+    futures are cancelled."""
     distributed = _distributed()
     blocks = table.to_delayed()
     if blocks.shape[1] != 1:
         table = table.rechunk({1: -1})
         blocks = table.to_delayed()
-    starts = np.concatenate([[0], np.cumsum(table.chunks[0])])
+    starts = np.concatenate([[0], np.cumsum(table.chunks[0])]).astype(int)
     futures = client.compute(list(blocks[:, 0]))
     where = {f.key: i for i, f in enumerate(futures)}
-    out = np.empty(table.shape, dtype=table.dtype)
+    out = None
+    if put is None:
+        out = np.empty(table.shape, dtype=table.dtype)
+        put = lambda start, stop, block: out.__setitem__(slice(start, stop), block)
     done = 0
     try:
         for fut in distributed.as_completed(futures):
             i = where[fut.key]
-            out[starts[i]:starts[i + 1]] = fut.result()
+            put(starts[i], starts[i + 1], fut.result())
             done += starts[i + 1] - starts[i]
             if progress is not None:
                 progress(int(done), int(table.shape[0]))
@@ -537,3 +542,68 @@ def scorer(client, *, device: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS
         return SimpleNamespace(log_likelihood=table[:, 0], error_bound=table[:, 1], stderr=table[:, 2])
 
     return posterior
+
+
+# ============================================================== streamed imputation
+@contextlib.contextmanager
+def imputation_writer(out, shape: tuple, columns, *, draws: bool, std_path=None, std: bool = False):
+    """Write an imputation to .npy or .h5 chunk by chunk, in row order whatever the order
+    the chunks come in, so that the client never holds it whole.  Yields
+    ``put(start, stop, values, std_values)`` for rows start..stop-1 (values (n, D), or
+    (K, n, D) for draws).  The files are those ``cpadgn impute`` writes without --dask
+    (.npy: the array, and OUT.std.npy; .h5: dataset 'data', and 'std', with attribute
+    'columns'), written to temporaries renamed over the targets only when complete."""
+    from .data import atomic_path, write_error
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".npy", ".h5", ".hdf5"):
+        raise CpadgnError(f"cannot stream {out}: use .npy or .h5")
+    with contextlib.ExitStack() as stack:
+        try:
+            data, sd = _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std_path, std)
+        except OSError as e:
+            raise write_error(out, e) from None
+
+        def put(start, stop, values, std_values=None):
+            try:
+                if draws:
+                    data[:, start:stop] = values
+                else:
+                    data[start:stop] = values
+                if sd is not None:
+                    sd[start:stop] = std_values
+            except OSError as e:
+                raise write_error(out, e) from None
+
+        yield put
+        try:
+            for a in (data, sd):
+                if isinstance(a, np.memmap):
+                    a.flush()
+        except OSError as e:
+            raise write_error(out, e) from None
+
+
+def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std_path, std):
+    """The output arrays of ``imputation_writer`` (memory maps or HDF5 datasets) on
+    temporaries that ``stack`` renames over their targets when it closes cleanly."""
+    tmp = stack.enter_context(atomic_path(out))
+    if suffix == ".npy":
+        data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=shape)
+        sd = None
+        if std:
+            sd = np.lib.format.open_memmap(stack.enter_context(atomic_path(std_path)), mode="w+",
+                                           dtype=np.float64, shape=shape[-2:])
+        return data, sd
+    import h5py
+    f = stack.enter_context(h5py.File(tmp, "w"))
+    rows = max(1, min(shape[-2], int(4e6 // (8 * shape[-1]))))            # ~4 MB HDF5 chunks
+    chunks = (1, rows, shape[-1]) if draws else (rows, shape[-1])
+    names = [str(c) for c in columns]
+    data = f.create_dataset("data", shape=shape, dtype="f8", chunks=chunks, track_times=False)
+    data.attrs["columns"] = names
+    sd = None
+    if std:
+        sd = f.create_dataset("std", shape=shape[-2:], dtype="f8", chunks=chunks[-2:], track_times=False)
+        sd.attrs["columns"] = names
+    return data, sd

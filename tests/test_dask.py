@@ -99,10 +99,17 @@ def _npy(tmp_path, X):
     return tmp_path / "x.npy"
 
 
-def test_imputation_equals_the_single_process_run(client, model, tmp_path):
+def mean_bound(model, X, error_bound):
     """E[x_m | x_o] = sum_w r_w m_w, m_w = A_w,m E_w + b_w,m: a rounding error e in log p
     moves r_w by 2 e relative and E_w by e (whitened, Sigma_w <= I), so
-    |d mean_d| <= e (max_w |A_w,d| (1 + 2 |E_w|) + 2 max_w |b_w,d|)."""
+    |d mean_d| <= e (max_w |A_w,d| (1 + 2 |E_w|) + 2 max_w |b_w,d|), (N, D)."""
+    e = loglik_tol(model, X, error_bound, error_bound)
+    A, b = model.net.region_maps(model.partition().patterns)
+    a_max, b_max = np.linalg.norm(A, axis=2).max(0), np.abs(b).max(0)     # (D,)
+    return e[:, None] * (a_max[None] * (1 + 2 * spread(model.posterior(X), len(X)))[:, None] + 2 * b_max[None])
+
+
+def test_imputation_equals_the_single_process_run(client, model, tmp_path):
     X = rows(model, 160, seed=2)
     ref = impute_single(model.net, model.partition(), model.noise_std, X, std=True, device="cpu")
     mean, std = cd.impute(model, cd.read(_npy(tmp_path, X), chunk_rows=CHUNK), std=True, client=client)
@@ -110,12 +117,7 @@ def test_imputation_equals_the_single_process_run(client, model, tmp_path):
     obs = ~np.isnan(X)
     np.testing.assert_array_equal(mean[obs], X[obs])                      # bit for bit
     assert np.all(std[obs] == 0) and np.all(np.isfinite(mean)) and np.all(std[~obs] > 0)
-    post = model.posterior(X)
-    e = loglik_tol(model, X, ref.error_bound, ref.error_bound)
-    A, b = model.net.region_maps(model.partition().patterns)
-    a_max, b_max = np.linalg.norm(A, axis=2).max(0), np.abs(b).max(0)     # (D,)
-    bound = e[:, None] * (a_max[None] * (1 + 2 * spread(post, len(X)))[:, None] + 2 * b_max[None])
-    assert np.all(np.abs(mean - ref.mean) <= bound)
+    assert np.all(np.abs(mean - ref.mean) <= mean_bound(model, X, ref.error_bound))
     draws = cd.impute(model, cd.read(_npy(tmp_path, X), chunk_rows=CHUNK), draws=3, seed=5,
                       client=client).compute()
     assert draws.shape == (3,) + X.shape
@@ -226,6 +228,26 @@ def test_cli_score_with_dask_writes_the_same_csv(client, model, tmp_path):
     tol = loglik_tol(model, X, a.log_likelihood_error_bound.values, b.log_likelihood_error_bound.values)
     assert np.all(np.abs(a.log_likelihood - b.log_likelihood) <= tol)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temporaries
+
+
+def test_cli_impute_with_dask_streams_the_same_h5(client, model, tmp_path):
+    """--dask writes an .h5 imputation chunk by chunk: the same datasets and values."""
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    X = rows(model, 100, seed=7)
+    np.save(tmp_path / "x.npy", X)
+    base = ["impute", str(tmp_path / "gen.h5"), str(tmp_path / "x.npy"), "--std", "-q", "--device", "cpu"]
+    for name, extra in (("one.h5", []), ("dask.h5", ["--dask", client.scheduler.address, "--chunk-rows", "15"])):
+        r = CliRunner().invoke(main, base + ["-o", str(tmp_path / name)] + extra, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "dask.h5") as b:
+        assert sorted(a) == sorted(b) == ["data", "std"]
+        assert list(a["data"].attrs["columns"]) == list(b["data"].attrs["columns"])
+        ref = impute_single(model.net, model.partition(), model.noise_std, X, device="cpu")
+        assert np.all(np.abs(b["data"][()] - a["data"][()]) <= mean_bound(model, X, ref.error_bound))
+        np.testing.assert_array_equal(b["std"][()] == 0, a["std"][()] == 0)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_cli_refuses_csv_and_bad_addresses_in_one_line(tmp_path):
