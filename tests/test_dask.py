@@ -165,24 +165,6 @@ def test_partition_is_computed_once_and_sent_once_per_worker(client, model, tmp_
 
 
 # ------------------------------------------------------------------------ faults
-def test_a_killed_worker_is_replaced_and_the_output_is_complete(client, model, tmp_path):
-    X = rows(model, 240, seed=4)
-    data = cd.read(_npy(tmp_path, X), chunk_rows=CHUNK // 2)
-    killed = []
-
-    def kill_one(done, total):
-        if not killed:
-            assert done < total                                 # mid-run
-            pid = next(iter(client.run(os.getpid).values()))
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    got = cd.score(client, model, data, progress=kill_one)
-    assert killed and killed[0] not in client.run(os.getpid).values()
-    assert_scores_equal(model, X, got)
-    client.wait_for_workers(2, timeout=120)
-
-
 def test_a_worker_with_another_cpadgn_is_one_line(client):
     def other_version():
         import cpadgn
@@ -200,9 +182,37 @@ def test_a_worker_with_another_cpadgn_is_one_line(client):
     finally:
         client.run(restore)
     cd.check_workers(client)
-    msg = cd.worker_problem({"tcp://a:1": ModuleNotFoundError("No module named 'cpadgn'")}, "0.1.0")
-    assert msg == ("Dask worker tcp://a:1 cannot import cpadgn (ModuleNotFoundError: No module named "
-                   "'cpadgn'); install cpadgn[dask] 0.1.0 on every worker")
+
+    def hide():
+        import sys
+        sys._cpadgn_dask = sys.modules["cpadgn.dask"]
+        sys.modules["cpadgn.dask"] = None                 # import fails as if not installed
+
+    def unhide():
+        import sys
+        sys.modules["cpadgn.dask"] = sys._cpadgn_dask
+
+    client.run(hide)
+    try:
+        with pytest.raises(CpadgnError, match=r"^Dask worker tcp://\S+ cannot import cpadgn \(ModuleNotFoundError: "
+                                              r"import of cpadgn\.dask halted.*\); install cpadgn\[dask\]"):
+            cd.check_workers(client)
+    finally:
+        client.run(unhide)
+    cd.check_workers(client)
+
+
+def test_compare_on_the_cluster_equals_compare_here(client, model):
+    from cpadgn.compare import compare
+    other = CPAModel(random_net(2, (6,), 5, seed=12, slope=0.2), noise_std=0.4, device="cpu")
+    X, X_train = rows(model, 90, seed=8), model.sample(60, seed=9)
+    here = compare({"a": model, "b": other}, X, X_train)
+    there = compare({"a": model, "b": other}, X, X_train, posterior=cd.scorer(client, chunk_rows=CHUNK))
+    for name, m in (("a", model), ("b", other)):
+        bounds = [next(r.max_error_bound for r in res.models if r.name == name) for res in (here, there)]
+        tol = loglik_tol(m, X, *bounds)
+        assert np.all(np.abs(there.log_likelihoods[name] - here.log_likelihoods[name]) <= tol)
+    assert [r.name for r in there.models] == [r.name for r in here.models]
 
 
 # --------------------------------------------------------------------- command line
@@ -277,3 +287,22 @@ def test_the_command_line_starts_without_importing_dask():
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------ faults, last (a worker dies)
+def test_a_killed_worker_is_replaced_and_the_output_is_complete(client, model, tmp_path):
+    """Last in the file: the nanny's replacement worker need not be waited for."""
+    X = rows(model, 240, seed=4)
+    data = cd.read(_npy(tmp_path, X), chunk_rows=CHUNK // 2)
+    killed = []
+
+    def kill_one(done, total):
+        if not killed:
+            assert done < total                                 # mid-run
+            pid = next(iter(client.run(os.getpid).values()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    got = cd.score(client, model, data, progress=kill_one)
+    assert killed and killed[0] not in client.run(os.getpid).values()
+    assert_scores_equal(model, X, got)
