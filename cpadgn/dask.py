@@ -76,7 +76,7 @@ def open_client(address: str, *, log=None):
             with _workers_ignore_ctrl_c():
                 cluster = stack.enter_context(distributed.LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=":0", silence_logs=logging.ERROR))
+                    dashboard_address=":0", silence_logs=logging.CRITICAL))
             client = stack.enter_context(distributed.Client(cluster))
         else:
             try:
@@ -246,11 +246,17 @@ class RowSource:
         return X
 
     def _read(self, rows):
-        if self.kind == "npy":
-            return np.load(self.path, mmap_mode="r", allow_pickle=False)[rows]
-        import h5py
-        with h5py.File(self.path, "r") as f:
-            return f[self.dataset][rows]
+        try:
+            if self.kind == "npy":
+                return np.load(self.path, mmap_mode="r", allow_pickle=False)[rows]
+            import h5py
+            with h5py.File(self.path, "r") as f:
+                return f[self.dataset][rows]
+        except OSError as e:
+            import socket
+            raise CpadgnError(f"a Dask worker on {socket.gethostname()} cannot read {self.path} "
+                              f"({_first_line(e)}); the workers read DATA themselves: put it on a file "
+                              "system they all see, at the same path") from None
 
 
 def open_rows(path, dataset: str | None = None) -> RowSource:

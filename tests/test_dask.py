@@ -202,6 +202,13 @@ def test_a_worker_with_another_cpadgn_is_one_line(client):
     cd.check_workers(client)
 
 
+def test_a_bad_value_in_a_chunk_is_one_error_with_its_row(client, model, tmp_path):
+    X = rows(model, 60, seed=10)
+    X[47, 2] = np.inf
+    with pytest.raises(CpadgnError, match=r"x\.npy: row 48, column 3 is inf; replace it"):
+        cd.score(client, model, cd.read(_npy(tmp_path, X), chunk_rows=CHUNK))
+
+
 def test_compare_on_the_cluster_equals_compare_here(client, model):
     from cpadgn.compare import compare
     other = CPAModel(random_net(2, (6,), 5, seed=12, slope=0.2), noise_std=0.4, device="cpu")
