@@ -20,7 +20,6 @@ and read by the workers by memory map.  Prints:
 """
 import argparse
 import os
-import pickle
 import sys
 import tempfile
 import time
