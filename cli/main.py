@@ -161,7 +161,7 @@ def dask_options(fn):
                       help="With --dask: rows per task [default: whole HDF5 chunks adding up to "
                            "about 2048 rows, else 2048].")(fn)
     return click.option("--dask", "dask_address", default=None, metavar="ADDRESS|local:N",
-                        help="Score the rows on a Dask cluster: a scheduler address "
+                        help="Work through the rows on a Dask cluster: a scheduler address "
                              "(tcp://host:8786) or local:N (N worker processes on this machine). "
                              "DATA must be .npy or .h5, readable by the workers at the same path; "
                              "needs pip install 'cpadgn[dask]'.")(fn)
