@@ -12,8 +12,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, command_inputs, load_model, main, model_options, print_summary,
-                      user_errors)
+from cli.main import (Progressbar, command_inputs, dask_options, load_model, main, model_options,
+                      print_summary, refuse_with_dask, say_for, user_errors)
 from cpadgn.errors import CpadgnError
 
 MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
@@ -45,10 +45,12 @@ MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
 @click.option("--image-shape", default=None, metavar="HxW",
               help="Shape of one row as an image for --plot [default: square].")
 @model_options
+@dask_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, plot_path, image_shape,
-           noise_std, cache, max_regions, device, memory_budget, trust_pickle, quiet, debug, as_json):
+           noise_std, cache, max_regions, device, memory_budget, trust_pickle, quiet, debug, as_json,
+           dask_address, chunk_rows):
     """Impute the missing entries (NaN) of DATA exactly under MODEL.
 
     By default each missing entry gets the exact conditional mean E[x_m | x_o] =
@@ -63,6 +65,10 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
       --draws  .csv: a 'draw' column (1..K) then the D columns, K*N rows, draw by draw
                .npy: (K, N, D)          .h5: dataset 'data' (K, N, D)
       --std    .csv/.npy: OUT.std.csv / OUT.std.npy (N, D)   .h5: dataset 'std' (N, D)
+
+    --dask ADDRESS|local:N imputes the rows on a Dask cluster, chunk by chunk (README,
+    Beyond one machine): the same means and std up to rounding; --draws are seeded per
+    chunk, so they are other exact draws than without --dask.
 
     \b
     Examples:
@@ -100,6 +106,21 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         plot.check_image_path(plot_path, inputs={**inputs, "the -o output": out,
                                                  "the --std output": std_path})
 
+    if dask_address is not None:
+        refuse_with_dask(dask_address, **{"--evaluate-mcar": mcar is not None, "--plot": plot_path is not None,
+                            "--noise-std auto": noise_std == "auto"})
+        res, model = impute_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, n_draws, seed,
+                                    want_std, out, std_path, quiet=quiet, cache=cache, noise_std=noise_std,
+                                    device=device, trust_pickle=trust_pickle, max_regions=max_regions,
+                                    memory_budget=memory_budget)
+        summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            print_summary("Imputation", summary)
+        return
+    if chunk_rows is not None:
+        raise CpadgnError("--chunk-rows sets the rows per Dask task; add --dask ADDRESS or local:N")
     X = read_data(data_path, dataset=dataset)
     columns = csv_header(data_path, X.shape[1])
     if plot_path is not None:
@@ -131,17 +152,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     if plot_path is not None:
         plot.save(plot.imputation_figure(model, X_in, res, (H, W), seed=seed), plot_path)
 
-    miss = np.isnan(X_in)
-    summary = {"rows": int(X.shape[0]), "columns": int(X.shape[1]),
-               "rows_with_missing": int(miss.any(1).sum()), "missing_entries": int(miss.sum()),
-               "rows_all_missing": int(miss.all(1).sum()), "draws": n_draws,
-               "max_error_bound": float(res.error_bound.max(initial=0.0)),
-               "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
-               "seconds": time.perf_counter() - t0}
-    if out is not None:
-        summary["output"] = str(out)
-        if want_std:
-            summary["std_output"] = str(std_path) if std_path is not None else f"{out} (dataset 'std')"
+    summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
     if mcar is not None:
         ev = imputation_errors(X, res.mean, hidden, res.draws)
         summary.update({"mcar_fraction": mcar, "hidden_entries": ev["hidden"], "rmse": ev["rmse"]})
@@ -162,6 +173,61 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         for name, n, v in zip(columns, ev["hidden_per_column"], per_col):
             table.add_row(name, str(int(n)), "-" if v is None else f"{v:.6g}")
         Console().print(table)
+
+
+def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws, seed, want_std, out, std_path,
+                   *, quiet, device, memory_budget, **load):
+    """``cpadgn impute --dask``: DATA read in chunks by the workers, the partition computed or
+    loaded here once and sent to every worker once, the imputation written to OUT (.npy
+    and .h5 chunk by chunk as they complete; .csv at the end, in row order); returns
+    (per-row error_bound and n_missing, model)."""
+    from types import SimpleNamespace
+
+    from cpadgn import dask as cluster
+    rows = cluster.open_rows(data_path, dataset)
+    model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
+    X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
+    cluster.check_columns(model, X)
+    N, D = X.shape
+    lead = np.empty((N, cluster.IMPUTE_LEAD))
+    columns = csv_header(data_path, D)
+    split = lambda block: cluster.split_imputation(block, draws=n_draws, std=want_std)
+    with cluster.open_client(address, log=say_for(quiet)) as client, \
+            Progressbar("imputing rows (Dask)", quiet) as bar:
+        table = cluster.impute_table(model, X, draws=n_draws, seed=seed, std=want_std, client=client,
+                                     device=device)
+        if out.suffix.lower() == ".csv":
+            full = cluster.compute_rows(client, table, progress=bar)
+            lead[:] = full[:, :cluster.IMPUTE_LEAD]
+            parts = split(full)
+            write_imputation(out, parts[0] if want_std else parts, parts[1] if want_std else None, columns,
+                             draws=n_draws is not None, std_path=std_path)
+        else:
+            shape = (N, D) if n_draws is None else (n_draws, N, D)
+            with cluster.imputation_writer(out, shape, columns, draws=n_draws is not None,
+                                           std_path=std_path, std=want_std) as write:
+                def put(start, stop, block):
+                    lead[start:stop] = block[:, :cluster.IMPUTE_LEAD]
+                    parts = split(block)
+                    write(start, stop, *(parts if want_std else (parts,)))
+                cluster.compute_rows(client, table, progress=bar, put=put)
+    return SimpleNamespace(error_bound=lead[:, 0], n_missing=lead[:, 1].astype(np.int64)), model
+
+
+def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) -> dict:
+    """The summary of an imputation run from its result's per-row counts."""
+    D = model.output_dim
+    summary = {"rows": int(res.n_missing.size), "columns": int(D),
+               "rows_with_missing": int((res.n_missing > 0).sum()), "missing_entries": int(res.n_missing.sum()),
+               "rows_all_missing": int((res.n_missing == D).sum()), "draws": n_draws,
+               "max_error_bound": float(res.error_bound.max(initial=0.0)),
+               "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
+               "seconds": seconds}
+    if out is not None:
+        summary["output"] = str(out)
+        if want_std:
+            summary["std_output"] = str(std_path) if std_path is not None else f"{out} (dataset 'std')"
+    return summary
 
 
 def std_sibling(out: Path) -> Path:

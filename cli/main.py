@@ -155,6 +155,33 @@ def model_options(fn):
     return fn
 
 
+def dask_options(fn):
+    """--dask and --chunk-rows: run a command's rows on a Dask cluster (cpadgn.dask)."""
+    fn = click.option("--chunk-rows", type=click.IntRange(min=1), default=None, metavar="N",
+                      help="With --dask: rows per task [default: whole HDF5 chunks adding up to "
+                           "about 2048 rows, else 2048].")(fn)
+    return click.option("--dask", "dask_address", default=None, metavar="ADDRESS|local:N",
+                        help="Work through the rows on a Dask cluster: a scheduler address "
+                             "(tcp://host:8786) or local:N (N worker processes on this machine). "
+                             "DATA must be .npy or .h5, readable by the workers at the same path; "
+                             "needs pip install 'cpadgn[dask]'.")(fn)
+
+
+def refuse_with_dask(address, **options) -> None:
+    """One-line refusal of a malformed --dask value, and of options that need every row in
+    one process ({--name: given})."""
+    from cpadgn.dask import check_address
+    check_address(address)
+    given = [name for name, on in options.items() if on]
+    if given:
+        raise CpadgnError(f"{', '.join(given)} cannot be combined with --dask (it needs all rows in "
+                          "one process); run without --dask, or drop it")
+
+
+def say_for(quiet: bool):
+    return (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+
+
 def command_inputs(model_path, data_path, cache) -> dict:
     """The files a model command reads, by role, which no output may replace."""
     from cpadgn.cache import cache_path_for
@@ -305,10 +332,12 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
               help="Draw the histogram of log p(x) with the threshold and, with --pvalues, the "
                    "model's own log p (.png/.pdf/.svg; needs pip install 'cpadgn[plot]').")
 @model_options
+@dask_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def score(model_path, data_path, out, dataset, contamination, pvalues, samples, seed, alpha, explain,
-          memory_budget, plot_path, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json):
+          memory_budget, plot_path, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json,
+          dask_address, chunk_rows):
     """Anomaly scores of DATA from MODEL's exact log-likelihood.
 
     One output row per data row: log_likelihood (nats), anomaly_score
@@ -317,6 +346,9 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     pruning), log_likelihood_stderr (S >= 3 only), and is_anomaly with
     --contamination or --alpha.  NaN entries are missing: the row is scored by the
     exact marginal likelihood of its observed entries.
+
+    --dask ADDRESS|local:N scores the rows on a Dask cluster, chunk by chunk (README,
+    Beyond one machine); the output is the same up to rounding.
 
     --pvalues adds pvalue = (1 + k) / (M + 1), k the number of M rows drawn from
     the model (scored on the same observed entries) that are at most as likely,
@@ -339,6 +371,23 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     check_score_options(contamination, pvalues, samples, alpha, explain)
     samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
+    if dask_address is not None:
+        refuse_with_dask(dask_address, **{"--pvalues/--alpha": pvalues, "--explain": explain is not None,
+                            "--plot": plot_path is not None, "--noise-std auto": noise_std == "auto"})
+        post, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows,
+                                    quiet=quiet or as_json, cache=cache, noise_std=noise_std, device=device,
+                                    trust_pickle=trust_pickle, max_regions=max_regions,
+                                    memory_budget=memory_budget)
+        columns = scores_table(post, contamination)
+        write_table(out, columns)
+        summary = score_summary(post, columns, model, contamination, time.perf_counter() - t0, out)
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            print_summary("Scores", summary)
+        return
+    if chunk_rows is not None:
+        raise CpadgnError("--chunk-rows sets the rows per Dask task; add --dask ADDRESS or local:N")
     if plot_path is not None:
         from cpadgn.plot import check_image_path
         check_image_path(plot_path, inputs={**command_inputs(model_path, data_path, cache), "the -o output": out})
@@ -375,6 +424,20 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
 
 
 PVALUE_SAMPLES = 2000          # default --samples
+
+
+def score_on_dask(address, model_path, data_path, dataset, chunk_rows, *, quiet, device, memory_budget,
+                  **load):
+    """``cpadgn score --dask``: DATA read in chunks by the workers, the partition computed or
+    loaded here once and sent to every worker once; returns (posterior summaries, model)."""
+    from cpadgn import dask as cluster
+    rows = cluster.open_rows(data_path, dataset)
+    model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
+    X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
+    cluster.check_columns(model, X)
+    with cluster.open_client(address, log=say_for(quiet)) as client, \
+            Progressbar("scoring rows (Dask)", quiet) as bar:
+        return cluster.score(client, model, X, device=device, progress=bar), model
 
 
 def check_score_options(contamination, pvalues, samples, alpha, explain):

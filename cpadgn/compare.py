@@ -271,7 +271,8 @@ def check_dimensions(dims: dict, X_test=None, X_train=None) -> int:
     return D
 
 
-def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=None) -> CompareResult:
+def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=None,
+            posterior=None) -> CompareResult:
     """Compare models by exact held-out log-likelihood.
 
     models: a mapping {name: CPAModel or path}, or a sequence of CPAModels, model paths
@@ -284,6 +285,9 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
         log-likelihood, and the data the PPCA baseline is fitted on.
     baseline: None, "ppca" (K = the first model's latent dim) or "ppca:K".
     progress: optional callable(done, total, message) over models;  log: callable(str).
+    posterior: optional callable(model, X) -> an object with log_likelihood, error_bound
+        and stderr (N,) that scores the rows elsewhere (``cpadgn.dask.scorer``: on a
+        Dask cluster); default ``model.posterior(X, moments=False)``.
 
     Returns a CompareResult, models sorted by mean test log-likelihood (best first; ties
     by name), pairs for every pair with the better-ranked model as a.
@@ -318,7 +322,7 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
             progress(i, len(named), name)
         t0 = time.perf_counter()
         row, ll, elbo = _score_model(name, m, kinds.get(name, "generator"), X_test, X_train,
-                                      has_nan, notes)
+                                      has_nan, notes, posterior)
         row.seconds = time.perf_counter() - t0
         rows.append(row)
         lls[name] = ll
@@ -356,11 +360,12 @@ def _drop_unobserved(X, what: str, notes: list) -> np.ndarray:
     return X[~empty]
 
 
-def _score_model(name, m, kind, X_test, X_train, has_nan, notes):
+def _score_model(name, m, kind, X_test, X_train, has_nan, notes, posterior=None):
     from .vae import exact_elbo, model_encoder
     if m.noise_std is None:
         raise CpadgnError(f"{name} has no noise std; pass --noise-std X (or auto with --train)")
-    post = m.posterior(X_test, moments=False)
+    posterior = posterior or (lambda model, X: model.posterior(X, moments=False))
+    post = posterior(m, X_test)
     ll = post.log_likelihood
     mean, se = mean_and_se(ll)
     n = ll.size
@@ -371,7 +376,7 @@ def _score_model(name, m, kind, X_test, X_train, has_nan, notes):
                    max_error_bound=float(post.error_bound.max()),
                    mean_log_likelihood_mc_se=float(np.sqrt((post.stderr ** 2).sum()) / n))
     if X_train is not None:
-        ll_train = float(m.log_prob(X_train).sum())
+        ll_train = float(posterior(m, X_train).log_likelihood.sum())
         row.n_train = int(X_train.shape[0])
         row.train_log_likelihood = ll_train
         row.aic, row.bic = information_criteria(ll_train, row.n_parameters, row.n_train)

@@ -1,0 +1,315 @@
+"""cpadgn.dask and --dask: the rows on a Dask cluster give the single-process results.
+
+One LocalCluster for the module (2 worker processes, 1 thread each, loopback only).
+Oracle: the single-process run, which the other test files check against quadrature
+and closed forms; the cluster scores other row chunks, so results agree to the rounding
+bound of ``oracles.kappa_rounding_tol`` (the same derivation as
+test_likelihood.test_results_do_not_depend_on_chunking), never bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import distributed    # the 'test' extra installs dask[distributed]
+
+import cpadgn.dask as cd
+from cpadgn.errors import CpadgnError
+from cpadgn.impute import impute as impute_single
+from cpadgn.model import CPAModel
+from oracles import kappa_rounding_tol, random_net
+
+CHUNK = 20      # rows per task: 8 to 12 tasks per run, more than the 2 workers
+
+
+@pytest.fixture(scope="module")
+def client():
+    cd.quiet_logs()
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CPAModel(random_net(2, (8, 8), 5, seed=11, slope=0.1, scale=1.5), noise_std=0.3, device="cpu")
+
+
+def rows(model, n, seed):
+    """n model rows, some entries missing, one far row (large terms that cancel)."""
+    X = model.sample(n, seed=seed)
+    X[::6, 1] = np.nan
+    X[::9, 3:] = np.nan
+    X[4] *= 25.0
+    return X
+
+
+def h5_data(path, X):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=X, chunks=(CHUNK // 2, X.shape[1]))
+    return path
+
+
+def loglik_tol(model, X, a_bound, b_bound):
+    """Rounding bound of two runs that differ in batch sizes (test_likelihood's)."""
+    ref = model.posterior(X)
+    return 2 * kappa_rounding_tol(model, X, ref) + a_bound + b_bound
+
+
+def spread(post, n):
+    """max over a row's (row, region) pairs of |E[z | x, z in w]|, (n,)."""
+    out = np.zeros(n)
+    np.maximum.at(out, post.pair_row, np.linalg.norm(post.pair_mean, axis=1))
+    return out
+
+
+def assert_scores_equal(model, X, got):
+    ref = model.posterior(X)
+    tol = loglik_tol(model, X, ref.error_bound, got.error_bound)
+    assert np.all(np.abs(got.log_likelihood - ref.log_likelihood) <= tol)
+    np.testing.assert_array_equal(got.n_observed, ref.n_observed)
+    # E[z|x] = sum_w r_w m_w: r moves by at most 2 tol relative, m_w by tol (whitened)
+    assert np.all(np.abs(got.z_mean - ref.z_mean).max(1) <= tol * (1 + 2 * spread(ref, len(X))))
+    assert tol.max() < 1e-6 * np.abs(ref.log_likelihood).max()            # not vacuous
+
+
+# ------------------------------------------------------------------------ results
+def test_scores_equal_the_single_process_run(client, model, tmp_path):
+    X = rows(model, 200, seed=1)
+    data = cd.read(h5_data(tmp_path / "x.h5", X), chunk_rows=CHUNK)
+    assert data.numblocks[0] == 200 // CHUNK
+    seen = []
+    got = cd.score(client, model, data, progress=lambda done, total: seen.append((done, total)))
+    assert_scores_equal(model, X, got)
+    assert len(seen) == 200 // CHUNK and seen[-1] == (200, 200)
+    ll = cd.log_prob(model, np.load(_npy(tmp_path, X)), client=client).compute()    # in memory, 1 chunk
+    assert np.all(np.abs(ll - got.log_likelihood) <= loglik_tol(model, X, got.error_bound, got.error_bound))
+
+
+def _npy(tmp_path, X):
+    np.save(tmp_path / "x.npy", X)
+    return tmp_path / "x.npy"
+
+
+def mean_bound(model, X, error_bound):
+    """E[x_m | x_o] = sum_w r_w m_w, m_w = A_w,m E_w + b_w,m: a rounding error e in log p
+    moves r_w by 2 e relative and E_w by e (whitened, Sigma_w <= I), so
+    |d mean_d| <= e (max_w |A_w,d| (1 + 2 |E_w|) + 2 max_w |b_w,d|), (N, D)."""
+    e = loglik_tol(model, X, error_bound, error_bound)
+    A, b = model.net.region_maps(model.partition().patterns)
+    a_max, b_max = np.linalg.norm(A, axis=2).max(0), np.abs(b).max(0)     # (D,)
+    return e[:, None] * (a_max[None] * (1 + 2 * spread(model.posterior(X), len(X)))[:, None] + 2 * b_max[None])
+
+
+def test_imputation_equals_the_single_process_run(client, model, tmp_path):
+    X = rows(model, 160, seed=2)
+    ref = impute_single(model.net, model.partition(), model.noise_std, X, std=True, device="cpu")
+    mean, std = cd.impute(model, cd.read(_npy(tmp_path, X), chunk_rows=CHUNK), std=True, client=client)
+    mean, std = mean.compute(), std.compute()
+    obs = ~np.isnan(X)
+    np.testing.assert_array_equal(mean[obs], X[obs])                      # bit for bit
+    assert np.all(std[obs] == 0) and np.all(np.isfinite(mean)) and np.all(std[~obs] > 0)
+    assert np.all(np.abs(mean - ref.mean) <= mean_bound(model, X, ref.error_bound))
+    draws = cd.impute(model, cd.read(_npy(tmp_path, X), chunk_rows=CHUNK), draws=3, seed=5,
+                      client=client).compute()
+    assert draws.shape == (3,) + X.shape
+    np.testing.assert_array_equal(draws[:, obs], np.broadcast_to(X[obs], (3, obs.sum())))
+
+
+# --------------------------------------------------------------- once, not per task
+def test_partition_is_computed_once_and_sent_once_per_worker(client, model, tmp_path, monkeypatch):
+    """The client computes the partition once; no worker computes one; every worker
+    unpickles the model exactly once although it runs several tasks."""
+    import cpadgn.model as model_module
+
+    def install():
+        import cpadgn.model as m
+
+        def refuse(*a, **k):
+            raise AssertionError("a worker computed a partition")
+
+        def count(self, state):
+            m._unpickled = getattr(m, "_unpickled", 0) + 1
+            self.__dict__.update(state)
+        m._unpickled, m._original = 0, m.compute_partition
+        m.compute_partition, m.CPAModel.__setstate__ = refuse, count
+
+    def report():
+        import cpadgn.model as m
+        n = m._unpickled
+        m.compute_partition = m._original
+        del m.CPAModel.__setstate__
+        return n
+
+    calls = []
+    original = model_module.compute_partition
+    monkeypatch.setattr(model_module, "compute_partition", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fresh = CPAModel(model.generator, noise_std=0.3, device="cpu")
+    X = rows(fresh, 240, seed=3)
+    client.run(install)
+    try:
+        got = cd.score(client, fresh, cd.read(_npy(tmp_path, X), chunk_rows=CHUNK))
+    finally:
+        unpickled = client.run(report)
+    assert calls == [1]
+    assert sorted(unpickled.values()) == [1, 1]              # 12 tasks, 2 copies of the model
+    assert_scores_equal(fresh, X, got)
+
+
+# ------------------------------------------------------------------------ faults
+def test_a_worker_with_another_cpadgn_is_one_line(client):
+    def other_version():
+        import cpadgn
+        cpadgn.__version__, cpadgn._real = "0.0.0-other", cpadgn.__version__
+
+    def restore():
+        import cpadgn
+        cpadgn.__version__ = cpadgn._real
+
+    client.run(other_version)
+    try:
+        with pytest.raises(CpadgnError, match=r"^Dask worker tcp://127\.0\.0\.1:\d+ has cpadgn 0\.0\.0-other "
+                                              r"but this client has .* \(and 1 more of 2 workers\); install"):
+            cd.check_workers(client)
+    finally:
+        client.run(restore)
+    cd.check_workers(client)
+
+    def hide():
+        import sys
+        sys._cpadgn_dask = sys.modules["cpadgn.dask"]
+        sys.modules["cpadgn.dask"] = None                 # import fails as if not installed
+
+    def unhide():
+        import sys
+        sys.modules["cpadgn.dask"] = sys._cpadgn_dask
+
+    client.run(hide)
+    try:
+        with pytest.raises(CpadgnError, match=r"^Dask worker tcp://\S+ cannot import cpadgn \(ModuleNotFoundError: "
+                                              r"import of cpadgn\.dask halted.*\); install cpadgn\[dask\]"):
+            cd.check_workers(client)
+    finally:
+        client.run(unhide)
+    cd.check_workers(client)
+
+
+def test_a_bad_value_in_a_chunk_is_one_error_with_its_row(client, model, tmp_path):
+    X = rows(model, 60, seed=10)
+    X[47, 2] = np.inf
+    with pytest.raises(CpadgnError, match=r"x\.npy: row 48, column 3 is inf; replace it"):
+        cd.score(client, model, cd.read(_npy(tmp_path, X), chunk_rows=CHUNK))
+
+
+def test_compare_on_the_cluster_equals_compare_here(client, model):
+    from cpadgn.compare import compare
+    other = CPAModel(random_net(2, (6,), 5, seed=12, slope=0.2), noise_std=0.4, device="cpu")
+    X, X_train = rows(model, 90, seed=8), model.sample(60, seed=9)
+    here = compare({"a": model, "b": other}, X, X_train)
+    there = compare({"a": model, "b": other}, X, X_train, posterior=cd.scorer(client, chunk_rows=CHUNK))
+    for name, m in (("a", model), ("b", other)):
+        bounds = [next(r.max_error_bound for r in res.models if r.name == name) for res in (here, there)]
+        tol = loglik_tol(m, X, *bounds)
+        assert np.all(np.abs(there.log_likelihoods[name] - here.log_likelihoods[name]) <= tol)
+    assert [r.name for r in there.models] == [r.name for r in here.models]
+
+
+# --------------------------------------------------------------------- command line
+def test_cli_score_with_dask_writes_the_same_csv(client, model, tmp_path):
+    """--dask with the module cluster's scheduler address (a cluster of its own, local:2,
+    would start two more worker processes: the LocalCluster is built as in the fixture)."""
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    X = rows(model, 120, seed=6)
+    h5_data(tmp_path / "x.h5", X)
+    base = ["score", str(tmp_path / "gen.h5"), str(tmp_path / "x.h5"), "-q", "--device", "cpu"]
+    one = CliRunner().invoke(main, base + ["-o", str(tmp_path / "one.csv")], catch_exceptions=False)
+    assert one.exit_code == 0, one.output
+    run = CliRunner().invoke(main, base + ["-o", str(tmp_path / "dask.csv"), "--dask",
+                                           client.scheduler.address, "--chunk-rows", str(CHUNK)], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    import pandas as pd
+    a, b = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "dask.csv")
+    assert list(a.columns) == list(b.columns)
+    for c in ("n_observed", "top_region"):
+        np.testing.assert_array_equal(a[c], b[c])
+    tol = loglik_tol(model, X, a.log_likelihood_error_bound.values, b.log_likelihood_error_bound.values)
+    assert np.all(np.abs(a.log_likelihood - b.log_likelihood) <= tol)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temporaries
+
+
+def test_cli_impute_with_dask_streams_the_same_h5(client, model, tmp_path):
+    """--dask writes an .h5 imputation chunk by chunk: the same datasets and values."""
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    X = rows(model, 100, seed=7)
+    np.save(tmp_path / "x.npy", X)
+    base = ["impute", str(tmp_path / "gen.h5"), str(tmp_path / "x.npy"), "--std", "-q", "--device", "cpu"]
+    for name, extra in (("one.h5", []), ("dask.h5", ["--dask", client.scheduler.address, "--chunk-rows", "15"])):
+        r = CliRunner().invoke(main, base + ["-o", str(tmp_path / name)] + extra, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "dask.h5") as b:
+        assert sorted(a) == sorted(b) == ["data", "std"]
+        assert list(a["data"].attrs["columns"]) == list(b["data"].attrs["columns"])
+        ref = impute_single(model.net, model.partition(), model.noise_std, X, device="cpu")
+        assert np.all(np.abs(b["data"][()] - a["data"][()]) <= mean_bound(model, X, ref.error_bound))
+        np.testing.assert_array_equal(b["std"][()] == 0, a["std"][()] == 0)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_refuses_csv_and_bad_addresses_in_one_line(tmp_path):
+    from cli.main import main
+    data = Path("sample_data/digits_test.csv").resolve()
+    gen = Path("sample_data/digits_generator.h5").resolve()
+    r = CliRunner().invoke(main, ["score", str(gen), str(data), "-o", str(tmp_path / "s.csv"),
+                                  "--dask", "local:2"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert "--dask reads DATA in chunks from .npy or .h5 files, not CSV; convert" in r.output
+    np.save(tmp_path / "x.npy", np.zeros((3, 64)))
+    r = CliRunner().invoke(main, ["score", str(gen), str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.csv"),
+                                  "--dask", "local:zero"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "expected local:N" in r.output
+    r = CliRunner().invoke(main, ["score", str(gen), str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.csv"),
+                                  "--dask", "local:1", "--pvalues"])
+    assert r.exit_code == 1 and "--pvalues/--alpha cannot be combined with --dask" in r.output
+
+
+def test_the_command_line_starts_without_importing_dask():
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom cli.main import main\n"
+            "for args in [[]] + [[c] for c in main.commands]:\n"
+            "    assert CliRunner().invoke(main, args + ['--help']).exit_code == 0, args\n"
+            "print(sorted(m for m in ('dask', 'distributed') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------ faults, last (a worker dies)
+def test_a_killed_worker_is_replaced_and_the_output_is_complete(client, model, tmp_path):
+    """Last in the file: the nanny's replacement worker need not be waited for."""
+    X = rows(model, 240, seed=4)
+    data = cd.read(_npy(tmp_path, X), chunk_rows=CHUNK // 2)
+    killed = []
+
+    def kill_one(done, total):
+        if not killed:
+            assert done < total                                 # mid-run
+            pid = next(iter(client.run(os.getpid).values()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    got = cd.score(client, model, data, progress=kill_one)
+    assert killed and killed[0] not in client.run(os.getpid).values()
+    assert_scores_equal(model, X, got)
