@@ -77,7 +77,7 @@ def run_seed(seed, X_train, X_test, epochs, em_iter, workdir):
     t_vae = time.perf_counter() - t0
     path = Path(workdir) / f"decoder_{seed}.pt2"
     torch.export.save(torch.export.export(vae.decoder, (torch.zeros(2, S),)), path)
-    sigma = float(vae.log_sigma.exp())
+    sigma = float(vae.log_sigma.detach().exp())
     model = cpadgn.load(path, noise_std=sigma, cache=False, device="cpu")
     before = float(model.log_prob(X_test).mean())
     sigma_ml = model.fit_noise_std(X_train)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
+from cli.lazy import np
 
 from cli.main import Progressbar, console, main, parse_memory_budget, print_summary, resolve_device, user_errors
 from cpadgn.errors import CpadgnError
