@@ -3,7 +3,8 @@ baseline on the same decoder (``fit_vae``), both scored by the exact likelihood.
 
 EM (the algorithm is in ``em``; this module runs it):
 
-    net, var <- initialisation (PPCA embedded in the network, see ``em.init_ppca``)
+    net, var <- initialisation (PPCA embedded in the network, see ``em.init_ppca``; or a
+                generator trained elsewhere, its prior folded in, see ``model_start``)
     repeat:
         E-step:  exact posterior of every training row on the current partition
         M-step:  closed-form layer updates with the regions held fixed, then the noise
