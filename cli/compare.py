@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
+from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 

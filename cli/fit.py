@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
+from cli.lazy import np
 
-from cli.main import Progressbar, console, main, print_summary, resolve_device, user_errors
+from cli.main import Progressbar, console, main, parse_memory_budget, print_summary, resolve_device, user_errors
 from cpadgn.errors import CpadgnError
 
 MODEL_SUFFIXES = (".h5", ".hdf5")
@@ -18,8 +18,8 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (.h5): weights, prior, noise, options, training history.")
-@click.option("--latent-dim", "-S", "latent_dim", type=int, required=True,
-              help="Latent dimension S (1 to 3 keeps the partition cheap).")
+@click.option("--latent-dim", "-S", "latent_dim", type=int, default=None,
+              help="Latent dimension S (1 to 3 keeps the partition cheap); required unless --init MODEL.")
 @click.option("--hidden", default="32,32", show_default=True,
               help="Hidden layer widths, comma-separated; 'none' for a linear generator (PPCA).")
 @click.option("--activation", default="leaky_relu:0.1", show_default=True,
@@ -39,13 +39,25 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--dataset", default=None, help="Dataset key inside .h5 data files.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the initialisation and the validation split (and the VAE).")
-@click.option("--noise", type=click.Choice(["iso", "diag"]), default="iso", show_default=True,
-              help="Observation noise: sigma^2 I or diag(sigma_d^2).")
-@click.option("--init", type=click.Choice(["ppca", "random"]), default="ppca", show_default=True,
-              help="EM start: the PPCA solution embedded in the network, or seeded random.")
-@click.option("--init-noise", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-              help="EM: initial noise std as a fraction of PPCA's (1 starts at the PPCA likelihood; "
-                   "a small value starts with sharp posteriors and leaves the PPCA plateau faster).")
+@click.option("--noise", type=click.Choice(["iso", "diag"]), default=None,
+              help="Observation noise: sigma^2 I or diag(sigma_d^2) [default: iso; with --init MODEL "
+                   "the kind of the model's noise].")
+@click.option("--init", default="ppca", show_default=True, metavar="ppca|random|MODEL",
+              help="EM start: the PPCA solution embedded in the network, seeded random weights, or a "
+                   "generator file to refine (cpadgn .h5, torch.export .pt2, TorchScript, a pickle with "
+                   "--trust-pickle): EM keeps its architecture and starts from its weights, prior and "
+                   "noise (none stored: the maximum-likelihood noise std on the training rows).")
+@click.option("--init-noise", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="EM: initial noise std as a fraction of the start's own (PPCA's; the data's for "
+                   "random; the model's for --init MODEL) [default: 0.1; 1 with --init MODEL].  1 "
+                   "starts at the PPCA likelihood; a small value starts with sharp posteriors and "
+                   "leaves the PPCA plateau faster.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow --init to load a pickled torch module (it can execute code).")
+@click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
+              callback=lambda c, p, v: parse_memory_budget(v),
+              help="EM: memory its M-step may hold; a generator whose M-step needs more (wide hidden "
+                   "layers, e.g. folded convolutions) is refused before the step.")
 @click.option("--sweeps", type=click.IntRange(min=1), default=1, show_default=True,
               help="EM: passes over the layers per M-step.")
 @click.option("--rtol", type=click.FloatRange(min=0, min_open=True, max=1e-2), default=1e-6,
@@ -73,8 +85,8 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--debug", is_flag=True, hidden=True)
 @user_errors
 def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, val_fraction, val_path,
-        dataset, seed, noise, init, init_noise, sweeps, rtol, var_floor, lr, batch_size, eval_every, max_regions, device,
-        timings, quiet, as_json, debug):
+        dataset, seed, noise, init, init_noise, trust_pickle, memory_budget, sweeps, rtol, var_floor, lr,
+        batch_size, eval_every, max_regions, device, timings, quiet, as_json, debug):
     """Train a piecewise-affine generator on DATA and write a cpadgn model file.
 
     --method em (default) is the analytical EM of Balestriero et al. (2020): the
@@ -86,6 +98,14 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     and noise alone (a true EM step: the partition does not move), so the
     training log-likelihood never decreases.  EM starts from the PPCA solution
     embedded in the network, with the noise at --init-noise times PPCA's.
+
+    --init MODEL refines a generator trained elsewhere (e.g. a VAE's decoder
+    exported with torch.export): EM keeps its architecture as cpadgn folds it
+    (layer widths and activation slopes; a convolution or skip connection becomes
+    a dense layer, whose weights EM then updates freely), starts from its
+    weights, prior (folded into the first layer) and noise std (or, when the file
+    has none, the maximum-likelihood std on the training rows), and writes a
+    cpadgn model file.  --latent-dim, --hidden and --activation come from MODEL.
 
     --method vae trains the same decoder as a VAE (Adam on the ELBO, learned
     noise) and keeps its encoder, for comparison on exact held-out likelihood
@@ -108,6 +128,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
       cpadgn fit sample_data/wave.csv -o wave_em.h5 --latent-dim 1 --hidden 16,16
       cpadgn fit sample_data/digits_train.csv -o digits_em.h5 -S 2 --hidden 32,32 --max-iter 50
       cpadgn fit sample_data/digits_train.csv -o digits_vae.h5 -S 2 --method vae --lr 3e-4
+      cpadgn fit sample_data/digits_train.csv -o refined.h5 --init decoder.pt2 --max-iter 10
       cpadgn compare digits_em.h5 digits_vae.h5 --data sample_data/digits_test.csv
     """
     from cpadgn.data import check_output_path, read_data
@@ -117,14 +138,24 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     out = Path(out)
     if out.suffix.lower() not in MODEL_SUFFIXES:
         raise CpadgnError(f"cannot write {out}: a model file must end in .h5 or .hdf5")
-    check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path})
+    init_model, init_path = init not in ("ppca", "random"), init
+    check_init_options(init, method, latent_dim)
+    check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,
+                                   "the --init model": init if init_model else None})
     hidden_sizes = parse_hidden(hidden)
     slope = parse_activation(activation)
     if val_path is not None and val_fraction not in (None, 0):
         raise CpadgnError("give either --val or --val-fraction, not both")
     say = (lambda m: None) if (quiet or as_json) else (lambda m: console.print(m))
-    X = check_training_data(read_data(data_path, dataset=dataset), latent_dim, f"data {data_path}",
-                            allow_missing=method == "em")
+    dev = resolve_device(device)
+    raw = read_data(data_path, dataset=dataset)
+    if init_model:
+        from cpadgn.fit import check_init_dimensions
+        from cpadgn.model import load
+        init = load(init, cache=False, trust_pickle=trust_pickle, device=dev)
+        check_init_dimensions(init, raw.shape[1] if raw.ndim == 2 else raw.shape, latent_dim)
+        latent_dim, hidden_sizes = init.latent_dim, init.net.hidden_sizes
+    X = check_training_data(raw, latent_dim, f"data {data_path}", allow_missing=method == "em")
     if not 1 <= latent_dim <= 3:
         say(f"[yellow]warning:[/yellow] --latent-dim {latent_dim}: region counts grow like "
             f"(hidden units)^S and region masses need quasi-Monte Carlo for S >= 4; expect slow, "
@@ -137,7 +168,6 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
             raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}")
     else:
         X_train, X_val = split_validation(X, 0.1 if val_fraction is None else val_fraction, seed)
-    dev = resolve_device(device)
     label = "EM" if method == "em" else "VAE"
     with Progressbar(f"fit ({label})", quiet or as_json) as bar:
         if method == "em":
@@ -151,7 +181,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
 
             res = fit_em(X_train, latent_dim, hidden_sizes, slope, n_iter, tol, X_val, seed, noise,
                          progress, init=init, init_noise=init_noise, sweeps=sweeps, rtol=rtol,
-                         device=dev, max_regions=max_regions, timings=timings,
+                         device=dev, max_regions=max_regions, timings=timings, memory_budget=memory_budget,
                          var_floor=var_floor * max(float(np.nanvar(X_train, 0).mean()), 1e-300))
         else:
             n_iter = 300 if max_iter is None else max_iter
@@ -164,16 +194,21 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
                 bar(row["epoch"], n_iter, f"ELBO {row['train_elbo']:.4f}"
                     + (f" val LL {v:.4f}" if np.isfinite(v) else ""))
 
-            res = fit_vae(X_train, latent_dim, hidden_sizes, slope, n_iter, X_val, seed, noise, progress,
+            res = fit_vae(X_train, latent_dim, hidden_sizes, slope, n_iter, X_val, seed, noise or "iso", progress,
                           lr=lr, batch_size=batch_size, eval_every=eval_every, device=dev,
                           max_regions=max_regions, timings=timings)
+    if init_model:
+        from cpadgn.modelfile import activation_name
+        activation = ",".join(activation_name(a) for a in res.net.slopes) or "none"
     provenance = {"data": Path(data_path).name, "data_sha256": data_fingerprint(X_train),
                   "n_train": int(X_train.shape[0]), "n_val": 0 if X_val is None else int(X_val.shape[0]),
                   "activation": activation, "val_source": "file" if val_path is not None else "fraction"}
+    if init_model:
+        provenance["init_model"] = Path(init_path).name
     save_fit(out, res, attrs=provenance)
     h = res.history
     summary = {"output": str(out), "method": method, "latent_dim": latent_dim,
-               "hidden": list(hidden_sizes), "activation": activation, "noise": noise,
+               "hidden": list(hidden_sizes), "activation": activation, "noise": res.options["noise"],
                "train_rows": provenance["n_train"], "val_rows": provenance["n_val"],
                "iterations": int(h["iteration"][-1] if method == "em" else h["epoch"][-1]),
                "stop_reason": res.stop_reason,
@@ -182,10 +217,30 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
                "noise_std": float(res.noise_std) if np.ndim(res.noise_std) == 0 else np.asarray(res.noise_std).tolist(),
                "seconds": time.perf_counter() - t0}
     if method == "em":
+        summary["init"] = init_path if init_model else init
         summary["initial_train_log_likelihood"] = float(h["train_loglik"][0])
+        summary["initial_noise_std"] = float(h["noise_std"][0])
         summary["rejected_trials"] = int(h["rejected"][1:].sum())
         summary["fallback_steps"] = int(h["fallback"][1:].sum())
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         print_summary(f"cpadgn fit ({label})", summary)
+
+
+def check_init_options(init, method, latent_dim) -> None:
+    """Usage errors of --init: a MODEL must exist, is EM's start (not the VAE's), and
+    brings its own --hidden and --activation; without one, --latent-dim is required."""
+    ctx = click.get_current_context()
+    if init in ("ppca", "random"):
+        if latent_dim is None:
+            raise click.UsageError("Missing option '--latent-dim' / '-S' (or give --init MODEL)", ctx)
+        return
+    if not Path(init).is_file():
+        raise click.BadParameter(f"{init!r} is neither ppca, random nor an existing model file",
+                                 ctx, param_hint="'--init'")
+    if method != "em":
+        raise click.UsageError("--init MODEL is a start for EM; --method vae trains from scratch", ctx)
+    for name in ("hidden", "activation"):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--{name} comes from the --init model; drop it", ctx)

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import click
-import numpy as np
+from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 

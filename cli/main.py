@@ -7,7 +7,7 @@ import sys
 import time
 
 import click
-import numpy as np
+from cli.lazy import np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table

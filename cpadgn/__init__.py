@@ -7,9 +7,7 @@
     >>> model.posterior(X).z_mean  # exact E[z | x]
     >>> cpadgn.CPADGN(latent_dim=2).fit(X_train).predict(X_test)   # scikit-learn outlier detector
 """
-from .compare import compare
 from .errors import CpadgnError
-from .network import PiecewiseAffineNet
 
 __version__ = "0.1.0"
 __all__ = ["CPADGN", "CPADGNDetector", "CPAModel", "CpadgnError", "PiecewiseAffineNet", "compare", "load",
@@ -17,8 +15,15 @@ __all__ = ["CPADGN", "CPADGNDetector", "CPAModel", "CpadgnError", "PiecewiseAffi
 
 
 def __getattr__(name):
-    """The model loads on first use (it imports torch, so the command line starts fast and
-    refuses bad input before that import); the estimators import scikit-learn (optional)."""
+    """Everything loads on first use, so that ``import cpadgn`` (and ``cpadgn --help``) imports
+    neither numpy nor torch: the model imports torch (the command line refuses bad input
+    before that import); the estimators import scikit-learn (optional)."""
+    if name == "PiecewiseAffineNet":
+        from .network import PiecewiseAffineNet
+        return PiecewiseAffineNet
+    if name == "compare":                  # the module, callable as its compare() (see there)
+        import importlib
+        return importlib.import_module(".compare", __name__)
     if name in ("CPAModel", "load"):
         from . import model
         return getattr(model, name)

@@ -3,7 +3,8 @@ baseline on the same decoder (``fit_vae``), both scored by the exact likelihood.
 
 EM (the algorithm is in ``em``; this module runs it):
 
-    net, var <- initialisation (PPCA embedded in the network, see ``em.init_ppca``)
+    net, var <- initialisation (PPCA embedded in the network, see ``em.init_ppca``; or a
+                generator trained elsewhere, its prior folded in, see ``model_start``)
     repeat:
         E-step:  exact posterior of every training row on the current partition
         M-step:  closed-form layer updates with the regions held fixed, then the noise
@@ -180,24 +181,132 @@ def _partition(net, max_regions):
     return compute_partition(net, max_regions=max_regions, prior_masses=False)
 
 
+def _uniform_slope(net: PiecewiseAffineNet):
+    """The activations' common negative-side slope, or None when they differ (PReLU,
+    slope-1 units carrying a skip connection)."""
+    flat = np.concatenate([np.ravel(a) for a in net.slopes]) if net.slopes else np.zeros(0)
+    return float(flat[0]) if flat.size and np.all(flat == flat[0]) else None
+
+
+# ============================================================================ EM start from a model
+@dataclass
+class ModelStart:
+    """EM's start from a given generator (``model_start``).
+
+    net: the generator with its prior folded into the first layer (prior N(0, I), the
+    same distribution of x); var (D,): the initial noise variance; noise: "iso" or
+    "diag"; noise_source: "model" (its own noise std), "fitted" (maximum exact
+    likelihood on the training rows: the model had none) or "given"; part: the
+    partition of net when it was already computed (else None).
+    """
+
+    net: PiecewiseAffineNet
+    var: np.ndarray
+    noise: str
+    noise_source: str
+    part: object = None
+
+
+def check_init_dimensions(model, n_columns, latent_dim=None) -> None:
+    """CpadgnError unless the init ``model`` outputs ``n_columns`` and has latent
+    dimension ``latent_dim`` (None: any)."""
+    S, D = model.latent_dim, model.output_dim
+    if n_columns != D:
+        raise CpadgnError(f"the --init model outputs {D} columns but the training data has {n_columns}; "
+                          f"give data with {D} columns or another --init model")
+    if latent_dim is not None and int(latent_dim) != S:
+        raise CpadgnError(f"--latent-dim {latent_dim} does not match the --init model's latent dimension "
+                          f"{S}; drop --latent-dim (it comes from the model) or use another --init")
+    if S >= D:
+        raise CpadgnError(f"the --init model's latent dimension ({S}) is not below its output dimension "
+                          f"({D}); EM fits generators with S < D")
+
+
+def model_start(model, X, *, latent_dim=None, noise=None, noise_std=None, init_noise: float = 1.0,
+                max_regions=None) -> ModelStart:
+    """Start EM from a loaded generator ``model`` (a ``model.CPAModel``; anything
+    ``cpadgn.load`` takes: a model file, torch.export / TorchScript file, nn.Module).
+
+    Keeps its architecture: every folded layer (``network.PiecewiseAffineNet``; a
+    convolution or skip connection is a dense layer there) with its per-unit slopes.
+    The prior N(mu, Sigma) is folded into the first layer, which leaves p(x) unchanged.
+    Noise: ``noise_std`` when given, else the model's own, else the maximum-likelihood
+    isotropic std on the rows X (N, D) by exact likelihood (``CPAModel.fit_noise_std``);
+    times ``init_noise``.  noise None: "diag" when that std varies across columns, else
+    "iso".  X may have NaN (missing) entries.  CpadgnError when the latent or data
+    dimensions do not match.
+    """
+    from .model import CPAModel, load
+    if not isinstance(model, CPAModel):
+        model = load(model, cache=False)
+    S, D = model.latent_dim, model.output_dim
+    X = np.asarray(X, dtype=np.float64)
+    check_init_dimensions(model, X.shape[1] if X.ndim == 2 else X.shape, latent_dim)
+    X = check_training_data(X, S)
+    part = None
+    if noise_std is not None:
+        std, source = np.asarray(noise_std, dtype=np.float64), "given"
+    elif model.noise_std is not None:
+        std, source = np.asarray(model.noise_std, dtype=np.float64), "model"
+    else:
+        part = model.partition(max_regions=max_regions)
+        std, source = np.asarray(model.fit_noise_std(X)), "fitted"
+    var = np.broadcast_to(std ** 2, (D,)).astype(np.float64) * float(init_noise) ** 2
+    if noise is None:
+        noise = "iso" if np.all(var == var[0]) else "diag"
+    return ModelStart(model.net, var, noise, source, part)
+
+
+def check_m_step_memory(net: PiecewiseAffineNet, n_regions: int, budget: float | None) -> None:
+    """Refuse a generator whose M-step would not fit in ``budget`` bytes.
+
+    With the regions held fixed, the M-step keeps for each of the ``n_regions`` regions
+    that carry posterior mass an n x n normal matrix (and an n x (S + 2) right-hand
+    side) for every hidden layer of width n, and one (m + 1) x (m + 1) input moment
+    matrix for the layer being solved (m its input width): dense in the widths, so a
+    folded convolutional layer of a few thousand units is beyond it.
+    """
+    if budget is None or not net.hidden_sizes:
+        return
+    S = net.latent_dim
+    widths = [S, *net.hidden_sizes]
+    per_region = sum(n * n + n * (S + 2) for n in net.hidden_sizes) + max((m + 1) ** 2 for m in widths)
+    need = 8.0 * n_regions * per_region
+    if need > budget:
+        raise CpadgnError(f"EM cannot update this generator within the memory budget ({budget:.3g} bytes): "
+                          f"its M-step holds a dense n x n matrix per hidden layer (widths "
+                          f"{','.join(map(str, net.hidden_sizes))}) for each of the {n_regions:,} regions "
+                          f"the data reach, about {need:.3g} bytes; raise --memory-budget, or refine a "
+                          "generator with narrower hidden layers")
+
+
 # ============================================================================ EM
-def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: int = 100,
-           tol: float = 1e-5, X_val=None, seed: int = 0, noise: str = "iso", callback=None, *,
-           init="ppca", init_noise: float = 0.1, sweeps: int = 1, max_halvings: int = 3, damping: float = 1e-3,
-           overrelax: bool = True, rtol: float = 1e-6, device="cpu", max_regions=None,
-           var_floor: float | None = None, dense_max: int = 1500, timings: bool = False) -> FitResult:
+def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_iter: int = 100,
+           tol: float = 1e-5, X_val=None, seed: int = 0, noise: str | None = None, callback=None, *,
+           init="ppca", init_noise: float | None = None, sweeps: int = 1, max_halvings: int = 3,
+           damping: float = 1e-3, overrelax: bool = True, rtol: float = 1e-6, device="cpu", max_regions=None,
+           var_floor: float | None = None, dense_max: int = 1500, timings: bool = False,
+           memory_budget: float | None = 2e9) -> FitResult:
     """Fit a generator S -> hidden -> D to the rows X (N, D) (NaN = missing) by exact,
     monotone EM.
 
     latent_dim S; hidden: widths; slope: the activations' negative-side slope (0 ReLU,
-    -1 abs); noise: "iso" (sigma^2 I) or "diag"; X_val (M, D) optional validation rows
+    -1 abs); noise: "iso" (sigma^2 I) or "diag" (None: "iso", or with an init model
+    the kind of its noise); X_val (M, D) optional validation rows
     (scored each iteration, never fitted); init: "ppca" (``em.init_ppca``), "random"
-    (``em.init_random``) or a tuple (net, var (D,)); init_noise: the initial noise std as
-    a fraction of the initialisation's own (PPCA's maximum-likelihood std, or the data
-    std for "random"): 1 starts EM exactly at the PPCA likelihood, where the posteriors
+    (``em.init_random``), a tuple (net, var (D,)), or a generator to refine: a
+    ``CPAModel`` or anything ``cpadgn.load`` reads (a model file, a torch.export or
+    TorchScript file, an nn.Module), see ``model_start``: EM keeps its folded
+    architecture (hidden, slope and latent_dim, which may be None, come from it) and
+    starts from its weights, prior and noise (the maximum-likelihood noise on X when it
+    has none); init_noise: the initial noise std as
+    a fraction of the initialisation's own (PPCA's maximum-likelihood std, the data
+    std for "random", the model's for a model; default 0.1, and 1 for a model): 1 starts
+    EM exactly at the PPCA likelihood, where the posteriors
     are broad and EM crawls along a plateau; the default 0.1 starts with sharp
     posteriors (lower initial likelihood, cheaper E-steps) and leaves it in a few
-    iterations; sweeps: bottom-up passes over the
+    iterations; memory_budget: bytes the M-step may hold (``check_m_step_memory``;
+    None: no limit); sweeps: bottom-up passes over the
     layers per M-step; var_floor: lower bound on the noise variance (default 1e-6 times
     the mean column variance); dense_max: largest layer (n_{l+1} (n_l + 1) unknowns)
     solved densely, CG above; rtol: pruning tolerance of the E-step (``em.e_step``): the
@@ -221,6 +330,17 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
     """
     from . import em
     t0 = time.perf_counter()
+    start = None
+    if not isinstance(init, (str, tuple)) or (isinstance(init, str) and init not in ("ppca", "random")):
+        init_noise = 1.0 if init_noise is None else init_noise
+        start = model_start(init, X, latent_dim=latent_dim, noise=noise, init_noise=init_noise,
+                            max_regions=max_regions)
+        latent_dim, noise = start.net.latent_dim, start.noise
+        hidden, slope = start.net.hidden_sizes, _uniform_slope(start.net)
+    if latent_dim is None:
+        raise CpadgnError("give the latent dimension (--latent-dim S), or a generator to start from (--init MODEL)")
+    noise = "iso" if noise is None else noise
+    init_noise = 0.1 if init_noise is None else init_noise
     X = check_training_data(X, latent_dim)
     if X_val is not None:
         X_val = np.asarray(X_val, dtype=np.float64)
@@ -241,7 +361,10 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
     # treats every missing entry as a latent variable (``em.region_stats``).
     X_init = np.where(np.isnan(X), np.nanmean(X, 0), X)
 
-    if isinstance(init, tuple):
+    part = None
+    if start is not None:
+        net, var, part = start.net, start.var.copy(), start.part
+    elif isinstance(init, tuple):
         net, var = init
         var = np.broadcast_to(np.asarray(var, dtype=np.float64), (D,)).copy()
     elif init == "ppca":
@@ -268,7 +391,8 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
         post_ = score(net_, part_, var_, X, True)
         return part_, post_, float(post_.log_likelihood.mean())
 
-    part = _partition(net, max_regions)
+    if part is None:
+        part = _partition(net, max_regions)
     post = score(net, part, var, X, True)
     ll = float(post.log_likelihood.mean())
     val = float(score(net, part, var, X_val, False).log_likelihood.mean()) if X_val is not None else np.nan
@@ -291,6 +415,7 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
     else:
         for it in range(1, max_iter + 1):
             stats = em.stats_from_posterior(post, X, net=net, patterns=part.patterns, var=var)
+            check_m_step_memory(net, stats.regions.size, memory_budget)
             patterns = part.patterns[stats.regions]
             new_net, new_var, info = em.m_step(net, patterns, stats, var, noise=noise, sweeps=sweeps,
                                                damping=lam, dense_max=dense_max, var_floor=var_floor)
@@ -339,10 +464,13 @@ def fit_em(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: in
     return FitResult(net=net, noise_std=_noise_out(var, noise), history=_history_arrays(rows),
                      method="em", stop_reason=stop, train_loglik=ll,
                      val_loglik=None if X_val is None else val, n_regions=part.n_regions,
-                     options={"latent_dim": int(latent_dim), "hidden": list(hidden), "slope": float(slope),
+                     options={"latent_dim": int(latent_dim), "hidden": [int(h) for h in hidden],
+                              "slope": None if slope is None else float(slope),
                               "max_iter": int(max_iter), "tol": float(tol), "seed": int(seed),
-                              "noise": noise, "init": init if isinstance(init, str) else "given",
+                              "noise": noise, "init": init if isinstance(init, str) and start is None
+                              else ("model" if start is not None else "given"),
                               "init_noise": float(init_noise),
+                              **({"init_noise_source": start.noise_source} if start is not None else {}),
                               "sweeps": int(sweeps), "max_halvings": int(max_halvings),
                               "damping": float(damping), "overrelax": bool(overrelax), "rtol": float(rtol),
                               "var_floor": float(var_floor), "dense_max": int(dense_max)})

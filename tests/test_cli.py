@@ -215,3 +215,27 @@ def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["regions"] == compute_partition(random_net(2, (8, 8), 3, seed=4,
                                                                                slope=0.1)).n_regions
+
+
+def test_help_and_import_cpadgn_load_no_numerics():
+    """Start-up: `cpadgn --help`, `cpadgn COMMAND --help` and `import cpadgn` import neither
+    numpy nor torch nor scipy (numpy alone was half of --help's CPU time); the package's
+    names still resolve on first use, `cpadgn.compare` callable whichever import came first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from cli.main import main\n"
+        "for args in [[]] + [[c] for c in main.commands]:\n"
+        "    assert CliRunner().invoke(main, args + ['--help']).exit_code == 0, args\n"
+        "import cpadgn\n"
+        "print(sorted(m for m in ('numpy', 'torch', 'scipy') if m in sys.modules))\n"
+        "from cpadgn.compare import mean_and_se\n"
+        "print(callable(cpadgn.compare), cpadgn.PiecewiseAffineNet.__name__, cpadgn.load.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True PiecewiseAffineNet load"]
