@@ -83,7 +83,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
       cpadgn compare em.h5 vae.h5 --data test.csv --train train.csv --baseline ppca:4 \\
           -o report.json --plot diffs.png
     """
-    from cpadgn.compare import check_dimensions, compare as run_compare, parse_baseline
+    from cpadgn.comparison import check_dimensions, compare as run_compare, parse_baseline
     from cpadgn.data import check_not_an_input, read_data
 
     t0 = time.perf_counter()

@@ -21,9 +21,9 @@ def __getattr__(name):
     if name == "PiecewiseAffineNet":
         from .network import PiecewiseAffineNet
         return PiecewiseAffineNet
-    if name == "compare":                  # the module, callable as its compare() (see there)
-        import importlib
-        return importlib.import_module(".compare", __name__)
+    if name == "compare":
+        from .comparison import compare
+        return compare
     if name in ("CPAModel", "load"):
         from . import model
         return getattr(model, name)

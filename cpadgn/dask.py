@@ -534,7 +534,7 @@ def score(client, model, X, *, moments: bool = True, device: str = "auto", progr
 
 
 def scorer(client, *, device: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS, progress=None):
-    """A ``posterior(model, X)`` callable for ``cpadgn.compare.compare``: each model is
+    """A ``posterior(model, X)`` callable for ``cpadgn.compare``: each model is
     shipped to the workers once (on its first use) and X (in memory) is scored in row
     chunks on the cluster; returns log_likelihood, error_bound and stderr (N,)."""
     shipped = {}

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from scipy.stats import multivariate_normal, norm
 
 import cpadgn
-from cpadgn.compare import (NO_DIFFERENCE, information_criteria, mean_and_se, paired_difference,
+from cpadgn.comparison import (NO_DIFFERENCE, information_criteria, mean_and_se, paired_difference,
                             vuong_test)
 from cpadgn.errors import CpadgnError
 from cpadgn.model import CPAModel

@@ -210,7 +210,7 @@ def test_a_bad_value_in_a_chunk_is_one_error_with_its_row(client, model, tmp_pat
 
 
 def test_compare_on_the_cluster_equals_compare_here(client, model):
-    from cpadgn.compare import compare
+    from cpadgn.comparison import compare
     other = CPAModel(random_net(2, (6,), 5, seed=12, slope=0.2), noise_std=0.4, device="cpu")
     X, X_train = rows(model, 90, seed=8), model.sample(60, seed=9)
     here = compare({"a": model, "b": other}, X, X_train)

@@ -31,9 +31,7 @@ kept apart and left out of ``to_dict`` unless asked for).
 from __future__ import annotations
 
 import math
-import sys
 import time
-import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -397,15 +395,3 @@ def _score_model(name, m, kind, X_test, X_train, has_nan, notes, posterior=None)
                              f"quasi-Monte Carlo (largest per-row standard error "
                              f"{float(res.stderr.max()):.2e})")
     return row, ll, elbo
-
-
-class _CallableModule(types.ModuleType):
-    """``cpadgn.compare(...)`` calls ``compare``: the package loads this module on first use
-    (so that ``import cpadgn`` stays light), and importing a submodule binds the package's
-    attribute of that name to the module, so the module itself is made callable."""
-
-    def __call__(self, *args, **kwargs):
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
