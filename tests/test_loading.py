@@ -429,29 +429,6 @@ def test_a_bad_stored_noise_std_is_replaced_by_one_given_at_load(tmp_path):
         cpadgn.load(p, noise_std="abc", cache=False)
 
 
-def test_help_imports_neither_torch_nor_scipy_and_hdf5_models_skip_dynamo():
-    """Start-up: `cpadgn --help` and `cpadgn COMMAND --help` stay light; an HDF5 model
-    never reaches torch.export's tracing machinery (torch._dynamo)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    code = (
-        "import sys\n"
-        "from click.testing import CliRunner\n"
-        "from cli.main import main\n"
-        "for args in [[]] + [[c] for c in main.commands]:\n"
-        "    assert CliRunner().invoke(main, args + ['--help']).exit_code == 0, args\n"
-        "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))\n"
-        "import cpadgn\n"
-        "cpadgn.load('sample_data/wave_generator.h5', cache=False)\n"
-        "print('torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["[]", "False"]
-
-
 def test_cached_partition_run_reuses_the_stored_check(tmp_path, monkeypatch):
     """The 100,000-sample check runs once; later runs read it from the cache."""
     import json
