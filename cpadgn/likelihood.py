@@ -23,6 +23,7 @@ the resulting bound log(1 + skipped / p) is returned as ``error_bound``.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ import torch
 from scipy.special import log_ndtr
 
 from .edges import Edges, distance_to_polyhedron, polyhedron_edges
+from .polyhedron import region_facet_polygons, translated_polyhedron_moments
 from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments, solve_in_groups
 from .network import PiecewiseAffineNet
 from .numerics import check_representable
@@ -464,6 +466,9 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     v, C = v.cpu().numpy(), C.cpu().numpy()
     if (complete and tab.polygons is not None) or polygons is not None:
         res = _translated_polygons(tab, v, regions, moments, polygons)
+    elif complete and tab.polyhedra is not None:
+        fp = _facet_polygons(tab)
+        res = _in_threads(lambda r, w: translated_polyhedron_moments(fp, r, w, moments), regions, v)
     else:
         A = tab.G[regions] @ C
         b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
@@ -476,6 +481,20 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     mean = np.where(none[:, None], 0.0, (C @ (v + res.mean)[:, :, None])[..., 0])
     cov = np.where(none[:, None, None], 0.0, C @ res.cov @ np.swapaxes(C, 1, 2))
     return log_phi, mean, cov, res.stderr
+
+
+_FACET_POLYGONS_LOCK = threading.Lock()
+
+
+def _facet_polygons(tab: RegionTable):
+    """The S = 3 regions' whitened facet polygons (``polyhedron.region_facet_polygons``),
+    found on first use and kept on the table: a complete-row pair is its region's
+    polyhedron translated by -v."""
+    with _FACET_POLYGONS_LOCK:
+        if getattr(tab, "facet_polygons", None) is None:
+            a, c, real, _ = tab.polyhedra
+            tab.facet_polygons = region_facet_polygons(a, c, real)
+    return tab.facet_polygons
 
 
 def _translated_polygons(tab: RegionTable, v: np.ndarray, regions: np.ndarray, moments: bool, polygons=None):

@@ -27,12 +27,15 @@ the origin, b_j - b_k a_j . a_k = 1e-100 (1 - a_j . a_k), keep their true ratios
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.special import erfcx, log_ndtr
 
 from .stop import stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp,
-                       _masked_logsumexp, _normalise, facet_segments, log_phi, polygon_moments)
+                       _masked_logsumexp, _normalise, facet_segments, log_diff_ndtr, log_owen_segment, log_phi,
+                       polygon_moments)
 
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
@@ -304,7 +307,12 @@ def _cubature(ends, live, spread, moments, work=2e6):
     edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
     with np.errstate(divide="ignore"):
         log_vol = np.log(np.abs(np.linalg.det(edges)))                                # 6 x volume
-    tier = np.searchsorted([r[0] for r in _RULES], spread)[owner]
+    # Each tetrahedron's rule by its own spread (the relative error of a sum of positive
+    # parts is at most the largest part's): never above its polytope's, often well below.
+    centre = corners.mean(1)
+    size = np.linalg.norm(corners - centre[:, None], axis=-1).max(1)
+    own = np.minimum(size * (np.linalg.norm(centre, axis=-1) + size), spread[owner])
+    tier = np.searchsorted([r[0] for r in _RULES], own)
     lm, mt, ct = np.full(T, -np.inf), np.zeros((T, 3)), np.zeros((T, 3, 3))
     for k, (_, (bary, jac)) in enumerate(_RULES):
         idx = np.flatnonzero(tier == k)
@@ -318,9 +326,9 @@ def _cubature(ends, live, spread, moments, work=2e6):
             lm[t] = log_vol[t] + top[:, 0] + np.log(tot)
             if moments:
                 p = w / tot[:, None]
-                mt[t] = np.einsum("tn,tns->ts", p, u)
+                mt[t] = (p[:, None, :] @ u)[:, 0]
                 dev = u - mt[t, None]
-                ct[t] = np.einsum("tn,tns,tnr->tsr", p, dev, dev)
+                ct[t] = np.swapaxes(dev * p[..., None], 1, 2) @ dev
     top = np.full(B, -np.inf)
     np.maximum.at(top, owner, lm)
     safe = np.where(np.isfinite(top), top, 0.0)
@@ -335,3 +343,189 @@ def _cubature(ends, live, spread, moments, work=2e6):
         dev = mt - mean[owner]
         np.add.at(cov, owner, p[:, None, None] * (ct + dev[:, :, None] * dev[:, None, :]))
     return PolytopeMoments(log_mass, mean, cov, np.zeros(B))
+
+
+# ------------------------------------------------------------------ translates of fixed polyhedra
+@dataclass
+class FacetPolygons:
+    """The facet polygons of R polyhedra {u : a_k . u <= c_k} (unit rows), flattened,
+    for the mass of their translates (``translated_polyhedron_moments``).
+
+    Facets of region r are facet_start[r]:facet_start[r + 1] of the (NF, ...) arrays:
+    a (NF, 3) unit normals, c (NF,) offsets, E (NF, 2, 3) in-plane bases (rows), nonempty
+    (NF,) the facet's polygon is not empty.  Edges of region r are
+    edge_start[r]:edge_start[r + 1] of the (NE, ...) arrays, grouped by facet:
+    edge_facet (NE,) the facet's index within its region, a2 (NE, 2) unit in-plane
+    normal, c2 (NE,) in-plane offset from the facet's foot, [t_lo, t_hi] (NE,) the
+    edge's segment (``facet_polygons``, ``polytope.facet_segments``); bounded (R,).
+    """
+
+    facet_start: np.ndarray
+    a: np.ndarray
+    c: np.ndarray
+    E: np.ndarray
+    nonempty: np.ndarray
+    edge_start: np.ndarray
+    edge_facet: np.ndarray
+    a2: np.ndarray
+    c2: np.ndarray
+    t_lo: np.ndarray
+    t_hi: np.ndarray
+    bounded: np.ndarray
+
+
+def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
+    """``FacetPolygons`` of R polyhedra: a (R, F, 3) unit rows, c (R, F), real (R, F).
+
+    A translate of P by -v is {u : a_k . u <= c_k - a_k . v}: facet k's polygon is the
+    same polygon moved in its plane by -E_k v, so its edges' offsets move by -a2 . E_k v
+    and their segments by -d2 . E_k v (d2 = a2 rotated by +90 degrees), and which rows are
+    edges does not change.  So the polygons are found once per polyhedron."""
+    R, F, _ = a.shape
+    order = np.argsort(~real, axis=1, kind="stable")                   # real facets first
+    a, c, real = np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), \
+        np.take_along_axis(real, order, 1)
+    sizes = real.sum(1)
+    facets, edges = [], []
+    bounded = np.zeros(R, bool)
+    for k in np.unique(sizes):
+        if k == 0:
+            continue
+        idx = np.flatnonzero(sizes == k)
+        for g in np.array_split(idx, -(-idx.size // group)):
+            A, b, m = a[g, :k], c[g, :k], real[g, :k]
+            B = g.size
+            b = np.where(np.abs(b) < TINY_B, TINY_B, b)
+            E, a2, c2, rows, alive = facet_polygons(A, b, m)
+            t_lo, t_hi, live = (x.reshape(B, k, k) for x in facet_segments(
+                a2.reshape(-1, k, 2), c2.reshape(-1, k), rows.reshape(-1, k)))
+            nonempty = alive & (live.any(2) | ~rows.any(2))
+            bounded[g] = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
+            facets.append((np.repeat(g, k), A.reshape(-1, 3), b.reshape(-1), E.reshape(-1, 2, 3),
+                           nonempty.reshape(-1)))
+            i, f, j = np.nonzero(live)
+            edges.append((g[i], f, a2[i, f, j], c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j]))
+    cat = lambda parts, n, shape: [np.concatenate(x) for x in zip(*parts)] if parts else \
+        [np.zeros((0,) + s) for s in shape]
+    f_region, fa, fc, fE, fne = cat(facets, 5, [(), (3,), (), (2, 3), ()])
+    e_region, ef, ea2, ec2, elo, ehi = cat(edges, 6, [(), (), (2,), (), (), ()])
+    fo, eo = np.argsort(f_region, kind="stable"), np.argsort(e_region, kind="stable")
+    start = lambda region: np.concatenate([[0], np.cumsum(np.bincount(region.astype(np.int64), minlength=R))])
+    return FacetPolygons(start(f_region), fa[fo], fc[fo], fE[fo], fne[fo].astype(bool), start(e_region),
+                         ef[eo].astype(np.int64), ea2[eo], ec2[eo], elo[eo], ehi[eo], bounded)
+
+
+def _ranges(starts, counts):
+    """Concatenated aranges: starts (P,), counts (P,) -> (sum counts,)."""
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(starts - offsets, counts) + np.arange(counts.sum())
+
+
+def _segment_logsumexp(values, ids, n):
+    """Per-segment log-sum-exp: values (N,), ids (N,) in [0, n) -> (n,), -inf for none."""
+    top = np.full(n, -np.inf)
+    np.maximum.at(top, ids, values)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.bincount(ids, np.exp(values - safe[ids]), n))
+
+
+def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -> PolytopeMoments:
+    """Mass and moments of N(0, I_3) on polyhedra translated by -v: pair p is region
+    regions[p] of ``fp`` moved to {u : a_k . u <= c_k - a_k . v_p}.  regions (P,), v (P, 3).
+
+    The same radial face formula and divergence identities as ``polyhedron_moments``, on
+    flat arrays of the pairs' facets and edges (only the real edges of each facet enter).
+    Pairs for which that routine would move a facet through the origin or integrate
+    directly (a cancelled mass) go through ``polyhedron_moments`` itself."""
+    regions = np.asarray(regions, np.int64)
+    v = np.asarray(v, np.float64)
+    P = regions.size
+    nf = fp.facet_start[regions + 1] - fp.facet_start[regions]
+    ne = fp.edge_start[regions + 1] - fp.edge_start[regions]
+    fpair, gf = np.repeat(np.arange(P), nf), _ranges(fp.facet_start[regions], nf)
+    epair, ge = np.repeat(np.arange(P), ne), _ranges(fp.edge_start[regions], ne)
+    ef = (np.cumsum(nf) - nf)[epair] + fp.edge_facet[ge]                # the edge's facet among the pairs'
+    NF = gf.size
+    a = fp.a[gf]
+    b = fp.c[gf] - np.einsum("fs,fs->f", a, v[fpair])
+    w = np.einsum("fis,fs->fi", fp.E[gf], v[fpair])[ef]                 # in-plane shift, per edge
+    a2 = fp.a2[ge]
+    c = fp.c2[ge] - np.einsum("ei,ei->e", a2, w)
+    dv = a2[:, 0] * w[:, 1] - a2[:, 1] * w[:, 0]                        # d2 . w
+    t_lo, t_hi = fp.t_lo[ge] - dv, fp.t_hi[ge] - dv
+    c = np.where(np.abs(c) < TINY, TINY, c)
+    fallback = np.bincount(fpair, np.abs(b) < TINY_B, P) > 0
+    neg_b = b < 0
+    inside = np.bincount(fpair, neg_b, P) == 0
+    outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
+    foot_in = fp.nonempty[gf] & ~outside_edge
+    absb = np.abs(b)
+    log_T = log_edge_term(absb[ef], np.abs(c), t_lo, t_hi)
+    edge_pos = neg_b[ef] == (c < 0)
+    log_foot = log_ndtr(-absb)
+    zeros = np.zeros(P)
+
+    def lse(sel_pair, sel_foot, sel_edge):
+        vals = np.concatenate([zeros[sel_pair], log_foot[sel_foot], log_T[sel_edge]])
+        ids = np.concatenate([np.flatnonzero(sel_pair), fpair[sel_foot], epair[sel_edge]])
+        return _segment_logsumexp(vals, ids, P)
+    log_pos = lse(inside, foot_in & neg_b, edge_pos)
+    log_neg = lse(np.zeros(P, bool), foot_in & ~neg_b, ~edge_pos)
+    with np.errstate(invalid="ignore"):
+        log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
+    log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
+    fallback |= fp.bounded[regions] & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
+    mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
+    if moments:
+        mean, cov = _translated_moments(fpair, ef, a, b, fp.E[gf], fp.nonempty[gf], a2, c, t_lo, t_hi,
+                                        outside_edge, log_mass)
+    redo = np.flatnonzero(fallback)
+    if redo.size:
+        A, bb, mask = _padded(fp, regions[redo], v[redo])
+        direct = polyhedron_moments(A, bb, mask, moments=moments)
+        log_mass[redo], mean[redo], cov[redo] = direct.log_mass, direct.mean, direct.cov
+    return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
+
+
+def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass):
+    """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
+    ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
+    2-D mass and first moment by the S = 2 polygon formula over its edges."""
+    P, NF = log_mass.size, b.size
+    log_G = log_owen_segment(np.abs(c), t_lo, t_hi)
+    exit_ = c >= 0
+    log_exit = _segment_logsumexp(log_G[exit_], ef[exit_], NF)
+    log_entry = _segment_logsumexp(log_G[~exit_], ef[~exit_], NF)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_in = np.log1p(-np.minimum(np.exp(log_exit), 1.0))
+        log_out = log_entry + np.log1p(-np.exp(np.minimum(log_exit - log_entry, 0.0)))
+    log_out = np.where(np.isneginf(log_entry), -np.inf, log_out)
+    log_M = np.where(nonempty, np.where(outside_edge, log_out, log_in), -np.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        we = np.exp(log_phi(c) - log_M[ef] + log_diff_ndtr(t_lo, t_hi))     # phi(c) M_e / M_k
+    we = np.where(np.isfinite(log_M[ef]), we, 0.0)
+    mean2 = -np.stack([np.bincount(ef, we * a2[:, i], NF) for i in range(2)], -1)   # E[u2 | F_k]
+    centroid = b[:, None] * a + np.einsum("fi,fis->fs", mean2, E)
+    lm = log_mass[fpair]
+    with np.errstate(invalid="ignore", over="ignore"):
+        wk = np.exp(log_phi(b) + log_M - lm)                                 # phi(b_k) M_k / mass
+    wk = np.where(nonempty & np.isfinite(lm), wk, 0.0)
+    mean = -np.stack([np.bincount(fpair, wk * a[:, s], P) for s in range(3)], -1)
+    outer = wk[:, None, None] * (centroid - mean[fpair])[:, :, None] * a[:, None, :]
+    cov = np.eye(3) - np.stack([np.bincount(fpair, x, P) for x in outer.reshape(NF, 9).T], -1).reshape(P, 3, 3)
+    return mean, 0.5 * (cov + np.swapaxes(cov, 1, 2))
+
+
+def _padded(fp: FacetPolygons, regions, v):
+    """The translated polyhedra of some pairs as padded rows: A (P, F, 3), b (P, F), mask (P, F)."""
+    nf = fp.facet_start[regions + 1] - fp.facet_start[regions]
+    F = max(int(nf.max(initial=0)), 1)
+    pair = np.repeat(np.arange(regions.size), nf)
+    local = np.arange(nf.sum()) - np.repeat(np.cumsum(nf) - nf, nf)
+    gf = _ranges(fp.facet_start[regions], nf)
+    A, b, mask = np.zeros((regions.size, F, 3)), np.zeros((regions.size, F)), np.zeros((regions.size, F), bool)
+    A[pair, local] = fp.a[gf]
+    b[pair, local] = fp.c[gf] - np.einsum("fs,fs->f", fp.a[gf], v[pair])
+    mask[pair, local] = True
+    return A, b, mask
