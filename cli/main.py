@@ -374,13 +374,11 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     if dask_address is not None:
         refuse_with_dask(dask_address, **{"--pvalues/--alpha": pvalues, "--explain": explain is not None,
                             "--plot": plot_path is not None, "--noise-std auto": noise_std == "auto"})
-        post, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows,
-                                    quiet=quiet or as_json, cache=cache, noise_std=noise_std, device=device,
-                                    trust_pickle=trust_pickle, max_regions=max_regions,
-                                    memory_budget=memory_budget)
-        columns = scores_table(post, contamination)
-        write_table(out, columns)
-        summary = score_summary(post, columns, model, contamination, time.perf_counter() - t0, out)
+        stats, flags, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, out,
+                                            contamination, quiet=quiet or as_json, cache=cache,
+                                            noise_std=noise_std, device=device, trust_pickle=trust_pickle,
+                                            max_regions=max_regions, memory_budget=memory_budget)
+        summary = score_summary(stats, model, time.perf_counter() - t0, out, anomalies=flags)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -415,8 +413,14 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
         from cpadgn import plot
         plot.save(plot.scores_figure(post.log_likelihood, contamination=contamination, pvalues=pv,
                                      alpha=alpha, observed=~np.isnan(X)), plot_path)
-    summary = score_summary(post, columns, model, contamination, time.perf_counter() - t0, out,
-                            pv=pv, alpha=alpha)
+    flags = None
+    if contamination is not None:
+        flags = AnomalyFlags(contamination_threshold(post.log_likelihood, contamination),
+                             int(columns["is_anomaly"].sum()))
+    elif alpha is not None:
+        flags = AnomalyFlags(None, int(columns["is_anomaly"].sum()))
+    summary = score_summary(LoglikStats(model.output_dim).add(post), model, time.perf_counter() - t0, out,
+                            pv=pv, alpha=alpha, anomalies=flags)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -426,18 +430,56 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
 PVALUE_SAMPLES = 2000          # default --samples
 
 
-def score_on_dask(address, model_path, data_path, dataset, chunk_rows, *, quiet, device, memory_budget,
-                  **load):
+def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, contamination, *, quiet, device,
+                  memory_budget, **load):
     """``cpadgn score --dask``: DATA read in chunks by the workers, the partition computed or
-    loaded here once and sent to every worker once; returns (posterior summaries, model)."""
+    loaded here once and sent to every worker once.  An .h5 OUT is written chunk by chunk
+    as the chunks complete (the client holds no column until --contamination reads back
+    log_likelihood, 8 bytes per row); .csv and .npy are built here and written at the end.
+    Returns (LoglikStats, AnomalyFlags or None, model)."""
     from cpadgn import dask as cluster
+    from cpadgn.data import write_table
     rows = cluster.open_rows(data_path, dataset)
     model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
     cluster.check_columns(model, X)
+    S, stats = model.latent_dim, LoglikStats(model.output_dim)
+    block_post = lambda block: cluster.posterior_fields(block, S)
     with cluster.open_client(address, log=say_for(quiet)) as client, \
             Progressbar("scoring rows (Dask)", quiet) as bar:
-        return cluster.score(client, model, X, device=device, progress=bar), model
+        table = cluster.posterior_table(model, X, client=client, device=device)
+        if out.lower().endswith((".h5", ".hdf5")):
+            with cluster.table_writer(out, X.shape[0], score_dtypes(S, contamination)) as written:
+                def put(start, stop, block):
+                    post = block_post(block)
+                    stats.add(post)
+                    written.put(start, stop, scores_table(post, None))
+                cluster.compute_rows(client, table, progress=bar, put=put)
+                flags = None
+                if contamination is not None:      # a quantile of all scores: log p read back
+                    ll = written.column("log_likelihood")
+                    flagged = is_anomaly(ll, contamination)
+                    written.put(0, len(ll), {"is_anomaly": flagged})
+                    flags = AnomalyFlags(contamination_threshold(ll, contamination), int(flagged.sum()))
+            return stats, flags, model
+        post = block_post(cluster.compute_rows(client, table, progress=bar))
+    columns = scores_table(post, contamination)
+    write_table(out, columns)
+    flags = None
+    if contamination is not None:
+        flags = AnomalyFlags(contamination_threshold(post.log_likelihood, contamination),
+                             int(columns["is_anomaly"].sum()))
+    return stats.add(post), flags, model
+
+
+def score_dtypes(S: int, contamination) -> dict:
+    """{column: dtype} of ``scores_table`` in its order, every optional column included
+    (log_likelihood_stderr; is_anomaly with --contamination)."""
+    f, i = np.float64, np.int64
+    return {"log_likelihood": f, "anomaly_score": f, "n_observed": i,
+            **{f"z_mean_{j + 1}": f for j in range(S)}, "top_region": i, "top_region_responsibility": f,
+            "log_likelihood_error_bound": f, "log_likelihood_stderr": f,
+            **({"is_anomaly": np.bool_} if contamination is not None else {})}
 
 
 def check_score_options(contamination, pvalues, samples, alpha, explain):
@@ -472,7 +514,7 @@ def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, ex
     if pv is not None:
         cols["pvalue"], cols["pvalue_lower"], cols["pvalue_upper"] = pv.pvalue, pv.lower, pv.upper
     if contamination is not None:
-        cols["is_anomaly"] = -ll > np.nanquantile(-ll, 1 - contamination)
+        cols["is_anomaly"] = is_anomaly(ll, contamination)
     if alpha is not None:
         cols["is_anomaly"] = pv.pvalue < alpha
     if explain is not None:
@@ -484,27 +526,81 @@ def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, ex
     return cols
 
 
-def score_summary(post, cols, model, contamination, seconds, out, *, pv=None, alpha=None):
-    ll = post.log_likelihood[post.n_observed > 0]      # rows with nothing observed have log p NaN
-    n = ll.size
-    s = {"rows": post.n_observed.size, "rows_with_nothing_observed": int((post.n_observed == 0).sum()),
-         "mean_log_likelihood": float(ll.mean()) if n else None,
-         "mean_log_likelihood_stderr": float(ll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
-         "min_log_likelihood": float(ll.min()) if n else None, "max_log_likelihood": float(ll.max()) if n else None,
-         "max_error_bound": float(post.error_bound.max()),
-         "rows_with_missing": int((post.n_observed < model.output_dim).sum()),
-         "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
-         **cache_status(model.partition_status), "seconds": seconds, "output": str(out)}
+def contamination_threshold(ll, contamination):
+    """The --contamination threshold on anomaly_score = -log p: its (1 - contamination)
+    quantile over the rows with something observed (log p not NaN); None if there is none."""
+    scored = -ll[~np.isnan(ll)]
+    return float(np.quantile(scored, 1 - contamination)) if scored.size else None
+
+
+def is_anomaly(ll, contamination):
+    """(N,) bool: anomaly_score above the --contamination threshold."""
+    threshold = contamination_threshold(ll, contamination)
+    return np.zeros(ll.shape, bool) if threshold is None else -ll > threshold
+
+
+class AnomalyFlags:
+    """The summary's threshold (None with --alpha) and number of rows flagged."""
+
+    def __init__(self, threshold, count: int):
+        self.threshold, self.count = threshold, count
+
+
+class LoglikStats:
+    """The summary statistics of scored rows, added chunk by chunk so that no column need
+    be held: counts, extremes, and the mean and sum of squared deviations of log p over
+    the rows with something observed, merged by Chan et al.'s pairwise update (one chunk
+    gives exactly its mean and squared deviations)."""
+
+    def __init__(self, output_dim: int):
+        self.output_dim = output_dim
+        self.rows = self.nothing = self.missing = self.n = 0
+        self.mean = self.m2 = 0.0
+        self.min, self.max, self.max_error_bound = np.inf, -np.inf, -np.inf
+
+    def add(self, post):
+        """Add the rows of a posterior (fields log_likelihood, n_observed, error_bound (n,))."""
+        seen = post.n_observed > 0
+        ll = post.log_likelihood[seen]
+        self.rows += post.n_observed.size
+        self.nothing += int((~seen).sum())
+        self.missing += int((post.n_observed < self.output_dim).sum())
+        if post.error_bound.size:
+            self.max_error_bound = max(self.max_error_bound, float(post.error_bound.max()))
+        if ll.size:
+            mean = float(ll.mean())
+            n = self.n + ll.size
+            delta = mean - self.mean
+            self.m2 += float(((ll - mean) ** 2).sum()) + delta ** 2 * (self.n * ll.size / n)
+            self.mean += delta * (ll.size / n)
+            self.n = n
+            self.min, self.max = min(self.min, float(ll.min())), max(self.max, float(ll.max()))
+        return self
+
+    def summary(self) -> dict:
+        n = self.n
+        return {"rows": self.rows, "rows_with_nothing_observed": self.nothing,
+                "mean_log_likelihood": self.mean if n else None,
+                "mean_log_likelihood_stderr": float(np.sqrt(self.m2 / (n - 1) / n)) if n > 1 else None,
+                "min_log_likelihood": self.min if n else None, "max_log_likelihood": self.max if n else None,
+                "max_error_bound": self.max_error_bound, "rows_with_missing": self.missing}
+
+
+def score_summary(stats, model, seconds, out, *, pv=None, alpha=None, anomalies=None):
+    """The summary of ``cpadgn score`` from the LoglikStats of its rows."""
+    s = {**stats.summary(), "noise_std": np.asarray(model.noise_std).tolist(),
+         "regions": model.partition().n_regions, **cache_status(model.partition_status),
+         "seconds": seconds, "output": str(out)}
     if pv is not None:
         s["pvalue_samples"] = pv.n_samples
         s["pvalue_missing_patterns"] = pv.n_patterns
-        s["min_pvalue"] = float(np.nanmin(pv.pvalue)) if n else None
-    if contamination is not None:
-        s["threshold"] = float(np.quantile(-ll, 1 - contamination)) if n else None
+        s["min_pvalue"] = float(np.nanmin(pv.pvalue)) if stats.n else None
+    if anomalies is not None and alpha is None:
+        s["threshold"] = anomalies.threshold
     if alpha is not None:
         s["alpha"] = alpha
-    if "is_anomaly" in cols:
-        s["anomalies"] = int(cols["is_anomaly"].sum())
+    if anomalies is not None:
+        s["anomalies"] = anomalies.count
     return s
 
 

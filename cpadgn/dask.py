@@ -526,7 +526,12 @@ def score(client, model, X, *, moments: bool = True, device: str = "auto", progr
     ``posterior_columns`` as numpy arrays (z_mean (N, S)), in row order."""
     table = compute_rows(client, posterior_table(model, X, client=client, moments=moments,
                                                  device=device), progress)
-    S = model.latent_dim
+    return posterior_fields(table, model.latent_dim)
+
+
+def posterior_fields(table: np.ndarray, S: int):
+    """Rows of a ``posterior_table`` (n, 6 + S) as a namespace with the fields of
+    ``posterior_columns`` (n,) (n_observed and top_region as int64) and z_mean (n, S)."""
     ints = {"n_observed", "top_region"}
     cols = {name: (table[:, j].astype(np.int64) if name in ints else table[:, j])
             for j, name in enumerate(posterior_columns(S)[:6])}
@@ -550,7 +555,32 @@ def scorer(client, *, device: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS
     return posterior
 
 
-# ============================================================== streamed imputation
+# ============================================================== streamed output
+@contextlib.contextmanager
+def _streamed(out, open_arrays):
+    """Yield (arrays, writing) for writing ``out`` chunk by chunk: ``open_arrays(stack,
+    atomic_path)`` opens the arrays on temporaries that are renamed over their targets
+    when the block ends cleanly (and removed on any exception, Ctrl-C included);
+    ``writing`` is a context manager that reports an OSError (a full disk) in one line."""
+    from .data import atomic_path, write_error
+
+    @contextlib.contextmanager
+    def writing():
+        try:
+            yield
+        except OSError as e:
+            raise write_error(out, e) from None
+
+    with contextlib.ExitStack() as stack:
+        with writing():
+            arrays = open_arrays(stack, atomic_path)
+        yield arrays, writing
+        with writing():
+            for a in arrays:
+                if isinstance(a, np.memmap):
+                    a.flush()
+
+
 @contextlib.contextmanager
 def imputation_writer(out, shape: tuple, columns, *, draws: bool, std_path=None, std: bool = False):
     """Write an imputation to .npy or .h5 chunk by chunk, in row order whatever the order
@@ -559,37 +589,23 @@ def imputation_writer(out, shape: tuple, columns, *, draws: bool, std_path=None,
     (K, n, D) for draws).  The files are those ``cpadgn impute`` writes without --dask
     (.npy: the array, and OUT.std.npy; .h5: dataset 'data', and 'std', with attribute
     'columns'), written to temporaries renamed over the targets only when complete."""
-    from .data import atomic_path, write_error
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".npy", ".h5", ".hdf5"):
         raise CpadgnError(f"cannot stream {out}: use .npy or .h5")
-    with contextlib.ExitStack() as stack:
-        try:
-            data, sd = _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std_path, std)
-        except OSError as e:
-            raise write_error(out, e) from None
-
+    opener = lambda stack, atomic_path: _open_imputation(stack, atomic_path, out, suffix, shape, columns,
+                                                         draws, std_path, std)
+    with _streamed(out, opener) as ((data, sd), writing):
         def put(start, stop, values, std_values=None):
-            try:
+            with writing():
                 if draws:
                     data[:, start:stop] = values
                 else:
                     data[start:stop] = values
                 if sd is not None:
                     sd[start:stop] = std_values
-            except OSError as e:
-                raise write_error(out, e) from None
 
         yield put
-        try:
-            for a in (data, sd):
-                if isinstance(a, np.memmap):
-                    a.flush()
-        except OSError as e:
-            raise write_error(out, e) from None
-
-
 def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std_path, std):
     """The output arrays of ``imputation_writer`` (memory maps or HDF5 datasets) on
     temporaries that ``stack`` renames over their targets when it closes cleanly."""
@@ -613,3 +629,61 @@ def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std
         sd = f.create_dataset("std", shape=shape[-2:], dtype="f8", chunks=chunks[-2:], track_times=False)
         sd.attrs["columns"] = names
     return data, sd
+
+
+
+HDF5_CHUNK_BYTES = 2 ** 19     # 512 KB chunks: under h5py's 1 MB chunk cache per dataset
+
+
+class StreamedTable:
+    """The named 1-D columns of a table being written to an .h5 file (see ``table_writer``)."""
+
+    def __init__(self, f, n_rows: int, dtypes: dict, writing=contextlib.nullcontext):
+        self.file, self.dtypes, self.written, self.writing = f, dict(dtypes), set(), writing
+        for name, dtype in self.dtypes.items():
+            rows = max(1, min(n_rows, HDF5_CHUNK_BYTES // np.dtype(dtype).itemsize))
+            f.create_dataset(name, shape=(n_rows,), dtype=dtype, chunks=(rows,), track_times=False)
+
+    def put(self, start: int, stop: int, columns: dict) -> None:
+        """Rows start..stop-1 of some of the columns ({name: (stop - start,) values})."""
+        with self.writing():
+            for name, values in columns.items():
+                self.file[name][start:stop] = values
+                self.written.add(name)
+
+    def column(self, name: str) -> np.ndarray:
+        """One whole column, read back from the file (N,)."""
+        with self.writing():
+            return self.file[name][()]
+
+    def finish(self) -> None:
+        """Drop the columns never written (HDF5 allocates a chunk only when it is written,
+        so they took no space) and record the column order."""
+        with self.writing():
+            for name in self.dtypes:
+                if name not in self.written:
+                    del self.file[name]
+            self.file.attrs["columns"] = [n for n in self.dtypes if n in self.written]
+
+
+@contextlib.contextmanager
+def table_writer(out, n_rows: int, dtypes: dict):
+    """Write a table of named 1-D columns to .h5 chunk by chunk, in row order whatever the
+    order the chunks come in, so that the client never holds it whole: the file
+    ``data.write_table`` writes (one dataset per column, here chunked, and the root
+    attribute 'columns' with their order), on a temporary renamed over ``out`` only when
+    complete.  dtypes: {name: dtype} in column order; a column never ``put`` is left out.
+    Yields a ``StreamedTable`` (its put and column report a write error in one line)."""
+    out = Path(out)
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise CpadgnError(f"cannot stream {out}: use .h5")
+
+    def opener(stack, atomic_path):
+        import h5py
+        return (StreamedTable(stack.enter_context(h5py.File(stack.enter_context(atomic_path(out)), "w")),
+                              n_rows, dtypes),)
+
+    with _streamed(out, opener) as ((table,), writing):
+        table.writing = writing
+        yield table
+        table.finish()

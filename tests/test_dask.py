@@ -247,6 +247,59 @@ def test_cli_score_with_dask_writes_the_same_csv(client, model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temporaries
 
 
+def test_cli_score_with_dask_streams_the_same_h5(client, model, tmp_path):
+    """--dask -o OUT.h5 writes each chunk as it completes into chunked datasets: the same
+    datasets, columns and values as the single-process .h5 (to the rounding bound), and
+    the --contamination flags and summary from the streamed file."""
+    import json
+
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    X = rows(model, 120, seed=12)
+    np.save(tmp_path / "x.npy", X)
+    base = ["score", str(tmp_path / "gen.h5"), str(tmp_path / "x.npy"), "--json", "--device", "cpu",
+            "--contamination", "0.1"]
+    summaries = {}
+    for name, extra in (("one.h5", []), ("dask.h5", ["--dask", client.scheduler.address, "--chunk-rows", "15"])):
+        r = CliRunner().invoke(main, base + ["-o", str(tmp_path / name)] + extra, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        summaries[name] = json.loads(r.stdout)
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "dask.h5") as b:
+        assert sorted(a) == sorted(b) and list(a.attrs["columns"]) == list(b.attrs["columns"])
+        assert all(b[k].chunks is not None and b[k].dtype == a[k].dtype for k in b)
+        ref, got = {k: a[k][()] for k in a}, {k: b[k][()] for k in b}
+    tol = loglik_tol(model, X, ref["log_likelihood_error_bound"], got["log_likelihood_error_bound"])
+    for k in ("log_likelihood", "anomaly_score"):
+        assert np.all(np.abs(got[k] - ref[k]) <= tol)
+    for k in ("n_observed", "top_region"):
+        np.testing.assert_array_equal(got[k], ref[k])
+    z = np.column_stack([got[f"z_mean_{j + 1}"] - ref[f"z_mean_{j + 1}"] for j in range(2)])
+    assert np.all(np.abs(z).max(1) <= tol * (1 + 2 * spread(model.posterior(X), len(X))))
+    # responsibilities exp(log p_w - log p): each log moves by tol, so r by 2 tol relative
+    r = ref["top_region_responsibility"]
+    assert np.all(np.abs(got["top_region_responsibility"] - r) <= 2.01 * tol * r)
+    # the flag can differ only for a score within tol (plus the threshold's move) of the threshold
+    one, dask = summaries["one.h5"], summaries["dask.h5"]
+    assert abs(dask["threshold"] - one["threshold"]) <= tol.max()
+    clear = np.abs(ref["anomaly_score"] - one["threshold"]) > tol + tol.max()
+    np.testing.assert_array_equal(got["is_anomaly"][clear], ref["is_anomaly"][clear])
+    assert ref["is_anomaly"].sum() == one["anomalies"] and got["is_anomaly"].sum() == dask["anomalies"]
+    # the running statistics against the single-process file's columns
+    seen = ref["n_observed"] > 0
+    assert dask["rows"] == len(X) and dask["rows_with_nothing_observed"] == int((~seen).sum())
+    # a mean moves by at most the largest move, a standard deviation (1-Lipschitz in the
+    # l2 norm over sqrt(n - 1)) by at most that too; plus n eps for the sums' rounding
+    n, ll = seen.sum(), ref["log_likelihood"][seen]
+    rounding = 4 * n * np.finfo(float).eps
+    assert abs(dask["mean_log_likelihood"] - ll.mean()) <= tol.max() + rounding * np.abs(ll).max()
+    sd = ll.std(ddof=1) / np.sqrt(n)
+    assert abs(dask["mean_log_likelihood_stderr"] - sd) <= tol.max() / np.sqrt(n - 1) + rounding * sd
+    assert abs(dask["min_log_likelihood"] - ref["log_likelihood"][seen].min()) <= tol.max()
+    assert abs(dask["max_log_likelihood"] - ref["log_likelihood"][seen].max()) <= tol.max()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_cli_impute_with_dask_streams_the_same_h5(client, model, tmp_path):
     """--dask writes an .h5 imputation chunk by chunk: the same datasets and values."""
     from cli.main import main
