@@ -348,7 +348,10 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     exact marginal likelihood of its observed entries.
 
     --dask ADDRESS|local:N scores the rows on a Dask cluster, chunk by chunk (README,
-    Beyond one machine); the output is the same up to rounding.
+    Beyond one machine); the output is the same up to rounding.  An .h5 OUT is written
+    chunk by chunk as the chunks complete (chunked datasets); .csv and .npy are held
+    here until the end (8 (S + 7) bytes per row).  --contamination then reads
+    log_likelihood back (8 bytes per row) for its quantile.
 
     --pvalues adds pvalue = (1 + k) / (M + 1), k the number of M rows drawn from
     the model (scored on the same observed entries) that are at most as likely,
