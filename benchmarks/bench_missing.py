@@ -1,14 +1,15 @@
 """Rows with missing entries against the same rows complete: score, impute, EM.
 
     python benchmarks/bench_missing.py [--missing 0.3] [--rows 300] [--train-rows 1497]
-                                       [--draws 100] [--threads 2] [--skip em]
+                                       [--draws 100] [--threads 2] [--skip em] [--repeats 3]
 
 Model: sample_data/digits_generator.h5 (S = 2, hidden 32-32, D = 64; its partition is
 computed once, outside the timings).  Data: sample_data/digits_test.csv (first --rows
 rows) for scoring and imputation, sample_data/digits_train.csv (first --train-rows rows)
 for the EM step.  A fraction --missing of the entries is hidden, MCAR, seed 0
 (``impute.mcar_mask``).  Every case runs on the complete rows and on the same rows with
-the entries hidden, in the same run; printed: seconds, ms per row and the ratio.
+the entries hidden, in the same run; printed: seconds (the fastest of --repeats runs),
+ms per row and the ratio.
 
 - score:        ``likelihood.posterior`` with moments (what ``cpadgn score`` and the
                 EM E-step run);
@@ -31,10 +32,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1] / "sample_data"
 
 
+REPEATS = 3
+
+
 def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+    """The fastest of REPEATS runs (the least disturbed by other load on a shared machine)."""
+    best = np.inf
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 def line(name, n, t_full, t_miss):
@@ -51,7 +59,10 @@ def main():
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma-separated cases to skip: score,mean,draws,em")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case; the fastest is reported")
     args = ap.parse_args()
+    global REPEATS
+    REPEATS = args.repeats
     torch.set_num_threads(args.threads)
     import cpadgn
     from cpadgn import likelihood
@@ -93,7 +104,8 @@ def main():
             res = fit_em(Y, net.latent_dim, hidden, init=(net, var), max_iter=1, tol=0.0, noise="iso",
                          timings=True)
             return float(np.diff(res.history["seconds"])[0])
-        line("EM iteration", len(Xtr), one_iteration(Xtr), one_iteration(Xtr_m))
+        fastest = lambda Y: min(one_iteration(Y) for _ in range(REPEATS))
+        line("EM iteration", len(Xtr), fastest(Xtr), fastest(Xtr_m))
 
 
 if __name__ == "__main__":
