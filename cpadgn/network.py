@@ -140,6 +140,25 @@ class PiecewiseAffineNet:
             M, c = slope[:, :, None] * G, slope * cu
         return pre, (np.ascontiguousarray(M), c)
 
+    def last_hidden_affine(self, patterns: np.ndarray):
+        """(M, c) of ``hidden_affine``: M (R, H, S), c (R, H), with the layers before the
+        last one evaluated once per distinct pattern of those layers (the regions of a
+        convolutional decoder share them by the hundred)."""
+        patterns = np.asarray(patterns, dtype=bool)
+        if not self.hidden_sizes:
+            return self.hidden_affine(patterns)[1]
+        n_last = self.hidden_sizes[-1]
+        prefix = np.ascontiguousarray(np.packbits(patterns[:, :self.n_units - n_last], axis=1))
+        if prefix.shape[1] == 0 or prefix.shape[0] == 0:
+            first, inv = np.zeros(min(1, len(patterns)), np.int64), np.zeros(len(patterns), np.int64)
+        else:
+            keys = prefix.view(np.dtype((np.void, prefix.shape[1]))).ravel()
+            _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+        pre, _ = self.hidden_affine(patterns[first])
+        G, cu = pre[-1]                                               # the last layer's pre-activation
+        slope = self._slope_masks(patterns)[-1]
+        return slope[:, :, None] * G[inv.ravel()], slope * cu[inv.ravel()]
+
     def region_constraints(self, patterns: np.ndarray):
         """Half-space form of regions: {z : G z <= h}.
 

@@ -133,7 +133,13 @@ class Partition:
             return G, h, mask
         rows = np.repeat(np.arange(B), counts)
         units = self.facet_units[_csr_positions(self.facet_ptr, idx)]
-        G[mask], h[mask] = _constraint_rows(net, self.patterns[idx], rows, units)
+        Gm, hm = np.zeros((rows.size, S)), np.zeros(rows.size)
+        ends = np.concatenate([[0], np.cumsum(counts)])
+        step = max(1, 2 ** 24 // (S * max(net.n_units, 1)))        # the layers' maps: ~128 MB a step
+        for b0 in range(0, B, step):                               # facets of a region are contiguous
+            sel = slice(ends[b0], ends[min(B, b0 + step)])
+            Gm[sel], hm[sel] = _constraint_rows(net, self.patterns[idx[b0:b0 + step]], rows[sel] - b0, units[sel])
+        G[mask], h[mask] = Gm, hm
         return G, h, mask
 
     def locate(self, net: PiecewiseAffineNet, z: np.ndarray) -> np.ndarray:
@@ -294,7 +300,10 @@ def check_partition(net: PiecewiseAffineNet, part: Partition, n_samples: int = 1
     for start in range(0, n_samples, 50_000):
         z = rng.standard_normal((min(50_000, n_samples - start), net.latent_dim))
         located += int((part.locate(net, z) >= 0).sum())
-    ok = (net.patterns(part.interior) == part.patterns).all(axis=1) if part.n_regions else np.zeros(0, bool)
+    step = max(1, 2 ** 27 // (9 * max(net.n_units, 1)))      # preactivations and patterns: ~128 MB a step
+    ok = np.concatenate([np.zeros(0, bool)] + [
+        (net.patterns(part.interior[i:i + step]) == part.patterns[i:i + step]).all(axis=1)
+        for i in range(0, part.n_regions, step)])
     return {"mass_sum": mass_sum, "mass_error": abs(mass_sum - 1.0),
             "samples_located": located / max(n_samples, 1),
             "interior_ok": float(ok.mean()) if ok.size else 1.0}
