@@ -114,8 +114,18 @@ class RegionTable:
         self.var = t(np.broadcast_to(np.asarray(noise_std, dtype=np.float64) ** 2, (D,)))
         self.U, self.b0 = t(W), t(b0)
         self.Q = self.U.T @ (self.U / self.var[:, None])
+        # a sparse output layer (a convolution's): M'QM = (UM)'P(UM) through sparse U is far cheaper
+        sparse = device.type == "cpu" and int((self.U != 0).sum()) < 0.25 * self.U.numel()
+        self.U_sparse = self.U.to_sparse() if sparse else None
         self.kappa_const0 = D * LOG_2PI + torch.log(self.var).sum()
-        self.M = self.c = self.stacked = None
+        self.M = self.c = self.stacked = self._prefix = None
+        if self.streamed and not self.data_space and net.hidden_sizes:
+            # regions sharing the layers before the last share its pre-activation map: keep
+            # those (if they fit in a quarter of the budget), and a chunk's M, c are a gather
+            maps = net.prefix_maps(part.patterns, int(memory_budget / 4 // (8.0 * H * (S + 1))))
+            if maps is not None:
+                self._prefix = (t(maps[0]), t(maps[1]), torch.as_tensor(maps[2], device=device),
+                                t(net.slopes[-1]), net.n_units - H)
         constants = []
         for lo in range(0, R, self.region_chunk):
             stop_check()
@@ -136,6 +146,14 @@ class RegionTable:
         if self.M is not None:
             idx = torch.as_tensor(regions, device=self.device)
             return self.M[idx], self.c[idx]
+        if self._prefix is not None:
+            G, cu, prefix_of, alpha, first_unit = self._prefix
+            idx = torch.as_tensor(np.asarray(regions), device=self.device)
+            q = torch.as_tensor(self._patterns[np.asarray(regions), first_unit:], device=self.device)
+            slope = torch.where(q, torch.ones((), dtype=torch.float64, device=self.device), alpha)
+            M = G[prefix_of[idx]]
+            M *= slope[:, :, None]
+            return M, cu[prefix_of[idx]] * slope
         M, c = self._net.last_hidden_affine(self._patterns[np.asarray(regions)])
         if self.data_space:
             W = self._net.weights[-1]
@@ -146,14 +164,21 @@ class RegionTable:
     def _region_constants(self, M: torch.Tensor, c: torch.Tensor):
         """Per region of M (B, H, S), c (B, H): chol Lambda (B, S, S), C = L^-T (B, S, S), the
         constant of -2 log kappa (B,) and v_shift = C^T M^T Q c (B, S)."""
-        S = self.S
-        MtQ = M.transpose(1, 2) @ self.Q                               # (B, S, H)
-        Lam = torch.eye(S, dtype=torch.float64, device=self.device) + MtQ @ M
+        S, (B, H) = self.S, c.shape
+        if self.U_sparse is not None:
+            Mc = torch.cat([M, c[:, :, None]], 2).permute(1, 0, 2).reshape(H, -1)
+            UMc = torch.sparse.mm(self.U_sparse, Mc).reshape(-1, B, S + 1).permute(1, 2, 0)   # (B, S + 1, D)
+            gram = UMc @ (UMc / self.var).transpose(1, 2)                          # [M c]' Q [M c]
+            MtQM, MtQc, cQc = gram[:, :S, :S], gram[:, :S, S:], gram[:, S, S]
+        else:
+            MtQ = M.transpose(1, 2) @ self.Q                           # (B, S, H)
+            MtQM, MtQc = MtQ @ M, MtQ @ c[:, :, None]
+            cQc = torch.einsum("rh,hk,rk->r", c, self.Q, c)
+        Lam = torch.eye(S, dtype=torch.float64, device=self.device) + MtQM
         chol = torch.linalg.cholesky(Lam)
         C = _inverse_transpose(chol)
         logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
-        cQc = torch.einsum("rh,hk,rk->r", c, self.Q, c)
-        v_shift = (C.transpose(1, 2) @ (MtQ @ c[:, :, None]))[..., 0]  # C^T M^T Q c
+        v_shift = (C.transpose(1, 2) @ MtQc)[..., 0]                     # C^T M^T Q c
         return chol, C, self.kappa_const0 + logdet + cQc, v_shift
 
     def _stacked(self, M, c, C, kappa_const, v_shift) -> torch.Tensor:
