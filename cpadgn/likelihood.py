@@ -126,6 +126,9 @@ class RegionTable:
             if maps is not None:
                 self._prefix = (t(maps[0]), t(maps[1]), torch.as_tensor(maps[2], device=device),
                                 t(net.slopes[-1]), net.n_units - H)
+                order = np.argsort(maps[2], kind="stable")
+                starts = np.searchsorted(maps[2][order], np.arange(maps[0].shape[0] + 1))
+                self._prefix_groups = (torch.as_tensor(order, device=device), torch.as_tensor(starts))
         constants = []
         for lo in range(0, R, self.region_chunk):
             stop_check()
@@ -319,6 +322,11 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     xhat = (Xc / tab.var) @ tab.U                                      # (N, H)
     xPx = (Xc * Xc / tab.var).sum(1)                                   # (N,)
     xaug = torch.cat([xhat, torch.ones_like(xPx)[:, None], xPx[:, None]], dim=1)
+    if tab._prefix is not None:
+        prod = _products_by_prefix(tab, xhat, xPx)
+        for k in range(1, S + 1):
+            prod[:, 0].addcmul_(prod[:, k], prod[:, k], value=0.5)
+        return prod[:, 0], prod[:, 1:]
     chunks = tab.stacked_chunks()
     lo, hi, st = next(chunks)
     if hi == R:
@@ -330,6 +338,31 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     for k in range(1, S + 1):
         prod[:, 0].addcmul_(prod[:, k], prod[:, k], value=0.5)
     return prod[:, 0], prod[:, 1:]
+
+
+def _products_by_prefix(tab: RegionTable, xhat: torch.Tensor, xPx: torch.Tensor) -> torch.Tensor:
+    """``xaug @ stacked`` (N, S + 1, R) without the per-region maps: in a region of prefix u,
+    M_w = s_w G_u and c_w = s_w c_u (s_w the last layer's slopes), so c_w . xhat and
+    M_w^T xhat are s_w @ (xhat * [c_u, G_u]): one product per prefix, then v = C_w^T M_w^T
+    xhat - v_shift_w.  xhat (N, H), xPx (N,)."""
+    G, cu, prefix_of, alpha, first_unit = tab._prefix
+    order, starts = tab._prefix_groups
+    N, S, R = xhat.shape[0], tab.S, tab.n_regions
+    Gc = torch.cat([cu[:, :, None], G], 2)                             # (P, H, S + 1)
+    q = torch.from_numpy(tab._patterns)[:, first_unit:] if tab.device.type == "cpu" else None
+    one = torch.ones((), dtype=xhat.dtype, device=xhat.device)
+    prod = torch.empty((N, S + 1, R), dtype=xhat.dtype, device=xhat.device)
+    for g in range(starts.numel() - 1):
+        if g % 256 == 0:
+            stop_check()
+        regs = order[int(starts[g]):int(starts[g + 1])]
+        qg = q[regs] if q is not None else torch.as_tensor(tab._patterns[regs.cpu().numpy(), first_unit:],
+                                                          device=xhat.device)
+        Y = xhat.T[:, :, None] * Gc[prefix_of[regs[0]]][:, None, :]  # (H, N, S + 1)
+        prod[:, :, regs] = (torch.where(qg, one, alpha) @ Y.reshape(Y.shape[0], -1)).view(-1, N, S + 1).permute(1, 2, 0)
+    prod[:, 0] -= 0.5 * (tab.kappa_const[None, :] + xPx[:, None])
+    prod[:, 1:] = torch.einsum("rst,nsr->ntr", tab.C, prod[:, 1:]) - tab.v_shift.T[None]
+    return prod
 
 
 def _moments_incomplete(tab: RegionTable, X: torch.Tensor, regions: torch.Tensor):
