@@ -88,6 +88,11 @@ class RegionTable:
     S = 2: ``polygons``, each region's whitened polygon at v = 0 with its facet segments
     (a, d, c, t_lo, t_hi, live, real, real facets first; see ``polytope.polygon_moments``)
     and ``polygon_size`` (R,) its facet count; None otherwise.
+    memory_budget (bytes): when M, c and ``stacked`` would take over a quarter of it they
+    are not kept (``streamed``; M, c, stacked are None): ``stacked_chunks``,
+    ``stacked_for`` and ``region_affine`` rebuild them per chunk of ``region_chunk``
+    regions, from the last layer's pre-activation map per prefix pattern where those fit
+    (``_prefix``, see ``PiecewiseAffineNet.prefix_maps``), else from the sign patterns.
     """
 
     def __init__(self, net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray,
