@@ -610,7 +610,7 @@ def _merge_raw(raws, K):
         for k, v in r["info"].items():
             info[k] = info.get(k, 0) + v
     info["tiles"] = len(raws)
-    return {"patterns": np.unpackbits(packed[first], axis=1, count=K).astype(bool),
+    return {"patterns": np.unpackbits(packed[first], axis=1, count=K).view(bool),        # sorted by pattern
             "interior": np.concatenate([r["interior"] for r in raws])[first],
             "facet_ptr": np.concatenate([[0], np.cumsum(np.bincount(pair // (K + 1), minlength=nR))]).astype(np.int64),
             "facet_units": (pair % (K + 1)).astype(np.int64), "bounded": bounded, "info": info}
@@ -1157,7 +1157,8 @@ def _finish(net, raw, method, t0, progress, prior_masses=True, chunk=4096) -> Pa
     ptr = raw["facet_ptr"]
     units = raw["facet_units"][_csr_positions(ptr, order)]
     counts = (ptr[1:] - ptr[:-1])[order]
-    part = Partition(patterns=pats[order], interior=raw["interior"][order].copy(),
+    sorted_already = np.array_equal(order, np.arange(nR))         # the subdivision's are: no copy
+    part = Partition(patterns=pats if sorted_already else pats[order], interior=raw["interior"][order].copy(),
                      facet_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), facet_units=units,
                      bounded=raw["bounded"][order], log_prior_mass=np.zeros(nR),
                      log_prior_mass_stderr=np.zeros(nR), clearance=np.full(nR, np.inf),
