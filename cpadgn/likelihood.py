@@ -129,8 +129,10 @@ class RegionTable:
             # those (if they fit in a quarter of the budget), and a chunk's M, c are a gather
             maps = net.prefix_maps(part.patterns, int(memory_budget / 4 // (8.0 * H * (S + 1))))
             if maps is not None:
-                self._prefix = (t(maps[0]), t(maps[1]), torch.as_tensor(maps[2], device=device),
+                Gc = t(np.concatenate([maps[1][:, :, None], maps[0]], 2))          # (P, H, S + 1): [c, G]
+                self._prefix = (Gc[:, :, 1:], Gc[:, :, 0], torch.as_tensor(maps[2], device=device),
                                 t(net.slopes[-1]), net.n_units - H)
+                self._prefix_maps = Gc
                 order = np.argsort(maps[2], kind="stable")
                 starts = np.searchsorted(maps[2][order], np.arange(maps[0].shape[0] + 1))
                 self._prefix_groups = (torch.as_tensor(order, device=device), torch.as_tensor(starts))
@@ -353,7 +355,7 @@ def _products_by_prefix(tab: RegionTable, xhat: torch.Tensor, xPx: torch.Tensor)
     G, cu, prefix_of, alpha, first_unit = tab._prefix
     order, starts = tab._prefix_groups
     N, S, R = xhat.shape[0], tab.S, tab.n_regions
-    Gc = torch.cat([cu[:, :, None], G], 2)                             # (P, H, S + 1)
+    Gc = tab._prefix_maps                                              # (P, H, S + 1): [c_u, G_u]
     q = torch.from_numpy(tab._patterns)[:, first_unit:] if tab.device.type == "cpu" else None
     one = torch.ones((), dtype=xhat.dtype, device=xhat.device)
     prod = torch.empty((N, S + 1, R), dtype=xhat.dtype, device=xhat.device)
@@ -605,7 +607,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     # GIL) overlap the other's dense work; rows per chunk keep both within the budget.
     workers = 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
     F = tab.G.shape[1]
-    per_worker = memory_budget / workers
+    per_worker = memory_budget / workers / (2 if tab.streamed else 1)   # streamed: half for the region maps
     poly_budget = None
     if S <= 2:
         per_row = 8.0 * R * (3 * S + 8)
