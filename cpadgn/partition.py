@@ -564,13 +564,15 @@ def _neg(x):
     return (~x) + np.uint64(1)
 
 
-def _tiled_subdivision(net, R, max_regions, progress, memory_budget, frames=None, depth=0, max_depth=4):
+def _tiled_subdivision(net, R, max_regions, progress, memory_budget, frames=None, depth=0, max_depth=None):
     """``_subdivision`` of the prism's faces (``frames``, default all); where it would
     exceed the memory budget, the same on each of the 2^S sub-cubes of every face in turn
     (recursively, up to max_depth halvings), merged by sign pattern (``_merge_raw``): a
     tile's boundary is no unit's hyperplane, so a region cut by it is found in several
-    tiles, as a region on several faces is."""
+    tiles, as a region on several faces is.  Tiles multiply by 2^S a level: S = 2 goes
+    4 levels deep, S = 3 two, S >= 4 refuses as the untiled subdivision does."""
     S = net.latent_dim
+    max_depth = {2: 4, 3: 2}.get(S, 0) if max_depth is None else max_depth
     try:
         raw = _subdivision(net, R, max_regions, progress, memory_budget, frames)
         raw["patterns"] = np.packbits(raw["patterns"], axis=1)      # held packed until the merge
