@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import sparse
+import torch
 
 from . import likelihood
 from .errors import CpadgnError
@@ -120,7 +121,7 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     zd = None if K is None else np.full((K, N, S), np.nan)
     bound = np.zeros(N)
     if todo.size:
-        tab = tab or likelihood.RegionTable(net, part, noise_std, device)
+        tab = tab or likelihood.RegionTable(net, part, noise_std, device, memory_budget)
         for start in range(0, todo.size, row_chunk):
             idx = todo[start:start + row_chunk]
             _impute_chunk(net, part, tab, sigma, X64[idx], idx, miss[idx], device, memory_budget, rng, K,
@@ -162,25 +163,32 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, r
     prow, preg = post.pair_row[order], post.pair_region[order]
     r, zm, zc = post.pair_responsibility[order], post.pair_mean[order], post.pair_cov[order]
     P = prow.size
-    uniq, inv = np.unique(preg, return_inverse=True)
-    Au, bu = net.region_maps(part.patterns[uniq])                   # (U, D, S), (U, D)
     W = sparse.csr_matrix((r, (prow, np.arange(P))), shape=(n, P))  # rows x pairs, responsibilities
-    m_p = np.einsum("pds,ps->pd", Au[inv], zm) + bu[inv]             # E[g(z) | x_o, w] (P, D)
-    mu_x = np.asarray(W @ m_p)
+    # region maps (P, D, S) do not fit at once for large partitions: pairs in chunks
+    step = int(max(1, memory_budget / 4 // (8.0 * D * (2 * tab.S + 6))))
+    chunks = [slice(s0, min(P, s0 + step)) for s0 in range(0, P, step)]
+    mu_x = np.zeros((n, D))
+    for sl in chunks:
+        A, b = _region_maps(tab, preg[sl])
+        mu_x += np.asarray(W[:, sl] @ (np.einsum("pds,ps->pd", A, zm[sl]) + b))   # E[g(z) | x_o, w]
     mean[idx] = np.where(miss, mu_x, mean[idx])
     if var is not None:
-        dev = m_p - mu_x[prow]
-        within = np.einsum("pds,pst,pdt->pd", Au[inv], zc, Au[inv])
-        v = np.asarray(W @ (within + dev * dev)) + sigma ** 2
+        v = np.zeros((n, D)) + sigma ** 2
+        full = np.zeros((n, D * D)) if cov is not None else None
+        for sl in chunks:
+            A, b = _region_maps(tab, preg[sl])
+            dev = np.einsum("pds,ps->pd", A, zm[sl]) + b - mu_x[prow[sl]]
+            within = np.einsum("pds,pst,pdt->pd", A, zc[sl], A)
+            v += np.asarray(W[:, sl] @ (within + dev * dev))
+            if full is None:
+                continue
+            sub = max(1, int(2e7 // max(1, D * D)))
+            for s0 in range(0, dev.shape[0], sub):
+                Ap, dp = A[s0:s0 + sub], dev[s0:s0 + sub]
+                blk = np.einsum("pds,pst,pet->pde", Ap, zc[sl][s0:s0 + sub], Ap) + dp[:, :, None] * dp[:, None, :]
+                full += np.asarray(W[:, sl][:, s0:s0 + sub] @ blk.reshape(-1, D * D))
         var[idx] = np.where(miss, np.maximum(v, 0.0), 0.0)
         if cov is not None:
-            step = max(1, int(2e7 // max(1, D * D)))
-            full = np.zeros((n, D * D))
-            for s0 in range(0, P, step):
-                sl = slice(s0, min(P, s0 + step))
-                Ap = Au[inv[sl]]
-                blk = np.einsum("pds,pst,pet->pde", Ap, zc[sl], Ap) + dev[sl, :, None] * dev[sl, None, :]
-                full += np.asarray(W[:, sl] @ blk.reshape(-1, D * D))
             full = full.reshape(n, D, D) + np.diag(sigma ** 2)[None]
             full = 0.5 * (full + np.swapaxes(full, 1, 2))
             keep = miss[:, :, None] & miss[:, None, :]
@@ -206,14 +214,24 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, r
     z_slot = np.empty((n * K, z.shape[1]))
     z_slot[slots] = z
     pair_of = pick.ravel()
-    which = inv[pair_of]
-    x = bu[which]                                                     # g(z) = A z + b, written out over S
-    for s in range(z_slot.shape[1]):                                  # (np.einsum is slow here)
-        x += Au[which, :, s] * z_slot[:, s, None]
+    x = np.empty((n * K, D))
+    for s0 in range(0, n * K, step):
+        A, b = _region_maps(tab, preg[pair_of[s0:s0 + step]])
+        zs = z_slot[s0:s0 + step]
+        for s in range(zs.shape[1]):                                  # g(z) = A z + b written out over S
+            b += A[:, :, s] * zs[:, s, None]                          # (np.einsum is slow here)
+        x[s0:s0 + step] = b
     x += rng.standard_normal(x.shape) * sigma
     x = x.reshape(n, K, D).transpose(1, 0, 2)                         # (K, n, D)
     xd[:, idx] = np.where(miss[None], x, xd[:, idx])
     zd[:, idx] = z_slot.reshape(n, K, -1).transpose(1, 0, 2)
+
+
+def _region_maps(tab, regions: np.ndarray):
+    """g(z) = A z + b on the regions (P,) of some pairs: A (P, D, S), b (P, D) as numpy."""
+    uniq, inv = np.unique(regions, return_inverse=True)
+    A, b = tab.region_affine(torch.as_tensor(uniq))
+    return A.cpu().numpy()[inv], b.cpu().numpy()[inv]
 
 
 # ============================================================================ evaluation

@@ -90,70 +90,197 @@ class RegionTable:
     S = 2: ``polygons``, each region's whitened polygon at v = 0 with its facet segments
     (a, d, c, t_lo, t_hi, live, real, real facets first; see ``polytope.polygon_moments``)
     and ``polygon_size`` (R,) its facet count; None otherwise.
+    memory_budget (bytes): when M, c and ``stacked`` would take over a quarter of it they
+    are not kept (``streamed``; M, c, stacked are None): ``stacked_chunks``,
+    ``stacked_for`` and ``region_affine`` rebuild them per chunk of ``region_chunk``
+    regions, from the last layer's pre-activation map per prefix pattern where those fit
+    (``_prefix``, see ``PiecewiseAffineNet.prefix_maps``), else from the sign patterns.
     """
 
     def __init__(self, net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray,
-                 device: torch.device):
+                 device: torch.device, memory_budget: float | None = None):
+        device = torch.device(device)
         t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float64, device=device)
         S, D = net.latent_dim, net.output_dim
-        _, (M, c) = net.hidden_affine(part.patterns)
         W, b0 = net.weights[-1], net.biases[-1]
-        if W.shape[1] >= D:  # the last hidden layer is wider than the data: work in data space
-            M, c, W = np.matmul(W, M), c @ W.T, np.eye(D)
+        # the last hidden layer is wider than the data: work in data space
+        self.data_space = W.shape[1] > D
+        if self.data_space:
+            W = np.eye(D)
         self.device, self.S, self.D = device, S, D
-        self.n_regions = part.n_regions
+        self.n_regions = R = part.n_regions
+        self._net, self._patterns = net, part.patterns
+        H = W.shape[1]
+        # M, c and ``stacked`` take ~3 (H + 2)(S + 1) floats per region: past a quarter of
+        # the budget they are not kept but rebuilt per chunk of regions (``stacked_chunks``)
+        per_region = 8.0 * 3 * (H + 2) * (S + 1)
+        self.region_chunk = R if memory_budget is None else int(max(1, min(R, memory_budget / 4 // per_region)))
+        self.streamed = self.region_chunk < R
         degenerate = getattr(part, "degenerate", None)
         self.degenerate = np.asarray(degenerate, bool) if degenerate is not None and np.any(degenerate) else None
         self.var = t(np.broadcast_to(np.asarray(noise_std, dtype=np.float64) ** 2, (D,)))
-        self.U, self.b0, self.M, self.c = t(W), t(b0), t(M), t(c)
-        G, h, mask = part.facets(net)
-        self.G, self.h, self.mask = G, h, mask          # numpy: the polytope integrals run on the CPU
-        self.G_t, self.h_t, self.mask_t = t(G), t(h), torch.tensor(mask, device=device)
+        self.U, self.b0 = t(W), t(b0)
+        self.Q = self.U.T @ (self.U / self.var[:, None])
+        # a sparse output layer (a convolution's): M'QM = (UM)'P(UM) through sparse U is far cheaper
+        sparse = device.type == "cpu" and int((self.U != 0).sum()) < 0.25 * self.U.numel()
+        self.U_sparse = self.U.to_sparse() if sparse else None
+        self.kappa_const0 = D * LOG_2PI + torch.log(self.var).sum()
+        self.M = self.c = self.stacked = self._prefix = None
+        if self.streamed and not self.data_space and net.hidden_sizes:
+            # regions sharing the layers before the last share its pre-activation map: keep
+            # those (if they fit in a quarter of the budget), and a chunk's M, c are a gather
+            maps = net.prefix_maps(part.patterns, int(memory_budget / 4 // (8.0 * H * (S + 1))))
+            if maps is not None:
+                Gc = t(np.concatenate([maps[1][:, :, None], maps[0]], 2))          # (P, H, S + 1): [c, G]
+                self._prefix = (Gc[:, :, 1:], Gc[:, :, 0], torch.as_tensor(maps[2], device=device),
+                                t(net.slopes[-1]), net.n_units - H)
+                self._prefix_maps = Gc
+                order = np.argsort(maps[2], kind="stable")
+                starts = np.searchsorted(maps[2][order], np.arange(maps[0].shape[0] + 1))
+                self._prefix_groups = (torch.as_tensor(order, device=device), torch.as_tensor(starts))
+        constants = []
+        for lo in range(0, R, self.region_chunk):
+            stop_check()
+            M, c = self._hidden(np.arange(lo, min(R, lo + self.region_chunk)))
+            constants.append(self._region_constants(M, c))
+            if not self.streamed:
+                self.M, self.c = M, c
+                self.stacked = self._stacked(M, c, *constants[0][1:]).reshape(H + 2, -1)
+        empty = torch.zeros((0, S, S), dtype=torch.float64, device=device)
+        self.chol_lambda, self.C, self.kappa_const, self.v_shift = (
+            torch.cat(x) for x in zip(*constants)) if constants else (empty, empty, empty[:, 0, 0], empty[:, 0])
+        self._facet_tables(net, part, device, memory_budget)
 
-        Q = self.U.T @ (self.U / self.var[:, None])
-        MtQ = self.M.transpose(1, 2) @ Q                               # (R, S, H)
-        Lam = torch.eye(S, dtype=torch.float64, device=device) + MtQ @ self.M
-        self.chol_lambda = torch.linalg.cholesky(Lam)
-        self.C = _inverse_transpose(self.chol_lambda)
-        logdet = 2 * torch.log(torch.diagonal(self.chol_lambda, dim1=1, dim2=2)).sum(1)
-        cQc = torch.einsum("rh,hk,rk->r", self.c, Q, self.c)
-        kappa_const = D * LOG_2PI + torch.log(self.var).sum() + logdet + cQc
-        v_shift = (self.C.transpose(1, 2) @ (MtQ @ self.c[:, :, None]))[..., 0]   # C^T M^T Q c
-        # [xhat, 1, x'Px] @ stacked = [-1/2 (const + x'Px - 2 c.xhat), v_1..v_S] per region
-        H = self.M.shape[1]
-        stacked = torch.zeros((H + 2, S + 1, self.n_regions), dtype=torch.float64, device=device)
-        stacked[:H, 0], stacked[H, 0], stacked[H + 1, 0] = self.c.T, -0.5 * kappa_const, -0.5
-        stacked[:H, 1:] = (self.M @ self.C).permute(1, 2, 0)
+    def _hidden(self, regions: np.ndarray):
+        """M (B, H, S), c (B, H) of the last hidden activation (in data space when it is the
+        narrower one) of regions (B,), as tensors: from the table when it is kept, else
+        rebuilt from the sign patterns."""
+        if self.M is not None:
+            idx = torch.as_tensor(regions, device=self.device)
+            return self.M[idx], self.c[idx]
+        if self._prefix is not None:
+            G, cu, prefix_of, alpha, first_unit = self._prefix
+            idx = torch.as_tensor(np.asarray(regions), device=self.device)
+            q = torch.as_tensor(self._patterns[np.asarray(regions), first_unit:], device=self.device)
+            slope = torch.where(q, torch.ones((), dtype=torch.float64, device=self.device), alpha)
+            M = G[prefix_of[idx]]
+            M *= slope[:, :, None]
+            return M, cu[prefix_of[idx]] * slope
+        M, c = self._net.last_hidden_affine(self._patterns[np.asarray(regions)])
+        if self.data_space:
+            W = self._net.weights[-1]
+            M, c = np.matmul(W, M), c @ W.T
+        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64, device=self.device)
+        return t(M), t(c)
+
+    def _region_constants(self, M: torch.Tensor, c: torch.Tensor):
+        """Per region of M (B, H, S), c (B, H): chol Lambda (B, S, S), C = L^-T (B, S, S), the
+        constant of -2 log kappa (B,) and v_shift = C^T M^T Q c (B, S)."""
+        S, (B, H) = self.S, c.shape
+        if self.U_sparse is not None:
+            Mc = torch.cat([M, c[:, :, None]], 2).permute(1, 0, 2).reshape(H, -1)
+            UMc = torch.sparse.mm(self.U_sparse, Mc).reshape(-1, B, S + 1).permute(1, 2, 0)   # (B, S + 1, D)
+            gram = UMc @ (UMc / self.var).transpose(1, 2)                          # [M c]' Q [M c]
+            MtQM, MtQc, cQc = gram[:, :S, :S], gram[:, :S, S:], gram[:, S, S]
+        else:
+            MtQ = M.transpose(1, 2) @ self.Q                           # (B, S, H)
+            MtQM, MtQc = MtQ @ M, MtQ @ c[:, :, None]
+            cQc = torch.einsum("rh,hk,rk->r", c, self.Q, c)
+        Lam = torch.eye(S, dtype=torch.float64, device=self.device) + MtQM
+        chol = torch.linalg.cholesky(Lam)
+        C = _inverse_transpose(chol)
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        v_shift = (C.transpose(1, 2) @ MtQc)[..., 0]                     # C^T M^T Q c
+        return chol, C, self.kappa_const0 + logdet + cQc, v_shift
+
+    def _stacked(self, M, c, C, kappa_const, v_shift) -> torch.Tensor:
+        """[xhat, 1, x'Px] @ stacked = [-1/2 (const + x'Px - 2 c.xhat), v_1..v_S] per region:
+        (H + 2, S + 1, B) for regions with M (B, H, S), c (B, H) and their constants."""
+        H, S, B = M.shape[1], self.S, M.shape[0]
+        stacked = torch.zeros((H + 2, S + 1, B), dtype=torch.float64, device=self.device)
+        stacked[:H, 0], stacked[H, 0], stacked[H + 1, 0] = c.T, -0.5 * kappa_const, -0.5
+        stacked[:H, 1:] = (M @ C).permute(1, 2, 0)
         stacked[H, 1:] = -v_shift.T
-        self.stacked = stacked.reshape(H + 2, -1)
-        self.GC_unit, self.h_unit, real = _whitened_facets(self.G_t, self.h_t, self.mask_t, self.C)
+        return stacked
+
+    def stacked_for(self, regions) -> torch.Tensor:
+        """``stacked`` of some regions (B,): (H + 2, S + 1, B)."""
+        idx = torch.as_tensor(np.asarray(regions), device=self.device)
+        if self.stacked is not None:
+            return self.stacked.view(self.stacked.shape[0], self.S + 1, self.n_regions)[:, :, idx]
+        M, c = self._hidden(np.asarray(regions))
+        return self._stacked(M, c, self.C[idx], self.kappa_const[idx], self.v_shift[idx])
+
+    def stacked_chunks(self):
+        """(lo, hi, stacked of regions lo..hi-1 as (H + 2, (S + 1) (hi - lo))) over all regions."""
+        if self.stacked is not None:
+            yield 0, self.n_regions, self.stacked
+            return
+        for lo in range(0, self.n_regions, self.region_chunk):
+            stop_check()
+            hi = min(self.n_regions, lo + self.region_chunk)
+            st = self.stacked_for(np.arange(lo, hi))
+            yield lo, hi, st.reshape(st.shape[0], -1)
+
+    def _facet_tables(self, net, part, device, memory_budget):
+        """The facets G, h, mask and their whitened forms (and S = 2 polygons, S = 3
+        polyhedra), built in region chunks: the polygon segments take (F, F) per region."""
+        S, R = self.S, self.n_regions
+        F = int(part.n_facets.max(initial=0))
+        t = (lambda a: torch.from_numpy(a)) if device.type == "cpu" else \
+            (lambda a: torch.tensor(a, device=device))
+        G, h = np.zeros((R, F, S)), np.ones((R, F))
+        mask = np.arange(F)[None, :] < part.n_facets[:, None]
+        GC_unit, h_unit = np.zeros((R, F, S)), np.full((R, F), np.inf)
+        polygons = S == 2 and F > 0
+        if polygons:
+            a, d, c0 = np.zeros((R, F, 2)), np.zeros((R, F, 2)), np.zeros((R, F))
+            t_lo, t_hi = np.full((R, F), -np.inf), np.full((R, F), np.inf)
+            live, real_sorted = np.zeros((R, F), bool), np.zeros((R, F), bool)
+        chunk = R if memory_budget is None else int(max(1, memory_budget / 8 // (8.0 * max(F, 1) * (
+            6 * max(F, 1) + 4 * S + max(net.n_units, 1) * S))))
+        any_real = False
+        for lo in range(0, R, chunk):
+            stop_check()
+            sl = slice(lo, min(R, lo + chunk))
+            Gc, hc, mc = part.facets(net, np.arange(sl.start, sl.stop))
+            f = Gc.shape[1]
+            G[sl, :f], h[sl, :f] = Gc, hc
+            gu, hu, real = _whitened_facets(torch.as_tensor(Gc, device=device), torch.as_tensor(hc, device=device),
+                                            torch.as_tensor(mc, device=device), self.C[sl])
+            GC_unit[sl, :f], h_unit[sl, :f], real = gu.cpu().numpy(), hu.cpu().numpy(), real.cpu().numpy()
+            any_real |= bool(real.any())
+            if polygons:
+                # Each region's whitened polygon (v = 0) and its facet segments, once: a pair
+                # with whitened mean v sees the same polygon translated by -v.
+                # Real facets first, so that pairs can be grouped by their facet count.
+                order = np.argsort(~real, axis=1, kind="stable")
+                rs = np.take_along_axis(real, order, 1)
+                ac = np.take_along_axis(GC_unit[sl, :f], order[..., None], 1)
+                cc = np.where(rs, np.take_along_axis(h_unit[sl, :f], order, 1), 0.0)
+                lo_, hi_, lv = facet_segments(ac, cc, rs)
+                a[sl, :f], d[sl, :f], c0[sl, :f] = ac, np.stack([-ac[..., 1], ac[..., 0]], -1), cc
+                t_lo[sl, :f], t_hi[sl, :f], live[sl, :f], real_sorted[sl, :f] = lo_, hi_, lv, rs
+        self.G, self.h, self.mask = G, h, mask          # numpy: the polytope integrals run on the CPU
+        self.G_t, self.h_t, self.mask_t = t(G), t(h), t(mask)
+        self.GC_unit, self.h_unit = t(GC_unit), t(h_unit)
         self.polygons = None
-        if S == 2 and real.any():
-            # Each region's whitened polygon (v = 0) and its facet segments, once: a pair
-            # with whitened mean v sees the same polygon translated by -v.
-            # Real facets first, so that pairs can be grouped by their facet count.
-            real_np = real.cpu().numpy()
-            order = np.argsort(~real_np, axis=1, kind="stable")
-            real_np = np.take_along_axis(real_np, order, 1)
-            a = np.take_along_axis(self.GC_unit.cpu().numpy(), order[..., None], 1)
-            c0 = np.where(real_np, np.take_along_axis(self.h_unit.cpu().numpy(), order, 1), 0.0)
-            t_lo, t_hi, live = facet_segments(a, c0, real_np)
-            self.polygons = (a, np.stack([-a[..., 1], a[..., 0]], -1), c0, t_lo, t_hi, live, real_np)
-            self.polygon_size = real_np.sum(1)
+        if polygons and any_real:
+            self.polygons = (a, d, c0, t_lo, t_hi, live, real_sorted)
+            self.polygon_size = real_sorted.sum(1)
         self.polyhedra = None
         self.has_nearest = self.polygons is not None
-        if S == 3 and real.any():
+        if S == 3 and any_real:
             # Each region's whitened polyhedron (v = 0) and its edges, once: the distance
             # from a pair's whitened mean to its region needs nothing else.
-            real_np = real.cpu().numpy()
-            a = self.GC_unit.cpu().numpy()
-            c0 = np.where(real_np, self.h_unit.cpu().numpy(), 0.0)
-            self.polyhedra = (a, c0, real_np, _edges_in_groups(a, c0, real_np))
+            real_np = np.isfinite(h_unit)
+            c0 = np.where(real_np, h_unit, 0.0)
+            self.polyhedra = (GC_unit, c0, real_np, _edges_in_groups(GC_unit, c0, real_np))
             self.has_nearest = True
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
-        M, c = self.M[regions], self.c[regions]
+        M, c = self._hidden(regions.cpu().numpy())
         return torch.einsum("dh,bhs->bds", self.U, M), c @ self.U.T + self.b0
 
 
@@ -211,10 +338,47 @@ def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     xhat = (Xc / tab.var) @ tab.U                                      # (N, H)
     xPx = (Xc * Xc / tab.var).sum(1)                                   # (N,)
     xaug = torch.cat([xhat, torch.ones_like(xPx)[:, None], xPx[:, None]], dim=1)
-    prod = (xaug @ tab.stacked).view(N, S + 1, R)                      # the dominant step
+    if tab._prefix is not None:
+        prod = _products_by_prefix(tab, xhat, xPx)
+        for k in range(1, S + 1):
+            prod[:, 0].addcmul_(prod[:, k], prod[:, k], value=0.5)
+        return prod[:, 0], prod[:, 1:]
+    chunks = tab.stacked_chunks()
+    lo, hi, st = next(chunks)
+    if hi == R:
+        prod = (xaug @ st).view(N, S + 1, R)                           # the dominant step
+    else:                                                              # region maps streamed
+        prod = torch.empty((N, S + 1, R), dtype=X.dtype, device=X.device)
+        for lo, hi, st in [(lo, hi, st), *chunks]:
+            prod[:, :, lo:hi] = (xaug @ st).view(N, S + 1, hi - lo)
     for k in range(1, S + 1):
         prod[:, 0].addcmul_(prod[:, k], prod[:, k], value=0.5)
     return prod[:, 0], prod[:, 1:]
+
+
+def _products_by_prefix(tab: RegionTable, xhat: torch.Tensor, xPx: torch.Tensor) -> torch.Tensor:
+    """``xaug @ stacked`` (N, S + 1, R) without the per-region maps: in a region of prefix u,
+    M_w = s_w G_u and c_w = s_w c_u (s_w the last layer's slopes), so c_w . xhat and
+    M_w^T xhat are s_w @ (xhat * [c_u, G_u]): one product per prefix, then v = C_w^T M_w^T
+    xhat - v_shift_w.  xhat (N, H), xPx (N,)."""
+    G, cu, prefix_of, alpha, first_unit = tab._prefix
+    order, starts = tab._prefix_groups
+    N, S, R = xhat.shape[0], tab.S, tab.n_regions
+    Gc = tab._prefix_maps                                              # (P, H, S + 1): [c_u, G_u]
+    q = torch.from_numpy(tab._patterns)[:, first_unit:] if tab.device.type == "cpu" else None
+    one = torch.ones((), dtype=xhat.dtype, device=xhat.device)
+    prod = torch.empty((N, S + 1, R), dtype=xhat.dtype, device=xhat.device)
+    for g in range(starts.numel() - 1):
+        if g % 256 == 0:
+            stop_check()
+        regs = order[int(starts[g]):int(starts[g + 1])]
+        qg = q[regs] if q is not None else torch.as_tensor(tab._patterns[regs.cpu().numpy(), first_unit:],
+                                                          device=xhat.device)
+        Y = xhat.T[:, :, None] * Gc[prefix_of[regs[0]]][:, None, :]  # (H, N, S + 1)
+        prod[:, :, regs] = (torch.where(qg, one, alpha) @ Y.reshape(Y.shape[0], -1)).view(-1, N, S + 1).permute(1, 2, 0)
+    prod[:, 0] -= 0.5 * (tab.kappa_const[None, :] + xPx[:, None])
+    prod[:, 1:] = torch.einsum("rst,nsr->ntr", tab.C, prod[:, 1:]) - tab.v_shift.T[None]
+    return prod
 
 
 def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
@@ -250,9 +414,9 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
     step = int(max(1, min(region_chunk, 2 ** 18 // max(n, 1))))
     for start in range(0, R, step):
         stop = min(start + step, R)
-        idx = torch.arange(start, stop, device=dev)
-        A = torch.einsum("dh,bhs->dsb", tab.U, tab.M[idx]).contiguous()   # (D, S, B)
-        b = tab.U @ tab.c[idx].T + tab.b0[:, None]                         # (D, B)
+        M, c = tab._hidden(np.arange(start, stop))
+        A = torch.einsum("dh,bhs->dsb", tab.U, M).contiguous()           # (D, S, B)
+        b = tab.U @ c.T + tab.b0[:, None]                                  # (D, B)
         B = stop - start
         gram_table = torch.zeros((D + 1, T, B), dtype=dt, device=dev)
         for k, (i, j) in enumerate(tri):
@@ -425,10 +589,10 @@ def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions
             v = v_dense[rows, :, regions]
         else:
             xhat = ((X - tab.b0) / tab.var) @ tab.U                    # once per row, not per pair
-            H = tab.M.shape[1]
-            MC = tab.stacked.view(H + 2, tab.S + 1, tab.n_regions)[:, 1:]    # rows H, H+1: -v_shift, 0
+            uniq, inv = torch.unique(regions, return_inverse=True)
+            MC = tab.stacked_for(uniq.cpu().numpy())[:, 1:]                # rows H, H+1: -v_shift, 0
             xaug = torch.cat([xhat, torch.ones_like(xhat[:, :1]), torch.zeros_like(xhat[:, :1])], dim=1)
-            v = torch.einsum("hsp,ph->ps", MC[:, :, regions], xaug[rows])
+            v = torch.einsum("hsp,ph->ps", MC[:, :, inv], xaug[rows])
         return v, tab.C[regions], tab.chol_lambda[regions]
     if stats is not None:
         v, L = _stats_factors(stats[rows, :, regions], tab.S)
@@ -553,7 +717,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     device = torch.device(device)
     X = np.asarray(X, dtype=np.float64)
     check_representable(X, net.biases[-1], noise_std)      # else log p overflows: refuse
-    tab = tab or RegionTable(net, part, noise_std, device)
+    tab = tab or RegionTable(net, part, noise_std, device, memory_budget)
     N, S, R = X.shape[0], net.latent_dim, part.n_regions
     out = _empty_result(N, S)
     complete_rows = ~np.isnan(X).any(axis=1)
@@ -561,7 +725,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     # GIL) overlap the other's dense work; rows per chunk keep both within the budget.
     workers = 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
     F = tab.G.shape[1]
-    per_worker = memory_budget / workers
+    per_worker = memory_budget / workers / (2 if tab.streamed else 1)   # streamed: half for the region maps
     poly_budget = None
     if S <= 2:
         per_row = 8.0 * R * (3 * S + 8)

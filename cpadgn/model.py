@@ -108,7 +108,8 @@ class CPAModel:
             raise CpadgnError(f"{problem + ', so the model has' if problem else 'the model has'} no "
                               "noise std: pass --noise-std X (or auto) or noise_std= to cpadgn.load")
         if self._table is None:
-            self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device)
+            self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device,
+                                                 self.memory_budget)
         return self._table
 
     def posterior(self, X, *, moments: bool = True, progress=None) -> Posterior:

@@ -140,6 +140,47 @@ class PiecewiseAffineNet:
             M, c = slope[:, :, None] * G, slope * cu
         return pre, (np.ascontiguousarray(M), c)
 
+    def last_hidden_affine(self, patterns: np.ndarray):
+        """(M, c) of ``hidden_affine``: M (R, H, S), c (R, H), with the layers before the
+        last one evaluated once per distinct pattern of those layers (the regions of a
+        convolutional decoder share them by the dozen): see ``prefix_maps``."""
+        patterns = np.asarray(patterns, dtype=bool)
+        if not self.hidden_sizes:
+            return self.hidden_affine(patterns)[1]
+        G, cu, inv = self.prefix_maps(patterns)
+        slope = np.where(patterns[:, self.n_units - self.hidden_sizes[-1]:], 1.0, self.slopes[-1])
+        M = G[inv]
+        M *= slope[:, :, None]
+        return M, slope * cu[inv]
+
+    def prefix_maps(self, patterns: np.ndarray, max_prefixes: int | None = None):
+        """The last hidden layer's pre-activation u = G z + c per distinct pattern of the
+        layers before it: G (P, H, S), c (P, H) and each region's prefix index (R,).
+        One matrix product per layer for all prefixes at once.  None if P > max_prefixes."""
+        patterns = np.asarray(patterns, dtype=bool)
+        n_last = self.hidden_sizes[-1]
+        prefix = np.ascontiguousarray(np.packbits(patterns[:, :self.n_units - n_last], axis=1))
+        if prefix.shape[1] == 0 or prefix.shape[0] == 0:
+            first, inv = np.zeros(min(1, len(patterns)), np.int64), np.zeros(len(patterns), np.int64)
+        else:
+            keys = prefix.view(np.dtype((np.void, prefix.shape[1]))).ravel()
+            _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+        if max_prefixes is not None and first.size > max_prefixes:
+            return None
+        q, P, S = patterns[first], first.size, self.latent_dim
+        M = np.repeat(np.eye(S)[:, None, :], P, axis=1).reshape(S, P * S)        # layout (n, P S)
+        c = np.zeros((S, P))
+        off = 0
+        for W, b, alpha in zip(self.weights[:-1], self.biases[:-1], self.slopes):
+            n = W.shape[0]
+            G, cu = W @ M, W @ c + b[:, None]
+            if off + n == self.n_units:
+                break
+            slope = np.where(q[:, off:off + n].T, 1.0, alpha[:, None])            # (n, P)
+            M, c = (G.reshape(n, P, S) * slope[:, :, None]).reshape(n, P * S), slope * cu
+            off += n
+        return np.ascontiguousarray(G.reshape(-1, P, S).transpose(1, 0, 2)), np.ascontiguousarray(cu.T), inv.ravel()
+
     def region_constraints(self, patterns: np.ndarray):
         """Half-space form of regions: {z : G z <= h}.
 

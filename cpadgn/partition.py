@@ -133,7 +133,13 @@ class Partition:
             return G, h, mask
         rows = np.repeat(np.arange(B), counts)
         units = self.facet_units[_csr_positions(self.facet_ptr, idx)]
-        G[mask], h[mask] = _constraint_rows(net, self.patterns[idx], rows, units)
+        Gm, hm = np.zeros((rows.size, S)), np.zeros(rows.size)
+        ends = np.concatenate([[0], np.cumsum(counts)])
+        step = max(1, 2 ** 24 // (S * max(net.n_units, 1)))        # the layers' maps: ~128 MB a step
+        for b0 in range(0, B, step):                               # facets of a region are contiguous
+            sel = slice(ends[b0], ends[min(B, b0 + step)])
+            Gm[sel], hm[sel] = _constraint_rows(net, self.patterns[idx[b0:b0 + step]], rows[sel] - b0, units[sel])
+        G[mask], h[mask] = Gm, hm
         return G, h, mask
 
     def locate(self, net: PiecewiseAffineNet, z: np.ndarray) -> np.ndarray:
@@ -272,8 +278,8 @@ def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None
     if method == "subdivision":
         if S == 1:
             return _intervals(net, max_regions, progress, t0)
-        raw = _subdivision(net, 4.0 if box_half_width is None else float(box_half_width),
-                           max_regions, progress, memory_budget)
+        raw = _tiled_subdivision(net, 4.0 if box_half_width is None else float(box_half_width),
+                                 max_regions, progress, memory_budget)
     else:
         raw = _lp_walk(net, max_regions=max_regions, progress=progress)
     return _finish(net, raw, method, t0, progress, prior_masses)
@@ -294,7 +300,10 @@ def check_partition(net: PiecewiseAffineNet, part: Partition, n_samples: int = 1
     for start in range(0, n_samples, 50_000):
         z = rng.standard_normal((min(50_000, n_samples - start), net.latent_dim))
         located += int((part.locate(net, z) >= 0).sum())
-    ok = (net.patterns(part.interior) == part.patterns).all(axis=1) if part.n_regions else np.zeros(0, bool)
+    step = max(1, 2 ** 27 // (9 * max(net.n_units, 1)))      # preactivations and patterns: ~128 MB a step
+    ok = np.concatenate([np.zeros(0, bool)] + [
+        (net.patterns(part.interior[i:i + step]) == part.patterns[i:i + step]).all(axis=1)
+        for i in range(0, part.n_regions, step)])
     return {"mass_sum": mass_sum, "mass_error": abs(mass_sum - 1.0),
             "samples_located": located / max(n_samples, 1),
             "interior_ok": float(ok.mean()) if ok.size else 1.0}
@@ -316,8 +325,12 @@ def _too_many(n, max_regions):
                       f"raise --max-regions or use a generator with fewer hidden units")
 
 
+class _OverBudget(CpadgnError):
+    """A subdivision step would exceed the memory budget."""
+
+
 def _too_big(need, budget):
-    raise CpadgnError(f"enumerating the partition needs more than {need / 1e9:.3g} GB of working memory, "
+    raise _OverBudget(f"enumerating the partition needs more than {need / 1e9:.3g} GB of working memory, "
                       f"over the memory budget of {budget / 1e9:.3g} GB; raise --memory-budget, "
                       f"or use a generator with fewer hidden units")
 
@@ -551,8 +564,63 @@ def _neg(x):
     return (~x) + np.uint64(1)
 
 
-def _subdivision(net, R, max_regions, progress, memory_budget=None):
-    """Edge subdivision of the compactified latent space; returns the raw region list.
+def _tiled_subdivision(net, R, max_regions, progress, memory_budget, frames=None, depth=0, max_depth=None):
+    """``_subdivision`` of the prism's faces (``frames``, default all); where it would
+    exceed the memory budget, the same on each of the 2^S sub-cubes of every face in turn
+    (recursively, up to max_depth halvings), merged by sign pattern (``_merge_raw``): a
+    tile's boundary is no unit's hyperplane, so a region cut by it is found in several
+    tiles, as a region on several faces is.  Tiles multiply by 2^S a level: S = 2 goes
+    4 levels deep, S = 3 two, S >= 4 refuses as the untiled subdivision does."""
+    S = net.latent_dim
+    max_depth = {2: 4, 3: 2}.get(S, 0) if max_depth is None else max_depth
+    try:
+        raw = _subdivision(net, R, max_regions, progress, memory_budget, frames)
+        raw["patterns"] = np.packbits(raw["patterns"], axis=1)      # held packed until the merge
+        return raw if depth else _merge_raw([raw], net.n_units)
+    except _OverBudget:
+        if depth >= max_depth:
+            raise
+    O, E = _face_frames(S, R) if frames is None else frames
+    bits = ((np.arange(2 ** S)[:, None] >> np.arange(S)[None, :]) & 1).astype(float)
+    raws = []
+    for f in range(O.shape[0]):
+        for b in bits:
+            tile = ((O[f] + 0.5 * b @ E[f])[None], 0.5 * E[f][None])
+            sub = _tiled_subdivision(net, R, max_regions, progress, memory_budget, tile, depth + 1, max_depth)
+            raws.extend(sub if isinstance(sub, list) else [sub])
+    return raws if depth else _merge_raw(raws, net.n_units)
+
+
+def _merge_raw(raws, K):
+    """One raw region list from those of several tiles (patterns packed): regions by
+    pattern; the interior point of the first tile that has the region; facets the union;
+    bounded where no tile reaches infinity."""
+    packed = np.concatenate([r["patterns"] for r in raws])
+    n = [r["patterns"].shape[0] for r in raws]
+    width = max(packed.shape[1], 1)
+    view = np.ascontiguousarray(packed if packed.shape[1] else np.zeros((packed.shape[0], 1), np.uint8))
+    _, first, inv = np.unique(view.view(np.dtype((np.void, width))).ravel(), return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    nR = first.size
+    bounded = np.bincount(inv, weights=~np.concatenate([r["bounded"] for r in raws]), minlength=nR) == 0
+    regs = [inv[o:o + k] for o, k in zip(np.cumsum([0] + n[:-1]), n)]
+    fr = np.concatenate([np.repeat(g, np.diff(r["facet_ptr"])) for g, r in zip(regs, raws)])
+    fu = np.concatenate([r["facet_units"] for r in raws])
+    pair = np.unique(fr.astype(np.int64) * (K + 1) + fu)
+    info = {}
+    for r in raws:
+        for k, v in r["info"].items():
+            info[k] = info.get(k, 0) + v
+    info["tiles"] = len(raws)
+    return {"patterns": np.unpackbits(packed[first], axis=1, count=K).view(bool),        # sorted by pattern
+            "interior": np.concatenate([r["interior"] for r in raws])[first],
+            "facet_ptr": np.concatenate([[0], np.cumsum(np.bincount(pair // (K + 1), minlength=nR))]).astype(np.int64),
+            "facet_units": (pair % (K + 1)).astype(np.int64), "bounded": bounded, "info": info}
+
+
+def _subdivision(net, R, max_regions, progress, memory_budget=None, frames=None):
+    """Edge subdivision of the compactified latent space (or of the faces ``frames``,
+    (O, E) as ``_face_frames`` gives them); returns the raw region list.
 
     Before each split the bytes it needs (``_split_bytes``) and those the final region
     extraction will need (at least ``_extract_bytes`` of the incidences so far) are
@@ -561,13 +629,13 @@ def _subdivision(net, R, max_regions, progress, memory_budget=None):
     NH = K + 2 * S                         # hyperplanes: units, then cube constraints (lo, hi)
     rng = np.random.default_rng(0x5EED)
     RH = rng.integers(0, np.iinfo(np.uint64).max, size=NH, dtype=np.uint64, endpoint=True)
-    RF = rng.integers(0, np.iinfo(np.uint64).max, size=2 * S + 1, dtype=np.uint64, endpoint=True)
+    O, Emb = _face_frames(S, R) if frames is None else frames
+    RF = rng.integers(0, np.iinfo(np.uint64).max, size=O.shape[0], dtype=np.uint64, endpoint=True)
     RHneg = _neg(RH)
     active, dead_sign, dup_of, dup_flip = _unit_classes(net)
 
     # ---- the initial complex: 2S + 1 cubes
-    O, Emb = _face_frames(S, R)
-    F = 2 * S + 1
+    F = O.shape[0]
     bits = ((np.arange(2 ** S)[:, None] >> np.arange(S)[None, :]) & 1)          # (2^S, S)
     cube_edges = np.array([(v, v | (1 << i)) for v in range(2 ** S) for i in range(S) if not v >> i & 1])
     nv0 = 2 ** S
@@ -1091,7 +1159,8 @@ def _finish(net, raw, method, t0, progress, prior_masses=True, chunk=4096) -> Pa
     ptr = raw["facet_ptr"]
     units = raw["facet_units"][_csr_positions(ptr, order)]
     counts = (ptr[1:] - ptr[:-1])[order]
-    part = Partition(patterns=pats[order], interior=raw["interior"][order].copy(),
+    sorted_already = np.array_equal(order, np.arange(nR))         # the subdivision's are: no copy
+    part = Partition(patterns=pats if sorted_already else pats[order], interior=raw["interior"][order].copy(),
                      facet_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), facet_units=units,
                      bounded=raw["bounded"][order], log_prior_mass=np.zeros(nR),
                      log_prior_mass_stderr=np.zeros(nR), clearance=np.full(nR, np.inf),

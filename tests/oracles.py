@@ -189,7 +189,6 @@ def kappa_rounding_tol(model, X, post):
     U, b0, var = tab.U.numpy(), tab.b0.numpy(), tab.var.numpy()
     H, S, R = U.shape[1], tab.S, tab.n_regions
     gamma = lambda n: n * eps / (1 - n * eps)
-    stacked = tab.stacked.view(H + 2, S + 1, R).numpy()
     rows, regions = post.pair_row[post.pair_responsibility > 0], post.pair_region[post.pair_responsibility > 0]
     err = np.zeros(len(X))
     complete = ~np.isnan(X).any(1)
@@ -200,7 +199,7 @@ def kappa_rounding_tol(model, X, post):
             xhat_abs = (np.abs(xc) / var) @ np.abs(U)                          # (H,)
             xPx = (xc * xc / var).sum()
             xhat = (xc / var) @ U
-            st = stacked[:, :, w]                                              # (H + 2, S + 1, P)
+            st = tab.stacked_for(w).cpu().numpy()                              # (H + 2, S + 1, P)
             v = np.einsum("h,hsp->sp", xhat, st[:H, 1:]) + st[H, 1:]           # (S, P)
             T = xhat_abs @ np.abs(st[:H, 0]) + np.abs(st[H, 0]) + 0.5 * xPx + 0.5 * (v * v).sum(0)
             V = np.linalg.norm(np.einsum("h,hsp->sp", xhat_abs, np.abs(st[:H, 1:])) + np.abs(st[H, 1:]), axis=0)

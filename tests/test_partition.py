@@ -152,6 +152,22 @@ def test_subdivision_independent_of_box(S, hidden, slope, monkeypatch):
         np.testing.assert_allclose(p.log_prior_mass, parts[0].log_prior_mass, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("S,hidden,slope,budget", [(2, (16, 16), 0.1, 3e5), (3, (5, 5), 0.0, 3e5)])
+def test_subdivision_over_budget_runs_in_tiles_and_equals_lp_walk(S, hidden, slope, budget, monkeypatch):
+    """A budget too small for the whole prism makes the subdivision run face tile by face
+    tile (counted here) and merge by pattern: the same regions, facets and boundedness
+    as the LP walk, which never tiles."""
+    net = random_net(S, hidden, 3, seed=4, slope=slope)
+    skip_masses(monkeypatch)
+    runs = []
+    subdivide = partition_module._subdivision
+    monkeypatch.setattr(partition_module, "_subdivision", lambda *a, **k: (runs.append(1), subdivide(*a, **k))[1])
+    tiled = compute_partition(net, memory_budget=budget)
+    assert len(runs) > 2 * S + 2          # the whole prism refused, then tiles (some refused again)
+    assert_same_partition(tiled, compute_partition(net, method="lp-walk"))
+    assert_facets_tile(net, tiled)
+
+
 def test_region_constraints_fast_path():
     net = random_net(3, (7, 5, 4), 2, seed=3, slope=-1.0)
     P = np.random.default_rng(0).random((40, net.n_units)) < 0.5

@@ -25,7 +25,12 @@ from cpadgn.partition import compute_partition
 from cpadgn.stop import map_in_threads, stop_check
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+# A fixed mmap threshold: glibc raises its threshold as large blocks are freed, after
+# which large arrays come from the heap, and the peak RSS of the same command varied by
+# up to 50 MB between runs (353-400 MB measured); fixed, every array over 1 MB is its
+# own mapping, returned on free, and the peak repeats to 1 MB.
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+       "MALLOC_MMAP_THRESHOLD_": "1000000"}
 CLI = [sys.executable, "-c", "from cli.main import main; main()"]
 # runs argv, then prints its exit code and the peak RSS (kB) of its process
 PEAK = [sys.executable, "-c", "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -52,10 +57,10 @@ def model_with_rows(tmp, name, S, hidden, D, n_rows, noise=0.05):
     return path
 
 
-def peak_rss(argv):
-    """(exit code, peak RSS in bytes, seconds) of a child process."""
+def peak_rss(argv, **env):
+    """(exit code, peak RSS in bytes, seconds) of a child process (env: extra variables)."""
     t0 = time.perf_counter()
-    out = subprocess.run(PEAK + argv, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    out = subprocess.run(PEAK + argv, capture_output=True, text=True, env={**ENV, **env}, cwd=ROOT)
     code, kb = out.stdout.split()[-2:]
     return int(code), 1024.0 * int(kb), time.perf_counter() - t0
 
