@@ -736,7 +736,11 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
         pair_chunk = int(max(1, per_worker / 2 // (8.0 * (6 * F * F + 2 * F * S + 3 * F + 6 * S * S + 4 * S + 10))))
         poly_budget = per_worker / 2
     chunk = int(max(1, min(-(-N // (2 * workers)), per_worker // per_row)))
-    region_chunk = int(max(1, memory_budget // (8.0 * 4 * (tab.D * S * (S + 2) + chunk * (S * (S + 2) + F)))))
+    # incomplete rows, per region of a chunk (``_log_kappa_incomplete``): the maps M, c and
+    # A, b, the Gram and linear tables, and the (row, region) outputs; a quarter of a worker's share
+    T, H = S * (S + 1) // 2, tab.U.shape[1]
+    per_region = 8.0 * ((H + tab.D) * (S + 1) + (tab.D + 1) * T + 2 * tab.D * (S + 1) + chunk * (2 * T + 2 * S + 2))
+    region_chunk = int(max(1, per_worker / 4 // per_region))
 
     def run(complete, idx):
         Xt = torch.as_tensor(X[idx], device=device)
