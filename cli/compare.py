@@ -13,7 +13,8 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import Progressbar, console, main, parse_noise, resolve_device, say_for, user_errors
+from cli.main import (Progressbar, check_dask_options, console, main, parse_noise, resolve_device, say_for,
+                      user_errors)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -100,9 +101,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     if baseline is not None and train_path is None:
         raise CpadgnError("--baseline ppca is fitted on training data: pass --train TRAIN")
     noises = per_model_noise(noise_std, len(model_paths))
-    if dask_address is not None:
-        from cpadgn.dask import check_address
-        check_address(dask_address)
+    check_dask_options(dask_address)
     if "auto" in noises and dask_address is not None:
         raise CpadgnError("--noise-std auto cannot be combined with --dask (it fits on every "
                           "training row in one process); run without --dask, or give --noise-std X")

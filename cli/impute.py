@@ -12,8 +12,8 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, command_inputs, dask_options, load_model, main, model_options,
-                      print_summary, refuse_with_dask, say_for, user_errors)
+from cli.main import (Progressbar, check_dask_options, command_inputs, dask_options, load_model, main,
+                      model_options, print_summary, say_for, user_errors)
 from cpadgn.errors import CpadgnError
 
 MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
@@ -106,9 +106,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         plot.check_image_path(plot_path, inputs={**inputs, "the -o output": out,
                                                  "the --std output": std_path})
 
+    check_dask_options(dask_address, chunk_rows, **{
+        "--evaluate-mcar": mcar is not None, "--plot": plot_path is not None, "--noise-std auto": noise_std == "auto"})
     if dask_address is not None:
-        refuse_with_dask(dask_address, **{"--evaluate-mcar": mcar is not None, "--plot": plot_path is not None,
-                            "--noise-std auto": noise_std == "auto"})
         res, model = impute_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, n_draws, seed,
                                     want_std, out, std_path, quiet=quiet, cache=cache, noise_std=noise_std,
                                     device=device, trust_pickle=trust_pickle, max_regions=max_regions,
@@ -119,8 +119,6 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         else:
             print_summary("Imputation", summary)
         return
-    if chunk_rows is not None:
-        raise CpadgnError("--chunk-rows sets the rows per Dask task; add --dask ADDRESS or local:N")
     X = read_data(data_path, dataset=dataset)
     columns = csv_header(data_path, X.shape[1])
     if plot_path is not None:

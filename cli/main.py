@@ -167,9 +167,13 @@ def dask_options(fn):
                              "needs pip install 'cpadgn[dask]'.")(fn)
 
 
-def refuse_with_dask(address, **options) -> None:
-    """One-line refusal of a malformed --dask value, and of options that need every row in
-    one process ({--name: given})."""
+def check_dask_options(address, chunk_rows=None, **options) -> None:
+    """One-line refusal of --chunk-rows without --dask, of a malformed --dask value, and of
+    options that need every row in one process ({--name: given}) with --dask."""
+    if address is None:
+        if chunk_rows is not None:
+            raise CpadgnError("--chunk-rows sets the rows per Dask task; add --dask ADDRESS or local:N")
+        return
     from cpadgn.dask import check_address
     check_address(address)
     given = [name for name, on in options.items() if on]
@@ -374,9 +378,10 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     check_score_options(contamination, pvalues, samples, alpha, explain)
     samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
+    check_dask_options(dask_address, chunk_rows, **{
+        "--pvalues/--alpha": pvalues, "--explain": explain is not None, "--plot": plot_path is not None,
+        "--noise-std auto": noise_std == "auto"})
     if dask_address is not None:
-        refuse_with_dask(dask_address, **{"--pvalues/--alpha": pvalues, "--explain": explain is not None,
-                            "--plot": plot_path is not None, "--noise-std auto": noise_std == "auto"})
         stats, flags, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, out,
                                             contamination, quiet=quiet or as_json, cache=cache,
                                             noise_std=noise_std, device=device, trust_pickle=trust_pickle,
@@ -387,8 +392,6 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
         else:
             print_summary("Scores", summary)
         return
-    if chunk_rows is not None:
-        raise CpadgnError("--chunk-rows sets the rows per Dask task; add --dask ADDRESS or local:N")
     if plot_path is not None:
         from cpadgn.plot import check_image_path
         check_image_path(plot_path, inputs={**command_inputs(model_path, data_path, cache), "the -o output": out})
