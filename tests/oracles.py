@@ -156,6 +156,14 @@ def random_linear_model(rng, S, D, sigma_max):
     return model, A, b, mu, cov_z, sigma
 
 
+def posterior_spread(post, n):
+    """max over a row's (row, region) pairs of |E[z | x, z in w]|, (n,): the factor by which
+    an error e in the responsibilities moves E[z | x] (by at most 2 e times it, plus e)."""
+    out = np.zeros(n)
+    np.maximum.at(out, post.pair_row, np.linalg.norm(post.pair_mean, axis=1))
+    return out
+
+
 def kappa_rounding_tol(model, X, post):
     """Per-row bound on the floating-point error of log p(x) as cpadgn computes it, (N,):
     the tolerance for comparing results that differ only in rounding (batch sizes, GEMM

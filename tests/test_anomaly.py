@@ -11,7 +11,7 @@ from cpadgn import CPAModel, PiecewiseAffineNet
 from cpadgn.anomaly import clopper_pearson, expected_squared_residuals, pvalues, top_features
 from cpadgn.modelfile import save_model
 
-from oracles import GL_W, GL_X, kappa_rounding_tol, line_breakpoints, random_net
+from oracles import GL_W, GL_X, kappa_rounding_tol, line_breakpoints, posterior_spread, random_net
 from test_cli import assert_one_line_error
 
 
@@ -215,8 +215,7 @@ def test_score_is_bit_identical_across_runs_and_equal_across_batch_sizes(files):
     close = lambda name, t: np.testing.assert_array_less(np.abs(tc[name] - ta[name]), t + 1e-300, err_msg=name)
     close("log_likelihood", tol)
     close("anomaly_score", tol)
-    spread = np.zeros(len(X))
-    np.maximum.at(spread, post.pair_row, np.linalg.norm(post.pair_mean, axis=1))
+    spread = posterior_spread(post, len(X))
     close("z_mean_1", tol * (1 + 2 * spread))               # see test_likelihood's chunking test
     close("top_region_responsibility", 2 * tol)             # r = exp(l_w - log p), r <= 1
     # e_d = sum_w r_w q_w / sigma^2, q_w = (x_d - A_w,d m_w - b_w,d)^2 + A_w,d C_w A_w,d^T:

@@ -25,7 +25,7 @@ import cpadgn.dask as cd
 from cpadgn.errors import CpadgnError
 from cpadgn.impute import impute as impute_single
 from cpadgn.model import CPAModel
-from oracles import kappa_rounding_tol, random_net
+from oracles import kappa_rounding_tol, posterior_spread, random_net
 
 CHUNK = 20      # rows per task: 8 to 12 tasks per run, more than the 2 workers
 
@@ -64,20 +64,13 @@ def loglik_tol(model, X, a_bound, b_bound):
     return 2 * kappa_rounding_tol(model, X, ref) + a_bound + b_bound
 
 
-def spread(post, n):
-    """max over a row's (row, region) pairs of |E[z | x, z in w]|, (n,)."""
-    out = np.zeros(n)
-    np.maximum.at(out, post.pair_row, np.linalg.norm(post.pair_mean, axis=1))
-    return out
-
-
 def assert_scores_equal(model, X, got):
     ref = model.posterior(X)
     tol = loglik_tol(model, X, ref.error_bound, got.error_bound)
     assert np.all(np.abs(got.log_likelihood - ref.log_likelihood) <= tol)
     np.testing.assert_array_equal(got.n_observed, ref.n_observed)
     # E[z|x] = sum_w r_w m_w: r moves by at most 2 tol relative, m_w by tol (whitened)
-    assert np.all(np.abs(got.z_mean - ref.z_mean).max(1) <= tol * (1 + 2 * spread(ref, len(X))))
+    assert np.all(np.abs(got.z_mean - ref.z_mean).max(1) <= tol * (1 + 2 * posterior_spread(ref, len(X))))
     assert tol.max() < 1e-6 * np.abs(ref.log_likelihood).max()            # not vacuous
 
 
@@ -106,7 +99,7 @@ def mean_bound(model, X, error_bound):
     e = loglik_tol(model, X, error_bound, error_bound)
     A, b = model.net.region_maps(model.partition().patterns)
     a_max, b_max = np.linalg.norm(A, axis=2).max(0), np.abs(b).max(0)     # (D,)
-    return e[:, None] * (a_max[None] * (1 + 2 * spread(model.posterior(X), len(X)))[:, None] + 2 * b_max[None])
+    return e[:, None] * (a_max[None] * (1 + 2 * posterior_spread(model.posterior(X), len(X)))[:, None] + 2 * b_max[None])
 
 
 def test_imputation_equals_the_single_process_run(client, model, tmp_path):
@@ -275,7 +268,7 @@ def test_cli_score_with_dask_streams_the_same_h5(client, model, tmp_path):
     for k in ("n_observed", "top_region"):
         np.testing.assert_array_equal(got[k], ref[k])
     z = np.column_stack([got[f"z_mean_{j + 1}"] - ref[f"z_mean_{j + 1}"] for j in range(2)])
-    assert np.all(np.abs(z).max(1) <= tol * (1 + 2 * spread(model.posterior(X), len(X))))
+    assert np.all(np.abs(z).max(1) <= tol * (1 + 2 * posterior_spread(model.posterior(X), len(X))))
     # responsibilities exp(log p_w - log p): each log moves by tol, so r by 2 tol relative
     r = ref["top_region_responsibility"]
     assert np.all(np.abs(got["top_region_responsibility"] - r) <= 2.01 * tol * r)

@@ -6,8 +6,8 @@ from scipy.stats import multivariate_normal
 from cpadgn.model import CPAModel
 from cpadgn.network import PiecewiseAffineNet
 
-from oracles import (Quadrature3D, kappa_rounding_tol, line_breakpoints, loglik_1d, loglik_2d,
-                     loglik_importance, random_linear_model, random_net, small_s3_net_and_quadrature)
+from oracles import (Quadrature3D, kappa_rounding_tol, line_breakpoints, loglik_1d, loglik_2d, loglik_importance,
+                     posterior_spread, random_linear_model, random_net, small_s3_net_and_quadrature)
 
 
 def test_linear_generator_is_ppca_closed_form():
@@ -227,8 +227,7 @@ def test_results_do_not_depend_on_chunking(net1):
     b = small.posterior(X)
     tol = 2 * kappa_rounding_tol(model, X, a) + a.error_bound + b.error_bound
     assert np.all(np.abs(a.log_likelihood - b.log_likelihood) <= tol)
-    spread = np.zeros(len(X))
-    np.maximum.at(spread, a.pair_row, np.linalg.norm(a.pair_mean, axis=1))
+    spread = posterior_spread(a, len(X))
     assert np.all(np.abs(a.z_mean - b.z_mean).max(1) <= tol * (1 + 2 * spread))
     assert tol.max() < 1e-6 * np.abs(a.log_likelihood).max()          # the bound is not vacuous
 

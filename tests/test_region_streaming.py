@@ -15,7 +15,7 @@ import cpadgn
 from cpadgn.model import CPAModel
 from cpadgn.modelfile import save_model
 
-from oracles import kappa_rounding_tol
+from oracles import kappa_rounding_tol, posterior_spread
 from test_resources import CLI, peak_rss
 
 SMALL = 4e7          # bytes: a quarter holds ~1,000 regions of maps (of ~9,000)
@@ -62,8 +62,7 @@ def test_streamed_region_maps_give_the_unstreamed_log_likelihood_and_posterior(c
     tol = 2 * kappa_rounding_tol(big, X, a) + a.error_bound + b.error_bound
     assert np.all(np.isfinite(a.log_likelihood))
     assert np.all(np.abs(a.log_likelihood - b.log_likelihood) <= tol)
-    spread = np.zeros(len(X))
-    np.maximum.at(spread, a.pair_row, np.linalg.norm(a.pair_mean, axis=1))
+    spread = posterior_spread(a, len(X))
     assert np.all(np.abs(a.z_mean - b.z_mean).max(1) <= tol * (1 + 2 * spread))
     assert tol.max() < 1e-6 * np.abs(a.log_likelihood).max()          # the bound is not vacuous
 
