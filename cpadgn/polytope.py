@@ -90,6 +90,8 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
     B, F, S = A.shape
+    if S >= 4:
+        return polytope_qmc_draws(A, b, mask, [(n_qmc, seed, moments)], memory_budget)[0]
     A, b, mask, empty = _normalise(A, b, mask)
     sel = np.flatnonzero(mask.any(-1))       # the others are all of R^S
     res = None
@@ -99,14 +101,31 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
             res = _interval(A[..., 0], b, mask)
         elif S == 2:
             res = _by_row_count(_polygon, A, b, mask, moments)
-        elif S == 3:
+        else:
             from .polyhedron import polyhedron_moments
             res = polyhedron_moments(A, b, mask, moments=moments, memory_budget=memory_budget)
-        elif memory_budget is None:
-            res = _qmc(A, b, mask, n_qmc, seed, moments)
-        else:
-            res = _qmc_chunked(A, b, mask, n_qmc, seed, moments, memory_budget)
     return _assemble(B, S, sel, res, empty)
+
+
+def polytope_qmc_draws(A, b, mask, draws, memory_budget=None) -> list:
+    """Randomised-QMC ``polytope_moments`` (any S >= 2; S >= 4 has nothing else) for
+    each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
+    work that does not depend on the points (mode, frame, projections) is done once.
+    Draws with different seeds are independent estimates.  Returns a list of
+    PolytopeMoments, one per draw."""
+    A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
+    B, F, S = A.shape
+    A, b, mask, empty = _normalise(A, b, mask)
+    sel = np.flatnonzero(mask.any(-1))       # the others are all of R^S
+    res = [None] * len(draws)
+    if sel.size:
+        A, b, mask = A[sel], b[sel], mask[sel]
+        if memory_budget is None:
+            res = _qmc_draws(A, b, mask, draws)
+        else:
+            res = _qmc_chunked(A, b, mask, draws, memory_budget)
+    return [_assemble(B, S, sel, r, empty) for r in res]
 
 
 def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
@@ -116,17 +135,18 @@ def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
     return 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
 
 
-def _qmc_chunked(A, b, mask, n_qmc, seed, moments, memory_budget):
-    """``_qmc`` on chunks of the polytopes that fit memory_budget: a half for the
+def _qmc_chunked(A, b, mask, draws, memory_budget):
+    """``_qmc_draws`` on chunks of the polytopes that fit memory_budget: a half for the
     per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
     ~24 of them live at once)."""
     B, F, S = A.shape
     inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
+    n_qmc = max(d[0] for d in draws)
     step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
-    parts = [_qmc(A[i:i + step], b[i:i + step], mask[i:i + step], n_qmc, seed, moments, inner)
+    parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner)
              for i in range(0, B, step)]
-    return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in parts])
-                             for f in ("log_mass", "mean", "cov", "stderr")))
+    return [PolytopeMoments(*(np.concatenate([getattr(p[k], f) for p in parts])
+                              for f in ("log_mass", "mean", "cov", "stderr"))) for k in range(len(draws))]
 
 
 def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMoments:
@@ -782,6 +802,20 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, chunk=4e6, n_randomisations=16):
     scrambled Sobol points (see the comment above).  Returns log mass with its standard
     error over independent randomisations, and the weighted moments (zeros where
     ``moments`` is False: the last variable is then not drawn)."""
+    return _qmc_draws(A, b, mask, [(n_qmc, seed, moments)], chunk, n_randomisations)[0]
+
+
+def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16):
+    """``_qmc`` for each draw (n_qmc, seed, moments) of ``draws`` on one geometry (mode,
+    frame, projections and tilt are found once; they do not depend on the points).  Draws
+    with different seeds use independent points.  Returns a list of PolytopeMoments."""
+    geo = _qmc_geometry(A, b, mask, chunk)
+    return [_qmc_sample(geo, A, b, mask, n, seed, mom, chunk, n_randomisations) for n, seed, mom in draws]
+
+
+def _qmc_geometry(A, b, mask, chunk=4e6):
+    """What ``_qmc`` needs before any point is drawn: the mode, frame, SOV levels and
+    the tilted first variable, as a dict of per-polytope arrays."""
     B, F, S = A.shape
     mu, r, exact_mode = _mode(A, b, mask, chunk=chunk)
     redo = np.flatnonzero(~exact_mode)                  # the enumeration missed the mode
@@ -811,6 +845,17 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, chunk=4e6, n_randomisations=16):
     fin1 = np.isfinite(ya)
     ya0 = np.where(fin1, ya, 0.0)
     const1 = lm1 - tilt * (0.5 * tilt + ya0)
+    return dict(mu=mu, E=E, zs=zs, lo1=lo1, levels=levels, empty=empty, L=L, tilt=tilt, flip1=flip1,
+                a1=a1, c1=c1, la1=la1, lm1=lm1, fin1=fin1, ya0=ya0, const1=const1)
+
+
+def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
+    """The points of ``_qmc`` on a geometry g (``_qmc_geometry``) of the polytopes A, b,
+    mask (which key their randomisation with the seed)."""
+    B, F, S = A.shape
+    mu, E, zs, lo1, levels, empty, L, tilt = (g[k] for k in ("mu", "E", "zs", "lo1", "levels", "empty", "L", "tilt"))
+    flip1, a1, c1, la1, lm1, fin1, ya0, const1 = (g[k] for k in ("flip1", "a1", "c1", "la1", "lm1", "fin1", "ya0",
+                                                                 "const1"))
     m = max(2, n_qmc // n_randomisations)
     base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
     N = base.shape[1]
