@@ -33,7 +33,8 @@ from scipy.special import log_ndtr
 
 from .edges import Edges, distance_to_polyhedron, polyhedron_edges
 from .polyhedron import region_facet_polygons, translated_polyhedron_moments
-from .polytope import PolytopeMoments, facet_segments, polygon_moments, polytope_moments, solve_in_groups
+from .polytope import (PolytopeMoments, facet_segments, polygon_moments, polytope_moments, polytope_qmc_draws,
+                       solve_in_groups)
 from .network import PiecewiseAffineNet
 from .numerics import check_representable
 from .partition import Partition
@@ -617,7 +618,8 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
-                       moments: bool, complete: bool, memory_budget: float | None = None, polygons=None):
+                       moments: bool, complete: bool, memory_budget: float | None = None, polygons=None,
+                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0)):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
@@ -625,7 +627,9 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     whitened polygon translated by -v; rows with missing entries may pass their pairs'
     own whitened polygons (``_pair_polygons``).  Returns log Phi (P,), E[z|w] (P, S),
     Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
-    integrals' working arrays.
+    integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed);
+    with a list ``pilot``, the first stage instead (``_qmc_first_stage``), whose
+    independent pilot (log Phi (P,), its stderr (P,)) is appended to the list.
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
     if (complete and tab.polygons is not None) or polygons is not None:
@@ -636,8 +640,13 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     else:
         A = tab.G[regions] @ C
         b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
-        res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
-                          memory_budget=memory_budget)
+        if pilot is not None and tab.S >= 4:
+            res, pil = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], moments=moments,
+                                   memory_budget=memory_budget)
+            pilot.append((pil.log_mass, pil.stderr))
+        else:
+            res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
+                              memory_budget=memory_budget, n_qmc=qmc[0], seed=qmc[1])
     log_phi = res.log_mass
     if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
         log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
@@ -645,6 +654,48 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     mean = np.where(none[:, None], 0.0, (C @ (v + res.mean)[:, :, None])[..., 0])
     cov = np.where(none[:, None, None], 0.0, C @ res.cov @ np.swapaxes(C, 1, 2))
     return log_phi, mean, cov, res.stderr
+
+
+QMC_FIRST = 32          # S >= 4: points per pair of the first stage and of its pilot (16 sets of 2)
+
+
+def _qmc_first_stage(A, b, mask, moments: bool, memory_budget: float | None = None):
+    """S >= 4 first stage: an estimate (seed 0) and an independent pilot of the mass
+    (seed 1), QMC_FIRST points each, on one geometry (``polytope.polytope_qmc_draws``)."""
+    return tuple(polytope_qmc_draws(A, b, mask, [(QMC_FIRST, 0, moments), (QMC_FIRST, 1, False)], memory_budget))
+
+
+def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, log_kappa, pilot_logw, pilot_se, stderr_target,
+                      moments, pair_chunk, poly_budget):
+    """S >= 4 second stage: more points for the pairs that dominate their row's variance.
+
+    found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr
+    (P, ...); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their
+    pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count
+    (``qmc_allocation.qmc_allocation``, aiming at stderr_target per row); a pair that gets
+    points is integrated anew with them (seed 2) and that estimate replaces its first
+    stage, the others keep theirs.  Unbiased: the allocation depends on the pilots
+    alone, and every estimate kept (first stage or second) comes from points
+    independent of them, so given the pilots each pair's estimate has mean kappa Phi.
+    (Pooling a pair's first stage with its second, or choosing on either, would bias.)
+    Returns found updated.
+    """
+    from .qmc_allocation import qmc_allocation
+    rows, regions, logw, mean, cov, se = (x.copy() for x in found)
+    n_pts = qmc_allocation(rows, pilot_logw, pilot_se, QMC_FIRST, QMC_FIRST, stderr_target, Xt.shape[0])
+    dev = Xt.device
+    for n in np.unique(n_pts[n_pts > 0]):
+        idx = np.flatnonzero(n_pts == n)
+        step = int(max(1, pair_chunk * QMC_FIRST // n))
+        for p0 in range(0, idx.size, step):
+            stop_check()
+            sel = idx[p0:p0 + step]
+            rows_t, regions_t = torch.as_tensor(rows[sel], device=dev), torch.as_tensor(regions[sel], device=dev)
+            v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
+            log_phi, mean[sel], cov[sel], se[sel] = _truncated_moments(tab, v, C, regions[sel], moments, complete,
+                                                                       poly_budget, qmc=(int(n), 2))
+            logw[sel] = log_kappa[sel] + log_phi
+    return [rows, regions, logw, mean, cov, se]
 
 
 _FACET_POLYGONS_LOCK = threading.Lock()
@@ -697,20 +748,29 @@ def _in_threads(solve, *arrays, min_pairs: int = 4096, max_part: int = 16384, **
         return solve(*(x[i] for x in arrays), **kw)
     with closing(map_in_threads(part, [(i,) for i in parts], workers)) as results:
         res = list(results)
-    return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in res])
+    return _concat_moments(res)
+
+
+def _concat_moments(parts: list):
+    """PolytopeMoments of consecutive slices (or tuples of them) joined."""
+    if isinstance(parts[0], tuple):
+        return tuple(_concat_moments([p[k] for p in parts]) for k in range(len(parts[0])))
+    return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in parts])
                              for f in ("log_mass", "mean", "cov", "stderr")))
 
 
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
               tab: RegionTable | None = None, device: torch.device | str = "cpu",
               rtol: float = 1e-10, memory_budget: float = 2e9, moments: bool = True,
-              progress=None) -> PosteriorResult:
+              progress=None, stderr_target: float = 1e-4) -> PosteriorResult:
     """Exact log p(x_o), responsibilities and E[z|x], Cov[z|x] for every row of X (N, D).
 
     NaN entries of X are missing; a row with nothing observed has log p = NaN (there is
     nothing to score) and the prior as posterior.  Pairs are pruned only while the certified bounds of the skipped
     ones sum to at most rtol p(x) (``error_bound``).  ``progress(done_rows, total_rows)``
-    is called after each chunk.  memory_budget bounds the working arrays (bytes; at
+    is called after each chunk.  stderr_target (S >= 4, nats): the standard error of
+    log p(x) each row's randomised-QMC integrals aim at (``_refine_qmc_pairs``; the
+    reported ``stderr`` is the one achieved).  memory_budget bounds the working arrays (bytes; at
     S >= 3 half of it goes to the pair integrals).  Ctrl-C stops the worker threads
     within a fraction of a second (``stop``).
     """
@@ -744,7 +804,8 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
 
     def run(complete, idx):
         Xt = torch.as_tensor(X[idx], device=device)
-        found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget)
+        found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget,
+                                stderr_target)
         return _summarise(*found, Xt, idx, out)            # fills out[idx]; chunks are disjoint
 
     jobs = [(complete, idx[start:start + chunk]) for complete in (True, False)
@@ -774,7 +835,8 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
         pair_mean=np.zeros((0, S)), pair_cov=np.zeros((0, S, S)))
 
 
-def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget=None):
+def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget=None,
+                    stderr_target=1e-4):
     """The (row, region) pairs of rows Xt (n, D) that p(x) needs to a relative rtol, integrated.
 
     Every pair has a cheap dense bound, log kappa (Phi <= 1; ``_log_kappa_complete``,
@@ -791,7 +853,9 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
     Cov[z|w], stderr per integrated pair and the per-row bound log(1 + skipped / p).
-    poly_budget: bytes for the S >= 3 integrals of one pair chunk.
+    poly_budget: bytes for the S >= 3 integrals of one pair chunk.  S >= 4: the loop's
+    integrals are a cheap first stage with a pilot beside it, and ``_refine_qmc_pairs``
+    then spends points where each row's standard error needs them (stderr_target).
     """
     n, R = Xt.shape[0], tab.n_regions
     dev = Xt.device
@@ -816,7 +880,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     l_rows = torch.zeros(0, dtype=torch.long, device=dev)
     l_regions, l_bound = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev)
     l_taken = l_sharp = torch.zeros(0, dtype=torch.bool, device=dev)
-    found = []
+    found, pilots = [], ([] if tab.S >= 4 else None)
     # S >= 3: pairs are costly and a posterior can spread over thousands of regions, so p
     # is first estimated on a small margin, and then the smallest bounds that fit in the
     # budget are left out.  At S <= 2 an integral costs about what that bookkeeping does.
@@ -878,8 +942,12 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             v, C, L = _pair_factors(tab, Xt, rows, regions, complete, v_dense, stats)
             r_np = regions.cpu().numpy()
             polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(), r_np)
-            log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget, polygons)
-            logw = log_kappa[rows, regions].cpu().numpy() + log_phi
+            log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget, polygons,
+                                                        pilot=pilots)
+            lk = log_kappa[rows, regions].cpu().numpy()
+            logw = lk + log_phi
+            if pilots:
+                pilots[-1] = (lk, lk + pilots[-1][0], pilots[-1][1])
             found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se))
             log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))
         l_taken |= take
@@ -893,7 +961,11 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     S = tab.S
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, S)),
              np.zeros((0, S, S)), np.zeros(0))
-    return (*map(np.concatenate, zip(empty, *found)), bound)
+    found = [np.concatenate(x) for x in zip(empty, *found)]
+    if pilots:
+        found = _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, *map(np.concatenate, zip(*pilots)),
+                                  stderr_target, moments, pair_chunk, poly_budget)
+    return (*found, bound)
 
 
 def _smallest_within(rows: torch.Tensor, bound: torch.Tensor, candidate: torch.Tensor, log_budget: torch.Tensor,
