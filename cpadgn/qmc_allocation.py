@@ -14,7 +14,7 @@ import numpy as np
 
 
 def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot: int, n_first: int,
-                   target: float, n_rows: int, safety: float = 1.5, n_max: int = 2 ** 20,
+                   target: float, n_rows: int, safety: float = 2.0, n_max: int = 2 ** 20,
                    n_randomisations: int = 16) -> np.ndarray:
     """Second-stage points per pair (0: the pair keeps its first-stage estimate).
 
