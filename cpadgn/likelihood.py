@@ -33,8 +33,8 @@ from scipy.special import log_ndtr
 
 from .edges import Edges, distance_to_polyhedron, polyhedron_edges
 from .polyhedron import region_facet_polygons, translated_polyhedron_moments
-from .polytope import (PolytopeMoments, facet_segments, polygon_moments, polytope_moments, polytope_qmc_draws,
-                       solve_in_groups)
+from .polytope import (PolytopeMoments, distance_lower_bound, facet_segments, polygon_moments, polytope_moments,
+                       polytope_qmc_draws, solve_in_groups)
 from .network import PiecewiseAffineNet
 from .numerics import check_representable
 from .partition import Partition
@@ -278,6 +278,7 @@ class RegionTable:
             c0 = np.where(real_np, h_unit, 0.0)
             self.polyhedra = (GC_unit, c0, real_np, _edges_in_groups(GC_unit, c0, real_np))
             self.has_nearest = True
+        self.has_nearest |= S >= 4 and any_real          # the distance bound of polytope.distance_lower_bound
 
     def region_affine(self, regions: torch.Tensor):
         """A (B, D, S), b (B, D) of some regions."""
@@ -547,7 +548,7 @@ def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facet
 
 
 def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None) -> np.ndarray:
-    """log Phi(-r) >= log Phi_w for pairs with S = 2 or 3, r the distance from the
+    """log Phi(-r) >= log Phi_w for pairs, r the distance from the
     posterior mean to the region in the whitened frame (0 inside): the region lies
     beyond the (hyper)plane through its nearest point.  v (P, S) -> (P,).  polygons: at
     S = 2 the pairs' own whitened polygons (``_pair_polygons``; rows with missing
@@ -557,7 +558,16 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
     of the distance to their segment.  S = 3: ``edges.distance_to_polyhedron``, and for a
     bounded region also its volume times the largest density on it, phi_3(r) (much the
     sharper for regions small beside the posterior); a small relative slack keeps the
-    bound above the mass despite rounding."""
+    bound above the mass despite rounding.  S >= 4 (complete rows): r from the dual of
+    the least-distance problem (``polytope.distance_lower_bound``), certified below the
+    distance whether or not the mode search is exact."""
+    if tab.S >= 4:
+        a = tab.GC_unit[regions].cpu().numpy()
+        c = tab.h_unit[regions].cpu().numpy()
+        real = np.isfinite(c)
+        b = np.where(real, c, 1.0) - np.einsum("pfs,ps->pf", a, v)
+        r = distance_lower_bound(a, b, real)
+        return np.where(r > 0, log_ndtr(-r), 0.0)
     if tab.S == 3:
         a, c, real, edges = tab.polyhedra
         a, c, real = a[regions], c[regions], real[regions]
