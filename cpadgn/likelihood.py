@@ -855,7 +855,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     pairs' own whitened facets, ``_pair_facets``); listed pairs are integrated in
     decreasing bound order, margins
     -log(rtol) + 3, then doubling (S >= 3: 8 nats first, for an estimate of p, and each
-    round leaves out the smallest bounds that together fit in half of rtol p); for S = 2 and 3 a
+    round leaves out the smallest bounds that together fit in half of rtol p); a
     pair about to be integrated first gets the nearest-point bound
     (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound;
     rows with missing entries: S = 2 only), which often lets it be skipped after all.
@@ -930,7 +930,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 with np.errstate(invalid="ignore"):
                     left = torch.where(below < half, half + torch.log1p(-torch.exp(below - half)), -torch.inf)
                 take &= ~_smallest_within(l_rows, l_bound, take, left, n)
-            # Before integrating, the sharper nearest-point bound (S = 2 and 3).
+            # Before integrating, the sharper nearest-point bound (S = 2, 3 and, for complete rows, S >= 4).
             sharpen = torch.nonzero(take & ~l_sharp)[:, 0] if nearest else []
             if len(sharpen) == 0:
                 break

@@ -918,12 +918,19 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     N = base.shape[1]
     keys = _polytope_keys(A, b, mask, seed)                             # (B,)
     out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B))
-    K = max([1] + [lv[0].shape[1] + lv[2].shape[1] for lv in levels])
-    step = int(max(1, chunk // (N * K)))
-    for start in range(0, B, step):
+    # the levels are padded to the batch's largest row count: polytopes go through in
+    # order of their own counts, each group cut to its largest (real rows come first)
+    counts = [(np.isfinite(lv[1]).sum(1), np.isfinite(lv[3]).sum(1)) for lv in levels]
+    total = np.maximum(1, sum(cu + cl for cu, cl in counts)) if counts else np.ones(B, int)
+    order = np.argsort(total, kind="stable")
+    start = 0
+    while start < B:
         stop_check()
-        sl = slice(start, min(start + step, B))
-        n = sl.stop - sl.start
+        cost = np.arange(1, B - start + 1) * (N * total[order[start:]].astype(float))      # increasing
+        sl = order[start:start + max(1, int(np.searchsorted(cost, chunk, side="right")))]
+        start += sl.size
+        n = sl.size
+        cut = [(max(1, int(cu[sl].max())), max(1, int(cl[sl].max()))) for cu, cl in counts]
         z = np.empty((n, S, N))                                         # holds v
         u = _shifted_uniforms(base, keys[sl], n_randomisations)             # (n, S, N)
         f1 = flip1[sl, None]
@@ -936,7 +943,8 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
         z[:, 0] = np.where(fin1[sl, None], lo1[sl, None] + off, y + tilt[sl, None] - L[sl, None])
         logw = const1[sl, None] - tilt[sl, None] * off
         for j in range(1, S):
-            up_c, up_d, lo_c, lo_d = (a[sl] for a in levels[j - 1])
+            ku, kl = cut[j - 1]
+            up_c, up_d, lo_c, lo_d = (a[sl, :k] for a, k in zip(levels[j - 1], (ku, ku, kl, kl)))
             hi = (up_d[:, :, None] - up_c @ z[:, :j]).min(1)
             lo = (lo_d[:, :, None] - lo_c @ z[:, :j]).max(1)
             last = j == S - 1
