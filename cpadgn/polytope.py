@@ -461,7 +461,7 @@ def distance_lower_bound(A, b, mask, chunk=4e6):
     used = np.take_along_axis(mask, J, 1) & (np.take_along_axis(slack, J, 1) <= 1e-6 * (1.0 + nu[:, None]))
     AJ = np.take_along_axis(A, J[..., None], 1) * used[..., None]
     bJ = np.where(used, np.take_along_axis(b, J, 1), 0.0)
-    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(S) * (~used)[:, :, None]
+    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
     with np.errstate(all="ignore"):
         lam = (np.linalg.pinv(G) @ -(AJ @ u[..., None]))[..., 0]
     lam = np.where(used & np.isfinite(lam), np.maximum(lam, 0.0), 0.0)
@@ -498,7 +498,7 @@ def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
     J = np.argsort(rank, axis=1, kind="stable")[:, :S]
     used = np.take_along_axis(lam, J, 1) > 0
     AJ = np.take_along_axis(Am, J[..., None], 1) * used[..., None]
-    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(S) * (~used)[:, :, None]
+    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
     with np.errstate(all="ignore"):
         y = np.linalg.solve(G, np.where(used, np.take_along_axis(bm, J, 1), 0.0)[..., None])[..., 0]
     u = np.einsum("bk,bks->bs", y, AJ)

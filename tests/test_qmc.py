@@ -167,3 +167,13 @@ def test_distance_lower_bound_is_certified_and_sharp(partition_and_counts):
         u, _ = least_distance_point(a_i, b_i)
         assert lb[i] <= np.linalg.norm(_feasible_point_near(a_i, b_i, u)), i
         assert lb[i] >= np.linalg.norm(u) * (1 - 1e-6), (i, lb[i], np.linalg.norm(u))
+
+
+def test_distance_lower_bound_closed_forms():
+    """Fewer rows than dimensions: a half-space at offset 2 and a 2-D orthant whose corner
+    is at distance 5 (within the 1e-9 relative rounding allowance)."""
+    from cpadgn.polytope import distance_lower_bound
+    A = np.array([[[0.6, 0.8, 0, 0], [0, 0, 0, 0]], [[-1.0, 0, 0, 0], [0, -1.0, 0, 0]]])
+    b = np.array([[-2.0, 0.0], [-3.0, -4.0]])
+    mask = np.array([[True, False], [True, True]])
+    np.testing.assert_allclose(distance_lower_bound(A, b, mask), [2.0, 5.0], rtol=2e-9)
