@@ -113,7 +113,10 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None) -> list:
     each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
     work that does not depend on the points (mode, frame, projections) is done once.
     Draws with different seeds are independent estimates.  Returns a list of
-    PolytopeMoments, one per draw."""
+    PolytopeMoments, one per draw.  With a memory_budget, a draw of more points than
+    one polytope's arrays may hold in it (``qmc_points_within``) is taken as independent
+    replicates of that many points (derived seeds), averaged (``_combine_replicates``).
+    """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
     B, F, S = A.shape
@@ -125,8 +128,39 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None) -> list:
         if memory_budget is None:
             res = _qmc_draws(A, b, mask, draws)
         else:
-            res = _qmc_chunked(A, b, mask, draws, memory_budget)
+            cap = max(2 ** 12, qmc_points_within(F, S, memory_budget))     # 4,096: as always, unsplit
+            split = [[(n, seed, mom)] if n <= cap else
+                     [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
+            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget)
+            ends = np.cumsum([len(part) for part in split])
+            res = [_combine_replicates(flat[e - len(part):e]) for e, part in zip(ends, split)]
     return [_assemble(B, S, sel, r, empty) for r in res]
+
+
+def qmc_points_within(F: int, S: int, memory_budget: float) -> int:
+    """The most points (16 sets of a power of 2, at least 32) whose ``_qmc_sample``
+    arrays for one polytope with F rows fit in half of memory_budget: S + 8 arrays of
+    the points and the levels' rows (at most ~4 F at the 3-D level)."""
+    per_set = memory_budget / 2 / (8.0 * (S + 8 + 4 * F)) / 16
+    return 16 * 2 ** int(max(1, np.floor(np.log2(max(per_set, 2.0)))))
+
+
+def _combine_replicates(parts: list) -> PolytopeMoments:
+    """Independent unbiased estimates of the same polytopes (PolytopeMoments, (B, ...)
+    each) averaged: the mass is their mean (its SE from theirs, in quadrature), the
+    moments the mass-weighted mixture of theirs."""
+    if len(parts) == 1:
+        return parts[0]
+    lm = np.stack([p.log_mass for p in parts])                           # (k, B)
+    k = lm.shape[0]
+    log_mass = _logmeanexp(lm, axis=0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.where(np.isfinite(log_mass), np.exp(lm - np.where(np.isfinite(log_mass), log_mass, 0.0)) / k, 0.0)
+        se = np.sqrt(np.sum((w * np.stack([p.stderr for p in parts])) ** 2, axis=0))
+    mean = np.einsum("kb,kbs->bs", w, np.stack([p.mean for p in parts]))
+    second = np.einsum("kb,kbst->bst", w, np.stack([p.cov + p.mean[:, :, None] * p.mean[:, None, :] for p in parts]))
+    cov = second - mean[:, :, None] * mean[:, None, :]
+    return PolytopeMoments(log_mass, mean, cov, np.where(np.isfinite(log_mass), se, 0.0))
 
 
 def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
