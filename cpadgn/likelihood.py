@@ -32,6 +32,7 @@ import torch
 from scipy.special import log_ndtr
 
 from .edges import Edges, distance_to_polyhedron, polyhedron_edges
+from .errors import CpadgnError
 from .polyhedron import region_facet_polygons, translated_polyhedron_moments
 from .polytope import (PolytopeMoments, distance_lower_bound, facet_segments, polygon_moments, polytope_moments,
                        polytope_qmc_draws, solve_in_groups)
@@ -784,6 +785,8 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     S >= 3 half of it goes to the pair integrals).  Ctrl-C stops the worker threads
     within a fraction of a second (``stop``).
     """
+    if not (isinstance(stderr_target, (int, float)) and 0 < stderr_target < np.inf):
+        raise CpadgnError(f"stderr_target must be a positive number of nats (e.g. 1e-4), got {stderr_target!r}")
     device = torch.device(device)
     X = np.asarray(X, dtype=np.float64)
     check_representable(X, net.biases[-1], noise_std)      # else log p overflows: refuse

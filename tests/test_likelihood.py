@@ -335,6 +335,10 @@ def test_api_refusals_say_what_to_do(net1):
         model.log_prob(np.zeros(3))
     with pytest.raises(CpadgnError, match="positive number .*'abc'"):
         model.with_noise_std("abc")
+    from cpadgn import likelihood
+    for bad in (0.0, -1e-4, float("nan"), "1e-4"):
+        with pytest.raises(CpadgnError, match="stderr_target must be a positive number"):
+            likelihood.posterior(model.net, model.partition(), model.noise_std, np.zeros((1, 3)), stderr_target=bad)
 
 
 def test_rows_with_nothing_observed_have_no_likelihood(net1):
