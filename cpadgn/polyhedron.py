@@ -33,15 +33,13 @@ import numpy as np
 from scipy.special import erfcx, log_ndtr
 
 from .stop import stop_check
-from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp,
-                       _masked_logsumexp, _normalise, facet_segments, log_diff_ndtr, log_owen_segment, log_phi,
-                       polygon_moments)
+from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_RULES, _assemble, _by_row_count, _log1mexp,
+                       _masked_logsumexp, _normalise, facet_segments, gauss_legendre_count, log_diff_ndtr,
+                       log_owen_segment, log_phi, polygon_moments)
 
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
 _SQRT_HALF = np.sqrt(0.5)
-_GL16 = (_GL_X, _GL_W)
-_GL8 = np.polynomial.legendre.leggauss(8)
 _PARALLEL = 1e-10                  # |in-plane normal| below this: a row parallel to the facet
 
 
@@ -122,55 +120,109 @@ def log_edge_term(b, c, tau_lo, tau_hi):
     All inputs (n,), output (n,).
 
     With tau = c sinh v (th the Gudermannian of v, dth = dv / cosh v) the integrand
-    Phi(-r) / (r cosh v), r = hypot(b, c cosh v), is analytic in the strip |Im v| < pi/2
-    (poles of 1/cosh, branch points of r), so composite Gauss-Legendre in v converges
+    g(v) = Phi(-r) / (r cosh v), r = hypot(b, c cosh v), is analytic in the strip
+    |Im v| < pi/2 (poles of 1/cosh, branch points of r), so Gauss-Legendre in v converges
     geometrically at any c (c -> 0: a Lorentzian of width c in tau becomes 1/cosh v).
-    The integrand is largest at v*, the point of the range nearest 0, and falls at least
-    like cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where
-    either bound reaches e^-40, then split into panels of width <= 1.5 and a fall of at
-    most 8 (16 nodes each; 8 nodes for a single panel of width <= 0.5 and fall <= 1/4,
-    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes
-    are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    g is largest at v*, the point of the range nearest 0, and falls at least like
+    cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where either
+    bound reaches e^-40.
+
+    Node count (``_edge_node_count``): on |Im v| <= pi/4, Re r^2 = b^2 + c^2 (cosh 2x
+    cos 2y + 1) / 2 >= Q = b^2 + c^2 / 2 (v = x + iy), so r = sqrt(r^2) is analytic with
+    Re r >= sqrt Q, and with Phi(-r) = exp(-r^2 / 2) erfcx(r / sqrt 2) / 2,
+    |erfcx(z)| <= erfcx(Re z) (erfcx(z) = 2 / sqrt(pi) int_0^inf exp(-t^2 - 2 z t) dt) and
+    |cosh v| >= cosh x cos y,
+        |g(v)| <= M = Phi(-sqrt Q) / (sqrt Q cosh x_n cos(pi/4)),
+    x_n the real part nearest 0 in the rectangle around the interval's Bernstein ellipse.
+    Against g(v*) = Phi(-r*) / (r* cosh v*) (r*^2 - Q = c^2 / 2 + tau*^2) and the fall
+    across the interval, ``polytope.gauss_legendre_count`` gives the nodes for a relative
+    truncation error below 2^-52; erfcx(sqrt(Q / 2)) is bounded above by
+    2 / (sqrt(pi) (s + sqrt(s^2 + 4 / pi))) (Abramowitz-Stegun 7.1.13).  Ranges that would
+    need more than 16 nodes are split into panels of width <= 1.5 and a fall of at most
+    8, 16 nodes each.  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
-    accuracy far out (log T down to -1e4 and beyond).
+    accuracy far out (log T down to -1e4 and beyond):
+        T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
+    h = c cosh v.
     """
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
     tau_star = np.clip(0.0, tau_lo, tau_hi)
     h_star = np.hypot(c, tau_star)                                       # c cosh v*
     r_star = np.hypot(b, h_star)
+    ex_star = erfcx(r_star * _SQRT_HALF)
     tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
 
-    def log_ratio(tau, b, c, tau_star, h_star, r_star):                 # log f(tau) / f(tau*) <= 0
-        h = np.hypot(c, tau)
-        r = np.hypot(b, h)
-        return (-0.5 * (tau - tau_star) * (tau + tau_star) + _log_erfcx_ratio(r, r_star)
-                + np.log(r_star / r) + np.log(h_star / h))
-    with np.errstate(invalid="ignore", over="ignore"):
-        args = (b, c, tau_star, h_star, r_star)
-        drop = np.where(width > 0, -log_ratio(t0, *args) - log_ratio(t1, *args), 0.0)
-    n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
-    short = (n_panels == 1) & (width <= 0.5) & (drop <= 0.25)          # 8 nodes are exact there
-    scale = r_star * h_star / erfcx(r_star * _SQRT_HALF)
+    def fall(tau, i=slice(None)):                                       # log g(v*) / g(v) >= 0
+        h = np.hypot(c[i], tau)
+        r = np.hypot(b[i], h)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
+                    + np.log(ex_star[i] * r * h / (erfcx(r * _SQRT_HALF) * r_star[i] * h_star[i])))
+    # g falls monotonically away from v*: its least value is at the end farther from 0
+    nodes = _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1,
+                             fall(np.where(np.abs(t0) > np.abs(t1), t0, t1)))
+    n_panels = np.ones(b.shape, np.int64)
+    many = np.flatnonzero((nodes > 16) & (width > 0))
+    if many.size:
+        drop = fall(t0[many], many) + fall(t1[many], many)
+        n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
+        nodes[many] = 16
     total = np.zeros(b.shape)
-    groups = [(n, False) for n in np.unique(n_panels[~short])] + ([(1, True)] if short.any() else [])
-    for n, few in groups:                                               # vectorised per node count
-        x, wq = _GL8 if few else _GL16
-        sel = np.flatnonzero((n_panels == n) & (short == few))
-        step = width[sel] / n
-        nodes = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)
-        tau = c[sel, None] * np.sinh(v0[sel, None] + step[:, None] * nodes)
-        ts = tau_star[sel, None]
-        h = np.hypot(c[sel, None], tau)
-        r = np.hypot(b[sel, None], h)
-        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-            f = np.exp(-0.5 * (tau - ts) * (tau + ts)) * erfcx(r * _SQRT_HALF) / (r * h)  # f(tau) / f(tau*)
-        total[sel] = (np.nan_to_num(f) @ np.tile(wq, n)) * (0.5 * step * scale[sel])
-    log_peak = np.log(b / (2 * np.pi)) + log_ndtr(-r_star) - np.log(r_star) - np.log(h_star / c)
+    key = np.where(width > 0, n_panels * 17 + nodes, 0)
+    order = np.argsort(key, kind="stable")
+    keys, starts = np.unique(key[order], return_index=True)
+    for k, sel in zip(keys, np.split(order, starts[1:])):            # vectorised per rule
+        if k == 0:
+            continue
+        n, m = divmod(int(k), 17)
+        x, wq = _GL_RULES[m]
+        at = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)        # in panel widths from v0
+        wts = np.tile(wq, n)
+        for part in np.array_split(sel, -(-sel.size * at.size // _NODE_BLOCK)):
+            step = width[part] / n
+            total[part] = _edge_sum(b[part, None], c[part, None], tau_star[part, None],
+                                    v0[part, None] + step[:, None] * at, wts) * (0.5 * step)
     with np.errstate(divide="ignore"):
-        return np.where(width > 0, log_peak + np.log(total), -np.inf)
+        return np.where(width > 0, np.log(b * c / (4 * np.pi)) + np.log(total) - 0.5 * r_star * r_star,
+                        -np.inf)
+
+
+_NODE_BLOCK = 65536                # nodes evaluated per numpy pass (cache-sized temporaries)
+
+
+def _edge_sum(b, c, tau_star, v, weights):
+    """sum_i w_i exp(-(tau_i^2 - tau*^2) / 2) erfcx(r_i / sqrt 2) / (r_i h_i) over the nodes
+    v (n, m) of n edges (b, c, tau_star (n, 1)), tau = c sinh v, h = c cosh v,
+    r = hypot(b, h): (n,).  sinh and cosh from one exp (|v| < 600 here: no overflow; the
+    absolute error of sinh near 0 moves tau by ~c eps, which the integrand does not see)."""
+    e = np.exp(v)
+    ie = 1.0 / e
+    tau = (0.5 * c) * (e - ie)
+    h = (0.5 * c) * (e + ie)
+    r = np.hypot(b, h)
+    with np.errstate(under="ignore"):
+        f = np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)) * erfcx(r * _SQRT_HALF) / (r * h)
+    return f @ weights
+
+
+def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
+    """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there):
+    all (n,), int (n,)."""
+    eta = 0.25 * np.pi
+    half = 0.5 * (v1 - v0)
+    mid = 0.5 * (v1 + v0)
+    reach = np.sqrt(eta * eta + half * half)
+    x_n = np.clip(0.0, mid - reach, mid + reach)
+    q = b * b + 0.5 * c * c
+    s = np.sqrt(0.5 * q)
+    erfcx_q = 2.0 / (np.sqrt(np.pi) * (s + np.sqrt(s * s + 4.0 / np.pi)))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        growth = (0.5 * (0.5 * c * c + tau_star * tau_star) + fall
+                  + np.log(erfcx_q * r_star * h_star * np.sqrt(2.0) / (ex_star * np.sqrt(q) * c * np.cosh(x_n))))
+    return gauss_legendre_count(growth, half, eta)
 
 
 # ------------------------------------------------------------------ the polyhedron

@@ -218,6 +218,29 @@ def _acosh_of_log(ly):
         return np.where(ly > 20, ly + np.log(2.0), np.arccosh(np.exp(np.minimum(ly, 20))))
 
 
+_GL_RULES = [None] + [leggauss(n) for n in range(1, 17)]    # n-point Gauss-Legendre, n = 1..16
+GL_EPS = 2.0 ** -52                 # relative truncation error a per-interval node count aims at
+
+
+def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
+    """Gauss-Legendre nodes that integrate an analytic g over an interval of half-width
+    w > 0 to a relative error eps, from a bound on g off the real axis.  All arrays (n,);
+    returns int (n,) (>= 1, not capped: compare with the caller's limit).
+
+    The Bernstein ellipse E_rho of the interval with semi-minor axis eta has
+    rho = (eta + sqrt(eta^2 + w^2)) / w and lies in the rectangle |Im| <= eta,
+    |Re - midpoint| <= sqrt(eta^2 + w^2).  If g is analytic there with |g| <= M, the
+    n-point rule errs by at most w (64/15) M rho^-2n / (1 - rho^-2) (Trefethen,
+    Approximation Theory and Approximation Practice, Thm 19.3, scaled to the interval),
+    while the integral is at least 2 w min g over the interval (g > 0).  So n with
+    (32/15) exp(log_growth) rho^-2n / (1 - rho^-2) <= eps suffices, log_growth being an
+    upper bound on log(M / min g) that the caller derives for its integrand."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        rho = (eta + np.sqrt(eta * eta + half_width * half_width)) / half_width
+        need = (np.log(32.0 / 15.0) + log_growth - np.log1p(-rho ** -2.0) - np.log(eps)) / (2.0 * np.log(rho))
+    return np.maximum(1, np.ceil(np.nan_to_num(need, nan=np.inf, posinf=1e9))).astype(np.int64)
+
+
 def log_owen_segment(p, t_lo, t_hi):
     """log G = log (1/2pi) int_{t_lo}^{t_hi} p exp(-(p^2 + t^2)/2) / (p^2 + t^2) dt, p > 0.
 
