@@ -33,9 +33,9 @@ import numpy as np
 from scipy.special import erfcx, log_ndtr
 
 from .stop import stop_check
-from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_RULES, _assemble, _by_row_count, _log1mexp,
-                       _masked_logsumexp, _normalise, facet_segments, gauss_legendre_count, log_diff_ndtr,
-                       log_owen_segment, log_phi, polygon_moments)
+from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
+                       _masked_logsumexp, _normalise, facet_segments, gauss_legendre_count, gauss_legendre_sums,
+                       log_diff_ndtr, log_owen_segment, log_phi, polygon_moments)
 
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
@@ -170,42 +170,29 @@ def log_edge_term(b, c, tau_lo, tau_hi):
         drop = fall(t0[many], many) + fall(t1[many], many)
         n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
         nodes[many] = 16
-    total = np.zeros(b.shape)
-    key = np.where(width > 0, n_panels * 17 + nodes, 0)
-    order = np.argsort(key, kind="stable")
-    keys, starts = np.unique(key[order], return_index=True)
-    for k, sel in zip(keys, np.split(order, starts[1:])):            # vectorised per rule
-        if k == 0:
-            continue
-        n, m = divmod(int(k), 17)
-        x, wq = _GL_RULES[m]
-        at = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)        # in panel widths from v0
-        wts = np.tile(wq, n)
-        for part in np.array_split(sel, -(-sel.size * at.size // _NODE_BLOCK)):
-            step = width[part] / n
-            total[part] = _edge_sum(b[part, None], c[part, None], tau_star[part, None],
-                                    v0[part, None] + step[:, None] * at, wts) * (0.5 * step)
-    with np.errstate(divide="ignore"):
-        return np.where(width > 0, np.log(b * c / (4 * np.pi)) + np.log(total) - 0.5 * r_star * r_star,
-                        -np.inf)
+    total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
+    # b c and the node sum can be ~1e-200 and ~1e200 (a polytope at the origin's scale):
+    # one logarithm of their product, where it is a normal number, keeps log T's rounding
+    # at eps |log T| rather than eps |log(b c)|.
+    front = b * c / (4 * np.pi)
+    with np.errstate(divide="ignore", over="ignore", under="ignore"):
+        prod = front * total
+        log_front_total = np.where((prod > 1e-300) & (prod < 1e300), np.log(prod), np.log(front) + np.log(total))
+    return np.where(width > 0, log_front_total - 0.5 * r_star * r_star, -np.inf)
 
 
-_NODE_BLOCK = 65536                # nodes evaluated per numpy pass (cache-sized temporaries)
-
-
-def _edge_sum(b, c, tau_star, v, weights):
-    """sum_i w_i exp(-(tau_i^2 - tau*^2) / 2) erfcx(r_i / sqrt 2) / (r_i h_i) over the nodes
-    v (n, m) of n edges (b, c, tau_star (n, 1)), tau = c sinh v, h = c cosh v,
-    r = hypot(b, h): (n,).  sinh and cosh from one exp (|v| < 600 here: no overflow; the
-    absolute error of sinh near 0 moves tau by ~c eps, which the integrand does not see)."""
+def _edge_integrand(v, b, c, tau_star):
+    """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (k, m) of k edges
+    (b, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v, r = hypot(b, h).  sinh and cosh
+    from one exp (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau
+    by ~c eps, which the integrand does not see)."""
     e = np.exp(v)
     ie = 1.0 / e
     tau = (0.5 * c) * (e - ie)
     h = (0.5 * c) * (e + ie)
     r = np.hypot(b, h)
     with np.errstate(under="ignore"):
-        f = np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)) * erfcx(r * _SQRT_HALF) / (r * h)
-    return f @ weights
+        return np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)) * erfcx(r * _SQRT_HALF) / (r * h)
 
 
 def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):

@@ -15,7 +15,7 @@ from scipy.stats import qmc
 from .stop import stop_check
 
 LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
-_GL_X, _GL_W = leggauss(16)
+_SQRT_HALF = np.sqrt(0.5)
 
 
 @dataclass
@@ -241,16 +241,51 @@ def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
     return np.maximum(1, np.ceil(np.nan_to_num(need, nan=np.inf, posinf=1e9))).astype(np.int64)
 
 
+_NODE_BLOCK = 65536                 # nodes evaluated per numpy pass (cache-sized temporaries)
+
+
+def gauss_legendre_sums(lo, width, n_panels, nodes, integrand, *args):
+    """int_{lo}^{lo + width} integrand by composite Gauss-Legendre: n_panels equal panels
+    of nodes points each (all (n,); width 0 gives 0), vectorised over the intervals that
+    share a rule and in blocks of ``_NODE_BLOCK`` nodes.  integrand(x (k, m), *(a (k, 1)
+    for a in args)) -> (k, m) takes the nodes of k intervals and their rows of args (n,)."""
+    total = np.zeros(lo.shape)
+    key = np.where(width > 0, n_panels * 17 + nodes, 0)
+    order = np.argsort(key, kind="stable")
+    keys, starts = np.unique(key[order], return_index=True)
+    for k, sel in zip(keys, np.split(order, starts[1:])):
+        if k == 0:
+            continue
+        n, m = divmod(int(k), 17)
+        x, w = _GL_RULES[m]
+        at = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)       # in panel widths from lo
+        weights = np.tile(w, n)
+        for part in np.array_split(sel, -(-sel.size * at.size // _NODE_BLOCK)):
+            step = width[part] / n
+            f = integrand(lo[part, None] + step[:, None] * at, *(a[part, None] for a in args))
+            total[part] = (f @ weights) * (0.5 * step)
+    return total
+
+
 def log_owen_segment(p, t_lo, t_hi):
     """log G = log (1/2pi) int_{t_lo}^{t_hi} p exp(-(p^2 + t^2)/2) / (p^2 + t^2) dt, p > 0.
+    All inputs (n,), output (n,).
 
-    With t = p sinh s the integrand becomes exp(-p^2 cosh^2 s / 2) / cosh s: analytic,
-    poles of 1/cosh at s = +-i pi/2, so composite Gauss-Legendre in s converges
-    geometrically.  The range is clipped where the integrand has fallen by e^-40 from
-    its maximum on the interval (at s*, the point nearest 0), and split into panels of
-    width <= 1.5 and a fall of at most 8 (where 16-point GL is exact to ~1e-16).  The
-    nodes are summed scaled by the Gaussian factor at s*, exp(-(u^2 - u*^2)/2) / cosh s
-    <= 1 with u = p cosh s, so no node needs a logarithm.  All inputs (n,), output (n,).
+    With t = p sinh s the integrand becomes g(s) = exp(-p^2 cosh^2 s / 2) / cosh s:
+    analytic but for the poles of 1/cosh at s = +-i pi/2, so Gauss-Legendre in s
+    converges geometrically.  The range is clipped where g has fallen by e^-40 from its
+    maximum on the interval (at s*, the point nearest 0).  Node count: on |Im s| <= eta
+    <= pi/4 (s = x + iy), Re cosh^2 s = (cosh 2x cos 2y + 1) / 2 >= (cosh 2x_n cos 2 eta
+    + 1) / 2 and |cosh s| >= cosh x_n cos eta, x_n the real part nearest 0 in the
+    rectangle around the interval's Bernstein ellipse (``gauss_legendre_count``).  With
+    eta = pi/4, u* = p cosh s* and u_n = p cosh x_n that bounds |g| by
+    M = exp(-p^2 / 4) sqrt 2 / cosh x_n, so
+        log(M / g(s*)) <= (u*^2 - p^2 / 2) / 2 + log(sqrt 2 u* / u_n),
+    which with the fall across the interval gives the nodes for a relative truncation error
+    below 2^-52.  Ranges that would need more than 16 nodes are split into panels of
+    width <= 1.5 and a fall of at most 8, 16 nodes each.  The nodes are summed scaled by
+    the Gaussian factor at s*, exp(-(u^2 - u*^2)/2) / cosh s <= 1, so no node needs a
+    logarithm.
     """
     p = np.maximum(p, 1e-150)              # keeps p cosh s finite on the clipped range
     with np.errstate(over="ignore", divide="ignore"):
@@ -265,26 +300,40 @@ def log_owen_segment(p, t_lo, t_hi):
     width = np.maximum(hi - lo, 0.0)
     u2_star = np.minimum(r_star * r_star, np.exp(700.0))              # (p cosh s*)^2
 
-    def fall(s):                                                      # -log of the integrand
+    def fall(s, i=slice(None)):                                       # log g(s*) / g(s)
         ch = np.cosh(s)
-        return 0.5 * np.minimum((p * ch) ** 2, np.exp(700.0)) + np.log(ch)
-    with np.errstate(over="ignore"):
-        drop = np.where(width > 0, fall(lo) + fall(hi) - 2 * (0.5 * u2_star + lc_star), 0.0)
-    n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
-    out = np.empty(p.shape)
-    for n in np.unique(n_panels):  # group by panel count to vectorise
-        sel = np.flatnonzero(n_panels == n)
-        step = width[sel] / n
-        nodes = (np.arange(n)[:, None] + 0.5 * (1 + _GL_X)).reshape(-1)   # in panel widths from lo
-        s = lo[sel, None] + step[:, None] * nodes
-        with np.errstate(over="ignore", invalid="ignore"):
-            ch = np.cosh(s)
-            u = p[sel, None] * ch
-            f = np.exp(-0.5 * (u * u - u2_star[sel, None])) / ch
-        total = (f @ np.tile(_GL_W, n)) * (0.5 * step)
-        with np.errstate(divide="ignore"):
-            out[sel] = np.log(total)
-    return np.where(width > 0, out - 0.5 * u2_star - np.log(2 * np.pi), -np.inf)
+        with np.errstate(over="ignore"):
+            return 0.5 * np.minimum((p[i] * ch) ** 2, np.exp(700.0)) + np.log(ch) - (0.5 * u2_star[i] + lc_star[i])
+    nodes = _owen_node_count(p, r_star, lo, hi, fall(np.where(np.abs(lo) > np.abs(hi), lo, hi)))
+    n_panels = np.ones(p.shape, np.int64)
+    many = np.flatnonzero((nodes > 16) & (width > 0))
+    if many.size:
+        drop = fall(lo[many], many) + fall(hi[many], many)
+        n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
+        nodes[many] = 16
+    total = gauss_legendre_sums(lo, width, n_panels, nodes, _owen_integrand, p, u2_star)
+    with np.errstate(divide="ignore"):
+        return np.where(width > 0, np.log(total) - 0.5 * u2_star - np.log(2 * np.pi), -np.inf)
+
+
+def _owen_integrand(s, p, u2_star):
+    """exp(-(u^2 - u*^2) / 2) / cosh s, u = p cosh s: s (k, m), p and u2_star (k, 1)."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        ch = np.cosh(s)
+        u = p * ch
+        return np.exp(-0.5 * (u * u - u2_star)) / ch
+
+
+def _owen_node_count(p, u_star, lo, hi, fall):
+    """Gauss-Legendre nodes for ``log_owen_segment``'s integral over [lo, hi] (see there),
+    fall = log g(s*) / min g: all (n,), int (n,)."""
+    eta = 0.25 * np.pi
+    half, mid = 0.5 * (hi - lo), 0.5 * (hi + lo)
+    reach = np.sqrt(eta * eta + half * half)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        u_n = p * np.cosh(np.clip(0.0, mid - reach, mid + reach))
+        growth = 0.5 * (u_star - _SQRT_HALF * p) * (u_star + _SQRT_HALF * p) + np.log(np.sqrt(2.0) * u_star / u_n) + fall
+    return gauss_legendre_count(growth, half, eta)
 
 
 def _by_row_count(solve, A, b, mask, *args):
