@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import erfcx, log_ndtr
+from scipy.special import erfcx, log_ndtr, roots_jacobi
 
 from .stop import stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
@@ -271,7 +271,8 @@ def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos
         spread = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size)          # variation of |u|^2 / 2
     small = spread <= 2.0
     redo = redo[small]
-    return redo, (_cubature(ends[small], live[redo], spread[small], moments) if redo.size else None)
+    return redo, (_cubature(ends[small], live[redo], A[redo], b[redo], spread[small], moments)
+                  if redo.size else None)
 
 
 def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
@@ -305,43 +306,65 @@ def _segment_ends(A, b, E, a2, c2, t_lo, t_hi, live):
     return np.where(live[..., None, None], pts, np.nan)
 
 
-def _tetrahedra(ends, live):
-    """Split bounded convex polyhedra into tetrahedra: the vertex centroid, each facet's
-    centroid and each edge segment.  ends (B, F, F, 2, 3) as from ``_segment_ends``,
-    live (B, F, F).  Returns the corners (T, 4, 3) and their polytope (T,)."""
-    cnt = live.sum(2)                                                             # edges per facet
+def _tetrahedra(ends, live, A, b):
+    """Split bounded convex polyhedra into tetrahedra: a cone from one vertex (the apex)
+    over the facets that do not contain it, each facet fanned from one of its vertices.
+    ends (B, F, F, 2, 3) as from ``_segment_ends``, live (B, F, F), the rows A (B, F, 3),
+    b (B, F).  Returns the corners (T, 4, 3) and their polytope (T,).
+
+    A facet whose plane passes within rounding (8 eps (|b_k| + |apex|)) of the apex, and
+    an edge with an end that close to its facet's fan vertex, would only give
+    tetrahedra of (near) zero volume and are left out."""
+    B, F = live.shape[:2]
+    pts = ends.reshape(B, F, -1, 3)                                               # (B, F, 2F, 3)
+    finite = np.isfinite(pts[..., 0])
+    fan = np.take_along_axis(pts, np.argmax(finite, 2)[..., None, None], 2)[:, :, 0]   # (B, F, 3)
+    has = finite.any(2)
+    apex = fan[np.arange(B), np.argmax(has, 1)]                                    # (B, 3)
+    tol = 8 * np.finfo(float).eps
     with np.errstate(invalid="ignore"):
-        face = np.nansum(ends, (2, 3)) / np.maximum(2 * cnt, 1)[..., None]          # (B, F, 3)
-        centre = np.nansum(ends, (1, 2, 3)) / np.maximum(2 * cnt.sum(1), 1)[:, None]
-    i, k, j = np.nonzero(live)
-    corners = np.stack([centre[i], face[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
+        height = b - np.einsum("bks,bs->bk", A, apex)
+        keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[:, None]))
+        near = np.linalg.norm(ends - fan[:, :, None, None, :], axis=-1) <= \
+            tol * (1 + np.linalg.norm(fan, axis=-1))[:, :, None, None]
+    i, k, j = np.nonzero(live & keep_facet[:, :, None] & ~near.any(-1))
+    corners = np.stack([apex[i], fan[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
     return corners, i
 
 
 def _collapsed_rule(n):
-    """n^3-node rule on the unit tetrahedron {x, y, z >= 0, x + y + z <= 1} (Duffy
-    collapse of tensor Gauss-Legendre): nodes (n^3, 3), weights (n^3,) summing to 1/6."""
-    x, w = np.polynomial.legendre.leggauss(n)
-    x, w = 0.5 * (x + 1), 0.5 * w
-    s, t, r = np.meshgrid(x, x, x, indexing="ij")
-    nodes = np.stack([s, (1 - s) * t, (1 - s) * (1 - t) * r], -1).reshape(-1, 3)
-    return nodes, (np.einsum("i,j,k->ijk", w, w, w) * (1 - s) ** 2 * (1 - t)).reshape(-1)
+    """n^3-node rule on the unit tetrahedron {x, y, z >= 0, x + y + z <= 1}, exact for
+    polynomials of degree 2n - 1: the Duffy collapse x = s, y = (1 - s) t,
+    z = (1 - s)(1 - t) r has Jacobian (1 - s)^2 (1 - t), which Gauss-Jacobi rules in s
+    (weight (1 - s)^2) and t (weight (1 - t)) absorb, and a degree-d polynomial in x, y, z
+    is of degree <= d in each of s, t, r.  Nodes (n^3, 3), weights (n^3,) (positive,
+    summing to 1/6)."""
+    def on_unit(x, w, alpha):                                   # [-1, 1] -> [0, 1], weight (1 - s)^alpha
+        return 0.5 * (x + 1), w / 2.0 ** (alpha + 1)
+    s, ws = on_unit(*roots_jacobi(n, 2, 0), 2)
+    t, wt = on_unit(*roots_jacobi(n, 1, 0), 1)
+    r, wr = on_unit(*np.polynomial.legendre.leggauss(n), 0)
+    S, T, R = np.meshgrid(s, t, r, indexing="ij")
+    nodes = np.stack([S, (1 - S) * T, (1 - S) * (1 - T) * R], -1).reshape(-1, 3)
+    return nodes, np.einsum("i,j,k->ijk", ws, wt, wr).reshape(-1)
 
 
 # nodes per axis by the variation of |u|^2 / 2 across the polytope (Taylor remainder
-# spread^(2n-2) / (2n-2)! below ~1e-15 for 6 and 8 nodes, ~1e-11 at spread 2 for 10)
-_RULES = [(0.15, _collapsed_rule(6)), (0.5, _collapsed_rule(8)), (2.0, _collapsed_rule(10))]
+# spread^(d+1) / (d+1)! of the rules' degree d = 9, 13, 17: below ~1e-15 for the first
+# two, ~1e-11 at spread 2 for the third)
+_RULES = [(0.15, _collapsed_rule(5)), (0.5, _collapsed_rule(7)), (2.0, _collapsed_rule(9))]
 
 
-def _cubature(ends, live, spread, moments, work=2e6):
-    """Mass and moments of N(0, I_3) on small bounded polyhedra by a collapsed
-    Gauss-Legendre rule on each tetrahedron of ``_tetrahedra``: all weights positive, so
+def _cubature(ends, live, A, b, spread, moments, work=2e6):
+    """Mass and moments of N(0, I_3) on small bounded polyhedra {u : A u <= b} (ends and
+    live as for ``_tetrahedra``) by a collapsed Gauss-Jacobi rule (``_collapsed_rule``)
+    on each tetrahedron of ``_tetrahedra``: all weights positive, so
     nothing cancels; exact to rounding while the Gaussian is close to a low-degree
     polynomial across the polytope (spread = diameter (|centre| + diameter) <= 2).
     Tetrahedra go in chunks of about ``work`` nodes; each one's mass, mean and covariance
     are combined per polytope with log-sum-exp weights and the parallel-axis rule."""
     B = live.shape[0]
-    corners, owner = _tetrahedra(ends, live)
+    corners, owner = _tetrahedra(ends, live, A, b)
     T = len(owner)
     edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
     with np.errstate(divide="ignore"):
