@@ -155,12 +155,16 @@ def log_edge_term(b, c, tau_lo, tau_hi):
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
 
-    def fall(tau, i=slice(None)):                                       # log g(v*) / g(v) >= 0
+    def fall(tau, i=slice(None)):
+        """An upper bound on log g(v*) / g(v) (>= 0), with erfcx(x) > 2 / (sqrt(pi) (x +
+        sqrt(x^2 + 2))) (Abramowitz-Stegun 7.1.13; at most 0.23 above the true fall)."""
         h = np.hypot(c[i], tau)
         r = np.hypot(b[i], h)
+        x = r * _SQRT_HALF
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
-                    + np.log(ex_star[i] * r * h / (erfcx(r * _SQRT_HALF) * r_star[i] * h_star[i])))
+                    + np.log(ex_star[i] * r * h * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
+                             / (r_star[i] * h_star[i])))
     # g falls monotonically away from v*: its least value is at the end farther from 0
     nodes = _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1,
                              fall(np.where(np.abs(t0) > np.abs(t1), t0, t1)))

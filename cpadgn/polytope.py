@@ -249,22 +249,30 @@ def gauss_legendre_sums(lo, width, n_panels, nodes, integrand, *args):
     of nodes points each (all (n,); width 0 gives 0), vectorised over the intervals that
     share a rule and in blocks of ``_NODE_BLOCK`` nodes.  integrand(x (k, m), *(a (k, 1)
     for a in args)) -> (k, m) takes the nodes of k intervals and their rows of args (n,)."""
-    total = np.zeros(lo.shape)
     key = np.where(width > 0, n_panels * 17 + nodes, 0)
+    if key.size and key.max() < 2 ** 15:
+        key = key.astype(np.int16)                                    # a radix sort
     order = np.argsort(key, kind="stable")
-    keys, starts = np.unique(key[order], return_index=True)
-    for k, sel in zip(keys, np.split(order, starts[1:])):
+    key, lo, width = key[order], lo[order], width[order]
+    args = [a[order, None] for a in args]                             # one gather; then slices
+    total = np.zeros(lo.shape)
+    keys, starts = np.unique(key, return_index=True)
+    for k, start, stop in zip(keys, starts, np.append(starts[1:], key.size)):
         if k == 0:
             continue
         n, m = divmod(int(k), 17)
         x, w = _GL_RULES[m]
         at = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)       # in panel widths from lo
         weights = np.tile(w, n)
-        for part in np.array_split(sel, -(-sel.size * at.size // _NODE_BLOCK)):
-            step = width[part] / n
-            f = integrand(lo[part, None] + step[:, None] * at, *(a[part, None] for a in args))
-            total[part] = (f @ weights) * (0.5 * step)
-    return total
+        block = max(1, _NODE_BLOCK // at.size)
+        for s in range(start, stop, block):
+            e = min(s + block, stop)
+            step = width[s:e] / n
+            f = integrand(lo[s:e, None] + step[:, None] * at, *(a[s:e] for a in args))
+            total[s:e] = (f @ weights) * (0.5 * step)
+    out = np.empty(total.shape)
+    out[order] = total
+    return out
 
 
 def log_owen_segment(p, t_lo, t_hi):
