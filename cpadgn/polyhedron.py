@@ -35,7 +35,7 @@ from scipy.special import erfcx, log_ndtr, roots_jacobi
 from .stop import stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
                        _masked_logsumexp, _normalise, facet_segments, gauss_legendre_count, gauss_legendre_sums,
-                       log_diff_ndtr, log_owen_segment, log_phi, polygon_moments)
+                       log_diff_ndtr, log_phi, polygon_moments)
 
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
@@ -115,6 +115,23 @@ def _log_erfcx_ratio(r, r_star):
 
 
 def log_edge_term(b, c, tau_lo, tau_hi):
+    """``log_edge_and_owen_terms`` without the Owen segments: log T (n,)."""
+    return _edge_terms(b, c, tau_lo, tau_hi, False)[0]
+
+
+def log_edge_and_owen_terms(b, c, tau_lo, tau_hi):
+    """log T and log G of each edge, on the same nodes (n,), (n,).
+
+    G = (1/2pi) int_{tau_lo}^{tau_hi} c exp(-(c^2 + t^2)/2) / (c^2 + t^2) dt is the edge's
+    term in its facet's 2-D mass (``polytope.log_owen_segment``, p = c).  With t = c sinh v
+    its integrand is exp(-c^2 cosh^2 v / 2) / cosh v = exp(-(tau^2 - tau*^2) / 2) (c / h)
+    exp(-h*^2 / 2): T's without the factors erfcx(r / sqrt 2) / r, whose ratios to their
+    peak values only raise T's growth bound and fall, so T's node count (and panels)
+    serve G too, and G costs two operations per node."""
+    return _edge_terms(b, c, tau_lo, tau_hi, True)
+
+
+def _edge_terms(b, c, tau_lo, tau_hi, owen):
     """log T = log (b / 2 pi) int_{th_lo}^{th_hi} Phi(-r) / r dth, r^2 = b^2 + c^2 + tau^2,
     tau = c tan th, for b = |b_k| > 0, c = |c_e| > 0 and tau_lo <= tau_hi (+-inf for rays).
     All inputs (n,), output (n,).
@@ -174,29 +191,46 @@ def log_edge_term(b, c, tau_lo, tau_hi):
         drop = fall(t0[many], many) + fall(t1[many], many)
         n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
         nodes[many] = 16
-    total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
-    # b c and the node sum can be ~1e-200 and ~1e200 (a polytope at the origin's scale):
-    # one logarithm of their product, where it is a normal number, keeps log T's rounding
-    # at eps |log T| rather than eps |log(b c)|.
-    front = b * c / (4 * np.pi)
+    if owen:
+        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, b, c,
+                                             tau_star, outputs=2)
+    else:
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
+    if not owen:
+        return log_t, None
+    return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
+
+
+def _log_product(front, total):
+    """log(front total) (n,).  front and the node sum can be ~1e-200 and ~1e200 (a
+    polytope at the origin's scale): one logarithm of their product, where it is a
+    normal number, keeps the rounding at eps |log(front total)| rather than eps |log front|."""
     with np.errstate(divide="ignore", over="ignore", under="ignore"):
         prod = front * total
-        log_front_total = np.where((prod > 1e-300) & (prod < 1e300), np.log(prod), np.log(front) + np.log(total))
-    return np.where(width > 0, log_front_total - 0.5 * r_star * r_star, -np.inf)
+        return np.where((prod > 1e-300) & (prod < 1e300), np.log(prod), np.log(front) + np.log(total))
 
 
 def _edge_integrand(v, b, c, tau_star):
     """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (k, m) of k edges
-    (b, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v, r = hypot(b, h).  sinh and cosh
-    from one exp (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau
-    by ~c eps, which the integrand does not see)."""
+    (b, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v, r = hypot(b, h)."""
+    return _edge_and_owen_integrands(v, b, c, tau_star)[0]
+
+
+def _edge_and_owen_integrands(v, b, c, tau_star):
+    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m).  sinh and
+    cosh from one exp (|v| < 600 here: no overflow; the absolute error of sinh near 0
+    moves tau by ~c eps, which the integrands do not see)."""
     e = np.exp(v)
     ie = 1.0 / e
     tau = (0.5 * c) * (e - ie)
     h = (0.5 * c) * (e + ie)
     r = np.hypot(b, h)
+    out = np.empty((2,) + v.shape)
     with np.errstate(under="ignore"):
-        return np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)) * erfcx(r * _SQRT_HALF) / (r * h)
+        np.divide(np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)), h, out=out[1])
+        np.multiply(out[1], erfcx(r * _SQRT_HALF) / r, out=out[0])
+    return out
 
 
 def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
@@ -527,7 +561,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
     foot_in = fp.nonempty[gf] & ~outside_edge
     absb = np.abs(b)
-    log_T = log_edge_term(absb[ef], np.abs(c), t_lo, t_hi)
+    log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, moments)
     edge_pos = neg_b[ef] == (c < 0)
     log_foot = log_ndtr(-absb)
     zeros = np.zeros(P)
@@ -545,7 +579,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
         mean, cov = _translated_moments(fpair, ef, a, b, fp.E[gf], fp.nonempty[gf], a2, c, t_lo, t_hi,
-                                        outside_edge, log_mass)
+                                        outside_edge, log_mass, log_G)
     redo = np.flatnonzero(fallback)
     if redo.size:
         A, bb, mask = _padded(fp, regions[redo], v[redo])
@@ -554,12 +588,12 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
 
 
-def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass):
+def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass, log_G):
     """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
     ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
-    2-D mass and first moment by the S = 2 polygon formula over its edges."""
+    2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
+    segments log_G (NE,) come from ``log_edge_and_owen_terms``."""
     P, NF = log_mass.size, b.size
-    log_G = log_owen_segment(np.abs(c), t_lo, t_hi)
     exit_ = c >= 0
     log_exit = _segment_logsumexp(log_G[exit_], ef[exit_], NF)
     log_entry = _segment_logsumexp(log_G[~exit_], ef[~exit_], NF)

@@ -244,18 +244,19 @@ def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
 _NODE_BLOCK = 65536                 # nodes evaluated per numpy pass (cache-sized temporaries)
 
 
-def gauss_legendre_sums(lo, width, n_panels, nodes, integrand, *args):
+def gauss_legendre_sums(lo, width, n_panels, nodes, integrand, *args, outputs=None):
     """int_{lo}^{lo + width} integrand by composite Gauss-Legendre: n_panels equal panels
     of nodes points each (all (n,); width 0 gives 0), vectorised over the intervals that
     share a rule and in blocks of ``_NODE_BLOCK`` nodes.  integrand(x (k, m), *(a (k, 1)
-    for a in args)) -> (k, m) takes the nodes of k intervals and their rows of args (n,)."""
+    for a in args)) -> (k, m) takes the nodes of k intervals and their rows of args (n,);
+    with outputs = q it returns q integrands at once, (q, k, m), and the result is (q, n)."""
     key = np.where(width > 0, n_panels * 17 + nodes, 0)
     if key.size and key.max() < 2 ** 15:
         key = key.astype(np.int16)                                    # a radix sort
     order = np.argsort(key, kind="stable")
     key, lo, width = key[order], lo[order], width[order]
     args = [a[order, None] for a in args]                             # one gather; then slices
-    total = np.zeros(lo.shape)
+    total = np.zeros(lo.shape if outputs is None else (outputs,) + lo.shape)
     keys, starts = np.unique(key, return_index=True)
     for k, start, stop in zip(keys, starts, np.append(starts[1:], key.size)):
         if k == 0:
@@ -269,9 +270,9 @@ def gauss_legendre_sums(lo, width, n_panels, nodes, integrand, *args):
             e = min(s + block, stop)
             step = width[s:e] / n
             f = integrand(lo[s:e, None] + step[:, None] * at, *(a[s:e] for a in args))
-            total[s:e] = (f @ weights) * (0.5 * step)
+            total[..., s:e] = (f @ weights) * (0.5 * step)
     out = np.empty(total.shape)
-    out[order] = total
+    out[..., order] = total
     return out
 
 
