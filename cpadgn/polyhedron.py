@@ -162,6 +162,22 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
     h = c cosh v.
     """
+    tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
+    if owen:
+        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, b, c,
+                                             tau_star, outputs=2)
+    else:
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
+    if not owen:
+        return log_t, None
+    return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
+
+
+def _edge_rule(b, c, tau_lo, tau_hi):
+    """The quadrature of ``log_edge_and_owen_terms`` (see ``_edge_terms``): tau*, c cosh v*,
+    r*, the clipped range's start v0 and width in v, and the panels and nodes per panel
+    (all (n,))."""
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
     tau_star = np.clip(0.0, tau_lo, tau_hi)
     h_star = np.hypot(c, tau_star)                                       # c cosh v*
@@ -191,15 +207,7 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         drop = fall(t0[many], many) + fall(t1[many], many)
         n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
         nodes[many] = 16
-    if owen:
-        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, b, c,
-                                             tau_star, outputs=2)
-    else:
-        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
-    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
-    if not owen:
-        return log_t, None
-    return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
+    return tau_star, h_star, r_star, v0, width, n_panels, nodes
 
 
 def _log_product(front, total):

@@ -297,6 +297,15 @@ def log_owen_segment(p, t_lo, t_hi):
     logarithm.
     """
     p = np.maximum(p, 1e-150)              # keeps p cosh s finite on the clipped range
+    lo, width, n_panels, nodes, u2_star = _owen_rule(p, t_lo, t_hi)
+    total = gauss_legendre_sums(lo, width, n_panels, nodes, _owen_integrand, p, u2_star)
+    with np.errstate(divide="ignore"):
+        return np.where(width > 0, np.log(total) - 0.5 * u2_star - np.log(2 * np.pi), -np.inf)
+
+
+def _owen_rule(p, t_lo, t_hi):
+    """The quadrature of ``log_owen_segment`` (p >= 1e-150): the clipped range's start
+    and width in s, the panels and nodes per panel, and (p cosh s*)^2 (all (n,))."""
     with np.errstate(over="ignore", divide="ignore"):
         s_lo, s_hi = np.arcsinh(t_lo / p), np.arcsinh(t_hi / p)
     s_star = np.clip(0.0, s_lo, s_hi)
@@ -320,9 +329,7 @@ def log_owen_segment(p, t_lo, t_hi):
         drop = fall(lo[many], many) + fall(hi[many], many)
         n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
         nodes[many] = 16
-    total = gauss_legendre_sums(lo, width, n_panels, nodes, _owen_integrand, p, u2_star)
-    with np.errstate(divide="ignore"):
-        return np.where(width > 0, np.log(total) - 0.5 * u2_star - np.log(2 * np.pi), -np.inf)
+    return lo, width, n_panels, nodes, u2_star
 
 
 def _owen_integrand(s, p, u2_star):
