@@ -327,44 +327,14 @@ def test_translates_against_nested_quadrature_of_exact_slices():
 
 
 # ------------------------------------------------------------------ node counts of the 1-D integrals
-def select_by_rule(nodes, panels, width):
-    """One case for each single-panel node count 1..16 and three with 16-node panels,
-    asserting that the random draw reached every one of them (the regime's boundaries)."""
-    picks = [np.flatnonzero((panels == 1) & (nodes == n) & (width > 0))[:1] for n in range(1, 17)]
-    assert all(p.size for p in picks), [n + 1 for n, p in enumerate(picks) if not p.size]
-    return np.concatenate(picks + [np.flatnonzero((panels > 1) & (width > 0))[:3]])
-
-
-def quadrature_rounding(v0, width, c, log_value):
-    """What rounding allows in a log integral over v in [v0, v0 + width] (tau = c sinh v):
-    the ends v = asinh(tau / c) are off by 2 eps (|v| + 1), a relative 4 eps (|v| + 1) /
-    width of a short range; a node's v is off by eps |v|, which moves the log integrand
-    by eps |v| times its slope, at most |tau| (h + 2) + 1 (h = c cosh v; the
-    exp(-tau^2 / 2), erfcx(r/sqrt 2) / r and 1 / cosh v factors); a few eps per node's
-    arithmetic and eps |log| from the final logarithm; plus the rule's own truncation
-    bound, 2^-52."""
-    V = np.maximum(np.abs(v0), np.abs(v0 + width))
-    tau, h = c * np.sinh(V), c * np.cosh(V)
-    return (2.0 ** -52 + 8 * EPS * (V + 1) / width + 16 * EPS * (1 + V * (1 + tau * (h + 2)))
-            + 4 * EPS * np.abs(log_value))
-
-
-def peak_points(lo, hi, c):
-    """Subdivision points for mpmath.quad over [lo, hi] in v (tau = c sinh v) of an
-    integrand that peaks at v*, the point nearest 0, on a scale ~1 / (1 + |tau*| h*):
-    geometrically spaced away from v* (tanh-sinh alone misses a peak ~1e-3 wide)."""
-    import mpmath
-    star = min(max(mpmath.mpf(0), lo), hi)
-    scale = 1 / (1 + abs(c * mpmath.sinh(star)) * c * mpmath.cosh(star))
-    steps = [scale * mpmath.mpf(2) ** k for k in range(-4, 16)]
-    inner = sorted({star + s for s in steps} | {star - s for s in steps} | {star})
-    return [lo] + [p for p in inner if lo < p < hi] + [hi]
+from oracles import peak_points, quadrature_rounding, select_by_rule  # noqa: E402
 
 
 def test_edge_node_counts_against_mpmath():
     """log T and log G of ``log_edge_and_owen_terms`` with the node counts that their
     Bernstein-ellipse bound picks (every count from 1 to 16, and 16-node panels where it
-    asks for more), against mpmath quadrature (25 digits) of the same integrals in
+    asks for more), against mpmath quadrature (60 digits: at 30 and
+    40 its tanh-sinh rule misjudged one case by 2e-12) of the same integrals in
     v: T = b/(2 pi) int Phi(-r) / (r cosh v), G = 1/(2 pi) int exp(-c^2 cosh^2 v / 2) /
     cosh v, r^2 = b^2 + c^2 cosh^2 v; edges near and far, short and long, rays."""
     import mpmath
@@ -378,20 +348,19 @@ def test_edge_node_counts_against_mpmath():
     _, _, _, v0, width, panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
     idx = select_by_rule(nodes, panels, width)
     log_t, log_g = log_edge_and_owen_terms(b[idx], c[idx], tau_lo[idx], tau_hi[idx])
-    mpmath.mp.dps = 25
-    for k, i in enumerate(idx):
-        B, Cc = mpmath.mpf(b[i]), mpmath.mpf(c[i])
-        lo = mpmath.asinh(mpmath.mpf(tau_lo[i]) / Cc)
-        hi = mpmath.asinh(mpmath.mpf(tau_hi[i]) / Cc) if np.isfinite(tau_hi[i]) else mpmath.inf
-        points = peak_points(lo, hi, Cc)
-        r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
-        t = B / (2 * mpmath.pi) * mpmath.quad(lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2
-                                              / (r(v) * mpmath.cosh(v)), points)
-        g = mpmath.quad(lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v), points) \
-            / (2 * mpmath.pi)
-        for got, want in ((log_t[k], float(mpmath.log(t))), (log_g[k], float(mpmath.log(g)))):
-            tol = quadrature_rounding(v0[i], width[i], c[i], want)
-            assert abs(got - want) <= tol, (i, nodes[i], panels[i], got, want, (got - want) / tol)
+    with mpmath.workdps(60):
+        for k, i in enumerate(idx):
+            B, Cc = mpmath.mpf(b[i]), mpmath.mpf(c[i])
+            lo = mpmath.asinh(mpmath.mpf(tau_lo[i]) / Cc)
+            hi = mpmath.asinh(mpmath.mpf(tau_hi[i]) / Cc) if np.isfinite(tau_hi[i]) else mpmath.inf
+            points = peak_points(lo, hi, Cc)
+            r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
+            t = B / (2 * mpmath.pi) * mpmath.quad(lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2
+                                                  / (r(v) * mpmath.cosh(v)), points)
+            g = mpmath.quad(lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v), points) / (2 * mpmath.pi)
+            for got, want in ((log_t[k], float(mpmath.log(t))), (log_g[k], float(mpmath.log(g)))):
+                tol = quadrature_rounding(v0[i], width[i], c[i], want)
+                assert abs(got - want) <= tol, (i, nodes[i], panels[i], got, want, (got - want) / tol)
 
 
 def test_collapsed_rules_integrate_their_degree():
