@@ -238,7 +238,7 @@ def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         rho = (eta + np.sqrt(eta * eta + half_width * half_width)) / half_width
         need = (np.log(32.0 / 15.0) + log_growth - np.log1p(-rho ** -2.0) - np.log(eps)) / (2.0 * np.log(rho))
-    return np.maximum(1, np.ceil(np.nan_to_num(need, nan=np.inf, posinf=1e9))).astype(np.int64)
+    return np.maximum(1, np.ceil(np.nan_to_num(need, nan=1e9, posinf=1e9, neginf=1.0))).astype(np.int64)
 
 
 _NODE_BLOCK = 65536                 # nodes evaluated per numpy pass (cache-sized temporaries)
