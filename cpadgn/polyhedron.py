@@ -134,7 +134,8 @@ def log_edge_and_owen_terms(b, c, tau_lo, tau_hi):
 def _edge_terms(b, c, tau_lo, tau_hi, owen):
     """log T = log (b / 2 pi) int_{th_lo}^{th_hi} Phi(-r) / r dth, r^2 = b^2 + c^2 + tau^2,
     tau = c tan th, for b = |b_k| > 0, c = |c_e| > 0 and tau_lo <= tau_hi (+-inf for rays).
-    All inputs (n,), output (n,).
+    All inputs (n,); returns log T (n,) and, with owen, log G (n,) of
+    ``log_edge_and_owen_terms`` (else None).
 
     With tau = c sinh v (th the Gudermannian of v, dth = dv / cosh v) the integrand
     g(v) = Phi(-r) / (r cosh v), r = hypot(b, c cosh v), is analytic in the strip
@@ -152,7 +153,7 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         |g(v)| <= M = Phi(-sqrt Q) / (sqrt Q cosh x_n cos(pi/4)),
     x_n the real part nearest 0 in the rectangle around the interval's Bernstein ellipse.
     Against g(v*) = Phi(-r*) / (r* cosh v*) (r*^2 - Q = c^2 / 2 + tau*^2) and the fall
-    across the interval, ``polytope.gauss_legendre_count`` gives the nodes for a relative
+    across the interval (bounded above, ``_edge_rule``), ``polytope.gauss_legendre_count`` gives the nodes for a relative
     truncation error below 2^-52; erfcx(sqrt(Q / 2)) is bounded above by
     2 / (sqrt(pi) (s + sqrt(s^2 + 4 / pi))) (Abramowitz-Stegun 7.1.13).  Ranges that would
     need more than 16 nodes are split into panels of width <= 1.5 and a fall of at most
