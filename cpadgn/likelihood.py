@@ -570,13 +570,10 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
         r = distance_lower_bound(a, b, real)
         return np.where(r > 0, log_ndtr(-r), 0.0)
     if tab.S == 3:
-        a, c, real, edges = tab.polyhedra
-        a, c, real = a[regions], c[regions], real[regions]
-        sub = Edges(*(getattr(edges, f)[regions] for f in ("p", "e", "lo", "hi", "real", "volume")))
-        dist = distance_to_polyhedron(a, c, real, a @ np.swapaxes(a, 1, 2), sub, v)
+        dist = _distance_to_regions(tab, v, regions)
         r = np.maximum(dist * (1 - 1e-9) - 1e-9, 0.0)
         with np.errstate(divide="ignore"):
-            log_volume = np.log(sub.volume) + 1e-9
+            log_volume = np.log(tab.polyhedra[3].volume[regions]) + 1e-9
         if tab.degenerate is not None:                 # a missed edge could shrink the volume
             log_volume = np.where(tab.degenerate[regions], np.inf, log_volume)
         return np.minimum(np.where(dist > 0, log_ndtr(-r), 0.0), log_volume - 1.5 * LOG_2PI - 0.5 * r * r)
@@ -586,6 +583,26 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
     r2 = np.where(live & (c < 0), c * c + t * t, np.inf).min(-1)
     inside = ~(real & (c < 0)).any(-1)
     return np.where(inside, 0.0, log_ndtr(-np.sqrt(r2)))
+
+
+def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """S = 3: ``edges.distance_to_polyhedron`` from v (P, 3) to the whitened regions (P,),
+    on pairs sorted by their regions' edge and facet counts, each chunk's arrays cut to
+    its own largest counts (the tables are padded to the largest region's: ~3x the
+    mean).  (P,)."""
+    a, c, real, edges = tab.polyhedra
+    if getattr(tab, "polyhedron_sizes", None) is None:      # idempotent: no lock needed
+        n_facets = np.where(real.any(1), real.shape[1] - np.argmax(real[:, ::-1], 1), 0)
+        tab.polyhedron_sizes = (n_facets, edges.real.sum(1))
+    n_facets, n_edges = (x[regions] for x in tab.polyhedron_sizes)
+    order = np.lexsort((n_facets, n_edges))
+    dist = np.empty(regions.size)
+    for i in np.array_split(order, -(-order.size // chunk)) if order.size else []:
+        f, e, r = max(int(n_facets[i].max()), 1), max(int(n_edges[i].max()), 1), regions[i]
+        ai = a[r, :f]
+        sub = Edges(*(getattr(edges, name)[r, :e] for name in ("p", "e", "lo", "hi", "real")), edges.volume[r])
+        dist[i] = distance_to_polyhedron(ai, c[r, :f], real[r, :f], ai @ np.swapaxes(ai, 1, 2), sub, v[i])
+    return dist
 
 
 def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,

@@ -30,18 +30,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import erfcx, log_ndtr
+from scipy.special import erfcx, log_ndtr, roots_jacobi
 
 from .stop import stop_check
-from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _GL_W, _GL_X, _assemble, _by_row_count, _log1mexp,
-                       _masked_logsumexp, _normalise, facet_segments, log_diff_ndtr, log_owen_segment, log_phi,
-                       polygon_moments)
+from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
+                       _masked_logsumexp, _normalise, facet_segments, gauss_legendre_count, gauss_legendre_sums,
+                       log_diff_ndtr, log_phi, polygon_moments)
 
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
 _SQRT_HALF = np.sqrt(0.5)
-_GL16 = (_GL_X, _GL_W)
-_GL8 = np.polynomial.legendre.leggauss(8)
 _PARALLEL = 1e-10                  # |in-plane normal| below this: a row parallel to the facet
 
 
@@ -117,60 +115,148 @@ def _log_erfcx_ratio(r, r_star):
 
 
 def log_edge_term(b, c, tau_lo, tau_hi):
+    """``log_edge_and_owen_terms`` without the Owen segments: log T (n,)."""
+    return _edge_terms(b, c, tau_lo, tau_hi, False)[0]
+
+
+def log_edge_and_owen_terms(b, c, tau_lo, tau_hi):
+    """log T and log G of each edge, on the same nodes (n,), (n,).
+
+    G = (1/2pi) int_{tau_lo}^{tau_hi} c exp(-(c^2 + t^2)/2) / (c^2 + t^2) dt is the edge's
+    term in its facet's 2-D mass (``polytope.log_owen_segment``, p = c).  With t = c sinh v
+    its integrand is exp(-c^2 cosh^2 v / 2) / cosh v = exp(-(tau^2 - tau*^2) / 2) (c / h)
+    exp(-h*^2 / 2): T's without the factors erfcx(r / sqrt 2) / r, whose ratios to their
+    peak values only raise T's growth bound and fall, so T's node count (and panels)
+    serve G too, and G costs two operations per node."""
+    return _edge_terms(b, c, tau_lo, tau_hi, True)
+
+
+def _edge_terms(b, c, tau_lo, tau_hi, owen):
     """log T = log (b / 2 pi) int_{th_lo}^{th_hi} Phi(-r) / r dth, r^2 = b^2 + c^2 + tau^2,
     tau = c tan th, for b = |b_k| > 0, c = |c_e| > 0 and tau_lo <= tau_hi (+-inf for rays).
-    All inputs (n,), output (n,).
+    All inputs (n,); returns log T (n,) and, with owen, log G (n,) of
+    ``log_edge_and_owen_terms`` (else None).
 
     With tau = c sinh v (th the Gudermannian of v, dth = dv / cosh v) the integrand
-    Phi(-r) / (r cosh v), r = hypot(b, c cosh v), is analytic in the strip |Im v| < pi/2
-    (poles of 1/cosh, branch points of r), so composite Gauss-Legendre in v converges
+    g(v) = Phi(-r) / (r cosh v), r = hypot(b, c cosh v), is analytic in the strip
+    |Im v| < pi/2 (poles of 1/cosh, branch points of r), so Gauss-Legendre in v converges
     geometrically at any c (c -> 0: a Lorentzian of width c in tau becomes 1/cosh v).
-    The integrand is largest at v*, the point of the range nearest 0, and falls at least
-    like cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where
-    either bound reaches e^-40, then split into panels of width <= 1.5 and a fall of at
-    most 8 (16 nodes each; 8 nodes for a single panel of width <= 0.5 and fall <= 1/4,
-    where the poles at distance pi/2 and the fall bound the error below 1e-16).  Nodes
-    are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    g is largest at v*, the point of the range nearest 0, and falls at least like
+    cosh v* / cosh v and exp(-(tau^2 - tau*^2) / 2); the range is clipped where either
+    bound reaches e^-40.
+
+    Node count (``_edge_node_count``): on |Im v| <= pi/4, Re r^2 = b^2 + c^2 (cosh 2x
+    cos 2y + 1) / 2 >= Q = b^2 + c^2 / 2 (v = x + iy), so r = sqrt(r^2) is analytic with
+    Re r >= sqrt Q, and with Phi(-r) = exp(-r^2 / 2) erfcx(r / sqrt 2) / 2,
+    |erfcx(z)| <= erfcx(Re z) (erfcx(z) = 2 / sqrt(pi) int_0^inf exp(-t^2 - 2 z t) dt) and
+    |cosh v| >= cosh x cos y,
+        |g(v)| <= M = Phi(-sqrt Q) / (sqrt Q cosh x_n cos(pi/4)),
+    x_n the real part nearest 0 in the rectangle around the interval's Bernstein ellipse.
+    Against g(v*) = Phi(-r*) / (r* cosh v*) (r*^2 - Q = c^2 / 2 + tau*^2) and the fall
+    across the interval (bounded above, ``_edge_rule``), ``polytope.gauss_legendre_count`` gives the nodes for a relative
+    truncation error below 2^-52; erfcx(sqrt(Q / 2)) is bounded above by
+    2 / (sqrt(pi) (s + sqrt(s^2 + 4 / pi))) (Abramowitz-Stegun 7.1.13).  Ranges that would
+    need more than 16 nodes are split into panels of width <= 1.5 and a fall of at most
+    8, 16 nodes each.  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
-    accuracy far out (log T down to -1e4 and beyond).
+    accuracy far out (log T down to -1e4 and beyond):
+        T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
+    h = c cosh v.
     """
+    tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
+    if owen:
+        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, b, c,
+                                             tau_star, outputs=2)
+    else:
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
+    if not owen:
+        return log_t, None
+    return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
+
+
+def _edge_rule(b, c, tau_lo, tau_hi):
+    """The quadrature of ``log_edge_and_owen_terms`` (see ``_edge_terms``): tau*, c cosh v*,
+    r*, the clipped range's start v0 and width in v, and the panels and nodes per panel
+    (all (n,))."""
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
     tau_star = np.clip(0.0, tau_lo, tau_hi)
     h_star = np.hypot(c, tau_star)                                       # c cosh v*
     r_star = np.hypot(b, h_star)
+    ex_star = erfcx(r_star * _SQRT_HALF)
     tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
 
-    def log_ratio(tau, b, c, tau_star, h_star, r_star):                 # log f(tau) / f(tau*) <= 0
-        h = np.hypot(c, tau)
-        r = np.hypot(b, h)
-        return (-0.5 * (tau - tau_star) * (tau + tau_star) + _log_erfcx_ratio(r, r_star)
-                + np.log(r_star / r) + np.log(h_star / h))
-    with np.errstate(invalid="ignore", over="ignore"):
-        args = (b, c, tau_star, h_star, r_star)
-        drop = np.where(width > 0, -log_ratio(t0, *args) - log_ratio(t1, *args), 0.0)
-    n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
-    short = (n_panels == 1) & (width <= 0.5) & (drop <= 0.25)          # 8 nodes are exact there
-    scale = r_star * h_star / erfcx(r_star * _SQRT_HALF)
-    total = np.zeros(b.shape)
-    groups = [(n, False) for n in np.unique(n_panels[~short])] + ([(1, True)] if short.any() else [])
-    for n, few in groups:                                               # vectorised per node count
-        x, wq = _GL8 if few else _GL16
-        sel = np.flatnonzero((n_panels == n) & (short == few))
-        step = width[sel] / n
-        nodes = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)
-        tau = c[sel, None] * np.sinh(v0[sel, None] + step[:, None] * nodes)
-        ts = tau_star[sel, None]
-        h = np.hypot(c[sel, None], tau)
-        r = np.hypot(b[sel, None], h)
-        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-            f = np.exp(-0.5 * (tau - ts) * (tau + ts)) * erfcx(r * _SQRT_HALF) / (r * h)  # f(tau) / f(tau*)
-        total[sel] = (np.nan_to_num(f) @ np.tile(wq, n)) * (0.5 * step * scale[sel])
-    log_peak = np.log(b / (2 * np.pi)) + log_ndtr(-r_star) - np.log(r_star) - np.log(h_star / c)
-    with np.errstate(divide="ignore"):
-        return np.where(width > 0, log_peak + np.log(total), -np.inf)
+    def fall(tau, i=slice(None)):
+        """An upper bound on log g(v*) / g(v) (>= 0), with erfcx(x) > 2 / (sqrt(pi) (x +
+        sqrt(x^2 + 2))) (Abramowitz-Stegun 7.1.13; at most 0.23 above the true fall)."""
+        h = np.hypot(c[i], tau)
+        r = np.hypot(b[i], h)
+        x = r * _SQRT_HALF
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
+                    + np.log(ex_star[i] * r * h * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
+                             / (r_star[i] * h_star[i])))
+    # g falls monotonically away from v*: its least value is at the end farther from 0
+    nodes = _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1,
+                             fall(np.where(np.abs(t0) > np.abs(t1), t0, t1)))
+    n_panels = np.ones(b.shape, np.int64)
+    many = np.flatnonzero((nodes > 16) & (width > 0))
+    if many.size:
+        drop = fall(t0[many], many) + fall(t1[many], many)
+        n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
+        nodes[many] = 16
+    return tau_star, h_star, r_star, v0, width, n_panels, nodes
+
+
+def _log_product(front, total):
+    """log(front total) (n,).  front and the node sum can be ~1e-200 and ~1e200 (a
+    polytope at the origin's scale): one logarithm of their product, where it is a
+    normal number, keeps the rounding at eps |log(front total)| rather than eps |log front|."""
+    with np.errstate(divide="ignore", over="ignore", under="ignore"):
+        prod = front * total
+        return np.where((prod > 1e-300) & (prod < 1e300), np.log(prod), np.log(front) + np.log(total))
+
+
+def _edge_integrand(v, b, c, tau_star):
+    """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (k, m) of k edges
+    (b, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v, r = hypot(b, h)."""
+    return _edge_and_owen_integrands(v, b, c, tau_star)[0]
+
+
+def _edge_and_owen_integrands(v, b, c, tau_star):
+    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m).  sinh and
+    cosh from one exp (|v| < 600 here: no overflow; the absolute error of sinh near 0
+    moves tau by ~c eps, which the integrands do not see)."""
+    e = np.exp(v)
+    ie = 1.0 / e
+    tau = (0.5 * c) * (e - ie)
+    h = (0.5 * c) * (e + ie)
+    r = np.hypot(b, h)
+    out = np.empty((2,) + v.shape)
+    with np.errstate(under="ignore"):
+        np.divide(np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)), h, out=out[1])
+        np.multiply(out[1], erfcx(r * _SQRT_HALF) / r, out=out[0])
+    return out
+
+
+def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
+    """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there):
+    all (n,), int (n,)."""
+    eta = 0.25 * np.pi
+    half = 0.5 * (v1 - v0)
+    mid = 0.5 * (v1 + v0)
+    reach = np.sqrt(eta * eta + half * half)
+    x_n = np.clip(0.0, mid - reach, mid + reach)
+    q = b * b + 0.5 * c * c
+    s = np.sqrt(0.5 * q)
+    erfcx_q = 2.0 / (np.sqrt(np.pi) * (s + np.sqrt(s * s + 4.0 / np.pi)))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        growth = (0.5 * (0.5 * c * c + tau_star * tau_star) + fall
+                  + np.log(erfcx_q * r_star * h_star * np.sqrt(2.0) / (ex_star * np.sqrt(q) * c * np.cosh(x_n))))
+    return gauss_legendre_count(growth, half, eta)
 
 
 # ------------------------------------------------------------------ the polyhedron
@@ -232,7 +318,8 @@ def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos
         spread = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size)          # variation of |u|^2 / 2
     small = spread <= 2.0
     redo = redo[small]
-    return redo, (_cubature(ends[small], live[redo], spread[small], moments) if redo.size else None)
+    return redo, (_cubature(ends[small], live[redo], A[redo], b[redo], spread[small], moments)
+                  if redo.size else None)
 
 
 def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
@@ -266,43 +353,65 @@ def _segment_ends(A, b, E, a2, c2, t_lo, t_hi, live):
     return np.where(live[..., None, None], pts, np.nan)
 
 
-def _tetrahedra(ends, live):
-    """Split bounded convex polyhedra into tetrahedra: the vertex centroid, each facet's
-    centroid and each edge segment.  ends (B, F, F, 2, 3) as from ``_segment_ends``,
-    live (B, F, F).  Returns the corners (T, 4, 3) and their polytope (T,)."""
-    cnt = live.sum(2)                                                             # edges per facet
+def _tetrahedra(ends, live, A, b):
+    """Split bounded convex polyhedra into tetrahedra: a cone from one vertex (the apex)
+    over the facets that do not contain it, each facet fanned from one of its vertices.
+    ends (B, F, F, 2, 3) as from ``_segment_ends``, live (B, F, F), the rows A (B, F, 3),
+    b (B, F).  Returns the corners (T, 4, 3) and their polytope (T,).
+
+    A facet whose plane passes within rounding (8 eps (|b_k| + |apex|)) of the apex, and
+    an edge with an end that close to its facet's fan vertex, would only give
+    tetrahedra of (near) zero volume and are left out."""
+    B, F = live.shape[:2]
+    pts = ends.reshape(B, F, -1, 3)                                               # (B, F, 2F, 3)
+    finite = np.isfinite(pts[..., 0])
+    fan = np.take_along_axis(pts, np.argmax(finite, 2)[..., None, None], 2)[:, :, 0]   # (B, F, 3)
+    has = finite.any(2)
+    apex = fan[np.arange(B), np.argmax(has, 1)]                                    # (B, 3)
+    tol = 8 * np.finfo(float).eps
     with np.errstate(invalid="ignore"):
-        face = np.nansum(ends, (2, 3)) / np.maximum(2 * cnt, 1)[..., None]          # (B, F, 3)
-        centre = np.nansum(ends, (1, 2, 3)) / np.maximum(2 * cnt.sum(1), 1)[:, None]
-    i, k, j = np.nonzero(live)
-    corners = np.stack([centre[i], face[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
+        height = b - np.einsum("bks,bs->bk", A, apex)
+        keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[:, None]))
+        near = np.linalg.norm(ends - fan[:, :, None, None, :], axis=-1) <= \
+            tol * (1 + np.linalg.norm(fan, axis=-1))[:, :, None, None]
+    i, k, j = np.nonzero(live & keep_facet[:, :, None] & ~near.any(-1))
+    corners = np.stack([apex[i], fan[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
     return corners, i
 
 
 def _collapsed_rule(n):
-    """n^3-node rule on the unit tetrahedron {x, y, z >= 0, x + y + z <= 1} (Duffy
-    collapse of tensor Gauss-Legendre): nodes (n^3, 3), weights (n^3,) summing to 1/6."""
-    x, w = np.polynomial.legendre.leggauss(n)
-    x, w = 0.5 * (x + 1), 0.5 * w
-    s, t, r = np.meshgrid(x, x, x, indexing="ij")
-    nodes = np.stack([s, (1 - s) * t, (1 - s) * (1 - t) * r], -1).reshape(-1, 3)
-    return nodes, (np.einsum("i,j,k->ijk", w, w, w) * (1 - s) ** 2 * (1 - t)).reshape(-1)
+    """n^3-node rule on the unit tetrahedron {x, y, z >= 0, x + y + z <= 1}, exact for
+    polynomials of degree 2n - 1: the Duffy collapse x = s, y = (1 - s) t,
+    z = (1 - s)(1 - t) r has Jacobian (1 - s)^2 (1 - t), which Gauss-Jacobi rules in s
+    (weight (1 - s)^2) and t (weight (1 - t)) absorb, and a degree-d polynomial in x, y, z
+    is of degree <= d in each of s, t, r.  Nodes (n^3, 3), weights (n^3,) (positive,
+    summing to 1/6)."""
+    def on_unit(x, w, alpha):                                   # [-1, 1] -> [0, 1], weight (1 - s)^alpha
+        return 0.5 * (x + 1), w / 2.0 ** (alpha + 1)
+    s, ws = on_unit(*roots_jacobi(n, 2, 0), 2)
+    t, wt = on_unit(*roots_jacobi(n, 1, 0), 1)
+    r, wr = on_unit(*np.polynomial.legendre.leggauss(n), 0)
+    S, T, R = np.meshgrid(s, t, r, indexing="ij")
+    nodes = np.stack([S, (1 - S) * T, (1 - S) * (1 - T) * R], -1).reshape(-1, 3)
+    return nodes, np.einsum("i,j,k->ijk", ws, wt, wr).reshape(-1)
 
 
 # nodes per axis by the variation of |u|^2 / 2 across the polytope (Taylor remainder
-# spread^(2n-2) / (2n-2)! below ~1e-15 for 6 and 8 nodes, ~1e-11 at spread 2 for 10)
-_RULES = [(0.15, _collapsed_rule(6)), (0.5, _collapsed_rule(8)), (2.0, _collapsed_rule(10))]
+# spread^(d+1) / (d+1)! of the rules' degree d = 9, 13, 17: below ~1e-15 for the first
+# two, ~1e-11 at spread 2 for the third)
+_RULES = [(0.15, _collapsed_rule(5)), (0.5, _collapsed_rule(7)), (2.0, _collapsed_rule(9))]
 
 
-def _cubature(ends, live, spread, moments, work=2e6):
-    """Mass and moments of N(0, I_3) on small bounded polyhedra by a collapsed
-    Gauss-Legendre rule on each tetrahedron of ``_tetrahedra``: all weights positive, so
+def _cubature(ends, live, A, b, spread, moments, work=2e6):
+    """Mass and moments of N(0, I_3) on small bounded polyhedra {u : A u <= b} (ends and
+    live as for ``_tetrahedra``) by a collapsed Gauss-Jacobi rule (``_collapsed_rule``)
+    on each tetrahedron of ``_tetrahedra``: all weights positive, so
     nothing cancels; exact to rounding while the Gaussian is close to a low-degree
     polynomial across the polytope (spread = diameter (|centre| + diameter) <= 2).
     Tetrahedra go in chunks of about ``work`` nodes; each one's mass, mean and covariance
     are combined per polytope with log-sum-exp weights and the parallel-axis rule."""
     B = live.shape[0]
-    corners, owner = _tetrahedra(ends, live)
+    corners, owner = _tetrahedra(ends, live, A, b)
     T = len(owner)
     edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
     with np.errstate(divide="ignore"):
@@ -461,7 +570,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
     foot_in = fp.nonempty[gf] & ~outside_edge
     absb = np.abs(b)
-    log_T = log_edge_term(absb[ef], np.abs(c), t_lo, t_hi)
+    log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, moments)
     edge_pos = neg_b[ef] == (c < 0)
     log_foot = log_ndtr(-absb)
     zeros = np.zeros(P)
@@ -479,7 +588,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
         mean, cov = _translated_moments(fpair, ef, a, b, fp.E[gf], fp.nonempty[gf], a2, c, t_lo, t_hi,
-                                        outside_edge, log_mass)
+                                        outside_edge, log_mass, log_G)
     redo = np.flatnonzero(fallback)
     if redo.size:
         A, bb, mask = _padded(fp, regions[redo], v[redo])
@@ -488,12 +597,12 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
 
 
-def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass):
+def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass, log_G):
     """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
     ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
-    2-D mass and first moment by the S = 2 polygon formula over its edges."""
+    2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
+    segments log_G (NE,) come from ``log_edge_and_owen_terms``."""
     P, NF = log_mass.size, b.size
-    log_G = log_owen_segment(np.abs(c), t_lo, t_hi)
     exit_ = c >= 0
     log_exit = _segment_logsumexp(log_G[exit_], ef[exit_], NF)
     log_entry = _segment_logsumexp(log_G[~exit_], ef[~exit_], NF)

@@ -16,7 +16,7 @@ from scipy.stats import qmc
 from .stop import stop_check
 
 LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
-_GL_X, _GL_W = leggauss(16)
+_SQRT_HALF = np.sqrt(0.5)
 
 
 @dataclass
@@ -273,18 +273,94 @@ def _acosh_of_log(ly):
         return np.where(ly > 20, ly + np.log(2.0), np.arccosh(np.exp(np.minimum(ly, 20))))
 
 
+_GL_RULES = [None] + [leggauss(n) for n in range(1, 17)]    # n-point Gauss-Legendre, n = 1..16
+GL_EPS = 2.0 ** -52                 # relative truncation error a per-interval node count aims at
+
+
+def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
+    """Gauss-Legendre nodes that integrate an analytic g over an interval of half-width
+    w > 0 to a relative error eps, from a bound on g off the real axis.  All arrays (n,);
+    returns int (n,) (>= 1, not capped: compare with the caller's limit).
+
+    The Bernstein ellipse E_rho of the interval with semi-minor axis eta has
+    rho = (eta + sqrt(eta^2 + w^2)) / w and lies in the rectangle |Im| <= eta,
+    |Re - midpoint| <= sqrt(eta^2 + w^2).  If g is analytic there with |g| <= M, the
+    n-point rule errs by at most w (64/15) M rho^-2n / (1 - rho^-2) (Trefethen,
+    Approximation Theory and Approximation Practice, Thm 19.3, scaled to the interval),
+    while the integral is at least 2 w min g over the interval (g > 0).  So n with
+    (32/15) exp(log_growth) rho^-2n / (1 - rho^-2) <= eps suffices, log_growth being an
+    upper bound on log(M / min g) that the caller derives for its integrand."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        rho = (eta + np.sqrt(eta * eta + half_width * half_width)) / half_width
+        need = (np.log(32.0 / 15.0) + log_growth - np.log1p(-rho ** -2.0) - np.log(eps)) / (2.0 * np.log(rho))
+    return np.maximum(1, np.ceil(np.nan_to_num(need, nan=1e9, posinf=1e9, neginf=1.0))).astype(np.int64)
+
+
+_NODE_BLOCK = 65536                 # nodes evaluated per numpy pass (cache-sized temporaries)
+
+
+def gauss_legendre_sums(lo, width, n_panels, nodes, integrand, *args, outputs=None):
+    """int_{lo}^{lo + width} integrand by composite Gauss-Legendre: n_panels equal panels
+    of nodes points each (all (n,); width 0 gives 0), vectorised over the intervals that
+    share a rule and in blocks of ``_NODE_BLOCK`` nodes.  integrand(x (k, m), *(a (k, 1)
+    for a in args)) -> (k, m) takes the nodes of k intervals and their rows of args (n,);
+    with outputs = q it returns q integrands at once, (q, k, m), and the result is (q, n)."""
+    key = np.where(width > 0, n_panels * 17 + nodes, 0)
+    if key.size and key.max() < 2 ** 15:
+        key = key.astype(np.int16)                                    # a radix sort
+    order = np.argsort(key, kind="stable")
+    key, lo, width = key[order], lo[order], width[order]
+    args = [a[order, None] for a in args]                             # one gather; then slices
+    total = np.zeros(lo.shape if outputs is None else (outputs,) + lo.shape)
+    keys, starts = np.unique(key, return_index=True)
+    for k, start, stop in zip(keys, starts, np.append(starts[1:], key.size)):
+        if k == 0:
+            continue
+        n, m = divmod(int(k), 17)
+        x, w = _GL_RULES[m]
+        at = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)       # in panel widths from lo
+        weights = np.tile(w, n)
+        block = max(1, _NODE_BLOCK // at.size)
+        for s in range(start, stop, block):
+            e = min(s + block, stop)
+            step = width[s:e] / n
+            f = integrand(lo[s:e, None] + step[:, None] * at, *(a[s:e] for a in args))
+            total[..., s:e] = (f @ weights) * (0.5 * step)
+    out = np.empty(total.shape)
+    out[..., order] = total
+    return out
+
+
 def log_owen_segment(p, t_lo, t_hi):
     """log G = log (1/2pi) int_{t_lo}^{t_hi} p exp(-(p^2 + t^2)/2) / (p^2 + t^2) dt, p > 0.
+    All inputs (n,), output (n,).
 
-    With t = p sinh s the integrand becomes exp(-p^2 cosh^2 s / 2) / cosh s: analytic,
-    poles of 1/cosh at s = +-i pi/2, so composite Gauss-Legendre in s converges
-    geometrically.  The range is clipped where the integrand has fallen by e^-40 from
-    its maximum on the interval (at s*, the point nearest 0), and split into panels of
-    width <= 1.5 and a fall of at most 8 (where 16-point GL is exact to ~1e-16).  The
-    nodes are summed scaled by the Gaussian factor at s*, exp(-(u^2 - u*^2)/2) / cosh s
-    <= 1 with u = p cosh s, so no node needs a logarithm.  All inputs (n,), output (n,).
+    With t = p sinh s the integrand becomes g(s) = exp(-p^2 cosh^2 s / 2) / cosh s:
+    analytic but for the poles of 1/cosh at s = +-i pi/2, so Gauss-Legendre in s
+    converges geometrically.  The range is clipped where g has fallen by e^-40 from its
+    maximum on the interval (at s*, the point nearest 0).  Node count: on |Im s| <= eta
+    <= pi/4 (s = x + iy), Re cosh^2 s = (cosh 2x cos 2y + 1) / 2 >= (cosh 2x_n cos 2 eta
+    + 1) / 2 and |cosh s| >= cosh x_n cos eta, x_n the real part nearest 0 in the
+    rectangle around the interval's Bernstein ellipse (``gauss_legendre_count``).  With
+    eta = pi/4, u* = p cosh s* and u_n = p cosh x_n that bounds |g| by
+    M = exp(-p^2 / 4) sqrt 2 / cosh x_n, so
+        log(M / g(s*)) <= (u*^2 - p^2 / 2) / 2 + log(sqrt 2 u* / u_n),
+    which with the fall across the interval gives the nodes for a relative truncation error
+    below 2^-52.  Ranges that would need more than 16 nodes are split into panels of
+    width <= 1.5 and a fall of at most 8, 16 nodes each.  The nodes are summed scaled by
+    the Gaussian factor at s*, exp(-(u^2 - u*^2)/2) / cosh s <= 1, so no node needs a
+    logarithm.
     """
     p = np.maximum(p, 1e-150)              # keeps p cosh s finite on the clipped range
+    lo, width, n_panels, nodes, u2_star = _owen_rule(p, t_lo, t_hi)
+    total = gauss_legendre_sums(lo, width, n_panels, nodes, _owen_integrand, p, u2_star)
+    with np.errstate(divide="ignore"):
+        return np.where(width > 0, np.log(total) - 0.5 * u2_star - np.log(2 * np.pi), -np.inf)
+
+
+def _owen_rule(p, t_lo, t_hi):
+    """The quadrature of ``log_owen_segment`` (p >= 1e-150): the clipped range's start
+    and width in s, the panels and nodes per panel, and (p cosh s*)^2 (all (n,))."""
     with np.errstate(over="ignore", divide="ignore"):
         s_lo, s_hi = np.arcsinh(t_lo / p), np.arcsinh(t_hi / p)
     s_star = np.clip(0.0, s_lo, s_hi)
@@ -297,26 +373,38 @@ def log_owen_segment(p, t_lo, t_hi):
     width = np.maximum(hi - lo, 0.0)
     u2_star = np.minimum(r_star * r_star, np.exp(700.0))              # (p cosh s*)^2
 
-    def fall(s):                                                      # -log of the integrand
+    def fall(s, i=slice(None)):                                       # log g(s*) / g(s)
         ch = np.cosh(s)
-        return 0.5 * np.minimum((p * ch) ** 2, np.exp(700.0)) + np.log(ch)
-    with np.errstate(over="ignore"):
-        drop = np.where(width > 0, fall(lo) + fall(hi) - 2 * (0.5 * u2_star + lc_star), 0.0)
-    n_panels = np.maximum(1, np.ceil(np.maximum(width / 1.5, drop / 8.0))).astype(int)
-    out = np.empty(p.shape)
-    for n in np.unique(n_panels):  # group by panel count to vectorise
-        sel = np.flatnonzero(n_panels == n)
-        step = width[sel] / n
-        nodes = (np.arange(n)[:, None] + 0.5 * (1 + _GL_X)).reshape(-1)   # in panel widths from lo
-        s = lo[sel, None] + step[:, None] * nodes
-        with np.errstate(over="ignore", invalid="ignore"):
-            ch = np.cosh(s)
-            u = p[sel, None] * ch
-            f = np.exp(-0.5 * (u * u - u2_star[sel, None])) / ch
-        total = (f @ np.tile(_GL_W, n)) * (0.5 * step)
-        with np.errstate(divide="ignore"):
-            out[sel] = np.log(total)
-    return np.where(width > 0, out - 0.5 * u2_star - np.log(2 * np.pi), -np.inf)
+        with np.errstate(over="ignore"):
+            return 0.5 * np.minimum((p[i] * ch) ** 2, np.exp(700.0)) + np.log(ch) - (0.5 * u2_star[i] + lc_star[i])
+    nodes = _owen_node_count(p, r_star, lo, hi, fall(np.where(np.abs(lo) > np.abs(hi), lo, hi)))
+    n_panels = np.ones(p.shape, np.int64)
+    many = np.flatnonzero((nodes > 16) & (width > 0))
+    if many.size:
+        drop = fall(lo[many], many) + fall(hi[many], many)
+        n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
+        nodes[many] = 16
+    return lo, width, n_panels, nodes, u2_star
+
+
+def _owen_integrand(s, p, u2_star):
+    """exp(-(u^2 - u*^2) / 2) / cosh s, u = p cosh s: s (k, m), p and u2_star (k, 1)."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        ch = np.cosh(s)
+        u = p * ch
+        return np.exp(-0.5 * (u * u - u2_star)) / ch
+
+
+def _owen_node_count(p, u_star, lo, hi, fall):
+    """Gauss-Legendre nodes for ``log_owen_segment``'s integral over [lo, hi] (see there),
+    fall = log g(s*) / min g: all (n,), int (n,)."""
+    eta = 0.25 * np.pi
+    half, mid = 0.5 * (hi - lo), 0.5 * (hi + lo)
+    reach = np.sqrt(eta * eta + half * half)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        u_n = p * np.cosh(np.clip(0.0, mid - reach, mid + reach))
+        growth = 0.5 * (u_star - _SQRT_HALF * p) * (u_star + _SQRT_HALF * p) + np.log(np.sqrt(2.0) * u_star / u_n) + fall
+    return gauss_legendre_count(growth, half, eta)
 
 
 def _by_row_count(solve, A, b, mask, *args):

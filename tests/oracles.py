@@ -439,3 +439,38 @@ def small_s3_net_and_quadrature():
     test session (the geometry does not depend on the rows or the noise)."""
     net = random_net(3, (3, 3), 4, seed=7, slope=0.1, scale=1.5)
     return net, Quadrature3D(net)
+
+
+# ------------------------------------------------------------------ 1-D integrals in v (tau = c sinh v)
+def select_by_rule(nodes, panels, width):
+    """One case for each single-panel node count 1..16 and three with 16-node panels,
+    asserting that the random draw reached every one of them (the regime's boundaries)."""
+    picks = [np.flatnonzero((panels == 1) & (nodes == n) & (width > 0))[:1] for n in range(1, 17)]
+    assert all(p.size for p in picks), [n + 1 for n, p in enumerate(picks) if not p.size]
+    return np.concatenate(picks + [np.flatnonzero((panels > 1) & (width > 0))[:3]])
+
+
+def quadrature_rounding(v0, width, c, log_value):
+    """What rounding allows in a log integral over v in [v0, v0 + width] (tau = c sinh v):
+    the ends v = asinh(tau / c) are off by 2 eps (|v| + 1), a relative 4 eps (|v| + 1) /
+    width of a short range; a node's v is off by eps |v|, which moves the log integrand
+    by eps |v| times its slope, at most |tau| (h + 2) + 1 (h = c cosh v; the
+    exp(-tau^2 / 2), erfcx(r/sqrt 2) / r and 1 / cosh v factors); a few eps per node's
+    arithmetic and eps |log| from the final logarithm; plus the rule's own truncation
+    bound, 2^-52."""
+    V = np.maximum(np.abs(v0), np.abs(v0 + width))
+    tau, h = c * np.sinh(V), c * np.cosh(V)
+    return (2.0 ** -52 + 8 * np.finfo(float).eps * (V + 1) / width + 16 * np.finfo(float).eps * (1 + V * (1 + tau * (h + 2)))
+            + 4 * np.finfo(float).eps * np.abs(log_value))
+
+
+def peak_points(lo, hi, c):
+    """Subdivision points for mpmath.quad over [lo, hi] in v (tau = c sinh v) of an
+    integrand that peaks at v*, the point nearest 0, on a scale ~1 / (1 + |tau*| h*):
+    geometrically spaced away from v* (tanh-sinh alone misses a peak ~1e-3 wide)."""
+    import mpmath
+    star = min(max(mpmath.mpf(0), lo), hi)
+    scale = 1 / (1 + abs(c * mpmath.sinh(star)) * c * mpmath.cosh(star))
+    steps = [scale * mpmath.mpf(2) ** k for k in range(-4, 16)]
+    inner = sorted({star + s for s in steps} | {star - s for s in steps} | {star})
+    return [lo] + [p for p in inner if lo < p < hi] + [hi]

@@ -222,3 +222,34 @@ def test_s1_far_intervals_match_50_digit_arithmetic():
         if hi - lo > 1e-3:     # (phi(lo) - phi(hi)) / mass cancels for narrow intervals: log mass only
             mean = float((phi(L) - phi(U)) / mass)
             assert abs(r.mean[0, 0] - mean) <= 1e-9 * (1 + abs(mean)), (lo, hi, r.mean[0, 0], mean)
+
+
+def test_owen_segment_node_counts_against_mpmath():
+    """``log_owen_segment`` with the node counts that its Bernstein-ellipse bound picks
+    (every count from 1 to 16, and 16-node panels where it asks for more), against
+    mpmath quadrature (60 digits: at 30 and
+    40 its tanh-sinh rule misjudged one case by 2e-12) of G = 1/(2 pi) int exp(-p^2 cosh^2 s / 2) / cosh s ds
+    over s = asinh(t / p): segments near and far (p up to 40, log G near -800), short
+    and long, rays."""
+    import mpmath
+    from cpadgn.polytope import _owen_rule, log_owen_segment
+    from oracles import peak_points, quadrature_rounding, select_by_rule
+    rng = np.random.default_rng(12)
+    n = 20_000
+    p = 10 ** rng.uniform(-4, 1.6, n)
+    s_lo = rng.uniform(-5, 5, n)
+    s_hi = s_lo + 10 ** rng.uniform(-9, 1.2, n)
+    t_lo, t_hi = p * np.sinh(s_lo), np.where(rng.random(n) < 0.05, np.inf, p * np.sinh(s_hi))
+    lo, width, panels, nodes, _ = _owen_rule(p, t_lo, t_hi)
+    idx = select_by_rule(nodes, panels, width)
+    got = log_owen_segment(p[idx], t_lo[idx], t_hi[idx])
+    with mpmath.workdps(60):
+        for k, i in enumerate(idx):
+            P = mpmath.mpf(p[i])
+            a = mpmath.asinh(mpmath.mpf(t_lo[i]) / P)
+            b = mpmath.asinh(mpmath.mpf(t_hi[i]) / P) if np.isfinite(t_hi[i]) else mpmath.inf
+            g = mpmath.quad(lambda s: mpmath.exp(-(P * mpmath.cosh(s)) ** 2 / 2) / mpmath.cosh(s),
+                            peak_points(a, b, P)) / (2 * mpmath.pi)
+            want = float(mpmath.log(g))
+            tol = quadrature_rounding(lo[i], width[i], p[i], want)
+            assert abs(got[k] - want) <= tol, (i, nodes[i], panels[i], got[k], want, (got[k] - want) / tol)
