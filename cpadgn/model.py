@@ -56,6 +56,7 @@ class CPAModel:
         self.device = torch.device(device) if device is not None else default_device()
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.memory_budget = memory_budget
+        self.stderr_target = 1e-4           # S >= 4: each row's QMC standard error of log p, nats
         self.partition_status = None
         self._partition: Partition | None = None
         self._table = None
@@ -118,7 +119,7 @@ class CPAModel:
         res = likelihood.posterior(self.net, self.partition(), self.noise_std, X,
                                    tab=self._region_table(), device=self.device,
                                    memory_budget=self.memory_budget, moments=moments,
-                                   progress=progress)
+                                   progress=progress, stderr_target=self.stderr_target)
         L = self.prior_chol
         return Posterior(**{**res.__dict__,
                             "z_mean": self.prior_mean + res.z_mean @ L.T,

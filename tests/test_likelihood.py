@@ -233,6 +233,17 @@ def test_s4_adaptive_points_meet_the_stderr_target_and_match_importance_sampling
         assert abs(post.log_likelihood[n] - est) < 4 * np.hypot(se, post.stderr[n]), (n, post.log_likelihood[n], est, se)
 
 
+def test_s4_model_stderr_target_reaches_the_integrals():
+    """CPAModel.stderr_target is what posterior aims at: a loose 0.05 nats spends no
+    second-stage points, so some row keeps the first stage's larger standard error
+    (well above what the default 1e-4 would allow), and none exceeds 0.05."""
+    net = random_net(4, (6, 6), 6, seed=7, slope=0.2)
+    model = CPAModel(net, noise_std=0.3, device="cpu")
+    model.stderr_target = 0.05
+    se = model.posterior(model.sample(3, seed=4), moments=False).stderr
+    assert np.all(se <= 0.05) and se.max() > 1e-3, se
+
+
 def test_results_do_not_depend_on_chunking(net1):
     """Batch sizes change the GEMM kernels, so results may differ by rounding only: at most
     twice the per-row rounding bound plus both certified pruning bounds (``kappa_rounding_tol``).
