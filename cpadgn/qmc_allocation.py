@@ -14,7 +14,7 @@ import numpy as np
 
 
 def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot: int, n_first: int,
-                   target: float, n_rows: int, safety: float = 2.0, n_max: int = 2 ** 20,
+                   target: float, n_rows: int, safety: float = 4.0, n_max: int = 2 ** 20,
                    n_randomisations: int = 16) -> np.ndarray:
     """Second-stage points per pair (0: the pair keeps its first-stage estimate).
 
@@ -25,6 +25,11 @@ def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pi
     pairs whose allocation exceeds n_first get it, rounded up to n_randomisations times a
     power of 2 (at most n_max), with the others' predicted variance taken off the
     budget.  Returns (P,) int.
+
+    The safety factor covers the pilots' error in predicting c_p from 32 points: on 40
+    rows of an S = 4 net (tests' random_net(4, (6, 6), 6)) the achieved standard error
+    exceeded the target in 20% of rows with safety 2 (up to 1.5x), 2.5% with 3 and none
+    with 4 (at most 0.7x), for 1.4x the time of safety 2.
     """
     T2 = (target / safety) ** 2
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
