@@ -2,7 +2,7 @@
 
     python benchmarks/bench_impute.py [--datasets digits,breast_cancer] [--fractions 0.1,0.3,0.5]
                                       [--seeds 5] [--draws 100] [--em-iter 60] [--trainer em|vae] [--noise diag|iso]
-                                      [--var-floor F] [--train-missing P]
+                                      [--var-floor F] [--train-missing P] [--init MODEL]
                                       [--model-dir out/bench_impute] [--device cpu] [--json FILE]
 
 Per data set (scikit-learn's bundled digits and breast_cancer): one 80/20 train/test
@@ -29,6 +29,10 @@ quantiles, which under-covers by construction with K draws (about 0.88 at K = 10
 a perfect model).  And wall time per 1,000 test rows for the conditional mean
 (posterior + moments) and for mean + draws.  The variation over seeds is the mask only (one split,
 one model).  scikit-learn is a benchmark-only dependency (pip install 'cpadgn[bench]').
+
+--init MODEL starts EM from a given generator (``fit_em``'s init: its weights, prior and
+noise) instead of PPCA, e.g. an autoencoder's decoder; --latent-dim and --hidden then only
+name the model file.
 
 --train-missing P hides a fraction P of the training entries too (MCAR, seed 12345)
 before anything is fitted: cpadgn's EM then fits the incomplete rows exactly (missing
@@ -62,6 +66,7 @@ def get_model(name, Xtr, args):
     suffix = "" if (args.latent_dim, args.hidden) == (2, "32,32") else f"_S{args.latent_dim}_{args.hidden.replace(',', '-')}"
     suffix += "" if args.var_floor is None else f"_floor{args.var_floor:g}"
     suffix += f"_trainmiss{args.train_missing:g}" if args.train_missing else ""
+    suffix += f"_init-{Path(args.init).stem}" if args.init else ""
     path = Path(args.model_dir) / f"{name}_{args.trainer}_{args.noise}{suffix}.h5"
     if path.exists():
         model = cpadgn.load(path, device=args.device)
@@ -79,8 +84,9 @@ def get_model(name, Xtr, args):
     if args.trainer == "em":
         try:
             var_floor = None if args.var_floor is None else args.var_floor * float(np.nanvar(Xtr, 0).mean())
-            res = fit_em(Xtr, args.latent_dim, hidden=hidden, slope=0.1, max_iter=args.em_iter, seed=0, noise=args.noise,
-                         device=args.device, var_floor=var_floor,
+            init = "ppca" if args.init is None else args.init
+            res = fit_em(Xtr, None if args.init else args.latent_dim, hidden=hidden, slope=0.1, max_iter=args.em_iter,
+                         seed=0, noise=args.noise, device=args.device, var_floor=var_floor, init=init,
                          callback=lambda row: print(f"  EM {name} iteration {row['iteration']}: "
                                                     f"train loglik {row['train_loglik']:.4f}, "
                                                     f"{row['n_regions']} regions", flush=True))
@@ -128,6 +134,9 @@ def main():
                          "(default: fit_em's, 1e-6)")
     ap.add_argument("--train-missing", type=float, default=0.0,
                     help="Hide this fraction of the training entries (MCAR) before fitting every method.")
+    ap.add_argument("--init", default=None,
+                    help="Start EM from this generator (any file cpadgn.load reads; its latent dimension, "
+                         "widths and prior replace --latent-dim and --hidden) instead of PPCA.")
     ap.add_argument("--model-dir", default="out/bench_impute")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="Also write all results to this JSON file.")
