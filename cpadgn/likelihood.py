@@ -563,12 +563,7 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
     the least-distance problem (``polytope.distance_lower_bound``), certified below the
     distance whether or not the mode search is exact."""
     if tab.S >= 4:
-        a = tab.GC_unit[regions].cpu().numpy()
-        c = tab.h_unit[regions].cpu().numpy()
-        real = np.isfinite(c)
-        b = np.where(real, c, 1.0) - np.einsum("pfs,ps->pf", a, v)
-        r = distance_lower_bound(a, b, real)
-        return np.where(r > 0, log_ndtr(-r), 0.0)
+        return _dual_distance_bound(tab, v, regions)[0]
     if tab.S == 3:
         dist = _distance_to_regions(tab, v, regions)
         r = np.maximum(dist * (1 - 1e-9) - 1e-9, 0.0)
@@ -583,6 +578,18 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
     r2 = np.where(live & (c < 0), c * c + t * t, np.inf).min(-1)
     inside = ~(real & (c < 0)).any(-1)
     return np.where(inside, 0.0, log_ndtr(-np.sqrt(r2)))
+
+
+def _dual_distance_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray):
+    """S >= 4, complete rows: ``_nearest_point_bound`` (P,) and the modes of the pairs'
+    polytopes in the whitened frame, u = z - v (P, S; NaN where not certified), which
+    the integral reuses (``polytope.polytope_qmc_draws``'s mode)."""
+    a = tab.GC_unit[regions].cpu().numpy()
+    c = tab.h_unit[regions].cpu().numpy()
+    real = np.isfinite(c)
+    b = np.where(real, c, 1.0) - np.einsum("pfs,ps->pf", a, v)
+    r, mode = distance_lower_bound(a, b, real, with_mode=True)
+    return np.where(r > 0, log_ndtr(-r), 0.0), mode
 
 
 def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -647,7 +654,7 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
                        moments: bool, complete: bool, memory_budget: float | None = None, polygons=None,
-                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0)):
+                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0), mode: np.ndarray | None = None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
@@ -657,7 +664,9 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
     integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed);
     with a list ``pilot``, the first stage instead (``_qmc_first_stage``), whose
-    independent pilot (log Phi (P,), its stderr (P,)) is appended to the list.
+    independent pilot (log Phi (P,), its stderr (P,)) is appended to the list.  mode
+    (P, S): the S >= 4 pairs' modes in the whitened frame where known (NaN: not known;
+    ``_dual_distance_bound``), checked before use.
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
     if (complete and tab.polygons is not None) or polygons is not None:
@@ -668,10 +677,14 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     else:
         A = tab.G[regions] @ C
         b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
+        known = np.full(v.shape, np.nan) if mode is None else mode
         if pilot is not None and tab.S >= 4:
-            res, pil = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], moments=moments,
+            res, pil = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], known, moments=moments,
                                    memory_budget=memory_budget)
             pilot.append((pil.log_mass, pil.stderr))
+        elif tab.S >= 4:
+            res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, draw=(qmc[0], qmc[1], moments),
+                              memory_budget=memory_budget)
         else:
             res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
                               memory_budget=memory_budget, n_qmc=qmc[0], seed=qmc[1])
@@ -687,18 +700,25 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
 QMC_FIRST = 32          # S >= 4: points per pair of the first stage and of its pilot (16 sets of 2)
 
 
-def _qmc_first_stage(A, b, mask, moments: bool, memory_budget: float | None = None):
+def _qmc_first_stage(A, b, mask, mode, moments: bool, memory_budget: float | None = None):
     """S >= 4 first stage: an estimate (seed 0) and an independent pilot of the mass
-    (seed 1), QMC_FIRST points each, on one geometry (``polytope.polytope_qmc_draws``)."""
-    return tuple(polytope_qmc_draws(A, b, mask, [(QMC_FIRST, 0, moments), (QMC_FIRST, 1, False)], memory_budget))
+    (seed 1), QMC_FIRST points each, on one geometry (``polytope.polytope_qmc_draws``;
+    mode (P, S) its known modes, NaN rows where not known)."""
+    return tuple(polytope_qmc_draws(A, b, mask, [(QMC_FIRST, 0, moments), (QMC_FIRST, 1, False)], memory_budget,
+                                    mode))
 
 
-def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, log_kappa, pilot_logw, pilot_se, stderr_target,
-                      moments, pair_chunk, poly_budget):
+def _qmc_one(A, b, mask, mode, draw: tuple, memory_budget: float | None = None):
+    """S >= 4: one draw (n_qmc, seed, moments) of ``polytope.polytope_qmc_draws`` with known modes."""
+    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode)[0]
+
+
+def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa, pilot_logw, pilot_se,
+                      stderr_target, moments, pair_chunk, poly_budget):
     """S >= 4 second stage: more points for the pairs that dominate their row's variance.
 
     found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr
-    (P, ...); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their
+    (P, ...); modes (P, S): the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their
     pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count
     (``qmc_allocation.qmc_allocation``, aiming at stderr_target per row); a pair that gets
     points is integrated anew with them (seed 2) and that estimate replaces its first
@@ -721,7 +741,7 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, log_kappa, pilot
             rows_t, regions_t = torch.as_tensor(rows[sel], device=dev), torch.as_tensor(regions[sel], device=dev)
             v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
             log_phi, mean[sel], cov[sel], se[sel] = _truncated_moments(tab, v, C, regions[sel], moments, complete,
-                                                                       poly_budget, qmc=(int(n), 2))
+                                                                       poly_budget, qmc=(int(n), 2), mode=modes[sel])
             logw[sel] = log_kappa[sel] + log_phi
     return [rows, regions, logw, mean, cov, se]
 
@@ -910,7 +930,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     l_rows = torch.zeros(0, dtype=torch.long, device=dev)
     l_regions, l_bound = l_rows.clone(), torch.zeros(0, dtype=torch.float64, device=dev)
     l_taken = l_sharp = torch.zeros(0, dtype=torch.bool, device=dev)
-    found, pilots = [], ([] if tab.S >= 4 else None)
+    l_mode = torch.zeros((0, tab.S), dtype=torch.float64, device=dev)    # S >= 4: the bound's modes, for the integral
+    found, pilots, found_modes = [], ([] if tab.S >= 4 else None), []
     # S >= 3: pairs are costly and a posterior can spread over thousands of regions, so p
     # is first estimated on a small margin, and then the smallest bounds that fit in the
     # budget are left out.  At S <= 2 an integral costs about what that bookkeeping does.
@@ -936,6 +957,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             l_bound = torch.cat([l_bound, bound])
             l_taken = torch.cat([l_taken, torch.zeros_like(rows, dtype=torch.bool)])
             l_sharp = torch.cat([l_sharp, torch.zeros_like(rows, dtype=torch.bool)])
+            l_mode = torch.cat([l_mode, torch.full((rows.numel(), tab.S), torch.nan, dtype=torch.float64, device=dev)])
         unlisted = list_thr + log_R          # every unlisted dense bound is below list_thr
         while True:
             top = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev).scatter_reduce(
@@ -958,10 +980,16 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             v_near, L_near = factors(rows, regions)
             v_near, r_near = v_near.cpu().numpy(), regions.cpu().numpy()
             L_near = None if complete else L_near.cpu().numpy()
-            near = np.concatenate([_nearest_point_bound(
+            if tab.S >= 4 and complete:
+                near, mode = (np.concatenate(x) for x in zip(*(
+                    _dual_distance_bound(tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk])
+                    for i in range(0, r_near.size, pair_chunk))))
+                l_mode[sharpen] = torch.as_tensor(mode, device=dev)
+            else:
+                near = np.concatenate([_nearest_point_bound(
                 tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk],
                 None if complete else _pair_polygons(tab, L_near[i:i + pair_chunk], r_near[i:i + pair_chunk]))
-                for i in range(0, r_near.size, pair_chunk)])
+                    for i in range(0, r_near.size, pair_chunk)])
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True
         take_idx = torch.nonzero(take)[:, 0]
@@ -972,8 +1000,10 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
             v, C, L = _pair_factors(tab, Xt, rows, regions, complete, v_dense, stats)
             r_np = regions.cpu().numpy()
             polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(), r_np)
+            mode = l_mode[sel].cpu().numpy()
             log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget, polygons,
-                                                        pilot=pilots)
+                                                        pilot=pilots, mode=mode)
+            found_modes.append(mode)
             lk = log_kappa[rows, regions].cpu().numpy()
             logw = lk + log_phi
             if pilots:
@@ -993,7 +1023,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
              np.zeros((0, S, S)), np.zeros(0))
     found = [np.concatenate(x) for x in zip(empty, *found)]
     if pilots:
-        found = _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, *map(np.concatenate, zip(*pilots)),
+        found = _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, np.concatenate(found_modes),
+                                  *map(np.concatenate, zip(*pilots)),
                                   stderr_target, moments, pair_chunk, poly_budget)
     return (*found, bound)
 

@@ -108,7 +108,7 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
     return _assemble(B, S, sel, res, empty)
 
 
-def polytope_qmc_draws(A, b, mask, draws, memory_budget=None) -> list:
+def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None) -> list:
     """Randomised-QMC ``polytope_moments`` (any S >= 2; S >= 4 has nothing else) for
     each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
     work that does not depend on the points (mode, frame, projections) is done once.
@@ -116,6 +116,8 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None) -> list:
     PolytopeMoments, one per draw.  With a memory_budget, a draw of more points than
     one polytope's arrays may hold in it (``qmc_points_within``) is taken as independent
     replicates of that many points (derived seeds), averaged (``_combine_replicates``).
+    mode (B, S): the polytopes' modes where already known (NaN rows: not known), for
+    example from ``distance_lower_bound``; each is checked (``_kkt``) before it is used.
     """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -125,13 +127,14 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None) -> list:
     res = [None] * len(draws)
     if sel.size:
         A, b, mask = A[sel], b[sel], mask[sel]
+        mode = None if mode is None else np.asarray(mode, dtype=np.float64)[sel]
         if memory_budget is None:
-            res = _qmc_draws(A, b, mask, draws)
+            res = _qmc_draws(A, b, mask, draws, mode=mode)
         else:
             cap = max(2 ** 12, qmc_points_within(F, S, memory_budget))     # 4,096: as always, unsplit
             split = [[(n, seed, mom)] if n <= cap else
                      [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
-            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget)
+            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode)
             ends = np.cumsum([len(part) for part in split])
             res = [_combine_replicates(flat[e - len(part):e]) for e, part in zip(ends, split)]
     return [_assemble(B, S, sel, r, empty) for r in res]
@@ -170,7 +173,7 @@ def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
     return 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
 
 
-def _qmc_chunked(A, b, mask, draws, memory_budget):
+def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None):
     """``_qmc_draws`` on chunks of the polytopes that fit memory_budget: a half for the
     per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
     ~24 of them live at once)."""
@@ -178,8 +181,8 @@ def _qmc_chunked(A, b, mask, draws, memory_budget):
     inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
     n_qmc = max(d[0] for d in draws)
     step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
-    parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner)
-             for i in range(0, B, step)]
+    parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner,
+                        mode=None if mode is None else mode[i:i + step]) for i in range(0, B, step)]
     return [PolytopeMoments(*(np.concatenate([getattr(p[k], f) for p in parts])
                               for f in ("log_mass", "mean", "cov", "stderr"))) for k in range(len(draws))]
 
@@ -563,7 +566,7 @@ def _affine_min_norm(AJ, bJ):
     return (y[..., None, :] @ Q)[..., 0, :], Q, ok
 
 
-def distance_lower_bound(A, b, mask, chunk=4e6):
+def distance_lower_bound(A, b, mask, chunk=4e6, with_mode=False):
     """A certified lower bound on min{|u| : A u <= b} (0 where 0 is in P), for unit rows
     A (B, F, S), b (B, F), mask (B, F) -> (B,).
 
@@ -572,11 +575,12 @@ def distance_lower_bound(A, b, mask, chunk=4e6):
     g = -|A_J^T lam|^2 / 2 - b_J . lam, which for any lam >= 0 is at most
     min |u|^2 / 2 (weak duality), so sqrt(2 g) is a lower bound whether or not the mode
     is exact; where it is, the bound is the distance.  A relative 1e-9 is taken off for
-    rounding."""
+    rounding.  with_mode: also the mode search's point (B, S), NaN where it is not
+    certified (for ``polytope_qmc_draws``'s mode)."""
     B, F, S = A.shape
     if B == 0:
-        return np.zeros(0)
-    u, _, _ = _mode_dual(A, b, mask, chunk=chunk)
+        return (np.zeros(0), np.zeros((0, S))) if with_mode else np.zeros(0)
+    u, _, exact = _mode_dual(A, b, mask, chunk=chunk)
     nu = np.linalg.norm(u, axis=-1)
     slack = np.where(mask, b - np.einsum("bfs,bs->bf", A, u), np.inf)
     J = np.argsort(slack / (1.0 + np.abs(b) + nu[:, None]), axis=1, kind="stable")[:, :S]
@@ -590,7 +594,8 @@ def distance_lower_bound(A, b, mask, chunk=4e6):
     g = -0.5 * (np.einsum("bk,bks->bs", lam, AJ) ** 2).sum(-1) - (bJ * lam).sum(-1)
     r = np.sqrt(np.maximum(2.0 * g, 0.0))
     inside = np.all(~mask | (b >= 0), axis=1)
-    return np.where(inside, 0.0, np.maximum(r * (1 - 1e-9) - 1e-9, 0.0))
+    bound = np.where(inside, 0.0, np.maximum(r * (1 - 1e-9) - 1e-9, 0.0))
+    return (bound, np.where(exact[:, None], u, np.nan)) if with_mode else bound
 
 
 def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
@@ -636,6 +641,23 @@ def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
     if redo.size:
         u[redo], r[redo], exact[redo] = _mode(A[redo], b[redo], mask[redo], chunk=chunk)
     return u, r, exact
+
+
+def _known_modes(A, b, mask, mode, chunk=4e6):
+    """``_mode_dual``'s outputs where the modes (B, S) are already known (NaN rows: not
+    known): a given mode is kept where it passes ``_kkt`` on (A, b) itself (so one found
+    on another scaling of the same polytope, or a wrong one, is never trusted), and
+    ``_mode_dual`` searches for the others."""
+    B, F, S = A.shape
+    given = np.isfinite(mode).all(-1)
+    mu = np.where(given[:, None], mode, 0.0)
+    scale = 1.0 + np.abs(b)
+    exact = given & _kkt(A, b, mask, mu, scale)
+    r = _n_active(A, b, mask, mu, scale)
+    redo = np.flatnonzero(~exact)
+    if redo.size:
+        mu[redo], r[redo], exact[redo] = _mode_dual(A[redo], b[redo], mask[redo], chunk=chunk)
+    return mu, r, exact
 
 
 def _mode(A, b, mask, budget=3e3, chunk=4e6, rank=None):
@@ -1000,19 +1022,21 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, chunk=4e6, n_randomisations=16):
     return _qmc_draws(A, b, mask, [(n_qmc, seed, moments)], chunk, n_randomisations)[0]
 
 
-def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16):
+def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16, mode=None):
     """``_qmc`` for each draw (n_qmc, seed, moments) of ``draws`` on one geometry (mode,
     frame, projections and tilt are found once; they do not depend on the points).  Draws
-    with different seeds use independent points.  Returns a list of PolytopeMoments."""
-    geo = _qmc_geometry(A, b, mask, chunk)
+    with different seeds use independent points.  mode: as ``polytope_qmc_draws``.
+    Returns a list of PolytopeMoments."""
+    geo = _qmc_geometry(A, b, mask, chunk, mode)
     return [_qmc_sample(geo, A, b, mask, n, seed, mom, chunk, n_randomisations) for n, seed, mom in draws]
 
 
-def _qmc_geometry(A, b, mask, chunk=4e6):
+def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
     """What ``_qmc`` needs before any point is drawn: the mode, frame, SOV levels and
-    the tilted first variable, as a dict of per-polytope arrays."""
+    the tilted first variable, as a dict of per-polytope arrays.  mode (B, S): known
+    modes (NaN rows: not known; see ``_known_modes``)."""
     B, F, S = A.shape
-    mu, r, exact_mode = _mode_dual(A, b, mask, chunk=chunk)
+    mu, r, exact_mode = _mode_dual(A, b, mask, chunk=chunk) if mode is None else _known_modes(A, b, mask, mode, chunk)
     redo = np.flatnonzero(~exact_mode)                  # the enumeration missed the mode
     if redo.size:
         mu[redo], r[redo], exact_mode[redo] = _mode_ldp(A[redo], b[redo], mask[redo])

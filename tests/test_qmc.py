@@ -169,6 +169,39 @@ def test_distance_lower_bound_is_certified_and_sharp(partition_and_counts):
         assert lb[i] >= np.linalg.norm(u) * (1 - 1e-6), (i, lb[i], np.linalg.norm(u))
 
 
+def test_known_modes_are_checked_before_use(partition_and_counts):
+    """polytope._known_modes (the integral reusing the nearest-point bound's modes) on
+    translates of real S = 4 regions: the modes that distance_lower_bound certifies are
+    the NNLS least-distance points (Lawson and Hanson) within a relative 1e-6, and
+    _known_modes returns the NNLS point whether it is given that mode, a wrong point
+    (the mode pushed outward, the origin) or none (NaN): a wrong mode is never trusted."""
+    from cpadgn.polytope import _known_modes, _normalise, distance_lower_bound, least_distance_point
+    part, _, _ = partition_and_counts
+    net = random_net(4, (8, 8), 2, seed=3)
+    rng = np.random.default_rng(2)
+    idx = rng.choice(part.n_regions, 60, replace=False)
+    G, h, m = part.facets(net, idx)
+    A, c, m, _ = _normalise(G, h, m)
+    v = rng.normal(size=(idx.size, 4)) * np.repeat([0.3, 3.0, 30.0], 20)[:, None]
+    b = c - np.einsum("pfs,ps->pf", A, v)
+    _, mode = distance_lower_bound(A, b, m, with_mode=True)
+    truth = np.zeros_like(v)
+    for i in range(idx.size):
+        if not np.all(b[i][m[i]] >= 0):
+            truth[i] = least_distance_point(A[i][m[i]], b[i][m[i]])[0]
+    scale = 1.0 + np.linalg.norm(truth, axis=1, keepdims=True)
+    certified = np.isfinite(mode).all(1)
+    assert certified.sum() >= 50
+    assert np.all(np.abs(mode[certified] - truth[certified]) <= 1e-6 * scale[certified])
+    wrong = np.where(rng.random((idx.size, 1)) < 0.5, 1.5 * truth + 0.1, 0.0)
+    wrong[:5] = np.nan
+    for given in (np.where(certified[:, None], mode, np.nan), wrong):
+        mu, _, exact = _known_modes(A, b, m, given)
+        ok = exact
+        assert ok.sum() >= 50
+        assert np.all(np.abs(mu[ok] - truth[ok]) <= 1e-6 * scale[ok])
+
+
 def test_distance_lower_bound_closed_forms():
     """Fewer rows than dimensions: a half-space at offset 2 and a 2-D orthant whose corner
     is at distance 5 (within the 1e-9 relative rounding allowance)."""
