@@ -35,7 +35,7 @@ from scipy.special import erfcx, log_ndtr, roots_jacobi
 from .stop import stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
                        _masked_logsumexp, _normalise, facet_segments, gauss_legendre_count, gauss_legendre_sums,
-                       log_diff_ndtr, log_phi, polygon_moments)
+                       log_diff_ndtr, log_phi, panels_where_needed, polygon_moments)
 
 TINY_B = 1e-100                    # facet offsets below this are moved to +TINY_B (just inside)
 TINY = 1e-150                      # in-plane edge offsets below this are moved to +TINY
@@ -202,13 +202,7 @@ def _edge_rule(b, c, tau_lo, tau_hi):
     # g falls monotonically away from v*: its least value is at the end farther from 0
     nodes = _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1,
                              fall(np.where(np.abs(t0) > np.abs(t1), t0, t1)))
-    n_panels = np.ones(b.shape, np.int64)
-    many = np.flatnonzero((nodes > 16) & (width > 0))
-    if many.size:
-        drop = fall(t0[many], many) + fall(t1[many], many)
-        n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
-        nodes[many] = 16
-    return tau_star, h_star, r_star, v0, width, n_panels, nodes
+    return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
 
 
 def _log_product(front, total):

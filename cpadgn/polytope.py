@@ -381,13 +381,21 @@ def _owen_rule(p, t_lo, t_hi):
         with np.errstate(over="ignore"):
             return 0.5 * np.minimum((p[i] * ch) ** 2, np.exp(700.0)) + np.log(ch) - (0.5 * u2_star[i] + lc_star[i])
     nodes = _owen_node_count(p, r_star, lo, hi, fall(np.where(np.abs(lo) > np.abs(hi), lo, hi)))
-    n_panels = np.ones(p.shape, np.int64)
+    return lo, width, panels_where_needed(nodes, width, fall, lo, hi), nodes, u2_star
+
+
+def panels_where_needed(nodes, width, fall, lo, hi):
+    """Panels per interval: 1, except where one interval would need more than 16 nodes;
+    those are split into panels of width <= 1.5 and a fall of at most 8 (log of the
+    peak over the integrand; fall(x, i) at points x of the intervals i), 16 nodes each.
+    nodes (n,) int is set to 16 there in place; width, lo, hi (n,).  Returns (n,) int."""
+    n_panels = np.ones(nodes.shape, np.int64)
     many = np.flatnonzero((nodes > 16) & (width > 0))
     if many.size:
         drop = fall(lo[many], many) + fall(hi[many], many)
         n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
         nodes[many] = 16
-    return lo, width, n_panels, nodes, u2_star
+    return n_panels
 
 
 def _owen_integrand(s, p, u2_star):
