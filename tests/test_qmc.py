@@ -141,25 +141,29 @@ def _feasible_point_near(a, c, u):
     return u + min(1.0, t * (1 + 1e-12) + 1e-15) * (x - u)
 
 
+def _translated_regions(part, n, rng):
+    """n random regions of the S = 4 fixture's partition (net random_net(4, (8, 8), 2,
+    seed=3)), unit rows, translated by v at scales 0.3, 3 and 30 (a third each):
+    A (n, F, 4), b (n, F), mask (n, F), v (n, 4)."""
+    from cpadgn.polytope import _normalise
+    idx = rng.choice(part.n_regions, n, replace=False)
+    A, c, m, _ = _normalise(*part.facets(random_net(4, (8, 8), 2, seed=3), idx))
+    v = rng.normal(size=(n, 4)) * np.repeat([0.3, 3.0, 30.0], n // 3)[:, None]
+    return A, c - np.einsum("pfs,ps->pf", A, v), m, v
+
+
 def test_distance_lower_bound_is_certified_and_sharp(partition_and_counts):
     """polytope.distance_lower_bound (the S >= 4 likelihood's nearest-point bound) on
     translates of real S = 4 regions, near and far: never above the length of a feasible
     point (found from NNLS least-distance programming, Lawson and Hanson, moved into the
     polytope), and within a relative 1e-6 of the NNLS distance (the bound is the
     distance, not just below it).  0 exactly where 0 is in the polytope."""
-    from cpadgn.polytope import _normalise, distance_lower_bound, least_distance_point
-    part, _, _ = partition_and_counts
-    net = random_net(4, (8, 8), 2, seed=3)
-    rng = np.random.default_rng(1)
-    idx = rng.choice(part.n_regions, 120, replace=False)
-    G, h, m = part.facets(net, idx)
-    A, c, m, _ = _normalise(G, h, m)
-    v = rng.normal(size=(idx.size, 4)) * np.repeat([0.3, 3.0, 30.0], 40)[:, None]
-    b = c - np.einsum("pfs,ps->pf", A, v)
+    from cpadgn.polytope import distance_lower_bound, least_distance_point
+    A, b, m, v = _translated_regions(partition_and_counts[0], 120, np.random.default_rng(1))
     lb = distance_lower_bound(A, b, m)
     outside = ~np.all(~m | (b >= 0), axis=1)
     assert outside.sum() >= 100 and (~outside).sum() >= 1
-    for i in range(idx.size):
+    for i in range(len(v)):
         a_i, b_i = A[i][m[i]], b[i][m[i]]
         if np.all(b_i >= 0):
             assert lb[i] == 0.0
@@ -175,25 +179,19 @@ def test_known_modes_are_checked_before_use(partition_and_counts):
     the NNLS least-distance points (Lawson and Hanson) within a relative 1e-6, and
     _known_modes returns the NNLS point whether it is given that mode, a wrong point
     (the mode pushed outward, the origin) or none (NaN): a wrong mode is never trusted."""
-    from cpadgn.polytope import _known_modes, _normalise, distance_lower_bound, least_distance_point
-    part, _, _ = partition_and_counts
-    net = random_net(4, (8, 8), 2, seed=3)
+    from cpadgn.polytope import _known_modes, distance_lower_bound, least_distance_point
     rng = np.random.default_rng(2)
-    idx = rng.choice(part.n_regions, 60, replace=False)
-    G, h, m = part.facets(net, idx)
-    A, c, m, _ = _normalise(G, h, m)
-    v = rng.normal(size=(idx.size, 4)) * np.repeat([0.3, 3.0, 30.0], 20)[:, None]
-    b = c - np.einsum("pfs,ps->pf", A, v)
+    A, b, m, v = _translated_regions(partition_and_counts[0], 60, rng)
     _, mode = distance_lower_bound(A, b, m, with_mode=True)
     truth = np.zeros_like(v)
-    for i in range(idx.size):
+    for i in range(len(v)):
         if not np.all(b[i][m[i]] >= 0):
             truth[i] = least_distance_point(A[i][m[i]], b[i][m[i]])[0]
     scale = 1.0 + np.linalg.norm(truth, axis=1, keepdims=True)
     certified = np.isfinite(mode).all(1)
     assert certified.sum() >= 50
     assert np.all(np.abs(mode[certified] - truth[certified]) <= 1e-6 * scale[certified])
-    wrong = np.where(rng.random((idx.size, 1)) < 0.5, 1.5 * truth + 0.1, 0.0)
+    wrong = np.where(rng.random((len(v), 1)) < 0.5, 1.5 * truth + 0.1, 0.0)
     wrong[:5] = np.nan
     for given in (np.where(certified[:, None], mode, np.nan), wrong):
         mu, _, exact = _known_modes(A, b, m, given)
