@@ -803,8 +803,7 @@ def _concat_moments(parts: list):
     """PolytopeMoments of consecutive slices (or tuples of them) joined."""
     if isinstance(parts[0], tuple):
         return tuple(_concat_moments([p[k] for p in parts]) for k in range(len(parts[0])))
-    return PolytopeMoments(*(np.concatenate([getattr(r, f) for r in parts])
-                             for f in ("log_mass", "mean", "cov", "stderr")))
+    return PolytopeMoments.concat(parts)
 
 
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
@@ -987,8 +986,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 l_mode[sharpen] = torch.as_tensor(mode, device=dev)
             else:
                 near = np.concatenate([_nearest_point_bound(
-                tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk],
-                None if complete else _pair_polygons(tab, L_near[i:i + pair_chunk], r_near[i:i + pair_chunk]))
+                    tab, v_near[i:i + pair_chunk], r_near[i:i + pair_chunk],
+                    None if complete else _pair_polygons(tab, L_near[i:i + pair_chunk], r_near[i:i + pair_chunk]))
                     for i in range(0, r_near.size, pair_chunk)])
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True

@@ -68,8 +68,7 @@ def _polyhedron_chunked(A, b, mask, moments, work=3e6):
     for s in range(0, B, step):
         stop_check()
         parts.append(_polyhedron(A[s:s + step], b[s:s + step], mask[s:s + step], moments))
-    return PolytopeMoments(*(np.concatenate([getattr(p, n) for p in parts])
-                             for n in ("log_mass", "mean", "cov", "stderr")))
+    return PolytopeMoments.concat(parts)
 
 
 # ------------------------------------------------------------------ facet polygons

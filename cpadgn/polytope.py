@@ -29,6 +29,11 @@ class PolytopeMoments:
     cov: np.ndarray
     stderr: np.ndarray
 
+    @classmethod
+    def concat(cls, parts) -> "PolytopeMoments":
+        """The results of consecutive slices of the polytopes, joined."""
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("log_mass", "mean", "cov", "stderr")))
+
 
 def log_phi(x):
     return -0.5 * x * x - LOG_SQRT_2PI
@@ -183,8 +188,7 @@ def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None):
     step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
     parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner,
                         mode=None if mode is None else mode[i:i + step]) for i in range(0, B, step)]
-    return [PolytopeMoments(*(np.concatenate([getattr(p[k], f) for p in parts])
-                              for f in ("log_mass", "mean", "cov", "stderr"))) for k in range(len(draws))]
+    return [PolytopeMoments.concat([p[k] for p in parts]) for k in range(len(draws))]
 
 
 def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMoments:
@@ -828,11 +832,6 @@ def _frame(A, b, mask, mu):
     return _gram_schmidt_rows(V)[0]
 
 
-def _popcount(x):
-    """Number of set bits of uint64 values (any shape)."""
-    return np.bitwise_count(x)
-
-
 def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap):
     """Rows c (B, K, j) . z <= d (B, K), valid where m, with their histories hist (B, K)
     uint64 (bit f: original row f mod 64 took part); return the rows of the projection
@@ -864,7 +863,7 @@ def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap):
     found = []
     for qs in np.array_split(q, max(1, int(q.size * K * K // 4e6))):   # (chunk, K, K) masks
         keep = pos[qs][:, :, None] & neg[qs][:, None, :]
-        keep &= _popcount(hist[qs][:, :, None] | hist[qs][:, None, :]) <= n_elim + 1
+        keep &= np.bitwise_count(hist[qs][:, :, None] | hist[qs][:, None, :]) <= n_elim + 1
         qi, i, k = np.nonzero(keep)
         found.append((qs[qi], i, k))
     bi, i, k = (np.concatenate(x) for x in zip(*found))
