@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import (Progressbar, check_dask_options, console, main, parse_noise, resolve_device, say_for,
-                      user_errors)
+                      set_stderr_target, stderr_target_option, user_errors)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -53,6 +53,7 @@ REPORT_SUFFIXES = (".json", ".csv")
               show_default=True, help="Where the batched linear algebra runs.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading pickled torch modules (they can execute code).")
+@stderr_target_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
 @click.option("--debug", is_flag=True, hidden=True)
 @click.option("--dask", "dask_address", default=None, metavar="ADDRESS|local:N",
@@ -62,7 +63,7 @@ REPORT_SUFFIXES = (".json", ".csv")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @user_errors
 def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_path, timings, noise_std,
-            max_regions, device, trust_pickle, quiet, debug, as_json, dask_address):
+            max_regions, device, trust_pickle, stderr_target, quiet, debug, as_json, dask_address):
     """Compare MODELs by exact log-likelihood on held-out data.
 
     Per model: the mean exact log-likelihood per test row with its standard
@@ -117,6 +118,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
                             device=dev)) for p, s in zip(model_paths, noises)]
     check_dimensions({n: m.output_dim for n, m in models}, X_test, X_train)
     for i, (name, m) in enumerate(models):
+        set_stderr_target(m, stderr_target, say)
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
             part = m.partition(max_regions=max_regions, progress=bar, log=say)
         say(f"{name}: {part.n_regions} regions ({m.partition_status}; {m.cache_path})")

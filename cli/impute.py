@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import (Progressbar, check_dask_options, command_inputs, dask_options, load_model, main,
-                      model_options, print_summary, say_for, user_errors)
+                      model_options, print_summary, say_for, stderr_target_option, user_errors)
 from cpadgn.errors import CpadgnError
 
 MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
@@ -45,12 +45,13 @@ MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
 @click.option("--image-shape", default=None, metavar="HxW",
               help="Shape of one row as an image for --plot [default: square].")
 @model_options
+@stderr_target_option
 @dask_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, plot_path, image_shape,
            noise_std, cache, max_regions, device, memory_budget, trust_pickle, quiet, debug, as_json,
-           dask_address, chunk_rows):
+           dask_address, chunk_rows, stderr_target):
     """Impute the missing entries (NaN) of DATA exactly under MODEL.
 
     By default each missing entry gets the exact conditional mean E[x_m | x_o] =
@@ -78,7 +79,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
       cpadgn impute sample_data/digits_generator.h5 holes.csv -o filled.csv --plot draws.png --image-shape 8x8
     """
     from cpadgn.data import check_output_path, read_data
-    from cpadgn.impute import imputation_errors, impute as run_impute, mcar_mask
+    from cpadgn.impute import imputation_errors, mcar_mask
     t0 = time.perf_counter()
     quiet = quiet or as_json
     if n_draws is not None and n_draws < 1:
@@ -112,7 +113,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         res, model = impute_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, n_draws, seed,
                                     want_std, out, std_path, quiet=quiet, cache=cache, noise_std=noise_std,
                                     device=device, trust_pickle=trust_pickle, max_regions=max_regions,
-                                    memory_budget=memory_budget)
+                                    memory_budget=memory_budget, stderr_target=stderr_target)
         summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
@@ -138,12 +139,10 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in,
-                       memory_budget=memory_budget)
+                       memory_budget=memory_budget, stderr_target=stderr_target)
     model._check_data(X)
     with Progressbar("imputing rows", quiet) as bar:
-        res = run_impute(model.net, model.partition(), model.noise_std, X_in, draws=n_draws, seed=seed,
-                         std=want_std, tab=model._region_table(), device=model.device,
-                         memory_budget=model.memory_budget, progress=bar)
+        res = model.imputation(X_in, draws=n_draws, seed=seed, std=want_std, progress=bar)
     if out is not None:
         write_imputation(out, res.mean if n_draws is None else res.draws, res.std, columns,
                          draws=n_draws is not None, std_path=std_path)

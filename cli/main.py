@@ -114,10 +114,13 @@ def parse_noise(value):
     return v
 
 
-def parse_memory_budget(value: float) -> float:
-    if not np.isfinite(value) or value <= 0:
-        raise click.BadParameter(f"expected a positive number of bytes, got {value:g}")
-    return value
+def positive(unit: str):
+    """A click callback that accepts a positive finite number of ``unit`` (or no value)."""
+    def check(ctx, param, value):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise click.BadParameter(f"expected a positive number of {unit}, got {value:g}")
+        return value
+    return check
 
 
 def resolve_device(name: str):
@@ -142,7 +145,7 @@ def model_options(fn):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the batched linear algebra runs."),
         click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
-                     callback=lambda c, p, v: parse_memory_budget(v),
+                     callback=positive("bytes"),
                      help="Working memory of the partition's enumeration and of one batch of rows "
                           "(smaller: smaller batches, the same results up to rounding; see README, "
                           "Precision)."),
@@ -153,6 +156,14 @@ def model_options(fn):
     ]):
         fn = decorator(fn)
     return fn
+
+
+def stderr_target_option(fn):
+    """--stderr-target: what the S >= 4 Monte Carlo likelihoods aim at (CPAModel.stderr_target)."""
+    return click.option("--stderr-target", type=float, default=None, metavar="NATS", callback=positive("nats"),
+                        help="S >= 4 only (S <= 3 is exact): the standard error of each row's "
+                             "log-likelihood that the randomised QMC aims at [default: 1e-4]; "
+                             "a 10x smaller target costs up to 10x more points.")(fn)
 
 
 def dask_options(fn):
@@ -204,7 +215,7 @@ def cache_status(status) -> dict:
 
 
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
-               need_noise=True, memory_budget=2e9):
+               need_noise=True, memory_budget=2e9, stderr_target=None):
     """Load a generator, check it against the data, get its partition (cache or compute),
     settle the noise std.  Bad input fails here, before any long computation."""
     from cpadgn.model import load
@@ -212,6 +223,7 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
                  trust_pickle=trust_pickle, device=resolve_device(device))
     model.memory_budget = memory_budget
+    set_stderr_target(model, stderr_target, say)
     if data is not None:
         model._check_data(data)
     if noise_std == "auto" and data is None:
@@ -226,6 +238,15 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
         say(f"noise std fitted by maximum exact likelihood: {sigma:.6g}")
         model = model.with_noise_std(sigma)
     return model
+
+
+def set_stderr_target(model, stderr_target, say) -> None:
+    """--stderr-target onto the model (None: keep its default); a note where it has no effect."""
+    if stderr_target is None:
+        return
+    model.stderr_target = stderr_target
+    if model.latent_dim <= 3:
+        say(f"--stderr-target has no effect at S = {model.latent_dim}: the likelihood is exact")
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]},
@@ -336,12 +357,13 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
               help="Draw the histogram of log p(x) with the threshold and, with --pvalues, the "
                    "model's own log p (.png/.pdf/.svg; needs pip install 'cpadgn[plot]').")
 @model_options
+@stderr_target_option
 @dask_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def score(model_path, data_path, out, dataset, contamination, pvalues, samples, seed, alpha, explain,
           memory_budget, plot_path, noise_std, cache, max_regions, device, trust_pickle, quiet, debug, as_json,
-          dask_address, chunk_rows):
+          dask_address, chunk_rows, stderr_target):
     """Anomaly scores of DATA from MODEL's exact log-likelihood.
 
     One output row per data row: log_likelihood (nats), anomaly_score
@@ -385,7 +407,8 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
         stats, flags, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, out,
                                             contamination, quiet=quiet or as_json, cache=cache,
                                             noise_std=noise_std, device=device, trust_pickle=trust_pickle,
-                                            max_regions=max_regions, memory_budget=memory_budget)
+                                            max_regions=max_regions, memory_budget=memory_budget,
+                                            stderr_target=stderr_target)
         summary = score_summary(stats, model, time.perf_counter() - t0, out, anomalies=flags)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
@@ -401,7 +424,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                           f"use --explain {X.shape[1]} or less")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X,
-                       memory_budget=memory_budget)
+                       memory_budget=memory_budget, stderr_target=stderr_target)
     with Progressbar("scoring rows", quiet or as_json) as bar:
         post = model.posterior(X, progress=bar)
     pv = residuals = None

@@ -397,12 +397,9 @@ def _posterior_block(X, model, moments: bool):
 def _impute_block(X, model, draws, seed, std, block_info=None):
     """[error_bound, n_missing | mean (D) | std (D)] or [error_bound, n_missing | draws
     (K*D), draw by draw] per row."""
-    from .impute import impute
     model = _ready(model)
     first_row = block_info[0]["array-location"][0][0] if block_info else 0
-    rng = np.random.default_rng([int(seed), int(first_row)])
-    res = impute(model.net, model.partition(), model.noise_std, X, draws=draws, seed=rng, std=std,
-                 tab=model._region_table(), device=model.device, memory_budget=model.memory_budget)
+    res = model.imputation(X, draws=draws, seed=np.random.default_rng([int(seed), int(first_row)]), std=std)
     if draws is not None:
         parts = [res.draws.transpose(1, 0, 2).reshape(X.shape[0], -1)]
     else:

@@ -172,7 +172,7 @@ class RegionTable:
         if self.data_space:
             W = self._net.weights[-1]
             M, c = np.matmul(W, M), c @ W.T
-        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64, device=self.device)
+        t = lambda a: torch.as_tensor(np.require(a, np.float64, ["C", "W"]), device=self.device)
         return t(M), t(c)
 
     def _region_constants(self, M: torch.Tensor, c: torch.Tensor):

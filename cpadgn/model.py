@@ -195,20 +195,26 @@ class CPAModel:
         from p(x_m | x_o), (K, N, D) (multiple imputation; same seed, same draws).
         Observed entries are copied bit for bit and X's float dtype is kept.
         """
-        from .impute import check_input, impute
-        X = check_input(X, self.output_dim)
-        res = impute(self.net, self.partition(), self.noise_std, X, draws=draws, seed=seed,
-                     tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
+        res = self.imputation(X, draws=draws, seed=seed)
         return res.mean if draws is None else res.draws
 
     def conditional(self, X, *, full_cov: bool = True):
         """Exact E[x | x_o] (N, D) and Cov[x | x_o] (N, D, D; None with full_cov=False),
         plus the conditional std (N, D): a named tuple (mean, cov, std).  Observed
         entries keep their value with zero variance."""
-        from .impute import check_input, conditional
-        X = check_input(X, self.output_dim)
-        return conditional(self.net, self.partition(), self.noise_std, X, full_cov=full_cov,
-                           tab=self._region_table(), device=self.device, memory_budget=self.memory_budget)
+        from .impute import Conditional
+        res = self.imputation(X, std=True, full_cov=full_cov)
+        return Conditional(res.mean, res.cov, res.std)
+
+    def imputation(self, X, *, draws=None, seed=None, std: bool = False, full_cov: bool = False,
+                   progress=None):
+        """Everything ``impute.impute`` gives for X (N, D) with this model's partition,
+        device, memory budget and stderr target: an ``impute.ImputeResult``."""
+        from .impute import impute
+        return impute(self.net, self.partition(), self.noise_std, X, draws=draws, seed=seed, std=std,
+                      full_cov=full_cov, tab=self._region_table(), device=self.device,
+                      memory_budget=self.memory_budget, stderr_target=self.stderr_target,
+                      progress=progress)
 
 
 def _check_noise(noise_std, D: int) -> np.ndarray:

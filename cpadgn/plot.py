@@ -520,7 +520,6 @@ def imputation_figure(model, X, result=None, image_shape=None, *, n_draws: int =
     """``imputations`` of the first max_rows rows of X (N, D) with a missing entry, from
     ``result`` (an ``impute.ImputeResult`` of all of X) where it has the std and draws,
     computed exactly for those rows otherwise (n_draws draws, seeded)."""
-    from .impute import impute
     X = np.asarray(X, dtype=np.float64)
     image_shape = image_shape or square_shape(X.shape[1])
     rows = np.flatnonzero(np.isnan(X).any(1))[:max_rows]
@@ -530,9 +529,8 @@ def imputation_figure(model, X, result=None, image_shape=None, *, n_draws: int =
     if have:
         mean, std, draws = result.mean[rows], result.std[rows], result.draws[:, rows]
     else:
-        res = impute(model.net, model.partition(), model.noise_std, X[rows], std=True, seed=seed,
-                     draws=n_draws if result is None or result.draws is None else None,
-                     tab=model._region_table(), device=model.device, memory_budget=model.memory_budget)
+        res = model.imputation(X[rows], std=True, seed=seed,
+                               draws=n_draws if result is None or result.draws is None else None)
         mean, std = res.mean, res.std
         draws = res.draws if res.draws is not None else result.draws[:, rows]
     return imputations(X[rows], mean, std, draws, image_shape, size=size)

@@ -243,3 +243,52 @@ def test_help_and_import_cpadgn_load_no_numerics():
                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:3] == ["[]", "True PiecewiseAffineNet load", "False"]
+
+
+@pytest.fixture(scope="module")
+def s4_files(tmp_path_factory):
+    """A small S = 4 model (QMC likelihoods) and three rows drawn from it, one with a missing entry."""
+    from cpadgn.model import CPAModel
+    tmp = tmp_path_factory.mktemp("s4")
+    net = random_net(4, (6, 6), 6, seed=7, slope=0.2)
+    save_model(tmp / "gen.h5", net, noise_std=0.3)
+    X = CPAModel(net, noise_std=0.3, device="cpu").sample(3, seed=4)
+    X[1, 2] = np.nan
+    np.savetxt(tmp / "x.csv", X, delimiter=",")
+    return tmp
+
+
+def test_stderr_target_sets_the_s4_standard_error(s4_files):
+    """A loose --stderr-target 0.05 spends no second-stage points: some row keeps the first
+    stage's standard error, far above what the default 1e-4 allows, and none exceeds 0.05."""
+    out = s4_files / "scores.csv"
+    res = run("score", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.05", "-q")
+    assert res.exit_code == 0, res.output
+    se = np.genfromtxt(out, delimiter=",", names=True)["log_likelihood_stderr"]
+    assert np.all(se <= 0.05) and se.max() > 1e-3, se
+    out.unlink()
+
+
+@pytest.mark.parametrize("command", ["score", "impute", "compare"])
+def test_stderr_target_reaches_every_likelihood_of_the_command(s4_files, monkeypatch, command):
+    import cpadgn.likelihood
+    seen, real = [], cpadgn.likelihood.posterior
+
+    def spy(*args, stderr_target, **kw):
+        seen.append(stderr_target)
+        return real(*args, stderr_target=stderr_target, **kw)
+    monkeypatch.setattr(cpadgn.likelihood, "posterior", spy)
+    model, data, out = s4_files / "gen.h5", s4_files / "x.csv", s4_files / f"{command}.csv"
+    argv = {"score": ["score", model, data, "-o", out], "impute": ["impute", model, data, "-o", out],
+            "compare": ["compare", model, "--data", data]}[command]
+    res = run(*argv, "--stderr-target", "0.02", "-q")
+    assert res.exit_code == 0, res.output
+    assert seen and set(seen) == {0.02}, seen
+    out.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-3", "inf", "nan"])
+def test_stderr_target_must_be_a_positive_number(files, value):
+    res = run("score", files["model"], files["data"], "-o", files["dir"] / "s.csv", "--stderr-target", value)
+    assert res.exit_code == 2 and "positive number of nats" in res.output, res.output
+    assert not (files["dir"] / "s.csv").exists()
