@@ -502,12 +502,13 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
 
 
 def score_dtypes(S: int, contamination) -> dict:
-    """{column: dtype} of ``scores_table`` in its order, every optional column included
-    (log_likelihood_stderr; is_anomaly with --contamination)."""
+    """{column: dtype} of ``scores_table`` in its order, with its optional columns where
+    they can occur (log_likelihood_stderr at S >= 4, where likelihoods are QMC estimates;
+    is_anomaly with --contamination)."""
     f, i = np.float64, np.int64
     return {"log_likelihood": f, "anomaly_score": f, "n_observed": i,
             **{f"z_mean_{j + 1}": f for j in range(S)}, "top_region": i, "top_region_responsibility": f,
-            "log_likelihood_error_bound": f, "log_likelihood_stderr": f,
+            "log_likelihood_error_bound": f, **({"log_likelihood_stderr": f} if S >= 4 else {}),
             **({"is_anomaly": np.bool_} if contamination is not None else {})}
 
 

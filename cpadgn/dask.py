@@ -558,14 +558,19 @@ def _streamed(out, open_arrays):
     """Yield (arrays, writing) for writing ``out`` chunk by chunk: ``open_arrays(stack,
     atomic_path)`` opens the arrays on temporaries that are renamed over their targets
     when the block ends cleanly (and removed on any exception, Ctrl-C included);
-    ``writing`` is a context manager that reports an OSError (a full disk) in one line."""
-    from .data import atomic_path, write_error
+    ``writing`` is a context manager that reports an OSError in one line, and HDF5's
+    RuntimeError for a full disk (from creating the file, before any data is written)."""
+    from .data import atomic_path, is_no_space, write_error
 
     @contextlib.contextmanager
     def writing():
         try:
             yield
         except OSError as e:
+            raise write_error(out, e) from None
+        except RuntimeError as e:
+            if not is_no_space(e):
+                raise
             raise write_error(out, e) from None
 
     with contextlib.ExitStack() as stack:
@@ -603,43 +608,90 @@ def imputation_writer(out, shape: tuple, columns, *, draws: bool, std_path=None,
                     sd[start:stop] = std_values
 
         yield put
+
+
 def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std_path, std):
     """The output arrays of ``imputation_writer`` (memory maps or HDF5 datasets) on
-    temporaries that ``stack`` renames over their targets when it closes cleanly."""
+    temporaries that ``stack`` renames over their targets when it closes cleanly, their
+    disk space reserved before any row is computed."""
     tmp = stack.enter_context(atomic_path(out))
     if suffix == ".npy":
         data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=shape)
+        reserve_disk(tmp)
         sd = None
         if std:
-            sd = np.lib.format.open_memmap(stack.enter_context(atomic_path(std_path)), mode="w+",
-                                           dtype=np.float64, shape=shape[-2:])
+            std_tmp = stack.enter_context(atomic_path(std_path))
+            sd = np.lib.format.open_memmap(std_tmp, mode="w+", dtype=np.float64, shape=shape[-2:])
+            reserve_disk(std_tmp)
         return data, sd
-    import h5py
-    f = stack.enter_context(h5py.File(tmp, "w"))
     rows = max(1, min(shape[-2], int(4e6 // (8 * shape[-1]))))            # ~4 MB HDF5 chunks
     chunks = (1, rows, shape[-1]) if draws else (rows, shape[-1])
     names = [str(c) for c in columns]
-    data = f.create_dataset("data", shape=shape, dtype="f8", chunks=chunks, track_times=False)
-    data.attrs["columns"] = names
-    sd = None
-    if std:
-        sd = f.create_dataset("std", shape=shape[-2:], dtype="f8", chunks=chunks[-2:], track_times=False)
-        sd.attrs["columns"] = names
-    return data, sd
 
+    def create(f):
+        early_dataset(f, "data", shape, "f8", chunks).attrs["columns"] = names
+        if std:
+            early_dataset(f, "std", shape[-2:], "f8", chunks[-2:]).attrs["columns"] = names
+    f = reserved_hdf5(stack, tmp, create)
+    return f["data"], f["std"] if std else None
 
 
 HDF5_CHUNK_BYTES = 2 ** 19     # 512 KB chunks: under h5py's 1 MB chunk cache per dataset
+HDF5_SLACK_BYTES = 2 ** 20     # room for what HDF5 writes at the end (attributes, deletions)
+
+
+def reserve_disk(path, extra: int = 0) -> None:
+    """Give the file at ``path`` real disk blocks for its length plus ``extra`` bytes, so
+    that a full disk fails here, before any work, and never in a later write: a memory
+    map would die of SIGBUS, and HDF5 does not recover from a failed write (its clean-up
+    crashed the process).  Without posix_fallocate (macOS, Windows) every block is
+    rewritten (holes read as zeros)."""
+    size = os.path.getsize(path) + extra
+    with open(path, "r+b") as f:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, size)
+            return
+        block = 2 ** 20
+        for offset in range(0, size, block):
+            f.seek(offset)
+            data = f.read(block).ljust(min(block, size - offset), b"\0")
+            f.seek(offset)
+            f.write(data)
+
+
+def early_dataset(f, name: str, shape: tuple, dtype, chunks: tuple):
+    """A chunked dataset of ``f`` whose file space is allocated when it is created (not
+    when a chunk is first written) and never filled."""
+    import h5py
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, track_times=False, dcpl=dcpl)
+
+
+def reserved_hdf5(stack, path, create):
+    """An h5py.File open on ``path`` for writing (closed by ``stack``) once ``create(f)``
+    has made its datasets there with ``early_dataset`` and ``reserve_disk`` has reserved
+    the blocks of the whole file: the data written later cannot meet a full disk."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        create(f)
+    reserve_disk(path, HDF5_SLACK_BYTES)
+    return stack.enter_context(h5py.File(path, "r+"))
 
 
 class StreamedTable:
     """The named 1-D columns of a table being written to an .h5 file (see ``table_writer``)."""
 
-    def __init__(self, f, n_rows: int, dtypes: dict, writing=contextlib.nullcontext):
+    def __init__(self, f, dtypes: dict, writing=contextlib.nullcontext):
         self.file, self.dtypes, self.written, self.writing = f, dict(dtypes), set(), writing
-        for name, dtype in self.dtypes.items():
+
+    @staticmethod
+    def create(f, n_rows: int, dtypes: dict) -> None:
+        """The (n_rows,) datasets of the columns {name: dtype}, their space allocated."""
+        for name, dtype in dtypes.items():
             rows = max(1, min(n_rows, HDF5_CHUNK_BYTES // np.dtype(dtype).itemsize))
-            f.create_dataset(name, shape=(n_rows,), dtype=dtype, chunks=(rows,), track_times=False)
+            early_dataset(f, name, (n_rows,), dtype, (rows,))
 
     def put(self, start: int, stop: int, columns: dict) -> None:
         """Rows start..stop-1 of some of the columns ({name: (stop - start,) values})."""
@@ -654,8 +706,8 @@ class StreamedTable:
             return self.file[name][()]
 
     def finish(self) -> None:
-        """Drop the columns never written (HDF5 allocates a chunk only when it is written,
-        so they took no space) and record the column order."""
+        """Drop the columns never written (their reserved space stays in the file, unused)
+        and record the column order."""
         with self.writing():
             for name in self.dtypes:
                 if name not in self.written:
@@ -676,9 +728,9 @@ def table_writer(out, n_rows: int, dtypes: dict):
         raise CpadgnError(f"cannot stream {out}: use .h5")
 
     def opener(stack, atomic_path):
-        import h5py
-        return (StreamedTable(stack.enter_context(h5py.File(stack.enter_context(atomic_path(out)), "w")),
-                              n_rows, dtypes),)
+        tmp = stack.enter_context(atomic_path(out))
+        return (StreamedTable(reserved_hdf5(stack, tmp, lambda f: StreamedTable.create(f, n_rows, dtypes)),
+                              dtypes),)
 
     with _streamed(out, opener) as ((table,), writing):
         table.writing = writing

@@ -369,6 +369,36 @@ def test_ctrl_c_during_a_dask_run_exits_130_and_leaves_no_file(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5", "gen.h5.partition.h5", "x.npy"]
 
 
+@pytest.mark.parametrize("argv", [["score", "s.h5"], ["impute", "i.h5", "--std"], ["impute", "i.npy", "--std"]],
+                         ids=["score h5", "impute h5", "impute npy"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(client, model, tmp_path, argv):
+    """The streamed outputs reserve their disk space before the work: a full disk (a 1 MB
+    tmpfs filled but for 32 KB, where mounting is permitted; else a 32 KB file-size limit)
+    is one line and exit 1, with nothing left behind (before: HDF5's failed writes crashed
+    the process, and a memory map past the disk's end would die of SIGBUS)."""
+    import cpadgn
+    from cpadgn.modelfile import save_model
+    from test_faults import file_size_limit, fill_up, small_disk
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    cpadgn.load(tmp_path / "gen.h5").partition()               # the cache is written here, not there
+    np.save(tmp_path / "x.npy", rows(model, 3000, seed=3))     # outputs of 120-240 KB
+    root = Path(__file__).resolve().parent.parent
+    with small_disk(tmp_path / "disk") as disk:
+        folder = tmp_path / "disk"
+        limit = file_size_limit(2 ** 15) if disk is None else fill_up(disk, leave=2 ** 15)
+        before = sorted(folder.iterdir())
+        out = folder / argv[1]
+        r = subprocess.run([sys.executable, "-m", "cli.main", argv[0], str(tmp_path / "gen.h5"),
+                            str(tmp_path / "x.npy"), "-o", str(out), *argv[2:], "-q", "--device", "cpu",
+                            "--dask", client.scheduler.address, "--chunk-rows", "500"],
+                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                           text=True, timeout=300, preexec_fn=limit)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        assert r.stderr.strip() == f"Error: could not write {out}: no space left on device; free space or " \
+                                   "choose another path", r.stderr
+        assert sorted(folder.iterdir()) == before
+
+
 def test_the_command_line_starts_without_importing_dask():
     root = Path(__file__).resolve().parent.parent
     code = ("import sys\nfrom click.testing import CliRunner\nfrom cli.main import main\n"

@@ -298,20 +298,22 @@ def small_disk(where: Path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+def fill_up(disk: Path, leave: int = 0) -> None:
+    """Fill the file system of ``disk`` with a file 'filler', then free ``leave`` bytes."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        f.truncate(max(0, f.tell() - leave))
+
+
 def test_full_tmpfs_score_and_cache(template, tmp_path):
     """A really full file system (ENOSPC), where mounting is permitted."""
     with small_disk(tmp_path / "disk") as disk:
         folder = disk or tmp_path / "disk"
         for name in (W, WD):
             shutil.copy(template / name, folder / name)
-        limit = None
-        if disk is not None:
-            with open(folder / "filler", "wb", buffering=0) as f:        # fill it up
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\0" * 65536)
-        else:
-            limit = file_size_limit(1000)
+        limit = file_size_limit(1000) if disk is None else fill_up(disk)
         before = snapshot(folder)
         res = cli(folder, "score", W, WD, "-o", "s.csv", "-q", preexec_fn=limit)
         assert_refused(res, 1, before, folder, "could not write s.csv: no space left on device")
