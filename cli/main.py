@@ -587,9 +587,10 @@ class LoglikStats:
         self.rows = self.nothing = self.missing = self.n = 0
         self.mean = self.m2 = 0.0
         self.min, self.max, self.max_error_bound = np.inf, -np.inf, -np.inf
+        self.max_stderr = 0.0
 
     def add(self, post):
-        """Add the rows of a posterior (fields log_likelihood, n_observed, error_bound (n,))."""
+        """Add the rows of a posterior (fields log_likelihood, n_observed, error_bound, stderr (n,))."""
         seen = post.n_observed > 0
         ll = post.log_likelihood[seen]
         self.rows += post.n_observed.size
@@ -597,6 +598,7 @@ class LoglikStats:
         self.missing += int((post.n_observed < self.output_dim).sum())
         if post.error_bound.size:
             self.max_error_bound = max(self.max_error_bound, float(post.error_bound.max()))
+            self.max_stderr = max(self.max_stderr, float(post.stderr.max()))
         if ll.size:
             mean = float(ll.mean())
             n = self.n + ll.size
@@ -613,7 +615,9 @@ class LoglikStats:
                 "mean_log_likelihood": self.mean if n else None,
                 "mean_log_likelihood_stderr": float(np.sqrt(self.m2 / (n - 1) / n)) if n > 1 else None,
                 "min_log_likelihood": self.min if n else None, "max_log_likelihood": self.max if n else None,
-                "max_error_bound": self.max_error_bound, "rows_with_missing": self.missing}
+                "max_error_bound": self.max_error_bound,
+                **({"max_qmc_stderr": self.max_stderr} if self.max_stderr > 0 else {}),
+                "rows_with_missing": self.missing}
 
 
 def score_summary(stats, model, seconds, out, *, pv=None, alpha=None, anomalies=None):

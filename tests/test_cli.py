@@ -262,10 +262,11 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files):
     """A loose --stderr-target 0.05 spends no second-stage points: some row keeps the first
     stage's standard error, far above what the default 1e-4 allows, and none exceeds 0.05."""
     out = s4_files / "scores.csv"
-    res = run("score", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.05", "-q")
+    res = run("score", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.05", "--json")
     assert res.exit_code == 0, res.output
     se = np.genfromtxt(out, delimiter=",", names=True)["log_likelihood_stderr"]
     assert np.all(se <= 0.05) and se.max() > 1e-3, se
+    assert json.loads(res.stdout)["max_qmc_stderr"] == se.max()       # the CSV keeps 17 digits
     out.unlink()
 
 
