@@ -369,6 +369,27 @@ def test_ctrl_c_during_a_dask_run_exits_130_and_leaves_no_file(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5", "gen.h5.partition.h5", "x.npy"]
 
 
+@pytest.mark.parametrize("fallocate", [True, False], ids=["posix_fallocate", "rewrite"])
+def test_reserve_disk_allocates_every_block_and_keeps_the_content(tmp_path, monkeypatch, fallocate):
+    """A sparse file (data, a 3 MB hole, data) gets real blocks for its length plus the
+    extra bytes, its content unchanged; without posix_fallocate (macOS) by rewriting."""
+    if not fallocate:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    path = tmp_path / "sparse"
+    head, tail = os.urandom(5000), os.urandom(3000)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.seek(3 * 2 ** 20)
+        f.write(tail)
+    size = path.stat().st_size
+    assert path.stat().st_blocks * 512 < size / 2                  # the hole holds no blocks
+    cd.reserve_disk(path, extra=2 ** 16)
+    assert path.stat().st_blocks * 512 >= size + 2 ** 16 - 4096     # a partial last block
+    data = path.read_bytes()
+    assert data[:5000] == head and data[size - 3000:size] == tail and not any(data[5000:size - 3000])
+    assert len(data) >= size and not any(data[size:])
+
+
 @pytest.mark.parametrize("argv", [["score", "s.h5"], ["impute", "i.h5", "--std"], ["impute", "i.npy", "--std"]],
                          ids=["score h5", "impute h5", "impute npy"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(client, model, tmp_path, argv):
