@@ -299,20 +299,18 @@ def _signed_sum(b, c2, t_lo, t_hi, live, inside, foot_in):
 def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos, moments, ratio=1e3):
     """The polytopes whose mass is below 1/ratio of the terms that cancel to it, bounded
     and small against the Gaussian's scale (indices (R,)), and their direct integrals
-    (``_cubature``)."""
+    (``_direct_if_small``)."""
     bounded = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
     redo = np.flatnonzero(bounded & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(ratio)))
     if not redo.size:
         return redo, None
-    ends = _segment_ends(A[redo], b[redo], E[redo], a2[redo], c2[redo], t_lo[redo], t_hi[redo], live[redo])
-    V = ends.reshape(redo.size, -1, 3)
-    with np.errstate(invalid="ignore"):
-        size = np.nanmax(np.linalg.norm(V - np.nanmean(V, 1, keepdims=True), axis=-1), 1)
-        spread = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size)          # variation of |u|^2 / 2
-    small = spread <= 2.0
-    redo = redo[small]
-    return redo, (_cubature(ends[small], live[redo], A[redo], b[redo], spread[small], moments)
-                  if redo.size else None)
+    F = b.shape[1]
+    A, b, E, a2, c2, t_lo, t_hi, live = (x[redo] for x in (A, b, E, a2, c2, t_lo, t_hi, live))
+    i, k, j = np.nonzero(live)
+    ends = _edge_ends(A[i, k], b[i, k], E[i, k], a2[i, k, j], c2[i, k, j], t_lo[i, k, j], t_hi[i, k, j])
+    small, direct = _direct_if_small(ends, i * F + k, np.repeat(np.arange(redo.size), F), A.reshape(-1, 3),
+                                     b.reshape(-1), moments)
+    return redo[small], direct
 
 
 def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
@@ -335,41 +333,69 @@ def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
 
 
 # ------------------------------------------------------------------ small polytopes
-def _segment_ends(A, b, E, a2, c2, t_lo, t_hi, live):
-    """The ends of the facets' edge segments of bounded polyhedra (their vertices, each
-    listed once per edge and facet): (B, F, F, 2, 3), NaN where the edge is not live."""
-    d2 = np.stack([-a2[..., 1], a2[..., 0]], -1)
-    base = c2[..., None] * a2                                                     # (B, F, F, 2) in-plane
-    with np.errstate(invalid="ignore"):
-        ends = np.stack([base + t_lo[..., None] * d2, base + t_hi[..., None] * d2], -2)   # (B, F, F, 2, 2)
-    pts = b[:, :, None, None, None] * A[:, :, None, None, :] + np.einsum("bkjei,bkis->bkjes", ends, E)
-    return np.where(live[..., None, None], pts, np.nan)
+def _edge_ends(a, b, E, a2, c2, t_lo, t_hi):
+    """The two ends of facet edges in 3-D: per edge its facet's unit normal a (n, 3),
+    offset b (n,) and in-plane basis E (n, 2, 3), the edge's in-plane normal a2 (n, 2),
+    offset c2 (n,) and segment [t_lo, t_hi] (n,) (finite).  Returns (n, 2, 3)."""
+    d2 = np.stack([-a2[:, 1], a2[:, 0]], -1)
+    base = c2[:, None] * a2                                                        # (n, 2) in-plane
+    ends = np.stack([base + t_lo[:, None] * d2, base + t_hi[:, None] * d2], 1)     # (n, 2, 2)
+    return b[:, None, None] * a[:, None, :] + np.einsum("nei,nis->nes", ends, E)
 
 
-def _tetrahedra(ends, live, A, b):
+def _direct_if_small(ends, edge_facet, facet_pair, a, b, moments):
+    """Bounded polyhedra given by their edges, integrated directly (``_cubature``) where
+    they are small against the Gaussian's scale: spread = size (|centre| + size) <= 2,
+    the variation of |u|^2 / 2 across the listed vertices (centre their mean, size the
+    largest distance from it).  ends (NE, 2, 3) of every edge of every facet, grouped
+    by facet (edge_facet (NE,) nondecreasing indices into the facets), facet_pair (NF,)
+    nondecreasing indices of the P polyhedra, a (NF, 3) unit normals, b (NF,) offsets.
+    Returns small (P,) bool and the small ones' PolytopeMoments."""
+    P = int(facet_pair[-1]) + 1 if facet_pair.size else 0
+    owner = np.repeat(facet_pair[edge_facet], 2)
+    V = ends.reshape(-1, 3)
+    count = np.bincount(owner, minlength=P)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre = np.stack([np.bincount(owner, V[:, s], P) for s in range(3)], -1) / count[:, None]
+    size = np.zeros(P)
+    np.maximum.at(size, owner, np.linalg.norm(V - centre[owner], axis=-1))
+    spread = size * (np.linalg.norm(centre, axis=-1) + size)
+    small = (count > 0) & (spread <= 2.0)
+    if not small.any():
+        return small, None
+    keep = small[facet_pair]
+    new_facet = np.cumsum(keep) - 1
+    e = np.flatnonzero(keep[edge_facet])
+    corners, owner = _tetrahedra(ends[e], new_facet[edge_facet[e]], (np.cumsum(small) - 1)[facet_pair[keep]],
+                                 a[keep], b[keep])
+    return small, _cubature(corners, owner, spread[small], moments)
+
+
+def _tetrahedra(ends, edge_facet, facet_pair, a, b):
     """Split bounded convex polyhedra into tetrahedra: a cone from one vertex (the apex)
     over the facets that do not contain it, each facet fanned from one of its vertices.
-    ends (B, F, F, 2, 3) as from ``_segment_ends``, live (B, F, F), the rows A (B, F, 3),
-    b (B, F).  Returns the corners (T, 4, 3) and their polytope (T,).
+    ends (NE, 2, 3), edge_facet (NE,), facet_pair (NF,), a (NF, 3), b (NF,) as for
+    ``_direct_if_small`` (every polyhedron with an edge).  Returns the corners (T, 4, 3)
+    and their polyhedron (T,).
 
     A facet whose plane passes within rounding (8 eps (|b_k| + |apex|)) of the apex, and
     an edge with an end that close to its facet's fan vertex, would only give
     tetrahedra of (near) zero volume and are left out."""
-    B, F = live.shape[:2]
-    pts = ends.reshape(B, F, -1, 3)                                               # (B, F, 2F, 3)
-    finite = np.isfinite(pts[..., 0])
-    fan = np.take_along_axis(pts, np.argmax(finite, 2)[..., None, None], 2)[:, :, 0]   # (B, F, 3)
-    has = finite.any(2)
-    apex = fan[np.arange(B), np.argmax(has, 1)]                                    # (B, 3)
+    NF = b.size
+    first = np.searchsorted(edge_facet, np.arange(NF))                  # each facet's first edge
+    has = first < np.append(first[1:], edge_facet.size)
+    fan = ends[np.minimum(first, edge_facet.size - 1), 0]                # (NF, 3), where has
+    with_edges = np.flatnonzero(has)
+    _, lead = np.unique(facet_pair[with_edges], return_index=True)
+    apex = fan[with_edges[lead]]                                         # (P, 3)
     tol = 8 * np.finfo(float).eps
-    with np.errstate(invalid="ignore"):
-        height = b - np.einsum("bks,bs->bk", A, apex)
-        keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[:, None]))
-        near = np.linalg.norm(ends - fan[:, :, None, None, :], axis=-1) <= \
-            tol * (1 + np.linalg.norm(fan, axis=-1))[:, :, None, None]
-    i, k, j = np.nonzero(live & keep_facet[:, :, None] & ~near.any(-1))
-    corners = np.stack([apex[i], fan[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
-    return corners, i
+    height = b - np.einsum("ks,ks->k", a, apex[facet_pair])
+    keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[facet_pair]))
+    f = fan[edge_facet]
+    near = (np.linalg.norm(ends - f[:, None], axis=-1) <= tol * (1 + np.linalg.norm(f, axis=-1))[:, None]).any(1)
+    e = np.flatnonzero(keep_facet[edge_facet] & ~near)
+    owner = facet_pair[edge_facet[e]]
+    return np.stack([apex[owner], fan[edge_facet[e]], ends[e, 0], ends[e, 1]], 1), owner
 
 
 def _collapsed_rule(n):
@@ -395,16 +421,15 @@ def _collapsed_rule(n):
 _RULES = [(0.15, _collapsed_rule(5)), (0.5, _collapsed_rule(7)), (2.0, _collapsed_rule(9))]
 
 
-def _cubature(ends, live, A, b, spread, moments, work=2e6):
-    """Mass and moments of N(0, I_3) on small bounded polyhedra {u : A u <= b} (ends and
-    live as for ``_tetrahedra``) by a collapsed Gauss-Jacobi rule (``_collapsed_rule``)
-    on each tetrahedron of ``_tetrahedra``: all weights positive, so
-    nothing cancels; exact to rounding while the Gaussian is close to a low-degree
-    polynomial across the polytope (spread = diameter (|centre| + diameter) <= 2).
+def _cubature(corners, owner, spread, moments, work=2e6):
+    """Mass and moments of N(0, I_3) on B small bounded polyhedra, given as tetrahedra
+    (``_tetrahedra``: corners (T, 4, 3), owner (T,) in [0, B)), by a collapsed
+    Gauss-Jacobi rule (``_collapsed_rule``) on each: all weights positive, so nothing
+    cancels; exact to rounding while the Gaussian is close to a low-degree polynomial
+    across the polytope (spread (B,) = diameter (|centre| + diameter) <= 2).
     Tetrahedra go in chunks of about ``work`` nodes; each one's mass, mean and covariance
     are combined per polytope with log-sum-exp weights and the parallel-axis rule."""
-    B = live.shape[0]
-    corners, owner = _tetrahedra(ends, live, A, b)
+    B = spread.size
     T = len(owner)
     edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
     with np.errstate(divide="ignore"):
@@ -538,8 +563,9 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
 
     The same radial face formula and divergence identities as ``polyhedron_moments``, on
     flat arrays of the pairs' facets and edges (only the real edges of each facet enter).
-    Pairs for which that routine would move a facet through the origin or integrate
-    directly (a cancelled mass) go through ``polyhedron_moments`` itself."""
+    Pairs for which that routine would move a facet through the origin go through
+    ``polyhedron_moments`` itself; those whose mass cancelled are integrated directly where
+    they are small, as there (``_direct_if_small``)."""
     regions = np.asarray(regions, np.int64)
     v = np.asarray(v, np.float64)
     P = regions.size
@@ -577,11 +603,22 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     with np.errstate(invalid="ignore"):
         log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
     log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
-    fallback |= fp.bounded[regions] & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
+    E = fp.E[gf]
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
-        mean, cov = _translated_moments(fpair, ef, a, b, fp.E[gf], fp.nonempty[gf], a2, c, t_lo, t_hi,
+        mean, cov = _translated_moments(fpair, ef, a, b, E, fp.nonempty[gf], a2, c, t_lo, t_hi,
                                         outside_edge, log_mass, log_G)
+    cancelled = ~fallback & fp.bounded[regions] & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
+    if cancelled.any():
+        direct_pairs = np.flatnonzero(cancelled)
+        f, e = np.flatnonzero(cancelled[fpair]), np.flatnonzero(cancelled[epair])
+        ends = _edge_ends(a[ef[e]], b[ef[e]], E[ef[e]], a2[e], c[e], t_lo[e], t_hi[e])
+        facet_index = np.cumsum(cancelled[fpair]) - 1                   # among the cancelled pairs' facets
+        small, direct = _direct_if_small(ends, facet_index[ef[e]], (np.cumsum(cancelled) - 1)[fpair[f]], a[f],
+                                         b[f], moments)
+        direct_pairs = direct_pairs[small]
+        if direct_pairs.size:
+            log_mass[direct_pairs], mean[direct_pairs], cov[direct_pairs] = direct.log_mass, direct.mean, direct.cov
     redo = np.flatnonzero(fallback)
     if redo.size:
         A, bb, mask = _padded(fp, regions[redo], v[redo])
