@@ -160,14 +160,17 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
     accuracy far out (log T down to -1e4 and beyond):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
-    h = c cosh v.
+    h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
+    way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
     """
+    b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
+    bc2 = b * b + c * c
     if owen:
-        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, b, c,
+        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c,
                                              tau_star, outputs=2)
     else:
-        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, bc2, c, tau_star)
     log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
     if not owen:
         return log_t, None
@@ -175,13 +178,15 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
 
 
 def _edge_rule(b, c, tau_lo, tau_hi):
-    """The quadrature of ``log_edge_and_owen_terms`` (see ``_edge_terms``): tau*, c cosh v*,
-    r*, the clipped range's start v0 and width in v, and the panels and nodes per panel
-    (all (n,))."""
+    """The quadrature of ``log_edge_and_owen_terms`` (see ``_edge_terms``; b, c <= 1e150):
+    tau*, c cosh v*, r*, the clipped range's start v0 and width in v, and the panels and
+    nodes per panel (all (n,))."""
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
     tau_star = np.clip(0.0, tau_lo, tau_hi)
-    h_star = np.hypot(c, tau_star)                                       # c cosh v*
-    r_star = np.hypot(b, h_star)
+    c2 = c * c
+    bc2 = b * b + c2
+    h_star = np.sqrt(c2 + tau_star * tau_star)                           # c cosh v*
+    r_star = np.sqrt(bc2 + tau_star * tau_star)
     ex_star = erfcx(r_star * _SQRT_HALF)
     tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
@@ -191,8 +196,8 @@ def _edge_rule(b, c, tau_lo, tau_hi):
     def fall(tau, i=slice(None)):
         """An upper bound on log g(v*) / g(v) (>= 0), with erfcx(x) > 2 / (sqrt(pi) (x +
         sqrt(x^2 + 2))) (Abramowitz-Stegun 7.1.13; at most 0.23 above the true fall)."""
-        h = np.hypot(c[i], tau)
-        r = np.hypot(b[i], h)
+        h = np.sqrt(c2[i] + tau * tau)
+        r = np.sqrt(bc2[i] + tau * tau)
         x = r * _SQRT_HALF
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
@@ -213,26 +218,46 @@ def _log_product(front, total):
         return np.where((prod > 1e-300) & (prod < 1e300), np.log(prod), np.log(front) + np.log(total))
 
 
-def _edge_integrand(v, b, c, tau_star):
+def _edge_integrand(v, bc2, c, tau_star):
     """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (k, m) of k edges
-    (b, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v, r = hypot(b, h)."""
-    return _edge_and_owen_integrands(v, b, c, tau_star)[0]
+    (bc2 = b^2 + c^2, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v,
+    r = sqrt(bc2 + tau^2) (= hypot(b, h))."""
+    return _edge_integrands(v, bc2, c, tau_star, False)
 
 
-def _edge_and_owen_integrands(v, b, c, tau_star):
-    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m).  sinh and
-    cosh from one exp (|v| < 600 here: no overflow; the absolute error of sinh near 0
-    moves tau by ~c eps, which the integrands do not see)."""
+def _edge_and_owen_integrands(v, bc2, c, tau_star):
+    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m)."""
+    return _edge_integrands(v, bc2, c, tau_star, True)
+
+
+def _edge_integrands(v, bc2, c, tau_star, owen):
+    """``_edge_and_owen_integrands`` (2, k, m) with owen, else ``_edge_integrand`` (k, m),
+    on few temporaries (the node blocks are cache-sized).  sinh and cosh from one exp
+    (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by ~c eps,
+    which the integrands do not see)."""
     e = np.exp(v)
-    ie = 1.0 / e
-    tau = (0.5 * c) * (e - ie)
-    h = (0.5 * c) * (e + ie)
-    r = np.hypot(b, h)
-    out = np.empty((2,) + v.shape)
+    ie = np.divide(1.0, e)
+    half_c = 0.5 * c
+    tau = np.subtract(e, ie)
+    tau *= half_c
+    h = np.add(e, ie, out=e)
+    h *= half_c
+    out = np.empty((2,) + v.shape) if owen else None
+    g = out[1] if owen else np.empty(v.shape)                          # exp(-(tau^2 - tau*^2) / 2) / h
     with np.errstate(under="ignore"):
-        np.divide(np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)), h, out=out[1])
-        np.multiply(out[1], erfcx(r * _SQRT_HALF) / r, out=out[0])
-    return out
+        np.subtract(tau, tau_star, out=g)
+        g *= -0.5
+        g *= tau + tau_star
+        np.exp(g, out=g)
+        g /= h
+        r = np.multiply(tau, tau, out=tau)
+        r += bc2
+        np.sqrt(r, out=r)
+        ratio = np.multiply(r, _SQRT_HALF, out=ie)                      # erfcx(r / sqrt 2) / r
+        erfcx(ratio, out=ratio)
+        ratio /= r
+        edge = np.multiply(g, ratio, out=out[0] if owen else g)
+    return out if owen else edge
 
 
 def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
