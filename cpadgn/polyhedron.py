@@ -446,14 +446,18 @@ def _collapsed_rule(n):
 _RULES = [(0.15, _collapsed_rule(5)), (0.5, _collapsed_rule(7)), (2.0, _collapsed_rule(9))]
 
 
-def _cubature(corners, owner, spread, moments, work=2e6):
+def _cubature(corners, owner, spread, moments, work=65536):
     """Mass and moments of N(0, I_3) on B small bounded polyhedra, given as tetrahedra
     (``_tetrahedra``: corners (T, 4, 3), owner (T,) in [0, B)), by a collapsed
     Gauss-Jacobi rule (``_collapsed_rule``) on each: all weights positive, so nothing
     cancels; exact to rounding while the Gaussian is close to a low-degree polynomial
     across the polytope (spread (B,) = diameter (|centre| + diameter) <= 2).
-    Tetrahedra go in chunks of about ``work`` nodes; each one's mass, mean and covariance
-    are combined per polytope with log-sum-exp weights and the parallel-axis rule."""
+    Nodes are taken relative to their tetrahedron's centroid c, u = c + d, and weighted
+    by exp(-c . d - |d|^2 / 2) (within e^+-2: the spread), so the large |c|^2 / 2 of a
+    far tetrahedron enters its log mass exactly and nothing is lost to it.  Tetrahedra go
+    in chunks of about ``work`` nodes (cache-sized, one array per coordinate); each one's
+    mass, mean and covariance are combined per polytope with log-sum-exp weights and the
+    parallel-axis rule."""
     B = spread.size
     T = len(owner)
     edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
@@ -469,18 +473,24 @@ def _cubature(corners, owner, spread, moments, work=2e6):
     for k, (_, (bary, jac)) in enumerate(_RULES):
         idx = np.flatnonzero(tier == k)
         step = int(max(1, work // len(jac)))
+        offsets = bary - 0.25                                                       # from the centroid
         for t in np.array_split(idx, max(1, -(-idx.size // step))) if idx.size else []:
-            u = corners[t, None, 0] + bary @ edges[t]                                 # (t, N, 3)
-            lw = np.log(jac)[None] - 0.5 * (u * u).sum(-1)
-            top = lw.max(1, keepdims=True)
-            w = np.exp(lw - top)
-            tot = w.sum(1)
-            lm[t] = log_vol[t] + top[:, 0] + np.log(tot)
+            d = [offsets @ edges[t, :, s].T for s in range(3)]                        # 3 x (N, t)
+            c = centre[t]
+            w = np.exp(-(c[:, 0] * d[0] + c[:, 1] * d[1] + c[:, 2] * d[2])
+                       - 0.5 * (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]))
+            w *= jac[:, None]
+            tot = w.sum(0)
+            lm[t] = log_vol[t] + np.log(tot) - 0.5 * (c * c).sum(1)
             if moments:
-                p = w / tot[:, None]
-                mt[t] = (p[:, None, :] @ u)[:, 0]
-                dev = u - mt[t, None]
-                ct[t] = np.swapaxes(dev * p[..., None], 1, 2) @ dev
+                p = w / tot
+                md = [(p * x).sum(0) for x in d]
+                mt[t] = c + np.stack(md, -1)
+                dev = [x - m for x, m in zip(d, md)]
+                for i in range(3):
+                    pd = p * dev[i]
+                    for j in range(i + 1):
+                        ct[t, i, j] = ct[t, j, i] = (pd * dev[j]).sum(0)
     top = np.full(B, -np.inf)
     np.maximum.at(top, owner, lm)
     safe = np.where(np.isfinite(top), top, 0.0)
