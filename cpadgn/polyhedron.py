@@ -215,7 +215,10 @@ def _log_product(front, total):
     normal number, keeps the rounding at eps |log(front total)| rather than eps |log front|."""
     with np.errstate(divide="ignore", over="ignore", under="ignore"):
         prod = front * total
-        return np.where((prod > 1e-300) & (prod < 1e300), np.log(prod), np.log(front) + np.log(total))
+        out = np.log(prod)
+        far = np.flatnonzero(~((prod > 1e-300) & (prod < 1e300)))
+        out[far] = np.log(front[far]) + np.log(total[far])
+    return out
 
 
 def _edge_integrand(v, bc2, c, tau_star):
@@ -583,13 +586,18 @@ def _ranges(starts, counts):
     return np.repeat(starts - offsets, counts) + np.arange(counts.sum())
 
 
-def _segment_logsumexp(values, ids, n):
-    """Per-segment log-sum-exp: values (N,), ids (N,) in [0, n) -> (n,), -inf for none."""
+def _signed_logsumexps(values, ids, positive, n):
+    """Per-segment log-sum-exp of the positive and of the negative terms, apart:
+    values (N,), ids (N,) in [0, n), positive (N,) bool -> (n,), (n,), -inf for none.
+    Both are shifted by the segment's largest term, which is within log N of the larger
+    of the two sums, the one a signed sum that is positive is dominated by."""
     top = np.full(n, -np.inf)
     np.maximum.at(top, ids, values)
     safe = np.where(np.isfinite(top), top, 0.0)
+    w = np.exp(values - safe[ids])
     with np.errstate(divide="ignore"):
-        return safe + np.log(np.bincount(ids, np.exp(values - safe[ids]), n))
+        return (safe + np.log(np.bincount(ids, np.where(positive, w, 0.0), n)),
+                safe + np.log(np.bincount(ids, np.where(positive, 0.0, w), n)))
 
 
 def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -> PolytopeMoments:
@@ -610,11 +618,11 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     epair, ge = np.repeat(np.arange(P), ne), _ranges(fp.edge_start[regions], ne)
     ef = (np.cumsum(nf) - nf)[epair] + fp.edge_facet[ge]                # the edge's facet among the pairs'
     NF = gf.size
-    a = fp.a[gf]
-    b = fp.c[gf] - np.einsum("fs,fs->f", a, v[fpair])
-    w = np.einsum("fis,fs->fi", fp.E[gf], v[fpair])[ef]                 # in-plane shift, per edge
-    a2 = fp.a2[ge]
-    c = fp.c2[ge] - np.einsum("ei,ei->e", a2, w)
+    a, E, vf = fp.a[gf], fp.E[gf], v[fpair]
+    b = fp.c[gf] - (a[:, 0] * vf[:, 0] + a[:, 1] * vf[:, 1] + a[:, 2] * vf[:, 2])
+    w = (E[:, :, 0] * vf[:, None, 0] + E[:, :, 1] * vf[:, None, 1] + E[:, :, 2] * vf[:, None, 2])[ef]
+    a2 = fp.a2[ge]                                                      # w: the in-plane shift, per edge
+    c = fp.c2[ge] - (a2[:, 0] * w[:, 0] + a2[:, 1] * w[:, 1])
     dv = a2[:, 0] * w[:, 1] - a2[:, 1] * w[:, 0]                        # d2 . w
     t_lo, t_hi = fp.t_lo[ge] - dv, fp.t_hi[ge] - dv
     c = np.where(np.abs(c) < TINY, TINY, c)
@@ -626,19 +634,15 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     absb = np.abs(b)
     log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, moments)
     edge_pos = neg_b[ef] == (c < 0)
-    log_foot = log_ndtr(-absb)
-    zeros = np.zeros(P)
-
-    def lse(sel_pair, sel_foot, sel_edge):
-        vals = np.concatenate([zeros[sel_pair], log_foot[sel_foot], log_T[sel_edge]])
-        ids = np.concatenate([np.flatnonzero(sel_pair), fpair[sel_foot], epair[sel_edge]])
-        return _segment_logsumexp(vals, ids, P)
-    log_pos = lse(inside, foot_in & neg_b, edge_pos)
-    log_neg = lse(np.zeros(P, bool), foot_in & ~neg_b, ~edge_pos)
+    origin = np.flatnonzero(inside)                                     # the terms 1{0 in P}, 1{f_k in F_k}
+    feet = np.flatnonzero(foot_in)                                      # Phi(-|b_k|), and the edges' T
+    log_pos, log_neg = _signed_logsumexps(
+        np.concatenate([np.zeros(origin.size), log_ndtr(-absb[feet]), log_T]),
+        np.concatenate([origin, fpair[feet], epair]),
+        np.concatenate([np.ones(origin.size, bool), neg_b[feet], edge_pos]), P)
     with np.errstate(invalid="ignore"):
         log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
     log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
-    E = fp.E[gf]
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
         mean, cov = _translated_moments(fpair, ef, a, b, E, fp.nonempty[gf], a2, c, t_lo, t_hi,
@@ -668,9 +672,7 @@ def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside
     2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
     segments log_G (NE,) come from ``log_edge_and_owen_terms``."""
     P, NF = log_mass.size, b.size
-    exit_ = c >= 0
-    log_exit = _segment_logsumexp(log_G[exit_], ef[exit_], NF)
-    log_entry = _segment_logsumexp(log_G[~exit_], ef[~exit_], NF)
+    log_exit, log_entry = _signed_logsumexps(log_G, ef, c >= 0, NF)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_in = np.log1p(-np.minimum(np.exp(log_exit), 1.0))
         log_out = log_entry + np.log1p(-np.exp(np.minimum(log_exit - log_entry, 0.0)))

@@ -299,7 +299,7 @@ def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
     upper bound on log(M / min g) that the caller derives for its integrand."""
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         rho = (eta + np.sqrt(eta * eta + half_width * half_width)) / half_width
-        need = (np.log(32.0 / 15.0) + log_growth - np.log1p(-rho ** -2.0) - np.log(eps)) / (2.0 * np.log(rho))
+        need = (np.log(32.0 / 15.0) + log_growth - np.log1p(-1.0 / (rho * rho)) - np.log(eps)) / (2.0 * np.log(rho))
     return np.maximum(1, np.ceil(np.nan_to_num(need, nan=1e9, posinf=1e9, neginf=1.0))).astype(np.int64)
 
 
