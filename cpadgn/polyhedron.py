@@ -109,10 +109,6 @@ def facet_polygons(A, b, mask):
 
 
 # ------------------------------------------------------------------ edge integrals
-def _log_erfcx_ratio(r, r_star):
-    return np.log(erfcx(r * _SQRT_HALF) / erfcx(r_star * _SQRT_HALF))
-
-
 def log_edge_term(b, c, tau_lo, tau_hi):
     """``log_edge_and_owen_terms`` without the Owen segments: log T (n,)."""
     return _edge_terms(b, c, tau_lo, tau_hi, False)[0]
@@ -187,25 +183,19 @@ def _edge_rule(b, c, tau_lo, tau_hi):
     bc2 = b * b + c2
     h_star = np.sqrt(c2 + tau_star * tau_star)                           # c cosh v*
     r_star = np.sqrt(bc2 + tau_star * tau_star)
-    ex_star = erfcx(r_star * _SQRT_HALF)
     tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
 
-    def fall(tau, i=slice(None)):
-        """An upper bound on log g(v*) / g(v) (>= 0), with erfcx(x) > 2 / (sqrt(pi) (x +
-        sqrt(x^2 + 2))) (Abramowitz-Stegun 7.1.13; at most 0.23 above the true fall)."""
-        h = np.sqrt(c2[i] + tau * tau)
-        r = np.sqrt(bc2[i] + tau * tau)
-        x = r * _SQRT_HALF
+    def fall(tau, i):
+        """An upper bound on log g(v*) / g(v) (>= 0) at tau (k,) of the edges i (k,)."""
+        ex_star = erfcx(r_star[i] * _SQRT_HALF)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
-                    + np.log(ex_star[i] * r * h * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
-                             / (r_star[i] * h_star[i])))
+                    + np.log(ex_star * _lower_erfcx_ratio(b[i], c[i], tau) / (r_star[i] * h_star[i])))
     # g falls monotonically away from v*: its least value is at the end farther from 0
-    nodes = _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1,
-                             fall(np.where(np.abs(t0) > np.abs(t1), t0, t1)))
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1)
     return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
 
 
@@ -263,9 +253,20 @@ def _edge_integrands(v, bc2, c, tau_star, owen):
     return out if owen else edge
 
 
-def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
-    """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there):
-    all (n,), int (n,)."""
+def _lower_erfcx_ratio(b, c, tau):
+    """r h / erfcx(r / sqrt 2) bounded above, at tau (n,) of edges (b, c (n,)) with
+    h = hypot(c, tau), r = hypot(b, h): 1 / erfcx(x) < sqrt(pi) (x + sqrt(x^2 + 2)) / 2
+    (Abramowitz-Stegun 7.1.13; at most 0.23 in log above the truth).  (n,)"""
+    h2 = c * c + tau * tau
+    r2 = b * b + h2
+    x = np.sqrt(0.5 * r2)
+    return np.sqrt(r2) * np.sqrt(h2) * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
+
+
+def _edge_node_count(b, c, tau_end, v0, v1):
+    """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there),
+    tau_end the end farther from 0, where g is least: all (n,), int (n,).  The growth
+    bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels."""
     eta = 0.25 * np.pi
     half = 0.5 * (v1 - v0)
     mid = 0.5 * (v1 + v0)
@@ -275,8 +276,8 @@ def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
     s = np.sqrt(0.5 * q)
     erfcx_q = 2.0 / (np.sqrt(np.pi) * (s + np.sqrt(s * s + 4.0 / np.pi)))
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        growth = (0.5 * (0.5 * c * c + tau_star * tau_star) + fall
-                  + np.log(erfcx_q * r_star * h_star * np.sqrt(2.0) / (ex_star * np.sqrt(q) * c * np.cosh(x_n))))
+        growth = (0.5 * (0.5 * c * c + tau_end * tau_end)
+                  + np.log(erfcx_q * np.sqrt(2.0) * _lower_erfcx_ratio(b, c, tau_end) / (np.sqrt(q) * c * np.cosh(x_n))))
     return gauss_legendre_count(growth, half, eta)
 
 
