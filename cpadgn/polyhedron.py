@@ -338,7 +338,7 @@ def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos
     i, k, j = np.nonzero(live)
     ends = _edge_ends(A[i, k], b[i, k], E[i, k], a2[i, k, j], c2[i, k, j], t_lo[i, k, j], t_hi[i, k, j])
     small, direct = _direct_if_small(ends, i * F + k, np.repeat(np.arange(redo.size), F), A.reshape(-1, 3),
-                                     b.reshape(-1), moments)
+                                     b.reshape(-1), redo.size, moments)
     return redo[small], direct
 
 
@@ -372,7 +372,7 @@ def _edge_ends(a, b, E, a2, c2, t_lo, t_hi):
     return b[:, None, None] * a[:, None, :] + np.einsum("nei,nis->nes", ends, E)
 
 
-def _direct_if_small(ends, edge_facet, facet_pair, a, b, moments):
+def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
     """Bounded polyhedra given by their edges, integrated directly (``_cubature``) where
     they are small against the Gaussian's scale: spread = size (|centre| + size) <= 2,
     the variation of |u|^2 / 2 across the listed vertices (centre their mean, size the
@@ -380,7 +380,6 @@ def _direct_if_small(ends, edge_facet, facet_pair, a, b, moments):
     by facet (edge_facet (NE,) nondecreasing indices into the facets), facet_pair (NF,)
     nondecreasing indices of the P polyhedra, a (NF, 3) unit normals, b (NF,) offsets.
     Returns small (P,) bool and the small ones' PolytopeMoments."""
-    P = int(facet_pair[-1]) + 1 if facet_pair.size else 0
     owner = np.repeat(facet_pair[edge_facet], 2)
     V = ends.reshape(-1, 3)
     count = np.bincount(owner, minlength=P)
@@ -655,7 +654,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
         ends = _edge_ends(a[ef[e]], b[ef[e]], E[ef[e]], a2[e], c[e], t_lo[e], t_hi[e])
         facet_index = np.cumsum(cancelled[fpair]) - 1                   # among the cancelled pairs' facets
         small, direct = _direct_if_small(ends, facet_index[ef[e]], (np.cumsum(cancelled) - 1)[fpair[f]], a[f],
-                                         b[f], moments)
+                                         b[f], direct_pairs.size, moments)
         direct_pairs = direct_pairs[small]
         if direct_pairs.size:
             log_mass[direct_pairs], mean[direct_pairs], cov[direct_pairs] = direct.log_mass, direct.mean, direct.cov
