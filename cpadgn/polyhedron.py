@@ -456,8 +456,9 @@ def _cubature(corners, owner, spread, moments, work=65536):
     cancels; exact to rounding while the Gaussian is close to a low-degree polynomial
     across the polytope (spread (B,) = diameter (|centre| + diameter) <= 2).
     Nodes are taken relative to their tetrahedron's centroid c, u = c + d, and weighted
-    by exp(-c . d - |d|^2 / 2) (within e^+-2: the spread), so the large |c|^2 / 2 of a
-    far tetrahedron enters its log mass exactly and nothing is lost to it.  Tetrahedra go
+    by exp(-c . d - |d|^2 / 2) (the exponent is at most the tetrahedron's own spread
+    size (|c| + size) in size), so the large |c|^2 / 2 of a far tetrahedron enters its
+    log mass exactly and nothing is lost to it.  Tetrahedra go
     in chunks of about ``work`` nodes (cache-sized, one array per coordinate); each one's
     mass, mean and covariance are combined per polytope with log-sum-exp weights and the
     parallel-axis rule."""
