@@ -45,7 +45,7 @@ def log_diff_ndtr(lo, hi):
     Mirrored to the lower tail (a <= 0, a <= c).  Where Phi(c) is a normal number
     (c > -30: Phi(c) > 4e-198) the difference is taken in probability space: ndtr keeps
     its relative accuracy there, and outside the narrow intervals (the series of
-    ``_log_diff_from_logs``) the subtraction loses at most a factor
+    ``_narrow_log_diff``) the subtraction loses at most a factor
     (Phi(c) + Phi(a)) / (Phi(c) - Phi(a)) < 63 (log Phi has slope >= 0.79 on [a, c] <= 0),
     no more than the logarithms' difference would, and ndtr costs half of log_ndtr.
     Further out, from the logarithms."""
