@@ -99,20 +99,25 @@ def _shared_lines(p, e, live, tol=1e-9):
     return (both & parallel & close).any(-1)
 
 
-def distance_to_polyhedron(a, c, mask, gram, edges: Edges, v) -> np.ndarray:
+def distance_to_polyhedron(a, c, mask, edges: Edges, v) -> np.ndarray:
     """Distance from v to P = {u : a_k . u <= c_k} (0 inside), for P-translates.
 
-    a (B, F, 3), c (B, F), mask (B, F), gram (B, F, F) = a a^T, ``edges`` of P (B, ...),
-    v (B, 3) -> (B,).  A facet's foot counts when it satisfies the other facets (loosely:
-    an extra candidate can only make the result smaller).
+    a (B, F, 3), c (B, F), mask (B, F), ``edges`` of P (B, ...), v (B, 3) -> (B,).  A
+    facet's foot counts when it satisfies the other facets (loosely: an extra candidate
+    can only make the result smaller); only the feet of crossed facets (the few with
+    a_k . v > c_k) are checked, against their own polyhedron's facets.
     """
-    cv = c - np.einsum("bfs,bs->bf", a, v)                              # offsets seen from v
+    dot = lambda x, y: x[..., 0] * y[..., 0] + x[..., 1] * y[..., 1] + x[..., 2] * y[..., 2]
+    cv = c - dot(a, v[:, None, :])                                      # offsets seen from v
     crossed = mask & (cv < 0)
-    inside_feet = (cv[:, :, None] * gram <= cv[:, None, :] + 1e-9 * (1.0 + np.abs(cv[:, None, :]))) \
-        | ~mask[:, None, :]
-    foot = np.where(crossed & inside_feet.all(-1), cv * cv, np.inf).min(-1)
+    i, k = np.nonzero(crossed)
+    ci = cv[i]                                                          # (K, F)
+    inside_feet = (cv[i, k, None] * dot(a[i], a[i, k, None, :]) <= ci + 1e-9 * (1.0 + np.abs(ci))) | ~mask[i]
+    foot = np.full(v.shape[0], np.inf)
+    ok = inside_feet.all(-1)
+    np.minimum.at(foot, i[ok], cv[i[ok], k[ok]] ** 2)
     p = edges.p - v[:, None, :]
-    t = np.clip(-np.einsum("bes,bes->be", p, edges.e), edges.lo, edges.hi)
+    t = np.clip(-dot(p, edges.e), edges.lo, edges.hi)
     q = p + t[..., None] * edges.e
-    along = np.where(edges.real, np.einsum("bes,bes->be", q, q), np.inf).min(-1)
+    along = np.where(edges.real, dot(q, q), np.inf).min(-1)
     return np.where(crossed.any(-1), np.sqrt(np.minimum(foot, along)), 0.0)

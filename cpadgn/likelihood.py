@@ -606,9 +606,8 @@ def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, c
     dist = np.empty(regions.size)
     for i in np.array_split(order, -(-order.size // chunk)) if order.size else []:
         f, e, r = max(int(n_facets[i].max()), 1), max(int(n_edges[i].max()), 1), regions[i]
-        ai = a[r, :f]
         sub = Edges(*(getattr(edges, name)[r, :e] for name in ("p", "e", "lo", "hi", "real")), edges.volume[r])
-        dist[i] = distance_to_polyhedron(ai, c[r, :f], real[r, :f], ai @ np.swapaxes(ai, 1, 2), sub, v[i])
+        dist[i] = distance_to_polyhedron(a[r, :f], c[r, :f], real[r, :f], sub, v[i])
     return dist
 
 

@@ -109,10 +109,6 @@ def facet_polygons(A, b, mask):
 
 
 # ------------------------------------------------------------------ edge integrals
-def _log_erfcx_ratio(r, r_star):
-    return np.log(erfcx(r * _SQRT_HALF) / erfcx(r_star * _SQRT_HALF))
-
-
 def log_edge_term(b, c, tau_lo, tau_hi):
     """``log_edge_and_owen_terms`` without the Owen segments: log T (n,)."""
     return _edge_terms(b, c, tau_lo, tau_hi, False)[0]
@@ -160,14 +156,17 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
     accuracy far out (log T down to -1e4 and beyond):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
-    h = c cosh v.
+    h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
+    way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
     """
+    b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
+    bc2 = b * b + c * c
     if owen:
-        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, b, c,
+        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c,
                                              tau_star, outputs=2)
     else:
-        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, b, c, tau_star)
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, bc2, c, tau_star)
     log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
     if not owen:
         return log_t, None
@@ -175,32 +174,28 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
 
 
 def _edge_rule(b, c, tau_lo, tau_hi):
-    """The quadrature of ``log_edge_and_owen_terms`` (see ``_edge_terms``): tau*, c cosh v*,
-    r*, the clipped range's start v0 and width in v, and the panels and nodes per panel
-    (all (n,))."""
+    """The quadrature of ``log_edge_and_owen_terms`` (see ``_edge_terms``; b, c <= 1e150):
+    tau*, c cosh v*, r*, the clipped range's start v0 and width in v, and the panels and
+    nodes per panel (all (n,))."""
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
     tau_star = np.clip(0.0, tau_lo, tau_hi)
-    h_star = np.hypot(c, tau_star)                                       # c cosh v*
-    r_star = np.hypot(b, h_star)
-    ex_star = erfcx(r_star * _SQRT_HALF)
+    c2 = c * c
+    bc2 = b * b + c2
+    h_star = np.sqrt(c2 + tau_star * tau_star)                           # c cosh v*
+    r_star = np.sqrt(bc2 + tau_star * tau_star)
     tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
 
-    def fall(tau, i=slice(None)):
-        """An upper bound on log g(v*) / g(v) (>= 0), with erfcx(x) > 2 / (sqrt(pi) (x +
-        sqrt(x^2 + 2))) (Abramowitz-Stegun 7.1.13; at most 0.23 above the true fall)."""
-        h = np.hypot(c[i], tau)
-        r = np.hypot(b[i], h)
-        x = r * _SQRT_HALF
+    def fall(tau, i):
+        """An upper bound on log g(v*) / g(v) (>= 0) at tau (k,) of the edges i (k,)."""
+        ex_star = erfcx(r_star[i] * _SQRT_HALF)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
-                    + np.log(ex_star[i] * r * h * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
-                             / (r_star[i] * h_star[i])))
+                    + np.log(ex_star * _lower_erfcx_ratio(b[i], c[i], tau) / (r_star[i] * h_star[i])))
     # g falls monotonically away from v*: its least value is at the end farther from 0
-    nodes = _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1,
-                             fall(np.where(np.abs(t0) > np.abs(t1), t0, t1)))
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1)
     return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
 
 
@@ -210,34 +205,68 @@ def _log_product(front, total):
     normal number, keeps the rounding at eps |log(front total)| rather than eps |log front|."""
     with np.errstate(divide="ignore", over="ignore", under="ignore"):
         prod = front * total
-        return np.where((prod > 1e-300) & (prod < 1e300), np.log(prod), np.log(front) + np.log(total))
-
-
-def _edge_integrand(v, b, c, tau_star):
-    """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (k, m) of k edges
-    (b, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v, r = hypot(b, h)."""
-    return _edge_and_owen_integrands(v, b, c, tau_star)[0]
-
-
-def _edge_and_owen_integrands(v, b, c, tau_star):
-    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m).  sinh and
-    cosh from one exp (|v| < 600 here: no overflow; the absolute error of sinh near 0
-    moves tau by ~c eps, which the integrands do not see)."""
-    e = np.exp(v)
-    ie = 1.0 / e
-    tau = (0.5 * c) * (e - ie)
-    h = (0.5 * c) * (e + ie)
-    r = np.hypot(b, h)
-    out = np.empty((2,) + v.shape)
-    with np.errstate(under="ignore"):
-        np.divide(np.exp(-0.5 * (tau - tau_star) * (tau + tau_star)), h, out=out[1])
-        np.multiply(out[1], erfcx(r * _SQRT_HALF) / r, out=out[0])
+        out = np.log(prod)
+        far = np.flatnonzero(~((prod > 1e-300) & (prod < 1e300)))
+        out[far] = np.log(front[far]) + np.log(total[far])
     return out
 
 
-def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
-    """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there):
-    all (n,), int (n,)."""
+def _edge_integrand(v, bc2, c, tau_star):
+    """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (k, m) of k edges
+    (bc2 = b^2 + c^2, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v,
+    r = sqrt(bc2 + tau^2) (= hypot(b, h))."""
+    return _edge_integrands(v, bc2, c, tau_star, False)
+
+
+def _edge_and_owen_integrands(v, bc2, c, tau_star):
+    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m)."""
+    return _edge_integrands(v, bc2, c, tau_star, True)
+
+
+def _edge_integrands(v, bc2, c, tau_star, owen):
+    """``_edge_and_owen_integrands`` (2, k, m) with owen, else ``_edge_integrand`` (k, m),
+    on few temporaries (the node blocks are cache-sized).  sinh and cosh from one exp
+    (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by ~c eps,
+    which the integrands do not see)."""
+    e = np.exp(v)
+    ie = np.divide(1.0, e)
+    half_c = 0.5 * c
+    tau = np.subtract(e, ie)
+    tau *= half_c
+    h = np.add(e, ie, out=e)
+    h *= half_c
+    out = np.empty((2,) + v.shape) if owen else None
+    g = out[1] if owen else np.empty(v.shape)                          # exp(-(tau^2 - tau*^2) / 2) / h
+    with np.errstate(under="ignore"):
+        np.subtract(tau, tau_star, out=g)
+        g *= -0.5
+        g *= tau + tau_star
+        np.exp(g, out=g)
+        g /= h
+        r = np.multiply(tau, tau, out=tau)
+        r += bc2
+        np.sqrt(r, out=r)
+        ratio = np.multiply(r, _SQRT_HALF, out=ie)                      # erfcx(r / sqrt 2) / r
+        erfcx(ratio, out=ratio)
+        ratio /= r
+        edge = np.multiply(g, ratio, out=out[0] if owen else g)
+    return out if owen else edge
+
+
+def _lower_erfcx_ratio(b, c, tau):
+    """r h / erfcx(r / sqrt 2) bounded above, at tau (n,) of edges (b, c (n,)) with
+    h = hypot(c, tau), r = hypot(b, h): 1 / erfcx(x) < sqrt(pi) (x + sqrt(x^2 + 2)) / 2
+    (Abramowitz-Stegun 7.1.13; at most 0.23 in log above the truth).  (n,)"""
+    h2 = c * c + tau * tau
+    r2 = b * b + h2
+    x = np.sqrt(0.5 * r2)
+    return np.sqrt(r2) * np.sqrt(h2) * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
+
+
+def _edge_node_count(b, c, tau_end, v0, v1):
+    """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there),
+    tau_end the end farther from 0, where g is least: all (n,), int (n,).  The growth
+    bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels."""
     eta = 0.25 * np.pi
     half = 0.5 * (v1 - v0)
     mid = 0.5 * (v1 + v0)
@@ -247,8 +276,8 @@ def _edge_node_count(b, c, tau_star, h_star, r_star, ex_star, v0, v1, fall):
     s = np.sqrt(0.5 * q)
     erfcx_q = 2.0 / (np.sqrt(np.pi) * (s + np.sqrt(s * s + 4.0 / np.pi)))
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        growth = (0.5 * (0.5 * c * c + tau_star * tau_star) + fall
-                  + np.log(erfcx_q * r_star * h_star * np.sqrt(2.0) / (ex_star * np.sqrt(q) * c * np.cosh(x_n))))
+        growth = (0.5 * (0.5 * c * c + tau_end * tau_end)
+                  + np.log(erfcx_q * np.sqrt(2.0) * _lower_erfcx_ratio(b, c, tau_end) / (np.sqrt(q) * c * np.cosh(x_n))))
     return gauss_legendre_count(growth, half, eta)
 
 
@@ -299,20 +328,18 @@ def _signed_sum(b, c2, t_lo, t_hi, live, inside, foot_in):
 def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos, moments, ratio=1e3):
     """The polytopes whose mass is below 1/ratio of the terms that cancel to it, bounded
     and small against the Gaussian's scale (indices (R,)), and their direct integrals
-    (``_cubature``)."""
+    (``_direct_if_small``)."""
     bounded = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
     redo = np.flatnonzero(bounded & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(ratio)))
     if not redo.size:
         return redo, None
-    ends = _segment_ends(A[redo], b[redo], E[redo], a2[redo], c2[redo], t_lo[redo], t_hi[redo], live[redo])
-    V = ends.reshape(redo.size, -1, 3)
-    with np.errstate(invalid="ignore"):
-        size = np.nanmax(np.linalg.norm(V - np.nanmean(V, 1, keepdims=True), axis=-1), 1)
-        spread = size * (np.linalg.norm(np.nanmean(V, 1), axis=-1) + size)          # variation of |u|^2 / 2
-    small = spread <= 2.0
-    redo = redo[small]
-    return redo, (_cubature(ends[small], live[redo], A[redo], b[redo], spread[small], moments)
-                  if redo.size else None)
+    F = b.shape[1]
+    A, b, E, a2, c2, t_lo, t_hi, live = (x[redo] for x in (A, b, E, a2, c2, t_lo, t_hi, live))
+    i, k, j = np.nonzero(live)
+    ends = _edge_ends(A[i, k], b[i, k], E[i, k], a2[i, k, j], c2[i, k, j], t_lo[i, k, j], t_hi[i, k, j])
+    small, direct = _direct_if_small(ends, i * F + k, np.repeat(np.arange(redo.size), F), A.reshape(-1, 3),
+                                     b.reshape(-1), redo.size, moments)
+    return redo[small], direct
 
 
 def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
@@ -335,41 +362,68 @@ def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
 
 
 # ------------------------------------------------------------------ small polytopes
-def _segment_ends(A, b, E, a2, c2, t_lo, t_hi, live):
-    """The ends of the facets' edge segments of bounded polyhedra (their vertices, each
-    listed once per edge and facet): (B, F, F, 2, 3), NaN where the edge is not live."""
-    d2 = np.stack([-a2[..., 1], a2[..., 0]], -1)
-    base = c2[..., None] * a2                                                     # (B, F, F, 2) in-plane
-    with np.errstate(invalid="ignore"):
-        ends = np.stack([base + t_lo[..., None] * d2, base + t_hi[..., None] * d2], -2)   # (B, F, F, 2, 2)
-    pts = b[:, :, None, None, None] * A[:, :, None, None, :] + np.einsum("bkjei,bkis->bkjes", ends, E)
-    return np.where(live[..., None, None], pts, np.nan)
+def _edge_ends(a, b, E, a2, c2, t_lo, t_hi):
+    """The two ends of facet edges in 3-D: per edge its facet's unit normal a (n, 3),
+    offset b (n,) and in-plane basis E (n, 2, 3), the edge's in-plane normal a2 (n, 2),
+    offset c2 (n,) and segment [t_lo, t_hi] (n,) (finite).  Returns (n, 2, 3)."""
+    d2 = np.stack([-a2[:, 1], a2[:, 0]], -1)
+    base = c2[:, None] * a2                                                        # (n, 2) in-plane
+    ends = np.stack([base + t_lo[:, None] * d2, base + t_hi[:, None] * d2], 1)     # (n, 2, 2)
+    return b[:, None, None] * a[:, None, :] + np.einsum("nei,nis->nes", ends, E)
 
 
-def _tetrahedra(ends, live, A, b):
+def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
+    """Bounded polyhedra given by their edges, integrated directly (``_cubature``) where
+    they are small against the Gaussian's scale: spread = size (|centre| + size) <= 2,
+    the variation of |u|^2 / 2 across the listed vertices (centre their mean, size the
+    largest distance from it).  ends (NE, 2, 3) of every edge of every facet, grouped
+    by facet (edge_facet (NE,) nondecreasing indices into the facets), facet_pair (NF,)
+    nondecreasing indices of the P polyhedra, a (NF, 3) unit normals, b (NF,) offsets.
+    Returns small (P,) bool and the small ones' PolytopeMoments."""
+    owner = np.repeat(facet_pair[edge_facet], 2)
+    V = ends.reshape(-1, 3)
+    count = np.bincount(owner, minlength=P)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre = np.stack([np.bincount(owner, V[:, s], P) for s in range(3)], -1) / count[:, None]
+    size = np.zeros(P)
+    np.maximum.at(size, owner, np.linalg.norm(V - centre[owner], axis=-1))
+    spread = size * (np.linalg.norm(centre, axis=-1) + size)
+    small = (count > 0) & (spread <= 2.0)
+    if not small.any():
+        return small, None
+    keep = small[facet_pair]
+    new_facet = np.cumsum(keep) - 1
+    e = np.flatnonzero(keep[edge_facet])
+    corners, owner = _tetrahedra(ends[e], new_facet[edge_facet[e]], (np.cumsum(small) - 1)[facet_pair[keep]],
+                                 a[keep], b[keep])
+    return small, _cubature(corners, owner, spread[small], moments)
+
+
+def _tetrahedra(ends, edge_facet, facet_pair, a, b):
     """Split bounded convex polyhedra into tetrahedra: a cone from one vertex (the apex)
     over the facets that do not contain it, each facet fanned from one of its vertices.
-    ends (B, F, F, 2, 3) as from ``_segment_ends``, live (B, F, F), the rows A (B, F, 3),
-    b (B, F).  Returns the corners (T, 4, 3) and their polytope (T,).
+    ends (NE, 2, 3), edge_facet (NE,), facet_pair (NF,), a (NF, 3), b (NF,) as for
+    ``_direct_if_small`` (every polyhedron with an edge).  Returns the corners (T, 4, 3)
+    and their polyhedron (T,).
 
     A facet whose plane passes within rounding (8 eps (|b_k| + |apex|)) of the apex, and
     an edge with an end that close to its facet's fan vertex, would only give
     tetrahedra of (near) zero volume and are left out."""
-    B, F = live.shape[:2]
-    pts = ends.reshape(B, F, -1, 3)                                               # (B, F, 2F, 3)
-    finite = np.isfinite(pts[..., 0])
-    fan = np.take_along_axis(pts, np.argmax(finite, 2)[..., None, None], 2)[:, :, 0]   # (B, F, 3)
-    has = finite.any(2)
-    apex = fan[np.arange(B), np.argmax(has, 1)]                                    # (B, 3)
+    NF = b.size
+    first = np.searchsorted(edge_facet, np.arange(NF))                  # each facet's first edge
+    has = first < np.append(first[1:], edge_facet.size)
+    fan = ends[np.minimum(first, edge_facet.size - 1), 0]                # (NF, 3), where has
+    with_edges = np.flatnonzero(has)
+    _, lead = np.unique(facet_pair[with_edges], return_index=True)
+    apex = fan[with_edges[lead]]                                         # (P, 3)
     tol = 8 * np.finfo(float).eps
-    with np.errstate(invalid="ignore"):
-        height = b - np.einsum("bks,bs->bk", A, apex)
-        keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[:, None]))
-        near = np.linalg.norm(ends - fan[:, :, None, None, :], axis=-1) <= \
-            tol * (1 + np.linalg.norm(fan, axis=-1))[:, :, None, None]
-    i, k, j = np.nonzero(live & keep_facet[:, :, None] & ~near.any(-1))
-    corners = np.stack([apex[i], fan[i, k], ends[i, k, j, 0], ends[i, k, j, 1]], 1)
-    return corners, i
+    height = b - np.einsum("ks,ks->k", a, apex[facet_pair])
+    keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[facet_pair]))
+    f = fan[edge_facet]
+    near = (np.linalg.norm(ends - f[:, None], axis=-1) <= tol * (1 + np.linalg.norm(f, axis=-1))[:, None]).any(1)
+    e = np.flatnonzero(keep_facet[edge_facet] & ~near)
+    owner = facet_pair[edge_facet[e]]
+    return np.stack([apex[owner], fan[edge_facet[e]], ends[e, 0], ends[e, 1]], 1), owner
 
 
 def _collapsed_rule(n):
@@ -395,16 +449,20 @@ def _collapsed_rule(n):
 _RULES = [(0.15, _collapsed_rule(5)), (0.5, _collapsed_rule(7)), (2.0, _collapsed_rule(9))]
 
 
-def _cubature(ends, live, A, b, spread, moments, work=2e6):
-    """Mass and moments of N(0, I_3) on small bounded polyhedra {u : A u <= b} (ends and
-    live as for ``_tetrahedra``) by a collapsed Gauss-Jacobi rule (``_collapsed_rule``)
-    on each tetrahedron of ``_tetrahedra``: all weights positive, so
-    nothing cancels; exact to rounding while the Gaussian is close to a low-degree
-    polynomial across the polytope (spread = diameter (|centre| + diameter) <= 2).
-    Tetrahedra go in chunks of about ``work`` nodes; each one's mass, mean and covariance
-    are combined per polytope with log-sum-exp weights and the parallel-axis rule."""
-    B = live.shape[0]
-    corners, owner = _tetrahedra(ends, live, A, b)
+def _cubature(corners, owner, spread, moments, work=65536):
+    """Mass and moments of N(0, I_3) on B small bounded polyhedra, given as tetrahedra
+    (``_tetrahedra``: corners (T, 4, 3), owner (T,) in [0, B)), by a collapsed
+    Gauss-Jacobi rule (``_collapsed_rule``) on each: all weights positive, so nothing
+    cancels; exact to rounding while the Gaussian is close to a low-degree polynomial
+    across the polytope (spread (B,) = diameter (|centre| + diameter) <= 2).
+    Nodes are taken relative to their tetrahedron's centroid c, u = c + d, and weighted
+    by exp(-c . d - |d|^2 / 2) (the exponent is at most the tetrahedron's own spread
+    size (|c| + size) in size), so the large |c|^2 / 2 of a far tetrahedron enters its
+    log mass exactly and nothing is lost to it.  Tetrahedra go
+    in chunks of about ``work`` nodes (cache-sized, one array per coordinate); each one's
+    mass, mean and covariance are combined per polytope with log-sum-exp weights and the
+    parallel-axis rule."""
+    B = spread.size
     T = len(owner)
     edges = corners[:, 1:] - corners[:, :1]                                           # (T, 3, 3)
     with np.errstate(divide="ignore"):
@@ -419,18 +477,24 @@ def _cubature(ends, live, A, b, spread, moments, work=2e6):
     for k, (_, (bary, jac)) in enumerate(_RULES):
         idx = np.flatnonzero(tier == k)
         step = int(max(1, work // len(jac)))
+        offsets = bary - 0.25                                                       # from the centroid
         for t in np.array_split(idx, max(1, -(-idx.size // step))) if idx.size else []:
-            u = corners[t, None, 0] + bary @ edges[t]                                 # (t, N, 3)
-            lw = np.log(jac)[None] - 0.5 * (u * u).sum(-1)
-            top = lw.max(1, keepdims=True)
-            w = np.exp(lw - top)
-            tot = w.sum(1)
-            lm[t] = log_vol[t] + top[:, 0] + np.log(tot)
+            d = [offsets @ edges[t, :, s].T for s in range(3)]                        # 3 x (N, t)
+            c = centre[t]
+            w = np.exp(-(c[:, 0] * d[0] + c[:, 1] * d[1] + c[:, 2] * d[2])
+                       - 0.5 * (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]))
+            w *= jac[:, None]
+            tot = w.sum(0)
+            lm[t] = log_vol[t] + np.log(tot) - 0.5 * (c * c).sum(1)
             if moments:
-                p = w / tot[:, None]
-                mt[t] = (p[:, None, :] @ u)[:, 0]
-                dev = u - mt[t, None]
-                ct[t] = np.swapaxes(dev * p[..., None], 1, 2) @ dev
+                p = w / tot
+                md = [(p * x).sum(0) for x in d]
+                mt[t] = c + np.stack(md, -1)
+                dev = [x - m for x, m in zip(d, md)]
+                for i in range(3):
+                    pd = p * dev[i]
+                    for j in range(i + 1):
+                        ct[t, i, j] = ct[t, j, i] = (pd * dev[j]).sum(0)
     top = np.full(B, -np.inf)
     np.maximum.at(top, owner, lm)
     safe = np.where(np.isfinite(top), top, 0.0)
@@ -523,13 +587,18 @@ def _ranges(starts, counts):
     return np.repeat(starts - offsets, counts) + np.arange(counts.sum())
 
 
-def _segment_logsumexp(values, ids, n):
-    """Per-segment log-sum-exp: values (N,), ids (N,) in [0, n) -> (n,), -inf for none."""
+def _signed_logsumexps(values, ids, positive, n):
+    """Per-segment log-sum-exp of the positive and of the negative terms, apart:
+    values (N,), ids (N,) in [0, n), positive (N,) bool -> (n,), (n,), -inf for none.
+    Both are shifted by the segment's largest term, which is within log N of the larger
+    of the two sums, the one a signed sum that is positive is dominated by."""
     top = np.full(n, -np.inf)
     np.maximum.at(top, ids, values)
     safe = np.where(np.isfinite(top), top, 0.0)
+    w = np.exp(values - safe[ids])
     with np.errstate(divide="ignore"):
-        return safe + np.log(np.bincount(ids, np.exp(values - safe[ids]), n))
+        return (safe + np.log(np.bincount(ids, np.where(positive, w, 0.0), n)),
+                safe + np.log(np.bincount(ids, np.where(positive, 0.0, w), n)))
 
 
 def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -> PolytopeMoments:
@@ -538,8 +607,9 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
 
     The same radial face formula and divergence identities as ``polyhedron_moments``, on
     flat arrays of the pairs' facets and edges (only the real edges of each facet enter).
-    Pairs for which that routine would move a facet through the origin or integrate
-    directly (a cancelled mass) go through ``polyhedron_moments`` itself."""
+    Pairs for which that routine would move a facet through the origin go through
+    ``polyhedron_moments`` itself; those whose mass cancelled are integrated directly where
+    they are small, as there (``_direct_if_small``)."""
     regions = np.asarray(regions, np.int64)
     v = np.asarray(v, np.float64)
     P = regions.size
@@ -549,11 +619,11 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     epair, ge = np.repeat(np.arange(P), ne), _ranges(fp.edge_start[regions], ne)
     ef = (np.cumsum(nf) - nf)[epair] + fp.edge_facet[ge]                # the edge's facet among the pairs'
     NF = gf.size
-    a = fp.a[gf]
-    b = fp.c[gf] - np.einsum("fs,fs->f", a, v[fpair])
-    w = np.einsum("fis,fs->fi", fp.E[gf], v[fpair])[ef]                 # in-plane shift, per edge
-    a2 = fp.a2[ge]
-    c = fp.c2[ge] - np.einsum("ei,ei->e", a2, w)
+    a, E, vf = fp.a[gf], fp.E[gf], v[fpair]
+    b = fp.c[gf] - (a[:, 0] * vf[:, 0] + a[:, 1] * vf[:, 1] + a[:, 2] * vf[:, 2])
+    w = (E[:, :, 0] * vf[:, None, 0] + E[:, :, 1] * vf[:, None, 1] + E[:, :, 2] * vf[:, None, 2])[ef]
+    a2 = fp.a2[ge]                                                      # w: the in-plane shift, per edge
+    c = fp.c2[ge] - (a2[:, 0] * w[:, 0] + a2[:, 1] * w[:, 1])
     dv = a2[:, 0] * w[:, 1] - a2[:, 1] * w[:, 0]                        # d2 . w
     t_lo, t_hi = fp.t_lo[ge] - dv, fp.t_hi[ge] - dv
     c = np.where(np.abs(c) < TINY, TINY, c)
@@ -565,23 +635,30 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     absb = np.abs(b)
     log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, moments)
     edge_pos = neg_b[ef] == (c < 0)
-    log_foot = log_ndtr(-absb)
-    zeros = np.zeros(P)
-
-    def lse(sel_pair, sel_foot, sel_edge):
-        vals = np.concatenate([zeros[sel_pair], log_foot[sel_foot], log_T[sel_edge]])
-        ids = np.concatenate([np.flatnonzero(sel_pair), fpair[sel_foot], epair[sel_edge]])
-        return _segment_logsumexp(vals, ids, P)
-    log_pos = lse(inside, foot_in & neg_b, edge_pos)
-    log_neg = lse(np.zeros(P, bool), foot_in & ~neg_b, ~edge_pos)
+    origin = np.flatnonzero(inside)                                     # the terms 1{0 in P}, 1{f_k in F_k}
+    feet = np.flatnonzero(foot_in)                                      # Phi(-|b_k|), and the edges' T
+    log_pos, log_neg = _signed_logsumexps(
+        np.concatenate([np.zeros(origin.size), log_ndtr(-absb[feet]), log_T]),
+        np.concatenate([origin, fpair[feet], epair]),
+        np.concatenate([np.ones(origin.size, bool), neg_b[feet], edge_pos]), P)
     with np.errstate(invalid="ignore"):
         log_mass = log_pos + _log1mexp(np.minimum(log_neg - log_pos, 0.0))
     log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
-    fallback |= fp.bounded[regions] & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
-        mean, cov = _translated_moments(fpair, ef, a, b, fp.E[gf], fp.nonempty[gf], a2, c, t_lo, t_hi,
+        mean, cov = _translated_moments(fpair, ef, a, b, E, fp.nonempty[gf], a2, c, t_lo, t_hi,
                                         outside_edge, log_mass, log_G)
+    cancelled = ~fallback & fp.bounded[regions] & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
+    if cancelled.any():
+        direct_pairs = np.flatnonzero(cancelled)
+        f, e = np.flatnonzero(cancelled[fpair]), np.flatnonzero(cancelled[epair])
+        ends = _edge_ends(a[ef[e]], b[ef[e]], E[ef[e]], a2[e], c[e], t_lo[e], t_hi[e])
+        facet_index = np.cumsum(cancelled[fpair]) - 1                   # among the cancelled pairs' facets
+        small, direct = _direct_if_small(ends, facet_index[ef[e]], (np.cumsum(cancelled) - 1)[fpair[f]], a[f],
+                                         b[f], direct_pairs.size, moments)
+        direct_pairs = direct_pairs[small]
+        if direct_pairs.size:
+            log_mass[direct_pairs], mean[direct_pairs], cov[direct_pairs] = direct.log_mass, direct.mean, direct.cov
     redo = np.flatnonzero(fallback)
     if redo.size:
         A, bb, mask = _padded(fp, regions[redo], v[redo])
@@ -596,9 +673,7 @@ def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside
     2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
     segments log_G (NE,) come from ``log_edge_and_owen_terms``."""
     P, NF = log_mass.size, b.size
-    exit_ = c >= 0
-    log_exit = _segment_logsumexp(log_G[exit_], ef[exit_], NF)
-    log_entry = _segment_logsumexp(log_G[~exit_], ef[~exit_], NF)
+    log_exit, log_entry = _signed_logsumexps(log_G, ef, c >= 0, NF)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_in = np.log1p(-np.minimum(np.exp(log_exit), 1.0))
         log_out = log_entry + np.log1p(-np.exp(np.minimum(log_exit - log_entry, 0.0)))

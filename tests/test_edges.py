@@ -20,7 +20,7 @@ def ldp_distance(a, c, v):
 
 
 def distances(a, c, mask, v):
-    return distance_to_polyhedron(a, c, mask, a @ np.swapaxes(a, 1, 2), polyhedron_edges(a, c, mask), v)
+    return distance_to_polyhedron(a, c, mask, polyhedron_edges(a, c, mask), v)
 
 
 def test_distance_matches_least_distance_programming():

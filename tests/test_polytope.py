@@ -4,6 +4,8 @@ from scipy.stats import norm
 
 from cpadgn.polytope import polytope_moments
 
+EPS = np.finfo(float).eps
+
 
 def moments(A, b):
     A, b = np.asarray(A, float)[None], np.asarray(b, float)[None]
@@ -222,6 +224,37 @@ def test_s1_far_intervals_match_50_digit_arithmetic():
         if hi - lo > 1e-3:     # (phi(lo) - phi(hi)) / mass cancels for narrow intervals: log mass only
             mean = float((phi(L) - phi(U)) / mass)
             assert abs(r.mean[0, 0] - mean) <= 1e-9 * (1 + abs(mean)), (lo, hi, r.mean[0, 0], mean)
+
+
+def test_log_diff_ndtr_against_50_digit_arithmetic():
+    """log(Phi(hi) - Phi(lo)) on 3,000 intervals (wide, narrow and very narrow, around 0,
+    in both tails down to -60 and at 1e3, half-lines) against mpmath with 50 digits.
+    Rounding allows: in probability space (Phi(c) > 4e-198, c the mirrored upper end) a
+    few eps of each ndtr times the loss of the subtraction, (Phi(c) + Phi(a)) /
+    (Phi(c) - Phi(a)) < 63 outside the narrow intervals (log Phi has slope >= 0.79 on
+    [a, c] <= 0); from the logarithms, eps (|log Phi(a)| + |log Phi(c)|) times the same
+    31; the narrow series, 1e-14 relative."""
+    import mpmath
+    from cpadgn.polytope import log_diff_ndtr
+    rng = np.random.default_rng(5)
+    n = 3000
+    lo = np.concatenate([rng.uniform(-8, 8, n // 3), rng.uniform(-60, 60, n // 3), rng.uniform(-1e3, 1e3, n // 3)])
+    width = 10 ** rng.uniform(-12, 1.5, n)
+    hi = lo + width
+    lo[:50], hi[50:100] = -np.inf, np.inf
+    got = log_diff_ndtr(lo, hi)
+    tail = lambda t: mpmath.erfc(t / mpmath.sqrt(2)) / 2              # P[Z > t], exact in either tail
+    with mpmath.workdps(50):
+        for i in range(n):
+            L = mpmath.mpf(lo[i]) if np.isfinite(lo[i]) else -mpmath.inf
+            U = mpmath.mpf(hi[i]) if np.isfinite(hi[i]) else mpmath.inf
+            mass = tail(L) - tail(U) if L >= 0 else (tail(-U) - tail(-L) if U <= 0 else 1 - tail(U) - tail(-L))
+            want = float(mpmath.log(mass))
+            a, c = (-hi[i], -lo[i]) if lo[i] > 0 else (lo[i], hi[i])
+            log_cdf = lambda t: abs(float(mpmath.log(tail(-mpmath.mpf(t))))) if np.isfinite(t) else 0.0
+            logs = log_cdf(a) + log_cdf(c)
+            tol = 1e-14 * (1 + abs(want)) + 63 * 8 * EPS + 31 * 2 * EPS * logs
+            assert abs(got[i] - want) <= tol, (lo[i], hi[i], got[i], want, (got[i] - want) / tol)
 
 
 def test_owen_segment_node_counts_against_mpmath():
