@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 from numpy.polynomial.legendre import leggauss
-from scipy.special import erfcx, log_ndtr, ndtri_exp
+from scipy.special import erfcx, log_ndtr, ndtr, ndtri, ndtri_exp
 from scipy.stats import qmc
 
 from .stop import stop_check
@@ -902,6 +902,23 @@ def _compact(c, d, m, *more):
             np.take_along_axis(m, order, 1)) + tuple(np.take_along_axis(x, order, 1) for x in more)
 
 
+def _padded_groups(size, cost, chunk, spread=1.5):
+    """Groups of polytopes (index arrays, by increasing size) for work padded to each
+    group's largest: size (B,) ints, cost (B,) of one polytope, non-decreasing in size.
+    A group's count times its largest cost is at most chunk (one polytope at least), and
+    its sizes are at most spread times its smallest plus 4, so that padding wastes little
+    (a single group padded to the largest size cost 10x the work on S = 4 partitions)."""
+    order = np.argsort(size, kind="stable")
+    size, cost = size[order], cost[order]
+    start, B = 0, size.size
+    while start < B:
+        by_cost = np.searchsorted(np.arange(1, B - start + 1) * cost[start:], chunk, side="right")
+        by_size = np.searchsorted(size[start:], spread * size[start] + 4, side="right")
+        stop = start + max(1, int(min(by_cost, by_size)))
+        yield order[start:stop]
+        start = stop
+
+
 def _levels(c, d, m, zmax, cap=256, chunk=4e6):
     """The bounds of the SOV levels in the frame: rows c (B, F, S) . z <= d.
 
@@ -936,18 +953,11 @@ def _levels(c, d, m, zmax, cap=256, chunk=4e6):
         if j - 1 == 2 and m.any():                       # prune to the edges of the polygon
             live = np.zeros_like(m)
             count = m.sum(1)
-            order = np.argsort(count, kind="stable")            # alike row counts together
-            start = 0
-            cost2 = np.maximum(count[order], 1).astype(float) ** 2
-            while start < B:                 # groups of polytopes with (size) * (rows)^2 <= chunk
+            for sel in _padded_groups(count, np.maximum(count, 1).astype(float) ** 2, chunk):
                 stop_check()
-                cost = np.arange(1, B - start + 1) * cost2[start:]          # increasing
-                stop = start + max(1, int(np.searchsorted(cost, chunk, side="right")))
-                sel = order[start:stop]
                 Kc = max(1, int(count[sel].max()))
                 cs, ds, ms = c[sel, :Kc], d[sel, :Kc], m[sel, :Kc]
                 live[sel, :Kc] = facet_segments(cs, np.where(ms, ds, 1.0), ms)[2]
-                start = stop
             m = live | (m & ~live.any(1, keepdims=True))
             c, d, m, hist = _compact(c, d, m, hist)
     c1 = c[..., 0]
@@ -1000,24 +1010,66 @@ def _logaddexp(a, b):
 
 
 def _tn_draw(lo, hi, u, draw=True):
-    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms u on the 2^-32 grid (lower
-    tail where lo <= 0, mirrored upper tail from 1 - u, exact there, otherwise), and
-    log(Phi(hi) - Phi(lo))."""
+    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms u on the 2^-32 grid, and
+    log(Phi(hi) - Phi(lo)); lo, hi broadcast against u.  Intervals reflected to the
+    lower tail (lo <= 0; draws from 1 - u, mirrored back) go by probabilities
+    (``_tn_draw_direct``) where that is exact enough, the others in log space
+    (``_tn_draw_log``)."""
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
+    with np.errstate(invalid="ignore"):
+        pl, ph = ndtr(l), ndtr(h)
+        mass = ph - pl
+        # mass is ph - pl to an absolute ~4 eps ph: 2^-10 ph keeps it to a relative 1e-12;
+        # h > -30 keeps ph a normal number
+        direct = (mass >= 2.0 ** -10 * ph) & (h > -30)
+    lm = np.log(np.where(direct, mass, 1.0))
+    uu = np.where(flip, 1.0 - u, u)
+    x = _tn_draw_direct(l, h, pl, mass, uu) if draw else None
+    if not direct.all():
+        shape = np.broadcast_shapes(np.shape(l), np.shape(u))
+        slow = np.nonzero(np.broadcast_to(~direct, shape))
+        xs, lms = _tn_draw_log(*(np.broadcast_to(a, shape)[slow] for a in (l, h, uu)), draw)
+        lm = np.array(np.broadcast_to(lm, shape))
+        lm[slow] = lms
+        if draw:
+            x[slow] = xs
+    if draw:
+        np.negative(x, out=x, where=flip)
+    return x, lm
+
+
+def _tn_draw_direct(l, h, pl, mass, u):
+    """Draw of N(0, 1) on [l, h], l <= 0, by probabilities: pl = Phi(l), mass = Phi(h) -
+    Phi(l), u uniforms in (0, 1) (broadcast).  Points below the median from Phi(x) =
+    pl + u mass, those above from the upper tail 1 - Phi(x) = Phi(-h) + (1 - u) mass,
+    so that neither loses digits to 1 - p."""
+    with np.errstate(invalid="ignore"):
+        p = pl + u * mass
+        upper = p > 0.5
+        q = np.where(upper, ndtr(-h) + (1.0 - u) * mass, p)
+        x = ndtri(q)
+    np.negative(x, out=x, where=upper)
+    np.maximum(x, l, out=x)
+    np.minimum(x, h, out=x)
+    return x
+
+
+def _tn_draw_log(l, h, u, draw=True):
+    """``_tn_draw_direct`` in log space, for l <= 0 (any interval: deep tails, narrow
+    ones); also log(Phi(h) - Phi(l))."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         la = log_ndtr(l)
         lm = _log_diff_from_logs(l, h, la, log_ndtr(h))
         if not draw:
             return None, lm
-        t = np.log(np.where(flip, 1.0 - u, u))
+        t = np.log(u)
         t += lm
         t = _logaddexp(la, t)
         np.minimum(t, 0.0, out=t)
         x = ndtri_exp(t)
     np.maximum(x, l, out=x)
     np.minimum(x, h, out=x)
-    np.negative(x, out=x, where=flip)
     return x, lm
 
 
@@ -1062,17 +1114,14 @@ def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
     # z_1 = L + v_1 ~ N(m, 1) on [L + lo1, L + hi1]; y = z_1 - m ~ N(0, 1) on [ya, yb]
     tilt = np.where((L > 0) & certified, _tilt(L + lo1, r), 0.0)
     ya, yb = L + lo1 - tilt, L + hi1 - tilt
-    flip1 = ya > 0
-    a1, c1 = np.where(flip1, -yb, ya), np.where(flip1, -ya, yb)
-    la1 = log_ndtr(a1)
-    lm1 = _log_diff_from_logs(a1, c1, la1, log_ndtr(c1))
+    lm1 = log_diff_ndtr(ya, yb)
     # log weight = lm1 + m^2/2 - m z_1 = [lm1 - m (m/2 + ya)] - m (v_1 - lo1), where the
     # tilt m is 0 unless ya is finite
     fin1 = np.isfinite(ya)
     ya0 = np.where(fin1, ya, 0.0)
     const1 = lm1 - tilt * (0.5 * tilt + ya0)
-    return dict(mu=mu, E=E, zs=zs, lo1=lo1, levels=levels, empty=empty, L=L, tilt=tilt, flip1=flip1,
-                a1=a1, c1=c1, la1=la1, lm1=lm1, fin1=fin1, ya0=ya0, const1=const1)
+    return dict(mu=mu, E=E, zs=zs, lo1=lo1, levels=levels, empty=empty, L=L, tilt=tilt, ya=ya, yb=yb,
+                fin1=fin1, ya0=ya0, const1=const1)
 
 
 def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
@@ -1080,8 +1129,7 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     mask (which key their randomisation with the seed)."""
     B, F, S = A.shape
     mu, E, zs, lo1, levels, empty, L, tilt = (g[k] for k in ("mu", "E", "zs", "lo1", "levels", "empty", "L", "tilt"))
-    flip1, a1, c1, la1, lm1, fin1, ya0, const1 = (g[k] for k in ("flip1", "a1", "c1", "la1", "lm1", "fin1", "ya0",
-                                                                 "const1"))
+    ya, yb, fin1, ya0, const1 = (g[k] for k in ("ya", "yb", "fin1", "ya0", "const1"))
     m = max(2, n_qmc // n_randomisations)
     base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
     N = base.shape[1]
@@ -1091,23 +1139,13 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     # order of their own counts, each group cut to its largest (real rows come first)
     counts = [(np.isfinite(lv[1]).sum(1), np.isfinite(lv[3]).sum(1)) for lv in levels]
     total = np.maximum(1, sum(cu + cl for cu, cl in counts)) if counts else np.ones(B, int)
-    order = np.argsort(total, kind="stable")
-    start = 0
-    while start < B:
+    for sl in _padded_groups(total, N * total.astype(float), chunk):
         stop_check()
-        cost = np.arange(1, B - start + 1) * (N * total[order[start:]].astype(float))      # increasing
-        sl = order[start:start + max(1, int(np.searchsorted(cost, chunk, side="right")))]
-        start += sl.size
         n = sl.size
         cut = [(max(1, int(cu[sl].max())), max(1, int(cl[sl].max()))) for cu, cl in counts]
         z = np.empty((n, S, N))                                         # holds v
         u = _shifted_uniforms(base, keys[sl], n_randomisations)             # (n, S, N)
-        f1 = flip1[sl, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            y = ndtri_exp(np.minimum(_logaddexp(np.broadcast_to(la1[sl, None], (n, N)),
-                                                np.log(np.where(f1, 1.0 - u[:, 0], u[:, 0])) + lm1[sl, None]), 0.0))
-        y = np.clip(y, a1[sl, None], c1[sl, None])
-        np.negative(y, out=y, where=f1)
+        y = _tn_draw(ya[sl, None], yb[sl, None], u[:, 0])[0]
         off = y - ya0[sl, None]                                          # y - ya >= 0
         z[:, 0] = np.where(fin1[sl, None], lo1[sl, None] + off, y + tilt[sl, None] - L[sl, None])
         logw = const1[sl, None] - tilt[sl, None] * off

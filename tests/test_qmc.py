@@ -222,3 +222,48 @@ def test_draws_beyond_the_memory_budget_are_averaged_replicates():
     assert split.log_mass[0] != whole.log_mass[0]                    # it did split
     assert abs(split.log_mass[0] - want) <= 4 * split.stderr[0]
     assert 0 < split.stderr[0] < part.stderr[0]                      # four replicates beat one
+
+
+def _tn_oracle(lo, hi, u):
+    """50-digit x = Phi^-1(Phi(lo) + u (Phi(hi) - Phi(lo))) (drawn from 1 - u in the
+    mirrored upper tail, lo > 0, as the sampler does) and log(Phi(hi) - Phi(lo))."""
+    import mpmath
+    mpmath.mp.dps = 50
+    Phi = lambda t: mpmath.ncdf(mpmath.mpf(t))
+    flip = lo > 0
+    a, c, w = (-hi, -lo, 1 - mpmath.mpf(u)) if flip else (lo, hi, mpmath.mpf(u))
+    pa, pc = Phi(a), Phi(c)
+    p = pa + w * (pc - pa)
+    x_lo, x_hi = mpmath.mpf(max(a, -60.0)), mpmath.mpf(min(c, 60.0))
+    for _ in range(120):                       # bisection on Phi(x) = p: 2^-120 of 120
+        mid = (x_lo + x_hi) / 2
+        x_lo, x_hi = (mid, x_hi) if Phi(mid) < p else (x_lo, mid)
+    x = (x_lo + x_hi) / 2
+    return float(-x if flip else x), float(mpmath.log(pc - pa))
+
+
+def test_truncated_normal_draws_against_50_digit_arithmetic():
+    """``_tn_draw`` (a draw by probabilities where that is exact, log space elsewhere)
+    against mpmath on intervals that take both paths: wide, half-infinite, both tails
+    (lo > 0 mirrored), deep (beyond -30: log space), narrow (width 1e-9: log space) and
+    narrow-but-direct ones, with uniforms near 0, 1/2 and 1 (2^-33 from the ends, as on
+    the sampler's grid).  The direct path's mass is Phi(hi) - Phi(lo) to ~4 eps Phi(hi),
+    kept at >= 2^-10 Phi(hi): a relative 1e-12, hence 5e-12 on the log mass; x moves by
+    that times p / phi(x) <= 1.3 (the tail ratio), so 1e-10 (1 + |x|) on the draw.
+    Broadcasting as the first variable uses it: intervals (k, 1) against points (k, M)."""
+    from cpadgn.polytope import _tn_draw
+    inf = np.inf
+    intervals = [(-inf, inf), (-inf, -2.0), (0.5, inf), (-1.0, 3.0), (-0.2, 0.3), (4.0, 9.0), (-9.0, -4.0),
+                 (-45.0, -40.0), (38.0, 39.0), (-inf, -31.0), (1.0, 1.0 + 1e-9), (-3.0, -3.0 + 1e-9),
+                 (-5.0, -4.99), (0.0, 0.001), (-12.0, -11.99), (-1.0, inf), (-0.3, 8.0)]
+    us = np.array([2.0 ** -33, 0.1, 0.5, 0.9, 1 - 2.0 ** -33])
+    lo = np.array([[a] for a, _ in intervals])
+    hi = np.array([[b] for _, b in intervals])
+    x, lm = _tn_draw(lo, hi, np.broadcast_to(us, (len(intervals), us.size)))
+    assert x.shape == (len(intervals), us.size)
+    for i, (a, b) in enumerate(intervals):
+        for k, u in enumerate(us):
+            want_x, want_lm = _tn_oracle(a, b, u)
+            assert abs(np.broadcast_to(lm, x.shape)[i, k] - want_lm) <= 5e-12 * (1 + abs(want_lm)), (a, b, u)
+            assert abs(x[i, k] - want_x) <= 1e-10 * (1 + abs(want_x)), (a, b, u, x[i, k], want_x)
+            assert a <= x[i, k] <= b
