@@ -654,7 +654,7 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
                        moments: bool, complete: bool, memory_budget: float | None = None, polygons=None,
-                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0), mode: np.ndarray | None = None):
+                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0, 16), mode: np.ndarray | None = None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
@@ -662,7 +662,8 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     whitened polygon translated by -v; rows with missing entries may pass their pairs'
     own whitened polygons (``_pair_polygons``).  Returns log Phi (P,), E[z|w] (P, S),
     Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
-    integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed);
+    integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed,
+    sets; S = 3 ignores the sets);
     with a list ``pilot``, the first stage instead (``_qmc_first_stage``), whose
     independent pilot (log Phi (P,), its stderr (P,)) is appended to the list.  mode
     (P, S): the S >= 4 pairs' modes in the whitened frame where known (NaN: not known;
@@ -684,7 +685,7 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
             pilot.append((pil.log_mass, pil.stderr))
         elif tab.S >= 4:
             res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, draw=(qmc[0], qmc[1], moments),
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, n_randomisations=qmc[2])
         else:
             res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
                               memory_budget=memory_budget, n_qmc=qmc[0], seed=qmc[1])
@@ -708,9 +709,9 @@ def _qmc_first_stage(A, b, mask, mode, moments: bool, memory_budget: float | Non
                                     mode))
 
 
-def _qmc_one(A, b, mask, mode, draw: tuple, memory_budget: float | None = None):
+def _qmc_one(A, b, mask, mode, draw: tuple, memory_budget: float | None = None, n_randomisations: int = 16):
     """S >= 4: one draw (n_qmc, seed, moments) of ``polytope.polytope_qmc_draws`` with known modes."""
-    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode)[0]
+    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode, n_randomisations)[0]
 
 
 def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa, pilot_logw, pilot_se,
@@ -719,21 +720,23 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
 
     found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr
     (P, ...); modes (P, S): the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their
-    pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count
-    (``qmc_allocation.qmc_allocation``, aiming at stderr_target per row); a pair that gets
-    points is integrated anew with them (seed 2) and that estimate replaces its first
-    stage, the others keep theirs.  Unbiased: the allocation depends on the pilots
+    pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count and
+    sets (``qmc_allocation.qmc_sets``, ``qmc_allocation.qmc_allocation``, aiming at
+    stderr_target per row); a pair that gets points is integrated anew with them (seed
+    2) and that estimate replaces its first stage, the others keep theirs.  Unbiased: the allocation depends on the pilots
     alone, and every estimate kept (first stage or second) comes from points
     independent of them, so given the pilots each pair's estimate has mean kappa Phi.
     (Pooling a pair's first stage with its second, or choosing on either, would bias.)
     Returns found updated.
     """
-    from .qmc_allocation import qmc_allocation
+    from .qmc_allocation import qmc_allocation, qmc_sets
     rows, regions, logw, mean, cov, se = (x.copy() for x in found)
-    n_pts = qmc_allocation(rows, pilot_logw, pilot_se, QMC_FIRST, QMC_FIRST, stderr_target, Xt.shape[0])
+    pilot = (rows, pilot_logw, pilot_se, QMC_FIRST, QMC_FIRST, stderr_target, Xt.shape[0])
+    sets = qmc_sets(*pilot)
+    n_pts = qmc_allocation(*pilot, n_randomisations=sets)
     dev = Xt.device
-    for n in np.unique(n_pts[n_pts > 0]):
-        idx = np.flatnonzero(n_pts == n)
+    for n, n_sets in np.unique(np.stack([n_pts, sets], 1)[n_pts > 0], axis=0):
+        idx = np.flatnonzero((n_pts == n) & (sets == n_sets))
         step = int(max(1, pair_chunk * QMC_FIRST // n))
         for p0 in range(0, idx.size, step):
             stop_check()
@@ -741,7 +744,8 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
             rows_t, regions_t = torch.as_tensor(rows[sel], device=dev), torch.as_tensor(regions[sel], device=dev)
             v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
             log_phi, mean[sel], cov[sel], se[sel] = _truncated_moments(tab, v, C, regions[sel], moments, complete,
-                                                                       poly_budget, qmc=(int(n), 2), mode=modes[sel])
+                                                                       poly_budget, qmc=(int(n), 2, int(n_sets)),
+                                                                       mode=modes[sel])
             logw[sel] = log_kappa[sel] + log_phi
     return [rows, regions, logw, mean, cov, se]
 

@@ -113,7 +113,7 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
     return _assemble(B, S, sel, res, empty)
 
 
-def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None) -> list:
+def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_randomisations=16) -> list:
     """Randomised-QMC ``polytope_moments`` (any S >= 2; S >= 4 has nothing else) for
     each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
     work that does not depend on the points (mode, frame, projections) is done once.
@@ -123,6 +123,8 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None) -> list
     replicates of that many points (derived seeds), averaged (``_combine_replicates``).
     mode (B, S): the polytopes' modes where already known (NaN rows: not known), for
     example from ``distance_lower_bound``; each is checked (``_kkt``) before it is used.
+    n_randomisations: the independently scrambled sets a draw's points come in (its
+    standard error has n_randomisations - 1 degrees of freedom).
     """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -134,12 +136,13 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None) -> list
         A, b, mask = A[sel], b[sel], mask[sel]
         mode = None if mode is None else np.asarray(mode, dtype=np.float64)[sel]
         if memory_budget is None:
-            res = _qmc_draws(A, b, mask, draws, mode=mode)
+            res = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations)
         else:
             cap = max(2 ** 12, qmc_points_within(F, S, memory_budget))     # 4,096: as always, unsplit
             split = [[(n, seed, mom)] if n <= cap else
                      [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
-            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode)
+            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode,
+                                n_randomisations)
             ends = np.cumsum([len(part) for part in split])
             res = [_combine_replicates(flat[e - len(part):e]) for e, part in zip(ends, split)]
     return [_assemble(B, S, sel, r, empty) for r in res]
@@ -178,7 +181,7 @@ def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
     return 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
 
 
-def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None):
+def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None, n_randomisations=16):
     """``_qmc_draws`` on chunks of the polytopes that fit memory_budget: a half for the
     per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
     ~24 of them live at once)."""
@@ -186,7 +189,7 @@ def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None):
     inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
     n_qmc = max(d[0] for d in draws)
     step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
-    parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner,
+    parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner, n_randomisations,
                         mode=None if mode is None else mode[i:i + step]) for i in range(0, B, step)]
     return [PolytopeMoments.concat([p[k] for p in parts]) for k in range(len(draws))]
 
