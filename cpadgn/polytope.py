@@ -1021,14 +1021,15 @@ def _tn_draw(lo, hi, u, draw=True):
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
     with np.errstate(invalid="ignore"):
-        pl, ph = ndtr(l), ndtr(h)
+        tail = ndtr(-np.abs(h))                              # Phi(h) for h <= 0, else 1 - Phi(h)
+        pl, ph = ndtr(l), np.where(h > 0, 1.0 - tail, tail)
         mass = ph - pl
         # mass is ph - pl to an absolute ~4 eps ph: 2^-10 ph keeps it to a relative 1e-12;
         # h > -30 keeps ph a normal number
         direct = (mass >= 2.0 ** -10 * ph) & (h > -30)
     lm = np.log(np.where(direct, mass, 1.0))
     uu = np.where(flip, 1.0 - u, u)
-    x = _tn_draw_direct(l, h, pl, mass, uu) if draw else None
+    x = _tn_draw_direct(l, h, pl, mass, tail, uu) if draw else None
     if not direct.all():
         shape = np.broadcast_shapes(np.shape(l), np.shape(u))
         slow = np.nonzero(np.broadcast_to(~direct, shape))
@@ -1042,15 +1043,15 @@ def _tn_draw(lo, hi, u, draw=True):
     return x, lm
 
 
-def _tn_draw_direct(l, h, pl, mass, u):
+def _tn_draw_direct(l, h, pl, mass, tail, u):
     """Draw of N(0, 1) on [l, h], l <= 0, by probabilities: pl = Phi(l), mass = Phi(h) -
-    Phi(l), u uniforms in (0, 1) (broadcast).  Points below the median from Phi(x) =
-    pl + u mass, those above from the upper tail 1 - Phi(x) = Phi(-h) + (1 - u) mass,
-    so that neither loses digits to 1 - p."""
+    Phi(l), tail = Phi(-|h|), u uniforms in (0, 1) (broadcast).  Points below the median
+    from Phi(x) = pl + u mass, those above (then h > 0) from the upper tail
+    1 - Phi(x) = Phi(-h) + (1 - u) mass, so that neither loses digits to 1 - p."""
     with np.errstate(invalid="ignore"):
         p = pl + u * mass
         upper = p > 0.5
-        q = np.where(upper, ndtr(-h) + (1.0 - u) * mass, p)
+        q = np.where(upper, tail + (1.0 - u) * mass, p)
         x = ndtri(q)
     np.negative(x, out=x, where=upper)
     np.maximum(x, l, out=x)
