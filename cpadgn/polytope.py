@@ -1190,6 +1190,46 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     return out
 
 
+def halfspace_mc(A, b, mask, mode, n, seed=0) -> PolytopeMoments:
+    """Plain Monte Carlo mass and moments of N(0, I) on P = {u : A u <= b} (B, F, S),
+    mask (B, F), from n independent points of N(0, I) restricted to the half-space
+    H = {u : m.u >= |m|^2} of P's mode m (B, S), which holds P (m is its point nearest
+    0; all modes finite and nonzero).  Each point weighs M = Phi(-|m|) (H's mass) where
+    it lies in P and 0 elsewhere, so the estimate is unbiased whatever P's shape, with
+    variance M Phi_P (1 - Phi_P / M) / n <= M^2 / n: certified by the mode alone, with
+    no projections (the cheap estimate for pairs that matter little; see
+    ``likelihood._cheap_pairs``).  stderr: the sample's relative standard error (0
+    where no point hit P: then log_mass = -inf); mean, cov: of the points in P."""
+    B, F, S = A.shape
+    norm = np.linalg.norm(mode, axis=-1)
+    E = _gram_schmidt_rows(np.concatenate([(mode / norm[:, None])[:, None], np.broadcast_to(np.eye(S), (B, S, S))],
+                                          1))[0]                         # (B, S, S), E[:, 0] along m
+    U = _hashed_uniforms(_polytope_keys(A, b, mask, seed), S, n)         # (B, S, n)
+    z = np.empty((B, S, n))
+    z[:, 0] = _tn_draw(norm[:, None], np.full((B, 1), np.inf), U[:, 0])[0]
+    z[:, 1:] = ndtri(U[:, 1:])
+    u = np.einsum("bts,btn->bsn", E, z)                                  # (B, S, n)
+    hit = np.all(~mask[..., None] | (A @ u <= b[..., None]), axis=1)     # (B, n)
+    k = hit.sum(1)
+    frac = k / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_mass = log_ndtr(-norm) + np.log(frac)
+        rel_se = np.sqrt((1.0 - frac) / (k * (n - 1) / n))
+        mean = (u * hit[:, None]).sum(-1) / np.maximum(k, 1)[:, None]
+        d = (u - mean[..., None]) * hit[:, None]
+        cov = d @ np.swapaxes(d, 1, 2) / np.maximum(k, 1)[:, None, None]
+    return PolytopeMoments(log_mass, mean, cov, np.where(k > 0, rel_se, 0.0))
+
+
+def _hashed_uniforms(keys, S, n):
+    """Independent uniforms (B, S, n) in (0, 1) from the polytopes' keys (B,): splitmix64
+    of key and point index, 53 bits each (a counter-based generator: a polytope gets the
+    same points in any batch, distinct polytopes independent ones)."""
+    idx = np.arange(S * n, dtype=_U64).reshape(S, n) + _U64(1)
+    bits = _splitmix64(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(11)
+    return (bits.astype(np.float64) + 0.5) * 2.0 ** -53
+
+
 def _splitmix64(x):
     """The splitmix64 finaliser of uint64 values x (any shape): a bijection whose outputs
     for distinct inputs behave as independent uniform 64-bit words."""
