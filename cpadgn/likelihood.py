@@ -685,7 +685,8 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
             pilot.append((pil.log_mass, pil.stderr))
         elif tab.S >= 4:
             res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, draw=(qmc[0], qmc[1], moments),
-                              memory_budget=memory_budget, n_randomisations=qmc[2])
+                              memory_budget=memory_budget, n_randomisations=qmc[2],
+                              min_pairs=max(1, 2 ** 18 // qmc[0]))       # threads where the points are
         else:
             res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
                               memory_budget=memory_budget, n_qmc=qmc[0], seed=qmc[1])
@@ -713,7 +714,7 @@ def _cheap_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: 
     v, C = v.cpu().numpy(), C.cpu().numpy()
     A = tab.G[regions] @ C
     b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
-    res = _in_threads(halfspace_mc, A, b, tab.mask[regions], mode, n=CHEAP_POINTS)
+    res = _in_threads(halfspace_mc, A, b, tab.mask[regions], mode, n=CHEAP_POINTS, min_pairs=2048)
     return _in_latent(tab, regions, res, v, C)
 
 
