@@ -1156,8 +1156,8 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
         for j in range(1, S):
             ku, kl = cut[j - 1]
             up_c, up_d, lo_c, lo_d = (a[sl, :k] for a, k in zip(levels[j - 1], (ku, ku, kl, kl)))
-            hi = (up_d[:, :, None] - up_c @ z[:, :j]).min(1)
-            lo = (lo_d[:, :, None] - lo_c @ z[:, :j]).max(1)
+            hi = _level_bound(up_c, up_d, z[:, :j], np.minimum)
+            lo = _level_bound(lo_c, lo_d, z[:, :j], np.maximum)
             last = j == S - 1
             zj = zs[sl, j, None]
             xj, lm = _tn_draw(lo + zj, hi + zj, u[:, j], draw=moments or not last)
@@ -1228,6 +1228,16 @@ def _hashed_uniforms(keys, S, n):
     idx = np.arange(S * n, dtype=_U64).reshape(S, n) + _U64(1)
     bits = _splitmix64(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(11)
     return (bits.astype(np.float64) + 0.5) * 2.0 ** -53
+
+
+def _level_bound(c, d, z, pick):
+    """The tightest of a level's rows at the points: pick (np.minimum or np.maximum)
+    over k of d_k - c_k . z, for rows c (n, K, j), d (n, K) and points z (n, j, N) ->
+    (n, N), one row at a time (no (n, K, N) array)."""
+    out = d[:, 0, None] - np.einsum("nj,njm->nm", c[:, 0], z)
+    for k in range(1, c.shape[1]):
+        pick(out, d[:, k, None] - np.einsum("nj,njm->nm", c[:, k], z), out=out)
+    return out
 
 
 def _splitmix64(x):
