@@ -724,8 +724,8 @@ def _cheap_pairs(rows: torch.Tensor, log_var: torch.Tensor, candidate: torch.Ten
     row, those of smallest certified variance log_var (P,; log of that of kappa Phi)
     whose variances, with the row's spent (n,; log) ones, sum to at most
     (stderr_target / 16)^2 p^2 (p: the row's running estimate log_p (n,), which only
-    grows): 1/16 of the standard error the second stage plans for (stderr_target / 4),
-    in quadrature a 0.2% larger one."""
+    grows): a quarter of the standard error the second stage plans for (stderr_target /
+    4), which it makes at most 3% larger in quadrature."""
     budget = 2.0 * (log_p + float(np.log(stderr_target / 16)))
     with np.errstate(invalid="ignore"):
         left = torch.where(spent < budget, budget + torch.log1p(-torch.exp(spent - budget)), -torch.inf)
@@ -757,9 +757,11 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count and
     sets (``qmc_allocation.qmc_sets``, ``qmc_allocation.qmc_allocation``, aiming at
     stderr_target per row); a pair that gets points is integrated anew with them (seed
-    2) and that estimate replaces its first stage, the others keep theirs.  Unbiased: the allocation depends on the pilots
-    alone, and every estimate kept (first stage or second) comes from points
-    independent of them, so given the pilots each pair's estimate has mean kappa Phi.
+    2) and that estimate replaces its first stage, the others keep theirs.  Unbiased:
+    the allocation depends on the pilots alone, and every estimate kept (first stage or
+    second) comes from points independent of them, so given the pilots each pair's
+    estimate has mean kappa Phi.  (The cheap pairs' pilots are their estimates with SE
+    0: they are never refined, whatever their values.)
     (Pooling a pair's first stage with its second, or choosing on either, would bias.)
     Returns found updated.
     """
