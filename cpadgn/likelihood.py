@@ -708,13 +708,16 @@ def _in_latent(tab: RegionTable, regions: np.ndarray, res: PolytopeMoments, v: n
 CHEAP_POINTS = 128      # S >= 4: plain Monte Carlo points of a pair that matters little (``_cheap_pairs``)
 
 
-def _cheap_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray, mode: np.ndarray):
+def _cheap_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray, mode: np.ndarray,
+                   memory_budget: float | None = None):
     """``_truncated_moments`` of pairs by ``polytope.halfspace_mc`` (CHEAP_POINTS points)
-    from their certified modes (P, S), finite and nonzero."""
+    from their certified modes (P, S), finite and nonzero; memory_budget: bytes of its
+    working arrays."""
     v, C = v.cpu().numpy(), C.cpu().numpy()
     A = tab.G[regions] @ C
     b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
-    res = _in_threads(halfspace_mc, A, b, tab.mask[regions], mode, n=CHEAP_POINTS, min_pairs=2048)
+    res = _in_threads(halfspace_mc, A, b, tab.mask[regions], mode, n=CHEAP_POINTS, min_pairs=2048,
+                      memory_budget=memory_budget)
     return _in_latent(tab, regions, res, v, C)
 
 
@@ -1054,7 +1057,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 mode = l_mode[sel].cpu().numpy()
                 lk = log_kappa[rows, regions].cpu().numpy()
                 if is_cheap:            # kept as it is (its pilot SE 0: never refined); certified variance
-                    log_phi, mean, cov, _ = _cheap_moments(tab, v, C, r_np, mode)
+                    log_phi, mean, cov, _ = _cheap_moments(tab, v, C, r_np, mode, poly_budget)
                     se, var = np.zeros_like(lk), log_var[sel].cpu().numpy()
                     pilots.append((lk, lk + log_phi, se))
                 else:

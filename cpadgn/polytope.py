@@ -1190,7 +1190,7 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     return out
 
 
-def halfspace_mc(A, b, mask, mode, n, seed=0) -> PolytopeMoments:
+def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None) -> PolytopeMoments:
     """Plain Monte Carlo mass and moments of N(0, I) on P = {u : A u <= b} (B, F, S),
     mask (B, F), from n independent points of N(0, I) restricted to the half-space
     H = {u : m.u >= |m|^2} of P's mode m (B, S), which holds P (m is its point nearest
@@ -1199,8 +1199,14 @@ def halfspace_mc(A, b, mask, mode, n, seed=0) -> PolytopeMoments:
     variance M Phi_P (1 - Phi_P / M) / n <= M^2 / n: certified by the mode alone, with
     no projections (the cheap estimate for pairs that matter little; see
     ``likelihood._cheap_pairs``).  stderr: the sample's relative standard error (0
-    where no point hit P: then log_mass = -inf); mean, cov: of the points in P."""
+    where no point hit P: then log_mass = -inf); mean, cov: of the points in P.
+    memory_budget: bytes of working arrays (~F + 4 S + 2 arrays of n points a polytope;
+    the polytopes go in slices that fit)."""
     B, F, S = A.shape
+    step = B if memory_budget is None else max(1, int(memory_budget // (8.0 * n * (F + 4 * S + 2))))
+    if step < B:
+        return PolytopeMoments.concat([halfspace_mc(A[i:i + step], b[i:i + step], mask[i:i + step],
+                                                    mode[i:i + step], n, seed) for i in range(0, B, step)])
     norm = np.linalg.norm(mode, axis=-1)
     E = _gram_schmidt_rows(np.concatenate([(mode / norm[:, None])[:, None], np.broadcast_to(np.eye(S), (B, S, S))],
                                           1))[0]                         # (B, S, S), E[:, 0] along m

@@ -307,7 +307,8 @@ def test_halfspace_monte_carlo_unbiased_with_its_certified_variance():
     points each: the estimates' mean is within 4 SE of the mass; their variance is the
     binomial M Phi (1 - Phi / M) / n (M = Phi(-|mode|); points independent) within the
     chi-square(399) range at 1e-6 either side, so below the certified M Phi / n; and the
-    mean of the points in P, rotated back, is within 4 SE of the closed form."""
+    mean of the points in P, rotated back, is within 4 SE of the closed form.  In slices
+    under a memory budget: the same numbers."""
     from scipy.stats import chi2, norm
     from cpadgn.polytope import halfspace_mc
     S, copies, n = 4, 400, 128
@@ -330,3 +331,7 @@ def test_halfspace_monte_carlo_unbiased_with_its_certified_variance():
     got = np.einsum("cis,cs->ci", Q, res.mean)[seen]
     se = got.std(0, ddof=1) / np.sqrt(seen.sum())
     assert np.all(np.abs(got.mean(0) - want) <= 4 * se + 1e-12), (got.mean(0), want, se)
+    # a memory budget for 7 polytopes at a time: slices, each polytope with the same points
+    sliced = halfspace_mc(A, b, np.ones((copies, 3), bool), mode, n, seed=0,
+                          memory_budget=7 * 8.0 * n * (3 + 4 * S + 2))
+    assert np.array_equal(sliced.log_mass, res.log_mass) and np.array_equal(sliced.mean, res.mean)
