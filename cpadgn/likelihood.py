@@ -34,8 +34,8 @@ from scipy.special import log_ndtr
 from .edges import Edges, distance_to_polyhedron, polyhedron_edges
 from .errors import CpadgnError
 from .polyhedron import region_facet_polygons, translated_polyhedron_moments
-from .polytope import (PolytopeMoments, distance_lower_bound, facet_segments, polygon_moments, polytope_moments,
-                       polytope_qmc_draws, solve_in_groups)
+from .polytope import (PolytopeMoments, distance_lower_bound, facet_segments, halfspace_mc, polygon_moments,
+                       polytope_moments, polytope_qmc_draws, solve_in_groups)
 from .network import PiecewiseAffineNet
 from .numerics import check_representable
 from .partition import Partition
@@ -653,7 +653,7 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
                        moments: bool, complete: bool, memory_budget: float | None = None, polygons=None,
-                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0), mode: np.ndarray | None = None):
+                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0, 16), mode: np.ndarray | None = None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
@@ -661,7 +661,8 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     whitened polygon translated by -v; rows with missing entries may pass their pairs'
     own whitened polygons (``_pair_polygons``).  Returns log Phi (P,), E[z|w] (P, S),
     Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
-    integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed);
+    integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed,
+    sets; S = 3 ignores the sets);
     with a list ``pilot``, the first stage instead (``_qmc_first_stage``), whose
     independent pilot (log Phi (P,), its stderr (P,)) is appended to the list.  mode
     (P, S): the S >= 4 pairs' modes in the whitened frame where known (NaN: not known;
@@ -683,10 +684,17 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
             pilot.append((pil.log_mass, pil.stderr))
         elif tab.S >= 4:
             res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, draw=(qmc[0], qmc[1], moments),
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, n_randomisations=qmc[2],
+                              min_pairs=max(1, 2 ** 18 // qmc[0]))       # threads where the points are
         else:
             res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
                               memory_budget=memory_budget, n_qmc=qmc[0], seed=qmc[1])
+    return _in_latent(tab, regions, res, v, C)
+
+
+def _in_latent(tab: RegionTable, regions: np.ndarray, res: PolytopeMoments, v: np.ndarray, C: np.ndarray):
+    """``_truncated_moments``'s outputs from the whitened integrals res of pairs (P, ...)
+    with whitened means v (P, S) and factors C (P, S, S): z = C (v + u)."""
     log_phi = res.log_mass
     if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
         log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
@@ -694,6 +702,36 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     mean = np.where(none[:, None], 0.0, (C @ (v + res.mean)[:, :, None])[..., 0])
     cov = np.where(none[:, None, None], 0.0, C @ res.cov @ np.swapaxes(C, 1, 2))
     return log_phi, mean, cov, res.stderr
+
+
+CHEAP_POINTS = 128      # S >= 4: plain Monte Carlo points of a pair that matters little (``_cheap_pairs``)
+
+
+def _cheap_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray, mode: np.ndarray,
+                   memory_budget: float | None = None):
+    """``_truncated_moments`` of pairs by ``polytope.halfspace_mc`` (CHEAP_POINTS points)
+    from their certified modes (P, S), finite and nonzero; memory_budget: bytes of its
+    working arrays."""
+    v, C = v.cpu().numpy(), C.cpu().numpy()
+    A = tab.G[regions] @ C
+    b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
+    res = _in_threads(halfspace_mc, A, b, tab.mask[regions], mode, n=CHEAP_POINTS, min_pairs=2048,
+                      memory_budget=memory_budget)
+    return _in_latent(tab, regions, res, v, C)
+
+
+def _cheap_pairs(rows: torch.Tensor, log_var: torch.Tensor, candidate: torch.Tensor, log_p: torch.Tensor,
+                 spent: torch.Tensor, stderr_target: float, n: int) -> torch.Tensor:
+    """Which candidate pairs (P,) may take the cheap estimate (``_cheap_moments``): per
+    row, those of smallest certified variance log_var (P,; log of that of kappa Phi)
+    whose variances, with the row's spent (n,; log) ones, sum to at most
+    (stderr_target / 16)^2 p^2 (p: the row's running estimate log_p (n,), which only
+    grows): a quarter of the standard error the second stage plans for (stderr_target /
+    4), which it makes at most 3% larger in quadrature."""
+    budget = 2.0 * (log_p + float(np.log(stderr_target / 16)))
+    with np.errstate(invalid="ignore"):
+        left = torch.where(spent < budget, budget + torch.log1p(-torch.exp(spent - budget)), -torch.inf)
+    return _smallest_within(rows, log_var, candidate, left, n)
 
 
 QMC_FIRST = 32          # S >= 4: points per pair of the first stage and of its pilot (16 sets of 2)
@@ -707,9 +745,9 @@ def _qmc_first_stage(A, b, mask, mode, moments: bool, memory_budget: float | Non
                                     mode))
 
 
-def _qmc_one(A, b, mask, mode, draw: tuple, memory_budget: float | None = None):
+def _qmc_one(A, b, mask, mode, draw: tuple, memory_budget: float | None = None, n_randomisations: int = 16):
     """S >= 4: one draw (n_qmc, seed, moments) of ``polytope.polytope_qmc_draws`` with known modes."""
-    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode)[0]
+    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode, n_randomisations)[0]
 
 
 def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa, pilot_logw, pilot_se,
@@ -718,21 +756,25 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
 
     found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr
     (P, ...); modes (P, S): the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their
-    pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count
-    (``qmc_allocation.qmc_allocation``, aiming at stderr_target per row); a pair that gets
-    points is integrated anew with them (seed 2) and that estimate replaces its first
-    stage, the others keep theirs.  Unbiased: the allocation depends on the pilots
-    alone, and every estimate kept (first stage or second) comes from points
-    independent of them, so given the pilots each pair's estimate has mean kappa Phi.
+    pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count and
+    sets (``qmc_allocation.qmc_sets``, ``qmc_allocation.qmc_allocation``, aiming at
+    stderr_target per row); a pair that gets points is integrated anew with them (seed
+    2) and that estimate replaces its first stage, the others keep theirs.  Unbiased:
+    the allocation depends on the pilots alone, and every estimate kept (first stage or
+    second) comes from points independent of them, so given the pilots each pair's
+    estimate has mean kappa Phi.  (The cheap pairs' pilots are their estimates with SE
+    0: they are never refined, whatever their values.)
     (Pooling a pair's first stage with its second, or choosing on either, would bias.)
     Returns found updated.
     """
-    from .qmc_allocation import qmc_allocation
+    from .qmc_allocation import qmc_allocation, qmc_sets
     rows, regions, logw, mean, cov, se = (x.copy() for x in found)
-    n_pts = qmc_allocation(rows, pilot_logw, pilot_se, QMC_FIRST, QMC_FIRST, stderr_target, Xt.shape[0])
+    pilot = (rows, pilot_logw, pilot_se, QMC_FIRST, QMC_FIRST, stderr_target, Xt.shape[0])
+    sets = qmc_sets(*pilot)
+    n_pts = qmc_allocation(*pilot, n_randomisations=sets)
     dev = Xt.device
-    for n in np.unique(n_pts[n_pts > 0]):
-        idx = np.flatnonzero(n_pts == n)
+    for n, n_sets in np.unique(np.stack([n_pts, sets], 1)[n_pts > 0], axis=0):
+        idx = np.flatnonzero((n_pts == n) & (sets == n_sets))
         step = int(max(1, pair_chunk * QMC_FIRST // n))
         for p0 in range(0, idx.size, step):
             stop_check()
@@ -740,7 +782,8 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
             rows_t, regions_t = torch.as_tensor(rows[sel], device=dev), torch.as_tensor(regions[sel], device=dev)
             v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
             log_phi, mean[sel], cov[sel], se[sel] = _truncated_moments(tab, v, C, regions[sel], moments, complete,
-                                                                       poly_budget, qmc=(int(n), 2), mode=modes[sel])
+                                                                       poly_budget, qmc=(int(n), 2, int(n_sets)),
+                                                                       mode=modes[sel])
             logw[sel] = log_kappa[sel] + log_phi
     return [rows, regions, logw, mean, cov, se]
 
@@ -900,10 +943,13 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
-    Cov[z|w], stderr per integrated pair and the per-row bound log(1 + skipped / p).
+    Cov[z|w], stderr, log of a certified variance of kappa Phi (-inf: none) per integrated
+    pair and the per-row bound log(1 + skipped / p).
     poly_budget: bytes for the S >= 3 integrals of one pair chunk.  S >= 4: the loop's
     integrals are a cheap first stage with a pilot beside it, and ``_refine_qmc_pairs``
-    then spends points where each row's standard error needs them (stderr_target).
+    then spends points where each row's standard error needs them (stderr_target); the
+    pairs that matter little take a cheap estimate with a certified variance instead
+    (``_cheap_pairs``).
     """
     n, R = Xt.shape[0], tab.n_regions
     dev = Xt.device
@@ -930,6 +976,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     l_taken = l_sharp = torch.zeros(0, dtype=torch.bool, device=dev)
     l_mode = torch.zeros((0, tab.S), dtype=torch.float64, device=dev)    # S >= 4: the bound's modes, for the integral
     found, pilots, found_modes = [], ([] if tab.S >= 4 else None), []
+    spent = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)   # S >= 4: cheap pairs' variance
     # S >= 3: pairs are costly and a posterior can spread over thousands of regions, so p
     # is first estimated on a small margin, and then the smallest bounds that fit in the
     # budget are left out.  At S <= 2 an integral costs about what that bookkeeping does.
@@ -990,24 +1037,40 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                     for i in range(0, r_near.size, pair_chunk)])
             l_bound[sharpen] = torch.minimum(l_bound[sharpen], log_kappa[rows, regions] + torch.as_tensor(near, device=dev))
             l_sharp[sharpen] = True
-        take_idx = torch.nonzero(take)[:, 0]
-        for p0 in range(0, take_idx.numel(), pair_chunk):
-            stop_check()
-            sel = take_idx[p0:p0 + pair_chunk]
-            rows, regions = l_rows[sel], l_regions[sel]
-            v, C, L = _pair_factors(tab, Xt, rows, regions, complete, v_dense, stats)
-            r_np = regions.cpu().numpy()
-            polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(), r_np)
-            mode = l_mode[sel].cpu().numpy()
-            log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget, polygons,
-                                                        pilot=pilots, mode=mode)
-            found_modes.append(mode)
-            lk = log_kappa[rows, regions].cpu().numpy()
-            logw = lk + log_phi
-            if pilots:
-                pilots[-1] = (lk, lk + pilots[-1][0], pilots[-1][1])
-            found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se))
-            log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))
+        cheap = torch.zeros_like(take)
+        if pilots is not None:          # S >= 4: the pairs that matter little get a cheap estimate
+            norm = torch.linalg.vector_norm(l_mode, dim=1)              # NaN: no certified mode
+            log_var = torch.full_like(l_bound, torch.inf)
+            known = torch.nonzero(take & torch.isfinite(norm) & (norm > 0))[:, 0]
+            log_var[known] = 2.0 * (log_kappa[l_rows[known], l_regions[known]]
+                                    + torch.special.log_ndtr(-norm[known])) - float(np.log(CHEAP_POINTS))
+            cheap = _cheap_pairs(l_rows, log_var, torch.isfinite(log_var), log_p, spent, stderr_target, n)
+            spent = torch.logaddexp(spent, _segment_logsumexp(l_rows[cheap], log_var[cheap], n))
+        for idx, is_cheap in ((torch.nonzero(take & ~cheap)[:, 0], False), (torch.nonzero(cheap)[:, 0], True)):
+            for p0 in range(0, idx.numel(), pair_chunk):
+                stop_check()
+                sel = idx[p0:p0 + pair_chunk]
+                rows, regions = l_rows[sel], l_regions[sel]
+                v, C, L = _pair_factors(tab, Xt, rows, regions, complete, v_dense, stats)
+                r_np = regions.cpu().numpy()
+                mode = l_mode[sel].cpu().numpy()
+                lk = log_kappa[rows, regions].cpu().numpy()
+                if is_cheap:            # kept as it is (its pilot SE 0: never refined); certified variance
+                    log_phi, mean, cov, _ = _cheap_moments(tab, v, C, r_np, mode, poly_budget)
+                    se, var = np.zeros_like(lk), log_var[sel].cpu().numpy()
+                    pilots.append((lk, lk + log_phi, se))
+                else:
+                    polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(),
+                                                                                               r_np)
+                    log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget,
+                                                                polygons, pilot=pilots, mode=mode)
+                    var = np.full_like(lk, -np.inf)
+                    if pilots:
+                        pilots[-1] = (lk, lk + pilots[-1][0], pilots[-1][1])
+                found_modes.append(mode)
+                logw = lk + log_phi
+                found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se, var))
+                log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))
         l_taken |= take
         skipped = torch.logaddexp(unlisted, _segment_logsumexp(l_rows[~l_taken], l_bound[~l_taken], n))
         done = done | (skipped - log_p <= log_rtol)
@@ -1018,12 +1081,12 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     bound = torch.log1p(torch.exp(skipped - log_p)).cpu().numpy()
     S = tab.S
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, S)),
-             np.zeros((0, S, S)), np.zeros(0))
+             np.zeros((0, S, S)), np.zeros(0), np.zeros(0))
     found = [np.concatenate(x) for x in zip(empty, *found)]
     if pilots:
-        found = _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, np.concatenate(found_modes),
-                                  *map(np.concatenate, zip(*pilots)),
-                                  stderr_target, moments, pair_chunk, poly_budget)
+        found[:6] = _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found[:6], np.concatenate(found_modes),
+                                      *map(np.concatenate, zip(*pilots)),
+                                      stderr_target, moments, pair_chunk, poly_budget)
     return (*found, bound)
 
 
@@ -1066,11 +1129,12 @@ def _row_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     return np.stack(sums, axis=1).reshape((n,) + values.shape[1:])
 
 
-def _summarise(rows, regions, logw, mean, cov, se, bound, Xt, idx, out):
+def _summarise(rows, regions, logw, mean, cov, se, log_var, bound, Xt, idx, out):
     """Combine the per-pair results of one chunk into per-row summaries."""
     n = Xt.shape[0]
     order = np.lexsort((regions, rows))
     rows, regions, logw, mean, cov, se = rows[order], regions[order], logw[order], mean[order], cov[order], se[order]
+    log_var = log_var[order]
     rowmax = np.full(n, -np.inf)
     np.maximum.at(rowmax, rows, logw)
     w = np.exp(logw - rowmax[rows])
@@ -1081,7 +1145,7 @@ def _summarise(rows, regions, logw, mean, cov, se, bound, Xt, idx, out):
     z_cov = _row_sums(rows, r[:, None, None] * (cov + mean[:, :, None] * mean[:, None, :]), n)
     z_cov -= z_mean[:, :, None] * z_mean[:, None, :]
     # Delta method: d log p / d log Phi_w = r_w.
-    var = np.bincount(rows, weights=(r * se) ** 2, minlength=n)
+    var = np.bincount(rows, weights=(r * se) ** 2 + np.exp(log_var - 2.0 * log_p[rows]), minlength=n)
     best = np.zeros(n)
     top = np.zeros(n, dtype=np.int64)
     order_r = np.lexsort((-r, rows))

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 from numpy.polynomial.legendre import leggauss
-from scipy.special import erfcx, log_ndtr, ndtr, ndtri_exp
+from scipy.special import erfcx, log_ndtr, ndtr, ndtri, ndtri_exp
 from scipy.stats import qmc
 
 from .stop import stop_check
@@ -131,7 +131,7 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
     return _assemble(B, S, sel, res, empty)
 
 
-def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None) -> list:
+def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_randomisations=16) -> list:
     """Randomised-QMC ``polytope_moments`` (any S >= 2; S >= 4 has nothing else) for
     each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
     work that does not depend on the points (mode, frame, projections) is done once.
@@ -141,6 +141,8 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None) -> list
     replicates of that many points (derived seeds), averaged (``_combine_replicates``).
     mode (B, S): the polytopes' modes where already known (NaN rows: not known), for
     example from ``distance_lower_bound``; each is checked (``_kkt``) before it is used.
+    n_randomisations: the independently scrambled sets a draw's points come in (its
+    standard error has n_randomisations - 1 degrees of freedom).
     """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -152,12 +154,13 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None) -> list
         A, b, mask = A[sel], b[sel], mask[sel]
         mode = None if mode is None else np.asarray(mode, dtype=np.float64)[sel]
         if memory_budget is None:
-            res = _qmc_draws(A, b, mask, draws, mode=mode)
+            res = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations)
         else:
             cap = max(2 ** 12, qmc_points_within(F, S, memory_budget))     # 4,096: as always, unsplit
             split = [[(n, seed, mom)] if n <= cap else
                      [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
-            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode)
+            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode,
+                                n_randomisations)
             ends = np.cumsum([len(part) for part in split])
             res = [_combine_replicates(flat[e - len(part):e]) for e, part in zip(ends, split)]
     return [_assemble(B, S, sel, r, empty) for r in res]
@@ -196,7 +199,7 @@ def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
     return 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
 
 
-def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None):
+def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None, n_randomisations=16):
     """``_qmc_draws`` on chunks of the polytopes that fit memory_budget: a half for the
     per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
     ~24 of them live at once)."""
@@ -204,7 +207,7 @@ def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None):
     inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
     n_qmc = max(d[0] for d in draws)
     step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
-    parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner,
+    parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner, n_randomisations,
                         mode=None if mode is None else mode[i:i + step]) for i in range(0, B, step)]
     return [PolytopeMoments.concat([p[k] for p in parts]) for k in range(len(draws))]
 
@@ -920,6 +923,23 @@ def _compact(c, d, m, *more):
             np.take_along_axis(m, order, 1)) + tuple(np.take_along_axis(x, order, 1) for x in more)
 
 
+def _padded_groups(size, cost, chunk, spread=1.5):
+    """Groups of polytopes (index arrays, by increasing size) for work padded to each
+    group's largest: size (B,) ints, cost (B,) of one polytope, non-decreasing in size.
+    A group's count times its largest cost is at most chunk (one polytope at least), and
+    its sizes are at most spread times its smallest plus 4, so that padding wastes little
+    (a single group padded to the largest size cost 10x the work on S = 4 partitions)."""
+    order = np.argsort(size, kind="stable")
+    size, cost = size[order], cost[order]
+    start, B = 0, size.size
+    while start < B:
+        by_cost = np.searchsorted(np.arange(1, B - start + 1) * cost[start:], chunk, side="right")
+        by_size = np.searchsorted(size[start:], spread * size[start] + 4, side="right")
+        stop = start + max(1, int(min(by_cost, by_size)))
+        yield order[start:stop]
+        start = stop
+
+
 def _levels(c, d, m, zmax, cap=256, chunk=4e6):
     """The bounds of the SOV levels in the frame: rows c (B, F, S) . z <= d.
 
@@ -954,18 +974,11 @@ def _levels(c, d, m, zmax, cap=256, chunk=4e6):
         if j - 1 == 2 and m.any():                       # prune to the edges of the polygon
             live = np.zeros_like(m)
             count = m.sum(1)
-            order = np.argsort(count, kind="stable")            # alike row counts together
-            start = 0
-            cost2 = np.maximum(count[order], 1).astype(float) ** 2
-            while start < B:                 # groups of polytopes with (size) * (rows)^2 <= chunk
+            for sel in _padded_groups(count, np.maximum(count, 1).astype(float) ** 2, chunk):
                 stop_check()
-                cost = np.arange(1, B - start + 1) * cost2[start:]          # increasing
-                stop = start + max(1, int(np.searchsorted(cost, chunk, side="right")))
-                sel = order[start:stop]
                 Kc = max(1, int(count[sel].max()))
                 cs, ds, ms = c[sel, :Kc], d[sel, :Kc], m[sel, :Kc]
                 live[sel, :Kc] = facet_segments(cs, np.where(ms, ds, 1.0), ms)[2]
-                start = stop
             m = live | (m & ~live.any(1, keepdims=True))
             c, d, m, hist = _compact(c, d, m, hist)
     c1 = c[..., 0]
@@ -1018,24 +1031,67 @@ def _logaddexp(a, b):
 
 
 def _tn_draw(lo, hi, u, draw=True):
-    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms u on the 2^-32 grid (lower
-    tail where lo <= 0, mirrored upper tail from 1 - u, exact there, otherwise), and
-    log(Phi(hi) - Phi(lo))."""
+    """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms u on the 2^-32 grid, and
+    log(Phi(hi) - Phi(lo)); lo, hi broadcast against u.  Intervals reflected to the
+    lower tail (lo <= 0; draws from 1 - u, mirrored back) go by probabilities
+    (``_tn_draw_direct``) where that is exact enough, the others in log space
+    (``_tn_draw_log``)."""
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
+    with np.errstate(invalid="ignore"):
+        tail = ndtr(-np.abs(h))                              # Phi(h) for h <= 0, else 1 - Phi(h)
+        pl, ph = ndtr(l), np.where(h > 0, 1.0 - tail, tail)
+        mass = ph - pl
+        # mass is ph - pl to an absolute ~4 eps ph: 2^-10 ph keeps it to a relative 1e-12;
+        # h > -30 keeps ph a normal number
+        direct = (mass >= 2.0 ** -10 * ph) & (h > -30)
+    lm = np.log(np.where(direct, mass, 1.0))
+    uu = np.where(flip, 1.0 - u, u)
+    x = _tn_draw_direct(l, h, pl, mass, tail, uu) if draw else None
+    if not direct.all():
+        shape = np.broadcast_shapes(np.shape(l), np.shape(u))
+        slow = np.nonzero(np.broadcast_to(~direct, shape))
+        xs, lms = _tn_draw_log(*(np.broadcast_to(a, shape)[slow] for a in (l, h, uu)), draw)
+        lm = np.array(np.broadcast_to(lm, shape))
+        lm[slow] = lms
+        if draw:
+            x[slow] = xs
+    if draw:
+        np.negative(x, out=x, where=flip)
+    return x, lm
+
+
+def _tn_draw_direct(l, h, pl, mass, tail, u):
+    """Draw of N(0, 1) on [l, h], l <= 0, by probabilities: pl = Phi(l), mass = Phi(h) -
+    Phi(l), tail = Phi(-|h|), u uniforms in (0, 1) (broadcast).  Points below the median
+    from Phi(x) = pl + u mass, those above (then h > 0) from the upper tail
+    1 - Phi(x) = Phi(-h) + (1 - u) mass, so that neither loses digits to 1 - p."""
+    with np.errstate(invalid="ignore"):
+        p = pl + u * mass
+        upper = p > 0.5
+        q = np.where(upper, tail + (1.0 - u) * mass, p)
+        x = ndtri(q)
+    np.negative(x, out=x, where=upper)
+    np.maximum(x, l, out=x)
+    np.minimum(x, h, out=x)
+    return x
+
+
+def _tn_draw_log(l, h, u, draw=True):
+    """``_tn_draw_direct`` in log space, for l <= 0 (any interval: deep tails, narrow
+    ones); also log(Phi(h) - Phi(l))."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         la = log_ndtr(l)
         lm = _log_diff_from_logs(l, h, la, log_ndtr(h))
         if not draw:
             return None, lm
-        t = np.log(np.where(flip, 1.0 - u, u))
+        t = np.log(u)
         t += lm
         t = _logaddexp(la, t)
         np.minimum(t, 0.0, out=t)
         x = ndtri_exp(t)
     np.maximum(x, l, out=x)
     np.minimum(x, h, out=x)
-    np.negative(x, out=x, where=flip)
     return x, lm
 
 
@@ -1080,17 +1136,14 @@ def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
     # z_1 = L + v_1 ~ N(m, 1) on [L + lo1, L + hi1]; y = z_1 - m ~ N(0, 1) on [ya, yb]
     tilt = np.where((L > 0) & certified, _tilt(L + lo1, r), 0.0)
     ya, yb = L + lo1 - tilt, L + hi1 - tilt
-    flip1 = ya > 0
-    a1, c1 = np.where(flip1, -yb, ya), np.where(flip1, -ya, yb)
-    la1 = log_ndtr(a1)
-    lm1 = _log_diff_from_logs(a1, c1, la1, log_ndtr(c1))
+    lm1 = log_diff_ndtr(ya, yb)
     # log weight = lm1 + m^2/2 - m z_1 = [lm1 - m (m/2 + ya)] - m (v_1 - lo1), where the
     # tilt m is 0 unless ya is finite
     fin1 = np.isfinite(ya)
     ya0 = np.where(fin1, ya, 0.0)
     const1 = lm1 - tilt * (0.5 * tilt + ya0)
-    return dict(mu=mu, E=E, zs=zs, lo1=lo1, levels=levels, empty=empty, L=L, tilt=tilt, flip1=flip1,
-                a1=a1, c1=c1, la1=la1, lm1=lm1, fin1=fin1, ya0=ya0, const1=const1)
+    return dict(mu=mu, E=E, zs=zs, lo1=lo1, levels=levels, empty=empty, L=L, tilt=tilt, ya=ya, yb=yb,
+                fin1=fin1, ya0=ya0, const1=const1)
 
 
 def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
@@ -1098,8 +1151,7 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     mask (which key their randomisation with the seed)."""
     B, F, S = A.shape
     mu, E, zs, lo1, levels, empty, L, tilt = (g[k] for k in ("mu", "E", "zs", "lo1", "levels", "empty", "L", "tilt"))
-    flip1, a1, c1, la1, lm1, fin1, ya0, const1 = (g[k] for k in ("flip1", "a1", "c1", "la1", "lm1", "fin1", "ya0",
-                                                                 "const1"))
+    ya, yb, fin1, ya0, const1 = (g[k] for k in ("ya", "yb", "fin1", "ya0", "const1"))
     m = max(2, n_qmc // n_randomisations)
     base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
     N = base.shape[1]
@@ -1109,31 +1161,21 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     # order of their own counts, each group cut to its largest (real rows come first)
     counts = [(np.isfinite(lv[1]).sum(1), np.isfinite(lv[3]).sum(1)) for lv in levels]
     total = np.maximum(1, sum(cu + cl for cu, cl in counts)) if counts else np.ones(B, int)
-    order = np.argsort(total, kind="stable")
-    start = 0
-    while start < B:
+    for sl in _padded_groups(total, N * total.astype(float), chunk):
         stop_check()
-        cost = np.arange(1, B - start + 1) * (N * total[order[start:]].astype(float))      # increasing
-        sl = order[start:start + max(1, int(np.searchsorted(cost, chunk, side="right")))]
-        start += sl.size
         n = sl.size
         cut = [(max(1, int(cu[sl].max())), max(1, int(cl[sl].max()))) for cu, cl in counts]
         z = np.empty((n, S, N))                                         # holds v
         u = _shifted_uniforms(base, keys[sl], n_randomisations)             # (n, S, N)
-        f1 = flip1[sl, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            y = ndtri_exp(np.minimum(_logaddexp(np.broadcast_to(la1[sl, None], (n, N)),
-                                                np.log(np.where(f1, 1.0 - u[:, 0], u[:, 0])) + lm1[sl, None]), 0.0))
-        y = np.clip(y, a1[sl, None], c1[sl, None])
-        np.negative(y, out=y, where=f1)
+        y = _tn_draw(ya[sl, None], yb[sl, None], u[:, 0])[0]
         off = y - ya0[sl, None]                                          # y - ya >= 0
         z[:, 0] = np.where(fin1[sl, None], lo1[sl, None] + off, y + tilt[sl, None] - L[sl, None])
         logw = const1[sl, None] - tilt[sl, None] * off
         for j in range(1, S):
             ku, kl = cut[j - 1]
             up_c, up_d, lo_c, lo_d = (a[sl, :k] for a, k in zip(levels[j - 1], (ku, ku, kl, kl)))
-            hi = (up_d[:, :, None] - up_c @ z[:, :j]).min(1)
-            lo = (lo_d[:, :, None] - lo_c @ z[:, :j]).max(1)
+            hi = _level_bound(up_c, up_d, z[:, :j], np.minimum)
+            lo = _level_bound(lo_c, lo_d, z[:, :j], np.maximum)
             last = j == S - 1
             zj = zs[sl, j, None]
             xj, lm = _tn_draw(lo + zj, hi + zj, u[:, j], draw=moments or not last)
@@ -1163,6 +1205,62 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
         Es = E[sl]
         out.mean[sl] = mu[sl] + np.einsum("bts,bt->bs", Es, mz)
         out.cov[sl] = np.swapaxes(Es, 1, 2) @ cz @ Es
+    return out
+
+
+def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None) -> PolytopeMoments:
+    """Plain Monte Carlo mass and moments of N(0, I) on P = {u : A u <= b} (B, F, S),
+    mask (B, F), from n independent points of N(0, I) restricted to the half-space
+    H = {u : m.u >= |m|^2} of P's mode m (B, S), which holds P (m is its point nearest
+    0; all modes finite and nonzero).  Each point weighs M = Phi(-|m|) (H's mass) where
+    it lies in P and 0 elsewhere, so the estimate is unbiased whatever P's shape, with
+    variance M Phi_P (1 - Phi_P / M) / n <= M^2 / n: certified by the mode alone, with
+    no projections (the cheap estimate for pairs that matter little; see
+    ``likelihood._cheap_pairs``).  stderr: the sample's relative standard error (0
+    where no point hit P: then log_mass = -inf); mean, cov: of the points in P.
+    memory_budget: bytes of working arrays (~F + 4 S + 2 arrays of n points a polytope;
+    the polytopes go in slices that fit)."""
+    B, F, S = A.shape
+    step = B if memory_budget is None else max(1, int(memory_budget // (8.0 * n * (F + 4 * S + 2))))
+    if step < B:
+        return PolytopeMoments.concat([halfspace_mc(A[i:i + step], b[i:i + step], mask[i:i + step],
+                                                    mode[i:i + step], n, seed) for i in range(0, B, step)])
+    norm = np.linalg.norm(mode, axis=-1)
+    E = _gram_schmidt_rows(np.concatenate([(mode / norm[:, None])[:, None], np.broadcast_to(np.eye(S), (B, S, S))],
+                                          1))[0]                         # (B, S, S), E[:, 0] along m
+    U = _hashed_uniforms(_polytope_keys(A, b, mask, seed), S, n)         # (B, S, n)
+    z = np.empty((B, S, n))
+    z[:, 0] = _tn_draw(norm[:, None], np.full((B, 1), np.inf), U[:, 0])[0]
+    z[:, 1:] = ndtri(U[:, 1:])
+    u = np.einsum("bts,btn->bsn", E, z)                                  # (B, S, n)
+    hit = np.all(~mask[..., None] | (A @ u <= b[..., None]), axis=1)     # (B, n)
+    k = hit.sum(1)
+    frac = k / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_mass = log_ndtr(-norm) + np.log(frac)
+        rel_se = np.sqrt((1.0 - frac) / (k * (n - 1) / n))
+        mean = (u * hit[:, None]).sum(-1) / np.maximum(k, 1)[:, None]
+        d = (u - mean[..., None]) * hit[:, None]
+        cov = d @ np.swapaxes(d, 1, 2) / np.maximum(k, 1)[:, None, None]
+    return PolytopeMoments(log_mass, mean, cov, np.where(k > 0, rel_se, 0.0))
+
+
+def _hashed_uniforms(keys, S, n):
+    """Independent uniforms (B, S, n) in (0, 1) from the polytopes' keys (B,): splitmix64
+    of key and point index, 53 bits each (a counter-based generator: a polytope gets the
+    same points in any batch, distinct polytopes independent ones)."""
+    idx = np.arange(S * n, dtype=_U64).reshape(S, n) + _U64(1)
+    bits = _splitmix64(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(11)
+    return (bits.astype(np.float64) + 0.5) * 2.0 ** -53
+
+
+def _level_bound(c, d, z, pick):
+    """The tightest of a level's rows at the points: pick (np.minimum or np.maximum)
+    over k of d_k - c_k . z, for rows c (n, K, j), d (n, K) and points z (n, j, N) ->
+    (n, N), one row at a time (no (n, K, N) array)."""
+    out = d[:, 0, None] - np.einsum("nj,njm->nm", c[:, 0], z)
+    for k in range(1, c.shape[1]):
+        pick(out, d[:, k, None] - np.einsum("nj,njm->nm", c[:, k], z), out=out)
     return out
 
 

@@ -435,3 +435,28 @@ def test_the_pruning_certificate_holds_against_an_exact_sum_over_all_regions():
                             rtol=rtol, moments=False)
         assert res.error_bound[0] <= np.log1p(rtol) * (1 + 1e-12)
         assert abs(res.log_likelihood[0] - exact) <= res.error_bound[0] + 2 * kappa_rounding_tol(model, X, res)[0]
+
+
+def test_cheap_pairs_are_the_smallest_variances_within_the_budget():
+    """``_cheap_pairs``: per row, the candidates of smallest certified variance whose sum,
+    with what the row already spent, is at most (stderr_target / 16)^2 p^2, and no more
+    of them fit (checked by direct sums); a row without an estimate of p takes none."""
+    import torch
+    from cpadgn.likelihood import _cheap_pairs
+    rng = np.random.default_rng(3)
+    rows = torch.as_tensor(np.repeat(np.arange(3), 60))
+    log_var = torch.as_tensor(rng.uniform(-35.0, -10.0, 180))
+    candidate = torch.as_tensor(rng.random(180) < 0.8)
+    log_p = torch.tensor([0.0, 3.0, -np.inf], dtype=torch.float64)
+    target = 1e-4
+    budget = (target / 16) ** 2 * np.exp(2 * log_p.numpy())
+    spent = torch.as_tensor(np.log([1e-30, 0.5 * budget[1], 1e-30]))
+    sel = _cheap_pairs(rows, log_var, candidate, log_p, spent, target, 3).numpy()
+    v, cand, r = np.exp(log_var.numpy()), candidate.numpy(), rows.numpy()
+    assert not sel[r == 2].any() and np.all(cand[sel])
+    for i in range(2):
+        mine = (r == i) & cand
+        total = np.exp(spent[i].item()) + v[sel & (r == i)].sum()
+        assert total <= budget[i] * (1 + 1e-12) and (sel & (r == i)).sum() > 0
+        rest = np.sort(v[mine & ~sel])
+        assert np.all(v[sel & (r == i)].max() <= rest.min()) and total + rest[0] > budget[i]

@@ -222,3 +222,116 @@ def test_draws_beyond_the_memory_budget_are_averaged_replicates():
     assert split.log_mass[0] != whole.log_mass[0]                    # it did split
     assert abs(split.log_mass[0] - want) <= 4 * split.stderr[0]
     assert 0 < split.stderr[0] < part.stderr[0]                      # four replicates beat one
+
+
+def _tn_oracle(lo, hi, u):
+    """50-digit x = Phi^-1(Phi(lo) + u (Phi(hi) - Phi(lo))) (drawn from 1 - u in the
+    mirrored upper tail, lo > 0, as the sampler does) and log(Phi(hi) - Phi(lo))."""
+    import mpmath
+    mpmath.mp.dps = 50
+    Phi = lambda t: mpmath.ncdf(mpmath.mpf(t))
+    flip = lo > 0
+    a, c, w = (-hi, -lo, 1 - mpmath.mpf(u)) if flip else (lo, hi, mpmath.mpf(u))
+    pa, pc = Phi(a), Phi(c)
+    p = pa + w * (pc - pa)
+    x_lo, x_hi = mpmath.mpf(max(a, -60.0)), mpmath.mpf(min(c, 60.0))
+    for _ in range(120):                       # bisection on Phi(x) = p: 2^-120 of 120
+        mid = (x_lo + x_hi) / 2
+        x_lo, x_hi = (mid, x_hi) if Phi(mid) < p else (x_lo, mid)
+    x = (x_lo + x_hi) / 2
+    return float(-x if flip else x), float(mpmath.log(pc - pa))
+
+
+def test_truncated_normal_draws_against_50_digit_arithmetic():
+    """``_tn_draw`` (a draw by probabilities where that is exact, log space elsewhere)
+    against mpmath on intervals that take both paths: wide, half-infinite, both tails
+    (lo > 0 mirrored), deep (beyond -30: log space), narrow (width 1e-9: log space) and
+    narrow-but-direct ones, with uniforms near 0, 1/2 and 1 (2^-33 from the ends, as on
+    the sampler's grid).  The direct path's mass is Phi(hi) - Phi(lo) to ~4 eps Phi(hi),
+    kept at >= 2^-10 Phi(hi): a relative 1e-12, hence 5e-12 on the log mass; x moves by
+    that times p / phi(x) <= 1.3 (the tail ratio), so 1e-10 (1 + |x|) on the draw.
+    Broadcasting as the first variable uses it: intervals (k, 1) against points (k, M)."""
+    from cpadgn.polytope import _tn_draw
+    inf = np.inf
+    intervals = [(-inf, inf), (-inf, -2.0), (0.5, inf), (-1.0, 3.0), (-0.2, 0.3), (4.0, 9.0), (-9.0, -4.0),
+                 (-45.0, -40.0), (38.0, 39.0), (-inf, -31.0), (1.0, 1.0 + 1e-9), (-3.0, -3.0 + 1e-9),
+                 (-5.0, -4.99), (0.0, 0.001), (-12.0, -11.99), (-1.0, inf), (-0.3, 8.0)]
+    us = np.array([2.0 ** -33, 0.1, 0.5, 0.9, 1 - 2.0 ** -33])
+    lo = np.array([[a] for a, _ in intervals])
+    hi = np.array([[b] for _, b in intervals])
+    x, lm = _tn_draw(lo, hi, np.broadcast_to(us, (len(intervals), us.size)))
+    assert x.shape == (len(intervals), us.size)
+    for i, (a, b) in enumerate(intervals):
+        for k, u in enumerate(us):
+            want_x, want_lm = _tn_oracle(a, b, u)
+            assert abs(np.broadcast_to(lm, x.shape)[i, k] - want_lm) <= 5e-12 * (1 + abs(want_lm)), (a, b, u)
+            assert abs(x[i, k] - want_x) <= 1e-10 * (1 + abs(want_x)), (a, b, u, x[i, k], want_x)
+            assert a <= x[i, k] <= b
+
+
+def test_four_set_estimates_scatter_as_their_standard_errors_say():
+    """The likelihood's second stage takes 4 sets (``qmc_allocation.qmc_sets``): 256
+    rotated copies of one cell, 1,024 points in 4 sets each, scatter as their standard
+    errors say (variance ratio within the F(255, 768) range at 1e-6 either side: each SE^2
+    has 3 degrees of freedom) and their mean is within 4 combined SE of plain Monte
+    Carlo with 2e6 samples.  Also the reason for 4 sets: at the same points they err
+    less than 16 sets (their variance ratio is beyond the F(255, 255) range at 1e-6, 1.8;
+    it is ~3-4: a set of 4x the points errs ~4x less, the mean of 4x fewer sets 2x more)."""
+    from scipy.stats import f
+    from cpadgn.polytope import polytope_qmc_draws
+    S, n, n_mc, n_pts = 4, 256, 2_000_000, 1024
+    rng = np.random.default_rng(11)
+    a = rng.normal(size=(7, S))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    c = rng.uniform(0.2, 1.2, size=7)
+    p = np.mean(np.all(rng.standard_normal((n_mc, S)) @ a.T <= c, axis=1))
+    Q = np.linalg.qr(rng.normal(size=(n, S, S)))[0]
+    A, b = np.einsum("fs,nts->nft", a, Q), np.broadcast_to(c, (n, 7))
+    spread = {}
+    for sets in (4, 16):
+        res = polytope_qmc_draws(A, b, None, [(n_pts, 0, False)], n_randomisations=sets)[0]
+        mass, se_mass = np.exp(res.log_mass), np.exp(res.log_mass) * res.stderr
+        spread[sets] = mass.var(ddof=1)
+        if sets == 4:
+            ratio = spread[4] / np.mean(se_mass ** 2)
+            assert f.ppf(1e-6, n - 1, 3 * n) <= ratio <= f.ppf(1 - 1e-6, n - 1, 3 * n), ratio
+            err = np.sqrt(np.mean(se_mass ** 2) / n + p * (1 - p) / n_mc)
+            assert abs(mass.mean() - p) <= 4 * err, (mass.mean(), p, err)
+    assert spread[16] / spread[4] > f.ppf(1 - 1e-6, n - 1, n - 1), spread
+
+
+def test_halfspace_monte_carlo_unbiased_with_its_certified_variance():
+    """``halfspace_mc`` (the likelihood's cheap estimate for pairs that matter little) on
+    400 random rotations of the orthant {q_i . u >= t_i} (closed forms: mass
+    prod Phi(-t_i), mode sum max(t_i, 0) q_i, mean phi(t_i) / Phi(-t_i) along q_i), 128
+    points each: the estimates' mean is within 4 SE of the mass; their variance is the
+    binomial M Phi (1 - Phi / M) / n (M = Phi(-|mode|); points independent) within the
+    chi-square(399) range at 1e-6 either side, so below the certified M Phi / n; and the
+    mean of the points in P, rotated back, is within 4 SE of the closed form.  In slices
+    under a memory budget: the same numbers."""
+    from scipy.stats import chi2, norm
+    from cpadgn.polytope import halfspace_mc
+    S, copies, n = 4, 400, 128
+    t = np.array([1.5, 0.4, -0.3])
+    rng = np.random.default_rng(5)
+    Q = np.linalg.qr(rng.normal(size=(copies, S, S)))[0]            # rows q_i: Q[:, i]
+    A, b = -Q[:, :3], np.broadcast_to(-t, (copies, 3))
+    mode = np.einsum("i,cis->cs", np.maximum(t, 0), Q[:, :3])
+    res = halfspace_mc(A, b, np.ones((copies, 3), bool), mode, n, seed=0)
+    phi_true = np.exp(np.sum(norm.logsf(t)))
+    M = norm.sf(np.linalg.norm(np.maximum(t, 0)))
+    est = np.exp(res.log_mass)
+    var = M * phi_true * (1 - phi_true / M) / n
+    assert abs(est.mean() - phi_true) <= 4 * np.sqrt(var / copies), (est.mean(), phi_true)
+    ratio = est.var(ddof=1) / var
+    lo, hi = chi2.ppf([1e-6, 1 - 1e-6], copies - 1) / (copies - 1)
+    assert lo <= ratio <= hi, (ratio, lo, hi)
+    want = np.r_[norm.pdf(t) / norm.sf(t), 0.0]                      # in the frame of the q_i
+    seen = np.isfinite(res.log_mass)
+    got = np.einsum("cis,cs->ci", Q, res.mean)[seen]
+    se = got.std(0, ddof=1) / np.sqrt(seen.sum())
+    assert np.all(np.abs(got.mean(0) - want) <= 4 * se + 1e-12), (got.mean(0), want, se)
+    # a memory budget for 7 polytopes at a time: slices, each polytope with the same points
+    sliced = halfspace_mc(A, b, np.ones((copies, 3), bool), mode, n, seed=0,
+                          memory_budget=7 * 8.0 * n * (3 + 4 * S + 2))
+    assert np.array_equal(sliced.log_mass, res.log_mass) and np.array_equal(sliced.mean, res.mean)
