@@ -152,7 +152,8 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     truncation error below 2^-52; erfcx(sqrt(Q / 2)) is bounded above by
     2 / (sqrt(pi) (s + sqrt(s^2 + 4 / pi))) (Abramowitz-Stegun 7.1.13).  Ranges that would
     need more than 16 nodes are split into panels of width <= 1.5 and a fall of at most
-    8, 16 nodes each.  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
+    8, 16 nodes each (checked against mpmath, not covered by the bound:
+    ``polytope.panels_where_needed``).  Nodes are summed relative to the peak, Phi(-r) = erfcx(r / sqrt 2)
     exp(-r^2 / 2) / 2 giving the ratio without logarithms, so T keeps its relative
     accuracy far out (log T down to -1e4 and beyond):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
