@@ -419,8 +419,8 @@ def panels_where_needed(nodes, width, fall, lo, hi):
     This split is a rule of thumb checked against 60-digit mpmath, not a consequence of
     ``gauss_legendre_count``'s bound: at eta = pi/4 that bound asks for ~21 nodes on a
     panel of width 1.5 even without growth.  Certifying every panel by its own bound
-    (a smaller ellipse where the integrand falls fast) was built and measured (branch
-    h8, commits 5868d03..622e62c): the same results, S = 3 3-9% and S = 2 35-45% slower."""
+    (doubling the panels, a smaller ellipse where the integrand falls fast) was built and
+    measured: the same results, S = 3 3-9% and S = 2 35-45% slower."""
     n_panels = np.ones(nodes.shape, np.int64)
     many = np.flatnonzero((nodes > 16) & (width > 0))
     if many.size:
