@@ -675,8 +675,7 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
         fp = _facet_polygons(tab)
         res = _in_threads(lambda r, w: translated_polyhedron_moments(fp, r, w, moments), regions, v)
     else:
-        A = tab.G[regions] @ C
-        b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
+        A, b = _whitened_regions(tab, v, C, regions)
         known = np.full(v.shape, np.nan) if mode is None else mode
         if pilot is not None and tab.S >= 4:
             res, pil = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], known, moments=moments,
@@ -690,6 +689,13 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
             res = _in_threads(polytope_moments, A, b, tab.mask[regions], moments=moments,
                               memory_budget=memory_budget, n_qmc=qmc[0], seed=qmc[1])
     return _in_latent(tab, regions, res, v, C)
+
+
+def _whitened_regions(tab: RegionTable, v: np.ndarray, C: np.ndarray, regions: np.ndarray):
+    """The pairs' regions G z <= h seen by u = C^-1 z - v ~ N(0, I): A = G C (P, F, S),
+    b = h - A v (P, F), for whitened means v (P, S) and factors C (P, S, S)."""
+    A = tab.G[regions] @ C
+    return A, tab.h[regions] - (A @ v[:, :, None])[..., 0]
 
 
 def _in_latent(tab: RegionTable, regions: np.ndarray, res: PolytopeMoments, v: np.ndarray, C: np.ndarray):
@@ -713,8 +719,7 @@ def _cheap_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: 
     from their certified modes (P, S), finite and nonzero; memory_budget: bytes of its
     working arrays."""
     v, C = v.cpu().numpy(), C.cpu().numpy()
-    A = tab.G[regions] @ C
-    b = tab.h[regions] - (A @ v[:, :, None])[..., 0]
+    A, b = _whitened_regions(tab, v, C, regions)
     res = _in_threads(halfspace_mc, A, b, tab.mask[regions], mode, n=CHEAP_POINTS, min_pairs=2048,
                       memory_budget=memory_budget)
     return _in_latent(tab, regions, res, v, C)
