@@ -326,12 +326,17 @@ def _signed_sum(b, c2, t_lo, t_hi, live, inside, foot_in):
     return np.where(np.isneginf(log_pos), -np.inf, log_mass), log_pos
 
 
-def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos, moments, ratio=1e3):
-    """The polytopes whose mass is below 1/ratio of the terms that cancel to it, bounded
-    and small against the Gaussian's scale (indices (R,)), and their direct integrals
-    (``_direct_if_small``)."""
+def _cancelled(bounded, log_mass, log_pos, ratio=1e3):
+    """Where a bounded polyhedron's mass is below 1/ratio of the positive terms that
+    cancel to it (all (B,)): there it is integrated directly when small (``_direct_if_small``)."""
+    return bounded & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(ratio))
+
+
+def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos, moments):
+    """The ``_cancelled`` polytopes that are small against the Gaussian's scale (indices
+    (R,)), and their direct integrals (``_direct_if_small``)."""
     bounded = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
-    redo = np.flatnonzero(bounded & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(ratio)))
+    redo = np.flatnonzero(_cancelled(bounded, log_mass, log_pos))
     if not redo.size:
         return redo, None
     F = b.shape[1]
@@ -649,7 +654,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     if moments:
         mean, cov = _translated_moments(fpair, ef, a, b, E, fp.nonempty[gf], a2, c, t_lo, t_hi,
                                         outside_edge, log_mass, log_G)
-    cancelled = ~fallback & fp.bounded[regions] & np.isfinite(log_pos) & ~(log_mass > log_pos - np.log(1e3))
+    cancelled = ~fallback & _cancelled(fp.bounded[regions], log_mass, log_pos)
     if cancelled.any():
         direct_pairs = np.flatnonzero(cancelled)
         f, e = np.flatnonzero(cancelled[fpair]), np.flatnonzero(cancelled[epair])
