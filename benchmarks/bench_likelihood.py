@@ -7,8 +7,9 @@ Generator: S = 2, hidden 64-64, leaky ReLU 0.1, D = 784, PyTorch's default init
 (seed 0), noise std 0.05; N rows sampled from the model itself.
 With --latent 3 / 4 also the S >= 3 cases, in the same run: S = 3, hidden 32-32,
 D = 64, noise std 0.1, 1,000 rows, and S = 4, hidden 16-16, D = 64, noise std 0.1,
-200 rows, both at rtol 1e-9 (the partitions are cached in --cache-dir); their time
-per row is reported as a ratio to the S = 2 case's.
+200 rows, both at rtol 1e-9 (the partitions are cached in --cache-dir), timed as
+``score`` runs them (log p only) and with the posterior moments; their time per row
+is reported as a ratio to the S = 2 case's, timed the same two ways.
 Prints:
 1. partition time and regions; total exact log-likelihood time for N rows;
 2. the (row, region) product ((rows x (hidden + 2)) @ ((hidden + 2) x regions (S+1)))
@@ -120,7 +121,9 @@ HIGHER = {3: dict(hidden=(32, 32), rows=1000), 4: dict(hidden=(16, 16), rows=200
 
 
 def higher_latent_case(S, cache_dir, per_row_s2, rows=None, D=64, sigma=0.1, rtol=1e-9):
-    """One run of the S = 3 or S = 4 case; prints absolute times and the ratio to S = 2."""
+    """One run of the S = 3 or S = 4 case, as ``score`` computes it (log p only) and with
+    the posterior moments; prints absolute times and the ratios to S = 2's (per_row_s2:
+    its seconds per row for (score, posterior))."""
     from pathlib import Path
     cfg = HIGHER[S]
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -134,14 +137,20 @@ def higher_latent_case(S, cache_dir, per_row_s2, rows=None, D=64, sigma=0.1, rto
     t_part = time.perf_counter() - t0
     tab = model._region_table()
     t0 = time.perf_counter()
-    post = likelihood.posterior(net, part, model.noise_std, X, tab=tab, rtol=rtol)
-    t = time.perf_counter() - t0
+    if S == 3:                  # built once per partition, on first use: not part of either time
+        likelihood._facet_polygons(tab)
+    t_tab = time.perf_counter() - t0
     print(f"S={S}, hidden {'-'.join(map(str, cfg['hidden']))}, D={D}, sigma={sigma}: {part.n_regions:,} "
-          f"regions (partition {t_part:.1f} s, cached after the first run); {n:,} rows at rtol {rtol:g}: "
-          f"{t:.2f} s ({1e3 * t / n:.2f} ms/row, {t / n / per_row_s2:.0f}x the S=2 time per row; "
-          f"{cfg['rows'] * t / n:.0f} s for the target's {cfg['rows']:,} rows at this rate); "
-          f"pairs integrated per row {post.pair_row.size / n:.0f}; max certified bound "
-          f"{post.error_bound.max():.1e} nats; max stderr {post.stderr.max():.1e}")
+          f"regions (partition {t_part:.1f} s, cached after the first run; facet polygons {t_tab:.1f} s); "
+          f"{n:,} rows at rtol {rtol:g}:")
+    for what, moments, s2 in (("score (log p)", False, per_row_s2[0]), ("posterior (+ moments)", True, per_row_s2[1])):
+        t0 = time.perf_counter()
+        post = likelihood.posterior(net, part, model.noise_std, X, tab=tab, rtol=rtol, moments=moments)
+        t = time.perf_counter() - t0
+        print(f"  {what}: {t:.2f} s ({1e3 * t / n:.2f} ms/row, {t / n / s2:.0f}x the S=2 time per row; "
+              f"{cfg['rows'] * t / n:.0f} s for the target's {cfg['rows']:,} rows at this rate); "
+              f"pairs integrated per row {post.pair_row.size / n:.0f}; max certified bound "
+              f"{post.error_bound.max():.1e} nats; max stderr {post.stderr.max():.1e}")
 
 
 def main():
@@ -172,6 +181,12 @@ def main():
         post = model.posterior(X)
         times.append(time.perf_counter() - t0)
     t_exact = float(np.median(times))
+    t_score = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        model.score_samples(X)
+        t_score.append(time.perf_counter() - t0)
+    t_score = float(np.median(t_score))
 
     tab = model._region_table()
     H, R, S = tab.stacked.shape[0], tab.n_regions, net.latent_dim
@@ -198,12 +213,14 @@ def main():
           f"({1e3 * t_exact / args.rows:.3f} ms/row); max certified error bound "
           f"{post.error_bound.max():.1e} nats; pairs evaluated per row "
           f"{post.pair_row.size / args.rows:.1f}")
+    print(f"exact log-likelihood only (score), {args.rows:,} rows: {t_score:.2f} s median of {args.repeats} "
+          f"({1e3 * t_score / args.rows:.3f} ms/row)")
     print(f"all (row, region) terms (log kappa and whitened means, product + epilogue + fresh "
           f"memory): est. {t_kappa:.2f} s for {args.rows:,} rows; the product runs at "
           f"{dom_rate / 1e9:.1f} GFLOP/s = {100 * dom_rate / peak:.0f}% of this machine's fp64 "
           f"matmul rate ({peak / 1e9:.1f} GFLOP/s, 3072^3 measured in this run)")
 
-    per_row_s2 = t_exact / args.rows
+    per_row_s2 = (t_score / args.rows, t_exact / args.rows)
     for S in cases:
         if S > 2:
             higher_latent_case(S, args.cache_dir, per_row_s2, rows=args.higher_rows)
