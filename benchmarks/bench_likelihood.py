@@ -151,6 +151,18 @@ def higher_latent_case(S, cache_dir, per_row_s2, rows=None, D=64, sigma=0.1, rto
               f"{cfg['rows'] * t / n:.0f} s for the target's {cfg['rows']:,} rows at this rate); "
               f"pairs integrated per row {post.pair_row.size / n:.0f}; max certified bound "
               f"{post.error_bound.max():.1e} nats; max stderr {post.stderr.max():.1e}")
+    print(f"  pairs any pruning with a {rtol:g} bound needs, knowing every pair's value (the fewest whose "
+          f"complement sums to <= {rtol:g} p): {fewest_pairs(post, rtol) / n:.0f} per row")
+
+
+def fewest_pairs(post, rtol):
+    """Over all rows, the fewest integrated pairs whose left-out responsibilities sum to
+    at most rtol: a lower bound on the pairs a certified pruning must integrate."""
+    total = 0
+    for i in range(post.log_likelihood.size):
+        r = np.sort(post.pair_responsibility[post.pair_row == i])
+        total += r.size - np.searchsorted(np.cumsum(r), rtol, side="right")
+    return total
 
 
 def main():
