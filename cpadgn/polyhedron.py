@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import erfcx, log_ndtr, roots_jacobi
+from scipy.special import erfc, erfcx, log_ndtr, roots_jacobi
 
 from .stop import stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
@@ -159,6 +159,10 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
     h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
     way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
+    Without owen, edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
+    exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_edge_integrand``): over the clipped
+    range r^2 <= r*^2 + 80, so erfc stays a normal number, and one erfc per node replaces
+    an exp and an erfcx (the same function up to a constant: the same nodes).
     """
     b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
@@ -167,10 +171,19 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c,
                                              tau_star, outputs=2)
     else:
-        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, bc2, c, tau_star)
-    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
-    if not owen:
+        near = r_star * r_star <= _NEAR_R2
+        if near.all():
+            total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrand, bc2, c)
+        else:
+            total = np.empty(b.shape)
+            for sel, integrand, args in ((near, _near_edge_integrand, (bc2, c)),
+                                         (~near, _edge_integrand, (bc2, c, tau_star))):
+                i = np.flatnonzero(sel)
+                total[i] = gauss_legendre_sums(v0[i], width[i], n_panels[i], nodes[i], integrand, *(x[i] for x in args))
+        shift = np.where(near, 0.0, 0.5 * r_star * r_star)
+        log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
         return log_t, None
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
     return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
 
 
@@ -217,6 +230,32 @@ def _edge_integrand(v, bc2, c, tau_star):
     (bc2 = b^2 + c^2, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v,
     r = sqrt(bc2 + tau^2) (= hypot(b, h))."""
     return _edge_integrands(v, bc2, c, tau_star, False)
+
+
+_NEAR_R2 = 1100.0                  # r*^2 up to which T's nodes take erfc unscaled (erfc > 1e-257 on them)
+
+
+def _near_edge_integrand(v, bc2, c):
+    """erfc(r / sqrt 2) / (r h) at nodes v (k, m) of k edges (bc2 = b^2 + c^2, c (k, 1)),
+    tau = c sinh v, h = c cosh v, r = sqrt(bc2 + tau^2): ``_edge_integrand`` times
+    exp(-r*^2 / 2), for edges with r*^2 <= ``_NEAR_R2``.  erfc(x) errs by ~0.6 eps x^2
+    relative (its exp(-x^2)), below what r's own rounding makes (erfc's condition number
+    is 2 x^2) and what ``_edge_integrand``'s exp(-r*^2 / 2) factor makes, eps r*^2 / 2."""
+    e = np.exp(v)
+    ie = np.divide(1.0, e)
+    half_c = 0.5 * c
+    tau = np.subtract(e, ie)
+    tau *= half_c
+    h = np.add(e, ie, out=e)
+    h *= half_c
+    r = np.multiply(tau, tau, out=tau)
+    r += bc2
+    np.sqrt(r, out=r)
+    x = np.multiply(r, _SQRT_HALF, out=ie)
+    erfc(x, out=x)
+    r *= h
+    x /= r
+    return x
 
 
 def _edge_and_owen_integrands(v, bc2, c, tau_star):

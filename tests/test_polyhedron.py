@@ -336,18 +336,26 @@ def test_edge_node_counts_against_mpmath():
     asks for more), against mpmath quadrature (60 digits: at 30 and
     40 its tanh-sinh rule misjudged one case by 2e-12) of the same integrals in
     v: T = b/(2 pi) int Phi(-r) / (r cosh v), G = 1/(2 pi) int exp(-c^2 cosh^2 v / 2) /
-    cosh v, r^2 = b^2 + c^2 cosh^2 v; edges near and far, short and long, rays."""
+    cosh v, r^2 = b^2 + c^2 cosh^2 v; edges near and far, short and long, rays.  log T
+    alone (``log_edge_term``, the likelihood's path: erfc on the nodes, unscaled, for
+    r*^2 <= 1100, and 21 edges beyond that) against the same values."""
     import mpmath
-    from cpadgn.polyhedron import _edge_rule, log_edge_and_owen_terms
+    from cpadgn.polyhedron import _NEAR_R2, _edge_rule, log_edge_and_owen_terms, log_edge_term
     rng = np.random.default_rng(11)
     n = 20_000
     b, c = 10 ** rng.uniform(-3, 1.2, n), 10 ** rng.uniform(-4, 1.2, n)
     v_lo = rng.uniform(-5, 5, n)
     v_hi = v_lo + 10 ** rng.uniform(-9, 1.2, n)
     tau_lo, tau_hi = c * np.sinh(v_lo), np.where(rng.random(n) < 0.05, np.inf, c * np.sinh(v_hi))
-    _, _, _, v0, width, panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
-    idx = select_by_rule(nodes, panels, width)
+    # far edges: b up to 60 (r*^2 up to 3600, beyond _NEAR_R2), short and long
+    b[-21:], c[-21:], v_lo[-21:] = np.linspace(20, 60, 21), 10 ** np.linspace(-3, 1, 21), np.linspace(-2, 2, 21)
+    v_hi[-21:] = v_lo[-21:] + 10 ** np.linspace(-6, 1, 21)
+    tau_lo[-21:], tau_hi[-21:] = c[-21:] * np.sinh(v_lo[-21:]), c[-21:] * np.sinh(v_hi[-21:])
+    _, _, r_star, v0, width, panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
+    idx = np.concatenate([select_by_rule(nodes[:-21], panels[:-21], width[:-21]), np.arange(n - 21, n)])
+    assert (r_star[-21:] ** 2 > _NEAR_R2).sum() >= 10 and (r_star[idx] ** 2 <= _NEAR_R2).sum() >= 19
     log_t, log_g = log_edge_and_owen_terms(b[idx], c[idx], tau_lo[idx], tau_hi[idx])
+    log_t_alone = log_edge_term(b[idx], c[idx], tau_lo[idx], tau_hi[idx])
     with mpmath.workdps(60):
         for k, i in enumerate(idx):
             B, Cc = mpmath.mpf(b[i]), mpmath.mpf(c[i])
@@ -364,7 +372,8 @@ def test_edge_node_counts_against_mpmath():
             star = min(max(mpmath.mpf(0), lo), hi)
             t = B / (2 * mpmath.pi) * f_t(star) * mpmath.quad(lambda v: f_t(v) / f_t(star), points)
             g = f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points) / (2 * mpmath.pi)
-            for got, want in ((log_t[k], float(mpmath.log(t))), (log_g[k], float(mpmath.log(g)))):
+            for got, want in ((log_t[k], float(mpmath.log(t))), (log_t_alone[k], float(mpmath.log(t))),
+                              (log_g[k], float(mpmath.log(g)))):
                 tol = quadrature_rounding(v0[i], width[i], c[i], want)
                 assert abs(got - want) <= tol, (i, nodes[i], panels[i], got, want, (got - want) / tol)
 
