@@ -160,7 +160,7 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
     way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
     Without owen, edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
-    exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_edge_integrand``): over the clipped
+    exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_or_far_edge_integrand``): over the clipped
     range r^2 <= r*^2 + 80, so erfc stays a normal number, and one erfc per node replaces
     an exp and an erfcx (the same function up to a constant: the same nodes).
     """
@@ -171,16 +171,9 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c,
                                              tau_star, outputs=2)
     else:
-        near = r_star * r_star <= _NEAR_R2
-        if near.all():
-            total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrand, bc2, c)
-        else:
-            total = np.empty(b.shape)
-            for sel, integrand, args in ((near, _near_edge_integrand, (bc2, c)),
-                                         (~near, _edge_integrand, (bc2, c, tau_star))):
-                i = np.flatnonzero(sel)
-                total[i] = gauss_legendre_sums(v0[i], width[i], n_panels[i], nodes[i], integrand, *(x[i] for x in args))
-        shift = np.where(near, 0.0, 0.5 * r_star * r_star)
+        far = r_star * r_star > _NEAR_R2
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_or_far_edge_integrand, bc2, c, tau_star, far)
+        shift = np.where(far, 0.5 * r_star * r_star, 0.0)
         log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
         return log_t, None
     log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
@@ -256,6 +249,16 @@ def _near_edge_integrand(v, bc2, c):
     r *= h
     x /= r
     return x
+
+
+def _near_or_far_edge_integrand(v, bc2, c, tau_star, far):
+    """``_near_edge_integrand`` at nodes v (k, m), and on the rows where far (k, 1) (r*^2 >
+    ``_NEAR_R2``) ``_edge_integrand`` instead."""
+    out = _near_edge_integrand(v, bc2, c)
+    rows = np.flatnonzero(far[:, 0])
+    if rows.size:
+        out[rows] = _edge_integrand(v[rows], bc2[rows], c[rows], tau_star[rows])
+    return out
 
 
 def _edge_and_owen_integrands(v, bc2, c, tau_star):
