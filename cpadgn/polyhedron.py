@@ -261,6 +261,34 @@ def _near_or_far_edge_integrand(v, bc2, c, tau_star, far):
     return out
 
 
+def _twin_edge_integrands(v, bc2, c, tau_star, far, c2_twin):
+    """``_near_or_far_edge_integrand`` and it times w = (c^2 + tau^2) / (c_twin^2 + tau^2)
+    (``_twin_edge_terms``) at nodes v (k, m); bc2, c, tau_star, far, c2_twin (k, 1).
+    (2, k, m)."""
+    e = np.exp(v)
+    ie = np.divide(1.0, e)
+    half_c = 0.5 * c
+    tau = np.subtract(e, ie)
+    tau *= half_c
+    h = np.add(e, ie, out=e)
+    h *= half_c
+    out = np.empty((2,) + v.shape)
+    t2 = np.multiply(tau, tau, out=tau)
+    w = np.add(t2, c2_twin, out=out[1])
+    np.divide(np.multiply(h, h, out=ie), w, out=w)
+    r = np.add(t2, bc2, out=t2)
+    np.sqrt(r, out=r)
+    x = np.multiply(r, _SQRT_HALF, out=out[0])
+    erfc(x, out=x)
+    r *= h
+    x /= r
+    rows = np.flatnonzero(far[:, 0])
+    if rows.size:
+        x[rows] = _edge_integrand(v[rows], bc2[rows], c[rows], tau_star[rows])
+    w *= x
+    return out
+
+
 def _edge_and_owen_integrands(v, bc2, c, tau_star):
     """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m)."""
     return _edge_integrands(v, bc2, c, tau_star, True)
@@ -306,10 +334,11 @@ def _lower_erfcx_ratio(b, c, tau):
     return np.sqrt(r2) * np.sqrt(h2) * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
 
 
-def _edge_node_count(b, c, tau_end, v0, v1):
+def _edge_node_count(b, c, tau_end, v0, v1, extra_growth=0.0):
     """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there),
     tau_end the end farther from 0, where g is least: all (n,), int (n,).  The growth
-    bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels."""
+    bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels.
+    extra_growth (n,): added to it, for g times another factor (``_twin_edge_terms``)."""
     eta = 0.25 * np.pi
     half = 0.5 * (v1 - v0)
     mid = 0.5 * (v1 + v0)
@@ -321,7 +350,53 @@ def _edge_node_count(b, c, tau_end, v0, v1):
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         growth = (0.5 * (0.5 * c * c + tau_end * tau_end)
                   + np.log(erfcx_q * np.sqrt(2.0) * _lower_erfcx_ratio(b, c, tau_end) / (np.sqrt(q) * c * np.cosh(x_n))))
-    return gauss_legendre_count(growth, half, eta)
+    return gauss_legendre_count(growth + extra_growth, half, eta)
+
+
+def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
+    """log T of an edge in both of its facets at once: b, c (n,) its offsets |b_k|, |c_e|
+    in the facet where c is the smaller, b_twin, c_twin (n,) in the other (c_twin >= c),
+    [tau_lo, tau_hi] (n,) its segment in the first.  Returns log T, log T_twin and ok
+    (n,): where ok is False the caller integrates the two apart (``log_edge_term``).
+
+    Both facets' tangent coordinates start at the projection of 0 onto the edge's line
+    (their feet project there), so tau is one coordinate up to sign, and r^2 = b^2 + c^2
+    + tau^2 = b_twin^2 + c_twin^2 + tau^2 is the same; with dth = c dtau / (c^2 + tau^2),
+        T_twin = b_twin c_twin / (4 pi) int erfc(r / sqrt 2) / (r h) w dv,
+        w = (c^2 + tau^2) / (c_twin^2 + tau^2),
+    in the first facet's v (tau = c sinh v, h = c cosh v): its nodes serve both, one erfc
+    for two integrals.  The range is clipped as for the twin (its h* e^40, the larger),
+    which contains the first facet's own range.  Node count: w = 1 - (c_twin^2 - c^2) /
+    (c_twin^2 + tau^2), and on |Im v| <= pi/4 Re tau^2 >= -c^2 / 2, so |c_twin^2 + tau^2|
+    >= c_twin^2 / 2 and |w| <= 3 (analytic there); on the real range w is least at tau*.
+    So the twin's growth bound is the first's plus log 3 - log w(tau*), which serves the
+    first integral too.  Only rules of at most 16 nodes are used here (ok): the panels
+    beyond that stay the single-facet rule's (``panels_where_needed``)."""
+    b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
+    b_twin, c_twin = np.minimum(b_twin, 1e150), np.minimum(c_twin, 1e150)
+    tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
+    tau_star = np.clip(0.0, tau_lo, tau_hi)
+    t2_star = tau_star * tau_star
+    c2, c2_twin = c * c, c_twin * c_twin
+    bc2 = b * b + c2
+    r2_star = bc2 + t2_star
+    tau_cut = np.minimum(np.sqrt(t2_star + 80.0), np.sqrt(c2_twin + t2_star) * np.exp(40.0))
+    t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
+    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
+    width = np.maximum(v1 - v0, 0.0)
+    extra = np.log(3.0 * (c2_twin + t2_star) / (c2 + t2_star))
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1, extra)
+    ok = (nodes <= 16) | (width == 0)
+    i = np.flatnonzero(ok)
+    far = r2_star > _NEAR_R2
+    total = gauss_legendre_sums(v0[i], width[i], np.ones(i.size, np.int64), nodes[i], _twin_edge_integrands,
+                                bc2[i], c[i], tau_star[i], far[i], c2_twin[i], outputs=2)
+    shift = np.where(far[i], 0.5 * r2_star[i], 0.0)
+    log_t, log_twin = np.full(b.shape, -np.inf), np.full(b.shape, -np.inf)
+    live = width[i] > 0
+    log_t[i] = np.where(live, _log_product(b[i] * c[i] / (4 * np.pi), total[0]) - shift, -np.inf)
+    log_twin[i] = np.where(live, _log_product(b_twin[i] * c_twin[i] / (4 * np.pi), total[1]) - shift, -np.inf)
+    return log_t, log_twin, ok
 
 
 # ------------------------------------------------------------------ the polyhedron
@@ -571,7 +646,9 @@ class FacetPolygons:
     edge_start[r]:edge_start[r + 1] of the (NE, ...) arrays, grouped by facet:
     edge_facet (NE,) the facet's index within its region, a2 (NE, 2) unit in-plane
     normal, c2 (NE,) in-plane offset from the facet's foot, [t_lo, t_hi] (NE,) the
-    edge's segment (``facet_polygons``, ``polytope.facet_segments``); bounded (R,).
+    edge's segment (``facet_polygons``, ``polytope.facet_segments``), twin (NE,) the
+    index within its region of the same edge in the other facet that meets there (-1:
+    none listed); bounded (R,).
     """
 
     facet_start: np.ndarray
@@ -585,6 +662,7 @@ class FacetPolygons:
     c2: np.ndarray
     t_lo: np.ndarray
     t_hi: np.ndarray
+    twin: np.ndarray
     bounded: np.ndarray
 
 
@@ -618,15 +696,21 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
             facets.append((np.repeat(g, k), A.reshape(-1, 3), b.reshape(-1), E.reshape(-1, 2, 3),
                            nonempty.reshape(-1)))
             i, f, j = np.nonzero(live)
-            edges.append((g[i], f, a2[i, f, j], c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j]))
+            edges.append((g[i], f, j, a2[i, f, j], c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j]))
     cat = lambda parts, n, shape: [np.concatenate(x) for x in zip(*parts)] if parts else \
         [np.zeros((0,) + s) for s in shape]
     f_region, fa, fc, fE, fne = cat(facets, 5, [(), (3,), (), (2, 3), ()])
-    e_region, ef, ea2, ec2, elo, ehi = cat(edges, 6, [(), (), (2,), (), (), ()])
+    e_region, ef, ej, ea2, ec2, elo, ehi = cat(edges, 7, [(), (), (), (2,), (), (), ()])
     fo, eo = np.argsort(f_region, kind="stable"), np.argsort(e_region, kind="stable")
     start = lambda region: np.concatenate([[0], np.cumsum(np.bincount(region.astype(np.int64), minlength=R))])
-    return FacetPolygons(start(f_region), fa[fo], fc[fo], fE[fo], fne[fo].astype(bool), start(e_region),
-                         ef[eo].astype(np.int64), ea2[eo], ec2[eo], elo[eo], ehi[eo], bounded)
+    e_start = start(e_region)
+    e_region, ef, ej = (x[eo].astype(np.int64) for x in (e_region, ef, ej))
+    # edge (k, j) of a region is listed at key (region, k, j), increasing within the sort
+    key, twin_key = (e_region * F + ef) * F + ej, (e_region * F + ej) * F + ef
+    at = np.minimum(np.searchsorted(key, twin_key), max(key.size - 1, 0))
+    twin = np.where(key[at] == twin_key, at - e_start[e_region], -1) if key.size else np.zeros(0, np.int64)
+    return FacetPolygons(start(f_region), fa[fo], fc[fo], fE[fo], fne[fo].astype(bool), e_start,
+                         ef, ea2[eo], ec2[eo], elo[eo], ehi[eo], twin, bounded)
 
 
 def _ranges(starts, counts):
@@ -681,7 +765,10 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
     foot_in = fp.nonempty[gf] & ~outside_edge
     absb = np.abs(b)
-    log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, moments)
+    if moments:
+        log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, True)
+    else:
+        log_T = _edge_terms_by_twins(fp.twin[ge], np.cumsum(ne) - ne, epair, absb[ef], np.abs(c), t_lo, t_hi)
     edge_pos = neg_b[ef] == (c < 0)
     origin = np.flatnonzero(inside)                                     # the terms 1{0 in P}, 1{f_k in F_k}
     feet = np.flatnonzero(foot_in)                                      # Phi(-|b_k|), and the edges' T
@@ -713,6 +800,36 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
         direct = polyhedron_moments(A, bb, mask, moments=moments)
         log_mass[redo], mean[redo], cov[redo] = direct.log_mass, direct.mean, direct.cov
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
+
+
+def _edge_terms_by_twins(twin, pair_start, epair, b, c, t_lo, t_hi):
+    """log T (NE,) of the pairs' edges, each edge with its twin in the other facet at once
+    (``_twin_edge_terms``) where the two facets list the same segment (up to orientation,
+    within rounding) and the same distance to the edge's line, else apart
+    (``log_edge_term``).  twin (NE,) the twin's index within the region (-1: none),
+    pair_start (P,) each pair's first edge, epair (NE,) the edge's pair; b = |b_k|, c =
+    |c_e|, t_lo, t_hi (NE,)."""
+    NE = b.size
+    me = np.arange(NE)
+    other = np.where(twin >= 0, pair_start[epair] + twin, -1)
+    p = np.flatnonzero(other > me)                                     # each twin pair once
+    q = other[p]
+    swap = c[q] < c[p]
+    m, j = np.where(swap, q, p), np.where(swap, p, q)                 # m: the smaller c
+    tol = 64 * np.finfo(float).eps
+    same = lambda x, y: (x == y) | (np.abs(x - y) <= tol * (1.0 + np.abs(x) + np.abs(y)))
+    rho2_m, rho2_j = b[m] * b[m] + c[m] * c[m], b[j] * b[j] + c[j] * c[j]
+    with np.errstate(invalid="ignore"):                                 # rays: inf - inf
+        match = (same(t_lo[j], t_lo[m]) & same(t_hi[j], t_hi[m])) | (same(t_lo[j], -t_hi[m]) & same(t_hi[j], -t_lo[m]))
+    match &= np.abs(rho2_m - rho2_j) <= tol * (rho2_m + rho2_j)
+    log_T = np.full(NE, np.nan)
+    k = np.flatnonzero(match)
+    m, j = m[k], j[k]
+    lt, ltw, ok = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[m], t_hi[m])
+    log_T[m[ok]], log_T[j[ok]] = lt[ok], ltw[ok]
+    rest = np.flatnonzero(np.isnan(log_T))
+    log_T[rest] = log_edge_term(b[rest], c[rest], t_lo[rest], t_hi[rest])
+    return log_T
 
 
 def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass, log_G):

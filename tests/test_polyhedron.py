@@ -317,10 +317,12 @@ def test_translates_against_nested_quadrature_of_exact_slices():
     v = rng.normal(size=(regions.size, 3)) * np.tile([0.5, 2.0, 4.0], len(polys))[:, None]
     v[-3:] = [[0.0, 0.0, 0.0], [0.0, 2.0, 1.0], [3.0, -1.0, 0.5]]                         # the cube: mass ~1e-5..1e-8
     res = translated_polyhedron_moments(fp, regions, v)
+    mass_only = translated_polyhedron_moments(fp, regions, v, moments=False)      # twin edges: one rule for two
     for p, r in enumerate(regions):
         A, b = polys[r]
         lz, m, C = slice_oracle(A, b - A @ v[p])
         assert abs(res.log_mass[p] - lz) < 1e-10, (p, res.log_mass[p], lz)
+        assert abs(mass_only.log_mass[p] - lz) < 1e-10, (p, mass_only.log_mass[p], lz)
         size = 1 + np.abs(m).max()
         assert_close(res.mean[p], m, size * weight_error(lz))
         assert_close(res.cov[p], C, size ** 2 * weight_error(lz) + 1e-9 * np.abs(C).max())
@@ -376,6 +378,56 @@ def test_edge_node_counts_against_mpmath():
                               (log_g[k], float(mpmath.log(g)))):
                 tol = quadrature_rounding(v0[i], width[i], c[i], want)
                 assert abs(got - want) <= tol, (i, nodes[i], panels[i], got, want, (got - want) / tol)
+
+
+def test_twin_edge_terms_against_mpmath():
+    """``_twin_edge_terms``: an edge's T in both of its facets on the nodes of the one
+    whose in-plane offset c is smaller, against mpmath quadrature (60 digits) of each in
+    its own facet's v (as in test_edge_node_counts_against_mpmath).  The two facets meet
+    the edge's line at the same distance rho, b^2 + c^2 = b_twin^2 + c_twin^2 = rho^2;
+    offsets from equal to 1e3 apart, edges short and long, near and far (r*^2 beyond
+    1100), one per joint node count 2..16 (its log 3 leaves 1 out of reach)."""
+    import mpmath
+    from cpadgn.polyhedron import _twin_edge_terms
+    rng = np.random.default_rng(12)
+    n = 20_000
+    rho = 10 ** rng.uniform(-2, 1.2, n)
+    rho[:200] = rng.uniform(34, 45, 200)                       # far: r*^2 > 1100
+    c_twin = rho * rng.uniform(0.02, 0.999, n)
+    c = c_twin / 10 ** rng.uniform(0, 3, n)
+    b, b_twin = np.sqrt(rho ** 2 - c ** 2), np.sqrt(rho ** 2 - c_twin ** 2)
+    tau_lo = rho * rng.uniform(-3, 3, n)
+    tau_hi = np.where(rng.random(n) < 0.05, np.inf, tau_lo + rho * 10 ** rng.uniform(-6, 0.5, n))
+    lt, ltw, ok = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi)
+    # the joint rule's own node count and range, to pick cases across it
+    t2 = np.clip(0.0, tau_lo, tau_hi) ** 2
+    cut = np.minimum(np.sqrt(t2 + 80.0), np.sqrt(c_twin ** 2 + t2) * np.exp(40.0))
+    t0, t1 = np.maximum(tau_lo, -cut), np.minimum(tau_hi, cut)
+    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
+    from cpadgn.polyhedron import _edge_node_count
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1,
+                             np.log(3.0 * (c_twin ** 2 + t2) / (c ** 2 + t2)))
+    assert np.array_equal(ok, (nodes <= 16) | (v1 <= v0))
+    picks = [np.flatnonzero(ok & (nodes == k) & (v1 > v0))[:1] for k in range(2, 17)]
+    assert all(p.size for p in picks), [k + 2 for k, p in enumerate(picks) if not p.size]
+    far = np.flatnonzero(ok & (v1 > v0) & (rho > 34))[:3]
+    idx = np.concatenate(picks + [far])
+    assert far.size == 3 and (c_twin[idx] / c[idx]).max() > 30
+    with mpmath.workdps(60):
+        for i in idx:
+            for B, Cc, got in ((b[i], c[i], lt[i]), (b_twin[i], c_twin[i], ltw[i])):
+                B, Cc = mpmath.mpf(B), mpmath.mpf(Cc)
+                lo = mpmath.asinh(mpmath.mpf(tau_lo[i]) / Cc)
+                tau_end = tau_hi[i] if np.isfinite(tau_hi[i]) else mpmath.sqrt(max(tau_lo[i], 0.0) ** 2 + 300)
+                hi = mpmath.asinh(mpmath.mpf(tau_end) / Cc)
+                r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
+                f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
+                star = min(max(mpmath.mpf(0), lo), hi)
+                want = float(mpmath.log(B / (2 * mpmath.pi) * f_t(star)
+                                        * mpmath.quad(lambda v: f_t(v) / f_t(star), peak_points(lo, hi, Cc))))
+                # rounding as for the single rule, in the joint rule's v (the first facet's)
+                tol = quadrature_rounding(v0[i], v1[i] - v0[i], c[i], want)
+                assert abs(got - want) <= tol, (i, nodes[i], float(Cc), got, want, (got - want) / tol)
 
 
 def test_collapsed_rules_integrate_their_degree():
