@@ -194,16 +194,21 @@ def _edge_rule(b, c, tau_lo, tau_hi):
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
+    # g falls monotonically away from v*: its least value is at the end farther from 0
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1)
+    fall = _edge_fall(b, c, tau_star, r_star, h_star)
+    return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
 
+
+def _edge_fall(b, c, tau_star, r_star, h_star):
+    """fall(tau, i): an upper bound on log g(v*) / g(v) (>= 0) at tau (k,) of the edges i
+    (k,) (``_edge_terms``'s g; all arguments (n,), as ``_edge_rule`` finds them)."""
     def fall(tau, i):
-        """An upper bound on log g(v*) / g(v) (>= 0) at tau (k,) of the edges i (k,)."""
         ex_star = erfcx(r_star[i] * _SQRT_HALF)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
                     + np.log(ex_star * _lower_erfcx_ratio(b[i], c[i], tau) / (r_star[i] * h_star[i])))
-    # g falls monotonically away from v*: its least value is at the end farther from 0
-    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1)
-    return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
+    return fall
 
 
 def _log_product(front, total):
@@ -356,8 +361,7 @@ def _edge_node_count(b, c, tau_end, v0, v1, extra_growth=0.0):
 def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
     """log T of an edge in both of its facets at once: b, c (n,) its offsets |b_k|, |c_e|
     in the facet where c is the smaller, b_twin, c_twin (n,) in the other (c_twin >= c),
-    [tau_lo, tau_hi] (n,) its segment in the first.  Returns log T, log T_twin and ok
-    (n,): where ok is False the caller integrates the two apart (``log_edge_term``).
+    [tau_lo, tau_hi] (n,) its segment in the first.  Returns log T, log T_twin (n,).
 
     Both facets' tangent coordinates start at the projection of 0 onto the edge's line
     (their feet project there), so tau is one coordinate up to sign, and r^2 = b^2 + c^2
@@ -370,8 +374,10 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
     (c_twin^2 + tau^2), and on |Im v| <= pi/4 Re tau^2 >= -c^2 / 2, so |c_twin^2 + tau^2|
     >= c_twin^2 / 2 and |w| <= 3 (analytic there); on the real range w is least at tau*.
     So the twin's growth bound is the first's plus log 3 - log w(tau*), which serves the
-    first integral too.  Only rules of at most 16 nodes are used here (ok): the panels
-    beyond that stay the single-facet rule's (``panels_where_needed``)."""
+    first integral too.  Ranges that would need more than 16 nodes take the single
+    rule's 16-node panels (``panels_where_needed``) by the first facet's fall, which
+    bounds the twin's (w rises away from tau*); like that rule's, checked against mpmath,
+    not covered by the bound."""
     b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     b_twin, c_twin = np.minimum(b_twin, 1e150), np.minimum(c_twin, 1e150)
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
@@ -386,17 +392,14 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
     width = np.maximum(v1 - v0, 0.0)
     extra = np.log(3.0 * (c2_twin + t2_star) / (c2 + t2_star))
     nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1, extra)
-    ok = (nodes <= 16) | (width == 0)
-    i = np.flatnonzero(ok)
+    fall = _edge_fall(b, c, tau_star, np.sqrt(r2_star), np.sqrt(c2 + t2_star))
+    n_panels = panels_where_needed(nodes, width, fall, t0, t1)
     far = r2_star > _NEAR_R2
-    total = gauss_legendre_sums(v0[i], width[i], np.ones(i.size, np.int64), nodes[i], _twin_edge_integrands,
-                                bc2[i], c[i], tau_star[i], far[i], c2_twin[i], outputs=2)
-    shift = np.where(far[i], 0.5 * r2_star[i], 0.0)
-    log_t, log_twin = np.full(b.shape, -np.inf), np.full(b.shape, -np.inf)
-    live = width[i] > 0
-    log_t[i] = np.where(live, _log_product(b[i] * c[i] / (4 * np.pi), total[0]) - shift, -np.inf)
-    log_twin[i] = np.where(live, _log_product(b_twin[i] * c_twin[i] / (4 * np.pi), total[1]) - shift, -np.inf)
-    return log_t, log_twin, ok
+    total = gauss_legendre_sums(v0, width, n_panels, nodes, _twin_edge_integrands, bc2, c, tau_star, far, c2_twin,
+                                outputs=2)
+    shift = np.where(far, 0.5 * r2_star, 0.0)
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total[0]) - shift, -np.inf)
+    return log_t, np.where(width > 0, _log_product(b_twin * c_twin / (4 * np.pi), total[1]) - shift, -np.inf)
 
 
 # ------------------------------------------------------------------ the polyhedron
@@ -825,8 +828,7 @@ def _edge_terms_by_twins(twin, pair_start, epair, b, c, t_lo, t_hi):
     log_T = np.full(NE, np.nan)
     k = np.flatnonzero(match)
     m, j = m[k], j[k]
-    lt, ltw, ok = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[m], t_hi[m])
-    log_T[m[ok]], log_T[j[ok]] = lt[ok], ltw[ok]
+    log_T[m], log_T[j] = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[m], t_hi[m])
     rest = np.flatnonzero(np.isnan(log_T))
     log_T[rest] = log_edge_term(b[rest], c[rest], t_lo[rest], t_hi[rest])
     return log_T

@@ -386,7 +386,8 @@ def test_twin_edge_terms_against_mpmath():
     its own facet's v (as in test_edge_node_counts_against_mpmath).  The two facets meet
     the edge's line at the same distance rho, b^2 + c^2 = b_twin^2 + c_twin^2 = rho^2;
     offsets from equal to 1e3 apart, edges short and long, near and far (r*^2 beyond
-    1100), one per joint node count 2..16 (its log 3 leaves 1 out of reach)."""
+    1100), one per joint node count 2..16 (its log 3 leaves 1 out of reach) and four
+    with 16-node panels."""
     import mpmath
     from cpadgn.polyhedron import _twin_edge_terms
     rng = np.random.default_rng(12)
@@ -398,7 +399,7 @@ def test_twin_edge_terms_against_mpmath():
     b, b_twin = np.sqrt(rho ** 2 - c ** 2), np.sqrt(rho ** 2 - c_twin ** 2)
     tau_lo = rho * rng.uniform(-3, 3, n)
     tau_hi = np.where(rng.random(n) < 0.05, np.inf, tau_lo + rho * 10 ** rng.uniform(-6, 0.5, n))
-    lt, ltw, ok = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi)
+    lt, ltw = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi)
     # the joint rule's own node count and range, to pick cases across it
     t2 = np.clip(0.0, tau_lo, tau_hi) ** 2
     cut = np.minimum(np.sqrt(t2 + 80.0), np.sqrt(c_twin ** 2 + t2) * np.exp(40.0))
@@ -407,12 +408,13 @@ def test_twin_edge_terms_against_mpmath():
     from cpadgn.polyhedron import _edge_node_count
     nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1,
                              np.log(3.0 * (c_twin ** 2 + t2) / (c ** 2 + t2)))
-    assert np.array_equal(ok, (nodes <= 16) | (v1 <= v0))
-    picks = [np.flatnonzero(ok & (nodes == k) & (v1 > v0))[:1] for k in range(2, 17)]
+    picks = [np.flatnonzero((nodes == k) & (v1 > v0))[:1] for k in range(2, 17)]
     assert all(p.size for p in picks), [k + 2 for k, p in enumerate(picks) if not p.size]
-    far = np.flatnonzero(ok & (v1 > v0) & (rho > 34))[:3]
-    idx = np.concatenate(picks + [far])
-    assert far.size == 3 and (c_twin[idx] / c[idx]).max() > 30
+    far = np.flatnonzero((nodes <= 16) & (v1 > v0) & (rho > 34))[:3]
+    ratio = c_twin / c
+    panels = [np.flatnonzero((nodes > 16) & (v1 > v0) & (ratio > lo))[:2] for lo in (1, 100)]
+    idx = np.concatenate(picks + [far] + panels)
+    assert far.size == 3 and sum(p.size for p in panels) == 4 and ratio[idx].max() > 100
     with mpmath.workdps(60):
         for i in idx:
             for B, Cc, got in ((b[i], c[i], lt[i]), (b_twin[i], c_twin[i], ltw[i])):
