@@ -741,10 +741,11 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     regions[p] of ``fp`` moved to {u : a_k . u <= c_k - a_k . v_p}.  regions (P,), v (P, 3).
 
     The same radial face formula and divergence identities as ``polyhedron_moments``, on
-    flat arrays of the pairs' facets and edges (only the real edges of each facet enter).
-    Pairs for which that routine would move a facet through the origin go through
-    ``polyhedron_moments`` itself; those whose mass cancelled are integrated directly where
-    they are small, as there (``_direct_if_small``)."""
+    flat arrays of the pairs' facets and edges (only the real edges of each facet enter);
+    without moments each edge's terms in its two facets share one rule
+    (``_edge_terms_by_twins``).  Pairs for which that routine would move a facet through
+    the origin go through ``polyhedron_moments`` itself; those whose mass cancelled are
+    integrated directly where they are small, as there (``_direct_if_small``)."""
     regions = np.asarray(regions, np.int64)
     v = np.asarray(v, np.float64)
     P = regions.size
