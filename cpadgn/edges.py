@@ -102,22 +102,25 @@ def _shared_lines(p, e, live, tol=1e-9):
 def distance_to_polyhedron(a, c, mask, edges: Edges, v) -> np.ndarray:
     """Distance from v to P = {u : a_k . u <= c_k} (0 inside), for P-translates.
 
-    a (B, F, 3), c (B, F), mask (B, F), ``edges`` of P (B, ...), v (B, 3) -> (B,).  A
-    facet's foot counts when it satisfies the other facets (loosely: an extra candidate
-    can only make the result smaller); only the feet of crossed facets (the few with
-    a_k . v > c_k) are checked, against their own polyhedron's facets.
+    a (B, F, 3), c (B, F), mask (B, F), ``edges`` of P (B, ...), v (B, 3) -> (B,).  Every
+    crossed facet's plane separates v from P, so the distance is at least the largest
+    violation a_k . v - c_k; where the nearest point is inside a facet it equals that
+    facet's violation, so that facet is the most violated one.  Hence only the foot of the
+    most violated facet is a candidate, kept when it satisfies the other facets (loosely:
+    an extra candidate can only make the result smaller); otherwise the nearest point is
+    on an edge.
     """
     dot = lambda x, y: x[..., 0] * y[..., 0] + x[..., 1] * y[..., 1] + x[..., 2] * y[..., 2]
-    cv = c - dot(a, v[:, None, :])                                      # offsets seen from v
-    crossed = mask & (cv < 0)
-    i, k = np.nonzero(crossed)
-    ci = cv[i]                                                          # (K, F)
-    inside_feet = (cv[i, k, None] * dot(a[i], a[i, k, None, :]) <= ci + 1e-9 * (1.0 + np.abs(ci))) | ~mask[i]
-    foot = np.full(v.shape[0], np.inf)
-    ok = inside_feet.all(-1)
-    np.minimum.at(foot, i[ok], cv[i[ok], k[ok]] ** 2)
+    cv = np.where(mask, c - dot(a, v[:, None, :]), np.inf)              # offsets seen from v
+    k = np.argmin(cv, -1)
+    i = np.arange(v.shape[0])
+    ck = cv[i, k]
+    crossed = ck < 0
+    with np.errstate(invalid="ignore"):                                  # no real facet: inf * 0
+        inside_foot = ((ck[:, None] * dot(a, a[i, k, None, :]) <= cv + 1e-9 * (1.0 + np.abs(cv))) | ~mask).all(-1)
+    foot = np.where(crossed & inside_foot, ck * ck, np.inf)
     p = edges.p - v[:, None, :]
     t = np.clip(-dot(p, edges.e), edges.lo, edges.hi)
     q = p + t[..., None] * edges.e
     along = np.where(edges.real, dot(q, q), np.inf).min(-1)
-    return np.where(crossed.any(-1), np.sqrt(np.minimum(foot, along)), 0.0)
+    return np.where(crossed, np.sqrt(np.minimum(foot, along)), 0.0)

@@ -700,13 +700,15 @@ def _whitened_regions(tab: RegionTable, v: np.ndarray, C: np.ndarray, regions: n
 
 def _in_latent(tab: RegionTable, regions: np.ndarray, res: PolytopeMoments, v: np.ndarray, C: np.ndarray):
     """``_truncated_moments``'s outputs from the whitened integrals res of pairs (P, ...)
-    with whitened means v (P, S) and factors C (P, S, S): z = C (v + u)."""
+    with whitened means v (P, S) and factors C (P, S, S): z = C (v + u).  A covariance
+    that is all 0 (the integrals without moments) stays 0 without the products."""
     log_phi = res.log_mass
     if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
         log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
     none = np.isneginf(log_phi)
     mean = np.where(none[:, None], 0.0, (C @ (v + res.mean)[:, :, None])[..., 0])
-    cov = np.where(none[:, None, None], 0.0, C @ res.cov @ np.swapaxes(C, 1, 2))
+    cov = np.where(none[:, None, None], 0.0, C @ res.cov @ np.swapaxes(C, 1, 2)) if res.cov.any() else \
+        np.zeros(res.cov.shape)
     return log_phi, mean, cov, res.stderr
 
 

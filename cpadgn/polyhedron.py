@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import erfcx, log_ndtr, roots_jacobi
+from scipy.special import erfc, erfcx, log_ndtr, roots_jacobi
 
 from .stop import stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
@@ -159,6 +159,10 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
     h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
     way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
+    Without owen, edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
+    exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_or_far_edge_integrand``): over the clipped
+    range r^2 <= r*^2 + 80, so erfc stays a normal number, and one erfc per node replaces
+    an exp and an erfcx (the same function up to a constant: the same nodes).
     """
     b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
@@ -167,10 +171,12 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c,
                                              tau_star, outputs=2)
     else:
-        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_integrand, bc2, c, tau_star)
-    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
-    if not owen:
+        far = r_star * r_star > _NEAR_R2
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_or_far_edge_integrand, bc2, c, tau_star, far)
+        shift = np.where(far, 0.5 * r_star * r_star, 0.0)
+        log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
         return log_t, None
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
     return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
 
 
@@ -188,16 +194,21 @@ def _edge_rule(b, c, tau_lo, tau_hi):
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
+    # g falls monotonically away from v*: its least value is at the end farther from 0
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1)
+    fall = _edge_fall(b, c, tau_star, r_star, h_star)
+    return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
 
+
+def _edge_fall(b, c, tau_star, r_star, h_star):
+    """fall(tau, i): an upper bound on log g(v*) / g(v) (>= 0) at tau (k,) of the edges i
+    (k,) (``_edge_terms``'s g; all arguments (n,), as ``_edge_rule`` finds them)."""
     def fall(tau, i):
-        """An upper bound on log g(v*) / g(v) (>= 0) at tau (k,) of the edges i (k,)."""
         ex_star = erfcx(r_star[i] * _SQRT_HALF)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             return (0.5 * (tau - tau_star[i]) * (tau + tau_star[i])
                     + np.log(ex_star * _lower_erfcx_ratio(b[i], c[i], tau) / (r_star[i] * h_star[i])))
-    # g falls monotonically away from v*: its least value is at the end farther from 0
-    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1)
-    return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
+    return fall
 
 
 def _log_product(front, total):
@@ -217,6 +228,70 @@ def _edge_integrand(v, bc2, c, tau_star):
     (bc2 = b^2 + c^2, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v,
     r = sqrt(bc2 + tau^2) (= hypot(b, h))."""
     return _edge_integrands(v, bc2, c, tau_star, False)
+
+
+_NEAR_R2 = 1100.0                  # r*^2 up to which T's nodes take erfc unscaled (erfc > 1e-257 on them)
+
+
+def _near_edge_integrand(v, bc2, c):
+    """erfc(r / sqrt 2) / (r h) at nodes v (k, m) of k edges (bc2 = b^2 + c^2, c (k, 1)),
+    tau = c sinh v, h = c cosh v, r = sqrt(bc2 + tau^2): ``_edge_integrand`` times
+    exp(-r*^2 / 2), for edges with r*^2 <= ``_NEAR_R2``.  erfc(x) errs by ~0.6 eps x^2
+    relative (its exp(-x^2)), below what r's own rounding makes (erfc's condition number
+    is 2 x^2) and what ``_edge_integrand``'s exp(-r*^2 / 2) factor makes, eps r*^2 / 2."""
+    e = np.exp(v)
+    ie = np.divide(1.0, e)
+    half_c = 0.5 * c
+    tau = np.subtract(e, ie)
+    tau *= half_c
+    h = np.add(e, ie, out=e)
+    h *= half_c
+    r = np.multiply(tau, tau, out=tau)
+    r += bc2
+    np.sqrt(r, out=r)
+    x = np.multiply(r, _SQRT_HALF, out=ie)
+    erfc(x, out=x)
+    r *= h
+    x /= r
+    return x
+
+
+def _near_or_far_edge_integrand(v, bc2, c, tau_star, far):
+    """``_near_edge_integrand`` at nodes v (k, m), and on the rows where far (k, 1) (r*^2 >
+    ``_NEAR_R2``) ``_edge_integrand`` instead."""
+    out = _near_edge_integrand(v, bc2, c)
+    rows = np.flatnonzero(far[:, 0])
+    if rows.size:
+        out[rows] = _edge_integrand(v[rows], bc2[rows], c[rows], tau_star[rows])
+    return out
+
+
+def _twin_edge_integrands(v, bc2, c, tau_star, far, c2_twin):
+    """``_near_or_far_edge_integrand`` and it times w = (c^2 + tau^2) / (c_twin^2 + tau^2)
+    (``_twin_edge_terms``) at nodes v (k, m); bc2, c, tau_star, far, c2_twin (k, 1).
+    (2, k, m)."""
+    e = np.exp(v)
+    ie = np.divide(1.0, e)
+    half_c = 0.5 * c
+    tau = np.subtract(e, ie)
+    tau *= half_c
+    h = np.add(e, ie, out=e)
+    h *= half_c
+    out = np.empty((2,) + v.shape)
+    t2 = np.multiply(tau, tau, out=tau)
+    w = np.add(t2, c2_twin, out=out[1])
+    np.divide(np.multiply(h, h, out=ie), w, out=w)
+    r = np.add(t2, bc2, out=t2)
+    np.sqrt(r, out=r)
+    x = np.multiply(r, _SQRT_HALF, out=out[0])
+    erfc(x, out=x)
+    r *= h
+    x /= r
+    rows = np.flatnonzero(far[:, 0])
+    if rows.size:
+        x[rows] = _edge_integrand(v[rows], bc2[rows], c[rows], tau_star[rows])
+    w *= x
+    return out
 
 
 def _edge_and_owen_integrands(v, bc2, c, tau_star):
@@ -264,10 +339,11 @@ def _lower_erfcx_ratio(b, c, tau):
     return np.sqrt(r2) * np.sqrt(h2) * (0.5 * np.sqrt(np.pi)) * (x + np.sqrt(x * x + 2.0))
 
 
-def _edge_node_count(b, c, tau_end, v0, v1):
+def _edge_node_count(b, c, tau_end, v0, v1, extra_growth=0.0):
     """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there),
     tau_end the end farther from 0, where g is least: all (n,), int (n,).  The growth
-    bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels."""
+    bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels.
+    extra_growth (n,): added to it, for g times another factor (``_twin_edge_terms``)."""
     eta = 0.25 * np.pi
     half = 0.5 * (v1 - v0)
     mid = 0.5 * (v1 + v0)
@@ -279,7 +355,51 @@ def _edge_node_count(b, c, tau_end, v0, v1):
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         growth = (0.5 * (0.5 * c * c + tau_end * tau_end)
                   + np.log(erfcx_q * np.sqrt(2.0) * _lower_erfcx_ratio(b, c, tau_end) / (np.sqrt(q) * c * np.cosh(x_n))))
-    return gauss_legendre_count(growth, half, eta)
+    return gauss_legendre_count(growth + extra_growth, half, eta)
+
+
+def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
+    """log T of an edge in both of its facets at once: b, c (n,) its offsets |b_k|, |c_e|
+    in the facet where c is the smaller, b_twin, c_twin (n,) in the other (c_twin >= c),
+    [tau_lo, tau_hi] (n,) its segment in the first.  Returns log T, log T_twin (n,).
+
+    Both facets' tangent coordinates start at the projection of 0 onto the edge's line
+    (their feet project there), so tau is one coordinate up to sign, and r^2 = b^2 + c^2
+    + tau^2 = b_twin^2 + c_twin^2 + tau^2 is the same; with dth = c dtau / (c^2 + tau^2),
+        T_twin = b_twin c_twin / (4 pi) int erfc(r / sqrt 2) / (r h) w dv,
+        w = (c^2 + tau^2) / (c_twin^2 + tau^2),
+    in the first facet's v (tau = c sinh v, h = c cosh v): its nodes serve both, one erfc
+    for two integrals.  The range is clipped as for the twin (its h* e^40, the larger),
+    which contains the first facet's own range.  Node count: w = 1 - (c_twin^2 - c^2) /
+    (c_twin^2 + tau^2), and on |Im v| <= pi/4 Re tau^2 >= -c^2 / 2, so |c_twin^2 + tau^2|
+    >= c_twin^2 / 2 and |w| <= 3 (analytic there); on the real range w is least at tau*.
+    So the twin's growth bound is the first's plus log 3 - log w(tau*), which serves the
+    first integral too.  Ranges that would need more than 16 nodes take the single
+    rule's 16-node panels (``panels_where_needed``) by the first facet's fall, which
+    bounds the twin's (w rises away from tau*); like that rule's, checked against mpmath,
+    not covered by the bound."""
+    b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
+    b_twin, c_twin = np.minimum(b_twin, 1e150), np.minimum(c_twin, 1e150)
+    tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
+    tau_star = np.clip(0.0, tau_lo, tau_hi)
+    t2_star = tau_star * tau_star
+    c2, c2_twin = c * c, c_twin * c_twin
+    bc2 = b * b + c2
+    r2_star = bc2 + t2_star
+    tau_cut = np.minimum(np.sqrt(t2_star + 80.0), np.sqrt(c2_twin + t2_star) * np.exp(40.0))
+    t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
+    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
+    width = np.maximum(v1 - v0, 0.0)
+    extra = np.log(3.0 * (c2_twin + t2_star) / (c2 + t2_star))
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1, extra)
+    fall = _edge_fall(b, c, tau_star, np.sqrt(r2_star), np.sqrt(c2 + t2_star))
+    n_panels = panels_where_needed(nodes, width, fall, t0, t1)
+    far = r2_star > _NEAR_R2
+    total = gauss_legendre_sums(v0, width, n_panels, nodes, _twin_edge_integrands, bc2, c, tau_star, far, c2_twin,
+                                outputs=2)
+    shift = np.where(far, 0.5 * r2_star, 0.0)
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total[0]) - shift, -np.inf)
+    return log_t, np.where(width > 0, _log_product(b_twin * c_twin / (4 * np.pi), total[1]) - shift, -np.inf)
 
 
 # ------------------------------------------------------------------ the polyhedron
@@ -529,7 +649,9 @@ class FacetPolygons:
     edge_start[r]:edge_start[r + 1] of the (NE, ...) arrays, grouped by facet:
     edge_facet (NE,) the facet's index within its region, a2 (NE, 2) unit in-plane
     normal, c2 (NE,) in-plane offset from the facet's foot, [t_lo, t_hi] (NE,) the
-    edge's segment (``facet_polygons``, ``polytope.facet_segments``); bounded (R,).
+    edge's segment (``facet_polygons``, ``polytope.facet_segments``), twin (NE,) the
+    index within its region of the same edge in the other facet that meets there (-1:
+    none listed); bounded (R,).
     """
 
     facet_start: np.ndarray
@@ -543,6 +665,7 @@ class FacetPolygons:
     c2: np.ndarray
     t_lo: np.ndarray
     t_hi: np.ndarray
+    twin: np.ndarray
     bounded: np.ndarray
 
 
@@ -576,15 +699,21 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
             facets.append((np.repeat(g, k), A.reshape(-1, 3), b.reshape(-1), E.reshape(-1, 2, 3),
                            nonempty.reshape(-1)))
             i, f, j = np.nonzero(live)
-            edges.append((g[i], f, a2[i, f, j], c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j]))
+            edges.append((g[i], f, j, a2[i, f, j], c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j]))
     cat = lambda parts, n, shape: [np.concatenate(x) for x in zip(*parts)] if parts else \
         [np.zeros((0,) + s) for s in shape]
     f_region, fa, fc, fE, fne = cat(facets, 5, [(), (3,), (), (2, 3), ()])
-    e_region, ef, ea2, ec2, elo, ehi = cat(edges, 6, [(), (), (2,), (), (), ()])
+    e_region, ef, ej, ea2, ec2, elo, ehi = cat(edges, 7, [(), (), (), (2,), (), (), ()])
     fo, eo = np.argsort(f_region, kind="stable"), np.argsort(e_region, kind="stable")
     start = lambda region: np.concatenate([[0], np.cumsum(np.bincount(region.astype(np.int64), minlength=R))])
-    return FacetPolygons(start(f_region), fa[fo], fc[fo], fE[fo], fne[fo].astype(bool), start(e_region),
-                         ef[eo].astype(np.int64), ea2[eo], ec2[eo], elo[eo], ehi[eo], bounded)
+    e_start = start(e_region)
+    e_region, ef, ej = (x[eo].astype(np.int64) for x in (e_region, ef, ej))
+    # edge (k, j) of a region is listed at key (region, k, j), increasing within the sort
+    key, twin_key = (e_region * F + ef) * F + ej, (e_region * F + ej) * F + ef
+    at = np.minimum(np.searchsorted(key, twin_key), max(key.size - 1, 0))
+    twin = np.where(key[at] == twin_key, at - e_start[e_region], -1) if key.size else np.zeros(0, np.int64)
+    return FacetPolygons(start(f_region), fa[fo], fc[fo], fE[fo], fne[fo].astype(bool), e_start,
+                         ef, ea2[eo], ec2[eo], elo[eo], ehi[eo], twin, bounded)
 
 
 def _ranges(starts, counts):
@@ -612,10 +741,11 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     regions[p] of ``fp`` moved to {u : a_k . u <= c_k - a_k . v_p}.  regions (P,), v (P, 3).
 
     The same radial face formula and divergence identities as ``polyhedron_moments``, on
-    flat arrays of the pairs' facets and edges (only the real edges of each facet enter).
-    Pairs for which that routine would move a facet through the origin go through
-    ``polyhedron_moments`` itself; those whose mass cancelled are integrated directly where
-    they are small, as there (``_direct_if_small``)."""
+    flat arrays of the pairs' facets and edges (only the real edges of each facet enter);
+    without moments each edge's terms in its two facets share one rule
+    (``_edge_terms_by_twins``).  Pairs for which that routine would move a facet through
+    the origin go through ``polyhedron_moments`` itself; those whose mass cancelled are
+    integrated directly where they are small, as there (``_direct_if_small``)."""
     regions = np.asarray(regions, np.int64)
     v = np.asarray(v, np.float64)
     P = regions.size
@@ -639,7 +769,10 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
     foot_in = fp.nonempty[gf] & ~outside_edge
     absb = np.abs(b)
-    log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, moments)
+    if moments:
+        log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, True)
+    else:
+        log_T = _edge_terms_by_twins(fp.twin[ge], np.cumsum(ne) - ne, epair, absb[ef], np.abs(c), t_lo, t_hi)
     edge_pos = neg_b[ef] == (c < 0)
     origin = np.flatnonzero(inside)                                     # the terms 1{0 in P}, 1{f_k in F_k}
     feet = np.flatnonzero(foot_in)                                      # Phi(-|b_k|), and the edges' T
@@ -671,6 +804,35 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
         direct = polyhedron_moments(A, bb, mask, moments=moments)
         log_mass[redo], mean[redo], cov[redo] = direct.log_mass, direct.mean, direct.cov
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
+
+
+def _edge_terms_by_twins(twin, pair_start, epair, b, c, t_lo, t_hi):
+    """log T (NE,) of the pairs' edges, each edge with its twin in the other facet at once
+    (``_twin_edge_terms``) where the two facets list the same segment (up to orientation,
+    within rounding) and the same distance to the edge's line, else apart
+    (``log_edge_term``).  twin (NE,) the twin's index within the region (-1: none),
+    pair_start (P,) each pair's first edge, epair (NE,) the edge's pair; b = |b_k|, c =
+    |c_e|, t_lo, t_hi (NE,)."""
+    NE = b.size
+    me = np.arange(NE)
+    other = np.where(twin >= 0, pair_start[epair] + twin, -1)
+    p = np.flatnonzero(other > me)                                     # each twin pair once
+    q = other[p]
+    swap = c[q] < c[p]
+    m, j = np.where(swap, q, p), np.where(swap, p, q)                 # m: the smaller c
+    tol = 64 * np.finfo(float).eps
+    same = lambda x, y: (x == y) | (np.abs(x - y) <= tol * (1.0 + np.abs(x) + np.abs(y)))
+    rho2_m, rho2_j = b[m] * b[m] + c[m] * c[m], b[j] * b[j] + c[j] * c[j]
+    with np.errstate(invalid="ignore"):                                 # rays: inf - inf
+        match = (same(t_lo[j], t_lo[m]) & same(t_hi[j], t_hi[m])) | (same(t_lo[j], -t_hi[m]) & same(t_hi[j], -t_lo[m]))
+    match &= np.abs(rho2_m - rho2_j) <= tol * (rho2_m + rho2_j)
+    log_T = np.full(NE, np.nan)
+    k = np.flatnonzero(match)
+    m, j = m[k], j[k]
+    log_T[m], log_T[j] = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[m], t_hi[m])
+    rest = np.flatnonzero(np.isnan(log_T))
+    log_T[rest] = log_edge_term(b[rest], c[rest], t_lo[rest], t_hi[rest])
+    return log_T
 
 
 def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass, log_G):

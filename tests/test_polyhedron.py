@@ -317,10 +317,12 @@ def test_translates_against_nested_quadrature_of_exact_slices():
     v = rng.normal(size=(regions.size, 3)) * np.tile([0.5, 2.0, 4.0], len(polys))[:, None]
     v[-3:] = [[0.0, 0.0, 0.0], [0.0, 2.0, 1.0], [3.0, -1.0, 0.5]]                         # the cube: mass ~1e-5..1e-8
     res = translated_polyhedron_moments(fp, regions, v)
+    mass_only = translated_polyhedron_moments(fp, regions, v, moments=False)      # twin edges: one rule for two
     for p, r in enumerate(regions):
         A, b = polys[r]
         lz, m, C = slice_oracle(A, b - A @ v[p])
         assert abs(res.log_mass[p] - lz) < 1e-10, (p, res.log_mass[p], lz)
+        assert abs(mass_only.log_mass[p] - lz) < 1e-10, (p, mass_only.log_mass[p], lz)
         size = 1 + np.abs(m).max()
         assert_close(res.mean[p], m, size * weight_error(lz))
         assert_close(res.cov[p], C, size ** 2 * weight_error(lz) + 1e-9 * np.abs(C).max())
@@ -336,18 +338,26 @@ def test_edge_node_counts_against_mpmath():
     asks for more), against mpmath quadrature (60 digits: at 30 and
     40 its tanh-sinh rule misjudged one case by 2e-12) of the same integrals in
     v: T = b/(2 pi) int Phi(-r) / (r cosh v), G = 1/(2 pi) int exp(-c^2 cosh^2 v / 2) /
-    cosh v, r^2 = b^2 + c^2 cosh^2 v; edges near and far, short and long, rays."""
+    cosh v, r^2 = b^2 + c^2 cosh^2 v; edges near and far, short and long, rays.  log T
+    alone (``log_edge_term``, the likelihood's path: erfc on the nodes, unscaled, for
+    r*^2 <= 1100, and 21 edges beyond that) against the same values."""
     import mpmath
-    from cpadgn.polyhedron import _edge_rule, log_edge_and_owen_terms
+    from cpadgn.polyhedron import _NEAR_R2, _edge_rule, log_edge_and_owen_terms, log_edge_term
     rng = np.random.default_rng(11)
     n = 20_000
     b, c = 10 ** rng.uniform(-3, 1.2, n), 10 ** rng.uniform(-4, 1.2, n)
     v_lo = rng.uniform(-5, 5, n)
     v_hi = v_lo + 10 ** rng.uniform(-9, 1.2, n)
     tau_lo, tau_hi = c * np.sinh(v_lo), np.where(rng.random(n) < 0.05, np.inf, c * np.sinh(v_hi))
-    _, _, _, v0, width, panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
-    idx = select_by_rule(nodes, panels, width)
+    # far edges: b up to 60 (r*^2 up to 3600, beyond _NEAR_R2), short and long
+    b[-21:], c[-21:], v_lo[-21:] = np.linspace(20, 60, 21), 10 ** np.linspace(-3, 1, 21), np.linspace(-2, 2, 21)
+    v_hi[-21:] = v_lo[-21:] + 10 ** np.linspace(-6, 1, 21)
+    tau_lo[-21:], tau_hi[-21:] = c[-21:] * np.sinh(v_lo[-21:]), c[-21:] * np.sinh(v_hi[-21:])
+    _, _, r_star, v0, width, panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
+    idx = np.concatenate([select_by_rule(nodes[:-21], panels[:-21], width[:-21]), np.arange(n - 21, n)])
+    assert (r_star[-21:] ** 2 > _NEAR_R2).sum() >= 10 and (r_star[idx] ** 2 <= _NEAR_R2).sum() >= 19
     log_t, log_g = log_edge_and_owen_terms(b[idx], c[idx], tau_lo[idx], tau_hi[idx])
+    log_t_alone = log_edge_term(b[idx], c[idx], tau_lo[idx], tau_hi[idx])
     with mpmath.workdps(60):
         for k, i in enumerate(idx):
             B, Cc = mpmath.mpf(b[i]), mpmath.mpf(c[i])
@@ -364,9 +374,62 @@ def test_edge_node_counts_against_mpmath():
             star = min(max(mpmath.mpf(0), lo), hi)
             t = B / (2 * mpmath.pi) * f_t(star) * mpmath.quad(lambda v: f_t(v) / f_t(star), points)
             g = f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points) / (2 * mpmath.pi)
-            for got, want in ((log_t[k], float(mpmath.log(t))), (log_g[k], float(mpmath.log(g)))):
+            for got, want in ((log_t[k], float(mpmath.log(t))), (log_t_alone[k], float(mpmath.log(t))),
+                              (log_g[k], float(mpmath.log(g)))):
                 tol = quadrature_rounding(v0[i], width[i], c[i], want)
                 assert abs(got - want) <= tol, (i, nodes[i], panels[i], got, want, (got - want) / tol)
+
+
+def test_twin_edge_terms_against_mpmath():
+    """``_twin_edge_terms``: an edge's T in both of its facets on the nodes of the one
+    whose in-plane offset c is smaller, against mpmath quadrature (60 digits) of each in
+    its own facet's v (as in test_edge_node_counts_against_mpmath).  The two facets meet
+    the edge's line at the same distance rho, b^2 + c^2 = b_twin^2 + c_twin^2 = rho^2;
+    offsets from equal to 1e3 apart, edges short and long, near and far (r*^2 beyond
+    1100), one per joint node count 2..16 (its log 3 leaves 1 out of reach) and four
+    with 16-node panels."""
+    import mpmath
+    from cpadgn.polyhedron import _twin_edge_terms
+    rng = np.random.default_rng(12)
+    n = 20_000
+    rho = 10 ** rng.uniform(-2, 1.2, n)
+    rho[:200] = rng.uniform(34, 45, 200)                       # far: r*^2 > 1100
+    c_twin = rho * rng.uniform(0.02, 0.999, n)
+    c = c_twin / 10 ** rng.uniform(0, 3, n)
+    b, b_twin = np.sqrt(rho ** 2 - c ** 2), np.sqrt(rho ** 2 - c_twin ** 2)
+    tau_lo = rho * rng.uniform(-3, 3, n)
+    tau_hi = np.where(rng.random(n) < 0.05, np.inf, tau_lo + rho * 10 ** rng.uniform(-6, 0.5, n))
+    lt, ltw = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi)
+    # the joint rule's own node count and range, to pick cases across it
+    t2 = np.clip(0.0, tau_lo, tau_hi) ** 2
+    cut = np.minimum(np.sqrt(t2 + 80.0), np.sqrt(c_twin ** 2 + t2) * np.exp(40.0))
+    t0, t1 = np.maximum(tau_lo, -cut), np.minimum(tau_hi, cut)
+    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
+    from cpadgn.polyhedron import _edge_node_count
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1,
+                             np.log(3.0 * (c_twin ** 2 + t2) / (c ** 2 + t2)))
+    picks = [np.flatnonzero((nodes == k) & (v1 > v0))[:1] for k in range(2, 17)]
+    assert all(p.size for p in picks), [k + 2 for k, p in enumerate(picks) if not p.size]
+    far = np.flatnonzero((nodes <= 16) & (v1 > v0) & (rho > 34))[:3]
+    ratio = c_twin / c
+    panels = [np.flatnonzero((nodes > 16) & (v1 > v0) & (ratio > lo))[:2] for lo in (1, 100)]
+    idx = np.concatenate(picks + [far] + panels)
+    assert far.size == 3 and sum(p.size for p in panels) == 4 and ratio[idx].max() > 100
+    with mpmath.workdps(60):
+        for i in idx:
+            for B, Cc, got in ((b[i], c[i], lt[i]), (b_twin[i], c_twin[i], ltw[i])):
+                B, Cc = mpmath.mpf(B), mpmath.mpf(Cc)
+                lo = mpmath.asinh(mpmath.mpf(tau_lo[i]) / Cc)
+                tau_end = tau_hi[i] if np.isfinite(tau_hi[i]) else mpmath.sqrt(max(tau_lo[i], 0.0) ** 2 + 300)
+                hi = mpmath.asinh(mpmath.mpf(tau_end) / Cc)
+                r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
+                f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
+                star = min(max(mpmath.mpf(0), lo), hi)
+                want = float(mpmath.log(B / (2 * mpmath.pi) * f_t(star)
+                                        * mpmath.quad(lambda v: f_t(v) / f_t(star), peak_points(lo, hi, Cc))))
+                # rounding as for the single rule, in the joint rule's v (the first facet's)
+                tol = quadrature_rounding(v0[i], v1[i] - v0[i], c[i], want)
+                assert abs(got - want) <= tol, (i, nodes[i], float(Cc), got, want, (got - want) / tol)
 
 
 def test_collapsed_rules_integrate_their_degree():
