@@ -649,14 +649,7 @@ def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
     B, F, S = A.shape
     Am = A * mask[..., None]
     bm = np.where(mask, b, 0.0)
-    u = np.zeros((B, S))
-    lam = np.zeros((B, F))
-    for _ in range(sweeps):
-        for k in range(F):
-            a = Am[:, k]
-            step = np.maximum(np.einsum("bs,bs->b", a, u) - bm[:, k], -lam[:, k])
-            lam[:, k] += step
-            u -= step[:, None] * a
+    lam = _hildreth(Am, bm, sweeps)
     stop_check()
     ranks = lambda key: np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1)
     # rows with a multiplier first, largest first; then the others by offset
@@ -681,6 +674,30 @@ def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
     if redo.size:
         u[redo], r[redo], exact[redo] = _mode(A[redo], b[redo], mask[redo], chunk=chunk)
     return u, r, exact
+
+
+def _hildreth(A, b, sweeps):
+    """The multipliers lam (B, F) >= 0 after ``sweeps`` sweeps of Hildreth's dual
+    coordinate ascent on min |u|^2 / 2 over A u <= b (A (B, F, S), padding rows zero),
+    u = -A^T lam.  The polytopes are the last axis of the working arrays (each step is a
+    few passes over contiguous (B,) rows, not strided (B, S) gathers)."""
+    B, F, S = A.shape
+    At = np.ascontiguousarray(np.moveaxis(A, 0, -1))                    # (F, S, B)
+    bt = np.ascontiguousarray(b.T)                                      # (F, B)
+    u = np.zeros((S, B))
+    lam = np.zeros((F, B))
+    prod = np.empty((S, B))
+    for _ in range(sweeps):
+        for k in range(F):
+            a = At[k]
+            np.multiply(a, u, out=prod)
+            step = prod.sum(0)
+            step -= bt[k]
+            np.maximum(step, np.negative(lam[k]), out=step)
+            lam[k] += step
+            np.multiply(a, step, out=prod)
+            u -= prod
+    return np.ascontiguousarray(lam.T)
 
 
 def _known_modes(A, b, mask, mode, chunk=4e6):
