@@ -1030,16 +1030,22 @@ def _tilt(M, r):
     """Minimax tilt m (B,) for z_1 ~ N(m, 1) on [M, hi] against a target
     phi(z) (z - M)^k, k = r - 1 (the slice mass of a cone whose apex is the mode, r
     rows active there): the root of mills(M - m) - (M - m) = k / m, by bisection on
-    x = M - m; 0 where k = 0."""
+    x = M - m; 0 where k = 0.  The bisection stops once no midpoint differs from both
+    ends (from then on every further step would return that midpoint)."""
     k = np.maximum(np.asarray(r) - 1, 0).astype(float)
+    M = np.broadcast_to(M, k.shape)
     on = (k > 0) & np.isfinite(M) & (M > 0)
-    Mo = np.where(on, M, 1.0)
+    out = np.zeros(on.shape)
+    Mo, k = M[on], k[on]
     a, z = -(k + 2.0), Mo * (1 - 1e-15)
     for _ in range(80):
         x = 0.5 * (a + z)
+        if np.all((x == a) | (x == z)):
+            break
         pos = _mills_minus_x(x) > k / (Mo - x)
         a, z = np.where(pos, x, a), np.where(pos, z, x)
-    return np.where(on, Mo - 0.5 * (a + z), 0.0)
+    out[on] = Mo - 0.5 * (a + z)
+    return out
 
 
 def _logaddexp(a, b):
