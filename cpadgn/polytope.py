@@ -628,14 +628,43 @@ def distance_lower_bound(A, b, mask, chunk=4e6, with_mode=False):
     AJ = np.take_along_axis(A, J[..., None], 1) * used[..., None]
     bJ = np.where(used, np.take_along_axis(b, J, 1), 0.0)
     G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
-    with np.errstate(all="ignore"):
-        lam = (np.linalg.pinv(G) @ -(AJ @ u[..., None]))[..., 0]
+    rhs = -(AJ @ u[..., None])[..., 0]
+    lam, ok = _spd_solve(G, rhs)
+    bad = np.flatnonzero(~ok)                  # (nearly) dependent rows: the least-squares multipliers
+    if bad.size:
+        with np.errstate(all="ignore"):
+            lam[bad] = (np.linalg.pinv(G[bad]) @ rhs[bad, :, None])[..., 0]
     lam = np.where(used & np.isfinite(lam), np.maximum(lam, 0.0), 0.0)
     g = -0.5 * (np.einsum("bk,bks->bs", lam, AJ) ** 2).sum(-1) - (bJ * lam).sum(-1)
     r = np.sqrt(np.maximum(2.0 * g, 0.0))
     inside = np.all(~mask | (b >= 0), axis=1)
     bound = np.where(inside, 0.0, np.maximum(r * (1 - 1e-9) - 1e-9, 0.0))
     return (bound, np.where(exact[:, None], u, np.nan)) if with_mode else bound
+
+
+def _spd_solve(G, r, rcond=1e-8):
+    """x = G^-1 r for symmetric G (B, k, k), r (B, k) by a Cholesky factorisation written
+    out over the batch (k small: a few passes over (B,) arrays, not one LAPACK call per
+    matrix).  ok (B,): every pivot exceeds rcond times G's largest diagonal entry (G
+    positive definite with condition number below ~k / rcond, so that x agrees with
+    the pseudo-inverse's to ~1e-8); x is not to be used elsewhere."""
+    B, k, _ = G.shape
+    L = np.zeros(G.shape)
+    scale = np.diagonal(G, axis1=1, axis2=2).max(1)
+    ok = np.ones(B, dtype=bool)
+    for j in range(k):
+        d = G[:, j, j] - (L[:, j, :j] * L[:, j, :j]).sum(-1)
+        ok &= d > rcond * scale
+        L[:, j, j] = np.sqrt(np.where(ok, d, 1.0))
+        for i in range(j + 1, k):
+            L[:, i, j] = (G[:, i, j] - (L[:, i, :j] * L[:, j, :j]).sum(-1)) / L[:, j, j]
+    y = np.zeros(r.shape)
+    for i in range(k):                                                     # L y = r
+        y[:, i] = (r[:, i] - (L[:, i, :i] * y[:, :i]).sum(-1)) / L[:, i, i]
+    x = np.zeros(r.shape)
+    for i in range(k - 1, -1, -1):                                         # L^T x = y
+        x[:, i] = (y[:, i] - (L[:, i + 1:, i] * x[:, i + 1:]).sum(-1)) / L[:, i, i]
+    return x, ok
 
 
 def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
