@@ -667,14 +667,15 @@ def _spd_solve(G, r, rcond=1e-8):
     return x, ok
 
 
-def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
+def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500, more_sweeps=16):
     """``_mode`` guided by a few sweeps of Hildreth's dual coordinate ascent on
     min |u|^2 / 2 over A u <= b (u = -A^T lam, lam >= 0): first the point nearest 0 of
     the affine hull of the (at most S) rows with the largest multipliers; where that
-    fails the KKT check (``_kkt``, to a relative 1e-7), ``_mode`` at a small budget with
-    the rows ranked by lam (then by offset); where that fails too, ``_mode``'s full
+    fails the KKT check (``_kkt``, to a relative 1e-7), the same after ``more_sweeps``
+    further sweeps; where that fails too, ``_mode`` at a small budget with the rows
+    ranked by the first sweeps' lam (then by offset); and last ``_mode``'s full
     search.  Same outputs as ``_mode``.  (The ascent alone converges too slowly on the
-    thin regions of a partition.)"""
+    thin regions of a partition; the enumeration costs ~20x a sweep.)"""
     B, F, S = A.shape
     Am = A * mask[..., None]
     bm = np.where(mask, b, 0.0)
@@ -683,17 +684,16 @@ def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
     ranks = lambda key: np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1)
     # rows with a multiplier first, largest first; then the others by offset
     rank = np.where(lam > 0, ranks(np.where(lam > 0, -lam, np.inf)), F + ranks(np.where(mask, b, np.inf)))
-    # first the point of the affine hull of the rows with a multiplier (at most S) nearest 0
-    J = np.argsort(rank, axis=1, kind="stable")[:, :S]
-    used = np.take_along_axis(lam, J, 1) > 0
-    AJ = np.take_along_axis(Am, J[..., None], 1) * used[..., None]
-    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
-    with np.errstate(all="ignore"):
-        y = np.linalg.solve(G, np.where(used, np.take_along_axis(bm, J, 1), 0.0)[..., None])[..., 0]
-    u = np.einsum("bk,bks->bs", y, AJ)
-    u = np.where(np.isfinite(u).all(1, keepdims=True), u, 0.0)
+    u = _hull_point(Am, bm, lam, rank)
     scale = 1.0 + np.abs(b)
     exact = _kkt(A, b, mask, u, scale) if F > S else np.zeros(B, dtype=bool)
+    redo = np.flatnonzero(~exact)
+    if redo.size and more_sweeps and F > S:     # the ascent further on, from where it stopped
+        lam2 = _hildreth(Am[redo], bm[redo], more_sweeps, lam[redo])
+        rank2 = np.where(lam2 > 0, ranks(np.where(lam2 > 0, -lam2, np.inf)), F)
+        u2 = _hull_point(Am[redo], bm[redo], lam2, rank2)
+        ok = _kkt(A[redo], b[redo], mask[redo], u2, scale[redo])
+        u[redo[ok]], exact[redo[ok]] = u2[ok], True
     r = _n_active(A, b, mask, u, scale)
     redo = np.flatnonzero(~exact)
     if redo.size:              # then the faces among the rows ranked first (exact: KKT checked)
@@ -705,16 +705,32 @@ def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
     return u, r, exact
 
 
-def _hildreth(A, b, sweeps):
+def _hull_point(Am, bm, lam, rank):
+    """The point nearest 0 of the affine hull of the (at most S) rows with a multiplier
+    lam > 0 (B, F) ranked first by rank (B, F), for rows Am (B, F, S), bm (B, F) (0 on
+    padding): (B, S), 0 where the rows are dependent."""
+    S = Am.shape[2]
+    J = np.argsort(rank, axis=1, kind="stable")[:, :S]
+    used = np.take_along_axis(lam, J, 1) > 0
+    AJ = np.take_along_axis(Am, J[..., None], 1) * used[..., None]
+    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
+    with np.errstate(all="ignore"):
+        y = np.linalg.solve(G, np.where(used, np.take_along_axis(bm, J, 1), 0.0)[..., None])[..., 0]
+    u = np.einsum("bk,bks->bs", y, AJ)
+    return np.where(np.isfinite(u).all(1, keepdims=True), u, 0.0)
+
+
+def _hildreth(A, b, sweeps, lam0=None):
     """The multipliers lam (B, F) >= 0 after ``sweeps`` sweeps of Hildreth's dual
     coordinate ascent on min |u|^2 / 2 over A u <= b (A (B, F, S), padding rows zero),
-    u = -A^T lam.  The polytopes are the last axis of the working arrays (each step is a
-    few passes over contiguous (B,) rows, not strided (B, S) gathers)."""
+    u = -A^T lam, from lam0 (B, F) (None: 0).  The polytopes are the last axis of the
+    working arrays (each step is a few passes over contiguous (B,) rows, not strided
+    (B, S) gathers)."""
     B, F, S = A.shape
     At = np.ascontiguousarray(np.moveaxis(A, 0, -1))                    # (F, S, B)
     bt = np.ascontiguousarray(b.T)                                      # (F, B)
-    u = np.zeros((S, B))
-    lam = np.zeros((F, B))
+    lam = np.zeros((F, B)) if lam0 is None else np.array(lam0.T, order="C")
+    u = -np.einsum("fsb,fb->sb", At, lam) if lam0 is not None else np.zeros((S, B))
     prod = np.empty((S, B))
     for _ in range(sweeps):
         for k in range(F):
