@@ -1113,14 +1113,18 @@ def _tn_draw(lo, hi, u, draw=True):
     (``_tn_draw_log``)."""
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
-    with np.errstate(invalid="ignore"):
-        tail = ndtr(-np.abs(h))                              # Phi(h) for h <= 0, else 1 - Phi(h)
-        pl, ph = ndtr(l), np.where(h > 0, 1.0 - tail, tail)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tail = np.abs(h)
+        ndtr(np.negative(tail, out=tail), out=tail)          # Phi(h) for h <= 0, else 1 - Phi(h)
+        pl = ndtr(l)
+        ph = np.subtract(1.0, tail, out=tail.copy(), where=h > 0)
         mass = ph - pl
         # mass is ph - pl to an absolute ~4 eps ph: 2^-10 ph keeps it to a relative 1e-12;
         # h > -30 keeps ph a normal number
-        direct = (mass >= 2.0 ** -10 * ph) & (h > -30)
-    lm = np.log(np.where(direct, mass, 1.0))
+        ph *= 2.0 ** -10
+        direct = mass >= ph
+        direct &= h > -30
+        lm = np.log(mass)                                    # (the others are replaced below)
     uu = np.where(flip, 1.0 - u, u)
     x = _tn_draw_direct(l, h, pl, mass, tail, uu) if draw else None
     if not direct.all():
@@ -1142,10 +1146,14 @@ def _tn_draw_direct(l, h, pl, mass, tail, u):
     from Phi(x) = pl + u mass, those above (then h > 0) from the upper tail
     1 - Phi(x) = Phi(-h) + (1 - u) mass, so that neither loses digits to 1 - p."""
     with np.errstate(invalid="ignore"):
-        p = pl + u * mass
+        p = u * mass
+        p += pl
         upper = p > 0.5
-        q = np.where(upper, tail + (1.0 - u) * mass, p)
-        x = ndtri(q)
+        q = 1.0 - u
+        q = np.multiply(q, mass, out=q if q.shape == p.shape else None)
+        q += tail
+        np.copyto(q, p, where=~upper)
+        x = ndtri(q, out=q)
     np.negative(x, out=x, where=upper)
     np.maximum(x, l, out=x)
     np.minimum(x, h, out=x)
