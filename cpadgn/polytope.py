@@ -628,8 +628,12 @@ def distance_lower_bound(A, b, mask, chunk=4e6, with_mode=False):
     AJ = np.take_along_axis(A, J[..., None], 1) * used[..., None]
     bJ = np.where(used, np.take_along_axis(b, J, 1), 0.0)
     G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
-    with np.errstate(all="ignore"):
-        lam = (np.linalg.pinv(G) @ -(AJ @ u[..., None]))[..., 0]
+    rhs = -(AJ @ u[..., None])[..., 0]
+    lam, ok = _spd_solve(G, rhs)
+    bad = np.flatnonzero(~ok)                  # (nearly) dependent rows: the least-squares multipliers
+    if bad.size:
+        with np.errstate(all="ignore"):
+            lam[bad] = (np.linalg.pinv(G[bad]) @ rhs[bad, :, None])[..., 0]
     lam = np.where(used & np.isfinite(lam), np.maximum(lam, 0.0), 0.0)
     g = -0.5 * (np.einsum("bk,bks->bs", lam, AJ) ** 2).sum(-1) - (bJ * lam).sum(-1)
     r = np.sqrt(np.maximum(2.0 * g, 0.0))
@@ -638,40 +642,58 @@ def distance_lower_bound(A, b, mask, chunk=4e6, with_mode=False):
     return (bound, np.where(exact[:, None], u, np.nan)) if with_mode else bound
 
 
-def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
+def _spd_solve(G, r, rcond=1e-8):
+    """x = G^-1 r for symmetric G (B, k, k), r (B, k) by a Cholesky factorisation written
+    out over the batch (k small: a few passes over (B,) arrays, not one LAPACK call per
+    matrix).  ok (B,): every pivot exceeds rcond times G's largest diagonal entry (G
+    positive definite with condition number below ~k / rcond, so that x agrees with
+    the pseudo-inverse's to ~1e-8); x is not to be used elsewhere."""
+    B, k, _ = G.shape
+    L = np.zeros(G.shape)
+    scale = np.diagonal(G, axis1=1, axis2=2).max(1)
+    ok = np.ones(B, dtype=bool)
+    for j in range(k):
+        d = G[:, j, j] - (L[:, j, :j] * L[:, j, :j]).sum(-1)
+        ok &= d > rcond * scale
+        L[:, j, j] = np.sqrt(np.where(ok, d, 1.0))
+        for i in range(j + 1, k):
+            L[:, i, j] = (G[:, i, j] - (L[:, i, :j] * L[:, j, :j]).sum(-1)) / L[:, j, j]
+    y = np.zeros(r.shape)
+    for i in range(k):                                                     # L y = r
+        y[:, i] = (r[:, i] - (L[:, i, :i] * y[:, :i]).sum(-1)) / L[:, i, i]
+    x = np.zeros(r.shape)
+    for i in range(k - 1, -1, -1):                                         # L^T x = y
+        x[:, i] = (y[:, i] - (L[:, i + 1:, i] * x[:, i + 1:]).sum(-1)) / L[:, i, i]
+    return x, ok
+
+
+def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500, more_sweeps=16):
     """``_mode`` guided by a few sweeps of Hildreth's dual coordinate ascent on
     min |u|^2 / 2 over A u <= b (u = -A^T lam, lam >= 0): first the point nearest 0 of
     the affine hull of the (at most S) rows with the largest multipliers; where that
-    fails the KKT check (``_kkt``, to a relative 1e-7), ``_mode`` at a small budget with
-    the rows ranked by lam (then by offset); where that fails too, ``_mode``'s full
+    fails the KKT check (``_kkt``, to a relative 1e-7), the same after ``more_sweeps``
+    further sweeps; where that fails too, ``_mode`` at a small budget with the rows
+    ranked by the first sweeps' lam (then by offset); and last ``_mode``'s full
     search.  Same outputs as ``_mode``.  (The ascent alone converges too slowly on the
-    thin regions of a partition.)"""
+    thin regions of a partition; the enumeration costs ~20x a sweep.)"""
     B, F, S = A.shape
     Am = A * mask[..., None]
     bm = np.where(mask, b, 0.0)
-    u = np.zeros((B, S))
-    lam = np.zeros((B, F))
-    for _ in range(sweeps):
-        for k in range(F):
-            a = Am[:, k]
-            step = np.maximum(np.einsum("bs,bs->b", a, u) - bm[:, k], -lam[:, k])
-            lam[:, k] += step
-            u -= step[:, None] * a
+    lam = _hildreth(Am, bm, sweeps)
     stop_check()
     ranks = lambda key: np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1)
     # rows with a multiplier first, largest first; then the others by offset
     rank = np.where(lam > 0, ranks(np.where(lam > 0, -lam, np.inf)), F + ranks(np.where(mask, b, np.inf)))
-    # first the point of the affine hull of the rows with a multiplier (at most S) nearest 0
-    J = np.argsort(rank, axis=1, kind="stable")[:, :S]
-    used = np.take_along_axis(lam, J, 1) > 0
-    AJ = np.take_along_axis(Am, J[..., None], 1) * used[..., None]
-    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
-    with np.errstate(all="ignore"):
-        y = np.linalg.solve(G, np.where(used, np.take_along_axis(bm, J, 1), 0.0)[..., None])[..., 0]
-    u = np.einsum("bk,bks->bs", y, AJ)
-    u = np.where(np.isfinite(u).all(1, keepdims=True), u, 0.0)
+    u = _hull_point(Am, bm, lam, rank)
     scale = 1.0 + np.abs(b)
     exact = _kkt(A, b, mask, u, scale) if F > S else np.zeros(B, dtype=bool)
+    redo = np.flatnonzero(~exact)
+    if redo.size and more_sweeps and F > S:     # the ascent further on, from where it stopped
+        lam2 = _hildreth(Am[redo], bm[redo], more_sweeps, lam[redo])
+        rank2 = np.where(lam2 > 0, ranks(np.where(lam2 > 0, -lam2, np.inf)), F)
+        u2 = _hull_point(Am[redo], bm[redo], lam2, rank2)
+        ok = _kkt(A[redo], b[redo], mask[redo], u2, scale[redo])
+        u[redo[ok]], exact[redo[ok]] = u2[ok], True
     r = _n_active(A, b, mask, u, scale)
     redo = np.flatnonzero(~exact)
     if redo.size:              # then the faces among the rows ranked first (exact: KKT checked)
@@ -681,6 +703,46 @@ def _mode_dual(A, b, mask, chunk=4e6, sweeps=8, budget=500):
     if redo.size:
         u[redo], r[redo], exact[redo] = _mode(A[redo], b[redo], mask[redo], chunk=chunk)
     return u, r, exact
+
+
+def _hull_point(Am, bm, lam, rank):
+    """The point nearest 0 of the affine hull of the (at most S) rows with a multiplier
+    lam > 0 (B, F) ranked first by rank (B, F), for rows Am (B, F, S), bm (B, F) (0 on
+    padding): (B, S), 0 where the rows are dependent."""
+    S = Am.shape[2]
+    J = np.argsort(rank, axis=1, kind="stable")[:, :S]
+    used = np.take_along_axis(lam, J, 1) > 0
+    AJ = np.take_along_axis(Am, J[..., None], 1) * used[..., None]
+    G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
+    with np.errstate(all="ignore"):
+        y = np.linalg.solve(G, np.where(used, np.take_along_axis(bm, J, 1), 0.0)[..., None])[..., 0]
+    u = np.einsum("bk,bks->bs", y, AJ)
+    return np.where(np.isfinite(u).all(1, keepdims=True), u, 0.0)
+
+
+def _hildreth(A, b, sweeps, lam0=None):
+    """The multipliers lam (B, F) >= 0 after ``sweeps`` sweeps of Hildreth's dual
+    coordinate ascent on min |u|^2 / 2 over A u <= b (A (B, F, S), padding rows zero),
+    u = -A^T lam, from lam0 (B, F) (None: 0).  The polytopes are the last axis of the
+    working arrays (each step is a few passes over contiguous (B,) rows, not strided
+    (B, S) gathers)."""
+    B, F, S = A.shape
+    At = np.ascontiguousarray(np.moveaxis(A, 0, -1))                    # (F, S, B)
+    bt = np.ascontiguousarray(b.T)                                      # (F, B)
+    lam = np.zeros((F, B)) if lam0 is None else np.array(lam0.T, order="C")
+    u = -np.einsum("fsb,fb->sb", At, lam) if lam0 is not None else np.zeros((S, B))
+    prod = np.empty((S, B))
+    for _ in range(sweeps):
+        for k in range(F):
+            a = At[k]
+            np.multiply(a, u, out=prod)
+            step = prod.sum(0)
+            step -= bt[k]
+            np.maximum(step, np.negative(lam[k]), out=step)
+            lam[k] += step
+            np.multiply(a, step, out=prod)
+            u -= prod
+    return np.ascontiguousarray(lam.T)
 
 
 def _known_modes(A, b, mask, mode, chunk=4e6):
@@ -1013,16 +1075,22 @@ def _tilt(M, r):
     """Minimax tilt m (B,) for z_1 ~ N(m, 1) on [M, hi] against a target
     phi(z) (z - M)^k, k = r - 1 (the slice mass of a cone whose apex is the mode, r
     rows active there): the root of mills(M - m) - (M - m) = k / m, by bisection on
-    x = M - m; 0 where k = 0."""
+    x = M - m; 0 where k = 0.  The bisection stops once no midpoint differs from both
+    ends (from then on every further step would return that midpoint)."""
     k = np.maximum(np.asarray(r) - 1, 0).astype(float)
+    M = np.broadcast_to(M, k.shape)
     on = (k > 0) & np.isfinite(M) & (M > 0)
-    Mo = np.where(on, M, 1.0)
+    out = np.zeros(on.shape)
+    Mo, k = M[on], k[on]
     a, z = -(k + 2.0), Mo * (1 - 1e-15)
     for _ in range(80):
         x = 0.5 * (a + z)
+        if np.all((x == a) | (x == z)):
+            break
         pos = _mills_minus_x(x) > k / (Mo - x)
         a, z = np.where(pos, x, a), np.where(pos, z, x)
-    return np.where(on, Mo - 0.5 * (a + z), 0.0)
+    out[on] = Mo - 0.5 * (a + z)
+    return out
 
 
 def _logaddexp(a, b):
@@ -1045,14 +1113,18 @@ def _tn_draw(lo, hi, u, draw=True):
     (``_tn_draw_log``)."""
     flip = lo > 0
     l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
-    with np.errstate(invalid="ignore"):
-        tail = ndtr(-np.abs(h))                              # Phi(h) for h <= 0, else 1 - Phi(h)
-        pl, ph = ndtr(l), np.where(h > 0, 1.0 - tail, tail)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tail = np.abs(h)
+        ndtr(np.negative(tail, out=tail), out=tail)          # Phi(h) for h <= 0, else 1 - Phi(h)
+        pl = ndtr(l)
+        ph = np.subtract(1.0, tail, out=tail.copy(), where=h > 0)
         mass = ph - pl
         # mass is ph - pl to an absolute ~4 eps ph: 2^-10 ph keeps it to a relative 1e-12;
         # h > -30 keeps ph a normal number
-        direct = (mass >= 2.0 ** -10 * ph) & (h > -30)
-    lm = np.log(np.where(direct, mass, 1.0))
+        ph *= 2.0 ** -10
+        direct = mass >= ph
+        direct &= h > -30
+        lm = np.log(mass)                                    # (the others are replaced below)
     uu = np.where(flip, 1.0 - u, u)
     x = _tn_draw_direct(l, h, pl, mass, tail, uu) if draw else None
     if not direct.all():
@@ -1074,10 +1146,14 @@ def _tn_draw_direct(l, h, pl, mass, tail, u):
     from Phi(x) = pl + u mass, those above (then h > 0) from the upper tail
     1 - Phi(x) = Phi(-h) + (1 - u) mass, so that neither loses digits to 1 - p."""
     with np.errstate(invalid="ignore"):
-        p = pl + u * mass
+        p = u * mass
+        p += pl
         upper = p > 0.5
-        q = np.where(upper, tail + (1.0 - u) * mass, p)
-        x = ndtri(q)
+        q = 1.0 - u
+        q = np.multiply(q, mass, out=q if q.shape == p.shape else None)
+        q += tail
+        np.copyto(q, p, where=~upper)
+        x = ndtri(q, out=q)
     np.negative(x, out=x, where=upper)
     np.maximum(x, l, out=x)
     np.minimum(x, h, out=x)
