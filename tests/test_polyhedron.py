@@ -442,6 +442,44 @@ def test_twin_edge_terms_against_mpmath():
                     assert abs(got - want) <= tol, (i, nodes[i], float(Cc), got, want, (got - want) / tol)
 
 
+def test_edge_terms_of_very_far_edges_against_mpmath():
+    """Edges 1e11 to 1e60 from the origin (a row far off the manifold): a range of
+    ~1e-20 in v, where the Bernstein bound's c^2 / 4 once asked for more nodes than an
+    int64 holds (a garbage rule, or a crash).  log T, log G and the twin rule's four
+    terms against 60-digit mpmath in each facet's own v."""
+    import mpmath
+    from cpadgn.polyhedron import _twin_edge_terms, log_edge_and_owen_terms, log_edge_term
+    rho = np.array([1e11, 3e14, 1e20, 1e60])
+    c, c_twin = 0.3 * rho, 0.7 * rho
+    b, b_twin = np.sqrt(rho ** 2 - c ** 2), np.sqrt(rho ** 2 - c_twin ** 2)
+    tau_lo, tau_hi = -0.5 * rho, np.array([3.0, 0.3 * rho[1], np.inf, 0.3 * rho[3]])
+    lt, lg = log_edge_and_owen_terms(b, c, tau_lo, tau_hi)
+    got = {"T": [lt, log_edge_term(b, c, tau_lo, tau_hi)], "G": [lg]}
+    lt1, ltw1 = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi)
+    lt2, ltw2, lg2, lgw2 = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=True)
+    got_twin = {"T": [ltw1, ltw2], "G": [lgw2]}
+    got["T"] += [lt1, lt2]
+    got["G"] += [lg2]
+    with mpmath.workdps(60):
+        for i in range(rho.size):
+            for B, Cc, terms in ((b[i], c[i], got), (b_twin[i], c_twin[i], got_twin)):
+                B, Cc = mpmath.mpf(B), mpmath.mpf(Cc)
+                # the integrands fall like exp(-tau^2 / 2) from tau = 0: |tau| <= 30 holds all
+                lo = mpmath.asinh(max(mpmath.mpf(tau_lo[i]), -30) / Cc)
+                hi = mpmath.asinh(min(mpmath.mpf(tau_hi[i]), 30) / Cc)
+                points = peak_points(lo, hi, Cc)
+                r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
+                f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
+                f_g = lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
+                want = {"T": mpmath.log(B / (2 * mpmath.pi) * f_t(0) * mpmath.quad(lambda v: f_t(v) / f_t(0), points)),
+                        "G": mpmath.log(f_g(0) * mpmath.quad(lambda v: f_g(v) / f_g(0), points) / (2 * mpmath.pi))}
+                for key, values in terms.items():
+                    for value in values:
+                        # rounding: eps |log| from the final logarithm and the r*^2 / 2 it holds
+                        tol = 8 * np.finfo(float).eps * abs(float(want[key]))
+                        assert abs(value[i] - float(want[key])) <= tol, (i, key, value[i], float(want[key]))
+
+
 def test_collapsed_rules_integrate_their_degree():
     """The cubature's collapsed Gauss-Jacobi rules on the unit tetrahedron integrate every
     monomial x^i y^j z^k of degree <= 2n - 1 to i! j! k! / (i + j + k + 3)!, within the
