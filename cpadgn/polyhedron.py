@@ -781,8 +781,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
 
     The same radial face formula and divergence identities as ``polyhedron_moments``, on
     flat arrays of the pairs' facets and edges (only the real edges of each facet enter);
-    without moments each edge's terms in its two facets share one rule
-    (``_edge_terms_by_twins``).  Pairs for which that routine would move a facet through
+    each edge's terms in its two facets (T, and with moments the Owen segments G) share
+    one rule (``_edge_terms_by_twins``).  Pairs for which that routine would move a facet through
     the origin go through ``polyhedron_moments`` itself; those whose mass cancelled are
     integrated directly where they are small, as there (``_direct_if_small``)."""
     regions = np.asarray(regions, np.int64)
@@ -882,7 +882,7 @@ def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside
     """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
     ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
     2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
-    segments log_G (NE,) come from ``log_edge_and_owen_terms``."""
+    segments log_G (NE,) come from ``_edge_terms_by_twins`` (``log_edge_and_owen_terms``)."""
     P, NF = log_mass.size, b.size
     log_exit, log_entry = _signed_logsumexps(log_G, ef, c >= 0, NF)
     with np.errstate(divide="ignore", invalid="ignore"):
