@@ -294,16 +294,18 @@ def _twin_edge_integrands(v, bc2, c, tau_star, far, c2_twin):
     return out
 
 
-def _edge_and_owen_integrands(v, bc2, c, tau_star):
-    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m)."""
-    return _edge_integrands(v, bc2, c, tau_star, True)
+def _edge_and_owen_integrands(v, bc2, c, tau_star, c2_twin=None):
+    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m); with
+    c2_twin (k, 1) also both times w = (c^2 + tau^2) / (c_twin^2 + tau^2), the twin
+    facet's (``_twin_edge_terms``): T, G, T w, G w (4, k, m)."""
+    return _edge_integrands(v, bc2, c, tau_star, True, c2_twin)
 
 
-def _edge_integrands(v, bc2, c, tau_star, owen):
-    """``_edge_and_owen_integrands`` (2, k, m) with owen, else ``_edge_integrand`` (k, m),
-    on few temporaries (the node blocks are cache-sized).  sinh and cosh from one exp
-    (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by ~c eps,
-    which the integrands do not see)."""
+def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
+    """``_edge_and_owen_integrands`` (2 or 4, k, m) with owen, else ``_edge_integrand``
+    (k, m), on few temporaries (the node blocks are cache-sized).  sinh and cosh from one
+    exp (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by
+    ~c eps, which the integrands do not see)."""
     e = np.exp(v)
     ie = np.divide(1.0, e)
     half_c = 0.5 * c
@@ -311,7 +313,8 @@ def _edge_integrands(v, bc2, c, tau_star, owen):
     tau *= half_c
     h = np.add(e, ie, out=e)
     h *= half_c
-    out = np.empty((2,) + v.shape) if owen else None
+    twin = owen and c2_twin is not None
+    out = np.empty((4 if twin else 2,) + v.shape) if owen else None
     g = out[1] if owen else np.empty(v.shape)                          # exp(-(tau^2 - tau*^2) / 2) / h
     with np.errstate(under="ignore"):
         np.subtract(tau, tau_star, out=g)
@@ -320,12 +323,18 @@ def _edge_integrands(v, bc2, c, tau_star, owen):
         np.exp(g, out=g)
         g /= h
         r = np.multiply(tau, tau, out=tau)
+        if twin:
+            w = np.add(r, c2_twin, out=out[2])
+            np.divide(np.multiply(h, h, out=out[3]), w, out=w)
         r += bc2
         np.sqrt(r, out=r)
         ratio = np.multiply(r, _SQRT_HALF, out=ie)                      # erfcx(r / sqrt 2) / r
         erfcx(ratio, out=ratio)
         ratio /= r
         edge = np.multiply(g, ratio, out=out[0] if owen else g)
+        if twin:
+            np.multiply(g, out[2], out=out[3])
+            out[2] *= edge
     return out if owen else edge
 
 
@@ -343,7 +352,10 @@ def _edge_node_count(b, c, tau_end, v0, v1, extra_growth=0.0):
     """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there),
     tau_end the end farther from 0, where g is least: all (n,), int (n,).  The growth
     bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels.
-    extra_growth (n,): added to it, for g times another factor (``_twin_edge_terms``)."""
+    extra_growth (n,): added to it, for g times another factor (``_twin_edge_terms``).
+    The bound is capped at 1e6: far beyond 16 nodes on any range (so the same panels),
+    while c^2 / 4 alone (c above ~1e10, a tiny range in v) would ask for more nodes
+    than an int64 holds."""
     eta = 0.25 * np.pi
     half = 0.5 * (v1 - v0)
     mid = 0.5 * (v1 + v0)
@@ -355,13 +367,15 @@ def _edge_node_count(b, c, tau_end, v0, v1, extra_growth=0.0):
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         growth = (0.5 * (0.5 * c * c + tau_end * tau_end)
                   + np.log(erfcx_q * np.sqrt(2.0) * _lower_erfcx_ratio(b, c, tau_end) / (np.sqrt(q) * c * np.cosh(x_n))))
-    return gauss_legendre_count(growth + extra_growth, half, eta)
+    return gauss_legendre_count(np.minimum(growth + extra_growth, 1e6), half, eta)
 
 
-def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
+def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):
     """log T of an edge in both of its facets at once: b, c (n,) its offsets |b_k|, |c_e|
     in the facet where c is the smaller, b_twin, c_twin (n,) in the other (c_twin >= c),
-    [tau_lo, tau_hi] (n,) its segment in the first.  Returns log T, log T_twin (n,).
+    [tau_lo, tau_hi] (n,) its segment in the first.  Returns log T, log T_twin (n,), and
+    with owen also the two facets' Owen segments log G, log G_twin (n,)
+    (``log_edge_and_owen_terms``), all on the same nodes.
 
     Both facets' tangent coordinates start at the projection of 0 onto the edge's line
     (their feet project there), so tau is one coordinate up to sign, and r^2 = b^2 + c^2
@@ -369,15 +383,32 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
         T_twin = b_twin c_twin / (4 pi) int erfc(r / sqrt 2) / (r h) w dv,
         w = (c^2 + tau^2) / (c_twin^2 + tau^2),
     in the first facet's v (tau = c sinh v, h = c cosh v): its nodes serve both, one erfc
-    for two integrals.  The range is clipped as for the twin (its h* e^40, the larger),
-    which contains the first facet's own range.  Node count: w = 1 - (c_twin^2 - c^2) /
-    (c_twin^2 + tau^2), and on |Im v| <= pi/4 Re tau^2 >= -c^2 / 2, so |c_twin^2 + tau^2|
-    >= c_twin^2 / 2 and |w| <= 3 (analytic there); on the real range w is least at tau*.
-    So the twin's growth bound is the first's plus log 3 - log w(tau*), which serves the
-    first integral too.  Ranges that would need more than 16 nodes take the single
-    rule's 16-node panels (``panels_where_needed``) by the first facet's fall, which
-    bounds the twin's (w rises away from tau*); like that rule's, checked against mpmath,
-    not covered by the bound."""
+    for two integrals.  G's integrand in tau, c exp(-(c^2 + tau^2) / 2) / (c^2 + tau^2),
+    is even in tau too, and dtau = h dv, so
+        G_twin = c_twin exp(-h_twin*^2 / 2) / (2 pi) int exp(-(tau^2 - tau*^2) / 2) / h w dv,
+    h_twin*^2 = c_twin^2 + tau*^2: G's integrand times the same w, and its constant's
+    exp(-(c_twin^2 - c^2) / 2) (which can underflow) kept in the logarithm.  With owen all
+    four take the scaled T integrand (``_edge_and_owen_integrands``), as
+    ``log_edge_and_owen_terms`` does.
+
+    Range: each integrand, in its own facet's v, falls at least like its h* / h and
+    exp(-(tau^2 - tau*^2) / 2) (``_edge_terms``), so each facet's own clip is where one
+    of those reaches e^-40; the range is clipped as for the twin (its h* e^40, the larger),
+    which contains the first facet's own range.
+
+    Node count: w = 1 - (c_twin^2 - c^2) / (c_twin^2 + tau^2), and on |Im v| <= pi/4
+    Re tau^2 >= -c^2 / 2, so |c_twin^2 + tau^2| >= c_twin^2 / 2 and |w| <= 3 (analytic
+    there); on the real range w rises with tau^2, so it is least at tau*.  For any
+    integrand f > 0 with growth bound log(M / min f), f w has M w <= 3 M and min f w >=
+    w(tau*) min f: its bound is f's plus log 3 - log w(tau*).  T's bound
+    (``_edge_node_count``) is at least G's (``log_edge_and_owen_terms``: G's integrand is
+    T's without erfcx(r / sqrt 2) / r, whose bound on the strip over its least value on
+    the range is >= 1), so T's bound plus log 3 - log w(tau*) bounds all four: T, G (its
+    own bound and more), T_twin, G_twin; the 2^-52 target holds for each.  Ranges that
+    would need more than 16 nodes take the single rule's 16-node panels
+    (``panels_where_needed``) by the first facet's T fall, which bounds G's (the same
+    erfcx ratio) and the twins' (w rises away from tau*); like that rule's, checked
+    against mpmath, not covered by the bound."""
     b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     b_twin, c_twin = np.minimum(b_twin, 1e150), np.minimum(c_twin, 1e150)
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
@@ -394,12 +425,20 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi):
     nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1, extra)
     fall = _edge_fall(b, c, tau_star, np.sqrt(r2_star), np.sqrt(c2 + t2_star))
     n_panels = panels_where_needed(nodes, width, fall, t0, t1)
+    live = width > 0
+    log_of = lambda front, total, shift: np.where(live, _log_product(front, total) - shift, -np.inf)
+    if owen:
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c, tau_star,
+                                    c2_twin, outputs=4)
+        return (log_of(b * c / (4 * np.pi), total[0], 0.5 * r2_star),
+                log_of(b_twin * c_twin / (4 * np.pi), total[2], 0.5 * r2_star),
+                log_of(c / (2 * np.pi), total[1], 0.5 * (c2 + t2_star)),
+                log_of(c_twin / (2 * np.pi), total[3], 0.5 * (c2_twin + t2_star)))
     far = r2_star > _NEAR_R2
     total = gauss_legendre_sums(v0, width, n_panels, nodes, _twin_edge_integrands, bc2, c, tau_star, far, c2_twin,
                                 outputs=2)
     shift = np.where(far, 0.5 * r2_star, 0.0)
-    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total[0]) - shift, -np.inf)
-    return log_t, np.where(width > 0, _log_product(b_twin * c_twin / (4 * np.pi), total[1]) - shift, -np.inf)
+    return log_of(b * c / (4 * np.pi), total[0], shift), log_of(b_twin * c_twin / (4 * np.pi), total[1], shift)
 
 
 # ------------------------------------------------------------------ the polyhedron
@@ -742,8 +781,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
 
     The same radial face formula and divergence identities as ``polyhedron_moments``, on
     flat arrays of the pairs' facets and edges (only the real edges of each facet enter);
-    without moments each edge's terms in its two facets share one rule
-    (``_edge_terms_by_twins``).  Pairs for which that routine would move a facet through
+    each edge's terms in its two facets (T, and with moments the Owen segments G) share
+    one rule (``_edge_terms_by_twins``).  Pairs for which that routine would move a facet through
     the origin go through ``polyhedron_moments`` itself; those whose mass cancelled are
     integrated directly where they are small, as there (``_direct_if_small``)."""
     regions = np.asarray(regions, np.int64)
@@ -769,10 +808,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
     foot_in = fp.nonempty[gf] & ~outside_edge
     absb = np.abs(b)
-    if moments:
-        log_T, log_G = _edge_terms(absb[ef], np.abs(c), t_lo, t_hi, True)
-    else:
-        log_T = _edge_terms_by_twins(fp.twin[ge], np.cumsum(ne) - ne, epair, absb[ef], np.abs(c), t_lo, t_hi)
+    log_T, log_G = _edge_terms_by_twins(fp.twin[ge], np.cumsum(ne) - ne, epair, absb[ef], np.abs(c), t_lo, t_hi,
+                                        moments)
     edge_pos = neg_b[ef] == (c < 0)
     origin = np.flatnonzero(inside)                                     # the terms 1{0 in P}, 1{f_k in F_k}
     feet = np.flatnonzero(foot_in)                                      # Phi(-|b_k|), and the edges' T
@@ -806,13 +843,14 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
 
 
-def _edge_terms_by_twins(twin, pair_start, epair, b, c, t_lo, t_hi):
+def _edge_terms_by_twins(twin, pair_start, epair, b, c, t_lo, t_hi, owen=False):
     """log T (NE,) of the pairs' edges, each edge with its twin in the other facet at once
     (``_twin_edge_terms``) where the two facets list the same segment (up to orientation,
     within rounding) and the same distance to the edge's line, else apart
-    (``log_edge_term``).  twin (NE,) the twin's index within the region (-1: none),
-    pair_start (P,) each pair's first edge, epair (NE,) the edge's pair; b = |b_k|, c =
-    |c_e|, t_lo, t_hi (NE,)."""
+    (``_edge_terms``); with owen also their Owen segments log G (NE,) on the same nodes
+    (else None).  twin (NE,) the twin's index within the region (-1: none), pair_start
+    (P,) each pair's first edge, epair (NE,) the edge's pair; b = |b_k|, c = |c_e|,
+    t_lo, t_hi (NE,)."""
     NE = b.size
     me = np.arange(NE)
     other = np.where(twin >= 0, pair_start[epair] + twin, -1)
@@ -826,20 +864,25 @@ def _edge_terms_by_twins(twin, pair_start, epair, b, c, t_lo, t_hi):
     with np.errstate(invalid="ignore"):                                 # rays: inf - inf
         match = (same(t_lo[j], t_lo[m]) & same(t_hi[j], t_hi[m])) | (same(t_lo[j], -t_hi[m]) & same(t_hi[j], -t_lo[m]))
     match &= np.abs(rho2_m - rho2_j) <= tol * (rho2_m + rho2_j)
-    log_T = np.full(NE, np.nan)
+    log_T, log_G = np.full(NE, np.nan), np.full(NE, np.nan) if owen else None
     k = np.flatnonzero(match)
     m, j = m[k], j[k]
-    log_T[m], log_T[j] = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[m], t_hi[m])
+    terms = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[m], t_hi[m], owen)
+    log_T[m], log_T[j] = terms[:2]
+    if owen:
+        log_G[m], log_G[j] = terms[2:]
     rest = np.flatnonzero(np.isnan(log_T))
-    log_T[rest] = log_edge_term(b[rest], c[rest], t_lo[rest], t_hi[rest])
-    return log_T
+    log_T[rest], g = _edge_terms(b[rest], c[rest], t_lo[rest], t_hi[rest], owen)
+    if owen:
+        log_G[rest] = g
+    return log_T, log_G
 
 
 def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass, log_G):
     """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
     ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
     2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
-    segments log_G (NE,) come from ``log_edge_and_owen_terms``."""
+    segments log_G (NE,) come from ``_edge_terms_by_twins`` (``log_edge_and_owen_terms``)."""
     P, NF = log_mass.size, b.size
     log_exit, log_entry = _signed_logsumexps(log_G, ef, c >= 0, NF)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -313,11 +313,12 @@ def test_translates_against_nested_quadrature_of_exact_slices():
     for r, (A, b) in enumerate(polys):
         a[r, :len(b)], c[r, :len(b)], real[r, :len(b)] = A, b, True
     fp = region_facet_polygons(a, c, real)
+    assert (fp.twin >= 0).mean() > 0.5                         # most edges share one rule with their twin
     regions = np.repeat(np.arange(len(polys)), 3)
     v = rng.normal(size=(regions.size, 3)) * np.tile([0.5, 2.0, 4.0], len(polys))[:, None]
     v[-3:] = [[0.0, 0.0, 0.0], [0.0, 2.0, 1.0], [3.0, -1.0, 0.5]]                         # the cube: mass ~1e-5..1e-8
-    res = translated_polyhedron_moments(fp, regions, v)
-    mass_only = translated_polyhedron_moments(fp, regions, v, moments=False)      # twin edges: one rule for two
+    res = translated_polyhedron_moments(fp, regions, v)                           # twin edges: one rule for two,
+    mass_only = translated_polyhedron_moments(fp, regions, v, moments=False)      # with and without moments
     for p, r in enumerate(regions):
         A, b = polys[r]
         lz, m, C = slice_oracle(A, b - A @ v[p])
@@ -387,7 +388,9 @@ def test_twin_edge_terms_against_mpmath():
     the edge's line at the same distance rho, b^2 + c^2 = b_twin^2 + c_twin^2 = rho^2;
     offsets from equal to 1e3 apart, edges short and long, near and far (r*^2 beyond
     1100), one per joint node count 2..16 (its log 3 leaves 1 out of reach) and four
-    with 16-node panels."""
+    with 16-node panels.  With owen (the moments path) the same rule gives T, T_twin
+    (scaled integrands) and the Owen segments G, G_twin, each checked against mpmath in
+    its own facet's v: G = 1/(2 pi) int exp(-c^2 cosh^2 v / 2) / cosh v."""
     import mpmath
     from cpadgn.polyhedron import _twin_edge_terms
     rng = np.random.default_rng(12)
@@ -400,6 +403,7 @@ def test_twin_edge_terms_against_mpmath():
     tau_lo = rho * rng.uniform(-3, 3, n)
     tau_hi = np.where(rng.random(n) < 0.05, np.inf, tau_lo + rho * 10 ** rng.uniform(-6, 0.5, n))
     lt, ltw = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi)
+    lt_o, ltw_o, lg, lgw = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=True)
     # the joint rule's own node count and range, to pick cases across it
     t2 = np.clip(0.0, tau_lo, tau_hi) ** 2
     cut = np.minimum(np.sqrt(t2 + 80.0), np.sqrt(c_twin ** 2 + t2) * np.exp(40.0))
@@ -417,19 +421,63 @@ def test_twin_edge_terms_against_mpmath():
     assert far.size == 3 and sum(p.size for p in panels) == 4 and ratio[idx].max() > 100
     with mpmath.workdps(60):
         for i in idx:
-            for B, Cc, got in ((b[i], c[i], lt[i]), (b_twin[i], c_twin[i], ltw[i])):
+            for B, Cc, t_got, g_got in ((b[i], c[i], (lt[i], lt_o[i]), lg[i]),
+                                        (b_twin[i], c_twin[i], (ltw[i], ltw_o[i]), lgw[i])):
                 B, Cc = mpmath.mpf(B), mpmath.mpf(Cc)
                 lo = mpmath.asinh(mpmath.mpf(tau_lo[i]) / Cc)
                 tau_end = tau_hi[i] if np.isfinite(tau_hi[i]) else mpmath.sqrt(max(tau_lo[i], 0.0) ** 2 + 300)
                 hi = mpmath.asinh(mpmath.mpf(tau_end) / Cc)
+                points = peak_points(lo, hi, Cc)
                 r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
                 f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
+                f_g = lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
                 star = min(max(mpmath.mpf(0), lo), hi)
-                want = float(mpmath.log(B / (2 * mpmath.pi) * f_t(star)
-                                        * mpmath.quad(lambda v: f_t(v) / f_t(star), peak_points(lo, hi, Cc))))
-                # rounding as for the single rule, in the joint rule's v (the first facet's)
-                tol = quadrature_rounding(v0[i], v1[i] - v0[i], c[i], want)
-                assert abs(got - want) <= tol, (i, nodes[i], float(Cc), got, want, (got - want) / tol)
+                want_t = float(mpmath.log(B / (2 * mpmath.pi) * f_t(star)
+                                          * mpmath.quad(lambda v: f_t(v) / f_t(star), points)))
+                want_g = float(mpmath.log(f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points)
+                                          / (2 * mpmath.pi)))
+                for got, want in ((t_got[0], want_t), (t_got[1], want_t), (g_got, want_g)):
+                    # rounding as for the single rule, in the joint rule's v (the first facet's)
+                    tol = quadrature_rounding(v0[i], v1[i] - v0[i], c[i], want)
+                    assert abs(got - want) <= tol, (i, nodes[i], float(Cc), got, want, (got - want) / tol)
+
+
+def test_edge_terms_of_very_far_edges_against_mpmath():
+    """Edges 1e11 to 1e60 from the origin (a row far off the manifold): a range of
+    ~1e-20 in v, where the Bernstein bound's c^2 / 4 once asked for more nodes than an
+    int64 holds (a garbage rule, or a crash).  log T, log G and the twin rule's four
+    terms against 60-digit mpmath in each facet's own v."""
+    import mpmath
+    from cpadgn.polyhedron import _twin_edge_terms, log_edge_and_owen_terms, log_edge_term
+    rho = np.array([1e11, 3e14, 1e20, 1e60])
+    c, c_twin = 0.3 * rho, 0.7 * rho
+    b, b_twin = np.sqrt(rho ** 2 - c ** 2), np.sqrt(rho ** 2 - c_twin ** 2)
+    tau_lo, tau_hi = -0.5 * rho, np.array([3.0, 0.3 * rho[1], np.inf, 0.3 * rho[3]])
+    lt, lg = log_edge_and_owen_terms(b, c, tau_lo, tau_hi)
+    got = {"T": [lt, log_edge_term(b, c, tau_lo, tau_hi)], "G": [lg]}
+    lt1, ltw1 = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi)
+    lt2, ltw2, lg2, lgw2 = _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=True)
+    got_twin = {"T": [ltw1, ltw2], "G": [lgw2]}
+    got["T"] += [lt1, lt2]
+    got["G"] += [lg2]
+    with mpmath.workdps(60):
+        for i in range(rho.size):
+            for B, Cc, terms in ((b[i], c[i], got), (b_twin[i], c_twin[i], got_twin)):
+                B, Cc = mpmath.mpf(B), mpmath.mpf(Cc)
+                # the integrands fall like exp(-tau^2 / 2) from tau = 0: |tau| <= 30 holds all
+                lo = mpmath.asinh(max(mpmath.mpf(tau_lo[i]), -30) / Cc)
+                hi = mpmath.asinh(min(mpmath.mpf(tau_hi[i]), 30) / Cc)
+                points = peak_points(lo, hi, Cc)
+                r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
+                f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
+                f_g = lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
+                want = {"T": mpmath.log(B / (2 * mpmath.pi) * f_t(0) * mpmath.quad(lambda v: f_t(v) / f_t(0), points)),
+                        "G": mpmath.log(f_g(0) * mpmath.quad(lambda v: f_g(v) / f_g(0), points) / (2 * mpmath.pi))}
+                for key, values in terms.items():
+                    for value in values:
+                        # rounding: eps |log| from the final logarithm and the r*^2 / 2 it holds
+                        tol = 8 * np.finfo(float).eps * abs(float(want[key]))
+                        assert abs(value[i] - float(want[key])) <= tol, (i, key, value[i], float(want[key]))
 
 
 def test_collapsed_rules_integrate_their_degree():
