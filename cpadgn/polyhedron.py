@@ -352,10 +352,7 @@ def _edge_node_count(b, c, tau_end, v0, v1, extra_growth=0.0):
     """Gauss-Legendre nodes for ``log_edge_term``'s integral over [v0, v1] (see there),
     tau_end the end farther from 0, where g is least: all (n,), int (n,).  The growth
     bound log(M / g(v*)) + log(g(v*) / g(v_end)) needs no erfcx at v*: g(v*) cancels.
-    extra_growth (n,): added to it, for g times another factor (``_twin_edge_terms``).
-    The bound is capped at 1e6: far beyond 16 nodes on any range (so the same panels),
-    while c^2 / 4 alone (c above ~1e10, a tiny range in v) would ask for more nodes
-    than an int64 holds."""
+    extra_growth (n,): added to it, for g times another factor (``_twin_edge_terms``)."""
     eta = 0.25 * np.pi
     half = 0.5 * (v1 - v0)
     mid = 0.5 * (v1 + v0)
@@ -367,7 +364,7 @@ def _edge_node_count(b, c, tau_end, v0, v1, extra_growth=0.0):
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         growth = (0.5 * (0.5 * c * c + tau_end * tau_end)
                   + np.log(erfcx_q * np.sqrt(2.0) * _lower_erfcx_ratio(b, c, tau_end) / (np.sqrt(q) * c * np.cosh(x_n))))
-    return gauss_legendre_count(np.minimum(growth + extra_growth, 1e6), half, eta)
+    return gauss_legendre_count(growth + extra_growth, half, eta)
 
 
 def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):

@@ -296,9 +296,11 @@ def facet_segments(a, c, mask):
 
 
 def _acosh_of_log(ly):
-    """acosh(exp(ly)) without overflow, ly >= 0."""
-    with np.errstate(over="ignore"):
-        return np.where(ly > 20, ly + np.log(2.0), np.arccosh(np.exp(np.minimum(ly, 20))))
+    """acosh(exp(ly)) without overflow, ly >= 0, to a relative eps also where ly is tiny
+    (log(e^y + sqrt(e^2y - 1)) with expm1: about sqrt(2 ly) there, where
+    arccosh(exp(ly)) would be 0 once exp(ly) rounds to 1)."""
+    y = np.minimum(ly, 20.0)
+    return np.where(ly > 20, ly + np.log(2.0), np.log1p(np.expm1(y) + np.sqrt(np.expm1(2.0 * y))))
 
 
 _GL_RULES = [None] + [leggauss(n) for n in range(1, 17)]    # n-point Gauss-Legendre, n = 1..16
@@ -308,7 +310,7 @@ GL_EPS = 2.0 ** -52                 # relative truncation error a per-interval n
 def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
     """Gauss-Legendre nodes that integrate an analytic g over an interval of half-width
     w > 0 to a relative error eps, from a bound on g off the real axis.  All arrays (n,);
-    returns int (n,) (>= 1, not capped: compare with the caller's limit).
+    returns int (n,) (1 to 1e9: compare with the caller's limit).
 
     The Bernstein ellipse E_rho of the interval with semi-minor axis eta has
     rho = (eta + sqrt(eta^2 + w^2)) / w and lies in the rectangle |Im| <= eta,
@@ -321,7 +323,8 @@ def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         rho = (eta + np.sqrt(eta * eta + half_width * half_width)) / half_width
         need = (np.log(32.0 / 15.0) + log_growth - np.log1p(-1.0 / (rho * rho)) - np.log(eps)) / (2.0 * np.log(rho))
-    return np.maximum(1, np.ceil(np.nan_to_num(need, nan=1e9, posinf=1e9, neginf=1.0))).astype(np.int64)
+    # capped at 1e9 (a bound far from any point ~1e17 asks for more than an int64 holds)
+    return np.clip(np.ceil(np.nan_to_num(need, nan=1e9, posinf=1e9, neginf=1.0)), 1, 1e9).astype(np.int64)
 
 
 _NODE_BLOCK = 65536                 # nodes evaluated per numpy pass (cache-sized temporaries)
@@ -382,7 +385,7 @@ def log_owen_segment(p, t_lo, t_hi):
     """
     p = np.maximum(p, 1e-150)              # keeps p cosh s finite on the clipped range
     lo, width, n_panels, nodes, u2_star = _owen_rule(p, t_lo, t_hi)
-    total = gauss_legendre_sums(lo, width, n_panels, nodes, _owen_integrand, p, u2_star)
+    total = gauss_legendre_sums(lo, width, n_panels, nodes, _owen_integrand, p, np.clip(0.0, t_lo, t_hi))
     with np.errstate(divide="ignore"):
         return np.where(width > 0, np.log(total) - 0.5 * u2_star - np.log(2 * np.pi), -np.inf)
 
@@ -430,12 +433,25 @@ def panels_where_needed(nodes, width, fall, lo, hi):
     return n_panels
 
 
-def _owen_integrand(s, p, u2_star):
-    """exp(-(u^2 - u*^2) / 2) / cosh s, u = p cosh s: s (k, m), p and u2_star (k, 1)."""
+def _owen_integrand(s, p, t_star):
+    """exp(-(u^2 - u*^2) / 2) / cosh s, u = p cosh s: s (k, m), p and t_star = p sinh s*
+    (k, 1).  u^2 - u*^2 = t^2 - t*^2 (t = p sinh s) keeps its relative accuracy where
+    p is large and the range in s tiny (the difference of cosh^2 would round away);
+    sinh and cosh from one exp, which overflows only where the integrand is 0 anyway."""
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        ch = np.cosh(s)
-        u = p * ch
-        return np.exp(-0.5 * (u * u - u2_star)) / ch
+        e = np.exp(s)
+        ie = np.divide(1.0, e)
+        t = np.subtract(e, ie)
+        t *= 0.5 * p
+        ch = np.add(e, ie, out=e)
+        ch *= 0.5
+        d = np.subtract(t, t_star, out=ie)
+        t += t_star
+        d *= t
+        d *= -0.5
+        np.exp(d, out=d)
+        d /= ch
+        return d
 
 
 def _owen_node_count(p, u_star, lo, hi, fall):

@@ -257,6 +257,33 @@ def test_log_diff_ndtr_against_50_digit_arithmetic():
             assert abs(got[i] - want) <= tol, (lo[i], hi[i], got[i], want, (got[i] - want) / tol)
 
 
+def test_owen_segment_far_from_the_origin_against_mpmath():
+    """``log_owen_segment`` for p from 1e3 to 1e150 (a facet that far from a row's
+    posterior mean): finite, as log G is (about -p^2 / 2), where the clipped range in s
+    (~9 / p wide) used to round to nothing (-inf from p ~ 1e9).  Against 60-digit mpmath
+    of log G = -p^2 / 2 + log(1/(2 pi) int p exp(-t^2 / 2) / (p^2 + t^2) dt).  Tolerance:
+    u*^2 = p^2 + t*^2 is rounded to ~2 eps u*^2 (its half enters log G) and the result to
+    eps |log G|: 4 eps (u*^2 / 2 + |log G|), and 1e-12 for the quadrature."""
+    import mpmath
+    from cpadgn.polytope import log_owen_segment
+    segments = [(-1.0, 2.0), (-np.inf, np.inf), (0.5, 3.0), (-1e-3, 1e-3), (2.0, np.inf)]
+    ps = [1e3, 1e6, 1e7, 1e8, 1e9, 1e12, 1e50, 1e150]
+    p, t_lo, t_hi = (np.array(x) for x in zip(*[(q, lo, hi) for q in ps for lo, hi in segments]))
+    got = log_owen_segment(p, t_lo, t_hi)
+    assert np.isfinite(got).all()
+    with mpmath.workdps(60):
+        for k in range(p.size):
+            P = mpmath.mpf(p[k])
+            a = -mpmath.inf if np.isinf(t_lo[k]) else mpmath.mpf(t_lo[k])
+            b = mpmath.inf if np.isinf(t_hi[k]) else mpmath.mpf(t_hi[k])
+            cuts = [a] + [mpmath.mpf(x) for x in (-1, 0, 1) if a < x < b] + [b]
+            g = mpmath.quad(lambda t: P * mpmath.exp(-t * t / 2) / (P * P + t * t), cuts) / (2 * mpmath.pi)
+            want = float(-P * P / 2 + mpmath.log(g))
+            t_star = float(np.clip(0.0, t_lo[k], t_hi[k]))
+            tol = 4 * EPS * ((p[k] ** 2 + t_star ** 2) / 2 + abs(want)) + 1e-12
+            assert abs(got[k] - want) <= tol, (p[k], t_lo[k], t_hi[k], got[k], want)
+
+
 def test_owen_segment_node_counts_against_mpmath():
     """``log_owen_segment`` with the node counts that its Bernstein-ellipse bound picks
     (every count from 1 to 16, and 16-node panels where it asks for more), against
