@@ -144,12 +144,14 @@ def test_corrupt_and_foreign_model_files(files):
     assert_one_line_error(run("partition", foreign), "not a cpadgn model")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")   # TorchScript: what users have on disk
 def test_non_piecewise_affine_layer_is_named(files):
     path = files["dir"] / "tanh.pt"
     torch.jit.script(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))).save(str(path))
     assert_one_line_error(run("partition", path), "tanh", "piecewise affine")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")   # TorchScript: what users have on disk
 def test_missing_noise_std(files):
     path = files["dir"] / "gen.pt"
     torch.jit.script(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))).save(str(path))
