@@ -658,6 +658,28 @@ def distance_lower_bound(A, b, mask, chunk=4e6, with_mode=False):
     return (bound, np.where(exact[:, None], u, np.nan)) if with_mode else bound
 
 
+def dual_ascent_distance_bound(A, b, mask, sweeps=16):
+    """A certified lower bound on min{|u| : A u <= b} from ``sweeps`` sweeps of Hildreth's
+    dual ascent alone (no mode search; ~1/7 of ``distance_lower_bound``'s cost, often as
+    sharp): for any lam >= 0 and u in P, with w = A^T lam, -w . u >= -b . lam, so
+    |u| >= -b . lam / |w| where that is positive.  Unit rows A (B, F, S), b, mask (B, F)
+    -> (B,), 0 where the bound is not positive.  Rounding: the computed b . lam and w
+    may err by F eps sum|lam_k b_k| and F eps sum lam_k (unit rows); twice that is
+    taken off the numerator and added to |w|, and a relative 1e-9 and 1e-9 besides."""
+    B, F, S = A.shape
+    if B == 0:
+        return np.zeros(0)
+    Am = A * mask[..., None]
+    bm = np.where(mask, b, 0.0)
+    lam = _hildreth(Am, bm, sweeps)
+    eps = 2.0 * F * np.finfo(np.float64).eps
+    num = -(lam * bm).sum(-1) - eps * np.abs(lam * bm).sum(-1)
+    den = np.linalg.norm(np.einsum("bf,bfs->bs", lam, Am), axis=-1) + eps * lam.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where((num > 0) & (den > 0), num / den, 0.0)
+    return np.maximum(r * (1 - 1e-9) - 1e-9, 0.0)
+
+
 def _spd_solve(G, r, rcond=1e-8):
     """x = G^-1 r for symmetric G (B, k, k), r (B, k) by a Cholesky factorisation written
     out over the batch (k small: a few passes over (B,) arrays, not one LAPACK call per
