@@ -957,7 +957,10 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     round leaves out the smallest bounds that together fit in half of rtol p); a
     pair about to be integrated first gets the nearest-point bound
     (``_nearest_point_bound``, ~3 nats above the truth against ~20 for the facet bound;
-    rows with missing entries: S = 2 only), which often lets it be skipped after all.
+    rows with missing entries: S = 2 only), which often lets it be skipped after all
+    (S >= 4: first the dual-ascent bound, ``_ascent_distance_bound``, ~1/7 the cost of
+    the mode search, which then runs only on the pairs still to be integrated: on the
+    S = 4 16-16 benchmark 9.4k pairs a row instead of 22.6k).
     A row is done when its unlisted dense bounds plus its listed-but-skipped bounds sum
     to at most rtol p(x); the listing threshold log p + log rtol - log R - 1 certifies the
     unlisted part on its own.  Returns numpy rows, regions, log(kappa Phi), E[z|w],
