@@ -240,6 +240,19 @@ def _erfc_in_place(x):
     return x
 
 
+def _exp(x):
+    """exp of a float64 array x (k, m), a new array: torch's vectorised exp (SLEEF's, within
+    1 ulp) is about twice as fast as numpy's on the node blocks."""
+    return torch.exp(torch.from_numpy(x)).numpy()
+
+
+def _exp_in_place(x):
+    """``_exp`` in place."""
+    t = torch.from_numpy(x)
+    torch.exp(t, out=t)
+    return x
+
+
 _NEAR_R2 = 1100.0                  # r*^2 up to which T's nodes take erfc unscaled (erfc > 1e-257 on them)
 
 
@@ -249,7 +262,7 @@ def _near_edge_integrand(v, bc2, c):
     exp(-r*^2 / 2), for edges with r*^2 <= ``_NEAR_R2``.  erfc (``_erfc_in_place``) errs by
     ~1 ulp, below what r's own rounding makes (erfc's condition number is 2 x^2) and what
     ``_edge_integrand``'s exp(-r*^2 / 2) factor makes, eps r*^2 / 2."""
-    e = np.exp(v)
+    e = _exp(v)
     ie = np.divide(1.0, e)
     half_c = 0.5 * c
     tau = np.subtract(e, ie)
@@ -280,7 +293,7 @@ def _twin_edge_integrands(v, bc2, c, tau_star, far, c2_twin):
     """``_near_or_far_edge_integrand`` and it times w = (c^2 + tau^2) / (c_twin^2 + tau^2)
     (``_twin_edge_terms``) at nodes v (k, m); bc2, c, tau_star, far, c2_twin (k, 1).
     (2, k, m)."""
-    e = np.exp(v)
+    e = _exp(v)
     ie = np.divide(1.0, e)
     half_c = 0.5 * c
     tau = np.subtract(e, ie)
@@ -316,7 +329,7 @@ def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
     (k, m), on few temporaries (the node blocks are cache-sized).  sinh and cosh from one
     exp (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by
     ~c eps, which the integrands do not see)."""
-    e = np.exp(v)
+    e = _exp(v)
     ie = np.divide(1.0, e)
     half_c = 0.5 * c
     tau = np.subtract(e, ie)
@@ -330,7 +343,7 @@ def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
         np.subtract(tau, tau_star, out=g)
         g *= -0.5
         g *= tau + tau_star
-        np.exp(g, out=g)
+        _exp_in_place(g)
         g /= h
         r = np.multiply(tau, tau, out=tau)
         if twin:
