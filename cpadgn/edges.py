@@ -99,10 +99,33 @@ def _shared_lines(p, e, live, tol=1e-9):
     return (both & parallel & close).any(-1)
 
 
-def distance_to_polyhedron(a, c, mask, edges: Edges, v) -> np.ndarray:
-    """Distance from v to P = {u : a_k . u <= c_k} (0 inside), for P-translates.
+_FAR = 1e300        # a padding edge's point: |q|^2 overflows to +inf from any v with |v| < 1e300
 
-    a (B, F, 3), c (B, F), mask (B, F), ``edges`` of P (B, ...), v (B, 3) -> (B,).  Every
+
+def pack_polyhedra(a, c, mask, edges: Edges):
+    """P and its edges as two dense arrays for ``distance_to_packed``: a (B, F, 3), c (B, F),
+    mask (B, F), ``edges`` (B, E, ...) -> facets (B, 4, F) rows a_0, a_1, a_2, c (padding
+    0, 0, 0, +inf: never crossed, never blocks a foot) and segments (B, 8, E) rows p_0..2,
+    e_0..2, lo, hi (padding p = (1e300, 0, 0), e = 0, lo = hi = 0: at distance +inf).
+    A pair's gather is then two blocks, not eight arrays, and no masks are needed."""
+    facets = np.concatenate([np.where(mask[..., None], a, 0.0).transpose(0, 2, 1),
+                             np.where(mask, c, np.inf)[:, None, :]], 1)
+    real = edges.real[..., None]
+    segments = np.concatenate([np.where(real, edges.p, np.array([_FAR, 0.0, 0.0])), np.where(real, edges.e, 0.0),
+                               np.where(real, np.stack([edges.lo, edges.hi], -1), 0.0)], -1)
+    return np.ascontiguousarray(facets), np.ascontiguousarray(segments.transpose(0, 2, 1))
+
+
+def distance_to_polyhedron(a, c, mask, edges: Edges, v) -> np.ndarray:
+    """Distance from v to P = {u : a_k . u <= c_k} (0 inside), for P-translates: a (B, F, 3),
+    c (B, F), mask (B, F), ``edges`` of P (B, ...), v (B, 3) -> (B,).  ``distance_to_packed``
+    on ``pack_polyhedra``."""
+    return distance_to_packed(*pack_polyhedra(a, c, mask, edges), v)
+
+
+def distance_to_packed(facets, segments, v) -> np.ndarray:
+    """Distance from v to P = {u : a_k . u <= c_k} (0 inside), for P-translates: facets
+    (B, 4, F), segments (B, 8, E) (``pack_polyhedra``), v (B, 3) -> (B,).  Every
     crossed facet's plane separates v from P, so the distance is at least the largest
     violation a_k . v - c_k; where the nearest point is inside a facet it equals that
     facet's violation, so that facet is the most violated one.  Hence only the foot of the
@@ -110,17 +133,22 @@ def distance_to_polyhedron(a, c, mask, edges: Edges, v) -> np.ndarray:
     an extra candidate can only make the result smaller); otherwise the nearest point is
     on an edge.
     """
-    dot = lambda x, y: x[..., 0] * y[..., 0] + x[..., 1] * y[..., 1] + x[..., 2] * y[..., 2]
-    cv = np.where(mask, c - dot(a, v[:, None, :]), np.inf)              # offsets seen from v
-    k = np.argmin(cv, -1)
-    i = np.arange(v.shape[0])
-    ck = cv[i, k]
-    crossed = ck < 0
+    v0, v1, v2 = (v[:, i, None] for i in range(3))
+    a0, a1, a2, c = (facets[:, i] for i in range(4))
+    cv = c - (a0 * v0 + a1 * v1 + a2 * v2)                              # offsets seen from v (+inf: padding)
+    k = np.argmin(cv, -1)[:, None]
+    ck = np.take_along_axis(cv, k, 1)
+    crossed = ck[:, 0] < 0
     with np.errstate(invalid="ignore"):                                  # no real facet: inf * 0
-        inside_foot = ((ck[:, None] * dot(a, a[i, k, None, :]) <= cv + 1e-9 * (1.0 + np.abs(cv))) | ~mask).all(-1)
-    foot = np.where(crossed & inside_foot, ck * ck, np.inf)
-    p = edges.p - v[:, None, :]
-    t = np.clip(-dot(p, edges.e), edges.lo, edges.hi)
-    q = p + t[..., None] * edges.e
-    along = np.where(edges.real, dot(q, q), np.inf).min(-1)
+        g = a0 * np.take_along_axis(a0, k, 1) + a1 * np.take_along_axis(a1, k, 1) + a2 * np.take_along_axis(a2, k, 1)
+        inside_foot = (ck * g <= cv + 1e-9 * (1.0 + np.abs(cv))).all(-1)
+    foot = np.where(crossed & inside_foot, ck[:, 0] * ck[:, 0], np.inf)
+    p0, p1, p2 = segments[:, 0] - v0, segments[:, 1] - v1, segments[:, 2] - v2
+    e0, e1, e2, lo, hi = (segments[:, i] for i in range(3, 8))
+    t = np.clip(-(p0 * e0 + p1 * e1 + p2 * e2), lo, hi)
+    p0 += t * e0
+    p1 += t * e1
+    p2 += t * e2
+    with np.errstate(over="ignore"):                                     # padding: +inf
+        along = (p0 * p0 + p1 * p1 + p2 * p2).min(-1, initial=np.inf)
     return np.where(crossed, np.sqrt(np.minimum(foot, along)), 0.0)

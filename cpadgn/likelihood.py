@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr
 
-from .edges import Edges, distance_to_polyhedron, polyhedron_edges
+from .edges import Edges, distance_to_packed, pack_polyhedra, polyhedron_edges
 from .errors import CpadgnError
 from .polyhedron import region_facet_polygons, translated_polyhedron_moments
 from .polytope import (PolytopeMoments, distance_lower_bound, dual_ascent_distance_bound, facet_segments,
@@ -93,6 +93,10 @@ class RegionTable:
     S = 2: ``polygons``, each region's whitened polygon at v = 0 with its facet segments
     (a, d, c, t_lo, t_hi, live, real, real facets first; see ``polytope.polygon_moments``)
     and ``polygon_size`` (R,) its facet count; None otherwise.
+    S = 3: ``polyhedra`` (GC_unit, c0 (R, F), real (R, F), volume (R,)), each region's
+    whitened polyhedron at v = 0, and ``packed_polyhedra`` (facets, segments, facet
+    count (R,) (one past the last real facet), edge count (R,)): it and its edges as
+    ``edges.pack_polyhedra`` gives them (live edges first); None otherwise.
     memory_budget (bytes): when M, c and ``stacked`` would take over a quarter of it they
     are not kept (``streamed``; M, c, stacked are None): ``stacked_chunks``,
     ``stacked_for`` and ``region_affine`` rebuild them per chunk of ``region_chunk``
@@ -271,14 +275,17 @@ class RegionTable:
         if polygons and any_real:
             self.polygons = (a, d, c0, t_lo, t_hi, live, real_sorted)
             self.polygon_size = real_sorted.sum(1)
-        self.polyhedra = None
+        self.polyhedra = self.packed_polyhedra = None
         self.has_nearest = self.polygons is not None
         if S == 3 and any_real:
             # Each region's whitened polyhedron (v = 0) and its edges, once: the distance
             # from a pair's whitened mean to its region needs nothing else.
             real_np = np.isfinite(h_unit)
             c0 = np.where(real_np, h_unit, 0.0)
-            self.polyhedra = (GC_unit, c0, real_np, _edges_in_groups(GC_unit, c0, real_np))
+            edges = _edges_in_groups(GC_unit, c0, real_np)
+            self.polyhedra = (GC_unit, c0, real_np, edges.volume)
+            n_facets = np.where(real_np.any(1), real_np.shape[1] - np.argmax(real_np[:, ::-1], 1), 0)
+            self.packed_polyhedra = (*pack_polyhedra(GC_unit, c0, real_np, edges), n_facets, edges.real.sum(1))
             self.has_nearest = True
         self.has_nearest |= S >= 4 and any_real          # the distance bound of polytope.distance_lower_bound
 
@@ -557,7 +564,7 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
     entries), None: the regions' (complete rows; S = 3 needs these).
 
     S = 2: the nearest point is on a facet the mean violates, so r = min over such facets
-    of the distance to their segment.  S = 3: ``edges.distance_to_polyhedron``, and for a
+    of the distance to their segment.  S = 3: ``edges.distance_to_packed``, and for a
     bounded region also its volume times the largest density on it, phi_3(r) (much the
     sharper for regions small beside the posterior); a small relative slack keeps the
     bound above the mass despite rounding.  S >= 4 (complete rows): r from the dual of
@@ -569,7 +576,7 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
         dist = _distance_to_regions(tab, v, regions)
         r = np.maximum(dist * (1 - 1e-9) - 1e-9, 0.0)
         with np.errstate(divide="ignore"):
-            log_volume = np.log(tab.polyhedra[3].volume[regions]) + 1e-9
+            log_volume = np.log(tab.polyhedra[3][regions]) + 1e-9
         if tab.degenerate is not None:                 # a missed edge could shrink the volume
             log_volume = np.where(tab.degenerate[regions], np.inf, log_volume)
         return np.minimum(np.where(dist > 0, log_ndtr(-r), 0.0), log_volume - 1.5 * LOG_2PI - 0.5 * r * r)
@@ -604,21 +611,17 @@ def _ascent_distance_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray)
 
 
 def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """S = 3: ``edges.distance_to_polyhedron`` from v (P, 3) to the whitened regions (P,),
-    on pairs sorted by their regions' edge and facet counts, each chunk's arrays cut to
-    its own largest counts (the tables are padded to the largest region's: ~3x the
-    mean).  (P,)."""
-    a, c, real, edges = tab.polyhedra
-    if getattr(tab, "polyhedron_sizes", None) is None:      # idempotent: no lock needed
-        n_facets = np.where(real.any(1), real.shape[1] - np.argmax(real[:, ::-1], 1), 0)
-        tab.polyhedron_sizes = (n_facets, edges.real.sum(1))
-    n_facets, n_edges = (x[regions] for x in tab.polyhedron_sizes)
+    """S = 3: ``edges.distance_to_packed`` from v (P, 3) to the whitened regions (P,)
+    (``RegionTable.packed_polyhedra``), on pairs sorted by their regions' edge and facet
+    counts, each chunk's arrays cut to its own largest counts (the tables are padded to
+    the largest region's: ~3x the mean).  (P,)."""
+    facets, segments, n_facets, n_edges = tab.packed_polyhedra
+    n_facets, n_edges = n_facets[regions], n_edges[regions]
     order = np.lexsort((n_facets, n_edges))
     dist = np.empty(regions.size)
     for i in np.array_split(order, -(-order.size // chunk)) if order.size else []:
         f, e, r = max(int(n_facets[i].max()), 1), max(int(n_edges[i].max()), 1), regions[i]
-        sub = Edges(*(getattr(edges, name)[r, :e] for name in ("p", "e", "lo", "hi", "real")), edges.volume[r])
-        dist[i] = distance_to_polyhedron(a[r, :f], c[r, :f], real[r, :f], sub, v[i])
+        dist[i] = distance_to_packed(facets[r, :, :f], segments[r, :, :e], v[i])
     return dist
 
 

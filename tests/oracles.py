@@ -4,6 +4,7 @@ import functools
 
 import numpy as np
 from scipy import integrate
+from scipy.optimize import nnls
 
 from cpadgn.network import PiecewiseAffineNet
 
@@ -474,3 +475,15 @@ def peak_points(lo, hi, c):
     steps = [scale * mpmath.mpf(2) ** k for k in range(-4, 16)]
     inner = sorted({star + s for s in steps} | {star - s for s in steps} | {star})
     return [lo] + [p for p in inner if lo < p < hi] + [hi]
+
+
+def ldp_distance(a, c, v):
+    """min |u - v| over {u : a u <= c} by NNLS on the dual (Lawson and Hanson, ch. 23)."""
+    cv = c - a @ v
+    if np.all(cv >= 0):
+        return 0.0
+    E = np.vstack([-a.T, -cv[None, :]])
+    f = np.zeros(a.shape[1] + 1)
+    f[-1] = 1.0
+    r = E @ nnls(E, f, maxiter=5000)[0] - f
+    return float(np.linalg.norm(r[:-1] / r[-1]))

@@ -2,21 +2,9 @@
 programming by NNLS (Lawson and Hanson), an independent algorithm."""
 import numpy as np
 import pytest
-from scipy.optimize import nnls
+from oracles import ldp_distance
 
 from cpadgn.edges import distance_to_polyhedron, polyhedron_edges
-
-
-def ldp_distance(a, c, v):
-    """min |u - v| over {u : a u <= c} by NNLS on the dual (Lawson and Hanson, ch. 23)."""
-    cv = c - a @ v
-    if np.all(cv >= 0):
-        return 0.0
-    E = np.vstack([-a.T, -cv[None, :]])
-    f = np.zeros(a.shape[1] + 1)
-    f[-1] = 1.0
-    r = E @ nnls(E, f, maxiter=5000)[0] - f
-    return float(np.linalg.norm(r[:-1] / r[-1]))
 
 
 def distances(a, c, mask, v):

@@ -6,7 +6,7 @@ from scipy.stats import multivariate_normal
 from cpadgn.model import CPAModel
 from cpadgn.network import PiecewiseAffineNet
 
-from oracles import (Quadrature3D, kappa_rounding_tol, line_breakpoints, loglik_1d, loglik_2d, loglik_importance,
+from oracles import (Quadrature3D, ldp_distance, kappa_rounding_tol, line_breakpoints, loglik_1d, loglik_2d, loglik_importance,
                      loglik_importance_mixture,
                      posterior_spread, random_linear_model, random_net, small_s3_net_and_quadrature)
 
@@ -300,6 +300,34 @@ def test_pruning_bounds_are_never_below_the_region_mass(S, hidden):
     assert np.all(near >= exact - slack) and np.all(facet >= exact - slack)
     outside = exact < np.log(0.5)
     assert np.median((facet - near)[outside]) > 1.0          # the nearest point is the sharper bound
+
+
+def test_distances_to_whitened_regions_match_least_distance_programming():
+    """S = 3: the distance from pairs' whitened means to their regions, from the packed
+    tables in chunks cut to their own facet and edge counts, against NNLS least-distance
+    programming on each region's own facets (an independent algorithm)."""
+    import torch
+
+    from cpadgn import likelihood as lik
+    net = random_net(3, (5, 5), 4, seed=11, slope=0.1, scale=2.0)
+    model = CPAModel(net, noise_std=0.1, device="cpu")
+    X = model.sample(6, seed=2)
+    X[::2] += 1.5                                            # off-manifold rows: far regions
+    tab = model._region_table()
+    rows, regions = (a.ravel() for a in np.meshgrid(np.arange(len(X)), np.arange(tab.n_regions), indexing="ij"))
+    v = lik._log_kappa_complete(tab, torch.as_tensor(X))[1][rows, :, regions].numpy()
+    dist = lik._distance_to_regions(tab, v, regions, chunk=7)   # many chunks of mixed sizes
+    a, c, real, _ = tab.polyhedra
+    ref = np.array([ldp_distance(a[r][real[r]], c[r][real[r]], x) for r, x in zip(regions, v)])
+    # offsets and edge points round to ~eps (|v| + |c|) and the vertices and edge points
+    # to that times their conditioning; where the nearest point is far beyond the data's
+    # scale (near-coplanar normals put a cone's apex thousands out) both algorithms lose
+    # digits to it, so those few pairs are left out
+    scale = 1 + np.abs(v).sum(1) + np.where(real, np.abs(c), 0.0)[regions].max(1)
+    fine = ref <= 10 * scale
+    assert fine.mean() > 0.98 and (ref[fine] == 0).sum() >= len(X) and (ref[fine] > 0).sum() > regions.size // 2
+    err = np.abs(dist - ref)[fine] / scale[fine]
+    assert err.max() <= 1e-9, err.max()
 
 
 def test_extreme_finite_input_gives_the_closed_form_or_a_clear_refusal():
