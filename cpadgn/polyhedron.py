@@ -253,6 +253,20 @@ def _exp_in_place(x):
     return x
 
 
+def _tau_and_h(v, c):
+    """tau = c sinh v and h = c cosh v at nodes v (k, m) of edges c (k, 1), from one exp
+    (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by ~c eps,
+    which the integrands do not see), and a spare (k, m) array for the caller."""
+    e = _exp(v)
+    spare = np.divide(1.0, e)
+    half_c = 0.5 * c
+    tau = np.subtract(e, spare)
+    tau *= half_c
+    h = np.add(e, spare, out=e)
+    h *= half_c
+    return tau, h, spare
+
+
 _NEAR_R2 = 1100.0                  # r*^2 up to which T's nodes take erfc unscaled (erfc > 1e-257 on them)
 
 
@@ -262,17 +276,11 @@ def _near_edge_integrand(v, bc2, c):
     exp(-r*^2 / 2), for edges with r*^2 <= ``_NEAR_R2``.  erfc (``_erfc_in_place``) errs by
     ~1 ulp, below what r's own rounding makes (erfc's condition number is 2 x^2) and what
     ``_edge_integrand``'s exp(-r*^2 / 2) factor makes, eps r*^2 / 2."""
-    e = _exp(v)
-    ie = np.divide(1.0, e)
-    half_c = 0.5 * c
-    tau = np.subtract(e, ie)
-    tau *= half_c
-    h = np.add(e, ie, out=e)
-    h *= half_c
+    tau, h, spare = _tau_and_h(v, c)
     r = np.multiply(tau, tau, out=tau)
     r += bc2
     np.sqrt(r, out=r)
-    x = np.multiply(r, _SQRT_HALF, out=ie)
+    x = np.multiply(r, _SQRT_HALF, out=spare)
     _erfc_in_place(x)
     r *= h
     x /= r
@@ -293,17 +301,11 @@ def _twin_edge_integrands(v, bc2, c, tau_star, far, c2_twin):
     """``_near_or_far_edge_integrand`` and it times w = (c^2 + tau^2) / (c_twin^2 + tau^2)
     (``_twin_edge_terms``) at nodes v (k, m); bc2, c, tau_star, far, c2_twin (k, 1).
     (2, k, m)."""
-    e = _exp(v)
-    ie = np.divide(1.0, e)
-    half_c = 0.5 * c
-    tau = np.subtract(e, ie)
-    tau *= half_c
-    h = np.add(e, ie, out=e)
-    h *= half_c
+    tau, h, spare = _tau_and_h(v, c)
     out = np.empty((2,) + v.shape)
     t2 = np.multiply(tau, tau, out=tau)
     w = np.add(t2, c2_twin, out=out[1])
-    np.divide(np.multiply(h, h, out=ie), w, out=w)
+    np.divide(np.multiply(h, h, out=spare), w, out=w)
     r = np.add(t2, bc2, out=t2)
     np.sqrt(r, out=r)
     x = np.multiply(r, _SQRT_HALF, out=out[0])
@@ -326,16 +328,8 @@ def _edge_and_owen_integrands(v, bc2, c, tau_star, c2_twin=None):
 
 def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
     """``_edge_and_owen_integrands`` (2 or 4, k, m) with owen, else ``_edge_integrand``
-    (k, m), on few temporaries (the node blocks are cache-sized).  sinh and cosh from one
-    exp (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by
-    ~c eps, which the integrands do not see)."""
-    e = _exp(v)
-    ie = np.divide(1.0, e)
-    half_c = 0.5 * c
-    tau = np.subtract(e, ie)
-    tau *= half_c
-    h = np.add(e, ie, out=e)
-    h *= half_c
+    (k, m), on few temporaries (the node blocks are cache-sized; ``_tau_and_h``)."""
+    tau, h, spare = _tau_and_h(v, c)
     twin = owen and c2_twin is not None
     out = np.empty((4 if twin else 2,) + v.shape) if owen else None
     g = out[1] if owen else np.empty(v.shape)                          # exp(-(tau^2 - tau*^2) / 2) / h
@@ -351,7 +345,7 @@ def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
             np.divide(np.multiply(h, h, out=out[3]), w, out=w)
         r += bc2
         np.sqrt(r, out=r)
-        ratio = np.multiply(r, _SQRT_HALF, out=ie)                      # erfcx(r / sqrt 2) / r
+        ratio = np.multiply(r, _SQRT_HALF, out=spare)                      # erfcx(r / sqrt 2) / r
         erfcx(ratio, out=ratio)
         ratio /= r
         edge = np.multiply(g, ratio, out=out[0] if owen else g)

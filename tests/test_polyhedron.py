@@ -333,6 +333,24 @@ def test_translates_against_nested_quadrature_of_exact_slices():
 from oracles import peak_points, quadrature_rounding, select_by_rule  # noqa: E402
 
 
+def _mpmath_edge_terms(B, C, lo, hi):
+    """log T and log G (floats) of an edge (B = |b_k|, C = |c_e|) in its
+    facet's v on [lo, hi] (mpmath numbers, at the caller's working precision):
+    T = B / (2 pi) int Phi(-r) / (r cosh v) dv, r = sqrt(B^2 + C^2 cosh^2 v), and
+    G = 1/(2 pi) int exp(-C^2 cosh^2 v / 2) / cosh v dv.  Each integrand is taken
+    relative to its value at the point nearest 0: mpmath.quad stops at an absolute
+    10^-dps, which a far edge's integrand (~1e-330) meets at its first, coarse level."""
+    import mpmath
+    points = peak_points(lo, hi, C)
+    r = lambda v: mpmath.sqrt(B ** 2 + (C * mpmath.cosh(v)) ** 2)
+    f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
+    f_g = lambda v: mpmath.exp(-(C * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
+    star = min(max(mpmath.mpf(0), lo), hi)
+    t = B / (2 * mpmath.pi) * f_t(star) * mpmath.quad(lambda v: f_t(v) / f_t(star), points)
+    g = f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points) / (2 * mpmath.pi)
+    return float(mpmath.log(t)), float(mpmath.log(g))
+
+
 def test_edge_node_counts_against_mpmath():
     """log T and log G of ``log_edge_and_owen_terms`` with the node counts that their
     Bernstein-ellipse bound picks (every count from 1 to 16, and 16-node panels where it
@@ -366,17 +384,8 @@ def test_edge_node_counts_against_mpmath():
             # a ray ends where exp(-(tau^2 - tau*^2) / 2), which bounds the integrands' fall, is e^-150
             tau_end = tau_hi[i] if np.isfinite(tau_hi[i]) else mpmath.sqrt(max(tau_lo[i], 0.0) ** 2 + 300)
             hi = mpmath.asinh(mpmath.mpf(tau_end) / Cc)
-            points = peak_points(lo, hi, Cc)
-            r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
-            f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
-            f_g = lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
-            # relative to the peak: mpmath.quad stops at an absolute 10^-dps, which a
-            # far edge's integrand (~1e-330) meets at its first, coarse level
-            star = min(max(mpmath.mpf(0), lo), hi)
-            t = B / (2 * mpmath.pi) * f_t(star) * mpmath.quad(lambda v: f_t(v) / f_t(star), points)
-            g = f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points) / (2 * mpmath.pi)
-            for got, want in ((log_t[k], float(mpmath.log(t))), (log_t_alone[k], float(mpmath.log(t))),
-                              (log_g[k], float(mpmath.log(g)))):
+            want_t, want_g = _mpmath_edge_terms(B, Cc, lo, hi)
+            for got, want in ((log_t[k], want_t), (log_t_alone[k], want_t), (log_g[k], want_g)):
                 tol = quadrature_rounding(v0[i], width[i], c[i], want)
                 assert abs(got - want) <= tol, (i, nodes[i], panels[i], got, want, (got - want) / tol)
 
@@ -427,15 +436,7 @@ def test_twin_edge_terms_against_mpmath():
                 lo = mpmath.asinh(mpmath.mpf(tau_lo[i]) / Cc)
                 tau_end = tau_hi[i] if np.isfinite(tau_hi[i]) else mpmath.sqrt(max(tau_lo[i], 0.0) ** 2 + 300)
                 hi = mpmath.asinh(mpmath.mpf(tau_end) / Cc)
-                points = peak_points(lo, hi, Cc)
-                r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
-                f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
-                f_g = lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
-                star = min(max(mpmath.mpf(0), lo), hi)
-                want_t = float(mpmath.log(B / (2 * mpmath.pi) * f_t(star)
-                                          * mpmath.quad(lambda v: f_t(v) / f_t(star), points)))
-                want_g = float(mpmath.log(f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points)
-                                          / (2 * mpmath.pi)))
+                want_t, want_g = _mpmath_edge_terms(B, Cc, lo, hi)
                 for got, want in ((t_got[0], want_t), (t_got[1], want_t), (g_got, want_g)):
                     # rounding as for the single rule, in the joint rule's v (the first facet's)
                     tol = quadrature_rounding(v0[i], v1[i] - v0[i], c[i], want)
@@ -467,17 +468,12 @@ def test_edge_terms_of_very_far_edges_against_mpmath():
                 # the integrands fall like exp(-tau^2 / 2) from tau = 0: |tau| <= 30 holds all
                 lo = mpmath.asinh(max(mpmath.mpf(tau_lo[i]), -30) / Cc)
                 hi = mpmath.asinh(min(mpmath.mpf(tau_hi[i]), 30) / Cc)
-                points = peak_points(lo, hi, Cc)
-                r = lambda v: mpmath.sqrt(B ** 2 + (Cc * mpmath.cosh(v)) ** 2)
-                f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
-                f_g = lambda v: mpmath.exp(-(Cc * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
-                want = {"T": mpmath.log(B / (2 * mpmath.pi) * f_t(0) * mpmath.quad(lambda v: f_t(v) / f_t(0), points)),
-                        "G": mpmath.log(f_g(0) * mpmath.quad(lambda v: f_g(v) / f_g(0), points) / (2 * mpmath.pi))}
+                want = dict(zip("TG", _mpmath_edge_terms(B, Cc, lo, hi)))
                 for key, values in terms.items():
                     for value in values:
                         # rounding: eps |log| from the final logarithm and the r*^2 / 2 it holds
-                        tol = 8 * np.finfo(float).eps * abs(float(want[key]))
-                        assert abs(value[i] - float(want[key])) <= tol, (i, key, value[i], float(want[key]))
+                        tol = 8 * np.finfo(float).eps * abs(want[key])
+                        assert abs(value[i] - want[key]) <= tol, (i, key, value[i], want[key])
 
 
 def test_collapsed_rules_integrate_their_degree():
