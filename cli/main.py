@@ -448,7 +448,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                              int(columns["is_anomaly"].sum()))
     elif alpha is not None:
         flags = AnomalyFlags(None, int(columns["is_anomaly"].sum()))
-    summary = score_summary(LoglikStats(model.output_dim).add(post), model, time.perf_counter() - t0, out,
+    summary = score_summary(LoglikStats(model.output_dim, model.stderr_target).add(post), model, time.perf_counter() - t0, out,
                             pv=pv, alpha=alpha, anomalies=flags)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -472,7 +472,7 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
     cluster.check_columns(model, X)
-    S, stats = model.latent_dim, LoglikStats(model.output_dim)
+    S, stats = model.latent_dim, LoglikStats(model.output_dim, model.stderr_target)
     block_post = lambda block: cluster.posterior_fields(block, S)
     with cluster.open_client(address, log=say_for(quiet)) as client, \
             Progressbar("scoring rows (Dask)", quiet) as bar:
@@ -582,9 +582,9 @@ class LoglikStats:
     the rows with something observed, merged by Chan et al.'s pairwise update (one chunk
     gives exactly its mean and squared deviations)."""
 
-    def __init__(self, output_dim: int):
-        self.output_dim = output_dim
-        self.rows = self.nothing = self.missing = self.n = 0
+    def __init__(self, output_dim: int, stderr_target: float = float("inf")):
+        self.output_dim, self.stderr_target = output_dim, stderr_target
+        self.rows = self.nothing = self.missing = self.n = self.above_target = 0
         self.mean = self.m2 = 0.0
         self.min, self.max, self.max_error_bound = np.inf, -np.inf, -np.inf
         self.max_stderr = 0.0
@@ -599,6 +599,7 @@ class LoglikStats:
         if post.error_bound.size:
             self.max_error_bound = max(self.max_error_bound, float(post.error_bound.max()))
             self.max_stderr = max(self.max_stderr, float(post.stderr.max()))
+            self.above_target += int((post.stderr > self.stderr_target).sum())
         if ll.size:
             mean = float(ll.mean())
             n = self.n + ll.size
@@ -616,7 +617,8 @@ class LoglikStats:
                 "mean_log_likelihood_stderr": float(np.sqrt(self.m2 / (n - 1) / n)) if n > 1 else None,
                 "min_log_likelihood": self.min if n else None, "max_log_likelihood": self.max if n else None,
                 "max_error_bound": self.max_error_bound,
-                **({"max_qmc_stderr": self.max_stderr} if self.max_stderr > 0 else {}),
+                **({"max_qmc_stderr": self.max_stderr, "rows_above_stderr_target": self.above_target}
+                   if self.max_stderr > 0 else {}),
                 "rows_with_missing": self.missing}
 
 

@@ -1,5 +1,6 @@
 """The command line: outputs, the partition cache, and one clear line for every bad input."""
 import json
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -260,16 +261,27 @@ def s4_files(tmp_path_factory):
     return tmp
 
 
-def test_stderr_target_sets_the_s4_standard_error(s4_files):
+def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     """A loose --stderr-target 0.05 spends no second-stage points: some row keeps the first
-    stage's standard error, far above what the default 1e-4 allows, and none exceeds 0.05."""
+    stage's standard error, far above what the default 1e-4 allows, and none exceeds 0.05.
+    The summary counts the rows above the target (the count checked at a target of 1e-3
+    on the same standard errors)."""
+    import cli.main as cli_main
+    targets = []
+    stats_class = cli_main.LoglikStats
+    monkeypatch.setattr(cli_main, "LoglikStats", lambda dim, target: targets.append(target) or stats_class(dim, target))
     out = s4_files / "scores.csv"
     res = run("score", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.05", "--json")
     assert res.exit_code == 0, res.output
     se = np.genfromtxt(out, delimiter=",", names=True)["log_likelihood_stderr"]
     assert np.all(se <= 0.05) and se.max() > 1e-3, se
-    assert json.loads(res.stdout)["max_qmc_stderr"] == se.max()       # the CSV keeps 17 digits
+    summary = json.loads(res.stdout)
+    assert summary["max_qmc_stderr"] == se.max()                      # the CSV keeps 17 digits
+    assert summary["rows_above_stderr_target"] == 0 and targets == [0.05]
     out.unlink()
+    post = SimpleNamespace(n_observed=np.full(se.size, 6), log_likelihood=np.zeros(se.size),
+                           error_bound=np.zeros(se.size), stderr=se)
+    assert stats_class(6, 1e-3).add(post).summary()["rows_above_stderr_target"] == (se > 1e-3).sum() >= 1
 
 
 @pytest.mark.parametrize("command", ["score", "impute", "compare"])
