@@ -161,7 +161,7 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
     way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
     Without owen, edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
-    exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_or_far_edge_integrand``): over the clipped
+    exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_edge_integrands``): over the clipped
     range r^2 <= r*^2 + 80, so erfc stays a normal number, and one erfc per node replaces
     an exp and an erfcx (the same function up to a constant: the same nodes).
     """
@@ -173,7 +173,7 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
                                              tau_star, outputs=2)
     else:
         far = r_star * r_star > _NEAR_R2
-        total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_or_far_edge_integrand, bc2, c, tau_star, far)
+        total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrands, bc2, c, tau_star, far)
         shift = np.where(far, 0.5 * r_star * r_star, 0.0)
         log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
         return log_t, None
@@ -181,22 +181,27 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
 
 
-def _edge_rule(b, c, tau_lo, tau_hi):
+def _edge_rule(b, c, tau_lo, tau_hi, c_twin=None):
     """The quadrature of ``log_edge_and_owen_terms`` (see ``_edge_terms``; b, c <= 1e150):
     tau*, c cosh v*, r*, the clipped range's start v0 and width in v, and the panels and
-    nodes per panel (all (n,))."""
+    nodes per panel (all (n,)).  With c_twin (n,) (>= c, ``_twin_edge_terms``) the rule
+    that serves the twin facet too: the range clipped as for the twin and the node count
+    raised by log 3 - log w(tau*)."""
     tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
     tau_star = np.clip(0.0, tau_lo, tau_hi)
+    t2_star = tau_star * tau_star
     c2 = c * c
     bc2 = b * b + c2
-    h_star = np.sqrt(c2 + tau_star * tau_star)                           # c cosh v*
-    r_star = np.sqrt(bc2 + tau_star * tau_star)
-    tau_cut = np.minimum(np.sqrt(tau_star * tau_star + 80.0), h_star * np.exp(40.0))
+    h_star = np.sqrt(c2 + t2_star)                                       # c cosh v*
+    r_star = np.sqrt(bc2 + t2_star)
+    h_cut = h_star if c_twin is None else np.sqrt(c_twin * c_twin + t2_star)
+    tau_cut = np.minimum(np.sqrt(t2_star + 80.0), h_cut * np.exp(40.0))
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
     v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
+    extra = 0.0 if c_twin is None else np.log(3.0 * (c_twin * c_twin + t2_star) / (c2 + t2_star))
     # g falls monotonically away from v*: its least value is at the end farther from 0
-    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1)
+    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1, extra)
     fall = _edge_fall(b, c, tau_star, r_star, h_star)
     return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
 
@@ -270,51 +275,33 @@ def _tau_and_h(v, c):
 _NEAR_R2 = 1100.0                  # r*^2 up to which T's nodes take erfc unscaled (erfc > 1e-257 on them)
 
 
-def _near_edge_integrand(v, bc2, c):
-    """erfc(r / sqrt 2) / (r h) at nodes v (k, m) of k edges (bc2 = b^2 + c^2, c (k, 1)),
-    tau = c sinh v, h = c cosh v, r = sqrt(bc2 + tau^2): ``_edge_integrand`` times
-    exp(-r*^2 / 2), for edges with r*^2 <= ``_NEAR_R2``.  erfc (``_erfc_in_place``) errs by
-    ~1 ulp, below what r's own rounding makes (erfc's condition number is 2 x^2) and what
-    ``_edge_integrand``'s exp(-r*^2 / 2) factor makes, eps r*^2 / 2."""
+def _near_edge_integrands(v, bc2, c, tau_star, far, c2_twin=None):
+    """erfc(r / sqrt 2) / (r h) at nodes v (k, m) of k edges (bc2 = b^2 + c^2, c,
+    tau_star, far (k, 1)), tau = c sinh v, h = c cosh v, r = sqrt(bc2 + tau^2):
+    ``_edge_integrand`` times exp(-r*^2 / 2), on the rows with r*^2 <= ``_NEAR_R2``, and
+    ``_edge_integrand`` itself on the rows where far (r*^2 > ``_NEAR_R2``).  erfc
+    (``_erfc_in_place``) errs by ~1 ulp, below what r's own rounding makes (erfc's
+    condition number is 2 x^2) and what ``_edge_integrand``'s exp(-r*^2 / 2) factor
+    makes, eps r*^2 / 2.  (k, m); with c2_twin (k, 1) also it times w = (c^2 + tau^2) /
+    (c_twin^2 + tau^2) (``_twin_edge_terms``): (2, k, m)."""
     tau, h, spare = _tau_and_h(v, c)
-    r = np.multiply(tau, tau, out=tau)
-    r += bc2
-    np.sqrt(r, out=r)
-    x = np.multiply(r, _SQRT_HALF, out=spare)
-    _erfc_in_place(x)
-    r *= h
-    x /= r
-    return x
-
-
-def _near_or_far_edge_integrand(v, bc2, c, tau_star, far):
-    """``_near_edge_integrand`` at nodes v (k, m), and on the rows where far (k, 1) (r*^2 >
-    ``_NEAR_R2``) ``_edge_integrand`` instead."""
-    out = _near_edge_integrand(v, bc2, c)
-    rows = np.flatnonzero(far[:, 0])
-    if rows.size:
-        out[rows] = _edge_integrand(v[rows], bc2[rows], c[rows], tau_star[rows])
-    return out
-
-
-def _twin_edge_integrands(v, bc2, c, tau_star, far, c2_twin):
-    """``_near_or_far_edge_integrand`` and it times w = (c^2 + tau^2) / (c_twin^2 + tau^2)
-    (``_twin_edge_terms``) at nodes v (k, m); bc2, c, tau_star, far, c2_twin (k, 1).
-    (2, k, m)."""
-    tau, h, spare = _tau_and_h(v, c)
-    out = np.empty((2,) + v.shape)
+    twin = c2_twin is not None
+    out = np.empty((2,) + v.shape) if twin else None
     t2 = np.multiply(tau, tau, out=tau)
-    w = np.add(t2, c2_twin, out=out[1])
-    np.divide(np.multiply(h, h, out=spare), w, out=w)
+    if twin:
+        w = np.add(t2, c2_twin, out=out[1])
+        np.divide(np.multiply(h, h, out=spare), w, out=w)
     r = np.add(t2, bc2, out=t2)
     np.sqrt(r, out=r)
-    x = np.multiply(r, _SQRT_HALF, out=out[0])
+    x = np.multiply(r, _SQRT_HALF, out=out[0] if twin else spare)
     _erfc_in_place(x)
     r *= h
     x /= r
     rows = np.flatnonzero(far[:, 0])
     if rows.size:
         x[rows] = _edge_integrand(v[rows], bc2[rows], c[rows], tau_star[rows])
+    if not twin:
+        return x
     w *= x
     return out
 
@@ -425,20 +412,11 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):
     against mpmath, not covered by the bound."""
     b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     b_twin, c_twin = np.minimum(b_twin, 1e150), np.minimum(c_twin, 1e150)
-    tau_lo, tau_hi = np.clip(tau_lo, -1e100, 1e100), np.clip(tau_hi, -1e100, 1e100)
-    tau_star = np.clip(0.0, tau_lo, tau_hi)
+    tau_star, _, _, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi, c_twin)
     t2_star = tau_star * tau_star
     c2, c2_twin = c * c, c_twin * c_twin
     bc2 = b * b + c2
     r2_star = bc2 + t2_star
-    tau_cut = np.minimum(np.sqrt(t2_star + 80.0), np.sqrt(c2_twin + t2_star) * np.exp(40.0))
-    t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
-    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
-    width = np.maximum(v1 - v0, 0.0)
-    extra = np.log(3.0 * (c2_twin + t2_star) / (c2 + t2_star))
-    nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1, extra)
-    fall = _edge_fall(b, c, tau_star, np.sqrt(r2_star), np.sqrt(c2 + t2_star))
-    n_panels = panels_where_needed(nodes, width, fall, t0, t1)
     live = width > 0
     log_of = lambda front, total, shift: np.where(live, _log_product(front, total) - shift, -np.inf)
     if owen:
@@ -449,7 +427,7 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):
                 log_of(c / (2 * np.pi), total[1], 0.5 * (c2 + t2_star)),
                 log_of(c_twin / (2 * np.pi), total[3], 0.5 * (c2_twin + t2_star)))
     far = r2_star > _NEAR_R2
-    total = gauss_legendre_sums(v0, width, n_panels, nodes, _twin_edge_integrands, bc2, c, tau_star, far, c2_twin,
+    total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrands, bc2, c, tau_star, far, c2_twin,
                                 outputs=2)
     shift = np.where(far, 0.5 * r2_star, 0.0)
     return log_of(b * c / (4 * np.pi), total[0], shift), log_of(b_twin * c_twin / (4 * np.pi), total[1], shift)
