@@ -588,25 +588,27 @@ def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, p
     return np.where(inside, 0.0, log_ndtr(-np.sqrt(r2)))
 
 
+def _unit_translates(tab: RegionTable, v: np.ndarray, regions: np.ndarray):
+    """S >= 4, complete rows: the pairs' regions seen from their whitened means v (P, S),
+    {u : a u <= b} with unit rows: a (P, F, S), b (P, F), real (P, F)."""
+    a = tab.GC_unit[regions].cpu().numpy()
+    c = tab.h_unit[regions].cpu().numpy()
+    real = np.isfinite(c)
+    return a, np.where(real, c, 1.0) - np.einsum("pfs,ps->pf", a, v), real
+
+
 def _dual_distance_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray):
     """S >= 4, complete rows: ``_nearest_point_bound`` (P,) and the modes of the pairs'
     polytopes in the whitened frame, u = z - v (P, S; NaN where not certified), which
     the integral reuses (``polytope.polytope_qmc_draws``'s mode)."""
-    a = tab.GC_unit[regions].cpu().numpy()
-    c = tab.h_unit[regions].cpu().numpy()
-    real = np.isfinite(c)
-    b = np.where(real, c, 1.0) - np.einsum("pfs,ps->pf", a, v)
-    r, mode = distance_lower_bound(a, b, real, with_mode=True)
+    r, mode = distance_lower_bound(*_unit_translates(tab, v, regions), with_mode=True)
     return np.where(r > 0, log_ndtr(-r), 0.0), mode
 
 
 def _ascent_distance_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """S >= 4, complete rows: log Phi(-r) >= log Phi_w with r the dual-ascent distance
     bound (``polytope.dual_ascent_distance_bound``): v (P, S), regions (P,) -> (P,)."""
-    a = tab.GC_unit[regions].cpu().numpy()
-    c = tab.h_unit[regions].cpu().numpy()
-    real = np.isfinite(c)
-    r = dual_ascent_distance_bound(a, np.where(real, c, 1.0) - np.einsum("pfs,ps->pf", a, v), real)
+    r = dual_ascent_distance_bound(*_unit_translates(tab, v, regions))
     return np.where(r > 0, log_ndtr(-r), 0.0)
 
 
