@@ -448,7 +448,8 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                              int(columns["is_anomaly"].sum()))
     elif alpha is not None:
         flags = AnomalyFlags(None, int(columns["is_anomaly"].sum()))
-    summary = score_summary(LoglikStats(model.output_dim, model.stderr_target).add(post), model, time.perf_counter() - t0, out,
+    stats = LoglikStats(model.output_dim, model.stderr_target).add(post)
+    summary = score_summary(stats, model, time.perf_counter() - t0, out,
                             pv=pv, alpha=alpha, anomalies=flags)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
