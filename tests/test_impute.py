@@ -503,3 +503,60 @@ def test_cli_refusals_are_one_line_without_output(files, extra, data, message):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], r.output
     assert not any(p.name.startswith(("bad", ".bad")) for p in d.iterdir())
+
+
+# ============================================================================ S >= 4: Monte Carlo error of the mean
+def _s4_rows(model):
+    X = model.sample(4, seed=4)
+    X[0, [0, 1]] = np.nan
+    X[1, [2, 3, 4]] = np.nan
+    X[2, [4]] = np.nan
+    X[3, [1, 3]] = np.nan
+    return X
+
+
+def test_s4_mean_stderr_matches_the_spread_over_independent_randomisations(monkeypatch):
+    """At S = 4 the conditional mean comes from randomised QMC; its reported standard
+    error must be the spread of the mean over reruns with independent random points.
+    Oracle: R = 40 reruns, each with the QMC keys and Sobol scrambles salted (so every
+    integral gets independent points), and the empirical standard deviation of the mean
+    over them.  An sd estimated from R normal replicates has a relative sd of
+    1 / sqrt(2 (R - 1)); the reported SE of one run is itself estimated from 16
+    randomisations (relative sd ~ 1 / sqrt(2 * 15)), averaged (in quadrature) over the R
+    runs; the ratio of the two must lie within 4 of those combined.  A loose stderr_target
+    keeps the points few and the standard errors large enough to measure."""
+    from cpadgn import polytope
+    net = random_net(4, (5,), 5, seed=7, slope=0.2)
+    model = CPAModel(net, noise_std=0.6, device="cpu")
+    model.stderr_target = 0.01
+    X = _s4_rows(model)
+    miss = np.isnan(X)
+    keys, sets = polytope._polytope_keys, polytope._sobol_sets
+    R = 40
+    means, ses = [], []
+    for salt in range(1, R + 1):
+        monkeypatch.setattr(polytope, "_polytope_keys", lambda A, b, m, seed, s=salt: keys(A, b, m, seed + s * 10 ** 9))
+        monkeypatch.setattr(polytope, "_sobol_sets", lambda S, m, n, seed, s=salt: sets(S, m, n, seed + s * 10 ** 6))
+        res = model.imputation(X)
+        means.append(res.mean)
+        ses.append(res.mean_stderr)
+    means, ses = np.array(means), np.array(ses)
+    assert np.all(ses[:, ~miss] == 0.0)
+    empirical = means.std(0, ddof=1)[miss]
+    reported = np.sqrt((ses ** 2).mean(0))[miss]
+    measurable = reported > 1e-8                  # far above the mean's rounding (~1e-16)
+    assert measurable.sum() >= 6, reported
+    band = 4 * np.sqrt(1 / (2 * (R - 1)) + 1 / (2 * 15 * R))
+    ratio = empirical[measurable] / reported[measurable]
+    assert np.all(np.abs(ratio - 1) <= band), (ratio, band)
+
+
+@pytest.mark.parametrize("S,hidden", [(2, (6, 6)), (3, (5,))])
+def test_mean_stderr_is_zero_where_the_integrals_are_exact(S, hidden):
+    """S <= 3: the region integrals are deterministic, so the mean has no Monte Carlo
+    error: mean_stderr is exactly 0, with the result's shape."""
+    model = CPAModel(random_net(S, hidden, 5, seed=3, slope=0.2), noise_std=0.5, device="cpu")
+    X = _s4_rows(model)
+    res = model.imputation(X)
+    assert res.mean_stderr.shape == X.shape
+    assert np.all(res.mean_stderr == 0.0)
