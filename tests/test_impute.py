@@ -508,10 +508,9 @@ def test_cli_refusals_are_one_line_without_output(files, extra, data, message):
 # ============================================================================ S >= 4: Monte Carlo error of the mean
 def _s4_rows(model):
     X = model.sample(4, seed=4)
-    X[0, [0, 1]] = np.nan
-    X[1, [2, 3, 4]] = np.nan
-    X[2, [4]] = np.nan
-    X[3, [1, 3]] = np.nan
+    rng = np.random.default_rng(0)
+    for row in X:
+        row[rng.choice(5, 4, replace=False)] = np.nan
     return X
 
 
@@ -520,13 +519,15 @@ def test_s4_mean_stderr_matches_the_spread_over_independent_randomisations(monke
     error must be the spread of the mean over reruns with independent random points.
     Oracle: R = 40 reruns, each with the QMC keys and Sobol scrambles salted (so every
     integral gets independent points), and the empirical standard deviation of the mean
-    over them.  An sd estimated from R normal replicates has a relative sd of
-    1 / sqrt(2 (R - 1)); the reported SE of one run is itself estimated from 16
+    over them.  An sd estimated from R replicates of kurtosis k has a relative sd of
+    sqrt((k - 1) / (4 (R - 1))) (1 / sqrt(2 (R - 1)) for normal ones; a pair whose
+    integral now and then meets a feature its points rarely see gives heavier tails, so
+    k is measured per entry); the reported SE of one run is itself estimated from 16
     randomisations (relative sd ~ 1 / sqrt(2 * 15)), averaged (in quadrature) over the R
     runs; the ratio of the two must lie within 4 of those combined.  A loose stderr_target
     keeps the points few and the standard errors large enough to measure."""
     from cpadgn import polytope
-    net = random_net(4, (5,), 5, seed=7, slope=0.2)
+    net = random_net(4, (8,), 5, seed=3, slope=0.2)     # ~160 pairs a row: the weights' error matters too
     model = CPAModel(net, noise_std=0.6, device="cpu")
     model.stderr_target = 0.01
     X = _s4_rows(model)
@@ -542,13 +543,15 @@ def test_s4_mean_stderr_matches_the_spread_over_independent_randomisations(monke
         ses.append(res.mean_stderr)
     means, ses = np.array(means), np.array(ses)
     assert np.all(ses[:, ~miss] == 0.0)
+    dev = (means - means.mean(0))[:, miss]
     empirical = means.std(0, ddof=1)[miss]
+    kurtosis = (dev ** 4).mean(0) / (dev ** 2).mean(0) ** 2
     reported = np.sqrt((ses ** 2).mean(0))[miss]
     measurable = reported > 1e-8                  # far above the mean's rounding (~1e-16)
-    assert measurable.sum() >= 6, reported
-    band = 4 * np.sqrt(1 / (2 * (R - 1)) + 1 / (2 * 15 * R))
-    ratio = empirical[measurable] / reported[measurable]
-    assert np.all(np.abs(ratio - 1) <= band), (ratio, band)
+    assert measurable.sum() >= 12, reported
+    band = 4 * np.sqrt((kurtosis - 1) / (4 * (R - 1)) + 1 / (2 * 15 * R))
+    ratio = empirical / reported
+    assert np.all((np.abs(ratio - 1) <= band)[measurable]), (ratio, band)
 
 
 @pytest.mark.parametrize("S,hidden", [(2, (6, 6)), (3, (5,))])
