@@ -196,8 +196,9 @@ def _combine_replicates(parts: list) -> PolytopeMoments:
     each) averaged: the mass is their mean (its SE from theirs, in quadrature), the
     moments the mass-weighted mixture of theirs.  Linearised, with w_k the replicates'
     shares of the mass, d log mass = sum_k w_k d log mass_k and d mean = sum_k w_k
-    (d mean_k + (mean_k - mean) d log mass_k), which gives mean_cov and mass_mean_cov
-    from the replicates' own."""
+    d mean_k (the weights' own errors multiply mean_k - mean, which is 0 at the true
+    values: second order), so mean_cov and mass_mean_cov are the w_k^2-weighted sums of
+    the replicates' own."""
     if len(parts) == 1:
         return parts[0]
     lm = np.stack([p.log_mass for p in parts])                           # (k, B)
@@ -205,19 +206,12 @@ def _combine_replicates(parts: list) -> PolytopeMoments:
     log_mass = _logmeanexp(lm, axis=0)
     with np.errstate(invalid="ignore", over="ignore"):
         w = np.where(np.isfinite(log_mass), np.exp(lm - np.where(np.isfinite(log_mass), log_mass, 0.0)) / k, 0.0)
-        se_k = np.stack([p.stderr for p in parts])
-        se = np.sqrt(np.sum((w * se_k) ** 2, axis=0))
-    means = np.stack([p.mean for p in parts])                            # (k, B, S)
-    mean = np.einsum("kb,kbs->bs", w, means)
+        se = np.sqrt(np.sum((w * np.stack([p.stderr for p in parts])) ** 2, axis=0))
+    mean = np.einsum("kb,kbs->bs", w, np.stack([p.mean for p in parts]))
     second = np.einsum("kb,kbst->bst", w, np.stack([p.cov + p.mean[:, :, None] * p.mean[:, None, :] for p in parts]))
     cov = second - mean[:, :, None] * mean[:, None, :]
     V, g = (np.stack(x) for x in zip(*(p.mc_covariances() for p in parts)))   # (k, B, S, S), (k, B, S)
-    dev = np.where(w[..., None] > 0, means - mean[None], 0.0)
-    cross = g + (se_k ** 2)[..., None] * dev                             # Cov(d log mass_k, d mean_k + dev_k d log mass_k)
-    w2 = w ** 2
-    mass_mean_cov = np.einsum("kb,kbs->bs", w2, cross)
-    mean_cov = np.einsum("kb,kbst->bst", w2, V + dev[..., :, None] * g[..., None, :] + g[..., :, None] * dev[..., None, :]
-                         + (se_k ** 2)[..., None, None] * dev[..., :, None] * dev[..., None, :])
+    mean_cov, mass_mean_cov = np.einsum("kb,kbst->bst", w ** 2, V), np.einsum("kb,kbs->bs", w ** 2, g)
     return PolytopeMoments(log_mass, mean, cov, np.where(np.isfinite(log_mass), se, 0.0), mean_cov, mass_mean_cov)
 
 
