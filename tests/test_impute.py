@@ -438,6 +438,7 @@ def test_cli_round_trip_and_std(files, ext):
     cond = model.conditional(X)
     if ext == "h5":
         with h5py.File(out) as f:
+            assert sorted(f) == ["data", "std"]             # S = 2: exact, no 'mean_stderr'
             got, std = f["data"][()], f["std"][()]
     else:
         got = read_data(out)
