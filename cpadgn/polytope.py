@@ -1351,15 +1351,16 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
             z = np.where(wt[:, None, :] > 0, z, 0.0)
         mz = (z @ wt[:, :, None])[..., 0]                                  # (n, S)
         dz = z - mz[:, :, None]
-        cz = (dz * wt[:, None, :]) @ np.swapaxes(dz, 1, 2)
+        dzw = dz * wt[:, None, :]
+        cz = dzw @ np.swapaxes(dz, 1, 2)
         Es = E[sl]
         out.mean[sl] = mu[sl] + np.einsum("bts,bt->bs", Es, mz)
         out.cov[sl] = np.swapaxes(Es, 1, 2) @ cz @ Es
-        out.mean_cov[sl], out.mass_mean_cov[sl] = _mean_randomisation_cov(rel, dz, wt, Es, n_randomisations)
+        out.mean_cov[sl], out.mass_mean_cov[sl] = _mean_randomisation_cov(rel, dzw, Es, n_randomisations)
     return out
 
 
-def _mean_randomisation_cov(rel, dz, wt, E, R):
+def _mean_randomisation_cov(rel, dzw, E, R):
     """The delta-method covariances of the ratio estimate mean = F / M (F, M the first
     moment and the mass, each the average of R independent randomisations F_r, M_r)
     over those randomisations: with rho_r = M_r / M and delta_r = (F_r - M_r mean) / M
@@ -1367,13 +1368,13 @@ def _mean_randomisation_cov(rel, dz, wt, E, R):
     so Var[mean] = sum_r delta_r delta_r^T / (R (R - 1)) and Cov[log M, mean] =
     sum_r (rho_r - 1) delta_r / (R (R - 1)).
 
-    rel (n, R): rho_r; dz (n, S, N): the points minus the weighted mean, in the frame;
-    wt (n, N): the points' weights normalised to sum 1 (set r: columns r m .. (r + 1) m
-    - 1, so delta_r = R sum_{j in r} wt_j dz_j); E (n, S, S): the frame's rows.  Returns
+    rel (n, R): rho_r; dzw (n, S, N): the points minus the weighted mean, in the frame,
+    times their weights normalised to sum 1 (set r: columns r m .. (r + 1) m - 1, so
+    delta_r = R sum_{j in r} dzw_j); E (n, S, S): the frame's rows.  Returns
     (mean_cov (n, S, S), mass_mean_cov (n, S)) in the polytope's coordinates (0 where
     the mass is 0)."""
-    n, S, N = dz.shape
-    delta = R * (dz * wt[:, None, :]).reshape(n, S, R, N // R).sum(-1)             # (n, S, R)
+    n, S, N = dzw.shape
+    delta = R * dzw.reshape(n, S, R, N // R).sum(-1)                                # (n, S, R)
     with np.errstate(invalid="ignore"):
         dev = np.where(np.isfinite(rel), rel - 1.0, 0.0)                            # (n, R)
     scale = 1.0 / (R * (R - 1))
