@@ -29,7 +29,8 @@ MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
                    "instead of the conditional mean.")
 @click.option("--std", "want_std", is_flag=True,
               help="Also write the exact conditional standard deviation of every entry (0 where "
-                   "observed): OUT.std.csv / OUT.std.npy beside OUT, or dataset 'std' in an .h5 OUT.")
+                   "observed): OUT.std.csv / OUT.std.npy beside OUT, or dataset 'std' in an .h5 OUT "
+                   "(at S >= 4 also dataset 'mean_stderr': the QMC standard error of the mean).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the draws and of --evaluate-mcar's mask (same seed, same draws).")
 @click.option("--evaluate-mcar", "mcar", type=float, default=None, metavar="P",
@@ -65,11 +66,16 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
       mean     .csv: header + N rows   .npy: (N, D)   .h5: dataset 'data' (N, D)
       --draws  .csv: a 'draw' column (1..K) then the D columns, K*N rows, draw by draw
                .npy: (K, N, D)          .h5: dataset 'data' (K, N, D)
-      --std    .csv/.npy: OUT.std.csv / OUT.std.npy (N, D)   .h5: dataset 'std' (N, D)
+      --std    .csv/.npy: OUT.std.csv / OUT.std.npy (N, D)   .h5: dataset 'std' (N, D),
+               and at S >= 4 'mean_stderr' (N, D), the mean's QMC standard error
+
+    At S >= 4 the region integrals are randomised QMC: the summary gives the largest
+    standard error of an imputed mean over that randomisation (max mean qmc stderr).
 
     --dask ADDRESS|local:N imputes the rows on a Dask cluster, chunk by chunk (README,
     Beyond one machine): the same means and std up to rounding; --draws are seeded per
-    chunk, so they are other exact draws than without --dask.
+    chunk, so they are other exact draws than without --dask; no mean QMC standard error
+    (neither in the summary nor in an .h5 OUT).
 
     \b
     Examples:
@@ -144,8 +150,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     with Progressbar("imputing rows", quiet) as bar:
         res = model.imputation(X_in, draws=n_draws, seed=seed, std=want_std, progress=bar)
     if out is not None:
+        mean_stderr = res.mean_stderr if want_std and n_draws is None and model.latent_dim >= 4 else None
         write_imputation(out, res.mean if n_draws is None else res.draws, res.std, columns,
-                         draws=n_draws is not None, std_path=std_path)
+                         draws=n_draws is not None, std_path=std_path, mean_stderr=mean_stderr)
     if plot_path is not None:
         plot.save(plot.imputation_figure(model, X_in, res, (H, W), seed=seed), plot_path)
 
@@ -218,6 +225,7 @@ def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) ->
                "rows_with_missing": int((res.n_missing > 0).sum()), "missing_entries": int(res.n_missing.sum()),
                "rows_all_missing": int((res.n_missing == D).sum()), "draws": n_draws,
                "max_error_bound": float(res.error_bound.max(initial=0.0)),
+               **_mean_stderr_summary(res, n_draws),
                "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
                "seconds": seconds}
     if out is not None:
@@ -225,6 +233,15 @@ def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) ->
         if want_std:
             summary["std_output"] = str(std_path) if std_path is not None else f"{out} (dataset 'std')"
     return summary
+
+
+def _mean_stderr_summary(res, n_draws) -> dict:
+    """{"max_mean_qmc_stderr": ...} where the written means carry a QMC standard error
+    (S >= 4, ``ImputeResult.mean_stderr``), else {} (exact, draws, or --dask)."""
+    se = getattr(res, "mean_stderr", None)
+    if n_draws is not None or se is None or not se.size or float(se.max()) == 0.0:
+        return {}
+    return {"max_mean_qmc_stderr": float(se.max())}
 
 
 def std_sibling(out: Path) -> Path:
@@ -258,8 +275,10 @@ def csv_header(path, D: int) -> list:
     return default
 
 
-def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None) -> None:
-    """Write the imputed data (N, D) or draws (K, N, D), and the std (N, D) when given.
+def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None,
+                     mean_stderr=None) -> None:
+    """Write the imputed data (N, D) or draws (K, N, D), and the std (N, D) when given;
+    mean_stderr (N, D), when given, goes to an .h5 OUT only (dataset 'mean_stderr').
 
     Every file goes to a temporary file beside its target and is renamed over it only
     when all of them are complete, so a failure leaves no partial output.
@@ -276,6 +295,8 @@ def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, 
                 f.create_dataset("data", data=data, track_times=False).attrs["columns"] = columns
                 if std is not None:
                     f.create_dataset("std", data=std, track_times=False).attrs["columns"] = columns
+                if mean_stderr is not None:
+                    f.create_dataset("mean_stderr", data=mean_stderr, track_times=False).attrs["columns"] = columns
             return
         with ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(out))

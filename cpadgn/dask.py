@@ -453,7 +453,9 @@ def impute(model, X, *, draws: int | None = None, seed: int = 0, std: bool = Fal
            device: str = "auto"):
     """Exact imputation of the NaN entries of X as dask.arrays, like ``CPAModel.impute``:
     the conditional mean (N, D), or K exact draws (K, N, D) with ``draws=K``; with
-    std=True a pair (mean, conditional std).  Observed entries are kept bit for bit."""
+    std=True a pair (mean, conditional std).  Observed entries are kept bit for bit.
+    The S >= 4 means' QMC standard error (``impute.ImputeResult.mean_stderr``) is not
+    computed here: use ``CPAModel.imputation`` for it."""
     table = impute_table(model, X, draws=draws, seed=seed, std=std, client=client, device=device)
     return split_imputation(table, draws=draws, std=std)
 

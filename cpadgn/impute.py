@@ -16,7 +16,21 @@ to w (``sampling.sample_truncated_gaussian``, exact iid), then
 x_m = A_w,m z + b_w,m + sigma_m eps.
 
 Exactness: for S <= 3 the region masses and truncated moments are exact (log space);
-for S >= 4 they come from randomised QMC (``polytope``), with a standard error.  Regions
+for S >= 4 they come from randomised QMC (``polytope``), with a standard error, and so
+E[x_m | x_o] has one (``mean_stderr``).  Write l_w = log(kappa_w Phi_w) for a pair's
+estimated log weight (so r_w = exp(l_w) / sum_v exp(l_v)).  Each pair's l_w and E_w come
+from the same independent randomisations, independent of every other pair's, and
+linearised
+
+    d E[x_m | x_o] = sum_w r_w ((m_w - E) d l_w + A_w,m d E_w)
+
+so that, with s_w = Var[l_w], g_w = Cov[l_w, E_w] (S,) and V_w = Cov[E_w] (S, S)
+(``likelihood.PosteriorResult``'s pair_weight_stderr^2, pair_weight_mean_mc_cov,
+pair_mean_mc_cov), entry j has the variance
+
+    sum_w r_w^2 (s_w (m_w,j - E_j)^2 + 2 (m_w,j - E_j) (A_w,m g_w)_j + (A_w,m V_w A_w,m^T)_jj)
+
+(``mean_stderr_terms``): no integral beyond those of the mean itself.  Regions
 are pruned only under the certified bound of ``likelihood.posterior`` (relative
 responsibility <= 1e-10 by default), reported per row as ``error_bound``.  Rows with nothing
 missing pass through unchanged; rows with nothing observed get the model's marginal
@@ -60,7 +74,12 @@ class ImputeResult:
     z_draws (K, N, S) or None: the latent draws behind them, in the folded latent
     coordinates (prior N(0, I)), NaN for rows with nothing missing;
     error_bound (N,): certified bound from pruning on |log p(x_o) - computed| (0 where
-    nothing is missing); n_missing (N,)."""
+    nothing is missing); n_missing (N,);
+    mean_stderr (N, D): the Monte Carlo standard error of each entry of ``mean`` over the
+    randomisation of the S >= 4 region integrals (delta method, see the module's
+    docstring); 0 on observed entries and where the integrals are exact (S <= 3).  It
+    says how far a rerun with other random points may move the mean, not how far the
+    truth lies from it (that is ``std``)."""
 
     mean: np.ndarray
     std: np.ndarray | None
@@ -69,6 +88,7 @@ class ImputeResult:
     z_draws: np.ndarray | None
     error_bound: np.ndarray
     n_missing: np.ndarray
+    mean_stderr: np.ndarray | None = None
 
 
 def check_input(X, D: int) -> np.ndarray:
@@ -121,12 +141,13 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     xd = None if K is None else np.broadcast_to(X64, (K, N, D)).copy()
     zd = None if K is None else np.full((K, N, S), np.nan)
     bound = np.zeros(N)
+    mean_var = np.zeros((N, D))
     if todo.size:
         tab = tab or likelihood.RegionTable(net, part, noise_std, device, memory_budget)
         for start in range(0, todo.size, row_chunk):
             idx = todo[start:start + row_chunk]
             _impute_chunk(net, part, tab, sigma, X64[idx], idx, miss[idx], device, memory_budget,
-                          stderr_target, rng, K, mean, var, cov, xd, zd, bound)
+                          stderr_target, rng, K, mean, var, cov, xd, zd, bound, mean_var)
             if progress is not None:
                 progress(min(start + row_chunk, todo.size), todo.size)
 
@@ -138,7 +159,7 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
             res_draws[k] = _restore(X, xd[k], miss, out_dtype)
     sd = None if var is None else np.sqrt(var).astype(out_dtype)
     return ImputeResult(mean=res_mean, std=sd if std else None, cov=cov, draws=res_draws, z_draws=zd,
-                        error_bound=bound, n_missing=n_missing)
+                        error_bound=bound, n_missing=n_missing, mean_stderr=np.sqrt(mean_var).astype(out_dtype))
 
 
 def conditional(net, part, noise_std, X, *, full_cov: bool = True, **kw) -> Conditional:
@@ -155,7 +176,7 @@ def _restore(X, values, miss, dtype):
 
 
 def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, stderr_target, rng, K,
-                  mean, var, cov, xd, zd, bound):
+                  mean, var, cov, xd, zd, bound, mean_var):
     """Fill the outputs for rows idx (data Xc, all with something missing)."""
     n, D = Xc.shape
     post = likelihood.posterior(net, part, sigma, Xc, tab=tab, device=device, memory_budget=memory_budget,
@@ -164,16 +185,27 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, s
     order = np.lexsort((post.pair_region, post.pair_row))
     prow, preg = post.pair_row[order], post.pair_region[order]
     r, zm, zc = post.pair_responsibility[order], post.pair_mean[order], post.pair_cov[order]
+    mc = None if post.pair_mean_mc_cov is None else (post.pair_weight_stderr[order] ** 2,
+                                                      post.pair_weight_mean_mc_cov[order],
+                                                      post.pair_mean_mc_cov[order])
     P = prow.size
     W = sparse.csr_matrix((r, (prow, np.arange(P))), shape=(n, P))  # rows x pairs, responsibilities
     # region maps (P, D, S) do not fit at once for large partitions: pairs in chunks
-    step = int(max(1, memory_budget / 4 // (8.0 * D * (2 * tab.S + 6))))
+    step = int(max(1, memory_budget / 4 // (8.0 * D * ((2 if mc is None else 3) * tab.S + 6))))
     chunks = [slice(s0, min(P, s0 + step)) for s0 in range(0, P, step)]
     mu_x = np.zeros((n, D))
     for sl in chunks:
         A, b = _region_maps(tab, preg[sl])
         mu_x += np.asarray(W[:, sl] @ (np.einsum("pds,ps->pd", A, zm[sl]) + b))   # E[g(z) | x_o, w]
     mean[idx] = np.where(miss, mu_x, mean[idx])
+    if mc is not None:
+        W2 = W.multiply(W).tocsr()
+        mv = np.zeros((n, D))
+        for sl in chunks:
+            A, b = _region_maps(tab, preg[sl])
+            dev = np.einsum("pds,ps->pd", A, zm[sl]) + b - mu_x[prow[sl]]
+            mv += np.asarray(W2[:, sl] @ mean_stderr_terms(A, dev, *(x[sl] for x in mc)))
+        mean_var[idx] = np.where(miss, np.maximum(mv, 0.0), 0.0)
     if var is not None:
         v = np.zeros((n, D)) + sigma ** 2
         full = np.zeros((n, D * D)) if cov is not None else None
@@ -227,6 +259,16 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, s
     x = x.reshape(n, K, D).transpose(1, 0, 2)                         # (K, n, D)
     xd[:, idx] = np.where(miss[None], x, xd[:, idx])
     zd[:, idx] = z_slot.reshape(n, K, -1).transpose(1, 0, 2)
+
+
+def mean_stderr_terms(A, dev, weight_var, weight_mean_cov, mean_cov):
+    """Each pair's share of the variance of E[x | x_o] over the QMC randomisation, per
+    unit squared responsibility (the module's docstring): s (m - E)^2 + 2 (m - E) (A g)
+    + diag(A V A^T), for maps A (P, D, S), dev = m - E (P, D), s = Var[log weight] (P,),
+    g = Cov[log weight, E[z|w]] (P, S), V = Cov[E[z|w]] (P, S, S).  Returns (P, D)."""
+    Ag = np.einsum("pds,ps->pd", A, weight_mean_cov)
+    AVA = np.einsum("pds,pds->pd", A @ mean_cov, A)
+    return weight_var[:, None] * dev * dev + 2.0 * dev * Ag + AVA
 
 
 def _region_maps(tab, regions: np.ndarray):

@@ -61,6 +61,12 @@ class PosteriorResult:
     pair_row, pair_region, pair_responsibility: the (row, region) pairs evaluated
                     and their responsibilities r_w(x) (pairs not listed have r <= bound)
     pair_mean (P, S), pair_cov (P, S, S): E[z | x, z in w] and Cov[z | x, z in w]
+    pair_weight_stderr (P,), pair_mean_mc_cov (P, S, S), pair_weight_mean_mc_cov (P, S):
+                    S >= 4 (None where exact, S <= 3): the Monte Carlo standard error of
+                    each pair's estimate of log(kappa_w Phi_w), the covariance of its
+                    estimate of pair_mean, and the covariance of the two (each pair's
+                    integrals are independent of every other pair's; see
+                    ``polytope.PolytopeMoments`` and ``impute.mean_stderr_terms``)
     """
 
     log_likelihood: np.ndarray
@@ -76,6 +82,9 @@ class PosteriorResult:
     pair_responsibility: np.ndarray
     pair_mean: np.ndarray
     pair_cov: np.ndarray
+    pair_weight_stderr: np.ndarray | None = None
+    pair_mean_mc_cov: np.ndarray | None = None
+    pair_weight_mean_mc_cov: np.ndarray | None = None
 
 
 class RegionTable:
@@ -676,7 +685,7 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     complete rows (C fixed per region) and S = 2 that is the region's precomputed
     whitened polygon translated by -v; rows with missing entries may pass their pairs'
     own whitened polygons (``_pair_polygons``).  Returns log Phi (P,), E[z|w] (P, S),
-    Cov[z|w] (P, S, S), stderr (P,) as numpy.  memory_budget: bytes for the S >= 3
+    Cov[z|w] (P, S, S), stderr (P,) as numpy and the Monte Carlo covariances (``_in_latent``).  memory_budget: bytes for the S >= 3
     integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed,
     sets; S = 3 ignores the sets);
     with a list ``pilot``, the first stage instead (``_qmc_first_stage``), whose
@@ -717,7 +726,9 @@ def _whitened_regions(tab: RegionTable, v: np.ndarray, C: np.ndarray, regions: n
 def _in_latent(tab: RegionTable, regions: np.ndarray, res: PolytopeMoments, v: np.ndarray, C: np.ndarray):
     """``_truncated_moments``'s outputs from the whitened integrals res of pairs (P, ...)
     with whitened means v (P, S) and factors C (P, S, S): z = C (v + u).  A covariance
-    that is all 0 (the integrals without moments) stays 0 without the products."""
+    that is all 0 (the integrals without moments) stays 0 without the products.  The last
+    output, mc: None where exact, else the randomisation covariances of the estimates of
+    E[z|w] (P, S, S) and of log Phi with E[z|w] (P, S)."""
     log_phi = res.log_mass
     if tab.degenerate is not None:     # a zero-width region has zero mass, not NaN
         log_phi = np.where(np.isnan(log_phi) & tab.degenerate[regions], -np.inf, log_phi)
@@ -725,7 +736,11 @@ def _in_latent(tab: RegionTable, regions: np.ndarray, res: PolytopeMoments, v: n
     mean = np.where(none[:, None], 0.0, (C @ (v + res.mean)[:, :, None])[..., 0])
     cov = np.where(none[:, None, None], 0.0, C @ res.cov @ np.swapaxes(C, 1, 2)) if res.cov.any() else \
         np.zeros(res.cov.shape)
-    return log_phi, mean, cov, res.stderr
+    mc = None
+    if res.mean_cov is not None:
+        mc = (np.where(none[:, None, None], 0.0, C @ res.mean_cov @ np.swapaxes(C, 1, 2)),
+              np.where(none[:, None], 0.0, (C @ res.mass_mean_cov[:, :, None])[..., 0]))
+    return log_phi, mean, cov, res.stderr, mc
 
 
 CHEAP_POINTS = 128      # S >= 4: plain Monte Carlo points of a pair that matters little (``_cheap_pairs``)
@@ -777,8 +792,8 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
                       stderr_target, moments, pair_chunk, poly_budget):
     """S >= 4 second stage: more points for the pairs that dominate their row's variance.
 
-    found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr
-    (P, ...); modes (P, S): the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their
+    found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr,
+    Cov of the estimate of E[z|w], its Cov with log Phi's (P, ...); modes (P, S): the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their
     pilots' log(kappa Phi) and relative SE.  The pilots set each pair's point count and
     sets (``qmc_allocation.qmc_sets``, ``qmc_allocation.qmc_allocation``, aiming at
     stderr_target per row); a pair that gets points is integrated anew with them (seed
@@ -791,7 +806,7 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     Returns found updated.
     """
     from .qmc_allocation import qmc_allocation, qmc_sets
-    rows, regions, logw, mean, cov, se = (x.copy() for x in found)
+    rows, regions, logw, mean, cov, se, mean_mc, cross_mc = (x.copy() for x in found)
     pilot = (rows, pilot_logw, pilot_se, QMC_FIRST, QMC_FIRST, stderr_target, Xt.shape[0])
     sets = qmc_sets(*pilot)
     n_pts = qmc_allocation(*pilot, n_randomisations=sets)
@@ -804,11 +819,13 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
             sel = idx[p0:p0 + step]
             rows_t, regions_t = torch.as_tensor(rows[sel], device=dev), torch.as_tensor(regions[sel], device=dev)
             v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
-            log_phi, mean[sel], cov[sel], se[sel] = _truncated_moments(tab, v, C, regions[sel], moments, complete,
-                                                                       poly_budget, qmc=(int(n), 2, int(n_sets)),
-                                                                       mode=modes[sel])
+            log_phi, mean[sel], cov[sel], se[sel], mc = _truncated_moments(tab, v, C, regions[sel], moments,
+                                                                           complete, poly_budget,
+                                                                           qmc=(int(n), 2, int(n_sets)),
+                                                                           mode=modes[sel])
+            mean_mc[sel], cross_mc[sel] = mc
             logw[sel] = log_kappa[sel] + log_phi
-    return [rows, regions, logw, mean, cov, se]
+    return [rows, regions, logw, mean, cov, se, mean_mc, cross_mc]
 
 
 _FACET_POLYGONS_LOCK = threading.Lock()
@@ -905,7 +922,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
         per_row = 8.0 * R * (3 * S + 8)
         pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
     else:   # a half for the rows' (row, region) arrays, a quarter each for the pairs and their integrals
-        per_row = 8.0 * R * (S * S + 2 * S + 16)          # dense bounds, listing and results of a row
+        per_row = 8.0 * R * (S * S + 2 * S + 16 + (S * S + S + 1 if S >= 4 else 0))   # dense bounds, listing, results
         per_worker /= 2
         pair_chunk = int(max(1, per_worker / 2 // (8.0 * (6 * F * F + 2 * F * S + 3 * F + 6 * S * S + 4 * S + 10))))
         poly_budget = per_worker / 2
@@ -934,8 +951,13 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
             if progress is not None:
                 progress(done, N)
     if pairs:
-        (out.pair_row, out.pair_region, out.pair_responsibility,
-         out.pair_mean, out.pair_cov) = map(np.concatenate, zip(*pairs))
+        joined = list(map(np.concatenate, zip(*pairs)))
+        (out.pair_row, out.pair_region, out.pair_responsibility, out.pair_mean, out.pair_cov) = joined[:5]
+        if len(joined) > 5:
+            out.pair_weight_stderr, out.pair_mean_mc_cov, out.pair_weight_mean_mc_cov = joined[5:]
+    if S >= 4 and out.pair_weight_stderr is None:
+        out.pair_weight_stderr, out.pair_weight_mean_mc_cov = np.zeros(0), np.zeros((0, S))
+        out.pair_mean_mc_cov = np.zeros((0, S, S))
     return out
 
 
@@ -1096,20 +1118,22 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 mode = l_mode[sel].cpu().numpy()
                 lk = log_kappa[rows, regions].cpu().numpy()
                 if is_cheap:            # kept as it is (its pilot SE 0: never refined); certified variance
-                    log_phi, mean, cov, _ = _cheap_moments(tab, v, C, r_np, mode, poly_budget)
+                    log_phi, mean, cov, _, _ = _cheap_moments(tab, v, C, r_np, mode, poly_budget)
                     se, var = np.zeros_like(lk), log_var[sel].cpu().numpy()
                     pilots.append((lk, lk + log_phi, se))
+                    mc = _cheap_mean_mc(lk + log_phi, var, cov)
                 else:
                     polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(),
                                                                                                r_np)
-                    log_phi, mean, cov, se = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget,
-                                                                polygons, pilot=pilots, mode=mode)
+                    log_phi, mean, cov, se, mc = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget,
+                                                                    polygons, pilot=pilots, mode=mode)
                     var = np.full_like(lk, -np.inf)
                     if pilots:
                         pilots[-1] = (lk, lk + pilots[-1][0], pilots[-1][1])
                 found_modes.append(mode)
                 logw = lk + log_phi
-                found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se, var))
+                found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se, var,
+                              *((None, None) if mc is None else mc)))
                 log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))
         l_taken |= take
         skipped = torch.logaddexp(unlisted, _segment_logsumexp(l_rows[~l_taken], l_bound[~l_taken], n))
@@ -1120,14 +1144,29 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
         margin = first if margin < first else 2 * margin if margin < 400 else np.inf
     bound = torch.log1p(torch.exp(skipped - log_p)).cpu().numpy()
     S = tab.S
+    mc_empty = (np.zeros((0, S, S)), np.zeros((0, S))) if S >= 4 else (None, None)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, S)),
-             np.zeros((0, S, S)), np.zeros(0), np.zeros(0))
-    found = [np.concatenate(x) for x in zip(empty, *found)]
+             np.zeros((0, S, S)), np.zeros(0), np.zeros(0), *mc_empty)
+    found = [None if x[0] is None else np.concatenate(x) for x in zip(empty, *found)]
     if pilots:
-        found[:6] = _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found[:6], np.concatenate(found_modes),
-                                      *map(np.concatenate, zip(*pilots)),
-                                      stderr_target, moments, pair_chunk, poly_budget)
+        (*found[:6], found[7], found[8]) = _refine_qmc_pairs(
+            tab, Xt, complete, v_dense, stats, found[:6] + found[7:9], np.concatenate(found_modes),
+            *map(np.concatenate, zip(*pilots)), stderr_target, moments, pair_chunk, poly_budget)
     return (*found, bound)
+
+
+def _cheap_mean_mc(logw: np.ndarray, log_var: np.ndarray, cov: np.ndarray):
+    """The Monte Carlo covariances (``_in_latent``'s mc) of cheap pairs (``_cheap_moments``):
+    log(kappa Phi) estimates logw (P,), certified log variances log_var (P,) of kappa Phi,
+    Cov[z|w] (P, S, S).  Each point of ``polytope.halfspace_mc`` adds kappa M 1_w(z) (y(z) - c)
+    to the pair's share of sum_w kappa_w Phi_w (E_w y - c), for any affine y and constant c,
+    whose variance is at most (kappa M)^2 / n E_w[(y - c)^2] Phi / M <= V E_w[(y - c)^2],
+    V = exp(log_var) (Phi <= M).  With relative variance s = V / (kappa Phi)^2, that is
+    s (E_w y - c)^2 + s Var_w[y]: a weight with variance s, a mean with covariance
+    s Cov[z|w] and no covariance between them (a bound, as the log-likelihood's is)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.where(np.isfinite(logw), np.exp(log_var - 2.0 * logw), 0.0)
+    return s[:, None, None] * cov, np.zeros(cov.shape[:2])
 
 
 def _smallest_within(rows: torch.Tensor, bound: torch.Tensor, candidate: torch.Tensor, log_budget: torch.Tensor,
@@ -1169,12 +1208,19 @@ def _row_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     return np.stack(sums, axis=1).reshape((n,) + values.shape[1:])
 
 
-def _summarise(rows, regions, logw, mean, cov, se, log_var, bound, Xt, idx, out):
-    """Combine the per-pair results of one chunk into per-row summaries."""
+def _summarise(rows, regions, logw, mean, cov, se, log_var, mean_mc, cross_mc, bound, Xt, idx, out):
+    """Combine the per-pair results of one chunk into per-row summaries; returns the
+    pairs' rows (into out), regions, responsibilities, moments and, at S >= 4, their
+    Monte Carlo errors (``PosteriorResult``'s pair fields)."""
     n = Xt.shape[0]
     order = np.lexsort((regions, rows))
     rows, regions, logw, mean, cov, se = rows[order], regions[order], logw[order], mean[order], cov[order], se[order]
     log_var = log_var[order]
+    mc = None
+    if mean_mc is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            rel_var = np.where(np.isfinite(logw), np.exp(log_var - 2.0 * logw), 0.0)     # cheap pairs'
+        mc = (np.sqrt(se ** 2 + rel_var), mean_mc[order], cross_mc[order])
     rowmax = np.full(n, -np.inf)
     np.maximum.at(rowmax, rows, logw)
     w = np.exp(logw - rowmax[rows])
@@ -1201,4 +1247,4 @@ def _summarise(rows, regions, logw, mean, cov, se, log_var, bound, Xt, idx, out)
     out.n_observed[idx] = n_obs
     out.z_mean[idx], out.z_cov[idx] = z_mean, z_cov
     out.top_region[idx], out.top_responsibility[idx] = top, best
-    return idx[rows], regions, r, mean, cov
+    return (idx[rows], regions, r, mean, cov) + (() if mc is None else mc)

@@ -193,7 +193,8 @@ class CPAModel:
 
         draws=None: the conditional mean E[x_m | x_o], (N, D); draws=K: K exact draws
         from p(x_m | x_o), (K, N, D) (multiple imputation; same seed, same draws).
-        Observed entries are copied bit for bit and X's float dtype is kept.
+        Observed entries are copied bit for bit and X's float dtype is kept.  At S >= 4
+        the mean is a QMC estimate: ``imputation(X).mean_stderr`` gives its standard error.
         """
         res = self.imputation(X, draws=draws, seed=seed)
         return res.mean if draws is None else res.draws

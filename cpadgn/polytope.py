@@ -22,17 +22,34 @@ _SQRT_HALF = np.sqrt(0.5)
 @dataclass
 class PolytopeMoments:
     """log_mass (B,), mean (B, S) = E[u | P], cov (B, S, S) = Cov[u | P],
-    stderr (B,) standard error of log_mass (0 where exact)."""
+    stderr (B,) standard error of log_mass (0 where exact).
+
+    Randomised estimates (QMC, S >= 4) also carry, by the delta method over their
+    independent randomisations, mean_cov (B, S, S): the covariance of the estimate of
+    ``mean``, and mass_mean_cov (B, S): the covariance of the estimates of log_mass and
+    ``mean`` (both None where exact)."""
 
     log_mass: np.ndarray
     mean: np.ndarray
     cov: np.ndarray
     stderr: np.ndarray
+    mean_cov: np.ndarray | None = None
+    mass_mean_cov: np.ndarray | None = None
+
+    def mc_covariances(self):
+        """(mean_cov (B, S, S), mass_mean_cov (B, S)), zeros where exact."""
+        B, S = self.mean.shape
+        if self.mean_cov is None:
+            return np.zeros((B, S, S)), np.zeros((B, S))
+        return self.mean_cov, self.mass_mean_cov
 
     @classmethod
     def concat(cls, parts) -> "PolytopeMoments":
         """The results of consecutive slices of the polytopes, joined."""
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("log_mass", "mean", "cov", "stderr")))
+        out = cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("log_mass", "mean", "cov", "stderr")))
+        if any(p.mean_cov is not None for p in parts):
+            out.mean_cov, out.mass_mean_cov = (np.concatenate(x) for x in zip(*(p.mc_covariances() for p in parts)))
+        return out
 
 
 def log_phi(x):
@@ -177,7 +194,11 @@ def qmc_points_within(F: int, S: int, memory_budget: float) -> int:
 def _combine_replicates(parts: list) -> PolytopeMoments:
     """Independent unbiased estimates of the same polytopes (PolytopeMoments, (B, ...)
     each) averaged: the mass is their mean (its SE from theirs, in quadrature), the
-    moments the mass-weighted mixture of theirs."""
+    moments the mass-weighted mixture of theirs.  Linearised, with w_k the replicates'
+    shares of the mass, d log mass = sum_k w_k d log mass_k and d mean = sum_k w_k
+    d mean_k (the weights' own errors multiply mean_k - mean, which is 0 at the true
+    values: second order), so mean_cov and mass_mean_cov are the w_k^2-weighted sums of
+    the replicates' own."""
     if len(parts) == 1:
         return parts[0]
     lm = np.stack([p.log_mass for p in parts])                           # (k, B)
@@ -189,7 +210,9 @@ def _combine_replicates(parts: list) -> PolytopeMoments:
     mean = np.einsum("kb,kbs->bs", w, np.stack([p.mean for p in parts]))
     second = np.einsum("kb,kbst->bst", w, np.stack([p.cov + p.mean[:, :, None] * p.mean[:, None, :] for p in parts]))
     cov = second - mean[:, :, None] * mean[:, None, :]
-    return PolytopeMoments(log_mass, mean, cov, np.where(np.isfinite(log_mass), se, 0.0))
+    V, g = (np.stack(x) for x in zip(*(p.mc_covariances() for p in parts)))   # (k, B, S, S), (k, B, S)
+    mean_cov, mass_mean_cov = np.einsum("kb,kbst->bst", w ** 2, V), np.einsum("kb,kbs->bs", w ** 2, g)
+    return PolytopeMoments(log_mass, mean, cov, np.where(np.isfinite(log_mass), se, 0.0), mean_cov, mass_mean_cov)
 
 
 def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
@@ -236,10 +259,15 @@ def _assemble(B, S, sel, res, empty=None):
     if res is not None:
         for name in ("log_mass", "mean", "cov", "stderr"):
             getattr(out, name)[sel] = getattr(res, name)
+        if res.mean_cov is not None:
+            out.mean_cov, out.mass_mean_cov = np.zeros((B, S, S)), np.zeros((B, S))
+            out.mean_cov[sel], out.mass_mean_cov[sel] = res.mean_cov, res.mass_mean_cov
     if empty is not None:
         out.log_mass = np.where(empty, -np.inf, out.log_mass)
     none = np.isneginf(out.log_mass)
     out.mean[none], out.cov[none] = 0.0, 0.0
+    if out.mean_cov is not None:
+        out.mean_cov[none], out.mass_mean_cov[none] = 0.0, 0.0
     return out
 
 
@@ -1277,7 +1305,8 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
     N = base.shape[1]
     keys = _polytope_keys(A, b, mask, seed)                             # (B,)
-    out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B))
+    out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B), np.zeros((B, S, S)),
+                          np.zeros((B, S)))
     # the levels are padded to the batch's largest row count: polytopes go through in
     # order of their own counts, each group cut to its largest (real rows come first)
     counts = [(np.isfinite(lv[1]).sum(1), np.isfinite(lv[3]).sum(1)) for lv in levels]
@@ -1322,11 +1351,37 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
             z = np.where(wt[:, None, :] > 0, z, 0.0)
         mz = (z @ wt[:, :, None])[..., 0]                                  # (n, S)
         dz = z - mz[:, :, None]
-        cz = (dz * wt[:, None, :]) @ np.swapaxes(dz, 1, 2)
+        dzw = dz * wt[:, None, :]
+        cz = dzw @ np.swapaxes(dz, 1, 2)
         Es = E[sl]
         out.mean[sl] = mu[sl] + np.einsum("bts,bt->bs", Es, mz)
         out.cov[sl] = np.swapaxes(Es, 1, 2) @ cz @ Es
+        out.mean_cov[sl], out.mass_mean_cov[sl] = _mean_randomisation_cov(rel, dzw, Es, n_randomisations)
     return out
+
+
+def _mean_randomisation_cov(rel, dzw, E, R):
+    """The delta-method covariances of the ratio estimate mean = F / M (F, M the first
+    moment and the mass, each the average of R independent randomisations F_r, M_r)
+    over those randomisations: with rho_r = M_r / M and delta_r = (F_r - M_r mean) / M
+    (both averaging to 1 and 0), d log M = mean_r (rho_r - 1) and d mean = mean_r delta_r,
+    so Var[mean] = sum_r delta_r delta_r^T / (R (R - 1)) and Cov[log M, mean] =
+    sum_r (rho_r - 1) delta_r / (R (R - 1)).
+
+    rel (n, R): rho_r; dzw (n, S, N): the points minus the weighted mean, in the frame,
+    times their weights normalised to sum 1 (set r: columns r m .. (r + 1) m - 1, so
+    delta_r = R sum_{j in r} dzw_j); E (n, S, S): the frame's rows.  Returns
+    (mean_cov (n, S, S), mass_mean_cov (n, S)) in the polytope's coordinates (0 where
+    the mass is 0)."""
+    n, S, N = dzw.shape
+    delta = R * dzw.reshape(n, S, R, N // R).sum(-1)                                # (n, S, R)
+    with np.errstate(invalid="ignore"):
+        dev = np.where(np.isfinite(rel), rel - 1.0, 0.0)                            # (n, R)
+    scale = 1.0 / (R * (R - 1))
+    V = scale * (delta @ np.swapaxes(delta, 1, 2))
+    g = scale * (delta @ dev[:, :, None])[..., 0]
+    Et = np.swapaxes(E, 1, 2)
+    return Et @ V @ E, (Et @ g[:, :, None])[..., 0]
 
 
 def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None) -> PolytopeMoments:

@@ -284,6 +284,35 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     assert stats_class(6, 1e-3).add(post).summary()["rows_above_stderr_target"] == (se > 1e-3).sum() >= 1
 
 
+def test_impute_reports_the_s4_mean_stderr(s4_files):
+    """At S = 4 ``cpadgn impute`` shows the largest QMC standard error of the imputed means
+    in its summary and, with --std, writes them to an .h5 OUT as dataset 'mean_stderr':
+    the library's ``ImputeResult.mean_stderr`` (same model, data and target), 0 on
+    observed entries; a CSV OUT keeps its layout (no such column or file)."""
+    from cpadgn.data import read_data
+    from cpadgn.model import load
+    out = s4_files / "filled.h5"
+    res = run("impute", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--std", "--stderr-target", "0.02",
+              "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    model = load(s4_files / "gen.h5", cache=False, device="cpu")
+    model.stderr_target = 0.02
+    X = read_data(s4_files / "x.csv")
+    want = model.imputation(X, std=True).mean_stderr
+    assert want.max() > 0 and np.all(want[~np.isnan(X)] == 0)
+    assert json.loads(res.stdout)["max_mean_qmc_stderr"] == want.max()
+    with h5py.File(out) as f:
+        assert sorted(f) == ["data", "mean_stderr", "std"]
+        np.testing.assert_array_equal(f["mean_stderr"][()], want)
+    out.unlink()
+    csv_out = s4_files / "filled.csv"
+    res = run("impute", s4_files / "gen.h5", s4_files / "x.csv", "-o", csv_out, "--std", "-q", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert read_data(csv_out).shape == X.shape and read_data(s4_files / "filled.std.csv").shape == X.shape
+    csv_out.unlink()
+    (s4_files / "filled.std.csv").unlink()
+
+
 @pytest.mark.parametrize("command", ["score", "impute", "compare"])
 def test_stderr_target_reaches_every_likelihood_of_the_command(s4_files, monkeypatch, command):
     import cpadgn.likelihood

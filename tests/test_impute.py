@@ -438,6 +438,7 @@ def test_cli_round_trip_and_std(files, ext):
     cond = model.conditional(X)
     if ext == "h5":
         with h5py.File(out) as f:
+            assert sorted(f) == ["data", "std"]             # S = 2: exact, no 'mean_stderr'
             got, std = f["data"][()], f["std"][()]
     else:
         got = read_data(out)
@@ -503,3 +504,96 @@ def test_cli_refusals_are_one_line_without_output(files, extra, data, message):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], r.output
     assert not any(p.name.startswith(("bad", ".bad")) for p in d.iterdir())
+
+
+# ============================================================================ S >= 4: Monte Carlo error of the mean
+def _s4_rows(model):
+    X = model.sample(4, seed=4)
+    rng = np.random.default_rng(0)
+    for row in X:
+        row[rng.choice(5, 4, replace=False)] = np.nan
+    return X
+
+
+def test_s4_mean_stderr_matches_the_spread_over_independent_randomisations(monkeypatch):
+    """At S = 4 the conditional mean comes from randomised QMC; its reported standard
+    error must be the spread of the mean over reruns with independent random points.
+    Oracle: R = 40 reruns, each with the QMC keys and Sobol scrambles salted (so every
+    integral gets independent points), and the empirical standard deviation of the mean
+    over them.  An sd estimated from R replicates of kurtosis k has a relative sd of
+    sqrt((k - 1) / (4 (R - 1))) (1 / sqrt(2 (R - 1)) for normal ones; a pair whose
+    integral now and then meets a feature its points rarely see gives heavier tails, so
+    k is measured per entry); the reported SE of one run is itself estimated from 16
+    randomisations (relative sd ~ 1 / sqrt(2 * 15)), averaged (in quadrature) over the R
+    runs; the ratio of the two must lie within 4 of those combined.  A loose stderr_target
+    keeps the points few and the standard errors large enough to measure."""
+    from cpadgn import polytope
+    net = random_net(4, (8,), 5, seed=3, slope=0.2)     # ~160 pairs a row: the weights' error matters too
+    model = CPAModel(net, noise_std=0.6, device="cpu")
+    model.stderr_target = 0.01
+    X = _s4_rows(model)
+    miss = np.isnan(X)
+    keys, sets = polytope._polytope_keys, polytope._sobol_sets
+    R = 40
+    means, ses = [], []
+    for salt in range(1, R + 1):
+        monkeypatch.setattr(polytope, "_polytope_keys", lambda A, b, m, seed, s=salt: keys(A, b, m, seed + s * 10 ** 9))
+        monkeypatch.setattr(polytope, "_sobol_sets", lambda S, m, n, seed, s=salt: sets(S, m, n, seed + s * 10 ** 6))
+        res = model.imputation(X)
+        means.append(res.mean)
+        ses.append(res.mean_stderr)
+    means, ses = np.array(means), np.array(ses)
+    assert np.all(ses[:, ~miss] == 0.0)
+    dev = (means - means.mean(0))[:, miss]
+    empirical = means.std(0, ddof=1)[miss]
+    kurtosis = (dev ** 4).mean(0) / (dev ** 2).mean(0) ** 2
+    reported = np.sqrt((ses ** 2).mean(0))[miss]
+    measurable = reported > 1e-8                  # far above the mean's rounding (~1e-16)
+    assert measurable.sum() >= 12, reported
+    band = 4 * np.sqrt((kurtosis - 1) / (4 * (R - 1)) + 1 / (2 * 15 * R))
+    ratio = empirical / reported
+    assert np.all((np.abs(ratio - 1) <= band)[measurable]), (ratio, band)
+
+
+@pytest.mark.parametrize("S,hidden", [(2, (6, 6)), (3, (5,))])
+def test_mean_stderr_is_zero_where_the_integrals_are_exact(S, hidden):
+    """S <= 3: the region integrals are deterministic, so the mean has no Monte Carlo
+    error: mean_stderr is exactly 0, with the result's shape."""
+    model = CPAModel(random_net(S, hidden, 5, seed=3, slope=0.2), noise_std=0.5, device="cpu")
+    X = _s4_rows(model)
+    res = model.imputation(X)
+    assert res.mean_stderr.shape == X.shape
+    assert np.all(res.mean_stderr == 0.0)
+
+
+def test_mean_stderr_terms_match_the_ratio_estimator_they_linearise():
+    """The assembly of ``impute.mean_stderr_terms``: the mean is sum_w r_w (A_w E_w + b_w)
+    with r_w = softmax(l)_w, a nonlinear function of every pair's estimated log weight l_w
+    and truncated mean E_w.  Oracle: 20,000 draws of correlated Gaussian errors of
+    (l_w, E_w) with a chosen covariance (independent across pairs), the mean recomputed
+    from each draw without linearising, and its empirical variance per entry: within 4
+    relative sd of a variance from normal replicates (sqrt(2 / (n - 1)), the mean being
+    nearly linear at errors of 1e-2) of the sum of r_w^2 terms.  The mass-mean covariance
+    is made strong, so that dropping or flipping the cross term fails."""
+    from cpadgn.impute import mean_stderr_terms
+    rng = np.random.default_rng(5)
+    P, D, S, n = 6, 3, 4, 20_000
+    A, b, E = rng.normal(size=(P, D, S)), rng.normal(size=(P, D)), rng.normal(size=(P, S))
+    logw = rng.normal(size=P)
+    L = rng.normal(size=(P, S + 1, S + 1)) * 0.01
+    L[:, 1:, 0] += 0.02 * rng.normal(size=(P, S))            # errors of weight and mean correlate
+    C = L @ np.swapaxes(L, 1, 2)                              # (P, 1 + S, 1 + S): Cov[(l_w, E_w)]
+    err = np.einsum("pij,npj->npi", L, rng.standard_normal((n, P, S + 1)))
+    l, Ez = logw + err[..., 0], E + err[..., 1:]
+    r = np.exp(l - l.max(1, keepdims=True))
+    r /= r.sum(1, keepdims=True)
+    means = np.einsum("np,npd->nd", r, np.einsum("pds,nps->npd", A, Ez) + b)
+    r0 = np.exp(logw - logw.max())
+    r0 /= r0.sum()
+    m = np.einsum("pds,ps->pd", A, E) + b
+    dev = m - r0 @ m
+    var = r0 ** 2 @ mean_stderr_terms(A, dev, C[:, 0, 0], C[:, 1:, 0], C[:, 1:, 1:])
+    cross = r0 ** 2 @ (2 * dev * np.einsum("pds,ps->pd", A, C[:, 1:, 0]))
+    ratio = means.var(0, ddof=1) / var
+    assert np.all(np.abs(ratio - 1) <= 4 * np.sqrt(2 / (n - 1))), ratio
+    assert np.max(np.abs(cross) / var) > 0.3                  # the cross term matters here
