@@ -39,7 +39,7 @@ def _weighted_rel_se(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_
     return np.where(np.isfinite(a), a, 0.0)
 
 
-def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot: int, n_first: int,
+def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot, n_first: int,
                    target: float, n_rows: int, safety: float = 4.0, n_max: int = 2 ** 20,
                    n_randomisations=16, pilot_sets: int = 16) -> np.ndarray:
     """Second-stage points per pair (0: the pair keeps its first-stage estimate).
@@ -81,7 +81,7 @@ def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pi
     return np.where(out > n_first, np.minimum(m * n_randomisations, n_max), 0).astype(np.int64)
 
 
-def qmc_sets(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot: int, n_first: int,
+def qmc_sets(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot, n_first: int,
              target: float, n_rows: int, few: int = 4, many: int = 16, max_share: float = 1 / 16,
              **kw) -> np.ndarray:
     """The second stage's sets per pair (P,): ``few`` (fewer points for the same error),
