@@ -773,7 +773,7 @@ def _qmc_one(A, b, mask, mode, draw: tuple, memory_budget: float | None = None, 
     return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode, n_randomisations)[0]
 
 
-QMC_SECOND_PILOT = 1024     # S >= 4: points of the second pilot (16 sets of 64) of the pairs that carry their rows:
+QMC_SECOND_PILOT = 1024     # S >= 4: the second pilot's points (16 sets of 64), for the pairs that carry rows:
 SECOND_PILOT_SHARE = 1e-3   # those whose first pilot gives them at least this responsibility
 
 
@@ -794,12 +794,13 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     their true spread in the median (ranging over 4 decades), and their error fell like
     n^-0.5 to n^-0.75 (40 independent draws at 32 to 8,192 points), not 1/n, so 32 of
     the 200 rows ended above the target (up to 7.1x; with the second pilot 2, at 1.04x
-    and 1.2x, where a feature hit by one point in ~1,000 was missed by the pilot).  With the second pilot, each such pair's rate constant is the larger of
-    its two pilots' c = SE x points (c grows with n where the error falls slower than
-    1/n, so the larger is the one nearer the truth).  The pilots set each pair's point
-    count and sets (``qmc_allocation.qmc_sets``, ``qmc_allocation.qmc_allocation``,
-    aiming at stderr_target per row); a pair that gets points is integrated anew with
-    them (seed 2) and that estimate replaces its first stage, the others keep theirs.
+    and 1.2x, where a feature hit by one point in ~1,000 was missed by the pilot).  Each
+    such pair's rate constant is the larger of its two pilots' c = SE x points (c grows
+    with n where the error falls slower than 1/n, so the larger is the one nearer the
+    truth).  The pilots set each pair's point count and sets (``qmc_allocation.qmc_sets``,
+    ``qmc_allocation.qmc_allocation``, aiming at stderr_target per row); a pair that gets
+    points is integrated anew with them (seed 2) and that estimate replaces its first
+    stage, the others keep theirs.
 
     Unbiased: every decision (which pairs get a second pilot: the first pilots; the
     points and sets: both pilots) depends only on the pilots' points (seeds 1 and 3), and
