@@ -20,26 +20,33 @@ from __future__ import annotations
 import numpy as np
 
 
-def _weighted_rel_se(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot: int,
-                     n_rows: int) -> np.ndarray:
-    """r_p c_p (P,): the pairs' responsibilities within their rows (from the pilot
-    estimates log_w) times their rate constants c_p = rel_se n_pilot; 0 where not finite."""
+def pilot_responsibilities(rows: np.ndarray, log_w: np.ndarray, n_rows: int) -> np.ndarray:
+    """The pairs' responsibilities within their rows (P,) from estimates log_w (P,) of
+    log(kappa Phi); rows (P,) in 0..n_rows-1.  NaN where a row has no finite estimate."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         top = np.full(n_rows, -np.inf)
         np.maximum.at(top, rows, log_w)
         w = np.exp(log_w - np.where(np.isfinite(top), top, 0.0)[rows])
-        r = w / np.bincount(rows, weights=w, minlength=n_rows)[rows]
-        a = r * rel_se * n_pilot
+        return w / np.bincount(rows, weights=w, minlength=n_rows)[rows]
+
+
+def _weighted_rel_se(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot, n_rows: int) -> np.ndarray:
+    """r_p c_p (P,): the pairs' responsibilities within their rows (from the pilot
+    estimates log_w) times their rate constants c_p = rel_se n_pilot (n_pilot: one number
+    or (P,)); 0 where not finite."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = pilot_responsibilities(rows, log_w, n_rows) * rel_se * n_pilot
     return np.where(np.isfinite(a), a, 0.0)
 
 
-def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot: int, n_first: int,
+def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot, n_first: int,
                    target: float, n_rows: int, safety: float = 4.0, n_max: int = 2 ** 20,
                    n_randomisations=16, pilot_sets: int = 16) -> np.ndarray:
     """Second-stage points per pair (0: the pair keeps its first-stage estimate).
 
     rows (P,) the pairs' rows in 0..n_rows-1, log_w (P,) pilot estimates of log(kappa Phi),
-    rel_se (P,) their relative standard errors at n_pilot points in pilot_sets sets;
+    rel_se (P,) their relative standard errors at n_pilot points (one number or (P,)) in
+    pilot_sets sets;
     n_first: the points of the first-stage estimate (as the pilot's sets) a pair keeps
     when it gets no more; n_randomisations: the second stage's sets, one number or (P,).
     Rows whose predicted standard error at n_first points is within target / safety get
@@ -74,7 +81,7 @@ def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pi
     return np.where(out > n_first, np.minimum(m * n_randomisations, n_max), 0).astype(np.int64)
 
 
-def qmc_sets(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot: int, n_first: int,
+def qmc_sets(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pilot, n_first: int,
              target: float, n_rows: int, few: int = 4, many: int = 16, max_share: float = 1 / 16,
              **kw) -> np.ndarray:
     """The second stage's sets per pair (P,): ``few`` (fewer points for the same error),

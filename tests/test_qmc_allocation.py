@@ -66,3 +66,19 @@ def test_sets_keep_the_row_variance_estimates_degrees_of_freedom():
     assert np.all(n[rows == 1] == 4 * 2 ** np.ceil(np.log2(n_alike / 4)))
     m = n[n > 0] // sets[n > 0]
     assert np.all(n[n > 0] % sets[n > 0] == 0) and np.all(m >= 2) and np.all(m & (m - 1) == 0)
+
+
+def test_pilots_of_different_sizes_enter_through_their_rate_constants():
+    """A pair piloted with more points (the second pilot, ``likelihood.QMC_SECOND_PILOT``)
+    enters the allocation through c_p = rel_se n_pilot alone: the same c from a 1,024-point
+    pilot (relative SE c / 1024) and from a 32-point one (c / 32) give the same points,
+    and a larger c (a pilot that saw more of the integrand) gives the pair more."""
+    rows, log_w, rel_se = _rows_with_one_dominant_pair()
+    args = (32, 1e-4, 3)
+    n_pilot = np.where(np.arange(rows.size) % 3 == 0, 1024, 32)
+    same = qmc_allocation(rows, log_w, rel_se * 32 / n_pilot, n_pilot, *args)
+    np.testing.assert_array_equal(same, qmc_allocation(rows, log_w, rel_se, 32, *args))
+    k = np.flatnonzero((same > 0) & (same < 2 ** 16))[0]             # below n_max with room to grow
+    more = qmc_allocation(rows, log_w, np.where(np.arange(rows.size) == k, 4.0, 1.0) * rel_se * 32 / n_pilot,
+                          n_pilot, *args)
+    assert more[k] > same[k]
