@@ -606,6 +606,20 @@ def _collapsed_rule(n):
 _RULES = [(0.15, _collapsed_rule(5)), (0.5, _collapsed_rule(7)), (2.0, _collapsed_rule(9))]
 
 
+def _quadratic_features(o):
+    """o (N, 3) -> (N, 9): o_0, o_1, o_2, o_0^2, o_1^2, o_2^2, o_0 o_1, o_0 o_2, o_1 o_2."""
+    return np.concatenate([o, o * o, o[:, [0, 0, 1]] * o[:, [1, 2, 2]]], 1)
+
+
+def _exponent_coefficients(edges, centre):
+    """-c . d - |d|^2 / 2 at d = o @ edges as ``_quadratic_features``(o) @ coefficients:
+    edges (T, 3, 3) (rows: the edge vectors), centre c (T, 3) -> (T, 9), so that the
+    exponent at every node of a rule is one matrix product."""
+    lin = np.einsum("tjs,ts->tj", edges, centre)                                      # e_j . c
+    gram = np.einsum("tjs,tks->tjk", edges, edges)                                    # e_j . e_k
+    return -np.concatenate([lin, 0.5 * gram[:, [0, 1, 2], [0, 1, 2]], gram[:, [0, 0, 1], [1, 2, 2]]], 1)
+
+
 def _cubature(corners, owner, spread, moments, work=65536):
     """Mass and moments of N(0, I_3) on B small bounded polyhedra, given as tetrahedra
     (``_tetrahedra``: corners (T, 4, 3), owner (T,) in [0, B)), by a collapsed
@@ -613,7 +627,8 @@ def _cubature(corners, owner, spread, moments, work=65536):
     cancels; exact to rounding while the Gaussian is close to a low-degree polynomial
     across the polytope (spread (B,) = diameter (|centre| + diameter) <= 2).
     Nodes are taken relative to their tetrahedron's centroid c, u = c + d, and weighted
-    by exp(-c . d - |d|^2 / 2) (the exponent is at most the tetrahedron's own spread
+    by exp(-c . d - |d|^2 / 2), a quadratic in the rule's reference coordinates whose nine
+    coefficients are found once per tetrahedron (``_exponent_coefficients``; the exponent is at most the tetrahedron's own spread
     size (|c| + size) in size), so the large |c|^2 / 2 of a far tetrahedron enters its
     log mass exactly and nothing is lost to it.  Tetrahedra go
     in chunks of about ``work`` nodes (cache-sized, one array per coordinate); each one's
@@ -631,19 +646,20 @@ def _cubature(corners, owner, spread, moments, work=65536):
     own = np.minimum(size * (np.linalg.norm(centre, axis=-1) + size), spread[owner])
     tier = np.searchsorted([r[0] for r in _RULES], own)
     lm, mt, ct = np.full(T, -np.inf), np.zeros((T, 3)), np.zeros((T, 3, 3))
+    coef = _exponent_coefficients(edges, centre)                                      # (T, 9)
     for k, (_, (bary, jac)) in enumerate(_RULES):
         idx = np.flatnonzero(tier == k)
         step = int(max(1, work // len(jac)))
         offsets = bary - 0.25                                                       # from the centroid
+        features = _quadratic_features(offsets)                                       # (N, 9)
         for t in np.array_split(idx, max(1, -(-idx.size // step))) if idx.size else []:
-            d = [offsets @ edges[t, :, s].T for s in range(3)]                        # 3 x (N, t)
+            w = _exp_in_place(features @ coef[t].T)                                   # (N, t)
             c = centre[t]
-            w = np.exp(-(c[:, 0] * d[0] + c[:, 1] * d[1] + c[:, 2] * d[2])
-                       - 0.5 * (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]))
-            w *= jac[:, None]
-            tot = w.sum(0)
+            tot = jac @ w
             lm[t] = log_vol[t] + np.log(tot) - 0.5 * (c * c).sum(1)
             if moments:
+                w *= jac[:, None]
+                d = [offsets @ edges[t, :, s].T for s in range(3)]                    # 3 x (N, t)
                 p = w / tot
                 md = [(p * x).sum(0) for x in d]
                 mt[t] = c + np.stack(md, -1)
