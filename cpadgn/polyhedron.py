@@ -543,7 +543,7 @@ def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
     with np.errstate(invalid="ignore", divide="ignore"):
         centre = np.stack([np.bincount(owner, V[:, s], P) for s in range(3)], -1) / count[:, None]
     size = np.zeros(P)
-    np.maximum.at(size, owner, np.linalg.norm(V - centre[owner], axis=-1))
+    np.maximum.at(size, owner, np.linalg.norm(V - centre.take(owner, 0), axis=-1))
     spread = size * (np.linalg.norm(centre, axis=-1) + size)
     small = (count > 0) & (spread <= 2.0)
     if not small.any():
@@ -551,8 +551,8 @@ def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
     keep = small[facet_pair]
     new_facet = np.cumsum(keep) - 1
     e = np.flatnonzero(keep[edge_facet])
-    corners, owner = _tetrahedra(ends[e], new_facet[edge_facet[e]], (np.cumsum(small) - 1)[facet_pair[keep]],
-                                 a[keep], b[keep])
+    corners, owner = _tetrahedra(ends.take(e, 0), new_facet[edge_facet[e]], (np.cumsum(small) - 1)[facet_pair[keep]],
+                                 a.compress(keep, 0), b[keep])
     return small, _cubature(corners, owner, spread[small], moments)
 
 
@@ -569,18 +569,19 @@ def _tetrahedra(ends, edge_facet, facet_pair, a, b):
     NF = b.size
     first = np.searchsorted(edge_facet, np.arange(NF))                  # each facet's first edge
     has = first < np.append(first[1:], edge_facet.size)
-    fan = ends[np.minimum(first, edge_facet.size - 1), 0]                # (NF, 3), where has
+    fan = ends[:, 0].take(np.minimum(first, edge_facet.size - 1), 0)    # (NF, 3), where has
     with_edges = np.flatnonzero(has)
     _, lead = np.unique(facet_pair[with_edges], return_index=True)
-    apex = fan[with_edges[lead]]                                         # (P, 3)
+    apex = fan.take(with_edges[lead], 0)                                 # (P, 3)
     tol = 8 * np.finfo(float).eps
-    height = b - np.einsum("ks,ks->k", a, apex[facet_pair])
+    height = b - np.einsum("ks,ks->k", a, apex.take(facet_pair, 0))
     keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[facet_pair]))
-    f = fan[edge_facet]
+    f = fan.take(edge_facet, 0)
     near = (np.linalg.norm(ends - f[:, None], axis=-1) <= tol * (1 + np.linalg.norm(f, axis=-1))[:, None]).any(1)
     e = np.flatnonzero(keep_facet[edge_facet] & ~near)
     owner = facet_pair[edge_facet[e]]
-    return np.stack([apex[owner], fan[edge_facet[e]], ends[e, 0], ends[e, 1]], 1), owner
+    ends = ends.take(e, 0)
+    return np.stack([apex.take(owner, 0), f.take(e, 0), ends[:, 0], ends[:, 1]], 1), owner
 
 
 def _collapsed_rule(n):
@@ -653,8 +654,8 @@ def _cubature(corners, owner, spread, moments, work=65536):
         offsets = bary - 0.25                                                       # from the centroid
         features = _quadratic_features(offsets)                                       # (N, 9)
         for t in np.array_split(idx, max(1, -(-idx.size // step))) if idx.size else []:
-            w = _exp_in_place(features @ coef[t].T)                                   # (N, t)
-            c = centre[t]
+            w = _exp_in_place(features @ coef.take(t, 0).T)                           # (N, t)
+            c = centre.take(t, 0)
             tot = jac @ w
             lm[t] = log_vol[t] + np.log(tot) - 0.5 * (c * c).sum(1)
             if moments:
