@@ -493,7 +493,8 @@ def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos
     F = b.shape[1]
     A, b, E, a2, c2, t_lo, t_hi, live = (x[redo] for x in (A, b, E, a2, c2, t_lo, t_hi, live))
     i, k, j = np.nonzero(live)
-    ends = _edge_ends(A[i, k], b[i, k], E[i, k], a2[i, k, j], c2[i, k, j], t_lo[i, k, j], t_hi[i, k, j])
+    ends = _edge_ends(A[i, k], b[i, k], *_in_plane_3d(E[i, k], a2[i, k, j]), c2[i, k, j], t_lo[i, k, j],
+                      t_hi[i, k, j])
     small, direct = _direct_if_small(ends, i * F + k, np.repeat(np.arange(redo.size), F), A.reshape(-1, 3),
                                      b.reshape(-1), redo.size, moments)
     return redo[small], direct
@@ -519,14 +520,19 @@ def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
 
 
 # ------------------------------------------------------------------ small polytopes
-def _edge_ends(a, b, E, a2, c2, t_lo, t_hi):
-    """The two ends of facet edges in 3-D: per edge its facet's unit normal a (n, 3),
-    offset b (n,) and in-plane basis E (n, 2, 3), the edge's in-plane normal a2 (n, 2),
-    offset c2 (n,) and segment [t_lo, t_hi] (n,) (finite).  Returns (n, 2, 3)."""
-    d2 = np.stack([-a2[:, 1], a2[:, 0]], -1)
-    base = c2[:, None] * a2                                                        # (n, 2) in-plane
-    ends = np.stack([base + t_lo[:, None] * d2, base + t_hi[:, None] * d2], 1)     # (n, 2, 2)
-    return b[:, None, None] * a[:, None, :] + np.einsum("nei,nis->nes", ends, E)
+def _edge_ends(a, b, normal, tangent, c2, t_lo, t_hi):
+    """The two ends of facet edges in 3-D, b a + c2 normal + t tangent at t = t_lo, t_hi:
+    per edge its facet's unit normal a (n, 3) and offset b (n,), the edge's in-plane
+    normal and tangent in 3-D (n, 3) (``_in_plane_3d``), offset c2 (n,) and segment
+    [t_lo, t_hi] (n,) (finite).  Returns (n, 2, 3)."""
+    base = b[:, None] * a + c2[:, None] * normal
+    return np.stack([base + t_lo[:, None] * tangent, base + t_hi[:, None] * tangent], 1)
+
+
+def _in_plane_3d(E, a2):
+    """An edge's in-plane unit normal a2 (n, 2) and tangent d2 = (-a2_1, a2_0) in 3-D, with
+    its facet's in-plane basis E (n, 2, 3) (rows): (n, 3), (n, 3)."""
+    return (a2[:, :1] * E[:, 0] + a2[:, 1:] * E[:, 1]), (a2[:, :1] * E[:, 1] - a2[:, 1:] * E[:, 0])
 
 
 def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
@@ -772,9 +778,7 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     twin = np.where(key[at] == twin_key, at - e_start[e_region], -1) if key.size else np.zeros(0, np.int64)
     f_start = start(f_region)
     fa, fc, fE, ea2, ec2, elo, ehi = fa[fo], fc[fo], fE[fo], ea2[eo], ec2[eo], elo[eo], ehi[eo]
-    E = fE[f_start[e_region] + ef]                                      # (NE, 2, 3) the edge's facet's basis
-    normal3 = ea2[:, :1] * E[:, 0] + ea2[:, 1:] * E[:, 1]
-    tangent3 = ea2[:, :1] * E[:, 1] - ea2[:, 1:] * E[:, 0]             # d2 = (-a2_1, a2_0)
+    normal3, tangent3 = _in_plane_3d(fE[f_start[e_region] + ef], ea2)
     b = fc[f_start[e_region] + ef]
     first, second = _twin_lines(twin, e_start[e_region], b, ec2, elo, ehi)
     line_region = e_region[first]
@@ -878,7 +882,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     if cancelled.any():
         direct_pairs = np.flatnonzero(cancelled)
         f, e = np.flatnonzero(cancelled[fpair]), np.flatnonzero(cancelled[epair])
-        ends = _edge_ends(a.take(ef[e], 0), b[ef[e]], fp.E.take(gf[ef[e]], 0), fp.a2.take(ge[e], 0), c[e], t_lo[e], t_hi[e])
+        ends = _edge_ends(a.take(ef[e], 0), b[ef[e]], normal.take(e, 0), tangent.take(e, 0), c[e], t_lo[e], t_hi[e])
         facet_index = np.cumsum(cancelled[fpair]) - 1                   # among the cancelled pairs' facets
         small, direct = _direct_if_small(ends, facet_index[ef[e]], (np.cumsum(cancelled) - 1)[fpair[f]], a.take(f, 0),
                                          b[f], direct_pairs.size, moments)
