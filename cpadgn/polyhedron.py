@@ -160,7 +160,7 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
     h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
     way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
-    Without owen, edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
+    T's nodes on edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
     exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_edge_integrands``): over the clipped
     range r^2 <= r*^2 + 80, so erfc stays a normal number, and one erfc per node replaces
     an exp and an erfcx (the same function up to a constant: the same nodes).
@@ -168,16 +168,14 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
     bc2 = b * b + c * c
-    if owen:
-        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c,
-                                             tau_star, outputs=2)
-    else:
-        far = r_star * r_star > _NEAR_R2
+    far = r_star * r_star > _NEAR_R2
+    shift = np.where(far, 0.5 * r_star * r_star, 0.0)
+    if not owen:
         total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrands, bc2, c, tau_star, far)
-        shift = np.where(far, 0.5 * r_star * r_star, 0.0)
-        log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
-        return log_t, None
-    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
+        return np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf), None
+    total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c, tau_star,
+                                         far, outputs=2)
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
     return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
 
 
@@ -306,16 +304,19 @@ def _near_edge_integrands(v, bc2, c, tau_star, far, c2_twin=None):
     return out
 
 
-def _edge_and_owen_integrands(v, bc2, c, tau_star, c2_twin=None):
-    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, m, k); with
-    c2_twin (k,) also both times w = (c^2 + tau^2) / (c_twin^2 + tau^2), the twin
+def _edge_and_owen_integrands(v, bc2, c, tau_star, far, c2_twin=None):
+    """T's integrand, as ``_near_edge_integrands`` takes it (``_edge_integrand`` where far
+    (k,), else times exp(-r*^2 / 2)), and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, m, k);
+    with c2_twin (k,) also both times w = (c^2 + tau^2) / (c_twin^2 + tau^2), the twin
     facet's (``_twin_edge_terms``): T, G, T w, G w (4, m, k)."""
-    return _edge_integrands(v, bc2, c, tau_star, True, c2_twin)
+    return _edge_integrands(v, bc2, c, tau_star, True, c2_twin, far)
 
 
-def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
+def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None, far=None):
     """``_edge_and_owen_integrands`` (2 or 4, m, k) with owen, else ``_edge_integrand``
-    (m, k), on few temporaries (the node blocks are cache-sized; ``_tau_and_h``)."""
+    (m, k), on few temporaries (the node blocks are cache-sized; ``_tau_and_h``).  With
+    far (k,), T's integrand is erfc(r / sqrt 2) / (r h) but where far (one erfc per node
+    for an erfcx, ``_near_edge_integrands``)."""
     tau, h, spare = _tau_and_h(v, c)
     twin = owen and c2_twin is not None
     out = np.empty((4 if twin else 2,) + v.shape) if owen else None
@@ -332,10 +333,18 @@ def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
             np.divide(np.multiply(h, h, out=out[3]), w, out=w)
         r += bc2
         np.sqrt(r, out=r)
-        ratio = np.multiply(r, _SQRT_HALF, out=spare)                      # erfcx(r / sqrt 2) / r
-        erfcx(ratio, out=ratio)
-        ratio /= r
-        edge = np.multiply(g, ratio, out=out[0] if owen else g)
+        ratio = np.multiply(r, _SQRT_HALF, out=spare)
+        if far is None:                                                     # erfcx(r / sqrt 2) / r
+            erfcx(ratio, out=ratio)
+            ratio /= r
+            edge = np.multiply(g, ratio, out=out[0] if owen else g)
+        else:                                                               # erfc(r / sqrt 2) / (r h)
+            _erfc_in_place(ratio)
+            r *= h
+            edge = np.divide(ratio, r, out=out[0])
+            cols = np.flatnonzero(far)
+            if cols.size:
+                edge[:, cols] = _edge_integrand(v[:, cols], bc2[cols], c[cols], tau_star[cols])
         if twin:
             np.multiply(g, out[2], out=out[3])
             out[2] *= edge
@@ -389,8 +398,8 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):
         G_twin = c_twin exp(-h_twin*^2 / 2) / (2 pi) int exp(-(tau^2 - tau*^2) / 2) / h w dv,
     h_twin*^2 = c_twin^2 + tau*^2: G's integrand times the same w, and its constant's
     exp(-(c_twin^2 - c^2) / 2) (which can underflow) kept in the logarithm.  With owen all
-    four take the scaled T integrand (``_edge_and_owen_integrands``), as
-    ``log_edge_and_owen_terms`` does.
+    four come from one pass (``_edge_and_owen_integrands``: T's near edges unscaled, as
+    without owen), as ``log_edge_and_owen_terms`` does.
 
     Range: each integrand, in its own facet's v, falls at least like its h* / h and
     exp(-(tau^2 - tau*^2) / 2) (``_edge_terms``), so each facet's own clip is where one
@@ -419,17 +428,17 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):
     r2_star = bc2 + t2_star
     live = width > 0
     log_of = lambda front, total, shift: np.where(live, _log_product(front, total) - shift, -np.inf)
+    far = r2_star > _NEAR_R2
+    shift = np.where(far, 0.5 * r2_star, 0.0)
     if owen:
         total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c, tau_star,
-                                    c2_twin, outputs=4)
-        return (log_of(b * c / (4 * np.pi), total[0], 0.5 * r2_star),
-                log_of(b_twin * c_twin / (4 * np.pi), total[2], 0.5 * r2_star),
+                                    far, c2_twin, outputs=4)
+        return (log_of(b * c / (4 * np.pi), total[0], shift),
+                log_of(b_twin * c_twin / (4 * np.pi), total[2], shift),
                 log_of(c / (2 * np.pi), total[1], 0.5 * (c2 + t2_star)),
                 log_of(c_twin / (2 * np.pi), total[3], 0.5 * (c2_twin + t2_star)))
-    far = r2_star > _NEAR_R2
     total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrands, bc2, c, tau_star, far, c2_twin,
                                 outputs=2)
-    shift = np.where(far, 0.5 * r2_star, 0.0)
     return log_of(b * c / (4 * np.pi), total[0], shift), log_of(b_twin * c_twin / (4 * np.pi), total[1], shift)
 
 
