@@ -871,8 +871,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     foot_in = fp.nonempty[gf] & ~outside_edge
     absb = np.abs(b)
     edge_start = (np.cumsum(ne) - ne)[lpair]
-    log_T, log_G = _edge_terms_by_lines(edge_start + fp.line_first[gl], edge_start + fp.line_second[gl], absb[ef],
-                                        np.abs(c), t_lo, t_hi, moments)
+    first, second = edge_start + fp.line_first[gl], edge_start + fp.line_second[gl]
+    log_T, log_G = _edge_terms_by_lines(first, second, absb[ef], np.abs(c), t_lo, t_hi, moments)
     edge_pos = neg_b[ef] == (c < 0)
     origin = np.flatnonzero(inside)                                     # the terms 1{0 in P}, 1{f_k in F_k}
     feet = np.flatnonzero(foot_in)                                      # Phi(-|b_k|), and the edges' T
@@ -885,8 +885,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
-        mean, cov = _translated_moments(fpair, ef, a, b, fp.E.take(gf, 0), fp.nonempty[gf], fp.a2.take(ge, 0), c, t_lo, t_hi,
-                                        outside_edge, log_mass, log_G)
+        mean, cov = _translated_moments(fpair, ef, a, b, fp.nonempty[gf], normal, c,
+                                        _log_segment_masses(t_lo, t_hi, first, second), outside_edge, log_mass, log_G)
     cancelled = ~fallback & _cancelled(fp.bounded[regions], log_mass, log_pos)
     if cancelled.any():
         direct_pairs = np.flatnonzero(cancelled)
@@ -931,11 +931,26 @@ def _edge_terms_by_lines(first, second, b, c, t_lo, t_hi, owen=False):
     return log_T, log_G
 
 
-def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass, log_G):
+def _log_segment_masses(t_lo, t_hi, first, second):
+    """log(Phi(t_hi) - Phi(t_lo)) (NE,) of the edges' segments [t_lo, t_hi] (NE,); the
+    second edge of each line (first, second (NL,), ``FacetPolygons``) lists its first's
+    segment (up to orientation, the same mass) and takes the first's value."""
+    own = np.ones(t_lo.size, bool)
+    own[second] = False
+    i = np.flatnonzero(own)
+    out = np.empty(t_lo.size)
+    out[i] = log_diff_ndtr(t_lo[i], t_hi[i])
+    out[second] = out[first]
+    return out
+
+
+def _translated_moments(fpair, ef, a, b, nonempty, normal, c, log_segment, outside_edge, log_mass, log_G):
     """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
     ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
     2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
-    segments log_G (NE,) come from ``_edge_terms_by_lines`` (``log_edge_and_owen_terms``)."""
+    segments log_G (NE,) come from ``_edge_terms_by_lines`` (``log_edge_and_owen_terms``)
+    and segment masses log_segment (NE,) from ``_log_segment_masses``; normal (NE, 3) the
+    edges' in-plane normals in 3-D (``FacetPolygons.normal3``)."""
     P, NF = log_mass.size, b.size
     log_exit, log_entry = _signed_logsumexps(log_G, ef, c >= 0, NF)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -944,10 +959,10 @@ def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside
     log_out = np.where(np.isneginf(log_entry), -np.inf, log_out)
     log_M = np.where(nonempty, np.where(outside_edge, log_out, log_in), -np.inf)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        we = np.exp(log_phi(c) - log_M[ef] + log_diff_ndtr(t_lo, t_hi))     # phi(c) M_e / M_k
+        we = np.exp(log_phi(c) - log_M[ef] + log_segment)                   # phi(c) M_e / M_k
     we = np.where(np.isfinite(log_M[ef]), we, 0.0)
-    mean2 = -np.stack([np.bincount(ef, we * a2[:, i], NF) for i in range(2)], -1)   # E[u2 | F_k]
-    centroid = b[:, None] * a + np.einsum("fi,fis->fs", mean2, E)
+    # E[u | F_k] = b_k a_k + E_k^T E[u2 | F_k], E[u2 | F_k] = -sum_e we a2_e, and E_k^T a2_e = normal_e
+    centroid = b[:, None] * a - np.stack([np.bincount(ef, we * normal[:, s], NF) for s in range(3)], -1)
     lm = log_mass[fpair]
     with np.errstate(invalid="ignore", over="ignore"):
         wk = np.exp(log_phi(b) + log_M - lm)                                 # phi(b_k) M_k / mass
