@@ -707,36 +707,31 @@ class FacetPolygons:
     for the mass of their translates (``translated_polyhedron_moments``).
 
     Facets of region r are facet_start[r]:facet_start[r + 1] of the (NF, ...) arrays:
-    a (NF, 3) unit normals, c (NF,) offsets, E (NF, 2, 3) in-plane bases (rows), nonempty
-    (NF,) the facet's polygon is not empty.  Edges of region r are
-    edge_start[r]:edge_start[r + 1] of the (NE, ...) arrays, grouped by facet:
-    edge_facet (NE,) the facet's index within its region, a2 (NE, 2) unit in-plane
-    normal, c2 (NE,) in-plane offset from the facet's foot, [t_lo, t_hi] (NE,) the
-    edge's segment (``facet_polygons``, ``polytope.facet_segments``), twin (NE,) the
-    index within its region of the same edge in the other facet that meets there (-1:
-    none listed); bounded (R,).  Translating by -v moves edge e's offset by -normal3[e] . v
-    and its segment by -tangent3[e] . v (normal3, tangent3 (NE, 3): the in-plane normal
-    and tangent in 3-D).  The edges whose twin lists the same segment and distance to
-    the edge's line (one rule serves both, ``_twin_edge_terms``) are listed once as
-    lines: those of region r are line_start[r]:line_start[r + 1] of line_first,
-    line_second (NL,), the two edges' indices within the region.
+    a (NF, 3) unit normals, c (NF,) offsets, nonempty (NF,) the facet's polygon is not
+    empty.  Edges of region r are edge_start[r]:edge_start[r + 1] of the (NE, ...)
+    arrays, grouped by facet: edge_facet (NE,) the facet's index within its region,
+    c2 (NE,) in-plane offset from the facet's foot, [t_lo, t_hi] (NE,) the edge's
+    segment (``facet_polygons``, ``polytope.facet_segments``), normal3, tangent3 (NE, 3)
+    its unit in-plane normal and tangent in 3-D (translating by -v moves the offset by
+    -normal3 . v and the segment by -tangent3 . v); bounded (R,).  An edge lies in two
+    facets; where both list the same segment and distance to the edge's line (one rule
+    serves both, ``_twin_edge_terms``) the pair is listed once as a line: those of region
+    r are line_start[r]:line_start[r + 1] of line_first, line_second (NL,), the two edges'
+    indices within the region.
     """
 
     facet_start: np.ndarray
     a: np.ndarray
     c: np.ndarray
-    E: np.ndarray
     nonempty: np.ndarray
     edge_start: np.ndarray
     edge_facet: np.ndarray
-    a2: np.ndarray
     c2: np.ndarray
     t_lo: np.ndarray
     t_hi: np.ndarray
-    twin: np.ndarray
-    bounded: np.ndarray
     normal3: np.ndarray
     tangent3: np.ndarray
+    bounded: np.ndarray
     line_start: np.ndarray
     line_first: np.ndarray
     line_second: np.ndarray
@@ -791,9 +786,8 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     b = fc[f_start[e_region] + ef]
     first, second = _twin_lines(twin, e_start[e_region], b, ec2, elo, ehi)
     line_region = e_region[first]
-    return FacetPolygons(f_start, fa, fc, fE, fne[fo].astype(bool), e_start, ef, ea2, ec2, elo, ehi, twin,
-                         bounded, normal3, tangent3, start(line_region), first - e_start[line_region],
-                         second - e_start[line_region])
+    return FacetPolygons(f_start, fa, fc, fne[fo].astype(bool), e_start, ef, ec2, elo, ehi, normal3, tangent3,
+                         bounded, start(line_region), first - e_start[line_region], second - e_start[line_region])
 
 
 def _twin_lines(twin, region_start, b, c, t_lo, t_hi):
