@@ -921,7 +921,9 @@ def _edge_terms_by_lines(first, second, b, c, t_lo, t_hi, owen=False):
     """log T (NE,) of the pairs' edges, the two edges of each line (first, second (NL,):
     twins that list the same segment, ``FacetPolygons``) at once (``_twin_edge_terms``,
     on the first's segment: the integrands are even in tau) where their distances to the
-    line still agree after the translation, the rest apart (``_edge_terms``); with owen
+    line still agree after the translation; the rest in the same call as their own twins
+    (c_twin = c: the twin factor is 1, and the rule's node count allows for a factor up
+    to 3, a few more nodes on these few edges than ``_edge_terms`` takes); with owen
     also their Owen segments log G (NE,) on the same nodes (else None).  b = |b_k|,
     c = |c_e|, t_lo, t_hi (NE,)."""
     NE = b.size
@@ -930,18 +932,19 @@ def _edge_terms_by_lines(first, second, b, c, t_lo, t_hi, owen=False):
     line = [first, m, j, b[m], c[m], b[j], c[j]]
     rho2_m, rho2_j = line[3] * line[3] + line[4] * line[4], line[5] * line[5] + line[6] * line[6]
     agree = np.abs(rho2_m - rho2_j) <= 64 * np.finfo(float).eps * (rho2_m + rho2_j)
-    if not agree.all():
-        line = [x[agree] for x in line]
+    alone = np.ones(NE, bool)
+    alone[line[1][agree]] = alone[line[2][agree]] = False
+    rest = np.flatnonzero(alone)
+    if rest.size or not agree.all():
+        b_rest, c_rest = b[rest], c[rest]
+        line = [np.concatenate([x[agree], y]) for x, y in zip(line, [rest, rest, rest, b_rest, c_rest, b_rest,
+                                                                        c_rest])]
     f, m, j, b_m, c_m, b_j, c_j = line
-    log_T, log_G = np.full(NE, np.nan), np.full(NE, np.nan) if owen else None
+    log_T, log_G = np.empty(NE), np.empty(NE) if owen else None
     terms = _twin_edge_terms(b_m, c_m, b_j, c_j, t_lo[f], t_hi[f], owen)
-    log_T[m], log_T[j] = terms[:2]
+    log_T[j], log_T[m] = terms[1], terms[0]                              # an edge alone: m = j, its own T
     if owen:
-        log_G[m], log_G[j] = terms[2:]
-    rest = np.flatnonzero(np.isnan(log_T))
-    log_T[rest], g = _edge_terms(b[rest], c[rest], t_lo[rest], t_hi[rest], owen)
-    if owen:
-        log_G[rest] = g
+        log_G[j], log_G[m] = terms[3], terms[2]
     return log_T, log_G
 
 
