@@ -160,7 +160,7 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
         T = b c exp(-r*^2 / 2) / (4 pi) int exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) dv,
     h = c cosh v.  b and c above 1e150 are taken as 1e150 (T below exp(-5e299) either
     way), so that b^2 + c^2 + tau^2 is finite and r needs no hypot (slow in libm).
-    Without owen, edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
+    T's nodes on edges with r*^2 <= ``_NEAR_R2`` take the same integrand times
     exp(-r*^2 / 2), erfc(r / sqrt 2) / (r h) (``_near_edge_integrands``): over the clipped
     range r^2 <= r*^2 + 80, so erfc stays a normal number, and one erfc per node replaces
     an exp and an erfcx (the same function up to a constant: the same nodes).
@@ -168,16 +168,14 @@ def _edge_terms(b, c, tau_lo, tau_hi, owen):
     b, c = np.minimum(b, 1e150), np.minimum(c, 1e150)
     tau_star, h_star, r_star, v0, width, n_panels, nodes = _edge_rule(b, c, tau_lo, tau_hi)
     bc2 = b * b + c * c
-    if owen:
-        total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c,
-                                             tau_star, outputs=2)
-    else:
-        far = r_star * r_star > _NEAR_R2
+    far = r_star * r_star > _NEAR_R2
+    shift = np.where(far, 0.5 * r_star * r_star, 0.0)
+    if not owen:
         total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrands, bc2, c, tau_star, far)
-        shift = np.where(far, 0.5 * r_star * r_star, 0.0)
-        log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
-        return log_t, None
-    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - 0.5 * r_star * r_star, -np.inf)
+        return np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf), None
+    total, total_g = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c, tau_star,
+                                         far, outputs=2)
+    log_t = np.where(width > 0, _log_product(b * c / (4 * np.pi), total) - shift, -np.inf)
     return log_t, np.where(width > 0, _log_product(c / (2 * np.pi), total_g) - 0.5 * h_star * h_star, -np.inf)
 
 
@@ -197,13 +195,30 @@ def _edge_rule(b, c, tau_lo, tau_hi, c_twin=None):
     h_cut = h_star if c_twin is None else np.sqrt(c_twin * c_twin + t2_star)
     tau_cut = np.minimum(np.sqrt(t2_star + 80.0), h_cut * np.exp(40.0))
     t0, t1 = np.maximum(tau_lo, -tau_cut), np.minimum(tau_hi, tau_cut)
-    v0, v1 = np.arcsinh(t0 / c), np.arcsinh(t1 / c)
+    v0, v1 = _asinh(t0 / c), _asinh(t1 / c)
     width = np.maximum(v1 - v0, 0.0)
     extra = 0.0 if c_twin is None else np.log(3.0 * (c_twin * c_twin + t2_star) / (c2 + t2_star))
     # g falls monotonically away from v*: its least value is at the end farther from 0
     nodes = _edge_node_count(b, c, np.where(np.abs(t0) > np.abs(t1), t0, t1), v0, v1, extra)
     fall = _edge_fall(b, c, tau_star, r_star, h_star)
     return tau_star, h_star, r_star, v0, width, panels_where_needed(nodes, width, fall, t0, t1), nodes
+
+
+def _asinh(x):
+    """arcsinh of x (n,), to ~1 ulp as numpy's (sign(x) log1p(|x| + x^2 / (1 + sqrt(1 + x^2))),
+    log(2 |x|) beyond 1e150, where x^2 would overflow and 1 / (4 x^2) is below eps), at
+    about half its cost (torch's vectorised log1p)."""
+    a = np.abs(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a2 = a * a
+        y = np.sqrt(a2 + 1.0)
+        y += 1.0
+        np.divide(a2, y, out=y)
+        y += a
+        out = torch.log1p(torch.from_numpy(y)).numpy()
+    big = np.flatnonzero(a > 1e150)
+    out[big] = np.log(2.0 * a[big])
+    return np.copysign(out, x, out=out)
 
 
 def _edge_fall(b, c, tau_star, r_star, h_star):
@@ -230,14 +245,14 @@ def _log_product(front, total):
 
 
 def _edge_integrand(v, bc2, c, tau_star):
-    """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (k, m) of k edges
-    (bc2 = b^2 + c^2, c, tau_star (k, 1)), tau = c sinh v, h = c cosh v,
+    """exp(-(tau^2 - tau*^2) / 2) erfcx(r / sqrt 2) / (r h) at nodes v (m, k) of k edges
+    (bc2 = b^2 + c^2, c, tau_star (k,)), tau = c sinh v, h = c cosh v,
     r = sqrt(bc2 + tau^2) (= hypot(b, h))."""
     return _edge_integrands(v, bc2, c, tau_star, False)
 
 
 def _erfc_in_place(x):
-    """erfc of a float64 array x (k, m), in place.  torch's vectorised erfc (SLEEF's,
+    """erfc of a float64 array x (m, k), in place.  torch's vectorised erfc (SLEEF's,
     within 1.5 ulp; libm's where the CPU lacks AVX) is about twice as fast as scipy's,
     whose exp(-x^2) errs by ~0.6 eps x^2 relative (~250 ulp at the near edges' x ~ 24)."""
     t = torch.from_numpy(x)
@@ -246,7 +261,7 @@ def _erfc_in_place(x):
 
 
 def _exp(x):
-    """exp of a float64 array x (k, m), a new array: torch's vectorised exp (SLEEF's, within
+    """exp of a float64 array x (m, k), a new array: torch's vectorised exp (SLEEF's, within
     1 ulp) is about twice as fast as numpy's on the node blocks."""
     return torch.exp(torch.from_numpy(x)).numpy()
 
@@ -259,9 +274,9 @@ def _exp_in_place(x):
 
 
 def _tau_and_h(v, c):
-    """tau = c sinh v and h = c cosh v at nodes v (k, m) of edges c (k, 1), from one exp
+    """tau = c sinh v and h = c cosh v at nodes v (m, k) of edges c (k,), from one exp
     (|v| < 600 here: no overflow; the absolute error of sinh near 0 moves tau by ~c eps,
-    which the integrands do not see), and a spare (k, m) array for the caller."""
+    which the integrands do not see), and a spare (m, k) array for the caller."""
     e = _exp(v)
     spare = np.divide(1.0, e)
     half_c = 0.5 * c
@@ -276,14 +291,14 @@ _NEAR_R2 = 1100.0                  # r*^2 up to which T's nodes take erfc unscal
 
 
 def _near_edge_integrands(v, bc2, c, tau_star, far, c2_twin=None):
-    """erfc(r / sqrt 2) / (r h) at nodes v (k, m) of k edges (bc2 = b^2 + c^2, c,
-    tau_star, far (k, 1)), tau = c sinh v, h = c cosh v, r = sqrt(bc2 + tau^2):
+    """erfc(r / sqrt 2) / (r h) at nodes v (m, k) of k edges (bc2 = b^2 + c^2, c,
+    tau_star, far (k,)), tau = c sinh v, h = c cosh v, r = sqrt(bc2 + tau^2):
     ``_edge_integrand`` times exp(-r*^2 / 2), on the rows with r*^2 <= ``_NEAR_R2``, and
     ``_edge_integrand`` itself on the rows where far (r*^2 > ``_NEAR_R2``).  erfc
     (``_erfc_in_place``) errs by ~1 ulp, below what r's own rounding makes (erfc's
     condition number is 2 x^2) and what ``_edge_integrand``'s exp(-r*^2 / 2) factor
-    makes, eps r*^2 / 2.  (k, m); with c2_twin (k, 1) also it times w = (c^2 + tau^2) /
-    (c_twin^2 + tau^2) (``_twin_edge_terms``): (2, k, m)."""
+    makes, eps r*^2 / 2.  (m, k); with c2_twin (k,) also it times w = (c^2 + tau^2) /
+    (c_twin^2 + tau^2) (``_twin_edge_terms``): (2, m, k)."""
     tau, h, spare = _tau_and_h(v, c)
     twin = c2_twin is not None
     out = np.empty((2,) + v.shape) if twin else None
@@ -297,25 +312,28 @@ def _near_edge_integrands(v, bc2, c, tau_star, far, c2_twin=None):
     _erfc_in_place(x)
     r *= h
     x /= r
-    rows = np.flatnonzero(far[:, 0])
-    if rows.size:
-        x[rows] = _edge_integrand(v[rows], bc2[rows], c[rows], tau_star[rows])
+    cols = np.flatnonzero(far)
+    if cols.size:
+        x[:, cols] = _edge_integrand(v[:, cols], bc2[cols], c[cols], tau_star[cols])
     if not twin:
         return x
     w *= x
     return out
 
 
-def _edge_and_owen_integrands(v, bc2, c, tau_star, c2_twin=None):
-    """``_edge_integrand`` and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, k, m); with
-    c2_twin (k, 1) also both times w = (c^2 + tau^2) / (c_twin^2 + tau^2), the twin
-    facet's (``_twin_edge_terms``): T, G, T w, G w (4, k, m)."""
-    return _edge_integrands(v, bc2, c, tau_star, True, c2_twin)
+def _edge_and_owen_integrands(v, bc2, c, tau_star, far, c2_twin=None):
+    """T's integrand, as ``_near_edge_integrands`` takes it (``_edge_integrand`` where far
+    (k,), else times exp(-r*^2 / 2)), and exp(-(tau^2 - tau*^2) / 2) / h (G's), (2, m, k);
+    with c2_twin (k,) also both times w = (c^2 + tau^2) / (c_twin^2 + tau^2), the twin
+    facet's (``_twin_edge_terms``): T, G, T w, G w (4, m, k)."""
+    return _edge_integrands(v, bc2, c, tau_star, True, c2_twin, far)
 
 
-def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
-    """``_edge_and_owen_integrands`` (2 or 4, k, m) with owen, else ``_edge_integrand``
-    (k, m), on few temporaries (the node blocks are cache-sized; ``_tau_and_h``)."""
+def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None, far=None):
+    """``_edge_and_owen_integrands`` (2 or 4, m, k) with owen, else ``_edge_integrand``
+    (m, k), on few temporaries (the node blocks are cache-sized; ``_tau_and_h``).  With
+    far (k,), T's integrand is erfc(r / sqrt 2) / (r h) but where far (one erfc per node
+    for an erfcx, ``_near_edge_integrands``)."""
     tau, h, spare = _tau_and_h(v, c)
     twin = owen and c2_twin is not None
     out = np.empty((4 if twin else 2,) + v.shape) if owen else None
@@ -332,10 +350,18 @@ def _edge_integrands(v, bc2, c, tau_star, owen, c2_twin=None):
             np.divide(np.multiply(h, h, out=out[3]), w, out=w)
         r += bc2
         np.sqrt(r, out=r)
-        ratio = np.multiply(r, _SQRT_HALF, out=spare)                      # erfcx(r / sqrt 2) / r
-        erfcx(ratio, out=ratio)
-        ratio /= r
-        edge = np.multiply(g, ratio, out=out[0] if owen else g)
+        ratio = np.multiply(r, _SQRT_HALF, out=spare)
+        if far is None:                                                     # erfcx(r / sqrt 2) / r
+            erfcx(ratio, out=ratio)
+            ratio /= r
+            edge = np.multiply(g, ratio, out=out[0] if owen else g)
+        else:                                                               # erfc(r / sqrt 2) / (r h)
+            _erfc_in_place(ratio)
+            r *= h
+            edge = np.divide(ratio, r, out=out[0])
+            cols = np.flatnonzero(far)
+            if cols.size:
+                edge[:, cols] = _edge_integrand(v[:, cols], bc2[cols], c[cols], tau_star[cols])
         if twin:
             np.multiply(g, out[2], out=out[3])
             out[2] *= edge
@@ -389,8 +415,8 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):
         G_twin = c_twin exp(-h_twin*^2 / 2) / (2 pi) int exp(-(tau^2 - tau*^2) / 2) / h w dv,
     h_twin*^2 = c_twin^2 + tau*^2: G's integrand times the same w, and its constant's
     exp(-(c_twin^2 - c^2) / 2) (which can underflow) kept in the logarithm.  With owen all
-    four take the scaled T integrand (``_edge_and_owen_integrands``), as
-    ``log_edge_and_owen_terms`` does.
+    four come from one pass (``_edge_and_owen_integrands``: T's near edges unscaled, as
+    without owen), as ``log_edge_and_owen_terms`` does.
 
     Range: each integrand, in its own facet's v, falls at least like its h* / h and
     exp(-(tau^2 - tau*^2) / 2) (``_edge_terms``), so each facet's own clip is where one
@@ -419,17 +445,17 @@ def _twin_edge_terms(b, c, b_twin, c_twin, tau_lo, tau_hi, owen=False):
     r2_star = bc2 + t2_star
     live = width > 0
     log_of = lambda front, total, shift: np.where(live, _log_product(front, total) - shift, -np.inf)
+    far = r2_star > _NEAR_R2
+    shift = np.where(far, 0.5 * r2_star, 0.0)
     if owen:
         total = gauss_legendre_sums(v0, width, n_panels, nodes, _edge_and_owen_integrands, bc2, c, tau_star,
-                                    c2_twin, outputs=4)
-        return (log_of(b * c / (4 * np.pi), total[0], 0.5 * r2_star),
-                log_of(b_twin * c_twin / (4 * np.pi), total[2], 0.5 * r2_star),
+                                    far, c2_twin, outputs=4)
+        return (log_of(b * c / (4 * np.pi), total[0], shift),
+                log_of(b_twin * c_twin / (4 * np.pi), total[2], shift),
                 log_of(c / (2 * np.pi), total[1], 0.5 * (c2 + t2_star)),
                 log_of(c_twin / (2 * np.pi), total[3], 0.5 * (c2_twin + t2_star)))
-    far = r2_star > _NEAR_R2
     total = gauss_legendre_sums(v0, width, n_panels, nodes, _near_edge_integrands, bc2, c, tau_star, far, c2_twin,
                                 outputs=2)
-    shift = np.where(far, 0.5 * r2_star, 0.0)
     return log_of(b * c / (4 * np.pi), total[0], shift), log_of(b_twin * c_twin / (4 * np.pi), total[1], shift)
 
 
@@ -493,7 +519,8 @@ def _direct_where_cancelled(A, b, E, a2, c2, t_lo, t_hi, live, log_mass, log_pos
     F = b.shape[1]
     A, b, E, a2, c2, t_lo, t_hi, live = (x[redo] for x in (A, b, E, a2, c2, t_lo, t_hi, live))
     i, k, j = np.nonzero(live)
-    ends = _edge_ends(A[i, k], b[i, k], E[i, k], a2[i, k, j], c2[i, k, j], t_lo[i, k, j], t_hi[i, k, j])
+    ends = _edge_ends(A[i, k], b[i, k], *_in_plane_3d(E[i, k], a2[i, k, j]), c2[i, k, j], t_lo[i, k, j],
+                      t_hi[i, k, j])
     small, direct = _direct_if_small(ends, i * F + k, np.repeat(np.arange(redo.size), F), A.reshape(-1, 3),
                                      b.reshape(-1), redo.size, moments)
     return redo[small], direct
@@ -519,14 +546,19 @@ def _facet_moments(A, b, E, a2, c2, t_lo, t_hi, live, rows, alive, log_mass):
 
 
 # ------------------------------------------------------------------ small polytopes
-def _edge_ends(a, b, E, a2, c2, t_lo, t_hi):
-    """The two ends of facet edges in 3-D: per edge its facet's unit normal a (n, 3),
-    offset b (n,) and in-plane basis E (n, 2, 3), the edge's in-plane normal a2 (n, 2),
-    offset c2 (n,) and segment [t_lo, t_hi] (n,) (finite).  Returns (n, 2, 3)."""
-    d2 = np.stack([-a2[:, 1], a2[:, 0]], -1)
-    base = c2[:, None] * a2                                                        # (n, 2) in-plane
-    ends = np.stack([base + t_lo[:, None] * d2, base + t_hi[:, None] * d2], 1)     # (n, 2, 2)
-    return b[:, None, None] * a[:, None, :] + np.einsum("nei,nis->nes", ends, E)
+def _edge_ends(a, b, normal, tangent, c2, t_lo, t_hi):
+    """The two ends of facet edges in 3-D, b a + c2 normal + t tangent at t = t_lo, t_hi:
+    per edge its facet's unit normal a (n, 3) and offset b (n,), the edge's in-plane
+    normal and tangent in 3-D (n, 3) (``_in_plane_3d``), offset c2 (n,) and segment
+    [t_lo, t_hi] (n,) (finite).  Returns (n, 2, 3)."""
+    base = b[:, None] * a + c2[:, None] * normal
+    return np.stack([base + t_lo[:, None] * tangent, base + t_hi[:, None] * tangent], 1)
+
+
+def _in_plane_3d(E, a2):
+    """An edge's in-plane unit normal a2 (n, 2) and tangent d2 = (-a2_1, a2_0) in 3-D, with
+    its facet's in-plane basis E (n, 2, 3) (rows): (n, 3), (n, 3)."""
+    return (a2[:, :1] * E[:, 0] + a2[:, 1:] * E[:, 1]), (a2[:, :1] * E[:, 1] - a2[:, 1:] * E[:, 0])
 
 
 def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
@@ -543,7 +575,7 @@ def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
     with np.errstate(invalid="ignore", divide="ignore"):
         centre = np.stack([np.bincount(owner, V[:, s], P) for s in range(3)], -1) / count[:, None]
     size = np.zeros(P)
-    np.maximum.at(size, owner, np.linalg.norm(V - centre[owner], axis=-1))
+    np.maximum.at(size, owner, np.linalg.norm(V - centre.take(owner, 0), axis=-1))
     spread = size * (np.linalg.norm(centre, axis=-1) + size)
     small = (count > 0) & (spread <= 2.0)
     if not small.any():
@@ -551,8 +583,8 @@ def _direct_if_small(ends, edge_facet, facet_pair, a, b, P, moments):
     keep = small[facet_pair]
     new_facet = np.cumsum(keep) - 1
     e = np.flatnonzero(keep[edge_facet])
-    corners, owner = _tetrahedra(ends[e], new_facet[edge_facet[e]], (np.cumsum(small) - 1)[facet_pair[keep]],
-                                 a[keep], b[keep])
+    corners, owner = _tetrahedra(ends.take(e, 0), new_facet[edge_facet[e]], (np.cumsum(small) - 1)[facet_pair[keep]],
+                                 a.compress(keep, 0), b[keep])
     return small, _cubature(corners, owner, spread[small], moments)
 
 
@@ -569,18 +601,19 @@ def _tetrahedra(ends, edge_facet, facet_pair, a, b):
     NF = b.size
     first = np.searchsorted(edge_facet, np.arange(NF))                  # each facet's first edge
     has = first < np.append(first[1:], edge_facet.size)
-    fan = ends[np.minimum(first, edge_facet.size - 1), 0]                # (NF, 3), where has
+    fan = ends[:, 0].take(np.minimum(first, edge_facet.size - 1), 0)    # (NF, 3), where has
     with_edges = np.flatnonzero(has)
     _, lead = np.unique(facet_pair[with_edges], return_index=True)
-    apex = fan[with_edges[lead]]                                         # (P, 3)
+    apex = fan.take(with_edges[lead], 0)                                 # (P, 3)
     tol = 8 * np.finfo(float).eps
-    height = b - np.einsum("ks,ks->k", a, apex[facet_pair])
+    height = b - np.einsum("ks,ks->k", a, apex.take(facet_pair, 0))
     keep_facet = has & (height > tol * (np.abs(b) + np.linalg.norm(apex, axis=-1)[facet_pair]))
-    f = fan[edge_facet]
+    f = fan.take(edge_facet, 0)
     near = (np.linalg.norm(ends - f[:, None], axis=-1) <= tol * (1 + np.linalg.norm(f, axis=-1))[:, None]).any(1)
     e = np.flatnonzero(keep_facet[edge_facet] & ~near)
     owner = facet_pair[edge_facet[e]]
-    return np.stack([apex[owner], fan[edge_facet[e]], ends[e, 0], ends[e, 1]], 1), owner
+    ends = ends.take(e, 0)
+    return np.stack([apex.take(owner, 0), f.take(e, 0), ends[:, 0], ends[:, 1]], 1), owner
 
 
 def _collapsed_rule(n):
@@ -606,6 +639,20 @@ def _collapsed_rule(n):
 _RULES = [(0.15, _collapsed_rule(5)), (0.5, _collapsed_rule(7)), (2.0, _collapsed_rule(9))]
 
 
+def _quadratic_features(o):
+    """o (N, 3) -> (N, 9): o_0, o_1, o_2, o_0^2, o_1^2, o_2^2, o_0 o_1, o_0 o_2, o_1 o_2."""
+    return np.concatenate([o, o * o, o[:, [0, 0, 1]] * o[:, [1, 2, 2]]], 1)
+
+
+def _exponent_coefficients(edges, centre):
+    """-c . d - |d|^2 / 2 at d = o @ edges as ``_quadratic_features``(o) @ coefficients:
+    edges (T, 3, 3) (rows: the edge vectors), centre c (T, 3) -> (T, 9), so that the
+    exponent at every node of a rule is one matrix product."""
+    lin = np.einsum("tjs,ts->tj", edges, centre)                                      # e_j . c
+    gram = np.einsum("tjs,tks->tjk", edges, edges)                                    # e_j . e_k
+    return -np.concatenate([lin, 0.5 * gram[:, [0, 1, 2], [0, 1, 2]], gram[:, [0, 0, 1], [1, 2, 2]]], 1)
+
+
 def _cubature(corners, owner, spread, moments, work=65536):
     """Mass and moments of N(0, I_3) on B small bounded polyhedra, given as tetrahedra
     (``_tetrahedra``: corners (T, 4, 3), owner (T,) in [0, B)), by a collapsed
@@ -613,7 +660,8 @@ def _cubature(corners, owner, spread, moments, work=65536):
     cancels; exact to rounding while the Gaussian is close to a low-degree polynomial
     across the polytope (spread (B,) = diameter (|centre| + diameter) <= 2).
     Nodes are taken relative to their tetrahedron's centroid c, u = c + d, and weighted
-    by exp(-c . d - |d|^2 / 2) (the exponent is at most the tetrahedron's own spread
+    by exp(-c . d - |d|^2 / 2), a quadratic in the rule's reference coordinates whose nine
+    coefficients are found once per tetrahedron (``_exponent_coefficients``; the exponent is at most the tetrahedron's own spread
     size (|c| + size) in size), so the large |c|^2 / 2 of a far tetrahedron enters its
     log mass exactly and nothing is lost to it.  Tetrahedra go
     in chunks of about ``work`` nodes (cache-sized, one array per coordinate); each one's
@@ -631,19 +679,20 @@ def _cubature(corners, owner, spread, moments, work=65536):
     own = np.minimum(size * (np.linalg.norm(centre, axis=-1) + size), spread[owner])
     tier = np.searchsorted([r[0] for r in _RULES], own)
     lm, mt, ct = np.full(T, -np.inf), np.zeros((T, 3)), np.zeros((T, 3, 3))
+    coef = _exponent_coefficients(edges, centre)                                      # (T, 9)
     for k, (_, (bary, jac)) in enumerate(_RULES):
         idx = np.flatnonzero(tier == k)
         step = int(max(1, work // len(jac)))
         offsets = bary - 0.25                                                       # from the centroid
+        features = _quadratic_features(offsets)                                       # (N, 9)
         for t in np.array_split(idx, max(1, -(-idx.size // step))) if idx.size else []:
-            d = [offsets @ edges[t, :, s].T for s in range(3)]                        # 3 x (N, t)
-            c = centre[t]
-            w = np.exp(-(c[:, 0] * d[0] + c[:, 1] * d[1] + c[:, 2] * d[2])
-                       - 0.5 * (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]))
-            w *= jac[:, None]
-            tot = w.sum(0)
+            w = _exp_in_place(features @ coef.take(t, 0).T)                           # (N, t)
+            c = centre.take(t, 0)
+            tot = jac @ w
             lm[t] = log_vol[t] + np.log(tot) - 0.5 * (c * c).sum(1)
             if moments:
+                w *= jac[:, None]
+                d = [offsets @ edges[t, :, s].T for s in range(3)]                    # 3 x (N, t)
                 p = w / tot
                 md = [(p * x).sum(0) for x in d]
                 mt[t] = c + np.stack(md, -1)
@@ -675,29 +724,34 @@ class FacetPolygons:
     for the mass of their translates (``translated_polyhedron_moments``).
 
     Facets of region r are facet_start[r]:facet_start[r + 1] of the (NF, ...) arrays:
-    a (NF, 3) unit normals, c (NF,) offsets, E (NF, 2, 3) in-plane bases (rows), nonempty
-    (NF,) the facet's polygon is not empty.  Edges of region r are
-    edge_start[r]:edge_start[r + 1] of the (NE, ...) arrays, grouped by facet:
-    edge_facet (NE,) the facet's index within its region, a2 (NE, 2) unit in-plane
-    normal, c2 (NE,) in-plane offset from the facet's foot, [t_lo, t_hi] (NE,) the
-    edge's segment (``facet_polygons``, ``polytope.facet_segments``), twin (NE,) the
-    index within its region of the same edge in the other facet that meets there (-1:
-    none listed); bounded (R,).
+    a (NF, 3) unit normals, c (NF,) offsets, nonempty (NF,) the facet's polygon is not
+    empty.  Edges of region r are edge_start[r]:edge_start[r + 1] of the (NE, ...)
+    arrays, grouped by facet: edge_facet (NE,) the facet's index within its region,
+    c2 (NE,) in-plane offset from the facet's foot, [t_lo, t_hi] (NE,) the edge's
+    segment (``facet_polygons``, ``polytope.facet_segments``), normal3, tangent3 (NE, 3)
+    its unit in-plane normal and tangent in 3-D (translating by -v moves the offset by
+    -normal3 . v and the segment by -tangent3 . v); bounded (R,).  An edge lies in two
+    facets; where both list the same segment and distance to the edge's line (one rule
+    serves both, ``_twin_edge_terms``) the pair is listed once as a line: those of region
+    r are line_start[r]:line_start[r + 1] of line_first, line_second (NL,), the two edges'
+    indices within the region.
     """
 
     facet_start: np.ndarray
     a: np.ndarray
     c: np.ndarray
-    E: np.ndarray
     nonempty: np.ndarray
     edge_start: np.ndarray
     edge_facet: np.ndarray
-    a2: np.ndarray
     c2: np.ndarray
     t_lo: np.ndarray
     t_hi: np.ndarray
-    twin: np.ndarray
+    normal3: np.ndarray
+    tangent3: np.ndarray
     bounded: np.ndarray
+    line_start: np.ndarray
+    line_first: np.ndarray
+    line_second: np.ndarray
 
 
 def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
@@ -743,8 +797,34 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     key, twin_key = (e_region * F + ef) * F + ej, (e_region * F + ej) * F + ef
     at = np.minimum(np.searchsorted(key, twin_key), max(key.size - 1, 0))
     twin = np.where(key[at] == twin_key, at - e_start[e_region], -1) if key.size else np.zeros(0, np.int64)
-    return FacetPolygons(start(f_region), fa[fo], fc[fo], fE[fo], fne[fo].astype(bool), e_start,
-                         ef, ea2[eo], ec2[eo], elo[eo], ehi[eo], twin, bounded)
+    f_start = start(f_region)
+    fa, fc, fE, ea2, ec2, elo, ehi = fa[fo], fc[fo], fE[fo], ea2[eo], ec2[eo], elo[eo], ehi[eo]
+    normal3, tangent3 = _in_plane_3d(fE[f_start[e_region] + ef], ea2)
+    b = fc[f_start[e_region] + ef]
+    first, second = _twin_lines(twin, e_start[e_region], b, ec2, elo, ehi)
+    line_region = e_region[first]
+    return FacetPolygons(f_start, fa, fc, fne[fo].astype(bool), e_start, ef, ec2, elo, ehi, normal3, tangent3,
+                         bounded, start(line_region), first - e_start[line_region], second - e_start[line_region])
+
+
+def _twin_lines(twin, region_start, b, c, t_lo, t_hi):
+    """The twin edges that one rule serves (``_twin_edge_terms``): where the two facets
+    list the same segment (up to orientation, within rounding) and the same distance to
+    the edge's line.  twin (NE,) the twin's index within the region (-1: none),
+    region_start (NE,) the region's first edge, b (NE,) the edge's facet's offset, c,
+    t_lo, t_hi (NE,) the edge's.  Returns the two edges of each such line (NL,), (NL,)
+    (global indices, the first the smaller)."""
+    me = np.arange(twin.size)
+    other = np.where(twin >= 0, region_start + twin, -1)
+    p = np.flatnonzero(other > me)                                     # each twin pair once
+    q = other[p]
+    tol = 64 * np.finfo(float).eps
+    same = lambda x, y: (x == y) | (np.abs(x - y) <= tol * (1.0 + np.abs(x) + np.abs(y)))
+    rho2_p, rho2_q = b[p] * b[p] + c[p] * c[p], b[q] * b[q] + c[q] * c[q]
+    with np.errstate(invalid="ignore"):                                 # rays: inf - inf
+        match = (same(t_lo[q], t_lo[p]) & same(t_hi[q], t_hi[p])) | (same(t_lo[q], -t_hi[p]) & same(t_hi[q], -t_lo[p]))
+    match &= np.abs(rho2_p - rho2_q) <= tol * (rho2_p + rho2_q)
+    return p[match], q[match]
 
 
 def _ranges(starts, counts):
@@ -761,10 +841,10 @@ def _signed_logsumexps(values, ids, positive, n):
     top = np.full(n, -np.inf)
     np.maximum.at(top, ids, values)
     safe = np.where(np.isfinite(top), top, 0.0)
-    w = np.exp(values - safe[ids])
+    w = _exp_in_place(values - safe[ids])
+    sums = np.bincount(2 * ids + positive, w, 2 * n).reshape(n, 2)       # [negative, positive] per segment
     with np.errstate(divide="ignore"):
-        return (safe + np.log(np.bincount(ids, np.where(positive, w, 0.0), n)),
-                safe + np.log(np.bincount(ids, np.where(positive, 0.0, w), n)))
+        return safe + np.log(sums[:, 1]), safe + np.log(sums[:, 0])
 
 
 def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -> PolytopeMoments:
@@ -774,7 +854,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     The same radial face formula and divergence identities as ``polyhedron_moments``, on
     flat arrays of the pairs' facets and edges (only the real edges of each facet enter);
     each edge's terms in its two facets (T, and with moments the Owen segments G) share
-    one rule (``_edge_terms_by_twins``).  Pairs for which that routine would move a facet through
+    one rule (``_edge_terms_by_lines``).  Pairs for which that routine would move a facet through
     the origin go through ``polyhedron_moments`` itself; those whose mass cancelled are
     integrated directly where they are small, as there (``_direct_if_small``)."""
     regions = np.asarray(regions, np.int64)
@@ -782,16 +862,17 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     P = regions.size
     nf = fp.facet_start[regions + 1] - fp.facet_start[regions]
     ne = fp.edge_start[regions + 1] - fp.edge_start[regions]
+    nl = fp.line_start[regions + 1] - fp.line_start[regions]
     fpair, gf = np.repeat(np.arange(P), nf), _ranges(fp.facet_start[regions], nf)
     epair, ge = np.repeat(np.arange(P), ne), _ranges(fp.edge_start[regions], ne)
+    lpair, gl = np.repeat(np.arange(P), nl), _ranges(fp.line_start[regions], nl)
     ef = (np.cumsum(nf) - nf)[epair] + fp.edge_facet[ge]                # the edge's facet among the pairs'
     NF = gf.size
-    a, E, vf = fp.a[gf], fp.E[gf], v[fpair]
+    a, vf = fp.a.take(gf, 0), np.repeat(v, nf, 0)           # take and repeat: ~5x faster than x[idx] on rows
     b = fp.c[gf] - (a[:, 0] * vf[:, 0] + a[:, 1] * vf[:, 1] + a[:, 2] * vf[:, 2])
-    w = (E[:, :, 0] * vf[:, None, 0] + E[:, :, 1] * vf[:, None, 1] + E[:, :, 2] * vf[:, None, 2])[ef]
-    a2 = fp.a2[ge]                                                      # w: the in-plane shift, per edge
-    c = fp.c2[ge] - (a2[:, 0] * w[:, 0] + a2[:, 1] * w[:, 1])
-    dv = a2[:, 0] * w[:, 1] - a2[:, 1] * w[:, 0]                        # d2 . w
+    ve, normal, tangent = np.repeat(v, ne, 0), fp.normal3.take(ge, 0), fp.tangent3.take(ge, 0)
+    c = fp.c2[ge] - (normal[:, 0] * ve[:, 0] + normal[:, 1] * ve[:, 1] + normal[:, 2] * ve[:, 2])
+    dv = tangent[:, 0] * ve[:, 0] + tangent[:, 1] * ve[:, 1] + tangent[:, 2] * ve[:, 2]
     t_lo, t_hi = fp.t_lo[ge] - dv, fp.t_hi[ge] - dv
     c = np.where(np.abs(c) < TINY, TINY, c)
     fallback = np.bincount(fpair, np.abs(b) < TINY_B, P) > 0
@@ -800,8 +881,9 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
     foot_in = fp.nonempty[gf] & ~outside_edge
     absb = np.abs(b)
-    log_T, log_G = _edge_terms_by_twins(fp.twin[ge], np.cumsum(ne) - ne, epair, absb[ef], np.abs(c), t_lo, t_hi,
-                                        moments)
+    edge_start = (np.cumsum(ne) - ne)[lpair]
+    first, second = edge_start + fp.line_first[gl], edge_start + fp.line_second[gl]
+    log_T, log_G = _edge_terms_by_lines(first, second, absb[ef], np.abs(c), t_lo, t_hi, moments)
     edge_pos = neg_b[ef] == (c < 0)
     origin = np.flatnonzero(inside)                                     # the terms 1{0 in P}, 1{f_k in F_k}
     feet = np.flatnonzero(foot_in)                                      # Phi(-|b_k|), and the edges' T
@@ -814,15 +896,15 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     log_mass = np.where(np.isneginf(log_pos), -np.inf, log_mass)
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
-        mean, cov = _translated_moments(fpair, ef, a, b, E, fp.nonempty[gf], a2, c, t_lo, t_hi,
-                                        outside_edge, log_mass, log_G)
+        mean, cov = _translated_moments(fpair, ef, a, b, fp.nonempty[gf], normal, c,
+                                        _log_segment_masses(t_lo, t_hi, first, second), outside_edge, log_mass, log_G)
     cancelled = ~fallback & _cancelled(fp.bounded[regions], log_mass, log_pos)
     if cancelled.any():
         direct_pairs = np.flatnonzero(cancelled)
         f, e = np.flatnonzero(cancelled[fpair]), np.flatnonzero(cancelled[epair])
-        ends = _edge_ends(a[ef[e]], b[ef[e]], E[ef[e]], a2[e], c[e], t_lo[e], t_hi[e])
+        ends = _edge_ends(a.take(ef[e], 0), b[ef[e]], normal.take(e, 0), tangent.take(e, 0), c[e], t_lo[e], t_hi[e])
         facet_index = np.cumsum(cancelled[fpair]) - 1                   # among the cancelled pairs' facets
-        small, direct = _direct_if_small(ends, facet_index[ef[e]], (np.cumsum(cancelled) - 1)[fpair[f]], a[f],
+        small, direct = _direct_if_small(ends, facet_index[ef[e]], (np.cumsum(cancelled) - 1)[fpair[f]], a.take(f, 0),
                                          b[f], direct_pairs.size, moments)
         direct_pairs = direct_pairs[small]
         if direct_pairs.size:
@@ -835,46 +917,57 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
 
 
-def _edge_terms_by_twins(twin, pair_start, epair, b, c, t_lo, t_hi, owen=False):
-    """log T (NE,) of the pairs' edges, each edge with its twin in the other facet at once
-    (``_twin_edge_terms``) where the two facets list the same segment (up to orientation,
-    within rounding) and the same distance to the edge's line, else apart
-    (``_edge_terms``); with owen also their Owen segments log G (NE,) on the same nodes
-    (else None).  twin (NE,) the twin's index within the region (-1: none), pair_start
-    (P,) each pair's first edge, epair (NE,) the edge's pair; b = |b_k|, c = |c_e|,
-    t_lo, t_hi (NE,)."""
+def _edge_terms_by_lines(first, second, b, c, t_lo, t_hi, owen=False):
+    """log T (NE,) of the pairs' edges, the two edges of each line (first, second (NL,):
+    twins that list the same segment, ``FacetPolygons``) at once (``_twin_edge_terms``,
+    on the first's segment: the integrands are even in tau) where their distances to the
+    line still agree after the translation; the rest in the same call as their own twins
+    (c_twin = c: the twin factor is 1, and the rule's node count allows for a factor up
+    to 3, a few more nodes on these few edges than ``_edge_terms`` takes); with owen
+    also their Owen segments log G (NE,) on the same nodes (else None).  b = |b_k|,
+    c = |c_e|, t_lo, t_hi (NE,)."""
     NE = b.size
-    me = np.arange(NE)
-    other = np.where(twin >= 0, pair_start[epair] + twin, -1)
-    p = np.flatnonzero(other > me)                                     # each twin pair once
-    q = other[p]
-    swap = c[q] < c[p]
-    m, j = np.where(swap, q, p), np.where(swap, p, q)                 # m: the smaller c
-    tol = 64 * np.finfo(float).eps
-    same = lambda x, y: (x == y) | (np.abs(x - y) <= tol * (1.0 + np.abs(x) + np.abs(y)))
-    rho2_m, rho2_j = b[m] * b[m] + c[m] * c[m], b[j] * b[j] + c[j] * c[j]
-    with np.errstate(invalid="ignore"):                                 # rays: inf - inf
-        match = (same(t_lo[j], t_lo[m]) & same(t_hi[j], t_hi[m])) | (same(t_lo[j], -t_hi[m]) & same(t_hi[j], -t_lo[m]))
-    match &= np.abs(rho2_m - rho2_j) <= tol * (rho2_m + rho2_j)
-    log_T, log_G = np.full(NE, np.nan), np.full(NE, np.nan) if owen else None
-    k = np.flatnonzero(match)
-    m, j = m[k], j[k]
-    terms = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[m], t_hi[m], owen)
-    log_T[m], log_T[j] = terms[:2]
+    swap = c[second] < c[first]
+    m, j = np.where(swap, second, first), np.where(swap, first, second)   # m: the smaller c
+    line = [first, m, j, b[m], c[m], b[j], c[j]]
+    rho2_m, rho2_j = line[3] * line[3] + line[4] * line[4], line[5] * line[5] + line[6] * line[6]
+    agree = np.abs(rho2_m - rho2_j) <= 64 * np.finfo(float).eps * (rho2_m + rho2_j)
+    alone = np.ones(NE, bool)
+    alone[line[1][agree]] = alone[line[2][agree]] = False
+    rest = np.flatnonzero(alone)
+    if rest.size or not agree.all():
+        b_rest, c_rest = b[rest], c[rest]
+        line = [np.concatenate([x[agree], y]) for x, y in zip(line, [rest, rest, rest, b_rest, c_rest, b_rest,
+                                                                        c_rest])]
+    f, m, j, b_m, c_m, b_j, c_j = line
+    log_T, log_G = np.empty(NE), np.empty(NE) if owen else None
+    terms = _twin_edge_terms(b_m, c_m, b_j, c_j, t_lo[f], t_hi[f], owen)
+    log_T[j], log_T[m] = terms[1], terms[0]                              # an edge alone: m = j, its own T
     if owen:
-        log_G[m], log_G[j] = terms[2:]
-    rest = np.flatnonzero(np.isnan(log_T))
-    log_T[rest], g = _edge_terms(b[rest], c[rest], t_lo[rest], t_hi[rest], owen)
-    if owen:
-        log_G[rest] = g
+        log_G[j], log_G[m] = terms[3], terms[2]
     return log_T, log_G
 
 
-def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside_edge, log_mass, log_G):
+def _log_segment_masses(t_lo, t_hi, first, second):
+    """log(Phi(t_hi) - Phi(t_lo)) (NE,) of the edges' segments [t_lo, t_hi] (NE,); the
+    second edge of each line (first, second (NL,), ``FacetPolygons``) lists its first's
+    segment (up to orientation, the same mass) and takes the first's value."""
+    own = np.ones(t_lo.size, bool)
+    own[second] = False
+    i = np.flatnonzero(own)
+    out = np.empty(t_lo.size)
+    out[i] = log_diff_ndtr(t_lo[i], t_hi[i])
+    out[second] = out[first]
+    return out
+
+
+def _translated_moments(fpair, ef, a, b, nonempty, normal, c, log_segment, outside_edge, log_mass, log_G):
     """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
     ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
     2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
-    segments log_G (NE,) come from ``_edge_terms_by_twins`` (``log_edge_and_owen_terms``)."""
+    segments log_G (NE,) come from ``_edge_terms_by_lines`` (``log_edge_and_owen_terms``)
+    and segment masses log_segment (NE,) from ``_log_segment_masses``; normal (NE, 3) the
+    edges' in-plane normals in 3-D (``FacetPolygons.normal3``)."""
     P, NF = log_mass.size, b.size
     log_exit, log_entry = _signed_logsumexps(log_G, ef, c >= 0, NF)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -883,16 +976,16 @@ def _translated_moments(fpair, ef, a, b, E, nonempty, a2, c, t_lo, t_hi, outside
     log_out = np.where(np.isneginf(log_entry), -np.inf, log_out)
     log_M = np.where(nonempty, np.where(outside_edge, log_out, log_in), -np.inf)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        we = np.exp(log_phi(c) - log_M[ef] + log_diff_ndtr(t_lo, t_hi))     # phi(c) M_e / M_k
+        we = np.exp(log_phi(c) - log_M[ef] + log_segment)                   # phi(c) M_e / M_k
     we = np.where(np.isfinite(log_M[ef]), we, 0.0)
-    mean2 = -np.stack([np.bincount(ef, we * a2[:, i], NF) for i in range(2)], -1)   # E[u2 | F_k]
-    centroid = b[:, None] * a + np.einsum("fi,fis->fs", mean2, E)
+    # E[u | F_k] = b_k a_k + E_k^T E[u2 | F_k], E[u2 | F_k] = -sum_e we a2_e, and E_k^T a2_e = normal_e
+    centroid = b[:, None] * a - np.stack([np.bincount(ef, we * normal[:, s], NF) for s in range(3)], -1)
     lm = log_mass[fpair]
     with np.errstate(invalid="ignore", over="ignore"):
         wk = np.exp(log_phi(b) + log_M - lm)                                 # phi(b_k) M_k / mass
     wk = np.where(nonempty & np.isfinite(lm), wk, 0.0)
     mean = -np.stack([np.bincount(fpair, wk * a[:, s], P) for s in range(3)], -1)
-    outer = wk[:, None, None] * (centroid - mean[fpair])[:, :, None] * a[:, None, :]
+    outer = wk[:, None, None] * (centroid - mean.take(fpair, 0))[:, :, None] * a[:, None, :]
     cov = np.eye(3) - np.stack([np.bincount(fpair, x, P) for x in outer.reshape(NF, 9).T], -1).reshape(P, 3, 3)
     return mean, 0.5 * (cov + np.swapaxes(cov, 1, 2))
 

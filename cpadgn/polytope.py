@@ -358,33 +358,45 @@ def gauss_legendre_count(log_growth, half_width, eta, eps=GL_EPS):
 _NODE_BLOCK = 65536                 # nodes evaluated per numpy pass (cache-sized temporaries)
 
 
+@lru_cache(maxsize=None)
+def _composite_rule(n, m):
+    """n panels of the m-point Gauss-Legendre rule: nodes in panel widths from the start
+    and weights (n m,) (per panel, on [-1, 1])."""
+    x, w = _GL_RULES[m]
+    at, weights = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1), np.tile(w, n)
+    at.flags.writeable = weights.flags.writeable = False                # shared by every call
+    return at, weights
+
+
 def gauss_legendre_sums(lo, width, n_panels, nodes, integrand, *args, outputs=None):
     """int_{lo}^{lo + width} integrand by composite Gauss-Legendre: n_panels equal panels
     of nodes points each (all (n,); width 0 gives 0), vectorised over the intervals that
-    share a rule and in blocks of ``_NODE_BLOCK`` nodes.  integrand(x (k, m), *(a (k, 1)
-    for a in args)) -> (k, m) takes the nodes of k intervals and their rows of args (n,);
-    with outputs = q it returns q integrands at once, (q, k, m), and the result is (q, n)."""
+    share a rule and in blocks of ``_NODE_BLOCK`` nodes.  integrand(x (m, k), *(a (k,)
+    for a in args)) -> (m, k) takes the m nodes of k intervals (node-major: the
+    intervals' args broadcast along rows of k, numpy's fast inner loop; (k, m) blocks with
+    (k, 1) args ran 3-5x slower per operation) and their entries of args (n,);
+    with outputs = q it returns q integrands at once, (q, m, k), and the result is (q, n)."""
     key = np.where(width > 0, n_panels * 17 + nodes, 0)
     if key.size and key.max() < 2 ** 15:
         key = key.astype(np.int16)                                    # a radix sort
     order = np.argsort(key, kind="stable")
     key, lo, width = key[order], lo[order], width[order]
-    args = [a[order, None] for a in args]                             # one gather; then slices
+    args = [a[order] for a in args]                                   # one gather; then slices
     total = np.zeros(lo.shape if outputs is None else (outputs,) + lo.shape)
     keys, starts = np.unique(key, return_index=True)
     for k, start, stop in zip(keys, starts, np.append(starts[1:], key.size)):
         if k == 0:
             continue
         n, m = divmod(int(k), 17)
-        x, w = _GL_RULES[m]
-        at = (np.arange(n)[:, None] + 0.5 * (1 + x)).reshape(-1)       # in panel widths from lo
-        weights = np.tile(w, n)
+        at, weights = _composite_rule(n, m)
         block = max(1, _NODE_BLOCK // at.size)
         for s in range(start, stop, block):
             e = min(s + block, stop)
             step = width[s:e] / n
-            f = integrand(lo[s:e, None] + step[:, None] * at, *(a[s:e] for a in args))
-            total[..., s:e] = (f @ weights) * (0.5 * step)
+            x = np.multiply.outer(at, step)
+            x += lo[s:e]
+            f = integrand(x, *(a[s:e] for a in args))
+            total[..., s:e] = (weights @ f) * (0.5 * step)
     out = np.empty(total.shape)
     out[..., order] = total
     return out
@@ -462,8 +474,8 @@ def panels_where_needed(nodes, width, fall, lo, hi):
 
 
 def _owen_integrand(s, p, t_star):
-    """exp(-(u^2 - u*^2) / 2) / cosh s, u = p cosh s: s (k, m), p and t_star = p sinh s*
-    (k, 1).  u^2 - u*^2 = t^2 - t*^2 (t = p sinh s) keeps its relative accuracy where
+    """exp(-(u^2 - u*^2) / 2) / cosh s, u = p cosh s: s (m, k), p and t_star = p sinh s*
+    (k,).  u^2 - u*^2 = t^2 - t*^2 (t = p sinh s) keeps its relative accuracy where
     p is large and the range in s tiny (the difference of cosh^2 would round away);
     sinh and cosh from one exp, which overflows only where the integrand is 0 anyway."""
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
