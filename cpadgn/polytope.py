@@ -312,8 +312,8 @@ def facet_segments(a, c, mask):
     tol = 1e-12
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = slack / ad
-    t_hi = np.where(other & (ad > tol), ratio, np.inf).min(-1)
-    t_lo = np.where(other & (ad < -tol), ratio, -np.inf).max(-1)
+    t_hi = ratio.min(-1, where=other & (ad > tol), initial=np.inf)
+    t_lo = ratio.max(-1, where=other & (ad < -tol), initial=-np.inf)
     parallel = other & (np.abs(ad) <= tol)
     blocked = (parallel & (slack < -1e-12)).any(-1)
     # Identical lines: keep the first copy only.
@@ -1018,10 +1018,9 @@ def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap):
     q = np.flatnonzero(pos.any(1) & neg.any(1))
     found = []
     for qs in np.array_split(q, max(1, int(q.size * K * K // 4e6))):   # (chunk, K, K) masks
-        keep = pos[qs][:, :, None] & neg[qs][:, None, :]
-        keep &= np.bitwise_count(hist[qs][:, :, None] | hist[qs][:, None, :]) <= n_elim + 1
-        qi, i, k = np.nonzero(keep)
-        found.append((qs[qi], i, k))
+        qi, i, k = np.nonzero(pos[qs][:, :, None] & neg[qs][:, None, :])
+        keep = np.bitwise_count(hist[qs[qi], i] | hist[qs[qi], k]) <= n_elim + 1      # only where pairs are
+        found.append((qs[qi[keep]], i[keep], k[keep]))
     bi, i, k = (np.concatenate(x) for x in zip(*found))
     with np.errstate(divide="ignore", invalid="ignore"):
         wi, wk = 1.0 / ac[bi, i], 1.0 / ac[bi, k]
@@ -1052,10 +1051,12 @@ def _compact(c, d, m, *more):
     """Drop the rows not in m (B, K): the kept rows first, K cut to the largest count
     (more: further (B, K) arrays, reordered alike)."""
     order = np.argsort(~m, axis=1, kind="stable")
-    K = max(1, int(m.sum(1).max(initial=0)))
+    count = m.sum(1)
+    K = max(1, int(count.max(initial=0)))
     order = order[:, :K]
-    return (np.take_along_axis(c, order[..., None], 1), np.take_along_axis(d, order, 1),
-            np.take_along_axis(m, order, 1)) + tuple(np.take_along_axis(x, order, 1) for x in more)
+    kept = np.arange(K) < count[:, None]                      # the kept rows come first
+    return (c[np.arange(c.shape[0])[:, None], order], np.take_along_axis(d, order, 1),
+            kept) + tuple(np.take_along_axis(x, order, 1) for x in more)
 
 
 def _padded_groups(size, cost, chunk, spread=1.5):
