@@ -23,9 +23,8 @@ the resulting bound log(1 + skipped / p) is returned as ``error_bound``.
 """
 from __future__ import annotations
 
-import contextvars
 import threading
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -906,40 +905,14 @@ def _translated(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=N
     return a, c0 - av, t_lo - dv, t_hi - dv, live, real
 
 
-_CPU_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("cpadgn_cpu_threads", default=None)
-
-
-@contextmanager
-def _chunk_threads(threads: int, workers: int):
-    """For ``posterior``'s chunk workers on the CPU: each runs torch on threads //
-    workers intra-op threads (two workers that each fan every torch op out over all cores
-    oversubscribe them: on the shared 2-core machine ``_evaluate_pairs``'s mid-sized
-    bookkeeping ops, e.g. ``_smallest_within`` on 80k pairs, took 10-50x longer with two
-    intra-op threads than with one), while ``_in_threads`` still sees the caller's thread
-    count (``_CPU_THREADS``).  torch's count is per thread but also seeds threads started
-    later, so the caller's is put back on exit."""
-    token = _CPU_THREADS.set(threads)
-    try:
-        yield max(1, threads // workers)
-    finally:
-        _CPU_THREADS.reset(token)
-        if workers > 1:                     # the workers set theirs
-            torch.set_num_threads(threads)
-
-
-def _cpu_threads() -> int:
-    """The thread count the numpy work may use: the caller's (``_chunk_threads``), else torch's."""
-    return _CPU_THREADS.get() or torch.get_num_threads()
-
-
 def _in_threads(solve, *arrays, min_pairs: int = 4096, max_part: int = 16384, **kw) -> PolytopeMoments:
-    """solve(*arrays, **kw) on slices of the pairs (the arrays' first axis) over the
-    thread count (``_cpu_threads``; numpy releases the GIL in its array loops, so threads scale on these
+    """solve(*arrays, **kw) on slices of the pairs (the arrays' first axis) over torch's
+    thread count (numpy releases the GIL in its array loops, so threads scale on these
     independent integrals).  Slices of at most max_part pairs, so that a stop request
     (``stop.stop_check``) is seen between them.  A ``memory_budget`` in kw is shared
     by the threads."""
     n = arrays[0].shape[0]
-    workers = min(_cpu_threads(), n // min_pairs)
+    workers = min(torch.get_num_threads(), n // min_pairs)
     if workers <= 1:
         return solve(*arrays, **kw)
     if kw.get("memory_budget") is not None:
@@ -987,8 +960,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     complete_rows = ~np.isnan(X).any(axis=1)
     # On the CPU two chunks run at once, so one chunk's polygon integrals (numpy, off the
     # GIL) overlap the other's dense work; rows per chunk keep both within the budget.
-    threads = torch.get_num_threads()
-    workers = 2 if device.type == "cpu" and threads > 1 else 1
+    workers = 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
     F = tab.G.shape[1]
     per_worker = memory_budget / workers / (2 if tab.streamed else 1)   # streamed: half for the region maps
     poly_budget = None
@@ -1008,8 +980,6 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     region_chunk = int(max(1, per_worker / 4 // per_region))
 
     def run(complete, idx):
-        if intra < threads:
-            torch.set_num_threads(intra)
         Xt = torch.as_tensor(X[idx], device=device)
         found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget,
                                 stderr_target)
@@ -1020,8 +990,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     pairs = []
     done = 0
     # on an error or Ctrl-C, queued chunks do not run and running ones stop at their next check
-    with _chunk_threads(threads, min(workers, len(jobs)) if device.type == "cpu" else 1) as intra, \
-            closing(map_in_threads(run, jobs, workers)) as results:
+    with closing(map_in_threads(run, jobs, workers)) as results:
         for job, res in zip(jobs, results):
             pairs.append(res)
             done += job[1].size

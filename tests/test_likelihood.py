@@ -527,30 +527,3 @@ def test_cheap_pairs_are_the_smallest_variances_within_the_budget():
         assert total <= budget[i] * (1 + 1e-12) and (sel & (r == i)).sum() > 0
         rest = np.sort(v[mine & ~sel])
         assert np.all(v[sel & (r == i)].max() <= rest.min()) and total + rest[0] > budget[i]
-
-
-def test_posterior_leaves_torchs_thread_count_as_it_was():
-    """On the CPU the two chunk workers run torch on one intra-op thread each; the
-    caller's count must come back, in its own thread and in threads started later
-    (torch seeds those from the last count set), and log p must not depend on it
-    (against the same rows scored with one thread throughout)."""
-    import threading
-    import torch
-    net = random_net(2, (6,), 4, seed=2)
-    model = CPAModel(net, noise_std=0.3)
-    X = model.sample(8, seed=3)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        lp = model.posterior(X).log_likelihood
-        seen = []
-        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        t.start()
-        t.join()
-        assert torch.get_num_threads() == 2 and seen == [2]
-        torch.set_num_threads(1)
-        lp1 = model.posterior(X).log_likelihood
-    finally:
-        torch.set_num_threads(before)
-    # the same sums in another order at most: ~10 eps of log p's O(10) terms
-    np.testing.assert_allclose(lp, lp1, rtol=0, atol=1e-12 * (1 + np.abs(lp1).max()))
