@@ -312,8 +312,8 @@ def facet_segments(a, c, mask):
     tol = 1e-12
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = slack / ad
-    t_hi = np.where(other & (ad > tol), ratio, np.inf).min(-1)
-    t_lo = np.where(other & (ad < -tol), ratio, -np.inf).max(-1)
+    t_hi = ratio.min(-1, where=other & (ad > tol), initial=np.inf)
+    t_lo = ratio.max(-1, where=other & (ad < -tol), initial=-np.inf)
     parallel = other & (np.abs(ad) <= tol)
     blocked = (parallel & (slack < -1e-12)).any(-1)
     # Identical lines: keep the first copy only.
@@ -1030,10 +1030,9 @@ def _fm_eliminate(c, d, m, hist, n_elim, zmax, cap):
     q = np.flatnonzero(pos.any(1) & neg.any(1))
     found = []
     for qs in np.array_split(q, max(1, int(q.size * K * K // 4e6))):   # (chunk, K, K) masks
-        keep = pos[qs][:, :, None] & neg[qs][:, None, :]
-        keep &= np.bitwise_count(hist[qs][:, :, None] | hist[qs][:, None, :]) <= n_elim + 1
-        qi, i, k = np.nonzero(keep)
-        found.append((qs[qi], i, k))
+        qi, i, k = np.nonzero(pos[qs][:, :, None] & neg[qs][:, None, :])
+        keep = np.bitwise_count(hist[qs[qi], i] | hist[qs[qi], k]) <= n_elim + 1      # only where pairs are
+        found.append((qs[qi[keep]], i[keep], k[keep]))
     bi, i, k = (np.concatenate(x) for x in zip(*found))
     with np.errstate(divide="ignore", invalid="ignore"):
         wi, wk = 1.0 / ac[bi, i], 1.0 / ac[bi, k]
@@ -1064,10 +1063,12 @@ def _compact(c, d, m, *more):
     """Drop the rows not in m (B, K): the kept rows first, K cut to the largest count
     (more: further (B, K) arrays, reordered alike)."""
     order = np.argsort(~m, axis=1, kind="stable")
-    K = max(1, int(m.sum(1).max(initial=0)))
+    count = m.sum(1)
+    K = max(1, int(count.max(initial=0)))
     order = order[:, :K]
-    return (np.take_along_axis(c, order[..., None], 1), np.take_along_axis(d, order, 1),
-            np.take_along_axis(m, order, 1)) + tuple(np.take_along_axis(x, order, 1) for x in more)
+    kept = np.arange(K) < count[:, None]                      # the kept rows come first
+    return (c[np.arange(c.shape[0])[:, None], order], np.take_along_axis(d, order, 1),
+            kept) + tuple(np.take_along_axis(x, order, 1) for x in more)
 
 
 def _padded_groups(size, cost, chunk, spread=1.5):
@@ -1190,12 +1191,13 @@ def _tn_draw(lo, hi, u, draw=True):
     (``_tn_draw_direct``) where that is exact enough, the others in log space
     (``_tn_draw_log``)."""
     flip = lo > 0
-    l, h = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
+    flipped = bool(flip.any())                               # else lo, hi and u as they are
+    l, h = (np.where(flip, -hi, lo), np.where(flip, -lo, hi)) if flipped else (lo, hi)
     with np.errstate(invalid="ignore", divide="ignore"):
         tail = np.abs(h)
         ndtr(np.negative(tail, out=tail), out=tail)          # Phi(h) for h <= 0, else 1 - Phi(h)
         pl = ndtr(l)
-        ph = np.subtract(1.0, tail, out=tail.copy(), where=h > 0)
+        ph = np.where(h > 0, 1.0 - tail, tail)
         mass = ph - pl
         # mass is ph - pl to an absolute ~4 eps ph: 2^-10 ph keeps it to a relative 1e-12;
         # h > -30 keeps ph a normal number
@@ -1203,7 +1205,7 @@ def _tn_draw(lo, hi, u, draw=True):
         direct = mass >= ph
         direct &= h > -30
         lm = np.log(mass)                                    # (the others are replaced below)
-    uu = np.where(flip, 1.0 - u, u)
+    uu = np.where(flip, 1.0 - u, u) if flipped else u
     x = _tn_draw_direct(l, h, pl, mass, tail, uu) if draw else None
     if not direct.all():
         shape = np.broadcast_shapes(np.shape(l), np.shape(u))
@@ -1213,7 +1215,7 @@ def _tn_draw(lo, hi, u, draw=True):
         lm[slow] = lms
         if draw:
             x[slow] = xs
-    if draw:
+    if draw and flipped:
         np.negative(x, out=x, where=flip)
     return x, lm
 
@@ -1227,12 +1229,15 @@ def _tn_draw_direct(l, h, pl, mass, tail, u):
         p = u * mass
         p += pl
         upper = p > 0.5
-        q = 1.0 - u
-        q = np.multiply(q, mass, out=q if q.shape == p.shape else None)
-        q += tail
-        np.copyto(q, p, where=~upper)
-        x = ndtri(q, out=q)
-    np.negative(x, out=x, where=upper)
+        if not upper.any():
+            x = ndtri(p, out=p)
+        else:
+            q = 1.0 - u
+            q = np.multiply(q, mass, out=q if q.shape == p.shape else None)
+            q += tail
+            np.copyto(q, p, where=~upper)
+            x = ndtri(q, out=q)
+            np.negative(x, out=x, where=upper)
     np.maximum(x, l, out=x)
     np.minimum(x, h, out=x)
     return x
@@ -1340,7 +1345,9 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
             lo = _level_bound(lo_c, lo_d, z[:, :j], np.maximum)
             last = j == S - 1
             zj = zs[sl, j, None]
-            xj, lm = _tn_draw(lo + zj, hi + zj, u[:, j], draw=moments or not last)
+            lo += zj
+            hi += zj
+            xj, lm = _tn_draw(lo, hi, u[:, j], draw=moments or not last)
             if xj is not None:
                 z[:, j] = xj - zj
             logw += lm
@@ -1421,7 +1428,9 @@ def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None) -> PolytopeMom
     z[:, 0] = _tn_draw(norm[:, None], np.full((B, 1), np.inf), U[:, 0])[0]
     z[:, 1:] = ndtri(U[:, 1:])
     u = np.einsum("bts,btn->bsn", E, z)                                  # (B, S, n)
-    hit = np.all(~mask[..., None] | (A @ u <= b[..., None]), axis=1)     # (B, n)
+    inside = A @ u <= b[..., None]                                       # (B, F, n)
+    inside |= ~mask[..., None]
+    hit = inside.all(1)                                                  # (B, n)
     k = hit.sum(1)
     frac = k / n
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -1438,28 +1447,55 @@ def _hashed_uniforms(keys, S, n):
     of key and point index, 53 bits each (a counter-based generator: a polytope gets the
     same points in any batch, distinct polytopes independent ones)."""
     idx = np.arange(S * n, dtype=_U64).reshape(S, n) + _U64(1)
-    bits = _splitmix64(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(11)
-    return (bits.astype(np.float64) + 0.5) * 2.0 ** -53
+    bits = _splitmix64_inplace(keys[:, None, None] ^ _splitmix64(idx)[None])
+    bits >>= _U64(11)
+    out = bits.astype(np.float64)
+    out += 0.5
+    out *= 2.0 ** -53
+    return out
 
 
 def _level_bound(c, d, z, pick):
     """The tightest of a level's rows at the points: pick (np.minimum or np.maximum)
     over k of d_k - c_k . z, for rows c (n, K, j), d (n, K) and points z (n, j, N) ->
-    (n, N), one row at a time (no (n, K, N) array)."""
-    out = d[:, 0, None] - np.einsum("nj,njm->nm", c[:, 0], z)
+    (n, N), one row at a time (no (n, K, N) array) in one scratch array."""
+    out = np.einsum("nj,njm->nm", c[:, 0], z)
+    np.subtract(d[:, 0, None], out, out=out)
+    row = np.empty_like(out)
     for k in range(1, c.shape[1]):
-        pick(out, d[:, k, None] - np.einsum("nj,njm->nm", c[:, k], z), out=out)
+        np.einsum("nj,njm->nm", c[:, k], z, out=row)
+        np.subtract(d[:, k, None], row, out=row)
+        pick(out, row, out=out)
     return out
 
 
 def _splitmix64(x):
     """The splitmix64 finaliser of uint64 values x (any shape): a bijection whose outputs
     for distinct inputs behave as independent uniform 64-bit words."""
+    z = np.asarray(x, dtype=_U64)
+    if z.ndim:
+        return _splitmix64_inplace(z.copy())
     with np.errstate(over="ignore"):
-        z = np.asarray(x, dtype=_U64) + _U64(0x9E3779B97F4A7C15)
+        z = z + _U64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
     return z ^ (z >> _U64(31))
+
+
+def _splitmix64_inplace(z):
+    """``_splitmix64`` of a uint64 array z, written over z (one scratch array instead of
+    a fresh array per step); returns z."""
+    with np.errstate(over="ignore"):
+        z += _U64(0x9E3779B97F4A7C15)
+        t = z >> _U64(30)
+        z ^= t
+        z *= _U64(0xBF58476D1CE4E5B9)
+        np.right_shift(z, _U64(27), out=t)
+        z ^= t
+        z *= _U64(0x94D049BB133111EB)
+        np.right_shift(z, _U64(31), out=t)
+        z ^= t
+    return z
 
 
 def _polytope_keys(A, b, mask, seed):
@@ -1504,9 +1540,13 @@ def _shifted_uniforms(base, keys, R):
     and their errors would add up coherently in any sum over polytopes."""
     S, N = base.shape
     idx = np.arange(R * S, dtype=_U64).reshape(R, S) + _U64(1)
-    shift = _splitmix64(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(32)      # (n, R, S)
-    shift = np.repeat(np.swapaxes(shift, 1, 2), N // R, axis=2)                        # (n, S, N)
-    return ((base[None] ^ shift).astype(np.float64) + 0.5) * 2.0 ** -32
+    shift = _splitmix64_inplace(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(32)   # (n, R, S)
+    # set r is columns r N/R .. (r + 1) N/R - 1: (S, R, N/R) against the shifts (n, S, R, 1)
+    bits = base.reshape(S, R, N // R)[None] ^ np.swapaxes(shift, 1, 2)[..., None]
+    out = bits.reshape(keys.shape[0], S, N).astype(np.float64)
+    out += 0.5
+    out *= 2.0 ** -32
+    return out
 
 
 def _logmeanexp(x, axis):

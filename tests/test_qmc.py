@@ -306,7 +306,8 @@ def _tn_oracle(lo, hi, u):
     return float(-x if flip else x), float(mpmath.log(pc - pa))
 
 
-def test_truncated_normal_draws_against_50_digit_arithmetic():
+@pytest.mark.parametrize("which", ["all", "none reflected", "none above the median"])
+def test_truncated_normal_draws_against_50_digit_arithmetic(which):
     """``_tn_draw`` (a draw by probabilities where that is exact, log space elsewhere)
     against mpmath on intervals that take both paths: wide, half-infinite, both tails
     (lo > 0 mirrored), deep (beyond -30: log space), narrow (width 1e-9: log space) and
@@ -314,12 +315,16 @@ def test_truncated_normal_draws_against_50_digit_arithmetic():
     the sampler's grid).  The direct path's mass is Phi(hi) - Phi(lo) to ~4 eps Phi(hi),
     kept at >= 2^-10 Phi(hi): a relative 1e-12, hence 5e-12 on the log mass; x moves by
     that times p / phi(x) <= 1.3 (the tail ratio), so 1e-10 (1 + |x|) on the draw.
-    Broadcasting as the first variable uses it: intervals (k, 1) against points (k, M)."""
+    Broadcasting as the first variable uses it: intervals (k, 1) against points (k, M).
+    The subsets take the shortcuts of batches where no interval is reflected and where
+    no draw lies above the median."""
     from cpadgn.polytope import _tn_draw
     inf = np.inf
     intervals = [(-inf, inf), (-inf, -2.0), (0.5, inf), (-1.0, 3.0), (-0.2, 0.3), (4.0, 9.0), (-9.0, -4.0),
                  (-45.0, -40.0), (38.0, 39.0), (-inf, -31.0), (1.0, 1.0 + 1e-9), (-3.0, -3.0 + 1e-9),
                  (-5.0, -4.99), (0.0, 0.001), (-12.0, -11.99), (-1.0, inf), (-0.3, 8.0)]
+    if which != "all":
+        intervals = [(a, b) for a, b in intervals if a <= 0 and (which == "none reflected" or b <= 0)]
     us = np.array([2.0 ** -33, 0.1, 0.5, 0.9, 1 - 2.0 ** -33])
     lo = np.array([[a] for a, _ in intervals])
     hi = np.array([[b] for _, b in intervals])
@@ -440,3 +445,24 @@ def test_mean_and_mass_errors_covary_as_reported(shift, n_qmc, budget):
         ratio = y.var(ddof=1) / (d @ reported @ d)
         band = 4 * np.sqrt((kurtosis - 1) / (n - 1) + 2 / (15 * n))
         assert abs(ratio - 1) <= band, (d, ratio, band)
+
+
+def test_splitmix64_against_python_integers():
+    """``_splitmix64`` (scalars) and ``_splitmix64_inplace`` (arrays, written over) against
+    the splitmix64 finaliser in Python's exact integers modulo 2^64, on the ends of the
+    range and random words."""
+    from cpadgn.polytope import _splitmix64, _splitmix64_inplace
+    M = 2 ** 64 - 1
+
+    def oracle(x):
+        z = (x + 0x9E3779B97F4A7C15) & M
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        return z ^ (z >> 31)
+    words = [0, 1, 2, 2 ** 63, M] + [int(w) for w in np.random.default_rng(4).integers(0, 2 ** 63, 50)]
+    x = np.array(words, dtype=np.uint64).reshape(5, 11)
+    want = [oracle(w) for w in words]
+    assert [int(v) for v in _splitmix64(x).ravel()] == want
+    out = _splitmix64_inplace(x)
+    assert out is x and [int(v) for v in x.ravel()] == want
+    assert [int(_splitmix64(np.uint64(w))) for w in words] == want
