@@ -173,7 +173,7 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
         if memory_budget is None:
             res = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations)
         else:
-            cap = max(2 ** 12, qmc_points_within(F, S, memory_budget))     # 4,096: as always, unsplit
+            cap = qmc_points_within(F, S, memory_budget)
             split = [[(n, seed, mom)] if n <= cap else
                      [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
             flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode,
