@@ -653,7 +653,7 @@ def _exponent_coefficients(edges, centre):
     return -np.concatenate([lin, 0.5 * gram[:, [0, 1, 2], [0, 1, 2]], gram[:, [0, 0, 1], [1, 2, 2]]], 1)
 
 
-def _cubature(corners, owner, spread, moments, work=65536):
+def _cubature(corners, owner, spread, moments, work=16384):
     """Mass and moments of N(0, I_3) on B small bounded polyhedra, given as tetrahedra
     (``_tetrahedra``: corners (T, 4, 3), owner (T,) in [0, B)), by a collapsed
     Gauss-Jacobi rule (``_collapsed_rule``) on each: all weights positive, so nothing
@@ -661,10 +661,12 @@ def _cubature(corners, owner, spread, moments, work=65536):
     across the polytope (spread (B,) = diameter (|centre| + diameter) <= 2).
     Nodes are taken relative to their tetrahedron's centroid c, u = c + d, and weighted
     by exp(-c . d - |d|^2 / 2), a quadratic in the rule's reference coordinates whose nine
-    coefficients are found once per tetrahedron (``_exponent_coefficients``; the exponent is at most the tetrahedron's own spread
-    size (|c| + size) in size), so the large |c|^2 / 2 of a far tetrahedron enters its
-    log mass exactly and nothing is lost to it.  Tetrahedra go
-    in chunks of about ``work`` nodes (cache-sized, one array per coordinate); each one's
+    coefficients are found once per tetrahedron (``_exponent_coefficients``; the exponent
+    is at most the tetrahedron's own spread size (|c| + size) in size), so the large
+    |c|^2 / 2 of a far tetrahedron enters its log mass exactly and nothing is lost to it.
+    Tetrahedra go in chunks of about ``work`` nodes (cache-sized; and 9 x work multiply-adds
+    stay below OpenBLAS's 2^18 threshold for threading its product, whose threads would
+    spin against the callers' worker threads: S = 3 rows 1.14x slower at 65,536); each one's
     mass, mean and covariance are combined per polytope with log-sum-exp weights and the
     parallel-axis rule."""
     B = spread.size
