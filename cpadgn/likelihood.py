@@ -685,9 +685,9 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     complete rows (C fixed per region) and S = 2 that is the region's precomputed
     whitened polygon translated by -v; rows with missing entries may pass their pairs'
     own whitened polygons (``_pair_polygons``).  Returns log Phi (P,), E[z|w] (P, S),
-    Cov[z|w] (P, S, S), stderr (P,) as numpy and the Monte Carlo covariances (``_in_latent``).  memory_budget: bytes for the S >= 3
-    integrals' working arrays.  S >= 4 (randomised QMC): qmc = (points per pair, seed,
-    sets; S = 3 ignores the sets);
+    Cov[z|w] (P, S, S), stderr (P,) as numpy and the Monte Carlo covariances
+    (``_in_latent``).  memory_budget: bytes for the S >= 3 integrals' working arrays.
+    S >= 4 (randomised QMC): qmc = (points per pair, seed, sets; S = 3 ignores the sets);
     with a list ``pilot``, the first stage instead (``_qmc_first_stage``), whose
     independent pilot (log Phi (P,), its stderr (P,)) is appended to the list.  mode
     (P, S): the S >= 4 pairs' modes in the whitened frame where known (NaN: not known;
@@ -798,8 +798,9 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
 
     found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr, the
     Monte Carlo covariances of E[z|w] and of log Phi with E[z|w] (P, ...); modes (P, S):
-    the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,): the pairs' log kappa and their first pilots' log(kappa Phi)
-    and relative SE (QMC_FIRST points); cheap (P,) bool: the pairs of ``_cheap_pairs``.
+    the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,):
+    the pairs' log kappa and their first pilots' log(kappa Phi) and relative SE (QMC_FIRST
+    points); cheap (P,) bool: the pairs of ``_cheap_pairs``.
 
     The pairs (not cheap) that their first pilot gives a responsibility of at least
     SECOND_PILOT_SHARE in their row get a second, independent pilot of QMC_SECOND_PILOT
