@@ -16,8 +16,6 @@ from cli.main import (Progressbar, check_dask_options, command_inputs, dask_opti
                       model_options, print_summary, say_for, stderr_target_option, user_errors)
 from cpadgn.errors import CpadgnError
 
-MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
-
 
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
@@ -263,16 +261,11 @@ def csv_header(path, D: int) -> list:
                 return default
     except (OSError, UnicodeDecodeError, csv.Error):
         return default
-    for c in row:
-        t = c.strip()
-        if t.lower() in MISSING_TOKENS:
-            continue
-        try:
-            float(t)
-        except ValueError:
-            names = [c.strip() or f"x{j + 1}" for j, c in enumerate(row)]
-            return names if len(names) == D else default
-    return default
+    from cpadgn.data import is_header
+    if not is_header(row):
+        return default
+    names = [c.strip() or f"x{j + 1}" for j, c in enumerate(row)]
+    return names if len(names) == D else default
 
 
 def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None,

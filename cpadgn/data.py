@@ -6,7 +6,10 @@ NaN marking a missing value.
 - ``.npy``  a 2-D numeric array (``np.load(allow_pickle=False)``), or a 1-D structured
   array with numeric fields (one column per field, the format ``write_table`` writes)
 - ``.csv``  comma separated; the first row is a header when any of its cells is not a
-  number; empty cells and nan / NA / N/A / null (any case) are missing values
+  number, or when its cells are the column numbers 0..D-1 or 1..D written as integers
+  (D >= 4: the header ``DataFrame(array).to_csv`` writes; such a data row would be a
+  strange sample, and read as data it would silently add one); empty cells and
+  nan / NA / N/A / null (any case) are missing values
 - ``.h5`` / ``.hdf5``  the dataset named by ``dataset``; without it, the file's only
   2-D dataset (``dataset`` given for a .csv or .npy file is refused)
 
@@ -338,6 +341,17 @@ def _read_npy(path: Path) -> np.ndarray:
     return _numeric(path, a, "the array")
 
 
+def is_header(cells: list) -> bool:
+    """Whether a CSV's first row (its cells, str) is a header: a cell that is not a
+    number, or the column numbers '0', '1', .., 'D-1' or '1', .., 'D' with D >= 4."""
+    try:
+        [_cell(c) for c in cells]
+    except ValueError:
+        return True
+    text = [c.strip() for c in cells]
+    return len(text) >= 4 and text[0] in ("0", "1") and text == [str(int(text[0]) + i) for i in range(len(text))]
+
+
 def _cell(text: str):
     """float or None (missing); raises ValueError for anything else."""
     t = text.strip()
@@ -368,9 +382,7 @@ def _read_csv(path: Path):
             raise CpadgnError(f"{path}: line {rows[0][0]} is separated by {name}; cpadgn reads "
                               "comma-separated values (convert the file, e.g. save it as CSV "
                               "with ',' as the separator)")
-    try:
-        [_cell(c) for c in first]
-    except ValueError:
+    if is_header(first):
         header, rows = first, rows[1:]
     if not rows:
         raise CpadgnError(f"{path} has a header but no data rows")

@@ -21,6 +21,18 @@ def test_csv_with_and_without_header(tmp_path):
         np.testing.assert_array_equal(X, want)
 
 
+def test_csv_header_of_column_numbers(tmp_path):
+    """pandas' header for an unnamed array (0..D-1, or 1..D) is a header from D = 4 on;
+    other integer rows, and three or fewer columns, stay data."""
+    rows = "1.5,2,3,4\n5,6,7,8\n"
+    for head in ("0,1,2,3", "1,2,3,4", " 0, 1 ,2,3"):
+        (tmp_path / "p.csv").write_text(f"{head}\n{rows}")
+        np.testing.assert_array_equal(read_data(tmp_path / "p.csv"), [[1.5, 2, 3, 4], [5, 6, 7, 8]])
+    for first, cols in (("0,1,2\n", 3), ("0,1,2,4\n", 4), ("0.0,1,2,3\n", 4), ("2,3,4,5\n", 4)):
+        (tmp_path / "d.csv").write_text(first + ",".join(["7"] * cols) + "\n")
+        assert read_data(tmp_path / "d.csv").shape == (2, cols)
+
+
 def test_csv_missing_values(tmp_path):
     (tmp_path / "m.csv").write_text("x,y,z\n1,,3\nNA,nan,N/A\n NaN , null ,2\n")
     X = read_data(tmp_path / "m.csv")
