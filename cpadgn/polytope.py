@@ -1472,14 +1472,8 @@ def _level_bound(c, d, z, pick):
 def _splitmix64(x):
     """The splitmix64 finaliser of uint64 values x (any shape): a bijection whose outputs
     for distinct inputs behave as independent uniform 64-bit words."""
-    z = np.asarray(x, dtype=_U64)
-    if z.ndim:
-        return _splitmix64_inplace(z.copy())
-    with np.errstate(over="ignore"):
-        z = z + _U64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
+    z = np.array(x, dtype=_U64)                                          # a copy
+    return _splitmix64_inplace(z.reshape(-1)).reshape(z.shape)
 
 
 def _splitmix64_inplace(z):
