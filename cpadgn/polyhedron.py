@@ -931,19 +931,14 @@ def _edge_terms_by_lines(first, second, b, c, t_lo, t_hi, owen=False):
     NE = b.size
     swap = c[second] < c[first]
     m, j = np.where(swap, second, first), np.where(swap, first, second)   # m: the smaller c
-    line = [first, m, j, b[m], c[m], b[j], c[j]]
-    rho2_m, rho2_j = line[3] * line[3] + line[4] * line[4], line[5] * line[5] + line[6] * line[6]
+    rho2_m, rho2_j = b[m] * b[m] + c[m] * c[m], b[j] * b[j] + c[j] * c[j]
     agree = np.abs(rho2_m - rho2_j) <= 64 * np.finfo(float).eps * (rho2_m + rho2_j)
     alone = np.ones(NE, bool)
-    alone[line[1][agree]] = alone[line[2][agree]] = False
+    alone[m[agree]] = alone[j[agree]] = False
     rest = np.flatnonzero(alone)
-    if rest.size or not agree.all():
-        b_rest, c_rest = b[rest], c[rest]
-        line = [np.concatenate([x[agree], y]) for x, y in zip(line, [rest, rest, rest, b_rest, c_rest, b_rest,
-                                                                        c_rest])]
-    f, m, j, b_m, c_m, b_j, c_j = line
+    f, m, j = (np.concatenate([x[agree], rest]) for x in (first, m, j))
     log_T, log_G = np.empty(NE), np.empty(NE) if owen else None
-    terms = _twin_edge_terms(b_m, c_m, b_j, c_j, t_lo[f], t_hi[f], owen)
+    terms = _twin_edge_terms(b[m], c[m], b[j], c[j], t_lo[f], t_hi[f], owen)
     log_T[j], log_T[m] = terms[1], terms[0]                              # an edge alone: m = j, its own T
     if owen:
         log_G[j], log_G[m] = terms[3], terms[2]
