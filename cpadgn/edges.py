@@ -74,18 +74,17 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
                        / np.where(ok, norm, 1.0), 0.0)
         volume = np.where((live & ~np.isfinite(length)).any(-1), np.inf,
                           np.where(live, length * arm, 0.0).sum(-1) / 6.0)
-    # Where two edges share a line (three facets through it: a degenerate region) the
-    # sum counts that line twice, so no volume is claimed there.
-    dup = _shared_lines(p, e, live)
-    volume = np.where(dup | ~(volume > 0), np.inf, volume)
     # compact: live edges first, padded to the largest count
     n = live.sum(1)
     E = max(int(n.max(initial=0)), 1)
     order = np.argsort(~live, axis=1, kind="stable")[:, :E]
     take = lambda x: np.take_along_axis(x, order if x.ndim == 2 else order[..., None], 1)
     real = take(live)
-    return Edges(p=np.where(real[..., None], take(p), 0.0), e=np.where(real[..., None], take(e), 0.0),
-                 lo=np.where(real, take(lo), 0.0), hi=np.where(real, take(hi), 0.0), real=real,
+    p, e = np.where(real[..., None], take(p), 0.0), np.where(real[..., None], take(e), 0.0)
+    # Where two edges share a line (three facets through it: a degenerate region) the
+    # sum counts that line twice, so no volume is claimed there.
+    volume = np.where(_shared_lines(p, e, real) | ~(volume > 0), np.inf, volume)
+    return Edges(p=p, e=e, lo=np.where(real, take(lo), 0.0), hi=np.where(real, take(hi), 0.0), real=real,
                  volume=volume)
 
 

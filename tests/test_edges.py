@@ -74,3 +74,16 @@ def test_volume_matches_the_convex_hull_and_is_infinite_exactly_when_unbounded()
     hull = np.array([ConvexHull(HalfspaceIntersection(np.hstack([a[i], -c[i][:, None]]), centre[i])
                                 .intersections).volume for i in np.flatnonzero(~unb)])
     np.testing.assert_allclose(volume[~unb], hull, rtol=1e-10)       # ~1e-14 observed; vertices rounded
+
+
+def test_no_volume_is_claimed_where_a_third_facet_runs_through_an_edge():
+    # The cube [-1, 1]^3 has volume 8.  A ninth facet x + y <= 2 touches it along the edge
+    # x = y = 1, which is then an edge of three facet pairs on one line: the edge sum
+    # would count that line more than once, so no volume may be claimed (inf).
+    cube = np.vstack([np.eye(3), -np.eye(3)])
+    extra = np.array([[1.0, 1.0, 0.0]]) / np.sqrt(2.0)
+    a = np.stack([np.vstack([cube, -extra]), np.vstack([cube, extra])])
+    c = np.array([[1.0] * 6 + [5.0], [1.0] * 6 + [np.sqrt(2.0)]])
+    volume = polyhedron_edges(a, c, np.ones((2, 7), bool)).volume
+    assert volume[0] == pytest.approx(8.0, rel=1e-14)                  # a facet that never touches
+    assert volume[1] == np.inf
