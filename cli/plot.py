@@ -54,7 +54,8 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
       cpadgn plot partition sample_data/digits_generator.h5 -o map.png \\
           --data sample_data/digits_test.csv --row 0 --row 3
       cpadgn plot partition sample_data/wave_generator.h5 -o wave.png --data sample_data/wave.csv --row 5
-      cpadgn plot partition s3.h5 -o slice.png --data sample_data/digits_test.csv --row 0
+      cpadgn fit sample_data/digits_train.csv -o s3.h5 --latent-dim 3 --hidden 8,8 --max-iter 2
+      cpadgn plot partition s3.h5 -o slice.png --data sample_data/digits_test.csv --row 0 --row 3
       cpadgn plot partition s3.h5 -o slice13.png --slice-axes 1,3 --slice-at 0.5
     """
     from cpadgn import plot as pictures

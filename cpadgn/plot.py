@@ -389,7 +389,7 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
             zax.set_ylim(*zw[1])
             zax.set_aspect("equal", adjustable="box")
             zax.tick_params(labelsize=7)
-            on = f" on {own.describe()}" if S > 2 else ""
+            on = f"\non the slice {own.describe()}" if S > 2 else ""
             zax.set_title(f"row {r}: exact p(z | x){on}\nlog p(x) = {post.log_likelihood[i]:.2f}",
                           fontsize=8)
             (x0, x1), (y0, y1) = zw
