@@ -78,18 +78,34 @@ def check_image_path(path, inputs: dict | None = None) -> Path:
 # ================================================================ geometry
 def clip_polygon(vertices: np.ndarray, a: np.ndarray, b: float) -> np.ndarray:
     """The convex polygon vertices (V, 2) cut by the half-plane a . z <= b (Sutherland-Hodgman)."""
-    if len(vertices) == 0:
-        return vertices
-    s = vertices @ a - b
-    out = []
-    for i in range(len(vertices)):
-        j = (i + 1) % len(vertices)
-        if s[i] <= 0:
-            out.append(vertices[i])
-        if (s[i] < 0 < s[j]) or (s[j] < 0 < s[i]):
-            t = s[i] / (s[i] - s[j])
-            out.append(vertices[i] + t * (vertices[j] - vertices[i]))
-    return np.array(out).reshape(-1, 2)
+    v, n = clip_polygons(np.asarray(vertices, dtype=np.float64)[None], np.array([len(vertices)]),
+                         np.asarray(a, dtype=np.float64)[None], np.array([b], dtype=np.float64))
+    return v[0, :n[0]]
+
+
+def clip_polygons(vertices: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """Convex polygons cut by one half-plane each (Sutherland-Hodgman, batched).
+
+    vertices (B, V, 2), the first counts (B,) of each row in use; half-planes a (B, 2) . z <= b (B,).
+    Returns the clipped vertices (B, V', 2) and their counts (B,): each kept vertex, then the
+    crossing point of each edge whose ends lie strictly on both sides."""
+    B, V = vertices.shape[:2]
+    if V == 0:
+        return vertices, counts
+    i = np.arange(V)
+    j = np.where(i + 1 < counts[:, None], i + 1, 0)                          # next vertex (B, V)
+    valid = i < counts[:, None]
+    s = np.einsum("bvk,bk->bv", vertices, a) - b[:, None]
+    sj = np.take_along_axis(s, j, 1)
+    vj = np.take_along_axis(vertices, j[..., None], 1)
+    cross = valid & (((s < 0) & (0 < sj)) | ((sj < 0) & (0 < s)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(cross, s / (s - sj), 0.0)
+    cand = np.stack([vertices, vertices + t[..., None] * (vj - vertices)], 2).reshape(B, 2 * V, 2)
+    keep = np.stack([valid & (s <= 0), cross], 2).reshape(B, 2 * V)
+    new_counts = keep.sum(1)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :max(int(new_counts.max(initial=0)), 1)]
+    return np.take_along_axis(cand, order[..., None], 1), new_counts
 
 
 def box_polygon(window) -> np.ndarray:
@@ -122,18 +138,29 @@ def region_polygons(model, window, regions=None, plane=None, chunk: int = 4096):
         idx = regions[start:start + chunk]
         G, h, mask = user_facets(model, idx)
         Gu, hu = G @ plane.basis, h - G @ plane.origin
-        # a facet with every window corner outside it leaves nothing to clip (saves the loop at S >= 3)
-        missed = (((Gu @ box.T) > hu[..., None]).all(-1) & mask).any(1)
-        for i in np.flatnonzero(~missed):
-            poly = box
-            for a, b in zip(Gu[i][mask[i]], hu[i][mask[i]]):
-                poly = clip_polygon(poly, a, b)
-                if len(poly) < 3:
-                    break
-            if len(poly) >= 3 and _area(poly) > 0:
+        # a facet with every window corner outside it leaves nothing to clip
+        live = ~((((Gu @ box.T) > hu[..., None]).all(-1) & mask).any(1))
+        idx, Gu, hu, mask = idx[live], Gu[live], hu[live], mask[live]
+        verts, counts = np.broadcast_to(box, (len(idx), 4, 2)), np.full(len(idx), 4)
+        for f in range(Gu.shape[1]):
+            on = mask[:, f] & (counts >= 3)
+            if on.any():
+                v, c = clip_polygons(verts[on], counts[on], Gu[on, f], hu[on, f])
+                verts = _widen(verts, v.shape[1])
+                verts[on, :v.shape[1]], counts[on] = v, c
+        for i in np.flatnonzero(counts >= 3):
+            poly = verts[i, :counts[i]]
+            if _area(poly) > 0:
                 keep.append(idx[i])
                 polys.append(poly)
     return np.array(keep, dtype=np.int64), polys
+
+
+def _widen(verts: np.ndarray, V: int) -> np.ndarray:
+    """A writable copy of verts (B, V0, 2) with at least V vertex slots."""
+    out = np.zeros((verts.shape[0], max(V, verts.shape[1]), 2))
+    out[:, :verts.shape[1]] = verts
+    return out
 
 
 def _area(poly: np.ndarray) -> float:
