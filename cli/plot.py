@@ -23,16 +23,29 @@ def plot():
               help="Draw the exact posterior p(z | x) of row I of DATA (0 = the first data row; "
                    "repeat for several).")
 @click.option("--size", default=None, metavar="WxH", help="Picture size in pixels [default: by layout].")
+@click.option("--slice-axes", default=None, metavar="I,J",
+              help="S >= 3 (or S = 2, to swap): the two latent axes zI, zJ spanning the slice, "
+                   "numbered from 1 like the pictures' z1..zS and score's z_mean_1..S [default: 1,2].")
+@click.option("--slice-at", default=None, metavar="V[,V...]",
+              help="S >= 3: the values of the other latent coordinates on the slice (one for all, or "
+                   "S - 2 in axis order) [default: those of E[z | x] of the first --row, else the "
+                   "prior mean].")
 @model_options
 @user_errors
-def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache, max_regions, device,
-              memory_budget, trust_pickle, quiet, debug):
-    """Draw MODEL's latent partition (S = 1 or 2) and the exact posteriors of some rows.
+def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice_at, noise_std, cache,
+              max_regions, device, memory_budget, trust_pickle, quiet, debug):
+    """Draw MODEL's latent partition and the exact posteriors of some rows.
 
     S = 2: the linear regions over a window holding > 99% of the prior mass, shaded by
     their log prior mass, with the prior's 50/90/99% contours; each --row gets its
     posterior mean marked and a zoomed panel with the exact density p(z | x) (the
-    mixture of Gaussians truncated to their regions).  S = 1: the prior density, the
+    mixture of Gaussians truncated to their regions).  S >= 3: the same picture on a
+    2-D slice, the plane spanned by two latent axes (--slice-axes) with the other
+    coordinates fixed (--slice-at; by default through E[z | x] of the first --row, so
+    its posterior is seen where it is, else through the prior mean): the regions cut by
+    the plane, shaded by the prior mass of the whole S-D region, the prior's ellipsoids
+    cut by the plane, and p(z | x) on the plane; each zoomed panel is the slice through
+    its own row's E[z | x] unless --slice-at is given.  S = 1: the prior density, the
     breakpoints between regions and p(z | x) of each row.
 
     \b
@@ -41,6 +54,9 @@ def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache,
       cpadgn plot partition sample_data/digits_generator.h5 -o map.png \\
           --data sample_data/digits_test.csv --row 0 --row 3
       cpadgn plot partition sample_data/wave_generator.h5 -o wave.png --data sample_data/wave.csv --row 5
+      cpadgn fit sample_data/digits_train.csv -o s3.h5 --latent-dim 3 --hidden 8,8 --max-iter 2
+      cpadgn plot partition s3.h5 -o slice.png --data sample_data/digits_test.csv --row 0 --row 3
+      cpadgn plot partition s3.h5 -o slice13.png --slice-axes 1,3 --slice-at 0.5
     """
     from cpadgn import plot as pictures
     from cpadgn.data import read_data
@@ -50,6 +66,8 @@ def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache,
         size = None if size is None else pictures.parse_image_shape(size)
     except ValueError as e:
         raise CpadgnError(f"--size: {str(e).replace('HxW', 'WxH')}") from None
+    axes = None if slice_axes is None else parse_slice_axes(slice_axes)
+    at = None if slice_at is None else parse_slice_at(slice_at)
     pictures.check_image_path(out, inputs=command_inputs(model_path, data_path, cache))
     X = None if data_path is None else read_data(data_path, dataset=dataset)
     if X is not None:
@@ -59,6 +77,32 @@ def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache,
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device, memory_budget=memory_budget,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X,
                        need_noise=bool(rows))
-    pictures.save(pictures.partition(model, X, rows=list(rows), size=size), out)
+    S = model.latent_dim
+    why = axes is not None and pictures.slice_axes_error(axes, S)
+    if why:
+        raise CpadgnError(f"--slice-axes {slice_axes}: {why}")
+    why = at is not None and pictures.slice_at_error(at, (0, 1) if axes is None else axes, S)
+    if why:
+        raise CpadgnError(f"--slice-at {slice_at}: {why}")
+    fig = pictures.partition(model, X, rows=list(rows), size=size, slice_axes=axes, slice_at=at)
+    pictures.save(fig, out)
     if not quiet:
         click.echo(f"wrote {out}", err=True)
+
+
+def parse_slice_axes(text: str):
+    """'1,3' or 'z1,z3' -> (0, 2), the 0-based axes; CpadgnError otherwise (ranges are checked
+    against the model later)."""
+    parts = [p.strip().lower().removeprefix("z") for p in text.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise CpadgnError(f"--slice-axes {text}: give two latent axes numbered from 1, e.g. 1,3")
+    return tuple(int(p) - 1 for p in parts)
+
+
+def parse_slice_at(text: str):
+    """'0.5' or '0.5,-1' -> array of floats; CpadgnError otherwise."""
+    import numpy as np
+    try:
+        return np.array([float(p) for p in text.split(",")], dtype=np.float64)
+    except ValueError:
+        raise CpadgnError(f"--slice-at {text}: give numbers separated by commas, e.g. 0.5 or 0.5,-1") from None

@@ -8,7 +8,9 @@ inline).  ``save(fig, path)`` writes it atomically.
   holding > 99% of the prior mass, shaded by their log prior mass, with the prior's
   50/90/99% contours; with rows, each row's exact posterior density p(z | x) (the
   mixture of Gaussians truncated to their regions) in a zoomed panel with its mean
-  E[z | x].  S = 1: the prior density, the breakpoints and p(z | x) of the rows.
+  E[z | x].  S >= 3: the same picture on a 2-D slice of the latent space (``LatentSlice``:
+  the plane through a point spanned by two latent axes).  S = 1: the prior density, the
+  breakpoints and p(z | x) of the rows.
 - ``scores_histogram``: the exact log p(x) of the rows, the anomaly threshold and the
   model's own distribution of log p.
 - ``imputations``: observed pixels, missing mask, conditional mean, std and draws.
@@ -19,6 +21,7 @@ w = L^-1 (z - prior_mean), prior_cov = L L^T, and are mapped back here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,18 +78,34 @@ def check_image_path(path, inputs: dict | None = None) -> Path:
 # ================================================================ geometry
 def clip_polygon(vertices: np.ndarray, a: np.ndarray, b: float) -> np.ndarray:
     """The convex polygon vertices (V, 2) cut by the half-plane a . z <= b (Sutherland-Hodgman)."""
-    if len(vertices) == 0:
-        return vertices
-    s = vertices @ a - b
-    out = []
-    for i in range(len(vertices)):
-        j = (i + 1) % len(vertices)
-        if s[i] <= 0:
-            out.append(vertices[i])
-        if (s[i] < 0 < s[j]) or (s[j] < 0 < s[i]):
-            t = s[i] / (s[i] - s[j])
-            out.append(vertices[i] + t * (vertices[j] - vertices[i]))
-    return np.array(out).reshape(-1, 2)
+    v, n = clip_polygons(np.asarray(vertices, dtype=np.float64)[None], np.array([len(vertices)]),
+                         np.asarray(a, dtype=np.float64)[None], np.array([b], dtype=np.float64))
+    return v[0, :n[0]]
+
+
+def clip_polygons(vertices: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """Convex polygons cut by one half-plane each (Sutherland-Hodgman, batched).
+
+    vertices (B, V, 2), the first counts (B,) of each row in use; half-planes a (B, 2) . z <= b (B,).
+    Returns the clipped vertices (B, V', 2) and their counts (B,): each kept vertex, then the
+    crossing point of each edge whose ends lie strictly on both sides."""
+    B, V = vertices.shape[:2]
+    if V == 0:
+        return vertices, counts
+    i = np.arange(V)
+    j = np.where(i + 1 < counts[:, None], i + 1, 0)                          # next vertex (B, V)
+    valid = i < counts[:, None]
+    s = np.einsum("bvk,bk->bv", vertices, a) - b[:, None]
+    sj = np.take_along_axis(s, j, 1)
+    vj = np.take_along_axis(vertices, j[..., None], 1)
+    cross = valid & (((s < 0) & (0 < sj)) | ((sj < 0) & (0 < s)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(cross, s / (s - sj), 0.0)
+    cand = np.stack([vertices, vertices + t[..., None] * (vj - vertices)], 2).reshape(B, 2 * V, 2)
+    keep = np.stack([valid & (s <= 0), cross], 2).reshape(B, 2 * V)
+    new_counts = keep.sum(1)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :max(int(new_counts.max(initial=0)), 1)]
+    return np.take_along_axis(cand, order[..., None], 1), new_counts
 
 
 def box_polygon(window) -> np.ndarray:
@@ -103,26 +122,45 @@ def user_facets(model, regions: np.ndarray):
     return GL, h + GL @ model.prior_mean, mask
 
 
-def region_polygons(model, window, regions=None):
-    """The regions (S = 2) clipped to window = ((x0, x1), (y0, y1)), user coordinates.
+def region_polygons(model, window, regions=None, plane=None, chunk: int = 4096):
+    """The regions clipped to window = ((x0, x1), (y0, y1)) on a plane, in its coordinates.
 
+    plane: a ``LatentSlice`` (default: the whole latent plane at S = 2).  Region {z : G z <= h}
+    meets the plane z = z0 + E u in the convex polygon {u : (G E) u <= h - G z0}.
     Returns the indices (B,) of the regions that meet the window and their polygons
-    (a list of (V, 2) vertex arrays)."""
+    (a list of (V, 2) vertex arrays in u)."""
     part = model.partition()
+    plane = latent_slice(model) if plane is None else plane
     regions = np.arange(part.n_regions) if regions is None else np.asarray(regions)
-    G, h, mask = user_facets(model, regions)
     box = box_polygon(window)
     keep, polys = [], []
-    for i, r in enumerate(regions):
-        poly = box
-        for a, b in zip(G[i][mask[i]], h[i][mask[i]]):
-            poly = clip_polygon(poly, a, b)
-            if len(poly) < 3:
-                break
-        if len(poly) >= 3 and _area(poly) > 0:
-            keep.append(r)
-            polys.append(poly)
+    for start in range(0, len(regions), chunk):
+        idx = regions[start:start + chunk]
+        G, h, mask = user_facets(model, idx)
+        Gu, hu = G @ plane.basis, h - G @ plane.origin
+        # a facet with every window corner outside it leaves nothing to clip
+        live = ~((((Gu @ box.T) > hu[..., None]).all(-1) & mask).any(1))
+        idx, Gu, hu, mask = idx[live], Gu[live], hu[live], mask[live]
+        verts, counts = np.broadcast_to(box, (len(idx), 4, 2)), np.full(len(idx), 4)
+        for f in range(Gu.shape[1]):
+            on = mask[:, f] & (counts >= 3)
+            if on.any():
+                v, c = clip_polygons(verts[on], counts[on], Gu[on, f], hu[on, f])
+                verts = _widen(verts, v.shape[1])
+                verts[on, :v.shape[1]], counts[on] = v, c
+        for i in np.flatnonzero(counts >= 3):
+            poly = verts[i, :counts[i]]
+            if _area(poly) > 0:
+                keep.append(idx[i])
+                polys.append(poly)
     return np.array(keep, dtype=np.int64), polys
+
+
+def _widen(verts: np.ndarray, V: int) -> np.ndarray:
+    """A writable copy of verts (B, V0, 2) with at least V vertex slots."""
+    out = np.zeros((verts.shape[0], max(V, verts.shape[1]), 2))
+    out[:, :verts.shape[1]] = verts
+    return out
 
 
 def _area(poly: np.ndarray) -> float:
@@ -138,6 +176,91 @@ def prior_window(model, points=None, radius: float = WINDOW_RADIUS):
         pad = 0.05 * (hi - lo)
         lo, hi = np.minimum(lo, points.min(0) - pad), np.maximum(hi, points.max(0) + pad)
     return tuple(zip(lo.tolist(), hi.tolist()))
+
+
+# ================================================================== slices
+@dataclass(frozen=True)
+class LatentSlice:
+    """The plane z = origin + basis u of the user's latent space R^S, spanned by the
+    coordinate axes ``axes`` = (i, j) (0-based; the pictures call them z{i+1}, z{j+1}):
+    u = (z_i, z_j), and origin (S,) is 0 on those two axes and holds the fixed values of
+    the other S - 2 coordinates.  At S = 2 the slice is the whole latent plane."""
+    axes: tuple
+    origin: np.ndarray
+
+    @property
+    def fixed(self) -> np.ndarray:
+        """The indices (S - 2,) of the coordinates the slice holds fixed."""
+        return np.setdiff1d(np.arange(self.origin.size), self.axes)
+
+    @property
+    def basis(self) -> np.ndarray:
+        """E (S, 2): columns e_i, e_j."""
+        return np.eye(self.origin.size)[:, list(self.axes)]
+
+    def lift(self, u) -> np.ndarray:
+        """Points u (P, 2) of the plane -> z (P, S)."""
+        return self.origin + np.asarray(u, dtype=np.float64) @ self.basis.T
+
+    def project(self, z) -> np.ndarray:
+        """z (P, S) -> its coordinates (P, 2) on the two axes."""
+        return np.asarray(z, dtype=np.float64)[:, list(self.axes)]
+
+    def describe(self, z=None) -> str:
+        """'z3 = 0.42' for the fixed coordinates of z (S,) (default: the origin); '' at S = 2."""
+        z = self.origin if z is None else z
+        return ", ".join(f"z{k + 1} = {z[k]:.3g}" for k in self.fixed)
+
+
+def slice_axes_error(axes, S: int):
+    """Why (0-based) axes cannot span a slice of R^S (a one-line message in the pictures'
+    1-based names z1..zS), or None."""
+    axes = list(axes)
+    if S < 2:
+        return f"S = {S} has a latent line, not a plane to slice"
+    if len(axes) != 2:
+        return f"give two latent axes, not {len(axes)}"
+    names = ", ".join(f"z{a + 1}" for a in axes)
+    if not all(0 <= a < S for a in axes):
+        return f"{names}: this model's latent axes are z1..z{S}"
+    if axes[0] == axes[1]:
+        return f"{names}: give two different axes"
+    return None
+
+
+def slice_at_error(at, axes, S: int):
+    """Why values ``at`` cannot fix the S - 2 coordinates off (0-based) axes, or None."""
+    rest = ", ".join(f"z{k + 1}" for k in range(S) if k not in axes)
+    n = len(at)
+    if S <= 2:
+        return f"S = {S} leaves no coordinate to fix; drop it"
+    if n not in (1, S - 2):
+        return f"the slice fixes {rest}: give one value for all or {S - 2}, not {n}"
+    if not np.all(np.isfinite(at)):
+        return f"the slice's values must be finite numbers, got {', '.join(map(str, at))}"
+    return None
+
+
+def latent_slice(model, axes=None, at=None, through=None) -> LatentSlice:
+    """The slice of model's latent space spanned by axes (i, j) (0-based; default (0, 1)).
+
+    The other coordinates are fixed at ``at`` (one value for all, or S - 2 values in axis
+    order), else at those of the point ``through`` (S,) (e.g. a posterior mean), else at
+    the prior mean.  CpadgnError (one line) on bad axes or values."""
+    S = model.latent_dim
+    axes = (0, 1) if axes is None else tuple(int(a) for a in axes)
+    why = slice_axes_error(axes, S)
+    if why:
+        raise CpadgnError(f"slice axes: {why}")
+    origin = np.array(model.prior_mean if through is None else through, dtype=np.float64)
+    if at is not None:
+        at = np.atleast_1d(np.asarray(at, dtype=np.float64))
+        why = slice_at_error(at, axes, S)
+        if why:
+            raise CpadgnError(f"slice offset: {why}")
+        origin[np.setdiff1d(np.arange(S), axes)] = at
+    origin[list(axes)] = 0.0
+    return LatentSlice(axes, origin)
 
 
 # ============================================================ posterior density
@@ -181,7 +304,8 @@ def posterior_density(model, X, z) -> np.ndarray:
 
 
 # ================================================================ partition
-def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid: int = 241):
+def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid: int = 241,
+              slice_axes=None, slice_at=None):
     """The latent partition of model, and the exact posteriors of some rows of X.
 
     S = 2: the regions meeting ``window`` ((x0, x1), (y0, y1); default: prior mean +-
@@ -191,16 +315,25 @@ def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid
     (a cross labelled with its row number), and unless ``ax`` is given the first 4 rows get a
     zoomed panel (its posterior mean +- 4 posterior std) with the exact p(z | x) as
     contour lines over the regions (``posterior_density`` on a grid x grid lattice).
-    S = 1: the prior density, the breakpoints between regions and each row's p(z | x)
-    with its mean marked on the axis.  size: (width, height) in pixels of a new figure.
+    S >= 3: the same picture on a 2-D slice (``latent_slice``): the plane spanned by the
+    latent axes ``slice_axes`` (0-based, default (0, 1)) with the other coordinates fixed
+    at ``slice_at`` (one value or S - 2), by default at those of the first row's E[z | x]
+    (without rows: the prior mean).  The regions are cut by the plane and shaded by the
+    log prior mass of the whole S-dimensional region; the contours are the prior's
+    50/90/99% ellipsoids cut by the plane; p(z | x) is the exact density at the plane's
+    points; each zoomed panel is the slice through its own row's E[z | x] unless
+    ``slice_at`` is given.  S = 1: the prior density, the breakpoints between regions and
+    each row's p(z | x) with its mean marked on the axis.  size: (width, height) in pixels
+    of a new figure.
     """
     S = model.latent_dim
-    if S not in (1, 2):
-        raise CpadgnError(f"the partition is drawn for S = 1 or 2 latent dimensions; this model has "
-                          f"S = {S}")
+    if S == 1 and (slice_axes is not None or slice_at is not None):
+        raise CpadgnError("slice axes: S = 1 has a latent line, not a plane to slice; drop the slice")
     rows = [] if rows is None else [int(r) for r in np.atleast_1d(rows)]
     if rows and X is None:
         raise CpadgnError("rows were given but no data: pass X (or --data DATA)")
+    if S >= 2:
+        latent_slice(model, slice_axes, slice_at)                 # bad options fail before any work
     Xr = None
     if rows:
         X = model._check_data(X)
@@ -210,8 +343,9 @@ def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid
                               "rows are counted from 0")
         Xr = X[rows]
     post = model.posterior(Xr) if rows else None
-    draw = _partition_1d if S == 1 else _partition_2d
-    return draw(model, rows, Xr, post, ax, window, size, grid)
+    if S == 1:
+        return _partition_1d(model, rows, Xr, post, ax, window, size, grid)
+    return _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes, slice_at)
 
 
 def _figure_and_axes(ax, size, default):
@@ -221,10 +355,11 @@ def _figure_and_axes(ax, size, default):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _partition_2d(model, rows, Xr, post, ax, window, size, grid):
+def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None, slice_at=None):
     from matplotlib.collections import PolyCollection
     from matplotlib.patches import Rectangle
-    part = model.partition()
+    part, S = model.partition(), model.latent_dim
+    plane = latent_slice(model, slice_axes, slice_at, None if post is None else post.z_mean[0])
     zooms = rows[:MAX_ZOOMS] if ax is None else []
     zoom_axes = []
     if ax is None:
@@ -232,43 +367,57 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid):
         ax, zoom_axes = _zoom_layout(fig, len(zooms))
     else:
         fig = ax.figure
-    window = window or prior_window(model, None if post is None else post.z_mean)
-    regions, polys = region_polygons(model, window)
+    if window is None:
+        full = prior_window(model, None if post is None else post.z_mean)
+        window = tuple(full[a] for a in plane.axes)
+    regions, polys = region_polygons(model, window, plane=plane)
     cmap, norm = _mass_colours(part.log_prior_mass[regions])
     coll = PolyCollection(polys, array=part.log_prior_mass[regions], cmap=cmap, norm=norm,
                           edgecolors=(1, 1, 1, 0.6), linewidths=0.25)
     coll.cpadgn_regions = regions
+    coll.cpadgn_slice = plane
     ax.add_collection(coll)
-    fig.colorbar(coll, ax=ax, label="log prior mass of the region", shrink=0.8, fraction=0.05)
-    _prior_contours(ax, model)
+    fig.colorbar(coll, ax=ax, label=_mass_label(part, S), shrink=0.8, fraction=0.05)
+    _prior_contours(ax, model, plane)
     ax.set_xlim(*window[0])
     ax.set_ylim(*window[1])
     ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("z1")
-    ax.set_ylabel("z2")
-    ax.set_title(f"{part.n_regions:,} linear regions ({len(regions):,} in view)", fontsize=10)
+    ax.set_xlabel(f"z{plane.axes[0] + 1}")
+    ax.set_ylabel(f"z{plane.axes[1] + 1}")
+    if S == 2:
+        ax.set_title(f"{part.n_regions:,} linear regions ({len(regions):,} in view)", fontsize=10)
+    else:
+        where = ("" if slice_at is not None else
+                 f", through E[z | x] of row {rows[0]}" if rows else ", through the prior mean")
+        ax.set_title(f"slice {plane.describe()}{where}: {len(regions):,} of the\n"
+                     f"{part.n_regions:,} linear regions of the S = {S} latent space in view", fontsize=9)
     for i, r in enumerate(rows):
         colour = ROW_COLOURS[i % len(ROW_COLOURS)]
-        _mark_mean(ax, post.z_mean[i], colour, f"row {r}")
+        off = plane.describe(post.z_mean[i])
+        _mark_mean(ax, plane.project(post.z_mean[i:i + 1])[0], colour,
+                   f"row {r}" + (f" (at {off})" if off else ""))
         if i >= len(zooms):
-            zw = _posterior_window(post.z_mean[i], post.z_cov[i])
-            _posterior_contours(ax, model, Xr[i:i + 1], zw, grid, colour)
+            zw = _posterior_window(post.z_mean[i], post.z_cov[i], plane.axes)
+            _posterior_contours(ax, model, Xr[i:i + 1], zw, grid, colour, plane)
     if rows:
         for i, (r, zax) in enumerate(zip(zooms, zoom_axes)):
             colour = ROW_COLOURS[i % len(ROW_COLOURS)]
-            zw = _posterior_window(post.z_mean[i], post.z_cov[i])
-            zr, zp = region_polygons(model, zw)
+            own = latent_slice(model, plane.axes, slice_at, post.z_mean[i])
+            zw = _posterior_window(post.z_mean[i], post.z_cov[i], plane.axes)
+            zr, zp = region_polygons(model, zw, plane=own)
             zc = PolyCollection(zp, array=part.log_prior_mass[zr], cmap=cmap, norm=norm,
                                 edgecolors="white", linewidths=0.6)
             zc.cpadgn_regions = zr
+            zc.cpadgn_slice = own
             zax.add_collection(zc)
-            _posterior_contours(zax, model, Xr[i:i + 1], zw, grid, "black")
-            _mark_mean(zax, post.z_mean[i], colour, None)
+            _posterior_contours(zax, model, Xr[i:i + 1], zw, grid, "black", own)
+            _mark_mean(zax, own.project(post.z_mean[i:i + 1])[0], colour, None)
             zax.set_xlim(*zw[0])
             zax.set_ylim(*zw[1])
             zax.set_aspect("equal", adjustable="box")
             zax.tick_params(labelsize=7)
-            zax.set_title(f"row {r}: exact p(z | x)\nlog p(x) = {post.log_likelihood[i]:.2f}",
+            on = f"\non the slice {own.describe()}" if S > 2 else ""
+            zax.set_title(f"row {r}: exact p(z | x){on}\nlog p(x) = {post.log_likelihood[i]:.2f}",
                           fontsize=8)
             (x0, x1), (y0, y1) = zw
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.0,
@@ -276,6 +425,14 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid):
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     fig.cpadgn_main_axes = ax
     return fig
+
+
+def _mass_label(part, S: int) -> str:
+    """The colorbar's label: at S >= 3 the shade is the mass of the whole region, not of its slice."""
+    if S == 2:
+        return "log prior mass of the region"
+    how = "exact" if not np.any(part.log_prior_mass_stderr) else "QMC estimate"
+    return f"log prior mass of the whole {S}-D region ({how})"
 
 
 def _zoom_layout(fig, n: int):
@@ -299,15 +456,30 @@ def _mass_colours(log_mass: np.ndarray):
     return colormaps["viridis"], Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
 
 
-def _prior_contours(ax, model):
-    """The prior's 50/90/99% ellipses {m + L r (cos t, sin t)}, r^2 = -2 log(1 - mass)."""
+def _prior_contours(ax, model, plane):
+    """The prior's 50/90/99% ellipsoids |w| = r (w = L^-1 (z - m), r^2 the chi^2_S quantile of
+    the mass) cut by the plane z = z0 + E u: with w = w0 + M u, M = L^-1 E, the ellipse
+    (u - u*)^T M^T M (u - u*) = r^2 - d^2, u* the plane's point nearest the prior mean in w,
+    d = |w0 + M u*| (empty for r <= d).  At S = 2 (d = 0) these are the prior's own contours."""
+    from scipy.stats import chi2
     t = np.linspace(0, 2 * np.pi, 361)
     circle = np.stack([np.cos(t), np.sin(t)])
-    for k, mass in enumerate(PRIOR_CONTOUR_MASSES):
-        r = np.sqrt(-2 * np.log1p(-mass))
-        e = model.prior_mean[:, None] + model.prior_chol @ (r * circle)
+    M = np.linalg.solve(model.prior_chol, plane.basis)
+    w0 = np.linalg.solve(model.prior_chol, plane.origin - model.prior_mean)
+    MtM = M.T @ M
+    centre = -np.linalg.solve(MtM, M.T @ w0)
+    d2 = float(np.sum((w0 + M @ centre) ** 2))
+    C = np.linalg.cholesky(np.linalg.inv(MtM))
+    what = "contours" if model.latent_dim == 2 else "ellipsoids cut by the slice"
+    first = True
+    for mass in PRIOR_CONTOUR_MASSES:
+        r2 = float(chi2.ppf(mass, model.latent_dim))
+        if r2 <= d2:
+            continue
+        e = centre[:, None] + C @ (np.sqrt(r2 - d2) * circle)
         ax.plot(e[0], e[1], color="black", lw=0.8, ls=(0, (4, 3)), alpha=0.8,
-                label="prior 50/90/99% contours" if k == 0 else None)
+                label=f"prior 50/90/99% {what}" if first else None)
+        first = False
 
 
 def _mark_mean(ax, z, colour, label):
@@ -315,18 +487,19 @@ def _mark_mean(ax, z, colour, label):
             label=None if label is None else f"E[z | x], {label}", gid="posterior_mean")
 
 
-def _posterior_window(mean, cov, k: float = 4.0):
-    """A square window around mean, +- k times the larger posterior std."""
-    half = k * float(np.sqrt(np.max(np.diag(cov))))
-    return ((mean[0] - half, mean[0] + half), (mean[1] - half, mean[1] + half))
+def _posterior_window(mean, cov, axes=(0, 1), k: float = 4.0):
+    """A square window around mean (S,) on two axes, +- k times their larger posterior std."""
+    i, j = axes
+    half = k * float(np.sqrt(max(cov[i, i], cov[j, j])))
+    return ((mean[i] - half, mean[i] + half), (mean[j] - half, mean[j] + half))
 
 
-def _posterior_contours(ax, model, x, window, grid, colour):
-    """Contour lines of the exact p(z | x) of one row x (1, D) over window."""
+def _posterior_contours(ax, model, x, window, grid, colour, plane):
+    """Contour lines of the exact p(z | x) of one row x (1, D) over window on plane."""
     gx = np.linspace(*window[0], grid)
     gy = np.linspace(*window[1], grid)
-    Z = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)
-    dens = posterior_density(model, x, Z)[0].reshape(grid, grid)
+    U = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)
+    dens = posterior_density(model, x, plane.lift(U))[0].reshape(grid, grid)
     top = float(dens.max())
     if top <= 0:
         return None

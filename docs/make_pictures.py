@@ -40,11 +40,15 @@ def main():
                "--data", f"{SAMPLE}/digits_test.csv", "--row", 0, "--row", 3, "--size", "750x500")
         cpadgn("plot", "partition", f"{SAMPLE}/wave_generator.h5", "-o", "docs/partition_wave.png",
                "--data", f"{SAMPLE}/wave.csv", "--row", 11, "--row", 112, "--row", 202)
+        cpadgn("fit", f"{SAMPLE}/digits_train.csv", "-o", tmp / "s3.h5", "--latent-dim", 3, "--hidden", "8,8",
+               "--max-iter", 2)
+        cpadgn("plot", "partition", tmp / "s3.h5", "-o", "docs/slice_digits.png",
+               "--data", f"{SAMPLE}/digits_test.csv", "--row", 0, "--row", 3)
         cpadgn("score", f"{SAMPLE}/digits_generator.h5", f"{SAMPLE}/digits_test.csv", "-o", tmp / "scores.csv",
                "--alpha", 0.01, "--plot", "docs/scores.png")
         cpadgn("impute", f"{SAMPLE}/digits_generator.h5", tmp / "holes.csv", "-o", tmp / "draws.npy",
                "--draws", 4, "--plot", "docs/imputations.png", "--image-shape", "8x8")
-    for name in ("partition_digits", "partition_wave", "scores", "imputations"):
+    for name in ("partition_digits", "partition_wave", "slice_digits", "scores", "imputations"):
         palette(DOCS / f"{name}.png")
         print(f"docs/{name}.png: {(DOCS / f'{name}.png').stat().st_size // 1024} KB")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from scipy.integrate import trapezoid
-from scipy.stats import multivariate_normal
+from scipy.stats import chi2, multivariate_normal
 
 from cli.main import main
 from cpadgn import plot
@@ -31,6 +31,21 @@ RGB_TOL = 2.5 / 255          # 8-bit colour quantisation (1/255) plus rounding o
 def model2():
     net = random_net(2, (8, 8), 3, seed=4, scale=2.0)
     return CPAModel(net, prior_mean=MEAN, prior_cov=COV, noise_std=NOISE, device="cpu")
+
+
+MEAN3 = np.array([0.3, -0.2, 0.1])
+COV3 = np.array([[1.3, 0.3, -0.2], [0.3, 0.9, 0.25], [-0.2, 0.25, 1.1]])
+
+
+@pytest.fixture(scope="module")
+def model3():
+    net = random_net(3, (6, 6), 4, seed=1, scale=2.0)
+    return CPAModel(net, prior_mean=MEAN3, prior_cov=COV3, noise_std=NOISE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model4():
+    return CPAModel(random_net(4, (6, 6), 5, seed=3, scale=2.0), noise_std=NOISE, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +103,21 @@ def test_posterior_density_is_bayes_rule(model2, model1):
 
 
 # ---------------------------------------------------------------- S = 2 regions
-def located_pixels(fig, buf, ax, model, n=4000, margin=3, seed=0):
+def located_pixels(fig, buf, ax, model, n=4000, margin=3, seed=0, lift=lambda u: u):
     """Random pixels of ax whose (2 margin + 1)^2 neighbourhood lies in one region (by
-    a forward pass): their centres in data coordinates (k, 2), region (k,) and RGB."""
+    a forward pass at lift(u), the latent point (k, S) of ax's points u (k, 2)): their
+    centres in data coordinates (k, 2), region (k,) and RGB."""
     x0, y0, x1, y1 = ax.get_window_extent().extents
     rng = np.random.default_rng(seed)
     px = np.column_stack([rng.integers(int(x0) + 8, int(x1) - 8, n), rng.integers(int(y0) + 8, int(y1) - 8, n)])
     offs = np.array([(i, j) for i in (-margin, 0, margin) for j in (-margin, 0, margin)])
     pts = ax.transData.inverted().transform((px[:, None, :] + 0.5 + offs[None]).reshape(-1, 2))
-    w = np.linalg.solve(model.prior_chol, (pts - model.prior_mean).T).T
+    S = model.latent_dim
+    w = np.linalg.solve(model.prior_chol, (lift(pts) - model.prior_mean).T).T
     reg = model.partition().locate(model.net, w).reshape(n, len(offs))
     # keep pixels away from the prior's contour ellipses too (Mahalanobis radius r_k)
-    rho = np.sqrt((w.reshape(n, len(offs), 2) ** 2).sum(-1))
-    radii = np.sqrt(-2 * np.log1p(-np.array(plot.PRIOR_CONTOUR_MASSES)))
+    rho = np.sqrt((w.reshape(n, len(offs), S) ** 2).sum(-1))
+    radii = np.sqrt(chi2.ppf(plot.PRIOR_CONTOUR_MASSES, S))
     near_contour = ((rho.min(1)[:, None] < radii + 0.05) & (rho.max(1)[:, None] > radii - 0.05)).any(1)
     one = (reg == reg[:, :1]).all(1) & (reg[:, 0] >= 0) & ~near_contour
     centres = ax.transData.inverted().transform(px[one] + 0.5)
@@ -226,10 +243,116 @@ def test_line_shows_prior_breakpoints_and_posteriors(model1):
         np.testing.assert_allclose(dens, want, rtol=1e-7, atol=1e-9 * want.max())
 
 
-def test_three_latent_dims_are_refused():
-    model = CPAModel(random_net(3, (4,), 2, seed=0), noise_std=0.1, device="cpu")
-    with pytest.raises(Exception, match="S = 1 or 2"):
-        plot.partition(model)
+# ------------------------------------------------------------- S >= 3: slices
+def forward_regions(model, z):
+    """Region index of each latent point z (P, S) (user coordinates) from the sign pattern
+    of a plain forward pass through the net's weights (the prior folded into layer 1)."""
+    h, signs = np.linalg.solve(model.prior_chol, (z - model.prior_mean).T).T, []
+    for W, b, a in zip(model.net.weights[:-1], model.net.biases[:-1], model.net.slopes):
+        pre = h @ W.T + b
+        signs.append(pre >= 0)
+        h = np.where(pre >= 0, pre, a * pre)
+    index = {p.tobytes(): r for r, p in enumerate(model.partition().patterns)}
+    return np.array([index.get(p.tobytes(), -1) for p in np.concatenate(signs, 1)])
+
+
+def edge_margins(poly, u):
+    """Signed distances (P, V) of points u (P, 2) inside each edge of the convex polygon
+    poly (V, 2), any orientation: all >= 0 inside."""
+    e = np.roll(poly, -1, 0) - poly
+    n = np.column_stack([-e[:, 1], e[:, 0]]) / np.hypot(*e.T)[:, None]
+    d = np.einsum("pvk,vk->pv", u[:, None, :] - poly[None], n)
+    x, y = poly.T
+    return d * np.sign(x @ np.roll(y, -1) - y @ np.roll(x, -1))
+
+
+@pytest.mark.parametrize("S, axes, at", [(3, (0, 2), [0.4]), (3, (2, 1), [-1.1]), (4, (1, 3), [0.3, -0.5])])
+def test_slice_polygons_tile_the_window_and_hold_their_regions_points(model3, model4, S, axes, at):
+    model = model3 if S == 3 else model4
+    window = ((-3.0, 3.5), (-2.5, 3.0))
+    regions, polys = plot.region_polygons(model, window, plane=plot.latent_slice(model, axes, at))
+    assert len(regions) >= 15 and len(set(regions)) == len(regions)
+    # the polygons' areas add up to the window's (vertex coordinates carry ~1e-15 relative error)
+    area = sum(0.5 * abs(p[:, 0] @ np.roll(p[:, 1], -1) - p[:, 1] @ np.roll(p[:, 0], -1)) for p in polys)
+    assert abs(area - 6.5 * 5.5) < 1e-9 * 6.5 * 5.5
+    # points of the plane z_axes = u, the other coordinates = at: each lies in its region's polygon
+    rng = np.random.default_rng(S)
+    u = np.column_stack([rng.uniform(*window[0], 4000), rng.uniform(*window[1], 4000)])
+    z = np.empty((len(u), S))
+    z[:, list(axes)] = u
+    z[:, [k for k in range(S) if k not in axes]] = at
+    reg = forward_regions(model, z)
+    assert (reg >= 0).all() and set(reg) <= set(regions)
+    where = {r: k for k, r in enumerate(regions)}
+    for r in set(reg):
+        inside = edge_margins(polys[where[r]], u[reg == r])
+        assert (inside.min(1) > -1e-9).all()          # on its polygon, up to the vertices' rounding
+    # ... and strictly inside no other polygon (with the areas: the polygons tile the window)
+    for k, p in enumerate(polys):
+        others = reg != regions[k]
+        assert not (edge_margins(p, u[others]).min(1) > 1e-9).any()
+
+
+def test_slice_picture_shades_its_regions_by_their_3d_mass(model3):
+    fig = plot.partition(model3, slice_axes=(2, 0), slice_at=0.3)
+    buf = rendered(fig)
+    ax = fig.cpadgn_main_axes
+    part = model3.partition()
+    coll = ax.collections[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z3", "z1") and "z2 = 0.3" in ax.get_title()
+    lift = lambda u: np.column_stack([u[:, 1], np.full(len(u), 0.3), u[:, 0]])
+    # every pixel away from an edge has the colour of its 3-D region's log prior mass
+    _, reg, rgb = located_pixels(fig, buf, ax, model3, lift=lift)
+    assert len(set(reg)) >= 8 and set(reg) <= set(coll.cpadgn_regions)
+    want = coll.cmap(coll.norm(part.log_prior_mass[reg]))[:, :3]
+    assert np.abs(rgb - want).max() <= RGB_TOL
+    label = [a for a in fig.axes if a.get_label() == "<colorbar>"][0].get_ylabel()
+    assert "whole 3-D region (exact)" in label
+    # the prior's 50/90/99% ellipsoids cut by the plane: Mahalanobis radius^2 = chi^2_3 quantile
+    rings = [ln for ln in ax.lines if ln.get_gid() != "posterior_mean"]
+    assert len(rings) == 3
+    icov = np.linalg.inv(COV3)
+    for ln, mass in zip(rings, plot.PRIOR_CONTOUR_MASSES):
+        d = lift(np.column_stack([ln.get_xdata(), ln.get_ydata()])) - MEAN3
+        # |d|^2 ~ 10 computed from the ellipse's parametrisation: ~1e-14 relative rounding
+        np.testing.assert_allclose(np.einsum("pi,ij,pj->p", d, icov, d), chi2.ppf(mass, 3), rtol=1e-10)
+
+
+def test_slice_picture_through_the_rows_posterior_means(model3):
+    X = draws(model3, 3, seed=11)
+    fig = plot.partition(model3, X, rows=[2, 0])
+    ax = fig.cpadgn_main_axes
+    post = model3.posterior(X[[2, 0]])
+    # default slice: axes z1, z2 through E[z | x] of the first row given
+    assert ax.collections[0].cpadgn_slice.axes == (0, 1)
+    assert ax.collections[0].cpadgn_slice.origin[2] == post.z_mean[0, 2]
+    assert "S = 3" in ax.get_title() and "row 2" in ax.get_title()
+    marks = [ln for ln in ax.lines if ln.get_gid() == "posterior_mean"]
+    np.testing.assert_array_equal([[m.get_xdata()[0], m.get_ydata()[0]] for m in marks], post.z_mean[:, :2])
+    # each zoomed panel: the slice through its own row's E[z | x], the exact p(z | x) on it
+    zooms = [a for a in fig.axes if a is not ax and a.get_label() != "<colorbar>"]
+    assert len(zooms) == 2
+    for k, (zax, n) in enumerate(zip(zooms, [2, 0])):
+        assert zax.collections[0].cpadgn_slice.origin[2] == post.z_mean[k, 2]
+        gx, gy, dens = [c for c in zax.collections if hasattr(c, "cpadgn_density")][0].cpadgn_density
+        sub = np.s_[::24, ::24]
+        U = np.stack(np.meshgrid(gx, gy), -1)[sub].reshape(-1, 2)
+        want = bayes_density(model3, X[n], np.column_stack([U, np.full(len(U), post.z_mean[k, 2])]))
+        np.testing.assert_allclose(dens[sub].ravel(), want, rtol=1e-7, atol=1e-9 * want.max())
+
+
+def test_slice_options_are_checked(model3, model1, model2):
+    for kw, message in [(dict(slice_axes=(0, 0)), "two different axes"),
+                        (dict(slice_axes=(0, 3)), "z1, z4: this model's latent axes are z1..z3"),
+                        (dict(slice_axes=(0, 1, 2)), "two latent axes, not 3"),
+                        (dict(slice_at=[1.0, 2.0]), "fixes z3: give one value for all or 1, not 2"),
+                        (dict(slice_at=[np.nan]), "finite")]:
+        with pytest.raises(Exception, match=message):
+            plot.partition(model3, **kw)
+    with pytest.raises(Exception, match="S = 2 leaves no coordinate to fix"):
+        plot.partition(model2, slice_at=0.5)
+    with pytest.raises(Exception, match="S = 1 has a latent line"):
+        plot.partition(model1, slice_axes=(0, 1))
 
 
 # ---------------------------------------------------------------- histogram
@@ -324,6 +447,10 @@ def test_cli_pictures(files):
             "--image-shape", "2x2", "-q", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert png_size(d / "draws.png") == (110 * 8 + 40, 120 * 4 + 50)
+    r = run("plot", "partition", d / "gen3.h5", "-o", d / "slice.png", "--slice-axes", "z1,z3", "--slice-at",
+            "0.5", "-q", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert png_size(d / "slice.png") == (600, 450)
     assert not list(d.glob("*.tmp"))
 
 
@@ -334,7 +461,13 @@ def test_cli_pictures(files):
      "past the end"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/gen.png", "--size", "7x"], "--size"),
-    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/m3.png"], "S = 1 or 2"),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "2,2"], "two different axes"),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "0,1"], "latent axes are z1..z3"),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "1"], "numbered from 1"),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "1,2"], "--slice-at 1,2: the slice"),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "x"], "give numbers"),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "inf"], "finite"),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--slice-at", "0"], "no coordinate to fix"),
     (["impute", "{d}/gen.h5", "{d}/holes.csv", "-o", "{d}/f2.csv", "--plot", "{d}/i.png", "--image-shape",
       "3x3"], "9 pixels"),
     (["impute", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/f2.csv", "--plot", "{d}/i.png"], "has none"),
