@@ -189,8 +189,9 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
     out = [_assemble(B, S, sel, r, empty) for r in res]
     if not with_geometry:
         return out
-    full = QMCGeometry.unknown(B, S)
-    return out, full if geo is None else full.merged(geo, sel)
+    if geo is None or sel.size < B:
+        geo = QMCGeometry.unknown(B, S) if geo is None else QMCGeometry.unknown(B, S).merged(geo, sel)
+    return out, geo
 
 
 def qmc_points_within(F: int, S: int, memory_budget: float) -> int:
@@ -1312,23 +1313,21 @@ class QMCGeometry:
         shapes = dict(mu=(S,), E=(S, S), zs=(S,))
         arrays = {k: np.zeros((B,) + shapes.get(k, ()), dtype=bool if k in ("empty", "fin1") else float)
                   for k in _GEOMETRY_FIELDS}
-        levels = [(np.zeros((B, 1, j - 1)), np.full((B, 1), np.inf), np.zeros((B, 1, j - 1)), np.full((B, 1), -np.inf))
-                  for j in range(2, S + 1)]
+        levels = [(np.zeros((B, 1, j - 1)), np.full((B, 1), np.inf), np.zeros((B, 1, j - 1)),
+                   np.full((B, 1), -np.inf)) for j in range(2, S + 1)]
         return cls(arrays, levels, np.zeros(B, dtype=bool))
 
     @classmethod
     def concat(cls, parts) -> "QMCGeometry":
         """Consecutive polytopes' geometries joined, the levels padded to the largest."""
+        def padded(a, k, fill):             # (B, K, ...) -> (B, k, ...)
+            return np.concatenate([a, np.full((a.shape[0], k - a.shape[1]) + a.shape[2:], fill)], 1)
         arrays = {k: np.concatenate([p.arrays[k] for p in parts]) for k in _GEOMETRY_FIELDS}
         levels = []
-        for j, level in enumerate(zip(*(p.levels for p in parts))):
-            ku = max(lv[1].shape[1] for lv in level)
-            kl = max(lv[3].shape[1] for lv in level)
-            pad = lambda a, k, fill: np.concatenate([a, np.full((a.shape[0], k - a.shape[1]) + a.shape[2:], fill)], 1)
-            levels.append((np.concatenate([pad(lv[0], ku, 0.0) for lv in level]),
-                           np.concatenate([pad(lv[1], ku, np.inf) for lv in level]),
-                           np.concatenate([pad(lv[2], kl, 0.0) for lv in level]),
-                           np.concatenate([pad(lv[3], kl, -np.inf) for lv in level])))
+        for level in zip(*(p.levels for p in parts)):
+            ku, kl = max(lv[1].shape[1] for lv in level), max(lv[3].shape[1] for lv in level)
+            levels.append(tuple(np.concatenate([padded(lv[i], k, fill) for lv in level])
+                                for i, k, fill in ((0, ku, 0.0), (1, ku, np.inf), (2, kl, 0.0), (3, kl, -np.inf))))
         return cls(arrays, levels, np.concatenate([p.known for p in parts]))
 
     def merged(self, other: "QMCGeometry", where: np.ndarray) -> "QMCGeometry":
@@ -1357,8 +1356,8 @@ def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16, mode=None, geo
     else:
         geo, need = geometry, np.flatnonzero(~geometry.known)
         if need.size:
-            geo = geo.merged(_qmc_geometry(A[need], b[need], mask[need], chunk, None if mode is None else mode[need]),
-                             need)
+            found = _qmc_geometry(A[need], b[need], mask[need], chunk, None if mode is None else mode[need])
+            geo = geo.merged(found, need)
     return [_qmc_sample(geo, A, b, mask, n, seed, mom, chunk, n_randomisations) for n, seed, mom in draws], geo
 
 
