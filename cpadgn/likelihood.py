@@ -1127,6 +1127,9 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     l_taken = l_sharp = l_ascent = torch.zeros(0, dtype=torch.bool, device=dev)
     l_mode = torch.zeros((0, tab.S), dtype=torch.float64, device=dev)    # S >= 4: the bound's modes, for the integral
     found, pilots, found_modes = [], ([] if tab.S >= 4 else None), []
+    # S >= 4: the first stage's QMC geometries, for the second stage, in a quarter of the pairs'
+    # share of the budget (pair_chunk is sized for S = 3's F^2 arrays a pair; S >= 4 pairs
+    # hold ~F S values and their geometry ~F S + the projections' rows)
     store = _GeometryStore(np.inf if poly_budget is None else poly_budget / 4, tab.S) if tab.S >= 4 else None
     n_found = 0
     spent = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)   # S >= 4: cheap pairs' variance
