@@ -34,7 +34,7 @@ from scipy.special import log_ndtr
 from .edges import Edges, distance_to_packed, pack_polyhedra, polyhedron_edges
 from .errors import CpadgnError
 from .polyhedron import region_facet_polygons, translated_polyhedron_moments
-from .polytope import (PolytopeMoments, distance_lower_bound, dual_ascent_distance_bound, facet_segments,
+from .polytope import (PolytopeMoments, QMCGeometry, distance_lower_bound, dual_ascent_distance_bound, facet_segments,
                        halfspace_mc, polygon_moments,
                        polytope_moments, polytope_qmc_draws, solve_in_groups)
 from .network import PiecewiseAffineNet
@@ -678,7 +678,8 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
                        moments: bool, complete: bool, memory_budget: float | None = None, polygons=None,
-                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0, 16), mode: np.ndarray | None = None):
+                       pilot: list | None = None, qmc: tuple = (2 ** 12, 0, 16), mode: np.ndarray | None = None,
+                       geometry: QMCGeometry | None = None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
@@ -689,9 +690,11 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     (``_in_latent``).  memory_budget: bytes for the S >= 3 integrals' working arrays.
     S >= 4 (randomised QMC): qmc = (points per pair, seed, sets; S = 3 ignores the sets);
     with a list ``pilot``, the first stage instead (``_qmc_first_stage``), whose
-    independent pilot (log Phi (P,), its stderr (P,)) is appended to the list.  mode
-    (P, S): the S >= 4 pairs' modes in the whitened frame where known (NaN: not known;
-    ``_dual_distance_bound``), checked before use.
+    independent pilot (log Phi (P,), its stderr (P,)) and the pairs' QMC geometry
+    (``polytope.QMCGeometry``) are appended to the list.  mode (P, S): the S >= 4 pairs'
+    modes in the whitened frame where known (NaN: not known; ``_dual_distance_bound``),
+    checked before use; geometry: their QMC geometry where the first stage's was kept
+    (``_GeometryStore``; the rest is found anew).
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
     if (complete and tab.polygons is not None) or polygons is not None:
@@ -703,11 +706,12 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
         A, b = _whitened_regions(tab, v, C, regions)
         known = np.full(v.shape, np.nan) if mode is None else mode
         if pilot is not None and tab.S >= 4:
-            res, pil = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], known, moments=moments,
-                                   memory_budget=memory_budget)
-            pilot.append((pil.log_mass, pil.stderr))
+            res, pil, geo = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], known, moments=moments,
+                                        memory_budget=memory_budget)
+            pilot.append((pil.log_mass, pil.stderr, geo))
         elif tab.S >= 4:
-            res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, draw=(qmc[0], qmc[1], moments),
+            geometry = QMCGeometry.unknown(regions.size, tab.S) if geometry is None else geometry
+            res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, geometry, draw=(qmc[0], qmc[1], moments),
                               memory_budget=memory_budget, n_randomisations=qmc[2],
                               min_pairs=max(1, 2 ** 18 // qmc[0]))       # threads where the points are
         else:
@@ -778,14 +782,17 @@ QMC_FIRST = 32          # S >= 4: points per pair of the first stage and of its 
 def _qmc_first_stage(A, b, mask, mode, moments: bool, memory_budget: float | None = None):
     """S >= 4 first stage: an estimate (seed 0) and an independent pilot of the mass
     (seed 1), QMC_FIRST points each, on one geometry (``polytope.polytope_qmc_draws``;
-    mode (P, S) its known modes, NaN rows where not known)."""
-    return tuple(polytope_qmc_draws(A, b, mask, [(QMC_FIRST, 0, moments), (QMC_FIRST, 1, False)], memory_budget,
-                                    mode))
+    mode (P, S) its known modes, NaN rows where not known), and that geometry."""
+    (res, pil), geo = polytope_qmc_draws(A, b, mask, [(QMC_FIRST, 0, moments), (QMC_FIRST, 1, False)],
+                                         memory_budget, mode, with_geometry=True)
+    return res, pil, geo
 
 
-def _qmc_one(A, b, mask, mode, draw: tuple, memory_budget: float | None = None, n_randomisations: int = 16):
-    """S >= 4: one draw (n_qmc, seed, moments) of ``polytope.polytope_qmc_draws`` with known modes."""
-    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode, n_randomisations)[0]
+def _qmc_one(A, b, mask, mode, geometry, draw: tuple, memory_budget: float | None = None,
+             n_randomisations: int = 16):
+    """S >= 4: one draw (n_qmc, seed, moments) of ``polytope.polytope_qmc_draws`` with known
+    modes and the QMC geometry where known (``polytope.QMCGeometry``)."""
+    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode, n_randomisations, geometry)[0]
 
 
 QMC_SECOND_PILOT = 1024     # S >= 4: the second pilot's points (16 sets of 64), for the pairs that carry rows:
@@ -793,14 +800,15 @@ SECOND_PILOT_SHARE = 1e-3   # those whose first pilot gives them at least this r
 
 
 def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa, pilot_logw, pilot_se, cheap,
-                      stderr_target, moments, pair_chunk, poly_budget):
+                      stderr_target, moments, pair_chunk, poly_budget, store=None):
     """S >= 4 second stage: more points for the pairs that dominate their row's variance.
 
     found: the first stage's rows, regions, log(kappa Phi), E[z|w], Cov[z|w], stderr, the
     Monte Carlo covariances of E[z|w] and of log Phi with E[z|w] (P, ...); modes (P, S):
     the pairs' known modes (``_truncated_moments``); log_kappa, pilot_logw, pilot_se (P,):
     the pairs' log kappa and their first pilots' log(kappa Phi) and relative SE (QMC_FIRST
-    points); cheap (P,) bool: the pairs of ``_cheap_pairs``.
+    points); cheap (P,) bool: the pairs of ``_cheap_pairs``; store: the first stage's QMC
+    geometries that were kept (``_GeometryStore``), reused by both integrals below.
 
     The pairs (not cheap) that their first pilot gives a responsibility of at least
     SECOND_PILOT_SHARE in their row get a second, independent pilot of QMC_SECOND_PILOT
@@ -834,9 +842,9 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     n_pilot = np.full(rows.size, QMC_FIRST)
     heavy = np.flatnonzero(~cheap & (pilot_responsibilities(rows, pilot_logw, Xt.shape[0]) >= SECOND_PILOT_SHARE))
     if heavy.size:
-        log_phi, _, _, rel_se, _, _ = _integrate_pairs(tab, Xt, complete, v_dense, stats, rows[heavy],
-                                                       regions[heavy], modes[heavy], (QMC_SECOND_PILOT, 3, 16),
-                                                       False, pair_chunk, poly_budget)
+        log_phi, _, _, rel_se, _, _ = _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes,
+                                                       heavy, (QMC_SECOND_PILOT, 3, 16), False, pair_chunk,
+                                                       poly_budget, store)
         ok = np.isfinite(log_phi)
         heavy = heavy[ok]
         pilot_logw[heavy] = log_kappa[heavy] + log_phi[ok]
@@ -848,31 +856,79 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     for n, n_sets in np.unique(np.stack([n_pts, sets], 1)[n_pts > 0], axis=0):
         sel = np.flatnonzero((n_pts == n) & (sets == n_sets))
         log_phi, mean[sel], cov[sel], se[sel], mean_mc[sel], cross_mc[sel] = _integrate_pairs(
-            tab, Xt, complete, v_dense, stats, rows[sel], regions[sel], modes[sel], (int(n), 2, int(n_sets)),
-            moments, pair_chunk, poly_budget)
+            tab, Xt, complete, v_dense, stats, rows, regions, modes, sel, (int(n), 2, int(n_sets)), moments,
+            pair_chunk, poly_budget, store)
         logw[sel] = log_kappa[sel] + log_phi
     return [rows, regions, logw, mean, cov, se, mean_mc, cross_mc]
 
 
-def _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes, qmc, moments, pair_chunk,
-                     poly_budget):
-    """S >= 4: ``_truncated_moments`` of the pairs rows, regions (P,) with known modes
-    (P, S) and one QMC draw qmc = (points, seed, sets), in chunks of about pair_chunk
+def _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes, which, qmc, moments, pair_chunk,
+                     poly_budget, store=None):
+    """S >= 4: ``_truncated_moments`` of the pairs which (P,), indices into the first
+    stage's rows, regions (with known modes (., S) and geometries in store, where kept)
+    with one QMC draw qmc = (points, seed, sets), in chunks of about pair_chunk
     first-stage pairs' worth of points.  Returns log Phi (P,), E[z|w] (P, S), Cov[z|w]
     (P, S, S), relative stderr (P,) and the Monte Carlo covariances of E[z|w] (P, S, S)
     and of log Phi with E[z|w] (P, S)."""
     dev = Xt.device
     step = int(max(1, pair_chunk * QMC_FIRST // qmc[0]))
     parts = []
-    for p0 in range(0, rows.size, step):
+    for p0 in range(0, which.size, step):
         stop_check()
-        sl = slice(p0, p0 + step)
+        sl = which[p0:p0 + step]
         rows_t, regions_t = torch.as_tensor(rows[sl], device=dev), torch.as_tensor(regions[sl], device=dev)
         v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
         *res, mc = _truncated_moments(tab, v, C, regions[sl], moments, complete, poly_budget, qmc=qmc,
-                                      mode=modes[sl])
+                                      mode=modes[sl], geometry=None if store is None else store.take(sl))
         parts.append((*res, *mc))
     return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+class _GeometryStore:
+    """The S >= 4 first stage's QMC geometries (``polytope.QMCGeometry``) of its pairs, kept
+    for the second stage (``_refine_qmc_pairs``: the second pilot and the final draws
+    integrate some of the same pairs, whose geometry does not depend on the points).
+    At most max_bytes: beyond it the pairs whose first pilot weighs least against their
+    row's running p go (those are the least likely to be refined), and the second stage
+    finds theirs anew.  Which pairs are kept changes the cost only, never a result."""
+
+    def __init__(self, max_bytes: float, S: int):
+        self.max_bytes, self.S = max_bytes, S
+        self.index, self.rows, self.logw = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        self.parts, self.nbytes = [], 0
+
+    def add(self, index: np.ndarray, rows: np.ndarray, pilot_logw: np.ndarray, geo: QMCGeometry,
+            log_p: np.ndarray):
+        """Keep the geometry geo of the first-stage pairs index (P,; increasing, above those
+        kept) of rows (P,) with first-pilot log(kappa Phi) pilot_logw (P,); log_p (n,): the
+        rows' running estimates."""
+        self.index, self.rows = np.concatenate([self.index, index]), np.concatenate([self.rows, rows])
+        self.logw = np.concatenate([self.logw, pilot_logw])
+        self.parts.append(geo)
+        self.nbytes += geo.nbytes()
+        if self.nbytes > self.max_bytes:
+            joined = self._joined()
+            keep = int(self.max_bytes // max(1.0, joined.nbytes() / max(1, len(joined))))
+            with np.errstate(invalid="ignore"):
+                priority = np.nan_to_num(self.logw - log_p[self.rows], nan=-np.inf)
+            kept = np.sort(np.argsort(-priority, kind="stable")[:keep])
+            self.index, self.rows, self.logw = self.index[kept], self.rows[kept], self.logw[kept]
+            self.parts = [joined[kept]]
+            self.nbytes = self.parts[0].nbytes()
+
+    def _joined(self) -> QMCGeometry:
+        if len(self.parts) != 1:
+            self.parts = [QMCGeometry.concat(self.parts) if self.parts else QMCGeometry.unknown(0, self.S)]
+        return self.parts[0]
+
+    def take(self, index: np.ndarray) -> QMCGeometry:
+        """The geometries of first-stage pairs index (P,), unknown where not kept."""
+        out = QMCGeometry.unknown(index.size, self.S)
+        if self.index.size == 0:
+            return out
+        pos = np.minimum(np.searchsorted(self.index, index), self.index.size - 1)
+        hit = np.flatnonzero(self.index[pos] == index)
+        return out.merged(self._joined()[pos[hit]], hit) if hit.size else out
 
 
 _FACET_POLYGONS_LOCK = threading.Lock()
@@ -929,10 +985,10 @@ def _in_threads(solve, *arrays, min_pairs: int = 4096, max_part: int = 16384, **
 
 
 def _concat_moments(parts: list):
-    """PolytopeMoments of consecutive slices (or tuples of them) joined."""
+    """PolytopeMoments (or QMCGeometry) of consecutive slices (or tuples of them) joined."""
     if isinstance(parts[0], tuple):
         return tuple(_concat_moments([p[k] for p in parts]) for k in range(len(parts[0])))
-    return PolytopeMoments.concat(parts)
+    return type(parts[0]).concat(parts)
 
 
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
@@ -1071,6 +1127,11 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     l_taken = l_sharp = l_ascent = torch.zeros(0, dtype=torch.bool, device=dev)
     l_mode = torch.zeros((0, tab.S), dtype=torch.float64, device=dev)    # S >= 4: the bound's modes, for the integral
     found, pilots, found_modes = [], ([] if tab.S >= 4 else None), []
+    # S >= 4: the first stage's QMC geometries, for the second stage, in a quarter of the pairs'
+    # share of the budget (pair_chunk is sized for S = 3's F^2 arrays a pair; S >= 4 pairs
+    # hold ~F S values and their geometry ~F S + the projections' rows)
+    store = _GeometryStore(np.inf if poly_budget is None else poly_budget / 4, tab.S) if tab.S >= 4 else None
+    n_found = 0
     spent = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)   # S >= 4: cheap pairs' variance
     # S >= 3: pairs are costly and a posterior can spread over thousands of regions, so p
     # is first estimated on a small margin, and then the smallest bounds that fit in the
@@ -1176,11 +1237,15 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                                                                     polygons, pilot=pilots, mode=mode)
                     var = np.full_like(lk, -np.inf)
                     if pilots:
-                        pilots[-1] = (lk, lk + pilots[-1][0], pilots[-1][1])
+                        pilot_lm, pilot_se, geo = pilots[-1]
+                        pilots[-1] = (lk, lk + pilot_lm, pilot_se)
+                        store.add(np.arange(n_found, n_found + lk.size), rows.cpu().numpy(), lk + pilot_lm, geo,
+                                  log_p.cpu().numpy())
                 found_modes.append(mode)
                 logw = lk + log_phi
                 found.append((rows.cpu().numpy(), regions.cpu().numpy(), logw, mean, cov, se, var,
                               *((None, None) if mc is None else mc)))
+                n_found += lk.size
                 log_p = torch.logaddexp(log_p, _segment_logsumexp(rows, torch.as_tensor(logw, device=dev), n))
         l_taken |= take
         skipped = torch.logaddexp(unlisted, _segment_logsumexp(l_rows[~l_taken], l_bound[~l_taken], n))
@@ -1199,7 +1264,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
         (*found[:6], found[7], found[8]) = _refine_qmc_pairs(
             tab, Xt, complete, v_dense, stats, found[:6] + found[7:9], np.concatenate(found_modes),
             *map(np.concatenate, zip(*pilots)), np.isfinite(found[6]), stderr_target, moments, pair_chunk,
-            poly_budget)
+            poly_budget, store)
     return (*found, bound)
 
 

@@ -148,7 +148,8 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
     return _assemble(B, S, sel, res, empty)
 
 
-def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_randomisations=16) -> list:
+def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_randomisations=16, geometry=None,
+                       with_geometry=False) -> list:
     """Randomised-QMC ``polytope_moments`` (any S >= 2; S >= 4 has nothing else) for
     each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
     work that does not depend on the points (mode, frame, projections) is done once.
@@ -159,7 +160,10 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
     mode (B, S): the polytopes' modes where already known (NaN rows: not known), for
     example from ``distance_lower_bound``; each is checked (``_kkt``) before it is used.
     n_randomisations: the independently scrambled sets a draw's points come in (its
-    standard error has n_randomisations - 1 degrees of freedom).
+    standard error has n_randomisations - 1 degrees of freedom).  geometry: a
+    QMCGeometry (B,) that an earlier call returned for the same A, b, mask (and mode)
+    where known, found where not; with_geometry: also return the geometry (the list
+    and a QMCGeometry (B,), unknown where P has no rows).
     """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -167,20 +171,27 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
     A, b, mask, empty = _normalise(A, b, mask)
     sel = np.flatnonzero(mask.any(-1))       # the others are all of R^S
     res = [None] * len(draws)
+    geo = None
     if sel.size:
         A, b, mask = A[sel], b[sel], mask[sel]
         mode = None if mode is None else np.asarray(mode, dtype=np.float64)[sel]
+        given = None if geometry is None else geometry[sel]
         if memory_budget is None:
-            res = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations)
+            res, geo = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations, geometry=given)
         else:
             cap = qmc_points_within(F, S, memory_budget)
             split = [[(n, seed, mom)] if n <= cap else
                      [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
-            flat = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode,
-                                n_randomisations)
+            flat, geo = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode,
+                                     n_randomisations, given, with_geometry)
             ends = np.cumsum([len(part) for part in split])
             res = [_combine_replicates(flat[e - len(part):e]) for e, part in zip(ends, split)]
-    return [_assemble(B, S, sel, r, empty) for r in res]
+    out = [_assemble(B, S, sel, r, empty) for r in res]
+    if not with_geometry:
+        return out
+    if geo is None or sel.size < B:
+        geo = QMCGeometry.unknown(B, S) if geo is None else QMCGeometry.unknown(B, S).merged(geo, sel)
+    return out, geo
 
 
 def qmc_points_within(F: int, S: int, memory_budget: float) -> int:
@@ -222,17 +233,21 @@ def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
     return 1000.0 * F * F + 8.0 * (S + 8) * n_qmc
 
 
-def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None, n_randomisations=16):
+def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None, n_randomisations=16, geometry=None,
+                 with_geometry=False):
     """``_qmc_draws`` on chunks of the polytopes that fit memory_budget: a half for the
     per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
-    ~24 of them live at once)."""
+    ~24 of them live at once).  Returns its list and the QMCGeometry (with_geometry;
+    else None)."""
     B, F, S = A.shape
     inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
     n_qmc = max(d[0] for d in draws)
     step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
     parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner, n_randomisations,
-                        mode=None if mode is None else mode[i:i + step]) for i in range(0, B, step)]
-    return [PolytopeMoments.concat([p[k] for p in parts]) for k in range(len(draws))]
+                        mode=None if mode is None else mode[i:i + step],
+                        geometry=None if geometry is None else geometry[i:i + step]) for i in range(0, B, step)]
+    return ([PolytopeMoments.concat([p[0][k] for p in parts]) for k in range(len(draws))],
+            QMCGeometry.concat([p[1] for p in parts]) if with_geometry else None)
 
 
 def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMoments:
@@ -1261,26 +1276,94 @@ def _tn_draw_log(l, h, u, draw=True):
     return x, lm
 
 
+_GEOMETRY_FIELDS = ("mu", "E", "zs", "lo1", "empty", "L", "tilt", "ya", "yb", "fin1", "ya0", "const1")
+
+
+class QMCGeometry:
+    """What ``_qmc_sample`` needs of B polytopes before any point is drawn
+    (``_qmc_geometry``): per-polytope arrays (B, ...) named by _GEOMETRY_FIELDS, the SOV
+    levels (a list over j = 2..S of (up_c (B, K, j-1), up_d (B, K), lo_c, lo_d), padded
+    with rows 0 . z <= +-inf: ``_levels``) and known (B,) bool: False where nothing was
+    found (placeholders, ``unknown``).  Per polytope it does not depend on the batch it
+    was found in, so the S >= 4 second stage reuses the first stage's
+    (``likelihood._GeometryStore``)."""
+
+    def __init__(self, arrays: dict, levels: list, known: np.ndarray):
+        self.arrays, self.levels, self.known = arrays, levels, known
+
+    def __len__(self):
+        return self.known.shape[0]
+
+    def __getitem__(self, idx) -> "QMCGeometry":
+        """The polytopes idx (an index array or slice), the levels cut to their real rows."""
+        levels = []
+        for up_c, up_d, lo_c, lo_d in self.levels:
+            up_d, lo_d = up_d[idx], lo_d[idx]
+            ku = max(1, int(np.isfinite(up_d).sum(1).max(initial=0)))
+            kl = max(1, int(np.isfinite(lo_d).sum(1).max(initial=0)))
+            levels.append((up_c[idx, :ku], up_d[:, :ku], lo_c[idx, :kl], lo_d[:, :kl]))
+        return QMCGeometry({k: v[idx] for k, v in self.arrays.items()}, levels, self.known[idx])
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) + sum(a.nbytes for lv in self.levels for a in lv)
+
+    @classmethod
+    def unknown(cls, B: int, S: int) -> "QMCGeometry":
+        """Placeholders for B polytopes (known False)."""
+        shapes = dict(mu=(S,), E=(S, S), zs=(S,))
+        arrays = {k: np.zeros((B,) + shapes.get(k, ()), dtype=bool if k in ("empty", "fin1") else float)
+                  for k in _GEOMETRY_FIELDS}
+        levels = [(np.zeros((B, 1, j - 1)), np.full((B, 1), np.inf), np.zeros((B, 1, j - 1)),
+                   np.full((B, 1), -np.inf)) for j in range(2, S + 1)]
+        return cls(arrays, levels, np.zeros(B, dtype=bool))
+
+    @classmethod
+    def concat(cls, parts) -> "QMCGeometry":
+        """Consecutive polytopes' geometries joined, the levels padded to the largest."""
+        def padded(a, k, fill):             # (B, K, ...) -> (B, k, ...)
+            return np.concatenate([a, np.full((a.shape[0], k - a.shape[1]) + a.shape[2:], fill)], 1)
+        arrays = {k: np.concatenate([p.arrays[k] for p in parts]) for k in _GEOMETRY_FIELDS}
+        levels = []
+        for level in zip(*(p.levels for p in parts)):
+            ku, kl = max(lv[1].shape[1] for lv in level), max(lv[3].shape[1] for lv in level)
+            levels.append(tuple(np.concatenate([padded(lv[i], k, fill) for lv in level])
+                                for i, k, fill in ((0, ku, 0.0), (1, ku, np.inf), (2, kl, 0.0), (3, kl, -np.inf))))
+        return cls(arrays, levels, np.concatenate([p.known for p in parts]))
+
+    def merged(self, other: "QMCGeometry", where: np.ndarray) -> "QMCGeometry":
+        """This geometry with the polytopes where (index array) taken from other (len(where))."""
+        rest = np.setdiff1d(np.arange(len(self)), where)
+        joined = QMCGeometry.concat([self[rest], other])
+        return joined[np.argsort(np.concatenate([rest, where]), kind="stable")]
+
+
 def _qmc(A, b, mask, n_qmc, seed, moments=True, chunk=4e6, n_randomisations=16):
     """Separation of variables with exact projections and a tilted first variable,
     scrambled Sobol points (see the comment above).  Returns log mass with its standard
     error over independent randomisations, and the weighted moments (zeros where
     ``moments`` is False: the last variable is then not drawn)."""
-    return _qmc_draws(A, b, mask, [(n_qmc, seed, moments)], chunk, n_randomisations)[0]
+    return _qmc_draws(A, b, mask, [(n_qmc, seed, moments)], chunk, n_randomisations)[0][0]
 
 
-def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16, mode=None):
+def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16, mode=None, geometry=None):
     """``_qmc`` for each draw (n_qmc, seed, moments) of ``draws`` on one geometry (mode,
     frame, projections and tilt are found once; they do not depend on the points).  Draws
-    with different seeds use independent points.  mode: as ``polytope_qmc_draws``.
-    Returns a list of PolytopeMoments."""
-    geo = _qmc_geometry(A, b, mask, chunk, mode)
-    return [_qmc_sample(geo, A, b, mask, n, seed, mom, chunk, n_randomisations) for n, seed, mom in draws]
+    with different seeds use independent points.  mode: as ``polytope_qmc_draws``;
+    geometry: a QMCGeometry of the polytopes found before, or None (where it is not known
+    it is found).  Returns a list of PolytopeMoments and the QMCGeometry."""
+    if geometry is None:
+        geo = _qmc_geometry(A, b, mask, chunk, mode)
+    else:
+        geo, need = geometry, np.flatnonzero(~geometry.known)
+        if need.size:
+            found = _qmc_geometry(A[need], b[need], mask[need], chunk, None if mode is None else mode[need])
+            geo = geo.merged(found, need)
+    return [_qmc_sample(geo, A, b, mask, n, seed, mom, chunk, n_randomisations) for n, seed, mom in draws], geo
 
 
 def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
     """What ``_qmc`` needs before any point is drawn: the mode, frame, SOV levels and
-    the tilted first variable, as a dict of per-polytope arrays.  mode (B, S): known
+    the tilted first variable, as a QMCGeometry.  mode (B, S): known
     modes (NaN rows: not known; see ``_known_modes``)."""
     B, F, S = A.shape
     mu, r, exact_mode = _mode_dual(A, b, mask, chunk=chunk) if mode is None else _known_modes(A, b, mask, mode, chunk)
@@ -1308,16 +1391,17 @@ def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
     fin1 = np.isfinite(ya)
     ya0 = np.where(fin1, ya, 0.0)
     const1 = lm1 - tilt * (0.5 * tilt + ya0)
-    return dict(mu=mu, E=E, zs=zs, lo1=lo1, levels=levels, empty=empty, L=L, tilt=tilt, ya=ya, yb=yb,
-                fin1=fin1, ya0=ya0, const1=const1)
+    return QMCGeometry(dict(mu=mu, E=E, zs=zs, lo1=lo1, empty=empty, L=L, tilt=tilt, ya=ya, yb=yb, fin1=fin1,
+                            ya0=ya0, const1=const1), levels, np.ones(B, dtype=bool))
 
 
 def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     """The points of ``_qmc`` on a geometry g (``_qmc_geometry``) of the polytopes A, b,
     mask (which key their randomisation with the seed)."""
     B, F, S = A.shape
-    mu, E, zs, lo1, levels, empty, L, tilt = (g[k] for k in ("mu", "E", "zs", "lo1", "levels", "empty", "L", "tilt"))
-    ya, yb, fin1, ya0, const1 = (g[k] for k in ("ya", "yb", "fin1", "ya0", "const1"))
+    mu, E, zs, lo1, empty, L, tilt = (g.arrays[k] for k in ("mu", "E", "zs", "lo1", "empty", "L", "tilt"))
+    ya, yb, fin1, ya0, const1 = (g.arrays[k] for k in ("ya", "yb", "fin1", "ya0", "const1"))
+    levels = g.levels
     m = max(2, n_qmc // n_randomisations)
     base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
     N = base.shape[1]

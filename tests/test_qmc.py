@@ -123,6 +123,34 @@ def test_same_polytope_same_estimate_in_any_batch():
     assert abs(polytope_log_mass(A2[1:2], b2[1:2], n_qmc=256)[0][0] - lm_all[1]) <= 1e-12
 
 
+def test_kept_geometry_gives_the_same_estimates():
+    """The likelihood's second stage reuses the first stage's QMC geometry
+    (``polytope.QMCGeometry``): kept from two batches of different row counts (levels
+    padded to different widths), joined, taken in another order, with some polytopes
+    not kept (found anew) and under a memory budget that splits the batch and the
+    points, it gives bit for bit the estimates, moments and their covariances of a call
+    that finds it all anew."""
+    from cpadgn.polytope import QMCGeometry, polytope_qmc_draws
+    rng = np.random.default_rng(5)
+    B, F, S = 40, 10, 4
+    A = rng.normal(size=(B, F, S))
+    b = rng.uniform(-0.5, 1.5, size=(B, F))            # some hold 0, some get a tilt, some are empty
+    mask = np.arange(F) < rng.integers(5, F + 1, size=B)[:, None]
+    mask[7] = False                                     # no rows: all of R^4
+    halves = [np.arange(0, B, 2), np.arange(1, B, 2)]
+    kept = [polytope_qmc_draws(A[h], b[h], mask[h], [(32, 0, True)], with_geometry=True)[1] for h in halves]
+    assert kept[0].levels[1][1].shape[1] != kept[1].levels[1][1].shape[1]
+    geo = QMCGeometry.concat(kept)[np.argsort(np.concatenate(halves))]
+    pick = rng.permutation(B)[:30]
+    given = QMCGeometry.concat([QMCGeometry.unknown(5, S), geo[pick[5:]]])
+    for budget in (None, 2e5):
+        fresh, again = (polytope_qmc_draws(A[pick], b[pick], mask[pick], [(256, 2, True)], budget,
+                                           n_randomisations=4, geometry=g)[0] for g in (None, given))
+        for name in ("log_mass", "mean", "cov", "stderr", "mean_cov", "mass_mean_cov"):
+            assert np.array_equal(getattr(fresh, name), getattr(again, name)), (budget, name)
+        assert np.isfinite(fresh.log_mass).sum() >= 20 and (fresh.stderr > 0).sum() >= 20   # not all empty
+
+
 def _feasible_point_near(a, c, u):
     """A point of {x : a x <= c} on the segment from u toward the polytope's Chebyshev
     centre (scipy linprog), as near u as the rows allow: |it| bounds the distance to 0
