@@ -33,7 +33,7 @@ from scipy.special import log_ndtr
 
 from .edges import distance_to_packed, pack_facets, pack_segments, padding_segments, polyhedron_edges
 from .errors import CpadgnError
-from .polyhedron import region_facet_polygons, translated_polyhedron_moments
+from .polyhedron import real_first, region_facet_polygons, translated_polyhedron_moments
 from .polytope import (PolytopeMoments, distance_lower_bound, dual_ascent_distance_bound, facet_segments,
                        halfspace_mc, polygon_moments,
                        polytope_moments, polytope_qmc_draws, solve_in_groups)
@@ -331,9 +331,7 @@ def _packed_edges(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4
     edge counts (R,) and volumes (R,).  Found in groups of equal facet count (the work is
     cubic in it) on torch's thread count, ``group`` regions at a time in all."""
     R = a.shape[0]
-    order = np.argsort(~real, axis=1, kind="stable")                   # real facets first
-    a, c, real = np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), \
-        np.take_along_axis(real, order, 1)
+    a, c, real = real_first(a, c, real)
     sizes = real.sum(1)
     workers = max(1, torch.get_num_threads())
     jobs = []

@@ -757,6 +757,15 @@ class FacetPolygons:
     line_second: np.ndarray
 
 
+def real_first(a, c, real):
+    """Each row's real facets first (in their order, then the others): a (R, F, 3), c (R, F),
+    real (R, F) sorted alike (the arrays themselves where they already are)."""
+    if (real[:, 1:] <= real[:, :-1]).all():
+        return a, c, real
+    order = np.argsort(~real, axis=1, kind="stable")
+    return np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), np.take_along_axis(real, order, 1)
+
+
 def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     """``FacetPolygons`` of R polyhedra: a (R, F, 3) unit rows, c (R, F), real (R, F).
 
@@ -766,9 +775,7 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     edges does not change.  So the polygons are found once per polyhedron, in groups of equal
     facet count on torch's thread count, ``group`` regions at a time in all."""
     R, F, _ = a.shape
-    order = np.argsort(~real, axis=1, kind="stable")                   # real facets first
-    a, c, real = np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), \
-        np.take_along_axis(real, order, 1)
+    a, c, real = real_first(a, c, real)
     sizes = real.sum(1)
     workers = max(1, torch.get_num_threads())
     jobs = []
