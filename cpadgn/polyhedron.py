@@ -763,7 +763,8 @@ def real_first(a, c, real):
     if (real[:, 1:] <= real[:, :-1]).all():
         return a, c, real
     order = np.argsort(~real, axis=1, kind="stable")
-    return np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), np.take_along_axis(real, order, 1)
+    return (np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1),
+            np.take_along_axis(real, order, 1))
 
 
 def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
@@ -794,8 +795,8 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
         nonempty = alive & (live.any(2) | ~rows.any(2))
         bounded = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
         i, f, j = np.nonzero(live)
-        return (g, bounded, (np.repeat(g, k), A.reshape(-1, 3), b.reshape(-1), E.reshape(-1, 2, 3), nonempty.reshape(-1)),
-                (g[i], f, j, a2[i, f, j], c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j]))
+        return (g, bounded, (np.repeat(g, k), A.reshape(-1, 3), b.reshape(-1), nonempty.reshape(-1)),
+                (g[i], f, j, c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j], *_in_plane_3d(E[i, f], a2[i, f, j]), b[i, f]))
     facets, edges = [], []
     bounded = np.zeros(R, bool)
     with closing(map_in_threads(polygons_of, jobs, workers)) as results:
@@ -805,8 +806,8 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
             edges.append(edge_part)
     cat = lambda parts, n, shape: [np.concatenate(x) for x in zip(*parts)] if parts else \
         [np.zeros((0,) + s) for s in shape]
-    f_region, fa, fc, fE, fne = cat(facets, 5, [(), (3,), (), (2, 3), ()])
-    e_region, ef, ej, ea2, ec2, elo, ehi = cat(edges, 7, [(), (), (), (2,), (), (), ()])
+    f_region, fa, fc, fne = cat(facets, 4, [(), (3,), (), ()])
+    e_region, ef, ej, ec2, elo, ehi, normal3, tangent3, b = cat(edges, 9, [(), (), (), (), (), (), (3,), (3,), ()])
     fo, eo = np.argsort(f_region, kind="stable"), np.argsort(e_region, kind="stable")
     start = lambda region: np.concatenate([[0], np.cumsum(np.bincount(region.astype(np.int64), minlength=R))])
     e_start = start(e_region)
@@ -816,9 +817,8 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     at = np.minimum(np.searchsorted(key, twin_key), max(key.size - 1, 0))
     twin = np.where(key[at] == twin_key, at - e_start[e_region], -1) if key.size else np.zeros(0, np.int64)
     f_start = start(f_region)
-    fa, fc, fE, ea2, ec2, elo, ehi = fa[fo], fc[fo], fE[fo], ea2[eo], ec2[eo], elo[eo], ehi[eo]
-    normal3, tangent3 = _in_plane_3d(fE[f_start[e_region] + ef], ea2)
-    b = fc[f_start[e_region] + ef]
+    fa, fc = fa[fo], fc[fo]
+    ec2, elo, ehi, normal3, tangent3, b = (x[eo] for x in (ec2, elo, ehi, normal3, tangent3, b))
     first, second = _twin_lines(twin, e_start[e_region], b, ec2, elo, ehi)
     line_region = e_region[first]
     return FacetPolygons(f_start, fa, fc, fne[fo].astype(bool), e_start, ef, ec2, elo, ehi, normal3, tangent3,
