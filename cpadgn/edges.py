@@ -53,8 +53,8 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     beta = (c[:, k] - g * c[:, j]) / det
     p = np.where(ok[..., None], alpha[..., None] * aj + beta[..., None] * ak, 0.0)
     # the other facets cut the line p + t e to t in [lo, hi]
-    ae = np.einsum("bqs,bfs->bqf", e, a)                               # (B, Q, F)
-    slack = c[:, None, :] - np.einsum("bqs,bfs->bqf", p, a)
+    ae = np.einsum("bfs,bqs->bqf", a, e)                               # (B, Q, F)
+    slack = c[:, None, :] - np.einsum("bfs,bqs->bqf", a, p)
     other = mask[:, None, :] & (np.arange(F)[None, None, :] != j[None, :, None]) \
         & (np.arange(F)[None, None, :] != k[None, :, None])
     scale = 1.0 + np.abs(c[:, None, :]) + np.linalg.norm(p, axis=-1)[..., None]

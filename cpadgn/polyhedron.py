@@ -92,7 +92,7 @@ def facet_polygons(A, b, mask):
     e1 /= np.linalg.norm(e1, axis=-1, keepdims=True)
     E = np.stack([e1, np.cross(A, e1)], -2)                              # (B, F, 2, 3)
     g = np.einsum("bks,bjs->bkj", A, A)                                   # a_j . a_k
-    a2 = np.einsum("bkis,bjs->bkij", E, A).transpose(0, 1, 3, 2)        # (B, F, F, 2), einsum's fast layout
+    a2 = np.einsum("bkis,bjs->bkji", E, A)
     c2 = b[:, None, :] - b[:, :, None] * g                               # b_j - b_k a_j . a_k
     nrm = np.linalg.norm(a2, axis=-1)
     other = mask[:, :, None] & mask[:, None, :] & ~np.eye(F, dtype=bool)
