@@ -315,10 +315,14 @@ def facet_segments(a, c, mask):
     t_hi = _masked_extreme(np.minimum, ratio, other & (ad > tol), np.inf)
     t_lo = _masked_extreme(np.maximum, ratio, other & (ad < -tol), -np.inf)
     parallel = other & (np.abs(ad) <= tol)
-    blocked = (parallel & (slack < -1e-12)).any(-1)
-    # Identical lines: keep the first copy only.
-    same = parallel & (aa > 0) & (np.abs(slack) <= 1e-12)
-    dup = (same & (np.arange(a.shape[1])[None, None, :] < np.arange(a.shape[1])[None, :, None])).any(-1)
+    blocked, dup = np.zeros(mask.shape, bool), np.zeros(mask.shape, bool)
+    b, k = np.nonzero(parallel.any(-1))                           # the few facets with a parallel row
+    if b.size:
+        par, sl = parallel[b, k], slack[b, k]
+        blocked[b, k] = (par & (sl < -1e-12)).any(-1)
+        # Identical lines: keep the first copy only.
+        same = par & (aa[b, k] > 0) & (np.abs(sl) <= 1e-12)
+        dup[b, k] = (same & (np.arange(a.shape[1])[None, :] < k[:, None])).any(-1)
     live = mask & ~blocked & ~dup & (t_hi > t_lo)
     return t_lo, t_hi, live
 
