@@ -57,14 +57,18 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     slack = c[:, None, :] - np.einsum("bfs,bqs->bqf", a, p)
     other = mask[:, None, :] & (np.arange(F)[None, None, :] != j[None, :, None]) \
         & (np.arange(F)[None, None, :] != k[None, :, None])
-    scale = 1.0 + np.abs(c[:, None, :]) + np.linalg.norm(p, axis=-1)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = slack / ae
     up = other & (ae > _PARALLEL)
     down = other & (ae < -_PARALLEL)
     hi = np.where(up, ratio, np.inf).min(-1)
     lo = np.where(down, ratio, -np.inf).max(-1)
-    blocked = (other & ~up & ~down & (slack < -tol * scale)).any(-1)
+    # a facet parallel to the line blocks it when the line is outside (the few such triples)
+    blocked = np.zeros(ok.shape, bool)
+    b_, q_, f_ = np.nonzero(other & ~up & ~down)
+    scale = 1.0 + np.abs(c[b_, f_]) + np.linalg.norm(p[b_, q_], axis=-1)
+    out = slack[b_, q_, f_] < -tol * scale
+    blocked[b_[out], q_[out]] = True
     live = ok & ~blocked & (hi >= lo - tol * (1.0 + np.abs(lo) + np.abs(hi)))
     # volume = 1/3 sum_k c_k area_k, area_k = 1/2 sum over facet k's edges of their length
     # times their signed in-plane distance from facet k's foot, (c_j - g c_k) / |a_j x a_k|
