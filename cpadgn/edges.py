@@ -57,14 +57,18 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     slack = c[:, None, :] - np.einsum("bfs,bqs->bqf", a, p)
     other = mask[:, None, :] & (np.arange(F)[None, None, :] != j[None, :, None]) \
         & (np.arange(F)[None, None, :] != k[None, :, None])
-    scale = 1.0 + np.abs(c[:, None, :]) + np.linalg.norm(p, axis=-1)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = slack / ae
     up = other & (ae > _PARALLEL)
     down = other & (ae < -_PARALLEL)
     hi = np.where(up, ratio, np.inf).min(-1)
     lo = np.where(down, ratio, -np.inf).max(-1)
-    blocked = (other & ~up & ~down & (slack < -tol * scale)).any(-1)
+    # a facet parallel to the line blocks it when the line is outside (the few such triples)
+    blocked = np.zeros(ok.shape, bool)
+    b_, q_, f_ = np.nonzero(other & ~up & ~down)
+    scale = 1.0 + np.abs(c[b_, f_]) + np.linalg.norm(p[b_, q_], axis=-1)
+    out = slack[b_, q_, f_] < -tol * scale
+    blocked[b_[out], q_[out]] = True
     live = ok & ~blocked & (hi >= lo - tol * (1.0 + np.abs(lo) + np.abs(hi)))
     # volume = 1/3 sum_k c_k area_k, area_k = 1/2 sum over facet k's edges of their length
     # times their signed in-plane distance from facet k's foot, (c_j - g c_k) / |a_j x a_k|
@@ -89,13 +93,17 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
 
 
 def _shared_lines(p, e, live, tol=1e-9):
-    """(B,) True where two live edges lie on one line: p, e (B, Q, 3), live (B, Q)."""
-    B, Q, _ = p.shape
-    i, j = np.triu_indices(Q, 1)
-    both = live[:, i] & live[:, j]
-    parallel = np.linalg.norm(np.cross(e[:, i], e[:, j]), axis=-1) <= tol
-    close = np.linalg.norm(p[:, i] - p[:, j], axis=-1) <= tol * (1.0 + np.linalg.norm(p[:, i], axis=-1))
-    return (both & parallel & close).any(-1)
+    """(B,) True where two live edges lie on one line: p, e (B, Q, 3) (e unit where live),
+    live (B, Q), tol < 0.04.  Only pairs with |e_i . e_j| > 0.999 in a Gram product get the
+    test: any other pair has |e_i x e_j| > 0.04 > tol, so it is not parallel."""
+    gram = np.matmul(e, e.transpose(0, 2, 1))                            # (B, Q, Q)
+    near = np.triu(live[:, :, None] & live[:, None, :] & (np.abs(gram) > 0.999), 1)
+    b, i, j = np.nonzero(near)
+    parallel = np.linalg.norm(np.cross(e[b, i], e[b, j]), axis=-1) <= tol
+    close = np.linalg.norm(p[b, i] - p[b, j], axis=-1) <= tol * (1.0 + np.linalg.norm(p[b, i], axis=-1))
+    shared = np.zeros(p.shape[0], bool)
+    shared[b[parallel & close]] = True
+    return shared
 
 
 _FAR = 1e300        # a padding edge's point: |q|^2 overflows to +inf from any v with |v| < 1e300
@@ -107,12 +115,33 @@ def pack_polyhedra(a, c, mask, edges: Edges):
     0, 0, 0, +inf: never crossed, never blocks a foot) and segments (B, 8, E) rows p_0..2,
     e_0..2, lo, hi (padding p = (1e300, 0, 0), e = 0, lo = hi = 0: at distance +inf).
     A pair's gather is then two blocks, not eight arrays, and no masks are needed."""
-    facets = np.concatenate([np.where(mask[..., None], a, 0.0).transpose(0, 2, 1),
-                             np.where(mask, c, np.inf)[:, None, :]], 1)
-    real = edges.real[..., None]
-    segments = np.concatenate([np.where(real, edges.p, np.array([_FAR, 0.0, 0.0])), np.where(real, edges.e, 0.0),
-                               np.where(real, np.stack([edges.lo, edges.hi], -1), 0.0)], -1)
-    return np.ascontiguousarray(facets), np.ascontiguousarray(segments.transpose(0, 2, 1))
+    return pack_facets(a, c, mask), pack_segments(edges)
+
+
+def pack_facets(a, c, mask):
+    """The facets block of ``pack_polyhedra``: (B, 4, F)."""
+    facets = np.empty((a.shape[0], 4, a.shape[1]))
+    facets[:, :3] = np.where(mask[:, None, :], a.transpose(0, 2, 1), 0.0)
+    facets[:, 3] = np.where(mask, c, np.inf)
+    return facets
+
+
+def padding_segments(B, E):
+    """(B, 8, E) segments blocks of padding only (``pack_polyhedra``)."""
+    segments = np.zeros((B, 8, E))
+    segments[:, 0] = _FAR
+    return segments
+
+
+def pack_segments(edges: Edges):
+    """The segments block of ``pack_polyhedra``: (B, 8, E)."""
+    real = edges.real[:, None, :]
+    segments = np.empty((edges.real.shape[0], 8, edges.real.shape[1]))
+    segments[:, :3] = np.where(real, edges.p.transpose(0, 2, 1), np.array([_FAR, 0.0, 0.0])[:, None])
+    segments[:, 3:6] = np.where(real, edges.e.transpose(0, 2, 1), 0.0)
+    segments[:, 6] = np.where(edges.real, edges.lo, 0.0)
+    segments[:, 7] = np.where(edges.real, edges.hi, 0.0)
+    return segments
 
 
 def distance_to_polyhedron(a, c, mask, edges: Edges, v) -> np.ndarray:

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr
 
-from .edges import Edges, distance_to_packed, pack_polyhedra, polyhedron_edges
+from .edges import distance_to_packed, pack_facets, pack_segments, padding_segments, polyhedron_edges
 from .errors import CpadgnError
-from .polyhedron import region_facet_polygons, translated_polyhedron_moments
+from .polyhedron import real_first, region_facet_polygons, translated_polyhedron_moments
 from .polytope import (PolytopeMoments, QMCGeometry, distance_lower_bound, dual_ascent_distance_bound, facet_segments,
                        halfspace_mc, polygon_moments,
                        polytope_moments, polytope_qmc_draws, solve_in_groups)
@@ -262,9 +262,12 @@ class RegionTable:
             Gc, hc, mc = part.facets(net, np.arange(sl.start, sl.stop))
             f = Gc.shape[1]
             G[sl, :f], h[sl, :f] = Gc, hc
-            gu, hu, real = _whitened_facets(torch.as_tensor(Gc, device=device), torch.as_tensor(hc, device=device),
-                                            torch.as_tensor(mc, device=device), self.C[sl])
-            GC_unit[sl, :f], h_unit[sl, :f], real = gu.cpu().numpy(), hu.cpu().numpy(), real.cpu().numpy()
+            # ``_whitened_facets`` with the elementwise part in numpy: each torch call pays for
+            # waking its threads, which on a busy machine costs more than the arithmetic
+            GC, norm = (x.cpu().numpy() for x in _whitened_normals(torch.as_tensor(Gc, device=device), self.C[sl]))
+            real = mc & (norm > 0)
+            np.divide(GC, norm[..., None], out=GC_unit[sl, :f], where=real[..., None])
+            np.divide(hc, norm, out=h_unit[sl, :f], where=real)
             any_real |= bool(real.any())
             if polygons:
                 # Each region's whitened polygon (v = 0) and its facet segments, once: a pair
@@ -291,10 +294,10 @@ class RegionTable:
             # from a pair's whitened mean to its region needs nothing else.
             real_np = np.isfinite(h_unit)
             c0 = np.where(real_np, h_unit, 0.0)
-            edges = _edges_in_groups(GC_unit, c0, real_np)
-            self.polyhedra = (GC_unit, c0, real_np, edges.volume)
+            segments, n_edges, volume = _packed_edges(GC_unit, c0, real_np)
+            self.polyhedra = (GC_unit, c0, real_np, volume)
             n_facets = np.where(real_np.any(1), real_np.shape[1] - np.argmax(real_np[:, ::-1], 1), 0)
-            self.packed_polyhedra = (*pack_polyhedra(GC_unit, c0, real_np, edges), n_facets, edges.real.sum(1))
+            self.packed_polyhedra = (pack_facets(GC_unit, c0, real_np), segments, n_facets, n_edges)
             self.has_nearest = True
         self.has_nearest |= S >= 4 and any_real          # the distance bound of polytope.distance_lower_bound
 
@@ -308,35 +311,45 @@ def _whitened_facets(G: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, C: to
     """The facets {z : G z <= h} in the whitened frame u = C^-1 (z - mu), as unit normals
     GC_unit (..., F, S), offsets at v = 0 h_unit (..., F) (+inf on padding) and real (..., F):
     G (..., F, S), h (..., F), mask (..., F) bool, C (..., S, S)."""
-    GC = G @ C
-    norm = torch.linalg.vector_norm(GC, dim=-1)
+    GC, norm = _whitened_normals(G, C)
     real = mask & (norm > 0)
-    GC_unit = torch.where(real[..., None], GC / torch.where(real, norm, 1.0)[..., None], 0.0)
-    h_unit = torch.where(real, h / torch.where(real, norm, 1.0), torch.inf)
+    safe = torch.where(real, norm, 1.0)
+    GC_unit = GC.div_(safe[..., None]).masked_fill_(~real[..., None], 0.0)
+    h_unit = (h / safe).masked_fill_(~real, torch.inf)
     return GC_unit, h_unit, real
 
 
-def _edges_in_groups(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096) -> Edges:
-    """``polyhedron_edges`` of R polyhedra, a (R, F, 3), c (R, F), real (R, F), in groups
-    of equal facet count (the work is cubic in it), padded to the largest edge count."""
-    R, F, _ = a.shape
-    order = np.argsort(~real, axis=1, kind="stable")                   # real facets first
-    a, c, real = np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), \
-        np.take_along_axis(real, order, 1)
+def _whitened_normals(G: torch.Tensor, C: torch.Tensor):
+    """GC = G C (..., F, S) and its rows' norms (..., F): G (..., F, S), C (..., S, S)."""
+    GC = G @ C
+    return GC, torch.linalg.vector_norm(GC, dim=-1)
+
+
+def _packed_edges(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096):
+    """The edges of R polyhedra, a (R, F, 3), c (R, F), real (R, F) (``polyhedron_edges``),
+    as ``edges.pack_segments`` lays them out: segments (R, 8, E) (E the largest edge count),
+    edge counts (R,) and volumes (R,).  Found in groups of equal facet count (the work is
+    cubic in it) on torch's thread count, ``group`` regions at a time in all."""
+    R = a.shape[0]
+    a, c, real = real_first(a, c, real)
     sizes = real.sum(1)
-    parts = []
+    workers = max(1, torch.get_num_threads())
+    jobs = []
     for k in np.unique(sizes):
-        for g in np.array_split(np.flatnonzero(sizes == k), -(-int((sizes == k).sum()) // group)):
-            parts.append((g, polyhedron_edges(a[g, :k], c[g, :k], real[g, :k])))
-    E = max(p.real.shape[1] for _, p in parts)
-    out = Edges(np.zeros((R, E, 3)), np.zeros((R, E, 3)), np.zeros((R, E)), np.zeros((R, E)),
-                np.zeros((R, E), bool), np.zeros(R))
-    for g, p in parts:
-        n = p.real.shape[1]
-        for name in ("p", "e", "lo", "hi", "real"):
-            getattr(out, name)[g, :n] = getattr(p, name)
-        out.volume[g] = p.volume
-    return out
+        idx = np.flatnonzero(sizes == k)
+        jobs += [(int(k), g) for g in np.array_split(idx, -(-idx.size // max(1, group // workers)))]
+
+    def edges_of(k, g):
+        stop_check()
+        edges = polyhedron_edges(a[g, :k], c[g, :k], real[g, :k])
+        return g, pack_segments(edges), edges.real.sum(1), edges.volume
+    with closing(map_in_threads(edges_of, jobs, workers)) as results:
+        parts = list(results)
+    segments = padding_segments(R, max(s.shape[2] for _, s, _, _ in parts))
+    n_edges, volume = np.zeros(R, np.int64), np.zeros(R)
+    for g, seg, n, vol in parts:
+        segments[g, :, :seg.shape[2]], n_edges[g], volume[g] = seg, n, vol
+    return segments, n_edges, volume
 
 
 def _inverse_transpose(L: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,14 @@ the origin, b_j - b_k a_j . a_k = 1e-100 (1 - a_j . a_k), keep their true ratios
 """
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.special import erfcx, log_ndtr, roots_jacobi
 
-from .stop import stop_check
+from .stop import map_in_threads, stop_check
 from .polytope import (LOG_SQRT_2PI, PolytopeMoments, _assemble, _by_row_count, _log1mexp,
                        _masked_logsumexp, _normalise, facet_segments, gauss_legendre_count, gauss_legendre_sums,
                        log_diff_ndtr, log_phi, panels_where_needed, polygon_moments)
@@ -756,41 +757,57 @@ class FacetPolygons:
     line_second: np.ndarray
 
 
+def real_first(a, c, real):
+    """Each row's real facets first (in their order, then the others): a (R, F, 3), c (R, F),
+    real (R, F) sorted alike (the arrays themselves where they already are)."""
+    if (real[:, 1:] <= real[:, :-1]).all():
+        return a, c, real
+    order = np.argsort(~real, axis=1, kind="stable")
+    return (np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1),
+            np.take_along_axis(real, order, 1))
+
+
 def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     """``FacetPolygons`` of R polyhedra: a (R, F, 3) unit rows, c (R, F), real (R, F).
 
     A translate of P by -v is {u : a_k . u <= c_k - a_k . v}: facet k's polygon is the
     same polygon moved in its plane by -E_k v, so its edges' offsets move by -a2 . E_k v
     and their segments by -d2 . E_k v (d2 = a2 rotated by +90 degrees), and which rows are
-    edges does not change.  So the polygons are found once per polyhedron."""
+    edges does not change.  So the polygons are found once per polyhedron, in groups of equal
+    facet count on torch's thread count, ``group`` regions at a time in all."""
     R, F, _ = a.shape
-    order = np.argsort(~real, axis=1, kind="stable")                   # real facets first
-    a, c, real = np.take_along_axis(a, order[..., None], 1), np.take_along_axis(c, order, 1), \
-        np.take_along_axis(real, order, 1)
+    a, c, real = real_first(a, c, real)
     sizes = real.sum(1)
+    workers = max(1, torch.get_num_threads())
+    jobs = []
+    for k in np.unique(sizes[sizes > 0]):
+        idx = np.flatnonzero(sizes == k)
+        jobs += [(int(k), g) for g in np.array_split(idx, -(-idx.size // max(1, group // workers)))]
+
+    def polygons_of(k, g):
+        stop_check()
+        A, b, m = a[g, :k], c[g, :k], real[g, :k]
+        B = g.size
+        b = np.where(np.abs(b) < TINY_B, TINY_B, b)
+        E, a2, c2, rows, alive = facet_polygons(A, b, m)
+        t_lo, t_hi, live = (x.reshape(B, k, k) for x in facet_segments(
+            a2.reshape(-1, k, 2), c2.reshape(-1, k), rows.reshape(-1, k)))
+        nonempty = alive & (live.any(2) | ~rows.any(2))
+        bounded = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
+        i, f, j = np.nonzero(live)
+        return (g, bounded, (np.repeat(g, k), A.reshape(-1, 3), b.reshape(-1), nonempty.reshape(-1)),
+                (g[i], f, j, c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j], *_in_plane_3d(E[i, f], a2[i, f, j]), b[i, f]))
     facets, edges = [], []
     bounded = np.zeros(R, bool)
-    for k in np.unique(sizes):
-        if k == 0:
-            continue
-        idx = np.flatnonzero(sizes == k)
-        for g in np.array_split(idx, -(-idx.size // group)):
-            A, b, m = a[g, :k], c[g, :k], real[g, :k]
-            B = g.size
-            b = np.where(np.abs(b) < TINY_B, TINY_B, b)
-            E, a2, c2, rows, alive = facet_polygons(A, b, m)
-            t_lo, t_hi, live = (x.reshape(B, k, k) for x in facet_segments(
-                a2.reshape(-1, k, 2), c2.reshape(-1, k), rows.reshape(-1, k)))
-            nonempty = alive & (live.any(2) | ~rows.any(2))
-            bounded[g] = live.any((1, 2)) & ~(live & ~(np.isfinite(t_lo) & np.isfinite(t_hi))).any((1, 2))
-            facets.append((np.repeat(g, k), A.reshape(-1, 3), b.reshape(-1), E.reshape(-1, 2, 3),
-                           nonempty.reshape(-1)))
-            i, f, j = np.nonzero(live)
-            edges.append((g[i], f, j, a2[i, f, j], c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j]))
+    with closing(map_in_threads(polygons_of, jobs, workers)) as results:
+        for g, bounded_g, facet_part, edge_part in results:
+            bounded[g] = bounded_g
+            facets.append(facet_part)
+            edges.append(edge_part)
     cat = lambda parts, n, shape: [np.concatenate(x) for x in zip(*parts)] if parts else \
         [np.zeros((0,) + s) for s in shape]
-    f_region, fa, fc, fE, fne = cat(facets, 5, [(), (3,), (), (2, 3), ()])
-    e_region, ef, ej, ea2, ec2, elo, ehi = cat(edges, 7, [(), (), (), (2,), (), (), ()])
+    f_region, fa, fc, fne = cat(facets, 4, [(), (3,), (), ()])
+    e_region, ef, ej, ec2, elo, ehi, normal3, tangent3, b = cat(edges, 9, [(), (), (), (), (), (), (3,), (3,), ()])
     fo, eo = np.argsort(f_region, kind="stable"), np.argsort(e_region, kind="stable")
     start = lambda region: np.concatenate([[0], np.cumsum(np.bincount(region.astype(np.int64), minlength=R))])
     e_start = start(e_region)
@@ -800,9 +817,8 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     at = np.minimum(np.searchsorted(key, twin_key), max(key.size - 1, 0))
     twin = np.where(key[at] == twin_key, at - e_start[e_region], -1) if key.size else np.zeros(0, np.int64)
     f_start = start(f_region)
-    fa, fc, fE, ea2, ec2, elo, ehi = fa[fo], fc[fo], fE[fo], ea2[eo], ec2[eo], elo[eo], ehi[eo]
-    normal3, tangent3 = _in_plane_3d(fE[f_start[e_region] + ef], ea2)
-    b = fc[f_start[e_region] + ef]
+    fa, fc = fa[fo], fc[fo]
+    ec2, elo, ehi, normal3, tangent3, b = (x[eo] for x in (ec2, elo, ehi, normal3, tangent3, b))
     first, second = _twin_lines(twin, e_start[e_region], b, ec2, elo, ehi)
     line_region = e_region[first]
     return FacetPolygons(f_start, fa, fc, fne[fo].astype(bool), e_start, ef, ec2, elo, ehi, normal3, tangent3,

@@ -87,3 +87,33 @@ def test_no_volume_is_claimed_where_a_third_facet_runs_through_an_edge():
     volume = polyhedron_edges(a, c, np.ones((2, 7), bool)).volume
     assert volume[0] == pytest.approx(8.0, rel=1e-14)                  # a facet that never touches
     assert volume[1] == np.inf
+
+
+def test_table_edges_and_facet_polygons_do_not_depend_on_groups_or_threads():
+    """The S = 3 table's packed edges (``likelihood._packed_edges``) and facet polygons
+    (``polyhedron.region_facet_polygons``) split independent per-region work into groups
+    run on threads: tiny groups on 2 threads give the bits of one group per facet count on
+    1 thread.  Facet counts 1 to 8, some rows with a dead facet before live ones."""
+    import torch
+
+    from cpadgn.likelihood import _packed_edges
+    from cpadgn.polyhedron import region_facet_polygons
+    rng = np.random.default_rng(3)
+    B, F = 300, 8
+    a = rng.normal(size=(B, F, 3))
+    a /= np.linalg.norm(a, axis=-1, keepdims=True)
+    c = rng.uniform(0.2, 2.0, size=(B, F))
+    real = np.arange(F)[None, :] < rng.integers(1, F + 1, size=B)[:, None]
+    real[::7, 0] &= ~real[::7, 1:].any(1)                       # not real-first: sorted inside
+    a, c = np.where(real[..., None], a, 0.0), np.where(real, c, 0.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _packed_edges(a, c, real, group=10 ** 6), region_facet_polygons(a, c, real, group=10 ** 6)
+        torch.set_num_threads(2)
+        many = _packed_edges(a, c, real, group=6), region_facet_polygons(a, c, real, group=6)
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip([*one[0], *vars(one[1]).values()], [*many[0], *vars(many[1]).values()]):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    assert np.isfinite(one[0][2]).sum() > 50 and one[1].line_first.size > 0   # bounded regions, twin lines

@@ -313,3 +313,21 @@ def test_owen_segment_node_counts_against_mpmath():
             want = float(mpmath.log(g))
             tol = quadrature_rounding(lo[i], width[i], p[i], want)
             assert abs(got[k] - want) <= tol, (i, nodes[i], panels[i], got[k], want, (got[k] - want) / tol)
+
+
+def test_masked_extreme_gives_the_masked_reductions_bits():
+    """``_masked_extreme`` (the unmasked reduction, rows with a 0 or NaN result redone) against
+    numpy's masked reduction itself, bit for bit: signed zeros in either order, NaN, inf,
+    rows with nothing selected."""
+    from cpadgn.polytope import _masked_extreme
+    rng = np.random.default_rng(0)
+    x = np.where(rng.random((4000, 7)) < 0.5, rng.choice([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf], size=(4000, 7)),
+                 rng.normal(size=(4000, 7)))
+    x[::97, 3] = np.nan
+    where = rng.random(x.shape) < 0.6
+    where[::13] = False                                        # nothing selected: the initial value
+    for extreme, initial in ((np.minimum, np.inf), (np.maximum, -np.inf)):
+        got = _masked_extreme(extreme, x, where, initial)
+        want = extreme.reduce(x, axis=-1, where=where, initial=initial)
+        assert got.tobytes() == want.tobytes()
+        assert (got == 0).sum() > 100 and np.isnan(got).sum() > 5 and np.signbit(got[got == 0]).any()
