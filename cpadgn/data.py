@@ -370,7 +370,8 @@ def _read_csv(path: Path):
         raise CpadgnError(f"{path} is not a valid CSV file ({e})") from None
     except OSError as e:
         raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
-    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]  # skip blank lines
+    # skip blank lines; a line of empty cells between commas (pandas' all-NaN row) is data
+    rows = [(n, r) for n, r in rows if len(r) > 1 or (r and r[0].strip())]
     if not rows:
         raise CpadgnError(f"{path} has no data rows")
     header = None

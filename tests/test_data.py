@@ -41,6 +41,17 @@ def test_csv_missing_values(tmp_path):
     assert X[0, 0] == 1 and X[2, 2] == 2
 
 
+def test_csv_row_of_empty_cells_is_an_all_missing_row(tmp_path):
+    """pandas writes a row with every value missing as a line of bare commas: it is a data
+    row (all NaN), unlike a blank line; the rows after it keep their positions."""
+    import pandas as pd
+    X = np.array([[1.0, 2, 3], [np.nan] * 3, [4, np.nan, 6], [7, 8, 9]])
+    pd.DataFrame(X, columns=["a", "b", "c"]).to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "q.csv").write_text("1,2,3\n\n,,\n  \n4,,6\n7,8,9\n")
+    for name in ("p.csv", "q.csv"):
+        np.testing.assert_array_equal(read_data(tmp_path / name), X)
+
+
 def test_csv_utf8_bom_header(tmp_path):
     (tmp_path / "b.csv").write_bytes("\ufeffa,b\n1,2\n".encode("utf-8"))
     np.testing.assert_array_equal(read_data(tmp_path / "b.csv"), [[1, 2]])
