@@ -215,9 +215,10 @@ def cache_status(status) -> dict:
 
 
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
-               need_noise=True, memory_budget=2e9, stderr_target=None):
-    """Load a generator, check it against the data, get its partition (cache or compute),
-    settle the noise std.  Bad input fails here, before any long computation."""
+               need_noise=True, memory_budget=2e9, stderr_target=None, check=None):
+    """Load a generator, check it against the data (and by ``check(model)``, which raises
+    CpadgnError), get its partition (cache or compute), settle the noise std.  Bad input
+    fails here, before any long computation."""
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
@@ -226,6 +227,8 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     set_stderr_target(model, stderr_target, say)
     if data is not None:
         model._check_data(data)
+    if check is not None:
+        check(model)
     if noise_std == "auto" and data is None:
         raise CpadgnError("--noise-std auto needs data to fit on")
     if need_noise and noise_std is None and model.noise_std is None:

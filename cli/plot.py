@@ -58,7 +58,7 @@ def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache,
             raise CpadgnError(f"--row {bad[0]} is past the end of DATA ({X.shape[0]} rows, counted from 0)")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device, memory_budget=memory_budget,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X,
-                       need_noise=bool(rows))
+                       need_noise=bool(rows), check=pictures.check_drawable)
     pictures.save(pictures.partition(model, X, rows=list(rows), size=size), out)
     if not quiet:
         click.echo(f"wrote {out}", err=True)

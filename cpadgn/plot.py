@@ -181,6 +181,14 @@ def posterior_density(model, X, z) -> np.ndarray:
 
 
 # ================================================================ partition
+def check_drawable(model) -> None:
+    """Refuse a model whose partition ``partition`` cannot draw (S > 2), before any work."""
+    if model.latent_dim not in (1, 2):
+        raise CpadgnError(f"the partition is drawn for S = 1 or 2 latent dimensions, and this model "
+                          f"has S = {model.latent_dim}; for its rows' posterior means use the z_mean "
+                          "columns of cpadgn score")
+
+
 def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid: int = 241):
     """The latent partition of model, and the exact posteriors of some rows of X.
 
@@ -194,10 +202,7 @@ def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid
     S = 1: the prior density, the breakpoints between regions and each row's p(z | x)
     with its mean marked on the axis.  size: (width, height) in pixels of a new figure.
     """
-    S = model.latent_dim
-    if S not in (1, 2):
-        raise CpadgnError(f"the partition is drawn for S = 1 or 2 latent dimensions; this model has "
-                          f"S = {S}")
+    check_drawable(model)
     rows = [] if rows is None else [int(r) for r in np.atleast_1d(rows)]
     if rows and X is None:
         raise CpadgnError("rows were given but no data: pass X (or --data DATA)")

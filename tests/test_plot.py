@@ -327,6 +327,15 @@ def test_cli_pictures(files):
     assert not list(d.glob("*.tmp"))
 
 
+def test_cli_refuses_s3_before_computing_its_partition(files):
+    """An S = 3 model cannot be drawn: the refusal comes before the partition (which can take
+    minutes at S = 3), so no cache is written and nothing is printed but the one line."""
+    r = run("plot", "partition", files / "gen3.h5", "-o", files / "m3.png", "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [r.stderr.strip()] and "S = 3; " in r.stderr, r.output
+    assert not (files / "gen3.h5.partition.h5").exists() and not (files / "m3.png").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.jpg"], "use one of .png, .pdf, .svg"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--row", "1"], "add --data"),
