@@ -215,7 +215,7 @@ def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid
                               "rows are counted from 0")
         Xr = X[rows]
     post = model.posterior(Xr) if rows else None
-    draw = _partition_1d if S == 1 else _partition_2d
+    draw = _partition_1d if model.latent_dim == 1 else _partition_2d
     return draw(model, rows, Xr, post, ax, window, size, grid)
 
 
