@@ -87,7 +87,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     t0 = time.perf_counter()
     quiet = quiet or as_json
     if n_draws is not None and n_draws < 1:
-        raise CpadgnError(f"--draws must be a positive integer, got {n_draws}")
+        raise CpadgnError(f"--draws must be a positive integer, got {n_draws}; give --draws 1 or more")
     if mcar is not None and not (0 < mcar < 1):
         raise CpadgnError(f"--evaluate-mcar takes a fraction strictly between 0 and 1, got {mcar}")
     if out is None and mcar is None:

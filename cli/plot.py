@@ -55,7 +55,8 @@ def partition(model_path, out, data_path, dataset, rows, size, noise_std, cache,
     if X is not None:
         bad = [r for r in rows if r >= X.shape[0]]
         if bad:
-            raise CpadgnError(f"--row {bad[0]} is past the end of DATA ({X.shape[0]} rows, counted from 0)")
+            raise CpadgnError(f"--row {bad[0]} is past the end of DATA ({X.shape[0]} rows, counted from 0); "
+                               f"pick rows 0 to {X.shape[0] - 1}")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device, memory_budget=memory_budget,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X,
                        need_noise=bool(rows), check=pictures.check_drawable)

@@ -242,16 +242,17 @@ def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
     if not parent.exists():
         raise CpadgnError(f"cannot write {path}: directory {parent} does not exist; create it first")
     if not parent.is_dir():
-        raise CpadgnError(f"cannot write {path}: {parent} is not a directory")
+        raise CpadgnError(f"cannot write {path}: {parent} is not a directory; choose a path inside a directory")
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".check")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         raise CpadgnError(f"cannot write {path}: directory {parent} is not writable "
-                          f"({e.strerror or e})") from None
+                          f"({e.strerror or e}); choose another output directory") from None
     if path.exists() and not os.access(path, os.W_OK):
-        raise CpadgnError(f"cannot write {path}: the existing file is read-only")
+        raise CpadgnError(f"cannot write {path}: the existing file is read-only; choose another "
+                          "output path or make it writable")
     return path
 
 
@@ -260,9 +261,9 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     """Read a data table as float64 (N, D); NaN marks missing values."""
     path = Path(path)
     if not path.exists():
-        raise CpadgnError(f"data file {path} does not exist")
+        raise CpadgnError(f"data file {path} does not exist; check the path")
     if path.is_dir():
-        raise CpadgnError(f"{path} is a directory, not a data file")
+        raise CpadgnError(f"{path} is a directory, not a data file; pass a .csv, .npy or .h5 file")
     suffix = path.suffix.lower()
     if suffix not in DATA_SUFFIXES:
         raise CpadgnError(f"cannot read {path}: unknown data extension '{path.suffix or '(none)'}'; "
@@ -275,7 +276,7 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     except OSError as e:
         raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
     if size == 0:
-        raise CpadgnError(f"data file {path} is empty")
+        raise CpadgnError(f"data file {path} is empty (0 bytes); pass a file with one row per sample")
     if suffix == ".npy":
         X, lines = _read_npy(path), None
     elif suffix == ".csv":
@@ -292,9 +293,9 @@ def _check_table(path: Path, X: np.ndarray, lines=None) -> np.ndarray:
         raise CpadgnError(f"{path} holds a {X.ndim}-D array of shape {X.shape}; expected a 2-D "
                           f"table, rows = samples and columns = features{hint}")
     if X.shape[0] == 0:
-        raise CpadgnError(f"{path} has no data rows")
+        raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
     if X.shape[1] == 0:
-        raise CpadgnError(f"{path} has no columns")
+        raise CpadgnError(f"{path} has no columns; pass a file with one column per feature")
     inf = np.isinf(X)
     if inf.any():
         r, c = np.argwhere(inf)[0]
@@ -373,7 +374,7 @@ def _read_csv(path: Path):
     # skip blank lines; a line of empty cells between commas (pandas' all-NaN row) is data
     rows = [(n, r) for n, r in rows if len(r) > 1 or (r and r[0].strip())]
     if not rows:
-        raise CpadgnError(f"{path} has no data rows")
+        raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
     header = None
     first = rows[0][1]
     if len(first) == 1:
@@ -386,7 +387,7 @@ def _read_csv(path: Path):
     if is_header(first):
         header, rows = first, rows[1:]
     if not rows:
-        raise CpadgnError(f"{path} has a header but no data rows")
+        raise CpadgnError(f"{path} has a header but no data rows; add one row per sample below it")
     width = len(header) if header is not None else len(rows[0][1])
     ref = "the header has" if header is not None else f"line {rows[0][0]} has"
     out = np.empty((len(rows), width))

@@ -128,6 +128,37 @@ def test_empty_file(files):
     assert_one_line_error(run("score", files["model"], data, "-o", files["dir"] / "s.csv"), "empty")
 
 
+@pytest.mark.parametrize("case", ["empty data", "header only", "blank lines only", "empty model",
+                                  "model without format_version", "--draws 0",
+                                  "--row past the end"])
+def test_errors_say_what_to_do(files, case):
+    """Every refusal is one line 'Error: what is wrong; what to do'."""
+    d, model, data = files["dir"], files["model"], files["data"]
+    out = d / "out.csv"
+    args = ["score", model, d / "in.csv", "-o", out]
+    if case == "empty data":
+        (d / "in.csv").write_text("")
+    elif case == "header only":
+        (d / "in.csv").write_text("a,b,c\n")
+    elif case == "blank lines only":
+        (d / "in.csv").write_text("\n \n")
+    elif case == "empty model":
+        (d / "m.pt2").write_bytes(b"")
+        args = ["score", d / "m.pt2", data, "-o", out]
+    elif case == "model without format_version":
+        (d / "m.h5").write_bytes(model.read_bytes())
+        with h5py.File(d / "m.h5", "a") as f:
+            del f.attrs["format_version"]
+        args = ["score", d / "m.h5", data, "-o", out]
+    elif case == "--draws 0":
+        args = ["impute", model, data, "-o", out, "--draws", 0]
+    else:
+        args = ["plot", "partition", model, "-o", d / "p.png", "--data", data, "--row", 20]
+    res = run(*args, "-q")
+    assert_one_line_error(res)
+    assert "; " in res.stderr, res.stderr
+
+
 def test_unknown_extensions(files):
     data = files["dir"] / "data.xyz"
     data.write_text("1,2,3\n")
