@@ -261,6 +261,13 @@ def main():
     A ReLU-type generator with a Gaussian latent prior and Gaussian noise has an
     exact likelihood p(x) and posterior p(z|x); cpadgn computes them from the
     partition of the latent space into linear regions, cached beside the model.
+
+    \b
+    Examples:
+      cpadgn fit sample_data/digits_train.csv -o gen.h5 --latent-dim 2 --hidden 16,16
+      cpadgn score gen.h5 sample_data/digits_test.csv -o scores.csv
+      cpadgn impute gen.h5 holes.csv -o filled.csv --std
+      cpadgn COMMAND --help      (every option of COMMAND, with examples)
     """
 
 
@@ -274,7 +281,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     """Compute (or load) and describe the partition of MODEL's latent space.
 
     \b
-    Example:
+    Examples:
       cpadgn partition sample_data/wave_generator.h5
       cpadgn partition gen.pt2 --max-regions 100000 --json
     """

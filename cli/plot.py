@@ -9,7 +9,14 @@ from cpadgn.errors import CpadgnError
 
 @main.group()
 def plot():
-    """Pictures of a model (PNG, PDF or SVG; needs pip install 'cpadgn[plot]')."""
+    """Pictures of a model (PNG, PDF or SVG; needs pip install 'cpadgn[plot]').
+
+    \b
+    Examples:
+      cpadgn plot partition sample_data/digits_generator.h5 -o map.png
+      cpadgn score gen.h5 data.csv -o s.csv --plot hist.png       (the scores' histogram)
+      cpadgn impute gen.h5 holes.csv -o f.csv --plot draws.png    (imputation tiles)
+    """
 
 
 @plot.command()

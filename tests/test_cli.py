@@ -251,6 +251,14 @@ def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
                                                                                slope=0.1)).n_regions
 
 
+def test_every_help_text_has_examples():
+    from cli.main import main as group
+    paths = [[]] + [[c] for c in group.commands] + [["plot", c] for c in group.commands["plot"].commands]
+    for args in paths:
+        res = CliRunner().invoke(main, args + ["--help"])
+        assert res.exit_code == 0 and "Examples:" in res.output, (args, res.output)
+
+
 def test_help_and_import_cpadgn_load_no_numerics():
     """Start-up: `cpadgn --help`, `cpadgn COMMAND --help` and `import cpadgn` import neither
     numpy nor torch nor scipy (numpy alone was half of --help's CPU time); the package's
