@@ -344,12 +344,15 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def is_header(cells: list) -> bool:
     """Whether a CSV's first row (its cells, str) is a header: a cell that is not a
-    number, or the column numbers '0', '1', .., 'D-1' or '1', .., 'D' with D >= 4."""
+    number, or the column numbers '0', '1', .., 'D-1' or '1', .., 'D' with D >= 4 (after
+    an empty first cell, pandas' name for its index column)."""
     try:
         [_cell(c) for c in cells]
     except ValueError:
         return True
     text = [c.strip() for c in cells]
+    if len(text) >= 5 and not text[0]:          # pandas' index column: an empty name first
+        text = text[1:]
     return len(text) >= 4 and text[0] in ("0", "1") and text == [str(int(text[0]) + i) for i in range(len(text))]
 
 
@@ -388,6 +391,8 @@ def _read_csv(path: Path):
         header, rows = first, rows[1:]
     if not rows:
         raise CpadgnError(f"{path} has a header but no data rows; add one row per sample below it")
+    if header is not None and len(header) > 1 and not header[0].strip():
+        _refuse_pandas_index(path, rows)
     width = len(header) if header is not None else len(rows[0][1])
     ref = "the header has" if header is not None else f"line {rows[0][0]} has"
     out = np.empty((len(rows), width))
@@ -407,6 +412,19 @@ def _read_csv(path: Path):
                     raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c.strip()}', "
                                       f"not a number{hint}") from None
     return out, [n for n, _ in rows]
+
+
+def _refuse_pandas_index(path: Path, rows: list) -> None:
+    """A first column unnamed in the header that counts the rows 0, 1, 2, .. is the index
+    pandas' DataFrame.to_csv writes by default, not a feature: refused, never read as one."""
+    try:
+        first = [float(r[0]) for _, r in rows]
+    except ValueError:
+        return
+    if first == list(range(len(rows))):
+        raise CpadgnError(f"{path}: the first column has no name in the header and counts the rows "
+                          "0, 1, 2, ..: it is a pandas index, not a feature; write the file with "
+                          "DataFrame.to_csv(path, index=False), or drop that column")
 
 
 def _h5py():

@@ -33,6 +33,23 @@ def test_csv_header_of_column_numbers(tmp_path):
         assert read_data(tmp_path / "d.csv").shape == (2, cols)
 
 
+@pytest.mark.parametrize("columns", [None, ["a", "b", "c", "d"]])
+def test_csv_with_a_pandas_index_column_is_refused(tmp_path, columns):
+    """DataFrame.to_csv writes its row index as an unnamed first column by default: that is
+    not a feature, and the refusal says how to write the file (index=False), which then
+    reads back as the array."""
+    import pandas as pd
+    X = np.arange(12.0).reshape(3, 4) / 7
+    df = pd.DataFrame(X, columns=columns)
+    df.to_csv(tmp_path / "i.csv")
+    with pytest.raises(CpadgnError, match=r"pandas index.*index=False"):
+        read_data(tmp_path / "i.csv")
+    df.to_csv(tmp_path / "n.csv", index=False)
+    np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), X)
+    (tmp_path / "k.csv").write_text(",a,b\n5,1,2\n6,3,4\n")        # an unnamed column of data
+    np.testing.assert_array_equal(read_data(tmp_path / "k.csv"), [[5, 1, 2], [6, 3, 4]])
+
+
 def test_csv_missing_values(tmp_path):
     (tmp_path / "m.csv").write_text("x,y,z\n1,,3\nNA,nan,N/A\n NaN , null ,2\n")
     X = read_data(tmp_path / "m.csv")
