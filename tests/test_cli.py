@@ -130,7 +130,7 @@ def test_empty_file(files):
 
 @pytest.mark.parametrize("case", ["empty data", "header only", "blank lines only", "empty model",
                                   "model without format_version", "--draws 0",
-                                  "--row past the end"])
+                                  "--row past the end", "compare one observed row"])
 def test_errors_say_what_to_do(files, case):
     """Every refusal is one line 'Error: what is wrong; what to do'."""
     d, model, data = files["dir"], files["model"], files["data"]
@@ -152,8 +152,11 @@ def test_errors_say_what_to_do(files, case):
         args = ["score", d / "m.h5", data, "-o", out]
     elif case == "--draws 0":
         args = ["impute", model, data, "-o", out, "--draws", 0]
-    else:
+    elif case == "--row past the end":
         args = ["plot", "partition", model, "-o", d / "p.png", "--data", data, "--row", 20]
+    else:
+        (d / "in.csv").write_text("1,2,3\n,,\n")
+        args = ["compare", model, "--data", d / "in.csv"]
     res = run(*args, "-q")
     assert_one_line_error(res)
     assert "; " in res.stderr, res.stderr
