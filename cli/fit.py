@@ -37,7 +37,7 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--val", "val_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Validation rows from a file instead of --val-fraction.")
 @click.option("--dataset", default=None, help="Dataset key inside .h5 data files.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the initialisation and the validation split (and the VAE).")
 @click.option("--noise", type=click.Choice(["iso", "diag"]), default=None,
               help="Observation noise: sigma^2 I or diag(sigma_d^2) [default: iso; with --init MODEL "

@@ -29,7 +29,7 @@ from cpadgn.errors import CpadgnError
               help="Also write the exact conditional standard deviation of every entry (0 where "
                    "observed): OUT.std.csv / OUT.std.npy beside OUT, or dataset 'std' in an .h5 OUT "
                    "(at S >= 4 also dataset 'mean_stderr': the QMC standard error of the mean).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the draws and of --evaluate-mcar's mask (same seed, same draws).")
 @click.option("--evaluate-mcar", "mcar", type=float, default=None, metavar="P",
               help="Hide a fraction P of the observed entries completely at random (seeded), "

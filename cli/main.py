@@ -356,7 +356,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
                    "with their Monte Carlo 95% interval.")
 @click.option("--samples", type=int, default=None, metavar="M",
               help="Rows drawn from the model for --pvalues  [default: 2000].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of those draws.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of those draws.")
 @click.option("--alpha", type=float, default=None, metavar="A",
               help="Flag rows with p-value below A as is_anomaly (implies --pvalues; "
                    "an alternative to --contamination).")

@@ -235,6 +235,21 @@ def test_exit_codes_usage_2_bug_70(files, monkeypatch):
                                   str(files["dir"] / "s.csv"), "--debug"], catch_exceptions=False)
 
 
+@pytest.mark.parametrize("command", ["score", "impute", "fit"])
+def test_negative_seed_is_a_usage_error(files, command):
+    """numpy's generators take seeds >= 0: a negative --seed is a bad option value (exit 2,
+    one line naming --seed), not an internal error (it was exit 70)."""
+    d, model, data = files["dir"], files["model"], files["data"]
+    args = {"score": ["score", model, data, "-o", d / "s.csv", "--pvalues", "--samples", 10],
+            "impute": ["impute", model, data, "-o", d / "s.csv", "--draws", 2],
+            "fit": ["fit", data, "-o", d / "s.h5", "-S", 1, "--hidden", 2, "--max-iter", 1]}[command]
+    res = run(*args, "--seed", -1, "-q")
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error:") and "\n" not in err and "--seed" in err, err
+    assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
+
+
 def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
     """--memory-budget is shared by partition, score and impute and bounds the enumeration
     too: a budget below what the S = 2 subdivision needs stops it with one line, before
