@@ -364,18 +364,32 @@ def _cell(text: str):
     return float(t)
 
 
+def _csv_rows(f):
+    """(line number, cells) of each CSV row of the open file f, skipping blank lines (whitespace
+    only).  A quoted empty cell ("", what pandas writes for a missing value in a one-column
+    file) or a line of bare commas (an all-NaN row) is a row, not a blank line."""
+    last = [""]
+
+    def lines():
+        for line in f:
+            last[0] = line
+            yield line
+    reader = csv.reader(lines())
+    for row in reader:
+        if last[0].strip():
+            yield reader.line_num, row
+
+
 def _read_csv(path: Path):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [(i + 1, row) for i, row in enumerate(csv.reader(f))]
+            rows = list(_csv_rows(f))
     except UnicodeDecodeError:
         raise CpadgnError(f"{path} is not a UTF-8 text file; is it really a CSV?") from None
     except csv.Error as e:
         raise CpadgnError(f"{path} is not a valid CSV file ({e})") from None
     except OSError as e:
         raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
-    # skip blank lines; a line of empty cells between commas (pandas' all-NaN row) is data
-    rows = [(n, r) for n, r in rows if len(r) > 1 or (r and r[0].strip())]
     if not rows:
         raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
     header = None

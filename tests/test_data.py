@@ -59,14 +59,20 @@ def test_csv_missing_values(tmp_path):
 
 
 def test_csv_row_of_empty_cells_is_an_all_missing_row(tmp_path):
-    """pandas writes a row with every value missing as a line of bare commas: it is a data
-    row (all NaN), unlike a blank line; the rows after it keep their positions."""
+    """pandas writes a row with every value missing as a line of bare commas, or as "" in a
+    one-column file: it is a data row (all NaN), unlike a blank line; the rows after it keep
+    their positions."""
     import pandas as pd
     X = np.array([[1.0, 2, 3], [np.nan] * 3, [4, np.nan, 6], [7, 8, 9]])
     pd.DataFrame(X, columns=["a", "b", "c"]).to_csv(tmp_path / "p.csv", index=False)
     (tmp_path / "q.csv").write_text("1,2,3\n\n,,\n  \n4,,6\n7,8,9\n")
     for name in ("p.csv", "q.csv"):
         np.testing.assert_array_equal(read_data(tmp_path / name), X)
+    one = np.array([[1.0], [np.nan], [3.0]])              # one column: pandas quotes the gap ("")
+    pd.DataFrame(one, columns=["a"]).to_csv(tmp_path / "o.csv", index=False)
+    (tmp_path / "b.csv").write_text('1\n\n""\n3\n\n')
+    for name in ("o.csv", "b.csv"):
+        np.testing.assert_array_equal(read_data(tmp_path / name), one)
 
 
 def test_csv_utf8_bom_header(tmp_path):
