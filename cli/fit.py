@@ -137,7 +137,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     t0 = time.perf_counter()
     out = Path(out)
     if out.suffix.lower() not in MODEL_SUFFIXES:
-        raise CpadgnError(f"cannot write {out}: a model file must end in .h5 or .hdf5")
+        raise CpadgnError(f"cannot write {out}: a model file must end in .h5 or .hdf5; name it e.g. "
+                          f"{out.with_suffix('.h5').name}")
     init_model, init_path = init not in ("ppca", "random"), init
     check_init_options(init, method, latent_dim)
     check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,

@@ -532,13 +532,15 @@ def check_score_options(contamination, pvalues, samples, alpha, explain):
     if samples is not None and not pvalues:
         raise CpadgnError("--samples is the number of model draws for p-values; add --pvalues or --alpha")
     if samples is not None and samples < 1:
-        raise CpadgnError(f"--samples must be a positive number of model draws, got {samples}")
+        raise CpadgnError(f"--samples must be a positive number of model draws, got {samples}; e.g. "
+                          "--samples 2000")
     m = PVALUE_SAMPLES if samples is None else samples
     if alpha is not None and alpha * (m + 1) <= 1:
         raise CpadgnError(f"with --samples {m} the smallest p-value is 1/{m + 1} >= --alpha {alpha:g}, so "
                           f"no row could be flagged; use --samples {int(np.ceil(10 / alpha))} or more")
     if explain is not None and explain < 1:
-        raise CpadgnError(f"--explain must be a positive number of features, got {explain}")
+        raise CpadgnError(f"--explain must be a positive number of features, got {explain}; e.g. "
+                          "--explain 3")
 
 
 def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, explain=None):
