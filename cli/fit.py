@@ -37,7 +37,7 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--val", "val_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Validation rows from a file instead of --val-fraction.")
 @click.option("--dataset", default=None, help="Dataset key inside .h5 data files.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the initialisation and the validation split (and the VAE).")
 @click.option("--noise", type=click.Choice(["iso", "diag"]), default=None,
               help="Observation noise: sigma^2 I or diag(sigma_d^2) [default: iso; with --init MODEL "
@@ -137,7 +137,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     t0 = time.perf_counter()
     out = Path(out)
     if out.suffix.lower() not in MODEL_SUFFIXES:
-        raise CpadgnError(f"cannot write {out}: a model file must end in .h5 or .hdf5")
+        raise CpadgnError(f"cannot write {out}: a model file must end in .h5 or .hdf5; name it e.g. "
+                          f"{out.with_suffix('.h5').name}")
     init_model, init_path = init not in ("ppca", "random"), init
     check_init_options(init, method, latent_dim)
     check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,

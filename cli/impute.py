@@ -29,7 +29,7 @@ from cpadgn.errors import CpadgnError
               help="Also write the exact conditional standard deviation of every entry (0 where "
                    "observed): OUT.std.csv / OUT.std.npy beside OUT, or dataset 'std' in an .h5 OUT "
                    "(at S >= 4 also dataset 'mean_stderr': the QMC standard error of the mean).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the draws and of --evaluate-mcar's mask (same seed, same draws).")
 @click.option("--evaluate-mcar", "mcar", type=float, default=None, metavar="P",
               help="Hide a fraction P of the observed entries completely at random (seeded), "
@@ -87,7 +87,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     t0 = time.perf_counter()
     quiet = quiet or as_json
     if n_draws is not None and n_draws < 1:
-        raise CpadgnError(f"--draws must be a positive integer, got {n_draws}")
+        raise CpadgnError(f"--draws must be a positive integer, got {n_draws}; give --draws 1 or more")
     if mcar is not None and not (0 < mcar < 1):
         raise CpadgnError(f"--evaluate-mcar takes a fraction strictly between 0 and 1, got {mcar}")
     if out is None and mcar is None:

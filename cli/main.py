@@ -215,9 +215,10 @@ def cache_status(status) -> dict:
 
 
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
-               need_noise=True, memory_budget=2e9, stderr_target=None):
-    """Load a generator, check it against the data, get its partition (cache or compute),
-    settle the noise std.  Bad input fails here, before any long computation."""
+               need_noise=True, memory_budget=2e9, stderr_target=None, check=None):
+    """Load a generator, check it against the data (and by ``check(model)``, which raises
+    CpadgnError), get its partition (cache or compute), settle the noise std.  Bad input
+    fails here, before any long computation."""
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
@@ -226,6 +227,8 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     set_stderr_target(model, stderr_target, say)
     if data is not None:
         model._check_data(data)
+    if check is not None:
+        check(model)
     if noise_std == "auto" and data is None:
         raise CpadgnError("--noise-std auto needs data to fit on")
     if need_noise and noise_std is None and model.noise_std is None:
@@ -258,6 +261,13 @@ def main():
     A ReLU-type generator with a Gaussian latent prior and Gaussian noise has an
     exact likelihood p(x) and posterior p(z|x); cpadgn computes them from the
     partition of the latent space into linear regions, cached beside the model.
+
+    \b
+    Examples:
+      cpadgn fit sample_data/digits_train.csv -o gen.h5 --latent-dim 2 --hidden 16,16
+      cpadgn score gen.h5 sample_data/digits_test.csv -o scores.csv
+      cpadgn impute gen.h5 holes.csv -o filled.csv --std
+      cpadgn COMMAND --help      (every option of COMMAND, with examples)
     """
 
 
@@ -271,7 +281,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     """Compute (or load) and describe the partition of MODEL's latent space.
 
     \b
-    Example:
+    Examples:
       cpadgn partition sample_data/wave_generator.h5
       cpadgn partition gen.pt2 --max-regions 100000 --json
     """
@@ -346,7 +356,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
                    "with their Monte Carlo 95% interval.")
 @click.option("--samples", type=int, default=None, metavar="M",
               help="Rows drawn from the model for --pvalues  [default: 2000].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of those draws.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of those draws.")
 @click.option("--alpha", type=float, default=None, metavar="A",
               help="Flag rows with p-value below A as is_anomaly (implies --pvalues; "
                    "an alternative to --contamination).")
@@ -522,13 +532,15 @@ def check_score_options(contamination, pvalues, samples, alpha, explain):
     if samples is not None and not pvalues:
         raise CpadgnError("--samples is the number of model draws for p-values; add --pvalues or --alpha")
     if samples is not None and samples < 1:
-        raise CpadgnError(f"--samples must be a positive number of model draws, got {samples}")
+        raise CpadgnError(f"--samples must be a positive number of model draws, got {samples}; e.g. "
+                          "--samples 2000")
     m = PVALUE_SAMPLES if samples is None else samples
     if alpha is not None and alpha * (m + 1) <= 1:
         raise CpadgnError(f"with --samples {m} the smallest p-value is 1/{m + 1} >= --alpha {alpha:g}, so "
                           f"no row could be flagged; use --samples {int(np.ceil(10 / alpha))} or more")
     if explain is not None and explain < 1:
-        raise CpadgnError(f"--explain must be a positive number of features, got {explain}")
+        raise CpadgnError(f"--explain must be a positive number of features, got {explain}; e.g. "
+                          "--explain 3")
 
 
 def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, explain=None):

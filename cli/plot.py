@@ -9,7 +9,14 @@ from cpadgn.errors import CpadgnError
 
 @main.group()
 def plot():
-    """Pictures of a model (PNG, PDF or SVG; needs pip install 'cpadgn[plot]')."""
+    """Pictures of a model (PNG, PDF or SVG; needs pip install 'cpadgn[plot]').
+
+    \b
+    Examples:
+      cpadgn plot partition sample_data/digits_generator.h5 -o map.png
+      cpadgn score gen.h5 data.csv -o s.csv --plot hist.png       (the scores' histogram)
+      cpadgn impute gen.h5 holes.csv -o f.csv --plot draws.png    (imputation tiles)
+    """
 
 
 @plot.command()
@@ -73,17 +80,21 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
     if X is not None:
         bad = [r for r in rows if r >= X.shape[0]]
         if bad:
-            raise CpadgnError(f"--row {bad[0]} is past the end of DATA ({X.shape[0]} rows, counted from 0)")
+            raise CpadgnError(f"--row {bad[0]} is past the end of DATA ({X.shape[0]} rows, counted from 0); "
+                               f"pick rows 0 to {X.shape[0] - 1}")
+
+    def check_slice(model):
+        """Refuse bad slice options before the partition is computed (minutes at S = 3)."""
+        S = model.latent_dim
+        why = axes is not None and pictures.slice_axes_error(axes, S)
+        if why:
+            raise CpadgnError(f"--slice-axes {slice_axes}: {why}")
+        why = at is not None and pictures.slice_at_error(at, (0, 1) if axes is None else axes, S)
+        if why:
+            raise CpadgnError(f"--slice-at {slice_at}: {why}")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device, memory_budget=memory_budget,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X,
-                       need_noise=bool(rows))
-    S = model.latent_dim
-    why = axes is not None and pictures.slice_axes_error(axes, S)
-    if why:
-        raise CpadgnError(f"--slice-axes {slice_axes}: {why}")
-    why = at is not None and pictures.slice_at_error(at, (0, 1) if axes is None else axes, S)
-    if why:
-        raise CpadgnError(f"--slice-at {slice_at}: {why}")
+                       need_noise=bool(rows), check=check_slice)
     fig = pictures.partition(model, X, rows=list(rows), size=size, slice_axes=axes, slice_at=at)
     pictures.save(fig, out)
     if not quiet:

@@ -10,9 +10,9 @@ was computed for (the one with the prior folded in, if that is what is enumerate
 
 The body carries a SHA-256 checksum (``body_sha256``), checked on every load: a cache
 whose content was changed or damaged is recomputed and replaced, with a message.  Only
-a file that is a cpadgn partition cache is ever replaced: any other file at the cache
-path (a model, a data file, a CSV, an unreadable file) is refused with a CpadgnError
-and left untouched.
+a file that is a cpadgn partition cache is ever replaced (a truncated one too, recognised
+by the format name in its first bytes): any other file at the cache path (a model, a data
+file, a CSV, an unreadable file) is refused with a CpadgnError and left untouched.
 
 Schema (cache_format_version 2)
 -------------------------------
@@ -216,7 +216,22 @@ def _open(path: Path):
     try:
         return h5py.File(path, "r")
     except (OSError, ValueError) as e:
+        if _damaged_cache(path):
+            raise CpadgnError(f"{path} is a damaged partition cache (unreadable HDF5: "
+                              f"{_short(e)})") from None
         raise NotACacheError(f"{path} is not a readable HDF5 file ({_short(e)})") from None
+
+
+def _damaged_cache(path: Path) -> bool:
+    """Whether an HDF5 file that cannot be opened was a cpadgn partition cache (truncated,
+    say): it starts with the HDF5 signature and its root attributes, stored near the start
+    (offset ~1 KB), still hold the format name.  Such a file is replaced; any other is not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"\x89HDF\r\n\x1a\n") and FORMAT.encode() in head
 
 
 def _short(e) -> str:

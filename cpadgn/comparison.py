@@ -266,8 +266,8 @@ def check_dimensions(dims: dict, X_test=None, X_train=None) -> int:
         if np.isinf(X).any():
             raise CpadgnError(f"the {what} data has infinite values; replace them (NaN marks missing)")
     if X_test is not None and np.asarray(X_test).shape[0] < 2:
-        raise CpadgnError(f"the test data has {np.asarray(X_test).shape[0]} row(s); standard "
-                          "errors need at least 2")
+        raise CpadgnError(f"the test data has {np.asarray(X_test).shape[0]} row(s) with an observed "
+                          "entry; standard errors need at least 2: pass more test rows")
     return D
 
 

@@ -242,16 +242,17 @@ def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
     if not parent.exists():
         raise CpadgnError(f"cannot write {path}: directory {parent} does not exist; create it first")
     if not parent.is_dir():
-        raise CpadgnError(f"cannot write {path}: {parent} is not a directory")
+        raise CpadgnError(f"cannot write {path}: {parent} is not a directory; choose a path inside a directory")
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".check")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         raise CpadgnError(f"cannot write {path}: directory {parent} is not writable "
-                          f"({e.strerror or e})") from None
+                          f"({e.strerror or e}); choose another output directory") from None
     if path.exists() and not os.access(path, os.W_OK):
-        raise CpadgnError(f"cannot write {path}: the existing file is read-only")
+        raise CpadgnError(f"cannot write {path}: the existing file is read-only; choose another "
+                          "output path or make it writable")
     return path
 
 
@@ -260,9 +261,9 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     """Read a data table as float64 (N, D); NaN marks missing values."""
     path = Path(path)
     if not path.exists():
-        raise CpadgnError(f"data file {path} does not exist")
+        raise CpadgnError(f"data file {path} does not exist; check the path")
     if path.is_dir():
-        raise CpadgnError(f"{path} is a directory, not a data file")
+        raise CpadgnError(f"{path} is a directory, not a data file; pass a .csv, .npy or .h5 file")
     suffix = path.suffix.lower()
     if suffix not in DATA_SUFFIXES:
         raise CpadgnError(f"cannot read {path}: unknown data extension '{path.suffix or '(none)'}'; "
@@ -275,7 +276,7 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     except OSError as e:
         raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
     if size == 0:
-        raise CpadgnError(f"data file {path} is empty")
+        raise CpadgnError(f"data file {path} is empty (0 bytes); pass a file with one row per sample")
     if suffix == ".npy":
         X, lines = _read_npy(path), None
     elif suffix == ".csv":
@@ -292,9 +293,9 @@ def _check_table(path: Path, X: np.ndarray, lines=None) -> np.ndarray:
         raise CpadgnError(f"{path} holds a {X.ndim}-D array of shape {X.shape}; expected a 2-D "
                           f"table, rows = samples and columns = features{hint}")
     if X.shape[0] == 0:
-        raise CpadgnError(f"{path} has no data rows")
+        raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
     if X.shape[1] == 0:
-        raise CpadgnError(f"{path} has no columns")
+        raise CpadgnError(f"{path} has no columns; pass a file with one column per feature")
     inf = np.isinf(X)
     if inf.any():
         r, c = np.argwhere(inf)[0]
@@ -343,12 +344,15 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def is_header(cells: list) -> bool:
     """Whether a CSV's first row (its cells, str) is a header: a cell that is not a
-    number, or the column numbers '0', '1', .., 'D-1' or '1', .., 'D' with D >= 4."""
+    number, or the column numbers '0', '1', .., 'D-1' or '1', .., 'D' with D >= 4 (after
+    an empty first cell, pandas' name for its index column)."""
     try:
         [_cell(c) for c in cells]
     except ValueError:
         return True
     text = [c.strip() for c in cells]
+    if len(text) >= 5 and not text[0]:          # pandas' index column: an empty name first
+        text = text[1:]
     return len(text) >= 4 and text[0] in ("0", "1") and text == [str(int(text[0]) + i) for i in range(len(text))]
 
 
@@ -360,19 +364,34 @@ def _cell(text: str):
     return float(t)
 
 
+def _csv_rows(f):
+    """(line number, cells) of each CSV row of the open file f, skipping blank lines (whitespace
+    only).  A quoted empty cell ("", what pandas writes for a missing value in a one-column
+    file) or a line of bare commas (an all-NaN row) is a row, not a blank line."""
+    last = [""]
+
+    def lines():
+        for line in f:
+            last[0] = line
+            yield line
+    reader = csv.reader(lines())
+    for row in reader:
+        if last[0].strip():
+            yield reader.line_num, row
+
+
 def _read_csv(path: Path):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [(i + 1, row) for i, row in enumerate(csv.reader(f))]
+            rows = list(_csv_rows(f))
     except UnicodeDecodeError:
         raise CpadgnError(f"{path} is not a UTF-8 text file; is it really a CSV?") from None
     except csv.Error as e:
         raise CpadgnError(f"{path} is not a valid CSV file ({e})") from None
     except OSError as e:
         raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
-    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]  # skip blank lines
     if not rows:
-        raise CpadgnError(f"{path} has no data rows")
+        raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
     header = None
     first = rows[0][1]
     if len(first) == 1:
@@ -385,7 +404,9 @@ def _read_csv(path: Path):
     if is_header(first):
         header, rows = first, rows[1:]
     if not rows:
-        raise CpadgnError(f"{path} has a header but no data rows")
+        raise CpadgnError(f"{path} has a header but no data rows; add one row per sample below it")
+    if header is not None and len(header) > 1 and not header[0].strip():
+        _refuse_pandas_index(path, rows)
     width = len(header) if header is not None else len(rows[0][1])
     ref = "the header has" if header is not None else f"line {rows[0][0]} has"
     out = np.empty((len(rows), width))
@@ -405,6 +426,19 @@ def _read_csv(path: Path):
                     raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c.strip()}', "
                                       f"not a number{hint}") from None
     return out, [n for n, _ in rows]
+
+
+def _refuse_pandas_index(path: Path, rows: list) -> None:
+    """A first column unnamed in the header that counts the rows 0, 1, 2, .. is the index
+    pandas' DataFrame.to_csv writes by default, not a feature: refused, never read as one."""
+    try:
+        first = [float(r[0]) for _, r in rows]
+    except ValueError:
+        return
+    if first == list(range(len(rows))):
+        raise CpadgnError(f"{path}: the first column has no name in the header and counts the rows "
+                          "0, 1, 2, ..: it is a pandas index, not a feature; write the file with "
+                          "DataFrame.to_csv(path, index=False), or drop that column")
 
 
 def _h5py():

@@ -85,7 +85,8 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
     """X (N, D) as float64, NaN = missing; CpadgnError for what EM cannot fit."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
-        raise CpadgnError(f"the {what} must be a 2-D table of rows, got shape {X.shape}")
+        raise CpadgnError(f"the {what} must be a 2-D table of rows, got shape {X.shape}; pass one row "
+                          "per sample")
     N, D = X.shape
     miss = np.isnan(X)
     if miss.any() and not allow_missing:
@@ -98,9 +99,9 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
                           "(NaN marks a missing entry)")
     if not 1 <= latent_dim < D:
         raise CpadgnError(f"--latent-dim must be between 1 and D - 1 = {D - 1} for data with {D} "
-                          f"columns, got {latent_dim}")
+                          f"columns, got {latent_dim}; give a smaller --latent-dim")
     if N < 2:
-        raise CpadgnError(f"the {what} needs at least 2 rows, got {N}")
+        raise CpadgnError(f"the {what} needs at least 2 rows, got {N}; pass more rows")
     if miss.all(1).any():
         raise CpadgnError(f"row {np.flatnonzero(miss.all(1))[0] + 1} of the {what} has no observed value; "
                           "drop the rows with nothing observed")

@@ -94,9 +94,9 @@ def load_generator(source, *, trust_pickle: bool = False, example_input=None) ->
         return _generator(_live_net(source, example_input), _live_format(source))
     path = Path(source)
     if not path.exists():
-        raise CpadgnError(f"generator file {path} does not exist")
+        raise CpadgnError(f"generator file {path} does not exist; check the path")
     if path.is_dir():
-        raise CpadgnError(f"{path} is a directory, not a generator file")
+        raise CpadgnError(f"{path} is a directory, not a generator file; pass the model file")
     fmt = detect_format(path)
     if fmt == "hdf5":
         from .modelfile import read_model
@@ -152,7 +152,7 @@ def detect_format(path) -> str:
     if is_hdf5:
         return "hdf5"
     if len(head) == 0:
-        raise CpadgnError(f"generator file {path} is empty")
+        raise CpadgnError(f"generator file {path} is empty (0 bytes); re-save or re-download the model")
     if head.startswith(ZIP_SIGNATURE):
         try:
             with zipfile.ZipFile(path) as z:

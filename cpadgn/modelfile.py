@@ -173,7 +173,7 @@ def read_model(path) -> Generator:
 
     path = Path(path)
     if not path.exists():
-        raise CpadgnError(f"model file {path} does not exist")
+        raise CpadgnError(f"model file {path} does not exist; check the path")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -214,7 +214,7 @@ def _read(path: Path, f) -> Generator:
         raise CpadgnError(f"{path} was written by a newer cpadgn (model format {version}, this "
                           f"version reads up to {FORMAT_VERSION}); upgrade cpadgn")
     if version < 1:
-        raise CpadgnError(f"{path} has an invalid format_version {version}")
+        raise CpadgnError(f"{path} has an invalid format_version {version}; re-save the model with cpadgn")
     if "generator" not in f:
         raise CpadgnError(f"{path} is not a valid cpadgn model: the /generator group is missing")
     g = f["generator"]

@@ -390,8 +390,9 @@ class Quadrature3D:
         self.g_edges = net.forward(z).reshape(Lines, M, -1)
         self.n_nodes = Lines
 
-    def integrate(self, x, noise_std):
-        """log p(x) (NaN in x = missing), E[z | x] (3,) and E[g(z) | x] (D,)."""
+    def integrate(self, x, noise_std, second=False):
+        """log p(x) (NaN in x = missing), E[z | x] (3,) and E[g(z) | x] (D,); with second,
+        also E[g(z) g(z)^T | x] (D, D)."""
         D = self.g_edges.shape[2]
         var = np.broadcast_to(np.asarray(noise_std, float) ** 2, (D,))
         o = ~np.isnan(x)
@@ -417,6 +418,10 @@ class Quadrature3D:
         with np.errstate(invalid="ignore", over="ignore"):
             es = mu + (np.exp(lphi(A) - ldiff) - np.exp(lphi(B) - ldiff)) / sa        # E[s] on the piece
         es = np.where(h > 0, es, 0.0)
+        if second:          # E[s^2] = mu^2 + 2 mu E[t] / sa + E[t^2] / alpha, t = sa (s - mu) truncated to [A, B]
+            with np.errstate(invalid="ignore", over="ignore"):
+                et2 = 1 + A * np.exp(lphi(A) - ldiff) - B * np.exp(lphi(B) - ldiff)
+            es2 = np.where(h > 0, mu * mu + 2 * mu * (es - mu) + et2 / alpha, 0.0)
         const = (-0.5 * (self.P ** 2).sum(1) + self.logw - 1.5 * np.log(2 * np.pi)
                  - 0.5 * o.sum() * np.log(2 * np.pi) - 0.5 * np.log(var[o]).sum())
         lw = lmass + const[:, None]
@@ -426,7 +431,12 @@ class Quadrature3D:
         ez = np.array([(w.sum(1) * self.P[:, 0]).sum(), (w.sum(1) * self.P[:, 1]).sum(),
                        (w * (m + es)).sum()]) / total
         eg = np.einsum("lk,lkd->d", w, gm + d * es[..., None]) / total
-        return top + np.log(total), ez, eg
+        if not second:
+            return top + np.log(total), ez, eg
+        cross = np.einsum("lk,lkd,lke->de", w * es, gm, d)
+        egg = (np.einsum("lk,lkd,lke->de", w, gm, gm) + cross + cross.T
+               + np.einsum("lk,lkd,lke->de", w * es2, d, d)) / total
+        return top + np.log(total), ez, eg, egg
 
 
 def loglik_3d(net, x, noise_std, quad=None, **kw):

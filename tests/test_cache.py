@@ -156,23 +156,29 @@ def test_checksum_covers_every_byte_of_the_body(tmp_path):
     assert body_checksum({**body, "facet_ptr": body["facet_ptr"].reshape(1, -1)}) != want
 
 
-@pytest.mark.parametrize("damage", ["bad_ptr", "missing", "patterns", "one_value", "no_checksum"])
+@pytest.mark.parametrize("damage", ["bad_ptr", "missing", "patterns", "one_value", "no_checksum",
+                                    "truncated", "truncated_to_half"])
 def test_damaged_cache_is_recomputed_and_says_corrupt(tmp_path, damage):
-    """A cpadgn cache whose body was changed (its attributes intact) is never used."""
+    """A cpadgn cache whose body was changed (its attributes intact), or that was cut short
+    (unreadable as HDF5, its format name still in its first bytes), is never used."""
     net = small_net()
     p = tmp_path / "c.h5"
     save_partition(p, hand_partition(net), net.fingerprint())
-    with h5py.File(p, "r+") as f:
-        if damage == "bad_ptr":
-            f["facet_ptr"][-1] = 10 ** 6
-        elif damage == "missing":
-            del f["clearance"]
-        elif damage == "patterns":                   # another valid pattern array, same shape
-            f["patterns"][...] = ~f["patterns"][()]
-        elif damage == "one_value":
-            f["log_prior_mass"][0] = f["log_prior_mass"][0] + 1e-12
-        else:
-            del f.attrs["body_sha256"]
+    if damage.startswith("truncated"):
+        p.write_bytes(p.read_bytes()[:1000 if damage == "truncated" else p.stat().st_size // 2])
+    else:
+        with h5py.File(p, "r+") as f:
+            if damage == "bad_ptr":
+                f["facet_ptr"][-1] = 10 ** 6
+            elif damage == "missing":
+                del f["clearance"]
+            elif damage == "patterns":                   # another valid pattern array, same shape
+                f["patterns"][...] = ~f["patterns"][()]
+            elif damage == "one_value":
+                f["log_prior_mass"][0] = f["log_prior_mass"][0] + 1e-12
+            else:
+                del f.attrs["body_sha256"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["c.h5"]
     compute = Counter(hand_partition(net))
     messages = []
     part, status = load_or_compute(net, p, compute, log=messages.append)
@@ -182,7 +188,7 @@ def test_damaged_cache_is_recomputed_and_says_corrupt(tmp_path, damage):
     assert_same(part, read_partition(p)[0])
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated", "foreign_h5", "csv", "model", "directory"])
+@pytest.mark.parametrize("kind", ["garbage", "truncated_model", "foreign_h5", "csv", "model", "directory"])
 def test_a_file_that_is_not_a_cache_is_refused_and_left_untouched(tmp_path, kind):
     """Only a cpadgn partition cache is ever replaced at the cache path."""
     from cpadgn.modelfile import save_model
@@ -190,9 +196,9 @@ def test_a_file_that_is_not_a_cache_is_refused_and_left_untouched(tmp_path, kind
     p = tmp_path / "c.h5"
     if kind == "garbage":
         p.write_bytes(b"not an hdf5 file at all")
-    elif kind == "truncated":
-        save_partition(p, hand_partition(net), net.fingerprint())
-        p.write_bytes(p.read_bytes()[:1000])
+    elif kind == "truncated_model":
+        save_model(p, net, noise_std=0.5)
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
     elif kind == "foreign_h5":
         with h5py.File(p, "w") as f:
             f["x"] = np.zeros(3)

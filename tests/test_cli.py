@@ -128,6 +128,48 @@ def test_empty_file(files):
     assert_one_line_error(run("score", files["model"], data, "-o", files["dir"] / "s.csv"), "empty")
 
 
+@pytest.mark.parametrize("case", ["empty data", "header only", "blank lines only", "empty model",
+                                  "model without format_version", "--draws 0",
+                                  "--row past the end", "compare one observed row", "fit one row",
+                                  "fit -o .csv", "fit -S D", "--explain 0", "--samples 0"])
+def test_errors_say_what_to_do(files, case):
+    """Every refusal is one line 'Error: what is wrong; what to do'."""
+    d, model, data = files["dir"], files["model"], files["data"]
+    out = d / "out.csv"
+    args = ["score", model, d / "in.csv", "-o", out]
+    if case == "empty data":
+        (d / "in.csv").write_text("")
+    elif case == "header only":
+        (d / "in.csv").write_text("a,b,c\n")
+    elif case == "blank lines only":
+        (d / "in.csv").write_text("\n \n")
+    elif case == "empty model":
+        (d / "m.pt2").write_bytes(b"")
+        args = ["score", d / "m.pt2", data, "-o", out]
+    elif case == "model without format_version":
+        (d / "m.h5").write_bytes(model.read_bytes())
+        with h5py.File(d / "m.h5", "a") as f:
+            del f.attrs["format_version"]
+        args = ["score", d / "m.h5", data, "-o", out]
+    elif case == "--draws 0":
+        args = ["impute", model, data, "-o", out, "--draws", 0]
+    elif case == "--row past the end":
+        args = ["plot", "partition", model, "-o", d / "p.png", "--data", data, "--row", 20]
+    elif case == "compare one observed row":
+        (d / "in.csv").write_text("1,2,3\n,,\n")
+        args = ["compare", model, "--data", d / "in.csv"]
+    elif case.startswith("fit"):
+        (d / "in.csv").write_text("1,2,3\n")
+        args = {"fit one row": ["fit", d / "in.csv", "-o", d / "m.h5", "-S", 1],
+                "fit -o .csv": ["fit", data, "-o", d / "m.csv", "-S", 1],
+                "fit -S D": ["fit", data, "-o", d / "m.h5", "-S", 3]}[case]
+    else:
+        args = ["score", model, data, "-o", out, *case.split(), *(["--pvalues"] if "samples" in case else [])]
+    res = run(*args, "-q")
+    assert_one_line_error(res)
+    assert "; " in res.stderr, res.stderr
+
+
 def test_unknown_extensions(files):
     data = files["dir"] / "data.xyz"
     data.write_text("1,2,3\n")
@@ -201,6 +243,21 @@ def test_exit_codes_usage_2_bug_70(files, monkeypatch):
                                   str(files["dir"] / "s.csv"), "--debug"], catch_exceptions=False)
 
 
+@pytest.mark.parametrize("command", ["score", "impute", "fit"])
+def test_negative_seed_is_a_usage_error(files, command):
+    """numpy's generators take seeds >= 0: a negative --seed is a bad option value (exit 2,
+    one line naming --seed), not an internal error (it was exit 70)."""
+    d, model, data = files["dir"], files["model"], files["data"]
+    args = {"score": ["score", model, data, "-o", d / "s.csv", "--pvalues", "--samples", 10],
+            "impute": ["impute", model, data, "-o", d / "s.csv", "--draws", 2],
+            "fit": ["fit", data, "-o", d / "s.h5", "-S", 1, "--hidden", 2, "--max-iter", 1]}[command]
+    res = run(*args, "--seed", -1, "-q")
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error:") and "\n" not in err and "--seed" in err, err
+    assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
+
+
 def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
     """--memory-budget is shared by partition, score and impute and bounds the enumeration
     too: a budget below what the S = 2 subdivision needs stops it with one line, before
@@ -218,6 +275,14 @@ def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["regions"] == compute_partition(random_net(2, (8, 8), 3, seed=4,
                                                                                slope=0.1)).n_regions
+
+
+def test_every_help_text_has_examples():
+    from cli.main import main as group
+    paths = [[]] + [[c] for c in group.commands] + [["plot", c] for c in group.commands["plot"].commands]
+    for args in paths:
+        res = CliRunner().invoke(main, args + ["--help"])
+        assert res.exit_code == 0 and "Examples:" in res.output, (args, res.output)
 
 
 def test_help_and_import_cpadgn_load_no_numerics():

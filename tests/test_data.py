@@ -33,12 +33,46 @@ def test_csv_header_of_column_numbers(tmp_path):
         assert read_data(tmp_path / "d.csv").shape == (2, cols)
 
 
+@pytest.mark.parametrize("columns", [None, ["a", "b", "c", "d"]])
+def test_csv_with_a_pandas_index_column_is_refused(tmp_path, columns):
+    """DataFrame.to_csv writes its row index as an unnamed first column by default: that is
+    not a feature, and the refusal says how to write the file (index=False), which then
+    reads back as the array."""
+    import pandas as pd
+    X = np.arange(12.0).reshape(3, 4) / 7
+    df = pd.DataFrame(X, columns=columns)
+    df.to_csv(tmp_path / "i.csv")
+    with pytest.raises(CpadgnError, match=r"pandas index.*index=False"):
+        read_data(tmp_path / "i.csv")
+    df.to_csv(tmp_path / "n.csv", index=False)
+    np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), X)
+    (tmp_path / "k.csv").write_text(",a,b\n5,1,2\n6,3,4\n")        # an unnamed column of data
+    np.testing.assert_array_equal(read_data(tmp_path / "k.csv"), [[5, 1, 2], [6, 3, 4]])
+
+
 def test_csv_missing_values(tmp_path):
     (tmp_path / "m.csv").write_text("x,y,z\n1,,3\nNA,nan,N/A\n NaN , null ,2\n")
     X = read_data(tmp_path / "m.csv")
     assert X.shape == (3, 3)
     np.testing.assert_array_equal(np.isnan(X), [[0, 1, 0], [1, 1, 1], [1, 1, 0]])
     assert X[0, 0] == 1 and X[2, 2] == 2
+
+
+def test_csv_row_of_empty_cells_is_an_all_missing_row(tmp_path):
+    """pandas writes a row with every value missing as a line of bare commas, or as "" in a
+    one-column file: it is a data row (all NaN), unlike a blank line; the rows after it keep
+    their positions."""
+    import pandas as pd
+    X = np.array([[1.0, 2, 3], [np.nan] * 3, [4, np.nan, 6], [7, 8, 9]])
+    pd.DataFrame(X, columns=["a", "b", "c"]).to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "q.csv").write_text("1,2,3\n\n,,\n  \n4,,6\n7,8,9\n")
+    for name in ("p.csv", "q.csv"):
+        np.testing.assert_array_equal(read_data(tmp_path / name), X)
+    one = np.array([[1.0], [np.nan], [3.0]])              # one column: pandas quotes the gap ("")
+    pd.DataFrame(one, columns=["a"]).to_csv(tmp_path / "o.csv", index=False)
+    (tmp_path / "b.csv").write_text('1\n\n""\n3\n\n')
+    for name in ("o.csv", "b.csv"):
+        np.testing.assert_array_equal(read_data(tmp_path / name), one)
 
 
 def test_csv_utf8_bom_header(tmp_path):

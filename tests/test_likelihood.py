@@ -165,16 +165,18 @@ def assert_matches_oracle(model, X, quad, mean_tol=10 * ORACLE_TOL):
 
 def test_s3_oracle_converges():
     """Doubling the oracle's Gauss-Legendre nodes (same located kinks) moves log p,
-    E[z|x] and E[g(z)|x] by at most ORACLE_TOL, on a complete, an incomplete and a far row."""
+    E[z|x], E[g(z)|x] and E[g(z) g(z)^T|x] by at most ORACLE_TOL, on a complete, an incomplete
+    and a far row."""
     net, quad = small_s3_net_and_quadrature()
     fine = Quadrature3D(net, n_gl=2 * 12, n_min=2 * 4, vertices=quad.vertices)
     _, X, normal = s3_rows(net, seed=1)
     X[1, 2] = np.nan
     X[2] += 50 * S3_SIGMA * normal[2]
     for x in X:
-        (l1, m1, g1), (l2, m2, g2) = quad.integrate(x, S3_SIGMA), fine.integrate(x, S3_SIGMA)
+        (l1, m1, g1, gg1), (l2, m2, g2, gg2) = (q.integrate(x, S3_SIGMA, second=True) for q in (quad, fine))
         assert abs(l1 - l2) <= ORACLE_TOL
         assert np.abs(m1 - m2).max() <= ORACLE_TOL and np.abs(g1 - g2).max() <= ORACLE_TOL
+        assert np.abs(gg1 - gg2).max() <= ORACLE_TOL
 
 
 def test_s3_loglik_and_posterior_mean_match_nested_quadrature_near_the_manifold():

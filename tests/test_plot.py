@@ -1,6 +1,7 @@
 """Pictures (cpadgn.plot and the --plot options): rendered with Agg, read back pixel by
 pixel and checked against numbers computed independently (a forward pass locating each
 pixel's region, Bayes' rule for the posterior density, brute-force counts)."""
+import shutil
 import struct
 import subprocess
 import sys
@@ -452,6 +453,17 @@ def test_cli_pictures(files):
     assert r.exit_code == 0, r.output
     assert png_size(d / "slice.png") == (600, 450)
     assert not list(d.glob("*.tmp"))
+
+
+def test_cli_refuses_bad_slice_options_before_computing_the_partition(files, tmp_path):
+    """Slice options the model cannot take are refused before its partition (which can take
+    minutes at S = 3), so no cache is written and nothing is printed but the one line."""
+    shutil.copy(files / "gen3.h5", tmp_path / "gen3.h5")
+    for option in (["--slice-axes", "1,4"], ["--slice-at", "1,2"]):
+        r = run("plot", "partition", tmp_path / "gen3.h5", "-o", tmp_path / "m3.png", "--device", "cpu", *option)
+        assert r.exit_code == 1, r.output
+        assert r.output.strip().splitlines() == [r.stderr.strip()] and option[0] in r.stderr, r.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gen3.h5"]
 
 
 @pytest.mark.parametrize("args, message", [
