@@ -660,6 +660,8 @@ def print_summary(title, summary):
             v = f"{v:.6g}"
         elif isinstance(v, list):
             v = ", ".join(f"{x:.4g}" for x in v[:5]) + (" ..." if len(v) > 5 else "")
+        elif v is None:                 # JSON's null (e.g. impute's draws without --draws)
+            v = "-"
         table.add_row(k.replace("_", " "), str(v))
     Console().print(table)
 
