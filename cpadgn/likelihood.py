@@ -830,8 +830,9 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     rows of an S = 4 8-8 EM model the 32-point SE of the dominant pairs was 18x below
     their true spread in the median (ranging over 4 decades), and their error fell like
     n^-0.5 to n^-0.75 (40 independent draws at 32 to 8,192 points), not 1/n, so 32 of
-    the 200 rows ended above the target (up to 7.1x; with the second pilot 2, at 1.04x
-    and 1.2x, where a feature hit by one point in ~1,000 was missed by the pilot).  Each
+    the 200 rows ended above the target (up to 7.1x; with the second pilot 2 to 3, where
+    a spike of the integrand hit by about one point in 1,000 was missed by the pilots:
+    README, Limits).  Each
     such pair's rate constant is the larger of its two pilots' c = SE x points (c grows
     with n where the error falls slower than 1/n, so the larger is the one nearer the
     truth).  The pilots set each pair's point count and sets (``qmc_allocation.qmc_sets``,
