@@ -33,7 +33,7 @@ from scipy.special import log_ndtr
 
 from .edges import distance_to_packed, pack_facets, pack_segments, padding_segments, polyhedron_edges
 from .errors import CpadgnError
-from .polyhedron import real_first, region_facet_polygons, translated_polyhedron_moments
+from .polyhedron import facet_count_groups, real_first, region_facet_polygons, translated_polyhedron_moments
 from .polytope import (PolytopeMoments, QMCGeometry, distance_lower_bound, dual_ascent_distance_bound, facet_segments,
                        halfspace_mc, polygon_moments,
                        polytope_moments, polytope_qmc_draws, solve_in_groups)
@@ -328,25 +328,20 @@ def _whitened_normals(G: torch.Tensor, C: torch.Tensor):
 def _packed_edges(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096):
     """The edges of R polyhedra, a (R, F, 3), c (R, F), real (R, F) (``polyhedron_edges``),
     as ``edges.pack_segments`` lays them out: segments (R, 8, E) (E the largest edge count),
-    edge counts (R,) and volumes (R,).  Found in groups of equal facet count (the work is
-    cubic in it) on torch's thread count, ``group`` regions at a time in all."""
+    edge counts (R,) and volumes (R,) (inf for a region without real facets), found in
+    groups of equal facet count on torch's thread count (``facet_count_groups``)."""
     R = a.shape[0]
     a, c, real = real_first(a, c, real)
-    sizes = real.sum(1)
-    workers = max(1, torch.get_num_threads())
-    jobs = []
-    for k in np.unique(sizes):
-        idx = np.flatnonzero(sizes == k)
-        jobs += [(int(k), g) for g in np.array_split(idx, -(-idx.size // max(1, group // workers)))]
 
     def edges_of(k, g):
         stop_check()
         edges = polyhedron_edges(a[g, :k], c[g, :k], real[g, :k])
         return g, pack_segments(edges), edges.real.sum(1), edges.volume
-    with closing(map_in_threads(edges_of, jobs, workers)) as results:
+    with closing(map_in_threads(edges_of, facet_count_groups(real.sum(1), group), torch.get_num_threads())) \
+            as results:
         parts = list(results)
-    segments = padding_segments(R, max(s.shape[2] for _, s, _, _ in parts))
-    n_edges, volume = np.zeros(R, np.int64), np.zeros(R)
+    segments = padding_segments(R, max([s.shape[2] for _, s, _, _ in parts], default=1))
+    n_edges, volume = np.zeros(R, np.int64), np.full(R, np.inf)
     for g, seg, n, vol in parts:
         segments[g, :, :seg.shape[2]], n_edges[g], volume[g] = seg, n, vol
     return segments, n_edges, volume

@@ -767,6 +767,18 @@ def real_first(a, c, real):
             np.take_along_axis(real, order, 1))
 
 
+def facet_count_groups(sizes, group: int) -> list:
+    """Jobs (k, regions) over the regions with k > 0 real facets (sizes (R,)), each of equal
+    k (the work is cubic in it) and at most about group / (torch's thread count) regions,
+    for ``stop.map_in_threads``."""
+    step = max(1, group // max(1, torch.get_num_threads()))
+    jobs = []
+    for k in np.unique(sizes[sizes > 0]):
+        idx = np.flatnonzero(sizes == k)
+        jobs += [(int(k), g) for g in np.array_split(idx, -(-idx.size // step))]
+    return jobs
+
+
 def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     """``FacetPolygons`` of R polyhedra: a (R, F, 3) unit rows, c (R, F), real (R, F).
 
@@ -777,12 +789,6 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
     facet count on torch's thread count, ``group`` regions at a time in all."""
     R, F, _ = a.shape
     a, c, real = real_first(a, c, real)
-    sizes = real.sum(1)
-    workers = max(1, torch.get_num_threads())
-    jobs = []
-    for k in np.unique(sizes[sizes > 0]):
-        idx = np.flatnonzero(sizes == k)
-        jobs += [(int(k), g) for g in np.array_split(idx, -(-idx.size // max(1, group // workers)))]
 
     def polygons_of(k, g):
         stop_check()
@@ -799,15 +805,16 @@ def region_facet_polygons(a, c, real, group=4096) -> FacetPolygons:
                 (g[i], f, j, c2[i, f, j], t_lo[i, f, j], t_hi[i, f, j], *_in_plane_3d(E[i, f], a2[i, f, j]), b[i, f]))
     facets, edges = [], []
     bounded = np.zeros(R, bool)
-    with closing(map_in_threads(polygons_of, jobs, workers)) as results:
+    with closing(map_in_threads(polygons_of, facet_count_groups(real.sum(1), group), torch.get_num_threads())) \
+            as results:
         for g, bounded_g, facet_part, edge_part in results:
             bounded[g] = bounded_g
             facets.append(facet_part)
             edges.append(edge_part)
-    cat = lambda parts, n, shape: [np.concatenate(x) for x in zip(*parts)] if parts else \
+    cat = lambda parts, shape: [np.concatenate(x) for x in zip(*parts)] if parts else \
         [np.zeros((0,) + s) for s in shape]
-    f_region, fa, fc, fne = cat(facets, 4, [(), (3,), (), ()])
-    e_region, ef, ej, ec2, elo, ehi, normal3, tangent3, b = cat(edges, 9, [(), (), (), (), (), (), (3,), (3,), ()])
+    f_region, fa, fc, fne = cat(facets, [(), (3,), (), ()])
+    e_region, ef, ej, ec2, elo, ehi, normal3, tangent3, b = cat(edges, [(), (), (), (), (), (), (3,), (3,), ()])
     fo, eo = np.argsort(f_region, kind="stable"), np.argsort(e_region, kind="stable")
     start = lambda region: np.concatenate([[0], np.cumsum(np.bincount(region.astype(np.int64), minlength=R))])
     e_start = start(e_region)
