@@ -54,10 +54,20 @@ def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pi
     their sets times a power of 2 (at most n_max), with the others' predicted variance
     taken off the budget.  Returns (P,) int.
 
-    The safety factor covers the pilots' error in predicting c_p from 32 points: on 40
-    rows of an S = 4 net (tests' random_net(4, (6, 6), 6)) the achieved standard error
+    The safety factor covers the pilots' error in predicting c_p.  With 32-point pilots
+    alone, on 40 rows of tests' random_net(4, (6, 6), 6) the achieved standard error
     exceeded the target in 20% of rows with safety 2 (up to 1.5x), 2.5% with 3 and none
-    with 4 (at most 0.7x), for 1.4x the time of safety 2.
+    with 4.  Recalibrated with the second pilot (likelihood.QMC_SECOND_PILOT), at target
+    1e-4, rows above the target (worst ratio) with safety 4 / 3 / 2: 200 rows of that
+    net (noise 0.3, model.sample(40, seed) for seeds 4-8): 0 (0.76x) / 0 (0.78x) /
+    0 (0.96x); the 120 rows of tests' _one_dominant_region(seed 0-119): 4 (1.52x) /
+    9 (1.52x) / 30 (2.97x); the 1,497 rows of sample_data/digits_train.csv under an
+    S = 4 8-8 generator of the digits: 11 (5.9x) / 24 (11.9x) / 52 (11.9x), 99th
+    percentile of the ratio 0.92 / 1.33 / 1.57, for 77.7 / 62.1 / 46.0 s of CPU; the
+    S = 4 16-16 benchmark's 20 score rows: max SE 2.5e-5 / 4.0e-5 / 5.1e-5 nats for
+    31.9 / 28.9 / 25.9 s of CPU.  Safety 3 would double the rows above the target for
+    10-20% less time, so 4 stays.  (A few
+    rows stay above at any factor: spikes that both pilots miss.)
     """
     T2 = (target / safety) ** 2
     a = _weighted_rel_se(rows, log_w, rel_se, n_pilot, n_rows)                 # r_p c_p
