@@ -66,8 +66,8 @@ def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pi
     percentile of the ratio 0.92 / 1.33 / 1.57, for 77.7 / 62.1 / 46.0 s of CPU; the
     S = 4 16-16 benchmark's 20 score rows: max SE 2.5e-5 / 4.0e-5 / 5.1e-5 nats for
     31.9 / 28.9 / 25.9 s of CPU.  Safety 3 would double the rows above the target for
-    10-20% less time, so 4 stays.  (A few
-    rows stay above at any factor: spikes that both pilots miss.)
+    10-20% less time, so 4 stays.  (A few rows stay above at any factor: spikes that
+    both pilots miss.)
     """
     T2 = (target / safety) ** 2
     a = _weighted_rel_se(rows, log_w, rel_se, n_pilot, n_rows)                 # r_p c_p
