@@ -62,7 +62,8 @@ def qmc_allocation(rows: np.ndarray, log_w: np.ndarray, rel_se: np.ndarray, n_pi
     net (noise 0.3, model.sample(40, seed) for seeds 4-8): 0 (0.76x) / 0 (0.78x) /
     0 (0.96x); the 120 rows of tests' _one_dominant_region(seed 0-119): 4 (1.52x) /
     9 (1.52x) / 30 (2.97x); the 1,497 rows of sample_data/digits_train.csv under an
-    S = 4 8-8 generator of the digits: 11 (5.9x) / 24 (11.9x) / 52 (11.9x), 99th
+    S = 4 8-8 generator of the digits (cpadgn fit sample_data/digits_train.csv --latent-dim 4
+    --hidden 8,8 --max-iter 1): 11 (5.9x) / 24 (11.9x) / 52 (11.9x), 99th
     percentile of the ratio 0.92 / 1.33 / 1.57, for 77.7 / 62.1 / 46.0 s of CPU; the
     S = 4 16-16 benchmark's 20 score rows: max SE 2.5e-5 / 4.0e-5 / 5.1e-5 nats for
     31.9 / 28.9 / 25.9 s of CPU.  Safety 3 would double the rows above the target for
