@@ -1000,6 +1000,14 @@ def _concat_moments(parts: list):
     return type(parts[0]).concat(parts)
 
 
+# bytes: posterior sizes its chunks by a budget of at least this.  Below it the chunks
+# shrank to one row, one region and one pair, and the per-chunk overhead (tens of
+# microseconds a torch call, more on a loaded machine) dominated: an S = 4 8-8 model's
+# 20 digits rows with a quarter of their entries missing took 176 s at a budget of
+# 1 byte, 4 s at 2e9.  So the working arrays may exceed a smaller budget by ~8 MB.
+MIN_CHUNK_BUDGET = 2.0 ** 23
+
+
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
               tab: RegionTable | None = None, device: torch.device | str = "cpu",
               rtol: float = 1e-10, memory_budget: float = 2e9, moments: bool = True,
@@ -1011,8 +1019,8 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     ones sum to at most rtol p(x) (``error_bound``).  ``progress(done_rows, total_rows)``
     is called after each chunk.  stderr_target (S >= 4, nats): the standard error of
     log p(x) each row's randomised-QMC integrals aim at (``_refine_qmc_pairs``; the
-    reported ``stderr`` is the one achieved).  memory_budget bounds the working arrays (bytes; at
-    S >= 3 half of it goes to the pair integrals).  Ctrl-C stops the worker threads
+    reported ``stderr`` is the one achieved).  memory_budget bounds the working arrays (bytes,
+    counted as at least MIN_CHUNK_BUDGET; at S >= 3 half of it goes to the pair integrals).  Ctrl-C stops the worker threads
     within a fraction of a second (``stop``).
     """
     if not (isinstance(stderr_target, (int, float)) and 0 < stderr_target < np.inf):
@@ -1028,7 +1036,8 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     # GIL) overlap the other's dense work; rows per chunk keep both within the budget.
     workers = 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
     F = tab.G.shape[1]
-    per_worker = memory_budget / workers / (2 if tab.streamed else 1)   # streamed: half for the region maps
+    sizing = max(memory_budget, MIN_CHUNK_BUDGET)
+    per_worker = sizing / workers / (2 if tab.streamed else 1)   # streamed: half for the region maps
     poly_budget = None
     if S <= 2:
         per_row = 8.0 * R * (3 * S + 8)

@@ -194,11 +194,19 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
     return out, geo
 
 
+QMC_MIN_BUDGET = 2.0 ** 21   # bytes: qmc_points_within's floor (1 MB of sample arrays per integral)
+
+
 def qmc_points_within(F: int, S: int, memory_budget: float) -> int:
     """The most points (16 sets of a power of 2, at least 32) whose ``_qmc_sample``
     arrays for one polytope with F rows fit in half of memory_budget: S + 8 arrays of
-    the points and the levels' rows (at most ~4 F at the 3-D level)."""
-    per_set = memory_budget / 2 / (8.0 * (S + 8 + 4 * F)) / 16
+    the points and the levels' rows (at most ~4 F at the 3-D level).  A budget under
+    QMC_MIN_BUDGET counts as that: replicates of a few dozen points cost a scrambled
+    Sobol set each (~0.5 ms per set, 16 sets a replicate) for almost no work, and
+    converge only like QMC within themselves, so a tiny budget made scoring 50x slower
+    (an S = 4 8-8 model: 144 s for 4 digits rows at 1e5 bytes, 3 s at 2e9); the floor
+    holds at most ~1 MB of sample arrays per running integral above the budget."""
+    per_set = max(memory_budget, QMC_MIN_BUDGET) / 2 / (8.0 * (S + 8 + 4 * F)) / 16
     return 16 * 2 ** int(max(1, np.floor(np.log2(max(per_set, 2.0)))))
 
 
