@@ -272,7 +272,7 @@ def open_rows(path, dataset: str | None = None) -> RowSource:
                           f"{path} once, e.g. python -c \"import numpy, cpadgn.data as d; "
                           f"numpy.save('{path.with_suffix('.npy').name}', d.read_data('{path}'))\"")
     if not path.is_file():
-        raise CpadgnError(f"data file {path} does not exist")
+        raise CpadgnError(f"data file {path} does not exist; check the path")
     if dataset is not None and suffix not in (".h5", ".hdf5"):
         raise CpadgnError(f"--dataset {dataset} names a dataset inside an .h5 file, but {path} is a "
                           f"{suffix} file; drop --dataset")
@@ -287,7 +287,8 @@ def open_rows(path, dataset: str | None = None) -> RowSource:
         raise CpadgnError(f"{path} holds a {len(src.shape)}-D array of shape {src.shape}; expected a "
                           "2-D table, rows = samples and columns = features")
     if src.shape[0] == 0 or src.shape[1] == 0:
-        raise CpadgnError(f"{path} has no data rows" if src.shape[0] == 0 else f"{path} has no columns")
+        raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample" if src.shape[0] == 0
+                          else f"{path} has no columns; pass a file with one column per feature")
     return src
 
 
@@ -314,7 +315,8 @@ def _h5_source(path: Path, dataset: str | None) -> RowSource:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise CpadgnError(f"{path} is not a readable HDF5 file ({_first_line(e)})") from None
+        raise CpadgnError(f"{path} is not a readable HDF5 file ({_first_line(e)}); re-create it, or "
+                          "convert DATA to .npy") from None
     with f:
         found = []
         f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -340,7 +342,8 @@ def chunk_rows_for(src: RowSource, memory_budget: float = 2e9, requested: int | 
     share of the memory budget for the chunk's float64 rows."""
     if requested is not None:
         if requested < 1:
-            raise CpadgnError(f"--chunk-rows must be a positive number of rows, got {requested}")
+            raise CpadgnError(f"--chunk-rows must be a positive number of rows, got {requested}; give 1 or "
+                              "more, or leave it out for the default")
         return int(requested)
     D = src.shape[1]
     cap = max(1, int(memory_budget / CHUNK_DATA_SHARE // (8 * D)))
@@ -374,11 +377,13 @@ def as_rows(X, chunk_rows: int = DEFAULT_CHUNK_ROWS):
     import dask.array as da
     if isinstance(X, da.Array):
         if X.ndim != 2:
-            raise CpadgnError(f"the data must be a 2-D dask.array (N, D), got shape {X.shape}")
+            raise CpadgnError(f"the data must be a 2-D dask.array (N, D), got shape {X.shape}; pass one row "
+                              "per sample (X.reshape(1, -1) for one row)")
         return X.rechunk({1: -1}).astype(np.float64)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
-        raise CpadgnError(f"the data must be a 2-D array (N, D), got shape {X.shape}")
+        raise CpadgnError(f"the data must be a 2-D array (N, D), got shape {X.shape}; pass one row per "
+                          "sample (X.reshape(1, -1) for one row)")
     return da.from_array(X, chunks=(max(1, min(chunk_rows, X.shape[0])), X.shape[1]))
 
 
@@ -484,7 +489,8 @@ def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, 
     then the mean (and std, and mean_stderr) or the draws (W = D to 3 D, or K D) per row;
     see ``impute``."""
     if draws is not None and (int(draws) != draws or draws < 1):
-        raise CpadgnError(f"draws must be a positive integer, got {draws!r}")
+        raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
+                          "leave it out for the mean")
     if draws is not None and mean_stderr:
         raise CpadgnError("mean_stderr is the standard error of the imputed mean, and draws= imputes no "
                           "mean; pass one of draws= and mean_stderr=True")
