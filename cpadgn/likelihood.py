@@ -34,9 +34,9 @@ from scipy.special import log_ndtr
 from .edges import distance_to_packed, pack_facets, pack_segments, padding_segments, polyhedron_edges
 from .errors import CpadgnError
 from .polyhedron import facet_count_groups, real_first, region_facet_polygons, translated_polyhedron_moments
-from .polytope import (PolytopeMoments, QMCGeometry, distance_lower_bound, dual_ascent_distance_bound, facet_segments,
-                       halfspace_mc, polygon_moments,
-                       polytope_moments, polytope_qmc_draws, solve_in_groups)
+from .polytope import (PolytopeMoments, QMCGeometry, combine_ids, content_hash, distance_lower_bound,
+                       dual_ascent_distance_bound, facet_segments, halfspace_mc, polygon_moments, polytope_moments,
+                       polytope_qmc_draws, solve_in_groups)
 from .network import PiecewiseAffineNet
 from .numerics import check_representable
 from .partition import Partition
@@ -687,7 +687,7 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
 def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray,
                        moments: bool, complete: bool, memory_budget: float | None = None, polygons=None,
                        pilot: list | None = None, qmc: tuple = (2 ** 12, 0, 16), mode: np.ndarray | None = None,
-                       geometry: QMCGeometry | None = None):
+                       geometry: QMCGeometry | None = None, ids: np.ndarray | None = None):
     """Mass and moments of N(C v, C C^T) on each pair's region.
 
     With z = C (v + u), u ~ N(0, I), the facets G z <= h become (G C) u <= h - G C v; for
@@ -702,7 +702,8 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     (``polytope.QMCGeometry``) are appended to the list.  mode (P, S): the S >= 4 pairs'
     modes in the whitened frame where known (NaN: not known; ``_dual_distance_bound``),
     checked before use; geometry: their QMC geometry where the first stage's was kept
-    (``_GeometryStore``; the rest is found anew).
+    (``_GeometryStore``; the rest is found anew); ids (P,): the pairs' identities
+    (``_pair_ids``), which key their QMC points (None: their polytopes' bits).
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
     if (complete and tab.polygons is not None) or polygons is not None:
@@ -713,13 +714,14 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     else:
         A, b = _whitened_regions(tab, v, C, regions)
         known = np.full(v.shape, np.nan) if mode is None else mode
+        ids = content_hash(np.concatenate([A, b[..., None]], -1)) if ids is None else ids
         if pilot is not None and tab.S >= 4:
-            res, pil, geo = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], known, moments=moments,
+            res, pil, geo = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], known, ids, moments=moments,
                                         memory_budget=memory_budget)
             pilot.append((pil.log_mass, pil.stderr, geo))
         elif tab.S >= 4:
             geometry = QMCGeometry.unknown(regions.size, tab.S) if geometry is None else geometry
-            res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, geometry, draw=(qmc[0], qmc[1], moments),
+            res = _in_threads(_qmc_one, A, b, tab.mask[regions], known, geometry, ids, draw=(qmc[0], qmc[1], moments),
                               memory_budget=memory_budget, n_randomisations=qmc[2],
                               min_pairs=max(1, 2 ** 18 // qmc[0]))       # threads where the points are
         else:
@@ -759,14 +761,13 @@ CHEAP_POINTS = 128      # S >= 4: plain Monte Carlo points of a pair that matter
 
 
 def _cheap_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray, mode: np.ndarray,
-                   memory_budget: float | None = None):
+                   ids: np.ndarray, memory_budget: float | None = None):
     """``_truncated_moments`` of pairs by ``polytope.halfspace_mc`` (CHEAP_POINTS points)
-    from their certified modes (P, S), finite and nonzero; memory_budget: bytes of its
-    working arrays."""
+    from their certified modes (P, S), finite and nonzero; ids (P,): the pairs'
+    identities (``_pair_ids``); memory_budget: bytes of its working arrays."""
     v, C = v.cpu().numpy(), C.cpu().numpy()
     A, b = _whitened_regions(tab, v, C, regions)
-    res = _in_threads(halfspace_mc, A, b, tab.mask[regions], mode, n=CHEAP_POINTS, min_pairs=2048,
-                      memory_budget=memory_budget)
+    res = _in_threads(_cheap_mc, A, b, tab.mask[regions], mode, ids, min_pairs=2048, memory_budget=memory_budget)
     return _in_latent(tab, regions, res, v, C)
 
 
@@ -787,20 +788,42 @@ def _cheap_pairs(rows: torch.Tensor, log_var: torch.Tensor, candidate: torch.Ten
 QMC_FIRST = 32          # S >= 4: points per pair of the first stage and of its pilot (16 sets of 2)
 
 
-def _qmc_first_stage(A, b, mask, mode, moments: bool, memory_budget: float | None = None):
+def _row_ids(X: torch.Tensor) -> np.ndarray:
+    """A 64-bit identity (n,) uint64 of each row of X (n, D), from its values (NaN made
+    canonical): equal rows, equal identities."""
+    x = X.cpu().numpy()
+    return content_hash(np.where(np.isnan(x), np.nan, x))
+
+
+def _pair_ids(row_ids: np.ndarray, rows: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """The identities (P,) uint64 of (row, region) pairs, rows (P,) into row_ids (n,)
+    (``_row_ids``), regions (P,).  They key the pairs' QMC points
+    (``polytope.polytope_qmc_draws``' ids), so that a pair gets the same points in any
+    chunk, batch, budget or Dask partition, and a row the same log p up to rounding (a
+    polytope's bits, the default key, change with the batch's rounding)."""
+    return combine_ids(row_ids[rows], np.asarray(regions, dtype=np.uint64))
+
+
+def _cheap_mc(A, b, mask, mode, ids, memory_budget: float | None = None):
+    """``polytope.halfspace_mc`` with CHEAP_POINTS points of the polytopes' identities ids."""
+    return halfspace_mc(A, b, mask, mode, CHEAP_POINTS, memory_budget=memory_budget, ids=ids)
+
+
+def _qmc_first_stage(A, b, mask, mode, ids, moments: bool, memory_budget: float | None = None):
     """S >= 4 first stage: an estimate (seed 0) and an independent pilot of the mass
     (seed 1), QMC_FIRST points each, on one geometry (``polytope.polytope_qmc_draws``;
-    mode (P, S) its known modes, NaN rows where not known), and that geometry."""
+    mode (P, S) its known modes, NaN rows where not known; ids (P,) the polytopes'
+    identities, None rows: their bits), and that geometry."""
     (res, pil), geo = polytope_qmc_draws(A, b, mask, [(QMC_FIRST, 0, moments), (QMC_FIRST, 1, False)],
-                                         memory_budget, mode, with_geometry=True)
+                                         memory_budget, mode, with_geometry=True, ids=ids)
     return res, pil, geo
 
 
-def _qmc_one(A, b, mask, mode, geometry, draw: tuple, memory_budget: float | None = None,
+def _qmc_one(A, b, mask, mode, geometry, ids, draw: tuple, memory_budget: float | None = None,
              n_randomisations: int = 16):
     """S >= 4: one draw (n_qmc, seed, moments) of ``polytope.polytope_qmc_draws`` with known
-    modes and the QMC geometry where known (``polytope.QMCGeometry``)."""
-    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode, n_randomisations, geometry)[0]
+    modes, the QMC geometry where known (``polytope.QMCGeometry``) and identities ids."""
+    return polytope_qmc_draws(A, b, mask, [draw], memory_budget, mode, n_randomisations, geometry, ids=ids)[0]
 
 
 QMC_SECOND_PILOT = 1024     # S >= 4: the second pilot's points (16 sets of 64), for the pairs that carry rows:
@@ -879,7 +902,7 @@ def _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes, wh
     first-stage pairs' worth of points.  Returns log Phi (P,), E[z|w] (P, S), Cov[z|w]
     (P, S, S), relative stderr (P,) and the Monte Carlo covariances of E[z|w] (P, S, S)
     and of log Phi with E[z|w] (P, S)."""
-    dev = Xt.device
+    dev, row_ids = Xt.device, _row_ids(Xt)
     step = int(max(1, pair_chunk * QMC_FIRST // qmc[0]))
     parts = []
     for p0 in range(0, which.size, step):
@@ -888,7 +911,8 @@ def _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes, wh
         rows_t, regions_t = torch.as_tensor(rows[sl], device=dev), torch.as_tensor(regions[sl], device=dev)
         v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
         *res, mc = _truncated_moments(tab, v, C, regions[sl], moments, complete, poly_budget, qmc=qmc,
-                                      mode=modes[sl], geometry=None if store is None else store.take(sl))
+                                      mode=modes[sl], geometry=None if store is None else store.take(sl),
+                                      ids=_pair_ids(row_ids, rows[sl], regions[sl]))
         parts.append((*res, *mc))
     return tuple(np.concatenate(x) for x in zip(*parts))
 
@@ -976,13 +1000,15 @@ def _in_threads(solve, *arrays, min_pairs: int = 4096, max_part: int = 16384, **
     thread count (numpy releases the GIL in its array loops, so threads scale on these
     independent integrals).  Slices of at most max_part pairs, so that a stop request
     (``stop.stop_check``) is seen between them.  A ``memory_budget`` in kw is shared
-    by the threads."""
+    by as many threads as torch has, however many this call uses: the share sets the
+    S >= 4 integrals' replicates (``polytope.polytope_qmc_draws``), so that a pair's
+    estimate does not depend on how many pairs came with it."""
     n = arrays[0].shape[0]
+    if kw.get("memory_budget") is not None:
+        kw = {**kw, "memory_budget": kw["memory_budget"] / torch.get_num_threads()}
     workers = min(torch.get_num_threads(), n // min_pairs)
     if workers <= 1:
         return solve(*arrays, **kw)
-    if kw.get("memory_budget") is not None:
-        kw = {**kw, "memory_budget": kw["memory_budget"] / workers}
     parts = np.array_split(np.arange(n), max(2 * workers, -(-n // max_part)))
 
     def part(i):
@@ -1145,6 +1171,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     l_taken = l_sharp = l_ascent = torch.zeros(0, dtype=torch.bool, device=dev)
     l_mode = torch.zeros((0, tab.S), dtype=torch.float64, device=dev)    # S >= 4: the bound's modes, for the integral
     found, pilots, found_modes = [], ([] if tab.S >= 4 else None), []
+    row_ids = _row_ids(Xt) if tab.S >= 4 else None      # they key the QMC points (``_pair_ids``)
     # S >= 4: the first stage's QMC geometries, for the second stage, in a quarter of the pairs'
     # share of the budget (pair_chunk is sized for S = 3's F^2 arrays a pair; S >= 4 pairs
     # hold ~F S values and their geometry ~F S + the projections' rows)
@@ -1243,8 +1270,9 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 r_np = regions.cpu().numpy()
                 mode = l_mode[sel].cpu().numpy()
                 lk = log_kappa[rows, regions].cpu().numpy()
+                ids = None if row_ids is None else _pair_ids(row_ids, rows.cpu().numpy(), r_np)
                 if is_cheap:            # kept as it is (its pilot SE 0: never refined); certified variance
-                    log_phi, mean, cov, _, _ = _cheap_moments(tab, v, C, r_np, mode, poly_budget)
+                    log_phi, mean, cov, _, _ = _cheap_moments(tab, v, C, r_np, mode, ids, poly_budget)
                     se, var = np.zeros_like(lk), log_var[sel].cpu().numpy()
                     pilots.append((lk, lk + log_phi, se))
                     mc = _cheap_mean_mc(lk + log_phi, var, cov)
@@ -1252,7 +1280,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                     polygons = None if complete or tab.polygons is None else _pair_polygons(tab, L.cpu().numpy(),
                                                                                                r_np)
                     log_phi, mean, cov, se, mc = _truncated_moments(tab, v, C, r_np, moments, complete, poly_budget,
-                                                                    polygons, pilot=pilots, mode=mode)
+                                                                    polygons, pilot=pilots, mode=mode, ids=ids)
                     var = np.full_like(lk, -np.inf)
                     if pilots:
                         pilot_lm, pilot_se, geo = pilots[-1]

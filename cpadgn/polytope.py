@@ -149,7 +149,7 @@ def polytope_moments(A, b, mask=None, *, moments=True, n_qmc=2 ** 12, seed=0,
 
 
 def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_randomisations=16, geometry=None,
-                       with_geometry=False) -> list:
+                       with_geometry=False, ids=None) -> list:
     """Randomised-QMC ``polytope_moments`` (any S >= 2; S >= 4 has nothing else) for
     each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
     work that does not depend on the points (mode, frame, projections) is done once.
@@ -163,7 +163,9 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
     standard error has n_randomisations - 1 degrees of freedom).  geometry: a
     QMCGeometry (B,) that an earlier call returned for the same A, b, mask (and mode)
     where known, found where not; with_geometry: also return the geometry (the list
-    and a QMCGeometry (B,), unknown where P has no rows).
+    and a QMCGeometry (B,), unknown where P has no rows).  ids (B,) uint64: the
+    polytopes' identities, which key their points with the seed (``_polytope_keys``):
+    the same identity gets the same points in any batch; None: the bits of A, b.
     """
     A, b = np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mask = np.ones(b.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -176,14 +178,16 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
         A, b, mask = A[sel], b[sel], mask[sel]
         mode = None if mode is None else np.asarray(mode, dtype=np.float64)[sel]
         given = None if geometry is None else geometry[sel]
+        ids = None if ids is None else np.asarray(ids, dtype=_U64)[sel]
         if memory_budget is None:
-            res, geo = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations, geometry=given)
+            res, geo = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations, geometry=given,
+                                  ids=ids)
         else:
             cap = qmc_points_within(F, S, memory_budget)
             split = [[(n, seed, mom)] if n <= cap else
                      [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
             flat, geo = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode,
-                                     n_randomisations, given, with_geometry)
+                                     n_randomisations, given, with_geometry, ids)
             ends = np.cumsum([len(part) for part in split])
             res = [_combine_replicates(flat[e - len(part):e]) for e, part in zip(ends, split)]
     out = [_assemble(B, S, sel, r, empty) for r in res]
@@ -242,7 +246,7 @@ def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
 
 
 def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None, n_randomisations=16, geometry=None,
-                 with_geometry=False):
+                 with_geometry=False, ids=None):
     """``_qmc_draws`` on chunks of the polytopes that fit memory_budget: a half for the
     per-polytope arrays, a half for the inner arrays (``_qmc``'s chunk, in elements;
     ~24 of them live at once).  Returns its list and the QMCGeometry (with_geometry;
@@ -253,7 +257,8 @@ def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None, n_randomisations=1
     step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
     parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner, n_randomisations,
                         mode=None if mode is None else mode[i:i + step],
-                        geometry=None if geometry is None else geometry[i:i + step]) for i in range(0, B, step)]
+                        geometry=None if geometry is None else geometry[i:i + step],
+                        ids=None if ids is None else ids[i:i + step]) for i in range(0, B, step)]
     return ([PolytopeMoments.concat([p[0][k] for p in parts]) for k in range(len(draws))],
             QMCGeometry.concat([p[1] for p in parts]) if with_geometry else None)
 
@@ -1032,6 +1037,7 @@ def _frame(A, b, mask, mu):
     B, F, S = A.shape
     L = np.linalg.norm(mu, axis=-1)
     slack = np.where(mask, b - np.einsum("bfs,bs->bf", A, mu), np.inf)
+    slack[slack <= 1e-9 * (1.0 + np.abs(b) + L[:, None])] = 0.0
     order = np.argsort(slack, axis=1, kind="stable")
     rowsA = np.take_along_axis(A * mask[..., None], order[..., None], 1)
     first = np.where(L[:, None] > 0, mu / np.where(L > 0, L, 1.0)[:, None], 0.0)
@@ -1369,12 +1375,13 @@ def _qmc(A, b, mask, n_qmc, seed, moments=True, chunk=4e6, n_randomisations=16):
     return _qmc_draws(A, b, mask, [(n_qmc, seed, moments)], chunk, n_randomisations)[0][0]
 
 
-def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16, mode=None, geometry=None):
+def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16, mode=None, geometry=None, ids=None):
     """``_qmc`` for each draw (n_qmc, seed, moments) of ``draws`` on one geometry (mode,
     frame, projections and tilt are found once; they do not depend on the points).  Draws
     with different seeds use independent points.  mode: as ``polytope_qmc_draws``;
     geometry: a QMCGeometry of the polytopes found before, or None (where it is not known
-    it is found).  Returns a list of PolytopeMoments and the QMCGeometry."""
+    it is found); ids: as ``polytope_qmc_draws``.  Returns a list of PolytopeMoments and
+    the QMCGeometry."""
     if geometry is None:
         geo = _qmc_geometry(A, b, mask, chunk, mode)
     else:
@@ -1382,7 +1389,7 @@ def _qmc_draws(A, b, mask, draws, chunk=4e6, n_randomisations=16, mode=None, geo
         if need.size:
             found = _qmc_geometry(A[need], b[need], mask[need], chunk, None if mode is None else mode[need])
             geo = geo.merged(found, need)
-    return [_qmc_sample(geo, A, b, mask, n, seed, mom, chunk, n_randomisations) for n, seed, mom in draws], geo
+    return [_qmc_sample(geo, A, b, mask, n, seed, mom, chunk, n_randomisations, ids) for n, seed, mom in draws], geo
 
 
 def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
@@ -1419,9 +1426,9 @@ def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
                             ya0=ya0, const1=const1), levels, np.ones(B, dtype=bool))
 
 
-def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
+def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, ids=None):
     """The points of ``_qmc`` on a geometry g (``_qmc_geometry``) of the polytopes A, b,
-    mask (which key their randomisation with the seed)."""
+    mask (which, or their ids, key their randomisation with the seed)."""
     B, F, S = A.shape
     mu, E, zs, lo1, empty, L, tilt = (g.arrays[k] for k in ("mu", "E", "zs", "lo1", "empty", "L", "tilt"))
     ya, yb, fin1, ya0, const1 = (g.arrays[k] for k in ("ya", "yb", "fin1", "ya0", "const1"))
@@ -1429,7 +1436,7 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations):
     m = max(2, n_qmc // n_randomisations)
     base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
     N = base.shape[1]
-    keys = _polytope_keys(A, b, mask, seed)                             # (B,)
+    keys = _polytope_keys(A, b, mask, seed, ids)                        # (B,)
     out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B), np.zeros((B, S, S)),
                           np.zeros((B, S)))
     # the levels are padded to the batch's largest row count: polytopes go through in
@@ -1511,7 +1518,7 @@ def _mean_randomisation_cov(rel, dzw, E, R):
     return Et @ V @ E, (Et @ g[:, :, None])[..., 0]
 
 
-def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None) -> PolytopeMoments:
+def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None, ids=None) -> PolytopeMoments:
     """Plain Monte Carlo mass and moments of N(0, I) on P = {u : A u <= b} (B, F, S),
     mask (B, F), from n independent points of N(0, I) restricted to the half-space
     H = {u : m.u >= |m|^2} of P's mode m (B, S), which holds P (m is its point nearest
@@ -1522,16 +1529,18 @@ def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None) -> PolytopeMom
     ``likelihood._cheap_pairs``).  stderr: the sample's relative standard error (0
     where no point hit P: then log_mass = -inf); mean, cov: of the points in P.
     memory_budget: bytes of working arrays (~F + 4 S + 2 arrays of n points a polytope;
-    the polytopes go in slices that fit)."""
+    the polytopes go in slices that fit); ids: as ``polytope_qmc_draws``."""
     B, F, S = A.shape
     step = B if memory_budget is None else max(1, int(memory_budget // (8.0 * n * (F + 4 * S + 2))))
     if step < B:
         return PolytopeMoments.concat([halfspace_mc(A[i:i + step], b[i:i + step], mask[i:i + step],
-                                                    mode[i:i + step], n, seed) for i in range(0, B, step)])
+                                                    mode[i:i + step], n, seed,
+                                                    ids=None if ids is None else ids[i:i + step])
+                                       for i in range(0, B, step)])
     norm = np.linalg.norm(mode, axis=-1)
     E = _gram_schmidt_rows(np.concatenate([(mode / norm[:, None])[:, None], np.broadcast_to(np.eye(S), (B, S, S))],
                                           1))[0]                         # (B, S, S), E[:, 0] along m
-    U = _hashed_uniforms(_polytope_keys(A, b, mask, seed), S, n)         # (B, S, n)
+    U = _hashed_uniforms(_polytope_keys(A, b, mask, seed, ids), S, n)    # (B, S, n)
     z = np.empty((B, S, n))
     z[:, 0] = _tn_draw(norm[:, None], np.full((B, 1), np.inf), U[:, 0])[0]
     z[:, 1:] = ndtri(U[:, 1:])
@@ -1600,16 +1609,28 @@ def _splitmix64_inplace(z):
     return z
 
 
-def _polytope_keys(A, b, mask, seed):
-    """A 64-bit key per polytope (B,) from the bits of its rows (padding ignored) and the
-    seed: the same polytope gets the same key whatever batch it comes in."""
-    B, F, S = A.shape
-    rows = np.concatenate([A, b[..., None]], -1) * mask[..., None] + 0.0   # + 0.0: -0 -> 0
-    words = np.ascontiguousarray(rows).reshape(B, -1).view(_U64)
+def _polytope_keys(A, b, mask, seed, ids=None):
+    """A 64-bit key per polytope (B,) for the draw of seed, from its identity ids (B,)
+    uint64 where given, else from the bits of its rows (padding ignored): the same
+    polytope (identity) gets the same key whatever batch it comes in."""
+    if ids is None:
+        ids = content_hash(np.concatenate([A, b[..., None]], -1) * mask[..., None])
+    return combine_ids(ids, np.uint64(seed % 2 ** 64))
+
+
+def combine_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One 64-bit identity from two, a and b uint64 (broadcast): splitmix64 of a XOR that of b."""
+    return _splitmix64(a ^ _splitmix64(b))
+
+
+def content_hash(values: np.ndarray) -> np.ndarray:
+    """A 64-bit hash (B,) uint64 of each row of float64 values (B, ...) from its bits
+    (-0 counted as 0): equal rows, equal hashes."""
+    rows = np.asarray(values, dtype=np.float64) + 0.0                   # + 0.0: -0 -> 0
+    words = np.ascontiguousarray(rows).reshape(rows.shape[0], -1).view(_U64)
     mult = _splitmix64(np.arange(words.shape[1], dtype=_U64)) | _U64(1)
     with np.errstate(over="ignore"):
-        h = (words * mult).sum(-1, dtype=_U64)
-    return _splitmix64(h ^ _splitmix64(np.uint64(seed % 2 ** 64)))
+        return (words * mult).sum(-1, dtype=_U64)
 
 
 def _sobol_sets(S, m, R, seed):

@@ -527,7 +527,7 @@ def salt_qmc(salt: int) -> None:
     if salt == 0:
         polytope._polytope_keys, polytope._sobol_sets = keys, sets
         return
-    polytope._polytope_keys = lambda A, b, m, seed: keys(A, b, m, seed + salt * 10 ** 9)
+    polytope._polytope_keys = lambda A, b, m, seed, ids=None: keys(A, b, m, seed + salt * 10 ** 9, ids)
     polytope._sobol_sets = lambda S, m, n, seed: sets(S, m, n, seed + salt * 10 ** 6)
 
 

@@ -305,6 +305,32 @@ def test_results_do_not_depend_on_chunking(net1, monkeypatch):
     assert tol.max() < 1e-6 * np.abs(a.log_likelihood).max()          # the bound is not vacuous
 
 
+def test_s4_estimates_do_not_depend_on_the_rows_beside_them():
+    """At S >= 4 a (row, region) pair's QMC points are keyed by the row's values and the
+    region (``likelihood._pair_ids``), its replicates by a budget share that does not
+    depend on the batch (``likelihood._in_threads``), and its frame ties by a tolerance
+    (``polytope._frame``): a row scored with others, in another order or alone gets the
+    same estimate up to rounding.  With the same points an estimate moves with v as the
+    mass does, so the rounding bound is ``kappa_rounding_tol``'s (plus both pruning
+    bounds); other points would move it by about its stderr, far above that bound."""
+    model = CPAModel(random_net(4, (8, 8), 6, seed=3, slope=0.2), noise_std=0.3, device="cpu")
+    model.stderr_target = 1e-3                                      # fewer points, the same paths
+    X = model.sample(16, seed=4)
+    X[::3, 1] = np.nan
+    a = model.posterior(X)
+    others = {"reversed": (np.arange(16)[::-1], model.posterior(X[::-1])),
+              "first half": (np.arange(8), model.posterior(X[:8])),
+              "alone": (np.array([7]), model.posterior(X[7:8]))}
+    tol = 2 * kappa_rounding_tol(model, X, a) + a.error_bound
+    assert np.median(a.stderr) > 1e3 * tol.max()                  # a different draw would show
+    for name, (rows, b) in others.items():
+        err = np.abs(a.log_likelihood[rows] - b.log_likelihood)
+        assert np.all(err <= tol[rows] + b.error_bound), (name, err.max())
+        assert np.allclose(a.stderr[rows], b.stderr, rtol=1e-6, atol=0), name
+        spread = posterior_spread(a, len(X))[rows]
+        assert np.all(np.abs(a.z_mean[rows] - b.z_mean).max(1) <= (tol[rows] + b.error_bound) * (1 + 2 * spread)), name
+
+
 def test_noise_auto_recovers_the_generating_noise(net1):
     model = CPAModel(net1, noise_std=0.25, device="cpu")
     X = model.sample(400, seed=6)
