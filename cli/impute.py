@@ -71,9 +71,10 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     standard error of an imputed mean over that randomisation (max mean qmc stderr).
 
     --dask ADDRESS|local:N imputes the rows on a Dask cluster, chunk by chunk (README,
-    Beyond one machine): the same means and std up to rounding; --draws are seeded per
-    chunk, so they are other exact draws than without --dask; no mean QMC standard error
-    (neither in the summary nor in an .h5 OUT).
+    Beyond one machine): the same files, datasets and summary fields; the same means and
+    std up to rounding at S <= 3 (at S >= 4 up to their QMC standard error, which it
+    reports as without --dask); --draws are seeded per chunk, so they are other exact
+    draws than without --dask.
 
     \b
     Examples:
@@ -181,8 +182,10 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
                    *, quiet, device, memory_budget, **load):
     """``cpadgn impute --dask``: DATA read in chunks by the workers, the partition computed or
     loaded here once and sent to every worker once, the imputation written to OUT (.npy
-    and .h5 chunk by chunk as they complete; .csv at the end, in row order); returns
-    (per-row error_bound and n_missing, model)."""
+    and .h5 chunk by chunk as they complete; .csv at the end, in row order), with the
+    files and datasets of the run without --dask (at S >= 4 with --std, the means' QMC
+    standard error in an .h5 OUT); returns (per-row error_bound and n_missing, and
+    mean_stderr_max, the largest QMC standard error of a mean (S >= 4), model)."""
     from types import SimpleNamespace
 
     from cpadgn import dask as cluster
@@ -193,27 +196,39 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
     N, D = X.shape
     lead = np.empty((N, cluster.IMPUTE_LEAD))
     columns = csv_header(data_path, D)
-    split = lambda block: cluster.split_imputation(block, draws=n_draws, std=want_std)
+    carry_se = n_draws is None and model.latent_dim >= 4          # the means are QMC estimates
+    write_se = carry_se and want_std and out.suffix.lower() in (".h5", ".hdf5")
+    se_max = 0.0
+
+    def split(block):
+        """A block's (data, std or None, mean_stderr or None); keeps the largest stderr."""
+        nonlocal se_max
+        parts = cluster.split_imputation(block, draws=n_draws, std=want_std, mean_stderr=carry_se)
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        sd, se = parts[1] if want_std else None, parts[-1] if carry_se else None
+        if se is not None:
+            se_max = max(se_max, float(se.max(initial=0.0)))
+        return parts[0], sd, se
+
     with cluster.open_client(address, log=say_for(quiet)) as client, \
             Progressbar("imputing rows (Dask)", quiet) as bar:
-        table = cluster.impute_table(model, X, draws=n_draws, seed=seed, std=want_std, client=client,
-                                     device=device)
+        table = cluster.impute_table(model, X, draws=n_draws, seed=seed, std=want_std, mean_stderr=carry_se,
+                                     client=client, device=device)
         if out.suffix.lower() == ".csv":
             full = cluster.compute_rows(client, table, progress=bar)
             lead[:] = full[:, :cluster.IMPUTE_LEAD]
-            parts = split(full)
-            write_imputation(out, parts[0] if want_std else parts, parts[1] if want_std else None, columns,
-                             draws=n_draws is not None, std_path=std_path)
+            data, sd, _ = split(full)
+            write_imputation(out, data, sd, columns, draws=n_draws is not None, std_path=std_path)
         else:
             shape = (N, D) if n_draws is None else (n_draws, N, D)
             with cluster.imputation_writer(out, shape, columns, draws=n_draws is not None,
-                                           std_path=std_path, std=want_std) as write:
+                                           std_path=std_path, std=want_std, mean_stderr=write_se) as write:
                 def put(start, stop, block):
                     lead[start:stop] = block[:, :cluster.IMPUTE_LEAD]
-                    parts = split(block)
-                    write(start, stop, *(parts if want_std else (parts,)))
+                    write(start, stop, *split(block))
                 cluster.compute_rows(client, table, progress=bar, put=put)
-    return SimpleNamespace(error_bound=lead[:, 0], n_missing=lead[:, 1].astype(np.int64)), model
+    return SimpleNamespace(error_bound=lead[:, 0], n_missing=lead[:, 1].astype(np.int64),
+                           mean_stderr_max=se_max if carry_se else None), model
 
 
 def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) -> dict:
@@ -235,11 +250,15 @@ def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) ->
 
 def _mean_stderr_summary(res, n_draws) -> dict:
     """{"max_mean_qmc_stderr": ...} where the written means carry a QMC standard error
-    (S >= 4, ``ImputeResult.mean_stderr``), else {} (exact, draws, or --dask)."""
-    se = getattr(res, "mean_stderr", None)
-    if n_draws is not None or se is None or not se.size or float(se.max()) == 0.0:
+    (S >= 4: ``ImputeResult.mean_stderr``, or the running maximum ``mean_stderr_max`` of
+    a --dask run), else {} (exact, or draws)."""
+    top = getattr(res, "mean_stderr_max", None)
+    if top is None:
+        se = getattr(res, "mean_stderr", None)
+        top = float(se.max()) if se is not None and se.size else 0.0
+    if n_draws is not None or top == 0.0:
         return {}
-    return {"max_mean_qmc_stderr": float(se.max())}
+    return {"max_mean_qmc_stderr": top}
 
 
 def std_sibling(out: Path) -> Path:

@@ -85,10 +85,11 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     log_prob = np.asarray(log_prob, dtype=np.float64).reshape(-1)
     N, D, M = log_prob.size, model.output_dim, int(n_samples)
     if M < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}; pass n_samples=1 or more (e.g. 1000)")
     observed = np.ones((N, D), dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
     if observed.shape != (N, D):
-        raise ValueError(f"observed must have shape {(N, D)}, got {observed.shape}")
+        raise ValueError(f"observed must have shape {(N, D)}, got {observed.shape}; pass one bool per data entry "
+                         "(True = observed), or None for all")
     patterns, which = np.unique(observed, axis=0, return_inverse=True)    # (Q, D), (N,)
     which = which.reshape(-1)
     ref = model.sample(M, seed=seed)                                        # (M, D)

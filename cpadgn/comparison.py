@@ -50,7 +50,8 @@ def mean_and_se(values) -> tuple[float, float]:
     """Mean of values (N,) and its standard error sd / sqrt(N) (ddof = 1); N >= 2."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size < 2:
-        raise CpadgnError("a standard error needs at least 2 rows")
+        raise CpadgnError(f"a standard error needs at least 2 rows, got shape {v.shape}; pass a 1-D array of 2 or "
+                          "more values")
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
 
 
@@ -62,7 +63,8 @@ def vuong_test(ll_a, ll_b) -> tuple[float, float]:
     """
     d = np.asarray(ll_a, dtype=np.float64) - np.asarray(ll_b, dtype=np.float64)
     if d.ndim != 1 or d.size < 2:
-        raise CpadgnError("Vuong's test needs at least 2 paired rows")
+        raise CpadgnError(f"Vuong's test needs at least 2 paired rows, got shape {d.shape}; pass two 1-D arrays "
+                          "of per-row log-likelihoods of the same 2 or more rows")
     sd = float(d.std(ddof=1))
     if sd == 0.0:
         return 0.0, 1.0
@@ -183,14 +185,14 @@ class CompareResult:
         for m in self.models:
             if m.name == name:
                 return m
-        raise KeyError(name)
+        raise KeyError(f"no model named {name!r}; use one of {[m.name for m in self.models]}")
 
     def pair(self, a: str, b: str) -> PairRow:
         """The row of a against b in either order (as stored: the better-ranked first)."""
         for p in self.pairs:
             if (p.model_a, p.model_b) in ((a, b), (b, a)):
                 return p
-        raise KeyError((a, b))
+        raise KeyError(f"no pair {a!r} / {b!r}; use two different names of {[m.name for m in self.models]}")
 
 
 def _clean(v):
@@ -235,7 +237,8 @@ def _named_models(models) -> list:
             name = name or str(m)
             m = load(m)
         elif not isinstance(m, CPAModel):
-            raise CpadgnError(f"model {i + 1} is a {type(m).__name__}, not a CPAModel or a model path")
+            raise CpadgnError(f"model {i + 1} is a {type(m).__name__}, not a CPAModel or a model path; "
+                              "pass CPAModel objects or model file paths")
         name = name or f"model_{i + 1}"
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:            # the same file twice: keep both, distinctly named
@@ -259,7 +262,8 @@ def check_dimensions(dims: dict, X_test=None, X_train=None) -> int:
             continue
         X = np.asarray(X)
         if X.ndim != 2:
-            raise CpadgnError(f"the {what} data must be a 2-D table, got shape {X.shape}")
+            raise CpadgnError(f"the {what} data must be a 2-D table, got shape {X.shape}; pass an (N, {D}) "
+                              "array, one row per sample")
         if X.shape[1] != D:
             raise CpadgnError(f"the {what} data has {X.shape[1]} columns but the models output "
                               f"D={D}; pass data with {D} columns")

@@ -18,12 +18,15 @@ Python API (``X`` an (N, D) dask.array, chunked along rows only; NaN = missing):
     X = cpadgn.dask.read("data.h5", chunk_rows=4096)  # or da.from_array / da.from_zarr
     ll = cpadgn.dask.log_prob(model, X).compute()     # (N,)
     filled = cpadgn.dask.impute(model, X)             # (N, D) dask.array, E[x_m | x_o]
+    filled, se = cpadgn.dask.impute(model, X, mean_stderr=True)   # S >= 4: its QMC stderr
 
 ``read`` reads .npy files by memory map and HDF5 datasets by row slices (whole HDF5
 chunks by default) on the workers themselves, so the workers must see DATA at the same
 path (a shared file system); CSV is refused (convert it once to .npy or .h5).
 Results equal the single-process run up to rounding: the row chunks are other batch
-sizes, which changes the order of floating-point sums (README, Precision).
+sizes, which changes the order of floating-point sums (README, Precision); at S >= 4
+up to the QMC standard errors, which come back with the results (``stderr`` of the
+posterior table; ``impute(..., mean_stderr=True)``).
 
 Exact draws (``draws=K``) use one random stream per chunk, seeded by (seed, first row
 of the chunk): reproducible for the same seed and chunking, exact draws either way, but
@@ -269,7 +272,7 @@ def open_rows(path, dataset: str | None = None) -> RowSource:
                           f"{path} once, e.g. python -c \"import numpy, cpadgn.data as d; "
                           f"numpy.save('{path.with_suffix('.npy').name}', d.read_data('{path}'))\"")
     if not path.is_file():
-        raise CpadgnError(f"data file {path} does not exist")
+        raise CpadgnError(f"data file {path} does not exist; check the path")
     if dataset is not None and suffix not in (".h5", ".hdf5"):
         raise CpadgnError(f"--dataset {dataset} names a dataset inside an .h5 file, but {path} is a "
                           f"{suffix} file; drop --dataset")
@@ -284,7 +287,8 @@ def open_rows(path, dataset: str | None = None) -> RowSource:
         raise CpadgnError(f"{path} holds a {len(src.shape)}-D array of shape {src.shape}; expected a "
                           "2-D table, rows = samples and columns = features")
     if src.shape[0] == 0 or src.shape[1] == 0:
-        raise CpadgnError(f"{path} has no data rows" if src.shape[0] == 0 else f"{path} has no columns")
+        raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample" if src.shape[0] == 0
+                          else f"{path} has no columns; pass a file with one column per feature")
     return src
 
 
@@ -311,7 +315,8 @@ def _h5_source(path: Path, dataset: str | None) -> RowSource:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise CpadgnError(f"{path} is not a readable HDF5 file ({_first_line(e)})") from None
+        raise CpadgnError(f"{path} is not a readable HDF5 file ({_first_line(e)}); re-create it, or "
+                          "convert DATA to .npy") from None
     with f:
         found = []
         f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -337,7 +342,8 @@ def chunk_rows_for(src: RowSource, memory_budget: float = 2e9, requested: int | 
     share of the memory budget for the chunk's float64 rows."""
     if requested is not None:
         if requested < 1:
-            raise CpadgnError(f"--chunk-rows must be a positive number of rows, got {requested}")
+            raise CpadgnError(f"--chunk-rows must be a positive number of rows, got {requested}; give 1 or "
+                              "more, or leave it out for the default")
         return int(requested)
     D = src.shape[1]
     cap = max(1, int(memory_budget / CHUNK_DATA_SHARE // (8 * D)))
@@ -371,11 +377,13 @@ def as_rows(X, chunk_rows: int = DEFAULT_CHUNK_ROWS):
     import dask.array as da
     if isinstance(X, da.Array):
         if X.ndim != 2:
-            raise CpadgnError(f"the data must be a 2-D dask.array (N, D), got shape {X.shape}")
+            raise CpadgnError(f"the data must be a 2-D dask.array (N, D), got shape {X.shape}; pass one row "
+                              "per sample (X.reshape(1, -1) for one row)")
         return X.rechunk({1: -1}).astype(np.float64)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
-        raise CpadgnError(f"the data must be a 2-D array (N, D), got shape {X.shape}")
+        raise CpadgnError(f"the data must be a 2-D array (N, D), got shape {X.shape}; pass one row per "
+                          "sample (X.reshape(1, -1) for one row)")
     return da.from_array(X, chunks=(max(1, min(chunk_rows, X.shape[0])), X.shape[1]))
 
 
@@ -394,16 +402,17 @@ def _posterior_block(X, model, moments: bool):
     return np.column_stack(cols + [post.z_mean[:, j] for j in range(post.z_mean.shape[1])]).astype(np.float64)
 
 
-def _impute_block(X, model, draws, seed, std, block_info=None):
-    """[error_bound, n_missing | mean (D) | std (D)] or [error_bound, n_missing | draws
-    (K*D), draw by draw] per row."""
+def _impute_block(X, model, draws, seed, std, mean_stderr, block_info=None):
+    """[error_bound, n_missing | mean (D) | std (D) | mean_stderr (D)] (std and
+    mean_stderr where asked for) or [error_bound, n_missing | draws (K*D), draw by draw]
+    per row."""
     model = _ready(model)
     first_row = block_info[0]["array-location"][0][0] if block_info else 0
     res = model.imputation(X, draws=draws, seed=np.random.default_rng([int(seed), int(first_row)]), std=std)
     if draws is not None:
         parts = [res.draws.transpose(1, 0, 2).reshape(X.shape[0], -1)]
     else:
-        parts = [res.mean] + ([res.std] if std else [])
+        parts = [res.mean] + ([res.std] if std else []) + ([res.mean_stderr] if mean_stderr else [])
     return np.column_stack([res.error_bound, res.n_missing] + parts).astype(np.float64)
 
 
@@ -449,38 +458,48 @@ def log_prob(model, X, *, client=None, device: str = "auto"):
     return table[:, 0]
 
 
-def impute(model, X, *, draws: int | None = None, seed: int = 0, std: bool = False, client=None,
-           device: str = "auto"):
+def impute(model, X, *, draws: int | None = None, seed: int = 0, std: bool = False, mean_stderr: bool = False,
+           client=None, device: str = "auto"):
     """Exact imputation of the NaN entries of X as dask.arrays, like ``CPAModel.impute``:
-    the conditional mean (N, D), or K exact draws (K, N, D) with ``draws=K``; with
-    std=True a pair (mean, conditional std).  Observed entries are kept bit for bit.
-    The S >= 4 means' QMC standard error (``impute.ImputeResult.mean_stderr``) is not
-    computed here: use ``CPAModel.imputation`` for it."""
-    table = impute_table(model, X, draws=draws, seed=seed, std=std, client=client, device=device)
-    return split_imputation(table, draws=draws, std=std)
+    the conditional mean (N, D), or K exact draws (K, N, D) with ``draws=K``.  With
+    std=True and/or mean_stderr=True a tuple instead: the mean, then the conditional std
+    (N, D), then the means' QMC standard error (N, D; ``impute.ImputeResult.mean_stderr``:
+    over the randomisation of the S >= 4 region integrals, 0 on observed entries and where
+    the integrals are exact, S <= 3).  Observed entries are kept bit for bit."""
+    table = impute_table(model, X, draws=draws, seed=seed, std=std, mean_stderr=mean_stderr, client=client,
+                         device=device)
+    return split_imputation(table, draws=draws, std=std, mean_stderr=mean_stderr)
 
 
-def split_imputation(table, *, draws=None, std=False):
-    """The parts of an ``impute_table`` (dask or numpy): the mean (N, D), (mean, std), or
-    the draws (K, N, D), as asked for."""
-    N, D = table.shape[0], (table.shape[1] - IMPUTE_LEAD) // (draws or (2 if std else 1))
+def split_imputation(table, *, draws=None, std=False, mean_stderr=False):
+    """The parts of an ``impute_table`` (dask or numpy): the mean (N, D), the tuple of
+    the mean, std and mean_stderr (N, D) asked for, or the draws (K, N, D)."""
+    blocks = draws or 1 + bool(std) + bool(mean_stderr)
+    N, D = table.shape[0], (table.shape[1] - IMPUTE_LEAD) // blocks
     body = table[:, IMPUTE_LEAD:]
     if draws is not None:
         return body.reshape((N, draws, D)).transpose(1, 0, 2)
-    return (body[:, :D], body[:, D:]) if std else body
+    if blocks == 1:
+        return body
+    return tuple(body[:, k * D:(k + 1) * D] for k in range(blocks))
 
 
-def impute_table(model, X, *, draws=None, seed=0, std=False, client=None, device="auto"):
+def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, client=None, device="auto"):
     """(N, 2 + W) dask.array: the certified error bound and the number of missing entries,
-    then the mean (and std) or the draws (W = D, 2 D or K D) per row; see ``impute``."""
+    then the mean (and std, and mean_stderr) or the draws (W = D to 3 D, or K D) per row;
+    see ``impute``."""
     if draws is not None and (int(draws) != draws or draws < 1):
-        raise CpadgnError(f"draws must be a positive integer, got {draws!r}")
+        raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
+                          "leave it out for the mean")
+    if draws is not None and mean_stderr:
+        raise CpadgnError("mean_stderr is the standard error of the imputed mean, and draws= imputes no "
+                          "mean; pass one of draws= and mean_stderr=True")
     X = as_rows(X)
     check_columns(model, X)
     fut = _shipped(model, client, device)
     D = X.shape[1]
-    width = IMPUTE_LEAD + D * (draws if draws is not None else (2 if std else 1))
-    return X.map_blocks(_impute_block, fut, draws, seed, std, chunks=(X.chunks[0], (width,)),
+    width = IMPUTE_LEAD + D * (draws if draws is not None else 1 + bool(std) + bool(mean_stderr))
+    return X.map_blocks(_impute_block, fut, draws, seed, std, mean_stderr, chunks=(X.chunks[0], (width,)),
                         dtype=np.float64, meta=np.empty((0, 0)))
 
 
@@ -586,21 +605,25 @@ def _streamed(out, open_arrays):
 
 
 @contextlib.contextmanager
-def imputation_writer(out, shape: tuple, columns, *, draws: bool, std_path=None, std: bool = False):
+def imputation_writer(out, shape: tuple, columns, *, draws: bool, std_path=None, std: bool = False,
+                      mean_stderr: bool = False):
     """Write an imputation to .npy or .h5 chunk by chunk, in row order whatever the order
     the chunks come in, so that the client never holds it whole.  Yields
-    ``put(start, stop, values, std_values)`` for rows start..stop-1 (values (n, D), or
-    (K, n, D) for draws).  The files are those ``cpadgn impute`` writes without --dask
-    (.npy: the array, and OUT.std.npy; .h5: dataset 'data', and 'std', with attribute
-    'columns'), written to temporaries renamed over the targets only when complete."""
+    ``put(start, stop, values, std_values, stderr_values)`` for rows start..stop-1 (values
+    (n, D), or (K, n, D) for draws).  The files are those ``cpadgn impute`` writes without
+    --dask (.npy: the array, and OUT.std.npy; .h5: dataset 'data', 'std', and with
+    mean_stderr=True 'mean_stderr' (.h5 only), with attribute 'columns'), written to
+    temporaries renamed over the targets only when complete."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".npy", ".h5", ".hdf5"):
         raise CpadgnError(f"cannot stream {out}: use .npy or .h5")
+    if mean_stderr and suffix == ".npy":
+        raise CpadgnError(f"cannot stream the means' standard error to {out}: use .h5")
     opener = lambda stack, atomic_path: _open_imputation(stack, atomic_path, out, suffix, shape, columns,
-                                                         draws, std_path, std)
-    with _streamed(out, opener) as ((data, sd), writing):
-        def put(start, stop, values, std_values=None):
+                                                         draws, std_path, std, mean_stderr)
+    with _streamed(out, opener) as ((data, sd, se), writing):
+        def put(start, stop, values, std_values=None, stderr_values=None):
             with writing():
                 if draws:
                     data[:, start:stop] = values
@@ -608,11 +631,13 @@ def imputation_writer(out, shape: tuple, columns, *, draws: bool, std_path=None,
                     data[start:stop] = values
                 if sd is not None:
                     sd[start:stop] = std_values
+                if se is not None:
+                    se[start:stop] = stderr_values
 
         yield put
 
 
-def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std_path, std):
+def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std_path, std, mean_stderr):
     """The output arrays of ``imputation_writer`` (memory maps or HDF5 datasets) on
     temporaries that ``stack`` renames over their targets when it closes cleanly, their
     disk space reserved before any row is computed."""
@@ -625,7 +650,7 @@ def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std
             std_tmp = stack.enter_context(atomic_path(std_path))
             sd = np.lib.format.open_memmap(std_tmp, mode="w+", dtype=np.float64, shape=shape[-2:])
             reserve_disk(std_tmp)
-        return data, sd
+        return data, sd, None
     rows = max(1, min(shape[-2], int(4e6 // (8 * shape[-1]))))            # ~4 MB HDF5 chunks
     chunks = (1, rows, shape[-1]) if draws else (rows, shape[-1])
     names = [str(c) for c in columns]
@@ -634,8 +659,10 @@ def _open_imputation(stack, atomic_path, out, suffix, shape, columns, draws, std
         early_dataset(f, "data", shape, "f8", chunks).attrs["columns"] = names
         if std:
             early_dataset(f, "std", shape[-2:], "f8", chunks[-2:]).attrs["columns"] = names
+        if mean_stderr:
+            early_dataset(f, "mean_stderr", shape[-2:], "f8", chunks[-2:]).attrs["columns"] = names
     f = reserved_hdf5(stack, tmp, create)
-    return f["data"], f["std"] if std else None
+    return f["data"], f["std"] if std else None, f["mean_stderr"] if mean_stderr else None
 
 
 HDF5_CHUNK_BYTES = 2 ** 19     # 512 KB chunks: under h5py's 1 MB chunk cache per dataset

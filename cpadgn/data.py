@@ -191,7 +191,9 @@ def write_reason(e: BaseException) -> str:
 
 def write_error(path, e: BaseException) -> CpadgnError:
     """The one-line user error for a failed write of ``path``."""
-    return CpadgnError(f"could not write {path}: {write_reason(e)}")
+    reason = write_reason(e)
+    advice = "" if ";" in reason else "; check the directory's permissions and space, or choose another path"
+    return CpadgnError(f"could not write {path}: {reason}{advice}")
 
 
 def check_not_an_input(path, inputs: dict) -> None:
@@ -274,7 +276,7 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
+        raise CpadgnError(f"cannot read {path}: {e.strerror or e}; check the path and its permissions") from None
     if size == 0:
         raise CpadgnError(f"data file {path} is empty (0 bytes); pass a file with one row per sample")
     if suffix == ".npy":
@@ -332,9 +334,9 @@ def _read_npy(path: Path) -> np.ndarray:
         if "pickle" in str(e).lower():
             raise CpadgnError(f"{path} holds Python objects (pickled data), which cpadgn does not "
                               "load; save a numeric array with np.save") from None
-        raise CpadgnError(f"{path} is not a valid .npy file ({e})") from None
+        raise CpadgnError(f"{path} is not a valid .npy file ({e}); save the array with np.save") from None
     except (OSError, EOFError) as e:
-        raise CpadgnError(f"{path} is not a valid .npy file ({e})") from None
+        raise CpadgnError(f"{path} is not a valid .npy file ({e}); save the array with np.save") from None
     if not isinstance(a, np.ndarray):
         a.close()
         raise CpadgnError(f"{path} is an .npz archive, not a single .npy array; "
@@ -385,11 +387,12 @@ def _read_csv(path: Path):
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(_csv_rows(f))
     except UnicodeDecodeError:
-        raise CpadgnError(f"{path} is not a UTF-8 text file; is it really a CSV?") from None
+        raise CpadgnError(f"{path} is not a UTF-8 text file; is it really a CSV? If so, save it as "
+                          "UTF-8 comma-separated values") from None
     except csv.Error as e:
-        raise CpadgnError(f"{path} is not a valid CSV file ({e})") from None
+        raise CpadgnError(f"{path} is not a valid CSV file ({e}); save it as comma-separated values") from None
     except OSError as e:
-        raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
+        raise CpadgnError(f"cannot read {path}: {e.strerror or e}; check the path and its permissions") from None
     if not rows:
         raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
     header = None
@@ -452,7 +455,7 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
         f = h5py.File(path, "r")
     except OSError as e:
         raise CpadgnError(f"{path} is not a readable HDF5 file (corrupt, truncated or not HDF5: "
-                          f"{_short(e)})") from None
+                          f"{_short(e)}); re-create it, or pass a .csv or .npy file") from None
     with f:
         found = []
         f.visititems(lambda name, obj: found.append((name, obj.shape, obj.dtype))
@@ -471,7 +474,7 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
             a = obj[()]
         except OSError as e:
             raise CpadgnError(f"{path}: dataset '{dataset}' cannot be read (corrupt file? "
-                              f"{_short(e)})") from None
+                              f"{_short(e)}); re-create the file") from None
     return _numeric(path, np.asarray(a), f"dataset '{dataset}'")
 
 
@@ -491,10 +494,10 @@ def write_table(path, columns: dict) -> None:
     cols = {str(k): _column(v) for k, v in columns.items()}
     lengths = {k: v.shape[0] for k, v in cols.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"columns have different lengths: {lengths}")
+        raise ValueError(f"columns have different lengths: {lengths}; pass columns of one length N")
     for k in cols:
         if not k or "/" in k:
-            raise ValueError(f"invalid column name {k!r}")
+            raise ValueError(f"invalid column name {k!r}; use a non-empty name without '/'")
     n = next(iter(lengths.values()), 0)
     try:
         if suffix in (".h5", ".hdf5"):
@@ -544,11 +547,12 @@ def write_array(path, array, *, columns=None) -> None:
         raise CpadgnError(f"cannot write {path}: unknown output extension '{path.suffix}'; "
                           f"use one of {', '.join(OUTPUT_SUFFIXES)}")
     if a.ndim not in (2, 3):
-        raise ValueError(f"write_array needs a 2-D or 3-D array, got shape {a.shape}")
+        raise ValueError(f"write_array needs a 2-D or 3-D array, got shape {a.shape}; pass rows (N, D) "
+                         "or draws (K, N, D)")
     if columns is not None:
         columns = [str(c) for c in columns]
         if len(columns) != a.shape[-1]:
-            raise ValueError(f"{len(columns)} column names for {a.shape[-1]} columns")
+            raise ValueError(f"{len(columns)} column names for {a.shape[-1]} columns; pass one name per column")
     if suffix == ".csv" and a.ndim != 2:
         raise CpadgnError(f"cannot write {path}: a CSV file holds a 2-D table, but this output "
                           f"has shape {a.shape}; use .npy or .h5")
@@ -580,7 +584,7 @@ def _column(v) -> np.ndarray:
     if a.ndim == 0:
         a = a.reshape(1)
     if a.ndim != 1:
-        raise ValueError(f"table columns must be 1-D, got shape {a.shape}")
+        raise ValueError(f"table columns must be 1-D, got shape {a.shape}; pass one (N,) array per column")
     return a
 
 

@@ -43,7 +43,7 @@ def _seed(random_state) -> int | None:
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(np.iinfo(np.int32).max))
     raise EstimatorInputError(f"random_state must be None, an int or a numpy RandomState, "
-                              f"got {random_state!r}")
+                              f"got {random_state!r}; pass e.g. random_state=0")
 
 
 _PARAMETERS = """
@@ -95,15 +95,17 @@ class _CPABase(BaseEstimator):
     # ----------------------------------------------------------------- fitting
     def _check_params(self, n_features: int):
         if not (isinstance(self.contamination, (float, int, np.floating)) and 0 < self.contamination <= 0.5):
-            raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}")
+            raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}; pass "
+                                      "the expected fraction of outliers, e.g. contamination=0.1")
         S = self.latent_dim
         if not isinstance(S, (int, np.integer)) or S < 1:
-            raise EstimatorInputError(f"latent_dim must be a positive integer, got {S!r}")
+            raise EstimatorInputError(f"latent_dim must be a positive integer, got {S!r}; pass e.g. latent_dim=2")
         if S >= n_features:
             raise EstimatorInputError(f"latent_dim={S} needs data with more than {S} features, got "
                                       f"n_features = {n_features}; lower latent_dim")
         if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
-            raise EstimatorInputError(f"max_iter must be a non-negative integer, got {self.max_iter!r}")
+            raise EstimatorInputError(f"max_iter must be a non-negative integer, got {self.max_iter!r}; pass "
+                                      "e.g. max_iter=100")
 
     def _fit_model(self, X):
         """Validate X, fit the generator by EM, set model_ and friends; return X (N, D)."""
@@ -222,7 +224,8 @@ class CPADGNDetector(TransformerMixin, _CPABase):
     def predict(self, X, return_confidence=False):
         """0 for inliers, 1 for outliers (score above threshold_), (N,) int."""
         if return_confidence:
-            raise EstimatorInputError("return_confidence is not supported by CPADGNDetector")
+            raise EstimatorInputError("return_confidence is not supported by CPADGNDetector; call it without "
+                                      "return_confidence")
         return (self.decision_function(X) > self.threshold_).astype(int)
 
     def fit_predict(self, X, y=None):
@@ -238,7 +241,8 @@ class CPADGNDetector(TransformerMixin, _CPABase):
         """
         from scipy.special import erf
         if return_confidence:
-            raise EstimatorInputError("return_confidence is not supported by CPADGNDetector")
+            raise EstimatorInputError("return_confidence is not supported by CPADGNDetector; call it without "
+                                      "return_confidence")
         s = self.decision_function(X)
         train = self.decision_scores_
         if method == "linear":
@@ -248,6 +252,7 @@ class CPADGNDetector(TransformerMixin, _CPABase):
             sd = train.std()
             p = erf((s - train.mean()) / ((sd if sd > 0 else 1.0) * np.sqrt(2)))
         else:
-            raise EstimatorInputError(f"method must be 'linear' or 'unify', got {method!r}")
+            raise EstimatorInputError(f"method must be 'linear' or 'unify', got {method!r}; pass method='linear' "
+                                      "or method='unify'")
         p = np.clip(p, 0.0, 1.0)
         return np.column_stack([1.0 - p, p])

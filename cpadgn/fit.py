@@ -57,7 +57,8 @@ def parse_hidden(text) -> tuple:
         raise CpadgnError(f"--hidden must be comma-separated positive layer widths like 32,32 "
                           f"(or 'none' for a linear generator), got {text!r}") from None
     if any(n < 1 for n in sizes):
-        raise CpadgnError(f"--hidden widths must be positive integers, got {text!r}")
+        raise CpadgnError(f"--hidden widths must be positive integers, got {text!r}; give widths of 1 or "
+                          "more like 32,32, or 'none' for a linear generator")
     return sizes
 
 
@@ -351,9 +352,9 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
             check_training_data(X_val, latent_dim, "validation data")
             if X_val.shape[1] != X.shape[1]:
                 raise CpadgnError(f"the validation data has {X_val.shape[1]} columns but the training "
-                                  f"data {X.shape[1]}")
+                                  f"data {X.shape[1]}; pass validation data with {X.shape[1]} columns")
     if noise not in ("iso", "diag"):
-        raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}")
+        raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}; give --noise iso or --noise diag")
     hidden = tuple(int(h) for h in hidden)
     D = X.shape[1]
     if var_floor is None:
@@ -498,7 +499,7 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
     else:
         X_val = None
     if noise not in ("iso", "diag"):
-        raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}")
+        raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}; give --noise iso or --noise diag")
     hidden = tuple(int(h) for h in hidden)
     rows = []
     state = {"stop": "epochs"}

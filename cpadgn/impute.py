@@ -95,7 +95,8 @@ def check_input(X, D: int) -> np.ndarray:
     """X as an array (its float dtype kept), (N, D), no inf; CpadgnError otherwise."""
     X = np.asarray(X)
     if X.dtype.kind not in "biuf":
-        raise CpadgnError(f"the data must be numeric, got dtype {X.dtype}")
+        raise CpadgnError(f"the data must be numeric, got dtype {X.dtype}; pass an array of numbers, NaN "
+                          "for a missing value")
     if X.ndim != 2 or X.shape[1] != D:
         got = X.shape[1] if X.ndim == 2 else f"shape {X.shape}"
         raise CpadgnError(f"the data has {got} columns but the generator outputs {D}; "
@@ -123,7 +124,8 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     S, D = net.latent_dim, net.output_dim
     X = check_input(X, D)
     if draws is not None and (int(draws) != draws or draws < 1):
-        raise CpadgnError(f"draws must be a positive integer, got {draws!r}")
+        raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
+                          "leave it out for the mean")
     out_dtype = X.dtype if X.dtype.kind == "f" else np.dtype(np.float64)
     X64 = X.astype(np.float64)
     N = X.shape[0]
@@ -283,7 +285,7 @@ def mcar_mask(X, fraction: float, seed=None) -> np.ndarray:
     """Hide round(fraction * n_observed) of the observed entries of X, chosen uniformly
     at random without replacement (seeded): a boolean mask (N, D)."""
     if not 0 < fraction < 1:
-        raise CpadgnError(f"the MCAR fraction must be in (0, 1), got {fraction}")
+        raise CpadgnError(f"the MCAR fraction must be in (0, 1), got {fraction}; pass a fraction such as 0.2")
     obs = np.flatnonzero(~np.isnan(np.asarray(X, dtype=np.float64)).ravel())
     k = int(round(fraction * obs.size))
     if k == 0:

@@ -148,7 +148,7 @@ def detect_format(path) -> str:
             is_hdf5 = head == HDF5_SIGNATURE or (
                 not head.startswith(ZIP_SIGNATURE) and _hdf5_with_userblock(f))
     except OSError as e:
-        raise CpadgnError(f"cannot read {path}: {e.strerror or e}") from None
+        raise CpadgnError(f"cannot read {path}: {e.strerror or e}; check the path and its permissions") from None
     if is_hdf5:
         return "hdf5"
     if len(head) == 0:
@@ -258,7 +258,7 @@ def ops_to_net(ops: list, latent_dim: int | None = None) -> PiecewiseAffineNet:
             b = np.broadcast_to(np.asarray(op.b, dtype=np.float64), (W.shape[0],))
             if W.ndim != 2 or W.shape[1] != width:
                 raise CpadgnError(f"{op.where or 'a linear layer'} expects {W.shape[1]} inputs "
-                                  f"but receives {width}")
+                                  f"but receives {width}; fix the model's layer sizes so that they chain")
             W_pend, b_pend = W @ W_pend, W @ b_pend + b
             width, pending_is_identity, last_was_activation = W.shape[0], False, False
         elif isinstance(op, Scale):
@@ -290,7 +290,8 @@ def _broadcast_width(a, width: int, where: str) -> np.ndarray:
     if a.ndim == 0 or a.size == 1:
         return np.full(width, float(a.reshape(-1)[0]))
     if a.size != width:
-        raise CpadgnError(f"{where or 'a layer'} has {a.size} channels but its input has {width} features")
+        raise CpadgnError(f"{where or 'a layer'} has {a.size} channels but its input has {width} features; "
+                          f"give it {width} channels (or one shared value)")
     return a.copy()
 
 
@@ -302,7 +303,8 @@ def _infer_input_width(ops: list) -> int:
             for a in (getattr(op, "s", None), getattr(op, "slope", None)):
                 if a is not None and np.size(a) > 1:
                     return int(np.size(a))
-    raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer")
+    raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer; start the "
+                      "generator with a Linear layer, whose input width is the latent dimension")
 
 
 # ======================================================= symbolic activations
@@ -575,12 +577,14 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
         raise CpadgnError(f"{where} ({kind}) is not piecewise affine; cpadgn needs ReLU, "
                           "LeakyReLU, PReLU or abs activations")
     if kind in NOT_SUPPORTED_YET:
-        raise CpadgnError(f"{where} ({kind}) is not supported yet: {NOT_SUPPORTED_YET[kind]}")
+        raise CpadgnError(f"{where} ({kind}) is not supported yet: {NOT_SUPPORTED_YET[kind]}; replace it "
+                          "with a supported layer (README, Bring your own decoder)")
     if custom:
         raise _NeedsTrace(f"{where} ({kind}) is a custom module whose forward cpadgn cannot read; "
                           "export the model with torch.export.save (.pt2), which records its "
                           "operations")
-    raise CpadgnError(f"{where} ({kind}) is not supported (not known to be piecewise affine)")
+    raise CpadgnError(f"{where} ({kind}) is not supported (not known to be piecewise affine); replace it "
+                      "with a supported layer (README, Bring your own decoder)")
 
 
 def _first_linear_width(module):
@@ -621,7 +625,8 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
             _refuse_layer(kind, where, custom=not builtin, last=i == len(leaves) - 1)
     S = _first_linear_width(module)
     if S is None:
-        raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer")
+        raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer; start the "
+                          "generator with a Linear layer, whose input width is the latent dimension")
 
     current = ["the model"]
 
@@ -664,7 +669,8 @@ def _load_torchscript(path: Path) -> PiecewiseAffineNet:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise CpadgnError(f"{path} is a TorchScript archive that cannot be loaded: "
-                          f"{_first_line(e)}") from None
+                          f"{_first_line(e)}; re-save it with this torch version, or with "
+                          "torch.export.save (.pt2)") from None
     return _with_path(path, lambda: module_to_net(module, _scripted_kind))
 
 
@@ -690,7 +696,8 @@ def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
                 "make the module defining it importable (e.g. on PYTHONPATH), or save the "
                 "model with torch.export.save (.pt2), which needs no code") from None
         except Exception as e:
-            raise CpadgnError(f"{path} cannot be unpickled: {_first_line(e)}") from None
+            raise CpadgnError(f"{path} cannot be unpickled: {_first_line(e)}; re-save the model, preferably "
+                              "with torch.export.save (.pt2)") from None
     if not isinstance(obj, torch.nn.Module):
         what = "a state_dict (weights without the architecture)" if isinstance(obj, dict) \
             else f"a {type(obj).__name__}, not a module"
@@ -1320,5 +1327,6 @@ def _load_torch_export(path: Path) -> PiecewiseAffineNet:
             ep = torch.export.load(str(path))
     except Exception as e:
         raise CpadgnError(f"{path} is a torch.export archive that cannot be loaded: "
-                          f"{_first_line(e)}") from None
+                          f"{_first_line(e)}; re-export it with torch.export.save under this torch "
+                          "version") from None
     return _ExportInterpreter(ep, path).run()

@@ -178,7 +178,8 @@ class CPAModel:
             raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
                               "pass X.reshape(1, -1)")
         if X.ndim != 2:
-            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}")
+            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}; pass one row "
+                              "per sample")
         if X.shape[1] != D:
             raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs "
                               f"{D}; pass data with {D} columns")
@@ -224,9 +225,10 @@ def _check_noise(noise_std, D: int) -> np.ndarray:
     except (TypeError, ValueError):
         raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}") from None
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):
-        raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}")
+        raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}; pass one "
+                          "std, or one per column")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise CpadgnError(f"noise std must be finite and > 0, got {noise_std!r}")
+        raise CpadgnError(f"noise std must be finite and > 0, got {noise_std!r}; pass positive stds")
     check_noise_range(s)
     return s
 

@@ -83,7 +83,8 @@ def save_model(path, net: PiecewiseAffineNet, *, prior_mean=None, prior_cov=None
     groups = dict(groups or {})
     for g in groups:
         if g.strip("/").split("/")[0] in RESERVED_GROUPS or not g.strip("/"):
-            raise ValueError(f"extra group name {g!r} is reserved or empty")
+            raise ValueError(f"extra group name {g!r} is reserved or empty; use another name (reserved: "
+                             f"{', '.join(sorted(RESERVED_GROUPS))})")
 
     path = Path(path)
     try:
@@ -123,7 +124,7 @@ def _dataset(group, name, value):
         a = a.astype(str).astype(object)
         return group.create_dataset(name, data=a, dtype=h5py.string_dtype(), track_times=False)
     if a.dtype.kind not in "biufS":
-        raise ValueError(f"cannot store {name} of dtype {a.dtype}")
+        raise ValueError(f"cannot store {name} of dtype {a.dtype}; pass numbers or strings")
     return group.create_dataset(name, data=a, track_times=False)
 
 
@@ -134,24 +135,30 @@ def _jsonable(o):
         return o.item()
     if isinstance(o, Path):
         return str(o)
-    raise TypeError(f"attribute value {o!r} is not JSON-serialisable")
+    raise TypeError(f"attribute value {o!r} is not JSON-serialisable; pass numbers, strings, lists "
+                    "or dicts of them")
 
 
 def _check_prior(path, mean, cov, S):
     mean = np.zeros(S) if mean is None else np.asarray(mean, dtype=np.float64)
     cov = np.eye(S) if cov is None else np.asarray(cov, dtype=np.float64)
     if mean.shape != (S,):
-        raise CpadgnError(f"{path}: prior mean has shape {mean.shape}, expected ({S},)")
+        raise CpadgnError(f"{path}: prior mean has shape {mean.shape}; save the model with a prior "
+                          f"mean of shape ({S},)")
     if cov.shape != (S, S):
-        raise CpadgnError(f"{path}: prior covariance has shape {cov.shape}, expected ({S}, {S})")
+        raise CpadgnError(f"{path}: prior covariance has shape {cov.shape}; save the model with an "
+                          f"({S}, {S}) prior covariance")
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
-        raise CpadgnError(f"{path}: the latent prior has non-finite values")
+        raise CpadgnError(f"{path}: the latent prior has non-finite values; save the model with a "
+                          "finite prior mean and covariance")
     if not np.allclose(cov, cov.T, rtol=0, atol=1e-12 * max(1.0, float(np.abs(cov).max(initial=0)))):
-        raise CpadgnError(f"{path}: the prior covariance is not symmetric")
+        raise CpadgnError(f"{path}: the prior covariance is not symmetric; save the model with a "
+                          "symmetric one, e.g. (C + C.T) / 2")
     try:
         np.linalg.cholesky(cov)
     except np.linalg.LinAlgError:
-        raise CpadgnError(f"{path}: the prior covariance is not positive definite") from None
+        raise CpadgnError(f"{path}: the prior covariance is not positive definite; save the model "
+                          "with a positive-definite one") from None
     return mean, cov
 
 
@@ -162,7 +169,8 @@ def _check_noise(path, std, D):
     if std.shape not in ((), (D,)):
         raise CpadgnError(f"{path}: noise std has shape {std.shape}; expected a scalar or ({D},)")
     if not np.all(np.isfinite(std)) or np.any(std <= 0):
-        raise CpadgnError(f"{path}: noise std must be finite and > 0 (got min {float(np.min(std))!r})")
+        raise CpadgnError(f"{path}: noise std must be finite and > 0 (got min {float(np.min(std))!r}); "
+                          "save the model with positive noise stds")
     return std
 
 
@@ -208,7 +216,8 @@ def _read(path: Path, f) -> Generator:
         raise CpadgnError(f"{path} is a cpadgn partition cache, not a model; pass the model file "
                           "it was computed for")
     if fmt != FORMAT:
-        raise CpadgnError(f"{path} has format '{fmt}', not '{FORMAT}'; it is not a cpadgn model")
+        raise CpadgnError(f"{path} has format '{fmt}', not '{FORMAT}'; it is not a cpadgn model: pass a "
+                          "model saved by cpadgn")
     version = int(f.attrs.get("format_version", 0))
     if version > FORMAT_VERSION:
         raise CpadgnError(f"{path} was written by a newer cpadgn (model format {version}, this "
@@ -216,7 +225,8 @@ def _read(path: Path, f) -> Generator:
     if version < 1:
         raise CpadgnError(f"{path} has an invalid format_version {version}; re-save the model with cpadgn")
     if "generator" not in f:
-        raise CpadgnError(f"{path} is not a valid cpadgn model: the /generator group is missing")
+        raise CpadgnError(f"{path} is not a valid cpadgn model: the /generator group is missing; re-save "
+                          "the model with cpadgn")
     g = f["generator"]
     L = int(f.attrs.get("n_layers", 0))
     if L < 1:
@@ -225,24 +235,26 @@ def _read(path: Path, f) -> Generator:
     for l in range(L):
         for name, out in ((f"weight_{l}", weights), (f"bias_{l}", biases)):
             if name not in g:
-                raise CpadgnError(f"{path} is not a valid cpadgn model: /generator/{name} is missing")
+                raise CpadgnError(f"{path} is not a valid cpadgn model: /generator/{name} is missing; "
+                                  "re-save the model with cpadgn")
             out.append(np.asarray(g[name][()], dtype=np.float64))
     for l in range(L - 1):
         name = f"slope_{l}"
         if name not in g:
-            raise CpadgnError(f"{path} is not a valid cpadgn model: /generator/{name} is missing")
+            raise CpadgnError(f"{path} is not a valid cpadgn model: /generator/{name} is missing; "
+                              "re-save the model with cpadgn")
         slopes.append(np.asarray(g[name][()], dtype=np.float64))
     for l, (W, b) in enumerate(zip(weights, biases)):
         if W.ndim != 2 or b.shape != (W.shape[0],):
             raise CpadgnError(f"{path}: layer {l} has weight shape {W.shape} and bias shape "
-                              f"{b.shape}, which do not match")
+                              f"{b.shape}, which do not match; re-save the model with cpadgn")
         if l and W.shape[1] != weights[l - 1].shape[0]:
             raise CpadgnError(f"{path}: layer {l} takes {W.shape[1]} inputs but layer {l - 1} "
-                              f"has {weights[l - 1].shape[0]} outputs")
+                              f"has {weights[l - 1].shape[0]} outputs; re-save the model with cpadgn")
     for l, a in enumerate(slopes):
         if a.shape not in ((), (weights[l].shape[0],)):
             raise CpadgnError(f"{path}: slope_{l} has shape {a.shape}, expected "
-                              f"({weights[l].shape[0]},)")
+                              f"({weights[l].shape[0]},); re-save the model with cpadgn")
     net = PiecewiseAffineNet.from_arrays(weights, biases, slopes)
     check_net(net, path)
     S, D = net.latent_dim, net.output_dim

@@ -36,13 +36,17 @@ class PiecewiseAffineNet:
 
     def __post_init__(self):
         if len(self.weights) != len(self.biases) or len(self.slopes) != len(self.weights) - 1:
-            raise ValueError("need one bias per layer and one slope vector per hidden layer")
+            raise ValueError(f"need one bias per layer and one slope vector per hidden layer, got "
+                             f"{len(self.weights)} weights, {len(self.biases)} biases and {len(self.slopes)} slopes; "
+                             "pass L weights, L biases and L - 1 slopes")
         for W, b in zip(self.weights, self.biases):
             if W.ndim != 2 or b.shape != (W.shape[0],):
-                raise ValueError("weight/bias shapes do not match")
+                raise ValueError(f"weight/bias shapes do not match: {W.shape} and {b.shape}; pass W (out, in) "
+                                 "and b (out,)")
         for W_next, W in zip(self.weights[1:], self.weights[:-1]):
             if W_next.shape[1] != W.shape[0]:
-                raise ValueError("consecutive layer shapes do not match")
+                raise ValueError(f"consecutive layer shapes do not match: {W.shape} then {W_next.shape}; pass "
+                                 "weights whose input width is the previous layer's output width")
 
     @classmethod
     def from_arrays(cls, weights, biases, slopes) -> "PiecewiseAffineNet":

@@ -266,9 +266,11 @@ def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None
     if method not in ("intervals", "subdivision", "lp-walk"):
         raise ValueError(f"unknown partition method {method!r}: use auto, intervals, subdivision or lp-walk")
     if method == "intervals" and S != 1:
-        raise ValueError("the 'intervals' method needs a 1-dimensional latent space")
+        raise ValueError(f"the 'intervals' method needs a 1-dimensional latent space, got S = {S}; use "
+                         "method='auto' or 'subdivision'")
     if max_regions is not None and max_regions < 1:
-        raise ValueError("max_regions must be positive")
+        raise ValueError(f"max_regions must be positive, got {max_regions}; pass 1 or more, or None for "
+                         "no limit")
     if K == 0:
         return _linear_partition(net, t0)
     if method == "intervals":

@@ -656,7 +656,8 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
     if rows is None:
         rows = np.flatnonzero(miss.any(1))[:max_rows]
         if rows.size == 0:
-            raise CpadgnError("no row has a missing entry, so there is nothing imputed to show")
+            raise CpadgnError("no row has a missing entry, so there is nothing imputed to show; mark some "
+                              "entries missing (NaN)")
     rows = np.asarray(rows, dtype=np.int64)
     K = 0 if draws is None else min(int(np.shape(draws)[0]), max_draws)
     titles = ["observed", "missing", "E[x | x_obs]", "std"] + [f"draw {k + 1}" for k in range(K)]
@@ -697,7 +698,8 @@ def imputation_figure(model, X, result=None, image_shape=None, *, n_draws: int =
     image_shape = image_shape or square_shape(X.shape[1])
     rows = np.flatnonzero(np.isnan(X).any(1))[:max_rows]
     if rows.size == 0:
-        raise CpadgnError("no row of the data has a missing entry (NaN), so there is no imputation to draw")
+        raise CpadgnError("no row of the data has a missing entry (NaN), so there is no imputation to draw; "
+                          "mark some entries missing")
     have = result is not None and result.std is not None and result.draws is not None
     if have:
         mean, std, draws = result.mean[rows], result.std[rows], result.draws[:, rows]

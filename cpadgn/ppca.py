@@ -22,13 +22,13 @@ def ppca_parameters(X, K: int):
     """Closed-form PPCA fit: X (N, D), 1 <= K < D -> W (D, K), mu (D,), s2 (float)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
-        raise CpadgnError(f"PPCA needs a 2-D table of rows, got shape {X.shape}")
+        raise CpadgnError(f"PPCA needs a 2-D table of rows, got shape {X.shape}; pass an (N, D) array")
     N, D = X.shape
     if not 1 <= K < D:
         raise CpadgnError(f"the PPCA latent dimension must be between 1 and D - 1 = {D - 1}, "
                           f"got {K}; use --baseline ppca:K with a smaller K")
     if N < 2:
-        raise CpadgnError("PPCA needs at least 2 training rows")
+        raise CpadgnError(f"PPCA needs at least 2 training rows, got {N}; pass more training rows")
     if not np.all(np.isfinite(X)):
         raise CpadgnError("the PPCA baseline needs complete training rows (no NaN or inf); "
                           "drop or impute the incomplete rows first")

@@ -138,13 +138,15 @@ class Encoder:
         as64 = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float64))
         weights, biases = tuple(map(as64, weights)), tuple(map(as64, biases))
         if not weights or len(weights) != len(biases):
-            raise CpadgnError("the encoder needs one bias per weight matrix")
+            raise CpadgnError("the encoder needs one bias per weight matrix; pass as many biases as weights")
         for l, (W, b) in enumerate(zip(weights, biases)):
             if W.ndim != 2 or b.shape != (W.shape[0],) or (l and W.shape[1] != weights[l - 1].shape[0]):
                 raise CpadgnError(f"the encoder's layer {l} has inconsistent shapes "
-                                  f"(weight {W.shape}, bias {b.shape})")
+                                  f"(weight {W.shape}, bias {b.shape}); pass W (out, in) and b (out,) that "
+                                  "chain")
         if weights[-1].shape[0] % 2:
-            raise CpadgnError("the encoder must output 2S values (means, then log-variances)")
+            raise CpadgnError(f"the encoder must output 2S values (means, then log-variances), got "
+                              f"{weights[-1].shape[0]}; give its last layer an even width")
         return cls(weights, biases, float(slope))
 
     @classmethod
@@ -155,7 +157,8 @@ class Encoder:
             return cls.from_arrays([group[f"weight_{i}"] for i in range(n)],
                                    [group[f"bias_{i}"] for i in range(n)], slope)
         except KeyError as e:
-            raise CpadgnError(f"the model file's encoder group lacks {e.args[0]}") from None
+            raise CpadgnError(f"the model file's encoder group lacks {e.args[0]}; re-save the model "
+                              "(cpadgn fit --method vae)") from None
 
     @property
     def input_dim(self) -> int:
@@ -370,12 +373,14 @@ def exact_elbo(model, X, encoder: Encoder | None = None, *, log_mass_floor: floa
     """
     enc = encoder if encoder is not None else model_encoder(model)
     if enc is None:
-        raise CpadgnError("the model has no encoder (the model file has no /encoder group), so it has no ELBO")
+        raise CpadgnError("the model has no encoder (the model file has no /encoder group), so it has no "
+                          "ELBO; fit one with cpadgn fit --method vae, or pass encoder=")
     if model.noise_std is None:
         raise CpadgnError("the model has no noise std: pass noise_std= to cpadgn.load")
     X = model._check_data(X)
     if np.isnan(X).any():
-        raise CpadgnError("the exact ELBO needs complete rows; the data has missing values (NaN)")
+        raise CpadgnError("the exact ELBO needs complete rows; the data has missing values (NaN): drop or "
+                          "impute the incomplete rows")
     mq, logv = enc(X)
     N, S = mq.shape
     # q in the folded coordinates e = Lz^-1 (z - prior_mean), where the prior is N(0, I)

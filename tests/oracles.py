@@ -497,3 +497,61 @@ def ldp_distance(a, c, v):
     f[-1] = 1.0
     r = E @ nnls(E, f, maxiter=5000)[0] - f
     return float(np.linalg.norm(r[:-1] / r[-1]))
+
+
+# ----------------------------------------------- S >= 4: the QMC standard error of a mean
+def s4_imputation_case():
+    """The S = 4 imputation case of the mean_stderr oracle: a 4-(8)-5 net (~160 pairs a
+    row, so the weights' error matters too), noise 0.6, a loose stderr_target 0.01 that
+    keeps the points few and the standard errors large enough to measure, and 4 rows
+    drawn from it with 4 of their 5 entries missing.  Returns (model, X)."""
+    from cpadgn.model import CPAModel
+    model = CPAModel(random_net(4, (8,), 5, seed=3, slope=0.2), noise_std=0.6, device="cpu")
+    model.stderr_target = 0.01
+    X = model.sample(4, seed=4)
+    rng = np.random.default_rng(0)
+    for row in X:
+        row[rng.choice(5, 4, replace=False)] = np.nan
+    return model, X
+
+
+def salt_qmc(salt: int) -> None:
+    """Give every randomised-QMC integral of this process points independent of those
+    of any other salt: salt the polytope keys and the Sobol scrambles of
+    ``cpadgn.polytope`` (salt 0 restores them).  Self-contained, so that Dask workers
+    can run it (``client.run(salt_qmc, salt)`` with this module pickled by value)."""
+    from cpadgn import polytope
+    if not hasattr(polytope, "_unsalted"):
+        polytope._unsalted = (polytope._polytope_keys, polytope._sobol_sets)
+    keys, sets = polytope._unsalted
+    if salt == 0:
+        polytope._polytope_keys, polytope._sobol_sets = keys, sets
+        return
+    polytope._polytope_keys = lambda A, b, m, seed: keys(A, b, m, seed + salt * 10 ** 9)
+    polytope._sobol_sets = lambda S, m, n, seed: sets(S, m, n, seed + salt * 10 ** 6)
+
+
+def assert_stderr_matches_spread(means, stderrs, miss, n_sets: int = 16, min_measurable: int = 12):
+    """The reported QMC standard errors of the imputed means agree with the spread of the
+    means over R reruns with independent random points (``salt_qmc``).
+
+    means, stderrs (R, N, D): each rerun's means and reported standard errors; miss (N, D)
+    the missing entries.  An sd estimated from R replicates of kurtosis k has a relative
+    sd of sqrt((k - 1) / (4 (R - 1))) (1 / sqrt(2 (R - 1)) for normal ones; a pair whose
+    integral now and then meets a feature its points rarely see gives heavier tails, so
+    k is measured per entry); the reported SE of one run is itself estimated from n_sets
+    randomisations (relative sd ~ 1 / sqrt(2 (n_sets - 1))), averaged (in quadrature)
+    over the R runs; the ratio of the two must lie within 4 of those combined, on the
+    entries whose SE is far above the mean's rounding (~1e-16; at least min_measurable)."""
+    means, stderrs = np.asarray(means), np.asarray(stderrs)
+    R = means.shape[0]
+    assert np.all(stderrs[:, ~miss] == 0.0)
+    dev = (means - means.mean(0))[:, miss]
+    empirical = means.std(0, ddof=1)[miss]
+    kurtosis = (dev ** 4).mean(0) / (dev ** 2).mean(0) ** 2
+    reported = np.sqrt((stderrs ** 2).mean(0))[miss]
+    measurable = reported > 1e-8
+    assert measurable.sum() >= min_measurable, reported
+    band = 4 * np.sqrt((kurtosis - 1) / (4 * (R - 1)) + 1 / (2 * (n_sets - 1) * R))
+    ratio = empirical / reported
+    assert np.all((np.abs(ratio - 1) <= band)[measurable]), (ratio, band)

@@ -25,7 +25,8 @@ import cpadgn.dask as cd
 from cpadgn.errors import CpadgnError
 from cpadgn.impute import impute as impute_single
 from cpadgn.model import CPAModel
-from oracles import kappa_rounding_tol, posterior_spread, random_net
+from oracles import (assert_stderr_matches_spread, kappa_rounding_tol, posterior_spread, random_net,
+                     s4_imputation_case, salt_qmc)
 
 CHUNK = 20      # rows per task: 8 to 12 tasks per run, more than the 2 workers
 
@@ -313,6 +314,99 @@ def test_cli_impute_with_dask_streams_the_same_h5(client, model, tmp_path):
         assert np.all(np.abs(b["data"][()] - a["data"][()]) <= mean_bound(model, X, ref.error_bound))
         np.testing.assert_array_equal(b["std"][()] == 0, a["std"][()] == 0)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ------------------------------------------------- S >= 4: the imputed means' QMC standard error
+def test_s4_mean_stderr_on_the_cluster_matches_the_spread_over_independent_randomisations(client):
+    """At S = 4 ``cpadgn.dask.impute(..., mean_stderr=True)`` carries each imputed mean's
+    QMC standard error back from the workers (a column block of ``impute_table``).
+    Oracle: test_impute's (``oracles.assert_stderr_matches_spread``, band derived there)
+    on R = 40 reruns on the cluster of ``oracles.s4_imputation_case`` in two chunks, every
+    worker's QMC points salted anew for each rerun (``oracles.salt_qmc`` run on the
+    workers), and the spread of the means over them."""
+    import cloudpickle
+
+    import oracles
+    model, X = s4_imputation_case()
+    shipped = cd.ship(client, model, "cpu")
+    data = cd.as_rows(X, chunk_rows=2)
+    means, ses = [], []
+    cloudpickle.register_pickle_by_value(oracles)          # the workers cannot import it
+    try:
+        for salt in range(1, 41):
+            client.run(salt_qmc, salt)
+            # seed= (unused without draws) gives each rerun its own task keys: never a result kept
+            mean, std, se = cd.impute(shipped, data, seed=salt, std=True, mean_stderr=True, client=client)
+            mean, std, se = client.compute([mean, std, se], sync=True)
+            means.append(mean)
+            ses.append(se)
+    finally:
+        client.run(salt_qmc, 0)
+        cloudpickle.unregister_pickle_by_value(oracles)
+    assert std.shape == X.shape and np.all(std[np.isnan(X)] > 0)
+    assert_stderr_matches_spread(means, ses, np.isnan(X))
+
+
+def test_cli_impute_with_dask_at_s4_writes_what_the_run_without_dask_writes(client, tmp_path):
+    """At S = 4, ``cpadgn impute --dask --std`` to .h5 writes the datasets of the run
+    without --dask (data, std, mean_stderr, their column attributes) and the same summary
+    fields, max_mean_qmc_stderr the largest of its mean_stderr; to .csv the same two files.
+
+    The means' tolerance.  The workers integrate other batches of rows, whose rounding
+    can give a pair's polytope other bits and so other QMC points (``polytope``'s keys
+    hash them): a mean then differs from the single-process one by rounding
+    (``mean_bound``) where its row's pairs kept their points, and otherwise by the
+    difference of two estimates of one integral with independent points over the pairs
+    that changed, of variance at most se_a^2 + se_b^2 (the pairs are independent).  Allowed:
+    mean_bound + 6 sqrt(se_a^2 + se_b^2).  Each SE comes from 16 randomisations (15
+    degrees of freedom): P(|t_15| > 6) = 2.4e-5 per entry, under 1e-3 for the 26 missing
+    entries (the measured SE may be up to ~1.3x short on heavy-tailed entries, README
+    Limits: still beyond 4.6 SE)."""
+    import json
+
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    model, _ = s4_imputation_case()
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.6)
+    X = model.sample(12, seed=5)
+    X[::2, 1:4] = np.nan
+    X[1::4, 0] = np.nan
+    X[3, :] = np.nan
+    np.save(tmp_path / "x.npy", X)
+    miss = np.isnan(X)
+    base = ["impute", str(tmp_path / "gen.h5"), str(tmp_path / "x.npy"), "--std", "--json", "--device", "cpu",
+            "--stderr-target", "0.01"]
+    dask_args = ["--dask", client.scheduler.address, "--chunk-rows", "4"]
+    summary = {}
+    for name, extra in (("one", []), ("dask", dask_args)):
+        for suffix in (".h5", ".csv"):
+            (tmp_path / name).mkdir(exist_ok=True)
+            r = CliRunner().invoke(main, base + ["-o", str(tmp_path / name / ("out" + suffix))] + extra,
+                                   catch_exceptions=False)
+            assert r.exit_code == 0, r.output
+            summary[name, suffix] = json.loads(r.stdout)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "dask").iterdir()) == ["out.csv", "out.h5", "out.std.csv"]
+    for suffix in (".h5", ".csv"):
+        a, b = summary["one", suffix], summary["dask", suffix]
+        assert list(a) == list(b) and "max_mean_qmc_stderr" in a
+        for key in ("rows", "columns", "rows_with_missing", "missing_entries", "rows_all_missing", "draws",
+                    "noise_std", "regions"):
+            assert a[key] == b[key], key
+    with h5py.File(tmp_path / "one" / "out.h5") as a, h5py.File(tmp_path / "dask" / "out.h5") as b:
+        assert sorted(a) == sorted(b) == ["data", "mean_stderr", "std"]
+        for name in a:
+            assert list(a[name].attrs["columns"]) == list(b[name].attrs["columns"])
+        se_a, se_b = a["mean_stderr"][()], b["mean_stderr"][()]
+        assert np.all(se_a[~miss] == 0) and np.all(se_b[~miss] == 0) and np.all(se_b[miss] > 0)
+        assert summary["dask", ".h5"]["max_mean_qmc_stderr"] == se_b.max()
+        assert summary["one", ".h5"]["max_mean_qmc_stderr"] == se_a.max()
+        ref = impute_single(model.net, model.partition(), model.noise_std, X, device="cpu")
+        tol = mean_bound(model, X, ref.error_bound) + 6 * np.hypot(se_a, se_b)
+        np.testing.assert_array_equal(b["data"][()][~miss], X[~miss])
+        assert np.all(np.abs(b["data"][()] - a["data"][()]) <= tol)
+        np.testing.assert_array_equal(b["std"][()] == 0, a["std"][()] == 0)
+    assert [p.name for p in tmp_path.rglob(".*")] == []
 
 
 def test_cli_refuses_csv_and_bad_addresses_in_one_line(tmp_path):

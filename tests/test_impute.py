@@ -17,8 +17,8 @@ from cpadgn.modelfile import save_model
 from cpadgn.polytope import log_diff_ndtr, polytope_moments
 from cpadgn.sampling import sample_standard_polytope, truncated_normal_1d
 
-from oracles import (GL_W, GL_X, line_breakpoints, random_linear_model, random_net,
-                     small_s3_net_and_quadrature)
+from oracles import (GL_W, GL_X, assert_stderr_matches_spread, line_breakpoints, random_linear_model,
+                     random_net, s4_imputation_case, salt_qmc, small_s3_net_and_quadrature)
 
 
 # ============================================================================ oracles
@@ -535,44 +535,24 @@ def _s4_rows(model):
     return X
 
 
-def test_s4_mean_stderr_matches_the_spread_over_independent_randomisations(monkeypatch):
+def test_s4_mean_stderr_matches_the_spread_over_independent_randomisations():
     """At S = 4 the conditional mean comes from randomised QMC; its reported standard
     error must be the spread of the mean over reruns with independent random points.
-    Oracle: R = 40 reruns, each with the QMC keys and Sobol scrambles salted (so every
-    integral gets independent points), and the empirical standard deviation of the mean
-    over them.  An sd estimated from R replicates of kurtosis k has a relative sd of
-    sqrt((k - 1) / (4 (R - 1))) (1 / sqrt(2 (R - 1)) for normal ones; a pair whose
-    integral now and then meets a feature its points rarely see gives heavier tails, so
-    k is measured per entry); the reported SE of one run is itself estimated from 16
-    randomisations (relative sd ~ 1 / sqrt(2 * 15)), averaged (in quadrature) over the R
-    runs; the ratio of the two must lie within 4 of those combined.  A loose stderr_target
-    keeps the points few and the standard errors large enough to measure."""
-    from cpadgn import polytope
-    net = random_net(4, (8,), 5, seed=3, slope=0.2)     # ~160 pairs a row: the weights' error matters too
-    model = CPAModel(net, noise_std=0.6, device="cpu")
-    model.stderr_target = 0.01
-    X = _s4_rows(model)
-    miss = np.isnan(X)
-    keys, sets = polytope._polytope_keys, polytope._sobol_sets
-    R = 40
+    Oracle (``oracles.assert_stderr_matches_spread``, its band derived there): R = 40
+    reruns of ``oracles.s4_imputation_case``, each with the QMC keys and Sobol scrambles
+    salted (``oracles.salt_qmc``: every integral gets independent points), and the
+    empirical standard deviation of the mean over them."""
+    model, X = s4_imputation_case()
     means, ses = [], []
-    for salt in range(1, R + 1):
-        monkeypatch.setattr(polytope, "_polytope_keys", lambda A, b, m, seed, s=salt: keys(A, b, m, seed + s * 10 ** 9))
-        monkeypatch.setattr(polytope, "_sobol_sets", lambda S, m, n, seed, s=salt: sets(S, m, n, seed + s * 10 ** 6))
-        res = model.imputation(X)
-        means.append(res.mean)
-        ses.append(res.mean_stderr)
-    means, ses = np.array(means), np.array(ses)
-    assert np.all(ses[:, ~miss] == 0.0)
-    dev = (means - means.mean(0))[:, miss]
-    empirical = means.std(0, ddof=1)[miss]
-    kurtosis = (dev ** 4).mean(0) / (dev ** 2).mean(0) ** 2
-    reported = np.sqrt((ses ** 2).mean(0))[miss]
-    measurable = reported > 1e-8                  # far above the mean's rounding (~1e-16)
-    assert measurable.sum() >= 12, reported
-    band = 4 * np.sqrt((kurtosis - 1) / (4 * (R - 1)) + 1 / (2 * 15 * R))
-    ratio = empirical / reported
-    assert np.all((np.abs(ratio - 1) <= band)[measurable]), (ratio, band)
+    try:
+        for salt in range(1, 41):
+            salt_qmc(salt)
+            res = model.imputation(X)
+            means.append(res.mean)
+            ses.append(res.mean_stderr)
+    finally:
+        salt_qmc(0)
+    assert_stderr_matches_spread(means, ses, np.isnan(X))
 
 
 @pytest.mark.parametrize("S,hidden", [(2, (6, 6)), (3, (5,))])

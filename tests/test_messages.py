@@ -1,0 +1,83 @@
+"""Bad input to the Python API is refused with one line that says what is wrong and
+what to do (README, Python API: "Errors are CpadgnError with one line that says what
+to do"; the command line's cases are tests/test_faults.py).  Each case is a call a
+user can make with a wrong argument; the message must be one line, name the problem
+and then, after "; ", the remedy."""
+import numpy as np
+import pytest
+
+from cpadgn.errors import CpadgnError
+
+from oracles import random_net
+
+
+def _net():
+    return random_net(2, (4,), 3, seed=1)
+
+
+def _model():
+    from cpadgn.model import CPAModel
+    return CPAModel(_net(), noise_std=0.3, device="cpu")
+
+
+def _save(tmp_path, **kw):
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "m.h5", _net(), noise_std=0.3, **kw)
+
+
+def _fit_estimator(**kw):
+    from cpadgn.estimator import CPADGN
+    CPADGN(**kw).fit(np.random.default_rng(0).normal(size=(20, 3)))
+
+
+CASES = [
+    # (id, call(tmp_path), exception, what is wrong, what to do)
+    ("mean_and_se one row", lambda t: __import__("cpadgn.comparison").comparison.mean_and_se([1.0]),
+     CpadgnError, "needs at least 2 rows", "pass a 1-D array of 2 or more values"),
+    ("vuong one row", lambda t: __import__("cpadgn.comparison").comparison.vuong_test([1.0], [2.0]),
+     CpadgnError, "needs at least 2 paired rows", "pass two 1-D arrays"),
+    ("write_table lengths", lambda t: __import__("cpadgn.data").data.write_table(t / "x.csv", {"a": [1, 2], "b": [1]}),
+     ValueError, "columns have different lengths", "pass columns of one length N"),
+    ("write_table name", lambda t: __import__("cpadgn.data").data.write_table(t / "x.csv", {"a/b": [1]}),
+     ValueError, "invalid column name", "use a non-empty name without '/'"),
+    ("write_array 1-D", lambda t: __import__("cpadgn.data").data.write_array(t / "x.npy", np.zeros(3)),
+     ValueError, "needs a 2-D or 3-D array", "pass rows (N, D) or draws (K, N, D)"),
+    ("net shapes", lambda t: __import__("cpadgn.network").network.PiecewiseAffineNet.from_arrays(
+        [np.ones((4, 2)), np.ones((3, 5))], [np.ones(4), np.ones(3)], [0.1]),
+     ValueError, "consecutive layer shapes do not match", "pass weights whose input width"),
+    ("intervals at S = 2", lambda t: __import__("cpadgn.partition").partition.compute_partition(_net(), method="intervals"),
+     ValueError, "needs a 1-dimensional latent space, got S = 2", "use method='auto' or 'subdivision'"),
+    ("max_regions 0", lambda t: __import__("cpadgn.partition").partition.compute_partition(_net(), max_regions=0),
+     ValueError, "max_regions must be positive, got 0", "pass 1 or more, or None"),
+    ("ppca one row", lambda t: __import__("cpadgn.ppca").ppca.ppca_parameters(np.ones((1, 3)), 1),
+     CpadgnError, "needs at least 2 training rows, got 1", "pass more training rows"),
+    ("mcar fraction", lambda t: __import__("cpadgn.impute").impute.mcar_mask(np.ones((2, 3)), 1.5),
+     CpadgnError, "must be in (0, 1), got 1.5", "pass a fraction such as 0.2"),
+    ("impute draws 0", lambda t: _model().imputation(np.full((1, 3), np.nan), draws=0),
+     CpadgnError, "draws must be a positive integer, got 0", "pass draws=1 or more"),
+    ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
+     CpadgnError, "must be a scalar or have 3 entries", "pass one std, or one per column"),
+    ("prior not symmetric", lambda t: _save(t, prior_cov=[[1.0, 0.5], [0.0, 1.0]]),
+     CpadgnError, "the prior covariance is not symmetric", "save the model with a symmetric one"),
+    ("reserved group", lambda t: _save(t, groups={"generator": {"x": np.ones(2)}}),
+     ValueError, "is reserved or empty", "use another name"),
+    ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
+     ValueError, "n_samples must be >= 1, got 0", "pass n_samples=1 or more"),
+    ("hidden width 0", lambda t: __import__("cpadgn.fit").fit.parse_hidden("32,0"),
+     CpadgnError, "--hidden widths must be positive integers", "give widths of 1 or more like 32,32"),
+    ("estimator contamination", lambda t: _fit_estimator(contamination=0.9),
+     ValueError, "contamination must be in (0, 0.5], got 0.9", "e.g. contamination=0.1"),
+    ("dask chunk rows 0", lambda t: __import__("cpadgn.dask").dask.chunk_rows_for(None, requested=0),
+     CpadgnError, "--chunk-rows must be a positive number of rows, got 0", "give 1 or more"),
+]
+
+
+@pytest.mark.parametrize("call,error,wrong,remedy", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_says_what_is_wrong_and_what_to_do(tmp_path, call, error, wrong, remedy):
+    with pytest.raises(error) as info:
+        call(tmp_path)
+    message = str(info.value.args[0])
+    assert "\n" not in message
+    head, sep, tail = message.partition("; ")
+    assert sep and wrong in head and remedy in tail, message
+    assert list(tmp_path.iterdir()) == []                    # nothing written on the way
