@@ -379,7 +379,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     One output row per data row: log_likelihood (nats), anomaly_score
     (= -log_likelihood), n_observed, z_mean_1..S (E[z|x]), top_region,
     top_region_responsibility, log_likelihood_error_bound (certified bound from
-    pruning), log_likelihood_stderr (S >= 3 only), and is_anomaly with
+    pruning), log_likelihood_stderr (S >= 4 only), and is_anomaly with
     --contamination or --alpha.  NaN entries are missing: the row is scored by the
     exact marginal likelihood of its observed entries.
 

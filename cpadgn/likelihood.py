@@ -106,7 +106,8 @@ class RegionTable:
     whitened polyhedron at v = 0, and ``packed_polyhedra`` (facets, segments, facet
     count (R,) (one past the last real facet), edge count (R,)): it and its edges as
     ``edges.pack_polyhedra`` gives them (live edges first); None otherwise.
-    memory_budget (bytes): when M, c and ``stacked`` would take over a quarter of it they
+    memory_budget (bytes, counted as at least MIN_CHUNK_BUDGET, as in ``posterior``; below it
+    the table was built in chunks of a few regions): when M, c and ``stacked`` would take over a quarter of it they
     are not kept (``streamed``; M, c, stacked are None): ``stacked_chunks``,
     ``stacked_for`` and ``region_affine`` rebuild them per chunk of ``region_chunk``
     regions, from the last layer's pre-activation map per prefix pattern where those fit
@@ -116,6 +117,8 @@ class RegionTable:
     def __init__(self, net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray,
                  device: torch.device, memory_budget: float | None = None):
         device = torch.device(device)
+        if memory_budget is not None:
+            memory_budget = max(memory_budget, MIN_CHUNK_BUDGET)
         t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float64, device=device)
         S, D = net.latent_dim, net.output_dim
         W, b0 = net.weights[-1], net.biases[-1]
@@ -1067,7 +1070,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     poly_budget = None
     if S <= 2:
         per_row = 8.0 * R * (3 * S + 8)
-        pair_chunk = int(max(1024, memory_budget // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
+        pair_chunk = int(max(1024, sizing // (8.0 * (6 * max(F, 1) ** 2 + 20 * max(F, 1) + 8 * S * S))))
     else:   # a half for the rows' (row, region) arrays, a quarter each for the pairs and their integrals
         per_row = 8.0 * R * (S * S + 2 * S + 16 + (S * S + S + 1 if S >= 4 else 0))   # dense bounds, listing, results
         per_worker /= 2

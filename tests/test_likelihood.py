@@ -331,6 +331,28 @@ def test_s4_estimates_do_not_depend_on_the_rows_beside_them():
         assert np.all(np.abs(a.z_mean[rows] - b.z_mean).max(1) <= (tol[rows] + b.error_bound) * (1 + 2 * spread)), name
 
 
+def test_region_table_is_not_cut_below_the_chunk_floor(tmp_path):
+    """A budget below MIN_CHUNK_BUDGET builds the region table as the floor does (README,
+    --memory-budget: a batch is sized as for at least 8 MB): at 3e4 bytes this net's table
+    was built and streamed in chunks of 13 of its 145 regions (the digits generator's in
+    chunks of 3, rebuilt for every row chunk: `cpadgn score` 24x slower than at 2e9).  Its
+    answers still equal the unlimited table's to the rounding bound (kappa_rounding_tol)."""
+    from cpadgn import likelihood as lik
+    net = random_net(2, (8, 8), 6, seed=4, slope=0.1, scale=2.0)
+    cache = tmp_path / "net.partition.h5"            # computed at 2e9, loaded at 3e4
+    big, small = (CPAModel(net, noise_std=0.3, device="cpu", cache_path=cache, memory_budget=b)
+                  for b in (2e9, 3e4))
+    big.partition()
+    floor = lik.RegionTable(net, big.partition(), big.noise_std, "cpu", lik.MIN_CHUNK_BUDGET)
+    table = small._region_table()
+    assert table.region_chunk == floor.region_chunk and table.streamed == floor.streamed
+    X = big.sample(20, seed=3)
+    X[::4, 2] = np.nan
+    a, b = big.posterior(X), small.posterior(X)
+    tol = 2 * kappa_rounding_tol(big, X, a) + a.error_bound + b.error_bound
+    assert np.all(np.abs(a.log_likelihood - b.log_likelihood) <= tol)
+
+
 def test_noise_auto_recovers_the_generating_noise(net1):
     model = CPAModel(net1, noise_std=0.25, device="cpu")
     X = model.sample(400, seed=6)

@@ -1,0 +1,83 @@
+"""The README's Python examples run as printed ("Bring your own decoder" and "Python
+API", their first code blocks), on small stand-ins for the names they leave to the
+reader (a decoder, X, gen.pt2, vae.h5), and give what their comments say."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import cpadgn
+from cpadgn.data import read_data
+
+from oracles import kappa_rounding_tol
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def first_python_block(heading: str) -> str:
+    """The first ```python block after the README line ``heading``."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n" + heading + "\n")
+    return re.compile(r"```python\n(.*?)```", re.S).search(text, start).group(1)
+
+
+def small_decoder(D: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 12), nn.LeakyReLU(0.1),
+                         nn.Linear(12, D)).eval()
+
+
+class Reshaping(nn.Module):
+    """Not an nn.Sequential: loaded through torch.export with example_input."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z):
+        return self.decoder(z.reshape(-1, 1, 2).flatten(1))
+
+
+def test_bring_your_own_decoder_example():
+    decoder = small_decoder(5)
+    X = np.random.default_rng(0).normal(size=(6, 5))
+    ns = {"decoder": decoder, "S": 2, "custom": Reshaping(decoder), "X": X}
+    exec(first_python_block("## Bring your own decoder"), ns)
+    model = ns["model"]                                       # the example's last one: `custom`
+    a = model.posterior(X)
+    b = cpadgn.load(decoder, noise_std=0.1).posterior(X)      # read layer by layer, not exported
+    assert a.log_likelihood.shape == (6,) and np.all(np.isfinite(a.log_likelihood))
+    # the same function loaded two ways: equal up to rounding and the two pruning bounds
+    tol = 2 * kappa_rounding_tol(model, X, a) + a.error_bound + b.error_bound
+    assert np.all(np.abs(a.log_likelihood - b.log_likelihood) <= tol)
+
+
+def test_python_api_example(tmp_path, monkeypatch):
+    (tmp_path / "sample_data").mkdir()
+    shutil.copy(ROOT / "sample_data" / "digits_generator.h5", tmp_path / "sample_data")
+    shutil.copy(ROOT / "sample_data" / "digits_vae.h5", tmp_path / "vae.h5")
+    torch.export.save(torch.export.export(small_decoder(64), (torch.zeros(2, 2),)), tmp_path / "gen.pt2")
+    test = read_data(ROOT / "sample_data" / "digits_test.csv")
+    X = test[:12].copy()
+    X[:4, :20] = np.nan
+    X[4] = np.nan                                                  # nothing observed
+    ns = {"X": X, "X_test": test[20:50], "X_train": read_data(ROOT / "sample_data" / "digits_train.csv")[:150]}
+    monkeypatch.chdir(tmp_path)
+    exec(first_python_block("## Python API"), ns)
+    N, D = X.shape
+    assert (tmp_path / "gen.pt2.partition.h5").exists()            # "cached in gen.pt2.partition.h5"
+    ll, post, filled = ns["ll"], ns["post"], ns["filled"]
+    assert ll.shape == (N,) and np.isnan(ll[4]) and np.all(np.isfinite(np.delete(ll, 4)))
+    assert post.z_mean.shape == (N, 2) and post.z_cov.shape == (N, 2, 2)
+    observed = ~np.isnan(X)
+    assert filled.shape == (N, D) and np.array_equal(filled[observed], X[observed])
+    assert np.all(np.isfinite(filled))
+    assert ns["res"].pair("em", "vae").preferred in ("em", "vae", "no significant difference")
+    report = json.loads(json.dumps(ns["res"].to_dict()))           # JSON-ready
+    assert {m["name"] for m in report["models"]} == {"em", "vae", "ppca:2"}
