@@ -1003,15 +1003,13 @@ def _in_threads(solve, *arrays, min_pairs: int = 4096, max_part: int = 16384, **
     thread count (numpy releases the GIL in its array loops, so threads scale on these
     independent integrals).  Slices of at most max_part pairs, so that a stop request
     (``stop.stop_check``) is seen between them.  A ``memory_budget`` in kw is shared
-    by as many threads as torch has, however many this call uses: the share sets the
-    S >= 4 integrals' replicates (``polytope.polytope_qmc_draws``), so that a pair's
-    estimate does not depend on how many pairs came with it."""
+    by the threads."""
     n = arrays[0].shape[0]
-    if kw.get("memory_budget") is not None:
-        kw = {**kw, "memory_budget": kw["memory_budget"] / torch.get_num_threads()}
     workers = min(torch.get_num_threads(), n // min_pairs)
     if workers <= 1:
         return solve(*arrays, **kw)
+    if kw.get("memory_budget") is not None:
+        kw = {**kw, "memory_budget": kw["memory_budget"] / workers}
     parts = np.array_split(np.arange(n), max(2 * workers, -(-n // max_part)))
 
     def part(i):

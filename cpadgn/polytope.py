@@ -154,9 +154,9 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
     each draw (n_qmc, seed, moments) of ``draws``, on one geometry: the per-polytope
     work that does not depend on the points (mode, frame, projections) is done once.
     Draws with different seeds are independent estimates.  Returns a list of
-    PolytopeMoments, one per draw.  With a memory_budget, a draw of more points than
-    one polytope's arrays may hold in it (``qmc_points_within``) is taken as independent
-    replicates of that many points (derived seeds), averaged (``_combine_replicates``).
+    PolytopeMoments, one per draw.  memory_budget: bytes of working arrays (the polytopes
+    go in chunks, and a polytope's points in blocks, that fit: the estimates do not
+    depend on it beyond rounding); None: the chunks' default sizes.
     mode (B, S): the polytopes' modes where already known (NaN rows: not known), for
     example from ``distance_lower_bound``; each is checked (``_kkt``) before it is used.
     n_randomisations: the independently scrambled sets a draw's points come in (its
@@ -183,59 +183,14 @@ def polytope_qmc_draws(A, b, mask, draws, memory_budget=None, mode=None, n_rando
             res, geo = _qmc_draws(A, b, mask, draws, mode=mode, n_randomisations=n_randomisations, geometry=given,
                                   ids=ids)
         else:
-            cap = qmc_points_within(F, S, memory_budget)
-            split = [[(n, seed, mom)] if n <= cap else
-                     [(cap, 1_000_000 + 1000 * seed + i, mom) for i in range(-(-n // cap))] for n, seed, mom in draws]
-            flat, geo = _qmc_chunked(A, b, mask, [d for part in split for d in part], memory_budget, mode,
-                                     n_randomisations, given, with_geometry, ids)
-            ends = np.cumsum([len(part) for part in split])
-            res = [_combine_replicates(flat[e - len(part):e]) for e, part in zip(ends, split)]
+            res, geo = _qmc_chunked(A, b, mask, draws, memory_budget, mode, n_randomisations, given, with_geometry,
+                                    ids)
     out = [_assemble(B, S, sel, r, empty) for r in res]
     if not with_geometry:
         return out
     if geo is None or sel.size < B:
         geo = QMCGeometry.unknown(B, S) if geo is None else QMCGeometry.unknown(B, S).merged(geo, sel)
     return out, geo
-
-
-QMC_MIN_BUDGET = 2.0 ** 21   # bytes: qmc_points_within's floor (1 MB of sample arrays per integral)
-
-
-def qmc_points_within(F: int, S: int, memory_budget: float) -> int:
-    """The most points (16 sets of a power of 2, at least 32) whose ``_qmc_sample``
-    arrays for one polytope with F rows fit in half of memory_budget: S + 8 arrays of
-    the points and the levels' rows (at most ~4 F at the 3-D level).  A budget under
-    QMC_MIN_BUDGET counts as that: replicates of a few dozen points cost a scrambled
-    Sobol set each (~0.5 ms per set, 16 sets a replicate) for almost no work, and
-    converge only like QMC within themselves, so a tiny budget made scoring 50x slower
-    (an S = 4 8-8 model: 144 s for 4 digits rows at 1e5 bytes, 3 s at 2e9); the floor
-    holds at most ~1 MB of sample arrays per running integral above the budget."""
-    per_set = max(memory_budget, QMC_MIN_BUDGET) / 2 / (8.0 * (S + 8 + 4 * F)) / 16
-    return 16 * 2 ** int(max(1, np.floor(np.log2(max(per_set, 2.0)))))
-
-
-def _combine_replicates(parts: list) -> PolytopeMoments:
-    """Independent unbiased estimates of the same polytopes (PolytopeMoments, (B, ...)
-    each) averaged: the mass is their mean (its SE from theirs, in quadrature), the
-    moments the mass-weighted mixture of theirs.  Linearised, with w_k the replicates'
-    shares of the mass, d log mass = sum_k w_k d log mass_k and d mean = sum_k w_k
-    d mean_k (the weights' own errors multiply mean_k - mean, which is 0 at the true
-    values: second order), so mean_cov and mass_mean_cov are the w_k^2-weighted sums of
-    the replicates' own."""
-    if len(parts) == 1:
-        return parts[0]
-    lm = np.stack([p.log_mass for p in parts])                           # (k, B)
-    k = lm.shape[0]
-    log_mass = _logmeanexp(lm, axis=0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        w = np.where(np.isfinite(log_mass), np.exp(lm - np.where(np.isfinite(log_mass), log_mass, 0.0)) / k, 0.0)
-        se = np.sqrt(np.sum((w * np.stack([p.stderr for p in parts])) ** 2, axis=0))
-    mean = np.einsum("kb,kbs->bs", w, np.stack([p.mean for p in parts]))
-    second = np.einsum("kb,kbst->bst", w, np.stack([p.cov + p.mean[:, :, None] * p.mean[:, None, :] for p in parts]))
-    cov = second - mean[:, :, None] * mean[:, None, :]
-    V, g = (np.stack(x) for x in zip(*(p.mc_covariances() for p in parts)))   # (k, B, S, S), (k, B, S)
-    mean_cov, mass_mean_cov = np.einsum("kb,kbst->bst", w ** 2, V), np.einsum("kb,kbs->bs", w ** 2, g)
-    return PolytopeMoments(log_mass, mean, cov, np.where(np.isfinite(log_mass), se, 0.0), mean_cov, mass_mean_cov)
 
 
 def qmc_bytes(F: int, S: int, n_qmc: int = 2 ** 12) -> float:
@@ -253,8 +208,8 @@ def _qmc_chunked(A, b, mask, draws, memory_budget, mode=None, n_randomisations=1
     else None)."""
     B, F, S = A.shape
     inner = max(1e4, min(4e6, memory_budget / 2 / (8.0 * 24)))
-    n_qmc = max(d[0] for d in draws)
-    step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))     # fewer: the Sobol sets dominate
+    n_qmc = min(max(d[0] for d in draws), inner)                      # a polytope's points go in blocks of inner
+    step = int(max(8, memory_budget / 2 // qmc_bytes(F, S, n_qmc)))
     parts = [_qmc_draws(A[i:i + step], b[i:i + step], mask[i:i + step], draws, inner, n_randomisations,
                         mode=None if mode is None else mode[i:i + step],
                         geometry=None if geometry is None else geometry[i:i + step],
@@ -1428,14 +1383,17 @@ def _qmc_geometry(A, b, mask, chunk=4e6, mode=None):
 
 def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, ids=None):
     """The points of ``_qmc`` on a geometry g (``_qmc_geometry``) of the polytopes A, b,
-    mask (which, or their ids, key their randomisation with the seed)."""
+    mask (which, or their ids, key their randomisation with the seed).  A polytope whose
+    points would not fit in chunk elements goes through in blocks of each set's points
+    (``_SetSums``), so that memory bounds the block, never the draw: a draw is the same
+    estimate, up to rounding, under any budget."""
     B, F, S = A.shape
+    R = n_randomisations
     mu, E, zs, lo1, empty, L, tilt = (g.arrays[k] for k in ("mu", "E", "zs", "lo1", "empty", "L", "tilt"))
     ya, yb, fin1, ya0, const1 = (g.arrays[k] for k in ("ya", "yb", "fin1", "ya0", "const1"))
     levels = g.levels
-    m = max(2, n_qmc // n_randomisations)
-    base = _sobol_sets(S, m, n_randomisations, seed)                     # (S, N) uint64
-    N = base.shape[1]
+    m = max(2, n_qmc // R)
+    base = _sobol_sets(S, m, R, seed).reshape(S, R, m)                  # set r: base[:, r]
     keys = _polytope_keys(A, b, mask, seed, ids)                        # (B,)
     out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B), np.zeros((B, S, S)),
                           np.zeros((B, S)))
@@ -1443,58 +1401,115 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, id
     # order of their own counts, each group cut to its largest (real rows come first)
     counts = [(np.isfinite(lv[1]).sum(1), np.isfinite(lv[3]).sum(1)) for lv in levels]
     total = np.maximum(1, sum(cu + cl for cu, cl in counts)) if counts else np.ones(B, int)
-    for sl in _padded_groups(total, N * total.astype(float), chunk):
-        stop_check()
+    for sl in _padded_groups(total, R * m * total.astype(float), chunk):
         n = sl.size
         cut = [(max(1, int(cu[sl].max())), max(1, int(cl[sl].max()))) for cu, cl in counts]
-        z = np.empty((n, S, N))                                         # holds v
-        u = _shifted_uniforms(base, keys[sl], n_randomisations)             # (n, S, N)
-        y = _tn_draw(ya[sl, None], yb[sl, None], u[:, 0])[0]
-        off = y - ya0[sl, None]                                          # y - ya >= 0
-        z[:, 0] = np.where(fin1[sl, None], lo1[sl, None] + off, y + tilt[sl, None] - L[sl, None])
-        logw = const1[sl, None] - tilt[sl, None] * off
-        for j in range(1, S):
-            ku, kl = cut[j - 1]
-            up_c, up_d, lo_c, lo_d = (a[sl, :k] for a, k in zip(levels[j - 1], (ku, ku, kl, kl)))
-            hi = _level_bound(up_c, up_d, z[:, :j], np.minimum)
-            lo = _level_bound(lo_c, lo_d, z[:, :j], np.maximum)
-            last = j == S - 1
-            zj = zs[sl, j, None]
-            lo += zj
-            hi += zj
-            xj, lm = _tn_draw(lo, hi, u[:, j], draw=moments or not last)
-            if xj is not None:
-                z[:, j] = xj - zj
-            logw += lm
-        logw[empty[sl]] = -np.inf
-        logw[np.isnan(logw)] = -np.inf
-        est = _logmeanexp(logw.reshape(n, n_randomisations, m), axis=-1)   # (n, R)
+        rows = [tuple(a[sl, :k] for a, k in zip(lv, (ku, ku, kl, kl))) for lv, (ku, kl) in zip(levels, cut)]
+        step = m
+        while step > 1 and n * R * step * int(total[sl].max()) > chunk:
+            step //= 2
+        sums = _SetSums(n, S, R, moments)
+        for k in range(0, m, step):
+            stop_check()
+            u = _shifted_uniforms(base[:, :, k:k + step].reshape(S, R * step), keys[sl], R)   # (n, S, R step)
+            y = _tn_draw(ya[sl, None], yb[sl, None], u[:, 0])[0]
+            off = y - ya0[sl, None]                                      # y - ya >= 0
+            z = np.empty((n, S, R * step))                               # holds v
+            z[:, 0] = np.where(fin1[sl, None], lo1[sl, None] + off, y + tilt[sl, None] - L[sl, None])
+            logw = const1[sl, None] - tilt[sl, None] * off
+            for j in range(1, S):
+                up_c, up_d, lo_c, lo_d = rows[j - 1]
+                hi = _level_bound(up_c, up_d, z[:, :j], np.minimum)
+                lo = _level_bound(lo_c, lo_d, z[:, :j], np.maximum)
+                zj = zs[sl, j, None]
+                lo += zj
+                hi += zj
+                xj, lm = _tn_draw(lo, hi, u[:, j], draw=moments or j < S - 1)
+                if xj is not None:
+                    z[:, j] = xj - zj
+                logw += lm
+            logw[empty[sl]] = -np.inf
+            logw[np.isnan(logw)] = -np.inf
+            sums.add(logw.reshape(n, R, step), z.reshape(n, S, R, step) if moments else None)
+        est = sums.log_set_sums - np.log(m)                             # (n, R): each set's estimate
         log_mass = _logmeanexp(est, axis=-1)
         with np.errstate(invalid="ignore"):
             rel = np.exp(est - log_mass[:, None])
-            se = rel.std(-1, ddof=1) / np.sqrt(n_randomisations)
+            se = rel.std(-1, ddof=1) / np.sqrt(R)
         out.log_mass[sl] = log_mass
         out.stderr[sl] = np.where(np.isfinite(log_mass), se, 0.0)
         if not moments:
             out.mean[sl], out.cov[sl] = 0.0, 0.0
             continue
-        top = logw.max(-1)
-        wt = np.exp(logw - np.where(np.isfinite(top), top, 0.0)[:, None])
-        wt /= np.maximum(wt.sum(-1, keepdims=True), 1e-300)
-        if not np.all(wt > 0):
-            z = np.where(wt[:, None, :] > 0, z, 0.0)
-        mz = (z @ wt[:, :, None])[..., 0]                                  # (n, S)
-        dz = z - mz[:, :, None]
-        dzw = dz * wt[:, None, :]
-        cz = dzw @ np.swapaxes(dz, 1, 2)
+        mz, cz, delta = sums.moments()
         Es = E[sl]
         out.mean[sl] = mu[sl] + np.einsum("bts,bt->bs", Es, mz)
         out.cov[sl] = np.swapaxes(Es, 1, 2) @ cz @ Es
-        out.mean_cov[sl], out.mass_mean_cov[sl] = _mean_randomisation_cov(rel, dzw, Es, n_randomisations)
+        out.mean_cov[sl], out.mass_mean_cov[sl] = _mean_randomisation_cov(rel, delta, Es, R)
     return out
 
 
-def _mean_randomisation_cov(rel, dzw, E, R):
+class _SetSums:
+    """Running sums over blocks of a draw's points, per polytope (n) and set (R): each
+    set's log-sum-exp of the log weights and, with moments, each set's total weight W_r,
+    weighted mean and the within-set weighted scatter (summed over the sets), merged
+    block by block (Chan, Golub and LeVeque's pairwise update, weighted), the weights
+    taken relative to the largest log weight seen (rescaled as it rises)."""
+
+    def __init__(self, n: int, S: int, R: int, moments: bool):
+        self.log_set_sums = np.full((n, R), -np.inf)
+        self.moments_on = moments
+        if moments:
+            self.top = np.full(n, -np.inf)
+            self.W = np.zeros((n, R))
+            self.mean = np.zeros((n, S, R))
+            self.scatter = np.zeros((n, S, S))
+
+    def add(self, logw: np.ndarray, z: np.ndarray | None):
+        """A block: log weights (n, R, b) and, with moments, its points z (n, S, R, b)."""
+        top = logw.max(-1)                                               # (n, R)
+        safe = np.where(np.isfinite(top), top, 0.0)
+        with np.errstate(divide="ignore"):
+            block = safe + np.log(np.exp(logw - safe[..., None]).sum(-1))
+        self.log_set_sums = _logaddexp(self.log_set_sums, np.where(np.isfinite(top), block, -np.inf))
+        if not self.moments_on:
+            return
+        new_top = np.maximum(self.top, top.max(-1))
+        ref = np.where(np.isfinite(new_top), new_top, 0.0)
+        old = np.where(np.isfinite(self.top), np.exp(self.top - ref), 0.0)
+        self.top = new_top
+        self.W *= old[:, None]
+        self.scatter *= old[:, None, None]
+        w = np.exp(logw - ref[:, None, None])                            # (n, R, b)
+        z = np.where(w[:, None] > 0, z, 0.0)
+        Wb = w.sum(-1)                                                   # (n, R)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mb = np.where(Wb[:, None] > 0, (z * w[:, None]).sum(-1) / Wb[:, None], 0.0)   # (n, S, R)
+        dz = (z - mb[..., None]).reshape(z.shape[0], z.shape[1], -1)     # (n, S, R b)
+        dzw = dz * w.reshape(w.shape[0], 1, -1)
+        W = self.W + Wb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(W > 0, Wb / W, 0.0)                         # (n, R)
+        d = mb - self.mean
+        self.scatter += dzw @ np.swapaxes(dz, 1, 2) + (d * (self.W * share)[:, None]) @ np.swapaxes(d, 1, 2)
+        self.mean += d * share[:, None]
+        self.W = W
+
+    def moments(self):
+        """The weighted mean mz (n, S) and covariance cz (n, S, S) of all points, and each
+        set's summed normalised-weight deviation from mz times R, delta (n, S, R)
+        (``_mean_randomisation_cov``); 0 where no point has weight."""
+        W = self.W.sum(-1)                                               # (n,)
+        R = self.W.shape[1]
+        norm = np.where(W > 0, W, 1.0)
+        mz = (self.mean @ self.W[:, :, None])[..., 0] / norm[:, None]
+        d = self.mean - mz[..., None]
+        dW = d * self.W[:, None]
+        cz = (self.scatter + dW @ np.swapaxes(d, 1, 2)) / norm[:, None, None]
+        return mz, cz, R * dW / norm[:, None, None]
+
+
+def _mean_randomisation_cov(rel, delta, E, R):
     """The delta-method covariances of the ratio estimate mean = F / M (F, M the first
     moment and the mass, each the average of R independent randomisations F_r, M_r)
     over those randomisations: with rho_r = M_r / M and delta_r = (F_r - M_r mean) / M
@@ -1502,13 +1517,10 @@ def _mean_randomisation_cov(rel, dzw, E, R):
     so Var[mean] = sum_r delta_r delta_r^T / (R (R - 1)) and Cov[log M, mean] =
     sum_r (rho_r - 1) delta_r / (R (R - 1)).
 
-    rel (n, R): rho_r; dzw (n, S, N): the points minus the weighted mean, in the frame,
-    times their weights normalised to sum 1 (set r: columns r m .. (r + 1) m - 1, so
-    delta_r = R sum_{j in r} dzw_j); E (n, S, S): the frame's rows.  Returns
-    (mean_cov (n, S, S), mass_mean_cov (n, S)) in the polytope's coordinates (0 where
-    the mass is 0)."""
-    n, S, N = dzw.shape
-    delta = R * dzw.reshape(n, S, R, N // R).sum(-1)                                # (n, S, R)
+    rel (n, R): rho_r; delta (n, S, R): delta_r in the frame (R times set r's points
+    minus the weighted mean, times their weights normalised to sum 1: ``_SetSums``);
+    E (n, S, S): the frame's rows.  Returns (mean_cov (n, S, S), mass_mean_cov (n, S))
+    in the polytope's coordinates (0 where the mass is 0)."""
     with np.errstate(invalid="ignore"):
         dev = np.where(np.isfinite(rel), rel - 1.0, 0.0)                            # (n, R)
     scale = 1.0 / (R * (R - 1))

@@ -305,15 +305,18 @@ def test_results_do_not_depend_on_chunking(net1, monkeypatch):
     assert tol.max() < 1e-6 * np.abs(a.log_likelihood).max()          # the bound is not vacuous
 
 
-def test_s4_estimates_do_not_depend_on_the_rows_beside_them():
+def test_s4_estimates_do_not_depend_on_the_rows_beside_them_or_the_budget(tmp_path):
     """At S >= 4 a (row, region) pair's QMC points are keyed by the row's values and the
-    region (``likelihood._pair_ids``), its replicates by a budget share that does not
-    depend on the batch (``likelihood._in_threads``), and its frame ties by a tolerance
-    (``polytope._frame``): a row scored with others, in another order or alone gets the
-    same estimate up to rounding.  With the same points an estimate moves with v as the
-    mass does, so the rounding bound is ``kappa_rounding_tol``'s (plus both pruning
-    bounds); other points would move it by about its stderr, far above that bound."""
-    model = CPAModel(random_net(4, (8, 8), 6, seed=3, slope=0.2), noise_std=0.3, device="cpu")
+    region (``likelihood._pair_ids``), a draw too large for the budget goes in blocks of
+    its points (``polytope._SetSums``), and frame ties are broken by a tolerance
+    (``polytope._frame``): a row scored with others, in another order, alone or under a
+    tiny budget gets the same estimate up to rounding.  With
+    the same points an estimate moves with v as the mass does, so the rounding bound is
+    ``kappa_rounding_tol``'s (plus both pruning bounds); other points would move it by
+    about its stderr, far above that bound."""
+    net = random_net(4, (8, 8), 6, seed=3, slope=0.2)
+    cache = tmp_path / "net.partition.h5"                           # computed at 2e9, loaded at 2e5
+    model = CPAModel(net, noise_std=0.3, device="cpu", cache_path=cache)
     model.stderr_target = 1e-3                                      # fewer points, the same paths
     X = model.sample(16, seed=4)
     X[::3, 1] = np.nan
@@ -321,6 +324,9 @@ def test_s4_estimates_do_not_depend_on_the_rows_beside_them():
     others = {"reversed": (np.arange(16)[::-1], model.posterior(X[::-1])),
               "first half": (np.arange(8), model.posterior(X[:8])),
               "alone": (np.array([7]), model.posterior(X[7:8]))}
+    small = CPAModel(net, noise_std=0.3, device="cpu", cache_path=cache, memory_budget=1e5)
+    small.stderr_target = 1e-3                                      # its integrals' chunks: 1e4 elements
+    others["budget 1e5"] = (np.arange(3), small.posterior(X[:3]))
     tol = 2 * kappa_rounding_tol(model, X, a) + a.error_bound
     assert np.median(a.stderr) > 1e3 * tol.max()                  # a different draw would show
     for name, (rows, b) in others.items():

@@ -302,18 +302,23 @@ def test_spd_solve_against_lapack():
     assert not _spd_solve(singular, np.ones((2, k)))[1].any()
 
 
-def test_draws_beyond_the_memory_budget_are_averaged_replicates():
-    """n_qmc = 2^14 under a budget that holds 4,096 points per polytope: independent
-    replicates averaged (not the unsplit estimate), within 4 SE of the closed form (a
-    rotated orthant), with an SE that shrinks like theirs combined."""
+def test_draws_beyond_the_memory_budget_go_in_blocks_of_points():
+    """n_qmc = 2^14 under a budget that holds a few hundred points at once: the points go
+    through in blocks (``polytope._SetSums``), the same estimate as in one pass up to the
+    summation order (positive weights: each sum of the 1,024 points of a set to a
+    relative 1,024 eps; the means' sums to that times max |z|, a few units here), and
+    within 4 SE of the closed form (a rotated orthant)."""
     from cpadgn.polytope import polytope_moments
     A, b, want = _rotated_orthant(4, [-1.0, -0.5, 0.0, 0.7], seed=11)
-    split = polytope_moments(A, b, n_qmc=2 ** 14, memory_budget=1e5)
+    blocks = polytope_moments(A, b, n_qmc=2 ** 14, memory_budget=1e5)
     whole = polytope_moments(A, b, n_qmc=2 ** 14)
-    part = polytope_moments(A, b, n_qmc=2 ** 12, memory_budget=1e5, seed=1)
-    assert split.log_mass[0] != whole.log_mass[0]                    # it did split
-    assert abs(split.log_mass[0] - want) <= 4 * split.stderr[0]
-    assert 0 < split.stderr[0] < part.stderr[0]                      # four replicates beat one
+    tol = 4 * 2 ** 10 * np.finfo(float).eps
+    assert abs(blocks.log_mass[0] - whole.log_mass[0]) <= tol
+    assert abs(blocks.stderr[0] - whole.stderr[0]) <= tol * whole.stderr[0] * 2 ** 4     # 16 sets' spread
+    scale = 10.0 + np.abs(whole.mean).max()
+    assert np.allclose(blocks.mean, whole.mean, rtol=0, atol=tol * scale)
+    assert np.allclose(blocks.cov, whole.cov, rtol=0, atol=tol * scale ** 2)
+    assert abs(blocks.log_mass[0] - want) <= 4 * blocks.stderr[0]
 
 
 def _tn_oracle(lo, hi, u):
@@ -437,8 +442,8 @@ def test_halfspace_monte_carlo_unbiased_with_its_certified_variance():
 @pytest.mark.parametrize("shift, n_qmc, budget", [(0.0, 256, None), (1.5, 256, None), (0.0, 2 ** 13, 1e5)])
 def test_mean_and_mass_errors_covary_as_reported(shift, n_qmc, budget):
     """The randomisation covariance of (log mass, mean) that QMC reports (stderr^2,
-    mass_mean_cov, mean_cov: the delta method over its independent sets, and over
-    averaged replicates when the points exceed the memory budget) against the scatter of
+    mass_mean_cov, mean_cov: the delta method over its independent sets, also when the
+    points go in blocks under a small memory budget) against the scatter of
     256 independent estimates: rotated copies of one cell (near, and far at log mass
     ~ -850), each estimate rotated back.  For the mass alone, each mean coordinate, and
     the mass plus or minus each coordinate (both scaled to unit reported variance, where a
