@@ -1393,7 +1393,6 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, id
     ya, yb, fin1, ya0, const1 = (g.arrays[k] for k in ("ya", "yb", "fin1", "ya0", "const1"))
     levels = g.levels
     m = max(2, n_qmc // R)
-    base = _sobol_sets(S, m, R, seed).reshape(S, R, m)                  # set r: base[:, r]
     keys = _polytope_keys(A, b, mask, seed, ids)                        # (B,)
     out = PolytopeMoments(np.empty(B), np.empty((B, S)), np.empty((B, S, S)), np.empty(B), np.zeros((B, S, S)),
                           np.zeros((B, S)))
@@ -1409,9 +1408,9 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, id
         while step > 1 and n * R * step * int(total[sl].max()) > chunk:
             step //= 2
         sums = _SetSums(n, S, R, moments)
-        for k in range(0, m, step):
+        for base in _sobol_blocks(S, m, R, seed, step):
             stop_check()
-            u = _shifted_uniforms(base[:, :, k:k + step].reshape(S, R * step), keys[sl], R)   # (n, S, R step)
+            u = _shifted_uniforms(base.reshape(S, R * step), keys[sl], R)   # (n, S, R step)
             y = _tn_draw(ya[sl, None], yb[sl, None], u[:, 0])[0]
             off = y - ya0[sl, None]                                      # y - ya >= 0
             z = np.empty((n, S, R * step))                               # holds v
@@ -1655,6 +1654,19 @@ def _sobol_sets(S, m, R, seed):
 def _sobol_sets_new(S, m, R, seed):
     sets = [qmc.Sobol(S, scramble=True, bits=32, seed=seed * 1000 + i).random(m) for i in range(R)]
     return np.ascontiguousarray(np.rint(np.concatenate(sets) * 2.0 ** 32).astype(_U64).T)
+
+
+def _sobol_blocks(S, m, R, seed, step):
+    """The R sets of ``_sobol_sets`` in blocks of step points of each set (step a power
+    of 2 dividing m): yields (S, R, step) uint64, points k .. k + step - 1 of every set for
+    k = 0, step, ..., drawn block by block (a whole draw's sets could outgrow the budget)."""
+    if step == m:
+        yield _sobol_sets(S, m, R, seed).reshape(S, R, m)
+        return
+    engines = [qmc.Sobol(S, scramble=True, bits=32, seed=seed * 1000 + i) for i in range(R)]
+    for _ in range(0, m, step):
+        points = np.stack([engine.random(step) for engine in engines], 1)             # (step, R, S)
+        yield np.ascontiguousarray(np.rint(points * 2.0 ** 32).astype(_U64).transpose(2, 1, 0))
 
 
 @lru_cache(maxsize=64)
