@@ -102,6 +102,17 @@ class Progressbar:
         self.bar.__exit__(*exc)
 
 
+class FiniteRange(click.FloatRange):
+    """click's FloatRange that also refuses nan and inf: nan fails no comparison, so
+    FloatRange lets it through (e.g. --contamination nan reached np.quantile)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not np.isfinite(rv):
+            self.fail(f"{rv} is not a finite number in the range {self._describe_range()}", param, ctx)
+        return rv
+
+
 def parse_noise(value):
     if value is None or value == "auto":
         return value
@@ -349,7 +360,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Output file: .csv, .npy or .h5.")
 @click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
-@click.option("--contamination", type=click.FloatRange(0, 0.5, min_open=True), default=None,
+@click.option("--contamination", type=FiniteRange(0, 0.5, min_open=True), default=None,
               help="Expected fraction of anomalies: adds is_anomaly (score above that quantile).")
 @click.option("--pvalues", is_flag=True,
               help="Add model-based p-values P(log p(X) <= log p(x)), X drawn from the model, "

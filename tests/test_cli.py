@@ -258,6 +258,27 @@ def test_negative_seed_is_a_usage_error(files, command):
     assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
 
 
+@pytest.mark.parametrize("option, value", [
+    *((o, "nan") for o in ("--contamination", "--tol", "--val-fraction", "--init-noise", "--rtol",
+                           "--var-floor", "--lr")),
+    *((o, "inf") for o in ("--tol", "--init-noise", "--lr"))])      # the ranges without a maximum
+def test_nan_and_inf_option_values_are_usage_errors(files, option, value):
+    """click's FloatRange lets nan through (it fails no comparison), and inf where the range
+    has no maximum: --contamination nan was an internal error (exit 70, np.quantile), fit's
+    --tol nan silently never stopped, --val-fraction / --init-noise / --rtol / --var-floor
+    nan and --init-noise inf were internal errors.  Each is a bad option value now (exit 2,
+    one line naming the option), before any work."""
+    d, model, data = files["dir"], files["model"], files["data"]
+    args = (["score", model, data, "-o", d / "s.csv"] if option == "--contamination" else
+            ["fit", data, "-o", d / "s.h5", "-S", 1, "--hidden", 2, "--max-iter", 1]
+            + (["--method", "vae"] if option == "--lr" else []))
+    res = run(*args, option, value, "-q")
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error:") and "\n" not in err and option in err and "finite" in err, err
+    assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
+
+
 def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
     """--memory-budget is shared by partition, score and impute and bounds the enumeration
     too: a budget below what the S = 2 subdivision needs stops it with one line, before
