@@ -243,7 +243,7 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     if noise_std == "auto" and data is None:
         raise CpadgnError("--noise-std auto needs data to fit on")
     if need_noise and noise_std is None and model.noise_std is None:
-        raise CpadgnError(f"{model_path} stores no noise std: pass --noise-std X, or --noise-std auto "
+        raise CpadgnError(f"{model.no_noise_reason(model_path)}; pass --noise-std X, or --noise-std auto "
                           "to fit it by maximum likelihood on the data")
     with Progressbar("partition", quiet) as bar:
         model.partition(max_regions=max_regions, progress=bar, log=say)

@@ -204,6 +204,26 @@ def test_missing_noise_std(files):
     assert run("score", path, files["data"], "-o", out, "--noise-std", "0.5", "-q").exit_code == 0
 
 
+@pytest.mark.parametrize("bad_std", [-1.0, 0.0, [0.3, 0.3]])
+def test_unusable_noise_std_in_the_file_is_named(files, bad_std):
+    """A model file whose noise std is unusable (negative, zero, wrong length) was refused as
+    'stores no noise std', and compare said so only after computing the partitions of
+    the models before it.  The refusal names the stored value now, before any partition."""
+    model = files["dir"] / "bad_noise.h5"
+    save_model(model, files["net"], noise_std=0.3)
+    with h5py.File(model, "r+") as f:
+        del f["noise/std"]
+        f["noise/std"] = np.asarray(bad_std)
+    want = "shape (2,)" if np.ndim(bad_std) else "finite and > 0"
+    out = files["dir"] / "s.csv"
+    assert_one_line_error(run("score", model, files["data"], "-o", out), want, "--noise-std x")
+    assert not out.exists()
+    res = run("compare", files["model"], model, "--data", files["data"])
+    assert_one_line_error(res, want, "--noise-std x")
+    assert not (files["dir"] / "gen.h5.partition.h5").exists()
+    assert run("score", model, files["data"], "-o", out, "--noise-std", "0.5", "-q").exit_code == 0
+
+
 def test_unwritable_output(files):
     out = files["dir"] / "no_such_dir" / "s.csv"
     assert_one_line_error(run("score", files["model"], files["data"], "-o", out))
