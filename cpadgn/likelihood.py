@@ -203,6 +203,10 @@ class RegionTable:
             MtQM, MtQc = MtQ @ M, MtQ @ c[:, :, None]
             cQc = torch.einsum("rh,hk,rk->r", c, self.Q, c)
         Lam = torch.eye(S, dtype=torch.float64, device=self.device) + MtQM
+        if not bool(torch.isfinite(Lam).all()):
+            raise CpadgnError("the generator's slopes over the noise std overflow float64 (M^T M / sigma^2 "
+                              "beyond 1e308 in some region): the model is broken or badly scaled; "
+                              "retrain it on standardised data")
         chol = torch.linalg.cholesky(Lam)
         C = _inverse_transpose(chol)
         logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)

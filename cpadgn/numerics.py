@@ -16,6 +16,7 @@ from .errors import CpadgnError
 
 NOISE_RANGE = (1e-100, 1e100)
 MAX_WHITENED_SQ = 1e200
+MAX_PARAMETER = 1e100       # |weight|, |bias|: their squares (row norms of the partition) stay finite
 
 
 def check_noise_range(noise_std: np.ndarray) -> None:

@@ -224,6 +224,24 @@ def test_unusable_noise_std_in_the_file_is_named(files, bad_std):
     assert run("score", model, files["data"], "-o", out, "--noise-std", "0.5", "-q").exit_code == 0
 
 
+@pytest.mark.parametrize("scales, want", [((1e200, 1, 1), "layer 0 weight reaches"),
+                                           ((1, 1e90, 1e90), "overflow float64")])
+def test_overflowing_weights_are_refused(files, scales, want):
+    """Weights whose squares overflow float64 (1e200) made the partition's row norms inf (a
+    RuntimeWarning on stderr) and the likelihood's Cholesky fail: an internal error (exit
+    70).  They are refused when the file is read; weights that pass that check but whose
+    products overflow M^T M / sigma^2 (1e90 in two layers) are refused where that is formed."""
+    model = files["dir"] / "huge.h5"
+    save_model(model, files["net"], noise_std=0.3)
+    with h5py.File(model, "r+") as f:
+        for l, scale in enumerate(scales):
+            f[f"generator/weight_{l}"][...] *= scale
+    out = files["dir"] / "s.csv"
+    res = run("score", model, files["data"], "-o", out, "-q")
+    assert_one_line_error(res, want, "retrain")
+    assert not out.exists()
+
+
 def test_unwritable_output(files):
     out = files["dir"] / "no_such_dir" / "s.csv"
     assert_one_line_error(run("score", files["model"], files["data"], "-o", out))
