@@ -37,6 +37,7 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
+from .numerics import check_magnitude
 
 ACTIVATIONS = "leaky_relu:A (0 <= A, A != 1), relu, abs"
 
@@ -97,6 +98,7 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
         r, c = np.argwhere(np.isinf(X))[0]
         raise CpadgnError(f"the {what} has an inf at row {r + 1}, column {c + 1}; fit needs finite values "
                           "(NaN marks a missing entry)")
+    check_magnitude(X, what)
     if not 1 <= latent_dim < D:
         raise CpadgnError(f"--latent-dim must be between 1 and D - 1 = {D - 1} for data with {D} "
                           f"columns, got {latent_dim}; give a smaller --latent-dim")

@@ -242,6 +242,37 @@ def test_overflowing_weights_are_refused(files, scales, want):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["fit 1e300", "compare --train 1e300", "fit constant", "fit 1e30 S=1",
+                                  "fit 1e30 S=2"])
+def test_training_data_ppca_cannot_fit_says_why(files, case):
+    """fit and compare's PPCA baseline on degenerate training data: a 1e300 entry printed
+    numpy's overflow warnings and then 'lies in a 1-dimensional subspace; use a smaller
+    K', constant columns and a 1e30 outlier at S = 1 got that same advice (K is already
+    1 and is not an option's name).  Each says what is wrong and what to do now."""
+    d, model = files["dir"], files["model"]
+    X = files["X"].copy()
+    X[4, 1] = {"fit 1e300": 1e300, "compare --train 1e300": 1e300}.get(case, 1e30)
+    if case == "fit constant":
+        X[:] = 2.0
+    train = d / "train.npy"
+    np.save(train, X)
+    S = "2" if case.endswith("S=2") else "1"
+    if case.startswith("fit"):
+        res = run("fit", train, "-o", d / "f.h5", "-S", S, "--hidden", 2, "--max-iter", 1, "--val-fraction", 0,
+                  "-q")
+    else:
+        res = run("compare", model, "--data", files["data"], "--train", train, "--baseline", "ppca", "-q")
+    want = {"fit 1e300": ["1e+300 at row 5, column 2", "rescale"],
+            "compare --train 1e300": ["1e+300 at row 5, column 2", "rescale"],
+            "fit constant": ["constant", "rows that vary"],
+            "fit 1e30 S=1": ["at most 1 direction", "far larger"],
+            "fit 1e30 S=2": ["at most 2 direction", "--latent-dim", "far larger"]}[case]
+    assert_one_line_error(res, *want)
+    if case == "fit 1e30 S=1":
+        assert "smaller latent" not in res.stderr
+    assert not (d / "f.h5").exists()
+
+
 def test_unwritable_output(files):
     out = files["dir"] / "no_such_dir" / "s.csv"
     assert_one_line_error(run("score", files["model"], files["data"], "-o", out))
