@@ -609,7 +609,8 @@ class LoglikStats:
     def __init__(self, output_dim: int, stderr_target: float = float("inf")):
         self.output_dim, self.stderr_target = output_dim, stderr_target
         self.rows = self.nothing = self.missing = self.n = self.above_target = 0
-        self.mean = self.m2 = 0.0
+        self.mean = 0.0
+        self.scale, self.ssq = 0.0, 0.0      # the squared deviations' sum is scale^2 ssq
         self.min, self.max, self.max_error_bound = np.inf, -np.inf, -np.inf
         self.max_stderr = 0.0
 
@@ -628,17 +629,27 @@ class LoglikStats:
             mean = float(ll.mean())
             n = self.n + ll.size
             delta = mean - self.mean
-            self.m2 += float(((ll - mean) ** 2).sum()) + delta ** 2 * (self.n * ll.size / n)
+            self.add_squares(np.append(ll - mean, delta * np.sqrt(self.n * ll.size / n)))
             self.mean += delta * (ll.size / n)
             self.n = n
             self.min, self.max = min(self.min, float(ll.min())), max(self.max, float(ll.max()))
         return self
 
+    def add_squares(self, values):
+        """Add the squares of values (k,) to scale^2 ssq without overflow (log p reaches 1e200
+        in magnitude): LAPACK dnrm2's scaled update."""
+        top = float(np.abs(values).max(initial=0.0))
+        if top == 0.0:
+            return
+        big = max(self.scale, top)
+        self.ssq = self.ssq * (self.scale / big) ** 2 + float(np.sum((values / big) ** 2))
+        self.scale = big
+
     def summary(self) -> dict:
         n = self.n
         return {"rows": self.rows, "rows_with_nothing_observed": self.nothing,
                 "mean_log_likelihood": self.mean if n else None,
-                "mean_log_likelihood_stderr": float(np.sqrt(self.m2 / (n - 1) / n)) if n > 1 else None,
+                "mean_log_likelihood_stderr": self.scale * float(np.sqrt(self.ssq / (n - 1) / n)) if n > 1 else None,
                 "min_log_likelihood": self.min if n else None, "max_log_likelihood": self.max if n else None,
                 "max_error_bound": self.max_error_bound,
                 **({"max_qmc_stderr": self.max_stderr, "rows_above_stderr_target": self.above_target}

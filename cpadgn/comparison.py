@@ -46,12 +46,21 @@ NO_DIFFERENCE = "no significant difference"
 
 
 # ===================================================================== statistics
+def sample_sd(v: np.ndarray) -> float:
+    """Standard deviation (ddof = 1) of v (N,), N >= 2, computed on the deviations over their
+    largest magnitude: log-likelihoods reach 1e200 in magnitude (numerics.MAX_WHITENED_SQ),
+    whose squares overflow."""
+    dev = v - v.mean()
+    scale = float(np.abs(dev).max())
+    return scale * float(np.std(dev / scale, ddof=1)) if scale > 0 else 0.0
+
+
 def mean_and_se(values) -> tuple[float, float]:
     """Mean of values (N,) and its standard error sd / sqrt(N) (ddof = 1); N >= 2."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size < 2:
         raise CpadgnError("a standard error needs at least 2 rows")
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
+    return float(v.mean()), sample_sd(v) / math.sqrt(v.size)
 
 
 def vuong_test(ll_a, ll_b) -> tuple[float, float]:
@@ -63,7 +72,7 @@ def vuong_test(ll_a, ll_b) -> tuple[float, float]:
     d = np.asarray(ll_a, dtype=np.float64) - np.asarray(ll_b, dtype=np.float64)
     if d.ndim != 1 or d.size < 2:
         raise CpadgnError("Vuong's test needs at least 2 paired rows")
-    sd = float(d.std(ddof=1))
+    sd = sample_sd(d)
     if sd == 0.0:
         return 0.0, 1.0
     z = math.sqrt(d.size) * float(d.mean()) / sd

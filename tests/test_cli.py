@@ -273,6 +273,36 @@ def test_training_data_ppca_cannot_fit_says_why(files, case):
     assert not (d / "f.h5").exists()
 
 
+def test_standard_errors_of_log_likelihoods_near_1e160(files):
+    """A row 1e80 away from the model has log p ~ -1e161, inside the accepted range
+    (numerics.MAX_WHITENED_SQ) but with a square beyond float64: score wrote its output
+    and then stopped with an internal error (OverflowError in the summary), compare gave
+    the standard error as null.  Both now equal the exact-arithmetic (statistics.stdev)
+    standard error, and LoglikStats merges chunks (as --dask adds them) to the same."""
+    import statistics
+    from cli.main import LoglikStats
+    X = files["X"].copy()
+    X[3, 2] = 1e80
+    data, out = files["dir"] / "far.npy", files["dir"] / "s.csv"
+    np.save(data, X)
+    res = run("score", files["model"], data, "-o", out, "-q", "--json")
+    assert res.exit_code == 0, res.output
+    ll = np.genfromtxt(out, delimiter=",", names=True)["log_likelihood"]
+    assert ll.min() < -1e160 and np.isfinite(ll).all()
+    want = statistics.stdev(ll.tolist()) / np.sqrt(ll.size)         # exact rational arithmetic
+    got = json.loads(res.stdout)["mean_log_likelihood_stderr"]
+    assert abs(got - want) <= 1e-12 * want, (got, want)
+    res = run("compare", files["model"], "--data", data, "-q", "--json")
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.stdout)["models"][0]["mean_log_likelihood_se"] - want) <= 1e-12 * want
+    stats = LoglikStats(3)
+    for part in (slice(0, 2), slice(2, 3), slice(3, 20)):
+        n = ll[part].size
+        stats.add(SimpleNamespace(log_likelihood=ll[part], n_observed=np.full(n, 3),
+                                  error_bound=np.zeros(n), stderr=np.zeros(n)))
+    assert abs(stats.summary()["mean_log_likelihood_stderr"] - want) <= 1e-12 * want
+
+
 def test_unwritable_output(files):
     out = files["dir"] / "no_such_dir" / "s.csv"
     assert_one_line_error(run("score", files["model"], files["data"], "-o", out))
