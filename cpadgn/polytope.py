@@ -507,7 +507,11 @@ def panels_where_needed(nodes, width, fall, lo, hi):
     many = np.flatnonzero((nodes > 16) & (width > 0))
     if many.size:
         drop = fall(lo[many], many) + fall(hi[many], many)
-        n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
+        # no panel narrower than 16 float64 steps of s: where the Gaussian is ~1e31 away the
+        # whole range is one step wide and falls by ~1e47 across it (rounding: the integral's
+        # log then errs by O(10) next to u*^2 / 2 ~ 1e62, below that term's own rounding)
+        finest = width[many] / (16 * np.spacing(np.maximum(np.abs(lo[many]), np.abs(hi[many]))))
+        n_panels[many] = np.maximum(1, np.ceil(np.fmin(np.maximum(width[many] / 1.5, drop / 8.0), finest)))
         nodes[many] = 16
     return n_panels
 
@@ -528,7 +532,8 @@ def _owen_integrand(s, p, t_star):
         t += t_star
         d *= t
         d *= -0.5
-        np.exp(d, out=d)
+        np.minimum(d, 0.0, out=d)   # |t| >= |t*| on the range; where s is one float step wide
+        np.exp(d, out=d)            # (t* ~ 1e31) rounding made d ~ +1e47: exp inf, log p NaN
         d /= ch
         return d
 
