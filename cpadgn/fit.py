@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import check_magnitude
+from .numerics import NOISE_RANGE, check_magnitude
 
 ACTIVATIONS = "leaky_relu:A (0 <= A, A != 1), relu, abs"
 
@@ -344,6 +344,9 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
         raise CpadgnError("give the latent dimension (--latent-dim S), or a generator to start from (--init MODEL)")
     noise = "iso" if noise is None else noise
     init_noise = 0.1 if init_noise is None else init_noise
+    if init_noise > NOISE_RANGE[1]:      # its square overflowed in init_ppca (small ones meet var_floor)
+        raise CpadgnError(f"--init-noise {init_noise:g} is above {NOISE_RANGE[1]:g}; it is a fraction of "
+                          "the start's noise std: use e.g. 0.1 or 1")
     X = check_training_data(X, latent_dim)
     if X_val is not None:
         X_val = np.asarray(X_val, dtype=np.float64)

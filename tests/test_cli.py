@@ -378,6 +378,17 @@ def test_nan_and_inf_option_values_are_usage_errors(files, option, value):
     assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
 
 
+@pytest.mark.parametrize("value", ["1e300", "1e101"])
+def test_init_noise_beyond_the_float64_range_is_refused(files, value):
+    """--init-noise 1e300 overflowed squaring it in init_ppca (OverflowError, exit 70); a
+    value above numerics.NOISE_RANGE is refused with one line naming the option."""
+    d = files["dir"]
+    res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 2, "--max-iter", 1,
+              "--init-noise", value, "-q")
+    assert_one_line_error(res, "--init-noise", "e.g. 0.1")
+    assert not (d / "f.h5").exists()
+
+
 def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):
     """--memory-budget is shared by partition, score and impute and bounds the enumeration
     too: a budget below what the S = 2 subdivision needs stops it with one line, before
