@@ -280,11 +280,8 @@ def open_rows(path, dataset: str | None = None) -> RowSource:
     else:
         raise CpadgnError(f"cannot read {path} in chunks: unknown data extension "
                           f"'{path.suffix or '(none)'}'; use .npy or .h5")
-    if len(src.shape) != 2:
-        raise CpadgnError(f"{path} holds a {len(src.shape)}-D array of shape {src.shape}; expected a "
-                          "2-D table, rows = samples and columns = features")
-    if src.shape[0] == 0 or src.shape[1] == 0:
-        raise CpadgnError(f"{path} has no data rows" if src.shape[0] == 0 else f"{path} has no columns")
+    from .data import check_table_shape
+    check_table_shape(path, src.shape)
     return src
 
 

@@ -286,16 +286,22 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     return _check_table(path, X, lines)
 
 
-def _check_table(path: Path, X: np.ndarray, lines=None) -> np.ndarray:
-    if X.ndim != 2:
-        hint = " (use x.reshape(-1, 1) for a single feature)" if X.ndim == 1 else \
-            " (flatten each sample to one row)" if X.ndim > 2 else ""
-        raise CpadgnError(f"{path} holds a {X.ndim}-D array of shape {X.shape}; expected a 2-D "
+def check_table_shape(path, shape: tuple) -> None:
+    """Refuse a data array of ``shape`` that is not a non-empty 2-D table (also for the
+    chunked readers of cpadgn.dask, which never hold the whole array)."""
+    if len(shape) != 2:
+        hint = " (use x.reshape(-1, 1) for a single feature)" if len(shape) == 1 else \
+            " (flatten each sample to one row)" if len(shape) > 2 else ""
+        raise CpadgnError(f"{path} holds a {len(shape)}-D array of shape {tuple(shape)}; expected a 2-D "
                           f"table, rows = samples and columns = features{hint}")
-    if X.shape[0] == 0:
+    if shape[0] == 0:
         raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
-    if X.shape[1] == 0:
+    if shape[1] == 0:
         raise CpadgnError(f"{path} has no columns; pass a file with one column per feature")
+
+
+def _check_table(path: Path, X: np.ndarray, lines=None) -> np.ndarray:
+    check_table_shape(path, X.shape)
     inf = np.isinf(X)
     if inf.any():
         r, c = np.argwhere(inf)[0]
