@@ -1362,6 +1362,9 @@ def _summarise(rows, regions, logw, mean, cov, se, log_var, mean_mc, cross_mc, b
     total = np.bincount(rows, weights=w, minlength=n)
     log_p = rowmax + np.log(total)
     r = w / total[rows]
+    # a region of no weight adds nothing, even where its own moments over- or underflowed
+    # (a row ~1e10 noise stds away: +-inf means in its far regions, and 0 * inf = NaN)
+    mean, cov = np.where(r[:, None] > 0, mean, 0.0), np.where(r[:, None, None] > 0, cov, 0.0)
     z_mean = _row_sums(rows, r[:, None] * mean, n)
     z_cov = _row_sums(rows, r[:, None, None] * (cov + mean[:, :, None] * mean[:, None, :]), n)
     z_cov -= z_mean[:, :, None] * z_mean[:, None, :]

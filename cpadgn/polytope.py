@@ -314,8 +314,38 @@ def _interval(a, b, mask):
         tl = np.where(np.isfinite(lo), lo * pl, 0.0)
         tu = np.where(np.isfinite(hi), hi * pu, 0.0)
         var = 1.0 + tl - tu - mean * mean
+    tail = np.maximum(lo, -hi) > TAIL_START
+    if tail.any():                     # far from 0: the phi(.) / mass above over- or underflow
+        mean[tail], var[tail] = _tail_interval_moments(lo[tail], hi[tail])
     B = a.shape[0]
     return PolytopeMoments(log_mass, mean[:, None], np.maximum(var, 0.0)[:, None, None], np.zeros(B))
+
+
+TAIL_START = 8.0       # |endpoint| beyond which _interval uses the tail form
+
+
+def _tail_interval_moments(lo, hi):
+    """Mean and variance of N(0, 1) truncated to [lo, hi] (n,), an interval on one side of
+    0 beyond TAIL_START, by Mills ratios R(x) = (1 - Phi(x)) / phi(x) relative to phi at
+    the near end a: with b the far end, E = phi(b) / phi(a) and Z = R(a) - E R(b) (the
+    mass over phi(a)), mean = a + (R(a) m(a) - E R(b) (m(b) + b - a)) / Z and
+    var = 1 - mean (mean - a) - (b - a) E / Z, m(x) = 1 / R(x) - x (``_mills_minus_x``).
+    No term grows with a, so rows 1e10 noise stds away keep their moments (the direct
+    form loses a^2 eps and overflows beyond 1e154)."""
+    flip = hi <= 0                                        # mirror to 0 <= a < b
+    a, b = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
+    R = lambda x: np.sqrt(np.pi / 2) * erfcx(x / np.sqrt(2))
+    with np.errstate(over="ignore", invalid="ignore"):
+        E = np.exp(-0.5 * (b - a) * (b + a))
+        Rb = np.where(np.isfinite(b), R(b), 0.0)
+        Z = R(a) - E * Rb
+        far = np.where(E > 0, E * Rb * (_mills_minus_x(np.where(np.isfinite(b), b, a)) + b - a), 0.0)
+        above = (R(a) * _mills_minus_x(a) - far) / Z             # mean - a
+        mean = a + above
+        var = 1.0 - mean * above - np.where(E > 0, (b - a) * E / Z, 0.0)
+    empty = ~(Z > 0)                                      # b rounds to a: no mass, no moments
+    mean, var = np.where(empty, a, mean), np.where(empty, 0.0, var)
+    return np.where(flip, -mean, mean), var
 
 
 # ----------------------------------------------------------------------- S = 2

@@ -577,3 +577,29 @@ def test_s2_rows_1e30_from_the_model(seed):
     for x, got in zip(X, ll):
         want = -_min_half_sq_distance(net, model.partition().patterns, x, 0.03)
         assert abs(got - want) <= 1e-10 * abs(want), (got, want)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_s1_moments_of_a_row_far_off_the_curve(offset):
+    """A row offset*n from g(z_b) (n a unit vector, z_b the breakpoint nearest 0) pins
+    the S = 1 posterior near z_b, and the regions' intervals lie thousands of their
+    standard deviations out: _interval's phi(.) / mass then lost a^2 eps (variance 0.3%
+    off at 1e4) and overflowed beyond 1e154 (infinite means, z_mean NaN); its tail form
+    keeps them.  Oracle: loglik_1d's quadrature.  The regions' log weights ~ -(offset /
+    sigma)^2 / 2 round to eps relative, so the responsibilities, and the moments with
+    them, carry up to ~ eps (offset / sigma)^2 (times a spread of the region moments
+    below 1): tolerance 4 eps (offset / sigma)^2."""
+    sigma = 0.3
+    net = random_net(1, (6, 6), 3, seed=2, slope=0.1, scale=2.0)
+    model = CPAModel(net, noise_std=sigma, device="cpu")
+    G, h = net.region_constraints(model.partition().patterns)
+    breaks = np.concatenate([hr[Gr[:, 0] != 0] / Gr[Gr[:, 0] != 0, 0] for Gr, hr in zip(G, h)])
+    zb = breaks[np.argmin(np.abs(breaks))]
+    n = np.array([1.0, -2.0, 0.5]) / np.linalg.norm([1.0, -2.0, 0.5])
+    x = net.forward(np.array([[zb]]))[0] + offset * n
+    post = model.posterior(x[None])
+    lz, m1, m2 = loglik_1d(net, x, sigma)
+    tol = 4 * np.finfo(float).eps * (offset / sigma) ** 2
+    assert abs(post.log_likelihood[0] - lz) <= tol * abs(lz)
+    assert abs(post.z_mean[0, 0] - m1) <= tol, (post.z_mean[0, 0], m1)
+    assert abs(post.z_cov[0, 0, 0] - (m2 - m1 * m1)) <= tol, (post.z_cov[0, 0, 0], m2 - m1 * m1)
