@@ -413,6 +413,10 @@ def _read_csv(path: Path):
         raise CpadgnError(f"{path} has a header but no data rows; add one row per sample below it")
     if header is not None and len(header) > 1 and not header[0].strip():
         _refuse_pandas_index(path, rows)
+    if header is not None and len(header) > 1 and not header[-1].strip() \
+            and all(len(r) == len(header) and not r[-1].strip() for _, r in rows):
+        raise CpadgnError(f"{path}: every line ends with a comma, which adds an empty column with no "
+                          "name; remove the trailing commas")
     width = len(header) if header is not None else len(rows[0][1])
     ref = "the header has" if header is not None else f"line {rows[0][0]} has"
     out = np.empty((len(rows), width))

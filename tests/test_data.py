@@ -300,3 +300,21 @@ def test_check_output_path(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod.tempfile, "mkstemp", denied)
     with pytest.raises(CpadgnError, match="is not writable \\(Permission denied\\)"):
         check_output_path(tmp_path / "ok.csv")
+
+
+def test_trailing_commas_are_refused_with_the_fix(tmp_path):
+    """A CSV whose every line ends with ',' (some spreadsheet exports) read as D + 1
+    columns, the last unnamed and empty, and the model then refused 'the data has 4
+    columns but the generator outputs 3' without saying why.  The refusal names the
+    trailing commas; without them the file reads back the array.  A named last column
+    that is entirely missing stays data."""
+    X = np.arange(6.0).reshape(2, 3)
+    (tmp_path / "t.csv").write_text("a,b,c,\n0,1,2,\n3,4,5,\n")
+    with pytest.raises(CpadgnError, match="ends with a comma.*remove the trailing commas"):
+        read_data(tmp_path / "t.csv")
+    (tmp_path / "ok.csv").write_text("a,b,c\n0,1,2\n3,4,5\n")
+    np.testing.assert_array_equal(read_data(tmp_path / "ok.csv"), X)
+    (tmp_path / "named.csv").write_text("a,b,c,d\n0,1,2,\n3,4,5,\n")
+    got = read_data(tmp_path / "named.csv")
+    np.testing.assert_array_equal(got[:, :3], X)
+    assert np.isnan(got[:, 3]).all()
