@@ -51,14 +51,26 @@ def user_errors(fn):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
-            fail("out of memory; lower --memory-budget or use fewer rows", EXIT_USER_ERROR)
+            fail(OUT_OF_MEMORY, EXIT_USER_ERROR)
         except Exception as e:  # a bug, not bad input: still one line, distinct exit code
             if kwargs.get("debug") or "--debug" in sys.argv:
                 raise
+            if is_torch_out_of_memory(e):
+                fail(OUT_OF_MEMORY, EXIT_USER_ERROR)
             first = (str(e).strip().splitlines() or [""])[0]
             fail(f"internal error ({type(e).__name__}: {first}); rerun with --debug for the "
                  "traceback and please report it", EXIT_INTERNAL)
     return wrapper
+
+
+OUT_OF_MEMORY = "out of memory; lower --memory-budget, use fewer rows or a generator with narrower layers"
+
+
+def is_torch_out_of_memory(e: Exception) -> bool:
+    """torch's failed allocations: torch.OutOfMemoryError (CUDA), and on the CPU a plain
+    RuntimeError from its allocator (not a MemoryError)."""
+    return type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 class Commands(click.Group):

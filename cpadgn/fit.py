@@ -269,18 +269,23 @@ def check_m_step_memory(net: PiecewiseAffineNet, n_regions: int, budget: float |
     matrix for the layer being solved (m its input width): dense in the widths, so a
     folded convolutional layer of a few thousand units is beyond it.
     """
-    if budget is None or not net.hidden_sizes:
+    check_m_step_widths(net.latent_dim, net.hidden_sizes, n_regions, budget)
+
+
+def check_m_step_widths(S: int, hidden, n_regions: int, budget: float | None) -> None:
+    """``check_m_step_memory`` from the latent dimension and hidden widths; with
+    n_regions = 1 also before the generator exists (its weights alone can exceed memory)."""
+    if budget is None or not hidden:
         return
-    S = net.latent_dim
-    widths = [S, *net.hidden_sizes]
-    per_region = sum(n * n + n * (S + 2) for n in net.hidden_sizes) + max((m + 1) ** 2 for m in widths)
+    widths = [S, *hidden]
+    per_region = sum(n * n + n * (S + 2) for n in hidden) + max((m + 1) ** 2 for m in widths)
     need = 8.0 * n_regions * per_region
     if need > budget:
         raise CpadgnError(f"EM cannot update this generator within the memory budget ({budget:.3g} bytes): "
                           f"its M-step holds a dense n x n matrix per hidden layer (widths "
-                          f"{','.join(map(str, net.hidden_sizes))}) for each of the {n_regions:,} regions "
-                          f"the data reach, about {need:.3g} bytes; raise --memory-budget, or refine a "
-                          "generator with narrower hidden layers")
+                          f"{','.join(map(str, hidden))}) for each of the {n_regions:,} region(s) "
+                          f"the data reach, about {need:.3g} bytes; raise --memory-budget, or use "
+                          "narrower hidden layers")
 
 
 # ============================================================================ EM
@@ -360,6 +365,7 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     if noise not in ("iso", "diag"):
         raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}")
     hidden = tuple(int(h) for h in hidden)
+    check_m_step_widths(latent_dim, hidden, 1, memory_budget)      # before any weight is drawn
     D = X.shape[1]
     if var_floor is None:
         var_floor = 1e-6 * max(float(np.nanvar(X, 0).mean()), 1e-300)

@@ -342,6 +342,25 @@ def test_exit_codes_usage_2_bug_70(files, monkeypatch):
                                   str(files["dir"] / "s.csv"), "--debug"], catch_exceptions=False)
 
 
+def test_out_of_memory_is_a_user_error(files, monkeypatch):
+    """fit --hidden 100000000 ran out of memory drawing the weights ('lower --memory-budget',
+    which EM's budget check would have said before any allocation: it does now), and torch's
+    failed CPU allocation (a RuntimeError, e.g. the VAE at that width) was an internal
+    error (exit 70); it is the out-of-memory line now (exit 1)."""
+    d = files["dir"]
+    res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 100000000, "--max-iter", 1, "-q")
+    assert_one_line_error(res, "memory budget", "--memory-budget", "narrower")
+    import cpadgn.data
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 25600000000 bytes.")
+    monkeypatch.setattr(cpadgn.data, "read_data", no_memory)
+    res = run("score", files["model"], files["data"], "-o", d / "s.csv")
+    assert_one_line_error(res, "out of memory", "--memory-budget")
+    assert not (d / "f.h5").exists() and not (d / "s.csv").exists()
+
+
 @pytest.mark.parametrize("command", ["score", "impute", "fit"])
 def test_negative_seed_is_a_usage_error(files, command):
     """numpy's generators take seeds >= 0: a negative --seed is a bad option value (exit 2,
