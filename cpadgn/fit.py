@@ -37,9 +37,9 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import NOISE_RANGE, check_magnitude
+from .numerics import MAX_MAGNITUDE, NOISE_RANGE, check_magnitude
 
-ACTIVATIONS = "leaky_relu:A (0 <= A, A != 1), relu, abs"
+ACTIVATIONS = "leaky_relu:A (0 <= A <= 1e100, A != 1), relu, abs"
 
 
 # ============================================================================ options
@@ -76,7 +76,7 @@ def parse_activation(text) -> float:
             a = float(s.split(":", 1)[1])
         except ValueError:
             a = np.nan
-        if np.isfinite(a) and a >= 0 and a != 1.0:
+        if 0 <= a <= MAX_MAGNITUDE and a != 1.0:         # larger slopes overflow float64
             return a
     raise CpadgnError(f"unknown --activation {text!r}; use one of: {ACTIVATIONS}")
 

@@ -200,14 +200,14 @@ def _zip_kind(path: Path, names: list[str]) -> str:
 
 
 def check_net(net: PiecewiseAffineNet, path) -> None:
-    """Refuse non-finite weights, biases or slopes, and weights or biases beyond MAX_MAGNITUDE."""
+    """Refuse non-finite weights, biases or slopes, and any beyond MAX_MAGNITUDE."""
     from .numerics import MAX_MAGNITUDE
     for kind, arrays in (("weight", net.weights), ("bias", net.biases), ("slope", net.slopes)):
         for l, a in enumerate(arrays):
             if not np.all(np.isfinite(a)):
                 raise CpadgnError(f"{path}: layer {l} {kind} has non-finite values (NaN or inf); "
                                   "the model is broken, retrain or re-export it")
-            if kind != "slope" and a.size and np.abs(a).max() > MAX_MAGNITUDE:
+            if a.size and np.abs(a).max() > MAX_MAGNITUDE:
                 raise CpadgnError(f"{path}: layer {l} {kind} reaches {np.abs(a).max():.3g}, beyond "
                                   f"{MAX_MAGNITUDE:g}, where float64 squares overflow; the model is broken "
                                   "or badly scaled, retrain it on standardised data")

@@ -303,6 +303,21 @@ def test_standard_errors_of_log_likelihoods_near_1e160(files):
     assert abs(stats.summary()["mean_log_likelihood_stderr"] - want) <= 1e-12 * want
 
 
+def test_overflowing_slopes_are_refused(files):
+    """fit --activation leaky_relu:1e308 printed numpy's overflow warnings before its error,
+    and a model file with such a slope reached the likelihood: both are refused up front."""
+    d = files["dir"]
+    res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 2, "--max-iter", 1,
+              "--activation", "leaky_relu:1e308", "-q")
+    assert_one_line_error(res, "--activation", "A <= 1e100")
+    model = d / "steep.h5"
+    save_model(model, files["net"], noise_std=0.3)
+    with h5py.File(model, "r+") as f:
+        f["generator/slope_0"][...] = 1e200
+    assert_one_line_error(run("score", model, files["data"], "-o", d / "s.csv", "-q"), "layer 0 slope reaches")
+    assert not (d / "f.h5").exists() and not (d / "s.csv").exists()
+
+
 def test_unwritable_output(files):
     out = files["dir"] / "no_such_dir" / "s.csv"
     assert_one_line_error(run("score", files["model"], files["data"], "-o", out))
