@@ -376,6 +376,16 @@ def test_out_of_memory_is_a_user_error(files, monkeypatch):
     assert not (d / "f.h5").exists() and not (d / "s.csv").exists()
 
 
+def test_too_many_draws_names_draws(files):
+    """impute --draws 1e13 ran out of memory with 'lower --memory-budget or use fewer rows'
+    (the budget does not hold the draws); the refusal names --draws.  K N D = 6e14 values
+    are beyond any address space, so the allocation fails at once."""
+    out = files["dir"] / "i.csv"
+    res = run("impute", files["model"], files["data"], "-o", out, "--draws", 10 ** 13, "-q")
+    assert_one_line_error(res, "lower --draws")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["score", "impute", "fit"])
 def test_negative_seed_is_a_usage_error(files, command):
     """numpy's generators take seeds >= 0: a negative --seed is a bad option value (exit 2,
