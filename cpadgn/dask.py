@@ -321,7 +321,8 @@ def _h5_source(path: Path, dataset: str | None) -> RowSource:
             dataset = two_d[0]
         obj = f.get(dataset.lstrip("/"))
         if not isinstance(obj, h5py.Dataset):
-            raise CpadgnError(f"{path} has no dataset '{dataset}'; datasets: {', '.join(found) or 'none'}")
+            raise CpadgnError(f"{path} has no dataset '{dataset}'; give one of its datasets with --dataset "
+                              f"KEY (datasets: {', '.join(found) or 'none'})")
         if obj.dtype.kind not in "biuf":
             raise CpadgnError(f"{path}: dataset '{dataset}' holds {obj.dtype} values; expected numbers")
         chunk = obj.chunks[0] if obj.chunks else None

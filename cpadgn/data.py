@@ -327,7 +327,8 @@ def _numeric(path: Path, a: np.ndarray, what: str) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         kind = {"c": "complex", "U": "text", "S": "bytes", "O": "object", "M": "datetime",
                 "m": "timedelta"}.get(a.dtype.kind, str(a.dtype))
-        raise CpadgnError(f"{path}: {what} holds {kind} values; expected numbers")
+        raise CpadgnError(f"{path}: {what} holds {kind} values; expected numbers: save the table as a "
+                          "numeric (float) array")
     return a.astype(np.float64)
 
 
@@ -476,7 +477,8 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
             dataset = two_d[0]
         obj = f.get(dataset.lstrip("/"))
         if not isinstance(obj, h5py.Dataset):
-            raise CpadgnError(f"{path} has no dataset '{dataset}'; datasets: {listing}")
+            raise CpadgnError(f"{path} has no dataset '{dataset}'; give one of its datasets with --dataset "
+                              f"KEY (datasets: {listing})")
         try:
             a = obj[()]
         except OSError as e:

@@ -121,7 +121,7 @@ def test_npy(tmp_path):
     (np.zeros((0, 3)), "no data rows"),
     (np.zeros((3, 0)), "no columns"),
     (np.array([[1.0, 2.0], [3.0, np.inf]]), r"row 2, column 2 is inf"),
-    (np.array([["a", "b"]]), "holds text values; expected numbers"),
+    (np.array([["a", "b"]]), "holds text values; expected numbers: save the table as a numeric"),
     (np.array([[1 + 2j]]), "complex"),
     (np.array([[object()]], dtype=object), "pickled"),
 ])
@@ -156,8 +156,12 @@ def test_h5_dataset_selection(tmp_path):
         read_data(p)
     np.testing.assert_array_equal(read_data(p, dataset="group/test"), np.zeros((3, 2)))
     np.testing.assert_array_equal(read_data(p, dataset="/train"), np.ones((4, 2)))
-    with pytest.raises(CpadgnError, match="no dataset 'nope'; datasets: .*train"):
+    with pytest.raises(CpadgnError, match=r"no dataset 'nope'; give one of its datasets with --dataset KEY "
+                                          r"\(datasets: .*train"):
         read_data(p, dataset="nope")
+    import cpadgn.dask
+    with pytest.raises(CpadgnError, match=r"no dataset 'nope'; give one of its datasets with --dataset KEY"):
+        cpadgn.dask.open_rows(p, dataset="nope")
     with pytest.raises(CpadgnError, match="1-D array"):
         read_data(p, dataset="meta/labels")
 
