@@ -29,7 +29,7 @@ def ppca_parameters(X, K: int):
         raise CpadgnError(f"the PPCA latent dimension must be between 1 and D - 1 = {D - 1}, "
                           f"got {K}; use --baseline ppca:K with a smaller K")
     if N < 2:
-        raise CpadgnError("PPCA needs at least 2 training rows")
+        raise CpadgnError(f"PPCA needs at least 2 training rows, got {N}; pass more rows with --train")
     if not np.all(np.isfinite(X)):
         raise CpadgnError("the PPCA baseline needs complete training rows (no NaN or inf); "
                           "drop or impute the incomplete rows first")

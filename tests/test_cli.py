@@ -131,7 +131,8 @@ def test_empty_file(files):
 @pytest.mark.parametrize("case", ["empty data", "header only", "blank lines only", "empty model",
                                   "model without format_version", "--draws 0",
                                   "--row past the end", "compare one observed row", "fit one row",
-                                  "fit -o .csv", "fit -S D", "--explain 0", "--samples 0"])
+                                  "fit -o .csv", "fit -S D", "--explain 0", "--samples 0",
+                                  "compare --baseline on one row"])
 def test_errors_say_what_to_do(files, case):
     """Every refusal is one line 'Error: what is wrong; what to do'."""
     d, model, data = files["dir"], files["model"], files["data"]
@@ -158,6 +159,9 @@ def test_errors_say_what_to_do(files, case):
     elif case == "compare one observed row":
         (d / "in.csv").write_text("1,2,3\n,,\n")
         args = ["compare", model, "--data", d / "in.csv"]
+    elif case == "compare --baseline on one row":
+        (d / "in.csv").write_text("1,2,3\n")
+        args = ["compare", model, "--data", data, "--train", d / "in.csv", "--baseline", "ppca"]
     elif case.startswith("fit"):
         (d / "in.csv").write_text("1,2,3\n")
         args = {"fit one row": ["fit", d / "in.csv", "-o", d / "m.h5", "-S", 1],
