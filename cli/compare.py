@@ -117,6 +117,10 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     models = [(str(p), load(p, noise_std=None if s == "auto" else s, trust_pickle=trust_pickle,
                             device=dev)) for p, s in zip(model_paths, noises)]
     check_dimensions({n: m.output_dim for n, m in models}, X_test, X_train)
+    for (name, m), noise in zip(models, noises):        # before any partition is computed
+        if noise != "auto" and m.noise_std is None:
+            raise CpadgnError(f"{m.no_noise_reason(name)}; pass --noise-std X, or --noise-std auto "
+                              "with --train")
     for i, (name, m) in enumerate(models):
         set_stderr_target(m, stderr_target, say)
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
@@ -126,9 +130,6 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
             sigma = m.fit_noise_std(X_train)
             say(f"{name}: noise std fitted on --train by maximum exact likelihood: {sigma:.6g}")
             models[i] = (name, m.with_noise_std(sigma))
-        elif m.noise_std is None:
-            raise CpadgnError(f"{name} has no noise std; pass --noise-std X, or --noise-std auto "
-                              "with --train")
 
     if dask_address is not None:
         from cpadgn import dask as cluster

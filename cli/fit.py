@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from cli.lazy import np
 
-from cli.main import Progressbar, console, main, positive, print_summary, resolve_device, user_errors
+from cli.main import FiniteRange, Progressbar, console, main, positive, print_summary, resolve_device, user_errors
 from cpadgn.errors import CpadgnError
 
 MODEL_SUFFIXES = (".h5", ".hdf5")
@@ -28,10 +28,10 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
               help="em: exact, monotone, gradient-free EM; vae: Adam on the ELBO (baseline).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None,
               help="EM iterations [default: 100] or VAE epochs [default: 300].")
-@click.option("--tol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
+@click.option("--tol", type=FiniteRange(min=0), default=1e-5, show_default=True,
               help="EM stops when the relative change of the mean training log-likelihood "
                    "is below this.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--val-fraction", type=FiniteRange(0, 1, max_open=True), default=None,
               help="Fraction of DATA held out (seeded) for the exact validation "
                    "log-likelihood [default: 0.1, 0 for none].")
 @click.option("--val", "val_path", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -47,7 +47,7 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
                    "generator file to refine (cpadgn .h5, torch.export .pt2, TorchScript, a pickle with "
                    "--trust-pickle): EM keeps its architecture and starts from its weights, prior and "
                    "noise (none stored: the maximum-likelihood noise std on the training rows).")
-@click.option("--init-noise", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--init-noise", type=FiniteRange(min=0, min_open=True), default=None,
               help="EM: initial noise std as a fraction of the start's own (PPCA's; the data's for "
                    "random; the model's for --init MODEL) [default: 0.1; 1 with --init MODEL].  1 "
                    "starts at the PPCA likelihood; a small value starts with sharp posteriors and "
@@ -60,14 +60,14 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
                    "layers, e.g. folded convolutions) is refused before the step.")
 @click.option("--sweeps", type=click.IntRange(min=1), default=1, show_default=True,
               help="EM: passes over the layers per M-step.")
-@click.option("--rtol", type=click.FloatRange(min=0, min_open=True, max=1e-2), default=1e-6,
+@click.option("--rtol", type=FiniteRange(min=0, min_open=True, max=1e-2), default=1e-6,
               show_default=True,
               help="EM: E-step pruning tolerance; log-likelihoods are exact to log(1 + rtol) per row.")
-@click.option("--var-floor", type=click.FloatRange(min=0, max=1), default=1e-6, show_default=True,
+@click.option("--var-floor", type=FiniteRange(min=0, max=1), default=1e-6, show_default=True,
               help="EM: lower bound on each noise variance, as a fraction of the training data's mean "
                    "column variance.  With --noise diag, raise it (e.g. 0.01) when some columns are "
                    "nearly constant: maximum likelihood shrinks their variance and held-out rows pay.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--lr", type=FiniteRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="VAE: Adam learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="VAE: minibatch size.")

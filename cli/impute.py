@@ -147,7 +147,15 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
                        memory_budget=memory_budget, stderr_target=stderr_target)
     model._check_data(X)
     with Progressbar("imputing rows", quiet) as bar:
-        res = model.imputation(X_in, draws=n_draws, seed=seed, std=want_std, progress=bar)
+        try:
+            res = model.imputation(X_in, draws=n_draws, seed=seed, std=want_std, progress=bar)
+        except MemoryError:
+            if n_draws is None:
+                raise
+            N, D = X_in.shape        # the draws are held here until written: K N D values
+            raise CpadgnError(f"out of memory holding --draws {n_draws} for {N} rows of {D} columns "
+                              f"({8.0 * n_draws * N * D:.3g} bytes); lower --draws, or use --dask with an "
+                              ".h5 output, which writes the draws chunk by chunk") from None
     if out is not None:
         mean_stderr = res.mean_stderr if want_std and n_draws is None and model.latent_dim >= 4 else None
         write_imputation(out, res.mean if n_draws is None else res.draws, res.std, columns,

@@ -51,14 +51,26 @@ def user_errors(fn):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
-            fail("out of memory; lower --memory-budget or use fewer rows", EXIT_USER_ERROR)
+            fail(OUT_OF_MEMORY, EXIT_USER_ERROR)
         except Exception as e:  # a bug, not bad input: still one line, distinct exit code
             if kwargs.get("debug") or "--debug" in sys.argv:
                 raise
+            if is_torch_out_of_memory(e):
+                fail(OUT_OF_MEMORY, EXIT_USER_ERROR)
             first = (str(e).strip().splitlines() or [""])[0]
             fail(f"internal error ({type(e).__name__}: {first}); rerun with --debug for the "
                  "traceback and please report it", EXIT_INTERNAL)
     return wrapper
+
+
+OUT_OF_MEMORY = "out of memory; lower --memory-budget, use fewer rows or a generator with narrower layers"
+
+
+def is_torch_out_of_memory(e: Exception) -> bool:
+    """torch's failed allocations: torch.OutOfMemoryError (CUDA), and on the CPU a plain
+    RuntimeError from its allocator (not a MemoryError)."""
+    return type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 class Commands(click.Group):
@@ -100,6 +112,17 @@ class Progressbar:
 
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange that also refuses nan and inf: nan fails no comparison, so
+    FloatRange lets it through (e.g. --contamination nan reached np.quantile)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not np.isfinite(rv):
+            self.fail(f"{rv} is not a finite number in the range {self._describe_range()}", param, ctx)
+        return rv
 
 
 def parse_noise(value):
@@ -232,7 +255,7 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     if noise_std == "auto" and data is None:
         raise CpadgnError("--noise-std auto needs data to fit on")
     if need_noise and noise_std is None and model.noise_std is None:
-        raise CpadgnError(f"{model_path} stores no noise std: pass --noise-std X, or --noise-std auto "
+        raise CpadgnError(f"{model.no_noise_reason(model_path)}; pass --noise-std X, or --noise-std auto "
                           "to fit it by maximum likelihood on the data")
     with Progressbar("partition", quiet) as bar:
         model.partition(max_regions=max_regions, progress=bar, log=say)
@@ -349,7 +372,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Output file: .csv, .npy or .h5.")
 @click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
-@click.option("--contamination", type=click.FloatRange(0, 0.5, min_open=True), default=None,
+@click.option("--contamination", type=FiniteRange(0, 0.5, min_open=True), default=None,
               help="Expected fraction of anomalies: adds is_anomaly (score above that quantile).")
 @click.option("--pvalues", is_flag=True,
               help="Add model-based p-values P(log p(X) <= log p(x)), X drawn from the model, "
@@ -598,7 +621,8 @@ class LoglikStats:
     def __init__(self, output_dim: int, stderr_target: float = float("inf")):
         self.output_dim, self.stderr_target = output_dim, stderr_target
         self.rows = self.nothing = self.missing = self.n = self.above_target = 0
-        self.mean = self.m2 = 0.0
+        self.mean = 0.0
+        self.scale, self.ssq = 0.0, 0.0      # the squared deviations' sum is scale^2 ssq
         self.min, self.max, self.max_error_bound = np.inf, -np.inf, -np.inf
         self.max_stderr = 0.0
 
@@ -617,17 +641,27 @@ class LoglikStats:
             mean = float(ll.mean())
             n = self.n + ll.size
             delta = mean - self.mean
-            self.m2 += float(((ll - mean) ** 2).sum()) + delta ** 2 * (self.n * ll.size / n)
+            self.add_squares(np.append(ll - mean, delta * np.sqrt(self.n * ll.size / n)))
             self.mean += delta * (ll.size / n)
             self.n = n
             self.min, self.max = min(self.min, float(ll.min())), max(self.max, float(ll.max()))
         return self
 
+    def add_squares(self, values):
+        """Add the squares of values (k,) to scale^2 ssq without overflow (log p reaches 1e200
+        in magnitude): LAPACK dnrm2's scaled update."""
+        top = float(np.abs(values).max(initial=0.0))
+        if top == 0.0:
+            return
+        big = max(self.scale, top)
+        self.ssq = self.ssq * (self.scale / big) ** 2 + float(np.sum((values / big) ** 2))
+        self.scale = big
+
     def summary(self) -> dict:
         n = self.n
         return {"rows": self.rows, "rows_with_nothing_observed": self.nothing,
                 "mean_log_likelihood": self.mean if n else None,
-                "mean_log_likelihood_stderr": float(np.sqrt(self.m2 / (n - 1) / n)) if n > 1 else None,
+                "mean_log_likelihood_stderr": self.scale * float(np.sqrt(self.ssq / (n - 1) / n)) if n > 1 else None,
                 "min_log_likelihood": self.min if n else None, "max_log_likelihood": self.max if n else None,
                 "max_error_bound": self.max_error_bound,
                 **({"max_qmc_stderr": self.max_stderr, "rows_above_stderr_target": self.above_target}

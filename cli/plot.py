@@ -19,6 +19,9 @@ def plot():
     """
 
 
+MAX_PICTURE_SIDE = 16384     # pixels: a 1 GiB RGBA buffer at 16384 x 16384
+
+
 @plot.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
@@ -73,6 +76,9 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
         size = None if size is None else pictures.parse_image_shape(size)
     except ValueError as e:
         raise CpadgnError(f"--size: {str(e).replace('HxW', 'WxH')}") from None
+    if size is not None and max(size) > MAX_PICTURE_SIDE:      # Agg holds 4 bytes a pixel
+        raise CpadgnError(f"--size {size[0]}x{size[1]}: at most {MAX_PICTURE_SIDE} pixels a side; "
+                          "use a smaller size, or .svg / .pdf for a picture that scales")
     axes = None if slice_axes is None else parse_slice_axes(slice_axes)
     at = None if slice_at is None else parse_slice_at(slice_at)
     pictures.check_image_path(out, inputs=command_inputs(model_path, data_path, cache))

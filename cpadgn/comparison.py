@@ -46,13 +46,22 @@ NO_DIFFERENCE = "no significant difference"
 
 
 # ===================================================================== statistics
+def sample_sd(v: np.ndarray) -> float:
+    """Standard deviation (ddof = 1) of v (N,), N >= 2, computed on the deviations over their
+    largest magnitude: log-likelihoods reach 1e200 in magnitude (numerics.MAX_WHITENED_SQ),
+    whose squares overflow."""
+    dev = v - v.mean()
+    scale = float(np.abs(dev).max())
+    return scale * float(np.std(dev / scale, ddof=1)) if scale > 0 else 0.0
+
+
 def mean_and_se(values) -> tuple[float, float]:
     """Mean of values (N,) and its standard error sd / sqrt(N) (ddof = 1); N >= 2."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size < 2:
         raise CpadgnError(f"a standard error needs at least 2 rows, got shape {v.shape}; pass a 1-D array of 2 or "
                           "more values")
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
+    return float(v.mean()), sample_sd(v) / math.sqrt(v.size)
 
 
 def vuong_test(ll_a, ll_b) -> tuple[float, float]:
@@ -65,7 +74,7 @@ def vuong_test(ll_a, ll_b) -> tuple[float, float]:
     if d.ndim != 1 or d.size < 2:
         raise CpadgnError(f"Vuong's test needs at least 2 paired rows, got shape {d.shape}; pass two 1-D arrays "
                           "of per-row log-likelihoods of the same 2 or more rows")
-    sd = float(d.std(ddof=1))
+    sd = sample_sd(d)
     if sd == 0.0:
         return 0.0, 1.0
     z = math.sqrt(d.size) * float(d.mean()) / sd

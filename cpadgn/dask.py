@@ -283,12 +283,8 @@ def open_rows(path, dataset: str | None = None) -> RowSource:
     else:
         raise CpadgnError(f"cannot read {path} in chunks: unknown data extension "
                           f"'{path.suffix or '(none)'}'; use .npy or .h5")
-    if len(src.shape) != 2:
-        raise CpadgnError(f"{path} holds a {len(src.shape)}-D array of shape {src.shape}; expected a "
-                          "2-D table, rows = samples and columns = features")
-    if src.shape[0] == 0 or src.shape[1] == 0:
-        raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample" if src.shape[0] == 0
-                          else f"{path} has no columns; pass a file with one column per feature")
+    from .data import check_table_shape
+    check_table_shape(path, src.shape)
     return src
 
 
@@ -329,7 +325,8 @@ def _h5_source(path: Path, dataset: str | None) -> RowSource:
             dataset = two_d[0]
         obj = f.get(dataset.lstrip("/"))
         if not isinstance(obj, h5py.Dataset):
-            raise CpadgnError(f"{path} has no dataset '{dataset}'; datasets: {', '.join(found) or 'none'}")
+            raise CpadgnError(f"{path} has no dataset '{dataset}'; give one of its datasets with --dataset "
+                              f"KEY (datasets: {', '.join(found) or 'none'})")
         if obj.dtype.kind not in "biuf":
             raise CpadgnError(f"{path}: dataset '{dataset}' holds {obj.dtype} values; expected numbers")
         chunk = obj.chunks[0] if obj.chunks else None

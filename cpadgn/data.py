@@ -288,16 +288,22 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     return _check_table(path, X, lines)
 
 
-def _check_table(path: Path, X: np.ndarray, lines=None) -> np.ndarray:
-    if X.ndim != 2:
-        hint = " (use x.reshape(-1, 1) for a single feature)" if X.ndim == 1 else \
-            " (flatten each sample to one row)" if X.ndim > 2 else ""
-        raise CpadgnError(f"{path} holds a {X.ndim}-D array of shape {X.shape}; expected a 2-D "
+def check_table_shape(path, shape: tuple) -> None:
+    """Refuse a data array of ``shape`` that is not a non-empty 2-D table (also for the
+    chunked readers of cpadgn.dask, which never hold the whole array)."""
+    if len(shape) != 2:
+        hint = " (use x.reshape(-1, 1) for a single feature)" if len(shape) == 1 else \
+            " (flatten each sample to one row)" if len(shape) > 2 else ""
+        raise CpadgnError(f"{path} holds a {len(shape)}-D array of shape {tuple(shape)}; expected a 2-D "
                           f"table, rows = samples and columns = features{hint}")
-    if X.shape[0] == 0:
+    if shape[0] == 0:
         raise CpadgnError(f"{path} has no data rows; pass a file with one row per sample")
-    if X.shape[1] == 0:
+    if shape[1] == 0:
         raise CpadgnError(f"{path} has no columns; pass a file with one column per feature")
+
+
+def _check_table(path: Path, X: np.ndarray, lines=None) -> np.ndarray:
+    check_table_shape(path, X.shape)
     inf = np.isinf(X)
     if inf.any():
         r, c = np.argwhere(inf)[0]
@@ -323,7 +329,8 @@ def _numeric(path: Path, a: np.ndarray, what: str) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         kind = {"c": "complex", "U": "text", "S": "bytes", "O": "object", "M": "datetime",
                 "m": "timedelta"}.get(a.dtype.kind, str(a.dtype))
-        raise CpadgnError(f"{path}: {what} holds {kind} values; expected numbers")
+        raise CpadgnError(f"{path}: {what} holds {kind} values; expected numbers: save the table as a "
+                          "numeric (float) array")
     return a.astype(np.float64)
 
 
@@ -410,6 +417,10 @@ def _read_csv(path: Path):
         raise CpadgnError(f"{path} has a header but no data rows; add one row per sample below it")
     if header is not None and len(header) > 1 and not header[0].strip():
         _refuse_pandas_index(path, rows)
+    if header is not None and len(header) > 1 and not header[-1].strip() \
+            and all(len(r) == len(header) and not r[-1].strip() for _, r in rows):
+        raise CpadgnError(f"{path}: every line ends with a comma, which adds an empty column with no "
+                          "name; remove the trailing commas")
     width = len(header) if header is not None else len(rows[0][1])
     ref = "the header has" if header is not None else f"line {rows[0][0]} has"
     out = np.empty((len(rows), width))
@@ -469,7 +480,8 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
             dataset = two_d[0]
         obj = f.get(dataset.lstrip("/"))
         if not isinstance(obj, h5py.Dataset):
-            raise CpadgnError(f"{path} has no dataset '{dataset}'; datasets: {listing}")
+            raise CpadgnError(f"{path} has no dataset '{dataset}'; give one of its datasets with --dataset "
+                              f"KEY (datasets: {listing})")
         try:
             a = obj[()]
         except OSError as e:

@@ -37,8 +37,9 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
+from .numerics import MAX_MAGNITUDE, NOISE_RANGE, check_magnitude
 
-ACTIVATIONS = "leaky_relu:A (0 <= A, A != 1), relu, abs"
+ACTIVATIONS = "leaky_relu:A (0 <= A <= 1e100, A != 1), relu, abs"
 
 
 # ============================================================================ options
@@ -76,7 +77,7 @@ def parse_activation(text) -> float:
             a = float(s.split(":", 1)[1])
         except ValueError:
             a = np.nan
-        if np.isfinite(a) and a >= 0 and a != 1.0:
+        if 0 <= a <= MAX_MAGNITUDE and a != 1.0:         # larger slopes overflow float64
             return a
     raise CpadgnError(f"unknown --activation {text!r}; use one of: {ACTIVATIONS}")
 
@@ -98,6 +99,7 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
         r, c = np.argwhere(np.isinf(X))[0]
         raise CpadgnError(f"the {what} has an inf at row {r + 1}, column {c + 1}; fit needs finite values "
                           "(NaN marks a missing entry)")
+    check_magnitude(X, what)
     if not 1 <= latent_dim < D:
         raise CpadgnError(f"--latent-dim must be between 1 and D - 1 = {D - 1} for data with {D} "
                           f"columns, got {latent_dim}; give a smaller --latent-dim")
@@ -268,18 +270,23 @@ def check_m_step_memory(net: PiecewiseAffineNet, n_regions: int, budget: float |
     matrix for the layer being solved (m its input width): dense in the widths, so a
     folded convolutional layer of a few thousand units is beyond it.
     """
-    if budget is None or not net.hidden_sizes:
+    check_m_step_widths(net.latent_dim, net.hidden_sizes, n_regions, budget)
+
+
+def check_m_step_widths(S: int, hidden, n_regions: int, budget: float | None) -> None:
+    """``check_m_step_memory`` from the latent dimension and hidden widths; with
+    n_regions = 1 also before the generator exists (its weights alone can exceed memory)."""
+    if budget is None or not hidden:
         return
-    S = net.latent_dim
-    widths = [S, *net.hidden_sizes]
-    per_region = sum(n * n + n * (S + 2) for n in net.hidden_sizes) + max((m + 1) ** 2 for m in widths)
+    widths = [S, *hidden]
+    per_region = sum(n * n + n * (S + 2) for n in hidden) + max((m + 1) ** 2 for m in widths)
     need = 8.0 * n_regions * per_region
     if need > budget:
         raise CpadgnError(f"EM cannot update this generator within the memory budget ({budget:.3g} bytes): "
                           f"its M-step holds a dense n x n matrix per hidden layer (widths "
-                          f"{','.join(map(str, net.hidden_sizes))}) for each of the {n_regions:,} regions "
-                          f"the data reach, about {need:.3g} bytes; raise --memory-budget, or refine a "
-                          "generator with narrower hidden layers")
+                          f"{','.join(map(str, hidden))}) for each of the {n_regions:,} region(s) "
+                          f"the data reach, about {need:.3g} bytes; raise --memory-budget, or use "
+                          "narrower hidden layers")
 
 
 # ============================================================================ EM
@@ -343,6 +350,9 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
         raise CpadgnError("give the latent dimension (--latent-dim S), or a generator to start from (--init MODEL)")
     noise = "iso" if noise is None else noise
     init_noise = 0.1 if init_noise is None else init_noise
+    if init_noise > NOISE_RANGE[1]:      # its square overflowed in init_ppca (small ones meet var_floor)
+        raise CpadgnError(f"--init-noise {init_noise:g} is above {NOISE_RANGE[1]:g}; it is a fraction of "
+                          "the start's noise std: use e.g. 0.1 or 1")
     X = check_training_data(X, latent_dim)
     if X_val is not None:
         X_val = np.asarray(X_val, dtype=np.float64)
@@ -356,6 +366,7 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     if noise not in ("iso", "diag"):
         raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}; give --noise iso or --noise diag")
     hidden = tuple(int(h) for h in hidden)
+    check_m_step_widths(latent_dim, hidden, 1, memory_budget)      # before any weight is drawn
     D = X.shape[1]
     if var_floor is None:
         var_floor = 1e-6 * max(float(np.nanvar(X, 0).mean()), 1e-300)

@@ -206,6 +206,10 @@ class RegionTable:
             MtQM, MtQc = MtQ @ M, MtQ @ c[:, :, None]
             cQc = torch.einsum("rh,hk,rk->r", c, self.Q, c)
         Lam = torch.eye(S, dtype=torch.float64, device=self.device) + MtQM
+        if not bool(torch.isfinite(Lam).all()):
+            raise CpadgnError("the generator's slopes over the noise std overflow float64 (M^T M / sigma^2 "
+                              "beyond 1e308 in some region): the model is broken or badly scaled; "
+                              "retrain it on standardised data")
         chol = torch.linalg.cholesky(Lam)
         C = _inverse_transpose(chol)
         logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
@@ -1387,6 +1391,9 @@ def _summarise(rows, regions, logw, mean, cov, se, log_var, mean_mc, cross_mc, b
     total = np.bincount(rows, weights=w, minlength=n)
     log_p = rowmax + np.log(total)
     r = w / total[rows]
+    # a region of no weight adds nothing, even where its own moments over- or underflowed
+    # (a row ~1e10 noise stds away: +-inf means in its far regions, and 0 * inf = NaN)
+    mean, cov = np.where(r[:, None] > 0, mean, 0.0), np.where(r[:, None, None] > 0, cov, 0.0)
     z_mean = _row_sums(rows, r[:, None] * mean, n)
     z_cov = _row_sums(rows, r[:, None, None] * (cov + mean[:, :, None] * mean[:, None, :]), n)
     z_cov -= z_mean[:, :, None] * z_mean[:, None, :]

@@ -200,12 +200,17 @@ def _zip_kind(path: Path, names: list[str]) -> str:
 
 
 def check_net(net: PiecewiseAffineNet, path) -> None:
-    """Refuse non-finite weights, biases or slopes."""
+    """Refuse non-finite weights, biases or slopes, and any beyond MAX_MAGNITUDE."""
+    from .numerics import MAX_MAGNITUDE
     for kind, arrays in (("weight", net.weights), ("bias", net.biases), ("slope", net.slopes)):
         for l, a in enumerate(arrays):
             if not np.all(np.isfinite(a)):
                 raise CpadgnError(f"{path}: layer {l} {kind} has non-finite values (NaN or inf); "
                                   "the model is broken, retrain or re-export it")
+            if a.size and np.abs(a).max() > MAX_MAGNITUDE:
+                raise CpadgnError(f"{path}: layer {l} {kind} reaches {np.abs(a).max():.3g}, beyond "
+                                  f"{MAX_MAGNITUDE:g}, where float64 squares overflow; the model is broken "
+                                  "or badly scaled, retrain it on standardised data")
 
 
 # ============================================================= ops -> canonical net
@@ -674,11 +679,31 @@ def _load_torchscript(path: Path) -> PiecewiseAffineNet:
     return _with_path(path, lambda: module_to_net(module, _scripted_kind))
 
 
+def _trusted_unpickle(torch, path: Path):
+    """The object in a torch.save file, or else in a pickle.dump file (which torch.load
+    refuses: 'Invalid magic number'); torch.load's error when neither reads it."""
+    try:
+        with _quiet():
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError):
+        raise
+    except Exception as e:
+        torch_error = e
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+    except (AttributeError, ModuleNotFoundError):
+        raise
+    except Exception:
+        raise torch_error from None
+
+
 def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
     torch = _torch()
     if not trust_pickle:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with _quiet():       # torch warns about a plain pickle's protocol before refusing it
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise CpadgnError(
                 f"{path} is a pickled PyTorch module; loading it can execute arbitrary code. "
@@ -689,7 +714,7 @@ def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
                               f"({_first_line(e)}); it may be corrupt") from None
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+            obj = _trusted_unpickle(torch, path)
         except (AttributeError, ModuleNotFoundError) as e:
             raise CpadgnError(
                 f"{path} pickles a custom class that cannot be imported here ({_first_line(e)}); "

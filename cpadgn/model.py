@@ -103,11 +103,14 @@ class CPAModel:
         return self._partition
 
     # ------------------------------------------------------------ likelihood
+    def no_noise_reason(self, name="the model") -> str:
+        """Why the model has no noise std: its file's unusable one, else that it stores none."""
+        return self.extra.get("noise_problem") or f"{name} stores no noise std"
+
     def _region_table(self):
         if self.noise_std is None:
-            problem = self.extra.get("noise_problem")
-            raise CpadgnError(f"{problem + ', so the model has' if problem else 'the model has'} no "
-                              "noise std: pass --noise-std X (or auto) or noise_std= to cpadgn.load")
+            raise CpadgnError(f"{self.no_noise_reason()}: pass --noise-std X (or auto) or noise_std= to "
+                              "cpadgn.load")
         if self._table is None:
             self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device,
                                                  self.memory_budget)

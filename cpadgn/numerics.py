@@ -16,6 +16,7 @@ from .errors import CpadgnError
 
 NOISE_RANGE = (1e-100, 1e100)
 MAX_WHITENED_SQ = 1e200
+MAX_MAGNITUDE = 1e100       # |weight|, |bias|, |training value|: their squares and sums stay finite
 
 
 def check_noise_range(noise_std: np.ndarray) -> None:
@@ -42,3 +43,14 @@ def check_representable(X: np.ndarray, offset: np.ndarray, noise_std, row_number
         raise CpadgnError(f"row {number} is too far from the model for float64: its squared distance in "
                           f"noise units is {size} (> {MAX_WHITENED_SQ:g}), so log p(x) would overflow; "
                           "check the data's scale and units (or use a larger noise std)")
+
+
+def check_magnitude(X: np.ndarray, what: str) -> None:
+    """Refuse data X (N, D) with an entry beyond MAX_MAGNITUDE, whose square overflows in a
+    variance or covariance (NaN entries are missing and pass)."""
+    big = np.abs(X) > MAX_MAGNITUDE
+    if big.any():
+        r, c = np.argwhere(big)[0]
+        raise CpadgnError(f"the {what} has {X[r, c]:g} at row {r + 1}, column {c + 1}, beyond "
+                          f"{MAX_MAGNITUDE:g}, where float64 squares overflow; rescale (standardise) the "
+                          "columns, or mark a bad value missing (NaN)")

@@ -274,8 +274,38 @@ def _interval(a, b, mask):
         tl = np.where(np.isfinite(lo), lo * pl, 0.0)
         tu = np.where(np.isfinite(hi), hi * pu, 0.0)
         var = 1.0 + tl - tu - mean * mean
+    tail = np.maximum(lo, -hi) > TAIL_START
+    if tail.any():                     # far from 0: the phi(.) / mass above over- or underflow
+        mean[tail], var[tail] = _tail_interval_moments(lo[tail], hi[tail])
     B = a.shape[0]
     return PolytopeMoments(log_mass, mean[:, None], np.maximum(var, 0.0)[:, None, None], np.zeros(B))
+
+
+TAIL_START = 8.0       # |endpoint| beyond which _interval uses the tail form
+
+
+def _tail_interval_moments(lo, hi):
+    """Mean and variance of N(0, 1) truncated to [lo, hi] (n,), an interval on one side of
+    0 beyond TAIL_START, by Mills ratios R(x) = (1 - Phi(x)) / phi(x) relative to phi at
+    the near end a: with b the far end, E = phi(b) / phi(a) and Z = R(a) - E R(b) (the
+    mass over phi(a)), mean = a + (R(a) m(a) - E R(b) (m(b) + b - a)) / Z and
+    var = 1 - mean (mean - a) - (b - a) E / Z, m(x) = 1 / R(x) - x (``_mills_minus_x``).
+    No term grows with a, so rows 1e10 noise stds away keep their moments (the direct
+    form loses a^2 eps and overflows beyond 1e154)."""
+    flip = hi <= 0                                        # mirror to 0 <= a < b
+    a, b = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
+    R = lambda x: np.sqrt(np.pi / 2) * erfcx(x / np.sqrt(2))
+    with np.errstate(over="ignore", invalid="ignore"):
+        E = np.exp(-0.5 * (b - a) * (b + a))
+        Rb = np.where(np.isfinite(b), R(b), 0.0)
+        Z = R(a) - E * Rb
+        far = np.where(E > 0, E * Rb * (_mills_minus_x(np.where(np.isfinite(b), b, a)) + b - a), 0.0)
+        above = (R(a) * _mills_minus_x(a) - far) / Z             # mean - a
+        mean = a + above
+        var = 1.0 - mean * above - np.where(E > 0, (b - a) * E / Z, 0.0)
+    empty = ~(Z > 0)                                      # b rounds to a: no mass, no moments
+    mean, var = np.where(empty, a, mean), np.where(empty, 0.0, var)
+    return np.where(flip, -mean, mean), var
 
 
 # ----------------------------------------------------------------------- S = 2
@@ -467,7 +497,11 @@ def panels_where_needed(nodes, width, fall, lo, hi):
     many = np.flatnonzero((nodes > 16) & (width > 0))
     if many.size:
         drop = fall(lo[many], many) + fall(hi[many], many)
-        n_panels[many] = np.maximum(1, np.ceil(np.maximum(width[many] / 1.5, drop / 8.0)))
+        # no panel narrower than 16 float64 steps of s: where the Gaussian is ~1e31 away the
+        # whole range is one step wide and falls by ~1e47 across it (rounding: the integral's
+        # log then errs by O(10) next to u*^2 / 2 ~ 1e62, below that term's own rounding)
+        finest = width[many] / (16 * np.spacing(np.maximum(np.abs(lo[many]), np.abs(hi[many]))))
+        n_panels[many] = np.maximum(1, np.ceil(np.fmin(np.maximum(width[many] / 1.5, drop / 8.0), finest)))
         nodes[many] = 16
     return n_panels
 
@@ -488,7 +522,8 @@ def _owen_integrand(s, p, t_star):
         t += t_star
         d *= t
         d *= -0.5
-        np.exp(d, out=d)
+        np.minimum(d, 0.0, out=d)   # |t| >= |t*| on the range; where s is one float step wide
+        np.exp(d, out=d)            # (t* ~ 1e31) rounding made d ~ +1e47: exp inf, log p NaN
         d /= ch
         return d
 

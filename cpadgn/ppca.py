@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
+from .numerics import check_magnitude
 
 
 def ppca_parameters(X, K: int):
@@ -28,19 +29,26 @@ def ppca_parameters(X, K: int):
         raise CpadgnError(f"the PPCA latent dimension must be between 1 and D - 1 = {D - 1}, "
                           f"got {K}; use --baseline ppca:K with a smaller K")
     if N < 2:
-        raise CpadgnError(f"PPCA needs at least 2 training rows, got {N}; pass more training rows")
+        raise CpadgnError(f"PPCA needs at least 2 training rows, got {N}; pass more rows with --train")
     if not np.all(np.isfinite(X)):
         raise CpadgnError("the PPCA baseline needs complete training rows (no NaN or inf); "
                           "drop or impute the incomplete rows first")
+    check_magnitude(X, "training data")
     mu = X.mean(axis=0)
     Xc = X - mu
     C = (Xc.T @ Xc) / N
     lam, U = np.linalg.eigh(C)
     lam, U = lam[::-1], U[:, ::-1]
     s2 = float((np.trace(C) - lam[:K].sum()) / (D - K))   # the mean of the discarded eigenvalues
-    if not s2 > 1e-12 * max(float(np.trace(C)), 1e-300):
-        raise CpadgnError(f"the training data lies in a {K}-dimensional subspace (or less), so "
-                          "the PPCA noise variance is 0; use a smaller K or noisier data")
+    total = float(np.trace(C))
+    if total == 0:
+        raise CpadgnError("every column of the training data is constant; there is nothing to fit: "
+                          "pass rows that vary")
+    if not s2 > 1e-12 * total:
+        smaller = "use a smaller latent dimension (--latent-dim, or K in --baseline ppca:K), " if K > 1 else ""
+        raise CpadgnError(f"the training data varies in at most {K} direction(s) to float64 precision "
+                          f"(the other {D - K} hold less than 1e-12 of its variance), so the PPCA noise variance is 0; {smaller}check for a value far "
+                          "larger than the rest, or pass more varied rows")
     UK = U[:, :K]
     flip = np.sign(UK[np.argmax(np.abs(UK), axis=0), np.arange(K)])
     UK = UK * np.where(flip == 0, 1.0, flip)

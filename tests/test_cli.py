@@ -131,7 +131,8 @@ def test_empty_file(files):
 @pytest.mark.parametrize("case", ["empty data", "header only", "blank lines only", "empty model",
                                   "model without format_version", "--draws 0",
                                   "--row past the end", "compare one observed row", "fit one row",
-                                  "fit -o .csv", "fit -S D", "--explain 0", "--samples 0"])
+                                  "fit -o .csv", "fit -S D", "--explain 0", "--samples 0",
+                                  "compare --baseline on one row"])
 def test_errors_say_what_to_do(files, case):
     """Every refusal is one line 'Error: what is wrong; what to do'."""
     d, model, data = files["dir"], files["model"], files["data"]
@@ -158,6 +159,9 @@ def test_errors_say_what_to_do(files, case):
     elif case == "compare one observed row":
         (d / "in.csv").write_text("1,2,3\n,,\n")
         args = ["compare", model, "--data", d / "in.csv"]
+    elif case == "compare --baseline on one row":
+        (d / "in.csv").write_text("1,2,3\n")
+        args = ["compare", model, "--data", data, "--train", d / "in.csv", "--baseline", "ppca"]
     elif case.startswith("fit"):
         (d / "in.csv").write_text("1,2,3\n")
         args = {"fit one row": ["fit", d / "in.csv", "-o", d / "m.h5", "-S", 1],
@@ -204,6 +208,120 @@ def test_missing_noise_std(files):
     assert run("score", path, files["data"], "-o", out, "--noise-std", "0.5", "-q").exit_code == 0
 
 
+@pytest.mark.parametrize("bad_std", [-1.0, 0.0, [0.3, 0.3]])
+def test_unusable_noise_std_in_the_file_is_named(files, bad_std):
+    """A model file whose noise std is unusable (negative, zero, wrong length) was refused as
+    'stores no noise std', and compare said so only after computing the partitions of
+    the models before it.  The refusal names the stored value now, before any partition."""
+    model = files["dir"] / "bad_noise.h5"
+    save_model(model, files["net"], noise_std=0.3)
+    with h5py.File(model, "r+") as f:
+        del f["noise/std"]
+        f["noise/std"] = np.asarray(bad_std)
+    want = "shape (2,)" if np.ndim(bad_std) else "finite and > 0"
+    out = files["dir"] / "s.csv"
+    assert_one_line_error(run("score", model, files["data"], "-o", out), want, "--noise-std x")
+    assert not out.exists()
+    res = run("compare", files["model"], model, "--data", files["data"])
+    assert_one_line_error(res, want, "--noise-std x")
+    assert not (files["dir"] / "gen.h5.partition.h5").exists()
+    assert run("score", model, files["data"], "-o", out, "--noise-std", "0.5", "-q").exit_code == 0
+
+
+@pytest.mark.parametrize("scales, want", [((1e200, 1, 1), "layer 0 weight reaches"),
+                                           ((1, 1e90, 1e90), "overflow float64")])
+def test_overflowing_weights_are_refused(files, scales, want):
+    """Weights whose squares overflow float64 (1e200) made the partition's row norms inf (a
+    RuntimeWarning on stderr) and the likelihood's Cholesky fail: an internal error (exit
+    70).  They are refused when the file is read; weights that pass that check but whose
+    products overflow M^T M / sigma^2 (1e90 in two layers) are refused where that is formed."""
+    model = files["dir"] / "huge.h5"
+    save_model(model, files["net"], noise_std=0.3)
+    with h5py.File(model, "r+") as f:
+        for l, scale in enumerate(scales):
+            f[f"generator/weight_{l}"][...] *= scale
+    out = files["dir"] / "s.csv"
+    res = run("score", model, files["data"], "-o", out, "-q")
+    assert_one_line_error(res, want, "retrain")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["fit 1e300", "compare --train 1e300", "fit constant", "fit 1e30 S=1",
+                                  "fit 1e30 S=2"])
+def test_training_data_ppca_cannot_fit_says_why(files, case):
+    """fit and compare's PPCA baseline on degenerate training data: a 1e300 entry printed
+    numpy's overflow warnings and then 'lies in a 1-dimensional subspace; use a smaller
+    K', constant columns and a 1e30 outlier at S = 1 got that same advice (K is already
+    1 and is not an option's name).  Each says what is wrong and what to do now."""
+    d, model = files["dir"], files["model"]
+    X = files["X"].copy()
+    X[4, 1] = {"fit 1e300": 1e300, "compare --train 1e300": 1e300}.get(case, 1e30)
+    if case == "fit constant":
+        X[:] = 2.0
+    train = d / "train.npy"
+    np.save(train, X)
+    S = "2" if case.endswith("S=2") else "1"
+    if case.startswith("fit"):
+        res = run("fit", train, "-o", d / "f.h5", "-S", S, "--hidden", 2, "--max-iter", 1, "--val-fraction", 0,
+                  "-q")
+    else:
+        res = run("compare", model, "--data", files["data"], "--train", train, "--baseline", "ppca", "-q")
+    want = {"fit 1e300": ["1e+300 at row 5, column 2", "rescale"],
+            "compare --train 1e300": ["1e+300 at row 5, column 2", "rescale"],
+            "fit constant": ["constant", "rows that vary"],
+            "fit 1e30 S=1": ["at most 1 direction", "far larger"],
+            "fit 1e30 S=2": ["at most 2 direction", "--latent-dim", "far larger"]}[case]
+    assert_one_line_error(res, *want)
+    if case == "fit 1e30 S=1":
+        assert "smaller latent" not in res.stderr
+    assert not (d / "f.h5").exists()
+
+
+def test_standard_errors_of_log_likelihoods_near_1e160(files):
+    """A row 1e80 away from the model has log p ~ -1e161, inside the accepted range
+    (numerics.MAX_WHITENED_SQ) but with a square beyond float64: score wrote its output
+    and then stopped with an internal error (OverflowError in the summary), compare gave
+    the standard error as null.  Both now equal the exact-arithmetic (statistics.stdev)
+    standard error, and LoglikStats merges chunks (as --dask adds them) to the same."""
+    import statistics
+    from cli.main import LoglikStats
+    X = files["X"].copy()
+    X[3, 2] = 1e80
+    data, out = files["dir"] / "far.npy", files["dir"] / "s.csv"
+    np.save(data, X)
+    res = run("score", files["model"], data, "-o", out, "-q", "--json")
+    assert res.exit_code == 0, res.output
+    ll = np.genfromtxt(out, delimiter=",", names=True)["log_likelihood"]
+    assert ll.min() < -1e160 and np.isfinite(ll).all()
+    want = statistics.stdev(ll.tolist()) / np.sqrt(ll.size)         # exact rational arithmetic
+    got = json.loads(res.stdout)["mean_log_likelihood_stderr"]
+    assert abs(got - want) <= 1e-12 * want, (got, want)
+    res = run("compare", files["model"], "--data", data, "-q", "--json")
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.stdout)["models"][0]["mean_log_likelihood_se"] - want) <= 1e-12 * want
+    stats = LoglikStats(3)
+    for part in (slice(0, 2), slice(2, 3), slice(3, 20)):
+        n = ll[part].size
+        stats.add(SimpleNamespace(log_likelihood=ll[part], n_observed=np.full(n, 3),
+                                  error_bound=np.zeros(n), stderr=np.zeros(n)))
+    assert abs(stats.summary()["mean_log_likelihood_stderr"] - want) <= 1e-12 * want
+
+
+def test_overflowing_slopes_are_refused(files):
+    """fit --activation leaky_relu:1e308 printed numpy's overflow warnings before its error,
+    and a model file with such a slope reached the likelihood: both are refused up front."""
+    d = files["dir"]
+    res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 2, "--max-iter", 1,
+              "--activation", "leaky_relu:1e308", "-q")
+    assert_one_line_error(res, "--activation", "A <= 1e100")
+    model = d / "steep.h5"
+    save_model(model, files["net"], noise_std=0.3)
+    with h5py.File(model, "r+") as f:
+        f["generator/slope_0"][...] = 1e200
+    assert_one_line_error(run("score", model, files["data"], "-o", d / "s.csv", "-q"), "layer 0 slope reaches")
+    assert not (d / "f.h5").exists() and not (d / "s.csv").exists()
+
+
 def test_unwritable_output(files):
     out = files["dir"] / "no_such_dir" / "s.csv"
     assert_one_line_error(run("score", files["model"], files["data"], "-o", out))
@@ -243,6 +361,35 @@ def test_exit_codes_usage_2_bug_70(files, monkeypatch):
                                   str(files["dir"] / "s.csv"), "--debug"], catch_exceptions=False)
 
 
+def test_out_of_memory_is_a_user_error(files, monkeypatch):
+    """fit --hidden 100000000 ran out of memory drawing the weights ('lower --memory-budget',
+    which EM's budget check would have said before any allocation: it does now), and torch's
+    failed CPU allocation (a RuntimeError, e.g. the VAE at that width) was an internal
+    error (exit 70); it is the out-of-memory line now (exit 1)."""
+    d = files["dir"]
+    res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 100000000, "--max-iter", 1, "-q")
+    assert_one_line_error(res, "memory budget", "--memory-budget", "narrower")
+    import cpadgn.data
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 25600000000 bytes.")
+    monkeypatch.setattr(cpadgn.data, "read_data", no_memory)
+    res = run("score", files["model"], files["data"], "-o", d / "s.csv")
+    assert_one_line_error(res, "out of memory", "--memory-budget")
+    assert not (d / "f.h5").exists() and not (d / "s.csv").exists()
+
+
+def test_too_many_draws_names_draws(files):
+    """impute --draws 1e13 ran out of memory with 'lower --memory-budget or use fewer rows'
+    (the budget does not hold the draws); the refusal names --draws.  K N D = 6e14 values
+    are beyond any address space, so the allocation fails at once."""
+    out = files["dir"] / "i.csv"
+    res = run("impute", files["model"], files["data"], "-o", out, "--draws", 10 ** 13, "-q")
+    assert_one_line_error(res, "lower --draws")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["score", "impute", "fit"])
 def test_negative_seed_is_a_usage_error(files, command):
     """numpy's generators take seeds >= 0: a negative --seed is a bad option value (exit 2,
@@ -256,6 +403,38 @@ def test_negative_seed_is_a_usage_error(files, command):
     err = res.stderr.strip()
     assert err.startswith("Error:") and "\n" not in err and "--seed" in err, err
     assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    *((o, "nan") for o in ("--contamination", "--tol", "--val-fraction", "--init-noise", "--rtol",
+                           "--var-floor", "--lr")),
+    *((o, "inf") for o in ("--tol", "--init-noise", "--lr"))])      # the ranges without a maximum
+def test_nan_and_inf_option_values_are_usage_errors(files, option, value):
+    """click's FloatRange lets nan through (it fails no comparison), and inf where the range
+    has no maximum: --contamination nan was an internal error (exit 70, np.quantile), fit's
+    --tol nan silently never stopped, --val-fraction / --init-noise / --rtol / --var-floor
+    nan and --init-noise inf were internal errors.  Each is a bad option value now (exit 2,
+    one line naming the option), before any work."""
+    d, model, data = files["dir"], files["model"], files["data"]
+    args = (["score", model, data, "-o", d / "s.csv"] if option == "--contamination" else
+            ["fit", data, "-o", d / "s.h5", "-S", 1, "--hidden", 2, "--max-iter", 1]
+            + (["--method", "vae"] if option == "--lr" else []))
+    res = run(*args, option, value, "-q")
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error:") and "\n" not in err and option in err and "finite" in err, err
+    assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
+
+
+@pytest.mark.parametrize("value", ["1e300", "1e101"])
+def test_init_noise_beyond_the_float64_range_is_refused(files, value):
+    """--init-noise 1e300 overflowed squaring it in init_ppca (OverflowError, exit 70); a
+    value above numerics.NOISE_RANGE is refused with one line naming the option."""
+    d = files["dir"]
+    res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 2, "--max-iter", 1,
+              "--init-noise", value, "-q")
+    assert_one_line_error(res, "--init-noise", "e.g. 0.1")
+    assert not (d / "f.h5").exists()
 
 
 def test_memory_budget_reaches_the_partition_of_every_model_command(tmp_path):

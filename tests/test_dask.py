@@ -545,3 +545,17 @@ def test_a_killed_worker_is_replaced_and_the_output_is_complete(client, model, t
     got = cd.score(client, model, data, progress=kill_one)
     assert killed and killed[0] not in client.run(os.getpid).values()
     assert_scores_equal(model, X, got)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (3,), (2, 3, 4)])
+def test_chunked_reader_refuses_bad_shapes_like_read_data(tmp_path, shape):
+    """open_rows (--dask) had its own copy of read_data's shape checks, without what to do:
+    '... has no data rows' only.  Both say the same now, 'what is wrong; what to do'."""
+    from cpadgn.data import read_data
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros(shape))
+    with pytest.raises(CpadgnError) as here:
+        read_data(path)
+    with pytest.raises(CpadgnError) as chunked:
+        cd.open_rows(path)
+    assert str(chunked.value) == str(here.value) and "; " in str(here.value)

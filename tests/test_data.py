@@ -121,7 +121,7 @@ def test_npy(tmp_path):
     (np.zeros((0, 3)), "no data rows"),
     (np.zeros((3, 0)), "no columns"),
     (np.array([[1.0, 2.0], [3.0, np.inf]]), r"row 2, column 2 is inf"),
-    (np.array([["a", "b"]]), "holds text values; expected numbers"),
+    (np.array([["a", "b"]]), "holds text values; expected numbers: save the table as a numeric"),
     (np.array([[1 + 2j]]), "complex"),
     (np.array([[object()]], dtype=object), "pickled"),
 ])
@@ -156,8 +156,12 @@ def test_h5_dataset_selection(tmp_path):
         read_data(p)
     np.testing.assert_array_equal(read_data(p, dataset="group/test"), np.zeros((3, 2)))
     np.testing.assert_array_equal(read_data(p, dataset="/train"), np.ones((4, 2)))
-    with pytest.raises(CpadgnError, match="no dataset 'nope'; datasets: .*train"):
+    with pytest.raises(CpadgnError, match=r"no dataset 'nope'; give one of its datasets with --dataset KEY "
+                                          r"\(datasets: .*train"):
         read_data(p, dataset="nope")
+    import cpadgn.dask
+    with pytest.raises(CpadgnError, match=r"no dataset 'nope'; give one of its datasets with --dataset KEY"):
+        cpadgn.dask.open_rows(p, dataset="nope")
     with pytest.raises(CpadgnError, match="1-D array"):
         read_data(p, dataset="meta/labels")
 
@@ -300,3 +304,21 @@ def test_check_output_path(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod.tempfile, "mkstemp", denied)
     with pytest.raises(CpadgnError, match="is not writable \\(Permission denied\\)"):
         check_output_path(tmp_path / "ok.csv")
+
+
+def test_trailing_commas_are_refused_with_the_fix(tmp_path):
+    """A CSV whose every line ends with ',' (some spreadsheet exports) read as D + 1
+    columns, the last unnamed and empty, and the model then refused 'the data has 4
+    columns but the generator outputs 3' without saying why.  The refusal names the
+    trailing commas; without them the file reads back the array.  A named last column
+    that is entirely missing stays data."""
+    X = np.arange(6.0).reshape(2, 3)
+    (tmp_path / "t.csv").write_text("a,b,c,\n0,1,2,\n3,4,5,\n")
+    with pytest.raises(CpadgnError, match="ends with a comma.*remove the trailing commas"):
+        read_data(tmp_path / "t.csv")
+    (tmp_path / "ok.csv").write_text("a,b,c\n0,1,2\n3,4,5\n")
+    np.testing.assert_array_equal(read_data(tmp_path / "ok.csv"), X)
+    (tmp_path / "named.csv").write_text("a,b,c,d\n0,1,2,\n3,4,5,\n")
+    got = read_data(tmp_path / "named.csv")
+    np.testing.assert_array_equal(got[:, :3], X)
+    assert np.isnan(got[:, 3]).all()

@@ -585,3 +585,75 @@ def test_cheap_pairs_are_the_smallest_variances_within_the_budget():
         assert total <= budget[i] * (1 + 1e-12) and (sel & (r == i)).sum() > 0
         rest = np.sort(v[mine & ~sel])
         assert np.all(v[sel & (r == i)].max() <= rest.min()) and total + rest[0] > budget[i]
+
+
+def _min_half_sq_distance(net, patterns, x, sigma):
+    """J* = min_z |x - g(z)|^2 / (2 sigma^2) + |z|^2 / 2 at S = 2: per region a convex
+    quadratic on the polygon {G z <= h}, whose minimum lies at the unconstrained
+    minimiser, on a facet line or at a vertex: the smallest such point inside its region."""
+    import itertools
+    A, b = net.region_maps(patterns)
+    G, h = net.region_constraints(patterns)
+    best = np.inf
+    for Aw, bw, Gw, hw in zip(A, b, G, h):
+        H, f = Aw.T @ Aw / sigma ** 2 + np.eye(2), Aw.T @ (x - bw) / sigma ** 2
+        points = [np.linalg.solve(H, f)]
+        live = [k for k in range(len(hw)) if np.any(Gw[k] != 0)]
+        for k in live:                                   # the minimum on the line G_k z = h_k
+            g2 = Gw[k] @ Gw[k]
+            z0, d = Gw[k] * hw[k] / g2, np.array([-Gw[k, 1], Gw[k, 0]])
+            points.append(z0 + (d @ (f - H @ z0)) / (d @ H @ d) * d)
+        for k, m in itertools.combinations(live, 2):
+            M = np.array([Gw[k], Gw[m]])
+            if abs(np.linalg.det(M)) > 1e-12 * np.sum(M * M):
+                points.append(np.linalg.solve(M, [hw[k], hw[m]]))
+        for z in points:
+            if np.all(Gw @ z <= hw + 1e-9 * (np.abs(Gw) @ np.abs(z) + np.abs(hw))):
+                best = min(best, np.sum((x - bw - Aw @ z) ** 2) / (2 * sigma ** 2) + z @ z / 2)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_s2_rows_1e30_from_the_model(seed):
+    """Rows 1e20..1e30 from an S = 2 model (r^2 ~ 1e63, inside numerics.MAX_WHITENED_SQ):
+    the Owen-segment quadrature's range is one float step of s wide there, so its panel
+    count (a fall of ~1e47 from rounding) overflowed int64 (ZeroDivisionError, exit 70) and
+    its integrand rounded to exp(+1e47) (log p NaN, exit 0).  log p is now the Laplace
+    limit -J*, J* = min_z |x - g(z)|^2 / (2 sigma^2) + |z|^2 / 2 found exactly per region;
+    the terms -J* leaves out (log-determinants, log masses) are O(1e3) nats against
+    J* >= 1e40, and both sides round terms of |x / sigma|^2 ~ 1e63 that cancel to ~1%:
+    relative 1e-10."""
+    net = random_net(2, (6, 6), 3, seed=seed, slope=0.1)
+    model = CPAModel(net, noise_std=0.03, device="cpu")
+    X = np.array([[0.1, 1e30, -0.2], [1e30, 0, 0], [0.3, -0.1, -1e25], [1e20, 1e20, 1e20]])
+    ll = model.log_prob(X)
+    assert np.all(np.isfinite(ll)), ll
+    for x, got in zip(X, ll):
+        want = -_min_half_sq_distance(net, model.partition().patterns, x, 0.03)
+        assert abs(got - want) <= 1e-10 * abs(want), (got, want)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_s1_moments_of_a_row_far_off_the_curve(offset):
+    """A row offset*n from g(z_b) (n a unit vector, z_b the breakpoint nearest 0) pins
+    the S = 1 posterior near z_b, and the regions' intervals lie thousands of their
+    standard deviations out: _interval's phi(.) / mass then lost a^2 eps (variance 0.3%
+    off at 1e4) and overflowed beyond 1e154 (infinite means, z_mean NaN); its tail form
+    keeps them.  Oracle: loglik_1d's quadrature.  The regions' log weights ~ -(offset /
+    sigma)^2 / 2 round to eps relative, so the responsibilities, and the moments with
+    them, carry up to ~ eps (offset / sigma)^2 (times a spread of the region moments
+    below 1): tolerance 4 eps (offset / sigma)^2."""
+    sigma = 0.3
+    net = random_net(1, (6, 6), 3, seed=2, slope=0.1, scale=2.0)
+    model = CPAModel(net, noise_std=sigma, device="cpu")
+    G, h = net.region_constraints(model.partition().patterns)
+    breaks = np.concatenate([hr[Gr[:, 0] != 0] / Gr[Gr[:, 0] != 0, 0] for Gr, hr in zip(G, h)])
+    zb = breaks[np.argmin(np.abs(breaks))]
+    n = np.array([1.0, -2.0, 0.5]) / np.linalg.norm([1.0, -2.0, 0.5])
+    x = net.forward(np.array([[zb]]))[0] + offset * n
+    post = model.posterior(x[None])
+    lz, m1, m2 = loglik_1d(net, x, sigma)
+    tol = 4 * np.finfo(float).eps * (offset / sigma) ** 2
+    assert abs(post.log_likelihood[0] - lz) <= tol * abs(lz)
+    assert abs(post.z_mean[0, 0] - m1) <= tol, (post.z_mean[0, 0], m1)
+    assert abs(post.z_cov[0, 0, 0] - (m2 - m1 * m1)) <= tol, (post.z_cov[0, 0, 0], m2 - m1 * m1)

@@ -216,6 +216,25 @@ def test_pickle_needs_trust(tmp_path, z):
     assert_matches_torch(g.net, model, z)
 
 
+def test_plain_pickle_refusal_prints_no_torch_warning(tmp_path, z):
+    """A module written by pickle.dump (not torch.save) made torch's weights-only loader warn
+    about its pickle protocol on stderr before cpadgn's one-line refusal (the refusal is
+    now the only message), and with --trust-pickle it was 'cannot be unpickled: Invalid
+    magic number' (torch.load reads torch.save files only): it loads now."""
+    import pickle
+    import warnings
+    model = make_model()
+    with open(tmp_path / "gen.pkl", "wb") as f:
+        pickle.dump(model, f, protocol=4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CpadgnError, match="pickled PyTorch module.*--trust-pickle"):
+            load_generator(tmp_path / "gen.pkl")
+        g = load_generator(tmp_path / "gen.pkl", trust_pickle=True)
+    assert not seen, [str(w.message) for w in seen]
+    assert_matches_torch(g.net, model, z)
+
+
 class Wrapped(nn.Module):
     def __init__(self):
         super().__init__()

@@ -473,6 +473,8 @@ def test_cli_refuses_bad_slice_options_before_computing_the_partition(files, tmp
      "past the end"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/gen.png", "--size", "7x"], "--size"),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--size", "100000x100000"],   # was 'out of
+     "at most 16384 pixels a side"),                                   # memory; lower --memory-budget'
     (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "2,2"], "two different axes"),
     (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "0,1"], "latent axes are z1..z3"),
     (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "1"], "numbered from 1"),
