@@ -50,7 +50,7 @@ CASES = [
     ("max_regions 0", lambda t: __import__("cpadgn.partition").partition.compute_partition(_net(), max_regions=0),
      ValueError, "max_regions must be positive, got 0", "pass 1 or more, or None"),
     ("ppca one row", lambda t: __import__("cpadgn.ppca").ppca.ppca_parameters(np.ones((1, 3)), 1),
-     CpadgnError, "needs at least 2 training rows, got 1", "pass more training rows"),
+     CpadgnError, "needs at least 2 training rows, got 1", "pass more rows with --train"),
     ("mcar fraction", lambda t: __import__("cpadgn.impute").impute.mcar_mask(np.ones((2, 3)), 1.5),
      CpadgnError, "must be in (0, 1), got 1.5", "pass a fraction such as 0.2"),
     ("impute draws 0", lambda t: _model().imputation(np.full((1, 3), np.nan), draws=0),
