@@ -1439,8 +1439,8 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, id
         n = sl.size
         cut = [(max(1, int(cu[sl].max())), max(1, int(cl[sl].max()))) for cu, cl in counts]
         rows = [tuple(a[sl, :k] for a, k in zip(lv, (ku, ku, kl, kl))) for lv, (ku, kl) in zip(levels, cut)]
-        step = m
-        while step > 1 and n * R * step * int(total[sl].max()) > chunk:
+        step = m                                                        # points of each set per block:
+        while step > 1 and n * R * step > chunk:                        # ~2 S + 8 arrays of n R step
             step //= 2
         sums = _SetSums(n, S, R, moments)
         for base in _sobol_blocks(S, m, R, seed, step):
@@ -1515,10 +1515,12 @@ class _SetSums:
         self.W *= old[:, None]
         self.scatter *= old[:, None, None]
         w = np.exp(logw - ref[:, None, None])                            # (n, R, b)
-        z = np.where(w[:, None] > 0, z, 0.0)
+        if not np.all(w > 0):
+            z = np.where(w[:, None] > 0, z, 0.0)
         Wb = w.sum(-1)                                                   # (n, R)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mb = np.where(Wb[:, None] > 0, (z * w[:, None]).sum(-1) / Wb[:, None], 0.0)   # (n, S, R)
+            mb = (z[..., None, :] @ w[:, None, :, :, None])[..., 0, 0]  # (n, S, R)
+            mb = np.where(Wb[:, None] > 0, mb / Wb[:, None], 0.0)
         dz = (z - mb[..., None]).reshape(z.shape[0], z.shape[1], -1)     # (n, S, R b)
         dzw = dz * w.reshape(w.shape[0], 1, -1)
         W = self.W + Wb
