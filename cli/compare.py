@@ -28,7 +28,7 @@ REPORT_SUFFIXES = (".json", ".csv")
 @click.option("--train", "train_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Training rows: adds AIC and BIC from the exact training log-likelihood, "
                    "and is what --baseline and --noise-std auto are fitted on.")
-@click.option("--dataset", default=None, help="Dataset key inside .h5 data files.")
+@click.option("--dataset", default=None, help="Dataset key inside the .h5 files among --data and --train (a .csv or .npy file beside them ignores it).")
 @click.option("--baseline", default=None, metavar="ppca[:K]",
               help="Add probabilistic PCA fitted on --train in closed form (K defaults to the "
                    "first model's latent dimension), scored exactly.")
@@ -111,8 +111,12 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
                           "(fitting it on the test data would bias the comparison)")
 
     from cpadgn.model import load            # imports torch: after the quick checks
-    X_test = read_data(test_path, dataset=dataset)
-    X_train = None if train_path is None else read_data(train_path, dataset=dataset)
+    # --dataset is the key inside the .h5 files among --data and --train (a .csv or .npy
+    # beside one ignores it; with no .h5 file read_data refuses it)
+    h5 = [p for p in (test_path, train_path) if p is not None and Path(p).suffix.lower() in (".h5", ".hdf5")]
+    key = lambda path: dataset if path in h5 or not h5 else None
+    X_test = read_data(test_path, dataset=key(test_path))
+    X_train = None if train_path is None else read_data(train_path, dataset=key(train_path))
     dev = resolve_device(device)
     models = [(str(p), load(p, noise_std=None if s == "auto" else s, trust_pickle=trust_pickle,
                             device=dev)) for p, s in zip(model_paths, noises)]

@@ -352,6 +352,27 @@ def test_cli_refusals_are_one_line(files, extra, message):
     assert message in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_cli_dataset_applies_to_the_h5_files_only(files):
+    """--dataset names the key inside the .h5 file among --data and --train: a .npy test
+    file beside an .h5 training file (it was refused as 'a .npy file; drop --dataset')
+    gives the report of the same rows as CSV; with no .h5 file it is refused."""
+    import h5py
+    d = files
+    np.save(d / "test.npy", np.loadtxt(d / "test.csv", delimiter=","))
+    with h5py.File(d / "train_rows.h5", "w") as f:
+        f["rows"] = np.loadtxt(d / "train.csv", delimiter=",")
+        f["other"] = np.zeros((3, 3))
+    common = [d / "a.h5", "--baseline", "ppca", "--device", "cpu", "--json"]
+    mixed = run(common + ["--data", d / "test.npy", "--train", d / "train_rows.h5", "--dataset", "rows"])
+    plain = run(common + ["--data", d / "test.csv", "--train", d / "train.csv"])
+    assert mixed.exit_code == 0 and plain.exit_code == 0, mixed.output
+    strip = lambda out: [{k: v for k, v in m.items() if k != "seconds"} for m in json.loads(out)["models"]]
+    assert strip(mixed.stdout) == strip(plain.stdout)
+    refused = run([d / "a.h5", "--data", d / "test.npy", "--dataset", "rows", "--device", "cpu"])
+    assert refused.exit_code == 1 and "drop --dataset" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+
+
 def test_cli_data_dimension_mismatch(files):
     d = files
     r = run([d / "d4.h5", "--data", d / "test.csv", "--device", "cpu"])
