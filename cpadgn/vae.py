@@ -108,6 +108,9 @@ def train_vae(X, *, latent_dim, hidden, slope=0.1, noise="diag", epochs=200, lr=
         for start in range(0, len(perm), batch_size):
             xb = Xt[perm[start:start + batch_size]]
             loss = -vae.elbo(xb).mean()
+            if not bool(torch.isfinite(loss)):
+                raise CpadgnError(f"VAE training diverged in epoch {epoch + 1} (the ELBO is not finite); "
+                                  f"lower --lr (now {lr:g})")
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -359,6 +359,21 @@ def test_cli_fit_vae_keeps_encoder(tmp_path, wave):
     assert gen.extra["groups"]["training"]["epoch"].tolist() == [1, 2, 3, 4]
 
 
+def test_cli_fit_vae_divergence_names_the_learning_rate(tmp_path, wave):
+    """A learning rate that sends the ELBO to inf or NaN stops training with one line
+    naming --lr (it went on and was refused later as 'a badly scaled model'), no output."""
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X)
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "vae.h5"), "-S", "1", "--hidden", "6,6",
+                                  "--method", "vae", "--max-iter", "2", "--lr", "1e300", "-q"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == ["Error: VAE training diverged in epoch 1 (the ELBO is not finite); "
+                                             "lower --lr (now 1e+300)"]
+    assert list(tmp_path.iterdir()) == [data]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--hidden", "32,abc"], "--hidden"),
     (["--activation", "tanh"], "--activation"),
