@@ -710,7 +710,7 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     modes in the whitened frame where known (NaN: not known; ``_dual_distance_bound``),
     checked before use; geometry: their QMC geometry where the first stage's was kept
     (``_GeometryStore``; the rest is found anew); ids (P,): the pairs' identities
-    (``_pair_ids``), which key their QMC points (None: their polytopes' bits).
+    (``_pair_ids``), which key their QMC points (S >= 4 only; required there).
     """
     v, C = v.cpu().numpy(), C.cpu().numpy()
     if (complete and tab.polygons is not None) or polygons is not None:
@@ -721,7 +721,6 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     else:
         A, b = _whitened_regions(tab, v, C, regions)
         known = np.full(v.shape, np.nan) if mode is None else mode
-        ids = content_hash(np.concatenate([A, b[..., None]], -1)) if ids is None else ids
         if pilot is not None and tab.S >= 4:
             res, pil, geo = _in_threads(_qmc_first_stage, A, b, tab.mask[regions], known, ids, moments=moments,
                                         memory_budget=memory_budget)
@@ -820,7 +819,7 @@ def _qmc_first_stage(A, b, mask, mode, ids, moments: bool, memory_budget: float 
     """S >= 4 first stage: an estimate (seed 0) and an independent pilot of the mass
     (seed 1), QMC_FIRST points each, on one geometry (``polytope.polytope_qmc_draws``;
     mode (P, S) its known modes, NaN rows where not known; ids (P,) the polytopes'
-    identities, None rows: their bits), and that geometry."""
+    identities), and that geometry."""
     (res, pil), geo = polytope_qmc_draws(A, b, mask, [(QMC_FIRST, 0, moments), (QMC_FIRST, 1, False)],
                                          memory_budget, mode, with_geometry=True, ids=ids)
     return res, pil, geo

@@ -1689,8 +1689,7 @@ def _sobol_sets(S, m, R, seed):
 
 
 def _sobol_sets_new(S, m, R, seed):
-    sets = [qmc.Sobol(S, scramble=True, bits=32, seed=seed * 1000 + i).random(m) for i in range(R)]
-    return np.ascontiguousarray(np.rint(np.concatenate(sets) * 2.0 ** 32).astype(_U64).T)
+    return _next_points(_sobol_engines(S, R, seed), m).reshape(S, R * m)
 
 
 def _sobol_blocks(S, m, R, seed, step):
@@ -1700,10 +1699,21 @@ def _sobol_blocks(S, m, R, seed, step):
     if step == m:
         yield _sobol_sets(S, m, R, seed).reshape(S, R, m)
         return
-    engines = [qmc.Sobol(S, scramble=True, bits=32, seed=seed * 1000 + i) for i in range(R)]
+    engines = _sobol_engines(S, R, seed)
     for _ in range(0, m, step):
-        points = np.stack([engine.random(step) for engine in engines], 1)             # (step, R, S)
-        yield np.ascontiguousarray(np.rint(points * 2.0 ** 32).astype(_U64).transpose(2, 1, 0))
+        yield _next_points(engines, step)
+
+
+def _sobol_engines(S, R, seed):
+    """The R independently scrambled Sobol engines of a draw's sets."""
+    return [qmc.Sobol(S, scramble=True, bits=32, seed=seed * 1000 + i) for i in range(R)]
+
+
+def _next_points(engines, k):
+    """The next k points of each engine, as 32-bit integers (the point is x / 2^32):
+    (S, R, k) uint64."""
+    points = np.stack([engine.random(k) for engine in engines], 1)                 # (k, R, S)
+    return np.ascontiguousarray(np.rint(points * 2.0 ** 32).astype(_U64).transpose(2, 1, 0))
 
 
 @lru_cache(maxsize=64)
