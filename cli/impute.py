@@ -72,9 +72,8 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
 
     --dask ADDRESS|local:N imputes the rows on a Dask cluster, chunk by chunk (README,
     Beyond one machine): the same files, datasets and summary fields; the same means and
-    std up to rounding at S <= 3 (at S >= 4 up to their QMC standard error, which it
-    reports as without --dask); --draws are seeded per chunk, so they are other exact
-    draws than without --dask.
+    std up to rounding (at S >= 4 also the same QMC standard errors); --draws are seeded
+    per chunk, so they are other exact draws than without --dask.
 
     \b
     Examples:

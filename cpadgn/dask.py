@@ -25,8 +25,8 @@ chunks by default) on the workers themselves, so the workers must see DATA at th
 path (a shared file system); CSV is refused (convert it once to .npy or .h5).
 Results equal the single-process run up to rounding: the row chunks are other batch
 sizes, which changes the order of floating-point sums (README, Precision); at S >= 4
-up to the QMC standard errors, which come back with the results (``stderr`` of the
-posterior table; ``impute(..., mean_stderr=True)``).
+too, as a pair's QMC points do not depend on its chunk, and their standard errors come
+back with the results (``stderr`` of the posterior table; ``impute(..., mean_stderr=True)``).
 
 Exact draws (``draws=K``) use one random stream per chunk, seeded by (seed, first row
 of the chunk): reproducible for the same seed and chunking, exact draws either way, but
