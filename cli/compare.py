@@ -280,7 +280,7 @@ def _table(title, columns, rows, caption=None):
               box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
     for j, name in enumerate(columns):
         text = name in ("model", "A", "B")                   # may wrap
-        left = text or name in ("kind", "preferred")
+        left = text or name in ("kind", "better")
         width = max([len(name)] + [len(_plain(r[j])) for r in rows])
         t.add_column(name, justify="left" if left else "right", no_wrap=not text,
                      min_width=min(width, 8) if text else width, overflow="fold")
@@ -338,20 +338,31 @@ def _print_tables(result):
     rows = []
     for r in result.pairs:
         d = _decimals(r.se)
-        pref = (f"[bold]{short[r.preferred]}[/bold]" if r.preferred in short else "[dim]n.s.[/dim]")
+        pref = ("[bold]A[/bold]" if r.preferred == r.model_a else "[bold]B[/bold]" if r.preferred == r.model_b
+                else "[dim]n.s.[/dim]")
         rows.append([short[r.model_a], short[r.model_b], _fix(r.mean_difference, d), _fix(r.se, d),
                      f"[{_fix(r.ci_low, d)}, {_fix(r.ci_high, d)}]", f"{r.vuong_z:.2f}",
                      _pvalue(r.p_value), pref])
     rows = [[c.replace("[", "\\[") if j == 4 else c for j, c in enumerate(r)] for r in rows]
     out.print(_table("Pairwise: d = log p_A(x) - log p_B(x) per test row; Vuong's test, 5% level",
-                     ["A", "B", "mean d", "SE", "95% interval", "z", "p", "preferred"], rows,
-                     caption="n.s. = no significant difference at the 5% level"))
+                     ["A", "B", "mean d", "SE", "95% interval", "z", "p", "better"], rows,
+                     caption="better: preferred at the 5% level (n.s.: no significant difference)"))
 
 
 def _short_names(names):
-    """File names without their directories when that keeps them distinct."""
+    """File names without their directories, and without their suffix where every model
+    file has the same one, when that keeps them distinct (baselines such as ppca:2 keep
+    their names)."""
     short = [Path(n).name for n in names]
-    return short if len(set(short)) == len(short) else list(names)
+    if len(set(short)) < len(short):
+        return list(names)
+    files = [n for n in short if ":" not in n]
+    suffixes = {Path(n).suffix for n in files}
+    if len(suffixes) == 1 and "" not in suffixes:
+        bare = [n if ":" in n else Path(n).stem for n in short]
+        if len(set(bare)) == len(bare):
+            return bare
+    return short
 
 
 def _plot(path, result):
