@@ -10,6 +10,13 @@ D = 64, noise std 0.1, 1,000 rows, and S = 4, hidden 16-16, D = 64, noise std 0.
 200 rows, both at rtol 1e-9 (the partitions are cached in --cache-dir), timed as
 ``score`` runs them (log p only) and with the posterior moments; their time per row
 is reported as a ratio to the S = 2 case's, timed the same two ways.
+With --model MODEL --data DATA also a saved (e.g. trained) generator on DATA's rows, the
+same way and in the same run (a trained model's posteriors cover far fewer regions than
+the random nets'), e.g. an EM model of the digits:
+
+    cpadgn fit sample_data/digits_train.csv -o s3.h5 --latent-dim 3 --hidden 16,16
+    python benchmarks/bench_likelihood.py --rows 3000 --is-rows 0 --repeats 1 \
+        --model s3.h5 --data sample_data/digits_test.csv
 Prints:
 1. partition time and regions; total exact log-likelihood time for N rows;
 2. the (row, region) product ((rows x (hidden + 2)) @ ((hidden + 2) x regions (S+1)))
@@ -155,6 +162,32 @@ def higher_latent_case(S, cache_dir, per_row_s2, rows=None, D=64, sigma=0.1, rto
           f"complement sums to <= {rtol:g} p): {fewest_pairs(post, rtol) / n:.0f} per row")
 
 
+def saved_model_case(model_path, data_path, per_row_s2):
+    """A saved generator on the rows of data_path, timed as ``higher_latent_case`` times
+    its case (the model's own noise std and rtol; partition and region table built first)."""
+    import cpadgn
+    from cpadgn.data import read_data
+    model = cpadgn.load(model_path)
+    X = read_data(data_path)
+    t0 = time.perf_counter()
+    part = model.partition()
+    tab = model._region_table()
+    if model.latent_dim == 3:
+        likelihood._facet_polygons(tab)
+    t_setup = time.perf_counter() - t0
+    n = X.shape[0]
+    print(f"{model_path} (S={model.latent_dim}, {part.n_regions:,} regions, noise std "
+          f"{np.asarray(model.noise_std).ravel()[0]:.4g}; partition and tables {t_setup:.1f} s) on {n:,} rows "
+          f"of {data_path}:")
+    for what, moments, s2 in (("score (log p)", False, per_row_s2[0]), ("posterior (+ moments)", True, per_row_s2[1])):
+        t0 = time.perf_counter()
+        post = model.posterior(X, moments=moments)
+        t = time.perf_counter() - t0
+        print(f"  {what}: {t:.2f} s ({1e3 * t / n:.2f} ms/row, {t / n / s2:.0f}x the S=2 time per row); "
+              f"pairs integrated per row {post.pair_row.size / n:.0f}; max certified bound "
+              f"{post.error_bound.max():.1e} nats; max stderr {post.stderr.max():.1e}")
+
+
 def fewest_pairs(post, rtol):
     """Over all rows, the fewest integrated pairs whose left-out responsibilities sum to
     at most rtol: a lower bound on the pairs a certified pruning must integrate."""
@@ -175,7 +208,11 @@ def main():
     ap.add_argument("--cache-dir", default="out/bench_likelihood")
     ap.add_argument("--higher-rows", type=int, default=None,
                     help="rows for the S >= 3 cases (default: 1,000 at S = 3, 200 at S = 4)")
+    ap.add_argument("--model", default=None, help="also time this saved generator (with --data)")
+    ap.add_argument("--data", default=None, help="the rows --model is timed on (.csv, .npy or .h5)")
     args = ap.parse_args()
+    if (args.model is None) != (args.data is None):
+        ap.error("--model and --data go together")
     cases = [int(c) for c in args.latent.split(",")]
     if 2 not in cases:
         cases.insert(0, 2)
@@ -236,6 +273,8 @@ def main():
     for S in cases:
         if S > 2:
             higher_latent_case(S, args.cache_dir, per_row_s2, rows=args.higher_rows)
+    if args.model is not None:
+        saved_model_case(args.model, args.data, per_row_s2)
     if args.is_rows == 0:
         return
     rows = np.arange(args.is_rows)
