@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import command_inputs, load_model, main, model_options, user_errors
+from cli.main import check_cache_path, command_inputs, load_model, main, model_options, user_errors
 from cpadgn.errors import CpadgnError
 
 
@@ -82,6 +82,7 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
     axes = None if slice_axes is None else parse_slice_axes(slice_axes)
     at = None if slice_at is None else parse_slice_at(slice_at)
     pictures.check_image_path(out, inputs=command_inputs(model_path, data_path, cache))
+    check_cache_path(model_path, cache)
     X = None if data_path is None else read_data(data_path, dataset=dataset)
     if X is not None:
         bad = [r for r in rows if r >= X.shape[0]]
