@@ -360,6 +360,8 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
     from matplotlib.patches import Rectangle
     part, S = model.partition(), model.latent_dim
     plane = latent_slice(model, slice_axes, slice_at, None if post is None else post.z_mean[0])
+    if rows:
+        _check_posterior_spread(rows, post, plane.axes)
     zooms = rows[:MAX_ZOOMS] if ax is None else []
     zoom_axes = []
     if ax is None:
@@ -488,10 +490,26 @@ def _mark_mean(ax, z, colour, label):
 
 
 def _posterior_window(mean, cov, axes=(0, 1), k: float = 4.0):
-    """A square window around mean (S,) on two axes, +- k times their larger posterior std."""
+    """A square window around mean (S,) on two axes, +- k times their larger posterior std,
+    and at least +- 1e-6 (1 + |mean|): a posterior narrower than that (a tiny noise std) is
+    drawn as a dot in a window that float64 axes still resolve."""
     i, j = axes
     half = k * float(np.sqrt(max(cov[i, i], cov[j, j])))
+    half = max(half, 1e-6 * (1.0 + max(abs(mean[i]), abs(mean[j]))))
     return ((mean[i] - half, mean[i] + half), (mean[j] - half, mean[j] + half))
+
+
+def _check_posterior_spread(rows, post, axes) -> None:
+    """A one-line CpadgnError for a row whose posterior variances on the drawn axes are all
+    non-positive or not finite: rounding swamped the moments of a posterior far narrower
+    than its mean (a tiny noise std), so its window cannot be sized."""
+    for i, r in enumerate(rows):
+        var = np.diagonal(post.z_cov[i])[list(axes)]
+        if not (np.all(np.isfinite(var)) and var.max() > 0):
+            raise CpadgnError(f"row {r}: its posterior variance on z{axes[0] + 1}, z{axes[1] + 1} came out "
+                              f"{var.max():.3g}, not positive: at this noise std its posterior is too "
+                              "narrow for float64 moments, so its p(z | x) cannot be drawn; drop "
+                              f"--row {r}, or use a larger --noise-std")
 
 
 def _posterior_contours(ax, model, x, window, grid, colour, plane):

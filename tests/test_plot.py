@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from scipy.stats import chi2, multivariate_normal
 from cli.main import main
 from cpadgn import plot
 from cpadgn.anomaly import alpha_threshold
+from cpadgn.errors import CpadgnError
 from cpadgn.model import CPAModel
 from cpadgn.modelfile import save_model
 
@@ -550,3 +552,43 @@ def test_missing_matplotlib_is_one_clear_line(files):
     assert lines[1] == ("CLI: 1 Error: pictures need matplotlib, which is not installed; "
                         "pip install 'cpadgn[plot]' (or matplotlib)"), out
     assert not (files / "x.png").exists()
+
+
+def test_posterior_window_of_a_posterior_narrower_than_rounding_is_still_a_window():
+    """A zero variance (the moments of a posterior ~1e-9 wide at |mean| ~ 1) gave identical
+    axis limits: matplotlib warned and widened them by itself; a negative one gave NaN limits
+    (exit 70).  The window keeps +-1e-6 (1 + |mean|); a non-positive variance is refused."""
+    from types import SimpleNamespace
+    mean = np.array([0.7, -1.2])
+    (x0, x1), (y0, y1) = plot._posterior_window(mean, np.zeros((2, 2)))
+    # the widths carry the rounding of mean +- half: eps |mean| against 4.4e-6
+    assert x0 < mean[0] < x1 and y0 < mean[1] < y1
+    assert x1 - x0 == pytest.approx(2e-6 * 2.2, rel=1e-8) and y1 - y0 == pytest.approx(2e-6 * 2.2, rel=1e-8)
+    (x0, x1), _ = plot._posterior_window(mean, np.diag([0.25, 1e-30]))
+    assert (x0, x1) == (mean[0] - 2.0, mean[0] + 2.0)        # 4 posterior std (0.5) of the wider axis
+    post = SimpleNamespace(z_cov=np.array([np.diag([1e-3, 2e-3]), [[-6e-12, 5e-12], [5e-12, -5e-12]]]))
+    with pytest.raises(CpadgnError, match=r"row 9: .*-5e-12, not positive.*drop --row 9"):
+        plot._check_posterior_spread([4, 9], post, (0, 1))
+    plot._check_posterior_spread([4], post, (0, 1))
+
+
+@pytest.mark.parametrize("noise", ["1e-6", "1e-9"])
+def test_cli_rows_at_a_tiny_noise_std_draw_or_are_refused_in_one_line(tmp_path, noise):
+    """digits rows 0-3 at noise std 1e-6 / 1e-9: their posteriors are 1e-7 to 1e-10 wide and
+    the rounding of their moments can make a variance zero or negative (exit 70 'Axis limits
+    cannot be NaN', or matplotlib's 'identical low and high xlims' warnings, before)."""
+    sample = Path(__file__).resolve().parents[1] / "sample_data"
+    out = tmp_path / "tiny.png"
+    rows = [a for r in range(4) for a in ("--row", r)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # a warning ends the command with exit 70
+        r = run("plot", "partition", sample / "digits_generator.h5", "-o", out, "--data",
+                sample / "digits_test.csv", *rows, "--noise-std", noise, "-q", "--device", "cpu",
+                "--cache", tmp_path / "c.h5")
+    assert r.exit_code in (0, 1), r.output
+    if r.exit_code == 1:
+        err = r.stderr.strip()
+        assert err.startswith("Error: row ") and "\n" not in err and "not positive" in err, err
+        assert not out.exists()
+    else:
+        assert png_size(out) == (1200, 600) and r.output == ""
