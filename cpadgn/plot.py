@@ -598,11 +598,20 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     (M,) as a second, outlined histogram (both as densities, so they compare).
 
     A few far outliers would squash the bulk: rows more than 10 interquartile ranges
-    below the lower quartile are counted in the legend instead of drawn."""
+    below the lower quartile are counted in the legend instead of drawn.  Rows with
+    nothing observed (log p NaN: no likelihood) are counted in the legend too (one NaN
+    used to blank every bar)."""
     ll = np.asarray(log_likelihood, dtype=np.float64).reshape(-1)
+    unobserved = int(np.sum(np.isnan(ll)))
+    ll = ll[~np.isnan(ll)]
     ref = None if model_log_likelihood is None else np.asarray(model_log_likelihood, np.float64).reshape(-1)
+    ref = None if ref is None or np.isnan(ref).all() else ref[~np.isnan(ref)]
     fig, ax = _figure_and_axes(ax, size, (600, 450))
+    if unobserved:
+        ax.plot([], [], " ", label=f"{unobserved} rows with nothing observed (no log p) not drawn")
     both = ll if ref is None else np.concatenate([ll, ref])
+    if both.size == 0:
+        return _finish_scores_axes(fig, ax)
     q1, q3 = np.quantile(both, [0.25, 0.75])
     lo = max(float(both.min()), q1 - 10 * max(q3 - q1, 1e-12))
     if threshold is not None:
@@ -620,6 +629,10 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     hidden = int(np.sum(ll < lo))
     if hidden:
         ax.plot([], [], " ", label=f"{hidden} rows below {lo:.4g} not drawn")
+    return _finish_scores_axes(fig, ax)
+
+
+def _finish_scores_axes(fig, ax):
     ax.set_xlabel("exact log p(x) per row (nats; low = anomalous)")
     ax.set_ylabel("density")
     ax.set_title("Exact log-likelihood of the rows", fontsize=10)
@@ -633,7 +646,7 @@ def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=Non
     log p below -quantile(-log p, 1 - c); alpha flags p-values < alpha, i.e. log p below
     ``anomaly.alpha_threshold`` of the reference draws.  pvalues (``anomaly.PValues``)
     gives the model's own log p; with several missing patterns, those of the pattern
-    most rows share (observed (N, D) bool)."""
+    most rows with an observed entry share (observed (N, D) bool)."""
     from .anomaly import alpha_threshold
     ll = np.asarray(log_likelihood, dtype=np.float64)
     threshold = label = ref = None
@@ -641,10 +654,13 @@ def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=Non
         q = 0
         if len(pvalues.patterns) > 1 and observed is not None:
             _, which = np.unique(observed, axis=0, return_inverse=True)
-            q = int(np.bincount(which.reshape(-1)).argmax())
+            counts = np.bincount(which.reshape(-1), minlength=len(pvalues.patterns))
+            counts[~pvalues.patterns.any(axis=1)] = 0         # nothing observed: no log p to compare
+            q = int(counts.argmax())
         ref = pvalues.reference_log_prob[q]
-    if contamination is not None:
-        threshold = -float(np.quantile(-ll, 1 - contamination))
+    scored = ll[~np.isnan(ll)]              # rows with something observed, as score flags them
+    if contamination is not None and scored.size:
+        threshold = -float(np.quantile(-scored, 1 - contamination))
         label = f"contamination {contamination:g}"
     elif alpha is not None and ref is not None:
         threshold = alpha_threshold(ref, alpha)

@@ -1,6 +1,7 @@
 """Pictures (cpadgn.plot and the --plot options): rendered with Agg, read back pixel by
 pixel and checked against numbers computed independently (a forward pass locating each
 pixel's region, Bayes' rule for the posterior density, brute-force counts)."""
+import io
 import shutil
 import struct
 import subprocess
@@ -592,3 +593,39 @@ def test_cli_rows_at_a_tiny_noise_std_draw_or_are_refused_in_one_line(tmp_path, 
         assert not out.exists()
     else:
         assert png_size(out) == (1200, 600) and r.output == ""
+
+
+def test_scores_histogram_draws_the_rows_beside_one_with_nothing_observed():
+    """A row with nothing observed has log p NaN: it is counted in the legend, and the other
+    rows' bars are np.histogram's densities (one NaN used to blank every bar)."""
+    ll = np.array([np.nan, -3.0, -2.0, -2.5, -2.25])
+    fig = plot.scores_histogram(ll, threshold=-2.6)
+    ax = fig.cpadgn_main_axes
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    heights = np.array([p.get_height() for p in bars])
+    edges = np.linspace(-3.0, -2.0, 41)
+    want, _ = np.histogram(ll[1:], bins=edges, density=True)
+    np.testing.assert_allclose(np.sort(heights), np.sort(want[want > 0]), rtol=1e-12)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "1 rows with nothing observed (no log p) not drawn" in labels
+    assert any("1 rows flagged" in t for t in labels)
+
+
+def test_scores_figure_compares_with_the_pattern_of_rows_with_something_observed():
+    """With --alpha, the model's own log p is drawn for the missing pattern most rows share;
+    the pattern of rows with nothing observed (the most common one here) has no log p:
+    its all-NaN reference gave matplotlib 'All-NaN slice' warnings and no threshold."""
+    from types import SimpleNamespace
+    observed = np.array([[False, False], [False, False], [True, False]])
+    pv = SimpleNamespace(patterns=np.array([[False, False], [True, False]]),
+                         reference_log_prob=np.array([[np.nan] * 4, [-4.0, -3.0, -2.0, -1.0]]))
+    ll = np.array([np.nan, np.nan, -2.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot.scores_figure(ll, pvalues=pv, alpha=0.5, observed=observed)
+        fig.savefig(io.BytesIO(), format="png")
+    ax = fig.cpadgn_main_axes
+    threshold = [line for line in ax.lines if line.get_gid() == "threshold"]
+    assert len(threshold) == 1 and threshold[0].get_xdata()[0] == alpha_threshold(pv.reference_log_prob[1], 0.5)
+    fig = plot.scores_figure(ll, contamination=0.5)
+    assert [line.get_xdata()[0] for line in fig.cpadgn_main_axes.lines if line.get_gid() == "threshold"] == [-2.5]
