@@ -470,7 +470,8 @@ def _prior_contours(ax, model, plane):
     w0 = np.linalg.solve(model.prior_chol, plane.origin - model.prior_mean)
     MtM = M.T @ M
     centre = -np.linalg.solve(MtM, M.T @ w0)
-    d2 = float(np.sum((w0 + M @ centre) ** 2))
+    with np.errstate(over="ignore"):     # a plane ~1e300 away (--slice-at 1e300): d^2 = inf, no ellipse
+        d2 = float(np.sum((w0 + M @ centre) ** 2))
     C = np.linalg.cholesky(np.linalg.inv(MtM))
     what = "contours" if model.latent_dim == 2 else "ellipsoids cut by the slice"
     first = True

@@ -629,3 +629,16 @@ def test_scores_figure_compares_with_the_pattern_of_rows_with_something_observed
     assert len(threshold) == 1 and threshold[0].get_xdata()[0] == alpha_threshold(pv.reference_log_prob[1], 0.5)
     fig = plot.scores_figure(ll, contamination=0.5)
     assert [line.get_xdata()[0] for line in fig.cpadgn_main_axes.lines if line.get_gid() == "threshold"] == [-2.5]
+
+
+def test_a_slice_far_outside_the_prior_draws_no_ellipse_and_no_warning(files):
+    """--slice-at 1e300 at S = 3: the plane is ~1e300 prior std from the mean, so it misses
+    the 50/90/99% ellipsoids (radii < 3.4); d^2 overflowed with a RuntimeWarning."""
+    from cpadgn.model import load
+    model = load(files / "gen3.h5", cache=False, device="cpu")
+    dashed = lambda fig: [line for line in fig.cpadgn_main_axes.lines if line.get_linestyle() != "None"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = plot.partition(model, slice_at=np.array([1e300]))
+        near = plot.partition(model, slice_at=np.array([0.5]))
+    assert dashed(far) == [] and len(dashed(near)) == 3
