@@ -419,7 +419,7 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
             zax.set_aspect("equal", adjustable="box")
             zax.tick_params(labelsize=7)
             on = f"\non the slice {own.describe()}" if S > 2 else ""
-            zax.set_title(f"row {r}: exact p(z | x){on}\nlog p(x) = {post.log_likelihood[i]:.2f}",
+            zax.set_title(f"row {r}: exact p(z | x){on}\n{_log_p_text(post.log_likelihood[i])}",
                           fontsize=8)
             (x0, x1), (y0, y1) = zw
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.0,
@@ -427,6 +427,11 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     fig.cpadgn_main_axes = ax
     return fig
+
+
+def _log_p_text(log_p: float) -> str:
+    """A row's log p(x) for a title; a row with nothing observed (NaN) has the prior as posterior."""
+    return "nothing observed: p(z | x) is the prior" if np.isnan(log_p) else f"log p(x) = {log_p:.2f}"
 
 
 def _mass_label(part, S: int) -> str:
@@ -578,7 +583,7 @@ def _partition_1d(model, rows, Xr, post, ax, window, size, grid):
         for i, r in enumerate(rows):
             colour = ROW_COLOURS[i % len(ROW_COLOURS)]
             line, = ax.plot(z, dens[i], color=colour, lw=1.3,
-                            label=f"row {r}: log p(x) = {post.log_likelihood[i]:.2f}")
+                            label=f"row {r}: {_log_p_text(post.log_likelihood[i])}")
             line.cpadgn_density = (z, dens[i])
             ax.plot([post.z_mean[i, 0]], [0.0], marker="^", ms=10, color=colour, mec="black", mew=0.6,
                     ls="none", clip_on=False, zorder=5, gid="posterior_mean")

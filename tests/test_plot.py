@@ -642,3 +642,15 @@ def test_a_slice_far_outside_the_prior_draws_no_ellipse_and_no_warning(files):
         far = plot.partition(model, slice_at=np.array([1e300]))
         near = plot.partition(model, slice_at=np.array([0.5]))
     assert dashed(far) == [] and len(dashed(near)) == 3
+
+
+def test_a_row_with_nothing_observed_is_titled_by_its_prior_posterior(files):
+    """Its log p(x) is NaN (no likelihood): the zoomed panel said 'log p(x) = nan'."""
+    from cpadgn.model import load
+    model = load(files / "gen.h5", cache=False, device="cpu")
+    X = np.loadtxt(files / "data.csv", delimiter=",")[:2]
+    X[0] = np.nan
+    fig = plot.partition(model, X, rows=[0, 1], grid=31)
+    titles = [a.get_title() for a in fig.axes]
+    assert any(t.startswith("row 0:") and t.endswith("nothing observed: p(z | x) is the prior") for t in titles)
+    assert any(t.startswith("row 1:") and "log p(x) = " in t for t in titles) and "nan" not in " ".join(titles)
