@@ -95,6 +95,9 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
     from cpadgn.data import read_data
     if rows and data_path is None:
         raise CpadgnError("--row picks rows of a data file: add --data DATA")
+    if dataset is not None and data_path is None:
+        raise CpadgnError(f"--dataset {dataset} is the key inside the --data .h5 file, and there is no "
+                          "--data: add --data DATA, or drop --dataset")
     axes = None if slice_axes is None else parse_slice_axes(slice_axes)
     at = None if slice_at is None else parse_slice_at(slice_at)
     pictures.check_image_path(out, inputs=command_inputs(model_path, data_path, cache))

@@ -508,6 +508,7 @@ def test_cli_size_out_of_range_is_a_one_line_usage_error_before_any_work(files, 
 @pytest.mark.parametrize("args, message", [
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.jpg"], "use one of .png, .pdf, .svg"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--row", "1"], "add --data"),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--dataset", "X"], "there is no --data"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--data", "{d}/data.csv", "--row", "30"],
      "past the end"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png"),
