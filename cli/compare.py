@@ -13,8 +13,8 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, check_dask_options, console, main, parse_noise, resolve_device, say_for,
-                      set_stderr_target, stderr_target_option, user_errors)
+from cli.main import (Progressbar, check_cache_path, check_dask_options, console, main, notice_for, parse_noise,
+                      resolve_device, say_for, set_stderr_target, stderr_target_option, user_errors)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -89,6 +89,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     from cpadgn.data import check_not_an_input, read_data
 
     t0 = time.perf_counter()
+    notice = notice_for(quiet)               # shown under --json too (on stderr)
     quiet = quiet or as_json
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     inputs = compare_inputs(model_paths, test_path, train_path)
@@ -98,6 +99,8 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         _check_plot(plot_path, inputs)
     if out is not None and plot_path is not None:
         check_not_an_input(plot_path, {"the -o report": out})
+    for p in model_paths:
+        check_cache_path(p, None)
     parse_baseline(baseline)
     if baseline is not None and train_path is None:
         raise CpadgnError("--baseline ppca is fitted on training data: pass --train TRAIN")
@@ -128,7 +131,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     for i, (name, m) in enumerate(models):
         set_stderr_target(m, stderr_target, say)
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
-            part = m.partition(max_regions=max_regions, progress=bar, log=say)
+            part = m.partition(max_regions=max_regions, progress=bar, log=say, notice=notice)
         say(f"{name}: {part.n_regions} regions ({m.partition_status}; {m.cache_path})")
         if noises[i] == "auto":       # the partition does not depend on the noise: reused
             sigma = m.fit_noise_std(X_train)

@@ -12,8 +12,8 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, check_dask_options, command_inputs, dask_options, load_model, main,
-                      model_options, print_summary, say_for, stderr_target_option, user_errors)
+from cli.main import (Progressbar, check_cache_path, check_dask_options, command_inputs, dask_options,
+                      load_model, main, model_options, print_summary, say_for, stderr_target_option, user_errors)
 from cpadgn.errors import CpadgnError
 
 
@@ -85,6 +85,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     from cpadgn.data import check_output_path, read_data
     from cpadgn.impute import imputation_errors, mcar_mask
     t0 = time.perf_counter()
+    notices = not quiet                      # shown under --json too (on stderr)
     quiet = quiet or as_json
     if n_draws is not None and n_draws < 1:
         raise CpadgnError(f"--draws must be a positive integer, got {n_draws}; give --draws 1 or more")
@@ -94,6 +95,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         raise CpadgnError("missing output file: pass -o OUT (.csv, .npy or .h5), or --evaluate-mcar P")
     std_path = None
     inputs = command_inputs(model_path, data_path, cache)
+    check_cache_path(model_path, cache)
     if out is not None:
         out = check_output_path(out, inputs=inputs)
         if want_std and out.suffix.lower() in (".csv", ".npy"):
@@ -116,6 +118,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     if dask_address is not None:
         res, model = impute_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, n_draws, seed,
                                     want_std, out, std_path, quiet=quiet, cache=cache, noise_std=noise_std,
+                                    notices=notices,
                                     device=device, trust_pickle=trust_pickle, max_regions=max_regions,
                                     memory_budget=memory_budget, stderr_target=stderr_target)
         summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
@@ -143,7 +146,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in,
-                       memory_budget=memory_budget, stderr_target=stderr_target)
+                       memory_budget=memory_budget, stderr_target=stderr_target, notices=notices)
     model._check_data(X)
     with Progressbar("imputing rows", quiet) as bar:
         try:

@@ -162,7 +162,9 @@ def model_options(fn):
                      help="Observation noise std (overrides the model file); 'auto' fits it "
                           "by maximum exact likelihood on the data."),
         click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
-                     help="Partition cache file [default: MODEL.partition.h5]."),
+                     help="Partition cache file [default: MODEL.partition.h5].  A cache of another "
+                          "generator there is recomputed and replaced (with a note on stderr); any "
+                          "other file (data, a model) is refused and left untouched."),
         click.option("--max-regions", type=click.IntRange(min=1), default=None,
                      help="Stop with an error if the partition has more regions than this."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -237,13 +239,48 @@ def cache_status(status) -> dict:
     return {"cache_status": status}
 
 
+def check_cache_path(model_path, cache) -> None:
+    """Refuse (one-line CpadgnError) a file at the partition cache path (``--cache``, else
+    MODEL.partition.h5) that is not a cpadgn partition cache, before any work: such a
+    file (the user's data, a model, a CSV) is never replaced.  A cache of another
+    generator, or a damaged one, passes: it is recomputed and replaced, with a notice."""
+    from pathlib import Path
+    from cpadgn.cache import NotACacheError, cache_path_for, read_identity
+    path = Path(cache) if cache else cache_path_for(model_path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        read_identity(path)
+    except NotACacheError as e:
+        why = str(e).replace(str(path), "it", 1)
+        if cache:
+            raise CpadgnError(f"--cache {cache} is not a cpadgn partition cache ({why}); it is left "
+                              "untouched: name another path") from None
+        raise CpadgnError(f"the partition cache path {path} (the default beside the model) holds a "
+                          f"file that is not a cpadgn partition cache ({why}); it is left untouched: "
+                          "move it away or pass --cache PATH") from None
+    except CpadgnError:
+        pass                    # a damaged cache: recomputed and replaced with a notice
+
+
+def notice_for(quiet: bool):
+    """The one-line notices that an output replaces something (a cache of another
+    generator): on stderr unless --quiet, also under --json (whose stdout stays JSON)."""
+    def notice(message: str):
+        text = " ".join(message.split())
+        click.echo(f"Note: {text[:1].lower()}{text[1:]}", err=True)
+    return (lambda m: None) if quiet else notice
+
+
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
-               need_noise=True, memory_budget=2e9, stderr_target=None, check=None):
+               need_noise=True, memory_budget=2e9, stderr_target=None, check=None, notices=None):
     """Load a generator, check it against the data (and by ``check(model)``, which raises
     CpadgnError), get its partition (cache or compute), settle the noise std.  Bad input
-    fails here, before any long computation."""
+    fails here, before any long computation.  notices: print the notice that a cache of
+    another generator is replaced (default: not quiet; pass ``not --quiet`` under --json)."""
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    check_cache_path(model_path, cache)
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
                  trust_pickle=trust_pickle, device=resolve_device(device))
     model.memory_budget = memory_budget
@@ -258,7 +295,8 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
         raise CpadgnError(f"{model.no_noise_reason(model_path)}; pass --noise-std X, or --noise-std auto "
                           "to fit it by maximum likelihood on the data")
     with Progressbar("partition", quiet) as bar:
-        model.partition(max_regions=max_regions, progress=bar, log=say)
+        model.partition(max_regions=max_regions, progress=bar, log=say,
+                        notice=notice_for(quiet if notices is None else not notices))
     if noise_std == "auto":
         sigma = model.fit_noise_std(data)
         say(f"noise std fitted by maximum exact likelihood: {sigma:.6g}")
@@ -311,14 +349,14 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     from cpadgn.partition import check_partition
     t0 = time.perf_counter()
     model = load_model(model_path, cache=cache, noise_std=None, device=device, need_noise=False,
-                       memory_budget=memory_budget,
+                       memory_budget=memory_budget, notices=not quiet,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json)
     part = model.partition()
     check = getattr(part, "check", None)     # stored in the cache by an earlier run
     if check is None:
         check = part.check = check_partition(model.net, part)
         written = model.partition_status in ("computed", "loaded") or \
-            model.partition_status.startswith("recomputed")
+            model.partition_status.startswith(("recomputed", "replaced"))
         if model.cache_path is not None and written:
             from cpadgn.cache import save_partition
             try:
@@ -433,12 +471,13 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     check_score_options(contamination, pvalues, samples, alpha, explain)
     samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
+    check_cache_path(model_path, cache)
     check_dask_options(dask_address, chunk_rows, **{
         "--pvalues/--alpha": pvalues, "--explain": explain is not None, "--plot": plot_path is not None,
         "--noise-std auto": noise_std == "auto"})
     if dask_address is not None:
         stats, flags, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, out,
-                                            contamination, quiet=quiet or as_json, cache=cache,
+                                            contamination, quiet=quiet or as_json, cache=cache, notices=not quiet,
                                             noise_std=noise_std, device=device, trust_pickle=trust_pickle,
                                             max_regions=max_regions, memory_budget=memory_budget,
                                             stderr_target=stderr_target)
@@ -457,7 +496,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                           f"use --explain {X.shape[1]} or less")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X,
-                       memory_budget=memory_budget, stderr_target=stderr_target)
+                       memory_budget=memory_budget, stderr_target=stderr_target, notices=not quiet)
     with Progressbar("scoring rows", quiet or as_json) as bar:
         post = model.posterior(X, progress=bar)
     pv = residuals = None

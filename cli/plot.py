@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import command_inputs, load_model, main, model_options, user_errors
+from cli.main import check_cache_path, command_inputs, load_model, main, model_options, user_errors
 from cpadgn.errors import CpadgnError
 
 
@@ -20,6 +20,27 @@ def plot():
 
 
 MAX_PICTURE_SIDE = 16384     # pixels: a 1 GiB RGBA buffer at 16384 x 16384
+# The smallest --size every layout (S = 1, 2, >= 3; 0 to 4 zoomed rows) renders without
+# matplotlib's "constrained_layout not applied" warning: the tightest measured was about
+# 370 x 176 (S = 3, four zoomed rows), rounded up for other fonts and matplotlib versions.
+MIN_PICTURE_SIZE = (400, 200)
+
+
+def parse_size(ctx, param, value):
+    """--size WxH -> (W, H) pixels, within MIN_PICTURE_SIZE and MAX_PICTURE_SIDE; a usage error otherwise."""
+    if value is None:
+        return None
+    parts = value.lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise click.BadParameter(f"expected WxH in pixels, e.g. 800x600, got {value!r}")
+    w, h = (int(p) for p in parts)
+    lo_w, lo_h = MIN_PICTURE_SIZE
+    if w < lo_w or h < lo_h:
+        raise click.BadParameter(f"{w}x{h} is too small to lay the picture out: at least {lo_w}x{lo_h} pixels")
+    if max(w, h) > MAX_PICTURE_SIDE:      # Agg holds 4 bytes a pixel
+        raise click.BadParameter(f"{w}x{h}: at most {MAX_PICTURE_SIDE} pixels a side; use a smaller "
+                                 "size, or .svg / .pdf for a picture that scales")
+    return w, h
 
 
 @plot.command()
@@ -32,7 +53,9 @@ MAX_PICTURE_SIDE = 16384     # pixels: a 1 GiB RGBA buffer at 16384 x 16384
 @click.option("--row", "rows", type=click.IntRange(min=0), multiple=True, metavar="I",
               help="Draw the exact posterior p(z | x) of row I of DATA (0 = the first data row; "
                    "repeat for several).")
-@click.option("--size", default=None, metavar="WxH", help="Picture size in pixels [default: by layout].")
+@click.option("--size", default=None, metavar="WxH", callback=parse_size,
+              help=f"Picture size in pixels, at least {MIN_PICTURE_SIZE[0]}x{MIN_PICTURE_SIZE[1]} "
+                   f"[default: by layout].")
 @click.option("--slice-axes", default=None, metavar="I,J",
               help="S >= 3 (or S = 2, to swap): the two latent axes zI, zJ spanning the slice, "
                    "numbered from 1 like the pictures' z1..zS and score's z_mean_1..S [default: 1,2].")
@@ -72,16 +95,13 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
     from cpadgn.data import read_data
     if rows and data_path is None:
         raise CpadgnError("--row picks rows of a data file: add --data DATA")
-    try:
-        size = None if size is None else pictures.parse_image_shape(size)
-    except ValueError as e:
-        raise CpadgnError(f"--size: {str(e).replace('HxW', 'WxH')}") from None
-    if size is not None and max(size) > MAX_PICTURE_SIDE:      # Agg holds 4 bytes a pixel
-        raise CpadgnError(f"--size {size[0]}x{size[1]}: at most {MAX_PICTURE_SIDE} pixels a side; "
-                          "use a smaller size, or .svg / .pdf for a picture that scales")
+    if dataset is not None and data_path is None:
+        raise CpadgnError(f"--dataset {dataset} is the key inside the --data .h5 file, and there is no "
+                          "--data: add --data DATA, or drop --dataset")
     axes = None if slice_axes is None else parse_slice_axes(slice_axes)
     at = None if slice_at is None else parse_slice_at(slice_at)
     pictures.check_image_path(out, inputs=command_inputs(model_path, data_path, cache))
+    check_cache_path(model_path, cache)
     X = None if data_path is None else read_data(data_path, dataset=dataset)
     if X is not None:
         bad = [r for r in rows if r >= X.shape[0]]

@@ -5,7 +5,7 @@ per generator and stored, by default beside the model as ``<model file>.partitio
 (e.g. ``gen.h5`` -> ``gen.h5.partition.h5``).  It is keyed by a fingerprint of the
 network (architecture, weights, slopes; ``PiecewiseAffineNet.fingerprint``) and of the
 cache format, so a cache whose fingerprint does not match is never used: it is
-recomputed and replaced, and the caller is told why.  Pass the network the partition
+recomputed and replaced (status STALE_STATUS), and the caller is told why.  Pass the network the partition
 was computed for (the one with the prior folded in, if that is what is enumerated).
 
 The body carries a SHA-256 checksum (``body_sha256``), checked on every load: a cache
@@ -72,6 +72,7 @@ from .partition import Partition
 FORMAT = "cpadgn-partition"
 CACHE_FORMAT_VERSION = 2
 CACHE_SUFFIX = ".partition.h5"
+STALE_STATUS = "replaced (another generator's partition)"
 
 _FLOAT_FIELDS = ("log_prior_mass", "log_prior_mass_stderr", "clearance")
 _BOOL_FIELDS = ("bounded", "degenerate")
@@ -219,7 +220,17 @@ def _open(path: Path):
         if _damaged_cache(path):
             raise CpadgnError(f"{path} is a damaged partition cache (unreadable HDF5: "
                               f"{_short(e)})") from None
+        if not _hdf5_signature(path):
+            raise NotACacheError(f"{path} is not an HDF5 file") from None
         raise NotACacheError(f"{path} is not a readable HDF5 file ({_short(e)})") from None
+
+
+def _hdf5_signature(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _damaged_cache(path: Path) -> bool:
@@ -246,7 +257,8 @@ def _s(v) -> str:
 def _read_header(path, f) -> tuple[str, int]:
     fmt = _s(f.attrs.get("format", ""))
     if fmt != FORMAT:
-        raise NotACacheError(f"{path} is not a cpadgn partition cache (format '{fmt}')")
+        kind = f"format '{fmt}'" if fmt else "no cpadgn format attribute"
+        raise NotACacheError(f"{path} is an HDF5 file of another kind: {kind}")
     if "fingerprint" not in f.attrs:
         raise CpadgnError(f"{path} has no fingerprint")
     return _s(f.attrs["fingerprint"]), int(f.attrs.get("cache_format_version", -1))
@@ -295,19 +307,22 @@ def _read_body(path, f) -> Partition:
 
 # ================================================================= load or compute
 def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], Partition], *,
-                    log: Callable[[str], None] | None = None) -> tuple[Partition, str]:
+                    log: Callable[[str], None] | None = None,
+                    notice: Callable[[str], None] | None = None) -> tuple[Partition, str]:
     """The partition of ``net`` from ``cache_path`` if it is valid, else ``compute()`` and store it.
 
-    Returns (partition, status) with status "loaded", "computed",
-    "recomputed (stale: fingerprint mismatch)", "recomputed (other cache format N)",
+    Returns (partition, status) with status "loaded", "computed", STALE_STATUS (the file
+    held another generator's partition: replaced), "recomputed (other cache format N)",
     "recomputed (corrupt cache: ...)", or "not_written (reason)" when the partition
     was computed but the cache could not be written.  log(msg) receives one human
-    sentence per event; a failure to write the cache is a warning (through log, or
-    warnings.warn without one), never an error.  A file at ``cache_path`` that is not a
-    cpadgn partition cache is refused (NotACacheError) before any computation and
-    left untouched.
+    sentence per event; notice(msg) (default: log) the one sentence saying that a cache
+    holding another generator's partition, or a damaged one, is being replaced.  A
+    failure to write the cache is a warning (through log, or warnings.warn without one),
+    never an error.  A file at ``cache_path`` that is not a cpadgn partition cache is
+    refused (NotACacheError) before any computation and left untouched.
     """
     say = log or (lambda msg: None)
+    tell = notice or say
     cache_path = Path(cache_path)
     net_fp = net.fingerprint()
     key = cache_key(net_fp)
@@ -322,17 +337,18 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
                                  "another cache path (--cache) or move that file away") from None
         except CpadgnError as e:
             stored, version = None, CACHE_FORMAT_VERSION
-            status = _corrupt(cache_path, e, say)
+            status = _corrupt(cache_path, e, tell)
         if stored is None:
             pass
         elif version != CACHE_FORMAT_VERSION:
             status = f"recomputed (other cache format {version})"
             say(f"The partition cache {cache_path} has cache format {version} (this cpadgn "
                 f"writes {CACHE_FORMAT_VERSION}); recomputing and replacing it.")
-        elif stored != key:
-            status = "recomputed (stale: fingerprint mismatch)"
-            say(f"The partition cache {cache_path} was computed for a different generator or "
-                "cache format (fingerprint mismatch); recomputing and replacing it.")
+        elif stored != key:       # the same format version, so another network fingerprint
+            status = STALE_STATUS
+            tell(f"The partition cache {cache_path} holds another generator's partition (a "
+                 "different fingerprint: another model, or this one changed); recomputing and "
+                 "replacing it.")
         else:
             try:
                 part, _ = read_partition(cache_path)
@@ -341,7 +357,7 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
                 say(f"Loaded the partition ({part.n_regions} regions) from {cache_path}.")
                 return part, "loaded"
             except CpadgnError as e:
-                status = _corrupt(cache_path, e, say)
+                status = _corrupt(cache_path, e, tell)
     part = compute()
     try:
         save_partition(cache_path, part, net_fp)

@@ -86,8 +86,9 @@ class CPAModel:
         return other
 
     # ------------------------------------------------------------- partition
-    def partition(self, *, max_regions=None, progress=None, log=None) -> Partition:
-        """The exact partition of the latent space, from the cache when it is valid."""
+    def partition(self, *, max_regions=None, progress=None, log=None, notice=None) -> Partition:
+        """The exact partition of the latent space, from the cache when it is valid (log,
+        notice: ``cache.load_or_compute``'s messages)."""
         if self._partition is None:
             compute = lambda: compute_partition(self.net, max_regions=max_regions, progress=progress,
                                                 memory_budget=self.memory_budget)
@@ -95,7 +96,8 @@ class CPAModel:
                 part, self.partition_status = compute(), "computed"
             else:
                 from .cache import load_or_compute
-                part, self.partition_status = load_or_compute(self.net, self.cache_path, compute, log=log)
+                part, self.partition_status = load_or_compute(self.net, self.cache_path, compute, log=log,
+                                                              notice=notice)
             if max_regions is not None and part.n_regions > max_regions:     # a cached one too
                 from .partition import _too_many
                 _too_many(part.n_regions, max_regions)

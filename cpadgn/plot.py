@@ -360,6 +360,8 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
     from matplotlib.patches import Rectangle
     part, S = model.partition(), model.latent_dim
     plane = latent_slice(model, slice_axes, slice_at, None if post is None else post.z_mean[0])
+    if rows:
+        _check_posterior_spread(rows, post, plane.axes)
     zooms = rows[:MAX_ZOOMS] if ax is None else []
     zoom_axes = []
     if ax is None:
@@ -417,7 +419,7 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
             zax.set_aspect("equal", adjustable="box")
             zax.tick_params(labelsize=7)
             on = f"\non the slice {own.describe()}" if S > 2 else ""
-            zax.set_title(f"row {r}: exact p(z | x){on}\nlog p(x) = {post.log_likelihood[i]:.2f}",
+            zax.set_title(f"row {r}: exact p(z | x){on}\n{_log_p_text(post.log_likelihood[i])}",
                           fontsize=8)
             (x0, x1), (y0, y1) = zw
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.0,
@@ -425,6 +427,11 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     fig.cpadgn_main_axes = ax
     return fig
+
+
+def _log_p_text(log_p: float) -> str:
+    """A row's log p(x) for a title; a row with nothing observed (NaN) has the prior as posterior."""
+    return "nothing observed: p(z | x) is the prior" if np.isnan(log_p) else f"log p(x) = {log_p:.2f}"
 
 
 def _mass_label(part, S: int) -> str:
@@ -468,7 +475,8 @@ def _prior_contours(ax, model, plane):
     w0 = np.linalg.solve(model.prior_chol, plane.origin - model.prior_mean)
     MtM = M.T @ M
     centre = -np.linalg.solve(MtM, M.T @ w0)
-    d2 = float(np.sum((w0 + M @ centre) ** 2))
+    with np.errstate(over="ignore"):     # a plane ~1e300 away (--slice-at 1e300): d^2 = inf, no ellipse
+        d2 = float(np.sum((w0 + M @ centre) ** 2))
     C = np.linalg.cholesky(np.linalg.inv(MtM))
     what = "contours" if model.latent_dim == 2 else "ellipsoids cut by the slice"
     first = True
@@ -488,10 +496,26 @@ def _mark_mean(ax, z, colour, label):
 
 
 def _posterior_window(mean, cov, axes=(0, 1), k: float = 4.0):
-    """A square window around mean (S,) on two axes, +- k times their larger posterior std."""
+    """A square window around mean (S,) on two axes, +- k times their larger posterior std,
+    and at least +- 1e-6 (1 + |mean|): a posterior narrower than that (a tiny noise std) is
+    drawn as a dot in a window that float64 axes still resolve."""
     i, j = axes
     half = k * float(np.sqrt(max(cov[i, i], cov[j, j])))
+    half = max(half, 1e-6 * (1.0 + max(abs(mean[i]), abs(mean[j]))))
     return ((mean[i] - half, mean[i] + half), (mean[j] - half, mean[j] + half))
+
+
+def _check_posterior_spread(rows, post, axes) -> None:
+    """A one-line CpadgnError for a row whose posterior variances on the drawn axes are all
+    non-positive or not finite: rounding swamped the moments of a posterior far narrower
+    than its mean (a tiny noise std), so its window cannot be sized."""
+    for i, r in enumerate(rows):
+        var = np.diagonal(post.z_cov[i])[list(axes)]
+        if not (np.all(np.isfinite(var)) and var.max() > 0):
+            raise CpadgnError(f"row {r}: its posterior variance on z{axes[0] + 1}, z{axes[1] + 1} came out "
+                              f"{var.max():.3g}, not positive: at this noise std its posterior is too "
+                              "narrow for float64 moments, so its p(z | x) cannot be drawn; drop "
+                              f"--row {r}, or use a larger --noise-std")
 
 
 def _posterior_contours(ax, model, x, window, grid, colour, plane):
@@ -559,7 +583,7 @@ def _partition_1d(model, rows, Xr, post, ax, window, size, grid):
         for i, r in enumerate(rows):
             colour = ROW_COLOURS[i % len(ROW_COLOURS)]
             line, = ax.plot(z, dens[i], color=colour, lw=1.3,
-                            label=f"row {r}: log p(x) = {post.log_likelihood[i]:.2f}")
+                            label=f"row {r}: {_log_p_text(post.log_likelihood[i])}")
             line.cpadgn_density = (z, dens[i])
             ax.plot([post.z_mean[i, 0]], [0.0], marker="^", ms=10, color=colour, mec="black", mew=0.6,
                     ls="none", clip_on=False, zorder=5, gid="posterior_mean")
@@ -580,11 +604,20 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     (M,) as a second, outlined histogram (both as densities, so they compare).
 
     A few far outliers would squash the bulk: rows more than 10 interquartile ranges
-    below the lower quartile are counted in the legend instead of drawn."""
+    below the lower quartile are counted in the legend instead of drawn.  Rows with
+    nothing observed (log p NaN: no likelihood) are counted in the legend too (one NaN
+    used to blank every bar)."""
     ll = np.asarray(log_likelihood, dtype=np.float64).reshape(-1)
+    unobserved = int(np.sum(np.isnan(ll)))
+    ll = ll[~np.isnan(ll)]
     ref = None if model_log_likelihood is None else np.asarray(model_log_likelihood, np.float64).reshape(-1)
+    ref = None if ref is None or np.isnan(ref).all() else ref[~np.isnan(ref)]
     fig, ax = _figure_and_axes(ax, size, (600, 450))
+    if unobserved:
+        ax.plot([], [], " ", label=f"{unobserved} rows with nothing observed (no log p) not drawn")
     both = ll if ref is None else np.concatenate([ll, ref])
+    if both.size == 0:
+        return _finish_scores_axes(fig, ax)
     q1, q3 = np.quantile(both, [0.25, 0.75])
     lo = max(float(both.min()), q1 - 10 * max(q3 - q1, 1e-12))
     if threshold is not None:
@@ -602,6 +635,10 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     hidden = int(np.sum(ll < lo))
     if hidden:
         ax.plot([], [], " ", label=f"{hidden} rows below {lo:.4g} not drawn")
+    return _finish_scores_axes(fig, ax)
+
+
+def _finish_scores_axes(fig, ax):
     ax.set_xlabel("exact log p(x) per row (nats; low = anomalous)")
     ax.set_ylabel("density")
     ax.set_title("Exact log-likelihood of the rows", fontsize=10)
@@ -615,7 +652,7 @@ def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=Non
     log p below -quantile(-log p, 1 - c); alpha flags p-values < alpha, i.e. log p below
     ``anomaly.alpha_threshold`` of the reference draws.  pvalues (``anomaly.PValues``)
     gives the model's own log p; with several missing patterns, those of the pattern
-    most rows share (observed (N, D) bool)."""
+    most rows with an observed entry share (observed (N, D) bool)."""
     from .anomaly import alpha_threshold
     ll = np.asarray(log_likelihood, dtype=np.float64)
     threshold = label = ref = None
@@ -623,10 +660,13 @@ def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=Non
         q = 0
         if len(pvalues.patterns) > 1 and observed is not None:
             _, which = np.unique(observed, axis=0, return_inverse=True)
-            q = int(np.bincount(which.reshape(-1)).argmax())
+            counts = np.bincount(which.reshape(-1), minlength=len(pvalues.patterns))
+            counts[~pvalues.patterns.any(axis=1)] = 0         # nothing observed: no log p to compare
+            q = int(counts.argmax())
         ref = pvalues.reference_log_prob[q]
-    if contamination is not None:
-        threshold = -float(np.quantile(-ll, 1 - contamination))
+    scored = ll[~np.isnan(ll)]              # rows with something observed, as score flags them
+    if contamination is not None and scored.size:
+        threshold = -float(np.quantile(-scored, 1 - contamination))
         label = f"contamination {contamination:g}"
     elif alpha is not None and ref is not None:
         threshold = alpha_threshold(ref, alpha)

@@ -100,10 +100,11 @@ def test_stale_fingerprint_recomputes_and_says_so(tmp_path):
     old_net, new_net = small_net(0), small_net(1)
     load_or_compute(old_net, p, Counter(hand_partition(old_net)))
     compute = Counter(hand_partition(new_net, seed=3))
-    messages = []
-    part, status = load_or_compute(new_net, p, compute, log=messages.append)
-    assert status == "recomputed (stale: fingerprint mismatch)" and compute.calls == 1
-    assert any("fingerprint mismatch" in m and "recomputing" in m for m in messages)
+    messages, notices = [], []
+    part, status = load_or_compute(new_net, p, compute, log=messages.append, notice=notices.append)
+    assert status == "replaced (another generator's partition)" and compute.calls == 1
+    assert len(notices) == 1 and "another generator's partition" in notices[0] and "replacing" in notices[0]
+    assert not any("another generator" in m for m in messages)     # said once, as the notice
     assert read_partition(p)[1] == cache_key(new_net.fingerprint())   # replaced
     assert load_or_compute(new_net, p, compute)[1] == "loaded"
 

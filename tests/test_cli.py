@@ -99,9 +99,54 @@ def test_stale_cache_is_recomputed_and_replaced(files):
     save_model(other, random_net(1, (5, 5), 3, seed=9), noise_std=0.3)
     out = files["dir"] / "s.csv"
     res = run("score", other, files["data"], "-o", out, "--cache", cache)
-    assert res.exit_code == 0 and "stale" in res.stderr.lower()
+    assert res.exit_code == 0 and "another generator's partition" in res.stderr
     res = run("score", other, files["data"], "-o", out, "--cache", cache)
     assert "loaded" in res.stderr.lower()
+
+
+REPLACED = "replaced (another generator's partition)"
+
+
+def test_a_cache_of_another_model_is_replaced_with_one_notice_even_under_json(files):
+    cache = files["dir"] / "mine.h5"
+    assert run("partition", files["model"], "--cache", cache, "-q").exit_code == 0
+    other = files["dir"] / "other.h5"
+    save_model(other, random_net(1, (5, 5), 3, seed=9), noise_std=0.3)
+    res = run("score", other, files["data"], "-o", files["dir"] / "s.csv", "--cache", cache, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["cache_status"] == REPLACED
+    note = res.stderr.strip()
+    assert note.startswith("Note:") and "\n" not in note, note
+    assert str(cache) in note and "another generator's partition" in note and "replacing" in note
+    # --quiet silences the notice; the status still says it
+    res = run("partition", files["model"], "--cache", cache, "--json", "-q")
+    assert res.exit_code == 0 and res.stderr == ""
+    assert json.loads(res.stdout)["cache_status"] == REPLACED
+    res = run("partition", files["model"], "--cache", cache, "--json")
+    assert json.loads(res.stdout)["cache_status"] == "loaded" and res.stderr == ""
+
+
+def user_data_h5(files):
+    path = files["dir"] / "mydata.h5"
+    with h5py.File(path, "w") as f:
+        f["X"] = files["X"]
+    return path
+
+
+@pytest.mark.parametrize("which", ["data .h5", "data .csv", "model"])
+@pytest.mark.parametrize("command", ["score", "partition", "plot"])
+def test_a_cache_path_holding_another_kind_of_file_is_refused_and_left_untouched(files, which, command):
+    victim = {"data .h5": user_data_h5, "data .csv": lambda f: f["data"], "model": lambda f: f["model"]}[which](files)
+    before = victim.read_bytes()
+    out = files["dir"] / ("map.png" if command == "plot" else "s.csv")
+    args = {"score": ["score", files["model"], files["data"], "-o", out],
+            "partition": ["partition", files["model"], "--json"],
+            "plot": ["plot", "partition", files["model"], "-o", out]}[command]
+    res = run(*args, "--cache", victim)
+    assert_one_line_error(res, f"--cache {victim} is not a cpadgn partition cache", "name another path")
+    assert res.stdout == "" and victim.read_bytes() == before and not out.exists()
+    assert sorted(p.name for p in files["dir"].iterdir()) == sorted(
+        ["gen.h5", "data.csv"] + (["mydata.h5"] if which == "data .h5" else []))
 
 
 def test_wrong_dimension(files):

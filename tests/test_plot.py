@@ -1,11 +1,14 @@
 """Pictures (cpadgn.plot and the --plot options): rendered with Agg, read back pixel by
 pixel and checked against numbers computed independently (a forward pass locating each
 pixel's region, Bayes' rule for the posterior density, brute-force counts)."""
+import io
 import shutil
 import struct
 import subprocess
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from scipy.stats import chi2, multivariate_normal
 from cli.main import main
 from cpadgn import plot
 from cpadgn.anomaly import alpha_threshold
+from cpadgn.errors import CpadgnError
 from cpadgn.model import CPAModel
 from cpadgn.modelfile import save_model
 
@@ -466,15 +470,48 @@ def test_cli_refuses_bad_slice_options_before_computing_the_partition(files, tmp
         assert sorted(p.name for p in tmp_path.iterdir()) == ["gen3.h5"]
 
 
+@pytest.mark.parametrize("model, rows", [("gen1.h5", 2), ("gen.h5", 0), ("gen.h5", 5), ("gen3.h5", 1),
+                                         ("gen3.h5", 5)])
+def test_cli_pictures_at_the_smallest_size_lay_out_without_a_warning(files, tmp_path, model, rows):
+    """Each layout (S = 1, 2, 3; none to the most zoomed rows) at MIN_PICTURE_SIZE, warnings
+    as errors: matplotlib's 'constrained_layout not applied' (what 1x1 to about 370x176 gave)
+    would end the command with exit 70."""
+    from cli.plot import MIN_PICTURE_SIZE
+    if model == "gen1.h5":
+        save_model(tmp_path / model, random_net(1, (6,), 4, seed=1), noise_std=0.3)
+    path = tmp_path / model if model == "gen1.h5" else files / model
+    w, h = MIN_PICTURE_SIZE
+    picked = [a for r in range(rows) for a in ("--row", r)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = run("plot", "partition", path, "-o", tmp_path / "small.png", "--size", f"{w}x{h}", "--data",
+                files / "data.csv", *picked, "-q", "--device", "cpu", "--cache", tmp_path / "c.h5")
+    assert r.exit_code == 0 and r.output == "", r.output
+    assert png_size(tmp_path / "small.png") == (w, h)
+
+
+@pytest.mark.parametrize("size, message", [
+    ("1x1", "1x1 is too small to lay the picture out: at least 400x200 pixels"),
+    ("10x10", "at least 400x200 pixels"), ("399x900", "at least 400x200"), ("900x199", "at least 400x200"),
+    ("7x", "expected WxH in pixels"), ("-5x300", "expected WxH"),
+    ("100000x100000", "at most 16384 pixels a side"),   # was 'out of memory; lower --memory-budget'
+])
+def test_cli_size_out_of_range_is_a_one_line_usage_error_before_any_work(files, tmp_path, size, message):
+    shutil.copy(files / "gen.h5", tmp_path / "gen.h5")
+    r = run("plot", "partition", tmp_path / "gen.h5", "-o", tmp_path / "map.png", "--size", size)
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip()
+    assert err.startswith("Error: Invalid value for '--size'") and "\n" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5"]      # no picture, no cache
+
+
 @pytest.mark.parametrize("args, message", [
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.jpg"], "use one of .png, .pdf, .svg"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--row", "1"], "add --data"),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--dataset", "X"], "there is no --data"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--data", "{d}/data.csv", "--row", "30"],
      "past the end"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png"),
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/gen.png", "--size", "7x"], "--size"),
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--size", "100000x100000"],   # was 'out of
-     "at most 16384 pixels a side"),                                   # memory; lower --memory-budget'
     (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "2,2"], "two different axes"),
     (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "0,1"], "latent axes are z1..z3"),
     (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "1"], "numbered from 1"),
@@ -517,3 +554,104 @@ def test_missing_matplotlib_is_one_clear_line(files):
     assert lines[1] == ("CLI: 1 Error: pictures need matplotlib, which is not installed; "
                         "pip install 'cpadgn[plot]' (or matplotlib)"), out
     assert not (files / "x.png").exists()
+
+
+def test_posterior_window_of_a_posterior_narrower_than_rounding_is_still_a_window():
+    """A zero variance (the moments of a posterior ~1e-9 wide at |mean| ~ 1) gave identical
+    axis limits: matplotlib warned and widened them by itself; a negative one gave NaN limits
+    (exit 70).  The window keeps +-1e-6 (1 + |mean|); a non-positive variance is refused."""
+    from types import SimpleNamespace
+    mean = np.array([0.7, -1.2])
+    (x0, x1), (y0, y1) = plot._posterior_window(mean, np.zeros((2, 2)))
+    # the widths carry the rounding of mean +- half: eps |mean| against 4.4e-6
+    assert x0 < mean[0] < x1 and y0 < mean[1] < y1
+    assert x1 - x0 == pytest.approx(2e-6 * 2.2, rel=1e-8) and y1 - y0 == pytest.approx(2e-6 * 2.2, rel=1e-8)
+    (x0, x1), _ = plot._posterior_window(mean, np.diag([0.25, 1e-30]))
+    assert (x0, x1) == (mean[0] - 2.0, mean[0] + 2.0)        # 4 posterior std (0.5) of the wider axis
+    post = SimpleNamespace(z_cov=np.array([np.diag([1e-3, 2e-3]), [[-6e-12, 5e-12], [5e-12, -5e-12]]]))
+    with pytest.raises(CpadgnError, match=r"row 9: .*-5e-12, not positive.*drop --row 9"):
+        plot._check_posterior_spread([4, 9], post, (0, 1))
+    plot._check_posterior_spread([4], post, (0, 1))
+
+
+@pytest.mark.parametrize("noise", ["1e-6", "1e-9"])
+def test_cli_rows_at_a_tiny_noise_std_draw_or_are_refused_in_one_line(tmp_path, noise):
+    """digits rows 0-3 at noise std 1e-6 / 1e-9: their posteriors are 1e-7 to 1e-10 wide and
+    the rounding of their moments can make a variance zero or negative (exit 70 'Axis limits
+    cannot be NaN', or matplotlib's 'identical low and high xlims' warnings, before)."""
+    sample = Path(__file__).resolve().parents[1] / "sample_data"
+    out = tmp_path / "tiny.png"
+    rows = [a for r in range(4) for a in ("--row", r)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # a warning ends the command with exit 70
+        r = run("plot", "partition", sample / "digits_generator.h5", "-o", out, "--data",
+                sample / "digits_test.csv", *rows, "--noise-std", noise, "-q", "--device", "cpu",
+                "--cache", tmp_path / "c.h5")
+    assert r.exit_code in (0, 1), r.output
+    if r.exit_code == 1:
+        err = r.stderr.strip()
+        assert err.startswith("Error: row ") and "\n" not in err and "not positive" in err, err
+        assert not out.exists()
+    else:
+        assert png_size(out) == (1200, 600) and r.output == ""
+
+
+def test_scores_histogram_draws_the_rows_beside_one_with_nothing_observed():
+    """A row with nothing observed has log p NaN: it is counted in the legend, and the other
+    rows' bars are np.histogram's densities (one NaN used to blank every bar)."""
+    ll = np.array([np.nan, -3.0, -2.0, -2.5, -2.25])
+    fig = plot.scores_histogram(ll, threshold=-2.6)
+    ax = fig.cpadgn_main_axes
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    heights = np.array([p.get_height() for p in bars])
+    edges = np.linspace(-3.0, -2.0, 41)
+    want, _ = np.histogram(ll[1:], bins=edges, density=True)
+    np.testing.assert_allclose(np.sort(heights), np.sort(want[want > 0]), rtol=1e-12)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "1 rows with nothing observed (no log p) not drawn" in labels
+    assert any("1 rows flagged" in t for t in labels)
+
+
+def test_scores_figure_compares_with_the_pattern_of_rows_with_something_observed():
+    """With --alpha, the model's own log p is drawn for the missing pattern most rows share;
+    the pattern of rows with nothing observed (the most common one here) has no log p:
+    its all-NaN reference gave matplotlib 'All-NaN slice' warnings and no threshold."""
+    from types import SimpleNamespace
+    observed = np.array([[False, False], [False, False], [True, False]])
+    pv = SimpleNamespace(patterns=np.array([[False, False], [True, False]]),
+                         reference_log_prob=np.array([[np.nan] * 4, [-4.0, -3.0, -2.0, -1.0]]))
+    ll = np.array([np.nan, np.nan, -2.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot.scores_figure(ll, pvalues=pv, alpha=0.5, observed=observed)
+        fig.savefig(io.BytesIO(), format="png")
+    ax = fig.cpadgn_main_axes
+    threshold = [line for line in ax.lines if line.get_gid() == "threshold"]
+    assert len(threshold) == 1 and threshold[0].get_xdata()[0] == alpha_threshold(pv.reference_log_prob[1], 0.5)
+    fig = plot.scores_figure(ll, contamination=0.5)
+    assert [line.get_xdata()[0] for line in fig.cpadgn_main_axes.lines if line.get_gid() == "threshold"] == [-2.5]
+
+
+def test_a_slice_far_outside_the_prior_draws_no_ellipse_and_no_warning(files):
+    """--slice-at 1e300 at S = 3: the plane is ~1e300 prior std from the mean, so it misses
+    the 50/90/99% ellipsoids (radii < 3.4); d^2 overflowed with a RuntimeWarning."""
+    from cpadgn.model import load
+    model = load(files / "gen3.h5", cache=False, device="cpu")
+    dashed = lambda fig: [line for line in fig.cpadgn_main_axes.lines if line.get_linestyle() != "None"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = plot.partition(model, slice_at=np.array([1e300]))
+        near = plot.partition(model, slice_at=np.array([0.5]))
+    assert dashed(far) == [] and len(dashed(near)) == 3
+
+
+def test_a_row_with_nothing_observed_is_titled_by_its_prior_posterior(files):
+    """Its log p(x) is NaN (no likelihood): the zoomed panel said 'log p(x) = nan'."""
+    from cpadgn.model import load
+    model = load(files / "gen.h5", cache=False, device="cpu")
+    X = np.loadtxt(files / "data.csv", delimiter=",")[:2]
+    X[0] = np.nan
+    fig = plot.partition(model, X, rows=[0, 1], grid=31)
+    titles = [a.get_title() for a in fig.axes]
+    assert any(t.startswith("row 0:") and t.endswith("nothing observed: p(z | x) is the prior") for t in titles)
+    assert any(t.startswith("row 1:") and "log p(x) = " in t for t in titles) and "nan" not in " ".join(titles)
