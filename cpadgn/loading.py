@@ -1007,6 +1007,48 @@ def _h_hardtanh(it, x, min_val=-1.0, max_val=1.0):
     return _h_clamp(it, x, min=min_val, max=max_val)
 
 
+def _h_maximum(it, x, y, sign=1.0):
+    """max(x, y) = y + relu(x - y), or with sign -1 min(x, y) = -max(-x, -y); x, y
+    activations of one shape, or one of them a constant.  max(u, c u) with a constant
+    0 <= c <= 1 is a LeakyReLU (no units carried)."""
+    if not isinstance(x, _Data):
+        x, y = y, x
+    neg = lambda d: _Data(sign * d.W, sign * d.b, d.shape, scaled_from=d.scaled_from, scale=d.scale)
+    a = neg(it.data(x))
+    if not isinstance(y, _Data):
+        c = sign * it.vec(y, a, "bound")
+        act = it.activate(_Data(a.W, a.b - c, a.shape), 0.0, "relu")
+        return neg(_Data(act.W, act.b + c, a.shape))
+    b = neg(y)
+    if b.width != a.width:
+        it.fail(f"takes the elementwise max/min of activations of shapes {a.shape} and {b.shape}; "
+                "give both the same shape")
+    for u, v in ((x, y), (y, x)):
+        if sign > 0 and v.scaled_from is not None and u.same_as(v.scaled_from) \
+                and np.all((v.scale >= 0) & (v.scale <= 1)):
+            return it.activate(u, v.scale, "leaky_relu")
+    act, (kept,) = it.activate(_Data(a.W - b.W, a.b - b.b, a.shape), 0.0, "relu", keep=[b])
+    return neg(_Data(act.W + kept.W, act.b + kept.b, a.shape))
+
+
+def _h_max_other(sign):
+    def handler(it, x, *args, **kwargs):
+        """torch.max(x, y) / torch.min(x, y) (overload 'other'); not a reduction."""
+        if getattr(it.node.target, "_overloadname", "") != "other" or len(args) != 1:
+            it.fail("a max/min reduction over the features is not supported yet; " + REPLACE_IT)
+        return _h_maximum(it, x, args[0], sign)
+    return handler
+
+
+def _h_constant_like(value):
+    def handler(it, x, *args, **kwargs):
+        """zeros_like(x) and friends: a constant of x's per-sample shape."""
+        torch = _torch()
+        fill = args[0] if value is None else value
+        return torch.full((1, *it.data(x).shape), float(fill), dtype=torch.float64)
+    return handler
+
+
 def _compare(positive):
     def handler(it, x, other):
         d = it.data(x)
@@ -1167,7 +1209,10 @@ EXPORT_HANDLERS: dict[str, Callable] = {
     "clamp_min": _h_clamp_min, "clamp_max": _h_clamp_max, "clamp": _h_clamp,
     "hardtanh": _h_hardtanh, "relu6": lambda it, x: _h_clamp(it, x, 0.0, 6.0),
     "gt": _compare(True), "ge": _compare(True), "lt": _compare(False), "le": _compare(False),
-    "where": _h_where,
+    "where": _h_where, "maximum": _h_maximum, "minimum": lambda it, x, y: _h_maximum(it, x, y, -1.0),
+    "max": _h_max_other(1.0), "min": _h_max_other(-1.0),
+    "zeros_like": _h_constant_like(0.0), "ones_like": _h_constant_like(1.0),
+    "full_like": _h_constant_like(None),
     "add": _h_add, "sub": _h_sub, "rsub": _h_rsub, "mul": _h_mul, "div": _h_div, "neg": _h_neg,
     "clone": _h_identity, "alias": _h_identity, "detach": _h_identity,
     "contiguous": _h_identity, "lift_fresh_copy": _h_identity,

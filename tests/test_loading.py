@@ -184,6 +184,45 @@ def test_hardtanh_relu6_and_clamps_on_every_path(tmp_path, z):
         assert (u[:, cols] < lo).any() and ((u[:, cols] > lo) & (u[:, cols] < hi)).any() and (u[:, cols] > hi).any()
 
 
+class MaxMin(nn.Module):
+    """Elementwise max / min written by hand: the LeakyReLU idiom max(u, 0.2 u), max with
+    zeros_like (a ReLU), min and max of two activations, and of an activation and a constant."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.a, self.b, self.out = nn.Linear(S, 5), nn.Linear(S, 5), nn.Linear(5, 3)
+
+    def forward(self, z):
+        u, v = self.a(z), self.b(z)
+        h = torch.maximum(u, 0.2 * u)
+        h = torch.max(h, torch.zeros_like(h)) + torch.minimum(u, v) + torch.min(v, torch.full_like(v, -0.1))
+        return self.out(h - torch.maximum(torch.tensor(0.3, dtype=z.dtype), v))
+
+
+def test_elementwise_max_and_min(tmp_path, z):
+    """max(x, y) = y + relu(x - y) (aten.maximum, aten.max.other were refused as 'not known
+    to be piecewise affine'); max(u, c u) with 0 <= c <= 1 is one LeakyReLU layer."""
+    model = MaxMin().double().eval()
+    for source in (model, export(model, tmp_path / "maxmin.pt2")):
+        assert_matches_torch(load_generator(source).net, model, 3 * z, err_msg=str(source))
+
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(S, 4), nn.Linear(4, 2)
+
+        def forward(self, z):
+            u = self.a(z)
+            return self.b(torch.maximum(u, 0.3 * u))
+
+    model = Leaky().double().eval()
+    net = load_generator(model).net
+    assert net.hidden_sizes == (4,)
+    np.testing.assert_array_equal(net.slopes[0], 0.3)
+    assert_matches_torch(net, model, 3 * z)
+
+
 def torch_forward_pre(model, z):
     with torch.no_grad():
         return model.a(torch.from_numpy(z)).numpy()
