@@ -195,9 +195,10 @@ class MaxMin(nn.Module):
 
     def forward(self, z):
         u, v = self.a(z), self.b(z)
-        h = torch.maximum(u, 0.2 * u)
-        h = torch.max(h, torch.zeros_like(h)) + torch.minimum(u, v) + torch.min(v, torch.full_like(v, -0.1))
-        return self.out(h - torch.maximum(torch.tensor(0.3, dtype=z.dtype), v))
+        m = torch.minimum(u, v)
+        h = torch.maximum(m, 0.2 * m)
+        h = torch.max(h, torch.zeros_like(h)) + torch.min(v, torch.full_like(v, -0.1))
+        return self.out(h - torch.maximum(torch.tensor(0.3, dtype=z.dtype), v) + u)
 
 
 def test_elementwise_max_and_min(tmp_path, z):
