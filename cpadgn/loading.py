@@ -801,9 +801,9 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
     torch = _torch()
     if example_input is None:
         width = _first_linear_width(module)
-        if width is None:
-            raise CpadgnError(f"{why} (and it has no Linear layer to tell the latent dimension; "
-                              "pass example_input)")
+        if width is None:     # a file cannot take example_input: torch.export records the shape
+            hint = "" if isinstance(path, Path) else "; pass example_input, a batch of latent vectors"
+            raise CpadgnError(f"{why} (and it has no Linear layer to tell the latent dimension{hint})")
         param = next(module.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         example_input = torch.zeros(2, width, dtype=dtype)

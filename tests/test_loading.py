@@ -1,4 +1,5 @@
 """Loading generators: torch.export, TorchScript, pickle and cpadgn's HDF5 model file."""
+import copy
 import hashlib
 import shutil
 
@@ -396,11 +397,29 @@ def test_pickle_custom_modules_are_traced(tmp_path, z):
     g = load_generator(tmp_path / "wrapped.pt", trust_pickle=True)
     assert_matches_torch(g.net, model, z)
     torch.save(Affinish().eval(), str(tmp_path / "aff.pt"))   # no Linear: S unknown
-    with pytest.raises(CpadgnError, match="Affinish module, not an nn.Sequential.*no Linear layer"):
+    with pytest.raises(CpadgnError, match="Affinish module, not an nn.Sequential.*no Linear layer") as e:
         load_generator(tmp_path / "aff.pt", trust_pickle=True)
+    assert "example_input" not in str(e.value)      # a file cannot take one; torch.export can
+    with pytest.raises(CpadgnError, match=r"no Linear layer .*; pass example_input"):
+        load_generator(Affinish().eval())
     torch.save(nn.Sequential(nn.Linear(S, 4), Swish(), nn.Linear(4, 2)), str(tmp_path / "sw.pt"))
     with pytest.raises(CpadgnError, match=r"aten\.sigmoid is not piecewise affine"):
         load_generator(tmp_path / "sw.pt", trust_pickle=True)
+
+
+def test_modules_in_training_mode_are_read_in_eval_mode(tmp_path, z):
+    """A module left in train() mode is read as in eval mode (BatchNorm's running statistics,
+    Dropout the identity), through the layer table and through torch.export alike, and is
+    left in training mode; only a program already exported in training mode is refused."""
+    model = make_model()
+    want = copy.deepcopy(model)                      # eval mode
+    model.train()
+    torch.save(model, str(tmp_path / "train.pt"))
+    for source in (model, Wrapped().double().train()):
+        oracle = want if source is model else copy.deepcopy(source).eval()
+        assert_matches_torch(load_generator(source).net, oracle, z)
+        assert source.training and all(m.training for m in source.modules())
+    assert_matches_torch(load_generator(tmp_path / "train.pt", trust_pickle=True).net, want, z)
 
 
 def test_pickle_refuses_state_dicts(tmp_path):
