@@ -541,8 +541,11 @@ def _identity(b, m, d, where):
 def _reshape(b: _Builder, m, d: _Data, where):
     torch = _torch()
     with torch.no_grad():
-        shape = m(torch.zeros(1, *d.shape)).shape[1:]
-    return _Data(d.W, d.b, shape)
+        shape = tuple(m(torch.zeros(2, *d.shape)).shape)
+    if not shape or shape[0] != 2 or int(np.prod(shape[1:])) != d.width:
+        b.fail(f"reshapes the activations from {(2, *d.shape)} to {shape} on a batch of 2, mixing "
+               "the batch axis with the features; a generator must keep the batch as the first axis")
+    return _Data(d.W, d.b, shape[1:])
 
 
 def _dense_layer(b: _Builder, m, d: _Data, where):

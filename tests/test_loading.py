@@ -314,6 +314,16 @@ def test_torchscript_refuses_non_cpa_naming_the_layer(tmp_path, layer, kind):
         load_generator(tmp_path / "bad.ts")
 
 
+def test_flatten_over_the_batch_axis_is_refused(tmp_path):
+    """nn.Flatten(0) merges the batch into the features: read layer by layer it gave a net
+    with the per-sample output (a silently different model); now refused on every path."""
+    model = nn.Sequential(nn.Linear(S, 4), nn.ReLU(), nn.Flatten(0)).double().eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "f.ts"))
+    for source in (model, tmp_path / "f.ts", export(model, tmp_path / "f.pt2")):
+        with pytest.raises(CpadgnError, match=r"layer 2.*mixing the batch axis with the features"):
+            load_generator(source)
+
+
 def test_torchscript_refuses_non_sequential(tmp_path):
     torch.jit.save(torch.jit.script(Residual()), str(tmp_path / "res.ts"))
     with pytest.raises(CpadgnError, match="Residual module, not an nn.Sequential.*torch.export"):
