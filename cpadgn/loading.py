@@ -24,7 +24,9 @@ upsampling, average pooling, padding, permutes, concatenation) become dense affi
 of the flattened activations, computed from the op's own forward pass on a basis.  A
 value that is still needed after a hidden layer (a skip connection) is carried through
 it by slope-1 units, which are never facets; max pooling is a tree of
-max(a, b) = b + relu(a - b).
+max(a, b) = b + relu(a - b), and a clamp to [lo, hi] (Hardtanh, ReLU6) is
+lo + relu(u - lo) - relu(u - hi).  An exported program with in-place operations
+(nn.ReLU(inplace=True), ``out += h``) is first made functional.
 
 Adding a layer kind is local: a TorchScript / nn.Module layer needs an entry in
 ``MODULE_HANDLERS`` (class name -> function of the input value), an exported aten
@@ -467,6 +469,33 @@ def _max_pool(activate: Callable, d: _Data, windows: np.ndarray, out_shape) -> _
     return _Data(elems[0].W, elems[0].b, out_shape)
 
 
+def _clamp(activate: Callable, d: _Data, lo, hi) -> _Data:
+    """clamp(d, lo, hi) (lo or hi None: unbounded) as one layer of ReLU units:
+    lo + relu(u - lo) - relu(u - hi), lo + relu(u - lo), or hi - relu(hi - u).
+
+    activate(pre) -> relu(pre), one hidden layer.  Hardtanh and ReLU6 are this with
+    (lo, hi) = (min_val, max_val) and (0, 6)."""
+    parts = ([_Data(d.W, d.b - lo)] if lo is not None else []) + \
+            ([_Data(-d.W, hi - d.b) if lo is None else _Data(d.W, d.b - hi)] if hi is not None else [])
+    act = activate(_stack(parts))
+    F = d.width
+    if lo is None:                                   # hi - relu(hi - u)
+        return _Data(-act.W, hi - act.b, d.shape)
+    W, b = act.W[:F], act.b[:F] + lo
+    if hi is not None:
+        W, b = W - act.W[F:], b - act.b[F:]
+    return _Data(W, b, d.shape)
+
+
+def _clamp_bounds(fail: Callable, lo, hi) -> tuple:
+    lo, hi = (None if v is None else float(v) for v in (lo, hi))
+    if lo is None and hi is None:
+        fail("a clamp without bounds")
+    if lo is not None and hi is not None and not lo < hi:
+        fail(f"clamps to [{lo:g}, {hi:g}], a constant; remove the layer or fix its bounds")
+    return lo, hi
+
+
 # ==================================================== nn.Module / TorchScript layers
 def _np(t) -> np.ndarray:
     return t.detach().to("cpu").double().numpy().copy()
@@ -512,8 +541,11 @@ def _identity(b, m, d, where):
 def _reshape(b: _Builder, m, d: _Data, where):
     torch = _torch()
     with torch.no_grad():
-        shape = m(torch.zeros(1, *d.shape)).shape[1:]
-    return _Data(d.W, d.b, shape)
+        shape = tuple(m(torch.zeros(2, *d.shape)).shape)
+    if not shape or shape[0] != 2 or int(np.prod(shape[1:])) != d.width:
+        b.fail(f"reshapes the activations from {(2, *d.shape)} to {shape} on a batch of 2, mixing "
+               "the batch axis with the features; a generator must keep the batch as the first axis")
+    return _Data(d.W, d.b, shape[1:])
 
 
 def _dense_layer(b: _Builder, m, d: _Data, where):
@@ -526,6 +558,11 @@ def _maxpool_layer(b: _Builder, m, d: _Data, where):
                                       bool(m.ceil_mode))
     act = lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep)
     return _max_pool(act, d, windows, out_shape)
+
+
+def _hardtanh_layer(b: _Builder, m, d: _Data, where):
+    lo, hi = _clamp_bounds(b.fail, m.min_val, m.max_val)    # ReLU6: (0, 6)
+    return _clamp(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, lo, hi)
 
 
 def _act(slope_of, name):
@@ -545,6 +582,7 @@ MODULE_HANDLERS: dict[str, Callable] = {
     "Dropout1d": _identity, "Dropout2d": _identity,
     "Flatten": _reshape, "Unflatten": _reshape,
     "MaxPool1d": _maxpool_layer, "MaxPool2d": _maxpool_layer,
+    "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer,
     **{kind: _dense_layer for kind in (
         "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Upsample",
         "UpsamplingNearest2d", "UpsamplingBilinear2d", "AvgPool1d", "AvgPool2d",
@@ -561,11 +599,13 @@ NOT_PIECEWISE_AFFINE = {
 }
 #: piecewise affine, but not supported yet
 NOT_SUPPORTED_YET = {
-    "Hardtanh": "has two breakpoints", "ReLU6": "has two breakpoints",
     "Hardshrink": "has two breakpoints", "Softshrink": "has two breakpoints",
     "Conv3d": "3-D convolutions are not supported yet",
     "MaxPool3d": "3-D max pooling is not supported yet",
 }
+USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6 or abs activations between "
+           "affine layers: replace it with one of them and retrain")
+REPLACE_IT = "replace it with a supported layer (README, Bring your own decoder)"
 SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: drop the final {kind} "
                     "(train on x in the scale of g(z), or model the logits)")
 
@@ -579,8 +619,7 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
         raise CpadgnError(f"{where} ({kind}) is the output layer; "
                           + SQUASHING_OUTPUT.format(kind=kind))
     if kind in NOT_PIECEWISE_AFFINE:
-        raise CpadgnError(f"{where} ({kind}) is not piecewise affine; cpadgn needs ReLU, "
-                          "LeakyReLU, PReLU or abs activations")
+        raise CpadgnError(f"{where} ({kind}) is not piecewise affine; " + USE_CPA)
     if kind in NOT_SUPPORTED_YET:
         raise CpadgnError(f"{where} ({kind}) is not supported yet: {NOT_SUPPORTED_YET[kind]}; replace it "
                           "with a supported layer (README, Bring your own decoder)")
@@ -642,7 +681,15 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
     d = builder.input()
     for m, kind, _, where in leaves:
         current[0] = where
-        d = MODULE_HANDLERS[kind](builder, m, d, where)
+        try:
+            d = MODULE_HANDLERS[kind](builder, m, d, where)
+        except AttributeError as e:
+            if kind_of is not _scripted_kind:
+                raise
+            attr = getattr(e, "name", None) or "a setting"
+            raise CpadgnError(f"{where} ({kind}) has lost its attribute '{attr}' in this TorchScript "
+                              "archive (torch.jit.trace keeps only tensors); save the model with "
+                              "torch.jit.script, or better torch.export.save (.pt2)") from None
     return builder.finish(d)
 
 
@@ -757,9 +804,9 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
     torch = _torch()
     if example_input is None:
         width = _first_linear_width(module)
-        if width is None:
-            raise CpadgnError(f"{why} (and it has no Linear layer to tell the latent dimension; "
-                              "pass example_input)")
+        if width is None:     # a file cannot take example_input: torch.export records the shape
+            hint = "" if isinstance(path, Path) else "; pass example_input, a batch of latent vectors"
+            raise CpadgnError(f"{why} (and it has no Linear layer to tell the latent dimension{hint})")
         param = next(module.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         example_input = torch.zeros(2, width, dtype=dtype)
@@ -913,6 +960,12 @@ def _h_native_bn(it, x, weight, bias, mean, var, training, momentum, eps):
                    _Opaque("batch-norm statistics"), _Opaque("batch-norm statistics")])
 
 
+def _h_bn_functional(it, x, weight, bias, mean, var, training, momentum, eps):
+    """The functional form that an in-place rewrite gives batch norm (out, 4 statistics)."""
+    return _Tuple([_h_batch_norm(it, x, weight, bias, mean, var, training, momentum, eps),
+                   *[_Opaque("batch-norm statistics")] * 4])
+
+
 def _h_dropout(it, x, p=0.5, train=False):
     if train:
         _training_refused(it, "dropout")
@@ -935,16 +988,68 @@ def _prelu_slope(it, d, weight):
     return w if w.size == 1 else _channel(w, d.shape)
 
 
-def _h_clamp_min(it, x, min_value):
-    if float(min_value) != 0.0:
-        it.fail(f"clamp_min({min_value}) is only supported at 0 (a ReLU)")
-    return it.activate(it.data(x), 0.0, "relu")
-
-
 def _h_clamp(it, x, min=None, max=None):
-    if max is not None or min is None or float(min) != 0.0:
-        it.fail("clamp with an upper bound has two breakpoints, not supported yet")
-    return it.activate(it.data(x), 0.0, "relu")
+    """clamp / clamp_min / clamp_max / hardtanh / relu6 with constant bounds."""
+    if any(isinstance(v, (_Data, _Opaque)) for v in (min, max)):
+        it.fail("clamps to bounds that depend on z; only constant bounds are supported")
+    lo, hi = _clamp_bounds(it.fail, *(None if v is None else it.const(v, "bound") for v in (min, max)))
+    if lo == 0.0 and hi is None:
+        return it.activate(it.data(x), 0.0, "relu")
+    return _clamp(lambda pre: it.activate(pre, 0.0, "relu"), it.data(x), lo, hi)
+
+
+def _h_clamp_min(it, x, min_value):
+    return _h_clamp(it, x, min=min_value)
+
+
+def _h_clamp_max(it, x, max_value):
+    return _h_clamp(it, x, max=max_value)
+
+
+def _h_hardtanh(it, x, min_val=-1.0, max_val=1.0):
+    return _h_clamp(it, x, min=min_val, max=max_val)
+
+
+def _h_maximum(it, x, y, sign=1.0):
+    """max(x, y) = y + relu(x - y), or with sign -1 min(x, y) = -max(-x, -y); x, y
+    activations of one shape, or one of them a constant.  max(u, c u) with a constant
+    0 <= c <= 1 is a LeakyReLU (no units carried)."""
+    if not isinstance(x, _Data):
+        x, y = y, x
+    neg = lambda d: _Data(sign * d.W, sign * d.b, d.shape, scaled_from=d.scaled_from, scale=d.scale)
+    a = neg(it.data(x))
+    if not isinstance(y, _Data):
+        c = sign * it.vec(y, a, "bound")
+        act = it.activate(_Data(a.W, a.b - c, a.shape), 0.0, "relu")
+        return neg(_Data(act.W, act.b + c, a.shape))
+    b = neg(y)
+    if b.width != a.width:
+        it.fail(f"takes the elementwise max/min of activations of shapes {a.shape} and {b.shape}; "
+                "give both the same shape")
+    for u, v in ((x, y), (y, x)):
+        if sign > 0 and v.scaled_from is not None and u.same_as(v.scaled_from) \
+                and np.all((v.scale >= 0) & (v.scale <= 1)):
+            return it.activate(u, v.scale, "leaky_relu")
+    act, (kept,) = it.activate(_Data(a.W - b.W, a.b - b.b, a.shape), 0.0, "relu", keep=[b])
+    return neg(_Data(act.W + kept.W, act.b + kept.b, a.shape))
+
+
+def _h_max_other(sign):
+    def handler(it, x, *args, **kwargs):
+        """torch.max(x, y) / torch.min(x, y) (overload 'other'); not a reduction."""
+        if getattr(it.node.target, "_overloadname", "") != "other" or len(args) != 1:
+            it.fail("a max/min reduction over the features is not supported yet; " + REPLACE_IT)
+        return _h_maximum(it, x, args[0], sign)
+    return handler
+
+
+def _h_constant_like(value):
+    def handler(it, x, *args, **kwargs):
+        """zeros_like(x) and friends: a constant of x's per-sample shape."""
+        torch = _torch()
+        fill = args[0] if value is None else value
+        return torch.full((1, *it.data(x).shape), float(fill), dtype=torch.float64)
+    return handler
 
 
 def _compare(positive):
@@ -1097,16 +1202,20 @@ _AFFINE_OPS = ("convolution", "_convolution", "conv1d", "conv2d", "conv_transpos
 EXPORT_HANDLERS: dict[str, Callable] = {
     "linear": _h_linear, "mm": _h_mm, "matmul": _h_mm, "addmm": _h_addmm,
     "batch_norm": _h_batch_norm, "_native_batch_norm_legit_no_training": _h_bn_no_training,
-    "native_batch_norm": _h_native_bn,
+    "native_batch_norm": _h_native_bn, "_native_batch_norm_legit_functional": _h_bn_functional,
     "dropout": _h_dropout, "feature_dropout": _h_dropout, "alpha_dropout": _h_dropout,
     "native_dropout": _h_native_dropout,
     "relu": _activation(lambda it, d: 0.0, "relu"),
     "leaky_relu": _activation(lambda it, d, slope=0.01: float(slope), "leaky_relu"),
     "prelu": _activation(_prelu_slope, "prelu"), "_prelu_kernel": _activation(_prelu_slope, "prelu"),
     "abs": _activation(lambda it, d: -1.0, "abs"),
-    "clamp_min": _h_clamp_min, "clamp": _h_clamp,
+    "clamp_min": _h_clamp_min, "clamp_max": _h_clamp_max, "clamp": _h_clamp,
+    "hardtanh": _h_hardtanh, "relu6": lambda it, x: _h_clamp(it, x, 0.0, 6.0),
     "gt": _compare(True), "ge": _compare(True), "lt": _compare(False), "le": _compare(False),
-    "where": _h_where,
+    "where": _h_where, "maximum": _h_maximum, "minimum": lambda it, x, y: _h_maximum(it, x, y, -1.0),
+    "max": _h_max_other(1.0), "min": _h_max_other(-1.0),
+    "zeros_like": _h_constant_like(0.0), "ones_like": _h_constant_like(1.0),
+    "full_like": _h_constant_like(None),
     "add": _h_add, "sub": _h_sub, "rsub": _h_rsub, "mul": _h_mul, "div": _h_div, "neg": _h_neg,
     "clone": _h_identity, "alias": _h_identity, "detach": _h_identity,
     "contiguous": _h_identity, "lift_fresh_copy": _h_identity,
@@ -1120,8 +1229,7 @@ NOT_CPA = {"tanh", "sigmoid", "gelu", "softplus", "elu", "selu", "celu", "silu",
            "exp", "log", "pow", "sqrt", "rsqrt", "sin", "cos", "softmax", "_softmax",
            "log_softmax", "_log_softmax", "hardsigmoid", "hardswish", "log_sigmoid_forward",
            "erf", "logit", "reciprocal"}
-NOT_YET = {"hardtanh": "has two breakpoints", "relu6": "has two breakpoints",
-           "conv3d": "3-D convolutions are not supported yet",
+NOT_YET = {"conv3d": "3-D convolutions are not supported yet",
            "max_pool3d": "3-D max pooling is not supported yet"}
 SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
         "_assert_async", "sym_constrain_range"}
@@ -1194,6 +1302,7 @@ class _ExportInterpreter:
     # ------------------------------------------------------------------ run
     def run(self) -> PiecewiseAffineNet:
         torch = _torch()
+        self.ep = _functional(self.ep, self.path)
         ep, sig = self.ep, self.ep.graph_signature
         from torch.export.graph_signature import InputKind
         nodes = list(ep.graph.nodes)
@@ -1270,12 +1379,11 @@ class _ExportInterpreter:
             if name.rstrip("_") in ("sigmoid", "tanh") and self._feeds_output(node):
                 self.fail(f"the output goes through aten.{name}; "
                           + SQUASHING_OUTPUT.format(kind=name.rstrip("_").capitalize()))
-            self.fail(f"operation aten.{name} is not piecewise affine; cpadgn needs ReLU, "
-                      "LeakyReLU, PReLU or abs activations between affine layers")
+            self.fail(f"operation aten.{name} is not piecewise affine; " + USE_CPA)
         if name in NOT_YET:
-            self.fail(f"operation aten.{name} is not supported yet ({NOT_YET[name]})")
+            self.fail(f"operation aten.{name} is not supported yet ({NOT_YET[name]}); " + REPLACE_IT)
         self.fail(f"operation {_full_op_name(target)} is not supported "
-                  "(not known to be piecewise affine)")
+                  "(not known to be piecewise affine); " + REPLACE_IT)
 
     @staticmethod
     def _feeds_output(node) -> bool:
@@ -1313,6 +1421,23 @@ class _ExportInterpreter:
             self.fail("the output does not depend on the input z")
         self.node = None
         return self.builder.finish(v)
+
+
+def _functional(ep, path):
+    """ep with its in-place operations (nn.ReLU(inplace=True), ``out += x``, ``h.mul_(2)``)
+    rewritten as out-of-place ones: torch.export keeps them, and their results alias
+    their inputs, which the symbolic walk does not model."""
+    torch = _torch()
+    if not any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and n.target._schema.is_mutable for n in ep.graph.nodes):
+        return ep
+    try:
+        with _quiet():
+            return ep.run_decompositions({})
+    except Exception as e:
+        raise CpadgnError(f"{path}: torch cannot rewrite the program's in-place operations "
+                          f"({_first_line(e)}); use out-of-place ones (nn.ReLU(), x = x + y) "
+                          "and export it again") from None
 
 
 def _meta_shape(node):

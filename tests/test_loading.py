@@ -1,4 +1,5 @@
 """Loading generators: torch.export, TorchScript, pickle and cpadgn's HDF5 model file."""
+import copy
 import hashlib
 import shutil
 
@@ -140,13 +141,93 @@ def test_torch_export_refuses_non_cpa(tmp_path, layer, name):
         load_generator(export(model, tmp_path / "bad.pt2"))
 
 
-def test_torch_export_refuses_hardtanh_and_training_mode(tmp_path):
-    model = nn.Sequential(nn.Linear(S, 4), nn.Hardtanh(), nn.Linear(4, 2)).double().eval()
-    with pytest.raises(CpadgnError, match="hardtanh is not supported yet"):
-        load_generator(export(model, tmp_path / "ht.pt2"))
+def test_torch_export_refuses_training_mode(tmp_path):
     model = nn.Sequential(nn.Linear(S, 4), _bn(4, 0), nn.ReLU(), nn.Linear(4, 2)).double().train()
     with pytest.raises(CpadgnError, match=r"training mode; call model.eval\(\)"):
         load_generator(export(model, tmp_path / "train.pt2"))
+
+
+class Clamps(nn.Module):
+    """Two-breakpoint activations written as functions: hardtanh, relu6, clamp(lo, hi),
+    clamp(min=c) and clamp(max=c) with c != 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.a, self.b = nn.Linear(S, 10), nn.Linear(10, 3)
+
+    def forward(self, z):
+        h = self.a(z)
+        h = torch.cat([nn.functional.hardtanh(h[:, :2], -0.5, 2.0), nn.functional.relu6(3 * h[:, 2:4]),
+                       h[:, 4:6].clamp(-1.0, 0.3), h[:, 6:8].clamp(min=0.4), h[:, 8:].clamp(max=-0.2)], 1)
+        return self.b(h)
+
+
+def test_hardtanh_relu6_and_clamps_on_every_path(tmp_path, z):
+    """A clamp to [lo, hi] is lo + relu(u - lo) - relu(u - hi): one hidden layer of ReLU
+    units, two per clamped feature (they were refused as 'not supported yet')."""
+    torch.manual_seed(7)
+    seq = nn.Sequential(nn.Linear(S, 6), nn.Hardtanh(-0.7, 1.2), nn.Linear(6, 5), nn.ReLU6(),
+                        nn.Linear(5, 4)).double().eval()
+    torch.jit.save(torch.jit.script(seq), str(tmp_path / "seq.ts"))
+    torch.save(seq, str(tmp_path / "seq.pt"))
+    for source in (seq, tmp_path / "seq.ts", export(seq, tmp_path / "seq.pt2")):
+        net = load_generator(source).net
+        assert net.hidden_sizes == (12, 10), source
+        assert_matches_torch(net, seq, 3 * z, err_msg=str(source))
+    assert_matches_torch(load_generator(tmp_path / "seq.pt", trust_pickle=True).net, seq, 3 * z)
+    model = Clamps().double().eval()
+    for source in (model, export(model, tmp_path / "clamps.pt2")):
+        assert_matches_torch(load_generator(source).net, model, 3 * z)
+    # the forward pass reaches every piece of every clamp
+    u = torch_forward_pre(model, 3 * z)
+    for lo, hi, cols in ((-0.5, 2.0, slice(0, 2)), (-1.0, 0.3, slice(4, 6))):
+        assert (u[:, cols] < lo).any() and ((u[:, cols] > lo) & (u[:, cols] < hi)).any() and (u[:, cols] > hi).any()
+
+
+class MaxMin(nn.Module):
+    """Elementwise max / min written by hand: the LeakyReLU idiom max(u, 0.2 u), max with
+    zeros_like (a ReLU), min and max of two activations, and of an activation and a constant."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.a, self.b, self.out = nn.Linear(S, 5), nn.Linear(S, 5), nn.Linear(5, 3)
+
+    def forward(self, z):
+        u, v = self.a(z), self.b(z)
+        m = torch.minimum(u, v)
+        h = torch.maximum(m, 0.2 * m)
+        h = torch.max(h, torch.zeros_like(h)) + torch.min(v, torch.full_like(v, -0.1))
+        return self.out(h - torch.maximum(torch.tensor(0.3, dtype=z.dtype), v) + u)
+
+
+def test_elementwise_max_and_min(tmp_path, z):
+    """max(x, y) = y + relu(x - y) (aten.maximum, aten.max.other were refused as 'not known
+    to be piecewise affine'); max(u, c u) with 0 <= c <= 1 is one LeakyReLU layer."""
+    model = MaxMin().double().eval()
+    for source in (model, export(model, tmp_path / "maxmin.pt2")):
+        assert_matches_torch(load_generator(source).net, model, 3 * z, err_msg=str(source))
+
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(S, 4), nn.Linear(4, 2)
+
+        def forward(self, z):
+            u = self.a(z)
+            return self.b(torch.maximum(u, 0.3 * u))
+
+    model = Leaky().double().eval()
+    net = load_generator(model).net
+    assert net.hidden_sizes == (4,)
+    np.testing.assert_array_equal(net.slopes[0], 0.3)
+    assert_matches_torch(net, model, 3 * z)
+
+
+def torch_forward_pre(model, z):
+    with torch.no_grad():
+        return model.a(torch.from_numpy(z)).numpy()
 
 
 class Residual(nn.Module):
@@ -163,6 +244,46 @@ def test_torch_export_skip_connection_carried_by_slope_one_units(tmp_path, z):
     g = load_generator(export(model, tmp_path / "res.pt2"))
     assert g.net.hidden_sizes == (2 * S,) and np.all(g.net.slopes[0][S:] == 1.0)
     assert_matches_torch(g.net, model, z)
+
+
+class InPlace(nn.Module):
+    """In-place idioms of residual decoders: nn.ReLU(inplace=True), out += h, h.mul_(c)."""
+
+    def __init__(self, bn=False):
+        super().__init__()
+        torch.manual_seed(8)
+        self.a, self.c, self.b = nn.Linear(S, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.act, self.leaky = nn.ReLU(inplace=True), nn.LeakyReLU(0.2, inplace=True)
+        self.bn = _bn(6, 4) if bn else nn.Identity()
+
+    def forward(self, z):
+        h = self.act(self.a(z))
+        out = self.c(h)
+        out += h
+        out.mul_(0.5)
+        return self.b(self.leaky(self.bn(out)))
+
+
+def test_torch_export_in_place_operations(tmp_path, z):
+    """torch.export keeps in-place ops (aten.relu_, aten.add_): they were refused as 'not
+    known to be piecewise affine'; the program is now made functional first."""
+    model = InPlace().double().eval()
+    for source in (model, export(model, tmp_path / "inplace.pt2")):
+        assert_matches_torch(load_generator(source).net, model, z, err_msg=str(source))
+    model = InPlace(bn=True).double().train()    # batch norm's functional training form
+    with pytest.raises(CpadgnError, match=r"layer bn \(BatchNorm1d\): batch norm was exported in "
+                                          r"training mode; call model.eval\(\)"):
+        load_generator(export(model, tmp_path / "train.pt2"))
+
+
+@pytest.mark.parametrize("layer,match", [
+    (nn.LayerNorm(4), r"layer 1 \(LayerNorm\): operation aten.layer_norm is not supported "
+                      r"\(not known to be piecewise affine\); replace it with a supported layer"),
+    (nn.ELU(), r"layer 1 \(ELU\): operation aten.elu is not piecewise affine; .*replace it with one of them")])
+def test_torch_export_refusals_say_what_to_do(tmp_path, layer, match):
+    model = nn.Sequential(nn.Linear(S, 4), layer, nn.Linear(4, 2)).double().eval()
+    with pytest.raises(CpadgnError, match=match):
+        load_generator(export(model, tmp_path / "bad.pt2"))
 
 
 # ------------------------------------------------------------------- TorchScript
@@ -193,10 +314,36 @@ def test_torchscript_refuses_non_cpa_naming_the_layer(tmp_path, layer, kind):
         load_generator(tmp_path / "bad.ts")
 
 
+def test_flatten_over_the_batch_axis_is_refused(tmp_path):
+    """nn.Flatten(0) merges the batch into the features: read layer by layer it gave a net
+    with the per-sample output (a silently different model); now refused on every path."""
+    model = nn.Sequential(nn.Linear(S, 4), nn.ReLU(), nn.Flatten(0)).double().eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "f.ts"))
+    for source in (model, tmp_path / "f.ts", export(model, tmp_path / "f.pt2")):
+        with pytest.raises(CpadgnError, match=r"layer 2.*mixing the batch axis with the features"):
+            load_generator(source)
+
+
 def test_torchscript_refuses_non_sequential(tmp_path):
     torch.jit.save(torch.jit.script(Residual()), str(tmp_path / "res.ts"))
     with pytest.raises(CpadgnError, match="Residual module, not an nn.Sequential.*torch.export"):
         load_generator(tmp_path / "res.ts")
+
+
+def test_traced_torchscript_without_layer_settings(tmp_path, z):
+    """torch.jit.trace keeps a layer's tensors but not its settings (BatchNorm's eps, the
+    LeakyReLU slope): an AttributeError escaped as an internal error; now one line naming
+    the layer and torch.jit.script / torch.export.  A traced stack of Linear and ReLU
+    layers needs no settings and loads."""
+    model = make_model()
+    torch.jit.save(torch.jit.trace(model, torch.zeros(2, S, dtype=torch.float64)), str(tmp_path / "t.ts"))
+    with pytest.raises(CpadgnError, match=r"layer 1 \(BatchNorm1d\) has lost its attribute 'eps' .*"
+                                          r"torch.jit.trace.*torch.jit.script.*torch.export.save"):
+        load_generator(tmp_path / "t.ts")
+    torch.manual_seed(2)
+    plain = nn.Sequential(nn.Linear(S, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    torch.jit.save(torch.jit.trace(plain, torch.zeros(2, S, dtype=torch.float64)), str(tmp_path / "p.ts"))
+    assert_matches_torch(load_generator(tmp_path / "p.ts").net, plain, z)
 
 
 # ------------------------------------------------------------------------ pickle
@@ -260,11 +407,29 @@ def test_pickle_custom_modules_are_traced(tmp_path, z):
     g = load_generator(tmp_path / "wrapped.pt", trust_pickle=True)
     assert_matches_torch(g.net, model, z)
     torch.save(Affinish().eval(), str(tmp_path / "aff.pt"))   # no Linear: S unknown
-    with pytest.raises(CpadgnError, match="Affinish module, not an nn.Sequential.*no Linear layer"):
+    with pytest.raises(CpadgnError, match="Affinish module, not an nn.Sequential.*no Linear layer") as e:
         load_generator(tmp_path / "aff.pt", trust_pickle=True)
+    assert "example_input" not in str(e.value)      # a file cannot take one; torch.export can
+    with pytest.raises(CpadgnError, match=r"no Linear layer .*; pass example_input"):
+        load_generator(Affinish().eval())
     torch.save(nn.Sequential(nn.Linear(S, 4), Swish(), nn.Linear(4, 2)), str(tmp_path / "sw.pt"))
     with pytest.raises(CpadgnError, match=r"aten\.sigmoid is not piecewise affine"):
         load_generator(tmp_path / "sw.pt", trust_pickle=True)
+
+
+def test_modules_in_training_mode_are_read_in_eval_mode(tmp_path, z):
+    """A module left in train() mode is read as in eval mode (BatchNorm's running statistics,
+    Dropout the identity), through the layer table and through torch.export alike, and is
+    left in training mode; only a program already exported in training mode is refused."""
+    model = make_model()
+    want = copy.deepcopy(model)                      # eval mode
+    model.train()
+    torch.save(model, str(tmp_path / "train.pt"))
+    for source in (model, Wrapped().double().train()):
+        oracle = want if source is model else copy.deepcopy(source).eval()
+        assert_matches_torch(load_generator(source).net, oracle, z)
+        assert source.training and all(m.training for m in source.modules())
+    assert_matches_torch(load_generator(tmp_path / "train.pt", trust_pickle=True).net, want, z)
 
 
 def test_pickle_refuses_state_dicts(tmp_path):
