@@ -502,12 +502,15 @@ def _np(t) -> np.ndarray:
 
 
 def _float64_copy(m):
+    """A float64 copy of module m on the CPU, where its layers are read and probed (a
+    module trained on a GPU would otherwise meet the CPU probes on another device)."""
     import copy
+    torch = _torch()
     try:
         with _quiet():             # deepcopy reads .grad, which warns for non-leaf tensors
-            return copy.deepcopy(m).double()
+            return copy.deepcopy(m).to(device="cpu", dtype=torch.float64)
     except Exception:  # pragma: no cover - a module that cannot be copied: convert in place
-        return m.double()
+        return m.to(device="cpu", dtype=torch.float64)
 
 
 def _linear(b: _Builder, m, d: _Data, where):
