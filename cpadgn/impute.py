@@ -214,7 +214,9 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, s
         for sl in chunks:
             A, b = _region_maps(tab, preg[sl])
             dev = np.einsum("pds,ps->pd", A, zm[sl]) + b - mu_x[prow[sl]]
-            within = np.einsum("pds,pst,pdt->pd", A, zc[sl], A)
+            # diag(A Cov A^T) >= 0, so Var[x_d | x_o] >= sigma_d^2; a pair far from the row (a
+            # tiny noise std) can get a negative Cov from E[zz'] - E[z]E[z]' cancelling
+            within = np.maximum(np.einsum("pds,pst,pdt->pd", A, zc[sl], A), 0.0)
             v += np.asarray(W[:, sl] @ (within + dev * dev))
             if full is None:
                 continue

@@ -1364,6 +1364,21 @@ def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torc
     return safe + torch.log(total)
 
 
+def _positive_semidefinite(cov: np.ndarray) -> np.ndarray:
+    """Covariances (n, S, S) with negative eigenvalues set to 0; the others untouched.
+    A posterior far from its row in noise units (a tiny noise std) is ~1e-15 wide, below
+    the rounding of E[zz'] - E[z]E[z]' (-1e-11 on digits at noise std 1e-6): 0 is then
+    within that rounding of the truth, a negative variance is not."""
+    finite = np.isfinite(cov).all(axis=(1, 2))
+    bad = np.flatnonzero(finite)
+    bad = bad[np.linalg.eigvalsh(cov[bad])[:, 0] < 0] if bad.size else bad
+    if bad.size:
+        lam, vec = np.linalg.eigh(cov[bad])
+        cov = cov.copy()
+        cov[bad] = (vec * np.maximum(lam, 0.0)[:, None, :]) @ np.swapaxes(vec, 1, 2)
+    return cov
+
+
 def _row_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     """Per-row sums of pair values: rows (P,), values (P, ...) -> (n, ...)."""
     flat = values.reshape(values.shape[0], int(np.prod(values.shape[1:])))
@@ -1396,6 +1411,7 @@ def _summarise(rows, regions, logw, mean, cov, se, log_var, mean_mc, cross_mc, b
     z_mean = _row_sums(rows, r[:, None] * mean, n)
     z_cov = _row_sums(rows, r[:, None, None] * (cov + mean[:, :, None] * mean[:, None, :]), n)
     z_cov -= z_mean[:, :, None] * z_mean[:, None, :]
+    z_cov = _positive_semidefinite(z_cov)
     # Delta method: d log p / d log Phi_w = r_w.
     var = np.bincount(rows, weights=(r * se) ** 2 + np.exp(log_var - 2.0 * log_p[rows]), minlength=n)
     best = np.zeros(n)
