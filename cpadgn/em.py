@@ -398,10 +398,18 @@ def expected_sq_residual(C, B, sxx, Theta):
 
 
 def noise_update(C, B, sxx, Theta, n_rows, noise, var_floor=0.0):
-    """Closed-form noise variance (D,) from the expected squared residuals."""
+    """Closed-form noise variance (D,) from the expected squared residuals.
+
+    A variance of 0 (a column the generator fits exactly, e.g. a constant one, with
+    var_floor 0) would make the likelihood infinite: refused in one line."""
     resid = np.maximum(expected_sq_residual(C, B, sxx, Theta), 0.0) / n_rows
-    var = np.full_like(resid, resid.mean()) if noise == "iso" else resid
-    return np.maximum(var, var_floor)
+    var = np.maximum(np.full_like(resid, resid.mean()) if noise == "iso" else resid, var_floor)
+    if not (var > 0).all():
+        where = "every column" if noise == "iso" else f"column {np.flatnonzero(var <= 0)[0] + 1}"
+        raise CpadgnError(f"the noise variance of {where} fell to 0: the generator fits it exactly "
+                          "(a constant column?), so the likelihood is unbounded; give --var-floor above 0 "
+                          "(default 1e-6) or drop the column")
+    return var
 
 
 def expected_complete_loglik(C, B, sxx, Theta, var, n_rows) -> float:

@@ -441,3 +441,23 @@ def test_cli_fit_var_floor_bounds_every_noise_variance(tmp_path, wave):
     mean_var = X3.var(0).mean()
     assert var["1e-6"][2] < 1e-3 * mean_var                  # ML shrinks the constant column ...
     assert np.all(var["0.05"] >= 0.05 * mean_var * 0.8)       # ... the floor (train split ~ all rows) stops it
+
+
+def test_cli_fit_var_floor_zero_on_a_constant_column_is_refused_in_one_line(tmp_path, wave):
+    """--noise diag --var-floor 0 with a constant column: its ML noise variance is exactly
+    0 and the likelihood unbounded.  Refused in one line naming the column and --var-floor,
+    with no RuntimeWarning and no file (it divided by 0, then blamed the data's scale)."""
+    import warnings
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "const.csv"
+    np.savetxt(data, np.column_stack([X, np.ones(len(X))]), delimiter=",")
+    out = tmp_path / "m.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = CliRunner().invoke(main, ["fit", str(data), "-o", str(out), "-S", "1", "--hidden", "4",
+                                      "--noise", "diag", "--var-floor", "0", "--max-iter", "2", "-q"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert "column 3" in r.output and "--var-floor" in r.output, r.output
+    assert not out.exists()
