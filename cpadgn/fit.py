@@ -100,7 +100,12 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
         raise CpadgnError(f"the {what} has an inf at row {r + 1}, column {c + 1}; fit needs finite values "
                           "(NaN marks a missing entry)")
     check_magnitude(X, what)
-    if not 1 <= latent_dim < D:
+    if D < 2:
+        raise CpadgnError(f"the {what} has {D} column(s); fit needs at least 2 (the latent dimension "
+                          "must be below the number of columns): pass data with more columns")
+    if latent_dim < 1:
+        raise CpadgnError(f"--latent-dim must be at least 1, got {latent_dim}; give e.g. --latent-dim 1")
+    if latent_dim >= D:
         raise CpadgnError(f"--latent-dim must be between 1 and D - 1 = {D - 1} for data with {D} "
                           f"columns, got {latent_dim}; give a smaller --latent-dim")
     if N < 2:

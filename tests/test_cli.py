@@ -625,3 +625,18 @@ def test_stderr_target_must_be_a_positive_number(files, value):
     res = run("score", files["model"], files["data"], "-o", files["dir"] / "s.csv", "--stderr-target", value)
     assert res.exit_code == 2 and "positive number of nats" in res.output, res.output
     assert not (files["dir"] / "s.csv").exists()
+
+
+@pytest.mark.parametrize("data_cols, S, words", [
+    (1, "1", ["1 column", "at least 2", "more columns"]),     # was "between 1 and D - 1 = 0 ... smaller"
+    (2, "0", ["at least 1, got 0", "--latent-dim 1"]),        # was "... give a smaller --latent-dim"
+    (2, "2", ["between 1 and D - 1 = 1", "smaller --latent-dim"])])
+def test_fit_latent_dim_refusals_say_what_to_do(tmp_path, data_cols, S, words):
+    """A latent dimension fit cannot use is refused in one line whose advice fits the case:
+    one-column data has no valid --latent-dim (asking for a smaller one was wrong), and
+    --latent-dim 0 needs a larger one."""
+    data = tmp_path / "d.csv"
+    np.savetxt(data, np.random.default_rng(0).standard_normal((20, data_cols)), delimiter=",")
+    r = run("fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", S, "--hidden", "4", "--max-iter", "1")
+    assert_one_line_error(r, *words)
+    assert not (tmp_path / "m.h5").exists()
