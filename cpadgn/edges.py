@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _PARALLEL = 1e-9     # |a_j x a_k| below which two planes count as parallel (no edge)
+_ROUGH_ARM = 1e-6    # |a_j x a_k| below which an edge's volume term is too rough to claim a volume
 
 
 @dataclass
@@ -48,10 +49,12 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     ok = mask[:, j] & mask[:, k] & (norm > _PARALLEL)
     e = cross / np.where(ok, norm, 1.0)[..., None]
     g = np.einsum("bqs,bqs->bq", aj, ak)
-    det = np.where(ok, 1.0 - g * g, 1.0)
-    alpha = (c[:, j] - g * c[:, k]) / det
-    beta = (c[:, k] - g * c[:, j]) / det
-    p = np.where(ok[..., None], alpha[..., None] * aj + beta[..., None] * ak, 0.0)
+    # the line's point nearest the origin, (c_j (a_k x n) + c_k (n x a_j)) / |n|^2 with
+    # n = a_j x a_k: cross products only (1 - g^2 rounds to 0 for planes within ~1e-8
+    # of parallel, which divided by zero)
+    n2 = np.where(ok, norm * norm, 1.0)[..., None]
+    p = np.where(ok[..., None], (c[:, j, None] * np.cross(ak, cross) + c[:, k, None] * np.cross(cross, aj)) / n2,
+                 0.0)
     # the other facets cut the line p + t e to t in [lo, hi]
     ae = np.einsum("bfs,bqs->bqf", a, e)                               # (B, Q, F)
     slack = c[:, None, :] - np.einsum("bfs,bqs->bqf", a, p)
@@ -87,7 +90,11 @@ def polyhedron_edges(a: np.ndarray, c: np.ndarray, mask: np.ndarray, *, tol: flo
     p, e = np.where(real[..., None], take(p), 0.0), np.where(real[..., None], take(e), 0.0)
     # Where two edges share a line (three facets through it: a degenerate region) the
     # sum counts that line twice, so no volume is claimed there.
-    volume = np.where(_shared_lines(p, e, real) | ~(volume > 0), np.inf, volume)
+    # Nor where two facets of a live edge are within _ROUGH_ARM of parallel: its arm
+    # (c_j - g c_k) / |a_j x a_k| rounds by eps / |a_j x a_k|, beyond the 1e-9 relative
+    # margin the likelihood adds to the volume (and 1 - g^2 can round to 0).
+    rough = (live & (norm < _ROUGH_ARM)).any(-1)
+    volume = np.where(_shared_lines(p, e, real) | ~(volume > 0) | rough, np.inf, volume)
     return Edges(p=p, e=e, lo=np.where(real, take(lo), 0.0), hi=np.where(real, take(hi), 0.0), real=real,
                  volume=volume)
 

@@ -117,3 +117,29 @@ def test_table_edges_and_facet_polygons_do_not_depend_on_groups_or_threads():
     for x, y in zip([*one[0], *vars(one[1]).values()], [*many[0], *vars(many[1]).values()]):
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
     assert np.isfinite(one[0][2]).sum() > 50 and one[1].line_first.size > 0   # bounded regions, twin lines
+
+
+def test_two_nearly_parallel_facets_give_a_finite_edge_and_the_right_distance_and_volume():
+    """A cube whose face x <= 1 has a twin tilted by 3e-9 rad: |a_j x a_k| = 3e-9 passes
+    the parallel test but 1 - (a_j . a_k)^2 rounds to 0, which divided by zero (a warning
+    on stderr in `cpadgn fit -S 3`) and made the edge's point and the distance NaN.
+    Oracle: NNLS least-distance programming."""
+    import warnings
+    th = 3e-9
+    a = np.concatenate([np.eye(3), -np.eye(3), [[np.cos(th), np.sin(th), 0.0]]])[None]
+    c = np.ones((1, 7))
+    mask = np.ones((1, 7), bool)
+    v = np.array([[5.0, 0.3, -0.2], [5.0, -3.0, 0.0], [0.2, 0.1, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        edges = polyhedron_edges(a, c, mask)
+        d = distance_to_polyhedron(np.repeat(a, 3, 0), np.repeat(c, 3, 0), np.repeat(mask, 3, 0),
+                                   polyhedron_edges(np.repeat(a, 3, 0), np.repeat(c, 3, 0),
+                                                    np.repeat(mask, 3, 0)), v)
+    assert np.isfinite(edges.p[edges.real]).all()
+    ref = [ldp_distance(a[0], c[0], x) for x in v]
+    # the tilt moves the boundary by at most th |y| <= 3e-9; NNLS rounds to ~1e-14
+    np.testing.assert_allclose(d, ref, rtol=0, atol=1e-8)
+    # the volume term of the edge where the two planes meet rounds by eps / 3e-9 relative,
+    # beyond the margin the likelihood allows: no volume (an upper bound) is claimed
+    assert edges.volume[0] == np.inf
