@@ -163,10 +163,12 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
             f"approximate iterations (1 to 3 is the practical range)")
     if val_path is not None:
         X_train = X
-        X_val = check_training_data(read_data(val_path, dataset=dataset), latent_dim, f"data {val_path}",
-                                    allow_missing=method == "em")
-        if X_val.shape[1] != X.shape[1]:
-            raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}")
+        X_val = read_data(val_path, dataset=dataset)
+        if X_val.ndim == 2 and X_val.shape[1] != X.shape[1]:
+            raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}; "
+                              f"pass validation rows with {X.shape[1]} columns")
+        X_val = check_training_data(X_val, latent_dim, f"data {val_path}", allow_missing=method == "em",
+                                    validation=True)
     else:
         X_train, X_val = split_validation(X, 0.1 if val_fraction is None else val_fraction, seed)
     label = "EM" if method == "em" else "VAE"

@@ -83,8 +83,9 @@ def parse_activation(text) -> float:
 
 
 def check_training_data(X, latent_dim: int, what: str = "training data", *,
-                        allow_missing: bool = True) -> np.ndarray:
-    """X (N, D) as float64, NaN = missing; CpadgnError for what EM cannot fit."""
+                        allow_missing: bool = True, validation: bool = False) -> np.ndarray:
+    """X (N, D) as float64, NaN = missing; CpadgnError for what EM cannot fit.
+    validation: rows that are only scored (one row will do, a column may be unobserved)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise CpadgnError(f"the {what} must be a 2-D table of rows, got shape {X.shape}; pass one row "
@@ -108,12 +109,12 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
     if latent_dim >= D:
         raise CpadgnError(f"--latent-dim must be between 1 and D - 1 = {D - 1} for data with {D} "
                           f"columns, got {latent_dim}; give a smaller --latent-dim")
-    if N < 2:
-        raise CpadgnError(f"the {what} needs at least 2 rows, got {N}; pass more rows")
+    if N < 2 - validation:
+        raise CpadgnError(f"the {what} needs at least {2 - validation} rows, got {N}; pass more rows")
     if miss.all(1).any():
         raise CpadgnError(f"row {np.flatnonzero(miss.all(1))[0] + 1} of the {what} has no observed value; "
                           "drop the rows with nothing observed")
-    if (miss.sum(0) >= N - 1).any():
+    if not validation and (miss.sum(0) >= N - 1).any():
         c = np.flatnonzero(miss.sum(0) >= N - 1)[0]
         raise CpadgnError(f"column {c + 1} of the {what} has fewer than 2 observed values; drop it")
     return X
@@ -364,7 +365,7 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
         if X_val.size == 0:
             X_val = None
         else:
-            check_training_data(X_val, latent_dim, "validation data")
+            check_training_data(X_val, latent_dim, "validation data", validation=True)
             if X_val.shape[1] != X.shape[1]:
                 raise CpadgnError(f"the validation data has {X_val.shape[1]} columns but the training "
                                   f"data {X.shape[1]}; pass validation data with {X.shape[1]} columns")
@@ -511,7 +512,7 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
         raise CpadgnError("the VAE needs at least one epoch: --max-iter 1 or more")
     X = check_training_data(X, latent_dim, allow_missing=False)
     if X_val is not None and np.asarray(X_val).size:
-        X_val = check_training_data(X_val, latent_dim, "validation data", allow_missing=False)
+        X_val = check_training_data(X_val, latent_dim, "validation data", allow_missing=False, validation=True)
     else:
         X_val = None
     if noise not in ("iso", "diag"):

@@ -640,3 +640,23 @@ def test_fit_latent_dim_refusals_say_what_to_do(tmp_path, data_cols, S, words):
     r = run("fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", S, "--hidden", "4", "--max-iter", "1")
     assert_one_line_error(r, *words)
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_fit_scores_a_one_row_val_file_and_names_a_column_mismatch(files):
+    """--val is only scored, so one row will do (it was refused: 'needs at least 2 rows');
+    the reported val log-likelihood is that row's log p under the saved model (rescored
+    from the file; both are exact to log(1 + rtol) = 1e-6 nats).  A --val file with other
+    columns is refused naming both counts (it was 'fit needs at least 2 columns')."""
+    import cpadgn
+    d = files["dir"]
+    one, narrow = d / "one.csv", d / "narrow.csv"
+    np.savetxt(one, files["X"][:1], delimiter=",")
+    np.savetxt(narrow, files["X"][:5, :1], delimiter=",")
+    out = d / "m.h5"
+    r = run("fit", files["data"], "-o", out, "-S", "1", "--hidden", "4", "--max-iter", "1", "--val", one, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)["val_log_likelihood"]
+    assert abs(rep - float(cpadgn.load(out, cache=False).log_prob(files["X"][:1])[0])) <= 2e-6 * (1 + abs(rep))
+    r = run("fit", files["data"], "-o", d / "m2.h5", "-S", "1", "--hidden", "4", "--max-iter", "1", "--val", narrow)
+    assert_one_line_error(r, "has 1 columns but DATA has 3", "with 3 columns")
+    assert not (d / "m2.h5").exists()
