@@ -150,10 +150,13 @@ class _CPABase(BaseEstimator):
 
     def sample(self, n_samples=1, random_state=None):
         """n_samples rows drawn from the fitted model, (n_samples, D).  random_state
-        defaults to the estimator's (same seed, same draws)."""
+        defaults to the estimator's (same seed, same draws; None means seed 0, as in fit)."""
         check_is_fitted(self, "model_")
+        if not isinstance(n_samples, (int, np.integer)) or isinstance(n_samples, bool) or n_samples < 0:
+            raise EstimatorInputError(f"n_samples must be a non-negative integer, got {n_samples!r}; pass e.g. "
+                                      "n_samples=100")
         seed = _seed(self.random_state if random_state is None else random_state)
-        return self.model_.sample(int(n_samples), seed=seed)
+        return self.model_.sample(int(n_samples), seed=0 if seed is None else seed)
 
 
 class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
@@ -210,7 +213,7 @@ class CPADGNDetector(TransformerMixin, _CPABase):
     """
 
     def fit(self, X, y=None):
-        """Fit by EM on complete rows X (N, D); y is ignored (unsupervised)."""
+        """Fit by EM on the rows X (N, D) (NaN = missing); y is ignored (unsupervised)."""
         X = self._fit_model(X)
         self.decision_scores_ = -self.model_.log_prob(X)
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1 - self.contamination)))

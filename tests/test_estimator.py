@@ -117,6 +117,18 @@ def test_sample_is_seeded(fitted):
     np.testing.assert_array_equal(a, b)
 
 
+def test_sample_without_random_state_is_seed_0_and_refuses_bad_counts(data):
+    """random_state=None means seed 0 (as in fit): two calls give the same draws; a count
+    that is not a non-negative integer is refused rather than truncated."""
+    X, _ = data
+    det = CPADGN(**{**SMALL, "random_state": None}).fit(X)
+    np.testing.assert_array_equal(det.sample(20), det.sample(20))
+    np.testing.assert_array_equal(det.sample(20), det.sample(20, random_state=0))
+    for bad in (2.5, -1, True, "3"):
+        with pytest.raises(ValueError, match="n_samples must be a non-negative integer"):
+            det.sample(bad)
+
+
 def test_fit_takes_nan_and_refuses_bad_input_clearly(data):
     X, _ = data
     Y = X.copy()
