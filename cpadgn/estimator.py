@@ -36,6 +36,11 @@ class EstimatorInputError(CpadgnError, ValueError):
     ValueError scikit-learn's conventions ask for."""
 
 
+def _is_number(value) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _seed(random_state) -> int | None:
     """An int seed for numpy's default_rng / fit_em from a scikit-learn random_state."""
     if random_state is None or isinstance(random_state, (int, np.integer)):
@@ -93,7 +98,8 @@ class _CPABase(BaseEstimator):
         return tags
 
     # ----------------------------------------------------------------- fitting
-    def _check_params(self, n_features: int):
+    def _check_params(self, n_features: int) -> tuple:
+        """Refuse bad parameters in one line each; return the hidden widths."""
         if not (isinstance(self.contamination, (float, int, np.floating)) and 0 < self.contamination <= 0.5):
             raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}; pass "
                                       "the expected fraction of outliers, e.g. contamination=0.1")
@@ -106,15 +112,38 @@ class _CPABase(BaseEstimator):
         if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
             raise EstimatorInputError(f"max_iter must be a non-negative integer, got {self.max_iter!r}; pass "
                                       "e.g. max_iter=100")
+        if self.noise not in ("iso", "diag"):
+            raise EstimatorInputError(f"noise must be 'iso' or 'diag', got {self.noise!r}; pass noise='iso' or "
+                                      "noise='diag'")
+        if not (_is_number(self.slope) and np.isfinite(self.slope)):
+            raise EstimatorInputError(f"slope must be a finite number, got {self.slope!r}; pass e.g. slope=0.1 "
+                                      "(0 for ReLU)")
+        return self._hidden_widths()
+
+    def _hidden_widths(self) -> tuple:
+        """hidden as a tuple of widths; a tuple or list must hold positive integers (a
+        width of 8.5 is refused, not truncated), a string is read as by ``cpadgn fit``."""
+        from .fit import parse_hidden
+        if isinstance(self.hidden, (tuple, list)):
+            widths = tuple(self.hidden)
+            if all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 for w in widths):
+                return tuple(int(w) for w in widths)
+        else:
+            try:
+                return parse_hidden(self.hidden)
+            except CpadgnError:
+                pass
+        raise EstimatorInputError(f"hidden must be a tuple of positive integer layer widths, got {self.hidden!r}; "
+                                  "pass e.g. hidden=(32, 32), or () for a linear generator")
 
     def _fit_model(self, X):
         """Validate X, fit the generator by EM, set model_ and friends; return X (N, D)."""
-        from .fit import fit_em, parse_hidden
+        from .fit import fit_em
         from .model import CPAModel
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, ensure_all_finite="allow-nan")
-        self._check_params(X.shape[1])
+        hidden = self._check_params(X.shape[1])
         try:
-            res = fit_em(X, int(self.latent_dim), hidden=parse_hidden(self.hidden), slope=float(self.slope),
+            res = fit_em(X, int(self.latent_dim), hidden=hidden, slope=float(self.slope),
                          max_iter=int(self.max_iter), tol=float(self.tol), seed=_seed(self.random_state) or 0,
                          noise=self.noise, device=self.device)
         except CpadgnError as e:
