@@ -118,7 +118,19 @@ class _CPABase(BaseEstimator):
         if not (_is_number(self.slope) and np.isfinite(self.slope)):
             raise EstimatorInputError(f"slope must be a finite number, got {self.slope!r}; pass e.g. slope=0.1 "
                                       "(0 for ReLU)")
+        self._check_device()
         return self._hidden_widths()
+
+    def _check_device(self):
+        import torch
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise EstimatorInputError(f"device must be a torch device such as 'cpu' or 'cuda', got "
+                                      f"{self.device!r}; pass e.g. device='cpu'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EstimatorInputError(f"device={self.device!r} but torch sees no CUDA GPU here; pass "
+                                      "device='cpu'")
 
     def _hidden_widths(self) -> tuple:
         """hidden as a tuple of widths; a tuple or list must hold positive integers (a

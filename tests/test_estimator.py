@@ -135,10 +135,12 @@ def test_sample_without_random_state_is_seed_0_and_refuses_bad_counts(data):
     ("noise", "bogus", "noise must be 'iso' or 'diag'", "noise='iso'"),
     ("slope", float("nan"), "slope must be a finite number", "slope=0.1"),
     ("slope", True, "slope must be a finite number", "slope=0.1"),
+    ("device", "nope", "device must be a torch device", "device='cpu'"),
 ])
 def test_bad_parameters_are_refused_in_the_estimators_words(data, param, value, wrong, remedy):
     """A width of 8.5 was truncated to 8 and slope=True read as 1; the messages named the
-    command line's --hidden / --noise, which a Python caller cannot give."""
+    command line's --hidden / --noise, which a Python caller cannot give; a bad device
+    was torch's RuntimeError rather than scikit-learn's ValueError."""
     X, _ = data
     with pytest.raises(ValueError) as info:
         CPADGN(**{**SMALL, param: value}).fit(X)
