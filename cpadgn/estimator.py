@@ -36,6 +36,11 @@ class EstimatorInputError(CpadgnError, ValueError):
     ValueError scikit-learn's conventions ask for."""
 
 
+def _is_number(value) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _seed(random_state) -> int | None:
     """An int seed for numpy's default_rng / fit_em from a scikit-learn random_state."""
     if random_state is None or isinstance(random_state, (int, np.integer)):
@@ -93,7 +98,8 @@ class _CPABase(BaseEstimator):
         return tags
 
     # ----------------------------------------------------------------- fitting
-    def _check_params(self, n_features: int):
+    def _check_params(self, n_features: int) -> tuple:
+        """Refuse bad parameters in one line each; return the hidden widths."""
         if not (isinstance(self.contamination, (float, int, np.floating)) and 0 < self.contamination <= 0.5):
             raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}; pass "
                                       "the expected fraction of outliers, e.g. contamination=0.1")
@@ -106,15 +112,50 @@ class _CPABase(BaseEstimator):
         if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
             raise EstimatorInputError(f"max_iter must be a non-negative integer, got {self.max_iter!r}; pass "
                                       "e.g. max_iter=100")
+        if self.noise not in ("iso", "diag"):
+            raise EstimatorInputError(f"noise must be 'iso' or 'diag', got {self.noise!r}; pass noise='iso' or "
+                                      "noise='diag'")
+        if not (_is_number(self.slope) and np.isfinite(self.slope)):
+            raise EstimatorInputError(f"slope must be a finite number, got {self.slope!r}; pass e.g. slope=0.1 "
+                                      "(0 for ReLU)")
+        self._check_device()
+        return self._hidden_widths()
+
+    def _check_device(self):
+        import torch
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise EstimatorInputError(f"device must be a torch device such as 'cpu' or 'cuda', got "
+                                      f"{self.device!r}; pass e.g. device='cpu'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EstimatorInputError(f"device={self.device!r} but torch sees no CUDA GPU here; pass "
+                                      "device='cpu'")
+
+    def _hidden_widths(self) -> tuple:
+        """hidden as a tuple of widths; a tuple or list must hold positive integers (a
+        width of 8.5 is refused, not truncated), a string is read as by ``cpadgn fit``."""
+        from .fit import parse_hidden
+        if isinstance(self.hidden, (tuple, list)):
+            widths = tuple(self.hidden)
+            if all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 for w in widths):
+                return tuple(int(w) for w in widths)
+        else:
+            try:
+                return parse_hidden(self.hidden)
+            except CpadgnError:
+                pass
+        raise EstimatorInputError(f"hidden must be a tuple of positive integer layer widths, got {self.hidden!r}; "
+                                  "pass e.g. hidden=(32, 32), or () for a linear generator")
 
     def _fit_model(self, X):
         """Validate X, fit the generator by EM, set model_ and friends; return X (N, D)."""
-        from .fit import fit_em, parse_hidden
+        from .fit import fit_em
         from .model import CPAModel
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, ensure_all_finite="allow-nan")
-        self._check_params(X.shape[1])
+        hidden = self._check_params(X.shape[1])
         try:
-            res = fit_em(X, int(self.latent_dim), hidden=parse_hidden(self.hidden), slope=float(self.slope),
+            res = fit_em(X, int(self.latent_dim), hidden=hidden, slope=float(self.slope),
                          max_iter=int(self.max_iter), tol=float(self.tol), seed=_seed(self.random_state) or 0,
                          noise=self.noise, device=self.device)
         except CpadgnError as e:
@@ -150,10 +191,13 @@ class _CPABase(BaseEstimator):
 
     def sample(self, n_samples=1, random_state=None):
         """n_samples rows drawn from the fitted model, (n_samples, D).  random_state
-        defaults to the estimator's (same seed, same draws)."""
+        defaults to the estimator's (same seed, same draws; None means seed 0, as in fit)."""
         check_is_fitted(self, "model_")
+        if not isinstance(n_samples, (int, np.integer)) or isinstance(n_samples, bool) or n_samples < 0:
+            raise EstimatorInputError(f"n_samples must be a non-negative integer, got {n_samples!r}; pass e.g. "
+                                      "n_samples=100")
         seed = _seed(self.random_state if random_state is None else random_state)
-        return self.model_.sample(int(n_samples), seed=seed)
+        return self.model_.sample(int(n_samples), seed=0 if seed is None else seed)
 
 
 class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
@@ -210,7 +254,7 @@ class CPADGNDetector(TransformerMixin, _CPABase):
     """
 
     def fit(self, X, y=None):
-        """Fit by EM on complete rows X (N, D); y is ignored (unsupervised)."""
+        """Fit by EM on the rows X (N, D) (NaN = missing); y is ignored (unsupervised)."""
         X = self._fit_model(X)
         self.decision_scores_ = -self.model_.log_prob(X)
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1 - self.contamination)))

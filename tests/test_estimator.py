@@ -117,6 +117,37 @@ def test_sample_is_seeded(fitted):
     np.testing.assert_array_equal(a, b)
 
 
+def test_sample_without_random_state_is_seed_0_and_refuses_bad_counts(data):
+    """random_state=None means seed 0 (as in fit): two calls give the same draws; a count
+    that is not a non-negative integer is refused rather than truncated."""
+    X, _ = data
+    det = CPADGN(**{**SMALL, "random_state": None}).fit(X)
+    np.testing.assert_array_equal(det.sample(20), det.sample(20))
+    np.testing.assert_array_equal(det.sample(20), det.sample(20, random_state=0))
+    for bad in (2.5, -1, True, "3"):
+        with pytest.raises(ValueError, match="n_samples must be a non-negative integer"):
+            det.sample(bad)
+
+
+@pytest.mark.parametrize("param, value, wrong, remedy", [
+    ("hidden", (8.5,), "hidden must be a tuple of positive integer layer widths", "hidden=(32, 32)"),
+    ("hidden", (0,), "hidden must be a tuple of positive integer layer widths", "hidden=(32, 32)"),
+    ("noise", "bogus", "noise must be 'iso' or 'diag'", "noise='iso'"),
+    ("slope", float("nan"), "slope must be a finite number", "slope=0.1"),
+    ("slope", True, "slope must be a finite number", "slope=0.1"),
+    ("device", "nope", "device must be a torch device", "device='cpu'"),
+])
+def test_bad_parameters_are_refused_in_the_estimators_words(data, param, value, wrong, remedy):
+    """A width of 8.5 was truncated to 8 and slope=True read as 1; the messages named the
+    command line's --hidden / --noise, which a Python caller cannot give; a bad device
+    was torch's RuntimeError rather than scikit-learn's ValueError."""
+    X, _ = data
+    with pytest.raises(ValueError) as info:
+        CPADGN(**{**SMALL, param: value}).fit(X)
+    head, _, tail = str(info.value).partition("; ")
+    assert wrong in head and remedy in tail and "--" not in str(info.value)
+
+
 def test_fit_takes_nan_and_refuses_bad_input_clearly(data):
     X, _ = data
     Y = X.copy()
