@@ -280,7 +280,7 @@ def _table(title, columns, rows, caption=None):
     from rich.console import Group
     from rich.text import Text
     t = Table(caption=caption, caption_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+              box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True, padding=0)
     for j, name in enumerate(columns):
         text = name in ("model", "A", "B")                   # may wrap
         left = text or name in ("kind", "better")
