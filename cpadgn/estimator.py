@@ -133,18 +133,13 @@ class _CPABase(BaseEstimator):
                                       "device='cpu'")
 
     def _hidden_widths(self) -> tuple:
-        """hidden as a tuple of widths; a tuple or list must hold positive integers (a
-        width of 8.5 is refused, not truncated), a string is read as by ``cpadgn fit``."""
+        """hidden as a tuple of widths (``fit.parse_hidden``: a width of 8.5 is refused,
+        not truncated; a string is read as by ``cpadgn fit``)."""
         from .fit import parse_hidden
-        if isinstance(self.hidden, (tuple, list)):
-            widths = tuple(self.hidden)
-            if all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 for w in widths):
-                return tuple(int(w) for w in widths)
-        else:
-            try:
-                return parse_hidden(self.hidden)
-            except CpadgnError:
-                pass
+        try:
+            return parse_hidden(self.hidden)
+        except CpadgnError:
+            pass
         raise EstimatorInputError(f"hidden must be a tuple of positive integer layer widths, got {self.hidden!r}; "
                                   "pass e.g. hidden=(32, 32), or () for a linear generator")
 

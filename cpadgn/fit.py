@@ -53,14 +53,24 @@ def parse_hidden(text) -> tuple:
             return ()
         parts = [p.strip() for p in s.replace(" ", "").split(",")]
     try:
-        sizes = tuple(int(p) for p in parts)
+        sizes = tuple(_layer_width(p) for p in parts)
     except (TypeError, ValueError):
-        raise CpadgnError(f"--hidden must be comma-separated positive layer widths like 32,32 "
-                          f"(or 'none' for a linear generator), got {text!r}") from None
+        raise CpadgnError(f"the hidden layer widths must be positive integers, got {text!r}; give them like "
+                          "--hidden 32,32 (hidden=(32, 32) in Python), or 'none' for a linear generator") from None
     if any(n < 1 for n in sizes):
-        raise CpadgnError(f"--hidden widths must be positive integers, got {text!r}; give widths of 1 or "
-                          "more like 32,32, or 'none' for a linear generator")
+        raise CpadgnError(f"the hidden layer widths must be positive integers, got {text!r}; give widths of 1 "
+                          "or more like --hidden 32,32 (hidden=(32, 32) in Python), or 'none' for a linear "
+                          "generator")
     return sizes
+
+
+def _layer_width(value) -> int:
+    """A layer width from '32' or a whole number (8.5 or True is a ValueError, not 8 or 1)."""
+    if isinstance(value, str):
+        return int(value)
+    if isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
+        raise ValueError(value)
+    return int(value)
 
 
 def parse_activation(text) -> float:

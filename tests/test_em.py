@@ -301,8 +301,10 @@ def test_parse_options():
     assert parse_hidden("32,32") == (32, 32)
     assert parse_hidden(" 16 , 8 ") == (16, 8)
     assert parse_hidden("none") == ()
-    for bad in ("32,x", "0,4", "-3", "1.5"):
-        with pytest.raises(CpadgnError, match="--hidden"):
+    assert parse_hidden((16, 8.0)) == (16, 8)
+    # a Python width of 8.5 or True is refused, not truncated to 8 or read as 1
+    for bad in ("32,x", "0,4", "-3", "1.5", (8.5,), (True, 4), [16, None]):
+        with pytest.raises(CpadgnError, match="--hidden 32,32 .hidden=.32, 32. in Python"):
             parse_hidden(bad)
     assert parse_activation("leaky_relu:0.2") == 0.2
     assert parse_activation("relu") == 0.0 and parse_activation("abs") == -1.0

@@ -64,7 +64,7 @@ CASES = [
     ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
      ValueError, "n_samples must be >= 1, got 0", "pass n_samples=1 or more"),
     ("hidden width 0", lambda t: __import__("cpadgn.fit").fit.parse_hidden("32,0"),
-     CpadgnError, "--hidden widths must be positive integers", "give widths of 1 or more like 32,32"),
+     CpadgnError, "hidden layer widths must be positive integers", "give widths of 1 or more like --hidden 32,32"),
     ("estimator contamination", lambda t: _fit_estimator(contamination=0.9),
      ValueError, "contamination must be in (0, 0.5], got 0.9", "e.g. contamination=0.1"),
     ("dask chunk rows 0", lambda t: __import__("cpadgn.dask").dask.chunk_rows_for(None, requested=0),
