@@ -54,7 +54,7 @@ REPORT_SUFFIXES = (".json", ".csv")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading pickled torch modules (they can execute code).")
 @stderr_target_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages (the results are still printed).")
 @click.option("--debug", is_flag=True, hidden=True)
 @click.option("--dask", "dask_address", default=None, metavar="ADDRESS|local:N",
               help="Score the rows on a Dask cluster: a scheduler address (tcp://host:8786) or "

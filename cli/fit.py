@@ -80,7 +80,7 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--timings", is_flag=True,
               help="Store per-iteration wall times in the history (they vary between runs, so "
                    "by default they are left out and the same inputs give identical files).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (the results are still printed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--debug", is_flag=True, hidden=True)
 @user_errors

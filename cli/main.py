@@ -176,7 +176,7 @@ def model_options(fn):
                           "Precision)."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow loading a pickled torch module (it can execute code)."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages (the results are still printed)."),
         click.option("--debug", is_flag=True, hidden=True),
     ]):
         fn = decorator(fn)
