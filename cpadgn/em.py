@@ -544,7 +544,7 @@ def init_ppca(X, latent_dim: int, hidden, slope: float, seed: int, *, noise_scal
     hidden = [int(h) for h in hidden]
     if S >= D:
         raise CpadgnError(f"the latent dimension ({S}) must be below the data dimension ({D}); pass a "
-                          "latent dimension of at most {D - 1}")
+                          f"latent dimension of at most {D - 1}")
     Wp, mu, s2 = ppca_parameters(X, S)
     if hidden and min(hidden) < S:
         net, var = init_random(X, S, hidden, slope, seed)
