@@ -276,11 +276,11 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
                need_noise=True, memory_budget=2e9, stderr_target=None, check=None, notices=None):
     """Load a generator, check it against the data (and by ``check(model)``, which raises
     CpadgnError), get its partition (cache or compute), settle the noise std.  Bad input
-    fails here, before any long computation.  notices: print the notice that a cache of
+    fails here, before any long computation (the commands call ``check_cache_path``
+    earlier still, before they read DATA).  notices: print the notice that a cache of
     another generator is replaced (default: not quiet; pass ``not --quiet`` under --json)."""
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
-    check_cache_path(model_path, cache)
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
                  trust_pickle=trust_pickle, device=resolve_device(device))
     model.memory_budget = memory_budget
@@ -348,6 +348,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     """
     from cpadgn.partition import check_partition
     t0 = time.perf_counter()
+    check_cache_path(model_path, cache)
     model = load_model(model_path, cache=cache, noise_std=None, device=device, need_noise=False,
                        memory_budget=memory_budget, notices=not quiet,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json)

@@ -1369,9 +1369,8 @@ def _positive_semidefinite(cov: np.ndarray) -> np.ndarray:
     A posterior far from its row in noise units (a tiny noise std) is ~1e-15 wide, below
     the rounding of E[zz'] - E[z]E[z]' (-1e-11 on digits at noise std 1e-6): 0 is then
     within that rounding of the truth, a negative variance is not."""
-    finite = np.isfinite(cov).all(axis=(1, 2))
-    bad = np.flatnonzero(finite)
-    bad = bad[np.linalg.eigvalsh(cov[bad])[:, 0] < 0] if bad.size else bad
+    finite = np.flatnonzero(np.isfinite(cov).all(axis=(1, 2)))
+    bad = finite[np.linalg.eigvalsh(cov[finite])[:, 0] < 0] if finite.size else finite
     if bad.size:
         lam, vec = np.linalg.eigh(cov[bad])
         cov = cov.copy()
