@@ -260,7 +260,7 @@ def _named_models(models) -> list:
 
 def check_dimensions(dims: dict, X_test=None, X_train=None) -> int:
     """Refuse (CpadgnError) models of different data dimensions {name: D}, or data whose
-    columns differ from D, or fewer than 2 test rows.  Returns D."""
+    columns differ from D, or fewer than 2 test rows, or no training row.  Returns D."""
     if len(set(dims.values())) > 1:
         listed = ", ".join(f"{n}: D={d}" for n, d in dims.items())
         raise CpadgnError(f"the models have different data dimensions ({listed}); only models of "
@@ -281,6 +281,10 @@ def check_dimensions(dims: dict, X_test=None, X_train=None) -> int:
     if X_test is not None and np.asarray(X_test).shape[0] < 2:
         raise CpadgnError(f"the test data has {np.asarray(X_test).shape[0]} row(s) with an observed "
                           "entry; standard errors need at least 2: pass more test rows")
+    if X_train is not None and np.asarray(X_train).shape[0] == 0:
+        raise CpadgnError("the training data has no row with an observed entry, so there is no "
+                          "training log-likelihood (AIC, BIC) to compute: pass training rows with "
+                          "observed values, or drop --train")
     return D
 
 

@@ -434,6 +434,10 @@ def test_rows_with_nothing_observed_are_left_out_with_a_note(setup):
         np.testing.assert_array_equal(res.log_likelihoods[name], ref.log_likelihoods[name])
     with pytest.raises(CpadgnError, match="0 row"):
         cpadgn.compare({"A": A}, np.full((5, 3), np.nan))
+    # training rows with nothing observed: no training log-likelihood, refused in one line
+    # (it was log(0) in BIC: an internal error)
+    with pytest.raises(CpadgnError, match="training data has no row with an observed entry"):
+        cpadgn.compare({"A": A}, X_test[:5], np.full((4, 3), np.nan))
 
 
 def test_cli_noise_once_per_model_matches_score_with_each(files):
