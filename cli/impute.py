@@ -278,23 +278,10 @@ def std_sibling(out: Path) -> Path:
 
 def csv_header(path, D: int) -> list:
     """The header of a CSV DATA file if it has one (as ``read_data`` decides), else x1..xD."""
-    default = [f"x{j + 1}" for j in range(D)]
-    if Path(path).suffix.lower() != ".csv":
-        return default
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            for row in csv.reader(f):
-                if row and any(c.strip() for c in row):
-                    break
-            else:
-                return default
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return default
-    from cpadgn.data import is_header
-    if not is_header(row):
-        return default
-    names = [c.strip() or f"x{j + 1}" for j, c in enumerate(row)]
-    return names if len(names) == D else default
+    from cpadgn.data import csv_header_cells
+    names = csv_header_cells(path) if Path(path).suffix.lower() == ".csv" else None
+    names = names and [c.strip() or f"x{j + 1}" for j, c in enumerate(names)]
+    return names if names and len(names) == D else [f"x{j + 1}" for j in range(D)]
 
 
 def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None,

@@ -6,10 +6,12 @@ NaN marking a missing value.
 - ``.npy``  a 2-D numeric array (``np.load(allow_pickle=False)``), or a 1-D structured
   array with numeric fields (one column per field, the format ``write_table`` writes)
 - ``.csv``  comma separated; the first row is a header when any of its cells is not a
-  number, or when its cells are the column numbers 0..D-1 or 1..D written as integers
-  (D >= 4: the header ``DataFrame(array).to_csv`` writes; such a data row would be a
-  strange sample, and read as data it would silently add one); empty cells and
-  nan / NA / N/A / null (any case) are missing values
+  number (unless it also holds a decimal number or a '?': refused, see
+  ``_refuse_mixed_header``), or when its cells are the column numbers 0..D-1 or 1..D
+  written as integers (D >= 4; 0..D-1 for D = 2, 3 above a row written in decimals: the
+  header ``DataFrame(array).to_csv`` writes; such a data row would be a strange sample,
+  and read as data it would silently add one); empty cells and nan / NA / N/A / null
+  (any case) are missing values
 - ``.h5`` / ``.hdf5``  the dataset named by ``dataset``; without it, the file's only
   2-D dataset (``dataset`` given for a .csv or .npy file is refused)
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import itertools
 import math
 import os
 import re
@@ -351,18 +354,48 @@ def _read_npy(path: Path) -> np.ndarray:
     return _numeric(path, a, "the array")
 
 
-def is_header(cells: list) -> bool:
+def is_header(cells: list, next_cells: list | None = None) -> bool:
     """Whether a CSV's first row (its cells, str) is a header: a cell that is not a
-    number, or the column numbers '0', '1', .., 'D-1' or '1', .., 'D' with D >= 4 (after
-    an empty first cell, pandas' name for its index column)."""
+    number, or the column numbers '0', '1', .., 'D-1' or '1', .., 'D' written as integers
+    (after an empty first cell, pandas' name for its index column) when D >= 4; for D = 2
+    and 3 the numbers 0..D-1 when the next row (``next_cells``) writes a number with a
+    decimal point or an exponent (pandas writes floats so, 0.5 or 1.0: an integer row
+    0,1 above such a row is its header)."""
     try:
         [_cell(c) for c in cells]
     except ValueError:
         return True
     text = [c.strip() for c in cells]
-    if len(text) >= 5 and not text[0]:          # pandas' index column: an empty name first
+    if len(text) >= 3 and not text[0]:          # pandas' index column: an empty name first
         text = text[1:]
-    return len(text) >= 4 and text[0] in ("0", "1") and text == [str(int(text[0]) + i) for i in range(len(text))]
+    if not (len(text) >= 2 and text[0] in ("0", "1")
+            and text == [str(int(text[0]) + i) for i in range(len(text))]):
+        return False
+    above_decimals = any(_DECIMAL.match(c.strip()) for c in next_cells or ())
+    return len(text) >= 4 or (text[0] == "0" and above_decimals)
+
+
+_DECIMAL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
+
+
+def _refuse_mixed_header(path: Path, line: int, cells: list) -> None:
+    """A first row taken for a header (a cell is not a number) that also holds a number
+    written with a decimal point or exponent, or a cell of punctuation only ('?', '-'), is
+    a data row with a bad missing-value marker as likely as a header: refused, never
+    dropped in silence."""
+    numbers, text = [], []
+    for j, c in enumerate(cells):
+        try:
+            _cell(c)
+            numbers.append(c.strip())
+        except ValueError:
+            text.append((j, c.strip()))
+    bare = [(j, c) for j, c in text if not any(ch.isalnum() for ch in c)]
+    if [c for c in numbers if c] and (bare or any(_DECIMAL.match(c) for c in numbers)):
+        j, c = (bare or text)[0]
+        raise CpadgnError(f"{path}: line {line} mixes numbers and text ('{c}' in column {j + 1}), so it "
+                          "is neither a clear header nor a data row; if it is data, write each missing "
+                          "value as an empty cell or NA; if it is a header, give every column a name")
 
 
 def _cell(text: str):
@@ -411,7 +444,8 @@ def _read_csv(path: Path):
             raise CpadgnError(f"{path}: line {rows[0][0]} is separated by {name}; cpadgn reads "
                               "comma-separated values (convert the file, e.g. save it as CSV "
                               "with ',' as the separator)")
-    if is_header(first):
+    if is_header(first, rows[1][1] if len(rows) > 1 else None):
+        _refuse_mixed_header(path, rows[0][0], first)
         header, rows = first, rows[1:]
     if not rows:
         raise CpadgnError(f"{path} has a header but no data rows; add one row per sample below it")
@@ -440,6 +474,17 @@ def _read_csv(path: Path):
                     raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c.strip()}', "
                                       f"not a number{hint}") from None
     return out, [n for n, _ in rows]
+
+
+def csv_header_cells(path) -> list | None:
+    """The header cells (str) of a CSV file as ``read_data`` decides them, or None (no header,
+    or a file it cannot read)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [cells for _, cells in itertools.islice(_csv_rows(f), 2)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return rows[0] if rows and is_header(rows[0], rows[1] if len(rows) > 1 else None) else None
 
 
 def _refuse_pandas_index(path: Path, rows: list) -> None:

@@ -66,6 +66,26 @@ def test_score_output_formats(files, suffix):
     assert ll.shape == (20,) and np.all(np.isfinite(ll))
 
 
+def test_pandas_csv_of_three_columns_keeps_its_rows_and_header(files):
+    """pd.DataFrame(X).to_csv(index=False) heads 3 columns with 0,1,2: score and impute read
+    20 rows (not 21, with the header as a row), and impute writes that header back above
+    its 20 rows, observed entries bit for bit."""
+    import pandas as pd
+    from cpadgn.data import read_data
+    X = files["X"].copy()
+    X[4, 1] = np.nan
+    data = files["dir"] / "pd.csv"
+    pd.DataFrame(X).to_csv(data, index=False)
+    assert run("score", files["model"], data, "-o", files["dir"] / "s.npy", "-q").exit_code == 0
+    assert np.load(files["dir"] / "s.npy").shape == (20,)
+    out = files["dir"] / "filled.csv"
+    assert run("impute", files["model"], data, "-o", out, "-q").exit_code == 0
+    assert out.read_text().splitlines()[0] == "0,1,2"
+    Y, seen = read_data(out), ~np.isnan(X)
+    assert Y.shape == (20, 3) and np.isfinite(Y[4, 1])
+    np.testing.assert_array_equal(Y[seen].view(np.int64), X[seen].view(np.int64))
+
+
 def test_rows_with_every_value_missing_score_nan_and_are_counted(files):
     X = files["X"].copy()
     X[4] = np.nan

@@ -33,6 +33,34 @@ def test_csv_header_of_column_numbers(tmp_path):
         assert read_data(tmp_path / "d.csv").shape == (2, cols)
 
 
+@pytest.mark.parametrize("D", [2, 3])
+def test_csv_pandas_header_of_few_columns(tmp_path, D):
+    """DataFrame(X).to_csv(index=False) with D = 2 or 3 writes the header 0,1(,2) above rows
+    written in decimals: a header, not a data row silently added (wave.csv has D = 2)."""
+    import pandas as pd
+    X = np.arange(4.0 * D).reshape(4, D) / 7
+    pd.DataFrame(X).to_csv(tmp_path / "p.csv", index=False)
+    np.testing.assert_array_equal(read_data(tmp_path / "p.csv"), X)
+    pd.DataFrame(X).to_csv(tmp_path / "i.csv")                      # with its index: refused
+    with pytest.raises(CpadgnError, match="pandas index"):
+        read_data(tmp_path / "i.csv")
+
+
+@pytest.mark.parametrize("first", ["0.5,?,0.25", "3,?,4", "0.5,-,2", "1e-3,None,2", "0.5,0.25x,1"])
+def test_csv_first_row_of_numbers_and_a_bad_cell_is_refused(tmp_path, first):
+    """A first row holding numbers and a stray marker ('?', as in UCI files) was taken for a
+    header and dropped without a word; it is refused, naming the cell."""
+    (tmp_path / "q.csv").write_text(f"{first}\n0.5,1,2\n")
+    with pytest.raises(CpadgnError, match=r"line 1 mixes numbers and text .* in column 2"):
+        read_data(tmp_path / "q.csv")
+
+
+@pytest.mark.parametrize("head", ["id,2019,2020", "#,a,b", ",a,b", "x1,x2,3"])
+def test_csv_headers_with_numbers_or_symbols_stay_headers(tmp_path, head):
+    (tmp_path / "h.csv").write_text(f"{head}\n0.5,1,2\n")
+    np.testing.assert_array_equal(read_data(tmp_path / "h.csv"), [[0.5, 1, 2]])
+
+
 @pytest.mark.parametrize("columns", [None, ["a", "b", "c", "d"]])
 def test_csv_with_a_pandas_index_column_is_refused(tmp_path, columns):
     """DataFrame.to_csv writes its row index as an unnamed first column by default: that is
