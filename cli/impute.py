@@ -129,6 +129,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         return
     X = read_data(data_path, dataset=dataset)
     columns = csv_header(data_path, X.shape[1])
+    if n_draws is not None and out is not None and out.suffix.lower() == ".csv" and "draw" in columns:
+        raise CpadgnError("DATA has a column named 'draw', which the CSV draws layout uses; "
+                          "write the draws to .npy or .h5")
     if plot_path is not None:
         H, W = image_shape or plot.square_shape(X.shape[1])
         if H * W != X.shape[1]:
@@ -295,9 +298,6 @@ def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, 
     from cpadgn.data import atomic_hdf5, atomic_path, write_error
     suffix = out.suffix.lower()
     columns = [str(c) for c in columns]
-    if draws and suffix == ".csv" and "draw" in columns:
-        raise CpadgnError("DATA has a column named 'draw', which the CSV draws layout uses; "
-                          "write the draws to .npy or .h5")
     try:
         if suffix in (".h5", ".hdf5"):
             with atomic_hdf5(out) as f:

@@ -526,6 +526,20 @@ def test_cli_refusals_are_one_line_without_output(files, extra, data, message):
     assert not any(p.name.startswith(("bad", ".bad")) for p in d.iterdir())
 
 
+def test_cli_draw_column_is_refused_before_imputing(files, monkeypatch):
+    """A CSV DATA column named 'draw' clashes with the CSV draws layout: refused before the
+    imputation runs (it was refused only when writing, after all the work)."""
+    from cpadgn.model import CPAModel
+    d, _, _ = files
+    (d / "draw.csv").write_text("draw,b,c,d\n1,,3,4\n")
+
+    def imputation(*args, **kwargs):
+        raise AssertionError("imputation ran")
+    monkeypatch.setattr(CPAModel, "imputation", imputation)
+    r = run(d / "gen.h5", d / "draw.csv", "-o", d / "d.csv", "--draws", "2", "-q", "--device", "cpu")
+    assert r.exit_code == 1 and "column named 'draw'" in r.output, r.output
+
+
 # ============================================================================ S >= 4: Monte Carlo error of the mean
 def _s4_rows(model):
     X = model.sample(4, seed=4)
