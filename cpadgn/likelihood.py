@@ -480,7 +480,9 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
 def _entrywise_ldl(lam: dict, y: list):
     """log det Lambda and y' Lambda^-1 y of many small S x S systems stored entrywise, by
     Lambda = L' diag(d) L'^T (L' unit lower; no square roots): lam {(i, j): (...)} for
-    i >= j, y [(...)] * S -> (log det, y' Lambda^-1 y), each (...)."""
+    i >= j, y [(...)] * S -> (log det, y' Lambda^-1 y), each (...).  At a tiny noise std
+    the pivots d and w reach 1 / sigma^2 (1e160 at sigma = 1e-80): w (w / d) and a sum of
+    logs keep every product within float64, where w^2 and prod d overflowed to inf."""
     S = len(y)
     Lu, d, w = {}, [], []
     for j in range(S):
@@ -489,11 +491,11 @@ def _entrywise_ldl(lam: dict, y: list):
             Lu[i, j] = (lam[i, j] - sum(Lu[i, k] * Lu[j, k] * d[k] for k in range(j))) / d[j]
     for i in range(S):
         w.append(y[i] - sum(Lu[i, k] * w[k] for k in range(i)) if i else y[0])
-    det, yy = d[0], w[0] * w[0] / d[0]
+    logdet, yy = torch.log(d[0]), w[0] * (w[0] / d[0])
     for i in range(1, S):
-        det = det * d[i]
-        yy = yy + w[i] * w[i] / d[i]
-    return torch.log(det), yy
+        logdet = logdet + torch.log(d[i])
+        yy = yy + w[i] * (w[i] / d[i])
+    return logdet, yy
 
 
 def _stats_factors(stats: torch.Tensor, S: int):

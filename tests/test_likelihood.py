@@ -424,6 +424,32 @@ def test_distances_to_whitened_regions_match_least_distance_programming():
     assert err.max() <= 1e-9, err.max()
 
 
+def test_rows_with_missing_entries_at_a_tiny_noise_std_stay_finite():
+    """Noise std 1e-80 is inside numerics.NOISE_RANGE: a row with a missing entry has
+    y = A' P_o (x - b) ~ 1 / sigma^2 = 1e160, whose square overflowed in y' Lambda^-1 y
+    (log p = -inf or NaN: exit 70 in cpadgn score, an imputed mean of 0.0).  The imputed
+    mean of a linear model is the closed-form Gaussian conditional mean (its 2 x 2 solve
+    has condition < 1e3 here: rtol 1e-10 is that times eps with room); log p itself is
+    only as good as README "Precision" says at such a noise, so only its finiteness is
+    asserted."""
+    rng = np.random.default_rng(5)
+    model, A, b, mu, cov_z, _ = random_linear_model(rng, 2, 3, 1.0)
+    x = b + A @ (mu + np.array([0.3, -0.2]))
+    x[1] = np.nan
+    o, sigma = [0, 2], 1e-80
+    C_oo = A[o] @ cov_z @ A[o].T + sigma ** 2 * np.eye(2)
+    assert np.linalg.cond(C_oo) < 1e3
+    want = b[1] + A[1] @ mu + A[1] @ cov_z @ A[o].T @ np.linalg.solve(C_oo, x[o] - b[o] - A[o] @ mu)
+    tiny = model.with_noise_std(sigma)
+    assert np.isfinite(tiny.log_prob(x[None])).all()
+    assert abs(tiny.impute(x[None])[0, 1] - want) <= 1e-10 * (1 + abs(want))
+    net = random_net(1, (6, 6), 3, seed=2, slope=0.1, scale=2.0)         # piecewise: many regions
+    X = net.forward(rng.standard_normal((6, 1)))
+    X[::2, 1] = np.nan
+    post = CPAModel(net, noise_std=sigma, device="cpu").posterior(X)
+    assert np.isfinite(post.log_likelihood).all() and np.isfinite(post.z_mean).all()
+
+
 def test_extreme_finite_input_gives_the_closed_form_or_a_clear_refusal():
     """Far rows are finite and exact (PPCA closed form) while float64 can hold their
     terms; beyond that (squared noise-unit distance > 1e200: 1e160 in a cell, data times
