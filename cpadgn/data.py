@@ -380,7 +380,7 @@ _DECIMAL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 
 def _refuse_mixed_header(path: Path, line: int, cells: list) -> None:
     """A first row taken for a header (a cell is not a number) that also holds a number
-    written with a decimal point or exponent, or a cell of punctuation only ('?', '-'), is
+    written with a decimal point or exponent, or a cell without letters ('?', '-', '1_0'), is
     a data row with a bad missing-value marker as likely as a header: refused, never
     dropped in silence."""
     numbers, text = [], []
@@ -390,7 +390,7 @@ def _refuse_mixed_header(path: Path, line: int, cells: list) -> None:
             numbers.append(c.strip())
         except ValueError:
             text.append((j, c.strip()))
-    bare = [(j, c) for j, c in text if not any(ch.isalnum() for ch in c)]
+    bare = [(j, c) for j, c in text if not any(ch.isalpha() for ch in c)]
     if [c for c in numbers if c] and (bare or any(_DECIMAL.match(c) for c in numbers)):
         j, c = (bare or text)[0]
         raise CpadgnError(f"{path}: line {line} mixes numbers and text ('{c}' in column {j + 1}), so it "
@@ -399,17 +399,22 @@ def _refuse_mixed_header(path: Path, line: int, cells: list) -> None:
 
 
 def _cell(text: str):
-    """float or None (missing); raises ValueError for anything else."""
+    """float or None (missing); raises ValueError for anything else (also '1_0', which
+    Python's float reads as 10: a CSV number has no underscores)."""
     t = text.strip()
     if t.lower() in MISSING_TOKENS:
         return math.nan
+    if "_" in t:
+        raise ValueError(t)
     return float(t)
 
 
-def _csv_rows(f):
+def _csv_rows(f, underscored: set | None = None):
     """(line number, cells) of each CSV row of the open file f, skipping blank lines (whitespace
     only).  A quoted empty cell ("", what pandas writes for a missing value in a one-column
-    file) or a line of bare commas (an all-NaN row) is a row, not a blank line."""
+    file) or a line of bare commas (an all-NaN row) is a row, not a blank line.  The line
+    numbers of rows whose text holds '_' go into ``underscored`` when given (one scan of
+    the line: float() would read '1_0' as 10, so those rows are parsed cell by cell)."""
     last = [""]
 
     def lines():
@@ -419,13 +424,16 @@ def _csv_rows(f):
     reader = csv.reader(lines())
     for row in reader:
         if last[0].strip():
+            if underscored is not None and "_" in last[0]:
+                underscored.add(reader.line_num)
             yield reader.line_num, row
 
 
 def _read_csv(path: Path):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(_csv_rows(f))
+            underscored = set()
+            rows = list(_csv_rows(f, underscored))
     except UnicodeDecodeError:
         raise CpadgnError(f"{path} is not a UTF-8 text file; is it really a CSV? If so, save it as "
                           "UTF-8 comma-separated values") from None
@@ -463,6 +471,8 @@ def _read_csv(path: Path):
             raise CpadgnError(f"{path}: line {line} has {len(row)} values but {ref} {width}; "
                               "every row needs the same number of comma-separated values")
         try:
+            if line in underscored:
+                raise ValueError
             out[i] = [float(c) for c in row]
         except ValueError:
             for j, c in enumerate(row):

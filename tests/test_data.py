@@ -46,7 +46,7 @@ def test_csv_pandas_header_of_few_columns(tmp_path, D):
         read_data(tmp_path / "i.csv")
 
 
-@pytest.mark.parametrize("first", ["0.5,?,0.25", "3,?,4", "0.5,-,2", "1e-3,None,2", "0.5,0.25x,1"])
+@pytest.mark.parametrize("first", ["0.5,?,0.25", "3,?,4", "0.5,-,2", "1e-3,None,2", "0.5,0.25x,1", "3,1_0,4"])
 def test_csv_first_row_of_numbers_and_a_bad_cell_is_refused(tmp_path, first):
     """A first row holding numbers and a stray marker ('?', as in UCI files) was taken for a
     header and dropped without a word; it is refused, naming the cell."""
@@ -112,6 +112,7 @@ def test_csv_utf8_bom_header(tmp_path):
     ("a,b\n1,2\n3,inf\n", r"row 2 \(line 3\), column 2 is inf; replace it with a finite value"),
     ("1,2\n-inf,4\n5,1e999\n", r"row 2 \(line 2\), column 1 is -inf \(2 infinite values"),
     ("a,b\n1,2\n3,x7\n", r"line 3, column 2 is 'x7', not a number"),
+    ("a,b\n1,2\n3,1_0\n", r"line 3, column 2 is '1_0', not a number"),     # float('1_0') == 10.0
     ("a,b\n1;2\n", r"line 2 has 1 values but the header has 2"),
     ("1;2\n3;4\n", r"line 1 is separated by semicolons; cpadgn reads comma-separated"),
     ("a\tb\n3\t4\n", r"separated by tabs"),
