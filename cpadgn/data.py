@@ -240,22 +240,31 @@ def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
                           f"is {ndim}-D; use .npy or .h5")
     if path.is_dir():
         raise CpadgnError(f"cannot write {path}: it is a directory; give a file name")
+    check_directory_writable(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CpadgnError(f"cannot write {path}: the existing file is read-only; choose another "
+                          "output path or make it writable")
+    return path
+
+
+def check_directory_writable(path, name=None) -> None:
+    """Fail (CpadgnError) unless the directory of ``path`` exists and a file can be created
+    there (tried with a temporary file).  ``name``: how the messages call the path (default
+    the path itself)."""
+    path = Path(path)
+    name = path if name is None else name
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
-        raise CpadgnError(f"cannot write {path}: directory {parent} does not exist; create it first")
+        raise CpadgnError(f"cannot write {name}: directory {parent} does not exist; create it first")
     if not parent.is_dir():
-        raise CpadgnError(f"cannot write {path}: {parent} is not a directory; choose a path inside a directory")
+        raise CpadgnError(f"cannot write {name}: {parent} is not a directory; choose a path inside a directory")
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".check")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise CpadgnError(f"cannot write {path}: directory {parent} is not writable "
-                          f"({e.strerror or e}); choose another output directory") from None
-    if path.exists() and not os.access(path, os.W_OK):
-        raise CpadgnError(f"cannot write {path}: the existing file is read-only; choose another "
-                          "output path or make it writable")
-    return path
+        raise CpadgnError(f"cannot write {name}: directory {parent} is not writable "
+                          f"({e.strerror or e}); choose another directory") from None
 
 
 # ================================================================== reading
