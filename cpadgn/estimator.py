@@ -41,6 +41,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_integer(value) -> bool:
+    """An integer (Python or numpy), not a bool (True would be read as 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _seed(random_state) -> int | None:
     """An int seed for numpy's default_rng / fit_em from a scikit-learn random_state."""
     if random_state is None or isinstance(random_state, (int, np.integer)):
@@ -60,7 +65,7 @@ _PARAMETERS = """
     slope : float, negative-side slope of the activations (0 ReLU, 0.1 leaky ReLU,
         -1 absolute value).
     max_iter : int, EM iterations at most.
-    tol : float, EM stops when the relative gain of the mean log-likelihood is below it.
+    tol : float >= 0, EM stops when the relative gain of the mean log-likelihood is below it.
     noise : "iso" (sigma^2 I) or "diag" (one variance per feature).
     contamination : float in (0, 0.5], the expected fraction of outliers in the training
         data; sets the decision threshold.
@@ -104,14 +109,16 @@ class _CPABase(BaseEstimator):
             raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}; pass "
                                       "the expected fraction of outliers, e.g. contamination=0.1")
         S = self.latent_dim
-        if not isinstance(S, (int, np.integer)) or S < 1:
+        if not _is_integer(S) or S < 1:
             raise EstimatorInputError(f"latent_dim must be a positive integer, got {S!r}; pass e.g. latent_dim=2")
         if S >= n_features:
             raise EstimatorInputError(f"latent_dim={S} needs data with more than {S} features, got "
                                       f"n_features = {n_features}; lower latent_dim")
-        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
+        if not _is_integer(self.max_iter) or self.max_iter < 0:
             raise EstimatorInputError(f"max_iter must be a non-negative integer, got {self.max_iter!r}; pass "
                                       "e.g. max_iter=100")
+        if not (_is_number(self.tol) and np.isfinite(self.tol) and self.tol >= 0):
+            raise EstimatorInputError(f"tol must be a finite number >= 0, got {self.tol!r}; pass e.g. tol=1e-5")
         if self.noise not in ("iso", "diag"):
             raise EstimatorInputError(f"noise must be 'iso' or 'diag', got {self.noise!r}; pass noise='iso' or "
                                       "noise='diag'")
@@ -188,7 +195,7 @@ class _CPABase(BaseEstimator):
         """n_samples rows drawn from the fitted model, (n_samples, D).  random_state
         defaults to the estimator's (same seed, same draws; None means seed 0, as in fit)."""
         check_is_fitted(self, "model_")
-        if not isinstance(n_samples, (int, np.integer)) or isinstance(n_samples, bool) or n_samples < 0:
+        if not _is_integer(n_samples) or n_samples < 0:
             raise EstimatorInputError(f"n_samples must be a non-negative integer, got {n_samples!r}; pass e.g. "
                                       "n_samples=100")
         seed = _seed(self.random_state if random_state is None else random_state)
