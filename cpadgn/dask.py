@@ -471,7 +471,7 @@ def impute(model, X, *, draws: int | None = None, seed: int = 0, std: bool = Fal
 def split_imputation(table, *, draws=None, std=False, mean_stderr=False):
     """The parts of an ``impute_table`` (dask or numpy): the mean (N, D), the tuple of
     the mean, std and mean_stderr (N, D) asked for, or the draws (K, N, D)."""
-    blocks = draws or 1 + bool(std) + bool(mean_stderr)
+    blocks = _impute_blocks(draws, std, mean_stderr)
     N, D = table.shape[0], (table.shape[1] - IMPUTE_LEAD) // blocks
     body = table[:, IMPUTE_LEAD:]
     if draws is not None:
@@ -479,6 +479,12 @@ def split_imputation(table, *, draws=None, std=False, mean_stderr=False):
     if blocks == 1:
         return body
     return tuple(body[:, k * D:(k + 1) * D] for k in range(blocks))
+
+
+def _impute_blocks(draws, std, mean_stderr) -> int:
+    """How many (N, D) blocks follow the lead columns of an impute table: the K draws, or
+    the mean plus the std and the mean_stderr where asked for."""
+    return draws if draws is not None else 1 + bool(std) + bool(mean_stderr)
 
 
 def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, client=None, device="auto"):
@@ -495,7 +501,7 @@ def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, 
     check_columns(model, X)
     fut = _shipped(model, client, device)
     D = X.shape[1]
-    width = IMPUTE_LEAD + D * (draws if draws is not None else 1 + bool(std) + bool(mean_stderr))
+    width = IMPUTE_LEAD + D * _impute_blocks(draws, std, mean_stderr)
     return X.map_blocks(_impute_block, fut, draws, seed, std, mean_stderr, chunks=(X.chunks[0], (width,)),
                         dtype=np.float64, meta=np.empty((0, 0)))
 
