@@ -491,9 +491,8 @@ def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, 
     """(N, 2 + W) dask.array: the certified error bound and the number of missing entries,
     then the mean (and std, and mean_stderr) or the draws (W = D to 3 D, or K D) per row;
     see ``impute``."""
-    if draws is not None and (int(draws) != draws or draws < 1):
-        raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
-                          "leave it out for the mean")
+    from .impute import check_draws
+    check_draws(draws)
     if draws is not None and mean_stderr:
         raise CpadgnError("mean_stderr is the standard error of the imputed mean, and draws= imputes no "
                           "mean; pass one of draws= and mean_stderr=True")

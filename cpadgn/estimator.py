@@ -48,11 +48,13 @@ def _is_integer(value) -> bool:
 
 def _seed(random_state) -> int | None:
     """An int seed for numpy's default_rng / fit_em from a scikit-learn random_state."""
-    if random_state is None or isinstance(random_state, (int, np.integer)):
-        return None if random_state is None else int(random_state)
+    if random_state is None:
+        return None
+    if _is_integer(random_state) and random_state >= 0:       # numpy's seeds are non-negative
+        return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(np.iinfo(np.int32).max))
-    raise EstimatorInputError(f"random_state must be None, an int or a numpy RandomState, "
+    raise EstimatorInputError(f"random_state must be None, a non-negative int or a numpy RandomState, "
                               f"got {random_state!r}; pass e.g. random_state=0")
 
 
@@ -69,7 +71,7 @@ _PARAMETERS = """
     noise : "iso" (sigma^2 I) or "diag" (one variance per feature).
     contamination : float in (0, 0.5], the expected fraction of outliers in the training
         data; sets the decision threshold.
-    random_state : None, int or RandomState: seeds the random units of EM's
+    random_state : None, int >= 0 or RandomState: seeds the random units of EM's
         initialisation (the PPCA part is deterministic); None means seed 0.
     device : torch device for the batched linear algebra ("cpu", "cuda").
 

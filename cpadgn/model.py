@@ -164,7 +164,9 @@ class CPAModel:
         return float(np.exp(res.x))
 
     def sample(self, n: int, seed=None) -> np.ndarray:
-        """n draws of x from the model, (n, D)."""
+        """n draws of x from the model, (n, D).  seed: anything ``np.random.default_rng`` takes."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise CpadgnError(f"n must be a non-negative integer, got {n!r}; pass e.g. sample(100)")
         rng = np.random.default_rng(seed)
         z = rng.standard_normal((n, self.latent_dim))
         x = self.net.forward(z)
@@ -173,26 +175,9 @@ class CPAModel:
         return x
 
     def _check_data(self, X) -> np.ndarray:
-        try:
-            X = np.asarray(X, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise CpadgnError(f"the data are not a numeric array ({e}); pass an (N, "
-                              f"{self.output_dim}) array of numbers, NaN for missing") from None
-        D = self.output_dim
-        if X.ndim == 1 and X.shape[0] == D:
-            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
-                              "pass X.reshape(1, -1)")
-        if X.ndim != 2:
-            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}; pass one row "
-                              "per sample")
-        if X.shape[1] != D:
-            raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs "
-                              f"{D}; pass data with {D} columns")
-        if np.isinf(X).any():
-            r, c = np.argwhere(np.isinf(X))[0]
-            raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite "
-                              "value, or NaN to mark it missing")
-        return X
+        """X as float64 (N, D) (``data.check_rows``)."""
+        from .data import check_rows
+        return check_rows(X, self.output_dim).astype(np.float64, copy=False)
 
     def impute(self, X, draws=None, seed=None) -> np.ndarray:
         """Exact imputation of the missing entries (NaN) of X (N, D) given the observed ones.

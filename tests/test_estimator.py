@@ -202,6 +202,11 @@ def test_pyod_style_detector(data):
     assert np.isfinite(det.decision_function(Z)).all()
 
 
+def test_dir_lists_the_names_loaded_on_first_use():
+    """dir(cpadgn) (tab completion) missed CPADGN, load, compare...: they load on first use."""
+    assert set(cpadgn.__all__) <= set(dir(cpadgn))
+
+
 def test_importing_cpadgn_does_not_import_sklearn():
     code = "import sys, cpadgn; print('sklearn' in sys.modules); print(cpadgn.CPADGN.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -55,6 +55,28 @@ CASES = [
      CpadgnError, "must be in (0, 1), got 1.5", "pass a fraction such as 0.2"),
     ("impute draws 0", lambda t: _model().imputation(np.full((1, 3), np.nan), draws=0),
      CpadgnError, "draws must be a positive integer, got 0", "pass draws=1 or more"),
+    # draws=True was read as 1 draw; a 1-D row was 'the data has shape (3,) columns but the
+    # generator outputs 3' in imputation but 'pass X.reshape(1, -1)' in log_prob
+    ("impute draws True", lambda t: _model().imputation(np.full((1, 3), np.nan), draws=True),
+     CpadgnError, "draws must be a positive integer, got True", "pass draws=1 or more"),
+    ("impute one 1-D row", lambda t: _model().impute(np.array([1.0, np.nan, 0.0])),
+     CpadgnError, "must be a 2-D array (N, 3), got one row of shape (3,)", "pass X.reshape(1, -1)"),
+    ("impute strings", lambda t: _model().impute([["a", "b", "c"]]),
+     CpadgnError, "the data are not a numeric array", "pass an (N, 3) array of numbers"),
+    ("impute complex", lambda t: _model().impute(np.ones((1, 3), complex)),
+     CpadgnError, "the data are not a numeric array (complex numbers)", "pass an (N, 3) array of numbers"),
+    # sample(-1), sample(2.5), sample(True) were numpy's 'negative dimensions are not allowed',
+    # TypeErrors, or (True) one draw
+    ("sample -1", lambda t: _model().sample(-1),
+     CpadgnError, "n must be a non-negative integer, got -1", "pass e.g. sample(100)"),
+    ("sample 2.5", lambda t: _model().sample(2.5),
+     CpadgnError, "n must be a non-negative integer, got 2.5", "pass e.g. sample(100)"),
+    ("sample True", lambda t: _model().sample(True),
+     CpadgnError, "n must be a non-negative integer, got True", "pass e.g. sample(100)"),
+    # random_state=-1 was numpy's 'expected non-negative integer' from inside EM
+    ("estimator random_state -1", lambda t: _fit_estimator(random_state=-1),
+     ValueError, "random_state must be None, a non-negative int or a numpy RandomState, got -1",
+     "pass e.g. random_state=0"),
     ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
      CpadgnError, "must be a scalar or have 3 entries", "pass one std, or one per column"),
     ("prior not symmetric", lambda t: _save(t, prior_cov=[[1.0, 0.5], [0.0, 1.0]]),
