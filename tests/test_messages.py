@@ -25,9 +25,9 @@ def _save(tmp_path, **kw):
     save_model(tmp_path / "m.h5", _net(), noise_std=0.3, **kw)
 
 
-def _fit_estimator(**kw):
+def _fit_estimator(scale=1.0, **kw):
     from cpadgn.estimator import CPADGN
-    CPADGN(**kw).fit(np.random.default_rng(0).normal(size=(20, 3)))
+    CPADGN(**kw).fit(scale * np.random.default_rng(0).normal(size=(20, 3)))
 
 
 CASES = [
@@ -77,6 +77,14 @@ CASES = [
     ("estimator random_state -1", lambda t: _fit_estimator(random_state=-1),
      ValueError, "random_state must be None, a non-negative int or a numpy RandomState, got -1",
      "pass e.g. random_state=0"),
+    # data of spread 1e-120 were fitted to a noise std of 5e-121 that no command can use
+    # (a saved model then refused by score); at 1e-200 the variances underflowed and the
+    # refusal said 'every column of the training data is constant'
+    ("estimator tiny spread", lambda t: _fit_estimator(latent_dim=1, hidden=(4,), max_iter=1, scale=1e-120),
+     ValueError, "the training data vary too little for float64: the columns' rms std is", "rescale"),
+    ("ppca tiny spread", lambda t: __import__("cpadgn.ppca").ppca.ppca_parameters(
+        1e-200 * np.random.default_rng(0).normal(size=(20, 3)), 1),
+     CpadgnError, "vary too little for float64", "rescale (standardise) the columns"),
     ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
      CpadgnError, "must be a scalar or have 3 entries", "pass one std, or one per column"),
     ("prior not symmetric", lambda t: _save(t, prior_cov=[[1.0, 0.5], [0.0, 1.0]]),
