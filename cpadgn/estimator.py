@@ -24,7 +24,7 @@ import numpy as np
 from .errors import CpadgnError
 
 try:
-    from sklearn.base import BaseEstimator, OutlierMixin, TransformerMixin
+    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, OutlierMixin, TransformerMixin
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("cpadgn.CPADGN and cpadgn.CPADGNDetector need scikit-learn >= 1.6: "
@@ -84,8 +84,11 @@ _PARAMETERS = """
 """
 
 
-class _CPABase(BaseEstimator):
-    """Fitting and exact scoring shared by ``CPADGN`` and ``CPADGNDetector``."""
+class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Fitting and exact scoring shared by ``CPADGN`` and ``CPADGNDetector``.  transform's
+    columns are named like FactorAnalysis's (``get_feature_names_out``: cpadgn0, cpadgn1, ...),
+    so ``set_output(transform="pandas")`` works (TransformerMixin here, where transform is
+    defined: scikit-learn wraps only the transform of a TransformerMixin's own class)."""
 
     def __init__(self, latent_dim=2, hidden=(32, 32), slope=0.1, max_iter=100, tol=1e-5, noise="iso",
                  contamination=0.1, random_state=None, device="cpu"):
@@ -167,6 +170,7 @@ class _CPABase(BaseEstimator):
         self.fit_result_ = res
         self.n_iter_ = len(res.history["train_loglik"]) - 1 + (res.stop_reason == "no_improvement")
         self.model_ = CPAModel(res.net, noise_std=res.noise_std, device=self.device)
+        self._n_features_out = self.model_.latent_dim          # transform's columns
         return X
 
     # ----------------------------------------------------------------- scoring
@@ -204,7 +208,7 @@ class _CPABase(BaseEstimator):
         return self.model_.sample(int(n_samples), seed=0 if seed is None else seed)
 
 
-class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
+class CPADGN(OutlierMixin, _CPABase):
     __doc__ = """Exact-likelihood outlier detector: a piecewise-affine deep generative
     network fitted by EM, with scikit-learn's outlier-detector conventions.
 
@@ -243,7 +247,7 @@ class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
         return np.where(self.decision_function(X) < 0, -1, 1)
 
 
-class CPADGNDetector(TransformerMixin, _CPABase):
+class CPADGNDetector(_CPABase):
     __doc__ = """PyOD-style detector: the same exact-likelihood model with PyOD's
     conventions, so it drops into PyOD pipelines (without importing PyOD).
 

@@ -202,6 +202,19 @@ def test_pyod_style_detector(data):
     assert np.isfinite(det.decision_function(Z)).all()
 
 
+def test_transform_names_its_columns_and_follows_set_output(fitted, data):
+    """get_feature_names_out and set_output(transform="pandas") were missing (AttributeError),
+    as for FactorAnalysis they are not: the columns are cpadgn0.. (the posterior mean's S)."""
+    pd = pytest.importorskip("pandas")
+    X, _ = data
+    assert fitted.get_feature_names_out().tolist() == ["cpadgn0"]
+    frame = pickle.loads(pickle.dumps(fitted)).set_output(transform="pandas").transform(X[:5])
+    assert isinstance(frame, pd.DataFrame) and frame.columns.tolist() == ["cpadgn0"]
+    np.testing.assert_array_equal(frame.to_numpy(), fitted.transform(X[:5]))
+    det = CPADGNDetector(**SMALL).set_output(transform="pandas")
+    assert det.fit_transform(X).columns.tolist() == ["cpadgndetector0"]
+
+
 def test_dir_lists_the_names_loaded_on_first_use():
     """dir(cpadgn) (tab completion) missed CPADGN, load, compare...: they load on first use."""
     assert set(cpadgn.__all__) <= set(dir(cpadgn))
