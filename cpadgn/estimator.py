@@ -73,7 +73,8 @@ _PARAMETERS = """
         data; sets the decision threshold.
     random_state : None, int >= 0 or RandomState: seeds the random units of EM's
         initialisation (the PPCA part is deterministic); None means seed 0.
-    device : torch device for the batched linear algebra ("cpu", "cuda").
+    device : torch device for the batched linear algebra ("cpu", "cuda"; "auto": CUDA when
+        available).
 
     Attributes
     ----------
@@ -109,7 +110,7 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
 
     # ----------------------------------------------------------------- fitting
     def _check_params(self, n_features: int) -> tuple:
-        """Refuse bad parameters in one line each; return the hidden widths."""
+        """Refuse bad parameters in one line each; return the hidden widths and the torch device."""
         if not (isinstance(self.contamination, (float, int, np.floating)) and 0 < self.contamination <= 0.5):
             raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}; pass "
                                       "the expected fraction of outliers, e.g. contamination=0.1")
@@ -130,19 +131,14 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         if not (_is_number(self.slope) and np.isfinite(self.slope)):
             raise EstimatorInputError(f"slope must be a finite number, got {self.slope!r}; pass e.g. slope=0.1 "
                                       "(0 for ReLU)")
-        self._check_device()
-        return self._hidden_widths()
+        return self._hidden_widths(), self._check_device()
 
     def _check_device(self):
-        import torch
+        from .model import check_device
         try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise EstimatorInputError(f"device must be a torch device such as 'cpu' or 'cuda', got "
-                                      f"{self.device!r}; pass e.g. device='cpu'") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EstimatorInputError(f"device={self.device!r} but torch sees no CUDA GPU here; pass "
-                                      "device='cpu'")
+            return check_device(self.device)
+        except CpadgnError as e:
+            raise EstimatorInputError(str(e)) from None
 
     def _hidden_widths(self) -> tuple:
         """hidden as a tuple of widths (``fit.parse_hidden``: a width of 8.5 is refused,
@@ -160,16 +156,16 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         from .fit import fit_em
         from .model import CPAModel
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, ensure_all_finite="allow-nan")
-        hidden = self._check_params(X.shape[1])
+        hidden, device = self._check_params(X.shape[1])
         try:
             res = fit_em(X, int(self.latent_dim), hidden=hidden, slope=float(self.slope),
                          max_iter=int(self.max_iter), tol=float(self.tol), seed=_seed(self.random_state) or 0,
-                         noise=self.noise, device=self.device)
+                         noise=self.noise, device=device)
         except CpadgnError as e:
             raise EstimatorInputError(str(e)) from None
         self.fit_result_ = res
         self.n_iter_ = len(res.history["train_loglik"]) - 1 + (res.stop_reason == "no_improvement")
-        self.model_ = CPAModel(res.net, noise_std=res.noise_std, device=self.device)
+        self.model_ = CPAModel(res.net, noise_std=res.noise_std, device=device)
         self._n_features_out = self.model_.latent_dim          # transform's columns
         return X
 

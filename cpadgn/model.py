@@ -31,6 +31,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device) -> torch.device:
+    """device as a torch.device (None or "auto": CUDA when available), or a one-line
+    CpadgnError for a name torch does not know or a GPU that is not there (torch says so
+    only at the first computation, as a RuntimeError or an AssertionError)."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CpadgnError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}; pass "
+                          "e.g. device='cpu'") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise CpadgnError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s) here; "
+                          "pass device='cpu'" + (" or device='cuda'" if torch.cuda.is_available() else ""))
+    return dev
+
+
 class CPAModel:
     """Exact probabilistic model of a continuous piecewise-affine generator.
 
@@ -40,7 +57,7 @@ class CPAModel:
     prior_mean : (S,), default 0.   prior_cov : (S, S), default I.
     noise_std : scalar or (D,) observation noise standard deviation (required to
         evaluate likelihoods; ``with_noise_std`` sets it later).
-    device : torch device for the batched work (default: CUDA when available).
+    device : torch device for the batched work (None or "auto": CUDA when available).
     cache_path : HDF5 file where the partition is stored and reused (None: no cache).
     """
 
@@ -53,7 +70,7 @@ class CPAModel:
         self.prior_chol = np.linalg.cholesky(self.prior_cov)
         self.net = fold_prior(net, self.prior_mean, self.prior_cov)
         self.noise_std = None if noise_std is None else _check_noise(noise_std, net.output_dim)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = check_device(device)
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.memory_budget = memory_budget
         self.stderr_target = 1e-4           # S >= 4: each row's QMC standard error of log p, nats

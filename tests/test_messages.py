@@ -85,6 +85,12 @@ CASES = [
     ("ppca tiny spread", lambda t: __import__("cpadgn.ppca").ppca.ppca_parameters(
         1e-200 * np.random.default_rng(0).normal(size=(20, 3)), 1),
      CpadgnError, "vary too little for float64", "rescale (standardise) the columns"),
+    # a bad device was torch's RuntimeError, a missing GPU an AssertionError at the first
+    # computation ('Torch not compiled with CUDA enabled'), not at load
+    ("load device tpu", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="tpu"),
+     CpadgnError, "device must be a torch device such as 'cpu' or 'cuda', got 'tpu'", "pass e.g. device='cpu'"),
+    ("load device cuda:99", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="cuda:99"),
+     CpadgnError, "device='cuda:99' but torch sees", "pass device='cpu'"),
     ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
      CpadgnError, "must be a scalar or have 3 entries", "pass one std, or one per column"),
     ("prior not symmetric", lambda t: _save(t, prior_cov=[[1.0, 0.5], [0.0, 1.0]]),
