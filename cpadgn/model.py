@@ -230,7 +230,8 @@ def _check_noise(noise_std, D: int) -> np.ndarray:
     try:
         s = np.asarray(noise_std, dtype=np.float64)
     except (TypeError, ValueError):
-        raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}") from None
+        raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}; pass e.g. "
+                          "noise_std=0.1, or fit it: model.with_noise_std(model.fit_noise_std(X))") from None
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):
         raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}; pass one "
                           "std, or one per column")

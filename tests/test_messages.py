@@ -91,6 +91,8 @@ CASES = [
      CpadgnError, "device must be a torch device such as 'cpu' or 'cuda', got 'tpu'", "pass e.g. device='cpu'"),
     ("load device cuda:99", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="cuda:99"),
      CpadgnError, "device='cuda:99' but torch sees", "pass device='cpu'"),
+    ("noise std auto", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std="auto"),
+     CpadgnError, "noise std must be a positive number (or 3 of them), got 'auto'", "model.fit_noise_std(X)"),
     ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
      CpadgnError, "must be a scalar or have 3 entries", "pass one std, or one per column"),
     ("prior not symmetric", lambda t: _save(t, prior_cov=[[1.0, 0.5], [0.0, 1.0]]),
