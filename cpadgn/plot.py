@@ -331,7 +331,11 @@ def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid
     S = model.latent_dim
     if S == 1 and (slice_axes is not None or slice_at is not None):
         raise CpadgnError("slice axes: S = 1 has a latent line, not a plane to slice; drop the slice")
-    rows = [] if rows is None else [int(r) for r in np.atleast_1d(rows)]
+    picked = np.atleast_1d([] if rows is None else rows)
+    if picked.size and (picked.dtype.kind not in "iu" or picked.ndim != 1):     # 1.7 was row 1, True row 1
+        raise CpadgnError(f"rows must be row numbers (integers, counted from 0), got {rows!r}; pass e.g. "
+                          "rows=[0, 5]")
+    rows = [int(r) for r in picked]
     if rows and X is None:
         raise CpadgnError("rows were given but no data: pass X (or --data DATA)")
     if S >= 2:

@@ -91,6 +91,11 @@ CASES = [
      CpadgnError, "device must be a torch device such as 'cpu' or 'cuda', got 'tpu'", "pass e.g. device='cpu'"),
     ("load device cuda:99", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="cuda:99"),
      CpadgnError, "device='cuda:99' but torch sees", "pass device='cpu'"),
+    # rows=[1.7] drew row 1, rows=True row 1
+    ("plot rows 1.7", lambda t: __import__("cpadgn.plot").plot.partition(_model(), np.zeros((3, 3)), rows=[1.7]),
+     CpadgnError, "rows must be row numbers (integers, counted from 0), got [1.7]", "pass e.g. rows=[0, 5]"),
+    ("plot rows True", lambda t: __import__("cpadgn.plot").plot.partition(_model(), np.zeros((3, 3)), rows=True),
+     CpadgnError, "rows must be row numbers (integers, counted from 0), got True", "pass e.g. rows=[0, 5]"),
     ("noise std auto", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std="auto"),
      CpadgnError, "noise std must be a positive number (or 3 of them), got 'auto'", "model.fit_noise_std(X)"),
     ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
