@@ -243,11 +243,19 @@ def check_cache_path(model_path, cache) -> None:
     """Refuse (one-line CpadgnError) a file at the partition cache path (``--cache``, else
     MODEL.partition.h5) that is not a cpadgn partition cache, before any work: such a
     file (the user's data, a model, a CSV) is never replaced.  A cache of another
-    generator, or a damaged one, passes: it is recomputed and replaced, with a notice."""
+    generator, or a damaged one, passes: it is recomputed and replaced, with a notice.
+    A ``--cache`` that does not exist yet (or a symbolic link to no file) must be
+    writable: it will be.  The default path beside the model may be read-only: the
+    command then runs without a cache."""
+    import os
     from pathlib import Path
     from cpadgn.cache import NotACacheError, cache_path_for, read_identity
+    from cpadgn.data import check_directory_writable
     path = Path(cache) if cache else cache_path_for(model_path)
-    if not (path.exists() or path.is_symlink()):
+    if not path.exists():
+        if cache:
+            link = f" (a symbolic link to {os.readlink(path)})" if path.is_symlink() else ""
+            check_directory_writable(os.path.realpath(path) if link else path, name=f"--cache {cache}{link}")
         return
     try:
         read_identity(path)

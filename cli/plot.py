@@ -5,6 +5,7 @@ import click
 
 from cli.main import check_cache_path, command_inputs, load_model, main, model_options, user_errors
 from cpadgn.errors import CpadgnError
+from cpadgn.picture_size import MIN_PICTURE_SIZE, check_size
 
 
 @main.group()
@@ -19,28 +20,18 @@ def plot():
     """
 
 
-MAX_PICTURE_SIDE = 16384     # pixels: a 1 GiB RGBA buffer at 16384 x 16384
-# The smallest --size every layout (S = 1, 2, >= 3; 0 to 4 zoomed rows) renders without
-# matplotlib's "constrained_layout not applied" warning: the tightest measured was about
-# 370 x 176 (S = 3, four zoomed rows), rounded up for other fonts and matplotlib versions.
-MIN_PICTURE_SIZE = (400, 200)
-
-
 def parse_size(ctx, param, value):
-    """--size WxH -> (W, H) pixels, within MIN_PICTURE_SIZE and MAX_PICTURE_SIDE; a usage error otherwise."""
+    """--size WxH -> (W, H) pixels, within MIN_PICTURE_SIZE and MAX_PICTURE_SIDE (``check_size``); a
+    usage error otherwise."""
     if value is None:
         return None
     parts = value.lower().replace("*", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise click.BadParameter(f"expected WxH in pixels, e.g. 800x600, got {value!r}")
-    w, h = (int(p) for p in parts)
-    lo_w, lo_h = MIN_PICTURE_SIZE
-    if w < lo_w or h < lo_h:
-        raise click.BadParameter(f"{w}x{h} is too small to lay the picture out: at least {lo_w}x{lo_h} pixels")
-    if max(w, h) > MAX_PICTURE_SIDE:      # Agg holds 4 bytes a pixel
-        raise click.BadParameter(f"{w}x{h}: at most {MAX_PICTURE_SIDE} pixels a side; use a smaller "
-                                 "size, or .svg / .pdf for a picture that scales")
-    return w, h
+    try:
+        return check_size([int(p) for p in parts], name="")
+    except CpadgnError as e:
+        raise click.BadParameter(str(e).strip()) from None
 
 
 @plot.command()

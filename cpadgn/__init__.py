@@ -31,3 +31,8 @@ def __getattr__(name):
         from . import estimator
         return getattr(estimator, name)
     raise AttributeError(f"module 'cpadgn' has no attribute {name!r}")
+
+
+def __dir__():
+    """The loaded-on-first-use names too, so that tab completion offers them."""
+    return sorted(set(globals()) | set(__all__))

@@ -49,8 +49,9 @@ Schema (cache_format_version 2)
 Non-empty datasets are gzip-compressed (level 4, with the shuffle filter).  Writes
 are atomic: the file is built in memory, written to a temporary file in the same
 directory, then renamed with ``os.replace``, so a reader never sees a half-written
-cache and a killed writer leaves at most a temporary that the next write removes.  If
-the cache cannot be written (a read-only or missing directory, a full disk) the
+cache and a killed writer leaves at most a temporary that the next write removes.  A
+cache path that is a symbolic link is written at the link's target (the link stays, also
+one that points at no file yet).  If the cache cannot be written (a read-only or missing directory, a full disk) the
 partition is still returned, with the status "not_written (reason)" and a warning.
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ from __future__ import annotations
 import json
 
 import hashlib
+import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -133,8 +135,9 @@ def body_checksum(body: dict) -> str:
 
 
 def save_partition(path, part: Partition, net_fingerprint: str) -> None:
-    """Write a partition cache file atomically (schema in the module docstring)."""
-    path = Path(path)
+    """Write a partition cache file atomically (schema in the module docstring), at the
+    target of ``path`` if it is a symbolic link (renaming over the link would replace it)."""
+    path = Path(os.path.realpath(path))
     R, K = part.patterns.shape
     S = part.interior.shape[1] if part.interior.ndim == 2 else 0
     body = body_arrays(part)
@@ -327,7 +330,7 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
     net_fp = net.fingerprint()
     key = cache_key(net_fp)
     status = "computed"
-    if cache_path.exists() or cache_path.is_symlink():
+    if cache_path.exists():        # a symbolic link to no file yet is written at its target
         try:
             stored, version = read_identity(cache_path)
         except NotACacheError as e:
@@ -363,7 +366,8 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
         save_partition(cache_path, part, net_fp)
     except Exception as e:  # caching is an optimisation: never fail the computation
         why = write_reason(e)
-        msg = (f"Could not write the partition cache {cache_path} ({why}); continuing without "
+        where = f"{cache_path} (a link to {os.readlink(cache_path)})" if cache_path.is_symlink() else cache_path
+        msg = (f"Could not write the partition cache {where} ({why}); continuing without "
                "a cache (pass another cache path to keep the partition).")
         if log is None:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)

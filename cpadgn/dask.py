@@ -471,7 +471,7 @@ def impute(model, X, *, draws: int | None = None, seed: int = 0, std: bool = Fal
 def split_imputation(table, *, draws=None, std=False, mean_stderr=False):
     """The parts of an ``impute_table`` (dask or numpy): the mean (N, D), the tuple of
     the mean, std and mean_stderr (N, D) asked for, or the draws (K, N, D)."""
-    blocks = draws or 1 + bool(std) + bool(mean_stderr)
+    blocks = _impute_blocks(draws, std, mean_stderr)
     N, D = table.shape[0], (table.shape[1] - IMPUTE_LEAD) // blocks
     body = table[:, IMPUTE_LEAD:]
     if draws is not None:
@@ -481,13 +481,18 @@ def split_imputation(table, *, draws=None, std=False, mean_stderr=False):
     return tuple(body[:, k * D:(k + 1) * D] for k in range(blocks))
 
 
+def _impute_blocks(draws, std, mean_stderr) -> int:
+    """How many (N, D) blocks follow the lead columns of an impute table: the K draws, or
+    the mean plus the std and the mean_stderr where asked for."""
+    return draws if draws is not None else 1 + bool(std) + bool(mean_stderr)
+
+
 def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, client=None, device="auto"):
     """(N, 2 + W) dask.array: the certified error bound and the number of missing entries,
     then the mean (and std, and mean_stderr) or the draws (W = D to 3 D, or K D) per row;
     see ``impute``."""
-    if draws is not None and (int(draws) != draws or draws < 1):
-        raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
-                          "leave it out for the mean")
+    from .impute import check_draws
+    check_draws(draws)
     if draws is not None and mean_stderr:
         raise CpadgnError("mean_stderr is the standard error of the imputed mean, and draws= imputes no "
                           "mean; pass one of draws= and mean_stderr=True")
@@ -495,7 +500,7 @@ def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, 
     check_columns(model, X)
     fut = _shipped(model, client, device)
     D = X.shape[1]
-    width = IMPUTE_LEAD + D * (draws if draws is not None else 1 + bool(std) + bool(mean_stderr))
+    width = IMPUTE_LEAD + D * _impute_blocks(draws, std, mean_stderr)
     return X.map_blocks(_impute_block, fut, draws, seed, std, mean_stderr, chunks=(X.chunks[0], (width,)),
                         dtype=np.float64, meta=np.empty((0, 0)))
 

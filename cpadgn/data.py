@@ -243,25 +243,63 @@ def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
                           f"is {ndim}-D; use .npy or .h5")
     if path.is_dir():
         raise CpadgnError(f"cannot write {path}: it is a directory; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise CpadgnError(f"cannot write {path}: directory {parent} does not exist; create it first")
-    if not parent.is_dir():
-        raise CpadgnError(f"cannot write {path}: {parent} is not a directory; choose a path inside a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".check")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise CpadgnError(f"cannot write {path}: directory {parent} is not writable "
-                          f"({e.strerror or e}); choose another output directory") from None
+    check_directory_writable(path)
     if path.exists() and not os.access(path, os.W_OK):
         raise CpadgnError(f"cannot write {path}: the existing file is read-only; choose another "
                           "output path or make it writable")
     return path
 
 
+def check_directory_writable(path, name=None) -> None:
+    """Fail (CpadgnError) unless the directory of ``path`` exists and a file can be created
+    there (tried with a temporary file).  ``name``: how the messages call the path (default
+    the path itself)."""
+    path = Path(path)
+    name = path if name is None else name
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise CpadgnError(f"cannot write {name}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise CpadgnError(f"cannot write {name}: {parent} is not a directory; choose a path inside a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".check")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise CpadgnError(f"cannot write {name}: directory {parent} is not writable "
+                          f"({e.strerror or e}); choose another directory") from None
+
+
 # ================================================================== reading
+def check_rows(X, D: int) -> np.ndarray:
+    """Rows given in Python (an array, a list of lists, a DataFrame) as an (N, D) array:
+    a float dtype is kept, other numbers (and None, read as NaN) become float64; one-line
+    CpadgnError for anything else, another width, or an inf (NaN marks a missing value)."""
+    X = np.asarray(X)
+    if X.dtype.kind != "f":
+        try:
+            if X.dtype.kind == "c":
+                raise TypeError("complex numbers")
+            X = X.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise CpadgnError(f"the data are not a numeric array ({e}); pass an (N, {D}) array of numbers, "
+                              "NaN for missing") from None
+    if X.ndim == 1 and X.shape[0] == D:
+        raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
+                          "pass X.reshape(1, -1)")
+    if X.ndim != 2:
+        raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}; pass one row "
+                          "per sample")
+    if X.shape[1] != D:
+        raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs {D}; pass data "
+                          f"with {D} columns")
+    if np.isinf(X).any():
+        r, c = np.argwhere(np.isinf(X))[0]
+        raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite value, or NaN to "
+                          "mark it missing")
+    return X
+
+
 def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     """Read a data table as float64 (N, D); NaN marks missing values."""
     path = Path(path)

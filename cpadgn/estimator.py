@@ -24,7 +24,7 @@ import numpy as np
 from .errors import CpadgnError
 
 try:
-    from sklearn.base import BaseEstimator, OutlierMixin, TransformerMixin
+    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, OutlierMixin, TransformerMixin
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("cpadgn.CPADGN and cpadgn.CPADGNDetector need scikit-learn >= 1.6: "
@@ -41,13 +41,20 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_integer(value) -> bool:
+    """An integer (Python or numpy), not a bool (True would be read as 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _seed(random_state) -> int | None:
     """An int seed for numpy's default_rng / fit_em from a scikit-learn random_state."""
-    if random_state is None or isinstance(random_state, (int, np.integer)):
-        return None if random_state is None else int(random_state)
+    if random_state is None:
+        return None
+    if _is_integer(random_state) and random_state >= 0:       # numpy's seeds are non-negative
+        return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(np.iinfo(np.int32).max))
-    raise EstimatorInputError(f"random_state must be None, an int or a numpy RandomState, "
+    raise EstimatorInputError(f"random_state must be None, a non-negative int or a numpy RandomState, "
                               f"got {random_state!r}; pass e.g. random_state=0")
 
 
@@ -60,13 +67,14 @@ _PARAMETERS = """
     slope : float, negative-side slope of the activations (0 ReLU, 0.1 leaky ReLU,
         -1 absolute value).
     max_iter : int, EM iterations at most.
-    tol : float, EM stops when the relative gain of the mean log-likelihood is below it.
+    tol : float >= 0, EM stops when the relative gain of the mean log-likelihood is below it.
     noise : "iso" (sigma^2 I) or "diag" (one variance per feature).
     contamination : float in (0, 0.5], the expected fraction of outliers in the training
         data; sets the decision threshold.
-    random_state : None, int or RandomState: seeds the random units of EM's
+    random_state : None, int >= 0 or RandomState: seeds the random units of EM's
         initialisation (the PPCA part is deterministic); None means seed 0.
-    device : torch device for the batched linear algebra ("cpu", "cuda").
+    device : torch device for the batched linear algebra ("cpu", "cuda"; "auto": CUDA when
+        available).
 
     Attributes
     ----------
@@ -77,8 +85,11 @@ _PARAMETERS = """
 """
 
 
-class _CPABase(BaseEstimator):
-    """Fitting and exact scoring shared by ``CPADGN`` and ``CPADGNDetector``."""
+class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Fitting and exact scoring shared by ``CPADGN`` and ``CPADGNDetector``.  transform's
+    columns are named like FactorAnalysis's (``get_feature_names_out``: cpadgn0, cpadgn1, ...),
+    so ``set_output(transform="pandas")`` works (TransformerMixin here, where transform is
+    defined: scikit-learn wraps only the transform of a TransformerMixin's own class)."""
 
     def __init__(self, latent_dim=2, hidden=(32, 32), slope=0.1, max_iter=100, tol=1e-5, noise="iso",
                  contamination=0.1, random_state=None, device="cpu"):
@@ -99,38 +110,35 @@ class _CPABase(BaseEstimator):
 
     # ----------------------------------------------------------------- fitting
     def _check_params(self, n_features: int) -> tuple:
-        """Refuse bad parameters in one line each; return the hidden widths."""
+        """Refuse bad parameters in one line each; return the hidden widths and the torch device."""
         if not (isinstance(self.contamination, (float, int, np.floating)) and 0 < self.contamination <= 0.5):
             raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}; pass "
                                       "the expected fraction of outliers, e.g. contamination=0.1")
         S = self.latent_dim
-        if not isinstance(S, (int, np.integer)) or S < 1:
+        if not _is_integer(S) or S < 1:
             raise EstimatorInputError(f"latent_dim must be a positive integer, got {S!r}; pass e.g. latent_dim=2")
         if S >= n_features:
             raise EstimatorInputError(f"latent_dim={S} needs data with more than {S} features, got "
                                       f"n_features = {n_features}; lower latent_dim")
-        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
+        if not _is_integer(self.max_iter) or self.max_iter < 0:
             raise EstimatorInputError(f"max_iter must be a non-negative integer, got {self.max_iter!r}; pass "
                                       "e.g. max_iter=100")
+        if not (_is_number(self.tol) and np.isfinite(self.tol) and self.tol >= 0):
+            raise EstimatorInputError(f"tol must be a finite number >= 0, got {self.tol!r}; pass e.g. tol=1e-5")
         if self.noise not in ("iso", "diag"):
             raise EstimatorInputError(f"noise must be 'iso' or 'diag', got {self.noise!r}; pass noise='iso' or "
                                       "noise='diag'")
         if not (_is_number(self.slope) and np.isfinite(self.slope)):
             raise EstimatorInputError(f"slope must be a finite number, got {self.slope!r}; pass e.g. slope=0.1 "
                                       "(0 for ReLU)")
-        self._check_device()
-        return self._hidden_widths()
+        return self._hidden_widths(), self._check_device()
 
     def _check_device(self):
-        import torch
+        from .model import check_device
         try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise EstimatorInputError(f"device must be a torch device such as 'cpu' or 'cuda', got "
-                                      f"{self.device!r}; pass e.g. device='cpu'") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EstimatorInputError(f"device={self.device!r} but torch sees no CUDA GPU here; pass "
-                                      "device='cpu'")
+            return check_device(self.device)
+        except CpadgnError as e:
+            raise EstimatorInputError(str(e)) from None
 
     def _hidden_widths(self) -> tuple:
         """hidden as a tuple of widths (``fit.parse_hidden``: a width of 8.5 is refused,
@@ -148,16 +156,17 @@ class _CPABase(BaseEstimator):
         from .fit import fit_em
         from .model import CPAModel
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, ensure_all_finite="allow-nan")
-        hidden = self._check_params(X.shape[1])
+        hidden, device = self._check_params(X.shape[1])
         try:
             res = fit_em(X, int(self.latent_dim), hidden=hidden, slope=float(self.slope),
                          max_iter=int(self.max_iter), tol=float(self.tol), seed=_seed(self.random_state) or 0,
-                         noise=self.noise, device=self.device)
+                         noise=self.noise, device=device)
         except CpadgnError as e:
             raise EstimatorInputError(str(e)) from None
         self.fit_result_ = res
         self.n_iter_ = len(res.history["train_loglik"]) - 1 + (res.stop_reason == "no_improvement")
-        self.model_ = CPAModel(res.net, noise_std=res.noise_std, device=self.device)
+        self.model_ = CPAModel(res.net, noise_std=res.noise_std, device=device)
+        self._n_features_out = self.model_.latent_dim          # transform's columns
         return X
 
     # ----------------------------------------------------------------- scoring
@@ -188,14 +197,14 @@ class _CPABase(BaseEstimator):
         """n_samples rows drawn from the fitted model, (n_samples, D).  random_state
         defaults to the estimator's (same seed, same draws; None means seed 0, as in fit)."""
         check_is_fitted(self, "model_")
-        if not isinstance(n_samples, (int, np.integer)) or isinstance(n_samples, bool) or n_samples < 0:
+        if not _is_integer(n_samples) or n_samples < 0:
             raise EstimatorInputError(f"n_samples must be a non-negative integer, got {n_samples!r}; pass e.g. "
                                       "n_samples=100")
         seed = _seed(self.random_state if random_state is None else random_state)
         return self.model_.sample(int(n_samples), seed=0 if seed is None else seed)
 
 
-class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
+class CPADGN(OutlierMixin, _CPABase):
     __doc__ = """Exact-likelihood outlier detector: a piecewise-affine deep generative
     network fitted by EM, with scikit-learn's outlier-detector conventions.
 
@@ -234,7 +243,7 @@ class CPADGN(OutlierMixin, TransformerMixin, _CPABase):
         return np.where(self.decision_function(X) < 0, -1, 1)
 
 
-class CPADGNDetector(TransformerMixin, _CPABase):
+class CPADGNDetector(_CPABase):
     __doc__ = """PyOD-style detector: the same exact-likelihood model with PyOD's
     conventions, so it drops into PyOD pipelines (without importing PyOD).
 

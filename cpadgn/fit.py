@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import MAX_MAGNITUDE, NOISE_RANGE, check_magnitude
+from .numerics import MAX_MAGNITUDE, NOISE_RANGE, check_magnitude, check_spread
 
 ACTIVATIONS = "leaky_relu:A (0 <= A <= 1e100, A != 1), relu, abs"
 
@@ -127,6 +127,8 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
     if not validation and (miss.sum(0) >= N - 1).any():
         c = np.flatnonzero(miss.sum(0) >= N - 1)[0]
         raise CpadgnError(f"column {c + 1} of the {what} has fewer than 2 observed values; drop it")
+    if not validation:
+        check_spread(X, what)
     return X
 
 

@@ -46,6 +46,7 @@ from scipy import sparse
 import torch
 
 from . import likelihood
+from .data import check_rows
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
 from .numerics import check_representable
@@ -91,21 +92,13 @@ class ImputeResult:
     mean_stderr: np.ndarray | None = None
 
 
-def check_input(X, D: int) -> np.ndarray:
-    """X as an array (its float dtype kept), (N, D), no inf; CpadgnError otherwise."""
-    X = np.asarray(X)
-    if X.dtype.kind not in "biuf":
-        raise CpadgnError(f"the data must be numeric, got dtype {X.dtype}; pass an array of numbers, NaN "
-                          "for a missing value")
-    if X.ndim != 2 or X.shape[1] != D:
-        got = X.shape[1] if X.ndim == 2 else f"shape {X.shape}"
-        raise CpadgnError(f"the data has {got} columns but the generator outputs {D}; "
-                          f"pass data with {D} columns")
-    if X.dtype.kind == "f" and np.isinf(X).any():
-        r, c = np.argwhere(np.isinf(X))[0]
-        raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite value, "
-                          "or NaN to mark it missing")
-    return X
+def check_draws(draws) -> None:
+    """Refuse a number of draws that is neither None (the mean) nor a positive integer
+    (True would be read as 1, 2.5 truncated)."""
+    whole = isinstance(draws, (int, np.integer)) and not isinstance(draws, (bool, np.bool_))
+    if draws is not None and not (whole and draws >= 1):
+        raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
+                          "leave it out for the mean")
 
 
 def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int | None = None,
@@ -122,10 +115,8 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     if noise_std is None:
         raise CpadgnError("the model has no noise std: pass --noise-std X or noise_std=")
     S, D = net.latent_dim, net.output_dim
-    X = check_input(X, D)
-    if draws is not None and (int(draws) != draws or draws < 1):
-        raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
-                          "leave it out for the mean")
+    X = check_rows(X, D)     # its float dtype kept, for the results
+    check_draws(draws)
     out_dtype = X.dtype if X.dtype.kind == "f" else np.dtype(np.float64)
     X64 = X.astype(np.float64)
     N = X.shape[0]

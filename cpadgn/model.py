@@ -31,6 +31,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device) -> torch.device:
+    """device as a torch.device (None or "auto": CUDA when available), or a one-line
+    CpadgnError for a name torch does not know or a GPU that is not there (torch says so
+    only at the first computation, as a RuntimeError or an AssertionError)."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CpadgnError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}; pass "
+                          "e.g. device='cpu'") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise CpadgnError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s) here; "
+                          "pass device='cpu'" + (" or device='cuda'" if torch.cuda.is_available() else ""))
+    return dev
+
+
 class CPAModel:
     """Exact probabilistic model of a continuous piecewise-affine generator.
 
@@ -40,7 +57,7 @@ class CPAModel:
     prior_mean : (S,), default 0.   prior_cov : (S, S), default I.
     noise_std : scalar or (D,) observation noise standard deviation (required to
         evaluate likelihoods; ``with_noise_std`` sets it later).
-    device : torch device for the batched work (default: CUDA when available).
+    device : torch device for the batched work (None or "auto": CUDA when available).
     cache_path : HDF5 file where the partition is stored and reused (None: no cache).
     """
 
@@ -53,7 +70,7 @@ class CPAModel:
         self.prior_chol = np.linalg.cholesky(self.prior_cov)
         self.net = fold_prior(net, self.prior_mean, self.prior_cov)
         self.noise_std = None if noise_std is None else _check_noise(noise_std, net.output_dim)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = check_device(device)
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.memory_budget = memory_budget
         self.stderr_target = 1e-4           # S >= 4: each row's QMC standard error of log p, nats
@@ -164,7 +181,9 @@ class CPAModel:
         return float(np.exp(res.x))
 
     def sample(self, n: int, seed=None) -> np.ndarray:
-        """n draws of x from the model, (n, D)."""
+        """n draws of x from the model, (n, D).  seed: anything ``np.random.default_rng`` takes."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise CpadgnError(f"n must be a non-negative integer, got {n!r}; pass e.g. sample(100)")
         rng = np.random.default_rng(seed)
         z = rng.standard_normal((n, self.latent_dim))
         x = self.net.forward(z)
@@ -173,26 +192,9 @@ class CPAModel:
         return x
 
     def _check_data(self, X) -> np.ndarray:
-        try:
-            X = np.asarray(X, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise CpadgnError(f"the data are not a numeric array ({e}); pass an (N, "
-                              f"{self.output_dim}) array of numbers, NaN for missing") from None
-        D = self.output_dim
-        if X.ndim == 1 and X.shape[0] == D:
-            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
-                              "pass X.reshape(1, -1)")
-        if X.ndim != 2:
-            raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}; pass one row "
-                              "per sample")
-        if X.shape[1] != D:
-            raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs "
-                              f"{D}; pass data with {D} columns")
-        if np.isinf(X).any():
-            r, c = np.argwhere(np.isinf(X))[0]
-            raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite "
-                              "value, or NaN to mark it missing")
-        return X
+        """X as float64 (N, D) (``data.check_rows``)."""
+        from .data import check_rows
+        return check_rows(X, self.output_dim).astype(np.float64, copy=False)
 
     def impute(self, X, draws=None, seed=None) -> np.ndarray:
         """Exact imputation of the missing entries (NaN) of X (N, D) given the observed ones.
@@ -228,7 +230,8 @@ def _check_noise(noise_std, D: int) -> np.ndarray:
     try:
         s = np.asarray(noise_std, dtype=np.float64)
     except (TypeError, ValueError):
-        raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}") from None
+        raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}; pass e.g. "
+                          "noise_std=0.1, or fit it: model.with_noise_std(model.fit_noise_std(X))") from None
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):
         raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}; pass one "
                           "std, or one per column")

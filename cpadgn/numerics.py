@@ -54,3 +54,21 @@ def check_magnitude(X: np.ndarray, what: str) -> None:
         raise CpadgnError(f"the {what} has {X[r, c]:g} at row {r + 1}, column {c + 1}, beyond "
                           f"{MAX_MAGNITUDE:g}, where float64 squares overflow; rescale (standardise) the "
                           "columns, or mark a bad value missing (NaN)")
+
+
+def check_spread(X: np.ndarray, what: str) -> None:
+    """Refuse training data X (N, D) (NaN = missing, every column observed twice) that vary,
+    but so little that the noise std fitted to them falls below NOISE_RANGE: EM's noise
+    variance is at least 1e-6 of the columns' mean variance (fit_em's var_floor), so an rms
+    std of 1e3 * NOISE_RANGE[0] is the least that is sure to fit.  The variances are taken
+    of X / max|X|, since the squares of values below 1e-154 underflow to 0 (which read as
+    'every column is constant').  Constant data pass: the fit says so itself."""
+    scale = float(np.nanmax(np.abs(X)))
+    if not scale > 0:
+        return
+    rms = scale * float(np.sqrt(np.mean(np.nanvar(X / scale, axis=0))))
+    least = 1e3 * NOISE_RANGE[0]
+    if 0 < rms < least:
+        raise CpadgnError(f"the {what} vary too little for float64: the columns' rms std is {rms:.3g}, "
+                          f"below {least:g}, so the fitted noise std would fall below {NOISE_RANGE[0]:g}; "
+                          "rescale (standardise) the columns")

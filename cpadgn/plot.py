@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CpadgnError
+from .picture_size import check_size
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 PRIOR_CONTOUR_MASSES = (0.5, 0.9, 0.99)
@@ -324,12 +325,17 @@ def partition(model, X=None, rows=None, ax=None, window=None, *, size=None, grid
     points; each zoomed panel is the slice through its own row's E[z | x] unless
     ``slice_at`` is given.  S = 1: the prior density, the breakpoints between regions and
     each row's p(z | x) with its mean marked on the axis.  size: (width, height) in pixels
-    of a new figure.
+    of a new figure, at least ``picture_size.MIN_PICTURE_SIZE``.
     """
+    size = check_size(size)
     S = model.latent_dim
     if S == 1 and (slice_axes is not None or slice_at is not None):
         raise CpadgnError("slice axes: S = 1 has a latent line, not a plane to slice; drop the slice")
-    rows = [] if rows is None else [int(r) for r in np.atleast_1d(rows)]
+    picked = np.atleast_1d([] if rows is None else rows)
+    if picked.size and (picked.dtype.kind not in "iu" or picked.ndim != 1):     # 1.7 was row 1, True row 1
+        raise CpadgnError(f"rows must be row numbers (integers, counted from 0), got {rows!r}; pass e.g. "
+                          "rows=[0, 5]")
+    rows = [int(r) for r in picked]
     if rows and X is None:
         raise CpadgnError("rows were given but no data: pass X (or --data DATA)")
     if S >= 2:
@@ -606,7 +612,8 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     A few far outliers would squash the bulk: rows more than 10 interquartile ranges
     below the lower quartile are counted in the legend instead of drawn.  Rows with
     nothing observed (log p NaN: no likelihood) are counted in the legend too (one NaN
-    used to blank every bar)."""
+    used to blank every bar).  size: as for ``partition``."""
+    size = check_size(size)
     ll = np.asarray(log_likelihood, dtype=np.float64).reshape(-1)
     unobserved = int(np.sum(np.isnan(ll)))
     ll = ll[~np.isnan(ll)]
@@ -684,8 +691,10 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
     X_obs (N, D) with NaN = missing; mean, std (N, D); draws (K, N, D) or None;
     image_shape (H, W) with H W = D; rows: which rows (default: the first max_rows
     rows with a missing entry).  Values share one grey scale (the range of the observed
-    values and the means; draws beyond it saturate); the std has its own.
+    values and the means; draws beyond it saturate); the std has its own.  size: as for
+    ``partition``.
     """
+    size = check_size(size)
     X_obs, mean, std = (np.asarray(a, dtype=np.float64) for a in (X_obs, mean, std))
     H, W = (int(v) for v in image_shape)
     N, D = X_obs.shape
@@ -734,6 +743,7 @@ def imputation_figure(model, X, result=None, image_shape=None, *, n_draws: int =
     """``imputations`` of the first max_rows rows of X (N, D) with a missing entry, from
     ``result`` (an ``impute.ImputeResult`` of all of X) where it has the std and draws,
     computed exactly for those rows otherwise (n_draws draws, seeded)."""
+    check_size(size)                    # before the imputation's work
     X = np.asarray(X, dtype=np.float64)
     image_shape = image_shape or square_shape(X.shape[1])
     rows = np.flatnonzero(np.isnan(X).any(1))[:max_rows]

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import check_magnitude
+from .numerics import check_magnitude, check_spread
 
 
 def ppca_parameters(X, K: int):
@@ -34,6 +34,7 @@ def ppca_parameters(X, K: int):
         raise CpadgnError("the PPCA baseline needs complete training rows (no NaN or inf); "
                           "drop or impute the incomplete rows first")
     check_magnitude(X, "training data")
+    check_spread(X, "training data")
     mu = X.mean(axis=0)
     Xc = X - mu
     C = (Xc.T @ Xc) / N

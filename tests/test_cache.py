@@ -7,7 +7,7 @@ import pytest
 
 from cpadgn import cache
 from cpadgn.cache import (CACHE_FORMAT_VERSION, NotACacheError, body_checksum, cache_key,
-                          cache_path_for, load_or_compute, read_partition, save_partition)
+                          cache_path_for, load_or_compute, read_fingerprint, read_partition, save_partition)
 from cpadgn.network import PiecewiseAffineNet
 from cpadgn.partition import Partition
 
@@ -217,6 +217,22 @@ def test_a_file_that_is_not_a_cache_is_refused_and_left_untouched(tmp_path, kind
     assert compute.calls == 0
     assert p.is_dir() if before is None else p.read_bytes() == before
     assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]
+
+
+def test_a_cache_path_that_is_a_symbolic_link_is_written_at_its_target(tmp_path):
+    """Renaming the new cache over the link would replace the link by a file and leave its
+    target stale; a link to no file was read as 'not an HDF5 file' and refused."""
+    old, net = small_net(seed=1), small_net(seed=2)
+    target, link = tmp_path / "stale.h5", tmp_path / "link.h5"
+    save_partition(target, hand_partition(old), old.fingerprint())
+    link.symlink_to(target)
+    _, status = load_or_compute(net, link, Counter(hand_partition(net)))
+    assert status == cache.STALE_STATUS and link.is_symlink()
+    assert read_fingerprint(target) == cache_key(net.fingerprint())
+    dangling, absent = tmp_path / "dangling.h5", tmp_path / "new.h5"
+    dangling.symlink_to(absent)
+    _, status = load_or_compute(net, dangling, Counter(hand_partition(net)))
+    assert status == "computed" and dangling.is_symlink() and read_fingerprint(absent) == cache_key(net.fingerprint())
 
 
 def test_failed_write_leaves_old_file_intact_and_no_temp(tmp_path, monkeypatch):

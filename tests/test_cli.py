@@ -397,15 +397,37 @@ def test_max_regions(files):
     assert_one_line_error(run("partition", files["model"], "--max-regions", "3"), "regions")
 
 
-def test_partition_json_says_when_the_cache_was_not_written(files):
+@pytest.mark.parametrize("where", ["missing directory", "file as directory", "broken link"])
+@pytest.mark.parametrize("command", ["score", "partition"])
+def test_a_cache_path_that_cannot_be_written_is_refused_before_any_work(files, where, command):
+    """A --cache that does not exist yet will be written: a missing directory is refused
+    up front (not a warning after the work).  A link to no file is written at its target,
+    so a target in a missing directory is refused the same way (was: 'not an HDF5 file')."""
     blocker = files["dir"] / "a_file"
     blocker.write_text("x")
-    res = run("partition", files["model"], "--json", "--cache", blocker / "c.h5")
+    cache, expect = {"missing directory": (files["dir"] / "nodir" / "c.h5", "directory"),
+                     "file as directory": (blocker / "c.h5", f"{blocker} is not a directory"),
+                     "broken link": (files["dir"] / "link.h5", "a symbolic link to")}[where]
+    if where == "broken link":
+        cache.symlink_to(files["dir"] / "nodir" / "target.h5")
+        expect += f" {files['dir'] / 'nodir' / 'target.h5'}): directory {files['dir'] / 'nodir'} does not exist"
+    out = files["dir"] / "s.csv"
+    args = ["score", files["model"], files["data"], "-o", out] if command == "score" else ["partition", files["model"]]
+    assert_one_line_error(run(*args, "--cache", cache), f"cannot write --cache {cache}", expect)
+    assert not out.exists() and not (files["dir"] / "nodir").exists()
+
+
+def test_a_cache_path_that_links_to_no_file_yet_is_written_at_the_target(files):
+    target = files["dir"] / "shared" / "gen.cache"
+    target.parent.mkdir()
+    link = files["dir"] / "link.h5"
+    link.symlink_to(target)
+    res = run("partition", files["model"], "--json", "--cache", link)
     assert res.exit_code == 0, res.output
-    s = json.loads(res.stdout)
-    assert s["cache_status"] == "not_written" and s["cache_not_written_reason"] == "Not a directory"
-    res = run("partition", files["model"], "--json")
     assert json.loads(res.stdout)["cache_status"] == "computed"
+    assert link.is_symlink() and target.is_file()
+    res = run("partition", files["model"], "--json", "--cache", link)
+    assert json.loads(res.stdout)["cache_status"] == "loaded" and link.is_symlink()
 
 
 def test_exit_codes_usage_2_bug_70(files, monkeypatch):

@@ -136,9 +136,19 @@ def test_sample_without_random_state_is_seed_0_and_refuses_bad_counts(data):
     ("slope", float("nan"), "slope must be a finite number", "slope=0.1"),
     ("slope", True, "slope must be a finite number", "slope=0.1"),
     ("device", "nope", "device must be a torch device", "device='cpu'"),
+    ("tol", -1e-3, "tol must be a finite number >= 0", "tol=1e-5"),
+    ("tol", float("nan"), "tol must be a finite number >= 0", "tol=1e-5"),
+    ("tol", float("inf"), "tol must be a finite number >= 0", "tol=1e-5"),
+    ("tol", "1e-5", "tol must be a finite number >= 0", "tol=1e-5"),
+    ("max_iter", 2.0, "max_iter must be a non-negative integer", "max_iter=100"),
+    ("max_iter", -1, "max_iter must be a non-negative integer", "max_iter=100"),
+    ("max_iter", True, "max_iter must be a non-negative integer", "max_iter=100"),
+    ("latent_dim", True, "latent_dim must be a positive integer", "latent_dim=2"),
+    ("latent_dim", 1.0, "latent_dim must be a positive integer", "latent_dim=2"),
 ])
 def test_bad_parameters_are_refused_in_the_estimators_words(data, param, value, wrong, remedy):
-    """A width of 8.5 was truncated to 8 and slope=True read as 1; the messages named the
+    """A width of 8.5 was truncated to 8, slope=True and max_iter=True read as 1, a negative,
+    NaN or infinite tol accepted (a NaN one never stops EM early); the messages named the
     command line's --hidden / --noise, which a Python caller cannot give; a bad device
     was torch's RuntimeError rather than scikit-learn's ValueError."""
     X, _ = data
@@ -190,6 +200,24 @@ def test_pyod_style_detector(data):
     assert unify.shape == (30, 2) and np.all((unify >= 0) & (unify <= 1))
     Z[0, 0] = np.nan
     assert np.isfinite(det.decision_function(Z)).all()
+
+
+def test_transform_names_its_columns_and_follows_set_output(fitted, data):
+    """get_feature_names_out and set_output(transform="pandas") were missing (AttributeError),
+    as for FactorAnalysis they are not: the columns are cpadgn0.. (the posterior mean's S)."""
+    pd = pytest.importorskip("pandas")
+    X, _ = data
+    assert fitted.get_feature_names_out().tolist() == ["cpadgn0"]
+    frame = pickle.loads(pickle.dumps(fitted)).set_output(transform="pandas").transform(X[:5])
+    assert isinstance(frame, pd.DataFrame) and frame.columns.tolist() == ["cpadgn0"]
+    np.testing.assert_array_equal(frame.to_numpy(), fitted.transform(X[:5]))
+    det = CPADGNDetector(**SMALL).set_output(transform="pandas")
+    assert det.fit_transform(X).columns.tolist() == ["cpadgndetector0"]
+
+
+def test_dir_lists_the_names_loaded_on_first_use():
+    """dir(cpadgn) (tab completion) missed CPADGN, load, compare...: they load on first use."""
+    assert set(cpadgn.__all__) <= set(dir(cpadgn))
 
 
 def test_importing_cpadgn_does_not_import_sklearn():

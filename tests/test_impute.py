@@ -350,6 +350,11 @@ def test_observed_bitwise_dtype_shape_seed():
     # integer data has nothing missing: returned as float64 equal values
     Xi = np.arange(8).reshape(2, 4)
     np.testing.assert_array_equal(model.impute(Xi), Xi)
+    # None in an object array (a pandas column with gaps) is missing, as in log_prob; it
+    # was refused with 'the data must be numeric, got dtype object'
+    Xo = X[[1, 3]].astype(object)
+    Xo[np.isnan(X[[1, 3]])] = None
+    np.testing.assert_array_equal(model.impute(Xo), model.impute(X[[1, 3]]))
 
 
 # ============================================================================ the sampler

@@ -25,9 +25,9 @@ def _save(tmp_path, **kw):
     save_model(tmp_path / "m.h5", _net(), noise_std=0.3, **kw)
 
 
-def _fit_estimator(**kw):
+def _fit_estimator(scale=1.0, **kw):
     from cpadgn.estimator import CPADGN
-    CPADGN(**kw).fit(np.random.default_rng(0).normal(size=(20, 3)))
+    CPADGN(**kw).fit(scale * np.random.default_rng(0).normal(size=(20, 3)))
 
 
 CASES = [
@@ -55,6 +55,49 @@ CASES = [
      CpadgnError, "must be in (0, 1), got 1.5", "pass a fraction such as 0.2"),
     ("impute draws 0", lambda t: _model().imputation(np.full((1, 3), np.nan), draws=0),
      CpadgnError, "draws must be a positive integer, got 0", "pass draws=1 or more"),
+    # draws=True was read as 1 draw; a 1-D row was 'the data has shape (3,) columns but the
+    # generator outputs 3' in imputation but 'pass X.reshape(1, -1)' in log_prob
+    ("impute draws True", lambda t: _model().imputation(np.full((1, 3), np.nan), draws=True),
+     CpadgnError, "draws must be a positive integer, got True", "pass draws=1 or more"),
+    ("impute one 1-D row", lambda t: _model().impute(np.array([1.0, np.nan, 0.0])),
+     CpadgnError, "must be a 2-D array (N, 3), got one row of shape (3,)", "pass X.reshape(1, -1)"),
+    ("impute strings", lambda t: _model().impute([["a", "b", "c"]]),
+     CpadgnError, "the data are not a numeric array", "pass an (N, 3) array of numbers"),
+    ("impute complex", lambda t: _model().impute(np.ones((1, 3), complex)),
+     CpadgnError, "the data are not a numeric array (complex numbers)", "pass an (N, 3) array of numbers"),
+    # sample(-1), sample(2.5), sample(True) were numpy's 'negative dimensions are not allowed',
+    # TypeErrors, or (True) one draw
+    ("sample -1", lambda t: _model().sample(-1),
+     CpadgnError, "n must be a non-negative integer, got -1", "pass e.g. sample(100)"),
+    ("sample 2.5", lambda t: _model().sample(2.5),
+     CpadgnError, "n must be a non-negative integer, got 2.5", "pass e.g. sample(100)"),
+    ("sample True", lambda t: _model().sample(True),
+     CpadgnError, "n must be a non-negative integer, got True", "pass e.g. sample(100)"),
+    # random_state=-1 was numpy's 'expected non-negative integer' from inside EM
+    ("estimator random_state -1", lambda t: _fit_estimator(random_state=-1),
+     ValueError, "random_state must be None, a non-negative int or a numpy RandomState, got -1",
+     "pass e.g. random_state=0"),
+    # data of spread 1e-120 were fitted to a noise std of 5e-121 that no command can use
+    # (a saved model then refused by score); at 1e-200 the variances underflowed and the
+    # refusal said 'every column of the training data is constant'
+    ("estimator tiny spread", lambda t: _fit_estimator(latent_dim=1, hidden=(4,), max_iter=1, scale=1e-120),
+     ValueError, "the training data vary too little for float64: the columns' rms std is", "rescale"),
+    ("ppca tiny spread", lambda t: __import__("cpadgn.ppca").ppca.ppca_parameters(
+        1e-200 * np.random.default_rng(0).normal(size=(20, 3)), 1),
+     CpadgnError, "vary too little for float64", "rescale (standardise) the columns"),
+    # a bad device was torch's RuntimeError, a missing GPU an AssertionError at the first
+    # computation ('Torch not compiled with CUDA enabled'), not at load
+    ("load device tpu", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="tpu"),
+     CpadgnError, "device must be a torch device such as 'cpu' or 'cuda', got 'tpu'", "pass e.g. device='cpu'"),
+    ("load device cuda:99", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="cuda:99"),
+     CpadgnError, "device='cuda:99' but torch sees", "pass device='cpu'"),
+    # rows=[1.7] drew row 1, rows=True row 1
+    ("plot rows 1.7", lambda t: __import__("cpadgn.plot").plot.partition(_model(), np.zeros((3, 3)), rows=[1.7]),
+     CpadgnError, "rows must be row numbers (integers, counted from 0), got [1.7]", "pass e.g. rows=[0, 5]"),
+    ("plot rows True", lambda t: __import__("cpadgn.plot").plot.partition(_model(), np.zeros((3, 3)), rows=True),
+     CpadgnError, "rows must be row numbers (integers, counted from 0), got True", "pass e.g. rows=[0, 5]"),
+    ("noise std auto", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std="auto"),
+     CpadgnError, "noise std must be a positive number (or 3 of them), got 'auto'", "model.fit_noise_std(X)"),
     ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
      CpadgnError, "must be a scalar or have 3 entries", "pass one std, or one per column"),
     ("prior not symmetric", lambda t: _save(t, prior_cov=[[1.0, 0.5], [0.0, 1.0]]),

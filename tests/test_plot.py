@@ -476,7 +476,7 @@ def test_cli_pictures_at_the_smallest_size_lay_out_without_a_warning(files, tmp_
     """Each layout (S = 1, 2, 3; none to the most zoomed rows) at MIN_PICTURE_SIZE, warnings
     as errors: matplotlib's 'constrained_layout not applied' (what 1x1 to about 370x176 gave)
     would end the command with exit 70."""
-    from cli.plot import MIN_PICTURE_SIZE
+    from cpadgn.picture_size import MIN_PICTURE_SIZE
     if model == "gen1.h5":
         save_model(tmp_path / model, random_net(1, (6,), 4, seed=1), noise_std=0.3)
     path = tmp_path / model if model == "gen1.h5" else files / model
@@ -503,6 +503,44 @@ def test_cli_size_out_of_range_is_a_one_line_usage_error_before_any_work(files, 
     err = r.stderr.strip()
     assert err.startswith("Error: Invalid value for '--size'") and "\n" not in err and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5"]      # no picture, no cache
+
+
+@pytest.mark.parametrize("size, message", [
+    ((1, 1), "size 1x1 is too small to lay the picture out: at least 400x200 pixels"),
+    ((399, 900), "at least 400x200"), ((100000, 600), "at most 16384 pixels a side"),
+    ((800.5, 600), "whole pixels"), (("800", "600"), "whole pixels"), (800, "whole pixels"),
+])
+def test_library_pictures_refuse_the_sizes_the_command_line_refuses(model2, size, message):
+    """size=(1, 1) from Python drew a collapsed picture with matplotlib's 'constrained_layout
+    not applied' warnings; --size refused it.  One check (picture_size.check_size) for both,
+    in every public function taking size, before any work (the model's posterior here)."""
+    X = np.full((2, 3), np.nan)
+    X[:, 0] = 1.0
+    calls = [lambda: plot.partition(model2, X, rows=[0], size=size),
+             lambda: plot.scores_histogram([-1.0, -2.0], size=size),
+             lambda: plot.scores_figure([-1.0, -2.0], contamination=0.1, size=size),
+             lambda: plot.imputations(X, X, X, None, (1, 3), size=size),
+             lambda: plot.imputation_figure(None, X, size=size)]
+    for call in calls:
+        with pytest.raises(CpadgnError, match=message):
+            call()
+
+
+def test_library_pictures_at_the_smallest_size_lay_out_without_a_warning():
+    """The histogram and the most crowded imputation tiles (4 rows, 4 draws) at MIN_PICTURE_SIZE."""
+    from cpadgn.picture_size import MIN_PICTURE_SIZE
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4, 64))
+    X[:, :10] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fig in (plot.scores_histogram(rng.standard_normal(50), -1.0, rng.standard_normal(50),
+                                          threshold_label="t", size=MIN_PICTURE_SIZE),
+                    plot.imputations(X, np.nan_to_num(X), np.ones_like(X), rng.standard_normal((4, 4, 64)),
+                                     (8, 8), size=MIN_PICTURE_SIZE)):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            assert struct.unpack(">II", buffer.getvalue()[16:24]) == MIN_PICTURE_SIZE
 
 
 @pytest.mark.parametrize("args, message", [
