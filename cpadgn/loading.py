@@ -347,17 +347,22 @@ class _Data:
 
 
 def _equal_rows(A: np.ndarray):
-    """Classes of bitwise-equal rows of A (N, C) (-0.0 equal to 0.0), numbered by first
-    occurrence: (class of every row (N,), the first row of every class (n,))."""
-    A = np.ascontiguousarray(A + 0.0)
-    if A.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    keys = A.view(np.dtype((np.void, A.dtype.itemsize * A.shape[1]))).ravel()
+    """Classes of equal rows of A (N, C), numbered by first occurrence: (class of every
+    row (N,), the first row of every class (n,)).
+
+    Rows are hashed (their bytes, -0.0 made 0.0) and every row compared in full with the
+    first row of its hash; a collision only leaves rows apart."""
+    A = np.ascontiguousarray(A, dtype=np.float64) + 0.0
+    keys = np.fromiter((hash(row.tobytes()) for row in A), np.int64, count=A.shape[0])
     _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    return rank[inv.ravel()], first[order]
+    rep = first[inv.ravel()]
+    dup = np.flatnonzero(rep != np.arange(A.shape[0]))
+    for i in range(0, dup.size, 4096):
+        d = dup[i:i + 4096]
+        differ = d[~(A[d] == A[rep[d]]).all(axis=1)]
+        rep[differ] = differ
+    heads = np.unique(rep)
+    return np.searchsorted(heads, rep), heads
 
 
 def _stack(values) -> _Data:
