@@ -346,6 +346,25 @@ class _Data:
                                  and np.array_equal(other.b, self.b))
 
 
+def _equal_rows(A: np.ndarray):
+    """Classes of equal rows of A (N, C), numbered by first occurrence: (class of every
+    row (N,), the first row of every class (n,)).
+
+    Rows are hashed (their bytes, -0.0 made 0.0) and every row compared in full with the
+    first row of its hash; a collision only leaves rows apart."""
+    A = np.ascontiguousarray(A, dtype=np.float64) + 0.0
+    keys = np.fromiter((hash(row.tobytes()) for row in A), np.int64, count=A.shape[0])
+    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    rep = first[inv.ravel()]
+    dup = np.flatnonzero(rep != np.arange(A.shape[0]))
+    for i in range(0, dup.size, 4096):
+        d = dup[i:i + 4096]
+        differ = d[~(A[d] == A[rep[d]]).all(axis=1)]
+        rep[differ] = differ
+    heads = np.unique(rep)
+    return np.searchsorted(heads, rep), heads
+
+
 def _stack(values) -> _Data:
     return _Data(np.concatenate([v.W for v in values]), np.concatenate([v.b for v in values]))
 
@@ -367,22 +386,30 @@ class _Builder:
 
     def activate(self, d: _Data, slope, name: str, where: str, carry=()):
         """act(d) as a new hidden layer; the values in ``carry`` ride along through
-        slope-1 units (act(u) = u: never a facet).  Returns (act(d), carried values)."""
+        slope-1 units (act(u) = u: never a facet).  Returns (act(d), carried values).
+
+        Rows with the same weights, bias and slope share one unit: copies of one value
+        (nearest upsampling, a max-pooling tree's carried operands) must stay one unit,
+        or differences of copies, identically 0, come out as rounding noise whose sign
+        decides nothing but splits regions (see ``_max_pool``)."""
         slope = np.broadcast_to(np.asarray(slope, np.float64), (d.width,))
         blocks = [d, *carry]
         if d.identity and not carry:
             self.ops.append(Activation(slope.copy(), name, where))
+            unit_of = np.arange(d.width)
         else:
             pre = _stack(blocks)
-            self.ops.append(Affine(pre.W, pre.b, where))
-            self.ops.append(Activation(np.concatenate([slope] + [np.ones(v.width) for v in carry]),
-                                       name, where))
-        n = sum(v.width for v in blocks)
+            slopes = np.concatenate([slope] + [np.ones(v.width) for v in carry])
+            unit_of, units = _equal_rows(np.column_stack([pre.W, pre.b, slopes]))
+            self.ops.append(Affine(pre.W[units], pre.b[units], where))
+            self.ops.append(Activation(slopes[units], name, where))
+        n = int(unit_of.max(initial=-1)) + 1
         self.state_width = n
         eye, out, off = np.eye(n), [], 0
         for v in blocks:
-            out.append(_Data(eye[off:off + v.width], np.zeros(v.width), v.shape,
-                             identity=v.width == n))
+            rows = unit_of[off:off + v.width]
+            out.append(_Data(eye[rows], np.zeros(v.width), v.shape,
+                             identity=v.width == n and np.array_equal(rows, np.arange(n))))
             off += v.width
         return out[0], out[1:]
 
@@ -455,7 +482,19 @@ def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode) -> tuple:
 def _max_pool(activate: Callable, d: _Data, windows: np.ndarray, out_shape) -> _Data:
     """max over the window elements as a tree of max(a, b) = b + relu(a - b).
 
-    activate(pre, keep) -> (relu(pre), keep carried): one hidden layer per tree level."""
+    activate(pre, keep) -> (relu(pre), keep carried): one hidden layer per tree level.
+
+    Every window is first reduced to its distinct elements (equal rows of d: the copies
+    of nearest upsampling, padding), in one order for all windows, then padded with its
+    last element: otherwise a subtree's max meets another copy of itself, and their
+    difference, identically 0, is rounding noise whose sign splits regions."""
+    row_class, first = _equal_rows(np.column_stack([d.W, d.b]))
+    rep = np.sort(first[row_class[windows]], axis=0)               # (m, F_out) one row per class
+    last = rep[-1]
+    repeat = np.vstack([np.zeros((1, rep.shape[1]), bool), rep[1:] == rep[:-1]])
+    rep = np.sort(np.where(repeat, d.width, rep), axis=0)          # distinct first, then d.width
+    m = int((rep < d.width).sum(axis=0).max())
+    windows = np.where(rep[:m] < d.width, rep[:m], last)
     elems = [d.rows(w) for w in windows]
     while len(elems) > 1:
         pairs, odd = len(elems) // 2, elems[2 * (len(elems) // 2):]

@@ -1,6 +1,8 @@
 """Decoders as graphs (DESIGN section 9): convolutional, pooling and residual decoders
 folded into the canonical piecewise-affine net, checked against torch's own forward pass
 and against an independent likelihood oracle."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from cpadgn import loading
 from cpadgn.errors import CpadgnError
 from cpadgn.loading import load_generator
 from cpadgn.model import CPAModel
+from cpadgn.partition import check_partition, compute_partition
 
 from oracles import assert_matches_torch, torch_forward
 
@@ -170,8 +173,17 @@ def _conv_decoder():
     return m.double().eval()
 
 
-@pytest.mark.parametrize("make", [_conv_decoder, lambda: ResDec().double().eval()],
-                         ids=["conv", "residual"])
+def _upsample_maxpool():
+    """Overlapping max pooling after nearest upsampling: every window holds copies."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Unflatten(1, (1, 2, 2)),
+                      nn.Upsample(scale_factor=2), nn.MaxPool2d(3, stride=1, padding=1),
+                      nn.Flatten(), nn.Linear(16, 3))
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("make", [_conv_decoder, lambda: ResDec().double().eval(), _upsample_maxpool],
+                         ids=["conv", "residual", "upsample-maxpool"])
 def test_exact_loglik_against_monte_carlo(make):
     module = make()
     model = cpadgn.load(module, noise_std=0.3)
@@ -182,6 +194,24 @@ def test_exact_loglik_against_monte_carlo(make):
     for n, (x, lp) in enumerate(zip(X, got)):
         want, se = loglik_defensive_is(module, x, 0.3, seed=n)
         assert abs(lp - want) < 4 * se + 1e-9, (lp, want, se)
+
+
+def test_partition_checks_of_max_pooling_over_copies():
+    """Copies of one value in a pooling window are one unit (else their differences, 0 in
+    z, are rounding noise that splits regions), and the check passes every region's
+    interior point, zero-width ones included, yet still fails a wrong pattern."""
+    module = _upsample_maxpool()
+    net = cpadgn.load(module, noise_std=0.3).net
+    assert_matches_torch(net, module, np.random.default_rng(3).normal(size=(400, 2)) * 3)
+    part = compute_partition(net)
+    check = check_partition(net, part, n_samples=20_000)
+    # S = 2: exact masses, their sum errs by R eps at most
+    assert check["mass_error"] <= part.n_regions * np.finfo(float).eps, check
+    assert check["samples_located"] == 1.0 and check["interior_ok"] == 1.0, check
+    r = int(np.argmax(part.clearance))                     # far from every hyperplane
+    wrong = copy.deepcopy(part)
+    wrong.patterns[r, part.facet_units[part.facet_ptr[r]]] ^= True
+    assert check_partition(net, wrong, n_samples=1000)["interior_ok"] == (part.n_regions - 1) / part.n_regions
 
 
 def test_load_accepts_modules_and_exported_programs(z):
