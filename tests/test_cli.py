@@ -558,7 +558,7 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     import cli.main as cli_main
     targets = []
     stats_class = cli_main.LoglikStats
-    monkeypatch.setattr(cli_main, "LoglikStats", lambda dim, target: targets.append(target) or stats_class(dim, target))
+    monkeypatch.setattr(cli_main, "LoglikStats", lambda dim, target, qmc: targets.append(target) or stats_class(dim, target, qmc))
     out = s4_files / "scores.csv"
     res = run("score", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.05", "--json")
     assert res.exit_code == 0, res.output
@@ -571,6 +571,23 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     post = SimpleNamespace(n_observed=np.full(se.size, 6), log_likelihood=np.zeros(se.size),
                            error_bound=np.zeros(se.size), stderr=se)
     assert stats_class(6, 1e-3).add(post).summary()["rows_above_stderr_target"] == (se > 1e-3).sum() >= 1
+
+
+def test_s4_scores_keep_the_stderr_column_when_every_row_is_exact():
+    """At S >= 4 the README and --help promise log_likelihood_stderr (0 where exact) and
+    the summary's max_qmc_stderr; both were dropped when every row came out exact (as
+    --dask's .h5 output, declared by S, did not), so the columns depended on the data."""
+    from cli.main import LoglikStats, scores_table
+    n = 3
+    post = SimpleNamespace(log_likelihood=np.zeros(n), n_observed=np.full(n, 6), z_mean=np.zeros((n, 4)),
+                           top_region=np.zeros(n, int), top_responsibility=np.ones(n),
+                           error_bound=np.zeros(n), stderr=np.zeros(n))
+    assert "log_likelihood_stderr" in scores_table(post, None)
+    summary = LoglikStats(6, 1e-4, True).add(post).summary()
+    assert summary["max_qmc_stderr"] == 0 and summary["rows_above_stderr_target"] == 0
+    post.z_mean = np.zeros((n, 3))
+    assert "log_likelihood_stderr" not in scores_table(post, None)
+    assert "max_qmc_stderr" not in LoglikStats(6).add(post).summary()
 
 
 def test_impute_reports_the_s4_mean_stderr(s4_files):
