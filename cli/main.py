@@ -341,6 +341,9 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
               as_json):
     """Compute (or load) and describe the partition of MODEL's latent space.
 
+    --noise-std is accepted, as by the other commands, and ignored: the partition
+    does not depend on the noise.
+
     \b
     Examples:
       cpadgn partition sample_data/wave_generator.h5
