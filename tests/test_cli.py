@@ -573,21 +573,26 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     assert stats_class(6, 1e-3).add(post).summary()["rows_above_stderr_target"] == (se > 1e-3).sum() >= 1
 
 
-def test_s4_scores_keep_the_stderr_column_when_every_row_is_exact():
-    """At S >= 4 the README and --help promise log_likelihood_stderr (0 where exact) and
-    the summary's max_qmc_stderr; both were dropped when every row came out exact (as
-    --dask's .h5 output, declared by S, did not), so the columns depended on the data."""
-    from cli.main import LoglikStats, scores_table
-    n = 3
-    post = SimpleNamespace(log_likelihood=np.zeros(n), n_observed=np.full(n, 6), z_mean=np.zeros((n, 4)),
-                           top_region=np.zeros(n, int), top_responsibility=np.ones(n),
-                           error_bound=np.zeros(n), stderr=np.zeros(n))
-    assert "log_likelihood_stderr" in scores_table(post, None)
-    summary = LoglikStats(6, 1e-4, True).add(post).summary()
+def test_s4_outputs_keep_their_stderr_fields_when_every_row_is_exact(tmp_path):
+    """At S >= 4 the README and --help promise score's log_likelihood_stderr column (0
+    where exact) and max_qmc_stderr, and impute's max_mean_qmc_stderr; they were dropped
+    when every row came out exact (a linear generator: one region, all of R^4), so the
+    outputs' fields depended on the data.  Oracle for the values: the linear Gaussian
+    model is exact, so every standard error is 0."""
+    from cpadgn.model import CPAModel
+    net = random_net(4, (), 6, seed=1)
+    save_model(tmp_path / "lin.h5", net, noise_std=0.5)
+    X = CPAModel(net, noise_std=0.5, device="cpu").sample(3, seed=2)
+    X[0, :2] = np.nan
+    np.savetxt(tmp_path / "x.csv", X, delimiter=",")
+    res = run("score", tmp_path / "lin.h5", tmp_path / "x.csv", "-o", tmp_path / "s.csv", "-q", "--json")
+    assert res.exit_code == 0, res.output
+    assert not np.genfromtxt(tmp_path / "s.csv", delimiter=",", names=True)["log_likelihood_stderr"].any()
+    summary = json.loads(res.stdout)
     assert summary["max_qmc_stderr"] == 0 and summary["rows_above_stderr_target"] == 0
-    post.z_mean = np.zeros((n, 3))
-    assert "log_likelihood_stderr" not in scores_table(post, None)
-    assert "max_qmc_stderr" not in LoglikStats(6).add(post).summary()
+    res = run("impute", tmp_path / "lin.h5", tmp_path / "x.csv", "-o", tmp_path / "f.csv", "-q", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["max_mean_qmc_stderr"] == 0
 
 
 def test_impute_reports_the_s4_mean_stderr(s4_files):
