@@ -549,7 +549,7 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
     cluster.check_columns(model, X)
-    S, stats = model.latent_dim, LoglikStats(model.output_dim, model.stderr_target, S >= 4)
+    S, stats = model.latent_dim, LoglikStats(model.output_dim, model.stderr_target, model.latent_dim >= 4)
     block_post = lambda block: cluster.posterior_fields(block, S)
     with cluster.open_client(address, log=say_for(quiet)) as client, \
             Progressbar("scoring rows (Dask)", quiet) as bar:
