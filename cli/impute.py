@@ -251,7 +251,7 @@ def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) ->
                "rows_with_missing": int((res.n_missing > 0).sum()), "missing_entries": int(res.n_missing.sum()),
                "rows_all_missing": int((res.n_missing == D).sum()), "draws": n_draws,
                "max_error_bound": float(res.error_bound.max(initial=0.0)),
-               **_mean_stderr_summary(res, n_draws),
+               **_mean_stderr_summary(res, n_draws, model.latent_dim >= 4),
                "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
                "seconds": seconds}
     if out is not None:
@@ -261,15 +261,15 @@ def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) ->
     return summary
 
 
-def _mean_stderr_summary(res, n_draws) -> dict:
-    """{"max_mean_qmc_stderr": ...} where the written means carry a QMC standard error
-    (S >= 4: ``ImputeResult.mean_stderr``, or the running maximum ``mean_stderr_max`` of
-    a --dask run), else {} (exact, or draws)."""
+def _mean_stderr_summary(res, n_draws, qmc: bool) -> dict:
+    """{"max_mean_qmc_stderr": ...} where the written means are QMC estimates (qmc: S >= 4;
+    ``ImputeResult.mean_stderr``, or the running maximum ``mean_stderr_max`` of a --dask
+    run; 0 where every one came out exact), else {} (S <= 3, or draws)."""
     top = getattr(res, "mean_stderr_max", None)
     if top is None:
         se = getattr(res, "mean_stderr", None)
         top = float(se.max()) if se is not None and se.size else 0.0
-    if n_draws is not None or top == 0.0:
+    if n_draws is not None or not (qmc or top > 0):
         return {}
     return {"max_mean_qmc_stderr": top}
 

@@ -349,6 +349,9 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
               as_json):
     """Compute (or load) and describe the partition of MODEL's latent space.
 
+    --noise-std is accepted, as by the other commands, and ignored: the partition
+    does not depend on the noise.
+
     \b
     Examples:
       cpadgn partition sample_data/wave_generator.h5
@@ -529,7 +532,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                              int(columns["is_anomaly"].sum()))
     elif alpha is not None:
         flags = AnomalyFlags(None, int(columns["is_anomaly"].sum()))
-    stats = LoglikStats(model.output_dim, model.stderr_target).add(post)
+    stats = LoglikStats(model.output_dim, model.stderr_target, model.latent_dim >= 4).add(post)
     summary = score_summary(stats, model, time.perf_counter() - t0, out,
                             pv=pv, alpha=alpha, anomalies=flags)
     if as_json:
@@ -554,7 +557,7 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
     cluster.check_columns(model, X)
-    S, stats = model.latent_dim, LoglikStats(model.output_dim, model.stderr_target)
+    S, stats = model.latent_dim, LoglikStats(model.output_dim, model.stderr_target, model.latent_dim >= 4)
     block_post = lambda block: cluster.posterior_fields(block, S)
     with cluster.open_client(address, log=say_for(quiet)) as client, \
             Progressbar("scoring rows (Dask)", quiet) as bar:
@@ -623,7 +626,7 @@ def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, ex
     cols["top_region"] = post.top_region
     cols["top_region_responsibility"] = post.top_responsibility
     cols["log_likelihood_error_bound"] = post.error_bound
-    if np.any(post.stderr > 0):
+    if post.z_mean.shape[1] >= 4:      # QMC estimates: the column even where every row is exact
         cols["log_likelihood_stderr"] = post.stderr
     if pv is not None:
         cols["pvalue"], cols["pvalue_lower"], cols["pvalue_upper"] = pv.pvalue, pv.lower, pv.upper
@@ -664,10 +667,11 @@ class LoglikStats:
     """The summary statistics of scored rows, added chunk by chunk so that no column need
     be held: counts, extremes, and the mean and sum of squared deviations of log p over
     the rows with something observed, merged by Chan et al.'s pairwise update (one chunk
-    gives exactly its mean and squared deviations)."""
+    gives exactly its mean and squared deviations).  qmc (S >= 4): the summary reports
+    max_qmc_stderr and rows_above_stderr_target even where every row came out exact."""
 
-    def __init__(self, output_dim: int, stderr_target: float = float("inf")):
-        self.output_dim, self.stderr_target = output_dim, stderr_target
+    def __init__(self, output_dim: int, stderr_target: float = float("inf"), qmc: bool = False):
+        self.output_dim, self.stderr_target, self.qmc = output_dim, stderr_target, qmc
         self.rows = self.nothing = self.missing = self.n = self.above_target = 0
         self.mean = 0.0
         self.scale, self.ssq = 0.0, 0.0      # the squared deviations' sum is scale^2 ssq
@@ -713,7 +717,7 @@ class LoglikStats:
                 "min_log_likelihood": self.min if n else None, "max_log_likelihood": self.max if n else None,
                 "max_error_bound": self.max_error_bound,
                 **({"max_qmc_stderr": self.max_stderr, "rows_above_stderr_target": self.above_target}
-                   if self.max_stderr > 0 else {}),
+                   if self.qmc or self.max_stderr > 0 else {}),
                 "rows_with_missing": self.missing}
 
 

@@ -762,6 +762,8 @@ def _in_latent(tab: RegionTable, regions: np.ndarray, res: PolytopeMoments, v: n
     if res.mean_cov is not None:
         mc = (np.where(none[:, None, None], 0.0, C @ res.mean_cov @ np.swapaxes(C, 1, 2)),
               np.where(none[:, None], 0.0, (C @ res.mass_mean_cov[:, :, None])[..., 0]))
+    elif tab.S >= 4:        # only regions without facets (all of R^S, exact): zero covariances
+        mc = (np.zeros(cov.shape), np.zeros(mean.shape))
     return log_phi, mean, cov, res.stderr, mc
 
 

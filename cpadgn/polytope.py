@@ -968,6 +968,9 @@ def _kkt(A, b, mask, u, scale, tol=1e-9):
     _, Q, ok = _affine_min_norm(AJ, np.zeros((B, S)))
     # -u in the span of A_J, with nonnegative coefficients on the used rows
     G = AJ @ np.swapaxes(AJ, 1, 2)
+    # dependent active rows (a facet listed twice) make G singular: such a u is not
+    # certified here (ok is False), so any invertible stand-in keeps the batch solvable
+    G = np.where(ok[:, None, None], G, np.eye(S))
     lam = np.linalg.solve(G + 1e-300 * np.eye(S), -(AJ @ u[..., None]))[..., 0]
     resid = np.linalg.norm(u + np.einsum("bk,bks->bs", lam, AJ), axis=-1)
     good = (resid <= 1e-7 * (1 + nu)) & np.all(~used | (lam >= -1e-9 * (1 + nu[:, None])), axis=1)

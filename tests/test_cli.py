@@ -600,7 +600,7 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     import cli.main as cli_main
     targets = []
     stats_class = cli_main.LoglikStats
-    monkeypatch.setattr(cli_main, "LoglikStats", lambda dim, target: targets.append(target) or stats_class(dim, target))
+    monkeypatch.setattr(cli_main, "LoglikStats", lambda dim, target, qmc: targets.append(target) or stats_class(dim, target, qmc))
     out = s4_files / "scores.csv"
     res = run("score", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.05", "--json")
     assert res.exit_code == 0, res.output
@@ -613,6 +613,28 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     post = SimpleNamespace(n_observed=np.full(se.size, 6), log_likelihood=np.zeros(se.size),
                            error_bound=np.zeros(se.size), stderr=se)
     assert stats_class(6, 1e-3).add(post).summary()["rows_above_stderr_target"] == (se > 1e-3).sum() >= 1
+
+
+def test_s4_outputs_keep_their_stderr_fields_when_every_row_is_exact(tmp_path):
+    """At S >= 4 the README and --help promise score's log_likelihood_stderr column (0
+    where exact) and max_qmc_stderr, and impute's max_mean_qmc_stderr; they were dropped
+    when every row came out exact (a linear generator: one region, all of R^4), so the
+    outputs' fields depended on the data.  Oracle for the values: the linear Gaussian
+    model is exact, so every standard error is 0."""
+    from cpadgn.model import CPAModel
+    net = random_net(4, (), 6, seed=1)
+    save_model(tmp_path / "lin.h5", net, noise_std=0.5)
+    X = CPAModel(net, noise_std=0.5, device="cpu").sample(3, seed=2)
+    X[0, :2] = np.nan
+    np.savetxt(tmp_path / "x.csv", X, delimiter=",")
+    res = run("score", tmp_path / "lin.h5", tmp_path / "x.csv", "-o", tmp_path / "s.csv", "-q", "--json")
+    assert res.exit_code == 0, res.output
+    assert not np.genfromtxt(tmp_path / "s.csv", delimiter=",", names=True)["log_likelihood_stderr"].any()
+    summary = json.loads(res.stdout)
+    assert summary["max_qmc_stderr"] == 0 and summary["rows_above_stderr_target"] == 0
+    res = run("impute", tmp_path / "lin.h5", tmp_path / "x.csv", "-o", tmp_path / "f.csv", "-q", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["max_mean_qmc_stderr"] == 0
 
 
 def test_impute_reports_the_s4_mean_stderr(s4_files):

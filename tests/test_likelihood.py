@@ -683,3 +683,25 @@ def test_s1_moments_of_a_row_far_off_the_curve(offset):
     assert abs(post.log_likelihood[0] - lz) <= tol * abs(lz)
     assert abs(post.z_mean[0, 0] - m1) <= tol, (post.z_mean[0, 0], m1)
     assert abs(post.z_cov[0, 0, 0] - (m2 - m1 * m1)) <= tol, (post.z_cov[0, 0, 0], m2 - m1 * m1)
+
+
+def test_linear_generator_at_s4_matches_the_gaussian_closed_form():
+    """A linear generator at S >= 4 (one region, no facets: nothing for QMC to estimate)
+    crashed the likelihood's pair bookkeeping (`cpadgn compare --baseline ppca:4`
+    exited 70).  Oracle: x ~ N(b, W W^T + sigma^2 I), z | x Gaussian, and the
+    conditional mean of a Gaussian, with zero Monte Carlo errors."""
+    net = random_net(4, (), 6, seed=1)
+    model = CPAModel(net, noise_std=0.5, device="cpu")
+    X = model.sample(5, seed=2)
+    W, b = net.weights[0], net.biases[0]
+    cov_x = W @ W.T + 0.25 * np.eye(6)
+    tol = 1e-12 * (1 + np.abs(X).max())           # eps times the O(10-100) terms that cancel, with room
+    assert np.allclose(model.log_prob(X), multivariate_normal(b, cov_x).logpdf(X), rtol=0, atol=tol)
+    post = model.posterior(X)
+    z_cov = np.linalg.inv(np.eye(4) + W.T @ W / 0.25)
+    assert np.allclose(post.z_mean, (X - b) @ (W / 0.25) @ z_cov, rtol=0, atol=tol)
+    assert np.allclose(post.z_cov, z_cov, rtol=0, atol=tol) and not post.stderr.any()
+    X[0, :3] = np.nan
+    res = model.imputation(X, std=True)
+    want = b[:3] + cov_x[:3, 3:] @ np.linalg.solve(cov_x[3:, 3:], X[0, 3:] - b[3:])
+    assert np.allclose(res.mean[0, :3], want, rtol=0, atol=tol) and not res.mean_stderr.any()

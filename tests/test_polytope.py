@@ -331,3 +331,15 @@ def test_masked_extreme_gives_the_masked_reductions_bits():
         want = extreme.reduce(x, axis=-1, where=where, initial=initial)
         assert got.tobytes() == want.tobytes()
         assert (got == 0).sum() > 100 and np.isnan(got).sum() > 5 and np.signbit(got[got == 0]).any()
+
+
+def test_duplicated_facet_at_the_mode_4d():
+    """A facet listed twice and active at the mode made the KKT check's Gram matrix
+    singular (LinAlgError: `cpadgn score` of an S = 4 PPCA-started model failed as an
+    internal error); the mass is the closed form within the reported QMC error."""
+    S = 4
+    A = np.vstack([np.eye(S)[:1], np.eye(S)[:1], -np.eye(S)])          # z1 <= -1 twice, z >= -8
+    b = np.array([-1.0, -1.0] + [8.0] * S)
+    r = moments(A, b)
+    want = np.log(norm.cdf(-1) - norm.cdf(-8)) + (S - 1) * norm.logsf(-8)
+    assert 0 < r.stderr[0] < 0.05 and abs(r.log_mass[0] - want) <= 5 * r.stderr[0], (r.log_mass, r.stderr)
