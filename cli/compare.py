@@ -184,19 +184,6 @@ def _json_text(report: dict) -> str:
     return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
-def _check_writable(path: Path):
-    """Fail early if ``path`` cannot be written (a directory, a missing or read-only
-    directory, a read-only file)."""
-    import os
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise CpadgnError(f"cannot write {path}: it is a directory; give a file name")
-    if not parent.is_dir():
-        raise CpadgnError(f"cannot write {path}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CpadgnError(f"cannot write {path}: permission denied")
-
-
 def compare_inputs(model_paths, test_path, train_path) -> dict:
     """The files compare reads, by role (each model and its partition cache), which no
     output may replace."""
@@ -209,17 +196,16 @@ def compare_inputs(model_paths, test_path, train_path) -> dict:
 
 
 def _check_report_path(out, inputs):
-    from cpadgn.data import check_not_an_input
+    from cpadgn.data import check_output_path
     out = Path(out)
     if out.suffix.lower() not in REPORT_SUFFIXES:
         raise CpadgnError(f"cannot write {out}: a comparison report is .json or .csv, "
                           f"not '{out.suffix or '(none)'}'")
-    check_not_an_input(out, inputs)
-    _check_writable(out)
+    check_output_path(out, inputs=inputs, suffixes=REPORT_SUFFIXES)
 
 
 def _check_plot(path, inputs):
-    from cpadgn.data import check_not_an_input
+    from cpadgn.data import check_output_path
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise CpadgnError(f"cannot write {path}: --plot writes a .png file")
@@ -228,8 +214,7 @@ def _check_plot(path, inputs):
     except ImportError:
         raise CpadgnError("--plot needs matplotlib, which is not installed; "
                           "pip install 'cpadgn[plot]' (or matplotlib)") from None
-    check_not_an_input(path, inputs)
-    _check_writable(path)
+    check_output_path(path, inputs=inputs, suffixes=(".png",))
 
 
 def _csv_cell(v):
