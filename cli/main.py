@@ -511,7 +511,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X,
                        memory_budget=memory_budget, stderr_target=stderr_target, notices=not quiet)
     with Progressbar("scoring rows", quiet or as_json) as bar:
-        post = model.posterior(X, progress=bar)
+        post = model.posterior(X, progress=bar, pairs=explain is not None)     # only --explain uses them
     pv = residuals = None
     if pvalues:
         from cpadgn.anomaly import pvalues as model_pvalues
