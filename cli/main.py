@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 
@@ -32,8 +33,19 @@ Every error is one line on stderr starting with "Error:"."""
 
 
 def fail(message: str, code: int):
-    """Print one line "Error: message" on stderr and exit with ``code``."""
+    """Print one line "Error: message" on stderr and exit with ``code``.
+
+    Ctrl-C exits at once (every with/finally block has run: outputs and temporaries are
+    gone): a KeyboardInterrupt raised inside Python code that an extension ran through
+    PyRun_String leaves CPython's "unhandled KeyboardInterrupt" flag set even when it is
+    caught, and ``python -m cli.main`` then killed itself with SIGINT at exit (status
+    -2, not 130: 6 of 24 Ctrl-C's at S = 2, 3); nor is there a wait for worker threads to
+    reach their next stop check."""
     click.echo("Error: " + " ".join(str(message).split()), err=True)
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -510,7 +522,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X,
                        memory_budget=memory_budget, stderr_target=stderr_target, notices=not quiet)
     with Progressbar("scoring rows", quiet or as_json) as bar:
-        post = model.posterior(X, progress=bar)
+        post = model.posterior(X, progress=bar, pairs=explain is not None)     # only --explain uses them
     pv = residuals = None
     if pvalues:
         from cpadgn.anomaly import pvalues as model_pvalues

@@ -73,13 +73,14 @@ def clopper_pearson(k, n: int, level: float = 0.95):
 
 
 def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
-            level: float = 0.95, max_block_bytes: float = 2e8, progress=None) -> PValues:
+            level: float = 0.95, max_block_bytes: float | None = None, progress=None) -> PValues:
     """Model-based p-values P_model[log p(X_o) <= log p(x_o)] of N rows.
 
     model: a ``CPAModel`` with a noise std; log_prob (N,): the rows' exact log p(x_o)
     (``model.log_prob``); n_samples: M reference draws from the model; seed: their
     seed (same seed, same p-values); observed (N, D) bool: the observed entries of each
-    row (default: all); max_block_bytes: memory of the draws scored per call;
+    row (default: all); max_block_bytes: memory of the draws scored per call (default a
+    tenth of ``model.memory_budget``, 2e8 at its default);
     progress(done_patterns, total_patterns) after each call.  Returns a ``PValues``.
     """
     log_prob = np.asarray(log_prob, dtype=np.float64).reshape(-1)
@@ -95,6 +96,8 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     ref = model.sample(M, seed=seed)                                        # (M, D)
     count = np.empty(N, dtype=np.int64)
     reference = np.empty((len(patterns), M))
+    if max_block_bytes is None:
+        max_block_bytes = 0.1 * model.memory_budget
     block = max(1, int(max_block_bytes // (8 * M * D)))                    # patterns per call
     for q0 in range(0, len(patterns), block):
         pat = patterns[q0:q0 + block]                                       # (B, D)

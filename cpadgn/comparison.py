@@ -304,7 +304,7 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
     progress: optional callable(done, total, message) over models;  log: callable(str).
     posterior: optional callable(model, X) -> an object with log_likelihood, error_bound
         and stderr (N,) that scores the rows elsewhere (``cpadgn.dask.scorer``: on a
-        Dask cluster); default ``model.posterior(X, moments=False)``.
+        Dask cluster); default ``model.posterior(X, moments=False, pairs=False)``.
 
     Returns a CompareResult, models sorted by mean test log-likelihood (best first; ties
     by name), pairs for every pair with the better-ranked model as a.
@@ -381,7 +381,7 @@ def _score_model(name, m, kind, X_test, X_train, has_nan, notes, posterior=None)
     from .vae import exact_elbo, model_encoder
     if m.noise_std is None:
         raise CpadgnError(f"{name} has no noise std; pass --noise-std X (or auto with --train)")
-    posterior = posterior or (lambda model, X: model.posterior(X, moments=False))
+    posterior = posterior or (lambda model, X: model.posterior(X, moments=False, pairs=False))
     post = posterior(m, X_test)
     ll = post.log_likelihood
     mean, se = mean_and_se(ll)

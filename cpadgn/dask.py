@@ -393,7 +393,7 @@ def posterior_columns(S: int) -> list:
 
 def _posterior_block(X, model, moments: bool):
     model = _ready(model)
-    post = model.posterior(X, moments=moments)
+    post = model.posterior(X, moments=moments, pairs=False)
     cols = [post.log_likelihood, post.error_bound, post.stderr, post.n_observed, post.top_region,
             post.top_responsibility]
     return np.column_stack(cols + [post.z_mean[:, j] for j in range(post.z_mean.shape[1])]).astype(np.float64)

@@ -67,6 +67,7 @@ class PosteriorResult:
                     estimate of pair_mean, and the covariance of the two (each pair's
                     integrals are independent of every other pair's; see
                     ``polytope.PolytopeMoments`` and ``impute.mean_stderr_terms``)
+    With ``posterior(..., pairs=False)`` the pair fields are empty (P = 0).
     """
 
     log_likelihood: np.ndarray
@@ -1045,7 +1046,7 @@ MIN_CHUNK_BUDGET = 2.0 ** 23
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
               tab: RegionTable | None = None, device: torch.device | str = "cpu",
               rtol: float = 1e-10, memory_budget: float = 2e9, moments: bool = True,
-              progress=None, stderr_target: float = 1e-4) -> PosteriorResult:
+              progress=None, stderr_target: float = 1e-4, pairs: bool = True) -> PosteriorResult:
     """Exact log p(x_o), responsibilities and E[z|x], Cov[z|x] for every row of X (N, D).
 
     NaN entries of X are missing; a row with nothing observed has log p = NaN (there is
@@ -1055,7 +1056,9 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     log p(x) each row's randomised-QMC integrals aim at (``_refine_qmc_pairs``; the
     reported ``stderr`` is the one achieved).  memory_budget bounds the working arrays (bytes,
     counted as at least MIN_CHUNK_BUDGET; at S >= 3 half of it goes to the pair integrals).  Ctrl-C stops the worker threads
-    within a fraction of a second (``stop``).
+    within a fraction of a second (``stop``).  pairs=False leaves the pair fields empty: they
+    take 8 (S^2 + S + 3) bytes per evaluated (row, region) pair (tens to thousands a row), so
+    the per-row results alone keep a long run within the budget.
     """
     if not (isinstance(stderr_target, (int, float)) and 0 < stderr_target < np.inf):
         raise CpadgnError(f"stderr_target must be a positive number of nats (e.g. 1e-4), got {stderr_target!r}")
@@ -1092,21 +1095,23 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
         Xt = torch.as_tensor(X[idx], device=device)
         found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget,
                                 stderr_target)
-        return _summarise(*found, Xt, idx, out)            # fills out[idx]; chunks are disjoint
+        kept = _summarise(*found, Xt, idx, out)            # fills out[idx]; chunks are disjoint
+        return kept if pairs else None
 
     jobs = [(complete, idx[start:start + chunk]) for complete in (True, False)
             for idx in [np.flatnonzero(complete_rows == complete)] for start in range(0, idx.size, chunk)]
-    pairs = []
+    kept = []
     done = 0
     # on an error or Ctrl-C, queued chunks do not run and running ones stop at their next check
     with closing(map_in_threads(run, jobs, workers)) as results:
         for job, res in zip(jobs, results):
-            pairs.append(res)
+            if pairs:
+                kept.append(res)
             done += job[1].size
             if progress is not None:
                 progress(done, N)
-    if pairs:
-        joined = list(map(np.concatenate, zip(*pairs)))
+    if kept:
+        joined = list(map(np.concatenate, zip(*kept)))
         (out.pair_row, out.pair_region, out.pair_responsibility, out.pair_mean, out.pair_cov) = joined[:5]
         if len(joined) > 5:
             out.pair_weight_stderr, out.pair_mean_mc_cov, out.pair_weight_mean_mc_cov = joined[5:]

@@ -135,13 +135,14 @@ class CPAModel:
                                                  self.memory_budget)
         return self._table
 
-    def posterior(self, X, *, moments: bool = True, progress=None) -> Posterior:
-        """Exact log-likelihoods and posteriors of the rows of X (N, D); NaN = missing."""
+    def posterior(self, X, *, moments: bool = True, progress=None, pairs: bool = True) -> Posterior:
+        """Exact log-likelihoods and posteriors of the rows of X (N, D); NaN = missing.
+        pairs=False: no per-(row, region) fields (``likelihood.posterior``)."""
         X = self._check_data(X)
         res = likelihood.posterior(self.net, self.partition(), self.noise_std, X,
                                    tab=self._region_table(), device=self.device,
                                    memory_budget=self.memory_budget, moments=moments,
-                                   progress=progress, stderr_target=self.stderr_target)
+                                   progress=progress, stderr_target=self.stderr_target, pairs=pairs)
         L = self.prior_chol
         return Posterior(**{**res.__dict__,
                             "z_mean": self.prior_mean + res.z_mean @ L.T,
@@ -151,7 +152,7 @@ class CPAModel:
 
     def log_prob(self, X) -> np.ndarray:
         """Exact log p(x_o) per row, (N,), in nats; NaN for a row with nothing observed."""
-        return self.posterior(X, moments=False).log_likelihood
+        return self.posterior(X, moments=False, pairs=False).log_likelihood
 
     score_samples = log_prob
 

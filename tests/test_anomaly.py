@@ -85,6 +85,18 @@ def test_pvalues_of_incomplete_model_draws_are_uniform(model1):
     np.testing.assert_array_equal(one_by_one.count, pv.count)
 
 
+def test_pvalues_score_their_draws_within_the_memory_budget(model1):
+    """The M draws of each missing pattern (8 M D bytes) go to log_prob in blocks of a
+    tenth of the model's --memory-budget; before, in blocks of 2e8 bytes at any budget."""
+    X = model1.sample(4, seed=2)
+    X[np.arange(4), np.arange(4)] = np.nan                  # 4 patterns of 8 * 50 * 4 bytes
+    calls = []
+    small = model1.with_noise_std(0.3)
+    small.memory_budget = 10 * 8 * 50 * 4 * 2.5             # a tenth: two patterns' draws and a half
+    pvalues(small, small.log_prob(X), 50, observed=~np.isnan(X), progress=lambda done, total: calls.append(done))
+    assert calls == [2, 4]
+
+
 def test_pvalues_are_deterministic_and_flag_far_rows(model1):
     X = model1.sample(20, seed=1)
     X[0] += 10.0

@@ -97,6 +97,28 @@ def test_score_peak_memory_within_budget(tmp_path, s3_model, S):
     assert peak <= base + budget
 
 
+def test_log_prob_memory_does_not_grow_with_the_pairs():
+    """log_prob (score, compare, p-values) keeps per row only its results: its peak is
+    the same for 80 and 160 rows (the chunks are 19 rows at this budget), where keeping
+    every (row, region) pair (about 700 a row here, 8 (S^2 + S + 3) bytes each) added
+    9.7 MB for the 80 extra rows (their 4.0 MB and copies).  tracemalloc counts numpy's
+    arrays, not torch's."""
+    import tracemalloc
+    model = CPAModel(random_net(2, (32, 32), 16), noise_std=0.15, memory_budget=1e6)
+    X = model.sample(160, seed=1)
+    model.log_prob(X[:2])                                 # the region table, outside the measurement
+    peaks = []
+    for n in (80, 160):
+        tracemalloc.start()
+        model.log_prob(X[:n])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    pairs_per_row = model.posterior(X[80:100]).pair_row.size / 20
+    extra_pair_bytes = 80 * pairs_per_row * 8 * (2 * 2 + 2 + 3)
+    print(f"peaks {peaks[0] / 1e6:.2f}, {peaks[1] / 1e6:.2f} MB; the extra rows' pairs {extra_pair_bytes / 1e6:.1f} MB")
+    assert peaks[1] - peaks[0] < 0.25 * extra_pair_bytes
+
+
 def exit_seconds_after_sigint(argv, wait):
     """Start argv, send SIGINT after ``wait`` seconds (it must still run), return
     (seconds to exit, exit code, stderr)."""
@@ -133,6 +155,32 @@ def test_ctrl_c_stops_score_promptly(tmp_path, s3_model):
     assert "Traceback" not in err
     assert not out.exists()
     assert seconds <= 2.0 + teardown
+
+
+# Python code run by a C extension through PyRun_String, interrupted: CPython marks the
+# KeyboardInterrupt unhandled although it is caught, and a ``python -m`` process used to
+# end by killing itself with SIGINT (status -2) after printing "Error: interrupted"
+INTERRUPTED_IN_EXTENSION = """
+import ctypes, sys
+import cpadgn.data
+def interrupted(*args, **kwargs):
+    run = ctypes.pythonapi.PyRun_String
+    run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+    run(b"raise KeyboardInterrupt", 257, {}, {})        # 257: Py_file_input
+cpadgn.data.read_data = interrupted
+from cli.main import main
+main(args=sys.argv[1:], prog_name="cpadgn")
+"""
+
+
+def test_ctrl_c_inside_an_extension_still_exits_130(tmp_path):
+    (tmp_path / "interrupt_in_extension.py").write_text(INTERRUPTED_IN_EXTENSION)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}"}
+    res = subprocess.run([sys.executable, "-m", "interrupt_in_extension", "score",
+                          str(ROOT / "sample_data" / "digits_generator.h5"), str(ROOT / "sample_data" / "digits_test.csv"),
+                          "-o", str(tmp_path / "s.csv")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert (res.returncode, res.stderr, res.stdout) == (130, "Error: interrupted\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["interrupt_in_extension.py"]
 
 
 def test_stop_flag_reaches_running_and_queued_work():
