@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import (Progressbar, check_cache_path, check_dask_options, console, main, notice_for, parse_noise,
-                      resolve_device, say_for, set_stderr_target, stderr_target_option, user_errors)
+                      resolve_device, say_for, set_stderr_target, stderr_target_option, rounding_errors,
+                      user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -89,7 +90,8 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     from cpadgn.data import check_not_an_input, read_data
 
     t0 = time.perf_counter()
-    notice = notice_for(quiet)               # shown under --json too (on stderr)
+    notice = notice_for(quiet)               # shown under --json too (on stderr), as the warnings
+    warnings = not quiet
     quiet = quiet or as_json
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     inputs = compare_inputs(model_paths, test_path, train_path)
@@ -148,6 +150,8 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     else:
         with Progressbar("scoring models", quiet) as bar:
             result = run_compare(models, X_test, X_train, baseline, progress=bar, log=say)
+    for name, m in models:
+        warn_rounding(rounding_errors(m, X_test), not warnings, name)
     report = result.to_dict(timings=timings)
     if out is not None:
         _write_report(out, report)

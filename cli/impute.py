@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import (Progressbar, check_cache_path, check_dask_options, command_inputs, dask_options,
-                      load_model, main, model_options, print_summary, say_for, stderr_target_option, user_errors)
+                      load_model, main, model_options, print_summary, say_for, stderr_target_option, rounding_errors,
+                      user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 
@@ -122,6 +123,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
                                     device=device, trust_pickle=trust_pickle, max_regions=max_regions,
                                     memory_budget=memory_budget, stderr_target=stderr_target)
         summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
+        summary["rows_unreliable_by_rounding"] = warn_rounding(res.rounding_error * (res.n_missing > 0), not notices)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -169,6 +171,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         plot.save(plot.imputation_figure(model, X_in, res, (H, W), seed=seed), plot_path)
 
     summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
+    # complete rows are returned as they are: only the rows with something missing are computed
+    summary["rows_unreliable_by_rounding"] = warn_rounding(rounding_errors(model, X_in) * (res.n_missing > 0),
+                                                           not notices)
     if mcar is not None:
         ev = imputation_errors(X, res.mean, hidden, res.draws)
         summary.update({"mcar_fraction": mcar, "hidden_entries": ev["hidden"], "rmse": ev["rmse"]})
@@ -198,7 +203,8 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
     and .h5 chunk by chunk as they complete; .csv at the end, in row order), with the
     files and datasets of the run without --dask (at S >= 4 with --std, the means' QMC
     standard error in an .h5 OUT); returns (per-row error_bound and n_missing, and
-    mean_stderr_max, the largest QMC standard error of a mean (S >= 4), model)."""
+    mean_stderr_max, the largest QMC standard error of a mean (S >= 4), the rows'
+    ``rounding_errors``, model)."""
     from types import SimpleNamespace
 
     from cpadgn import dask as cluster
@@ -227,6 +233,7 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
             Progressbar("imputing rows (Dask)", quiet) as bar:
         table = cluster.impute_table(model, X, draws=n_draws, seed=seed, std=want_std, mean_stderr=carry_se,
                                      client=client, device=device)
+        rounding = rounding_errors(model, X)
         if out.suffix.lower() == ".csv":
             full = cluster.compute_rows(client, table, progress=bar)
             lead[:] = full[:, :cluster.IMPUTE_LEAD]
@@ -241,7 +248,7 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
                     write(start, stop, *split(block))
                 cluster.compute_rows(client, table, progress=bar, put=put)
     return SimpleNamespace(error_bound=lead[:, 0], n_missing=lead[:, 1].astype(np.int64),
-                           mean_stderr_max=se_max if carry_se else None), model
+                           mean_stderr_max=se_max if carry_se else None, rounding_error=rounding), model
 
 
 def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) -> dict:

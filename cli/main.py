@@ -292,6 +292,32 @@ def notice_for(quiet: bool):
     return (lambda m: None) if quiet else notice
 
 
+def rounding_errors(model, X) -> np.ndarray:
+    """``CPAModel.rounding_error`` of the rows X (N, D): a numpy array, or a dask array
+    (computed block by block on the current cluster; only the (N,) result comes back)."""
+    if isinstance(X, np.ndarray):
+        return model.rounding_error(X)
+    from functools import partial
+
+    from cpadgn.numerics import rounding_error_estimate
+    estimate = partial(rounding_error_estimate, offset=model.net.biases[-1], noise_std=model.noise_std,
+                       width=model.net.weights[-1].shape[1])
+    return X.map_blocks(estimate, drop_axis=1, dtype=np.float64).compute()
+
+
+def warn_rounding(err: np.ndarray, quiet: bool, name: str = "") -> int:
+    """The number of rows whose log p rounding may move by more than ROUNDING_WARN_NATS
+    (err (N,) from ``rounding_errors``), with a one-line warning on stderr about them
+    unless --quiet (also under --json, whose stdout stays JSON)."""
+    from cpadgn.numerics import ROUNDING_WARN_NATS
+    bad = int((err > ROUNDING_WARN_NATS).sum())
+    if bad and not quiet:
+        click.echo(f"Warning: {bad} row(s) lie so far from {name or 'the model'} in noise units that "
+                   f"rounding may move their log p by up to ~{err.max():.1g} nats; their values are "
+                   "unreliable (README: Precision). Use a larger --noise-std.", err=True)
+    return bad
+
+
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
                need_noise=True, memory_budget=2e9, stderr_target=None, check=None, notices=None):
     """Load a generator, check it against the data (and by ``check(model)``, which raises
@@ -500,12 +526,12 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
         "--pvalues/--alpha": pvalues, "--explain": explain is not None, "--plot": plot_path is not None,
         "--noise-std auto": noise_std == "auto"})
     if dask_address is not None:
-        stats, flags, model = score_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, out,
-                                            contamination, quiet=quiet or as_json, cache=cache, notices=not quiet,
-                                            noise_std=noise_std, device=device, trust_pickle=trust_pickle,
-                                            max_regions=max_regions, memory_budget=memory_budget,
-                                            stderr_target=stderr_target)
+        stats, flags, model, rounding = score_on_dask(
+            dask_address, model_path, data_path, dataset, chunk_rows, out, contamination, quiet=quiet or as_json,
+            cache=cache, notices=not quiet, noise_std=noise_std, device=device, trust_pickle=trust_pickle,
+            max_regions=max_regions, memory_budget=memory_budget, stderr_target=stderr_target)
         summary = score_summary(stats, model, time.perf_counter() - t0, out, anomalies=flags)
+        summary["rows_unreliable_by_rounding"] = warn_rounding(rounding, quiet)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -547,6 +573,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     stats = LoglikStats(model.output_dim, model.stderr_target, model.latent_dim >= 4).add(post)
     summary = score_summary(stats, model, time.perf_counter() - t0, out,
                             pv=pv, alpha=alpha, anomalies=flags)
+    summary["rows_unreliable_by_rounding"] = warn_rounding(rounding_errors(model, X), quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -562,7 +589,7 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     loaded here once and sent to every worker once.  An .h5 OUT is written chunk by chunk
     as the chunks complete (the client holds no column until --contamination reads back
     log_likelihood, 8 bytes per row); .csv and .npy are built here and written at the end.
-    Returns (LoglikStats, AnomalyFlags or None, model)."""
+    Returns (LoglikStats, AnomalyFlags or None, model, the rows' ``rounding_errors``)."""
     from cpadgn import dask as cluster
     from cpadgn.data import write_table
     rows = cluster.open_rows(data_path, dataset)
@@ -574,6 +601,7 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     with cluster.open_client(address, log=say_for(quiet)) as client, \
             Progressbar("scoring rows (Dask)", quiet) as bar:
         table = cluster.posterior_table(model, X, client=client, device=device)
+        rounding = rounding_errors(model, X)
         if out.lower().endswith((".h5", ".hdf5")):
             with cluster.table_writer(out, X.shape[0], score_dtypes(S, contamination)) as written:
                 def put(start, stop, block):
@@ -587,7 +615,7 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
                     flagged = is_anomaly(ll, contamination)
                     written.put(0, len(ll), {"is_anomaly": flagged})
                     flags = AnomalyFlags(contamination_threshold(ll, contamination), int(flagged.sum()))
-            return stats, flags, model
+            return stats, flags, model, rounding
         post = block_post(cluster.compute_rows(client, table, progress=bar))
     columns = scores_table(post, contamination)
     write_table(out, columns)
@@ -595,7 +623,7 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     if contamination is not None:
         flags = AnomalyFlags(contamination_threshold(post.log_likelihood, contamination),
                              int(columns["is_anomaly"].sum()))
-    return stats.add(post), flags, model
+    return stats.add(post), flags, model, rounding
 
 
 def score_dtypes(S: int, contamination) -> dict:

@@ -38,7 +38,7 @@ from .polytope import (PolytopeMoments, QMCGeometry, combine_ids, content_hash, 
                        dual_ascent_distance_bound, facet_segments, halfspace_mc, polygon_moments, polytope_moments,
                        polytope_qmc_draws, solve_in_groups)
 from .network import PiecewiseAffineNet
-from .numerics import check_representable
+from .numerics import check_representable, rounding_error_estimate
 from .partition import Partition
 from .stop import map_in_threads, stop_check
 
@@ -67,6 +67,9 @@ class PosteriorResult:
                     estimate of pair_mean, and the covariance of the two (each pair's
                     integrals are independent of every other pair's; see
                     ``polytope.PolytopeMoments`` and ``impute.mean_stderr_terms``)
+    rounding_error: (N,) estimate of how far float64 rounding may move log_likelihood,
+                    in nats (``numerics.rounding_error_estimate``: the leading term, not a
+                    bound; beyond ~1e-3 the row lies too far from the model in noise units)
     With ``posterior(..., pairs=False)`` the pair fields are empty (P = 0).
     """
 
@@ -86,6 +89,7 @@ class PosteriorResult:
     pair_weight_stderr: np.ndarray | None = None
     pair_mean_mc_cov: np.ndarray | None = None
     pair_weight_mean_mc_cov: np.ndarray | None = None
+    rounding_error: np.ndarray | None = None
 
 
 class RegionTable:
@@ -1118,6 +1122,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     if S >= 4 and out.pair_weight_stderr is None:
         out.pair_weight_stderr, out.pair_weight_mean_mc_cov = np.zeros(0), np.zeros((0, S))
         out.pair_mean_mc_cov = np.zeros((0, S, S))
+    out.rounding_error = rounding_error_estimate(X, net.biases[-1], noise_std, tab.U.shape[1])
     return out
 
 

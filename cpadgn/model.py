@@ -17,7 +17,7 @@ from scipy.optimize import minimize_scalar
 from . import likelihood
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet, fold_prior
-from .numerics import NOISE_RANGE, check_noise_range
+from .numerics import NOISE_RANGE, check_noise_range, rounding_error_estimate
 from .partition import Partition, compute_partition
 
 
@@ -149,6 +149,12 @@ class CPAModel:
                             "z_cov": L @ res.z_cov @ L.T,
                             "pair_mean": self.prior_mean + res.pair_mean @ L.T,
                             "pair_cov": L @ res.pair_cov @ L.T})
+
+    def rounding_error(self, X) -> np.ndarray:
+        """(N,) estimate of how far float64 rounding may move log p of each row of X (N, D)
+        (``Posterior.rounding_error`` without scoring; ``numerics.rounding_error_estimate``)."""
+        X = self._check_data(X)
+        return rounding_error_estimate(X, self.net.biases[-1], self.noise_std, self.net.weights[-1].shape[1])
 
     def log_prob(self, X) -> np.ndarray:
         """Exact log p(x_o) per row, (N,), in nats; NaN for a row with nothing observed."""

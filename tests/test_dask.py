@@ -557,3 +557,28 @@ def test_chunked_reader_refuses_bad_shapes_like_read_data(tmp_path, shape):
     with pytest.raises(CpadgnError) as chunked:
         cd.open_rows(path)
     assert str(chunked.value) == str(here.value) and "; " in str(here.value)
+
+
+def test_rounding_warning_and_count_on_the_cluster(client, tmp_path):
+    """score and impute --dask warn about the rows that lie far in noise units (the estimate
+    is computed block by block on the cluster; test_rounding checks its value and the run
+    without --dask)."""
+    import json
+
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    from cpadgn.network import PiecewiseAffineNet
+    rng = np.random.default_rng(5)
+    A, b = rng.normal(size=(3, 2)), rng.normal(size=3)
+    save_model(tmp_path / "lin.h5", PiecewiseAffineNet.from_arrays([A], [b], []), noise_std=1e-20)
+    X = rng.standard_normal((30, 2)) @ A.T + b
+    X[:4] = b                                        # x'Px = 0: rows 2, 3 are not warned about
+    X[::3, 1] = np.nan                               # 10 rows for impute, far in uncentred units
+    h5_data(tmp_path / "x.h5", X)
+    for verb, want in (("score", 28), ("impute", 10)):
+        r = CliRunner().invoke(main, [verb, str(tmp_path / "lin.h5"), str(tmp_path / "x.h5"), "-o",
+                                      str(tmp_path / f"{verb}.h5"), "--json", "--device", "cpu", "--dask",
+                                      client.scheduler.address, "--chunk-rows", "7"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["rows_unreliable_by_rounding"] == want, verb
+        assert sum(l.startswith(f"Warning: {want} row(s)") for l in r.stderr.splitlines()) == 1
