@@ -50,7 +50,8 @@ Three exact enumeration algorithms (``compute_partition(method=...)``):
     S dimensions; for unbounded regions each hull facet is confirmed by one LP), then
     each facet is crossed to the neighbour (the pattern with that unit flipped; a
     forward pass just across the facet when the flip is empty).  Dead and duplicate
-    units are skipped as in the subdivision.
+    units are skipped as in the subdivision, and a unit identically 0 on a region
+    counts as >= 0 there, as in the subdivision (else the region comes once per sign).
 
 Every region's interior point is checked by a forward pass; its clearance (distance to
 the nearest facet) is computed, a Chebyshev LP re-centres the few that look thin, and
@@ -1098,12 +1099,28 @@ def _cross_point_pattern(net, geom, k):
     return net.patterns(z[None])[0]
 
 
+def _canonical_pattern(net, pattern, classes):
+    """(K,) bool -> (K,) bool: the one pattern the subdivision gives the region of ``pattern``.
+
+    Inactive units come from their constants/originals (``_fill_inactive``), and an active
+    unit whose pre-activation is identically 0 on the region (a zero constraint row: e.g.
+    relu(a - b) in max(a, b) = b + relu(a - b) where a = b = 0 after a ReLU) counts as
+    >= 0, as in ``net.patterns`` and the subdivision; either sign satisfies its constraint,
+    so without this the walk lists the region once per sign.  One pass suffices: such a
+    unit outputs 0 whatever its sign, so no other row changes.
+    """
+    q = _fill_inactive(pattern[None].copy(), *classes)
+    G, h = _region_constraints(net, q)
+    identically_zero = ~G[0].any(axis=1) & (h[0] == 0) & classes[0]
+    return _fill_inactive(q | identically_zero, *classes)[0]
+
+
 def _lp_walk(net, *, max_regions=None, progress=None, limit=None, time_limit=None):
     """BFS over the region adjacency graph; stops early (complete=False) at limit/time_limit."""
     S, K = net.latent_dim, net.n_units
     t_start = time.perf_counter()
     classes = _unit_classes(net)
-    fill = lambda q: _fill_inactive(q[None], *classes)[0]
+    fill = lambda q: _canonical_pattern(net, q, classes)
     rng = np.random.default_rng(0)
     start = None
     for trial in range(20):

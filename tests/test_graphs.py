@@ -13,7 +13,7 @@ from cpadgn import loading
 from cpadgn.errors import CpadgnError
 from cpadgn.loading import load_generator
 from cpadgn.model import CPAModel
-from cpadgn.partition import check_partition, compute_partition
+from cpadgn.partition import _pattern_keys, check_partition, compute_partition
 
 from oracles import assert_matches_torch, torch_forward
 
@@ -212,6 +212,28 @@ def test_partition_checks_of_max_pooling_over_copies():
     wrong = copy.deepcopy(part)
     wrong.patterns[r, part.facet_units[part.facet_ptr[r]]] ^= True
     assert check_partition(net, wrong, n_samples=1000)["interior_ok"] == (part.n_regions - 1) / part.n_regions
+
+
+def test_lp_walk_lists_each_region_of_max_pooling_over_relus_once():
+    """max(a, b) = b + relu(a - b): where a = b = 0 (both ReLUs off) relu(a - b) has an
+    identically zero pre-activation, and either sign satisfies its constraint.  The LP
+    walk listed such regions once per sign (prior masses summed to 1.76); it must count
+    the unit as >= 0, as the subdivision does, and agree with it on log p."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Unflatten(1, (1, 2, 2)), nn.MaxPool2d(2),
+                           nn.Flatten(), nn.Linear(1, 2)).double().eval()
+    model = cpadgn.load(module, noise_std=0.3)
+    sub, lp = compute_partition(model.net), compute_partition(model.net, method="lp-walk")
+    # S = 2: exact masses, their sum errs by R eps at most
+    assert abs(np.exp(lp.log_prior_mass).sum() - 1) <= lp.n_regions * np.finfo(float).eps
+    # the subdivision also lists zero-width regions, which the walk's LPs cannot certify
+    in_lp = np.isin(_pattern_keys(sub.patterns), _pattern_keys(lp.patterns))
+    assert in_lp.sum() == lp.n_regions and sub.degenerate[~in_lp].all()
+    X = torch_forward(module, np.random.default_rng(1).normal(size=(4, 2))) + 0.3
+    want = cpadgn.likelihood.posterior(model.net, sub, model.noise_std, X, moments=False).log_likelihood
+    got = cpadgn.likelihood.posterior(model.net, lp, model.noise_std, X, moments=False).log_likelihood
+    # each sum leaves out at most rtol = 1e-10 of p(x) in pruned pairs
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-10 + 1e-13)
 
 
 def test_load_accepts_modules_and_exported_programs(z):
