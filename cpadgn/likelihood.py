@@ -487,11 +487,19 @@ def _entrywise_ldl(lam: dict, y: list):
     Lambda = L' diag(d) L'^T (L' unit lower; no square roots): lam {(i, j): (...)} for
     i >= j, y [(...)] * S -> (log det, y' Lambda^-1 y), each (...).  At a tiny noise std
     the pivots d and w reach 1 / sigma^2 (1e160 at sigma = 1e-80): w (w / d) and a sum of
-    logs keep every product within float64, where w^2 and prod d overflowed to inf."""
+    logs keep every product within float64, where w^2 and prod d overflowed to inf.
+    Lambda = I + A^T P_o A has pivots >= 1, each computed to about eps Lambda_jj; a pivot
+    below 1/2 or within 1e3 eps Lambda_jj of 0 is rounding noise: the sum lost its identity
+    (A^T P_o A ~1e16 times larger, fewer observed entries than S), which no later step
+    can recover: CpadgnError."""
     S = len(y)
     Lu, d, w = {}, [], []
     for j in range(S):
         d.append(lam[j, j] - sum(Lu[j, k] * Lu[j, k] * d[k] for k in range(j)) if j else lam[0, 0])
+        if bool(((d[j] < 0.5) | (d[j] < 1e3 * torch.finfo(d[j].dtype).eps * lam[j, j])).any()):
+            raise CpadgnError("a row with missing entries is beyond float64 at this noise std (I + A^T P_o A "
+                              "loses its identity to rounding where A^T P_o A is ~1e16 times larger); use a "
+                              "larger --noise-std (README: Precision)")
         for i in range(j + 1, S):
             Lu[i, j] = (lam[i, j] - sum(Lu[i, k] * Lu[j, k] * d[k] for k in range(j))) / d[j]
     for i in range(S):

@@ -94,3 +94,21 @@ def test_score_impute_and_compare_warn_once_and_count_the_rows(tmp_path):
     res = run("compare", path, "--data", data, "--json")
     assert res.exit_code == 0, res.output
     assert sum(l.startswith("Warning: 5 row(s)") and str(path) in l for l in res.stderr.splitlines()) == 1
+
+
+def test_missing_entries_beyond_float64_are_refused_in_one_line(tmp_path):
+    # one observed entry of two, S = 2: Lambda = I + A_o^T P_o A_o is rank one plus the
+    # identity, which float64 cannot hold beside 1 / sigma^2 = 1e24 (an internal error before)
+    rng = np.random.default_rng(3)
+    A, b = rng.normal(size=(2, 2)), rng.normal(size=2)
+    path = tmp_path / "lin.h5"
+    save_model(path, PiecewiseAffineNet.from_arrays([A], [b], []), noise_std=1e-12)
+    X = rng.standard_normal((5, 2)) @ A.T + b
+    X[:, 0] = np.nan
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "s.csv"
+    res = CliRunner().invoke(main, ["score", str(path), str(tmp_path / "x.npy"), "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    errors = [l for l in res.stderr.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1 and "--noise-std" in errors[0] and "Traceback" not in res.output
+    assert not out.exists()
