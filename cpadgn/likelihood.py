@@ -498,7 +498,7 @@ def _entrywise_ldl(lam: dict, y: list):
         d.append(lam[j, j] - sum(Lu[j, k] * Lu[j, k] * d[k] for k in range(j)) if j else lam[0, 0])
         if bool(((d[j] < 0.5) | (d[j] < 1e3 * torch.finfo(d[j].dtype).eps * lam[j, j])).any()):
             raise CpadgnError("a row with missing entries is beyond float64 at this noise std (I + A^T P_o A "
-                              "loses its identity to rounding where A^T P_o A is ~1e16 times larger); use a "
+                              "loses its identity to rounding where A^T P_o A is ~1e13 times larger); use a "
                               "larger --noise-std (README: Precision)")
         for i in range(j + 1, S):
             Lu[i, j] = (lam[i, j] - sum(Lu[i, k] * Lu[j, k] * d[k] for k in range(j))) / d[j]
