@@ -490,7 +490,7 @@ def _entrywise_ldl(lam: dict, y: list):
     logs keep every product within float64, where w^2 and prod d overflowed to inf.
     Lambda = I + A^T P_o A has pivots >= 1, each computed to about eps Lambda_jj; a pivot
     below 1/2 or within 1e3 eps Lambda_jj of 0 is rounding noise: the sum lost its identity
-    (A^T P_o A ~1e16 times larger, fewer observed entries than S), which no later step
+    (A^T P_o A ~1e13 times larger or more, fewer observed entries than S), which no later step
     can recover: CpadgnError."""
     S = len(y)
     Lu, d, w = {}, [], []
