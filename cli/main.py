@@ -1,6 +1,7 @@
 """The ``cpadgn`` command line: thin click commands over the cpadgn library."""
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -43,6 +44,7 @@ def fail(message: str, code: int):
     reach their next stop check."""
     click.echo("Error: " + " ".join(str(message).split()), err=True)
     if code == EXIT_INTERRUPTED:
+        atexit._run_exitfuncs()       # what os._exit skips: multiprocessing ends Dask's worker processes
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -294,7 +296,9 @@ def notice_for(quiet: bool):
 
 def rounding_errors(model, X) -> np.ndarray:
     """``CPAModel.rounding_error`` of the rows X (N, D): a numpy array, or a dask array
-    (computed block by block on the current cluster; only the (N,) result comes back)."""
+    (computed block by block on the current cluster, in blocks of up to 1e8 bytes whatever
+    --chunk-rows says: the estimate is O(D) a row, so tiny blocks cost only scheduling;
+    only the (N,) result comes back)."""
     if isinstance(X, np.ndarray):
         return model.rounding_error(X)
     from functools import partial
@@ -302,7 +306,8 @@ def rounding_errors(model, X) -> np.ndarray:
     from cpadgn.numerics import rounding_error_estimate
     estimate = partial(rounding_error_estimate, offset=model.net.biases[-1], noise_std=model.noise_std,
                        width=model.net.weights[-1].shape[1])
-    return X.map_blocks(estimate, drop_axis=1, dtype=np.float64).compute()
+    rows = max(X.chunks[0][0], int(1e8 // (8 * X.shape[1])))
+    return X.rechunk({0: rows}).map_blocks(estimate, drop_axis=1, dtype=np.float64).compute()
 
 
 def warn_rounding(err: np.ndarray, quiet: bool, name: str = "") -> int:
