@@ -104,12 +104,13 @@ def check_draws(draws) -> None:
 def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int | None = None,
            seed=None, std: bool = False, full_cov: bool = False,
            tab: likelihood.RegionTable | None = None, device="cpu", memory_budget: float = 2e9,
-           stderr_target: float = 1e-4, row_chunk: int = 512, progress=None) -> ImputeResult:
+           stderr_target: float = 1e-4, row_chunk: int | None = None, progress=None) -> ImputeResult:
     """Exact conditional mean (and optionally std, covariance and K exact draws) of the
     missing entries (NaN) of X (N, D) given the observed ones.  At S >= 4 the region
     weights are QMC estimates aiming at stderr_target nats per row (``likelihood.posterior``).
 
-    Same seed, same data, same device: same draws.  ``progress(done_rows, total_rows)``
+    Same seed, data, device and memory_budget: same draws (the budget sets the rows per
+    chunk, ``rows_per_chunk``, unless row_chunk does).  ``progress(done_rows, total_rows)``
     is called after each chunk of rows with missing entries.
     """
     if noise_std is None:
@@ -137,9 +138,11 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     mean_var = np.zeros((N, D))
     if todo.size:
         tab = tab or likelihood.RegionTable(net, part, noise_std, device, memory_budget)
+        row_chunk = row_chunk or rows_per_chunk(S, part.n_regions, memory_budget)
         for start in range(0, todo.size, row_chunk):
             idx = todo[start:start + row_chunk]
-            _impute_chunk(net, part, tab, sigma, X64[idx], idx, miss[idx], device, memory_budget,
+            # the chunk's pairs take up to a quarter of the budget while posterior works: it gets the rest
+            _impute_chunk(net, part, tab, sigma, X64[idx], idx, miss[idx], device, 0.75 * memory_budget,
                           stderr_target, rng, K, mean, var, cov, xd, zd, bound, mean_var)
             if progress is not None:
                 progress(min(start + row_chunk, todo.size), todo.size)
@@ -153,6 +156,17 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     sd = None if var is None else np.sqrt(var).astype(out_dtype)
     return ImputeResult(mean=res_mean, std=sd if std else None, cov=cov, draws=res_draws, z_draws=zd,
                         error_bound=bound, n_missing=n_missing, mean_stderr=np.sqrt(mean_var).astype(out_dtype))
+
+
+def rows_per_chunk(S: int, n_regions: int, memory_budget: float, most: int = 512) -> int:
+    """Rows of a chunk whose (row, region) pairs fit a quarter of memory_budget (counted as
+    at least ``likelihood.MIN_CHUNK_BUDGET``, as ``likelihood.posterior`` does) with every
+    region a pair of every row (the worst case posterior's own chunks are sized for): 8 (S^2
+    + S + 3) bytes a pair (S >= 4: 8 (S^2 + S + 1) more for its QMC errors), held about 4
+    times (posterior's chunks, their join, the sorted copy, the sparse weights; 3.4 measured)."""
+    per_pair = 8.0 * (S * S + S + 3 + (S * S + S + 1 if S >= 4 else 0))
+    share = max(memory_budget, likelihood.MIN_CHUNK_BUDGET) / 4
+    return int(max(1, min(most, share // (4 * per_pair * n_regions))))
 
 
 def conditional(net, part, noise_std, X, *, full_cov: bool = True, **kw) -> Conditional:
