@@ -13,9 +13,9 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, check_cache_path, check_dask_options, console, main, notice_for, parse_noise,
-                      resolve_device, say_for, set_stderr_target, stderr_target_option, rounding_errors,
-                      user_errors, warn_rounding)
+from cli.main import (Progressbar, check_cache_path, check_dask_options, console, main, memory_budget_option,
+                      notice_for, parse_noise, resolve_device, say_for, set_stderr_target, stderr_target_option,
+                      rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -52,6 +52,7 @@ REPORT_SUFFIXES = (".json", ".csv")
               help="Stop with an error if a partition has more regions than this.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where the batched linear algebra runs.")
+@memory_budget_option
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading pickled torch modules (they can execute code).")
 @stderr_target_option
@@ -64,7 +65,7 @@ REPORT_SUFFIXES = (".json", ".csv")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @user_errors
 def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_path, timings, noise_std,
-            max_regions, device, trust_pickle, stderr_target, quiet, debug, as_json, dask_address):
+            max_regions, device, memory_budget, trust_pickle, stderr_target, quiet, debug, as_json, dask_address):
     """Compare MODELs by exact log-likelihood on held-out data.
 
     Per model: the mean exact log-likelihood per test row with its standard
@@ -131,6 +132,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
             raise CpadgnError(f"{m.no_noise_reason(name)}; pass --noise-std X, or --noise-std auto "
                               "with --train")
     for i, (name, m) in enumerate(models):
+        m.memory_budget = memory_budget
         set_stderr_target(m, stderr_target, say)
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
             part = m.partition(max_regions=max_regions, progress=bar, log=say, notice=notice)

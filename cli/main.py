@@ -169,6 +169,15 @@ def resolve_device(name: str):
     return name
 
 
+def memory_budget_option(fn):
+    """--memory-budget: the working memory of the partition's enumeration and of a batch of rows."""
+    return click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
+                        callback=positive("bytes"),
+                        help="Working memory of the partition's enumeration and of one batch of rows "
+                             "(smaller: smaller batches, the same results up to rounding; see README, "
+                             "Precision).")(fn)
+
+
 def model_options(fn):
     """Options shared by every command that loads a generator."""
     for decorator in reversed([
@@ -183,11 +192,7 @@ def model_options(fn):
                      help="Stop with an error if the partition has more regions than this."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the batched linear algebra runs."),
-        click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
-                     callback=positive("bytes"),
-                     help="Working memory of the partition's enumeration and of one batch of rows "
-                          "(smaller: smaller batches, the same results up to rounding; see README, "
-                          "Precision)."),
+        memory_budget_option,
         click.option("--trust-pickle", is_flag=True,
                      help="Allow loading a pickled torch module (it can execute code)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages (the results are still printed)."),

@@ -104,12 +104,13 @@ def check_draws(draws) -> None:
 def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int | None = None,
            seed=None, std: bool = False, full_cov: bool = False,
            tab: likelihood.RegionTable | None = None, device="cpu", memory_budget: float = 2e9,
-           stderr_target: float = 1e-4, row_chunk: int = 512, progress=None) -> ImputeResult:
+           stderr_target: float = 1e-4, row_chunk: int | None = None, progress=None) -> ImputeResult:
     """Exact conditional mean (and optionally std, covariance and K exact draws) of the
     missing entries (NaN) of X (N, D) given the observed ones.  At S >= 4 the region
     weights are QMC estimates aiming at stderr_target nats per row (``likelihood.posterior``).
 
-    Same seed, same data, same device: same draws.  ``progress(done_rows, total_rows)``
+    Same seed, data, device and memory_budget: same draws (the budget sets the rows per
+    chunk, ``rows_per_chunk``, unless row_chunk does).  ``progress(done_rows, total_rows)``
     is called after each chunk of rows with missing entries.
     """
     if noise_std is None:
@@ -137,12 +138,18 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     mean_var = np.zeros((N, D))
     if todo.size:
         tab = tab or likelihood.RegionTable(net, part, noise_std, device, memory_budget)
-        for start in range(0, todo.size, row_chunk):
-            idx = todo[start:start + row_chunk]
-            _impute_chunk(net, part, tab, sigma, X64[idx], idx, miss[idx], device, memory_budget,
-                          stderr_target, rng, K, mean, var, cov, xd, zd, bound, mean_var)
+        pairs_per_row, most_seen, start = part.n_regions, 1, 0    # every region, until a chunk shows
+        while start < todo.size:
+            rows = row_chunk or rows_per_chunk(S, pairs_per_row, memory_budget)
+            idx = todo[start:start + rows]
+            most = _impute_chunk(net, part, tab, sigma, X64[idx], idx, miss[idx], device, memory_budget,
+                                 stderr_target, rng, K, mean, var, cov, xd, zd, bound, mean_var)
+            # twice the most a row has had, a margin for rows with more pairs than those seen
+            most_seen = max(most_seen, most)
+            pairs_per_row = min(part.n_regions, 2 * most_seen)
+            start += idx.size
             if progress is not None:
-                progress(min(start + row_chunk, todo.size), todo.size)
+                progress(start, todo.size)
 
     res_mean = _restore(X, mean, miss, out_dtype)
     res_draws = None
@@ -153,6 +160,18 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     sd = None if var is None else np.sqrt(var).astype(out_dtype)
     return ImputeResult(mean=res_mean, std=sd if std else None, cov=cov, draws=res_draws, z_draws=zd,
                         error_bound=bound, n_missing=n_missing, mean_stderr=np.sqrt(mean_var).astype(out_dtype))
+
+
+def rows_per_chunk(S: int, pairs_per_row: int, memory_budget: float, most: int = 512) -> int:
+    """Rows of a chunk whose (row, region) pairs, pairs_per_row a row (at first every region,
+    the worst case posterior's own chunks are sized for), fit a quarter of memory_budget
+    (counted as at least ``likelihood.MIN_CHUNK_BUDGET``, as ``likelihood.posterior`` does):
+    8 (S^2 + S + 3) bytes a pair (S >= 4: 8 (S^2 + S + 1) more for its QMC errors), held
+    about 4 times (posterior's chunks, their join, the sorted copy, the sparse weights; 3.4
+    measured)."""
+    per_pair = 8.0 * (S * S + S + 3 + (S * S + S + 1 if S >= 4 else 0))
+    share = max(memory_budget, likelihood.MIN_CHUNK_BUDGET) / 4
+    return int(max(1, min(most, share // (4 * per_pair * pairs_per_row))))
 
 
 def conditional(net, part, noise_std, X, *, full_cov: bool = True, **kw) -> Conditional:
@@ -170,7 +189,8 @@ def _restore(X, values, miss, dtype):
 
 def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, stderr_target, rng, K,
                   mean, var, cov, xd, zd, bound, mean_var):
-    """Fill the outputs for rows idx (data Xc, all with something missing)."""
+    """Fill the outputs for rows idx (data Xc, all with something missing); returns the most
+    (row, region) pairs a row of them had."""
     n, D = Xc.shape
     post = likelihood.posterior(net, part, sigma, Xc, tab=tab, device=device, memory_budget=memory_budget,
                                 stderr_target=stderr_target)
@@ -182,6 +202,7 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, s
                                                       post.pair_weight_mean_mc_cov[order],
                                                       post.pair_mean_mc_cov[order])
     P = prow.size
+    most_pairs = int(np.bincount(prow, minlength=1).max())
     W = sparse.csr_matrix((r, (prow, np.arange(P))), shape=(n, P))  # rows x pairs, responsibilities
     # region maps (P, D, S) do not fit at once for large partitions: pairs in chunks
     step = int(max(1, memory_budget / 4 // (8.0 * D * ((2 if mc is None else 3) * tab.S + 6))))
@@ -223,7 +244,7 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, s
             keep = miss[:, :, None] & miss[:, None, :]
             cov[idx] = np.where(keep, full, 0.0)
     if K is None:
-        return
+        return most_pairs
     # ---- exact draws: a region by responsibility, z from its truncated Gaussian, noise
     starts = np.searchsorted(prow, np.arange(n))
     ends = np.searchsorted(prow, np.arange(n), side="right")
@@ -254,6 +275,7 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, s
     x = x.reshape(n, K, D).transpose(1, 0, 2)                         # (K, n, D)
     xd[:, idx] = np.where(miss[None], x, xd[:, idx])
     zd[:, idx] = z_slot.reshape(n, K, -1).transpose(1, 0, 2)
+    return most_pairs
 
 
 def mean_stderr_terms(A, dev, weight_var, weight_mean_cov, mean_cov):

@@ -485,3 +485,20 @@ def test_cli_noise_auto_fits_on_train_per_model(files):
     assert ll(sigma) > max(ll(0.99 * sigma), ll(1.01 * sigma))
     assert abs(got["a.h5"] - a.with_noise_std(sigma).log_prob(X_test).mean()) < 1e-9
     assert abs(got["b.h5"] - load(d / "b.h5", noise_std=0.3, device="cpu").log_prob(X_test).mean()) < 1e-10
+
+
+def test_cli_memory_budget_reaches_the_models(files, monkeypatch):
+    """--memory-budget, as score and impute take it, is the budget of every model's
+    posterior (the training rows' too); 0 is refused in one line."""
+    from cpadgn.model import CPAModel
+    seen = []
+    posterior = CPAModel.posterior
+    monkeypatch.setattr(CPAModel, "posterior", lambda self, *a, **k: seen.append(self.memory_budget)
+                        or posterior(self, *a, **k))
+    d = files
+    r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--train", d / "train.csv", "--device", "cpu",
+             "--memory-budget", "3e7", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(seen) >= 4 and set(seen) == {3e7}
+    r = run([d / "a.h5", "--data", d / "test.csv", "--memory-budget", "0"])
+    assert r.exit_code == 2 and "positive number of bytes" in r.output
