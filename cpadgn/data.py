@@ -39,8 +39,10 @@ command's inputs (``check_not_an_input``).  A full disk is reported as one line
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import errno
+import glob
 import io
 import itertools
 import math
@@ -77,6 +79,7 @@ def atomic_path(path):
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     remove_stale_temps(path)
+    _OWN_TEMPS.add((parent, _temp_prefix(path)))     # before the file exists: see _remove_own_temps
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
@@ -92,6 +95,19 @@ def atomic_path(path):
         except OSError:
             pass
         raise
+
+
+_OWN_TEMPS: set = set()      # (directory, prefix) of every temporary this process made
+
+
+@atexit.register
+def _remove_own_temps():
+    """At exit, remove this process's temporaries still there: a Ctrl-C that lands between
+    creating one and the ``try`` that removes it (in mkstemp, or before an ExitStack holds
+    the context) skips that removal."""
+    for parent, prefix in _OWN_TEMPS:
+        for tmp in parent.glob(glob.escape(prefix) + "*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _host() -> str:
