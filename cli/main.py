@@ -1,10 +1,8 @@
 """The ``cpadgn`` command line: thin click commands over the cpadgn library."""
 from __future__ import annotations
 
-import atexit
 import functools
 import json
-import os
 import sys
 import time
 
@@ -34,20 +32,8 @@ Every error is one line on stderr starting with "Error:"."""
 
 
 def fail(message: str, code: int):
-    """Print one line "Error: message" on stderr and exit with ``code``.
-
-    Ctrl-C exits at once (every with/finally block has run: outputs and temporaries are
-    gone): a KeyboardInterrupt raised inside Python code that an extension ran through
-    PyRun_String leaves CPython's "unhandled KeyboardInterrupt" flag set even when it is
-    caught, and ``python -m cli.main`` then killed itself with SIGINT at exit (status
-    -2, not 130: 6 of 24 Ctrl-C's at S = 2, 3); nor is there a wait for worker threads to
-    reach their next stop check."""
+    """Print one line "Error: message" on stderr and exit with ``code``."""
     click.echo("Error: " + " ".join(str(message).split()), err=True)
-    if code == EXIT_INTERRUPTED:
-        atexit._run_exitfuncs()       # what os._exit skips: multiprocessing ends Dask's worker processes
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     sys.exit(code)
 
 

@@ -186,32 +186,6 @@ def test_ctrl_c_stops_score_promptly(tmp_path, s3_model):
     assert seconds <= 2.0 + teardown
 
 
-# Python code run by a C extension through PyRun_String, interrupted: CPython marks the
-# KeyboardInterrupt unhandled although it is caught, and a ``python -m`` process used to
-# end by killing itself with SIGINT (status -2) after printing "Error: interrupted"
-INTERRUPTED_IN_EXTENSION = """
-import ctypes, sys
-import cpadgn.data
-def interrupted(*args, **kwargs):
-    run = ctypes.pythonapi.PyRun_String
-    run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
-    run(b"raise KeyboardInterrupt", 257, {}, {})        # 257: Py_file_input
-cpadgn.data.read_data = interrupted
-from cli.main import main
-main(args=sys.argv[1:], prog_name="cpadgn")
-"""
-
-
-def test_ctrl_c_inside_an_extension_still_exits_130(tmp_path):
-    (tmp_path / "interrupt_in_extension.py").write_text(INTERRUPTED_IN_EXTENSION)
-    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}"}
-    res = subprocess.run([sys.executable, "-m", "interrupt_in_extension", "score",
-                          str(ROOT / "sample_data" / "digits_generator.h5"), str(ROOT / "sample_data" / "digits_test.csv"),
-                          "-o", str(tmp_path / "s.csv")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert (res.returncode, res.stderr, res.stdout) == (130, "Error: interrupted\n", "")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["interrupt_in_extension.py"]
-
-
 def test_stop_flag_reaches_running_and_queued_work():
     """Closing map_in_threads early: the running job sees the flag, queued ones never start."""
     started, stopped = [], threading.Event()
