@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 
 import click
@@ -73,6 +75,30 @@ def is_torch_out_of_memory(e: Exception) -> bool:
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
+_sigint_seen = False
+
+
+def _remember_sigint():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: raised inside a
+    callback of an extension (h5py writing a Dask result) it can be swallowed, and the
+    command ran on; every progress update raises it again (``Progressbar``)."""
+    global _sigint_seen
+    _sigint_seen = False
+
+    def on_sigint(signum, frame):
+        global _sigint_seen
+        _sigint_seen = True
+        raise KeyboardInterrupt
+
+    def unraisable(info):           # such a swallowed Ctrl-C is reported as "Exception ignored"
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            sys.__unraisablehook__(info)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+        sys.unraisablehook = unraisable
+
+
 class Commands(click.Group):
     """click's group with one-line errors outside the commands too: a usage error is one
     line (exit 2), Ctrl-C anywhere is exit 130."""
@@ -80,6 +106,7 @@ class Commands(click.Group):
     def main(self, *args, standalone_mode=True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        _remember_sigint()
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.Abort:                      # click's form of KeyboardInterrupt / EOF
@@ -108,6 +135,8 @@ class Progressbar:
         return self
 
     def __call__(self, done, total=None, message=""):
+        if _sigint_seen:            # a Ctrl-C that code in an extension (h5py) swallowed
+            raise KeyboardInterrupt
         self.bar.update(self.task, completed=done, total=total, note=message)
 
     def __exit__(self, *exc):
