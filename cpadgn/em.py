@@ -166,12 +166,15 @@ class EStep:
         certified lower bound: the true value is at most ``error_bound`` (N,) above;
     pair_row, pair_region (P,), pair_responsibility (P,), pair_mean (P, S) =
         E[z | x, z in w], pair_cov (P, S, S) = Cov[z | x, z in w] (zeros without moments);
-    stderr (N,): Monte Carlo standard error of log_likelihood (S >= 3; 0 otherwise).
+    stderr (N,): Monte Carlo standard error of log_likelihood (S >= 4; 0 otherwise);
+    rounding_error (N,): how far float64 rounding may move log_likelihood
+    (``numerics.rounding_error_estimate``).
     """
 
     log_likelihood: np.ndarray
     error_bound: np.ndarray
     stderr: np.ndarray
+    rounding_error: np.ndarray
     pair_row: np.ndarray
     pair_region: np.ndarray
     pair_responsibility: np.ndarray
@@ -190,7 +193,8 @@ def e_step(net: PiecewiseAffineNet, part, noise_std, X, *, rtol: float = 1e-8, m
     from . import likelihood as lik
     post = lik.posterior(net, part, noise_std, X, tab=tab, device=device, rtol=rtol,
                          memory_budget=memory_budget, moments=moments)
-    return EStep(post.log_likelihood, post.error_bound, post.stderr, post.pair_row, post.pair_region,
+    return EStep(post.log_likelihood, post.error_bound, post.stderr, post.rounding_error, post.pair_row,
+                 post.pair_region,
                  post.pair_responsibility, post.pair_mean, post.pair_cov)
 
 

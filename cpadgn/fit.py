@@ -13,7 +13,8 @@ EM (the algorithm is in ``em``; this module runs it):
                  then fall back to the output layer and noise alone, a true EM step
                  (the partition does not move), which cannot lower it
     until the relative change of the mean training log-likelihood is below ``tol``,
-    no step raises it, or ``max_iter`` iterations.
+    no step raises it, no step's log-likelihood is reliable under rounding (the noise
+    shrank towards a var_floor near 0), or ``max_iter`` iterations.
 
 So the exact training log-likelihood never decreases.  Training rows may have missing
 entries (NaN): the E-step is then the exact posterior given the observed entries, the
@@ -37,7 +38,7 @@ import numpy as np
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import MAX_MAGNITUDE, NOISE_RANGE, check_magnitude, check_spread
+from .numerics import MAX_MAGNITUDE, NOISE_RANGE, ROUNDING_WARN_NATS, check_magnitude, check_spread
 
 ACTIVATIONS = "leaky_relu:A (0 <= A <= 1e100, A != 1), relu, abs"
 
@@ -162,6 +163,7 @@ class FitResult:
     net: the generator (prior N(0, I)); noise_std: () for isotropic or (D,);
     history: {name: (T,) array}, entry 0 the initialisation (EM) or per epoch (VAE);
     method: "em" or "vae"; stop_reason: "tol", "max_iter", "no_improvement",
+    "rounding" (every further step was unreliable by rounding, see ``fit_em``),
     "callback" or "epochs"; train_loglik / val_loglik: final exact mean log-likelihood
     per row (val None without validation rows); encoder: the VAE's encoder arrays.
     """
@@ -351,6 +353,10 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
         then at eta = 1, 1/2, ... (``max_halvings`` halvings);
       * then the output layer and noise alone (the partition does not move: a true EM
         step that cannot lower the likelihood).
+    A candidate on which float64 rounding may move some row's log-likelihood by more than
+    ``numerics.ROUNDING_WARN_NATS`` (``rounding_error_estimate``; as the noise shrinks
+    towards a var_floor near 0) is rejected too: its value, and so the comparison, is
+    unreliable.  When that leaves no step, EM stops with stop_reason "rounding".
 
     callback(row: dict) after every iteration (progress); returning True stops.
     Returns a FitResult.
@@ -413,14 +419,25 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
         return em.e_step(net_, part_, _noise_out(var_, noise), rows, rtol=rtol, moments=moments,
                          device=device)
 
+    unreliable = [False]             # a candidate of this iteration was rejected for rounding
+
+    def reliable(post_):
+        """Whether rounding leaves every row's log-likelihood within ROUNDING_WARN_NATS: as
+        the noise shrinks (var_floor near 0) it can swamp the value, and the comparison."""
+        if post_.rounding_error.max(initial=0.0) <= ROUNDING_WARN_NATS:
+            return True
+        unreliable[0] = True
+        return False
+
     def candidate(net_, var_):
-        """(partition, E-step, mean log-likelihood) of a candidate, None if over max_regions."""
+        """(partition, E-step, mean log-likelihood) of a candidate, None if over max_regions
+        or if rounding makes its log-likelihood unreliable."""
         try:
             part_ = _partition(net_, max_regions)
         except CpadgnError:
             return None
         post_ = score(net_, part_, var_, X, True)
-        return part_, post_, float(post_.log_likelihood.mean())
+        return (part_, post_, float(post_.log_likelihood.mean())) if reliable(post_) else None
 
     if part is None:
         part = _partition(net, max_regions)
@@ -451,7 +468,7 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
             new_net, new_var, info = em.m_step(net, patterns, stats, var, noise=noise, sweeps=sweeps,
                                                damping=lam, dense_max=dense_max, var_floor=var_floor)
             etas = ([eta_or] if overrelax and eta_or > 1 else []) + [0.5 ** h for h in range(max_halvings + 1)]
-            accepted, trials = None, 0
+            accepted, trials, unreliable[0] = None, 0, False
             for eta in etas:
                 cand, cvar = (new_net, new_var) if eta == 1 else em.interpolate(net, new_net, var, new_var, eta)
                 cvar = np.maximum(cvar, var_floor)
@@ -468,10 +485,10 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
                 cpart = replace(part, fingerprint=cand.fingerprint())
                 cpost = score(cand, cpart, cvar, X, True)
                 cll = float(cpost.log_likelihood.mean())
-                if cll >= ll:
+                if cll >= ll and reliable(cpost):
                     accepted = (cand, cvar, cpart, cpost, cll, 0.0, True, oinfo.q_after - oinfo.q_before)
             if accepted is None:
-                stop = "no_improvement"
+                stop = "rounding" if unreliable[0] else "no_improvement"
                 break
             net, var, part, post, new_ll, step, fallback, gain = accepted
             # step control for the next iteration

@@ -99,7 +99,7 @@ class RegionTable:
     U (D, H), b0 (D,): the output layer (U = I_D when that is cheaper);
     G (R, F, S), h (R, F), mask (R, F): the facets {z : G z <= h};
     degenerate (R,) or None: regions flagged near-degenerate by the partition.
-    For complete rows, with Q = U^T P U, Lambda_w = I + M^T Q M = L L^T and C = L^-T
+    For complete rows, with Q = U^T P U = Q_factor^T Q_factor, Lambda_w = I + M^T Q M = L L^T and C = L^-T
     (so Sigma_w = C C^T): chol_lambda L (R, S, S), C (R, S, S), ``stacked`` (H + 2, (1 + S) R)
     the per-region coefficients of log kappa and v (see ``_log_kappa_complete``); and
     the facets in the whitened frame u = C^-1 (z - mu):
@@ -144,10 +144,14 @@ class RegionTable:
         self.degenerate = np.asarray(degenerate, bool) if degenerate is not None and np.any(degenerate) else None
         self.var = t(np.broadcast_to(np.asarray(noise_std, dtype=np.float64) ** 2, (D,)))
         self.U, self.b0 = t(W), t(b0)
-        self.Q = self.U.T @ (self.U / self.var[:, None])
         # a sparse output layer (a convolution's): M'QM = (UM)'P(UM) through sparse U is far cheaper
         sparse = device.type == "cpu" and int((self.U != 0).sum()) < 0.25 * self.U.numel()
         self.U_sparse = self.U.to_sparse() if sparse else None
+        # else Q = U^T P U = F^T F (F = Q_factor (H, H)): M^T Q M is formed as the Gram matrix
+        # of F M, whose rounding is eps |F M|, not eps |M|^T |Q| |M|: where the output layer
+        # cancels (U M ~ 0) at a small noise std the latter exceeded 1, and the Cholesky
+        # factor of I + M^T Q M failed (or lost its identity)
+        self.Q_factor = None if sparse else torch.linalg.qr(self.U / self.var.sqrt()[:, None], mode="r").R
         self.kappa_const0 = D * LOG_2PI + torch.log(self.var).sum()
         self.M = self.c = self.stacked = self._prefix = None
         if self.streamed and not self.data_space and net.hidden_sizes:
@@ -207,9 +211,9 @@ class RegionTable:
             gram = UMc @ (UMc / self.var).transpose(1, 2)                          # [M c]' Q [M c]
             MtQM, MtQc, cQc = gram[:, :S, :S], gram[:, :S, S:], gram[:, S, S]
         else:
-            MtQ = M.transpose(1, 2) @ self.Q                           # (B, S, H)
-            MtQM, MtQc = MtQ @ M, MtQ @ c[:, :, None]
-            cQc = torch.einsum("rh,hk,rk->r", c, self.Q, c)
+            FM, Fc = self.Q_factor @ M, c @ self.Q_factor.T                        # (B, H, S), (B, H)
+            MtQM, MtQc = FM.transpose(1, 2) @ FM, FM.transpose(1, 2) @ Fc[:, :, None]
+            cQc = (Fc * Fc).sum(1)
         Lam = torch.eye(S, dtype=torch.float64, device=self.device) + MtQM
         if not bool(torch.isfinite(Lam).all()):
             raise CpadgnError("the generator's slopes over the noise std overflow float64 (M^T M / sigma^2 "

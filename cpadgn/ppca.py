@@ -45,6 +45,10 @@ def ppca_parameters(X, K: int):
     if total == 0:
         raise CpadgnError("every column of the training data is constant; there is nothing to fit: "
                           "pass rows that vary")
+    if not s2 > 1e-12 * total and N <= K + 1:
+        raise CpadgnError(f"{N} rows span at most {N - 1} direction(s) around their mean, no more than the "
+                          f"latent dimension {K}, so the PPCA noise variance is 0; pass at least {K + 2} rows "
+                          "or use a smaller latent dimension")
     if not s2 > 1e-12 * total:
         smaller = "use a smaller latent dimension (--latent-dim, or K in --baseline ppca:K), " if K > 1 else ""
         raise CpadgnError(f"the training data varies in at most {K} direction(s) to float64 precision "

@@ -112,3 +112,23 @@ def test_missing_entries_beyond_float64_are_refused_in_one_line(tmp_path):
     errors = [l for l in res.stderr.splitlines() if l.startswith("Error:")]
     assert len(errors) == 1 and "--noise-std" in errors[0] and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_an_output_layer_that_cancels_at_a_small_noise_std_scores_exactly():
+    # Two units with the same breakpoint and output columns a w and -w: g(z) = 0 for every z,
+    # so p(x) = N(x; 0, sigma^2 I) exactly.  With Q = U'PU formed explicitly, M'QM (exactly
+    # 0) came out as -60 at sigma = 1e-7 (rounding eps |M|'|Q||M| ~ 1e1): the Cholesky factor
+    # of I + M'QM failed (an internal error, 46 of 200 values of a) or lost its identity
+    # (log p silently 92 nats off at a = 2.66)
+    from cpadgn.model import CPAModel
+    w, sigma = np.array([1.0, 2.0, 3.0]), 1e-7
+    X = sigma * np.random.default_rng(0).standard_normal((4, 3))
+    exact = multivariate_normal(np.zeros(3), sigma ** 2 * np.eye(3)).logpdf(X)
+    for a in np.random.default_rng(1).uniform(0.2, 5.0, 20):
+        net = PiecewiseAffineNet.from_arrays([np.array([[1.0], [a]]), np.column_stack([w * a, -w])],
+                                             [np.array([10.0, 10.0 * a]), np.zeros(3)], [0.1])
+        lp = CPAModel(net, noise_std=sigma, device="cpu").log_prob(X)
+        # what remains is the rounding of the terms of log kappa that cancel, the largest
+        # c . U'P(x - b) with c = 10 (1, a) the hidden output at z = 0 (|U M|, |U c| ~ eps)
+        cancel = 10 * (1 + a) * (np.abs(X) @ np.abs(w)) * (1 + a) / sigma ** 2
+        assert np.all(np.abs(lp - exact) <= 16 * np.finfo(float).eps * cancel + 1e-12), (a, lp - exact)
