@@ -250,6 +250,19 @@ def audit_edges():
     allok &= report("a far worse model", np.isfinite([pr.mean_difference, pr.se, pr.vuong_z]).all()
                     and abs(pr.vuong_z / want - 1) < 1e-9,
                     f"mean d {pr.mean_difference:.3g} nats, z {pr.vuong_z:.1f}, p {pr.p_value:.2g}")
+    # scale invariance: data and both models times c leave every per-row difference unchanged
+    nA, nB = random_net(2, (6,), D, seed=5), random_net(2, (6,), D, seed=6)
+    times = lambda n, c: PiecewiseAffineNet.from_arrays(list(n.weights[:-1]) + [c * n.weights[-1]],
+                                                        list(n.biases[:-1]) + [c * n.biases[-1]], n.slopes)
+    Xs = CPAModel(nA, noise_std=0.3, device="cpu").sample(300, seed=1)
+    got = []
+    for c in (1.0, 1e6, 1e-6, 1e100):
+        pr = cpadgn.compare({"A": CPAModel(times(nA, c), noise_std=0.3 * c, device="cpu"),
+                             "B": CPAModel(times(nB, c), noise_std=0.3 * c, device="cpu")}, c * Xs).pair("A", "B")
+        sgn = 1.0 if pr.model_a == "A" else -1.0
+        got.append([sgn * pr.mean_difference, pr.se, sgn * pr.vuong_z])
+    rel = np.abs(np.array(got) / got[0] - 1).max()
+    allok &= report("data and models x 1e6, 1e-6, 1e100", rel < 1e-12, f"mean d, SE, z unchanged to {rel:.1e}")
     return allok
 
 
