@@ -76,14 +76,14 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         global _in_command
-        # A KeyboardInterrupt inside torch's import aborts the process (SIGABRT: pybind11
-        # cannot pass it through C++ code) and one inside numpy's leaves it half-imported;
-        # every command needs both, so they are imported while Ctrl-C still ends the
-        # process at once (``_on_sigint``)
-        import numpy  # noqa: F401
-        import torch  # noqa: F401
-        _in_command = True
         try:
+            # A KeyboardInterrupt inside torch's import aborts the process (SIGABRT:
+            # pybind11 cannot pass it through C++ code) and one inside numpy's leaves it
+            # half-imported; every command needs both, so they are imported while Ctrl-C
+            # still ends the process at once (``_on_sigint``)
+            import numpy  # noqa: F401
+            import torch  # noqa: F401
+            _in_command = True
             return fn(*args, **kwargs)
         except CpadgnError as e:
             fail(str(e), EXIT_USER_ERROR)
