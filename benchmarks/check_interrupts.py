@@ -80,6 +80,8 @@ def interrupt(src: Path, name: str, argv: list, files: list, cached: bool, wait:
         and seconds <= 2.0
     print(f"{name:14s} wait {wait}: exit {proc.returncode}, {seconds:.2f} s, stderr {err.splitlines()[-2:]!r}, "
           f"files changed {changed}  {'PASS' if ok else 'FAIL'}", flush=True)
+    if not ok and len(err.splitlines()) > 2:      # the whole of a longer stderr (a traceback, a fatal error)
+        print("".join(f"    | {line}\n" for line in err.splitlines()), end="", flush=True)
     return ok
 
 

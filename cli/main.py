@@ -3,25 +3,56 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import threading
 import time
 
-import click
-from cli.lazy import np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
+_sigint_seen = False     # a Ctrl-C came (``_on_sigint``)
+_in_command = False      # a command's own code runs (``user_errors``)
 
-from cpadgn.errors import CpadgnError
+
+def _on_sigint(signum, frame):
+    """Ctrl-C.  Before a command's own code runs (Python importing the libraries, click
+    parsing the options, ``user_errors`` importing torch) nothing is written and no
+    worker started: exit at once with "Error: interrupted" (a KeyboardInterrupt there
+    prints a traceback, click's blank line, or inside torch's import an abort).  Within a
+    command, raise KeyboardInterrupt, so that the command removes its temporaries and
+    stops its workers (``user_errors`` reports it).  It is also remembered: raised inside
+    a callback of an extension (h5py writing a Dask result) it can be swallowed, and the
+    command ran on; every progress update raises it again (``Progressbar``)."""
+    global _sigint_seen
+    _sigint_seen = True
+    if not _in_command:
+        os.write(2, b"Error: interrupted\n")
+        os._exit(EXIT_INTERRUPTED)
+    raise KeyboardInterrupt
+
+
+def _install_sigint_handler():
+    """``_on_sigint`` for SIGINT (the main thread only can); returns the previous handler."""
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGINT, _on_sigint)
+    return None
+
+
+_sigint_before_import = _install_sigint_handler()   # restored at the end of this module
+
+import click  # noqa: E402
+from cli.lazy import np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from cpadgn.errors import CpadgnError  # noqa: E402
 
 console = Console(stderr=True)
 
 
 EXIT_USER_ERROR = 1      # bad input, an output that cannot be written
 EXIT_INTERNAL = 70       # a bug (EX_SOFTWARE)
-EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -44,7 +75,15 @@ def user_errors(fn):
     traceback): CpadgnError 1, Ctrl-C 130, a bug 70 (--debug shows its traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _in_command
         try:
+            # A KeyboardInterrupt inside torch's import aborts the process (SIGABRT:
+            # pybind11 cannot pass it through C++ code) and one inside numpy's leaves it
+            # half-imported; every command needs both, so they are imported while Ctrl-C
+            # still ends the process at once (``_on_sigint``)
+            import numpy  # noqa: F401
+            import torch  # noqa: F401
+            _in_command = True
             return fn(*args, **kwargs)
         except CpadgnError as e:
             fail(str(e), EXIT_USER_ERROR)
@@ -75,28 +114,27 @@ def is_torch_out_of_memory(e: Exception) -> bool:
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
-_sigint_seen = False
-
-
 def _remember_sigint():
-    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: raised inside a
-    callback of an extension (h5py writing a Dask result) it can be swallowed, and the
-    command ran on; every progress update raises it again (``Progressbar``)."""
-    global _sigint_seen
-    _sigint_seen = False
-
-    def on_sigint(signum, frame):
-        global _sigint_seen
-        _sigint_seen = True
-        raise KeyboardInterrupt
+    """Ctrl-C goes to ``_on_sigint``, from the command line's start; a KeyboardInterrupt
+    swallowed by an extension is not reported as "Exception ignored"."""
+    global _sigint_seen, _in_command
+    _sigint_seen = _in_command = False
 
     def unraisable(info):           # such a swallowed Ctrl-C is reported as "Exception ignored"
         if not isinstance(info.exc_value, KeyboardInterrupt):
             sys.__unraisablehook__(info)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_sigint)
+    if _install_sigint_handler() is not None:
         sys.unraisablehook = unraisable
+
+
+def _forget_caught_interrupt():
+    """CPython (3.11 and later) marks a KeyboardInterrupt that leaves code run by exec or
+    eval of a string as unhandled, even when it is caught further up (a Ctrl-C during an
+    import that generates code: numpy.f2py's, a dataclass's); under ``python -m`` the
+    interpreter then ends by killing itself with SIGINT instead of the exit code
+    (exit -2 after "Error: interrupted").  Each exec of a string clears that mark."""
+    exec("", {})
 
 
 class Commands(click.Group):
@@ -117,6 +155,8 @@ class Commands(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
+        finally:
+            _forget_caught_interrupt()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -281,7 +321,6 @@ def check_cache_path(model_path, cache) -> None:
     A ``--cache`` that does not exist yet (or a symbolic link to no file) must be
     writable: it will be.  The default path beside the model may be read-only: the
     command then runs without a cache."""
-    import os
     from pathlib import Path
     from cpadgn.cache import NotACacheError, cache_path_for, read_identity
     from cpadgn.data import check_directory_writable
@@ -823,6 +862,9 @@ from cli import compare as _compare  # noqa: E402,F401
 from cli import fit as _fit  # noqa: E402,F401
 from cli import impute as _impute  # noqa: E402,F401
 from cli import plot as _plot  # noqa: E402,F401
+
+if _sigint_before_import is not None:   # importing cli.main leaves SIGINT as it was
+    signal.signal(signal.SIGINT, _sigint_before_import)
 
 if __name__ == "__main__":
     # ``python -m cli.main``: run the group of the imported module ``cli.main``, on which

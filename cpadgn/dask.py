@@ -4,7 +4,8 @@ Rows are independent: log p(x_n), E[z | x_n] and E[x_m | x_o] of one row need on
 that row and the partition.  So the rows are cut into chunks (a dask.array with one
 block per chunk, all columns in one block), the model with its partition is computed
 or loaded once on the client and sent to every worker once (``client.scatter(...,
-broadcast=True)``: the tasks carry a reference to it, never a copy), and each task
+broadcast=True)``: the tasks carry a reference to it, never a copy; ``local_cluster``
+says why without the Active Memory Manager), and each task
 scores one chunk with the model's ``memory_budget`` (``likelihood.posterior`` batches
 the chunk within it).  Every worker builds the per-region table once, on its first
 task, and keeps it.
@@ -75,11 +76,7 @@ def open_client(address: str, *, log=None):
     quiet_logs()
     with contextlib.ExitStack() as stack:
         if address.startswith(LOCAL_PREFIX):
-            n = _local_workers(address)
-            with _workers_ignore_ctrl_c():
-                cluster = stack.enter_context(distributed.LocalCluster(
-                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=":0", silence_logs=logging.CRITICAL))
+            cluster = stack.enter_context(local_cluster(_local_workers(address)))
             client = stack.enter_context(distributed.Client(cluster))
         else:
             try:
@@ -107,6 +104,19 @@ def check_address(address: str) -> str:
     elif not address.strip():
         raise CpadgnError("--dask needs a scheduler address (tcp://host:8786) or local:N")
     return address
+
+
+def local_cluster(n: int, dashboard_address: str | None = ":0"):
+    """``local:N``'s LocalCluster: n worker processes, one thread each, on the loopback
+    interface, that ignore Ctrl-C, and no Active Memory Manager on the scheduler: its
+    ReduceReplicas policy drops the copies that ``ship`` broadcast whenever no task waits
+    for them (between the scatter and the tasks, between two computations), and a worker
+    that runs a task later receives and unpickles the model again (dask/dask#11148)."""
+    import dask
+    distributed = _distributed()
+    with _workers_ignore_ctrl_c(), dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+        return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                        dashboard_address=dashboard_address, silence_logs=logging.CRITICAL)
 
 
 @contextlib.contextmanager

@@ -233,6 +233,74 @@ def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work):
     assert snapshot(work) == before
 
 
+
+# Ctrl-C at moments that a timed SIGINT seldom hits (benchmarks/check_interrupts.py met each
+# one in a loaded run): the injected code sends the SIGINT from inside the program there.
+SIGINT_WHILE = {
+    # cli.main importing its libraries (was: a traceback)
+    "importing the CLI": """
+import builtins, os, signal
+real_import = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == "rich.console":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = importing
+""",
+    # click parsing the options (was: click's blank line before "Error: interrupted")
+    "parsing the options": """
+import os, signal, click
+parse = click.Command.parse_args
+def parsing(self, ctx, args):
+    os.kill(os.getpid(), signal.SIGINT)
+    return parse(self, ctx, args)
+click.Command.parse_args = parsing
+""",
+    # code run by eval of a string, as numpy.f2py's import runs (was: exit -2, CPython
+    # killing itself with SIGINT at exit after "Error: interrupted")
+    "inside eval": """
+import os, signal
+import cpadgn.data
+def read_data(*args, **kwargs):
+    eval("os.kill(os.getpid(), signal.SIGINT)")
+cpadgn.data.read_data = read_data
+""",
+}
+# importing torch, which the command does first: this stand-in for torch does what torch
+# did with 1 of ~40 SIGINTs landing in its import (pybind11's C++ meets the
+# KeyboardInterrupt and calls std::terminate: exit -6, SIGABRT)
+FAKE_TORCH = """
+import os, signal, time
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+except KeyboardInterrupt:
+    os.abort()
+"""
+
+
+@pytest.mark.parametrize("moment", [*SIGINT_WHILE, "importing torch"])
+def test_sigint_at_any_moment_exits_130_with_one_line(work, tmp_path, moment):
+    """Run as ``python -m`` like the command line (CPython's exit after a caught
+    KeyboardInterrupt differs under -c)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    if moment == "importing torch":
+        (code / "torch.py").write_text(FAKE_TORCH)
+        program = ""
+    else:
+        program = SIGINT_WHILE[moment]
+    (code / "run_cli.py").write_text(program + "\nimport sys\nfrom cli.main import main\n"
+                                     "main(args=sys.argv[1:], prog_name='cpadgn')\n")
+    before = snapshot(work)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-m", "run_cli", "score", W, WD, "-o", "s.csv"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert res.stderr.splitlines() == ["Error: interrupted"] and res.stdout == "", res.stderr
+    assert snapshot(work) == before
+
+
 INTERNAL_ERROR = """
 import sys
 import cpadgn.data
