@@ -16,7 +16,7 @@ checked against torch itself:
 
 Prints one line per failure and a summary with counts per layer kind / option.
 
-    python benchmarks/fuzz_loader.py [--seed 0] [--count 100] [--only N ...] [--verbose]
+    python benchmarks/fuzz_loader.py [--seed 0] [--count 100] [--minutes M] [--only N ...] [--verbose]
 """
 from __future__ import annotations
 
@@ -701,6 +701,7 @@ def main(argv=None):
     ap.add_argument("--s3-fraction", type=float, default=0.15)
     ap.add_argument("--bad-fraction", type=float, default=0.2, help="share of decoders given a bad layer")
     ap.add_argument("--graph-fraction", type=float, default=0.25, help="share of custom (export) decoders")
+    ap.add_argument("--minutes", type=float, default=None, help="stop drawing after this long")
     ap.add_argument("--only", type=int, nargs="*", help="run only these decoder numbers (to reproduce one)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -708,7 +709,11 @@ def main(argv=None):
     stats["units"], stats["regions"], stats["mass_error_max"] = [], [], 0.0
     tag_counts, failures = collections.Counter(), []
     t0 = time.time()
+    done = 0
     for i in args.only or range(args.count):
+        if args.minutes is not None and time.time() - t0 > 60 * args.minutes:
+            break
+        done += 1
         rng = np.random.default_rng([args.seed, i])
         torch.manual_seed(int(rng.integers(1 << 31)))
         S = 3 if rng.random() < args.s3_fraction else 2
@@ -762,7 +767,7 @@ def main(argv=None):
                 print(f"    {f}", flush=True)
         elif args.verbose:
             print(f"[{i}] ok S={S} {' '.join(tags)}", flush=True)
-    print(f"\n{len(args.only) if args.only else args.count} decoders (seed {args.seed}) in {time.time() - t0:.0f} s; "
+    print(f"\n{done} decoders (seed {args.seed}) in {time.time() - t0:.0f} s; "
           f"{len(failures)} with findings")
     units, regions = stats.pop("units"), stats.pop("regions")
     if units:
