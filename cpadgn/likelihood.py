@@ -737,6 +737,15 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
     elif complete and tab.polyhedra is not None:
         fp = _facet_polygons(tab)
         res = _in_threads(lambda r, w: translated_polyhedron_moments(fp, r, w, moments), regions, v)
+        # A zero-width region (two facets on one plane, e.g. relu(c relu(u)) after relu(u))
+        # has facet polygons that rounding makes anything; the translated formula gave such
+        # regions half of the Gaussian.  The few flagged regions go through the direct routine.
+        thin = np.flatnonzero(tab.degenerate[regions]) if tab.degenerate is not None else regions[:0]
+        if thin.size:
+            A, b = _whitened_regions(tab, v[thin], C[thin], regions[thin])
+            direct = polytope_moments(A, b, tab.mask[regions[thin]], moments=moments, memory_budget=memory_budget)
+            for name in ("log_mass", "mean", "cov", "stderr"):
+                getattr(res, name)[thin] = getattr(direct, name)
     else:
         A, b = _whitened_regions(tab, v, C, regions)
         known = np.full(v.shape, np.nan) if mode is None else mode

@@ -434,8 +434,17 @@ class _Builder:
         if out.shape[0] != n + 2 or tuple(out.shape[1:]) != tuple(probe.shape[1:]):
             self.fail("mixes the samples of a batch, which a generator of z must not do")
         out = out.reshape(n + 2, -1).double().numpy()
-        return _Data(np.ascontiguousarray((out[2:] - out[0]).T), out[1].copy(),
-                     tuple(probe.shape[1:]))
+        W, b = np.ascontiguousarray((out[2:] - out[0]).T), out[1].copy()
+        # An op that permutes the batch (flip or roll along it) keeps its shape: three random
+        # states, each in its own place, must give what the dense map does (else O(1) apart).
+        h = np.random.default_rng(0).standard_normal((3, n))
+        with torch.no_grad():
+            got = fn([torch.from_numpy(h @ x.W.T + x.b).reshape(3, *x.shape) for x in inputs])
+        got = got.reshape(3, -1).double().numpy() if got.shape[0] == 3 else None
+        scale = np.abs(h) @ np.abs(W).T + np.abs(b)
+        if got is None or np.any(np.abs(got - (h @ W.T + b)) > 1e-6 * (scale + scale.max())):
+            self.fail("mixes the samples of a batch, which a generator of z must not do")
+        return _Data(W, b, tuple(probe.shape[1:]))
 
     def finish(self, out: _Data) -> PiecewiseAffineNet:
         if not out.identity or not self.ops:
@@ -452,9 +461,13 @@ def _channel(v: np.ndarray, shape) -> np.ndarray:
     return np.repeat(v, int(np.prod(shape[1:]))) if len(shape) > 1 else v
 
 
-def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode) -> tuple:
+def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode, fail: Callable) -> tuple:
     """Flat input indices of every max-pooling window: (m, F_out) int64, and the output
-    shape.  Padding positions (never the maximum) repeat a real element of the window."""
+    shape.  Padding positions (never the maximum) repeat a real element of the window;
+    fail(message) refuses a window of padding only."""
+    if len(shape) == 1:   # MaxPool1d on (N, L): torch pools each sample as one channel
+        windows, out_shape = _max_windows((1, *shape), kernel, stride, padding, dilation, ceil_mode, fail)
+        return windows, out_shape[1:]
     torch = _torch()
     F = torch.nn.functional
     d = len(shape) - 1                                # pooled dims: 1 or 2
@@ -476,6 +489,9 @@ def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode) -> tuple:
     m = k[0] * k[1]
     win = win.reshape(shape[0], m, -1).permute(1, 0, 2).reshape(m, -1).long().numpy() - 1
     first = win.max(axis=0)                                       # some real element
+    if np.any(first < 0):
+        fail("has a max-pooling window that holds only padding (torch gives -inf there); "
+             "reduce its padding or dilation")
     return np.where(win < 0, first, win), out_shape
 
 
@@ -587,7 +603,7 @@ def _reshape(b: _Builder, m, d: _Data, where):
     if not shape or shape[0] != 2 or int(np.prod(shape[1:])) != d.width:
         b.fail(f"reshapes the activations from {(2, *d.shape)} to {shape} on a batch of 2, mixing "
                "the batch axis with the features; a generator must keep the batch as the first axis")
-    return _Data(d.W, d.b, shape[1:])
+    return _Data(d.W, d.b, shape[1:], identity=d.identity)
 
 
 def _dense_layer(b: _Builder, m, d: _Data, where):
@@ -597,7 +613,7 @@ def _dense_layer(b: _Builder, m, d: _Data, where):
 
 def _maxpool_layer(b: _Builder, m, d: _Data, where):
     windows, out_shape = _max_windows(d.shape, m.kernel_size, m.stride, m.padding, m.dilation,
-                                      bool(m.ceil_mode))
+                                      bool(m.ceil_mode), b.fail)
     act = lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep)
     return _max_pool(act, d, windows, out_shape)
 
@@ -942,7 +958,7 @@ def _h_reshape(it, x, *args, **kw):
                 "axis with the features; a generator must keep the batch as the first axis")
     if int(np.prod(dst[1:])) != d.width:
         it.fail(f"reshapes {d.width} features to {tuple(dst)}")
-    return _Data(d.W, d.b, dst[1:])
+    return _Data(d.W, d.b, dst[1:], identity=d.identity)
 
 
 def _h_linear(it, x, weight, bias=None):
@@ -1220,7 +1236,7 @@ def _h_dense(it, *args, **kwargs):
 
 def _h_max_pool(it, x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False):
     d = it.data(x)
-    windows, out_shape = _max_windows(d.shape, kernel, stride, padding, dilation, bool(ceil_mode))
+    windows, out_shape = _max_windows(d.shape, kernel, stride, padding, dilation, bool(ceil_mode), it.fail)
     return _max_pool(lambda pre, keep: it.activate(pre, 0.0, "relu", keep), d, windows, out_shape)
 
 

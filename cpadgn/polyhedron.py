@@ -923,6 +923,12 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     if moments:
         mean, cov = _translated_moments(fpair, ef, a, b, fp.nonempty[gf], normal, c,
                                         _log_segment_masses(t_lo, t_hi, first, second), outside_edge, log_mass, log_G)
+    # P lies in each facet's half-space, so its mass is at most min_k Phi(b_k): a pair above
+    # that bound (a bounded region far out whose signed terms went wrong, seen at 0.86 for a
+    # true mass of e^-17) goes through polyhedron_moments itself.
+    bound = np.full(P, np.inf)
+    np.minimum.at(bound, fpair, log_ndtr(b))
+    fallback |= log_mass > bound + 1e-9 * np.abs(bound) + 1e-12
     cancelled = ~fallback & _cancelled(fp.bounded[regions], log_mass, log_pos)
     if cancelled.any():
         direct_pairs = np.flatnonzero(cancelled)

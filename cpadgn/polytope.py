@@ -230,6 +230,14 @@ def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMomen
     B = a.shape[0]
     sel = np.flatnonzero(mask.any(-1))
     res = _polygon_segments(a[sel], c[sel], t_lo[sel], t_hi[sel], live[sel], mask[sel], moments) if sel.size else None
+    # A facet through the origin (a region whose posterior mean is its vertex, e.g. a zero
+    # map on a cone of bias-free ReLUs): the segments given are those of the facet at 0,
+    # which "c = 0 counts as +" gets wrong; find them again with it moved just inside.
+    origin = np.flatnonzero((mask[sel] & (np.abs(c[sel]) < 1e-150)).any(-1)) if sel.size else sel
+    if origin.size:
+        redo = _polygon(a[sel[origin]], c[sel[origin]], mask[sel[origin]], moments)
+        for name in ("log_mass", "mean", "cov", "stderr"):
+            getattr(res, name)[origin] = getattr(redo, name)
     return _assemble(B, 2, sel, res)
 
 

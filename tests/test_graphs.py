@@ -299,3 +299,63 @@ def test_pickled_custom_class_that_cannot_be_imported(tmp_path):
     with pytest.raises(CpadgnError, match="custom class that cannot be imported here.*importable.*"
                                           "torch.export.save"):
         load_generator(tmp_path / "gone.pt", trust_pickle=True)
+
+
+def test_bias_free_relu_cone_whose_vertex_is_the_posterior_mean():
+    """Bias-free ReLUs cut the plane into cones from the origin; where all are off g is
+    constant, so that region's posterior is the prior, centred on the cone's vertex.  The
+    S = 2 polygon integral took its facets through the origin as passing beside it and
+    gave that cone twice its mass (log p off by up to 0.4 nats)."""
+    torch.manual_seed(3)
+    module = nn.Sequential(nn.Linear(2, 3, bias=False), nn.ReLU(), nn.Linear(3, 4)).double().eval()
+    model = cpadgn.load(module, noise_std=0.5)
+    rng = np.random.default_rng(0)
+    X = torch_forward(module, np.array([[0.0, 0.0], [1.0, -1.0]])) + 0.5 * rng.normal(size=(2, 4))
+    for n, (x, lp) in enumerate(zip(X, model.log_prob(X))):     # 0.19 and 0.17 nats off before
+        want, se = loglik_defensive_is(module, x, 0.5, n=100_000, seed=n)
+        assert abs(lp - want) < 4 * se + 1e-9, (lp, want, se)
+
+
+def test_activations_around_a_reshape_are_one_layer_and_flat_max_pooling_loads():
+    """PReLU, Unflatten, ReLU: the reshape kept the features but lost their being the
+    hidden layer itself, so the ReLU became a second layer whose hyperplanes coincide
+    with the first's (zero-width regions, twice the units).  MaxPool1d on (N, F)
+    features (torch pools each sample as one channel) crashed with torch's error."""
+    torch.manual_seed(2)
+    stacked = nn.Sequential(nn.Linear(2, 6), nn.PReLU(), nn.Unflatten(1, (2, 3)), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(6, 2))
+    pooled = nn.Sequential(nn.Linear(2, 7), nn.ReLU(), nn.MaxPool1d(3, 2, 1, ceil_mode=True), nn.Linear(4, 2))
+    z = np.random.default_rng(3).normal(size=(400, 2)) * 3
+    for module, hidden in ((stacked, (6,)), (pooled, (7, 10, 8))):
+        module = module.double().eval()
+        ep = torch.export.export(module, (torch.zeros(2, 2, dtype=torch.float64),))
+        for source in (module, torch.jit.script(module), ep):
+            net = load_generator(source).net
+            assert net.hidden_sizes == hidden, (type(source), net.hidden_sizes)
+            assert_matches_torch(net, module, z)
+
+
+class _BatchOp(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(2, 4), nn.Linear(4, 3), how
+
+    def forward(self, z):
+        h = torch.relu(self.a(z))
+        return self.b(h.flip(0) if self.how == "flip" else h.roll(1, 0))
+
+
+def test_batch_permutations_and_padding_only_pooling_windows_are_refused():
+    """flip / roll along the batch keep the batch's shape, so the shape check passed
+    them and the loaded net silently differed from torch's; a max-pooling window of
+    padding only is -inf in torch and was filled with a real element."""
+    for how in ("flip", "roll"):
+        with pytest.raises(CpadgnError, match=rf"node '{how}': mixes the samples of a batch"):
+            load_generator(_BatchOp(how))
+    module = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Unflatten(1, (3, 1)), nn.MaxPool1d(2, 2, 1, 2),
+                           nn.Flatten(), nn.Linear(3, 2))
+    assert not torch.isfinite(module(torch.zeros(1, 2))).all()
+    ep = torch.export.export(module.eval(), (torch.zeros(2, 2),))
+    for source in (module, ep):
+        with pytest.raises(CpadgnError, match="max-pooling window that holds only padding"):
+            load_generator(source)

@@ -705,3 +705,23 @@ def test_linear_generator_at_s4_matches_the_gaussian_closed_form():
     res = model.imputation(X, std=True)
     want = b[:3] + cov_x[:3, 3:] @ np.linalg.solve(cov_x[3:, 3:], X[0, 3:] - b[3:])
     assert np.allclose(res.mean[0, :3], want, rtol=0, atol=tol) and not res.mean_stderr.any()
+
+
+def test_s3_zero_width_regions_of_coincident_hyperplanes_carry_no_likelihood():
+    """A layer that repeats the previous one's units (relu(c relu(u)), e.g. two activations
+    with a positive rescaling between them) puts two hyperplanes on one plane, and the
+    partition lists the zero-width regions between them (flagged degenerate).  At S = 3
+    the translated polyhedron formula gave such a region up to half of the Gaussian:
+    log p was 0.8 nats too high here.  Oracle: importance sampling, and the same function
+    written without the repeated layer."""
+    rng = np.random.default_rng(0)
+    W1, b1, A = rng.normal(size=(6, 3)), 0.5 * rng.normal(size=6), rng.normal(size=(2, 6))
+    twice = PiecewiseAffineNet.from_arrays([W1, np.eye(6), A], [b1, np.zeros(6), np.zeros(2)], [0.1, -0.05])
+    once = PiecewiseAffineNet.from_arrays([W1, A], [b1, np.zeros(2)], [-0.005])
+    X = once.forward(rng.normal(size=(3, 3))) + 0.3 * rng.normal(size=(3, 2))
+    model = CPAModel(twice, noise_std=0.3, device="cpu")
+    assert model.partition().degenerate.any()
+    got = model.log_prob(X)
+    np.testing.assert_allclose(got, CPAModel(once, noise_std=0.3, device="cpu").log_prob(X), rtol=0, atol=1e-8)
+    want, se = loglik_importance_mixture(twice, X[0], 0.3, n=100_000)
+    assert abs(got[0] - want) < 4 * se, (got[0], want, se)

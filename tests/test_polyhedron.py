@@ -11,7 +11,7 @@ from scipy import optimize
 from scipy.special import log_ndtr
 from scipy.stats import special_ortho_group
 
-from cpadgn.polyhedron import polyhedron_moments
+from cpadgn.polyhedron import polyhedron_moments, region_facet_polygons, translated_polyhedron_moments
 from cpadgn.polytope import polytope_moments
 
 EPS = np.finfo(float).eps
@@ -490,3 +490,32 @@ def test_collapsed_rules_integrate_their_degree():
                 got = weights @ (nodes[:, 0] ** i * nodes[:, 1] ** j * nodes[:, 2] ** k)
                 want = factorial(i) * factorial(j) * factorial(k) / factorial(i + j + k + 3)
                 assert abs(got / want - 1) <= (len(weights) + 4 * d) * EPS, (n, i, j, k, got / want - 1)
+
+
+def test_translated_far_bounded_polyhedron_is_below_its_half_spaces():
+    """A bounded region far from the posterior mean (a conv-residual-maxpool decoder at
+    S = 3, found by benchmarks/fuzz_loader.py): the translated formula gave it log mass
+    -0.86, above its facets' own half-space masses (min log Phi(b_k) = -2.8), where the
+    true value is e^-17 (no hit in 10^6 samples); log p was 0.39 nats off."""
+    A0 = np.array([[-0.36103373075355505, -0.46308966379011046, -0.8094458651132465],
+                   [0.19567910974533495, 0.03988030396112906, 0.9798567483899067],
+                   [-0.6712788158878708, 0.7341230413561232, 0.10221600408064263],
+                   [0.31193880022663906, 0.8818940651350812, -0.3534926347078341],
+                   [0.40303361961301803, 0.8062455358158346, 0.4330496939597891],
+                   [0.3134215856899038, 0.9079312800381505, -0.2782583338408969],
+                   [-0.31458546413003835, -0.9443640739300665, -0.09598167339808308],
+                   [0.0504751899885436, -0.9331987568783855, -0.3557981666004711],
+                   [-0.0799487498577962, 0.17534310884299717, -0.9812558237164498]])
+    c0 = np.array([0.6112931270457987, 1.370522983165892, 22.27059216152532, 0.29219470579469814,
+                   1.7110442387312026, 0.8992405626668897, 0.9258608096443404, -2.7021155726826027,
+                   -1.681300135318214])
+    v = np.array([-2.2316941780003883, 1.5849957525577252, 0.6173365173676238])
+    b = c0 - A0 @ v
+    u = np.random.default_rng(0).normal(size=(1_000_000, 3))
+    assert not (u @ A0.T <= b).all(1).any()                      # mass below ~1e-5
+    fp = region_facet_polygons(A0[None], c0[None], np.ones((1, 9), bool))
+    got = translated_polyhedron_moments(fp, np.array([0]), v[None], moments=True)
+    assert got.log_mass[0] <= log_ndtr(b).min()
+    want = polyhedron_moments(A0[None], b[None], np.ones((1, 9), bool))
+    np.testing.assert_allclose(got.log_mass, want.log_mass, rtol=1e-10)
+    assert -20 < got.log_mass[0] < np.log(1e-5)
