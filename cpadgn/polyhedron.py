@@ -904,7 +904,13 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     neg_b = b < 0
     inside = np.bincount(fpair, neg_b, P) == 0
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
-    foot_in = fp.nonempty[gf] & ~outside_edge
+    # The foot is tested against the listed edges only, which bound a facet's polygon unless
+    # that polygon is degenerate: a segment or point listed with one or two edges (rounding
+    # left t_hi > t_lo), of zero area, so its terms are 0.  A bounded region's nonempty
+    # polygon has at least three edges; with fewer its foot term is left out (it was
+    # counted, e.g. Phi(-|b_k|) = e^-0.86 for a true mass of e^-17, or the sum went negative)
+    degenerate = fp.bounded[regions][fpair] & (np.bincount(ef, minlength=NF) < 3)
+    foot_in = fp.nonempty[gf] & ~outside_edge & ~degenerate
     absb = np.abs(b)
     edge_start = (np.cumsum(ne) - ne)[lpair]
     first, second = edge_start + fp.line_first[gl], edge_start + fp.line_second[gl]
@@ -924,8 +930,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
         mean, cov = _translated_moments(fpair, ef, a, b, fp.nonempty[gf], normal, c,
                                         _log_segment_masses(t_lo, t_hi, first, second), outside_edge, log_mass, log_G)
     # P lies in each facet's half-space, so its mass is at most min_k Phi(b_k): a pair above
-    # that bound (a bounded region far out whose signed terms went wrong, seen at 0.86 for a
-    # true mass of e^-17) goes through polyhedron_moments itself.
+    # that bound (signed terms gone wrong, as with the degenerate polygons above) goes
+    # through polyhedron_moments itself.
     bound = np.full(P, np.inf)
     np.minimum.at(bound, fpair, log_ndtr(b))
     fallback |= log_mass > bound + 1e-9 * np.abs(bound) + 1e-12

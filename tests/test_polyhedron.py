@@ -514,6 +514,12 @@ def test_translated_far_bounded_polyhedron_is_below_its_half_spaces():
     u = np.random.default_rng(0).normal(size=(1_000_000, 3))
     assert not (u @ A0.T <= b).all(1).any()                      # mass below ~1e-5
     fp = region_facet_polygons(A0[None], c0[None], np.ones((1, 9), bool))
+    # two facet polygons are degenerate (listed with 1 and 2 edges): their feet must not count;
+    # untranslated, the sum went negative (log mass -inf against -31.5)
+    for t in (0.0, 0.5):
+        got = translated_polyhedron_moments(fp, np.array([0]), t * v[None], moments=False)
+        want = polyhedron_moments(A0[None], (c0 - t * A0 @ v)[None], np.ones((1, 9), bool), moments=False)
+        np.testing.assert_allclose(got.log_mass, want.log_mass, rtol=1e-10)
     got = translated_polyhedron_moments(fp, np.array([0]), v[None], moments=True)
     assert got.log_mass[0] <= log_ndtr(b).min()
     want = polyhedron_moments(A0[None], b[None], np.ones((1, 9), bool))
