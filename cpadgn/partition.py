@@ -523,8 +523,9 @@ def _intervals(net, max_regions, progress, t0) -> Partition:
     lo = np.concatenate([[-np.inf], bps])
     hi = np.concatenate([bps, [np.inf]])
     Rn = lo.size
-    mid = np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi),
-                   np.where(np.isfinite(hi), hi - 1.0, np.where(np.isfinite(lo), lo + 1.0, 0.0)))
+    with np.errstate(invalid="ignore"):                      # -inf + inf where no breakpoint: not used
+        mid = np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi),
+                       np.where(np.isfinite(hi), hi - 1.0, np.where(np.isfinite(lo), lo + 1.0, 0.0)))
     units_lo = np.concatenate([[-1], bp_unit])
     units_hi = np.concatenate([bp_unit, [-1]])
     fac = np.stack([units_lo, units_hi], axis=1)

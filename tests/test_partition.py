@@ -114,6 +114,17 @@ def test_intervals_design_figure():
     assert abs(np.exp(part.log_prior_mass).sum() - 1) < 1e-12
 
 
+def test_intervals_without_breakpoints_are_one_region_without_warnings():
+    """An S = 1 net whose hidden units never switch (zero input weights) has one region,
+    the whole line (prior mass 1); computing it raised 'invalid value encountered in add'
+    from -inf + inf for the midpoint of the unbounded interval."""
+    net = PiecewiseAffineNet.from_arrays([np.zeros((2, 1)), np.ones((3, 2))], [np.ones(2), np.zeros(3)], [0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        part = compute_partition(net)
+    assert part.n_regions == 1 and abs(np.exp(part.log_prior_mass).sum() - 1) < 1e-15
+
+
 # ---------------------------------------------------------------------------- S >= 2
 CASES = [(2, (8, 8), 0.1, 0), (2, (8, 8), 0.0, 1), (2, (8, 8), -1.0, 2), (2, (5, 5, 5), 0.0, 3),
          (3, (5, 5), 0.1, 0), (3, (5, 5), 0.0, 1), (3, (5, 5), -1.0, 2)]
