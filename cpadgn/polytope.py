@@ -303,7 +303,7 @@ def _tail_interval_moments(lo, hi):
     flip = hi <= 0                                        # mirror to 0 <= a < b
     a, b = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
     R = lambda x: np.sqrt(np.pi / 2) * erfcx(x / np.sqrt(2))
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):     # Z = 0: ``empty`` below
         E = np.exp(-0.5 * (b - a) * (b + a))
         Rb = np.where(np.isfinite(b), R(b), 0.0)
         Z = R(a) - E * Rb
