@@ -561,7 +561,9 @@ def oracle_s3(ref, X, sigma, rng, means, covs, n=300_000):
         w = np.exp(ll - ll.max())
         m = w @ pilot / w.sum()
         C = 2 * np.cov(pilot.T, aweights=w) + 1e-3 * np.eye(3)
-        T = 2 * cov + 1e-6 * np.eye(3)
+        # a jitter at the covariance's scale: a far outlier's posterior can span 1e10 in one
+        # direction and 0 in another, where rounding leaves eigenvalues of -eps * 1e10
+        T = 2 * cov + (1e-6 + 1e-9 * abs(np.trace(cov))) * np.eye(3)
         parts = [multivariate_normal(np.zeros(3), np.eye(3)), multivariate_normal(m, C),
                  multivariate_t(mu, T, df=4)]
         which = rng.integers(0, 3, n)
