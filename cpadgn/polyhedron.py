@@ -931,9 +931,10 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
                                         _log_segment_masses(t_lo, t_hi, first, second), outside_edge, log_mass, log_G)
     # P lies in each facet's half-space, so its mass is at most min_k Phi(b_k): a pair above
     # that bound (signed terms gone wrong, as with the degenerate polygons above) goes
-    # through polyhedron_moments itself.
-    bound = np.full(P, np.inf)
-    np.minimum.at(bound, fpair, log_ndtr(b))
+    # through polyhedron_moments itself.  (log Phi rises: min_k log Phi(b_k) = log Phi(min_k b_k).)
+    nearest = np.full(P, np.inf)
+    np.minimum.at(nearest, fpair, b)
+    bound = log_ndtr(nearest)
     fallback |= log_mass > bound + 1e-9 * np.abs(bound) + 1e-12
     cancelled = ~fallback & _cancelled(fp.bounded[regions], log_mass, log_pos)
     if cancelled.any():
