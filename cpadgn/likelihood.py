@@ -744,8 +744,7 @@ def _truncated_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regio
         if thin.size:
             A, b = _whitened_regions(tab, v[thin], C[thin], regions[thin])
             direct = polytope_moments(A, b, tab.mask[regions[thin]], moments=moments, memory_budget=memory_budget)
-            for name in ("log_mass", "mean", "cov", "stderr"):
-                getattr(res, name)[thin] = getattr(direct, name)
+            res.put(thin, direct)
     else:
         A, b = _whitened_regions(tab, v, C, regions)
         known = np.full(v.shape, np.nan) if mode is None else mode

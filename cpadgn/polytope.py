@@ -35,6 +35,12 @@ class PolytopeMoments:
     stderr: np.ndarray
     mean_cov: np.ndarray | None = None
     mass_mean_cov: np.ndarray | None = None
+    FIELDS = ("log_mass", "mean", "cov", "stderr")       # every result's (the others: QMC only)
+
+    def put(self, where, other: "PolytopeMoments"):
+        """Write other's log_mass, mean, cov and stderr into the polytopes ``where`` (in place)."""
+        for name in self.FIELDS:
+            getattr(self, name)[where] = getattr(other, name)
 
     def mc_covariances(self):
         """(mean_cov (B, S, S), mass_mean_cov (B, S)), zeros where exact."""
@@ -46,7 +52,7 @@ class PolytopeMoments:
     @classmethod
     def concat(cls, parts) -> "PolytopeMoments":
         """The results of consecutive slices of the polytopes, joined."""
-        out = cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("log_mass", "mean", "cov", "stderr")))
+        out = cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
         if any(p.mean_cov is not None for p in parts):
             out.mean_cov, out.mass_mean_cov = (np.concatenate(x) for x in zip(*(p.mc_covariances() for p in parts)))
         return out
@@ -236,8 +242,7 @@ def polygon_moments(a, c, t_lo, t_hi, live, mask, moments=True) -> PolytopeMomen
     origin = np.flatnonzero((mask[sel] & (np.abs(c[sel]) < 1e-150)).any(-1)) if sel.size else sel
     if origin.size:
         redo = _polygon(a[sel[origin]], c[sel[origin]], mask[sel[origin]], moments)
-        for name in ("log_mass", "mean", "cov", "stderr"):
-            getattr(res, name)[origin] = getattr(redo, name)
+        res.put(origin, redo)
     return _assemble(B, 2, sel, res)
 
 
@@ -248,8 +253,7 @@ def _assemble(B, S, sel, res, empty=None):
     out = PolytopeMoments(np.zeros(B), np.zeros((B, S)), np.broadcast_to(np.eye(S), (B, S, S)).copy(),
                           np.zeros(B))
     if res is not None:
-        for name in ("log_mass", "mean", "cov", "stderr"):
-            getattr(out, name)[sel] = getattr(res, name)
+        out.put(sel, res)
         if res.mean_cov is not None:
             out.mean_cov, out.mass_mean_cov = np.zeros((B, S, S)), np.zeros((B, S))
             out.mean_cov[sel], out.mass_mean_cov[sel] = res.mean_cov, res.mass_mean_cov
@@ -566,8 +570,7 @@ def solve_in_groups(solve, sizes, arrays) -> PolytopeMoments:
     S = groups[0][1].mean.shape[1] if groups else 0
     out = PolytopeMoments(np.zeros(B), np.zeros((B, S)), np.zeros((B, S, S)), np.zeros(B))
     for g, res in groups:
-        for name in ("log_mass", "mean", "cov", "stderr"):
-            getattr(out, name)[g] = getattr(res, name)
+        out.put(g, res)
     return out
 
 
