@@ -368,10 +368,10 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
         for b in rows[i + 1:]:
             st = paired_difference(lls[a.name], lls[b.name])
             resolution = float(np.mean(errors[a.name] + errors[b.name]))
+            verdict = preferred(a.name, b.name, st, resolution=resolution)
             pairs.append(PairRow(a.name, b.name, X_test.shape[0], st.mean_difference, st.se,
-                                 st.ci_low, st.ci_high, st.vuong_z, st.p_value,
-                                 preferred(a.name, b.name, st, resolution=resolution), resolution))
-            if st.p_value < LEVEL and st.vuong_z != 0.0 and abs(st.mean_difference) <= resolution:
+                                 st.ci_low, st.ci_high, st.vuong_z, st.p_value, verdict, resolution))
+            if verdict != preferred(a.name, b.name, st):                   # the resolution alone decided
                 notes.append(f"{a.name} and {b.name}: their mean difference ({st.mean_difference:.2g} nats) is "
                              f"within the numerical resolution of the two log-likelihoods ({resolution:.2g} "
                              "nats per row: pruning bounds plus rounding), so it is rounding, not a "
