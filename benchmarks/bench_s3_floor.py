@@ -100,7 +100,10 @@ def main():
     post, seconds, lines = recorded_lines(model, X, rtol)
     pairs = post.pair_row.size
     needed = fewest_pairs(post, rtol) / args.rows
-    per_line = {eps: float((lambda r: (r[2] * r[3]).mean())(rule(lines, eps))) for eps in (polytope.GL_EPS, 1e-12)}
+    per_line = {}                                         # nodes a line (panels x nodes a panel)
+    for eps in (polytope.GL_EPS, 1e-12):
+        _, _, panels, nodes, _ = rule(lines, eps)
+        per_line[eps] = float((panels * nodes).mean())
     per_node = seconds_per_node(lines[:, :400_000])
     lines_per_pair = lines.shape[1] / pairs
     floor = target_rows * needed * lines_per_pair * per_line[polytope.GL_EPS] * per_node / 2
