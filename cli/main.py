@@ -65,8 +65,11 @@ Every error is one line on stderr starting with "Error:"."""
 
 
 def fail(message: str, code: int):
-    """Print one line "Error: message" on stderr and exit with ``code``."""
-    click.echo("Error: " + " ".join(str(message).split()), err=True)
+    """Print one line "Error: message" on stderr and exit with ``code``.  Characters that
+    are not printable (a NUL or an ANSI escape quoted from a user's file) are written as
+    Python escapes, so that a message can neither hide text nor drive the terminal."""
+    text = " ".join(str(message).split())
+    click.echo("Error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text), err=True)
     sys.exit(code)
 
 

@@ -10,8 +10,8 @@ NaN marking a missing value.
   ``_refuse_mixed_header``), or when its cells are the column numbers 0..D-1 or 1..D
   written as integers (D >= 4; 0..D-1 for D = 2, 3 above a row written in decimals: the
   header ``DataFrame(array).to_csv`` writes; such a data row would be a strange sample,
-  and read as data it would silently add one); empty cells and nan / NA / N/A / null
-  (any case) are missing values
+  and read as data it would silently add one); empty cells and pandas' missing-value
+  markers (nan, NA, N/A, null, None, #N/A, <NA>, ..., in any case) are missing values
 - ``.h5`` / ``.hdf5``  the dataset named by ``dataset``; without it, the file's only
   2-D dataset (``dataset`` given for a .csv or .npy file is refused)
 
@@ -60,7 +60,9 @@ from .errors import CpadgnError
 
 DATA_SUFFIXES = (".csv", ".npy", ".h5", ".hdf5")
 OUTPUT_SUFFIXES = (".csv", ".npy", ".h5", ".hdf5")
-MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null"})
+# pandas.read_csv's default missing-value markers, compared in lower case
+MISSING_TOKENS = frozenset({"", "nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "none",
+                            "1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"})
 
 
 # ============================================================= atomic writing

@@ -86,6 +86,18 @@ def test_csv_missing_values(tmp_path):
     assert X[0, 0] == 1 and X[2, 2] == 2
 
 
+def test_csv_pandas_missing_markers(tmp_path):
+    """Every default missing-value marker of pandas.read_csv is a missing value, in any case;
+    a first row of numbers with one of them is data, not a header."""
+    import pandas as pd
+    markers = sorted(pd._libs.parsers.STR_NA_VALUES)
+    (tmp_path / "p.csv").write_text("3,None,4\n" + "".join(f"1,{m},2\n" for m in markers) + "1,nOnE,2\n")
+    X = read_data(tmp_path / "p.csv")
+    assert X.shape == (len(markers) + 2, 3)
+    np.testing.assert_array_equal(np.isnan(X), [[0, 1, 0]] * X.shape[0])
+    np.testing.assert_array_equal(X[:, [0, 2]], [[3, 4]] + [[1, 2]] * (len(markers) + 1))
+
+
 def test_csv_row_of_empty_cells_is_an_all_missing_row(tmp_path):
     """pandas writes a row with every value missing as a line of bare commas, or as "" in a
     one-column file: it is a data row (all NaN), unlike a blank line; the rows after it keep

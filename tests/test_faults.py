@@ -73,7 +73,7 @@ def assert_refused(res, code, before, folder, *fragments):
     err = res.stderr.strip()
     assert res.returncode == code, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr + res.stdout, res.stderr
-    assert err.startswith("Error:") and "\n" not in err, err
+    assert err.startswith("Error:") and "\n" not in err and err.isprintable(), err
     for f in fragments:
         assert f.lower() in err.lower(), err
     assert snapshot(folder) == before
@@ -119,6 +119,10 @@ def symlink_to_model(d):
     (d / "sym.h5").symlink_to("wave_generator.h5")
 
 
+def control_characters(d):
+    (d / "ctl.csv").write_text("a,b\n1,\x00\x1b[2J\n")        # a NUL, then an ANSI clear-screen
+
+
 def data_h5(d):
     X = np.loadtxt(d / "wave.csv", delimiter=",", skiprows=1)
     with h5py.File(d / "data.h5", "w") as f:
@@ -138,6 +142,8 @@ CASES = [
     ("foreign hdf5 data", foreign_h5, ["score", W, "foreign.h5", "-o", "s.csv"], 1, ["dataset"]),
     ("corrupt hdf5 data", write("bad.h5", b"\x89HDF\r\n\x1a\n" + b"\x00junk" * 20),
      ["score", W, "bad.h5", "-o", "s.csv"], 1, ["hdf5"]),
+    ("control characters in a cell", control_characters, ["score", W, "ctl.csv", "-o", "s.csv"], 1,
+     ["line 2, column 2", r"'\x00\x1b[2J'"]),
     # bad models
     ("csv as model", None, ["score", WD, WD, "-o", "s.csv"], 1, []),
     ("truncated model", truncated_model, ["score", "trunc.h5", WD, "-o", "s.csv"], 1, ["trunc.h5"]),
