@@ -26,6 +26,10 @@ def _on_sigint(signum, frame):
     global _sigint_seen
     _sigint_seen = True
     if not _in_command:
+        try:
+            sys.stdout.flush()          # after a command (``run``): what it printed is complete
+        except (OSError, ValueError, RuntimeError):
+            pass
         os.write(2, b"Error: interrupted\n")
         os._exit(EXIT_INTERRUPTED)
     raise KeyboardInterrupt
@@ -869,8 +873,25 @@ from cli import plot as _plot  # noqa: E402,F401
 if _sigint_before_import is not None:   # importing cli.main leaves SIGINT as it was
     signal.signal(signal.SIGINT, _sigint_before_import)
 
+
+
+def run():
+    """The ``cpadgn`` program and ``python -m cli.main``: ``main``, then the process ends.
+    A Ctrl-C once the command is done (while it returns, or while the interpreter exits)
+    ends the process as one before the command does: exit 130, "Error: interrupted", and
+    what the command wrote is complete; not a traceback or exit -2.  In-process callers of
+    ``main`` (click's CliRunner) keep their own Ctrl-C."""
+    global _in_command
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+    finally:
+        _in_command = False
+
+
 if __name__ == "__main__":
     # ``python -m cli.main``: run the group of the imported module ``cli.main``, on which
     # the commands above registered (this copy, ``__main__``, only holds the first two)
-    from cli.main import main as _registered
-    _registered()
+    from cli.main import run as _run
+    _run()

@@ -12,6 +12,7 @@ permitted), and an internal error.
 """
 import contextlib
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -305,6 +306,39 @@ def test_sigint_at_any_moment_exits_130_with_one_line(work, tmp_path, moment):
     assert res.returncode == 130, (res.returncode, res.stderr)
     assert res.stderr.splitlines() == ["Error: interrupted"] and res.stdout == "", res.stderr
     assert snapshot(work) == before
+
+
+SIGINT_AFTER = {
+    # the command done, Commands.main calling sys.exit (was: a traceback)
+    "as the command returns": """
+import os, signal, sys
+real_exit = sys.exit
+def exiting(*args):
+    sys.exit = real_exit
+    os.kill(os.getpid(), signal.SIGINT)
+    real_exit(*args)
+sys.exit = exiting
+""",
+    # the interpreter exiting after the command (was: "Exception ignored", or exit -2)
+    "while the interpreter exits": """
+import atexit, os, signal
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))
+""",
+}
+
+
+@pytest.mark.parametrize("moment", SIGINT_AFTER)
+def test_sigint_after_the_command_exits_130_with_its_output_complete(work, tmp_path, moment):
+    """``run``, the console script: a Ctrl-C that comes once the command is done ends the
+    process at once with the one line; the JSON the command printed is complete."""
+    (tmp_path / "run_cli.py").write_text(SIGINT_AFTER[moment] + "\nfrom cli.main import run\nrun()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-m", "run_cli", "partition", W, "--json"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert res.stderr.splitlines()[-1:] == ["Error: interrupted"], res.stderr
+    assert "Traceback" not in res.stderr and "ignored" not in res.stderr, res.stderr
+    assert json.loads(res.stdout)["regions"] > 0
 
 
 INTERNAL_ERROR = """
