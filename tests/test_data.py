@@ -46,7 +46,7 @@ def test_csv_pandas_header_of_few_columns(tmp_path, D):
         read_data(tmp_path / "i.csv")
 
 
-@pytest.mark.parametrize("first", ["0.5,?,0.25", "3,?,4", "0.5,-,2", "1e-3,None,2", "0.5,0.25x,1", "3,1_0,4"])
+@pytest.mark.parametrize("first", ["0.5,?,0.25", "3,?,4", "0.5,-,2", "1e-3,NIL,2", "0.5,0.25x,1", "3,1_0,4"])
 def test_csv_first_row_of_numbers_and_a_bad_cell_is_refused(tmp_path, first):
     """A first row holding numbers and a stray marker ('?', as in UCI files) was taken for a
     header and dropped without a word; it is refused, naming the cell."""
