@@ -55,8 +55,12 @@ def gaussian_conditional(A, b, sigma, x):
     """Exact E[x_m | x_o] and the conditional std (D,) (0 where observed) of x = A z + b + noise."""
     o, m = ~np.isnan(x), np.isnan(x)
     Ao = A[o] / sigma[o, None]
-    Sz = np.linalg.inv(np.eye(A.shape[1]) + Ao.T @ Ao)
-    mu = Sz @ (Ao.T @ ((x[o] - b[o]) / sigma[o]))
+    # I + Ao'Ao = R'R from the QR of [I; Ao]: formed entrywise its unit eigenvalues (fewer
+    # observed entries than S) drown in the sum's rounding at a tiny noise std
+    Q, R = np.linalg.qr(np.vstack([np.eye(A.shape[1]), Ao]))
+    R_inv = np.linalg.inv(R)
+    Sz = R_inv @ R_inv.T
+    mu = R_inv @ (Q[A.shape[1]:].T @ ((x[o] - b[o]) / sigma[o]))
     mean, sd = x.copy(), np.zeros_like(x)
     mean[m] = A[m] @ mu + b[m]
     sd[m] = np.sqrt(np.einsum("ds,st,dt->d", A[m], Sz, A[m]) + sigma[m] ** 2)

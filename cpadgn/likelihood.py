@@ -14,7 +14,8 @@ Per region w and row x (P = diag(sigma^-2), over the observed coordinates of x):
 Complete rows use the output basis of the last layer: A_w = U M_w, b_w = U c_w + b_0,
 so the (row, region) work is one matrix product of the projected data U^T P (x - b_0)
 (N, H) with the stacked [c_w, M_w] (H, R (1 + S)).  Rows with missing entries use the
-same identities restricted to their observed coordinates (mask products in data space).
+same identities restricted to their observed coordinates: mask products in data space
+for the bounds, a QR factorisation per pair integrated (``_pair_gaussians_incomplete``).
 
 Pruning is certified: Phi_w is at most the Gaussian mass on the inner side of any one
 facet, Phi(slack_k / std_k), so kappa_w min_k Phi(slack_k / std_k) bounds each region's
@@ -429,7 +430,9 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
     """Rows X (n, D) with missing entries (NaN) against every region -> log kappa (n, R) and
     the pairs' posterior statistics (n, S (S + 1) / 2 + S, R): the lower triangle of
     Lambda_w,o = I + A_w^T P_o A_w (row by row) and y = A_w^T P_o (x - b_w)
-    (``_stats_factors`` turns them into v and L of chosen pairs).
+    (``_stats_factors`` turns them into v and L of chosen pairs): ``_evaluate_pairs``'
+    bounds.  The pairs it integrates get theirs anew (``_pair_gaussians_incomplete``: these
+    products lose digits at a small noise std).
 
     With the 0/1 mask m of a row's observed entries, P_o = diag(m / sigma^2), x0 = m * x:
         Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T (P_o x0) - (b_w A_w)^T P_o,
@@ -527,32 +530,54 @@ def _stats_factors(stats: torch.Tensor, S: int):
     return v, L
 
 
-def _pair_moments_incomplete(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                             max_bytes: float = 1e8):
+def _pair_gaussians_incomplete(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
+                               max_bytes: float = 1e8):
     """(row, region) pairs of rows with missing entries (NaN): X (N, D), rows, regions (P,)
-    -> y = A_w^T P_o (x - b_w) (P, S) and L (P, S, S), Lambda_w,o = I + A_w^T P_o A_w = L L^T,
-    batched over the pairs (each distinct region's map computed once), in chunks of at most
-    max_bytes of gathered region maps."""
+    -> log kappa (P,), the whitened posterior means v = L^-1 y (P, S) and L (P, S, S),
+    Lambda_w,o = I + A_w^T P_o A_w = L L^T, y = A_w^T P_o (x - b_w); batched over the pairs
+    (each distinct region's map computed once), in chunks of at most max_bytes.
+
+    With B = P_o^1/2 A_w and r = P_o^1/2 (x - b_w) (D, zero where missing), one QR
+    factorisation of the least-squares system min_z |z|^2 + |B z - r|^2 per pair,
+        [[I, 0], [B, r]] = Q [[L^T, v], [0, rho]],
+    gives Lambda = L L^T, v = L^-1 B^T r and rho^2 = |r|^2 - |v|^2 (the region's residual),
+    so -2 log kappa = n_o log 2 pi + sum_o log sigma_o^2 + 2 log det L + rho^2.
+    ``_log_kappa_incomplete``'s products, fine for bounds, round to eps |B|^2 per entry of
+    Lambda and to eps |P_o^1/2 x|^2 in y and log kappa: where B^T B is (nearly) singular
+    (fewer observed entries than S) the identity's unit eigenvalues drown at a small noise
+    std (posterior means 1e-3 stds off at sigma = 1e-6), and uncentred x'P_o x ~ 1e14
+    costs log kappa 0.05 nats at sigma = 1e-7.  Orthogonal transformations of B and the
+    centred r round to eps times their own sizes."""
     P, S, D = rows.numel(), tab.S, tab.D
-    y = torch.empty((P, S), dtype=X.dtype, device=X.device)
-    lam = torch.empty((P, S, S), dtype=X.dtype, device=X.device)
+    dt, dev = X.dtype, X.device
+    log_kappa = torch.empty(P, dtype=dt, device=dev)
+    v = torch.empty((P, S), dtype=dt, device=dev)
+    L = torch.empty((P, S, S), dtype=dt, device=dev)
     uniq, inverse = torch.unique(regions, return_inverse=True)
     A_u, b_u = tab.region_affine(uniq)                                 # (U, D, S), (U, D)
-    A_u = A_u.permute(2, 0, 1).contiguous()                            # (S, U, D): contiguous gathers
-    step = int(max(1, max_bytes // (8.0 * D * (2 * S + 3))))
+    A_u = A_u.transpose(1, 2).contiguous()                             # (U, S, D): contiguous gathers
+    log_var, root_p = torch.log(tab.var), tab.var.rsqrt()
+    zero = torch.zeros((), dtype=dt, device=dev)
+    # the system transposed, (p, S + 1, S + D), is LAPACK's column-major layout
+    step = int(max(1, min(max_bytes, 2 ** 22) // (8.0 * (S + D) * (2 * S + 3))))
     for start in range(0, P, step):
         sl = slice(start, min(start + step, P))
         inv, x = inverse[sl], X[rows[sl]]
-        A = [A_u[i][inv] for i in range(S)]                            # S x (p, D)
         obs = ~torch.isnan(x)
-        Pm = obs / tab.var
-        r = torch.where(obs, x - b_u[inv], torch.zeros((), dtype=X.dtype, device=X.device)) * Pm
-        for i in range(S):
-            y[sl, i] = (A[i] * r).sum(1)
-            PAi = A[i] * Pm
-            for j in range(i + 1):
-                lam[sl, i, j] = lam[sl, j, i] = (PAi * A[j]).sum(1) + (1.0 if i == j else 0.0)
-    return y, torch.linalg.cholesky(lam)
+        w = obs * root_p                                               # (p, D) P_o^1/2
+        system = torch.zeros((x.shape[0], S + 1, S + D), dtype=dt, device=dev)
+        system[:, :S, :S] = torch.eye(S, dtype=dt, device=dev)
+        torch.mul(A_u[inv], w[:, None, :], out=system[:, :S, S:])
+        torch.mul(torch.where(obs, x - b_u[inv], zero), w, out=system[:, S, S:])
+        R = torch.linalg.qr(system.mT, mode="r").R                     # (p, S + 1, S + 1)
+        sign = torch.where(torch.diagonal(R, dim1=1, dim2=2)[:, :S] < 0, -1.0, 1.0)   # L's diagonal > 0
+        Lt = R[:, :S, :S] * sign[:, :, None]
+        L[sl] = Lt.transpose(1, 2)
+        v[sl] = R[:, :S, S] * sign
+        const = obs.sum(1).to(dt) * LOG_2PI + (obs * log_var).sum(1)
+        logdet = 2 * torch.log(torch.diagonal(Lt, dim1=1, dim2=2)).sum(1)
+        log_kappa[sl] = -0.5 * (const + logdet + R[:, S, S] ** 2)
+    return log_kappa, v, L
 
 
 def _pair_facets(tab: RegionTable, L: torch.Tensor, regions: torch.Tensor):
@@ -671,12 +696,14 @@ def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, c
 
 
 def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                  complete: bool, v_dense: torch.Tensor | None = None, stats: torch.Tensor | None = None):
-    """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1.
+                  complete: bool, v_dense: torch.Tensor | None = None, log_kappa: torch.Tensor | None = None):
+    """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1,
+    and its log kappa.
 
-    Returns v (P, S), C (P, S, S), L (P, S, S).  v_dense (N, S, R) from
-    ``_log_kappa_complete`` (stats (N, K, R) from ``_log_kappa_incomplete``) saves
-    recomputing them.
+    Returns v (P, S), C (P, S, S), L (P, S, S), log kappa (P,).  Complete rows: v_dense
+    (N, S, R) and log_kappa (N, R) from ``_log_kappa_complete`` save recomputing v (log
+    kappa is None without them); rows with missing entries: all from
+    ``_pair_gaussians_incomplete`` (not the dense bounds' statistics).
     """
     if complete:
         if v_dense is not None:
@@ -687,13 +714,10 @@ def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions
             MC = tab.stacked_for(uniq.cpu().numpy())[:, 1:]                # rows H, H+1: -v_shift, 0
             xaug = torch.cat([xhat, torch.ones_like(xhat[:, :1]), torch.zeros_like(xhat[:, :1])], dim=1)
             v = torch.einsum("hsp,ph->ps", MC[:, :, inv], xaug[rows])
-        return v, tab.C[regions], tab.chol_lambda[regions]
-    if stats is not None:
-        v, L = _stats_factors(stats[rows, :, regions], tab.S)
-    else:
-        y, L = _pair_moments_incomplete(tab, X, rows, regions)
-        v = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
-    return v, _inverse_transpose(L), L
+        lk = None if log_kappa is None else log_kappa[rows, regions]
+        return v, tab.C[regions], tab.chol_lambda[regions], lk
+    lk, v, L = _pair_gaussians_incomplete(tab, X, rows, regions)
+    return v, _inverse_transpose(L), L, lk
 
 
 def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: np.ndarray):
@@ -706,7 +730,7 @@ def pair_gaussians(tab: RegionTable, X: np.ndarray, rows: np.ndarray, regions: n
     rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=tab.device)
     regions_t = torch.as_tensor(np.asarray(regions, dtype=np.int64), device=tab.device)
     complete = not bool(torch.isnan(Xt[rows_t]).any()) if rows_t.numel() else True
-    v, C, L = _pair_factors(tab, Xt, rows_t, regions_t, complete)
+    v, C, L, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete)
     return (C @ v[:, :, None])[..., 0].cpu().numpy(), L.cpu().numpy()
 
 
@@ -865,7 +889,7 @@ QMC_SECOND_PILOT = 1024     # S >= 4: the second pilot's points (16 sets of 64),
 SECOND_PILOT_SHARE = 1e-3   # those whose first pilot gives them at least this responsibility
 
 
-def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa, pilot_logw, pilot_se, cheap,
+def _refine_qmc_pairs(tab, Xt, complete, v_dense, found, modes, log_kappa, pilot_logw, pilot_se, cheap,
                       stderr_target, moments, pair_chunk, poly_budget, store=None):
     """S >= 4 second stage: more points for the pairs that dominate their row's variance.
 
@@ -909,7 +933,7 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     n_pilot = np.full(rows.size, QMC_FIRST)
     heavy = np.flatnonzero(~cheap & (pilot_responsibilities(rows, pilot_logw, Xt.shape[0]) >= SECOND_PILOT_SHARE))
     if heavy.size:
-        log_phi, _, _, rel_se, _, _ = _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes,
+        log_phi, _, _, rel_se, _, _ = _integrate_pairs(tab, Xt, complete, v_dense, rows, regions, modes,
                                                        heavy, (QMC_SECOND_PILOT, 3, 16), False, pair_chunk,
                                                        poly_budget, store)
         ok = np.isfinite(log_phi)
@@ -923,13 +947,13 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, stats, found, modes, log_kappa
     for n, n_sets in np.unique(np.stack([n_pts, sets], 1)[n_pts > 0], axis=0):
         sel = np.flatnonzero((n_pts == n) & (sets == n_sets))
         log_phi, mean[sel], cov[sel], se[sel], mean_mc[sel], cross_mc[sel] = _integrate_pairs(
-            tab, Xt, complete, v_dense, stats, rows, regions, modes, sel, (int(n), 2, int(n_sets)), moments,
+            tab, Xt, complete, v_dense, rows, regions, modes, sel, (int(n), 2, int(n_sets)), moments,
             pair_chunk, poly_budget, store)
         logw[sel] = log_kappa[sel] + log_phi
     return [rows, regions, logw, mean, cov, se, mean_mc, cross_mc]
 
 
-def _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes, which, qmc, moments, pair_chunk,
+def _integrate_pairs(tab, Xt, complete, v_dense, rows, regions, modes, which, qmc, moments, pair_chunk,
                      poly_budget, store=None):
     """S >= 4: ``_truncated_moments`` of the pairs which (P,), indices into the first
     stage's rows, regions (with known modes (., S) and geometries in store, where kept)
@@ -944,7 +968,7 @@ def _integrate_pairs(tab, Xt, complete, v_dense, stats, rows, regions, modes, wh
         stop_check()
         sl = which[p0:p0 + step]
         rows_t, regions_t = torch.as_tensor(rows[sl], device=dev), torch.as_tensor(regions[sl], device=dev)
-        v, C, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense, stats)
+        v, C, _, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense)
         *res, mc = _truncated_moments(tab, v, C, regions[sl], moments, complete, poly_budget, qmc=qmc,
                                       mode=modes[sl], geometry=None if store is None else store.take(sl),
                                       ids=_pair_ids(row_ids, rows[sl], regions[sl]))
@@ -1195,7 +1219,8 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
 
     def factors(rows, regions):
         """Whitened posterior means v (P, S) of pairs and, for rows with missing entries,
-        the factors L (P, S, S) of their own precisions (None for complete rows)."""
+        the factors L (P, S, S) of their own precisions (None for complete rows), for
+        the bounds (integrals take ``_pair_factors``')."""
         return (v_dense[rows, :, regions], None) if complete else _stats_factors(stats[rows, :, regions], tab.S)
     log_rtol = float(np.log(rtol))
     first = -log_rtol + 3.0
@@ -1304,10 +1329,10 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 stop_check()
                 sel = idx[p0:p0 + pair_chunk]
                 rows, regions = l_rows[sel], l_regions[sel]
-                v, C, L = _pair_factors(tab, Xt, rows, regions, complete, v_dense, stats)
+                v, C, L, lk = _pair_factors(tab, Xt, rows, regions, complete, v_dense, log_kappa)
                 r_np = regions.cpu().numpy()
                 mode = l_mode[sel].cpu().numpy()
-                lk = log_kappa[rows, regions].cpu().numpy()
+                lk = lk.cpu().numpy()
                 ids = None if row_ids is None else _pair_ids(row_ids, rows.cpu().numpy(), r_np)
                 if is_cheap:            # kept as it is (its pilot SE 0: never refined); certified variance
                     log_phi, mean, cov, _, _ = _cheap_moments(tab, v, C, r_np, mode, ids, poly_budget)
@@ -1346,7 +1371,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     found = [None if x[0] is None else np.concatenate(x) for x in zip(empty, *found)]
     if pilots:
         (*found[:6], found[7], found[8]) = _refine_qmc_pairs(
-            tab, Xt, complete, v_dense, stats, found[:6] + found[7:9], np.concatenate(found_modes),
+            tab, Xt, complete, v_dense, found[:6] + found[7:9], np.concatenate(found_modes),
             *map(np.concatenate, zip(*pilots)), np.isfinite(found[6]), stderr_target, moments, pair_chunk,
             poly_budget, store)
     return (*found, bound)

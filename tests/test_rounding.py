@@ -132,3 +132,98 @@ def test_an_output_layer_that_cancels_at_a_small_noise_std_scores_exactly():
         # c . U'P(x - b) with c = 10 (1, a) the hidden output at z = 0 (|U M|, |U c| ~ eps)
         cancel = 10 * (1 + a) * (np.abs(X) @ np.abs(w)) * (1 + a) / sigma ** 2
         assert np.all(np.abs(lp - exact) <= 16 * np.finfo(float).eps * cancel + 1e-12), (a, lp - exact)
+
+
+def _exact_conditional(A, b, sigma, x):
+    """log p(x_o), E[x_m | x_o] and the conditional stds of x = A z + b + N(0, sigma^2 I),
+    z ~ N(0, I), in 40-digit mpmath: A (D, S), b (D,) mpmath matrices, x (D,) float (NaN
+    missing).  Returns (log p, {d: mean}, {d: std}) for the missing d."""
+    import mpmath as mp
+    o = [d for d in range(len(x)) if not np.isnan(x[d])]
+    m = [d for d in range(len(x)) if np.isnan(x[d])]
+    S, s2 = A.cols, mp.mpf(sigma) ** 2
+    Ao = mp.matrix([[A[d, s] for s in range(S)] for d in o])
+    cov = Ao * Ao.T + s2 * mp.eye(len(o))
+    r = mp.matrix([mp.mpf(x[d]) - b[d] for d in o])
+    w = mp.lu_solve(cov, r)
+    log_p = -(len(o) * mp.log(2 * mp.pi) + mp.log(mp.det(cov)) + (r.T * w)[0]) / 2
+    mean, std = {}, {}
+    for d in m:
+        a = mp.matrix([[A[d, s] for s in range(S)]])
+        k = a * Ao.T                                                   # Cov[x_d, x_o]
+        mean[d] = b[d] + (k * w)[0]
+        std[d] = mp.sqrt((a * a.T)[0] + s2 - (k * mp.lu_solve(cov, k.T))[0])
+    return log_p, mean, std
+
+
+def _check_against_exact(model, X, A, b, sigma, magnitude):
+    """log p, impute's means and stds of rows X against ``_exact_conditional``.  Every
+    quantity is formed from B = P_o^1/2 A_w and the centred r = P_o^1/2 (x - b_w) by
+    orthogonal transformations, so the error is that of B and r themselves: A_w = U M_w
+    and b_w = U c_w + b0 round to eps times magnitude (the largest of |U||M_w|, |U||c_w| +
+    |b0| and |x|), in noise units eps magnitude / sigma; that moves a mean by about as many
+    conditional stds (a direction the observed entries fix has std sigma / |A|, one they
+    leave free std ~1) and log kappa = -|r|^2 / 2 + ... by |r| times it.  64 eps for the
+    sums of ~H + D terms and the QR's own rounding (the errors found are below 1 eps)."""
+    tol = 64 * np.finfo(float).eps * magnitude / sigma
+    log_p = model.log_prob(X)
+    res = model.imputation(X, std=True)
+    for n, x in enumerate(X):
+        exact_lp, mean, std = _exact_conditional(A, b, sigma, x)
+        r = float(np.sqrt(np.nansum(((x - np.array(b.tolist(), float)[:, 0]) / sigma) ** 2)))
+        assert abs(log_p[n] - float(exact_lp)) <= (1 + r) * tol, (n, log_p[n] - float(exact_lp))
+        for d in mean:
+            assert abs(res.mean[n, d] - float(mean[d])) <= tol * float(std[d]), (n, d, res.mean[n, d] - float(mean[d]))
+            assert abs(res.std[n, d] - float(std[d])) <= tol * float(std[d]), (n, d, res.std[n, d] - float(std[d]))
+
+
+def test_rows_with_missing_entries_at_a_small_noise_std_condition_exactly():
+    # With fewer observed entries than S, A_o^T P_o A_o is singular and I + A_o^T P_o A_o keeps
+    # eigenvalues 1 beside ~|A|^2 / sigma^2 = 1e12.  Formed entrywise (each entry rounded to
+    # eps |A|^2 / sigma^2 = 1e-4) those drowned: impute's means were up to 1e-3 conditional
+    # stds off at sigma = 1e-6 (4e-4 on benchmarks/audit_impute_calibration.py's), and y,
+    # |x - b|^2_P from uncentred products cost log p eps |x|^2 / sigma^2 ~ 1e-3 nats.
+    # g is affine although its units switch: each unit h has a twin with weights -W_h, bias
+    # -c1_h and output weight -V_h (V the stored output weights); whichever of the two is on,
+    # their sum is V_h (1 + s) (W_h z + c1_h), so g(z) = A z + b exactly for these float64
+    # weights, A = V (1 + s) W, b = V (1 + s) c1 + c, and p(x_m | x_o) is Gaussian
+    import mpmath as mp
+    from cpadgn.model import CPAModel
+    mp.mp.dps = 40
+    for S, D, sigma, seed in [(2, 4, 1e-6, 6), (3, 5, 1e-5, 7)]:
+        rng = np.random.default_rng(seed)
+        H, s = 3, 0.2
+        W, c1 = rng.normal(size=(H, S)), rng.normal(size=H)
+        V, c = rng.normal(size=(D, H)) / (1 + s), rng.normal(size=D)
+        net = PiecewiseAffineNet.from_arrays([np.concatenate([W, -W]), np.concatenate([V, -V], 1)],
+                                             [np.concatenate([c1, -c1]), c], [s])
+        scale = mp.matrix(V) * (1 + mp.mpf(s))
+        A, b = scale * mp.matrix(W), scale * mp.matrix(c1) + mp.matrix(c)
+        Af, bf = np.array(A.tolist(), float), np.array(b.tolist(), float)[:, 0]
+        X = rng.standard_normal((6, S)) @ Af.T + bf + sigma * rng.standard_normal((6, D))
+        for n in range(6):                              # 1 .. S observed entries, then half
+            X[n, rng.permutation(D)[: D - 1 - n % S if n < 4 else D // 2]] = np.nan
+        model = CPAModel(net, noise_std=sigma, device="cpu")
+        magnitude = (np.abs(V) * (1 + s)) @ np.abs(W) @ np.ones(S) + np.abs(V) @ np.abs(c1) * (1 + s) \
+            + np.abs(c) + np.nanmax(np.abs(X))
+        _check_against_exact(model, X, A, b, sigma, magnitude.max())
+
+
+def test_missing_entries_where_the_output_layer_cancels_condition_exactly():
+    # test_an_output_layer_that_cancels_...'s generator with entries missing and an output
+    # bias b0: g(z) = b0 exactly (a w and 10 a are exact for these a), so p(x_o) = N(b0_o,
+    # sigma^2 I) and E[x_m | x_o] = b0_m, std sigma.  The products formed in uncentred data
+    # space rounded |x|^2 / sigma^2 ~ 1e14: log p was 0.03 nats off at sigma = 1e-7
+    import mpmath as mp
+    from cpadgn.model import CPAModel
+    mp.mp.dps = 40
+    w, b0, sigma = np.array([1.0, 2.0, 3.0]), np.array([0.5, -1.0, 2.0]), 1e-7
+    X = b0 + sigma * np.random.default_rng(0).standard_normal((5, 3))
+    X[0, 0] = X[1, 1] = X[2, 2] = np.nan
+    X[3, :2] = X[4, 1:] = np.nan
+    for a in [0.5, 1.25, 3.0, 5.0]:
+        net = PiecewiseAffineNet.from_arrays([np.array([[1.0], [a]]), np.column_stack([w * a, -w])],
+                                             [np.array([10.0, 10.0 * a]), b0], [0.1])
+        model = CPAModel(net, noise_std=sigma, device="cpu")
+        # |U||c| = 20 a |w| (c = 10 (1, a) at z = 0), |U||M| = 2 a |w|, beside |b0|, |x| <= 3
+        _check_against_exact(model, X, mp.zeros(3, 1), mp.matrix(b0), sigma, 20 * a * 3 + 2 * a * 3 + 2 * 3)
