@@ -343,7 +343,7 @@ def _whitened_normals(G: torch.Tensor, C: torch.Tensor):
 
 def _packed_edges(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096):
     """The edges of R polyhedra, a (R, F, 3), c (R, F), real (R, F) (``polyhedron_edges``),
-    as ``edges.pack_segments`` lays them out: segments (R, 8, E) (E the largest edge count),
+    as ``edges.pack_segments`` lays them out: segments (R, E, 8) (E the largest edge count),
     edge counts (R,) and volumes (R,) (inf for a region without real facets), found in
     groups of equal facet count on torch's thread count (``facet_count_groups``)."""
     R = a.shape[0]
@@ -356,10 +356,10 @@ def _packed_edges(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4
     with closing(map_in_threads(edges_of, facet_count_groups(real.sum(1), group), torch.get_num_threads())) \
             as results:
         parts = list(results)
-    segments = padding_segments(R, max([s.shape[2] for _, s, _, _ in parts], default=1))
+    segments = padding_segments(R, max([s.shape[1] for _, s, _, _ in parts], default=1))
     n_edges, volume = np.zeros(R, np.int64), np.full(R, np.inf)
     for g, seg, n, vol in parts:
-        segments[g, :, :seg.shape[2]], n_edges[g], volume[g] = seg, n, vol
+        segments[g, :seg.shape[1]], n_edges[g], volume[g] = seg, n, vol
     return segments, n_edges, volume
 
 
@@ -666,7 +666,7 @@ def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, c
     dist = np.empty(regions.size)
     for i in np.array_split(order, -(-order.size // chunk)) if order.size else []:
         f, e, r = max(int(n_facets[i].max()), 1), max(int(n_edges[i].max()), 1), regions[i]
-        dist[i] = distance_to_packed(facets[r, :, :f], segments[r, :, :e], v[i])
+        dist[i] = distance_to_packed(facets[r, :f], segments[r, :e], v[i])
     return dist
 
 
