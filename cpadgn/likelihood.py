@@ -298,6 +298,7 @@ class RegionTable:
                 t_lo[sl, :f], t_hi[sl, :f], live[sl, :f], real_sorted[sl, :f] = lo_, hi_, lv, rs
         self.G, self.h, self.mask = G, h, mask          # numpy: the polytope integrals run on the CPU
         self.G_t, self.h_t, self.mask_t = t(G), t(h), t(mask)
+        self.n_facets_t = t(part.n_facets.astype(np.int64))
         self.GC_unit, self.h_unit = t(GC_unit), t(h_unit)
         self.polygons = None
         if polygons and any_real:
@@ -587,16 +588,26 @@ def _pair_polygons(tab: RegionTable, L: np.ndarray, regions: np.ndarray):
         return a2, d2, np.where(real, c0 / norm, 0.0), move(t_lo), move(t_hi), live, real
 
 
-def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facets=None) -> torch.Tensor:
+def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facets=None,
+                 chunk: int = 65536) -> torch.Tensor:
     """log of the largest one-facet mass bound, min_k Phi(slack_k / std_k), for pairs with
     whitened posterior means v (P, S) in regions (P,) -> (P,).  facets: the pairs' own
     whitened facets (GC_unit, h_unit, real) (``_pair_facets``, rows with missing entries);
-    None: the regions' (complete rows)."""
+    None: the regions' (complete rows), gathered on pairs sorted by their regions' facet
+    counts, each chunk's cut to its own largest count (the table is padded to the largest
+    region's: at S = 3 32-32 16 facets against ~6 on average, ~2.5x the time)."""
     if tab.h_unit.shape[-1] == 0:
         return torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-    GC_unit, h_unit = (tab.GC_unit[regions], tab.h_unit[regions]) if facets is None else facets[:2]
-    z = h_unit - (GC_unit @ v[:, :, None])[..., 0]
-    return torch.special.log_ndtr(z.min(dim=-1).values)
+    if facets is not None:
+        GC_unit, h_unit = facets[:2]
+        return torch.special.log_ndtr((h_unit - (GC_unit @ v[:, :, None])[..., 0]).min(dim=-1).values)
+    count = tab.n_facets_t[regions]
+    order = torch.argsort(count)
+    slack = torch.empty(regions.shape, dtype=v.dtype, device=v.device)
+    for i in torch.split(order, chunk) if order.numel() else []:
+        f, r = max(int(count[i[-1]]), 1), regions[i]
+        slack[i] = (tab.h_unit[r, :f] - (tab.GC_unit[r, :f] @ v[i][:, :, None])[..., 0]).min(dim=-1).values
+    return torch.special.log_ndtr(slack)
 
 
 def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None) -> np.ndarray:
