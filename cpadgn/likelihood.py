@@ -299,6 +299,7 @@ class RegionTable:
                 t_lo[sl, :f], t_hi[sl, :f], live[sl, :f], real_sorted[sl, :f] = lo_, hi_, lv, rs
         self.G, self.h, self.mask = G, h, mask          # numpy: the polytope integrals run on the CPU
         self.G_t, self.h_t, self.mask_t = t(G), t(h), t(mask)
+        self.n_facets_t = t(part.n_facets.astype(np.int64))
         self.GC_unit, self.h_unit = t(GC_unit), t(h_unit)
         self.polygons = None
         if polygons and any_real:
@@ -344,7 +345,7 @@ def _whitened_normals(G: torch.Tensor, C: torch.Tensor):
 
 def _packed_edges(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4096):
     """The edges of R polyhedra, a (R, F, 3), c (R, F), real (R, F) (``polyhedron_edges``),
-    as ``edges.pack_segments`` lays them out: segments (R, 8, E) (E the largest edge count),
+    as ``edges.pack_segments`` lays them out: segments (R, E, 8) (E the largest edge count),
     edge counts (R,) and volumes (R,) (inf for a region without real facets), found in
     groups of equal facet count on torch's thread count (``facet_count_groups``)."""
     R = a.shape[0]
@@ -357,10 +358,10 @@ def _packed_edges(a: np.ndarray, c: np.ndarray, real: np.ndarray, group: int = 4
     with closing(map_in_threads(edges_of, facet_count_groups(real.sum(1), group), torch.get_num_threads())) \
             as results:
         parts = list(results)
-    segments = padding_segments(R, max([s.shape[2] for _, s, _, _ in parts], default=1))
+    segments = padding_segments(R, max([s.shape[1] for _, s, _, _ in parts], default=1))
     n_edges, volume = np.zeros(R, np.int64), np.full(R, np.inf)
     for g, seg, n, vol in parts:
-        segments[g, :, :seg.shape[2]], n_edges[g], volume[g] = seg, n, vol
+        segments[g, :seg.shape[1]], n_edges[g], volume[g] = seg, n, vol
     return segments, n_edges, volume
 
 
@@ -612,16 +613,26 @@ def _pair_polygons(tab: RegionTable, L: np.ndarray, regions: np.ndarray):
         return a2, d2, np.where(real, c0 / norm, 0.0), move(t_lo), move(t_hi), live, real
 
 
-def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facets=None) -> torch.Tensor:
+def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facets=None,
+                 chunk: int = 65536) -> torch.Tensor:
     """log of the largest one-facet mass bound, min_k Phi(slack_k / std_k), for pairs with
     whitened posterior means v (P, S) in regions (P,) -> (P,).  facets: the pairs' own
     whitened facets (GC_unit, h_unit, real) (``_pair_facets``, rows with missing entries);
-    None: the regions' (complete rows)."""
+    None: the regions' (complete rows), gathered on pairs sorted by their regions' facet
+    counts, each chunk's cut to its own largest count (the table is padded to the largest
+    region's: at S = 3 32-32 16 facets against ~6 on average, ~2.5x the time)."""
     if tab.h_unit.shape[-1] == 0:
         return torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-    GC_unit, h_unit = (tab.GC_unit[regions], tab.h_unit[regions]) if facets is None else facets[:2]
-    z = h_unit - (GC_unit @ v[:, :, None])[..., 0]
-    return torch.special.log_ndtr(z.min(dim=-1).values)
+    if facets is not None:
+        GC_unit, h_unit = facets[:2]
+        return torch.special.log_ndtr((h_unit - (GC_unit @ v[:, :, None])[..., 0]).min(dim=-1).values)
+    count = tab.n_facets_t[regions]
+    order = torch.argsort(count)
+    slack = torch.empty(regions.shape, dtype=v.dtype, device=v.device)
+    for i in torch.split(order, chunk) if order.numel() else []:
+        f, r = max(int(count[i[-1]]), 1), regions[i]
+        slack[i] = (tab.h_unit[r, :f] - (tab.GC_unit[r, :f] @ v[i][:, :, None])[..., 0]).min(dim=-1).values
+    return torch.special.log_ndtr(slack)
 
 
 def _nearest_point_bound(tab: RegionTable, v: np.ndarray, regions: np.ndarray, polygons=None) -> np.ndarray:
@@ -691,7 +702,7 @@ def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, c
     dist = np.empty(regions.size)
     for i in np.array_split(order, -(-order.size // chunk)) if order.size else []:
         f, e, r = max(int(n_facets[i].max()), 1), max(int(n_edges[i].max()), 1), regions[i]
-        dist[i] = distance_to_packed(facets[r, :, :f], segments[r, :, :e], v[i])
+        dist[i] = distance_to_packed(facets[r, :f], segments[r, :e], v[i])
     return dist
 
 

@@ -396,6 +396,40 @@ def test_pruning_bounds_are_never_below_the_region_mass(S, hidden):
     assert np.median((facet - near)[outside]) > 1.0          # the nearest point is the sharper bound
 
 
+@pytest.mark.parametrize("S, hidden", [(2, (8, 8)), (3, (5, 5))])
+def test_facet_bound_is_the_smallest_facet_probability_from_the_raw_facets(S, hidden):
+    """The facet bound, from the whitened table on pairs in chunks cut to their regions'
+    facet counts (chunks of 7: many, of mixed counts), is min_k log Phi((h_k - G_k mu) /
+    |G_k C|) over each region's real facets, mu = C v, from the raw facets G, h: a facet
+    left out of a chunk would only loosen the bound, which the mass test above cannot see."""
+    import torch
+    from scipy.special import log_ndtr
+
+    from cpadgn import likelihood as lik
+    model = CPAModel(random_net(S, hidden, 4, seed=11, slope=0.1, scale=2.0), noise_std=0.1, device="cpu")
+    X = model.sample(6, seed=2)
+    X[::2] += 1.5                                            # off-manifold rows: far regions
+    tab = model._region_table()
+    assert len(set(tab.mask.sum(1))) > 2                     # regions of several facet counts
+    rows, regions = (torch.as_tensor(a.ravel()) for a in np.meshgrid(np.arange(len(X)), np.arange(tab.n_regions),
+                                                                     indexing="ij"))
+    v = lik._log_kappa_complete(tab, torch.as_tensor(X))[1][rows, :, regions]
+    bound = lik._facet_bound(tab, v, regions, chunk=7).numpy()
+    C, v, r = tab.C[regions].numpy(), v.numpy(), regions.numpy()
+    mu = np.einsum("pst,pt->ps", C, v)
+    G, h = tab.G[r], tab.h[r]
+    norm = np.linalg.norm(np.einsum("pfs,pst->pft", G, C), axis=-1)
+    real = tab.mask[r] & (norm > 0)
+    z = np.where(real, (h - np.einsum("pfs,ps->pf", G, mu)) / np.where(real, norm, 1.0), np.inf)
+    ref = log_ndtr(z.min(1))
+    # z rounds to ~10 eps (|h| + |G| |mu|) / |G C| (one product more in the whitened table);
+    # d log Phi(z) / dz = phi / Phi(z) <= |z| + 1
+    dz = 10 * np.finfo(float).eps * (np.abs(h) + np.linalg.norm(G, axis=-1) * np.linalg.norm(mu, axis=-1)[:, None])
+    tol = np.where(real, dz / np.where(real, norm, 1.0), 0.0).max(1) * (1 + np.abs(z.min(1)))
+    assert np.all(np.abs(bound - ref) <= tol + 1e-300)
+    assert (ref < np.log(0.5)).mean() > 0.5                  # most pairs lie beyond a facet
+
+
 def test_distances_to_whitened_regions_match_least_distance_programming():
     """S = 3: the distance from pairs' whitened means to their regions, from the packed
     tables in chunks cut to their own facet and edge counts, against NNLS least-distance
