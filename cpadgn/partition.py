@@ -149,10 +149,13 @@ class Partition:
     def locate(self, net: PiecewiseAffineNet, z: np.ndarray) -> np.ndarray:
         """Region index of each point (N, S) -> (N,) int64, -1 where the pattern is unknown.
 
-        A point whose pattern is no region is looked up again with every unit within the
-        enumeration's resolution of 0 (``_resolution``) counted as >= 0, as both
-        enumerations count it: e.g. max(a, b) where a clamp saturates both a and b makes
-        a - b rounding noise of either sign over a whole region."""
+        A point whose pattern is no region is on a tie the enumeration resolved its own
+        way, and is looked up again with every unit within the enumeration's resolution
+        of 0 (``_resolution``) counted as >= 0 (e.g. max(a, b) where a clamp saturates
+        both a and b makes a - b rounding noise of either sign over a whole region), then
+        with the columns of dead and duplicate units from their constants / originals
+        (``_fill_inactive``: a flipped copy of a unit that is 0 on a whole region is >= 0
+        there, as the unit is, but the subdivision and the walk store it flipped)."""
         keys = _pattern_keys(self.patterns)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
@@ -168,8 +171,12 @@ class Partition:
         where = lookup((u >= 0) | net.linear_units)
         miss = np.flatnonzero(where < 0)
         if miss.size:
-            near_zero = np.abs(u[miss]) <= _resolution(net) * net.preactivation_scale(z[miss])
-            where[miss] = lookup((u[miss] >= 0) | near_zero | net.linear_units)
+            signs = (u[miss] >= 0) | net.linear_units
+            snapped = signs | (np.abs(u[miss]) <= _resolution(net) * net.preactivation_scale(z[miss]))
+            classes = _unit_classes(net)
+            for q in (snapped, _fill_inactive(signs, *classes), _fill_inactive(snapped.copy(), *classes)):
+                left = np.flatnonzero(where[miss] < 0)
+                where[miss[left]] = lookup(q[left])
         return where
 
 
