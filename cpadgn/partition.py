@@ -50,8 +50,10 @@ Three exact enumeration algorithms (``compute_partition(method=...)``):
     S dimensions; for unbounded regions each hull facet is confirmed by one LP), then
     each facet is crossed to the neighbour (the pattern with that unit flipped; a
     forward pass just across the facet when the flip is empty).  Dead and duplicate
-    units are skipped as in the subdivision, and a unit identically 0 on a region
-    counts as >= 0 there, as in the subdivision (else the region comes once per sign).
+    units are skipped as in the subdivision, and a unit identically 0 on a region (up
+    to rounding: ``_region_constraints_snapped``) counts as >= 0 there, as in the
+    subdivision (else the region comes once per sign).  Rows of units whose hyperplanes
+    coincide up to rounding are one facet (``_same_hyperplane``).
 
 Every region's interior point is checked by a forward pass; its clearance (distance to
 the nearest facet) is computed, a Chebyshev LP re-centres the few that look thin, and
@@ -72,6 +74,7 @@ from .network import PiecewiseAffineNet
 
 DEGENERATE_CLEARANCE = 1e-7
 LP_MIN_RADIUS = 1e-10     # lp-walk: a pattern whose Chebyshev radius the LP cannot certify above this is no region
+LP_FACET_TOL = 1e-9       # lp-walk: a row the others keep below this on the facet LP's box is redundant
 SNAP_RTOL = 1e-11          # subdivision: |u| <= SNAP_RTOL * max|u| counts as u = 0
 
 
@@ -144,13 +147,37 @@ class Partition:
         return G, h, mask
 
     def locate(self, net: PiecewiseAffineNet, z: np.ndarray) -> np.ndarray:
-        """Region index of each point (N, S) -> (N,) int64, -1 where the pattern is unknown."""
+        """Region index of each point (N, S) -> (N,) int64, -1 where the pattern is unknown.
+
+        A point whose pattern is no region is on a tie the enumeration resolved its own
+        way, and is looked up again with every unit within the enumeration's resolution
+        of 0 (``_resolution``) counted as >= 0 (e.g. max(a, b) where a clamp saturates
+        both a and b makes a - b rounding noise of either sign over a whole region), then
+        with the columns of dead and duplicate units from their constants / originals
+        (``_fill_inactive``: a flipped copy of a unit that is 0 on a whole region is >= 0
+        there, as the unit is, but the subdivision and the walk store it flipped)."""
         keys = _pattern_keys(self.patterns)
         order = np.argsort(keys, kind="stable")
-        q = _pattern_keys(net.patterns(np.asarray(z, dtype=np.float64).reshape(-1, net.latent_dim)))
-        pos = np.clip(np.searchsorted(keys[order], q), 0, max(len(keys) - 1, 0))
-        found = (keys[order][pos] == q) if len(keys) else np.zeros(len(q), bool)
-        return np.where(found, order[pos], -1)
+        sorted_keys = keys[order]
+
+        def lookup(patterns):
+            q = _pattern_keys(patterns)
+            pos = np.clip(np.searchsorted(sorted_keys, q), 0, max(len(keys) - 1, 0))
+            found = (sorted_keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
+            return np.where(found, order[pos], -1)
+
+        z = np.asarray(z, dtype=np.float64).reshape(-1, net.latent_dim)
+        u = net.preactivations(z)
+        where = lookup((u >= 0) | net.linear_units)
+        miss = np.flatnonzero(where < 0)
+        if miss.size:
+            signs = (u[miss] >= 0) | net.linear_units
+            snapped = signs | (np.abs(u[miss]) <= _resolution(net) * net.preactivation_scale(z[miss]))
+            classes = _unit_classes(net)
+            for q in (snapped, _fill_inactive(signs, *classes), _fill_inactive(snapped.copy(), *classes)):
+                left = np.flatnonzero(where[miss] < 0)
+                where[miss[left]] = lookup(q[left])
+        return where
 
 
 def _layer_affine(net: PiecewiseAffineNet, patterns: np.ndarray):
@@ -222,6 +249,32 @@ def _region_constraints(net: PiecewiseAffineNet, patterns: np.ndarray):
     cu = np.concatenate([c for _, c in parts], axis=0).T
     sign = np.where(patterns, -1.0, 1.0) * ~net.linear_units          # slope 1: 0 <= 0
     return sign[:, :, None] * G, -sign * cu
+
+
+def _region_constraints_snapped(net: PiecewiseAffineNet, patterns: np.ndarray):
+    """``_region_constraints`` with every row that is 0 up to rounding set to exactly 0.
+
+    A row whose G entries are all within ``_resolution`` of the magnitudes they are summed
+    from (the same products with |W|, |b| and |slope|) is 0: e.g. the unit a - b of
+    max(a, b) where a clamp saturates both a and b (their maps cancel up to rounding).
+    Left as it is, its rounding noise, normalised, is a hyperplane in a random direction.
+    Its h is then 0 too where within the resolution of its magnitude, so that the unit
+    counts as identically 0 there (as the subdivision's snapping makes it)."""
+    G, h = _region_constraints(net, patterns)
+    if net.n_units == 0:
+        return G, h
+    magnitudes = PiecewiseAffineNet.from_arrays([np.abs(W) for W in net.weights],
+                                                [np.abs(b) for b in net.biases],
+                                                [np.abs(a) for a in net.slopes])
+    # not _region_constraints: it reads an abs unit's |slope| = 1 as linear and zeroes its row
+    parts = list(_layer_affine(magnitudes, patterns))
+    Gm = np.concatenate([g for g, _ in parts], axis=0).transpose(1, 0, 2)
+    hm = np.concatenate([c for _, c in parts], axis=0).T
+    tol = _resolution(net)
+    zero_row = np.all(np.abs(G) <= tol * Gm, axis=2)
+    G[zero_row] = 0.0
+    h[zero_row & (np.abs(h) <= tol * hm)] = 0.0
+    return G, h
 
 
 def _pattern_keys(patterns: np.ndarray) -> np.ndarray:
@@ -328,12 +381,18 @@ def _pattern_within_resolution(net: PiecewiseAffineNet, z: np.ndarray, patterns:
     forward pass errs by L gamma_n m.  A region that is not near-degenerate (clearance
     >= 1e-7) has every |u| far above it at its interior point, so a wrong pattern there
     still fails."""
-    eps = np.finfo(np.float64).eps
-    n = max(W.shape[1] for W in net.weights) + 1
-    resolution = SNAP_RTOL + len(net.weights) * n * eps / (1 - n * eps)
     u = net.preactivations(z)
     agree = ((u >= 0) | net.linear_units) == patterns
-    return (agree | (np.abs(u) <= resolution * net.preactivation_scale(z))).all(axis=1)
+    return (agree | (np.abs(u) <= _resolution(net) * net.preactivation_scale(z))).all(axis=1)
+
+
+def _resolution(net: PiecewiseAffineNet) -> float:
+    """SNAP_RTOL + L gamma_n, n the largest fan-in + 1: relative to the magnitudes a
+    pre-activation (or a region's constraint row) is summed from, a value below it is
+    0 up to the subdivision's snapping and float64's rounding (Higham, 3.5)."""
+    eps = np.finfo(np.float64).eps
+    n = max(W.shape[1] for W in net.weights) + 1
+    return SNAP_RTOL + len(net.weights) * n * eps / (1 - n * eps)
 
 
 def _linear_partition(net, t0) -> Partition:
@@ -999,26 +1058,40 @@ def _chebyshev(Gn, hn, cap=1.0):
     return res.x[:S], float(res.x[S])
 
 
+def _same_hyperplane(A):
+    """(n,) for each row of A (n, S + 1) (rows [Gn, -hn], unit normals) the first row of
+    its hyperplane: rows within L1 distance LP_FACET_TOL of each other are one hyperplane
+    (units whose hyperplanes coincide up to rounding), since then A_i y <= A_j y +
+    LP_FACET_TOL on the facet LP's box |y|_inf <= 1."""
+    close = np.abs(A[:, None, :] - A[None, :, :]).sum(axis=2) <= LP_FACET_TOL
+    first = np.argmax(close, axis=1) if len(A) else np.zeros(0, np.int64)
+    while np.any(first[first] != first):          # chains of close rows: one first row per chain
+        first = first[first]
+    return first
+
+
 def _facets_by_lp(Gn, hn, cand=None):
     """Non-redundant rows of {Gn z <= hn} (unit rows, non-empty interior) by one LP each.
 
     Row i is a facet of the region iff it is one of its homogenised cone
     {y = (z, t) : Gn z - hn t <= 0, t >= 0}, i.e. iff some y in the cone of the other
     rows, normalised to the box |y|_inf <= 1, has Gn_i z - hn_i t > 0 (a bounded LP).
-    Exact duplicates: the first one counts.  cand: the rows to test (default all).
+    Rows of one hyperplane (``_same_hyperplane``): the first one counts, and only it is
+    tested (tested against each other, each would be redundant and the facet lost).
+    cand: the rows to test (default all).
     """
     S = Gn.shape[1]
     A = np.hstack([Gn, -hn[:, None]])
-    _, first = np.unique(A, axis=0, return_index=True)
-    uniq = np.sort(first)
-    cand = uniq if cand is None else np.intersect1d(uniq, cand)
+    first = _same_hyperplane(A)
+    uniq = np.flatnonzero(first == np.arange(first.size))
+    cand = uniq if cand is None else np.unique(first[cand])
     out = []
     for i in cand:
         others = uniq[uniq != i]
         res = _linprog(-A[i], A_ub=A[others], b_ub=np.zeros(others.size),
                        bounds=[(-1.0, 1.0)] * S + [(0.0, 1.0)])
         # an LP that no solver can settle keeps the row (listing a redundant row is safe)
-        if res is None or -res.fun > 1e-9:
+        if res is None or -res.fun > LP_FACET_TOL:
             out.append(i)
     return np.array(out, dtype=np.int64)
 
@@ -1062,7 +1135,7 @@ def _is_bounded(GnF):
 def _region_geometry(net, pattern, classes=None):
     """(centre, radius, facet units, bounded, ...) of one sign pattern, or None if it has
     no interior point the LP can certify (Chebyshev radius <= LP_MIN_RADIUS)."""
-    G, h = _region_constraints(net, pattern[None])
+    G, h = _region_constraints_snapped(net, pattern[None])
     nr = _normalised_rows(G[0], h[0])
     if nr is None:
         return None
@@ -1088,8 +1161,8 @@ def _cross_point_pattern(net, geom, k):
     """Pattern just across facet unit k of a region, from a point in the facet's interior."""
     c, r, fac, bounded, Gn, hn, keep = geom
     i = int(np.flatnonzero(keep == k)[0])
-    same = np.all(np.isclose(np.hstack([Gn, hn[:, None]]), np.r_[Gn[i], hn[i]][None, :], rtol=0, atol=1e-12),
-                  axis=1)
+    first = _same_hyperplane(np.hstack([Gn, -hn[:, None]]))
+    same = first == first[i]
     S = Gn.shape[1]
     oth = np.flatnonzero(~same)
     res = _linprog(np.r_[np.zeros(S), -1.0], A_ub=np.hstack([Gn[oth], np.ones((oth.size, 1))]), b_ub=hn[oth],
@@ -1111,7 +1184,7 @@ def _canonical_pattern(net, pattern, classes):
     unit outputs 0 whatever its sign, so no other row changes.
     """
     q = _fill_inactive(pattern[None].copy(), *classes)
-    G, h = _region_constraints(net, q)
+    G, h = _region_constraints_snapped(net, q)
     identically_zero = ~G[0].any(axis=1) & (h[0] == 0) & classes[0]
     return _fill_inactive(q | identically_zero, *classes)[0]
 

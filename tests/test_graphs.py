@@ -236,6 +236,38 @@ def test_lp_walk_lists_each_region_of_max_pooling_over_relus_once():
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-10 + 1e-13)
 
 
+def test_clamps_saturating_both_inputs_of_a_max_count_as_ties():
+    """Linear -> Hardtanh -> MaxPool1d: where the clamp saturates both inputs a, b of a max
+    at one bound, its unit a - b (lo + relu(u - lo) - relu(u - hi) twice) is 0 up to
+    rounding, of either sign.  locate took the forward pass's noisy sign (12% of prior
+    samples in no region) and the LP walk normalised the noise into hyperplanes in random
+    directions (prior masses summed to 2.03).  Both must count the unit as >= 0, as the
+    subdivision's snapping does.  Oracles: each sample satisfies the facet constraints of
+    the region it is located in, and the regions' masses are the sample frequencies."""
+    g = torch.Generator().manual_seed(4)
+    module = nn.Sequential(nn.Linear(2, 4), nn.Hardtanh(-0.5, 0.5), nn.MaxPool1d(2), nn.Linear(2, 3)).double()
+    with torch.no_grad():
+        for prm in module.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=torch.float64))
+    net = cpadgn.load(module.eval(), noise_std=0.3).net
+    n = 20_000
+    z = np.random.default_rng(0).standard_normal((n, 2))
+    for method in ("auto", "lp-walk"):
+        part = compute_partition(net, method=method)
+        # S = 2: exact masses, their sum errs by R eps at most
+        assert abs(np.exp(part.log_prior_mass).sum() - 1) <= part.n_regions * np.finfo(float).eps, method
+        where = part.locate(net, z)
+        assert (where >= 0).all(), (method, (where < 0).mean())
+        G, h, mask = part.facets(net, where)
+        excess = np.einsum("nfs,ns->nf", G, z) - h
+        # float64 rows and products err by ~1e-15 of the magnitudes summed: 1e-12 is far above
+        scale = np.einsum("nfs,ns->nf", np.abs(G), np.abs(z)) + np.abs(h)
+        assert (excess[mask] <= 1e-12 * scale[mask]).all(), method
+        freq = np.bincount(where, minlength=part.n_regions) / n
+        p = np.exp(part.log_prior_mass)
+        assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12).all(), method
+
+
 def test_load_accepts_modules_and_exported_programs(z):
     module = _randomise(SEQUENTIAL["conv2d"](), 3)
     ep = torch.export.export(module, (torch.zeros(2, S, dtype=torch.float64),))

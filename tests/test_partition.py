@@ -272,6 +272,46 @@ def test_concurrent_hyperplanes_never_crash_nor_lose_regions():
     assert chk["samples_located"] == 1.0
 
 
+def test_lp_walk_keeps_a_facet_that_two_units_share():
+    """v = 3 leaky(u0) has u0's line, up to rounding.  The LP walk's facet LPs tested each
+    of the two rows against the other, found each redundant and lost the facet: it listed
+    4 regions, two of them too large, and missed two patterns of prior samples.  Oracle:
+    the prior samples' patterns (forward pass) and their frequencies."""
+    net = PiecewiseAffineNet.from_arrays(
+        [np.array([[0.7, 0.2], [0.0, -1.0]]), np.array([[3.0, 0.0], [0.5, 1.0]]), np.array([[1.0, -1.0]])],
+        [np.array([-0.1, 0.5]), np.array([0.0, 0.2]), np.zeros(1)], [np.array([0.1, 0.0]), np.array([0.0, 0.3])])
+    lp = compute_partition(net, method="lp-walk")
+    n = 20_000
+    q = net.patterns(np.random.default_rng(0).standard_normal((n, 2)))
+    keys, counts = np.unique(np.packbits(q, axis=1), axis=0, return_counts=True)
+    listed = {bytes(k): i for i, k in enumerate(np.packbits(lp.patterns, axis=1))}
+    assert all(bytes(k) in listed for k in keys)
+    freq = np.zeros(lp.n_regions)
+    freq[[listed[bytes(k)] for k in keys]] = counts / n
+    p = np.exp(lp.log_prior_mass)
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12).all()
+
+
+@pytest.mark.parametrize("method", ["auto", "lp-walk"])
+def test_locate_where_a_flipped_duplicate_is_identically_zero(method):
+    """0.7 h and -1.3 h, h = relu(z_1 + z_2 / 2): where h = 0 both are 0, so both >= 0,
+    yet the enumerations store the copy's column flipped from its original's (half of
+    the prior samples were located nowhere).  Oracle: each sample satisfies the facet
+    constraints of its region, and the masses are the sample frequencies."""
+    net = PiecewiseAffineNet.from_arrays([np.array([[1.0, 0.5]]), np.array([[0.7], [-1.3]]), np.array([[1.0, 2.0]])],
+                                         [np.zeros(1), np.zeros(2), np.zeros(1)], [np.zeros(1), np.zeros(2)])
+    part = compute_partition(net, method=method)
+    n = 20_000
+    z = np.random.default_rng(0).standard_normal((n, 2))
+    where = part.locate(net, z)
+    assert (where >= 0).all()
+    G, h, mask = part.facets(net, where)
+    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()      # exact here: no sample on a facet
+    p = np.exp(part.log_prior_mass)
+    freq = np.bincount(where, minlength=part.n_regions) / n
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+
+
 @pytest.mark.parametrize("S,method", [(1, "auto"), (2, "subdivision"), (3, "subdivision"), (2, "lp-walk")])
 def test_max_regions(S, method, no_masses):
     net = random_net(S, (10, 10) if S == 1 or method == "subdivision" and S == 2 else (4, 4), 2, seed=0, slope=0.1)
