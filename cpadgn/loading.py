@@ -34,6 +34,9 @@ operation an entry in ``EXPORT_HANDLERS`` (op name -> function of its arguments)
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
 import pickle
 import warnings
@@ -871,7 +874,8 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
     was_training = module.training
     module.eval()
     try:
-        with _quiet():
+        # a failed export prints its partial graph on stderr before raising
+        with _quiet(), contextlib.redirect_stderr(io.StringIO()):
             ep = torch.export.export(module, (torch.as_tensor(example_input),))
     except Exception as e:
         raise CpadgnError(f"{why} (tracing it with torch.export failed: {_first_line(e)})") from None
@@ -889,7 +893,9 @@ def _with_path(path, fn):
 
 
 class _quiet:
-    """Silence torch's deprecation chatter (torch.jit, pytree) while loading."""
+    """Silence torch's deprecation chatter (torch.jit, pytree) while loading, and its log
+    records (a failed torch.export logs warnings and tracebacks before raising the error
+    that cpadgn turns into its one line)."""
 
     def __enter__(self):
         self._ctx = warnings.catch_warnings()
@@ -897,9 +903,12 @@ class _quiet:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
+        self._log_disable = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
         return self
 
     def __exit__(self, *exc):
+        logging.disable(self._log_disable)
         return self._ctx.__exit__(*exc)
 
 
