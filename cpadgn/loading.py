@@ -137,6 +137,9 @@ def _live_net(obj, example_input) -> PiecewiseAffineNet:
         net = _ExportInterpreter(obj, where).run()
     elif isinstance(obj, torch.nn.Module):
         net = module_net(obj, where, example_input)
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CpadgnError("cannot load a state_dict (weights without the architecture): build the "
+                          "decoder, call decoder.load_state_dict(state_dict) and pass the decoder")
     else:
         raise CpadgnError(f"cannot load a {type(obj).__name__}: pass a file path, a torch "
                           "nn.Module or a torch.export ExportedProgram")

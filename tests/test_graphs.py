@@ -251,6 +251,8 @@ def test_load_accepts_modules_and_exported_programs(z):
                     noise_std=0.1)
     with pytest.raises(CpadgnError, match="cannot load a dict"):
         cpadgn.load({"weight": 1}, noise_std=0.1)
+    with pytest.raises(CpadgnError, match=r"cannot load a state_dict .*decoder.load_state_dict"):
+        cpadgn.load(module.state_dict(), noise_std=0.1)
 
 
 def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
