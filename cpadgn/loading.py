@@ -39,6 +39,7 @@ import io
 import logging
 import operator
 import pickle
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -827,6 +828,12 @@ def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
         try:
             obj = _trusted_unpickle(torch, path)
         except (AttributeError, ModuleNotFoundError) as e:
+            # pickle names a class defined in a script by the module __main__, which here is cpadgn
+            if isinstance(e, AttributeError) and repr(sys.modules.get("__main__")) in str(e):
+                raise CpadgnError(
+                    f"{path} pickles a class defined in the script that saved it (its __main__), which "
+                    f"cannot be imported here ({_first_line(e)}); save the model with torch.export.save "
+                    "(.pt2), which needs no code, or move the class into a module and save it again") from None
             raise CpadgnError(
                 f"{path} pickles a custom class that cannot be imported here ({_first_line(e)}); "
                 "make the module defining it importable (e.g. on PYTHONPATH), or save the "
