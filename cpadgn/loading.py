@@ -676,7 +676,12 @@ SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: drop the
 
 
 class _NeedsTrace(CpadgnError):
-    """A module whose forward cannot be read from its class (custom code)."""
+    """A module whose forward cannot be read from its class (custom code).  The message is
+    for a TorchScript module (refused); ``eager`` says why a live module is traced instead."""
+
+    def __init__(self, message: str, eager: str = ""):
+        super().__init__(message)
+        self.eager = eager
 
 
 def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
@@ -691,7 +696,7 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
     if custom:
         raise _NeedsTrace(f"{where} ({kind}) is a custom module whose forward cpadgn cannot read; "
                           "export the model with torch.export.save (.pt2), which records its "
-                          "operations")
+                          "operations", eager=f"{where} ({kind}) is a custom module")
     raise CpadgnError(f"{where} ({kind}) is not supported (not known to be piecewise affine); replace it "
                       "with a supported layer (README, Bring your own decoder)")
 
@@ -723,9 +728,10 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
         if kind not in MODULE_HANDLERS or not builtin:
             if not name:
                 raise _NeedsTrace(
-                    f"the model is a {kind} module, not an nn.Sequential; cpadgn reads TorchScript and "
-                    "pickled modules only as nn.Sequential stacks -- export it with "
-                    "torch.export.save (.pt2) instead, which records its operations")
+                    f"the model is a {kind} module, not an nn.Sequential; cpadgn reads TorchScript "
+                    "modules only as nn.Sequential stacks -- export it with "
+                    "torch.export.save (.pt2) instead, which records its operations",
+                    eager=f"the model is a {kind} module, not an nn.Sequential of known layers")
         leaves.append((m, kind, builtin, f"layer {name}" if name else "the model"))
 
     visit(module, "")
@@ -860,9 +866,9 @@ def module_net(module, where, example_input=None) -> PiecewiseAffineNet:
         except _NeedsTrace as e:
             if kind_of is _scripted_kind:
                 raise CpadgnError(f"{where}: {e}") from None
-            why = e
+            why = CpadgnError(f"{where}: {e.eager}, so cpadgn records its operations with torch.export")
     else:
-        why = CpadgnError(f"{where}: traced with the example input")
+        why = CpadgnError(f"{where}: its operations recorded with torch.export on the example input")
     return _trace_module(module, where, why, example_input)
 
 
@@ -888,7 +894,9 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
         with _quiet(), contextlib.redirect_stderr(io.StringIO()):
             ep = torch.export.export(module, (torch.as_tensor(example_input),))
     except Exception as e:
-        raise CpadgnError(f"{why} (tracing it with torch.export failed: {_first_line(e)})") from None
+        raise CpadgnError(f"{why}, which failed ({_first_line(e)}); make its forward traceable by "
+                          "torch.export (e.g. no Python branch on a tensor's value) and save it with "
+                          "torch.export.save (.pt2)") from None
     finally:
         module.train(was_training)
     return _ExportInterpreter(ep, path).run()
@@ -899,7 +907,9 @@ def _with_path(path, fn):
     try:
         return fn()
     except CpadgnError as e:
-        raise type(e)(f"{path}: {e}") from None
+        prefixed = type(e)(f"{path}: {e}")
+        prefixed.__dict__.update(e.__dict__)
+        raise prefixed from None
 
 
 class _quiet:
