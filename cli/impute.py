@@ -12,7 +12,7 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, check_cache_path, check_dask_options, command_inputs, dask_options,
+from cli.main import (Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs, dask_options,
                       load_model, main, model_options, print_summary, say_for, stderr_target_option, rounding_errors,
                       user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
@@ -260,7 +260,7 @@ def imputation_summary(res, model, n_draws, seconds, out, want_std, std_path) ->
                "max_error_bound": float(res.error_bound.max(initial=0.0)),
                **_mean_stderr_summary(res, n_draws, model.latent_dim >= 4),
                "noise_std": np.asarray(model.noise_std).tolist(), "regions": model.partition().n_regions,
-               "seconds": seconds}
+               **cache_status(model.partition_status), "seconds": seconds}
     if out is not None:
         summary["output"] = str(out)
         if want_std:

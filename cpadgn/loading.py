@@ -34,8 +34,12 @@ operation an entry in ``EXPORT_HANDLERS`` (op name -> function of its arguments)
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
 import pickle
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -134,6 +138,9 @@ def _live_net(obj, example_input) -> PiecewiseAffineNet:
         net = _ExportInterpreter(obj, where).run()
     elif isinstance(obj, torch.nn.Module):
         net = module_net(obj, where, example_input)
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CpadgnError("cannot load a state_dict (weights without the architecture): build the "
+                          "decoder, call decoder.load_state_dict(state_dict) and pass the decoder")
     else:
         raise CpadgnError(f"cannot load a {type(obj).__name__}: pass a file path, a torch "
                           "nn.Module or a torch.export ExportedProgram")
@@ -669,7 +676,12 @@ SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: drop the
 
 
 class _NeedsTrace(CpadgnError):
-    """A module whose forward cannot be read from its class (custom code)."""
+    """A module whose forward cannot be read from its class (custom code).  The message is
+    for a TorchScript module (refused); ``eager`` says why a live module is traced instead."""
+
+    def __init__(self, message: str, eager: str = ""):
+        super().__init__(message)
+        self.eager = eager
 
 
 def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
@@ -684,7 +696,7 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
     if custom:
         raise _NeedsTrace(f"{where} ({kind}) is a custom module whose forward cpadgn cannot read; "
                           "export the model with torch.export.save (.pt2), which records its "
-                          "operations")
+                          "operations", eager=f"{where} ({kind}) is a custom module")
     raise CpadgnError(f"{where} ({kind}) is not supported (not known to be piecewise affine); replace it "
                       "with a supported layer (README, Bring your own decoder)")
 
@@ -716,9 +728,10 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
         if kind not in MODULE_HANDLERS or not builtin:
             if not name:
                 raise _NeedsTrace(
-                    f"the model is a {kind} module, not an nn.Sequential; cpadgn reads TorchScript and "
-                    "pickled modules only as nn.Sequential stacks -- export it with "
-                    "torch.export.save (.pt2) instead, which records its operations")
+                    f"the model is a {kind} module, not an nn.Sequential; cpadgn reads TorchScript "
+                    "modules only as nn.Sequential stacks -- export it with "
+                    "torch.export.save (.pt2) instead, which records its operations",
+                    eager=f"the model is a {kind} module, not an nn.Sequential of known layers")
         leaves.append((m, kind, builtin, f"layer {name}" if name else "the model"))
 
     visit(module, "")
@@ -821,6 +834,12 @@ def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
         try:
             obj = _trusted_unpickle(torch, path)
         except (AttributeError, ModuleNotFoundError) as e:
+            # pickle names a class defined in a script by the module __main__, which here is cpadgn
+            if isinstance(e, AttributeError) and repr(sys.modules.get("__main__")) in str(e):
+                raise CpadgnError(
+                    f"{path} pickles a class defined in the script that saved it (its __main__), which "
+                    f"cannot be imported here ({_first_line(e)}); save the model with torch.export.save "
+                    "(.pt2), which needs no code, or move the class into a module and save it again") from None
             raise CpadgnError(
                 f"{path} pickles a custom class that cannot be imported here ({_first_line(e)}); "
                 "make the module defining it importable (e.g. on PYTHONPATH), or save the "
@@ -847,9 +866,9 @@ def module_net(module, where, example_input=None) -> PiecewiseAffineNet:
         except _NeedsTrace as e:
             if kind_of is _scripted_kind:
                 raise CpadgnError(f"{where}: {e}") from None
-            why = e
+            why = CpadgnError(f"{where}: {e.eager}, so cpadgn records its operations with torch.export")
     else:
-        why = CpadgnError(f"{where}: traced with the example input")
+        why = CpadgnError(f"{where}: its operations recorded with torch.export on the example input")
     return _trace_module(module, where, why, example_input)
 
 
@@ -871,10 +890,13 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
     was_training = module.training
     module.eval()
     try:
-        with _quiet():
+        # a failed export prints its partial graph on stderr before raising
+        with _quiet(), contextlib.redirect_stderr(io.StringIO()):
             ep = torch.export.export(module, (torch.as_tensor(example_input),))
     except Exception as e:
-        raise CpadgnError(f"{why} (tracing it with torch.export failed: {_first_line(e)})") from None
+        raise CpadgnError(f"{why}, which failed ({_first_line(e)}); make its forward traceable by "
+                          "torch.export (e.g. no Python branch on a tensor's value) and save it with "
+                          "torch.export.save (.pt2)") from None
     finally:
         module.train(was_training)
     return _ExportInterpreter(ep, path).run()
@@ -885,11 +907,15 @@ def _with_path(path, fn):
     try:
         return fn()
     except CpadgnError as e:
-        raise type(e)(f"{path}: {e}") from None
+        prefixed = type(e)(f"{path}: {e}")
+        prefixed.__dict__.update(e.__dict__)
+        raise prefixed from None
 
 
 class _quiet:
-    """Silence torch's deprecation chatter (torch.jit, pytree) while loading."""
+    """Silence torch's deprecation chatter (torch.jit, pytree) while loading, and its log
+    records (a failed torch.export logs warnings and tracebacks before raising the error
+    that cpadgn turns into its one line)."""
 
     def __enter__(self):
         self._ctx = warnings.catch_warnings()
@@ -897,9 +923,12 @@ class _quiet:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
+        self._log_disable = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
         return self
 
     def __exit__(self, *exc):
+        logging.disable(self._log_disable)
         return self._ctx.__exit__(*exc)
 
 

@@ -283,6 +283,8 @@ def test_load_accepts_modules_and_exported_programs(z):
                     noise_std=0.1)
     with pytest.raises(CpadgnError, match="cannot load a dict"):
         cpadgn.load({"weight": 1}, noise_std=0.1)
+    with pytest.raises(CpadgnError, match=r"cannot load a state_dict .*decoder.load_state_dict"):
+        cpadgn.load(module.state_dict(), noise_std=0.1)
 
 
 def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
@@ -315,6 +317,23 @@ def test_dense_layer_over_the_memory_limit_is_refused(monkeypatch):
     monkeypatch.setattr(loading, "DENSE_LIMIT_BYTES", 10_000)
     with pytest.raises(CpadgnError, match=r"layer 3: its dense affine form would be 48 x 32 float64 \(0\.01 MiB\)"):
         load_generator(model)
+
+
+def test_pickled_class_of_the_saving_script_says_so(tmp_path):
+    """A class defined in the script that pickled the module is named '__main__.Name':
+    unpickling looks it up in cpadgn's own __main__, so "make its module importable" does
+    not apply; the message says where the class came from."""
+    import pickle
+    import sys
+    main = sys.modules["__main__"]
+    Scripted = type("H48Scripted", (torch.nn.Linear,), {"__module__": "__main__"})
+    main.H48Scripted = Scripted
+    try:
+        torch.save(Scripted(S, 2), str(tmp_path / "scripted.pt"), pickle_module=pickle)
+    finally:
+        del main.H48Scripted
+    with pytest.raises(CpadgnError, match="class defined in the script that saved it.*torch.export.save"):
+        load_generator(tmp_path / "scripted.pt", trust_pickle=True)
 
 
 def test_pickled_custom_class_that_cannot_be_imported(tmp_path):

@@ -672,3 +672,14 @@ def test_s1_draws_of_x_match_quadrature_with_a_general_prior_and_diagonal_noise(
             cdf = lambda v: np.concatenate([stats.norm.cdf((c[:, None] - g[None, :, j]) / noise[j]) @ w
                                             for c in np.array_split(np.asarray(v), 10)])
             assert stats.kstest(draws[:, n, j], cdf).pvalue > 1e-3, (n, j)
+
+
+def test_cli_json_reports_the_cache_status(files):
+    """impute --json says what it did with the partition cache, as score and partition do."""
+    d, X, _ = files
+    cache = d / "status_cache.h5"
+    for want in ("computed", "loaded"):
+        r = run(d / "gen.h5", d / "data.csv", "-o", d / "status.csv", "--cache", cache, "--json", "-q",
+                "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["cache_status"] == want

@@ -330,6 +330,26 @@ def test_torchscript_refuses_non_sequential(tmp_path):
         load_generator(tmp_path / "res.ts")
 
 
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, z):
+        h = self.a(z)
+        return self.b(torch.relu(h if z.sum() > 0 else -h))
+
+
+def test_failed_export_of_a_module_is_one_message_without_torch_logs(capfd):
+    """torch.export of data-dependent control flow fails after logging the traced graph on
+    stderr (~20 lines before the one-line error of the command line); cpadgn silences it."""
+    import cpadgn
+    with pytest.raises(CpadgnError, match="DataDependent module, not an nn.Sequential of known layers, so "
+                       "cpadgn records its operations with torch.export, which failed.*make its forward"):
+        cpadgn.load(DataDependent(), noise_std=0.1)
+    assert capfd.readouterr().err == ""
+
+
 def test_traced_torchscript_without_layer_settings(tmp_path, z):
     """torch.jit.trace keeps a layer's tensors but not its settings (BatchNorm's eps, the
     LeakyReLU slope): an AttributeError escaped as an internal error; now one line naming
