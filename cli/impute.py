@@ -12,7 +12,7 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs, dask_options,
+from cli.main import (FiniteRange, Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs, dask_options,
                       load_model, main, model_options, print_summary, say_for, stderr_target_option, rounding_errors,
                       user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
@@ -23,7 +23,7 @@ from cpadgn.errors import CpadgnError
 @click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="Output file: .csv, .npy or .h5 (not needed with --evaluate-mcar).")
-@click.option("--draws", "n_draws", type=int, default=None, metavar="K",
+@click.option("--draws", "n_draws", type=click.IntRange(min=1), default=None, metavar="K",
               help="Write K exact draws from p(x_missing | x_observed) (multiple imputation) "
                    "instead of the conditional mean.")
 @click.option("--std", "want_std", is_flag=True,
@@ -32,7 +32,8 @@ from cpadgn.errors import CpadgnError
                    "(at S >= 4 also dataset 'mean_stderr': the QMC standard error of the mean).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the draws and of --evaluate-mcar's mask (same seed, same draws).")
-@click.option("--evaluate-mcar", "mcar", type=float, default=None, metavar="P",
+@click.option("--evaluate-mcar", "mcar", type=FiniteRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="P",
               help="Hide a fraction P of the observed entries completely at random (seeded), "
                    "impute them and report the RMSE overall and per column (with --draws also "
                    "the coverage of the draws' central 90% intervals).  -o then writes the "
@@ -88,10 +89,6 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     t0 = time.perf_counter()
     notices = not quiet                      # shown under --json too (on stderr)
     quiet = quiet or as_json
-    if n_draws is not None and n_draws < 1:
-        raise CpadgnError(f"--draws must be a positive integer, got {n_draws}; give --draws 1 or more")
-    if mcar is not None and not (0 < mcar < 1):
-        raise CpadgnError(f"--evaluate-mcar takes a fraction strictly between 0 and 1, got {mcar}")
     if out is None and mcar is None:
         raise CpadgnError("missing output file: pass -o OUT (.csv, .npy or .h5), or --evaluate-mcar P")
     std_path = None

@@ -536,13 +536,13 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
 @click.option("--pvalues", is_flag=True,
               help="Add model-based p-values P(log p(X) <= log p(x)), X drawn from the model, "
                    "with their Monte Carlo 95% interval.")
-@click.option("--samples", type=int, default=None, metavar="M",
+@click.option("--samples", type=click.IntRange(min=1), default=None, metavar="M",
               help="Rows drawn from the model for --pvalues  [default: 2000].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of those draws.")
-@click.option("--alpha", type=float, default=None, metavar="A",
+@click.option("--alpha", type=FiniteRange(0, 1, min_open=True, max_open=True), default=None, metavar="A",
               help="Flag rows with p-value below A as is_anomaly (implies --pvalues; "
                    "an alternative to --contamination).")
-@click.option("--explain", type=int, default=None, metavar="K",
+@click.option("--explain", type=click.IntRange(min=1), default=None, metavar="K",
               help="Add the K features with the largest exact expected squared residual "
                    "E[(x_d - g_d(z))^2 | x] / sigma_d^2 per row.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
@@ -712,20 +712,12 @@ def check_score_options(contamination, pvalues, samples, alpha, explain):
     """Refuse inconsistent ``cpadgn score`` options before any work."""
     if alpha is not None and contamination is not None:
         raise CpadgnError("--alpha and --contamination both set is_anomaly; give only one of them")
-    if alpha is not None and not 0 < alpha < 1:
-        raise CpadgnError(f"--alpha must be between 0 and 1 (exclusive), got {alpha:g}; e.g. --alpha 0.01")
     if samples is not None and not pvalues:
         raise CpadgnError("--samples is the number of model draws for p-values; add --pvalues or --alpha")
-    if samples is not None and samples < 1:
-        raise CpadgnError(f"--samples must be a positive number of model draws, got {samples}; e.g. "
-                          "--samples 2000")
     m = PVALUE_SAMPLES if samples is None else samples
     if alpha is not None and alpha * (m + 1) <= 1:
         raise CpadgnError(f"with --samples {m} the smallest p-value is 1/{m + 1} >= --alpha {alpha:g}, so "
                           f"no row could be flagged; use --samples {int(np.ceil(10 / alpha))} or more")
-    if explain is not None and explain < 1:
-        raise CpadgnError(f"--explain must be a positive number of features, got {explain}; e.g. "
-                          "--explain 3")
 
 
 def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, explain=None):

@@ -248,17 +248,30 @@ def test_score_is_bit_identical_across_runs_and_equal_across_batch_sizes(files):
 
 @pytest.mark.parametrize("options, fragments", [
     (["--alpha", "0.05", "--contamination", "0.1"], ["--alpha", "--contamination"]),
-    (["--alpha", "1.5"], ["--alpha", "between 0 and 1"]),
-    (["--alpha", "0"], ["--alpha"]),
     (["--alpha", "0.001", "--samples", "100"], ["--samples", "smallest p-value"]),
     (["--samples", "100"], ["--pvalues"]),
-    (["--pvalues", "--samples", "0"], ["--samples"]),
-    (["--explain", "0"], ["--explain"]),
     (["--explain", "5"], ["--explain", "4"]),
 ])
 def test_score_bad_options(files, options, fragments):
     out = files["dir"] / "s.csv"
     assert_one_line_error(run("score", files["model"], files["data"], "-o", out, *options), *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (["--alpha", "1.5"], ["--alpha", "0<x<1"]),
+    (["--alpha", "0"], ["--alpha"]),
+    (["--alpha", "nan"], ["--alpha"]),
+    (["--pvalues", "--samples", "0"], ["--samples", "x>=1"]),
+    (["--explain", "0"], ["--explain"]),
+])
+def test_score_option_values_out_of_range_are_usage_errors(files, options, fragments):
+    """A bad option value exits 2 (README: Exit codes), as click's own range checks do."""
+    out = files["dir"] / "s.csv"
+    res = run("score", files["model"], files["data"], "-o", out, *options)
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and err.startswith("Error:") and "\n" not in err, (res.exit_code, err)
+    assert all(f.lower() in err.lower() for f in fragments), err
     assert not out.exists()
 
 

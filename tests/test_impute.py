@@ -510,22 +510,22 @@ def test_cli_evaluate_mcar(files):
     assert r.exit_code == 0 and "rmse" in r.output and "RMSE per column" in r.output
 
 
-@pytest.mark.parametrize("extra,data,message", [
-    (["-o", "{d}/bad1.csv"], "wide.csv", "columns"),
-    ([], "data.csv", "-o OUT"),
-    (["-o", "{d}/bad2.txt"], "data.csv", "extension"),
-    (["-o", "{d}/bad3.csv", "--draws", "0"], "data.csv", "--draws"),
-    (["--evaluate-mcar", "1.5"], "data.csv", "--evaluate-mcar"),
-    (["--std"], "data.csv", "-o OUT"),
-    (["-o", "{d}/bad4.csv", "--draws", "2"], "draw.csv", "draw"),
-    (["-o", "{d}/nodir/out.csv"], "data.csv", "does not exist"),
+@pytest.mark.parametrize("extra,data,message,code", [
+    (["-o", "{d}/bad1.csv"], "wide.csv", "columns", 1),
+    ([], "data.csv", "-o OUT", 1),
+    (["-o", "{d}/bad2.txt"], "data.csv", "extension", 1),
+    (["-o", "{d}/bad3.csv", "--draws", "0"], "data.csv", "--draws", 2),       # bad option values: usage
+    (["--evaluate-mcar", "1.5"], "data.csv", "--evaluate-mcar", 2),
+    (["--std"], "data.csv", "-o OUT", 1),
+    (["-o", "{d}/bad4.csv", "--draws", "2"], "draw.csv", "draw", 1),
+    (["-o", "{d}/nodir/out.csv"], "data.csv", "does not exist", 1),
 ])
-def test_cli_refusals_are_one_line_without_output(files, extra, data, message):
+def test_cli_refusals_are_one_line_without_output(files, extra, data, message, code):
     d, X, _ = files
     (d / "wide.csv").write_text("1,2,3,4,5\n6,,8,9,10\n")
     (d / "draw.csv").write_text("draw,b,c,d\n1,,3,4\n")
     r = run(d / "gen.h5", d / data, *[e.format(d=d) for e in extra], "-q", "--device", "cpu")
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == code, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], r.output
     assert not any(p.name.startswith(("bad", ".bad")) for p in d.iterdir())
