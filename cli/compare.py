@@ -135,8 +135,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         m.memory_budget = memory_budget
         set_stderr_target(m, stderr_target, say)
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
-            part = m.partition(max_regions=max_regions, progress=bar, log=say, notice=notice)
-        say(f"{name}: {part.n_regions} regions ({m.partition_status}; {m.cache_path})")
+            m.partition(max_regions=max_regions, progress=bar, log=say, notice=notice)
         if noises[i] == "auto":       # the partition does not depend on the noise: reused
             sigma = m.fit_noise_std(X_train)
             say(f"{name}: noise std fitted on --train by maximum exact likelihood: {sigma:.6g}")
