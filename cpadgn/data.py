@@ -218,7 +218,8 @@ def write_error(path, e: BaseException) -> CpadgnError:
 
 
 def check_not_an_input(path, inputs: dict) -> None:
-    """Fail (CpadgnError) if writing ``path`` would replace one of ``inputs`` ({role: path}).
+    """Fail (CpadgnError) if writing ``path`` would replace one of ``inputs`` ({role: path}): the
+    command's inputs, or another of its outputs.
 
     The same file is recognised through symbolic links, hard links and relative paths
     (os.path.samefile when both exist, the resolved path otherwise, so a cache file that
@@ -236,8 +237,8 @@ def check_not_an_input(path, inputs: dict) -> None:
             except OSError:
                 same = False
         if same:
-            raise CpadgnError(f"cannot write {path}: it is {role} ({other}), an input of this "
-                              "command, and would be destroyed; choose another output path")
+            raise CpadgnError(f"cannot write {path}: it is {role} ({other}) of this command and "
+                              "would be overwritten; choose another output path")
 
 
 def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
