@@ -97,7 +97,8 @@ def facet_polygons(A, b, mask):
     nrm = np.linalg.norm(a2, axis=-1)
     other = mask[:, :, None] & mask[:, None, :] & ~np.eye(F, dtype=bool)
     parallel = other & (nrm <= _PARALLEL)
-    tol = 1e-12 * (1 + np.abs(b)[:, None, :] + np.abs(b)[:, :, None])
+    # Relative, not absolute: near the origin the terms depend on the offsets' ratios.
+    tol = 1e-12 * (np.abs(b)[:, None, :] + np.abs(b)[:, :, None])
     blocked = (parallel & (c2 < -tol)).any(-1)
     earlier = np.arange(F)[None, :] < np.arange(F)[:, None]              # j < k
     repeat = (parallel & (g > 0) & (np.abs(c2) <= tol) & earlier).any(-1)
