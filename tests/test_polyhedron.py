@@ -600,3 +600,24 @@ def test_translated_wedges_with_a_row_through_their_edge():
         dist = np.linalg.norm(v[p] - (v[p] @ Q[:, 2]) * Q[:, 2])
         tol = 1e-12 + 64 * EPS * np.linalg.norm(v[p]) / max(dist, 1e-300)
         assert abs(np.exp(res.log_mass[p]) - truth) <= tol, (p, np.exp(res.log_mass[p]), truth)
+
+
+def test_translated_cones_with_a_foot_at_their_apex():
+    """Cones {A u <= 0} moved by -v with v along a facet normal, so that the foot of that
+    facet is the apex (the likelihood meets this: benchmarks/compare_lp_walk.py --kind mlp
+    --only 114), against the slice oracle on the translate.  The translated in-plane
+    offset and ends of the apex's edges are then rounding noise ~eps |v|, and so were the
+    angles the facet's edge terms take there (masses 0.11 for 0.047)."""
+    rng = np.random.default_rng(21)
+    cones = [np.array([[0.46493359076916885, 0.22940354722006573, 0.8551086297642763],     # mlp 114's region 0
+                       [-0.47626637539844896, 0.19060254280660913, 0.8583944375055551],
+                       [-0.00469095764591799, 0.4008639405785135, -0.916125589676563]])]
+    cones += [x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(3, 3, 3))]
+    fp = region_facet_polygons(np.stack(cones), np.zeros((len(cones), 3)), np.ones((len(cones), 3), bool))
+    regions = np.repeat(np.arange(len(cones)), 3)
+    v = np.concatenate([A * s for A, s in zip(cones, [0.0691, 0.5, -1.0, 2.0])])      # v = s a_k
+    res = translated_polyhedron_moments(fp, regions, v)
+    for p, r in enumerate(regions):
+        lz, m, _ = slice_oracle(cones[r], -cones[r] @ v[p])
+        assert abs(res.log_mass[p] - lz) < 1e-10, (p, res.log_mass[p], lz)
+        assert_close(res.mean[p], m, (1 + np.abs(m).max()) * weight_error(lz))
