@@ -97,7 +97,8 @@ def facet_polygons(A, b, mask):
     nrm = np.linalg.norm(a2, axis=-1)
     other = mask[:, :, None] & mask[:, None, :] & ~np.eye(F, dtype=bool)
     parallel = other & (nrm <= _PARALLEL)
-    tol = 1e-12 * (1 + np.abs(b)[:, None, :] + np.abs(b)[:, :, None])
+    # Relative, not absolute: near the origin the terms depend on the offsets' ratios.
+    tol = 1e-12 * (np.abs(b)[:, None, :] + np.abs(b)[:, :, None])
     blocked = (parallel & (c2 < -tol)).any(-1)
     earlier = np.arange(F)[None, :] < np.arange(F)[:, None]              # j < k
     repeat = (parallel & (g > 0) & (np.abs(c2) <= tol) & earlier).any(-1)
@@ -901,6 +902,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     t_lo, t_hi = fp.t_lo[ge] - dv, fp.t_hi[ge] - dv
     c = np.where(np.abs(c) < TINY, TINY, c)
     fallback = np.bincount(fpair, np.abs(b) < TINY_B, P) > 0
+    fallback |= np.bincount(epair, _ill_conditioned(fp, ge, np.linalg.norm(ve, axis=1), b[ef], c, t_lo, t_hi), P) > 0
     neg_b = b < 0
     inside = np.bincount(fpair, neg_b, P) == 0
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
@@ -953,6 +955,20 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
         direct = polyhedron_moments(A, bb, mask, moments=moments)
         log_mass[redo], mean[redo], cov[redo] = direct.log_mass, direct.mean, direct.cov
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
+
+
+def _ill_conditioned(fp: FacetPolygons, ge, v_norm, b, c, t_lo, t_hi, rel=1e-6):
+    """Translated edges (NE,) whose terms the translation's rounding spoils: the offsets
+    b, c and ends t_lo, t_hi (NE,) each carry ~eps s (s = |v| (NE,) plus the untranslated
+    magnitudes of fp's edges ge), and the terms depend on the angle atan(t / |c|) at a
+    finite end and on the ratio of b and c, so an end within rel s of the facet's foot
+    (the foot at a vertex: O(1) errors, the angle is rounding noise) or an edge line within
+    rel s of the origin is ill-conditioned.  polyhedron_moments finds c and t from the
+    translated b itself, consistently."""
+    finite = lambda t: np.where(np.isfinite(t), np.abs(t), 0.0)
+    s = rel * (v_norm + np.abs(fp.c2[ge]) + finite(fp.t_lo[ge]) + finite(fp.t_hi[ge]))
+    end = np.minimum(np.hypot(c, t_lo), np.hypot(c, t_hi))                  # inf where both ends are
+    return (end < s) | (np.hypot(b, c) < s)
 
 
 def _edge_terms_by_lines(first, second, b, c, t_lo, t_hi, owen=False):

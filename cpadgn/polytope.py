@@ -344,9 +344,12 @@ def facet_segments(a, c, mask):
     b, k = np.nonzero(parallel.any(-1))                           # the few facets with a parallel row
     if b.size:
         par, sl = parallel[b, k], slack[b, k]
-        blocked[b, k] = (par & (sl < -1e-12)).any(-1)
+        # Relative to the offsets: a facet polygon of a polyhedron near the origin has
+        # offsets ~b (down to 1e-100), and its mass depends on their ratios.
+        near = 1e-12 * np.maximum(np.abs(c[b, k])[:, None], np.abs(c[b]))
+        blocked[b, k] = (par & (sl < -near)).any(-1)
         # Identical lines: keep the first copy only.
-        same = par & (aa[b, k] > 0) & (np.abs(sl) <= 1e-12)
+        same = par & (aa[b, k] > 0) & (np.abs(sl) <= near)
         dup[b, k] = (same & (np.arange(a.shape[1])[None, :] < k[:, None])).any(-1)
     live = mask & ~blocked & ~dup & (t_hi > t_lo)
     return t_lo, t_hi, live

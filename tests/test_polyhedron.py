@@ -525,3 +525,99 @@ def test_translated_far_bounded_polyhedron_is_below_its_half_spaces():
     want = polyhedron_moments(A0[None], b[None], np.ones((1, 9), bool))
     np.testing.assert_allclose(got.log_mass, want.log_mass, rtol=1e-10)
     assert -20 < got.log_mass[0] < np.log(1e-5)
+
+
+# ------------------------------------------------------------------ prisms: every facet plane through one line
+def _bivariate_cdf(h, k, rho):
+    """P(Y_1 <= h, Y_2 <= k) for unit normals of correlation rho, by adaptive quadrature of
+    phi(x) Phi((k - rho x) / sqrt(1 - rho^2)) over x <= h."""
+    from scipy import integrate
+    from scipy.stats import norm
+    s = np.sqrt(1 - rho * rho)
+    f = lambda x: norm.pdf(x) * norm.cdf((k - rho * x) / s)
+    return integrate.quad(f, -np.inf, h, epsabs=1e-15, epsrel=1e-13, limit=200)[0]
+
+
+_WEDGE = np.radians([170.0, 323.0])                    # the 27-degree wedge of benchmarks/compare_lp_walk.py
+_THROUGH_EDGE = np.radians(252.0)                      # a row between them: redundant through the edge
+
+
+def _in_plane(t, Q):
+    return np.stack([np.cos(t), np.sin(t), np.zeros_like(t)], -1) @ Q.T
+
+
+@pytest.mark.parametrize("b1, b3", [(0.0, 0.0), (1e-20, 1e-20), (1e-20, 3e-20), (1e-8, 1e-8), (0.3, -0.2),
+                                    (-0.5, 0.4)])
+def test_wedges_with_rows_through_their_edge(b1, b3):
+    """Prisms {a_1 . u <= b_1, a_3 . u <= b_3} x R (rotated) with extra rows that are
+    redundant: a row through the edge line (touching only along it), the same a little
+    outside, a parallel copy of a wedge row further out (before or after it); in any
+    order.  Mass = P(a_1 . u <= b_1, a_3 . u <= b_3) (bivariate normal, quadrature), and at
+    b = 0 alpha / (2 pi) with mean sqrt(pi / 2) (sin th_2 - sin th_1, cos th_1 - cos th_2) / alpha
+    in the wedge's plane.  Tiny offsets once lost the mass: facet polygons compared
+    their offsets with absolute tolerances (1e-12), wrong where the offsets are ~b."""
+    Q = special_ortho_group.rvs(3, random_state=11)
+    a1, a3 = _in_plane(_WEDGE, Q)
+    a2 = _in_plane(_THROUGH_EDGE, Q)
+    apex = np.linalg.lstsq(np.stack([a1, a3]), [b1, b3], rcond=None)[0]
+    rho = a1 @ a3
+    truth = _bivariate_cdf(b1, b3, rho)
+    scale = abs(b1) + abs(b3)
+    cases = [([a1, a2, a3], [b1, a2 @ apex, b3]), ([a2, a3, a1], [a2 @ apex, b3, b1]),
+             ([a1, a2, a3], [b1, a2 @ apex + 0.5 * scale, b3]),
+             ([a1, a1, a3], [b1 + 2 * scale + 1e-20, b1, b3]), ([a1, a1, a3], [b1, b1 + 2 * scale + 1e-20, b3])]
+    for A, b in cases:
+        lm, mean, _ = exact(np.array(A), np.array(b))
+        # the quadrature's 1e-13; the row through the edge computed to eps |apex|
+        assert abs(np.exp(lm) - truth) <= 1e-12 + 1e-14 * truth, (A, b, np.exp(lm), truth)
+        if scale == 0:
+            th1, th2 = np.radians(53.0), np.radians(80.0)     # the wedge's directions
+            alpha = th2 - th1
+            assert abs(np.exp(lm) - alpha / (2 * np.pi)) < 1e-13
+            m2 = np.sqrt(np.pi / 2) * np.array([np.sin(th2) - np.sin(th1), np.cos(th1) - np.cos(th2), 0.0]) / alpha
+            assert_close(mean, Q @ m2, 1e-10)
+
+
+def test_translated_wedges_with_a_row_through_their_edge():
+    """``translated_polyhedron_moments`` of the wedge above with its row through the edge
+    (offsets 0 and 1e-20: the polygons found at v = 0) moved by -v, which keeps all
+    three planes through one line: mass P(a_1 . u <= b_1, a_3 . u <= b_3) as above."""
+    Q = special_ortho_group.rvs(3, random_state=12)
+    a1, a3 = _in_plane(_WEDGE, Q)
+    a2 = _in_plane(_THROUGH_EDGE, Q)
+    A = np.stack([a1, a2, a3])
+    c = np.array([[0.0, 0.0, 0.0], [1e-20, 1e-20, 1e-20]])
+    fp = region_facet_polygons(np.stack([A, A]), c, np.ones((2, 3), bool))
+    v = np.array([[0.0, 0.0, 0.0], [1e-20, -2e-20, 0.0], [1e-6, 0.0, 3.0], [0.3, -0.4, 1.0], [-1.0, 0.5, -2.0]]) @ Q.T
+    regions = np.repeat([0, 1], len(v))
+    v = np.tile(v, (2, 1))
+    res = translated_polyhedron_moments(fp, regions, v)
+    for p, r in enumerate(regions):
+        b = c[r] - A @ v[p]
+        truth = _bivariate_cdf(b[0], b[2], a1 @ a3)
+        # translated offsets carry rounding eps |v|, which the terms amplify by 1 / (the
+        # distance of the origin from the edge line, in the plane of the wedge)
+        dist = np.linalg.norm(v[p] - (v[p] @ Q[:, 2]) * Q[:, 2])
+        tol = 1e-12 + 64 * EPS * np.linalg.norm(v[p]) / max(dist, 1e-300)
+        assert abs(np.exp(res.log_mass[p]) - truth) <= tol, (p, np.exp(res.log_mass[p]), truth)
+
+
+def test_translated_cones_with_a_foot_at_their_apex():
+    """Cones {A u <= 0} moved by -v with v along a facet normal, so that the foot of that
+    facet is the apex (the likelihood meets this: benchmarks/compare_lp_walk.py --kind mlp
+    --only 114), against the slice oracle on the translate.  The translated in-plane
+    offset and ends of the apex's edges are then rounding noise ~eps |v|, and so were the
+    angles the facet's edge terms take there (masses 0.11 for 0.047)."""
+    rng = np.random.default_rng(21)
+    cones = [np.array([[0.46493359076916885, 0.22940354722006573, 0.8551086297642763],     # mlp 114's region 0
+                       [-0.47626637539844896, 0.19060254280660913, 0.8583944375055551],
+                       [-0.00469095764591799, 0.4008639405785135, -0.916125589676563]])]
+    cones += [x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(3, 3, 3))]
+    fp = region_facet_polygons(np.stack(cones), np.zeros((len(cones), 3)), np.ones((len(cones), 3), bool))
+    regions = np.repeat(np.arange(len(cones)), 3)
+    v = np.concatenate([A * s for A, s in zip(cones, [0.0691, 0.5, -1.0, 2.0])])      # v = s a_k
+    res = translated_polyhedron_moments(fp, regions, v)
+    for p, r in enumerate(regions):
+        lz, m, _ = slice_oracle(cones[r], -cones[r] @ v[p])
+        assert abs(res.log_mass[p] - lz) < 1e-10, (p, res.log_mass[p], lz)
+        assert_close(res.mean[p], m, (1 + np.abs(m).max()) * weight_error(lz))
