@@ -751,13 +751,20 @@ def _subdivision(net, R, max_regions, progress, memory_budget=None, frames=None)
     off = 0
     n_layers = len(net.hidden_sizes)
     H = None
+    rounding = _resolution(net) - SNAP_RTOL
+    mag = np.abs(Xg.a[:V, :S]).max(axis=0)           # (n_in,) bound on the magnitudes of the layer's inputs
     for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
         n = W.shape[0]
         X = Xg.a[:V]
         inp = X[:, :S].T if H is None else H                             # (n_in, V)
         Ug = _Grow(np.ascontiguousarray(W @ inp + b[:, None] * X[None, :, S]), axis=1)
-        # round-off scale per unit: interpolation never exceeds the values at layer start
-        tol_layer = SNAP_RTOL * np.abs(Ug.a).max(axis=1, initial=0.0)
+        mag = np.abs(W) @ mag + np.abs(b) * X[:, S].max(initial=0.0)
+        # round-off scale per unit: interpolation never exceeds the values at layer start.
+        # A unit that is 0 up to rounding on the whole face (max(a, b) where a clamp
+        # saturates a and b) has only noise there: relative to the magnitudes it is
+        # summed from it is 0, else the noise would split it into random regions.
+        tol_layer = np.maximum(SNAP_RTOL * np.abs(Ug.a).max(axis=1, initial=0.0), rounding * mag)
+        mag = mag * np.maximum(1.0, np.abs(alpha))
         for kl in range(n):
             k = off + kl
             if not active[k]:

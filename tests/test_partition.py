@@ -376,3 +376,29 @@ def test_partition_without_prior_masses_gives_the_same_likelihood():
     X = np.random.default_rng(0).normal(size=(5, 3))
     a, b = (likelihood.posterior(net, p, np.array([0.3]), X) for p in (full, bare))
     np.testing.assert_array_equal(a.log_likelihood, b.log_likelihood)
+
+
+def test_subdivision_ignores_a_unit_that_is_zero_up_to_rounding_everywhere():
+    """u = x_0 + x_1 - x_2 with x = (a z, b z, (a + b) z) linear units is rounding noise of
+    either sign over all of R^3 (as max(a, b) where a clamp saturates a and b).  Its
+    snapping tolerance was relative to its own largest value, noise itself, so the noise
+    split it into random regions, each listed with the whole space's mass (masses summed
+    to 2).  Oracle: the prior samples' frequencies, and each sample satisfies the facet
+    constraints of its region."""
+    a, b = np.array([0.3, -0.7, 0.1]), np.array([0.45, 0.2, -0.9])
+    net = PiecewiseAffineNet.from_arrays(
+        [np.array([a, b, a + b]), np.array([[1.0, 1.0, -1.0], [0.5, -1.0, 0.3]]), np.array([[1.0, 2.0]])],
+        [np.zeros(3), np.zeros(2), np.zeros(1)], [np.ones(3), np.zeros(2)])
+    n = 20_000
+    z = np.random.default_rng(0).standard_normal((n, 3))
+    u = net.preactivations(z)[:, 3]
+    assert (u < 0).any() and (u > 0).any() and np.abs(u).max() < 1e-15       # the premise: noise of either sign
+    part = compute_partition(net)
+    p = np.exp(part.log_prior_mass)
+    assert abs(p.sum() - 1) < 1e-9
+    where = part.locate(net, z)
+    assert (where >= 0).all()
+    G, h, mask = part.facets(net, where)
+    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()
+    freq = np.bincount(where, minlength=part.n_regions) / n
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
