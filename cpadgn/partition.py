@@ -76,6 +76,7 @@ DEGENERATE_CLEARANCE = 1e-7
 LP_MIN_RADIUS = 1e-10     # lp-walk: a pattern whose Chebyshev radius the LP cannot certify above this is no region
 LP_FACET_TOL = 1e-9       # lp-walk: a row the others keep below this on the facet LP's box is redundant
 SNAP_RTOL = 1e-11          # subdivision: |u| <= SNAP_RTOL * max|u| counts as u = 0
+RANK_TOL = 1e-20           # subdivision: a squared width (relative) below this is no extent
 
 
 @dataclass
@@ -1009,13 +1010,23 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
     keep = inc_reg >= 0
     bounded = np.ones(nR, bool)
     bounded[inc_reg[keep & (tv == 0)]] = False
-    # facets: unit zeros of the region's vertices with t > 0
-    fk = keep & (tv > 0)
-    zz = Z[inc_v[fk]]
-    uu = isu[inc_v[fk]]
-    fr = np.broadcast_to(inc_reg[fk][:, None], zz.shape)[uu]
-    fu = zz[uu]
-    pair = np.unique(fr.astype(np.int64) * (K + 1) + fu)
+    # facets: unit zeros of the region's vertices with t > 0 that span a facet
+    zz = Z[inc_v[keep]]
+    uu = isu[inc_v[keep]]
+    on = np.broadcast_to(inc_reg[keep][:, None], zz.shape)[uu].astype(np.int64) * (K + 1) + zz[uu]
+    on_v = np.broadcast_to(inc_v[keep][:, None], zz.shape)[uu]
+    pair = np.unique(on[t[on_v] > 0])
+    # a unit whose hyperplane only touches a region along an edge or at a vertex (zero
+    # biases, a latent coordinate the net ignores: hyperplanes sharing a line through 0)
+    # is zero at some of its vertices but spans no facet there: rank < S in homogeneous
+    # coordinates.  Regions of zero volume (rank < S + 1: ties of the symbolic
+    # perturbation, flagged degenerate) keep all, else they would be left unbounded.
+    # Eigenvalues below RANK_TOL (a cross-section of relative width ~1e-10) are rounding
+    # or snapping (SNAP_RTOL moves a vertex by ~1e-11 of the scale).
+    use = np.isin(on, pair)
+    facet = _smallest_spread(X, on_v[use], np.searchsorted(pair, on[use]), pair.size)[:, 1] > RANK_TOL
+    full = _smallest_spread(X, inc_v[keep], inc_reg[keep], nR)[:, 0] > RANK_TOL
+    pair = pair[facet | ~full[pair // (K + 1)]]
     fr, fu = pair // (K + 1), pair % (K + 1)
     facet_ptr = np.concatenate([[0], np.cumsum(np.bincount(fr, minlength=nR))]).astype(np.int64)
     info = {"vertices": V, "cells": nc, "cells_at_infinity": n_at_infinity, "pairing_anomalies": anomalies}
@@ -1025,6 +1036,30 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
                       "check the partition with check_partition", RuntimeWarning, stacklevel=3)
     return {"patterns": patterns, "interior": interior, "facet_ptr": facet_ptr,
             "facet_units": fu.astype(np.int64), "bounded": bounded, "info": info}
+
+
+def _smallest_spread(X, v, group, n_groups):
+    """(n_groups, 2): the two smallest eigenvalues (ascending) of the Gram matrix (trace
+    1) of the unit vectors X[v] (X (V, S + 1) homogeneous coordinates, v (N,) vertices,
+    group (N,) their group index).  Rank S + 1 - j leaves j of them 0.
+
+    The Gram matrix's own eigenvalues err by ~eps, so the vectors are projected onto its
+    two smallest eigenvectors and the Gram matrix of those projections decides (they err
+    by ~eps, its eigenvalues by ~eps^2)."""
+    x = X[v]
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    count = np.maximum(np.bincount(group, minlength=n_groups), 1)[:, None, None]
+
+    def gram(y):
+        d = y.shape[1]
+        out = np.empty((n_groups, d, d))
+        for i in range(d):
+            for j in range(i, d):
+                out[:, i, j] = out[:, j, i] = np.bincount(group, weights=y[:, i] * y[:, j], minlength=n_groups)
+        return out / count
+
+    small = np.linalg.eigh(gram(x))[1][:, :, :2]                     # (n_groups, S + 1, 2)
+    return np.linalg.eigvalsh(gram(np.einsum("nd,ndk->nk", x, small[group])))
 
 
 # ============================================================================ LP walk (reference)
