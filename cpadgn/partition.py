@@ -40,8 +40,11 @@ Three exact enumeration algorithms (``compute_partition(method=...)``):
     deduplicated per face, then regions by unit pattern across faces.  Per region: the
     interior point is the mean of the homogeneous coordinates of the vertices of one of
     its cells (the one with the largest mean t) divided by t; the facets are the units
-    that are zero at some vertex with t > 0; it is bounded when none of its vertices
-    lies at t = 0.  The box half-width R only changes the work, never the result.
+    that are zero at some vertex with t > 0 and whose zero vertices span rank S in
+    homogeneous coordinates (a hyperplane through an edge of the region is none); it is
+    bounded when none of its vertices lies at t = 0.  A unit that is 0 up to rounding
+    over a whole face (relative to the magnitudes it is summed from) is 0 there.  The
+    box half-width R only changes the work, never the result.
 
 ``"lp-walk"`` (any S, the reference)
     Breadth-first search over the region adjacency graph from the region of z = 0:
