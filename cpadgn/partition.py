@@ -1027,9 +1027,11 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
     # Eigenvalues below RANK_TOL (a cross-section of relative width ~1e-10) are rounding
     # or snapping (SNAP_RTOL moves a vertex by ~1e-11 of the scale).
     use = np.isin(on, pair)
-    facet = _smallest_spread(X, on_v[use], np.searchsorted(pair, on[use]), pair.size)[:, 1] > RANK_TOL
-    full = _smallest_spread(X, inc_v[keep], inc_reg[keep], nR)[:, 0] > RANK_TOL
-    pair = pair[facet | ~full[pair // (K + 1)]]
+    facet = _spans(X, on_v[use], np.searchsorted(pair, on[use]), pair.size, 1)
+    if not facet.all():
+        full = _spans(X, inc_v[keep], inc_reg[keep], nR, 0)
+        facet |= ~full[pair // (K + 1)]
+    pair = pair[facet]
     fr, fu = pair // (K + 1), pair % (K + 1)
     facet_ptr = np.concatenate([[0], np.cumsum(np.bincount(fr, minlength=nR))]).astype(np.int64)
     info = {"vertices": V, "cells": nc, "cells_at_infinity": n_at_infinity, "pairing_anomalies": anomalies}
@@ -1041,28 +1043,55 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
             "facet_units": fu.astype(np.int64), "bounded": bounded, "info": info}
 
 
-def _smallest_spread(X, v, group, n_groups):
-    """(n_groups, 2): the two smallest eigenvalues (ascending) of the Gram matrix (trace
-    1) of the unit vectors X[v] (X (V, S + 1) homogeneous coordinates, v (N,) vertices,
-    group (N,) their group index).  Rank S + 1 - j leaves j of them 0.
+def _det(m):
+    """Determinants of (..., r, r): closed forms up to r = 3 (LAPACK's batched LU costs
+    ~1 us a matrix), else np.linalg.det."""
+    r = m.shape[-1]
+    if r > 3:
+        return np.linalg.det(m)
+    if r == 1:
+        return m[..., 0, 0]
+    if r == 2:
+        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
+            - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
+            + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
 
-    The Gram matrix's own eigenvalues err by ~eps, so the vectors are projected onto its
-    two smallest eigenvectors and the Gram matrix of those projections decides (they err
-    by ~eps, its eigenvalues by ~eps^2)."""
+
+def _spans(X, v, group, n_groups, deficiency):
+    """(n_groups,) bool: the vectors X[v] of each group span rank >= S + 1 - deficiency
+    (X (V, S + 1) homogeneous coordinates, v (N,) vertices, group (N,) their group index).
+
+    On the Gram matrix of the unit vectors (trace 1, eigenvalues l_0 <= ... <= l_S): the
+    sum of its principal minors of order r = S + 1 - deficiency is at most C(S + 1, r)
+    l_deficiency, so where it is above 1e-12 the rank is r (it errs by ~eps).  The rest
+    are decided on the projections onto the Gram matrix's two smallest eigenvectors,
+    whose own Gram matrix has l_0, l_1 to ~eps^2 (the first one's eigenvalues err by
+    ~eps): l_deficiency above RANK_TOL."""
+    from itertools import combinations
+    d = X.shape[1]
     x = X[v]
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    count = np.maximum(np.bincount(group, minlength=n_groups), 1)[:, None, None]
 
-    def gram(y):
-        d = y.shape[1]
-        out = np.empty((n_groups, d, d))
-        for i in range(d):
-            for j in range(i, d):
-                out[:, i, j] = out[:, j, i] = np.bincount(group, weights=y[:, i] * y[:, j], minlength=n_groups)
-        return out / count
+    def gram(y, g, n):
+        out = np.empty((n, y.shape[1], y.shape[1]))
+        for i in range(y.shape[1]):
+            for j in range(i, y.shape[1]):
+                out[:, i, j] = out[:, j, i] = np.bincount(g, weights=y[:, i] * y[:, j], minlength=n)
+        return out / np.maximum(np.bincount(g, minlength=n), 1)[:, None, None]
 
-    small = np.linalg.eigh(gram(x))[1][:, :, :2]                     # (n_groups, S + 1, 2)
-    return np.linalg.eigvalsh(gram(np.einsum("nd,ndk->nk", x, small[group])))
+    g = gram(x, group, n_groups)
+    idx = np.array(list(combinations(range(d), d - deficiency)))
+    out = _det(g[:, idx[:, :, None], idx[:, None, :]]).sum(axis=1) > 1e-12
+    rest = np.flatnonzero(~out)
+    if rest.size:
+        where = -np.ones(n_groups, np.int64)
+        where[rest] = np.arange(rest.size)
+        sel = where[group] >= 0
+        small = np.linalg.eigh(g[rest])[1][:, :, :2]                   # (n_rest, S + 1, 2)
+        y = np.einsum("nd,ndk->nk", x[sel], small[where[group[sel]]])
+        out[rest] = np.linalg.eigvalsh(gram(y, where[group[sel]], rest.size))[:, deficiency] > RANK_TOL
+    return out
 
 
 # ============================================================================ LP walk (reference)
