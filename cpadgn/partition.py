@@ -40,8 +40,11 @@ Three exact enumeration algorithms (``compute_partition(method=...)``):
     deduplicated per face, then regions by unit pattern across faces.  Per region: the
     interior point is the mean of the homogeneous coordinates of the vertices of one of
     its cells (the one with the largest mean t) divided by t; the facets are the units
-    that are zero at some vertex with t > 0; it is bounded when none of its vertices
-    lies at t = 0.  The box half-width R only changes the work, never the result.
+    that are zero at some vertex with t > 0 and whose zero vertices span rank S in
+    homogeneous coordinates (a hyperplane through an edge of the region is none); it is
+    bounded when none of its vertices lies at t = 0.  A unit that is 0 up to rounding
+    over a whole face (relative to the magnitudes it is summed from) is 0 there.  The
+    box half-width R only changes the work, never the result.
 
 ``"lp-walk"`` (any S, the reference)
     Breadth-first search over the region adjacency graph from the region of z = 0:
@@ -76,6 +79,7 @@ DEGENERATE_CLEARANCE = 1e-7
 LP_MIN_RADIUS = 1e-10     # lp-walk: a pattern whose Chebyshev radius the LP cannot certify above this is no region
 LP_FACET_TOL = 1e-9       # lp-walk: a row the others keep below this on the facet LP's box is redundant
 SNAP_RTOL = 1e-11          # subdivision: |u| <= SNAP_RTOL * max|u| counts as u = 0
+RANK_TOL = 1e-20           # subdivision: a squared width (relative) below this is no extent
 
 
 @dataclass
@@ -751,13 +755,20 @@ def _subdivision(net, R, max_regions, progress, memory_budget=None, frames=None)
     off = 0
     n_layers = len(net.hidden_sizes)
     H = None
+    rounding = _resolution(net) - SNAP_RTOL
+    mag = np.abs(Xg.a[:V, :S]).max(axis=0)           # (n_in,) bound on the magnitudes of the layer's inputs
     for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
         n = W.shape[0]
         X = Xg.a[:V]
         inp = X[:, :S].T if H is None else H                             # (n_in, V)
         Ug = _Grow(np.ascontiguousarray(W @ inp + b[:, None] * X[None, :, S]), axis=1)
-        # round-off scale per unit: interpolation never exceeds the values at layer start
-        tol_layer = SNAP_RTOL * np.abs(Ug.a).max(axis=1, initial=0.0)
+        mag = np.abs(W) @ mag + np.abs(b) * X[:, S].max(initial=0.0)
+        # round-off scale per unit: interpolation never exceeds the values at layer start.
+        # A unit that is 0 up to rounding on the whole face (max(a, b) where a clamp
+        # saturates a and b) has only noise there: relative to the magnitudes it is
+        # summed from it is 0, else the noise would split it into random regions.
+        tol_layer = np.maximum(SNAP_RTOL * np.abs(Ug.a).max(axis=1, initial=0.0), rounding * mag)
+        mag = mag * np.maximum(1.0, np.abs(alpha))
         for kl in range(n):
             k = off + kl
             if not active[k]:
@@ -1002,13 +1013,25 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
     keep = inc_reg >= 0
     bounded = np.ones(nR, bool)
     bounded[inc_reg[keep & (tv == 0)]] = False
-    # facets: unit zeros of the region's vertices with t > 0
-    fk = keep & (tv > 0)
-    zz = Z[inc_v[fk]]
-    uu = isu[inc_v[fk]]
-    fr = np.broadcast_to(inc_reg[fk][:, None], zz.shape)[uu]
-    fu = zz[uu]
-    pair = np.unique(fr.astype(np.int64) * (K + 1) + fu)
+    # facets: unit zeros of the region's vertices with t > 0 that span a facet
+    zz = Z[inc_v[keep]]
+    uu = isu[inc_v[keep]]
+    on = np.broadcast_to(inc_reg[keep][:, None], zz.shape)[uu].astype(np.int64) * (K + 1) + zz[uu]
+    on_v = np.broadcast_to(inc_v[keep][:, None], zz.shape)[uu]
+    pair = np.unique(on[t[on_v] > 0])
+    # a unit whose hyperplane only touches a region along an edge or at a vertex (zero
+    # biases, a latent coordinate the net ignores: hyperplanes sharing a line through 0)
+    # is zero at some of its vertices but spans no facet there: rank < S in homogeneous
+    # coordinates.  Regions of zero volume (rank < S + 1: ties of the symbolic
+    # perturbation, flagged degenerate) keep all, else they would be left unbounded.
+    # Eigenvalues below RANK_TOL (a cross-section of relative width ~1e-10) are rounding
+    # or snapping (SNAP_RTOL moves a vertex by ~1e-11 of the scale).
+    use = np.isin(on, pair)
+    facet = _spans(X, on_v[use], np.searchsorted(pair, on[use]), pair.size, 1)
+    if not facet.all():
+        full = _spans(X, inc_v[keep], inc_reg[keep], nR, 0)
+        facet |= ~full[pair // (K + 1)]
+    pair = pair[facet]
     fr, fu = pair // (K + 1), pair % (K + 1)
     facet_ptr = np.concatenate([[0], np.cumsum(np.bincount(fr, minlength=nR))]).astype(np.int64)
     info = {"vertices": V, "cells": nc, "cells_at_infinity": n_at_infinity, "pairing_anomalies": anomalies}
@@ -1018,6 +1041,57 @@ def _extract_regions(net, X, face, sg, Z, hv, RH, RF, active, dead_sign, dup_of,
                       "check the partition with check_partition", RuntimeWarning, stacklevel=3)
     return {"patterns": patterns, "interior": interior, "facet_ptr": facet_ptr,
             "facet_units": fu.astype(np.int64), "bounded": bounded, "info": info}
+
+
+def _det(m):
+    """Determinants of (..., r, r): closed forms up to r = 3 (LAPACK's batched LU costs
+    ~1 us a matrix), else np.linalg.det."""
+    r = m.shape[-1]
+    if r > 3:
+        return np.linalg.det(m)
+    if r == 1:
+        return m[..., 0, 0]
+    if r == 2:
+        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
+            - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
+            + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
+
+
+def _spans(X, v, group, n_groups, deficiency):
+    """(n_groups,) bool: the vectors X[v] of each group span rank >= S + 1 - deficiency
+    (X (V, S + 1) homogeneous coordinates, v (N,) vertices, group (N,) their group index).
+
+    On the Gram matrix of the unit vectors (trace 1, eigenvalues l_0 <= ... <= l_S): the
+    sum of its principal minors of order r = S + 1 - deficiency is at most C(S + 1, r)
+    l_deficiency, so where it is above 1e-12 the rank is r (it errs by ~eps).  The rest
+    are decided on the projections onto the Gram matrix's two smallest eigenvectors,
+    whose own Gram matrix has l_0, l_1 to ~eps^2 (the first one's eigenvalues err by
+    ~eps): l_deficiency above RANK_TOL."""
+    from itertools import combinations
+    d = X.shape[1]
+    x = X[v]
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def gram(y, g, n):
+        out = np.empty((n, y.shape[1], y.shape[1]))
+        for i in range(y.shape[1]):
+            for j in range(i, y.shape[1]):
+                out[:, i, j] = out[:, j, i] = np.bincount(g, weights=y[:, i] * y[:, j], minlength=n)
+        return out / np.maximum(np.bincount(g, minlength=n), 1)[:, None, None]
+
+    g = gram(x, group, n_groups)
+    idx = np.array(list(combinations(range(d), d - deficiency)))
+    out = _det(g[:, idx[:, :, None], idx[:, None, :]]).sum(axis=1) > 1e-12
+    rest = np.flatnonzero(~out)
+    if rest.size:
+        where = -np.ones(n_groups, np.int64)
+        where[rest] = np.arange(rest.size)
+        sel = where[group] >= 0
+        small = np.linalg.eigh(g[rest])[1][:, :, :2]                   # (n_rest, S + 1, 2)
+        y = np.einsum("nd,ndk->nk", x[sel], small[where[group[sel]]])
+        out[rest] = np.linalg.eigvalsh(gram(y, where[group[sel]], rest.size))[:, deficiency] > RANK_TOL
+    return out
 
 
 # ============================================================================ LP walk (reference)

@@ -376,3 +376,66 @@ def test_partition_without_prior_masses_gives_the_same_likelihood():
     X = np.random.default_rng(0).normal(size=(5, 3))
     a, b = (likelihood.posterior(net, p, np.array([0.3]), X) for p in (full, bare))
     np.testing.assert_array_equal(a.log_likelihood, b.log_likelihood)
+
+
+def test_subdivision_ignores_a_unit_that_is_zero_up_to_rounding_everywhere():
+    """u = x_0 + x_1 - x_2 with x = (a z, b z, (a + b) z) linear units is rounding noise of
+    either sign over all of R^3 (as max(a, b) where a clamp saturates a and b).  Its
+    snapping tolerance was relative to its own largest value, noise itself, so the noise
+    split it into random regions, each listed with the whole space's mass (masses summed
+    to 2).  Oracle: the prior samples' frequencies, and each sample satisfies the facet
+    constraints of its region."""
+    a, b = np.array([0.3, -0.7, 0.1]), np.array([0.45, 0.2, -0.9])
+    net = PiecewiseAffineNet.from_arrays(
+        [np.array([a, b, a + b]), np.array([[1.0, 1.0, -1.0], [0.5, -1.0, 0.3]]), np.array([[1.0, 2.0]])],
+        [np.zeros(3), np.zeros(2), np.zeros(1)], [np.ones(3), np.zeros(2)])
+    n = 20_000
+    z = np.random.default_rng(0).standard_normal((n, 3))
+    u = net.preactivations(z)[:, 3]
+    assert (u < 0).any() and (u > 0).any() and np.abs(u).max() < 1e-15       # the premise: noise of either sign
+    part = compute_partition(net)
+    p = np.exp(part.log_prior_mass)
+    assert abs(p.sum() - 1) < 1e-9
+    where = part.locate(net, z)
+    assert (where >= 0).all()
+    G, h, mask = part.facets(net, where)
+    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()
+    freq = np.bincount(where, minlength=part.n_regions) / n
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+
+
+def test_subdivision_lists_no_row_that_only_touches_its_region_along_an_edge():
+    """Zero biases and rank-2 first layer (S = 3): every hyperplane contains the line
+    z = t (a x b).  The subdivision listed as facets the units zero at some vertex of the
+    region, e.g. u0, u1 of the wedge between u5 = 0 and u6 = 0, which touch it only
+    along that line (masses summed to 0.974; compare_lp_walk's mlp 0, 56, 76, 95, torch 89:
+    0.29-0.81).  Oracles: every listed facet of a region of positive volume meets the
+    region in an (S - 1)-dimensional piece (an LP: the largest ball of the hyperplane
+    inside the other rows, within a box), the masses sum to 1, and are the frequencies
+    of prior samples, each of which satisfies its region's facet constraints."""
+    from scipy.optimize import linprog
+    a, b = np.array([0.3, -0.7, 0.1]), np.array([0.45, 0.2, -0.9])
+    net = PiecewiseAffineNet.from_arrays(
+        [np.array([a, b]), np.array([[0.1, 0.0], [0.2, 0.0], [0.0, 1.0]]), np.array([[1.0, 1.0, -1.0], [0.3, -0.5, 1.0]]),
+         np.array([[1.0, 2.0]])], [np.zeros(2), np.zeros(3), np.zeros(2), np.zeros(1)], [np.zeros(2), np.ones(3), np.zeros(2)])
+    part = compute_partition(net)
+    G, h, mask = part.facets(net)
+    for r in np.flatnonzero(~part.degenerate):
+        for f in np.flatnonzero(mask[r]):
+            others = np.delete(np.flatnonzero(mask[r]), np.flatnonzero(mask[r]) == f)
+            A = np.vstack([G[r, others], np.eye(3), -np.eye(3)])
+            rhs = np.concatenate([h[r, others], np.full(6, 10.0)])
+            # max s: z on row f's hyperplane, every other row at least s |row| inside
+            res = linprog(np.r_[np.zeros(3), -1.0], A_ub=np.c_[A, np.linalg.norm(A, axis=1)], b_ub=rhs,
+                          A_eq=np.r_[G[r, f], 0.0][None], b_eq=[h[r, f]], bounds=[(None, None)] * 3 + [(None, 1.0)])
+            assert res.status == 0 and -res.fun > 1e-6, (r, part.facet_units[part.facet_ptr[r] + f])
+    p = np.exp(part.log_prior_mass)
+    assert abs(p.sum() - 1) < 1e-9
+    n = 20_000
+    z = np.random.default_rng(0).standard_normal((n, 3))
+    where = part.locate(net, z)
+    assert (where >= 0).all()
+    Gw, hw, mw = part.facets(net, where)
+    assert ((np.einsum("nfs,ns->nf", Gw, z) <= hw) | ~mw).all()
+    freq = np.bincount(where, minlength=part.n_regions) / n
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
