@@ -561,7 +561,7 @@ def test_library_pictures_at_the_smallest_size_lay_out_without_a_warning():
       "3x3"], "9 pixels"),
     (["impute", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/f2.csv", "--plot", "{d}/i.png"], "has none"),
     (["impute", "{d}/gen.h5", "{d}/holes.csv", "-o", "{d}/f2.csv", "--image-shape", "2x2"], "add --plot"),
-    (["score", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/s2.csv", "--plot", "{d}/data.csv"], "destroyed"),
+    (["score", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/s2.csv", "--plot", "{d}/data.csv"], "overwritten"),
 ])
 def test_cli_refusals_are_one_line(files, args, message):
     r = run(*[a.format(d=files) for a in args], "-q", "--device", "cpu")
