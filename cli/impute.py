@@ -12,9 +12,9 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (FiniteRange, Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs, dask_options,
-                      load_model, main, model_options, print_summary, say_for, stderr_target_option, rounding_errors,
-                      user_errors, warn_rounding)
+from cli.main import (FiniteRange, Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs,
+                      dask_options, load_model, main, model_options, print_summary, say_for, stderr_target_option,
+                      rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 

@@ -172,10 +172,11 @@ class Partition:
 
         z = np.asarray(z, dtype=np.float64).reshape(-1, net.latent_dim)
         u = net.preactivations(z)
-        where = lookup((u >= 0) | net.linear_units)
+        signs = (u >= 0) | net.linear_units
+        where = lookup(signs)
         miss = np.flatnonzero(where < 0)
         if miss.size:
-            signs = (u[miss] >= 0) | net.linear_units
+            signs = signs[miss]
             snapped = signs | (np.abs(u[miss]) <= _resolution(net) * net.preactivation_scale(z[miss]))
             classes = _unit_classes(net)
             for q in (snapped, _fill_inactive(signs, *classes), _fill_inactive(snapped.copy(), *classes)):
