@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import (FiniteRange, Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs,
-                      dask_options, load_model, main, model_options, print_summary, say_for, stderr_target_option,
-                      rounding_errors, user_errors, warn_rounding)
+                      dask_options, load_model, main, model_options, on_command_line, print_summary, say_for,
+                      stderr_target_option, rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 
@@ -102,6 +102,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         raise CpadgnError("--std writes a file beside OUT: pass -o OUT")
     if image_shape is not None and plot_path is None:
         raise CpadgnError("--image-shape is the shape of the --plot tiles; add --plot FILE.png")
+    if on_command_line("seed") and n_draws is None and mcar is None and plot_path is None:
+        raise CpadgnError("--seed seeds --draws, --evaluate-mcar and --plot, and none is given; "
+                          "add one of them or drop --seed")
     if plot_path is not None:
         from cpadgn import plot
         try:

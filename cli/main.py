@@ -589,7 +589,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     from cpadgn.data import check_output_path, read_data, write_table
     t0 = time.perf_counter()
     pvalues = pvalues or alpha is not None
-    check_score_options(contamination, pvalues, samples, alpha, explain)
+    check_score_options(contamination, pvalues, samples, alpha, explain, seed_given=on_command_line("seed"))
     samples = PVALUE_SAMPLES if samples is None else samples
     check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
     check_cache_path(model_path, cache)
@@ -708,12 +708,19 @@ def score_dtypes(S: int, contamination) -> dict:
             **({"is_anomaly": np.bool_} if contamination is not None else {})}
 
 
-def check_score_options(contamination, pvalues, samples, alpha, explain):
+def on_command_line(name: str) -> bool:
+    """Whether the current command's option ``name`` was given on the command line."""
+    return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+def check_score_options(contamination, pvalues, samples, alpha, explain, seed_given=False):
     """Refuse inconsistent ``cpadgn score`` options before any work."""
     if alpha is not None and contamination is not None:
         raise CpadgnError("--alpha and --contamination both set is_anomaly; give only one of them")
     if samples is not None and not pvalues:
         raise CpadgnError("--samples is the number of model draws for p-values; add --pvalues or --alpha")
+    if seed_given and not pvalues:
+        raise CpadgnError("--seed seeds the model draws for p-values; add --pvalues or --alpha, or drop --seed")
     m = PVALUE_SAMPLES if samples is None else samples
     if alpha is not None and alpha * (m + 1) <= 1:
         raise CpadgnError(f"with --samples {m} the smallest p-value is 1/{m + 1} >= --alpha {alpha:g}, so "

@@ -487,6 +487,21 @@ def test_negative_seed_is_a_usage_error(files, command):
     assert not (d / "s.csv").exists() and not (d / "s.h5").exists()
 
 
+@pytest.mark.parametrize("command", ["score", "impute"])
+def test_seed_without_anything_random_is_refused(files, command):
+    """score's --seed seeds only the p-value draws, impute's only --draws, --evaluate-mcar
+    and --plot: given without them it changed nothing, silently.  One line now, nothing
+    written; with them it is accepted."""
+    d, model, data = files["dir"], files["model"], files["data"]
+    out = d / "s.csv"
+    res = run(command, model, data, "-o", out, "--seed", 3, "-q")
+    assert_one_line_error(res, "drop --seed")
+    assert not out.exists()
+    res = run(command, model, data, "-o", out, "--seed", 3, "-q",
+              *(["--pvalues", "--samples", 10] if command == "score" else ["--draws", 2]))
+    assert res.exit_code == 0, res.output
+
+
 @pytest.mark.parametrize("option, value", [
     *((o, "nan") for o in ("--contamination", "--tol", "--val-fraction", "--init-noise", "--rtol",
                            "--var-floor", "--lr")),
