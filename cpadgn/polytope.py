@@ -1583,7 +1583,7 @@ def _mean_randomisation_cov(rel, delta, E, R):
     return Et @ V @ E, (Et @ g[:, :, None])[..., 0]
 
 
-def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None, ids=None) -> PolytopeMoments:
+def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None, ids=None, moments=True) -> PolytopeMoments:
     """Plain Monte Carlo mass and moments of N(0, I) on P = {u : A u <= b} (B, F, S),
     mask (B, F), from n independent points of N(0, I) restricted to the half-space
     H = {u : m.u >= |m|^2} of P's mode m (B, S), which holds P (m is its point nearest
@@ -1592,15 +1592,16 @@ def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None, ids=None) -> P
     variance M Phi_P (1 - Phi_P / M) / n <= M^2 / n: certified by the mode alone, with
     no projections (the cheap estimate for pairs that matter little; see
     ``likelihood._cheap_pairs``).  stderr: the sample's relative standard error (0
-    where no point hit P: then log_mass = -inf); mean, cov: of the points in P.
-    memory_budget: bytes of working arrays (~F + 4 S + 2 arrays of n points a polytope;
-    the polytopes go in slices that fit); ids: as ``polytope_qmc_draws``."""
+    where no point hit P: then log_mass = -inf); mean, cov: of the points in P (zeros
+    where ``moments`` is False, as ``_qmc_sample``'s: the mass alone).  memory_budget:
+    bytes of working arrays (~F + 4 S + 2 arrays of n points a polytope; the polytopes
+    go in slices that fit); ids: as ``polytope_qmc_draws``."""
     B, F, S = A.shape
     step = B if memory_budget is None else max(1, int(memory_budget // (8.0 * n * (F + 4 * S + 2))))
     if step < B:
         return PolytopeMoments.concat([halfspace_mc(A[i:i + step], b[i:i + step], mask[i:i + step],
                                                     mode[i:i + step], n, seed,
-                                                    ids=None if ids is None else ids[i:i + step])
+                                                    ids=None if ids is None else ids[i:i + step], moments=moments)
                                        for i in range(0, B, step)])
     norm = np.linalg.norm(mode, axis=-1)
     E = _gram_schmidt_rows(np.concatenate([(mode / norm[:, None])[:, None], np.broadcast_to(np.eye(S), (B, S, S))],
@@ -1618,6 +1619,9 @@ def halfspace_mc(A, b, mask, mode, n, seed=0, memory_budget=None, ids=None) -> P
     with np.errstate(divide="ignore", invalid="ignore"):
         log_mass = log_ndtr(-norm) + np.log(frac)
         rel_se = np.sqrt((1.0 - frac) / (k * (n - 1) / n))
+    if not moments:
+        return PolytopeMoments(log_mass, np.zeros((B, S)), np.zeros((B, S, S)), np.where(k > 0, rel_se, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
         mean = (u * hit[:, None]).sum(-1) / np.maximum(k, 1)[:, None]
         d = (u - mean[..., None]) * hit[:, None]
         cov = d @ np.swapaxes(d, 1, 2) / np.maximum(k, 1)[:, None, None]
