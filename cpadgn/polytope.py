@@ -1242,7 +1242,8 @@ def _logaddexp(a, b):
 
 def _tn_draw(lo, hi, u, draw=True):
     """Inverse-CDF draw of N(0, 1) on [lo, hi] from uniforms u on the 2^-32 grid, and
-    log(Phi(hi) - Phi(lo)); lo, hi broadcast against u.  Intervals reflected to the
+    log(Phi(hi) - Phi(lo)); lo, hi broadcast against u (unused, may be None, without
+    a draw).  Intervals reflected to the
     lower tail (lo <= 0; draws from 1 - u, mirrored back) go by probabilities
     (``_tn_draw_direct``) where that is exact enough, the others in log space
     (``_tn_draw_log``)."""
@@ -1261,13 +1262,16 @@ def _tn_draw(lo, hi, u, draw=True):
         direct = mass >= ph
         direct &= h > -30
         lm = np.log(mass)                                    # (the others are replaced below)
-    uu = np.where(flip, 1.0 - u, u) if flipped else u
+    # without a draw (the last level of a mass-only draw) u is not used: lm keeps its shape
+    uu = (np.where(flip, 1.0 - u, u) if flipped else u) if draw else None
     x = _tn_draw_direct(l, h, pl, mass, tail, uu) if draw else None
     if not direct.all():
-        shape = np.broadcast_shapes(np.shape(l), np.shape(u))
+        shape = np.broadcast_shapes(np.shape(l), np.shape(u)) if draw else lm.shape
         slow = np.nonzero(np.broadcast_to(~direct, shape))
-        xs, lms = _tn_draw_log(*(np.broadcast_to(a, shape)[slow] for a in (l, h, uu)), draw)
-        lm = np.array(np.broadcast_to(lm, shape))
+        xs, lms = _tn_draw_log(*(np.broadcast_to(a, shape)[slow] for a in (l, h)),
+                               np.broadcast_to(uu, shape)[slow] if draw else None, draw)
+        if lm.shape != shape:
+            lm = np.array(np.broadcast_to(lm, shape))
         lm[slow] = lms
         if draw:
             x[slow] = xs
@@ -1468,7 +1472,8 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, id
         sums = _SetSums(n, S, R, moments)
         for base in _sobol_blocks(S, m, R, seed, step):
             stop_check()
-            u = _shifted_uniforms(base.reshape(S, R * step), keys[sl], R)   # (n, S, R step)
+            # (n, S, R step); without moments the last variable is not drawn (only its mass)
+            u = _shifted_uniforms(base.reshape(S, R * step), keys[sl], R, S if moments else S - 1)
             y = _tn_draw(ya[sl, None], yb[sl, None], u[:, 0])[0]
             off = y - ya0[sl, None]                                      # y - ya >= 0
             z = np.empty((n, S, R * step))                               # holds v
@@ -1481,7 +1486,8 @@ def _qmc_sample(g, A, b, mask, n_qmc, seed, moments, chunk, n_randomisations, id
                 zj = zs[sl, j, None]
                 lo += zj
                 hi += zj
-                xj, lm = _tn_draw(lo, hi, u[:, j], draw=moments or j < S - 1)
+                uj = u[:, j] if j < u.shape[1] else None                 # None: the mass alone
+                xj, lm = _tn_draw(lo, hi, uj, draw=uj is not None)
                 if xj is not None:
                     z[:, j] = xj - zj
                 logw += lm
@@ -1750,8 +1756,9 @@ def _sobol_sets_kept(S, m, R, seed):
     return out
 
 
-def _shifted_uniforms(base, keys, R):
-    """The points base (S, N) as uniforms u (n, S, N) under a random digital
+def _shifted_uniforms(base, keys, R, dims=None):
+    """The points base (S, N) as uniforms u (n, S, N) (the first dims coordinates only,
+    where given: the same values) under a random digital
     shift (XOR with a 32-bit word per coordinate) for each polytope (keys (n,)) and set
     (R sets of N / R columns), at the centres (k + 1/2) / 2^32 of their grid cells.
 
@@ -1762,9 +1769,10 @@ def _shifted_uniforms(base, keys, R):
     S, N = base.shape
     idx = np.arange(R * S, dtype=_U64).reshape(R, S) + _U64(1)
     shift = _splitmix64_inplace(keys[:, None, None] ^ _splitmix64(idx)[None]) >> _U64(32)   # (n, R, S)
+    d = S if dims is None else dims
     # set r is columns r N/R .. (r + 1) N/R - 1: (S, R, N/R) against the shifts (n, S, R, 1)
-    bits = base.reshape(S, R, N // R)[None] ^ np.swapaxes(shift, 1, 2)[..., None]
-    out = bits.reshape(keys.shape[0], S, N).astype(np.float64)
+    bits = base[:d].reshape(d, R, N // R)[None] ^ np.swapaxes(shift[..., :d], 1, 2)[..., None]
+    out = bits.reshape(keys.shape[0], d, N).astype(np.float64)
     out += 0.5
     out *= 2.0 ** -32
     return out
