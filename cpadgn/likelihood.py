@@ -831,13 +831,15 @@ CHEAP_POINTS = 128      # S >= 4: plain Monte Carlo points of a pair that matter
 
 
 def _cheap_moments(tab: RegionTable, v: torch.Tensor, C: torch.Tensor, regions: np.ndarray, mode: np.ndarray,
-                   ids: np.ndarray, memory_budget: float | None = None):
+                   ids: np.ndarray, memory_budget: float | None = None, moments: bool = True):
     """``_truncated_moments`` of pairs by ``polytope.halfspace_mc`` (CHEAP_POINTS points)
     from their certified modes (P, S), finite and nonzero; ids (P,): the pairs'
-    identities (``_pair_ids``); memory_budget: bytes of its working arrays."""
+    identities (``_pair_ids``); memory_budget: bytes of its working arrays; moments:
+    False for the mass alone (zero moments, as ``_truncated_moments``')."""
     v, C = v.cpu().numpy(), C.cpu().numpy()
     A, b = _whitened_regions(tab, v, C, regions)
-    res = _in_threads(_cheap_mc, A, b, tab.mask[regions], mode, ids, min_pairs=2048, memory_budget=memory_budget)
+    res = _in_threads(_cheap_mc, A, b, tab.mask[regions], mode, ids, min_pairs=2048, memory_budget=memory_budget,
+                      moments=moments)
     return _in_latent(tab, regions, res, v, C)
 
 
@@ -874,9 +876,9 @@ def _pair_ids(row_ids: np.ndarray, rows: np.ndarray, regions: np.ndarray) -> np.
     return combine_ids(row_ids[rows], np.asarray(regions, dtype=np.uint64))
 
 
-def _cheap_mc(A, b, mask, mode, ids, memory_budget: float | None = None):
+def _cheap_mc(A, b, mask, mode, ids, memory_budget: float | None = None, moments: bool = True):
     """``polytope.halfspace_mc`` with CHEAP_POINTS points of the polytopes' identities ids."""
-    return halfspace_mc(A, b, mask, mode, CHEAP_POINTS, memory_budget=memory_budget, ids=ids)
+    return halfspace_mc(A, b, mask, mode, CHEAP_POINTS, memory_budget=memory_budget, ids=ids, moments=moments)
 
 
 def _qmc_first_stage(A, b, mask, mode, ids, moments: bool, memory_budget: float | None = None):
@@ -1346,7 +1348,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 lk = lk.cpu().numpy()
                 ids = None if row_ids is None else _pair_ids(row_ids, rows.cpu().numpy(), r_np)
                 if is_cheap:            # kept as it is (its pilot SE 0: never refined); certified variance
-                    log_phi, mean, cov, _, _ = _cheap_moments(tab, v, C, r_np, mode, ids, poly_budget)
+                    log_phi, mean, cov, _, _ = _cheap_moments(tab, v, C, r_np, mode, ids, poly_budget, moments)
                     se, var = np.zeros_like(lk), log_var[sel].cpu().numpy()
                     pilots.append((lk, lk + log_phi, se))
                     mc = _cheap_mean_mc(lk + log_phi, var, cov)

@@ -410,7 +410,7 @@ def test_halfspace_monte_carlo_unbiased_with_its_certified_variance():
     binomial M Phi (1 - Phi / M) / n (M = Phi(-|mode|); points independent) within the
     chi-square(399) range at 1e-6 either side, so below the certified M Phi / n; and the
     mean of the points in P, rotated back, is within 4 SE of the closed form.  In slices
-    under a memory budget: the same numbers."""
+    under a memory budget: the same numbers; without moments, the same mass and SE."""
     from scipy.stats import chi2, norm
     from cpadgn.polytope import halfspace_mc
     S, copies, n = 4, 400, 128
@@ -437,6 +437,8 @@ def test_halfspace_monte_carlo_unbiased_with_its_certified_variance():
     sliced = halfspace_mc(A, b, np.ones((copies, 3), bool), mode, n, seed=0,
                           memory_budget=7 * 8.0 * n * (3 + 4 * S + 2))
     assert np.array_equal(sliced.log_mass, res.log_mass) and np.array_equal(sliced.mean, res.mean)
+    mass_only = halfspace_mc(A, b, np.ones((copies, 3), bool), mode, n, seed=0, moments=False)
+    assert np.array_equal(mass_only.log_mass, res.log_mass) and np.array_equal(mass_only.stderr, res.stderr)
 
 
 @pytest.mark.parametrize("shift, n_qmc, budget", [(0.0, 256, None), (1.5, 256, None), (0.0, 2 ** 13, 1e5)])
