@@ -14,13 +14,15 @@ a file that is a cpadgn partition cache is ever replaced (a truncated one too, r
 by the format name in its first bytes): any other file at the cache path (a model, a data
 file, a CSV, an unreadable file) is refused with a CpadgnError and left untouched.
 
-Schema (cache_format_version 2)
+Schema (cache_format_version 3)
 -------------------------------
 ::
 
     /                        root attributes
         format               "cpadgn-partition"
-        cache_format_version 2 (1: no body_sha256; such caches are recomputed)
+        cache_format_version 3 (older caches are recomputed: 1 had no body_sha256; 2 was
+                             written before the S = 3 enumeration's facet rank test
+                             and may list rows that only touch a region as facets)
         fingerprint          SHA-256 hex of (net fingerprint + cache format version);
                              the cache key
         body_sha256          SHA-256 hex of the datasets below (``body_checksum``)
@@ -72,7 +74,7 @@ from .network import PiecewiseAffineNet
 from .partition import Partition
 
 FORMAT = "cpadgn-partition"
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 CACHE_SUFFIX = ".partition.h5"
 STALE_STATUS = "replaced (another generator's partition)"
 
