@@ -905,14 +905,15 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     fallback |= np.bincount(epair, _ill_conditioned(fp, ge, np.linalg.norm(ve, axis=1), b[ef], c, t_lo, t_hi), P) > 0
     neg_b = b < 0
     inside = np.bincount(fpair, neg_b, P) == 0
-    outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
-    # The foot is tested against the listed edges only, which bound a facet's polygon unless
-    # that polygon is degenerate: a segment or point listed with one or two edges (rounding
-    # left t_hi > t_lo), of zero area, so its terms are 0.  A bounded region's nonempty
-    # polygon has at least three edges; with fewer its foot term is left out (it was
-    # counted, e.g. Phi(-|b_k|) = e^-0.86 for a true mass of e^-17, or the sum went negative)
-    degenerate = fp.bounded[regions][fpair] & (np.bincount(ef, minlength=NF) < 3)
-    foot_in = fp.nonempty[gf] & ~outside_edge & ~degenerate
+    # The foot is outside F_k where it is outside an edge, or outside P: the listed edges
+    # bound a polygon of positive area, but one of zero area (a point or segment where a
+    # row touches P without being a facet, which rounding listed with a few edges) is cut
+    # only by rows that are not its edges, and its true terms are 0 (its foot counted gave
+    # Phi(-|b_k|) = e^-0.86 for a true mass of e^-17, or a sum gone negative: log mass -inf)
+    outside = np.bincount(ef, c < 0, NF) > 0
+    inside_edges = np.flatnonzero(fp.nonempty[gf] & ~outside)
+    outside[inside_edges] = _outside_polyhedron(inside_edges, fpair, nf, a, b, np.linalg.norm(v, axis=1))
+    foot_in = fp.nonempty[gf] & ~outside
     absb = np.abs(b)
     edge_start = (np.cumsum(ne) - ne)[lpair]
     first, second = edge_start + fp.line_first[gl], edge_start + fp.line_second[gl]
@@ -930,7 +931,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     mean, cov = np.zeros((P, 3)), np.zeros((P, 3, 3))
     if moments:
         mean, cov = _translated_moments(fpair, ef, a, b, fp.nonempty[gf], normal, c,
-                                        _log_segment_masses(t_lo, t_hi, first, second), outside_edge, log_mass, log_G)
+                                        _log_segment_masses(t_lo, t_hi, first, second), outside, log_mass, log_G)
     # P lies in each facet's half-space, so its mass is at most min_k Phi(b_k): a pair above
     # that bound (signed terms gone wrong, as with the degenerate polygons above) goes
     # through polyhedron_moments itself.  (log Phi rises: min_k log Phi(b_k) = log Phi(min_k b_k).)
@@ -955,6 +956,23 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
         direct = polyhedron_moments(A, bb, mask, moments=moments)
         log_mass[redo], mean[redo], cov[redo] = direct.log_mass, direct.mean, direct.cov
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
+
+
+def _outside_polyhedron(facets, fpair, nf, a, b, v_norm, rel=1e-9):
+    """(n,) where the foot b_k a_k of each of some of the pairs' facets (facets (n,)) lies
+    outside its pair's polyhedron {u : a_j . u <= b_j}, by more than rel times the
+    magnitudes (rounding is ~eps of them; a foot that close to a row of P is that close to
+    its polygon's boundary, where the edge test decides).  fpair (NF,) the facets' pairs,
+    nf (P,) facets per pair, a (NF, 3), b (NF,) the translated offsets, v_norm (P,) the
+    translations' lengths."""
+    reps = nf[fpair[facets]]
+    k = np.repeat(np.arange(facets.size), reps)
+    fk = facets[k]
+    j = _ranges((np.cumsum(nf) - nf)[fpair[facets]], reps)             # every facet of its pair
+    g = np.einsum("ns,ns->n", a.take(fk, 0), a.take(j, 0))
+    bk, bj = b[fk], b[j]
+    slack = rel * (1.0 + np.abs(bk) + np.abs(bj) + v_norm[fpair[fk]])
+    return np.bincount(k, bk * g > bj + slack, facets.size) > 0
 
 
 def _ill_conditioned(fp: FacetPolygons, ge, v_norm, b, c, t_lo, t_hi, rel=1e-6):
@@ -1010,7 +1028,7 @@ def _log_segment_masses(t_lo, t_hi, first, second):
     return out
 
 
-def _translated_moments(fpair, ef, a, b, nonempty, normal, c, log_segment, outside_edge, log_mass, log_G):
+def _translated_moments(fpair, ef, a, b, nonempty, normal, c, log_segment, outside, log_mass, log_G):
     """Mean (P, 3) and covariance (P, 3, 3) from the divergence identities, as
     ``_facet_moments`` but on flat facets (NF, ...) and edges (NE, ...): each facet's
     2-D mass and first moment by the S = 2 polygon formula over its edges, whose Owen
@@ -1023,7 +1041,7 @@ def _translated_moments(fpair, ef, a, b, nonempty, normal, c, log_segment, outsi
         log_in = np.log1p(-np.minimum(np.exp(log_exit), 1.0))
         log_out = log_entry + np.log1p(-np.exp(np.minimum(log_exit - log_entry, 0.0)))
     log_out = np.where(np.isneginf(log_entry), -np.inf, log_out)
-    log_M = np.where(nonempty, np.where(outside_edge, log_out, log_in), -np.inf)
+    log_M = np.where(nonempty, np.where(outside, log_out, log_in), -np.inf)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         we = np.exp(log_phi(c) - log_M[ef] + log_segment)                   # phi(c) M_e / M_k
     we = np.where(np.isfinite(log_M[ef]), we, 0.0)
