@@ -897,12 +897,14 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     a, vf = fp.a.take(gf, 0), np.repeat(v, nf, 0)           # take and repeat: ~5x faster than x[idx] on rows
     b = fp.c[gf] - (a[:, 0] * vf[:, 0] + a[:, 1] * vf[:, 1] + a[:, 2] * vf[:, 2])
     ve, normal, tangent = np.repeat(v, ne, 0), fp.normal3.take(ge, 0), fp.tangent3.take(ge, 0)
-    c = fp.c2[ge] - (normal[:, 0] * ve[:, 0] + normal[:, 1] * ve[:, 1] + normal[:, 2] * ve[:, 2])
+    c0, lo0, hi0 = fp.c2[ge], fp.t_lo[ge], fp.t_hi[ge]                  # untranslated
+    c = c0 - (normal[:, 0] * ve[:, 0] + normal[:, 1] * ve[:, 1] + normal[:, 2] * ve[:, 2])
     dv = tangent[:, 0] * ve[:, 0] + tangent[:, 1] * ve[:, 1] + tangent[:, 2] * ve[:, 2]
-    t_lo, t_hi = fp.t_lo[ge] - dv, fp.t_hi[ge] - dv
+    t_lo, t_hi = lo0 - dv, hi0 - dv
     c = np.where(np.abs(c) < TINY, TINY, c)
     fallback = np.bincount(fpair, np.abs(b) < TINY_B, P) > 0
-    fallback |= np.bincount(epair, _ill_conditioned(fp, ge, np.linalg.norm(ve, axis=1), b[ef], c, t_lo, t_hi), P) > 0
+    ill = _ill_conditioned(np.repeat(np.linalg.norm(v, axis=1), ne), c0, lo0, hi0, b, ef, c, t_lo, t_hi)
+    fallback[epair[ill]] = True
     neg_b = b < 0
     inside = np.bincount(fpair, neg_b, P) == 0
     outside_edge = np.bincount(ef, c < 0, NF) > 0                       # the foot is outside an edge
@@ -957,18 +959,22 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
 
 
-def _ill_conditioned(fp: FacetPolygons, ge, v_norm, b, c, t_lo, t_hi, rel=1e-6):
-    """Translated edges (NE,) whose terms the translation's rounding spoils: the offsets
-    b, c and ends t_lo, t_hi (NE,) each carry ~eps s (s = |v| (NE,) plus the untranslated
-    magnitudes of fp's edges ge), and the terms depend on the angle atan(t / |c|) at a
-    finite end and on the ratio of b and c, so an end within rel s of the facet's foot
-    (the foot at a vertex: O(1) errors, the angle is rounding noise) or an edge line within
-    rel s of the origin is ill-conditioned.  polyhedron_moments finds c and t from the
-    translated b itself, consistently."""
+def _ill_conditioned(v_norm, c0, lo0, hi0, b, ef, c, t_lo, t_hi, rel=1e-6):
+    """The translated edges whose terms the translation's rounding spoils, as indices
+    into the edges (NE,): the offsets b[ef], c and ends t_lo, t_hi (NE,) each carry
+    ~eps s (s = |v| (NE,) plus the untranslated magnitudes c0, lo0, hi0 (NE,)), and the
+    terms depend on the angle atan(t / |c|) at a finite end and on the ratio of b and c,
+    so an end within rel s of the facet's foot (the foot at a vertex: O(1) errors, the
+    angle is rounding noise) or an edge line within rel s of the origin is
+    ill-conditioned.  polyhedron_moments finds c and t from the translated b itself,
+    consistently.  b (NF,) the facets' offsets, ef (NE,) each edge's facet.  Both tests
+    need |c| < rel s (hypot(c, t) >= |c|), which few edges meet: only those are tested."""
     finite = lambda t: np.where(np.isfinite(t), np.abs(t), 0.0)
-    s = rel * (v_norm + np.abs(fp.c2[ge]) + finite(fp.t_lo[ge]) + finite(fp.t_hi[ge]))
-    end = np.minimum(np.hypot(c, t_lo), np.hypot(c, t_hi))                  # inf where both ends are
-    return (end < s) | (np.hypot(b, c) < s)
+    s = rel * (v_norm + np.abs(c0) + finite(lo0) + finite(hi0))
+    near = np.flatnonzero(np.abs(c) < s)
+    c, s = c[near], s[near]
+    end = np.minimum(np.hypot(c, t_lo[near]), np.hypot(c, t_hi[near]))     # inf where both ends are
+    return near[(end < s) | (np.hypot(b[ef[near]], c) < s)]
 
 
 def _edge_terms_by_lines(first, second, b, c, t_lo, t_hi, owen=False):
