@@ -938,7 +938,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     # that bound (signed terms gone wrong, as with the degenerate polygons above) goes
     # through polyhedron_moments itself.  (log Phi rises: min_k log Phi(b_k) = log Phi(min_k b_k).)
     nearest = np.full(P, np.inf)
-    np.minimum.at(nearest, fpair, b)
+    has = np.flatnonzero(nf > 0)                  # a pair's facets are one run: reduceat, ~10x np.minimum.at's speed
+    nearest[has] = np.minimum.reduceat(b, (np.cumsum(nf) - nf)[has])
     bound = log_ndtr(nearest)
     fallback |= log_mass > bound + 1e-9 * np.abs(bound) + 1e-12
     cancelled = ~fallback & _cancelled(fp.bounded[regions], log_mass, log_pos)
