@@ -631,7 +631,9 @@ def _facet_bound(tab: RegionTable, v: torch.Tensor, regions: torch.Tensor, facet
     slack = torch.empty(regions.shape, dtype=v.dtype, device=v.device)
     for i in torch.split(order, chunk) if order.numel() else []:
         f, r = max(int(count[i[-1]]), 1), regions[i]
-        slack[i] = (tab.h_unit[r, :f] - (tab.GC_unit[r, :f] @ v[i][:, :, None])[..., 0]).min(dim=-1).values
+        # slice, then index_select: ~3x faster than the mixed index [r, :f] (same values)
+        h, GC = tab.h_unit[:, :f].index_select(0, r), tab.GC_unit[:, :f].index_select(0, r)
+        slack[i] = (h - (GC @ v[i][:, :, None])[..., 0]).min(dim=-1).values
     return torch.special.log_ndtr(slack)
 
 
