@@ -545,9 +545,14 @@ def _intervals(net, max_regions, progress, t0) -> Partition:
     c = np.zeros((1, 1))
     pats = np.zeros((1, 0), bool)
     off = 0
+    tol = _resolution(net)
     for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
         n = W.shape[0]
         Ua, Uc = M @ W.T, c @ W.T + b        # (I, n)
+        # a slope or constant within rounding of 0 (max(a, b) of two saturated clamps) is 0,
+        # so the unit is >= 0 there as in the forward pass, locate and the other enumerations
+        Ua = np.where(np.abs(Ua) <= tol * (np.abs(M) @ np.abs(W).T), 0.0, Ua)
+        Uc = np.where((Ua == 0) & (np.abs(Uc) <= tol * (np.abs(c) @ np.abs(W).T + np.abs(b))), 0.0, Uc)
         lo = np.concatenate([[-np.inf], bps])
         hi = np.concatenate([bps, [np.inf]])
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -125,6 +125,30 @@ def test_intervals_without_breakpoints_are_one_region_without_warnings():
     assert part.n_regions == 1 and abs(np.exp(part.log_prior_mass).sum() - 1) < 1e-15
 
 
+
+def test_intervals_store_a_unit_zero_up_to_rounding_as_nonnegative():
+    """max(t_0, t_1) of two clamps (relu(v + 1) - relu(v - 1), as the loader writes
+    Hardtanh) = t_1 + relu(t_0 - t_1): where both saturate (z > 0.93), t_0 - t_1 is 0 in
+    exact arithmetic, and the intervals' own propagation left -1e-16 there, stored as < 0,
+    while the forward pass (and locate, the subdivision, the walk) count it >= 0: 6.6% of
+    the prior samples were located nowhere.  Oracle: each sample satisfies the facet
+    constraints of its region, and the masses are the sample frequencies."""
+    w, c = np.array([[1.65], [0.92]]), np.array([3.2, 0.14])            # v = w z + c
+    net = PiecewiseAffineNet.from_arrays(
+        [np.vstack([w, w]), np.array([[1.0, -1.0, -1.0, 1.0], [0.0, 1.0, 0.0, -1.0]]), np.array([[1.0, 2.0]])],
+        [np.concatenate([c + 1, c - 1]), np.array([0.0, -1.0]), np.zeros(1)], [np.zeros(4), np.array([0.0, 1.0])])
+    part = compute_partition(net)
+    assert part.method == "intervals"
+    n = 20_000
+    z = np.random.default_rng(0).standard_normal((n, 1))
+    where = part.locate(net, z)
+    assert (where >= 0).all()
+    G, h, mask = part.facets(net, where)
+    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()
+    p = np.exp(part.log_prior_mass)
+    freq = np.bincount(where, minlength=part.n_regions) / n
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+
 # ---------------------------------------------------------------------------- S >= 2
 CASES = [(2, (8, 8), 0.1, 0), (2, (8, 8), 0.0, 1), (2, (8, 8), -1.0, 2), (2, (5, 5, 5), 0.0, 3),
          (3, (5, 5), 0.1, 0), (3, (5, 5), 0.0, 1), (3, (5, 5), -1.0, 2)]
