@@ -1373,7 +1373,7 @@ def _finish(net, raw, method, t0, progress, prior_masses=True, chunk=4096) -> Pa
             progress(int(idx[-1]) + 1, nR, "region checks and prior masses")
     # re-centre the few regions whose interior point looks thin or wrong
     for i in np.flatnonzero(~ok | (part.clearance < DEGENERATE_CLEARANCE)):
-        G, h = _region_constraints(net, part.patterns[i:i + 1])
+        G, h = _region_constraints_snapped(net, part.patterns[i:i + 1])
         nr = _normalised_rows(G[0], h[0])
         ch = None if nr is None else _chebyshev(nr[0], nr[1])
         if ch is not None and ch[1] > 0:

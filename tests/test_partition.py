@@ -428,6 +428,46 @@ def test_subdivision_ignores_a_unit_that_is_zero_up_to_rounding_everywhere():
     assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
 
 
+def test_recentring_ignores_rows_that_are_zero_up_to_rounding(monkeypatch):
+    """Hidden layers of a loaded Linear(2, 10), ReLU, MaxPool1d twice, BatchNorm1d, ReLU6
+    decoder (benchmarks/fuzz_loader.py --seed 3 --only 109).  The re-centring of thin
+    regions took the unsnapped constraints: rows that are rounding noise (max of two
+    saturated clamps) normalised to |h| ~ 1e17, on which HiGHS's simplex gives up and its
+    interior-point fallback ran for hours.  Every LP here is cut off after 5 s; the masses
+    and the located prior samples are the oracle."""
+    import scipy.optimize
+    linprog, timed_out = scipy.optimize.linprog, []
+
+    def limited(*args, **kw):
+        res = linprog(*args, **kw, options={"time_limit": 5.0})
+        timed_out.append(res.status == 1)
+        return res
+
+    monkeypatch.setattr(scipy.optimize, "linprog", limited)
+    W0 = np.array([[0.2333730012178421, 0.3397381603717804], [-0.5132455229759216, -0.5102043747901917],
+                   [-0.2559177577495575, 0.5482668280601501], [-0.3316279947757721, 0.3943087160587311],
+                   [-0.5426067113876343, 0.43031105399131775], [-0.14529502391815186, -0.1673312485218048],
+                   [-0.06949762254953384, 0.6017730236053467], [-0.5756803154945374, 0.5799974203109741],
+                   [-0.2055356800556183, 0.22498704493045807], [0.634732723236084, -0.4044147729873657]])
+    b0 = np.array([-0.18422946333885193, -0.2134704887866974, 0.1703239381313324, 0.32680872082710266,
+                   -0.8360255360603333, -0.21735744178295135, -0.02234717085957527, 0.9642195701599121,
+                   0.04200293496251106, 0.749025821685791])
+    W1 = np.zeros((7, 10))                      # max pooling: a - b, then b carried on slope-1 units
+    W1[[1, 1, 2, 2, 3, 4, 5, 6], [1, 3, 6, 8, 1, 3, 6, 8]] = [1, -1, 1, -1, 1, 1, 1, 1]
+    W2 = np.array([[1, -1, 0, 1, -1, 0, 0], [-1, 1, 0, 0, 0, 0, 0], [1, 0, -1, 0, 0, 1, -1],
+                   [-1, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0, 0],
+                   [0, 0, 1, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0, 1]], float)
+    D = np.diag([0.6977954992366646, 0.6977954992366646, 1.5740231154007824, 1.5740231154007824])
+    c = np.repeat([0.1928364249983652, -0.2990393619314846], 2)        # BatchNorm, then ReLU6
+    net = PiecewiseAffineNet.from_arrays(
+        [W0, W1, W2, np.tile(np.hstack([D, D]), (2, 1)), np.ones((1, 8))],
+        [b0, np.zeros(7), np.zeros(8), np.concatenate([c, c - 6]), np.zeros(1)],
+        [np.zeros(10), np.r_[np.zeros(3), np.ones(4)], np.r_[np.zeros(4), np.ones(4)], np.zeros(8)])
+    part = compute_partition(net)
+    assert timed_out and not any(timed_out)
+    chk = check_partition(net, part, n_samples=20_000)
+    assert chk["mass_error"] < 4 * part.n_regions * np.finfo(float).eps and chk["samples_located"] == 1.0
+
 def test_subdivision_lists_no_row_that_only_touches_its_region_along_an_edge():
     """Zero biases and rank-2 first layer (S = 3): every hyperplane contains the line
     z = t (a x b).  The subdivision listed as facets the units zero at some vertex of the
