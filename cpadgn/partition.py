@@ -545,9 +545,14 @@ def _intervals(net, max_regions, progress, t0) -> Partition:
     c = np.zeros((1, 1))
     pats = np.zeros((1, 0), bool)
     off = 0
+    tol = _resolution(net)
     for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
         n = W.shape[0]
         Ua, Uc = M @ W.T, c @ W.T + b        # (I, n)
+        # a slope or constant within rounding of 0 (max(a, b) of two saturated clamps) is 0,
+        # so the unit is >= 0 there as in the forward pass, locate and the other enumerations
+        Ua = np.where(np.abs(Ua) <= tol * (np.abs(M) @ np.abs(W).T), 0.0, Ua)
+        Uc = np.where((Ua == 0) & (np.abs(Uc) <= tol * (np.abs(c) @ np.abs(W).T + np.abs(b))), 0.0, Uc)
         lo = np.concatenate([[-np.inf], bps])
         hi = np.concatenate([bps, [np.inf]])
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -1368,7 +1373,7 @@ def _finish(net, raw, method, t0, progress, prior_masses=True, chunk=4096) -> Pa
             progress(int(idx[-1]) + 1, nR, "region checks and prior masses")
     # re-centre the few regions whose interior point looks thin or wrong
     for i in np.flatnonzero(~ok | (part.clearance < DEGENERATE_CLEARANCE)):
-        G, h = _region_constraints(net, part.patterns[i:i + 1])
+        G, h = _region_constraints_snapped(net, part.patterns[i:i + 1])
         nr = _normalised_rows(G[0], h[0])
         ch = None if nr is None else _chebyshev(nr[0], nr[1])
         if ch is not None and ch[1] > 0:

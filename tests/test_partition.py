@@ -125,6 +125,30 @@ def test_intervals_without_breakpoints_are_one_region_without_warnings():
     assert part.n_regions == 1 and abs(np.exp(part.log_prior_mass).sum() - 1) < 1e-15
 
 
+
+def test_intervals_store_a_unit_zero_up_to_rounding_as_nonnegative():
+    """max(t_0, t_1) of two clamps (relu(v + 1) - relu(v - 1), as the loader writes
+    Hardtanh) = t_1 + relu(t_0 - t_1): where both saturate (z > 0.93), t_0 - t_1 is 0 in
+    exact arithmetic, and the intervals' own propagation left -1e-16 there, stored as < 0,
+    while the forward pass (and locate, the subdivision, the walk) count it >= 0: 6.6% of
+    the prior samples were located nowhere.  Oracle: each sample satisfies the facet
+    constraints of its region, and the masses are the sample frequencies."""
+    w, c = np.array([[1.65], [0.92]]), np.array([3.2, 0.14])            # v = w z + c
+    net = PiecewiseAffineNet.from_arrays(
+        [np.vstack([w, w]), np.array([[1.0, -1.0, -1.0, 1.0], [0.0, 1.0, 0.0, -1.0]]), np.array([[1.0, 2.0]])],
+        [np.concatenate([c + 1, c - 1]), np.array([0.0, -1.0]), np.zeros(1)], [np.zeros(4), np.array([0.0, 1.0])])
+    part = compute_partition(net)
+    assert part.method == "intervals"
+    n = 20_000
+    z = np.random.default_rng(0).standard_normal((n, 1))
+    where = part.locate(net, z)
+    assert (where >= 0).all()
+    G, h, mask = part.facets(net, where)
+    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()
+    p = np.exp(part.log_prior_mass)
+    freq = np.bincount(where, minlength=part.n_regions) / n
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+
 # ---------------------------------------------------------------------------- S >= 2
 CASES = [(2, (8, 8), 0.1, 0), (2, (8, 8), 0.0, 1), (2, (8, 8), -1.0, 2), (2, (5, 5, 5), 0.0, 3),
          (3, (5, 5), 0.1, 0), (3, (5, 5), 0.0, 1), (3, (5, 5), -1.0, 2)]
@@ -403,6 +427,46 @@ def test_subdivision_ignores_a_unit_that_is_zero_up_to_rounding_everywhere():
     freq = np.bincount(where, minlength=part.n_regions) / n
     assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
 
+
+def test_recentring_ignores_rows_that_are_zero_up_to_rounding(monkeypatch):
+    """Hidden layers of a loaded Linear(2, 10), ReLU, MaxPool1d twice, BatchNorm1d, ReLU6
+    decoder (benchmarks/fuzz_loader.py --seed 3 --only 109).  The re-centring of thin
+    regions took the unsnapped constraints: rows that are rounding noise (max of two
+    saturated clamps) normalised to |h| ~ 1e17, on which HiGHS's simplex gives up and its
+    interior-point fallback ran for hours.  Every LP here is cut off after 5 s; the masses
+    and the located prior samples are the oracle."""
+    import scipy.optimize
+    linprog, timed_out = scipy.optimize.linprog, []
+
+    def limited(*args, **kw):
+        res = linprog(*args, **kw, options={"time_limit": 5.0})
+        timed_out.append(res.status == 1)
+        return res
+
+    monkeypatch.setattr(scipy.optimize, "linprog", limited)
+    W0 = np.array([[0.2333730012178421, 0.3397381603717804], [-0.5132455229759216, -0.5102043747901917],
+                   [-0.2559177577495575, 0.5482668280601501], [-0.3316279947757721, 0.3943087160587311],
+                   [-0.5426067113876343, 0.43031105399131775], [-0.14529502391815186, -0.1673312485218048],
+                   [-0.06949762254953384, 0.6017730236053467], [-0.5756803154945374, 0.5799974203109741],
+                   [-0.2055356800556183, 0.22498704493045807], [0.634732723236084, -0.4044147729873657]])
+    b0 = np.array([-0.18422946333885193, -0.2134704887866974, 0.1703239381313324, 0.32680872082710266,
+                   -0.8360255360603333, -0.21735744178295135, -0.02234717085957527, 0.9642195701599121,
+                   0.04200293496251106, 0.749025821685791])
+    W1 = np.zeros((7, 10))                      # max pooling: a - b, then b carried on slope-1 units
+    W1[[1, 1, 2, 2, 3, 4, 5, 6], [1, 3, 6, 8, 1, 3, 6, 8]] = [1, -1, 1, -1, 1, 1, 1, 1]
+    W2 = np.array([[1, -1, 0, 1, -1, 0, 0], [-1, 1, 0, 0, 0, 0, 0], [1, 0, -1, 0, 0, 1, -1],
+                   [-1, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0, 0],
+                   [0, 0, 1, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0, 1]], float)
+    D = np.diag([0.6977954992366646, 0.6977954992366646, 1.5740231154007824, 1.5740231154007824])
+    c = np.repeat([0.1928364249983652, -0.2990393619314846], 2)        # BatchNorm, then ReLU6
+    net = PiecewiseAffineNet.from_arrays(
+        [W0, W1, W2, np.tile(np.hstack([D, D]), (2, 1)), np.ones((1, 8))],
+        [b0, np.zeros(7), np.zeros(8), np.concatenate([c, c - 6]), np.zeros(1)],
+        [np.zeros(10), np.r_[np.zeros(3), np.ones(4)], np.r_[np.zeros(4), np.ones(4)], np.zeros(8)])
+    part = compute_partition(net)
+    assert timed_out and not any(timed_out)
+    chk = check_partition(net, part, n_samples=20_000)
+    assert chk["mass_error"] < 4 * part.n_regions * np.finfo(float).eps and chk["samples_located"] == 1.0
 
 def test_subdivision_lists_no_row_that_only_touches_its_region_along_an_edge():
     """Zero biases and rank-2 first layer (S = 3): every hyperplane contains the line
