@@ -1514,16 +1514,19 @@ def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torc
 
 
 def _positive_semidefinite(cov: np.ndarray) -> np.ndarray:
-    """Covariances (n, S, S) with negative eigenvalues set to 0; the others untouched.
-    A posterior far from its row in noise units (a tiny noise std) is ~1e-15 wide, below
-    the rounding of E[zz'] - E[z]E[z]' (-1e-11 on digits at noise std 1e-6): 0 is then
-    within that rounding of the truth, a negative variance is not."""
+    """Covariances (n, S, S) with negative eigenvalues raised to 16 S eps times the largest
+    (0 to rounding); the others untouched.  A posterior far from its row in noise units (a
+    tiny noise std) is ~1e-15 wide, below the rounding of E[zz'] - E[z]E[z]' (-1e-11 on
+    digits at noise std 1e-6): 0 is then within that rounding of the truth, a negative
+    variance is not.  Exactly 0 would not do: the product V diag(lam) V^T rounds to
+    ~S eps lam_max, which gave an eigenvalue of -5e-32 beside 1e-15 on those digits."""
     finite = np.flatnonzero(np.isfinite(cov).all(axis=(1, 2)))
     bad = finite[np.linalg.eigvalsh(cov[finite])[:, 0] < 0] if finite.size else finite
     if bad.size:
         lam, vec = np.linalg.eigh(cov[bad])
+        floor = 16 * cov.shape[-1] * np.finfo(np.float64).eps * np.maximum(lam[:, -1:], 0.0)
         cov = cov.copy()
-        cov[bad] = (vec * np.maximum(lam, 0.0)[:, None, :]) @ np.swapaxes(vec, 1, 2)
+        cov[bad] = (vec * np.maximum(lam, floor)[:, None, :]) @ np.swapaxes(vec, 1, 2)
     return cov
 
 
