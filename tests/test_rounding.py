@@ -77,7 +77,7 @@ def test_score_impute_and_compare_warn_once_and_count_the_rows(tmp_path):
     save_model(path, PiecewiseAffineNet.from_arrays([A], [b], []), noise_std=noise)
     X = rng.standard_normal((6, S)) @ A.T + b        # on the model: exact log p O(1)
     X[0] = b                                         # x'Px = 0: not warned about
-    X[1:4, 2] = np.nan                               # 3 rows for impute, far in uncentred units
+    X[1:4, 2] = np.nan                               # 3 rows for impute, far from b in noise units
     data = tmp_path / "x.npy"
     np.save(data, X)
     run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])
