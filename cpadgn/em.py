@@ -405,8 +405,12 @@ def noise_update(C, B, sxx, Theta, n_rows, noise, var_floor=0.0):
     """Closed-form noise variance (D,) from the expected squared residuals.
 
     A variance of 0 (a column the generator fits exactly, e.g. a constant one, with
-    var_floor 0) would make the likelihood infinite: refused in one line."""
-    resid = np.maximum(expected_sq_residual(C, B, sxx, Theta), 0.0) / n_rows
+    var_floor 0) would make the likelihood infinite: refused in one line.  The residual is
+    a difference of sums of size sxx, so one within 64 eps sxx of 0 is 0 to rounding: a
+    constant column (sxx = 360) came out <= 0 or +5.7e-14 as the E-step's rounding went,
+    and the positive one made a noise std of 1.3e-8 instead of the refusal."""
+    resid = expected_sq_residual(C, B, sxx, Theta)
+    resid = np.where(resid > 64 * np.finfo(np.float64).eps * np.abs(sxx), resid, 0.0) / n_rows
     var = np.maximum(np.full_like(resid, resid.mean()) if noise == "iso" else resid, var_floor)
     if not (var > 0).all():
         where = "every column" if noise == "iso" else f"column {np.flatnonzero(var <= 0)[0] + 1}"

@@ -136,9 +136,12 @@ class RegionTable:
         self.n_regions = R = part.n_regions
         self._net, self._patterns = net, part.patterns
         H = W.shape[1]
-        # M, c and ``stacked`` take ~3 (H + 2)(S + 1) floats per region: past a quarter of
-        # the budget they are not kept but rebuilt per chunk of regions (``stacked_chunks``)
-        per_region = 8.0 * 3 * (H + 2) * (S + 1)
+        # M, c, ``stacked`` and the frames take ~3 (H + 2)(S + 1) + (S + 1)(S + K) floats per
+        # region: past a quarter of the budget they are not kept but rebuilt per chunk of
+        # regions (``stacked_chunks``, ``pair_frames``)
+        sparse = torch.device(device).type == "cpu" and int((W != 0).sum()) < 0.25 * W.size
+        K = D if sparse else H
+        per_region = 8.0 * (3 * (H + 2) * (S + 1) + (S + 1) * (S + K))
         self.region_chunk = R if memory_budget is None else int(max(1, min(R, memory_budget / 4 // per_region)))
         self.streamed = self.region_chunk < R
         degenerate = getattr(part, "degenerate", None)
@@ -146,15 +149,18 @@ class RegionTable:
         self.var = t(np.broadcast_to(np.asarray(noise_std, dtype=np.float64) ** 2, (D,)))
         self.U, self.b0 = t(W), t(b0)
         # a sparse output layer (a convolution's): M'QM = (UM)'P(UM) through sparse U is far cheaper
-        sparse = device.type == "cpu" and int((self.U != 0).sum()) < 0.25 * self.U.numel()
         self.U_sparse = self.U.to_sparse() if sparse else None
-        # else Q = U^T P U = F^T F (F = Q_factor (H, H)): M^T Q M is formed as the Gram matrix
-        # of F M, whose rounding is eps |F M|, not eps |M|^T |Q| |M|: where the output layer
-        # cancels (U M ~ 0) at a small noise std the latter exceeded 1, and the Cholesky
-        # factor of I + M^T Q M failed (or lost its identity)
-        self.Q_factor = None if sparse else torch.linalg.qr(self.U / self.var.sqrt()[:, None], mode="r").R
+        # else P^1/2 U = Q_basis Q_factor (Q_basis (D, H) orthonormal, F = Q_factor (H, H)
+        # triangular), Q = U^T P U = F^T F: a region's precision factor is the QR of [I; F M]
+        # (``_region_constants``), whose rounding is eps |F M|, not eps |M|^T |Q| |M|: where
+        # the output layer cancels (U M ~ 0) at a small noise std the latter exceeded 1, and
+        # the Cholesky factor of I + M^T Q M failed (or lost its identity); Q_basis carries a
+        # complete row into the same frame (``_pair_gaussians_complete``)
+        self.Q_basis = self.Q_factor = None
+        if not sparse:
+            self.Q_basis, self.Q_factor = torch.linalg.qr(self.U / self.var.sqrt()[:, None])
         self.kappa_const0 = D * LOG_2PI + torch.log(self.var).sum()
-        self.M = self.c = self.stacked = self._prefix = None
+        self.M = self.c = self.stacked = self._prefix = self.frames = None
         if self.streamed and not self.data_space and net.hidden_sizes:
             # regions sharing the layers before the last share its pre-activation map: keep
             # those (if they fit in a quarter of the budget), and a chunk's M, c are a gather
@@ -171,9 +177,10 @@ class RegionTable:
         for lo in range(0, R, self.region_chunk):
             stop_check()
             M, c = self._hidden(np.arange(lo, min(R, lo + self.region_chunk)))
-            constants.append(self._region_constants(M, c))
+            *consts, frames = self._region_constants(M, c)
+            constants.append(consts)
             if not self.streamed:
-                self.M, self.c = M, c
+                self.M, self.c, self.frames = M, c, frames
                 self.stacked = self._stacked(M, c, *constants[0][1:]).reshape(H + 2, -1)
         empty = torch.zeros((0, S, S), dtype=torch.float64, device=device)
         self.chol_lambda, self.C, self.kappa_const, self.v_shift = (
@@ -204,27 +211,46 @@ class RegionTable:
 
     def _region_constants(self, M: torch.Tensor, c: torch.Tensor):
         """Per region of M (B, H, S), c (B, H): chol Lambda (B, S, S), C = L^-T (B, S, S), the
-        constant of -2 log kappa (B,) and v_shift = C^T M^T Q c (B, S)."""
+        constant of -2 log kappa (B,), v_shift = C^T M^T Q c (B, S) and the frames of
+        ``_pair_gaussians_complete``: Q_w (B, S + K, S), Bc (B, K).
+
+        In the frame of the output layer (K = H, P^1/2 U = Q_basis F: B_w = F M_w, Bc = F c;
+        a sparse U: K = D, B_w = P^1/2 U M_w, Bc = P^1/2 U c), the Householder QR
+        factorisation [I; B_w] = Q_w L^T gives L and the orthonormal Q_w (to rounding), not
+        the Cholesky factor of I + B_w^T B_w: that Gram matrix rounds to eps |B_w|^2 per
+        entry, which drowns the identity where U M_w is (nearly) rank deficient at a small
+        noise std (L 1e-3 relative off at sigma = 1e-7 for a direction A_w maps to ~sigma)."""
         S, (B, H) = self.S, c.shape
         if self.U_sparse is not None:
             Mc = torch.cat([M, c[:, :, None]], 2).permute(1, 0, 2).reshape(H, -1)
-            UMc = torch.sparse.mm(self.U_sparse, Mc).reshape(-1, B, S + 1).permute(1, 2, 0)   # (B, S + 1, D)
-            gram = UMc @ (UMc / self.var).transpose(1, 2)                          # [M c]' Q [M c]
-            MtQM, MtQc, cQc = gram[:, :S, :S], gram[:, :S, S:], gram[:, S, S]
+            UMc = torch.sparse.mm(self.U_sparse, Mc).reshape(-1, B, S + 1).permute(1, 0, 2)   # (B, D, S + 1)
+            BMc = UMc / self.var.sqrt()[:, None]                                   # P^1/2 U [M, c]
         else:
-            FM, Fc = self.Q_factor @ M, c @ self.Q_factor.T                        # (B, H, S), (B, H)
-            MtQM, MtQc = FM.transpose(1, 2) @ FM, FM.transpose(1, 2) @ Fc[:, :, None]
-            cQc = (Fc * Fc).sum(1)
-        Lam = torch.eye(S, dtype=torch.float64, device=self.device) + MtQM
-        if not bool(torch.isfinite(Lam).all()):
+            BMc = self.Q_factor @ torch.cat([M, c[:, :, None]], 2)                 # (B, H, S + 1): F [M, c]
+        Bw, Bc = BMc[:, :, :S], BMc[:, :, S]
+        if not bool(torch.isfinite((Bw * Bw).sum(1)).all()):
             raise CpadgnError("the generator's slopes over the noise std overflow float64 (M^T M / sigma^2 "
                               "beyond 1e308 in some region): the model is broken or badly scaled; "
                               "retrain it on standardised data")
-        chol = torch.linalg.cholesky(Lam)
+        eye = torch.eye(S, dtype=M.dtype, device=M.device).expand(B, S, S)
+        a, tau = torch.geqrf(torch.cat([eye, Bw], 1))
+        Q = torch.linalg.householder_product(a, tau)                                # (B, S + K, S)
+        R = torch.triu(a[:, :S])
+        sign = torch.where(torch.diagonal(R, dim1=1, dim2=2) < 0, -1.0, 1.0)       # L's diagonal > 0
+        chol = (R * sign[:, :, None]).transpose(1, 2)
+        Q *= sign[:, None, :]
         C = _inverse_transpose(chol)
         logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
-        v_shift = (C.transpose(1, 2) @ MtQc)[..., 0]                     # C^T M^T Q c
-        return chol, C, self.kappa_const0 + logdet + cQc, v_shift
+        v_shift = (C.transpose(1, 2) @ (Bw.transpose(1, 2) @ Bc[:, :, None]))[..., 0]   # C^T M^T Q c
+        return chol, C, self.kappa_const0 + logdet + (Bc * Bc).sum(1), v_shift, (Q, Bc)
+
+    def pair_frames(self, regions: np.ndarray):
+        """The frames (Q_w (B, S + K, S), Bc (B, K)) of some regions (B,)
+        (``_region_constants``): from the table when it is kept, else rebuilt."""
+        if self.frames is not None:
+            idx = torch.as_tensor(regions, device=self.device)
+            return self.frames[0][idx], self.frames[1][idx]
+        return self._region_constants(*self._hidden(regions))[-1]
 
     def _stacked(self, M, c, C, kappa_const, v_shift) -> torch.Tensor:
         """[xhat, 1, x'Px] @ stacked = [-1/2 (const + x'Px - 2 c.xhat), v_1..v_S] per region:
@@ -371,6 +397,24 @@ def _inverse_transpose(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
 
 
+def _whitened_qr(Bt: torch.Tensor, r: torch.Tensor):
+    """The least-squares system min_z |z|^2 + |B z - r|^2 of each of p pairs, Bt = B^T
+    (p, S, K), r (p, K), by one QR factorisation, [[I, 0], [B, r]] = Q [[L^T, v], [0, rho]]:
+    returns L^T (p, S, S) (diagonal > 0), v = L^-1 B^T r (p, S) and rho (p,), so that
+    I + B^T B = L L^T and rho^2 = |r|^2 - |v|^2 (the residual).  Orthogonal
+    transformations round to eps times the sizes of B and r themselves, where the products
+    B^T B, B^T r and |r|^2 - |v|^2 lose eps |B|^2, eps |B| |r| and eps |r|^2."""
+    p, S, K = Bt.shape
+    # the system transposed, (p, S + 1, S + K), is LAPACK's column-major layout
+    system = torch.zeros((p, S + 1, S + K), dtype=Bt.dtype, device=Bt.device)
+    system[:, :S, :S] = torch.eye(S, dtype=Bt.dtype, device=Bt.device)
+    system[:, :S, S:] = Bt
+    system[:, S, S:] = r
+    R = torch.linalg.qr(system.mT, mode="r").R                         # (p, S + 1, S + 1)
+    sign = torch.where(torch.diagonal(R, dim1=1, dim2=2)[:, :S] < 0, -1.0, 1.0)   # L's diagonal > 0
+    return R[:, :S, :S] * sign[:, :, None], R[:, :S, S] * sign, R[:, S, S]
+
+
 def _log_kappa_complete(tab: RegionTable, X: torch.Tensor):
     """Complete rows X (N, D) -> log kappa (N, R) and the whitened posterior means
     v = C^T y (N, S, R), mu_w(x) = C_w v.
@@ -435,18 +479,21 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
     bounds.  The pairs it integrates get theirs anew (``_pair_gaussians_incomplete``: these
     products lose digits at a small noise std).
 
-    With the 0/1 mask m of a row's observed entries, P_o = diag(m / sigma^2), x0 = m * x:
-        Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T (P_o x0) - (b_w A_w)^T P_o,
-        |x - b_w|^2_{P_o} = x0' P_o x0 - 2 b_w . P_o x0 + b_w' P_o b_w,
+    With the 0/1 mask m of a row's observed entries, P_o = diag(m / sigma^2), and x, b_w
+    centred at the output bias b0 (x0 = m * (x - b0), b_w' = b_w - b0 = U c_w, so that the
+    sums round to eps |x - b0|^2 / sigma^2 as the complete rows' do, not eps (|x| + |b0|)^2 / sigma^2):
+        Lambda_w,o = I + sum_d P_o,d A_wd A_wd^T,   y = A_w^T (P_o x0) - (b_w' A_w)^T P_o,
+        |x - b_w|^2_{P_o} = x0' P_o x0 - 2 b_w' . P_o x0 + b_w'' P_o b_w',
     so all (row, region) terms of a region chunk are two products in data space,
-    [P_o, 1] (n, D + 1) @ [A_wi A_wj; I_ij] and [P_o, P_o x0] (n, 2 D) @ [-b_w A_w, b_w^2;
-    A_w, -2 b_w], followed by y' Lambda^-1 y and log det Lambda from an entrywise LDL^T
+    [P_o, 1] (n, D + 1) @ [A_wi A_wj; I_ij] and [P_o, P_o x0] (n, 2 D) @ [-b_w' A_w, b_w'^2;
+    A_w, -2 b_w'], followed by y' Lambda^-1 y and log det Lambda from an entrywise LDL^T
     (``_entrywise_ldl``).  Rows that share a missing pattern share the first product.
     Region chunks are kept small enough for the (n, chunk) planes to stay in cache.
     """
     n, D, S, R = X.shape[0], tab.D, tab.S, tab.n_regions
     dev, dt = X.device, X.dtype
     obs = ~torch.isnan(X)
+    X = X - tab.b0
     Pm = obs / tab.var                                                 # (n, D) precision on observed
     Px = torch.where(obs, X, torch.zeros((), dtype=dt, device=dev)) * Pm
     const = obs.sum(1).to(dt) * LOG_2PI + (obs * torch.log(tab.var)).sum(1) + (Px * torch.nan_to_num(X)).sum(1)
@@ -464,7 +511,7 @@ def _log_kappa_incomplete(tab: RegionTable, X: torch.Tensor, region_chunk: int):
         stop = min(start + step, R)
         M, c = tab._hidden(np.arange(start, stop))
         A = torch.einsum("dh,bhs->dsb", tab.U, M).contiguous()           # (D, S, B)
-        b = tab.U @ c.T + tab.b0[:, None]                                  # (D, B)
+        b = tab.U @ c.T                                                    # (D, B): b_w - b0
         B = stop - start
         gram_table = torch.zeros((D + 1, T, B), dtype=dt, device=dev)
         for k, (i, j) in enumerate(tri):
@@ -559,26 +606,67 @@ def _pair_gaussians_incomplete(tab: RegionTable, X: torch.Tensor, rows: torch.Te
     A_u = A_u.transpose(1, 2).contiguous()                             # (U, S, D): contiguous gathers
     log_var, root_p = torch.log(tab.var), tab.var.rsqrt()
     zero = torch.zeros((), dtype=dt, device=dev)
-    # the system transposed, (p, S + 1, S + D), is LAPACK's column-major layout
     step = int(max(1, min(max_bytes, 2 ** 22) // (8.0 * (S + D) * (2 * S + 3))))
     for start in range(0, P, step):
         sl = slice(start, min(start + step, P))
         inv, x = inverse[sl], X[rows[sl]]
         obs = ~torch.isnan(x)
         w = obs * root_p                                               # (p, D) P_o^1/2
-        system = torch.zeros((x.shape[0], S + 1, S + D), dtype=dt, device=dev)
-        system[:, :S, :S] = torch.eye(S, dtype=dt, device=dev)
-        torch.mul(A_u[inv], w[:, None, :], out=system[:, :S, S:])
-        torch.mul(torch.where(obs, x - b_u[inv], zero), w, out=system[:, S, S:])
-        R = torch.linalg.qr(system.mT, mode="r").R                     # (p, S + 1, S + 1)
-        sign = torch.where(torch.diagonal(R, dim1=1, dim2=2)[:, :S] < 0, -1.0, 1.0)   # L's diagonal > 0
-        Lt = R[:, :S, :S] * sign[:, :, None]
+        Lt, v[sl], rho = _whitened_qr(A_u[inv] * w[:, None, :], torch.where(obs, x - b_u[inv], zero) * w)
         L[sl] = Lt.transpose(1, 2)
-        v[sl] = R[:, :S, S] * sign
         const = obs.sum(1).to(dt) * LOG_2PI + (obs * log_var).sum(1)
         logdet = 2 * torch.log(torch.diagonal(Lt, dim1=1, dim2=2)).sum(1)
-        log_kappa[sl] = -0.5 * (const + logdet + R[:, S, S] ** 2)
+        log_kappa[sl] = -0.5 * (const + logdet + rho ** 2)
     return log_kappa, v, L
+
+
+def _pair_gaussians_complete(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
+                             max_bytes: float = 2 ** 21):
+    """(row, region) pairs of complete rows: X (N, D), rows, regions (P,) -> log kappa (P,)
+    and the whitened posterior means v (P, S) in the regions' own frames (tab.C), from the
+    centred least-squares system of each pair, as ``_pair_gaussians_incomplete``.
+
+    ``_log_kappa_complete``'s products, fine for bounds, are uncentred (x - b0, not
+    x - b_w) and mix two roundings of A_w: L from [I; F M_w] and y from U^T P (x - b0),
+    of size |A_w| |x - b0| / sigma^2, so that v erred by eps |A_w| |x - b0| / sigma^2
+    along a direction A_w maps to ~sigma or less (1e-2 conditional stds at sigma = 1e-7,
+    |x - b0| ~ 1) and log kappa by eps |x - b0|^2 / sigma^2 (0.1 nats).  Here, in the
+    frame K of the output layer (``RegionTable._region_constants``): with
+    P^1/2 (x - b0) = Q_basis t + e (t (K,), e outside U's range; a sparse U: t itself,
+    e = 0), the pair's system is min_z |z|^2 + |B_w z - r|^2, r = t - Bc_w, and with the
+    region's [I; B_w] = Q_w L^T (Q_w orthonormal to rounding), v = Q_w^T [0; r] and the
+    residual [0; r] - Q_w v, of norm rho, are each exact for r perturbed by eps |r|, so
+    -2 log kappa = const_w + 2 log det L + rho^2 + |e|^2 loses eps |r| rho, not eps |r|^2.
+    Pairs go in chunks of at most max_bytes of gathers, which stay in cache."""
+    P, S = rows.numel(), tab.S
+    dt, dev = X.dtype, X.device
+    urows, row_of = torch.unique(rows, return_inverse=True)
+    y = (X[urows] - tab.b0) / tab.var.sqrt()                           # (n, D) P^1/2 (x - b0)
+    if tab.Q_basis is None:
+        t, outside = y, torch.zeros(y.shape[0], dtype=dt, device=dev)
+    else:
+        t = y @ tab.Q_basis                                            # (n, H)
+        outside = ((y - t @ tab.Q_basis.T) ** 2).sum(1)                # |e|^2
+    uniq, inverse = torch.unique(regions, return_inverse=True)
+    log_kappa = torch.empty(P, dtype=dt, device=dev)
+    v = torch.empty((P, S), dtype=dt, device=dev)
+    # a streamed table rebuilds the frames, a region chunk at a time
+    step = uniq.numel() if tab.frames is not None else tab.region_chunk
+    for lo in range(0, uniq.numel(), step):
+        Q, Bc = tab.pair_frames(uniq[lo:lo + step].cpu().numpy())
+        logdet = 2 * torch.log(torch.diagonal(tab.chol_lambda[uniq[lo:lo + step]], dim1=1, dim2=2)).sum(1)
+        pairs = torch.nonzero((inverse >= lo) & (inverse < lo + step))[:, 0] if step < uniq.numel() else None
+        chunk = int(max(1, max_bytes // (8.0 * Q.shape[1] * (S + 2))))
+        for start in range(0, P if pairs is None else pairs.numel(), chunk):
+            sl = slice(start, min(start + chunk, P)) if pairs is None else pairs[start:start + chunk]
+            inv, ro = inverse[sl] - lo, row_of[sl]
+            r = (t[ro] - Bc[inv])[:, :, None]                          # (p, K, 1)
+            Qw = Q[inv]                                                # (p, S + K, S)
+            vs = torch.bmm(Qw[:, S:].transpose(1, 2), r)               # Q_w^T [0; r] (p, S, 1)
+            res = torch.cat([torch.zeros_like(vs), r], 1).baddbmm_(Qw, vs, alpha=-1)   # [0; r] - Q_w v
+            v[sl] = vs[..., 0]
+            log_kappa[sl] = -0.5 * (tab.kappa_const0 + logdet[inv] + (res * res).sum((1, 2)) + outside[ro])
+    return log_kappa, v
 
 
 def _pair_facets(tab: RegionTable, L: torch.Tensor, regions: torch.Tensor):
@@ -709,25 +797,16 @@ def _distance_to_regions(tab: RegionTable, v: np.ndarray, regions: np.ndarray, c
 
 
 def _pair_factors(tab: RegionTable, X: torch.Tensor, rows: torch.Tensor, regions: torch.Tensor,
-                  complete: bool, v_dense: torch.Tensor | None = None, log_kappa: torch.Tensor | None = None):
+                  complete: bool):
     """Posterior Gaussian N(C v, C C^T) of each (row, region) pair, Lambda = L L^T = (C C^T)^-1,
-    and its log kappa.
+    and its log kappa, formed centred (``_pair_gaussians_complete``,
+    ``_pair_gaussians_incomplete``; not the dense bounds' products).
 
-    Returns v (P, S), C (P, S, S), L (P, S, S), log kappa (P,).  Complete rows: v_dense
-    (N, S, R) and log_kappa (N, R) from ``_log_kappa_complete`` save recomputing v (log
-    kappa is None without them); rows with missing entries: all from
-    ``_pair_gaussians_incomplete`` (not the dense bounds' statistics).
+    Returns v (P, S), C (P, S, S), L (P, S, S), log kappa (P,).  Complete rows share
+    their regions' C and L (tab.C, tab.chol_lambda); rows with missing entries have their own.
     """
     if complete:
-        if v_dense is not None:
-            v = v_dense[rows, :, regions]
-        else:
-            xhat = ((X - tab.b0) / tab.var) @ tab.U                    # once per row, not per pair
-            uniq, inv = torch.unique(regions, return_inverse=True)
-            MC = tab.stacked_for(uniq.cpu().numpy())[:, 1:]                # rows H, H+1: -v_shift, 0
-            xaug = torch.cat([xhat, torch.ones_like(xhat[:, :1]), torch.zeros_like(xhat[:, :1])], dim=1)
-            v = torch.einsum("hsp,ph->ps", MC[:, :, inv], xaug[rows])
-        lk = None if log_kappa is None else log_kappa[rows, regions]
+        lk, v = _pair_gaussians_complete(tab, X, rows, regions)
         return v, tab.C[regions], tab.chol_lambda[regions], lk
     lk, v, L = _pair_gaussians_incomplete(tab, X, rows, regions)
     return v, _inverse_transpose(L), L, lk
@@ -904,7 +983,7 @@ QMC_SECOND_PILOT = 1024     # S >= 4: the second pilot's points (16 sets of 64),
 SECOND_PILOT_SHARE = 1e-3   # those whose first pilot gives them at least this responsibility
 
 
-def _refine_qmc_pairs(tab, Xt, complete, v_dense, found, modes, log_kappa, pilot_logw, pilot_se, cheap,
+def _refine_qmc_pairs(tab, Xt, complete, found, modes, log_kappa, pilot_logw, pilot_se, cheap,
                       stderr_target, moments, pair_chunk, poly_budget, store=None):
     """S >= 4 second stage: more points for the pairs that dominate their row's variance.
 
@@ -948,7 +1027,7 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, found, modes, log_kappa, pilot
     n_pilot = np.full(rows.size, QMC_FIRST)
     heavy = np.flatnonzero(~cheap & (pilot_responsibilities(rows, pilot_logw, Xt.shape[0]) >= SECOND_PILOT_SHARE))
     if heavy.size:
-        log_phi, _, _, rel_se, _, _ = _integrate_pairs(tab, Xt, complete, v_dense, rows, regions, modes,
+        log_phi, _, _, rel_se, _, _ = _integrate_pairs(tab, Xt, complete, rows, regions, modes,
                                                        heavy, (QMC_SECOND_PILOT, 3, 16), False, pair_chunk,
                                                        poly_budget, store)
         ok = np.isfinite(log_phi)
@@ -962,13 +1041,13 @@ def _refine_qmc_pairs(tab, Xt, complete, v_dense, found, modes, log_kappa, pilot
     for n, n_sets in np.unique(np.stack([n_pts, sets], 1)[n_pts > 0], axis=0):
         sel = np.flatnonzero((n_pts == n) & (sets == n_sets))
         log_phi, mean[sel], cov[sel], se[sel], mean_mc[sel], cross_mc[sel] = _integrate_pairs(
-            tab, Xt, complete, v_dense, rows, regions, modes, sel, (int(n), 2, int(n_sets)), moments,
+            tab, Xt, complete, rows, regions, modes, sel, (int(n), 2, int(n_sets)), moments,
             pair_chunk, poly_budget, store)
         logw[sel] = log_kappa[sel] + log_phi
     return [rows, regions, logw, mean, cov, se, mean_mc, cross_mc]
 
 
-def _integrate_pairs(tab, Xt, complete, v_dense, rows, regions, modes, which, qmc, moments, pair_chunk,
+def _integrate_pairs(tab, Xt, complete, rows, regions, modes, which, qmc, moments, pair_chunk,
                      poly_budget, store=None):
     """S >= 4: ``_truncated_moments`` of the pairs which (P,), indices into the first
     stage's rows, regions (with known modes (., S) and geometries in store, where kept)
@@ -983,7 +1062,7 @@ def _integrate_pairs(tab, Xt, complete, v_dense, rows, regions, modes, which, qm
         stop_check()
         sl = which[p0:p0 + step]
         rows_t, regions_t = torch.as_tensor(rows[sl], device=dev), torch.as_tensor(regions[sl], device=dev)
-        v, C, _, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete, v_dense)
+        v, C, _, _ = _pair_factors(tab, Xt, rows_t, regions_t, complete)
         *res, mc = _truncated_moments(tab, v, C, regions[sl], moments, complete, poly_budget, qmc=qmc,
                                       mode=modes[sl], geometry=None if store is None else store.take(sl),
                                       ids=_pair_ids(row_ids, rows[sl], regions[sl]))
@@ -1344,7 +1423,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
                 stop_check()
                 sel = idx[p0:p0 + pair_chunk]
                 rows, regions = l_rows[sel], l_regions[sel]
-                v, C, L, lk = _pair_factors(tab, Xt, rows, regions, complete, v_dense, log_kappa)
+                v, C, L, lk = _pair_factors(tab, Xt, rows, regions, complete)
                 r_np = regions.cpu().numpy()
                 mode = l_mode[sel].cpu().numpy()
                 lk = lk.cpu().numpy()
@@ -1386,7 +1465,7 @@ def _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, 
     found = [None if x[0] is None else np.concatenate(x) for x in zip(empty, *found)]
     if pilots:
         (*found[:6], found[7], found[8]) = _refine_qmc_pairs(
-            tab, Xt, complete, v_dense, found[:6] + found[7:9], np.concatenate(found_modes),
+            tab, Xt, complete, found[:6] + found[7:9], np.concatenate(found_modes),
             *map(np.concatenate, zip(*pilots)), np.isfinite(found[6]), stderr_target, moments, pair_chunk,
             poly_budget, store)
     return (*found, bound)
@@ -1439,16 +1518,19 @@ def _segment_logsumexp(rows: torch.Tensor, values: torch.Tensor, n: int) -> torc
 
 
 def _positive_semidefinite(cov: np.ndarray) -> np.ndarray:
-    """Covariances (n, S, S) with negative eigenvalues set to 0; the others untouched.
-    A posterior far from its row in noise units (a tiny noise std) is ~1e-15 wide, below
-    the rounding of E[zz'] - E[z]E[z]' (-1e-11 on digits at noise std 1e-6): 0 is then
-    within that rounding of the truth, a negative variance is not."""
+    """Covariances (n, S, S) with negative eigenvalues raised to 16 S eps times the largest
+    (0 to rounding); the others untouched.  A posterior far from its row in noise units (a
+    tiny noise std) is ~1e-15 wide, below the rounding of E[zz'] - E[z]E[z]' (-1e-11 on
+    digits at noise std 1e-6): 0 is then within that rounding of the truth, a negative
+    variance is not.  Exactly 0 would not do: the product V diag(lam) V^T rounds to
+    ~S eps lam_max, which gave an eigenvalue of -5e-32 beside 1e-15 on those digits."""
     finite = np.flatnonzero(np.isfinite(cov).all(axis=(1, 2)))
     bad = finite[np.linalg.eigvalsh(cov[finite])[:, 0] < 0] if finite.size else finite
     if bad.size:
         lam, vec = np.linalg.eigh(cov[bad])
+        floor = 16 * cov.shape[-1] * np.finfo(np.float64).eps * np.maximum(lam[:, -1:], 0.0)
         cov = cov.copy()
-        cov[bad] = (vec * np.maximum(lam, 0.0)[:, None, :]) @ np.swapaxes(vec, 1, 2)
+        cov[bad] = (vec * np.maximum(lam, floor)[:, None, :]) @ np.swapaxes(vec, 1, 2)
     return cov
 
 

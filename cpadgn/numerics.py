@@ -79,19 +79,21 @@ ROUNDING_WARN_NATS = 1e-3   # the CLI warns when a row's rounding estimate excee
 
 def rounding_error_estimate(X: np.ndarray, offset: np.ndarray, noise_std, width: int) -> np.ndarray:
     """Rows X (N, D) (NaN = missing) -> (N,) estimate, in nats, of how far rounding may
-    move log p(x): the leading term 4 n eps r^2 of the analysis in README (Precision) and
-    ``tests/oracles.py::kappa_rounding_tol``, an estimate of the right order, not a
-    rigorous bound.  log kappa_w is a dot product of length n = width + D + 2 (width: the
-    last hidden layer's, at most D) whose terms of size r^2 / 2 cancel, and so do those of
-    |v_w|^2 / 2 <= r^2 / 2; r^2 is the row's squared distance from the
-    generator's output bias offset (D,) in noise units, for a complete row, and for a row
-    with missing entries sum_o ((|x_o| + |offset_o|) / sigma_o)^2, since those products are
-    formed in uncentred data space (``likelihood._log_kappa_incomplete``)."""
+    move log p(x): 4 n eps r^2, r^2 = sum_o ((x_o - offset_o) / sigma_o)^2 the row's squared
+    distance from the generator's output bias offset (D,) in noise units, over its observed
+    entries (README: Precision; ``tests/oracles.py::kappa_rounding_tol``).  It is the
+    leading rounding of the dense (row, region) products behind the pruning bounds
+    (``likelihood._log_kappa_complete``, ``likelihood._log_kappa_incomplete``, both centred
+    at the offset): dot products of length n = width + D + 2 (width: the last hidden
+    layer's, at most D) whose terms of size r^2 / 2 cancel.  The pairs integrated are
+    formed apart, by orthogonal transformations of their centred systems
+    (``likelihood._pair_gaussians_complete``, ``_pair_gaussians_incomplete``), and round to
+    ~eps r (rho + eps r) (rho the row's residual in
+    noise units, O(sqrt(D)) near the model): far less, so this is an upper estimate of
+    log p's error, of the right order for the bounds; not a rigorous bound."""
     X = np.asarray(X, dtype=np.float64)
     offset = np.asarray(offset, dtype=np.float64)
-    complete = ~np.isnan(X).any(axis=1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
-        dist = np.where(complete, X - offset, np.abs(X) + np.abs(offset))
-        r2 = np.nansum((dist / noise_std) ** 2, axis=1)
+        r2 = np.nansum(((X - offset) / noise_std) ** 2, axis=1)
     n = min(width, X.shape[1]) + X.shape[1] + 2
     return 4.0 * n * np.finfo(np.float64).eps * r2
