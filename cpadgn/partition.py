@@ -1111,15 +1111,23 @@ def _normalised_rows(G, h):
     return G[keep] / nrm[keep, None], h[keep] / nrm[keep], keep
 
 
+LP_SECONDS = 10.0    # per LP: ours (S + 1 variables) take milliseconds, but HiGHS's interior
+                     # point ran for minutes, deaf to Ctrl-C, on rows of rounding noise
+
+
 def _linprog(c, **kw):
     """scipy's HiGHS, falling back to its interior-point solver when the simplex gives up
-    (it does on some small LPs with an unbounded optimal face).  None if neither solves."""
+    (it does on some small LPs with an unbounded optimal face).  None if neither solves;
+    a CpadgnError if the last try ran out of time (LP_SECONDS)."""
     from scipy.optimize import linprog
     res = None
     for method in ("highs", "highs-ipm"):
-        res = linprog(c, method=method, **kw)
+        res = linprog(c, method=method, options={"time_limit": LP_SECONDS}, **kw)
         if res.status in (0, 2):
             break
+    if res.status == 1:
+        raise CpadgnError(f"a linear program of the partition ran past its {LP_SECONDS:g} s limit; the generator "
+                          "may be badly scaled: retrain it on standardised data, or report it")
     return res if res.status == 0 else None
 
 

@@ -439,7 +439,7 @@ def test_recentring_ignores_rows_that_are_zero_up_to_rounding(monkeypatch):
     linprog, timed_out = scipy.optimize.linprog, []
 
     def limited(*args, **kw):
-        res = linprog(*args, **kw, options={"time_limit": 5.0})
+        res = linprog(*args, **{**kw, "options": {"time_limit": 5.0}})
         timed_out.append(res.status == 1)
         return res
 
@@ -503,3 +503,17 @@ def test_subdivision_lists_no_row_that_only_touches_its_region_along_an_edge():
     assert ((np.einsum("nfs,ns->nf", Gw, z) <= hw) | ~mw).all()
     freq = np.bincount(where, minlength=part.n_regions) / n
     assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+
+
+def test_a_linear_program_past_its_time_limit_is_an_error(monkeypatch):
+    """HiGHS's interior point once ran for hours on a badly scaled LP, deaf to Ctrl-C (see
+    the test above): every LP now has LP_SECONDS, and one that runs out is a one-line
+    error, not a region silently dropped as infeasible."""
+    G = np.random.default_rng(0).normal(size=(40, 3))
+    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    centre, radius = partition_module._chebyshev(G, np.ones(40))
+    tol = 1e-7                                   # HiGHS's feasibility tolerance
+    assert abs(radius - 1.0) <= tol and (G @ centre + radius <= 1.0 + tol).all()   # the unit ball at 0 fits
+    monkeypatch.setattr(partition_module, "LP_SECONDS", 1e-9)
+    with pytest.raises(CpadgnError, match="ran past its 1e-09 s limit"):
+        partition_module._chebyshev(G, np.ones(40))
