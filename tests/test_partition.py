@@ -51,6 +51,20 @@ def assert_facets_tile(net, part, n=20_000, seed=2):
     assert (inside.argmax(axis=0) == part.locate(net, z)).all()
 
 
+def assert_prior_samples_located(net, part, n=20_000, seed=0):
+    """The oracle of prior samples: each lands in a region (locate), satisfies that
+    region's facet inequalities, and the regions' sample frequencies are their prior
+    masses within 5 binomial standard errors."""
+    z = np.random.default_rng(seed).standard_normal((n, net.latent_dim))
+    where = part.locate(net, z)
+    assert (where >= 0).all()
+    G, h, mask = part.facets(net, where)
+    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()
+    p = np.exp(part.log_prior_mass)
+    freq = np.bincount(where, minlength=part.n_regions) / n
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+
+
 def skip_masses(monkeypatch):
     """Skip the prior masses (NaN) where a test is about the topology only: for S >= 3 they
     are quasi-Monte Carlo integrals, the slow part; they depend on the facets alone."""
@@ -139,15 +153,7 @@ def test_intervals_store_a_unit_zero_up_to_rounding_as_nonnegative():
         [np.concatenate([c + 1, c - 1]), np.array([0.0, -1.0]), np.zeros(1)], [np.zeros(4), np.array([0.0, 1.0])])
     part = compute_partition(net)
     assert part.method == "intervals"
-    n = 20_000
-    z = np.random.default_rng(0).standard_normal((n, 1))
-    where = part.locate(net, z)
-    assert (where >= 0).all()
-    G, h, mask = part.facets(net, where)
-    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()
-    p = np.exp(part.log_prior_mass)
-    freq = np.bincount(where, minlength=part.n_regions) / n
-    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+    assert_prior_samples_located(net, part)
 
 # ---------------------------------------------------------------------------- S >= 2
 CASES = [(2, (8, 8), 0.1, 0), (2, (8, 8), 0.0, 1), (2, (8, 8), -1.0, 2), (2, (5, 5, 5), 0.0, 3),
@@ -325,15 +331,7 @@ def test_locate_where_a_flipped_duplicate_is_identically_zero(method):
     net = PiecewiseAffineNet.from_arrays([np.array([[1.0, 0.5]]), np.array([[0.7], [-1.3]]), np.array([[1.0, 2.0]])],
                                          [np.zeros(1), np.zeros(2), np.zeros(1)], [np.zeros(1), np.zeros(2)])
     part = compute_partition(net, method=method)
-    n = 20_000
-    z = np.random.default_rng(0).standard_normal((n, 2))
-    where = part.locate(net, z)
-    assert (where >= 0).all()
-    G, h, mask = part.facets(net, where)
-    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()      # exact here: no sample on a facet
-    p = np.exp(part.log_prior_mass)
-    freq = np.bincount(where, minlength=part.n_regions) / n
-    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+    assert_prior_samples_located(net, part)
 
 
 @pytest.mark.parametrize("S,method", [(1, "auto"), (2, "subdivision"), (3, "subdivision"), (2, "lp-walk")])
@@ -420,12 +418,7 @@ def test_subdivision_ignores_a_unit_that_is_zero_up_to_rounding_everywhere():
     part = compute_partition(net)
     p = np.exp(part.log_prior_mass)
     assert abs(p.sum() - 1) < 1e-9
-    where = part.locate(net, z)
-    assert (where >= 0).all()
-    G, h, mask = part.facets(net, where)
-    assert ((np.einsum("nfs,ns->nf", G, z) <= h) | ~mask).all()
-    freq = np.bincount(where, minlength=part.n_regions) / n
-    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+    assert_prior_samples_located(net, part)
 
 
 def test_recentring_ignores_rows_that_are_zero_up_to_rounding(monkeypatch):
@@ -495,14 +488,7 @@ def test_subdivision_lists_no_row_that_only_touches_its_region_along_an_edge():
             assert res.status == 0 and -res.fun > 1e-6, (r, part.facet_units[part.facet_ptr[r] + f])
     p = np.exp(part.log_prior_mass)
     assert abs(p.sum() - 1) < 1e-9
-    n = 20_000
-    z = np.random.default_rng(0).standard_normal((n, 3))
-    where = part.locate(net, z)
-    assert (where >= 0).all()
-    Gw, hw, mw = part.facets(net, where)
-    assert ((np.einsum("nfs,ns->nf", Gw, z) <= hw) | ~mw).all()
-    freq = np.bincount(where, minlength=part.n_regions) / n
-    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)).all()
+    assert_prior_samples_located(net, part)
 
 
 def test_a_linear_program_past_its_time_limit_is_an_error(monkeypatch):
