@@ -183,16 +183,29 @@ def _check_against_exact(model, X, A, b, sigma, magnitude):
             assert abs(res.std[n, d] - float(std[d])) <= tol * float(std[d]), (n, d, res.std[n, d] - float(std[d]))
 
 
+def _twin_unit_net(W, c1, V, c, s):
+    """A generator that is affine although its units switch: each unit h (W (H, S), c1
+    (H,)) has a twin with weights -W_h, bias -c1_h and output weight -V_h (V (D, H) the
+    stored output weights, c (D,) the output bias, s the leaky slope); whichever of the two
+    is on, their sum is V_h (1 + s) (W_h z + c1_h), so g(z) = A z + b exactly for these
+    float64 weights, A = V (1 + s) W, b = V (1 + s) c1 + c.  Returns the net, A (D, S)
+    and b (D, 1) in mpmath (at its current precision), and the magnitudes (D,) its
+    regions' A_w and b_w are formed from, |V|(1 + s)|W| 1 + |V||c1|(1 + s) + |c|."""
+    import mpmath as mp
+    net = PiecewiseAffineNet.from_arrays([np.concatenate([W, -W]), np.concatenate([V, -V], 1)],
+                                         [np.concatenate([c1, -c1]), c], [s])
+    scale = mp.matrix(V) * (1 + mp.mpf(s))
+    magnitude = (np.abs(V) * (1 + s)) @ np.abs(W) @ np.ones(W.shape[1]) + np.abs(V) @ np.abs(c1) * (1 + s) + np.abs(c)
+    return net, scale * mp.matrix(W), scale * mp.matrix(c1) + mp.matrix(c), magnitude
+
+
 def test_rows_with_missing_entries_at_a_small_noise_std_condition_exactly():
     # With fewer observed entries than S, A_o^T P_o A_o is singular and I + A_o^T P_o A_o keeps
     # eigenvalues 1 beside ~|A|^2 / sigma^2 = 1e12.  Formed entrywise (each entry rounded to
     # eps |A|^2 / sigma^2 = 1e-4) those drowned: impute's means were up to 1e-3 conditional
     # stds off at sigma = 1e-6 (4e-4 on benchmarks/audit_impute_calibration.py's), and y,
     # |x - b|^2_P from uncentred products cost log p eps |x|^2 / sigma^2 ~ 1e-3 nats.
-    # g is affine although its units switch: each unit h has a twin with weights -W_h, bias
-    # -c1_h and output weight -V_h (V the stored output weights); whichever of the two is on,
-    # their sum is V_h (1 + s) (W_h z + c1_h), so g(z) = A z + b exactly for these float64
-    # weights, A = V (1 + s) W, b = V (1 + s) c1 + c, and p(x_m | x_o) is Gaussian
+    # g is affine (``_twin_unit_net``), so p(x_m | x_o) is Gaussian
     import mpmath as mp
     from cpadgn.model import CPAModel
     mp.mp.dps = 40
@@ -201,18 +214,13 @@ def test_rows_with_missing_entries_at_a_small_noise_std_condition_exactly():
         H, s = 3, 0.2
         W, c1 = rng.normal(size=(H, S)), rng.normal(size=H)
         V, c = rng.normal(size=(D, H)) / (1 + s), rng.normal(size=D)
-        net = PiecewiseAffineNet.from_arrays([np.concatenate([W, -W]), np.concatenate([V, -V], 1)],
-                                             [np.concatenate([c1, -c1]), c], [s])
-        scale = mp.matrix(V) * (1 + mp.mpf(s))
-        A, b = scale * mp.matrix(W), scale * mp.matrix(c1) + mp.matrix(c)
+        net, A, b, magnitude = _twin_unit_net(W, c1, V, c, s)
         Af, bf = np.array(A.tolist(), float), np.array(b.tolist(), float)[:, 0]
         X = rng.standard_normal((6, S)) @ Af.T + bf + sigma * rng.standard_normal((6, D))
         for n in range(6):                              # 1 .. S observed entries, then half
             X[n, rng.permutation(D)[: D - 1 - n % S if n < 4 else D // 2]] = np.nan
         model = CPAModel(net, noise_std=sigma, device="cpu")
-        magnitude = (np.abs(V) * (1 + s)) @ np.abs(W) @ np.ones(S) + np.abs(V) @ np.abs(c1) * (1 + s) \
-            + np.abs(c) + np.nanmax(np.abs(X))
-        _check_against_exact(model, X, A, b, sigma, magnitude.max())
+        _check_against_exact(model, X, A, b, sigma, magnitude.max() + np.nanmax(np.abs(X)))
 
 
 def test_missing_entries_where_the_output_layer_cancels_condition_exactly():
@@ -305,16 +313,11 @@ def test_complete_rows_where_the_output_layer_cancels_condition_exactly():
     null = np.linalg.svd(W.T)[2][S:]                                   # (H - S, H): null W = 0
     V = (Q1 @ np.diag([1.0, sigma]) @ Q2.T @ np.linalg.pinv(W) + 3 * rng.normal(size=(D, H - S)) @ null) / (1 + s)
     c1, c = rng.normal(size=H), rng.normal(size=D)
-    net = PiecewiseAffineNet.from_arrays([np.concatenate([W, -W]), np.concatenate([V, -V], 1)],
-                                         [np.concatenate([c1, -c1]), c], [s])
-    scale = mp.matrix(V) * (1 + mp.mpf(s))
-    A, b = scale * mp.matrix(W), scale * mp.matrix(c1) + mp.matrix(c)
+    net, A, b, magnitude = _twin_unit_net(W, c1, V, c, s)
     Af, bf = np.array(A.tolist(), float), np.array(b.tolist(), float)[:, 0]
     X = rng.standard_normal((8, S)) @ Af.T + bf + sigma * rng.standard_normal((8, D))
     model = CPAModel(net, noise_std=sigma, device="cpu")
-    magnitude = (np.abs(V) * (1 + s)) @ np.abs(W) @ np.ones(S) + np.abs(V) @ np.abs(c1) * (1 + s) \
-        + np.abs(c) + np.abs(X).max()
-    _check_complete_against_exact(model, X, A, b, sigma, magnitude.max())
+    _check_complete_against_exact(model, X, A, b, sigma, magnitude.max() + np.abs(X).max())
 
 
 def test_rows_with_missing_entries_far_from_the_origin_are_warned_about_by_their_distance_to_the_model():
