@@ -893,7 +893,8 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     fpair, gf = np.repeat(np.arange(P), nf), _ranges(fp.facet_start[regions], nf)
     epair, ge = np.repeat(np.arange(P), ne), _ranges(fp.edge_start[regions], ne)
     lpair, gl = np.repeat(np.arange(P), nl), _ranges(fp.line_start[regions], nl)
-    ef = (np.cumsum(nf) - nf)[epair] + fp.edge_facet[ge]                # the edge's facet among the pairs'
+    facet_first = np.cumsum(nf) - nf                                    # each pair's first among the pairs' facets
+    ef = facet_first[epair] + fp.edge_facet[ge]                         # the edge's facet among the pairs'
     NF = gf.size
     a, vf = fp.a.take(gf, 0), np.repeat(v, nf, 0)           # take and repeat: ~5x faster than x[idx] on rows
     b = fp.c[gf] - (a[:, 0] * vf[:, 0] + a[:, 1] * vf[:, 1] + a[:, 2] * vf[:, 2])
@@ -916,7 +917,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     # Phi(-|b_k|) = e^-0.86 for a true mass of e^-17, or a sum gone negative: log mass -inf)
     outside = np.bincount(ef, c < 0, NF) > 0
     inside_edges = np.flatnonzero(fp.nonempty[gf] & ~outside)
-    outside[inside_edges] = _outside_polyhedron(inside_edges, fpair, nf, a, b, v_norm)
+    outside[inside_edges] = _outside_polyhedron(inside_edges, fpair, facet_first, nf, a, b, v_norm)
     foot_in = fp.nonempty[gf] & ~outside
     absb = np.abs(b)
     edge_start = (np.cumsum(ne) - ne)[lpair]
@@ -941,7 +942,7 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     # through polyhedron_moments itself.  (log Phi rises: min_k log Phi(b_k) = log Phi(min_k b_k).)
     nearest = np.full(P, np.inf)
     has = np.flatnonzero(nf > 0)                  # a pair's facets are one run: reduceat, ~10x np.minimum.at's speed
-    nearest[has] = np.minimum.reduceat(b, (np.cumsum(nf) - nf)[has])
+    nearest[has] = np.minimum.reduceat(b, facet_first[has])
     bound = log_ndtr(nearest)
     fallback |= log_mass > bound + 1e-9 * np.abs(bound) + 1e-12
     cancelled = ~fallback & _cancelled(fp.bounded[regions], log_mass, log_pos)
@@ -963,17 +964,17 @@ def translated_polyhedron_moments(fp: FacetPolygons, regions, v, moments=True) -
     return PolytopeMoments(log_mass, mean, cov, np.zeros(P))
 
 
-def _outside_polyhedron(facets, fpair, nf, a, b, v_norm, rel=1e-9):
+def _outside_polyhedron(facets, fpair, facet_first, nf, a, b, v_norm, rel=1e-9):
     """(n,) where the foot b_k a_k of each of some of the pairs' facets (facets (n,)) lies
     outside its pair's polyhedron {u : a_j . u <= b_j}, by more than rel times the
     magnitudes (rounding is ~eps of them; a foot that close to a row of P is that close to
     its polygon's boundary, where the edge test decides).  fpair (NF,) the facets' pairs,
-    nf (P,) facets per pair, a (NF, 3), b (NF,) the translated offsets, v_norm (P,) the
-    translations' lengths."""
+    facet_first, nf (P,) each pair's first facet and count, a (NF, 3), b (NF,) the
+    translated offsets, v_norm (P,) the translations' lengths."""
     reps = nf[fpair[facets]]
     k = np.repeat(np.arange(facets.size), reps)
     fk = facets[k]
-    j = _ranges((np.cumsum(nf) - nf)[fpair[facets]], reps)             # every facet of its pair
+    j = _ranges(facet_first[fpair[facets]], reps)                       # every facet of its pair
     g = np.einsum("ns,ns->n", a.take(fk, 0), a.take(j, 0))
     bk, bj = b[fk], b[j]
     slack = rel * (1.0 + np.abs(bk) + np.abs(bj) + v_norm[fpair[fk]])
