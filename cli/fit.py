@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 from cli.lazy import np
 
-from cli.main import FiniteRange, Progressbar, console, main, positive, print_summary, resolve_device, user_errors
+from cli.main import (FiniteRange, Progressbar, console, main, on_command_line, positive, print_summary, resolve_device,
+                      user_errors)
 from cpadgn.errors import CpadgnError
 
 MODEL_SUFFIXES = (".h5", ".hdf5")
@@ -245,5 +246,5 @@ def check_init_options(init, method, latent_dim) -> None:
     if method != "em":
         raise click.UsageError("--init MODEL is a start for EM; --method vae trains from scratch", ctx)
     for name in ("hidden", "activation"):
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+        if on_command_line(name):
             raise click.UsageError(f"--{name} comes from the --init model; drop it", ctx)
