@@ -1582,6 +1582,9 @@ def _summarise(rows, regions, logw, mean, cov, se, log_var, mean_mc, cross_mc, b
     out.error_bound[idx] = np.where(empty, 0.0, bound)
     out.stderr[idx] = np.where(empty, 0.0, np.sqrt(var))
     out.n_observed[idx] = n_obs
-    out.z_mean[idx], out.z_cov[idx] = z_mean, z_cov
+    # the prior N(0, I) exactly: its mixture over the regions carries their pruning and,
+    # at S >= 4, their masses' QMC error
+    out.z_mean[idx] = np.where(empty[:, None], 0.0, z_mean)
+    out.z_cov[idx] = np.where(empty[:, None, None], np.eye(z_cov.shape[1]), z_cov)
     out.top_region[idx], out.top_responsibility[idx] = top, best
     return (idx[rows], regions, r, mean, cov) + (() if mc is None else mc)
