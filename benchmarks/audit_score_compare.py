@@ -58,7 +58,6 @@ def audit_pvalues():
     W, b = rng.normal(size=(D, S)), rng.normal(size=D)
     m = linear(W, b, 0.5)
     C = W @ W.T + 0.25 * np.eye(D)
-    Ci = np.linalg.inv(C)
     X = m.sample(3000, seed=11)
     M = 4000
     # missing entries in a third of the rows
@@ -133,7 +132,7 @@ def audit_compare():
     cov = lambda m: m.net.weights[0] @ m.net.weights[0].T + np.diag(np.broadcast_to(m.noise_std ** 2, (D,)))
     true_diff = -cross_entropy(bt, Ct, A.net.biases[0], cov(A)) + cross_entropy(bt, Ct, B.net.biases[0], cov(B))
     N, R = 100, 400
-    cover = reject_wrong_sign = 0
+    cover = 0
     zs = []
     for r in range(R):
         X = T.sample(N, seed=1000 + r)

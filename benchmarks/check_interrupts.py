@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from cpadgn.cache import read_partition  # noqa: E402
 from cpadgn.errors import CpadgnError  # noqa: E402
-from cpadgn.model import CPAModel, load  # noqa: E402
+from cpadgn.model import load  # noqa: E402
 from cpadgn.modelfile import save_model  # noqa: E402
 from test_resources import random_net  # noqa: E402
 

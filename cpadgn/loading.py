@@ -263,7 +263,6 @@ def ops_to_net(ops: list, latent_dim: int | None = None) -> PiecewiseAffineNet:
     S = int(latent_dim)
     width = S
     W_pend, b_pend = np.eye(S), np.zeros(S)   # affine map since the last activation
-    pending_is_identity = True
     weights, biases, slopes = [], [], []
     last_was_activation = False
     for op in ops:
@@ -274,24 +273,24 @@ def ops_to_net(ops: list, latent_dim: int | None = None) -> PiecewiseAffineNet:
                 raise CpadgnError(f"{op.where or 'a linear layer'} expects {W.shape[1]} inputs "
                                   f"but receives {width}; fix the model's layer sizes so that they chain")
             W_pend, b_pend = W @ W_pend, W @ b_pend + b
-            width, pending_is_identity, last_was_activation = W.shape[0], False, False
+            width, last_was_activation = W.shape[0], False
         elif isinstance(op, Scale):
             s = _broadcast_width(op.s, width, op.where)
             t = _broadcast_width(op.t, width, op.where)
             W_pend, b_pend = s[:, None] * W_pend, s * b_pend + t
-            pending_is_identity, last_was_activation = False, False
+            last_was_activation = False
         elif isinstance(op, Activation):
             slope = _broadcast_width(op.slope, width, op.where)
             if last_was_activation:
                 slopes[-1] = _compose_slopes(slopes[-1], slope)
             else:
-                # pending_is_identity here means an activation applied to z itself: the
-                # identity layer in front keeps the canonical form (affine, act, ...).
+                # an activation applied to z itself gets the identity as its affine layer,
+                # which keeps the canonical form (affine, act, ...)
                 weights.append(W_pend)
                 biases.append(b_pend)
                 slopes.append(slope)
             W_pend, b_pend = np.eye(width), np.zeros(width)
-            pending_is_identity, last_was_activation = True, True
+            last_was_activation = True
         else:  # pragma: no cover - internal
             raise TypeError(f"unknown operation {op!r}")
     weights.append(W_pend)  # identity output layer after a final activation

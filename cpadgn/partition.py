@@ -1355,7 +1355,6 @@ def _log_prior_masses(G, h, mask):
 
 def _finish(net, raw, method, t0, progress, prior_masses=True, chunk=4096) -> Partition:
     """Canonical order, interior checks (re-centring thin-looking regions), clearance, masses."""
-    S, K = net.latent_dim, net.n_units
     pats = raw["patterns"]
     nR = pats.shape[0]
     packed = np.packbits(pats, axis=1)

@@ -224,7 +224,7 @@ def kappa_rounding_tol(model, X, post):
     tab = model._region_table()
     eps = np.finfo(np.float64).eps
     U, b0, var = tab.U.numpy(), tab.b0.numpy(), tab.var.numpy()
-    H, S, R = U.shape[1], tab.S, tab.n_regions
+    H, S = U.shape[1], tab.S
     gamma = lambda n: n * eps / (1 - n * eps)
     rows, regions = post.pair_row[post.pair_responsibility > 0], post.pair_region[post.pair_responsibility > 0]
     err = np.zeros(len(X))

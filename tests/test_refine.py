@@ -5,13 +5,11 @@ EM never lowers it, and what cannot be refined is refused in one line."""
 import json
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
 from cli.main import main
 from cpadgn.modelfile import save_model
-from cpadgn.network import PiecewiseAffineNet
 from oracles import GL_W, GL_X, line_breakpoints
 
 WAVE = np.loadtxt("sample_data/wave.csv", delimiter=",", skiprows=1)[:150]
