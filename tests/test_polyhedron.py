@@ -346,8 +346,9 @@ def _mpmath_edge_terms(B, C, lo, hi):
     f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
     f_g = lambda v: mpmath.exp(-(C * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
     star = min(max(mpmath.mpf(0), lo), hi)
-    t = B / (2 * mpmath.pi) * f_t(star) * mpmath.quad(lambda v: f_t(v) / f_t(star), points)
-    g = f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points) / (2 * mpmath.pi)
+    t_star, g_star = f_t(star), f_g(star)          # once, not at every node
+    t = B / (2 * mpmath.pi) * t_star * mpmath.quad(lambda v: f_t(v) / t_star, points)
+    g = g_star * mpmath.quad(lambda v: f_g(v) / g_star, points) / (2 * mpmath.pi)
     return float(mpmath.log(t)), float(mpmath.log(g))
 
 
