@@ -332,6 +332,15 @@ def _changes(sig, grid, iters):
     return f, 0.5 * (a + b)
 
 
+@functools.lru_cache(maxsize=None)
+def _leggauss(k):
+    """Gauss-Legendre nodes and weights of order k, computed once per k (an eigenproblem;
+    ``_gl_panels`` asks for the same few orders thousands of times)."""
+    x, w = np.polynomial.legendre.leggauss(k)
+    x.flags.writeable = w.flags.writeable = False
+    return x, w
+
+
 def _gl_panels(breaks, lo, hi, width, n_gl, n_min):
     """Gauss-Legendre nodes and log weights on [lo, hi] split at breaks and every ~width:
     n_gl nodes on a piece of length width, fewer (n_gl sqrt(length / width), at least n_min)
@@ -340,7 +349,7 @@ def _gl_panels(breaks, lo, hi, width, n_gl, n_min):
     n = np.clip(np.ceil(n_gl * np.sqrt(np.diff(edges) / width)), n_min, n_gl).astype(int)
     t, lw = [], []
     for k in np.unique(n):
-        x, w = np.polynomial.legendre.leggauss(k)
+        x, w = _leggauss(int(k))
         a, b = edges[:-1][n == k, None], edges[1:][n == k, None]
         t.append((0.5 * (b - a) * x + 0.5 * (a + b)).ravel())
         lw.append(np.log(0.5 * (b - a) * w).ravel())
