@@ -238,13 +238,22 @@ def _importance_sums(A, b, mu, lm, mean, cov, zt):
     and sums of squares over the chunk, (2, 10)."""
     u = zt + mu[:, None]
     inside = np.ones(zt.shape[1], bool)
-    for a, c in zip(A, b):                                   # row by row: no BLAS threads
-        inside &= a[0] * u[0] + a[1] * u[1] + a[2] * u[2] <= c
+    s, t, below = np.empty(zt.shape[1]), np.empty(zt.shape[1]), np.empty(zt.shape[1], bool)
+    for a, c in zip(A, b):          # row by row (no BLAS threads), in place: a . u <= c
+        np.multiply(u[0], a[0], out=s)
+        s += np.multiply(u[1], a[1], out=t)
+        s += np.multiply(u[2], a[2], out=t)
+        inside &= np.less_equal(s, c, out=below)
     u = u[:, inside]
     w = np.exp(-(mu[0] * u[0] + mu[1] * u[1] + mu[2] * u[2]) + 0.5 * mu @ mu - lm)
     dev = u - mean[:, None]
-    iu = np.triu_indices(3)
-    terms = np.concatenate([w[None], w * dev, w * (dev[iu[0]] * dev[iu[1]] - cov[iu][:, None])])
+    terms = np.empty((10, u.shape[1]))                       # filled in place, no concatenation
+    terms[0] = w
+    np.multiply(w, dev, out=terms[1:4])
+    for k, (i, j) in enumerate(zip(*np.triu_indices(3))):
+        np.multiply(dev[i], dev[j], out=terms[4 + k])
+        terms[4 + k] -= cov[i, j]
+        terms[4 + k] *= w
     return np.stack([terms.sum(1), np.einsum("ij,ij->i", terms, terms)])
 
 
