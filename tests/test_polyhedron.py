@@ -238,13 +238,22 @@ def _importance_sums(A, b, mu, lm, mean, cov, zt):
     and sums of squares over the chunk, (2, 10)."""
     u = zt + mu[:, None]
     inside = np.ones(zt.shape[1], bool)
-    for a, c in zip(A, b):                                   # row by row: no BLAS threads
-        inside &= a[0] * u[0] + a[1] * u[1] + a[2] * u[2] <= c
+    s, t, below = np.empty(zt.shape[1]), np.empty(zt.shape[1]), np.empty(zt.shape[1], bool)
+    for a, c in zip(A, b):          # row by row (no BLAS threads), in place: a . u <= c
+        np.multiply(u[0], a[0], out=s)
+        s += np.multiply(u[1], a[1], out=t)
+        s += np.multiply(u[2], a[2], out=t)
+        inside &= np.less_equal(s, c, out=below)
     u = u[:, inside]
     w = np.exp(-(mu[0] * u[0] + mu[1] * u[1] + mu[2] * u[2]) + 0.5 * mu @ mu - lm)
     dev = u - mean[:, None]
-    iu = np.triu_indices(3)
-    terms = np.concatenate([w[None], w * dev, w * (dev[iu[0]] * dev[iu[1]] - cov[iu][:, None])])
+    terms = np.empty((10, u.shape[1]))                       # filled in place, no concatenation
+    terms[0] = w
+    np.multiply(w, dev, out=terms[1:4])
+    for k, (i, j) in enumerate(zip(*np.triu_indices(3))):
+        np.multiply(dev[i], dev[j], out=terms[4 + k])
+        terms[4 + k] -= cov[i, j]
+        terms[4 + k] *= w
     return np.stack([terms.sum(1), np.einsum("ij,ij->i", terms, terms)])
 
 
@@ -346,8 +355,9 @@ def _mpmath_edge_terms(B, C, lo, hi):
     f_t = lambda v: mpmath.erfc(r(v) / mpmath.sqrt(2)) / 2 / (r(v) * mpmath.cosh(v))
     f_g = lambda v: mpmath.exp(-(C * mpmath.cosh(v)) ** 2 / 2) / mpmath.cosh(v)
     star = min(max(mpmath.mpf(0), lo), hi)
-    t = B / (2 * mpmath.pi) * f_t(star) * mpmath.quad(lambda v: f_t(v) / f_t(star), points)
-    g = f_g(star) * mpmath.quad(lambda v: f_g(v) / f_g(star), points) / (2 * mpmath.pi)
+    t_star, g_star = f_t(star), f_g(star)          # once, not at every node
+    t = B / (2 * mpmath.pi) * t_star * mpmath.quad(lambda v: f_t(v) / t_star, points)
+    g = g_star * mpmath.quad(lambda v: f_g(v) / g_star, points) / (2 * mpmath.pi)
     return float(mpmath.log(t)), float(mpmath.log(g))
 
 
