@@ -63,10 +63,12 @@ class CPAModel:
 
     def __init__(self, net: PiecewiseAffineNet, *, prior_mean=None, prior_cov=None, noise_std=None,
                  device=None, cache_path=None, memory_budget: float = 2e9):
-        S = net.latent_dim
+        if not isinstance(net, PiecewiseAffineNet):
+            raise CpadgnError(f"CPAModel takes a cpadgn.PiecewiseAffineNet, got {type(net).__name__}; load a torch "
+                              "module or a model file with cpadgn.load(module_or_path, noise_std=...)")
+        from .modelfile import check_prior
         self.generator = net
-        self.prior_mean = np.zeros(S) if prior_mean is None else np.asarray(prior_mean, dtype=np.float64)
-        self.prior_cov = np.eye(S) if prior_cov is None else np.asarray(prior_cov, dtype=np.float64)
+        self.prior_mean, self.prior_cov = check_prior("CPAModel", prior_mean, prior_cov, net.latent_dim, fix="pass")
         self.prior_chol = np.linalg.cholesky(self.prior_cov)
         self.net = fold_prior(net, self.prior_mean, self.prior_cov)
         self.noise_std = None if noise_std is None else _check_noise(noise_std, net.output_dim)

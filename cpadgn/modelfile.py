@@ -77,7 +77,7 @@ def save_model(path, net: PiecewiseAffineNet, *, prior_mean=None, prior_cov=None
 
     S, D = net.latent_dim, net.output_dim
     check_net(net, path)
-    mean, cov = _check_prior(path, prior_mean, prior_cov, S)
+    mean, cov = check_prior(path, prior_mean, prior_cov, S)
     std = None if noise_std is None else _check_noise(path, noise_std, D)
     attrs_json = json.dumps(attrs or {}, sort_keys=True, default=_jsonable)
     groups = dict(groups or {})
@@ -139,26 +139,26 @@ def _jsonable(o):
                     "or dicts of them")
 
 
-def _check_prior(path, mean, cov, S):
+def check_prior(where, mean, cov, S, fix="save the model with"):
+    """The latent prior N(mean (S,), cov (S, S)) as float64 arrays (None: 0 and I), or a
+    one-line CpadgnError naming where it came from and saying to ``fix`` it."""
     mean = np.zeros(S) if mean is None else np.asarray(mean, dtype=np.float64)
     cov = np.eye(S) if cov is None else np.asarray(cov, dtype=np.float64)
     if mean.shape != (S,):
-        raise CpadgnError(f"{path}: prior mean has shape {mean.shape}; save the model with a prior "
-                          f"mean of shape ({S},)")
+        raise CpadgnError(f"{where}: prior mean has shape {mean.shape}; {fix} a prior mean of shape ({S},)")
     if cov.shape != (S, S):
-        raise CpadgnError(f"{path}: prior covariance has shape {cov.shape}; save the model with an "
-                          f"({S}, {S}) prior covariance")
+        raise CpadgnError(f"{where}: prior covariance has shape {cov.shape}; {fix} an ({S}, {S}) prior covariance")
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
-        raise CpadgnError(f"{path}: the latent prior has non-finite values; save the model with a "
-                          "finite prior mean and covariance")
+        raise CpadgnError(f"{where}: the latent prior has non-finite values; {fix} a finite prior mean and "
+                          "covariance")
     if not np.allclose(cov, cov.T, rtol=0, atol=1e-12 * max(1.0, float(np.abs(cov).max(initial=0)))):
-        raise CpadgnError(f"{path}: the prior covariance is not symmetric; save the model with a "
-                          "symmetric one, e.g. (C + C.T) / 2")
+        raise CpadgnError(f"{where}: the prior covariance is not symmetric; {fix} a symmetric one, "
+                          "e.g. (C + C.T) / 2")
     try:
         np.linalg.cholesky(cov)
     except np.linalg.LinAlgError:
-        raise CpadgnError(f"{path}: the prior covariance is not positive definite; save the model "
-                          "with a positive-definite one") from None
+        raise CpadgnError(f"{where}: the prior covariance is not positive definite; {fix} a "
+                          "positive-definite one") from None
     return mean, cov
 
 
@@ -266,7 +266,7 @@ def _read(path: Path, f) -> Generator:
     prior = f.get("prior")
     mean = prior["mean"][()] if prior is not None and "mean" in prior else None
     cov = prior["cov"][()] if prior is not None and "cov" in prior else None
-    mean, cov = _check_prior(path, mean, cov, S)
+    mean, cov = check_prior(path, mean, cov, S)
     noise = f.get("noise")
     std, noise_problem = None, None
     if noise is not None and "std" in noise:
