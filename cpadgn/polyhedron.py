@@ -971,13 +971,14 @@ def _outside_polyhedron(facets, fpair, facet_first, nf, a, b, v_norm, rel=1e-9):
     its polygon's boundary, where the edge test decides).  fpair (NF,) the facets' pairs,
     facet_first, nf (P,) each pair's first facet and count, a (NF, 3), b (NF,) the
     translated offsets, v_norm (P,) the translations' lengths."""
-    reps = nf[fpair[facets]]
+    pair = fpair[facets]
+    reps = nf[pair]
     k = np.repeat(np.arange(facets.size), reps)
     fk = facets[k]
-    j = _ranges(facet_first[fpair[facets]], reps)                       # every facet of its pair
+    j = _ranges(facet_first[pair], reps)                                # every facet of its pair
     g = np.einsum("ns,ns->n", a.take(fk, 0), a.take(j, 0))
     bk, bj = b[fk], b[j]
-    slack = rel * (1.0 + np.abs(bk) + np.abs(bj) + v_norm[fpair[fk]])
+    slack = rel * (1.0 + np.abs(bk) + np.abs(bj) + v_norm[pair[k]])
     return np.bincount(k, bk * g > bj + slack, facets.size) > 0
 
 

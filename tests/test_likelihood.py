@@ -23,7 +23,7 @@ def test_linear_generator_is_ppca_closed_form():
         o = ~np.isnan(x)
         if not o.any():
             assert np.isnan(post.log_likelihood[n]) and post.n_observed[n] == 0   # nothing to score
-            # one region, the whole space: a few O(1) products, rounding ~10 eps, far below 1e-12
+            # the prior: its mean exactly, its covariance as L L^T (S = 3 O(1) terms, ~3 eps)
             np.testing.assert_allclose(post.z_mean[n], mu, atol=1e-12)
             np.testing.assert_allclose(post.z_cov[n], cov_z, atol=1e-12)
             continue
