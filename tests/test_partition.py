@@ -210,12 +210,28 @@ def test_subdivision_over_budget_runs_in_tiles_and_equals_lp_walk(S, hidden, slo
 
 
 def test_region_constraints_fast_path():
+    """The network's product of layer maps and the partition's layer-by-layer one agree to
+    rounding.  Each layer's G_l = W_l D_(l-1) G_(l-1) and c_l = W_l D_(l-1) c_(l-1) + b_l
+    (D a diagonal of slopes) is a dot product of length n <= fan-in + 1, exact up to
+    gamma_n times the same recursion over absolute values (Higham, 3.5); an error from
+    an earlier layer is carried through |W|, so layer l errs by at most l gamma_n times
+    those magnitudes, in each of the two evaluations."""
     net = random_net(3, (7, 5, 4), 2, seed=3, slope=-1.0)
     P = np.random.default_rng(0).random((40, net.n_units)) < 0.5
     G1, h1 = net.region_constraints(P)
     G2, h2 = _region_constraints(net, P)
-    np.testing.assert_allclose(G2, G1, rtol=0, atol=1e-14)
-    np.testing.assert_allclose(h2, h1, rtol=0, atol=1e-14)
+    eps = np.finfo(np.float64).eps
+    n = max(W.shape[1] for W in net.weights) + 1
+    gamma = n * eps / (1 - n * eps)
+    G_abs, c_abs, G_tol, c_tol = np.eye(3), np.zeros(3), [], []
+    for l, (W, b, slope) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes), start=1):
+        G_abs, c_abs = np.abs(W) @ G_abs, np.abs(W) @ c_abs + np.abs(b)
+        G_tol.append(2 * l * gamma * G_abs)
+        c_tol.append(2 * l * gamma * c_abs)
+        growth = np.maximum(1.0, np.abs(np.asarray(slope, dtype=np.float64))).reshape(-1, 1)
+        G_abs, c_abs = growth * G_abs, growth[:, 0] * c_abs
+    assert np.all(np.abs(G2 - G1) <= np.concatenate(G_tol))
+    assert np.all(np.abs(h2 - h1) <= np.concatenate(c_tol))
 
 
 def test_prior_masses_sum_to_one_s3():
