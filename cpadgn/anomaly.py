@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
-from scipy.stats import beta
+from scipy.special import betaincinv
 
 
 @dataclass
@@ -67,8 +67,8 @@ def clopper_pearson(k, n: int, level: float = 0.95):
     k = np.asarray(k, dtype=np.float64)
     a = (1.0 - level) / 2
     with np.errstate(invalid="ignore"):
-        lo = np.where(k > 0, beta.ppf(a, k, n - k + 1), 0.0)
-        hi = np.where(k < n, beta.ppf(1 - a, k + 1, n - k), 1.0)
+        lo = np.where(k > 0, betaincinv(k, n - k + 1, a), 0.0)
+        hi = np.where(k < n, betaincinv(k + 1, n - k, 1 - a), 1.0)
     return lo, hi
 
 
