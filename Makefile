@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo "Scores written to out/digits_scores.csv and out/wave_scores.csv"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet scikit-learn

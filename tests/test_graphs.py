@@ -319,6 +319,7 @@ def test_dense_layer_over_the_memory_limit_is_refused(monkeypatch):
         load_generator(model)
 
 
+@pytest.mark.filterwarnings("ignore:BuiltinImporter.module_repr")   # __main__ under pytest-xdist
 def test_pickled_class_of_the_saving_script_says_so(tmp_path):
     """A class defined in the script that pickled the module is named '__main__.Name':
     unpickling looks it up in cpadgn's own __main__, so "make its module importable" does
