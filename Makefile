@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo "Scores written to out/digits_scores.csv and out/wave_scores.csv"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet scikit-learn
