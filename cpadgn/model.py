@@ -16,7 +16,7 @@ from scipy.optimize import minimize_scalar
 
 from . import likelihood
 from .errors import CpadgnError
-from .network import PiecewiseAffineNet, fold_prior
+from .network import PiecewiseAffineNet, check_prior, fold_prior
 from .numerics import NOISE_RANGE, check_noise_range, rounding_error_estimate
 from .partition import Partition, compute_partition
 
@@ -66,7 +66,6 @@ class CPAModel:
         if not isinstance(net, PiecewiseAffineNet):
             raise CpadgnError(f"CPAModel takes a cpadgn.PiecewiseAffineNet, got {type(net).__name__}; load a torch "
                               "module or a model file with cpadgn.load(module_or_path, noise_std=...)")
-        from .modelfile import check_prior
         self.generator = net
         self.prior_mean, self.prior_cov = check_prior("CPAModel", prior_mean, prior_cov, net.latent_dim, fix="pass")
         self.prior_chol = np.linalg.cholesky(self.prior_cov)

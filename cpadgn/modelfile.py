@@ -44,7 +44,7 @@ import numpy as np
 from .data import atomic_hdf5, write_error
 from .errors import CpadgnError
 from .loading import HDF5_SIGNATURE, Generator, check_net
-from .network import PiecewiseAffineNet
+from .network import PiecewiseAffineNet, check_prior
 
 FORMAT = "cpadgn-model"
 FORMAT_VERSION = 1
@@ -137,29 +137,6 @@ def _jsonable(o):
         return str(o)
     raise TypeError(f"attribute value {o!r} is not JSON-serialisable; pass numbers, strings, lists "
                     "or dicts of them")
-
-
-def check_prior(where, mean, cov, S, fix="save the model with"):
-    """The latent prior N(mean (S,), cov (S, S)) as float64 arrays (None: 0 and I), or a
-    one-line CpadgnError naming where it came from and saying to ``fix`` it."""
-    mean = np.zeros(S) if mean is None else np.asarray(mean, dtype=np.float64)
-    cov = np.eye(S) if cov is None else np.asarray(cov, dtype=np.float64)
-    if mean.shape != (S,):
-        raise CpadgnError(f"{where}: prior mean has shape {mean.shape}; {fix} a prior mean of shape ({S},)")
-    if cov.shape != (S, S):
-        raise CpadgnError(f"{where}: prior covariance has shape {cov.shape}; {fix} an ({S}, {S}) prior covariance")
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
-        raise CpadgnError(f"{where}: the latent prior has non-finite values; {fix} a finite prior mean and "
-                          "covariance")
-    if not np.allclose(cov, cov.T, rtol=0, atol=1e-12 * max(1.0, float(np.abs(cov).max(initial=0)))):
-        raise CpadgnError(f"{where}: the prior covariance is not symmetric; {fix} a symmetric one, "
-                          "e.g. (C + C.T) / 2")
-    try:
-        np.linalg.cholesky(cov)
-    except np.linalg.LinAlgError:
-        raise CpadgnError(f"{where}: the prior covariance is not positive definite; {fix} a "
-                          "positive-definite one") from None
-    return mean, cov
 
 
 def _check_noise(path, std, D):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import CpadgnError
+
 
 @dataclass(frozen=True, eq=False)
 class PiecewiseAffineNet:
@@ -231,6 +233,29 @@ class PiecewiseAffineNet:
                 h.update(repr(a.shape).encode())
                 h.update(a.tobytes())
         return h.hexdigest()
+
+
+def check_prior(where, mean, cov, S, fix="save the model with"):
+    """The latent prior N(mean (S,), cov (S, S)) as float64 arrays (None: 0 and I), or a
+    one-line CpadgnError naming where it came from and saying to ``fix`` it."""
+    mean = np.zeros(S) if mean is None else np.asarray(mean, dtype=np.float64)
+    cov = np.eye(S) if cov is None else np.asarray(cov, dtype=np.float64)
+    if mean.shape != (S,):
+        raise CpadgnError(f"{where}: prior mean has shape {mean.shape}; {fix} a prior mean of shape ({S},)")
+    if cov.shape != (S, S):
+        raise CpadgnError(f"{where}: prior covariance has shape {cov.shape}; {fix} an ({S}, {S}) prior covariance")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
+        raise CpadgnError(f"{where}: the latent prior has non-finite values; {fix} a finite prior mean and "
+                          "covariance")
+    if not np.allclose(cov, cov.T, rtol=0, atol=1e-12 * max(1.0, float(np.abs(cov).max(initial=0)))):
+        raise CpadgnError(f"{where}: the prior covariance is not symmetric; {fix} a symmetric one, "
+                          "e.g. (C + C.T) / 2")
+    try:
+        np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        raise CpadgnError(f"{where}: the prior covariance is not positive definite; {fix} a "
+                          "positive-definite one") from None
+    return mean, cov
 
 
 def fold_prior(net: PiecewiseAffineNet, mean: np.ndarray, cov: np.ndarray) -> PiecewiseAffineNet:
