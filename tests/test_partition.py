@@ -223,7 +223,8 @@ def test_region_constraints_fast_path():
     eps = np.finfo(np.float64).eps
     n = max(W.shape[1] for W in net.weights) + 1
     gamma = n * eps / (1 - n * eps)
-    G_abs, c_abs, G_tol, c_tol = np.eye(3), np.zeros(3), [], []
+    S = net.latent_dim
+    G_abs, c_abs, G_tol, c_tol = np.eye(S), np.zeros(S), [], []
     for l, (W, b, slope) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes), start=1):
         G_abs, c_abs = np.abs(W) @ G_abs, np.abs(W) @ c_abs + np.abs(b)
         G_tol.append(2 * l * gamma * G_abs)
