@@ -320,11 +320,6 @@ def layer_normal_equations(K, T, Z, V, f):
     return C, rhs
 
 
-def apply_operator(K, C, Theta):
-    """sum_w K_w Theta C_w: K (R, n, n), C (R, m, m), Theta (n, m) -> (n, m)."""
-    return np.einsum("rij,rjb->ib", np.matmul(K, Theta[None]), C, optimize=True)
-
-
 def solve_layer(K, T, Z, V, f, Theta0, *, dense_max=1500, cg_tol=1e-10, cg_maxiter=None,
                 layer=0, damping=0.0):
     """Maximise Q over one hidden layer's Theta = [W_l, b_l] (n, m), the others fixed.

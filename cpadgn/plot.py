@@ -77,13 +77,6 @@ def check_image_path(path, inputs: dict | None = None) -> Path:
 
 
 # ================================================================ geometry
-def clip_polygon(vertices: np.ndarray, a: np.ndarray, b: float) -> np.ndarray:
-    """The convex polygon vertices (V, 2) cut by the half-plane a . z <= b (Sutherland-Hodgman)."""
-    v, n = clip_polygons(np.asarray(vertices, dtype=np.float64)[None], np.array([len(vertices)]),
-                         np.asarray(a, dtype=np.float64)[None], np.array([b], dtype=np.float64))
-    return v[0, :n[0]]
-
-
 def clip_polygons(vertices: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray):
     """Convex polygons cut by one half-plane each (Sutherland-Hodgman, batched).
 
