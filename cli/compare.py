@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import (Progressbar, check_cache_path, check_dask_options, console, main, memory_budget_option,
-                      notice_for, parse_noise, resolve_device, say_for, set_stderr_target, stderr_target_option,
+                      notice_for, parse_noise, precision_options, resolve_device, say_for, set_precision,
                       rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
@@ -55,7 +55,7 @@ REPORT_SUFFIXES = (".json", ".csv")
 @memory_budget_option
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading pickled torch modules (they can execute code).")
-@stderr_target_option
+@precision_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages (the results are still printed).")
 @click.option("--debug", is_flag=True, hidden=True)
 @click.option("--dask", "dask_address", default=None, metavar="ADDRESS|local:N",
@@ -65,7 +65,8 @@ REPORT_SUFFIXES = (".json", ".csv")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @user_errors
 def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_path, timings, noise_std,
-            max_regions, device, memory_budget, trust_pickle, stderr_target, quiet, debug, as_json, dask_address):
+            max_regions, device, memory_budget, trust_pickle, rtol, stderr_target, quiet, debug, as_json,
+            dask_address):
     """Compare MODELs by exact log-likelihood on held-out data.
 
     Per model: the mean exact log-likelihood per test row with its standard
@@ -133,7 +134,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
                               "with --train")
     for i, (name, m) in enumerate(models):
         m.memory_budget = memory_budget
-        set_stderr_target(m, stderr_target, say)
+        set_precision(m, rtol, stderr_target, say)
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
             m.partition(max_regions=max_regions, progress=bar, log=say, notice=notice)
         if noises[i] == "auto":       # the partition does not depend on the noise: reused

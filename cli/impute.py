@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cli.main import (FiniteRange, Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs,
                       dask_options, load_model, main, model_options, on_command_line, print_summary, say_for,
-                      stderr_target_option, rounding_errors, user_errors, warn_rounding)
+                      precision_options, rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 
@@ -46,13 +46,13 @@ from cpadgn.errors import CpadgnError
 @click.option("--image-shape", default=None, metavar="HxW",
               help="Shape of one row as an image for --plot [default: square].")
 @model_options
-@stderr_target_option
+@precision_options
 @dask_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, plot_path, image_shape,
            noise_std, cache, max_regions, device, memory_budget, trust_pickle, quiet, debug, as_json,
-           dask_address, chunk_rows, stderr_target):
+           dask_address, chunk_rows, rtol, stderr_target):
     """Impute the missing entries (NaN) of DATA exactly under MODEL.
 
     By default each missing entry gets the exact conditional mean E[x_m | x_o] =
@@ -121,7 +121,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
                                     want_std, out, std_path, quiet=quiet, cache=cache, noise_std=noise_std,
                                     notices=notices,
                                     device=device, trust_pickle=trust_pickle, max_regions=max_regions,
-                                    memory_budget=memory_budget, stderr_target=stderr_target)
+                                    memory_budget=memory_budget, rtol=rtol, stderr_target=stderr_target)
         summary = imputation_summary(res, model, n_draws, time.perf_counter() - t0, out, want_std, std_path)
         summary["rows_unreliable_by_rounding"] = warn_rounding(res.rounding_error * (res.n_missing > 0), not notices)
         if as_json:
@@ -151,7 +151,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in,
-                       memory_budget=memory_budget, stderr_target=stderr_target, notices=notices)
+                       memory_budget=memory_budget, rtol=rtol, stderr_target=stderr_target, notices=notices)
     model._check_data(X)
     with Progressbar("imputing rows", quiet) as bar:
         try:

@@ -104,10 +104,12 @@ def check_draws(draws) -> None:
 def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int | None = None,
            seed=None, std: bool = False, full_cov: bool = False,
            tab: likelihood.RegionTable | None = None, device="cpu", memory_budget: float = 2e9,
-           stderr_target: float = 1e-4, row_chunk: int | None = None, progress=None) -> ImputeResult:
+           rtol: float = 1e-10, stderr_target: float = 1e-4, row_chunk: int | None = None,
+           progress=None) -> ImputeResult:
     """Exact conditional mean (and optionally std, covariance and K exact draws) of the
-    missing entries (NaN) of X (N, D) given the observed ones.  At S >= 4 the region
-    weights are QMC estimates aiming at stderr_target nats per row (``likelihood.posterior``).
+    missing entries (NaN) of X (N, D) given the observed ones, the regions pruned to rtol
+    (``error_bound``).  At S >= 4 the region weights are QMC estimates aiming at
+    stderr_target nats per row (``likelihood.posterior``).
 
     Same seed, data, device and memory_budget: same draws (the budget sets the rows per
     chunk, ``rows_per_chunk``, unless row_chunk does).  ``progress(done_rows, total_rows)``
@@ -143,7 +145,7 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
             rows = row_chunk or rows_per_chunk(S, pairs_per_row, memory_budget)
             idx = todo[start:start + rows]
             most = _impute_chunk(net, part, tab, sigma, X64[idx], idx, miss[idx], device, memory_budget,
-                                 stderr_target, rng, K, mean, var, cov, xd, zd, bound, mean_var)
+                                 rtol, stderr_target, rng, K, mean, var, cov, xd, zd, bound, mean_var)
             # twice the most a row has had, a margin for rows with more pairs than those seen
             most_seen = max(most_seen, most)
             pairs_per_row = min(part.n_regions, 2 * most_seen)
@@ -187,13 +189,13 @@ def _restore(X, values, miss, dtype):
     return out
 
 
-def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, stderr_target, rng, K,
+def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, rtol, stderr_target, rng, K,
                   mean, var, cov, xd, zd, bound, mean_var):
     """Fill the outputs for rows idx (data Xc, all with something missing); returns the most
     (row, region) pairs a row of them had."""
     n, D = Xc.shape
     post = likelihood.posterior(net, part, sigma, Xc, tab=tab, device=device, memory_budget=memory_budget,
-                                stderr_target=stderr_target)
+                                rtol=rtol, stderr_target=stderr_target)
     bound[idx] = post.error_bound
     order = np.lexsort((post.pair_region, post.pair_row))
     prow, preg = post.pair_row[order], post.pair_region[order]

@@ -74,6 +74,7 @@ class CPAModel:
         self.device = check_device(device)
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.memory_budget = memory_budget
+        self.rtol = 1e-10                   # pruning: each log p exact to log(1 + rtol) nats (certified)
         self.stderr_target = 1e-4           # S >= 4: each row's QMC standard error of log p, nats
         self.partition_status = None
         self._partition: Partition | None = None
@@ -141,7 +142,7 @@ class CPAModel:
         pairs=False: no per-(row, region) fields (``likelihood.posterior``)."""
         X = self._check_data(X)
         res = likelihood.posterior(self.net, self.partition(), self.noise_std, X,
-                                   tab=self._region_table(), device=self.device,
+                                   tab=self._region_table(), device=self.device, rtol=self.rtol,
                                    memory_budget=self.memory_budget, moments=moments,
                                    progress=progress, stderr_target=self.stderr_target, pairs=pairs)
         L = self.prior_chol
@@ -226,11 +227,11 @@ class CPAModel:
     def imputation(self, X, *, draws=None, seed=None, std: bool = False, full_cov: bool = False,
                    progress=None):
         """Everything ``impute.impute`` gives for X (N, D) with this model's partition,
-        device, memory budget and stderr target: an ``impute.ImputeResult``."""
+        device, memory budget, rtol and stderr target: an ``impute.ImputeResult``."""
         from .impute import impute
         return impute(self.net, self.partition(), self.noise_std, X, draws=draws, seed=seed, std=std,
                       full_cov=full_cov, tab=self._region_table(), device=self.device,
-                      memory_budget=self.memory_budget, stderr_target=self.stderr_target,
+                      memory_budget=self.memory_budget, rtol=self.rtol, stderr_target=self.stderr_target,
                       progress=progress)
 
 

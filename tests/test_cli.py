@@ -677,21 +677,46 @@ def test_impute_reports_the_s4_mean_stderr(s4_files):
 
 
 @pytest.mark.parametrize("command", ["score", "impute", "compare"])
-def test_stderr_target_reaches_every_likelihood_of_the_command(s4_files, monkeypatch, command):
+def test_stderr_target_and_rtol_reach_every_likelihood_of_the_command(s4_files, monkeypatch, command):
     import cpadgn.likelihood
     seen, real = [], cpadgn.likelihood.posterior
 
-    def spy(*args, stderr_target, **kw):
-        seen.append(stderr_target)
-        return real(*args, stderr_target=stderr_target, **kw)
+    def spy(*args, rtol, stderr_target, **kw):
+        seen.append((rtol, stderr_target))
+        return real(*args, rtol=rtol, stderr_target=stderr_target, **kw)
     monkeypatch.setattr(cpadgn.likelihood, "posterior", spy)
     model, data, out = s4_files / "gen.h5", s4_files / "x.csv", s4_files / f"{command}.csv"
     argv = {"score": ["score", model, data, "-o", out], "impute": ["impute", model, data, "-o", out],
             "compare": ["compare", model, "--data", data]}[command]
-    res = run(*argv, "--stderr-target", "0.02", "-q")
+    res = run(*argv, "--stderr-target", "0.02", "--rtol", "1e-3", "-q")
     assert res.exit_code == 0, res.output
-    assert seen and set(seen) == {0.02}, seen
+    assert seen and set(seen) == {(1e-3, 0.02)}, seen
     out.unlink(missing_ok=True)
+
+
+def test_a_looser_rtol_stays_within_its_certified_bound(files):
+    """score --rtol 1e-2 prunes regions the default keeps: each row's log-likelihood then
+    differs from the quadrature oracle (itself good to ~1e-12 here, as the default run's
+    test shows) by no more than its reported log_likelihood_error_bound, which is at most
+    log(1 + rtol); and the pruning did happen (errors far above the default's 1e-10)."""
+    out = files["dir"] / "loose.csv"
+    res = run("score", files["model"], files["data"], "-o", out, "--rtol", "1e-2", "-q")
+    assert res.exit_code == 0, res.output
+    table = np.genfromtxt(out, delimiter=",", names=True)
+    want = np.array([loglik_1d(files["net"], x, 0.3)[0] for x in files["X"]])
+    err, bound = np.abs(table["log_likelihood"] - want), table["log_likelihood_error_bound"]
+    assert (err <= bound + 1e-9).all(), (err, bound)
+    assert (bound <= np.log1p(1e-2)).all() and err.max() > 1e-6, (err, bound)
+
+
+@pytest.mark.parametrize("rtol", [0, -1e-3, 0.5, float("nan"), "1e-3"])
+def test_the_library_refuses_an_unusable_rtol(files, rtol):
+    from cpadgn.errors import CpadgnError
+    from cpadgn.model import CPAModel
+    model = CPAModel(files["net"], noise_std=0.3)
+    model.rtol = rtol
+    with pytest.raises(CpadgnError, match=r"rtol must be a number in \(0, 0.01\]"):
+        model.log_prob(files["X"])
 
 
 @pytest.mark.parametrize("value", ["0", "-1e-3", "inf", "nan"])
