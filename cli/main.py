@@ -47,8 +47,10 @@ _sigint_before_import = _install_sigint_handler()   # restored at the end of thi
 import click  # noqa: E402
 from cli.lazy import np  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,  # noqa: E402
+                           TimeElapsedColumn)
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from cpadgn.errors import CpadgnError  # noqa: E402
 
@@ -167,6 +169,18 @@ class Commands(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+class TimeLeftColumn(ProgressColumn):
+    """The time left at the mean rate since the start ("~0:01:10 left"; blank until the first
+    step).  Rich's own estimate takes the rate over the last updates, and the work arrives in
+    a few large chunks: after one chunk of rows it said a second was left of a minute."""
+
+    def render(self, task):
+        if not task.total or not task.completed or task.finished or task.elapsed is None:
+            return Text("")
+        left = int(task.elapsed * (task.total - task.completed) / task.completed)
+        return Text(f"~{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", style="progress.remaining")
+
+
 class Progressbar:
     """A rich progress bar usable as cpadgn's progress(done, total, message) callback."""
 
@@ -175,7 +189,8 @@ class Progressbar:
 
     def __enter__(self):
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
+                            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeLeftColumn(),
+                            console=console,
                             transient=True, disable=self.quiet or not console.is_terminal)
         self.bar.__enter__()
         self.task = self.bar.add_task(self.label, total=None, note="")

@@ -759,3 +759,17 @@ def test_fit_scores_a_one_row_val_file_and_names_a_column_mismatch(files):
     r = run("fit", files["data"], "-o", d / "m2.h5", "-S", "1", "--hidden", "4", "--max-iter", "1", "--val", narrow)
     assert_one_line_error(r, "has 1 columns but DATA has 3", "with 3 columns")
     assert not (d / "m2.h5").exists()
+
+
+def test_time_left_is_the_mean_rate_since_the_start():
+    """The progress bars' time left: elapsed (total - done) / done, blank before the first
+    step, with no total and once finished (rich's own estimate, from the last updates, said
+    a second was left of a minute after the first of two large chunks)."""
+    from cli.main import TimeLeftColumn
+    task = lambda done, total, elapsed, finished=False: SimpleNamespace(
+        completed=done, total=total, elapsed=elapsed, finished=finished)
+    column = TimeLeftColumn()
+    assert column.render(task(30, 60, 15.0)).plain == "~0:00:15 left"
+    assert column.render(task(1, 3601, 1.0)).plain == "~1:00:00 left"
+    for t in (task(0, 60, 15.0), task(30, None, 15.0), task(60, 60, 30.0, True), task(5, 60, None)):
+        assert column.render(t).plain == ""
