@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 from contextlib import closing
 from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 import torch
@@ -1203,9 +1204,9 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     take 8 (S^2 + S + 3) bytes per evaluated (row, region) pair (tens to thousands a row), so
     the per-row results alone keep a long run within the budget.
     """
-    if not (isinstance(stderr_target, (int, float)) and 0 < stderr_target < np.inf):
+    if not (isinstance(stderr_target, Real) and 0 < stderr_target < np.inf):
         raise CpadgnError(f"stderr_target must be a positive number of nats (e.g. 1e-4), got {stderr_target!r}")
-    if not (isinstance(rtol, (int, float)) and 0 < rtol <= MAX_RTOL):
+    if not (isinstance(rtol, Real) and 0 < rtol <= MAX_RTOL):       # numpy's floats too
         raise CpadgnError(f"rtol must be a number in (0, {MAX_RTOL:g}], got {rtol!r}; the default 1e-10 makes "
                           "each log-likelihood exact to log(1 + 1e-10) nats")
     device = torch.device(device)
