@@ -166,7 +166,8 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     if out is not None:
         mean_stderr = res.mean_stderr if want_std and n_draws is None and model.latent_dim >= 4 else None
         write_imputation(out, res.mean if n_draws is None else res.draws, res.std, columns,
-                         draws=n_draws is not None, std_path=std_path, mean_stderr=mean_stderr)
+                         draws=n_draws is not None, std_path=std_path, mean_stderr=mean_stderr,
+                         header=not headerless_csv(data_path))
     if plot_path is not None:
         plot.save(plot.imputation_figure(model, X_in, res, (H, W), seed=seed), plot_path)
 
@@ -286,6 +287,13 @@ def std_sibling(out: Path) -> Path:
     return out.with_name(out.stem + ".std" + out.suffix)
 
 
+def headerless_csv(path) -> bool:
+    """Whether DATA is a CSV file without a header row (as ``read_data`` decides): the
+    imputed mean and std then go to a CSV OUT without one too, in DATA's own layout."""
+    from cpadgn.data import csv_header_cells
+    return Path(path).suffix.lower() == ".csv" and csv_header_cells(path) is None
+
+
 def csv_header(path, D: int) -> list:
     """The header of a CSV DATA file if it has one (as ``read_data`` decides), else x1..xD."""
     from cpadgn.data import csv_header_cells
@@ -295,9 +303,11 @@ def csv_header(path, D: int) -> list:
 
 
 def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None,
-                     mean_stderr=None) -> None:
+                     mean_stderr=None, header: bool = True) -> None:
     """Write the imputed data (N, D) or draws (K, N, D), and the std (N, D) when given;
     mean_stderr (N, D), when given, goes to an .h5 OUT only (dataset 'mean_stderr').
+    header=False: the (N, D) CSV files without a header row (the draws' long CSV keeps
+    its header, whose 'draw' column is not data).
 
     Every file goes to a temporary file beside its target and is renamed over it only
     when all of them are complete, so a failure leaves no partial output.
@@ -317,7 +327,7 @@ def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, 
         with ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(out))
             if std is not None:
-                _write_plain(stack.enter_context(atomic_path(std_path)), suffix, std, columns)
+                _write_plain(stack.enter_context(atomic_path(std_path)), suffix, std, header and columns)
             if draws and suffix == ".csv":
                 K, N, D = data.shape
                 with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -326,7 +336,7 @@ def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, 
                     for k in range(K):
                         w.writerows([str(k + 1), *map(_fmt, row)] for row in data[k])
             else:
-                _write_plain(tmp, suffix, data, columns)
+                _write_plain(tmp, suffix, data, header and columns)
     except OSError as e:
         raise write_error(out, e) from None
 
@@ -337,12 +347,14 @@ def _fmt(v) -> str:
 
 
 def _write_plain(path: Path, suffix: str, a: np.ndarray, columns) -> None:
-    """A 2-D array as CSV (header + rows) or any array as .npy, to ``path`` as is."""
+    """A 2-D array as CSV (the header columns, unless falsy, then the rows) or any array as
+    .npy, to ``path`` as is."""
     if suffix == ".npy":
         with open(path, "wb") as f:
             np.save(f, a, allow_pickle=False)
         return
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(columns)
+        if columns:
+            w.writerow(columns)
         w.writerows([_fmt(v) for v in row] for row in a)

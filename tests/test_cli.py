@@ -86,6 +86,20 @@ def test_pandas_csv_of_three_columns_keeps_its_rows_and_header(files):
     np.testing.assert_array_equal(Y[seen].view(np.int64), X[seen].view(np.int64))
 
 
+def test_impute_of_a_csv_without_a_header_writes_none(files):
+    """A headerless CSV DATA (np.savetxt's) gets its imputed mean and std back without a
+    header too, so np.loadtxt reads them as it read DATA; observed entries bit for bit."""
+    X = files["X"].copy()
+    X[4, 1] = np.nan
+    data, out = files["dir"] / "holes.csv", files["dir"] / "filled.csv"
+    np.savetxt(data, X, delimiter=",")
+    assert run("impute", files["model"], data, "-o", out, "--std", "-q").exit_code == 0
+    Y, sd = np.loadtxt(out, delimiter=","), np.loadtxt(files["dir"] / "filled.std.csv", delimiter=",")
+    seen = ~np.isnan(X)
+    assert Y.shape == sd.shape == X.shape and np.isfinite(Y[4, 1]) and sd[4, 1] > 0 and (sd[seen] == 0).all()
+    np.testing.assert_array_equal(Y[seen], np.loadtxt(data, delimiter=",")[seen])
+
+
 def test_rows_with_every_value_missing_score_nan_and_are_counted(files):
     X = files["X"].copy()
     X[4] = np.nan
