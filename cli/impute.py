@@ -57,13 +57,14 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
 
     By default each missing entry gets the exact conditional mean E[x_m | x_o] =
     sum_w r_w(x_o) (A_w,m E[z | x_o, z in w] + b_w,m) over the linear regions w.
-    OUT has DATA's shape and column order (a CSV header is kept); observed entries
+    OUT has DATA's shape and column order (a CSV's header, or its lack of one, is kept); observed entries
     are copied bit for bit.  Rows with nothing missing pass through; rows with
     everything missing get the model's marginal mean.
 
     \b
     Output layouts:
-      mean     .csv: header + N rows   .npy: (N, D)   .h5: dataset 'data' (N, D)
+      mean     .csv: header + N rows (no header if DATA has none)   .npy: (N, D)
+               .h5: dataset 'data' (N, D)
       --draws  .csv: a 'draw' column (1..K) then the D columns, K*N rows, draw by draw
                .npy: (K, N, D)          .h5: dataset 'data' (K, N, D)
       --std    .csv/.npy: OUT.std.csv / OUT.std.npy (N, D)   .h5: dataset 'std' (N, D),
