@@ -291,8 +291,9 @@ def open_rows(path, dataset: str | None = None) -> RowSource:
     elif suffix in (".h5", ".hdf5"):
         src = _h5_source(path, dataset)
     else:
+        from .data import model_file_hint
         raise CpadgnError(f"cannot read {path} in chunks: unknown data extension "
-                          f"'{path.suffix or '(none)'}'; use .npy or .h5")
+                          f"'{path.suffix or '(none)'}'; use .npy or .h5{model_file_hint(path)}")
     from .data import check_table_shape
     check_table_shape(path, src.shape)
     return src
@@ -324,6 +325,8 @@ def _h5_source(path: Path, dataset: str | None) -> RowSource:
         raise CpadgnError(f"{path} is not a readable HDF5 file ({_first_line(e)}); re-create it, or "
                           "convert DATA to .npy") from None
     with f:
+        from .data import refuse_cpadgn_file
+        refuse_cpadgn_file(path, f)
         found = []
         f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
         if dataset is None:

@@ -329,7 +329,7 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix not in DATA_SUFFIXES:
         raise CpadgnError(f"cannot read {path}: unknown data extension '{path.suffix or '(none)'}'; "
-                          f"supported: {', '.join(DATA_SUFFIXES)}")
+                          f"supported: {', '.join(DATA_SUFFIXES)}{model_file_hint(path)}")
     if dataset is not None and suffix not in (".h5", ".hdf5"):
         raise CpadgnError(f"--dataset {dataset} names a dataset inside an .h5 file, but {path} is a "
                           f"{suffix} file; drop --dataset")
@@ -348,11 +348,35 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     return _check_table(path, X, lines)
 
 
+def model_file_hint(path) -> str:
+    """'; it looks like a saved torch model: ...' for a DATA path holding a zip archive or
+    a pickle (what torch.export, torch.jit and torch.save write), else ''."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return ""
+    if head == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "; it looks like a saved torch model: the order is MODEL then DATA"
+    return ""
+
+
+def refuse_cpadgn_file(path, f) -> None:
+    """A cpadgn model file or partition cache (the open h5py File f) given as DATA: say so."""
+    fmt = f.attrs.get("format")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    if fmt == "cpadgn-model":
+        raise CpadgnError(f"{path} is a cpadgn model file, not data; the order is MODEL then DATA, e.g. "
+                          f"cpadgn score {path} DATA.csv -o OUT")
+    if fmt == "cpadgn-partition":
+        raise CpadgnError(f"{path} is a cpadgn partition cache, not data; pass a .csv, .npy or .h5 data file")
+
+
 def check_table_shape(path, shape: tuple) -> None:
     """Refuse a data array of ``shape`` that is not a non-empty 2-D table (also for the
     chunked readers of cpadgn.dask, which never hold the whole array)."""
     if len(shape) != 2:
-        hint = " (use x.reshape(-1, 1) for a single feature)" if len(shape) == 1 else \
+        hint = " (x.reshape(1, -1) for one sample, x.reshape(-1, 1) for one feature)" if len(shape) == 1 else \
             " (flatten each sample to one row)" if len(shape) > 2 else ""
         raise CpadgnError(f"{path} holds a {len(shape)}-D array of shape {tuple(shape)}; expected a 2-D "
                           f"table, rows = samples and columns = features{hint}")
@@ -580,6 +604,7 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
         raise CpadgnError(f"{path} is not a readable HDF5 file (corrupt, truncated or not HDF5: "
                           f"{_short(e)}); re-create it, or pass a .csv or .npy file") from None
     with f:
+        refuse_cpadgn_file(path, f)
         found = []
         f.visititems(lambda name, obj: found.append((name, obj.shape, obj.dtype))
                      if isinstance(obj, h5py.Dataset) else None)

@@ -207,6 +207,26 @@ def test_empty_file(files):
     assert_one_line_error(run("score", files["model"], data, "-o", files["dir"] / "s.csv"), "empty")
 
 
+@pytest.mark.parametrize("swap, words", [
+    ("model as data", ["is a cpadgn model file, not data", "model then data"]),
+    ("cache as data", ["is a cpadgn partition cache, not data"]),
+    ("torch model as data", ["unknown data extension '.pt2'", "looks like a saved torch model", "model then data"]),
+    ("one row as a 1-D array", ["1-d array of shape (3,)", "x.reshape(1, -1) for one sample"])])
+def test_a_file_that_is_not_data_says_what_it_is(files, swap, words):
+    """A new user's trial: MODEL and DATA swapped gave 'several 2-D datasets; choose one with
+    --dataset' (a model file) or a bare 'unknown data extension' (a torch archive), and a
+    1-D .npy of one row was told to reshape(-1, 1).  Each now says what the file is."""
+    d, model = files["dir"], files["model"]
+    data = {"model as data": model, "cache as data": d / "gen.h5.partition.h5",
+            "torch model as data": d / "m.pt2", "one row as a 1-D array": d / "row.npy"}[swap]
+    if swap == "cache as data":
+        assert run("partition", model, "-q").exit_code == 0
+    (d / "m.pt2").write_bytes(b"PK\x03\x04 a zip archive, as torch.export.save writes")
+    np.save(d / "row.npy", files["X"][0])
+    assert_one_line_error(run("score", model, data, "-o", d / "s.csv"), *words)
+    assert not (d / "s.csv").exists()
+
+
 @pytest.mark.parametrize("case", ["empty data", "header only", "blank lines only", "empty model",
                                   "model without format_version",
                                   "--row past the end", "compare one observed row", "fit one row",
