@@ -138,7 +138,10 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
             m.partition(max_regions=max_regions, progress=bar, log=say, notice=notice)
         if noises[i] == "auto":       # the partition does not depend on the noise: reused
-            sigma = m.fit_noise_std(X_train)
+            say(f"{name}: fitting the noise std on --train ({X_train.shape[0]} rows, a pass over them per "
+                "step, usually 12-25 steps)")
+            with Progressbar(f"noise std {i + 1}/{len(models)}", quiet) as bar:
+                sigma = m.fit_noise_std(X_train, progress=bar)
             say(f"{name}: noise std fitted on --train by maximum exact likelihood: {sigma:.6g}")
             models[i] = (name, m.with_noise_std(sigma))
 

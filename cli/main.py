@@ -438,7 +438,10 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
         model.partition(max_regions=max_regions, progress=bar, log=say,
                         notice=notice_for(quiet if notices is None else not notices))
     if noise_std == "auto":
-        sigma = model.fit_noise_std(data)
+        say(f"fitting the noise std by maximum exact likelihood on {data.shape[0]} rows (a pass over "
+            "them per step, usually 12-25 steps)")
+        with Progressbar("noise std", quiet) as bar:
+            sigma = model.fit_noise_std(data, progress=bar)
         say(f"noise std fitted by maximum exact likelihood: {sigma:.6g}")
         model = model.with_noise_std(sigma)
     return model

@@ -164,11 +164,12 @@ class CPAModel:
 
     score_samples = log_prob
 
-    def fit_noise_std(self, X, *, bounds=None) -> float:
+    def fit_noise_std(self, X, *, bounds=None, progress=None) -> float:
         """Maximum-likelihood isotropic noise std on X by bounded 1-D search on log sigma.
 
         Every evaluation is an exact log-likelihood; the partition does not depend on
-        the noise, so it is computed once.
+        the noise, so it is computed once.  ``progress(evaluations, None, message)`` is
+        called after each evaluation (message: the sigma tried and its log-likelihood).
         """
         X = self._check_data(X)
         X = X[~np.isnan(X).all(axis=1)]             # rows with nothing observed carry no information
@@ -184,7 +185,15 @@ class CPAModel:
                               "the noise std outside "
                               f"[{NOISE_RANGE[0]:g}, {NOISE_RANGE[1]:g}], where float64 computes "
                               "likelihoods reliably; rescale the data")
-        neg = lambda log_s: -float(np.sum(self.with_noise_std(np.exp(log_s)).log_prob(X)))
+        evaluations = 0
+
+        def neg(log_s):
+            nonlocal evaluations
+            ll = float(np.sum(self.with_noise_std(np.exp(log_s)).log_prob(X)))
+            evaluations += 1
+            if progress is not None:
+                progress(evaluations, None, f"sigma {np.exp(log_s):.6g}: log p {ll:.6g}")
+            return -ll
         res = minimize_scalar(neg, bounds=(np.log(lo), np.log(hi)), method="bounded",
                               options={"xatol": 1e-6})
         return float(np.exp(res.x))

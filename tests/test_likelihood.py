@@ -1,4 +1,6 @@
 """Exact likelihood and posterior against independent oracles (tests/oracles.py)."""
+import re
+
 import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
@@ -364,11 +366,16 @@ def test_region_table_is_not_cut_below_the_chunk_floor(tmp_path):
 def test_noise_auto_recovers_the_generating_noise(net1):
     model = CPAModel(net1, noise_std=0.25, device="cpu")
     X = model.sample(400, seed=6)
-    sigma = model.fit_noise_std(X)
+    steps = []
+    sigma = model.fit_noise_std(X, progress=lambda k, total, message: steps.append((k, message)))
     # ML estimate: within a few standard errors of the truth (se ~ sigma / sqrt(2 N D)).
     assert abs(sigma - 0.25) < 4 * 0.25 / np.sqrt(2 * 400 * 3) + 0.01
     ll = lambda s: model.with_noise_std(s).log_prob(X).sum()
     assert ll(sigma) >= max(ll(sigma * 1.02), ll(sigma / 1.02))
+    # progress once per evaluation, each naming the sigma it tried and that sigma's log p
+    assert [k for k, _ in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 5
+    s, lp = (float(v) for v in re.fullmatch(r"sigma (\S+): log p (\S+)", steps[-1][1]).groups())
+    assert abs(lp - ll(s)) <= 1e-5 * abs(lp)      # both to 6 digits, s near the optimum (flat there)
 
 
 @pytest.mark.parametrize("S, hidden", [(2, (8, 8)), (3, (5, 5))])
