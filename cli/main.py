@@ -878,6 +878,10 @@ def score_summary(stats, model, seconds, out, *, pv=None, alpha=None, anomalies=
     return s
 
 
+# table labels that the JSON key alone would let be misread
+SUMMARY_LABELS = {"mean_log_likelihood_stderr": "mean log likelihood: SE over rows"}
+
+
 def print_summary(title, summary):
     table = Table(title=title, show_header=False)
     for k, v in summary.items():
@@ -887,7 +891,7 @@ def print_summary(title, summary):
             v = ", ".join(f"{x:.4g}" for x in v[:5]) + (" ..." if len(v) > 5 else "")
         elif v is None:                 # JSON's null (e.g. impute's draws without --draws)
             v = "-"
-        table.add_row(k.replace("_", " "), str(v))
+        table.add_row(SUMMARY_LABELS.get(k, k.replace("_", " ")), str(v))
     Console().print(table)
 
 
