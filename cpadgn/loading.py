@@ -670,8 +670,10 @@ NOT_SUPPORTED_YET = {
 USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6 or abs activations between "
            "affine layers: replace it with one of them and retrain")
 REPLACE_IT = "replace it with a supported layer (README, Bring your own decoder)"
-SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: drop the final {kind} "
-                    "(train on x in the scale of g(z), or model the logits)")
+SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: export the decoder without "
+                    "the final {kind} and score {inverse}(x) with it (x in the scale of the "
+                    "pre-activations; data at the ends of the range clipped first)")
+_INVERSE = {"Sigmoid": "logit", "Tanh": "atanh"}
 
 
 class _NeedsTrace(CpadgnError):
@@ -686,7 +688,7 @@ class _NeedsTrace(CpadgnError):
 def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
     if kind in ("Sigmoid", "Tanh") and last:
         raise CpadgnError(f"{where} ({kind}) is the output layer; "
-                          + SQUASHING_OUTPUT.format(kind=kind))
+                          + SQUASHING_OUTPUT.format(kind=kind, inverse=_INVERSE[kind]))
     if kind in NOT_PIECEWISE_AFFINE:
         raise CpadgnError(f"{where} ({kind}) is not piecewise affine; " + USE_CPA)
     if kind in NOT_SUPPORTED_YET:
@@ -1463,8 +1465,9 @@ class _ExportInterpreter:
                 self.fail(f"operation aten.{name} called with unexpected arguments ({e})")
         if name in NOT_CPA or name.rstrip("_") in NOT_CPA:
             if name.rstrip("_") in ("sigmoid", "tanh") and self._feeds_output(node):
+                kind = name.rstrip("_").capitalize()
                 self.fail(f"the output goes through aten.{name}; "
-                          + SQUASHING_OUTPUT.format(kind=name.rstrip("_").capitalize()))
+                          + SQUASHING_OUTPUT.format(kind=kind, inverse=_INVERSE[kind]))
             self.fail(f"operation aten.{name} is not piecewise affine; " + USE_CPA)
         if name in NOT_YET:
             self.fail(f"operation aten.{name} is not supported yet ({NOT_YET[name]}); " + REPLACE_IT)
@@ -1501,7 +1504,8 @@ class _ExportInterpreter:
         outs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
         chosen = [o for o in outs if getattr(o, "name", None) in names] if names else list(outs)
         if len(chosen) != 1:
-            self.fail(f"the program returns {len(chosen)} outputs; a generator returns one tensor")
+            self.fail(f"the program returns {len(chosen)} outputs; a generator returns one tensor (export "
+                      "a wrapper whose forward returns the mean alone, e.g. decoder(z)[0])")
         v = values[chosen[0]]
         if not isinstance(v, _Data):
             self.fail("the output does not depend on the input z")

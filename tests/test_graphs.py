@@ -278,7 +278,7 @@ def test_load_accepts_modules_and_exported_programs(z):
     model = cpadgn.load(Permute().double().eval(), noise_std=0.2,
                         example_input=torch.zeros(3, S, dtype=torch.float64))
     assert model.latent_dim == S and model.output_dim == 4
-    with pytest.raises(CpadgnError, match=r"Sigmoid\) is the output layer.*affine last layer"):
+    with pytest.raises(CpadgnError, match=r"Sigmoid\) is the output layer.*affine last layer.*score logit\(x\)"):
         cpadgn.load(nn.Sequential(nn.Linear(S, 4), nn.ReLU(), nn.Linear(4, 2), nn.Sigmoid()),
                     noise_std=0.1)
     with pytest.raises(CpadgnError, match="cannot load a dict"):
@@ -296,8 +296,21 @@ def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
         def forward(self, z):
             return torch.tanh(self.a(z)).reshape(-1, 2, 2).flatten(1)
 
-    with pytest.raises(CpadgnError, match=r"output goes through aten\.tanh.*affine last layer"):
+    with pytest.raises(CpadgnError, match=r"output goes through aten\.tanh.*affine last layer.*score atanh\(x\)"):
         load_generator(Squash())
+
+    class MeanAndLogVar(nn.Module):          # a VAE decoder's usual (mean, log-variance) pair
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(S, 4)
+
+        def forward(self, z):
+            h = self.a(z)
+            return h, -h
+
+    ep = torch.export.export(MeanAndLogVar().double(), (torch.zeros(2, S, dtype=torch.float64),))
+    with pytest.raises(CpadgnError, match=r"returns 2 outputs; a generator returns one tensor \(export a wrapper"):
+        cpadgn.load(ep, noise_std=0.1)
 
     class BatchMix(nn.Module):
         def __init__(self):
