@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from cli.lazy import np
 
-from cli.main import (FiniteRange, Progressbar, console, main, on_command_line, positive, print_summary, resolve_device,
+from cli.main import (Bytes, FiniteRange, Progressbar, console, main, on_command_line, print_summary, resolve_device,
                       user_errors)
 from cpadgn.errors import CpadgnError
 
@@ -55,8 +55,7 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
                    "leaves the PPCA plateau faster.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow --init to load a pickled torch module (it can execute code).")
-@click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
-              callback=positive("bytes"),
+@click.option("--memory-budget", type=Bytes(), default=2e9, show_default=True, metavar="BYTES",
               help="EM: memory its M-step may hold; a generator whose M-step needs more (wide hidden "
                    "layers, e.g. folded convolutions) is refused before the step.")
 @click.option("--sweeps", type=click.IntRange(min=1), default=1, show_default=True,

@@ -216,8 +216,33 @@ class FiniteRange(click.FloatRange):
         return rv
 
 
+class Bytes(click.ParamType):
+    """A positive number of bytes: 2e9, or with a unit, 2GB, 500MB, 1.5GiB (k, M, G, T: powers
+    of 1000; Ki, Mi, Gi, Ti: of 1024; the B optional, any case)."""
+    name = "bytes"
+    UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+             "ki": 2.0 ** 10, "mi": 2.0 ** 20, "gi": 2.0 ** 30, "ti": 2.0 ** 40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            number = float(value)
+        else:
+            text = str(value).strip().lower()
+            text = text[:-1] if text.endswith("b") else text
+            unit = next((u for u in sorted(self.UNITS, key=len, reverse=True) if u and text.endswith(u)), "")
+            try:
+                number = float(text[:len(text) - len(unit)]) * self.UNITS[unit]
+            except ValueError:
+                self.fail(f"{value!r} is not a number of bytes; give e.g. 2e9, 2GB or 512MiB", param, ctx)
+        if not (np.isfinite(number) and number > 0):
+            self.fail(f"expected a positive number of bytes, got {value}", param, ctx)
+        return number
+
+
 def parse_noise(value):
-    if value is None or value == "auto":
+    if value is not None and value.strip().lower() == "auto":
+        return "auto"
+    if value is None:
         return value
     try:
         v = float(value)
@@ -248,11 +273,10 @@ def resolve_device(name: str):
 
 def memory_budget_option(fn):
     """--memory-budget: the working memory of the partition's enumeration and of a batch of rows."""
-    return click.option("--memory-budget", type=float, default=2e9, show_default=True, metavar="BYTES",
-                        callback=positive("bytes"),
-                        help="Working memory of the partition's enumeration and of one batch of rows "
-                             "(smaller: smaller batches, the same results up to rounding; see README, "
-                             "Precision).")(fn)
+    return click.option("--memory-budget", type=Bytes(), default=2e9, show_default=True, metavar="BYTES",
+                        help="Working memory of the partition's enumeration and of one batch of rows, "
+                             "e.g. 2e9, 2GB or 512MiB (smaller: smaller batches, the same results up to "
+                             "rounding; see README, Precision).")(fn)
 
 
 def model_options(fn):

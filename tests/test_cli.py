@@ -809,3 +809,22 @@ def test_time_left_is_the_mean_rate_since_the_start():
     assert column.render(task(1, 3601, 1.0)).plain == "~1:00:00 left"
     for t in (task(0, 60, 15.0), task(30, None, 15.0), task(60, 60, 30.0, True), task(5, 60, None)):
         assert column.render(t).plain == ""
+
+
+@pytest.mark.parametrize("text, want", [("2e9", 2e9), ("2GB", 2e9), ("2 gb", 2e9), ("512MiB", 512 * 2.0 ** 20),
+                                        ("1.5GiB", 1.5 * 2.0 ** 30), ("3k", 3e3), ("64", 64.0)])
+def test_memory_budget_takes_units(text, want):
+    """--memory-budget 2GB was "'2GB' is not a valid float" (a new user's trial)."""
+    from cli.main import Bytes
+    assert Bytes().convert(text, None, None) == want
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-1", "nan", "inf", "2XB"])
+def test_memory_budget_refuses_what_is_not_a_number_of_bytes(files, text):
+    res = run("partition", files["model"], "--memory-budget", text)
+    assert res.exit_code == 2 and "--memory-budget" in res.stderr and "bytes" in res.stderr, res.output
+
+
+def test_noise_std_auto_in_any_case(files):
+    res = run("score", files["model"], files["data"], "-o", files["dir"] / "s.csv", "--noise-std", "Auto", "-q")
+    assert res.exit_code == 0, res.output
