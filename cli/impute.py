@@ -149,6 +149,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     if plot_path is not None and not np.isnan(X_in).any():
         raise CpadgnError("--plot draws rows with missing entries (NaN) and DATA has none; "
                           "mark some entries missing, or add --evaluate-mcar P")
+    if not np.isnan(X_in).any():
+        say_for(not notices)("DATA has no missing entries (NaN): OUT will be a copy of it (an empty cell, NA "
+                             "or NaN marks a missing entry; --evaluate-mcar P hides some to test)")
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in,

@@ -36,7 +36,9 @@ CHUNK = 20      # rows per task: 8 to 12 tasks per run, more than the 2 workers
 @pytest.fixture(scope="module")
 def client():
     cd.quiet_logs()
-    with cd.local_cluster(2, dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+    # ":0": a free port for the scheduler's HTTP server, which None still binds to 8787 (two test
+    # workers, two clusters: "Port 8787 is already in use")
+    with cd.local_cluster(2, dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
         yield c
 
 
