@@ -671,8 +671,8 @@ USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6 or abs activati
            "affine layers: replace it with one of them and retrain")
 REPLACE_IT = "replace it with a supported layer (README, Bring your own decoder)"
 SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: export the decoder without "
-                    "the final {kind} and score {inverse}(x) with it (x in the scale of the "
-                    "pre-activations; data at the ends of the range clipped first)")
+                    "its final {kind} and score {inverse}(x) with it (x clipped away from the range's "
+                    "ends; log p({inverse}(x)) differs from log p(x) by the log-Jacobian)")
 _INVERSE = {"Sigmoid": "logit", "Tanh": "atanh"}
 
 
