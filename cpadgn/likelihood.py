@@ -1184,7 +1184,6 @@ def _concat_moments(parts: list):
 # 20 digits rows with a quarter of their entries missing took 176 s at a budget of
 # 1 byte, 4 s at 2e9.  So the working arrays may exceed a smaller budget by ~8 MB.
 MIN_CHUNK_BUDGET = 2.0 ** 23
-MAX_RTOL = 1e-2         # the loosest pruning tolerance: log p then within log(1.01) ~ 0.01 nats
 
 
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,
@@ -1195,7 +1194,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
 
     NaN entries of X are missing; a row with nothing observed has log p = NaN (there is
     nothing to score) and the prior as posterior.  Pairs are pruned only while the certified bounds of the skipped
-    ones sum to at most rtol p(x) (``error_bound``, at most log(1 + rtol) nats; 0 < rtol <= MAX_RTOL).  ``progress(done_rows, total_rows)``
+    ones sum to at most rtol p(x) (``error_bound``, at most log(1 + rtol) nats; 0 < rtol < 1).  ``progress(done_rows, total_rows)``
     is called after each chunk.  stderr_target (S >= 4, nats): the standard error of
     log p(x) each row's randomised-QMC integrals aim at (``_refine_qmc_pairs``; the
     reported ``stderr`` is the one achieved).  memory_budget bounds the working arrays (bytes,
@@ -1206,8 +1205,8 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     """
     if not (isinstance(stderr_target, Real) and 0 < stderr_target < np.inf):
         raise CpadgnError(f"stderr_target must be a positive number of nats (e.g. 1e-4), got {stderr_target!r}")
-    if not (isinstance(rtol, Real) and 0 < rtol <= MAX_RTOL):       # numpy's floats too
-        raise CpadgnError(f"rtol must be a number in (0, {MAX_RTOL:g}], got {rtol!r}; the default 1e-10 makes "
+    if not (isinstance(rtol, Real) and 0 < rtol < 1):       # numpy's floats too
+        raise CpadgnError(f"rtol must be a number in (0, 1), got {rtol!r}; the default 1e-10 makes "
                           "each log-likelihood exact to log(1 + 1e-10) nats")
     device = torch.device(device)
     X = np.asarray(X, dtype=np.float64)
