@@ -13,8 +13,8 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, check_cache_path, check_dask_options, console, main, memory_budget_option,
-                      notice_for, parse_noise, precision_options, resolve_device, say_for, set_precision,
+from cli.main import (Progressbar, check_cache_path, check_dask_options, console, fit_noise_std, main,
+                      memory_budget_option, notice_for, parse_noise, precision_options, resolve_device, say_for, set_precision,
                       rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
@@ -138,12 +138,8 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         with Progressbar(f"partition {i + 1}/{len(models)}", quiet) as bar:
             m.partition(max_regions=max_regions, progress=bar, log=say, notice=notice)
         if noises[i] == "auto":       # the partition does not depend on the noise: reused
-            say(f"{name}: fitting the noise std on --train ({X_train.shape[0]} rows, a pass over them per "
-                "step, usually 12-25 steps)")
-            with Progressbar(f"noise std {i + 1}/{len(models)}", quiet) as bar:
-                sigma = m.fit_noise_std(X_train, progress=bar)
-            say(f"{name}: noise std fitted on --train by maximum exact likelihood: {sigma:.6g}")
-            models[i] = (name, m.with_noise_std(sigma))
+            models[i] = (name, fit_noise_std(m, X_train, say, quiet, who=f"{name}: ", on=" on --train",
+                                             label=f"noise std {i + 1}/{len(models)}"))
 
     if dask_address is not None:
         from cpadgn import dask as cluster

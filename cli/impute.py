@@ -131,7 +131,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
             print_summary("Imputation", summary)
         return
     X = read_data(data_path, dataset=dataset)
-    columns = csv_header(data_path, X.shape[1])
+    columns, header = csv_header(data_path, X.shape[1])
     if n_draws is not None and out is not None and out.suffix.lower() == ".csv" and "draw" in columns:
         raise CpadgnError("DATA has a column named 'draw', which the CSV draws layout uses; "
                           "write the draws to .npy or .h5")
@@ -146,10 +146,11 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         hidden = mcar_mask(X, mcar, seed)
         X_in = X.copy()
         X_in[hidden] = np.nan
-    if plot_path is not None and not np.isnan(X_in).any():
+    complete = not np.isnan(X_in).any()
+    if plot_path is not None and complete:
         raise CpadgnError("--plot draws rows with missing entries (NaN) and DATA has none; "
                           "mark some entries missing, or add --evaluate-mcar P")
-    if not np.isnan(X_in).any():
+    if complete:
         say_for(not notices)("DATA has no missing entries (NaN): OUT will be a copy of it (an empty cell, NA "
                              "or NaN marks a missing entry; --evaluate-mcar P hides some to test)")
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
@@ -171,7 +172,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         mean_stderr = res.mean_stderr if want_std and n_draws is None and model.latent_dim >= 4 else None
         write_imputation(out, res.mean if n_draws is None else res.draws, res.std, columns,
                          draws=n_draws is not None, std_path=std_path, mean_stderr=mean_stderr,
-                         header=not headerless_csv(data_path))
+                         header=header)
     if plot_path is not None:
         plot.save(plot.imputation_figure(model, X_in, res, (H, W), seed=seed), plot_path)
 
@@ -219,7 +220,7 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
     cluster.check_columns(model, X)
     N, D = X.shape
     lead = np.empty((N, cluster.IMPUTE_LEAD))
-    columns = csv_header(data_path, D)
+    columns, _ = csv_header(data_path, D)
     carry_se = n_draws is None and model.latent_dim >= 4          # the means are QMC estimates
     write_se = carry_se and want_std and out.suffix.lower() in (".h5", ".hdf5")
     se_max = 0.0
@@ -291,19 +292,16 @@ def std_sibling(out: Path) -> Path:
     return out.with_name(out.stem + ".std" + out.suffix)
 
 
-def headerless_csv(path) -> bool:
-    """Whether DATA is a CSV file without a header row (as ``read_data`` decides): the
-    imputed mean and std then go to a CSV OUT without one too, in DATA's own layout."""
+def csv_header(path, D: int) -> tuple[list, bool]:
+    """The column names of DATA: a CSV's header if it has one (as ``read_data`` decides),
+    else x1..xD; and whether a CSV OUT gets a header row (not when DATA is a CSV without one:
+    the imputed mean and std then keep DATA's own layout)."""
     from cpadgn.data import csv_header_cells
-    return Path(path).suffix.lower() == ".csv" and csv_header_cells(path) is None
-
-
-def csv_header(path, D: int) -> list:
-    """The header of a CSV DATA file if it has one (as ``read_data`` decides), else x1..xD."""
-    from cpadgn.data import csv_header_cells
-    names = csv_header_cells(path) if Path(path).suffix.lower() == ".csv" else None
+    is_csv = Path(path).suffix.lower() == ".csv"
+    names = csv_header_cells(path) if is_csv else None
+    header = not is_csv or names is not None
     names = names and [c.strip() or f"x{j + 1}" for j, c in enumerate(names)]
-    return names if names and len(names) == D else [f"x{j + 1}" for j in range(D)]
+    return (names if names and len(names) == D else [f"x{j + 1}" for j in range(D)]), header
 
 
 def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None,

@@ -240,10 +240,10 @@ class Bytes(click.ParamType):
 
 
 def parse_noise(value):
-    if value is not None and value.strip().lower() == "auto":
-        return "auto"
     if value is None:
-        return value
+        return None
+    if value.strip().lower() == "auto":
+        return "auto"
     try:
         v = float(value)
     except ValueError:
@@ -462,13 +462,20 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
         model.partition(max_regions=max_regions, progress=bar, log=say,
                         notice=notice_for(quiet if notices is None else not notices))
     if noise_std == "auto":
-        say(f"fitting the noise std by maximum exact likelihood on {data.shape[0]} rows (a pass over "
-            "them per step, usually 12-25 steps)")
-        with Progressbar("noise std", quiet) as bar:
-            sigma = model.fit_noise_std(data, progress=bar)
-        say(f"noise std fitted by maximum exact likelihood: {sigma:.6g}")
-        model = model.with_noise_std(sigma)
+        model = fit_noise_std(model, data, say, quiet)
     return model
+
+
+def fit_noise_std(model, X, say, quiet: bool, *, who: str = "", on: str = "", label: str = "noise std"):
+    """--noise-std auto: the model with its maximum-likelihood noise std on X, saying what it
+    does and showing its steps on a progress bar (who: 'NAME: ' before the messages; on:
+    ' on --train' after 'fitted')."""
+    say(f"{who}fitting the noise std{on} by maximum exact likelihood ({X.shape[0]} rows, a pass over "
+        "them per step, usually 12-25 steps)")
+    with Progressbar(label, quiet) as bar:
+        sigma = model.fit_noise_std(X, progress=bar)
+    say(f"{who}noise std fitted{on} by maximum exact likelihood: {sigma:.6g}")
+    return model.with_noise_std(sigma)
 
 
 def set_precision(model, rtol, stderr_target, say) -> None:
