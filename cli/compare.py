@@ -127,7 +127,8 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     dev = resolve_device(device)
     models = [(str(p), load(p, noise_std=None if s == "auto" else s, trust_pickle=trust_pickle,
                             device=dev)) for p, s in zip(model_paths, noises)]
-    check_dimensions({n: m.output_dim for n, m in models}, X_test, X_train)
+    check_dimensions({n: m.output_dim for n, m in models}, X_test, X_train,
+                     names=(f"--data {test_path}", f"--train {train_path}"))
     for (name, m), noise in zip(models, noises):        # before any partition is computed
         if noise != "auto" and m.noise_std is None:
             raise CpadgnError(f"{m.no_noise_reason(name)}; pass --noise-std X, or --noise-std auto "

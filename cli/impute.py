@@ -150,14 +150,15 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     if plot_path is not None and complete:
         raise CpadgnError("--plot draws rows with missing entries (NaN) and DATA has none; "
                           "mark some entries missing, or add --evaluate-mcar P")
-    if complete:
-        say_for(not notices)("DATA has no missing entries (NaN): OUT will be a copy of it (an empty cell, NA "
-                             "or NaN marks a missing entry; --evaluate-mcar P hides some to test)")
     # --noise-std auto is fitted on the data as imputed (never on entries hidden by --evaluate-mcar)
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X_in,
-                       memory_budget=memory_budget, rtol=rtol, stderr_target=stderr_target, notices=notices)
-    model._check_data(X)
+                       data_name=data_path, memory_budget=memory_budget, rtol=rtol, stderr_target=stderr_target,
+                       notices=notices)
+    model._check_data(X)              # X_in hides --evaluate-mcar's entries: an inf there too
+    if complete:
+        say_for(not notices)("DATA has no missing entries (NaN): OUT will be a copy of it (an empty cell, NA "
+                             "or NaN marks a missing entry; --evaluate-mcar P hides some to test)")
     with Progressbar("imputing rows", quiet) as bar:
         try:
             res = model.imputation(X_in, draws=n_draws, seed=seed, std=want_std, progress=bar)
@@ -215,9 +216,9 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
 
     from cpadgn import dask as cluster
     rows = cluster.open_rows(data_path, dataset)
-    model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
+    model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget,
+                       check=lambda m: cluster.check_columns(m, rows, data_path), **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
-    cluster.check_columns(model, X)
     N, D = X.shape
     lead = np.empty((N, cluster.IMPUTE_LEAD))
     columns, _ = csv_header(data_path, D)

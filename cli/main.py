@@ -437,12 +437,15 @@ def warn_rounding(err: np.ndarray, quiet: bool, name: str = "") -> int:
 
 
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
-               need_noise=True, memory_budget=2e9, rtol=None, stderr_target=None, check=None, notices=None):
-    """Load a generator, check it against the data (and by ``check(model)``, which raises
+               data_name="DATA", need_noise=True, memory_budget=2e9, rtol=None, stderr_target=None, check=None,
+               notices=None):
+    """Load a generator, check it against the data (data_name: its file, for the messages;
+    and by ``check(model)``, which raises
     CpadgnError), get its partition (cache or compute), settle the noise std.  Bad input
     fails here, before any long computation (the commands call ``check_cache_path``
     earlier still, before they read DATA).  notices: print the notice that a cache of
     another generator is replaced (default: not quiet; pass ``not --quiet`` under --json)."""
+    from cpadgn.data import check_rows
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
@@ -450,7 +453,7 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     model.memory_budget = memory_budget
     set_precision(model, rtol, stderr_target, say)
     if data is not None:
-        model._check_data(data)
+        check_rows(data, model.output_dim, name=data_name)
     if check is not None:
         check(model)
     if noise_std == "auto" and data is None:
@@ -677,7 +680,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
                           f"use --explain {X.shape[1]} or less")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet or as_json, data=X,
-                       memory_budget=memory_budget, rtol=rtol, stderr_target=stderr_target, notices=not quiet)
+                       data_name=data_path, memory_budget=memory_budget, rtol=rtol, stderr_target=stderr_target, notices=not quiet)
     with Progressbar("scoring rows", quiet or as_json) as bar:
         post = model.posterior(X, progress=bar, pairs=explain is not None)     # only --explain uses them
     pv = residuals = None
@@ -724,9 +727,9 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     from cpadgn import dask as cluster
     from cpadgn.data import write_table
     rows = cluster.open_rows(data_path, dataset)
-    model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget, **load)
+    model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget,
+                       check=lambda m: cluster.check_columns(m, rows, data_path), **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
-    cluster.check_columns(model, X)
     S, stats = model.latent_dim, LoglikStats(model.output_dim, model.stderr_target, model.latent_dim >= 4)
     block_post = lambda block: cluster.posterior_fields(block, S)
     with cluster.open_client(address, log=say_for(quiet)) as client, \

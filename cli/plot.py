@@ -111,7 +111,7 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
             raise CpadgnError(f"--slice-at {slice_at}: {why}")
     model = load_model(model_path, cache=cache, noise_std=noise_std, device=device, memory_budget=memory_budget,
                        trust_pickle=trust_pickle, max_regions=max_regions, quiet=quiet, data=X,
-                       need_noise=bool(rows), check=check_slice)
+                       data_name=data_path, need_noise=bool(rows), check=check_slice)
     fig = pictures.partition(model, X, rows=list(rows), size=size, slice_axes=axes, slice_at=at)
     pictures.save(fig, out)
     if not quiet:

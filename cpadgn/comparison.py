@@ -268,26 +268,27 @@ def _named_models(models) -> list:
     return out
 
 
-def check_dimensions(dims: dict, X_test=None, X_train=None) -> int:
+def check_dimensions(dims: dict, X_test=None, X_train=None, names=("the test data", "the training data")) -> int:
     """Refuse (CpadgnError) models of different data dimensions {name: D}, or data whose
-    columns differ from D, or fewer than 2 test rows, or no training row.  Returns D."""
+    columns differ from D, or fewer than 2 test rows, or no training row.  names: the
+    test and training data in the messages.  Returns D."""
     if len(set(dims.values())) > 1:
         listed = ", ".join(f"{n}: D={d}" for n, d in dims.items())
         raise CpadgnError(f"the models have different data dimensions ({listed}); only models of "
                           "the same data can be compared")
     D = next(iter(dims.values()))
-    for what, X in (("test", X_test), ("training", X_train)):
+    for what, X in zip(names, (X_test, X_train)):
         if X is None:
             continue
         X = np.asarray(X)
         if X.ndim != 2:
-            raise CpadgnError(f"the {what} data must be a 2-D table, got shape {X.shape}; pass an (N, {D}) "
+            raise CpadgnError(f"{what} must be a 2-D table, got shape {X.shape}; pass an (N, {D}) "
                               "array, one row per sample")
         if X.shape[1] != D:
-            raise CpadgnError(f"the {what} data has {X.shape[1]} columns but the models output "
+            raise CpadgnError(f"{what} has {X.shape[1]} columns but the models output "
                               f"D={D}; pass data with {D} columns")
         if np.isinf(X).any():
-            raise CpadgnError(f"the {what} data has infinite values; replace them (NaN marks missing)")
+            raise CpadgnError(f"{what} has infinite values; replace them (NaN marks missing)")
     if X_test is not None and np.asarray(X_test).shape[0] < 2:
         raise CpadgnError(f"the test data has {np.asarray(X_test).shape[0]} row(s) with an observed "
                           "entry; standard errors need at least 2: pass more test rows")

@@ -426,10 +426,10 @@ def _impute_block(X, model, draws, seed, std, mean_stderr, block_info=None):
     return np.column_stack([res.error_bound, res.n_missing] + parts).astype(np.float64)
 
 
-def check_columns(model, X) -> None:
+def check_columns(model, X, name: str = "the data") -> None:
     if hasattr(model, "output_dim") and X.shape[1] != model.output_dim:
-        raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs "
-                          f"{model.output_dim}; pass data with {model.output_dim} columns")
+        from .data import width_message
+        raise CpadgnError(width_message(name, X.shape[1], model.output_dim))
 
 
 def _shipped(model, client, device):

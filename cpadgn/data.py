@@ -290,10 +290,16 @@ def check_directory_writable(path, name=None) -> None:
 
 
 # ================================================================== reading
-def check_rows(X, D: int) -> np.ndarray:
+def width_message(name: str, columns: int, D: int) -> str:
+    """The one line for data of another width than the generator's output D."""
+    return f"{name} has {columns} columns but the generator outputs {D}; pass data with {D} columns"
+
+
+def check_rows(X, D: int, name: str = "the data") -> np.ndarray:
     """Rows given in Python (an array, a list of lists, a DataFrame) as an (N, D) array:
     a float dtype is kept, other numbers (and None, read as NaN) become float64; one-line
-    CpadgnError for anything else, another width, or an inf (NaN marks a missing value)."""
+    CpadgnError for anything else, another width, or an inf (NaN marks a missing value).
+    name: the data in the width message (the command line names the file)."""
     X = np.asarray(X)
     if X.dtype.kind != "f":
         try:
@@ -310,8 +316,7 @@ def check_rows(X, D: int) -> np.ndarray:
         raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}; pass one row "
                           "per sample")
     if X.shape[1] != D:
-        raise CpadgnError(f"the data has {X.shape[1]} columns but the generator outputs {D}; pass data "
-                          f"with {D} columns")
+        raise CpadgnError(width_message(name, X.shape[1], D))
     if np.isinf(X).any():
         r, c = np.argwhere(np.isinf(X))[0]
         raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite value, or NaN to "

@@ -828,3 +828,16 @@ def test_memory_budget_refuses_what_is_not_a_number_of_bytes(files, text):
 def test_noise_std_auto_in_any_case(files):
     res = run("score", files["model"], files["data"], "-o", files["dir"] / "s.csv", "--noise-std", "Auto", "-q")
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("command", ["score", "impute", "plot"])
+def test_data_of_another_width_is_refused_by_its_file_name_before_the_partition(files, command):
+    """'the data has 2 columns' did not say which file; the refusal names it and comes
+    before the partition is computed (no cache written)."""
+    narrow = files["dir"] / "narrow.csv"
+    np.savetxt(narrow, files["X"][:5, :2], delimiter=",")
+    out = files["dir"] / ("out.png" if command == "plot" else "out.csv")
+    args = ["plot", "partition", files["model"], "--data", narrow] if command == "plot" else [command, files["model"], narrow]
+    r = run(*args, "-o", out)
+    assert_one_line_error(r, f"{narrow} has 2 columns but the generator outputs 3", "pass data with 3 columns")
+    assert not out.exists() and not list(files["dir"].glob("*.partition.h5"))

@@ -403,7 +403,7 @@ def test_cli_data_dimension_mismatch(files):
     r = run([d / "d4.h5", "--data", d / "test.csv", "--device", "cpu"])
     assert r.exit_code == 1
     assert r.output.strip().splitlines() == [
-        "Error: the test data has 3 columns but the models output D=4; pass data with 4 columns"]
+        f"Error: --data {d / 'test.csv'} has 3 columns but the models output D=4; pass data with 4 columns"]
 
 
 def test_cli_bad_report_suffix(files):

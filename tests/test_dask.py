@@ -239,6 +239,21 @@ def test_compare_on_the_cluster_equals_compare_here(client, model):
 
 
 # --------------------------------------------------------------------- command line
+@pytest.mark.parametrize("command", ["score", "impute"])
+def test_cli_dask_refuses_data_of_another_width_by_name_before_the_partition(client, model, tmp_path, command):
+    """The refusal names DATA's file, and no partition is computed before it."""
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    h5_data(tmp_path / "x.h5", rows(model, 10, seed=6)[:, :3])
+    r = CliRunner().invoke(main, [command, str(tmp_path / "gen.h5"), str(tmp_path / "x.h5"), "-o",
+                                  str(tmp_path / "out.csv"), "--dask", client.scheduler.address])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 'x.h5'} has 3 columns but the generator outputs 5; pass data with 5 columns"]
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "gen.h5.partition.h5").exists()
+
+
 def test_cli_score_with_dask_writes_the_same_csv(client, model, tmp_path):
     """--dask with the module cluster's scheduler address (a cluster of its own, local:2,
     would start two more worker processes: the LocalCluster is built as in the fixture)."""
