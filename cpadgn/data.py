@@ -579,8 +579,10 @@ def csv_header_cells(path) -> list | None:
 
 
 def _refuse_pandas_index(path: Path, rows: list) -> None:
-    """A first column unnamed in the header that counts the rows 0, 1, 2, .. is the index
-    pandas' DataFrame.to_csv writes by default, not a feature: refused, never read as one."""
+    """A first column unnamed in the header that holds distinct whole numbers >= 0 is the
+    index pandas' DataFrame.to_csv writes by default, not a feature: 0, 1, 2, .. for a whole
+    frame, other numbers in another order for a train/test split or a shuffled frame (whose
+    index, read as a feature, trained a model on row numbers).  Refused, never read as one."""
     try:
         first = [float(r[0]) for _, r in rows]
     except ValueError:
@@ -589,6 +591,12 @@ def _refuse_pandas_index(path: Path, rows: list) -> None:
         raise CpadgnError(f"{path}: the first column has no name in the header and counts the rows "
                           "0, 1, 2, ..: it is a pandas index, not a feature; write the file with "
                           "DataFrame.to_csv(path, index=False), or drop that column")
+    if all(v >= 0 and v.is_integer() for v in first) and len(set(first)) == len(first):
+        shown = ", ".join(f"{v:.0f}" for v in first[:3])
+        raise CpadgnError(f"{path}: the first column has no name in the header and holds distinct whole "
+                          f"numbers ({shown}, ..): it looks like a pandas index (of a split or shuffled "
+                          "frame), not a feature; write the file with DataFrame.to_csv(path, index=False), "
+                          "or drop that column (if it is a feature, give it a name in the header)")
 
 
 def _h5py():

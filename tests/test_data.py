@@ -74,8 +74,25 @@ def test_csv_with_a_pandas_index_column_is_refused(tmp_path, columns):
         read_data(tmp_path / "i.csv")
     df.to_csv(tmp_path / "n.csv", index=False)
     np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), X)
-    (tmp_path / "k.csv").write_text(",a,b\n5,1,2\n6,3,4\n")        # an unnamed column of data
-    np.testing.assert_array_equal(read_data(tmp_path / "k.csv"), [[5, 1, 2], [6, 3, 4]])
+    (tmp_path / "k.csv").write_text(",a,b\n5.5,1,2\n6,3,4\n")      # an unnamed column of data
+    np.testing.assert_array_equal(read_data(tmp_path / "k.csv"), [[5.5, 1, 2], [6, 3, 4]])
+    (tmp_path / "r.csv").write_text(",a,b\n5,1,2\n5,3,4\n")          # whole numbers, repeated
+    np.testing.assert_array_equal(read_data(tmp_path / "r.csv"), [[5, 1, 2], [5, 3, 4]])
+
+
+def test_csv_with_the_pandas_index_of_a_split_is_refused(tmp_path):
+    """train_test_split(df)[0].to_csv(path) writes the rows' original labels (19, 7, 142, ..)
+    as an unnamed first column: it was read as a feature, so `cpadgn fit` trained on row
+    numbers without a word.  Refused like the index 0, 1, 2, .. of a whole frame."""
+    import pandas as pd
+    X = np.arange(20.0).reshape(5, 4) / 7
+    df = pd.DataFrame(X, columns=list("abcd")).iloc[[3, 0, 4]]
+    df.to_csv(tmp_path / "s.csv")
+    with pytest.raises(CpadgnError, match=r"distinct whole numbers \(3, 0, 4, \.\.\): it looks like a "
+                                          r"pandas index.*index=False"):
+        read_data(tmp_path / "s.csv")
+    df.to_csv(tmp_path / "n.csv", index=False)
+    np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), X[[3, 0, 4]])
 
 
 def test_csv_missing_values(tmp_path):
