@@ -560,11 +560,29 @@ def _read_csv(path: Path):
                 try:
                     out[i, j] = _cell(c)
                 except ValueError:
+                    name = f" ('{header[j].strip()}')" if header is not None and header[j].strip() else ""
+                    if _text_column(rows, j) and not (";" in c or "\t" in c):
+                        raise CpadgnError(f"{path}: column {j + 1}{name} holds text in every row ('{c.strip()}' "
+                                          f"on line {line}), not numbers: cpadgn reads numeric features only; "
+                                          "drop that column (a label or name?) from DATA") from None
                     hint = "; cpadgn reads comma-separated values" if (";" in c or "\t" in c) else \
                         "; leave the cell empty or write NA for a missing value"
-                    raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c.strip()}', "
+                    raise CpadgnError(f"{path}: line {line}, column {j + 1}{name} is '{c.strip()}', "
                                       f"not a number{hint}") from None
     return out, [n for n, _ in rows]
+
+
+def _text_column(rows: list, j: int) -> bool:
+    """Whether column j of the CSV rows [(line, cells)] is text in every row that has it
+    (missing-value markers aside): a label or name column rather than a stray bad cell."""
+    cells = [r[j] for _, r in rows if len(r) > j and r[j].strip().lower() not in MISSING_TOKENS]
+    for c in cells:
+        try:
+            _cell(c)
+            return False
+        except ValueError:
+            pass
+    return bool(cells)
 
 
 def csv_header_cells(path) -> list | None:

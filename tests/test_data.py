@@ -132,6 +132,16 @@ def test_csv_row_of_empty_cells_is_an_all_missing_row(tmp_path):
         np.testing.assert_array_equal(read_data(tmp_path / name), one)
 
 
+def test_csv_text_column_is_named_and_its_removal_asked(tmp_path):
+    """A label column (load_wine's class names written beside the features) was reported as
+    one bad cell, 'leave the cell empty or write NA for a missing value': the advice for a
+    stray marker, not for a whole column of text.  The column is named, and dropping it asked."""
+    (tmp_path / "l.csv").write_text("a,b,label\n1,2,class_0\n3,4,NA\n5,6,class_1\n")
+    with pytest.raises(CpadgnError, match=r"column 3 \('label'\) holds text in every row \('class_0' on "
+                                          r"line 2\), not numbers: .*drop that column"):
+        read_data(tmp_path / "l.csv")
+
+
 def test_csv_utf8_bom_header(tmp_path):
     (tmp_path / "b.csv").write_bytes("\ufeffa,b\n1,2\n".encode("utf-8"))
     np.testing.assert_array_equal(read_data(tmp_path / "b.csv"), [[1, 2]])
@@ -140,8 +150,8 @@ def test_csv_utf8_bom_header(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("a,b\n1,2\n3,inf\n", r"row 2 \(line 3\), column 2 is inf; replace it with a finite value"),
     ("1,2\n-inf,4\n5,1e999\n", r"row 2 \(line 2\), column 1 is -inf \(2 infinite values"),
-    ("a,b\n1,2\n3,x7\n", r"line 3, column 2 is 'x7', not a number"),
-    ("a,b\n1,2\n3,1_0\n", r"line 3, column 2 is '1_0', not a number"),     # float('1_0') == 10.0
+    ("a,b\n1,2\n3,x7\n", r"line 3, column 2 \('b'\) is 'x7', not a number; leave the cell empty"),
+    ("a,b\n1,2\n3,1_0\n", r"line 3, column 2 \('b'\) is '1_0', not a number"),     # float('1_0') == 10.0
     ("a,b\n1;2\n", r"line 2 has 1 values but the header has 2"),
     ("1;2\n3;4\n", r"line 1 is separated by semicolons; cpadgn reads comma-separated"),
     ("a\tb\n3\t4\n", r"separated by tabs"),
