@@ -419,6 +419,17 @@ def test_imputation_tiles_show_the_numbers():
         plot.imputations(X, mean, std, dr, (H, W + 1))
 
 
+def test_imputation_figure_labels_tiles_by_their_rows_in_the_data(model1):
+    """impute --plot labelled its tiles 'row 0..3', the positions among the rows with a
+    missing entry: for missing rows 0, 2, 3 and 5 of the data the tiles said 0, 1, 2, 3."""
+    X = draws(model1, 6, seed=1)
+    X[[0, 2, 3, 5], 0] = np.nan
+    fig = plot.imputation_figure(model1, X, image_shape=(1, 3), n_draws=1)
+    np.testing.assert_array_equal(fig.cpadgn_rows, [0, 2, 3, 5])
+    labels = [a.get_ylabel() for a in np.array(fig.axes).reshape(4, -1)[:, 0]]
+    assert labels == ["row 0", "row 2", "row 3", "row 5"]
+
+
 # ----------------------------------------------------------------------- CLI
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
