@@ -614,7 +614,7 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     ref = None if ref is None or np.isnan(ref).all() else ref[~np.isnan(ref)]
     fig, ax = _figure_and_axes(ax, size, (600, 450))
     if unobserved:
-        ax.plot([], [], " ", label=f"{unobserved} rows with nothing observed (no log p) not drawn")
+        ax.plot([], [], " ", label=f"{unobserved} rows with nothing observed (no log p): not in the bars")
     both = ll if ref is None else np.concatenate([ll, ref])
     if both.size == 0:
         return _finish_scores_axes(fig, ax)
@@ -634,7 +634,7 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
                    label=f"{threshold_label or 'threshold'}: {flagged} rows flagged")
     hidden = int(np.sum(ll < lo))
     if hidden:
-        ax.plot([], [], " ", label=f"{hidden} rows below {lo:.4g} not drawn")
+        ax.plot([], [], " ", label=f"{hidden} rows below {lo:.4g}: off the axis, not in the bars")
     return _finish_scores_axes(fig, ax)
 
 

@@ -386,7 +386,8 @@ def test_scores_histogram_counts_and_threshold():
     assert line.get_xdata()[0] == 20.0
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert f"t: {int((ll < 20).sum())} rows flagged" in labels
-    assert any("1 rows below" in s for s in labels)
+    # "not drawn" beside "rows drawn from the model" read as "not sampled"
+    assert any(s.startswith("1 rows below") and s.endswith(": off the axis, not in the bars") for s in labels)
     fig.canvas.draw()
     assert np.asarray(fig.canvas.buffer_rgba()).shape[:2] == (450, 600)
 
@@ -657,7 +658,7 @@ def test_scores_histogram_draws_the_rows_beside_one_with_nothing_observed():
     want, _ = np.histogram(ll[1:], bins=edges, density=True)
     np.testing.assert_allclose(np.sort(heights), np.sort(want[want > 0]), rtol=1e-12)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "1 rows with nothing observed (no log p) not drawn" in labels
+    assert "1 rows with nothing observed (no log p): not in the bars" in labels
     assert any("1 rows flagged" in t for t in labels)
 
 
