@@ -531,3 +531,21 @@ def test_cli_fit_warns_of_columns_on_different_scales(tmp_path):
     assert "warning" not in fit(data, "--noise", "diag")
     np.savetxt(tmp_path / "z.csv", (X - X.mean(0)) / X.std(0), delimiter=",")
     assert "warning" not in fit(tmp_path / "z.csv")
+
+
+def test_cli_fit_vae_warns_of_few_adam_steps(tmp_path, wave):
+    """An epoch is ceil(N / --batch-size) Adam steps: 126 wine rows made 1 step per epoch,
+    300 steps in all, and the VAE's exact log-likelihood stayed at -212 per row (-33 with
+    --batch-size 16) while compare reported it as the VAE baseline; fit now says so."""
+    from cli.fit import vae_steps_warning
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X[:60])
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "vae.h5"), "-S", "1", "--hidden", "4",
+                                  "--method", "vae", "--max-iter", "2", "--val-fraction", "0"])
+    assert r.exit_code == 0, r.output
+    assert ("warning: --method vae: 60 training rows at --batch-size 128 make 1 Adam step(s) per epoch, 2 in 2 "
+            "epochs") in " ".join(r.output.split())
+    assert vae_steps_warning(126, 128, 300) and not vae_steps_warning(126, 16, 300)
+    assert not vae_steps_warning(1347, 128, 300)               # the digits: 11 steps per epoch
