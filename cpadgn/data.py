@@ -574,7 +574,8 @@ def _read_csv(path: Path):
 
 def _text_column(rows: list, j: int) -> bool:
     """Whether column j of the CSV rows [(line, cells)] is text in every row that has it
-    (missing-value markers aside): a label or name column rather than a stray bad cell."""
+    (missing-value markers aside), two rows at least: a label or name column rather than
+    a stray bad cell."""
     cells = [r[j] for _, r in rows if len(r) > j and r[j].strip().lower() not in MISSING_TOKENS]
     for c in cells:
         try:
@@ -582,7 +583,7 @@ def _text_column(rows: list, j: int) -> bool:
             return False
         except ValueError:
             pass
-    return bool(cells)
+    return len(cells) >= 2
 
 
 def csv_header_cells(path) -> list | None:
