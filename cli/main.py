@@ -477,18 +477,20 @@ def scale_mismatch(model, X, limit: float = 50.0) -> str | None:
     -1e7 nats per row without a word; rows of the model's own scale, anomalies included,
     have medians of a few stds."""
     import warnings
+    X = np.asarray(X, dtype=np.float64)
+    X = X[::max(1, X.shape[0] // 10000)]                         # 10,000 rows at most: a median
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)          # all-NaN columns, overflowing models
         draws = model.sample(2000, seed=0)
         mean, std = draws.mean(0), draws.std(0)
-        median = np.nanmedian(np.abs(np.asarray(X, dtype=np.float64) - mean) / std, axis=0)
+        median = np.nanmedian(np.abs(X - mean) / std, axis=0)
     median = np.where(np.isfinite(median), median, 0.0)
     j = int(np.argmax(median))
     if not median[j] > limit:
         return None
     return (f"column {j + 1} of DATA is {median[j]:.3g} model stds from the model's mean in its median row "
-            f"({float(np.nanmedian(np.asarray(X, dtype=np.float64)[:, j])):.4g} against {mean[j]:.4g} +- "
-            f"{std[j]:.3g}): is DATA on the training data's scale (standardised the same way)?")
+            f"({float(np.nanmedian(X[:, j])):.4g} against {mean[j]:.4g} +- {std[j]:.3g}): is DATA on the "
+            "training data's scale (standardised the same way)?")
 
 
 def fit_noise_std(model, X, say, quiet: bool, *, who: str = "", on: str = "", label: str = "noise std"):
