@@ -35,8 +35,9 @@ from cpadgn.errors import CpadgnError
 @click.option("--evaluate-mcar", "mcar", type=FiniteRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="P",
               help="Hide a fraction P of the observed entries completely at random (seeded), "
-                   "impute them and report the RMSE overall and per column (with --draws also "
-                   "the coverage of the draws' central 90% intervals).  -o then writes the "
+                   "impute them and report the RMSE overall and per column (with --draws K also "
+                   "the coverage of the draws' central 90% intervals, below 0.9 even for a perfect "
+                   "model: about 0.9 (K-1)/(K+1), 0.81 at K = 20).  -o then writes the "
                    "imputation of the masked data.")
 @click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",

@@ -81,7 +81,9 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     seed (same seed, same p-values); observed (N, D) bool: the observed entries of each
     row (default: all); max_block_bytes: memory of the draws scored per call (default a
     tenth of ``model.memory_budget``, 2e8 at its default);
-    progress(done_patterns, total_patterns) after each call.  Returns a ``PValues``.
+    progress(draws_scored, total_draws) as the M draws of each of the Q missing patterns
+    are scored (Q M in all; each call's rows come in several chunks, so a single call,
+    often all of the work, does not sit at 0 until it ends).  Returns a ``PValues``.
     """
     log_prob = np.asarray(log_prob, dtype=np.float64).reshape(-1)
     N, D, M = log_prob.size, model.output_dim, int(n_samples)
@@ -102,13 +104,14 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     for q0 in range(0, len(patterns), block):
         pat = patterns[q0:q0 + block]                                       # (B, D)
         stacked = np.where(pat[:, None, :], ref[None], np.nan)              # (B, M, D)
-        ref_ll = np.sort(model.log_prob(stacked.reshape(-1, D)).reshape(len(pat), M), axis=1)
+        tick = None if progress is None else \
+            (lambda done, _, start=q0 * M: progress(start + done, len(patterns) * M))
+        ref_ll = model.posterior(stacked.reshape(-1, D), moments=False, pairs=False, progress=tick).log_likelihood
+        ref_ll = np.sort(ref_ll.reshape(len(pat), M), axis=1)
         reference[q0:q0 + len(pat)] = ref_ll
         for j in range(len(pat)):
             rows = np.flatnonzero(which == q0 + j)
             count[rows] = np.searchsorted(ref_ll[j], log_prob[rows], side="right")
-        if progress is not None:
-            progress(q0 + len(pat), len(patterns))
     lo, hi = clopper_pearson(count, M, level)
     pvalue = (1.0 + count) / (M + 1.0)
     undefined = np.isnan(log_prob)           # nothing observed: no likelihood, no p-value

@@ -565,11 +565,30 @@ def _read_csv(path: Path):
                 try:
                     out[i, j] = _cell(c)
                 except ValueError:
+                    name = f" ('{header[j].strip()}')" if header is not None and header[j].strip() else ""
+                    if _text_column(rows, j) and not (";" in c or "\t" in c):
+                        raise CpadgnError(f"{path}: column {j + 1}{name} holds text in every row ('{c.strip()}' "
+                                          f"on line {line}), not numbers: cpadgn reads numeric features only; "
+                                          "drop that column (a label or name?) from DATA") from None
                     hint = "; cpadgn reads comma-separated values" if (";" in c or "\t" in c) else \
                         "; leave the cell empty or write NA for a missing value"
-                    raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c.strip()}', "
+                    raise CpadgnError(f"{path}: line {line}, column {j + 1}{name} is '{c.strip()}', "
                                       f"not a number{hint}") from None
     return out, [n for n, _ in rows]
+
+
+def _text_column(rows: list, j: int) -> bool:
+    """Whether column j of the CSV rows [(line, cells)] is text in every row that has it
+    (missing-value markers aside), two rows at least: a label or name column rather than
+    a stray bad cell."""
+    cells = [r[j] for _, r in rows if len(r) > j and r[j].strip().lower() not in MISSING_TOKENS]
+    for c in cells:
+        try:
+            _cell(c)
+            return False
+        except ValueError:
+            pass
+    return len(cells) >= 2
 
 
 def csv_header_cells(path) -> list | None:
@@ -584,8 +603,10 @@ def csv_header_cells(path) -> list | None:
 
 
 def _refuse_pandas_index(path: Path, rows: list) -> None:
-    """A first column unnamed in the header that counts the rows 0, 1, 2, .. is the index
-    pandas' DataFrame.to_csv writes by default, not a feature: refused, never read as one."""
+    """A first column unnamed in the header that holds distinct whole numbers >= 0 is the
+    index pandas' DataFrame.to_csv writes by default, not a feature: 0, 1, 2, .. for a whole
+    frame, other numbers in another order for a train/test split or a shuffled frame (whose
+    index, read as a feature, trained a model on row numbers).  Refused, never read as one."""
     try:
         first = [float(r[0]) for _, r in rows]
     except ValueError:
@@ -594,6 +615,12 @@ def _refuse_pandas_index(path: Path, rows: list) -> None:
         raise CpadgnError(f"{path}: the first column has no name in the header and counts the rows "
                           "0, 1, 2, ..: it is a pandas index, not a feature; write the file with "
                           "DataFrame.to_csv(path, index=False), or drop that column")
+    if all(v >= 0 and v.is_integer() for v in first) and len(set(first)) == len(first):
+        shown = ", ".join(f"{v:.0f}" for v in first[:3])
+        raise CpadgnError(f"{path}: the first column has no name in the header and holds distinct whole "
+                          f"numbers ({shown}, ..): it looks like a pandas index (of a split or shuffled "
+                          "frame), not a feature; write the file with DataFrame.to_csv(path, index=False), "
+                          "or drop that column (if it is a feature, give it a name in the header)")
 
 
 def _h5py():

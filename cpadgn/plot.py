@@ -614,7 +614,7 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     ref = None if ref is None or np.isnan(ref).all() else ref[~np.isnan(ref)]
     fig, ax = _figure_and_axes(ax, size, (600, 450))
     if unobserved:
-        ax.plot([], [], " ", label=f"{unobserved} rows with nothing observed (no log p) not drawn")
+        ax.plot([], [], " ", label=f"{unobserved} rows with nothing observed (no log p): not in the bars")
     both = ll if ref is None else np.concatenate([ll, ref])
     if both.size == 0:
         return _finish_scores_axes(fig, ax)
@@ -634,7 +634,7 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
                    label=f"{threshold_label or 'threshold'}: {flagged} rows flagged")
     hidden = int(np.sum(ll < lo))
     if hidden:
-        ax.plot([], [], " ", label=f"{hidden} rows below {lo:.4g} not drawn")
+        ax.plot([], [], " ", label=f"{hidden} rows below {lo:.4g}: off the axis, not in the bars")
     return _finish_scores_axes(fig, ax)
 
 
@@ -676,7 +676,7 @@ def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=Non
 
 # ============================================================== imputations
 def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: int = 4, max_draws: int = 4,
-                size=None, cmap: str = "gray_r"):
+                size=None, cmap: str = "gray_r", row_labels=None):
     """Image tiles of the exact imputation of some rows: per row the observed pixels
     (missing ones in red), the missing mask, E[x | x_o], the conditional std and a few
     exact draws from p(x_m | x_o).
@@ -685,7 +685,8 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
     image_shape (H, W) with H W = D; rows: which rows (default: the first max_rows
     rows with a missing entry).  Values share one grey scale (the range of the observed
     values and the means; draws beyond it saturate); the std has its own.  size: as for
-    ``partition``.
+    ``partition``.  row_labels: the row numbers the tiles are labelled with (default rows;
+    ``imputation_figure`` passes the rows' numbers in the whole data).
     """
     size = check_size(size)
     X_obs, mean, std = (np.asarray(a, dtype=np.float64) for a in (X_obs, mean, std))
@@ -724,10 +725,10 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
             a.set_yticks([])
             if i == 0:
                 a.set_title(titles[j], fontsize=8)
-        axes[i, 0].set_ylabel(f"row {n}", fontsize=8)
+        axes[i, 0].set_ylabel(f"row {n if row_labels is None else row_labels[i]}", fontsize=8)
     fig.suptitle(f"Exact imputation: mean, std and draws (std scale 0..{smax:.3g}; red = missing)",
                  fontsize=9)
-    fig.cpadgn_rows = rows
+    fig.cpadgn_rows = rows if row_labels is None else np.asarray(row_labels)
     return fig
 
 
@@ -751,7 +752,7 @@ def imputation_figure(model, X, result=None, image_shape=None, *, n_draws: int =
                                draws=n_draws if result is None or result.draws is None else None)
         mean, std = res.mean, res.std
         draws = res.draws if res.draws is not None else result.draws[:, rows]
-    return imputations(X[rows], mean, std, draws, image_shape, size=size)
+    return imputations(X[rows], mean, std, draws, image_shape, size=size, row_labels=rows)
 
 
 def square_shape(D: int):

@@ -31,8 +31,10 @@ def ppca_parameters(X, K: int):
     if N < 2:
         raise CpadgnError(f"PPCA needs at least 2 training rows, got {N}; pass more rows with --train")
     if not np.all(np.isfinite(X)):
-        raise CpadgnError("the PPCA baseline needs complete training rows (no NaN or inf); "
-                          "drop or impute the incomplete rows first")
+        raise CpadgnError("the PPCA baseline is fitted in closed form, which needs complete training rows "
+                          "(no NaN or inf); drop or impute the incomplete rows, or fit PPCA with the missing "
+                          f"values by exact EM (cpadgn fit TRAIN -o ppca.h5 -S {K} --hidden none) and compare "
+                          "that file as a model")
     check_magnitude(X, "training data")
     check_spread(X, "training data")
     mu = X.mean(axis=0)

@@ -93,8 +93,23 @@ def test_pvalues_score_their_draws_within_the_memory_budget(model1):
     calls = []
     small = model1.with_noise_std(0.3)
     small.memory_budget = 10 * 8 * 50 * 4 * 2.5             # a tenth: two patterns' draws and a half
-    pvalues(small, small.log_prob(X), 50, observed=~np.isnan(X), progress=lambda done, total: calls.append(done))
-    assert calls == [2, 4]
+    posterior = small.posterior
+    small.posterior = lambda rows, **kw: calls.append(len(rows)) or posterior(rows, **kw)
+    ll = posterior(X).log_likelihood
+    pvalues(small, ll, 50, observed=~np.isnan(X))
+    assert calls == [100, 100]
+
+
+def test_pvalues_progress_moves_within_one_block_of_draws(model1):
+    """The draws of every pattern fit one block at the default budget, and progress came
+    once per block: the bar sat at 0 until the end (52 s for 26 patterns of a wine model).
+    It now counts the draws scored, (done, Q M), several times per block."""
+    X = model1.sample(3, seed=2)
+    X[np.arange(3), np.arange(3)] = np.nan                  # 3 patterns
+    calls = []
+    pvalues(model1, model1.log_prob(X), 40, observed=~np.isnan(X), progress=lambda *a: calls.append(a))
+    assert calls[-1] == (120, 120) and all(t == 120 for _, t in calls)
+    assert any(0 < d < 120 for d, _ in calls) and [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
 def test_pvalues_are_deterministic_and_flag_far_rows(model1):

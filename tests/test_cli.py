@@ -54,6 +54,25 @@ def test_score_writes_exact_log_likelihoods_and_reuses_the_cache(files):
     assert res.exit_code == 0 and "loaded" in res.stderr.lower()
 
 
+def test_score_and_impute_warn_of_data_on_another_scale(files):
+    """Test rows left unstandardised (raw load_breast_cancer under a model of z-scores)
+    scored -1e7 nats per row without a word.  score and impute warn, naming the column,
+    when its median row is over 50 model stds from the model's mean; the model's own
+    rows (median ~0.7 std) pass in silence, and the scores are written either way."""
+    d, X = files["dir"], files["X"]
+    for name, data, warned in (("own", X, False), ("raw", X * [1, 1, 200] + [0, 0, 5000], True)):
+        path = d / f"{name}.npy"
+        np.save(path, np.where(np.arange(3) == 0, np.nan, data) if name == "raw" else data)
+        for args in (["score", files["model"], path, "-o", d / f"{name}.csv"],
+                     ["impute", files["model"], path, "-o", d / f"{name}_f.csv"]):
+            res = run(*args)
+            assert res.exit_code == 0, res.output
+            assert ("Warning: column 3 of DATA is" in res.stderr) == warned, res.stderr
+            assert "standardised the same way" in res.stderr or not warned
+        res = run("score", files["model"], path, "-o", d / f"{name}.csv", "-q")
+        assert "Warning" not in res.stderr
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".h5"])
 def test_score_output_formats(files, suffix):
     out = files["dir"] / f"scores{suffix}"

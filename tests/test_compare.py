@@ -169,6 +169,10 @@ def test_ppca_is_the_maximum_likelihood_fit():
     assert model.log_prob(X).sum() == pytest.approx(best, rel=1e-12)
     with pytest.raises(CpadgnError, match="between 1 and D - 1"):
         ppca_parameters(X, 5)
+    X[3, 1] = np.nan        # the closed form needs complete rows; EM fits PPCA with them
+    with pytest.raises(CpadgnError, match=r"complete training rows .*cpadgn fit TRAIN -o ppca.h5 -S 2 "
+                                          r"--hidden none\) and compare that file as a model"):
+        ppca_parameters(X, 2)
 
 
 def test_baseline_needs_training_data(setup):

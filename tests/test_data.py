@@ -74,8 +74,25 @@ def test_csv_with_a_pandas_index_column_is_refused(tmp_path, columns):
         read_data(tmp_path / "i.csv")
     df.to_csv(tmp_path / "n.csv", index=False)
     np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), X)
-    (tmp_path / "k.csv").write_text(",a,b\n5,1,2\n6,3,4\n")        # an unnamed column of data
-    np.testing.assert_array_equal(read_data(tmp_path / "k.csv"), [[5, 1, 2], [6, 3, 4]])
+    (tmp_path / "k.csv").write_text(",a,b\n5.5,1,2\n6,3,4\n")      # an unnamed column of data
+    np.testing.assert_array_equal(read_data(tmp_path / "k.csv"), [[5.5, 1, 2], [6, 3, 4]])
+    (tmp_path / "r.csv").write_text(",a,b\n5,1,2\n5,3,4\n")          # whole numbers, repeated
+    np.testing.assert_array_equal(read_data(tmp_path / "r.csv"), [[5, 1, 2], [5, 3, 4]])
+
+
+def test_csv_with_the_pandas_index_of_a_split_is_refused(tmp_path):
+    """train_test_split(df)[0].to_csv(path) writes the rows' original labels (19, 7, 142, ..)
+    as an unnamed first column: it was read as a feature, so `cpadgn fit` trained on row
+    numbers without a word.  Refused like the index 0, 1, 2, .. of a whole frame."""
+    import pandas as pd
+    X = np.arange(20.0).reshape(5, 4) / 7
+    df = pd.DataFrame(X, columns=list("abcd")).iloc[[3, 0, 4]]
+    df.to_csv(tmp_path / "s.csv")
+    with pytest.raises(CpadgnError, match=r"distinct whole numbers \(3, 0, 4, \.\.\): it looks like a "
+                                          r"pandas index.*index=False"):
+        read_data(tmp_path / "s.csv")
+    df.to_csv(tmp_path / "n.csv", index=False)
+    np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), X[[3, 0, 4]])
 
 
 def test_csv_missing_values(tmp_path):
@@ -115,6 +132,16 @@ def test_csv_row_of_empty_cells_is_an_all_missing_row(tmp_path):
         np.testing.assert_array_equal(read_data(tmp_path / name), one)
 
 
+def test_csv_text_column_is_named_and_its_removal_asked(tmp_path):
+    """A label column (load_wine's class names written beside the features) was reported as
+    one bad cell, 'leave the cell empty or write NA for a missing value': the advice for a
+    stray marker, not for a whole column of text.  The column is named, and dropping it asked."""
+    (tmp_path / "l.csv").write_text("a,b,label\n1,2,class_0\n3,4,NA\n5,6,class_1\n")
+    with pytest.raises(CpadgnError, match=r"column 3 \('label'\) holds text in every row \('class_0' on "
+                                          r"line 2\), not numbers: .*drop that column"):
+        read_data(tmp_path / "l.csv")
+
+
 def test_csv_utf8_bom_header(tmp_path):
     (tmp_path / "b.csv").write_bytes("\ufeffa,b\n1,2\n".encode("utf-8"))
     np.testing.assert_array_equal(read_data(tmp_path / "b.csv"), [[1, 2]])
@@ -123,8 +150,8 @@ def test_csv_utf8_bom_header(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("a,b\n1,2\n3,inf\n", r"row 2 \(line 3\), column 2 is inf; replace it with a finite value"),
     ("1,2\n-inf,4\n5,1e999\n", r"row 2 \(line 2\), column 1 is -inf \(2 infinite values"),
-    ("a,b\n1,2\n3,x7\n", r"line 3, column 2 is 'x7', not a number"),
-    ("a,b\n1,2\n3,1_0\n", r"line 3, column 2 is '1_0', not a number"),     # float('1_0') == 10.0
+    ("a,b\n1,2\n3,x7\n", r"line 3, column 2 \('b'\) is 'x7', not a number; leave the cell empty"),
+    ("a,b\n1,2\n3,1_0\n", r"line 3, column 2 \('b'\) is '1_0', not a number"),     # float('1_0') == 10.0
     ("a,b\n1;2\n", r"line 2 has 1 values but the header has 2"),
     ("1;2\n3;4\n", r"line 1 is separated by semicolons; cpadgn reads comma-separated"),
     ("a\tb\n3\t4\n", r"separated by tabs"),

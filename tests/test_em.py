@@ -511,3 +511,41 @@ def test_too_few_rows_for_the_latent_dimension_are_named():
     for S in (1, 2):
         with pytest.raises(CpadgnError, match=f"{S + 1} rows span at most {S} direction.*at least {S + 2} rows"):
             fit_em(X[:S + 1], S, (4,), max_iter=1)
+
+
+def test_cli_fit_warns_of_columns_on_different_scales(tmp_path):
+    """Raw load_wine (proline's std 390x the median column's) was fitted without a word, one
+    isotropic noise std then fitting proline alone; fit warns, naming the column, unless the
+    noise is diagonal or the columns are on comparable scales."""
+    from cli.main import main
+    X = np.random.default_rng(0).standard_normal((40, 4)) * [1.0, 0.5, 2.0, 300.0]
+    data = tmp_path / "raw.csv"
+    np.savetxt(data, X, delimiter=",", header="a,b,c,proline", comments="")
+
+    def fit(path, *args):
+        r = CliRunner().invoke(main, ["fit", str(path), "-o", str(tmp_path / "m.h5"), "-S", "1", "--hidden", "4",
+                                      "--max-iter", "0", *args])
+        assert r.exit_code == 0, r.output
+        return " ".join(r.output.split())
+    assert "warning: column 4 (proline) has std" in fit(data) and "standardise the columns" in fit(data)
+    assert "warning" not in fit(data, "--noise", "diag")
+    np.savetxt(tmp_path / "z.csv", (X - X.mean(0)) / X.std(0), delimiter=",")
+    assert "warning" not in fit(tmp_path / "z.csv")
+
+
+def test_cli_fit_vae_warns_of_few_adam_steps(tmp_path, wave):
+    """An epoch is ceil(N / --batch-size) Adam steps: 126 wine rows made 1 step per epoch,
+    300 steps in all, and the VAE's exact log-likelihood stayed at -212 per row (-33 with
+    --batch-size 16) while compare reported it as the VAE baseline; fit now says so."""
+    from cli.fit import vae_steps_warning
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X[:60])
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "vae.h5"), "-S", "1", "--hidden", "4",
+                                  "--method", "vae", "--max-iter", "2", "--val-fraction", "0"])
+    assert r.exit_code == 0, r.output
+    assert ("warning: --method vae: 60 training rows at --batch-size 128 make 1 Adam step(s) per epoch, 2 in 2 "
+            "epochs") in " ".join(r.output.split())
+    assert vae_steps_warning(126, 128, 300) and not vae_steps_warning(126, 16, 300)
+    assert not vae_steps_warning(1347, 128, 300)               # the digits: 11 steps per epoch

@@ -386,7 +386,8 @@ def test_scores_histogram_counts_and_threshold():
     assert line.get_xdata()[0] == 20.0
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert f"t: {int((ll < 20).sum())} rows flagged" in labels
-    assert any("1 rows below" in s for s in labels)
+    # "not drawn" beside "rows drawn from the model" read as "not sampled"
+    assert any(s.startswith("1 rows below") and s.endswith(": off the axis, not in the bars") for s in labels)
     fig.canvas.draw()
     assert np.asarray(fig.canvas.buffer_rgba()).shape[:2] == (450, 600)
 
@@ -417,6 +418,17 @@ def test_imputation_tiles_show_the_numbers():
                       - np.array([0xe6, 0x19, 0x4b]) / 255).max() <= RGB_TOL
     with pytest.raises(Exception, match="15 pixels but the rows have 12 values"):
         plot.imputations(X, mean, std, dr, (H, W + 1))
+
+
+def test_imputation_figure_labels_tiles_by_their_rows_in_the_data(model1):
+    """impute --plot labelled its tiles 'row 0..3', the positions among the rows with a
+    missing entry: for missing rows 0, 2, 3 and 5 of the data the tiles said 0, 1, 2, 3."""
+    X = draws(model1, 6, seed=1)
+    X[[0, 2, 3, 5], 0] = np.nan
+    fig = plot.imputation_figure(model1, X, image_shape=(1, 3), n_draws=1)
+    np.testing.assert_array_equal(fig.cpadgn_rows, [0, 2, 3, 5])
+    labels = [a.get_ylabel() for a in np.array(fig.axes).reshape(4, -1)[:, 0]]
+    assert labels == ["row 0", "row 2", "row 3", "row 5"]
 
 
 # ----------------------------------------------------------------------- CLI
@@ -646,7 +658,7 @@ def test_scores_histogram_draws_the_rows_beside_one_with_nothing_observed():
     want, _ = np.histogram(ll[1:], bins=edges, density=True)
     np.testing.assert_allclose(np.sort(heights), np.sort(want[want > 0]), rtol=1e-12)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "1 rows with nothing observed (no log p) not drawn" in labels
+    assert "1 rows with nothing observed (no log p): not in the bars" in labels
     assert any("1 rows flagged" in t for t in labels)
 
 
