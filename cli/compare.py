@@ -264,14 +264,14 @@ def _pvalue(p):
     return "< 1e-300" if p < 1e-300 else f"{p:.2g}"
 
 
-def _table(title, columns, rows, caption=None):
+def _table(title, columns, rows, note=None):
     """A compact rich table: numeric columns keep their full width (never truncated);
-    the text columns (names, the verdict) wrap when the terminal is narrow."""
+    the text columns (names, the verdict) wrap when the terminal is narrow.  The note goes
+    below it as a line of its own (a rich caption would wrap at the table's width)."""
     from rich import box
     from rich.console import Group
     from rich.text import Text
-    t = Table(caption=caption, caption_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True, padding=0)
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True, padding=0)
     for j, name in enumerate(columns):
         text = name in ("model", "A", "B")                   # may wrap
         left = text or name in ("kind", "better")
@@ -280,7 +280,7 @@ def _table(title, columns, rows, caption=None):
                      min_width=min(width, 8) if text else width, overflow="fold")
     for r in rows:
         t.add_row(*r)
-    return Group(Text(""), Text(title, style="bold"), t)
+    return Group(Text(""), Text(title, style="bold"), t, *([Text(note)] if note else []))
 
 
 def _plain(cell: str) -> str:
@@ -340,7 +340,7 @@ def _print_tables(result):
     rows = [[c.replace("[", "\\[") if j == 4 else c for j, c in enumerate(r)] for r in rows]
     out.print(_table("Pairwise: d = log p_A(x) - log p_B(x) per test row; Vuong's test, 5% level",
                      ["A", "B", "mean d", "SE", "95% interval", "z", "p", "better"], rows,
-                     caption="better: preferred at the 5% level (n.s.: no significant difference)"))
+                     note="better: preferred at the 5% level (n.s.: no significant difference)"))
 
 
 def _short_names(names):

@@ -529,3 +529,15 @@ def test_cli_memory_budget_reaches_the_models(files, monkeypatch):
     assert len(seen) >= 4 and set(seen) == {3e7}
     r = run([d / "a.h5", "--data", d / "test.csv", "--memory-budget", "0"])
     assert r.exit_code == 2 and "positive number of bytes" in r.output
+
+
+def test_pairwise_note_is_one_line_below_a_narrow_table():
+    """The note under the pairwise table is its own line: as a rich caption it wrapped at
+    the table's width, 'no' / 'significant difference' on two lines (two short model names)."""
+    from rich.console import Console
+    from cli.compare import _table
+    note = "better: preferred at the 5% level (n.s.: no significant difference)"
+    out = Console(width=100, record=True)
+    out.print(_table("Pairwise", ["A", "B", "mean d", "better"], [["res", "conv", "5.98", "A"]], note=note))
+    lines = [ln.rstrip() for ln in out.export_text().splitlines()]
+    assert note in lines and max(map(len, lines[:-1])) < len(note)

@@ -652,3 +652,23 @@ def test_cached_partition_run_reuses_the_stored_check(tmp_path, monkeypatch):
     a, b = json.loads(first.output), json.loads(second.output)
     for key in ("prior_mass_sum", "samples_located", "interior_points_ok", "regions"):
         assert a[key] == b[key]
+
+
+def test_a_live_module_keeps_its_partition_in_the_cache_it_is_given(tmp_path):
+    """README, Bring your own decoder: a module in memory has no cache unless given one;
+    cache=PATH stores its partition and a second load reads it (a retrained decoder recomputes)."""
+    import cpadgn
+    torch.manual_seed(0)
+    dec = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    assert cpadgn.load(dec, noise_std=0.1).cache_path is None
+    m = cpadgn.load(dec, noise_std=0.1, cache=tmp_path / "dec.partition.h5")
+    m.partition()
+    assert m.partition_status == "computed" and (tmp_path / "dec.partition.h5").exists()
+    again = cpadgn.load(dec, noise_std=0.1, cache=tmp_path / "dec.partition.h5")
+    again.partition()
+    assert again.partition_status == "loaded"
+    with torch.no_grad():
+        dec[0].bias += 1.0
+    retrained = cpadgn.load(dec, noise_std=0.1, cache=tmp_path / "dec.partition.h5")
+    retrained.partition()
+    assert retrained.partition_status.startswith("replaced")
