@@ -69,6 +69,8 @@ class Generator:
     source_format: one of SOURCE_FORMATS
     extra:        everything else read from a cpadgn model file: {"attrs": dict,
                   "groups": {name: {key: array}}}; {} for torch files
+    n_parameters: the trained parameters of a torch source (a convolution's kernels, not
+                  its dense matrix); None for a cpadgn file, whose dense arrays are them
     """
 
     net: PiecewiseAffineNet
@@ -77,6 +79,7 @@ class Generator:
     noise_std: np.ndarray | None
     source_format: str
     extra: dict = field(default_factory=dict)
+    n_parameters: int | None = None
 
     @property
     def latent_dim(self) -> int:
@@ -97,7 +100,7 @@ def load_generator(source, *, trust_pickle: bool = False, example_input=None) ->
     input width of its first Linear layer).
     """
     if not isinstance(source, (str, Path)):
-        return _generator(_live_net(source, example_input), _live_format(source))
+        return _generator(_live_net(source, example_input), _live_format(source), torch_parameters(source))
     path = Path(source)
     if not path.exists():
         raise CpadgnError(f"generator file {path} does not exist; check the path")
@@ -108,21 +111,31 @@ def load_generator(source, *, trust_pickle: bool = False, example_input=None) ->
         from .modelfile import read_model
         return read_model(path)
     if fmt == "torch-export":
-        net = _load_torch_export(path)
+        net, source = _load_torch_export(path)
     elif fmt == "torchscript":
-        net = _load_torchscript(path)
+        net, source = _load_torchscript(path)
     elif fmt == "pickle":
-        net = _load_pickle(path, trust_pickle)
+        net, source = _load_pickle(path, trust_pickle)
     else:  # pragma: no cover - detect_format raises for anything else
         raise AssertionError(fmt)
     check_net(net, path)
-    return _generator(net, fmt)
+    return _generator(net, fmt, torch_parameters(source))
 
 
-def _generator(net: PiecewiseAffineNet, fmt: str) -> Generator:
+def _generator(net: PiecewiseAffineNet, fmt: str, n_parameters: int) -> Generator:
     S = net.latent_dim
     return Generator(net=net, prior_mean=np.zeros(S), prior_cov=np.eye(S), noise_std=None,
-                     source_format=fmt, extra={})
+                     source_format=fmt, extra={}, n_parameters=n_parameters)
+
+
+def torch_parameters(source) -> int:
+    """The trained parameters of a torch nn.Module or ExportedProgram (buffers, such as
+    BatchNorm's running statistics, left out), each shared weight counted once."""
+    torch = _torch()
+    if isinstance(source, torch.export.ExportedProgram):
+        names = source.graph_signature.parameters
+        return int(sum(source.state_dict[n].numel() for n in names if n in source.state_dict))
+    return int(sum(p.numel() for p in source.parameters()))
 
 
 def _live_format(obj) -> str:
@@ -786,7 +799,7 @@ def _torch():
     return torch
 
 
-def _load_torchscript(path: Path) -> PiecewiseAffineNet:
+def _load_torchscript(path: Path) -> tuple:
     torch = _torch()
     try:
         with _quiet():
@@ -795,7 +808,7 @@ def _load_torchscript(path: Path) -> PiecewiseAffineNet:
         raise CpadgnError(f"{path} is a TorchScript archive that cannot be loaded: "
                           f"{_first_line(e)}; re-save it with this torch version, or with "
                           "torch.export.save (.pt2)") from None
-    return _with_path(path, lambda: module_to_net(module, _scripted_kind))
+    return _with_path(path, lambda: module_to_net(module, _scripted_kind)), module
 
 
 def _trusted_unpickle(torch, path: Path):
@@ -817,7 +830,7 @@ def _trusted_unpickle(torch, path: Path):
         raise torch_error from None
 
 
-def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
+def _load_pickle(path: Path, trust_pickle: bool) -> tuple:
     torch = _torch()
     if not trust_pickle:
         try:
@@ -853,7 +866,7 @@ def _load_pickle(path: Path, trust_pickle: bool) -> PiecewiseAffineNet:
             else f"a {type(obj).__name__}, not a module"
         raise CpadgnError(f"{path} holds {what}; save the whole model instead, preferably "
                           "with torch.export.save (.pt2)")
-    return module_net(obj, path)
+    return module_net(obj, path), obj
 
 
 def module_net(module, where, example_input=None) -> PiecewiseAffineNet:
@@ -1560,7 +1573,7 @@ def _full_op_name(target) -> str:
         return getattr(target, "__name__", str(target))
 
 
-def _load_torch_export(path: Path) -> PiecewiseAffineNet:
+def _load_torch_export(path: Path) -> tuple:
     torch = _torch()
     try:
         with _quiet():
@@ -1569,4 +1582,4 @@ def _load_torch_export(path: Path) -> PiecewiseAffineNet:
         raise CpadgnError(f"{path} is a torch.export archive that cannot be loaded: "
                           f"{_first_line(e)}; re-export it with torch.export.save under this torch "
                           "version") from None
-    return _ExportInterpreter(ep, path).run()
+    return _ExportInterpreter(ep, path).run(), ep

@@ -80,6 +80,7 @@ class CPAModel:
         self._partition: Partition | None = None
         self._table = None
         self.extra: dict = {}
+        self.source_parameters: int | None = None    # a torch source's, set by ``load``
 
     # ------------------------------------------------------------ properties
     @property
@@ -92,9 +93,10 @@ class CPAModel:
 
     @property
     def n_parameters(self) -> int:
-        """Generator weights and biases plus the noise parameters."""
+        """Generator parameters plus the noise parameters: a torch source's trained
+        parameters (``source_parameters``), else the dense weights and biases."""
         n_noise = 0 if self.noise_std is None else int(np.size(self.noise_std))
-        return self.net.n_parameters + n_noise
+        return (self.source_parameters or self.net.n_parameters) + n_noise
 
     def with_noise_std(self, noise_std) -> "CPAModel":
         """A copy with another noise level, sharing the (noise-independent) partition."""
@@ -277,4 +279,5 @@ def load(path, noise_std=None, *, cache=None, trust_pickle: bool = False, device
                      device=device, cache_path=cache_path)
     model.extra = gen.extra
     model.source_format = gen.source_format
+    model.source_parameters = gen.n_parameters
     return model

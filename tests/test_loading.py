@@ -672,3 +672,42 @@ def test_a_live_module_keeps_its_partition_in_the_cache_it_is_given(tmp_path):
     retrained = cpadgn.load(dec, noise_std=0.1, cache=tmp_path / "dec.partition.h5")
     retrained.partition()
     assert retrained.partition_status.startswith("replaced")
+
+
+class ConvDecoder(nn.Module):
+    """S -> 2 x 3 x 3 -> a transposed convolution (its 2 x 2 x 2 x 2 kernel shared by every
+    pixel) -> 2 x 6 x 6 -> flattened, with a residual block before it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc, self.res = nn.Linear(S, 18), nn.Linear(18, 18)
+        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+
+    def forward(self, z):
+        h = torch.relu(self.fc(z))
+        h = h + nn.functional.leaky_relu(self.res(h), 0.1)
+        return self.up(h.reshape(-1, 2, 3, 3)).flatten(1)
+
+
+def test_a_torch_decoder_counts_its_trained_parameters_not_its_dense_form(tmp_path, z):
+    """k for AIC and BIC: a convolution's dense matrix (72 x 18 here) and a skip
+    connection's pass-through units were counted as weights, 35,297 against 909 torch
+    parameters on a new user's conv decoder.  Oracle: torch's own count of the module's
+    parameters (BatchNorm's running statistics are buffers, not counted); a cpadgn file's
+    dense arrays are its parameters."""
+    import cpadgn
+    conv, seq = ConvDecoder().double().eval(), make_model()
+    torch.save(seq, str(tmp_path / "seq.pt"))
+    torch.jit.save(torch.jit.script(seq), str(tmp_path / "seq.ts"))
+    cases = [(conv, conv), (export(conv, tmp_path / "conv.pt2"), conv), (seq, seq),
+             (tmp_path / "seq.ts", seq), (tmp_path / "seq.pt", seq)]
+    for source, module in cases:
+        model = cpadgn.load(source, noise_std=0.1, cache=False, trust_pickle=True)
+        want = sum(p.numel() for p in module.parameters()) + 1         # + the noise std
+        assert model.n_parameters == want, source
+    assert_matches_torch(load_generator(conv).net, conv, z)
+    assert load_generator(conv).net.n_parameters > 5 * sum(p.numel() for p in conv.parameters())
+    net = load_generator(seq).net
+    save_model(tmp_path / "dense.h5", net, noise_std=np.full(4, 0.1))
+    assert cpadgn.load(tmp_path / "dense.h5", cache=False).n_parameters == net.n_parameters + 4
