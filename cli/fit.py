@@ -208,7 +208,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
             res = fit_vae(X_train, latent_dim, hidden_sizes, slope, n_iter, X_val, seed, noise or "iso", progress,
                           lr=lr, batch_size=batch_size, eval_every=eval_every, device=dev,
                           max_regions=max_regions, timings=timings)
-    if init_model:
+    if init_model or not hidden_sizes:          # a linear generator has no activation
         from cpadgn.modelfile import activation_name
         activation = ",".join(activation_name(a) for a in res.net.slopes) or "none"
     provenance = {"data": Path(data_path).name, "data_sha256": data_fingerprint(X_train),

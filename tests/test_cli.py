@@ -881,3 +881,14 @@ def test_rows_above_the_stderr_target_get_a_note(s4_files, monkeypatch):
     assert json.loads(res.stdout)["rows_above_stderr_target"] == (se > 1e-3).sum() >= 1
     assert "above --stderr-target" not in run("score", s4_files / "gen.h5", s4_files / "x.csv", "-o",
                                                s4_files / "quiet.csv", "--stderr-target", "0.05", "-q").stderr
+
+
+def test_fit_of_a_linear_generator_reports_no_activation(files):
+    """--hidden none fits a linear generator (PPCA by EM); its summary and file said
+    'activation leaky_relu:0.1', the unused default."""
+    out = files["dir"] / "lin.h5"
+    r = run("fit", files["data"], "-o", out, "-S", "1", "--hidden", "none", "--max-iter", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["activation"] == "none" and json.loads(r.stdout)["hidden"] == []
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["attrs"])["activation"] == "none"
