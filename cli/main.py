@@ -885,15 +885,19 @@ class LoglikStats:
     def __init__(self, output_dim: int, stderr_target: float = float("inf"), qmc: bool = False):
         self.output_dim, self.stderr_target, self.qmc = output_dim, stderr_target, qmc
         self.rows = self.nothing = self.missing = self.n = self.above_target = 0
+        self.pairs, self.max_pairs = 0, 0
         self.mean = 0.0
         self.scale, self.ssq = 0.0, 0.0      # the squared deviations' sum is scale^2 ssq
         self.min, self.max, self.max_error_bound = np.inf, -np.inf, -np.inf
         self.max_stderr = 0.0
 
     def add(self, post):
-        """Add the rows of a posterior (fields log_likelihood, n_observed, error_bound, stderr (n,))."""
+        """Add the rows of a posterior (fields log_likelihood, n_observed, error_bound, stderr,
+        n_pairs (n,))."""
         seen = post.n_observed > 0
         ll = post.log_likelihood[seen]
+        self.pairs += int(post.n_pairs[seen].sum())
+        self.max_pairs = max(self.max_pairs, int(post.n_pairs.max(initial=0)))
         self.rows += post.n_observed.size
         self.nothing += int((~seen).sum())
         self.missing += int((post.n_observed < self.output_dim).sum())
@@ -930,7 +934,8 @@ class LoglikStats:
                 "max_error_bound": self.max_error_bound,
                 **({"max_qmc_stderr": self.max_stderr, "rows_above_stderr_target": self.above_target}
                    if self.qmc or self.max_stderr > 0 else {}),
-                "rows_with_missing": self.missing}
+                "rows_with_missing": self.missing,
+                "regions_per_row": self.pairs / n if n else None, "max_regions_per_row": self.max_pairs}
 
 
 def score_summary(stats, model, seconds, out, *, pv=None, alpha=None, anomalies=None):

@@ -401,14 +401,14 @@ def as_rows(X, chunk_rows: int = DEFAULT_CHUNK_ROWS):
 def posterior_columns(S: int) -> list:
     """The columns of ``posterior_table`` (one row per data row)."""
     return (["log_likelihood", "error_bound", "stderr", "n_observed", "top_region",
-             "top_responsibility"] + [f"z_mean_{j + 1}" for j in range(S)])
+             "top_responsibility", "n_pairs"] + [f"z_mean_{j + 1}" for j in range(S)])
 
 
 def _posterior_block(X, model, moments: bool):
     model = _ready(model)
     post = model.posterior(X, moments=moments, pairs=False)
     cols = [post.log_likelihood, post.error_bound, post.stderr, post.n_observed, post.top_region,
-            post.top_responsibility]
+            post.top_responsibility, post.n_pairs]
     return np.column_stack(cols + [post.z_mean[:, j] for j in range(post.z_mean.shape[1])]).astype(np.float64)
 
 
@@ -563,12 +563,12 @@ def score(client, model, X, *, moments: bool = True, device: str = "auto", progr
 
 
 def posterior_fields(table: np.ndarray, S: int):
-    """Rows of a ``posterior_table`` (n, 6 + S) as a namespace with the fields of
-    ``posterior_columns`` (n,) (n_observed and top_region as int64) and z_mean (n, S)."""
-    ints = {"n_observed", "top_region"}
+    """Rows of a ``posterior_table`` (n, 7 + S) as a namespace with the fields of
+    ``posterior_columns`` (n,) (n_observed, top_region and n_pairs as int64) and z_mean (n, S)."""
+    ints = {"n_observed", "top_region", "n_pairs"}
     cols = {name: (table[:, j].astype(np.int64) if name in ints else table[:, j])
-            for j, name in enumerate(posterior_columns(S)[:6])}
-    return SimpleNamespace(**cols, z_mean=table[:, 6:6 + S])
+            for j, name in enumerate(posterior_columns(S)[:7])}
+    return SimpleNamespace(**cols, z_mean=table[:, 7:7 + S])
 
 
 def scorer(client, *, device: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS, progress=None):

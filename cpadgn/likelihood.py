@@ -60,6 +60,8 @@ class PosteriorResult:
     z_mean:         (N, S) E[z | x];  z_cov: (N, S, S) Cov[z | x]
     top_region:     (N,) index of the region with the largest responsibility
     top_responsibility: (N,)
+    n_pairs:        (N,) regions integrated for the row (those the pruning kept): the
+                    cost of the row, which grows with its posterior's width
     pair_row, pair_region, pair_responsibility: the (row, region) pairs evaluated
                     and their responsibilities r_w(x) (pairs not listed have r <= bound)
     pair_mean (P, S), pair_cov (P, S, S): E[z | x, z in w] and Cov[z | x, z in w]
@@ -83,6 +85,7 @@ class PosteriorResult:
     z_cov: np.ndarray
     top_region: np.ndarray
     top_responsibility: np.ndarray
+    n_pairs: np.ndarray
     pair_row: np.ndarray
     pair_region: np.ndarray
     pair_responsibility: np.ndarray
@@ -1273,7 +1276,7 @@ def _empty_result(N: int, S: int) -> PosteriorResult:
         log_likelihood=np.zeros(N), error_bound=np.zeros(N), stderr=np.zeros(N),
         n_observed=np.zeros(N, dtype=np.int64), z_mean=np.zeros((N, S)),
         z_cov=np.zeros((N, S, S)), top_region=np.zeros(N, dtype=np.int64),
-        top_responsibility=np.zeros(N), pair_row=np.zeros(0, dtype=np.int64),
+        top_responsibility=np.zeros(N), n_pairs=np.zeros(N, dtype=np.int64), pair_row=np.zeros(0, dtype=np.int64),
         pair_region=np.zeros(0, dtype=np.int64), pair_responsibility=np.zeros(0),
         pair_mean=np.zeros((0, S)), pair_cov=np.zeros((0, S, S)))
 
@@ -1591,4 +1594,5 @@ def _summarise(rows, regions, logw, mean, cov, se, log_var, mean_mc, cross_mc, b
     out.z_mean[idx] = np.where(empty[:, None], 0.0, z_mean)
     out.z_cov[idx] = np.where(empty[:, None, None], np.eye(z_cov.shape[1]), z_cov)
     out.top_region[idx], out.top_responsibility[idx] = top, best
+    out.n_pairs[idx] = np.bincount(rows, minlength=n)
     return (idx[rows], regions, r, mean, cov) + (() if mc is None else mc)

@@ -674,7 +674,7 @@ def test_stderr_target_sets_the_s4_standard_error(s4_files, monkeypatch):
     assert summary["rows_above_stderr_target"] == 0 and targets == [0.05]
     assert "above --stderr-target" not in res.stderr
     out.unlink()
-    post = SimpleNamespace(n_observed=np.full(se.size, 6), log_likelihood=np.zeros(se.size),
+    post = SimpleNamespace(n_observed=np.full(se.size, 6), n_pairs=np.ones(se.size, int), log_likelihood=np.zeros(se.size),
                            error_bound=np.zeros(se.size), stderr=se)
     assert stats_class(6, 1e-3).add(post).summary()["rows_above_stderr_target"] == (se > 1e-3).sum() >= 1
 

@@ -328,6 +328,11 @@ def test_cli_score_with_dask_streams_the_same_h5(client, model, tmp_path):
     assert abs(dask["mean_log_likelihood_stderr"] - sd) <= tol.max() / np.sqrt(n - 1) + rounding * sd
     assert abs(dask["min_log_likelihood"] - ref["log_likelihood"][seen].min()) <= tol.max()
     assert abs(dask["max_log_likelihood"] - ref["log_likelihood"][seen].max()) <= tol.max()
+    # the regions integrated per row, which the pruning decides row by row (each row's
+    # pairs do not depend on the rows beside it)
+    pairs = model.posterior(X, pairs=False, moments=False).n_pairs
+    for s in (one, dask):
+        assert s["regions_per_row"] == pairs[seen].mean() and s["max_regions_per_row"] == pairs.max()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -781,3 +781,22 @@ def test_s3_zero_width_regions_of_coincident_hyperplanes_carry_no_likelihood():
     np.testing.assert_allclose(got, CPAModel(once, noise_std=0.3, device="cpu").log_prob(X), rtol=0, atol=1e-8)
     want, se = loglik_importance_mixture(twice, X[0], 0.3, n=100_000)
     assert abs(got[0] - want) < 4 * se, (got[0], want, se)
+
+
+def test_n_pairs_counts_the_regions_integrated_for_each_row(net1):
+    """n_pairs, the cost of each row: 1 under a linear generator (one region, all of R^S),
+    and for a piecewise one the number of pairs the row lists (pairs=True), which
+    pairs=False reports alike without listing them, between 1 and the region count."""
+    rng = np.random.default_rng(3)
+    lin, *_ = random_linear_model(rng, 2, 5, 1.0)
+    X = rng.normal(size=(6, 5))
+    X[2, :3] = np.nan
+    np.testing.assert_array_equal(lin.posterior(X).n_pairs, 1)
+    model = CPAModel(net1, noise_std=0.3, device="cpu")
+    X = model.sample(40, seed=5)
+    X[::4, 0] = np.nan
+    post = model.posterior(X)
+    np.testing.assert_array_equal(post.n_pairs, np.bincount(post.pair_row, minlength=40))
+    np.testing.assert_array_equal(model.posterior(X, pairs=False, moments=False).n_pairs, post.n_pairs)
+    assert post.n_pairs.min() >= 1 and post.n_pairs.max() <= model.partition().n_regions
+    assert post.n_pairs.max() > 1
