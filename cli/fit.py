@@ -176,13 +176,13 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     else:
         X_train, X_val = split_validation(X, 0.1 if val_fraction is None else val_fraction, seed)
     label = "EM" if method == "em" else "VAE"
+    n_iter = max_iter if max_iter is not None else 100 if method == "em" else 300      # EM iterations, VAE epochs
     if method == "vae":
-        warning = vae_steps_warning(X_train.shape[0], batch_size, 300 if max_iter is None else max_iter)
+        warning = vae_steps_warning(X_train.shape[0], batch_size, n_iter)
         if warning:
             say(f"[yellow]warning:[/yellow] {warning}")
     with Progressbar(f"fit ({label})", quiet or as_json) as bar:
         if method == "em":
-            n_iter = 100 if max_iter is None else max_iter
 
             def progress(row):
                 v = row["val_loglik"]
@@ -195,7 +195,6 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
                          device=dev, max_regions=max_regions, timings=timings, memory_budget=memory_budget,
                          var_floor=var_floor * max(float(np.nanvar(X_train, 0).mean()), 1e-300))
         else:
-            n_iter = 300 if max_iter is None else max_iter
             last = {"val": np.nan}
 
             def progress(row):

@@ -415,7 +415,7 @@ def test_standard_errors_of_log_likelihoods_near_1e160(files):
     stats = LoglikStats(3)
     for part in (slice(0, 2), slice(2, 3), slice(3, 20)):
         n = ll[part].size
-        stats.add(SimpleNamespace(log_likelihood=ll[part], n_observed=np.full(n, 3),
+        stats.add(SimpleNamespace(log_likelihood=ll[part], n_observed=np.full(n, 3), n_pairs=np.ones(n, int),
                                   error_bound=np.zeros(n), stderr=np.zeros(n)))
     assert abs(stats.summary()["mean_log_likelihood_stderr"] - want) <= 1e-12 * want
 
