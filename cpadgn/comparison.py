@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import numeric_array
 from .errors import CpadgnError
 
 Z95 = 1.959963984540054          # the 97.5% point of N(0, 1)
@@ -320,8 +321,8 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
     Returns a CompareResult, models sorted by mean test log-likelihood (best first; ties
     by name), pairs for every pair with the better-ranked model as a.
     """
-    X_test = np.asarray(X_test, dtype=np.float64)
-    X_train = None if X_train is None else np.asarray(X_train, dtype=np.float64)
+    X_test = numeric_array(X_test).astype(np.float64, copy=False)
+    X_train = None if X_train is None else numeric_array(X_train).astype(np.float64, copy=False)
     named = _named_models(models)
     notes, kinds = [], {}
     X_test = _drop_unobserved(X_test, "test", notes)
