@@ -252,6 +252,8 @@ class CPADGNDetector(_CPABase):
     quantile, labels_ = (decision_scores_ > threshold_) as 0/1, predict(X) likewise,
     predict_proba(X) the outlier probability by min-max scaling of the training scores
     ('linear') or by the Gaussian error function ('unify'), as PyOD does.
+    score_samples(X) and score(X) keep scikit-learn's sign: log p(x) and its mean (higher =
+    more normal, so -decision_function(X); cross_val_score maximises the likelihood).
     """ + _PARAMETERS + """    decision_scores_ : (N,) anomaly scores of the training rows.
     threshold_ : float, the (1 - contamination) quantile of decision_scores_.
     labels_ : (N,) int, 0 inlier, 1 outlier.

@@ -82,6 +82,14 @@ class CPAModel:
         self.extra: dict = {}
         self.source_parameters: int | None = None    # a torch source's, set by ``load``
 
+    def __repr__(self) -> str:
+        s = self.noise_std
+        noise = "None" if s is None else f"{float(s):.6g}" if s.ndim == 0 else \
+            f"<{s.size} stds in [{s.min():.6g}, {s.max():.6g}]>"
+        return (f"CPAModel(latent_dim={self.latent_dim}, hidden_sizes={self.generator.hidden_sizes}, "
+                f"output_dim={self.output_dim}, noise_std={noise}, "
+                f"cache_path={None if self.cache_path is None else str(self.cache_path)!r})")
+
     # ------------------------------------------------------------ properties
     @property
     def latent_dim(self) -> int:
