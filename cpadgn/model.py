@@ -17,7 +17,7 @@ from scipy.optimize import minimize_scalar
 from . import likelihood
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet, check_prior, fold_prior
-from .numerics import NOISE_RANGE, check_noise_range, rounding_error_estimate
+from .numerics import NOISE_RANGE, check_noise_range, rounding_error_estimate, seeded_rng
 from .partition import Partition, compute_partition
 
 
@@ -212,7 +212,7 @@ class CPAModel:
         """n draws of x from the model, (n, D).  seed: anything ``np.random.default_rng`` takes."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise CpadgnError(f"n must be a non-negative integer, got {n!r}; pass e.g. sample(100)")
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed)
         z = rng.standard_normal((n, self.latent_dim))
         x = self.net.forward(z)
         if self.noise_std is not None:
