@@ -195,7 +195,8 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
 
     def sample(self, n_samples=1, random_state=None):
         """n_samples rows drawn from the fitted model, (n_samples, D).  random_state
-        defaults to the estimator's (same seed, same draws; None means seed 0, as in fit)."""
+        defaults to the estimator's (same seed, same draws; None means seed 0, as in fit; a
+        RandomState advances at each call, as in scikit-learn)."""
         check_is_fitted(self, "model_")
         if not _is_integer(n_samples) or n_samples < 0:
             raise EstimatorInputError(f"n_samples must be a non-negative integer, got {n_samples!r}; pass e.g. "
