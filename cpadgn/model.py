@@ -140,8 +140,8 @@ class CPAModel:
 
     def _region_table(self):
         if self.noise_std is None:
-            raise CpadgnError(f"{self.no_noise_reason()}: pass --noise-std X (or auto) or noise_std= to "
-                              "cpadgn.load")
+            raise CpadgnError(f"{self.no_noise_reason()}; pass --noise-std X (or auto), or in Python "
+                              "noise_std= to cpadgn.load, or fit it: model.with_noise_std(model.fit_noise_std(X))")
         if self._table is None:
             self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device,
                                                  self.memory_budget)

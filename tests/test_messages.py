@@ -112,7 +112,10 @@ CASES = [
     ("reserved group", lambda t: _save(t, groups={"generator": {"x": np.ones(2)}}),
      ValueError, "is reserved or empty", "use another name"),
     ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
-     ValueError, "n_samples must be >= 1, got 0", "pass n_samples=1 or more"),
+     CpadgnError, "n_samples must be a positive integer, got 0", "pass e.g. n_samples=1000"),
+    # the remedy named only --noise-std X (or auto), which is not a Python argument
+    ("model without noise std", lambda t: __import__("cpadgn.model").model.CPAModel(_net()).log_prob(np.zeros((1, 3))),
+     CpadgnError, "the model stores no noise std", "model.with_noise_std(model.fit_noise_std(X))"),
     ("hidden width 0", lambda t: __import__("cpadgn.fit").fit.parse_hidden("32,0"),
      CpadgnError, "hidden layer widths must be positive integers", "give widths of 1 or more like --hidden 32,32"),
     ("estimator contamination", lambda t: _fit_estimator(contamination=0.9),
