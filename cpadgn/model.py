@@ -177,10 +177,20 @@ class CPAModel:
     def fit_noise_std(self, X, *, bounds=None, progress=None) -> float:
         """Maximum-likelihood isotropic noise std on X by bounded 1-D search on log sigma.
 
+        bounds: (low, high), 0 < low < high, the interval searched (default 1e-4 to 10 times
+        the data's std); a result at one of its ends means the optimum lies beyond it.
         Every evaluation is an exact log-likelihood; the partition does not depend on
         the noise, so it is computed once.  ``progress(evaluations, None, message)`` is
         called after each evaluation (message: the sigma tried and its log-likelihood).
         """
+        if bounds is not None:
+            try:
+                ok = len(bounds) == 2 and all(np.isfinite(b) and b > 0 for b in bounds) and bounds[0] < bounds[1]
+            except TypeError:
+                ok = False
+            if not ok:
+                raise CpadgnError(f"bounds must be two positive numbers (low, high) with low < high, got "
+                                  f"{bounds!r}; pass e.g. bounds=(1e-3, 10.0), or leave it out")
         X = self._check_data(X)
         X = X[~np.isnan(X).all(axis=1)]             # rows with nothing observed carry no information
         if X.size == 0:

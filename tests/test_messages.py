@@ -113,6 +113,13 @@ CASES = [
      ValueError, "is reserved or empty", "use another name"),
     ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
      CpadgnError, "n_samples must be a positive integer, got 0", "pass e.g. n_samples=1000"),
+    # reversed bounds were blamed on the data ("the data's spread ... rescale the data"); a
+    # negative low end was silently raised to 1e-100
+    ("fit_noise_std reversed bounds", lambda t: _model().fit_noise_std(np.zeros((2, 3)), bounds=(0.5, 0.1)),
+     CpadgnError, "bounds must be two positive numbers (low, high) with low < high, got (0.5, 0.1)",
+     "pass e.g. bounds=(1e-3, 10.0)"),
+    ("fit_noise_std negative bound", lambda t: _model().fit_noise_std(np.zeros((2, 3)), bounds=(-1, 0.1)),
+     CpadgnError, "bounds must be two positive numbers", "or leave it out"),
     # the remedy named only --noise-std X (or auto), which is not a Python argument
     ("model without noise std", lambda t: __import__("cpadgn.model").model.CPAModel(_net()).log_prob(np.zeros((1, 3))),
      CpadgnError, "the model stores no noise std", "model.with_noise_std(model.fit_noise_std(X))"),
