@@ -332,8 +332,8 @@ def check_rows(X, D: int, name: str = "the data") -> np.ndarray:
         raise CpadgnError(width_message(name, X.shape[1], D))
     if np.isinf(X).any():
         r, c = np.argwhere(np.isinf(X))[0]
-        raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite value, or NaN to "
-                          "mark it missing")
+        raise CpadgnError(f"row {r + 1}, column {c + 1} (X[{r}, {c}]) is inf; replace it with a finite value, "
+                          "or NaN to mark it missing")
     return X
 
 

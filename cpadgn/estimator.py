@@ -175,8 +175,8 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         X = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite="allow-nan")
         empty = np.flatnonzero(np.isnan(X).all(axis=1))
         if empty.size:                 # as in fit: a row with nothing observed has no score
-            raise EstimatorInputError(f"row {empty[0] + 1} has no observed value (all NaN), so it has no "
-                                      "likelihood to score; drop such rows")
+            raise EstimatorInputError(f"row {empty[0] + 1} (X[{empty[0]}]) has no observed value (all NaN), so "
+                                      "it has no likelihood to score; drop such rows")
         return X
 
     def score_samples(self, X):

@@ -113,6 +113,13 @@ CASES = [
      ValueError, "is reserved or empty", "use another name"),
     ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
      CpadgnError, "n_samples must be a positive integer, got 0", "pass e.g. n_samples=1000"),
+    # "row 2" alone is ambiguous in Python, where that row is X[1]
+    ("log_prob inf", lambda t: _model().log_prob(np.array([[0.0, 1.0, 2.0], [0.0, np.inf, 1.0]])),
+     CpadgnError, "row 2, column 2 (X[1, 1]) is inf", "replace it with a finite value"),
+    ("estimator row of NaN", lambda t: __import__("cpadgn.estimator").estimator.CPADGN(
+        latent_dim=1, hidden=(), max_iter=1).fit(np.random.default_rng(0).normal(size=(20, 3))).score_samples(
+        np.array([[0.0, 1.0, 2.0], [np.nan] * 3])),
+     ValueError, "row 2 (X[1]) has no observed value (all NaN)", "drop such rows"),
     # reversed bounds were blamed on the data ("the data's spread ... rescale the data"); a
     # negative low end was silently raised to 1e-100
     ("fit_noise_std reversed bounds", lambda t: _model().fit_noise_std(np.zeros((2, 3)), bounds=(0.5, 0.1)),
