@@ -92,6 +92,19 @@ class CPAModel:
 
     # ------------------------------------------------------------ properties
     @property
+    def memory_budget(self) -> float:
+        """Bytes the batched work may use at once (it sets the rows and regions per batch)."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value) -> None:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if not (ok and np.isfinite(value) and value > 0):
+            raise CpadgnError(f"memory_budget must be a positive number of bytes, got {value!r}; pass e.g. "
+                              "memory_budget=2e9")
+        self._memory_budget = float(value)
+
+    @property
     def latent_dim(self) -> int:
         return self.net.latent_dim
 

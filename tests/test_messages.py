@@ -113,6 +113,11 @@ CASES = [
      ValueError, "is reserved or empty", "use another name"),
     ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
      CpadgnError, "n_samples must be a positive integer, got 0", "pass e.g. n_samples=1000"),
+    # a string budget was "'>' not supported between instances of 'float' and 'str'" from inside
+    ("memory_budget string", lambda t: setattr(_model(), "memory_budget", "2e9"),
+     CpadgnError, "memory_budget must be a positive number of bytes, got '2e9'", "pass e.g. memory_budget=2e9"),
+    ("memory_budget 0", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), memory_budget=0),
+     CpadgnError, "memory_budget must be a positive number of bytes, got 0", "pass e.g. memory_budget=2e9"),
     # "row 2" alone is ambiguous in Python, where that row is X[1]
     ("log_prob inf", lambda t: _model().log_prob(np.array([[0.0, 1.0, 2.0], [0.0, np.inf, 1.0]])),
      CpadgnError, "row 2, column 2 (X[1, 1]) is inf", "replace it with a finite value"),
