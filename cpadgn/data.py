@@ -321,10 +321,10 @@ def check_rows(X, D: int, name: str = "the data") -> np.ndarray:
     array (``numeric_array``: a float dtype kept, None and pd.NA read as NaN); one-line
     CpadgnError for anything not numeric, another width, or an inf (NaN marks a missing value).
     name: the data in the width message (the command line names the file)."""
+    fix = "pass df.iloc[[i]], a one-row frame" if type(X).__name__ == "Series" else "pass X.reshape(1, -1)"
     X = numeric_array(X, f"an (N, {D}) array")
     if X.ndim == 1 and X.shape[0] == D:
-        raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
-                          "pass X.reshape(1, -1)")
+        raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; {fix}")
     if X.ndim != 2:
         raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}; pass one row "
                           "per sample")

@@ -113,6 +113,9 @@ CASES = [
      ValueError, "is reserved or empty", "use another name"),
     ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
      CpadgnError, "n_samples must be a positive integer, got 0", "pass e.g. n_samples=1000"),
+    # a pandas row (df.iloc[0], a Series) was told to use X.reshape(1, -1), which a Series lacks
+    ("log_prob of a Series", lambda t: _model().log_prob(__import__("pandas").DataFrame(np.zeros((2, 3))).iloc[0]),
+     CpadgnError, "got one row of shape (3,)", "pass df.iloc[[i]], a one-row frame"),
     # a string budget was "'>' not supported between instances of 'float' and 'str'" from inside
     ("memory_budget string", lambda t: setattr(_model(), "memory_budget", "2e9"),
      CpadgnError, "memory_budget must be a positive number of bytes, got '2e9'", "pass e.g. memory_budget=2e9"),
