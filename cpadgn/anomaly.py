@@ -40,6 +40,9 @@ import numpy as np
 from scipy import sparse
 from scipy.special import betaincinv
 
+from .data import numeric_array
+from .errors import CpadgnError
+
 
 @dataclass
 class PValues:
@@ -85,14 +88,19 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     are scored (Q M in all; each call's rows come in several chunks, so a single call,
     often all of the work, does not sit at 0 until it ends).  Returns a ``PValues``.
     """
-    log_prob = np.asarray(log_prob, dtype=np.float64).reshape(-1)
+    log_prob = numeric_array(log_prob, "model.log_prob(X), an (N,) array").astype(np.float64, copy=False)
+    if log_prob.ndim != 1:
+        raise CpadgnError(f"log_prob must be one log p per row, shape (N,), got shape {log_prob.shape}; "
+                          "pass model.log_prob(X)")
+    if not (isinstance(n_samples, (int, np.integer)) and not isinstance(n_samples, bool) and n_samples >= 1):
+        raise CpadgnError(f"n_samples must be a positive integer, got {n_samples!r}; pass e.g. n_samples=1000")
+    if not (isinstance(level, (int, float, np.number)) and 0 < level < 1):
+        raise CpadgnError(f"level must be in (0, 1), got {level!r}; pass e.g. level=0.95")
     N, D, M = log_prob.size, model.output_dim, int(n_samples)
-    if M < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}; pass n_samples=1 or more (e.g. 1000)")
-    observed = np.ones((N, D), dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
+    observed = np.ones((N, D), dtype=bool) if observed is None else numeric_array(observed) != 0
     if observed.shape != (N, D):
-        raise ValueError(f"observed must have shape {(N, D)}, got {observed.shape}; pass one bool per data entry "
-                         "(True = observed), or None for all")
+        raise CpadgnError(f"observed must have shape {(N, D)}, got {observed.shape}; pass one bool per data "
+                          "entry (True = observed), e.g. ~np.isnan(X), or None for all")
     patterns, which = np.unique(observed, axis=0, return_inverse=True)    # (Q, D), (N,)
     which = which.reshape(-1)
     ref = model.sample(M, seed=seed)                                        # (M, D)
@@ -163,7 +171,13 @@ def top_features(scores, k: int):
     Returns index (N, k) int64 (0-based; -1 where a row has fewer than k finite
     entries) and value (N, k) (NaN there).  Ties keep the lower index first.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0):
+        raise CpadgnError(f"k must be a non-negative integer, got {k!r}; pass e.g. k=3")
+    scores = numeric_array(scores, "an (N, D) array").astype(np.float64, copy=False)
+    if scores.ndim != 2:
+        raise CpadgnError(f"scores must be an (N, D) array, got shape {scores.shape}; pass "
+                          "expected_squared_residuals(model, X)")
+    scores = np.pad(scores, ((0, 0), (0, max(0, k - scores.shape[1]))), constant_values=np.nan)
     key = np.where(np.isnan(scores), np.inf, -scores)
     order = np.argsort(key, axis=1, kind="stable")[:, :k]
     value = np.take_along_axis(scores, order, axis=1)

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .data import numeric_array
 from .errors import CpadgnError
 
 Z95 = 1.959963984540054          # the 97.5% point of N(0, 1)
@@ -246,7 +247,7 @@ def _named_models(models) -> list:
     from .model import CPAModel, load
     if isinstance(models, Mapping):
         items = [(str(k), v) for k, v in models.items()]
-    elif isinstance(models, (CPAModel, str, Path)):
+    elif isinstance(models, (CPAModel, str, Path)) or not isinstance(models, Iterable):
         items = [(None, models)]
     else:
         items = [tuple(m) if isinstance(m, tuple) else (None, m) for m in models]
@@ -255,9 +256,11 @@ def _named_models(models) -> list:
         if isinstance(m, (str, Path)):
             name = name or str(m)
             m = load(m)
+        elif isinstance(getattr(m, "model_", None), CPAModel):      # a fitted CPADGN / CPADGNDetector
+            m = m.model_
         elif not isinstance(m, CPAModel):
             raise CpadgnError(f"model {i + 1} is a {type(m).__name__}, not a CPAModel or a model path; "
-                              "pass CPAModel objects or model file paths")
+                              "pass CPAModel objects, fitted cpadgn estimators or model file paths")
         name = name or f"model_{i + 1}"
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:            # the same file twice: keep both, distinctly named
@@ -305,7 +308,8 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
 
     models: a mapping {name: CPAModel or path}, or a sequence of CPAModels, model paths
         or (name, model) pairs (named by path, else model_1, model_2, ...; a repeated
-        name gets "#2", "#3"); all with the same output dim D and a noise std.
+        name gets "#2", "#3"); all with the same output dim D and a noise std.  A fitted
+        CPADGN or CPADGNDetector stands for its model_.
     X_test: (N, D) test rows, N >= 2; NaN = missing (scored by the exact marginal of the
         observed entries; the ELBO is then not computed); rows with nothing observed are
         left out, with a note.
@@ -320,8 +324,8 @@ def compare(models, X_test, X_train=None, baseline=None, *, progress=None, log=N
     Returns a CompareResult, models sorted by mean test log-likelihood (best first; ties
     by name), pairs for every pair with the better-ranked model as a.
     """
-    X_test = np.asarray(X_test, dtype=np.float64)
-    X_train = None if X_train is None else np.asarray(X_train, dtype=np.float64)
+    X_test = numeric_array(X_test).astype(np.float64, copy=False)
+    X_train = None if X_train is None else numeric_array(X_train).astype(np.float64, copy=False)
     named = _named_models(models)
     notes, kinds = [], {}
     X_test = _drop_unobserved(X_test, "test", notes)

@@ -295,23 +295,36 @@ def width_message(name: str, columns: int, D: int) -> str:
     return f"{name} has {columns} columns but the generator outputs {D}; pass data with {D} columns"
 
 
+def numeric_array(X, wanted: str = "an (N, D) array") -> np.ndarray:
+    """X given in Python (an array, a list of lists, a pandas DataFrame, a torch tensor) as
+    a numpy array of any shape: a float dtype kept, other numbers as float64; None and
+    pandas' pd.NA (nullable dtypes such as "Float64") read as NaN, a torch tensor that
+    requires grad detached.  One-line CpadgnError for anything not numeric; wanted: what
+    to pass instead."""
+    module = type(X).__module__.split(".")[0]
+    if module == "pandas":            # numpy cannot convert pd.NA, pandas' own missing marker
+        X = X.to_numpy(na_value=np.nan)
+    elif module == "torch":           # numpy refuses a tensor that requires grad, or lives on a GPU
+        X = X.detach().cpu()
+    try:
+        X = np.asarray(X)
+        if X.dtype.kind == "c":
+            raise TypeError("complex numbers")
+        return X if X.dtype.kind == "f" else X.astype(np.float64)
+    except (TypeError, ValueError) as e:
+        raise CpadgnError(f"the data are not a numeric array ({e}); pass {wanted} of numbers, "
+                          "NaN for missing") from None
+
+
 def check_rows(X, D: int, name: str = "the data") -> np.ndarray:
-    """Rows given in Python (an array, a list of lists, a DataFrame) as an (N, D) array:
-    a float dtype is kept, other numbers (and None, read as NaN) become float64; one-line
-    CpadgnError for anything else, another width, or an inf (NaN marks a missing value).
+    """Rows given in Python (an array, a list of lists, a DataFrame, a tensor) as an (N, D)
+    array (``numeric_array``: a float dtype kept, None and pd.NA read as NaN); one-line
+    CpadgnError for anything not numeric, another width, or an inf (NaN marks a missing value).
     name: the data in the width message (the command line names the file)."""
-    X = np.asarray(X)
-    if X.dtype.kind != "f":
-        try:
-            if X.dtype.kind == "c":
-                raise TypeError("complex numbers")
-            X = X.astype(np.float64)
-        except (TypeError, ValueError) as e:
-            raise CpadgnError(f"the data are not a numeric array ({e}); pass an (N, {D}) array of numbers, "
-                              "NaN for missing") from None
+    fix = "pass df.iloc[[i]], a one-row frame" if type(X).__name__ == "Series" else "pass X.reshape(1, -1)"
+    X = numeric_array(X, f"an (N, {D}) array")
     if X.ndim == 1 and X.shape[0] == D:
-        raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; "
-                          "pass X.reshape(1, -1)")
+        raise CpadgnError(f"the data must be a 2-D array (N, {D}), got one row of shape {X.shape}; {fix}")
     if X.ndim != 2:
         raise CpadgnError(f"the data must be a 2-D array (N, {D}), got shape {X.shape}; pass one row "
                           "per sample")
@@ -319,8 +332,8 @@ def check_rows(X, D: int, name: str = "the data") -> np.ndarray:
         raise CpadgnError(width_message(name, X.shape[1], D))
     if np.isinf(X).any():
         r, c = np.argwhere(np.isinf(X))[0]
-        raise CpadgnError(f"row {r + 1}, column {c + 1} is inf; replace it with a finite value, or NaN to "
-                          "mark it missing")
+        raise CpadgnError(f"row {r + 1}, column {c + 1} (X[{r}, {c}]) is inf; replace it with a finite value, "
+                          "or NaN to mark it missing")
     return X
 
 

@@ -175,8 +175,8 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         X = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite="allow-nan")
         empty = np.flatnonzero(np.isnan(X).all(axis=1))
         if empty.size:                 # as in fit: a row with nothing observed has no score
-            raise EstimatorInputError(f"row {empty[0] + 1} has no observed value (all NaN), so it has no "
-                                      "likelihood to score; drop such rows")
+            raise EstimatorInputError(f"row {empty[0] + 1} (X[{empty[0]}]) has no observed value (all NaN), so "
+                                      "it has no likelihood to score; drop such rows")
         return X
 
     def score_samples(self, X):
@@ -195,7 +195,8 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
 
     def sample(self, n_samples=1, random_state=None):
         """n_samples rows drawn from the fitted model, (n_samples, D).  random_state
-        defaults to the estimator's (same seed, same draws; None means seed 0, as in fit)."""
+        defaults to the estimator's (same seed, same draws; None means seed 0, as in fit; a
+        RandomState advances at each call, as in scikit-learn)."""
         check_is_fitted(self, "model_")
         if not _is_integer(n_samples) or n_samples < 0:
             raise EstimatorInputError(f"n_samples must be a non-negative integer, got {n_samples!r}; pass e.g. "
@@ -252,6 +253,8 @@ class CPADGNDetector(_CPABase):
     quantile, labels_ = (decision_scores_ > threshold_) as 0/1, predict(X) likewise,
     predict_proba(X) the outlier probability by min-max scaling of the training scores
     ('linear') or by the Gaussian error function ('unify'), as PyOD does.
+    score_samples(X) and score(X) keep scikit-learn's sign: log p(x) and its mean (higher =
+    more normal, so -decision_function(X); cross_val_score maximises the likelihood).
     """ + _PARAMETERS + """    decision_scores_ : (N,) anomaly scores of the training rows.
     threshold_ : float, the (1 - contamination) quantile of decision_scores_.
     labels_ : (N,) int, 0 inlier, 1 outlier.

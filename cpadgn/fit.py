@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .data import numeric_array
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
 from .numerics import MAX_MAGNITUDE, NOISE_RANGE, ROUNDING_WARN_NATS, check_magnitude, check_spread
@@ -97,7 +98,7 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
                         allow_missing: bool = True, validation: bool = False) -> np.ndarray:
     """X (N, D) as float64, NaN = missing; CpadgnError for what EM cannot fit.
     validation: rows that are only scored (one row will do, a column may be unobserved)."""
-    X = np.asarray(X, dtype=np.float64)
+    X = numeric_array(X).astype(np.float64, copy=False)
     if X.ndim != 2:
         raise CpadgnError(f"the {what} must be a 2-D table of rows, got shape {X.shape}; pass one row "
                           "per sample")
@@ -264,7 +265,7 @@ def model_start(model, X, *, latent_dim=None, noise=None, noise_std=None, init_n
     if not isinstance(model, CPAModel):
         model = load(model, cache=False)
     S, D = model.latent_dim, model.output_dim
-    X = np.asarray(X, dtype=np.float64)
+    X = numeric_array(X).astype(np.float64, copy=False)
     check_init_dimensions(model, X.shape[1] if X.ndim == 2 else X.shape, latent_dim)
     X = check_training_data(X, S)
     part = None
@@ -379,7 +380,7 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
                           "the start's noise std: use e.g. 0.1 or 1")
     X = check_training_data(X, latent_dim)
     if X_val is not None:
-        X_val = np.asarray(X_val, dtype=np.float64)
+        X_val = numeric_array(X_val).astype(np.float64, copy=False)
         if X_val.size == 0:
             X_val = None
         else:

@@ -49,7 +49,7 @@ from . import likelihood
 from .data import check_rows
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import check_representable
+from .numerics import check_representable, seeded_rng
 from .partition import Partition
 from .sampling import sample_truncated_gaussian
 
@@ -128,7 +128,7 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     todo = np.flatnonzero(n_missing > 0)
     sigma = np.broadcast_to(np.asarray(noise_std, dtype=np.float64), (D,))
     check_representable(X64[todo], net.biases[-1], sigma, row_numbers=todo + 1)
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     K = None if draws is None else int(draws)
 
     mean = X64.copy()

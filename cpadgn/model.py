@@ -17,7 +17,7 @@ from scipy.optimize import minimize_scalar
 from . import likelihood
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet, check_prior, fold_prior
-from .numerics import NOISE_RANGE, check_noise_range, rounding_error_estimate
+from .numerics import NOISE_RANGE, check_noise_range, rounding_error_estimate, seeded_rng
 from .partition import Partition, compute_partition
 
 
@@ -82,7 +82,28 @@ class CPAModel:
         self.extra: dict = {}
         self.source_parameters: int | None = None    # a torch source's, set by ``load``
 
+    def __repr__(self) -> str:
+        s = self.noise_std
+        noise = "None" if s is None else f"{float(s):.6g}" if s.ndim == 0 else \
+            f"<{s.size} stds in [{s.min():.6g}, {s.max():.6g}]>"
+        return (f"CPAModel(latent_dim={self.latent_dim}, hidden_sizes={self.generator.hidden_sizes}, "
+                f"output_dim={self.output_dim}, noise_std={noise}, "
+                f"cache_path={None if self.cache_path is None else str(self.cache_path)!r})")
+
     # ------------------------------------------------------------ properties
+    @property
+    def memory_budget(self) -> float:
+        """Bytes the batched work may use at once (it sets the rows and regions per batch)."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value) -> None:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if not (ok and np.isfinite(value) and value > 0):
+            raise CpadgnError(f"memory_budget must be a positive number of bytes, got {value!r}; pass e.g. "
+                              "memory_budget=2e9")
+        self._memory_budget = float(value)
+
     @property
     def latent_dim(self) -> int:
         return self.net.latent_dim
@@ -132,8 +153,8 @@ class CPAModel:
 
     def _region_table(self):
         if self.noise_std is None:
-            raise CpadgnError(f"{self.no_noise_reason()}: pass --noise-std X (or auto) or noise_std= to "
-                              "cpadgn.load")
+            raise CpadgnError(f"{self.no_noise_reason()}; pass --noise-std X (or auto), or in Python "
+                              "noise_std= to cpadgn.load, or fit it: model.with_noise_std(model.fit_noise_std(X))")
         if self._table is None:
             self._table = likelihood.RegionTable(self.net, self.partition(), self.noise_std, self.device,
                                                  self.memory_budget)
@@ -169,10 +190,20 @@ class CPAModel:
     def fit_noise_std(self, X, *, bounds=None, progress=None) -> float:
         """Maximum-likelihood isotropic noise std on X by bounded 1-D search on log sigma.
 
+        bounds: (low, high), 0 < low < high, the interval searched (default 1e-4 to 10 times
+        the data's std); a result at one of its ends means the optimum lies beyond it.
         Every evaluation is an exact log-likelihood; the partition does not depend on
         the noise, so it is computed once.  ``progress(evaluations, None, message)`` is
         called after each evaluation (message: the sigma tried and its log-likelihood).
         """
+        if bounds is not None:
+            try:
+                ok = len(bounds) == 2 and all(np.isfinite(b) and b > 0 for b in bounds) and bounds[0] < bounds[1]
+            except TypeError:
+                ok = False
+            if not ok:
+                raise CpadgnError(f"bounds must be two positive numbers (low, high) with low < high, got "
+                                  f"{bounds!r}; pass e.g. bounds=(1e-3, 10.0), or leave it out")
         X = self._check_data(X)
         X = X[~np.isnan(X).all(axis=1)]             # rows with nothing observed carry no information
         if X.size == 0:
@@ -204,7 +235,7 @@ class CPAModel:
         """n draws of x from the model, (n, D).  seed: anything ``np.random.default_rng`` takes."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise CpadgnError(f"n must be a non-negative integer, got {n!r}; pass e.g. sample(100)")
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed)
         z = rng.standard_normal((n, self.latent_dim))
         x = self.net.forward(z)
         if self.noise_std is not None:

@@ -50,6 +50,11 @@ class PiecewiseAffineNet:
                 raise ValueError(f"consecutive layer shapes do not match: {W.shape} then {W_next.shape}; pass "
                                  "weights whose input width is the previous layer's output width")
 
+    def __repr__(self) -> str:
+        """The architecture, not the weights (the dataclass's repr printed every weight)."""
+        return (f"PiecewiseAffineNet(latent_dim={self.latent_dim}, hidden_sizes={self.hidden_sizes}, "
+                f"output_dim={self.output_dim})")
+
     @classmethod
     def from_arrays(cls, weights, biases, slopes) -> "PiecewiseAffineNet":
         as64 = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float64))

@@ -19,6 +19,16 @@ MAX_WHITENED_SQ = 1e200
 MAX_MAGNITUDE = 1e100       # |weight|, |bias|, |training value|: their squares and sums stay finite
 
 
+def seeded_rng(seed) -> np.random.Generator:
+    """np.random.default_rng(seed), or a one-line CpadgnError for a seed numpy does not take
+    (a string, a float, a negative int: numpy's TypeError or ValueError)."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise CpadgnError(f"seed must be None, a non-negative integer or a numpy Generator, got {seed!r}; "
+                          "pass e.g. seed=0") from None
+
+
 def check_noise_range(noise_std: np.ndarray) -> None:
     """Refuse noise stds (any shape, finite and > 0) outside NOISE_RANGE."""
     lo, hi = NOISE_RANGE

@@ -8,6 +8,7 @@ from scipy import stats
 
 from cli.main import main
 from cpadgn import CPAModel, PiecewiseAffineNet
+from cpadgn.errors import CpadgnError
 from cpadgn.anomaly import clopper_pearson, expected_squared_residuals, pvalues, top_features
 from cpadgn.modelfile import save_model
 
@@ -170,6 +171,31 @@ def test_top_features_skip_missing_entries():
     np.testing.assert_array_equal(index, [[2, 0], [2, -1], [0, 1]])
     np.testing.assert_array_equal(value[1], [2.0, np.nan])
 
+
+
+def test_top_features_give_k_columns_and_refuse_a_negative_k():
+    """k above D gave D columns, not the (N, k) the docstring promises (-1 / NaN beyond
+    the finite entries); k = -1 silently gave all but the last column."""
+    index, value = top_features(np.array([[1.0, np.nan, 3.0]]), 5)
+    np.testing.assert_array_equal(index, [[2, 0, -1, -1, -1]])
+    np.testing.assert_array_equal(value, [[3.0, 1.0, np.nan, np.nan, np.nan]])
+    with pytest.raises(CpadgnError, match="k must be a non-negative integer, got -1"):
+        top_features(np.ones((2, 3)), -1)
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda m, ll: pvalues(m, ll, 2.5), "n_samples must be a positive integer, got 2.5"),
+    (lambda m, ll: pvalues(m, ll, 0), "n_samples must be a positive integer, got 0"),
+    (lambda m, ll: pvalues(m, ll, 10, level=95), "level must be in (0, 1), got 95"),
+    (lambda m, ll: pvalues(m, np.stack([ll, ll]), 10), "log_prob must be one log p per row"),
+    (lambda m, ll: pvalues(m, ll, 10, observed=np.ones((2, 4), bool)), "observed must have shape (3, 4)"),
+])
+def test_pvalues_bad_arguments_are_cpadgn_errors(model1, call, fragment):
+    """The README promises CpadgnError for every user error; pvalues raised a bare ValueError
+    (and truncated n_samples=2.5 to 2)."""
+    with pytest.raises(CpadgnError) as err:
+        call(model1, np.zeros(3))
+    assert fragment in str(err.value) and "; pass" in str(err.value) and "\n" not in str(err.value)
 
 def test_incomplete_rows_are_scored_by_the_observed_columns_model(model1):
     X = model1.sample(5, seed=6)

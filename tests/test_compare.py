@@ -541,3 +541,21 @@ def test_pairwise_note_is_one_line_below_a_narrow_table():
     out.print(_table("Pairwise", ["A", "B", "mean d", "better"], [["res", "conv", "5.98", "A"]], note=note))
     lines = [ln.rstrip() for ln in out.export_text().splitlines()]
     assert note in lines and max(map(len, lines[:-1])) < len(note)
+
+
+def test_a_fitted_estimator_is_compared_as_its_model():
+    """compare({"det": fitted CPADGN}, X) said 'model 1 is a CPADGN, not a CPAModel', and a
+    lone estimator (not in a list) raised "'CPADGN' object is not iterable".  Oracle: the
+    closed-form Gaussian log-likelihood of the fitted linear generator."""
+    X = np.random.default_rng(0).normal(size=(30, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0, 0, 1]])
+    det = cpadgn.CPADGN(latent_dim=1, hidden=(), max_iter=2).fit(X)
+    net, sigma = det.model_.generator, float(det.model_.noise_std)
+    A, b = net.weights[0], net.biases[0]
+    want = multivariate_normal(A @ det.model_.prior_mean + b,
+                               A @ det.model_.prior_cov @ A.T + sigma ** 2 * np.eye(3)).logpdf(X).mean()
+    for models in ({"det": det}, det, [cpadgn.CPADGNDetector(latent_dim=1, hidden=(), max_iter=2).fit(X)]):
+        res = cpadgn.compare(models, X)
+        np.testing.assert_allclose(res.models[0].mean_log_likelihood, want, rtol=0, atol=1e-12)
+    with pytest.raises(CpadgnError, match="model 1 is a int, not a CPAModel or a model path; pass CPAModel objects, "
+                                          "fitted cpadgn estimators"):
+        cpadgn.compare(3, X)

@@ -390,3 +390,37 @@ def test_trailing_commas_are_refused_with_the_fix(tmp_path):
     got = read_data(tmp_path / "named.csv")
     np.testing.assert_array_equal(got[:, :3], X)
     assert np.isnan(got[:, 3]).all()
+
+
+# ------------------------------------------------------------------ rows given in Python
+def test_python_rows_with_pandas_na_and_torch_tensors_that_require_grad():
+    """A pandas frame of a nullable dtype ("Float64", pd.NA for missing) and a torch tensor
+    that requires grad are scored like the NaN array they hold, by log_prob, compare and
+    fit_em; they raised numpy's TypeError or torch's RuntimeError from deep inside.
+    Oracle: the closed-form Gaussian marginal of the observed entries of a linear model."""
+    import pandas as pd
+    import torch
+    from scipy.stats import multivariate_normal
+
+    import cpadgn
+    from cpadgn.fit import fit_em
+    from oracles import random_linear_model
+
+    rng = np.random.default_rng(3)
+    model, A, b, mu, cov_z, sigma = random_linear_model(rng, 1, 3, 0.8)
+    X = rng.normal(size=(6, 3))
+    X[0, 1] = X[2, 0] = np.nan
+    cov_x = A @ cov_z @ A.T + np.diag(sigma ** 2)
+    want = [multivariate_normal(A[o] @ mu + b[o], cov_x[np.ix_(o, o)]).logpdf(x[o])
+            for x in X for o in [~np.isnan(x)]]
+    frame = pd.DataFrame(X).astype("Float64").mask(np.isnan(X), pd.NA)
+    assert frame.isna().to_numpy().sum() == 2 and frame.dtypes.iloc[0] == "Float64"
+    tensor = torch.tensor(X, requires_grad=True) * 1.0
+    for rows in (frame, tensor):
+        np.testing.assert_allclose(model.log_prob(rows), want, rtol=0, atol=1e-12)  # eps x |log p| ~ 1e-14
+        assert np.array_equal(np.isnan(model.impute(rows)), np.zeros_like(X, dtype=bool))
+    res = cpadgn.compare({"linear": model}, frame, frame)
+    np.testing.assert_allclose(res.models[0].mean_log_likelihood, np.mean(want), rtol=0, atol=1e-12)
+    assert fit_em(frame, 1, hidden=(), max_iter=1).net.output_dim == 3
+    with pytest.raises(CpadgnError, match=r"not a numeric array .*pass an \(N, 3\) array of numbers"):
+        model.log_prob(pd.DataFrame([["a", 1.0, 2.0]]))

@@ -168,7 +168,7 @@ def test_fit_takes_nan_and_refuses_bad_input_clearly(data):
     with pytest.raises(ValueError, match="row 7 .*no observed value"):
         CPADGN(**SMALL).fit(Y)
     for method in ("score_samples", "decision_function", "predict", "transform", "score"):
-        with pytest.raises(cpadgn.CpadgnError, match="row 7 has no observed value"):  # as fit does
+        with pytest.raises(cpadgn.CpadgnError, match=r"row 7 \(X\[6\]\) has no observed value"):  # as fit does
             getattr(det, method)(Y)
     with pytest.raises(cpadgn.CpadgnError, match="n_features = 1"):
         CPADGN(**SMALL).fit(X[:, :1])

@@ -698,3 +698,15 @@ def test_cli_json_reports_the_cache_status(files):
                 "--device", "cpu")
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["cache_status"] == want
+
+
+@pytest.mark.parametrize("seed", ["a", -1, 1.5])
+def test_a_seed_numpy_does_not_take_is_one_cpadgn_error(seed):
+    """impute(draws=K, seed=...) and sample(seed=...) raised numpy's TypeError / ValueError
+    ("SeedSequence expects int or sequence of ints for entropy not a")."""
+    from cpadgn.errors import CpadgnError
+    model, *_ = random_linear_model(np.random.default_rng(0), 1, 3, 0.8)
+    X = np.array([[0.5, np.nan, 1.0]])
+    for call in (lambda: model.impute(X, draws=2, seed=seed), lambda: model.sample(2, seed=seed)):
+        with pytest.raises(CpadgnError, match=r"^seed must be None, a non-negative integer .*; pass e\.g\. seed=0$"):
+            call()

@@ -711,3 +711,18 @@ def test_a_torch_decoder_counts_its_trained_parameters_not_its_dense_form(tmp_pa
     net = load_generator(seq).net
     save_model(tmp_path / "dense.h5", net, noise_std=np.full(4, 0.1))
     assert cpadgn.load(tmp_path / "dense.h5", cache=False).n_parameters == net.n_parameters + 4
+
+
+def test_reprs_show_the_architecture_not_the_weights():
+    """In a notebook, a model showed <cpadgn.model.CPAModel object at 0x...> and its
+    generator the dataclass repr of every weight (~12,000 characters for the digits model)."""
+    from cpadgn.model import CPAModel
+    W = (np.ones((5, 2)), np.ones((7, 5)))
+    net = PiecewiseAffineNet.from_arrays(W, (np.zeros(5), np.zeros(7)), (0.1,))
+    assert repr(net) == "PiecewiseAffineNet(latent_dim=2, hidden_sizes=(5,), output_dim=7)"
+    model = CPAModel(net, noise_std=0.25, device="cpu")
+    assert repr(model) == ("CPAModel(latent_dim=2, hidden_sizes=(5,), output_dim=7, noise_std=0.25, "
+                           "cache_path=None)")
+    diag = CPAModel(net, noise_std=np.linspace(0.1, 0.7, 7), device="cpu", cache_path="m.partition.h5")
+    assert "noise_std=<7 stds in [0.1, 0.7]>, cache_path='m.partition.h5')" in repr(diag)
+    assert "noise_std=None" in repr(CPAModel(net, device="cpu"))

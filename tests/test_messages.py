@@ -112,7 +112,32 @@ CASES = [
     ("reserved group", lambda t: _save(t, groups={"generator": {"x": np.ones(2)}}),
      ValueError, "is reserved or empty", "use another name"),
     ("pvalues n_samples 0", lambda t: __import__("cpadgn.anomaly").anomaly.pvalues(_model(), np.zeros(2), n_samples=0),
-     ValueError, "n_samples must be >= 1, got 0", "pass n_samples=1 or more"),
+     CpadgnError, "n_samples must be a positive integer, got 0", "pass e.g. n_samples=1000"),
+    # a pandas row (df.iloc[0], a Series) was told to use X.reshape(1, -1), which a Series lacks
+    ("log_prob of a Series", lambda t: _model().log_prob(__import__("pandas").DataFrame(np.zeros((2, 3))).iloc[0]),
+     CpadgnError, "got one row of shape (3,)", "pass df.iloc[[i]], a one-row frame"),
+    # a string budget was "'>' not supported between instances of 'float' and 'str'" from inside
+    ("memory_budget string", lambda t: setattr(_model(), "memory_budget", "2e9"),
+     CpadgnError, "memory_budget must be a positive number of bytes, got '2e9'", "pass e.g. memory_budget=2e9"),
+    ("memory_budget 0", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), memory_budget=0),
+     CpadgnError, "memory_budget must be a positive number of bytes, got 0", "pass e.g. memory_budget=2e9"),
+    # "row 2" alone is ambiguous in Python, where that row is X[1]
+    ("log_prob inf", lambda t: _model().log_prob(np.array([[0.0, 1.0, 2.0], [0.0, np.inf, 1.0]])),
+     CpadgnError, "row 2, column 2 (X[1, 1]) is inf", "replace it with a finite value"),
+    ("estimator row of NaN", lambda t: __import__("cpadgn.estimator").estimator.CPADGN(
+        latent_dim=1, hidden=(), max_iter=1).fit(np.random.default_rng(0).normal(size=(20, 3))).score_samples(
+        np.array([[0.0, 1.0, 2.0], [np.nan] * 3])),
+     ValueError, "row 2 (X[1]) has no observed value (all NaN)", "drop such rows"),
+    # reversed bounds were blamed on the data ("the data's spread ... rescale the data"); a
+    # negative low end was silently raised to 1e-100
+    ("fit_noise_std reversed bounds", lambda t: _model().fit_noise_std(np.zeros((2, 3)), bounds=(0.5, 0.1)),
+     CpadgnError, "bounds must be two positive numbers (low, high) with low < high, got (0.5, 0.1)",
+     "pass e.g. bounds=(1e-3, 10.0)"),
+    ("fit_noise_std negative bound", lambda t: _model().fit_noise_std(np.zeros((2, 3)), bounds=(-1, 0.1)),
+     CpadgnError, "bounds must be two positive numbers", "or leave it out"),
+    # the remedy named only --noise-std X (or auto), which is not a Python argument
+    ("model without noise std", lambda t: __import__("cpadgn.model").model.CPAModel(_net()).log_prob(np.zeros((1, 3))),
+     CpadgnError, "the model stores no noise std", "model.with_noise_std(model.fit_noise_std(X))"),
     ("hidden width 0", lambda t: __import__("cpadgn.fit").fit.parse_hidden("32,0"),
      CpadgnError, "hidden layer widths must be positive integers", "give widths of 1 or more like --hidden 32,32"),
     ("estimator contamination", lambda t: _fit_estimator(contamination=0.9),
