@@ -13,9 +13,9 @@ from cli.lazy import np
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import (Progressbar, check_cache_path, check_dask_options, console, fit_noise_std, main,
-                      memory_budget_option, notice_for, parse_noise, precision_options, resolve_device, say_for, set_precision,
-                      rounding_errors, user_errors, warn_rounding)
+from cli.main import (Progressbar, check_cache_path, check_dask_options, console, csv_column_names, fit_noise_std,
+                      main, memory_budget_option, notice_for, parse_noise, precision_options, resolve_device,
+                      rounding_errors, say_for, scale_mismatch, set_precision, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -141,6 +141,10 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         if noises[i] == "auto":       # the partition does not depend on the noise: reused
             models[i] = (name, fit_noise_std(m, X_train, say, quiet, who=f"{name}: ", on=" on --train",
                                              label=f"noise std {i + 1}/{len(models)}"))
+    for name, m in models:
+        warning = scale_mismatch(m, X_test, name=f"--data {test_path}", names=csv_column_names(test_path))
+        if warning and warnings:
+            click.echo(f"Warning: {name}: {warning}", err=True)
 
     if dask_address is not None:
         from cpadgn import dask as cluster

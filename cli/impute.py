@@ -218,7 +218,8 @@ def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws,
     from cpadgn import dask as cluster
     rows = cluster.open_rows(data_path, dataset)
     model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget,
-                       check=lambda m: cluster.check_columns(m, rows, data_path), **load)
+                       check=lambda m: cluster.check_columns(m, rows, data_path), data_name=data_path,
+                       first_rows=lambda: cluster.first_rows(rows), **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
     N, D = X.shape
     lead = np.empty((N, cluster.IMPUTE_LEAD))

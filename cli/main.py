@@ -448,13 +448,15 @@ def warn_rounding(err: np.ndarray, quiet: bool, name: str = "") -> int:
 
 def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_regions, quiet, data=None,
                data_name="DATA", need_noise=True, memory_budget=2e9, rtol=None, stderr_target=None, check=None,
-               notices=None):
+               notices=None, first_rows=None):
     """Load a generator, check it against the data (data_name: its file, for the messages;
     and by ``check(model)``, which raises
     CpadgnError), get its partition (cache or compute), settle the noise std.  Bad input
     fails here, before any long computation (the commands call ``check_cache_path``
     earlier still, before they read DATA).  notices: print the notice that a cache of
-    another generator is replaced (default: not quiet; pass ``not --quiet`` under --json)."""
+    another generator is replaced (default: not quiet; pass ``not --quiet`` under --json).
+    first_rows: where data is None (--dask, DATA stays on disk), a callable returning rows
+    of DATA for the check of its scale (``scale_mismatch``)."""
     from cpadgn.data import check_rows
     from cpadgn.model import load
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
@@ -476,13 +478,21 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
                         notice=notice_for(quiet if notices is None else not notices))
     if noise_std == "auto":
         model = fit_noise_std(model, data, say, quiet)
-    warning = None if data is None or model.noise_std is None else scale_mismatch(model, data)
+    rows = data if data is not None or first_rows is None else first_rows()
+    warning = None if rows is None or model.noise_std is None else \
+        scale_mismatch(model, rows, name=data_name, names=csv_column_names(data_name))
     if warning and (not quiet if notices is None else notices):
         click.echo(f"Warning: {warning}", err=True)
     return model
 
 
-def scale_mismatch(model, X, limit: float = 10.0) -> str | None:
+def csv_column_names(path) -> list | None:
+    """The header cells of DATA when it is a CSV file with a header, else None."""
+    from cpadgn.data import csv_header_cells
+    return csv_header_cells(path) if str(path).lower().endswith(".csv") else None
+
+
+def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=None) -> str | None:
     """The warning for DATA on another scale than the model's, or None: per column, the
     median over the rows of |x_d - m_d| / s_d (m_d, s_d the model's marginal mean and std,
     from 2,000 seeded draws); the largest, when above limit.  Test rows left unstandardised
@@ -490,7 +500,8 @@ def scale_mismatch(model, X, limit: float = 10.0) -> str | None:
     z-scores (2,100 stds, -1e7 nats per row), raw load_digits pixels (0..16) under the
     sample digits models of pixels / 16 (13.9).  Rows of the model's own scale have
     medians of a few stds, anomalies included: the digits test rows 0.37 (EM) and 1.9
-    (VAE), the wave rows 0.94, malignant rows under a benign-only model 2.8."""
+    (VAE), the wave rows 0.94, malignant rows under a benign-only model 2.8.  name: DATA's
+    file; names: its column names (a CSV header), for the message."""
     import warnings
     X = np.asarray(X, dtype=np.float64)
     X = X[::max(1, X.shape[0] // 10000)]                         # 10,000 rows at most: a median
@@ -503,7 +514,8 @@ def scale_mismatch(model, X, limit: float = 10.0) -> str | None:
     j = int(np.argmax(median))
     if not median[j] > limit:
         return None
-    return (f"column {j + 1} of DATA is {median[j]:.3g} model stds from the model's mean in its median row "
+    label = f" ('{names[j].strip()}')" if names and len(names) == X.shape[1] and names[j].strip() else ""
+    return (f"column {j + 1}{label} of {name} is {median[j]:.3g} model stds from the model's mean in its median row "
             f"({float(np.nanmedian(X[:, j])):.4g} against {mean[j]:.4g} +- {std[j]:.3g}): is DATA on the "
             "training data's scale (standardised the same way)?")
 
@@ -677,7 +689,8 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     the model (scored on the same observed entries) that are at most as likely,
     and pvalue_lower, pvalue_upper (Clopper-Pearson 95% interval of the true
     p-value).  --explain K adds explain_1..K (1-based column number of the
-    feature, largest first; 0 when fewer than K entries are observed) and
+    feature, largest first; 0 when fewer than K entries are observed),
+    explain_1..K_name (its name, when DATA is a CSV file with a header) and
     explain_1..K_residual (E[(x_d - g_d(z))^2 | x] / sigma_d^2, about 1 for a
     feature the model explains, NaN for a missing one).
 
@@ -732,7 +745,10 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     if explain is not None:
         from cpadgn.anomaly import expected_squared_residuals
         residuals = expected_squared_residuals(model, X, post)
-    columns = scores_table(post, contamination, pv=pv, alpha=alpha, residuals=residuals, explain=explain)
+    names = csv_column_names(data_path) if explain is not None else None
+    names = [c.strip() for c in names] if names and len(names) == X.shape[1] else None
+    columns = scores_table(post, contamination, pv=pv, alpha=alpha, residuals=residuals, explain=explain,
+                           names=names)
     write_table(out, columns)
     if plot_path is not None:
         from cpadgn import plot
@@ -769,7 +785,8 @@ def score_on_dask(address, model_path, data_path, dataset, chunk_rows, out, cont
     from cpadgn.data import write_table
     rows = cluster.open_rows(data_path, dataset)
     model = load_model(model_path, quiet=quiet, device=device, memory_budget=memory_budget,
-                       check=lambda m: cluster.check_columns(m, rows, data_path), **load)
+                       check=lambda m: cluster.check_columns(m, rows, data_path), data_name=data_path,
+                       first_rows=lambda: cluster.first_rows(rows), **load)
     X = cluster.read(rows, chunk_rows=chunk_rows, memory_budget=memory_budget)
     S, stats = model.latent_dim, LoglikStats(model.output_dim, model.stderr_target, model.latent_dim >= 4)
     block_post = lambda block: cluster.posterior_fields(block, S)
@@ -831,8 +848,9 @@ def check_score_options(contamination, pvalues, samples, alpha, explain, seed_gi
                           f"no row could be flagged; use --samples {int(np.ceil(10 / alpha))} or more")
 
 
-def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, explain=None):
-    """The output columns of ``cpadgn score``."""
+def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, explain=None, names=None):
+    """The output columns of ``cpadgn score`` (names: DATA's column names, a CSV header, for
+    --explain's explain_k_name columns)."""
     ll = post.log_likelihood
     cols = {"log_likelihood": ll, "anomaly_score": -ll, "n_observed": post.n_observed}
     for j in range(post.z_mean.shape[1]):
@@ -853,6 +871,8 @@ def scores_table(post, contamination, *, pv=None, alpha=None, residuals=None, ex
         index, value = top_features(residuals, explain)
         for k in range(explain):
             cols[f"explain_{k + 1}"] = index[:, k] + 1           # 1-based column, 0 = none
+            if names is not None:
+                cols[f"explain_{k + 1}_name"] = np.where(index[:, k] >= 0, np.asarray(names, dtype=str)[index[:, k]], "")
             cols[f"explain_{k + 1}_residual"] = value[:, k]
     return cols
 

@@ -426,6 +426,12 @@ def _impute_block(X, model, draws, seed, std, mean_stderr, block_info=None):
     return np.column_stack([res.error_bound, res.n_missing] + parts).astype(np.float64)
 
 
+def first_rows(src: RowSource, n: int = 2_000) -> np.ndarray:
+    """The first min(n, N) rows of DATA, read here (the client): (n, D) float64, NaN = missing.
+    For checks of DATA as a whole (its scale) that a prefix answers."""
+    return src[:min(n, src.shape[0])]
+
+
 def check_columns(model, X, name: str = "the data") -> None:
     if hasattr(model, "output_dim") and X.shape[1] != model.output_dim:
         from .data import width_message

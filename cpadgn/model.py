@@ -90,6 +90,12 @@ class CPAModel:
                 f"output_dim={self.output_dim}, noise_std={noise}, "
                 f"cache_path={None if self.cache_path is None else str(self.cache_path)!r})")
 
+    def __setstate__(self, state: dict) -> None:
+        # pickles from before memory_budget became a property hold it under its own name
+        if "memory_budget" in state:
+            state["_memory_budget"] = float(state.pop("memory_budget"))
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------ properties
     @property
     def memory_budget(self) -> float:

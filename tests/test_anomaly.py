@@ -245,6 +245,27 @@ def test_score_pvalues_alpha_and_explain(files):
     esr = expected_squared_residuals(model, X)
     np.testing.assert_allclose(t["explain_1_residual"], np.nanmax(esr, axis=1), rtol=1e-12)
     assert t["explain_1"][5] != 2 and t["explain_2"][5] != 2          # the missing entry is never named
+    import csv
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))                                  # DATA's header is a,b,c,d
+    for k in (1, 2):
+        assert [r[f"explain_{k}_name"] for r in rows] == ["abcd"[int(r[f"explain_{k}"]) - 1] for r in rows]
+    assert rows[0]["explain_1_name"] == "c"
+
+
+def test_explain_names_only_what_a_header_names(files):
+    """explain_k_name comes from a CSV header; .npy DATA (no names) gets none, and an .h5
+    OUT stores the names as strings."""
+    np.save(files["dir"] / "x.npy", files["X"])
+    out = files["dir"] / "s.csv"
+    assert run("score", files["model"], files["dir"] / "x.npy", "-o", out, "-q", "--explain", "1").exit_code == 0
+    assert "explain_1_name" not in table(out).dtype.names and "explain_1" in table(out).dtype.names
+    h5 = files["dir"] / "s.h5"
+    assert run("score", files["model"], files["data"], "-o", h5, "-q", "--explain", "1").exit_code == 0
+    import h5py
+    with h5py.File(h5, "r") as f:
+        names = [n.decode() for n in f["explain_1_name"][:]]
+        assert names == ["abcd"[i - 1] for i in f["explain_1"][:]]
 
 
 def test_score_is_bit_identical_across_runs_and_equal_across_batch_sizes(files):

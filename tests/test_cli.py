@@ -67,10 +67,14 @@ def test_score_and_impute_warn_of_data_on_another_scale(files):
                      ["impute", files["model"], path, "-o", d / f"{name}_f.csv"]):
             res = run(*args)
             assert res.exit_code == 0, res.output
-            assert ("Warning: column 3 of DATA is" in res.stderr) == warned, res.stderr
+            assert (f"Warning: column 3 of {path} is" in res.stderr) == warned, res.stderr
             assert "standardised the same way" in res.stderr or not warned
         res = run("score", files["model"], path, "-o", d / f"{name}.csv", "-q")
         assert "Warning" not in res.stderr
+    named = d / "named.csv"                      # a CSV header names the column
+    np.savetxt(named, X * [1, 1, 200] + [0, 0, 5000], delimiter=",", header="a,b,income", comments="")
+    res = run("score", files["model"], named, "-o", d / "named_s.csv")
+    assert res.exit_code == 0 and f"Warning: column 3 ('income') of {named} is" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".h5"])

@@ -410,6 +410,22 @@ def test_cli_data_dimension_mismatch(files):
         f"Error: --data {d / 'test.csv'} has 3 columns but the models output D=4; pass data with 4 columns"]
 
 
+def test_cli_warns_of_test_rows_on_another_scale_per_model(files, tmp_path):
+    """Test rows left unstandardised (column 2 times 300) are refused by nothing and were
+    compared in silence; each model now gets score's scale warning, naming the header's
+    column.  The models' own rows stay silent."""
+    d = files
+    X = np.loadtxt(d / "test.csv", delimiter=",")
+    raw = tmp_path / "raw.csv"
+    np.savetxt(raw, X * [1, 300, 1], delimiter=",", header="u,v,w", comments="")
+    r = run([d / "a.h5", d / "b.h5", "--data", raw, "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    for m in ("a.h5", "b.h5"):
+        assert f"Warning: {d / m}: column 2 ('v') of --data {raw} is" in r.stderr, r.stderr
+    r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu"])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.stderr
+
+
 def test_cli_bad_report_suffix(files):
     d = files
     r = run([d / "a.h5", "--data", d / "test.csv", "-o", d / "r.txt"])

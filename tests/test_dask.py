@@ -254,6 +254,23 @@ def test_cli_dask_refuses_data_of_another_width_by_name_before_the_partition(cli
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "gen.h5.partition.h5").exists()
 
 
+@pytest.mark.parametrize("command", ["score", "impute"])
+def test_cli_dask_warns_of_data_on_another_scale_from_its_first_rows(client, model, tmp_path, command):
+    """Under --dask the client holds no rows, and rows on another scale (column 3 times 200
+    plus 5,000: ~1e4 model stds) went without the warning the run without --dask gives;
+    it now comes from DATA's first rows.  The model's own rows stay silent."""
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    X = model.sample(60, seed=8)
+    for name, data, warned in (("own", X, False), ("raw", X * [1, 1, 200, 1, 1] + [0, 0, 5000, 0, 0], True)):
+        path = h5_data(tmp_path / f"{name}.h5", data)
+        r = CliRunner().invoke(main, [command, str(tmp_path / "gen.h5"), str(path), "-o",
+                                      str(tmp_path / f"{name}_{command}.npy"), "--dask", client.scheduler.address])
+        assert r.exit_code == 0, r.output
+        assert (f"Warning: column 3 of {path} is" in r.stderr) == warned, r.stderr
+
+
 def test_cli_score_with_dask_writes_the_same_csv(client, model, tmp_path):
     """--dask with the module cluster's scheduler address (a cluster of its own, local:2,
     would start two more worker processes: the LocalCluster is built as in the fixture)."""

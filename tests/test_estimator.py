@@ -111,6 +111,20 @@ def test_pickle_keeps_the_scores(data, fitted):
     np.testing.assert_array_equal(clone.score_samples(X), fitted.score_samples(X))
 
 
+def test_a_pickle_from_before_memory_budget_was_a_property_loads(data, fitted):
+    """CPAModel pickles hold memory_budget in their __dict__ under its own name from before
+    it became a validated property; unpickled, they failed at the first use
+    (AttributeError '_memory_budget').  The layout is rebuilt here as those pickles hold it."""
+    from cpadgn.model import CPAModel
+    X, _ = data
+    m = fitted.model_
+    old = object.__new__(CPAModel)
+    old.__dict__.update({k: v for k, v in m.__dict__.items() if k != "_memory_budget"}, memory_budget=1e8)
+    clone = pickle.loads(pickle.dumps(old))
+    assert clone.memory_budget == 1e8
+    np.testing.assert_array_equal(clone.score_samples(X), m.score_samples(X))
+
+
 def test_sample_is_seeded(fitted):
     a, b = fitted.sample(50, random_state=3), fitted.sample(50, random_state=3)
     assert a.shape == (50, 4)
