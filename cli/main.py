@@ -516,7 +516,7 @@ def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=N
         return None
     label = f" ('{names[j].strip()}')" if names and len(names) == X.shape[1] and names[j].strip() else ""
     return (f"column {j + 1}{label} of {name} is {median[j]:.3g} model stds from the model's mean in its median row "
-            f"({float(np.nanmedian(X[:, j])):.4g} against {mean[j]:.4g} +- {std[j]:.3g}): is DATA on the "
+            f"({float(np.nanmedian(X[:, j])):.4g} against {mean[j]:.4g} +- {std[j]:.3g}): are these rows on the "
             "training data's scale (standardised the same way)?")
 
 
