@@ -31,7 +31,8 @@ from cpadgn.errors import CpadgnError
                    "observed): OUT.std.csv / OUT.std.npy beside OUT, or dataset 'std' in an .h5 OUT "
                    "(at S >= 4 also dataset 'mean_stderr': the QMC standard error of the mean).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the draws and of --evaluate-mcar's mask (same seed, same draws).")
+              help="Seed of the draws and of --evaluate-mcar's mask (the same seed and "
+                   "--memory-budget, which sets the rows per batch, give the same draws).")
 @click.option("--evaluate-mcar", "mcar", type=FiniteRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="P",
               help="Hide a fraction P of the observed entries completely at random (seeded), "

@@ -257,7 +257,8 @@ class CPAModel:
         """Exact imputation of the missing entries (NaN) of X (N, D) given the observed ones.
 
         draws=None: the conditional mean E[x_m | x_o], (N, D); draws=K: K exact draws
-        from p(x_m | x_o), (K, N, D) (multiple imputation; same seed, same draws).
+        from p(x_m | x_o), (K, N, D) (multiple imputation; the same seed and
+        memory_budget, which sets the rows per batch, give the same draws).
         Observed entries are copied bit for bit and X's float dtype is kept.  At S >= 4
         the mean is a QMC estimate: ``imputation(X).mean_stderr`` gives its standard error.
         """

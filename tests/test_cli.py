@@ -123,6 +123,32 @@ def test_impute_of_a_csv_without_a_header_writes_none(files):
     np.testing.assert_array_equal(Y[seen], np.loadtxt(data, delimiter=",")[seen])
 
 
+
+def test_impute_seed_help_says_the_draws_depend_on_the_memory_budget(tmp_path):
+    """`impute --help` said "same seed, same draws", but the rows per batch (set by
+    --memory-budget) enter the draws too, as the README says: 20 digits rows with their
+    top half hidden, seed 1, give other (equally exact) draws at budgets 2e9 and 1e8, and
+    the same draws at the same budget.  The help names --memory-budget."""
+    import shutil
+    from pathlib import Path
+    samples = Path(__file__).resolve().parents[1] / "sample_data"
+    shutil.copy(samples / "digits_generator.h5", tmp_path)
+    X = np.loadtxt(samples / "digits_test.csv", delimiter=",", skiprows=1)[:20]
+    X[:, :32] = np.nan
+    np.save(tmp_path / "holes.npy", X)
+    draws = []
+    for i, budget in enumerate(["2e9", "2e9", "1e8"]):
+        out = tmp_path / f"d{i}.npy"
+        res = run("impute", tmp_path / "digits_generator.h5", tmp_path / "holes.npy", "-o", out, "--draws", "2",
+                  "--seed", "1", "--memory-budget", budget, "-q")
+        assert res.exit_code == 0, res.output
+        draws.append(np.load(out))
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.array_equal(draws[0], draws[2])
+    help_text = " ".join(run("impute", "--help").output.split())
+    seed_help = help_text[help_text.index("--seed INTEGER RANGE"):help_text.index("--evaluate-mcar P")]
+    assert "--memory-budget" in seed_help, seed_help
+
 def test_rows_with_every_value_missing_score_nan_and_are_counted(files):
     X = files["X"].copy()
     X[4] = np.nan
