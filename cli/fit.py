@@ -147,7 +147,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     slope = parse_activation(activation)
     if val_path is not None and val_fraction not in (None, 0):
         raise CpadgnError("give either --val or --val-fraction, not both")
-    say = (lambda m: None) if (quiet or as_json) else (lambda m: console.print(m))
+    say = (lambda m: None) if quiet else (lambda m: console.print(m))      # stderr: also under --json
     dev = resolve_device(device)
     raw = read_data(data_path, dataset=dataset)
     if init_model:

@@ -549,3 +549,22 @@ def test_cli_fit_vae_warns_of_few_adam_steps(tmp_path, wave):
             "epochs") in " ".join(r.output.split())
     assert vae_steps_warning(126, 128, 300) and not vae_steps_warning(126, 16, 300)
     assert not vae_steps_warning(1347, 128, 300)               # the digits: 11 steps per epoch
+
+
+def test_cli_fit_warns_on_stderr_also_under_json(tmp_path, wave):
+    """fit's warnings (too few VAE steps, a column on another scale) vanished under --json,
+    which other commands keep on stderr (stdout stays JSON); the README says fit warns,
+    with no exception for --json.  Only --quiet silences them."""
+    import json
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X[:60])
+    argv = ["fit", str(data), "-o", str(tmp_path / "vae.h5"), "-S", "1", "--hidden", "4", "--method", "vae",
+            "--max-iter", "2", "--val-fraction", "0", "--json"]
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["method"] == "vae"
+    assert "warning: --method vae: 60 training rows" in " ".join(r.stderr.split())
+    r = CliRunner().invoke(main, argv + ["--quiet"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "vae" and "warning" not in r.stderr
