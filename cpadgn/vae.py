@@ -115,11 +115,24 @@ def train_vae(X, *, latent_dim, hidden, slope=0.1, noise="diag", epochs=200, lr=
             loss.backward()
             opt.step()
             total -= loss.item() * xb.shape[0]
+        if not _finite_state(vae):
+            raise CpadgnError(f"VAE training diverged in epoch {epoch + 1} (its weights or noise std "
+                              f"overflowed); lower --lr (now {lr:g})")
         history.append({"epoch": epoch + 1, "train_elbo": total / Xt.shape[0],
                         "seconds": time.perf_counter() - t0})
         if callback is not None and callback(epoch + 1, vae, history):
             break
     return VAEResult(vae, history)
+
+
+def _finite_state(vae: GaussianVAE) -> bool:
+    """Whether the weights are finite and the noise std within ``numerics.NOISE_RANGE``.
+    An Adam step of size ~lr can overflow them after the ELBO it was taken from was
+    finite (log sigma moved by 1e6 makes sigma inf), which the loss check cannot see."""
+    from .numerics import NOISE_RANGE
+    std = np.asarray(vae.noise_std(), dtype=np.float64)
+    return (all(bool(torch.isfinite(p).all()) for p in vae.parameters())
+            and bool(np.all((std >= NOISE_RANGE[0]) & (std <= NOISE_RANGE[1]))))
 
 
 # ============================================================ the exact ELBO

@@ -376,6 +376,25 @@ def test_cli_fit_vae_divergence_names_the_learning_rate(tmp_path, wave):
     assert list(tmp_path.iterdir()) == [data]
 
 
+def test_cli_fit_vae_overflowing_noise_names_the_learning_rate(tmp_path, wave):
+    """A learning rate whose last Adam step overflows the noise std (its log moves by ~lr
+    while the ELBO of that step was finite) stops training with the same one line naming
+    --lr; it was a RuntimeWarning from the likelihood and 'OUT: noise std must be finite
+    and > 0 ... save the model with positive noise stds', which is about no step of the
+    user's."""
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X)
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "vae.h5"), "-S", "1", "--hidden", "6,6",
+                                  "--method", "vae", "--max-iter", "1", "--batch-size", "1000", "--lr", "1e6",
+                                  "-q"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == ["Error: VAE training diverged in epoch 1 (its weights or noise std "
+                                             "overflowed); lower --lr (now 1e+06)"]
+    assert list(tmp_path.iterdir()) == [data]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--hidden", "32,abc"], "--hidden"),
     (["--activation", "tanh"], "--activation"),
