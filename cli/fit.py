@@ -115,7 +115,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     options (JSON attrs) and the history in /training: per iteration the exact
     mean train and validation log-likelihood per row, the noise std and the
     region count.  Same data and seed give a byte-identical file.  Standardise the
-    columns first if their scales differ.
+    columns first if their scales differ.  Ctrl-C writes nothing (the iterations done
+    are lost): train a long run in stages, --max-iter N, then --init the file written.
 
     Missing values (NaN, or empty CSV cells) are fitted exactly by EM: the E-step is
     the exact posterior given each row's observed entries, the missing entries are
@@ -217,6 +218,11 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         provenance["init_model"] = Path(init_path).name
     save_fit(out, res, attrs=provenance)
     h = res.history
+    if res.stop_reason == "memory_budget":
+        k = int(h["iteration"][-1])
+        say(f"[yellow]warning:[/yellow] EM stopped after iteration {k}: the data now reach more regions and "
+            f"the next M-step would exceed --memory-budget {memory_budget:g}; {out} holds iteration {k}; to go "
+            f"on, fit again with --init {out}, another -o and a larger --memory-budget")
     summary = {"output": str(out), "method": method, "latent_dim": latent_dim,
                "hidden": list(hidden_sizes), "activation": activation, "noise": res.options["noise"],
                "train_rows": provenance["n_train"], "val_rows": provenance["n_val"],

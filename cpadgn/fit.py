@@ -14,7 +14,8 @@ EM (the algorithm is in ``em``; this module runs it):
                  (the partition does not move), which cannot lower it
     until the relative change of the mean training log-likelihood is below ``tol``,
     no step raises it, no step's log-likelihood is reliable under rounding (the noise
-    shrank towards a var_floor near 0), or ``max_iter`` iterations.
+    shrank towards a var_floor near 0), the next M-step would exceed the memory budget,
+    or ``max_iter`` iterations.
 
 So the exact training log-likelihood never decreases.  Training rows may have missing
 entries (NaN): the E-step is then the exact posterior given the observed entries, the
@@ -165,7 +166,7 @@ class FitResult:
     history: {name: (T,) array}, entry 0 the initialisation (EM) or per epoch (VAE);
     method: "em" or "vae"; stop_reason: "tol", "max_iter", "no_improvement",
     "rounding" (every further step was unreliable by rounding, see ``fit_em``),
-    "callback" or "epochs"; train_loglik / val_loglik: final exact mean log-likelihood
+    "memory_budget" (the next M-step would exceed it, see ``fit_em``), "callback" or "epochs"; train_loglik / val_loglik: final exact mean log-likelihood
     per row (val None without validation rows); encoder: the VAE's encoder arrays.
     """
 
@@ -359,6 +360,11 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     towards a var_floor near 0) is rejected too: its value, and so the comparison, is
     unreliable.  When that leaves no step, EM stops with stop_reason "rounding".
 
+    A generator whose M-step needs more than memory_budget is refused before the first
+    step; when the data reach more regions later, EM stops with stop_reason
+    "memory_budget" and returns the last iterate (continue with a larger budget and it
+    as init).
+
     callback(row: dict) after every iteration (progress); returning True stops.
     Returns a FitResult.
     """
@@ -464,7 +470,13 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     else:
         for it in range(1, max_iter + 1):
             stats = em.stats_from_posterior(post, X, net=net, patterns=part.patterns, var=var)
-            check_m_step_memory(net, stats.regions.size, memory_budget)
+            try:
+                check_m_step_memory(net, stats.regions.size, memory_budget)
+            except CpadgnError:
+                if it == 1:          # nothing trained yet: refuse the generator
+                    raise
+                stop = "memory_budget"   # the data now reach more regions: keep the iterations done
+                break
             patterns = part.patterns[stats.regions]
             new_net, new_var, info = em.m_step(net, patterns, stats, var, noise=noise, sweeps=sweeps,
                                                damping=lam, dense_max=dense_max, var_floor=var_floor)

@@ -1,6 +1,8 @@
 """EM training (cpadgn.em, cpadgn.fit, cpadgn fit): the closed-form M-step against
 torch autograd, convergence to the PPCA closed form, monotone exact likelihood, the
 VAE baseline's ELBO <= log p(x), determinism of the model file, and the command line."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -274,6 +276,46 @@ def test_em_is_deterministic(wave):
         assert np.array_equal(Wa, Wb)
     for k in a.history:
         assert np.array_equal(a.history[k], b.history[k], equal_nan=True)
+
+
+def test_em_stops_keeping_its_iterations_when_the_m_step_outgrows_the_memory_budget(tmp_path, wave, monkeypatch):
+    """The regions the data reach can grow as EM goes on (wave, 1-(8,8)-2: 18, 17, 18, 20
+    at the first four M-steps); a budget between the two stops EM with stop_reason
+    "memory_budget" and returns the last iterate, the same as a run told to stop there.
+    It raised a CpadgnError, which lost every finished iteration (digits, 2-(32,32):
+    'EM cannot update this generator' after the first, at --memory-budget 3.2e7)."""
+    import cpadgn.fit as fit_module
+    X, _ = wave
+    seen, check = [], fit_module.check_m_step_memory
+
+    def spy(net, n_regions, budget):
+        seen.append(n_regions)
+        return check(net, n_regions, budget)
+
+    monkeypatch.setattr(fit_module, "check_m_step_memory", spy)
+    free = fit_em(X, 1, (8, 8), max_iter=6, tol=0, seed=0)
+    monkeypatch.undo()
+    grow = next(i for i in range(1, len(seen)) if seen[i] > max(seen[:i]))      # 0-based M-step
+    per_region = 2 * (8 * 8 + 8 * 3) + 9 * 9           # bytes / 8 (check_m_step_widths, S = 1, 8-8)
+    budget = 8.0 * per_region * max(seen[:grow])
+    res = fit_em(X, 1, (8, 8), max_iter=6, tol=0, seed=0, memory_budget=budget)
+    assert res.stop_reason == "memory_budget"
+    assert res.history["iteration"].tolist() == list(range(grow + 1))
+    assert np.array_equal(res.history["train_loglik"], free.history["train_loglik"][:grow + 1])
+    short = fit_em(X, 1, (8, 8), max_iter=grow, tol=0, seed=0)
+    for Wa, Wb in zip(res.net.weights, short.net.weights):
+        assert np.array_equal(Wa, Wb)
+    with pytest.raises(CpadgnError, match="memory budget"):    # the first M-step: refused as before
+        fit_em(X, 1, (8, 8), max_iter=6, tol=0, seed=0, memory_budget=8.0 * per_region * (seen[0] - 1))
+    from cli.main import main                 # the command line writes the model of those iterations
+    data, out = tmp_path / "wave.csv", tmp_path / "em.h5"
+    _write_wave(data, X)
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(out), "-S", "1", "--hidden", "8,8", "--max-iter", "6",
+                                  "--tol", "0", "--val-fraction", "0", "--memory-budget", repr(budget), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["stop_reason"] == "memory_budget" and summary["iterations"] == grow
+    assert summary["train_log_likelihood"] == res.train_loglik
 
 
 # ====================================================================== VAE baseline

@@ -163,3 +163,20 @@ def test_init_refuses_a_generator_em_cannot_hold(tmp_path):
                   "--val-fraction", "0"])
     h = history(tmp_path / "r.h5")
     assert s["hidden"] == [8, 9] and np.all(np.diff(h["train_loglik"]) >= 0)
+
+
+def test_a_fit_continues_in_stages_from_its_own_file(tmp_path):
+    """Ctrl-C writes nothing, so the help and README tell a user to train a long run in
+    stages (--max-iter N, then --init the file written); the second stage's EM starts at
+    the first stage's final exact training log-likelihood (the same default validation
+    split of the same DATA and seed; both are certified to log(1 + rtol) = 1e-6 nats)."""
+    code, text, _ = run(["fit", "--help"])
+    assert code == 0 and "Ctrl-C writes nothing" in " ".join(text.split())
+    np.savetxt(tmp_path / "x.csv", WAVE, delimiter=",", header="a,b", comments="")
+    one = fit_json([str(tmp_path / "x.csv"), "-o", str(tmp_path / "s1.h5"), "-S", "1", "--hidden", "6,6",
+                    "--max-iter", "2"])
+    two = fit_json([str(tmp_path / "x.csv"), "-o", str(tmp_path / "s2.h5"), "--init", str(tmp_path / "s1.h5"),
+                    "--max-iter", "2"])
+    assert two["train_rows"] == one["train_rows"] and two["initial_noise_std"] == one["noise_std"]
+    assert abs(two["initial_train_log_likelihood"] - one["train_log_likelihood"]) <= 2e-6
+    assert two["train_log_likelihood"] >= two["initial_train_log_likelihood"]
