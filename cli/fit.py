@@ -132,7 +132,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
       cpadgn fit sample_data/digits_train.csv -o refined.h5 --init decoder.pt2 --max-iter 10
       cpadgn compare digits_em.h5 digits_vae.h5 --data sample_data/digits_test.csv
     """
-    from cpadgn.data import check_output_path, read_data
+    from cpadgn.data import check_output_path
     from cpadgn.fit import (check_training_data, data_fingerprint, fit_em, fit_vae, parse_activation,
                             parse_hidden, save_fit, split_validation)
     t0 = time.perf_counter()
@@ -150,7 +150,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         raise CpadgnError("give either --val or --val-fraction, not both")
     say = (lambda m: None) if quiet else (lambda m: console.print(m))      # stderr: also under --json
     dev = resolve_device(device)
-    raw = read_data(data_path, dataset=dataset)
+    raw = read_rows(data_path, dataset, "DATA")
     if init_model:
         from cpadgn.fit import check_init_dimensions
         from cpadgn.model import load
@@ -168,7 +168,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         say(f"[yellow]warning:[/yellow] {warning}")
     if val_path is not None:
         X_train = X
-        X_val = read_data(val_path, dataset=dataset)
+        X_val = read_rows(val_path, dataset, "--val")
         if X_val.ndim == 2 and X_val.shape[1] != X.shape[1]:
             raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}; "
                               f"pass validation rows with {X.shape[1]} columns")
@@ -242,6 +242,36 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         click.echo(json.dumps(summary, indent=2))
     else:
         print_summary(f"cpadgn fit ({label})", summary)
+
+
+def read_rows(path, dataset, what: str):
+    """The rows of a data file (``data.read_data``).  A generator file given as DATA or
+    --val is refused with fit's own hint: refining a model takes it as --init (the
+    generic hint, 'the order is MODEL then DATA, e.g. cpadgn score ...', names another
+    command)."""
+    from cpadgn.data import read_data
+    try:
+        return read_data(path, dataset=dataset)
+    except CpadgnError:
+        if not is_generator_file(path):
+            raise
+    raise CpadgnError(f"{what} {path} is a generator file, not data; fit trains on rows of data: to refine "
+                      f"this generator, pass it as --init {path} with the training rows as DATA")
+
+
+def is_generator_file(path) -> bool:
+    """Whether path holds a cpadgn model file or a torch model (``loading.detect_format``)."""
+    from cpadgn.loading import detect_format
+    try:
+        fmt = detect_format(path)
+        if fmt != "hdf5":
+            return True
+        import h5py
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("format")
+    except (CpadgnError, OSError):
+        return False
+    return (kind.decode() if isinstance(kind, bytes) else kind) == "cpadgn-model"
 
 
 def scale_warning(X, data_path) -> str | None:

@@ -145,6 +145,20 @@ def test_init_refuses_mismatched_dimensions(tmp_path):
                     "does not match the --init model's latent dimension 1")
 
 
+def test_a_generator_given_as_data_is_pointed_to_init(tmp_path):
+    """`cpadgn fit model.h5 ...` (or a .pt2, or one as --val): the refusal names --init,
+    fit's way to refine a generator; it said 'the order is MODEL then DATA, e.g. cpadgn
+    score model.h5 DATA.csv -o OUT', another command's order."""
+    _one_line_error(tmp_path, ["sample_data/wave_generator.h5", "-S", "1"],
+                    "DATA sample_data/wave_generator.h5 is a generator file, not data; fit trains on rows of "
+                    "data: to refine this generator, pass it as --init sample_data/wave_generator.h5")
+    path = tmp_path / "dec.pt2"
+    torch.export.save(torch.export.export(_decoder(), (torch.zeros(2, 1, dtype=torch.float64),)), path)
+    _one_line_error(tmp_path, [str(path), "-S", "1"], f"pass it as --init {path}")
+    _one_line_error(tmp_path, ["sample_data/wave.csv", "-S", "1", "--val", "sample_data/wave_generator.h5"],
+                    "--val sample_data/wave_generator.h5 is a generator file, not data")
+
+
 def test_init_refuses_a_generator_em_cannot_hold(tmp_path):
     """A folded convolutional decoder is refined as dense layers; one whose M-step exceeds
     --memory-budget is refused in one line, before any step."""
