@@ -116,7 +116,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     mean train and validation log-likelihood per row, the noise std and the
     region count.  Same data and seed give a byte-identical file.  Standardise the
     columns first if their scales differ.  Ctrl-C writes nothing (the iterations done
-    are lost): train a long run in stages, --max-iter N, then --init the file written.
+    are lost): train a long run in stages, --max-iter N, then --init the file written
+    with the same --seed, --val-fraction, --var-floor and --rtol (not read from it).
 
     Missing values (NaN, or empty CSV cells) are fitted exactly by EM: the E-step is
     the exact posterior given each row's observed entries, the missing entries are

@@ -5,6 +5,7 @@ EM never lowers it, and what cannot be refined is refused in one line."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -43,6 +44,12 @@ def fit_json(args):
     code, out, _ = run(["fit", *args, "--json", "-q"])
     assert code == 0, out
     return json.loads(out)
+
+
+def cpadgn_attrs(path):
+    import h5py
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs["attrs"])
 
 
 def history(path):
@@ -194,3 +201,11 @@ def test_a_fit_continues_in_stages_from_its_own_file(tmp_path):
     assert two["train_rows"] == one["train_rows"] and two["initial_noise_std"] == one["noise_std"]
     assert abs(two["initial_train_log_likelihood"] - one["train_log_likelihood"]) <= 2e-6
     assert two["train_log_likelihood"] >= two["initial_train_log_likelihood"]
+    # the fit options are not read from the --init file: the help says to repeat them
+    assert "same --seed, --val-fraction, --var-floor and --rtol" in " ".join(text.split())
+    fit_json([str(tmp_path / "x.csv"), "-o", str(tmp_path / "d1.h5"), "-S", "1", "--hidden", "6,6",
+              "--max-iter", "1", "--noise", "diag", "--var-floor", "0.01"])
+    fit_json([str(tmp_path / "x.csv"), "-o", str(tmp_path / "d2.h5"), "--init", str(tmp_path / "d1.h5"),
+              "--max-iter", "1"])
+    floors = [cpadgn_attrs(tmp_path / f)["fit_options"]["var_floor"] for f in ("d1.h5", "d2.h5")]
+    assert floors[1] == pytest.approx(1e-4 * floors[0], rel=1e-12)
