@@ -400,7 +400,11 @@ def test_cli_fit_vae_keeps_encoder(tmp_path, wave):
     gen = read_model(out)
     assert "weight_0" in gen.extra["groups"]["encoder"]
     assert gen.extra["attrs"]["method"] == "vae"
-    assert gen.extra["groups"]["training"]["epoch"].tolist() == [1, 2, 3, 4]
+    h = gen.extra["groups"]["training"]
+    assert h["epoch"].tolist() == [1, 2, 3, 4]
+    # between the --eval-every epochs: val_loglik NaN and n_regions -1 (README)
+    assert np.isnan(h["val_loglik"][[0, 2]]).all() and np.isfinite(h["val_loglik"][[1, 3]]).all()
+    assert h["n_regions"][0] == h["n_regions"][2] == -1 and (h["n_regions"][[1, 3]] > 0).all()
 
 
 def test_cli_fit_vae_divergence_names_the_learning_rate(tmp_path, wave):
@@ -501,6 +505,9 @@ def test_cli_fit_var_floor_bounds_every_noise_variance(tmp_path, wave):
                                       "--noise", "diag", "--var-floor", floor, "--max-iter", "2", "-q"])
         assert r.exit_code == 0, r.output
         var[floor] = np.asarray(read_model(out).noise_std) ** 2
+        # the history's noise_std is the root mean square of the column stds (README)
+        assert read_model(out).extra["groups"]["training"]["noise_std"][-1] == \
+            pytest.approx(np.sqrt(var[floor].mean()), rel=1e-14)
     mean_var = X3.var(0).mean()
     assert var["1e-6"][2] < 1e-3 * mean_var                  # ML shrinks the constant column ...
     assert np.all(var["0.05"] >= 0.05 * mean_var * 0.8)       # ... the floor (train split ~ all rows) stops it
