@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from cli.lazy import np
 
-from cli.main import (Bytes, FiniteRange, Progressbar, console, main, on_command_line, print_summary, resolve_device,
+from cli.main import (Bytes, FiniteRange, Progressbar, main, on_command_line, print_summary, resolve_device,
                       user_errors)
 from cpadgn.errors import CpadgnError
 
@@ -149,7 +149,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     slope = parse_activation(activation)
     if val_path is not None and val_fraction not in (None, 0):
         raise CpadgnError("give either --val or --val-fraction, not both")
-    say = (lambda m: None) if quiet else (lambda m: console.print(m))      # stderr: also under --json
+    # one line on stderr unless --quiet, also under --json (whose stdout stays JSON), as every command warns
+    say = (lambda m: None) if quiet else (lambda m: click.echo(f"Warning: {' '.join(m.split())}", err=True))
     dev = resolve_device(device)
     raw = read_rows(data_path, dataset, "DATA")
     if init_model:
@@ -160,13 +161,13 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         latent_dim, hidden_sizes = init.latent_dim, init.net.hidden_sizes
     X = check_training_data(raw, latent_dim, f"data {data_path}", allow_missing=method == "em")
     if not 1 <= latent_dim <= 3:
-        say(f"[yellow]warning:[/yellow] --latent-dim {latent_dim}: region counts grow like "
+        say(f"--latent-dim {latent_dim}: region counts grow like "
             f"(hidden units)^S and region masses need quasi-Monte Carlo for S >= 4; expect slow, "
             f"approximate iterations (1 to 3 is the practical range)")
     kind = noise or ("diag" if init_model and np.ndim(init.noise_std) == 1 else "iso")
     warning = scale_warning(X, data_path) if kind == "iso" else None
     if warning:
-        say(f"[yellow]warning:[/yellow] {warning}")
+        say(warning)
     if val_path is not None:
         X_train = X
         X_val = read_rows(val_path, dataset, "--val")
@@ -182,7 +183,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     if method == "vae":
         warning = vae_steps_warning(X_train.shape[0], batch_size, n_iter)
         if warning:
-            say(f"[yellow]warning:[/yellow] {warning}")
+            say(warning)
     with Progressbar(f"fit ({label})", quiet or as_json) as bar:
         if method == "em":
 
@@ -221,7 +222,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     h = res.history
     if res.stop_reason == "memory_budget":
         k = int(h["iteration"][-1])
-        say(f"[yellow]warning:[/yellow] EM stopped after iteration {k}: the data now reach more regions and "
+        say(f"EM stopped after iteration {k}: the data now reach more regions and "
             f"the next M-step would exceed --memory-budget {memory_budget:g}; {out} holds iteration {k}; to go "
             f"on, fit again with --init {out}, another -o and a larger --memory-budget")
     summary = {"output": str(out), "method": method, "latent_dim": latent_dim,

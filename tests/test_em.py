@@ -595,10 +595,18 @@ def test_cli_fit_warns_of_columns_on_different_scales(tmp_path):
                                       "--max-iter", "0", *args])
         assert r.exit_code == 0, r.output
         return " ".join(r.output.split())
-    assert "warning: column 4 (proline) has std" in fit(data) and "standardise the columns" in fit(data)
-    assert "warning" not in fit(data, "--noise", "diag")
+    assert "Warning: column 4 (proline) has std" in fit(data) and "standardise the columns" in fit(data)
+    assert "Warning" not in fit(data, "--noise", "diag")
     np.savetxt(tmp_path / "z.csv", (X - X.mean(0)) / X.std(0), delimiter=",")
-    assert "warning" not in fit(tmp_path / "z.csv")
+    assert "Warning" not in fit(tmp_path / "z.csv")
+    # one line on stderr, also under --json (it said nothing there), whose stdout stays JSON; none under -q
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "--hidden", "4",
+                                  "--max-iter", "0", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["iterations"] == 0
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("Warning: column 4 (proline) has std")
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "--hidden", "4",
+                                  "--max-iter", "0", "-q"])
+    assert r.exit_code == 0 and "Warning" not in r.stderr
 
 
 def test_cli_fit_vae_warns_of_few_adam_steps(tmp_path, wave):
@@ -613,7 +621,7 @@ def test_cli_fit_vae_warns_of_few_adam_steps(tmp_path, wave):
     r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "vae.h5"), "-S", "1", "--hidden", "4",
                                   "--method", "vae", "--max-iter", "2", "--val-fraction", "0"])
     assert r.exit_code == 0, r.output
-    assert ("warning: --method vae: 60 training rows at --batch-size 128 make 1 Adam step(s) per epoch, 2 in 2 "
+    assert ("Warning: --method vae: 60 training rows at --batch-size 128 make 1 Adam step(s) per epoch, 2 in 2 "
             "epochs") in " ".join(r.output.split())
     assert vae_steps_warning(126, 128, 300) and not vae_steps_warning(126, 16, 300)
     assert not vae_steps_warning(1347, 128, 300)               # the digits: 11 steps per epoch
@@ -633,6 +641,6 @@ def test_cli_fit_warns_on_stderr_also_under_json(tmp_path, wave):
     r = CliRunner().invoke(main, argv)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["method"] == "vae"
-    assert "warning: --method vae: 60 training rows" in " ".join(r.stderr.split())
+    assert "Warning: --method vae: 60 training rows" in " ".join(r.stderr.split())
     r = CliRunner().invoke(main, argv + ["--quiet"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "vae" and "warning" not in r.stderr
+    assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "vae" and "Warning" not in r.stderr
