@@ -56,8 +56,10 @@ MODEL_SUFFIXES = (".h5", ".hdf5")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow --init to load a pickled torch module (it can execute code).")
 @click.option("--memory-budget", type=Bytes(), default=2e9, show_default=True, metavar="BYTES",
-              help="EM: memory its M-step may hold; a generator whose M-step needs more (wide hidden "
-                   "layers, e.g. folded convolutions) is refused before the step.")
+              help="Memory the batched work may hold at once (EM's E-step, at most 5e8 of it; the "
+                   "exact likelihoods; the M-step); beyond it EM keeps each (row, region) pair's "
+                   "posterior moments, 8 (3 + S + S^2) bytes a pair.  A generator whose M-step needs "
+                   "more (wide hidden layers, e.g. folded convolutions) is refused before the step.")
 @click.option("--sweeps", type=click.IntRange(min=1), default=1, show_default=True,
               help="EM: passes over the layers per M-step.")
 @click.option("--rtol", type=FiniteRange(min=0, min_open=True, max=1e-2), default=1e-6,
@@ -209,7 +211,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
 
             res = fit_vae(X_train, latent_dim, hidden_sizes, slope, n_iter, X_val, seed, noise or "iso", progress,
                           lr=lr, batch_size=batch_size, eval_every=eval_every, device=dev,
-                          max_regions=max_regions, timings=timings)
+                          max_regions=max_regions, timings=timings, memory_budget=memory_budget)
     if init_model or not hidden_sizes:          # a linear generator has no activation
         from cpadgn.modelfile import activation_name
         activation = ",".join(activation_name(a) for a in res.net.slopes) or "none"

@@ -196,10 +196,13 @@ def _noise_out(var: np.ndarray, noise: str) -> np.ndarray:
     return np.asarray(np.sqrt(var[0])) if noise == "iso" else np.sqrt(var)
 
 
-def evaluate(net, part, noise_std, X, *, device="cpu", moments=False):
+E_STEP_BUDGET = 5e8     # bytes of an EM E-step's batches (less under a smaller memory_budget)
+
+
+def evaluate(net, part, noise_std, X, *, device="cpu", moments=False, memory_budget=2e9):
     """Exact posterior (``likelihood.posterior``) of the rows X under (net, noise)."""
     from .likelihood import posterior
-    return posterior(net, part, noise_std, X, device=device, moments=moments)
+    return posterior(net, part, noise_std, X, device=device, moments=moments, memory_budget=memory_budget)
 
 
 def _partition(net, max_regions):
@@ -337,7 +340,7 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     are broad and EM crawls along a plateau; the default 0.1 starts with sharp
     posteriors (lower initial likelihood, cheaper E-steps) and leaves it in a few
     iterations; memory_budget: bytes the M-step may hold (``check_m_step_memory``;
-    None: no limit); sweeps: bottom-up passes over the
+    None: no limit) and the E-step's batches (at most ``E_STEP_BUDGET``); sweeps: bottom-up passes over the
     layers per M-step; var_floor: lower bound on the noise variance (default 1e-6 times
     the mean column variance); dense_max: largest layer (n_{l+1} (n_l + 1) unknowns)
     solved densely, CG above; rtol: pruning tolerance of the E-step (``em.e_step``): the
@@ -422,9 +425,11 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
         var = np.full(D, float(var.mean()))
     var = np.maximum(var, var_floor)
 
+    e_budget = E_STEP_BUDGET if memory_budget is None else min(E_STEP_BUDGET, memory_budget)
+
     def score(net_, part_, var_, rows, moments):
         return em.e_step(net_, part_, _noise_out(var_, noise), rows, rtol=rtol, moments=moments,
-                         device=device)
+                         device=device, memory_budget=e_budget)
 
     unreliable = [False]             # a candidate of this iteration was rejected for rounding
 
@@ -541,12 +546,13 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
 def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: int = 200,
             X_val=None, seed: int = 0, noise: str = "iso", callback=None, *, lr: float = 1e-3,
             batch_size: int = 128, eval_every: int = 10, device="cpu", max_regions=None,
-            timings: bool = False, score_train: bool = True) -> FitResult:
+            timings: bool = False, score_train: bool = True, memory_budget: float = 2e9) -> FitResult:
     """The VAE baseline: ``vae.train_vae`` (Adam on the ELBO, same decoder architecture
     as EM) for ``max_iter`` epochs; every ``eval_every`` epochs and at the end the
     decoder's exact mean validation log-likelihood (and region count) is recorded.
     callback(row: dict) after every epoch; returning True stops.  score_train: also
-    compute the final exact training log-likelihood (else ``train_loglik`` is NaN).
+    compute the final exact training log-likelihood (else ``train_loglik`` is NaN);
+    memory_budget: bytes the exact likelihoods' batches may hold.
     """
     from .vae import train_vae
     t0 = time.perf_counter()
@@ -566,7 +572,7 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
     def exact(vae, rows_):
         net = vae.generator()
         part = _partition(net, max_regions)
-        post = evaluate(net, part, vae.noise_std(), rows_, device=device, moments=False)
+        post = evaluate(net, part, vae.noise_std(), rows_, device=device, memory_budget=memory_budget)
         return float(post.log_likelihood.mean()), part.n_regions
 
     def cb(epoch, vae, hist):
@@ -588,12 +594,13 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
     net = vae.generator()
     part = _partition(net, max_regions)
     std = np.asarray(vae.noise_std(), dtype=np.float64)
-    train_ll = float(evaluate(net, part, std, X, device=device).log_likelihood.mean()) if score_train \
-        else float("nan")
+    mean_ll = lambda rows_: float(evaluate(net, part, std, rows_, device=device,
+                                           memory_budget=memory_budget).log_likelihood.mean())
+    train_ll = mean_ll(X) if score_train else float("nan")
     val_ll = None
     if X_val is not None:
         val_ll = rows[-1]["val_loglik"] if rows and np.isfinite(rows[-1]["val_loglik"]) \
-            else float(evaluate(net, part, std, X_val, device=device).log_likelihood.mean())
+            else mean_ll(X_val)
     enc_slope = slope if slope >= 0 else 0.1            # as GaussianVAE builds its encoder
     return FitResult(net=net, noise_std=std, history=_history_arrays(rows), method="vae",
                      stop_reason=state["stop"], train_loglik=train_ll, val_loglik=val_ll,
