@@ -190,7 +190,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
             summary["coverage_90"] = ev["coverage"]
         per_col = [None if not np.isfinite(v) else float(v) for v in ev["rmse_per_column"]]
         if as_json:
-            summary["rmse_per_column"] = dict(zip(columns, per_col))
+            summary["rmse_per_column"] = dict(zip(distinct_names(columns), per_col))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -200,7 +200,7 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         table.add_column("column")
         table.add_column("hidden", justify="right")
         table.add_column("RMSE", justify="right")
-        for name, n, v in zip(columns, ev["hidden_per_column"], per_col):
+        for name, n, v in zip(distinct_names(columns), ev["hidden_per_column"], per_col):
             table.add_row(name, str(int(n)), "-" if v is None else f"{v:.6g}")
         Console().print(table)
 
@@ -306,6 +306,15 @@ def csv_header(path, D: int) -> tuple[list, bool]:
     header = not is_csv or names is not None
     names = names and [c.strip() or f"x{j + 1}" for j, c in enumerate(names)]
     return (names if names and len(names) == D else [f"x{j + 1}" for j in range(D)]), header
+
+
+def distinct_names(names: list) -> list:
+    """The column names with each name that occurs more than once followed by its 1-based
+    column number ('ash (column 3)', 'ash (column 4)'), so a dict keyed by them keeps every
+    column (a header naming two columns alike lost one from rmse_per_column in silence)."""
+    from collections import Counter
+    count = Counter(names)
+    return [f"{n} (column {j + 1})" if count[n] > 1 else n for j, n in enumerate(names)]
 
 
 def write_imputation(out: Path, data: np.ndarray, std, columns, *, draws: bool, std_path=None,

@@ -510,6 +510,25 @@ def test_cli_evaluate_mcar(files):
     assert r.exit_code == 0 and "rmse" in r.output and "RMSE per column" in r.output
 
 
+def test_cli_evaluate_mcar_keeps_every_column_of_a_header_with_duplicate_names(files):
+    """A header naming two columns alike (a,b,b,d) gave rmse_per_column 3 keys for 4 columns,
+    the second 'b' overwriting the first; each repeated name now carries its column number,
+    with the RMSE of the same run under distinct names (a,b,c,d), column by column."""
+    d, X, model = files
+    dup = d / "dup.csv"
+    lines = (d / "data.csv").read_text().splitlines()
+    dup.write_text("\n".join(["a,b,b,d"] + lines[1:]) + "\n")
+    reps = []
+    for path in (d / "data.csv", dup):
+        r = run(d / "gen.h5", path, "--evaluate-mcar", 0.5, "--seed", 3, "--json", "-q", "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        reps.append(json.loads(r.stdout)["rmse_per_column"])
+    assert list(reps[1]) == ["a", "b (column 2)", "b (column 3)", "d"]
+    assert list(reps[1].values()) == list(reps[0].values())
+    r = run(d / "gen.h5", dup, "--evaluate-mcar", 0.5, "--seed", 3, "-q", "--device", "cpu")
+    assert r.exit_code == 0 and "b (column 2)" in r.output and "b (column 3)" in r.output
+
+
 def test_cli_evaluate_mcar_coverage_of_k_draws_is_documented(files):
     """The central 90% of K draws covers about 0.9 (K - 1)/(K + 1) of the hidden entries
     even on rows drawn from the model itself (0.6 at K = 5; measured 0.62, 0.81, 0.88 at
