@@ -153,9 +153,11 @@ def _has_dashboard(client) -> bool:
 
 def quiet_logs() -> None:
     """Keep distributed's own log lines (a worker restarting, a closed connection) off
-    the terminal: cpadgn reports what matters in one line."""
+    the terminal: cpadgn reports what matters in one line.  asyncio's too: a Ctrl-C while
+    ``ship`` broadcasts the model closes the local workers under the scheduler's replicate,
+    whose KeyError asyncio logged as a 15-line "Task exception was never retrieved" traceback."""
     for name in ("distributed", "distributed.nanny", "distributed.worker", "distributed.scheduler",
-                 "distributed.core", "distributed.comm", "distributed.client"):
+                 "distributed.core", "distributed.comm", "distributed.client", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
