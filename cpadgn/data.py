@@ -492,6 +492,8 @@ def _refuse_mixed_header(path: Path, line: int, cells: list) -> None:
     bare = [(j, c) for j, c in text if not any(ch.isalpha() for ch in c)]
     if [c for c in numbers if c] and (bare or any(_DECIMAL.match(c) for c in numbers)):
         j, c = (bare or text)[0]
+        if _separator_hint(c):
+            raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c}', not a number{_separator_hint(c)}")
         raise CpadgnError(f"{path}: line {line} mixes numbers and text ('{c}' in column {j + 1}), so it "
                           "is neither a clear header nor a data row; if it is data, write each missing "
                           "value as an empty cell or NA; if it is a header, give every column a name")
@@ -579,6 +581,10 @@ def _read_csv(path: Path):
                     out[i, j] = _cell(c)
                 except ValueError:
                     name = f" ('{header[j].strip()}')" if header is not None and header[j].strip() else ""
+                    number = _separator_hint(c)
+                    if number:
+                        raise CpadgnError(f"{path}: line {line}, column {j + 1}{name} is '{c.strip()}', "
+                                          f"not a number{number}") from None
                     if _text_column(rows, j) and not (";" in c or "\t" in c):
                         raise CpadgnError(f"{path}: column {j + 1}{name} holds text in every row ('{c.strip()}' "
                                           f"on line {line}), not numbers: cpadgn reads numeric features only; "
@@ -588,6 +594,23 @@ def _read_csv(path: Path):
                     raise CpadgnError(f"{path}: line {line}, column {j + 1}{name} is '{c.strip()}', "
                                       f"not a number{hint}") from None
     return out, [n for n, _ in rows]
+
+
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$")
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d+$")
+
+
+def _separator_hint(text: str) -> str:
+    """The advice for a quoted number written with thousands separators ('1,065.00') or a
+    decimal comma ('0,5'), which a spreadsheet's export writes and float() refuses; '' for
+    anything else.  (It was called a bad missing-value marker, or in a column of them a
+    label column to drop.)"""
+    t = text.strip()
+    if _THOUSANDS.match(t):
+        return f"; write numbers without thousands separators ('{t.replace(',', '')}')"
+    if _DECIMAL_COMMA.match(t):
+        return f"; write numbers with a decimal point ('{t.replace(',', '.')}')"
+    return ""
 
 
 def _text_column(rows: list, j: int) -> bool:

@@ -152,6 +152,16 @@ def test_csv_utf8_bom_header(tmp_path):
     ("1,2\n-inf,4\n5,1e999\n", r"row 2 \(line 2\), column 1 is -inf \(2 infinite values"),
     ("a,b\n1,2\n3,x7\n", r"line 3, column 2 \('b'\) is 'x7', not a number; leave the cell empty"),
     ("a,b\n1,2\n3,1_0\n", r"line 3, column 2 \('b'\) is '1_0', not a number"),     # float('1_0') == 10.0
+    # a spreadsheet's quoted numbers: thousands separators (load_wine's proline), decimal commas;
+    # they were a bad missing-value marker, or in a column of them a label column to drop
+    ('a,b\n1,"735.00"\n3,"1,065.00"\n', r"line 3, column 2 \('b'\) is '1,065.00', not a number; write numbers "
+                                          r"without thousands separators \('1065.00'\)"),
+    ('a,b\n1,"1,065"\n3,"-12,345,678.5"\n', r"column 2 \('b'\) is '1,065', not a number; write numbers without "
+                                             r"thousands separators \('1065'\)"),
+    ('a,b\n1,"0,5"\n3,"2,25"\n', r"column 2 \('b'\) is '0,5', not a number; write numbers with a decimal "
+                                   r"point \('0.5'\)"),
+    ('1,"1,065.00"\n3,"735.00"\n', r"line 1, column 2 is '1,065.00', not a number; write numbers without "
+                                  r"thousands separators"),
     ("a,b\n1;2\n", r"line 2 has 1 values but the header has 2"),
     ("1;2\n3;4\n", r"line 1 is separated by semicolons; cpadgn reads comma-separated"),
     ("a\tb\n3\t4\n", r"separated by tabs"),
