@@ -558,8 +558,8 @@ def _read_csv(path: Path):
         header, rows = first, rows[1:]
     if not rows:
         raise CpadgnError(f"{path} has a header but no data rows; add one row per sample below it")
-    if header is not None and len(header) > 1 and not header[0].strip():
-        _refuse_pandas_index(path, rows)
+    if header is not None and len(header) > 1 and (not header[0].strip() or _UNNAMED.match(header[0].strip())):
+        _refuse_pandas_index(path, rows, header[0].strip())
     if header is not None and len(header) > 1 and not header[-1].strip() \
             and all(len(r) == len(header) and not r[-1].strip() for _, r in rows):
         raise CpadgnError(f"{path}: every line ends with a comma, which adds an empty column with no "
@@ -638,25 +638,34 @@ def csv_header_cells(path) -> list | None:
     return rows[0] if rows and is_header(rows[0], rows[1] if len(rows) > 1 else None) else None
 
 
-def _refuse_pandas_index(path: Path, rows: list) -> None:
+# pandas' name for a column without one, as read_csv names the index a to_csv wrote
+_UNNAMED = re.compile(r"^Unnamed: \d+$")
+
+
+def _refuse_pandas_index(path: Path, rows: list, name: str = "") -> None:
     """A first column unnamed in the header that holds distinct whole numbers >= 0 is the
     index pandas' DataFrame.to_csv writes by default, not a feature: 0, 1, 2, .. for a whole
     frame, other numbers in another order for a train/test split or a shuffled frame (whose
-    index, read as a feature, trained a model on row numbers).  Refused, never read as one."""
+    index, read as a feature, trained a model on row numbers).  Refused, never read as one.
+    Named 'Unnamed: 0' (pandas' name for it once read_csv has read such a file and to_csv
+    written it again with index=False) it is the same index: refused alike."""
     try:
         first = [float(r[0]) for _, r in rows]
     except ValueError:
         return
+    unnamed = "has no name in the header" if not name else \
+        f"is named '{name}', pandas' name for a column that had none,"
     if first == list(range(len(rows))):
-        raise CpadgnError(f"{path}: the first column has no name in the header and counts the rows "
+        raise CpadgnError(f"{path}: the first column {unnamed} and counts the rows "
                           "0, 1, 2, ..: it is a pandas index, not a feature; write the file with "
                           "DataFrame.to_csv(path, index=False), or drop that column")
     if all(v >= 0 and v.is_integer() for v in first) and len(set(first)) == len(first):
         shown = ", ".join(f"{v:.0f}" for v in first[:3])
-        raise CpadgnError(f"{path}: the first column has no name in the header and holds distinct whole "
+        raise CpadgnError(f"{path}: the first column {unnamed} and holds distinct whole "
                           f"numbers ({shown}, ..): it looks like a pandas index (of a split or shuffled "
                           "frame), not a feature; write the file with DataFrame.to_csv(path, index=False), "
-                          "or drop that column (if it is a feature, give it a name in the header)")
+                          f"or drop that column (if it is a feature, give it {'another' if name else 'a'} name "
+                          "in the header)")
 
 
 def _h5py():

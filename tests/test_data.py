@@ -95,6 +95,27 @@ def test_csv_with_the_pandas_index_of_a_split_is_refused(tmp_path):
     np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), X[[3, 0, 4]])
 
 
+def test_csv_with_a_pandas_index_named_unnamed_is_refused(tmp_path):
+    """read_csv of a file written with its index names that column 'Unnamed: 0'; written again
+    with index=False (the usual round trip), the index became a named column, and `cpadgn fit`
+    trained on row numbers (wine: 36x the median column's std, only a scale warning).  Refused
+    like the unnamed index; a named column of other data, or named otherwise, stays a feature."""
+    import pandas as pd
+    X = np.arange(20.0).reshape(5, 4) / 7
+    df = pd.DataFrame(X, columns=list("abcd"))
+    for frame, shown in ((df, "counts the rows 0, 1, 2"), (df.iloc[[3, 0, 4]], r"holds distinct whole numbers \(3, 0, 4")):
+        frame.to_csv(tmp_path / "i.csv")
+        pd.read_csv(tmp_path / "i.csv").to_csv(tmp_path / "u.csv", index=False)
+        assert (tmp_path / "u.csv").read_text().startswith("Unnamed: 0,a,")
+        with pytest.raises(CpadgnError, match=r"the first column is named 'Unnamed: 0', pandas' name for a column "
+                                              rf"that had none, and {shown}.*index=False.*"):
+            read_data(tmp_path / "u.csv")
+    (tmp_path / "k.csv").write_text("Unnamed: 0,a,b\n5.5,1,2\n6,3,4\n")      # not whole numbers: data
+    np.testing.assert_array_equal(read_data(tmp_path / "k.csv"), [[5.5, 1, 2], [6, 3, 4]])
+    (tmp_path / "n.csv").write_text("id,a,b\n0,1,2\n1,3,4\n")              # named by the user: a feature
+    np.testing.assert_array_equal(read_data(tmp_path / "n.csv"), [[0, 1, 2], [1, 3, 4]])
+
+
 def test_csv_missing_values(tmp_path):
     (tmp_path / "m.csv").write_text("x,y,z\n1,,3\nNA,nan,N/A\n NaN , null ,2\n")
     X = read_data(tmp_path / "m.csv")
