@@ -39,11 +39,18 @@ def ppca_parameters(X, K: int):
     check_spread(X, "training data")
     mu = X.mean(axis=0)
     Xc = X - mu
-    C = (Xc.T @ Xc) / N
-    lam, U = np.linalg.eigh(C)
-    lam, U = lam[::-1], U[:, ::-1]
-    s2 = float((np.trace(C) - lam[:K].sum()) / (D - K))   # the mean of the discarded eigenvalues
-    total = float(np.trace(C))
+    if N < D:
+        # wide data: C's nonzero eigenpairs from the thin SVD of Xc, N^2 D work and N D memory
+        # (the D x D matrix and its eigh took 77 s and 1.2 GB for 30 rows of 5,000 columns)
+        sv, Vt = np.linalg.svd(Xc, full_matrices=False)[1:]
+        lam, U = sv ** 2 / N, Vt.T
+        total = float(np.einsum("ij,ij->", Xc, Xc) / N)
+    else:
+        C = (Xc.T @ Xc) / N
+        lam, U = np.linalg.eigh(C)
+        lam, U = lam[::-1], U[:, ::-1]
+        total = float(np.trace(C))
+    s2 = float((total - lam[:K].sum()) / (D - K))   # the mean of the discarded eigenvalues
     if total == 0:
         raise CpadgnError("every column of the training data is constant; there is nothing to fit: "
                           "pass rows that vary")

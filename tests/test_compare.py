@@ -175,6 +175,40 @@ def test_ppca_is_the_maximum_likelihood_fit():
         ppca_parameters(X, 2)
 
 
+def test_ppca_of_wide_data_skips_the_d_by_d_covariance(monkeypatch):
+    """Fewer rows than columns (30 x 5,000: fit's PPCA start took 77 s and 1.2 GB, nearly all
+    of it the eigh of the 5,000 x 5,000 covariance) are fitted from the thin SVD of the rows,
+    never forming that matrix; the result is the closed form from the covariance's own eigh,
+    written here, to the rounding bound derived in the test above (with max(N, D) for the
+    D x D eigensolver's O(D eps |C|)), and still the maximum-likelihood fit."""
+    rng = np.random.default_rng(11)
+    N, D, K = 12, 300, 2
+    X = rng.normal(size=(N, 3)) @ (rng.normal(size=(3, D)) * [[3.0], [2.0], [1.0]]) + 0.1 * rng.normal(size=(N, D))
+    Xc = X - X.mean(0)
+    C = Xc.T @ Xc / N
+    lam, U = np.linalg.eigh(C)
+    lam, U = lam[::-1], U[:, ::-1]
+    s2 = (np.trace(C) - lam[:K].sum()) / (D - K)
+    W = U[:, :K] * np.sqrt(lam[:K] - s2)
+    eigh = np.linalg.eigh
+
+    def small_eigh(a, *args, **kwargs):
+        assert np.shape(a)[-1] < D, "PPCA formed the D x D covariance of wide data"
+        return eigh(a, *args, **kwargs)
+    monkeypatch.setattr(np.linalg, "eigh", small_eigh)
+    W2, mu2, s22 = ppca_parameters(X, K)
+    E = 4 * max(N, D) * np.finfo(float).eps * lam.sum()
+    np.testing.assert_allclose(W2 @ W2.T, W @ W.T, rtol=0, atol=2 * E * (2 + 2 * lam[0] / (lam[K - 1] - lam[K])))
+    assert abs(s22 - s2) <= 2 * E and np.array_equal(mu2, X.mean(0))
+    ll = lambda W, s2: multivariate_normal(mu2, W @ W.T + s2 * np.eye(D)).logpdf(X).sum()
+    best = ll(W2, s22)
+    for _ in range(3):
+        assert ll(W2 + 0.01 * rng.normal(size=W2.shape), s22) < best
+        assert ll(W2, s22 * (1 + 0.01 * rng.normal())) < best
+    with pytest.raises(CpadgnError, match=r"3 rows span at most 2 direction"):
+        ppca_parameters(X[:3], 2)                 # N <= K + 1 still named, on the SVD route
+
+
 def test_baseline_needs_training_data(setup):
     A, _, X, _, _ = setup
     with pytest.raises(CpadgnError, match="X_train"):
