@@ -576,6 +576,9 @@ def _read_csv(path: Path):
                 raise ValueError
             out[i] = [float(c) for c in row]
         except ValueError:
+            if header is not None and [c.strip() for c in row] == [c.strip() for c in header]:
+                raise CpadgnError(f"{path}: line {line} repeats the header (files joined together?); remove "
+                                  "that line") from None
             for j, c in enumerate(row):
                 try:
                     out[i, j] = _cell(c)

@@ -183,6 +183,8 @@ def test_csv_utf8_bom_header(tmp_path):
                                    r"point \('0.5'\)"),
     ('1,"1,065.00"\n3,"735.00"\n', r"line 1, column 2 is '1,065.00', not a number; write numbers without "
                                   r"thousands separators"),
+    # two CSV files joined with cat: the second header was 'a', not a number, a missing-value marker
+    ("a,b\n1,2\na,b\n3,4\n", r"line 3 repeats the header \(files joined together\?\); remove that line"),
     ("a,b\n1;2\n", r"line 2 has 1 values but the header has 2"),
     ("1;2\n3;4\n", r"line 1 is separated by semicolons; cpadgn reads comma-separated"),
     ("a\tb\n3\t4\n", r"separated by tabs"),
