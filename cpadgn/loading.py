@@ -151,8 +151,13 @@ def _live_net(obj, example_input) -> PiecewiseAffineNet:
         net = _ExportInterpreter(obj, where).run()
     elif isinstance(obj, torch.nn.Module):
         net = module_net(obj, where, example_input)
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CpadgnError("cannot load a state_dict (weights without the architecture): build the "
+    elif isinstance(obj, dict) and _dict_contents(obj, torch)[0] != "dict":
+        kind, key = _dict_contents(obj, torch)
+        if kind == "module":
+            raise CpadgnError(f"cannot load a dict (a checkpoint): pass the module it holds, "
+                              f"checkpoint[{key!r}]")
+        at = "" if key is None else f" under key {key!r}"
+        raise CpadgnError(f"cannot load a state_dict{at} (weights without the architecture): build the "
                           "decoder, call decoder.load_state_dict(state_dict) and pass the decoder")
     else:
         raise CpadgnError(f"cannot load a {type(obj).__name__}: pass a file path, a torch "
@@ -862,11 +867,39 @@ def _load_pickle(path: Path, trust_pickle: bool) -> tuple:
             raise CpadgnError(f"{path} cannot be unpickled: {_first_line(e)}; re-save the model, preferably "
                               "with torch.export.save (.pt2)") from None
     if not isinstance(obj, torch.nn.Module):
-        what = "a state_dict (weights without the architecture)" if isinstance(obj, dict) \
-            else f"a {type(obj).__name__}, not a module"
-        raise CpadgnError(f"{path} holds {what}; save the whole model instead, preferably "
-                          "with torch.export.save (.pt2)")
+        kind, key = _dict_contents(obj, torch) if isinstance(obj, dict) else (None, None)
+        if kind == "module":
+            raise CpadgnError(
+                f"{path} holds a dict (a checkpoint) with the module under key {key!r}, not the module "
+                f"itself; save that module alone, preferably with torch.export.save (.pt2), or pass "
+                f"checkpoint[{key!r}] to cpadgn.load in Python")
+        if kind == "state_dict":
+            at = "" if key is None else f" under key {key!r}"
+            raise CpadgnError(
+                f"{path} holds a state_dict{at} (weights without the architecture); build the decoder "
+                "in Python, call decoder.load_state_dict(...), then pass it to cpadgn.load or save it "
+                "with torch.export.save (.pt2)")
+        what = "a dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CpadgnError(f"{path} holds {what}, not a module; save the whole model instead, "
+                          "preferably with torch.export.save (.pt2)")
     return module_net(obj, path), obj
+
+
+def _dict_contents(obj: dict, torch) -> tuple:
+    """What a dict given in place of a generator holds: ("module", key) for a checkpoint with
+    an nn.Module among its values, ("state_dict", None) for a dict of tensors, ("state_dict",
+    key) for a checkpoint with one under key, else ("dict", None)."""
+    def weights(d):
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+    for key, value in obj.items():
+        if isinstance(value, torch.nn.Module):
+            return "module", key
+    if weights(obj):
+        return "state_dict", None
+    for key, value in obj.items():
+        if weights(value):
+            return "state_dict", key
+    return "dict", None
 
 
 def module_net(module, where, example_input=None) -> PiecewiseAffineNet:

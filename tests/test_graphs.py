@@ -285,6 +285,10 @@ def test_load_accepts_modules_and_exported_programs(z):
         cpadgn.load({"weight": 1}, noise_std=0.1)
     with pytest.raises(CpadgnError, match=r"cannot load a state_dict .*decoder.load_state_dict"):
         cpadgn.load(module.state_dict(), noise_std=0.1)
+    with pytest.raises(CpadgnError, match=r"cannot load a state_dict under key 'sd' .*load_state_dict"):
+        cpadgn.load({"sd": module.state_dict(), "epoch": 1}, noise_std=0.1)
+    with pytest.raises(CpadgnError, match=r"a checkpoint\): pass the module it holds, checkpoint\['net'\]"):
+        cpadgn.load({"net": module, "epoch": 1}, noise_std=0.1)
 
 
 def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):

@@ -454,8 +454,24 @@ def test_modules_in_training_mode_are_read_in_eval_mode(tmp_path, z):
 
 def test_pickle_refuses_state_dicts(tmp_path):
     torch.save(make_model().state_dict(), str(tmp_path / "sd.pt"))
-    with pytest.raises(CpadgnError, match="state_dict"):
+    with pytest.raises(CpadgnError, match=r"holds a state_dict \(weights.*load_state_dict"):
         load_generator(tmp_path / "sd.pt")
+
+
+def test_pickled_checkpoints_are_told_apart(tmp_path):
+    """A training checkpoint dict is told for what it holds: a module under a key (it was
+    called a state_dict, weights without the architecture), or a state_dict under a key."""
+    model = make_model()
+    torch.save({"model": model, "epoch": 3}, str(tmp_path / "ckpt.pt"))
+    for trust in (False, True):
+        torch.save({"state_dict": model.state_dict(), "epoch": 3}, str(tmp_path / "sd.pt"))
+        with pytest.raises(CpadgnError, match=r"holds a state_dict under key 'state_dict' \(weights"):
+            load_generator(tmp_path / "sd.pt", trust_pickle=trust)
+    with pytest.raises(CpadgnError, match=r"module under key 'model', not the module itself.*checkpoint\['model'\]"):
+        load_generator(tmp_path / "ckpt.pt", trust_pickle=True)
+    torch.save({"epoch": 3}, str(tmp_path / "other.pt"))
+    with pytest.raises(CpadgnError, match=r"holds a dict, not a module"):
+        load_generator(tmp_path / "other.pt")
 
 
 # ---------------------------------------------------------------- format detection
