@@ -334,8 +334,7 @@ def _infer_input_width(ops: list) -> int:
             for a in (getattr(op, "s", None), getattr(op, "slope", None)):
                 if a is not None and np.size(a) > 1:
                     return int(np.size(a))
-    raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer; start the "
-                      "generator with a Linear layer, whose input width is the latent dimension")
+    raise CpadgnError(NO_LATENT_WIDTH)
 
 
 # ======================================================= symbolic activations
@@ -685,6 +684,9 @@ NOT_SUPPORTED_YET = {
     "Conv3d": "3-D convolutions are not supported yet",
     "MaxPool3d": "3-D max pooling is not supported yet",
 }
+NO_LATENT_WIDTH = ("cannot tell the latent dimension: the model has no Linear layer; start the "
+                   "generator with a Linear layer, whose input width is the latent dimension, or, for a "
+                   "convolutional generator fed z of shape (N, S, 1, 1), with nn.Unflatten(1, (S, 1, 1))")
 USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6 or abs activations between "
            "affine layers: replace it with one of them and retrain")
 REPLACE_IT = "replace it with a supported layer (README, Bring your own decoder)"
@@ -721,7 +723,15 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
 
 
 def _first_linear_width(module):
+    """The latent dimension S: the input width of the first Linear layer, or the size of a
+    first layer nn.Unflatten(1, shape) (a convolutional generator fed (N, S, 1, 1) behind one)."""
     torch = _torch()
+    first = next((m for m in module.modules() if not any(True for _ in m.children())), None)
+    if first is not None and getattr(first, "original_name", type(first).__name__) == "Unflatten":
+        size = getattr(first, "unflattened_size", None)
+        if getattr(first, "dim", None) in (1, -1) and isinstance(size, (tuple, list)) \
+                and all(isinstance(n, int) and n > 0 for n in size):
+            return int(np.prod(size))
     for m in module.modules():
         w = getattr(m, "weight", None)
         kind = getattr(m, "original_name", type(m).__name__)
@@ -734,7 +744,7 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
     """The canonical net of an nn.Sequential (or a single supported layer), recursively.
 
     kind_of(module) -> (class name, is_builtin_torch_nn).  The latent dimension is the
-    input width of the first Linear layer.
+    input width of the first Linear layer, or the size of a first nn.Unflatten.
     """
     leaves = []
 
@@ -759,8 +769,7 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
             _refuse_layer(kind, where, custom=not builtin, last=i == len(leaves) - 1)
     S = _first_linear_width(module)
     if S is None:
-        raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer; start the "
-                          "generator with a Linear layer, whose input width is the latent dimension")
+        raise CpadgnError(NO_LATENT_WIDTH)
 
     current = ["the model"]
 
@@ -1471,8 +1480,11 @@ class _ExportInterpreter:
             self.fail("the program takes more than one input; a generator maps z alone")
         shape = _meta_shape(node)
         if shape is None or len(shape) not in (1, 2) or not isinstance(shape[-1], int):
+            fed = "" if shape is None or len(shape) < 3 else (
+                f"; for a generator fed z of shape (N, S, 1, 1), export nn.Sequential(nn.Unflatten(1, "
+                f"(S, 1, 1)), generator) on z of shape (N, S)")
             self.fail(f"the input has shape {tuple(shape) if shape is not None else '?'}; a "
-                      "generator must take latent vectors of shape (N, S)")
+                      f"generator must take latent vectors of shape (N, S){fed}")
         self.builder = _Builder(int(shape[-1]), self.fail)
         return self.builder.input()
 
