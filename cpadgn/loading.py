@@ -735,7 +735,8 @@ def _first_linear_width(module):
     for m in module.modules():
         w = getattr(m, "weight", None)
         kind = getattr(m, "original_name", type(m).__name__)
-        if kind == "Linear" and isinstance(w, torch.Tensor) and w.ndim == 2:
+        if (kind == "Linear" or isinstance(m, torch.nn.Linear)) and isinstance(w, torch.Tensor) \
+                and w.ndim == 2:     # isinstance: a parametrized Linear (spectral or weight norm)
             return int(w.shape[1])
     return None
 
@@ -750,6 +751,12 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
 
     def visit(m, name):
         kind, builtin = kind_of(m)
+        if kind_of is _eager_kind and (m._forward_pre_hooks or m._forward_hooks):
+            # torch.nn.utils.spectral_norm sets .weight in a pre-hook at each call: the
+            # attribute holds the last training step's weight, not the one eval computes
+            raise _NeedsTrace("", eager=f"{f'layer {name}' if name else 'the model'} ({kind}) has "
+                              "forward hooks (e.g. torch.nn.utils.spectral_norm's) that the layer "
+                              "table cannot run")
         if builtin and kind == "Sequential":
             for child_name, child in m.named_children():
                 visit(child, f"{name}.{child_name}" if name else child_name)
