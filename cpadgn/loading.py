@@ -755,8 +755,8 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
             # torch.nn.utils.spectral_norm sets .weight in a pre-hook at each call: the
             # attribute holds the last training step's weight, not the one eval computes
             raise _NeedsTrace("", eager=f"{f'layer {name}' if name else 'the model'} ({kind}) has "
-                              "forward hooks (e.g. torch.nn.utils.spectral_norm's) that the layer "
-                              "table cannot run")
+                              "forward hooks, which may change its computation (spectral_norm's set "
+                              "its weight; remove hooks that only record values)")
         if builtin and kind == "Sequential":
             for child_name, child in m.named_children():
                 visit(child, f"{name}.{child_name}" if name else child_name)

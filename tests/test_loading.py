@@ -479,6 +479,13 @@ def test_spectral_and_weight_norm_read_as_eval_computes_them(tmp_path, z):
         assert model.training
         assert_matches_torch(net, model.eval(), z, err_msg=str(source))   # eval: no power step
         model.train()
+    seen = []                                           # a hook that records: traced, harmless
+    plain = make_model()
+    plain[2].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    assert_matches_torch(load_generator(plain).net, make_model(), z)
+    plain[2].register_forward_hook(lambda m, i, o: seen.append(o.numpy()))   # torch.export cannot
+    with pytest.raises(CpadgnError, match=r"layer 2 \(LeakyReLU\) has forward hooks.*remove hooks that only record"):
+        load_generator(plain)
 
 
 def test_pickle_refuses_state_dicts(tmp_path):
