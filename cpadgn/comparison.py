@@ -146,6 +146,7 @@ class ModelRow:
     n_regions: int
     max_error_bound: float
     mean_log_likelihood_mc_se: float
+    noise_std: float | list | None = None   # the one scored with (given, stored or fitted)
     n_train: int | None = None
     train_log_likelihood: float | None = None
     aic: float | None = None
@@ -413,7 +414,8 @@ def _score_model(name, m, kind, X_test, X_train, has_nan, notes, posterior=None)
                    n_parameters=int(m.n_parameters), latent_dim=int(m.latent_dim),
                    n_regions=int(m.partition().n_regions),
                    max_error_bound=float(post.error_bound.max()),
-                   mean_log_likelihood_mc_se=float(np.sqrt((post.stderr ** 2).sum()) / n))
+                   mean_log_likelihood_mc_se=float(np.sqrt((post.stderr ** 2).sum()) / n),
+                   noise_std=np.asarray(m.noise_std, dtype=np.float64).tolist())
     if X_train is not None:
         ll_train = float(posterior(m, X_train).log_likelihood.sum())
         row.n_train = int(X_train.shape[0])

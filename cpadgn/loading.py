@@ -151,8 +151,13 @@ def _live_net(obj, example_input) -> PiecewiseAffineNet:
         net = _ExportInterpreter(obj, where).run()
     elif isinstance(obj, torch.nn.Module):
         net = module_net(obj, where, example_input)
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CpadgnError("cannot load a state_dict (weights without the architecture): build the "
+    elif isinstance(obj, dict) and _dict_contents(obj, torch)[0] != "dict":
+        kind, key = _dict_contents(obj, torch)
+        if kind == "module":
+            raise CpadgnError(f"cannot load a dict (a checkpoint): pass the module it holds, "
+                              f"checkpoint[{key!r}]")
+        at = "" if key is None else f" under key {key!r}"
+        raise CpadgnError(f"cannot load a state_dict{at} (weights without the architecture): build the "
                           "decoder, call decoder.load_state_dict(state_dict) and pass the decoder")
     else:
         raise CpadgnError(f"cannot load a {type(obj).__name__}: pass a file path, a torch "
@@ -329,8 +334,7 @@ def _infer_input_width(ops: list) -> int:
             for a in (getattr(op, "s", None), getattr(op, "slope", None)):
                 if a is not None and np.size(a) > 1:
                     return int(np.size(a))
-    raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer; start the "
-                      "generator with a Linear layer, whose input width is the latent dimension")
+    raise CpadgnError(NO_LATENT_WIDTH)
 
 
 # ======================================================= symbolic activations
@@ -680,6 +684,9 @@ NOT_SUPPORTED_YET = {
     "Conv3d": "3-D convolutions are not supported yet",
     "MaxPool3d": "3-D max pooling is not supported yet",
 }
+NO_LATENT_WIDTH = ("cannot tell the latent dimension: the model has no Linear layer; start the "
+                   "generator with a Linear layer, whose input width is the latent dimension, or, for a "
+                   "convolutional generator fed z of shape (N, S, 1, 1), with nn.Unflatten(1, (S, 1, 1))")
 USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6 or abs activations between "
            "affine layers: replace it with one of them and retrain")
 REPLACE_IT = "replace it with a supported layer (README, Bring your own decoder)"
@@ -716,11 +723,20 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
 
 
 def _first_linear_width(module):
+    """The latent dimension S: the input width of the first Linear layer, or the size of a
+    first layer nn.Unflatten(1, shape) (a convolutional generator fed (N, S, 1, 1) behind one)."""
     torch = _torch()
+    first = next((m for m in module.modules() if not any(True for _ in m.children())), None)
+    if first is not None and getattr(first, "original_name", type(first).__name__) == "Unflatten":
+        size = getattr(first, "unflattened_size", None)
+        if getattr(first, "dim", None) in (1, -1) and isinstance(size, (tuple, list)) \
+                and all(isinstance(n, int) and n > 0 for n in size):
+            return int(np.prod(size))
     for m in module.modules():
         w = getattr(m, "weight", None)
         kind = getattr(m, "original_name", type(m).__name__)
-        if kind == "Linear" and isinstance(w, torch.Tensor) and w.ndim == 2:
+        if (kind == "Linear" or isinstance(m, torch.nn.Linear)) and isinstance(w, torch.Tensor) \
+                and w.ndim == 2:     # isinstance: a parametrized Linear (spectral or weight norm)
             return int(w.shape[1])
     return None
 
@@ -729,12 +745,18 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
     """The canonical net of an nn.Sequential (or a single supported layer), recursively.
 
     kind_of(module) -> (class name, is_builtin_torch_nn).  The latent dimension is the
-    input width of the first Linear layer.
+    input width of the first Linear layer, or the size of a first nn.Unflatten.
     """
     leaves = []
 
     def visit(m, name):
         kind, builtin = kind_of(m)
+        if kind_of is _eager_kind and (m._forward_pre_hooks or m._forward_hooks):
+            # torch.nn.utils.spectral_norm sets .weight in a pre-hook at each call: the
+            # attribute holds the last training step's weight, not the one eval computes
+            raise _NeedsTrace("", eager=f"{f'layer {name}' if name else 'the model'} ({kind}) has "
+                              "forward hooks, which may change its computation (spectral_norm's set "
+                              "its weight; remove hooks that only record values)")
         if builtin and kind == "Sequential":
             for child_name, child in m.named_children():
                 visit(child, f"{name}.{child_name}" if name else child_name)
@@ -754,8 +776,7 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
             _refuse_layer(kind, where, custom=not builtin, last=i == len(leaves) - 1)
     S = _first_linear_width(module)
     if S is None:
-        raise CpadgnError("cannot tell the latent dimension: the model has no Linear layer; start the "
-                          "generator with a Linear layer, whose input width is the latent dimension")
+        raise CpadgnError(NO_LATENT_WIDTH)
 
     current = ["the model"]
 
@@ -862,11 +883,39 @@ def _load_pickle(path: Path, trust_pickle: bool) -> tuple:
             raise CpadgnError(f"{path} cannot be unpickled: {_first_line(e)}; re-save the model, preferably "
                               "with torch.export.save (.pt2)") from None
     if not isinstance(obj, torch.nn.Module):
-        what = "a state_dict (weights without the architecture)" if isinstance(obj, dict) \
-            else f"a {type(obj).__name__}, not a module"
-        raise CpadgnError(f"{path} holds {what}; save the whole model instead, preferably "
-                          "with torch.export.save (.pt2)")
+        kind, key = _dict_contents(obj, torch) if isinstance(obj, dict) else (None, None)
+        if kind == "module":
+            raise CpadgnError(
+                f"{path} holds a dict (a checkpoint) with the module under key {key!r}, not the module "
+                f"itself; save that module alone, preferably with torch.export.save (.pt2), or pass "
+                f"checkpoint[{key!r}] to cpadgn.load in Python")
+        if kind == "state_dict":
+            at = "" if key is None else f" under key {key!r}"
+            raise CpadgnError(
+                f"{path} holds a state_dict{at} (weights without the architecture); build the decoder "
+                "in Python, call decoder.load_state_dict(...), then pass it to cpadgn.load or save it "
+                "with torch.export.save (.pt2)")
+        what = "a dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CpadgnError(f"{path} holds {what}, not a module; save the whole model instead, "
+                          "preferably with torch.export.save (.pt2)")
     return module_net(obj, path), obj
+
+
+def _dict_contents(obj: dict, torch) -> tuple:
+    """What a dict given in place of a generator holds: ("module", key) for a checkpoint with
+    an nn.Module among its values, ("state_dict", None) for a dict of tensors, ("state_dict",
+    key) for a checkpoint with one under key, else ("dict", None)."""
+    def weights(d):
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+    for key, value in obj.items():
+        if isinstance(value, torch.nn.Module):
+            return "module", key
+    if weights(obj):
+        return "state_dict", None
+    for key, value in obj.items():
+        if weights(value):
+            return "state_dict", key
+    return "dict", None
 
 
 def module_net(module, where, example_input=None) -> PiecewiseAffineNet:
@@ -1438,8 +1487,11 @@ class _ExportInterpreter:
             self.fail("the program takes more than one input; a generator maps z alone")
         shape = _meta_shape(node)
         if shape is None or len(shape) not in (1, 2) or not isinstance(shape[-1], int):
+            fed = "" if shape is None or len(shape) < 3 else (
+                f"; for a generator fed z of shape (N, S, 1, 1), export nn.Sequential(nn.Unflatten(1, "
+                f"(S, 1, 1)), generator) on z of shape (N, S)")
             self.fail(f"the input has shape {tuple(shape) if shape is not None else '?'}; a "
-                      "generator must take latent vectors of shape (N, S)")
+                      f"generator must take latent vectors of shape (N, S){fed}")
         self.builder = _Builder(int(shape[-1]), self.fail)
         return self.builder.input()
 

@@ -552,6 +552,7 @@ def test_cli_noise_auto_fits_on_train_per_model(files):
     assert r.exit_code == 0, r.output
     from pathlib import Path
     got = {Path(m["name"]).name: m["mean_log_likelihood"] for m in json.loads(r.stdout)["models"]}
+    noise = {Path(m["name"]).name: m["noise_std"] for m in json.loads(r.stdout)["models"]}
     from cpadgn.data import read_data
     from cpadgn.model import load
     X_train, X_test = read_data(d / "train.csv"), read_data(d / "test.csv")
@@ -560,6 +561,9 @@ def test_cli_noise_auto_fits_on_train_per_model(files):
     # the fit is a maximum: the exact training log-likelihood is lower 1% either side
     ll = lambda s: a.with_noise_std(s).log_prob(X_train).sum()
     assert ll(sigma) > max(ll(0.99 * sigma), ll(1.01 * sigma))
+    # the report says which noise std each model was scored with (under --json the fitted
+    # one was printed nowhere): the fitted one, and the one given
+    assert noise["b.h5"] == 0.3 and noise["a.h5"] == pytest.approx(sigma, rel=1e-9)
     assert abs(got["a.h5"] - a.with_noise_std(sigma).log_prob(X_test).mean()) < 1e-9
     assert abs(got["b.h5"] - load(d / "b.h5", noise_std=0.3, device="cpu").log_prob(X_test).mean()) < 1e-10
 

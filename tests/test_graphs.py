@@ -285,6 +285,10 @@ def test_load_accepts_modules_and_exported_programs(z):
         cpadgn.load({"weight": 1}, noise_std=0.1)
     with pytest.raises(CpadgnError, match=r"cannot load a state_dict .*decoder.load_state_dict"):
         cpadgn.load(module.state_dict(), noise_std=0.1)
+    with pytest.raises(CpadgnError, match=r"cannot load a state_dict under key 'sd' .*load_state_dict"):
+        cpadgn.load({"sd": module.state_dict(), "epoch": 1}, noise_std=0.1)
+    with pytest.raises(CpadgnError, match=r"a checkpoint\): pass the module it holds, checkpoint\['net'\]"):
+        cpadgn.load({"net": module, "epoch": 1}, noise_std=0.1)
 
 
 def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
@@ -333,6 +337,29 @@ def test_dense_layer_over_the_memory_limit_is_refused(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:BuiltinImporter.module_repr")   # __main__ under pytest-xdist
+def test_dcgan_generator_fed_through_a_leading_unflatten(tmp_path):
+    """A DCGAN-style generator takes z of shape (N, S, 1, 1).  Behind nn.Unflatten(1, (S, 1, 1))
+    it loads from every form (the pickle and TorchScript were refused: 'no Linear layer'),
+    matching torch's forward pass; bare, each form's message names that wrapper."""
+    torch.manual_seed(7)
+    conv = nn.Sequential(nn.ConvTranspose2d(S, 4, 3, 1, 0), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+                         nn.ConvTranspose2d(4, 1, 4, 2, 1))            # (N, S, 1, 1) -> (N, 1, 6, 6)
+    gen = _randomise(nn.Sequential(nn.Unflatten(1, (S, 1, 1)), conv, nn.Flatten()), seed=7)
+    torch.save(gen, str(tmp_path / "gen.pt"))
+    torch.jit.script(gen).save(str(tmp_path / "gen_script.pt"))
+    z = np.random.default_rng(2).normal(size=(200, S)) * 3
+    ep = torch.export.export(gen, (torch.zeros(2, S, dtype=torch.float64),))
+    for source in (gen, tmp_path / "gen.pt", tmp_path / "gen_script.pt", ep):
+        net = load_generator(source, trust_pickle=True).net
+        assert (net.latent_dim, net.output_dim) == (S, 36)
+        assert_matches_torch(net, gen, z, err_msg=str(source))
+    bare = gen[1]
+    with pytest.raises(CpadgnError, match=r"no Linear layer.*nn.Unflatten\(1, \(S, 1, 1\)\)"):
+        load_generator(bare)
+    with pytest.raises(CpadgnError, match=r"shape \(2, 3, 1, 1\).*export nn.Sequential\(nn.Unflatten"):
+        cpadgn.load(bare, noise_std=0.1, example_input=torch.zeros(2, S, 1, 1, dtype=torch.float64))
+
+
 def test_pickled_class_of_the_saving_script_says_so(tmp_path):
     """A class defined in the script that pickled the module is named '__main__.Name':
     unpickling looks it up in cpadgn's own __main__, so "make its module importable" does

@@ -452,10 +452,62 @@ def test_modules_in_training_mode_are_read_in_eval_mode(tmp_path, z):
     assert_matches_torch(load_generator(tmp_path / "train.pt", trust_pickle=True).net, want, z)
 
 
+def test_spectral_and_weight_norm_read_as_eval_computes_them(tmp_path, z):
+    """torch.nn.utils.spectral_norm sets .weight in a forward pre-hook, so after an optimiser
+    step the attribute is stale: the layer table read it and the folded net was 4e-3 off
+    torch's eval forward here, silently.  Hooked layers are recorded with torch.export now; a
+    parametrized Linear (parametrizations.spectral_norm, weight_norm) was refused for want of
+    a latent dimension ('no Linear layer')."""
+    from torch.nn.utils import spectral_norm
+    from torch.nn.utils.parametrizations import spectral_norm as param_sn, weight_norm
+    def trained(*layers):
+        model = nn.Sequential(*layers).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):                              # training steps leave .weight stale
+            loss = model(torch.randn(16, S, dtype=torch.float64)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model
+
+    torch.manual_seed(0)
+    hooked = trained(spectral_norm(nn.Linear(S, 8)), nn.LeakyReLU(0.2), spectral_norm(nn.Linear(8, 5)))
+    param = trained(param_sn(nn.Linear(S, 8)), nn.ReLU(), weight_norm(nn.Linear(8, 5)))
+    torch.save(hooked, str(tmp_path / "sn.pt"))         # torch cannot pickle parametrized modules
+    for source, model in ((hooked, hooked), (tmp_path / "sn.pt", hooked), (param, param)):
+        net = load_generator(source, trust_pickle=True).net
+        assert model.training
+        assert_matches_torch(net, model.eval(), z, err_msg=str(source))   # eval: no power step
+        model.train()
+    seen = []                                           # a hook that records: traced, harmless
+    plain = make_model()
+    plain[2].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    assert_matches_torch(load_generator(plain).net, make_model(), z)
+    plain[2].register_forward_hook(lambda m, i, o: seen.append(o.numpy()))   # torch.export cannot
+    with pytest.raises(CpadgnError, match=r"layer 2 \(LeakyReLU\) has forward hooks.*remove hooks that only record"):
+        load_generator(plain)
+
+
 def test_pickle_refuses_state_dicts(tmp_path):
     torch.save(make_model().state_dict(), str(tmp_path / "sd.pt"))
-    with pytest.raises(CpadgnError, match="state_dict"):
+    with pytest.raises(CpadgnError, match=r"holds a state_dict \(weights.*load_state_dict"):
         load_generator(tmp_path / "sd.pt")
+
+
+def test_pickled_checkpoints_are_told_apart(tmp_path):
+    """A training checkpoint dict is told for what it holds: a module under a key (it was
+    called a state_dict, weights without the architecture), or a state_dict under a key."""
+    model = make_model()
+    torch.save({"model": model, "epoch": 3}, str(tmp_path / "ckpt.pt"))
+    for trust in (False, True):
+        torch.save({"state_dict": model.state_dict(), "epoch": 3}, str(tmp_path / "sd.pt"))
+        with pytest.raises(CpadgnError, match=r"holds a state_dict under key 'state_dict' \(weights"):
+            load_generator(tmp_path / "sd.pt", trust_pickle=trust)
+    with pytest.raises(CpadgnError, match=r"module under key 'model', not the module itself.*checkpoint\['model'\]"):
+        load_generator(tmp_path / "ckpt.pt", trust_pickle=True)
+    torch.save({"epoch": 3}, str(tmp_path / "other.pt"))
+    with pytest.raises(CpadgnError, match=r"holds a dict, not a module"):
+        load_generator(tmp_path / "other.pt")
 
 
 # ---------------------------------------------------------------- format detection
