@@ -166,8 +166,9 @@ class FitResult:
     history: {name: (T,) array}, entry 0 the initialisation (EM) or per epoch (VAE);
     method: "em" or "vae"; stop_reason: "tol", "max_iter", "no_improvement",
     "rounding" (every further step was unreliable by rounding, see ``fit_em``),
-    "memory_budget" (the next M-step would exceed it, see ``fit_em``), "callback" or "epochs"; train_loglik / val_loglik: final exact mean log-likelihood
-    per row (val None without validation rows); encoder: the VAE's encoder arrays.
+    "memory_budget" (the next M-step would exceed it, see ``fit_em``), "callback" or
+    "epochs"; train_loglik / val_loglik: final exact mean log-likelihood per row (val
+    None without validation rows); encoder: the VAE's encoder arrays.
     """
 
     net: PiecewiseAffineNet
@@ -340,8 +341,8 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     are broad and EM crawls along a plateau; the default 0.1 starts with sharp
     posteriors (lower initial likelihood, cheaper E-steps) and leaves it in a few
     iterations; memory_budget: bytes the M-step may hold (``check_m_step_memory``;
-    None: no limit) and the E-step's batches (at most ``E_STEP_BUDGET``); sweeps: bottom-up passes over the
-    layers per M-step; var_floor: lower bound on the noise variance (default 1e-6 times
+    None: no limit) and the E-step's batches (at most ``E_STEP_BUDGET``); sweeps:
+    bottom-up passes over the layers per M-step; var_floor: lower bound on the noise variance (default 1e-6 times
     the mean column variance); dense_max: largest layer (n_{l+1} (n_l + 1) unknowns)
     solved densely, CG above; rtol: pruning tolerance of the E-step (``em.e_step``): the
     log-likelihoods are exact to log(1 + rtol) per row, a certified bound kept in the

@@ -1488,8 +1488,8 @@ class _ExportInterpreter:
         shape = _meta_shape(node)
         if shape is None or len(shape) not in (1, 2) or not isinstance(shape[-1], int):
             fed = "" if shape is None or len(shape) < 3 else (
-                f"; for a generator fed z of shape (N, S, 1, 1), export nn.Sequential(nn.Unflatten(1, "
-                f"(S, 1, 1)), generator) on z of shape (N, S)")
+                "; for a generator fed z of shape (N, S, 1, 1), export nn.Sequential(nn.Unflatten(1, "
+                "(S, 1, 1)), generator) on z of shape (N, S)")
             self.fail(f"the input has shape {tuple(shape) if shape is not None else '?'}; a "
                       f"generator must take latent vectors of shape (N, S){fed}")
         self.builder = _Builder(int(shape[-1]), self.fail)
