@@ -76,7 +76,10 @@ def open_client(address: str, *, log=None):
     quiet_logs()
     with contextlib.ExitStack() as stack:
         if address.startswith(LOCAL_PREFIX):
-            cluster = stack.enter_context(local_cluster(_local_workers(address)))
+            n = _local_workers(address)
+            if log is not None:
+                log(f"Dask: starting {n} local worker process(es)")
+            cluster = stack.enter_context(local_cluster(n))
             client = stack.enter_context(distributed.Client(cluster))
         else:
             try:
@@ -114,26 +117,53 @@ def local_cluster(n: int, dashboard_address: str | None = ":0"):
     that runs a task later receives and unpickles the model again (dask/dask#11148)."""
     import dask
     distributed = _distributed()
-    with _workers_ignore_ctrl_c(), dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
-        return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                        dashboard_address=dashboard_address, silence_logs=logging.CRITICAL)
+    with _workers_ignore_ctrl_c() as pressed, \
+            dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                           dashboard_address=dashboard_address, silence_logs=logging.CRITICAL)
+    if pressed():
+        cluster.close()
+        raise KeyboardInterrupt
+    return cluster
+
+
+# A process in this one's process group that reports a Ctrl-C at the terminal (SIGINT to
+# the group) by writing to its stdout, and ends when its stdin closes.
+_CTRL_C_WATCHER = ("import os, signal, sys\n"
+                   "signal.signal(signal.SIGINT, lambda *a: os.write(1, b'i'))\n"
+                   "sys.stdin.buffer.read()")
 
 
 @contextlib.contextmanager
 def _workers_ignore_ctrl_c():
     """Start local worker processes with SIGINT ignored (inherited), so that Ctrl-C reaches
     only this process, which cancels the work and closes the cluster in order (a worker
-    interrupted by itself prints tracebacks while the cluster shuts down)."""
+    interrupted by itself prints tracebacks while the cluster shuts down).  Yields a
+    callable, true after the block when a Ctrl-C was pressed meanwhile: this process
+    ignores it then too, so a watcher process, started before, records it (a SIGINT sent
+    to this process alone in that time, not from the terminal, is lost)."""
     import signal
+    import subprocess
+    import sys
     import threading
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: False
         return
+    watcher = subprocess.Popen([sys.executable, "-S", "-E", "-c", _CTRL_C_WATCHER], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pressed = []
     try:
-        yield
+        yield lambda: bool(pressed)
     finally:
         signal.signal(signal.SIGINT, previous)
+        try:
+            out, _ = watcher.communicate(timeout=10)      # closes its stdin: it ends
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            out, _ = watcher.communicate()
+        if b"i" in out or watcher.returncode != 0:     # or killed by a Ctrl-C before its handler was set
+            pressed.append(True)
 
 
 def _local_workers(address: str) -> int:

@@ -526,6 +526,45 @@ def test_ctrl_c_during_a_dask_run_exits_130_and_leaves_no_file(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5", "gen.h5.partition.h5", "x.npy"]
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_ctrl_c_while_the_local_cluster_starts_exits_130(model, tmp_path, delay):
+    """The local workers start with SIGINT ignored (inherited, so that they ignore it), and
+    this process ignored it meanwhile: a Ctrl-C at the terminal (SIGINT to the process
+    group) in those seconds was lost, and the run went on to exit 0 with its output.  A
+    watcher process records it; the cluster closes, exit 130, one line, nothing written."""
+    import time
+
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    np.save(tmp_path / "x.npy", model.sample(400, seed=13))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "score", str(tmp_path / "gen.h5"),
+                             str(tmp_path / "x.npy"), "-o", str(tmp_path / "out.csv"), "--dask", "local:2",
+                             "--device", "cpu"], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stderr:                     # until the cluster starts
+            lines.append(line)
+            if "Dask: starting 2 local worker" in line:
+                break
+        assert lines and "starting" in lines[-1], "".join(lines)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)           # as the terminal sends Ctrl-C
+        signalled = time.monotonic()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+        elapsed = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["Error: interrupted"], err
+    assert elapsed < 60, elapsed                     # the rest of the start, then the close
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5", "gen.h5.partition.h5", "x.npy"]
+
+
 # a Ctrl-C 0.02 s into the model's broadcast (client.scatter(..., broadcast=True)): the
 # local workers close under the scheduler's replicate, whose KeyError asyncio logged as a
 # 15-line "Task exception was never retrieved" traceback above "Error: interrupted" (3 of 3
