@@ -372,7 +372,14 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
         full = prior_window(model, None if post is None else post.z_mean)
         window = tuple(full[a] for a in plane.axes)
     regions, polys = region_polygons(model, window, plane=plane)
-    cmap, norm = _mass_colours(part.log_prior_mass[regions])
+    zoom_views = []              # (slice, window, regions, polygons) of each zoomed panel
+    for i in range(len(zoom_axes)):
+        own = latent_slice(model, plane.axes, slice_at, post.z_mean[i])
+        zw = _posterior_window(post.z_mean[i], post.z_cov[i], plane.axes)
+        zoom_views.append((own, zw) + region_polygons(model, zw, plane=own))
+    # one colour scale over every panel's regions: a zoom reaches regions the main view does not
+    # (its own slice at S >= 3, or past the main window's edge), which would otherwise clip silently
+    cmap, norm = _mass_colours(part.log_prior_mass[np.concatenate([regions] + [v[2] for v in zoom_views])])
     coll = PolyCollection(polys, array=part.log_prior_mass[regions], cmap=cmap, norm=norm,
                           edgecolors=(1, 1, 1, 0.6), linewidths=0.25)
     coll.cpadgn_regions = regions
@@ -401,11 +408,8 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
             zw = _posterior_window(post.z_mean[i], post.z_cov[i], plane.axes)
             _posterior_contours(ax, model, Xr[i:i + 1], zw, grid, colour, plane)
     if rows:
-        for i, (r, zax) in enumerate(zip(zooms, zoom_axes)):
+        for i, (r, zax, (own, zw, zr, zp)) in enumerate(zip(zooms, zoom_axes, zoom_views)):
             colour = ROW_COLOURS[i % len(ROW_COLOURS)]
-            own = latent_slice(model, plane.axes, slice_at, post.z_mean[i])
-            zw = _posterior_window(post.z_mean[i], post.z_cov[i], plane.axes)
-            zr, zp = region_polygons(model, zw, plane=own)
             zc = PolyCollection(zp, array=part.log_prior_mass[zr], cmap=cmap, norm=norm,
                                 edgecolors="white", linewidths=0.6)
             zc.cpadgn_regions = zr

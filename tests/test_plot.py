@@ -210,6 +210,21 @@ def test_posterior_panels_mark_the_mean_and_draw_the_exact_density(model2):
         assert np.all(np.abs(np.array([m1, m2]) - post.z_mean[k]) < 0.02 * sd)
 
 
+def test_every_panel_shares_one_colour_scale_that_holds_all_its_regions(model2, model3):
+    """The zoomed panels reach regions the main view does not (a small window=, a zoom past the
+    main window's edge, at S >= 3 each zoom's own slice): their log prior masses must lie inside
+    the one colour scale, not clip silently to its ends."""
+    for model, kw in [(model2, dict(window=((-0.05, 0.05), (-0.05, 0.05)))), (model3, {})]:
+        X = draws(model, 4, seed=7)
+        fig = plot.partition(model, X, rows=[0, 1, 2, 3], **kw)
+        colls = [c for a in fig.axes for c in a.collections if hasattr(c, "cpadgn_regions")]
+        assert len(colls) == 5
+        masses = np.concatenate([model.partition().log_prior_mass[c.cpadgn_regions] for c in colls])
+        norm = colls[0].norm
+        assert all(c.norm is norm for c in colls)
+        assert norm.vmin == masses.min() and norm.vmax == masses.max()
+
+
 def test_partition_on_a_given_axes_and_window(model2):
     fig0 = plot.new_figure((400, 400))
     ax = fig0.add_subplot(1, 1, 1)
