@@ -37,7 +37,7 @@ REPORT_SUFFIXES = (".json", ".csv")
               help="Report file: .json (the same document as --json) or .csv (model rows, then "
                    "pair rows; the 'table' column says which).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="PNG of the per-row log-likelihood differences best - other "
+              help="Picture (.png, .pdf or .svg) of the per-row log-likelihood differences best - other "
                    "(needs matplotlib: pip install 'cpadgn[plot]').")
 @click.option("--timings", is_flag=True,
               help="Put wall times in the report too (they vary between runs, so by default the "
@@ -215,16 +215,9 @@ def _check_report_path(out, inputs):
 
 
 def _check_plot(path, inputs):
-    from cpadgn.data import check_output_path
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise CpadgnError(f"cannot write {path}: --plot writes a .png file")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise CpadgnError("--plot needs matplotlib, which is not installed; "
-                          "pip install 'cpadgn[plot]' (or matplotlib)") from None
-    check_output_path(path, inputs=inputs, suffixes=(".png",))
+    """matplotlib installed, a .png/.pdf/.svg path that can be written and is no input (one line)."""
+    from cpadgn.plot import check_image_path
+    check_image_path(path, inputs=inputs)
 
 
 def _csv_cell(v):
@@ -366,15 +359,13 @@ def _short_names(names):
 def _plot(path, result):
     """Box plots of d_n = log p_best(x_n) - log p_other(x_n), one per other model, with the
     mean and its 95% interval; a single model gets the histogram of its log p(x_n)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from cpadgn.data import atomic_path, write_error
+    from cpadgn.plot import new_figure, save
 
     names = [m.name for m in result.models]
     label = dict(zip(names, _short_names(names)))
     best, others = names[0], names[1:]
-    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * max(len(others), 1)))
+    fig = new_figure((960, round(120 * (1.6 + 0.7 * max(len(others), 1)))), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
     if others:
         diffs = [result.log_likelihoods[best] - result.log_likelihoods[o] for o in others]
         # matplotlib 3.10 renamed vert=False to orientation="horizontal"
@@ -396,13 +387,7 @@ def _plot(path, result):
     else:
         ax.hist(result.log_likelihoods[best], bins=40)
         ax.set_xlabel(f"log p(x) per test row (nats), {label[best]}")
-    ax.set_title(f"Exact held-out log-likelihood: {label[best]} against the others ({result.n_test} rows)",
-                 fontsize=10)
-    fig.tight_layout()
-    try:
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    except OSError as e:
-        raise write_error(path, e) from None
-    finally:
-        plt.close(fig)
+        ax.set_ylabel("test rows")
+    against = " against the others" if others else ""
+    ax.set_title(f"Exact held-out log-likelihood: {label[best]}{against} ({result.n_test} rows)", fontsize=10)
+    save(fig, path)

@@ -395,6 +395,19 @@ def test_cli_plot(files, monkeypatch):
     r = run(args + ["--plot", d / "p.png"])
     assert r.exit_code == 0, r.output
     assert (d / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # .pdf and .svg as for every other picture (they were refused: '--plot writes a .png file')
+    for suffix, head in [(".pdf", b"%PDF"), (".svg", b"<svg")]:
+        r = run(args + ["--plot", d / f"p{suffix}"])
+        assert r.exit_code == 0, r.output
+        assert head in (d / f"p{suffix}").read_bytes()[:400]
+    r = run(args + ["--plot", d / "p.jpg"])
+    assert r.exit_code == 1 and ".png, .pdf, .svg" in r.output and not (d / "p.jpg").exists()
+    assert len(r.output.strip().splitlines()) == 1
+    # one model: its histogram, titled without 'against the others'
+    r = run([d / "a.h5", "--data", d / "test.csv", "--device", "cpu", "-q", "--plot", d / "one.svg"])
+    assert r.exit_code == 0, r.output
+    svg = (d / "one.svg").read_text()
+    assert "Exact held-out log-likelihood: a (" in svg and "against the others" not in svg
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     r = run(args + ["--plot", d / "p2.png"])
     assert r.exit_code == 1 and "pip install 'cpadgn[plot]'" in r.output
