@@ -33,6 +33,7 @@ IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 PRIOR_CONTOUR_MASSES = (0.5, 0.9, 0.99)
 WINDOW_RADIUS = 3.3          # prior std per axis: the window holds the 99% contour (radius 3.03)
 MAX_ZOOMS = 4                # rows that get their own zoomed posterior panel
+POSTERIOR_CONTOUR_LEVELS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)   # p(z | x) contours, fractions of its peak
 _ZOOM_SIZES = {0: (600, 450), 1: (1000, 450), 2: (900, 600), 3: (1200, 600), 4: (1200, 600)}
 ROW_COLOURS = ("#e6194b", "#f58231", "#f032e6", "#4363d8", "#42d4f4", "#3cb44b")
 
@@ -407,6 +408,8 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
         if i >= len(zooms):
             zw = _posterior_window(post.z_mean[i], post.z_cov[i], plane.axes)
             _posterior_contours(ax, model, Xr[i:i + 1], zw, grid, colour, plane)
+    if len(rows) > len(zooms):
+        ax.plot([], [], color="0.3", lw=0.9, label=f"p(z | x) contours: {_levels_text()}")
     if rows:
         for i, (r, zax, (own, zw, zr, zp)) in enumerate(zip(zooms, zoom_axes, zoom_views)):
             colour = ROW_COLOURS[i % len(ROW_COLOURS)]
@@ -426,10 +429,18 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
                           fontsize=8)
             (x0, x1), (y0, y1) = zw
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.0,
-                                   label="zoomed windows (right)" if i == 0 else None))
-        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+                                   label=f"zoomed windows (right), p(z | x) contours:\n{_levels_text()}"
+                                   if i == 0 else None))
+        # inside the axes: not a decoration for the layout to make room for (at the smallest
+        # sizes a tall legend would collapse the axes)
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8).set_in_layout(False)
     fig.cpadgn_main_axes = ax
     return fig
+
+
+def _levels_text() -> str:
+    """What the p(z | x) contour lines are, for a legend: '5, 20, ..., 95% of its peak'."""
+    return ", ".join(f"{100 * v:g}" for v in POSTERIOR_CONTOUR_LEVELS) + "% of its peak"
 
 
 def _log_p_text(log_p: float) -> str:
@@ -530,7 +541,7 @@ def _posterior_contours(ax, model, x, window, grid, colour, plane):
     top = float(dens.max())
     if top <= 0:
         return None
-    levels = top * np.array([0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
+    levels = top * np.array(POSTERIOR_CONTOUR_LEVELS)
     cs = ax.contour(gx, gy, dens, levels=levels, colors=colour, linewidths=0.9)
     cs.cpadgn_density = (gx, gy, dens)
     return cs

@@ -225,6 +225,24 @@ def test_every_panel_shares_one_colour_scale_that_holds_all_its_regions(model2, 
         assert norm.vmin == masses.min() and norm.vmax == masses.max()
 
 
+def test_the_legend_says_what_the_posterior_contour_lines_are(model2):
+    """The p(z | x) contours are fractions of each panel's peak: the legend says which (it did
+    not, so a reader could not tell a 5% line from a 95% one), for zoomed panels and for rows
+    drawn in the main panel (on a given ax, or past the fourth)."""
+    X = draws(model2, 5, seed=3)
+    for fig in (plot.partition(model2, X, rows=[0, 1, 2, 3, 4]),
+                plot.partition(model2, X, rows=[1], ax=plot.new_figure().add_subplot(1, 1, 1))):
+        ax = fig.cpadgn_main_axes
+        text = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+        assert "p(z | x) contours" in text and "5, 20, 40, 60, 80, 95% of its peak" in text
+        for a in fig.axes:
+            for c in a.collections:
+                if hasattr(c, "cpadgn_density"):
+                    top = c.cpadgn_density[2].max()
+                    np.testing.assert_allclose(c.levels, top * np.array([0.05, 0.2, 0.4, 0.6, 0.8, 0.95]),
+                                               rtol=1e-15)
+
+
 def test_partition_on_a_given_axes_and_window(model2):
     fig0 = plot.new_figure((400, 400))
     ax = fig0.add_subplot(1, 1, 1)
