@@ -59,9 +59,10 @@ def new_figure(size=(600, 450), dpi: int = 100):
 
 
 def save(fig, path) -> None:
-    """Write fig to path (format from the suffix: .png, .pdf, .svg) atomically."""
-    from .data import atomic_path, write_error
-    path = Path(path)
+    """Write fig to path (format from the suffix: .png, .pdf, .svg) atomically; a one-line
+    CpadgnError for another suffix, a missing or unwritable directory."""
+    from .data import atomic_path, check_output_path, write_error
+    path = check_output_path(path, suffixes=IMAGE_SUFFIXES)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=path.suffix.lower().lstrip("."), dpi=fig.dpi)

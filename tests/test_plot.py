@@ -2,6 +2,7 @@
 pixel and checked against numbers computed independently (a forward pass locating each
 pixel's region, Bayes' rule for the posterior density, brute-force counts)."""
 import io
+import re
 import shutil
 import struct
 import subprocess
@@ -569,6 +570,20 @@ def test_library_pictures_refuse_the_sizes_the_command_line_refuses(model2, size
     for call in calls:
         with pytest.raises(CpadgnError, match=message):
             call()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("pic", "unknown output extension '(none)'; use one of .png, .pdf, .svg"),   # was matplotlib's ValueError
+    ("pic.jpg", "unknown output extension '.jpg'"), ("pic.eps", "unknown output extension '.eps'"),
+    ("no/such/dir/pic.png", "does not exist; create it first"),
+])
+def test_save_refuses_what_the_command_line_refuses_in_one_line(tmp_path, name, message):
+    fig = plot.scores_histogram(np.arange(10.0))
+    with pytest.raises(CpadgnError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        plot.save(fig, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    plot.save(fig, tmp_path / "pic.PNG")
+    assert png_size(tmp_path / "pic.PNG") == (600, 450)
 
 
 def test_library_pictures_at_the_smallest_size_lay_out_without_a_warning():
