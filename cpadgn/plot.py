@@ -700,7 +700,7 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
     X_obs (N, D) with NaN = missing; mean, std (N, D); draws (K, N, D) or None;
     image_shape (H, W) with H W = D; rows: which rows (default: the first max_rows
     rows with a missing entry).  Values share one grey scale (the range of the observed
-    values and the means; draws beyond it saturate); the std has its own.  size: as for
+    values and the means; draws beyond it saturate, and the title counts them); the std has its own.  size: as for
     ``partition``.  row_labels: the row numbers the tiles are labelled with (default rows;
     ``imputation_figure`` passes the rows' numbers in the whole data).
     """
@@ -742,8 +742,11 @@ def imputations(X_obs, mean, std, draws, image_shape, *, rows=None, max_rows: in
             if i == 0:
                 a.set_title(titles[j], fontsize=8)
         axes[i, 0].set_ylabel(f"row {n if row_labels is None else row_labels[i]}", fontsize=8)
-    fig.suptitle(f"Exact imputation: mean, std and draws (std scale 0..{smax:.3g}; red = missing)",
-                 fontsize=9)
+    shown_draws = np.asarray(draws)[:K][:, rows] if K else np.empty(0)
+    beyond = int(np.sum((shown_draws < vmin) | (shown_draws > vmax)))
+    saturate = f"; {beyond} drawn pixels beyond it saturate" if beyond else ""
+    fig.suptitle(f"Exact imputation: mean, std and draws (grey scale {vmin:.3g}..{vmax:.3g}{saturate};\n"
+                 f"std scale 0..{smax:.3g}; red = missing)", fontsize=9)
     fig.cpadgn_rows = rows if row_labels is None else np.asarray(row_labels)
     return fig
 

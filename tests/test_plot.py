@@ -454,6 +454,28 @@ def test_imputation_tiles_show_the_numbers():
         plot.imputations(X, mean, std, dr, (H, W + 1))
 
 
+def test_imputation_title_gives_the_grey_scale_and_counts_the_draws_beyond_it():
+    """Draws outside the observed values' and means' range saturate: the title says how many
+    (they were clipped with nothing in the picture saying so)."""
+    rng = np.random.default_rng(3)
+    N, D, K = 6, 9, 4
+    X = rng.uniform(0, 1, (N, D))
+    X[[0, 2, 3, 5], :4] = np.nan
+    mean = rng.uniform(0.1, 0.9, X.shape)
+    dr = rng.normal(0.5, 0.4, (K + 2, N, D))         # 2 draws past max_draws: not shown, not counted
+    fig = plot.imputations(X, mean, np.full(X.shape, 0.1), dr, (3, 3))
+    rows = [0, 2, 3, 5]
+    lo = min(np.nanmin(X[rows]), mean[rows].min())
+    hi = max(np.nanmax(X[rows]), mean[rows].max())
+    shown = dr[:K][:, rows]
+    beyond = int(((shown < lo) | (shown > hi)).sum())
+    assert beyond > 0
+    title = fig._suptitle.get_text()
+    assert f"grey scale {lo:.3g}..{hi:.3g}; {beyond} drawn pixels beyond it saturate" in title
+    clean = plot.imputations(X, mean, np.full(X.shape, 0.1), np.clip(dr, lo, hi), (3, 3))
+    assert "saturate" not in clean._suptitle.get_text()
+
+
 def test_imputation_figure_labels_tiles_by_their_rows_in_the_data(model1):
     """impute --plot labelled its tiles 'row 0..3', the positions among the rows with a
     missing entry: for missing rows 0, 2, 3 and 5 of the data the tiles said 0, 1, 2, 3."""
