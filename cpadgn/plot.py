@@ -34,6 +34,8 @@ PRIOR_CONTOUR_MASSES = (0.5, 0.9, 0.99)
 WINDOW_RADIUS = 3.3          # prior std per axis: the window holds the 99% contour (radius 3.03)
 MAX_ZOOMS = 4                # rows that get their own zoomed posterior panel
 POSTERIOR_CONTOUR_LEVELS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)   # p(z | x) contours, fractions of its peak
+FAINT_SLICE = 1e-3           # S >= 3: no main-panel contours where p(z | x) on the slice stays below this
+                             # fraction of its value at E[z | x]
 _ZOOM_SIZES = {0: (600, 450), 1: (1000, 450), 2: (900, 600), 3: (1200, 600), 4: (1200, 600)}
 ROW_COLOURS = ("#e6194b", "#f58231", "#f032e6", "#4363d8", "#42d4f4", "#3cb44b")
 
@@ -401,6 +403,7 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
                  f", through E[z | x] of row {rows[0]}" if rows else ", through the prior mean")
         ax.set_title(f"slice {plane.describe()}{where}: {len(regions):,} of the\n"
                      f"{part.n_regions:,} linear regions of the S = {S} latent space in view", fontsize=9)
+    contoured, faint = [], []
     for i, r in enumerate(rows):
         colour = ROW_COLOURS[i % len(ROW_COLOURS)]
         off = plane.describe(post.z_mean[i])
@@ -408,9 +411,17 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
                    f"row {r}" + (f" (at {off})" if off else ""))
         if i >= len(zooms):
             zw = _posterior_window(post.z_mean[i], post.z_cov[i], plane.axes)
-            _posterior_contours(ax, model, Xr[i:i + 1], zw, grid, colour, plane)
-    if len(rows) > len(zooms):
+            # at S >= 3 the slice may pass far from the row's posterior: contours scaled to its
+            # peak on the slice would draw a tail (1e-55 of the density at E[z | x]) as a posterior
+            floor = 0.0 if S == 2 else FAINT_SLICE * posterior_density(model, Xr[i:i + 1],
+                                                                       post.z_mean[i:i + 1])[0, 0]
+            drawn = _posterior_contours(ax, model, Xr[i:i + 1], zw, grid, colour, plane, floor)
+            (faint if drawn is None else contoured).append(r)
+    if contoured:
         ax.plot([], [], color="0.3", lw=0.9, label=f"p(z | x) contours: {_levels_text()}")
+    if faint:
+        ax.plot([], [], " ", label=f"row{'s' * (len(faint) > 1)} {', '.join(map(str, faint))}: p(z | x) "
+                f"on this slice < {FAINT_SLICE:g} of its value at E[z | x]; no contours")
     if rows:
         for i, (r, zax, (own, zw, zr, zp)) in enumerate(zip(zooms, zoom_axes, zoom_views)):
             colour = ROW_COLOURS[i % len(ROW_COLOURS)]
@@ -533,14 +544,15 @@ def _check_posterior_spread(rows, post, axes) -> None:
                               f"--row {r}, or use a larger --noise-std")
 
 
-def _posterior_contours(ax, model, x, window, grid, colour, plane):
-    """Contour lines of the exact p(z | x) of one row x (1, D) over window on plane."""
+def _posterior_contours(ax, model, x, window, grid, colour, plane, floor: float = 0.0):
+    """Contour lines of the exact p(z | x) of one row x (1, D) over window on plane; None
+    (nothing drawn) when its peak there is not above floor."""
     gx = np.linspace(*window[0], grid)
     gy = np.linspace(*window[1], grid)
     U = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)
     dens = posterior_density(model, x, plane.lift(U))[0].reshape(grid, grid)
     top = float(dens.max())
-    if top <= 0:
+    if top <= floor:
         return None
     levels = top * np.array(POSTERIOR_CONTOUR_LEVELS)
     cs = ax.contour(gx, gy, dens, levels=levels, colors=colour, linewidths=0.9)

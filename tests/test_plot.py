@@ -380,6 +380,29 @@ def test_slice_picture_through_the_rows_posterior_means(model3):
         np.testing.assert_allclose(dens[sub].ravel(), want, rtol=1e-7, atol=1e-9 * want.max())
 
 
+def test_main_panel_draws_no_contours_for_a_posterior_the_slice_misses(model3):
+    """A fifth row's p(z | x) is drawn in the main panel, contoured at fractions of its peak on
+    the slice: on a slice far from its posterior that peak is a far tail (1e-55 of the density
+    at E[z | x] on an S = 3 digits model), which was drawn as if it were the posterior."""
+    X = draws(model3, 5, seed=11)
+    post = model3.posterior(X)
+    sd = np.sqrt(post.z_cov[4, 2, 2])
+    at_mean = bayes_density(model3, X[4], post.z_mean[4:5])[0]
+    for shift, drawn in [(0.0, True), (6.0, False)]:
+        at = post.z_mean[4, 2] + shift * sd
+        fig = plot.partition(model3, X, rows=[0, 1, 2, 3, 4], slice_at=at)
+        ax = fig.cpadgn_main_axes
+        contours = [c for c in ax.collections if hasattr(c, "cpadgn_density")]
+        legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+        # the oracle: Bayes' rule on the drawn window's grid against its value at E[z | x]
+        zw = plot._posterior_window(post.z_mean[4], post.z_cov[4], (0, 1))
+        g = np.stack(np.meshgrid(np.linspace(*zw[0], 61), np.linspace(*zw[1], 61)), -1).reshape(-1, 2)
+        top = bayes_density(model3, X[4], np.column_stack([g, np.full(len(g), at)])).max()
+        assert (top > 1e-3 * at_mean) == drawn               # plot.FAINT_SLICE
+        assert len(contours) == drawn
+        assert ("row 4: p(z | x) on this slice < 0.001 of its value at E[z | x]; no contours" in legend) != drawn
+
+
 def test_slice_options_are_checked(model3, model1, model2):
     for kw, message in [(dict(slice_axes=(0, 0)), "two different axes"),
                         (dict(slice_axes=(0, 3)), "z1, z4: this model's latent axes are z1..z3"),
