@@ -625,7 +625,7 @@ def _partition_1d(model, rows, Xr, post, ax, window, size, grid):
 
 # ================================================================== scores
 def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, *, threshold_label=None,
-                     ax=None, size=None, bins: int = 40):
+                     flagged=None, ax=None, size=None, bins: int = 40):
     """Histogram of the rows' exact log p(x) (N,), the anomaly threshold (rows with
     log p(x) below it are flagged) and, when given, the model's own log p of its draws
     (M,) as a second, outlined histogram (both as densities, so they compare).
@@ -633,7 +633,9 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
     A few far outliers would squash the bulk: rows more than 10 interquartile ranges
     below the lower quartile are counted in the legend instead of drawn.  Rows with
     nothing observed (log p NaN: no likelihood) are counted in the legend too (one NaN
-    used to blank every bar).  size: as for ``partition``."""
+    used to blank every bar).  flagged: the rows flagged, for the legend, where that is not
+    the rows below the line (several missing patterns, each with its own threshold); default
+    the rows below it.  size: as for ``partition``."""
     size = check_size(size)
     ll = np.asarray(log_likelihood, dtype=np.float64).reshape(-1)
     unobserved = int(np.sum(np.isnan(ll)))
@@ -657,7 +659,7 @@ def scores_histogram(log_likelihood, threshold=None, model_log_likelihood=None, 
         ax.hist(ref, bins=edges, density=True, histtype="step", color="black", lw=1.4,
                 label=f"rows drawn from the model ({ref.size})")
     if threshold is not None:
-        flagged = int(np.sum(ll < threshold))
+        flagged = int(np.sum(ll < threshold)) if flagged is None else int(flagged)
         ax.axvline(threshold, color="C3", lw=1.8, gid="threshold",
                    label=f"{threshold_label or 'threshold'}: {flagged} rows flagged")
     hidden = int(np.sum(ll < lo))
@@ -683,7 +685,7 @@ def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=Non
     most rows with an observed entry share (observed (N, D) bool)."""
     from .anomaly import alpha_threshold
     ll = np.asarray(log_likelihood, dtype=np.float64)
-    threshold = label = ref = None
+    threshold = label = ref = flagged = None
     if pvalues is not None and pvalues.reference_log_prob is not None:
         q = 0
         if len(pvalues.patterns) > 1 and observed is not None:
@@ -699,7 +701,10 @@ def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=Non
     elif alpha is not None and ref is not None:
         threshold = alpha_threshold(ref, alpha)
         label = f"p-value < {alpha:g}"
-    return scores_histogram(ll, threshold, ref, threshold_label=label, size=size)
+        if len(pvalues.patterns) > 1:       # one threshold per pattern: count the flags as score does
+            label += f" (line: rows with {int(pvalues.patterns[q].sum())} entries observed)"
+            flagged = int(np.sum(pvalues.pvalue < alpha))
+    return scores_histogram(ll, threshold, ref, threshold_label=label, flagged=flagged, size=size)
 
 
 # ============================================================== imputations

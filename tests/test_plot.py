@@ -762,7 +762,8 @@ def test_scores_figure_compares_with_the_pattern_of_rows_with_something_observed
     from types import SimpleNamespace
     observed = np.array([[False, False], [False, False], [True, False]])
     pv = SimpleNamespace(patterns=np.array([[False, False], [True, False]]),
-                         reference_log_prob=np.array([[np.nan] * 4, [-4.0, -3.0, -2.0, -1.0]]))
+                         reference_log_prob=np.array([[np.nan] * 4, [-4.0, -3.0, -2.0, -1.0]]),
+                         pvalue=np.array([np.nan, np.nan, 0.6]))
     ll = np.array([np.nan, np.nan, -2.5])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -773,6 +774,25 @@ def test_scores_figure_compares_with_the_pattern_of_rows_with_something_observed
     assert len(threshold) == 1 and threshold[0].get_xdata()[0] == alpha_threshold(pv.reference_log_prob[1], 0.5)
     fig = plot.scores_figure(ll, contamination=0.5)
     assert [line.get_xdata()[0] for line in fig.cpadgn_main_axes.lines if line.get_gid() == "threshold"] == [-2.5]
+
+
+def test_scores_figure_counts_the_rows_score_flags_when_patterns_differ(files, tmp_path, monkeypatch):
+    """With several missing patterns each has its own alpha threshold; the line is that of the
+    most common one, and rows of another pattern (log p over fewer entries) fell on either
+    side of it: the legend said 15 rows flagged where score flagged 13 (s2 digits model, 6 of
+    20 rows with half their pixels missing).  It now counts score's flags."""
+    import csv
+    figures = []
+    real = plot.scores_figure
+    monkeypatch.setattr(plot, "scores_figure", lambda *a, **kw: figures.append(real(*a, **kw)) or figures[-1])
+    for alpha in ("0.2", "0.5", "0.8"):
+        r = run("score", files / "gen.h5", files / "holes.csv", "-o", tmp_path / "s.csv", "--alpha", alpha,
+                "--plot", tmp_path / "s.png", "-q", "--device", "cpu", "--cache", tmp_path / "c.h5")
+        assert r.exit_code == 0, r.output
+        flagged = sum(row["is_anomaly"] in ("1", "True", "true") for row in csv.DictReader(open(tmp_path / "s.csv")))
+        texts = [t.get_text() for t in figures[-1].cpadgn_main_axes.get_legend().get_texts()]
+        assert [t for t in texts if t.startswith(f"p-value < {alpha}")] == [
+            f"p-value < {alpha} (line: rows with 4 entries observed): {flagged} rows flagged"]
 
 
 def test_a_slice_far_outside_the_prior_draws_no_ellipse_and_no_warning(files):
