@@ -672,9 +672,33 @@ def _finish_scores_axes(fig, ax):
     ax.set_xlabel("exact log p(x) per row (nats; low = anomalous)")
     ax.set_ylabel("density")
     ax.set_title("Exact log-likelihood of the rows", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
+    legend = ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
+    _clear_legend(fig, ax, legend)
     fig.cpadgn_main_axes = ax
     return fig
+
+
+def _clear_legend(fig, ax, legend) -> None:
+    """Raise ax's top until no bar or outline reaches under the legend (it hid the tallest
+    bars on its left): the legend's share of the axes height, measured after the layout, is
+    kept free above the tallest bar beneath it."""
+    if not ax.patches:
+        return
+    if fig.get_layout_engine() is not None:
+        fig.get_layout_engine().execute(fig)
+    renderer = fig.canvas.get_renderer()
+    box, frame = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    x0, x1 = ax.transData.inverted().transform([[box.x0, 0], [box.x1, 0]])[:, 0]
+    under = [0.0]
+    for patch in ax.patches:          # the bars (rectangles) and the model's step outline (a polygon)
+        v = patch.get_patch_transform().transform(patch.get_path().vertices)       # data coordinates
+        a, b = v[:-1], v[1:]
+        over = (np.minimum(a[:, 0], b[:, 0]) < x1) & (np.maximum(a[:, 0], b[:, 0]) > x0)
+        under.extend(np.maximum(a[over, 1], b[over, 1]).tolist())
+    free = 1.0 - (frame.y1 - box.y0) / frame.height - 0.02       # axes fraction below the legend
+    y0, y1 = ax.get_ylim()
+    if free > 0.2 and max(under) > y0 + free * (y1 - y0):
+        ax.set_ylim(y0, y0 + (max(under) - y0) / free)
 
 
 def scores_figure(log_likelihood, *, contamination=None, pvalues=None, alpha=None, observed=None, size=None):

@@ -755,6 +755,25 @@ def test_scores_histogram_draws_the_rows_beside_one_with_nothing_observed():
     assert any("1 rows flagged" in t for t in labels)
 
 
+@pytest.mark.parametrize("size", [None, (400, 200), (1600, 500)])
+def test_scores_legend_hides_no_bar(size):
+    """The legend (upper left) hid the tallest bars on its left (score --plot of the digits
+    rows: a bar at log p = -38 under 'rows drawn from the model'); the y axis now leaves it
+    room.  Checked on the rendered figure: no bar or outline reaches into the legend's box."""
+    rng = np.random.default_rng(5)
+    ll = np.concatenate([np.full(30, -40.0), rng.normal(0, 10, 40)])
+    ref = rng.normal(20, 5, 2000)
+    fig = plot.scores_histogram(ll, threshold=-20.0, model_log_likelihood=ref, size=size)
+    fig.canvas.draw()
+    ax = fig.cpadgn_main_axes
+    box = ax.get_legend().get_window_extent()
+    for patch in ax.patches:
+        v = patch.get_transform().transform(patch.get_path().vertices)          # display pixels
+        a, b = v[:-1], v[1:]
+        over = (np.minimum(a[:, 0], b[:, 0]) < box.x1) & (np.maximum(a[:, 0], b[:, 0]) > box.x0)
+        assert np.all(np.maximum(a[over, 1], b[over, 1]) < box.y0 + 0.5)
+
+
 def test_scores_figure_compares_with_the_pattern_of_rows_with_something_observed():
     """With --alpha, the model's own log p is drawn for the missing pattern most rows share;
     the pattern of rows with nothing observed (the most common one here) has no log p:
