@@ -436,6 +436,8 @@ def _partition_2d(model, rows, Xr, post, ax, window, size, grid, slice_axes=None
             zax.set_ylim(*zw[1])
             zax.set_aspect("equal", adjustable="box")
             zax.tick_params(labelsize=7)
+            zax.set_xlabel(f"z{plane.axes[0] + 1}", fontsize=7, labelpad=1)
+            zax.set_ylabel(f"z{plane.axes[1] + 1}", fontsize=7, labelpad=1)
             on = f"\non the slice {own.describe()}" if S > 2 else ""
             zax.set_title(f"row {r}: exact p(z | x){on}\n{_log_p_text(post.log_likelihood[i])}",
                           fontsize=8)

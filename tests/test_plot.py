@@ -403,6 +403,16 @@ def test_main_panel_draws_no_contours_for_a_posterior_the_slice_misses(model3):
         assert ("row 4: p(z | x) on this slice < 0.001 of its value at E[z | x]; no contours" in legend) != drawn
 
 
+def test_zoomed_panels_name_their_axes(model2, model3):
+    """The zoomed panels had tick labels but no axis names: which of z1..zS is across?"""
+    for model, axes in [(model2, None), (model2, (1, 0)), (model3, (2, 0))]:
+        X = draws(model, 2, seed=2)
+        fig = plot.partition(model, X, rows=[0, 1], slice_axes=axes)
+        zooms = [a for a in fig.axes if a is not fig.cpadgn_main_axes and a.get_label() != "<colorbar>"]
+        i, j = (0, 1) if axes is None else axes
+        assert [(a.get_xlabel(), a.get_ylabel()) for a in zooms] == [(f"z{i + 1}", f"z{j + 1}")] * 2
+
+
 def test_slice_options_are_checked(model3, model1, model2):
     for kw, message in [(dict(slice_axes=(0, 0)), "two different axes"),
                         (dict(slice_axes=(0, 3)), "z1, z4: this model's latent axes are z1..z3"),
