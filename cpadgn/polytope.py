@@ -839,8 +839,13 @@ def _hull_point(Am, bm, lam, rank):
     used = np.take_along_axis(lam, J, 1) > 0
     AJ = np.take_along_axis(Am, J[..., None], 1) * used[..., None]
     G = AJ @ np.swapaxes(AJ, 1, 2) + np.eye(J.shape[1]) * (~used)[:, :, None]
+    rhs = np.where(used, np.take_along_axis(bm, J, 1), 0.0)
     with np.errstate(all="ignore"):
-        y = np.linalg.solve(G, np.where(used, np.take_along_axis(bm, J, 1), 0.0)[..., None])[..., 0]
+        try:
+            y = np.linalg.solve(G, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:     # a G exactly singular (two rows alike): LAPACK stops the batch
+            y, ok = _spd_solve(G, rhs)
+            y[~ok] = np.nan
     u = np.einsum("bk,bks->bs", y, AJ)
     return np.where(np.isfinite(u).all(1, keepdims=True), u, 0.0)
 
@@ -984,7 +989,11 @@ def _kkt(A, b, mask, u, scale, tol=1e-9):
     # dependent active rows (a facet listed twice) make G singular: such a u is not
     # certified here (ok is False), so any invertible stand-in keeps the batch solvable
     G = np.where(ok[:, None, None], G, np.eye(S))
-    lam = np.linalg.solve(G + 1e-300 * np.eye(S), -(AJ @ u[..., None]))[..., 0]
+    try:
+        lam = np.linalg.solve(G, -(AJ @ u[..., None]))[..., 0]
+    except np.linalg.LinAlgError:     # a G exactly singular still (a used row along a pad row): not certified
+        lam, solved = _spd_solve(G, -(AJ @ u[..., None])[..., 0])
+        ok = ok & solved
     resid = np.linalg.norm(u + np.einsum("bk,bks->bs", lam, AJ), axis=-1)
     good = (resid <= 1e-7 * (1 + nu)) & np.all(~used | (lam >= -1e-9 * (1 + nu[:, None])), axis=1)
     return feasible & ok & (na <= S) & good & (np.abs(lam) * ~used <= 1e-7 * (1 + nu[:, None])).all(1)

@@ -343,3 +343,49 @@ def test_duplicated_facet_at_the_mode_4d():
     r = moments(A, b)
     want = np.log(norm.cdf(-1) - norm.cdf(-8)) + (S - 1) * norm.logsf(-8)
     assert 0 < r.stderr[0] < 0.05 and abs(r.log_mass[0] - want) <= 5 * r.stderr[0], (r.log_mass, r.stderr)
+
+
+def test_a_facet_listed_twice_gives_the_mode_not_a_singular_matrix_error():
+    """Rows alike among the active ones made the batched solves of ``_hull_point`` and
+    ``_kkt`` exactly singular, and LAPACK stopped the whole batch: an S = 4 model fitted
+    for one EM iteration on 40 digits rows (hidden 4-4) ended ``partition`` and ``score`` in
+    'internal error (LinAlgError: Singular matrix)'.  The box [1, 5]^4 with its facet
+    u1 >= 1 listed twice, beside the same box listed once: both modes are (1, 1, 1, 1),
+    the nearest point to 0 (closed form)."""
+    from cpadgn.polytope import _hull_point, _mode_dual
+    S = 4
+    A = np.concatenate([-np.eye(S), np.eye(S)])                     # -u_i <= -1, u_i <= 5
+    b = np.concatenate([-np.ones(S), 5 * np.ones(S)])
+    A2, b2 = np.concatenate([A[:1], A]), np.concatenate([b[:1], b])    # u1 >= 1 twice
+    pad = lambda a, n: np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:])])
+    As, bs = np.stack([pad(A, 9), A2]), np.stack([pad(b, 9), b2])
+    mask = np.stack([np.arange(9) < 8, np.ones(9, bool)])
+    u, _, exact = _mode_dual(As, bs, mask)
+    np.testing.assert_allclose(u, np.ones((2, S)), atol=1e-12)
+    assert exact.all()
+    # the hull of the duplicated rows alone: dependent, so 0 (as documented), and the
+    # other polytope of the batch still gets its point
+    lam = np.stack([np.r_[np.ones(S), np.zeros(5)], np.r_[np.ones(2), np.zeros(7)]])
+    rank = np.tile(np.arange(9), (2, 1))
+    h = _hull_point(As * mask[..., None], np.where(mask, bs, 0.0), lam, rank)
+    np.testing.assert_allclose(h, [np.ones(S), np.zeros(S)], atol=1e-12)
+
+
+def test_the_s4_model_whose_regions_list_a_facet_twice_scores(tmp_path):
+    """The model of the case above, as a user made it (``cpadgn fit`` of the first 40
+    sample digits at S = 4, hidden 4-4, one EM iteration): partition and score exit 0 with
+    finite log-likelihoods (they ended in exit 70, 'internal error (LinAlgError ...)')."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from pathlib import Path
+    rows = Path(__file__).resolve().parents[1] / "sample_data" / "digits_train.csv"
+    data = tmp_path / "rows.csv"
+    data.write_text("".join(rows.read_text().splitlines(keepends=True)[:41]))
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])
+    r = run("fit", data, "-o", tmp_path / "s4.h5", "--latent-dim", "4", "--hidden", "4,4", "--max-iter", "1", "-q")
+    assert r.exit_code == 0, r.output
+    r = run("score", tmp_path / "s4.h5", data, "-o", tmp_path / "s.csv", "-q")
+    assert r.exit_code == 0, r.output
+    ll = np.genfromtxt(tmp_path / "s.csv", delimiter=",", names=True)["log_likelihood"]
+    assert ll.shape == (40,) and np.isfinite(ll).all()
