@@ -41,7 +41,7 @@ from cpadgn.errors import CpadgnError
                    "model: about 0.9 (K-1)/(K+1), 0.81 at K = 20).  -o then writes the "
                    "imputation of the masked data.")
 @click.option("--dataset", default=None, help="Dataset key inside an .h5 DATA file.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Draw image tiles of the first rows with missing entries: observed pixels, "
                    "missing mask, conditional mean, std and exact draws (.png/.pdf/.svg; needs "
                    "pip install 'cpadgn[plot]').")

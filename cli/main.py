@@ -659,7 +659,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
 @click.option("--explain", type=click.IntRange(min=1), default=None, metavar="K",
               help="Add the K features with the largest exact expected squared residual "
                    "E[(x_d - g_d(z))^2 | x] / sigma_d^2 per row.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Draw the histogram of log p(x) with the threshold and, with --pvalues, the "
                    "model's own log p (.png/.pdf/.svg; needs pip install 'cpadgn[plot]').")
 @model_options
