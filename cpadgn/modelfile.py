@@ -240,10 +240,11 @@ def _read(path: Path, f) -> Generator:
             raise CpadgnError(f"{path}: attribute {key}={int(f.attrs[key])} but the weights "
                               f"give {val}; the file is inconsistent")
 
-    prior = f.get("prior")
-    mean = prior["mean"][()] if prior is not None and "mean" in prior else None
-    cov = prior["cov"][()] if prior is not None and "cov" in prior else None
-    mean, cov = check_prior(path, mean, cov, S)
+    for name in ("prior/mean", "prior/cov"):   # always written by save_model: never default it
+        if name not in f:
+            raise CpadgnError(f"{path} is not a valid cpadgn model: /{name} is missing; re-save the "
+                              "model with cpadgn")
+    mean, cov = check_prior(path, f["prior/mean"][()], f["prior/cov"][()], S)
     noise = f.get("noise")
     std, noise_problem = None, None
     if noise is not None and "std" in noise:

@@ -616,6 +616,10 @@ def _edit(path, fn):
     (lambda f: f["generator"].__delitem__("slope_0"), "slope_0 is missing"),
     (lambda f: f["prior/cov"].__setitem__((), [[1.0, 2.0], [2.0, 1.0]]), "not positive definite"),
     (lambda f: f["prior/cov"].__setitem__((), [[1.0, 0.5], [0.0, 1.0]]), "not symmetric"),
+    # save_model always writes the prior: a missing one was dropped, not N(0, I) (h68)
+    (lambda f: f["prior"].__delitem__("mean"), "/prior/mean is missing"),
+    (lambda f: f["prior"].__delitem__("cov"), "/prior/cov is missing"),
+    (lambda f: f.__delitem__("prior"), "/prior/mean is missing"),
 ])
 def test_model_file_validation(tmp_path, edit, match):
     p = tmp_path / "m.h5"
