@@ -730,6 +730,23 @@ def test_a_live_module_keeps_its_partition_in_the_cache_it_is_given(tmp_path):
     assert retrained.partition_status.startswith("replaced")
 
 
+def test_load_cache_true_means_the_default_cache_and_a_bad_cache_argument_says_so(tmp_path):
+    """cache=True (the opposite of cache=False) is the default cache beside a file; it ended
+    in a TypeError from pathlib at the first partition (h68).  A live module has no default
+    cache, and a cache argument that is no path is refused at load with what to pass."""
+    import cpadgn
+    save_model(tmp_path / "g.h5", _net(), noise_std=0.5)
+    m = cpadgn.load(tmp_path / "g.h5", cache=True)
+    assert m.cache_path == tmp_path / "g.h5.partition.h5"
+    m.partition()
+    assert m.partition_status == "computed" and (tmp_path / "g.h5.partition.h5").exists()
+    dec = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with pytest.raises(ValueError, match="cache=True needs a model file.*cache=PATH"):
+        cpadgn.load(dec, noise_std=0.1, cache=True)
+    with pytest.raises(ValueError, match="cache must be a path, True, False or None"):
+        cpadgn.load(tmp_path / "g.h5", cache=3)
+
+
 class ConvDecoder(nn.Module):
     """S -> 2 x 3 x 3 -> a transposed convolution (its 2 x 2 x 2 x 2 kernel shared by every
     pixel) -> 2 x 6 x 6 -> flattened, with a residual block before it."""
