@@ -227,8 +227,14 @@ def _zip_kind(path: Path, names: list[str]) -> str:
 
 
 def check_net(net: PiecewiseAffineNet, path) -> None:
-    """Refuse non-finite weights, biases or slopes, and any beyond MAX_MAGNITUDE."""
+    """Refuse a net without latent inputs or outputs, non-finite weights, biases or slopes,
+    and any beyond MAX_MAGNITUDE."""
     from .numerics import MAX_MAGNITUDE
+    for what, n in (("latent", net.latent_dim), ("output", net.output_dim)):
+        if n < 1:
+            raise CpadgnError(f"{path}: the generator's {what} dimension is 0 (first layer weight "
+                              f"{net.weights[0].shape}, last {net.weights[-1].shape}); a generator maps "
+                              "at least one latent variable to at least one output: re-save or re-export it")
     for kind, arrays in (("weight", net.weights), ("bias", net.biases), ("slope", net.slopes)):
         for l, a in enumerate(arrays):
             if not np.all(np.isfinite(a)):

@@ -620,6 +620,12 @@ def _edit(path, fn):
     (lambda f: f["prior"].__delitem__("mean"), "/prior/mean is missing"),
     (lambda f: f["prior"].__delitem__("cov"), "/prior/cov is missing"),
     (lambda f: f.__delitem__("prior"), "/prior/mean is missing"),
+    # no latent input (S = 0) or no output: an internal IndexError in the enumeration (h68)
+    (lambda f: (f["generator"].__delitem__("weight_0"), f["generator"].create_dataset("weight_0", data=np.zeros((5, 0))),
+                f.attrs.__delitem__("latent_dim")), "latent dimension is 0"),
+    (lambda f: (f["generator"].__delitem__("weight_2"), f["generator"].create_dataset("weight_2", data=np.zeros((0, 4))),
+                f["generator"].__delitem__("bias_2"), f["generator"].create_dataset("bias_2", data=np.zeros(0)),
+                f.attrs.__delitem__("output_dim")), "output dimension is 0"),
 ])
 def test_model_file_validation(tmp_path, edit, match):
     p = tmp_path / "m.h5"
