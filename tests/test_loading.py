@@ -601,6 +601,13 @@ def test_model_file_round_trip_and_deterministic(tmp_path):
     np.testing.assert_array_equal(g.prior_cov, np.eye(2))
 
 
+def _replace(f, name, fn):
+    """Replace dataset ``name`` of the open file f by fn(its value)."""
+    value = fn(f[name][()])
+    del f[name]
+    f[name] = value
+
+
 def _edit(path, fn):
     with h5py.File(path, "r+") as f:
         fn(f)
@@ -626,6 +633,9 @@ def _edit(path, fn):
     (lambda f: (f["generator"].__delitem__("weight_2"), f["generator"].create_dataset("weight_2", data=np.zeros((0, 4))),
                 f["generator"].__delitem__("bias_2"), f["generator"].create_dataset("bias_2", data=np.zeros(0)),
                 f.attrs.__delitem__("output_dim")), "output dimension is 0"),
+    # complex values lost their imaginary part with a ComplexWarning: a wrong model, exit 0 (h68)
+    (lambda f: _replace(f, "generator/weight_1", lambda a: a + 1j * a), "/generator/weight_1 holds complex"),
+    (lambda f: _replace(f, "prior/cov", lambda a: a + 0j), "/prior/cov holds complex"),
 ])
 def test_model_file_validation(tmp_path, edit, match):
     p = tmp_path / "m.h5"
@@ -684,6 +694,9 @@ def test_a_bad_stored_noise_std_is_replaced_by_one_given_at_load(tmp_path):
     _edit(p, lambda f: f["noise/std"].__setitem__((), -1.0))
     X = np.random.default_rng(0).normal(size=(5, _net().output_dim))
     with pytest.raises(CpadgnError, match="noise std must be finite and > 0.*pass --noise-std"):
+        cpadgn.load(p, cache=False).log_prob(X)
+    _edit(p, lambda f: _replace(f, "noise/std", lambda a: 0.5 + 0.5j))   # was cut to 0.5 (h68)
+    with pytest.raises(CpadgnError, match="/noise/std holds complex numbers.*pass --noise-std"):
         cpadgn.load(p, cache=False).log_prob(X)
     good = cpadgn.load(p, noise_std=0.5, cache=False).log_prob(X)
     np.testing.assert_array_equal(good, cpadgn.CPAModel(_net(), noise_std=0.5, device="cpu").log_prob(X))
