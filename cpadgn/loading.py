@@ -106,6 +106,9 @@ def load_generator(source, *, trust_pickle: bool = False, example_input=None) ->
         raise CpadgnError(f"generator file {path} does not exist; check the path")
     if path.is_dir():
         raise CpadgnError(f"{path} is a directory, not a generator file; pass the model file")
+    if not path.is_file():   # a pipe (<(...), a FIFO: open() waits for a writer), a device
+        raise CpadgnError(f"{path} is not a regular file (a pipe, a device or a socket); a model is "
+                          "read from a file it can seek in: save it to a file first")
     fmt = detect_format(path)
     if fmt == "hdf5":
         from .modelfile import read_model

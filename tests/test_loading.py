@@ -645,6 +645,20 @@ def test_model_file_validation(tmp_path, edit, match):
         read_model(p)
 
 
+def test_a_model_path_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    """A named pipe as MODEL (with no writer: open() blocked forever; <(cat gen.h5): 'not an
+    HDF5 file' or 'may be truncated') is refused at once: a model is read from a file (h68)."""
+    from test_cache import run_on_named_pipe
+    out = run_on_named_pipe(
+        "from cpadgn.errors import CpadgnError\n"
+        "from cpadgn.loading import load_generator\n"
+        "try:\n"
+        "    load_generator(FIFO)\n"
+        "except CpadgnError as e:\n"
+        "    print(e)\n", tmp_path / "gen.h5")
+    assert "not a regular file" in out and "save it to a file" in out
+
+
 def test_model_file_foreign_and_corrupt(tmp_path):
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = np.zeros((3, 3))
