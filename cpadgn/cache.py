@@ -219,6 +219,8 @@ def _open(path: Path):
     import h5py
     if path.is_dir():
         raise NotACacheError(f"{path} is a directory")
+    if not path.is_file():     # a FIFO would block open() until a writer comes
+        raise NotACacheError(f"{path} is not a regular file (a pipe, a device or a socket)")
     try:
         return h5py.File(path, "r")
     except (OSError, ValueError) as e:

@@ -106,6 +106,9 @@ def load_generator(source, *, trust_pickle: bool = False, example_input=None) ->
         raise CpadgnError(f"generator file {path} does not exist; check the path")
     if path.is_dir():
         raise CpadgnError(f"{path} is a directory, not a generator file; pass the model file")
+    if not path.is_file():   # a pipe (<(...), a FIFO: open() waits for a writer), a device
+        raise CpadgnError(f"{path} is not a regular file (a pipe, a device or a socket); a model is "
+                          "read from a file it can seek in: save it to a file first")
     fmt = detect_format(path)
     if fmt == "hdf5":
         from .modelfile import read_model
@@ -227,8 +230,14 @@ def _zip_kind(path: Path, names: list[str]) -> str:
 
 
 def check_net(net: PiecewiseAffineNet, path) -> None:
-    """Refuse non-finite weights, biases or slopes, and any beyond MAX_MAGNITUDE."""
+    """Refuse a net without latent inputs or outputs, non-finite weights, biases or slopes,
+    and any beyond MAX_MAGNITUDE."""
     from .numerics import MAX_MAGNITUDE
+    for what, n in (("latent", net.latent_dim), ("output", net.output_dim)):
+        if n < 1:
+            raise CpadgnError(f"{path}: the generator's {what} dimension is 0 (first layer weight "
+                              f"{net.weights[0].shape}, last {net.weights[-1].shape}); a generator maps "
+                              "at least one latent variable to at least one output: re-save or re-export it")
     for kind, arrays in (("weight", net.weights), ("bias", net.biases), ("slope", net.slopes)):
         for l, a in enumerate(arrays):
             if not np.all(np.isfinite(a)):

@@ -7,6 +7,7 @@ is partitioned once per generator and the partition is cached (see ``cache``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,15 +304,21 @@ def load(path, noise_std=None, *, cache=None, trust_pickle: bool = False, device
          example_input=None) -> CPAModel:
     """Load a generator (cpadgn .h5 model, torch.export .pt2, TorchScript, or a trusted
     pickle; or a live torch nn.Module / ExportedProgram) as a CPAModel.  The partition
-    cache defaults to ``<path>.partition.h5`` for files and to none for live modules;
-    ``cache=False`` disables it.  ``noise_std`` overrides the file's noise.
+    cache defaults to ``<path>.partition.h5`` for files (also ``cache=True``) and to none
+    for live modules; ``cache=PATH`` puts it there, ``cache=False`` disables it.
+    ``noise_std`` overrides the file's noise.
     ``example_input`` (N, S): how to record a module that is not an nn.Sequential."""
     from .cache import cache_path_for
     from .loading import load_generator
-    gen = load_generator(path, trust_pickle=trust_pickle, example_input=example_input)
     is_file = isinstance(path, (str, Path))
+    if cache is not None and not isinstance(cache, (bool, str, os.PathLike)):
+        raise ValueError(f"cache must be a path, True, False or None, got {cache!r}")
+    if cache is True and not is_file:
+        raise ValueError("cache=True needs a model file (the cache goes beside it); for a module "
+                         "in memory pass cache=PATH")
+    gen = load_generator(path, trust_pickle=trust_pickle, example_input=example_input)
     cache_path = None if cache is False or (cache is None and not is_file) else \
-        (cache_path_for(path) if cache is None else cache)
+        (cache_path_for(path) if cache is None or cache is True else cache)
     model = CPAModel(gen.net, prior_mean=gen.prior_mean, prior_cov=gen.prior_cov,
                      noise_std=noise_std if noise_std is not None else gen.noise_std,
                      device=device, cache_path=cache_path)

@@ -139,8 +139,18 @@ def _jsonable(o):
                     "or dicts of them")
 
 
+def _real(path, name, value) -> np.ndarray:
+    """A stored array as float64; complex values (which float64 would silently cut to their
+    real part) are refused with one line."""
+    a = np.asarray(value)
+    if a.dtype.kind == "c":
+        raise CpadgnError(f"{path}: /{name} holds complex numbers; a cpadgn model is real-valued: "
+                          "re-save the model with cpadgn")
+    return np.asarray(a, dtype=np.float64)
+
+
 def _check_noise(path, std, D):
-    std = np.asarray(std, dtype=np.float64)
+    std = _real(path, "noise/std", std)
     if std.shape == (1,):
         std = std.reshape(())
     if std.shape not in ((), (D,)):
@@ -214,13 +224,13 @@ def _read(path: Path, f) -> Generator:
             if name not in g:
                 raise CpadgnError(f"{path} is not a valid cpadgn model: /generator/{name} is missing; "
                                   "re-save the model with cpadgn")
-            out.append(np.asarray(g[name][()], dtype=np.float64))
+            out.append(_real(path, f"generator/{name}", g[name][()]))
     for l in range(L - 1):
         name = f"slope_{l}"
         if name not in g:
             raise CpadgnError(f"{path} is not a valid cpadgn model: /generator/{name} is missing; "
                               "re-save the model with cpadgn")
-        slopes.append(np.asarray(g[name][()], dtype=np.float64))
+        slopes.append(_real(path, f"generator/{name}", g[name][()]))
     for l, (W, b) in enumerate(zip(weights, biases)):
         if W.ndim != 2 or b.shape != (W.shape[0],):
             raise CpadgnError(f"{path}: layer {l} has weight shape {W.shape} and bias shape "
@@ -240,10 +250,12 @@ def _read(path: Path, f) -> Generator:
             raise CpadgnError(f"{path}: attribute {key}={int(f.attrs[key])} but the weights "
                               f"give {val}; the file is inconsistent")
 
-    prior = f.get("prior")
-    mean = prior["mean"][()] if prior is not None and "mean" in prior else None
-    cov = prior["cov"][()] if prior is not None and "cov" in prior else None
-    mean, cov = check_prior(path, mean, cov, S)
+    for name in ("prior/mean", "prior/cov"):   # always written by save_model: never default it
+        if name not in f:
+            raise CpadgnError(f"{path} is not a valid cpadgn model: /{name} is missing; re-save the "
+                              "model with cpadgn")
+    mean, cov = check_prior(path, _real(path, "prior/mean", f["prior/mean"][()]),
+                            _real(path, "prior/cov", f["prior/cov"][()]), S)
     noise = f.get("noise")
     std, noise_problem = None, None
     if noise is not None and "std" in noise:

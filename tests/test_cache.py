@@ -219,6 +219,35 @@ def test_a_file_that_is_not_a_cache_is_refused_and_left_untouched(tmp_path, kind
     assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]
 
 
+def run_on_named_pipe(code: str, fifo, timeout=30.0) -> str:
+    """Run ``code`` (Python; FIFO is the path of a named pipe it may read) in a child
+    process and return its stdout; a child still waiting after ``timeout`` s (blocked in
+    open() with no writer, holding the GIL inside HDF5) is killed and the test fails."""
+    import subprocess
+    import sys
+    os.mkfifo(fifo)
+    try:
+        r = subprocess.run([sys.executable, "-c", f"FIFO = {str(fifo)!r}\n" + code], capture_output=True,
+                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the named pipe was waited on (no answer within the timeout)")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_a_named_pipe_at_the_cache_path_is_refused_not_waited_on(tmp_path):
+    """A FIFO (or <(...), a pipe) at the cache path blocked the command forever in open() (h68):
+    it is no cache and not a file cpadgn may replace, so it is refused at once."""
+    out = run_on_named_pipe(
+        "from cpadgn.cache import NotACacheError, load_or_compute\n"
+        "from test_cache import small_net\n"
+        "try:\n"
+        "    load_or_compute(small_net(), FIFO, lambda: 1 / 0)\n"
+        "except NotACacheError as e:\n"
+        "    print(e)\n", tmp_path / "c.h5")
+    assert "not a regular file" in out and "left untouched" in out
+
+
 def test_a_cache_path_that_is_a_symbolic_link_is_written_at_its_target(tmp_path):
     """Renaming the new cache over the link would replace the link by a file and leave its
     target stale; a link to no file was read as 'not an HDF5 file' and refused."""

@@ -601,6 +601,13 @@ def test_model_file_round_trip_and_deterministic(tmp_path):
     np.testing.assert_array_equal(g.prior_cov, np.eye(2))
 
 
+def _replace(f, name, fn):
+    """Replace dataset ``name`` of the open file f by fn(its value)."""
+    value = fn(f[name][()])
+    del f[name]
+    f[name] = value
+
+
 def _edit(path, fn):
     with h5py.File(path, "r+") as f:
         fn(f)
@@ -616,6 +623,19 @@ def _edit(path, fn):
     (lambda f: f["generator"].__delitem__("slope_0"), "slope_0 is missing"),
     (lambda f: f["prior/cov"].__setitem__((), [[1.0, 2.0], [2.0, 1.0]]), "not positive definite"),
     (lambda f: f["prior/cov"].__setitem__((), [[1.0, 0.5], [0.0, 1.0]]), "not symmetric"),
+    # save_model always writes the prior: a missing one was dropped, not N(0, I) (h68)
+    (lambda f: f["prior"].__delitem__("mean"), "/prior/mean is missing"),
+    (lambda f: f["prior"].__delitem__("cov"), "/prior/cov is missing"),
+    (lambda f: f.__delitem__("prior"), "/prior/mean is missing"),
+    # no latent input (S = 0) or no output: an internal IndexError in the enumeration (h68)
+    (lambda f: (f["generator"].__delitem__("weight_0"), f["generator"].create_dataset("weight_0", data=np.zeros((5, 0))),
+                f.attrs.__delitem__("latent_dim")), "latent dimension is 0"),
+    (lambda f: (f["generator"].__delitem__("weight_2"), f["generator"].create_dataset("weight_2", data=np.zeros((0, 4))),
+                f["generator"].__delitem__("bias_2"), f["generator"].create_dataset("bias_2", data=np.zeros(0)),
+                f.attrs.__delitem__("output_dim")), "output dimension is 0"),
+    # complex values lost their imaginary part with a ComplexWarning: a wrong model, exit 0 (h68)
+    (lambda f: _replace(f, "generator/weight_1", lambda a: a + 1j * a), "/generator/weight_1 holds complex"),
+    (lambda f: _replace(f, "prior/cov", lambda a: a + 0j), "/prior/cov holds complex"),
 ])
 def test_model_file_validation(tmp_path, edit, match):
     p = tmp_path / "m.h5"
@@ -623,6 +643,20 @@ def test_model_file_validation(tmp_path, edit, match):
     _edit(p, edit)
     with pytest.raises(CpadgnError, match=match):
         read_model(p)
+
+
+def test_a_model_path_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    """A named pipe as MODEL (with no writer: open() blocked forever; <(cat gen.h5): 'not an
+    HDF5 file' or 'may be truncated') is refused at once: a model is read from a file (h68)."""
+    from test_cache import run_on_named_pipe
+    out = run_on_named_pipe(
+        "from cpadgn.errors import CpadgnError\n"
+        "from cpadgn.loading import load_generator\n"
+        "try:\n"
+        "    load_generator(FIFO)\n"
+        "except CpadgnError as e:\n"
+        "    print(e)\n", tmp_path / "gen.h5")
+    assert "not a regular file" in out and "save it to a file" in out
 
 
 def test_model_file_foreign_and_corrupt(tmp_path):
@@ -675,6 +709,9 @@ def test_a_bad_stored_noise_std_is_replaced_by_one_given_at_load(tmp_path):
     X = np.random.default_rng(0).normal(size=(5, _net().output_dim))
     with pytest.raises(CpadgnError, match="noise std must be finite and > 0.*pass --noise-std"):
         cpadgn.load(p, cache=False).log_prob(X)
+    _edit(p, lambda f: _replace(f, "noise/std", lambda a: 0.5 + 0.5j))   # was cut to 0.5 (h68)
+    with pytest.raises(CpadgnError, match="/noise/std holds complex numbers.*pass --noise-std"):
+        cpadgn.load(p, cache=False).log_prob(X)
     good = cpadgn.load(p, noise_std=0.5, cache=False).log_prob(X)
     np.testing.assert_array_equal(good, cpadgn.CPAModel(_net(), noise_std=0.5, device="cpu").log_prob(X))
     np.savetxt(tmp_path / "x.csv", X, delimiter=",")
@@ -724,6 +761,23 @@ def test_a_live_module_keeps_its_partition_in_the_cache_it_is_given(tmp_path):
     retrained = cpadgn.load(dec, noise_std=0.1, cache=tmp_path / "dec.partition.h5")
     retrained.partition()
     assert retrained.partition_status.startswith("replaced")
+
+
+def test_load_cache_true_means_the_default_cache_and_a_bad_cache_argument_says_so(tmp_path):
+    """cache=True (the opposite of cache=False) is the default cache beside a file; it ended
+    in a TypeError from pathlib at the first partition (h68).  A live module has no default
+    cache, and a cache argument that is no path is refused at load with what to pass."""
+    import cpadgn
+    save_model(tmp_path / "g.h5", _net(), noise_std=0.5)
+    m = cpadgn.load(tmp_path / "g.h5", cache=True)
+    assert m.cache_path == tmp_path / "g.h5.partition.h5"
+    m.partition()
+    assert m.partition_status == "computed" and (tmp_path / "g.h5.partition.h5").exists()
+    dec = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with pytest.raises(ValueError, match="cache=True needs a model file.*cache=PATH"):
+        cpadgn.load(dec, noise_std=0.1, cache=True)
+    with pytest.raises(ValueError, match="cache must be a path, True, False or None"):
+        cpadgn.load(tmp_path / "g.h5", cache=3)
 
 
 class ConvDecoder(nn.Module):
