@@ -387,6 +387,9 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
 
 
 def _corrupt(cache_path, e, say) -> str:
-    reason = str(e).replace(str(cache_path), "").strip(" :") or "unreadable"
+    reason = str(e).replace(str(cache_path), "").strip(" :")
+    damaged = "is a damaged partition cache ("           # ``_open``'s own words around the reason
+    reason = reason[len(damaged):-1] if reason.startswith(damaged) and reason.endswith(")") else reason
+    reason = reason or "unreadable"
     say(f"The partition cache {cache_path} is corrupt ({reason}); recomputing and replacing it.")
     return f"recomputed (corrupt cache: {reason})"

@@ -185,6 +185,7 @@ def test_damaged_cache_is_recomputed_and_says_corrupt(tmp_path, damage):
     part, status = load_or_compute(net, p, compute, log=messages.append)
     assert status.startswith("recomputed (corrupt cache: ") and compute.calls == 1
     assert "corrupt" in messages[0] and "recomputing" in messages[0]
+    assert "damaged partition cache" not in messages[0] and "((" not in messages[0]   # once, not nested
     assert load_or_compute(net, p, compute)[1] == "loaded"  # replaced by a good one
     assert_same(part, read_partition(p)[0])
 
