@@ -42,7 +42,10 @@ def _install_sigint_handler():
     return None
 
 
-_sigint_before_import = _install_sigint_handler()   # restored at the end of this module
+# restored at the end of this module; not installed where Ctrl-C is ignored: a local Dask
+# worker, started ignoring it, imports this module as the parent's __main__, and a Ctrl-C
+# meanwhile ended it ("Nanny failed to start": exit 70 instead of 130)
+_sigint_before_import = None if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else _install_sigint_handler()
 
 import click  # noqa: E402
 from cli.lazy import np  # noqa: E402
