@@ -333,12 +333,12 @@ def compute_partition(net: PiecewiseAffineNet, *, max_regions: int | None = None
     if K == 0:
         return _linear_partition(net, t0)
     if method == "intervals":
-        return _intervals(net, max_regions, progress, t0)
+        return _intervals(net, max_regions, progress, t0, memory_budget)
     if max_regions is not None and S >= 3:
         _sampled_region_bound(net, max_regions, progress)
     if method == "subdivision":
         if S == 1:
-            return _intervals(net, max_regions, progress, t0)
+            return _intervals(net, max_regions, progress, t0, memory_budget)
         raw = _tiled_subdivision(net, 4.0 if box_half_width is None else float(box_half_width),
                                  max_regions, progress, memory_budget)
     else:
@@ -536,8 +536,14 @@ def _fill_inactive(patterns, active, dead_sign, dup_of, dup_flip):
 
 
 # ============================================================================ S = 1
-def _intervals(net, max_regions, progress, t0) -> Partition:
-    """Exact interval splitting of the whole line, layer by layer."""
+def _intervals(net, max_regions, progress, t0, memory_budget=None) -> Partition:
+    """Exact interval splitting of the whole line, layer by layer; a layer whose (intervals,
+    units) arrays would exceed memory_budget (bytes) stops it with a CpadgnError first."""
+    def check_budget(intervals, n):       # ~4 float (I, n) arrays at once, and the patterns (I, K)
+        need = intervals * (33.0 * n + K)
+        if memory_budget is not None and need > memory_budget:
+            _too_big(need, memory_budget)
+
     K = net.n_units
     bps = np.zeros(0)                       # sorted breakpoints
     bp_unit = np.zeros(0, np.int64)         # unit creating each breakpoint
@@ -548,6 +554,7 @@ def _intervals(net, max_regions, progress, t0) -> Partition:
     tol = _resolution(net)
     for li, (W, b, alpha) in enumerate(zip(net.weights[:-1], net.biases[:-1], net.slopes)):
         n = W.shape[0]
+        check_budget(M.shape[0], n)
         Ua, Uc = M @ W.T, c @ W.T + b        # (I, n)
         # a slope or constant within rounding of 0 (max(a, b) of two saturated clamps) is 0,
         # so the unit is >= 0 there as in the forward pass, locate and the other enumerations
@@ -578,6 +585,7 @@ def _intervals(net, max_regions, progress, t0) -> Partition:
         parent = np.searchsorted(old, lo, side="right")
         if max_regions is not None and lo.size > max_regions:
             _too_many(lo.size, max_regions)
+        check_budget(lo.size, n)
         a, cc = Ua[parent], Uc[parent]
         with np.errstate(divide="ignore", invalid="ignore"):
             rr = -cc / a

@@ -257,6 +257,20 @@ def test_partition_memory_guard():
         compute_partition(random_net(8, (16, 16), 64), memory_budget=2e8)
 
 
+def test_s1_partition_memory_guard():
+    """The S = 1 interval splitting had no guard: 200,000 hidden units asked for 298 GiB
+    and got the generic out-of-memory line, which --memory-budget could not change.  Its
+    (intervals, units) arrays are now checked first (5,000 units: ~0.85 GB against 1e8);
+    a small net still splits under that budget, into the intervals a dense grid finds."""
+    with pytest.raises(CpadgnError, match="memory budget"):
+        compute_partition(random_net(1, (5000,), 3), memory_budget=1e8)
+    net = random_net(1, (6, 6), 3)
+    part = compute_partition(net, memory_budget=1e8)
+    z = np.linspace(-8, 8, 400001)[:, None]
+    grid = np.unique(net.patterns(z), axis=0)                # the patterns a dense grid meets
+    assert {p.tobytes() for p in grid} <= {p.tobytes() for p in part.patterns}
+
+
 def test_max_regions_applies_to_a_cached_partition(tmp_path):
     path = tmp_path / "s2.h5"
     save_model(path, random_net(2, (6, 6), 4), noise_std=0.1)
