@@ -536,12 +536,15 @@ def _fill_inactive(patterns, active, dead_sign, dup_of, dup_flip):
 
 
 # ============================================================================ S = 1
+MIN_INTERVALS_BUDGET = 2.0 ** 23    # a smaller memory budget (one set to cut the likelihood's chunks) counts as this
+
+
 def _intervals(net, max_regions, progress, t0, memory_budget=None) -> Partition:
     """Exact interval splitting of the whole line, layer by layer; a layer whose (intervals,
     units) arrays would exceed memory_budget (bytes) stops it with a CpadgnError first."""
     def check_budget(intervals, n):       # ~4 float (I, n) arrays at once, and the patterns (I, K)
         need = intervals * (33.0 * n + K)
-        if memory_budget is not None and need > memory_budget:
+        if memory_budget is not None and need > max(memory_budget, MIN_INTERVALS_BUDGET):
             _too_big(need, memory_budget)
 
     K = net.n_units
