@@ -142,7 +142,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
             models[i] = (name, fit_noise_std(m, X_train, say, quiet, who=f"{name}: ", on=" on --train",
                                              label=f"noise std {i + 1}/{len(models)}"))
     for name, m in models:
-        warning = scale_mismatch(m, X_test, name=f"--data {test_path}", names=csv_column_names(test_path))
+        warning = scale_mismatch(m, X_test, name=f"--data {test_path}", names=csv_column_names(test_path, X_test.shape[1]))
         if warning and warnings:
             click.echo(f"Warning: {name}: {warning}", err=True)
 

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import (FiniteRange, Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs,
-                      dask_options, load_model, main, model_options, on_command_line, print_summary, say_for,
-                      precision_options, rounding_errors, user_errors, warn_rounding)
+                      csv_column_names, dask_options, load_model, main, model_options, on_command_line,
+                      print_summary, say_for, precision_options, rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 
@@ -297,15 +297,12 @@ def std_sibling(out: Path) -> Path:
 
 
 def csv_header(path, D: int) -> tuple[list, bool]:
-    """The column names of DATA: a CSV's header if it has one (as ``read_data`` decides),
-    else x1..xD; and whether a CSV OUT gets a header row (not when DATA is a CSV without one:
-    the imputed mean and std then keep DATA's own layout)."""
-    from cpadgn.data import csv_header_cells
-    is_csv = Path(path).suffix.lower() == ".csv"
-    names = csv_header_cells(path) if is_csv else None
-    header = not is_csv or names is not None
-    names = names and [c.strip() or f"x{j + 1}" for j, c in enumerate(names)]
-    return (names if names and len(names) == D else [f"x{j + 1}" for j in range(D)]), header
+    """The column names of DATA (D columns): a CSV's header if it has one (as ``read_data``
+    decides; a blank name x<j>), else x1..xD; and whether a CSV OUT gets a header row (not
+    when DATA is a CSV without one: the imputed mean and std then keep DATA's own layout)."""
+    names = csv_column_names(path, D)
+    header = Path(path).suffix.lower() != ".csv" or names is not None
+    return [n or f"x{j + 1}" for j, n in enumerate(names or [""] * D)], header
 
 
 def distinct_names(names: list) -> list:

@@ -483,16 +483,18 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
         model = fit_noise_std(model, data, say, quiet)
     rows = data if data is not None or first_rows is None else first_rows()
     warning = None if rows is None or model.noise_std is None else \
-        scale_mismatch(model, rows, name=data_name, names=csv_column_names(data_name))
+        scale_mismatch(model, rows, name=data_name, names=csv_column_names(data_name, model.output_dim))
     if warning and (not quiet if notices is None else notices):
         click.echo(f"Warning: {warning}", err=True)
     return model
 
 
-def csv_column_names(path) -> list | None:
-    """The header cells of DATA when it is a CSV file with a header, else None."""
+def csv_column_names(path, D: int) -> list | None:
+    """DATA's column names, stripped (a blank one ''), when it is a CSV file with a header
+    of D cells, else None."""
     from cpadgn.data import csv_header_cells
-    return csv_header_cells(path) if str(path).lower().endswith(".csv") else None
+    names = csv_header_cells(path) if str(path).lower().endswith(".csv") else None
+    return [c.strip() for c in names] if names and len(names) == D else None
 
 
 def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=None) -> str | None:
@@ -504,7 +506,7 @@ def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=N
     sample digits models of pixels / 16 (13.9).  Rows of the model's own scale have
     medians of a few stds, anomalies included: the digits test rows 0.37 (EM) and 1.9
     (VAE), the wave rows 0.94, malignant rows under a benign-only model 2.8.  name: DATA's
-    file; names: its column names (a CSV header), for the message."""
+    file; names: its column names (``csv_column_names``), for the message."""
     import warnings
     X = np.asarray(X, dtype=np.float64)
     X = X[::max(1, X.shape[0] // 10000)]                         # 10,000 rows at most: a median
@@ -517,7 +519,7 @@ def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=N
     j = int(np.argmax(median))
     if not median[j] > limit:
         return None
-    label = f" ('{names[j].strip()}')" if names and len(names) == X.shape[1] and names[j].strip() else ""
+    label = f" ('{names[j]}')" if names and names[j] else ""
     return (f"column {j + 1}{label} of {name} is {median[j]:.3g} model stds from the model's mean in its median row "
             f"({float(np.nanmedian(X[:, j])):.4g} against {mean[j]:.4g} +- {std[j]:.3g}): are these rows on the "
             "training data's scale (standardised the same way)?")
@@ -748,8 +750,7 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     if explain is not None:
         from cpadgn.anomaly import expected_squared_residuals
         residuals = expected_squared_residuals(model, X, post)
-    names = csv_column_names(data_path) if explain is not None else None
-    names = [c.strip() for c in names] if names and len(names) == X.shape[1] else None
+    names = csv_column_names(data_path, X.shape[1]) if explain is not None else None
     columns = scores_table(post, contamination, pv=pv, alpha=alpha, residuals=residuals, explain=explain,
                            names=names)
     write_table(out, columns)
