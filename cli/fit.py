@@ -253,29 +253,12 @@ def read_rows(path, dataset, what: str):
     --val is refused with fit's own hint: refining a model takes it as --init (the
     generic hint, 'the order is MODEL then DATA, e.g. cpadgn score ...', names another
     command)."""
-    from cpadgn.data import read_data
+    from cpadgn.data import GeneratorAsData, read_data
     try:
         return read_data(path, dataset=dataset)
-    except CpadgnError:
-        if not is_generator_file(path):
-            raise
-    raise CpadgnError(f"{what} {path} is a generator file, not data; fit trains on rows of data: to refine "
-                      f"this generator, pass it as --init {path} with the training rows as DATA")
-
-
-def is_generator_file(path) -> bool:
-    """Whether path holds a cpadgn model file or a torch model (``loading.detect_format``)."""
-    from cpadgn.loading import detect_format
-    try:
-        fmt = detect_format(path)
-        if fmt != "hdf5":
-            return True
-        import h5py
-        with h5py.File(path, "r") as f:
-            kind = f.attrs.get("format")
-    except (CpadgnError, OSError):
-        return False
-    return (kind.decode() if isinstance(kind, bytes) else kind) == "cpadgn-model"
+    except GeneratorAsData:
+        raise CpadgnError(f"{what} {path} is a generator file, not data; fit trains on rows of data: to refine "
+                          f"this generator, pass it as --init {path} with the training rows as DATA") from None
 
 
 def scale_warning(X, data_path) -> str | None:

@@ -337,6 +337,10 @@ def check_rows(X, D: int, name: str = "the data") -> np.ndarray:
     return X
 
 
+class GeneratorAsData(CpadgnError):
+    """A generator file (a cpadgn model or a saved torch model) where data was expected."""
+
+
 def read_data(path, *, dataset: str | None = None) -> np.ndarray:
     """Read a data table as float64 (N, D); NaN marks missing values."""
     path = Path(path)
@@ -346,8 +350,10 @@ def read_data(path, *, dataset: str | None = None) -> np.ndarray:
         raise CpadgnError(f"{path} is a directory, not a data file; pass a .csv, .npy or .h5 file")
     suffix = path.suffix.lower()
     if suffix not in DATA_SUFFIXES:
-        raise CpadgnError(f"cannot read {path}: unknown data extension '{path.suffix or '(none)'}'; "
-                          f"supported: {', '.join(DATA_SUFFIXES)}{model_file_hint(path)}")
+        hint = model_file_hint(path)
+        raise (GeneratorAsData if hint else CpadgnError)(
+            f"cannot read {path}: unknown data extension '{path.suffix or '(none)'}'; "
+            f"supported: {', '.join(DATA_SUFFIXES)}{hint}")
     if dataset is not None and suffix not in (".h5", ".hdf5"):
         raise CpadgnError(f"--dataset {dataset} names a dataset inside an .h5 file, but {path} is a "
                           f"{suffix} file; drop --dataset")
@@ -384,7 +390,7 @@ def refuse_cpadgn_file(path, f) -> None:
     fmt = f.attrs.get("format")
     fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
     if fmt == "cpadgn-model":
-        raise CpadgnError(f"{path} is a cpadgn model file, not data; the order is MODEL then DATA, e.g. "
+        raise GeneratorAsData(f"{path} is a cpadgn model file, not data; the order is MODEL then DATA, e.g. "
                           f"cpadgn score {path} DATA.csv -o OUT")
     if fmt == "cpadgn-partition":
         raise CpadgnError(f"{path} is a cpadgn partition cache, not data; pass a .csv, .npy or .h5 data file")
