@@ -498,8 +498,9 @@ def _refuse_mixed_header(path: Path, line: int, cells: list) -> None:
     bare = [(j, c) for j, c in text if not any(ch.isalpha() for ch in c)]
     if [c for c in numbers if c] and (bare or any(_DECIMAL.match(c) for c in numbers)):
         j, c = (bare or text)[0]
-        if _separator_hint(c):
-            raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c}', not a number{_separator_hint(c)}")
+        hint = _separator_hint(c)
+        if hint:
+            raise CpadgnError(f"{path}: line {line}, column {j + 1} is '{c}', not a number{hint}")
         raise CpadgnError(f"{path}: line {line} mixes numbers and text ('{c}' in column {j + 1}), so it "
                           "is neither a clear header nor a data row; if it is data, write each missing "
                           "value as an empty cell or NA; if it is a header, give every column a name")
