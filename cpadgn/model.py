@@ -34,8 +34,10 @@ def default_device() -> torch.device:
 
 def check_device(device) -> torch.device:
     """device as a torch.device (None or "auto": CUDA when available), or a one-line
-    CpadgnError for a name torch does not know or a GPU that is not there (torch says so
-    only at the first computation, as a RuntimeError or an AssertionError)."""
+    CpadgnError for a name torch does not know, a device type other than cpu and cuda
+    (the work is float64, which MPS lacks; meta, xla, ... compute nothing here), or a GPU
+    that is not there (torch says so only at the first computation, as a RuntimeError or
+    an AssertionError)."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return default_device()
     try:
@@ -43,6 +45,9 @@ def check_device(device) -> torch.device:
     except (RuntimeError, TypeError):
         raise CpadgnError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}; pass "
                           "e.g. device='cpu'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CpadgnError(f"device must be 'cpu' or 'cuda' (cpadgn computes in float64 there), got {device!r}; "
+                          "pass device='cpu'" + (" or device='cuda'" if torch.cuda.is_available() else ""))
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise CpadgnError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s) here; "
                           "pass device='cpu'" + (" or device='cuda'" if torch.cuda.is_available() else ""))

@@ -91,6 +91,15 @@ CASES = [
      CpadgnError, "device must be a torch device such as 'cpu' or 'cuda', got 'tpu'", "pass e.g. device='cpu'"),
     ("load device cuda:99", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="cuda:99"),
      CpadgnError, "device='cuda:99' but torch sees", "pass device='cpu'"),
+    # a device type torch knows but cpadgn cannot compute on was accepted, and failed at the
+    # first log_prob: 'PyTorch is not linked with support for mps devices' (a RuntimeError;
+    # MPS has no float64 anyway), 'Tensor.item() cannot be called on meta tensors'
+    ("load device mps", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="mps"),
+     CpadgnError, "device must be 'cpu' or 'cuda' (cpadgn computes in float64 there), got 'mps'", "pass device='cpu'"),
+    ("load device meta", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="meta"),
+     CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
+    ("estimator device mps", lambda t: _fit_estimator(latent_dim=1, hidden=(4,), max_iter=1, device="mps"),
+     ValueError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
     # rows=[1.7] drew row 1, rows=True row 1
     ("plot rows 1.7", lambda t: __import__("cpadgn.plot").plot.partition(_model(), np.zeros((3, 3)), rows=[1.7]),
      CpadgnError, "rows must be row numbers (integers, counted from 0), got [1.7]", "pass e.g. rows=[0, 5]"),
