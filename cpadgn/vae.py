@@ -8,6 +8,7 @@ engine can score it, and the encoder weights are kept for the exact ELBO gap.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +86,17 @@ class VAEResult:
     history: list = field(default_factory=list)   # dicts: epoch, train_elbo, seconds
 
 
+def _own_torch_rng(f):
+    """f run on a fork of torch's global random generator: its ``torch.manual_seed``
+    leaves the caller's random stream as it was (a library must not reseed it)."""
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return f(*args, **kwargs)
+    return wrapped
+
+
+@_own_torch_rng
 def train_vae(X, *, latent_dim, hidden, slope=0.1, noise="diag", epochs=200, lr=1e-3,
               batch_size=128, seed=0, callback=None) -> VAEResult:
     """Fit a GaussianVAE to X (N, D) by Adam on the mean ELBO; deterministic given seed.

@@ -338,6 +338,19 @@ def test_vae_elbo_below_exact_loglik(wave):
     assert res.val_loglik == pytest.approx(ll.mean(), abs=1e-9)
 
 
+def test_vae_leaves_the_callers_torch_random_stream_alone(wave):
+    """fit_vae seeds its own weights and minibatches; it called torch.manual_seed(seed) on
+    the global generator, so a notebook's torch.randn after it was reseeded to seed 0."""
+    X, _ = wave
+    torch.manual_seed(123)
+    expected = torch.randn(3)
+    torch.manual_seed(123)
+    a = fit_vae(X[:40], 1, (4,), 0.1, max_iter=1, seed=0, score_train=False)
+    assert torch.equal(torch.randn(3), expected)
+    b = fit_vae(X[:40], 1, (4,), 0.1, max_iter=1, seed=0, score_train=False)   # still deterministic
+    assert all(np.array_equal(u, v) for u, v in zip(a.net.weights, b.net.weights))
+
+
 # ====================================================================== options and the CLI
 def test_parse_options():
     assert parse_hidden("32,32") == (32, 32)
