@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -133,6 +134,34 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
     if not validation:
         check_spread(X, what)
     return X
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool (True would be read as 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_arguments(*, latent_dim=None, slope=None, max_iter=None, tol=None, seed=None, device=None):
+    """``fit_em`` / ``fit_vae``'s Python arguments refused as the command line's options are
+    (a one-line CpadgnError, not a TypeError or numpy's error from deep inside); None is
+    not checked.  Returns the torch device (``model.check_device``), or None."""
+    if latent_dim is not None and not (_is_int(latent_dim) and latent_dim >= 1):
+        raise CpadgnError(f"latent_dim must be a positive integer, got {latent_dim!r}; pass e.g. latent_dim=2")
+    if slope is not None and not (isinstance(slope, (int, float, np.integer, np.floating))
+                                  and not isinstance(slope, (bool, np.bool_)) and np.isfinite(slope)):
+        raise CpadgnError(f"slope must be a finite number, got {slope!r}; pass e.g. slope=0.1 (0 for ReLU, "
+                          "-1 for abs)")
+    if max_iter is not None and not (_is_int(max_iter) and max_iter >= 0):
+        raise CpadgnError(f"max_iter must be a non-negative integer, got {max_iter!r}; pass e.g. max_iter=100")
+    if tol is not None and not (isinstance(tol, (int, float, np.integer, np.floating)) and np.isfinite(tol)
+                                and tol >= 0):
+        raise CpadgnError(f"tol must be a finite number >= 0, got {tol!r}; pass e.g. tol=1e-5")
+    if seed is not None and not (_is_int(seed) and seed >= 0):
+        raise CpadgnError(f"seed must be a non-negative integer, got {seed!r}; pass e.g. seed=0")
+    if device is None:
+        return None
+    from .model import check_device
+    return check_device(device)
 
 
 def split_validation(X, fraction: float, seed: int):
@@ -374,7 +403,11 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     """
     from . import em
     t0 = time.perf_counter()
+    device = check_arguments(latent_dim=latent_dim, max_iter=max_iter, tol=tol, seed=seed, device=device)
     start = None
+    if isinstance(init, str) and init not in ("ppca", "random") and not Path(init).exists():
+        raise CpadgnError(f"init={init!r} is neither 'ppca', 'random' nor an existing generator file; pass "
+                          "init='ppca', 'random', (net, var), a generator file, a CPAModel or an nn.Module")
     if not isinstance(init, (str, tuple)) or (isinstance(init, str) and init not in ("ppca", "random")):
         init_noise = 1.0 if init_noise is None else init_noise
         start = model_start(init, X, latent_dim=latent_dim, noise=noise, init_noise=init_noise,
@@ -388,6 +421,9 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
     if init_noise > NOISE_RANGE[1]:      # its square overflowed in init_ppca (small ones meet var_floor)
         raise CpadgnError(f"--init-noise {init_noise:g} is above {NOISE_RANGE[1]:g}; it is a fraction of "
                           "the start's noise std: use e.g. 0.1 or 1")
+    if start is None:
+        hidden = parse_hidden(hidden)
+        check_arguments(slope=slope)
     X = check_training_data(X, latent_dim)
     if X_val is not None:
         X_val = numeric_array(X_val).astype(np.float64, copy=False)
@@ -400,7 +436,6 @@ def fit_em(X, latent_dim: int | None, hidden=(32, 32), slope: float = 0.1, max_i
                                   f"data {X.shape[1]}; pass validation data with {X.shape[1]} columns")
     if noise not in ("iso", "diag"):
         raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}; give --noise iso or --noise diag")
-    hidden = tuple(int(h) for h in hidden)
     check_m_step_widths(latent_dim, hidden, 1, memory_budget)      # before any weight is drawn
     D = X.shape[1]
     if var_floor is None:
@@ -557,6 +592,8 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
     """
     from .vae import train_vae
     t0 = time.perf_counter()
+    device = check_arguments(latent_dim=latent_dim, slope=slope, max_iter=max_iter, seed=seed, device=device)
+    hidden = parse_hidden(hidden)
     if max_iter < 1:
         raise CpadgnError("the VAE needs at least one epoch: --max-iter 1 or more")
     X = check_training_data(X, latent_dim, allow_missing=False)
@@ -566,7 +603,6 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
         X_val = None
     if noise not in ("iso", "diag"):
         raise CpadgnError(f"--noise must be 'iso' or 'diag', got {noise!r}; give --noise iso or --noise diag")
-    hidden = tuple(int(h) for h in hidden)
     rows = []
     state = {"stop": "epochs"}
 

@@ -30,6 +30,12 @@ def _fit_estimator(scale=1.0, **kw):
     CPADGN(**kw).fit(scale * np.random.default_rng(0).normal(size=(20, 3)))
 
 
+def _fit_em(**kw):
+    from cpadgn.fit import fit_em
+    args = {"latent_dim": 1, "hidden": (4,), "max_iter": 1, **kw}
+    fit_em(np.random.default_rng(0).normal(size=(20, 3)), args.pop("latent_dim"), **args)
+
+
 CASES = [
     # (id, call(tmp_path), exception, what is wrong, what to do)
     ("mean_and_se one row", lambda t: __import__("cpadgn.comparison").comparison.mean_and_se([1.0]),
@@ -151,6 +157,33 @@ CASES = [
      CpadgnError, "hidden layer widths must be positive integers", "give widths of 1 or more like --hidden 32,32"),
     ("estimator contamination", lambda t: _fit_estimator(contamination=0.9),
      ValueError, "contamination must be in (0, 0.5], got 0.9", "e.g. contamination=0.1"),
+    # fit_em / fit_vae from Python: a float latent_dim was used (1.5), hidden=(8.5,) became 8,
+    # max_iter=-1 and tol=-1 were run, and the rest failed deep inside: '<' not supported
+    # between 'str' and 'int', 'int' object is not iterable, numpy's 'expected non-negative
+    # integer', 'could not convert string to float', torch's 'Torch not compiled with CUDA
+    # enabled' (an AssertionError), and init='pca' was 'generator file pca does not exist'
+    ("fit_em latent_dim 1.5", lambda t: _fit_em(latent_dim=1.5),
+     CpadgnError, "latent_dim must be a positive integer, got 1.5", "pass e.g. latent_dim=2"),
+    ("fit_em latent_dim str", lambda t: _fit_em(latent_dim="1"),
+     CpadgnError, "latent_dim must be a positive integer, got '1'", "pass e.g. latent_dim=2"),
+    ("fit_em hidden 8.5", lambda t: _fit_em(hidden=(8.5,)),
+     CpadgnError, "hidden layer widths must be positive integers, got (8.5,)", "hidden=(32, 32) in Python"),
+    ("fit_em max_iter -1", lambda t: _fit_em(max_iter=-1),
+     CpadgnError, "max_iter must be a non-negative integer, got -1", "pass e.g. max_iter=100"),
+    ("fit_em max_iter 1.5", lambda t: _fit_em(max_iter=1.5),
+     CpadgnError, "max_iter must be a non-negative integer, got 1.5", "pass e.g. max_iter=100"),
+    ("fit_em tol -1", lambda t: _fit_em(tol=-1),
+     CpadgnError, "tol must be a finite number >= 0, got -1", "pass e.g. tol=1e-5"),
+    ("fit_em seed -1", lambda t: _fit_em(seed=-1),
+     CpadgnError, "seed must be a non-negative integer, got -1", "pass e.g. seed=0"),
+    ("fit_em slope str", lambda t: _fit_em(slope="relu"),
+     CpadgnError, "slope must be a finite number, got 'relu'", "pass e.g. slope=0.1"),
+    ("fit_em device mps", lambda t: _fit_em(device="mps"),
+     CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
+    ("fit_em init pca", lambda t: _fit_em(init="pca"),
+     CpadgnError, "init='pca' is neither 'ppca', 'random' nor an existing generator file", "pass init='ppca'"),
+    ("fit_vae seed -1", lambda t: __import__("cpadgn.fit").fit.fit_vae(np.zeros((4, 3)), 1, (4,), seed=-1),
+     CpadgnError, "seed must be a non-negative integer, got -1", "pass e.g. seed=0"),
     ("dask chunk rows 0", lambda t: __import__("cpadgn.dask").dask.chunk_rows_for(None, requested=0),
      CpadgnError, "--chunk-rows must be a positive number of rows, got 0", "give 1 or more"),
 ]
