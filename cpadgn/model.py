@@ -317,10 +317,11 @@ def load(path, noise_std=None, *, cache=None, trust_pickle: bool = False, device
     from .loading import load_generator
     is_file = isinstance(path, (str, Path))
     if cache is not None and not isinstance(cache, (bool, str, os.PathLike)):
-        raise ValueError(f"cache must be a path, True, False or None, got {cache!r}")
+        raise CpadgnError(f"cache must be a path, True, False or None, got {cache!r}; pass e.g. "
+                          "cache='gen.partition.h5', or cache=False for none")
     if cache is True and not is_file:
-        raise ValueError("cache=True needs a model file (the cache goes beside it); for a module "
-                         "in memory pass cache=PATH")
+        raise CpadgnError("cache=True needs a model file (the cache goes beside it); for a module "
+                          "in memory pass cache=PATH")
     gen = load_generator(path, trust_pickle=trust_pickle, example_input=example_input)
     cache_path = None if cache is False or (cache is None and not is_file) else \
         (cache_path_for(path) if cache is None or cache is True else cache)

@@ -774,9 +774,9 @@ def test_load_cache_true_means_the_default_cache_and_a_bad_cache_argument_says_s
     m.partition()
     assert m.partition_status == "computed" and (tmp_path / "g.h5.partition.h5").exists()
     dec = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
-    with pytest.raises(ValueError, match="cache=True needs a model file.*cache=PATH"):
+    with pytest.raises(CpadgnError, match="cache=True needs a model file.*cache=PATH"):
         cpadgn.load(dec, noise_std=0.1, cache=True)
-    with pytest.raises(ValueError, match="cache must be a path, True, False or None"):
+    with pytest.raises(CpadgnError, match="cache must be a path, True, False or None"):
         cpadgn.load(tmp_path / "g.h5", cache=3)
 
 

@@ -115,6 +115,13 @@ CASES = [
      CpadgnError, "noise std must be a positive number (or 3 of them), got 'auto'", "model.fit_noise_std(X)"),
     ("noise std length", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), noise_std=[0.1, 0.2]),
      CpadgnError, "must be a scalar or have 3 entries", "pass one std, or one per column"),
+    # were ValueErrors, where the README promises CpadgnError for every bad input
+    ("load cache 3", lambda t: __import__("cpadgn.model").model.load(__import__("torch").nn.Linear(2, 3),
+                                                                     noise_std=0.1, cache=3),
+     CpadgnError, "cache must be a path, True, False or None, got 3", "cache=False for none"),
+    ("load module cache True", lambda t: __import__("cpadgn.model").model.load(__import__("torch").nn.Linear(2, 3),
+                                                                               noise_std=0.1, cache=True),
+     CpadgnError, "cache=True needs a model file", "pass cache=PATH"),
     ("CPAModel of a torch module", lambda t: __import__("cpadgn.model").model.CPAModel(__import__("torch").nn.Linear(2, 3)),
      CpadgnError, "CPAModel takes a cpadgn.PiecewiseAffineNet, got Linear", "cpadgn.load(module_or_path, noise_std=...)"),
     ("CPAModel prior not positive definite",
