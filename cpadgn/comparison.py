@@ -203,6 +203,7 @@ class CompareResult:
                 "notes": list(self.notes)}
 
     def model(self, name: str) -> ModelRow:
+        """The row of the model called name (KeyError naming the others if none)."""
         for m in self.models:
             if m.name == name:
                 return m

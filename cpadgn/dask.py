@@ -465,6 +465,8 @@ def first_rows(src: RowSource, n: int = 2_000) -> np.ndarray:
 
 
 def check_columns(model, X, name: str = "the data") -> None:
+    """A one-line CpadgnError when X (N, D') has another width than the model's output D
+    (a model Future, which has no output_dim here, refuses it when its chunks are computed)."""
     if hasattr(model, "output_dim") and X.shape[1] != model.output_dim:
         from .data import width_message
         raise CpadgnError(width_message(name, X.shape[1], model.output_dim))

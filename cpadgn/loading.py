@@ -83,10 +83,12 @@ class Generator:
 
     @property
     def latent_dim(self) -> int:
+        """S, the generator's input width."""
         return self.net.latent_dim
 
     @property
     def output_dim(self) -> int:
+        """D, the generator's output width."""
         return self.net.output_dim
 
 

@@ -29,6 +29,7 @@ class Posterior(likelihood.PosteriorResult):
 
 
 def default_device() -> torch.device:
+    """CUDA when torch sees a GPU, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -118,10 +119,12 @@ class CPAModel:
 
     @property
     def latent_dim(self) -> int:
+        """S, the width of z: ``posterior(X).z_mean`` is (N, S)."""
         return self.net.latent_dim
 
     @property
     def output_dim(self) -> int:
+        """D, the width of x: X is (N, D)."""
         return self.net.output_dim
 
     @property

@@ -65,14 +65,17 @@ class PiecewiseAffineNet:
     # ------------------------------------------------------------------ shape
     @property
     def latent_dim(self) -> int:
+        """S, the width of z (the input of the first layer)."""
         return self.weights[0].shape[1]
 
     @property
     def output_dim(self) -> int:
+        """D, the width of x (the output of the last layer)."""
         return self.weights[-1].shape[0]
 
     @property
     def hidden_sizes(self) -> tuple:
+        """The hidden layers' widths, () for a linear generator."""
         return tuple(W.shape[0] for W in self.weights[:-1])
 
     @property
@@ -82,6 +85,7 @@ class PiecewiseAffineNet:
 
     @property
     def n_parameters(self) -> int:
+        """Entries of the dense weights and biases."""
         return int(sum(W.size + b.size for W, b in zip(self.weights, self.biases)))
 
     @property
