@@ -98,9 +98,12 @@ def parse_activation(text) -> float:
 
 def check_training_data(X, latent_dim: int, what: str = "training data", *,
                         allow_missing: bool = True, validation: bool = False) -> np.ndarray:
-    """X (N, D) as float64, NaN = missing; CpadgnError for what EM cannot fit.
-    validation: rows that are only scored (one row will do, a column may be unobserved)."""
-    X = numeric_array(X).astype(np.float64, copy=False)
+    """X (N, D) as row-major float64, NaN = missing; CpadgnError for what EM cannot fit.
+    validation: rows that are only scored (one row will do, a column may be unobserved).
+    Row-major whatever the input's layout (a DataFrame's .values is column-major): BLAS
+    sums in another order on another layout, and EM's steps amplify that, so the same
+    numbers would give another fit than the command line's."""
+    X = numeric_array(X).astype(np.float64, order="C", copy=False)
     if X.ndim != 2:
         raise CpadgnError(f"the {what} must be a 2-D table of rows, got shape {X.shape}; pass one row "
                           "per sample")
