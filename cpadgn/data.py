@@ -297,15 +297,21 @@ def width_message(name: str, columns: int, D: int) -> str:
 
 def numeric_array(X, wanted: str = "an (N, D) array") -> np.ndarray:
     """X given in Python (an array, a list of lists, a pandas DataFrame, a torch tensor) as
-    a numpy array of any shape: a float dtype kept, other numbers as float64; None and
-    pandas' pd.NA (nullable dtypes such as "Float64") read as NaN, a torch tensor that
-    requires grad detached.  One-line CpadgnError for anything not numeric; wanted: what
-    to pass instead."""
+    a numpy array of any shape: a float dtype kept, other numbers as float64; None,
+    pandas' pd.NA (nullable dtypes such as "Float64") and the masked entries of a numpy
+    masked array read as NaN, a torch tensor that requires grad detached, one of a float
+    type numpy lacks (bfloat16, float8) as float64 (exactly).  One-line CpadgnError for
+    anything not numeric; wanted: what to pass instead."""
     module = type(X).__module__.split(".")[0]
     if module == "pandas":            # numpy cannot convert pd.NA, pandas' own missing marker
         X = X.to_numpy(na_value=np.nan)
     elif module == "torch":           # numpy refuses a tensor that requires grad, or lives on a GPU
+        import torch
         X = X.detach().cpu()
+        if X.is_floating_point() and X.dtype not in (torch.float16, torch.float32, torch.float64):
+            X = X.double()
+    elif isinstance(X, np.ma.MaskedArray):       # np.asarray would read the values under the mask
+        X = np.ma.filled(X.astype(np.float64) if X.dtype.kind in "biu" else X, np.nan)
     try:
         X = np.asarray(X)
         if X.dtype.kind == "c":

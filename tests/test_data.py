@@ -460,3 +460,39 @@ def test_python_rows_with_pandas_na_and_torch_tensors_that_require_grad():
     assert fit_em(frame, 1, hidden=(), max_iter=1).net.output_dim == 3
     with pytest.raises(CpadgnError, match=r"not a numeric array .*pass an \(N, 3\) array of numbers"):
         model.log_prob(pd.DataFrame([["a", 1.0, 2.0]]))
+
+
+def test_python_rows_as_a_masked_array_or_a_bfloat16_tensor():
+    """numpy's masked array marks missing entries by its mask: they were scored by the
+    values under the mask (the mask ignored, silently); a bfloat16 tensor (a torch model's
+    usual output) was refused as 'not a numeric array (Got unsupported ScalarType
+    BFloat16)'.  Oracle: the closed-form Gaussian marginal of the observed entries of a
+    linear model, at the values the rows hold (bfloat16 values are exact in float64)."""
+    import torch
+    from scipy.stats import multivariate_normal
+
+    from oracles import kappa_rounding_tol, random_linear_model
+
+    rng = np.random.default_rng(4)
+    model, A, b, mu, cov_z, sigma = random_linear_model(rng, 1, 3, 0.8)
+    cov_x = A @ cov_z @ A.T + np.diag(sigma ** 2)
+
+    def exact(X):
+        return np.array([multivariate_normal(A[o] @ mu + b[o], cov_x[np.ix_(o, o)]).logpdf(x[o])
+                         for x in X for o in [~np.isnan(x)]])
+
+    X = rng.normal(size=(5, 3))
+    mask = np.zeros_like(X, dtype=bool)
+    mask[0, 1] = mask[3, 0] = mask[3, 2] = True
+    Xn = np.where(mask, np.nan, X)
+    Xb = torch.tensor(X, dtype=torch.bfloat16)
+    Xbf = Xb.double().numpy()
+    X32 = X.astype(np.float32)
+    for rows, held in ((np.ma.masked_array(X, mask), Xn),
+                       (np.ma.masked_array(X32, mask), np.where(mask, np.nan, X32.astype(np.float64))),
+                       (Xb, Xbf)):
+        want = exact(np.asarray(held, dtype=np.float64))
+        tol = kappa_rounding_tol(model, held, model.posterior(held)) + 8 * np.finfo(float).eps * (1 + np.abs(want))
+        assert np.all(np.abs(model.log_prob(rows) - want) <= tol)
+    filled = model.impute(np.ma.masked_array(X, mask))
+    assert np.array_equal(filled[~mask], X[~mask]) and not np.allclose(filled[mask], X[mask])
