@@ -58,6 +58,21 @@ def _seed(random_state) -> int | None:
                               f"got {random_state!r}; pass e.g. random_state=0")
 
 
+def _plain(X):
+    """A torch tensor or a numpy masked array as cpadgn's model methods read it
+    (``data.numeric_array``: a tensor that requires grad detached, bfloat16 as float64,
+    masked entries NaN), before scikit-learn's validation, which raises torch's
+    RuntimeError or TypeError for the first two and reads the values under the mask;
+    anything else as given (a DataFrame keeps its feature names)."""
+    if type(X).__module__.split(".")[0] != "torch" and not isinstance(X, np.ma.MaskedArray):
+        return X
+    from .data import numeric_array
+    try:
+        return numeric_array(X)
+    except CpadgnError as e:
+        raise EstimatorInputError(str(e)) from None
+
+
 _PARAMETERS = """
     Parameters
     ----------
@@ -155,7 +170,7 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         """Validate X, fit the generator by EM, set model_ and friends; return X (N, D)."""
         from .fit import fit_em
         from .model import CPAModel
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, ensure_all_finite="allow-nan")
+        X = validate_data(self, _plain(X), dtype=np.float64, ensure_min_samples=2, ensure_all_finite="allow-nan")
         hidden, device = self._check_params(X.shape[1])
         try:
             res = fit_em(X, int(self.latent_dim), hidden=hidden, slope=float(self.slope),
@@ -172,7 +187,7 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     # ----------------------------------------------------------------- scoring
     def _check_X(self, X):
         check_is_fitted(self, "model_")
-        X = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite="allow-nan")
+        X = validate_data(self, _plain(X), dtype=np.float64, reset=False, ensure_all_finite="allow-nan")
         empty = np.flatnonzero(np.isnan(X).all(axis=1))
         if empty.size:                 # as in fit: a row with nothing observed has no score
             raise EstimatorInputError(f"row {empty[0] + 1} (X[{empty[0]}]) has no observed value (all NaN), so "

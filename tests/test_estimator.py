@@ -96,6 +96,28 @@ def test_nan_rows_are_scored_by_the_exact_marginal(data, fitted):
     assert fitted.predict(Z)[6] == -1 and fitted.transform(Z).shape == (8, 1)
 
 
+def test_torch_tensors_and_masked_arrays_are_read_as_the_models_methods_read_them(data, fitted):
+    """README: X may be a torch tensor; NaN entries are missing.  A tensor that requires
+    grad was torch's RuntimeError from scikit-learn's validation, a bfloat16 one a
+    TypeError, and a masked array's masked entries were scored by the values under the
+    mask (silently).  Oracle: the NaN array the input holds, scored by the model itself
+    (its exactness is test_nan_rows_are_scored_by_the_exact_marginal's)."""
+    import torch
+    X, _ = data
+    Z = X[:5].copy()
+    mask = np.zeros_like(Z, dtype=bool)
+    mask[1, 2] = mask[3, 0] = True
+    want = fitted.score_samples(np.where(mask, np.nan, Z))
+    np.testing.assert_array_equal(fitted.score_samples(np.ma.masked_array(Z, mask)), want)
+    np.testing.assert_array_equal(fitted.score_samples(torch.tensor(Z, requires_grad=True)),
+                                  fitted.score_samples(Z))
+    b = torch.tensor(Z, dtype=torch.bfloat16)
+    np.testing.assert_array_equal(fitted.score_samples(b), fitted.score_samples(b.double().numpy()))
+    again = CPADGN(latent_dim=1, hidden=(4,), max_iter=1, random_state=0)
+    np.testing.assert_array_equal(again.fit(torch.tensor(X, requires_grad=True)).score_samples(Z),
+                                  CPADGN(latent_dim=1, hidden=(4,), max_iter=1, random_state=0).fit(X).score_samples(Z))
+
+
 def test_transform_is_the_posterior_mean_by_quadrature(data, fitted):
     X, _ = data
     got = fitted.transform(X[:3])
