@@ -78,7 +78,7 @@ class CPAModel:
         self.prior_chol = np.linalg.cholesky(self.prior_cov)
         self.net = fold_prior(net, self.prior_mean, self.prior_cov)
         self.noise_std = None if noise_std is None else _check_noise(noise_std, net.output_dim)
-        self.device = check_device(device)
+        self.device = device                # checked by the property
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.memory_budget = memory_budget
         self.rtol = 1e-10                   # pruning: each log p exact to log(1 + rtol) nats (certified)
@@ -98,10 +98,24 @@ class CPAModel:
                 f"cache_path={None if self.cache_path is None else str(self.cache_path)!r})")
 
     def __setstate__(self, state: dict) -> None:
-        # pickles from before memory_budget became a property hold it under its own name
+        # pickles from before memory_budget and device became properties hold them under their own names
         if "memory_budget" in state:
             state["_memory_budget"] = float(state.pop("memory_budget"))
+        if "device" in state:
+            state["_device"] = state.pop("device")
         self.__dict__.update(state)
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device of the batched work.  Set it to move the model ('cpu', 'cuda',
+        'auto' or None: CUDA when available; checked by ``check_device``): the region
+        table is rebuilt there at the next use."""
+        return self._device
+
+    @device.setter
+    def device(self, value) -> None:
+        self._device = check_device(value)
+        self._table = None
 
     # ------------------------------------------------------------ properties
     @property

@@ -102,6 +102,10 @@ CASES = [
     # MPS has no float64 anyway), 'Tensor.item() cannot be called on meta tensors'
     ("load device mps", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="mps"),
      CpadgnError, "device must be 'cpu' or 'cuda' (cpadgn computes in float64 there), got 'mps'", "pass device='cpu'"),
+    # setting the attribute skipped the check, and an existing region table stayed on the
+    # old device: the next log_prob was torch's AssertionError or RuntimeError
+    ("set model.device mps", lambda t: setattr(_model(), "device", "mps"),
+     CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
     ("load device meta", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="meta"),
      CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
     ("estimator device mps", lambda t: _fit_estimator(latent_dim=1, hidden=(4,), max_iter=1, device="mps"),
