@@ -77,7 +77,7 @@ class CPAModel:
         self.prior_mean, self.prior_cov = check_prior("CPAModel", prior_mean, prior_cov, net.latent_dim, fix="pass")
         self.prior_chol = np.linalg.cholesky(self.prior_cov)
         self.net = fold_prior(net, self.prior_mean, self.prior_cov)
-        self.noise_std = None if noise_std is None else _check_noise(noise_std, net.output_dim)
+        self.noise_std = noise_std          # checked by the property
         self.device = device                # checked by the property
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.memory_budget = memory_budget
@@ -98,12 +98,28 @@ class CPAModel:
                 f"cache_path={None if self.cache_path is None else str(self.cache_path)!r})")
 
     def __setstate__(self, state: dict) -> None:
-        # pickles from before memory_budget and device became properties hold them under their own names
+        # pickles from before memory_budget, device and noise_std became properties hold them
+        # under their own names
         if "memory_budget" in state:
             state["_memory_budget"] = float(state.pop("memory_budget"))
-        if "device" in state:
-            state["_device"] = state.pop("device")
+        for name in ("device", "noise_std"):
+            if name in state:
+                state["_" + name] = state.pop(name)
         self.__dict__.update(state)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def noise_std(self) -> np.ndarray | None:
+        """The observation noise std: a 0-d array, (D,) one per column, or None (no
+        likelihood until one is set).  Setting it checks it (finite, > 0, in the range
+        float64 handles) and drops the region table built for the old one;
+        ``with_noise_std`` gives a copy instead."""
+        return self._noise_std
+
+    @noise_std.setter
+    def noise_std(self, value) -> None:
+        self._noise_std = None if value is None else _check_noise(value, self.output_dim)
+        self._table = None
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +133,6 @@ class CPAModel:
         self._device = check_device(value)
         self._table = None
 
-    # ------------------------------------------------------------ properties
     @property
     def memory_budget(self) -> float:
         """Bytes the batched work may use at once (it sets the rows and regions per batch)."""
@@ -152,8 +167,7 @@ class CPAModel:
         """A copy with another noise level, sharing the (noise-independent) partition."""
         other = object.__new__(CPAModel)
         other.__dict__.update(self.__dict__)
-        other.noise_std = _check_noise(noise_std, self.output_dim)
-        other._table = None
+        other.noise_std = _check_noise(noise_std, self.output_dim)      # None refused here
         return other
 
     # ------------------------------------------------------------- partition

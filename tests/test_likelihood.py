@@ -13,6 +13,22 @@ from oracles import (Quadrature3D, ldp_distance, kappa_rounding_tol, line_breakp
                      posterior_spread, random_linear_model, random_net, small_s3_net_and_quadrature)
 
 
+
+def test_setting_noise_std_scores_with_the_new_noise():
+    """model.noise_std = s after a first log_prob kept the region table of the old noise:
+    every later log_prob was the old model's, silently (-1 was taken too).  Oracle: the
+    PPCA closed form at the new noise."""
+    rng = np.random.default_rng(7)
+    model, A, b, mu, cov_z, sigma = random_linear_model(rng, 2, 4, 0.8)
+    X = rng.normal(size=(5, 4))
+    model.log_prob(X)
+    for new in (2 * sigma, 0.5):
+        model.noise_std = new
+        C = A @ cov_z @ A.T + np.diag(np.broadcast_to(new, 4) ** 2)
+        want = multivariate_normal(A @ mu + b, C).logpdf(X)
+        assert np.all(np.abs(model.log_prob(X) - want) <= kappa_rounding_tol(model, X, model.posterior(X))
+                      + 8 * np.finfo(float).eps * (1 + np.abs(want)))
+
 def test_linear_generator_is_ppca_closed_form():
     rng = np.random.default_rng(1)
     D = 6

@@ -106,6 +106,8 @@ CASES = [
     # old device: the next log_prob was torch's AssertionError or RuntimeError
     ("set model.device mps", lambda t: setattr(_model(), "device", "mps"),
      CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
+    ("set model.noise_std -1", lambda t: setattr(_model(), "noise_std", -1),
+     CpadgnError, "noise std must be finite and > 0, got -1", "pass positive stds"),
     ("load device meta", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="meta"),
      CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
     ("estimator device mps", lambda t: _fit_estimator(latent_dim=1, hidden=(4,), max_iter=1, device="mps"),
