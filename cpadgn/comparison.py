@@ -260,6 +260,9 @@ def _named_models(models) -> list:
             m = load(m)
         elif isinstance(getattr(m, "model_", None), CPAModel):      # a fitted CPADGN / CPADGNDetector
             m = m.model_
+        elif type(m).__module__ == "cpadgn.estimator":
+            raise CpadgnError(f"model {i + 1} is a {type(m).__name__} that is not fitted yet; call its "
+                              "fit(X_train) first")
         elif not isinstance(m, CPAModel):
             raise CpadgnError(f"model {i + 1} is a {type(m).__name__}, not a CPAModel or a model path; "
                               "pass CPAModel objects, fitted cpadgn estimators or model file paths")

@@ -197,6 +197,10 @@ CASES = [
      CpadgnError, "init='pca' is neither 'ppca', 'random' nor an existing generator file", "pass init='ppca'"),
     ("fit_vae seed -1", lambda t: __import__("cpadgn.fit").fit.fit_vae(np.zeros((4, 3)), 1, (4,), seed=-1),
      CpadgnError, "seed must be a non-negative integer, got -1", "pass e.g. seed=0"),
+    # was 'is a CPADGN, not a CPAModel or a model path; pass ... fitted cpadgn estimators'
+    ("compare unfitted estimator", lambda t: __import__("cpadgn.comparison").comparison.compare(
+        {"det": __import__("cpadgn.estimator").estimator.CPADGN()}, np.zeros((3, 3))),
+     CpadgnError, "model 1 is a CPADGN that is not fitted yet", "call its fit(X_train) first"),
     ("dask chunk rows 0", lambda t: __import__("cpadgn.dask").dask.chunk_rows_for(None, requested=0),
      CpadgnError, "--chunk-rows must be a positive number of rows, got 0", "give 1 or more"),
 ]
