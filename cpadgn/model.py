@@ -66,6 +66,18 @@ class CPAModel:
         evaluate likelihoods; ``with_noise_std`` sets it later).
     device : torch device for the batched work (None or "auto": CUDA when available).
     cache_path : HDF5 file where the partition is stored and reused (None: no cache).
+    memory_budget : bytes the batched work may hold at once.
+
+    Attributes
+    ----------
+    generator : the PiecewiseAffineNet as given: x = generator.forward(z), z from the prior.
+    net : the same with the prior folded into its first layer, fed z ~ N(0, I) (what the
+        partition and the integrals use; ``net.forward(z)`` for prior draws z is wrong).
+    prior_mean (S,), prior_cov (S, S) : the prior, fixed at construction (``net`` is built
+        from them; for another prior build another CPAModel from ``generator``).
+    noise_std, device : checked when set, and the region table rebuilt at the next use.
+    rtol : pruning tolerance, each log p exact to log(1 + rtol) nats (default 1e-10).
+    stderr_target : S >= 4, each row's QMC standard error of log p, nats (default 1e-4).
     """
 
     def __init__(self, net: PiecewiseAffineNet, *, prior_mean=None, prior_cov=None, noise_std=None,
