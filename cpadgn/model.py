@@ -334,9 +334,12 @@ class CPAModel:
 
 
 def _check_noise(noise_std, D: int) -> np.ndarray:
+    """noise_std (a number, D of them, a torch tensor: ``data.numeric_array``) as float64,
+    or a one-line CpadgnError."""
+    from .data import numeric_array
     try:
-        s = np.asarray(noise_std, dtype=np.float64)
-    except (TypeError, ValueError):
+        s = numeric_array(noise_std).astype(np.float64)
+    except (CpadgnError, TypeError, ValueError):
         raise CpadgnError(f"noise std must be a positive number (or {D} of them), got {noise_std!r}; pass e.g. "
                           "noise_std=0.1, or fit it: model.with_noise_std(model.fit_noise_std(X))") from None
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):

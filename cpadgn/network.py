@@ -246,9 +246,15 @@ class PiecewiseAffineNet:
 
 def check_prior(where, mean, cov, S, fix="save the model with"):
     """The latent prior N(mean (S,), cov (S, S)) as float64 arrays (None: 0 and I), or a
-    one-line CpadgnError naming where it came from and saying to ``fix`` it."""
-    mean = np.zeros(S) if mean is None else np.asarray(mean, dtype=np.float64)
-    cov = np.eye(S) if cov is None else np.asarray(cov, dtype=np.float64)
+    one-line CpadgnError naming where it came from and saying to ``fix`` it.  mean and
+    cov may be torch tensors (``data.numeric_array``: one that requires grad detached)."""
+    from .data import numeric_array
+    try:
+        mean = np.zeros(S) if mean is None else numeric_array(mean).astype(np.float64)
+        cov = np.eye(S) if cov is None else numeric_array(cov).astype(np.float64)
+    except (CpadgnError, ValueError):
+        raise CpadgnError(f"{where}: the latent prior is not numeric; {fix} a prior mean ({S},) and "
+                          f"covariance ({S}, {S}) of numbers") from None
     if mean.shape != (S,):
         raise CpadgnError(f"{where}: prior mean has shape {mean.shape}; {fix} a prior mean of shape ({S},)")
     if cov.shape != (S, S):

@@ -29,6 +29,25 @@ def test_setting_noise_std_scores_with_the_new_noise():
         assert np.all(np.abs(model.log_prob(X) - want) <= kappa_rounding_tol(model, X, model.posterior(X))
                       + 8 * np.finfo(float).eps * (1 + np.abs(want)))
 
+
+def test_noise_std_and_prior_may_be_torch_tensors_that_require_grad():
+    """A torch user's learned noise (log_sigma.exp()) and prior are tensors that require
+    grad: CPAModel, load and with_noise_std raised torch's RuntimeError ('Can't call
+    numpy() on Tensor that requires grad'), and a bfloat16 std was refused.  Oracle: the
+    PPCA closed form at those values."""
+    import torch
+    rng = np.random.default_rng(8)
+    model, A, b, mu, cov_z, sigma = random_linear_model(rng, 2, 4, 0.8)
+    X = rng.normal(size=(5, 4))
+    log_sigma = torch.nn.Parameter(torch.tensor(np.log(sigma)))
+    t = CPAModel(model.generator, prior_mean=torch.nn.Parameter(torch.tensor(mu)),
+                 prior_cov=torch.nn.Parameter(torch.tensor(cov_z)), noise_std=log_sigma.exp(), device="cpu")
+    for m, s in ((t, np.exp(np.log(sigma))), (t.with_noise_std(torch.tensor(0.5, dtype=torch.bfloat16)), 0.5)):
+        C = A @ cov_z @ A.T + np.diag(np.broadcast_to(s, 4) ** 2)
+        want = multivariate_normal(A @ mu + b, C).logpdf(X)
+        assert np.all(np.abs(m.log_prob(X) - want) <= kappa_rounding_tol(m, X, m.posterior(X))
+                      + 8 * np.finfo(float).eps * (1 + np.abs(want)))
+
 def test_linear_generator_is_ppca_closed_form():
     rng = np.random.default_rng(1)
     D = 6

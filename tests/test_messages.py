@@ -133,6 +133,8 @@ CASES = [
     ("CPAModel prior not positive definite",
      lambda t: __import__("cpadgn.model").model.CPAModel(_net(), prior_cov=[[1.0, 2.0], [2.0, 1.0]], noise_std=0.3),
      CpadgnError, "CPAModel: the prior covariance is not positive definite", "pass a positive-definite one"),
+    ("CPAModel prior not numeric", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), prior_mean="a"),
+     CpadgnError, "CPAModel: the latent prior is not numeric", "pass a prior mean (2,) and covariance (2, 2)"),
     ("CPAModel prior mean shape", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), prior_mean=[0.0]),
      CpadgnError, "CPAModel: prior mean has shape (1,)", "pass a prior mean of shape (2,)"),
     ("prior not symmetric", lambda t: _save(t, prior_cov=[[1.0, 0.5], [0.0, 1.0]]),
