@@ -12,8 +12,6 @@ from cli.main import (Bytes, FiniteRange, Progressbar, main, on_command_line, pr
                       user_errors)
 from cpadgn.errors import CpadgnError
 
-MODEL_SUFFIXES = (".h5", ".hdf5")
-
 
 @main.command()
 @click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))
@@ -136,13 +134,10 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
       cpadgn compare digits_em.h5 digits_vae.h5 --data sample_data/digits_test.csv
     """
     from cpadgn.data import check_output_path
-    from cpadgn.fit import (check_training_data, data_fingerprint, fit_em, fit_vae, parse_activation,
-                            parse_hidden, save_fit, split_validation)
+    from cpadgn.fit import (check_model_suffix, check_training_data, data_fingerprint, fit_em, fit_vae,
+                            parse_activation, parse_hidden, save_fit, split_validation)
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.suffix.lower() not in MODEL_SUFFIXES:
-        raise CpadgnError(f"cannot write {out}: a model file must end in .h5 or .hdf5; name it e.g. "
-                          f"{out.with_suffix('.h5').name}")
+    out = check_model_suffix(out)
     init_model, init_path = init not in ("ppca", "random"), init
     check_init_options(init, method, latent_dim)
     check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,

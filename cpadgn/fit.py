@@ -651,11 +651,23 @@ def fit_vae(X, latent_dim: int, hidden=(32, 32), slope: float = 0.1, max_iter: i
 
 
 # ============================================================================ saving
+def check_model_suffix(path) -> Path:
+    """path as a Path, or a one-line CpadgnError unless it ends in .h5 or .hdf5 (so that a
+    data file named by mistake, data.csv, is not replaced by a model file)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        raise CpadgnError(f"cannot write {path}: a model file must end in .h5 or .hdf5; name it e.g. "
+                          f"{path.with_suffix('.h5').name}")
+    return path
+
+
 def save_fit(path, result: FitResult, *, attrs: dict | None = None) -> None:
-    """Write a FitResult as a cpadgn model file: weights, prior N(0, I), noise, the
-    options and summary as JSON attrs, the history as datasets of /training, and for
-    a VAE its encoder (/encoder).  Deterministic: no timestamps."""
+    """Write a FitResult as a cpadgn model file (path: .h5 or .hdf5, ``check_model_suffix``):
+    weights, prior N(0, I), noise, the options and summary as JSON attrs, the history as
+    datasets of /training, and for a VAE its encoder (/encoder).  Deterministic: no
+    timestamps."""
     from . import __version__
+    path = check_model_suffix(path)
     from .modelfile import save_model
     meta = {"trained_by": f"cpadgn fit --method {result.method}", "cpadgn_version": __version__,
             "method": result.method, "fit_options": result.options, "stop_reason": result.stop_reason,

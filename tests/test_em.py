@@ -351,6 +351,21 @@ def test_em_result_does_not_depend_on_the_memory_layout_of_the_data():
     assert all(np.array_equal(u, v) for u, v in zip(a.net.weights, b.net.weights))
 
 
+def test_save_fit_refuses_a_name_that_is_not_a_model_file(tmp_path, wave):
+    """save_fit('data.csv', res) replaced the user's data file by an HDF5 model file (the
+    command line refuses such a name before fitting; the library wrote it)."""
+    X, _ = wave
+    data = tmp_path / "data.csv"
+    np.savetxt(data, X[:20], delimiter=",")
+    before = data.read_bytes()
+    res = fit_em(X[:20], 1, (4,), max_iter=0)
+    from cpadgn.fit import save_fit
+    with pytest.raises(CpadgnError, match=r"cannot write .*data.csv: a model file must end in .h5 or .hdf5; "
+                                          r"name it e.g. data.h5"):
+        save_fit(data, res)
+    assert data.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]
+
+
 def test_vae_leaves_the_callers_torch_random_stream_alone(wave):
     """fit_vae seeds its own weights and minibatches; it called torch.manual_seed(seed) on
     the global generator, so a notebook's torch.randn after it was reseeded to seed 0."""
