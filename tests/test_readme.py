@@ -125,7 +125,7 @@ def test_rubins_rules_example_pools_the_csv_draws(tmp_path, monkeypatch):
     ns = {}
     exec(first_python_block("#### Multiple imputation: pooling with Rubin's rules"), ns)
     K, N = 20, len(X)
-    assert np.array_equal(ns["mi"]["id"], np.tile(np.arange(N), K))
+    assert np.array_equal(ns["mi"][".id"], np.tile(np.arange(N), K))
     d = model.impute(X, draws=K, seed=0)[:, :, 0]         # the CLI's default --seed 0
     q, u = d.mean(1), d.var(1, ddof=1) / N
     b = q.var(ddof=1)
