@@ -530,6 +530,14 @@ def test_cli_draws_layout(files, ext):
     np.testing.assert_array_equal(got, want)
 
 
+def test_cli_draws_help_says_noise_is_included_and_where_pooling_is(files):
+    """--draws said only "K exact draws from p(x_missing | x_observed)": a multiple-imputation
+    user could not tell whether the draws carry the observation noise (they do: their spread
+    is --std's, test_draws_match_exact_conditional_moments) nor where pooling is described."""
+    text = " ".join(run("--help").output.split())
+    assert "observation noise included" in text and "Rubin's rules" in text
+
+
 def test_cli_evaluate_mcar(files):
     d, X, model = files
     r = run(d / "gen.h5", d / "data.csv", "--evaluate-mcar", 0.3, "--draws", 50, "--json", "--device", "cpu")
