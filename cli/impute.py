@@ -24,8 +24,8 @@ from cpadgn.errors import CpadgnError
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="Output file: .csv, .npy or .h5 (not needed with --evaluate-mcar).")
 @click.option("--draws", "n_draws", type=click.IntRange(min=1), default=None, metavar="K",
-              help="Write K exact draws from p(x_missing | x_observed) (multiple imputation) "
-                   "instead of the conditional mean.")
+              help="Write K exact draws from p(x_missing | x_observed), observation noise included "
+                   "(multiple imputation; README: pooling with Rubin's rules) instead of the conditional mean.")
 @click.option("--std", "want_std", is_flag=True,
               help="Also write the exact conditional standard deviation of every entry (0 where "
                    "observed): OUT.std.csv / OUT.std.npy beside OUT, or dataset 'std' in an .h5 OUT "

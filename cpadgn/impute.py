@@ -134,7 +134,10 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     mean = X64.copy()
     var = np.zeros((N, D)) if (std or full_cov) else None
     cov = np.zeros((N, D, D)) if full_cov else None
-    xd = None if K is None else np.broadcast_to(X64, (K, N, D)).copy()
+    # the draws go straight into the result (observed entries copied once, as _restore does)
+    xd = None if K is None else np.empty((K, N, D), dtype=out_dtype)
+    if xd is not None:
+        xd[...] = np.asarray(X, dtype=out_dtype)
     zd = None if K is None else np.full((K, N, S), np.nan)
     bound = np.zeros(N)
     mean_var = np.zeros((N, D))
@@ -154,13 +157,8 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
                 progress(start, todo.size)
 
     res_mean = _restore(X, mean, miss, out_dtype)
-    res_draws = None
-    if xd is not None:
-        res_draws = np.empty((K, N, D), dtype=out_dtype)
-        for k in range(K):
-            res_draws[k] = _restore(X, xd[k], miss, out_dtype)
     sd = None if var is None else np.sqrt(var).astype(out_dtype)
-    return ImputeResult(mean=res_mean, std=sd if std else None, cov=cov, draws=res_draws, z_draws=zd,
+    return ImputeResult(mean=res_mean, std=sd if std else None, cov=cov, draws=xd, z_draws=zd,
                         error_bound=bound, n_missing=n_missing, mean_stderr=np.sqrt(mean_var).astype(out_dtype))
 
 
@@ -266,16 +264,17 @@ def _impute_chunk(net, part, tab, sigma, Xc, idx, miss, device, memory_budget, r
     z_slot = np.empty((n * K, z.shape[1]))
     z_slot[slots] = z
     pair_of = pick.ravel()
-    x = np.empty((n * K, D))
+    # draw slot t is row t // K, draw t % K; in blocks of `step` slots (the noise drawn block
+    # by block is the stream one (n K, D) call gives), written straight into the result xd
     for s0 in range(0, n * K, step):
         A, b = _region_maps(tab, preg[pair_of[s0:s0 + step]])
         zs = z_slot[s0:s0 + step]
         for s in range(zs.shape[1]):                                  # g(z) = A z + b written out over S
             b += A[:, :, s] * zs[:, s, None]                          # (np.einsum is slow here)
-        x[s0:s0 + step] = b
-    x += rng.standard_normal(x.shape) * sigma
-    x = x.reshape(n, K, D).transpose(1, 0, 2)                         # (K, n, D)
-    xd[:, idx] = np.where(miss[None], x, xd[:, idx])
+        b += rng.standard_normal(b.shape) * sigma
+        row, k = np.divmod(np.arange(s0, s0 + b.shape[0]), K)
+        r, d = np.nonzero(miss[row])
+        xd[k[r], idx[row[r]], d] = b[r, d]
     zd[:, idx] = z_slot.reshape(n, K, -1).transpose(1, 0, 2)
     return most_pairs
 
