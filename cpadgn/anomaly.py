@@ -132,10 +132,14 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
 def alpha_threshold(reference_log_prob, alpha: float) -> float:
     """The log p below which a row's p-value (1 + k) / (M + 1) is < alpha, from the M
     sorted reference log p (k = #{reference <= log p}): the (j+1)-th smallest reference
-    value, j = ceil(alpha (M + 1) - 1) - 1 (-inf when no row can be flagged)."""
+    value, j + 1 = #{k in 0..M : (1 + k) / (M + 1) < alpha}, the p-values compared as
+    ``pvalues`` computes them, so the same rows as ``pvalue < alpha`` (-inf when no row can
+    be flagged; ceil(alpha (M + 1) - 1) gave one rank more when alpha (M + 1) is whole and
+    rounds up, e.g. 0.07 * 100 = 7.000000000000001)."""
     ref = np.asarray(reference_log_prob, dtype=np.float64)
-    j = int(np.ceil(alpha * (ref.size + 1) - 1)) - 1
-    return float(ref[min(j, ref.size - 1)]) if j >= 0 else -np.inf
+    M = ref.size
+    j = int(np.count_nonzero((1.0 + np.arange(M + 1)) / (M + 1.0) < alpha)) - 1
+    return float(ref[min(j, M - 1)]) if j >= 0 else -np.inf
 
 
 def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float = 2e8) -> np.ndarray:

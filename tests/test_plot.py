@@ -439,6 +439,25 @@ def test_alpha_threshold_flags_exactly_the_small_pvalues():
             np.testing.assert_array_equal(ll < t, (1 + k) / (M + 1) < alpha)
 
 
+def test_alpha_threshold_agrees_with_the_flags_when_alpha_times_m_plus_1_is_whole():
+    """alpha (M + 1) a whole number, e.g. --alpha 0.07 --samples 99: the row whose p-value
+    is exactly alpha (7/100) is not flagged by score (pvalue < alpha), but alpha_threshold took
+    ceil(0.07 * 100 - 1) = ceil(6.000000000000001) = 7 ranks, so the histogram's line and its
+    "rows flagged" counted one rank more.  Oracle: exact rationals, alpha as the decimal typed."""
+    from fractions import Fraction
+    for M in (19, 99, 199, 999):
+        ref = np.arange(M, dtype=np.float64)                           # sorted, distinct
+        ll = np.concatenate([ref - 0.5, ref, [M - 0.5]])               # between and on the draws
+        k = (ref[None, :] <= ll[:, None]).sum(1)
+        for i in range(1, 100):
+            alpha = float(f"0.{i:02d}")
+            if alpha * (M + 1) <= 1:
+                continue                                               # refused by score
+            exact = np.array([Fraction(int(kk) + 1, M + 1) < Fraction(f"0.{i:02d}") for kk in k])
+            np.testing.assert_array_equal((1 + k) / (M + 1) < alpha, exact)     # score's flags
+            np.testing.assert_array_equal(ll < alpha_threshold(ref, alpha), exact, err_msg=f"M={M} alpha={alpha}")
+
+
 def test_scores_histogram_counts_and_threshold():
     rng = np.random.default_rng(1)
     ll = np.concatenate([rng.normal(30, 5, 500), [-1e4]])        # one far outlier
