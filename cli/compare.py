@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 from cli.lazy import np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from cli.main import (Progressbar, check_cache_path, check_dask_options, console, csv_column_names, fit_noise_std,
                       main, memory_budget_option, notice_for, parse_noise, precision_options, resolve_device,
@@ -95,7 +97,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     notice = notice_for(quiet)               # shown under --json too (on stderr), as the warnings
     warnings = not quiet
     quiet = quiet or as_json
-    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    say = say_for(quiet)
     inputs = compare_inputs(model_paths, test_path, train_path)
     if out is not None:
         _check_report_path(out, inputs)
@@ -168,7 +170,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         return
     _print_tables(result)
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(Text.assemble(("note:", "yellow"), f" {' '.join(note.split())}"), soft_wrap=True)
     written = [str(p) for p in (out, plot_path) if p is not None]
     say(f"{len(result.models)} models, {result.n_test} test rows"
         + (f", {result.n_train} training rows" if result.n_train else "")
@@ -299,7 +301,7 @@ def _fix(v, d):
 def _print_tables(result):
     """The per-model table (best first), training fit, ELBO and pairwise tables."""
     out = Console()
-    short = dict(zip([m.name for m in result.models], _short_names([m.name for m in result.models])))
+    short = {m.name: escape(s) for m, s in zip(result.models, _short_names([m.name for m in result.models]))}
     rows = []
     for m in result.models:
         d = _decimals(m.mean_log_likelihood_se)

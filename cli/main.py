@@ -50,6 +50,7 @@ _sigint_before_import = None if signal.getsignal(signal.SIGINT) is signal.SIG_IG
 import click  # noqa: E402
 from cli.lazy import np  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,  # noqa: E402
                            TimeElapsedColumn)
 from rich.table import Table  # noqa: E402
@@ -202,7 +203,7 @@ class Progressbar:
     def __call__(self, done, total=None, message=""):
         if _sigint_seen:            # a Ctrl-C that code in an extension (h5py) swallowed
             raise KeyboardInterrupt
-        self.bar.update(self.task, completed=done, total=total, note=message)
+        self.bar.update(self.task, completed=done, total=total, note=escape(str(message)))
 
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)
@@ -350,7 +351,12 @@ def check_dask_options(address, chunk_rows=None, **options) -> None:
 
 
 def say_for(quiet: bool):
-    return (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    """The progress messages on stderr (none when quiet): each one dim line, its text as it
+    is (a path's brackets are not rich markup) and not wrapped (off a terminal rich wrapped
+    them at 80 columns, a log's one message over several lines)."""
+    def say(message):
+        console.print(Text(" ".join(str(message).split()), style="dim"), soft_wrap=True)
+    return (lambda m: None) if quiet else say
 
 
 def command_inputs(model_path, data_path, cache) -> dict:
@@ -462,7 +468,7 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     of DATA for the check of its scale (``scale_mismatch``)."""
     from cpadgn.data import check_rows
     from cpadgn.model import load
-    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    say = say_for(quiet)
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
                  trust_pickle=trust_pickle, device=resolve_device(device))
     model.memory_budget = memory_budget
@@ -624,7 +630,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"Partition of {model_path}", show_header=False)
+    table = Table(title=Text(f"Partition of {model_path}"), show_header=False)
     rows = [("latent dim S", summary["latent_dim"]), ("output dim D", summary["output_dim"]),
             ("hidden units", " + ".join(map(str, summary["hidden_units"])) or "none (linear)"),
             ("regions", f"{part.n_regions:,} ({summary['bounded_regions']:,} bounded, "
@@ -640,7 +646,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
             ("method", f"{part.method} ({part.seconds:.3f} s)"),
             ("cache", f"{summary['cache']} ({model.partition_status})")]
     for k, v in rows:
-        table.add_row(k, str(v))
+        table.add_row(k, Text(str(v), overflow="fold"))
     Console().print(table)
 
 
@@ -995,7 +1001,7 @@ def print_summary(title, summary):
             v = ", ".join(f"{x:.4g}" for x in v[:5]) + (" ..." if len(v) > 5 else "")
         elif v is None:                 # JSON's null (e.g. impute's draws without --draws)
             v = "-"
-        table.add_row(SUMMARY_LABELS.get(k, k.replace("_", " ")), str(v))
+        table.add_row(SUMMARY_LABELS.get(k, k.replace("_", " ")), Text(str(v), overflow="fold"))
     Console().print(table)
 
 
