@@ -10,7 +10,9 @@ import threading
 import time
 
 EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143    # SIGTERM (128 + 15): a scheduler stopping the task, `timeout`, `kill PID`
 _sigint_seen = False     # a Ctrl-C came (``_on_sigint``)
+_terminated = False      # ... or a SIGTERM (``_on_sigterm``), handled the same way
 _in_command = False      # a command's own code runs (``user_errors``)
 
 
@@ -30,9 +32,25 @@ def _on_sigint(signum, frame):
             sys.stdout.flush()          # after a command (``run``): what it printed is complete
         except (OSError, ValueError, RuntimeError):
             pass
-        os.write(2, b"Error: interrupted\n")
-        os._exit(EXIT_INTERRUPTED)
+        message, code = interruption()
+        os.write(2, f"Error: {message}\n".encode())
+        os._exit(code)
     raise KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM, what Airflow, Kubernetes, systemd or `timeout` send to stop a task: handled
+    as Ctrl-C (temporaries removed, workers stopped), reported as "Error: terminated" with
+    exit 143.  Python's default ended the process at once: exit -15, no message, and a
+    --dask output's pre-allocated temporary left behind."""
+    global _terminated
+    _terminated = True
+    _on_sigint(signum, frame)
+
+
+def interruption() -> tuple[str, int]:
+    """The message and exit code of a stop by Ctrl-C (130) or SIGTERM (143)."""
+    return ("terminated", EXIT_TERMINATED) if _terminated else ("interrupted", EXIT_INTERRUPTED)
 
 
 def _install_sigint_handler():
@@ -71,6 +89,7 @@ Exit codes:
   2    usage error: unknown option, missing argument, bad option value
   70   internal error (a bug): rerun with --debug and please report it
   130  interrupted (Ctrl-C); no output and no temporary file is left behind
+  143  terminated (SIGTERM, as a scheduler or `timeout` sends), as for Ctrl-C
 Every error is one line on stderr starting with "Error:"."""
 
 
@@ -85,7 +104,7 @@ def fail(message: str, code: int):
 
 def user_errors(fn):
     """Map every failure of a command to one line on stderr and its exit code (never a
-    traceback): CpadgnError 1, Ctrl-C 130, a bug 70 (--debug shows its traceback)."""
+    traceback): CpadgnError 1, Ctrl-C 130 (SIGTERM 143), a bug 70 (--debug shows its traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         global _in_command
@@ -101,7 +120,7 @@ def user_errors(fn):
         except CpadgnError as e:
             fail(str(e), EXIT_USER_ERROR)
         except KeyboardInterrupt:
-            fail("interrupted", EXIT_INTERRUPTED)
+            fail(*interruption())
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
@@ -130,8 +149,8 @@ def is_torch_out_of_memory(e: Exception) -> bool:
 def _remember_sigint():
     """Ctrl-C goes to ``_on_sigint``, from the command line's start; a KeyboardInterrupt
     swallowed by an extension is not reported as "Exception ignored"."""
-    global _sigint_seen, _in_command
-    _sigint_seen = _in_command = False
+    global _sigint_seen, _in_command, _terminated
+    _sigint_seen = _in_command = _terminated = False
 
     def unraisable(info):           # such a swallowed Ctrl-C is reported as "Exception ignored"
         if not isinstance(info.exc_value, KeyboardInterrupt):
@@ -139,6 +158,8 @@ def _remember_sigint():
 
     if _install_sigint_handler() is not None:
         sys.unraisablehook = unraisable
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _forget_caught_interrupt():
@@ -161,7 +182,7 @@ class Commands(click.Group):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.Abort:                      # click's form of KeyboardInterrupt / EOF
-            fail("interrupted", EXIT_INTERRUPTED)
+            fail(*interruption())
         except click.UsageError as e:            # one line, not click's usage block
             where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
             fail(e.format_message().rstrip(".") + where, e.exit_code)
@@ -1027,7 +1048,7 @@ def run():
     try:
         main()
     except KeyboardInterrupt:
-        fail("interrupted", EXIT_INTERRUPTED)
+        fail(*interruption())
     finally:
         _in_command = False
 

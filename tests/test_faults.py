@@ -219,7 +219,12 @@ def test_kill_9_during_cache_write_then_rerun_cleans_up(work):
     assert res.returncode == 0 and '"cache_status": "loaded"' in res.stdout
 
 
-def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work):
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "Error: interrupted"),
+                                             (signal.SIGTERM, 143, "Error: terminated")])
+def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work, sig, code, line):
+    """SIGTERM, what a scheduler (Airflow, Kubernetes, systemd, `timeout`) sends to stop a
+    task, ended the process at once (exit -15, no message, a streamed output's temporary
+    left); it is handled as Ctrl-C is, with exit 143 (128 + 15)."""
     before = snapshot(work)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     # 2e6 model draws for the p-values: minutes of scoring, interrupted long before the end
@@ -229,14 +234,14 @@ def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work):
     try:
         first = proc.stderr.readline()           # "Loaded the partition ...": the command runs
         assert "Loaded the partition" in first, first
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, (proc.returncode, err)
-    assert err.strip().splitlines() == ["Error: interrupted"] and out == "", err
+    assert proc.returncode == code, (proc.returncode, err)
+    assert err.strip().splitlines() == [line] and out == "", err
     assert snapshot(work) == before
 
 
