@@ -10,12 +10,11 @@ from pathlib import Path
 
 import click
 from cli.lazy import np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from cli.main import (Progressbar, check_cache_path, check_dask_options, csv_column_names, fit_noise_std,
+from cli.main import (Progressbar, StdoutConsole, check_cache_path, check_dask_options, csv_column_names, fit_noise_std,
                       main, memory_budget_option, notice_for, parse_noise, precision_options, resolve_device,
                       rounding_errors, say_for, scale_mismatch, set_precision, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
@@ -300,7 +299,7 @@ def _print_tables(result):
     """The per-model table (best first), training fit, ELBO and pairwise tables, then the
     result's notes (a part of the result, as in the --json report: on stdout, also under
     --quiet)."""
-    out = Console()
+    out = StdoutConsole()
     _print_model_tables(out, result)
     for note in result.notes:
         out.print(Text.assemble(("note:", "yellow"), f" {' '.join(note.split())}"), soft_wrap=True)

@@ -79,6 +79,29 @@ from cpadgn.errors import CpadgnError  # noqa: E402
 console = Console(stderr=True)
 
 
+class StdoutConsole(Console):
+    """rich's Console on stdout, for results (tables).  A closed pipe (the program reading
+    them has exited) is a BrokenPipeError that ``user_errors`` reports in one line; rich's
+    own handling exited 1 without a word."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(32, "broken pipe")
+
+
+BROKEN_PIPE = ("could not print the results: stdout is a pipe whose reader has exited (broken pipe); "
+               "files the command wrote are complete; keep the reader running or redirect stdout to a file")
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: later writes to stdout (the interpreter's flush at exit) go
+    nowhere instead of failing again ("Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 EXIT_USER_ERROR = 1      # bad input, an output that cannot be written
 EXIT_INTERNAL = 70       # a bug (EX_SOFTWARE)
 
@@ -121,6 +144,9 @@ def user_errors(fn):
             fail(str(e), EXIT_USER_ERROR)
         except KeyboardInterrupt:
             fail(*interruption())
+        except BrokenPipeError:
+            _stdout_to_devnull()
+            fail(BROKEN_PIPE, EXIT_USER_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
@@ -668,7 +694,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
             ("cache", f"{summary['cache']} ({model.partition_status})")]
     for k, v in rows:
         table.add_row(k, Text(str(v), overflow="fold"))
-    Console().print(table)
+    StdoutConsole().print(table)
 
 
 @main.command()
@@ -1023,7 +1049,7 @@ def print_summary(title, summary):
         elif v is None:                 # JSON's null (e.g. impute's draws without --draws)
             v = "-"
         table.add_row(SUMMARY_LABELS.get(k, k.replace("_", " ")), Text(str(v), overflow="fold"))
-    Console().print(table)
+    StdoutConsole().print(table)
 
 
 

@@ -453,3 +453,26 @@ with atomic_path(Path({str(tmp_path / 'out.h5')!r})):
                          capture_output=True, text=True, timeout=60)
     assert "KeyboardInterrupt" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["partition", W, "--json"], ["partition", W],
+                                  ["score", W, WD, "-o", "s.csv"], ["compare", W, "--data", WD]])
+def test_a_closed_stdout_is_one_line_exit_1(work, args):
+    """`cpadgn ... | consumer` whose consumer has exited (`| true`, a failed `jq`): a JSON
+    summary (click) ended as an internal error (exit 70, 'please report it'), a rich table
+    with exit 1 and no message.  Both are one line naming the closed pipe, exit 1; the
+    files the command wrote before printing are complete."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    read, write = os.pipe()
+    os.close(read)                                  # the consumer is gone before anything is printed
+    try:
+        res = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=work, env=env,
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD_S)
+    finally:
+        os.close(write)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert err and err[-1].startswith("Error:") and "broken pipe" in err[-1] and "Traceback" not in res.stderr, err
+    assert [line for line in err if line.startswith(("Error", "Exception"))] == err[-1:], err
+    if "-o" in args:
+        assert (work / "s.csv").read_text().count("\n") == 31
