@@ -156,6 +156,11 @@ def user_errors(fn):
                 raise
             if is_torch_out_of_memory(e):
                 fail(OUT_OF_MEMORY, EXIT_USER_ERROR)
+            from cpadgn.data import is_no_space
+            if is_no_space(e):          # stdout redirected to a full disk: files' writes say so themselves
+                _stdout_to_devnull()
+                fail("could not write the results: no space left on device; free space or redirect stdout "
+                     "elsewhere", EXIT_USER_ERROR)
             first = (str(e).strip().splitlines() or [""])[0]
             fail(f"internal error ({type(e).__name__}: {first}); rerun with --debug for the "
                  "traceback and please report it", EXIT_INTERNAL)

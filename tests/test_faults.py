@@ -476,3 +476,18 @@ def test_a_closed_stdout_is_one_line_exit_1(work, args):
     assert [line for line in err if line.startswith(("Error", "Exception"))] == err[-1:], err
     if "-o" in args:
         assert (work / "s.csv").read_text().count("\n") == 31
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["partition", W, "--json"], ["score", W, WD, "-o", "s.csv"]])
+def test_stdout_on_a_full_disk_is_one_line_exit_1(work, args):
+    """`cpadgn ... > summary.json` on a full disk (/dev/full): an internal error (exit 70,
+    'please report it'); it is the full-disk line of every other write, exit 1."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=work, env=env,
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD_S)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert err[-1].startswith("Error:") and "no space left on device" in err[-1], err
+    assert "Traceback" not in res.stderr and not any(line.startswith("Exception") for line in err), err
