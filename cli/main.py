@@ -1076,6 +1076,10 @@ def run():
     what the command wrote is complete; not a traceback or exit -2.  In-process callers of
     ``main`` (click's CliRunner) keep their own Ctrl-C."""
     global _in_command
+    try:                # a path that stdout's encoding (ascii, latin-1) cannot hold is escaped, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError, OSError):
+        pass
     try:
         main()
     except KeyboardInterrupt:

@@ -491,3 +491,15 @@ def test_stdout_on_a_full_disk_is_one_line_exit_1(work, args):
     assert res.returncode == 1, (res.returncode, res.stderr)
     assert err[-1].startswith("Error:") and "no space left on device" in err[-1], err
     assert "Traceback" not in res.stderr and not any(line.startswith("Exception") for line in err), err
+
+
+def test_a_path_stdout_cannot_encode_is_escaped_not_an_internal_error(work):
+    """With stdout in an encoding that cannot hold a path's characters (PYTHONIOENCODING=ascii,
+    a latin-1 locale) the summary table naming OUT 'sc_é.csv' was an internal error (exit 70,
+    UnicodeEncodeError) after OUT was written; the character is escaped, exit 0."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTHONIOENCODING="ascii")
+    res = subprocess.run([sys.executable, "-m", "cli.main", "score", W, WD, "-o", "sc_é.csv"], cwd=work, env=env,
+                         capture_output=True, timeout=HANG_GUARD_S)
+    assert res.returncode == 0, res.stderr
+    assert b"sc_\\xe9.csv" in res.stdout and (work / "sc_é.csv").exists()
