@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 from cli.lazy import np
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from cli.main import (Progressbar, check_cache_path, check_dask_options, console, csv_column_names, fit_noise_std,
+from cli.main import (Progressbar, StdoutConsole, check_cache_path, check_dask_options, csv_column_names, fit_noise_std,
                       main, memory_budget_option, notice_for, parse_noise, precision_options, resolve_device,
                       rounding_errors, say_for, scale_mismatch, set_precision, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
@@ -95,7 +96,7 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     notice = notice_for(quiet)               # shown under --json too (on stderr), as the warnings
     warnings = not quiet
     quiet = quiet or as_json
-    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    say = say_for(quiet)
     inputs = compare_inputs(model_paths, test_path, train_path)
     if out is not None:
         _check_report_path(out, inputs)
@@ -167,8 +168,6 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         click.echo(_json_text(report), nl=False)
         return
     _print_tables(result)
-    for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
     written = [str(p) for p in (out, plot_path) if p is not None]
     say(f"{len(result.models)} models, {result.n_test} test rows"
         + (f", {result.n_train} training rows" if result.n_train else "")
@@ -297,9 +296,17 @@ def _fix(v, d):
 
 
 def _print_tables(result):
-    """The per-model table (best first), training fit, ELBO and pairwise tables."""
-    out = Console()
-    short = dict(zip([m.name for m in result.models], _short_names([m.name for m in result.models])))
+    """The per-model table (best first), training fit, ELBO and pairwise tables, then the
+    result's notes (a part of the result, as in the --json report: on stdout, also under
+    --quiet)."""
+    out = StdoutConsole()
+    _print_model_tables(out, result)
+    for note in result.notes:
+        out.print(Text.assemble(("note:", "yellow"), f" {' '.join(note.split())}"), soft_wrap=True)
+
+
+def _print_model_tables(out, result):
+    short = {m.name: escape(s) for m, s in zip(result.models, _short_names([m.name for m in result.models]))}
     rows = []
     for m in result.models:
         d = _decimals(m.mean_log_likelihood_se)

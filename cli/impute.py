@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 from cli.lazy import np
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from cli.main import (FiniteRange, Progressbar, cache_status, check_cache_path, check_dask_options, command_inputs,
-                      csv_column_names, dask_options, load_model, main, model_options, on_command_line,
+from cli.main import (FiniteRange, Progressbar, StdoutConsole, cache_status, check_cache_path, check_dask_options,
+                      command_inputs, csv_column_names, dask_options, load_model, main, model_options, on_command_line,
                       print_summary, say_for, precision_options, rounding_errors, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
@@ -201,8 +201,8 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         table.add_column("hidden", justify="right")
         table.add_column("RMSE", justify="right")
         for name, n, v in zip(distinct_names(columns), ev["hidden_per_column"], per_col):
-            table.add_row(name, str(int(n)), "-" if v is None else f"{v:.6g}")
-        Console().print(table)
+            table.add_row(Text(name), str(int(n)), "-" if v is None else f"{v:.6g}")
+        StdoutConsole().print(table)
 
 
 def impute_on_dask(address, model_path, data_path, dataset, chunk_rows, n_draws, seed, want_std, out, std_path,

@@ -10,7 +10,9 @@ import threading
 import time
 
 EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143    # SIGTERM (128 + 15): a scheduler stopping the task, `timeout`, `kill PID`
 _sigint_seen = False     # a Ctrl-C came (``_on_sigint``)
+_terminated = False      # ... or a SIGTERM (``_on_sigterm``), handled the same way
 _in_command = False      # a command's own code runs (``user_errors``)
 
 
@@ -30,9 +32,25 @@ def _on_sigint(signum, frame):
             sys.stdout.flush()          # after a command (``run``): what it printed is complete
         except (OSError, ValueError, RuntimeError):
             pass
-        os.write(2, b"Error: interrupted\n")
-        os._exit(EXIT_INTERRUPTED)
+        message, code = interruption()
+        os.write(2, f"Error: {message}\n".encode())
+        os._exit(code)
     raise KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM, what Airflow, Kubernetes, systemd or `timeout` send to stop a task: handled
+    as Ctrl-C (temporaries removed, workers stopped), reported as "Error: terminated" with
+    exit 143.  Python's default ended the process at once: exit -15, no message, and a
+    --dask output's pre-allocated temporary left behind."""
+    global _terminated
+    _terminated = True
+    _on_sigint(signum, frame)
+
+
+def interruption() -> tuple[str, int]:
+    """The message and exit code of a stop by Ctrl-C (130) or SIGTERM (143)."""
+    return ("terminated", EXIT_TERMINATED) if _terminated else ("interrupted", EXIT_INTERRUPTED)
 
 
 def _install_sigint_handler():
@@ -50,6 +68,7 @@ _sigint_before_import = None if signal.getsignal(signal.SIGINT) is signal.SIG_IG
 import click  # noqa: E402
 from cli.lazy import np  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,  # noqa: E402
                            TimeElapsedColumn)
 from rich.table import Table  # noqa: E402
@@ -58,6 +77,29 @@ from rich.text import Text  # noqa: E402
 from cpadgn.errors import CpadgnError  # noqa: E402
 
 console = Console(stderr=True)
+
+
+class StdoutConsole(Console):
+    """rich's Console on stdout, for results (tables).  A closed pipe (the program reading
+    them has exited) is a BrokenPipeError that ``user_errors`` reports in one line; rich's
+    own handling exited 1 without a word."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(32, "broken pipe")
+
+
+BROKEN_PIPE = ("could not print the results: stdout is a pipe whose reader has exited (broken pipe); "
+               "files the command wrote are complete; keep the reader running or redirect stdout to a file")
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: later writes to stdout (the interpreter's flush at exit) go
+    nowhere instead of failing again ("Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 EXIT_USER_ERROR = 1      # bad input, an output that cannot be written
@@ -70,6 +112,7 @@ Exit codes:
   2    usage error: unknown option, missing argument, bad option value
   70   internal error (a bug): rerun with --debug and please report it
   130  interrupted (Ctrl-C); no output and no temporary file is left behind
+  143  terminated (SIGTERM, as a scheduler or `timeout` sends), as for Ctrl-C
 Every error is one line on stderr starting with "Error:"."""
 
 
@@ -84,7 +127,7 @@ def fail(message: str, code: int):
 
 def user_errors(fn):
     """Map every failure of a command to one line on stderr and its exit code (never a
-    traceback): CpadgnError 1, Ctrl-C 130, a bug 70 (--debug shows its traceback)."""
+    traceback): CpadgnError 1, Ctrl-C 130 (SIGTERM 143), a bug 70 (--debug shows its traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         global _in_command
@@ -100,7 +143,10 @@ def user_errors(fn):
         except CpadgnError as e:
             fail(str(e), EXIT_USER_ERROR)
         except KeyboardInterrupt:
-            fail("interrupted", EXIT_INTERRUPTED)
+            fail(*interruption())
+        except BrokenPipeError:
+            _stdout_to_devnull()
+            fail(BROKEN_PIPE, EXIT_USER_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
@@ -110,6 +156,11 @@ def user_errors(fn):
                 raise
             if is_torch_out_of_memory(e):
                 fail(OUT_OF_MEMORY, EXIT_USER_ERROR)
+            from cpadgn.data import is_no_space
+            if is_no_space(e):          # stdout redirected to a full disk: files' writes say so themselves
+                _stdout_to_devnull()
+                fail("could not write the results: no space left on device; free space or redirect stdout "
+                     "elsewhere", EXIT_USER_ERROR)
             first = (str(e).strip().splitlines() or [""])[0]
             fail(f"internal error ({type(e).__name__}: {first}); rerun with --debug for the "
                  "traceback and please report it", EXIT_INTERNAL)
@@ -129,8 +180,8 @@ def is_torch_out_of_memory(e: Exception) -> bool:
 def _remember_sigint():
     """Ctrl-C goes to ``_on_sigint``, from the command line's start; a KeyboardInterrupt
     swallowed by an extension is not reported as "Exception ignored"."""
-    global _sigint_seen, _in_command
-    _sigint_seen = _in_command = False
+    global _sigint_seen, _in_command, _terminated
+    _sigint_seen = _in_command = _terminated = False
 
     def unraisable(info):           # such a swallowed Ctrl-C is reported as "Exception ignored"
         if not isinstance(info.exc_value, KeyboardInterrupt):
@@ -138,6 +189,8 @@ def _remember_sigint():
 
     if _install_sigint_handler() is not None:
         sys.unraisablehook = unraisable
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _forget_caught_interrupt():
@@ -160,7 +213,7 @@ class Commands(click.Group):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.Abort:                      # click's form of KeyboardInterrupt / EOF
-            fail("interrupted", EXIT_INTERRUPTED)
+            fail(*interruption())
         except click.UsageError as e:            # one line, not click's usage block
             where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
             fail(e.format_message().rstrip(".") + where, e.exit_code)
@@ -202,7 +255,7 @@ class Progressbar:
     def __call__(self, done, total=None, message=""):
         if _sigint_seen:            # a Ctrl-C that code in an extension (h5py) swallowed
             raise KeyboardInterrupt
-        self.bar.update(self.task, completed=done, total=total, note=message)
+        self.bar.update(self.task, completed=done, total=total, note=escape(str(message)))
 
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)
@@ -350,7 +403,12 @@ def check_dask_options(address, chunk_rows=None, **options) -> None:
 
 
 def say_for(quiet: bool):
-    return (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    """The progress messages on stderr (none when quiet): each one dim line, its text as it
+    is (a path's brackets are not rich markup) and not wrapped (off a terminal rich wrapped
+    them at 80 columns, a log's one message over several lines)."""
+    def say(message):
+        console.print(Text(" ".join(str(message).split()), style="dim"), soft_wrap=True)
+    return (lambda m: None) if quiet else say
 
 
 def command_inputs(model_path, data_path, cache) -> dict:
@@ -462,7 +520,7 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     of DATA for the check of its scale (``scale_mismatch``)."""
     from cpadgn.data import check_rows
     from cpadgn.model import load
-    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    say = say_for(quiet)
     model = load(model_path, noise_std=None if noise_std == "auto" else noise_std, cache=cache,
                  trust_pickle=trust_pickle, device=resolve_device(device))
     model.memory_budget = memory_budget
@@ -624,7 +682,7 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"Partition of {model_path}", show_header=False)
+    table = Table(title=Text(f"Partition of {model_path}"), show_header=False)
     rows = [("latent dim S", summary["latent_dim"]), ("output dim D", summary["output_dim"]),
             ("hidden units", " + ".join(map(str, summary["hidden_units"])) or "none (linear)"),
             ("regions", f"{part.n_regions:,} ({summary['bounded_regions']:,} bounded, "
@@ -640,8 +698,8 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
             ("method", f"{part.method} ({part.seconds:.3f} s)"),
             ("cache", f"{summary['cache']} ({model.partition_status})")]
     for k, v in rows:
-        table.add_row(k, str(v))
-    Console().print(table)
+        table.add_row(k, Text(str(v), overflow="fold"))
+    StdoutConsole().print(table)
 
 
 @main.command()
@@ -995,8 +1053,8 @@ def print_summary(title, summary):
             v = ", ".join(f"{x:.4g}" for x in v[:5]) + (" ..." if len(v) > 5 else "")
         elif v is None:                 # JSON's null (e.g. impute's draws without --draws)
             v = "-"
-        table.add_row(SUMMARY_LABELS.get(k, k.replace("_", " ")), str(v))
-    Console().print(table)
+        table.add_row(SUMMARY_LABELS.get(k, k.replace("_", " ")), Text(str(v), overflow="fold"))
+    StdoutConsole().print(table)
 
 
 
@@ -1018,10 +1076,14 @@ def run():
     what the command wrote is complete; not a traceback or exit -2.  In-process callers of
     ``main`` (click's CliRunner) keep their own Ctrl-C."""
     global _in_command
+    try:                # a path that stdout's encoding (ascii, latin-1) cannot hold is escaped, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError, OSError):
+        pass
     try:
         main()
     except KeyboardInterrupt:
-        fail("interrupted", EXIT_INTERRUPTED)
+        fail(*interruption())
     finally:
         _in_command = False
 

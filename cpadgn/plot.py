@@ -41,12 +41,23 @@ ROW_COLOURS = ("#e6194b", "#f58231", "#f032e6", "#4363d8", "#42d4f4", "#3cb44b")
 
 
 def require_matplotlib():
-    """The matplotlib module, or a one-line CpadgnError saying how to install it."""
+    """The matplotlib module, or a one-line CpadgnError saying how to install it.  Where its
+    config folder cannot be made (a service account's HOME, missing or read-only), matplotlib
+    uses a temporary one and logged two warnings about it on stderr, under --quiet too:
+    its logger is held at ERROR while it is first imported."""
+    import logging
+    import sys
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    if "matplotlib" not in sys.modules:
+        log.setLevel(logging.ERROR)
     try:
         import matplotlib
     except ImportError:
         raise CpadgnError("pictures need matplotlib, which is not installed; "
                           "pip install 'cpadgn[plot]' (or matplotlib)") from None
+    finally:
+        log.setLevel(level)
     return matplotlib
 
 

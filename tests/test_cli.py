@@ -938,3 +938,38 @@ def test_raw_digits_pixels_under_the_sample_model_of_pixels_over_16_are_warned_a
     X = read_data(samples / "digits_test.csv")
     assert scale_mismatch(model, X) is None
     assert "model stds from the model's mean" in scale_mismatch(model, 16 * X)
+
+
+def test_paths_and_column_names_with_brackets_are_printed_as_they_are(tmp_path):
+    """Paths and CSV column names went through rich markup: 'runs[bold]/gen[red].h5' was
+    shown as 'runs/gen.h5', and a folder 'q[/x]' ended score, impute, fit, compare and
+    partition with exit 70 (MarkupError) after their output was written.  Every message
+    is also one line on stderr (a long path was wrapped at 80 columns off a terminal), and
+    a long output path is folded in the summary table, not cut to 'test_pat…'."""
+    net = random_net(1, (4,), 3, seed=2, slope=0.1)
+    d = tmp_path / "q[" / ("x]" + "_long" * 12)
+    d.mkdir(parents=True)
+    model = d / "gen[red].h5"
+    save_model(model, net, noise_std=0.3)
+    rng = np.random.default_rng(0)
+    X = net.forward(rng.standard_normal((12, 1))) + 0.3 * rng.standard_normal((12, 3))
+    data = d / "data[bold].csv"
+    np.savetxt(data, X, delimiter=",", header="a[m],b[/b],c", comments="")
+    cases = [["partition", model],
+             ["score", model, data, "-o", d / "s[i].csv"],
+             ["impute", model, data, "-o", d / "i.csv", "--evaluate-mcar", "0.3", "--seed", "1"],
+             ["compare", model, model, "--data", data, "--train", data, "--baseline", "ppca:1"],
+             ["fit", data, "-o", d / "f[i].h5", "-S", "1", "--hidden", "3", "--max-iter", "1"]]
+    for args in cases:
+        res = run(*args)
+        assert res.exit_code == 0, (args[0], res.output)
+        out = "".join(c for c in res.stdout if c not in "│ \n")      # a long cell folds over lines
+        if args[0] == "partition":
+            assert "computed the partition" in res.stderr.lower() and f"{model}.partition.h5" in res.stderr
+            assert all(len(line) > 60 for line in res.stderr.strip().splitlines()), res.stderr   # unwrapped
+        if args[0] == "score":
+            assert f"output{d}/s[i].csv" in out, res.stdout
+        if args[0] == "impute":
+            assert "a[m]" in out and "b[/b]" in out, res.stdout
+        if args[0] == "compare":
+            assert "gen[red]" in out, res.stdout

@@ -626,3 +626,18 @@ def test_a_fitted_estimator_is_compared_as_its_model():
     with pytest.raises(CpadgnError, match="model 1 is a int, not a CPAModel or a model path; pass CPAModel objects, "
                                           "fitted cpadgn estimators"):
         cpadgn.compare(3, X)
+
+
+def test_cli_notes_are_part_of_the_tables_on_stdout(files, tmp_path):
+    """The result's notes (here: rows with nothing observed, left out) went to stderr, also
+    under -q, while the tables they qualify went to stdout: `compare ... -q > report.txt`
+    lost them from the report and left stray text on stderr.  They follow the tables on
+    stdout, as they are in the --json report's notes."""
+    X = np.loadtxt(files / "test.csv", delimiter=",")[:12]
+    X[3] = np.nan
+    np.savetxt(tmp_path / "holes.csv", X, delimiter=",")
+    for quiet in ([], ["-q"]):
+        r = run([files / "a.h5", files / "b.h5", "--data", tmp_path / "holes.csv", "--device", "cpu", *quiet])
+        assert r.exit_code == 0, r.output
+        assert "note: 1 test row(s) have nothing observed" in r.stdout, r.stdout
+        assert "note:" not in r.stderr and (not quiet or r.stderr == ""), r.stderr

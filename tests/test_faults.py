@@ -219,7 +219,12 @@ def test_kill_9_during_cache_write_then_rerun_cleans_up(work):
     assert res.returncode == 0 and '"cache_status": "loaded"' in res.stdout
 
 
-def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work):
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "Error: interrupted"),
+                                             (signal.SIGTERM, 143, "Error: terminated")])
+def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work, sig, code, line):
+    """SIGTERM, what a scheduler (Airflow, Kubernetes, systemd, `timeout`) sends to stop a
+    task, ended the process at once (exit -15, no message, a streamed output's temporary
+    left); it is handled as Ctrl-C is, with exit 143 (128 + 15)."""
     before = snapshot(work)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     # 2e6 model draws for the p-values: minutes of scoring, interrupted long before the end
@@ -229,14 +234,14 @@ def test_sigint_while_scoring_exits_130_with_one_line_and_no_output(work):
     try:
         first = proc.stderr.readline()           # "Loaded the partition ...": the command runs
         assert "Loaded the partition" in first, first
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, (proc.returncode, err)
-    assert err.strip().splitlines() == ["Error: interrupted"] and out == "", err
+    assert proc.returncode == code, (proc.returncode, err)
+    assert err.strip().splitlines() == [line] and out == "", err
     assert snapshot(work) == before
 
 
@@ -448,3 +453,53 @@ with atomic_path(Path({str(tmp_path / 'out.h5')!r})):
                          capture_output=True, text=True, timeout=60)
     assert "KeyboardInterrupt" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["partition", W, "--json"], ["partition", W],
+                                  ["score", W, WD, "-o", "s.csv"], ["compare", W, "--data", WD]])
+def test_a_closed_stdout_is_one_line_exit_1(work, args):
+    """`cpadgn ... | consumer` whose consumer has exited (`| true`, a failed `jq`): a JSON
+    summary (click) ended as an internal error (exit 70, 'please report it'), a rich table
+    with exit 1 and no message.  Both are one line naming the closed pipe, exit 1; the
+    files the command wrote before printing are complete."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    read, write = os.pipe()
+    os.close(read)                                  # the consumer is gone before anything is printed
+    try:
+        res = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=work, env=env,
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD_S)
+    finally:
+        os.close(write)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert err and err[-1].startswith("Error:") and "broken pipe" in err[-1] and "Traceback" not in res.stderr, err
+    assert [line for line in err if line.startswith(("Error", "Exception"))] == err[-1:], err
+    if "-o" in args:
+        assert (work / "s.csv").read_text().count("\n") == 31
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["partition", W, "--json"], ["score", W, WD, "-o", "s.csv"]])
+def test_stdout_on_a_full_disk_is_one_line_exit_1(work, args):
+    """`cpadgn ... > summary.json` on a full disk (/dev/full): an internal error (exit 70,
+    'please report it'); it is the full-disk line of every other write, exit 1."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=work, env=env,
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD_S)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert err[-1].startswith("Error:") and "no space left on device" in err[-1], err
+    assert "Traceback" not in res.stderr and not any(line.startswith("Exception") for line in err), err
+
+
+def test_a_path_stdout_cannot_encode_is_escaped_not_an_internal_error(work):
+    """With stdout in an encoding that cannot hold a path's characters (PYTHONIOENCODING=ascii,
+    a latin-1 locale) the summary table naming OUT 'sc_é.csv' was an internal error (exit 70,
+    UnicodeEncodeError) after OUT was written; the character is escaped, exit 0."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTHONIOENCODING="ascii")
+    res = subprocess.run([sys.executable, "-m", "cli.main", "score", W, WD, "-o", "sc_é.csv"], cwd=work, env=env,
+                         capture_output=True, timeout=HANG_GUARD_S)
+    assert res.returncode == 0, res.stderr
+    assert b"sc_\\xe9.csv" in res.stdout and (work / "sc_é.csv").exists()

@@ -866,3 +866,24 @@ def test_a_row_with_nothing_observed_is_titled_by_its_prior_posterior(files):
     titles = [a.get_title() for a in fig.axes]
     assert any(t.startswith("row 0:") and t.endswith("nothing observed: p(z | x) is the prior") for t in titles)
     assert any(t.startswith("row 1:") and "log p(x) = " in t for t in titles) and "nan" not in " ".join(titles)
+
+
+def test_a_home_matplotlib_cannot_write_leaves_stderr_empty(tmp_path):
+    """A service account's HOME that is missing, read-only or not a folder: matplotlib
+    falls back to a temporary config folder and logged two lines about it on stderr
+    ('mkdir -p failed ...', 'Matplotlib created a temporary cache directory ...'), under
+    --quiet too, in a pipeline's log of a run that worked.  The picture is written as usual."""
+    import os
+    root = Path(__file__).resolve().parents[1]
+    home = tmp_path / "home"
+    home.write_text("")                      # not a folder: mkdir fails for root as for a user
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=str(root))
+    code = ("from cpadgn import plot\n"
+            "fig = plot.new_figure((400, 300))\n"
+            "fig.add_subplot(1, 1, 1).plot([0, 1], [0, 1])\n"
+            f"plot.save(fig, {str(tmp_path / 'p.png')!r})\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "", res.stderr
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
