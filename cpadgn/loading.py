@@ -705,6 +705,10 @@ SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: export t
                     "its final {kind} and score {inverse}(x) with it (x clipped away from the range's "
                     "ends; log p({inverse}(x)) differs from log p(x) by the log-Jacobian)")
 _INVERSE = {"Sigmoid": "logit", "Tanh": "atanh"}
+#: layers that pass every value through unchanged (eval mode): a squashing layer followed
+#: only by these is still the output layer
+_VALUE_PRESERVING = {"Identity", "Dropout", "AlphaDropout", "Dropout1d", "Dropout2d", "Flatten",
+                     "Unflatten"}
 
 
 class _NeedsTrace(CpadgnError):
@@ -784,7 +788,9 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
     visit(module, "")
     for i, (m, kind, builtin, where) in enumerate(leaves):
         if kind not in MODULE_HANDLERS or not builtin:
-            _refuse_layer(kind, where, custom=not builtin, last=i == len(leaves) - 1)
+            # the output layer: only layers that change no value follow (DCGAN's Tanh, Flatten)
+            last = all(k in _VALUE_PRESERVING and b for _, k, b, _ in leaves[i + 1:])
+            _refuse_layer(kind, where, custom=not builtin, last=last)
     S = _first_linear_width(module)
     if S is None:
         raise CpadgnError(NO_LATENT_WIDTH)
