@@ -24,8 +24,8 @@ upsampling, average pooling, padding, permutes, concatenation) become dense affi
 of the flattened activations, computed from the op's own forward pass on a basis.  A
 value that is still needed after a hidden layer (a skip connection) is carried through
 it by slope-1 units, which are never facets; max pooling is a tree of
-max(a, b) = b + relu(a - b), and a clamp to [lo, hi] (Hardtanh, ReLU6) is
-lo + relu(u - lo) - relu(u - hi).  An exported program with in-place operations
+max(a, b) = b + relu(a - b), a clamp to [lo, hi] (Hardtanh, ReLU6, Hardsigmoid) is
+lo + relu(u - lo) - relu(u - hi), and Softshrink relu(u - l) - relu(-u - l).  An exported program with in-place operations
 (nn.ReLU(inplace=True), ``out += h``) is first made functional.
 
 Adding a layer kind is local: a TorchScript / nn.Module layer needs an entry in
@@ -576,6 +576,29 @@ def _clamp(activate: Callable, d: _Data, lo, hi) -> _Data:
     return _Data(W, b, d.shape)
 
 
+def _hardsigmoid(activate: Callable, d: _Data) -> _Data:
+    """hardsigmoid(u) = clamp(u / 6 + 1/2, 0, 1) = clamp(u, -3, 3) / 6 + 1/2: two ReLU units
+    per feature (activate as in _clamp)."""
+    c = _clamp(activate, d, -3.0, 3.0)
+    return _Data(c.W / 6.0, c.b / 6.0 + 0.5, d.shape)
+
+
+def _softshrink(activate: Callable, d: _Data, lambd) -> _Data:
+    """softshrink(u) = relu(u - lambd) - relu(-u - lambd) (lambd >= 0): two ReLU units per
+    feature (activate as in _clamp)."""
+    act = activate(_stack([_Data(d.W, d.b - lambd), _Data(-d.W, -d.b - lambd)]))
+    F = d.width
+    return _Data(act.W[:F] - act.W[F:], act.b[:F] - act.b[F:], d.shape)
+
+
+def _rrelu_slope(fail: Callable, lower, upper, training=False) -> float:
+    """RReLU in eval is LeakyReLU with slope (lower + upper) / 2; in training its slopes are
+    random."""
+    if training:
+        fail("RReLU in training mode draws random slopes; call model.eval() before exporting")
+    return (float(lower) + float(upper)) / 2
+
+
 def _clamp_bounds(fail: Callable, lo, hi) -> tuple:
     lo, hi = (None if v is None else float(v) for v in (lo, hi))
     if lo is None and hi is None:
@@ -657,6 +680,16 @@ def _hardtanh_layer(b: _Builder, m, d: _Data, where):
     return _clamp(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, lo, hi)
 
 
+def _hardsigmoid_layer(b: _Builder, m, d: _Data, where):
+    return _hardsigmoid(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d)
+
+
+def _softshrink_layer(b: _Builder, m, d: _Data, where):
+    if not float(m.lambd) >= 0:
+        b.fail(f"has lambd = {m.lambd}; softshrink needs lambd >= 0")
+    return _softshrink(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, float(m.lambd))
+
+
 def _act(slope_of, name):
     def handler(b: _Builder, m, d: _Data, where):
         slope = np.asarray(slope_of(m), dtype=np.float64)
@@ -674,7 +707,9 @@ MODULE_HANDLERS: dict[str, Callable] = {
     "Dropout1d": _identity, "Dropout2d": _identity,
     "Flatten": _reshape, "Unflatten": _reshape,
     "MaxPool1d": _maxpool_layer, "MaxPool2d": _maxpool_layer,
-    "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer,
+    "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer, "Hardsigmoid": _hardsigmoid_layer,
+    "Softshrink": _softshrink_layer,
+    "RReLU": _act(lambda m: _rrelu_slope(None, m.lower, m.upper), "leaky_relu"),   # eval
     **{kind: _dense_layer for kind in (
         "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Upsample",
         "UpsamplingNearest2d", "UpsamplingBilinear2d", "AvgPool1d", "AvgPool2d",
@@ -687,18 +722,26 @@ MODULE_HANDLERS: dict[str, Callable] = {
 NOT_PIECEWISE_AFFINE = {
     "Tanh", "Sigmoid", "GELU", "Softplus", "ELU", "SELU", "CELU", "SiLU", "Mish", "Softsign",
     "Hardsigmoid", "Hardswish", "LogSigmoid", "Tanhshrink", "Softmax", "LogSoftmax",
-    "Softmin", "GLU", "Threshold", "RReLU",
+    "Softmin", "GLU",
 }
+#: piecewise affine but discontinuous: a jump at the threshold
+DISCONTINUOUS = {"Hardshrink", "Threshold"}
+DISCONTINUOUS_WHY = ("jumps at its threshold: cpadgn's networks are continuous piecewise affine; "
+                     "replace it with ReLU or Softshrink and retrain")
+#: normalisations by each sample's own statistics (for clearer messages)
+PER_SAMPLE_NORM = {"LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LocalResponseNorm",
+                   "RMSNorm"}
+PER_SAMPLE_NORM_WHY = ("normalises each sample by its own mean or scale, which is not piecewise affine "
+                       "in z; remove it, or use BatchNorm (fixed running statistics in eval), and retrain")
 #: piecewise affine, but not supported yet
 NOT_SUPPORTED_YET = {
-    "Hardshrink": "has two breakpoints", "Softshrink": "has two breakpoints",
     "Conv3d": "3-D convolutions are not supported yet",
     "MaxPool3d": "3-D max pooling is not supported yet",
 }
 NO_LATENT_WIDTH = ("cannot tell the latent dimension: the model has no Linear layer; start the "
                    "generator with a Linear layer, whose input width is the latent dimension, or, for a "
                    "convolutional generator fed z of shape (N, S, 1, 1), with nn.Unflatten(1, (S, 1, 1))")
-USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6 or abs activations between "
+USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6, Hardsigmoid or abs activations between "
            "affine layers: replace it with one of them and retrain")
 REPLACE_IT = "replace it with a supported layer (README, Bring your own decoder)"
 SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: export the decoder without "
@@ -726,6 +769,10 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
                           + SQUASHING_OUTPUT.format(kind=kind, inverse=_INVERSE[kind]))
     if kind in NOT_PIECEWISE_AFFINE:
         raise CpadgnError(f"{where} ({kind}) is not piecewise affine; " + USE_CPA)
+    if kind in PER_SAMPLE_NORM:
+        raise CpadgnError(f"{where} ({kind}) " + PER_SAMPLE_NORM_WHY)
+    if kind in DISCONTINUOUS:
+        raise CpadgnError(f"{where} ({kind}) " + DISCONTINUOUS_WHY)
     if kind in NOT_SUPPORTED_YET:
         raise CpadgnError(f"{where} ({kind}) is not supported yet: {NOT_SUPPORTED_YET[kind]}; replace it "
                           "with a supported layer (README, Bring your own decoder)")
@@ -1173,6 +1220,13 @@ def _h_clamp_max(it, x, max_value):
     return _h_clamp(it, x, max=max_value)
 
 
+def _h_softshrink(it, x, lambd=0.5):
+    lambd = float(it.const(lambd, "lambd"))
+    if not lambd >= 0:
+        it.fail(f"softshrink with lambd = {lambd}; it needs lambd >= 0")
+    return _softshrink(lambda pre: it.activate(pre, 0.0, "relu"), it.data(x), lambd)
+
+
 def _h_hardtanh(it, x, min_val=-1.0, max_val=1.0):
     return _h_clamp(it, x, min=min_val, max=max_val)
 
@@ -1358,7 +1412,8 @@ _RESHAPES = ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze
 _AFFINE_OPS = ("convolution", "_convolution", "conv1d", "conv2d", "conv_transpose1d",
                "conv_transpose2d", "upsample_nearest1d", "upsample_nearest2d",
                "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "upsample_bilinear2d",
-               "_upsample_bilinear2d_aa", "upsample_linear1d", "avg_pool1d", "avg_pool2d",
+               "_upsample_bilinear2d_aa", "upsample_linear1d", "upsample_bicubic2d",
+               "_upsample_bicubic2d_aa", "avg_pool1d", "avg_pool2d",
                "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
                "constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d",
                "replication_pad1d", "replication_pad2d", "permute", "transpose", "cat", "stack",
@@ -1378,6 +1433,10 @@ EXPORT_HANDLERS: dict[str, Callable] = {
     "abs": _activation(lambda it, d: -1.0, "abs"),
     "clamp_min": _h_clamp_min, "clamp_max": _h_clamp_max, "clamp": _h_clamp,
     "hardtanh": _h_hardtanh, "relu6": lambda it, x: _h_clamp(it, x, 0.0, 6.0),
+    "hardsigmoid": lambda it, x: _hardsigmoid(lambda pre: it.activate(pre, 0.0, "relu"), it.data(x)),
+    "softshrink": _h_softshrink,
+    "rrelu": lambda it, x, lower=1 / 8, upper=1 / 3, training=False, generator=None: it.activate(
+        it.data(x), _rrelu_slope(it.fail, lower, upper, training), "leaky_relu"),
     "gt": _compare(True), "ge": _compare(True), "lt": _compare(False), "le": _compare(False),
     "where": _h_where, "maximum": _h_maximum, "minimum": lambda it, x, y: _h_maximum(it, x, y, -1.0),
     "max": _h_max_other(1.0), "min": _h_max_other(-1.0),
@@ -1394,8 +1453,10 @@ EXPORT_HANDLERS: dict[str, Callable] = {
 }
 NOT_CPA = {"tanh", "sigmoid", "gelu", "softplus", "elu", "selu", "celu", "silu", "mish",
            "exp", "log", "pow", "sqrt", "rsqrt", "sin", "cos", "softmax", "_softmax",
-           "log_softmax", "_log_softmax", "hardsigmoid", "hardswish", "log_sigmoid_forward",
+           "log_softmax", "_log_softmax", "hardswish", "log_sigmoid_forward",
            "erf", "logit", "reciprocal"}
+PER_SAMPLE_NORM_OPS = {"layer_norm", "native_layer_norm", "group_norm", "native_group_norm",
+                       "instance_norm", "rms_norm", "_fused_rms_norm"}
 NOT_YET = {"conv3d": "3-D convolutions are not supported yet",
            "max_pool3d": "3-D max pooling is not supported yet"}
 SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
@@ -1551,6 +1612,10 @@ class _ExportInterpreter:
                 self.fail(f"the output goes through aten.{name}; "
                           + SQUASHING_OUTPUT.format(kind=kind, inverse=_INVERSE[kind]))
             self.fail(f"operation aten.{name} is not piecewise affine; " + USE_CPA)
+        if name in PER_SAMPLE_NORM_OPS:
+            self.fail(f"operation aten.{name} " + PER_SAMPLE_NORM_WHY)
+        if name in ("hardshrink", "threshold"):
+            self.fail(f"operation aten.{name} " + DISCONTINUOUS_WHY)
         if name in NOT_YET:
             self.fail(f"operation aten.{name} is not supported yet ({NOT_YET[name]}); " + REPLACE_IT)
         self.fail(f"operation {_full_op_name(target)} is not supported "

@@ -277,13 +277,57 @@ def test_torch_export_in_place_operations(tmp_path, z):
 
 
 @pytest.mark.parametrize("layer,match", [
-    (nn.LayerNorm(4), r"layer 1 \(LayerNorm\): operation aten.layer_norm is not supported "
-                      r"\(not known to be piecewise affine\); replace it with a supported layer"),
+    (nn.LayerNorm(4), r"layer 1 \(LayerNorm\): operation aten.layer_norm normalises each sample by "
+                      r"its own mean or scale, which is not piecewise affine in z; remove it, or use BatchNorm"),
     (nn.ELU(), r"layer 1 \(ELU\): operation aten.elu is not piecewise affine; .*replace it with one of them")])
 def test_torch_export_refusals_say_what_to_do(tmp_path, layer, match):
     model = nn.Sequential(nn.Linear(S, 4), layer, nn.Linear(4, 2)).double().eval()
     with pytest.raises(CpadgnError, match=match):
         load_generator(export(model, tmp_path / "bad.pt2"))
+
+
+def _every_form(model, tmp_path):
+    """model in memory, torch.export'ed (in eval), scripted and pickled."""
+    torch.jit.script(model).save(str(tmp_path / "m.ts"))
+    torch.save(model, tmp_path / "m.pkl")
+    return [model, export(copy.deepcopy(model).eval(), tmp_path / "m.pt2"), tmp_path / "m.ts",
+            tmp_path / "m.pkl"]
+
+
+@pytest.mark.parametrize("layer", [nn.Hardsigmoid(), nn.Softshrink(0.7), nn.RReLU(0.1, 0.3),
+                                   nn.Upsample(scale_factor=2, mode="bicubic")], ids=repr)
+def test_more_piecewise_affine_layers_load_from_every_form(tmp_path, z, layer):
+    """Hardsigmoid (clamp(u, -3, 3) / 6 + 1/2), Softshrink (relu(u - l) - relu(-u - l)),
+    RReLU in eval (LeakyReLU of slope (lower + upper) / 2, also for a module left in train
+    mode: eval is used) and bicubic upsampling (linear) are piecewise affine: they were
+    refused, Hardsigmoid and RReLU as 'not piecewise affine', bicubic from .pt2 only."""
+    torch.manual_seed(1)
+    n = 4 if isinstance(layer, nn.Upsample) else 1
+    model = nn.Sequential(nn.Linear(S, 16), nn.Unflatten(1, (1, 4, 4)), layer, nn.Flatten(),
+                          nn.Linear(16 * n, 3)).double().train(isinstance(layer, nn.RReLU))
+    for source in _every_form(model, tmp_path):
+        assert_matches_torch(load_generator(source, trust_pickle=True).net, model.eval(), z,
+                             err_msg=str(source))
+        model.train(isinstance(layer, nn.RReLU))
+    rrelu = nn.Sequential(nn.Linear(S, 4), nn.RReLU(), nn.Linear(4, 2)).double().train()
+    with pytest.raises(CpadgnError, match=r"RReLU in training mode draws random slopes; call model.eval"):
+        load_generator(export(rrelu, tmp_path / "train.pt2"))
+
+
+@pytest.mark.parametrize("layer,match", [
+    (nn.GroupNorm(1, 2), r"\(GroupNorm\)(: operation aten.group_norm)? normalises each sample by its own "
+                         r"mean or scale, which is not piecewise affine in z; remove it, or use BatchNorm"),
+    (nn.InstanceNorm1d(2), r"\(InstanceNorm1d\)(: operation aten.instance_norm)? normalises each sample"),
+    (nn.Hardshrink(), r"\(Hardshrink\)(: operation aten.hardshrink)? jumps at its threshold: cpadgn's "
+                      r"networks are continuous piecewise affine; replace it with ReLU or Softshrink")])
+def test_norms_and_jumps_are_refused_with_the_reason_from_every_form(tmp_path, layer, match):
+    """Per-sample normalisations were 'not supported (not known to be piecewise affine)',
+    Hardshrink 'not supported yet' (it never can be: it jumps)."""
+    model = nn.Sequential(nn.Linear(S, 4), nn.Unflatten(1, (2, 2)), layer, nn.Flatten(),
+                          nn.Linear(4, 2)).double().eval()
+    for source in _every_form(model, tmp_path):
+        with pytest.raises(CpadgnError, match=match):
+            load_generator(source, trust_pickle=True)
 
 
 # ------------------------------------------------------------------- TorchScript
