@@ -1623,10 +1623,13 @@ class _ExportInterpreter:
 
     @staticmethod
     def _feeds_output(node) -> bool:
-        """node reaches the graph output through reshapes only."""
+        """node reaches the graph output through reshapes and value-preserving ops only
+        (dropout: eval; casts)."""
         users = list(node.users)
         while len(users) == 1 and users[0].op == "call_function" and \
-                _op_name(users[0].target) in (*_RESHAPES, "clone", "contiguous"):
+                _op_name(users[0].target) in (*_RESHAPES, "clone", "contiguous", "alias", "detach",
+                                              "_to_copy", "to", "dropout", "feature_dropout",
+                                              "alpha_dropout"):
             users = list(users[0].users)
         return len(users) == 1 and users[0].op == "output"
 

@@ -333,8 +333,8 @@ def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
 def test_squashing_output_before_a_flatten_is_named_as_the_output(tmp_path, kind):
     """A DCGAN decoder ends ... ConvTranspose2d, Tanh, and the README's wrapper puts
     nn.Flatten() after it: the Tanh is still the output (a Flatten or a Dropout changes no
-    value), so every form gives the output-layer reason, as torch.export does (the
-    nn.Sequential forms said 'not piecewise affine ... replace it and retrain')."""
+    value), so every form gives the output-layer reason (the nn.Sequential forms, and
+    torch.export's with the Dropout, said 'not piecewise affine ... replace it and retrain')."""
     inverse = {"Tanh": "atanh", "Sigmoid": "logit"}[kind]
     inner = nn.Sequential(nn.Linear(S, 8), nn.ReLU(), nn.Unflatten(1, (2, 2, 2)),
                           nn.ConvTranspose2d(2, 1, 2, stride=2), getattr(nn, kind)())
@@ -345,6 +345,10 @@ def test_squashing_output_before_a_flatten_is_named_as_the_output(tmp_path, kind
         with pytest.raises(CpadgnError, match=rf"layer 0\.4 \({kind}\) is the output layer; a Gaussian "
                                               rf"noise model needs an affine last layer.*score {inverse}\(x\)"):
             load_generator(source, trust_pickle=True)
+    ep = torch.export.export(model, (torch.zeros(2, S),))
+    with pytest.raises(CpadgnError, match=rf"layer 0\.4 \({kind}\): the output goes through "
+                                          rf"aten\.{kind.lower()}; a Gaussian noise model.*score {inverse}\(x\)"):
+        load_generator(ep)
     # a Tanh with an affine layer after it is not the output
     with pytest.raises(CpadgnError, match=r"layer 1 \(Tanh\) is not piecewise affine"):
         load_generator(nn.Sequential(nn.Linear(S, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4, 2)))
