@@ -1006,6 +1006,7 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
     Any failure is reported together with ``why`` (the reason the layer table failed).
     """
     torch = _torch()
+    on_shape = hint = ""
     if example_input is None:
         width = _first_linear_width(module)
         if width is None:     # a file cannot take example_input: torch.export records the shape
@@ -1014,6 +1015,11 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
         param = next(module.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         example_input = torch.zeros(2, width, dtype=dtype)
+        # the first Linear defined need not be the first applied (self.out before self.inp)
+        on_shape = f" on z of shape (2, {width}) ({width}: the input width of the first Linear it defines)"
+        hint = (f"if its latent dimension S is not {width}, "
+                + ("save it with torch.export.save (.pt2) on z of shape (N, S)" if isinstance(path, Path)
+                   else "pass example_input=torch.zeros(2, S)") + "; else ")
     was_training = module.training
     module.eval()
     try:
@@ -1021,8 +1027,8 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
         with _quiet(), contextlib.redirect_stderr(io.StringIO()):
             ep = torch.export.export(module, (torch.as_tensor(example_input),))
     except Exception as e:
-        raise CpadgnError(f"{why}, which failed ({_first_line(e)}); make its forward traceable by "
-                          "torch.export (e.g. no Python branch on a tensor's value) and save it with "
+        raise CpadgnError(f"{why}, which failed{on_shape} ({_first_line(e)}); {hint}make its forward "
+                          "traceable by torch.export (e.g. no Python branch on a tensor's value) and save it with "
                           "torch.export.save (.pt2)") from None
     finally:
         module.train(was_training)

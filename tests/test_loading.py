@@ -394,6 +394,34 @@ def test_failed_export_of_a_module_is_one_message_without_torch_logs(capfd):
     assert capfd.readouterr().err == ""
 
 
+class OutputDefinedFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out, self.inp = nn.Linear(4, 3), nn.Linear(2, 4)     # 'out' defined first
+
+    def forward(self, z):
+        return self.out(torch.relu(self.inp(z)))
+
+
+def test_a_wrong_latent_width_guess_says_how_to_give_it(tmp_path):
+    """The latent width is guessed from the first Linear a module defines, which need not
+    be the first it applies: the export then failed and the message blamed the forward's
+    traceability ('no Python branch on a tensor's value'); it now names the shape tried
+    and example_input (a live module) or torch.export.save (a pickle file)."""
+    model = OutputDefinedFirst()
+    with pytest.raises(CpadgnError, match=r"which failed on z of shape \(2, 4\) \(4: the input width of the "
+                                          r"first Linear it defines\) \(.*\); if its latent dimension S is not 4, "
+                                          r"pass example_input=torch.zeros\(2, S\); else make its forward"):
+        load_generator(model)
+    torch.save(model, tmp_path / "m.pkl")
+    with pytest.raises(CpadgnError, match=r"if its latent dimension S is not 4, save it with "
+                                          r"torch.export.save \(.pt2\) on z of shape \(N, S\)"):
+        load_generator(tmp_path / "m.pkl", trust_pickle=True)
+    g = load_generator(model, example_input=torch.zeros(2, 2))
+    z = np.random.default_rng(0).normal(size=(50, 2)) * 2
+    assert_matches_torch(g.net, copy.deepcopy(model).double(), z)
+
+
 def test_traced_torchscript_without_layer_settings(tmp_path, z):
     """torch.jit.trace keeps a layer's tensors but not its settings (BatchNorm's eps, the
     LeakyReLU slope): an AttributeError escaped as an internal error; now one line naming
