@@ -1660,8 +1660,12 @@ class _ExportInterpreter:
         outs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
         chosen = [o for o in outs if getattr(o, "name", None) in names] if names else list(outs)
         if len(chosen) != 1:
-            self.fail(f"the program returns {len(chosen)} outputs; a generator returns one tensor (export "
-                      "a wrapper whose forward returns the mean alone, e.g. decoder(z)[0])")
+            spec = getattr(getattr(self.ep, "call_spec", None), "out_spec", None)
+            keys = getattr(spec, "context", None) if getattr(spec, "type", None) is dict else None
+            pick = f"decoder(z)[{keys[0]!r}]" if keys else "decoder(z)[0]"
+            what = f" (a dict with keys {', '.join(map(repr, keys))})" if keys else ""
+            self.fail(f"the program returns {len(chosen)} outputs{what}; a generator returns one tensor "
+                      f"(export a wrapper whose forward returns the mean alone, e.g. {pick})")
         v = values[chosen[0]]
         if not isinstance(v, _Data):
             self.fail("the output does not depend on the input z")

@@ -316,6 +316,15 @@ def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
     with pytest.raises(CpadgnError, match=r"returns 2 outputs; a generator returns one tensor \(export a wrapper"):
         cpadgn.load(ep, noise_std=0.1)
 
+    class MeanAndLogVarDict(MeanAndLogVar):   # decoder(z)[0] is a KeyError on a dict
+        def forward(self, z):
+            h = self.a(z)
+            return {"mean": h, "logvar": -h}
+
+    with pytest.raises(CpadgnError, match=r"returns 2 outputs \(a dict with keys 'mean', 'logvar'\); a "
+                                          r"generator returns one tensor .*e\.g\. decoder\(z\)\['mean'\]\)"):
+        cpadgn.load(MeanAndLogVarDict(), noise_std=0.1)
+
     class BatchMix(nn.Module):
         def __init__(self):
             super().__init__()
