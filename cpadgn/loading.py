@@ -23,7 +23,7 @@ Layers that are affine at inference on image-shaped activations (convolutions,
 upsampling, average pooling, padding, permutes, concatenation) become dense affine maps
 of the flattened activations, computed from the op's own forward pass on a basis.  A
 value that is still needed after a hidden layer (a skip connection) is carried through
-it by slope-1 units, which are never facets; max pooling is a tree of
+it by slope-1 units, which are never facets; max pooling (adaptive too) is a tree of
 max(a, b) = b + relu(a - b), a clamp to [lo, hi] (Hardtanh, ReLU6, Hardsigmoid) is
 lo + relu(u - lo) - relu(u - hi), and Softshrink relu(u - l) - relu(-u - l).  An exported program with in-place operations
 (nn.ReLU(inplace=True), ``out += h``) is first made functional.
@@ -529,6 +529,28 @@ def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode, fail: Call
     return np.where(win < 0, first, win), out_shape
 
 
+def _adaptive_max_windows(shape, output_size) -> tuple:
+    """Windows of adaptive max pooling of activations of shape (C, L) or (C, H, W) to
+    output_size (an int, or one entry per pooled dim, None keeping that dim): torch's
+    window i of n inputs to o outputs is [floor(i n / o), ceil((i + 1) n / o)).
+
+    Returns (windows (m, F_out) flat input indices, each window padded with its first
+    element (a copy, which _max_pool reduces to one value), out_shape (C, *out))."""
+    spatial = tuple(shape[1:])
+    size = tuple(output_size) if isinstance(output_size, (list, tuple)) else (output_size,) * len(spatial)
+    out = tuple(n if o is None else int(o) for n, o in zip(spatial, size))
+    ranges = [[np.arange((i * n) // o, -((-(i + 1) * n) // o)) for i in range(o)]
+              for n, o in zip(spatial, out)]
+    flat = np.arange(int(np.prod(shape))).reshape(shape)
+    cols = []
+    for c in range(shape[0]):
+        for cell in np.ndindex(*out):
+            cols.append(flat[(c, *np.ix_(*(r[i] for r, i in zip(ranges, cell))))].ravel())
+    m = max(len(w) for w in cols)
+    windows = np.stack([np.concatenate([w, np.full(m - len(w), w[0])]) for w in cols], axis=1)
+    return windows, (shape[0], *out)
+
+
 def _max_pool(activate: Callable, d: _Data, windows: np.ndarray, out_shape) -> _Data:
     """max over the window elements as a tree of max(a, b) = b + relu(a - b).
 
@@ -675,6 +697,13 @@ def _maxpool_layer(b: _Builder, m, d: _Data, where):
     return _max_pool(act, d, windows, out_shape)
 
 
+def _adaptive_maxpool_layer(b: _Builder, m, d: _Data, where):
+    if m.return_indices:
+        b.fail("returns its indices too (return_indices=True); a generator's layers return one tensor")
+    windows, out_shape = _adaptive_max_windows(d.shape, m.output_size)
+    return _max_pool(lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep), d, windows, out_shape)
+
+
 def _hardtanh_layer(b: _Builder, m, d: _Data, where):
     lo, hi = _clamp_bounds(b.fail, m.min_val, m.max_val)    # ReLU6: (0, 6)
     return _clamp(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, lo, hi)
@@ -707,6 +736,7 @@ MODULE_HANDLERS: dict[str, Callable] = {
     "Dropout1d": _identity, "Dropout2d": _identity,
     "Flatten": _reshape, "Unflatten": _reshape,
     "MaxPool1d": _maxpool_layer, "MaxPool2d": _maxpool_layer,
+    "AdaptiveMaxPool1d": _adaptive_maxpool_layer, "AdaptiveMaxPool2d": _adaptive_maxpool_layer,
     "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer, "Hardsigmoid": _hardsigmoid_layer,
     "Softshrink": _softshrink_layer,
     "RReLU": _act(lambda m: _rrelu_slope(None, m.lower, m.upper), "leaky_relu"),   # eval
@@ -1413,6 +1443,13 @@ def _h_max_pool_indices(it, *args):
     return _Tuple([_h_max_pool(it, *args), _Opaque("max-pool indices")])
 
 
+def _h_adaptive_max_pool(it, x, output_size):
+    d = it.data(x)
+    windows, out_shape = _adaptive_max_windows(d.shape, output_size)
+    out = _max_pool(lambda pre, keep: it.activate(pre, 0.0, "relu", keep), d, windows, out_shape)
+    return _Tuple([out, _Opaque("max-pool indices")])
+
+
 _RESHAPES = ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
              "expand", "view_copy", "_reshape_alias")
 _AFFINE_OPS = ("convolution", "_convolution", "conv1d", "conv2d", "conv_transpose1d",
@@ -1454,6 +1491,7 @@ EXPORT_HANDLERS: dict[str, Callable] = {
     "_to_copy": _h_to, "to": _h_to, "getitem": _h_getitem,
     "max_pool1d": _h_max_pool, "max_pool2d": _h_max_pool,
     "max_pool1d_with_indices": _h_max_pool_indices, "max_pool2d_with_indices": _h_max_pool_indices,
+    "adaptive_max_pool1d": _h_adaptive_max_pool, "adaptive_max_pool2d": _h_adaptive_max_pool,
     **{name: _h_reshape for name in _RESHAPES},
     **{name: _h_dense for name in _AFFINE_OPS},
 }

@@ -314,6 +314,25 @@ def test_more_piecewise_affine_layers_load_from_every_form(tmp_path, z, layer):
         load_generator(export(rrelu, tmp_path / "train.pt2"))
 
 
+@pytest.mark.parametrize("layer,shape", [
+    (nn.AdaptiveMaxPool2d(3), (2, 5, 4)),          # overlapping windows of 2 and 3 rows
+    (nn.AdaptiveMaxPool2d((2, None)), (1, 4, 4)),
+    (nn.AdaptiveMaxPool1d(5), (1, 7)),
+    (nn.AdaptiveMaxPool2d(1), (2, 3, 3))], ids=repr)
+def test_adaptive_max_pooling_loads_from_every_form(tmp_path, z, layer, shape):
+    """Adaptive max pooling is a max over windows [floor(i n / o), ceil((i + 1) n / o)),
+    piecewise affine like MaxPool: it was refused as 'not known to be piecewise affine'."""
+    torch.manual_seed(2)
+    n = int(np.prod(shape))
+    model = nn.Sequential(nn.Linear(S, n), nn.Unflatten(1, shape), layer, nn.Flatten()).double().eval()
+    sources = [model, export(model, tmp_path / "m.pt2")]
+    if None not in np.atleast_1d(layer.output_size):     # TorchScript cannot script a None size
+        torch.jit.script(model).save(str(tmp_path / "m.ts"))
+        sources.append(tmp_path / "m.ts")
+    for source in sources:
+        assert_matches_torch(load_generator(source).net, model, z, err_msg=str(source))
+
+
 @pytest.mark.parametrize("layer,match", [
     (nn.GroupNorm(1, 2), r"\(GroupNorm\)(: operation aten.group_norm)? normalises each sample by its own "
                          r"mean or scale, which is not piecewise affine in z; remove it, or use BatchNorm"),
