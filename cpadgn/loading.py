@@ -25,8 +25,8 @@ of the flattened activations, computed from the op's own forward pass on a basis
 value that is still needed after a hidden layer (a skip connection) is carried through
 it by slope-1 units, which are never facets; max pooling (adaptive too) is a tree of
 max(a, b) = b + relu(a - b), a clamp to [lo, hi] (Hardtanh, ReLU6, Hardsigmoid) is
-lo + relu(u - lo) - relu(u - hi), and Softshrink relu(u - l) - relu(-u - l).  An exported program with in-place operations
-(nn.ReLU(inplace=True), ``out += h``) is first made functional.
+lo + relu(u - lo) - relu(u - hi), and Softshrink relu(u - l) - relu(-u - l).  An exported
+program with in-place operations (nn.ReLU(inplace=True), ``out += h``) is first made functional.
 
 Adding a layer kind is local: a TorchScript / nn.Module layer needs an entry in
 ``MODULE_HANDLERS`` (class name -> function of the input value), an exported aten
