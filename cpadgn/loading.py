@@ -1586,7 +1586,11 @@ class _ExportInterpreter:
             self.node = node
             if node.op == "placeholder":
                 spec = specs.get(node.name)
-                if spec is None or spec.kind == InputKind.USER_INPUT:
+                if (spec is None or spec.kind == InputKind.USER_INPUT) and not node.users and \
+                        not isinstance(node.meta.get("val"), torch.Tensor):
+                    # a Python scalar (forward(z, *, temperature=2.0)): export bakes its value in
+                    values[node] = _Opaque(f"the constant input {node.name}")
+                elif spec is None or spec.kind == InputKind.USER_INPUT:
                     user_inputs.append(node)
                     values[node] = self._input(node, len(user_inputs))
                 elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
@@ -1606,7 +1610,8 @@ class _ExportInterpreter:
 
     def _input(self, node, count):
         if count > 1:
-            self.fail("the program takes more than one input; a generator maps z alone")
+            self.fail("the program takes more than one input; a generator maps z alone: export a "
+                      "wrapper whose forward(z) calls the decoder with its other inputs fixed")
         shape = _meta_shape(node)
         if shape is None or len(shape) not in (1, 2) or not isinstance(shape[-1], int):
             fed = "" if shape is None or len(shape) < 3 else (

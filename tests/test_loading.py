@@ -286,6 +286,32 @@ def test_torch_export_refusals_say_what_to_do(tmp_path, layer, match):
         load_generator(export(model, tmp_path / "bad.pt2"))
 
 
+class Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(S, 6), nn.ReLU(), nn.Linear(6, 4))
+
+    def forward(self, z, *, temperature=1.0):
+        return self.net(z) * temperature
+
+
+def test_torch_export_with_a_python_scalar_keyword(tmp_path, z):
+    """torch.export bakes a Python scalar argument (forward(z, *, temperature=2.0)) into the
+    graph and keeps an unused placeholder for it: it was refused as 'takes more than one
+    input'; a second tensor input still is, with what to do."""
+    model = Tempered().double().eval()
+    ep = torch.export.export(model, (), {"z": torch.zeros(2, S, dtype=torch.float64), "temperature": 2.0})
+    torch.export.save(ep, str(tmp_path / "t.pt2"))
+    oracle = lambda x: model(x, temperature=2.0)
+    for source in (ep, tmp_path / "t.pt2"):
+        assert_matches_torch(load_generator(source).net, oracle, z, err_msg=str(source))
+    ep = torch.export.export(model, (torch.zeros(2, S, dtype=torch.float64),),
+                             {"temperature": torch.tensor(2.0, dtype=torch.float64)})
+    with pytest.raises(CpadgnError, match=r"node 'temperature': the program takes more than one input; a "
+                                          r"generator maps z alone: export a wrapper whose forward\(z\) calls"):
+        load_generator(ep)
+
+
 def _every_form(model, tmp_path):
     """model in memory, torch.export'ed (in eval), scripted and pickled."""
     torch.jit.script(model).save(str(tmp_path / "m.ts"))
