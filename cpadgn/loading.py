@@ -713,6 +713,12 @@ def _hardsigmoid_layer(b: _Builder, m, d: _Data, where):
     return _hardsigmoid(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d)
 
 
+def _threshold_layer(b: _Builder, m, d: _Data, where):
+    if float(m.value) != float(m.threshold):
+        _refuse_layer("Threshold", where, custom=False)
+    return _clamp(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, float(m.threshold), None)
+
+
 def _softshrink_layer(b: _Builder, m, d: _Data, where):
     if not float(m.lambd) >= 0:
         b.fail(f"has lambd = {m.lambd}; softshrink needs lambd >= 0")
@@ -738,24 +744,25 @@ MODULE_HANDLERS: dict[str, Callable] = {
     "MaxPool1d": _maxpool_layer, "MaxPool2d": _maxpool_layer,
     "AdaptiveMaxPool1d": _adaptive_maxpool_layer, "AdaptiveMaxPool2d": _adaptive_maxpool_layer,
     "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer, "Hardsigmoid": _hardsigmoid_layer,
-    "Softshrink": _softshrink_layer,
+    "Softshrink": _softshrink_layer, "Threshold": _threshold_layer,
     "RReLU": _act(lambda m: _rrelu_slope(None, m.lower, m.upper), "leaky_relu"),   # eval
     **{kind: _dense_layer for kind in (
         "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Upsample",
         "UpsamplingNearest2d", "UpsamplingBilinear2d", "AvgPool1d", "AvgPool2d",
         "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "ZeroPad1d", "ZeroPad2d", "ConstantPad1d",
         "ConstantPad2d", "ReflectionPad1d", "ReflectionPad2d", "ReplicationPad1d",
-        "ReplicationPad2d", "PixelShuffle", "PixelUnshuffle")},
+        "ReplicationPad2d", "CircularPad1d", "CircularPad2d", "PixelShuffle", "PixelUnshuffle",
+        "ChannelShuffle", "Fold", "Unfold")},
 }
 
 #: known layers that are not piecewise affine (for clearer messages)
 NOT_PIECEWISE_AFFINE = {
     "Tanh", "Sigmoid", "GELU", "Softplus", "ELU", "SELU", "CELU", "SiLU", "Mish", "Softsign",
     "Hardsigmoid", "Hardswish", "LogSigmoid", "Tanhshrink", "Softmax", "LogSoftmax",
-    "Softmin", "GLU",
+    "Softmin", "GLU", "Softmax2d",
 }
 #: piecewise affine but discontinuous: a jump at the threshold
-DISCONTINUOUS = {"Hardshrink", "Threshold"}
+DISCONTINUOUS = {"Hardshrink", "Threshold"}   # Threshold(t, t) is clamp(min=t): loaded
 DISCONTINUOUS_WHY = ("jumps at its threshold: cpadgn's networks are continuous piecewise affine; "
                      "replace it with ReLU or Softshrink and retrain")
 #: normalisations by each sample's own statistics (for clearer messages)
@@ -1263,6 +1270,14 @@ def _h_softshrink(it, x, lambd=0.5):
     return _softshrink(lambda pre: it.activate(pre, 0.0, "relu"), it.data(x), lambd)
 
 
+def _h_threshold(it, x, threshold, value):
+    """threshold(x, t, v) = x if x > t else v: continuous only when v = t (clamp(min=t))."""
+    t, v = (float(it.const(a, "threshold")) for a in (threshold, value))
+    if v != t:
+        it.fail("operation aten.threshold " + DISCONTINUOUS_WHY)
+    return _h_clamp(it, x, min=t)
+
+
 def _h_hardtanh(it, x, min_val=-1.0, max_val=1.0):
     return _h_clamp(it, x, min=min_val, max=max_val)
 
@@ -1461,7 +1476,8 @@ _AFFINE_OPS = ("convolution", "_convolution", "conv1d", "conv2d", "conv_transpos
                "constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d",
                "replication_pad1d", "replication_pad2d", "permute", "transpose", "cat", "stack",
                "slice", "narrow", "select", "pixel_shuffle", "pixel_unshuffle", "mean", "sum",
-               "repeat", "flip", "roll")
+               "repeat", "flip", "roll", "channel_shuffle", "native_channel_shuffle", "im2col",
+               "col2im")
 
 #: aten op name -> handler(interpreter, *args, **kwargs)
 EXPORT_HANDLERS: dict[str, Callable] = {
@@ -1477,7 +1493,7 @@ EXPORT_HANDLERS: dict[str, Callable] = {
     "clamp_min": _h_clamp_min, "clamp_max": _h_clamp_max, "clamp": _h_clamp,
     "hardtanh": _h_hardtanh, "relu6": lambda it, x: _h_clamp(it, x, 0.0, 6.0),
     "hardsigmoid": lambda it, x: _hardsigmoid(lambda pre: it.activate(pre, 0.0, "relu"), it.data(x)),
-    "softshrink": _h_softshrink,
+    "softshrink": _h_softshrink, "threshold": _h_threshold,
     "rrelu": lambda it, x, lower=1 / 8, upper=1 / 3, training=False, generator=None: it.activate(
         it.data(x), _rrelu_slope(it.fail, lower, upper, training), "leaky_relu"),
     "gt": _compare(True), "ge": _compare(True), "lt": _compare(False), "le": _compare(False),
@@ -1663,7 +1679,7 @@ class _ExportInterpreter:
             self.fail(f"operation aten.{name} is not piecewise affine; " + USE_CPA)
         if name in PER_SAMPLE_NORM_OPS:
             self.fail(f"operation aten.{name} " + PER_SAMPLE_NORM_WHY)
-        if name in ("hardshrink", "threshold"):
+        if name == "hardshrink":
             self.fail(f"operation aten.{name} " + DISCONTINUOUS_WHY)
         if name in NOT_YET:
             self.fail(f"operation aten.{name} is not supported yet ({NOT_YET[name]}); " + REPLACE_IT)

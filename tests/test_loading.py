@@ -340,6 +340,20 @@ def test_more_piecewise_affine_layers_load_from_every_form(tmp_path, z, layer):
         load_generator(export(rrelu, tmp_path / "train.pt2"))
 
 
+@pytest.mark.parametrize("shape,layer", [
+    ((1, 4, 4), nn.CircularPad2d(1)), ((4, 2, 2), nn.ChannelShuffle(2)), ((4, 4), nn.Fold((3, 3), (2, 2))),
+    ((1, 4, 4), nn.Unfold(2)), ((1, 4, 4), nn.Threshold(0.3, 0.3))], ids=repr)
+def test_affine_rearrangements_and_a_continuous_threshold_load_from_every_form(tmp_path, z, shape, layer):
+    """CircularPad, ChannelShuffle, Fold and Unfold are linear, Threshold(t, t) is
+    clamp(min=t): the modules were refused as 'not known to be piecewise affine' (and
+    aten.channel_shuffle, col2im, im2col, threshold from .pt2)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(S, int(np.prod(shape))), nn.ReLU(), nn.Unflatten(1, shape), layer,
+                          nn.Flatten()).double().eval()
+    for source in _every_form(model, tmp_path):
+        assert_matches_torch(load_generator(source, trust_pickle=True).net, model, z, err_msg=str(source))
+
+
 @pytest.mark.parametrize("layer,shape", [
     (nn.AdaptiveMaxPool2d(3), (2, 5, 4)),          # overlapping windows of 2 and 3 rows
     (nn.AdaptiveMaxPool2d((2, None)), (1, 4, 4)),
@@ -364,7 +378,8 @@ def test_adaptive_max_pooling_loads_from_every_form(tmp_path, z, layer, shape):
                          r"mean or scale, which is not piecewise affine in z; remove it, or use BatchNorm"),
     (nn.InstanceNorm1d(2), r"\(InstanceNorm1d\)(: operation aten.instance_norm)? normalises each sample"),
     (nn.Hardshrink(), r"\(Hardshrink\)(: operation aten.hardshrink)? jumps at its threshold: cpadgn's "
-                      r"networks are continuous piecewise affine; replace it with ReLU or Softshrink")])
+                      r"networks are continuous piecewise affine; replace it with ReLU or Softshrink"),
+    (nn.Threshold(0.1, 0.0), r"\(Threshold\)(: operation aten.threshold)? jumps at its threshold")])
 def test_norms_and_jumps_are_refused_with_the_reason_from_every_form(tmp_path, layer, match):
     """Per-sample normalisations were 'not supported (not known to be piecewise affine)',
     Hardshrink 'not supported yet' (it never can be: it jumps)."""
