@@ -1065,8 +1065,8 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
             ep = torch.export.export(module, (torch.as_tensor(example_input),))
     except Exception as e:
         raise CpadgnError(f"{why}, which failed{on_shape} ({_first_line(e)}); {hint}make its forward "
-                          "traceable by torch.export (e.g. no Python branch on a tensor's value) and save it with "
-                          "torch.export.save (.pt2)") from None
+                          "traceable by torch.export (e.g. no Python branch on a tensor's value) and "
+                          "save it with torch.export.save (.pt2)") from None
     finally:
         module.train(was_training)
     return _ExportInterpreter(ep, path).run()
