@@ -23,10 +23,10 @@ Layers that are affine at inference on image-shaped activations (convolutions,
 upsampling, average pooling, padding, permutes, concatenation) become dense affine maps
 of the flattened activations, computed from the op's own forward pass on a basis.  A
 value that is still needed after a hidden layer (a skip connection) is carried through
-it by slope-1 units, which are never facets; max pooling is a tree of
-max(a, b) = b + relu(a - b), and a clamp to [lo, hi] (Hardtanh, ReLU6) is
-lo + relu(u - lo) - relu(u - hi).  An exported program with in-place operations
-(nn.ReLU(inplace=True), ``out += h``) is first made functional.
+it by slope-1 units, which are never facets; max pooling (adaptive too) is a tree of
+max(a, b) = b + relu(a - b), a clamp to [lo, hi] (Hardtanh, ReLU6, Hardsigmoid) is
+lo + relu(u - lo) - relu(u - hi), and Softshrink relu(u - l) - relu(-u - l).  An exported
+program with in-place operations (nn.ReLU(inplace=True), ``out += h``) is first made functional.
 
 Adding a layer kind is local: a TorchScript / nn.Module layer needs an entry in
 ``MODULE_HANDLERS`` (class name -> function of the input value), an exported aten
@@ -529,6 +529,28 @@ def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode, fail: Call
     return np.where(win < 0, first, win), out_shape
 
 
+def _adaptive_max_windows(shape, output_size) -> tuple:
+    """Windows of adaptive max pooling of activations of shape (C, L) or (C, H, W) to
+    output_size (an int, or one entry per pooled dim, None keeping that dim): torch's
+    window i of n inputs to o outputs is [floor(i n / o), ceil((i + 1) n / o)).
+
+    Returns (windows (m, F_out) flat input indices, each window padded with its first
+    element (a copy, which _max_pool reduces to one value), out_shape (C, *out))."""
+    spatial = tuple(shape[1:])
+    size = tuple(output_size) if isinstance(output_size, (list, tuple)) else (output_size,) * len(spatial)
+    out = tuple(n if o is None else int(o) for n, o in zip(spatial, size))
+    ranges = [[np.arange((i * n) // o, -((-(i + 1) * n) // o)) for i in range(o)]
+              for n, o in zip(spatial, out)]
+    flat = np.arange(int(np.prod(shape))).reshape(shape)
+    cols = []
+    for c in range(shape[0]):
+        for cell in np.ndindex(*out):
+            cols.append(flat[(c, *np.ix_(*(r[i] for r, i in zip(ranges, cell))))].ravel())
+    m = max(len(w) for w in cols)
+    windows = np.stack([np.concatenate([w, np.full(m - len(w), w[0])]) for w in cols], axis=1)
+    return windows, (shape[0], *out)
+
+
 def _max_pool(activate: Callable, d: _Data, windows: np.ndarray, out_shape) -> _Data:
     """max over the window elements as a tree of max(a, b) = b + relu(a - b).
 
@@ -574,6 +596,29 @@ def _clamp(activate: Callable, d: _Data, lo, hi) -> _Data:
     if hi is not None:
         W, b = W - act.W[F:], b - act.b[F:]
     return _Data(W, b, d.shape)
+
+
+def _hardsigmoid(activate: Callable, d: _Data) -> _Data:
+    """hardsigmoid(u) = clamp(u / 6 + 1/2, 0, 1) = clamp(u, -3, 3) / 6 + 1/2: two ReLU units
+    per feature (activate as in _clamp)."""
+    c = _clamp(activate, d, -3.0, 3.0)
+    return _Data(c.W / 6.0, c.b / 6.0 + 0.5, d.shape)
+
+
+def _softshrink(activate: Callable, d: _Data, lambd) -> _Data:
+    """softshrink(u) = relu(u - lambd) - relu(-u - lambd) (lambd >= 0): two ReLU units per
+    feature (activate as in _clamp)."""
+    act = activate(_stack([_Data(d.W, d.b - lambd), _Data(-d.W, -d.b - lambd)]))
+    F = d.width
+    return _Data(act.W[:F] - act.W[F:], act.b[:F] - act.b[F:], d.shape)
+
+
+def _rrelu_slope(fail: Callable, lower, upper, training=False) -> float:
+    """RReLU in eval is LeakyReLU with slope (lower + upper) / 2; in training its slopes are
+    random."""
+    if training:
+        fail("RReLU in training mode draws random slopes; call model.eval() before exporting")
+    return (float(lower) + float(upper)) / 2
 
 
 def _clamp_bounds(fail: Callable, lo, hi) -> tuple:
@@ -652,9 +697,32 @@ def _maxpool_layer(b: _Builder, m, d: _Data, where):
     return _max_pool(act, d, windows, out_shape)
 
 
+def _adaptive_maxpool_layer(b: _Builder, m, d: _Data, where):
+    if m.return_indices:
+        b.fail("returns its indices too (return_indices=True); a generator's layers return one tensor")
+    windows, out_shape = _adaptive_max_windows(d.shape, m.output_size)
+    return _max_pool(lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep), d, windows, out_shape)
+
+
 def _hardtanh_layer(b: _Builder, m, d: _Data, where):
     lo, hi = _clamp_bounds(b.fail, m.min_val, m.max_val)    # ReLU6: (0, 6)
     return _clamp(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, lo, hi)
+
+
+def _hardsigmoid_layer(b: _Builder, m, d: _Data, where):
+    return _hardsigmoid(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d)
+
+
+def _threshold_layer(b: _Builder, m, d: _Data, where):
+    if float(m.value) != float(m.threshold):
+        _refuse_layer("Threshold", where, custom=False)
+    return _clamp(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, float(m.threshold), None)
+
+
+def _softshrink_layer(b: _Builder, m, d: _Data, where):
+    if not float(m.lambd) >= 0:
+        b.fail(f"has lambd = {m.lambd}; softshrink needs lambd >= 0")
+    return _softshrink(lambda pre: b.activate(pre, 0.0, "relu", where)[0], d, float(m.lambd))
 
 
 def _act(slope_of, name):
@@ -674,37 +742,53 @@ MODULE_HANDLERS: dict[str, Callable] = {
     "Dropout1d": _identity, "Dropout2d": _identity,
     "Flatten": _reshape, "Unflatten": _reshape,
     "MaxPool1d": _maxpool_layer, "MaxPool2d": _maxpool_layer,
-    "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer,
+    "AdaptiveMaxPool1d": _adaptive_maxpool_layer, "AdaptiveMaxPool2d": _adaptive_maxpool_layer,
+    "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer, "Hardsigmoid": _hardsigmoid_layer,
+    "Softshrink": _softshrink_layer, "Threshold": _threshold_layer,
+    "RReLU": _act(lambda m: _rrelu_slope(None, m.lower, m.upper), "leaky_relu"),   # eval
     **{kind: _dense_layer for kind in (
         "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Upsample",
         "UpsamplingNearest2d", "UpsamplingBilinear2d", "AvgPool1d", "AvgPool2d",
         "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "ZeroPad1d", "ZeroPad2d", "ConstantPad1d",
         "ConstantPad2d", "ReflectionPad1d", "ReflectionPad2d", "ReplicationPad1d",
-        "ReplicationPad2d", "PixelShuffle", "PixelUnshuffle")},
+        "ReplicationPad2d", "CircularPad1d", "CircularPad2d", "PixelShuffle", "PixelUnshuffle",
+        "ChannelShuffle", "Fold", "Unfold")},
 }
 
 #: known layers that are not piecewise affine (for clearer messages)
 NOT_PIECEWISE_AFFINE = {
     "Tanh", "Sigmoid", "GELU", "Softplus", "ELU", "SELU", "CELU", "SiLU", "Mish", "Softsign",
     "Hardsigmoid", "Hardswish", "LogSigmoid", "Tanhshrink", "Softmax", "LogSoftmax",
-    "Softmin", "GLU", "Threshold", "RReLU",
+    "Softmin", "GLU", "Softmax2d",
 }
+#: piecewise affine but discontinuous: a jump at the threshold
+DISCONTINUOUS = {"Hardshrink", "Threshold"}   # Threshold(t, t) is clamp(min=t): loaded
+DISCONTINUOUS_WHY = ("jumps at its threshold: cpadgn's networks are continuous piecewise affine; "
+                     "replace it with ReLU or Softshrink and retrain")
+#: normalisations by each sample's own statistics (for clearer messages)
+PER_SAMPLE_NORM = {"LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LocalResponseNorm",
+                   "RMSNorm"}
+PER_SAMPLE_NORM_WHY = ("normalises each sample by its own mean or scale, which is not piecewise affine "
+                       "in z; remove it, or use BatchNorm (fixed running statistics in eval), and retrain")
 #: piecewise affine, but not supported yet
 NOT_SUPPORTED_YET = {
-    "Hardshrink": "has two breakpoints", "Softshrink": "has two breakpoints",
     "Conv3d": "3-D convolutions are not supported yet",
     "MaxPool3d": "3-D max pooling is not supported yet",
 }
 NO_LATENT_WIDTH = ("cannot tell the latent dimension: the model has no Linear layer; start the "
                    "generator with a Linear layer, whose input width is the latent dimension, or, for a "
                    "convolutional generator fed z of shape (N, S, 1, 1), with nn.Unflatten(1, (S, 1, 1))")
-USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6 or abs activations between "
+USE_CPA = ("cpadgn needs ReLU, LeakyReLU, PReLU, Hardtanh, ReLU6, Hardsigmoid or abs activations between "
            "affine layers: replace it with one of them and retrain")
 REPLACE_IT = "replace it with a supported layer (README, Bring your own decoder)"
 SQUASHING_OUTPUT = ("a Gaussian noise model needs an affine last layer: export the decoder without "
                     "its final {kind} and score {inverse}(x) with it (x clipped away from the range's "
                     "ends; log p({inverse}(x)) differs from log p(x) by the log-Jacobian)")
 _INVERSE = {"Sigmoid": "logit", "Tanh": "atanh"}
+#: layers that pass every value through unchanged (eval mode): a squashing layer followed
+#: only by these is still the output layer
+_VALUE_PRESERVING = {"Identity", "Dropout", "AlphaDropout", "Dropout1d", "Dropout2d", "Flatten",
+                     "Unflatten"}
 
 
 class _NeedsTrace(CpadgnError):
@@ -722,6 +806,10 @@ def _refuse_layer(kind: str, where: str, custom: bool, last: bool = False):
                           + SQUASHING_OUTPUT.format(kind=kind, inverse=_INVERSE[kind]))
     if kind in NOT_PIECEWISE_AFFINE:
         raise CpadgnError(f"{where} ({kind}) is not piecewise affine; " + USE_CPA)
+    if kind in PER_SAMPLE_NORM:
+        raise CpadgnError(f"{where} ({kind}) " + PER_SAMPLE_NORM_WHY)
+    if kind in DISCONTINUOUS:
+        raise CpadgnError(f"{where} ({kind}) " + DISCONTINUOUS_WHY)
     if kind in NOT_SUPPORTED_YET:
         raise CpadgnError(f"{where} ({kind}) is not supported yet: {NOT_SUPPORTED_YET[kind]}; replace it "
                           "with a supported layer (README, Bring your own decoder)")
@@ -784,7 +872,9 @@ def module_to_net(module, kind_of: Callable) -> PiecewiseAffineNet:
     visit(module, "")
     for i, (m, kind, builtin, where) in enumerate(leaves):
         if kind not in MODULE_HANDLERS or not builtin:
-            _refuse_layer(kind, where, custom=not builtin, last=i == len(leaves) - 1)
+            # the output layer: only layers that change no value follow (DCGAN's Tanh, Flatten)
+            last = all(k in _VALUE_PRESERVING and b for _, k, b, _ in leaves[i + 1:])
+            _refuse_layer(kind, where, custom=not builtin, last=last)
     S = _first_linear_width(module)
     if S is None:
         raise CpadgnError(NO_LATENT_WIDTH)
@@ -953,6 +1043,7 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
     Any failure is reported together with ``why`` (the reason the layer table failed).
     """
     torch = _torch()
+    on_shape = hint = ""
     if example_input is None:
         width = _first_linear_width(module)
         if width is None:     # a file cannot take example_input: torch.export records the shape
@@ -961,6 +1052,11 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
         param = next(module.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         example_input = torch.zeros(2, width, dtype=dtype)
+        # the first Linear defined need not be the first applied (self.out before self.inp)
+        on_shape = f" on z of shape (2, {width}) ({width}: the input width of the first Linear it defines)"
+        hint = (f"if its latent dimension S is not {width}, "
+                + ("save it with torch.export.save (.pt2) on z of shape (N, S)" if isinstance(path, Path)
+                   else "pass example_input=torch.zeros(2, S)") + "; else ")
     was_training = module.training
     module.eval()
     try:
@@ -968,9 +1064,9 @@ def _trace_module(module, path, why: CpadgnError, example_input=None) -> Piecewi
         with _quiet(), contextlib.redirect_stderr(io.StringIO()):
             ep = torch.export.export(module, (torch.as_tensor(example_input),))
     except Exception as e:
-        raise CpadgnError(f"{why}, which failed ({_first_line(e)}); make its forward traceable by "
-                          "torch.export (e.g. no Python branch on a tensor's value) and save it with "
-                          "torch.export.save (.pt2)") from None
+        raise CpadgnError(f"{why}, which failed{on_shape} ({_first_line(e)}); {hint}make its forward "
+                          "traceable by torch.export (e.g. no Python branch on a tensor's value) and "
+                          "save it with torch.export.save (.pt2)") from None
     finally:
         module.train(was_training)
     return _ExportInterpreter(ep, path).run()
@@ -1167,6 +1263,21 @@ def _h_clamp_max(it, x, max_value):
     return _h_clamp(it, x, max=max_value)
 
 
+def _h_softshrink(it, x, lambd=0.5):
+    lambd = float(it.const(lambd, "lambd"))
+    if not lambd >= 0:
+        it.fail(f"softshrink with lambd = {lambd}; it needs lambd >= 0")
+    return _softshrink(lambda pre: it.activate(pre, 0.0, "relu"), it.data(x), lambd)
+
+
+def _h_threshold(it, x, threshold, value):
+    """threshold(x, t, v) = x if x > t else v: continuous only when v = t (clamp(min=t))."""
+    t, v = (float(it.const(a, "threshold")) for a in (threshold, value))
+    if v != t:
+        it.fail("operation aten.threshold " + DISCONTINUOUS_WHY)
+    return _h_clamp(it, x, min=t)
+
+
 def _h_hardtanh(it, x, min_val=-1.0, max_val=1.0):
     return _h_clamp(it, x, min=min_val, max=max_val)
 
@@ -1347,17 +1458,26 @@ def _h_max_pool_indices(it, *args):
     return _Tuple([_h_max_pool(it, *args), _Opaque("max-pool indices")])
 
 
+def _h_adaptive_max_pool(it, x, output_size):
+    d = it.data(x)
+    windows, out_shape = _adaptive_max_windows(d.shape, output_size)
+    out = _max_pool(lambda pre, keep: it.activate(pre, 0.0, "relu", keep), d, windows, out_shape)
+    return _Tuple([out, _Opaque("max-pool indices")])
+
+
 _RESHAPES = ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
              "expand", "view_copy", "_reshape_alias")
 _AFFINE_OPS = ("convolution", "_convolution", "conv1d", "conv2d", "conv_transpose1d",
                "conv_transpose2d", "upsample_nearest1d", "upsample_nearest2d",
                "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "upsample_bilinear2d",
-               "_upsample_bilinear2d_aa", "upsample_linear1d", "avg_pool1d", "avg_pool2d",
+               "_upsample_bilinear2d_aa", "upsample_linear1d", "upsample_bicubic2d",
+               "_upsample_bicubic2d_aa", "avg_pool1d", "avg_pool2d",
                "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
                "constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d",
                "replication_pad1d", "replication_pad2d", "permute", "transpose", "cat", "stack",
                "slice", "narrow", "select", "pixel_shuffle", "pixel_unshuffle", "mean", "sum",
-               "repeat", "flip", "roll")
+               "repeat", "flip", "roll", "channel_shuffle", "native_channel_shuffle", "im2col",
+               "col2im")
 
 #: aten op name -> handler(interpreter, *args, **kwargs)
 EXPORT_HANDLERS: dict[str, Callable] = {
@@ -1372,6 +1492,10 @@ EXPORT_HANDLERS: dict[str, Callable] = {
     "abs": _activation(lambda it, d: -1.0, "abs"),
     "clamp_min": _h_clamp_min, "clamp_max": _h_clamp_max, "clamp": _h_clamp,
     "hardtanh": _h_hardtanh, "relu6": lambda it, x: _h_clamp(it, x, 0.0, 6.0),
+    "hardsigmoid": lambda it, x: _hardsigmoid(lambda pre: it.activate(pre, 0.0, "relu"), it.data(x)),
+    "softshrink": _h_softshrink, "threshold": _h_threshold,
+    "rrelu": lambda it, x, lower=1 / 8, upper=1 / 3, training=False, generator=None: it.activate(
+        it.data(x), _rrelu_slope(it.fail, lower, upper, training), "leaky_relu"),
     "gt": _compare(True), "ge": _compare(True), "lt": _compare(False), "le": _compare(False),
     "where": _h_where, "maximum": _h_maximum, "minimum": lambda it, x, y: _h_maximum(it, x, y, -1.0),
     "max": _h_max_other(1.0), "min": _h_max_other(-1.0),
@@ -1383,13 +1507,16 @@ EXPORT_HANDLERS: dict[str, Callable] = {
     "_to_copy": _h_to, "to": _h_to, "getitem": _h_getitem,
     "max_pool1d": _h_max_pool, "max_pool2d": _h_max_pool,
     "max_pool1d_with_indices": _h_max_pool_indices, "max_pool2d_with_indices": _h_max_pool_indices,
+    "adaptive_max_pool1d": _h_adaptive_max_pool, "adaptive_max_pool2d": _h_adaptive_max_pool,
     **{name: _h_reshape for name in _RESHAPES},
     **{name: _h_dense for name in _AFFINE_OPS},
 }
 NOT_CPA = {"tanh", "sigmoid", "gelu", "softplus", "elu", "selu", "celu", "silu", "mish",
            "exp", "log", "pow", "sqrt", "rsqrt", "sin", "cos", "softmax", "_softmax",
-           "log_softmax", "_log_softmax", "hardsigmoid", "hardswish", "log_sigmoid_forward",
+           "log_softmax", "_log_softmax", "hardswish", "log_sigmoid_forward",
            "erf", "logit", "reciprocal"}
+PER_SAMPLE_NORM_OPS = {"layer_norm", "native_layer_norm", "group_norm", "native_group_norm",
+                       "instance_norm", "rms_norm", "_fused_rms_norm"}
 NOT_YET = {"conv3d": "3-D convolutions are not supported yet",
            "max_pool3d": "3-D max pooling is not supported yet"}
 SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
@@ -1475,7 +1602,11 @@ class _ExportInterpreter:
             self.node = node
             if node.op == "placeholder":
                 spec = specs.get(node.name)
-                if spec is None or spec.kind == InputKind.USER_INPUT:
+                if (spec is None or spec.kind == InputKind.USER_INPUT) and not node.users and \
+                        not isinstance(node.meta.get("val"), torch.Tensor):
+                    # a Python scalar (forward(z, *, temperature=2.0)): export bakes its value in
+                    values[node] = _Opaque(f"the constant input {node.name}")
+                elif spec is None or spec.kind == InputKind.USER_INPUT:
                     user_inputs.append(node)
                     values[node] = self._input(node, len(user_inputs))
                 elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
@@ -1495,7 +1626,8 @@ class _ExportInterpreter:
 
     def _input(self, node, count):
         if count > 1:
-            self.fail("the program takes more than one input; a generator maps z alone")
+            self.fail("the program takes more than one input; a generator maps z alone: export a "
+                      "wrapper whose forward(z) calls the decoder with its other inputs fixed")
         shape = _meta_shape(node)
         if shape is None or len(shape) not in (1, 2) or not isinstance(shape[-1], int):
             fed = "" if shape is None or len(shape) < 3 else (
@@ -1545,6 +1677,10 @@ class _ExportInterpreter:
                 self.fail(f"the output goes through aten.{name}; "
                           + SQUASHING_OUTPUT.format(kind=kind, inverse=_INVERSE[kind]))
             self.fail(f"operation aten.{name} is not piecewise affine; " + USE_CPA)
+        if name in PER_SAMPLE_NORM_OPS:
+            self.fail(f"operation aten.{name} " + PER_SAMPLE_NORM_WHY)
+        if name == "hardshrink":
+            self.fail(f"operation aten.{name} " + DISCONTINUOUS_WHY)
         if name in NOT_YET:
             self.fail(f"operation aten.{name} is not supported yet ({NOT_YET[name]}); " + REPLACE_IT)
         self.fail(f"operation {_full_op_name(target)} is not supported "
@@ -1552,10 +1688,13 @@ class _ExportInterpreter:
 
     @staticmethod
     def _feeds_output(node) -> bool:
-        """node reaches the graph output through reshapes only."""
+        """node reaches the graph output through reshapes and value-preserving ops only
+        (dropout: eval; casts)."""
         users = list(node.users)
         while len(users) == 1 and users[0].op == "call_function" and \
-                _op_name(users[0].target) in (*_RESHAPES, "clone", "contiguous"):
+                _op_name(users[0].target) in (*_RESHAPES, "clone", "contiguous", "alias", "detach",
+                                              "_to_copy", "to", "dropout", "feature_dropout",
+                                              "alpha_dropout"):
             users = list(users[0].users)
         return len(users) == 1 and users[0].op == "output"
 
@@ -1580,8 +1719,12 @@ class _ExportInterpreter:
         outs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
         chosen = [o for o in outs if getattr(o, "name", None) in names] if names else list(outs)
         if len(chosen) != 1:
-            self.fail(f"the program returns {len(chosen)} outputs; a generator returns one tensor (export "
-                      "a wrapper whose forward returns the mean alone, e.g. decoder(z)[0])")
+            spec = getattr(getattr(self.ep, "call_spec", None), "out_spec", None)
+            keys = getattr(spec, "context", None) if getattr(spec, "type", None) is dict else None
+            pick = f"decoder(z)[{keys[0]!r}]" if keys else "decoder(z)[0]"
+            what = f" (a dict with keys {', '.join(map(repr, keys))})" if keys else ""
+            self.fail(f"the program returns {len(chosen)} outputs{what}; a generator returns one tensor "
+                      f"(export a wrapper whose forward returns the mean alone, e.g. {pick})")
         v = values[chosen[0]]
         if not isinstance(v, _Data):
             self.fail("the output does not depend on the input z")

@@ -316,6 +316,15 @@ def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
     with pytest.raises(CpadgnError, match=r"returns 2 outputs; a generator returns one tensor \(export a wrapper"):
         cpadgn.load(ep, noise_std=0.1)
 
+    class MeanAndLogVarDict(MeanAndLogVar):   # decoder(z)[0] is a KeyError on a dict
+        def forward(self, z):
+            h = self.a(z)
+            return {"mean": h, "logvar": -h}
+
+    with pytest.raises(CpadgnError, match=r"returns 2 outputs \(a dict with keys 'mean', 'logvar'\); a "
+                                          r"generator returns one tensor .*e\.g\. decoder\(z\)\['mean'\]\)"):
+        cpadgn.load(MeanAndLogVarDict(), noise_std=0.1)
+
     class BatchMix(nn.Module):
         def __init__(self):
             super().__init__()
@@ -327,6 +336,31 @@ def test_messages_for_squashed_outputs_and_batch_reshapes(tmp_path):
     with pytest.raises(CpadgnError, match=r"mixing the batch axis with the features; a "
                                           r"generator must keep the batch as the first axis"):
         load_generator(BatchMix(), example_input=torch.zeros(2, S))
+
+
+@pytest.mark.parametrize("kind", ["Tanh", "Sigmoid"])
+def test_squashing_output_before_a_flatten_is_named_as_the_output(tmp_path, kind):
+    """A DCGAN decoder ends ... ConvTranspose2d, Tanh, and the README's wrapper puts
+    nn.Flatten() after it: the Tanh is still the output (a Flatten or a Dropout changes no
+    value), so every form gives the output-layer reason (the nn.Sequential forms, and
+    torch.export's with the Dropout, said 'not piecewise affine ... replace it and retrain')."""
+    inverse = {"Tanh": "atanh", "Sigmoid": "logit"}[kind]
+    inner = nn.Sequential(nn.Linear(S, 8), nn.ReLU(), nn.Unflatten(1, (2, 2, 2)),
+                          nn.ConvTranspose2d(2, 1, 2, stride=2), getattr(nn, kind)())
+    model = nn.Sequential(inner, nn.Dropout(0.1), nn.Flatten()).eval()
+    torch.jit.script(model).save(tmp_path / "g.pt")
+    torch.save(model, tmp_path / "g.pkl")
+    for source in (model, tmp_path / "g.pt", tmp_path / "g.pkl"):
+        with pytest.raises(CpadgnError, match=rf"layer 0\.4 \({kind}\) is the output layer; a Gaussian "
+                                              rf"noise model needs an affine last layer.*score {inverse}\(x\)"):
+            load_generator(source, trust_pickle=True)
+    ep = torch.export.export(model, (torch.zeros(2, S),))
+    with pytest.raises(CpadgnError, match=rf"layer 0\.4 \({kind}\): the output goes through "
+                                          rf"aten\.{kind.lower()}; a Gaussian noise model.*score {inverse}\(x\)"):
+        load_generator(ep)
+    # a Tanh with an affine layer after it is not the output
+    with pytest.raises(CpadgnError, match=r"layer 1 \(Tanh\) is not piecewise affine"):
+        load_generator(nn.Sequential(nn.Linear(S, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4, 2)))
 
 
 def test_dense_layer_over_the_memory_limit_is_refused(monkeypatch):

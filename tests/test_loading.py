@@ -277,13 +277,117 @@ def test_torch_export_in_place_operations(tmp_path, z):
 
 
 @pytest.mark.parametrize("layer,match", [
-    (nn.LayerNorm(4), r"layer 1 \(LayerNorm\): operation aten.layer_norm is not supported "
-                      r"\(not known to be piecewise affine\); replace it with a supported layer"),
+    (nn.LayerNorm(4), r"layer 1 \(LayerNorm\): operation aten.layer_norm normalises each sample by "
+                      r"its own mean or scale, which is not piecewise affine in z; remove it, or use BatchNorm"),
     (nn.ELU(), r"layer 1 \(ELU\): operation aten.elu is not piecewise affine; .*replace it with one of them")])
 def test_torch_export_refusals_say_what_to_do(tmp_path, layer, match):
     model = nn.Sequential(nn.Linear(S, 4), layer, nn.Linear(4, 2)).double().eval()
     with pytest.raises(CpadgnError, match=match):
         load_generator(export(model, tmp_path / "bad.pt2"))
+
+
+class Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(S, 6), nn.ReLU(), nn.Linear(6, 4))
+
+    def forward(self, z, *, temperature=1.0):
+        return self.net(z) * temperature
+
+
+def test_torch_export_with_a_python_scalar_keyword(tmp_path, z):
+    """torch.export bakes a Python scalar argument (forward(z, *, temperature=2.0)) into the
+    graph and keeps an unused placeholder for it: it was refused as 'takes more than one
+    input'; a second tensor input still is, with what to do."""
+    model = Tempered().double().eval()
+    ep = torch.export.export(model, (), {"z": torch.zeros(2, S, dtype=torch.float64), "temperature": 2.0})
+    torch.export.save(ep, str(tmp_path / "t.pt2"))
+    oracle = lambda x: model(x, temperature=2.0)
+    for source in (ep, tmp_path / "t.pt2"):
+        assert_matches_torch(load_generator(source).net, oracle, z, err_msg=str(source))
+    ep = torch.export.export(model, (torch.zeros(2, S, dtype=torch.float64),),
+                             {"temperature": torch.tensor(2.0, dtype=torch.float64)})
+    with pytest.raises(CpadgnError, match=r"node 'temperature': the program takes more than one input; a "
+                                          r"generator maps z alone: export a wrapper whose forward\(z\) calls"):
+        load_generator(ep)
+
+
+def _every_form(model, tmp_path):
+    """model in memory, torch.export'ed (in eval), scripted and pickled."""
+    torch.jit.script(model).save(str(tmp_path / "m.ts"))
+    torch.save(model, tmp_path / "m.pkl")
+    return [model, export(copy.deepcopy(model).eval(), tmp_path / "m.pt2"), tmp_path / "m.ts",
+            tmp_path / "m.pkl"]
+
+
+@pytest.mark.parametrize("layer", [nn.Hardsigmoid(), nn.Softshrink(0.7), nn.RReLU(0.1, 0.3),
+                                   nn.Upsample(scale_factor=2, mode="bicubic")], ids=repr)
+def test_more_piecewise_affine_layers_load_from_every_form(tmp_path, z, layer):
+    """Hardsigmoid (clamp(u, -3, 3) / 6 + 1/2), Softshrink (relu(u - l) - relu(-u - l)),
+    RReLU in eval (LeakyReLU of slope (lower + upper) / 2, also for a module left in train
+    mode: eval is used) and bicubic upsampling (linear) are piecewise affine: they were
+    refused, Hardsigmoid and RReLU as 'not piecewise affine', bicubic from .pt2 only."""
+    torch.manual_seed(1)
+    n = 4 if isinstance(layer, nn.Upsample) else 1
+    model = nn.Sequential(nn.Linear(S, 16), nn.Unflatten(1, (1, 4, 4)), layer, nn.Flatten(),
+                          nn.Linear(16 * n, 3)).double().train(isinstance(layer, nn.RReLU))
+    for source in _every_form(model, tmp_path):
+        assert_matches_torch(load_generator(source, trust_pickle=True).net, model.eval(), z,
+                             err_msg=str(source))
+        model.train(isinstance(layer, nn.RReLU))
+    rrelu = nn.Sequential(nn.Linear(S, 4), nn.RReLU(), nn.Linear(4, 2)).double().train()
+    with pytest.raises(CpadgnError, match=r"RReLU in training mode draws random slopes; call model.eval"):
+        load_generator(export(rrelu, tmp_path / "train.pt2"))
+
+
+@pytest.mark.parametrize("shape,layer", [
+    ((1, 4, 4), nn.CircularPad2d(1)), ((4, 2, 2), nn.ChannelShuffle(2)), ((4, 4), nn.Fold((3, 3), (2, 2))),
+    ((1, 4, 4), nn.Unfold(2)), ((1, 4, 4), nn.Threshold(0.3, 0.3))], ids=repr)
+def test_affine_rearrangements_and_a_continuous_threshold_load_from_every_form(tmp_path, z, shape, layer):
+    """CircularPad, ChannelShuffle, Fold and Unfold are linear, Threshold(t, t) is
+    clamp(min=t): the modules were refused as 'not known to be piecewise affine' (and
+    aten.channel_shuffle, col2im, im2col, threshold from .pt2)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(S, int(np.prod(shape))), nn.ReLU(), nn.Unflatten(1, shape), layer,
+                          nn.Flatten()).double().eval()
+    for source in _every_form(model, tmp_path):
+        assert_matches_torch(load_generator(source, trust_pickle=True).net, model, z, err_msg=str(source))
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.AdaptiveMaxPool2d(3), (2, 5, 4)),          # overlapping windows of 2 and 3 rows
+    (nn.AdaptiveMaxPool2d((2, None)), (1, 4, 4)),
+    (nn.AdaptiveMaxPool1d(5), (1, 7)),
+    (nn.AdaptiveMaxPool2d(1), (2, 3, 3))], ids=repr)
+def test_adaptive_max_pooling_loads_from_every_form(tmp_path, z, layer, shape):
+    """Adaptive max pooling is a max over windows [floor(i n / o), ceil((i + 1) n / o)),
+    piecewise affine like MaxPool: it was refused as 'not known to be piecewise affine'."""
+    torch.manual_seed(2)
+    n = int(np.prod(shape))
+    model = nn.Sequential(nn.Linear(S, n), nn.Unflatten(1, shape), layer, nn.Flatten()).double().eval()
+    sources = [model, export(model, tmp_path / "m.pt2")]
+    if None not in np.atleast_1d(layer.output_size):     # TorchScript cannot script a None size
+        torch.jit.script(model).save(str(tmp_path / "m.ts"))
+        sources.append(tmp_path / "m.ts")
+    for source in sources:
+        assert_matches_torch(load_generator(source).net, model, z, err_msg=str(source))
+
+
+@pytest.mark.parametrize("layer,match", [
+    (nn.GroupNorm(1, 2), r"\(GroupNorm\)(: operation aten.group_norm)? normalises each sample by its own "
+                         r"mean or scale, which is not piecewise affine in z; remove it, or use BatchNorm"),
+    (nn.InstanceNorm1d(2), r"\(InstanceNorm1d\)(: operation aten.instance_norm)? normalises each sample"),
+    (nn.Hardshrink(), r"\(Hardshrink\)(: operation aten.hardshrink)? jumps at its threshold: cpadgn's "
+                      r"networks are continuous piecewise affine; replace it with ReLU or Softshrink"),
+    (nn.Threshold(0.1, 0.0), r"\(Threshold\)(: operation aten.threshold)? jumps at its threshold")])
+def test_norms_and_jumps_are_refused_with_the_reason_from_every_form(tmp_path, layer, match):
+    """Per-sample normalisations were 'not supported (not known to be piecewise affine)',
+    Hardshrink 'not supported yet' (it never can be: it jumps)."""
+    model = nn.Sequential(nn.Linear(S, 4), nn.Unflatten(1, (2, 2)), layer, nn.Flatten(),
+                          nn.Linear(4, 2)).double().eval()
+    for source in _every_form(model, tmp_path):
+        with pytest.raises(CpadgnError, match=match):
+            load_generator(source, trust_pickle=True)
 
 
 # ------------------------------------------------------------------- TorchScript
@@ -348,6 +452,34 @@ def test_failed_export_of_a_module_is_one_message_without_torch_logs(capfd):
                        "cpadgn records its operations with torch.export, which failed.*make its forward"):
         cpadgn.load(DataDependent(), noise_std=0.1)
     assert capfd.readouterr().err == ""
+
+
+class OutputDefinedFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out, self.inp = nn.Linear(4, 3), nn.Linear(2, 4)     # 'out' defined first
+
+    def forward(self, z):
+        return self.out(torch.relu(self.inp(z)))
+
+
+def test_a_wrong_latent_width_guess_says_how_to_give_it(tmp_path):
+    """The latent width is guessed from the first Linear a module defines, which need not
+    be the first it applies: the export then failed and the message blamed the forward's
+    traceability ('no Python branch on a tensor's value'); it now names the shape tried
+    and example_input (a live module) or torch.export.save (a pickle file)."""
+    model = OutputDefinedFirst()
+    with pytest.raises(CpadgnError, match=r"which failed on z of shape \(2, 4\) \(4: the input width of the "
+                                          r"first Linear it defines\) \(.*\); if its latent dimension S is not 4, "
+                                          r"pass example_input=torch.zeros\(2, S\); else make its forward"):
+        load_generator(model)
+    torch.save(model, tmp_path / "m.pkl")
+    with pytest.raises(CpadgnError, match=r"if its latent dimension S is not 4, save it with "
+                                          r"torch.export.save \(.pt2\) on z of shape \(N, S\)"):
+        load_generator(tmp_path / "m.pkl", trust_pickle=True)
+    g = load_generator(model, example_input=torch.zeros(2, 2))
+    z = np.random.default_rng(0).normal(size=(50, 2)) * 2
+    assert_matches_torch(g.net, copy.deepcopy(model).double(), z)
 
 
 def test_traced_torchscript_without_layer_settings(tmp_path, z):
