@@ -138,17 +138,16 @@ def test_partition_is_computed_once_and_sent_once_per_worker(client, model, tmp_
             raise AssertionError("a worker computed a partition")
 
         def count(self, state):         # this test's model only: an earlier test's copy may still arrive
-            if np.allclose(state["noise_std"], NOISE):
+            m._setstate(self, state)
+            if np.allclose(self.noise_std, NOISE):
                 m._unpickled = getattr(m, "_unpickled", 0) + 1
-            self.__dict__.update(state)
-        m._unpickled, m._original = 0, m.compute_partition
+        m._unpickled, m._original, m._setstate = 0, m.compute_partition, m.CPAModel.__setstate__
         m.compute_partition, m.CPAModel.__setstate__ = refuse, count
 
     def report():
         import cpadgn.model as m
         n = m._unpickled
-        m.compute_partition = m._original
-        del m.CPAModel.__setstate__
+        m.compute_partition, m.CPAModel.__setstate__ = m._original, m._setstate
         return n
 
     calls = []
