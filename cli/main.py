@@ -225,20 +225,36 @@ class Commands(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _clock(seconds: float) -> str:
+    """h:mm:ss of a duration."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _time_left(elapsed, done, total) -> str:
+    """"~0:01:10 left" at the mean rate since the start, or "" before the first step.  Rich's
+    own estimate takes the rate over the last updates, and the work arrives in a few large
+    chunks: after one chunk of rows it said a second was left of a minute."""
+    if not total or not done or done >= total or elapsed is None:
+        return ""
+    return f"~{_clock(elapsed * (total - done) / done)} left"
+
+
 class TimeLeftColumn(ProgressColumn):
-    """The time left at the mean rate since the start ("~0:01:10 left"; blank until the first
-    step).  Rich's own estimate takes the rate over the last updates, and the work arrives in
-    a few large chunks: after one chunk of rows it said a second was left of a minute."""
+    """``_time_left`` as a progress bar's column."""
 
     def render(self, task):
-        if not task.total or not task.completed or task.finished or task.elapsed is None:
-            return Text("")
-        left = int(task.elapsed * (task.total - task.completed) / task.completed)
-        return Text(f"~{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", style="progress.remaining")
+        return Text(_time_left(task.elapsed, task.completed, task.total), style="progress.remaining")
+
+
+PLAIN_PROGRESS_SECONDS = 30.0    # off a terminal: one progress line this often
 
 
 class Progressbar:
-    """A rich progress bar usable as cpadgn's progress(done, total, message) callback."""
+    """A rich progress bar usable as cpadgn's progress(done, total, message) callback.  Off a
+    terminal (a scheduler's log, `2> log`), where a bar cannot redraw, one plain line on
+    stderr every PLAIN_PROGRESS_SECONDS instead, e.g.
+    "scoring rows: 2,000/10,000 (20%), 0:00:12 elapsed, ~0:00:48 left"."""
 
     def __init__(self, label: str, quiet: bool):
         self.label, self.quiet = label, quiet
@@ -250,12 +266,20 @@ class Progressbar:
                             transient=True, disable=self.quiet or not console.is_terminal)
         self.bar.__enter__()
         self.task = self.bar.add_task(self.label, total=None, note="")
+        self.plain = not self.quiet and not console.is_terminal
+        self.start = self.last_line = time.monotonic()
         return self
 
     def __call__(self, done, total=None, message=""):
         if _sigint_seen:            # a Ctrl-C that code in an extension (h5py) swallowed
             raise KeyboardInterrupt
         self.bar.update(self.task, completed=done, total=total, note=escape(str(message)))
+        now = time.monotonic()
+        if self.plain and now - self.last_line >= PLAIN_PROGRESS_SECONDS:
+            self.last_line = now
+            count = f"{done:,}" if total is None else f"{done:,}/{total:,} ({100 * done / max(total, 1):.0f}%)"
+            parts = [count, f"{_clock(now - self.start)} elapsed", _time_left(now - self.start, done, total), message]
+            console.print(Text(f"{self.label}: " + ", ".join(p for p in parts if p)), soft_wrap=True)
 
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)

@@ -1,5 +1,6 @@
 """The command line: outputs, the partition cache, and one clear line for every bad input."""
 import json
+import re
 from types import SimpleNamespace
 
 import h5py
@@ -859,6 +860,24 @@ def test_time_left_is_the_mean_rate_since_the_start():
     assert column.render(task(1, 3601, 1.0)).plain == "~1:00:00 left"
     for t in (task(0, 60, 15.0), task(30, None, 15.0), task(60, 60, 30.0, True), task(5, 60, None)):
         assert column.render(t).plain == ""
+
+
+def test_progress_off_a_terminal_is_plain_lines(files, monkeypatch):
+    """Off a terminal (a scheduler's log) the bar cannot redraw and rich showed nothing: a
+    long run was silent.  There one plain line on stderr every PLAIN_PROGRESS_SECONDS says
+    what is done of how much; none under -q, and the results are the same."""
+    import cli.main as cm
+    monkeypatch.setattr(cm, "PLAIN_PROGRESS_SECONDS", 0.0)
+    out, quiet = files["dir"] / "s.csv", files["dir"] / "q.csv"
+    res = run("score", files["model"], files["data"], "-o", out, "--memory-budget", "1")
+    assert res.exit_code == 0, res.output
+    lines = re.findall(r"^scoring rows: (\d+)/20 \((\d+)%\), 0:00:\d\d elapsed", res.stderr, re.M)
+    done = [int(n) for n, _ in lines]
+    assert len(lines) >= 2 and done == sorted(done) and done[-1] == 20, res.stderr
+    assert all(int(pct) == round(100 * n / 20) for n, pct in ((int(a), b) for a, b in lines))
+    res = run("score", files["model"], files["data"], "-o", quiet, "--memory-budget", "1", "-q")
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+    assert out.read_text() == quiet.read_text()
 
 
 @pytest.mark.parametrize("text, want", [("2e9", 2e9), ("2GB", 2e9), ("2 gb", 2e9), ("512MiB", 512 * 2.0 ** 20),

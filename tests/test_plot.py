@@ -2,7 +2,6 @@
 pixel and checked against numbers computed independently (a forward pass locating each
 pixel's region, Bayes' rule for the posterior density, brute-force counts)."""
 import io
-import re
 import shutil
 import struct
 import subprocess
