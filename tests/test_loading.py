@@ -358,15 +358,20 @@ def test_affine_rearrangements_and_a_continuous_threshold_load_from_every_form(t
     (nn.AdaptiveMaxPool2d(3), (2, 5, 4)),          # overlapping windows of 2 and 3 rows
     (nn.AdaptiveMaxPool2d((2, None)), (1, 4, 4)),
     (nn.AdaptiveMaxPool1d(5), (1, 7)),
-    (nn.AdaptiveMaxPool2d(1), (2, 3, 3))], ids=repr)
+    (nn.AdaptiveMaxPool2d(1), (2, 3, 3)),
+    (nn.AdaptiveMaxPool1d(3), (7,)), (nn.AdaptiveMaxPool2d((2, 3)), (5, 7)),
+    (nn.MaxPool2d(2), (4, 6))], ids=repr)
 def test_adaptive_max_pooling_loads_from_every_form(tmp_path, z, layer, shape):
     """Adaptive max pooling is a max over windows [floor(i n / o), ceil((i + 1) n / o)),
-    piecewise affine like MaxPool: it was refused as 'not known to be piecewise affine'."""
+    piecewise affine like MaxPool: it was refused as 'not known to be piecewise affine'.
+    Torch pools (N, L) and (N, H, W) per sample as one channel: the 1-D layers pooled the
+    wrong axis and kept every element (7 outputs, not 3), the 2-D ones pooled columns only
+    (.pt2 MaxPool2d: a RuntimeError from max_pool1d)."""
     torch.manual_seed(2)
     n = int(np.prod(shape))
     model = nn.Sequential(nn.Linear(S, n), nn.Unflatten(1, shape), layer, nn.Flatten()).double().eval()
     sources = [model, export(model, tmp_path / "m.pt2")]
-    if None not in np.atleast_1d(layer.output_size):     # TorchScript cannot script a None size
+    if None not in np.atleast_1d(getattr(layer, "output_size", 1)):   # TorchScript: no None size
         torch.jit.script(model).save(str(tmp_path / "m.ts"))
         sources.append(tmp_path / "m.ts")
     for source in sources:
