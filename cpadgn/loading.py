@@ -766,7 +766,7 @@ MODULE_HANDLERS: dict[str, Callable] = {
 #: known layers that are not piecewise affine (for clearer messages)
 NOT_PIECEWISE_AFFINE = {
     "Tanh", "Sigmoid", "GELU", "Softplus", "ELU", "SELU", "CELU", "SiLU", "Mish", "Softsign",
-    "Hardsigmoid", "Hardswish", "LogSigmoid", "Tanhshrink", "Softmax", "LogSoftmax",
+    "Hardswish", "LogSigmoid", "Tanhshrink", "Softmax", "LogSoftmax",
     "Softmin", "GLU", "Softmax2d",
 }
 #: piecewise affine but discontinuous: a jump at the threshold

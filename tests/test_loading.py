@@ -340,6 +340,19 @@ def test_more_piecewise_affine_layers_load_from_every_form(tmp_path, z, layer):
         load_generator(export(rrelu, tmp_path / "train.pt2"))
 
 
+def test_a_custom_module_named_like_a_supported_layer_is_recorded_not_refused(z):
+    """A user's own Hardsigmoid (relu6(x + 3) / 6) was refused as 'not piecewise affine;
+    cpadgn needs ... Hardsigmoid ...' (the name was still listed as not piecewise affine);
+    as any custom module it is recorded by torch.export and loads."""
+    class Hardsigmoid(nn.Module):
+        def forward(self, x):
+            return nn.functional.relu6(x + 3) / 6
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(S, 4), Hardsigmoid(), nn.Linear(4, 3)).double().eval()
+    assert_matches_torch(load_generator(model).net, model, z)
+
+
 @pytest.mark.parametrize("shape,layer", [
     ((1, 4, 4), nn.CircularPad2d(1)), ((4, 2, 2), nn.ChannelShuffle(2)), ((4, 4), nn.Fold((3, 3), (2, 2))),
     ((1, 4, 4), nn.Unfold(2)), ((1, 4, 4), nn.Threshold(0.3, 0.3))], ids=repr)
