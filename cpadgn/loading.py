@@ -697,7 +697,15 @@ def _dense_layer(b: _Builder, m, d: _Data, where):
     return b.dense(lambda xs: m64(xs[0]), [d], where)
 
 
+def _no_indices(b: _Builder, m):
+    """Refuse a max pooling layer that also returns its indices (a tuple, not a tensor)."""
+    if getattr(m, "return_indices", False):
+        b.fail("returns its indices too (return_indices=True), and a generator's layers return one "
+               "tensor; construct it with return_indices=False")
+
+
 def _maxpool_layer(b: _Builder, m, d: _Data, where, dims):
+    _no_indices(b, m)
     windows, out_shape = _max_windows(d.shape, dims, m.kernel_size, m.stride, m.padding, m.dilation,
                                       bool(m.ceil_mode), b.fail)
     act = lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep)
@@ -705,8 +713,7 @@ def _maxpool_layer(b: _Builder, m, d: _Data, where, dims):
 
 
 def _adaptive_maxpool_layer(b: _Builder, m, d: _Data, where, dims):
-    if m.return_indices:
-        b.fail("returns its indices too (return_indices=True); a generator's layers return one tensor")
+    _no_indices(b, m)
     windows, out_shape = _adaptive_max_windows(d.shape, dims, m.output_size)
     return _max_pool(lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep), d, windows, out_shape)
 

@@ -391,6 +391,19 @@ def test_adaptive_max_pooling_loads_from_every_form(tmp_path, z, layer, shape):
         assert_matches_torch(load_generator(source).net, model, z, err_msg=str(source))
 
 
+@pytest.mark.parametrize("layer", [nn.MaxPool1d(2, return_indices=True),
+                                   nn.AdaptiveMaxPool1d(2, return_indices=True)], ids=repr)
+def test_max_pooling_that_returns_its_indices_is_refused_with_what_to_do(layer):
+    """Such a layer returns (values, indices): the adaptive one was refused without a remedy,
+    MaxPool loaded as if it returned the values alone (torch's forward of the same
+    Sequential returns a tuple, or fails at the next layer)."""
+    model = nn.Sequential(nn.Linear(S, 8), nn.Unflatten(1, (1, 8)), layer).double().eval()
+    with pytest.raises(CpadgnError, match=r"layer 2: returns its indices too \(return_indices=True\), and a "
+                                          r"generator's layers return one tensor; construct it with "
+                                          r"return_indices=False"):
+        load_generator(model)
+
+
 @pytest.mark.parametrize("layer,match", [
     (nn.GroupNorm(1, 2), r"\(GroupNorm\)(: operation aten.group_norm)? normalises each sample by its own "
                          r"mean or scale, which is not piecewise affine in z; remove it, or use BatchNorm"),
