@@ -347,7 +347,7 @@ def _check_noise(noise_std, D: int) -> np.ndarray:
                           "std, or one per column")
     bad = np.flatnonzero(~(np.isfinite(s) & (s > 0)))
     if bad.size:                      # the value, not the argument's repr (several lines for a long array)
-        got = f"{float(s):g}" if s.ndim == 0 else f"entry {bad[0]} is {s[bad[0]]:g}"
+        got = repr(noise_std) if s.ndim == 0 else f"entry {bad[0]} is {s[bad[0]]:g}"
         raise CpadgnError(f"noise std must be finite and > 0, got {got}; pass positive stds")
     check_noise_range(s)
     return s
