@@ -43,6 +43,7 @@ import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -495,12 +496,14 @@ def _channel(v: np.ndarray, shape) -> np.ndarray:
     return np.repeat(v, int(np.prod(shape[1:]))) if len(shape) > 1 else v
 
 
-def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode, fail: Callable) -> tuple:
-    """Flat input indices of every max-pooling window: (m, F_out) int64, and the output
+def _max_windows(shape, dims, kernel, stride, padding, dilation, ceil_mode, fail: Callable) -> tuple:
+    """Flat input indices of every max-pooling window over the last dims (1 or 2) axes of
+    activations of shape (C, *spatial) or spatial alone: (m, F_out) int64, and the output
     shape.  Padding positions (never the maximum) repeat a real element of the window;
     fail(message) refuses a window of padding only."""
-    if len(shape) == 1:   # MaxPool1d on (N, L): torch pools each sample as one channel
-        windows, out_shape = _max_windows((1, *shape), kernel, stride, padding, dilation, ceil_mode, fail)
+    if len(shape) == dims:   # MaxPool1d on (N, L), MaxPool2d on (N, H, W): one channel each
+        windows, out_shape = _max_windows((1, *shape), dims, kernel, stride, padding, dilation,
+                                          ceil_mode, fail)
         return windows, out_shape[1:]
     torch = _torch()
     F = torch.nn.functional
@@ -529,13 +532,17 @@ def _max_windows(shape, kernel, stride, padding, dilation, ceil_mode, fail: Call
     return np.where(win < 0, first, win), out_shape
 
 
-def _adaptive_max_windows(shape, output_size) -> tuple:
-    """Windows of adaptive max pooling of activations of shape (C, L) or (C, H, W) to
-    output_size (an int, or one entry per pooled dim, None keeping that dim): torch's
-    window i of n inputs to o outputs is [floor(i n / o), ceil((i + 1) n / o)).
+def _adaptive_max_windows(shape, dims, output_size) -> tuple:
+    """Windows of adaptive max pooling over the last dims (1 or 2) axes of activations of
+    shape (C, L) or (C, H, W), or spatial alone, to output_size (an int, or one entry per
+    pooled dim, None keeping that dim): torch's window i of n inputs to o outputs is
+    [floor(i n / o), ceil((i + 1) n / o)).
 
     Returns (windows (m, F_out) flat input indices, each window padded with its first
-    element (a copy, which _max_pool reduces to one value), out_shape (C, *out))."""
+    element (a copy, which _max_pool reduces to one value), out_shape (C, *out) or out)."""
+    if len(shape) == dims:   # AdaptiveMaxPool1d on (N, L), 2d on (N, H, W): one channel each
+        windows, out_shape = _adaptive_max_windows((1, *shape), dims, output_size)
+        return windows, out_shape[1:]
     spatial = tuple(shape[1:])
     size = tuple(output_size) if isinstance(output_size, (list, tuple)) else (output_size,) * len(spatial)
     out = tuple(n if o is None else int(o) for n, o in zip(spatial, size))
@@ -690,17 +697,24 @@ def _dense_layer(b: _Builder, m, d: _Data, where):
     return b.dense(lambda xs: m64(xs[0]), [d], where)
 
 
-def _maxpool_layer(b: _Builder, m, d: _Data, where):
-    windows, out_shape = _max_windows(d.shape, m.kernel_size, m.stride, m.padding, m.dilation,
+def _no_indices(b: _Builder, m):
+    """Refuse a max pooling layer that also returns its indices (a tuple, not a tensor)."""
+    if getattr(m, "return_indices", False):
+        b.fail("returns its indices too (return_indices=True), and a generator's layers return one "
+               "tensor; construct it with return_indices=False")
+
+
+def _maxpool_layer(b: _Builder, m, d: _Data, where, dims):
+    _no_indices(b, m)
+    windows, out_shape = _max_windows(d.shape, dims, m.kernel_size, m.stride, m.padding, m.dilation,
                                       bool(m.ceil_mode), b.fail)
     act = lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep)
     return _max_pool(act, d, windows, out_shape)
 
 
-def _adaptive_maxpool_layer(b: _Builder, m, d: _Data, where):
-    if m.return_indices:
-        b.fail("returns its indices too (return_indices=True); a generator's layers return one tensor")
-    windows, out_shape = _adaptive_max_windows(d.shape, m.output_size)
+def _adaptive_maxpool_layer(b: _Builder, m, d: _Data, where, dims):
+    _no_indices(b, m)
+    windows, out_shape = _adaptive_max_windows(d.shape, dims, m.output_size)
     return _max_pool(lambda pre, keep: b.activate(pre, 0.0, "relu", where, keep), d, windows, out_shape)
 
 
@@ -741,8 +755,9 @@ MODULE_HANDLERS: dict[str, Callable] = {
     "Identity": _identity, "Dropout": _identity, "AlphaDropout": _identity,
     "Dropout1d": _identity, "Dropout2d": _identity,
     "Flatten": _reshape, "Unflatten": _reshape,
-    "MaxPool1d": _maxpool_layer, "MaxPool2d": _maxpool_layer,
-    "AdaptiveMaxPool1d": _adaptive_maxpool_layer, "AdaptiveMaxPool2d": _adaptive_maxpool_layer,
+    "MaxPool1d": partial(_maxpool_layer, dims=1), "MaxPool2d": partial(_maxpool_layer, dims=2),
+    "AdaptiveMaxPool1d": partial(_adaptive_maxpool_layer, dims=1),
+    "AdaptiveMaxPool2d": partial(_adaptive_maxpool_layer, dims=2),
     "Hardtanh": _hardtanh_layer, "ReLU6": _hardtanh_layer, "Hardsigmoid": _hardsigmoid_layer,
     "Softshrink": _softshrink_layer, "Threshold": _threshold_layer,
     "RReLU": _act(lambda m: _rrelu_slope(None, m.lower, m.upper), "leaky_relu"),   # eval
@@ -758,7 +773,7 @@ MODULE_HANDLERS: dict[str, Callable] = {
 #: known layers that are not piecewise affine (for clearer messages)
 NOT_PIECEWISE_AFFINE = {
     "Tanh", "Sigmoid", "GELU", "Softplus", "ELU", "SELU", "CELU", "SiLU", "Mish", "Softsign",
-    "Hardsigmoid", "Hardswish", "LogSigmoid", "Tanhshrink", "Softmax", "LogSoftmax",
+    "Hardswish", "LogSigmoid", "Tanhshrink", "Softmax", "LogSoftmax",
     "Softmin", "GLU", "Softmax2d",
 }
 #: piecewise affine but discontinuous: a jump at the threshold
@@ -1448,19 +1463,20 @@ def _h_dense(it, *args, **kwargs):
     return out
 
 
-def _h_max_pool(it, x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False):
+def _h_max_pool(it, x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False, *, dims):
     d = it.data(x)
-    windows, out_shape = _max_windows(d.shape, kernel, stride, padding, dilation, bool(ceil_mode), it.fail)
+    windows, out_shape = _max_windows(d.shape, dims, kernel, stride, padding, dilation, bool(ceil_mode),
+                                      it.fail)
     return _max_pool(lambda pre, keep: it.activate(pre, 0.0, "relu", keep), d, windows, out_shape)
 
 
-def _h_max_pool_indices(it, *args):
-    return _Tuple([_h_max_pool(it, *args), _Opaque("max-pool indices")])
+def _h_max_pool_indices(it, *args, dims):
+    return _Tuple([_h_max_pool(it, *args, dims=dims), _Opaque("max-pool indices")])
 
 
-def _h_adaptive_max_pool(it, x, output_size):
+def _h_adaptive_max_pool(it, x, output_size, *, dims):
     d = it.data(x)
-    windows, out_shape = _adaptive_max_windows(d.shape, output_size)
+    windows, out_shape = _adaptive_max_windows(d.shape, dims, output_size)
     out = _max_pool(lambda pre, keep: it.activate(pre, 0.0, "relu", keep), d, windows, out_shape)
     return _Tuple([out, _Opaque("max-pool indices")])
 
@@ -1505,9 +1521,9 @@ EXPORT_HANDLERS: dict[str, Callable] = {
     "clone": _h_identity, "alias": _h_identity, "detach": _h_identity,
     "contiguous": _h_identity, "lift_fresh_copy": _h_identity,
     "_to_copy": _h_to, "to": _h_to, "getitem": _h_getitem,
-    "max_pool1d": _h_max_pool, "max_pool2d": _h_max_pool,
-    "max_pool1d_with_indices": _h_max_pool_indices, "max_pool2d_with_indices": _h_max_pool_indices,
-    "adaptive_max_pool1d": _h_adaptive_max_pool, "adaptive_max_pool2d": _h_adaptive_max_pool,
+    **{f"{op}{n}d{tail}": partial(h, dims=n) for n in (1, 2) for op, tail, h in (
+        ("max_pool", "", _h_max_pool), ("max_pool", "_with_indices", _h_max_pool_indices),
+        ("adaptive_max_pool", "", _h_adaptive_max_pool))},
     **{name: _h_reshape for name in _RESHAPES},
     **{name: _h_dense for name in _AFFINE_OPS},
 }

@@ -345,8 +345,10 @@ def _check_noise(noise_std, D: int) -> np.ndarray:
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != D):
         raise CpadgnError(f"noise std must be a scalar or have {D} entries, got shape {s.shape}; pass one "
                           "std, or one per column")
-    if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise CpadgnError(f"noise std must be finite and > 0, got {noise_std!r}; pass positive stds")
+    bad = np.flatnonzero(~(np.isfinite(s) & (s > 0)))
+    if bad.size:                      # the value, not the argument's repr (several lines for a long array)
+        got = repr(noise_std) if s.ndim == 0 else f"entry {bad[0]} is {s[bad[0]]:g}"
+        raise CpadgnError(f"noise std must be finite and > 0, got {got}; pass positive stds")
     check_noise_range(s)
     return s
 

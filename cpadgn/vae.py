@@ -87,8 +87,9 @@ class VAEResult:
 
 
 def _own_torch_rng(f):
-    """f run on a fork of torch's global random generator: its ``torch.manual_seed``
-    leaves the caller's random stream as it was (a library must not reseed it)."""
+    """f run on a fork of torch's global CPU random generator: its seeding of that
+    generator leaves the caller's random stream as it was (a library must not reseed it);
+    f must seed no other device's (``torch.manual_seed`` seeds every GPU's too)."""
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
         with torch.random.fork_rng(devices=[]):
@@ -105,7 +106,7 @@ def train_vae(X, *, latent_dim, hidden, slope=0.1, noise="diag", epochs=200, lr=
     exact validation likelihood); returning True stops training.
     """
     import time
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)     # the CPU's, where it trains: not the GPUs'
     rng = np.random.default_rng(seed)
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float64))
     vae = GaussianVAE(Xt.shape[1], latent_dim, list(hidden), slope, noise).double()

@@ -379,6 +379,17 @@ def test_vae_leaves_the_callers_torch_random_stream_alone(wave):
     assert all(np.array_equal(u, v) for u, v in zip(a.net.weights, b.net.weights))
 
 
+def test_vae_leaves_the_gpus_random_streams_alone(wave, monkeypatch):
+    """torch.manual_seed also reseeds every GPU's generator (lazily, where CUDA is not yet
+    started), which the fork of the CPU's generator does not restore: on a GPU machine a
+    notebook's torch.randn(device='cuda') after fit_vae was reseeded to seed 0."""
+    X, _ = wave
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: seeded.append(s))
+    fit_vae(X[:40], 1, (4,), 0.1, max_iter=1, seed=0, score_train=False)
+    assert seeded == []
+
+
 # ====================================================================== options and the CLI
 def test_parse_options():
     assert parse_hidden("32,32") == (32, 32)

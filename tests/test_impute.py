@@ -364,8 +364,8 @@ def test_many_draws_hold_the_result_once_plus_working_memory():
     --draws 200.  Now the draws go straight into the result, the noise and region maps
     in blocks sized by memory_budget: the peak traced allocation is the result plus the
     latent draws (8 K N S) plus O(K N) bookkeeping (picks, uniforms, the 1-D sampler's
-    bounds: about 12 numbers a draw) plus the budget's blocks; the draws themselves are
-    unchanged (same seed, same values as the sequential computation)."""
+    bounds: about 12 numbers a draw) plus the budget's blocks.  The draws keep the observed
+    entries, and their residuals from g(z) on the missing ones are N(0, sigma^2)."""
     import tracemalloc
     S, D, N, K, budget = 1, 40, 20, 5000, 2.0 ** 23
     model = CPAModel(random_net(S, (6,), D, seed=4, slope=0.1, scale=1.5), noise_std=0.3, device="cpu")
@@ -381,7 +381,6 @@ def test_many_draws_hold_the_result_once_plus_working_memory():
         tracemalloc.stop()
     result = 8.0 * K * N * (D + S)
     assert peak < result + 8.0 * K * N * 12 + budget, (peak / 1e6, result / 1e6)
-    # the same draws as drawn one row and one entry at a time from the same stream
     m = np.isnan(X)
     assert res.draws.shape == (K, N, D) and np.array_equal(res.draws[:, ~m], np.broadcast_to(X[~m], (K, (~m).sum())))
     g = model.net.forward(res.z_draws.reshape(-1, S)).reshape(K, N, D)

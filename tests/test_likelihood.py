@@ -13,7 +13,6 @@ from oracles import (Quadrature3D, ldp_distance, kappa_rounding_tol, line_breakp
                      posterior_spread, random_linear_model, random_net, small_s3_net_and_quadrature)
 
 
-
 def test_setting_noise_std_scores_with_the_new_noise():
     """model.noise_std = s after a first log_prob kept the region table of the old noise:
     every later log_prob was the old model's, silently (-1 was taken too).  Oracle: the
@@ -47,6 +46,7 @@ def test_noise_std_and_prior_may_be_torch_tensors_that_require_grad():
         want = multivariate_normal(A @ mu + b, C).logpdf(X)
         assert np.all(np.abs(m.log_prob(X) - want) <= kappa_rounding_tol(m, X, m.posterior(X))
                       + 8 * np.finfo(float).eps * (1 + np.abs(want)))
+
 
 def test_linear_generator_is_ppca_closed_form():
     rng = np.random.default_rng(1)

@@ -340,6 +340,19 @@ def test_more_piecewise_affine_layers_load_from_every_form(tmp_path, z, layer):
         load_generator(export(rrelu, tmp_path / "train.pt2"))
 
 
+def test_a_custom_module_named_like_a_supported_layer_is_recorded_not_refused(z):
+    """A user's own Hardsigmoid (relu6(x + 3) / 6) was refused as 'not piecewise affine;
+    cpadgn needs ... Hardsigmoid ...' (the name was still listed as not piecewise affine);
+    as any custom module it is recorded by torch.export and loads."""
+    class Hardsigmoid(nn.Module):
+        def forward(self, x):
+            return nn.functional.relu6(x + 3) / 6
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(S, 4), Hardsigmoid(), nn.Linear(4, 3)).double().eval()
+    assert_matches_torch(load_generator(model).net, model, z)
+
+
 @pytest.mark.parametrize("shape,layer", [
     ((1, 4, 4), nn.CircularPad2d(1)), ((4, 2, 2), nn.ChannelShuffle(2)), ((4, 4), nn.Fold((3, 3), (2, 2))),
     ((1, 4, 4), nn.Unfold(2)), ((1, 4, 4), nn.Threshold(0.3, 0.3))], ids=repr)
@@ -358,19 +371,37 @@ def test_affine_rearrangements_and_a_continuous_threshold_load_from_every_form(t
     (nn.AdaptiveMaxPool2d(3), (2, 5, 4)),          # overlapping windows of 2 and 3 rows
     (nn.AdaptiveMaxPool2d((2, None)), (1, 4, 4)),
     (nn.AdaptiveMaxPool1d(5), (1, 7)),
-    (nn.AdaptiveMaxPool2d(1), (2, 3, 3))], ids=repr)
+    (nn.AdaptiveMaxPool2d(1), (2, 3, 3)),
+    (nn.AdaptiveMaxPool1d(3), (7,)), (nn.AdaptiveMaxPool2d((2, 3)), (5, 7)),
+    (nn.MaxPool2d(2), (4, 6))], ids=repr)
 def test_adaptive_max_pooling_loads_from_every_form(tmp_path, z, layer, shape):
     """Adaptive max pooling is a max over windows [floor(i n / o), ceil((i + 1) n / o)),
-    piecewise affine like MaxPool: it was refused as 'not known to be piecewise affine'."""
+    piecewise affine like MaxPool: it was refused as 'not known to be piecewise affine'.
+    Torch pools (N, L) and (N, H, W) per sample as one channel: the 1-D layers pooled the
+    wrong axis and kept every element (7 outputs, not 3), the 2-D ones pooled columns only
+    (.pt2 MaxPool2d: a RuntimeError from max_pool1d)."""
     torch.manual_seed(2)
     n = int(np.prod(shape))
     model = nn.Sequential(nn.Linear(S, n), nn.Unflatten(1, shape), layer, nn.Flatten()).double().eval()
     sources = [model, export(model, tmp_path / "m.pt2")]
-    if None not in np.atleast_1d(layer.output_size):     # TorchScript cannot script a None size
+    if None not in np.atleast_1d(getattr(layer, "output_size", 1)):   # TorchScript: no None size
         torch.jit.script(model).save(str(tmp_path / "m.ts"))
         sources.append(tmp_path / "m.ts")
     for source in sources:
         assert_matches_torch(load_generator(source).net, model, z, err_msg=str(source))
+
+
+@pytest.mark.parametrize("layer", [nn.MaxPool1d(2, return_indices=True),
+                                   nn.AdaptiveMaxPool1d(2, return_indices=True)], ids=repr)
+def test_max_pooling_that_returns_its_indices_is_refused_with_what_to_do(layer):
+    """Such a layer returns (values, indices): the adaptive one was refused without a remedy,
+    MaxPool loaded as if it returned the values alone (torch's forward of the same
+    Sequential returns a tuple, or fails at the next layer)."""
+    model = nn.Sequential(nn.Linear(S, 8), nn.Unflatten(1, (1, 8)), layer).double().eval()
+    with pytest.raises(CpadgnError, match=r"layer 2: returns its indices too \(return_indices=True\), and a "
+                                          r"generator's layers return one tensor; construct it with "
+                                          r"return_indices=False"):
+        load_generator(model)
 
 
 @pytest.mark.parametrize("layer,match", [

@@ -108,6 +108,12 @@ CASES = [
      CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
     ("set model.noise_std -1", lambda t: setattr(_model(), "noise_std", -1),
      CpadgnError, "noise std must be finite and > 0, got -1", "pass positive stds"),
+    # the message held the argument's repr: several lines for a masked array or a long one
+    ("noise std masked entry", lambda t: __import__("cpadgn.model").model.CPAModel(
+        _net(), noise_std=np.ma.masked_array([0.1, 0.2, 0.3], [0, 1, 0])),
+     CpadgnError, "noise std must be finite and > 0, got entry 1 is nan", "pass positive stds"),
+    ("with_noise_std None", lambda t: _model().with_noise_std(None),
+     CpadgnError, "noise std must be finite and > 0, got None", "pass positive stds"),
     ("load device meta", lambda t: __import__("cpadgn.model").model.CPAModel(_net(), device="meta"),
      CpadgnError, "device must be 'cpu' or 'cuda'", "pass device='cpu'"),
     ("estimator device mps", lambda t: _fit_estimator(latent_dim=1, hidden=(4,), max_iter=1, device="mps"),
