@@ -120,7 +120,7 @@ def fail(message: str, code: int):
     """Print one line "Error: message" on stderr and exit with ``code``.  Characters that
     are not printable (a NUL or an ANSI escape quoted from a user's file) are written as
     Python escapes, so that a message can neither hide text nor drive the terminal."""
-    text = " ".join(str(message).split())
+    text = " ".join(str(message).splitlines())
     click.echo("Error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text), err=True)
     sys.exit(code)
 
@@ -431,7 +431,7 @@ def say_for(quiet: bool):
     is (a path's brackets are not rich markup) and not wrapped (off a terminal rich wrapped
     them at 80 columns, a log's one message over several lines)."""
     def say(message):
-        console.print(Text(" ".join(str(message).split()), style="dim"), soft_wrap=True)
+        console.print(Text(" ".join(str(message).splitlines()), style="dim"), soft_wrap=True)
     return (lambda m: None) if quiet else say
 
 

@@ -75,7 +75,7 @@ class CPAModel:
         partition and the integrals use; ``net.forward(z)`` for prior draws z is wrong).
     prior_mean (S,), prior_cov (S, S) : the prior, fixed at construction (``net`` is built
         from them; for another prior build another CPAModel from ``generator``).
-    noise_std, device : checked when set, and the region table rebuilt at the next use.
+    noise_std, device, memory_budget : checked when set, and the region table rebuilt at the next use.
     rtol : pruning tolerance, each log p exact to log(1 + rtol) nats (default 1e-10).
     stderr_target : S >= 4, each row's QMC standard error of log p, nats (default 1e-4).
     """
@@ -147,7 +147,8 @@ class CPAModel:
 
     @property
     def memory_budget(self) -> float:
-        """Bytes the batched work may use at once (it sets the rows and regions per batch)."""
+        """Bytes the batched work may use at once (it sets the rows and regions per batch).
+        Setting it drops the region table, rebuilt within the new budget at the next use."""
         return self._memory_budget
 
     @memory_budget.setter
@@ -157,6 +158,7 @@ class CPAModel:
             raise CpadgnError(f"memory_budget must be a positive number of bytes, got {value!r}; pass e.g. "
                               "memory_budget=2e9")
         self._memory_budget = float(value)
+        self._table = None          # its streaming and chunks were sized by the old budget
 
     @property
     def latent_dim(self) -> int:

@@ -48,6 +48,24 @@ def test_noise_std_and_prior_may_be_torch_tensors_that_require_grad():
                       + 8 * np.finfo(float).eps * (1 + np.abs(want)))
 
 
+def test_setting_memory_budget_rebuilds_the_region_table_within_it():
+    """model.memory_budget = smaller after a first log_prob kept the region table sized
+    by the old budget (kept whole, not streamed); setting it now drops the table, and the
+    next one is streamed in chunks within the new budget, with the same log p up to
+    rounding (``kappa_rounding_tol``)."""
+    net = random_net(2, (64, 64), 5, seed=3)
+    model = CPAModel(net, noise_std=0.3, device="cpu")
+    X = net.forward(np.random.default_rng(0).standard_normal((6, 2)))
+    before = model.log_prob(X)
+    assert not model._table.streamed
+    model.memory_budget = 1e6          # counted as MIN_CHUNK_BUDGET (8 MiB): 2 MiB of region maps
+    assert model._table is None
+    after = model.log_prob(X)
+    assert model._table.streamed and model.partition().n_regions > model._table.region_chunk
+    tol = kappa_rounding_tol(model, X, model.posterior(X)) + 8 * np.finfo(float).eps * (1 + np.abs(before))
+    assert np.all(np.abs(after - before) <= tol)
+
+
 def test_linear_generator_is_ppca_closed_form():
     rng = np.random.default_rng(1)
     D = 6

@@ -195,6 +195,8 @@ CASES = [
      CpadgnError, "max_iter must be a non-negative integer, got 1.5", "pass e.g. max_iter=100"),
     ("fit_em tol -1", lambda t: _fit_em(tol=-1),
      CpadgnError, "tol must be a finite number >= 0, got -1", "pass e.g. tol=1e-5"),
+    ("fit_em tol True", lambda t: _fit_em(tol=True),          # was read as 1
+     CpadgnError, "tol must be a finite number >= 0, got True", "pass e.g. tol=1e-5"),
     ("fit_em seed -1", lambda t: _fit_em(seed=-1),
      CpadgnError, "seed must be a non-negative integer, got -1", "pass e.g. seed=0"),
     ("fit_em slope str", lambda t: _fit_em(slope="relu"),
