@@ -260,7 +260,7 @@ def _named_models(models) -> list:
             m = load(m)
         elif isinstance(getattr(m, "model_", None), CPAModel):      # a fitted CPADGN / CPADGNDetector
             m = m.model_
-        elif type(m).__module__ == "cpadgn.estimator":
+        elif any(c.__module__ == "cpadgn.estimator" for c in type(m).__mro__):    # (without importing sklearn)
             raise CpadgnError(f"model {i + 1} is a {type(m).__name__} that is not fitted yet; call its "
                               "fit(X_train) first")
         elif not isinstance(m, CPAModel):

@@ -211,6 +211,10 @@ CASES = [
     ("compare unfitted estimator", lambda t: __import__("cpadgn.comparison").comparison.compare(
         {"det": __import__("cpadgn.estimator").estimator.CPADGN()}, np.zeros((3, 3))),
      CpadgnError, "model 1 is a CPADGN that is not fitted yet", "call its fit(X_train) first"),
+    # a user's subclass was 'is a MyDetector, not a CPAModel or a model path'
+    ("compare unfitted subclass", lambda t: __import__("cpadgn.comparison").comparison.compare(
+        [type("MyDetector", (__import__("cpadgn.estimator").estimator.CPADGNDetector,), {})()], np.zeros((3, 3))),
+     CpadgnError, "model 1 is a MyDetector that is not fitted yet", "call its fit(X_train) first"),
     ("dask chunk rows 0", lambda t: __import__("cpadgn.dask").dask.chunk_rows_for(None, requested=0),
      CpadgnError, "--chunk-rows must be a positive number of rows, got 0", "give 1 or more"),
 ]
