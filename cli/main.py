@@ -14,6 +14,7 @@ EXIT_TERMINATED = 143    # SIGTERM (128 + 15): a scheduler stopping the task, `t
 _sigint_seen = False     # a Ctrl-C came (``_on_sigint``)
 _terminated = False      # ... or a SIGTERM (``_on_sigterm``), handled the same way
 _in_command = False      # a command's own code runs (``user_errors``)
+_program = False         # ``run``: the process ends with the command, its handlers kept to the end
 
 
 def _on_sigint(signum, frame):
@@ -178,8 +179,9 @@ def is_torch_out_of_memory(e: Exception) -> bool:
 
 
 def _remember_sigint():
-    """Ctrl-C goes to ``_on_sigint``, from the command line's start; a KeyboardInterrupt
-    swallowed by an extension is not reported as "Exception ignored"."""
+    """Ctrl-C goes to ``_on_sigint`` (SIGTERM to ``_on_sigterm``), from the command line's
+    start; a KeyboardInterrupt swallowed by an extension is not reported as "Exception
+    ignored".  Returns a function that puts the handlers and the hook back as they were."""
     global _sigint_seen, _in_command, _terminated
     _sigint_seen = _in_command = _terminated = False
 
@@ -187,10 +189,19 @@ def _remember_sigint():
         if not isinstance(info.exc_value, KeyboardInterrupt):
             sys.__unraisablehook__(info)
 
-    if _install_sigint_handler() is not None:
-        sys.unraisablehook = unraisable
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+    hook, sigterm = sys.unraisablehook, signal.getsignal(signal.SIGTERM)
+    sigint = _install_sigint_handler()
+    if sigint is None:
+        return lambda: None
+    sys.unraisablehook = unraisable
+    if sigterm is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+    def restore():
+        sys.unraisablehook = hook
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigterm)
+    return restore
 
 
 def _forget_caught_interrupt():
@@ -209,7 +220,7 @@ class Commands(click.Group):
     def main(self, *args, standalone_mode=True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
-        _remember_sigint()
+        restore = _remember_sigint()
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.Abort:                      # click's form of KeyboardInterrupt / EOF
@@ -222,6 +233,8 @@ class Commands(click.Group):
             sys.exit(e.exit_code)
         finally:
             _forget_caught_interrupt()
+            if not _program:        # an in-process caller (a notebook, CliRunner) gets its Ctrl-C back
+                restore()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -1099,7 +1112,8 @@ def run():
     ends the process as one before the command does: exit 130, "Error: interrupted", and
     what the command wrote is complete; not a traceback or exit -2.  In-process callers of
     ``main`` (click's CliRunner) keep their own Ctrl-C."""
-    global _in_command
+    global _in_command, _program
+    _program = True
     try:                # a path that stdout's encoding (ascii, latin-1) cannot hold is escaped, not an error
         sys.stdout.reconfigure(errors="backslashreplace")
     except (AttributeError, ValueError, OSError):

@@ -862,6 +862,18 @@ def test_time_left_is_the_mean_rate_since_the_start():
         assert column.render(t).plain == ""
 
 
+def test_in_process_callers_get_their_signal_handlers_back(files):
+    """main() run in-process (a notebook, CliRunner) left cpadgn's SIGINT and SIGTERM
+    handlers installed: the caller's next Ctrl-C, outside any command, ended its whole
+    process with os._exit(130) instead of raising KeyboardInterrupt."""
+    import signal
+    import sys
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook)
+    for args in (["partition", files["model"]], ["score", files["model"], files["data"], "-o", "/nonexistent/s.csv"]):
+        run(*args)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
+
+
 def test_progress_off_a_terminal_is_plain_lines(files, monkeypatch):
     """Off a terminal (a scheduler's log) the bar cannot redraw and rich showed nothing: a
     long run was silent.  There one plain line on stderr every PLAIN_PROGRESS_SECONDS says
