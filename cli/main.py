@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -93,6 +94,18 @@ BROKEN_PIPE = ("could not print the results: stdout is a pipe whose reader has e
                "files the command wrote are complete; keep the reader running or redirect stdout to a file")
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has exited (poll flags an error on it), so that a
+    BrokenPipeError from elsewhere (a worker's connection) is not blamed on stdout; True
+    where poll cannot tell (no select.poll)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def _stdout_to_devnull() -> None:
     """After a broken pipe: later writes to stdout (the interpreter's flush at exit) go
     nowhere instead of failing again ("Exception ignored ... BrokenPipeError")."""
@@ -145,14 +158,14 @@ def user_errors(fn):
             fail(str(e), EXIT_USER_ERROR)
         except KeyboardInterrupt:
             fail(*interruption())
-        except BrokenPipeError:
-            _stdout_to_devnull()
-            fail(BROKEN_PIPE, EXIT_USER_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
             fail(OUT_OF_MEMORY, EXIT_USER_ERROR)
         except Exception as e:  # a bug, not bad input: still one line, distinct exit code
+            if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+                _stdout_to_devnull()
+                fail(BROKEN_PIPE, EXIT_USER_ERROR)
             if kwargs.get("debug") or "--debug" in sys.argv:
                 raise
             if is_torch_out_of_memory(e):

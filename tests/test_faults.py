@@ -478,6 +478,26 @@ def test_a_closed_stdout_is_one_line_exit_1(work, args):
         assert (work / "s.csv").read_text().count("\n") == 31
 
 
+def test_a_broken_pipe_elsewhere_is_not_blamed_on_stdout(work, tmp_path):
+    """Every BrokenPipeError was reported as 'stdout is a pipe whose reader has exited',
+    exit 1, even with stdout a file and the pipe another one (a worker's connection): a
+    bug then went unreported.  Only a stdout whose reader is gone gets that line."""
+    code = f"""
+import sys, cpadgn.model
+def broken(*a, **k):
+    raise BrokenPipeError(32, "Broken pipe")
+cpadgn.model.load = broken
+sys.argv = ["cpadgn", "partition", {str(work / W)!r}]
+from cli.main import run
+run()
+"""
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        res = subprocess.run([sys.executable, "-c", code], cwd=work, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=HANG_GUARD_S)
+    err = res.stderr.strip()
+    assert res.returncode == 70 and err.startswith("Error: internal error (BrokenPipeError") and "\n" not in err, err
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("args", [["partition", W, "--json"], ["score", W, WD, "-o", "s.csv"]])
 def test_stdout_on_a_full_disk_is_one_line_exit_1(work, args):
