@@ -148,14 +148,25 @@ def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float = 2
     model: a ``CPAModel``; X (N, D), NaN = missing; post: ``model.posterior(X)`` if
     already computed (with moments).  Returns (N, D), NaN on missing entries.
     """
+    from .likelihood import distinct_rows
     X = model._check_data(X)
     post = model.posterior(X) if post is None else post
-    N, D = X.shape
+    D = X.shape[1]
     sigma2 = np.broadcast_to(np.asarray(model.noise_std, dtype=np.float64) ** 2, (D,))
     rows, mean, cov = post.pair_row, post.pair_mean, post.pair_cov         # user latent coordinates
-    regions, inv = np.unique(post.pair_region, return_inverse=True)
+    resp, region = post.pair_responsibility, post.pair_region
+    # each distinct row once (its first copy's pairs), so that equal rows get equal bits
+    # whichever blocks of pairs their sums fall in
+    first, inverse = distinct_rows(X)
+    if first.size < X.shape[0]:
+        distinct = np.full(X.shape[0], -1)
+        distinct[first] = np.arange(first.size)
+        kept = distinct[rows] >= 0
+        rows, mean, cov, resp, region = distinct[rows[kept]], mean[kept], cov[kept], resp[kept], region[kept]
+    regions, inv = np.unique(region, return_inverse=True)
     A, b = model.generator.region_maps(model.partition().patterns[regions])  # (U, D, S), (U, D)
-    X0 = np.nan_to_num(X)
+    X0 = np.nan_to_num(X[first])
+    N = first.size
     out = np.zeros((N, D))
     P, S = rows.size, mean.shape[1]
     step = max(1, int(max_pair_bytes // (8 * D * (S + 2))))
@@ -164,9 +175,9 @@ def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float = 2
         Ap, r = A[inv[sl]], rows[sl]
         resid = X0[r] - np.einsum("pds,ps->pd", Ap, mean[sl]) - b[inv[sl]]
         within = np.einsum("pds,pst,pdt->pd", Ap, cov[sl], Ap)
-        W = sparse.csr_matrix((post.pair_responsibility[sl], (r, np.arange(r.size))), shape=(N, r.size))
+        W = sparse.csr_matrix((resp[sl], (r, np.arange(r.size))), shape=(N, r.size))
         out += np.asarray(W @ (resid * resid + within))
-    return np.where(np.isnan(X), np.nan, out / sigma2)
+    return np.where(np.isnan(X), np.nan, out[inverse] / sigma2)
 
 
 def top_features(scores, k: int):

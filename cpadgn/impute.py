@@ -141,6 +141,13 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     zd = None if K is None else np.full((K, N, S), np.nan)
     bound = np.zeros(N)
     mean_var = np.zeros((N, D))
+    # equal rows (bit for bit, NaN in the same places) next to each other, so that a chunk's
+    # posterior scores them once, and in the end given the first one's results (a chunk's
+    # sums run in blocks of pairs, and a chunk's end, that may split them differently)
+    _, group = likelihood.distinct_rows(X64[todo])
+    order = np.argsort(group, kind="stable")
+    todo, group = todo[order], group[order]
+    leader = todo[np.searchsorted(group, group)]            # (rows to do,) the first row equal to each
     if todo.size:
         tab = tab or likelihood.RegionTable(net, part, noise_std, device, memory_budget)
         pairs_per_row, most_seen, start = part.n_regions, 1, 0    # every region, until a chunk shows
@@ -155,6 +162,9 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
             start += idx.size
             if progress is not None:
                 progress(start, todo.size)
+        for result in (mean, var, cov, bound, mean_var):
+            if result is not None:
+                result[todo] = result[leader]
 
     res_mean = _restore(X, mean, miss, out_dtype)
     sd = None if var is None else np.sqrt(var).astype(out_dtype)

@@ -1204,7 +1204,9 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     counted as at least MIN_CHUNK_BUDGET; at S >= 3 half of it goes to the pair integrals).  Ctrl-C stops the worker threads
     within a fraction of a second (``stop``).  pairs=False leaves the pair fields empty: they
     take 8 (S^2 + S + 3) bytes per evaluated (row, region) pair (tens to thousands a row), so
-    the per-row results alone keep a long run within the budget.
+    the per-row results alone keep a long run within the budget.  Rows equal bit for bit
+    (NaN in the same places) are scored once and share their results bit for bit, each
+    with its own copy of the pairs (``distinct_rows``).
     """
     if not (isinstance(stderr_target, Real) and 0 < stderr_target < np.inf):
         raise CpadgnError(f"stderr_target must be a positive number of nats (e.g. 1e-4), got {stderr_target!r}")
@@ -1215,6 +1217,12 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     X = np.asarray(X, dtype=np.float64)
     check_representable(X, net.biases[-1], noise_std)      # else log p overflows: refuse
     tab = tab or RegionTable(net, part, noise_std, device, memory_budget)
+    # each distinct row is scored once and its results copied to its equals: equal rows,
+    # equal bits (BLAS's blocking of the dense (row, region) products and so the pruning
+    # depend on a row's place in its chunk, ~1e-13 nats)
+    first, inverse = distinct_rows(X)
+    stands_for = np.bincount(inverse, minlength=first.size)    # (M,) how many rows of X each is
+    X_all, X = X, (X if first.size == X.shape[0] else X[first])
     N, S, R = X.shape[0], net.latent_dim, part.n_regions
     out = _empty_result(N, S)
     complete_rows = ~np.isnan(X).any(axis=1)
@@ -1256,11 +1264,12 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
         for job, res in zip(jobs, results):
             if pairs:
                 kept.append(res)
-            done += job[1].size
+            done += int(stands_for[job[1]].sum())
             if progress is not None:
-                progress(done, N)
+                progress(done, X_all.shape[0])
     if kept:
         joined = list(map(np.concatenate, zip(*kept)))
+        kept.clear()                                         # the chunks' pairs, now joined
         (out.pair_row, out.pair_region, out.pair_responsibility, out.pair_mean, out.pair_cov) = joined[:5]
         if len(joined) > 5:
             out.pair_weight_stderr, out.pair_mean_mc_cov, out.pair_weight_mean_mc_cov = joined[5:]
@@ -1268,7 +1277,59 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
         out.pair_weight_stderr, out.pair_weight_mean_mc_cov = np.zeros(0), np.zeros((0, S))
         out.pair_mean_mc_cov = np.zeros((0, S, S))
     out.rounding_error = rounding_error_estimate(X, net.biases[-1], noise_std, tab.U.shape[1])
-    return out
+    return out if first.size == X_all.shape[0] else _copied_to_equals(out, inverse)
+
+
+def distinct_rows(X: np.ndarray):
+    """The distinct rows of X (N, D) float64, bit for bit once NaN and -0 are made canonical
+    (rows with NaN in the same places and equal values elsewhere are equal): first (M,),
+    the index of each one's first occurrence, ascending, and inverse (N,), each row's
+    distinct row, so that X[first][inverse] equals X.  O(N D + N log N): rows grouped by a
+    64-bit hash of their bits, the groups checked bit for bit (a collision falls back to
+    sorting the rows' bytes), in blocks of rows of at most 128 MB."""
+    N, D = X.shape
+    if N <= 1 or D == 0:
+        return np.arange(N), np.arange(N)
+    blocks = [slice(s, s + max(1, 2 ** 24 // D)) for s in range(0, N, max(1, 2 ** 24 // D))]
+    _, first, inverse = np.unique(np.concatenate([content_hash(_canonical(X[b]).view(np.float64)) for b in blocks]),
+                                  return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    if not all((_canonical(X[b]) == _canonical(X[first[inverse[b]]])).all() for b in blocks):   # a collision
+        _, first, inverse = np.unique(_canonical(X).view(np.dtype((np.void, 8 * D))).ravel(), return_index=True,
+                                      return_inverse=True)
+    if first.size == N:
+        return np.arange(N), np.arange(N)
+    order = np.argsort(first)                                # renumbered in order of first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order], rank[inverse.ravel()]
+
+
+def _canonical(X: np.ndarray) -> np.ndarray:
+    """The bits (n, D) uint64 of rows X (n, D), every NaN one NaN and -0 as 0."""
+    return np.ascontiguousarray(np.where(np.isnan(X), np.nan, X + 0.0)).view(np.uint64)
+
+
+def _copied_to_equals(res: PosteriorResult, inverse: np.ndarray) -> PosteriorResult:
+    """The result res of distinct rows (M) given to the N rows they stand for, inverse (N,)
+    (``distinct_rows``): per-row fields indexed by inverse, and each row its own copy of
+    its distinct row's pairs, listed row by row (pair_row into the N rows)."""
+    per_row = ("log_likelihood", "error_bound", "stderr", "n_observed", "z_mean", "z_cov", "top_region",
+               "top_responsibility", "n_pairs", "rounding_error")
+    out = {f: getattr(res, f)[inverse] for f in per_row}
+    order = np.argsort(res.pair_row, kind="stable")          # the distinct rows' pairs, row by row
+    per_distinct = np.bincount(res.pair_row, minlength=res.n_pairs.size)     # 0 with pairs=False
+    start = np.cumsum(per_distinct) - per_distinct
+    count = per_distinct[inverse]
+    # pair k of row i: the distinct row's pair start[inverse[i]] + (k - offset[i])
+    offset = np.cumsum(count) - count
+    take = order[np.repeat(start[inverse] - offset, count) + np.arange(count.sum())]
+    out["pair_row"] = np.repeat(np.arange(inverse.size), count)
+    for f in ("pair_region", "pair_responsibility", "pair_mean", "pair_cov", "pair_weight_stderr",
+              "pair_mean_mc_cov", "pair_weight_mean_mc_cov"):
+        v = getattr(res, f)
+        out[f] = None if v is None else v[take]
+    return PosteriorResult(**out)
 
 
 def _empty_result(N: int, S: int) -> PosteriorResult:

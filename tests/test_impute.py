@@ -167,6 +167,47 @@ def test_s1_conditional_moments_match_quadrature(model1):
         assert not cond.cov[n][~m].any() and not cond.cov[n][:, ~m].any()
 
 
+def test_equal_rows_get_equal_imputations_across_batches(model1):
+    """Copies of a row in different batches of rows (row_chunk 2) and at different places
+    in one got conditional means and stds that could differ in the last bits (each batch's
+    posterior and its sums over blocks of pairs); they now have the first copy's, bit for
+    bit, and match the quadrature oracle.  Their draws stay independent."""
+    X = _rows1(model1)
+    where = np.array([0, 1, 0, 2, 4, 0, 1, 3, 4, 4, 5, 0])
+    Y = X[where]
+    res = impute_fn(model1.net, model1.partition(), model1.noise_std, Y, std=True, full_cov=True,
+                    draws=2, seed=1, row_chunk=2)
+    first = {}
+    for i, j in enumerate(where):
+        k = first.setdefault(j, i)
+        for f in ("mean", "std", "cov", "error_bound", "mean_stderr"):
+            np.testing.assert_array_equal(getattr(res, f)[i], getattr(res, f)[k], err_msg=f"{f} row {i}")
+    nodes = quad_nodes_1d(model1.net)
+    for j in (0, 1, 4):
+        m = np.isnan(X[j])
+        mean, cov = quad_conditional_1d(nodes, X[j], 0.3)
+        np.testing.assert_allclose(res.mean[first[j], m], mean, atol=1e-8, rtol=0)
+        np.testing.assert_allclose(res.cov[first[j]][np.ix_(m, m)], cov, atol=1e-8, rtol=0)
+    assert not np.array_equal(res.draws[:, 0], res.draws[:, 2])       # row 0's copies: their own draws
+    # the bundled digits model, 40 test rows with their top half hidden (and 4 more entries
+    # of every third) and 40 copies among them: 10 rows' copies differed, in batches of 7
+    from pathlib import Path
+    import cpadgn
+    samples = Path(__file__).resolve().parents[1] / "sample_data"
+    digits = cpadgn.load(samples / "digits_generator.h5", cache=False)
+    X = np.loadtxt(samples / "digits_test.csv", delimiter=",", skiprows=1)[:40]
+    X[:, :32] = np.nan
+    X[::3, 40:44] = np.nan
+    rng = np.random.default_rng(0)
+    where = np.concatenate([np.arange(40), rng.integers(0, 40, 40)])[rng.permutation(80)]
+    res = impute_fn(digits.net, digits.partition(), digits.noise_std, X[where], std=True, row_chunk=7)
+    for j in range(40):
+        copies = np.flatnonzero(where == j)
+        for f in ("mean", "std", "error_bound", "mean_stderr"):
+            np.testing.assert_array_equal(getattr(res, f)[copies], getattr(res, f)[copies[:1]].repeat(copies.size, 0),
+                                          err_msg=f"{f} row {j}")
+
+
 def test_s1_draws_of_z_pass_ks_against_quadrature_cdf(model1):
     X = _rows1(model1)[[0, 2, 3, 4]]
     K = 2000

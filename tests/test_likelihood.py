@@ -853,3 +853,93 @@ def test_n_pairs_counts_the_regions_integrated_for_each_row(net1):
     np.testing.assert_array_equal(model.posterior(X, pairs=False, moments=False).n_pairs, post.n_pairs)
     assert post.n_pairs.min() >= 1 and post.n_pairs.max() <= model.partition().n_regions
     assert post.n_pairs.max() > 1
+
+
+# ----------------------------------------------------------------------------- equal rows
+PER_ROW = ("log_likelihood", "error_bound", "stderr", "n_observed", "z_mean", "z_cov", "top_region",
+           "top_responsibility", "n_pairs", "rounding_error")
+
+
+def assert_copies_equal(post, Y, D0, where):
+    """Every row of Y (rows D0[where]) has D0's row's results bit for bit, its own pairs
+    (those of its leader, listed again), and responsibilities that sum to 1."""
+    leader = {}
+    for i, j in enumerate(where):
+        leader.setdefault(j, i)
+    np.testing.assert_array_equal(post.n_pairs, np.bincount(post.pair_row, minlength=len(Y)))
+    sums = np.bincount(post.pair_row, weights=post.pair_responsibility, minlength=len(Y))
+    assert np.all(np.abs(sums - 1) <= 1e-14 * post.n_pairs), sums
+    for i, j in enumerate(where):
+        k = leader[j]
+        for f in PER_ROW:
+            np.testing.assert_array_equal(getattr(post, f)[i], getattr(post, f)[k], err_msg=f"{f} row {i}")
+        mine, theirs = np.flatnonzero(post.pair_row == i), np.flatnonzero(post.pair_row == k)
+        for f in ("pair_region", "pair_responsibility", "pair_mean", "pair_cov", "pair_weight_stderr"):
+            if getattr(post, f) is not None:
+                np.testing.assert_array_equal(getattr(post, f)[mine], getattr(post, f)[theirs], err_msg=f)
+
+
+@pytest.mark.parametrize("S", [1, 2, 3, 4])
+def test_equal_rows_get_equal_bits_wherever_they_sit(S, net1):
+    """Equal rows (NaN in the same places, -0 as 0) are scored once and share the bits of
+    every result, wherever they sit in the batch; the distinct rows' results are those of
+    the distinct rows scored alone, and at S <= 2 those of the quadrature oracles."""
+    net = {1: net1, 2: random_net(2, (6, 6), 3, seed=5, slope=0.1, scale=2.0),
+           3: random_net(3, (5, 5), 4, seed=1, slope=0.2), 4: random_net(4, (8, 8), 6, seed=3, slope=0.2)}[S]
+    model = CPAModel(net, noise_std=0.4, device="cpu")
+    model.stderr_target = 1e-3
+    D0 = model.sample(5, seed=7)
+    D0[3, 1] = np.nan
+    D0[4, [0, 2]] = np.nan
+    D0[1, 0] = 0.0
+    where = np.array([0, 1, 0, 3, 2, 3, 0, 4, 3, 0, 4, 1, 0])
+    Y = D0[where]
+    Y[11, 0] = -0.0                                                  # D0[1, 0] is 0
+    Y[8, 1] = np.array([0x7FF8000000000001], dtype=np.uint64).view(np.float64)[0]     # another NaN
+    post = model.posterior(Y)
+    assert_copies_equal(post, Y, D0, where)
+    alone = model.posterior(D0)
+    first = np.unique(where, return_index=True)[1]
+    for f in PER_ROW:
+        np.testing.assert_array_equal(getattr(post, f)[first], getattr(alone, f), err_msg=f)
+    np.testing.assert_array_equal(model.log_prob(Y), post.log_likelihood)
+    oracle = {1: lambda x: loglik_1d(net, x, 0.4)[0], 2: lambda x: loglik_2d(net, x, 0.4)[0]}.get(S)
+    for i in range(3) if oracle else ():                       # the complete rows
+        assert abs(post.log_likelihood[first[i]] - oracle(D0[i])) < 1e-8
+
+
+def test_equal_digits_rows_get_one_log_likelihood():
+    """The bundled digits model gave 17 copies of its least likely test row, shuffled among
+    80 others, 2 values ~1e-13 nats apart (BLAS's blocking of the (row, region) products
+    depends on a row's place), so a --contamination threshold could flag some copies only."""
+    from pathlib import Path
+    import cpadgn
+    samples = Path(__file__).resolve().parents[1] / "sample_data"
+    model = cpadgn.load(samples / "digits_generator.h5", cache=False)
+    X = np.loadtxt(samples / "digits_test.csv", delimiter=",", skiprows=1)[:80]
+    i = int(np.argmin(model.log_prob(X)))
+    Y = np.vstack([X, np.repeat(X[i:i + 1], 17, 0)])[np.random.default_rng(0).permutation(97)]
+    post = model.posterior(Y)
+    where = np.where(np.all(Y == X[i], axis=1), i, np.arange(97) + 80)
+    assert_copies_equal(post, Y, None, where)
+
+
+def test_distinct_rows_are_found_bit_for_bit_even_when_hashes_collide(monkeypatch):
+    """distinct_rows against numpy's np.unique of the rows (NaN made one value, -0 as 0),
+    and the same answer when every row hashes alike (the bitwise check's fallback)."""
+    from cpadgn import likelihood
+    rng = np.random.default_rng(1)
+    X = rng.random((50, 3))
+    X[::5, 1] = np.nan
+    X[1, 0] = 0.0
+    Y = X[rng.integers(0, 50, 400)]
+    Y[Y == 0] = -0.0
+    first, inverse = likelihood.distinct_rows(Y)
+    key = np.where(np.isnan(Y), 7.0, Y + 0.0)                 # 7 is no value of X
+    _, want = np.unique(key, axis=0, return_inverse=True)
+    assert first.size == want.max() + 1 and np.all(np.diff(first) > 0)
+    np.testing.assert_array_equal(key[first][inverse], key)
+    monkeypatch.setattr(likelihood, "content_hash", lambda v: np.zeros(len(v), np.uint64))
+    again = likelihood.distinct_rows(Y)
+    np.testing.assert_array_equal(again[0], first)
+    np.testing.assert_array_equal(again[1], inverse)
