@@ -79,6 +79,7 @@ def main():
     model.partition()
     base = read_data(ROOT / "sample_data" / "digits_test.csv")
     X = np.tile(base, (int(np.ceil(args.rows / len(base))), 1))[: args.rows]
+    X = X + 1e-6 * np.random.default_rng(0).standard_normal(X.shape)    # distinct: equal rows are scored once
     print(f"model: S = {model.latent_dim}, hidden {'-'.join(map(str, model.net.hidden_sizes))}, "
           f"D = {model.output_dim}, {model.partition().n_regions:,} regions; "
           f"{len(X):,} rows, {args.chunk_rows} rows per task; {os.cpu_count()} CPU cores")

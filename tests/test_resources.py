@@ -194,7 +194,7 @@ def exit_seconds_after_sigint(argv, wait):
 def test_ctrl_c_stops_score_promptly(tmp_path, s3_model):
     """SIGINT mid-run: exit within 2 s beyond the interpreter's own teardown (measured on
     an idle process that imported the same modules), non-zero, no traceback.  The
-    workload (the 40 rows at S = 3, 200 times over) runs far longer than the wait before
+    workload (the 40 rows at S = 3, 200 times over, each copy moved by ~1e-6) runs far longer than the wait before
     the signal."""
     idle = [sys.executable, "-c", "import time, torch, cli.main, cpadgn.likelihood; print('ready', flush=True); "
                                   "time.sleep(600)"]
@@ -202,7 +202,8 @@ def test_ctrl_c_stops_score_promptly(tmp_path, s3_model):
     path, (_, _, startup) = s3_model        # seconds to score one row: start-up and loading
     out = tmp_path / "scores.csv"
     data = tmp_path / "many.npy"
-    np.save(data, np.tile(np.load(path.parent / "s3_n.npy"), (200, 1)))
+    rows = np.tile(np.load(path.parent / "s3_n.npy"), (200, 1))      # distinct: equal rows are scored once
+    np.save(data, rows + 1e-6 * np.random.default_rng(0).standard_normal(rows.shape))
     seconds, code, err = exit_seconds_after_sigint(score_argv(path, data, out), startup + 2.0)
     print(f"exit {code} {seconds:.2f} s after SIGINT (idle teardown {teardown:.2f} s); stderr {err!r}")
     assert code == 130
