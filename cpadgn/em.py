@@ -385,10 +385,40 @@ def output_normal_equations(T, Z, XZ):
     return 0.5 * (C + C.T), B
 
 
+OUTPUT_RANK_TOL = float(np.sqrt(np.finfo(np.float64).eps))
+
+
 def solve_output(C, B, Theta0):
-    """Weighted least squares of the output layer: Theta C = B (Theta (D, m)), minimum change."""
-    d = _sym_solve(C, (B - Theta0 @ C).T).T
-    return Theta0 + d
+    """Weighted least squares of the output layer: Theta C = B (Theta (D, m)), minimum change.
+
+    C (m, m) is often exactly singular: with S = 1 the R regions holding the data lie
+    along a line, adjacent ones differ in one unit's mask, so C has rank R + 1 < m when
+    R < n_L (a piecewise-linear curve with R - 1 kinks has R + 1 degrees of freedom).
+    Along such a null direction u the right-hand side (B - Theta0 C) u is 0 only up to its
+    rounding, ~ eps ||Theta0|| ||C||, and a ridge rho turned that into a step of
+    eps ||Theta0|| ||C|| / rho: with rho = 1e-12 mean(diag C) a one-ulp change of the data
+    moved the weights by 4e-4 (wave.csv, 40 rows, hidden (4,), second iteration), which the
+    next steps carried into the likelihood (4.5e-6 nats per row).  So the step is the
+    minimum-change solution on the eigen-directions of C with eigenvalue above
+    ``OUTPUT_RANK_TOL`` (sqrt(eps)) times the largest; the others keep Theta0's value.
+    Rounding then moves Theta by at most ~ eps ||C|| ||Theta0|| / lambda_kept
+    <= sqrt(eps) ||Theta0|| along any direction, and Q still does not decrease (the
+    step maximises it over the kept directions).  The dropped curvature is below
+    sqrt(eps) of the largest: that much posterior weight in a direction is below what
+    its rounding can resolve reliably anyway.  Exactly dead columns stay unchanged.
+    """
+    G = (B - Theta0 @ C).T                                   # (m, D)
+    d = np.zeros_like(G)
+    diag = np.diag(C)
+    scale = float(diag.max(initial=0.0))
+    if scale <= 0:
+        return Theta0.copy()
+    act = diag > 1e-14 * scale
+    lam, U = np.linalg.eigh(C[np.ix_(act, act)])
+    keep = lam > OUTPUT_RANK_TOL * lam[-1]
+    Uk = U[:, keep]
+    d[act] = Uk @ ((Uk.T @ G[act]) / lam[keep][:, None])
+    return Theta0 + d.T
 
 
 def expected_sq_residual(C, B, sxx, Theta):

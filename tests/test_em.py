@@ -94,6 +94,54 @@ def test_m_step_layer_solutions_are_stationary(hidden, seed):
         np.testing.assert_allclose(sols[0], sols[1], rtol=1e-6, atol=1e-7)
 
 
+def test_output_solve_on_a_rank_deficient_normal_matrix_is_the_minimum_change_solution():
+    """S = 1, one hidden layer of 4 (m = 5 unknowns per output), data in 3 adjacent regions
+    (masks differing in one unit each): C = sum_w T_w Z_w T_w^T has rank R + 1 = 4 exactly.
+    The output layer's least squares then has a null direction u, where (B - Theta0 C) u
+    is 0 but for rounding (~ eps ||Theta0|| ||C||); a ridge of 1e-12 mean(diag C) turned that
+    into a step of ~1e-3, so a one-ulp change of the data moved EM's weights by 4e-4 and
+    its log-likelihood by 4.5e-6 nats per row two iterations later (wave.csv, 40 rows).
+    Oracle: the minimum-change solution Theta0 + G pinv(C) in 50-digit arithmetic (mpmath).
+    Bound (first-order perturbation of the solve on the range of C): with ||dC|| <=
+    gamma ||C||, ||dG|| <= gamma (||B|| + ||Theta0|| ||C||), gamma = 10 m eps,
+    ||Theta - Theta*|| <= 2 gamma kappa (||Theta0|| + ||Theta*|| + ||B|| / ||C||), kappa =
+    lambda_max / lambda_min over C's nonzero eigenvalues."""
+    mpmath = pytest.importorskip("mpmath")
+    rng = np.random.default_rng(7)
+    slope, n, D = 0.1, 4, 2
+    W, b = rng.normal(size=(n, 1)), rng.normal(size=n)
+    masks = np.array([[1, 1, 0, 1], [1, 0, 0, 1], [1, 0, 0, 0]], dtype=bool)   # adjacent regions
+    D_ = np.where(masks, 1.0, slope)
+    T = np.zeros((3, n + 1, 2))
+    T[:, :n, 0], T[:, :n, 1], T[:, n, 1] = D_ * W[:, 0], D_ * b, 1.0
+    L = rng.normal(size=(3, 2, 2))
+    Z = 15.0 * L @ np.swapaxes(L, 1, 2) + 5.0 * np.eye(2)
+    XZ = 10.0 * rng.normal(size=(3, D, 2))
+    Theta0 = 20.0 * rng.normal(size=(D, n + 1))
+    C, B = em.output_normal_equations(T, Z, XZ)
+    Theta = em.solve_output(C, B, Theta0)
+
+    mpmath.mp.dps = 50
+    mp = lambda a: mpmath.matrix(a.tolist())
+    Cm = sum((mp(T[w]) * mp(Z[w]) * mp(T[w]).T for w in range(3)), mpmath.zeros(n + 1))
+    Bm = sum((mp(XZ[w]) * mp(T[w]).T for w in range(3)), mpmath.zeros(D, n + 1))
+    lam, U = mpmath.eigsy(Cm)
+    lam = np.array([float(v) for v in lam])
+    keep = np.flatnonzero(lam > 1e-30 * lam.max())
+    assert keep.size == 4                                       # rank R + 1, one exact null direction
+    Gm = Bm - mp(Theta0) * Cm
+    dm = mpmath.zeros(D, n + 1)
+    for k in keep:
+        u = U[:, int(k)]
+        dm += (Gm * u) * u.T / lam[k]
+    exact = Theta0 + np.array(dm.tolist(), dtype=float)
+    gamma = 10 * (n + 1) * EPS
+    kappa = lam[keep].max() / lam[keep].min()
+    normC = lam.max()
+    bound = 2 * gamma * kappa * (np.linalg.norm(Theta0) + np.linalg.norm(exact) + np.linalg.norm(B) / normC)
+    assert np.linalg.norm(Theta - exact) <= bound
+
+
 @pytest.mark.parametrize("noise", ["iso", "diag"])
 def test_m_step_full_sweep_output_and_noise_stationary(noise):
     problem = _random_problem(2, (5, 4), 6, 30, 7, 4)
