@@ -46,7 +46,8 @@ M-step (``m_step``)
     the operator Theta -> sum_w K_w Theta C_w otherwise.  Directions Q does not see
     (dead units, units with zero outgoing weights) are left unchanged.  The output
     layer (P = I) is ordinary least squares: Theta C = B, C = sum_w C_w,
-    B = sum_w XZ_w T_w^T, whatever Psi.  Layers are updated bottom-up (block
+    B = sum_w XZ_w T_w^T, whatever Psi (solved on C's eigen-directions above sqrt(eps)
+    of the largest; ``solve_output``).  Layers are updated bottom-up (block
     coordinate ascent; ``sweeps`` passes), then the noise in closed form:
 
         var_d = (sxx_d - 2 Theta_d . B_d + Theta_d C Theta_d^T) / N   (diagonal)
