@@ -143,6 +143,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,
                                    "the --init model": init if init_model else None})
     hidden_sizes = parse_hidden(hidden)
+    check_method_options(method, linear=not init_model and not hidden_sizes)
     slope = parse_activation(activation)
     if val_path is not None and val_fraction not in (None, 0):
         raise CpadgnError("give either --val or --val-fraction, not both")
@@ -283,6 +284,24 @@ def vae_steps_warning(n_rows: int, batch_size: int, epochs: int, min_steps: int 
     return (f"--method vae: {n_rows} training rows at --batch-size {batch_size} make {per_epoch} Adam "
             f"step(s) per epoch, {per_epoch * epochs} in {epochs} epochs, likely far from converged; lower "
             f"--batch-size or raise --max-iter for {min_steps:,} steps or more")
+
+
+EM_ONLY = ("init", "tol", "init_noise", "sweeps", "rtol", "var_floor")
+VAE_ONLY = ("lr", "batch_size", "eval_every")
+
+
+def check_method_options(method, linear: bool) -> None:
+    """Usage errors for options the run would ignore: EM's with --method vae, the VAE's
+    with --method em, --activation for a linear generator (--hidden none)."""
+    ctx = click.get_current_context()
+    other, label = (VAE_ONLY, "vae") if method == "em" else (EM_ONLY, "em")
+    for name in other:
+        if on_command_line(name):
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} is an option of --method {label} and --method {method} ignores it; "
+                                   f"drop it or use --method {label}", ctx)
+    if linear and on_command_line("activation"):
+        raise click.UsageError("--activation does not apply to a linear generator (--hidden none); drop it", ctx)
 
 
 def check_init_options(init, method, latent_dim) -> None:
