@@ -35,7 +35,9 @@ from cpadgn.errors import CpadgnError
                    "log-likelihood [default: 0.1, 0 for none].")
 @click.option("--val", "val_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Validation rows from a file instead of --val-fraction.")
-@click.option("--dataset", default=None, help="Dataset key inside .h5 data files.")
+@click.option("--dataset", default=None,
+              help="Dataset key inside the .h5 files among DATA and --val (a .csv or .npy file beside them "
+                   "ignores it).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the initialisation and the validation split (and the VAE).")
 @click.option("--noise", type=click.Choice(["iso", "diag"]), default=None,
@@ -150,7 +152,11 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     # one line on stderr unless --quiet, also under --json (whose stdout stays JSON), as every command warns
     say = (lambda m: None) if quiet else (lambda m: click.echo(f"Warning: {' '.join(m.split())}", err=True))
     dev = resolve_device(device)
-    raw = read_rows(data_path, dataset, "DATA")
+    # --dataset is the key inside the .h5 files among DATA and --val (a .csv or .npy beside
+    # one ignores it; with no .h5 file read_data refuses it), as compare's --data and --train
+    h5 = [p for p in (data_path, val_path) if p is not None and Path(p).suffix.lower() in (".h5", ".hdf5")]
+    key = lambda path: dataset if path in h5 or not h5 else None
+    raw = read_rows(data_path, key(data_path), "DATA")
     if init_model:
         from cpadgn.fit import check_init_dimensions
         from cpadgn.model import load
@@ -168,7 +174,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         say(warning)
     if val_path is not None:
         X_train = X
-        X_val = read_rows(val_path, dataset, "--val")
+        X_val = read_rows(val_path, key(val_path), "--val")
         if X_val.ndim == 2 and X_val.shape[1] != X.shape[1]:
             raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}; "
                               f"pass validation rows with {X.shape[1]} columns")

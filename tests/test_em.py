@@ -479,6 +479,28 @@ def test_cli_fit_refuses_the_other_methods_options(tmp_path, wave, method, extra
     assert list(tmp_path.iterdir()) == [data]
 
 
+def test_cli_fit_dataset_names_the_key_of_the_h5_file_beside_a_csv(tmp_path, wave):
+    """DATA .csv with --val FILE.h5 holding several datasets was a dead end: without
+    --dataset 'choose one with --dataset KEY', with it '--dataset names a dataset inside an
+    .h5 file, but DATA is a .csv file'.  --dataset is now the key of the .h5 files among
+    DATA and --val (as compare's --data and --train): the validation rows are dataset a's."""
+    import h5py
+
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X[:60])
+    with h5py.File(tmp_path / "val.h5", "w") as f:
+        f["a"], f["b"] = X[60:85], X[60:100]
+    argv = ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "--hidden", "4", "--max-iter", "1", "-q",
+            "--json", "--val", str(tmp_path / "val.h5")]
+    r = CliRunner().invoke(main, argv + ["--dataset", "a"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["val_rows"] == 25 and json.loads(r.stdout)["train_rows"] == 60
+    r = CliRunner().invoke(main, argv)                     # still: which of the two datasets
+    assert r.exit_code == 1 and "--dataset KEY" in r.stderr
+
+
 def test_cli_fit_refuses_an_activation_for_a_linear_generator(tmp_path, wave):
     """--hidden none --activation relu silently fitted PPCA (a linear generator has no
     activation; the summary said 'none'): a usage error now; without --activation it fits."""
