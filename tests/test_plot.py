@@ -600,11 +600,11 @@ def test_cli_pictures_at_the_smallest_size_lay_out_without_a_warning(files, tmp_
         save_model(tmp_path / model, random_net(1, (6,), 4, seed=1), noise_std=0.3)
     path = tmp_path / model if model == "gen1.h5" else files / model
     w, h = MIN_PICTURE_SIZE
-    picked = [a for r in range(rows) for a in ("--row", r)]
+    picked = [a for r in range(rows) for a in ("--row", r)] + (["--data", files / "data.csv"] if rows else [])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        r = run("plot", "partition", path, "-o", tmp_path / "small.png", "--size", f"{w}x{h}", "--data",
-                files / "data.csv", *picked, "-q", "--device", "cpu", "--cache", tmp_path / "c.h5")
+        r = run("plot", "partition", path, "-o", tmp_path / "small.png", "--size", f"{w}x{h}",
+                *picked, "-q", "--device", "cpu", "--cache", tmp_path / "c.h5")
     assert r.exit_code == 0 and r.output == "", r.output
     assert png_size(tmp_path / "small.png") == (w, h)
 
