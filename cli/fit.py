@@ -35,7 +35,9 @@ from cpadgn.errors import CpadgnError
                    "log-likelihood [default: 0.1, 0 for none].")
 @click.option("--val", "val_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Validation rows from a file instead of --val-fraction.")
-@click.option("--dataset", default=None, help="Dataset key inside .h5 data files.")
+@click.option("--dataset", default=None,
+              help="Dataset key inside the .h5 files among DATA and --val (a .csv or .npy file beside them "
+                   "ignores it).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the initialisation and the validation split (and the VAE).")
 @click.option("--noise", type=click.Choice(["iso", "diag"]), default=None,
@@ -143,13 +145,18 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,
                                    "the --init model": init if init_model else None})
     hidden_sizes = parse_hidden(hidden)
+    check_method_options(method, linear=not init_model and not hidden_sizes)
     slope = parse_activation(activation)
     if val_path is not None and val_fraction not in (None, 0):
         raise CpadgnError("give either --val or --val-fraction, not both")
     # one line on stderr unless --quiet, also under --json (whose stdout stays JSON), as every command warns
     say = (lambda m: None) if quiet else (lambda m: click.echo(f"Warning: {' '.join(m.split())}", err=True))
     dev = resolve_device(device)
-    raw = read_rows(data_path, dataset, "DATA")
+    # --dataset is the key inside the .h5 files among DATA and --val (a .csv or .npy beside
+    # one ignores it; with no .h5 file read_data refuses it), as compare's --data and --train
+    h5 = [p for p in (data_path, val_path) if p is not None and Path(p).suffix.lower() in (".h5", ".hdf5")]
+    key = lambda path: dataset if path in h5 or not h5 else None
+    raw = read_rows(data_path, key(data_path), "DATA")
     if init_model:
         from cpadgn.fit import check_init_dimensions
         from cpadgn.model import load
@@ -167,7 +174,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         say(warning)
     if val_path is not None:
         X_train = X
-        X_val = read_rows(val_path, dataset, "--val")
+        X_val = read_rows(val_path, key(val_path), "--val")
         if X_val.ndim == 2 and X_val.shape[1] != X.shape[1]:
             raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}; "
                               f"pass validation rows with {X.shape[1]} columns")
@@ -283,6 +290,24 @@ def vae_steps_warning(n_rows: int, batch_size: int, epochs: int, min_steps: int 
     return (f"--method vae: {n_rows} training rows at --batch-size {batch_size} make {per_epoch} Adam "
             f"step(s) per epoch, {per_epoch * epochs} in {epochs} epochs, likely far from converged; lower "
             f"--batch-size or raise --max-iter for {min_steps:,} steps or more")
+
+
+EM_ONLY = ("init", "tol", "init_noise", "sweeps", "rtol", "var_floor")
+VAE_ONLY = ("lr", "batch_size", "eval_every")
+
+
+def check_method_options(method, linear: bool) -> None:
+    """Usage errors for options the run would ignore: EM's with --method vae, the VAE's
+    with --method em, --activation for a linear generator (--hidden none)."""
+    ctx = click.get_current_context()
+    other, label = (VAE_ONLY, "vae") if method == "em" else (EM_ONLY, "em")
+    for name in other:
+        if on_command_line(name):
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} is an option of --method {label} and --method {method} ignores it; "
+                                   f"drop it or use --method {label}", ctx)
+    if linear and on_command_line("activation"):
+        raise click.UsageError("--activation does not apply to a linear generator (--hidden none); drop it", ctx)
 
 
 def check_init_options(init, method, latent_dim) -> None:

@@ -446,13 +446,13 @@ def _posterior_block(X, model, moments: bool):
 
 def _impute_block(X, model, draws, seed, std, mean_stderr, block_info=None):
     """[error_bound, n_missing | mean (D) | std (D) | mean_stderr (D)] (std and
-    mean_stderr where asked for) or [error_bound, n_missing | draws (K*D), draw by draw]
-    per row."""
+    mean_stderr where asked for) or [error_bound, n_missing | draws (K*D), draw by draw |
+    std (D) where asked for] per row."""
     model = _ready(model)
     first_row = block_info[0]["array-location"][0][0] if block_info else 0
     res = model.imputation(X, draws=draws, seed=np.random.default_rng([int(seed), int(first_row)]), std=std)
     if draws is not None:
-        parts = [res.draws.transpose(1, 0, 2).reshape(X.shape[0], -1)]
+        parts = [res.draws.transpose(1, 0, 2).reshape(X.shape[0], -1)] + ([res.std] if std else [])
     else:
         parts = [res.mean] + ([res.std] if std else []) + ([res.mean_stderr] if mean_stderr else [])
     return np.column_stack([res.error_bound, res.n_missing] + parts).astype(np.float64)
@@ -512,7 +512,7 @@ def impute(model, X, *, draws: int | None = None, seed: int = 0, std: bool = Fal
            client=None, device: str = "auto"):
     """Exact imputation of the NaN entries of X as dask.arrays, like ``CPAModel.impute``:
     the conditional mean (N, D), or K exact draws (K, N, D) with ``draws=K``.  With
-    std=True and/or mean_stderr=True a tuple instead: the mean, then the conditional std
+    std=True and/or mean_stderr=True a tuple instead: the mean (or the draws), then the conditional std
     (N, D), then the means' QMC standard error (N, D; ``impute.ImputeResult.mean_stderr``:
     over the randomisation of the S >= 4 region integrals, 0 on observed entries and where
     the integrals are exact, S <= 3).  Observed entries are kept bit for bit."""
@@ -523,26 +523,29 @@ def impute(model, X, *, draws: int | None = None, seed: int = 0, std: bool = Fal
 
 def split_imputation(table, *, draws=None, std=False, mean_stderr=False):
     """The parts of an ``impute_table`` (dask or numpy): the mean (N, D), the tuple of
-    the mean, std and mean_stderr (N, D) asked for, or the draws (K, N, D)."""
+    the mean, std and mean_stderr (N, D) asked for, or the draws (K, N, D) (with std=True
+    the tuple of the draws and the std (N, D))."""
     blocks = _impute_blocks(draws, std, mean_stderr)
     N, D = table.shape[0], (table.shape[1] - IMPUTE_LEAD) // blocks
     body = table[:, IMPUTE_LEAD:]
     if draws is not None:
-        return body.reshape((N, draws, D)).transpose(1, 0, 2)
+        sample = body[:, :draws * D].reshape((N, draws, D)).transpose(1, 0, 2)
+        return (sample, body[:, draws * D:]) if std else sample
     if blocks == 1:
         return body
     return tuple(body[:, k * D:(k + 1) * D] for k in range(blocks))
 
 
 def _impute_blocks(draws, std, mean_stderr) -> int:
-    """How many (N, D) blocks follow the lead columns of an impute table: the K draws, or
-    the mean plus the std and the mean_stderr where asked for."""
-    return draws if draws is not None else 1 + bool(std) + bool(mean_stderr)
+    """How many (N, D) blocks follow the lead columns of an impute table: the K draws or
+    the mean, plus the std and the mean_stderr where asked for."""
+    return (draws if draws is not None else 1) + bool(std) + bool(mean_stderr)
 
 
 def impute_table(model, X, *, draws=None, seed=0, std=False, mean_stderr=False, client=None, device="auto"):
     """(N, 2 + W) dask.array: the certified error bound and the number of missing entries,
-    then the mean (and std, and mean_stderr) or the draws (W = D to 3 D, or K D) per row;
+    then the mean (and std, and mean_stderr) or the draws (and std) (W = D to 3 D, or K D
+    to (K + 1) D) per row;
     see ``impute``."""
     from .impute import check_draws
     check_draws(draws)

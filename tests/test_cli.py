@@ -918,7 +918,7 @@ def test_data_of_another_width_is_refused_by_its_file_name_before_the_partition(
     narrow = files["dir"] / "narrow.csv"
     np.savetxt(narrow, files["X"][:5, :2], delimiter=",")
     out = files["dir"] / ("out.png" if command == "plot" else "out.csv")
-    args = ["plot", "partition", files["model"], "--data", narrow] if command == "plot" else [command, files["model"], narrow]
+    args = ["plot", "partition", files["model"], "--data", narrow, "--row", 0] if command == "plot" else [command, files["model"], narrow]
     r = run(*args, "-o", out)
     assert_one_line_error(r, f"{narrow} has 2 columns but the generator outputs 3", "pass data with 3 columns")
     assert not out.exists() and not list(files["dir"].glob("*.partition.h5"))

@@ -372,6 +372,44 @@ def test_cli_impute_with_dask_streams_the_same_h5(client, model, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("suffix", [".h5", ".npy", ".csv"])
+def test_cli_impute_with_dask_writes_the_std_beside_the_draws(client, model, tmp_path, suffix):
+    """--draws K --std with --dask writes the draws and the std, as the run without --dask
+    does (it was an internal error, exit 70: the workers sent the draws without the std).
+    The std is each row's own, so it equals the std of a --dask --std mean run bit for bit."""
+    from cli.main import main
+    from cpadgn.modelfile import save_model
+    save_model(tmp_path / "gen.h5", model.generator, noise_std=0.3)
+    X = rows(model, 60, seed=8)
+    np.save(tmp_path / "x.npy", X)
+    base = ["impute", str(tmp_path / "gen.h5"), str(tmp_path / "x.npy"), "--std", "-q", "--device", "cpu",
+            "--dask", client.scheduler.address, "--chunk-rows", "15"]
+    for name, extra in (("mean.h5", []), ("draws" + suffix, ["--draws", "3", "--seed", "4"])):
+        r = CliRunner().invoke(main, base + ["-o", str(tmp_path / name)] + extra, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "mean.h5") as f:
+        std_ref = f["std"][()]
+    if suffix == ".h5":
+        with h5py.File(tmp_path / "draws.h5") as f:
+            assert sorted(f) == ["data", "std"]
+            draws, std = f["data"][()], f["std"][()]
+    elif suffix == ".npy":
+        draws, std = np.load(tmp_path / "draws.npy"), np.load(tmp_path / "draws.std.npy")
+    else:
+        import pandas as pd
+        long = pd.read_csv(tmp_path / "draws.csv")
+        draws = long.drop(columns="draw").to_numpy().reshape(3, len(X), X.shape[1])
+        std = pd.read_csv(tmp_path / "draws.std.csv")
+        assert list(std.columns) == list(long.columns[1:])
+        std = std.to_numpy()
+    assert draws.shape == (3,) + X.shape and std.shape == X.shape
+    obs = ~np.isnan(X)
+    np.testing.assert_array_equal(draws[:, obs], np.broadcast_to(X[obs], (3, obs.sum())))
+    # the CSV holds repr(float): float64 round trips exactly
+    np.testing.assert_array_equal(std, std_ref)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 # ------------------------------------------------- S >= 4: the imputed means' QMC standard error
 def test_s4_mean_stderr_on_the_cluster_matches_the_spread_over_independent_randomisations(client):
     """At S = 4 ``cpadgn.dask.impute(..., mean_stderr=True)`` carries each imputed mean's

@@ -507,6 +507,62 @@ def test_cli_fit_vae_keeps_encoder(tmp_path, wave):
     assert h["n_regions"][0] == h["n_regions"][2] == -1 and (h["n_regions"][[1, 3]] > 0).all()
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("em", ["--lr", "0.01"]), ("em", ["--batch-size", "16"]), ("em", ["--eval-every", "2"]),
+    ("vae", ["--tol", "0.1"]), ("vae", ["--init-noise", "0.5"]), ("vae", ["--sweeps", "2"]),
+    ("vae", ["--rtol", "1e-4"]), ("vae", ["--var-floor", "0.01"]), ("vae", ["--init", "random"])])
+def test_cli_fit_refuses_the_other_methods_options(tmp_path, wave, method, extra):
+    """An option of the other --method was silently ignored (fit --lr 0.01 trained EM as
+    without it, --method vae --var-floor 0.01 a VAE as without it): a usage error now (exit
+    2, one line naming the option and the method it belongs to), before any work."""
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X[:60])
+    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "--hidden", "4",
+                                  "--method", method, "--max-iter", "1", "-q"] + extra)
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip()
+    assert err.startswith("Error: " + extra[0]) and "\n" not in err and "--method" in err, err
+    assert list(tmp_path.iterdir()) == [data]
+
+
+def test_cli_fit_dataset_names_the_key_of_the_h5_file_beside_a_csv(tmp_path, wave):
+    """DATA .csv with --val FILE.h5 holding several datasets was a dead end: without
+    --dataset 'choose one with --dataset KEY', with it '--dataset names a dataset inside an
+    .h5 file, but DATA is a .csv file'.  --dataset is now the key of the .h5 files among
+    DATA and --val (as compare's --data and --train): the validation rows are dataset a's."""
+    import h5py
+
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X[:60])
+    with h5py.File(tmp_path / "val.h5", "w") as f:
+        f["a"], f["b"] = X[60:85], X[60:100]
+    argv = ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "--hidden", "4", "--max-iter", "1", "-q",
+            "--json", "--val", str(tmp_path / "val.h5")]
+    r = CliRunner().invoke(main, argv + ["--dataset", "a"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["val_rows"] == 25 and json.loads(r.stdout)["train_rows"] == 60
+    r = CliRunner().invoke(main, argv)                     # still: which of the two datasets
+    assert r.exit_code == 1 and "--dataset KEY" in r.stderr
+
+
+def test_cli_fit_refuses_an_activation_for_a_linear_generator(tmp_path, wave):
+    """--hidden none --activation relu silently fitted PPCA (a linear generator has no
+    activation; the summary said 'none'): a usage error now; without --activation it fits."""
+    from cli.main import main
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X[:60])
+    argv = ["fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", "1", "--hidden", "none", "--max-iter", "1", "-q"]
+    r = CliRunner().invoke(main, argv + ["--activation", "relu"])
+    assert r.exit_code == 2 and r.stderr.strip().startswith("Error: --activation") and "\n" not in r.stderr.strip()
+    assert list(tmp_path.iterdir()) == [data]
+    assert CliRunner().invoke(main, argv).exit_code == 0
+
+
 def test_cli_fit_vae_divergence_names_the_learning_rate(tmp_path, wave):
     """A learning rate that sends the ELBO to inf or NaN stops training with one line
     naming --lr (it went on and was refused later as 'a badly scaled model'), no output."""

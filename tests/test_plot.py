@@ -600,11 +600,11 @@ def test_cli_pictures_at_the_smallest_size_lay_out_without_a_warning(files, tmp_
         save_model(tmp_path / model, random_net(1, (6,), 4, seed=1), noise_std=0.3)
     path = tmp_path / model if model == "gen1.h5" else files / model
     w, h = MIN_PICTURE_SIZE
-    picked = [a for r in range(rows) for a in ("--row", r)]
+    picked = [a for r in range(rows) for a in ("--row", r)] + (["--data", files / "data.csv"] if rows else [])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        r = run("plot", "partition", path, "-o", tmp_path / "small.png", "--size", f"{w}x{h}", "--data",
-                files / "data.csv", *picked, "-q", "--device", "cpu", "--cache", tmp_path / "c.h5")
+        r = run("plot", "partition", path, "-o", tmp_path / "small.png", "--size", f"{w}x{h}",
+                *picked, "-q", "--device", "cpu", "--cache", tmp_path / "c.h5")
     assert r.exit_code == 0 and r.output == "", r.output
     assert png_size(tmp_path / "small.png") == (w, h)
 
@@ -680,6 +680,8 @@ def test_library_pictures_at_the_smallest_size_lay_out_without_a_warning():
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.jpg"], "use one of .png, .pdf, .svg"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--row", "1"], "add --data"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--dataset", "X"], "there is no --data"),
+    # --data without --row was read and silently left out of the picture
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--data", "{d}/data.csv"], "add --row I, or drop --data"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--data", "{d}/data.csv", "--row", "30"],
      "past the end"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png"),
