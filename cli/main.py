@@ -212,8 +212,9 @@ def _remember_sigint():
 
     def restore():
         sys.unraisablehook = hook
-        signal.signal(signal.SIGINT, sigint)
-        signal.signal(signal.SIGTERM, sigterm)
+        for signum, handler in ((signal.SIGINT, sigint), (signal.SIGTERM, sigterm)):
+            if handler is not None:             # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
     return restore
 
 
