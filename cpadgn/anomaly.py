@@ -42,6 +42,7 @@ from scipy.special import betaincinv
 
 from .data import numeric_array
 from .errors import CpadgnError
+from .numerics import is_integer
 
 
 @dataclass
@@ -92,7 +93,7 @@ def pvalues(model, log_prob, n_samples: int = 2000, seed=0, *, observed=None,
     if log_prob.ndim != 1:
         raise CpadgnError(f"log_prob must be one log p per row, shape (N,), got shape {log_prob.shape}; "
                           "pass model.log_prob(X)")
-    if not (isinstance(n_samples, (int, np.integer)) and not isinstance(n_samples, bool) and n_samples >= 1):
+    if not (is_integer(n_samples) and n_samples >= 1):
         raise CpadgnError(f"n_samples must be a positive integer, got {n_samples!r}; pass e.g. n_samples=1000")
     if not (isinstance(level, (int, float, np.number)) and 0 < level < 1):
         raise CpadgnError(f"level must be in (0, 1), got {level!r}; pass e.g. level=0.95")
@@ -186,7 +187,7 @@ def top_features(scores, k: int):
     Returns index (N, k) int64 (0-based; -1 where a row has fewer than k finite
     entries) and value (N, k) (NaN there).  Ties keep the lower index first.
     """
-    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0):
+    if not (is_integer(k) and k >= 0):
         raise CpadgnError(f"k must be a non-negative integer, got {k!r}; pass e.g. k=3")
     scores = numeric_array(scores, "an (N, D) array").astype(np.float64, copy=False)
     if scores.ndim != 2:

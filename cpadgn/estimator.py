@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CpadgnError
+from .numerics import is_finite_number, is_integer
 
 try:
     from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, OutlierMixin, TransformerMixin
@@ -36,21 +37,11 @@ class EstimatorInputError(CpadgnError, ValueError):
     ValueError scikit-learn's conventions ask for."""
 
 
-def _is_number(value) -> bool:
-    """A real number (Python or numpy), not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_integer(value) -> bool:
-    """An integer (Python or numpy), not a bool (True would be read as 1)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _seed(random_state) -> int | None:
     """An int seed for numpy's default_rng / fit_em from a scikit-learn random_state."""
     if random_state is None:
         return None
-    if _is_integer(random_state) and random_state >= 0:       # numpy's seeds are non-negative
+    if is_integer(random_state) and random_state >= 0:       # numpy's seeds are non-negative
         return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(np.iinfo(np.int32).max))
@@ -130,20 +121,20 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             raise EstimatorInputError(f"contamination must be in (0, 0.5], got {self.contamination!r}; pass "
                                       "the expected fraction of outliers, e.g. contamination=0.1")
         S = self.latent_dim
-        if not _is_integer(S) or S < 1:
+        if not is_integer(S) or S < 1:
             raise EstimatorInputError(f"latent_dim must be a positive integer, got {S!r}; pass e.g. latent_dim=2")
         if S >= n_features:
             raise EstimatorInputError(f"latent_dim={S} needs data with more than {S} features, got "
                                       f"n_features = {n_features}; lower latent_dim")
-        if not _is_integer(self.max_iter) or self.max_iter < 0:
+        if not is_integer(self.max_iter) or self.max_iter < 0:
             raise EstimatorInputError(f"max_iter must be a non-negative integer, got {self.max_iter!r}; pass "
                                       "e.g. max_iter=100")
-        if not (_is_number(self.tol) and np.isfinite(self.tol) and self.tol >= 0):
+        if not (is_finite_number(self.tol) and self.tol >= 0):
             raise EstimatorInputError(f"tol must be a finite number >= 0, got {self.tol!r}; pass e.g. tol=1e-5")
         if self.noise not in ("iso", "diag"):
             raise EstimatorInputError(f"noise must be 'iso' or 'diag', got {self.noise!r}; pass noise='iso' or "
                                       "noise='diag'")
-        if not (_is_number(self.slope) and np.isfinite(self.slope)):
+        if not is_finite_number(self.slope):
             raise EstimatorInputError(f"slope must be a finite number, got {self.slope!r}; pass e.g. slope=0.1 "
                                       "(0 for ReLU)")
         return self._hidden_widths(), self._check_device()
@@ -213,7 +204,7 @@ class _CPABase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         defaults to the estimator's (same seed, same draws; None means seed 0, as in fit; a
         RandomState advances at each call, as in scikit-learn)."""
         check_is_fitted(self, "model_")
-        if not _is_integer(n_samples) or n_samples < 0:
+        if not is_integer(n_samples) or n_samples < 0:
             raise EstimatorInputError(f"n_samples must be a non-negative integer, got {n_samples!r}; pass e.g. "
                                       "n_samples=100")
         seed = _seed(self.random_state if random_state is None else random_state)

@@ -41,7 +41,8 @@ import numpy as np
 from .data import numeric_array
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import MAX_MAGNITUDE, NOISE_RANGE, ROUNDING_WARN_NATS, check_magnitude, check_spread
+from .numerics import (MAX_MAGNITUDE, NOISE_RANGE, ROUNDING_WARN_NATS, check_magnitude, check_spread,
+                       is_finite_number, is_integer)
 
 ACTIVATIONS = "leaky_relu:A (0 <= A <= 1e100, A != 1), relu, abs"
 
@@ -139,31 +140,20 @@ def check_training_data(X, latent_dim: int, what: str = "training data", *,
     return X
 
 
-def _is_int(value) -> bool:
-    """An integer (Python or numpy), not a bool (True would be read as 1)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_finite_real(value) -> bool:
-    """A finite real number (Python or numpy), not a bool."""
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-            and bool(np.isfinite(value)))
-
-
 def check_arguments(*, latent_dim=None, slope=None, max_iter=None, tol=None, seed=None, device=None):
     """``fit_em`` / ``fit_vae``'s Python arguments refused as the command line's options are
     (a one-line CpadgnError, not a TypeError or numpy's error from deep inside); None is
     not checked.  Returns the torch device (``model.check_device``), or None."""
-    if latent_dim is not None and not (_is_int(latent_dim) and latent_dim >= 1):
+    if latent_dim is not None and not (is_integer(latent_dim) and latent_dim >= 1):
         raise CpadgnError(f"latent_dim must be a positive integer, got {latent_dim!r}; pass e.g. latent_dim=2")
-    if slope is not None and not _is_finite_real(slope):
+    if slope is not None and not is_finite_number(slope):
         raise CpadgnError(f"slope must be a finite number, got {slope!r}; pass e.g. slope=0.1 (0 for ReLU, "
                           "-1 for abs)")
-    if max_iter is not None and not (_is_int(max_iter) and max_iter >= 0):
+    if max_iter is not None and not (is_integer(max_iter) and max_iter >= 0):
         raise CpadgnError(f"max_iter must be a non-negative integer, got {max_iter!r}; pass e.g. max_iter=100")
-    if tol is not None and not (_is_finite_real(tol) and tol >= 0):
+    if tol is not None and not (is_finite_number(tol) and tol >= 0):
         raise CpadgnError(f"tol must be a finite number >= 0, got {tol!r}; pass e.g. tol=1e-5")
-    if seed is not None and not (_is_int(seed) and seed >= 0):
+    if seed is not None and not (is_integer(seed) and seed >= 0):
         raise CpadgnError(f"seed must be a non-negative integer, got {seed!r}; pass e.g. seed=0")
     if device is None:
         return None

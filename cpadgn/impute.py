@@ -49,7 +49,7 @@ from . import likelihood
 from .data import check_rows
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
-from .numerics import check_representable, seeded_rng
+from .numerics import check_representable, is_integer, seeded_rng
 from .partition import Partition
 from .sampling import sample_truncated_gaussian
 
@@ -95,8 +95,7 @@ class ImputeResult:
 def check_draws(draws) -> None:
     """Refuse a number of draws that is neither None (the mean) nor a positive integer
     (True would be read as 1, 2.5 truncated)."""
-    whole = isinstance(draws, (int, np.integer)) and not isinstance(draws, (bool, np.bool_))
-    if draws is not None and not (whole and draws >= 1):
+    if draws is not None and not (is_integer(draws) and draws >= 1):
         raise CpadgnError(f"draws must be a positive integer, got {draws!r}; pass draws=1 or more, or "
                           "leave it out for the mean")
 

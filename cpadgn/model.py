@@ -18,7 +18,7 @@ from scipy.optimize import minimize_scalar
 from . import likelihood
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet, check_prior, fold_prior
-from .numerics import NOISE_RANGE, check_noise_range, rounding_error_estimate, seeded_rng
+from .numerics import NOISE_RANGE, check_noise_range, is_finite_number, rounding_error_estimate, seeded_rng
 from .partition import Partition, compute_partition
 
 
@@ -153,8 +153,7 @@ class CPAModel:
 
     @memory_budget.setter
     def memory_budget(self, value) -> None:
-        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-        if not (ok and np.isfinite(value) and value > 0):
+        if not (is_finite_number(value) and value > 0):
             raise CpadgnError(f"memory_budget must be a positive number of bytes, got {value!r}; pass e.g. "
                               "memory_budget=2e9")
         self._memory_budget = float(value)

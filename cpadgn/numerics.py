@@ -19,6 +19,17 @@ MAX_WHITENED_SQ = 1e200
 MAX_MAGNITUDE = 1e100       # |weight|, |bias|, |training value|: their squares and sums stay finite
 
 
+def is_integer(value) -> bool:
+    """An integer (Python or numpy), not a bool (True would be read as 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_finite_number(value) -> bool:
+    """A finite real number (Python or numpy), not a bool."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and bool(np.isfinite(value)))
+
+
 def seeded_rng(seed) -> np.random.Generator:
     """np.random.default_rng(seed), or a one-line CpadgnError for a seed numpy does not take
     (a string, a float, a negative int: numpy's TypeError or ValueError)."""
