@@ -14,9 +14,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from cli.main import (Progressbar, StdoutConsole, check_cache_path, check_dask_options, csv_column_names, fit_noise_std,
-                      main, memory_budget_option, notice_for, parse_noise, precision_options, resolve_device,
-                      rounding_errors, say_for, scale_mismatch, set_precision, user_errors, warn_rounding)
+from cli.main import (Progressbar, StdoutConsole, check_cache_path, check_dask_options, csv_column_names, dataset_keys,
+                      fit_noise_std, main, memory_budget_option, notice_for, parse_noise, precision_options,
+                      resolve_device, rounding_errors, say_for, scale_mismatch, set_precision, user_errors,
+                      warn_rounding)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -119,12 +120,9 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
                           "(fitting it on the test data would bias the comparison)")
 
     from cpadgn.model import load            # imports torch: after the quick checks
-    # --dataset is the key inside the .h5 files among --data and --train (a .csv or .npy
-    # beside one ignores it; with no .h5 file read_data refuses it)
-    h5 = [p for p in (test_path, train_path) if p is not None and Path(p).suffix.lower() in (".h5", ".hdf5")]
-    key = lambda path: dataset if path in h5 or not h5 else None
-    X_test = read_data(test_path, dataset=key(test_path))
-    X_train = None if train_path is None else read_data(train_path, dataset=key(train_path))
+    test_key, train_key = dataset_keys(dataset, test_path, train_path)
+    X_test = read_data(test_path, dataset=test_key)
+    X_train = None if train_path is None else read_data(train_path, dataset=train_key)
     dev = resolve_device(device)
     models = [(str(p), load(p, noise_std=None if s == "auto" else s, trust_pickle=trust_pickle,
                             device=dev)) for p, s in zip(model_paths, noises)]

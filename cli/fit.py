@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 from cli.lazy import np
 
-from cli.main import (Bytes, FiniteRange, Progressbar, main, on_command_line, print_summary, resolve_device,
-                      user_errors)
+from cli.main import (Bytes, FiniteRange, Progressbar, dataset_keys, main, on_command_line, print_summary,
+                      resolve_device, user_errors)
 from cpadgn.errors import CpadgnError
 
 
@@ -152,11 +152,8 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     # one line on stderr unless --quiet, also under --json (whose stdout stays JSON), as every command warns
     say = (lambda m: None) if quiet else (lambda m: click.echo(f"Warning: {' '.join(m.split())}", err=True))
     dev = resolve_device(device)
-    # --dataset is the key inside the .h5 files among DATA and --val (a .csv or .npy beside
-    # one ignores it; with no .h5 file read_data refuses it), as compare's --data and --train
-    h5 = [p for p in (data_path, val_path) if p is not None and Path(p).suffix.lower() in (".h5", ".hdf5")]
-    key = lambda path: dataset if path in h5 or not h5 else None
-    raw = read_rows(data_path, key(data_path), "DATA")
+    data_key, val_key = dataset_keys(dataset, data_path, val_path)
+    raw = read_rows(data_path, data_key, "DATA")
     if init_model:
         from cpadgn.fit import check_init_dimensions
         from cpadgn.model import load
@@ -174,7 +171,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
         say(warning)
     if val_path is not None:
         X_train = X
-        X_val = read_rows(val_path, key(val_path), "--val")
+        X_val = read_rows(val_path, val_key, "--val")
         if X_val.ndim == 2 and X_val.shape[1] != X.shape[1]:
             raise CpadgnError(f"--val {val_path} has {X_val.shape[1]} columns but DATA has {X.shape[1]}; "
                               f"pass validation rows with {X.shape[1]} columns")

@@ -462,6 +462,14 @@ def say_for(quiet: bool):
     return (lambda m: None) if quiet else say
 
 
+def dataset_keys(dataset, *paths) -> list:
+    """--dataset for each of paths (None: not given): the key inside the .h5 files among
+    them, None for a .csv or .npy file beside one (with no .h5 file each gets it, and
+    ``read_data`` refuses it)."""
+    h5 = [p for p in paths if p is not None and str(p).lower().endswith((".h5", ".hdf5"))]
+    return [dataset if p in h5 or not h5 else None for p in paths]
+
+
 def command_inputs(model_path, data_path, cache) -> dict:
     """The files a model command reads, by role, which no output may replace."""
     from cpadgn.cache import cache_path_for
