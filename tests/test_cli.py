@@ -16,15 +16,21 @@ from cpadgn.partition import compute_partition
 from oracles import loglik_1d, random_net
 
 
+def model_and_rows(net, model, data, n, header="a,b,c"):
+    """net saved to model (noise std 0.3) and n rows (n, 3) drawn from it written to the
+    CSV file data under header; returns the rows."""
+    save_model(model, net, noise_std=0.3)
+    rng = np.random.default_rng(0)
+    X = net.forward(rng.standard_normal((n, 1))) + 0.3 * rng.standard_normal((n, 3))
+    np.savetxt(data, X, delimiter=",", header=header, comments="")
+    return X
+
+
 @pytest.fixture()
 def files(tmp_path):
     net = random_net(1, (6, 6), 3, seed=2, slope=0.1, scale=2.0)
-    model = tmp_path / "gen.h5"
-    save_model(model, net, noise_std=0.3)
-    rng = np.random.default_rng(0)
-    X = net.forward(rng.standard_normal((20, 1))) + 0.3 * rng.standard_normal((20, 3))
-    data = tmp_path / "data.csv"
-    np.savetxt(data, X, delimiter=",", header="a,b,c", comments="")
+    model, data = tmp_path / "gen.h5", tmp_path / "data.csv"
+    X = model_and_rows(net, model, data, 20)
     return dict(dir=tmp_path, net=net, model=model, data=data, X=X)
 
 
@@ -980,12 +986,8 @@ def test_paths_and_column_names_with_brackets_are_printed_as_they_are(tmp_path):
     net = random_net(1, (4,), 3, seed=2, slope=0.1)
     d = tmp_path / "q[" / ("x]  two spaces" + "_long" * 12)
     d.mkdir(parents=True)
-    model = d / "gen[red].h5"
-    save_model(model, net, noise_std=0.3)
-    rng = np.random.default_rng(0)
-    X = net.forward(rng.standard_normal((12, 1))) + 0.3 * rng.standard_normal((12, 3))
-    data = d / "data[bold].csv"
-    np.savetxt(data, X, delimiter=",", header="a[m],b[/b],c", comments="")
+    model, data = d / "gen[red].h5", d / "data[bold].csv"
+    model_and_rows(net, model, data, 12, header="a[m],b[/b],c")
     cases = [["partition", model],
              ["score", model, data, "-o", d / "s[i].csv"],
              ["impute", model, data, "-o", d / "i.csv", "--evaluate-mcar", "0.3", "--seed", "1"],
