@@ -86,9 +86,12 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
     from cpadgn.data import read_data
     if rows and data_path is None:
         raise CpadgnError("--row picks rows of a data file: add --data DATA")
-    if data_path is not None and not rows and noise_std != "auto":
-        raise CpadgnError("--data is read for --row (and --noise-std auto), and neither is given: "
-                          "add --row I, or drop --data")
+    if noise_std is not None and not rows:
+        raise CpadgnError("--noise-std sets the noise of the posteriors p(z | x) drawn for --row, "
+                          "and there is no --row (the partition itself does not depend on it): add --data "
+                          "DATA --row I, or drop --noise-std")
+    if data_path is not None and not rows:
+        raise CpadgnError("--data is read for --row, and there is no --row: add --row I, or drop --data")
     if dataset is not None and data_path is None:
         raise CpadgnError(f"--dataset {dataset} is the key inside the --data .h5 file, and there is no "
                           "--data: add --data DATA, or drop --dataset")

@@ -682,6 +682,10 @@ def test_library_pictures_at_the_smallest_size_lay_out_without_a_warning():
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--dataset", "X"], "there is no --data"),
     # --data without --row was read and silently left out of the picture
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--data", "{d}/data.csv"], "add --row I, or drop --data"),
+    # --noise-std without --row was accepted and unused (auto even fitted it on --data, for nothing)
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--noise-std", "0.3"], "there is no --row"),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--noise-std", "auto", "--data", "{d}/data.csv"],
+     "add --data DATA --row I, or drop --noise-std"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--data", "{d}/data.csv", "--row", "30"],
      "past the end"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png"),
