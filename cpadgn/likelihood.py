@@ -41,7 +41,7 @@ from .polytope import (PolytopeMoments, QMCGeometry, combine_ids, content_hash, 
                        polytope_qmc_draws, solve_in_groups)
 from .network import PiecewiseAffineNet
 from .numerics import check_representable, rounding_error_estimate
-from .partition import Partition
+from .partition import MIN_CHUNK_BUDGET, Partition
 from .stop import map_in_threads, stop_check
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -1179,14 +1179,6 @@ def _concat_moments(parts: list):
     if isinstance(parts[0], tuple):
         return tuple(_concat_moments([p[k] for p in parts]) for k in range(len(parts[0])))
     return type(parts[0]).concat(parts)
-
-
-# bytes: posterior sizes its chunks by a budget of at least this.  Below it the chunks
-# shrank to one row, one region and one pair, and the per-chunk overhead (tens of
-# microseconds a torch call, more on a loaded machine) dominated: an S = 4 8-8 model's
-# 20 digits rows with a quarter of their entries missing took 176 s at a budget of
-# 1 byte, 4 s at 2e9.  So the working arrays may exceed a smaller budget by ~8 MB.
-MIN_CHUNK_BUDGET = 2.0 ** 23
 
 
 def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X: np.ndarray, *,

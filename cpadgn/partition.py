@@ -80,6 +80,14 @@ LP_MIN_RADIUS = 1e-10     # lp-walk: a pattern whose Chebyshev radius the LP can
 LP_FACET_TOL = 1e-9       # lp-walk: a row the others keep below this on the facet LP's box is redundant
 SNAP_RTOL = 1e-11          # subdivision: |u| <= SNAP_RTOL * max|u| counts as u = 0
 RANK_TOL = 1e-20           # subdivision: a squared width (relative) below this is no extent
+# bytes: a memory budget counts as at least this, in the likelihood's chunks
+# (``likelihood.posterior``, ``RegionTable``, impute's batches) and in the S = 1 enumeration's
+# guard (``_intervals``), so one set small to cut the chunks does not refuse the partition.
+# Below it the chunks shrank to one row, one region and one pair, and the per-chunk overhead
+# (tens of microseconds a torch call, more on a loaded machine) dominated: an S = 4 8-8
+# model's 20 digits rows with a quarter of their entries missing took 176 s at a budget of
+# 1 byte, 4 s at 2e9.  So the working arrays may exceed a smaller budget by ~8 MB.
+MIN_CHUNK_BUDGET = 2.0 ** 23
 
 
 @dataclass
@@ -536,15 +544,12 @@ def _fill_inactive(patterns, active, dead_sign, dup_of, dup_flip):
 
 
 # ============================================================================ S = 1
-MIN_INTERVALS_BUDGET = 2.0 ** 23    # a smaller memory budget (one set to cut the likelihood's chunks) counts as this
-
-
 def _intervals(net, max_regions, progress, t0, memory_budget=None) -> Partition:
     """Exact interval splitting of the whole line, layer by layer; a layer whose (intervals,
     units) arrays would exceed memory_budget (bytes) stops it with a CpadgnError first."""
     def check_budget(intervals, n):       # ~4 float (I, n) arrays at once, and the patterns (I, K)
         need = intervals * (33.0 * n + K)
-        if memory_budget is not None and need > max(memory_budget, MIN_INTERVALS_BUDGET):
+        if memory_budget is not None and need > max(memory_budget, MIN_CHUNK_BUDGET):
             _too_big(need, memory_budget)
 
     K = net.n_units
