@@ -135,6 +135,7 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
       cpadgn fit sample_data/digits_train.csv -o refined.h5 --init decoder.pt2 --max-iter 10
       cpadgn compare digits_em.h5 digits_vae.h5 --data sample_data/digits_test.csv
     """
+    from cpadgn.cache import cache_path_for
     from cpadgn.data import check_output_path
     from cpadgn.fit import (check_model_suffix, check_training_data, data_fingerprint, fit_em, fit_vae,
                             parse_activation, parse_hidden, save_fit, split_validation)
@@ -143,7 +144,9 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     init_model, init_path = init not in ("ppca", "random"), init
     check_init_options(init, method, latent_dim)
     check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,
-                                   "the --init model": init if init_model else None})
+                                   "the --init model": init if init_model else None,
+                                   "the partition cache of the --init model":
+                                       cache_path_for(init) if init_model else None})
     hidden_sizes = parse_hidden(hidden)
     check_method_options(method, linear=not init_model and not hidden_sizes)
     slope = parse_activation(activation)

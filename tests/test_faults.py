@@ -159,6 +159,9 @@ CASES = [
     ("score -o cache", None, ["score", W, WD, "-o", W + ".partition.h5"], 1, ["partition cache"]),
     ("impute -o hard link to DATA", hard_link, ["impute", W, WD, "-o", "link.csv"], 1, ["DATA file"]),
     ("fit -o DATA", data_h5, ["fit", "data.h5", "-o", "data.h5", "-S", "1"], 1, ["DATA file"]),
+    # the --init model's partition cache was replaced by the fitted model (later commands then refused it)
+    ("fit -o --init's cache", None, ["fit", WD, "--init", W, "-o", W + ".partition.h5"], 1,
+     ["partition cache of the --init model"]),
     ("compare -o --data", None, ["compare", W, "--data", WD, "-o", WD], 1, ["--data file"]),
     # bad options
     ("--dataset with csv", None, ["score", W, WD, "-o", "s.csv", "--dataset", "X"], 1, ["--dataset"]),
