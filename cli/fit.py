@@ -17,7 +17,7 @@ from cpadgn.errors import CpadgnError
 @click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (.h5): weights, prior, noise, options, training history.")
-@click.option("--latent-dim", "-S", "latent_dim", type=int, default=None,
+@click.option("--latent-dim", "-S", "latent_dim", type=click.IntRange(min=1), default=None,
               help="Latent dimension S (1 to 3 keeps the partition cheap); required unless --init MODEL.")
 @click.option("--hidden", default="32,32", show_default=True,
               help="Hidden layer widths, comma-separated; 'none' for a linear generator (PPCA).")
@@ -312,11 +312,15 @@ def check_method_options(method, linear: bool) -> None:
 
 def check_init_options(init, method, latent_dim) -> None:
     """Usage errors of --init: a MODEL must exist, is EM's start (not the VAE's), and
-    brings its own --hidden and --activation; without one, --latent-dim is required."""
+    brings its own --hidden and --activation; without one, --latent-dim is required and
+    --trust-pickle (which only lets --init load a pickled module) has nothing to load."""
     ctx = click.get_current_context()
     if init in ("ppca", "random"):
         if latent_dim is None:
             raise click.UsageError("Missing option '--latent-dim' / '-S' (or give --init MODEL)", ctx)
+        if on_command_line("trust_pickle"):
+            raise click.UsageError("--trust-pickle lets --init MODEL load a pickled torch module, and there is "
+                                   "no --init MODEL; drop --trust-pickle or give --init MODEL", ctx)
         return
     if not Path(init).is_file():
         raise click.BadParameter(f"{init!r} is neither ppca, random nor an existing model file",

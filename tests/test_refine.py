@@ -152,6 +152,38 @@ def test_init_refuses_mismatched_dimensions(tmp_path):
                     "does not match the --init model's latent dimension 1")
 
 
+@pytest.mark.parametrize("args, code, match", [
+    # the model disagrees with the data or with an option: a user error (exit 1)
+    (["sample_data/digits_test.csv", "--init", "sample_data/wave_generator.h5"], 1, "outputs 2 columns"),
+    (["sample_data/wave.csv", "--init", "sample_data/wave_generator.h5", "-S", "2"], 1, "latent dimension 1"),
+    (["sample_data/wave.csv", "--init", "sample_data/digits_test.csv"], 1, "not a recognised generator"),
+    # the command line is wrong whatever the files hold: a usage error (exit 2), as fit's other option checks
+    (["sample_data/wave.csv", "--init", "sample_data/wave_generator.h5", "--hidden", "4"], 2,
+     "--hidden comes from the --init model"),
+    (["sample_data/wave.csv", "--init", "sample_data/wave_generator.h5", "--activation", "relu"], 2,
+     "--activation comes from the --init model"),
+    (["sample_data/wave.csv", "--init", "sample_data/wave_generator.h5", "--method", "vae"], 2, "start for EM"),
+    (["sample_data/wave.csv", "--init", "no_such_model.h5"], 2, "neither ppca, random nor an existing"),
+    # a latent dimension below 1 is a bad value whatever the model: it was exit 1, 'does not match the --init
+    # model's latent dimension 1' (and without --init exit 1 too), unlike every other bad number of fit
+    (["sample_data/wave.csv", "--init", "sample_data/wave_generator.h5", "-S", "0"], 2, "x>=1"),
+    (["sample_data/wave.csv", "-S", "0"], 2, "x>=1"),
+    # --trust-pickle only lets --init load a pickled module: without --init MODEL it was accepted and unused
+    (["sample_data/wave.csv", "-S", "1", "--trust-pickle"], 2, "no --init MODEL"),
+    (["sample_data/wave.csv", "-S", "1", "--init", "random", "--trust-pickle"], 2, "drop --trust-pickle"),
+])
+def test_init_mismatches_exit_1_for_the_files_and_2_for_the_command_line(tmp_path, args, code, match):
+    """Every way an --init request can be refused, in one line before any work: exit 1 when
+    the model does not fit the data or an option (only the files tell), exit 2 when the
+    command line alone is wrong (README: 1 user error, 2 usage error)."""
+    out = tmp_path / "o.h5"
+    res = CliRunner().invoke(main, ["fit", *args, "-o", str(out), "--max-iter", "1", "-q"])
+    assert res.exit_code == code, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err and match in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_generator_given_as_data_is_pointed_to_init(tmp_path):
     """`cpadgn fit model.h5 ...` (or a .pt2, or one as --val): the refusal names --init,
     fit's way to refine a generator; it said 'the order is MODEL then DATA, e.g. cpadgn
