@@ -14,10 +14,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from cli.main import (Progressbar, StdoutConsole, check_cache_path, check_dask_options, csv_column_names, dataset_keys,
-                      fit_noise_std, main, memory_budget_option, notice_for, parse_noise, precision_options,
-                      resolve_device, rounding_errors, say_for, scale_mismatch, set_precision, user_errors,
-                      warn_rounding)
+from cli.main import (Progressbar, StdoutConsole, check_cache_path, check_dask_options, check_output_suffixes,
+                      csv_column_names, dataset_keys, fit_noise_std, main, memory_budget_option, notice_for,
+                      option_values, parse_noise, precision_options, resolve_device, rounding_errors, say_for,
+                      scale_mismatch, set_precision, usage_error, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -98,6 +98,24 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
     warnings = not quiet
     quiet = quiet or as_json
     say = say_for(quiet)
+    # the command line's own errors (exit 2), before any file is looked at
+    with option_values():
+        parse_baseline(baseline)
+    if baseline is not None and train_path is None:
+        raise usage_error("--baseline ppca is fitted on training data: pass --train TRAIN")
+    noises = per_model_noise(noise_std, len(model_paths))
+    check_dask_options(dask_address)
+    if "auto" in noises and dask_address is not None:
+        raise usage_error("--noise-std auto cannot be combined with --dask (it fits on every "
+                          "training row in one process); run without --dask, or give --noise-std X")
+    if "auto" in noises and train_path is None:
+        raise usage_error("--noise-std auto fits the noise on training data: pass --train TRAIN "
+                          "(fitting it on the test data would bias the comparison)")
+    if out is not None and Path(out).suffix.lower() not in REPORT_SUFFIXES:
+        raise usage_error(f"cannot write {out}: a comparison report is .json or .csv, "
+                          f"not '{Path(out).suffix or '(none)'}'")
+    check_output_suffixes(picture=plot_path)
+
     inputs = compare_inputs(model_paths, test_path, train_path)
     if out is not None:
         _check_report_path(out, inputs)
@@ -107,17 +125,6 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
         check_not_an_input(plot_path, {"the -o report": out})
     for p in model_paths:
         check_cache_path(p, None)
-    parse_baseline(baseline)
-    if baseline is not None and train_path is None:
-        raise CpadgnError("--baseline ppca is fitted on training data: pass --train TRAIN")
-    noises = per_model_noise(noise_std, len(model_paths))
-    check_dask_options(dask_address)
-    if "auto" in noises and dask_address is not None:
-        raise CpadgnError("--noise-std auto cannot be combined with --dask (it fits on every "
-                          "training row in one process); run without --dask, or give --noise-std X")
-    if "auto" in noises and train_path is None:
-        raise CpadgnError("--noise-std auto fits the noise on training data: pass --train TRAIN "
-                          "(fitting it on the test data would bias the comparison)")
 
     from cpadgn.model import load            # imports torch: after the quick checks
     test_key, train_key = dataset_keys(dataset, test_path, train_path)
@@ -174,14 +181,14 @@ def compare(model_paths, test_path, train_path, dataset, baseline, out, plot_pat
 
 def per_model_noise(values, n_models: int) -> list:
     """--noise-std given never, once (for all models) or once per model -> one per model
-    (None: the file's own)."""
+    (None: the file's own); a usage error otherwise."""
     values = list(values)
     if not values:
         return [None] * n_models
     if len(values) == 1:
         return values * n_models
     if len(values) != n_models:
-        raise CpadgnError(f"--noise-std is given {len(values)} times for {n_models} models; give "
+        raise usage_error(f"--noise-std is given {len(values)} times for {n_models} models; give "
                           "it once (for all models) or once per model, in the order of the models")
     return values
 
@@ -203,11 +210,8 @@ def compare_inputs(model_paths, test_path, train_path) -> dict:
 
 
 def _check_report_path(out, inputs):
+    """The report path can be written and is no input (its extension checked before)."""
     from cpadgn.data import check_output_path
-    out = Path(out)
-    if out.suffix.lower() not in REPORT_SUFFIXES:
-        raise CpadgnError(f"cannot write {out}: a comparison report is .json or .csv, "
-                          f"not '{out.suffix or '(none)'}'")
     check_output_path(out, inputs=inputs, suffixes=REPORT_SUFFIXES)
 
 

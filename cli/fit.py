@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 from cli.lazy import np
 
-from cli.main import (Bytes, FiniteRange, Progressbar, dataset_keys, main, on_command_line, print_summary,
-                      resolve_device, user_errors)
+from cli.main import (Bytes, FiniteRange, Progressbar, dataset_keys, main, on_command_line, option_values,
+                      print_summary, resolve_device, usage_error, user_errors)
 from cpadgn.errors import CpadgnError
 
 
@@ -139,19 +139,24 @@ def fit(data_path, out, latent_dim, hidden, activation, method, max_iter, tol, v
     from cpadgn.data import check_output_path
     from cpadgn.fit import (check_model_suffix, check_training_data, data_fingerprint, fit_em, fit_vae,
                             parse_activation, parse_hidden, save_fit, split_validation)
+    from cpadgn.numerics import NOISE_RANGE
     t0 = time.perf_counter()
-    out = check_model_suffix(out)
     init_model, init_path = init not in ("ppca", "random"), init
     check_init_options(init, method, latent_dim)
+    with option_values():               # the command line's own errors (exit 2) before any file's
+        out = check_model_suffix(out)
+        hidden_sizes = parse_hidden(hidden)
+        slope = parse_activation(activation)
+    check_method_options(method, linear=not init_model and not hidden_sizes)
+    if val_path is not None and val_fraction not in (None, 0):
+        raise usage_error("give either --val or --val-fraction, not both")
+    if init_noise is not None and init_noise > NOISE_RANGE[1]:      # as fit_em refuses it, after the data
+        raise usage_error(f"--init-noise {init_noise:g} is above {NOISE_RANGE[1]:g}; it is a fraction of the "
+                          "start's noise std: use e.g. 0.1 or 1")
     check_output_path(out, inputs={"the DATA file": data_path, "the --val file": val_path,
                                    "the --init model": init if init_model else None,
                                    "the partition cache of the --init model":
                                        cache_path_for(init) if init_model else None})
-    hidden_sizes = parse_hidden(hidden)
-    check_method_options(method, linear=not init_model and not hidden_sizes)
-    slope = parse_activation(activation)
-    if val_path is not None and val_fraction not in (None, 0):
-        raise CpadgnError("give either --val or --val-fraction, not both")
     # one line on stderr unless --quiet, also under --json (whose stdout stays JSON), as every command warns
     say = (lambda m: None) if quiet else (lambda m: click.echo(f"Warning: {' '.join(m.split())}", err=True))
     dev = resolve_device(device)
@@ -299,15 +304,14 @@ VAE_ONLY = ("lr", "batch_size", "eval_every")
 def check_method_options(method, linear: bool) -> None:
     """Usage errors for options the run would ignore: EM's with --method vae, the VAE's
     with --method em, --activation for a linear generator (--hidden none)."""
-    ctx = click.get_current_context()
     other, label = (VAE_ONLY, "vae") if method == "em" else (EM_ONLY, "em")
     for name in other:
         if on_command_line(name):
             flag = "--" + name.replace("_", "-")
-            raise click.UsageError(f"{flag} is an option of --method {label} and --method {method} ignores it; "
-                                   f"drop it or use --method {label}", ctx)
+            raise usage_error(f"{flag} is an option of --method {label} and --method {method} ignores it; "
+                              f"drop it or use --method {label}")
     if linear and on_command_line("activation"):
-        raise click.UsageError("--activation does not apply to a linear generator (--hidden none); drop it", ctx)
+        raise usage_error("--activation does not apply to a linear generator (--hidden none); drop it")
 
 
 def check_init_options(init, method, latent_dim) -> None:
@@ -317,16 +321,16 @@ def check_init_options(init, method, latent_dim) -> None:
     ctx = click.get_current_context()
     if init in ("ppca", "random"):
         if latent_dim is None:
-            raise click.UsageError("Missing option '--latent-dim' / '-S' (or give --init MODEL)", ctx)
+            raise usage_error("Missing option '--latent-dim' / '-S' (or give --init MODEL)")
         if on_command_line("trust_pickle"):
-            raise click.UsageError("--trust-pickle lets --init MODEL load a pickled torch module, and there is "
-                                   "no --init MODEL; drop --trust-pickle or give --init MODEL", ctx)
+            raise usage_error("--trust-pickle lets --init MODEL load a pickled torch module, and there is "
+                              "no --init MODEL; drop --trust-pickle or give --init MODEL")
         return
     if not Path(init).is_file():
         raise click.BadParameter(f"{init!r} is neither ppca, random nor an existing model file",
                                  ctx, param_hint="'--init'")
     if method != "em":
-        raise click.UsageError("--init MODEL is a start for EM; --method vae trains from scratch", ctx)
+        raise usage_error("--init MODEL is a start for EM; --method vae trains from scratch")
     for name in ("hidden", "activation"):
         if on_command_line(name):
-            raise click.UsageError(f"--{name} comes from the --init model; drop it", ctx)
+            raise usage_error(f"--{name} comes from the --init model; drop it")

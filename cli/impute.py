@@ -13,8 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.main import (FiniteRange, Progressbar, StdoutConsole, cache_status, check_cache_path, check_dask_options,
-                      command_inputs, csv_column_names, dask_options, load_model, main, model_options, on_command_line,
-                      print_summary, say_for, precision_options, rounding_errors, user_errors, warn_rounding)
+                      check_output_suffixes, command_inputs, csv_column_names, dask_options, load_model, main,
+                      model_options, on_command_line, print_summary, say_for, precision_options, rounding_errors,
+                      usage_error, user_errors, warn_rounding)
 from cpadgn.errors import CpadgnError
 
 
@@ -92,8 +93,26 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
     t0 = time.perf_counter()
     notices = not quiet                      # shown under --json too (on stderr)
     quiet = quiet or as_json
+    # the command line's own errors (exit 2), before any file is looked at
     if out is None and mcar is None:
-        raise CpadgnError("missing output file: pass -o OUT (.csv, .npy or .h5), or --evaluate-mcar P")
+        raise usage_error("missing output file: pass -o OUT (.csv, .npy or .h5), or --evaluate-mcar P")
+    if out is None and want_std:
+        raise usage_error("--std writes a file beside OUT: pass -o OUT")
+    if image_shape is not None and plot_path is None:
+        raise usage_error("--image-shape is the shape of the --plot tiles; add --plot FILE.png")
+    if on_command_line("seed") and n_draws is None and mcar is None and plot_path is None:
+        raise usage_error("--seed seeds --draws, --evaluate-mcar and --plot, and none is given; "
+                          "add one of them or drop --seed")
+    if image_shape is not None:
+        from cpadgn.plot import parse_image_shape
+        try:
+            image_shape = parse_image_shape(image_shape)
+        except ValueError as e:
+            raise usage_error(f"--image-shape: {e}") from None
+    check_dask_options(dask_address, chunk_rows, **{
+        "--evaluate-mcar": mcar is not None, "--plot": plot_path is not None, "--noise-std auto": noise_std == "auto"})
+    check_output_suffixes(out, plot_path)
+
     std_path = None
     inputs = command_inputs(model_path, data_path, cache)
     check_cache_path(model_path, cache)
@@ -101,24 +120,10 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
         out = check_output_path(out, inputs=inputs)
         if want_std and out.suffix.lower() in (".csv", ".npy"):
             std_path = check_output_path(std_sibling(out), inputs=inputs)
-    elif want_std:
-        raise CpadgnError("--std writes a file beside OUT: pass -o OUT")
-    if image_shape is not None and plot_path is None:
-        raise CpadgnError("--image-shape is the shape of the --plot tiles; add --plot FILE.png")
-    if on_command_line("seed") and n_draws is None and mcar is None and plot_path is None:
-        raise CpadgnError("--seed seeds --draws, --evaluate-mcar and --plot, and none is given; "
-                          "add one of them or drop --seed")
     if plot_path is not None:
         from cpadgn import plot
-        try:
-            image_shape = None if image_shape is None else plot.parse_image_shape(image_shape)
-        except ValueError as e:
-            raise CpadgnError(f"--image-shape: {e}") from None
         plot.check_image_path(plot_path, inputs={**inputs, "the -o output": out,
                                                  "the --std output": std_path})
-
-    check_dask_options(dask_address, chunk_rows, **{
-        "--evaluate-mcar": mcar is not None, "--plot": plot_path is not None, "--noise-std auto": noise_std == "auto"})
     if dask_address is not None:
         res, model = impute_on_dask(dask_address, model_path, data_path, dataset, chunk_rows, n_draws, seed,
                                     want_std, out, std_path, quiet=quiet, cache=cache, noise_std=noise_std,

@@ -1,6 +1,7 @@
 """The ``cpadgn`` command line: thin click commands over the cpadgn library."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -122,8 +123,11 @@ EXIT_INTERNAL = 70       # a bug (EX_SOFTWARE)
 EXIT_CODES_HELP = """\b
 Exit codes:
   0    success
-  1    user error: bad input or options, an output that cannot be written
-  2    usage error: unknown option, missing argument, bad option value
+  1    user error, seen once files are read: bad data, a model that does not fit
+       the data, an output that cannot be written
+  2    usage error, seen from the command line alone: an unknown option, a missing
+       argument or file, an option's value malformed or out of range, options
+       that conflict or need each other
   70   internal error (a bug): rerun with --debug and please report it
   130  interrupted (Ctrl-C); no output and no temporary file is left behind
   143  terminated (SIGTERM, as a scheduler or `timeout` sends), as for Ctrl-C
@@ -137,6 +141,26 @@ def fail(message: str, code: int):
     text = " ".join(str(message).splitlines())
     click.echo("Error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text), err=True)
     sys.exit(code)
+
+
+def usage_error(message: str) -> click.UsageError:
+    """The error of a command line wrong by itself, decidable before any file is read (an
+    option's value malformed or out of range, options that conflict or need each other):
+    raised in a command, it exits 2 with the one line of click's own usage errors, "Error:
+    message; see 'cpadgn COMMAND --help'" (``Commands.main``).  What shows only once files
+    are read (the data, the model, an output path) is a CpadgnError: exit 1."""
+    return click.UsageError(message, click.get_current_context(silent=True))
+
+
+@contextlib.contextmanager
+def option_values():
+    """Within it, a CpadgnError is a ``usage_error``: for the library's parsers of option
+    values (--hidden, --activation, --baseline, --dask, an output's extension), which
+    raise CpadgnError for Python callers and look at nothing but the value."""
+    try:
+        yield
+    except CpadgnError as e:
+        raise usage_error(str(e)) from None
 
 
 def user_errors(fn):
@@ -439,18 +463,31 @@ def dask_options(fn):
 
 
 def check_dask_options(address, chunk_rows=None, **options) -> None:
-    """One-line refusal of --chunk-rows without --dask, of a malformed --dask value, and of
-    options that need every row in one process ({--name: given}) with --dask."""
+    """Usage errors (``usage_error``): --chunk-rows without --dask, a malformed --dask value,
+    and options that need every row in one process ({--name: given}) with --dask."""
     if address is None:
         if chunk_rows is not None:
-            raise CpadgnError("--chunk-rows sets the rows per Dask task; add --dask ADDRESS or local:N")
+            raise usage_error("--chunk-rows sets the rows per Dask task; add --dask ADDRESS or local:N")
         return
     from cpadgn.dask import check_address
-    check_address(address)
+    with option_values():
+        check_address(address)
     given = [name for name, on in options.items() if on]
     if given:
-        raise CpadgnError(f"{', '.join(given)} cannot be combined with --dask (it needs all rows in "
+        raise usage_error(f"{', '.join(given)} cannot be combined with --dask (it needs all rows in "
                           "one process); run without --dask, or drop it")
+
+
+def check_output_suffixes(out=None, picture=None) -> None:
+    """Usage errors of output names with an extension that cannot be written: ``out`` (a
+    table: .csv, .npy, .h5) and ``picture`` (.png, .pdf, .svg); None: not given."""
+    from cpadgn.data import check_output_suffix
+    from cpadgn.plot import IMAGE_SUFFIXES
+    with option_values():
+        if out is not None:
+            check_output_suffix(out)
+        if picture is not None:
+            check_output_suffix(picture, suffixes=IMAGE_SUFFIXES)
 
 
 def say_for(quiet: bool):
@@ -827,12 +864,13 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     t0 = time.perf_counter()
     pvalues = pvalues or alpha is not None
     check_score_options(contamination, pvalues, samples, alpha, explain, seed_given=on_command_line("seed"))
-    samples = PVALUE_SAMPLES if samples is None else samples
-    check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
-    check_cache_path(model_path, cache)
     check_dask_options(dask_address, chunk_rows, **{
         "--pvalues/--alpha": pvalues, "--explain": explain is not None, "--plot": plot_path is not None,
         "--noise-std auto": noise_std == "auto"})
+    check_output_suffixes(out, plot_path)
+    samples = PVALUE_SAMPLES if samples is None else samples
+    check_output_path(out, inputs=command_inputs(model_path, data_path, cache))
+    check_cache_path(model_path, cache)
     if dask_address is not None:
         stats, flags, model, rounding = score_on_dask(
             dask_address, model_path, data_path, dataset, chunk_rows, out, contamination, quiet=quiet or as_json,
@@ -956,16 +994,16 @@ def on_command_line(name: str) -> bool:
 
 
 def check_score_options(contamination, pvalues, samples, alpha, explain, seed_given=False):
-    """Refuse inconsistent ``cpadgn score`` options before any work."""
+    """Usage errors (``usage_error``) of inconsistent ``cpadgn score`` options, before any work."""
     if alpha is not None and contamination is not None:
-        raise CpadgnError("--alpha and --contamination both set is_anomaly; give only one of them")
+        raise usage_error("--alpha and --contamination both set is_anomaly; give only one of them")
     if samples is not None and not pvalues:
-        raise CpadgnError("--samples is the number of model draws for p-values; add --pvalues or --alpha")
+        raise usage_error("--samples is the number of model draws for p-values; add --pvalues or --alpha")
     if seed_given and not pvalues:
-        raise CpadgnError("--seed seeds the model draws for p-values; add --pvalues or --alpha, or drop --seed")
+        raise usage_error("--seed seeds the model draws for p-values; add --pvalues or --alpha, or drop --seed")
     m = PVALUE_SAMPLES if samples is None else samples
     if alpha is not None and alpha * (m + 1) <= 1:
-        raise CpadgnError(f"with --samples {m} the smallest p-value is 1/{m + 1} >= --alpha {alpha:g}, so "
+        raise usage_error(f"with --samples {m} the smallest p-value is 1/{m + 1} >= --alpha {alpha:g}, so "
                           f"no row could be flagged; use --samples {int(np.ceil(10 / alpha))} or more")
 
 

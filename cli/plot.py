@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from cli.main import check_cache_path, command_inputs, load_model, main, model_options, user_errors
+from cli.main import (check_cache_path, check_output_suffixes, command_inputs, load_model, main, model_options,
+                      usage_error, user_errors)
 from cpadgn.errors import CpadgnError
 from cpadgn.picture_size import MIN_PICTURE_SIZE, check_size
 
@@ -85,18 +86,19 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
     from cpadgn import plot as pictures
     from cpadgn.data import read_data
     if rows and data_path is None:
-        raise CpadgnError("--row picks rows of a data file: add --data DATA")
+        raise usage_error("--row picks rows of a data file: add --data DATA")
     if noise_std is not None and not rows:
-        raise CpadgnError("--noise-std sets the noise of the posteriors p(z | x) drawn for --row, "
+        raise usage_error("--noise-std sets the noise of the posteriors p(z | x) drawn for --row, "
                           "and there is no --row (the partition itself does not depend on it): add --data "
                           "DATA --row I, or drop --noise-std")
     if data_path is not None and not rows:
-        raise CpadgnError("--data is read for --row, and there is no --row: add --row I, or drop --data")
+        raise usage_error("--data is read for --row, and there is no --row: add --row I, or drop --data")
     if dataset is not None and data_path is None:
-        raise CpadgnError(f"--dataset {dataset} is the key inside the --data .h5 file, and there is no "
+        raise usage_error(f"--dataset {dataset} is the key inside the --data .h5 file, and there is no "
                           "--data: add --data DATA, or drop --dataset")
     axes = None if slice_axes is None else parse_slice_axes(slice_axes)
     at = None if slice_at is None else parse_slice_at(slice_at)
+    check_output_suffixes(picture=out)
     pictures.check_image_path(out, inputs=command_inputs(model_path, data_path, cache))
     check_cache_path(model_path, cache)
     X = None if data_path is None else read_data(data_path, dataset=dataset)
@@ -125,18 +127,24 @@ def partition(model_path, out, data_path, dataset, rows, size, slice_axes, slice
 
 
 def parse_slice_axes(text: str):
-    """'1,3' or 'z1,z3' -> (0, 2), the 0-based axes; CpadgnError otherwise (ranges are checked
-    against the model later)."""
+    """'1,3' or 'z1,z3' -> (0, 2), the 0-based axes; a usage error unless two different axes
+    numbered from 1 (their range is checked against the model later)."""
     parts = [p.strip().lower().removeprefix("z") for p in text.split(",")]
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise CpadgnError(f"--slice-axes {text}: give two latent axes numbered from 1, e.g. 1,3")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise usage_error(f"--slice-axes {text}: give two latent axes numbered from 1, e.g. 1,3")
+    if int(parts[0]) == int(parts[1]):
+        raise usage_error(f"--slice-axes {text}: give two different axes, e.g. 1,3")
     return tuple(int(p) - 1 for p in parts)
 
 
 def parse_slice_at(text: str):
-    """'0.5' or '0.5,-1' -> array of floats; CpadgnError otherwise."""
+    """'0.5' or '0.5,-1' -> array of finite floats; a usage error otherwise (their number is
+    checked against the model later)."""
     import numpy as np
     try:
-        return np.array([float(p) for p in text.split(",")], dtype=np.float64)
+        at = np.array([float(p) for p in text.split(",")], dtype=np.float64)
     except ValueError:
-        raise CpadgnError(f"--slice-at {text}: give numbers separated by commas, e.g. 0.5 or 0.5,-1") from None
+        at = np.array([np.nan])
+    if not np.all(np.isfinite(at)):
+        raise usage_error(f"--slice-at {text}: give finite numbers separated by commas, e.g. 0.5 or 0.5,-1")
+    return at

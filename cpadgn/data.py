@@ -253,13 +253,7 @@ def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
     """
     path = Path(path)
     check_not_an_input(path, inputs or {})
-    suffix = path.suffix.lower()
-    if suffix not in suffixes:
-        raise CpadgnError(f"cannot write {path}: unknown output extension "
-                          f"'{path.suffix or '(none)'}'; use one of {', '.join(suffixes)}")
-    if ndim > 2 and suffix == ".csv":
-        raise CpadgnError(f"cannot write {path}: a CSV file holds a 2-D table, but this output "
-                          f"is {ndim}-D; use .npy or .h5")
+    check_output_suffix(path, ndim=ndim, suffixes=suffixes)
     if path.is_dir():
         raise CpadgnError(f"cannot write {path}: it is a directory; give a file name")
     check_directory_writable(path)
@@ -267,6 +261,20 @@ def check_output_path(path, *, ndim: int = 2, inputs: dict | None = None,
         raise CpadgnError(f"cannot write {path}: the existing file is read-only; choose another "
                           "output path or make it writable")
     return path
+
+
+def check_output_suffix(path, *, ndim: int = 2, suffixes: tuple = OUTPUT_SUFFIXES) -> None:
+    """Fail (CpadgnError) unless ``path``'s extension is one of ``suffixes`` (and not .csv
+    for an output of ndim > 2): the part of ``check_output_path`` that looks at the name
+    alone, no file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise CpadgnError(f"cannot write {path}: unknown output extension "
+                          f"'{path.suffix or '(none)'}'; use one of {', '.join(suffixes)}")
+    if ndim > 2 and suffix == ".csv":
+        raise CpadgnError(f"cannot write {path}: a CSV file holds a 2-D table, but this output "
+                          f"is {ndim}-D; use .npy or .h5")
 
 
 def check_directory_writable(path, name=None) -> None:

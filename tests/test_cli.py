@@ -38,8 +38,10 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_one_line_error(res, *fragments):
-    assert res.exit_code == 1, (res.exit_code, res.output)
+def assert_one_line_error(res, *fragments, code=1):
+    """One line "Error: ..." holding fragments, exit code (1: seen once files are read; 2: a
+    usage error, seen from the command line alone, which also names COMMAND --help)."""
+    assert res.exit_code == code, (res.exit_code, res.output)
     err = res.stderr.strip()
     assert err.startswith("Error:") and "\n" not in err and "Traceback" not in res.output, err
     for f in fragments:
@@ -320,7 +322,7 @@ def test_errors_say_what_to_do(files, case):
                 "fit -o .csv": ["fit", data, "-o", d / "m.csv", "-S", 1],
                 "fit -S D": ["fit", data, "-o", d / "m.h5", "-S", 3]}[case]
     res = run(*args, "-q")
-    assert_one_line_error(res)
+    assert_one_line_error(res, code=2 if case == "fit -o .csv" else 1)     # an option's value alone
     assert "; " in res.stderr, res.stderr
 
 
@@ -328,7 +330,9 @@ def test_unknown_extensions(files):
     data = files["dir"] / "data.xyz"
     data.write_text("1,2,3\n")
     assert_one_line_error(run("score", files["model"], data, "-o", files["dir"] / "s.csv"), ".xyz")
-    assert_one_line_error(run("score", files["model"], files["data"], "-o", files["dir"] / "s.txt"), ".txt")
+    # an output's extension is wrong on the command line alone: a usage error
+    assert_one_line_error(run("score", files["model"], files["data"], "-o", files["dir"] / "s.txt"), ".txt",
+                          "score --help", code=2)
 
 
 def test_corrupt_and_foreign_model_files(files):
@@ -463,7 +467,7 @@ def test_overflowing_slopes_are_refused(files):
     d = files["dir"]
     res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 2, "--max-iter", 1,
               "--activation", "leaky_relu:1e308", "-q")
-    assert_one_line_error(res, "--activation", "A <= 1e100")
+    assert_one_line_error(res, "--activation", "A <= 1e100", code=2)
     model = d / "steep.h5"
     save_model(model, files["net"], noise_std=0.3)
     with h5py.File(model, "r+") as f:
@@ -585,7 +589,7 @@ def test_seed_without_anything_random_is_refused(files, command):
     d, model, data = files["dir"], files["model"], files["data"]
     out = d / "s.csv"
     res = run(command, model, data, "-o", out, "--seed", 3, "-q")
-    assert_one_line_error(res, "drop --seed")
+    assert_one_line_error(res, "drop --seed", code=2)
     assert not out.exists()
     res = run(command, model, data, "-o", out, "--seed", 3, "-q",
               *(["--pvalues", "--samples", 10] if command == "score" else ["--draws", 2]))
@@ -620,7 +624,7 @@ def test_init_noise_beyond_the_float64_range_is_refused(files, value):
     d = files["dir"]
     res = run("fit", files["data"], "-o", d / "f.h5", "-S", 1, "--hidden", 2, "--max-iter", 1,
               "--init-noise", value, "-q")
-    assert_one_line_error(res, "--init-noise", "e.g. 0.1")
+    assert_one_line_error(res, "--init-noise", "e.g. 0.1", code=2)
     assert not (d / "f.h5").exists()
 
 
@@ -819,18 +823,18 @@ def test_stderr_target_must_be_a_positive_number(files, value):
     assert not (files["dir"] / "s.csv").exists()
 
 
-@pytest.mark.parametrize("data_cols, S, words", [
-    (1, "1", ["1 column", "at least 2", "more columns"]),     # was "between 1 and D - 1 = 0 ... smaller"
-    (2, "0", ["at least 1, got 0", "--latent-dim 1"]),        # was "... give a smaller --latent-dim"
-    (2, "2", ["between 1 and D - 1 = 1", "smaller --latent-dim"])])
-def test_fit_latent_dim_refusals_say_what_to_do(tmp_path, data_cols, S, words):
+@pytest.mark.parametrize("data_cols, S, words, code", [
+    (1, "1", ["1 column", "at least 2", "more columns"], 1),     # was "between 1 and D - 1 = 0 ... smaller"
+    (2, "0", ["--latent-dim", "x>=1"], 2),        # was "... give a smaller --latent-dim"; a bad value: usage
+    (2, "2", ["between 1 and D - 1 = 1", "smaller --latent-dim"], 1)])
+def test_fit_latent_dim_refusals_say_what_to_do(tmp_path, data_cols, S, words, code):
     """A latent dimension fit cannot use is refused in one line whose advice fits the case:
     one-column data has no valid --latent-dim (asking for a smaller one was wrong), and
-    --latent-dim 0 needs a larger one."""
+    --latent-dim 0 needs a larger one (click's range, exit 2: wrong whatever the data)."""
     data = tmp_path / "d.csv"
     np.savetxt(data, np.random.default_rng(0).standard_normal((20, data_cols)), delimiter=",")
     r = run("fit", str(data), "-o", str(tmp_path / "m.h5"), "-S", S, "--hidden", "4", "--max-iter", "1")
-    assert_one_line_error(r, *words)
+    assert_one_line_error(r, *words, code=code)
     assert not (tmp_path / "m.h5").exists()
 
 

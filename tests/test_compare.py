@@ -401,7 +401,7 @@ def test_cli_plot(files, monkeypatch):
         assert r.exit_code == 0, r.output
         assert head in (d / f"p{suffix}").read_bytes()[:400]
     r = run(args + ["--plot", d / "p.jpg"])
-    assert r.exit_code == 1 and ".png, .pdf, .svg" in r.output and not (d / "p.jpg").exists()
+    assert r.exit_code == 2 and ".png, .pdf, .svg" in r.output and not (d / "p.jpg").exists()   # usage error
     assert len(r.output.strip().splitlines()) == 1
     # one model: its histogram, titled without 'against the others'
     r = run([d / "a.h5", "--data", d / "test.csv", "--device", "cpu", "-q", "--plot", d / "one.svg"])
@@ -414,17 +414,17 @@ def test_cli_plot(files, monkeypatch):
     assert len(r.output.strip().splitlines()) == 1 and not (d / "p2.png").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["d4.h5"], "different data dimensions"),
-    ([], "--baseline ppca is fitted on training data"),
+@pytest.mark.parametrize("extra, message, code", [
+    (["d4.h5"], "different data dimensions", 1),                         # seen in the model files
+    ([], "--baseline ppca is fitted on training data", 2),               # the command line alone
 ])
-def test_cli_refusals_are_one_line(files, extra, message):
+def test_cli_refusals_are_one_line(files, extra, message, code):
     d = files
     args = [d / "a.h5", *[d / e for e in extra], "--data", d / "test.csv", "--device", "cpu"]
     if not extra:
         args += ["--baseline", "ppca"]
     r = run(args)
-    assert r.exit_code == 1
+    assert r.exit_code == code
     assert message in r.output and len(r.output.strip().splitlines()) == 1
 
 
@@ -476,7 +476,7 @@ def test_cli_warns_of_test_rows_on_another_scale_per_model(files, tmp_path):
 def test_cli_bad_report_suffix(files):
     d = files
     r = run([d / "a.h5", "--data", d / "test.csv", "-o", d / "r.txt"])
-    assert r.exit_code == 1 and ".json or .csv" in r.output
+    assert r.exit_code == 2 and ".json or .csv" in r.output     # a usage error: the command line alone
 
 
 def test_expected_sq_error_s2_matches_monte_carlo():
@@ -552,10 +552,11 @@ def test_cli_noise_once_per_model_matches_score_with_each(files):
         assert abs(got[name] - np.mean(ll)) < 1e-10
     r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu",
              "--noise-std", 0.5, "--noise-std", 0.2, "--noise-std", 0.1])
-    assert r.exit_code == 1 and "given 3 times for 2 models" in r.output
+    assert r.exit_code == 2 and "given 3 times for 2 models" in r.output      # usage errors
+
     r = run([d / "a.h5", d / "b.h5", "--data", d / "test.csv", "--device", "cpu",
              "--noise-std", 0.5, "--noise-std", "auto"])
-    assert r.exit_code == 1 and "pass --train" in r.output and len(r.output.strip().splitlines()) == 1
+    assert r.exit_code == 2 and "pass --train" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_cli_noise_auto_fits_on_train_per_model(files):

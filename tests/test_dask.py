@@ -512,10 +512,10 @@ def test_cli_refuses_csv_and_bad_addresses_in_one_line(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((3, 64)))
     r = CliRunner().invoke(main, ["score", str(gen), str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.csv"),
                                   "--dask", "local:zero"])
-    assert r.exit_code == 1 and r.output.count("\n") == 1 and "expected local:N" in r.output
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "expected local:N" in r.output    # usage errors
     r = CliRunner().invoke(main, ["score", str(gen), str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.csv"),
                                   "--dask", "local:1", "--pvalues"])
-    assert r.exit_code == 1 and "--pvalues/--alpha cannot be combined with --dask" in r.output
+    assert r.exit_code == 2 and "--pvalues/--alpha cannot be combined with --dask" in r.output
 
 
 # Measured on 2 loaded cores: the local:2 cluster is up ~10 s after the start and the

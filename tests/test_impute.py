@@ -625,12 +625,14 @@ def test_cli_evaluate_mcar_coverage_of_k_draws_is_documented(files):
 
 
 @pytest.mark.parametrize("extra,data,message,code", [
-    (["-o", "{d}/bad1.csv"], "wide.csv", "columns", 1),
-    ([], "data.csv", "-o OUT", 1),
-    (["-o", "{d}/bad2.txt"], "data.csv", "extension", 1),
-    (["-o", "{d}/bad3.csv", "--draws", "0"], "data.csv", "--draws", 2),       # bad option values: usage
+    (["-o", "{d}/bad1.csv"], "wide.csv", "columns", 1),                      # seen once the files are read
+    ([], "data.csv", "-o OUT", 2),                                           # the command line alone: usage
+    (["-o", "{d}/bad2.txt"], "data.csv", "extension", 2),
+    (["-o", "{d}/bad3.csv", "--draws", "0"], "data.csv", "--draws", 2),
     (["--evaluate-mcar", "1.5"], "data.csv", "--evaluate-mcar", 2),
-    (["--std"], "data.csv", "-o OUT", 1),
+    (["--std"], "data.csv", "-o OUT", 2),
+    (["-o", "{d}/bad5.csv", "--chunk-rows", "4"], "data.csv", "add --dask", 2),
+    (["-o", "{d}/bad6.csv", "--dask", "local:1", "--evaluate-mcar", "0.2"], "data.csv", "cannot be combined", 2),
     (["-o", "{d}/bad4.csv", "--draws", "2"], "draw.csv", "draw", 1),
     (["-o", "{d}/nodir/out.csv"], "data.csv", "does not exist", 1),
 ])

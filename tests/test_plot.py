@@ -676,37 +676,47 @@ def test_library_pictures_at_the_smallest_size_lay_out_without_a_warning():
             assert struct.unpack(">II", buffer.getvalue()[16:24]) == MIN_PICTURE_SIZE
 
 
-@pytest.mark.parametrize("args, message", [
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.jpg"], "use one of .png, .pdf, .svg"),
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--row", "1"], "add --data"),
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--dataset", "X"], "there is no --data"),
+# exit 2: wrong on the command line alone (usage errors); exit 1: seen once the files are read
+@pytest.mark.parametrize("args, message, code", [
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.jpg"], "use one of .png, .pdf, .svg", 2),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--row", "1"], "add --data", 2),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--dataset", "X"], "there is no --data", 2),
     # --data without --row was read and silently left out of the picture
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--data", "{d}/data.csv"], "add --row I, or drop --data"),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--data", "{d}/data.csv"], "add --row I, or drop --data", 2),
     # --noise-std without --row was accepted and unused (auto even fitted it on --data, for nothing)
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--noise-std", "0.3"], "there is no --row"),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--noise-std", "0.3"], "there is no --row", 2),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--noise-std", "auto", "--data", "{d}/data.csv"],
-     "add --data DATA --row I, or drop --noise-std"),
+     "add --data DATA --row I, or drop --noise-std", 2),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--data", "{d}/data.csv", "--row", "30"],
-     "past the end"),
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png"),
-    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "2,2"], "two different axes"),
-    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "0,1"], "latent axes are z1..z3"),
-    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "1"], "numbered from 1"),
-    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "1,2"], "--slice-at 1,2: the slice"),
-    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "x"], "give numbers"),
-    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "inf"], "finite"),
-    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--slice-at", "0"], "no coordinate to fix"),
+     "past the end", 1),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/data.csv"], "use one of .png", 2),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "2,2"], "two different axes", 2),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "0,1"], "numbered from 1", 2),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "1,4"], "latent axes are z1..z3", 1),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-axes", "1"], "numbered from 1", 2),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "1,2"], "--slice-at 1,2: the slice", 1),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "x"], "give finite numbers", 2),
+    (["plot", "partition", "{d}/gen3.h5", "-o", "{d}/i.png", "--slice-at", "inf"], "finite", 2),
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--slice-at", "0"], "no coordinate to fix", 1),
     (["impute", "{d}/gen.h5", "{d}/holes.csv", "-o", "{d}/f2.csv", "--plot", "{d}/i.png", "--image-shape",
-      "3x3"], "9 pixels"),
-    (["impute", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/f2.csv", "--plot", "{d}/i.png"], "has none"),
-    (["impute", "{d}/gen.h5", "{d}/holes.csv", "-o", "{d}/f2.csv", "--image-shape", "2x2"], "add --plot"),
-    (["score", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/s2.csv", "--plot", "{d}/data.csv"], "overwritten"),
+      "3x3"], "9 pixels", 1),
+    (["impute", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/f2.csv", "--plot", "{d}/i.png"], "has none", 1),
+    (["impute", "{d}/gen.h5", "{d}/holes.csv", "-o", "{d}/f2.csv", "--image-shape", "2x2"], "add --plot", 2),
+    (["impute", "{d}/gen.h5", "{d}/holes.csv", "-o", "{d}/f2.csv", "--plot", "{d}/i.png", "--image-shape",
+      "2by2"], "expected HxW", 2),
+    (["score", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/s2.csv", "--plot", "{d}/data.csv"], "use one of .png", 2),
+    # a picture path that is DATA under another name: seen on the file system
+    (["score", "{d}/gen.h5", "{d}/data.csv", "-o", "{d}/s2.csv", "--plot", "{d}/data-link.png"], "overwritten", 1),
 ])
-def test_cli_refusals_are_one_line(files, args, message):
+def test_cli_refusals_are_one_line(files, args, message, code):
+    link = files / "data-link.png"
+    if not link.is_symlink():
+        link.symlink_to(files / "data.csv")
     r = run(*[a.format(d=files) for a in args], "-q", "--device", "cpu")
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == code, r.output
     err = r.stderr.strip()
     assert err.startswith("Error:") and "\n" not in err and message in err, err
+    assert ("--help" in err) == (code == 2), err            # a usage error points at COMMAND --help
     assert not (files / "i.png").exists() and not (files / "f2.csv").exists()
 
 

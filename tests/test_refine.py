@@ -171,6 +171,14 @@ def test_init_refuses_mismatched_dimensions(tmp_path):
     # --trust-pickle only lets --init load a pickled module: without --init MODEL it was accepted and unused
     (["sample_data/wave.csv", "-S", "1", "--trust-pickle"], 2, "no --init MODEL"),
     (["sample_data/wave.csv", "-S", "1", "--init", "random", "--trust-pickle"], 2, "drop --trust-pickle"),
+    # fit's other command-line errors take the same way (they were exit 1): a value that cannot be
+    # parsed, an output name that cannot hold a model, options that exclude each other
+    (["sample_data/wave.csv", "-S", "1", "--hidden", "-3"], 2, "positive integers"),
+    (["sample_data/wave.csv", "-S", "1", "--activation", "foo"], 2, "unknown --activation"),
+    (["sample_data/wave.csv", "--init", "sample_data/wave_generator.h5", "--init-noise", "1e200"], 2,
+     "--init-noise 1e+200 is above"),
+    (["sample_data/wave.csv", "-S", "1", "--val", "sample_data/wave.csv", "--val-fraction", "0.2"], 2,
+     "give either --val or --val-fraction"),
 ])
 def test_init_mismatches_exit_1_for_the_files_and_2_for_the_command_line(tmp_path, args, code, match):
     """Every way an --init request can be refused, in one line before any work: exit 1 when
