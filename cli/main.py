@@ -589,7 +589,8 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     if check is not None:
         check(model)
     if noise_std == "auto" and data is None:
-        raise CpadgnError("--noise-std auto needs data to fit on")
+        raise CpadgnError("--noise-std auto fits the noise std by maximum likelihood on data rows, and none "
+                          "are given: add --data DATA, or give the noise std as --noise-std X")
     if need_noise and noise_std is None and model.noise_std is None:
         raise CpadgnError(f"{model.no_noise_reason(model_path)}; pass --noise-std X, or --noise-std auto "
                           "to fit it by maximum likelihood on the data")

@@ -680,6 +680,8 @@ def test_library_pictures_at_the_smallest_size_lay_out_without_a_warning():
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.jpg"], "use one of .png, .pdf, .svg"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--row", "1"], "add --data"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--dataset", "X"], "there is no --data"),
+    # was "--noise-std auto needs data to fit on", with no way forward
+    (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--noise-std", "auto"], "add --data DATA, or give"),
     # --data without --row was read and silently left out of the picture
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/i.png", "--data", "{d}/data.csv"], "add --row I, or drop --data"),
     (["plot", "partition", "{d}/gen.h5", "-o", "{d}/map.png", "--data", "{d}/data.csv", "--row", "30"],
