@@ -898,6 +898,26 @@ def test_progress_off_a_terminal_is_plain_lines(files, monkeypatch):
     assert out.read_text() == quiet.read_text()
 
 
+@pytest.mark.parametrize("command", ["score", "impute"])
+def test_json_turns_progress_off_and_keeps_notes(files, monkeypatch, command):
+    """README (options shared by the commands): --json turns off the progress lines and
+    messages, not the notes and warnings, which stay on stderr (here: a cache of another
+    generator replaced); stdout is the JSON document alone."""
+    import cli.main as cm
+    monkeypatch.setattr(cm, "PLAIN_PROGRESS_SECONDS", 0.0)
+    other = files["dir"] / "other.h5"
+    model_and_rows(random_net(1, (4,), 3, seed=5), other, files["dir"] / "other.csv", 5)
+    assert run("partition", other, "--cache", files["dir"] / "c.h5", "-q").exit_code == 0
+    X = files["X"].copy()
+    X[::2, 1] = np.nan                                   # something to impute
+    np.savetxt(files["dir"] / "holes.csv", X, delimiter=",")
+    res = run(command, files["model"], files["dir"] / "holes.csv", "-o", files["dir"] / "o.csv",
+              "--memory-budget", "1", "--cache", files["dir"] / "c.h5", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rows"] == 20
+    assert res.stderr.startswith("Note: the partition cache") and len(res.stderr.splitlines()) == 1, res.stderr
+
+
 @pytest.mark.parametrize("text, want", [("2e9", 2e9), ("2GB", 2e9), ("2 gb", 2e9), ("512MiB", 512 * 2.0 ** 20),
                                         ("1.5GiB", 1.5 * 2.0 ** 30), ("3k", 3e3), ("64", 64.0)])
 def test_memory_budget_takes_units(text, want):
