@@ -759,6 +759,12 @@ def test_impute_reports_the_s4_mean_stderr(s4_files):
         assert sorted(f) == ["data", "mean_stderr", "std"]
         np.testing.assert_array_equal(f["mean_stderr"][()], want)
     out.unlink()
+    res = run("impute", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.02",
+              "--json", "--device", "cpu")      # README, Data and outputs: only with --std
+    assert res.exit_code == 0 and json.loads(res.stdout)["max_mean_qmc_stderr"] == want.max(), res.output
+    with h5py.File(out) as f:
+        assert sorted(f) == ["data"]
+    out.unlink()
     csv_out = s4_files / "filled.csv"
     res = run("impute", s4_files / "gen.h5", s4_files / "x.csv", "-o", csv_out, "--std", "-q", "--device", "cpu")
     assert res.exit_code == 0, res.output
