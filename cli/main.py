@@ -762,6 +762,11 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     StdoutConsole().print(table)
 
 
+# partition reads no data and ignores the noise (the shared help said 'auto' fits it on the data)
+next(p for p in partition.params if p.name == "noise_std").help = (
+    "Accepted, as by the other commands, and ignored: the partition does not depend on the noise.")
+
+
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))

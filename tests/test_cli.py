@@ -904,6 +904,15 @@ def test_progress_off_a_terminal_is_plain_lines(files, monkeypatch):
     assert out.read_text() == quiet.read_text()
 
 
+def test_partition_help_says_its_noise_std_is_ignored():
+    """partition --help said of --noise-std "'auto' fits it by maximum exact likelihood on
+    the data", a command that reads no data and ignores the noise."""
+    res = run("partition", "--help")
+    text = " ".join(res.output.split())
+    entry = text[text.index("--noise-std"):text.index("--cache")]
+    assert "ignored" in entry and "fits it" not in entry, entry
+
+
 @pytest.mark.parametrize("command", ["score", "impute"])
 def test_json_turns_progress_off_and_keeps_notes(files, monkeypatch, command):
     """README (options shared by the commands): --json turns off the progress lines and
