@@ -816,11 +816,12 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     --pvalues adds pvalue = (1 + k) / (M + 1), k the number of M rows drawn from
     the model (scored on the same observed entries) that are at most as likely,
     and pvalue_lower, pvalue_upper (Clopper-Pearson 95% interval of the true
-    p-value).  --explain K adds explain_1..K (1-based column number of the
-    feature, largest first; 0 when fewer than K entries are observed),
-    explain_1..K_name (its name, when DATA is a CSV file with a header) and
-    explain_1..K_residual (E[(x_d - g_d(z))^2 | x] / sigma_d^2, about 1 for a
-    feature the model explains, NaN for a missing one).
+    p-value).  --explain K adds, for k = 1..K, explain_k (1-based column number
+    of the k-th least explained feature; 0 when fewer than k entries are
+    observed), explain_k_name (its name, when DATA is a CSV file with a header;
+    empty for 0) and explain_k_residual (E[(x_d - g_d(z))^2 | x] / sigma_d^2,
+    about 1 for a feature the model explains; NaN for 0).  Missing features are
+    never named.
 
     \b
     Examples:
