@@ -621,7 +621,7 @@ def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=N
     from 2,000 seeded draws); the largest, when above limit.  Test rows left unstandardised
     scored far below the model without a word: raw load_breast_cancer under a model of
     z-scores (2,100 stds, -1e7 nats per row), raw load_digits pixels (0..16) under the
-    sample digits models of pixels / 16 (13.9).  Rows of the model's own scale have
+    sample digits generator of pixels / 16 (12.9; its test rows times 16: 13.9).  Rows of the model's own scale have
     medians of a few stds, anomalies included: the digits test rows 0.37 (EM) and 1.9
     (VAE), the wave rows 0.94, malignant rows under a benign-only model 2.8.  name: DATA's
     file; names: its column names (``csv_column_names``), for the message."""

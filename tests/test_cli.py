@@ -1010,6 +1010,12 @@ def test_raw_digits_pixels_under_the_sample_model_of_pixels_over_16_are_warned_a
     X = read_data(samples / "digits_test.csv")
     assert scale_mismatch(model, X) is None
     assert "model stds from the model's mean" in scale_mismatch(model, 16 * X)
+    # the figures README (Data and outputs) quotes; raw load_digits: 12.9, not the 13.9 it said
+    assert "is 13.9 model stds" in scale_mismatch(model, 16 * X)
+    digits = pytest.importorskip("sklearn.datasets").load_digits().data.astype(float)
+    assert "is 12.9 model stds" in scale_mismatch(model, digits)
+    vae = cpadgn.load(samples / "digits_vae.h5", cache=False)
+    assert "is 88.5 model stds" in scale_mismatch(vae, digits)
 
 
 def test_paths_and_column_names_with_brackets_are_printed_as_they_are(tmp_path):
