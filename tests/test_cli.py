@@ -904,6 +904,16 @@ def test_progress_off_a_terminal_is_plain_lines(files, monkeypatch):
     assert out.read_text() == quiet.read_text()
 
 
+def test_impute_of_complete_rows_is_a_note_also_under_json(files):
+    """Imputing DATA without missing entries printed an unprefixed dim line, the only
+    stderr line under --json that was neither a Warning: nor a Note: (README: --json)."""
+    res = run("impute", files["model"], files["data"], "-o", files["dir"] / "f.csv", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["missing_entries"] == 0, res.output
+    assert res.stderr.startswith("Note: DATA has no missing entries") and len(res.stderr.splitlines()) == 1
+    res = run("impute", files["model"], files["data"], "-o", files["dir"] / "g.csv", "-q")
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+
+
 def test_partition_help_says_its_noise_std_is_ignored():
     """partition --help said of --noise-std "'auto' fits it by maximum exact likelihood on
     the data", a command that reads no data and ignores the noise."""
