@@ -76,7 +76,9 @@ from cpadgn.errors import CpadgnError
 @click.option("--eval-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="VAE: epochs between exact validation log-likelihoods.")
 @click.option("--max-regions", type=click.IntRange(min=1), default=None,
-              help="Stop with an error if a partition has more regions than this.")
+              help="EM: a start whose partition has more regions than this is refused, and a step "
+                   "whose new partition has more is rejected (as one that lowers the likelihood), so "
+                   "the model stays within it.  VAE: an error at the first exact evaluation with more.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where the batched linear algebra runs.")
 @click.option("--timings", is_flag=True,

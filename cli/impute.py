@@ -163,9 +163,9 @@ def impute(model_path, data_path, out, n_draws, want_std, seed, mcar, dataset, p
                        data_name=data_path, memory_budget=memory_budget, rtol=rtol, stderr_target=stderr_target,
                        notices=notices)
     model._check_data(X)              # X_in hides --evaluate-mcar's entries: an inf there too
-    if complete:
-        say_for(not notices)("DATA has no missing entries (NaN): OUT will be a copy of it (an empty cell, NA "
-                             "or NaN marks a missing entry; --evaluate-mcar P hides some to test)")
+    if complete and notices:          # a Note: line, as every notice (also under --json)
+        click.echo("Note: DATA has no missing entries (NaN): OUT will be a copy of it (an empty cell, NA "
+                   "or NaN marks a missing entry; --evaluate-mcar P hides some to test)", err=True)
     with Progressbar("imputing rows", quiet) as bar:
         try:
             res = model.imputation(X_in, draws=n_draws, seed=seed, std=want_std, progress=bar)

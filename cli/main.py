@@ -626,7 +626,8 @@ def load_model(model_path, *, cache, noise_std, device, trust_pickle, max_region
     if check is not None:
         check(model)
     if noise_std == "auto" and data is None:
-        raise CpadgnError("--noise-std auto needs data to fit on")
+        raise CpadgnError("--noise-std auto fits the noise std by maximum likelihood on data rows, and none "
+                          "are given: add --data DATA, or give the noise std as --noise-std X")
     if need_noise and noise_std is None and model.noise_std is None:
         raise CpadgnError(f"{model.no_noise_reason(model_path)}; pass --noise-std X, or --noise-std auto "
                           "to fit it by maximum likelihood on the data")
@@ -657,7 +658,7 @@ def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=N
     from 2,000 seeded draws); the largest, when above limit.  Test rows left unstandardised
     scored far below the model without a word: raw load_breast_cancer under a model of
     z-scores (2,100 stds, -1e7 nats per row), raw load_digits pixels (0..16) under the
-    sample digits models of pixels / 16 (13.9).  Rows of the model's own scale have
+    sample digits generator of pixels / 16 (12.9; its test rows times 16: 13.9).  Rows of the model's own scale have
     medians of a few stds, anomalies included: the digits test rows 0.37 (EM) and 1.9
     (VAE), the wave rows 0.94, malignant rows under a benign-only model 2.8.  name: DATA's
     file; names: its column names (``csv_column_names``), for the message."""
@@ -798,6 +799,11 @@ def partition(model_path, noise_std, cache, max_regions, device, memory_budget, 
     StdoutConsole().print(table)
 
 
+# partition reads no data and ignores the noise (the shared help said 'auto' fits it on the data)
+next(p for p in partition.params if p.name == "noise_std").help = (
+    "Accepted, as by the other commands, and ignored: the partition does not depend on the noise.")
+
+
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.argument("data_path", metavar="DATA", type=click.Path(exists=True, dir_okay=False))
@@ -847,11 +853,12 @@ def score(model_path, data_path, out, dataset, contamination, pvalues, samples, 
     --pvalues adds pvalue = (1 + k) / (M + 1), k the number of M rows drawn from
     the model (scored on the same observed entries) that are at most as likely,
     and pvalue_lower, pvalue_upper (Clopper-Pearson 95% interval of the true
-    p-value).  --explain K adds explain_1..K (1-based column number of the
-    feature, largest first; 0 when fewer than K entries are observed),
-    explain_1..K_name (its name, when DATA is a CSV file with a header) and
-    explain_1..K_residual (E[(x_d - g_d(z))^2 | x] / sigma_d^2, about 1 for a
-    feature the model explains, NaN for a missing one).
+    p-value).  --explain K adds, for k = 1..K, explain_k (1-based column number
+    of the k-th least explained feature; 0 when fewer than k entries are
+    observed), explain_k_name (its name, when DATA is a CSV file with a header;
+    empty for 0) and explain_k_residual (E[(x_d - g_d(z))^2 | x] / sigma_d^2,
+    about 1 for a feature the model explains; NaN for 0).  Missing features are
+    never named.
 
     \b
     Examples:

@@ -226,7 +226,7 @@ def slice_axes_error(axes, S: int):
     1-based names z1..zS), or None."""
     axes = list(axes)
     if S < 2:
-        return f"S = {S} has a latent line, not a plane to slice"
+        return f"S = {S} has a latent line, not a plane to slice; drop it"
     if len(axes) != 2:
         return f"give two latent axes, not {len(axes)}"
     names = ", ".join(f"z{a + 1}" for a in axes)

@@ -272,6 +272,24 @@ def test_score_pvalues_alpha_and_explain(files):
     assert rows[0]["explain_1_name"] == "c"
 
 
+def test_explain_k_is_0_when_fewer_than_k_entries_are_observed(files):
+    """score --help said explain_1..K are 0 "when fewer than K entries are observed"; it is
+    explain_k, for fewer than k (README's column table): a row with one observed entry
+    names it as explain_1, and explain_2 is 0 with an empty name and a NaN residual."""
+    X = files["X"][:3].copy()
+    X[1, 1:] = np.nan
+    data, out = files["dir"] / "one.csv", files["dir"] / "one_s.csv"
+    np.savetxt(data, X, delimiter=",", header="a,b,c,d", comments="")
+    assert run("score", files["model"], data, "-o", out, "-q", "--explain", "2").exit_code == 0
+    import csv
+    with open(out, newline="") as f:
+        row = list(csv.DictReader(f))[1]
+    assert (row["explain_1"], row["explain_1_name"], row["explain_2"], row["explain_2_name"]) == ("1", "a", "0", "")
+    assert np.isfinite(float(row["explain_1_residual"])) and np.isnan(float(row["explain_2_residual"]))
+    text = " ".join(run("score", "--help").output.split())
+    assert "0 when fewer than k entries are observed" in text, text
+
+
 def test_explain_names_only_what_a_header_names(files):
     """explain_k_name comes from a CSV header; .npy DATA (no names) gets none, and an .h5
     OUT stores the names as strings."""

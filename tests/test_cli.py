@@ -763,6 +763,12 @@ def test_impute_reports_the_s4_mean_stderr(s4_files):
         assert sorted(f) == ["data", "mean_stderr", "std"]
         np.testing.assert_array_equal(f["mean_stderr"][()], want)
     out.unlink()
+    res = run("impute", s4_files / "gen.h5", s4_files / "x.csv", "-o", out, "--stderr-target", "0.02",
+              "--json", "--device", "cpu")      # README, Data and outputs: only with --std
+    assert res.exit_code == 0 and json.loads(res.stdout)["max_mean_qmc_stderr"] == want.max(), res.output
+    with h5py.File(out) as f:
+        assert sorted(f) == ["data"]
+    out.unlink()
     csv_out = s4_files / "filled.csv"
     res = run("impute", s4_files / "gen.h5", s4_files / "x.csv", "-o", csv_out, "--std", "-q", "--device", "cpu")
     assert res.exit_code == 0, res.output
@@ -902,6 +908,45 @@ def test_progress_off_a_terminal_is_plain_lines(files, monkeypatch):
     assert out.read_text() == quiet.read_text()
 
 
+def test_impute_of_complete_rows_is_a_note_also_under_json(files):
+    """Imputing DATA without missing entries printed an unprefixed dim line, the only
+    stderr line under --json that was neither a Warning: nor a Note: (README: --json)."""
+    res = run("impute", files["model"], files["data"], "-o", files["dir"] / "f.csv", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["missing_entries"] == 0, res.output
+    assert res.stderr.startswith("Note: DATA has no missing entries") and len(res.stderr.splitlines()) == 1
+    res = run("impute", files["model"], files["data"], "-o", files["dir"] / "g.csv", "-q")
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+
+
+def test_partition_help_says_its_noise_std_is_ignored():
+    """partition --help said of --noise-std "'auto' fits it by maximum exact likelihood on
+    the data", a command that reads no data and ignores the noise."""
+    res = run("partition", "--help")
+    text = " ".join(res.output.split())
+    entry = text[text.index("--noise-std"):text.index("--cache")]
+    assert "ignored" in entry and "fits it" not in entry, entry
+
+
+@pytest.mark.parametrize("command", ["score", "impute"])
+def test_json_turns_progress_off_and_keeps_notes(files, monkeypatch, command):
+    """README (options shared by the commands): --json turns off the progress lines and
+    messages, not the notes and warnings, which stay on stderr (here: a cache of another
+    generator replaced); stdout is the JSON document alone."""
+    import cli.main as cm
+    monkeypatch.setattr(cm, "PLAIN_PROGRESS_SECONDS", 0.0)
+    other = files["dir"] / "other.h5"
+    model_and_rows(random_net(1, (4,), 3, seed=5), other, files["dir"] / "other.csv", 5)
+    assert run("partition", other, "--cache", files["dir"] / "c.h5", "-q").exit_code == 0
+    X = files["X"].copy()
+    X[::2, 1] = np.nan                                   # something to impute
+    np.savetxt(files["dir"] / "holes.csv", X, delimiter=",")
+    res = run(command, files["model"], files["dir"] / "holes.csv", "-o", files["dir"] / "o.csv",
+              "--memory-budget", "1", "--cache", files["dir"] / "c.h5", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rows"] == 20
+    assert res.stderr.startswith("Note: the partition cache") and len(res.stderr.splitlines()) == 1, res.stderr
+
+
 @pytest.mark.parametrize("text, want", [("2e9", 2e9), ("2GB", 2e9), ("2 gb", 2e9), ("512MiB", 512 * 2.0 ** 20),
                                         ("1.5GiB", 1.5 * 2.0 ** 30), ("3k", 3e3), ("64", 64.0)])
 def test_memory_budget_takes_units(text, want):
@@ -979,6 +1024,12 @@ def test_raw_digits_pixels_under_the_sample_model_of_pixels_over_16_are_warned_a
     X = read_data(samples / "digits_test.csv")
     assert scale_mismatch(model, X) is None
     assert "model stds from the model's mean" in scale_mismatch(model, 16 * X)
+    # the figures README (Data and outputs) quotes; raw load_digits: 12.9, not the 13.9 it said
+    assert "is 13.9 model stds" in scale_mismatch(model, 16 * X)
+    digits = pytest.importorskip("sklearn.datasets").load_digits().data.astype(float)
+    assert "is 12.9 model stds" in scale_mismatch(model, digits)
+    vae = cpadgn.load(samples / "digits_vae.h5", cache=False)
+    assert "is 88.5 model stds" in scale_mismatch(vae, digits)
 
 
 def test_paths_and_column_names_with_brackets_are_printed_as_they_are(tmp_path):

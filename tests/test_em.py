@@ -487,6 +487,33 @@ def test_cli_fit_writes_identical_files_and_history(tmp_path, wave):
     assert r.exit_code == 0, r.output
 
 
+def test_cli_fit_max_regions_rejects_steps_beyond_it(tmp_path, wave):
+    """fit --help said --max-regions makes the fit "stop with an error if a partition has
+    more regions than this"; EM refuses only a start beyond it and rejects the steps whose
+    new partition is (the uncapped run here reaches 17 regions from a 16-region start)."""
+    from cli.main import main
+    from cpadgn.modelfile import read_model
+    X, _ = wave
+    data = tmp_path / "wave.csv"
+    _write_wave(data, X)
+    argv = ["fit", str(data), "-S", "1", "--hidden", "6,6", "--max-iter", "6", "--tol", "0",
+            "--val-fraction", "0", "-q", "--json"]
+    counts = {}
+    for cap in (None, 16):
+        out = tmp_path / f"m{cap}.h5"
+        r = CliRunner().invoke(main, argv + ["-o", str(out)] + ([] if cap is None else ["--max-regions", str(cap)]))
+        assert r.exit_code == 0, r.output
+        counts[cap] = read_model(out).extra["groups"]["training"]["n_regions"]
+    assert counts[None][0] == 16 and counts[None].max() > 16
+    assert counts[16].max() <= 16
+    r = CliRunner().invoke(main, argv + ["-o", str(tmp_path / "small.h5"), "--max-regions", "10"])
+    assert r.exit_code == 1 and "raise --max-regions" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "small.h5").exists()
+    text = " ".join(CliRunner().invoke(main, ["fit", "--help"]).output.split())
+    entry = text[text.index("--max-regions"):text.index("--device")]
+    assert "rejected" in entry and "Stop with an error" not in entry, entry
+
+
 def test_cli_fit_vae_keeps_encoder(tmp_path, wave):
     from cli.main import main
     from cpadgn.modelfile import read_model

@@ -589,6 +589,18 @@ def test_cli_refuses_bad_slice_options_before_computing_the_partition(files, tmp
         assert sorted(p.name for p in tmp_path.iterdir()) == ["gen3.h5"]
 
 
+def test_cli_slice_axes_of_an_s1_model_says_what_to_do(tmp_path):
+    """--slice-axes of an S = 1 model was refused with only "S = 1 has a latent line, not a
+    plane to slice"; the one line now says to drop it, as --slice-at's does."""
+    save_model(tmp_path / "gen1.h5", random_net(1, (4,), 3, seed=1), noise_std=0.3)
+    r = run("plot", "partition", tmp_path / "gen1.h5", "-o", tmp_path / "m.png", "--slice-axes", "1,2", "-q")
+    assert r.exit_code == 1, r.output
+    err = r.stderr.strip()
+    assert err.startswith("Error: --slice-axes 1,2: S = 1 has a latent line") and "\n" not in err, err
+    assert err.endswith("drop it"), err
+    assert not (tmp_path / "m.png").exists()
+
+
 @pytest.mark.parametrize("model, rows", [("gen1.h5", 2), ("gen.h5", 0), ("gen.h5", 5), ("gen3.h5", 1),
                                          ("gen3.h5", 5)])
 def test_cli_pictures_at_the_smallest_size_lay_out_without_a_warning(files, tmp_path, model, rows):
