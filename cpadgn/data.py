@@ -173,12 +173,13 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_hdf5(path):
+def atomic_hdf5(path, trailer=None):
     """Yield a new in-memory ``h5py.File``; on success write its image to ``path`` atomically.
 
     HDF5 is written to memory and the finished image is written to disk with plain file
     writes, so a full disk is one OSError from ``write`` (never an HDF5 error inside a
-    close or a finaliser, which is what crashed the process).
+    close or a finaliser, which is what crashed the process).  ``trailer(image) -> bytes``,
+    if given, is written after the image (HDF5 ignores bytes past its end of file).
     """
     h5py = _h5py()
     buffer = io.BytesIO()
@@ -187,6 +188,8 @@ def atomic_hdf5(path):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as out:
             out.write(buffer.getbuffer())
+            if trailer is not None:
+                out.write(trailer(buffer.getbuffer()))
 
 
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
