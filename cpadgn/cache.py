@@ -403,19 +403,19 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
             say(f"The partition cache {cache_path} has cache format {version} (this cpadgn "
                 f"writes {CACHE_FORMAT_VERSION}); recomputing and replacing it.")
         elif stored != key:       # the same format version, so another network fingerprint
-            status = STALE_STATUS
-            tell(f"The partition cache {cache_path} holds another generator's partition (a "
-                 "different fingerprint: another model, or this one changed); recomputing and "
-                 "replacing it.")
+            status = _stale(cache_path, tell)
         else:
-            try:
-                part, _ = read_partition(cache_path)
+            try:     # the file is opened anew: another process may have replaced it since
+                part, stored = read_partition(cache_path)
                 if part.patterns.shape[1] != net.n_units or part.interior.shape[1] != net.latent_dim:
                     raise CpadgnError(f"{cache_path}: shapes do not match the generator")
-                say(f"Loaded the partition ({part.n_regions} regions) from {cache_path}.")
-                return part, "loaded"
             except CpadgnError as e:
                 status = _corrupt(cache_path, e, tell)
+            else:
+                if stored == key:
+                    say(f"Loaded the partition ({part.n_regions} regions) from {cache_path}.")
+                    return part, "loaded"
+                status = _stale(cache_path, tell)
     part = compute()
     try:
         save_partition(cache_path, part, net_fp)
@@ -435,6 +435,13 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
     else:
         say(f"Saved the recomputed partition ({part.n_regions} regions) to {cache_path}.")
     return part, status
+
+
+def _stale(cache_path, say) -> str:
+    say(f"The partition cache {cache_path} holds another generator's partition (a "
+        "different fingerprint: another model, or this one changed); recomputing and "
+        "replacing it.")
+    return STALE_STATUS
 
 
 def _corrupt(cache_path, e, say) -> str:

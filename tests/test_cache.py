@@ -110,6 +110,22 @@ def test_stale_fingerprint_recomputes_and_says_so(tmp_path):
     assert load_or_compute(new_net, p, compute)[1] == "loaded"
 
 
+def test_a_cache_replaced_between_its_header_and_its_body_is_not_used(tmp_path, monkeypatch):
+    """The header (fingerprint) and the body are read in two opens of the file; when
+    another process renamed another generator's cache (same shapes) into place between
+    them, as jobs sharing one --cache path do, that partition was loaded for this net."""
+    net, other = small_net(0), small_net(1)
+    p = tmp_path / "c.h5"
+    save_partition(p, hand_partition(other, seed=7), other.fingerprint())
+    monkeypatch.setattr(cache, "read_identity", lambda path: (cache_key(net.fingerprint()), CACHE_FORMAT_VERSION))
+    compute = Counter(hand_partition(net))
+    notices = []
+    part, status = load_or_compute(net, p, compute, notice=notices.append)
+    assert (status, compute.calls) == (cache.STALE_STATUS, 1) and "another generator's partition" in notices[0]
+    assert_same(part, hand_partition(net))
+    assert read_partition(p)[1] == cache_key(net.fingerprint())
+
+
 def test_cache_format_version_is_part_of_the_key(tmp_path, monkeypatch):
     net = small_net()
     p = tmp_path / "c.h5"
