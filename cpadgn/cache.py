@@ -9,7 +9,16 @@ recomputed and replaced (status STALE_STATUS), and the caller is told why.  Pass
 was computed for (the one with the prior folded in, if that is what is enumerated).
 
 The body carries a SHA-256 checksum (``body_sha256``), checked on every load: a cache
-whose content was changed or damaged is recomputed and replaced, with a message.  Only
+whose content was changed or damaged is recomputed and replaced, with a message.  The
+whole file is sealed too: after the HDF5 image (HDF5 ignores bytes past its end) comes a
+line, ``SEAL`` and the SHA-256 hex of the image (``file_seal``), checked before HDF5 reads
+a byte, because HDF5 is not safe on damaged files: one flipped byte in the root
+attributes could crash the process (a segfault in h5py), make the file look like no cache
+at all, or change an attribute that no checksum covered.  A sealed cache is read from
+memory, so HDF5's file locks (another process holding it open) do not matter; a file
+without the seal (written by an older cpadgn, cut short, or opened with h5py in mode 'r+'
+or 'a', which truncates the file to its HDF5 end) is read from disk as before, without
+HDF5 file locking.  Only
 a file that is a cpadgn partition cache is ever replaced (a truncated one too, recognised
 by the format name in its first bytes): any other file at the cache path (a model, a data
 file, a CSV, an unreadable file) is refused with a CpadgnError and left untouched.
@@ -48,6 +57,9 @@ Schema (cache_format_version 3)
     clearance                float64 (R,), interior point's distance to the nearest facet
     degenerate               uint8 (R,), 1 for a near-degenerate region
 
+    (after the HDF5 image)   SEAL + 64 hex digits + newline: SHA-256 of the bytes before it,
+                             but bytes 20-23 (``file_seal``)
+
 Non-empty datasets are gzip-compressed (level 4, with the shuffle filter).  Writes
 are atomic: the file is built in memory, written to a temporary file in the same
 directory, then renamed with ``os.replace``, so a reader never sees a half-written
@@ -61,6 +73,7 @@ from __future__ import annotations
 import json
 
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -77,6 +90,9 @@ FORMAT = "cpadgn-partition"
 CACHE_FORMAT_VERSION = 3
 CACHE_SUFFIX = ".partition.h5"
 STALE_STATUS = "replaced (another generator's partition)"
+SEAL = b"\ncpadgn-partition-cache sha256 "     # then the file's SHA-256 hex and a newline
+_SEAL_BYTES = len(SEAL) + 65
+_OPEN_FLAGS = slice(20, 24)     # superblock (version 0) consistency flags, set while open to write
 
 _FLOAT_FIELDS = ("log_prior_mass", "log_prior_mass_stderr", "clearance")
 _BOOL_FIELDS = ("bounded", "degenerate")
@@ -136,6 +152,17 @@ def body_checksum(body: dict) -> str:
     return h.hexdigest()
 
 
+def file_seal(image) -> bytes:
+    """The line written after a cache's HDF5 image: SEAL, the image's SHA-256 hex, a newline.
+
+    The hash skips the superblock's consistency flags (bytes 20-23), which HDF5 sets while
+    another process holds the file open for writing (h5py mode 'r+' or 'a'), content unchanged.
+    """
+    h = hashlib.sha256(image[:_OPEN_FLAGS.start])
+    h.update(image[_OPEN_FLAGS.stop:])
+    return SEAL + h.hexdigest().encode() + b"\n"
+
+
 def save_partition(path, part: Partition, net_fingerprint: str) -> None:
     """Write a partition cache file atomically (schema in the module docstring), at the
     target of ``path`` if it is a symbolic link (renaming over the link would replace it)."""
@@ -143,7 +170,7 @@ def save_partition(path, part: Partition, net_fingerprint: str) -> None:
     R, K = part.patterns.shape
     S = part.interior.shape[1] if part.interior.ndim == 2 else 0
     body = body_arrays(part)
-    with atomic_hdf5(path) as f:
+    with atomic_hdf5(path, trailer=file_seal) as f:
         f.attrs["format"] = FORMAT
         f.attrs["cache_format_version"] = CACHE_FORMAT_VERSION
         f.attrs["fingerprint"] = cache_key(net_fingerprint)
@@ -221,8 +248,9 @@ def _open(path: Path):
         raise NotACacheError(f"{path} is a directory")
     if not path.is_file():     # a FIFO would block open() until a writer comes
         raise NotACacheError(f"{path} is not a regular file (a pipe, a device or a socket)")
+    image = _sealed_image(path)
     try:
-        return h5py.File(path, "r")
+        return h5py.File(io.BytesIO(image), "r") if image is not None else h5py.File(path, "r", locking=False)
     except (OSError, ValueError) as e:
         if _damaged_cache(path):
             raise CpadgnError(f"{path} is a damaged partition cache (unreadable HDF5: "
@@ -230,6 +258,29 @@ def _open(path: Path):
         if not _hdf5_signature(path):
             raise NotACacheError(f"{path} is not an HDF5 file") from None
         raise NotACacheError(f"{path} is not a readable HDF5 file ({_short(e)})") from None
+
+
+def _sealed_image(path: Path) -> bytes | None:
+    """The HDF5 image of a sealed cache file, checked against its seal (``file_seal``);
+    None for a file without one (an older cache, or not a cache: read from disk as before).
+    A seal that does not match is a damaged cache (CpadgnError): HDF5 never reads it."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < _SEAL_BYTES:
+                return None
+            f.seek(size - _SEAL_BYTES)
+            if f.read(len(SEAL)) != SEAL:
+                return None
+            f.seek(0)
+            data = f.read()
+    except OSError:
+        return None
+    image = data[:-_SEAL_BYTES]
+    if data[-_SEAL_BYTES:] != file_seal(image):
+        raise CpadgnError(f"{path} is a damaged partition cache (the file does not match its SHA-256 "
+                          "seal: changed or damaged after it was written)")
+    return image
 
 
 def _hdf5_signature(path: Path) -> bool:
@@ -352,19 +403,19 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
             say(f"The partition cache {cache_path} has cache format {version} (this cpadgn "
                 f"writes {CACHE_FORMAT_VERSION}); recomputing and replacing it.")
         elif stored != key:       # the same format version, so another network fingerprint
-            status = STALE_STATUS
-            tell(f"The partition cache {cache_path} holds another generator's partition (a "
-                 "different fingerprint: another model, or this one changed); recomputing and "
-                 "replacing it.")
+            status = _stale(cache_path, tell)
         else:
-            try:
-                part, _ = read_partition(cache_path)
+            try:     # the file is opened anew: another process may have replaced it since
+                part, stored = read_partition(cache_path)
                 if part.patterns.shape[1] != net.n_units or part.interior.shape[1] != net.latent_dim:
                     raise CpadgnError(f"{cache_path}: shapes do not match the generator")
-                say(f"Loaded the partition ({part.n_regions} regions) from {cache_path}.")
-                return part, "loaded"
             except CpadgnError as e:
                 status = _corrupt(cache_path, e, tell)
+            else:
+                if stored == key:
+                    say(f"Loaded the partition ({part.n_regions} regions) from {cache_path}.")
+                    return part, "loaded"
+                status = _stale(cache_path, tell)
     part = compute()
     try:
         save_partition(cache_path, part, net_fp)
@@ -384,6 +435,13 @@ def load_or_compute(net: PiecewiseAffineNet, cache_path, compute: Callable[[], P
     else:
         say(f"Saved the recomputed partition ({part.n_regions} regions) to {cache_path}.")
     return part, status
+
+
+def _stale(cache_path, say) -> str:
+    say(f"The partition cache {cache_path} holds another generator's partition (a "
+        "different fingerprint: another model, or this one changed); recomputing and "
+        "replacing it.")
+    return STALE_STATUS
 
 
 def _corrupt(cache_path, e, say) -> str:

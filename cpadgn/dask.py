@@ -354,8 +354,9 @@ def _h5_source(path: Path, dataset: str | None) -> RowSource:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise CpadgnError(f"{path} is not a readable HDF5 file ({_first_line(e)}); re-create it, or "
-                          "convert DATA to .npy") from None
+        from .data import h5_lock_error
+        raise h5_lock_error(path, e) or CpadgnError(f"{path} is not a readable HDF5 file ({_first_line(e)}); "
+                                                    "re-create it, or convert DATA to .npy") from None
     with f:
         from .data import refuse_cpadgn_file
         refuse_cpadgn_file(path, f)

@@ -173,12 +173,13 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_hdf5(path):
+def atomic_hdf5(path, trailer=None):
     """Yield a new in-memory ``h5py.File``; on success write its image to ``path`` atomically.
 
     HDF5 is written to memory and the finished image is written to disk with plain file
     writes, so a full disk is one OSError from ``write`` (never an HDF5 error inside a
-    close or a finaliser, which is what crashed the process).
+    close or a finaliser, which is what crashed the process).  ``trailer(image) -> bytes``,
+    if given, is written after the image (HDF5 ignores bytes past its end of file).
     """
     h5py = _h5py()
     buffer = io.BytesIO()
@@ -187,6 +188,8 @@ def atomic_hdf5(path):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as out:
             out.write(buffer.getbuffer())
+            if trailer is not None:
+                out.write(trailer(buffer.getbuffer()))
 
 
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -697,12 +700,26 @@ def _h5py():
     return h5py
 
 
+def h5_lock_error(path, e: BaseException) -> CpadgnError | None:
+    """The one line for an HDF5 file that h5py could not open because of HDF5's file lock
+    (another process has it open for writing, or the file system refuses locks), which
+    HDF5 reports like a damaged file; None for any other error."""
+    text = str(e)
+    if "unable to lock file" not in text:
+        return None
+    if re.search(r"errno = (11|35)\b", text):          # EAGAIN / EWOULDBLOCK: a writer holds it
+        return CpadgnError(f"{path} is open for writing in another process (HDF5 file lock); "
+                           "wait for it or close it there, then rerun")
+    return CpadgnError(f"{path} could not be locked for reading ({_short(e)}); on a file system "
+                       "without file locks set HDF5_USE_FILE_LOCKING=FALSE")
+
+
 def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
     h5py = _h5py()
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise CpadgnError(f"{path} is not a readable HDF5 file (corrupt, truncated or not HDF5: "
+        raise h5_lock_error(path, e) or CpadgnError(f"{path} is not a readable HDF5 file (corrupt, truncated or not HDF5: "
                           f"{_short(e)}); re-create it, or pass a .csv or .npy file") from None
     with f:
         refuse_cpadgn_file(path, f)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import atomic_hdf5, write_error
+from .data import atomic_hdf5, h5_lock_error, write_error
 from .errors import CpadgnError
 from .loading import HDF5_SIGNATURE, Generator, check_net
 from .network import PiecewiseAffineNet, check_prior
@@ -172,6 +172,9 @@ def read_model(path) -> Generator:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
+        locked = h5_lock_error(path, e)
+        if locked is not None:
+            raise locked from None
         with open(path, "rb") as fh:
             is_h5 = fh.read(8) == HDF5_SIGNATURE
         what = "a corrupt or truncated HDF5 file" if is_h5 else "not an HDF5 file"

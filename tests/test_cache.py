@@ -1,4 +1,5 @@
 """The partition cache: round trip, reuse, staleness, corruption and atomic writes."""
+import json
 import os
 
 import h5py
@@ -109,6 +110,22 @@ def test_stale_fingerprint_recomputes_and_says_so(tmp_path):
     assert load_or_compute(new_net, p, compute)[1] == "loaded"
 
 
+def test_a_cache_replaced_between_its_header_and_its_body_is_not_used(tmp_path, monkeypatch):
+    """The header (fingerprint) and the body are read in two opens of the file; when
+    another process renamed another generator's cache (same shapes) into place between
+    them, as jobs sharing one --cache path do, that partition was loaded for this net."""
+    net, other = small_net(0), small_net(1)
+    p = tmp_path / "c.h5"
+    save_partition(p, hand_partition(other, seed=7), other.fingerprint())
+    monkeypatch.setattr(cache, "read_identity", lambda path: (cache_key(net.fingerprint()), CACHE_FORMAT_VERSION))
+    compute = Counter(hand_partition(net))
+    notices = []
+    part, status = load_or_compute(net, p, compute, notice=notices.append)
+    assert (status, compute.calls) == (cache.STALE_STATUS, 1) and "another generator's partition" in notices[0]
+    assert_same(part, hand_partition(net))
+    assert read_partition(p)[1] == cache_key(net.fingerprint())
+
+
 def test_cache_format_version_is_part_of_the_key(tmp_path, monkeypatch):
     net = small_net()
     p = tmp_path / "c.h5"
@@ -188,6 +205,82 @@ def test_damaged_cache_is_recomputed_and_says_corrupt(tmp_path, damage):
     assert "damaged partition cache" not in messages[0] and "((" not in messages[0]   # once, not nested
     assert load_or_compute(net, p, compute)[1] == "loaded"  # replaced by a good one
     assert_same(part, read_partition(p)[0])
+
+
+def run_child(code: str, timeout=120.0):
+    """Run ``code`` (Python, with tests/ on the path) in a child process, where a crash
+    (a segfault inside HDF5) fails the test instead of ending pytest; returns its result."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_a_flipped_byte_anywhere_in_a_cache_is_caught_before_hdf5_reads_it(tmp_path):
+    """HDF5 read damaged caches as they were: one flipped byte in the root attributes (byte
+    849 of a 29 KB cache, in the format attribute's datatype) crashed the process with a
+    segfault in h5py, 45 of 1,200 flips there made the file 'not a cpadgn partition cache'
+    (refused, the command failed) and 13 changed the partition_fingerprint attribute, loaded
+    as is.  The file's SHA-256 seal after the HDF5 image is checked first: every flip in the
+    image is a damaged cache (recomputed), a flip in the seal's name leaves an intact image."""
+    r = run_child(f"""
+import json, os
+from cpadgn.cache import CpadgnError, read_partition, save_partition
+from test_cache import assert_same, hand_partition, small_net
+net = small_net(); part = hand_partition(net); p = {str(tmp_path / "c.h5")!r}
+save_partition(p, part, net.fingerprint())
+good = open(p, "rb").read()
+offsets = list(range(1500)) + list(range(1500, len(good), 101)) + list(range(len(good) - 100, len(good)))
+out = {{"size": len(good), "damaged": [], "loaded": []}}
+for off in offsets:
+    b = bytearray(good); b[off] ^= 0xFF
+    with open(p, "wb") as f:
+        f.write(b)
+    try:
+        got = read_partition(p)[0]
+    except CpadgnError as e:
+        out["damaged"].append([off, type(e).__name__, str(e)])
+        continue
+    assert_same(got, part)
+    out["loaded"].append(off)
+print(json.dumps(out))
+""")
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-500:]}"
+    out = json.loads(r.stdout)
+    seal_name = range(out["size"] - cache._SEAL_BYTES, out["size"] - cache._SEAL_BYTES + len(cache.SEAL))
+    assert out["loaded"] == list(seal_name)     # the image is intact: the file is read as unsealed
+    flags = range(cache._OPEN_FLAGS.start, cache._OPEN_FLAGS.stop)   # not sealed, checked by HDF5 itself
+    assert [off for off, _, msg in out["damaged"] if "unreadable HDF5" in msg] == list(flags)
+    assert out["damaged"] and all(kind == "CpadgnError" and ("does not match its SHA-256 seal" in msg or off in flags)
+                                  for off, kind, msg in out["damaged"])
+
+
+def test_a_cache_another_process_holds_open_is_loaded_not_called_corrupt(tmp_path):
+    """HDF5 locks a file it opens: while another process held the cache open for writing
+    (h5py mode 'r+' or 'a'), opening it failed with 'unable to lock file' and the cache was
+    called corrupt, recomputed and replaced.  A sealed cache is read from memory, without
+    HDF5's locks; an unsealed one (an older cpadgn's) is opened without them."""
+    import subprocess
+    import sys
+    net = small_net()
+    p = tmp_path / "c.h5"
+    save_partition(p, hand_partition(net), net.fingerprint())
+    unsealed = tmp_path / "old.h5"
+    unsealed.write_bytes(p.read_bytes()[:-cache._SEAL_BYTES])
+    for path in (p, unsealed):
+        holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\n"
+                                   f"f = h5py.File({str(path)!r}, 'r+')\nprint('open', flush=True)\ntime.sleep(60)"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "open"
+            compute = Counter(hand_partition(net))
+            messages = []
+            part, status = load_or_compute(net, path, compute, log=messages.append)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert (status, compute.calls) == ("loaded", 0), messages
+        assert_same(part, hand_partition(net))
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated_model", "foreign_h5", "csv", "model", "directory"])

@@ -281,6 +281,38 @@ def test_h5_no_2d_and_corrupt(tmp_path):
         read_data(tmp_path / "t.h5")
 
 
+def test_an_h5_input_another_process_has_open_for_writing_is_named_as_such(tmp_path):
+    """HDF5's file lock refused a data or model file that another process held open for
+    writing (h5py mode 'r+' or 'a'), and cpadgn called it "a corrupt or truncated HDF5
+    file ... re-save or re-download the model": the file was fine."""
+    import os
+    import subprocess
+    import sys
+
+    from cpadgn.modelfile import read_model, save_model
+    from cpadgn.network import PiecewiseAffineNet
+    rng = np.random.default_rng(0)
+    data, model = tmp_path / "d.h5", tmp_path / "m.h5"
+    with h5py.File(data, "w") as f:
+        f["x"] = rng.normal(size=(4, 3))
+    save_model(model, PiecewiseAffineNet.from_arrays([rng.normal(size=(5, 2)), rng.normal(size=(3, 5))],
+                                                     [rng.normal(size=5), rng.normal(size=3)], [0.1]),
+               noise_std=0.5)
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, time\n"
+                               f"a = h5py.File({str(data)!r}, 'r+')\nb = h5py.File({str(model)!r}, 'r+')\n"
+                               "print('open', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"})
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for read, path in ((read_data, data), (read_model, model)):
+            with pytest.raises(CpadgnError, match=r"is open for writing in another process \(HDF5 file lock\)"):
+                read(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_data(data).shape == (4, 3) and read_model(model) is not None     # fine once closed
+
+
 def test_general_read_errors(tmp_path):
     with pytest.raises(CpadgnError, match="does not exist"):
         read_data(tmp_path / "nope.csv")
