@@ -661,15 +661,19 @@ def scale_mismatch(model, X, limit: float = 10.0, *, name: str = "DATA", names=N
     sample digits generator of pixels / 16 (12.9; its test rows times 16: 13.9).  Rows of the model's own scale have
     medians of a few stds, anomalies included: the digits test rows 0.37 (EM) and 1.9
     (VAE), the wave rows 0.94, malignant rows under a benign-only model 2.8.  name: DATA's
-    file; names: its column names (``csv_column_names``), for the message."""
+    file; names: its column names (``csv_column_names``), for the message.  The medians go in
+    blocks of columns whose copies (3 at once) fit ``model.memory_budget``."""
     import warnings
+    from cpadgn.numerics import MIN_CHUNK_BUDGET
     X = np.asarray(X, dtype=np.float64)
     X = X[::max(1, X.shape[0] // 10000)]                         # 10,000 rows at most: a median
+    step = max(1, int(max(model.memory_budget, MIN_CHUNK_BUDGET) // (3 * 8 * max(X.shape[0], 1))))
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)          # all-NaN columns, overflowing models
         draws = model.sample(2000, seed=0)
         mean, std = draws.mean(0), draws.std(0)
-        median = np.nanmedian(np.abs(X - mean) / std, axis=0)
+        median = np.concatenate([np.nanmedian(np.abs(X[:, c:c + step] - mean[c:c + step]) / std[c:c + step], axis=0)
+                                 for c in range(0, X.shape[1], step)])
     median = np.where(np.isfinite(median), median, 0.0)
     j = int(np.argmax(median))
     if not median[j] > limit:

@@ -143,13 +143,18 @@ def alpha_threshold(reference_log_prob, alpha: float) -> float:
     return float(ref[min(j, M - 1)]) if j >= 0 else -np.inf
 
 
-def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float = 2e8) -> np.ndarray:
+def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float | None = None) -> np.ndarray:
     """Exact E[(x_d - g_d(z))^2 | x_o] / sigma_d^2 for every row and feature.
 
     model: a ``CPAModel``; X (N, D), NaN = missing; post: ``model.posterior(X)`` if
     already computed (with moments).  Returns (N, D), NaN on missing entries.
+    max_pair_bytes: the working memory of a block of pairs, 8 D (S + 6) bytes a pair (its
+    map, residuals and their temporaries; default ``model.memory_budget``, counted as at
+    least MIN_CHUNK_BUDGET).
     """
-    from .likelihood import distinct_rows
+    from .likelihood import MIN_CHUNK_BUDGET, distinct_rows
+    if max_pair_bytes is None:
+        max_pair_bytes = max(model.memory_budget, MIN_CHUNK_BUDGET)
     X = model._check_data(X)
     post = model.posterior(X) if post is None else post
     D = X.shape[1]
@@ -158,7 +163,7 @@ def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float = 2
     resp, region = post.pair_responsibility, post.pair_region
     # each distinct row once (its first copy's pairs), so that equal rows get equal bits
     # whichever blocks of pairs their sums fall in
-    first, inverse = distinct_rows(X)
+    first, inverse = distinct_rows(X, max_pair_bytes)
     if first.size < X.shape[0]:
         distinct = np.full(X.shape[0], -1)
         distinct[first] = np.arange(first.size)
@@ -170,7 +175,7 @@ def expected_squared_residuals(model, X, post=None, *, max_pair_bytes: float = 2
     N = first.size
     out = np.zeros((N, D))
     P, S = rows.size, mean.shape[1]
-    step = max(1, int(max_pair_bytes // (8 * D * (S + 2))))
+    step = max(1, int(max_pair_bytes // (8 * D * (S + 6))))
     for s0 in range(0, P, step):
         sl = slice(s0, min(P, s0 + step))
         Ap, r = A[inv[sl]], rows[sl]

@@ -456,7 +456,7 @@ def _numeric(path: Path, a: np.ndarray, what: str) -> np.ndarray:
                 "m": "timedelta"}.get(a.dtype.kind, str(a.dtype))
         raise CpadgnError(f"{path}: {what} holds {kind} values; expected numbers: save the table as a "
                           "numeric (float) array")
-    return a.astype(np.float64)
+    return a.astype(np.float64, copy=False)            # a float64 array as loaded: no second copy of the data
 
 
 def _read_npy(path: Path) -> np.ndarray:

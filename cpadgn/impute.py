@@ -126,7 +126,7 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     n_missing = miss.sum(1)
     todo = np.flatnonzero(n_missing > 0)
     sigma = np.broadcast_to(np.asarray(noise_std, dtype=np.float64), (D,))
-    check_representable(X64[todo], net.biases[-1], sigma, row_numbers=todo + 1)
+    check_representable(X64[todo], net.biases[-1], sigma, row_numbers=todo + 1, memory_budget=memory_budget)
     rng = seeded_rng(seed)
     K = None if draws is None else int(draws)
 
@@ -143,7 +143,7 @@ def impute(net: PiecewiseAffineNet, part: Partition, noise_std, X, *, draws: int
     # equal rows (bit for bit, NaN in the same places) next to each other, so that a chunk's
     # posterior scores them once, and in the end given the first one's results (a chunk's
     # sums run in blocks of pairs, and a chunk's end, that may split them differently)
-    _, group = likelihood.distinct_rows(X64[todo])
+    _, group = likelihood.distinct_rows(X64[todo], memory_budget)
     order = np.argsort(group, kind="stable")
     todo, group = todo[order], group[order]
     leader = todo[np.searchsorted(group, group)]            # (rows to do,) the first row equal to each

@@ -40,8 +40,8 @@ from .polytope import (PolytopeMoments, QMCGeometry, combine_ids, content_hash, 
                        dual_ascent_distance_bound, facet_segments, halfspace_mc, polygon_moments, polytope_moments,
                        polytope_qmc_draws, solve_in_groups)
 from .network import PiecewiseAffineNet
-from .numerics import check_representable, rounding_error_estimate
-from .partition import MIN_CHUNK_BUDGET, Partition
+from .numerics import MIN_CHUNK_BUDGET, check_representable, rounding_error_estimate, row_blocks
+from .partition import Partition
 from .stop import map_in_threads, stop_check
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -1207,17 +1207,18 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
                           "each log-likelihood exact to log(1 + 1e-10) nats")
     device = torch.device(device)
     X = np.asarray(X, dtype=np.float64)
-    check_representable(X, net.biases[-1], noise_std)      # else log p overflows: refuse
+    check_representable(X, net.biases[-1], noise_std, memory_budget=memory_budget)   # else log p overflows
     tab = tab or RegionTable(net, part, noise_std, device, memory_budget)
     # each distinct row is scored once and its results copied to its equals: equal rows,
     # equal bits (BLAS's blocking of the dense (row, region) products and so the pruning
     # depend on a row's place in its chunk, ~1e-13 nats)
-    first, inverse = distinct_rows(X)
+    first, inverse = distinct_rows(X, memory_budget)
     stands_for = np.bincount(inverse, minlength=first.size)    # (M,) how many rows of X each is
-    X_all, X = X, (X if first.size == X.shape[0] else X[first])
-    N, S, R = X.shape[0], net.latent_dim, part.n_regions
+    # the distinct rows are X[first], taken chunk by chunk (a copy of them all would be
+    # a second copy of the data, outside the budget)
+    N, S, R = first.size, net.latent_dim, part.n_regions
     out = _empty_result(N, S)
-    complete_rows = ~np.isnan(X).any(axis=1)
+    complete_rows = np.concatenate([~np.isnan(X[b]).any(axis=1) for b in row_blocks(X, memory_budget)])[first]
     # On the CPU two chunks run at once, so one chunk's polygon integrals (numpy, off the
     # GIL) overlap the other's dense work; rows per chunk keep both within the budget.
     workers = 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
@@ -1241,7 +1242,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     region_chunk = int(max(1, per_worker / 4 // per_region))
 
     def run(complete, idx):
-        Xt = torch.as_tensor(X[idx], device=device)
+        Xt = torch.as_tensor(X[first[idx]], device=device)
         found = _evaluate_pairs(tab, Xt, complete, rtol, region_chunk, pair_chunk, moments, poly_budget,
                                 stderr_target)
         kept = _summarise(*found, Xt, idx, out)            # fills out[idx]; chunks are disjoint
@@ -1258,7 +1259,7 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
                 kept.append(res)
             done += int(stands_for[job[1]].sum())
             if progress is not None:
-                progress(done, X_all.shape[0])
+                progress(done, X.shape[0])
     if kept:
         joined = list(map(np.concatenate, zip(*kept)))
         kept.clear()                                         # the chunks' pairs, now joined
@@ -1268,21 +1269,24 @@ def posterior(net: PiecewiseAffineNet, part: Partition, noise_std: np.ndarray, X
     if S >= 4 and out.pair_weight_stderr is None:
         out.pair_weight_stderr, out.pair_weight_mean_mc_cov = np.zeros(0), np.zeros((0, S))
         out.pair_mean_mc_cov = np.zeros((0, S, S))
-    out.rounding_error = rounding_error_estimate(X, net.biases[-1], noise_std, tab.U.shape[1])
-    return out if first.size == X_all.shape[0] else _copied_to_equals(out, inverse)
+    out.rounding_error = rounding_error_estimate(X, net.biases[-1], noise_std, tab.U.shape[1], memory_budget)[first]
+    return out if first.size == X.shape[0] else _copied_to_equals(out, inverse)
 
 
-def distinct_rows(X: np.ndarray):
+def distinct_rows(X: np.ndarray, memory_budget: float = 2e9):
     """The distinct rows of X (N, D) float64, bit for bit once NaN and -0 are made canonical
     (rows with NaN in the same places and equal values elsewhere are equal): first (M,),
     the index of each one's first occurrence, ascending, and inverse (N,), each row's
     distinct row, so that X[first][inverse] equals X.  O(N D + N log N): rows grouped by a
     64-bit hash of their bits, the groups checked bit for bit (a collision falls back to
-    sorting the rows' bytes), in blocks of rows of at most 128 MB."""
+    sorting the rows' bytes), in blocks of rows whose copies (about 4 of a block at once,
+    4.1 measured) fit memory_budget (counted as at least MIN_CHUNK_BUDGET); beyond them it
+    holds 8 bytes a row, a few times over (the hashes and their sort)."""
     N, D = X.shape
     if N <= 1 or D == 0:
         return np.arange(N), np.arange(N)
-    blocks = [slice(s, s + max(1, 2 ** 24 // D)) for s in range(0, N, max(1, 2 ** 24 // D))]
+    step = max(1, int(max(memory_budget, MIN_CHUNK_BUDGET) // (5 * 8 * D)))
+    blocks = [slice(s, s + step) for s in range(0, N, step)]
     _, first, inverse = np.unique(np.concatenate([content_hash(_canonical(X[b]).view(np.float64)) for b in blocks]),
                                   return_index=True, return_inverse=True)
     inverse = inverse.ravel()

@@ -235,7 +235,8 @@ class CPAModel:
         """(N,) estimate of how far float64 rounding may move log p of each row of X (N, D)
         (``Posterior.rounding_error`` without scoring; ``numerics.rounding_error_estimate``)."""
         X = self._check_data(X)
-        return rounding_error_estimate(X, self.net.biases[-1], self.noise_std, self.net.weights[-1].shape[1])
+        return rounding_error_estimate(X, self.net.biases[-1], self.noise_std, self.net.weights[-1].shape[1],
+                                       self.memory_budget)
 
     def log_prob(self, X) -> np.ndarray:
         """Exact log p(x_o) per row, (N,), in nats; NaN for a row with nothing observed."""

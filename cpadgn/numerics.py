@@ -17,6 +17,13 @@ from .errors import CpadgnError
 NOISE_RANGE = (1e-100, 1e100)
 MAX_WHITENED_SQ = 1e200
 MAX_MAGNITUDE = 1e100       # |weight|, |bias|, |training value|: their squares and sums stay finite
+# bytes: the working arrays are sized by a budget of at least this (the likelihood's chunks,
+# impute's batches, the S = 1 enumeration's guard, row_blocks).  Below it the chunks
+# shrank to one row, one region and one pair, and the per-chunk overhead (tens of
+# microseconds a torch call, more on a loaded machine) dominated: an S = 4 8-8 model's
+# 20 digits rows with a quarter of their entries missing took 176 s at a budget of
+# 1 byte, 4 s at 2e9.  So the working arrays may exceed a smaller budget by ~8 MB.
+MIN_CHUNK_BUDGET = 2.0 ** 23
 
 
 def is_integer(value) -> bool:
@@ -49,13 +56,23 @@ def check_noise_range(noise_std: np.ndarray) -> None:
                           "likelihoods reliably; rescale the data so that the noise is nearer 1")
 
 
-def check_representable(X: np.ndarray, offset: np.ndarray, noise_std, row_numbers=None) -> None:
+def row_blocks(X: np.ndarray, memory_budget: float):
+    """Slices of the rows of X (N, D) whose float64 temporaries, up to 3 copies of a block
+    at once, fit memory_budget (counted as at least MIN_CHUNK_BUDGET)."""
+    N, D = X.shape
+    step = max(1, int(max(memory_budget, MIN_CHUNK_BUDGET) // (3 * 8 * max(D, 1))))
+    return [slice(s, s + step) for s in range(0, N, step)] or [slice(0, 0)]
+
+
+def check_representable(X: np.ndarray, offset: np.ndarray, noise_std, row_numbers=None,
+                        memory_budget: float = 2e9) -> None:
     """Refuse rows of X (N, D) (NaN = missing) whose bound on the squared distance from the
     model in noise units, r^2 = sum_o ((|x_d| + |offset_d|) / sigma_d)^2 (offset (D,) the
     generator's output bias), exceeds MAX_WHITENED_SQ.  row_numbers (N,): the 1-based row
-    numbers the message names (default 1..N)."""
+    numbers the message names (default 1..N).  Rows go in ``row_blocks`` of memory_budget."""
     with np.errstate(over="ignore", invalid="ignore"):
-        r2 = np.nansum(((np.abs(X) + np.abs(offset)) / noise_std) ** 2, axis=1)
+        r2 = np.concatenate([np.nansum(((np.abs(X[b]) + np.abs(offset)) / noise_std) ** 2, axis=1)
+                             for b in row_blocks(X, memory_budget)])
     bad = np.flatnonzero(~(r2 <= MAX_WHITENED_SQ))
     if bad.size:
         n = bad[0]
@@ -98,7 +115,8 @@ def check_spread(X: np.ndarray, what: str) -> None:
 ROUNDING_WARN_NATS = 1e-3   # the CLI warns when a row's rounding estimate exceeds this
 
 
-def rounding_error_estimate(X: np.ndarray, offset: np.ndarray, noise_std, width: int) -> np.ndarray:
+def rounding_error_estimate(X: np.ndarray, offset: np.ndarray, noise_std, width: int,
+                            memory_budget: float = 2e9) -> np.ndarray:
     """Rows X (N, D) (NaN = missing) -> (N,) estimate, in nats, of how far rounding may
     move log p(x): 4 n eps r^2, r^2 = sum_o ((x_o - offset_o) / sigma_o)^2 the row's squared
     distance from the generator's output bias offset (D,) in noise units, over its observed
@@ -111,10 +129,12 @@ def rounding_error_estimate(X: np.ndarray, offset: np.ndarray, noise_std, width:
     (``likelihood._pair_gaussians_complete``, ``_pair_gaussians_incomplete``), and round to
     ~eps r (rho + eps r) (rho the row's residual in
     noise units, O(sqrt(D)) near the model): far less, so this is an upper estimate of
-    log p's error, of the right order for the bounds; not a rigorous bound."""
+    log p's error, of the right order for the bounds; not a rigorous bound.  Rows go in
+    ``row_blocks`` of memory_budget."""
     X = np.asarray(X, dtype=np.float64)
     offset = np.asarray(offset, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        r2 = np.nansum(((X - offset) / noise_std) ** 2, axis=1)
+        r2 = np.concatenate([np.nansum(((X[b] - offset) / noise_std) ** 2, axis=1)
+                             for b in row_blocks(X, memory_budget)])
     n = min(width, X.shape[1]) + X.shape[1] + 2
     return 4.0 * n * np.finfo(np.float64).eps * r2

@@ -74,20 +74,13 @@ from scipy.special import log_ndtr
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
+from .numerics import MIN_CHUNK_BUDGET
 
 DEGENERATE_CLEARANCE = 1e-7
 LP_MIN_RADIUS = 1e-10     # lp-walk: a pattern whose Chebyshev radius the LP cannot certify above this is no region
 LP_FACET_TOL = 1e-9       # lp-walk: a row the others keep below this on the facet LP's box is redundant
 SNAP_RTOL = 1e-11          # subdivision: |u| <= SNAP_RTOL * max|u| counts as u = 0
 RANK_TOL = 1e-20           # subdivision: a squared width (relative) below this is no extent
-# bytes: a memory budget counts as at least this, in the likelihood's chunks
-# (``likelihood.posterior``, ``RegionTable``, impute's batches) and in the S = 1 enumeration's
-# guard (``_intervals``), so one set small to cut the chunks does not refuse the partition.
-# Below it the chunks shrank to one row, one region and one pair, and the per-chunk overhead
-# (tens of microseconds a torch call, more on a loaded machine) dominated: an S = 4 8-8
-# model's 20 digits rows with a quarter of their entries missing took 176 s at a budget of
-# 1 byte, 4 s at 2e9.  So the working arrays may exceed a smaller budget by ~8 MB.
-MIN_CHUNK_BUDGET = 2.0 ** 23
 
 
 @dataclass

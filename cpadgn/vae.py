@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import CpadgnError
 from .network import PiecewiseAffineNet
+from .numerics import MIN_CHUNK_BUDGET
 
 LOG_2PI = float(np.log(2 * np.pi))
 
@@ -327,9 +328,11 @@ def expected_sq_error(net: PiecewiseAffineNet, part, noise_std, X, m, C, *,
     value, mass, var_mc = np.zeros(N), np.zeros(N), np.zeros(N)
     log_skipped = np.full(N, -np.inf)
 
-    per_row = 8.0 * R * max(F, 1) * (S + 3)
-    chunk = int(max(1, min(N, memory_budget // per_row)))
-    pair_chunk = int(max(1, memory_budget // (8.0 * (max(F, 1) * (S + 2) + 4 * D + 4 * S * S))))
+    # half of the budget for a chunk of rows' (row, region, facet) arrays, GC, bb and the
+    # temporaries of the facet bounds (2 S + 6 of them at once), half for a chunk of pairs
+    per_row = 8.0 * R * max(F, 1) * (2 * S + 6)
+    chunk = int(max(1, min(N, memory_budget / 2 // per_row)))
+    pair_chunk = int(max(1, memory_budget / 2 // (8.0 * (max(F, 1) * (S + 2) + 4 * D + 4 * S * S))))
     for start in range(0, N, chunk):
         rows_c = np.arange(start, min(N, start + chunk))
         Cn, mn = C[rows_c], m[rows_c]
@@ -345,6 +348,7 @@ def expected_sq_error(net: PiecewiseAffineNet, part, noise_std, X, m, C, *,
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(fmask[None] & (nrm > 0), bb / nrm, np.inf)
         log_ub = log_ndtr(t).min(axis=2, initial=0.0) if F else np.zeros((rows_c.size, R))
+        del nrm, t                                           # not held through the pairs
         keep = log_ub >= log_mass_floor
         log_skipped[rows_c] = logsumexp(np.where(keep, -np.inf, log_ub), axis=1)
         lr, rg = np.nonzero(keep)
@@ -418,7 +422,8 @@ def exact_elbo(model, X, encoder: Encoder | None = None, *, log_mass_floor: floa
     m = (mq - model.prior_mean) @ Linv.T
     C = Linv[None] * np.exp(0.5 * logv)[:, None, :]                      # Linv diag(sqrt v)
     quad, bound, se, mass = expected_sq_error(model.net, model.partition(), model.noise_std, X, m, C,
-                                              log_mass_floor=log_mass_floor, progress=progress)
+                                              log_mass_floor=log_mass_floor, progress=progress,
+                                              memory_budget=max(model.memory_budget, MIN_CHUNK_BUDGET))
     D = model.output_dim
     var = np.broadcast_to(np.asarray(model.noise_std, dtype=np.float64) ** 2, (D,))
     ell = -0.5 * (D * LOG_2PI + np.log(var).sum() + quad)

@@ -155,7 +155,7 @@ def test_expected_squared_residuals_of_equal_rows_are_equal_bit_for_bit():
     X[1, 0] += 3.0
     X[2, 2] = np.nan
     where = np.array([0, 1, 2, 0, 3, 2, 1, 0, 2, 3, 0])
-    got = expected_squared_residuals(model, X[where], max_pair_bytes=8 * 3 * 3 * 3)     # 3 pairs a block
+    got = expected_squared_residuals(model, X[where], max_pair_bytes=8 * 3 * 7 * 3)     # 3 pairs a block
     for i, n in enumerate(where):
         want = esr_quadrature_1d(net, X[n], model.noise_std, 0.7, 1.5)
         ok = ~np.isnan(want)
